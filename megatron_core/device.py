@@ -1,0 +1,76 @@
+"""The one place that talks to an accelerator: picks the device, backend and RNG calls.
+
+Everything else asks this module, so CPU-only machines never import or call ``torch.cuda``
+outside of it, and a missing CUDA costs at most one log line.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device can be used (and was not disabled by MCORE_FORCE_CPU=1)."""
+    if os.environ.get("MCORE_FORCE_CPU", "0") == "1":
+        return False
+    return torch.cuda.is_available()
+
+
+def default_backend() -> str:
+    """``nccl`` when CUDA is usable, else ``gloo``."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+def current_device() -> torch.device:
+    """The device this rank computes on: its local CUDA device, or the CPU."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def set_local_device(local_rank: int) -> torch.device:
+    """Bind this process to its local accelerator; a no-op returning CPU without one."""
+    if cuda_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return current_device()
+    return torch.device("cpu")
+
+
+def get_rng_state() -> torch.Tensor:
+    """RNG state of the generator that dropout on ``current_device()`` draws from."""
+    if cuda_available():
+        return torch.cuda.get_rng_state()
+    return torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor) -> None:
+    """Restore a state taken with :func:`get_rng_state`."""
+    if cuda_available():
+        torch.cuda.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
+def manual_seed(seed: int) -> None:
+    """Seed the device generator (the CPU one on CPU)."""
+    if cuda_available():
+        torch.cuda.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
+
+
+def synchronize() -> None:
+    """Wait for queued device work; used by timers and benchmarks."""
+    if cuda_available():
+        torch.cuda.synchronize()
+
+
+def max_memory_allocated() -> int:
+    """Peak bytes allocated on the device, 0 on CPU (use RSS there)."""
+    if cuda_available():
+        return torch.cuda.max_memory_allocated()
+    return 0

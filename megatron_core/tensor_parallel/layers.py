@@ -1,0 +1,155 @@
+"""Column- and row-parallel linear layers and the vocab-parallel embedding.
+
+Shapes follow Megatron-LM: activations are [sequence, batch, hidden]; a ColumnParallelLinear
+splits its output features across TP ranks, a RowParallelLinear its input features. Both return
+``(output, bias)`` so the caller can fuse the bias add into what follows (``skip_bias_add``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_core import device as device_mod
+from megatron_core import parallel_state
+from megatron_core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron_core.tensor_parallel.utils import InitMethod, divide, init_method_normal, sharded_parameter
+
+
+def _zeros(n: int, dtype: torch.dtype, dev: torch.device) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=dev))
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """Y = XA + b with A split by columns (output features) across tensor-parallel ranks."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
+                 init_method: Optional[InitMethod] = None, stride: int = 1, skip_bias_add: bool = False,
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+        super().__init__()
+        ps = parallel_state.get_parallel_state(parallel_state_)
+        self.tp_group, tp, rank = ps.tp_group, ps.tp_size, ps.tp_rank
+        if sequence_parallel and gather_output:
+            raise ValueError("gather_output=True cannot be combined with sequence_parallel=True")
+        self.input_size, self.output_size = input_size, output_size
+        self.output_size_per_partition = divide(output_size, tp, "ColumnParallelLinear output_size")
+        self.gather_output, self.skip_bias_add, self.sequence_parallel = gather_output, skip_bias_add, sequence_parallel
+        dev = device_mod.current_device()
+        self.weight = sharded_parameter((output_size, input_size), 0, init_method or init_method_normal(0.02),
+                                        stride=stride, rank=rank, world=tp, dtype=params_dtype, device=dev)
+        if bias:
+            self.bias = _zeros(self.output_size_per_partition, params_dtype, dev)
+            self.bias.tensor_model_parallel, self.bias.partition_dim, self.bias.partition_stride = True, 0, stride
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None):
+        weight = self.weight if weight is None else weight
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=True)
+        else:
+            x = copy_to_tensor_model_parallel_region(x, self.tp_group)
+        bias = None if self.skip_bias_add else self.bias
+        out = F.linear(x, weight, bias)
+        if self.gather_output:
+            out = gather_from_tensor_model_parallel_region(out, self.tp_group)
+        return out, (self.bias if self.skip_bias_add else None)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, out={self.output_size}, out_per_partition={self.output_size_per_partition}, "
+                f"sequence_parallel={self.sequence_parallel}")
+
+
+class RowParallelLinear(torch.nn.Module):
+    """Y = XA + b with A split by rows (input features); partial products are summed across TP."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = True,
+                 init_method: Optional[InitMethod] = None, stride: int = 1, skip_bias_add: bool = False,
+                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
+                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+        super().__init__()
+        ps = parallel_state.get_parallel_state(parallel_state_)
+        self.tp_group, tp, rank = ps.tp_group, ps.tp_size, ps.tp_rank
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("sequence_parallel=True needs input_is_parallel=True in RowParallelLinear")
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = divide(input_size, tp, "RowParallelLinear input_size")
+        self.input_is_parallel, self.skip_bias_add, self.sequence_parallel = input_is_parallel, skip_bias_add, sequence_parallel
+        dev = device_mod.current_device()
+        self.weight = sharded_parameter((output_size, input_size), 1, init_method or init_method_normal(0.02),
+                                        stride=stride, rank=rank, world=tp, dtype=params_dtype, device=dev)
+        if bias:
+            self.bias = _zeros(output_size, params_dtype, dev)
+            # Under sequence parallelism each rank adds the bias to its own tokens only, so the
+            # bias gradient is partial and must be all-reduced over TP like a norm's weight.
+            self.bias.sequence_parallel = sequence_parallel
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor):
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x, self.tp_group)
+        out = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(out, self.tp_group)
+        else:
+            out = reduce_from_tensor_model_parallel_region(out, self.tp_group)
+        if self.skip_bias_add or self.bias is None:
+            return out, self.bias
+        return out + self.bias, None
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, in_per_partition={self.input_size_per_partition}, out={self.output_size}, "
+                f"sequence_parallel={self.sequence_parallel}")
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Embedding table split along the vocabulary; each rank looks up the ids in its range.
+
+    ``num_embeddings`` is the padded vocabulary (see ``pad_vocab_size``). Input ids are
+    [batch, sequence]; the output is [batch, sequence, hidden], or, with
+    ``reduce_scatter_embeddings``, [sequence / TP, batch, hidden] for sequence parallelism.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: Optional[InitMethod] = None,
+                 reduce_scatter_embeddings: bool = False, params_dtype: torch.dtype = torch.float32,
+                 check_ids: bool = True, parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+        super().__init__()
+        ps = parallel_state.get_parallel_state(parallel_state_)
+        self.tp_group, tp, rank = ps.tp_group, ps.tp_size, ps.tp_rank
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        per_rank = divide(num_embeddings, tp, "vocabulary size (pad it with --make-vocab-size-divisible-by)")
+        self.vocab_start_index, self.vocab_end_index = rank * per_rank, (rank + 1) * per_rank
+        self.reduce_scatter_embeddings, self.check_ids = reduce_scatter_embeddings, check_ids
+        self.weight = sharded_parameter((num_embeddings, embedding_dim), 0, init_method or init_method_normal(0.02),
+                                        stride=1, rank=rank, world=tp, dtype=params_dtype,
+                                        device=device_mod.current_device())
+        self._tp = tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.check_ids and input_ids.numel() > 0:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.num_embeddings:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.num_embeddings}); check that "
+                                 f"the tokenizer matches the model's --vocab-size / padded vocabulary")
+        if self._tp > 1:
+            outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
+            local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)
+            out = F.embedding(local_ids, self.weight)
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        else:
+            out = F.embedding(input_ids, self.weight)
+        if self.reduce_scatter_embeddings:
+            out = out.transpose(0, 1).contiguous()
+            return reduce_scatter_to_sequence_parallel_region(out, self.tp_group)
+        return reduce_from_tensor_model_parallel_region(out, self.tp_group)

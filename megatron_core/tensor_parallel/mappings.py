@@ -1,0 +1,197 @@
+"""Autograd functions that move activations into and out of tensor-parallel regions.
+
+Each forward collective is paired with its adjoint in backward (copy <-> all-reduce,
+split <-> all-gather, all-gather <-> reduce-scatter). A group of size one makes every one of
+them the identity, so serial code pays nothing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split_last(x: torch.Tensor, group) -> torch.Tensor:
+    world = _size(group)
+    if world == 1:
+        return x
+    if x.shape[-1] % world != 0:
+        raise ValueError(f"last dimension {x.shape[-1]} is not divisible by the tensor-parallel size {world}")
+    return x.chunk(world, dim=-1)[_rank(group)].contiguous()
+
+
+def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    world = _size(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    # gloo wants a flat output for all_gather_into_tensor; view the pieces afterwards.
+    flat = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(flat, x.view(-1), group=group)
+    return torch.cat(flat.view(world, *x.shape).unbind(0), dim=-1)
+
+
+def _split_first(x: torch.Tensor, group) -> torch.Tensor:
+    world = _size(group)
+    if world == 1:
+        return x
+    if x.shape[0] % world != 0:
+        raise ValueError(f"sequence length {x.shape[0]} is not divisible by the tensor-parallel "
+                         f"size {world} (required by sequence parallelism)")
+    return x.chunk(world, dim=0)[_rank(group)].contiguous()
+
+
+def _gather_first(x: torch.Tensor, group) -> torch.Tensor:
+    world = _size(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    flat = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(flat, x.view(-1), group=group)
+    return flat.view(world * x.shape[0], *x.shape[1:])
+
+
+def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
+    world = _size(group)
+    if world == 1:
+        return x
+    if x.shape[0] % world != 0:
+        raise ValueError(f"sequence length {x.shape[0]} is not divisible by the tensor-parallel "
+                         f"size {world} (required by sequence parallelism)")
+    x = x.contiguous()
+    out = torch.empty(x.numel() // world, dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x.view(-1), group=group)
+    return out.view(x.shape[0] // world, *x.shape[1:])
+
+
+class _CopyToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.clone(), ctx.group), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_last(grad, ctx.group), None
+
+
+class _GatherFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last(grad, ctx.group), None
+
+
+class _ScatterToSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_first(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_first(grad, ctx.group), None
+
+
+class _GatherFromSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, tensor_parallel_output_grad):
+        ctx.group = group
+        ctx.tensor_parallel_output_grad = tensor_parallel_output_grad
+        return _gather_first(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Consumers inside a TP region produce partial gradients that must be summed.
+        if ctx.tensor_parallel_output_grad:
+            return _reduce_scatter_first(grad, ctx.group), None, None
+        return _split_first(grad, ctx.group), None, None
+
+
+class _ReduceScatterToSequenceRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_first(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_first(grad, ctx.group), None
+
+
+def copy_to_tensor_model_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward, all-reduce of the gradient backward."""
+    return _CopyToRegion.apply(x, group) if _size(group) > 1 else x
+
+
+def reduce_from_tensor_model_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce forward, identity backward."""
+    return _ReduceFromRegion.apply(x, group) if _size(group) > 1 else x
+
+
+def scatter_to_tensor_model_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Keep this rank's slice of the last dimension; all-gather the gradient."""
+    return _ScatterToRegion.apply(x, group) if _size(group) > 1 else x
+
+
+def gather_from_tensor_model_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along the last dimension; split the gradient."""
+    return _GatherFromRegion.apply(x, group) if _size(group) > 1 else x
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Keep this rank's slice of the first (sequence) dimension; all-gather the gradient."""
+    return _ScatterToSequenceRegion.apply(x, group) if _size(group) > 1 else x
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, group,
+                                         tensor_parallel_output_grad: bool = True) -> torch.Tensor:
+    """All-gather along the sequence dimension; reduce-scatter (or split) the gradient."""
+    if _size(group) == 1:
+        return x
+    return _GatherFromSequenceRegion.apply(x, group, tensor_parallel_output_grad)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Reduce-scatter along the sequence dimension; all-gather the gradient."""
+    return _ReduceScatterToSequenceRegion.apply(x, group) if _size(group) > 1 else x

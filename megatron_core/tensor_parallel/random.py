@@ -1,0 +1,124 @@
+"""RNG streams for tensor parallelism and activation checkpointing that replays them.
+
+Two streams matter: the default one, seeded identically on every tensor-parallel rank, for
+dropout on replicated activations; and the "model-parallel" stream, seeded per TP rank, for
+dropout on activations that are split across TP ranks (attention probabilities).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from megatron_core import device
+
+MODEL_PARALLEL_RNG = "model-parallel-rng"
+_TP_SEED_OFFSET = 2718  # Megatron-LM's offset, so seeds match its runs
+
+
+class RNGStatesTracker:
+    """Named RNG states that ``fork`` swaps in for the duration of a block."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, torch.Tensor] = {}
+        self.seeds: set[int] = set()
+
+    def reset(self) -> None:
+        self.states.clear()
+        self.seeds.clear()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds:
+            raise ValueError(f"seed {seed} already used by another RNG stream")
+        if name in self.states:
+            raise ValueError(f"RNG stream {name!r} already exists")
+        self.seeds.add(seed)
+        saved = device.get_rng_state()
+        device.manual_seed(seed)
+        self.states[name] = device.get_rng_state()
+        device.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
+        if name not in self.states:
+            raise RuntimeError(f"RNG stream {name!r} was not added; call model_parallel_manual_seed first")
+        saved = device.get_rng_state()
+        device.set_rng_state(self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = device.get_rng_state()
+            device.set_rng_state(saved)
+
+
+def model_parallel_manual_seed(seed: int, tracker: RNGStatesTracker, tp_rank: int) -> None:
+    """Seed the default stream with ``seed`` and the tracker's TP stream with a per-rank seed."""
+    tracker.reset()
+    torch.manual_seed(seed)
+    device.manual_seed(seed)
+    tracker.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + tp_rank)
+
+
+def _capture_rng(tracker: Optional[RNGStatesTracker]) -> tuple:
+    return (torch.get_rng_state(), device.get_rng_state(),
+            tracker.get_states() if tracker is not None else None)
+
+
+def _restore_rng(saved: tuple, tracker: Optional[RNGStatesTracker]) -> None:
+    cpu_state, device_state, tracker_states = saved
+    torch.set_rng_state(cpu_state)
+    device.set_rng_state(device_state)
+    if tracker is not None:
+        tracker.set_states(tracker_states)
+
+
+class _CheckpointFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run_function, tracker, *args):
+        ctx.run_function = run_function
+        ctx.tracker = tracker
+        ctx.rng = _capture_rng(tracker)
+        tensor_positions = [i for i, a in enumerate(args) if torch.is_tensor(a)]
+        ctx.tensor_positions = tensor_positions
+        ctx.non_tensors = [None if torch.is_tensor(a) else a for a in args]
+        ctx.save_for_backward(*[args[i] for i in tensor_positions])
+        with torch.no_grad():
+            outputs = run_function(*args)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        args = list(ctx.non_tensors)
+        for pos, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
+            detached = tensor.detach()
+            detached.requires_grad_(tensor.requires_grad)
+            args[pos] = detached
+        # Replay the forward under the RNG states it saw, then put the current ones back.
+        now = _capture_rng(ctx.tracker)
+        _restore_rng(ctx.rng, ctx.tracker)
+        with torch.enable_grad():
+            outputs = ctx.run_function(*args)
+        _restore_rng(now, ctx.tracker)
+        if torch.is_tensor(outputs):
+            outputs = (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        input_grads = tuple(a.grad if torch.is_tensor(a) else None for a in args)
+        return (None, None) + input_grads
+
+
+def checkpoint(function: Callable[..., Any], tracker: Optional[RNGStatesTracker], *args: Any) -> Any:
+    """Run ``function(*args)`` without keeping activations; recompute them in backward.
+
+    The CPU, device and tracker RNG states are restored for the recomputation, so dropout masks
+    match the first forward exactly.
+    """
+    return _CheckpointFunction.apply(function, tracker, *args)

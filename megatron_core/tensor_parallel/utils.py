@@ -1,0 +1,72 @@
+"""Helpers shared by the tensor-parallel layers: divisibility checks, vocab padding, sharded init."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+InitMethod = Callable[[torch.Tensor], None]
+
+
+def divide(numerator: int, denominator: int, what: str = "size") -> int:
+    """``numerator // denominator``, with an error naming ``what`` when it does not divide."""
+    if numerator % denominator != 0:
+        raise ValueError(f"{what} {numerator} is not divisible by the tensor-parallel size {denominator}")
+    return numerator // denominator
+
+
+def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Pad the vocabulary to a multiple of ``make_vocab_size_divisible_by * TP`` as Megatron-LM does."""
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def init_method_normal(std: float) -> InitMethod:
+    """In-place N(0, std) initialisation."""
+    def init_(tensor: torch.Tensor) -> None:
+        torch.nn.init.normal_(tensor, mean=0.0, std=std)
+    return init_
+
+
+def scaled_init_method_normal(std: float, num_layers: int) -> InitMethod:
+    """N(0, std / sqrt(2 * num_layers)), used for the output projections of residual branches."""
+    return init_method_normal(std / math.sqrt(2.0 * num_layers))
+
+
+def shard_of_master(master: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's shard of a full tensor split along ``dim``.
+
+    With ``stride`` s the dimension is cut into ``world * s`` chunks and the rank keeps chunks
+    ``rank, rank + world, ...``: a fused weight made of s stacked parts (e.g. SwiGLU's gate and up
+    projections) is then split part by part.
+    """
+    if world == 1:
+        return master.clone()
+    size = master.shape[dim]
+    if size % (world * stride) != 0:
+        raise ValueError(f"dimension {size} is not divisible by tensor-parallel size {world} x stride {stride}")
+    chunks = torch.chunk(master, world * stride, dim=dim)
+    return torch.cat(chunks[rank::world], dim=dim).contiguous()
+
+
+def sharded_parameter(full_shape: tuple[int, ...], dim: int, init_method: InitMethod, *, stride: int,
+                      rank: int, world: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:
+    """A parameter holding this rank's shard of a master weight initialised at full size.
+
+    The full weight is drawn on the CPU from the current RNG, so the same seed gives the same
+    full weight at every TP size and every rank keeps exactly its slice of it.
+    """
+    master = torch.empty(full_shape, dtype=torch.float32)
+    init_method(master)
+    shard = shard_of_master(master, dim, stride, rank, world)
+    param = torch.nn.Parameter(shard.to(device=device, dtype=dtype))
+    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=stride)
+    return param
+
+
+def set_tensor_model_parallel_attributes(param: torch.Tensor, is_parallel: bool, dim: int, stride: int) -> None:
+    """Mark a parameter as split across TP ranks (read by grad-norm, checkpoint and conversion code)."""
+    param.tensor_model_parallel = is_parallel
+    param.partition_dim = dim
+    param.partition_stride = stride

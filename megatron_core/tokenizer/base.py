@@ -1,0 +1,49 @@
+"""The interface every tokenizer exposes to the preprocessing tool, datasets and training."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+# Megatron signals "this tokenizer has no such token" with -1 rather than None so the
+# value can live in integer tensors (e.g. the GPT dataset compares labels against pad).
+NO_TOKEN = -1
+
+
+class MegatronTokenizer(ABC):
+    """Abstract tokenizer: text <-> token ids, plus the special ids the data pipeline needs."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no EOD appended; the caller decides)."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of distinct ids this tokenizer can produce (before any padding for TP)."""
+
+    @property
+    @abstractmethod
+    def eod(self) -> int:
+        """The end-of-document id appended between documents."""
+
+    @property
+    def pad(self) -> int:
+        """The padding id, or -1 when the tokenizer has none."""
+        return NO_TOKEN
+
+    @property
+    def bos(self) -> int:
+        """The beginning-of-sequence id, or -1 when the tokenizer has none."""
+        return NO_TOKEN
+
+    @property
+    def eos(self) -> int:
+        """The end-of-sequence id; for GPT-style tokenizers this is the EOD id."""
+        return self.eod
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod={self.eod}, pad={self.pad})"

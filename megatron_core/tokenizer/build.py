@@ -1,0 +1,65 @@
+"""``build_tokenizer``: pick a tokenizer by its Megatron-LM ``--tokenizer-type`` name."""
+from __future__ import annotations
+
+from .base import MegatronTokenizer
+
+# The --tokenizer-type values accepted, spelled as in Megatron-LM. GPTSentencePieceTokenizer is
+# Megatron's name for the GPT flavour of SentencePiece (EOD = eos), which is what
+# SentencePieceTokenizer does here too, so both names are accepted.
+TOKENIZER_TYPES = (
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "GPT2BPETokenizer",
+    "HuggingFaceTokenizer",
+    "NullTokenizer",
+)
+
+
+def _need(value: object, flag: str, tokenizer_type: str, hint: str) -> None:
+    if value is None or value == "":
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs {flag}: {hint}")
+
+
+def build_tokenizer(
+    tokenizer_type: str,
+    *,
+    tokenizer_model: str | None = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    vocab_size: int | None = None,
+) -> MegatronTokenizer:
+    """Build the tokenizer named ``tokenizer_type`` from local files (nothing is downloaded)."""
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+        _need(tokenizer_model, "--tokenizer-model", tokenizer_type,
+              "pass the path of a SentencePiece .model file (tools/train_tokenizer.py makes one).")
+        from .sentencepiece_tokenizer import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "GPT2BPETokenizer":
+        _need(vocab_file, "--vocab-file", tokenizer_type, "pass the path of a GPT-2 vocab.json.")
+        _need(merge_file, "--merge-file", tokenizer_type, "pass the path of a GPT-2 merges.txt.")
+        from .gpt2_bpe_tokenizer import GPT2BPETokenizer
+
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        _need(tokenizer_model, "--tokenizer-model", tokenizer_type,
+              "pass a local tokenizer.json file or a directory holding a saved tokenizer.")
+        from .huggingface_tokenizer import HuggingFaceTokenizer
+
+        return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "NullTokenizer":
+        _need(vocab_size, "--vocab-size", tokenizer_type, "pass the number of ids (EOD becomes that number).")
+        from .null_tokenizer import NullTokenizer
+
+        return NullTokenizer(vocab_size)
+    raise ValueError(
+        f"unknown --tokenizer-type {tokenizer_type!r}; choose one of: {', '.join(TOKENIZER_TYPES)}."
+    )
+
+
+def vocab_size_with_padding(
+    orig_vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
+) -> int:
+    """Round the vocabulary up so the embedding splits evenly across TP ranks (Megatron's rule)."""
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-int(orig_vocab_size) // multiple) * multiple

@@ -1,0 +1,64 @@
+"""SentencePiece (.model file) tokenizer with GPT semantics: EOD is the model's </s>."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from .base import NO_TOKEN, MegatronTokenizer
+
+
+class SentencePieceTokenizer(MegatronTokenizer):
+    """Wraps a SentencePiece model; ``eod`` is its eos id, ``pad`` its pad id (or -1)."""
+
+    def __init__(self, model_file: str) -> None:
+        import sentencepiece
+
+        if not model_file or not os.path.isfile(model_file):
+            raise ValueError(
+                f"SentencePiece model file not found: {model_file!r}; pass --tokenizer-model "
+                "PATH.model (train one with tools/train_tokenizer.py)."
+            )
+        self.model_file = model_file
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        if self._sp.eos_id() < 0:
+            # Without an eos piece there is no id to separate documents with.
+            raise ValueError(
+                f"SentencePiece model {model_file!r} has no eos piece (eos_id=-1), so it has no "
+                "EOD id; pass a --tokenizer-model trained with an eos piece."
+            )
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Piece -> id."""
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    @property
+    def eod(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad(self) -> int:
+        pad_id = self._sp.pad_id()
+        return pad_id if pad_id >= 0 else NO_TOKEN
+
+    @property
+    def bos(self) -> int:
+        bos_id = self._sp.bos_id()
+        return bos_id if bos_id >= 0 else NO_TOKEN
+
+    # The processor is a C++ object; rebuild it from the file when sent to worker processes.
+    def __getstate__(self) -> dict:
+        return {"model_file": self.model_file}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_file"])

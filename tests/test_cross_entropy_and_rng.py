@@ -1,0 +1,106 @@
+"""Vocab-parallel cross entropy against torch, the TP RNG streams, and RNG-exact recompute."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from equivalence import assert_rel_close
+from harness import RankError, run_distributed
+from megatron_core import parallel_state
+from megatron_core.tensor_parallel import checkpoint, vocab_parallel_cross_entropy
+
+SEQ, BATCH, VOCAB = 6, 4, 24
+
+
+def _data():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(SEQ, BATCH, VOCAB, generator=g) * 3
+    target = torch.randint(0, VOCAB, (SEQ, BATCH), generator=g)
+    target[0, 1] = target[3, 2] = target[5, 0] = -100
+    return logits, target
+
+
+def _parallel_ce(smoothing):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    logits, target = _data()
+    local = logits.chunk(ps.tp_size, dim=-1)[ps.tp_rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, ps.tp_group, label_smoothing=smoothing)
+    valid = target != -100
+    (loss.sum() / valid.sum()).backward()
+    return loss.detach(), local.grad
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_matches_torch(tp, smoothing):
+    logits, target = _data()
+    ref_logits = logits.clone().requires_grad_()
+    flat = dict(input=ref_logits.view(-1, VOCAB), target=target.view(-1), label_smoothing=smoothing)
+    ref = F.cross_entropy(reduction="none", **flat).view(SEQ, BATCH)
+    F.cross_entropy(reduction="mean", **flat).backward()
+    for r, (loss, grad) in enumerate(run_distributed(_parallel_ce, tp, smoothing, timeout=60)):
+        assert_rel_close(loss, ref.detach(), what="per-token loss")
+        assert (loss[target == -100] == 0).all()
+        assert_rel_close(grad, ref_logits.grad.chunk(tp, dim=-1)[r], what="logit grad")
+
+
+def _bad_label():
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    vocab_parallel_cross_entropy(torch.zeros(2, 1, 4), torch.tensor([[1], [9]]), ps.tp_group)
+
+
+def test_label_outside_vocabulary_is_rejected():
+    with pytest.raises(RankError, match=r"label 9 is outside the vocabulary \[0, 8\)"):
+        run_distributed(_bad_label, 2, timeout=60)
+
+
+def _dropout_masks():
+    ps = parallel_state.initialize_model_parallel(2, 1)  # world 4: tp 2 x dp 2
+    ps.manual_seed(42)
+    ones = torch.ones(1000)
+    replicated = F.dropout(ones, 0.5)
+    with ps.rng_tracker.fork():
+        split = F.dropout(ones, 0.5)
+    return ps.tp_rank, ps.dp_rank, replicated, split
+
+
+def test_dropout_differs_across_tp_inside_regions_and_matches_outside():
+    results = run_distributed(_dropout_masks, 4, timeout=60)
+    by = {(tp, dp): (rep, split) for tp, dp, rep, split in results}
+    assert torch.equal(by[0, 0][0], by[1, 0][0]), "replicated dropout must match across TP ranks"
+    assert not torch.equal(by[0, 0][1], by[1, 0][1]), "dropout in the TP region must differ across TP ranks"
+    assert torch.equal(by[0, 0][1], by[0, 1][1]), "same TP rank, same seed: same mask"
+
+
+def _block(ps, w1, w2):
+    def run(x):
+        h = F.dropout(torch.tanh(x @ w1), 0.3)
+        with ps.rng_tracker.fork():
+            h = F.dropout(h, 0.3)
+        return h @ w2
+    return run
+
+
+def _checkpoint_vs_plain():
+    ps = parallel_state.initialize_model_parallel(1, 1)
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(8, 16, generator=g), torch.randn(16, 4, generator=g)
+    x0 = torch.randn(5, 8, generator=g)
+    outs = []
+    for use_checkpoint in (False, True):
+        ps.manual_seed(123)
+        a, b = w1.clone().requires_grad_(), w2.clone().requires_grad_()
+        x = x0.clone().requires_grad_()
+        fn = _block(ps, a, b)
+        y = checkpoint(fn, ps.rng_tracker, x) if use_checkpoint else fn(x)
+        y = y + 0.0
+        y.pow(2).sum().backward()
+        after = F.dropout(torch.ones(64), 0.5)  # the stream must continue as if no recompute happened
+        outs.append((y.detach(), x.grad, a.grad, b.grad, after))
+    return outs
+
+
+def test_checkpoint_with_dropout_equals_plain():
+    plain, ckpt = run_distributed(_checkpoint_vs_plain, 1, timeout=60)[0]
+    for name, p, c in zip(("output", "input grad", "w1 grad", "w2 grad", "next dropout"), plain, ckpt):
+        assert torch.equal(p, c), name

@@ -1,0 +1,150 @@
+"""Column/row-parallel linear and vocab-parallel embedding against plain torch, TP 1/2/4, +/- SP."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from equivalence import assert_rel_close
+from harness import RankError, run_distributed
+from megatron_core import parallel_state
+from megatron_core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    init_method_normal,
+)
+
+SEQ, BATCH, IN, OUT = 8, 3, 12, 16
+LAYOUTS = [(tp, sp) for tp in (1, 2, 4) for sp in (False, True)]
+
+
+def _inputs(shape_in, shape_out):
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(*shape_in, generator=g), torch.randn(*shape_out, generator=g)
+
+
+def _column(sp, gather_output):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    tp, r = ps.tp_size, ps.tp_rank
+    torch.manual_seed(1234)
+    layer = ColumnParallelLinear(IN, OUT, gather_output=gather_output, sequence_parallel=sp,
+                                 init_method=init_method_normal(0.5))
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(OUT, dtype=torch.float32).chunk(tp)[r])
+    x_full, g_full = _inputs((SEQ, BATCH, IN), (SEQ, BATCH, OUT))
+    x = (x_full.chunk(tp)[r] if sp else x_full).clone().requires_grad_()
+    out, bias = layer(x)
+    assert bias is None
+    g = g_full if gather_output else g_full.chunk(tp, dim=-1)[r]
+    (out * g).sum().backward()
+    return out.detach(), layer.weight.detach(), layer.weight.grad, layer.bias.grad, x.grad
+
+
+@pytest.mark.parametrize("tp,sp", LAYOUTS)
+def test_column_parallel_linear(tp, sp):
+    torch.manual_seed(1234)
+    w = torch.empty(OUT, IN)
+    init_method_normal(0.5)(w)
+    b = torch.arange(OUT, dtype=torch.float32).requires_grad_()
+    w.requires_grad_()
+    x_full, g_full = _inputs((SEQ, BATCH, IN), (SEQ, BATCH, OUT))
+    x_ref = x_full.clone().requires_grad_()
+    ref = F.linear(x_ref, w, b)
+    (ref * g_full).sum().backward()
+    for gather in ([False] if sp else [False, True]):
+        results = run_distributed(_column, tp, sp, gather, timeout=60)
+        for r, (out, weight, wgrad, bgrad, xgrad) in enumerate(results):
+            assert torch.equal(weight, w.detach().chunk(tp)[r]), "TP shard differs from the serial init"
+            assert_rel_close(out, ref.detach() if gather else ref.detach().chunk(tp, -1)[r], what="output")
+            assert_rel_close(wgrad, w.grad.chunk(tp)[r], what="weight grad")
+            assert_rel_close(bgrad, b.grad.chunk(tp)[r], what="bias grad")
+            assert_rel_close(xgrad, x_ref.grad.chunk(tp)[r] if sp else x_ref.grad, what="input grad")
+
+
+def _row(sp):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    tp, r = ps.tp_size, ps.tp_rank
+    torch.manual_seed(99)
+    layer = RowParallelLinear(OUT, IN, input_is_parallel=True, sequence_parallel=sp, init_method=init_method_normal(0.5))
+    with torch.no_grad():
+        layer.bias.copy_(torch.linspace(-1, 1, IN))
+    x_full, g_full = _inputs((SEQ, BATCH, OUT), (SEQ, BATCH, IN))
+    x = x_full.chunk(tp, dim=-1)[r].clone().requires_grad_()
+    out, _ = layer(x)
+    (out * (g_full.chunk(tp)[r] if sp else g_full)).sum().backward()
+    bgrad = layer.bias.grad.clone()
+    if sp:  # partial per sequence shard; the DDP wrapper sums sequence-parallel grads over TP
+        dist.all_reduce(bgrad, group=ps.tp_group)
+    return out.detach(), layer.weight.grad, bgrad, x.grad
+
+
+@pytest.mark.parametrize("tp,sp", LAYOUTS)
+def test_row_parallel_linear(tp, sp):
+    torch.manual_seed(99)
+    w = torch.empty(IN, OUT)
+    init_method_normal(0.5)(w)
+    w.requires_grad_()
+    b = torch.linspace(-1, 1, IN).requires_grad_()
+    x_full, g_full = _inputs((SEQ, BATCH, OUT), (SEQ, BATCH, IN))
+    x_ref = x_full.clone().requires_grad_()
+    ref = F.linear(x_ref, w, b)
+    (ref * g_full).sum().backward()
+    for r, (out, wgrad, bgrad, xgrad) in enumerate(run_distributed(_row, tp, sp, timeout=60)):
+        assert_rel_close(out, ref.detach().chunk(tp)[r] if sp else ref.detach(), what="output")
+        assert_rel_close(wgrad, w.grad.chunk(tp, dim=1)[r], what="weight grad")
+        assert_rel_close(bgrad, b.grad, what="bias grad")
+        assert_rel_close(xgrad, x_ref.grad.chunk(tp, dim=-1)[r], what="input grad")
+
+
+VOCAB, HIDDEN = 32, 8
+
+
+def _ids():
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def _embedding(sp):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    tp, r = ps.tp_size, ps.tp_rank
+    torch.manual_seed(5)
+    emb = VocabParallelEmbedding(VOCAB, HIDDEN, init_method=init_method_normal(1.0), reduce_scatter_embeddings=sp)
+    out = emb(_ids())
+    g = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(4))
+    (out * (g.chunk(tp)[r] if sp else g.transpose(0, 1))).sum().backward()
+    return out.detach(), emb.weight.grad
+
+
+@pytest.mark.parametrize("tp,sp", LAYOUTS)
+def test_vocab_parallel_embedding(tp, sp):
+    torch.manual_seed(5)
+    w = torch.empty(VOCAB, HIDDEN)
+    init_method_normal(1.0)(w)
+    w.requires_grad_()
+    ref = F.embedding(_ids(), w)
+    g = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(4))
+    (ref * g.transpose(0, 1)).sum().backward()
+    for r, (out, wgrad) in enumerate(run_distributed(_embedding, tp, sp, timeout=60)):
+        expected = ref.detach().transpose(0, 1).chunk(tp)[r] if sp else ref.detach()
+        assert_rel_close(out, expected, what="embedding output")
+        assert_rel_close(wgrad, w.grad.chunk(tp)[r], what="embedding grad")
+
+
+def _bad_ids():
+    parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    emb = VocabParallelEmbedding(VOCAB, HIDDEN)
+    emb(torch.tensor([[1, VOCAB + 3]]))
+
+
+def test_ids_outside_vocabulary_are_rejected():
+    with pytest.raises(RankError, match=r"token id 35 is outside the vocabulary \[0, 32\)"):
+        run_distributed(_bad_ids, 2, timeout=60)
+
+
+def _indivisible():
+    parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    ColumnParallelLinear(IN, 10)
+
+
+def test_sizes_not_divisible_by_tp_are_rejected():
+    with pytest.raises(RankError, match="ColumnParallelLinear output_size 10 is not divisible by the tensor-parallel size 4"):
+        run_distributed(_indivisible, 4, timeout=60)
