@@ -1,0 +1,1 @@
+"""Pipeline parallelism: layer split, point-to-point communication and schedules."""
