@@ -80,14 +80,15 @@ class _EncodeLine:
 
     def __call__(self, item: tuple[int, int, bytes]) -> _Encoded:
         file_index, line_number, raw = item
+        # Outside the try: a tokenizer that cannot be built is fatal, not a bad line per line.
+        tokenizer = _process_tokenizer(self.spec)
         try:
-            tokens = self._encode(raw)
-        except (ValueError, KeyError, TypeError) as exc:
+            tokens = self._encode(tokenizer, raw)
+        except Exception as exc:  # anything this one line triggers is that line's problem
             return _Encoded(file_index, line_number, len(raw), None, _describe(exc))
         return _Encoded(file_index, line_number, len(raw), tokens)
 
-    def _encode(self, raw: bytes) -> tuple[np.ndarray, ...]:
-        tokenizer = _process_tokenizer(self.spec)
+    def _encode(self, tokenizer: MegatronTokenizer, raw: bytes) -> tuple[np.ndarray, ...]:
         document = json.loads(raw)
         if not isinstance(document, dict):
             raise TypeError(f"expected a JSON object, got {type(document).__name__}")
@@ -111,7 +112,7 @@ def _describe(exc: Exception) -> str:
         return f"invalid JSON ({exc.msg} at column {exc.colno})"
     if isinstance(exc, UnicodeDecodeError):
         return f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
-    return str(exc)
+    return str(exc) or type(exc).__name__
 
 
 def _iter_lines(inputs: Sequence[str]) -> Iterator[tuple[int, int, bytes]]:
@@ -152,8 +153,24 @@ def _log_progress(stats: PreprocessStats, num_bytes: int, start: float) -> None:
     )
 
 
+def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    # Callers may hand over a Namespace built elsewhere (e.g. with only Megatron-LM's flags, or
+    # --input as one path); fill in whatever is missing from the parser's defaults.
+    filled = argparse.Namespace(**vars(args))
+    parser = build_parser()
+    for action in parser._actions:  # noqa: SLF001 - argparse offers no public list of dests
+        if action.dest != "help" and not hasattr(filled, action.dest):
+            setattr(filled, action.dest, parser.get_default(action.dest))
+    if isinstance(filled.input, str):
+        filled.input = [filled.input]
+    if isinstance(filled.json_keys, str):
+        filled.json_keys = [filled.json_keys]
+    return filled
+
+
 def preprocess(args: argparse.Namespace) -> PreprocessStats:
     """Run the conversion described by parsed ``args``; raises ValueError/BadLineError on failure."""
+    args = _with_defaults(args)
     for path in args.input:
         if not os.path.isfile(path):
             raise ValueError(f"--input file not found: {path!r}")

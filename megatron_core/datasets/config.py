@@ -25,6 +25,8 @@ class GPTDatasetConfig:
     def __post_init__(self) -> None:
         if self.seq_length < 1:
             raise ValueError(f"--seq-length must be positive, got {self.seq_length}")
+        if isinstance(self.data_path, str):  # "0.3 A 0.7 B" given as one string
+            self.data_path = self.data_path.split()
         if self.mock == bool(self.data_path):
             raise ValueError("give exactly one of --data-path PREFIX... and --mock-data")
         if self.data_path is not None:

@@ -1,0 +1,122 @@
+"""Turn ``--data-path``/``--split``/``--mock-data`` into the train, valid and test datasets."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .blended_dataset import BlendedDataset, normalize_weights, samples_per_dataset
+from .config import GPTDatasetConfig
+from .gpt_dataset import GPTDataset, MockGPTDataset, default_cache_dir
+from .indexed_dataset import IndexedDataset, data_file_path, index_file_path
+from .mock_indexed_dataset import MockIndexedDataset
+from .splits import SPLIT_NAMES, split_document_ranges
+
+
+def _check_prefix(prefix: str) -> None:
+    missing = [p for p in (index_file_path(prefix), data_file_path(prefix)) if not os.path.isfile(p)]
+    if not missing:
+        return
+    if prefix.endswith((".bin", ".idx")):
+        hint = f" (--data-path takes the prefix without the extension: {prefix[:-4]!r})"
+    else:
+        hint = " (make it with tools/preprocess_data.py; the prefix usually ends in _text_document)"
+    raise ValueError(f"--data-path {prefix!r}: missing {', '.join(repr(p) for p in missing)}{hint}")
+
+
+def parse_data_path(data_path: Sequence[str], check_files: bool = True) -> tuple[list[str], list[float]]:
+    """``["A"]`` -> ``(["A"], [1.0])``; ``["0.3", "A", "0.7", "B"]`` -> ``(["A", "B"], [0.3, 0.7])``.
+
+    Weights are normalized to sum to 1. With ``check_files`` each prefix must have its
+    ``.bin`` and ``.idx`` files.
+    """
+    items = [str(item) for item in data_path or []]
+    if not items:
+        raise ValueError("--data-path is empty; give a dataset prefix, or weight prefix pairs like 0.3 A 0.7 B")
+    if len(items) == 1:
+        prefixes, weights = items, [1.0]
+    else:
+        if len(items) % 2:
+            raise ValueError(
+                f"--data-path has {len(items)} entries; with several datasets give weight prefix pairs, "
+                "e.g. --data-path 0.3 A 0.7 B"
+            )
+        prefixes, weights = items[1::2], []
+        for raw in items[0::2]:
+            try:
+                weight = float(raw)
+            except ValueError:
+                raise ValueError(
+                    f"--data-path weight {raw!r} is not a number; give weight prefix pairs, e.g. --data-path 0.3 A 0.7 B"
+                ) from None
+            if not math.isfinite(weight) or weight <= 0:
+                raise ValueError(f"--data-path weight {raw!r} must be a positive number")
+            weights.append(weight)
+    if check_files:
+        for prefix in prefixes:
+            _check_prefix(prefix)
+    return prefixes, normalize_weights(weights)
+
+
+def _split_indices(
+    config: GPTDatasetConfig, num_documents: int, where: str, num_samples: Sequence[int | None]
+) -> list[np.ndarray | None]:
+    """Document ids of each split that is needed; None for a split nobody asked samples of."""
+    result: list[np.ndarray | None] = []
+    for name, bounds, wanted in zip(SPLIT_NAMES, split_document_ranges(config.split, num_documents), num_samples):
+        if wanted == 0 or (bounds is None and wanted is None):
+            result.append(None)
+            continue
+        begin, end = bounds if bounds is not None else (0, 0)
+        if end <= begin:
+            raise ValueError(
+                f"--split {config.split!r} gives the {name} split no documents of {where} ({num_documents} "
+                f"documents in all), but {wanted if wanted is not None else 'an epoch of'} {name} samples are "
+                f"needed; give {name} a larger share of --split, add data, or ask for no {name} samples"
+            )
+        result.append(np.arange(begin, end, dtype=np.int64))
+    return result
+
+
+def build_gpt_datasets(
+    config: GPTDatasetConfig, train_valid_test_num_samples: Sequence[int | None]
+) -> tuple[GPTDataset | BlendedDataset | None, GPTDataset | BlendedDataset | None, GPTDataset | BlendedDataset | None]:
+    """(train, valid, test) datasets; an entry is None when its sample count is 0.
+
+    A sample count of None means one epoch of that split (not allowed for blends).
+    """
+    num_samples = list(train_valid_test_num_samples)
+    if len(num_samples) != 3:
+        raise ValueError(f"need train, valid and test sample counts, got {num_samples}")
+    if config.mock:
+        mock = MockIndexedDataset(config.mock_num_documents, 2 * config.seq_length, config.resolved_mock_vocab_size, config.eod)
+        splits = _split_indices(config, len(mock), "the mock data", num_samples)
+        return tuple(  # type: ignore[return-value]
+            None if docs is None else MockGPTDataset(config, n, name, docs)
+            for name, docs, n in zip(SPLIT_NAMES, splits, num_samples)
+        )
+    prefixes, weights = parse_data_path(config.data_path)
+    low_level = [IndexedDataset(prefix) for prefix in prefixes]
+    per_prefix_splits = [
+        _split_indices(config, ds.num_documents, repr(prefix), num_samples) for prefix, ds in zip(prefixes, low_level)
+    ]
+    results: list[GPTDataset | BlendedDataset | None] = []
+    for s, (name, wanted) in enumerate(zip(SPLIT_NAMES, num_samples)):
+        if per_prefix_splits[0][s] is None:
+            results.append(None)
+            continue
+        if len(prefixes) == 1:
+            results.append(GPTDataset(low_level[0], prefixes[0], per_prefix_splits[0][s], wanted, name, config))
+            continue
+        if wanted is None:
+            raise ValueError(f"a blended --data-path needs a {name} sample count, not None")
+        sizes = samples_per_dataset(weights, wanted)
+        parts = [
+            GPTDataset(ds, prefix, splits[s], size, name, config)
+            for ds, prefix, splits, size in zip(low_level, prefixes, per_prefix_splits, sizes)
+        ]
+        cache_dir = config.data_cache_path or default_cache_dir(prefixes[0])
+        results.append(BlendedDataset(parts, weights, wanted, cache_dir))
+    return tuple(results)  # type: ignore[return-value]

@@ -1,0 +1,162 @@
+"""``GPTDataset``: fixed-length next-token-prediction samples cut from a split of an indexed dataset."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .config import GPTDatasetConfig
+from .gpt_indices import build_gpt_indices
+from .index_cache import description_hash, load_arrays, save_arrays
+from .mock_indexed_dataset import MockIndexedDataset
+
+logger = logging.getLogger(__name__)
+
+_INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
+# Bump when the index construction changes, so old caches are not reused.
+_INDEX_FORMAT = 1
+
+
+class LowLevelDataset(Protocol):
+    """What GPTDataset reads: per-document token counts and token ranges."""
+
+    sequence_lengths: np.ndarray
+    document_indices: np.ndarray
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray: ...
+
+
+def default_cache_dir(dataset_path: str) -> str:
+    """Where indices are cached without ``--data-cache-path``: next to the data, as in Megatron-LM."""
+    return os.path.join(os.path.dirname(os.path.abspath(dataset_path)), "cache", "GPTDataset_indices")
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """Samples of ``seq_length + 1`` tokens over shuffled, concatenated documents.
+
+    Args mirror Megatron-LM's: ``indexed_indices`` are the document ids of this split,
+    ``num_samples`` how many samples are needed (None: one epoch), ``index_split`` the split
+    name ("train"/"valid"/"test"), ``dataset_path`` the data prefix (None: no caching).
+    """
+
+    def __init__(
+        self,
+        indexed_dataset: LowLevelDataset,
+        dataset_path: str | None,
+        indexed_indices: np.ndarray,
+        num_samples: int | None,
+        index_split: str,
+        config: GPTDatasetConfig,
+    ) -> None:
+        super().__init__()
+        self.dataset, self.dataset_path, self.config = indexed_dataset, dataset_path, config
+        self.indexed_indices = np.asarray(indexed_indices, dtype=np.int64)
+        self.num_samples, self.index_split = num_samples, index_split
+        where = dataset_path or "mock data"
+        num_sequences = int(indexed_dataset.sequence_lengths.shape[0])
+        if int(indexed_dataset.document_indices.shape[0]) - 1 != num_sequences:
+            # Document ids index sequence lengths directly, which needs one sequence per document.
+            raise ValueError(
+                f"{where!r} has {indexed_dataset.document_indices.shape[0] - 1} documents but {num_sequences} "
+                "sequences; GPTDataset needs document-level data (preprocess without sentence splitting)."
+            )
+        if self.indexed_indices.size == 0:
+            raise ValueError(f"the {index_split} split of {where!r} has no documents")
+        if num_samples and int(np.asarray(indexed_dataset.sequence_lengths)[self.indexed_indices].sum()) == 0:
+            raise ValueError(
+                f"the {index_split} split of {where!r} (documents {self.indexed_indices[0]}.."
+                f"{self.indexed_indices[-1]}) holds no tokens, but {num_samples} samples are needed"
+            )
+        self.unique_description = self._describe()
+        self.unique_description_hash = description_hash(self.unique_description)
+        self.cache_dir = None
+        if dataset_path is not None:
+            self.cache_dir = config.data_cache_path or default_cache_dir(dataset_path)
+        self.built_from_cache = False
+        self.document_index, self.sample_index, self.shuffle_index = self._load_or_build_indices()
+
+    def _describe(self) -> dict[str, Any]:
+        indices = self.indexed_indices
+        lengths = np.asarray(self.dataset.sequence_lengths)
+        return {
+            "class": type(self).__name__,
+            "format": _INDEX_FORMAT,
+            "dataset_path": os.path.realpath(self.dataset_path) if self.dataset_path else None,
+            "index_split": self.index_split,
+            "document_range": [int(indices[0]), int(indices[-1]) + 1],
+            "documents_md5": hashlib.md5(indices.tobytes()).hexdigest(),
+            # Content fingerprint: regenerated data under the same path gets new indices.
+            "num_tokens": int(lengths[indices].sum()),
+            "sequence_length": self.config.seq_length,
+            "num_samples": self.num_samples,
+            "random_seed": self.config.seed,
+        }
+
+    @property
+    def cache_stem(self) -> str:
+        """File-name stem of this dataset's cached indices."""
+        return f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split}"
+
+    def _load_or_build_indices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cached = load_arrays(self.cache_dir, self.cache_stem, _INDEX_NAMES)
+        if cached is not None:
+            self.built_from_cache = True
+            return tuple(cached[name] for name in _INDEX_NAMES)  # type: ignore[return-value]
+        arrays = build_gpt_indices(
+            self.dataset.sequence_lengths, self.indexed_indices, self.config.seq_length, self.num_samples, self.config.seed
+        )
+        if save_arrays(self.cache_dir, self.cache_stem, dict(zip(_INDEX_NAMES, arrays)), self.unique_description):
+            logger.info("cached %s %s indices in %s", self.dataset_path, self.index_split, self.cache_dir)
+        return arrays
+
+    def __len__(self) -> int:
+        return int(self.sample_index.shape[0]) - 1
+
+    def get_tokens(self, idx: int) -> np.ndarray:
+        """The ``seq_length + 1`` token ids of sample ``idx`` (after shuffling)."""
+        position = int(self.shuffle_index[idx])
+        first, first_offset = (int(v) for v in self.sample_index[position])
+        last, last_offset = (int(v) for v in self.sample_index[position + 1])
+        doc = self.document_index
+        if first == last:
+            return self.dataset.get(int(doc[first]), first_offset, last_offset - first_offset + 1)
+        parts = [self.dataset.get(int(doc[first]), first_offset)]
+        parts += [self.dataset.get(int(doc[i])) for i in range(first + 1, last)]
+        parts.append(self.dataset.get(int(doc[last]), 0, last_offset + 1))
+        return np.concatenate(parts)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        if not 0 <= idx < len(self):
+            raise IndexError(f"sample {idx} out of range for {len(self)} samples")
+        text = torch.from_numpy(self.get_tokens(idx).astype(np.int64))
+        tokens, labels = text[:-1].contiguous(), text[1:].contiguous()
+        loss_mask = torch.ones(self.config.seq_length, dtype=torch.float32)
+        if self.config.eod_mask_loss:
+            # As Megatron-LM: no loss for predicting across a document boundary (input token is EOD).
+            loss_mask[tokens == self.config.eod] = 0.0
+        if self.config.pad >= 0:
+            loss_mask[labels == self.config.pad] = 0.0
+        position_ids = torch.arange(self.config.seq_length, dtype=torch.int64)
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+
+
+class MockGPTDataset(GPTDataset):
+    """A GPTDataset over deterministic synthetic documents (``--mock-data``); nothing is cached."""
+
+    def __init__(
+        self,
+        config: GPTDatasetConfig,
+        num_samples: int | None,
+        index_split: str = "train",
+        indexed_indices: np.ndarray | None = None,
+    ) -> None:
+        mock = MockIndexedDataset(
+            config.mock_num_documents, 2 * config.seq_length, config.resolved_mock_vocab_size, config.eod
+        )
+        if indexed_indices is None:
+            indexed_indices = np.arange(len(mock), dtype=np.int64)
+        super().__init__(mock, None, indexed_indices, num_samples, index_split, config)

@@ -1,0 +1,176 @@
+"""tools/preprocess_data.py: tokens round-trip, bad lines, progress, and Megatron-LM's byte layout."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron_core.tokenizer import build_tokenizer
+from tools import preprocess_data
+from tools.train_tokenizer import train_sentencepiece
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
+
+
+def read_megatron_index(prefix):
+    """An independent reader of Megatron-LM's .idx/.bin, written from the format description."""
+    with open(prefix + ".idx", "rb") as f:
+        raw = f.read()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    (version,) = struct.unpack("<Q", raw[9:17])
+    (code,) = struct.unpack("<B", raw[17:18])
+    count, doc_count = struct.unpack("<QQ", raw[18:34])
+    assert version == 1
+    pos = 34
+    lengths = struct.unpack(f"<{count}i", raw[pos:pos + 4 * count]); pos += 4 * count
+    pointers = struct.unpack(f"<{count}q", raw[pos:pos + 8 * count]); pos += 8 * count
+    documents = struct.unpack(f"<{doc_count}q", raw[pos:pos + 8 * doc_count]); pos += 8 * doc_count
+    assert pos == len(raw)
+    dtype = np.dtype(DTYPES[code]).newbyteorder("<")
+    data = open(prefix + ".bin", "rb").read()
+    sequences = [
+        np.frombuffer(data[p:p + n * dtype.itemsize], dtype=dtype).tolist() for p, n in zip(pointers, lengths)
+    ]
+    assert sum(lengths) * dtype.itemsize == len(data)
+    return code, list(documents), sequences
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    text = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:8]:
+        text.append(open(path, encoding="utf-8").read(1500))
+    corpus = tmp_path_factory.mktemp("spm") / "corpus.txt"
+    corpus.write_text("\n".join(text), encoding="utf-8")
+    return train_sentencepiece([str(corpus)], str(corpus.parent / "tok"), vocab_size=400)
+
+
+def stdlib_documents(n=30):
+    docs = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:n]:
+        with open(path, encoding="utf-8") as f:
+            docs.append({"text": f.read(600), "title": os.path.basename(path)})
+    docs.append({"text": "unicode ünïcödé 日本 🚀", "title": "u"})
+    docs.append({"text": "", "title": "empty"})  # no tokens, so no EOD either (as Megatron)
+    return docs
+
+
+def write_jsonl(path, docs, bad_lines=()):
+    """Write docs; bad_lines maps 1-based line numbers to raw text inserted there."""
+    lines = [json.dumps(d) for d in docs]
+    for number, raw in sorted(dict(bad_lines).items()):
+        lines.insert(number - 1, raw)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def run_main(tmp_path, model, *extra):
+    return preprocess_data.main([
+        "--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out" / "data"),
+        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model, *extra,
+    ])
+
+
+def test_two_workers_round_trip_and_byte_layout(tmp_path, spm_model, capsys):
+    docs = stdlib_documents()
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    rc = run_main(tmp_path, spm_model, "--json-keys", "text", "title", "--append-eod", "--workers", "2",
+                  "--log-interval", "10")
+    assert rc == 0
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
+    for key in ("text", "title"):
+        expected = [tok.tokenize(d[key]) + ([tok.eod] if d[key] else []) for d in docs]
+        prefix = str(tmp_path / "out" / f"data_{key}_document")
+        dataset = IndexedDataset(prefix)
+        assert len(dataset) == len(docs) == dataset.num_documents
+        assert [dataset[i].tolist() for i in range(len(dataset))] == expected
+        assert dataset.get(0, 3, 5).tolist() == expected[0][3:8]
+        code, documents, sequences = read_megatron_index(prefix)
+        assert code == 8  # uint16: vocab 400 < 65500
+        assert documents == list(range(len(docs) + 1))
+        assert sequences == expected
+    err = capsys.readouterr().err
+    assert "Processed 10 documents" in err and "docs/s" in err and "MB/s" in err
+
+
+def test_bad_lines_are_skipped_with_line_numbers(tmp_path, spm_model, capsys):
+    docs = stdlib_documents(5)
+    write_jsonl(tmp_path / "in.jsonl", docs, {3: "{not json", 5: json.dumps({"title": "no text"})})
+    assert run_main(tmp_path, spm_model, "--workers", "2") == 0
+    err = capsys.readouterr().err
+    assert "in.jsonl:3:" in err and "invalid JSON" in err
+    assert "in.jsonl:5:" in err and "missing key 'text'" in err
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
+    dataset = IndexedDataset(str(tmp_path / "out" / "data_text_document"))
+    assert [dataset[i].tolist() for i in range(len(dataset))] == [tok.tokenize(d["text"]) for d in docs]
+
+
+def test_bad_line_is_fatal_with_on_bad_line_error(tmp_path, spm_model):
+    write_jsonl(tmp_path / "in.jsonl", stdlib_documents(5), {4: '{"text": 1'})
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(tmp_path / "in.jsonl"),
+         "--output-prefix", str(tmp_path / "out" / "data"), "--tokenizer-type", "SentencePieceTokenizer",
+         "--tokenizer-model", spm_model, "--workers", "2", "--on-bad-line", "error"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "in.jsonl:4:" in error_lines[0]
+    assert not os.path.exists(tmp_path / "out" / "data_text_document.idx")  # no half-written output
+
+
+def test_tokenizer_flag_errors_are_one_line(tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2 3"}])
+    rc = preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                               "--tokenizer-type", "NullTokenizer"])
+    assert rc == 1 and "--vocab-size" in capsys.readouterr().err
+
+
+def test_null_tokenizer_large_vocab_uses_int32(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2 70000"}, {"text": "99999"}])
+    rc = preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                               "--tokenizer-type", "NullTokenizer", "--vocab-size", "100000", "--append-eod"])
+    assert rc == 0
+    code, _, sequences = read_megatron_index(str(tmp_path / "o_text_document"))
+    assert code == 4 and sequences == [[1, 2, 70000, 100000], [99999, 100000]]
+
+
+def test_builder_writes_and_reader_reads_hand_made_files(tmp_path):
+    # Our writer, the independent reader: several sequences per document, int32.
+    builder = IndexedDatasetBuilder(str(tmp_path / "a.bin"), dtype=np.int32)
+    builder.add_item([5, 6, 7])
+    builder.add_item([])
+    builder.end_document()
+    builder.add_document([1, 2, 3, 4], [1, 3])
+    builder.finalize(str(tmp_path / "a.idx"))
+    assert read_megatron_index(str(tmp_path / "a")) == (4, [0, 2, 4], [[5, 6, 7], [], [1], [2, 3, 4]])
+    # A file written byte by byte in the test (as Megatron-LM would), read by IndexedDataset.
+    seqs = [[10, 11], [12, 13, 14]]
+    with open(tmp_path / "m.idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, 2, 3))
+        f.write(struct.pack("<2i", 2, 3) + struct.pack("<2q", 0, 4) + struct.pack("<3q", 0, 1, 2))
+    np.array(sum(seqs, []), dtype="<u2").tofile(tmp_path / "m.bin")
+    dataset = IndexedDataset(str(tmp_path / "m"))
+    assert dataset.dtype == np.uint16 and [x.tolist() for x in dataset[0:2]] == seqs
+    assert dataset.document_indices.tolist() == [0, 1, 2]
+
+
+def test_reader_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.idx"):
+        IndexedDataset(str(tmp_path / "nothing"))
+    (tmp_path / "bad.idx").write_bytes(b"NOTANIDX" + bytes(40))
+    (tmp_path / "bad.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="bad.idx"):
+        IndexedDataset(str(tmp_path / "bad"))
+    (tmp_path / "short.idx").write_bytes(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, 5, 6))
+    (tmp_path / "short.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="short.idx.*truncated"):
+        IndexedDataset(str(tmp_path / "short"))

@@ -1,0 +1,186 @@
+"""Tokenizers: SentencePiece training + round trips, GPT-2 BPE, Hugging Face, Null, and flag errors."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pickle
+
+import pytest
+
+from megatron_core.tokenizer import NullTokenizer, build_tokenizer, vocab_size_with_padding
+from tools import train_tokenizer
+from tools.train_tokenizer import train_sentencepiece
+
+SAMPLES = (
+    "def f(x):\n    return x + 1\n",
+    "  leading and trailing spaces  ",
+    "unicode: café, naïve, 日本語, emoji 🚀, tab\there",
+    "",
+)
+
+
+def stdlib_text(max_bytes: int = 12_000) -> str:
+    """A few KB of real text that exists on every Python install: stdlib sources."""
+    parts, size = [], 0
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            chunk = f.read(2000)
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= max_bytes:
+            break
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(stdlib_text(), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def spm_model(corpus_file, tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("spm") / "tok"
+    return train_sentencepiece([corpus_file], str(prefix), vocab_size=400, model_type="bpe")
+
+
+def test_sentencepiece_round_trip_and_specials(spm_model):
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
+    assert tok.vocab_size == 400
+    assert tok.eod == 2 and tok.bos == 1 and tok.pad == -1
+    for text in SAMPLES:
+        ids = tok.tokenize(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.detokenize(ids) == text  # byte fallback + identity normalization: lossless
+    # Megatron's GPT flavour name is accepted too.
+    assert build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=spm_model).eod == tok.eod
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.tokenize(SAMPLES[2]) == tok.tokenize(SAMPLES[2])
+
+
+def test_train_from_jsonl_unigram_and_cli(tmp_path, corpus_file):
+    text = open(corpus_file, encoding="utf-8").read()
+    jsonl = tmp_path / "docs.jsonl"
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for i in range(0, len(text), 800):
+            f.write(json.dumps({"content": text[i:i + 800]}) + "\n")
+        f.write("not json\n")  # skipped with a warning, not fatal
+    model = train_sentencepiece([str(jsonl)], str(tmp_path / "uni"), 400, json_keys=["content"], model_type="unigram")
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=model)
+    assert tok.detokenize(tok.tokenize(SAMPLES[2])) == SAMPLES[2]
+    rc = train_tokenizer.main(["--input", corpus_file, "--vocab-size", "400", "--model-prefix", str(tmp_path / "cli")])
+    assert rc == 0 and os.path.isfile(tmp_path / "cli.model")
+
+
+def test_train_vocab_too_small_is_a_clear_error(tmp_path, corpus_file):
+    with pytest.raises(ValueError, match="--vocab-size 100"):
+        train_sentencepiece([corpus_file], str(tmp_path / "small"), vocab_size=100)
+
+
+def _train_byte_level_bpe(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([stdlib_text(6000)], vocab_size=400, min_frequency=2,
+                            show_progress=False, special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(tmp_path))
+    return bpe, str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+
+
+def test_gpt2_bpe_round_trip(tmp_path):
+    reference, vocab, merges = _train_byte_level_bpe(tmp_path)
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    assert tok.vocab_size == len(json.load(open(vocab)))
+    assert tok.eod == json.load(open(vocab))["<|endoftext|>"]
+    for text in SAMPLES:
+        ids = tok.tokenize(text)
+        assert ids == reference.encode(text).ids
+        assert tok.detokenize(ids) == text
+    assert pickle.loads(pickle.dumps(tok)).tokenize("x = 1") == tok.tokenize("x = 1")
+    # transformers' pure-Python GPT2Tokenizer is an independent implementation of GPT-2's BPE.
+    from transformers import GPT2Tokenizer
+
+    slow = GPT2Tokenizer(vocab, merges)
+    for text in SAMPLES + (stdlib_text(3000)[1000:2500], "Hello world's 123 don't  \n\n  x"):
+        assert tok.tokenize(text) == slow.encode(text)
+
+
+def test_gpt2_bpe_missing_endoftext(tmp_path):
+    _, vocab, merges = _train_byte_level_bpe(tmp_path)
+    table = json.load(open(vocab))
+    del table["<|endoftext|>"]
+    json.dump(table, open(vocab, "w"))
+    with pytest.raises(ValueError, match="--vocab-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+
+
+def _save_hf_tokenizer_json(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator([stdlib_text(6000)], trainer=trainer)
+    hf.save(str(path))
+    return hf
+
+
+def test_huggingface_tokenizer_from_file_and_dir(tmp_path):
+    reference = _save_hf_tokenizer_json(tmp_path / "tokenizer.json")
+    for location in (tmp_path / "tokenizer.json", tmp_path):
+        tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(location))
+        assert tok.eod == reference.token_to_id("<|endoftext|>")
+        assert tok.pad == reference.token_to_id("<pad>")
+        assert tok.vocab_size == reference.get_vocab_size()
+        for text in SAMPLES:
+            assert tok.detokenize(tok.tokenize(text)) == text
+    # A tokenizer_config.json beside it decides which token is eos.
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<pad>"}}))
+    assert build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path)).eod == reference.token_to_id("<pad>")
+
+
+def test_huggingface_never_downloads(tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer-model"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model="gpt2")
+
+
+def test_null_tokenizer():
+    tok = build_tokenizer("NullTokenizer", vocab_size=100)
+    assert isinstance(tok, NullTokenizer)
+    assert tok.vocab_size == 101 and tok.eod == 100 == tok.vocab_size - 1  # Megatron-LM's convention
+    assert tok.tokenize("5 17\n 99") == [5, 17, 99]
+    assert tok.detokenize([5, 17, 99]) == "5 17 99"
+    assert tok.tokenize("") == []
+    with pytest.raises(ValueError):
+        tok.tokenize("5 seven")
+    with pytest.raises(ValueError):
+        tok.tokenize("101")
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(tokenizer_type="Nope"), "--tokenizer-type"),
+        (dict(tokenizer_type="SentencePieceTokenizer"), "--tokenizer-model"),
+        (dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/no/such.model"), "--tokenizer-model"),
+        (dict(tokenizer_type="GPT2BPETokenizer", merge_file="m.txt"), "--vocab-file"),
+        (dict(tokenizer_type="GPT2BPETokenizer", vocab_file=__file__), "--merge-file"),
+        (dict(tokenizer_type="GPT2BPETokenizer", vocab_file="/no/vocab.json", merge_file=__file__), "--vocab-file"),
+        (dict(tokenizer_type="HuggingFaceTokenizer"), "--tokenizer-model"),
+        (dict(tokenizer_type="NullTokenizer"), "--vocab-size"),
+    ],
+)
+def test_build_tokenizer_errors_name_the_flag(kwargs, flag):
+    tokenizer_type = kwargs.pop("tokenizer_type")
+    with pytest.raises(ValueError, match=flag):
+        build_tokenizer(tokenizer_type, **kwargs)
+
+
+def test_vocab_size_with_padding():
+    assert vocab_size_with_padding(50257, 128, 1) == 50304
+    assert vocab_size_with_padding(50257, 128, 4) == 50688
+    assert vocab_size_with_padding(512, 128, 2) == 512
