@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -43,7 +44,9 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
                                 world_size=world_size, timeout=timedelta(seconds=timeout))
         try:
             result = fn(*args, **kwargs)
-            conn.send(("ok", rank, result))
+            # Plain pickle copies tensors by value; conn.send's would pass file descriptors that
+            # die with this process before the parent reads them (ConnectionResetError under load).
+            conn.send_bytes(pickle.dumps(("ok", rank, result)))
         finally:
             from megatron_core import parallel_state
             parallel_state.set_parallel_state(None)
@@ -51,7 +54,7 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         status = 1
         try:
-            conn.send(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+            conn.send_bytes(pickle.dumps(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
         except Exception:  # noqa: BLE001
             pass
     finally:
@@ -94,7 +97,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             for conn in mp.connection.wait(list(pending), timeout=limit - now):
                 rank = pending.pop(conn)
                 try:
-                    kind, _, payload = conn.recv()
+                    kind, _, payload = pickle.loads(conn.recv_bytes())
                 except EOFError:
                     kind, payload = "error", "process exited without reporting (crashed or was killed)"
                 if kind == "ok":

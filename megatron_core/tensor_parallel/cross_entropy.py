@@ -38,7 +38,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = (target - start).masked_fill(outside, 0)
 
         logits_2d = logits.view(-1, partition)
-        flat_target = local_target.view(-1)
+        flat_target = local_target.reshape(-1)
         rows = torch.arange(logits_2d.shape[0], device=logits.device)
         predicted = logits_2d[rows, flat_target].view_as(target).masked_fill(outside, 0.0)
         predicted = _all_reduce(predicted, group)
@@ -67,8 +67,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         partition = grad.shape[-1]
         grad_2d = grad.view(-1, partition)
         rows = torch.arange(grad_2d.shape[0], device=grad.device)
-        hit = (~outside).view(-1).to(grad.dtype)
-        grad_2d[rows, local_target.view(-1)] -= (1.0 - eps) * hit
+        hit = (~outside).reshape(-1).to(grad.dtype)
+        grad_2d[rows, local_target.reshape(-1)] -= (1.0 - eps) * hit
         if eps > 0:
             grad_2d -= eps / ctx.vocab_size
         scale = grad_output.masked_fill(ignored, 0.0).unsqueeze(-1)

@@ -1,0 +1,86 @@
+"""Gradient work after the last microbatch's backward, before the optimizer step.
+
+Order: each chunk's data-parallel sync (``finish_grad_sync()`` on a DDP wrapper), then the
+all-reduces that TP and PP introduce: ``sequence_parallel`` grads over the TP group (each TP rank
+saw only its sequence shard) and ``shared_embedding`` grads over the embedding group (the tied
+word embedding lives on the first and the last stage). With per-token loss averaging the
+gradients are finally divided by the number of tokens in the global batch.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_core.parallel_state import ParallelState, get_parallel_state
+
+
+def _grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient the optimizer will read: the DDP wrapper's ``main_grad`` when present."""
+    grad = getattr(param, "main_grad", None)
+    return grad if grad is not None else param.grad
+
+
+def _grads_with(model_chunks: Iterable[torch.nn.Module], attribute: str) -> list[torch.Tensor]:
+    grads = []
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if param.requires_grad and getattr(param, attribute, False) and _grad(param) is not None:
+                grads.append(_grad(param))
+    return grads
+
+
+def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
+    """Sum ``grads`` over ``group`` with one collective per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def finalize_model_grads(model_chunks: list[torch.nn.Module], parallel_state: Optional[ParallelState] = None,
+                         num_tokens: Optional[torch.Tensor] = None) -> None:
+    """Finish DP sync, all-reduce sequence-parallel and tied-embedding grads, scale per-token grads.
+
+    ``num_tokens`` (per-token loss averaging) is this rank's token count as the schedule counted it
+    (non-zero on the last pipeline stage only): it is broadcast over the pipeline and summed over
+    data-parallel ranks. The DP sync must then sum rather than average gradients.
+    """
+    ps = get_parallel_state(parallel_state)
+    for chunk in model_chunks:
+        if hasattr(chunk, "finish_grad_sync"):
+            chunk.finish_grad_sync()
+    if ps.tp_size > 1:
+        grads = _grads_with(model_chunks, "sequence_parallel")
+        if grads:
+            _all_reduce_coalesced(grads, ps.tp_group)
+    if ps.is_in_embedding_group() and len(ps.embedding_ranks) > 1:
+        grads = _grads_with(model_chunks, "shared_embedding")
+        if grads:
+            _all_reduce_coalesced(grads, ps.embedding_group)
+    if num_tokens is not None:
+        _scale_by_token_count(model_chunks, ps, num_tokens)
+
+
+def _scale_by_token_count(model_chunks: list[torch.nn.Module], ps: ParallelState, num_tokens: torch.Tensor) -> None:
+    total = torch.as_tensor(num_tokens, dtype=torch.int64).clone()
+    if ps.pp_size > 1:
+        dist.broadcast(total, src=ps.pp_ranks[-1], group=ps.pp_group)
+    if ps.dp_size > 1:
+        dist.all_reduce(total, group=ps.dp_group)
+    count = int(total.item())
+    if count <= 0:
+        raise ValueError(f"per-token loss averaging counted {count} tokens in the global batch; loss_func must "
+                         f"return (loss_sum, num_tokens, dict) with num_tokens > 0")
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            grad = _grad(param)
+            if grad is not None:
+                grad.div_(count)
