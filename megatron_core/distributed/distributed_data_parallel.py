@@ -1,0 +1,132 @@
+"""Data-parallel wrapper: gradients in contiguous bucketed buffers, reduced while backward runs.
+
+Each parameter's gradient is accumulated by a post-accumulate-grad hook into ``param.main_grad``
+(a view into its buffer) and ``param.grad`` is dropped. Outside :meth:`no_sync` the hook also
+marks the parameter ready; with ``overlap_grad_reduce`` a bucket's all-reduce (reduce-scatter
+under the distributed optimizer) starts asynchronously as soon as all its gradients are in, so it
+runs behind the rest of backward. :meth:`finish_grad_sync` (called by ``finalize_model_grads``)
+launches whatever is left and waits.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from megatron_core.distributed import comm_log as comm
+from megatron_core.distributed.comm_log import CommLog
+from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
+from megatron_core.distributed.param_and_grad_buffer import ParamAndGradBuffer
+from megatron_core.parallel_state import ParallelState, get_parallel_state
+
+
+class DistributedDataParallel(torch.nn.Module):
+    """Wraps one model chunk for data parallelism (see the module docstring and the config's ZeRO stages)."""
+
+    def __init__(self, config: DistributedDataParallelConfig, module: torch.nn.Module,
+                 ps: Optional[ParallelState] = None, comm_log: Optional[CommLog] = None) -> None:
+        super().__init__()
+        self.ddp_config = config
+        self.module = module
+        self.ps = get_parallel_state(ps)
+        self.comm_log = comm_log
+        self._sync_enabled = True
+        self.buffers_by_dtype: list[ParamAndGradBuffer] = []
+        self._buffer_of: dict[int, ParamAndGradBuffer] = {}
+        self._build_buffers()
+        self._broadcast_params()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(self._buffer_of[id(p)]))
+                       for buffer in self.buffers_by_dtype for p in buffer.params]
+
+    # ---- construction -------------------------------------------------------------------------
+    def _grad_dtype(self, param: torch.nn.Parameter) -> torch.dtype:
+        return torch.float32 if self.ddp_config.grad_reduce_in_fp32 else param.dtype
+
+    def _build_buffers(self) -> None:
+        groups: dict[tuple[torch.dtype, torch.dtype], list[torch.nn.Parameter]] = {}
+        for p in self.module.parameters():
+            if p.requires_grad:
+                groups.setdefault((p.dtype, self._grad_dtype(p)), []).append(p)
+        for (_, grad_dtype), params in groups.items():
+            # Reverse order: backward produces the last layers' gradients first, so the first
+            # buckets fill (and can be reduced) first.
+            buffer = ParamAndGradBuffer(params[::-1], grad_dtype, self.ddp_config, self.ps, self.comm_log)
+            self.buffers_by_dtype.append(buffer)
+            for p in params:
+                self._buffer_of[id(p)] = buffer
+
+    def _broadcast_params(self) -> None:
+        """Every DP rank starts from DP rank 0's parameters."""
+        if self.ps.dp_size == 1:
+            return
+        src = self.ps.dp_ranks[0]
+        with torch.no_grad():
+            for buffer in self.buffers_by_dtype:
+                comm.broadcast(buffer.param_data, src, self.ps.dp_group, log=self.comm_log, tag="param.broadcast")
+            for p in self.module.parameters():
+                if not p.requires_grad:
+                    comm.broadcast(p.data, src, self.ps.dp_group, log=self.comm_log, tag="param.broadcast")
+
+    def _grad_hook(self, buffer: ParamAndGradBuffer):
+        def hook(param: torch.nn.Parameter) -> None:
+            if param.grad is None:
+                return
+            buffer.ensure_grads_allocated()
+            param.main_grad.add_(param.grad)
+            param.grad = None  # the gradient lives in the buffer only
+            if self._sync_enabled:
+                buffer.register_grad_ready(param)
+        return hook
+
+    # ---- the module interface -----------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+        self.module.set_input_tensor(tensor)
+
+    def state_dict(self, *args, **kwargs):
+        """The wrapped module's state dict (same keys as without the wrapper)."""
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        return self.module.load_state_dict(state_dict, strict=strict)
+
+    # ---- gradient sync ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without reducing them (every microbatch but the last)."""
+        self._sync_enabled = False
+        try:
+            yield
+        finally:
+            self._sync_enabled = True
+
+    def finish_grad_sync(self) -> None:
+        """Launch the remaining buckets' collectives and wait for all of them (after the last backward)."""
+        for buffer in self.buffers_by_dtype:
+            buffer.finish_grad_sync()
+
+    def zero_grad_buffer(self) -> None:
+        """Zero ``main_grad`` and reset the bucket state; call before each step's first backward."""
+        for p in self.module.parameters():
+            p.grad = None
+        for buffer in self.buffers_by_dtype:
+            buffer.reset()
+
+    def broadcast_params(self) -> None:
+        """Copy DP rank 0's parameters to the other DP ranks (done once at construction)."""
+        self._broadcast_params()
+
+
+def no_sync_func(model_chunks: list[torch.nn.Module]):
+    """A ``no_sync_func`` for the schedules covering every DDP-wrapped chunk (virtual stages)."""
+    @contextlib.contextmanager
+    def no_sync() -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for chunk in model_chunks:
+                if isinstance(chunk, DistributedDataParallel):
+                    stack.enter_context(chunk.no_sync())
+            yield
+    return no_sync

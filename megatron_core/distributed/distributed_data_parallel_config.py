@@ -1,0 +1,64 @@
+"""Options of the data-parallel wrapper, and how the ZeRO stages map onto Megatron-LM's flags."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass
+class DistributedDataParallelConfig:
+    """How gradients are bucketed, reduced over data-parallel ranks and sharded (ZeRO stage).
+
+    ZeRO stages (Rajbhandari et al. 2020) and Megatron-LM's flags:
+
+    - ``zero_stage=0``: plain data parallelism. Every rank keeps full gradients and full optimizer
+      state; each bucket is all-reduced.
+    - ``zero_stage=1``: fp32 main parameters and optimizer state are sharded over DP; each rank
+      updates its shard and the parameters are all-gathered. The full gradient buffer is kept.
+      By default each bucket is reduce-scattered (the rank only needs its shard's sum), which is
+      Megatron-LM's ``--use-distributed-optimizer`` and costs the paper's 2Ψ per step; with
+      ``zero1_all_reduce_grads=True`` gradients are all-reduced instead (every rank ends with the
+      full reduced gradient; 3Ψ with the parameter all-gather).
+    - ``zero_stage=2``: as stage 1, and gradients are reduce-scattered bucket by bucket and only
+      the rank's reduced shard is kept after the optimizer step: the full-size gradient buffer is
+      working memory of backward and ``finalize_model_grads`` (like activations), allocated at
+      ``zero_grad_buffer()`` (or the first gradient of a step) and released by the optimizer step
+      once the shard has been copied out.
+
+    ``use_distributed_optimizer=True`` with ``zero_stage=0`` means stage 1 (Megatron's flag); a
+    stage >= 1 sets ``use_distributed_optimizer``.
+    """
+
+    zero_stage: int = 0
+    use_distributed_optimizer: bool = False
+    zero1_all_reduce_grads: bool = False
+    # Gradients are accumulated and reduced in fp32 for bf16/fp16 parameters
+    # (Megatron's --accumulate-allreduce-grads-in-fp32).
+    grad_reduce_in_fp32: bool = False
+    # Launch each bucket's collective from the backward hooks as soon as its gradients are ready.
+    overlap_grad_reduce: bool = False
+    # Elements per bucket; None puts each buffer in a single bucket.
+    bucket_size: Optional[int] = 40_000_000
+    # Sum instead of average over DP: per-token loss averaging divides by the global token count
+    # afterwards (finalize_model_grads(..., num_tokens=...)).
+    calculate_per_token_loss: bool = False
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"DistributedDataParallelConfig.zero_stage must be 0, 1 or 2, got {self.zero_stage} "
+                             f"(stage 3, sharded parameters, is not implemented)")
+        if self.use_distributed_optimizer and self.zero_stage == 0:
+            self.zero_stage = 1
+        if self.zero_stage >= 1:
+            self.use_distributed_optimizer = True
+        if self.zero1_all_reduce_grads and self.zero_stage != 1:
+            raise ValueError("zero1_all_reduce_grads only applies to zero_stage=1; stage 2 must reduce-scatter "
+                             "(it keeps only the gradient shard) and stage 0 always all-reduces")
+        if self.bucket_size is not None and self.bucket_size < 1:
+            raise ValueError(f"DistributedDataParallelConfig.bucket_size must be >= 1 element or None (one bucket), "
+                             f"got {self.bucket_size}")
+
+    @property
+    def reduce_scatter_grads(self) -> bool:
+        """Whether buckets are reduce-scattered (each rank gets its shard's sum) or all-reduced."""
+        return self.zero_stage == 2 or (self.zero_stage == 1 and not self.zero1_all_reduce_grads)

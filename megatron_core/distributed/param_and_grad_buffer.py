@@ -1,0 +1,254 @@
+"""Contiguous parameter and gradient storage for one dtype, cut into buckets reduced one by one.
+
+Layout (shared by the parameter and the gradient buffer, so a later ZeRO-3 can shard parameters
+with the same ranges): parameters are placed in the order given, which the DDP wrapper makes the
+reverse of ``module.parameters()`` so that buckets fill up in the order backward produces
+gradients. A bucket closes once it holds ``bucket_size`` elements and is padded to a multiple of
+the DP size; DP rank r owns elements ``[r * n / dp, (r + 1) * n / dp)`` of every bucket of n
+elements (its *shard*). Under the distributed optimizer a ``shared_embedding`` parameter gets a
+bucket of its own, so the first and the last pipeline stage shard it identically and the
+embedding-group all-reduce after the DP reduce-scatter adds matching shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from megatron_core.distributed import comm_log as comm
+from megatron_core.distributed.comm_log import BucketTiming, CommLog
+from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
+from megatron_core.parallel_state import ParallelState
+
+
+class Bucket:
+    """A padded, contiguous range of a buffer whose gradients one collective reduces."""
+
+    def __init__(self, index: int, start: int, end: int, params: list[torch.nn.Parameter], dp_size: int,
+                 dp_rank: int, local_offset: int) -> None:
+        self.index, self.start, self.end, self.params = index, start, end, params
+        self.shard_size = (end - start) // dp_size
+        self.shard_start = start + dp_rank * self.shard_size  # buffer coordinates
+        self.local_offset = local_offset  # where this bucket's shard starts in the rank's concatenated shard
+        self.pending: set[int] = set()
+        self.handle = None
+        self.reduce_scatter_output: Optional[torch.Tensor] = None
+        self.launched_at: Optional[float] = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending = {id(p) for p in self.params}
+        self.handle, self.reduce_scatter_output, self.launched_at = None, None, None
+
+    @property
+    def launched(self) -> bool:
+        return self.launched_at is not None
+
+
+@dataclasses.dataclass
+class ShardPiece:
+    """The part of one parameter that falls in this rank's shard (flat element ranges)."""
+
+    param: torch.nn.Parameter
+    param_start: int  # within the flattened parameter
+    param_end: int
+    shard_start: int  # within the rank's concatenated shard of the buffer
+    bucket: Bucket
+
+    @property
+    def numel(self) -> int:
+        return self.param_end - self.param_start
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class ParamAndGradBuffer:
+    """Parameters of one (param dtype, grad dtype) pair laid out in one flat buffer, with their grads."""
+
+    def __init__(self, params: list[torch.nn.Parameter], grad_dtype: torch.dtype,
+                 config: DistributedDataParallelConfig, ps: ParallelState, comm_log: Optional[CommLog] = None) -> None:
+        if not params:
+            raise ValueError("ParamAndGradBuffer needs at least one parameter")
+        self.config, self.ps, self.comm_log = config, ps, comm_log
+        self.dp_size, self.dp_rank, self.dp_group = ps.dp_size, ps.dp_rank, ps.dp_group
+        self.param_dtype, self.grad_dtype = params[0].dtype, grad_dtype
+        self.params = params
+        self.param_ranges: dict[int, tuple[int, int, Bucket]] = {}
+        self.buckets: list[Bucket] = []
+        self.numel = self._layout(params)
+        self.shard_numel = sum(b.shard_size for b in self.buckets)
+        device = params[0].device
+        self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
+        self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
+        self._grad_bytes = self.grad_data.untyped_storage().nbytes()
+        self.grads_allocated = True
+        # Stage 2 keeps the reduced gradient shard here once the full buffer is released.
+        self.grad_shard = (torch.zeros(self.shard_numel, dtype=grad_dtype, device=device)
+                           if config.zero_stage == 2 else None)
+        for p in params:
+            start, end, _ = self.param_ranges[id(p)]
+            self.param_data[start:end].copy_(p.detach().reshape(-1))
+            p.data = self.param_data[start:end].view(p.shape)
+            p.main_grad = self.grad_data[start:end].view(p.shape)
+        self._synced = False
+        # Sum over DP, then the optimizer sees the average unless the loss is averaged per token later.
+        self.gradient_scaling_factor = 1.0 if config.calculate_per_token_loss else 1.0 / self.dp_size
+
+    # ---- layout -------------------------------------------------------------------------------
+    def _layout(self, params: list[torch.nn.Parameter]) -> int:
+        bucket_size = self.config.bucket_size
+        offset = bucket_start = local_offset = 0
+        current: list[torch.nn.Parameter] = []
+
+        def close() -> None:
+            nonlocal offset, bucket_start, local_offset, current
+            end = bucket_start + _pad(offset - bucket_start, self.dp_size)
+            bucket = Bucket(len(self.buckets), bucket_start, end, current, self.dp_size, self.dp_rank, local_offset)
+            for p in current:
+                start, stop, _ = self.param_ranges[id(p)]
+                self.param_ranges[id(p)] = (start, stop, bucket)
+            self.buckets.append(bucket)
+            local_offset += bucket.shard_size
+            offset = bucket_start = end
+            current = []
+
+        for p in params:
+            own_bucket = self.config.use_distributed_optimizer and getattr(p, "shared_embedding", False)
+            if own_bucket and current:
+                close()
+            self.param_ranges[id(p)] = (offset, offset + p.numel(), None)
+            offset += p.numel()
+            current.append(p)
+            if own_bucket or (bucket_size is not None and offset - bucket_start >= bucket_size):
+                close()
+        if current:
+            close()
+        return offset
+
+    def local_pieces(self) -> list[ShardPiece]:
+        """The pieces of parameters inside this rank's shard, in shard order."""
+        pieces = []
+        for bucket in self.buckets:
+            lo, hi = bucket.shard_start, bucket.shard_start + bucket.shard_size
+            for p in bucket.params:
+                start, end, _ = self.param_ranges[id(p)]
+                s, e = max(start, lo), min(end, hi)
+                if s < e:
+                    pieces.append(ShardPiece(p, s - start, e - start, bucket.local_offset + s - lo, bucket))
+        return sorted(pieces, key=lambda piece: piece.shard_start)
+
+    # ---- gradient storage ---------------------------------------------------------------------
+    def ensure_grads_allocated(self) -> None:
+        """Re-create the full gradient buffer (zeroed) after a stage-2 release; views stay valid."""
+        if not self.grads_allocated:
+            self.grad_data.untyped_storage().resize_(self._grad_bytes)
+            self.grad_data.zero_()
+            self.grads_allocated = True
+
+    def release_full_grads(self) -> None:
+        """Stage 2: keep only the reduced shard (copied into ``grad_shard``) and free the full buffer."""
+        for bucket in self.buckets:
+            lo = bucket.shard_start
+            self.grad_shard[bucket.local_offset:bucket.local_offset + bucket.shard_size].copy_(
+                self.grad_data[lo:lo + bucket.shard_size])
+        self.grad_data.untyped_storage().resize_(0)
+        self.grads_allocated = False
+
+    def shard_grad(self, bucket: Bucket) -> torch.Tensor:
+        """This rank's reduced gradient shard of ``bucket`` (stage 2 reads the kept copy once released)."""
+        if self.grad_shard is not None and not self.grads_allocated:
+            return self.grad_shard[bucket.local_offset:bucket.local_offset + bucket.shard_size]
+        return self.grad_data[bucket.shard_start:bucket.shard_start + bucket.shard_size]
+
+    def reset(self) -> None:
+        """Zero the gradients and forget which buckets were reduced (start of a step)."""
+        if self.grads_allocated:
+            self.grad_data.zero_()
+        else:
+            self.ensure_grads_allocated()
+        for bucket in self.buckets:
+            bucket.reset()
+        self._synced = False
+
+    # ---- gradient sync ------------------------------------------------------------------------
+    def register_grad_ready(self, param: torch.nn.Parameter) -> None:
+        """Called from the backward hook (outside ``no_sync``); launches finished buckets when overlapping."""
+        bucket = self.param_ranges[id(param)][2]
+        if self._synced or bucket.launched or id(param) not in bucket.pending:
+            raise RuntimeError(
+                "a parameter's gradient became ready twice before the optimizer step: gradient accumulation over "
+                "microbatches must run all but the last backward under DistributedDataParallel.no_sync() (pass "
+                "no_sync_func= to the schedule), and optimizer.zero_grad() / zero_grad_buffer() must run between steps")
+        bucket.pending.discard(id(param))
+        if self.config.overlap_grad_reduce:
+            self._launch_ready_buckets()
+
+    def _launch_ready_buckets(self) -> None:
+        # Strictly in bucket order, so every rank issues its collectives in the same order even if a
+        # bucket completes earlier on one rank than on another.
+        for bucket in self.buckets:
+            if bucket.launched:
+                continue
+            if bucket.pending:
+                return
+            self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.launched_at = comm.now()
+        if self.dp_size == 1:
+            return
+        grad = self.grad_data[bucket.start:bucket.end]
+        if self.gradient_scaling_factor != 1.0:
+            grad.mul_(self.gradient_scaling_factor)  # gloo has no AVG / PREMUL_SUM: divide before summing
+        tag = f"grad.bucket{bucket.index}"
+        if self.config.reduce_scatter_grads:
+            bucket.reduce_scatter_output = torch.empty(bucket.shard_size, dtype=grad.dtype, device=grad.device)
+            bucket.handle = comm.reduce_scatter(bucket.reduce_scatter_output, grad, self.dp_group, async_op=True,
+                                                log=self.comm_log, tag=tag)
+        else:
+            bucket.handle = comm.all_reduce(grad, self.dp_group, async_op=True, log=self.comm_log, tag=tag)
+
+    def finish_grad_sync(self) -> None:
+        """Launch the buckets not launched yet (all of them without overlap) and wait for every one."""
+        if self._synced:
+            return
+        self.ensure_grads_allocated()
+        for bucket in self.buckets:
+            if not bucket.launched:
+                self._launch(bucket)
+        for bucket in self.buckets:
+            if bucket.handle is None:
+                continue
+            wait_started = comm.now()
+            bucket.handle.wait()
+            if self.comm_log is not None:
+                self.comm_log.bucket_timings.append(BucketTiming(bucket.launched_at, wait_started, comm.now()))
+            if bucket.reduce_scatter_output is not None:
+                # Written back into the full buffer so finalize_model_grads' TP / embedding all-reduces
+                # (which act on param.main_grad) also reach the shard the optimizer reads.
+                self.grad_data[bucket.shard_start:bucket.shard_start + bucket.shard_size].copy_(
+                    bucket.reduce_scatter_output)
+            bucket.handle, bucket.reduce_scatter_output = None, None
+        self._synced = True
+
+    # ---- parameter sync (distributed optimizer) ----------------------------------------------
+    def shard_param(self, bucket: Bucket) -> torch.Tensor:
+        """This rank's shard of ``bucket``'s parameters (a view into the parameter buffer)."""
+        return self.param_data[bucket.shard_start:bucket.shard_start + bucket.shard_size]
+
+    def all_gather_params(self) -> None:
+        """After each rank updated its shard, give every rank every bucket's full parameters."""
+        if self.dp_size == 1:
+            return
+        handles = []
+        for bucket in self.buckets:
+            # A copy of the local shard as input: the output buffer contains it, and not every
+            # backend allows the input to alias the output.
+            shard = self.shard_param(bucket).clone()
+            handles.append(comm.all_gather(self.param_data[bucket.start:bucket.end], shard, self.dp_group,
+                                           async_op=True, log=self.comm_log, tag=f"param.bucket{bucket.index}"))
+        for handle in handles:
+            handle.wait()

@@ -1,0 +1,67 @@
+"""Optimizers: mixed precision with fp32 main parameters, loss scaling, global-norm clipping, ZeRO-1/2.
+
+Build one with :func:`get_megatron_optimizer`; the training loop then calls ``zero_grad()``, runs
+the schedule with ``grad_scale_func=optimizer.scale_loss``, and calls ``step()``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_core.distributed.distributed_data_parallel import DistributedDataParallel
+from megatron_core.optimizer.clip_grads import clip_by_total_norm, count_zeros, counted_in_norm, global_grad_norm
+from megatron_core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron_core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megatron_core.optimizer.memory import MemoryFootprint, memory_footprint
+from megatron_core.optimizer.optimizer import MegatronOptimizer, ReplicatedOptimizer
+from megatron_core.optimizer.optimizer_config import OptimizerConfig
+from megatron_core.parallel_state import ParallelState, get_parallel_state
+
+
+def _check_dtypes(config: OptimizerConfig, model_chunks: list[torch.nn.Module]) -> None:
+    dtypes = {p.dtype for chunk in model_chunks for p in chunk.parameters() if p.requires_grad}
+    if torch.float16 in dtypes and not config.fp16:
+        raise ValueError("the model has fp16 parameters but OptimizerConfig.fp16 (--fp16) is off: fp16 needs loss "
+                         "scaling; set fp16=True")
+    if torch.bfloat16 in dtypes and not config.bf16:
+        raise ValueError("the model has bf16 parameters but OptimizerConfig.bf16 (--bf16) is off; set bf16=True")
+
+
+def get_megatron_optimizer(config: OptimizerConfig, model_chunks: list[torch.nn.Module],
+                           ps: Optional[ParallelState] = None) -> MegatronOptimizer:
+    """One optimizer over all of this rank's model chunks (virtual pipeline stages included).
+
+    :class:`DistributedOptimizer` (ZeRO-1/2) when ``config.use_distributed_optimizer``, which needs
+    the chunks wrapped in ``DistributedDataParallel`` with a distributed-optimizer config; else
+    :class:`ReplicatedOptimizer`.
+    """
+    ps = get_parallel_state(ps)
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    _check_dtypes(config, chunks)
+    ddp_sharded = any(isinstance(c, DistributedDataParallel) and c.ddp_config.use_distributed_optimizer
+                      for c in chunks)
+    if ddp_sharded and not config.use_distributed_optimizer:
+        raise ValueError("the model chunks' DistributedDataParallelConfig uses the distributed optimizer (zero_stage "
+                         ">= 1) but OptimizerConfig.use_distributed_optimizer is False; set it to True "
+                         "(--use-distributed-optimizer) or wrap with zero_stage=0")
+    if config.use_distributed_optimizer:
+        return DistributedOptimizer(config, chunks, ps)
+    return ReplicatedOptimizer(config, chunks, ps)
+
+
+__all__ = [
+    "ConstantGradScaler",
+    "DistributedOptimizer",
+    "DynamicGradScaler",
+    "MegatronOptimizer",
+    "MemoryFootprint",
+    "OptimizerConfig",
+    "ReplicatedOptimizer",
+    "clip_by_total_norm",
+    "count_zeros",
+    "counted_in_norm",
+    "get_megatron_optimizer",
+    "global_grad_norm",
+    "memory_footprint",
+]

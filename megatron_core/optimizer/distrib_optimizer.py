@@ -1,0 +1,144 @@
+"""The distributed optimizer: ZeRO-1 and ZeRO-2 over the DDP wrapper's buffers.
+
+DP rank r owns the r-th shard of every bucket (see ``param_and_grad_buffer``). It keeps fp32 main
+parameters and optimizer state for that shard only: one flat fp32 tensor per buffer, of which each
+parameter's piece is a view the torch optimizer updates. A step reads the reduced gradient shard
+(from the full gradient buffer under ZeRO-1; under ZeRO-2 from the kept ``grad_shard``, the full
+buffer being released first), updates the shard, writes it into the parameter buffer in the model
+dtype and all-gathers every bucket's parameters over DP.
+
+Checkpoints: :meth:`state_dict` holds what every DP rank shares (hyper-parameters, loss scale);
+:meth:`sharded_state_dict` this rank's flat shards, written to ``distrib_optim_dp{rank:03d}.pt``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_core.distributed.distributed_data_parallel import DistributedDataParallel
+from megatron_core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer, ShardPiece
+from megatron_core.optimizer.optimizer import MegatronOptimizer, build_torch_optimizer
+from megatron_core.optimizer.optimizer_config import OptimizerConfig
+from megatron_core.parallel_state import ParallelState
+
+
+@dataclasses.dataclass
+class _ShardedBuffer:
+    buffer: ParamAndGradBuffer
+    main: torch.Tensor  # fp32 master copy of this rank's shard (padding included)
+    pieces: list[ShardPiece]
+    mains: list[torch.nn.Parameter]  # views into ``main``, one per piece
+
+
+def _main_of(sb: _ShardedBuffer, bucket: Bucket) -> torch.Tensor:
+    """The fp32 main copy of this rank's shard of ``bucket``."""
+    return sb.main[bucket.local_offset:bucket.local_offset + bucket.shard_size]
+
+
+class DistributedOptimizer(MegatronOptimizer):
+    """fp32 main parameters and optimizer state sharded over DP (ZeRO-1 / ZeRO-2, per the DDP config)."""
+
+    sharded_over_dp = True
+
+    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], ps: ParallelState) -> None:
+        super().__init__(config, model_chunks, ps)
+        for chunk in self.model_chunks:
+            if not (isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.use_distributed_optimizer):
+                raise TypeError("the distributed optimizer (OptimizerConfig.use_distributed_optimizer) needs every "
+                                "model chunk wrapped in DistributedDataParallel with DistributedDataParallelConfig("
+                                "zero_stage=1 or 2, or use_distributed_optimizer=True)")
+        self.zero_stage = self.model_chunks[0].ddp_config.zero_stage
+        self.sharded: list[_ShardedBuffer] = []
+        for chunk in self.model_chunks:
+            for buffer in chunk.buffers_by_dtype:
+                self.sharded.append(self._shard(buffer))
+        self.inner = build_torch_optimizer(config, self.pairs)
+
+    def _shard(self, buffer: ParamAndGradBuffer) -> _ShardedBuffer:
+        main = torch.zeros(buffer.shard_numel, dtype=torch.float32, device=buffer.param_data.device)
+        pieces = buffer.local_pieces()
+        mains = [torch.nn.Parameter(main[piece.shard_start:piece.shard_start + piece.numel]) for piece in pieces]
+        sb = _ShardedBuffer(buffer, main, pieces, mains)
+        for bucket in buffer.buckets:
+            _main_of(sb, bucket).copy_(buffer.shard_param(bucket))
+        self.pairs.extend(zip(mains, (piece.param for piece in pieces)))
+        return sb
+
+    # ---- the step -----------------------------------------------------------------------------
+    def _prepare_main_grads(self) -> None:
+        for sb in self.sharded:
+            if sb.buffer.config.zero_stage == 2 and sb.buffer.grads_allocated:
+                sb.buffer.release_full_grads()
+            for piece, main in zip(sb.pieces, sb.mains):
+                start = piece.shard_start - piece.bucket.local_offset
+                grad = sb.buffer.shard_grad(piece.bucket)[start:start + piece.numel]
+                main.grad = grad.float()  # no copy when gradients are already fp32
+
+    def _copy_main_to_model(self) -> None:
+        for sb in self.sharded:
+            for bucket in sb.buffer.buckets:
+                sb.buffer.shard_param(bucket).copy_(_main_of(sb, bucket))
+            sb.buffer.all_gather_params()
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Make this rank's fp32 main shard follow model weights loaded without optimizer state."""
+        for sb in self.sharded:
+            for bucket in sb.buffer.buckets:
+                _main_of(sb, bucket).copy_(sb.buffer.shard_param(bucket))
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What all DP ranks share: hyper-parameters of each group and the loss scaler."""
+        state = self._common_state()
+        state["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in self.inner.param_groups]
+        state["zero_stage"] = self.zero_stage
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_common_state(state)
+        for group, saved in zip(self.inner.param_groups, state["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+    def sharded_state_dict(self) -> dict:
+        """This DP rank's fp32 main shard and optimizer state, one flat tensor per buffer and state key."""
+        buffers = []
+        for sb in self.sharded:
+            flat: dict[str, torch.Tensor] = {}
+            scalars: dict[str, list[torch.Tensor]] = {}
+            for piece, main in zip(sb.pieces, sb.mains):
+                for key, value in self.inner.state.get(main, {}).items():
+                    if torch.is_tensor(value) and value.numel() == piece.numel and value.dim() > 0:
+                        if key not in flat:
+                            flat[key] = torch.zeros(sb.buffer.shard_numel, dtype=value.dtype)
+                        flat[key][piece.shard_start:piece.shard_start + piece.numel].copy_(value.reshape(-1))
+                    else:
+                        scalars.setdefault(key, []).append(torch.as_tensor(value).clone())
+            buffers.append({"numel": sb.buffer.numel, "shard_numel": sb.buffer.shard_numel,
+                            "main_params": sb.main.clone(), "state": flat,
+                            "scalar_state": {k: torch.stack(v) for k, v in scalars.items()}})
+        return {"dp_rank": self.ps.dp_rank, "dp_size": self.ps.dp_size, "zero_stage": self.zero_stage,
+                "buffers": buffers}
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        """Restore :meth:`sharded_state_dict`'s output; the DP size and model layout must match."""
+        if state["dp_size"] != self.ps.dp_size or state["dp_rank"] != self.ps.dp_rank:
+            raise ValueError(f"distributed optimizer checkpoint is DP rank {state['dp_rank']} of {state['dp_size']}, "
+                             f"this rank is {self.ps.dp_rank} of {self.ps.dp_size}: resume with the same data-parallel "
+                             f"size (or load without the optimizer state, --no-load-optim)")
+        if len(state["buffers"]) != len(self.sharded):
+            raise ValueError(f"distributed optimizer checkpoint has {len(state['buffers'])} buffers, the model "
+                             f"{len(self.sharded)}: same model, dtypes and --accumulate-allreduce-grads-in-fp32 needed")
+        with torch.no_grad():
+            for sb, saved in zip(self.sharded, state["buffers"]):
+                if saved["numel"] != sb.buffer.numel or saved["shard_numel"] != sb.buffer.shard_numel:
+                    raise ValueError(f"distributed optimizer checkpoint buffer of {saved['numel']} elements does not "
+                                     f"match the model's {sb.buffer.numel}: same model and bucket_size needed")
+                sb.main.copy_(saved["main_params"])
+                for i, (piece, main) in enumerate(zip(sb.pieces, sb.mains)):
+                    entry = {key: flat[piece.shard_start:piece.shard_start + piece.numel].clone().view_as(main)
+                             for key, flat in saved["state"].items()}
+                    entry.update({key: values[i].clone() for key, values in saved["scalar_state"].items()})
+                    if entry:
+                        self.inner.state[main] = entry

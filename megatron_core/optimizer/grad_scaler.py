@@ -1,0 +1,62 @@
+"""Loss scalers for fp16 training: a constant one and a dynamic one with hysteresis."""
+from __future__ import annotations
+
+
+class ConstantGradScaler:
+    """A fixed loss scale (``--loss-scale``)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = float(scale)
+
+    @property
+    def inv_scale(self) -> float:
+        return 1.0 / self.scale
+
+    def update(self, found_inf: bool) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+
+
+class DynamicGradScaler(ConstantGradScaler):
+    """Grows the scale by ``growth_factor`` after ``growth_interval`` clean steps; backs off after overflows.
+
+    An overflowing step decrements the hysteresis budget; once it is used up (``hysteresis``
+    overflows since the last growth) every further overflow multiplies the scale by
+    ``backoff_factor``, down to ``min_scale``. A growth restores the budget (Megatron-LM's rule;
+    DeepSpeed's ``hysteresis`` / ``delayed_shift`` counts the same way).
+    """
+
+    def __init__(self, initial_scale: float, min_scale: float, growth_interval: int, hysteresis: int,
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5) -> None:
+        super().__init__(initial_scale)
+        self.min_scale, self.growth_interval, self.hysteresis = float(min_scale), growth_interval, hysteresis
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_tracker = 0
+        self.hysteresis_tracker = hysteresis
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.growth_tracker = 0
+            self.hysteresis_tracker -= 1
+            if self.hysteresis_tracker <= 0:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            self.growth_tracker = 0
+            self.hysteresis_tracker = self.hysteresis
+            self.scale *= self.growth_factor
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker,
+                "hysteresis_tracker": self.hysteresis_tracker}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.growth_tracker = int(state["growth_tracker"])
+        self.hysteresis_tracker = int(state["hysteresis_tracker"])

@@ -1,0 +1,202 @@
+"""The optimizer step shared by all variants, and the replicated (ZeRO-0) optimizer.
+
+A step: gather the gradients into fp32 main gradients, unscale them and agree on inf/nan over
+every rank (fp16), clip by the global norm, update the fp32 main parameters with a torch
+optimizer, copy them back into the (bf16/fp16) model parameters. The variants differ only in
+what a "main parameter" is: the whole parameter here, a DP shard of it in ``distrib_optimizer``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_core.optimizer.clip_grads import (
+    agree_found_inf,
+    any_non_finite,
+    clip_by_total_norm,
+    count_zeros,
+    counted_in_norm,
+    global_grad_norm,
+)
+from megatron_core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megatron_core.optimizer.optimizer_config import OptimizerConfig
+from megatron_core.parallel_state import ParallelState
+
+# (main parameter the torch optimizer updates, model parameter it belongs to)
+ParamPair = tuple[torch.nn.Parameter, torch.nn.Parameter]
+
+
+def make_grad_scaler(config: OptimizerConfig) -> Optional[ConstantGradScaler]:
+    """The loss scaler for fp16 (static with ``loss_scale``, else dynamic); None for bf16 / fp32."""
+    if not config.fp16:
+        return None
+    if config.loss_scale is not None:
+        return ConstantGradScaler(config.loss_scale)
+    return DynamicGradScaler(config.initial_loss_scale, config.min_loss_scale, config.loss_scale_window,
+                             config.hysteresis)
+
+
+def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair]) -> torch.optim.Optimizer:
+    """Adam (decoupled weight decay, as Megatron-LM's fused Adam) or SGD over the main parameters.
+
+    Two groups: weight decay on matrices, none on 1-D parameters (biases and norm weights); a
+    parameter's group is decided by its model parameter's shape, so a ZeRO shard piece of a bias
+    is still exempt. Both groups always exist (possibly empty) so every rank has the same groups.
+    """
+    decay = [main for main, model in pairs if model.dim() > 1]
+    no_decay = [main for main, model in pairs if model.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                 eps=config.adam_eps)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.sgd_momentum)
+
+
+def model_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The DDP wrapper's ``main_grad`` when present, else ``param.grad``."""
+    grad = getattr(param, "main_grad", None)
+    return grad if grad is not None else param.grad
+
+
+class MegatronOptimizer:
+    """Mixed-precision optimizer step around a torch optimizer; subclasses define the main parameters."""
+
+    sharded_over_dp = False
+
+    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], ps: ParallelState) -> None:
+        self.config, self.model_chunks, self.ps = config, list(model_chunks), ps
+        self.grad_scaler = make_grad_scaler(config)
+        self.pairs: list[ParamPair] = []
+        self.inner: Optional[torch.optim.Optimizer] = None
+
+    # ---- what subclasses provide --------------------------------------------------------------
+    def _prepare_main_grads(self) -> None:
+        raise NotImplementedError
+
+    def _copy_main_to_model(self) -> None:
+        raise NotImplementedError
+
+    # ---- loss scaling -------------------------------------------------------------------------
+    def get_loss_scale(self) -> float:
+        return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * loss_scale``: the schedules' ``grad_scale_func``."""
+        return loss * self.get_loss_scale() if self.grad_scaler is not None else loss
+
+    # ---- the step -----------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        """The torch optimizer's groups (the LR scheduler sets ``'lr'`` here)."""
+        return self.inner.param_groups
+
+    def zero_grad(self) -> None:
+        """Zero the DDP gradient buffers (or ``.grad``) of every chunk before a step's first backward."""
+        for chunk in self.model_chunks:
+            if hasattr(chunk, "zero_grad_buffer"):
+                chunk.zero_grad_buffer()
+            else:
+                for p in chunk.parameters():
+                    p.grad = None
+        self._drop_main_grads()
+
+    def _drop_main_grads(self) -> None:
+        for main, _ in self.pairs:
+            main.grad = None
+
+    def _main_grads(self) -> list[torch.Tensor]:
+        return [main.grad for main, _ in self.pairs if main.grad is not None]
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, Optional[float], Optional[int]]:
+        """One update; returns ``(update_successful, grad_norm, num_zeros)`` (norm before clipping).
+
+        With fp16 an inf/nan on any rank skips the update on every rank and lowers the scale;
+        the norm and zero count are then None.
+        """
+        self._prepare_main_grads()
+        grads = self._main_grads()
+        if self.grad_scaler is not None:
+            inv_scale = 1.0 / self.grad_scaler.scale
+            for g in grads:
+                g.mul_(inv_scale)
+            found_inf = agree_found_inf(any_non_finite(grads), self.ps)
+            self.grad_scaler.update(found_inf)
+            if found_inf:
+                self._drop_main_grads()
+                return False, None, None
+        counted = [main.grad for main, model in self.pairs
+                   if main.grad is not None and counted_in_norm(model, self.ps)]
+        grad_norm = global_grad_norm(counted, self.ps, self.sharded_over_dp)
+        if self.config.clip_grad > 0:
+            clip_by_total_norm(grads, self.config.clip_grad, grad_norm)
+        num_zeros = (count_zeros(counted, self.ps, self.sharded_over_dp)
+                     if self.config.log_num_zeros_in_grad else None)
+        self.inner.step()
+        self._copy_main_to_model()
+        self._drop_main_grads()
+        return True, grad_norm, num_zeros
+
+    # ---- checkpoint pieces shared by the variants --------------------------------------------
+    def _common_state(self) -> dict:
+        return {"grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None}
+
+    def _load_common_state(self, state: dict) -> None:
+        if self.grad_scaler is not None and state.get("grad_scaler") is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+class ReplicatedOptimizer(MegatronOptimizer):
+    """Every DP rank keeps full fp32 main parameters and optimizer state (plain DP, ZeRO stage 0).
+
+    fp32 model parameters are their own main parameters; bf16/fp16 ones get an fp32 copy.
+    """
+
+    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], ps: ParallelState) -> None:
+        super().__init__(config, model_chunks, ps)
+        seen: set[int] = set()
+        for chunk in self.model_chunks:
+            for p in chunk.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    main = p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float())
+                    self.pairs.append((main, p))
+        self.inner = build_torch_optimizer(config, self.pairs)
+
+    def _prepare_main_grads(self) -> None:
+        for main, model in self.pairs:
+            grad = model_grad(model)
+            # .float() is the gradient itself when already fp32: no copy for fp32 / fp32-reduced grads.
+            main.grad = None if grad is None else grad.float()
+
+    def _copy_main_to_model(self) -> None:
+        for main, model in self.pairs:
+            if main is not model:
+                model.data.copy_(main)
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Make the fp32 main copies follow model weights loaded without optimizer state."""
+        for main, model in self.pairs:
+            if main is not model:
+                main.copy_(model)
+
+    def state_dict(self) -> dict:
+        state = self._common_state()
+        state["optimizer"] = self.inner.state_dict()
+        state["fp32_from_fp16_params"] = [main.detach().clone() for main, model in self.pairs if main is not model]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_common_state(state)
+        self.inner.load_state_dict(state["optimizer"])
+        copies = [main for main, model in self.pairs if main is not model]
+        saved = state.get("fp32_from_fp16_params", [])
+        if len(saved) != len(copies):
+            raise ValueError(f"optimizer checkpoint has {len(saved)} fp32 main parameters, the model needs "
+                             f"{len(copies)}: was it saved with the same --fp16/--bf16 setting and model?")
+        with torch.no_grad():
+            for main, value in zip(copies, saved):
+                main.copy_(value)

@@ -1,0 +1,58 @@
+"""Optimizer options, named after Megatron-LM's command-line flags (``--adam-beta1`` -> ``adam_beta1``)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """Optimizer, mixed precision, loss scaling, clipping and sharding options.
+
+    Loss scaling (fp16 only; bf16 and fp32 need none): ``loss_scale`` set gives a static scale;
+    ``None`` (or 0, as in DeepSpeed's config) a dynamic one with DeepSpeed's documented defaults:
+    initial 2^16, doubled after ``loss_scale_window`` = 1000 steps without overflow, halved after
+    ``hysteresis`` = 2 overflowing steps, never below ``min_loss_scale`` = 1. (Megatron-LM starts at
+    2^32; pass ``initial_loss_scale=2**32`` to match it.)
+
+    ``use_distributed_optimizer`` must agree with the model chunks' ``DistributedDataParallelConfig``
+    (whose ``zero_stage`` decides between ZeRO-1 and ZeRO-2).
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    clip_grad: float = 1.0  # max global L2 norm; 0 disables clipping
+    fp16: bool = False
+    bf16: bool = False
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 2.0 ** 16
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    use_distributed_optimizer: bool = False
+    log_num_zeros_in_grad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"OptimizerConfig.optimizer (--optimizer) must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.fp16 and self.bf16:
+            raise ValueError("OptimizerConfig: --fp16 and --bf16 are mutually exclusive; pick one")
+        if self.loss_scale == 0:
+            self.loss_scale = None  # DeepSpeed's convention for "dynamic"
+        if self.loss_scale is not None and self.loss_scale < 0:
+            raise ValueError(f"OptimizerConfig.loss_scale (--loss-scale) must be positive or None, "
+                             f"got {self.loss_scale}")
+        if self.clip_grad < 0:
+            raise ValueError(f"OptimizerConfig.clip_grad (--clip-grad) must be >= 0 (0 disables), got {self.clip_grad}")
+        if self.hysteresis < 1 or self.loss_scale_window < 1:
+            raise ValueError("OptimizerConfig.hysteresis (--hysteresis) and loss_scale_window (--loss-scale-window) "
+                             "must be >= 1")
+        if self.min_loss_scale <= 0 or self.initial_loss_scale < self.min_loss_scale:
+            raise ValueError(f"OptimizerConfig: need 0 < min_loss_scale ({self.min_loss_scale}) <= initial_loss_scale "
+                             f"({self.initial_loss_scale})")

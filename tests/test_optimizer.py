@@ -1,0 +1,132 @@
+"""Loss scalers, configuration errors, weight-decay groups, SGD, and the global grad norm over TP x PP."""
+import pytest
+import torch
+
+from harness import run_distributed
+from megatron_core import parallel_state
+from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron_core.optimizer import (
+    ConstantGradScaler,
+    DistributedOptimizer,
+    DynamicGradScaler,
+    OptimizerConfig,
+    get_megatron_optimizer,
+)
+from megatron_core.optimizer.optimizer import make_grad_scaler
+from test_ddp_toy_model import ToyConfig, build_toy_chunks
+from test_ddp_common import compare, serial_reference, train
+
+
+# ---- loss scaling -----------------------------------------------------------------------------
+def test_dynamic_loss_scale_defaults_follow_deepspeed():
+    scaler = make_grad_scaler(OptimizerConfig(fp16=True))
+    assert isinstance(scaler, DynamicGradScaler)
+    assert (scaler.scale, scaler.growth_interval, scaler.hysteresis, scaler.min_scale) == (2.0 ** 16, 1000, 2, 1.0)
+    assert isinstance(make_grad_scaler(OptimizerConfig(fp16=True, loss_scale=128.0)), ConstantGradScaler)
+    assert make_grad_scaler(OptimizerConfig(fp16=True, loss_scale=0)).__class__ is DynamicGradScaler  # 0 = dynamic
+    assert make_grad_scaler(OptimizerConfig(bf16=True)) is None
+
+
+def test_dynamic_loss_scale_growth_backoff_hysteresis_and_floor():
+    s = DynamicGradScaler(initial_scale=8.0, min_scale=2.0, growth_interval=3, hysteresis=2)
+    for _ in range(2):
+        s.update(False)
+    assert s.scale == 8.0
+    s.update(False)
+    assert s.scale == 16.0, "doubles after growth_interval clean steps"
+    s.update(True)
+    assert s.scale == 16.0, "the first overflow is absorbed by hysteresis"
+    s.update(False)
+    s.update(True)
+    assert s.scale == 8.0, "the second overflow since the last growth halves"
+    s.update(True)
+    s.update(True)
+    assert s.scale == 2.0, "then every overflow halves, down to min_scale"
+    s.update(True)
+    assert s.scale == 2.0
+    for _ in range(3):
+        s.update(False)
+    assert s.scale == 4.0 and s.hysteresis_tracker == 2, "growth restores the hysteresis budget"
+    restored = DynamicGradScaler(1.0, 1.0, 3, 2)
+    restored.load_state_dict(s.state_dict())
+    assert restored.state_dict() == s.state_dict()
+
+
+def test_config_errors_name_the_flag():
+    with pytest.raises(ValueError, match="--optimizer"):
+        OptimizerConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        OptimizerConfig(fp16=True, bf16=True)
+    with pytest.raises(ValueError, match="zero_stage"):
+        DistributedDataParallelConfig(zero_stage=3)
+    with pytest.raises(ValueError, match="zero1_all_reduce_grads"):
+        DistributedDataParallelConfig(zero_stage=2, zero1_all_reduce_grads=True)
+    assert DistributedDataParallelConfig(use_distributed_optimizer=True).zero_stage == 1  # Megatron's flag
+    assert DistributedDataParallelConfig(zero_stage=2).use_distributed_optimizer
+    assert DistributedDataParallelConfig(zero_stage=1).reduce_scatter_grads
+    assert not DistributedDataParallelConfig(zero_stage=1, zero1_all_reduce_grads=True).reduce_scatter_grads
+
+
+def _mismatches():
+    ps = parallel_state.ParallelState(1, 1)
+    errors = {}
+    (model,) = build_toy_chunks(ToyConfig(num_layers=1), ps)
+    sharded = DistributedDataParallel(DistributedDataParallelConfig(zero_stage=1), model, ps)
+    for name, call in {
+        "zero-ddp-plain-optimizer": lambda: get_megatron_optimizer(OptimizerConfig(), [sharded], ps),
+        "distributed-optimizer-unwrapped": lambda: get_megatron_optimizer(
+            OptimizerConfig(use_distributed_optimizer=True), [build_toy_chunks(ToyConfig(num_layers=1), ps)[0]], ps),
+        "bf16-params-without-flag": lambda: get_megatron_optimizer(
+            OptimizerConfig(), [build_toy_chunks(ToyConfig(num_layers=1), ps)[0].to(torch.bfloat16)], ps),
+    }.items():
+        try:
+            call()
+        except (TypeError, ValueError) as exc:
+            errors[name] = str(exc)
+    optimizer = get_megatron_optimizer(OptimizerConfig(use_distributed_optimizer=True), [sharded], ps)
+    groups = [[main.dim() for main in g["params"]] for g in optimizer.param_groups]
+    decay = [(main.numel(), model.dim()) for main, model in optimizer.pairs]
+    ps.destroy()
+    wds = [g["weight_decay"] for g in optimizer.param_groups]
+    return errors, isinstance(optimizer, DistributedOptimizer), groups, wds, decay
+
+
+def test_optimizer_choice_errors_and_weight_decay_groups():
+    ((errors, distributed, groups, wds, pairs),) = run_distributed(_mismatches, 1, timeout=60)
+    assert "use_distributed_optimizer" in errors["zero-ddp-plain-optimizer"]
+    assert "DistributedDataParallel" in errors["distributed-optimizer-unwrapped"]
+    assert "--bf16" in errors["bf16-params-without-flag"]
+    assert distributed
+    assert wds == [0.01, 0.0], "weight decay on matrices only"
+    n_matrices = sum(1 for _, dim in pairs if dim > 1)
+    assert len(groups[0]) == n_matrices and len(groups[1]) == len(pairs) - n_matrices > 0
+
+
+# ---- SGD, zero counting and the global norm over TP x PP ---------------------------------------
+def _zero_first_fc2(params: dict) -> None:
+    """A zero fc2 weight in layer 0 gives exactly zero gradients to that layer's fc1 (TP-split) and
+    layernorm (TP-replicated) in the first step: the zero count must count each element once."""
+    if "blocks.0.fc2.weight" in params:  # on the first pipeline stage only
+        with torch.no_grad():
+            params["blocks.0.fc2.weight"].zero_()
+
+
+SGD = {"optimizer": "sgd", "sgd_momentum": 0.9, "lr": 0.05, "log_num_zeros_in_grad": True}
+CASES = {
+    # name: (world, layout, model, DDP options, optimizer options)
+    "sgd-dp2-zero1": (2, {}, ToyConfig(num_layers=2), {"zero_stage": 1, "bucket_size": 700}, SGD),
+    # Norm and zero count must count TP-replicated layernorms once and the tied output weight once.
+    "tp2-pp2-norm": (4, {"tp": 2, "pp": 2}, ToyConfig(num_layers=2, sequence_parallel=True),
+                     {"zero_stage": 0}, {"log_num_zeros_in_grad": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_global_norm_zero_count_and_sgd_equal_one_process(name):
+    world, layout, config, ddp, opt = CASES[name]
+    dp = world // (layout.get("tp", 1) * layout.get("pp", 1))
+    (ref,) = run_distributed(serial_reference, 1, config, 3, dp * 2, opt, _zero_first_fc2, timeout=60)
+    assert ref["zeros"][0] > 0
+    results = run_distributed(train, world, layout, config, ddp, 3, 2, opt, torch.float32, _zero_first_fc2,
+                              timeout=90)
+    compare(results, ref, 2, what=name)
