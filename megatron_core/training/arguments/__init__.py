@@ -1,0 +1,36 @@
+"""Megatron-LM's command line for ``pretrain_gpt.py``, one module per concern.
+
+``parse_args(argv)`` returns an ``argparse.Namespace`` with Megatron-LM's names and defaults;
+``megatron_core.training.validate.validate_args`` checks it and fills in derived values, and
+``megatron_core.training.config`` maps it onto config dataclasses.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from megatron_core.training.arguments import checkpointing, data, distributed, logs, model, training
+from megatron_core.training.errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises :class:`ConfigError` instead of exiting, so ``main(argv)`` can run inside a test."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message} (see python pretrain_gpt.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: model, training, learning rate, mixed precision, parallel, data, logging, checkpoints."""
+    parser = _Parser(
+        prog="pretrain_gpt.py", allow_abbrev=False,
+        description="Pretrain a GPT model with tensor, pipeline and data parallelism (Megatron-LM's flags). "
+                    "Try: python pretrain_gpt.py --demo")
+    for group in (model, training, distributed, data, logs, checkpointing):
+        group.add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` (``sys.argv[1:]`` when None); unknown flags are an error, as in Megatron-LM."""
+    return build_parser().parse_args(argv)

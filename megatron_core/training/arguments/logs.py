@@ -1,0 +1,19 @@
+"""Logging, TensorBoard and evaluation flags."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """How often to log and evaluate, and where TensorBoard events go."""
+    g = parser.add_argument_group("logging", "progress lines, TensorBoard and evaluation")
+    g.add_argument("--log-interval", type=int, default=100, help="iterations between log lines")
+    g.add_argument("--log-throughput", action="store_true",
+                   help="accepted for compatibility: tokens/s and TFLOP/s are always logged")
+    g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
+                   help="1: log forward-backward/optimizer times with each log line")
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here (needs tensorboard)")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=1000, help="iterations between validation runs")
+    g.add_argument("--eval-iters", type=int, default=100, help="validation iterations per run (0: none)")
+    g.add_argument("--eval-at-start", action="store_true", help="also evaluate before the first iteration")

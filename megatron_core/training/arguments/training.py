@@ -1,0 +1,85 @@
+"""Batch, iteration, optimizer, learning-rate, mixed-precision and recompute flags."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's training, learning-rate, regularization and mixed-precision groups."""
+    _batch(parser)
+    _optimizer(parser)
+    _learning_rate(parser)
+    _mixed_precision(parser)
+    _recompute(parser)
+
+
+def _batch(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training", "batch sizes, length of training and when to stop")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="samples per microbatch per DP rank")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per iteration over all DP ranks (default micro batch x DP size)")
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="grow the global batch from START by INCREMENT over SAMPLES samples")
+    g.add_argument("--train-iters", type=int, default=None, help="iterations to train (or use --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None, help="samples to train (or use --train-iters)")
+    g.add_argument("--exit-interval", type=int, default=None, help="exit after an iteration divisible by this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None, help="exit after this many minutes")
+    g.add_argument("--exit-signal-handler", action="store_true", default=True,
+                   help="on SIGTERM, save a checkpoint and exit at the next iteration (on by default)")
+    g.add_argument("--no-exit-signal-handler", action="store_false", dest="exit_signal_handler")
+    g.add_argument("--skip-train", action="store_true", help="no training; evaluate (with --eval-iters) and exit")
+    g.add_argument("--eval-only", action="store_true", help="same as --skip-train")
+    g.add_argument("--seed", type=int, default=1234, help="seed for weights, dropout and data order")
+    g.add_argument("--deterministic-mode", action="store_true", help="torch.use_deterministic_algorithms(True)")
+
+
+def _optimizer(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer", "optimizer and regularization")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", default="constant", choices=["constant", "linear", "cosine"])
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient norm clip (0: off)")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+
+
+def _learning_rate(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("learning rate", "warmup then constant, linear or cosine decay to --min-lr")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    g.add_argument("--lr-decay-style", default="linear",
+                   choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="decay over this many iterations (default all)")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="decay over this many samples (default all)")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of the decay")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="learning rate at the start of warmup")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="take the schedule from the flags, not from the loaded checkpoint")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="take the schedule from the loaded checkpoint")
+
+
+def _mixed_precision(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("mixed precision", "fp16/bf16 training and loss scaling")
+    g.add_argument("--fp16", action="store_true", help="fp16 weights and activations, fp32 master weights")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations, fp32 master weights")
+    g.add_argument("--loss-scale", type=float, default=None, help="static loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+
+
+def _recompute(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("activation recompute")
+    g.add_argument("--recompute-activations", action="store_true", help="same as --recompute-granularity selective")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=None)

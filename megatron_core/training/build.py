@@ -1,0 +1,83 @@
+"""Map validated flags onto the model, optimizer and data-parallel configs of the other packages."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from megatron_core.training.errors import ConfigError
+
+
+def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def activation(args: argparse.Namespace) -> str:
+    if args.swiglu and args.openai_gelu:
+        raise ConfigError("give only one of --swiglu and --openai-gelu")
+    return "swiglu" if args.swiglu else "gelu_tanh" if args.openai_gelu else "gelu"
+
+
+def transformer_config(args: argparse.Namespace) -> Any:
+    """``TransformerConfig`` from the model, regularization, parallel and recompute flags."""
+    from megatron_core.transformer.config import TransformerConfig
+
+    try:
+        return TransformerConfig(
+            num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+            ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups,
+            kv_channels=args.kv_channels, normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
+            activation=activation(args), add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
+            position_embedding_type=args.position_embedding_type, rotary_base=float(args.rotary_base),
+            rotary_percent=args.rotary_percent,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            attention_backend=args.attention_backend, hidden_dropout=args.hidden_dropout,
+            attention_dropout=args.attention_dropout, init_method_std=args.init_method_std, init_seed=args.seed,
+            sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,
+            recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
+            params_dtype=params_dtype(args))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def optimizer_config(args: argparse.Namespace) -> Any:
+    """``OptimizerConfig`` from the optimizer, mixed-precision and loss-scale flags."""
+    from megatron_core.optimizer import OptimizerConfig
+
+    try:
+        return OptimizerConfig(
+            optimizer=args.optimizer, lr=args.lr if args.lr is not None else 0.0, min_lr=args.min_lr,
+            weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, fp16=args.fp16,
+            bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+            min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
+            hysteresis=args.hysteresis, use_distributed_optimizer=args.use_distributed_optimizer)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def ddp_config(args: argparse.Namespace) -> Any:
+    """``DistributedDataParallelConfig``: ZeRO-1 under ``--use-distributed-optimizer``, fp32 grads with bf16."""
+    from megatron_core.distributed import DistributedDataParallelConfig
+
+    try:
+        return DistributedDataParallelConfig(
+            use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
+            # As Megatron-LM: bf16 gradients are accumulated and reduced in fp32.
+            grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def model_info(args: argparse.Namespace, vocab_size: int, padded_vocab_size: int) -> dict[str, Any]:
+    """The ``model_info`` entry of a checkpoint (docs/design.md)."""
+    return {
+        "vocab_size": vocab_size, "padded_vocab_size": padded_vocab_size, "seq_length": args.seq_length,
+        "max_position_embeddings": args.max_position_embeddings,
+        "position_embedding_type": args.position_embedding_type,
+        "share_embeddings_and_output_weights": not args.untie_embeddings_and_output_weights,
+        "tensor_model_parallel_size": args.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+        "virtual_pipeline_model_parallel_size": args.virtual_pipeline_model_parallel_size,
+    }

@@ -1,0 +1,264 @@
+"""Save and load training checkpoints in Megatron-LM's legacy layout (docs/design.md).
+
+Each (TP, PP) rank's first DP rank writes ``mp_rank_.../model_optim_rng.pt`` with the model
+chunks, the optimizer (unless sharded), the scheduler, the RNG states of every DP rank, the
+iteration and the consumed samples. Under the distributed optimizer every rank writes its shard
+to ``distrib_optim_dpNNN.pt`` beside it. Writes go to a temporary directory that is renamed when
+all ranks are done; the tracker file is replaced last (see ``checkpoint_io``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_core.parallel_state import ParallelState
+from megatron_core.training import checkpoint_io as io
+from megatron_core.training.config import CheckpointConfig
+from megatron_core.training.errors import ConfigError
+from megatron_core.training.rng_state import get_rng_state, set_rng_state
+
+# Test hook: sleep this many seconds inside a save, after the files are written and before the
+# directory is published, so a test can kill the process mid-save.
+SLEEP_IN_SAVE_ENV = "MCORE_TEST_SLEEP_IN_SAVE"
+
+# Config fields that change parameter shapes, names or what the weights compute: a checkpoint must
+# agree on each, and a mismatch names the flag that sets it.
+CONFIG_FLAGS = {
+    "num_layers": "--num-layers", "hidden_size": "--hidden-size", "ffn_hidden_size": "--ffn-hidden-size",
+    "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
+    "kv_channels": "--kv-channels", "add_bias_linear": "--disable-bias-linear", "add_qkv_bias": "--add-qkv-bias",
+    "normalization": "--normalization", "layernorm_epsilon": "--norm-epsilon",
+    "activation": "--swiglu / --openai-gelu", "position_embedding_type": "--position-embedding-type",
+    "rotary_base": "--rotary-base", "rotary_percent": "--rotary-percent",
+    "share_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+}
+INFO_FLAGS = {
+    "padded_vocab_size": "--vocab-size / --tokenizer-* / --make-vocab-size-divisible-by",
+    "max_position_embeddings": "--max-position-embeddings",
+    "tensor_model_parallel_size": "--tensor-model-parallel-size",
+    "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+    "virtual_pipeline_model_parallel_size": "--num-layers-per-virtual-pipeline-stage",
+}
+
+
+@dataclass
+class LoadResult:
+    """What a load restored."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    loaded: bool = False
+    optimizer_loaded: bool = False
+    scheduler_loaded: bool = False
+    rng_loaded: bool = False
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / mixed-precision wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _model_keys(model: list[torch.nn.Module]) -> list[str]:
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _gather_rng_states(ps: ParallelState) -> list[dict[str, Any]]:
+    """Every DP rank's RNG states, in DP-rank order (each DP rank may have drawn differently)."""
+    mine = get_rng_state(ps.rng_tracker)
+    if ps.dp_size == 1:
+        return [mine]
+    states: list = [None] * ps.dp_size
+    dist.all_gather_object(states, mine, group=ps.dp_group)
+    return states
+
+
+def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_samples: int,
+                    model: list[torch.nn.Module], optimizer: Any, scheduler: Any, ps: ParallelState,
+                    model_config: dict[str, Any], model_info: dict[str, Any], distributed_optimizer: bool,
+                    printer: Callable[[str], None] = print) -> str:
+    """Write iteration ``iteration`` under ``config.save``; returns the checkpoint directory. Collective."""
+    root = config.save
+    final_dir = io.iteration_dir(root, iteration)
+    tmp_dir = final_dir + ".tmp"
+    start = time.perf_counter()
+    if ps.rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(tmp_dir)
+    _barrier()
+    rng = None if config.no_save_rng else _gather_rng_states(ps)
+    rank_dir = os.path.join(tmp_dir, io.mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size))
+    save_optim = optimizer is not None and not config.no_save_optim
+    if ps.dp_rank == 0:
+        state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": iteration,
+                                 "consumed_train_samples": consumed_train_samples,
+                                 "config": model_config, "model_info": model_info}
+        for key, chunk in zip(_model_keys(model), model):
+            state[key] = unwrap(chunk).state_dict()
+        if save_optim:
+            state["optimizer"] = optimizer.state_dict()  # under ZeRO: what all DP ranks share
+        if scheduler is not None:
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if rng is not None:
+            state["rng_state"] = rng
+        io.save_file(state, os.path.join(rank_dir, io.MODEL_FILENAME))
+    if save_optim and distributed_optimizer:
+        io.save_file(optimizer.sharded_state_dict(), os.path.join(rank_dir, io.distrib_optim_filename(ps.dp_rank)))
+    _sleep_for_test(iteration)
+    _barrier()
+    if ps.rank == 0:
+        for dirpath, _, _ in os.walk(tmp_dir):
+            io.fsync_dir(dirpath)
+        io.publish_dir(tmp_dir, final_dir)
+        io.write_text_atomic(os.path.join(root, io.TRACKER_FILENAME), str(iteration))
+    _barrier()
+    printer(f"  successfully saved checkpoint at iteration {iteration:7d} to {root} "
+            f"[ t {time.perf_counter() - start:.2f}s ]")
+    return final_dir
+
+
+def _sleep_for_test(iteration: int) -> None:
+    spec = os.environ.get(SLEEP_IN_SAVE_ENV)
+    if not spec:
+        return
+    at, _, seconds = spec.partition(":")
+    if int(at) == iteration:
+        print(f"[test hook] {SLEEP_IN_SAVE_ENV}: sleeping {seconds}s inside the save of iteration {iteration}",
+              flush=True)
+        time.sleep(float(seconds))
+
+
+def check_compatible(saved_config: dict[str, Any], saved_info: dict[str, Any], model_config: dict[str, Any],
+                     model_info: dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint of another model shape or parallel layout, naming every mismatching field."""
+    diffs = []
+    for saved, ours, flags in ((saved_config, model_config, CONFIG_FLAGS), (saved_info, model_info, INFO_FLAGS)):
+        for name, flag in flags.items():
+            if name in saved and saved[name] != ours.get(name):
+                diffs.append(f"{name}: checkpoint {saved[name]!r} vs run {ours.get(name)!r} ({flag})")
+    if diffs:
+        raise ConfigError(f"checkpoint {where} does not fit this model: {'; '.join(diffs)}. Set those flags to match "
+                          f"the checkpoint, or re-shard it with tools/checkpoint/convert.py "
+                          f"--target-tensor-parallel-size ... --target-pipeline-parallel-size ...")
+
+
+def _resolve_dir(config: CheckpointConfig, ps: ParallelState) -> Optional[tuple[int, str]]:
+    root = config.load
+    try:
+        iteration = config.ckpt_step if config.ckpt_step is not None else io.read_tracker(root)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if iteration is None:
+        if config.exit_on_missing_checkpoint:
+            raise ConfigError(f"--load {root}: no {io.TRACKER_FILENAME} there; check the path, or drop "
+                              f"--exit-on-missing-checkpoint to start from scratch")
+        return None
+    directory = io.existing_iteration_dir(root, iteration)
+    if directory is None:
+        raise ConfigError(f"--load {root}: iteration {iteration} has no directory {io.iteration_dir(root, iteration)}")
+    rank_dir = os.path.join(directory, io.mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size))
+    if not os.path.isfile(os.path.join(rank_dir, io.MODEL_FILENAME)):
+        found = sorted(d for d in os.listdir(directory) if d.startswith("mp_rank_"))
+        raise ConfigError(
+            f"--load {directory} has no {io.mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size)}/{io.MODEL_FILENAME} "
+            f"(it holds {', '.join(found) or 'nothing'}): it was saved with another --tensor-model-parallel-size / "
+            f"--pipeline-model-parallel-size; use those, or convert it with tools/checkpoint/convert.py")
+    return iteration, rank_dir
+
+
+def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
+                    ps: ParallelState, model_config: dict[str, Any], model_info: dict[str, Any],
+                    distributed_optimizer: bool, printer: Callable[[str], None] = print) -> LoadResult:
+    """Restore what ``config`` asks for from ``config.load``; a fresh start when it holds nothing."""
+    if config.load is None:
+        return LoadResult()
+    resolved = _resolve_dir(config, ps)
+    if resolved is None:
+        printer(f"> no checkpoint found in --load {config.load}: starting from scratch")
+        return LoadResult()
+    iteration, rank_dir = resolved
+    state = io.load_file(os.path.join(rank_dir, io.MODEL_FILENAME))
+    check_compatible(state.get("config", {}), state.get("model_info", {}), model_config, model_info, rank_dir)
+    _load_model(state, model, rank_dir)
+    result = LoadResult(loaded=True)
+    if config.finetune:
+        printer(f"> loaded model weights from {rank_dir} for finetuning: starting at iteration 0")
+        _reload_main_params(optimizer)
+        return result
+    result.iteration = int(state.get("iteration", iteration))
+    result.consumed_train_samples = int(state.get("consumed_train_samples", 0))
+    if not config.no_load_optim:
+        result.optimizer_loaded = _load_optimizer(state, optimizer, rank_dir, ps, distributed_optimizer, printer)
+        if scheduler is not None and "opt_param_scheduler" in state:
+            scheduler.load_state_dict(state["opt_param_scheduler"])
+            result.scheduler_loaded = True
+    if not result.optimizer_loaded:
+        _reload_main_params(optimizer)
+    if not config.no_load_rng and "rng_state" in state:
+        states = state["rng_state"]
+        set_rng_state(states[ps.dp_rank] if len(states) == ps.dp_size else states[0], ps.rng_tracker)
+        result.rng_loaded = True
+    printer(f"> loaded checkpoint from {config.load} at iteration {result.iteration} "
+            f"(optimizer: {'yes' if result.optimizer_loaded else 'no'}, rng: {'yes' if result.rng_loaded else 'no'})")
+    return result
+
+
+def _load_model(state: dict[str, Any], model: list[torch.nn.Module], where: str) -> None:
+    keys = _model_keys(model)
+    missing = [k for k in keys if k not in state]
+    if missing:
+        present = sorted(k for k in state if k.startswith("model"))
+        raise ConfigError(f"{where}: needs {keys} but holds {present}: it was saved with another number of virtual "
+                          f"pipeline stages (--num-layers-per-virtual-pipeline-stage)")
+    for key, chunk in zip(keys, model):
+        try:
+            unwrap(chunk).load_state_dict(state[key], strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise ConfigError(f"{where}: the {key} weights do not fit this model ({' '.join(first[:3])[:400]}); "
+                              f"check the model flags against the checkpoint") from None
+
+
+def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, ps: ParallelState,
+                    distributed_optimizer: bool, printer: Callable[[str], None]) -> bool:
+    if optimizer is None:
+        return False
+    if "optimizer" not in state:
+        printer(f"> {rank_dir} holds no optimizer state (a model-only checkpoint): starting the optimizer fresh")
+        return False
+    shards = sorted(f for f in os.listdir(rank_dir) if f.startswith("distrib_optim_dp"))
+    if distributed_optimizer != bool(shards):
+        saved, now = ("sharded", "does not use") if shards else ("non-sharded", "uses")
+        raise ConfigError(f"{rank_dir} holds a {saved} optimizer state but this run {now} --use-distributed-optimizer; "
+                          f"match the flag to the checkpoint or pass --no-load-optim")
+    if distributed_optimizer and len(shards) != ps.dp_size:
+        raise ConfigError(f"{rank_dir} holds {len(shards)} distributed-optimizer shards but the data-parallel size is "
+                          f"{ps.dp_size}; resume with the same number of ranks or pass --no-load-optim")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if distributed_optimizer:
+            optimizer.load_sharded_state_dict(io.load_file(os.path.join(rank_dir, io.distrib_optim_filename(ps.dp_rank))))
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{rank_dir}: the optimizer state does not fit ({exc}); pass --no-load-optim to start the "
+                          f"optimizer fresh") from None
+    return True
+
+
+def _reload_main_params(optimizer: Any) -> None:
+    """fp32 main copies of the weights follow the freshly loaded model weights."""
+    reload = getattr(optimizer, "reload_model_params", None)
+    if reload is not None:
+        reload()

@@ -1,0 +1,118 @@
+"""Tokenizer, datasets and per-rank data iterators, as Megatron-LM's ``build_train_valid_test_data_iterators``.
+
+Samples are consumed in order of their index: a global batch is ``num_microbatches`` runs of
+``micro_batch_size x DP`` consecutive samples, and DP rank ``r`` takes the ``r``-th micro batch of
+each run. Resuming at ``consumed_samples`` therefore continues exactly where a run stopped, and a
+one-process run sees the same global batches as a data-parallel one.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any, Iterator, Optional
+
+import torch
+
+from megatron_core.parallel_state import ParallelState
+from megatron_core.tokenizer import MegatronTokenizer, build_tokenizer, vocab_size_with_padding
+from megatron_core.training.config import DataConfig, TrainingConfig
+from megatron_core.training.errors import ConfigError
+
+
+def build_run_tokenizer(config: DataConfig, tp_size: int) -> tuple[MegatronTokenizer, int]:
+    """The tokenizer and the padded vocabulary size of the model's embedding.
+
+    With ``--vocab-size`` and a real tokenizer, the flag is an upper bound the tokenizer must fit.
+    """
+    try:
+        tokenizer = build_tokenizer(config.tokenizer_type, tokenizer_model=config.tokenizer_model,
+                                    vocab_file=config.vocab_file, merge_file=config.merge_file,
+                                    vocab_size=config.vocab_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    size = tokenizer.vocab_size
+    if config.tokenizer_type != "NullTokenizer" and config.vocab_size is not None and size > config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer ({config.tokenizer_type}, {config.tokenizer_model or config.vocab_file}) has {size} tokens "
+            f"but --vocab-size is {config.vocab_size}; raise --vocab-size to at least {size} or leave it out (the "
+            f"model then takes the tokenizer's size)")
+    if config.tokenizer_type != "NullTokenizer" and config.vocab_size is not None:
+        size = config.vocab_size
+    return tokenizer, vocab_size_with_padding(size, config.make_vocab_size_divisible_by, tp_size)
+
+
+def dataset_config(config: DataConfig, tokenizer: MegatronTokenizer, seed: int) -> Any:
+    """The data package's ``GPTDatasetConfig`` for this run."""
+    from megatron_core.datasets import GPTDatasetConfig
+
+    try:
+        return GPTDatasetConfig(seq_length=config.seq_length, eod=tokenizer.eod, seed=seed,
+                                data_path=config.data_path, mock=config.mock_data, split=config.split,
+                                data_cache_path=config.data_cache_path, eod_mask_loss=config.eod_mask_loss,
+                                pad=tokenizer.pad, mock_vocab_size=tokenizer.vocab_size if config.mock_data else None)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_datasets(config: DataConfig, training: TrainingConfig, tokenizer: MegatronTokenizer,
+                   train_samples: int) -> tuple[Any, Any]:
+    """(train, valid) datasets; valid holds the ``eval_iters`` global batches every evaluation reuses."""
+    from megatron_core.datasets import build_gpt_datasets
+
+    valid_samples = training.eval_iters * training.global_batch_size
+    try:
+        train, valid, _ = build_gpt_datasets(dataset_config(config, tokenizer, training.seed),
+                                             [train_samples, valid_samples, 0])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return train, valid
+
+
+class PretrainingSampler:
+    """Yields this DP rank's micro batches of sample indices from ``consumed_samples`` on."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int) -> None:
+        if total_samples <= 0:
+            raise ConfigError(f"the dataset has no samples ({total_samples})")
+        self.total_samples, self.consumed_samples = total_samples, consumed_samples
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return max(self.total_samples - self.consumed_samples, 0) // (self.micro_batch_size * self.dp_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_step = self.micro_batch_size * self.dp_size
+        start = self.dp_rank * self.micro_batch_size
+        for first in range(self.consumed_samples, self.total_samples - per_step + 1, per_step):
+            yield list(range(first + start, first + start + self.micro_batch_size))
+
+
+def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, ps: ParallelState,
+                num_workers: int) -> torch.utils.data.DataLoader:
+    """A loader over this DP rank's micro batches."""
+    if num_workers > 0 and multiprocessing.current_process().daemon:
+        num_workers = 0  # a daemonic process (e.g. a test harness rank) may not start worker processes
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, ps.dp_rank, ps.dp_size)
+    # Its own generator: starting an iterator draws a worker seed, which must not come from the global
+    # RNG that dropout uses (a resumed run would otherwise drop out differently from an uninterrupted one).
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       persistent_workers=False, pin_memory=False,
+                                       generator=torch.Generator().manual_seed(consumed_samples))
+
+
+def chunk_needs_data(ps: ParallelState, vp_stage: Optional[int]) -> bool:
+    """Only the first chunk (tokens) and the last chunk (labels, loss mask) read samples."""
+    return ps.is_pipeline_first_stage(vp_stage) or ps.is_pipeline_last_stage(vp_stage)
+
+
+def data_iterators(dataset: Any, consumed_samples: int, micro_batch_size: int, ps: ParallelState,
+                   num_workers: int, num_chunks: int) -> list[Optional[Iterator]]:
+    """One iterator per model chunk that reads data (each sees the same sample order), else None."""
+    iterators: list[Optional[Iterator]] = []
+    for chunk in range(num_chunks):
+        vp_stage = chunk if ps.vpp_size else None
+        if dataset is None or not chunk_needs_data(ps, vp_stage):
+            iterators.append(None)
+        else:
+            iterators.append(iter(data_loader(dataset, consumed_samples, micro_batch_size, ps, num_workers)))
+    return iterators

@@ -1,0 +1,72 @@
+"""Process group start-up for ``pretrain_gpt.py``: torchrun, one plain process, or an existing group.
+
+Inside a test harness (or any caller that already called ``init_process_group``) the existing
+group is used and left alone; otherwise this module creates it and ``shutdown`` destroys it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_core import device
+
+
+@dataclass
+class DistributedContext:
+    """Who this process is and whether it owns the default process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    owns_process_group: bool
+
+
+def world_size_from_env() -> int:
+    """The world size before any group exists (torchrun sets WORLD_SIZE)."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def set_cpu_threads() -> None:
+    """Share the cores among the ranks on this machine unless the user chose (OMP_NUM_THREADS)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_ranks, 1)))
+
+
+def initialize_distributed(backend: str, timeout_minutes: float) -> DistributedContext:
+    """Join (or create) the default process group and bind this rank to its device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        device.set_local_device(local_rank)
+        return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, False)
+    set_cpu_threads()
+    device.set_local_device(local_rank)
+    timeout = timedelta(minutes=timeout_minutes)
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "gloo" and os.environ.get("MASTER_ADDR") in ("localhost", "127.0.0.1"):
+            # One machine: keep gloo on the loopback device; its hostname may not resolve to a usable one.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group(backend, timeout=timeout)  # torchrun's env:// rendezvous
+    else:
+        # A plain `python pretrain_gpt.py`: a one-rank group needs no rendezvous.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, True)
+
+
+def shutdown(context: DistributedContext) -> None:
+    """Destroy the default group if this module created it."""
+    if context.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,324 @@
+"""``pretrain``: build everything from validated flags, load, train, evaluate, save; Megatron-LM's outline.
+
+The model-specific parts come from the caller (``pretrain_gpt.py``): a model provider building the
+chunks of this rank and a ``forward_step_func`` for the schedules. Everything returns to the
+caller as a :class:`TrainResult`; nothing here calls ``sys.exit``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_core import device, parallel_state
+from megatron_core.microbatches import MicrobatchCalculator
+from megatron_core.parallel_state import ParallelState
+from megatron_core.training import build, checkpointing, config as cfg, data_loading
+from megatron_core.training.errors import ConfigError
+from megatron_core.training.flops import flops_per_iteration
+from megatron_core.training.lr_scheduler import OptimizerParamScheduler
+from megatron_core.training.signal_handler import ExitSignalHandler
+from megatron_core.training.timers import Timers
+from megatron_core.training.training_loop import TrainState, evaluate, learning_rate, loss_scale, train_step
+from megatron_core.training.training_log import (
+    TrainingLog,
+    make_tensorboard_writer,
+    validation_lines,
+    write_validation_tensorboard,
+)
+
+ModelProvider = Callable[[Any, int, ParallelState], list]  # (TransformerConfig, padded vocab, ps) -> chunks
+
+
+@dataclass
+class TrainResult:
+    """What a run did; losses are filled on the last pipeline stage only."""
+
+    iteration: int
+    consumed_train_samples: int
+    loaded_iteration: int
+    losses: list[float] = field(default_factory=list)  # "lm loss" of every iteration trained by this call
+    val_losses: dict[int, float] = field(default_factory=dict)  # iteration -> validation "lm loss"
+    saved_iterations: list[int] = field(default_factory=list)
+    exit_reason: str = "completed"
+    is_logging_rank: bool = False
+
+
+class Printers:
+    """``rank0`` for setup messages (global rank 0), ``last`` for progress (the loss-holding rank)."""
+
+    def __init__(self, ps: ParallelState) -> None:
+        self.is_rank0 = ps.rank == 0
+        self.is_logging_rank = ps.is_pipeline_last_stage() and ps.tp_rank == 0 and ps.dp_rank == 0
+
+    def rank0(self, text: str) -> None:
+        if self.is_rank0:
+            print(text, flush=True)
+
+    def last(self, text: str) -> None:
+        if self.is_logging_rank:
+            print(text, flush=True)
+
+
+def set_seeds(seed: int, ps: ParallelState) -> None:
+    """Megatron-LM's seeding: ``seed + 100 x pipeline rank`` everywhere, per-TP-rank tracker stream."""
+    stage_seed = seed + 100 * ps.pp_rank
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    ps.manual_seed(seed)
+
+
+@dataclass
+class _Run:
+    """Everything the loop needs, built once."""
+
+    args: argparse.Namespace
+    ps: ParallelState
+    out: Printers
+    model: list
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+    forward_step_func: Callable
+    training: cfg.TrainingConfig
+    data: cfg.DataConfig
+    checkpoint: cfg.CheckpointConfig
+    model_config: dict
+    model_info: dict
+    calculator: MicrobatchCalculator
+    tokenizer: Any = None
+    train_ds: Any = None
+    valid_ds: Any = None
+    writer: Any = None
+    last_eval_iteration: Optional[int] = None  # the same on every rank (evaluation is collective)
+
+
+def agreed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on every rank; a ValueError on any rank is raised on all of them.
+
+    Without this, a rank that fails alone (a missing file on one node, a checkpoint shard) leaves
+    the others waiting in their next collective until the timeout. ``fn`` must not communicate.
+    """
+    error: Optional[ValueError] = None
+    try:
+        result = fn(*args, **kwargs)
+    except ValueError as exc:
+        error, result = exc, None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages: list = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else str(error))
+        first = next(((rank, m) for rank, m in enumerate(messages) if m is not None), None)
+        if first is not None and error is None:
+            raise ConfigError(first[1] if first[0] == 0 else f"(on rank {first[0]}) {first[1]}")
+        if first is not None and not isinstance(error, ConfigError):
+            raise ConfigError(str(error)) from error
+    if error is not None:
+        raise error
+    return result
+
+
+def pretrain(args: argparse.Namespace, model_provider: ModelProvider, forward_step_func: Callable) -> TrainResult:
+    """Train as the validated ``args`` say; the default process group must exist."""
+    ps = parallel_state.initialize_model_parallel(
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+        args.virtual_pipeline_model_parallel_size, timeout=timedelta(minutes=args.distributed_timeout_minutes))
+    try:
+        if args.deterministic_mode:
+            torch.use_deterministic_algorithms(True)
+        set_seeds(args.seed, ps)
+        run = _setup(args, ps, model_provider, forward_step_func)
+        return _train_and_evaluate(run)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _setup(args: argparse.Namespace, ps: ParallelState, model_provider: ModelProvider,
+           forward_step_func: Callable) -> _Run:
+    out = Printers(ps)
+    out.rank0(f"> world size {ps.world_size}: tensor parallel {ps.tp_size}, pipeline parallel {ps.pp_size}"
+              f"{f' x {ps.vpp_size} virtual stages' if ps.vpp_size else ''}, data parallel {ps.dp_size}")
+    if args.overlap_param_gather:
+        out.rank0("> --overlap-param-gather: parameters are all-gathered after the optimizer step (no overlap)")
+    data = cfg.data_config(args)
+    tokenizer, padded_vocab, transformer_config, model = agreed(_build_model, args, data, ps, model_provider)
+    out.rank0(f"> tokenizer {args.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded_vocab}")
+    if ps.dp_rank == 0:
+        count = sum(p.numel() for chunk in model for p in chunk.parameters())
+        print(f" > number of parameters on (tensor, pipeline) model parallel rank ({ps.tp_rank}, {ps.pp_rank}): "
+              f"{count}", flush=True)
+    from megatron_core.distributed import DistributedDataParallel
+    from megatron_core.optimizer import get_megatron_optimizer
+
+    ddp_config = build.ddp_config(args)
+    where = device.current_device()  # weights are drawn on the CPU; move them to this rank's device
+    model = [DistributedDataParallel(ddp_config, chunk.to(where), ps) for chunk in model]
+    optimizer = get_megatron_optimizer(build.optimizer_config(args), model, ps)
+    s = cfg.scheduler_config(args)
+    scheduler = OptimizerParamScheduler(
+        optimizer, s.lr_warmup_init, s.lr, s.min_lr, s.lr_warmup_steps, s.lr_decay_steps, s.lr_decay_style,
+        s.start_weight_decay, s.end_weight_decay, s.wd_incr_steps, s.weight_decay_incr_style,
+        s.use_checkpoint_opt_param_scheduler, s.override_opt_param_scheduler)
+    training = cfg.training_config(args)
+    calculator = MicrobatchCalculator(training.global_batch_size, training.micro_batch_size, ps.dp_size,
+                                      training.rampup_batch_size, ps.pp_size, ps.vpp_size)
+    return _Run(args, ps, out, model, optimizer, scheduler, forward_step_func, training, data,
+                cfg.checkpoint_config(args), transformer_config.to_dict(),
+                build.model_info(args, tokenizer.vocab_size, padded_vocab), calculator, tokenizer=tokenizer,
+                writer=make_tensorboard_writer(args.tensorboard_dir, out.is_logging_rank, out.last))
+
+
+def _build_model(args: argparse.Namespace, data: cfg.DataConfig, ps: ParallelState,
+                 model_provider: ModelProvider) -> tuple:
+    tokenizer, padded_vocab = data_loading.build_run_tokenizer(data, ps.tp_size)
+    transformer_config = build.transformer_config(args)
+    return tokenizer, padded_vocab, transformer_config, model_provider(transformer_config, padded_vocab, ps)
+
+
+def _build_data(run: _Run) -> None:
+    """Datasets on the ranks that read data; rank 0 first, so it alone writes the index cache."""
+    training, ps = run.training, run.ps
+    train_samples = max(training.train_samples or training.train_iters * training.global_batch_size, 1)
+    needs = any(data_loading.chunk_needs_data(ps, i if ps.vpp_size else None) for i in range(len(run.model)))
+
+    def build(turn: bool) -> tuple:
+        if not turn:
+            return run.train_ds, run.valid_ds
+        return data_loading.build_datasets(run.data, training, run.tokenizer, train_samples)
+
+    run.train_ds, run.valid_ds = agreed(build, ps.rank == 0)
+    run.train_ds, run.valid_ds = agreed(build, ps.rank != 0 and needs)
+
+
+def _train_and_evaluate(run: _Run) -> TrainResult:
+    args, ps, out = run.args, run.ps, run.out
+    loaded = agreed(checkpointing.load_checkpoint, run.checkpoint, run.model, run.optimizer, run.scheduler, ps,
+                                           run.model_config, run.model_info, args.use_distributed_optimizer,
+                                           printer=out.rank0)
+    state = TrainState(iteration=loaded.iteration, consumed_train_samples=loaded.consumed_train_samples)
+    _build_data(run)
+    result = TrainResult(iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
+                         loaded_iteration=loaded.iteration, is_logging_rank=out.is_logging_rank)
+    if args.eval_at_start and not run.training.skip_train:
+        _evaluate_and_print(run, state, result)
+    if run.training.skip_train:
+        result.exit_reason = "skip-train"
+    elif state.iteration < run.training.train_iters:
+        out.rank0(f"> training from iteration {state.iteration} to {run.training.train_iters}")
+        _train(run, state, result)
+    if result.exit_reason in ("completed", "skip-train") and run.last_eval_iteration != state.iteration:
+        _evaluate_and_print(run, state, result)
+    if run.writer is not None:
+        run.writer.close()
+    result.iteration, result.consumed_train_samples = state.iteration, state.consumed_train_samples
+    result.losses = state.loss_history
+    return result
+
+
+def _evaluate_and_print(run: _Run, state: TrainState, result: TrainResult) -> None:
+    if run.training.eval_iters == 0:
+        return
+    run.last_eval_iteration = state.iteration
+    losses = evaluate(run.forward_step_func, run.valid_ds, run.model, run.ps, run.training, run.data)
+    if not run.out.is_logging_rank or not losses:
+        return
+    result.val_losses[state.iteration] = losses.get("lm loss", next(iter(losses.values())))
+    for line in validation_lines(f"iteration {state.iteration}", losses):
+        run.out.last(line)
+    write_validation_tensorboard(run.writer, losses, state.iteration, state.consumed_train_samples)
+
+
+def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
+    if run.checkpoint.save is None or state.iteration in result.saved_iterations:
+        return
+    checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
+                                  run.optimizer, run.scheduler, run.ps, run.model_config, run.model_info,
+                                  run.args.use_distributed_optimizer, printer=run.out.rank0)
+    result.saved_iterations.append(state.iteration)
+
+
+def _flops_per_sample(args: argparse.Namespace, padded_vocab: int) -> float:
+    return flops_per_iteration(1, args.seq_length, args.num_layers, args.hidden_size, args.ffn_hidden_size,
+                               args.num_attention_heads, args.kv_channels, args.num_query_groups, args.swiglu,
+                               padded_vocab)
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
+    args, ps, training = run.args, run.ps, run.training
+    log = TrainingLog(cfg.logging_config(args), training.train_iters, run.out.last, run.writer,
+                      _flops_per_sample(args, run.model_info["padded_vocab_size"]), args.seq_length, ps.world_size)
+    iterators = data_loading.data_iterators(run.train_ds, state.consumed_train_samples, training.micro_batch_size,
+                                            ps, run.data.num_workers, len(run.model))
+    start_time, timers = time.monotonic(), Timers()
+    for chunk in run.model:
+        chunk.train()
+    handler = ExitSignalHandler()
+    if training.exit_signal_handler:
+        handler.install()
+    try:
+        while state.iteration < training.train_iters:
+            run.calculator.update(state.consumed_train_samples)
+            batch = run.calculator.current_global_batch_size
+            began = time.perf_counter()
+            step = train_step(run.forward_step_func, iterators, run.model, run.optimizer, run.scheduler, ps,
+                              run.calculator.num_microbatches, batch, args.seq_length, training.micro_batch_size,
+                              timers)
+            seconds = time.perf_counter() - began
+            state.iteration += 1
+            state.consumed_train_samples += batch
+            if "lm loss" in step.losses:
+                state.loss_history.append(step.losses["lm loss"])
+            log.add(iteration=state.iteration, losses=step.losses, skipped=step.skipped, grad_norm=step.grad_norm,
+                    num_zeros=step.num_zeros, learning_rate=learning_rate(run.optimizer),
+                    loss_scale=loss_scale(run.optimizer), batch_size=batch,
+                    consumed_samples=state.consumed_train_samples, seconds=seconds,
+                    extra=lambda: _timing(timers, args))
+            if state.iteration % training.eval_interval == 0:
+                _evaluate_and_print(run, state, result)
+            if run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:
+                _save(run, state, result)
+            reason = _exit_reason(run, state, handler, start_time)
+            if reason is not None:
+                run.out.rank0(f"> exiting at iteration {state.iteration}: {reason}")
+                _save(run, state, result)
+                result.exit_reason = reason
+                return
+    finally:
+        handler.release()
+    _save(run, state, result)
+
+
+def _timing(timers: Timers, args: argparse.Namespace) -> str:
+    """Mean forward-backward and optimizer milliseconds of the interval (``--timing-log-level 1``)."""
+    text = timers.log_string(["forward-backward", "optimizer"], normalizer=args.log_interval)
+    return text if args.timing_log_level >= 1 else ""
+
+
+def _exit_reason(run: _Run, state: TrainState, handler: ExitSignalHandler, start_time: float) -> Optional[str]:
+    """Why to stop after this iteration, agreed by every rank, or None."""
+    training = run.training
+    if training.exit_signal_handler and handler.signal_received_any():
+        return "signal"
+    if training.exit_duration_in_mins is not None:
+        if _any_rank(time.monotonic() - start_time > training.exit_duration_in_mins * 60.0):
+            return "exit-duration"
+    if training.exit_interval and state.iteration % training.exit_interval == 0:
+        return "exit-interval"
+    return None
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(20.0, loss))

@@ -1,0 +1,51 @@
+"""SIGTERM (a scheduler's pre-emption notice) becomes "save a checkpoint and exit" at an iteration boundary.
+
+The handler only sets a flag; the training loop asks :meth:`ExitSignalHandler.signal_received_any`
+once per iteration, which all-reduces the flag so that every rank stops after the same iteration.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class ExitSignalHandler:
+    """Catches ``sig`` while active; restores the previous handler on ``release``."""
+
+    def __init__(self, sig: int = signal.SIGTERM) -> None:
+        self.sig = sig
+        self.received = False
+        self._previous = None
+        self._installed = False
+
+    def install(self) -> "ExitSignalHandler":
+        # Signal handlers can only be set from the main thread; elsewhere (a thread pool) skip it.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.sig, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def signal_received_any(self, group: Optional[dist.ProcessGroup] = None) -> bool:
+        """True on every rank when any rank got the signal (a collective: call it on all ranks)."""
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    def release(self) -> None:
+        if self._installed:
+            signal.signal(self.sig, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def __enter__(self) -> "ExitSignalHandler":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,128 @@
+"""The per-interval progress line in Megatron-LM's format, validation lines, and TensorBoard.
+
+Only the logging rank (the last pipeline stage's first TP and DP rank, where the loss lives)
+prints; :class:`TrainingLog` still runs everywhere so that every rank keeps the same counters.
+"""
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any, Callable, Optional
+
+from megatron_core.training.config import LoggingConfig
+
+Printer = Callable[[str], None]
+
+
+def make_tensorboard_writer(directory: Optional[str], is_logging_rank: bool, printer: Printer) -> Any:
+    """A ``SummaryWriter`` on the logging rank, or None (with one line when tensorboard is missing)."""
+    if directory is None or not is_logging_rank:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        printer(f"> tensorboard is not installed (pip install tensorboard): not writing events to {directory}")
+        return None
+    return SummaryWriter(log_dir=directory, max_queue=1000)
+
+
+class TrainingLog:
+    """Accumulates iteration results and prints one line every ``log_interval`` iterations."""
+
+    def __init__(self, config: LoggingConfig, train_iters: int, printer: Optional[Printer], writer: Any,
+                 flops_per_sample: float, tokens_per_sample: int, world_size: int) -> None:
+        self.config, self.train_iters = config, train_iters
+        self.printer, self.writer = printer, writer
+        self.flops_per_sample, self.tokens_per_sample = flops_per_sample, tokens_per_sample
+        self.world_size = world_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sums: dict[str, float] = {}
+        self.advanced = self.skipped = self.nan = 0
+        self.seconds = 0.0
+        self.samples = 0
+
+    def add(self, *, iteration: int, losses: dict[str, float], skipped: bool, grad_norm: Optional[float],
+            num_zeros: Optional[int], learning_rate: float, loss_scale: float, batch_size: int,
+            consumed_samples: int, seconds: float, extra: Callable[[], str] = str) -> Optional[str]:
+        """Record one iteration; returns the log line when one is due (on every rank)."""
+        self.seconds += seconds
+        self.samples += batch_size
+        got_nan = any(not math.isfinite(v) for v in losses.values())
+        if skipped:
+            self.skipped += 1
+        elif got_nan:
+            self.nan += 1
+        else:
+            self.advanced += 1
+            for key, value in losses.items():
+                self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
+        self._tensorboard(iteration, losses, learning_rate, loss_scale, grad_norm, batch_size, consumed_samples)
+        if iteration % self.config.log_interval != 0:
+            return None
+        line = self._line(iteration, learning_rate, loss_scale, grad_norm, num_zeros, batch_size,
+                          consumed_samples, extra())
+        if self.printer is not None:
+            self.printer(line)
+        self._reset()
+        return line
+
+    def _line(self, iteration: int, learning_rate: float, loss_scale: float, grad_norm: Optional[float],
+              num_zeros: Optional[int], batch_size: int, consumed_samples: int, extra: str) -> str:
+        iterations = self.advanced + self.skipped + self.nan
+        per_iteration = self.seconds / max(iterations, 1)
+        tokens_per_s = self.samples * self.tokens_per_sample / max(self.seconds, 1e-12) / self.world_size
+        tflops = self.samples * self.flops_per_sample / max(self.seconds, 1e-12) / self.world_size / 1e12
+        parts = [f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{self.train_iters:8d}",
+                 f" consumed samples: {consumed_samples:12d}",
+                 f" elapsed time per iteration (ms): {per_iteration * 1000.0:.1f}",
+                 f" throughput per rank: {tokens_per_s:.1f} tokens/s, {tflops:.4f} TFLOP/s",
+                 f" learning rate: {learning_rate:.6E}",
+                 f" global batch size: {batch_size:5d}"]
+        for key, total in self.loss_sums.items():
+            parts.append(f" {key}: {total / max(self.advanced, 1):.6E}")
+        parts.append(f" loss scale: {loss_scale:.1f}")
+        if grad_norm is not None:
+            parts.append(f" grad norm: {grad_norm:.3f}")
+        if num_zeros is not None:
+            parts.append(f" num zeros: {num_zeros}")
+        parts.append(f" number of skipped iterations: {self.skipped:3d}")
+        parts.append(f" number of nan iterations: {self.nan:3d}")
+        line = " |".join(parts) + " |"
+        return line + (" " + extra if extra else "")
+
+    def _tensorboard(self, iteration: int, losses: dict[str, float], learning_rate: float, loss_scale: float,
+                     grad_norm: Optional[float], batch_size: int, consumed_samples: int) -> None:
+        if self.writer is None or iteration % self.config.tensorboard_log_interval != 0:
+            return
+        w = self.writer
+        w.add_scalar("learning-rate", learning_rate, iteration)
+        w.add_scalar("learning-rate vs samples", learning_rate, consumed_samples)
+        w.add_scalar("batch-size", batch_size, iteration)
+        for key, value in losses.items():
+            w.add_scalar(key, value, iteration)
+            w.add_scalar(f"{key} vs samples", value, consumed_samples)
+        w.add_scalar("loss-scale", loss_scale, iteration)
+        if grad_norm is not None:
+            w.add_scalar("grad-norm", grad_norm, iteration)
+
+
+def validation_lines(prefix: str, losses: dict[str, float]) -> list[str]:
+    """Megatron-LM's block: a dashed rule, ``validation loss at ... | lm loss value: ... | lm loss PPL: ...``."""
+    text = f" validation loss at {prefix} | "
+    for key, value in losses.items():
+        text += f"{key} value: {value:.6E} | {key} PPL: {math.exp(min(20.0, value)):.6E} | "
+    rule = "-" * (len(text) + 1)
+    return [rule, text, rule]
+
+
+def write_validation_tensorboard(writer: Any, losses: dict[str, float], iteration: int, consumed_samples: int) -> None:
+    """Validation loss and perplexity scalars (no-op without a writer)."""
+    if writer is None:
+        return
+    for key, value in losses.items():
+        writer.add_scalar(f"{key} validation", value, iteration)
+        writer.add_scalar(f"{key} validation vs samples", value, consumed_samples)
+        writer.add_scalar(f"{key} validation ppl", math.exp(min(20.0, value)), iteration)
+    writer.flush()

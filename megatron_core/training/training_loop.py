@@ -1,0 +1,131 @@
+"""One training iteration and one evaluation (the loop around them is in ``pretrain.py``).
+
+Megatron-LM's ``train_step`` / ``evaluate``, written against the contracts of
+docs/design.md: a schedule from ``get_forward_backward_func`` drives the model chunks, the
+optimizer's ``step()`` answers ``(ok, grad_norm, num_zeros)``, and the scheduler advances by
+the samples of each successful iteration.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_core.distributed import finalize_model_grads, no_sync_func
+from megatron_core.parallel_state import ParallelState
+from megatron_core.pipeline_parallel import get_forward_backward_func
+from megatron_core.training import data_loading
+from megatron_core.training.config import DataConfig, TrainingConfig
+from megatron_core.training.timers import Timers
+
+
+@dataclass
+class StepResult:
+    """What one iteration reports (losses only on the last pipeline stage)."""
+
+    losses: dict[str, float]
+    skipped: bool
+    grad_norm: Optional[float]
+    num_zeros: Optional[int]
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint carries and a resumed run continues from."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    loss_history: list[float] = field(default_factory=list)  # "lm loss" per iteration (last stage)
+
+
+def reduce_loss_dicts(loss_dicts: list[dict[str, torch.Tensor]], ps: ParallelState) -> dict[str, float]:
+    """Token-weighted mean of each reported loss over microbatches and DP ranks.
+
+    A value is ``[sum, count]`` (a per-token loss sum and its token count) or a plain scalar
+    (counted once). Empty off the last pipeline stage.
+    """
+    if not loss_dicts:
+        return {}
+    reduced = {}
+    for key in loss_dicts[0]:
+        total = torch.zeros(2, dtype=torch.float64)
+        for d in loss_dicts:
+            value = d[key].detach().double().cpu().view(-1)
+            total += value if value.numel() == 2 else torch.cat([value, value.new_ones(1)])
+        if ps.dp_size > 1:
+            dist.all_reduce(total, group=ps.dp_group)
+        reduced[key] = (total[0] / total[1]).item()
+    return reduced
+
+
+def _iterator_arg(iterators: list) -> Any:
+    return iterators if len(iterators) > 1 else iterators[0]
+
+
+def train_step(forward_step_func: Callable, data_iterators: list, model: list[torch.nn.Module], optimizer: Any,
+               scheduler: Any, ps: ParallelState, num_microbatches: int, global_batch_size: int,
+               seq_length: int, micro_batch_size: int, timers: Timers) -> StepResult:
+    """Forward and backward over the global batch, then the optimizer and scheduler steps."""
+    optimizer.zero_grad()  # also zeroes the DDP gradient buffers
+    timers("forward-backward").start()
+    schedule = get_forward_backward_func(ps)
+    loss_dicts = schedule(
+        forward_step_func=forward_step_func, data_iterator=_iterator_arg(data_iterators), model=model,
+        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=False, no_sync_func=no_sync_func(model),
+        finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=ps),
+        grad_scale_func=getattr(optimizer, "scale_loss", None))
+    timers("forward-backward").stop()
+    timers("optimizer").start()
+    ok, grad_norm, num_zeros = optimizer.step()
+    timers("optimizer").stop()
+    if ok:
+        scheduler.step(increment=global_batch_size)
+    return StepResult(reduce_loss_dicts(loss_dicts, ps), not ok, _as_float(grad_norm), _as_int(num_zeros))
+
+
+def _as_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+def _as_int(value: Any) -> Optional[int]:
+    return None if value is None else int(value)
+
+
+def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Module], ps: ParallelState,
+             training: TrainingConfig, data: DataConfig) -> dict[str, float]:
+    """Mean losses over the first ``eval_iters`` validation batches (the same ones every time)."""
+    if training.eval_iters == 0:
+        return {}  # every rank decides alike: evaluation is collective along the pipeline
+    for chunk in model:
+        chunk.eval()
+    iterators = data_loading.data_iterators(dataset, 0, training.micro_batch_size, ps, data.num_workers, len(model))
+    num_microbatches = training.global_batch_size // (training.micro_batch_size * ps.dp_size)
+    schedule = get_forward_backward_func(ps)
+    loss_dicts: list = []
+    try:
+        with torch.no_grad():
+            for _ in range(training.eval_iters):
+                loss_dicts += schedule(
+                    forward_step_func=forward_step_func, data_iterator=_iterator_arg(iterators), model=model,
+                    num_microbatches=num_microbatches, seq_length=data.seq_length,
+                    micro_batch_size=training.micro_batch_size, forward_only=True)
+    finally:
+        for chunk in model:
+            chunk.train()
+    return reduce_loss_dicts(loss_dicts, ps)
+
+
+def learning_rate(optimizer: Any) -> float:
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    return float(groups[0].get("lr", 0.0))
+
+
+def loss_scale(optimizer: Any) -> float:
+    get = getattr(optimizer, "get_loss_scale", None)
+    return float(get()) if get is not None else 1.0
+
+

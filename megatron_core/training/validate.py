@@ -1,0 +1,234 @@
+"""Check a parsed command line and fill in derived values, as Megatron-LM's ``validate_args``.
+
+Everything here is a pure function of the flags and the world size, so every rank reaches the
+same verdict before any process group or model exists, and a bad combination costs one line.
+"""
+from __future__ import annotations
+
+import argparse
+
+from megatron_core import device
+from megatron_core.microbatches import MicrobatchCalculator
+from megatron_core.training.errors import ConfigError
+
+_DEMO_HINT = " (or try python pretrain_gpt.py --demo)"
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Validate ``args`` in place and add derived fields; raises :class:`ConfigError`."""
+    _parallel(args, world_size)
+    _model(args)
+    _batch_and_iterations(args)
+    _learning_rate(args)
+    _precision_and_recompute(args)
+    _data(args)
+    _checkpoint_and_logging(args)
+    return args
+
+
+def _require(args: argparse.Namespace, name: str, example: str) -> None:
+    if getattr(args, name) is None:
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} is required, e.g. {flag} {example}{_DEMO_HINT}")
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _parallel(args: argparse.Namespace, world_size: int) -> None:
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size")
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} = {tp * pp}; launch a multiple of {tp * pp} processes "
+            f"(torchrun --nproc_per_node) or change the parallel sizes")
+    args.world_size = world_size
+    args.data_parallel_size = world_size // (tp * pp)
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = args.num_layers_per_virtual_pipeline_stage
+        if pp < 2:
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2")
+        if args.num_layers is None or per_stage <= 0 or args.num_layers % (pp * per_stage) != 0:
+            raise ConfigError(
+                f"--num-layers {args.num_layers} must be a multiple of --pipeline-model-parallel-size {pp} x "
+                f"--num-layers-per-virtual-pipeline-stage {per_stage}")
+        vpp = args.num_layers // (pp * per_stage)
+        args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+    if tp == 1:
+        args.sequence_parallel = False  # as Megatron-LM: nothing to split
+    if args.distributed_backend is None:
+        args.distributed_backend = device.default_backend()
+    if args.distributed_backend == "nccl" and not device.cuda_available():
+        raise ConfigError("--distributed-backend nccl needs CUDA, which is not available; use "
+                          "--distributed-backend gloo (the default without CUDA)")
+
+
+def _model(args: argparse.Namespace) -> None:
+    _require(args, "num_layers", "2")
+    _require(args, "hidden_size", "64")
+    _require(args, "num_attention_heads", "4")
+    _require(args, "seq_length", "128")
+    _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size",
+              "kv_channels", "max_position_embeddings", "make_vocab_size_divisible_by")
+    tp, pp, heads = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.num_attention_heads
+    if heads % tp != 0:
+        raise ConfigError(
+            f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size {tp}: each TP rank "
+            f"needs whole heads; use a TP size that divides {heads} or change the number of heads")
+    if args.group_query_attention:
+        groups = args.num_query_groups
+        if groups <= 0 or heads % groups != 0:
+            raise ConfigError(f"--num-query-groups {groups} must divide --num-attention-heads {heads}")
+        if groups % tp != 0:
+            raise ConfigError(f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size {tp}; "
+                              f"each TP rank needs whole key/value groups")
+    else:
+        args.num_query_groups = heads
+    if args.kv_channels is None:
+        if args.hidden_size % heads != 0:
+            raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}; "
+                              f"change one of them or give --kv-channels")
+        args.kv_channels = args.hidden_size // heads
+    if args.ffn_hidden_size is None:
+        # Megatron-LM's SwiGLU size keeps the parameter count of a 4h GeLU MLP (rounded to 64).
+        if args.swiglu:
+            args.ffn_hidden_size = int(8 * args.hidden_size / 3 / 64) * 64 or -(-8 * args.hidden_size // 3)
+        else:
+            args.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute" and args.max_position_embeddings < args.seq_length:
+        raise ConfigError(f"--max-position-embeddings {args.max_position_embeddings} is smaller than --seq-length "
+                          f"{args.seq_length}; raise it to at least {args.seq_length}")
+    if args.virtual_pipeline_model_parallel_size is None and args.num_layers % pp != 0:
+        raise ConfigError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}; "
+                          f"use a multiple of {pp} layers")
+    if args.sequence_parallel and args.seq_length % tp != 0:
+        raise ConfigError(f"--sequence-parallel needs --seq-length {args.seq_length} divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+
+
+def _batch_and_iterations(args: argparse.Namespace) -> None:
+    _require(args, "micro_batch_size", "4")
+    _positive(args, "micro_batch_size", "global_batch_size", "train_iters", "train_samples", "exit_interval",
+              "exit_duration_in_mins")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    try:
+        calculator = MicrobatchCalculator(args.global_batch_size, args.micro_batch_size, args.data_parallel_size,
+                                          args.rampup_batch_size, args.pipeline_model_parallel_size,
+                                          args.virtual_pipeline_model_parallel_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.eval_only:
+        args.skip_train = True
+    if args.train_iters is not None and args.train_samples is not None:
+        raise ConfigError("give only one of --train-iters and --train-samples")
+    if args.train_iters is None and args.train_samples is None:
+        if not args.skip_train:
+            raise ConfigError(f"give the length of training: --train-iters N or --train-samples N{_DEMO_HINT}")
+        args.train_iters = 0
+    if args.train_samples is not None:
+        args.train_iters = _iterations_for_samples(calculator, args.train_samples, args.rampup_batch_size)
+
+
+def _iterations_for_samples(calculator: MicrobatchCalculator, train_samples: int, rampup) -> int:
+    """Iterations that consume ``train_samples``, counting the smaller ramp-up batches."""
+    iterations, consumed = 0, 0
+    rampup_samples = rampup[2] if rampup is not None else 0
+    while consumed < rampup_samples and consumed < train_samples:
+        consumed += calculator.batch_size_at(consumed)
+        iterations += 1
+    return iterations + max(train_samples - consumed, 0) // calculator.global_batch_size
+
+
+def _learning_rate(args: argparse.Namespace) -> None:
+    if not args.skip_train:
+        _require(args, "lr", "3e-4")
+    if args.lr is not None and args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters or args.lr_warmup_samples:
+            raise ConfigError("give only one of --lr-warmup-fraction, --lr-warmup-iters and --lr-warmup-samples")
+        if not 0.0 <= args.lr_warmup_fraction <= 1.0:
+            raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
+    by_samples = args.train_samples is not None
+    if by_samples and (args.lr_decay_iters is not None or args.lr_warmup_iters):
+        raise ConfigError("with --train-samples give the schedule in samples: --lr-decay-samples, --lr-warmup-samples")
+    if not by_samples and (args.lr_decay_samples is not None or args.lr_warmup_samples):
+        raise ConfigError("with --train-iters give the schedule in iterations: --lr-decay-iters, --lr-warmup-iters")
+    if args.start_weight_decay is None:
+        args.start_weight_decay = args.weight_decay
+    if args.end_weight_decay is None:
+        args.end_weight_decay = args.weight_decay
+    if args.weight_decay_incr_style == "constant" and args.start_weight_decay != args.end_weight_decay:
+        raise ConfigError("--weight-decay-incr-style constant needs --start-weight-decay == --end-weight-decay")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("give only one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler")
+
+
+def _precision_and_recompute(args: argparse.Namespace) -> None:
+    if args.fp16 and args.bf16:
+        raise ConfigError("give only one of --fp16 and --bf16")
+    if args.loss_scale is not None and args.loss_scale <= 0:
+        raise ConfigError(f"--loss-scale must be positive (leave it out for dynamic scaling), got {args.loss_scale}")
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"
+    if args.recompute_granularity == "full":
+        if args.recompute_method is None:
+            raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
+        if args.recompute_num_layers is None or args.recompute_num_layers <= 0:
+            raise ConfigError("--recompute-granularity full needs --recompute-num-layers N (layers per recompute "
+                              "group with uniform, recomputed layers per stage with block)")
+    elif args.recompute_method is not None or args.recompute_num_layers is not None:
+        raise ConfigError("--recompute-method and --recompute-num-layers go with --recompute-granularity full")
+
+
+def _data(args: argparse.Namespace) -> None:
+    needs_data = not args.skip_train or args.eval_iters > 0
+    if args.data_path == []:
+        args.data_path = None
+    if args.data_path is not None and args.mock_data:
+        raise ConfigError("give only one of --data-path and --mock-data")
+    if needs_data and args.data_path is None and not args.mock_data:
+        raise ConfigError(f"no training data: give --data-path PREFIX (made by tools/preprocess_data.py) or "
+                          f"--mock-data{_DEMO_HINT}")
+    for entry in args.data_path or []:
+        if entry.endswith((".jsonl", ".json")):
+            raise ConfigError(
+                f"--data-path {entry!r} is raw JSON; tokenize it first: python tools/preprocess_data.py --input "
+                f"{entry} --output-prefix PREFIX --tokenizer-type ... --append-eod, then pass --data-path "
+                f"PREFIX_text_document")
+    if args.data_path is not None:
+        from megatron_core.datasets import parse_data_path
+
+        try:
+            parse_data_path(args.data_path, check_files=True)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if args.tokenizer_type is None:
+        if args.vocab_size is None:
+            raise ConfigError("--tokenizer-type is required (SentencePieceTokenizer, GPT2BPETokenizer, "
+                              "HuggingFaceTokenizer, or NullTokenizer with --vocab-size N)")
+        args.tokenizer_type = "NullTokenizer"
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+
+
+def _checkpoint_and_logging(args: argparse.Namespace) -> None:
+    _positive(args, "save_interval", "log_interval", "eval_interval", "tensorboard_log_interval")
+    if args.save_interval is not None and args.save is None:
+        raise ConfigError("--save-interval needs --save DIR (where to write the checkpoints)")
+    if args.finetune and args.load is None:
+        raise ConfigError("--finetune needs --load DIR (the checkpoint to start from)")
+    if args.eval_iters < 0:
+        raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")

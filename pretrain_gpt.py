@@ -1,0 +1,145 @@
+"""Pretrain a GPT model: Megatron-LM's ``pretrain_gpt.py`` command line, on CPU (gloo) or GPUs.
+
+    python pretrain_gpt.py --demo                       # tiny GPT on the Python standard library, CPU
+    torchrun --nproc_per_node 8 pretrain_gpt.py --tensor-model-parallel-size 2 ...  # Megatron-LM's flags
+
+``main(argv)`` returns a :class:`TrainResult` (and raises :class:`ConfigError` on bad input), so
+tests can run it inside their own process group; ``cli()`` is the command line, which turns such
+errors into one line on stderr and a non-zero exit code.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megatron_core import device  # noqa: E402
+from megatron_core.parallel_state import ParallelState  # noqa: E402
+from megatron_core.training.arguments import parse_args  # noqa: E402
+from megatron_core.training.demo import demo_argv, prepare_demo_data  # noqa: E402
+from megatron_core.training.errors import ConfigError  # noqa: E402
+from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown  # noqa: E402
+from megatron_core.training.pretrain import TrainResult, perplexity, pretrain  # noqa: E402
+from megatron_core.training.validate import validate_args  # noqa: E402
+
+TRACEBACK_ENV = "MCORE_TRACEBACK"  # set to 1 to see the full traceback of a configuration error
+
+
+def model_provider(config: Any, padded_vocab_size: int, ps: ParallelState, *,
+                   max_sequence_length: int) -> list[torch.nn.Module]:
+    """This rank's GPT model chunks (one per virtual pipeline stage)."""
+    from models.gpt import build_gpt_model_chunks
+
+    return build_gpt_model_chunks(config, padded_vocab_size, max_sequence_length, ps)
+
+
+def get_batch(data_iterator: Optional[Any], seq_length: int, micro_batch_size: int) -> dict[str, Optional[torch.Tensor]]:
+    """The next micro batch on the device; a chunk that reads no data gets only the position ids
+    (RoPE needs them on every stage)."""
+    where = device.current_device()
+    if data_iterator is None:
+        positions = torch.arange(seq_length, device=where).expand(micro_batch_size, seq_length)
+        return {"tokens": None, "labels": None, "loss_mask": None, "position_ids": positions}
+    batch = next(data_iterator)
+    return {key: batch[key].to(where, non_blocking=True) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:
+    """Masked per-token loss: the sum and the token count (the schedule divides), reported as [sum, count]."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int64)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator: Optional[Any], model: torch.nn.Module, *, seq_length: int,
+                 micro_batch_size: int) -> tuple:
+    """One micro batch through one model chunk: ``(output, loss_func)`` for the schedules."""
+    batch = get_batch(data_iterator, seq_length, micro_batch_size)
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    return output, functools.partial(loss_func, batch["loss_mask"])
+
+
+def _expand_demo(argv: list[str]) -> list[str]:
+    """``--demo`` puts its own flags first, so every flag the user gives overrides them."""
+    if "--demo" not in argv:
+        return argv
+    first = parse_args(argv)
+    return demo_argv(first.demo_dir) + argv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[TrainResult]:
+    """Run ``pretrain_gpt.py`` with ``argv``; returns what the run did (None with ``--demo-prepare-only``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(_expand_demo(argv))
+    backend = args.distributed_backend or device.default_backend()
+    context = initialize_distributed(backend, args.distributed_timeout_minutes)
+    if args.demo and "OMP_NUM_THREADS" not in os.environ:
+        # One thread runs the tiny model at a steady pace; two threads are faster on an idle 2-core
+        # machine but many times slower whenever another process wants a core (they spin-wait).
+        torch.set_num_threads(1)
+    try:
+        if args.demo or args.demo_prepare_only:
+            _prepare_demo(args, context.rank)
+            if args.demo_prepare_only:
+                return None
+        validate_args(args, context.world_size)
+        provider = functools.partial(model_provider, max_sequence_length=args.max_position_embeddings)
+        step = functools.partial(forward_step, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
+        result = pretrain(args, provider, step)
+        if args.demo and result.is_logging_rank and len(result.val_losses) >= 2:
+            _print_demo_summary(result)
+        return result
+    finally:
+        shutdown(context)
+
+
+def _prepare_demo(args: Any, rank: int) -> None:
+    """Rank 0 builds the demo data; the others wait for it."""
+    error = None
+    if rank == 0:
+        try:
+            prepare_demo_data(args.demo_dir, args.demo_input)
+        except ConfigError as exc:
+            error = exc
+    if dist.get_world_size() > 1:
+        flag = torch.tensor([1 if error else 0])
+        dist.all_reduce(flag)
+        if flag.item() and error is None:
+            raise ConfigError("the demo data could not be prepared (see rank 0's error)")
+    if error is not None:
+        raise error
+
+
+def _print_demo_summary(result: TrainResult) -> None:
+    (first_it, first), (last_it, last) = min(result.val_losses.items()), max(result.val_losses.items())
+    print(f"demo: validation lm loss {first:.3f} at iteration {first_it} -> {last:.3f} at iteration {last_it} "
+          f"(perplexity {perplexity(first):.1f} -> {perplexity(last):.1f})", flush=True)
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: a configuration error is one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except ValueError as exc:  # ConfigError and the libraries' own argument checks
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        if not isinstance(exc, ConfigError):
+            print(f"error: {exc} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        elif rank_from_env() == 0:  # every rank reaches the same verdict; say it once
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,101 @@
+"""Megatron-LM's flags parse, map onto configs, and bad combinations fail with one clear line."""
+import pytest
+
+from megatron_core.training import build, config
+from megatron_core.training.arguments import parse_args
+from megatron_core.training.errors import ConfigError
+from megatron_core.training.validate import validate_args
+
+# Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh, with small sizes.
+GPT3_SCRIPT = """
+--num-layers 4 --hidden-size 64 --num-attention-heads 8 --seq-length 32 --max-position-embeddings 32
+--attention-backend auto
+--micro-batch-size 1 --global-batch-size 16 --rampup-batch-size 4 4 64 --train-iters 50
+--weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --init-method-std 0.006 --clip-grad 1.0 --fp16
+--lr 6.0e-5 --lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-iters 40
+--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+--mock-data --vocab-file vocab.json --merge-file merges.txt --split 949,50,1
+--log-interval 100 --save-interval 10000 --eval-interval 1000 --save ckpt --load ckpt --eval-iters 10
+--tensorboard-dir tb
+""".split()
+
+ALSO_COMMON = """
+--sequence-parallel --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+--ffn-hidden-size 128 --num-query-groups 2 --group-query-attention --kv-channels 8 --position-embedding-type rope
+--rotary-base 500000 --rotary-percent 1.0 --normalization RMSNorm --swiglu --disable-bias-linear
+--untie-embeddings-and-output-weights --hidden-dropout 0.0 --attention-dropout 0.0
+--tokenizer-type NullTokenizer --vocab-size 200 --data-cache-path cache --num-workers 0 --seed 42
+--make-vocab-size-divisible-by 64 --num-layers-per-virtual-pipeline-stage 1 --recompute-granularity full
+--recompute-method uniform --recompute-num-layers 1 --loss-scale 1024 --initial-loss-scale 65536
+--min-loss-scale 1 --loss-scale-window 100 --hysteresis 2 --norm-epsilon 1e-6 --use-cpu-initialization
+--finetune --no-load-optim --no-load-rng --optimizer adam --exit-interval 20 --exit-duration-in-mins 30
+--distributed-backend gloo --log-throughput --adam-eps 1e-6 --deterministic-mode --distributed-timeout-minutes 5
+""".split()
+
+
+def test_gpt3_example_and_common_flags_parse_and_map():
+    argv = [a for a in GPT3_SCRIPT if a != "--fp16"] + ALSO_COMMON + ["--bf16"]
+    args = validate_args(parse_args(argv), world_size=8)
+    assert (args.data_parallel_size, args.virtual_pipeline_model_parallel_size) == (2, 2)
+    assert args.recompute_granularity == "full" and not args.add_bias_linear and args.swiglu
+    t = build.transformer_config(args)
+    assert (t.num_query_groups, t.kv_channels, t.activation, t.normalization) == (2, 8, "swiglu", "RMSNorm")
+    assert not t.share_embeddings_and_output_weights and t.sequence_parallel
+    o = build.optimizer_config(args)
+    assert (o.bf16, o.adam_beta2, o.adam_eps, o.use_distributed_optimizer) == (True, 0.95, 1e-6, True)
+    d = build.ddp_config(args)
+    assert d.use_distributed_optimizer and d.overlap_grad_reduce and d.grad_reduce_in_fp32
+    assert config.checkpoint_config(args).finetune and config.logging_config(args).tensorboard_dir == "tb"
+    s = config.scheduler_config(args)
+    assert s.lr_decay_steps == 40 * 16 and s.lr_warmup_steps == pytest.approx(0.001 * 640)
+
+
+def test_the_gpt3_script_alone_validates():
+    args = validate_args(parse_args(GPT3_SCRIPT + ["--vocab-size", "100"]), world_size=4)
+    assert args.fp16 and args.ffn_hidden_size == 256 and args.global_batch_size == 16
+
+
+def _base(*extra):
+    return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3", "--mock-data", "--vocab-size", "64",
+            *extra]
+
+
+@pytest.mark.parametrize("extra,world,message", [
+    (["--tensor-model-parallel-size", "8", "--num-attention-heads", "4"], 8, "--num-attention-heads 4 is not divisible"),
+    (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible by --micro-batch-size 2"),
+    (["--tensor-model-parallel-size", "3"], 4, "world size 4 is not divisible"),
+    (["--fp16", "--bf16"], 1, "only one of --fp16 and --bf16"),
+    (["--recompute-granularity", "full"], 1, "needs --recompute-method"),
+    (["--train-samples", "100"], 1, "only one of --train-iters and --train-samples"),
+    (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size >= 2"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], 1, "only one of --lr-warmup-fraction"),
+])
+def test_bad_combinations_name_the_fix(extra, world, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate_args(parse_args(_base(*extra)), world)
+
+
+def test_data_errors():
+    argv = [a for a in _base() if a != "--mock-data"]
+    with pytest.raises(ConfigError, match="no training data: give --data-path"):
+        validate_args(parse_args(argv), 1)
+    with pytest.raises(ConfigError, match="raw JSON; tokenize it first"):
+        validate_args(parse_args(argv + ["--data-path", "corpus.jsonl"]), 1)
+    with pytest.raises(ConfigError, match="missing"):
+        validate_args(parse_args(argv + ["--data-path", "/nonexistent/prefix_text_document"]), 1)
+
+
+def test_unknown_flag_is_a_config_error():
+    with pytest.raises(ConfigError, match="unrecognized arguments: --no-such-flag"):
+        parse_args(["--no-such-flag"])
+
+
+def test_train_samples_with_rampup_counts_small_batches():
+    argv = [a for a in _base("--global-batch-size", "16", "--rampup-batch-size", "4", "4", "48")
+            if a not in ("--train-iters", "10")] + ["--train-samples", "208"]
+    args = validate_args(parse_args(argv), 1)
+    # The batch grows by 4 every 48 / 3 = 16 samples: 4 x 4 (16 samples), 2 x 8 (32), 2 x 12 (56 >= 48),
+    # then (208 - 56) // 16 = 9 full batches.
+    assert args.train_iters == 4 + 2 + 2 + 9

@@ -1,0 +1,156 @@
+"""Checkpoints: resume equals an uninterrupted run, crash safety, SIGTERM, shape checks, finetune."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from harness import run_distributed
+
+import pretrain_gpt
+from megatron_core.training import checkpoint_io as io
+from megatron_core.training.checkpointing import SLEEP_IN_SAVE_ENV
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dropout on and a warmup + cosine schedule, so a resume must restore RNG and scheduler state too.
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "12", "--lr", "3e-3",
+        "--lr-warmup-iters", "3", "--lr-decay-style", "cosine", "--min-lr", "3e-4", "--mock-data",
+        "--vocab-size", "255", "--log-interval", "4", "--eval-interval", "100", "--eval-iters", "1",
+        "--num-workers", "0", "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--seed", "11"]
+
+
+def _train(argv):
+    result = pretrain_gpt.main(argv)
+    return result if result.is_logging_rank else None
+
+
+def _logged(results):
+    return [r for r in results if r is not None][0]
+
+
+def test_resume_equals_uninterrupted_run_under_zero(tmp_path):
+    zero = ["--use-distributed-optimizer"]
+    full = _logged(run_distributed(_train, 2, TINY + zero, timeout=120))
+    ckpt = str(tmp_path / "ckpt")
+    first = _logged(run_distributed(_train, 2, TINY + zero + ["--save", ckpt, "--exit-interval", "6"], timeout=120))
+    assert first.exit_reason == "exit-interval" and first.saved_iterations == [6]
+    assert first.losses == full.losses[:6]
+    rank_dir = os.path.join(ckpt, "iter_0000006", "mp_rank_00")
+    assert sorted(os.listdir(rank_dir)) == ["distrib_optim_dp000.pt", "distrib_optim_dp001.pt", "model_optim_rng.pt"]
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "6"
+    state = io.load_file(os.path.join(rank_dir, "model_optim_rng.pt"))
+    assert state["iteration"] == 6 and state["consumed_train_samples"] == 48 and len(state["rng_state"]) == 2
+    assert state["config"]["hidden_size"] == 32 and state["model_info"]["padded_vocab_size"] == 256
+    resumed = _logged(run_distributed(_train, 2, TINY + zero + ["--load", ckpt], timeout=120))
+    assert resumed.loaded_iteration == 6 and resumed.iteration == 12
+    assert len(resumed.losses) == 6
+    for i, (got, want) in enumerate(zip(resumed.losses, full.losses[6:]), start=7):
+        assert abs(got - want) <= 1e-5 * abs(want), f"iteration {i}: resumed {got} vs uninterrupted {want}"
+
+
+def test_resume_across_pipeline_stages(tmp_path):
+    pp = ["--pipeline-model-parallel-size", "2"]
+    full = _logged(run_distributed(_train, 2, TINY + pp, timeout=120))
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_train, 2, TINY + pp + ["--save", ckpt, "--save-interval", "5", "--exit-interval", "5"])
+    assert sorted(os.listdir(os.path.join(ckpt, "iter_0000005"))) == ["mp_rank_00_000", "mp_rank_00_001"]
+    resumed = _logged(run_distributed(_train, 2, TINY + pp + ["--load", ckpt], timeout=120))
+    assert resumed.losses == pytest.approx(full.losses[5:], rel=1e-5)
+
+
+def _load_only(argv):
+    try:
+        result = pretrain_gpt.main(argv)
+    except ValueError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def test_other_model_shape_is_refused_naming_fields(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_train, 1, TINY + ["--save", ckpt, "--train-iters", "2"])
+    wider = [a if a != "32" else "64" for a in TINY]  # hidden 64 (and seq 64)
+    message = run_distributed(_load_only, 1, wider + ["--load", ckpt])[0]
+    assert message.startswith("ConfigError: checkpoint") and "hidden_size: checkpoint 32 vs run 64" in message
+    assert "ffn_hidden_size: checkpoint 128 vs run 256" in message
+
+
+def test_finetune_loads_weights_only_and_model_only_checkpoints_load(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    saved = _logged(run_distributed(_train, 1, TINY + ["--save", ckpt, "--train-iters", "4", "--eval-interval", "4"]))
+    # --finetune: the trained weights (same validation loss) from iteration 0 with a fresh optimizer.
+    tuned = _logged(run_distributed(_train, 1, TINY + ["--load", ckpt, "--finetune", "--train-iters", "2",
+                                                       "--eval-at-start"]))
+    assert tuned.loaded_iteration == 0 and tuned.iteration == 2
+    assert tuned.val_losses[0] == pytest.approx(saved.val_losses[4], rel=1e-6)
+    # --no-load-optim --no-load-rng: the iteration and data position continue, the optimizer starts fresh.
+    fresh = _logged(run_distributed(_train, 1, TINY + ["--load", ckpt, "--no-load-optim", "--no-load-rng",
+                                                       "--train-iters", "5", "--eval-iters", "0"]))
+    assert (fresh.loaded_iteration, fresh.iteration, fresh.consumed_train_samples) == (4, 5, 40)
+    # A model-only checkpoint (as the HF converter writes): no optimizer, RNG or scheduler state.
+    path = os.path.join(ckpt, "iter_0000004", "mp_rank_00", "model_optim_rng.pt")
+    state = io.load_file(path)
+    torch.save({k: state[k] for k in ("model", "config", "model_info")}, path)
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("release")
+    os.rename(os.path.join(ckpt, "iter_0000004"), os.path.join(ckpt, "release"))
+    plain = _logged(run_distributed(_train, 1, TINY + ["--load", ckpt, "--train-iters", "1", "--eval-at-start"]))
+    assert plain.loaded_iteration == 0 and plain.val_losses[0] == pytest.approx(saved.val_losses[4], rel=1e-6)
+
+
+def _spawn(args, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _read_until(proc, needle, timeout=60.0):
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-3000:]}")
+
+
+def test_process_killed_while_saving_leaves_previous_checkpoint(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    proc = _spawn(TINY + ["--save", ckpt, "--save-interval", "4", "--train-iters", "8"],
+                  {SLEEP_IN_SAVE_ENV: "8:60"})
+    _read_until(proc, "[test hook]")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "4"
+    assert os.path.isdir(os.path.join(ckpt, "iter_0000008.tmp")) and not os.path.exists(os.path.join(ckpt, "iter_0000008"))
+    resumed = _logged(run_distributed(_train, 1, TINY + ["--load", ckpt, "--train-iters", "8", "--exit-interval", "5"]))
+    assert resumed.loaded_iteration == 4 and resumed.iteration == 5
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    proc = _spawn(TINY + ["--save", ckpt, "--train-iters", "100000", "--log-interval", "1"])
+    _read_until(proc, "iteration        3/")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    iteration = int(open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read())
+    assert iteration >= 3 and f"exiting at iteration {iteration}: signal" in out
+    assert os.path.isfile(os.path.join(ckpt, f"iter_{iteration:07d}", "mp_rank_00", "model_optim_rng.pt"))
+
+
+def test_a_rank_missing_its_shard_fails_every_rank_promptly(tmp_path):
+    pp = TINY + ["--pipeline-model-parallel-size", "2", "--train-iters", "1"]
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_train, 2, pp + ["--save", ckpt])
+    os.remove(os.path.join(ckpt, "iter_0000001", "mp_rank_00_001", "model_optim_rng.pt"))
+    messages = run_distributed(_load_only, 2, pp + ["--load", ckpt], timeout=60)  # no rank waits for a timeout
+    assert all(m.startswith("ConfigError: ") and "has no mp_rank_00_001/model_optim_rng.pt" in m for m in messages)
+    assert "(on rank 1)" in messages[0]

@@ -1,0 +1,83 @@
+"""Bad inputs end with one line naming the fix and a non-zero exit code, never a traceback."""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed
+
+from harness import run_distributed
+
+import pretrain_gpt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "2", "--lr", "1e-3",
+        "--log-interval", "1", "--eval-iters", "1", "--num-workers", "0"]
+MOCK = ["--mock-data", "--vocab-size", "255"]
+
+
+def _cli(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = pretrain_gpt.cli(argv)
+    torch.distributed.barrier()  # no rank tears the group down while another is still joining it
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    from tools.train_tokenizer import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("tok")
+    text = d / "text.txt"
+    text.write_text("\n".join(f"def function_{i}(x):\n    return x * {i} + {i * i}" for i in range(300)))
+    return train_sentencepiece([str(text)], str(d / "tok"), 320)
+
+
+def _cases(tmp_path, tokenizer):
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "fine"}\n{"text": "broken\n')
+    return {
+        "missing data path": (1, TINY + ["--data-path", str(tmp_path / "nope_text_document"), "--vocab-size", "255"],
+                              "--data-path", "tools/preprocess_data.py"),
+        "malformed JSONL": (1, TINY + ["--demo", "--demo-dir", str(tmp_path / "demo"), "--demo-input", str(bad_jsonl)],
+                            f"{bad_jsonl}:2: not valid JSON", "fix or delete that line"),
+        "tokenizer larger than --vocab-size": (
+            1, TINY + ["--mock-data", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer,
+                       "--vocab-size", "300"], "has 320 tokens but --vocab-size is 300", "raise --vocab-size"),
+        "heads not divisible by TP": (2, TINY + MOCK + ["--tensor-model-parallel-size", "2", "--num-attention-heads",
+                                                        "3", "--hidden-size", "48"],
+                                      "--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2",
+                                      "use a TP size that divides"),
+        "global batch not divisible": (2, TINY + MOCK + ["--global-batch-size", "6"],
+                                       "--global-batch-size 6 is not divisible by --micro-batch-size 2 x "
+                                       "data-parallel size 2", "choose a global batch that is a multiple of 4"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing data path", "malformed JSONL", "tokenizer larger than --vocab-size",
+                                  "heads not divisible by TP", "global batch not divisible"])
+def test_bad_input_is_one_line(case, tmp_path, small_tokenizer):
+    world, argv, *needles = _cases(tmp_path, small_tokenizer)[case]
+    results = run_distributed(_cli, world, argv, timeout=60)
+    assert all(code == 2 for code, _ in results)
+    text = results[0][1]
+    assert text.count("\n") == 1 and text.startswith("error: "), text
+    for needle in needles:
+        assert needle in text, text
+    assert all(not err for _, err in results[1:])  # said once, by rank 0
+
+
+def test_command_line_exit_code_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json at all\n")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), "--demo", "--demo-dir",
+                           str(tmp_path / "demo"), "--demo-input", str(bad)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: --demo-input {bad}:1: not valid JSON")
