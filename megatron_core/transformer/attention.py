@@ -1,0 +1,88 @@
+"""Self-attention with a fused QKV projection laid out per query group.
+
+The QKV weight stacks, for each key/value group g, the query heads of g, then g's key head, then
+g's value head: [q_g0 (heads/groups x d); k_g0 (d); v_g0 (d); q_g1; ...]. A contiguous TP split
+of the output features therefore hands each rank whole groups with their matching queries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megatron_core import parallel_state
+from megatron_core.tensor_parallel.random import checkpoint
+from megatron_core.tensor_parallel.utils import divide
+from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.enums import AttnMaskType
+from megatron_core.transformer.rope import apply_rotary_pos_emb
+from megatron_core.transformer.spec import build_module
+
+
+@dataclass
+class SelfAttentionSubmodules:
+    """Specs of the parts of self-attention (``q_layernorm``/``k_layernorm``: optional per-head norms)."""
+
+    linear_qkv: Any = None
+    core_attention: Any = None
+    linear_proj: Any = None
+    q_layernorm: Any = None
+    k_layernorm: Any = None
+
+
+class SelfAttention(torch.nn.Module):
+    """QKV projection (column-parallel), RoPE, core attention, output projection (row-parallel)."""
+
+    def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules, layer_number: int,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal,
+                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+        super().__init__()
+        ps = parallel_state.get_parallel_state(parallel_state_)
+        self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
+        tp = ps.tp_size
+        self.heads_per_rank = divide(config.num_attention_heads, tp, "num_attention_heads")
+        self.groups_per_rank = divide(config.num_query_groups, tp, "num_query_groups")
+        self.heads_per_group = config.num_attention_heads // config.num_query_groups
+        self.head_dim = config.kv_channels
+        self.selective_recompute = config.recompute_granularity == "selective"
+        name = f"decoder.layers.{layer_number - 1}.self_attention"
+        common = dict(sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
+                      parallel_state_=ps)
+        self.linear_qkv = build_module(
+            submodules.linear_qkv, config.hidden_size, config.query_projection_size + 2 * config.kv_projection_size,
+            bias=config.qkv_bias, gather_output=False, init_method=config.init_method(f"{name}.linear_qkv.weight"),
+            **common)
+        self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number,
+                                           attn_mask_type=attn_mask_type, parallel_state_=ps)
+        self.linear_proj = build_module(
+            submodules.linear_proj, config.query_projection_size, config.hidden_size, bias=config.add_bias_linear,
+            input_is_parallel=True, init_method=config.output_init_method(f"{name}.linear_proj.weight"), **common)
+        self.q_layernorm = build_module(submodules.q_layernorm, config=config, hidden_size=self.head_dim)
+        self.k_layernorm = build_module(submodules.k_layernorm, config=config, hidden_size=self.head_dim)
+        for param in [*self.q_layernorm.parameters(), *self.k_layernorm.parameters()]:
+            # Replicated over TP, but each rank normalises only its own heads: the gradient is partial
+            # whatever the sequence layout, so finalize_model_grads must sum it over TP.
+            param.sequence_parallel = tp > 1
+
+    def split_qkv(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[s, b, groups * (heads/groups + 2) * d] -> q [s, b, heads, d], k and v [s, b, groups, d]."""
+        s, b = mixed.shape[:2]
+        d, hpg = self.head_dim, self.heads_per_group
+        mixed = mixed.view(s, b, self.groups_per_rank, (hpg + 2) * d)
+        q, k, v = mixed.split([hpg * d, d, d], dim=-1)
+        return q.reshape(s, b, self.heads_per_rank, d), k, v
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                rotary_pos_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """[s, b, h] (sequence-split under SP) -> (output, bias or None) like the parallel linears."""
+        mixed, _ = self.linear_qkv(hidden_states)
+        q, k, v = self.split_qkv(mixed)
+        q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k = apply_rotary_pos_emb(q, rotary_pos_emb), apply_rotary_pos_emb(k, rotary_pos_emb)
+        if self.selective_recompute and self.training:
+            # Recompute the s^2 part in backward; the tracker states make dropout replay exactly.
+            context = checkpoint(self.core_attention, self.rng_tracker, q, k, v, attention_mask)
+        else:
+            context = self.core_attention(q, k, v, attention_mask)
+        return self.linear_proj(context)

@@ -1,0 +1,109 @@
+"""Core attention: softmax(q k^T / sqrt(d) + mask) v for one TP rank's heads.
+
+Two paths, chosen by ``TransformerConfig.attention_backend``: PyTorch's
+``scaled_dot_product_attention`` (``flash``; ``auto`` unless training with dropout on the CPU), and
+an explicit one that materialises the scores and normalises them with
+:class:`~megatron_core.fusions.FusedScaleMaskSoftmax` (``fused``/``unfused``/``local``), the place a
+fused softmax kernel plugs in. Attention dropout
+acts on activations split over TP, so it draws from the tracker's per-TP-rank stream.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_core import parallel_state
+from megatron_core.fusions.fused_dropout import dropout
+from megatron_core.fusions.fused_softmax import FusedScaleMaskSoftmax
+from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.enums import AttnBackend, AttnMaskType
+
+
+class DotProductAttention(torch.nn.Module):
+    """Causal (or explicitly masked) attention of q [s, b, heads, d] over k, v [s, b, groups, d]."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal,
+                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+        super().__init__()
+        ps = parallel_state.get_parallel_state(parallel_state_)
+        self.rng_tracker = ps.rng_tracker
+        self.config, self.layer_number = config, layer_number
+        self.causal = attn_mask_type == AttnMaskType.causal
+        self.scale = 1.0 / math.sqrt(config.kv_channels)
+        self.dropout_p = config.attention_dropout
+        self.backend = config.attn_backend
+        use_kernel = self.backend == AttnBackend.fused and config.masked_softmax_fusion
+        kernel_arg = {} if use_kernel else {"kernel": None}
+        self.scale_mask_softmax = FusedScaleMaskSoftmax(self.causal, config.attention_softmax_in_fp32, **kernel_arg)
+        self._bias, self._bias_key = None, None
+
+    def _dropout_rng(self):
+        if self.training and self.dropout_p > 0:
+            return self.rng_tracker.fork()
+        return contextlib.nullcontext()
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``attention_mask``: bool, broadcastable to [b, heads, sq, sk], True where attention is NOT
+        allowed (Megatron-LM's convention); None means causal. Returns [s, b, heads * d]."""
+        s, b, heads, d = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d] views
+        if self._use_sdpa(q):
+            ctx = self._sdpa(q, k, v, attention_mask)
+        else:
+            ctx = self._explicit(q, k, v, attention_mask)
+        return ctx.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+
+    def _use_sdpa(self, q: torch.Tensor) -> bool:
+        if not self.backend.uses_sdpa:
+            return False
+        # SDPA's CPU kernels have no dropout: with dropout on they fall back to a math path that is
+        # slower than the explicit one here (cheaper dropout mask, scale and mask folded into baddbmm).
+        return not (self.backend == AttnBackend.auto and q.device.type == "cpu" and self.training
+                    and self.dropout_p > 0)
+
+    def _sdpa(self, q, k, v, attention_mask):
+        p = self.dropout_p if self.training else 0.0
+        gqa = q.shape[1] != k.shape[1]
+        mask = None if attention_mask is None else ~attention_mask
+        causal = attention_mask is None and self.causal
+        with self._dropout_rng():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                                  scale=self.scale, enable_gqa=gqa)
+
+    def _explicit(self, q, k, v, attention_mask):
+        b, heads, s, d = q.shape
+        groups = heads // k.shape[1]
+        if groups > 1:
+            # Query head i uses key/value head i // groups (heads of one group are adjacent).
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # [b, n] merge into one batch dimension without a copy (the [s, b, n, d] layout allows it).
+        q3, k3, v3 = (t.reshape(b * heads, s, d) for t in (q, k, v))
+        if attention_mask is None and self.causal and self.scale_mask_softmax.kernel is None:
+            # Scale and causal mask folded into the score matmul: one pass over the s x s scores fewer.
+            scores = torch.baddbmm(self._causal_bias(s, q), q3, k3.transpose(1, 2), alpha=self.scale)
+            probs = self._softmax(scores)
+        else:
+            scores = torch.bmm(q3, k3.transpose(1, 2)).view(b, heads, s, s)
+            probs = self.scale_mask_softmax(scores, attention_mask, self.scale).view(b * heads, s, s)
+        if self.training and self.dropout_p > 0:
+            with self._dropout_rng():
+                probs = dropout(probs, self.dropout_p)
+        return torch.bmm(probs, v3).view(b, heads, s, d)
+
+    def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.config.attention_softmax_in_fp32 and scores.dtype != torch.float32:
+            return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        return torch.softmax(scores, dim=-1)
+
+    def _causal_bias(self, s: int, like: torch.Tensor) -> torch.Tensor:
+        """[s, s] additive mask: 0 on and below the diagonal, -inf above (cached per size/dtype/device)."""
+        key = (s, like.dtype, like.device)
+        if self._bias_key != key:
+            self._bias = torch.full((s, s), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
+            self._bias_key = key
+        return self._bias

@@ -1,0 +1,66 @@
+"""The feed-forward block: fc1 (column-parallel), activation, fc2 (row-parallel).
+
+Under SwiGLU fc1 holds [gate; up] and is split with stride 2, so every TP rank holds matching
+halves: rank r keeps gate rows r and up rows r of the same TP cut, and its activation is local.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_core import parallel_state
+from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.spec import build_module
+
+
+def _swiglu(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "swiglu": _swiglu, "silu": F.silu, "relu": F.relu}
+
+
+@dataclass
+class MLPSubmodules:
+    """Specs of the two projections."""
+
+    linear_fc1: Any = None
+    linear_fc2: Any = None
+
+
+class MLP(torch.nn.Module):
+    """h -> ffn (x2 when gated) -> activation -> h, split over TP along the ffn dimension."""
+
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, layer_number: int,
+                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+        super().__init__()
+        ps = parallel_state.get_parallel_state(parallel_state_)
+        self.config = config
+        name = f"decoder.layers.{layer_number - 1}.mlp"
+        gated = config.gated_linear_unit
+        common = dict(sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
+                      parallel_state_=ps)
+        self.linear_fc1 = build_module(
+            submodules.linear_fc1, config.hidden_size, config.ffn_hidden_size * (2 if gated else 1),
+            bias=config.add_bias_linear, gather_output=False, stride=2 if gated else 1,
+            init_method=config.init_method(f"{name}.linear_fc1.weight"), **common)
+        self.activation_func = ACTIVATIONS[config.activation]
+        self.linear_fc2 = build_module(
+            submodules.linear_fc2, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
+            input_is_parallel=True, init_method=config.output_init_method(f"{name}.linear_fc2.weight"), **common)
+
+    def forward(self, hidden_states: torch.Tensor):
+        """[s, b, h] -> (output, bias or None)."""
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias
+        return self.linear_fc2(self.activation_func(intermediate))

@@ -1,0 +1,79 @@
+"""The stack of transformer layers one (virtual) pipeline stage owns, plus the final norm on the last.
+
+Layers are numbered globally (``megatron_core.pipeline_parallel.layer_split``), so a stage's
+layers get the same seeded weights as the same layers of an unsplit model. Full recompute
+checkpoints groups of layers (``uniform``) or the first layers of the chunk (``block``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_core import parallel_state
+from megatron_core.fusions.fused_layer_norm import build_norm
+from megatron_core.pipeline_parallel.layer_split import layer_range
+from megatron_core.tensor_parallel.random import checkpoint
+from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.spec import ModuleSpec, build_module
+
+
+class TransformerBlock(torch.nn.Module):
+    """The layers of one pipeline chunk; the input comes from the embedding or ``set_input_tensor``."""
+
+    def __init__(self, config: TransformerConfig, spec: ModuleSpec, pre_process: bool = True,
+                 post_process: bool = True, parallel_state_: Optional[parallel_state.ParallelState] = None,
+                 vp_stage: Optional[int] = None) -> None:
+        super().__init__()
+        ps = parallel_state.get_parallel_state(parallel_state_)
+        self.config, self.rng_tracker = config, ps.rng_tracker
+        self.pre_process, self.post_process = pre_process, post_process
+        counts = config.layer_counts(ps.pp_size, ps.vpp_size)
+        self.layer_offset, count = layer_range(counts, ps.pp_size, ps.pp_rank, vp_stage)
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=self.layer_offset + i + 1, parallel_state_=ps)
+            for i in range(count))
+        self.final_layernorm = build_norm(config, config.hidden_size) if post_process else None
+        self.input_tensor: Optional[torch.Tensor] = None
+
+    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+        """The hidden states a non-first pipeline stage starts from (set by the schedule)."""
+        self.input_tensor = tensor
+
+    def _run(self, start: int, end: int):
+        def run(hidden, attention_mask, cos, sin):
+            rotary = None if cos is None else (cos, sin)
+            for layer in self.layers[start:end]:
+                hidden = layer(hidden, attention_mask, rotary)
+            return hidden
+        return run
+
+    def _checkpointed(self, hidden, attention_mask, cos, sin) -> torch.Tensor:
+        n, k = len(self.layers), self.config.recompute_num_layers
+        if self.config.recompute_method == "uniform":
+            for start in range(0, n, k):
+                hidden = checkpoint(self._run(start, min(start + k, n)), self.rng_tracker, hidden,
+                                    attention_mask, cos, sin)
+            return hidden
+        for i in range(n):  # block: the first k layers of the chunk are recomputed
+            if i < k:
+                hidden = checkpoint(self._run(i, i + 1), self.rng_tracker, hidden, attention_mask, cos, sin)
+            else:
+                hidden = self._run(i, i + 1)(hidden, attention_mask, cos, sin)
+        return hidden
+
+    def forward(self, hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor] = None,
+                rotary_pos_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """[s, b, h] -> [s, b, h]; on a non-first stage ``hidden_states`` is ignored for the input tensor."""
+        if not self.pre_process:
+            if self.input_tensor is None:
+                raise RuntimeError("this pipeline stage has no input: call set_input_tensor(tensor) before forward")
+            hidden_states = self.input_tensor
+        cos, sin = rotary_pos_emb if rotary_pos_emb is not None else (None, None)
+        if self.config.recompute_granularity == "full" and self.training and len(self.layers) > 0:
+            hidden_states = self._checkpointed(hidden_states, attention_mask, cos, sin)
+        else:
+            hidden_states = self._run(0, len(self.layers))(hidden_states, attention_mask, cos, sin)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states

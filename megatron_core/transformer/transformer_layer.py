@@ -1,0 +1,62 @@
+"""A pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)), with hidden dropout.
+
+Hidden dropout acts on the residual stream, which TP ranks hold identically, so it draws from the
+default RNG (the same mask on every TP rank); under sequence parallelism each rank holds different
+tokens and it draws from the tracker's per-TP-rank stream instead.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megatron_core import parallel_state
+from megatron_core.fusions.fused_dropout import dropout
+from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.spec import build_module
+
+
+@dataclass
+class TransformerLayerSubmodules:
+    """Specs of the four parts of a layer (None builds an identity)."""
+
+    input_layernorm: Any = None
+    self_attention: Any = None
+    pre_mlp_layernorm: Any = None
+    mlp: Any = None
+
+
+class TransformerLayer(torch.nn.Module):
+    """One transformer layer; ``layer_number`` is global and 1-based, as in Megatron-LM."""
+
+    def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int,
+                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+        super().__init__()
+        ps = parallel_state.get_parallel_state(parallel_state_)
+        self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
+        h = config.hidden_size
+        self.input_layernorm = build_module(submodules.input_layernorm, config=config, hidden_size=h)
+        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
+                                           parallel_state_=ps)
+        self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config, hidden_size=h)
+        self.mlp = build_module(submodules.mlp, config=config, layer_number=layer_number, parallel_state_=ps)
+
+    def _bias_dropout_add(self, out: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        if bias is not None:
+            out = out + bias
+        p = self.config.hidden_dropout
+        if self.training and p > 0:
+            rng = self.rng_tracker.fork() if self.config.sequence_parallel else contextlib.nullcontext()
+            with rng:
+                out = dropout(out, p)
+        return residual + out
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                rotary_pos_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """[s, b, h] -> [s, b, h] (s is this rank's sequence shard under sequence parallelism)."""
+        out, bias = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_pos_emb)
+        hidden_states = self._bias_dropout_add(out, bias, hidden_states)
+        out, bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        return self._bias_dropout_add(out, bias, hidden_states)

@@ -1,0 +1,1 @@
+"""Models built from ``megatron_core`` parts: GPT (GPT-2 and Llama shapes via presets)."""

@@ -1,0 +1,118 @@
+"""GPTModel: embedding, transformer block and output layer of one (virtual) pipeline stage.
+
+A stage builds only its part: the embedding on the first stage (``pre_process``), the final norm,
+output layer and loss on the last (``post_process``). With tied embeddings on a single stage the
+output layer uses the word embedding Parameter itself; on separate first and last stages the last
+stage holds its own copy, drawn from the same seed and marked ``shared_embedding`` so that
+``finalize_model_grads`` sums the two gradients.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from megatron_core import parallel_state
+from megatron_core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_core.tensor_parallel.layers import ColumnParallelLinear
+from megatron_core.tensor_parallel.utils import pad_vocab_size
+from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.init import skip_init
+from megatron_core.transformer.layer_specs import get_gpt_layer_spec
+from megatron_core.transformer.rope import RotaryEmbedding
+from megatron_core.transformer.spec import ModuleSpec
+from megatron_core.transformer.transformer_block import TransformerBlock
+from models.gpt.embedding import WORD_EMBEDDINGS, LanguageModelEmbedding
+
+
+class GPTModel(torch.nn.Module):
+    """Decoder-only language model chunk; activations inside are [sequence, batch, hidden]."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
+                 pre_process: bool = True, post_process: bool = True,
+                 share_embeddings_and_output_weights: Optional[bool] = None,
+                 parallel_state_: Optional[parallel_state.ParallelState] = None, vp_stage: Optional[int] = None,
+                 transformer_layer_spec: Optional[ModuleSpec] = None, make_vocab_size_divisible_by: int = 128) -> None:
+        super().__init__()
+        ps = parallel_state.get_parallel_state(parallel_state_)
+        config.validate_parallel(ps.tp_size, ps.pp_size, ps.vpp_size)
+        self.config, self.parallel_state, self.vp_stage = config, ps, vp_stage
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vocab_size, self.max_sequence_length = vocab_size, max_sequence_length
+        # Idempotent: a vocabulary already padded by the caller stays as it is.
+        self.padded_vocab_size = pad_vocab_size(vocab_size, make_vocab_size_divisible_by, ps.tp_size)
+        tied = config.share_embeddings_and_output_weights if share_embeddings_and_output_weights is None \
+            else share_embeddings_and_output_weights
+        self.share_embeddings_and_output_weights = tied
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config, self.padded_vocab_size, max_sequence_length, ps)
+            if tied and not post_process:
+                self.embedding.word_embeddings.weight.shared_embedding = True
+        self.rotary_pos_emb = (RotaryEmbedding(config.rotary_dim, config.rotary_base)
+                               if config.position_embedding_type == "rope" else None)
+        self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(),
+                                        pre_process=pre_process, post_process=post_process, parallel_state_=ps,
+                                        vp_stage=vp_stage)
+        if post_process:
+            self._build_output_layer(ps, tied)
+
+    def _build_output_layer(self, ps: parallel_state.ParallelState, tied: bool) -> None:
+        config = self.config
+        same_param = tied and self.pre_process
+        # Tied on another stage: the same seeded draw as the word embedding, so both start equal.
+        init = skip_init if same_param else config.init_method(WORD_EMBEDDINGS if tied else "output_layer.weight")
+        self.output_layer = ColumnParallelLinear(
+            config.hidden_size, self.padded_vocab_size, bias=False, gather_output=False, init_method=init,
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, parallel_state_=ps)
+        if same_param:
+            self.output_layer.weight = None  # forward passes the word embedding Parameter instead
+        elif tied:
+            self.output_layer.weight.shared_embedding = True
+
+    def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
+        """The word embedding on the first stage, else the output layer's weight (None without either)."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.post_process:
+            return self.output_layer.weight
+        return None
+
+    def set_input_tensor(self, input_tensor: Union[torch.Tensor, list, None]) -> None:
+        """A non-first stage's input [s, b, h] (a one-element list is accepted, as Megatron-LM passes it)."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"GPTModel takes one input tensor, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token loss [b, s] (with ``labels``) or logits [b, s, padded_vocab / TP] on the last stage,
+        hidden states [s, b, h] elsewhere. ``attention_mask``: bool [b or 1, 1, s, s], True = masked;
+        None means causal."""
+        hidden = self.embedding(input_ids, position_ids) if self.pre_process else None
+        rotary = None
+        if self.rotary_pos_emb is not None:
+            if position_ids is None:
+                if input_ids is None:
+                    raise ValueError("RoPE needs position_ids on a pipeline stage that gets no input_ids")
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            rotary = self.rotary_pos_emb(position_ids)
+        hidden = self.decoder(hidden, attention_mask, rotary)
+        if not self.post_process:
+            return hidden
+        weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V / TP]
+        if labels is None:
+            return logits.transpose(0, 1)  # a view: call .contiguous() before .view()
+        return self._per_token_loss(logits, labels.t().contiguous()).t().contiguous()
+
+    def _per_token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """fp32 cross entropy of [s, b, V / TP] logits against [s, b] labels (-100: ignored, loss 0)."""
+        if self.parallel_state.tp_size > 1:
+            return vocab_parallel_cross_entropy(logits, labels, self.parallel_state.tp_group)
+        # One TP rank holds the whole vocabulary: torch's fused log-softmax + NLL is the same loss, faster.
+        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
+        return flat.view_as(labels)

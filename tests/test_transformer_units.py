@@ -1,0 +1,180 @@
+"""Unit checks of the transformer parts: config validation, specs, RoPE, core attention, norms."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from equivalence import assert_rel_close
+from harness import run_distributed
+from megatron_core import parallel_state
+from megatron_core.fusions import LayerNorm, RMSNorm, dropout, scaled_masked_softmax
+from megatron_core.transformer import (
+    MLP,
+    ConfigError,
+    DotProductAttention,
+    ModuleSpec,
+    RotaryEmbedding,
+    TransformerConfig,
+    apply_rotary_pos_emb,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_spec,
+    get_gpt_layer_te_spec,
+)
+from megatron_core.transformer import te_spec
+from models.gpt import GPTModel
+from models.presets import llama_config
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_attention_heads=4, num_query_groups=3), r"num_query_groups \(3\) must divide num_attention_heads \(4\)"),
+    (dict(hidden_size=66, num_attention_heads=4), r"hidden_size \(66\).*set kv_channels"),
+    (dict(activation="gelu_fast"), "activation='gelu_fast' is not one of"),
+    (dict(normalization="BatchNorm"), "normalization='BatchNorm'"),
+    (dict(position_embedding_type="rope", rotary_percent=1.5), r"rotary_percent must be in \(0, 1\]"),
+    (dict(recompute_granularity="full"), "needs recompute_method 'uniform' or 'block'"),
+    (dict(recompute_granularity="full", recompute_method="uniform"), "needs recompute_num_layers"),
+    (dict(recompute_method="block"), "apply only with recompute_granularity='full'"),
+    (dict(hidden_dropout=1.0), r"hidden_dropout must be in \[0, 1\)"),
+    (dict(attention_backend="flash3"), "attention_backend='flash3' is not one of"),
+])
+def test_config_errors_name_the_fields(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        TransformerConfig(**kwargs)
+
+
+def test_parallel_validation_and_round_trip():
+    config = TransformerConfig(num_layers=4, num_attention_heads=4, num_query_groups=2, params_dtype=torch.bfloat16)
+    config.validate_parallel(2, 2)
+    with pytest.raises(ConfigError, match=r"num_query_groups \(2\) is not divisible by --tensor-model-parallel-size \(4\)"):
+        config.validate_parallel(4)
+    with pytest.raises(ValueError, match="--num-layers 4 does not split evenly"):
+        config.validate_parallel(1, 3)
+    with pytest.raises(ConfigError, match="sequence_parallel=True needs"):
+        TransformerConfig(sequence_parallel=True).validate_parallel(1)
+    saved = config.to_dict()
+    assert saved["params_dtype"] == "bfloat16" and all(not isinstance(v, torch.dtype) for v in saved.values())
+    assert TransformerConfig.from_dict(saved) == config
+    with pytest.raises(ConfigError, match=r"unknown TransformerConfig fields \['nope'\]"):
+        TransformerConfig.from_dict({**saved, "nope": 1})
+
+
+def test_transformer_engine_absence_is_handled():
+    assert not te_spec.HAVE_TE  # cannot be installed on the development machine
+    with pytest.raises(ImportError, match="needs transformer_engine"):
+        get_gpt_layer_te_spec()
+    assert get_gpt_layer_spec().module is get_gpt_layer_local_spec().module
+
+
+def test_rope_encodes_relative_positions():
+    """<R(p) q, R(p') k> depends only on p - p'; channels beyond the rotary fraction pass through."""
+    rope = RotaryEmbedding(rotary_dim=8, base=10000.0)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 12, generator=g), torch.randn(1, 1, 1, 12, generator=g)
+
+    def dot(p, p2):
+        qr = apply_rotary_pos_emb(q, rope(torch.tensor([[p]])))
+        kr = apply_rotary_pos_emb(k, rope(torch.tensor([[p2]])))
+        assert torch.equal(qr[..., 8:], q[..., 8:])
+        assert torch.allclose(qr.norm(), q.norm(), atol=1e-6)
+        return (qr[..., :8] * kr[..., :8]).sum()
+
+    assert torch.allclose(dot(3, 1), dot(12, 10), atol=1e-5)
+    assert not torch.allclose(dot(3, 1), dot(3, 2), atol=1e-3)
+
+
+def _naive_attention(q, k, v, mask):
+    """Loop over heads; query head i reads key/value head i // (heads / groups)."""
+    s, b, heads, d = q.shape
+    per_group = heads // k.shape[2]
+    out = torch.empty(s, b, heads, d)
+    for i in range(heads):
+        scores = torch.einsum("sbd,tbd->bst", q[:, :, i], k[:, :, i // per_group]) / math.sqrt(d)
+        scores = scores.masked_fill(mask[:, 0], float("-inf"))
+        out[:, :, i] = torch.einsum("bst,tbd->sbd", scores.softmax(-1), v[:, :, i // per_group])
+    return out.reshape(s, b, heads * d)
+
+
+def _attention(backend, explicit_mask):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config = TransformerConfig(hidden_size=32, num_attention_heads=4, num_query_groups=2, attention_backend=backend)
+    attn = DotProductAttention(config, layer_number=1, parallel_state_=ps).eval()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(8, 2, 4, 8, generator=g), torch.randn(8, 2, 2, 8, generator=g), torch.randn(8, 2, 2, 8, generator=g)
+    causal = torch.ones(8, 8, dtype=torch.bool).triu(1).expand(2, 1, 8, 8).clone()
+    mask = causal.clone()
+    if explicit_mask:  # two documents per sample: no attention across the boundary at position 4
+        mask[:, :, 4:, :4] = True
+    return attn(q, k, v, mask if explicit_mask else None), _naive_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("backend", ["auto", "unfused", "fused"])
+@pytest.mark.parametrize("explicit_mask", [False, True])
+def test_core_attention_paths_match_naive_gqa(backend, explicit_mask):
+    (out, ref), = run_distributed(_attention, 1, backend, explicit_mask, timeout=60)
+    assert_rel_close(out, ref, what=f"{backend} attention")
+
+
+def test_scaled_masked_softmax_and_norms():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 4, 4, generator=g).to(torch.bfloat16)
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., 0, :] = True  # a fully masked row must give a uniform row, not NaN
+    probs = scaled_masked_softmax(x, mask, 0.5, softmax_in_fp32=True)
+    assert probs.dtype == torch.bfloat16
+    assert torch.equal(probs[..., 0, :].float(), torch.full((2, 3, 4), 0.25))
+    assert_rel_close(probs[..., 1:, :].float(), torch.softmax(x[..., 1:, :].float() * 0.5, -1), tol=1e-2)
+
+    h = torch.randn(5, 16, generator=g)
+    rms = RMSNorm(16, eps=1e-6, sequence_parallel=True)
+    ln = LayerNorm(16, eps=1e-5)
+    with torch.no_grad():
+        rms.weight.uniform_(0.5, 1.5, generator=g)
+    assert rms.weight.sequence_parallel and not ln.weight.sequence_parallel
+    assert_rel_close(rms(h), h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * rms.weight, what="RMSNorm")
+    centred = h - h.mean(-1, keepdim=True)
+    assert_rel_close(ln(h), centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5), what="LayerNorm")
+
+
+class _DoubleMLP(MLP):
+    """A new architecture by subclassing one part: the MLP output is doubled."""
+
+    def forward(self, hidden_states):
+        out, bias = super().forward(hidden_states)
+        return 2 * out, None if bias is None else 2 * bias
+
+
+def _custom_spec():
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config = llama_config(2, 32, 4, num_query_groups=2, ffn_hidden_size=64)
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.mlp = ModuleSpec(module=_DoubleMLP, submodules=spec.submodules.mlp.submodules)
+    custom = GPTModel(config, 64, 16, parallel_state_=ps, transformer_layer_spec=spec, make_vocab_size_divisible_by=8)
+    plain = GPTModel(config, 64, 16, parallel_state_=ps, make_vocab_size_divisible_by=8)
+    ids = torch.arange(32).view(2, 16) % 64
+    assert all(type(layer.mlp) is _DoubleMLP for layer in custom.decoder.layers)
+    # Same seeded weights (the spec changes behaviour, not parameters), different outputs.
+    assert all(torch.equal(a, b) for a, b in zip(custom.state_dict().values(), plain.state_dict().values()))
+    return (custom(ids) - plain(ids)).abs().max().item()
+
+
+def test_spec_swaps_a_submodule():
+    diff, = run_distributed(_custom_spec, 1, timeout=60)
+    assert diff > 1e-3
+
+
+def test_cpu_dropout_is_unbiased_and_replayable():
+    x = torch.ones(1 << 20, requires_grad=True)
+    torch.manual_seed(0)
+    out = dropout(x, 0.1)
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - 0.1) < 2e-3, f"drop rate {dropped}"
+    scale = out.max().item()
+    assert torch.all((out == 0) | (out == scale)) and abs(scale * (1 - round(0.1 * 2 ** 15) / 2 ** 15) - 1) < 1e-6
+    assert abs(out.mean().item() - 1.0) < 3e-3
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(g)
+    assert torch.equal(x.grad, g * (out.detach() != 0) * scale)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.1), out), "the same RNG state must give the same mask"
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Hugging Face directories and the Megatron-LM legacy layout."""

@@ -1,0 +1,108 @@
+"""Read and write model-only checkpoints in Megatron-LM's legacy layout (docs/design.md).
+
+``{dir}/latest_checkpointed_iteration.txt`` and ``{dir}/iter_NNNNNNN/mp_rank_TT[_PPP]/model_optim_rng.pt``,
+each file holding ``model`` (or ``model0``, ``model1``, ... per virtual stage), ``config``,
+``model_info``, ``iteration`` and ``checkpoint_version``: what ``pretrain_gpt.py --load`` or
+``--finetune`` reads to rebuild and fill the model.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Optional
+
+import torch
+
+from megatron_core.tensor_parallel.utils import pad_vocab_size
+from megatron_core.training import checkpoint_io as io
+from megatron_core.transformer.config import TransformerConfig
+from tools.checkpoint.sharding import chunk_keys, merge_chunks, merge_tp_shards, tp_shards
+
+CHECKPOINT_VERSION = 3.0
+
+
+def make_model_info(config: TransformerConfig, vocab_size: int, max_position_embeddings: int, tp: int, pp: int,
+                    vpp: Optional[int], make_vocab_size_divisible_by: int, **extra: Any) -> dict[str, Any]:
+    """The ``model_info`` entry, with the keys ``megatron_core.training`` compares on load."""
+    return {"vocab_size": vocab_size,
+            "padded_vocab_size": pad_vocab_size(vocab_size, make_vocab_size_divisible_by, tp),
+            "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+            "seq_length": max_position_embeddings, "max_position_embeddings": max_position_embeddings,
+            "position_embedding_type": config.position_embedding_type,
+            "share_embeddings_and_output_weights": config.share_embeddings_and_output_weights,
+            "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "virtual_pipeline_model_parallel_size": vpp, **extra}
+
+
+def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: dict[str, Any],
+                         full: dict[str, torch.Tensor], iteration: int = 1) -> str:
+    """Shard ``full`` (TP = 1, PP = 1, true vocabulary) over the TP/PP sizes in ``model_info`` and write
+    every rank's file; returns the iteration directory. The tracker is written last."""
+    tp, pp = model_info["tensor_model_parallel_size"], model_info["pipeline_model_parallel_size"]
+    vpp = model_info.get("virtual_pipeline_model_parallel_size")
+    config.validate_parallel(tp, pp, vpp)
+    tied = config.share_embeddings_and_output_weights
+    final_dir = io.iteration_dir(save_dir, iteration)
+    tmp_dir = final_dir + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    for pp_rank in range(pp):
+        stages = [None] if vpp is None else list(range(vpp))
+        chunks = [chunk_keys(full, config, pp, vpp, pp_rank, vp, tied) for vp in stages]
+        per_tp = [tp_shards(chunk, config, tp, model_info["vocab_size"], model_info["make_vocab_size_divisible_by"])
+                  for chunk in chunks]
+        for tp_rank in range(tp):
+            state: dict[str, Any] = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+                                     "config": config.to_dict(), "model_info": dict(model_info)}
+            keys = ["model"] if vpp is None else [f"model{v}" for v in stages]
+            for key, shards in zip(keys, per_tp):
+                state[key] = shards[tp_rank]
+            io.save_file(state, os.path.join(tmp_dir, io.mp_rank_name(tp_rank, pp_rank, pp), io.MODEL_FILENAME))
+    io.publish_dir(tmp_dir, final_dir)
+    io.write_text_atomic(os.path.join(save_dir, io.TRACKER_FILENAME), str(iteration))
+    return final_dir
+
+
+def _iteration_dir(load_dir: str, iteration: Optional[int]) -> str:
+    if not os.path.isdir(load_dir):
+        raise FileNotFoundError(f"--load-dir {load_dir} does not exist")
+    if iteration is None:
+        iteration = io.read_tracker(load_dir)
+        if iteration is None:
+            raise FileNotFoundError(f"--load-dir {load_dir} has no {io.TRACKER_FILENAME}: not a Megatron checkpoint "
+                                    f"directory (for a Hugging Face directory use --loader hf)")
+    path = io.existing_iteration_dir(load_dir, iteration)
+    if path is None:
+        raise FileNotFoundError(f"--load-dir {load_dir}: {io.TRACKER_FILENAME} names iteration {iteration} but "
+                                f"{io.iteration_dir(load_dir, iteration)} does not exist")
+    return path
+
+
+def load_core_checkpoint(load_dir: str, iteration: Optional[int] = None
+                         ) -> tuple[TransformerConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, model_info, full state dict)`` merged from every TP/PP rank's file."""
+    path = _iteration_dir(load_dir, iteration)
+    first = os.path.join(path, io.mp_rank_name(0, 0, 1), io.MODEL_FILENAME)
+    if not os.path.isfile(first):
+        first = os.path.join(path, io.mp_rank_name(0, 0, 2), io.MODEL_FILENAME)
+    if not os.path.isfile(first):
+        raise FileNotFoundError(f"{path} has neither mp_rank_00/ nor mp_rank_00_000/{io.MODEL_FILENAME}")
+    head = io.load_file(first)
+    if "config" not in head or "model_info" not in head:
+        raise ValueError(f"{first} has no 'config' / 'model_info' entries; it was not written by this framework")
+    info = head["model_info"]
+    config = TransformerConfig.from_dict(head["config"])
+    tp, pp = info["tensor_model_parallel_size"], info["pipeline_model_parallel_size"]
+    vpp = info.get("virtual_pipeline_model_parallel_size")
+    vocab = info.get("vocab_size") or info["padded_vocab_size"]
+    chunks: dict[int, dict[str, torch.Tensor]] = {}
+    for pp_rank in range(pp):
+        files = [io.load_file(os.path.join(path, io.mp_rank_name(t, pp_rank, pp), io.MODEL_FILENAME))
+                 for t in range(tp)]
+        stages = [None] if vpp is None else list(range(vpp))
+        for vp in stages:
+            key = "model" if vp is None else f"model{vp}"
+            missing = [t for t, f in enumerate(files) if key not in f]
+            if missing:
+                raise KeyError(f"{path}: TP ranks {missing} of pipeline rank {pp_rank} have no {key!r} entry")
+            chunks[(vp or 0) * pp + pp_rank] = merge_tp_shards([f[key] for f in files], config, vocab)
+    return config, info, merge_chunks(chunks, config, pp, vpp, config.share_embeddings_and_output_weights)

@@ -1,0 +1,58 @@
+"""Read and write Hugging Face model directories (``config.json`` plus safetensors or torch weights)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _load_weight_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file  # noqa: PLC0415
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_hf_config(path: str) -> Any:
+    """The ``transformers`` config of a ``save_pretrained`` directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--load-dir {path} is not a directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--load-dir {path} has no config.json: not a Hugging Face model directory "
+                                f"(for a Megatron checkpoint use --loader core)")
+    from transformers import AutoConfig  # noqa: PLC0415
+    return AutoConfig.from_pretrained(path)
+
+
+def load_hf_state(path: str) -> dict[str, torch.Tensor]:
+    """The weights of a ``save_pretrained`` directory (safetensors or torch, sharded or not)."""
+    for name in _WEIGHT_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        if not name.endswith(".index.json"):
+            return _load_weight_file(file)
+        with open(file) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            shard_path = os.path.join(path, shard)
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(f"{file} lists {shard}, which is missing from --load-dir {path}")
+            state.update(_load_weight_file(shard_path))
+        return state
+    raise FileNotFoundError(f"--load-dir {path} has none of {', '.join(_WEIGHT_FILES)}")
+
+
+def save_hf_dir(path: str, hf_config: Any, state: dict[str, torch.Tensor]) -> None:
+    """Write ``config.json`` and ``model.safetensors`` that ``from_pretrained`` loads."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+    os.makedirs(path, exist_ok=True)
+    hf_config.save_pretrained(path)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})

@@ -1,0 +1,146 @@
+"""LlamaForCausalLM <-> GPTModel weights and configs.
+
+Hugging Face's q/k projections are stored for the rotate-half RoPE convention, which is the one
+``megatron_core.transformer.rope`` implements, so they are copied as they are. The separate q/k/v
+projections are interleaved per query group into our fused QKV weight, and gate/up are stacked
+into fc1 as [gate; up].
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_core.transformer.config import TransformerConfig
+from tools.checkpoint.hf_errors import UnsupportedModel
+
+ARCHITECTURE = "LlamaForCausalLM"
+
+
+def _rope_theta(hf: Any) -> float:
+    params = getattr(hf, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    scaling = getattr(hf, "rope_scaling", None)
+    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+        raise UnsupportedModel(f"Llama RoPE scaling {params or scaling} is not supported (only the default RoPE)")
+    return float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: Any) -> tuple[TransformerConfig, int, int]:
+    """``(TransformerConfig, vocab_size, max_position_embeddings)`` of a LlamaConfig."""
+    if hf.hidden_act != "silu":
+        raise UnsupportedModel(f"Llama hidden_act={hf.hidden_act!r} is not supported (only 'silu' / SwiGLU)")
+    attention_bias, mlp_bias = bool(getattr(hf, "attention_bias", False)), bool(getattr(hf, "mlp_bias", False))
+    if attention_bias != mlp_bias:
+        raise UnsupportedModel(f"Llama with attention_bias={attention_bias} and mlp_bias={mlp_bias} is not "
+                               f"supported: biases are all on or all off (add_bias_linear)")
+    if getattr(hf, "pretraining_tp", 1) not in (None, 1):
+        raise UnsupportedModel(f"Llama pretraining_tp={hf.pretraining_tp} is not supported (use 1)")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    config = TransformerConfig(
+        num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, num_attention_heads=hf.num_attention_heads,
+        num_query_groups=hf.num_key_value_heads or hf.num_attention_heads, kv_channels=head_dim,
+        ffn_hidden_size=hf.intermediate_size, normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps,
+        activation="swiglu", add_bias_linear=attention_bias, position_embedding_type="rope",
+        rotary_base=_rope_theta(hf), rotary_percent=1.0,
+        share_embeddings_and_output_weights=bool(getattr(hf, "tie_word_embeddings", False)),
+        hidden_dropout=0.0, attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
+        init_method_std=hf.initializer_range)
+    return config, hf.vocab_size, hf.max_position_embeddings
+
+
+def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embeddings: int) -> Any:
+    """The LlamaConfig of a Llama-shaped TransformerConfig (clear error for anything Llama cannot hold)."""
+    from transformers import LlamaConfig  # noqa: PLC0415
+    problems = []
+    if config.normalization != "RMSNorm":
+        problems.append(f"normalization={config.normalization}")
+    if config.activation != "swiglu":
+        problems.append(f"activation={config.activation}")
+    if config.position_embedding_type != "rope" or config.rotary_percent != 1.0:
+        problems.append(f"position_embedding_type={config.position_embedding_type} rotary_percent={config.rotary_percent}")
+    if config.add_qkv_bias and not config.add_bias_linear:
+        problems.append("add_qkv_bias without add_bias_linear")
+    if problems:
+        raise UnsupportedModel(f"LlamaForCausalLM cannot hold a model with {', '.join(problems)}")
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels, hidden_act="silu",
+        max_position_embeddings=max_position_embeddings, initializer_range=config.init_method_std,
+        rms_norm_eps=config.layernorm_epsilon, tie_word_embeddings=config.share_embeddings_and_output_weights,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
+        attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear,
+        attention_dropout=config.attention_dropout, architectures=[ARCHITECTURE])
+
+
+def _qkv_to_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
+    """Separate [heads * d, ...], [groups * d, ...] x2 -> per group [q heads of g; k_g; v_g]."""
+    g, d = config.num_query_groups, config.kv_channels
+    rest = q.shape[1:]
+    q = q.reshape(g, -1, *rest)
+    k, v = k.reshape(g, d, *rest), v.reshape(g, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest).contiguous()
+
+
+def _qkv_to_hf(qkv: torch.Tensor, config: TransformerConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, d = config.num_query_groups, config.kv_channels
+    per_group = config.num_attention_heads // g * d
+    rest = qkv.shape[1:]
+    q, k, v = qkv.reshape(g, per_group + 2 * d, *rest).split([per_group, d, d], dim=1)
+    return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(), v.reshape(-1, *rest).contiguous())
+
+
+def state_to_core(hf: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """Full GPTModel state dict from a LlamaForCausalLM state dict."""
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    bias = config.add_bias_linear
+    for i in range(config.num_layers):
+        h, c = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[f"{c}input_layernorm.weight"] = hf[f"{h}input_layernorm.weight"]
+        out[f"{c}pre_mlp_layernorm.weight"] = hf[f"{h}post_attention_layernorm.weight"]
+        a = f"{h}self_attn."
+        out[f"{c}self_attention.linear_qkv.weight"] = _qkv_to_core(
+            hf[f"{a}q_proj.weight"], hf[f"{a}k_proj.weight"], hf[f"{a}v_proj.weight"], config)
+        out[f"{c}self_attention.linear_proj.weight"] = hf[f"{a}o_proj.weight"]
+        m = f"{h}mlp."
+        out[f"{c}mlp.linear_fc1.weight"] = torch.cat([hf[f"{m}gate_proj.weight"], hf[f"{m}up_proj.weight"]])
+        out[f"{c}mlp.linear_fc2.weight"] = hf[f"{m}down_proj.weight"]
+        if bias:
+            out[f"{c}self_attention.linear_qkv.bias"] = _qkv_to_core(
+                hf[f"{a}q_proj.bias"], hf[f"{a}k_proj.bias"], hf[f"{a}v_proj.bias"], config)
+            out[f"{c}self_attention.linear_proj.bias"] = hf[f"{a}o_proj.bias"]
+            out[f"{c}mlp.linear_fc1.bias"] = torch.cat([hf[f"{m}gate_proj.bias"], hf[f"{m}up_proj.bias"]])
+            out[f"{c}mlp.linear_fc2.bias"] = hf[f"{m}down_proj.bias"]
+    if not config.share_embeddings_and_output_weights:
+        out["output_layer.weight"] = hf["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def state_to_hf(core: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM state dict (tied ``lm_head`` left out, as ``save_pretrained`` does)."""
+    out = {"model.embed_tokens.weight": core["embedding.word_embeddings.weight"],
+           "model.norm.weight": core["decoder.final_layernorm.weight"]}
+    bias = config.add_bias_linear
+    for i in range(config.num_layers):
+        h, c = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[f"{h}input_layernorm.weight"] = core[f"{c}input_layernorm.weight"]
+        out[f"{h}post_attention_layernorm.weight"] = core[f"{c}pre_mlp_layernorm.weight"]
+        a, m = f"{h}self_attn.", f"{h}mlp."
+        q, k, v = _qkv_to_hf(core[f"{c}self_attention.linear_qkv.weight"], config)
+        out[f"{a}q_proj.weight"], out[f"{a}k_proj.weight"], out[f"{a}v_proj.weight"] = q, k, v
+        out[f"{a}o_proj.weight"] = core[f"{c}self_attention.linear_proj.weight"]
+        gate, up = core[f"{c}mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[f"{m}gate_proj.weight"], out[f"{m}up_proj.weight"] = gate, up
+        out[f"{m}down_proj.weight"] = core[f"{c}mlp.linear_fc2.weight"]
+        if bias:
+            q, k, v = _qkv_to_hf(core[f"{c}self_attention.linear_qkv.bias"], config)
+            out[f"{a}q_proj.bias"], out[f"{a}k_proj.bias"], out[f"{a}v_proj.bias"] = q, k, v
+            out[f"{a}o_proj.bias"] = core[f"{c}self_attention.linear_proj.bias"]
+            gate, up = core[f"{c}mlp.linear_fc1.bias"].chunk(2, dim=0)
+            out[f"{m}gate_proj.bias"], out[f"{m}up_proj.bias"] = gate, up
+            out[f"{m}down_proj.bias"] = core[f"{c}mlp.linear_fc2.bias"]
+    if not config.share_embeddings_and_output_weights:
+        out["lm_head.weight"] = core["output_layer.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
