@@ -37,7 +37,9 @@ def model_provider(config: Any, padded_vocab_size: int, ps: ParallelState, *,
     """This rank's GPT model chunks (one per virtual pipeline stage)."""
     from models.gpt import build_gpt_model_chunks
 
-    return build_gpt_model_chunks(config, padded_vocab_size, max_sequence_length, ps)
+    # The vocabulary is already padded by --make-vocab-size-divisible-by x TP; don't pad it again.
+    return build_gpt_model_chunks(config, padded_vocab_size, max_sequence_length, ps,
+                                  make_vocab_size_divisible_by=1)
 
 
 def get_batch(data_iterator: Optional[Any], seq_length: int, micro_batch_size: int) -> dict[str, Optional[torch.Tensor]]:

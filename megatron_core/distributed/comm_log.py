@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
+
 # Elements a rank moves per element of the full tensor in a ring implementation, as the ZeRO
 # paper counts them (it ignores the (N-1)/N factor): all-reduce = reduce-scatter + all-gather.
 PAPER_VOLUME = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0, "broadcast": 1.0}
@@ -95,14 +97,14 @@ def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op:
                    log: Optional[CommLog] = None, tag: str = ""):
     """Sum the flat ``full`` over ``group``; rank i receives chunk i in ``output``."""
     _log(log, "reduce_scatter", full, group, tag)
-    return dist.reduce_scatter_single(output, full, group=group, async_op=async_op)
+    return reduce_scatter_flat(output, full, group, async_op=async_op)
 
 
 def all_gather(full: torch.Tensor, shard: torch.Tensor, group, *, async_op: bool = False,
                log: Optional[CommLog] = None, tag: str = ""):
     """Concatenate every rank's flat ``shard`` into the flat ``full`` (gloo wants 1-D tensors)."""
     _log(log, "all_gather", full, group, tag)
-    return dist.all_gather_single(full, shard, group=group, async_op=async_op)
+    return all_gather_flat(full, shard, group, async_op=async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group, *, log: Optional[CommLog] = None, tag: str = "") -> None:

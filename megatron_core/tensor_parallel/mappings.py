@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
+
 
 def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -40,9 +42,9 @@ def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
     if world == 1:
         return x
     x = x.contiguous()
-    # gloo wants a flat output for all_gather_into_tensor; view the pieces afterwards.
+    # gloo wants a flat output for the all-gather; view the pieces afterwards.
     flat = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(flat, x.view(-1), group=group)
+    all_gather_flat(flat, x.view(-1), group)
     return torch.cat(flat.view(world, *x.shape).unbind(0), dim=-1)
 
 
@@ -62,7 +64,7 @@ def _gather_first(x: torch.Tensor, group) -> torch.Tensor:
         return x
     x = x.contiguous()
     flat = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(flat, x.view(-1), group=group)
+    all_gather_flat(flat, x.view(-1), group)
     return flat.view(world * x.shape[0], *x.shape[1:])
 
 
@@ -75,7 +77,7 @@ def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
                          f"size {world} (required by sequence parallelism)")
     x = x.contiguous()
     out = torch.empty(x.numel() // world, dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.view(-1), group=group)
+    reduce_scatter_flat(out, x.view(-1), group)
     return out.view(x.shape[0] // world, *x.shape[1:])
 
 
