@@ -13,8 +13,8 @@ from equivalence import assert_rel_close
 from harness import run_distributed
 from megatron_core import parallel_state
 from megatron_core.distributed import CommLog, DistributedDataParallel, DistributedDataParallelConfig
-from test_ddp_toy_model import ToyConfig, build_toy_chunks, global_parameters, loss_func, microbatches
-from test_ddp_common import MICRO_BATCH, compare, serial_reference, train
+from ddp_toy_model import ToyConfig, build_toy_chunks, global_parameters, loss_func, microbatches
+from ddp_common import MICRO_BATCH, compare, serial_reference, train
 
 STEPS, MICROBATCHES = 5, 2
 STAGES = {"zero0": {"zero_stage": 0}, "zero1": {"zero_stage": 1}, "zero2": {"zero_stage": 2},

@@ -15,7 +15,7 @@ import torch
 from harness import run_distributed
 from models.gpt import build_gpt_model_chunks
 from models.presets import gpt2_config, llama_config
-from test_ddp_common import compare, serial_reference, train
+from ddp_common import compare, serial_reference, train
 
 VOCAB, SEQ, STEPS, MICROBATCHES = 64, 16, 4, 2
 # Attention is invariant to the key bias, so its gradient is rounding noise (~1e-10); with Adam's
@@ -31,7 +31,7 @@ def _loss_func(loss_mask, per_token_loss):
 
 @dataclasses.dataclass
 class GPTSpec:
-    """The model interface test_ddp_common drives, for ``models.gpt``."""
+    """The model interface ddp_common drives, for ``models.gpt``."""
 
     preset: str
     sequence_parallel: bool = False

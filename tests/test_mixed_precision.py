@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from harness import run_distributed
-from test_ddp_toy_model import ToyConfig
-from test_ddp_common import build, result_of, serial_reference, train_step
+from ddp_toy_model import ToyConfig
+from ddp_common import build, result_of, serial_reference, train_step
 
 STEPS, MICROBATCHES = 5, 2
 CONFIG = ToyConfig(num_layers=2)

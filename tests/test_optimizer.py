@@ -13,8 +13,8 @@ from megatron_core.optimizer import (
     get_megatron_optimizer,
 )
 from megatron_core.optimizer.optimizer import make_grad_scaler
-from test_ddp_toy_model import ToyConfig, build_toy_chunks
-from test_ddp_common import compare, serial_reference, train
+from ddp_toy_model import ToyConfig, build_toy_chunks
+from ddp_common import compare, serial_reference, train
 
 
 # ---- loss scaling -----------------------------------------------------------------------------

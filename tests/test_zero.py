@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from harness import run_distributed
-from test_ddp_toy_model import ToyConfig
-from test_ddp_common import build, train_step
+from ddp_toy_model import ToyConfig
+from ddp_common import build, train_step
 
 CONFIG = ToyConfig(num_layers=2)
 LAYOUT = {"tp": 2}

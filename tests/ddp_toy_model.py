@@ -40,7 +40,7 @@ class ToyConfig:
     sequence_parallel: bool = False
     init_seed: int = 1234
 
-    # The interface test_ddp_common drives a test model through (GPT implements it too).
+    # The interface ddp_common drives a test model through (GPT implements it too).
     def build_chunks(self, ps: ParallelState) -> list[torch.nn.Module]:
         return build_toy_chunks(self, ps)
 
