@@ -21,7 +21,13 @@ from megatron_core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from megatron_core.tensor_parallel.utils import InitMethod, divide, init_method_normal, sharded_parameter
+from megatron_core.tensor_parallel.utils import (
+    InitMethod,
+    divide,
+    init_method_normal,
+    set_tensor_model_parallel_attributes,
+    sharded_parameter,
+)
 
 
 def _zeros(n: int, dtype: torch.dtype, dev: torch.device) -> torch.nn.Parameter:
@@ -48,7 +54,7 @@ class ColumnParallelLinear(torch.nn.Module):
                                         stride=stride, rank=rank, world=tp, dtype=params_dtype, device=dev)
         if bias:
             self.bias = _zeros(self.output_size_per_partition, params_dtype, dev)
-            self.bias.tensor_model_parallel, self.bias.partition_dim, self.bias.partition_stride = True, 0, stride
+            set_tensor_model_parallel_attributes(self.bias, is_parallel=True, dim=0, stride=stride)
         else:
             self.register_parameter("bias", None)
 
