@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,17 +33,17 @@ from megatron_core.training.validate import validate_args  # noqa: E402
 TRACEBACK_ENV = "MCORE_TRACEBACK"  # set to 1 to see the full traceback of a configuration error
 
 
-def model_provider(config: Any, padded_vocab_size: int, ps: ParallelState, *,
+def model_provider(config: Any, padded_vocab_size: int, parallel_state: ParallelState, *,
                    max_sequence_length: int) -> list[torch.nn.Module]:
     """This rank's GPT model chunks (one per virtual pipeline stage)."""
-    from models.gpt import build_gpt_model_chunks
+    from megatron_core.models.gpt import build_gpt_model_chunks
 
     # The vocabulary is already padded by --make-vocab-size-divisible-by x TP; don't pad it again.
-    return build_gpt_model_chunks(config, padded_vocab_size, max_sequence_length, ps,
+    return build_gpt_model_chunks(config, padded_vocab_size, max_sequence_length, parallel_state,
                                   make_vocab_size_divisible_by=1)
 
 
-def get_batch(data_iterator: Optional[Any], seq_length: int, micro_batch_size: int) -> dict[str, Optional[torch.Tensor]]:
+def get_batch(data_iterator: Any | None, seq_length: int, micro_batch_size: int) -> dict[str, torch.Tensor | None]:
     """The next micro batch on the device; a chunk that reads no data gets only the position ids
     (RoPE needs them on every stage)."""
     where = device.current_device()
@@ -63,7 +64,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def forward_step(data_iterator: Optional[Any], model: torch.nn.Module, *, seq_length: int,
+def forward_step(data_iterator: Any | None, model: torch.nn.Module, *, seq_length: int,
                  micro_batch_size: int) -> tuple:
     """One micro batch through one model chunk: ``(output, loss_func)`` for the schedules."""
     batch = get_batch(data_iterator, seq_length, micro_batch_size)
@@ -79,7 +80,7 @@ def _expand_demo(argv: list[str]) -> list[str]:
     return demo_argv(first.demo_dir) + argv
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Optional[TrainResult]:
+def main(argv: Sequence[str] | None = None) -> TrainResult | None:
     """Run ``pretrain_gpt.py`` with ``argv``; returns what the run did (None with ``--demo-prepare-only``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(_expand_demo(argv))
@@ -128,7 +129,7 @@ def _print_demo_summary(result: TrainResult) -> None:
           f"(perplexity {perplexity(first):.1f} -> {perplexity(last):.1f})", flush=True)
 
 
-def cli(argv: Optional[Sequence[str]] = None) -> int:
+def cli(argv: Sequence[str] | None = None) -> int:
     """The command line: a configuration error is one line on stderr and exit code 2."""
     try:
         main(argv)

@@ -39,8 +39,8 @@ os.environ.setdefault("MCORE_FORCE_CPU", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from harness import run_distributed  # noqa: E402
+
 from megatron_core import parallel_state  # noqa: E402
 from megatron_core.distributed import CommLog, DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 from megatron_core.optimizer import OptimizerConfig, get_megatron_optimizer, memory_footprint  # noqa: E402
@@ -69,13 +69,13 @@ class _DeviceTime(torch.autograd.Function):
 class MLPStack(torch.nn.Module):
     """Residual column/row-parallel MLP blocks; ``backward_sleep_s`` adds emulated device time per block."""
 
-    def __init__(self, hidden: int, layers: int, ps, backward_sleep_s: float = 0.0) -> None:
+    def __init__(self, hidden: int, layers: int, parallel_state, backward_sleep_s: float = 0.0) -> None:
         super().__init__()
         self.backward_sleep_s = backward_sleep_s
         torch.manual_seed(0)
         self.blocks = torch.nn.ModuleList(
-            torch.nn.ModuleList([ColumnParallelLinear(hidden, 4 * hidden, parallel_state_=ps),
-                                 RowParallelLinear(4 * hidden, hidden, parallel_state_=ps)]) for _ in range(layers))
+            torch.nn.ModuleList([ColumnParallelLinear(hidden, 4 * hidden, parallel_state=parallel_state),
+                                 RowParallelLinear(4 * hidden, hidden, parallel_state=parallel_state)]) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for fc1, fc2 in self.blocks:
@@ -92,8 +92,7 @@ def _setup(args, ddp_options: dict, log: CommLog, backward_sleep_s: float = 0.0)
     model = MLPStack(args.hidden, args.layers, ps, backward_sleep_s)
     config = DistributedDataParallelConfig(bucket_size=args.bucket_size, **ddp_options)
     ddp = DistributedDataParallel(config, model, ps, comm_log=log)
-    optimizer = get_megatron_optimizer(OptimizerConfig(use_distributed_optimizer=config.use_distributed_optimizer),
-                                       [ddp], ps)
+    optimizer = get_megatron_optimizer(OptimizerConfig(), [ddp], ps)
     return ps, ddp, optimizer
 
 

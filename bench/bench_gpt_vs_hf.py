@@ -32,10 +32,10 @@ BATCH, SEQ, LAYERS, HIDDEN, HEADS, VOCAB = 8, 256, 4, 256, 4, 4096
 
 
 def build_ours(dropout: float) -> torch.nn.Module:
-    from models.gpt import GPTModel
-    from models.presets import gpt2_config
+    from megatron_core.models.gpt import GPTModel
+    from megatron_core.models.presets import gpt2_config
     config = gpt2_config(LAYERS, HIDDEN, HEADS, hidden_dropout=dropout, attention_dropout=dropout)
-    model = GPTModel(config, VOCAB, SEQ, parallel_state_=parallel_state.get_parallel_state())
+    model = GPTModel(config, VOCAB, SEQ, parallel_state=parallel_state.get_parallel_state())
     assert model.padded_vocab_size == VOCAB
     return model.train()
 

@@ -27,8 +27,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 os.environ.setdefault("MCORE_FORCE_CPU", "1")
 
 import torch  # noqa: E402
-
 from harness import run_distributed  # noqa: E402
+
 from megatron_core import parallel_state  # noqa: E402
 from megatron_core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 

@@ -6,11 +6,11 @@ samples``: it starts at ``start`` and grows by ``increment`` in equal steps spre
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
 def check_interleaved_microbatches(num_microbatches: int, pipeline_model_parallel_size: int,
-                                   virtual_pipeline_model_parallel_size: Optional[int]) -> None:
+                                   virtual_pipeline_model_parallel_size: int | None) -> None:
     """The interleaved 1F1B schedule runs microbatches in groups of one per pipeline rank."""
     p, v = pipeline_model_parallel_size, virtual_pipeline_model_parallel_size
     if v is not None and v > 1 and num_microbatches % p != 0:
@@ -24,9 +24,9 @@ class MicrobatchCalculator:
     """Number of microbatches per step and the current global batch size (with optional ramp-up)."""
 
     def __init__(self, global_batch_size: int, micro_batch_size: int, data_parallel_size: int,
-                 rampup_batch_size: Optional[Sequence[int]] = None,
+                 rampup_batch_size: Sequence[int] | None = None,
                  pipeline_model_parallel_size: int = 1,
-                 virtual_pipeline_model_parallel_size: Optional[int] = None) -> None:
+                 virtual_pipeline_model_parallel_size: int | None = None) -> None:
         for name, value in (("--global-batch-size", global_batch_size), ("--micro-batch-size", micro_batch_size),
                             ("data-parallel size", data_parallel_size)):
             if value < 1:

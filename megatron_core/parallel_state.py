@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import itertools
 from datetime import timedelta
-from typing import Optional
 
-import torch
 import torch.distributed as dist
 
-from megatron_core.tensor_parallel.random import RNGStatesTracker, model_parallel_manual_seed
+from megatron_core.rng_tracker import RNGStatesTracker, model_parallel_manual_seed
 
 _DIMENSIONS = ("tp", "cp", "ep", "dp", "pp")
 
@@ -54,11 +52,11 @@ class ParallelState:
         self,
         tensor_model_parallel_size: int = 1,
         pipeline_model_parallel_size: int = 1,
-        virtual_pipeline_model_parallel_size: Optional[int] = None,
+        virtual_pipeline_model_parallel_size: int | None = None,
         context_parallel_size: int = 1,
         expert_model_parallel_size: int = 1,
         order: str = "tp-cp-ep-dp-pp",
-        timeout: Optional[timedelta] = None,
+        timeout: timedelta | None = None,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError(
@@ -152,7 +150,7 @@ class ParallelState:
         return self.sizes["cp"]
 
     @property
-    def vpp_size(self) -> Optional[int]:
+    def vpp_size(self) -> int | None:
         return self.virtual_pipeline_model_parallel_size
 
     @property
@@ -171,13 +169,13 @@ class ParallelState:
     def mp_size(self) -> int:
         return self.tp_size * self.pp_size
 
-    def is_pipeline_first_stage(self, vp_stage: Optional[int] = None) -> bool:
+    def is_pipeline_first_stage(self, vp_stage: int | None = None) -> bool:
         """First pipeline stage; with virtual stages, also the first model chunk (``vp_stage`` 0)."""
         if vp_stage is not None and vp_stage != 0:
             return False
         return self.pp_rank == 0
 
-    def is_pipeline_last_stage(self, vp_stage: Optional[int] = None) -> bool:
+    def is_pipeline_last_stage(self, vp_stage: int | None = None) -> bool:
         """Last pipeline stage; with virtual stages, also the last model chunk."""
         if vp_stage is not None and self.vpp_size is not None and vp_stage != self.vpp_size - 1:
             return False
@@ -214,13 +212,13 @@ class ParallelState:
 
 
 # The one resettable "current" handle (see module docstring).
-_CURRENT: Optional[ParallelState] = None
+_CURRENT: ParallelState | None = None
 
 
 def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
-    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    virtual_pipeline_model_parallel_size: int | None = None,
     **kwargs,
 ) -> ParallelState:
     """Build a :class:`ParallelState` and make it the current one."""
@@ -233,13 +231,13 @@ def initialize_model_parallel(
     return _CURRENT
 
 
-def set_parallel_state(state: Optional[ParallelState]) -> None:
+def set_parallel_state(state: ParallelState | None) -> None:
     """Make ``state`` current (``None`` clears it)."""
     global _CURRENT
     _CURRENT = state
 
 
-def get_parallel_state(state: Optional[ParallelState] = None) -> ParallelState:
+def get_parallel_state(state: ParallelState | None = None) -> ParallelState:
     """``state`` if given, else the current one; a clear error when none exists."""
     if state is not None:
         return state

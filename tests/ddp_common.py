@@ -9,7 +9,8 @@ reference is a one-process training loop written with plain torch (``torch.optim
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,8 +29,8 @@ MICRO_BATCH = 2
 OPT = dict(lr=0.01, weight_decay=0.1, clip_grad=0.5, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
 
 
-def serial_reference(spec: Any, steps: int, num_microbatches: int, opt: Optional[dict] = None,
-                     prepare: Optional[Callable] = None) -> dict:
+def serial_reference(spec: Any, steps: int, num_microbatches: int, opt: dict | None = None,
+                     prepare: Callable | None = None) -> dict:
     """Plain torch on one rank: the global batch's microbatches, AdamW (or SGD), clipping by the global norm.
 
     ``prepare(params by global name)`` may edit the initial weights (applied the same way by :func:`build`).
@@ -65,8 +66,8 @@ def serial_reference(spec: Any, steps: int, num_microbatches: int, opt: Optional
             "params": {n: p.detach().clone() for n, p in params.items()}}
 
 
-def build(layout: dict, spec: Any, ddp: dict, opt: Optional[dict] = None, dtype=torch.float32,
-          prepare: Optional[Callable] = None):
+def build(layout: dict, spec: Any, ddp: dict, opt: dict | None = None, dtype=torch.float32,
+          prepare: Callable | None = None):
     """ParallelState, model chunks, their DDP wrappers and the optimizer for a layout {"tp", "pp", "vpp"}."""
     ps = parallel_state.ParallelState(layout.get("tp", 1), layout.get("pp", 1), layout.get("vpp"))
     chunks = spec.build_chunks(ps)
@@ -77,24 +78,23 @@ def build(layout: dict, spec: Any, ddp: dict, opt: Optional[dict] = None, dtype=
     ddp_config = DistributedDataParallelConfig(**ddp)
     wrapped = [DistributedDataParallel(ddp_config, chunk, ps) for chunk in chunks]
     opt = {**OPT, **(opt or {})}
-    opt_config = OptimizerConfig(use_distributed_optimizer=ddp_config.use_distributed_optimizer,
-                                 bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, **opt)
+    opt_config = OptimizerConfig(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, **opt)
     optimizer = get_megatron_optimizer(opt_config, wrapped, ps)
     return ps, chunks, wrapped, optimizer
 
 
-def train_step(ps, spec: Any, wrapped, optimizer, step: int, num_microbatches: int,
-               before_step: Optional[Callable] = None) -> tuple:
+def train_step(parallel_state, spec: Any, wrapped, optimizer, step: int, num_microbatches: int,
+               before_step: Callable | None = None) -> tuple:
     """One step on this DP rank's share of the global batch; returns (losses, step() result)."""
     optimizer.zero_grad()
-    batches = spec.microbatches(step, num_microbatches * ps.dp_size, MICRO_BATCH)
-    mine = batches[ps.dp_rank * num_microbatches:(ps.dp_rank + 1) * num_microbatches]
+    batches = spec.microbatches(step, num_microbatches * parallel_state.dp_size, MICRO_BATCH)
+    mine = batches[parallel_state.dp_rank * num_microbatches:(parallel_state.dp_rank + 1) * num_microbatches]
     iterators = [iter(mine) for _ in wrapped]
-    schedule = get_forward_backward_func(ps)
+    schedule = get_forward_backward_func(parallel_state)
     out = schedule(forward_step_func=spec.forward_step, data_iterator=iterators if len(wrapped) > 1 else iterators[0],
                    model=wrapped, num_microbatches=num_microbatches, seq_length=spec.seq_length,
                    micro_batch_size=MICRO_BATCH, no_sync_func=no_sync_func(wrapped),
-                   finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=ps),
+                   finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=parallel_state),
                    grad_scale_func=optimizer.scale_loss if optimizer.grad_scaler is not None else None)
     if before_step is not None:
         before_step()
@@ -102,7 +102,7 @@ def train_step(ps, spec: Any, wrapped, optimizer, step: int, num_microbatches: i
 
 
 def train(layout: dict, spec: Any, ddp: dict, steps: int, num_microbatches: int,
-          opt: Optional[dict] = None, dtype=torch.float32, prepare: Optional[Callable] = None) -> dict:
+          opt: dict | None = None, dtype=torch.float32, prepare: Callable | None = None) -> dict:
     """Train ``steps`` steps; what the comparison with :func:`serial_reference` needs."""
     ps, chunks, wrapped, optimizer = build(layout, spec, ddp, opt, dtype, prepare)
     losses, norms, zeros = [], [], []
@@ -118,10 +118,10 @@ def train(layout: dict, spec: Any, ddp: dict, steps: int, num_microbatches: int,
     return result
 
 
-def result_of(ps, spec: Any, chunks, losses, norms) -> dict:
+def result_of(parallel_state, spec: Any, chunks, losses, norms) -> dict:
     params = spec.global_parameters(chunks)
-    return {"losses": losses, "norms": norms, "dp": (ps.dp_rank, ps.dp_size), "tp": (ps.tp_rank, ps.tp_size),
-            "last_stage": ps.is_pipeline_last_stage(),
+    return {"losses": losses, "norms": norms, "dp": (parallel_state.dp_rank, parallel_state.dp_size), "tp": (parallel_state.tp_rank, parallel_state.tp_size),
+            "last_stage": parallel_state.is_pipeline_last_stage(),
             "params": {n: p.detach().float().clone() for n, p in params.items()},
             "shard": {n: ((p.partition_dim, getattr(p, "partition_stride", 1))
                           if getattr(p, "tensor_model_parallel", False) else None) for n, p in params.items()}}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +41,10 @@ class ToyConfig:
     init_seed: int = 1234
 
     # The interface ddp_common drives a test model through (GPT implements it too).
-    def build_chunks(self, ps: ParallelState) -> list[torch.nn.Module]:
-        return build_toy_chunks(self, ps)
+    def build_chunks(self, parallel_state: ParallelState) -> list[torch.nn.Module]:
+        return build_toy_chunks(self, parallel_state)
 
-    def serial(self) -> "ToyConfig":
+    def serial(self) -> ToyConfig:
         """The same model for one process."""
         return dataclasses.replace(self, sequence_parallel=False)
 
@@ -71,7 +71,7 @@ def _seed(seed: int) -> Iterator[None]:
 class ToyBlock(torch.nn.Module):
     """One residual MLP block; ``layer_number`` is global (split independent)."""
 
-    def __init__(self, config: ToyConfig, layer_number: int, ps: ParallelState) -> None:
+    def __init__(self, config: ToyConfig, layer_number: int, parallel_state: ParallelState) -> None:
         super().__init__()
         self.layer_number = layer_number
         sp, h = config.sequence_parallel, config.hidden_size
@@ -81,11 +81,11 @@ class ToyBlock(torch.nn.Module):
                 self.norm.weight.normal_(1.0, 0.1)
                 self.norm.bias.normal_(0.0, 0.1)
             self.fc1 = ColumnParallelLinear(h, config.ffn_hidden_size, sequence_parallel=sp,
-                                            init_method=init_method_normal(0.2), parallel_state_=ps)
+                                            init_method=init_method_normal(0.2), parallel_state=parallel_state)
             self.fc2 = RowParallelLinear(config.ffn_hidden_size, h, sequence_parallel=sp,
-                                         init_method=init_method_normal(0.2), parallel_state_=ps)
+                                         init_method=init_method_normal(0.2), parallel_state=parallel_state)
             with torch.no_grad():  # full draws, cut to this TP rank's shard: the same at every TP size
-                self.fc1.bias.copy_((0.1 * torch.randn(config.ffn_hidden_size)).chunk(ps.tp_size)[ps.tp_rank])
+                self.fc1.bias.copy_((0.1 * torch.randn(config.ffn_hidden_size)).chunk(parallel_state.tp_size)[parallel_state.tp_rank])
                 self.fc2.bias.copy_(0.1 * torch.randn(h))
         for p in self.norm.parameters():
             p.sequence_parallel = sp
@@ -99,38 +99,38 @@ class ToyBlock(torch.nn.Module):
 class ToyLM(torch.nn.Module):
     """One (virtual) pipeline stage of the toy language model."""
 
-    def __init__(self, config: ToyConfig, ps: ParallelState, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: Optional[int] = None) -> None:
+    def __init__(self, config: ToyConfig, parallel_state: ParallelState, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: int | None = None) -> None:
         super().__init__()
-        self.config, self.ps = config, ps
+        self.config, self.parallel_state = config, parallel_state
         self.pre_process, self.post_process = pre_process, post_process
-        counts = chunk_layer_counts(config.num_layers, ps.pp_size, ps.vpp_size)
-        first, count = layer_range(counts, ps.pp_size, ps.pp_rank, vp_stage)
+        counts = chunk_layer_counts(config.num_layers, parallel_state.pp_size, parallel_state.vpp_size)
+        first, count = layer_range(counts, parallel_state.pp_size, parallel_state.pp_rank, vp_stage)
         h, vocab, sp = config.hidden_size, config.vocab_size, config.sequence_parallel
         if pre_process:
             with _seed(config.init_seed):
                 self.embedding = VocabParallelEmbedding(vocab, h, init_method=init_method_normal(1.0),
-                                                        reduce_scatter_embeddings=sp, parallel_state_=ps)
-            self.embedding.weight.shared_embedding = ps.pp_size > 1
-        self.blocks = torch.nn.ModuleList(ToyBlock(config, first + i, ps) for i in range(count))
+                                                        reduce_scatter_embeddings=sp, parallel_state=parallel_state)
+            self.embedding.weight.shared_embedding = parallel_state.pp_size > 1
+        self.blocks = torch.nn.ModuleList(ToyBlock(config, first + i, parallel_state) for i in range(count))
         if post_process:
             self.final_norm = torch.nn.LayerNorm(h)
             for p in self.final_norm.parameters():
                 p.sequence_parallel = sp
-            self.head = ColumnParallelLinear(h, vocab, bias=False, sequence_parallel=sp, parallel_state_=ps)
+            self.head = ColumnParallelLinear(h, vocab, bias=False, sequence_parallel=sp, parallel_state=parallel_state)
             del self.head.weight  # logits use the tied word embedding
             if not pre_process:
                 with _seed(config.init_seed):  # the same draw as the first stage's embedding
                     self.output_weight = sharded_parameter((vocab, h), 0, init_method_normal(1.0), stride=1,
-                                                           rank=ps.tp_rank, world=ps.tp_size, dtype=torch.float32,
+                                                           rank=parallel_state.tp_rank, world=parallel_state.tp_size, dtype=torch.float32,
                                                            device=torch.device("cpu"))
                 self.output_weight.shared_embedding = True
-        self.input_tensor: Optional[torch.Tensor] = None
+        self.input_tensor: torch.Tensor | None = None
 
-    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+    def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
         self.input_tensor = tensor
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_process:
             x = self.embedding(tokens)
             if not self.config.sequence_parallel:
@@ -143,13 +143,13 @@ class ToyLM(torch.nn.Module):
             return x
         weight = self.embedding.weight if self.pre_process else self.output_weight
         logits, _ = self.head(self.final_norm(x), weight=weight)
-        return vocab_parallel_cross_entropy(logits, labels.t().contiguous(), self.ps.tp_group).t()  # [b, s]
+        return vocab_parallel_cross_entropy(logits, labels.t().contiguous(), self.parallel_state.tp_group).t()  # [b, s]
 
 
-def build_toy_chunks(config: ToyConfig, ps: ParallelState) -> list[ToyLM]:
+def build_toy_chunks(config: ToyConfig, parallel_state: ParallelState) -> list[ToyLM]:
     """This rank's chunks, one per virtual pipeline stage."""
-    stages = [None] if ps.vpp_size is None else list(range(ps.vpp_size))
-    return [ToyLM(config, ps, ps.is_pipeline_first_stage(v), ps.is_pipeline_last_stage(v), v) for v in stages]
+    stages = [None] if parallel_state.vpp_size is None else list(range(parallel_state.vpp_size))
+    return [ToyLM(config, parallel_state, parallel_state.is_pipeline_first_stage(v), parallel_state.is_pipeline_last_stage(v), v) for v in stages]
 
 
 def global_parameters(chunks: list[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:

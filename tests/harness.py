@@ -15,8 +15,9 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_TIMEOUT = 120.0
 _GRACE_AFTER_ERROR = 3.0  # let the other ranks report their own error before killing them

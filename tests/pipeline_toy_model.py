@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,8 @@ class ToyConfig:
     vocab_size: int = 64
     seq_length: int = 16
     sequence_parallel: bool = False
-    first_stage_layers: Optional[int] = None  # lighter first / last stages (pipeline runs only)
-    last_stage_layers: Optional[int] = None
+    first_stage_layers: int | None = None  # lighter first / last stages (pipeline runs only)
+    last_stage_layers: int | None = None
     init_seed: int = 1234
 
 
@@ -54,7 +54,7 @@ def _seeded(seed: int) -> Iterator[None]:
 class ToyLayer(torch.nn.Module):
     """x + W2 gelu(W1 LayerNorm(x)) with W1 column- and W2 row-parallel."""
 
-    def __init__(self, config: ToyConfig, layer_number: int, ps: ParallelState) -> None:
+    def __init__(self, config: ToyConfig, layer_number: int, parallel_state: ParallelState) -> None:
         super().__init__()
         self.layer_number = layer_number
         sp, h = config.sequence_parallel, config.hidden_size
@@ -64,9 +64,9 @@ class ToyLayer(torch.nn.Module):
                 self.norm.weight.normal_(1.0, 0.1)
                 self.norm.bias.normal_(0.0, 0.1)
             self.fc1 = ColumnParallelLinear(h, config.ffn_hidden_size, sequence_parallel=sp,
-                                            init_method=init_method_normal(0.2), parallel_state_=ps)
+                                            init_method=init_method_normal(0.2), parallel_state=parallel_state)
             self.fc2 = RowParallelLinear(config.ffn_hidden_size, h, sequence_parallel=sp,
-                                         init_method=init_method_normal(0.2), parallel_state_=ps)
+                                         init_method=init_method_normal(0.2), parallel_state=parallel_state)
         for p in self.norm.parameters():
             p.sequence_parallel = sp
 
@@ -79,42 +79,42 @@ class ToyLayer(torch.nn.Module):
 class ToyModel(torch.nn.Module):
     """One (virtual) pipeline stage of the toy language model."""
 
-    def __init__(self, config: ToyConfig, ps: ParallelState, pre_process: bool, post_process: bool,
-                 vp_stage: Optional[int] = None) -> None:
+    def __init__(self, config: ToyConfig, parallel_state: ParallelState, pre_process: bool, post_process: bool,
+                 vp_stage: int | None = None) -> None:
         super().__init__()
-        self.config, self.ps = config, ps
+        self.config, self.parallel_state = config, parallel_state
         self.pre_process, self.post_process = pre_process, post_process
-        counts = chunk_layer_counts(config.num_layers, ps.pp_size, ps.vpp_size,
+        counts = chunk_layer_counts(config.num_layers, parallel_state.pp_size, parallel_state.vpp_size,
                                     first_stage_layers=config.first_stage_layers,
                                     last_stage_layers=config.last_stage_layers)
-        offset, count = layer_range(counts, ps.pp_size, ps.pp_rank, vp_stage)
+        offset, count = layer_range(counts, parallel_state.pp_size, parallel_state.pp_rank, vp_stage)
         sp, h, vocab = config.sequence_parallel, config.hidden_size, config.vocab_size
-        tied_across_ranks = ps.pp_size > 1
+        tied_across_ranks = parallel_state.pp_size > 1
         if pre_process:
             with _seeded(config.init_seed):
                 self.embedding = VocabParallelEmbedding(vocab, h, init_method=init_method_normal(1.0),
-                                                        reduce_scatter_embeddings=sp, parallel_state_=ps)
+                                                        reduce_scatter_embeddings=sp, parallel_state=parallel_state)
             self.embedding.weight.shared_embedding = tied_across_ranks
-        self.layers = torch.nn.ModuleList(ToyLayer(config, offset + i, ps) for i in range(count))
+        self.layers = torch.nn.ModuleList(ToyLayer(config, offset + i, parallel_state) for i in range(count))
         if post_process:
             self.final_norm = torch.nn.LayerNorm(h)
             for p in self.final_norm.parameters():
                 p.sequence_parallel = sp
-            self.output_layer = ColumnParallelLinear(h, vocab, bias=False, sequence_parallel=sp, parallel_state_=ps)
+            self.output_layer = ColumnParallelLinear(h, vocab, bias=False, sequence_parallel=sp, parallel_state=parallel_state)
             del self.output_layer.weight  # the logits use the (tied) word embedding
             if not pre_process:
                 # Same seeded draw as the first stage's embedding, so the two copies start equal.
                 with _seeded(config.init_seed):
                     self.output_weight = sharded_parameter((vocab, h), 0, init_method_normal(1.0), stride=1,
-                                                           rank=ps.tp_rank, world=ps.tp_size,
+                                                           rank=parallel_state.tp_rank, world=parallel_state.tp_size,
                                                            dtype=torch.float32, device=torch.device("cpu"))
                 self.output_weight.shared_embedding = True
-        self.input_tensor: Optional[torch.Tensor] = None
+        self.input_tensor: torch.Tensor | None = None
 
-    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+    def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
         self.input_tensor = tensor
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_process:
             x = self.embedding(tokens)
             if not self.config.sequence_parallel:
@@ -127,14 +127,14 @@ class ToyModel(torch.nn.Module):
             return x
         weight = self.embedding.weight if self.pre_process else self.output_weight
         logits, _ = self.output_layer(self.final_norm(x), weight=weight)  # [s, b, vocab / TP]
-        return vocab_parallel_cross_entropy(logits, labels.t().contiguous(), self.ps.tp_group).t()  # [b, s]
+        return vocab_parallel_cross_entropy(logits, labels.t().contiguous(), self.parallel_state.tp_group).t()  # [b, s]
 
 
-def build_toy_chunks(config: ToyConfig, ps: ParallelState) -> list[ToyModel]:
+def build_toy_chunks(config: ToyConfig, parallel_state: ParallelState) -> list[ToyModel]:
     """This rank's model chunks (one per virtual stage)."""
-    vpp = ps.vpp_size or 1
-    return [ToyModel(config, ps, pre_process=ps.is_pipeline_first_stage(v if vpp > 1 else None),
-                     post_process=ps.is_pipeline_last_stage(v if vpp > 1 else None),
+    vpp = parallel_state.vpp_size or 1
+    return [ToyModel(config, parallel_state, pre_process=parallel_state.is_pipeline_first_stage(v if vpp > 1 else None),
+                     post_process=parallel_state.is_pipeline_last_stage(v if vpp > 1 else None),
                      vp_stage=v if vpp > 1 else None) for v in range(vpp)]
 
 

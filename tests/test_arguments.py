@@ -42,9 +42,9 @@ def test_gpt3_example_and_common_flags_parse_and_map():
     assert (t.num_query_groups, t.kv_channels, t.activation, t.normalization) == (2, 8, "swiglu", "RMSNorm")
     assert not t.share_embeddings_and_output_weights and t.sequence_parallel
     o = build.optimizer_config(args)
-    assert (o.bf16, o.adam_beta2, o.adam_eps, o.use_distributed_optimizer) == (True, 0.95, 1e-6, True)
+    assert (o.bf16, o.adam_beta2, o.adam_eps) == (True, 0.95, 1e-6)
     d = build.ddp_config(args)
-    assert d.use_distributed_optimizer and d.overlap_grad_reduce and d.grad_reduce_in_fp32
+    assert d.zero_stage == 1 and d.overlap_grad_reduce and d.grad_reduce_in_fp32
     assert config.checkpoint_config(args).finetune and config.logging_config(args).tensorboard_dir == "tb"
     s = config.scheduler_config(args)
     assert s.lr_decay_steps == 40 * 16 and s.lr_warmup_steps == pytest.approx(0.001 * 640)

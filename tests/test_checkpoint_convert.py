@@ -10,14 +10,14 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-
 from harness import run_distributed
+
 from megatron_core import parallel_state
+from megatron_core.checkpoint.convert import main as convert
+from megatron_core.checkpoint.sharding import partition_of
+from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.transformer.config import TransformerConfig
-from models.gpt import build_gpt_model_chunks
-from models.testing import tiny_hf_gpt2, tiny_hf_llama
-from tools.checkpoint.convert import main as convert
-from tools.checkpoint.sharding import partition_of
+from tests.hf_testing import tiny_hf_gpt2, tiny_hf_llama
 
 SEQ = 16
 MODELS = {"gpt2": lambda: tiny_hf_gpt2(vocab_size=250),  # padded to 256: the padding must not leak out

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from harness import run_distributed
 
 import pretrain_gpt

@@ -6,13 +6,12 @@ loss at iteration 0 under TP=2 must equal the Hugging Face model's own loss on t
 import pytest
 import torch
 import torch.nn.functional as F
-
 from harness import run_distributed
 
 import pretrain_gpt
+from megatron_core.checkpoint.convert import main as convert
 from megatron_core.datasets import GPTDatasetConfig, build_gpt_datasets
-from models.testing import tiny_hf_gpt2
-from tools.checkpoint.convert import main as convert
+from tests.hf_testing import tiny_hf_gpt2
 
 SEQ, MICRO, GLOBAL, EVAL_ITERS, TRAIN_ITERS, SEED = 32, 2, 4, 2, 2, 1234
 ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from equivalence import assert_rel_close
 from harness import RankError, run_distributed
+
 from megatron_core import parallel_state
 from megatron_core.tensor_parallel import checkpoint, vocab_parallel_cross_entropy
 
@@ -72,10 +72,10 @@ def test_dropout_differs_across_tp_inside_regions_and_matches_outside():
     assert torch.equal(by[0, 0][1], by[0, 1][1]), "same TP rank, same seed: same mask"
 
 
-def _block(ps, w1, w2):
+def _block(parallel_state, w1, w2):
     def run(x):
         h = F.dropout(torch.tanh(x @ w1), 0.3)
-        with ps.rng_tracker.fork():
+        with parallel_state.rng_tracker.fork():
             h = F.dropout(h, 0.3)
         return h @ w2
     return run

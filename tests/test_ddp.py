@@ -8,13 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-
+from ddp_common import MICRO_BATCH, compare, serial_reference, train
+from ddp_toy_model import ToyConfig, build_toy_chunks, global_parameters, loss_func, microbatches
 from equivalence import assert_rel_close
 from harness import run_distributed
+
 from megatron_core import parallel_state
 from megatron_core.distributed import CommLog, DistributedDataParallel, DistributedDataParallelConfig
-from ddp_toy_model import ToyConfig, build_toy_chunks, global_parameters, loss_func, microbatches
-from ddp_common import MICRO_BATCH, compare, serial_reference, train
 
 STEPS, MICROBATCHES = 5, 2
 STAGES = {"zero0": {"zero_stage": 0}, "zero1": {"zero_stage": 1}, "zero2": {"zero_stage": 2},
@@ -52,10 +52,10 @@ def test_data_parallel_training_equals_one_process(name):
 
 
 # ---- buffer layout, hooks and overlap -----------------------------------------------------------
-def _model(ps, config, seed_offset=0):
+def _model(parallel_state, config, seed_offset=0):
     torch.manual_seed(seed_offset)
     config = dataclasses.replace(config, init_seed=config.init_seed + seed_offset)
-    (model,) = build_toy_chunks(config, ps)
+    (model,) = build_toy_chunks(config, parallel_state)
     return model
 
 

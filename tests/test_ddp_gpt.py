@@ -11,11 +11,11 @@ import re
 
 import pytest
 import torch
-
-from harness import run_distributed
-from models.gpt import build_gpt_model_chunks
-from models.presets import gpt2_config, llama_config
 from ddp_common import compare, serial_reference, train
+from harness import run_distributed
+
+from megatron_core.models.gpt import build_gpt_model_chunks
+from megatron_core.models.presets import gpt2_config, llama_config
 
 VOCAB, SEQ, STEPS, MICROBATCHES = 64, 16, 4, 2
 # Attention is invariant to the key bias, so its gradient is rounding noise (~1e-10); with Adam's
@@ -44,8 +44,8 @@ class GPTSpec:
             return llama_config(num_query_groups=2, ffn_hidden_size=48, **common)
         return gpt2_config(**common)
 
-    def build_chunks(self, ps):
-        return build_gpt_model_chunks(self.config(), VOCAB, SEQ, ps, make_vocab_size_divisible_by=32)
+    def build_chunks(self, parallel_state):
+        return build_gpt_model_chunks(self.config(), VOCAB, SEQ, parallel_state, make_vocab_size_divisible_by=32)
 
     def serial(self):
         return dataclasses.replace(self, sequence_parallel=False)

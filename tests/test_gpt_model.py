@@ -9,14 +9,14 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
-
 from equivalence import assert_rel_close
 from harness import run_distributed
+
 from megatron_core import parallel_state
 from megatron_core.distributed import finalize_model_grads
+from megatron_core.models.gpt import GPTModel, build_gpt_model_chunks
+from megatron_core.models.presets import gpt2_config, llama_config
 from megatron_core.tensor_parallel.utils import shard_of_master
-from models.gpt import GPTModel, build_gpt_model_chunks
-from models.presets import gpt2_config, llama_config
 
 VOCAB, SEQ, BATCH, STEPS = 128, 16, 2, 5
 
@@ -46,7 +46,7 @@ def _shard(full, param, tp, rank):
 def _train(config, steps):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     ps.manual_seed(7)
-    model = GPTModel(config, VOCAB, SEQ, parallel_state_=ps, make_vocab_size_divisible_by=64)
+    model = GPTModel(config, VOCAB, SEQ, parallel_state=ps, make_vocab_size_divisible_by=64)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     losses, first_grads = [], None
@@ -94,7 +94,7 @@ def _recompute_grads(preset, backend):
         # Dropout on, so the recomputed forward must replay the default and the TP-rank RNG streams.
         config = _config(preset, num_layers=3, hidden_dropout=0.2, attention_dropout=0.2, attention_backend=backend,
                          **options)
-        model = GPTModel(config, VOCAB, SEQ, parallel_state_=ps, make_vocab_size_divisible_by=64)
+        model = GPTModel(config, VOCAB, SEQ, parallel_state=ps, make_vocab_size_divisible_by=64)
         ps.manual_seed(3)
         ids, labels = _batch(0)
         loss = model(ids, labels=labels).mean()

@@ -4,7 +4,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from harness import RankError, RanksTimedOut, run_distributed
 
 

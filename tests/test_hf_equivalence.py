@@ -6,13 +6,13 @@ relative 1e-5, at TP 1 and 2, through both core-attention paths (SDPA and the ex
 import pytest
 import torch
 import torch.distributed as dist
-
 from equivalence import assert_rel_close
 from harness import run_distributed
+
 from megatron_core import parallel_state
-from models.gpt import GPTModel
-from models.testing import core_config_of, hf_tensors_to_core, load_hf_weights, tiny_hf_gpt2, tiny_hf_llama
-from tools.checkpoint.sharding import rank_state_dict
+from megatron_core.checkpoint.sharding import rank_state_dict
+from megatron_core.models.gpt import GPTModel
+from tests.hf_testing import core_config_of, hf_tensors_to_core, load_hf_weights, tiny_hf_gpt2, tiny_hf_llama
 
 BATCH, SEQ = 2, 16
 BUILDERS = {"gpt2": tiny_hf_gpt2, "llama": tiny_hf_llama}
@@ -29,7 +29,7 @@ def _ours(hf_model, backend, divisible_by):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     ps.manual_seed(123)
     config, vocab, positions = core_config_of(hf_model, attention_backend=backend)
-    model = GPTModel(config, vocab, positions, parallel_state_=ps, make_vocab_size_divisible_by=divisible_by)
+    model = GPTModel(config, vocab, positions, parallel_state=ps, make_vocab_size_divisible_by=divisible_by)
     load_hf_weights(model, hf_model, divisible_by, ps)
     ids, labels = _batch(vocab)
     logits = model(ids).contiguous().detach()

@@ -18,11 +18,11 @@ backward, like activations); that is checked too.
 """
 import pytest
 import torch
-
-from harness import run_distributed
-from megatron_core.optimizer import memory_footprint
-from ddp_toy_model import ToyConfig
 from ddp_common import build, train_step
+from ddp_toy_model import ToyConfig
+from harness import run_distributed
+
+from megatron_core.optimizer import memory_footprint
 
 # Odd sizes: Ψ = 21607 is not a multiple of Nd, so the buffer is padded.
 CONFIG = ToyConfig(num_layers=2, hidden_size=33, ffn_hidden_size=128, vocab_size=127)

@@ -10,10 +10,9 @@ turns noise on small gradients into full-size steps, hence the larger bf16 bound
 """
 import pytest
 import torch
-
-from harness import run_distributed
-from ddp_toy_model import ToyConfig
 from ddp_common import build, result_of, serial_reference, train_step
+from ddp_toy_model import ToyConfig
+from harness import run_distributed
 
 STEPS, MICROBATCHES = 5, 2
 CONFIG = ToyConfig(num_layers=2)

@@ -1,8 +1,10 @@
 """Loss scalers, configuration errors, weight-decay groups, SGD, and the global grad norm over TP x PP."""
 import pytest
 import torch
-
+from ddp_common import compare, serial_reference, train
+from ddp_toy_model import ToyConfig, build_toy_chunks
 from harness import run_distributed
+
 from megatron_core import parallel_state
 from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron_core.optimizer import (
@@ -13,8 +15,6 @@ from megatron_core.optimizer import (
     get_megatron_optimizer,
 )
 from megatron_core.optimizer.optimizer import make_grad_scaler
-from ddp_toy_model import ToyConfig, build_toy_chunks
-from ddp_common import compare, serial_reference, train
 
 
 # ---- loss scaling -----------------------------------------------------------------------------
@@ -61,7 +61,6 @@ def test_config_errors_name_the_flag():
         DistributedDataParallelConfig(zero_stage=3)
     with pytest.raises(ValueError, match="zero1_all_reduce_grads"):
         DistributedDataParallelConfig(zero_stage=2, zero1_all_reduce_grads=True)
-    assert DistributedDataParallelConfig(use_distributed_optimizer=True).zero_stage == 1  # Megatron's flag
     assert DistributedDataParallelConfig(zero_stage=2).use_distributed_optimizer
     assert DistributedDataParallelConfig(zero_stage=1).reduce_scatter_grads
     assert not DistributedDataParallelConfig(zero_stage=1, zero1_all_reduce_grads=True).reduce_scatter_grads
@@ -73,9 +72,10 @@ def _mismatches():
     (model,) = build_toy_chunks(ToyConfig(num_layers=1), ps)
     sharded = DistributedDataParallel(DistributedDataParallelConfig(zero_stage=1), model, ps)
     for name, call in {
-        "zero-ddp-plain-optimizer": lambda: get_megatron_optimizer(OptimizerConfig(), [sharded], ps),
-        "distributed-optimizer-unwrapped": lambda: get_megatron_optimizer(
-            OptimizerConfig(use_distributed_optimizer=True), [build_toy_chunks(ToyConfig(num_layers=1), ps)[0]], ps),
+        "zero-mixed-with-plain-chunk": lambda: get_megatron_optimizer(
+            OptimizerConfig(), [sharded, build_toy_chunks(ToyConfig(num_layers=1), ps)[0]], ps),
+        "distributed-optimizer-unwrapped": lambda: DistributedOptimizer(
+            OptimizerConfig(), [build_toy_chunks(ToyConfig(num_layers=1), ps)[0]], ps),
         "bf16-params-without-flag": lambda: get_megatron_optimizer(
             OptimizerConfig(), [build_toy_chunks(ToyConfig(num_layers=1), ps)[0].to(torch.bfloat16)], ps),
     }.items():
@@ -83,7 +83,7 @@ def _mismatches():
             call()
         except (TypeError, ValueError) as exc:
             errors[name] = str(exc)
-    optimizer = get_megatron_optimizer(OptimizerConfig(use_distributed_optimizer=True), [sharded], ps)
+    optimizer = get_megatron_optimizer(OptimizerConfig(), [sharded], ps)
     groups = [[main.dim() for main in g["params"]] for g in optimizer.param_groups]
     decay = [(main.numel(), model.dim()) for main, model in optimizer.pairs]
     ps.destroy()
@@ -93,7 +93,7 @@ def _mismatches():
 
 def test_optimizer_choice_errors_and_weight_decay_groups():
     ((errors, distributed, groups, wds, pairs),) = run_distributed(_mismatches, 1, timeout=60)
-    assert "use_distributed_optimizer" in errors["zero-ddp-plain-optimizer"]
+    assert "zero_stage" in errors["zero-mixed-with-plain-chunk"]
     assert "DistributedDataParallel" in errors["distributed-optimizer-unwrapped"]
     assert "--bf16" in errors["bf16-params-without-flag"]
     assert distributed

@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.distributed as dist
-
 from harness import RankError, run_distributed
+
 from megatron_core import parallel_state
 from megatron_core.parallel_state import rank_groups
 

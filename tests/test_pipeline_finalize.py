@@ -1,7 +1,7 @@
 """finalize_model_grads: DP sync hook, tied-embedding all-reduce on main_grad, per-token scaling."""
 import torch
-
 from harness import run_distributed
+
 from megatron_core import parallel_state
 from megatron_core.distributed import finalize_model_grads
 

@@ -46,16 +46,16 @@ class _RecordingRunner:
     """
 
     def __init__(self, p, rank, v, m, forward_only, program, record):
-        self.ps, self.model, self.num_microbatches = _Stage(p, rank), [None] * v, m
+        self.parallel_state, self.model, self.num_microbatches = _Stage(p, rank), [None] * v, m
         self.forward_only, self.program, self.record = forward_only, program, record
         self.done = defaultdict(int)  # ("F" | "B", chunk) -> microbatches done
         self.in_flight = self.peak_in_flight = 0  # chunk activations held for a later backward
 
     def is_first(self, c):
-        return self.ps.pp_rank == 0 and c == 0
+        return self.parallel_state.pp_rank == 0 and c == 0
 
     def is_last(self, c):
-        return self.ps.pp_rank == self.ps.pp_size - 1 and c == len(self.model) - 1
+        return self.parallel_state.pp_rank == self.parallel_state.pp_size - 1 and c == len(self.model) - 1
 
     def _expect(self, received, payload):
         assert (received is None) == (payload is None), f"expected {payload}, got {received}"
@@ -69,17 +69,17 @@ class _RecordingRunner:
         self.done["F", c] += 1
         self.in_flight += not self.forward_only
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        return ("activation", c + (self.ps.pp_rank == self.ps.pp_size - 1), mb)  # the next piece's input
+        return ("activation", c + (self.parallel_state.pp_rank == self.parallel_state.pp_size - 1), mb)  # the next piece's input
 
     def backward(self, input_tensor, output, output_grad):
         _, consumer, mb = output
-        c = consumer - (self.ps.pp_rank == self.ps.pp_size - 1)
+        c = consumer - (self.parallel_state.pp_rank == self.parallel_state.pp_size - 1)
         assert mb == self.done["B", c], f"chunk {c}: backward of microbatch {mb} out of order"
         self._expect(output_grad, None if self.is_last(c) else ("gradient", c, mb))
         self.program.append(("compute", BACKWARD / len(self.model)))
         self.done["B", c] += 1
         self.in_flight -= 1
-        return ("gradient", c - (self.ps.pp_rank == 0), mb)
+        return ("gradient", c - (self.parallel_state.pp_rank == 0), mb)
 
     def enable_grad_sync(self):
         pass
@@ -92,10 +92,10 @@ class _RecordingComm(P2PCommunicator):
     """Records each exchange; a receive returns a placeholder (stream, index) resolved afterwards."""
 
     def __init__(self, p, rank, program, record):
-        self.ps, self.program, self.record = _Stage(p, rank), program, record
+        self.parallel_state, self.program, self.record = _Stage(p, rank), program, record
 
     def communicate(self, *, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
-        rank, p = self.ps.pp_rank, self.ps.pp_size
+        rank, p = self.parallel_state.pp_rank, self.parallel_state.pp_size
         nxt, prv = (rank + 1) % p, (rank - 1) % p
         ops, received = [], []
         for payload, key in ((send_next, (rank, nxt, "activation")), (send_prev, (rank, prv, "gradient"))):

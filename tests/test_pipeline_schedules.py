@@ -13,15 +13,15 @@ import re
 import pytest
 import torch
 import torch.distributed as dist
-
 from equivalence import assert_rel_close
 from harness import RankError, run_distributed
+
 from megatron_core import parallel_state
 from megatron_core.distributed import finalize_model_grads
+from megatron_core.models.gpt import build_gpt_model_chunks
+from megatron_core.models.presets import gpt2_config, llama_config
 from megatron_core.pipeline_parallel import get_forward_backward_func
 from megatron_core.tensor_parallel.utils import shard_of_master
-from models.gpt import build_gpt_model_chunks
-from models.presets import gpt2_config, llama_config
 
 VOCAB, SEQ, STEPS, MICRO_BATCH, LR = 64, 16, 3, 2, 0.5
 EVAL_STEP = 99  # seed of the evaluation batches
@@ -36,8 +36,8 @@ def _config(preset: str = "gpt2", **overrides):
     return gpt2_config(**values) if preset == "gpt2" else llama_config(**values)
 
 
-def _build(config, ps):
-    return build_gpt_model_chunks(config, VOCAB, SEQ, ps, make_vocab_size_divisible_by=32)
+def _build(config, parallel_state):
+    return build_gpt_model_chunks(config, VOCAB, SEQ, parallel_state, make_vocab_size_divisible_by=32)
 
 
 def _global_parameters(chunks) -> dict:

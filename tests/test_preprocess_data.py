@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
+from megatron_core.datasets import preprocess_data
 from megatron_core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron_core.tokenizer import build_tokenizer
-from tools import preprocess_data
-from tools.train_tokenizer import train_sentencepiece
+from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from harness import run_distributed
 
 import pretrain_gpt

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch.distributed
-
 from harness import run_distributed
 
 import pretrain_gpt
@@ -30,7 +29,7 @@ def _cli(argv):
 
 @pytest.fixture(scope="module")
 def small_tokenizer(tmp_path_factory):
-    from tools.train_tokenizer import train_sentencepiece
+    from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
 
     d = tmp_path_factory.mktemp("tok")
     text = d / "text.txt"

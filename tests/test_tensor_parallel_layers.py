@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from equivalence import assert_rel_close
 from harness import RankError, run_distributed
+
 from megatron_core import parallel_state
 from megatron_core.tensor_parallel import (
     ColumnParallelLinear,

@@ -8,9 +8,8 @@ import pickle
 
 import pytest
 
-from megatron_core.tokenizer import NullTokenizer, build_tokenizer, vocab_size_with_padding
-from tools import train_tokenizer
-from tools.train_tokenizer import train_sentencepiece
+from megatron_core.tokenizer import NullTokenizer, build_tokenizer, train_tokenizer, vocab_size_with_padding
+from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
 
 SAMPLES = (
     "def f(x):\n    return x + 1\n",

@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-
 from equivalence import assert_rel_close
 from harness import run_distributed
+
 from megatron_core import parallel_state
 from megatron_core.fusions import LayerNorm, RMSNorm, dropout, scaled_masked_softmax
+from megatron_core.models.gpt import GPTModel
+from megatron_core.models.presets import llama_config
 from megatron_core.transformer import (
     MLP,
     ConfigError,
@@ -20,10 +22,8 @@ from megatron_core.transformer import (
     get_gpt_layer_local_spec,
     get_gpt_layer_spec,
     get_gpt_layer_te_spec,
+    te_spec,
 )
-from megatron_core.transformer import te_spec
-from models.gpt import GPTModel
-from models.presets import llama_config
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -98,7 +98,7 @@ def _naive_attention(q, k, v, mask):
 def _attention(backend, explicit_mask):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     config = TransformerConfig(hidden_size=32, num_attention_heads=4, num_query_groups=2, attention_backend=backend)
-    attn = DotProductAttention(config, layer_number=1, parallel_state_=ps).eval()
+    attn = DotProductAttention(config, layer_number=1, parallel_state=ps).eval()
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(8, 2, 4, 8, generator=g), torch.randn(8, 2, 2, 8, generator=g), torch.randn(8, 2, 2, 8, generator=g)
     causal = torch.ones(8, 8, dtype=torch.bool).triu(1).expand(2, 1, 8, 8).clone()
@@ -149,8 +149,8 @@ def _custom_spec():
     config = llama_config(2, 32, 4, num_query_groups=2, ffn_hidden_size=64)
     spec = get_gpt_layer_local_spec()
     spec.submodules.mlp = ModuleSpec(module=_DoubleMLP, submodules=spec.submodules.mlp.submodules)
-    custom = GPTModel(config, 64, 16, parallel_state_=ps, transformer_layer_spec=spec, make_vocab_size_divisible_by=8)
-    plain = GPTModel(config, 64, 16, parallel_state_=ps, make_vocab_size_divisible_by=8)
+    custom = GPTModel(config, 64, 16, parallel_state=ps, transformer_layer_spec=spec, make_vocab_size_divisible_by=8)
+    plain = GPTModel(config, 64, 16, parallel_state=ps, make_vocab_size_divisible_by=8)
     ids = torch.arange(32).view(2, 16) % 64
     assert all(type(layer.mlp) is _DoubleMLP for layer in custom.decoder.layers)
     # Same seeded weights (the spec changes behaviour, not parameters), different outputs.

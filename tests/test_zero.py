@@ -12,10 +12,9 @@ import os
 
 import pytest
 import torch
-
-from harness import run_distributed
-from ddp_toy_model import ToyConfig
 from ddp_common import build, train_step
+from ddp_toy_model import ToyConfig
+from harness import run_distributed
 
 CONFIG = ToyConfig(num_layers=2)
 LAYOUT = {"tp": 2}
@@ -26,10 +25,10 @@ def _params(chunks):
     return [p.detach().clone() for c in chunks for p in c.parameters()]
 
 
-def _paths(directory, ps):
-    folder = os.path.join(directory, f"mp_rank_{ps.tp_rank:02d}")
+def _paths(directory, parallel_state):
+    folder = os.path.join(directory, f"mp_rank_{parallel_state.tp_rank:02d}")
     os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, "model_optim_rng.pt"), os.path.join(folder, f"distrib_optim_dp{ps.dp_rank:03d}.pt")
+    return os.path.join(folder, "model_optim_rng.pt"), os.path.join(folder, f"distrib_optim_dp{parallel_state.dp_rank:03d}.pt")
 
 
 def _resume(directory, ddp, dtype_name):

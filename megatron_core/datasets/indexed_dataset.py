@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import struct
 import types
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -129,7 +129,7 @@ class IndexedDatasetBuilder:
             f.write(pointers.tobytes(order="C"))
             f.write(documents.tobytes(order="C"))
 
-    def __enter__(self) -> "IndexedDatasetBuilder":
+    def __enter__(self) -> IndexedDatasetBuilder:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

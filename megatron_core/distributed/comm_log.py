@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -81,12 +80,12 @@ def now() -> float:
     return time.perf_counter()
 
 
-def _log(log: Optional[CommLog], op: str, full: torch.Tensor, group, tag: str) -> None:
+def _log(log: CommLog | None, op: str, full: torch.Tensor, group, tag: str) -> None:
     if log is not None:
         log.record(op, full, group, tag)
 
 
-def all_reduce(tensor: torch.Tensor, group, *, async_op: bool = False, log: Optional[CommLog] = None,
+def all_reduce(tensor: torch.Tensor, group, *, async_op: bool = False, log: CommLog | None = None,
                tag: str = "", op=dist.ReduceOp.SUM):
     """Sum (or ``op``) ``tensor`` over ``group`` in place."""
     _log(log, "all_reduce", tensor, group, tag)
@@ -94,20 +93,20 @@ def all_reduce(tensor: torch.Tensor, group, *, async_op: bool = False, log: Opti
 
 
 def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op: bool = False,
-                   log: Optional[CommLog] = None, tag: str = ""):
+                   log: CommLog | None = None, tag: str = ""):
     """Sum the flat ``full`` over ``group``; rank i receives chunk i in ``output``."""
     _log(log, "reduce_scatter", full, group, tag)
     return reduce_scatter_flat(output, full, group, async_op=async_op)
 
 
 def all_gather(full: torch.Tensor, shard: torch.Tensor, group, *, async_op: bool = False,
-               log: Optional[CommLog] = None, tag: str = ""):
+               log: CommLog | None = None, tag: str = ""):
     """Concatenate every rank's flat ``shard`` into the flat ``full`` (gloo wants 1-D tensors)."""
     _log(log, "all_gather", full, group, tag)
     return all_gather_flat(full, shard, group, async_op=async_op)
 
 
-def broadcast(tensor: torch.Tensor, src: int, group, *, log: Optional[CommLog] = None, tag: str = "") -> None:
+def broadcast(tensor: torch.Tensor, src: int, group, *, log: CommLog | None = None, tag: str = "") -> None:
     """Copy global rank ``src``'s ``tensor`` to every rank of ``group``."""
     _log(log, "broadcast", tensor, group, tag)
     dist.broadcast(tensor, src=src, group=group)

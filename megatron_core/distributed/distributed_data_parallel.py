@@ -10,7 +10,7 @@ launches whatever is left and waits.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -25,11 +25,11 @@ class DistributedDataParallel(torch.nn.Module):
     """Wraps one model chunk for data parallelism (see the module docstring and the config's ZeRO stages)."""
 
     def __init__(self, config: DistributedDataParallelConfig, module: torch.nn.Module,
-                 ps: Optional[ParallelState] = None, comm_log: Optional[CommLog] = None) -> None:
+                 parallel_state: ParallelState | None = None, comm_log: CommLog | None = None) -> None:
         super().__init__()
         self.ddp_config = config
         self.module = module
-        self.ps = get_parallel_state(ps)
+        self.parallel_state = get_parallel_state(parallel_state)
         self.comm_log = comm_log
         self._sync_enabled = True
         self.buffers_by_dtype: list[ParamAndGradBuffer] = []
@@ -51,22 +51,22 @@ class DistributedDataParallel(torch.nn.Module):
         for (_, grad_dtype), params in groups.items():
             # Reverse order: backward produces the last layers' gradients first, so the first
             # buckets fill (and can be reduced) first.
-            buffer = ParamAndGradBuffer(params[::-1], grad_dtype, self.ddp_config, self.ps, self.comm_log)
+            buffer = ParamAndGradBuffer(params[::-1], grad_dtype, self.ddp_config, self.parallel_state, self.comm_log)
             self.buffers_by_dtype.append(buffer)
             for p in params:
                 self._buffer_of[id(p)] = buffer
 
     def _broadcast_params(self) -> None:
         """Every DP rank starts from DP rank 0's parameters."""
-        if self.ps.dp_size == 1:
+        if self.parallel_state.dp_size == 1:
             return
-        src = self.ps.dp_ranks[0]
+        src = self.parallel_state.dp_ranks[0]
         with torch.no_grad():
             for buffer in self.buffers_by_dtype:
-                comm.broadcast(buffer.param_data, src, self.ps.dp_group, log=self.comm_log, tag="param.broadcast")
+                comm.broadcast(buffer.param_data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")
             for p in self.module.parameters():
                 if not p.requires_grad:
-                    comm.broadcast(p.data, src, self.ps.dp_group, log=self.comm_log, tag="param.broadcast")
+                    comm.broadcast(p.data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")
 
     def _grad_hook(self, buffer: ParamAndGradBuffer):
         def hook(param: torch.nn.Parameter) -> None:
@@ -83,7 +83,7 @@ class DistributedDataParallel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+    def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
         self.module.set_input_tensor(tensor)
 
     def state_dict(self, *args, **kwargs):

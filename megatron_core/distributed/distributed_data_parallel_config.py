@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 
 @dataclasses.dataclass
@@ -25,12 +24,11 @@ class DistributedDataParallelConfig:
       ``zero_grad_buffer()`` (or the first gradient of a step) and released by the optimizer step
       once the shard has been copied out.
 
-    ``use_distributed_optimizer=True`` with ``zero_stage=0`` means stage 1 (Megatron's flag); a
-    stage >= 1 sets ``use_distributed_optimizer``.
+    ``zero_stage`` is the one knob: Megatron-LM's ``--use-distributed-optimizer`` is stage 1, and
+    ``use_distributed_optimizer`` is a read-only view of ``zero_stage >= 1``.
     """
 
     zero_stage: int = 0
-    use_distributed_optimizer: bool = False
     zero1_all_reduce_grads: bool = False
     # Gradients are accumulated and reduced in fp32 for bf16/fp16 parameters
     # (Megatron's --accumulate-allreduce-grads-in-fp32).
@@ -38,7 +36,7 @@ class DistributedDataParallelConfig:
     # Launch each bucket's collective from the backward hooks as soon as its gradients are ready.
     overlap_grad_reduce: bool = False
     # Elements per bucket; None puts each buffer in a single bucket.
-    bucket_size: Optional[int] = 40_000_000
+    bucket_size: int | None = 40_000_000
     # Sum instead of average over DP: per-token loss averaging divides by the global token count
     # afterwards (finalize_model_grads(..., num_tokens=...)).
     calculate_per_token_loss: bool = False
@@ -47,16 +45,17 @@ class DistributedDataParallelConfig:
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"DistributedDataParallelConfig.zero_stage must be 0, 1 or 2, got {self.zero_stage} "
                              f"(stage 3, sharded parameters, is not implemented)")
-        if self.use_distributed_optimizer and self.zero_stage == 0:
-            self.zero_stage = 1
-        if self.zero_stage >= 1:
-            self.use_distributed_optimizer = True
         if self.zero1_all_reduce_grads and self.zero_stage != 1:
             raise ValueError("zero1_all_reduce_grads only applies to zero_stage=1; stage 2 must reduce-scatter "
                              "(it keeps only the gradient shard) and stage 0 always all-reduces")
         if self.bucket_size is not None and self.bucket_size < 1:
             raise ValueError(f"DistributedDataParallelConfig.bucket_size must be >= 1 element or None (one bucket), "
                              f"got {self.bucket_size}")
+
+    @property
+    def use_distributed_optimizer(self) -> bool:
+        """Whether main parameters and optimizer state are sharded over DP (``zero_stage >= 1``)."""
+        return self.zero_stage >= 1
 
     @property
     def reduce_scatter_grads(self) -> bool:

@@ -8,7 +8,7 @@ gradients are finally divided by the number of tokens in the global batch.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 
 
-def _grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
     """The gradient the optimizer will read: the DDP wrapper's ``main_grad`` when present."""
     grad = getattr(param, "main_grad", None)
     return grad if grad is not None else param.grad
@@ -45,8 +45,8 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
             offset += g.numel()
 
 
-def finalize_model_grads(model_chunks: list[torch.nn.Module], parallel_state: Optional[ParallelState] = None,
-                         num_tokens: Optional[torch.Tensor] = None) -> None:
+def finalize_model_grads(model_chunks: list[torch.nn.Module], parallel_state: ParallelState | None = None,
+                         num_tokens: torch.Tensor | None = None) -> None:
     """Finish DP sync, all-reduce sequence-parallel and tied-embedding grads, scale per-token grads.
 
     ``num_tokens`` (per-token loss averaging) is this rank's token count as the schedule counted it
@@ -69,12 +69,12 @@ def finalize_model_grads(model_chunks: list[torch.nn.Module], parallel_state: Op
         _scale_by_token_count(model_chunks, ps, num_tokens)
 
 
-def _scale_by_token_count(model_chunks: list[torch.nn.Module], ps: ParallelState, num_tokens: torch.Tensor) -> None:
+def _scale_by_token_count(model_chunks: list[torch.nn.Module], parallel_state: ParallelState, num_tokens: torch.Tensor) -> None:
     total = torch.as_tensor(num_tokens, dtype=torch.int64).clone()
-    if ps.pp_size > 1:
-        dist.broadcast(total, src=ps.pp_ranks[-1], group=ps.pp_group)
-    if ps.dp_size > 1:
-        dist.all_reduce(total, group=ps.dp_group)
+    if parallel_state.pp_size > 1:
+        dist.broadcast(total, src=parallel_state.pp_ranks[-1], group=parallel_state.pp_group)
+    if parallel_state.dp_size > 1:
+        dist.all_reduce(total, group=parallel_state.dp_group)
     count = int(total.item())
     if count <= 0:
         raise ValueError(f"per-token loss averaging counted {count} tokens in the global batch; loss_func must "

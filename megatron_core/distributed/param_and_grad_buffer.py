@@ -12,7 +12,6 @@ embedding-group all-reduce after the DP reduce-scatter adds matching shards.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 
@@ -33,8 +32,8 @@ class Bucket:
         self.local_offset = local_offset  # where this bucket's shard starts in the rank's concatenated shard
         self.pending: set[int] = set()
         self.handle = None
-        self.reduce_scatter_output: Optional[torch.Tensor] = None
-        self.launched_at: Optional[float] = None
+        self.reduce_scatter_output: torch.Tensor | None = None
+        self.launched_at: float | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -69,11 +68,11 @@ class ParamAndGradBuffer:
     """Parameters of one (param dtype, grad dtype) pair laid out in one flat buffer, with their grads."""
 
     def __init__(self, params: list[torch.nn.Parameter], grad_dtype: torch.dtype,
-                 config: DistributedDataParallelConfig, ps: ParallelState, comm_log: Optional[CommLog] = None) -> None:
+                 config: DistributedDataParallelConfig, parallel_state: ParallelState, comm_log: CommLog | None = None) -> None:
         if not params:
             raise ValueError("ParamAndGradBuffer needs at least one parameter")
-        self.config, self.ps, self.comm_log = config, ps, comm_log
-        self.dp_size, self.dp_rank, self.dp_group = ps.dp_size, ps.dp_rank, ps.dp_group
+        self.config, self.parallel_state, self.comm_log = config, parallel_state, comm_log
+        self.dp_size, self.dp_rank, self.dp_group = parallel_state.dp_size, parallel_state.dp_rank, parallel_state.dp_group
         self.param_dtype, self.grad_dtype = params[0].dtype, grad_dtype
         self.params = params
         self.param_ranges: dict[int, tuple[int, int, Bucket]] = {}

@@ -7,8 +7,6 @@ own tokens, so the weights' gradients are partial: they carry ``sequence_paralle
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +35,7 @@ class LayerNorm(torch.nn.Module):
             _mark(self.bias, sequence_parallel)
         else:
             self.register_parameter("bias", None)
-        self.kernel: Optional[Kernel] = find_kernel("layer_norm") if kernel is _AUTO else kernel
+        self.kernel: Kernel | None = find_kernel("layer_norm") if kernel is _AUTO else kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and self.kernel.applies(x, self.weight, self.bias, self.eps):
@@ -58,7 +56,7 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=params_dtype,
                                                     device=device_mod.current_device()))
         _mark(self.weight, sequence_parallel)
-        self.kernel: Optional[Kernel] = find_kernel("rms_norm") if kernel is _AUTO else kernel
+        self.kernel: Kernel | None = find_kernel("rms_norm") if kernel is _AUTO else kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and self.kernel.applies(x, self.weight, self.eps):
@@ -73,7 +71,7 @@ class RMSNorm(torch.nn.Module):
         return f"{self.hidden_size}, eps={self.eps}"
 
 
-def build_norm(config, hidden_size: int, eps: Optional[float] = None, kernel=_AUTO) -> torch.nn.Module:
+def build_norm(config, hidden_size: int, eps: float | None = None, kernel=_AUTO) -> torch.nn.Module:
     """The norm ``config.normalization`` names (``LayerNorm`` or ``RMSNorm``), with its epsilon,
     sequence-parallel marking and params dtype taken from ``config``."""
     eps = config.layernorm_epsilon if eps is None else eps

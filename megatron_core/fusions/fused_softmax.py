@@ -6,8 +6,6 @@ was found and accepts the tensors.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megatron_core.fusions.kernels import Kernel, find_kernel
@@ -20,7 +18,7 @@ def causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
     return torch.ones(sq, sk, dtype=torch.bool, device=device).triu_(sk - sq + 1).view(1, 1, sq, sk)
 
 
-def scaled_masked_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float,
                           softmax_in_fp32: bool = True) -> torch.Tensor:
     """softmax(scale * scores with masked positions removed) over the last dimension.
 
@@ -42,9 +40,9 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
     def __init__(self, causal: bool = True, softmax_in_fp32: bool = True, kernel=_AUTO) -> None:
         super().__init__()
         self.causal, self.softmax_in_fp32 = causal, softmax_in_fp32
-        self.kernel: Optional[Kernel] = find_kernel("scaled_masked_softmax") if kernel is _AUTO else kernel
+        self.kernel: Kernel | None = find_kernel("scaled_masked_softmax") if kernel is _AUTO else kernel
 
-    def forward(self, scores: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    def forward(self, scores: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         if mask is None and self.causal:
             mask = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)
         if self.kernel is not None and self.kernel.applies(scores, mask, scale):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -31,7 +32,7 @@ def _on_cuda(*tensors) -> bool:
     return all(t is None or t.is_cuda for t in tensors)
 
 
-def _apex_layer_norm() -> Optional[Kernel]:
+def _apex_layer_norm() -> Kernel | None:
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine  # noqa: PLC0415
 
     def fn(x, weight, bias, eps):
@@ -39,7 +40,7 @@ def _apex_layer_norm() -> Optional[Kernel]:
     return Kernel(fn, lambda x, *rest: _on_cuda(x), "apex.fused_layer_norm_affine")
 
 
-def _apex_rms_norm() -> Optional[Kernel]:
+def _apex_rms_norm() -> Kernel | None:
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # noqa: PLC0415
 
     def fn(x, weight, eps):
@@ -47,7 +48,7 @@ def _apex_rms_norm() -> Optional[Kernel]:
     return Kernel(fn, lambda x, *rest: _on_cuda(x), "apex.fused_rms_norm_affine")
 
 
-def _megatron_scaled_masked_softmax() -> Optional[Kernel]:
+def _megatron_scaled_masked_softmax() -> Kernel | None:
     import scaled_masked_softmax_cuda  # noqa: PLC0415  (Megatron-LM's compiled extension)
 
     class _ScaledMaskedSoftmax(torch.autograd.Function):
@@ -70,15 +71,15 @@ def _megatron_scaled_masked_softmax() -> Optional[Kernel]:
     return Kernel(_ScaledMaskedSoftmax.apply, applies, "scaled_masked_softmax_cuda")
 
 
-_PROVIDERS: dict[str, tuple[Callable[[], Optional[Kernel]], ...]] = {
+_PROVIDERS: dict[str, tuple[Callable[[], Kernel | None], ...]] = {
     "layer_norm": (_apex_layer_norm,),
     "rms_norm": (_apex_rms_norm,),
     "scaled_masked_softmax": (_megatron_scaled_masked_softmax,),
 }
 
 
-@functools.lru_cache(maxsize=None)
-def find_kernel(op: str) -> Optional[Kernel]:
+@functools.cache
+def find_kernel(op: str) -> Kernel | None:
     """The first fused kernel for ``op`` that imports on this machine, or None (use torch)."""
     if op not in _PROVIDERS:
         raise ValueError(f"unknown fusable op {op!r}; expected one of {', '.join(_PROVIDERS)}")

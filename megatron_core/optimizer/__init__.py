@@ -29,25 +29,23 @@ def _check_dtypes(config: OptimizerConfig, model_chunks: list[torch.nn.Module]) 
 
 
 def get_megatron_optimizer(config: OptimizerConfig, model_chunks: list[torch.nn.Module],
-                           ps: Optional[ParallelState] = None) -> MegatronOptimizer:
+                           parallel_state: ParallelState | None = None) -> MegatronOptimizer:
     """One optimizer over all of this rank's model chunks (virtual pipeline stages included).
 
-    :class:`DistributedOptimizer` (ZeRO-1/2) when ``config.use_distributed_optimizer``, which needs
-    the chunks wrapped in ``DistributedDataParallel`` with a distributed-optimizer config; else
-    :class:`ReplicatedOptimizer`.
+    :class:`DistributedOptimizer` (ZeRO-1/2) when the chunks are wrapped in ``DistributedDataParallel``
+    with ``zero_stage >= 1``, else :class:`ReplicatedOptimizer`. Raises ValueError when some chunks
+    are sharded and others are not, or when parameter dtypes and the precision flags disagree.
     """
-    ps = get_parallel_state(ps)
+    parallel_state = get_parallel_state(parallel_state)
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     _check_dtypes(config, chunks)
-    ddp_sharded = any(isinstance(c, DistributedDataParallel) and c.ddp_config.use_distributed_optimizer
-                      for c in chunks)
-    if ddp_sharded and not config.use_distributed_optimizer:
-        raise ValueError("the model chunks' DistributedDataParallelConfig uses the distributed optimizer (zero_stage "
-                         ">= 1) but OptimizerConfig.use_distributed_optimizer is False; set it to True "
-                         "(--use-distributed-optimizer) or wrap with zero_stage=0")
-    if config.use_distributed_optimizer:
-        return DistributedOptimizer(config, chunks, ps)
-    return ReplicatedOptimizer(config, chunks, ps)
+    sharded = [isinstance(c, DistributedDataParallel) and c.ddp_config.zero_stage >= 1 for c in chunks]
+    if any(sharded) and not all(sharded):
+        raise ValueError("some model chunks are wrapped with DistributedDataParallelConfig(zero_stage >= 1) and "
+                         "others are not; wrap every chunk with the same zero_stage")
+    if all(sharded):
+        return DistributedOptimizer(config, chunks, parallel_state)
+    return ReplicatedOptimizer(config, chunks, parallel_state)
 
 
 __all__ = [

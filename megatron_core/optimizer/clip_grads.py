@@ -8,7 +8,7 @@ is; under ZeRO each DP rank holds a disjoint shard and the sums are added over D
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -17,31 +17,31 @@ from megatron_core import device as device_mod
 from megatron_core.parallel_state import ParallelState
 
 
-def counted_in_norm(param: torch.nn.Parameter, ps: ParallelState) -> bool:
+def counted_in_norm(param: torch.nn.Parameter, parallel_state: ParallelState) -> bool:
     """Whether this rank's copy of ``param`` is the one that counts in global norms."""
-    if not getattr(param, "tensor_model_parallel", False) and ps.tp_rank != 0:
+    if not getattr(param, "tensor_model_parallel", False) and parallel_state.tp_rank != 0:
         return False
-    if getattr(param, "shared_embedding", False) and not ps.is_pipeline_first_stage():
+    if getattr(param, "shared_embedding", False) and not parallel_state.is_pipeline_first_stage():
         return False
     return True
 
 
-def _groups(ps: ParallelState, sharded_over_dp: bool) -> list:
+def _groups(parallel_state: ParallelState, sharded_over_dp: bool) -> list:
     groups = []
-    if ps.mp_size > 1:
-        groups.append(ps.mp_group)
-    if sharded_over_dp and ps.dp_size > 1:
-        groups.append(ps.dp_group)
+    if parallel_state.mp_size > 1:
+        groups.append(parallel_state.mp_group)
+    if sharded_over_dp and parallel_state.dp_size > 1:
+        groups.append(parallel_state.dp_group)
     return groups
 
 
-def global_grad_norm(grads: Iterable[torch.Tensor], ps: ParallelState, sharded_over_dp: bool) -> float:
+def global_grad_norm(grads: Iterable[torch.Tensor], parallel_state: ParallelState, sharded_over_dp: bool) -> float:
     """L2 norm of the gradients counted on every rank (see the module docstring), in fp32."""
     # On the compute device: NCCL only reduces device tensors.
     total = torch.zeros((), dtype=torch.float32, device=device_mod.current_device())
     for g in grads:
         total += g.detach().float().pow(2).sum()
-    for group in _groups(ps, sharded_over_dp):
+    for group in _groups(parallel_state, sharded_over_dp):
         dist.all_reduce(total, group=group)
     return math.sqrt(total.item())
 
@@ -54,12 +54,12 @@ def clip_by_total_norm(grads: Iterable[torch.Tensor], max_norm: float, total_nor
             g.mul_(coeff)
 
 
-def count_zeros(grads: Iterable[torch.Tensor], ps: ParallelState, sharded_over_dp: bool) -> int:
+def count_zeros(grads: Iterable[torch.Tensor], parallel_state: ParallelState, sharded_over_dp: bool) -> int:
     """Number of zero gradient elements over the model (each element counted once)."""
     total = torch.zeros((), dtype=torch.float64, device=device_mod.current_device())
     for g in grads:
         total += (g == 0).sum()
-    for group in _groups(ps, sharded_over_dp):
+    for group in _groups(parallel_state, sharded_over_dp):
         dist.all_reduce(total, group=group)
     return int(total.item())
 
@@ -69,10 +69,10 @@ def any_non_finite(grads: Iterable[torch.Tensor]) -> bool:
     return any(not torch.isfinite(g).all() for g in grads)
 
 
-def agree_found_inf(found_inf: bool, ps: ParallelState) -> bool:
+def agree_found_inf(found_inf: bool, parallel_state: ParallelState) -> bool:
     """MAX of every rank's flag over TP, PP and DP (the model-parallel then the DP group reaches every
     rank of the job), so that all ranks skip the same step."""
     flag = torch.tensor([1.0 if found_inf else 0.0], device=device_mod.current_device())
-    for group in _groups(ps, sharded_over_dp=True):
+    for group in _groups(parallel_state, sharded_over_dp=True):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item() > 0)

@@ -41,13 +41,12 @@ class DistributedOptimizer(MegatronOptimizer):
 
     sharded_over_dp = True
 
-    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], ps: ParallelState) -> None:
-        super().__init__(config, model_chunks, ps)
+    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState) -> None:
+        super().__init__(config, model_chunks, parallel_state)
         for chunk in self.model_chunks:
-            if not (isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.use_distributed_optimizer):
-                raise TypeError("the distributed optimizer (OptimizerConfig.use_distributed_optimizer) needs every "
-                                "model chunk wrapped in DistributedDataParallel with DistributedDataParallelConfig("
-                                "zero_stage=1 or 2, or use_distributed_optimizer=True)")
+            if not (isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.zero_stage >= 1):
+                raise TypeError("the distributed optimizer needs every model chunk wrapped in "
+                                "DistributedDataParallel with DistributedDataParallelConfig(zero_stage=1 or 2)")
         self.zero_stage = self.model_chunks[0].ddp_config.zero_stage
         self.sharded: list[_ShardedBuffer] = []
         for chunk in self.model_chunks:
@@ -118,14 +117,14 @@ class DistributedOptimizer(MegatronOptimizer):
             buffers.append({"numel": sb.buffer.numel, "shard_numel": sb.buffer.shard_numel,
                             "main_params": sb.main.clone(), "state": flat,
                             "scalar_state": {k: torch.stack(v) for k, v in scalars.items()}})
-        return {"dp_rank": self.ps.dp_rank, "dp_size": self.ps.dp_size, "zero_stage": self.zero_stage,
+        return {"dp_rank": self.parallel_state.dp_rank, "dp_size": self.parallel_state.dp_size, "zero_stage": self.zero_stage,
                 "buffers": buffers}
 
     def load_sharded_state_dict(self, state: dict) -> None:
         """Restore :meth:`sharded_state_dict`'s output; the DP size and model layout must match."""
-        if state["dp_size"] != self.ps.dp_size or state["dp_rank"] != self.ps.dp_rank:
+        if state["dp_size"] != self.parallel_state.dp_size or state["dp_rank"] != self.parallel_state.dp_rank:
             raise ValueError(f"distributed optimizer checkpoint is DP rank {state['dp_rank']} of {state['dp_size']}, "
-                             f"this rank is {self.ps.dp_rank} of {self.ps.dp_size}: resume with the same data-parallel "
+                             f"this rank is {self.parallel_state.dp_rank} of {self.parallel_state.dp_size}: resume with the same data-parallel "
                              f"size (or load without the optimizer state, --no-load-optim)")
         if len(state["buffers"]) != len(self.sharded):
             raise ValueError(f"distributed optimizer checkpoint has {len(state['buffers'])} buffers, the model "

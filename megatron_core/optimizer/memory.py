@@ -8,7 +8,7 @@ mixed-precision Adam), up to bucket padding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -35,7 +35,7 @@ class _StorageCounter:
     def __init__(self) -> None:
         self.seen: set[tuple[int, int]] = set()
 
-    def add(self, tensors: Iterable[Optional[torch.Tensor]]) -> int:
+    def add(self, tensors: Iterable[torch.Tensor | None]) -> int:
         total = 0
         for t in tensors:
             if t is None:
@@ -49,7 +49,7 @@ class _StorageCounter:
         return total
 
 
-def memory_footprint(model_chunks: list[torch.nn.Module], optimizer: Optional[MegatronOptimizer] = None
+def memory_footprint(model_chunks: list[torch.nn.Module], optimizer: MegatronOptimizer | None = None
                      ) -> MemoryFootprint:
     """What this rank holds now; call it between steps (after ``step()``) for the steady state."""
     counter = _StorageCounter()

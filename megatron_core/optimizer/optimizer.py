@@ -7,8 +7,6 @@ what a "main parameter" is: the whole parameter here, a DP shard of it in ``dist
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megatron_core.optimizer.clip_grads import (
@@ -27,7 +25,7 @@ from megatron_core.parallel_state import ParallelState
 ParamPair = tuple[torch.nn.Parameter, torch.nn.Parameter]
 
 
-def make_grad_scaler(config: OptimizerConfig) -> Optional[ConstantGradScaler]:
+def make_grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | None:
     """The loss scaler for fp16 (static with ``loss_scale``, else dynamic); None for bf16 / fp32."""
     if not config.fp16:
         return None
@@ -54,7 +52,7 @@ def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair]) -> to
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.sgd_momentum)
 
 
-def model_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+def model_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
     """The DDP wrapper's ``main_grad`` when present, else ``param.grad``."""
     grad = getattr(param, "main_grad", None)
     return grad if grad is not None else param.grad
@@ -65,11 +63,11 @@ class MegatronOptimizer:
 
     sharded_over_dp = False
 
-    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], ps: ParallelState) -> None:
-        self.config, self.model_chunks, self.ps = config, list(model_chunks), ps
+    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState) -> None:
+        self.config, self.model_chunks, self.parallel_state = config, list(model_chunks), parallel_state
         self.grad_scaler = make_grad_scaler(config)
         self.pairs: list[ParamPair] = []
-        self.inner: Optional[torch.optim.Optimizer] = None
+        self.inner: torch.optim.Optimizer | None = None
 
     # ---- what subclasses provide --------------------------------------------------------------
     def _prepare_main_grads(self) -> None:
@@ -110,7 +108,7 @@ class MegatronOptimizer:
         return [main.grad for main, _ in self.pairs if main.grad is not None]
 
     @torch.no_grad()
-    def step(self) -> tuple[bool, Optional[float], Optional[int]]:
+    def step(self) -> tuple[bool, float | None, int | None]:
         """One update; returns ``(update_successful, grad_norm, num_zeros)`` (norm before clipping).
 
         With fp16 an inf/nan on any rank skips the update on every rank and lowers the scale;
@@ -122,17 +120,17 @@ class MegatronOptimizer:
             inv_scale = 1.0 / self.grad_scaler.scale
             for g in grads:
                 g.mul_(inv_scale)
-            found_inf = agree_found_inf(any_non_finite(grads), self.ps)
+            found_inf = agree_found_inf(any_non_finite(grads), self.parallel_state)
             self.grad_scaler.update(found_inf)
             if found_inf:
                 self._drop_main_grads()
                 return False, None, None
         counted = [main.grad for main, model in self.pairs
-                   if main.grad is not None and counted_in_norm(model, self.ps)]
-        grad_norm = global_grad_norm(counted, self.ps, self.sharded_over_dp)
+                   if main.grad is not None and counted_in_norm(model, self.parallel_state)]
+        grad_norm = global_grad_norm(counted, self.parallel_state, self.sharded_over_dp)
         if self.config.clip_grad > 0:
             clip_by_total_norm(grads, self.config.clip_grad, grad_norm)
-        num_zeros = (count_zeros(counted, self.ps, self.sharded_over_dp)
+        num_zeros = (count_zeros(counted, self.parallel_state, self.sharded_over_dp)
                      if self.config.log_num_zeros_in_grad else None)
         self.inner.step()
         self._copy_main_to_model()
@@ -154,8 +152,8 @@ class ReplicatedOptimizer(MegatronOptimizer):
     fp32 model parameters are their own main parameters; bf16/fp16 ones get an fp32 copy.
     """
 
-    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], ps: ParallelState) -> None:
-        super().__init__(config, model_chunks, ps)
+    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState) -> None:
+        super().__init__(config, model_chunks, parallel_state)
         seen: set[int] = set()
         for chunk in self.model_chunks:
             for p in chunk.parameters():

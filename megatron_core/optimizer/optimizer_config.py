@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 
 @dataclasses.dataclass
@@ -15,8 +14,8 @@ class OptimizerConfig:
     ``hysteresis`` = 2 overflowing steps, never below ``min_loss_scale`` = 1. (Megatron-LM starts at
     2^32; pass ``initial_loss_scale=2**32`` to match it.)
 
-    ``use_distributed_optimizer`` must agree with the model chunks' ``DistributedDataParallelConfig``
-    (whose ``zero_stage`` decides between ZeRO-1 and ZeRO-2).
+    Whether the optimizer is sharded over DP is not an option here: the model chunks'
+    ``DistributedDataParallelConfig.zero_stage`` decides it (one knob for one choice).
     """
 
     optimizer: str = "adam"
@@ -30,12 +29,11 @@ class OptimizerConfig:
     clip_grad: float = 1.0  # max global L2 norm; 0 disables clipping
     fp16: bool = False
     bf16: bool = False
-    loss_scale: Optional[float] = None
+    loss_scale: float | None = None
     initial_loss_scale: float = 2.0 ** 16
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
-    use_distributed_optimizer: bool = False
     log_num_zeros_in_grad: bool = False
 
     def __post_init__(self) -> None:

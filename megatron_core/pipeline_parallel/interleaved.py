@@ -11,7 +11,8 @@ Megatron-LM's schedule, so that no rank waits on a neighbour that is itself wait
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -32,10 +33,10 @@ from megatron_core.pipeline_parallel.stage_errors import report_stage_failures
 def forward_backward_pipelining_with_interleaving(
         *, forward_step_func: ForwardStepFunc, data_iterator: Any, model: Any, num_microbatches: int,
         seq_length: int, micro_batch_size: int, forward_only: bool = False,
-        no_sync_func: Optional[Callable] = None, finalize_model_grads_func: Optional[Callable] = None,
-        grad_scale_func: Optional[Callable] = None, calculate_per_token_loss: bool = False,
-        hidden_size: Optional[int] = None, sequence_parallel: Optional[bool] = None,
-        pipeline_dtype: Optional[torch.dtype] = None, parallel_state: Optional[ParallelState] = None) -> list:
+        no_sync_func: Callable | None = None, finalize_model_grads_func: Callable | None = None,
+        grad_scale_func: Callable | None = None, calculate_per_token_loss: bool = False,
+        hidden_size: int | None = None, sequence_parallel: bool | None = None,
+        pipeline_dtype: torch.dtype | None = None, parallel_state: ParallelState | None = None) -> list:
     """Interleaved 1F1B over ``model`` (a list of chunks) and ``data_iterator`` (one per chunk)."""
     ps = get_parallel_state(parallel_state)
     model = as_list(model)
@@ -46,7 +47,7 @@ def forward_backward_pipelining_with_interleaving(
         raise ValueError(f"the interleaved schedule needs data_iterator to be a list with one iterator per model "
                          f"chunk ({len(model)}); got {type(data_iterator).__name__}")
     check_interleaved_microbatches(num_microbatches, ps.pp_size, len(model))
-    runner = MicrobatchRunner(ps=ps, forward_step_func=forward_step_func, model=model,
+    runner = MicrobatchRunner(parallel_state=ps, forward_step_func=forward_step_func, model=model,
                               num_microbatches=num_microbatches, forward_only=forward_only,
                               no_sync_func=no_sync_func, finalize_model_grads_func=finalize_model_grads_func,
                               grad_scale_func=grad_scale_func, calculate_per_token_loss=calculate_per_token_loss)
@@ -62,7 +63,7 @@ class _Interleaved:
 
     def __init__(self, runner: MicrobatchRunner, comm: P2PCommunicator, data_iterators: list) -> None:
         self.runner, self.comm, self.data_iterators = runner, comm, data_iterators
-        ps = runner.ps
+        ps = runner.parallel_state
         self.p, self.rank, self.v, self.m = ps.pp_size, ps.pp_rank, len(runner.model), runner.num_microbatches
         self.total = self.m * self.v
         self.inputs = [deque() for _ in range(self.v)]        # received activations, not yet used
@@ -87,7 +88,7 @@ class _Interleaved:
             step += 1
         return step
 
-    def _store_received(self, from_prev: Optional[torch.Tensor], from_next: Optional[torch.Tensor]) -> None:
+    def _store_received(self, from_prev: torch.Tensor | None, from_next: torch.Tensor | None) -> None:
         if from_prev is not None:
             self.inputs[self.chunk(self.next_input_step, True)].append(from_prev)
             self.next_input_step = self._next_step(self.next_input_step + 1, forward=True)
@@ -105,7 +106,7 @@ class _Interleaved:
         return min(self.total, 2 * (self.p - self.rank - 1) + (self.v - 1) * self.p)
 
     # ---- compute ------------------------------------------------------------------------------
-    def forward(self, step: int) -> Optional[torch.Tensor]:
+    def forward(self, step: int) -> torch.Tensor | None:
         """Run forward step ``step``; returns the activation to send on (None on the last stage)."""
         c = self.chunk(step, forward=True)
         input_tensor = None if self.runner.is_first(c) else self.inputs[c].popleft()
@@ -114,7 +115,7 @@ class _Interleaved:
             self.saved[c].append((input_tensor, output))
         return None if self.runner.is_last(c) else output
 
-    def backward(self, step: int) -> Optional[torch.Tensor]:
+    def backward(self, step: int) -> torch.Tensor | None:
         """Run backward step ``step``; returns the gradient to send back (None on the first stage)."""
         c = self.chunk(step, forward=False)
         output_grad = None if self.runner.is_last(c) else self.output_grads[c].popleft()

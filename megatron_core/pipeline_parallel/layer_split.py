@@ -6,12 +6,12 @@ cut into ``p * v`` chunks; chunk ``k`` lives on rank ``k % p`` as that rank's vi
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
-def chunk_layer_counts(num_layers: int, pp_size: int, vpp_size: Optional[int] = None,
-                       first_stage_layers: Optional[int] = None, last_stage_layers: Optional[int] = None,
-                       layers_per_chunk: Optional[Sequence[int]] = None) -> list[int]:
+def chunk_layer_counts(num_layers: int, pp_size: int, vpp_size: int | None = None,
+                       first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+                       layers_per_chunk: Sequence[int] | None = None) -> list[int]:
     """Layer counts of the ``pp_size * vpp_size`` chunks in model order.
 
     ``layers_per_chunk`` sets every count explicitly. Otherwise ``first_stage_layers`` /
@@ -53,12 +53,12 @@ def chunk_layer_counts(num_layers: int, pp_size: int, vpp_size: Optional[int] = 
     return counts
 
 
-def chunk_index(pp_size: int, pp_rank: int, vp_stage: Optional[int]) -> int:
+def chunk_index(pp_size: int, pp_rank: int, vp_stage: int | None) -> int:
     """Position in model order of the chunk that rank ``pp_rank`` holds as virtual stage ``vp_stage``."""
     return (vp_stage or 0) * pp_size + pp_rank
 
 
-def layer_range(counts: Sequence[int], pp_size: int, pp_rank: int, vp_stage: Optional[int] = None) -> tuple[int, int]:
+def layer_range(counts: Sequence[int], pp_size: int, pp_rank: int, vp_stage: int | None = None) -> tuple[int, int]:
     """``(offset, count)``: the first global layer number and the number of layers of one chunk."""
     k = chunk_index(pp_size, pp_rank, vp_stage)
     return sum(counts[:k]), counts[k]

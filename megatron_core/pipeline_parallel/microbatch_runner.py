@@ -5,7 +5,8 @@ The schedules only decide the order of these steps and the communication between
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -15,7 +16,7 @@ from megatron_core.pipeline_parallel.p2p_communication import P2PCommunicator, p
 ForwardStepFunc = Callable[[Any, torch.nn.Module], tuple[Any, Callable]]
 
 
-def deallocate_output_tensor(output: Optional[torch.Tensor]) -> None:
+def deallocate_output_tensor(output: torch.Tensor | None) -> None:
     """Free a sent stage output's storage, keeping its autograd node (Megatron's trick).
 
     The next stage holds its own copy; here only ``output.grad_fn`` is still needed, for the
@@ -45,9 +46,9 @@ def _unwrap_attr(module: torch.nn.Module, name: str):
     return getattr(module, name, None)
 
 
-def communicator_for(ps: ParallelState, model: Sequence[torch.nn.Module], seq_length: int, micro_batch_size: int,
-                     hidden_size: Optional[int], sequence_parallel: Optional[bool],
-                     pipeline_dtype: Optional[torch.dtype]) -> P2PCommunicator:
+def communicator_for(parallel_state: ParallelState, model: Sequence[torch.nn.Module], seq_length: int, micro_batch_size: int,
+                     hidden_size: int | None, sequence_parallel: bool | None,
+                     pipeline_dtype: torch.dtype | None) -> P2PCommunicator:
     """The stage-to-stage communicator; sizes not given are read from the model's ``config``."""
     config = _unwrap_attr(model[0], "config")
     if hidden_size is None:
@@ -61,37 +62,37 @@ def communicator_for(ps: ParallelState, model: Sequence[torch.nn.Module], seq_le
         pipeline_dtype = (getattr(config, "pipeline_dtype", None) or getattr(config, "params_dtype", None)
                           or torch.float32)
     shape = pipeline_tensor_shape(seq_length, micro_batch_size, hidden_size,
-                                  sequence_parallel=sequence_parallel, tp_size=ps.tp_size)
-    return P2PCommunicator(ps, shape, pipeline_dtype)
+                                  sequence_parallel=sequence_parallel, tp_size=parallel_state.tp_size)
+    return P2PCommunicator(parallel_state, shape, pipeline_dtype)
 
 
 class MicrobatchRunner:
     """Runs forward and backward steps of single microbatches and drives the gradient hooks."""
 
-    def __init__(self, *, ps: ParallelState, forward_step_func: ForwardStepFunc, model: Sequence[torch.nn.Module],
-                 num_microbatches: int, forward_only: bool, no_sync_func: Optional[Callable],
-                 finalize_model_grads_func: Optional[Callable], grad_scale_func: Optional[Callable],
+    def __init__(self, *, parallel_state: ParallelState, forward_step_func: ForwardStepFunc, model: Sequence[torch.nn.Module],
+                 num_microbatches: int, forward_only: bool, no_sync_func: Callable | None,
+                 finalize_model_grads_func: Callable | None, grad_scale_func: Callable | None,
                  calculate_per_token_loss: bool) -> None:
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
-        self.ps, self.forward_step_func, self.model = ps, forward_step_func, list(model)
+        self.parallel_state, self.forward_step_func, self.model = parallel_state, forward_step_func, list(model)
         self.num_microbatches, self.forward_only = num_microbatches, forward_only
         self.finalize_model_grads_func, self.grad_scale_func = finalize_model_grads_func, grad_scale_func
         self.calculate_per_token_loss = calculate_per_token_loss
         self.losses: list[Any] = []
         self.num_tokens = torch.zeros((), dtype=torch.int64)
         self._no_sync_func = no_sync_func
-        self._no_sync: Optional[contextlib.AbstractContextManager] = None
+        self._no_sync: contextlib.AbstractContextManager | None = None
 
     # ---- stage position -----------------------------------------------------------------------
     def is_first(self, chunk_id: int) -> bool:
-        return self.ps.pp_rank == 0 and chunk_id == 0
+        return self.parallel_state.pp_rank == 0 and chunk_id == 0
 
     def is_last(self, chunk_id: int) -> bool:
-        return self.ps.pp_rank == self.ps.pp_size - 1 and chunk_id == len(self.model) - 1
+        return self.parallel_state.pp_rank == self.parallel_state.pp_size - 1 and chunk_id == len(self.model) - 1
 
     # ---- steps --------------------------------------------------------------------------------
-    def forward(self, chunk_id: int, data_iterator: Any, input_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, chunk_id: int, data_iterator: Any, input_tensor: torch.Tensor | None) -> torch.Tensor:
         """One microbatch through one model chunk; on the last stage, the (scaled) loss."""
         chunk = self.model[chunk_id]
         if input_tensor is not None:
@@ -125,8 +126,8 @@ class MicrobatchRunner:
         # Per-token losses are summed here and divided by the total token count in finalize.
         return loss if self.calculate_per_token_loss else loss / self.num_microbatches
 
-    def backward(self, input_tensor: Optional[torch.Tensor], output: torch.Tensor,
-                 output_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def backward(self, input_tensor: torch.Tensor | None, output: torch.Tensor,
+                 output_grad: torch.Tensor | None) -> torch.Tensor | None:
         """Backward through one chunk; returns the gradient for the previous stage (or None)."""
         if output_grad is None:  # the last stage: ``output`` is the loss
             if self.grad_scale_func is not None:

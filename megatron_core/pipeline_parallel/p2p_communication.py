@@ -11,8 +11,6 @@ same peer) an activation can never be taken for a gradient.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -38,19 +36,19 @@ class P2PCommunicator:
     """Batched sends and receives between this pipeline rank and its neighbours (a ring)."""
 
     def __init__(self, parallel_state: ParallelState, tensor_shape: tuple[int, ...],
-                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> None:
-        self.ps = parallel_state
+                 dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+        self.parallel_state = parallel_state
         self.tensor_shape = tuple(tensor_shape)
         self.dtype = dtype
         self.device = device if device is not None else device_mod.current_device()
 
     # ---- the one primitive --------------------------------------------------------------------
-    def communicate(self, *, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
+    def communicate(self, *, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
                     recv_prev: bool = False, recv_next: bool = False
-                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Send to / receive from the next and previous ranks in one batch; returns
         ``(from_prev, from_next)`` (``None`` where nothing was received)."""
-        ps = self.ps
+        ps = self.parallel_state
         ops = []
         for tensor, peer, tag, what in ((send_prev, ps.prev_pipeline_rank, _GRADIENT_TAG, "gradient"),
                                         (send_next, ps.next_pipeline_rank, _ACTIVATION_TAG, "activation")):
@@ -69,24 +67,24 @@ class P2PCommunicator:
         return from_prev, from_next
 
     # ---- 1F1B helpers: the first / last rank have no previous / next stage ---------------------
-    def recv_forward(self) -> Optional[torch.Tensor]:
-        return self.communicate(recv_prev=not self.ps.is_pipeline_first_stage())[0]
+    def recv_forward(self) -> torch.Tensor | None:
+        return self.communicate(recv_prev=not self.parallel_state.is_pipeline_first_stage())[0]
 
-    def recv_backward(self) -> Optional[torch.Tensor]:
-        return self.communicate(recv_next=not self.ps.is_pipeline_last_stage())[1]
+    def recv_backward(self) -> torch.Tensor | None:
+        return self.communicate(recv_next=not self.parallel_state.is_pipeline_last_stage())[1]
 
-    def send_forward(self, output: Optional[torch.Tensor]) -> None:
-        self.communicate(send_next=None if self.ps.is_pipeline_last_stage() else output)
+    def send_forward(self, output: torch.Tensor | None) -> None:
+        self.communicate(send_next=None if self.parallel_state.is_pipeline_last_stage() else output)
 
-    def send_backward(self, input_grad: Optional[torch.Tensor]) -> None:
-        self.communicate(send_prev=None if self.ps.is_pipeline_first_stage() else input_grad)
+    def send_backward(self, input_grad: torch.Tensor | None) -> None:
+        self.communicate(send_prev=None if self.parallel_state.is_pipeline_first_stage() else input_grad)
 
-    def send_forward_recv_backward(self, output: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        last = self.ps.is_pipeline_last_stage()
+    def send_forward_recv_backward(self, output: torch.Tensor | None) -> torch.Tensor | None:
+        last = self.parallel_state.is_pipeline_last_stage()
         return self.communicate(send_next=None if last else output, recv_next=not last)[1]
 
-    def send_backward_recv_forward(self, input_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        first = self.ps.is_pipeline_first_stage()
+    def send_backward_recv_forward(self, input_grad: torch.Tensor | None) -> torch.Tensor | None:
+        first = self.parallel_state.is_pipeline_first_stage()
         return self.communicate(send_prev=None if first else input_grad, recv_prev=not first)[0]
 
     # ---- internals ----------------------------------------------------------------------------

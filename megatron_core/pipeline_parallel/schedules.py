@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -45,15 +46,15 @@ def _single_chunk(model: Any, data_iterator: Any, schedule: str) -> tuple[list, 
 
 def forward_backward_no_pipelining(
         *, forward_step_func: ForwardStepFunc, data_iterator: Any, model: Any, num_microbatches: int,
-        seq_length: Optional[int] = None, micro_batch_size: Optional[int] = None, forward_only: bool = False,
-        no_sync_func: Optional[Callable] = None, finalize_model_grads_func: Optional[Callable] = None,
-        grad_scale_func: Optional[Callable] = None, calculate_per_token_loss: bool = False,
-        hidden_size: Optional[int] = None, sequence_parallel: Optional[bool] = None,
-        pipeline_dtype: Optional[torch.dtype] = None, parallel_state: Optional[ParallelState] = None) -> list:
+        seq_length: int | None = None, micro_batch_size: int | None = None, forward_only: bool = False,
+        no_sync_func: Callable | None = None, finalize_model_grads_func: Callable | None = None,
+        grad_scale_func: Callable | None = None, calculate_per_token_loss: bool = False,
+        hidden_size: int | None = None, sequence_parallel: bool | None = None,
+        pipeline_dtype: torch.dtype | None = None, parallel_state: ParallelState | None = None) -> list:
     """Gradient accumulation over microbatches on one stage; grads sync on the last microbatch only."""
     ps = get_parallel_state(parallel_state)
     model, data_iterator = _single_chunk(model, data_iterator, "forward_backward_no_pipelining")
-    runner = MicrobatchRunner(ps=ps, forward_step_func=forward_step_func, model=model,
+    runner = MicrobatchRunner(parallel_state=ps, forward_step_func=forward_step_func, model=model,
                               num_microbatches=num_microbatches, forward_only=forward_only,
                               no_sync_func=no_sync_func, finalize_model_grads_func=finalize_model_grads_func,
                               grad_scale_func=grad_scale_func, calculate_per_token_loss=calculate_per_token_loss)
@@ -72,17 +73,17 @@ def forward_backward_no_pipelining(
 def forward_backward_pipelining_without_interleaving(
         *, forward_step_func: ForwardStepFunc, data_iterator: Any, model: Any, num_microbatches: int,
         seq_length: int, micro_batch_size: int, forward_only: bool = False,
-        no_sync_func: Optional[Callable] = None, finalize_model_grads_func: Optional[Callable] = None,
-        grad_scale_func: Optional[Callable] = None, calculate_per_token_loss: bool = False,
-        hidden_size: Optional[int] = None, sequence_parallel: Optional[bool] = None,
-        pipeline_dtype: Optional[torch.dtype] = None, parallel_state: Optional[ParallelState] = None) -> list:
+        no_sync_func: Callable | None = None, finalize_model_grads_func: Callable | None = None,
+        grad_scale_func: Callable | None = None, calculate_per_token_loss: bool = False,
+        hidden_size: int | None = None, sequence_parallel: bool | None = None,
+        pipeline_dtype: torch.dtype | None = None, parallel_state: ParallelState | None = None) -> list:
     """1F1B: ``p - rank - 1`` warm-up forwards, then one forward / one backward, then cool-down backwards.
 
     At most ``p - rank`` microbatches' activations are alive on a rank (instead of all of them).
     """
     ps = get_parallel_state(parallel_state)
     model, data_iterator = _single_chunk(model, data_iterator, "forward_backward_pipelining_without_interleaving")
-    runner = MicrobatchRunner(ps=ps, forward_step_func=forward_step_func, model=model,
+    runner = MicrobatchRunner(parallel_state=ps, forward_step_func=forward_step_func, model=model,
                               num_microbatches=num_microbatches, forward_only=forward_only,
                               no_sync_func=no_sync_func, finalize_model_grads_func=finalize_model_grads_func,
                               grad_scale_func=grad_scale_func, calculate_per_token_loss=calculate_per_token_loss)
@@ -94,7 +95,7 @@ def forward_backward_pipelining_without_interleaving(
 
 
 def _one_forward_one_backward(runner: MicrobatchRunner, comm: P2PCommunicator, data_iterator: Any) -> None:
-    ps, m, forward_only = runner.ps, runner.num_microbatches, runner.forward_only
+    ps, m, forward_only = runner.parallel_state, runner.num_microbatches, runner.forward_only
     warmup = min(ps.pp_size - ps.pp_rank - 1, m)
     steady = m - warmup
     last_stage = runner.is_last(0)
@@ -140,7 +141,7 @@ def _one_forward_one_backward(runner: MicrobatchRunner, comm: P2PCommunicator, d
         comm.send_backward(runner.backward(*saved.popleft(), output_grad))
 
 
-def get_forward_backward_func(parallel_state: Optional[ParallelState] = None) -> Callable[..., list]:
+def get_forward_backward_func(parallel_state: ParallelState | None = None) -> Callable[..., list]:
     """The schedule for this layout, with ``parallel_state`` bound; call it with keywords only.
 
     No pipelining for one stage, interleaved 1F1B with virtual stages, 1F1B otherwise.

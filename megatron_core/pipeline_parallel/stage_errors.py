@@ -10,8 +10,8 @@ raises :class:`PipelineStageError` carrying the original error.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Iterator, Optional
 
 import torch.distributed as dist
 
@@ -32,19 +32,19 @@ def _store():
         return None
 
 
-def _publish(ps: ParallelState, exc: BaseException) -> None:
+def _publish(parallel_state: ParallelState, exc: BaseException) -> None:
     store = _store()
     if store is None:
         return
     try:
         if store.add(_COUNT_KEY, 1) == 1:  # first failure wins; later ones are usually its symptoms
             summary = (str(exc).strip().splitlines() or [""])[0]  # one line: peers quote it in theirs
-            store.set(_MESSAGE_KEY, f"global rank {ps.rank} ({ps.describe()}) raised {type(exc).__name__}: {summary}")
+            store.set(_MESSAGE_KEY, f"global rank {parallel_state.rank} ({parallel_state.describe()}) raised {type(exc).__name__}: {summary}")
     except Exception:  # noqa: BLE001 - reporting must never mask the real error
         pass
 
 
-def _peer_failure() -> Optional[str]:
+def _peer_failure() -> str | None:
     store = _store()
     if store is None:
         return None
@@ -61,17 +61,17 @@ def _peer_failure() -> Optional[str]:
 
 
 @contextlib.contextmanager
-def report_stage_failures(ps: ParallelState) -> Iterator[None]:
+def report_stage_failures(parallel_state: ParallelState) -> Iterator[None]:
     """Run a schedule; publish this rank's error, or re-raise a peer's as :class:`PipelineStageError`."""
     try:
         yield
     except PipelineStageError:
         raise
     except Exception as exc:
-        if ps.world_size > 1:
+        if parallel_state.world_size > 1:
             root = _peer_failure()
-            if root is not None and not root.startswith(f"global rank {ps.rank} "):
+            if root is not None and not root.startswith(f"global rank {parallel_state.rank} "):
                 first_line = str(exc).split("\n", 1)[0]
                 raise PipelineStageError(f"{root}; this rank stopped on: {first_line}") from exc
-            _publish(ps, exc)
+            _publish(parallel_state, exc)
         raise

@@ -6,13 +6,11 @@ splits its output features across TP ranks, a RowParallelLinear its input featur
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from megatron_core import device as device_mod
-from megatron_core import parallel_state
+from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -38,11 +36,11 @@ class ColumnParallelLinear(torch.nn.Module):
     """Y = XA + b with A split by columns (output features) across tensor-parallel ranks."""
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, gather_output: bool = False,
-                 init_method: Optional[InitMethod] = None, stride: int = 1, skip_bias_add: bool = False,
+                 init_method: InitMethod | None = None, stride: int = 1, skip_bias_add: bool = False,
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+                 parallel_state: ParallelState | None = None) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.tp_group, tp, rank = ps.tp_group, ps.tp_size, ps.tp_rank
         if sequence_parallel and gather_output:
             raise ValueError("gather_output=True cannot be combined with sequence_parallel=True")
@@ -58,7 +56,7 @@ class ColumnParallelLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None):
         weight = self.weight if weight is None else weight
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=True)
@@ -79,11 +77,11 @@ class RowParallelLinear(torch.nn.Module):
     """Y = XA + b with A split by rows (input features); partial products are summed across TP."""
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = True, input_is_parallel: bool = True,
-                 init_method: Optional[InitMethod] = None, stride: int = 1, skip_bias_add: bool = False,
+                 init_method: InitMethod | None = None, stride: int = 1, skip_bias_add: bool = False,
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+                 parallel_state: ParallelState | None = None) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.tp_group, tp, rank = ps.tp_group, ps.tp_size, ps.tp_rank
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel=True needs input_is_parallel=True in RowParallelLinear")
@@ -126,11 +124,11 @@ class VocabParallelEmbedding(torch.nn.Module):
     ``reduce_scatter_embeddings``, [sequence / TP, batch, hidden] for sequence parallelism.
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: Optional[InitMethod] = None,
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: InitMethod | None = None,
                  reduce_scatter_embeddings: bool = False, params_dtype: torch.dtype = torch.float32,
-                 check_ids: bool = True, parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+                 check_ids: bool = True, parallel_state: ParallelState | None = None) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.tp_group, tp, rank = ps.tp_group, ps.tp_size, ps.tp_rank
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         per_rank = divide(num_embeddings, tp, "vocabulary size (pad it with --make-vocab-size-divisible-by)")

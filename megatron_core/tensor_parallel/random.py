@@ -6,72 +6,23 @@ dropout on activations that are split across TP ranks (attention probabilities).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from megatron_core import device
+from megatron_core.rng_tracker import MODEL_PARALLEL_RNG, RNGStatesTracker, model_parallel_manual_seed
 
-MODEL_PARALLEL_RNG = "model-parallel-rng"
-_TP_SEED_OFFSET = 2718  # Megatron-LM's offset, so seeds match its runs
-
-
-class RNGStatesTracker:
-    """Named RNG states that ``fork`` swaps in for the duration of a block."""
-
-    def __init__(self) -> None:
-        self.states: dict[str, torch.Tensor] = {}
-        self.seeds: set[int] = set()
-
-    def reset(self) -> None:
-        self.states.clear()
-        self.seeds.clear()
-
-    def get_states(self) -> dict[str, torch.Tensor]:
-        return {name: state.clone() for name, state in self.states.items()}
-
-    def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        self.states = {name: state.clone() for name, state in states.items()}
-
-    def add(self, name: str, seed: int) -> None:
-        if seed in self.seeds:
-            raise ValueError(f"seed {seed} already used by another RNG stream")
-        if name in self.states:
-            raise ValueError(f"RNG stream {name!r} already exists")
-        self.seeds.add(seed)
-        saved = device.get_rng_state()
-        device.manual_seed(seed)
-        self.states[name] = device.get_rng_state()
-        device.set_rng_state(saved)
-
-    @contextlib.contextmanager
-    def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
-        if name not in self.states:
-            raise RuntimeError(f"RNG stream {name!r} was not added; call model_parallel_manual_seed first")
-        saved = device.get_rng_state()
-        device.set_rng_state(self.states[name])
-        try:
-            yield
-        finally:
-            self.states[name] = device.get_rng_state()
-            device.set_rng_state(saved)
+__all__ = ["MODEL_PARALLEL_RNG", "RNGStatesTracker", "checkpoint", "model_parallel_manual_seed"]
 
 
-def model_parallel_manual_seed(seed: int, tracker: RNGStatesTracker, tp_rank: int) -> None:
-    """Seed the default stream with ``seed`` and the tracker's TP stream with a per-rank seed."""
-    tracker.reset()
-    torch.manual_seed(seed)
-    device.manual_seed(seed)
-    tracker.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + tp_rank)
-
-
-def _capture_rng(tracker: Optional[RNGStatesTracker]) -> tuple:
+def _capture_rng(tracker: RNGStatesTracker | None) -> tuple:
     return (torch.get_rng_state(), device.get_rng_state(),
             tracker.get_states() if tracker is not None else None)
 
 
-def _restore_rng(saved: tuple, tracker: Optional[RNGStatesTracker]) -> None:
+def _restore_rng(saved: tuple, tracker: RNGStatesTracker | None) -> None:
     cpu_state, device_state, tracker_states = saved
     torch.set_rng_state(cpu_state)
     device.set_rng_state(device_state)
@@ -115,7 +66,7 @@ class _CheckpointFunction(torch.autograd.Function):
         return (None, None) + input_grads
 
 
-def checkpoint(function: Callable[..., Any], tracker: Optional[RNGStatesTracker], *args: Any) -> Any:
+def checkpoint(function: Callable[..., Any], tracker: RNGStatesTracker | None, *args: Any) -> Any:
     """Run ``function(*args)`` without keeping activations; recompute them in backward.
 
     The CPU, device and tracker RNG states are restored for the recomputation, so dropout masks

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 # Megatron signals "this tokenizer has no such token" with -1 rather than None so the
 # value can live in integer tensors (e.g. the GPT dataset compares labels against pad).

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from .base import MegatronTokenizer
 

@@ -1,7 +1,7 @@
 """A tokenizer for already-tokenized text: the input is whitespace-separated integer ids."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .base import MegatronTokenizer
 

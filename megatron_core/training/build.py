@@ -52,7 +52,7 @@ def optimizer_config(args: argparse.Namespace) -> Any:
             adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, fp16=args.fp16,
             bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
             min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
-            hysteresis=args.hysteresis, use_distributed_optimizer=args.use_distributed_optimizer)
+            hysteresis=args.hysteresis)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -63,7 +63,7 @@ def ddp_config(args: argparse.Namespace) -> Any:
 
     try:
         return DistributedDataParallelConfig(
-            use_distributed_optimizer=args.use_distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce,
+            zero_stage=1 if args.use_distributed_optimizer else 0, overlap_grad_reduce=args.overlap_grad_reduce,
             # As Megatron-LM: bf16 gradients are accumulated and reduced in fp32.
             grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16)
     except ValueError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -80,7 +80,7 @@ def publish_dir(tmp_dir: str, final_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_tracker(root: str) -> Optional[int]:
+def read_tracker(root: str) -> int | None:
     """The iteration named by the tracker file, or None when there is none."""
     path = os.path.join(root, TRACKER_FILENAME)
     if not os.path.isfile(path):
@@ -94,7 +94,7 @@ def read_tracker(root: str) -> Optional[int]:
         raise ValueError(f"{path} holds {text!r}, not an iteration number; delete it or point --load elsewhere") from None
 
 
-def existing_iteration_dir(root: str, iteration: int) -> Optional[str]:
+def existing_iteration_dir(root: str, iteration: int) -> str | None:
     """The directory of ``iteration`` (or ``release``), falling back to a replaced copy left by a crash."""
     candidates = [iteration_dir(root, iteration), iteration_dir(root, iteration) + ".old"]
     if iteration == 0:

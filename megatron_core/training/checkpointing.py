@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,18 +76,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _gather_rng_states(ps: ParallelState) -> list[dict[str, Any]]:
+def _gather_rng_states(parallel_state: ParallelState) -> list[dict[str, Any]]:
     """Every DP rank's RNG states, in DP-rank order (each DP rank may have drawn differently)."""
-    mine = get_rng_state(ps.rng_tracker)
-    if ps.dp_size == 1:
+    mine = get_rng_state(parallel_state.rng_tracker)
+    if parallel_state.dp_size == 1:
         return [mine]
-    states: list = [None] * ps.dp_size
-    dist.all_gather_object(states, mine, group=ps.dp_group)
+    states: list = [None] * parallel_state.dp_size
+    dist.all_gather_object(states, mine, group=parallel_state.dp_group)
     return states
 
 
 def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_samples: int,
-                    model: list[torch.nn.Module], optimizer: Any, scheduler: Any, ps: ParallelState,
+                    model: list[torch.nn.Module], optimizer: Any, scheduler: Any, parallel_state: ParallelState,
                     model_config: dict[str, Any], model_info: dict[str, Any], distributed_optimizer: bool,
                     printer: Callable[[str], None] = print) -> str:
     """Write iteration ``iteration`` under ``config.save``; returns the checkpoint directory. Collective."""
@@ -94,15 +95,15 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     final_dir = io.iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     start = time.perf_counter()
-    if ps.rank == 0:
+    if parallel_state.rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that was killed
         os.makedirs(tmp_dir)
     _barrier()
-    rng = None if config.no_save_rng else _gather_rng_states(ps)
-    rank_dir = os.path.join(tmp_dir, io.mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size))
+    rng = None if config.no_save_rng else _gather_rng_states(parallel_state)
+    rank_dir = os.path.join(tmp_dir, io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size))
     save_optim = optimizer is not None and not config.no_save_optim
-    if ps.dp_rank == 0:
+    if parallel_state.dp_rank == 0:
         state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": iteration,
                                  "consumed_train_samples": consumed_train_samples,
                                  "config": model_config, "model_info": model_info}
@@ -116,10 +117,10 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
             state["rng_state"] = rng
         io.save_file(state, os.path.join(rank_dir, io.MODEL_FILENAME))
     if save_optim and distributed_optimizer:
-        io.save_file(optimizer.sharded_state_dict(), os.path.join(rank_dir, io.distrib_optim_filename(ps.dp_rank)))
+        io.save_file(optimizer.sharded_state_dict(), os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
     _sleep_for_test(iteration)
     _barrier()
-    if ps.rank == 0:
+    if parallel_state.rank == 0:
         for dirpath, _, _ in os.walk(tmp_dir):
             io.fsync_dir(dirpath)
         io.publish_dir(tmp_dir, final_dir)
@@ -155,7 +156,7 @@ def check_compatible(saved_config: dict[str, Any], saved_info: dict[str, Any], m
                           f"--target-tensor-parallel-size ... --target-pipeline-parallel-size ...")
 
 
-def _resolve_dir(config: CheckpointConfig, ps: ParallelState) -> Optional[tuple[int, str]]:
+def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tuple[int, str] | None:
     root = config.load
     try:
         iteration = config.ckpt_step if config.ckpt_step is not None else io.read_tracker(root)
@@ -169,23 +170,23 @@ def _resolve_dir(config: CheckpointConfig, ps: ParallelState) -> Optional[tuple[
     directory = io.existing_iteration_dir(root, iteration)
     if directory is None:
         raise ConfigError(f"--load {root}: iteration {iteration} has no directory {io.iteration_dir(root, iteration)}")
-    rank_dir = os.path.join(directory, io.mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size))
+    rank_dir = os.path.join(directory, io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size))
     if not os.path.isfile(os.path.join(rank_dir, io.MODEL_FILENAME)):
         found = sorted(d for d in os.listdir(directory) if d.startswith("mp_rank_"))
         raise ConfigError(
-            f"--load {directory} has no {io.mp_rank_name(ps.tp_rank, ps.pp_rank, ps.pp_size)}/{io.MODEL_FILENAME} "
+            f"--load {directory} has no {io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size)}/{io.MODEL_FILENAME} "
             f"(it holds {', '.join(found) or 'nothing'}): it was saved with another --tensor-model-parallel-size / "
             f"--pipeline-model-parallel-size; use those, or convert it with tools/checkpoint/convert.py")
     return iteration, rank_dir
 
 
 def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
-                    ps: ParallelState, model_config: dict[str, Any], model_info: dict[str, Any],
+                    parallel_state: ParallelState, model_config: dict[str, Any], model_info: dict[str, Any],
                     distributed_optimizer: bool, printer: Callable[[str], None] = print) -> LoadResult:
     """Restore what ``config`` asks for from ``config.load``; a fresh start when it holds nothing."""
     if config.load is None:
         return LoadResult()
-    resolved = _resolve_dir(config, ps)
+    resolved = _resolve_dir(config, parallel_state)
     if resolved is None:
         printer(f"> no checkpoint found in --load {config.load}: starting from scratch")
         return LoadResult()
@@ -201,7 +202,7 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     result.iteration = int(state.get("iteration", iteration))
     result.consumed_train_samples = int(state.get("consumed_train_samples", 0))
     if not config.no_load_optim:
-        result.optimizer_loaded = _load_optimizer(state, optimizer, rank_dir, ps, distributed_optimizer, printer)
+        result.optimizer_loaded = _load_optimizer(state, optimizer, rank_dir, parallel_state, distributed_optimizer, printer)
         if scheduler is not None and "opt_param_scheduler" in state:
             scheduler.load_state_dict(state["opt_param_scheduler"])
             result.scheduler_loaded = True
@@ -209,7 +210,7 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
         _reload_main_params(optimizer)
     if not config.no_load_rng and "rng_state" in state:
         states = state["rng_state"]
-        set_rng_state(states[ps.dp_rank] if len(states) == ps.dp_size else states[0], ps.rng_tracker)
+        set_rng_state(states[parallel_state.dp_rank] if len(states) == parallel_state.dp_size else states[0], parallel_state.rng_tracker)
         result.rng_loaded = True
     printer(f"> loaded checkpoint from {config.load} at iteration {result.iteration} "
             f"(optimizer: {'yes' if result.optimizer_loaded else 'no'}, rng: {'yes' if result.rng_loaded else 'no'})")
@@ -232,7 +233,7 @@ def _load_model(state: dict[str, Any], model: list[torch.nn.Module], where: str)
                               f"check the model flags against the checkpoint") from None
 
 
-def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, ps: ParallelState,
+def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parallel_state: ParallelState,
                     distributed_optimizer: bool, printer: Callable[[str], None]) -> bool:
     if optimizer is None:
         return False
@@ -244,13 +245,13 @@ def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, ps: Pa
         saved, now = ("sharded", "does not use") if shards else ("non-sharded", "uses")
         raise ConfigError(f"{rank_dir} holds a {saved} optimizer state but this run {now} --use-distributed-optimizer; "
                           f"match the flag to the checkpoint or pass --no-load-optim")
-    if distributed_optimizer and len(shards) != ps.dp_size:
+    if distributed_optimizer and len(shards) != parallel_state.dp_size:
         raise ConfigError(f"{rank_dir} holds {len(shards)} distributed-optimizer shards but the data-parallel size is "
-                          f"{ps.dp_size}; resume with the same number of ranks or pass --no-load-optim")
+                          f"{parallel_state.dp_size}; resume with the same number of ranks or pass --no-load-optim")
     try:
         optimizer.load_state_dict(state["optimizer"])
         if distributed_optimizer:
-            optimizer.load_sharded_state_dict(io.load_file(os.path.join(rank_dir, io.distrib_optim_filename(ps.dp_rank))))
+            optimizer.load_sharded_state_dict(io.load_file(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank))))
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{rank_dir}: the optimizer state does not fit ({exc}); pass --no-load-optim to start the "
                           f"optimizer fresh") from None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
-from typing import Optional
 
 
 @dataclass
@@ -17,12 +16,12 @@ class TrainingConfig:
     micro_batch_size: int
     global_batch_size: int
     train_iters: int
-    rampup_batch_size: Optional[list[int]] = None
-    train_samples: Optional[int] = None
+    rampup_batch_size: list[int] | None = None
+    train_samples: int | None = None
     eval_interval: int = 1000
     eval_iters: int = 100
-    exit_interval: Optional[int] = None
-    exit_duration_in_mins: Optional[float] = None
+    exit_interval: int | None = None
+    exit_duration_in_mins: float | None = None
     exit_signal_handler: bool = True
     skip_train: bool = False
     seed: int = 1234
@@ -33,17 +32,17 @@ class DataConfig:
     """Where samples come from and how they are tokenized."""
 
     seq_length: int
-    data_path: Optional[list[str]] = None
+    data_path: list[str] | None = None
     mock_data: bool = False
     split: str = "969,30,1"
-    data_cache_path: Optional[str] = None
+    data_cache_path: str | None = None
     num_workers: int = 2
     eod_mask_loss: bool = False
-    tokenizer_type: Optional[str] = None
-    tokenizer_model: Optional[str] = None
-    vocab_file: Optional[str] = None
-    merge_file: Optional[str] = None
-    vocab_size: Optional[int] = None
+    tokenizer_type: str | None = None
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    vocab_size: int | None = None
     make_vocab_size_divisible_by: int = 128
 
 
@@ -51,15 +50,15 @@ class DataConfig:
 class CheckpointConfig:
     """Where checkpoints go, how often, and what a load restores."""
 
-    save: Optional[str] = None
-    save_interval: Optional[int] = None
+    save: str | None = None
+    save_interval: int | None = None
     no_save_optim: bool = False
     no_save_rng: bool = False
-    load: Optional[str] = None
+    load: str | None = None
     no_load_optim: bool = False
     no_load_rng: bool = False
     finetune: bool = False
-    ckpt_step: Optional[int] = None
+    ckpt_step: int | None = None
     exit_on_missing_checkpoint: bool = False
 
 
@@ -69,7 +68,7 @@ class LoggingConfig:
 
     log_interval: int = 100
     timing_log_level: int = 0
-    tensorboard_dir: Optional[str] = None
+    tensorboard_dir: str | None = None
     tensorboard_log_interval: int = 1
 
 

@@ -8,7 +8,8 @@ one-process run sees the same global batches as a data-parallel one.
 from __future__ import annotations
 
 import multiprocessing
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -87,12 +88,12 @@ class PretrainingSampler:
             yield list(range(first + start, first + start + self.micro_batch_size))
 
 
-def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, ps: ParallelState,
+def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, parallel_state: ParallelState,
                 num_workers: int) -> torch.utils.data.DataLoader:
     """A loader over this DP rank's micro batches."""
     if num_workers > 0 and multiprocessing.current_process().daemon:
         num_workers = 0  # a daemonic process (e.g. a test harness rank) may not start worker processes
-    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, ps.dp_rank, ps.dp_size)
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, parallel_state.dp_rank, parallel_state.dp_size)
     # Its own generator: starting an iterator draws a worker seed, which must not come from the global
     # RNG that dropout uses (a resumed run would otherwise drop out differently from an uninterrupted one).
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
@@ -100,19 +101,19 @@ def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, ps: 
                                        generator=torch.Generator().manual_seed(consumed_samples))
 
 
-def chunk_needs_data(ps: ParallelState, vp_stage: Optional[int]) -> bool:
+def chunk_needs_data(parallel_state: ParallelState, vp_stage: int | None) -> bool:
     """Only the first chunk (tokens) and the last chunk (labels, loss mask) read samples."""
-    return ps.is_pipeline_first_stage(vp_stage) or ps.is_pipeline_last_stage(vp_stage)
+    return parallel_state.is_pipeline_first_stage(vp_stage) or parallel_state.is_pipeline_last_stage(vp_stage)
 
 
-def data_iterators(dataset: Any, consumed_samples: int, micro_batch_size: int, ps: ParallelState,
-                   num_workers: int, num_chunks: int) -> list[Optional[Iterator]]:
+def data_iterators(dataset: Any, consumed_samples: int, micro_batch_size: int, parallel_state: ParallelState,
+                   num_workers: int, num_chunks: int) -> list[Iterator | None]:
     """One iterator per model chunk that reads data (each sees the same sample order), else None."""
-    iterators: list[Optional[Iterator]] = []
+    iterators: list[Iterator | None] = []
     for chunk in range(num_chunks):
-        vp_stage = chunk if ps.vpp_size else None
-        if dataset is None or not chunk_needs_data(ps, vp_stage):
+        vp_stage = chunk if parallel_state.vpp_size else None
+        if dataset is None or not chunk_needs_data(parallel_state, vp_stage):
             iterators.append(None)
         else:
-            iterators.append(iter(data_loader(dataset, consumed_samples, micro_batch_size, ps, num_workers)))
+            iterators.append(iter(data_loader(dataset, consumed_samples, micro_batch_size, parallel_state, num_workers)))
     return iterators

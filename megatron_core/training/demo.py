@@ -11,7 +11,7 @@ import os
 import random
 import sysconfig
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from megatron_core.training.errors import ConfigError
 
@@ -107,11 +107,11 @@ def check_jsonl(path: str, key: str = "text") -> int:
     return count
 
 
-def prepare_demo_data(demo_dir: str, demo_input: Optional[str] = None,
+def prepare_demo_data(demo_dir: str, demo_input: str | None = None,
                       printer: Callable[[str], None] = print) -> dict[str, str]:
     """Corpus, SentencePiece tokenizer and indexed dataset in ``demo_dir`` (reused when complete)."""
-    from tools.preprocess_data import preprocess
-    from tools.train_tokenizer import train_sentencepiece
+    from megatron_core.datasets.preprocess_data import preprocess
+    from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
 
     p = demo_paths(demo_dir)
     wanted = {"version": _STAMP_VERSION, "vocab_size": DEMO_VOCAB_SIZE,
@@ -146,7 +146,7 @@ def prepare_demo_data(demo_dir: str, demo_input: Optional[str] = None,
     return p
 
 
-def _read_stamp(path: str) -> Optional[dict]:
+def _read_stamp(path: str) -> dict | None:
     try:
         with open(path) as f:
             return json.load(f)

@@ -1,6 +1,6 @@
-"""``ConfigError``: a bad flag, file or combination, reported to the user as one line."""
+"""``ConfigError`` for the training entry points (the one class, defined in ``megatron_core.errors``)."""
 from __future__ import annotations
 
+from megatron_core.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user-fixable configuration problem; the message names the flag and the fix."""
+__all__ = ["ConfigError"]

@@ -8,7 +8,7 @@ Warmup is linear from ``init_lr`` to ``max_lr``; then the rate stays constant or
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from megatron_core.training.errors import ConfigError
 
@@ -59,7 +59,7 @@ class OptimizerParamScheduler:
         coeff = ratio if self.wd_incr_style == "linear" else 0.5 * (math.cos(math.pi * (1 - ratio)) + 1.0)
         return self.start_wd + coeff * (self.end_wd - self.start_wd)
 
-    def get_lr(self, param_group: Optional[dict] = None) -> float:
+    def get_lr(self, param_group: dict | None = None) -> float:
         """Learning rate at the current step (a group may carry its own ``max_lr``/``min_lr``)."""
         group = param_group or {}
         max_lr, min_lr = group.get("max_lr", self.max_lr), group.get("min_lr", self.min_lr)

@@ -10,9 +10,10 @@ import argparse
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,19 +22,20 @@ import torch.distributed as dist
 from megatron_core import device, parallel_state
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState
-from megatron_core.training import build, checkpointing, config as cfg, data_loading
+from megatron_core.training import build, checkpointing, data_loading
+from megatron_core.training import config as cfg
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.flops import flops_per_iteration
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 from megatron_core.training.signal_handler import ExitSignalHandler
 from megatron_core.training.timers import Timers
-from megatron_core.training.training_loop import TrainState, evaluate, learning_rate, loss_scale, train_step
 from megatron_core.training.training_log import (
     TrainingLog,
     make_tensorboard_writer,
     validation_lines,
     write_validation_tensorboard,
 )
+from megatron_core.training.training_loop import TrainState, evaluate, learning_rate, loss_scale, train_step
 
 ModelProvider = Callable[[Any, int, ParallelState], list]  # (TransformerConfig, padded vocab, ps) -> chunks
 
@@ -55,9 +57,9 @@ class TrainResult:
 class Printers:
     """``rank0`` for setup messages (global rank 0), ``last`` for progress (the loss-holding rank)."""
 
-    def __init__(self, ps: ParallelState) -> None:
-        self.is_rank0 = ps.rank == 0
-        self.is_logging_rank = ps.is_pipeline_last_stage() and ps.tp_rank == 0 and ps.dp_rank == 0
+    def __init__(self, parallel_state: ParallelState) -> None:
+        self.is_rank0 = parallel_state.rank == 0
+        self.is_logging_rank = parallel_state.is_pipeline_last_stage() and parallel_state.tp_rank == 0 and parallel_state.dp_rank == 0
 
     def rank0(self, text: str) -> None:
         if self.is_rank0:
@@ -68,12 +70,12 @@ class Printers:
             print(text, flush=True)
 
 
-def set_seeds(seed: int, ps: ParallelState) -> None:
+def set_seeds(seed: int, parallel_state: ParallelState) -> None:
     """Megatron-LM's seeding: ``seed + 100 x pipeline rank`` everywhere, per-TP-rank tracker stream."""
-    stage_seed = seed + 100 * ps.pp_rank
+    stage_seed = seed + 100 * parallel_state.pp_rank
     random.seed(stage_seed)
     np.random.seed(stage_seed)
-    ps.manual_seed(seed)
+    parallel_state.manual_seed(seed)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class _Run:
     """Everything the loop needs, built once."""
 
     args: argparse.Namespace
-    ps: ParallelState
+    parallel_state: ParallelState
     out: Printers
     model: list
     optimizer: Any
@@ -97,7 +99,7 @@ class _Run:
     train_ds: Any = None
     valid_ds: Any = None
     writer: Any = None
-    last_eval_iteration: Optional[int] = None  # the same on every rank (evaluation is collective)
+    last_eval_iteration: int | None = None  # the same on every rank (evaluation is collective)
 
 
 def agreed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -106,7 +108,7 @@ def agreed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     Without this, a rank that fails alone (a missing file on one node, a checkpoint shard) leaves
     the others waiting in their next collective until the timeout. ``fn`` must not communicate.
     """
-    error: Optional[ValueError] = None
+    error: ValueError | None = None
     try:
         result = fn(*args, **kwargs)
     except ValueError as exc:
@@ -139,51 +141,51 @@ def pretrain(args: argparse.Namespace, model_provider: ModelProvider, forward_st
         parallel_state.destroy_model_parallel()
 
 
-def _setup(args: argparse.Namespace, ps: ParallelState, model_provider: ModelProvider,
+def _setup(args: argparse.Namespace, parallel_state: ParallelState, model_provider: ModelProvider,
            forward_step_func: Callable) -> _Run:
-    out = Printers(ps)
-    out.rank0(f"> world size {ps.world_size}: tensor parallel {ps.tp_size}, pipeline parallel {ps.pp_size}"
-              f"{f' x {ps.vpp_size} virtual stages' if ps.vpp_size else ''}, data parallel {ps.dp_size}")
+    out = Printers(parallel_state)
+    out.rank0(f"> world size {parallel_state.world_size}: tensor parallel {parallel_state.tp_size}, pipeline parallel {parallel_state.pp_size}"
+              f"{f' x {parallel_state.vpp_size} virtual stages' if parallel_state.vpp_size else ''}, data parallel {parallel_state.dp_size}")
     if args.overlap_param_gather:
         out.rank0("> --overlap-param-gather: parameters are all-gathered after the optimizer step (no overlap)")
     data = cfg.data_config(args)
-    tokenizer, padded_vocab, transformer_config, model = agreed(_build_model, args, data, ps, model_provider)
+    tokenizer, padded_vocab, transformer_config, model = agreed(_build_model, args, data, parallel_state, model_provider)
     out.rank0(f"> tokenizer {args.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded_vocab}")
-    if ps.dp_rank == 0:
+    if parallel_state.dp_rank == 0:
         count = sum(p.numel() for chunk in model for p in chunk.parameters())
-        print(f" > number of parameters on (tensor, pipeline) model parallel rank ({ps.tp_rank}, {ps.pp_rank}): "
+        print(f" > number of parameters on (tensor, pipeline) model parallel rank ({parallel_state.tp_rank}, {parallel_state.pp_rank}): "
               f"{count}", flush=True)
     from megatron_core.distributed import DistributedDataParallel
     from megatron_core.optimizer import get_megatron_optimizer
 
     ddp_config = build.ddp_config(args)
     where = device.current_device()  # weights are drawn on the CPU; move them to this rank's device
-    model = [DistributedDataParallel(ddp_config, chunk.to(where), ps) for chunk in model]
-    optimizer = get_megatron_optimizer(build.optimizer_config(args), model, ps)
+    model = [DistributedDataParallel(ddp_config, chunk.to(where), parallel_state) for chunk in model]
+    optimizer = get_megatron_optimizer(build.optimizer_config(args), model, parallel_state)
     s = cfg.scheduler_config(args)
     scheduler = OptimizerParamScheduler(
         optimizer, s.lr_warmup_init, s.lr, s.min_lr, s.lr_warmup_steps, s.lr_decay_steps, s.lr_decay_style,
         s.start_weight_decay, s.end_weight_decay, s.wd_incr_steps, s.weight_decay_incr_style,
         s.use_checkpoint_opt_param_scheduler, s.override_opt_param_scheduler)
     training = cfg.training_config(args)
-    calculator = MicrobatchCalculator(training.global_batch_size, training.micro_batch_size, ps.dp_size,
-                                      training.rampup_batch_size, ps.pp_size, ps.vpp_size)
-    return _Run(args, ps, out, model, optimizer, scheduler, forward_step_func, training, data,
+    calculator = MicrobatchCalculator(training.global_batch_size, training.micro_batch_size, parallel_state.dp_size,
+                                      training.rampup_batch_size, parallel_state.pp_size, parallel_state.vpp_size)
+    return _Run(args, parallel_state, out, model, optimizer, scheduler, forward_step_func, training, data,
                 cfg.checkpoint_config(args), transformer_config.to_dict(),
                 build.model_info(args, tokenizer.vocab_size, padded_vocab), calculator, tokenizer=tokenizer,
                 writer=make_tensorboard_writer(args.tensorboard_dir, out.is_logging_rank, out.last))
 
 
-def _build_model(args: argparse.Namespace, data: cfg.DataConfig, ps: ParallelState,
+def _build_model(args: argparse.Namespace, data: cfg.DataConfig, parallel_state: ParallelState,
                  model_provider: ModelProvider) -> tuple:
-    tokenizer, padded_vocab = data_loading.build_run_tokenizer(data, ps.tp_size)
+    tokenizer, padded_vocab = data_loading.build_run_tokenizer(data, parallel_state.tp_size)
     transformer_config = build.transformer_config(args)
-    return tokenizer, padded_vocab, transformer_config, model_provider(transformer_config, padded_vocab, ps)
+    return tokenizer, padded_vocab, transformer_config, model_provider(transformer_config, padded_vocab, parallel_state)
 
 
 def _build_data(run: _Run) -> None:
     """Datasets on the ranks that read data; rank 0 first, so it alone writes the index cache."""
-    training, ps = run.training, run.ps
+    training, ps = run.training, run.parallel_state
     train_samples = max(training.train_samples or training.train_iters * training.global_batch_size, 1)
     needs = any(data_loading.chunk_needs_data(ps, i if ps.vpp_size else None) for i in range(len(run.model)))
 
@@ -197,7 +199,7 @@ def _build_data(run: _Run) -> None:
 
 
 def _train_and_evaluate(run: _Run) -> TrainResult:
-    args, ps, out = run.args, run.ps, run.out
+    args, ps, out = run.args, run.parallel_state, run.out
     loaded = agreed(checkpointing.load_checkpoint, run.checkpoint, run.model, run.optimizer, run.scheduler, ps,
                                            run.model_config, run.model_info, args.use_distributed_optimizer,
                                            printer=out.rank0)
@@ -225,7 +227,7 @@ def _evaluate_and_print(run: _Run, state: TrainState, result: TrainResult) -> No
     if run.training.eval_iters == 0:
         return
     run.last_eval_iteration = state.iteration
-    losses = evaluate(run.forward_step_func, run.valid_ds, run.model, run.ps, run.training, run.data)
+    losses = evaluate(run.forward_step_func, run.valid_ds, run.model, run.parallel_state, run.training, run.data)
     if not run.out.is_logging_rank or not losses:
         return
     result.val_losses[state.iteration] = losses.get("lm loss", next(iter(losses.values())))
@@ -238,7 +240,7 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
     if run.checkpoint.save is None or state.iteration in result.saved_iterations:
         return
     checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
-                                  run.optimizer, run.scheduler, run.ps, run.model_config, run.model_info,
+                                  run.optimizer, run.scheduler, run.parallel_state, run.model_config, run.model_info,
                                   run.args.use_distributed_optimizer, printer=run.out.rank0)
     result.saved_iterations.append(state.iteration)
 
@@ -257,7 +259,7 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
-    args, ps, training = run.args, run.ps, run.training
+    args, ps, training = run.args, run.parallel_state, run.training
     log = TrainingLog(cfg.logging_config(args), training.train_iters, run.out.last, run.writer,
                       _flops_per_sample(args, run.model_info["padded_vocab_size"]), args.seq_length, ps.world_size)
     iterators = data_loading.data_iterators(run.train_ds, state.consumed_train_samples, training.micro_batch_size,
@@ -307,7 +309,7 @@ def _timing(timers: Timers, args: argparse.Namespace) -> str:
     return text if args.timing_log_level >= 1 else ""
 
 
-def _exit_reason(run: _Run, state: TrainState, handler: ExitSignalHandler, start_time: float) -> Optional[str]:
+def _exit_reason(run: _Run, state: TrainState, handler: ExitSignalHandler, start_time: float) -> str | None:
     """Why to stop after this iteration, agreed by every rank, or None."""
     training = run.training
     if training.exit_signal_handler and handler.signal_received_any():

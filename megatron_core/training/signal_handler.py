@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -22,7 +21,7 @@ class ExitSignalHandler:
         self._previous = None
         self._installed = False
 
-    def install(self) -> "ExitSignalHandler":
+    def install(self) -> ExitSignalHandler:
         # Signal handlers can only be set from the main thread; elsewhere (a thread pool) skip it.
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(self.sig, self._handle)
@@ -32,7 +31,7 @@ class ExitSignalHandler:
     def _handle(self, signum, frame) -> None:
         self.received = True
 
-    def signal_received_any(self, group: Optional[dist.ProcessGroup] = None) -> bool:
+    def signal_received_any(self, group: dist.ProcessGroup | None = None) -> bool:
         """True on every rank when any rank got the signal (a collective: call it on all ranks)."""
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         if dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -44,7 +43,7 @@ class ExitSignalHandler:
             signal.signal(self.sig, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False
 
-    def __enter__(self) -> "ExitSignalHandler":
+    def __enter__(self) -> ExitSignalHandler:
         return self.install()
 
     def __exit__(self, *exc) -> None:

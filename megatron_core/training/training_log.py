@@ -6,15 +6,16 @@ prints; :class:`TrainingLog` still runs everywhere so that every rank keeps the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable, Optional
+from typing import Any
 
 from megatron_core.training.config import LoggingConfig
 
 Printer = Callable[[str], None]
 
 
-def make_tensorboard_writer(directory: Optional[str], is_logging_rank: bool, printer: Printer) -> Any:
+def make_tensorboard_writer(directory: str | None, is_logging_rank: bool, printer: Printer) -> Any:
     """A ``SummaryWriter`` on the logging rank, or None (with one line when tensorboard is missing)."""
     if directory is None or not is_logging_rank:
         return None
@@ -29,7 +30,7 @@ def make_tensorboard_writer(directory: Optional[str], is_logging_rank: bool, pri
 class TrainingLog:
     """Accumulates iteration results and prints one line every ``log_interval`` iterations."""
 
-    def __init__(self, config: LoggingConfig, train_iters: int, printer: Optional[Printer], writer: Any,
+    def __init__(self, config: LoggingConfig, train_iters: int, printer: Printer | None, writer: Any,
                  flops_per_sample: float, tokens_per_sample: int, world_size: int) -> None:
         self.config, self.train_iters = config, train_iters
         self.printer, self.writer = printer, writer
@@ -43,9 +44,9 @@ class TrainingLog:
         self.seconds = 0.0
         self.samples = 0
 
-    def add(self, *, iteration: int, losses: dict[str, float], skipped: bool, grad_norm: Optional[float],
-            num_zeros: Optional[int], learning_rate: float, loss_scale: float, batch_size: int,
-            consumed_samples: int, seconds: float, extra: Callable[[], str] = str) -> Optional[str]:
+    def add(self, *, iteration: int, losses: dict[str, float], skipped: bool, grad_norm: float | None,
+            num_zeros: int | None, learning_rate: float, loss_scale: float, batch_size: int,
+            consumed_samples: int, seconds: float, extra: Callable[[], str] = str) -> str | None:
         """Record one iteration; returns the log line when one is due (on every rank)."""
         self.seconds += seconds
         self.samples += batch_size
@@ -68,8 +69,8 @@ class TrainingLog:
         self._reset()
         return line
 
-    def _line(self, iteration: int, learning_rate: float, loss_scale: float, grad_norm: Optional[float],
-              num_zeros: Optional[int], batch_size: int, consumed_samples: int, extra: str) -> str:
+    def _line(self, iteration: int, learning_rate: float, loss_scale: float, grad_norm: float | None,
+              num_zeros: int | None, batch_size: int, consumed_samples: int, extra: str) -> str:
         iterations = self.advanced + self.skipped + self.nan
         per_iteration = self.seconds / max(iterations, 1)
         tokens_per_s = self.samples * self.tokens_per_sample / max(self.seconds, 1e-12) / self.world_size
@@ -93,7 +94,7 @@ class TrainingLog:
         return line + (" " + extra if extra else "")
 
     def _tensorboard(self, iteration: int, losses: dict[str, float], learning_rate: float, loss_scale: float,
-                     grad_norm: Optional[float], batch_size: int, consumed_samples: int) -> None:
+                     grad_norm: float | None, batch_size: int, consumed_samples: int) -> None:
         if self.writer is None or iteration % self.config.tensorboard_log_interval != 0:
             return
         w = self.writer

@@ -8,8 +8,9 @@ the samples of each successful iteration.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,8 @@ class StepResult:
 
     losses: dict[str, float]
     skipped: bool
-    grad_norm: Optional[float]
-    num_zeros: Optional[int]
+    grad_norm: float | None
+    num_zeros: int | None
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TrainState:
     loss_history: list[float] = field(default_factory=list)  # "lm loss" per iteration (last stage)
 
 
-def reduce_loss_dicts(loss_dicts: list[dict[str, torch.Tensor]], ps: ParallelState) -> dict[str, float]:
+def reduce_loss_dicts(loss_dicts: list[dict[str, torch.Tensor]], parallel_state: ParallelState) -> dict[str, float]:
     """Token-weighted mean of each reported loss over microbatches and DP ranks.
 
     A value is ``[sum, count]`` (a per-token loss sum and its token count) or a plain scalar
@@ -55,8 +56,8 @@ def reduce_loss_dicts(loss_dicts: list[dict[str, torch.Tensor]], ps: ParallelSta
         for d in loss_dicts:
             value = d[key].detach().double().cpu().view(-1)
             total += value if value.numel() == 2 else torch.cat([value, value.new_ones(1)])
-        if ps.dp_size > 1:
-            dist.all_reduce(total, group=ps.dp_group)
+        if parallel_state.dp_size > 1:
+            dist.all_reduce(total, group=parallel_state.dp_group)
         reduced[key] = (total[0] / total[1]).item()
     return reduced
 
@@ -66,17 +67,17 @@ def _iterator_arg(iterators: list) -> Any:
 
 
 def train_step(forward_step_func: Callable, data_iterators: list, model: list[torch.nn.Module], optimizer: Any,
-               scheduler: Any, ps: ParallelState, num_microbatches: int, global_batch_size: int,
+               scheduler: Any, parallel_state: ParallelState, num_microbatches: int, global_batch_size: int,
                seq_length: int, micro_batch_size: int, timers: Timers) -> StepResult:
     """Forward and backward over the global batch, then the optimizer and scheduler steps."""
     optimizer.zero_grad()  # also zeroes the DDP gradient buffers
     timers("forward-backward").start()
-    schedule = get_forward_backward_func(ps)
+    schedule = get_forward_backward_func(parallel_state)
     loss_dicts = schedule(
         forward_step_func=forward_step_func, data_iterator=_iterator_arg(data_iterators), model=model,
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=False, no_sync_func=no_sync_func(model),
-        finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=ps),
+        finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=parallel_state),
         grad_scale_func=getattr(optimizer, "scale_loss", None))
     timers("forward-backward").stop()
     timers("optimizer").start()
@@ -84,27 +85,27 @@ def train_step(forward_step_func: Callable, data_iterators: list, model: list[to
     timers("optimizer").stop()
     if ok:
         scheduler.step(increment=global_batch_size)
-    return StepResult(reduce_loss_dicts(loss_dicts, ps), not ok, _as_float(grad_norm), _as_int(num_zeros))
+    return StepResult(reduce_loss_dicts(loss_dicts, parallel_state), not ok, _as_float(grad_norm), _as_int(num_zeros))
 
 
-def _as_float(value: Any) -> Optional[float]:
+def _as_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _as_int(value: Any) -> Optional[int]:
+def _as_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Module], ps: ParallelState,
+def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Module], parallel_state: ParallelState,
              training: TrainingConfig, data: DataConfig) -> dict[str, float]:
     """Mean losses over the first ``eval_iters`` validation batches (the same ones every time)."""
     if training.eval_iters == 0:
         return {}  # every rank decides alike: evaluation is collective along the pipeline
     for chunk in model:
         chunk.eval()
-    iterators = data_loading.data_iterators(dataset, 0, training.micro_batch_size, ps, data.num_workers, len(model))
-    num_microbatches = training.global_batch_size // (training.micro_batch_size * ps.dp_size)
-    schedule = get_forward_backward_func(ps)
+    iterators = data_loading.data_iterators(dataset, 0, training.micro_batch_size, parallel_state, data.num_workers, len(model))
+    num_microbatches = training.global_batch_size // (training.micro_batch_size * parallel_state.dp_size)
+    schedule = get_forward_backward_func(parallel_state)
     loss_dicts: list = []
     try:
         with torch.no_grad():
@@ -116,7 +117,7 @@ def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Mod
     finally:
         for chunk in model:
             chunk.train()
-    return reduce_loss_dicts(loss_dicts, ps)
+    return reduce_loss_dicts(loss_dicts, parallel_state)
 
 
 def learning_rate(optimizer: Any) -> float:

@@ -7,11 +7,11 @@ of the output features therefore hands each rank whole groups with their matchin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from megatron_core import parallel_state
+from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.random import checkpoint
 from megatron_core.tensor_parallel.utils import divide
 from megatron_core.transformer.config import TransformerConfig
@@ -36,9 +36,9 @@ class SelfAttention(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal,
-                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+                 parallel_state: ParallelState | None = None) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
         tp = ps.tp_size
         self.heads_per_rank = divide(config.num_attention_heads, tp, "num_attention_heads")
@@ -48,13 +48,13 @@ class SelfAttention(torch.nn.Module):
         self.selective_recompute = config.recompute_granularity == "selective"
         name = f"decoder.layers.{layer_number - 1}.self_attention"
         common = dict(sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
-                      parallel_state_=ps)
+                      parallel_state=ps)
         self.linear_qkv = build_module(
             submodules.linear_qkv, config.hidden_size, config.query_projection_size + 2 * config.kv_projection_size,
             bias=config.qkv_bias, gather_output=False, init_method=config.init_method(f"{name}.linear_qkv.weight"),
             **common)
         self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number,
-                                           attn_mask_type=attn_mask_type, parallel_state_=ps)
+                                           attn_mask_type=attn_mask_type, parallel_state=ps)
         self.linear_proj = build_module(
             submodules.linear_proj, config.query_projection_size, config.hidden_size, bias=config.add_bias_linear,
             input_is_parallel=True, init_method=config.output_init_method(f"{name}.linear_proj.weight"), **common)
@@ -73,8 +73,8 @@ class SelfAttention(torch.nn.Module):
         q, k, v = mixed.split([hpg * d, d, d], dim=-1)
         return q.reshape(s, b, self.heads_per_rank, d), k, v
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                rotary_pos_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
         """[s, b, h] (sequence-split under SP) -> (output, bias or None) like the parallel linears."""
         mixed, _ = self.linear_qkv(hidden_states)
         q, k, v = self.split_qkv(mixed)

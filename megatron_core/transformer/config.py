@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from megatron_core.errors import ConfigError
 from megatron_core.pipeline_parallel.layer_split import chunk_layer_counts
 from megatron_core.tensor_parallel.utils import InitMethod
 from megatron_core.transformer.enums import AttnBackend
@@ -21,10 +22,6 @@ from megatron_core.transformer.init import seeded_normal_init
 _ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "silu", "relu")
 _NORMS = ("LayerNorm", "RMSNorm")
 _POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
-
-
-class ConfigError(ValueError):
-    """An inconsistent model configuration; the message names the fields and the fix."""
 
 
 @dataclass
@@ -38,12 +35,12 @@ class TransformerConfig:
     """Width of the residual stream (``--hidden-size``)."""
     num_attention_heads: int = 4
     """Query heads (``--num-attention-heads``)."""
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: int | None = None
     """MLP inner width (``--ffn-hidden-size``); None means 4 x hidden_size."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: int | None = None
     """Key/value heads for grouped-query attention (``--num-query-groups``); None means one per
     query head (plain multi-head attention), 1 means multi-query attention."""
-    kv_channels: Optional[int] = None
+    kv_channels: int | None = None
     """Per-head size (``--kv-channels``); None means hidden_size / num_attention_heads."""
 
     # ---- architecture --------------------------------------------------------------------------
@@ -92,24 +89,24 @@ class TransformerConfig:
     # ---- parallelism ---------------------------------------------------------------------------
     sequence_parallel: bool = False
     """Split activations outside the TP regions along the sequence (``--sequence-parallel``)."""
-    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_first_pipeline_stage: int | None = None
     """Layers of the first pipeline chunk when it should be lighter (embedding cost)."""
-    num_layers_in_last_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: int | None = None
     """Layers of the last pipeline chunk when it should be lighter (output layer and loss cost)."""
 
     # ---- recompute -----------------------------------------------------------------------------
-    recompute_granularity: Optional[str] = None
+    recompute_granularity: str | None = None
     """None, ``full`` (whole layers) or ``selective`` (core attention only) (``--recompute-granularity``)."""
-    recompute_method: Optional[str] = None
+    recompute_method: str | None = None
     """With ``full``: ``uniform`` (checkpoint groups of ``recompute_num_layers`` layers) or ``block``
     (checkpoint the first ``recompute_num_layers`` layers of each chunk) (``--recompute-method``)."""
-    recompute_num_layers: Optional[int] = None
+    recompute_num_layers: int | None = None
     """Layers per checkpointed group (uniform) or checkpointed layers per chunk (block)."""
 
     # ---- precision -----------------------------------------------------------------------------
     params_dtype: torch.dtype = torch.float32
     """Dtype the parameters are created in (``--bf16`` / ``--fp16`` set it)."""
-    pipeline_dtype: Optional[torch.dtype] = None
+    pipeline_dtype: torch.dtype | None = None
     """Dtype of activations sent between pipeline stages; None means params_dtype."""
 
     def __post_init__(self) -> None:
@@ -229,7 +226,7 @@ class TransformerConfig:
                               f"recompute_granularity='full' (got {g!r})")
 
     def validate_parallel(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int = 1,
-                          virtual_pipeline_model_parallel_size: Optional[int] = None) -> None:
+                          virtual_pipeline_model_parallel_size: int | None = None) -> None:
         """Checks that need the parallel layout: TP divisibility, the pipeline layer split."""
         tp = tensor_model_parallel_size
         for name, value in (("num_attention_heads", self.num_attention_heads),
@@ -247,7 +244,7 @@ class TransformerConfig:
                               f"pipeline chunk ({max(counts)}) under recompute_method='block'")
 
     def layer_counts(self, pipeline_model_parallel_size: int,
-                     virtual_pipeline_model_parallel_size: Optional[int] = None) -> list[int]:
+                     virtual_pipeline_model_parallel_size: int | None = None) -> list[int]:
         """Layer counts of every pipeline chunk in model order."""
         return chunk_layer_counts(self.num_layers, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,
                                   self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
@@ -264,7 +261,7 @@ class TransformerConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], **overrides: Any) -> "TransformerConfig":
+    def from_dict(cls, values: dict[str, Any], **overrides: Any) -> TransformerConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)

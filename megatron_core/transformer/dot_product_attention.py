@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron_core import parallel_state
 from megatron_core.fusions.fused_dropout import dropout
 from megatron_core.fusions.fused_softmax import FusedScaleMaskSoftmax
+from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig
 from megatron_core.transformer.enums import AttnBackend, AttnMaskType
 
@@ -27,9 +26,9 @@ class DotProductAttention(torch.nn.Module):
     """Causal (or explicitly masked) attention of q [s, b, heads, d] over k, v [s, b, groups, d]."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal,
-                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+                 parallel_state: ParallelState | None = None) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.rng_tracker = ps.rng_tracker
         self.config, self.layer_number = config, layer_number
         self.causal = attn_mask_type == AttnMaskType.causal
@@ -47,7 +46,7 @@ class DotProductAttention(torch.nn.Module):
         return contextlib.nullcontext()
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attention_mask``: bool, broadcastable to [b, heads, sq, sk], True where attention is NOT
         allowed (Megatron-LM's convention); None means causal. Returns [s, b, heads * d]."""
         s, b, heads, d = query.shape

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional
 
 from megatron_core import device
 from megatron_core.fusions.fused_layer_norm import build_norm
@@ -24,7 +23,7 @@ from megatron_core.transformer.transformer_layer import TransformerLayer, Transf
 logger = logging.getLogger(__name__)
 
 
-def _torch_norm(config, hidden_size: int, eps: Optional[float] = None):
+def _torch_norm(config, hidden_size: int, eps: float | None = None):
     return build_norm(config, hidden_size, eps, kernel=None)
 
 
@@ -68,7 +67,7 @@ def _te_usable() -> bool:
     return device.cuda_available()
 
 
-def get_gpt_layer_spec(qk_layernorm: bool = False, use_te: Optional[bool] = None) -> ModuleSpec:
+def get_gpt_layer_spec(qk_layernorm: bool = False, use_te: bool | None = None) -> ModuleSpec:
     """The best spec on this machine: TE when usable (or ``use_te=True``), else the fused spec."""
     if use_te is None:
         use_te = _te_usable()

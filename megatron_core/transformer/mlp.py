@@ -5,13 +5,14 @@ halves: rank r keeps gate rows r and up rows r of the same TP cut, and its activ
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from megatron_core import parallel_state
+from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig
 from megatron_core.transformer.spec import build_module
 
@@ -41,14 +42,14 @@ class MLP(torch.nn.Module):
     """h -> ffn (x2 when gated) -> activation -> h, split over TP along the ffn dimension."""
 
     def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, layer_number: int,
-                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+                 parallel_state: ParallelState | None = None) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.config = config
         name = f"decoder.layers.{layer_number - 1}.mlp"
         gated = config.gated_linear_unit
         common = dict(sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
-                      parallel_state_=ps)
+                      parallel_state=ps)
         self.linear_fc1 = build_module(
             submodules.linear_fc1, config.hidden_size, config.ffn_hidden_size * (2 if gated else 1),
             bias=config.add_bias_linear, gather_output=False, stride=2 if gated else 1,

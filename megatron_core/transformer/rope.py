@@ -5,8 +5,6 @@ q/k projection weights are stored for this convention, so they load without perm
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -34,7 +32,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def apply_rotary_pos_emb(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """Rotate the first ``rotary_dim`` channels of ``x`` [s, b, heads, head_dim]; the rest pass through."""
     if rotary is None:
         return x

@@ -7,8 +7,9 @@ Engine spec differ only in the classes they name (see ``layer_specs``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import torch
 
@@ -27,12 +28,12 @@ class IdentityOp(torch.nn.Module):
 class ModuleSpec:
     """A module class or factory, its fixed keyword arguments and the specs of its submodules."""
 
-    module: Union[type, Callable[..., Any]]
+    module: type | Callable[..., Any]
     params: dict[str, Any] = field(default_factory=dict)
-    submodules: Optional[Any] = None
+    submodules: Any | None = None
 
 
-def build_module(spec: Union[ModuleSpec, type, Callable[..., Any], None], *args: Any, **kwargs: Any) -> Any:
+def build_module(spec: ModuleSpec | type | Callable[..., Any] | None, *args: Any, **kwargs: Any) -> Any:
     """Instantiate ``spec`` with ``args`` and ``kwargs`` (the spec's ``params`` are defaults the
     caller may override); ``submodules`` is passed on when the spec has one. None builds an IdentityOp."""
     if spec is None:

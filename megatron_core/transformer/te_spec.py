@@ -7,11 +7,9 @@ installed on the CPU development machine.)
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from megatron_core import parallel_state
+from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.utils import InitMethod, set_tensor_model_parallel_attributes, shard_of_master
 
 try:
@@ -29,7 +27,7 @@ def require_te() -> None:
 
 
 def _load_seeded_shard(weight: torch.Tensor, full_shape: tuple[int, int], dim: int, stride: int,
-                       init_method: Optional[InitMethod], rank: int, world: int) -> None:
+                       init_method: InitMethod | None, rank: int, world: int) -> None:
     if init_method is None:
         return
     master = torch.empty(full_shape, dtype=torch.float32)
@@ -43,12 +41,12 @@ class _TELinear(torch.nn.Module):
     """te.Linear in column or row mode returning ``(output, bias or None)`` like our layers."""
 
     def __init__(self, mode: str, input_size: int, output_size: int, *, bias: bool = True,
-                 init_method: Optional[InitMethod] = None, stride: int = 1, sequence_parallel: bool = False,
+                 init_method: InitMethod | None = None, stride: int = 1, sequence_parallel: bool = False,
                  params_dtype: torch.dtype = torch.float32, skip_bias_add: bool = False,
-                 parallel_state_: Optional[parallel_state.ParallelState] = None, **unused) -> None:
+                 parallel_state: ParallelState | None = None, **unused) -> None:
         super().__init__()
         require_te()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.skip_bias_add = skip_bias_add
         self.linear = te.Linear(input_size, output_size, bias=bias, sequence_parallel=sequence_parallel,
                                 tp_group=ps.tp_group, tp_size=ps.tp_size, parallel_mode=mode,
@@ -78,7 +76,7 @@ class TERowParallelLinear(_TELinear):
         super().__init__("row", input_size, output_size, **kwargs)
 
 
-def TENorm(config, hidden_size: int, eps: Optional[float] = None) -> torch.nn.Module:  # noqa: N802 - a factory
+def TENorm(config, hidden_size: int, eps: float | None = None) -> torch.nn.Module:  # noqa: N802 - a factory
     """te.LayerNorm or te.RMSNorm as ``config.normalization`` says."""
     require_te()
     eps = config.layernorm_epsilon if eps is None else eps

@@ -6,12 +6,10 @@ checkpoints groups of layers (``uniform``) or the first layers of the chunk (``b
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from megatron_core import parallel_state
 from megatron_core.fusions.fused_layer_norm import build_norm
+from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.pipeline_parallel.layer_split import layer_range
 from megatron_core.tensor_parallel.random import checkpoint
 from megatron_core.transformer.config import TransformerConfig
@@ -22,21 +20,21 @@ class TransformerBlock(torch.nn.Module):
     """The layers of one pipeline chunk; the input comes from the embedding or ``set_input_tensor``."""
 
     def __init__(self, config: TransformerConfig, spec: ModuleSpec, pre_process: bool = True,
-                 post_process: bool = True, parallel_state_: Optional[parallel_state.ParallelState] = None,
-                 vp_stage: Optional[int] = None) -> None:
+                 post_process: bool = True, parallel_state: ParallelState | None = None,
+                 vp_stage: int | None = None) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.config, self.rng_tracker = config, ps.rng_tracker
         self.pre_process, self.post_process = pre_process, post_process
         counts = config.layer_counts(ps.pp_size, ps.vpp_size)
         self.layer_offset, count = layer_range(counts, ps.pp_size, ps.pp_rank, vp_stage)
         self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=self.layer_offset + i + 1, parallel_state_=ps)
+            build_module(spec, config=config, layer_number=self.layer_offset + i + 1, parallel_state=ps)
             for i in range(count))
         self.final_layernorm = build_norm(config, config.hidden_size) if post_process else None
-        self.input_tensor: Optional[torch.Tensor] = None
+        self.input_tensor: torch.Tensor | None = None
 
-    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+    def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
         """The hidden states a non-first pipeline stage starts from (set by the schedule)."""
         self.input_tensor = tensor
 
@@ -62,8 +60,8 @@ class TransformerBlock(torch.nn.Module):
                 hidden = self._run(i, i + 1)(hidden, attention_mask, cos, sin)
         return hidden
 
-    def forward(self, hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor] = None,
-                rotary_pos_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """[s, b, h] -> [s, b, h]; on a non-first stage ``hidden_states`` is ignored for the input tensor."""
         if not self.pre_process:
             if self.input_tensor is None:

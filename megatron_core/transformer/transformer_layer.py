@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from megatron_core import parallel_state
 from megatron_core.fusions.fused_dropout import dropout
+from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig
 from megatron_core.transformer.spec import build_module
 
@@ -32,18 +32,18 @@ class TransformerLayer(torch.nn.Module):
     """One transformer layer; ``layer_number`` is global and 1-based, as in Megatron-LM."""
 
     def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int,
-                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+                 parallel_state: ParallelState | None = None) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
         h = config.hidden_size
         self.input_layernorm = build_module(submodules.input_layernorm, config=config, hidden_size=h)
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
-                                           parallel_state_=ps)
+                                           parallel_state=ps)
         self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config, hidden_size=h)
-        self.mlp = build_module(submodules.mlp, config=config, layer_number=layer_number, parallel_state_=ps)
+        self.mlp = build_module(submodules.mlp, config=config, layer_number=layer_number, parallel_state=ps)
 
-    def _bias_dropout_add(self, out: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+    def _bias_dropout_add(self, out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
         if bias is not None:
             out = out + bias
         p = self.config.hidden_dropout
@@ -53,8 +53,8 @@ class TransformerLayer(torch.nn.Module):
                 out = dropout(out, p)
         return residual + out
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                rotary_pos_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """[s, b, h] -> [s, b, h] (s is this rank's sequence shard under sequence parallelism)."""
         out, bias = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_pos_emb)
         hidden_states = self._bias_dropout_add(out, bias, hidden_states)

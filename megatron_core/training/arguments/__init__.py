@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from megatron_core.training.arguments import checkpointing, data, distributed, logs, model, training
 from megatron_core.training.errors import ConfigError
@@ -31,6 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (``sys.argv[1:]`` when None); unknown flags are an error, as in Megatron-LM."""
     return build_parser().parse_args(argv)

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from megatron_core.checkpoint.hf_errors import UnsupportedModel
 from megatron_core.transformer.config import TransformerConfig
-from tools.checkpoint.hf_errors import UnsupportedModel
 
 ARCHITECTURE = "LlamaForCausalLM"
 

@@ -8,7 +8,6 @@ layers set on their parameters (``partition_dim``, ``partition_stride``).
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 
@@ -20,7 +19,7 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def partition_of(key: str, config: TransformerConfig) -> Optional[tuple[int, int]]:
+def partition_of(key: str, config: TransformerConfig) -> tuple[int, int] | None:
     """``(dim, stride)`` of a TP-split tensor, None for one replicated on every TP rank."""
     if key in VOCAB_KEYS:
         return 0, 1
@@ -72,8 +71,8 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]], config: TransformerCo
     return full
 
 
-def chunk_keys(full: dict[str, torch.Tensor], config: TransformerConfig, pp: int, vpp: Optional[int],
-               pp_rank: int, vp_stage: Optional[int], tied: bool) -> dict[str, torch.Tensor]:
+def chunk_keys(full: dict[str, torch.Tensor], config: TransformerConfig, pp: int, vpp: int | None,
+               pp_rank: int, vp_stage: int | None, tied: bool) -> dict[str, torch.Tensor]:
     """The part of ``full`` that pipeline chunk (pp_rank, vp_stage) holds, with local layer numbers."""
     counts = config.layer_counts(pp, vpp)
     offset, count = layer_range(counts, pp, pp_rank, vp_stage)
@@ -102,7 +101,7 @@ def chunk_keys(full: dict[str, torch.Tensor], config: TransformerConfig, pp: int
 
 
 def merge_chunks(chunk_dicts: dict[int, dict[str, torch.Tensor]], config: TransformerConfig, pp: int,
-                 vpp: Optional[int], tied: bool) -> dict[str, torch.Tensor]:
+                 vpp: int | None, tied: bool) -> dict[str, torch.Tensor]:
     """Inverse of :func:`chunk_keys` over all chunks, keyed by model-order chunk index."""
     counts = config.layer_counts(pp, vpp)
     full: dict[str, torch.Tensor] = {}
@@ -123,7 +122,7 @@ def merge_chunks(chunk_dicts: dict[int, dict[str, torch.Tensor]], config: Transf
 
 def rank_state_dict(full: dict[str, torch.Tensor], config: TransformerConfig, vocab_size: int,
                     make_vocab_size_divisible_by: int, tp: int, tp_rank: int, pp: int = 1, pp_rank: int = 0,
-                    vpp: Optional[int] = None, vp_stage: Optional[int] = None) -> dict[str, torch.Tensor]:
+                    vpp: int | None = None, vp_stage: int | None = None) -> dict[str, torch.Tensor]:
     """The state dict of one GPTModel chunk (TP rank, pipeline rank, virtual stage) cut from ``full``."""
     chunk = chunk_keys(full, config, pp, vpp, pp_rank, vp_stage, config.share_embeddings_and_output_weights)
     return tp_shards(chunk, config, tp, vocab_size, make_vocab_size_divisible_by)[tp_rank]

@@ -5,13 +5,13 @@ GPTModel chunk (any TP rank / pipeline stage) with its part of a Hugging Face mo
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from megatron_core.checkpoint import hf_gpt2, hf_llama
+from megatron_core.checkpoint.sharding import rank_state_dict
 from megatron_core.transformer.config import TransformerConfig
-from tools.checkpoint import hf_gpt2, hf_llama
-from tools.checkpoint.sharding import rank_state_dict
 
 
 def tiny_hf_gpt2(vocab_size: int = 256, hidden: int = 64, layers: int = 2, heads: int = 4, positions: int = 32,
@@ -62,10 +62,10 @@ def hf_tensors_to_core(hf_model: torch.nn.Module, tensors: dict[str, torch.Tenso
 
 
 def load_hf_weights(model: torch.nn.Module, hf_model: torch.nn.Module, make_vocab_size_divisible_by: int,
-                    ps: Any, vp_stage: Optional[int] = None) -> None:
+                    parallel_state: Any, vp_stage: int | None = None) -> None:
     """Copy this rank's part of ``hf_model``'s weights into the GPTModel chunk ``model`` (strict)."""
     config = model.config
     full = hf_tensors_to_core(hf_model, hf_model.state_dict(), config)
-    state = rank_state_dict(full, config, model.vocab_size, make_vocab_size_divisible_by, ps.tp_size, ps.tp_rank,
-                            ps.pp_size, ps.pp_rank, ps.vpp_size, vp_stage)
+    state = rank_state_dict(full, config, model.vocab_size, make_vocab_size_divisible_by, parallel_state.tp_size, parallel_state.tp_rank,
+                            parallel_state.pp_size, parallel_state.pp_rank, parallel_state.vpp_size, vp_stage)
     model.load_state_dict(state, strict=True)

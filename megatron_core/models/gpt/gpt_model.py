@@ -8,12 +8,11 @@ stage holds its own copy, drawn from the same seed and marked ``shared_embedding
 """
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 import torch.nn.functional as F
 
-from megatron_core import parallel_state
+from megatron_core.models.gpt.embedding import WORD_EMBEDDINGS, LanguageModelEmbedding
+from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_core.tensor_parallel.layers import ColumnParallelLinear
 from megatron_core.tensor_parallel.utils import pad_vocab_size
@@ -23,7 +22,6 @@ from megatron_core.transformer.layer_specs import get_gpt_layer_spec
 from megatron_core.transformer.rope import RotaryEmbedding
 from megatron_core.transformer.spec import ModuleSpec
 from megatron_core.transformer.transformer_block import TransformerBlock
-from models.gpt.embedding import WORD_EMBEDDINGS, LanguageModelEmbedding
 
 
 class GPTModel(torch.nn.Module):
@@ -31,11 +29,11 @@ class GPTModel(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True,
-                 share_embeddings_and_output_weights: Optional[bool] = None,
-                 parallel_state_: Optional[parallel_state.ParallelState] = None, vp_stage: Optional[int] = None,
-                 transformer_layer_spec: Optional[ModuleSpec] = None, make_vocab_size_divisible_by: int = 128) -> None:
+                 share_embeddings_and_output_weights: bool | None = None,
+                 parallel_state: ParallelState | None = None, vp_stage: int | None = None,
+                 transformer_layer_spec: ModuleSpec | None = None, make_vocab_size_divisible_by: int = 128) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         config.validate_parallel(ps.tp_size, ps.pp_size, ps.vpp_size)
         self.config, self.parallel_state, self.vp_stage = config, ps, vp_stage
         self.pre_process, self.post_process = pre_process, post_process
@@ -53,25 +51,25 @@ class GPTModel(torch.nn.Module):
         self.rotary_pos_emb = (RotaryEmbedding(config.rotary_dim, config.rotary_base)
                                if config.position_embedding_type == "rope" else None)
         self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(),
-                                        pre_process=pre_process, post_process=post_process, parallel_state_=ps,
+                                        pre_process=pre_process, post_process=post_process, parallel_state=ps,
                                         vp_stage=vp_stage)
         if post_process:
             self._build_output_layer(ps, tied)
 
-    def _build_output_layer(self, ps: parallel_state.ParallelState, tied: bool) -> None:
+    def _build_output_layer(self, parallel_state: ParallelState, tied: bool) -> None:
         config = self.config
         same_param = tied and self.pre_process
         # Tied on another stage: the same seeded draw as the word embedding, so both start equal.
         init = skip_init if same_param else config.init_method(WORD_EMBEDDINGS if tied else "output_layer.weight")
         self.output_layer = ColumnParallelLinear(
             config.hidden_size, self.padded_vocab_size, bias=False, gather_output=False, init_method=init,
-            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, parallel_state_=ps)
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, parallel_state=parallel_state)
         if same_param:
             self.output_layer.weight = None  # forward passes the word embedding Parameter instead
         elif tied:
             self.output_layer.weight.shared_embedding = True
 
-    def shared_embedding_or_output_weight(self) -> Optional[torch.Tensor]:
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
         """The word embedding on the first stage, else the output layer's weight (None without either)."""
         if self.pre_process:
             return self.embedding.word_embeddings.weight
@@ -79,7 +77,7 @@ class GPTModel(torch.nn.Module):
             return self.output_layer.weight
         return None
 
-    def set_input_tensor(self, input_tensor: Union[torch.Tensor, list, None]) -> None:
+    def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
         """A non-first stage's input [s, b, h] (a one-element list is accepted, as Megatron-LM passes it)."""
         if isinstance(input_tensor, (list, tuple)):
             if len(input_tensor) != 1:
@@ -87,8 +85,8 @@ class GPTModel(torch.nn.Module):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token loss [b, s] (with ``labels``) or logits [b, s, padded_vocab / TP] on the last stage,
         hidden states [s, b, h] elsewhere. ``attention_mask``: bool [b or 1, 1, s, s], True = masked;
         None means causal."""

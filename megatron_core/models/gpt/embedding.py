@@ -7,13 +7,12 @@ so the position table's gradient is partial and it is marked ``sequence_parallel
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 
 from megatron_core import device as device_mod
-from megatron_core import parallel_state
 from megatron_core.fusions.fused_dropout import dropout
+from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron_core.transformer.config import TransformerConfig
 
@@ -25,15 +24,15 @@ class LanguageModelEmbedding(torch.nn.Module):
     """Token ids [b, s] (and position ids) -> hidden states [s, b, h] with embedding dropout."""
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
-                 parallel_state_: Optional[parallel_state.ParallelState] = None) -> None:
+                 parallel_state: ParallelState | None = None) -> None:
         super().__init__()
-        ps = parallel_state.get_parallel_state(parallel_state_)
+        ps = get_parallel_state(parallel_state)
         self.config, self.rng_tracker = config, ps.rng_tracker
         self.tp_rank, self.tp_size = ps.tp_rank, ps.tp_size
         self.sequence_parallel = config.sequence_parallel
         self.word_embeddings = VocabParallelEmbedding(
             vocab_size, config.hidden_size, init_method=config.init_method(WORD_EMBEDDINGS),
-            reduce_scatter_embeddings=config.sequence_parallel, params_dtype=config.params_dtype, parallel_state_=ps)
+            reduce_scatter_embeddings=config.sequence_parallel, params_dtype=config.params_dtype, parallel_state=ps)
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
             weight = torch.empty(max_sequence_length, config.hidden_size, dtype=torch.float32)
@@ -44,7 +43,7 @@ class LanguageModelEmbedding(torch.nn.Module):
             self.position_embeddings.weight.sequence_parallel = config.sequence_parallel
         self.max_sequence_length = max_sequence_length
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         words = self.word_embeddings(input_ids)  # [b, s, h], or [s / tp, b, h] under SP
         if self.sequence_parallel:
             hidden = words
@@ -63,7 +62,7 @@ class LanguageModelEmbedding(torch.nn.Module):
                 hidden = dropout(hidden, p)
         return hidden
 
-    def _positions(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def _positions(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if input_ids.shape[1] > self.max_sequence_length:

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from megatron_core.checkpoint.sharding import chunk_keys, merge_chunks, merge_tp_shards, tp_shards
 from megatron_core.tensor_parallel.utils import pad_vocab_size
 from megatron_core.training import checkpoint_io as io
 from megatron_core.transformer.config import TransformerConfig
-from tools.checkpoint.sharding import chunk_keys, merge_chunks, merge_tp_shards, tp_shards
 
 CHECKPOINT_VERSION = 3.0
 
 
 def make_model_info(config: TransformerConfig, vocab_size: int, max_position_embeddings: int, tp: int, pp: int,
-                    vpp: Optional[int], make_vocab_size_divisible_by: int, **extra: Any) -> dict[str, Any]:
+                    vpp: int | None, make_vocab_size_divisible_by: int, **extra: Any) -> dict[str, Any]:
     """The ``model_info`` entry, with the keys ``megatron_core.training`` compares on load."""
     return {"vocab_size": vocab_size,
             "padded_vocab_size": pad_vocab_size(vocab_size, make_vocab_size_divisible_by, tp),
@@ -62,7 +62,7 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
     return final_dir
 
 
-def _iteration_dir(load_dir: str, iteration: Optional[int]) -> str:
+def _iteration_dir(load_dir: str, iteration: int | None) -> str:
     if not os.path.isdir(load_dir):
         raise FileNotFoundError(f"--load-dir {load_dir} does not exist")
     if iteration is None:
@@ -77,7 +77,7 @@ def _iteration_dir(load_dir: str, iteration: Optional[int]) -> str:
     return path
 
 
-def load_core_checkpoint(load_dir: str, iteration: Optional[int] = None
+def load_core_checkpoint(load_dir: str, iteration: int | None = None
                          ) -> tuple[TransformerConfig, dict[str, Any], dict[str, torch.Tensor]]:
     """``(config, model_info, full state dict)`` merged from every TP/PP rank's file."""
     path = _iteration_dir(load_dir, iteration)

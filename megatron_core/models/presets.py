@@ -5,7 +5,7 @@ position embedding, tying); shapes and anything else are keyword overrides.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from megatron_core.transformer.config import TransformerConfig
 
@@ -21,7 +21,7 @@ def gpt2_config(num_layers: int = 12, hidden_size: int = 768, num_attention_head
     return TransformerConfig(**values)
 
 
-def llama_ffn_hidden_size(hidden_size: int, multiple_of: int = 256, ffn_dim_multiplier: Optional[float] = None) -> int:
+def llama_ffn_hidden_size(hidden_size: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
     """Llama's MLP width: 2/3 of 4h (times an optional multiplier), rounded up to ``multiple_of``."""
     inner = int(2 * 4 * hidden_size / 3)
     if ffn_dim_multiplier is not None:
@@ -30,7 +30,7 @@ def llama_ffn_hidden_size(hidden_size: int, multiple_of: int = 256, ffn_dim_mult
 
 
 def llama_config(num_layers: int = 32, hidden_size: int = 4096, num_attention_heads: int = 32,
-                 num_query_groups: Optional[int] = None, ffn_hidden_size: Optional[int] = None,
+                 num_query_groups: int | None = None, ffn_hidden_size: int | None = None,
                  **overrides: Any) -> TransformerConfig:
     """Llama: RMSNorm (eps 1e-5), SwiGLU, no biases, RoPE (base 10000), untied output, no dropout.
 

@@ -1,0 +1,147 @@
+"""Convert GPT checkpoints between Hugging Face directories and Megatron-LM's legacy layout.
+
+Takes Megatron-LM's converter flags::
+
+    python tools/checkpoint/convert.py --model-type GPT --loader hf --saver core \
+        --load-dir HF_DIR --save-dir CKPT --target-tensor-parallel-size 2 [--target-pipeline-parallel-size 2]
+    python tools/checkpoint/convert.py --model-type GPT --loader core --saver hf --load-dir CKPT --save-dir HF_DIR
+
+``--loader core --saver core`` re-shards a checkpoint to another TP/PP size. Hugging Face models:
+GPT2LMHeadModel and LlamaForCausalLM (``transformers`` and ``safetensors`` must be installed).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_core.checkpoint import hf_gpt2, hf_llama
+from megatron_core.checkpoint.core_format import load_core_checkpoint, make_model_info, save_core_checkpoint
+from megatron_core.checkpoint.hf_errors import UnsupportedModel
+from megatron_core.checkpoint.hf_io import load_hf_config, load_hf_state, save_hf_dir
+from megatron_core.transformer.config import TransformerConfig
+
+_HF_MODULES = {"gpt2": hf_gpt2, "llama": hf_llama}
+_LOADERS = {"hf": "hf", "huggingface": "hf", "core": "core", "mcore": "core", "megatron": "core", "legacy": "core"}
+
+
+@dataclass
+class FullModel:
+    """A whole model in memory: config, true vocabulary, positions, full state dict, HF family."""
+
+    config: TransformerConfig
+    vocab_size: int
+    max_position_embeddings: int
+    state: dict[str, torch.Tensor]
+    hf_family: str | None = None
+
+
+def _family_of(hf_config: Any, path: str) -> str:
+    family = getattr(hf_config, "model_type", None)
+    if family not in _HF_MODULES:
+        archs = getattr(hf_config, "architectures", None)
+        raise UnsupportedModel(f"--load-dir {path}: model_type {family!r} (architectures {archs}) is not supported; "
+                               f"supported: GPT2LMHeadModel (gpt2), LlamaForCausalLM (llama)")
+    return family
+
+
+def load_hf(path: str) -> FullModel:
+    """Read a GPT-2 or Llama ``save_pretrained`` directory."""
+    hf_config = load_hf_config(path)
+    family = _family_of(hf_config, path)
+    module = _HF_MODULES[family]
+    config, vocab, positions = module.config_from_hf(hf_config)
+    state = load_hf_state(path)
+    try:
+        full = module.state_to_core(state, config)
+    except KeyError as exc:
+        raise KeyError(f"--load-dir {path}: weight {exc} is missing for a {module.ARCHITECTURE}") from None
+    return FullModel(config, vocab, positions, full, family)
+
+
+def save_hf(model: FullModel, path: str, family: str | None = None) -> None:
+    """Write ``model`` as a Hugging Face directory (family from the checkpoint, else guessed from its shape)."""
+    family = family or model.hf_family or ("llama" if model.config.position_embedding_type == "rope" else "gpt2")
+    if family not in _HF_MODULES:
+        raise UnsupportedModel(f"--hf-model-type {family!r} is not supported; use gpt2 or llama")
+    module = _HF_MODULES[family]
+    hf_config = module.config_to_hf(model.config, model.vocab_size, model.max_position_embeddings)
+    save_hf_dir(path, hf_config, module.state_to_hf(model.state, model.config))
+
+
+def load_core(path: str, iteration: int | None = None) -> FullModel:
+    """Read and merge every rank of a Megatron legacy checkpoint."""
+    config, info, state = load_core_checkpoint(path, iteration)
+    family = info.get("hf_model_type")
+    return FullModel(config, info.get("vocab_size") or info["padded_vocab_size"],
+                     info.get("max_position_embeddings") or info.get("seq_length"), state, family)
+
+
+def save_core(model: FullModel, path: str, tp: int, pp: int = 1, vpp: int | None = None,
+              make_vocab_size_divisible_by: int = 128, iteration: int = 1) -> str:
+    """Shard ``model`` for TP x PP (x virtual stages) and write it; returns the iteration directory."""
+    try:
+        model.config.validate_parallel(tp, pp, vpp)
+    except ValueError as exc:
+        raise ValueError(f"--target-tensor-parallel-size {tp} / --target-pipeline-parallel-size {pp} do not fit "
+                         f"this model: {exc}") from None
+    info = make_model_info(model.config, model.vocab_size, model.max_position_embeddings, tp, pp, vpp,
+                           make_vocab_size_divisible_by, hf_model_type=model.hf_family)
+    return save_core_checkpoint(path, model.config, info, model.state, iteration)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Megatron-LM's ``tools/checkpoint/convert.py`` flags (the subset that applies here)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--model-type", required=True, choices=["GPT"], help="only GPT models are supported")
+    p.add_argument("--loader", required=True, help="hf (Hugging Face directory) or core (Megatron checkpoint)")
+    p.add_argument("--saver", required=True, help="core (Megatron checkpoint) or hf (Hugging Face directory)")
+    p.add_argument("--load-dir", required=True, help="directory to read")
+    p.add_argument("--save-dir", required=True, help="directory to write")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="TP size of a core checkpoint")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="PP size of a core checkpoint")
+    p.add_argument("--target-virtual-pipeline-parallel-size", type=int, default=None,
+                   help="virtual pipeline stages per rank of a core checkpoint (model0, model1, ...)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this times the TP size (as --make-vocab-size-divisible-by)")
+    p.add_argument("--iteration", type=int, default=1, help="iteration number of a written core checkpoint")
+    p.add_argument("--load-iteration", type=int, default=None, help="iteration of a core checkpoint to read "
+                                                                     "(default: the tracker's)")
+    p.add_argument("--hf-model-type", choices=sorted(_HF_MODULES), default=None,
+                   help="family of a written HF directory (default: the one the checkpoint came from, else "
+                        "llama for RoPE models and gpt2 otherwise)")
+    return p
+
+
+def _kind(name: str, flag: str) -> str:
+    if name not in _LOADERS:
+        raise SystemExit(f"{flag} {name!r} is not supported; use one of {', '.join(sorted(_LOADERS))}")
+    return _LOADERS[name]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one conversion; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
+    try:
+        model = load_hf(args.load_dir) if loader == "hf" else load_core(args.load_dir, args.load_iteration)
+        if saver == "hf":
+            save_hf(model, args.save_dir, args.hf_model_type)
+            where = args.save_dir
+        else:
+            where = save_core(model, args.save_dir, args.target_tensor_parallel_size,
+                              args.target_pipeline_parallel_size, args.target_virtual_pipeline_parallel_size,
+                              args.make_vocab_size_divisible_by, args.iteration)
+    except (FileNotFoundError, UnsupportedModel, ValueError, KeyError) as exc:
+        print(f"convert.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"converted {args.loader}:{args.load_dir} -> {args.saver}:{where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Train a SentencePiece tokenizer model from plain-text files or JSONL.
+
+    python tools/train_tokenizer.py --input corpus.jsonl --json-keys text \
+        --vocab-size 32000 --model-prefix out/tokenizer --model-type bpe
+
+writes ``out/tokenizer.model`` (and ``.vocab``) for ``--tokenizer-type SentencePieceTokenizer``.
+Byte fallback is on, so any text (any language, emoji, control bytes) tokenizes without <unk>,
+and normalization is off, so ``detokenize(tokenize(text)) == text``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def _is_json_input(path: str, input_format: str) -> bool:
+    if input_format == "auto":
+        return path.lower().endswith(_JSON_SUFFIXES)
+    return input_format == "json"
+
+
+def iter_training_lines(
+    inputs: Sequence[str], json_keys: Sequence[str] = ("text",), input_format: str = "auto"
+) -> Iterator[str]:
+    """Non-empty lines of the inputs; JSONL documents are split into lines of their ``json_keys``.
+
+    SentencePiece trains on "sentences" of at most a few KB, so documents are fed line by line.
+    Malformed JSON lines are skipped with a note on stderr rather than aborting a long run.
+    """
+    for path in inputs:
+        as_json = _is_json_input(path, input_format)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not as_json:
+                    if line.strip():
+                        yield line.rstrip("\n")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    document = json.loads(line)
+                    texts = [document[key] for key in json_keys]
+                except (ValueError, KeyError, TypeError) as exc:
+                    print(f"warning: {path}:{line_number}: skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+                    continue
+                for text in texts:
+                    if isinstance(text, str):
+                        yield from (part for part in text.split("\n") if part.strip())
+
+
+def train_sentencepiece(
+    inputs: Sequence[str],
+    model_prefix: str,
+    vocab_size: int,
+    *,
+    json_keys: Sequence[str] = ("text",),
+    model_type: str = "bpe",
+    input_format: str = "auto",
+    character_coverage: float = 0.9995,
+    byte_fallback: bool = True,
+    input_sentence_size: int = 0,
+    num_threads: int | None = None,
+    verbose: bool = False,
+) -> str:
+    """Train a SentencePiece model and return the path of the written ``{model_prefix}.model``."""
+    import sentencepiece
+
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"--model-type must be bpe or unigram, got {model_type!r}")
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise ValueError(f"--input file not found: {path!r}")
+    parent = os.path.dirname(os.path.abspath(model_prefix))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter_training_lines(inputs, json_keys, input_format),
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            # Lossless round trips: keep whitespace (indentation matters in code) and do not
+            # NFKC-normalize; digits are split so numbers do not eat vocabulary.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,  # the EOD id of SentencePieceTokenizer
+            pad_id=-1,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=0 if verbose else 2,
+        )
+    except RuntimeError as exc:
+        # e.g. "Vocabulary size is smaller than required_chars": byte fallback alone needs 256
+        # byte pieces plus the special pieces plus one per frequent character.
+        raise ValueError(f"sentencepiece training failed (--vocab-size {vocab_size}): {exc}") from None
+    return f"{model_prefix}.model"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
+    parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys holding the text")
+    parser.add_argument("--input-format", choices=("auto", "text", "json"), default="auto",
+                        help="auto: .jsonl/.json/.ndjson files are JSON lines, others plain text")
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    parser.add_argument("--character-coverage", type=float, default=0.9995)
+    parser.add_argument("--input-sentence-size", type=int, default=0,
+                        help="train on a random sample of this many lines (0: all)")
+    parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        model = train_sentencepiece(
+            args.input, args.model_prefix, args.vocab_size, json_keys=args.json_keys,
+            model_type=args.model_type, input_format=args.input_format,
+            character_coverage=args.character_coverage, input_sentence_size=args.input_sentence_size,
+            num_threads=args.num_threads, verbose=args.verbose,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {model}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
