@@ -1,0 +1,1 @@
+"""Automatic parallel-layout tuning: memory model, cost model, search and the command line."""

@@ -1,0 +1,128 @@
+"""Activation bytes a rank keeps for backward: per layer, per pipeline stage, and the peak.
+
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1)
+count ``sbh(34 + 5as/h)`` bytes per layer for fp16 at TP 1. Here every term is a tensor this
+implementation saves (found with ``torch.autograd.graph.saved_tensors_hooks``; the test
+tests/test_autotune_memory.py holds the formula to that count), in units of ``B`` bytes per
+activation element (4 for fp32 on the CPU, where the paper's 2 becomes 4) and ``r`` = sbh, divided
+by TP under sequence parallelism:
+
+- residual stream, sharded under SP: layer input and the residual sum (``2rB``); hidden dropout masks,
+  bool (``2r`` bytes); norm statistics (fp32, ``s b`` per statistic);
+- linear inputs, gathered under SP: the two norm outputs (``2sbhB``); fc2's input and the
+  activation's input (``2 s b ffn / t``; SwiGLU ``4 s b ffn / t``);
+- attention: the fused QKV output (``sb(q + 2kv)/t``), then either PyTorch's SDPA (output and
+  log-sum-exp) or the explicit path (softmax output ``(a/t)s^2 b``, its dropout mask and dropped copy,
+  and the context copy); selective recompute keeps only QKV and the context.
+
+Full recompute keeps one layer input per layer and rebuilds one layer's activations in backward.
+"""
+from __future__ import annotations
+
+from megatron_core.autotune.layout import Layout, ModelSpec
+
+
+def _uses_sdpa(spec: ModelSpec, on_cpu: bool) -> bool:
+    """The core-attention path ``DotProductAttention._use_sdpa`` picks while training."""
+    backend = spec.config.attention_backend
+    if backend == "flash":
+        return True
+    return backend == "auto" and not (on_cpu and spec.config.attention_dropout > 0)
+
+
+def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
+    """Bytes one transformer layer keeps for backward per microbatch, on one rank."""
+    c = spec.config
+    s, b, h, t = spec.seq_length, layout.micro_batch_size, c.hidden_size, layout.tp
+    B = spec.bytes_per_param
+    shard = t if layout.sequence_parallel else 1
+    r = s * b * h // shard
+    if layout.recompute == "full":
+        return r * B
+    stats = (1 if c.normalization == "RMSNorm" else 2) * 2 * s * b // shard * 4
+    masks = 2 * r if c.hidden_dropout > 0 else 0
+    total = 2 * r * B + masks + stats + 2 * s * b * h * B
+    ffn = s * b * c.ffn_hidden_size // t
+    total += (4 if c.gated_linear_unit else 2) * ffn * B
+    if c.normalization == "RMSNorm":
+        total += 2 * r * B  # F.rms_norm keeps x * rsqrt(mean(x^2)) for the weight's gradient
+    return total + _attention_bytes(spec, layout, on_cpu)
+
+
+def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
+    """Saved tensors of the QKV split, RoPE and core attention. q, k and v are views of the fused
+    QKV output unless RoPE (new q and k) or grouped-query expansion (new k and v) replaced them; the
+    fused output is kept while any view of it is saved."""
+    c = spec.config
+    s, b, t, B = spec.seq_length, layout.micro_batch_size, layout.tp, spec.bytes_per_param
+    heads = c.num_attention_heads // t
+    mixed = s * b * (c.query_projection_size + 2 * c.kv_projection_size) // t * B
+    qsz, kvsz = s * b * c.query_projection_size // t * B, s * b * c.kv_projection_size // t * B
+    rope = c.position_embedding_type == "rope"
+    rotated = qsz + kvsz if rope else 0
+    if layout.recompute == "selective":  # the checkpoint keeps q, k, v and the context
+        return mixed + rotated + qsz
+    if _uses_sdpa(spec, on_cpu):  # q, k, v, output and log-sum-exp
+        return mixed + rotated + qsz + b * heads * s * 4
+    gqa = c.num_query_groups != c.num_attention_heads
+    total = (qsz if rope else 0) + (qsz if gqa else kvsz if rope else 0) + (qsz if gqa else 0)
+    if not (rope and gqa):
+        total += mixed
+    scores = heads * s * s * b
+    total += scores * (4 if c.attention_softmax_in_fp32 else B) + qsz  # softmax output, context copy
+    if c.attention_dropout > 0:
+        total += scores + scores * B  # bool mask and the dropped probabilities
+    return total
+
+
+def head_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
+    """The last stage's final norm, output layer input and loss (fp32 softmax of the logits shard)."""
+    s, b, h, t = spec.seq_length, layout.micro_batch_size, spec.config.hidden_size, layout.tp
+    shard = t if layout.sequence_parallel else 1
+    vocab = spec.padded_vocab(t) // t
+    return s * b * h // shard * spec.bytes_per_param + s * b * h * spec.bytes_per_param + 4 * s * b * vocab
+
+
+def embedding_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
+    """The first stage's embedding dropout mask and token ids."""
+    s, b, h = spec.seq_length, layout.micro_batch_size, spec.config.hidden_size
+    shard = layout.tp if layout.sequence_parallel else 1
+    return (s * b * h // shard if spec.config.hidden_dropout > 0 else 0) + 8 * s * b
+
+
+def in_flight(layout: Layout, num_microbatches: int, pp_rank: int) -> int:
+    """Chunk forwards whose activations rank ``pp_rank`` holds at once (the schedules' warm-up + 1)."""
+    p, m = layout.pp, num_microbatches
+    if layout.vpp is None:
+        return min(p - pp_rank, m)
+    total = m * layout.vpp
+    if m == p:
+        return total
+    return min(total, 2 * (p - pp_rank - 1) + (layout.vpp - 1) * p + 1)
+
+
+def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True) -> int:
+    """Peak activation bytes on pipeline rank ``pp_rank``: in-flight chunks' saved tensors, plus the
+    transient of one backward (a recomputed layer under full recompute, the logits' gradient on the
+    last stage)."""
+    counts = spec.config.layer_counts(layout.pp, layout.vpp)
+    chunks = layout.vpp or 1
+    mine = [counts[v * layout.pp + pp_rank] for v in range(chunks)]
+    per_chunk_layers = max(mine)
+    flight = in_flight(layout, spec.num_microbatches(layout), pp_rank)
+    per_layer = layer_activation_bytes(spec, layout, on_cpu)
+    # Interleaved ranks cycle through their chunks; the in-flight count is in chunk forwards.
+    total = flight * per_chunk_layers * per_layer
+    first, last = pp_rank == 0, pp_rank == layout.pp - 1
+    vocab = spec.padded_vocab(layout.tp) // layout.tp
+    s, b = spec.seq_length, layout.micro_batch_size
+    if first:
+        total += min(flight, spec.num_microbatches(layout)) * embedding_activation_bytes(spec, layout)
+    transient = 0
+    if last:
+        total += min(flight, spec.num_microbatches(layout)) * head_activation_bytes(spec, layout)
+        transient = 2 * 4 * s * b * vocab  # logits and their gradient
+    if layout.recompute == "full":
+        rebuilt = layer_activation_bytes(spec, Layout(**{**layout.__dict__, "recompute": None}), on_cpu)
+        transient = max(transient, rebuilt)
+    return total + transient

@@ -1,0 +1,68 @@
+"""The model shape and parallel layout the autotuner reasons about (plain data, no process groups)."""
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_core.transformer.config import TransformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One candidate parallel layout (Megatron-LM's flag in brackets).
+
+    ``vpp`` is the number of virtual pipeline stages per rank (None: no interleaving; derived from
+    ``--num-layers-per-virtual-pipeline-stage``). ``zero_stage`` is DeepSpeed's ZeRO stage (1 is
+    Megatron's ``--use-distributed-optimizer``); ``offload`` moves fp32 main parameters and optimizer
+    state to host memory (DeepSpeed's ``offload_optimizer``). ``recompute``: None, ``selective`` or
+    ``full`` (uniform, one layer per checkpoint).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vpp: int | None = None
+    zero_stage: int = 0
+    micro_batch_size: int = 1
+    recompute: str | None = None
+    sequence_parallel: bool = False
+    offload: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def describe(self) -> str:
+        """Short form for tables: ``tp2 pp2 v2 dp1 z1 mb2 sel sp``."""
+        parts = [f"tp{self.tp}", f"pp{self.pp}"] + ([f"v{self.vpp}"] if self.vpp else []) + [
+            f"dp{self.dp}", f"z{self.zero_stage}", f"mb{self.micro_batch_size}"]
+        if self.recompute:
+            parts.append({"selective": "sel", "full": "full"}[self.recompute])
+        if self.sequence_parallel:
+            parts.append("sp")
+        if self.offload:
+            parts.append("off")
+        return " ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What fixes the parameter and activation sizes: the transformer config (its parallel and
+    recompute fields are ignored: the layout sets them), the vocabulary before padding
+    (``--make-vocab-size-divisible-by`` x TP pads it, as pretrain_gpt.py does), positions and sequence."""
+
+    config: TransformerConfig
+    vocab_size: int
+    seq_length: int
+    max_position_embeddings: int
+    global_batch_size: int
+    make_vocab_size_divisible_by: int = 128
+    bytes_per_param: int = 4
+    grad_bytes: int = 4
+
+    def padded_vocab(self, tp: int) -> int:
+        """Megatron-LM's padding: the next multiple of ``make_vocab_size_divisible_by * TP``."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def num_microbatches(self, layout: Layout) -> int:
+        return self.global_batch_size // (layout.micro_batch_size * layout.dp)

@@ -1,0 +1,118 @@
+"""Per-rank memory of a layout, predicted without process groups.
+
+Model states follow the framework's own buffers exactly (``megatron_core.optimizer.memory``
+measures the same categories): each model chunk's parameters sit in one flat DDP buffer in reverse
+registration order, cut into buckets of ``bucket_size`` elements padded to a multiple of DP; the
+tied embedding copy gets its own bucket under the distributed optimizer. ZeRO (Rajbhandari et al.
+2020) with K = 12 (Adam's fp32 main copy and two moments): stage 0 keeps (2+2+K)Ψ, stage 1
+shards the fp32 parts, stage 2 also the gradients, stage 3 (not in the framework yet: formula only)
+also the parameters, (2+2+K)Ψ/Nd plus a window of two gathered layers. ``offload`` moves the fp32
+main parameters and optimizer state to host memory (DeepSpeed's ``offload_optimizer``).
+
+Activations: Korthikanti et al. 2022's per-layer ``sbh(34 + 5as/h)`` bytes (fp16, TP 1) rewritten
+as the tensors this implementation actually saves for backward (see :func:`layer_activation_bytes`),
+times the microbatches each pipeline rank holds in flight under 1F1B (``pp - rank``) or interleaving
+(``2(pp - rank - 1) + (v - 1)pp + 1`` chunk forwards).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_core.autotune.layout import Layout, ModelSpec
+from megatron_core.autotune.params import ParamInfo, layer_params, rank_chunks
+
+IMPLEMENTED_ZERO_STAGES = (0, 1, 2)  # add 3 here when the framework's ZeRO-3 lands
+
+
+@dataclasses.dataclass
+class ModelStates:
+    """Bytes of one rank after an optimizer step (``memory_footprint``'s categories), plus the
+    gradient bytes alive during backward (ZeRO-2 holds the full buffer then) and host bytes."""
+
+    params: int
+    grads: int
+    main_params: int
+    optimizer_state: int
+    grads_in_backward: int
+    host: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.main_params + self.optimizer_state
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _buckets(params: list[ParamInfo], dp: int, sharded: bool, bucket_size: int | None) -> list[list[tuple[int, int]]]:
+    """Buckets as lists of (start, end) parameter ranges relative to the bucket, plus a final
+    ``(padded_size, -1)`` marker; the buffer takes parameters in reverse order (DDP's ``params[::-1]``)."""
+    buckets: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    offset = 0
+    for p in reversed(params):
+        own = sharded and p.shared_embedding
+        if own and current:
+            buckets.append(current + [(_pad(offset, dp), -1)])
+            current, offset = [], 0
+        current.append((offset, offset + p.numel))
+        offset += p.numel
+        if own or (bucket_size is not None and offset >= bucket_size):
+            buckets.append(current + [(_pad(offset, dp), -1)])
+            current, offset = [], 0
+    if current:
+        buckets.append(current + [(_pad(offset, dp), -1)])
+    return buckets
+
+
+def _shard_pieces(buckets: list[list[tuple[int, int]]], dp: int, dp_rank: int) -> tuple[int, list[int]]:
+    """(shard elements with padding, element counts of the parameter pieces in this rank's shard)."""
+    shard_numel, pieces = 0, []
+    for bucket in buckets:
+        size = bucket[-1][0] // dp
+        lo, hi = dp_rank * size, (dp_rank + 1) * size
+        shard_numel += size
+        pieces += [min(e, hi) - max(s, lo) for s, e in bucket[:-1] if min(e, hi) > max(s, lo)]
+    return shard_numel, pieces
+
+
+def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank: int = 0,
+                      optimizer: str = "adam", bucket_size: int | None = 40_000_000,
+                      sgd_momentum: float = 0.9) -> ModelStates:
+    """Bytes of parameters, gradients, fp32 main parameters and optimizer state on one rank.
+
+    Equals ``megatron_core.optimizer.memory_footprint`` after a step for stages 0-2 (checked by
+    tests/test_autotune_memory.py); stage 3 follows the ZeRO paper's (2+2+K)Ψ/Nd.
+    """
+    pb, gb, stage, dp = spec.bytes_per_param, spec.grad_bytes, layout.zero_stage, layout.dp
+    params = grads = mains = state = grads_bw = 0
+    adam = optimizer == "adam"
+    per_elem_state = 8 if adam else (4 if sgd_momentum > 0 else 0)
+    for chunk in rank_chunks(spec, layout, pp_rank):
+        buckets = _buckets(chunk, dp, stage >= 1, bucket_size)
+        numel = sum(b[-1][0] for b in buckets)
+        psi = sum(p.numel for p in chunk)
+        if stage == 0:
+            params += numel * pb
+            grads += numel * gb + (psi * 4 if gb != 4 else 0)  # main.grad = grad.float()
+            grads_bw += numel * gb
+            mains += psi * 4 if pb != 4 else 0  # fp32 parameters are their own main copy
+            state += psi * per_elem_state + (4 * len(chunk) if adam else 0)
+            continue
+        shard, pieces = _shard_pieces(buckets, dp, dp_rank)
+        piece_grads = sum(pieces) * 4 if gb != 4 else 0
+        params += (shard if stage == 3 else numel) * pb
+        grads += (numel if stage == 1 else shard) * gb + piece_grads
+        grads_bw += (numel if stage == 1 else numel + shard) * gb if stage < 3 else 2 * shard * gb
+        mains += shard * 4
+        state += sum(pieces) * per_elem_state + (4 * len(pieces) if adam else 0)
+    host = 0
+    if layout.offload:
+        host, mains, state = mains + state, 0, 0
+    return ModelStates(params, grads, mains, state, grads_bw, host)
+
+
+def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout) -> int:
+    """ZeRO-3 working memory: the gathered parameters of the current and the prefetched layer."""
+    return 2 * sum(p.numel for p in layer_params(spec, layout.tp, 0)) * spec.bytes_per_param

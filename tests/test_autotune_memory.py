@@ -1,0 +1,137 @@
+"""The autotuner's memory model against the framework: parameter lists of built GPT chunks, model-state
+bytes measured by ``memory_footprint`` after a real training step (exact: the model reproduces the
+buffer padding), and per-layer activation bytes counted with ``saved_tensors_hooks``."""
+import dataclasses
+import functools
+
+import pytest
+import torch
+from ddp_common import build, train_step
+from harness import run_distributed
+
+from megatron_core import parallel_state
+from megatron_core.autotune.activations import layer_activation_bytes
+from megatron_core.autotune.layout import Layout, ModelSpec
+from megatron_core.autotune.memory import model_state_bytes
+from megatron_core.autotune.params import rank_chunks
+from megatron_core.models.gpt import build_gpt_model_chunks
+from megatron_core.models.presets import llama_config
+from megatron_core.optimizer import memory_footprint
+from megatron_core.transformer.config import TransformerConfig
+
+VOCAB, SEQ = 61, 16  # odd vocabulary: padded to 64 (TP 1) or 128 (TP 2) with divisible-by 32 / 64
+
+
+def _config(llama: bool, tied: bool = True, **kw) -> TransformerConfig:
+    common = dict(num_layers=4, hidden_size=24, num_attention_heads=4, hidden_dropout=0.0,
+                  attention_dropout=0.0, share_embeddings_and_output_weights=tied, **kw)
+    if llama:
+        return llama_config(num_query_groups=2, ffn_hidden_size=40, **common)
+    return TransformerConfig(**common)
+
+
+def _spec(config: TransformerConfig, divisible: int = 32) -> ModelSpec:
+    return ModelSpec(config, VOCAB, SEQ, SEQ, global_batch_size=8, make_vocab_size_divisible_by=divisible)
+
+
+@dataclasses.dataclass
+class _GPT:
+    """The spec object ddp_common drives, for the real GPT model."""
+
+    config: TransformerConfig
+    divisible: int = 32
+    seq_length: int = SEQ
+
+    def build_chunks(self, ps):
+        return build_gpt_model_chunks(self.config, VOCAB, SEQ, ps, make_vocab_size_divisible_by=self.divisible)
+
+    def microbatches(self, step, count, micro_batch_size):
+        g = torch.Generator().manual_seed(step)
+        return [{"tokens": torch.randint(0, VOCAB, (micro_batch_size, SEQ), generator=g),
+                 "labels": torch.randint(0, VOCAB, (micro_batch_size, SEQ), generator=g)} for _ in range(count)]
+
+    @staticmethod
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        loss = functools.partial(lambda out: (out.mean(), {"lm loss": out.mean().detach()}))
+        return model(batch["tokens"], labels=batch["labels"]), loss
+
+
+# (name, tp, pp, vpp, zero, llama, tied, divisible, bucket) on 4 ranks: DP = 4 / (TP x PP).
+GRID = [("dp4-z0", 1, 1, None, 0, False, True, 32, None), ("dp4-z1", 1, 1, None, 1, False, True, 32, None),
+        ("dp4-z2-buckets", 1, 1, None, 2, False, True, 32, 1000), ("tp2-dp2-z1-llama", 2, 1, None, 1, True, False, 64, None),
+        ("pp2-dp2-z2-tied", 1, 2, None, 2, False, True, 32, None), ("pp2-v2-dp2-z1", 1, 2, 2, 1, False, True, 32, 700),
+        ("tp2-pp2-z0-llama", 2, 2, None, 0, True, True, 64, None), ("tp4-z2", 4, 1, None, 2, False, False, 8, None)]
+
+
+def _measure(grid, dtype):
+    out = {}
+    for name, tp, pp, vpp, zero, llama, tied, divisible, bucket in grid:
+        gpt = _GPT(_config(llama, tied, params_dtype=dtype), divisible)
+        ps, chunks, wrapped, optimizer = build({"tp": tp, "pp": pp, "vpp": vpp}, gpt,
+                                               {"zero_stage": zero, "bucket_size": bucket,
+                                                "grad_reduce_in_fp32": dtype != torch.float32}, {}, dtype)
+        names = [[(n, p.numel(), getattr(p, "shared_embedding", False)) for n, p in c.named_parameters()] for c in chunks]
+        train_step(ps, gpt, wrapped, optimizer, 0, 2)
+        out[name] = (ps.pp_rank, ps.dp_rank, dataclasses.asdict(memory_footprint(wrapped, optimizer)), names)
+        ps.destroy()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_model_states_equal_framework_accounting(dtype):
+    grid = GRID if dtype == torch.float32 else GRID[:4]
+    results = run_distributed(_measure, 4, grid, dtype, timeout=240)
+    for name, tp, pp, vpp, zero, llama, tied, divisible, bucket in grid:
+        spec = dataclasses.replace(_spec(_config(llama, tied), divisible), bytes_per_param=dtype.itemsize, grad_bytes=4)
+        layout = Layout(tp=tp, pp=pp, dp=4 // (tp * pp), vpp=vpp, zero_stage=zero, micro_batch_size=2)
+        for rank, by_name in enumerate(results):
+            pp_rank, dp_rank, measured, names = by_name[name]
+            predicted = [[(p.name, p.numel, p.shared_embedding) for p in c] for c in rank_chunks(spec, layout, pp_rank)]
+            assert predicted == names, f"{name} rank {rank}: parameter lists differ"
+            states = dataclasses.asdict(model_state_bytes(spec, layout, pp_rank, dp_rank, bucket_size=bucket))
+            for key, value in measured.items():
+                assert states[key] == value, f"{name} rank {rank} {key}: predicted {states[key]}, measured {value}"
+
+
+def _saved_per_layer(kw, tp, sp, mb):
+    counts = []
+    for layers in (1, 2):
+        ps = parallel_state.ParallelState(tp, 1)
+        ps.manual_seed(1)
+        config = TransformerConfig(num_layers=layers, hidden_size=32, num_attention_heads=4, sequence_parallel=sp, **kw)
+        (model,) = build_gpt_model_chunks(config, 64, SEQ, ps, make_vocab_size_divisible_by=32)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        tokens = torch.randint(0, 64, (mb, SEQ))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(tokens, labels=tokens).sum()
+        loss.backward()  # outside the hooks: recompute's saved tensors are transient
+        counts.append(sum(seen.values()))
+        ps.destroy()
+    return counts[1] - counts[0]
+
+
+CASES = {"dropout-explicit": dict(), "no-dropout-sdpa": dict(hidden_dropout=0.0, attention_dropout=0.0),
+         "selective": dict(recompute_granularity="selective"),
+         "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+         "unfused": dict(attention_backend="unfused", hidden_dropout=0.0, attention_dropout=0.0),
+         "llama-rope-gqa": dict(normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+                                position_embedding_type="rope", num_query_groups=2)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2-sp"])
+def test_layer_activations_equal_saved_tensors(case, tp, sp):
+    kw = CASES[case]
+    measured = run_distributed(_saved_per_layer, tp, kw, tp, sp, 3, timeout=60)[0]
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, **kw)
+    layout = Layout(tp=tp, micro_batch_size=3, sequence_parallel=sp,
+                    recompute={"selective": "selective", "full": "full"}.get(case))
+    predicted = layer_activation_bytes(ModelSpec(config, 64, SEQ, SEQ, 3), layout)
+    assert predicted == measured, f"{case} tp{tp} sp{sp}: predicted {predicted} bytes, saved {measured}"
