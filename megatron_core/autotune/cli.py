@@ -1,0 +1,238 @@
+"""``tools/autotune.py``: pick the parallel layout for pretrain_gpt.py's model and training flags.
+
+    python tools/autotune.py --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64 \\
+        --global-batch-size 16 --mock-data --vocab-size 255 --lr 1e-3 --train-iters 100 \\
+        --world-size 4 --memory-per-device 2 --output run.sh --output-deepspeed-json ds.json --trials 2
+
+Takes pretrain_gpt.py's flags (its own parser; layout flags given there are replaced by the search),
+predicts memory (:mod:`.memory`) and step time (:mod:`.cost`, measured on this machine) for every
+layout (:mod:`.search`), prints a table, writes the best launchable layout as a torchrun line and as
+a DeepSpeed JSON, and with ``--trials N`` runs the top N for a few iterations and keeps the measured best.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from megatron_core.autotune.layout import Layout, ModelSpec
+from megatron_core.autotune.search import GIB, ZERO_STAGE_FLAGS, Candidate, enumerate_layouts, format_bytes, search
+from megatron_core.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Flags the search decides: dropped from the user's command line before the chosen ones are added.
+LAYOUT_FLAGS = {"--tensor-model-parallel-size": 1, "--pipeline-model-parallel-size": 1,
+                "--num-layers-per-virtual-pipeline-stage": 1, "--micro-batch-size": 1, "--sequence-parallel": 0,
+                "--use-distributed-optimizer": 0, "--recompute-activations": 0, "--recompute-granularity": 1,
+                "--recompute-method": 1, "--recompute-num-layers": 1}
+AUTOTUNE_FLAGS = {"--world-size": 1, "--memory-per-device": 1, "--trials": 1, "--trial-iters": 1, "--output": 1,
+                  "--output-deepspeed-json": 1, "--top": 1, "--no-offload": 0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """pretrain_gpt.py's parser plus the autotune group."""
+    from megatron_core.training.arguments import build_parser as pretrain_parser
+
+    parser = pretrain_parser()
+    parser.prog = "tools/autotune.py"
+    g = parser.add_argument_group("autotune", "layout search")
+    g.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: CPU cores)")
+    g.add_argument("--memory-per-device", type=float, default=None,
+                   help="GiB per rank (default: this machine's memory / world size)")
+    g.add_argument("--trials", type=int, default=0, help="run the top N layouts for a few iterations")
+    g.add_argument("--trial-iters", type=int, default=3, help="iterations per trial")
+    g.add_argument("--output", default=None, help="write the best layout's torchrun command line here")
+    g.add_argument("--output-deepspeed-json", default=None, help="write the best layout as a DeepSpeed config")
+    g.add_argument("--top", type=int, default=15, help="rows of the table")
+    g.add_argument("--no-offload", action="store_true", help="leave optimizer offload out of the search")
+    return parser
+
+
+def strip_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
+    """``argv`` without ``flags`` (name -> number of values), in either ``--f v`` or ``--f=v`` form."""
+    out, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in flags:
+            i += 1 + (flags[name] if "=" not in argv[i] else 0)
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def layout_flags(spec: ModelSpec, layout: Layout) -> list[str]:
+    """pretrain_gpt.py's flags for ``layout``; KeyError for a stage without a flag (see ``launch_blocker``)."""
+    flags = ["--tensor-model-parallel-size", str(layout.tp), "--pipeline-model-parallel-size", str(layout.pp),
+             "--micro-batch-size", str(layout.micro_batch_size), *ZERO_STAGE_FLAGS[layout.zero_stage]]
+    if layout.vpp:
+        flags += ["--num-layers-per-virtual-pipeline-stage", str(spec.config.num_layers // (layout.pp * layout.vpp))]
+    if layout.sequence_parallel:
+        flags.append("--sequence-parallel")
+    if layout.recompute == "selective":
+        flags += ["--recompute-granularity", "selective"]
+    elif layout.recompute == "full":
+        flags += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    return flags
+
+
+def torchrun_command(spec: ModelSpec, layout: Layout, user_flags: list[str]) -> list[str]:
+    """A torchrun launch of pretrain_gpt.py on this machine with ``layout``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(layout.world_size),
+            os.path.join(REPO, "pretrain_gpt.py"), *user_flags, *layout_flags(spec, layout)]
+
+
+def deepspeed_config(spec: ModelSpec, layout: Layout, args: argparse.Namespace) -> dict:
+    """The layout in DeepSpeed's JSON keys (https://www.deepspeed.ai/docs/config-json/)."""
+    zero: dict = {"stage": layout.zero_stage}
+    if layout.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {"train_batch_size": spec.global_batch_size, "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+              "gradient_accumulation_steps": spec.num_microbatches(layout), "zero_optimization": zero,
+              "gradient_clipping": args.clip_grad, "bf16": {"enabled": bool(args.bf16)},
+              "fp16": {"enabled": bool(args.fp16)},
+              "activation_checkpointing": {"partition_activations": layout.sequence_parallel,
+                                           "number_checkpoints": spec.config.num_layers if layout.recompute == "full" else None},
+              "tensor_parallel": {"autotp_size": layout.tp}, "pipeline": {"stages": layout.pp}}
+    if args.optimizer == "adam":
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr, "betas": [args.adam_beta1, args.adam_beta2],
+                                                           "eps": args.adam_eps, "weight_decay": args.weight_decay}}
+    return config
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    """The model pretrain_gpt.py would build from ``args`` (vocabulary from its tokenizer)."""
+    from megatron_core.tokenizer.build import build_tokenizer
+    from megatron_core.training.build import params_dtype, transformer_config
+    from megatron_core.training.validate import validate_args
+
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "global_batch_size"):
+        if getattr(args, flag) is None:
+            raise ConfigError(f"--{flag.replace('_', '-')} is required: the search needs the model and batch size")
+    # pretrain_gpt.py's own checks and derived values (query groups, ffn size, positions), on one rank;
+    # the layout fields are the search's to choose.
+    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    args.num_layers_per_virtual_pipeline_stage = None
+    args.micro_batch_size = args.micro_batch_size or 1
+    args.recompute_activations, args.sequence_parallel, args.use_distributed_optimizer = False, False, False
+    args.recompute_granularity = args.recompute_method = args.recompute_num_layers = None
+    validate_args(args, 1)
+    config = transformer_config(args)
+    kind = args.tokenizer_type or "NullTokenizer"
+    if kind == "NullTokenizer" and args.vocab_size is None:
+        raise ConfigError("--tokenizer-type or --vocab-size is required to size the embedding")
+    try:
+        vocab = build_tokenizer(kind, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
+                                merge_file=args.merge_file, vocab_size=args.vocab_size).vocab_size
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if kind != "NullTokenizer" and args.vocab_size is not None:
+        vocab = args.vocab_size
+    nbytes = params_dtype(args).itemsize
+    return ModelSpec(config, vocab, args.seq_length, args.max_position_embeddings or args.seq_length,
+                     args.global_batch_size, args.make_vocab_size_divisible_by, nbytes,
+                     4 if (args.bf16 or args.accumulate_allreduce_grads_in_fp32) else nbytes)
+
+
+def _machine_memory_gib() -> float:
+    with open("/proc/meminfo") as f:
+        return int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1)) / 1024 ** 2  # type: ignore[union-attr]
+
+
+def print_table(cands: list[Candidate], top: int) -> None:
+    ok = [c for c in cands if c.reason is None]
+    print(f"{'layout':34} {'mem/rank':>10} {'step s':>9} {'tokens/s':>10} {'MFU':>6} {'measured tok/s':>15}  note")
+    for c in ok[:top]:
+        note = "" if c.launchable else "not launchable today"
+        measured = f"{c.measured_tokens_per_s:15.1f}" if c.measured_tokens_per_s else " " * 15
+        print(f"{c.layout.describe():34} {format_bytes(c.memory_bytes):>10} {c.step_time_s or 0:9.4f} "
+              f"{c.tokens_per_s or 0:10.1f} {100 * (c.mfu or 0):5.1f}% {measured}  {note}")
+    pruned = [c for c in cands if c.reason is not None]
+    reasons: dict[str, int] = {}
+    for c in pruned:
+        key = "out of memory" if c.reason and c.reason.startswith("out of memory") else c.reason or ""
+        reasons[key] = reasons.get(key, 0) + 1
+    print(f"{len(ok)} layouts fit, {len(pruned)} pruned:")
+    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        example = next(c for c in pruned if (c.reason or "").startswith(reason))
+        print(f"  {count:5d} x {reason}" + (f" (e.g. {example.layout.describe()}: {example.reason})"
+                                            if reason == "out of memory" else ""))
+
+
+def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: int) -> float | None:
+    """tokens/s of ``iters`` real iterations (the last logged one), or None when the run failed."""
+    flags = strip_flags(user_flags, {"--train-iters": 1, "--log-interval": 1, "--eval-iters": 1, "--eval-interval": 1,
+                                     "--save": 1, "--save-interval": 1})
+    cmd = torchrun_command(spec, cand.layout, flags + ["--train-iters", str(iters), "--log-interval", "1",
+                                                       "--eval-iters", "0"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    times = re.findall(r"elapsed time per iteration \(ms\): ([\d.]+)", proc.stdout)
+    if proc.returncode != 0 or not times:
+        print(f"  trial {cand.layout.describe()} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return spec.global_batch_size * spec.seq_length / (float(times[-1]) / 1000)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Search, print, write; returns the process exit code (2 with a one-line error on bad flags)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
+    from tqdm import tqdm
+
+    from megatron_core.autotune.cost import profile, step_time
+    from megatron_core.training.flops import flops_per_iteration
+
+    args = build_parser().parse_args(argv)
+    world = args.world_size or os.cpu_count() or 1
+    memory = (args.memory_per_device or _machine_memory_gib() / world) * GIB
+    spec = model_spec(args)
+    layouts = enumerate_layouts(spec, world, with_offload=not args.no_offload)
+    c = spec.config
+    flops = flops_per_iteration(spec.global_batch_size, spec.seq_length, c.num_layers, c.hidden_size,
+                                c.ffn_hidden_size, c.num_attention_heads, c.kv_channels, c.num_query_groups,
+                                c.gated_linear_unit, spec.padded_vocab(1))
+    valid = [c.layout for c in search(spec, layouts, memory) if c.reason is None]
+    if not valid:
+        print_table(search(spec, layouts, memory), args.top)
+        raise ConfigError(f"no layout of {world} ranks fits in {memory / GIB:.3f} GiB per rank")
+    prof = profile(spec, valid, world, progress=lambda keys: tqdm(keys, desc="profiling layers", file=sys.stderr))
+    cands = search(spec, layouts, memory, predict_time=lambda lay: step_time(spec, lay, prof, flops),
+                   progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr))
+    user_flags = strip_flags(strip_flags(argv, AUTOTUNE_FLAGS), LAYOUT_FLAGS)
+    best = next((c for c in cands if c.reason is None and c.launchable), None)
+    if args.trials and best is not None:
+        tried = [c for c in cands if c.reason is None and c.launchable][:args.trials]
+        for cand in tqdm(tried, desc="trials", file=sys.stderr):
+            start = time.perf_counter()
+            cand.measured_tokens_per_s = run_trial(spec, cand, user_flags, args.trial_iters)
+            print(f"  trial {cand.layout.describe()}: predicted {cand.tokens_per_s:.1f} tokens/s, measured "
+                  f"{cand.measured_tokens_per_s or float('nan'):.1f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        measured = [c for c in tried if c.measured_tokens_per_s]
+        if measured:
+            best = max(measured, key=lambda c: c.measured_tokens_per_s or 0.0)
+    print_table(cands, args.top)
+    if best is None:
+        raise ConfigError("no launchable layout fits; see the table for the layouts that need ZeRO-3 or offload")
+    print(f"best: {best.layout.describe()}")
+    command = shlex.join(torchrun_command(spec, best.layout, user_flags))
+    print(command)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(command + "\n")
+    if args.output_deepspeed_json:
+        with open(args.output_deepspeed_json, "w") as f:
+            json.dump(deepspeed_config(spec, best.layout, args), f, indent=2)
+    return 0
