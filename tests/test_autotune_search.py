@@ -1,0 +1,97 @@
+"""The autotuner's search and command line: invalid layouts pruned with their reasons, only launchable
+layouts written out, and the emitted torchrun command runs pretrain_gpt.py for real."""
+import json
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from megatron_core.autotune import cli
+from megatron_core.autotune.layout import Layout, ModelSpec
+from megatron_core.autotune.memory import model_state_bytes
+from megatron_core.autotune.search import enumerate_layouts, launch_blocker, predict_memory, search
+from megatron_core.transformer.config import TransformerConfig
+
+# Megatron-style mock-data run, as tests/test_pretrain.py: 255 tokens + EOD, padded to 256.
+FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+         "--global-batch-size", "4", "--mock-data", "--vocab-size", "255", "--lr", "1e-3", "--train-iters", "2",
+         "--eval-iters", "0", "--log-interval", "1", "--num-workers", "0", "--hidden-dropout", "0",
+         "--attention-dropout", "0"]
+
+
+def _spec(**kw):
+    config = TransformerConfig(num_layers=kw.pop("num_layers", 4), hidden_size=48, num_attention_heads=6,
+                               num_query_groups=6)
+    return ModelSpec(config, 1000, 32, 32, global_batch_size=8, make_vocab_size_divisible_by=128)
+
+
+def test_invalid_layouts_are_pruned_with_reasons():
+    spec = _spec()
+    cands = search(spec, [Layout(tp=4, dp=1), Layout(pp=3, dp=1), Layout(pp=2, vpp=3, dp=1), Layout(dp=3),
+                          Layout(dp=2, micro_batch_size=2)], memory_per_device=1e12)
+    reasons = {c.layout: c.reason for c in cands}
+    assert reasons[Layout(tp=4, dp=1)] == "--num-attention-heads 6 not divisible by TP 4"
+    assert reasons[Layout(pp=3, dp=1)] == "--num-layers 4 not divisible by PP 3 x VPP 1"
+    assert reasons[Layout(pp=2, vpp=3, dp=1)] == "--num-layers 4 not divisible by PP 2 x VPP 3"
+    assert reasons[Layout(dp=3)] == "--global-batch-size 8 not divisible by micro batch 1 x DP 3"
+    assert reasons[Layout(dp=2, micro_batch_size=2)] is None
+
+
+def test_out_of_memory_says_by_how_much():
+    spec = _spec()
+    layout = Layout(dp=2, micro_batch_size=4)
+    need = predict_memory(spec, layout)
+    (fits,) = search(spec, [layout], memory_per_device=need)
+    (oom,) = search(spec, [layout], memory_per_device=need - 3 * 1024 ** 2)
+    assert fits.reason is None and fits.memory_bytes == need
+    assert oom.reason == f"out of memory by 3.0 MiB ({need / 1024 ** 2:.1f} MiB predicted)"
+    # Sharding, recompute and smaller micro batches each lower the prediction.
+    assert predict_memory(spec, Layout(dp=2, micro_batch_size=4, zero_stage=1)) < need
+    # This framework's ZeRO-2 holds the full gradient buffer during backward (released by the step)
+    # plus the reduced shard, so its peak is ZeRO-1's plus the shard: the steady state is what shrinks.
+    z1, z2 = (model_state_bytes(spec, Layout(dp=2, micro_batch_size=4, zero_stage=z)) for z in (1, 2))
+    assert z2.grads < z1.grads and z2.grads_in_backward == z1.grads + z2.grads
+    assert predict_memory(spec, Layout(dp=2, micro_batch_size=4, zero_stage=2)) == \
+        predict_memory(spec, Layout(dp=2, micro_batch_size=4, zero_stage=1)) + z2.grads
+    assert predict_memory(spec, Layout(dp=2, micro_batch_size=4, recompute="full")) < need
+    assert predict_memory(spec, Layout(dp=2, micro_batch_size=1)) < need
+
+
+def test_unlaunchable_settings_are_marked_and_ranked_last():
+    spec = _spec()
+    layouts = enumerate_layouts(spec, 2)
+    assert {lay.zero_stage for lay in layouts} == {0, 1, 2, 3} and any(lay.offload for lay in layouts)
+    assert launch_blocker(Layout(dp=2, zero_stage=3)) == "ZeRO-3 is not in the framework yet"
+    assert launch_blocker(Layout(dp=2, zero_stage=1, offload=True)) == "optimizer offload is not in the framework yet"
+    assert launch_blocker(Layout(dp=2, zero_stage=1)) is None
+    cands = search(spec, layouts, 1e12, predict_time=lambda lay: (1.0 + lay.zero_stage, 0.1))
+    ok = [c for c in cands if c.reason is None]
+    first_blocked = next(i for i, c in enumerate(ok) if not c.launchable)
+    assert all(not c.launchable for c in ok[first_blocked:])
+    assert all(launch_blocker(c.layout) is None for c in ok[:first_blocked])
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    assert cli.main(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                     "--seq-length", "16", "--mock-data", "--vocab-size", "255"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: --global-batch-size is required: the search needs the model and batch size"
+
+
+def test_emitted_command_runs(tmp_path, capsys):
+    out, ds = tmp_path / "run.sh", tmp_path / "ds.json"
+    code = cli.main(FLAGS + ["--world-size", "2", "--memory-per-device", "1", "--no-offload", "--output", str(out),
+                             "--output-deepspeed-json", str(ds)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "layouts fit" in printed
+    best = re.search(r"^best: (.*)$", printed, re.M).group(1)
+    config = json.loads(ds.read_text())
+    assert config["train_batch_size"] == 4 and config["zero_optimization"]["stage"] in (0, 1)
+    assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * \
+        (2 // (config["tensor_parallel"]["autotp_size"] * config["pipeline"]["stages"])) == 4
+    command = shlex.split(out.read_text())
+    assert "--nproc_per_node" in command and command[command.index("--nproc_per_node") + 1] == "2"
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=cli.REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r"iteration +(\d+)/ +2 \|", proc.stdout) == ["1", "2"], (best, proc.stdout[-2000:])
