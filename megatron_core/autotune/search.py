@@ -13,7 +13,12 @@ from collections.abc import Callable
 
 from megatron_core.autotune.activations import stage_activation_bytes
 from megatron_core.autotune.layout import Layout, ModelSpec
-from megatron_core.autotune.memory import IMPLEMENTED_ZERO_STAGES, model_state_bytes, zero3_gather_window_bytes
+from megatron_core.autotune.memory import (
+    IMPLEMENTED_ZERO_STAGES,
+    comm_buffer_bytes,
+    model_state_bytes,
+    zero3_gather_window_bytes,
+)
 
 # pretrain_gpt.py's flags for each ZeRO stage it can launch. Stage 2 is in the library but has no
 # command-line flag yet; add ``2: ["--zero-stage", "2"]`` (and 3 once ZeRO-3 lands) when it has.
@@ -96,18 +101,23 @@ def launch_blocker(layout: Layout) -> str | None:
     return None
 
 
+def predict_rank_memory(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True,
+                        bucket_size: int | None = 40_000_000, optimizer: str = "adam") -> int:
+    """Peak device bytes of pipeline rank ``pp_rank``: model states (with ZeRO-2's full gradients during
+    backward), the ZeRO-3 gather window and activations (see :mod:`.activations`) during backward, or
+    the states and the DP collectives' buffers after it, whichever is larger."""
+    states = model_state_bytes(spec, layout, pp_rank, 0, optimizer, bucket_size)
+    rank = states.params + states.main_params + states.optimizer_state + max(states.grads, states.grads_in_backward)
+    if layout.zero_stage == 3:
+        rank += zero3_gather_window_bytes(spec, layout)
+    return rank + max(stage_activation_bytes(spec, layout, pp_rank, on_cpu),
+                      comm_buffer_bytes(spec, layout, pp_rank, on_cpu, bucket_size))
+
+
 def predict_memory(spec: ModelSpec, layout: Layout, on_cpu: bool = True, bucket_size: int | None = 40_000_000,
                    optimizer: str = "adam") -> int:
-    """Peak device bytes of the most loaded rank: model states (with ZeRO-2's full gradients during
-    backward), the ZeRO-3 gather window, and activations (see :mod:`.activations`)."""
-    peak = 0
-    for pp_rank in range(layout.pp):
-        states = model_state_bytes(spec, layout, pp_rank, 0, optimizer, bucket_size)
-        rank = states.params + states.main_params + states.optimizer_state + max(states.grads, states.grads_in_backward)
-        if layout.zero_stage == 3:
-            rank += zero3_gather_window_bytes(spec, layout)
-        peak = max(peak, rank + stage_activation_bytes(spec, layout, pp_rank, on_cpu))
-    return peak
+    """Peak device bytes of the most loaded rank (:func:`predict_rank_memory` over pipeline ranks)."""
+    return max(predict_rank_memory(spec, layout, r, on_cpu, bucket_size, optimizer) for r in range(layout.pp))
 
 
 def search(spec: ModelSpec, layouts: list[Layout], memory_per_device: float,
