@@ -144,7 +144,7 @@ def _spearman(xs: list[float], ys: list[float]) -> float:
         return r
     rx, ry = ranks(xs), ranks(ys)
     mx, my = statistics.mean(rx), statistics.mean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
 
 
@@ -184,7 +184,8 @@ def main() -> None:
         pred_s, _ = step_time(spec, layout, prof, flops)
         tokens = spec.global_batch_size * spec.seq_length
         rows.append((layout, predicted, measured, tokens / pred_s, tokens / seconds))
-        print(f"{layout.describe():28} {predicted / MiB:9.1f} {measured / MiB:9.1f} {100 * (predicted - measured) / measured:7.1f}% "
+        error = 100 * (predicted - measured) / measured
+        print(f"{layout.describe():28} {predicted / MiB:9.1f} {measured / MiB:9.1f} {error:7.1f}% "
               f"{tokens / pred_s:11.1f} {tokens / seconds:11.1f}", flush=True)
     errors = [abs(p - m) / m for _, p, m, _, _ in rows]
     print(f"memory: mean |error| {100 * statistics.mean(errors):.1f}%, max {100 * max(errors):.1f}%, "

@@ -5,8 +5,6 @@ import re
 import shlex
 import subprocess
 
-import pytest
-
 from megatron_core.autotune import cli
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
@@ -81,8 +79,8 @@ def test_bad_flags_are_one_line_errors(capsys):
 
 def test_emitted_command_runs(tmp_path, capsys):
     out, ds = tmp_path / "run.sh", tmp_path / "ds.json"
-    code = cli.main(FLAGS + ["--world-size", "2", "--memory-per-device", "1", "--no-offload", "--output", str(out),
-                             "--output-deepspeed-json", str(ds)])
+    code = cli.main(FLAGS + ["--world-size", "2", "--memory-per-device", "1", "--no-offload",
+                             "--micro-batch-sizes", "2", "--output", str(out), "--output-deepspeed-json", str(ds)])
     printed = capsys.readouterr().out
     assert code == 0 and "layouts fit" in printed
     best = re.search(r"^best: (.*)$", printed, re.M).group(1)

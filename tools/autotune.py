@@ -3,7 +3,8 @@ import os
 import sys
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, when the library is not installed
+    # the checkout, when the library is not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from megatron_core.autotune.cli import main
 
     sys.exit(main())

@@ -42,7 +42,7 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True)
     stats = (1 if c.normalization == "RMSNorm" else 2) * 2 * s * b // shard * 4
     masks = 2 * r if c.hidden_dropout > 0 else 0
     total = 2 * r * B + masks + stats + 2 * s * b * h * B
-    ffn = s * b * c.ffn_hidden_size // t
+    ffn = s * b * spec.ffn_hidden_size // t
     total += (4 if c.gated_linear_unit else 2) * ffn * B
     if c.normalization == "RMSNorm":
         total += 2 * r * B  # F.rms_norm keeps x * rsqrt(mean(x^2)) for the weight's gradient

@@ -32,7 +32,8 @@ LAYOUT_FLAGS = {"--tensor-model-parallel-size": 1, "--pipeline-model-parallel-si
                 "--use-distributed-optimizer": 0, "--recompute-activations": 0, "--recompute-granularity": 1,
                 "--recompute-method": 1, "--recompute-num-layers": 1}
 AUTOTUNE_FLAGS = {"--world-size": 1, "--memory-per-device": 1, "--trials": 1, "--trial-iters": 1, "--output": 1,
-                  "--output-deepspeed-json": 1, "--top": 1, "--no-offload": 0}
+                  "--output-deepspeed-json": 1, "--top": 1, "--no-offload": 0,
+                  "--micro-batch-sizes": -1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,16 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-deepspeed-json", default=None, help="write the best layout as a DeepSpeed config")
     g.add_argument("--top", type=int, default=15, help="rows of the table")
     g.add_argument("--no-offload", action="store_true", help="leave optimizer offload out of the search")
+    g.add_argument("--micro-batch-sizes", type=int, nargs="+", default=None,
+                   help="micro batch sizes to consider (default: divisors of the global batch up to 8)")
     return parser
 
 
 def strip_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
-    """``argv`` without ``flags`` (name -> number of values), in either ``--f v`` or ``--f=v`` form."""
+    """``argv`` without ``flags`` (name -> number of values, -1 for any), as ``--f v`` or ``--f=v``."""
     out, i = [], 0
     while i < len(argv):
         name = argv[i].split("=", 1)[0]
         if name in flags:
-            i += 1 + (flags[name] if "=" not in argv[i] else 0)
+            i += 1
+            if "=" not in argv[i - 1]:
+                count = flags[name]
+                while count != 0 and i < len(argv) and not argv[i].startswith("--"):
+                    i, count = i + 1, count - 1  # -1: every value up to the next flag
             continue
         out.append(argv[i])
         i += 1
@@ -97,8 +104,9 @@ def deepspeed_config(spec: ModelSpec, layout: Layout, args: argparse.Namespace) 
               "gradient_accumulation_steps": spec.num_microbatches(layout), "zero_optimization": zero,
               "gradient_clipping": args.clip_grad, "bf16": {"enabled": bool(args.bf16)},
               "fp16": {"enabled": bool(args.fp16)},
-              "activation_checkpointing": {"partition_activations": layout.sequence_parallel,
-                                           "number_checkpoints": spec.config.num_layers if layout.recompute == "full" else None},
+              "activation_checkpointing": {
+                  "partition_activations": layout.sequence_parallel,
+                  "number_checkpoints": spec.config.num_layers if layout.recompute == "full" else None},
               "tensor_parallel": {"autotp_size": layout.tp}, "pipeline": {"stages": layout.pp}}
     if args.optimizer == "adam":
         config["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr, "betas": [args.adam_beta1, args.adam_beta2],
@@ -146,6 +154,7 @@ def _machine_memory_gib() -> float:
 
 
 def print_table(cands: list[Candidate], top: int) -> None:
+    """The ``top`` valid layouts (predicted and, after trials, measured) and the pruned ones by reason."""
     ok = [c for c in cands if c.reason is None]
     print(f"{'layout':34} {'mem/rank':>10} {'step s':>9} {'tokens/s':>10} {'MFU':>6} {'measured tok/s':>15}  note")
     for c in ok[:top]:
@@ -199,10 +208,10 @@ def _main(argv: list[str]) -> int:
     world = args.world_size or os.cpu_count() or 1
     memory = (args.memory_per_device or _machine_memory_gib() / world) * GIB
     spec = model_spec(args)
-    layouts = enumerate_layouts(spec, world, with_offload=not args.no_offload)
+    layouts = enumerate_layouts(spec, world, args.micro_batch_sizes, with_offload=not args.no_offload)
     c = spec.config
     flops = flops_per_iteration(spec.global_batch_size, spec.seq_length, c.num_layers, c.hidden_size,
-                                c.ffn_hidden_size, c.num_attention_heads, c.kv_channels, c.num_query_groups,
+                                spec.ffn_hidden_size, c.num_attention_heads, spec.kv_channels, spec.num_query_groups,
                                 c.gated_linear_unit, spec.padded_vocab(1))
     valid = [c.layout for c in search(spec, layouts, memory) if c.reason is None]
     if not valid:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tempfile
 import time
@@ -28,11 +29,12 @@ import torch.nn.functional as F
 
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
+from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 
 
-def _time(fn: Callable[[], None], repeats: int = 3) -> float:
+def _time(fn: Callable[[], object], repeats: int = 3) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -42,21 +44,29 @@ def _time(fn: Callable[[], None], repeats: int = 3) -> float:
     return best
 
 
+def _collective(name: str, x: torch.Tensor, full: torch.Tensor, rank: int) -> None:
+    if name == "all_reduce":
+        dist.all_reduce(x)
+    elif name == "all_gather":
+        all_gather_flat(full, x, None)
+    elif name == "reduce_scatter":
+        reduce_scatter_flat(x, full, None)
+    elif rank == 0:
+        dist.send(x, 1)
+    elif rank == 1:
+        dist.recv(x, 0)
+
+
 def _collective_worker(rank: int, world: int, store: str, sizes: list[int], queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     out = {}
     for size in sizes:
-        x = torch.zeros(size)
-        full = torch.zeros(size * world)
-        ops = {"all_reduce": lambda: dist.all_reduce(x),
-               "all_gather": lambda: dist.all_gather_into_tensor(full, x),
-               "reduce_scatter": lambda: dist.reduce_scatter_tensor(x, full),
-               "send_recv": lambda: (dist.send(x, 1) if rank == 0 else dist.recv(x, 0)) if rank < 2 else None}
-        for name, op in ops.items():
+        x, full = torch.zeros(size), torch.zeros(size * world)
+        for name in COLLECTIVES:
             dist.barrier()
-            out[(name, size)] = _time(op)
+            out[(name, size)] = _time(functools.partial(_collective, name, x, full, rank))
     if rank == 0:
         queue.put(out)
     dist.destroy_process_group()
@@ -71,7 +81,8 @@ def measure_collectives(group_sizes: list[int], sizes: tuple[int, int] = (1 << 1
             continue
         queue = ctx.Queue()
         with tempfile.TemporaryDirectory() as tmp:
-            procs = [ctx.Process(target=_collective_worker, args=(r, world, os.path.join(tmp, "store"), list(sizes), queue))
+            store = os.path.join(tmp, "store")
+            procs = [ctx.Process(target=_collective_worker, args=(r, world, store, list(sizes), queue))
                      for r in range(world)]
             for p in procs:
                 p.start()
@@ -105,8 +116,9 @@ def _layer_seconds(spec: ModelSpec, mb: int, tp: int, selective: bool) -> float:
 
     c = spec.config
     shard = dataclasses.replace(c, num_layers=1, num_attention_heads=c.num_attention_heads // tp,
-                                num_query_groups=c.num_query_groups // tp, ffn_hidden_size=c.ffn_hidden_size // tp,
-                                kv_channels=c.kv_channels, sequence_parallel=False,
+                                num_query_groups=spec.num_query_groups // tp,
+                                ffn_hidden_size=spec.ffn_hidden_size // tp, kv_channels=spec.kv_channels,
+                                sequence_parallel=False,
                                 recompute_granularity="selective" if selective else None,
                                 recompute_method=None, recompute_num_layers=None)
     ps = parallel_state.ParallelState(1, 1)
@@ -195,7 +207,8 @@ def step_time(spec: ModelSpec, layout: Layout, prof: Profile, flops_per_step: fl
         dp_comm = _comm(prof, "all_reduce", layout.dp, grad_bytes)
         opt_elements = elements
     else:
-        dp_comm = _comm(prof, "reduce_scatter", layout.dp, grad_bytes) + _comm(prof, "all_gather", layout.dp, elements * B)
+        dp_comm = (_comm(prof, "reduce_scatter", layout.dp, grad_bytes)
+                   + _comm(prof, "all_gather", layout.dp, elements * B))
         opt_elements = elements // layout.dp
     if layout.zero_stage == 3:
         dp_comm += 2 * _comm(prof, "all_gather", layout.dp, elements * B)  # forward and backward re-gathers

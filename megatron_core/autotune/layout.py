@@ -29,6 +29,7 @@ class Layout:
 
     @property
     def world_size(self) -> int:
+        """Ranks the layout spans: TP x PP x DP."""
         return self.tp * self.pp * self.dp
 
     def describe(self) -> str:
@@ -64,5 +65,21 @@ class ModelSpec:
         multiple = self.make_vocab_size_divisible_by * tp
         return -(-self.vocab_size // multiple) * multiple
 
+    @property
+    def ffn_hidden_size(self) -> int:
+        """The MLP width the config resolved (``TransformerConfig`` fills in 4h when unset)."""
+        return int(self.config.ffn_hidden_size or 4 * self.config.hidden_size)
+
+    @property
+    def num_query_groups(self) -> int:
+        """Key/value heads (the number of query heads without grouped-query attention)."""
+        return int(self.config.num_query_groups or self.config.num_attention_heads)
+
+    @property
+    def kv_channels(self) -> int:
+        """Per-head size."""
+        return int(self.config.kv_channels or self.config.hidden_size // self.config.num_attention_heads)
+
     def num_microbatches(self, layout: Layout) -> int:
+        """Microbatches per iteration on each DP rank: global batch / (micro batch x DP)."""
         return self.global_batch_size // (layout.micro_batch_size * layout.dp)

@@ -38,6 +38,7 @@ class ModelStates:
 
     @property
     def total(self) -> int:
+        """Bytes after the step: the sum of ``memory_footprint``'s four categories."""
         return self.params + self.grads + self.main_params + self.optimizer_state
 
 

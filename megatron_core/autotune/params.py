@@ -26,8 +26,9 @@ class ParamInfo:
 
 
 def layer_params(spec: ModelSpec, tp: int, index: int) -> list[ParamInfo]:
+    """Parameters of one transformer layer's TP shard, named as layer ``index`` of its chunk."""
     c = spec.config
-    h, ffn = c.hidden_size, c.ffn_hidden_size
+    h, ffn = c.hidden_size, spec.ffn_hidden_size
     qkv = (c.query_projection_size + 2 * c.kv_projection_size) // tp
     fc1 = ffn * (2 if c.gated_linear_unit else 1) // tp
     norm = ["weight"] if c.normalization == "RMSNorm" else ["weight", "bias"]
@@ -83,4 +84,4 @@ def rank_chunks(spec: ModelSpec, layout: Layout, pp_rank: int) -> list[list[Para
 
 def total_parameters(spec: ModelSpec) -> int:
     """Parameters of the whole model counted once (tied embeddings once), padded vocabulary at TP 1."""
-    return sum(p.numel for p in chunk_params(spec, Layout()))
+    return sum(p.numel for p in chunk_params(spec, Layout(), 0))

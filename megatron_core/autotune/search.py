@@ -73,8 +73,8 @@ def enumerate_layouts(spec: ModelSpec, world_size: int, micro_batch_sizes: list[
 def check_layout(spec: ModelSpec, layout: Layout) -> str | None:
     """Why the framework cannot build ``layout`` (None when it can), in the flags' words."""
     c, tp = spec.config, layout.tp
-    for name, value in (("--num-attention-heads", c.num_attention_heads), ("--num-query-groups", c.num_query_groups),
-                        ("--ffn-hidden-size", c.ffn_hidden_size)):
+    for name, value in (("--num-attention-heads", c.num_attention_heads), ("--num-query-groups", spec.num_query_groups),
+                        ("--ffn-hidden-size", spec.ffn_hidden_size)):
         if value % tp:
             return f"{name} {value} not divisible by TP {tp}"
     chunks = layout.pp * (layout.vpp or 1)
