@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from megatron_core import device as device_mod
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
 from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
@@ -35,11 +36,13 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 
 
 def _time(fn: Callable[[], object], repeats: int = 3) -> float:
-    fn()  # warm-up
+    """Best of ``repeats`` wall-clock seconds after one warm-up (device work included)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        device_mod.synchronize()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -107,6 +110,7 @@ class Profile:
     adam_s_per_element: float = 0.0
     peak_flops: float = 1.0
     cores: int = 1
+    on_cpu: bool = True
 
 
 def _layer_seconds(spec: ModelSpec, mb: int, tp: int, selective: bool) -> float:
@@ -125,8 +129,9 @@ def _layer_seconds(spec: ModelSpec, mb: int, tp: int, selective: bool) -> float:
     ps.manual_seed(0)
     model = GPTModel(shard, 128, spec.max_position_embeddings, pre_process=False, post_process=False,
                      parallel_state=ps)
-    x = torch.randn(spec.seq_length, mb, c.hidden_size, dtype=c.params_dtype, requires_grad=True)
-    positions = torch.arange(spec.seq_length).expand(mb, spec.seq_length)
+    where = device_mod.current_device()
+    x = torch.randn(spec.seq_length, mb, c.hidden_size, dtype=c.params_dtype, device=where, requires_grad=True)
+    positions = torch.arange(spec.seq_length, device=where).expand(mb, spec.seq_length)
 
     def step() -> None:
         model.set_input_tensor(x)
@@ -138,16 +143,17 @@ def _layer_seconds(spec: ModelSpec, mb: int, tp: int, selective: bool) -> float:
 
 def _head_seconds(spec: ModelSpec, mb: int, tp: int) -> float:
     h, vocab = spec.config.hidden_size, spec.padded_vocab(tp) // tp
-    x = torch.randn(spec.seq_length * mb, h, requires_grad=True)
-    w = torch.randn(vocab, h, requires_grad=True)
-    labels = torch.randint(0, vocab, (spec.seq_length * mb,))
+    where = device_mod.current_device()
+    x = torch.randn(spec.seq_length * mb, h, device=where, requires_grad=True)
+    w = torch.randn(vocab, h, device=where, requires_grad=True)
+    labels = torch.randint(0, vocab, (spec.seq_length * mb,), device=where)
     return _time(lambda: F.cross_entropy(F.linear(x, w), labels).backward())
 
 
 def profile(spec: ModelSpec, layouts: list[Layout], world_size: int, progress: Callable | None = None) -> Profile:
     """Measure everything the candidate ``layouts`` need (each distinct shape once).
     Collectives run on forked ranks first; layers are timed in a one-rank group (made if needed)."""
-    prof = Profile(cores=os.cpu_count() or 1)
+    prof = Profile(cores=os.cpu_count() or 1, on_cpu=device_mod.current_device().type == "cpu")
     prof.collectives = measure_collectives(sorted({n for n in (2, 4, 8, world_size) if n <= world_size}))
     owned = _ensure_group()
     keys = sorted({(lay.micro_batch_size, lay.tp, lay.recompute == "selective") for lay in layouts})
@@ -191,7 +197,7 @@ def step_time(spec: ModelSpec, layout: Layout, prof: Profile, flops_per_step: fl
     layer = prof.layer[(mb, tp, layout.recompute == "selective")]
     if layout.recompute == "full":
         layer *= 4 / 3  # one more forward: forward is about a third of forward + backward
-    slowdown = max(1.0, layout.world_size / prof.cores) if torch.device("cpu").type == "cpu" else 1.0
+    slowdown = max(1.0, layout.world_size / prof.cores) if prof.on_cpu else 1.0
     act_bytes = s * mb * h * B
     tp_comm = 4 * _comm(prof, "all_reduce", tp, act_bytes)  # SP's all-gather + reduce-scatter move the same bytes
     per_mb = layers * (layer * slowdown + tp_comm) + (prof.head[(mb, tp)] * slowdown if layout.pp > 1 else 0)

@@ -64,7 +64,7 @@ def enumerate_layouts(spec: ModelSpec, world_size: int, micro_batch_sizes: list[
         for vpp, zero, mb, rc, sp, off in itertools.product(
                 vpps, zero_stages, mbs, (None, "selective", "full"), (False, True) if tp > 1 else (False,),
                 (False, True) if with_offload else (False,)):
-            if (zero == 0 or dp == 1) and zero != 0 or (off and zero == 0):
+            if (dp == 1 and zero != 0) or (off and zero == 0):
                 continue  # sharding over one rank is stage 0; offload pairs with a ZeRO stage
             out.append(Layout(tp, pp, dp, vpp, zero, mb, rc, sp, off))
     return out
