@@ -117,8 +117,8 @@ def deepspeed_config(spec: ModelSpec, layout: Layout, args: argparse.Namespace) 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The model pretrain_gpt.py would build from ``args`` (vocabulary from its tokenizer)."""
     from megatron_core.tokenizer.build import build_tokenizer
-    from megatron_core.training.build import params_dtype, transformer_config
-    from megatron_core.training.validate import validate_args
+    from megatron_core.training.arguments.to_config import params_dtype, transformer_config
+    from megatron_core.training.arguments.validate import validate_args
 
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "global_batch_size"):
         if getattr(args, flag) is None:
