@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -175,7 +176,7 @@ def print_table(cands: list[Candidate], top: int) -> None:
 
 
 def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: int) -> float | None:
-    """tokens/s of ``iters`` real iterations (the last logged one), or None when the run failed."""
+    """tokens/s of ``iters`` real iterations (median after the first), or None when the run failed."""
     flags = strip_flags(user_flags, {"--train-iters": 1, "--log-interval": 1, "--eval-iters": 1, "--eval-interval": 1,
                                      "--save": 1, "--save-interval": 1})
     cmd = torchrun_command(spec, cand.layout, flags + ["--train-iters", str(iters), "--log-interval", "1",
@@ -185,7 +186,8 @@ def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: in
     if proc.returncode != 0 or not times:
         print(f"  trial {cand.layout.describe()} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
         return None
-    return spec.global_batch_size * spec.seq_length / (float(times[-1]) / 1000)
+    steady = [float(t) for t in times[1:]] or [float(times[0])]  # the first iteration warms up
+    return spec.global_batch_size * spec.seq_length / (statistics.median(steady) / 1000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
