@@ -30,6 +30,7 @@ class LoadedModel:
     vocab_size: int
     source: str  # "hf" or "legacy"
     hf_family: str | None
+    tokenizer: MegatronTokenizer | None  # the one saved with the model, if any
 
 
 def read_full_model(load: str, iteration: int | None = None) -> tuple[FullModel, str]:
@@ -63,14 +64,15 @@ def build_inference_model(load: str, parallel_state: ParallelState, iteration: i
                             parallel_state.pp_rank)
     model.load_state_dict(state, strict=True)
     model.to(device_mod.current_device()).eval()
-    return LoadedModel(model, full.vocab_size, source, full.hf_family)
+    return LoadedModel(model, full.vocab_size, source, full.hf_family, full.tokenizer)
 
 
-def inference_tokenizer(load: str, tokenizer_type: str | None, tokenizer_model: str | None = None,
-                        vocab_file: str | None = None, merge_file: str | None = None) -> MegatronTokenizer:
-    """The tokenizer named by the ``--tokenizer-*`` flags, else the one saved in a Hugging Face ``load`` dir.
+def inference_tokenizer(load: str, saved: MegatronTokenizer | None, tokenizer_type: str | None,
+                        tokenizer_model: str | None = None, vocab_file: str | None = None,
+                        merge_file: str | None = None) -> MegatronTokenizer:
+    """The tokenizer named by the ``--tokenizer-*`` flags, else ``saved`` (the one stored with the model).
 
-    Raises ConfigError when neither is available (legacy checkpoints do not record their tokenizer).
+    Raises ConfigError when neither is available (checkpoints written by training do not record theirs).
     """
     if tokenizer_type is not None:
         try:
@@ -78,8 +80,7 @@ def inference_tokenizer(load: str, tokenizer_type: str | None, tokenizer_model: 
                                    merge_file=merge_file)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    hf_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if any(os.path.isfile(os.path.join(load, name)) for name in hf_files):
-        return build_tokenizer("HuggingFaceTokenizer", tokenizer_model=load)
+    if saved is not None:
+        return saved
     raise ConfigError(f"--load {load} holds no tokenizer files: pass --tokenizer-type and --tokenizer-model "
                       f"(or --vocab-file/--merge-file), or use --prompt-tokens with token ids")

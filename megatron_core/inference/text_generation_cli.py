@@ -95,10 +95,10 @@ def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
                           f"the number of processes ({world}); generation uses no data parallelism")
     ps = initialize_model_parallel(tp, pp)
     loaded = build_inference_model(args.load, ps, args.load_iteration, args.make_vocab_size_divisible_by)
-    tokenizer = None
+    tokenizer = loaded.tokenizer  # its EOD stops generation even for prompts given as token ids
     if need_tokenizer or args.tokenizer_type is not None:
-        tokenizer = inference_tokenizer(args.load, args.tokenizer_type, args.tokenizer_model, args.vocab_file,
-                                        args.merge_file)
+        tokenizer = inference_tokenizer(args.load, loaded.tokenizer, args.tokenizer_type, args.tokenizer_model,
+                                        args.vocab_file, args.merge_file)
     return Generator(loaded, tokenizer, ps, not args.no_kv_cache)
 
 
