@@ -31,7 +31,7 @@ WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 class ShardedSlice(torch.Tensor):
     """A local tensor presented as its slice (``offsets``) of a global tensor of shape ``global_shape``.
 
-    Only DCP's checkpoint hooks are supported; any tensor operation raises.
+    Only DCP's checkpoint hooks are meant to be used: the wrapper has no storage of its own.
     """
 
     _local: torch.Tensor
@@ -39,12 +39,16 @@ class ShardedSlice(torch.Tensor):
 
     @staticmethod
     def __new__(cls, local: torch.Tensor, global_shape: tuple[int, ...], offsets: tuple[int, ...]) -> ShardedSlice:
+        """Wrap ``local`` (not copied) as the slice at ``offsets`` of a ``global_shape`` tensor."""
         out = torch.Tensor._make_wrapper_subclass(cls, global_shape, dtype=local.dtype, device=local.device)
         out._local, out._offsets = local, tuple(offsets)
         return out
 
+    # torch types Tensor.__torch_dispatch__ as its disabled implementation, not as the classmethod protocol
+    # every subclass defines; torch's DTensor carries the same ignore.
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
+        """Refuse every tensor operation: a ShardedSlice is a checkpoint handle, not a tensor to compute with."""
         raise TypeError(f"ShardedSlice is a checkpoint handle, not a tensor to compute with ({func})")
 
     def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
@@ -87,7 +91,8 @@ def param_slices(name: str, local: torch.Tensor, param: torch.nn.Parameter, tp_r
     # Also at TP = 1: a strided parameter is always its ``stride`` logical parts, so names match across sizes.
     if not getattr(param, "tensor_model_parallel", False):
         return [SliceSpec(name, tuple(local.shape), (0,) * local.dim(), local)]
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    dim: int = getattr(param, "partition_dim", 0)  # set with tensor_model_parallel by the parallel layers
+    stride: int = getattr(param, "partition_stride", 1)
     parts = local.chunk(stride, dim=dim) if stride > 1 else (local,)
     out = []
     for i, part in enumerate(parts):
@@ -102,7 +107,7 @@ def param_slices(name: str, local: torch.Tensor, param: torch.nn.Parameter, tp_r
 def chunk_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, bool]]:
     """``(global name, parameter, saved here)`` for a (DDP-wrapped) GPTModel chunk. The last stage's copy
     of a tied embedding is loaded but not saved (the first stage saves the one tensor)."""
-    inner = getattr(model, "module", model)
+    inner: Any = getattr(model, "module", model)
     offset = inner.decoder.layer_offset
     out = []
     for local_name, param in inner.named_parameters():
