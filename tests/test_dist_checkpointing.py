@@ -1,8 +1,10 @@
-"""torch_dist checkpoints resume under another layout: saved after 2 steps in layout A, the run resumed in
-layout B (from differently initialised weights, so everything must come from the files) gives the
-losses, grad norms and parameters of continuing in layout A for 3 more steps (fp32, relative 1e-5;
-Adam eps 1e-4 as in test_ddp_gpt, where the attention key bias's gradient is rounding noise). The
-learning-rate schedule (warmup + cosine) must be restored too, or the losses differ.
+"""torch_dist checkpoints (sync; async for PP2 x VPP2) resume under another layout.
+
+Saved after 2 steps in layout A, the run resumed in layout B (from differently initialised weights,
+so everything must come from the files) gives the losses, grad norms and parameters of continuing in
+layout A for 3 more steps (fp32, relative 1e-5; Adam eps 1e-4 as in test_ddp_gpt, where the attention
+key bias's gradient is rounding noise). The learning-rate schedule (warmup + cosine) must be restored
+too, or the losses differ.
 """
 import functools
 
@@ -54,13 +56,15 @@ def _steps(ps, spec, wrapped, optimizer, scheduler, first, count):
     return losses, norms
 
 
-def _original(layout, spec, ddp, directory):
+def _original(layout, spec, ddp, directory, async_save=False):
     ps, chunks, wrapped, optimizer = build(layout, spec, ddp, OPT)
     scheduler = _scheduler(optimizer)
     _steps(ps, spec, wrapped, optimizer, scheduler, 0, SAVE_AT)
-    save_dist_checkpoint(directory, SAVE_AT, wrapped, optimizer, scheduler, ps,
-                         extra={"consumed_train_samples": 123}).wait()
+    request = save_dist_checkpoint(directory, SAVE_AT, wrapped, optimizer, scheduler, ps,
+                                   extra={"consumed_train_samples": 123}, async_save=async_save)
+    # Async: training goes on while the copies are written; the save must hold the step-2 state.
     losses, norms = _steps(ps, spec, wrapped, optimizer, scheduler, SAVE_AT, AFTER)
+    request.wait()
     result = result_of(ps, spec, chunks, losses, norms)
     ps.destroy()
     return result
@@ -114,7 +118,8 @@ CASES = {
 def test_resume_under_another_layout(case, tmp_path):
     preset, layout_a, world_a, ddp_a, layout_b, world_b, ddp_b = CASES[case]
     spec = FourLayers(preset)
-    original = run_distributed(_original, world_a, layout_a, spec, ddp_a, str(tmp_path), timeout=120)
+    original = run_distributed(_original, world_a, layout_a, spec, ddp_a, str(tmp_path),
+                               async_save=case == "pp2vpp2-to-pp4", timeout=120)
     resumed = run_distributed(_resumed, world_b, layout_b, spec, ddp_b, str(tmp_path), timeout=120)
     reference = _full(original)
     compare(resumed, reference, GLOBAL_MICROBATCHES // (world_b // (layout_b.get("tp", 1) * layout_b.get("pp", 1))),
