@@ -6,8 +6,10 @@ import torch.distributed as dist
 from harness import run_distributed
 
 from megatron_core import parallel_state
+from megatron_core.dist_checkpointing import save_dist_checkpoint
 from megatron_core.errors import ConfigError
 from megatron_core.inference import SamplingParams, generate
+from megatron_core.inference.loading import build_inference_model
 from megatron_core.models.gpt import GPTModel
 from tests.hf_testing import core_config_of, load_hf_weights, tiny_hf_gpt2, tiny_hf_llama
 
@@ -77,3 +79,29 @@ def test_bad_requests_raise_config_error():
         with pytest.raises(Exception, match="ConfigError"):
             run_distributed(_ours, 1, hf_model, runs, timeout=60)
     assert issubclass(ConfigError, ValueError)
+
+
+def _save_dist(hf_model, directory):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config, vocab, positions = core_config_of(hf_model)
+    model = GPTModel(config, vocab, positions, parallel_state=ps, make_vocab_size_divisible_by=8)
+    load_hf_weights(model, hf_model, 8, ps)
+    info = {"vocab_size": vocab, "max_position_embeddings": positions, "make_vocab_size_divisible_by": 8}
+    save_dist_checkpoint(directory, 5, [model], None, None, ps,
+                         extra={"model_config": config.to_dict(), "model_info": info}).wait()
+
+
+def _generate_from(directory):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    loaded = build_inference_model(directory, ps, make_vocab_size_divisible_by=100)
+    return loaded.source, generate(loaded.model, PROMPTS, NEW_TOKENS, eod_id=None, vocab_size=loaded.vocab_size,
+                                   parallel_state=ps).tokens
+
+
+def test_torch_dist_checkpoint_generates_under_another_tp(tmp_path):
+    """Saved at TP 2 (vocabulary padded to 256), generated from at TP 1 (padded to 300): same as HF."""
+    hf_model = tiny_hf_llama(vocab_size=250)
+    run_distributed(_save_dist, 2, hf_model, str(tmp_path), timeout=60)
+    ((source, tokens),) = run_distributed(_generate_from, 1, str(tmp_path), timeout=60)
+    assert source == "torch_dist"
+    assert tokens == [_hf_greedy(hf_model, p, NEW_TOKENS, None) for p in PROMPTS]

@@ -3,7 +3,8 @@ from megatron_core.dist_checkpointing.serialization import (
     SaveRequest,
     is_dist_checkpoint,
     load_dist_checkpoint,
+    read_common,
     save_dist_checkpoint,
 )
 
-__all__ = ["SaveRequest", "is_dist_checkpoint", "load_dist_checkpoint", "save_dist_checkpoint"]
+__all__ = ["SaveRequest", "is_dist_checkpoint", "load_dist_checkpoint", "read_common", "save_dist_checkpoint"]

@@ -164,6 +164,11 @@ def _checkpoint_dir(load_dir: str, iteration: int | None) -> str:
     return path
 
 
+def read_common(load_dir: str, iteration: int | None = None) -> dict[str, Any]:
+    """The ``common.pt`` record of a torch_dist checkpoint (no tensors read). Raises ConfigError when absent."""
+    return io.load_file(os.path.join(_checkpoint_dir(load_dir, iteration), COMMON_FILE))
+
+
 def is_dist_checkpoint(load_dir: str) -> bool:
     """True when the tracker of ``load_dir`` names a torch_dist checkpoint."""
     iteration = io.read_tracker(load_dir)
@@ -210,7 +215,7 @@ def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], opt
     Raises ConfigError for a missing or incomplete checkpoint, or one of another model.
     """
     path = _checkpoint_dir(load_dir, iteration)
-    common = io.load_file(os.path.join(path, COMMON_FILE))
+    common = read_common(load_dir, iteration)
     reader = dcp.FileSystemReader(path)
     saved = reader.read_metadata().state_dict_metadata
     use_optim = optimizer is not None and load_optim and bool(common["optimizer"])

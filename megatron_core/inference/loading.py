@@ -1,5 +1,9 @@
 """Build this rank's GPTModel for generation from a training checkpoint or a Hugging Face directory.
 
+A torch_dist checkpoint (:mod:`megatron_core.dist_checkpointing`) whose ``extra`` carries
+``model_config`` (``TransformerConfig.to_dict()``) and ``model_info`` (vocab_size,
+max_position_embeddings) is read slice by slice for this rank's layout (vocabulary padding included).
+
 A Megatron legacy checkpoint (``latest_checkpointed_iteration.txt`` + ``iter_*/mp_rank_*``, any TP/PP/VPP
 it was saved with) is merged with :func:`megatron_core.checkpoint.convert.load_core` and cut again for
 this run's TP x PP with :func:`megatron_core.checkpoint.sharding.rank_state_dict`: the layout of the
@@ -15,11 +19,14 @@ from dataclasses import dataclass
 from megatron_core import device as device_mod
 from megatron_core.checkpoint.convert import FullModel, load_core, load_hf
 from megatron_core.checkpoint.sharding import rank_state_dict
+from megatron_core.dist_checkpointing import is_dist_checkpoint, load_dist_checkpoint, read_common
+from megatron_core.dist_checkpointing.serialization import FORMAT
 from megatron_core.errors import ConfigError
 from megatron_core.models.gpt.gpt_model import GPTModel
 from megatron_core.parallel_state import ParallelState
 from megatron_core.tokenizer.base import MegatronTokenizer
 from megatron_core.tokenizer.build import build_tokenizer
+from megatron_core.transformer.config import TransformerConfig
 
 
 @dataclass
@@ -28,7 +35,7 @@ class LoadedModel:
 
     model: GPTModel
     vocab_size: int
-    source: str  # "hf" or "legacy"
+    source: str  # "hf", "legacy" or "torch_dist"
     hf_family: str | None
     tokenizer: MegatronTokenizer | None  # the one saved with the model, if any
 
@@ -45,9 +52,27 @@ def read_full_model(load: str, iteration: int | None = None) -> tuple[FullModel,
         raise ConfigError(f"--load {load}: {exc}") from None
 
 
+def _build_from_dist(load: str, parallel_state: ParallelState, iteration: int | None,
+                     make_vocab_size_divisible_by: int) -> LoadedModel:
+    extra = read_common(load, iteration)["extra"]
+    if "model_config" not in extra or "model_info" not in extra:
+        raise ConfigError(f"--load {load}: this torch_dist checkpoint records no model_config/model_info, "
+                          f"so the model cannot be rebuilt; save it with them in `extra`")
+    config, info = TransformerConfig.from_dict(extra["model_config"]), extra["model_info"]
+    model = GPTModel(config, info["vocab_size"], info["max_position_embeddings"], parallel_state=parallel_state,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage(),
+                     make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    load_dist_checkpoint(load, [model], None, None, parallel_state, iteration, load_rng=False)
+    model.to(device_mod.current_device()).eval()
+    return LoadedModel(model, info["vocab_size"], FORMAT, None, None)
+
+
 def build_inference_model(load: str, parallel_state: ParallelState, iteration: int | None = None,
                           make_vocab_size_divisible_by: int = 128) -> LoadedModel:
     """This rank's GPTModel (eval mode, on the current device) filled from ``load``; see the module doc."""
+    if os.path.isdir(load) and is_dist_checkpoint(load):
+        return _build_from_dist(load, parallel_state, iteration, make_vocab_size_divisible_by)
     full, source = read_full_model(load, iteration)
     config = full.config
     try:
