@@ -55,6 +55,8 @@ def _tensor_state(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_
             for spec in param_slices(name, value, param, tp_rank, tp):
                 sd[f"model/{spec.name}"] = ShardedSlice(spec.local, spec.global_shape, spec.offsets)
             for key, tensor in states.get(id(param), {}).items():
+                if key == opt_state.MAIN and param.dtype == torch.float32:
+                    continue  # an fp32 model's main parameters are its weights: stored once, as model/
                 for spec in param_slices(name, tensor, param, tp_rank, tp):
                     sd[f"optimizer/{key}/{spec.name}"] = ShardedSlice(spec.local, spec.global_shape, spec.offsets)
     meta = {} if optimizer is None else {"state_keys": keys, "step": step,
@@ -186,6 +188,8 @@ def _targets(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_state
     def add(fqn: str, name_local: torch.Tensor, name: str, param: torch.nn.Parameter) -> None:
         for spec in param_slices(name, name_local, param, tp_rank, tp):
             key = f"{fqn}/{spec.name}"
+            if key.startswith(f"optimizer/{opt_state.MAIN}/") and key not in saved:
+                continue  # fp32 at save time: filled from the loaded weights (see load_dist_checkpoint)
             if key not in saved:
                 raise ConfigError(f"checkpoint has no {key}: it is of another model or was saved without it "
                                   f"(--no-load-optim skips the optimizer)")
@@ -223,6 +227,11 @@ def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], opt
     sd, states = _targets(model_chunks, optimizer if use_optim else None, parallel_state, saved, keys)
     dcp.load(sd, storage_reader=reader)
     if use_optim:
+        with torch.no_grad():
+            for chunk in model_chunks:
+                for name, param, _ in chunk_params(chunk):
+                    if not any(k.startswith(f"optimizer/{opt_state.MAIN}/{name}") for k in sd):
+                        states[id(param)][opt_state.MAIN].copy_(param.data)
         opt_state.scatter_param_states(optimizer, states, common["optimizer"]["step"])
         opt_state.load_common_optimizer_state(optimizer, common["optimizer"]["common"])
     elif optimizer is not None:
