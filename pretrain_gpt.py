@@ -3,9 +3,10 @@
     python pretrain_gpt.py --demo                       # tiny GPT on the Python standard library, CPU
     torchrun --nproc_per_node 8 pretrain_gpt.py --tensor-model-parallel-size 2 ...  # Megatron-LM's flags
 
-``main(argv)`` returns a :class:`TrainResult` (and raises :class:`ConfigError` on bad input), so
-tests can run it inside their own process group; ``cli()`` is the command line, which turns such
-errors into one line on stderr and a non-zero exit code.
+The flags are parsed and validated here, once, into a typed ``RunConfig``; everything below takes
+that. ``main(argv)`` returns a :class:`TrainResult` (and raises :class:`ConfigError` on bad input),
+so tests can run it inside their own process group; ``cli()`` is the command line, which turns
+such errors into one line on stderr and a non-zero exit code.
 """
 from __future__ import annotations
 
@@ -15,32 +16,29 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from megatron_core import device  # noqa: E402
-from megatron_core.parallel_state import ParallelState  # noqa: E402
-from megatron_core.training.arguments import parse_args  # noqa: E402
-from megatron_core.training.demo import demo_argv, prepare_demo_data  # noqa: E402
-from megatron_core.training.errors import ConfigError  # noqa: E402
-from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown  # noqa: E402
-from megatron_core.training.pretrain import TrainResult, perplexity, pretrain  # noqa: E402
-from megatron_core.training.validate import validate_args  # noqa: E402
+from megatron_core import device
+from megatron_core.models.gpt import build_gpt_model_chunks
+from megatron_core.parallel_state import ParallelState
+from megatron_core.training.arguments import config_from_args, parse_args
+from megatron_core.training.arguments.validate import validate_args
+from megatron_core.training.config import ModelConfig
+from megatron_core.training.demo import demo_argv, prepare_demo_data
+from megatron_core.training.errors import ConfigError
+from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
+from megatron_core.training.pretrain import TrainResult, perplexity, pretrain
 
 TRACEBACK_ENV = "MCORE_TRACEBACK"  # set to 1 to see the full traceback of a configuration error
 
 
-def model_provider(config: Any, padded_vocab_size: int, parallel_state: ParallelState, *,
-                   max_sequence_length: int) -> list[torch.nn.Module]:
+def model_provider(config: ModelConfig, padded_vocab_size: int,
+                   parallel_state: ParallelState) -> list[torch.nn.Module]:
     """This rank's GPT model chunks (one per virtual pipeline stage)."""
-    from megatron_core.models.gpt import build_gpt_model_chunks
-
     # The vocabulary is already padded by --make-vocab-size-divisible-by x TP; don't pad it again.
-    return build_gpt_model_chunks(config, padded_vocab_size, max_sequence_length, parallel_state,
-                                  make_vocab_size_divisible_by=1)
+    return build_gpt_model_chunks(config.transformer, padded_vocab_size, config.max_position_embeddings,
+                                  parallel_state, make_vocab_size_divisible_by=1)
 
 
 def get_batch(data_iterator: Any | None, seq_length: int, micro_batch_size: int) -> dict[str, torch.Tensor | None]:
@@ -95,10 +93,10 @@ def main(argv: Sequence[str] | None = None) -> TrainResult | None:
             _prepare_demo(args, context.rank)
             if args.demo_prepare_only:
                 return None
-        validate_args(args, context.world_size)
-        provider = functools.partial(model_provider, max_sequence_length=args.max_position_embeddings)
-        step = functools.partial(forward_step, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
-        result = pretrain(args, provider, step)
+        config = config_from_args(validate_args(args, context.world_size))
+        step = functools.partial(forward_step, seq_length=config.data.seq_length,
+                                 micro_batch_size=config.training.micro_batch_size)
+        result = pretrain(config, model_provider, step)
         if args.demo and result.is_logging_rank and len(result.val_losses) >= 2:
             _print_demo_summary(result)
         return result

@@ -1,10 +1,9 @@
 """Megatron-LM's flags parse, map onto configs, and bad combinations fail with one clear line."""
 import pytest
 
-from megatron_core.training import build, config
-from megatron_core.training.arguments import parse_args
+from megatron_core.training.arguments import config_from_args, parse_args
+from megatron_core.training.arguments.validate import validate_args
 from megatron_core.training.errors import ConfigError
-from megatron_core.training.validate import validate_args
 
 # Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh, with small sizes.
 GPT3_SCRIPT = """
@@ -38,15 +37,16 @@ def test_gpt3_example_and_common_flags_parse_and_map():
     args = validate_args(parse_args(argv), world_size=8)
     assert (args.data_parallel_size, args.virtual_pipeline_model_parallel_size) == (2, 2)
     assert args.recompute_granularity == "full" and not args.add_bias_linear and args.swiglu
-    t = build.transformer_config(args)
+    run = config_from_args(args)
+    t = run.model.transformer
     assert (t.num_query_groups, t.kv_channels, t.activation, t.normalization) == (2, 8, "swiglu", "RMSNorm")
     assert not t.share_embeddings_and_output_weights and t.sequence_parallel
-    o = build.optimizer_config(args)
+    o = run.optimizer
     assert (o.bf16, o.adam_beta2, o.adam_eps) == (True, 0.95, 1e-6)
-    d = build.ddp_config(args)
+    d = run.ddp
     assert d.zero_stage == 1 and d.overlap_grad_reduce and d.grad_reduce_in_fp32
-    assert config.checkpoint_config(args).finetune and config.logging_config(args).tensorboard_dir == "tb"
-    s = config.scheduler_config(args)
+    assert run.checkpoint.finetune and run.logging.tensorboard_dir == "tb"
+    s = run.scheduler
     assert s.lr_decay_steps == 40 * 16 and s.lr_warmup_steps == pytest.approx(0.001 * 640)
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from megatron_core.training.arguments import parse_args
-from megatron_core.training.config import scheduler_config
+from megatron_core.training.arguments.to_config import scheduler_config
+from megatron_core.training.arguments.validate import validate_args
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
-from megatron_core.training.validate import validate_args
 
 
 def _optimizer():

@@ -20,9 +20,10 @@ import torch.distributed as dist
 
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training import checkpoint_io as io
-from megatron_core.training.config import CheckpointConfig
+from megatron_core.training.config import CheckpointConfig, ModelInfo
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.rng_state import get_rng_state, set_rng_state
+from megatron_core.transformer.config import TransformerConfig
 
 # Test hook: sleep this many seconds inside a save, after the files are written and before the
 # directory is published, so a test can kill the process mid-save.
@@ -88,9 +89,12 @@ def _gather_rng_states(parallel_state: ParallelState) -> list[dict[str, Any]]:
 
 def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_samples: int,
                     model: list[torch.nn.Module], optimizer: Any, scheduler: Any, parallel_state: ParallelState,
-                    model_config: dict[str, Any], model_info: dict[str, Any], distributed_optimizer: bool,
+                    transformer: TransformerConfig, model_info: ModelInfo,
                     printer: Callable[[str], None] = print) -> str:
-    """Write iteration ``iteration`` under ``config.save``; returns the checkpoint directory. Collective."""
+    """Write iteration ``iteration`` under ``config.save``; returns the checkpoint directory. Collective.
+
+    A sharded (ZeRO) optimizer also writes this DP rank's shard beside the model file.
+    """
     root = config.save
     final_dir = io.iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
@@ -106,7 +110,7 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     if parallel_state.dp_rank == 0:
         state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": iteration,
                                  "consumed_train_samples": consumed_train_samples,
-                                 "config": model_config, "model_info": model_info}
+                                 "config": transformer.to_dict(), "model_info": model_info.to_dict()}
         for key, chunk in zip(_model_keys(model), model):
             state[key] = unwrap(chunk).state_dict()
         if save_optim:
@@ -116,7 +120,7 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
         if rng is not None:
             state["rng_state"] = rng
         io.save_file(state, os.path.join(rank_dir, io.MODEL_FILENAME))
-    if save_optim and distributed_optimizer:
+    if save_optim and _sharded(optimizer):
         io.save_file(optimizer.sharded_state_dict(), os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
     _sleep_for_test(iteration)
     _barrier()
@@ -129,6 +133,11 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     printer(f"  successfully saved checkpoint at iteration {iteration:7d} to {root} "
             f"[ t {time.perf_counter() - start:.2f}s ]")
     return final_dir
+
+
+def _sharded(optimizer: Any) -> bool:
+    """Whether the optimizer's state is sharded over DP (ZeRO stage >= 1)."""
+    return bool(getattr(optimizer, "sharded_over_dp", False))
 
 
 def _sleep_for_test(iteration: int) -> None:
@@ -181,8 +190,8 @@ def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tup
 
 
 def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
-                    parallel_state: ParallelState, model_config: dict[str, Any], model_info: dict[str, Any],
-                    distributed_optimizer: bool, printer: Callable[[str], None] = print) -> LoadResult:
+                    parallel_state: ParallelState, transformer: TransformerConfig, model_info: ModelInfo,
+                    printer: Callable[[str], None] = print) -> LoadResult:
     """Restore what ``config`` asks for from ``config.load``; a fresh start when it holds nothing."""
     if config.load is None:
         return LoadResult()
@@ -192,7 +201,8 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
         return LoadResult()
     iteration, rank_dir = resolved
     state = io.load_file(os.path.join(rank_dir, io.MODEL_FILENAME))
-    check_compatible(state.get("config", {}), state.get("model_info", {}), model_config, model_info, rank_dir)
+    check_compatible(state.get("config", {}), state.get("model_info", {}), transformer.to_dict(),
+                     model_info.to_dict(), rank_dir)
     _load_model(state, model, rank_dir)
     result = LoadResult(loaded=True)
     if config.finetune:
@@ -202,7 +212,7 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     result.iteration = int(state.get("iteration", iteration))
     result.consumed_train_samples = int(state.get("consumed_train_samples", 0))
     if not config.no_load_optim:
-        result.optimizer_loaded = _load_optimizer(state, optimizer, rank_dir, parallel_state, distributed_optimizer, printer)
+        result.optimizer_loaded = _load_optimizer(state, optimizer, rank_dir, parallel_state, printer)
         if scheduler is not None and "opt_param_scheduler" in state:
             scheduler.load_state_dict(state["opt_param_scheduler"])
             result.scheduler_loaded = True
@@ -234,9 +244,10 @@ def _load_model(state: dict[str, Any], model: list[torch.nn.Module], where: str)
 
 
 def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parallel_state: ParallelState,
-                    distributed_optimizer: bool, printer: Callable[[str], None]) -> bool:
+                    printer: Callable[[str], None]) -> bool:
     if optimizer is None:
         return False
+    distributed_optimizer = _sharded(optimizer)
     if "optimizer" not in state:
         printer(f"> {rank_dir} holds no optimizer state (a model-only checkpoint): starting the optimizer fresh")
         return False

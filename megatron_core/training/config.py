@@ -1,12 +1,22 @@
-"""Config dataclasses of the training loop, mapped from validated Megatron-LM arguments.
+"""The typed configuration tree of a training run: ``RunConfig`` and the sections only the trainer reads.
 
-The model, optimizer and DDP configs belong to their packages; ``megatron_core.training.build``
-maps the flags onto them. The four here cover what only the trainer reads.
+``pretrain_gpt.py``'s flags are parsed and validated once
+(``megatron_core.training.arguments.config_from_args``) into a :class:`RunConfig`; a DeepSpeed-style
+JSON config builds the same dataclasses. Nothing below the entry point sees ``argparse``. The
+model, optimizer and data-parallel sections are the library's own dataclasses
+(``TransformerConfig``, ``OptimizerConfig``, ``DistributedDataParallelConfig``); the others are here.
+Units: iterations unless a name says samples; the schedule (``SchedulerConfig``) is in samples, as
+Megatron-LM's ``OptimizerParamScheduler``.
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
+from megatron_core.optimizer.optimizer_config import OptimizerConfig
+from megatron_core.transformer.config import TransformerConfig
 
 
 @dataclass
@@ -24,7 +34,9 @@ class TrainingConfig:
     exit_duration_in_mins: float | None = None
     exit_signal_handler: bool = True
     skip_train: bool = False
+    eval_at_start: bool = False
     seed: int = 1234
+    deterministic_mode: bool = False
 
 
 @dataclass
@@ -67,6 +79,7 @@ class LoggingConfig:
     """Log-line cadence and TensorBoard."""
 
     log_interval: int = 100
+    log_throughput: bool = False
     timing_log_level: int = 0
     tensorboard_dir: str | None = None
     tensorboard_log_interval: int = 1
@@ -90,49 +103,87 @@ class SchedulerConfig:
     use_checkpoint_opt_param_scheduler: bool = False
 
 
-def _take(cls, args: argparse.Namespace, **overrides):
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    values.update(overrides)
-    return cls(**values)
+@dataclass
+class ParallelConfig:
+    """The parallel layout and process-group options (Megatron-LM's distributed flags).
+
+    ``world_size`` = TP x PP x DP; ranks are laid out ``tp-cp-ep-dp-pp`` by ``ParallelState``.
+    """
+
+    world_size: int = 1
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    distributed_backend: str = "gloo"
+    distributed_timeout_minutes: int = 10
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks holding the same model shard: world size / (TP x PP)."""
+        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
 
-def training_config(args: argparse.Namespace) -> TrainingConfig:
-    """TrainingConfig from validated args."""
-    return _take(TrainingConfig, args)
+@dataclass
+class ModelConfig:
+    """What builds the GPT besides the transformer: the position table and the architecture's spec.
+
+    ``spec`` is ``(module, function)`` of a custom layer spec (Megatron-LM's ``--spec``), or None
+    for the built-in one chosen by ``transformer.attention_backend``.
+    """
+
+    transformer: TransformerConfig
+    max_position_embeddings: int
+    spec: tuple[str, str] | None = None
 
 
-def data_config(args: argparse.Namespace) -> DataConfig:
-    """DataConfig from validated args."""
-    return _take(DataConfig, args)
+@dataclass
+class ModelInfo:
+    """The ``model_info`` entry of a checkpoint (docs/design.md): what a load checks besides the
+    transformer config. Stored as a plain dict (``to_dict``) so checkpoints hold no pickled classes."""
+
+    vocab_size: int
+    padded_vocab_size: int
+    seq_length: int
+    max_position_embeddings: int
+    position_embedding_type: str
+    share_embeddings_and_output_weights: bool
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    virtual_pipeline_model_parallel_size: int | None
+    make_vocab_size_divisible_by: int = 128
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (loadable with ``torch.load(weights_only=True)``)."""
+        return dataclasses.asdict(self)
 
 
-def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
-    """CheckpointConfig from validated args."""
-    return _take(CheckpointConfig, args)
+@dataclass
+class RunConfig:
+    """Everything a training run needs, one typed section per concern.
 
+    Built from ``pretrain_gpt.py``'s flags by ``megatron_core.training.arguments.config_from_args``
+    (or by hand: every section has defaults except the model, the batch and the schedule).
+    """
 
-def logging_config(args: argparse.Namespace) -> LoggingConfig:
-    """LoggingConfig from validated args."""
-    return _take(LoggingConfig, args)
+    model: ModelConfig
+    training: TrainingConfig
+    data: DataConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ddp: DistributedDataParallelConfig = field(default_factory=DistributedDataParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-
-def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
-    """The schedule in samples: iterations count ``--global-batch-size`` samples each (Megatron-LM's rule)."""
-    gbs = args.global_batch_size
-    if args.train_samples is not None:
-        decay = args.lr_decay_samples if args.lr_decay_samples is not None else args.train_samples
-        warmup = args.lr_warmup_samples
-        wd_steps = args.train_samples
-    else:
-        decay = (args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters) * gbs
-        warmup = args.lr_warmup_iters * gbs
-        wd_steps = args.train_iters * gbs
-    if args.lr_warmup_fraction is not None:
-        warmup = args.lr_warmup_fraction * decay
-    return SchedulerConfig(
-        lr=args.lr if args.lr is not None else 0.0, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
-        lr_warmup_init=args.lr_warmup_init, lr_warmup_steps=warmup, lr_decay_steps=decay,
-        start_weight_decay=args.start_weight_decay, end_weight_decay=args.end_weight_decay,
-        wd_incr_steps=wd_steps, weight_decay_incr_style=args.weight_decay_incr_style,
-        override_opt_param_scheduler=args.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
+    def model_info(self, vocab_size: int, padded_vocab_size: int) -> ModelInfo:
+        """The checkpoint's ``model_info`` for a tokenizer of ``vocab_size`` tokens padded to ``padded_vocab_size``."""
+        t, p = self.model.transformer, self.parallel
+        return ModelInfo(
+            vocab_size=vocab_size, padded_vocab_size=padded_vocab_size, seq_length=self.data.seq_length,
+            max_position_embeddings=self.model.max_position_embeddings,
+            position_embedding_type=t.position_embedding_type,
+            share_embeddings_and_output_weights=t.share_embeddings_and_output_weights,
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            make_vocab_size_divisible_by=self.data.make_vocab_size_divisible_by)

@@ -1,4 +1,4 @@
-"""``pretrain``: build everything from validated flags, load, train, evaluate, save; Megatron-LM's outline.
+"""``pretrain``: build everything from a :class:`RunConfig`, load, train, evaluate, save; Megatron-LM's outline.
 
 The model-specific parts come from the caller (``pretrain_gpt.py``): a model provider building the
 chunks of this rank and a ``forward_step_func`` for the schedules. Everything returns to the
@@ -6,7 +6,6 @@ caller as a :class:`TrainResult`; nothing here calls ``sys.exit``.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
@@ -19,11 +18,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_core import device, parallel_state
+from megatron_core import device
 from megatron_core.microbatches import MicrobatchCalculator
-from megatron_core.parallel_state import ParallelState
-from megatron_core.training import build, checkpointing, data_loading
-from megatron_core.training import config as cfg
+from megatron_core.parallel_state import ParallelState, destroy_model_parallel, initialize_model_parallel
+from megatron_core.training import checkpointing, data_loading
+from megatron_core.training.config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    ModelInfo,
+    RunConfig,
+    TrainingConfig,
+)
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.flops import flops_per_iteration
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
@@ -37,7 +44,8 @@ from megatron_core.training.training_log import (
 )
 from megatron_core.training.training_loop import TrainState, evaluate, learning_rate, loss_scale, train_step
 
-ModelProvider = Callable[[Any, int, ParallelState], list]  # (TransformerConfig, padded vocab, ps) -> chunks
+# (model config, padded vocabulary size, this rank's process groups) -> this rank's model chunks
+ModelProvider = Callable[[ModelConfig, int, ParallelState], list]
 
 
 @dataclass
@@ -82,24 +90,32 @@ def set_seeds(seed: int, parallel_state: ParallelState) -> None:
 class _Run:
     """Everything the loop needs, built once."""
 
-    args: argparse.Namespace
+    config: RunConfig
     parallel_state: ParallelState
     out: Printers
     model: list
     optimizer: Any
     scheduler: OptimizerParamScheduler
     forward_step_func: Callable
-    training: cfg.TrainingConfig
-    data: cfg.DataConfig
-    checkpoint: cfg.CheckpointConfig
-    model_config: dict
-    model_info: dict
+    model_info: ModelInfo
     calculator: MicrobatchCalculator
     tokenizer: Any = None
     train_ds: Any = None
     valid_ds: Any = None
     writer: Any = None
     last_eval_iteration: int | None = None  # the same on every rank (evaluation is collective)
+
+    @property
+    def training(self) -> TrainingConfig:
+        return self.config.training
+
+    @property
+    def data(self) -> DataConfig:
+        return self.config.data
+
+    @property
+    def checkpoint(self) -> CheckpointConfig:
+        return self.config.checkpoint
 
 
 def agreed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -126,61 +142,58 @@ def agreed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def pretrain(args: argparse.Namespace, model_provider: ModelProvider, forward_step_func: Callable) -> TrainResult:
-    """Train as the validated ``args`` say; the default process group must exist."""
-    ps = parallel_state.initialize_model_parallel(
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-        args.virtual_pipeline_model_parallel_size, timeout=timedelta(minutes=args.distributed_timeout_minutes))
+def pretrain(config: RunConfig, model_provider: ModelProvider, forward_step_func: Callable) -> TrainResult:
+    """Train as ``config`` says; the default process group must exist (``initialize_distributed``).
+
+    Raises ConfigError (on every rank alike) for bad data, tokenizer or checkpoint input.
+    """
+    p = config.parallel
+    parallel_state = initialize_model_parallel(
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
+        timeout=timedelta(minutes=p.distributed_timeout_minutes))
     try:
-        if args.deterministic_mode:
+        if config.training.deterministic_mode:
             torch.use_deterministic_algorithms(True)
-        set_seeds(args.seed, ps)
-        run = _setup(args, ps, model_provider, forward_step_func)
+        set_seeds(config.training.seed, parallel_state)
+        run = _setup(config, parallel_state, model_provider, forward_step_func)
         return _train_and_evaluate(run)
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
 
 
-def _setup(args: argparse.Namespace, parallel_state: ParallelState, model_provider: ModelProvider,
+def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: ModelProvider,
            forward_step_func: Callable) -> _Run:
-    out = Printers(parallel_state)
-    out.rank0(f"> world size {parallel_state.world_size}: tensor parallel {parallel_state.tp_size}, pipeline parallel {parallel_state.pp_size}"
-              f"{f' x {parallel_state.vpp_size} virtual stages' if parallel_state.vpp_size else ''}, data parallel {parallel_state.dp_size}")
-    if args.overlap_param_gather:
-        out.rank0("> --overlap-param-gather: parameters are all-gathered after the optimizer step (no overlap)")
-    data = cfg.data_config(args)
-    tokenizer, padded_vocab, transformer_config, model = agreed(_build_model, args, data, parallel_state, model_provider)
-    out.rank0(f"> tokenizer {args.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded_vocab}")
-    if parallel_state.dp_rank == 0:
+    out, ps = Printers(parallel_state), parallel_state
+    out.rank0(f"> world size {ps.world_size}: tensor parallel {ps.tp_size}, pipeline parallel {ps.pp_size}"
+              f"{f' x {ps.vpp_size} virtual stages' if ps.vpp_size else ''}, data parallel {ps.dp_size}")
+    tokenizer, padded_vocab, model = agreed(_build_model, config, ps, model_provider)
+    out.rank0(f"> tokenizer {config.data.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded_vocab}")
+    if ps.dp_rank == 0:
         count = sum(p.numel() for chunk in model for p in chunk.parameters())
-        print(f" > number of parameters on (tensor, pipeline) model parallel rank ({parallel_state.tp_rank}, {parallel_state.pp_rank}): "
+        print(f" > number of parameters on (tensor, pipeline) model parallel rank ({ps.tp_rank}, {ps.pp_rank}): "
               f"{count}", flush=True)
     from megatron_core.distributed import DistributedDataParallel
     from megatron_core.optimizer import get_megatron_optimizer
 
-    ddp_config = build.ddp_config(args)
     where = device.current_device()  # weights are drawn on the CPU; move them to this rank's device
-    model = [DistributedDataParallel(ddp_config, chunk.to(where), parallel_state) for chunk in model]
-    optimizer = get_megatron_optimizer(build.optimizer_config(args), model, parallel_state)
-    s = cfg.scheduler_config(args)
+    model = [DistributedDataParallel(config.ddp, chunk.to(where), ps) for chunk in model]
+    optimizer = get_megatron_optimizer(config.optimizer, model, ps)
+    s = config.scheduler
     scheduler = OptimizerParamScheduler(
         optimizer, s.lr_warmup_init, s.lr, s.min_lr, s.lr_warmup_steps, s.lr_decay_steps, s.lr_decay_style,
         s.start_weight_decay, s.end_weight_decay, s.wd_incr_steps, s.weight_decay_incr_style,
         s.use_checkpoint_opt_param_scheduler, s.override_opt_param_scheduler)
-    training = cfg.training_config(args)
-    calculator = MicrobatchCalculator(training.global_batch_size, training.micro_batch_size, parallel_state.dp_size,
-                                      training.rampup_batch_size, parallel_state.pp_size, parallel_state.vpp_size)
-    return _Run(args, parallel_state, out, model, optimizer, scheduler, forward_step_func, training, data,
-                cfg.checkpoint_config(args), transformer_config.to_dict(),
-                build.model_info(args, tokenizer.vocab_size, padded_vocab), calculator, tokenizer=tokenizer,
-                writer=make_tensorboard_writer(args.tensorboard_dir, out.is_logging_rank, out.last))
+    training = config.training
+    calculator = MicrobatchCalculator(training.global_batch_size, training.micro_batch_size, ps.dp_size,
+                                      training.rampup_batch_size, ps.pp_size, ps.vpp_size)
+    return _Run(config, ps, out, model, optimizer, scheduler, forward_step_func,
+                config.model_info(tokenizer.vocab_size, padded_vocab), calculator, tokenizer=tokenizer,
+                writer=make_tensorboard_writer(config.logging.tensorboard_dir, out.is_logging_rank, out.last))
 
 
-def _build_model(args: argparse.Namespace, data: cfg.DataConfig, parallel_state: ParallelState,
-                 model_provider: ModelProvider) -> tuple:
-    tokenizer, padded_vocab = data_loading.build_run_tokenizer(data, parallel_state.tp_size)
-    transformer_config = build.transformer_config(args)
-    return tokenizer, padded_vocab, transformer_config, model_provider(transformer_config, padded_vocab, parallel_state)
+def _build_model(config: RunConfig, parallel_state: ParallelState, model_provider: ModelProvider) -> tuple:
+    tokenizer, padded_vocab = data_loading.build_run_tokenizer(config.data, parallel_state.tp_size)
+    return tokenizer, padded_vocab, model_provider(config.model, padded_vocab, parallel_state)
 
 
 def _build_data(run: _Run) -> None:
@@ -199,15 +212,14 @@ def _build_data(run: _Run) -> None:
 
 
 def _train_and_evaluate(run: _Run) -> TrainResult:
-    args, ps, out = run.args, run.parallel_state, run.out
+    ps, out = run.parallel_state, run.out
     loaded = agreed(checkpointing.load_checkpoint, run.checkpoint, run.model, run.optimizer, run.scheduler, ps,
-                                           run.model_config, run.model_info, args.use_distributed_optimizer,
-                                           printer=out.rank0)
+                    run.config.model.transformer, run.model_info, printer=out.rank0)
     state = TrainState(iteration=loaded.iteration, consumed_train_samples=loaded.consumed_train_samples)
     _build_data(run)
     result = TrainResult(iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
                          loaded_iteration=loaded.iteration, is_logging_rank=out.is_logging_rank)
-    if args.eval_at_start and not run.training.skip_train:
+    if run.training.eval_at_start and not run.training.skip_train:
         _evaluate_and_print(run, state, result)
     if run.training.skip_train:
         result.exit_reason = "skip-train"
@@ -240,14 +252,15 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
     if run.checkpoint.save is None or state.iteration in result.saved_iterations:
         return
     checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
-                                  run.optimizer, run.scheduler, run.parallel_state, run.model_config, run.model_info,
-                                  run.args.use_distributed_optimizer, printer=run.out.rank0)
+                                  run.optimizer, run.scheduler, run.parallel_state, run.config.model.transformer,
+                                  run.model_info, printer=run.out.rank0)
     result.saved_iterations.append(state.iteration)
 
 
-def _flops_per_sample(args: argparse.Namespace, padded_vocab: int) -> float:
-    return flops_per_iteration(1, args.seq_length, args.num_layers, args.hidden_size, args.ffn_hidden_size,
-                               args.num_attention_heads, args.kv_channels, args.num_query_groups, args.swiglu,
+def _flops_per_sample(config: RunConfig, padded_vocab: int) -> float:
+    t = config.model.transformer
+    return flops_per_iteration(1, config.data.seq_length, t.num_layers, t.hidden_size, t.ffn_hidden_size,
+                               t.num_attention_heads, t.kv_channels, t.num_query_groups, t.activation == "swiglu",
                                padded_vocab)
 
 
@@ -259,9 +272,9 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
-    args, ps, training = run.args, run.parallel_state, run.training
-    log = TrainingLog(cfg.logging_config(args), training.train_iters, run.out.last, run.writer,
-                      _flops_per_sample(args, run.model_info["padded_vocab_size"]), args.seq_length, ps.world_size)
+    ps, training, seq_length = run.parallel_state, run.training, run.data.seq_length
+    log = TrainingLog(run.config.logging, training.train_iters, run.out.last, run.writer,
+                      _flops_per_sample(run.config, run.model_info.padded_vocab_size), seq_length, ps.world_size)
     iterators = data_loading.data_iterators(run.train_ds, state.consumed_train_samples, training.micro_batch_size,
                                             ps, run.data.num_workers, len(run.model))
     start_time, timers = time.monotonic(), Timers()
@@ -276,7 +289,7 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
             batch = run.calculator.current_global_batch_size
             began = time.perf_counter()
             step = train_step(run.forward_step_func, iterators, run.model, run.optimizer, run.scheduler, ps,
-                              run.calculator.num_microbatches, batch, args.seq_length, training.micro_batch_size,
+                              run.calculator.num_microbatches, batch, seq_length, training.micro_batch_size,
                               timers)
             seconds = time.perf_counter() - began
             state.iteration += 1
@@ -287,7 +300,7 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
                     num_zeros=step.num_zeros, learning_rate=learning_rate(run.optimizer),
                     loss_scale=loss_scale(run.optimizer), batch_size=batch,
                     consumed_samples=state.consumed_train_samples, seconds=seconds,
-                    extra=lambda: _timing(timers, args))
+                    extra=lambda: _timing(timers, run.config.logging))
             if state.iteration % training.eval_interval == 0:
                 _evaluate_and_print(run, state, result)
             if run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:
@@ -303,10 +316,10 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
     _save(run, state, result)
 
 
-def _timing(timers: Timers, args: argparse.Namespace) -> str:
+def _timing(timers: Timers, logging: LoggingConfig) -> str:
     """Mean forward-backward and optimizer milliseconds of the interval (``--timing-log-level 1``)."""
-    text = timers.log_string(["forward-backward", "optimizer"], normalizer=args.log_interval)
-    return text if args.timing_log_level >= 1 else ""
+    text = timers.log_string(["forward-backward", "optimizer"], normalizer=logging.log_interval)
+    return text if logging.timing_log_level >= 1 else ""
 
 
 def _exit_reason(run: _Run, state: TrainState, handler: ExitSignalHandler, start_time: float) -> str | None:

@@ -1,8 +1,8 @@
 """Megatron-LM's command line for ``pretrain_gpt.py``, one module per concern.
 
 ``parse_args(argv)`` returns an ``argparse.Namespace`` with Megatron-LM's names and defaults;
-``megatron_core.training.validate.validate_args`` checks it and fills in derived values, and
-``megatron_core.training.config`` maps it onto config dataclasses.
+``megatron_core.training.arguments.validate.validate_args`` checks it and fills in derived values, and
+``config_from_args`` maps it onto the typed ``RunConfig`` that everything below the entry point takes.
 """
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from typing import Optional
 
 from megatron_core.training.arguments import checkpointing, data, distributed, logs, model, training
+from megatron_core.training.arguments.to_config import config_from_args
 from megatron_core.training.errors import ConfigError
+
+__all__ = ["build_parser", "config_from_args", "parse_args"]
 
 
 class _Parser(argparse.ArgumentParser):
