@@ -32,7 +32,7 @@ from megatron_core.models.gpt import GPTModel  # noqa: E402
 from megatron_core.models.presets import gpt2_config  # noqa: E402
 from megatron_core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron_core.training.checkpointing import load_checkpoint, save_checkpoint  # noqa: E402
-from megatron_core.training.config import CheckpointConfig  # noqa: E402
+from megatron_core.training.config import CheckpointConfig, ModelInfo  # noqa: E402
 
 
 def dir_bytes(path: str) -> int:
@@ -50,14 +50,14 @@ def build(args, ps):
 
 
 def bench_legacy(args, ps, config, model, optimizer, where):
-    info = {"vocab_size": args.vocab_size, "padded_vocab_size": model.padded_vocab_size}
+    info = ModelInfo(args.vocab_size, model.padded_vocab_size, args.seq_length, args.seq_length,
+                     config.position_embedding_type, config.share_embeddings_and_output_weights, 1, 1, None)
     start = time.perf_counter()
-    save_checkpoint(CheckpointConfig(save=where), 1, 0, [model], optimizer, None, ps, config.to_dict(), info, False,
+    save_checkpoint(CheckpointConfig(save=where), 1, 0, [model], optimizer, None, ps, config, info,
                     printer=lambda _: None)
     saved = time.perf_counter() - start
     start = time.perf_counter()
-    load_checkpoint(CheckpointConfig(load=where), [model], optimizer, None, ps, config.to_dict(), info, False,
-                    printer=lambda _: None)
+    load_checkpoint(CheckpointConfig(load=where), [model], optimizer, None, ps, config, info, printer=lambda _: None)
     return saved, saved, time.perf_counter() - start
 
 
