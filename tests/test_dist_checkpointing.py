@@ -2,9 +2,9 @@
 
 Saved after 2 steps in layout A, the run resumed in layout B (from differently initialised weights,
 so everything must come from the files) gives the losses, grad norms and parameters of continuing in
-layout A for 3 more steps (fp32, relative 1e-5; Adam eps 1e-4 as in test_ddp_gpt, where the attention
-key bias's gradient is rounding noise). The learning-rate schedule (warmup + cosine) must be restored
-too, or the losses differ.
+layout A for the 5 steps after the save (fp32, relative 1e-5; Adam eps 1e-4 as in test_ddp_gpt, where
+the attention key bias's gradient is rounding noise). The learning-rate schedule (warmup + cosine)
+must be restored too, or the losses differ.
 """
 import functools
 
@@ -18,7 +18,7 @@ from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_che
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 
-SAVE_AT, AFTER, GLOBAL_MICROBATCHES = 2, 3, 4
+SAVE_AT, AFTER, GLOBAL_MICROBATCHES = 2, 5, 4
 OPT = {"adam_eps": 1e-4}
 
 
@@ -36,8 +36,8 @@ class FourLayers(GPTSpec):
 
 def _scheduler(optimizer):
     return OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=0.01, min_lr=0.001, lr_warmup_steps=2,
-                                   lr_decay_steps=6, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
-                                   wd_incr_steps=6)
+                                   lr_decay_steps=8, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
+                                   wd_incr_steps=8)
 
 
 def _perturb(params):
