@@ -27,8 +27,8 @@ from megatron_core.checkpoint.hf_errors import UnsupportedModel
 from megatron_core.checkpoint.hf_io import load_hf_config, load_hf_state, normal_permissions, save_hf_dir
 from megatron_core.checkpoint.hf_tokenizer import has_tokenizer, load_dir_tokenizer, save_tokenizer, special_ids
 from megatron_core.tokenizer.base import MegatronTokenizer
-from megatron_core.training import checkpoint_io as io
 from megatron_core.tokenizer.build import build_tokenizer
+from megatron_core.training import checkpoint_io as io
 from megatron_core.transformer.config import TransformerConfig
 
 _HF_MODULES = {"gpt2": hf_gpt2, "llama": hf_llama}
@@ -102,7 +102,7 @@ def load_core(path: str, iteration: int | None = None) -> FullModel:
     if saved and os.path.isdir(os.path.join(path, saved)):
         tokenizer = load_dir_tokenizer(os.path.join(path, saved))
     return FullModel(config, info.get("vocab_size") or info["padded_vocab_size"],
-                     info.get("max_position_embeddings") or info.get("seq_length"), state, family, tokenizer,
+                     int(info.get("max_position_embeddings") or info["seq_length"]), state, family, tokenizer,
                      iteration if iteration is not None else io.read_tracker(path))
 
 
@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-virtual-pipeline-parallel-size", type=int, default=None,
                    help="virtual pipeline stages per rank of a core checkpoint (model0, model1, ...)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="pad the vocabulary to a multiple of this times the TP size (as --make-vocab-size-divisible-by)")
+                   help="pad the vocabulary to a multiple of this times the TP size "
+                        "(as --make-vocab-size-divisible-by)")
     p.add_argument("--iteration", type=int, default=None, help="iteration number of a written core checkpoint "
                                                                 "(default: the source checkpoint's, 1 from HF)")
     p.add_argument("--load-iteration", type=int, default=None, help="iteration of a core checkpoint to read "
