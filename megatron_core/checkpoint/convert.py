@@ -12,6 +12,8 @@ GPT2LMHeadModel and LlamaForCausalLM (``transformers`` and ``safetensors`` must 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +24,11 @@ import torch
 from megatron_core.checkpoint import hf_gpt2, hf_llama
 from megatron_core.checkpoint.core_format import load_core_checkpoint, make_model_info, save_core_checkpoint
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
-from megatron_core.checkpoint.hf_io import load_hf_config, load_hf_state, save_hf_dir
+from megatron_core.checkpoint.hf_io import load_hf_config, load_hf_state, normal_permissions, save_hf_dir
+from megatron_core.checkpoint.hf_tokenizer import has_tokenizer, load_dir_tokenizer, save_tokenizer, special_ids
+from megatron_core.tokenizer.base import MegatronTokenizer
+from megatron_core.tokenizer.build import build_tokenizer
+from megatron_core.training import checkpoint_io as io
 from megatron_core.transformer.config import TransformerConfig
 
 _HF_MODULES = {"gpt2": hf_gpt2, "llama": hf_llama}
@@ -31,13 +37,15 @@ _LOADERS = {"hf": "hf", "huggingface": "hf", "core": "core", "mcore": "core", "m
 
 @dataclass
 class FullModel:
-    """A whole model in memory: config, true vocabulary, positions, full state dict, HF family."""
+    """A whole model in memory: config, true vocabulary, positions, full state dict, HF family, tokenizer."""
 
     config: TransformerConfig
     vocab_size: int
     max_position_embeddings: int
     state: dict[str, torch.Tensor]
     hf_family: str | None = None
+    tokenizer: MegatronTokenizer | None = None
+    iteration: int | None = None  # of a Megatron checkpoint: kept when it is resharded
 
 
 def _family_of(hf_config: Any, path: str) -> str:
@@ -60,7 +68,8 @@ def load_hf(path: str) -> FullModel:
         full = module.state_to_core(state, config)
     except KeyError as exc:
         raise KeyError(f"--load-dir {path}: weight {exc} is missing for a {module.ARCHITECTURE}") from None
-    return FullModel(config, vocab, positions, full, family)
+    tokenizer = load_dir_tokenizer(path) if has_tokenizer(path) else None
+    return FullModel(config, vocab, positions, full, family, tokenizer)
 
 
 def save_hf(model: FullModel, path: str, family: str | None = None) -> None:
@@ -70,15 +79,41 @@ def save_hf(model: FullModel, path: str, family: str | None = None) -> None:
         raise UnsupportedModel(f"--hf-model-type {family!r} is not supported; use gpt2 or llama")
     module = _HF_MODULES[family]
     hf_config = module.config_to_hf(model.config, model.vocab_size, model.max_position_embeddings)
+    # The tokenizer's own special ids; without a tokenizer none (transformers' defaults, e.g. GPT-2's
+    # 50256, would name ids that may not exist in this vocabulary).
+    ids = special_ids(model.tokenizer) if model.tokenizer is not None else dict.fromkeys(
+        ("bos_token_id", "eos_token_id", "pad_token_id"))
+    for key, value in ids.items():
+        setattr(hf_config, key, value)
     save_hf_dir(path, hf_config, module.state_to_hf(model.state, model.config))
+    from transformers import GenerationConfig  # noqa: PLC0415
+    GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(path)
+    if model.tokenizer is not None:
+        save_tokenizer(model.tokenizer, path)
+    normal_permissions(path)
 
 
 def load_core(path: str, iteration: int | None = None) -> FullModel:
     """Read and merge every rank of a Megatron legacy checkpoint."""
     config, info, state = load_core_checkpoint(path, iteration)
     family = info.get("hf_model_type")
+    tokenizer = None
+    saved = (info.get("tokenizer") or {}).get("dir")
+    if saved and os.path.isdir(os.path.join(path, saved)):
+        tokenizer = load_dir_tokenizer(os.path.join(path, saved))
     return FullModel(config, info.get("vocab_size") or info["padded_vocab_size"],
-                     info.get("max_position_embeddings") or info.get("seq_length"), state, family)
+                     int(info.get("max_position_embeddings") or info["seq_length"]), state, family, tokenizer,
+                     iteration if iteration is not None else io.read_tracker(path))
+
+
+def _save_core_tokenizer(tokenizer: MegatronTokenizer, save_dir: str) -> dict:
+    """Write the tokenizer to ``{save_dir}/tokenizer`` (temp dir + rename); its model_info entry."""
+    final, tmp = os.path.join(save_dir, "tokenizer"), os.path.join(save_dir, "tokenizer.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_tokenizer(tokenizer, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return {"dir": "tokenizer", "type": type(tokenizer).__name__, **special_ids(tokenizer)}
 
 
 def save_core(model: FullModel, path: str, tp: int, pp: int = 1, vpp: int | None = None,
@@ -89,8 +124,12 @@ def save_core(model: FullModel, path: str, tp: int, pp: int = 1, vpp: int | None
     except ValueError as exc:
         raise ValueError(f"--target-tensor-parallel-size {tp} / --target-pipeline-parallel-size {pp} do not fit "
                          f"this model: {exc}") from None
+    extra = {}
+    if model.tokenizer is not None:
+        os.makedirs(path, exist_ok=True)
+        extra["tokenizer"] = _save_core_tokenizer(model.tokenizer, path)
     info = make_model_info(model.config, model.vocab_size, model.max_position_embeddings, tp, pp, vpp,
-                           make_vocab_size_divisible_by, hf_model_type=model.hf_family)
+                           make_vocab_size_divisible_by, hf_model_type=model.hf_family, **extra)
     return save_core_checkpoint(path, model.config, info, model.state, iteration)
 
 
@@ -107,10 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-virtual-pipeline-parallel-size", type=int, default=None,
                    help="virtual pipeline stages per rank of a core checkpoint (model0, model1, ...)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="pad the vocabulary to a multiple of this times the TP size (as --make-vocab-size-divisible-by)")
-    p.add_argument("--iteration", type=int, default=1, help="iteration number of a written core checkpoint")
+                   help="pad the vocabulary to a multiple of this times the TP size "
+                        "(as --make-vocab-size-divisible-by)")
+    p.add_argument("--iteration", type=int, default=None, help="iteration number of a written core checkpoint "
+                                                                "(default: the source checkpoint's, 1 from HF)")
     p.add_argument("--load-iteration", type=int, default=None, help="iteration of a core checkpoint to read "
                                                                      "(default: the tracker's)")
+    p.add_argument("--tokenizer-type", default=None, help="tokenizer to write with the model (default: the one "
+                   "the source carries); SentencePieceTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer")
+    p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model, or tokenizer.json / directory")
+    p.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (GPT2BPETokenizer)")
+    p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
     p.add_argument("--hf-model-type", choices=sorted(_HF_MODULES), default=None,
                    help="family of a written HF directory (default: the one the checkpoint came from, else "
                         "llama for RoPE models and gpt2 otherwise)")
@@ -129,13 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
     try:
         model = load_hf(args.load_dir) if loader == "hf" else load_core(args.load_dir, args.load_iteration)
+        if args.tokenizer_type is not None:
+            model.tokenizer = build_tokenizer(args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                                              vocab_file=args.vocab_file, merge_file=args.merge_file)
         if saver == "hf":
             save_hf(model, args.save_dir, args.hf_model_type)
             where = args.save_dir
         else:
             where = save_core(model, args.save_dir, args.target_tensor_parallel_size,
                               args.target_pipeline_parallel_size, args.target_virtual_pipeline_parallel_size,
-                              args.make_vocab_size_divisible_by, args.iteration)
+                              args.make_vocab_size_divisible_by, args.iteration or model.iteration or 1)
     except (FileNotFoundError, UnsupportedModel, ValueError, KeyError) as exc:
         print(f"convert.py: error: {exc}", file=sys.stderr)
         return 2

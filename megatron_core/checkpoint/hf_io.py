@@ -49,6 +49,20 @@ def load_hf_state(path: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"--load-dir {path} has none of {', '.join(_WEIGHT_FILES)}")
 
 
+def normal_permissions(path: str) -> None:
+    """Give every file directly in ``path`` the mode a plain ``open(..., "w")`` would (0o666 minus the umask).
+
+    safetensors and ``tempfile``-based writers create 0o600 files, which other users (a serving account,
+    a shared cache) cannot read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(path):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            os.chmod(file, 0o666 & ~umask)
+
+
 def save_hf_dir(path: str, hf_config: Any, state: dict[str, torch.Tensor]) -> None:
     """Write ``config.json`` and ``model.safetensors`` that ``from_pretrained`` loads."""
     from safetensors.torch import save_file  # noqa: PLC0415

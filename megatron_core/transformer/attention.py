@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from megatron_core.fusions.fused_softmax import causal_mask
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.random import checkpoint
 from megatron_core.tensor_parallel.utils import divide
@@ -74,12 +75,20 @@ class SelfAttention(torch.nn.Module):
         return q.reshape(s, b, self.heads_per_rank, d), k, v
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """[s, b, h] (sequence-split under SP) -> (output, bias or None) like the parallel linears."""
+                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None, inference_context=None):
+        """[s, b, h] (sequence-split under SP) -> (output, bias or None) like the parallel linears.
+
+        With ``inference_context`` (:class:`~megatron_core.inference.context.InferenceContext`) the new
+        keys/values are appended to its cache and the queries attend over every cached position."""
         mixed, _ = self.linear_qkv(hidden_states)
         q, k, v = self.split_qkv(mixed)
         q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = apply_rotary_pos_emb(q, rotary_pos_emb), apply_rotary_pos_emb(k, rotary_pos_emb)
+        if inference_context is not None:
+            k, v = inference_context.append(self.layer_number, k, v)
+            if attention_mask is None:
+                # Queries are the last s_new of s_k positions: a bottom-right aligned causal mask.
+                attention_mask = causal_mask(q.shape[0], k.shape[0], q.device)
         if self.selective_recompute and self.training:
             # Recompute the s^2 part in backward; the tracker states make dropout replay exactly.
             context = checkpoint(self.core_attention, self.rng_tracker, q, k, v, attention_mask)

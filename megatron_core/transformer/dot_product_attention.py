@@ -48,7 +48,8 @@ class DotProductAttention(torch.nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attention_mask``: bool, broadcastable to [b, heads, sq, sk], True where attention is NOT
-        allowed (Megatron-LM's convention); None means causal. Returns [s, b, heads * d]."""
+        allowed (Megatron-LM's convention); None means causal. Keys/values may be longer than the
+        queries (a KV cache) when a mask is given. Returns [sq, b, heads * d]."""
         s, b, heads, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d] views
         if self._use_sdpa(q):
@@ -76,19 +77,20 @@ class DotProductAttention(torch.nn.Module):
 
     def _explicit(self, q, k, v, attention_mask):
         b, heads, s, d = q.shape
+        sk = k.shape[2]
         groups = heads // k.shape[1]
         if groups > 1:
             # Query head i uses key/value head i // groups (heads of one group are adjacent).
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         # [b, n] merge into one batch dimension without a copy (the [s, b, n, d] layout allows it).
-        q3, k3, v3 = (t.reshape(b * heads, s, d) for t in (q, k, v))
+        q3, k3, v3 = q.reshape(b * heads, s, d), k.reshape(b * heads, sk, d), v.reshape(b * heads, sk, d)
         if attention_mask is None and self.causal and self.scale_mask_softmax.kernel is None:
             # Scale and causal mask folded into the score matmul: one pass over the s x s scores fewer.
             scores = torch.baddbmm(self._causal_bias(s, q), q3, k3.transpose(1, 2), alpha=self.scale)
             probs = self._softmax(scores)
         else:
-            scores = torch.bmm(q3, k3.transpose(1, 2)).view(b, heads, s, s)
-            probs = self.scale_mask_softmax(scores, attention_mask, self.scale).view(b * heads, s, s)
+            scores = torch.bmm(q3, k3.transpose(1, 2)).view(b, heads, s, sk)
+            probs = self.scale_mask_softmax(scores, attention_mask, self.scale).view(b * heads, s, sk)
         if self.training and self.dropout_p > 0:
             with self._dropout_rng():
                 probs = dropout(probs, self.dropout_p)

@@ -38,11 +38,13 @@ class TransformerBlock(torch.nn.Module):
         """The hidden states a non-first pipeline stage starts from (set by the schedule)."""
         self.input_tensor = tensor
 
-    def _run(self, start: int, end: int):
+    def _run(self, start: int, end: int, inference_context=None):
+        extra = {} if inference_context is None else {"inference_context": inference_context}
+
         def run(hidden, attention_mask, cos, sin):
             rotary = None if cos is None else (cos, sin)
             for layer in self.layers[start:end]:
-                hidden = layer(hidden, attention_mask, rotary)
+                hidden = layer(hidden, attention_mask, rotary, **extra)
             return hidden
         return run
 
@@ -61,8 +63,10 @@ class TransformerBlock(torch.nn.Module):
         return hidden
 
     def forward(self, hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
-                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """[s, b, h] -> [s, b, h]; on a non-first stage ``hidden_states`` is ignored for the input tensor."""
+                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                inference_context=None) -> torch.Tensor:
+        """[s, b, h] -> [s, b, h]; on a non-first stage ``hidden_states`` is ignored for the input tensor.
+        ``inference_context``: the KV cache of incremental decoding (None in training)."""
         if not self.pre_process:
             if self.input_tensor is None:
                 raise RuntimeError("this pipeline stage has no input: call set_input_tensor(tensor) before forward")
@@ -71,7 +75,7 @@ class TransformerBlock(torch.nn.Module):
         if self.config.recompute_granularity == "full" and self.training and len(self.layers) > 0:
             hidden_states = self._checkpointed(hidden_states, attention_mask, cos, sin)
         else:
-            hidden_states = self._run(0, len(self.layers))(hidden_states, attention_mask, cos, sin)
+            hidden_states = self._run(0, len(self.layers), inference_context)(hidden_states, attention_mask, cos, sin)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states

@@ -54,9 +54,12 @@ class TransformerLayer(torch.nn.Module):
         return residual + out
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """[s, b, h] -> [s, b, h] (s is this rank's sequence shard under sequence parallelism)."""
-        out, bias = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_pos_emb)
+                rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                inference_context=None) -> torch.Tensor:
+        """[s, b, h] -> [s, b, h] (s is this rank's sequence shard under sequence parallelism);
+        ``inference_context``: the KV cache of incremental decoding (None in training)."""
+        extra = {} if inference_context is None else {"inference_context": inference_context}
+        out, bias = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_pos_emb, **extra)
         hidden_states = self._bias_dropout_add(out, bias, hidden_states)
         out, bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
         return self._bias_dropout_add(out, bias, hidden_states)

@@ -86,10 +86,13 @@ class GPTModel(torch.nn.Module):
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                inference_context=None) -> torch.Tensor:
         """Per-token loss [b, s] (with ``labels``) or logits [b, s, padded_vocab / TP] on the last stage,
         hidden states [s, b, h] elsewhere. ``attention_mask``: bool [b or 1, 1, s, s], True = masked;
-        None means causal."""
+        None means causal. ``inference_context``: a KV cache
+        (:class:`~megatron_core.inference.context.InferenceContext`); ``input_ids`` are then the new
+        tokens only and ``position_ids`` must give their positions (the caller advances the cache)."""
         hidden = self.embedding(input_ids, position_ids) if self.pre_process else None
         rotary = None
         if self.rotary_pos_emb is not None:
@@ -98,7 +101,8 @@ class GPTModel(torch.nn.Module):
                     raise ValueError("RoPE needs position_ids on a pipeline stage that gets no input_ids")
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             rotary = self.rotary_pos_emb(position_ids)
-        hidden = self.decoder(hidden, attention_mask, rotary)
+        extra = {} if inference_context is None else {"inference_context": inference_context}
+        hidden = self.decoder(hidden, attention_mask, rotary, **extra)
         if not self.post_process:
             return hidden
         weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None

@@ -1,0 +1,100 @@
+"""Carry a tokenizer into and out of Hugging Face directories and Megatron checkpoints.
+
+Export writes what ``transformers.AutoTokenizer.from_pretrained`` reads: ``tokenizer.json`` plus
+``tokenizer_config.json`` for a Hugging Face tokenizer or GPT-2 BPE (vocab.json/merges.txt are
+converted to a fast tokenizer), and ``tokenizer.model`` plus a LlamaTokenizer ``tokenizer_config.json``
+for SentencePiece (transformers converts it on load, which needs ``protobuf``). The special ids
+(bos/eos/pad, -1 = none) are the tokenizer's own; they go into ``config.json`` and
+``generation_config.json`` as ``bos_token_id``/``eos_token_id``/``pad_token_id``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from megatron_core.tokenizer.base import NO_TOKEN, MegatronTokenizer
+from megatron_core.tokenizer.build import build_tokenizer
+from megatron_core.tokenizer.gpt2_bpe_tokenizer import GPT2BPETokenizer
+from megatron_core.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
+from megatron_core.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt")
+
+
+def special_ids(tokenizer: MegatronTokenizer) -> dict[str, int | None]:
+    """``{"bos_token_id", "eos_token_id", "pad_token_id"}`` of ``tokenizer`` (None where it has none)."""
+    def real(value: int) -> int | None:
+        return None if value == NO_TOKEN else int(value)
+    return {"bos_token_id": real(tokenizer.bos), "eos_token_id": real(tokenizer.eos),
+            "pad_token_id": real(tokenizer.pad)}
+
+
+def has_tokenizer(path: str) -> bool:
+    """True when ``path`` holds tokenizer files this module reads."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer.model",
+                                                                      "vocab.json"))
+
+
+def load_dir_tokenizer(path: str) -> MegatronTokenizer:
+    """The tokenizer saved in ``path`` by :func:`save_tokenizer` (or by ``transformers``)."""
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return HuggingFaceTokenizer(path)
+    if os.path.isfile(os.path.join(path, "tokenizer.model")):
+        return build_tokenizer("SentencePieceTokenizer", tokenizer_model=os.path.join(path, "tokenizer.model"))
+    if os.path.isfile(os.path.join(path, "vocab.json")):
+        return build_tokenizer("GPT2BPETokenizer", vocab_file=os.path.join(path, "vocab.json"),
+                               merge_file=os.path.join(path, "merges.txt"))
+    raise FileNotFoundError(f"{path} holds no tokenizer.json, tokenizer.model or vocab.json")
+
+
+def _token_names(tokenizer: MegatronTokenizer, id_to_token) -> dict[str, Any]:
+    names: dict[str, Any] = {}
+    for key, value in (("bos_token", tokenizer.bos), ("eos_token", tokenizer.eos), ("pad_token", tokenizer.pad)):
+        if value != NO_TOKEN:
+            names[key] = id_to_token(value)
+    return names
+
+
+def save_tokenizer(tokenizer: MegatronTokenizer, path: str) -> None:
+    """Write ``tokenizer`` into the directory ``path`` so that ``AutoTokenizer.from_pretrained(path)`` works.
+
+    Raises ValueError for a tokenizer with no files (NullTokenizer).
+    """
+    os.makedirs(path, exist_ok=True)
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        shutil.copyfile(tokenizer.model_file, os.path.join(path, "tokenizer.model"))
+        config: dict[str, Any] = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
+                                  **_token_names(tokenizer, tokenizer._sp.id_to_piece)}
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        return
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    if isinstance(tokenizer, HuggingFaceTokenizer):
+        source = tokenizer.path
+        json_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else source
+        fast = PreTrainedTokenizerFast(tokenizer_file=json_file)
+    elif isinstance(tokenizer, GPT2BPETokenizer):
+        # Built with the tokenizers library directly: transformers' GPT-2 tokenizer class changed its
+        # constructor between 4.x (GPT2TokenizerFast, vocab_file=) and 5.x (GPT2Tokenizer, vocab=).
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+        bpe = Tokenizer(models.BPE.from_file(tokenizer.vocab_file, tokenizer.merge_file))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        fast = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    else:
+        raise ValueError(f"{type(tokenizer).__name__} has no files to export; pass --tokenizer-type with a "
+                         f"SentencePiece, GPT-2 BPE or Hugging Face tokenizer")
+    fast.add_special_tokens(_token_names(tokenizer, fast.convert_ids_to_tokens))
+    fast.save_pretrained(path)
+
+
+def copy_tokenizer_files(source: str, dest: str) -> None:
+    """Copy the tokenizer files of directory ``source`` into ``dest`` (created)."""
+    os.makedirs(dest, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(dest, name))

@@ -1,0 +1,257 @@
+"""Save and load training checkpoints with ``torch.distributed.checkpoint`` (``--ckpt-format torch_dist``).
+
+Layout: ``{dir}/iter_NNNNNNN/`` holds DCP's ``.metadata`` and ``__*.distcp`` files (every tensor with
+its global shape and each rank's slice: see :mod:`.sharded`) and ``common.pt`` (iteration, consumed
+samples, scheduler, the optimizer's shared state, every rank's RNG state, the saving layout and the
+caller's ``extra``: model args, tokenizer identity). ``latest_checkpointed_iteration.txt`` names the
+newest complete one. Writes go to ``iter_NNNNNNN.tmp`` and are renamed once every rank has written,
+then the tracker is replaced atomically: a save killed at any point leaves the previous checkpoint
+loadable. :func:`load_dist_checkpoint` reads it under any TP x PP x VPP x DP x ZeRO layout.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from megatron_core.dist_checkpointing import optimizer_state as opt_state
+from megatron_core.dist_checkpointing.sharded import ShardedSlice, chunk_params, clip_to, param_slices
+from megatron_core.errors import ConfigError
+from megatron_core.parallel_state import ParallelState
+from megatron_core.training import checkpoint_io as io
+from megatron_core.training.rng_state import get_rng_state, set_rng_state
+
+COMMON_FILE = "common.pt"
+FORMAT = "torch_dist"
+PAUSE_BEFORE_PUBLISH_ENV = "MCORE_DIST_CKPT_PAUSE_BEFORE_PUBLISH"  # tests: seconds to wait, to kill a save
+
+
+def layout_of(parallel_state: ParallelState, optimizer: Any = None) -> dict[str, Any]:
+    """The parallel layout recorded in (and compared against) a checkpoint."""
+    return {"tp": parallel_state.tp_size, "pp": parallel_state.pp_size, "vpp": parallel_state.vpp_size,
+            "dp": parallel_state.dp_size, "zero_stage": getattr(optimizer, "zero_stage", 0) if optimizer else None}
+
+
+def _tensor_state(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_state: ParallelState,
+                  copy: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DCP state dict of slices, and the optimizer metadata for common.pt."""
+    tp_rank, tp = parallel_state.tp_rank, parallel_state.tp_size
+    sd: dict[str, Any] = {}
+    states, keys, step = (opt_state.gather_param_states(optimizer, parallel_state) if optimizer is not None
+                          else ({}, [], -1.0))
+    for chunk in model_chunks:
+        for name, param, saved_here in chunk_params(chunk):
+            if not saved_here:
+                continue
+            value = param.detach().clone() if copy else param.detach()
+            for spec in param_slices(name, value, param, tp_rank, tp):
+                sd[f"model/{spec.name}"] = ShardedSlice(spec.local, spec.global_shape, spec.offsets)
+            for key, tensor in states.get(id(param), {}).items():
+                if key == opt_state.MAIN and param.dtype == torch.float32:
+                    continue  # an fp32 model's main parameters are its weights: stored once, as model/
+                for spec in param_slices(name, tensor, param, tp_rank, tp):
+                    sd[f"optimizer/{key}/{spec.name}"] = ShardedSlice(spec.local, spec.global_shape, spec.offsets)
+    meta = {} if optimizer is None else {"state_keys": keys, "step": step,
+                                         "common": opt_state.common_optimizer_state(optimizer)}
+    return sd, meta
+
+
+def _all_rng_states(parallel_state: ParallelState) -> list:
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, (layout_of(parallel_state), parallel_state.rank,
+                                    get_rng_state(parallel_state.rng_tracker)))
+    return states
+
+
+@dataclass
+class SaveRequest:
+    """A save in progress: :meth:`wait` blocks until the checkpoint is published (a no-op once done)."""
+
+    final_dir: str
+    thread: threading.Thread | None = None
+    error: list = field(default_factory=list)
+    blocked_seconds: float = 0.0  # how long the caller (training) was stopped by this save
+
+    def wait(self) -> str:
+        """Block until the checkpoint is complete; re-raise a background error. Returns its directory."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error:
+            raise self.error[0]
+        return self.final_dir
+
+
+_ASYNC_GROUP: dict[str, Any] = {}
+
+
+def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_dir: str, final_dir: str,
+                       group: Any, is_rank0: bool) -> None:
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_dir), process_group=group)
+    if is_rank0:
+        io.save_file(common, os.path.join(tmp_dir, COMMON_FILE))
+    pause = float(os.environ.get(PAUSE_BEFORE_PUBLISH_ENV, "0") or 0)
+    if pause > 0:
+        time.sleep(pause)
+    dist.barrier(group=group)
+    if is_rank0:
+        for dirpath, _, _ in os.walk(tmp_dir):
+            io.fsync_dir(dirpath)
+        io.publish_dir(tmp_dir, final_dir)
+        io.write_text_atomic(os.path.join(root, io.TRACKER_FILENAME), str(iteration))
+    dist.barrier(group=group)
+
+
+def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch.nn.Module], optimizer: Any,
+                         scheduler: Any, parallel_state: ParallelState, extra: dict[str, Any] | None = None,
+                         async_save: bool = False) -> SaveRequest:
+    """Write iteration ``iteration`` of a training run under ``save_dir``. Collective over all ranks.
+
+    ``model_chunks``: this rank's (DDP-wrapped) GPTModel chunks; ``optimizer``: a MegatronOptimizer or
+    None; ``scheduler``: anything with ``state_dict()`` or None; ``extra``: plain Python values stored
+    as they are (``consumed_train_samples``, model args, tokenizer identity, ...). With ``async_save``
+    the tensors are copied and written by a background thread on its own gloo group while training
+    goes on; call ``wait()`` on the result before the next save (or at exit). Returns the request.
+    """
+    start = time.perf_counter()
+    final_dir = io.iteration_dir(save_dir, iteration)
+    tmp_dir = final_dir + ".tmp"
+    is_rank0 = parallel_state.rank == 0
+    if is_rank0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that was killed
+        os.makedirs(tmp_dir)
+    dist.barrier()
+    sd, optim_meta = _tensor_state(model_chunks, optimizer, parallel_state, copy=async_save)
+    common = {"format": FORMAT, "iteration": iteration, "layout": layout_of(parallel_state, optimizer),
+              "optimizer": optim_meta, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+              "rng": _all_rng_states(parallel_state), "extra": dict(extra or {})}
+    request = SaveRequest(final_dir)
+    if not async_save:
+        _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, None, is_rank0)
+        request.blocked_seconds = time.perf_counter() - start
+        return request
+    if "group" not in _ASYNC_GROUP:  # collective: every rank reaches its first async save together
+        _ASYNC_GROUP["group"] = dist.new_group(backend="gloo")
+
+    def run() -> None:
+        try:
+            _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, _ASYNC_GROUP["group"], is_rank0)
+        except BaseException as exc:  # noqa: BLE001 - handed to wait()
+            request.error.append(exc)
+
+    request.thread = threading.Thread(target=run, name=f"async-save-{iteration}", daemon=True)
+    request.thread.start()
+    request.blocked_seconds = time.perf_counter() - start
+    return request
+
+
+def _checkpoint_dir(load_dir: str, iteration: int | None) -> str:
+    if iteration is None:
+        iteration = io.read_tracker(load_dir)
+        if iteration is None:
+            raise ConfigError(f"--load {load_dir} has no {io.TRACKER_FILENAME}: nothing to resume from")
+    path = io.existing_iteration_dir(load_dir, iteration)
+    if path is None or not os.path.isfile(os.path.join(path, COMMON_FILE)):
+        raise ConfigError(f"--load {load_dir}: iteration {iteration} is not a complete torch_dist checkpoint "
+                          f"(no {COMMON_FILE}); pass --ckpt-format torch for a legacy one")
+    return path
+
+
+def read_common(load_dir: str, iteration: int | None = None) -> dict[str, Any]:
+    """The ``common.pt`` record of a torch_dist checkpoint (no tensors read). Raises ConfigError when absent."""
+    return io.load_file(os.path.join(_checkpoint_dir(load_dir, iteration), COMMON_FILE))
+
+
+def is_dist_checkpoint(load_dir: str) -> bool:
+    """True when the tracker of ``load_dir`` names a torch_dist checkpoint."""
+    iteration = io.read_tracker(load_dir)
+    path = io.existing_iteration_dir(load_dir, iteration) if iteration is not None else None
+    return path is not None and os.path.isfile(os.path.join(path, COMMON_FILE))
+
+
+def _targets(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_state: ParallelState, saved: dict,
+             keys: list[str]) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]]]:
+    """DCP targets for this rank's slices (clipped to the saved shapes) and the per-param state tensors."""
+    tp_rank, tp = parallel_state.tp_rank, parallel_state.tp_size
+    sd: dict[str, Any] = {}
+    states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(fqn: str, name_local: torch.Tensor, name: str, param: torch.nn.Parameter) -> None:
+        for spec in param_slices(name, name_local, param, tp_rank, tp):
+            key = f"{fqn}/{spec.name}"
+            if key.startswith(f"optimizer/{opt_state.MAIN}/") and key not in saved:
+                continue  # fp32 at save time: filled from the loaded weights (see load_dist_checkpoint)
+            if key not in saved:
+                raise ConfigError(f"checkpoint has no {key}: it is of another model or was saved without it "
+                                  f"(--no-load-optim skips the optimizer)")
+            clipped = clip_to(spec, tuple(saved[key].size))
+            if clipped is not None:
+                sd[key] = ShardedSlice(clipped.local, clipped.global_shape, clipped.offsets)
+
+    for chunk in model_chunks:
+        for name, param, _ in chunk_params(chunk):
+            add("model", param.data, name, param)
+            if optimizer is not None:
+                states[id(param)] = {k: torch.zeros(param.shape, dtype=torch.float32)
+                                     for k in (opt_state.MAIN, *keys)}
+                for k, tensor in states[id(param)].items():
+                    add(f"optimizer/{k}", tensor, name, param)
+    return sd, states
+
+
+def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], optimizer: Any, scheduler: Any,
+                         parallel_state: ParallelState, iteration: int | None = None, load_optim: bool = True,
+                         load_rng: bool = True, printer: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fill the model chunks (and optimizer, scheduler, RNG) from a torch_dist checkpoint saved under any layout.
+
+    Returns the checkpoint's common record (``iteration``, ``extra``, ``layout``, ...). RNG states are
+    restored when the layout is the one saved; otherwise every rank is reseeded deterministically
+    from the iteration and its coordinates, and ``printer`` says so. Collective over all ranks.
+    Raises ConfigError for a missing or incomplete checkpoint, or one of another model.
+    """
+    path = _checkpoint_dir(load_dir, iteration)
+    common = read_common(load_dir, iteration)
+    reader = dcp.FileSystemReader(path)
+    saved = reader.read_metadata().state_dict_metadata
+    use_optim = optimizer is not None and load_optim and bool(common["optimizer"])
+    keys = common["optimizer"].get("state_keys", []) if use_optim else []
+    sd, states = _targets(model_chunks, optimizer if use_optim else None, parallel_state, saved, keys)
+    dcp.load(sd, storage_reader=reader)
+    if use_optim:
+        with torch.no_grad():
+            for chunk in model_chunks:
+                for name, param, _ in chunk_params(chunk):
+                    if not any(k.startswith(f"optimizer/{opt_state.MAIN}/{name}") for k in sd):
+                        states[id(param)][opt_state.MAIN].copy_(param.data)
+        opt_state.scatter_param_states(optimizer, states, common["optimizer"]["step"])
+        opt_state.load_common_optimizer_state(optimizer, common["optimizer"]["common"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()
+    if scheduler is not None and common.get("scheduler") is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    if load_rng:
+        _restore_rng(common, parallel_state, printer)
+    return common
+
+
+def _restore_rng(common: dict, parallel_state: ParallelState, printer: Callable[[str], None]) -> None:
+    ours = layout_of(parallel_state)
+    for layout, rank, state in common["rng"]:
+        if {k: layout[k] for k in ("tp", "pp", "vpp", "dp")} == {k: ours[k] for k in ("tp", "pp", "vpp", "dp")}:
+            if rank == parallel_state.rank:
+                set_rng_state(state, parallel_state.rng_tracker)
+                return
+    seed = 1234 + int(common["iteration"])
+    parallel_state.manual_seed(seed + 7919 * parallel_state.dp_rank)
+    if parallel_state.rank == 0:
+        printer(f"  RNG states were saved under layout {common['layout']}, this run is {ours}: they do not carry "
+                f"over, every rank is reseeded from {seed} (+ its pipeline / tensor / data-parallel rank)")

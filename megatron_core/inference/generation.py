@@ -1,0 +1,144 @@
+"""Autoregressive generation with a GPTModel under TP and PP, with or without a KV cache.
+
+Batched prompts of different lengths follow Megatron-LM's ``generate_tokens_probs_and_return_on_first_stage``:
+prompts are right-padded, decoding starts at the shortest prompt's length, and a sequence still inside
+its prompt keeps its prompt token instead of the sampled one. Causal attention makes each sequence's
+tokens independent of the padding of the others, so the batch gives the same tokens as one prompt at
+a time. Every rank runs this function: TP ranks gather the vocabulary-split logits and draw the same
+token from the same seeded generator; under PP the hidden states go stage to stage and the last
+stage broadcasts the chosen tokens to the pipeline.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_core.errors import ConfigError
+from megatron_core.inference.context import InferenceContext
+from megatron_core.inference.sampling import SamplingParams, sample
+from megatron_core.models.gpt.gpt_model import GPTModel
+from megatron_core.parallel_state import ParallelState, get_parallel_state
+
+
+@dataclass
+class GenerationOutput:
+    """Per prompt: ``tokens`` = prompt + generated ids (up to and including EOD); ``generated`` counts the new ones."""
+
+    tokens: list[list[int]]
+    generated: list[int]
+
+
+def _gather_vocab(logits: torch.Tensor, parallel_state: ParallelState) -> torch.Tensor:
+    """[b, V / TP] -> [b, V] over the TP group (no autograd: inference only)."""
+    if parallel_state.tp_size == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(parallel_state.tp_size)]
+    dist.all_gather(parts, logits.contiguous(), group=parallel_state.tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+def _stage_forward(model: GPTModel, tokens: torch.Tensor, positions: torch.Tensor,
+                   context: InferenceContext | None, parallel_state: ParallelState) -> torch.Tensor | None:
+    """One forward pass of this pipeline stage over ``tokens`` [b, s_new]; logits [b, V] of the last
+    position on the last stage, None elsewhere."""
+    extra = {} if context is None else {"inference_context": context}
+    pp = parallel_state.pp_size
+    if pp > 1 and not parallel_state.is_pipeline_first_stage():
+        shape = (tokens.shape[1], tokens.shape[0], model.config.hidden_size)
+        hidden = torch.empty(shape, dtype=model.config.params_dtype, device=tokens.device)
+        dist.recv(hidden, src=parallel_state.prev_pipeline_rank)
+        model.set_input_tensor(hidden)
+    out = model(tokens, position_ids=positions, **extra)
+    if pp > 1 and not parallel_state.is_pipeline_last_stage():
+        dist.send(out.contiguous(), dst=parallel_state.next_pipeline_rank)
+        return None
+    return _gather_vocab(out[:, -1, :].float(), parallel_state)
+
+
+def _next_tokens(logits: torch.Tensor | None, batch: int, params: SamplingParams, vocab_size: int,
+                 generator: torch.Generator, parallel_state: ParallelState, device: torch.device) -> torch.Tensor:
+    chosen = torch.empty(batch, dtype=torch.long, device=device)
+    if logits is not None:
+        logits[:, vocab_size:] = float("-inf")  # TP padding rows of the vocabulary are never generated
+        chosen = sample(logits, params, generator)
+    if parallel_state.pp_size > 1:
+        dist.broadcast(chosen, src=parallel_state.pp_ranks[-1], group=parallel_state.pp_group)
+    return chosen
+
+
+def _check(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+           parallel_state: ParallelState) -> int:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("prompts: every prompt needs at least one token (nothing to condition on otherwise)")
+    if max_new_tokens < 0:
+        raise ConfigError(f"tokens_to_generate must be >= 0, got {max_new_tokens}")
+    if parallel_state.vpp_size is not None:
+        raise ConfigError("generation runs without virtual pipeline stages: load the model with "
+                          "--virtual-pipeline-model-parallel-size unset (checkpoints reshard on load)")
+    total = max(len(p) for p in prompts) + max_new_tokens
+    limit = model.max_sequence_length
+    if total > limit:
+        raise ConfigError(f"longest prompt + tokens_to_generate = {total} exceeds the model's "
+                          f"--max-position-embeddings {limit}; ask for fewer tokens")
+    return total
+
+
+@torch.no_grad()
+def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             eod_id: int | None, vocab_size: int, sampling: SamplingParams | None = None,
+             use_kv_cache: bool = True, parallel_state: ParallelState | None = None) -> GenerationOutput:
+    """Continue each prompt (token ids) by up to ``max_new_tokens``, stopping a sequence at ``eod_id``.
+
+    ``model``: this rank's GPTModel chunk (eval mode is set here). ``vocab_size``: the true vocabulary;
+    logits of TP padding ids are masked. Every rank of the model-parallel group must call this with the
+    same arguments. Raises ConfigError for empty prompts or a length beyond the position table.
+    """
+    ps = get_parallel_state(parallel_state)
+    params = sampling or SamplingParams(top_k=1)
+    params.validate()
+    total = _check(model, prompts, max_new_tokens, ps)
+    model.eval()
+    device = next(model.parameters()).device
+    batch = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.full((batch, total), eod_id if eod_id is not None else 0, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
+    generator = torch.Generator(device=device).manual_seed(params.seed)
+    context = InferenceContext(batch, total) if use_kv_cache else None
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    prev, end = 0, total
+    for pos in range(int(lengths.min()), total):
+        chunk = tokens[:, prev:pos]
+        positions = torch.arange(prev, pos, device=device).expand(batch, -1)
+        logits = _stage_forward(model, chunk, positions, context, ps)
+        new = _next_tokens(logits, batch, params, vocab_size, generator, ps, device)
+        generating = lengths <= pos
+        if eod_id is not None:
+            new = torch.where(done, torch.full_like(new, eod_id), new)
+        tokens[:, pos] = torch.where(generating, new, tokens[:, pos])
+        if eod_id is not None:
+            done |= generating & (new == eod_id)
+        end = pos + 1
+        if context is not None:
+            context.advance(pos - prev)
+            prev = pos
+        if bool((done | (lengths + max_new_tokens <= pos + 1)).all()):
+            break
+    return _collect(tokens, lengths, end, max_new_tokens, eod_id)
+
+
+def _collect(tokens: torch.Tensor, lengths: torch.Tensor, end: int, max_new_tokens: int,
+             eod_id: int | None) -> GenerationOutput:
+    out, counts = [], []
+    for row, length in zip(tokens.tolist(), lengths.tolist(), strict=True):
+        # A short prompt in a batch may run past its own budget while longer ones catch up: cut it.
+        new = row[length:min(end, length + max_new_tokens)]
+        if eod_id is not None and eod_id in new:
+            new = new[:new.index(eod_id) + 1]
+        out.append(row[:length] + new)
+        counts.append(len(new))
+    return GenerationOutput(out, counts)

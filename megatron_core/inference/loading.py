@@ -1,0 +1,111 @@
+"""Build this rank's GPTModel for generation from a training checkpoint or a Hugging Face directory.
+
+A torch_dist checkpoint (:mod:`megatron_core.dist_checkpointing`) whose ``extra`` carries
+``model_config`` (``TransformerConfig.to_dict()``) and ``model_info`` (vocab_size,
+max_position_embeddings) is read slice by slice for this rank's layout (vocabulary padding included).
+
+A Megatron legacy checkpoint (``latest_checkpointed_iteration.txt`` + ``iter_*/mp_rank_*``, any TP/PP/VPP
+it was saved with) is merged with :func:`megatron_core.checkpoint.convert.load_core` and cut again for
+this run's TP x PP with :func:`megatron_core.checkpoint.sharding.rank_state_dict`: the layout of the
+run that saved it does not matter. A directory with a ``config.json`` is read as a Hugging Face
+``save_pretrained`` directory (GPT-2 or Llama). Every rank reads the whole model into CPU memory first,
+which is fine for the models this framework trains on one node.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from megatron_core import device as device_mod
+from megatron_core.checkpoint.convert import FullModel, load_core, load_hf
+from megatron_core.checkpoint.sharding import rank_state_dict
+from megatron_core.dist_checkpointing import is_dist_checkpoint, load_dist_checkpoint, read_common
+from megatron_core.dist_checkpointing.serialization import FORMAT
+from megatron_core.errors import ConfigError
+from megatron_core.models.gpt.gpt_model import GPTModel
+from megatron_core.parallel_state import ParallelState
+from megatron_core.tokenizer.base import MegatronTokenizer
+from megatron_core.tokenizer.build import build_tokenizer
+from megatron_core.transformer.config import TransformerConfig
+
+
+@dataclass
+class LoadedModel:
+    """This rank's model chunk and what generation needs to know about it."""
+
+    model: GPTModel
+    vocab_size: int
+    source: str  # "hf", "legacy" or "torch_dist"
+    hf_family: str | None
+    tokenizer: MegatronTokenizer | None  # the one saved with the model, if any
+
+
+def read_full_model(load: str, iteration: int | None = None) -> tuple[FullModel, str]:
+    """``(whole model, "hf" | "legacy")`` from ``load``. Raises ConfigError naming --load when it is neither."""
+    if not os.path.isdir(load):
+        raise ConfigError(f"--load {load} is not a directory; pass a training checkpoint or a Hugging Face directory")
+    if os.path.isfile(os.path.join(load, "config.json")):
+        return load_hf(load), "hf"
+    try:
+        return load_core(load, iteration), "legacy"
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise ConfigError(f"--load {load}: {exc}") from None
+
+
+def _build_from_dist(load: str, parallel_state: ParallelState, iteration: int | None,
+                     make_vocab_size_divisible_by: int) -> LoadedModel:
+    extra = read_common(load, iteration)["extra"]
+    if "model_config" not in extra or "model_info" not in extra:
+        raise ConfigError(f"--load {load}: this torch_dist checkpoint records no model_config/model_info, "
+                          f"so the model cannot be rebuilt; save it with them in `extra`")
+    config, info = TransformerConfig.from_dict(extra["model_config"]), extra["model_info"]
+    model = GPTModel(config, info["vocab_size"], info["max_position_embeddings"], parallel_state=parallel_state,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage(),
+                     make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    load_dist_checkpoint(load, [model], None, None, parallel_state, iteration, load_rng=False)
+    model.to(device_mod.current_device()).eval()
+    return LoadedModel(model, info["vocab_size"], FORMAT, None, None)
+
+
+def build_inference_model(load: str, parallel_state: ParallelState, iteration: int | None = None,
+                          make_vocab_size_divisible_by: int = 128) -> LoadedModel:
+    """This rank's GPTModel (eval mode, on the current device) filled from ``load``; see the module doc."""
+    if os.path.isdir(load) and is_dist_checkpoint(load):
+        return _build_from_dist(load, parallel_state, iteration, make_vocab_size_divisible_by)
+    full, source = read_full_model(load, iteration)
+    config = full.config
+    try:
+        config.validate_parallel(parallel_state.tp_size, parallel_state.pp_size, None)
+    except ValueError as exc:
+        raise ConfigError(f"--tensor-model-parallel-size {parallel_state.tp_size} / --pipeline-model-parallel-size "
+                          f"{parallel_state.pp_size} do not fit the model in {load}: {exc}") from None
+    model = GPTModel(config, full.vocab_size, full.max_position_embeddings, parallel_state=parallel_state,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage(),
+                     make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    state = rank_state_dict(full.state, config, full.vocab_size, make_vocab_size_divisible_by,
+                            parallel_state.tp_size, parallel_state.tp_rank, parallel_state.pp_size,
+                            parallel_state.pp_rank)
+    model.load_state_dict(state, strict=True)
+    model.to(device_mod.current_device()).eval()
+    return LoadedModel(model, full.vocab_size, source, full.hf_family, full.tokenizer)
+
+
+def inference_tokenizer(load: str, saved: MegatronTokenizer | None, tokenizer_type: str | None,
+                        tokenizer_model: str | None = None, vocab_file: str | None = None,
+                        merge_file: str | None = None) -> MegatronTokenizer:
+    """The tokenizer named by the ``--tokenizer-*`` flags, else ``saved`` (the one stored with the model).
+
+    Raises ConfigError when neither is available (checkpoints written by training do not record theirs).
+    """
+    if tokenizer_type is not None:
+        try:
+            return build_tokenizer(tokenizer_type, tokenizer_model=tokenizer_model, vocab_file=vocab_file,
+                                   merge_file=merge_file)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if saved is not None:
+        return saved
+    raise ConfigError(f"--load {load} holds no tokenizer files: pass --tokenizer-type and --tokenizer-model "
+                      f"(or --vocab-file/--merge-file), or use --prompt-tokens with token ids")

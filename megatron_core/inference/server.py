@@ -1,0 +1,134 @@
+"""``tools/run_text_generation_server.py``: Megatron-LM's text generation REST API on Flask.
+
+``PUT /api`` with JSON ``{"prompts": [str, ...], "tokens_to_generate": int}`` and optionally
+``temperature``, ``top_k``, ``top_p``, ``random_seed`` (Megatron-LM's field names) answers
+``{"text": [prompt + continuation, ...], "tokens": [[ids], ...]}``; a bad request gets HTTP 400 and a
+one-line message. Rank 0 serves HTTP; each request is broadcast to every rank of the model-parallel
+group (as Megatron-LM's ``send_do_generate``) so all ranks run the same generation. A lock
+serialises requests: concurrent clients are answered one generation at a time, in arrival order.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_core.errors import ConfigError
+from megatron_core.inference.sampling import SamplingParams
+from megatron_core.inference.text_generation_cli import Generator, add_model_args, sampling_from_args, setup
+from megatron_core.parallel_state import destroy_model_parallel
+from megatron_core.training.initialize import initialize_distributed, shutdown
+
+_STOP = "stop"
+
+
+def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, SamplingParams]:
+    """``(prompts, tokens_to_generate, sampling)`` from a request body; ConfigError naming the bad field."""
+    if not isinstance(body, dict):
+        raise ConfigError("the request body must be a JSON object with 'prompts' and 'tokens_to_generate'")
+    prompts = body.get("prompts")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ConfigError("'prompts' must be a non-empty list of non-empty strings")
+    tokens = body.get("tokens_to_generate", 64)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ConfigError("'tokens_to_generate' must be an integer >= 0")
+    unknown = set(body) - {"prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "random_seed"}
+    if unknown:
+        raise ConfigError(f"unknown request fields {sorted(unknown)}; accepted: prompts, tokens_to_generate, "
+                          f"temperature, top_k, top_p, random_seed")
+    try:
+        params = SamplingParams(float(body.get("temperature", defaults.temperature)),
+                                int(body.get("top_k", defaults.top_k)), float(body.get("top_p", defaults.top_p)),
+                                int(body.get("random_seed", defaults.seed)))
+    except (TypeError, ValueError):
+        raise ConfigError("'temperature'/'top_p' must be numbers, 'top_k'/'random_seed' integers") from None
+    params.validate()
+    return prompts, tokens, params
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (the whole world is one model-parallel group: no DP here)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _generate_text(gen: Generator, prompts: list[str], tokens: int, params: SamplingParams) -> dict[str, Any]:
+    assert gen.tokenizer is not None
+    ids = [gen.tokenizer.tokenize(p) for p in prompts]
+    out = gen.run(ids, tokens, params)
+    return {"text": [gen.tokenizer.detokenize(t) for t in out.tokens], "tokens": out.tokens}
+
+
+def create_app(gen: Generator, defaults: SamplingParams):
+    """The Flask app of rank 0 (``PUT /api``); ``gen`` must be the rank's loaded generator."""
+    from flask import Flask, jsonify, request  # noqa: PLC0415 - the server extra, only needed here
+
+    app = Flask("megatron_text_generation")
+    lock = threading.Lock()
+
+    @app.put("/api")
+    def api():
+        try:
+            prompts, tokens, params = parse_request(request.get_json(silent=True), defaults)
+            with lock:  # one generation at a time; every rank must see requests in the same order
+                _broadcast(("generate", prompts, tokens, params))
+                return jsonify(_generate_text(gen, prompts, tokens, params))
+        except ConfigError as exc:
+            return jsonify({"error": str(exc)}), 400
+
+    return app
+
+
+def _worker_loop(gen: Generator) -> None:
+    """Ranks other than 0: run each broadcast request until rank 0 says stop."""
+    while True:
+        message = _broadcast(None)
+        if message[0] == _STOP:
+            return
+        _, prompts, tokens, params = message
+        try:
+            _generate_text(gen, prompts, tokens, params)
+        except ConfigError:
+            pass  # rank 0 raised the same error from the same arguments and answered HTTP 400
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The server's flags: the model flags of the CLI plus where to listen."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=5000, help="TCP port (Megatron-LM's default 5000)")
+    p.add_argument("--server-timeout-minutes", type=float, default=24 * 60,
+                   help="how long the other ranks wait for the next request before giving up")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until interrupted; returns the exit status (2 with a one-line message on a configuration error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        defaults = sampling_from_args(args)
+        context = initialize_distributed(args.distributed_backend, timeout_minutes=args.server_timeout_minutes)
+        gen = setup(args, need_tokenizer=True)
+    except ConfigError as exc:
+        print(f"run_text_generation_server.py: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if gen.parallel_state.rank == 0:
+            print(f"serving PUT http://{args.host}:{args.port}/api", flush=True)
+            create_app(gen, defaults).run(host=args.host, port=args.port, threaded=True)
+        else:
+            _worker_loop(gen)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if gen.parallel_state.rank == 0 and gen.parallel_state.world_size > 1:
+            _broadcast((_STOP,))
+    destroy_model_parallel()
+    shutdown(context)
+    return 0

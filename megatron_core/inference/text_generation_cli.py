@@ -1,0 +1,141 @@
+"""``tools/run_text_generation.py``: continue prompts with a model from a checkpoint or a Hugging Face dir.
+
+::
+
+    python tools/run_text_generation.py --load CKPT --tokenizer-type SentencePieceTokenizer \
+        --tokenizer-model tok.model --prompt "def main(" --tokens-to-generate 32 --top_k 1
+    torchrun --nproc_per_node 2 tools/run_text_generation.py --load HF_DIR --tensor-model-parallel-size 2 ...
+
+Flag names are Megatron-LM's (``--temperature``, ``--top_k``, ``--top_p``, ``--seed``; the request field
+``tokens_to_generate``). Every rank runs the same generation; rank 0 prints (and writes ``--output``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from megatron_core.errors import ConfigError
+from megatron_core.inference.generation import GenerationOutput, generate
+from megatron_core.inference.loading import LoadedModel, build_inference_model, inference_tokenizer
+from megatron_core.inference.sampling import SamplingParams
+from megatron_core.parallel_state import ParallelState, destroy_model_parallel, initialize_model_parallel
+from megatron_core.tokenizer.base import MegatronTokenizer
+from megatron_core.training.initialize import initialize_distributed, shutdown
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags shared by the generation CLI and the server: where the model and tokenizer come from."""
+    p.add_argument("--load", required=True, help="training checkpoint directory (legacy layout, any TP/PP) "
+                                                 "or Hugging Face save_pretrained directory")
+    p.add_argument("--load-iteration", type=int, default=None, help="checkpoint iteration (default: the tracker's)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="TP size (default: world size / PP)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding multiple")
+    p.add_argument("--tokenizer-type", default=None, help="as in training; default: the tokenizer saved in "
+                                                           "a Hugging Face --load directory")
+    p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or tokenizer.json / directory")
+    p.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (GPT2BPETokenizer)")
+    p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    p.add_argument("--distributed-backend", default="gloo", choices=["gloo", "nccl"], help="process group backend")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (1: greedy)")
+    p.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling threshold (0: off)")
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    add_model_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-tokens", action="append", default=[],
+                   help="a prompt as comma-separated token ids (repeatable; needs no tokenizer)")
+    p.add_argument("--tokens-to-generate", type=int, default=32, help="new tokens per prompt at most")
+    p.add_argument("--output", default=None, help="write {prompts, text, tokens} as JSON here (rank 0)")
+    return p
+
+
+@dataclass
+class Generator:
+    """A loaded model, its tokenizer (None when prompts come as token ids) and the process layout."""
+
+    loaded: LoadedModel
+    tokenizer: MegatronTokenizer | None
+    parallel_state: ParallelState
+    use_kv_cache: bool
+
+    def run(self, prompts: Sequence[Sequence[int]], tokens_to_generate: int,
+            sampling: SamplingParams) -> GenerationOutput:
+        """Generate on every rank (all ranks must call this with the same arguments)."""
+        eod = self.tokenizer.eod if self.tokenizer is not None else None
+        return generate(self.loaded.model, prompts, tokens_to_generate, eod_id=eod,
+                        vocab_size=self.loaded.vocab_size, sampling=sampling, use_kv_cache=self.use_kv_cache,
+                        parallel_state=self.parallel_state)
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags as :class:`SamplingParams` (validated)."""
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    params.validate()
+    return params
+
+
+def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
+    """Build the parallel layout and this rank's model (and tokenizer); the process group must exist."""
+    world, pp = dist.get_world_size(), args.pipeline_model_parallel_size
+    tp = args.tensor_model_parallel_size or world // pp
+    if tp * pp != world:
+        raise ConfigError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must equal "
+                          f"the number of processes ({world}); generation uses no data parallelism")
+    ps = initialize_model_parallel(tp, pp)
+    loaded = build_inference_model(args.load, ps, args.load_iteration, args.make_vocab_size_divisible_by)
+    tokenizer = loaded.tokenizer  # its EOD stops generation even for prompts given as token ids
+    if need_tokenizer or args.tokenizer_type is not None:
+        tokenizer = inference_tokenizer(args.load, loaded.tokenizer, args.tokenizer_type, args.tokenizer_model,
+                                        args.vocab_file, args.merge_file)
+    return Generator(loaded, tokenizer, ps, not args.no_kv_cache)
+
+
+def _prompts(args: argparse.Namespace, tokenizer: MegatronTokenizer | None) -> list[list[int]]:
+    if args.prompt and args.prompt_tokens:
+        raise ConfigError("pass either --prompt or --prompt-tokens, not both")
+    if args.prompt_tokens:
+        try:
+            return [[int(t) for t in p.split(",")] for p in args.prompt_tokens]
+        except ValueError:
+            raise ConfigError("--prompt-tokens takes comma-separated integers, e.g. 5,17,99") from None
+    if not args.prompt:
+        raise ConfigError("nothing to generate from: pass --prompt TEXT (repeatable) or --prompt-tokens IDS")
+    assert tokenizer is not None
+    return [tokenizer.tokenize(p) for p in args.prompt]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 with a one-line message on a configuration error)."""
+    args = build_parser().parse_args(argv)
+    context = None
+    try:
+        sampling = sampling_from_args(args)
+        context = initialize_distributed(args.distributed_backend, timeout_minutes=30)
+        gen = setup(args, need_tokenizer=bool(args.prompt))
+        out = gen.run(_prompts(args, gen.tokenizer), args.tokens_to_generate, sampling)
+    except ConfigError as exc:
+        print(f"run_text_generation.py: error: {exc}", file=sys.stderr)
+        return 2
+    if gen.parallel_state.rank == 0:
+        text = [gen.tokenizer.detokenize(t) for t in out.tokens] if gen.tokenizer is not None else None
+        for i, tokens in enumerate(out.tokens):
+            print(f"[{i}] {text[i] if text is not None else tokens}")
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump({"prompts": args.prompt or args.prompt_tokens, "text": text, "tokens": out.tokens}, f)
+    destroy_model_parallel()
+    if context is not None:
+        shutdown(context)
+    return 0

@@ -1,0 +1,156 @@
+"""torch_dist checkpoints (sync; async for PP2 x VPP2) resume under another layout.
+
+Saved after 2 steps in layout A, the run resumed in layout B (from differently initialised weights,
+so everything must come from the files) gives the losses, grad norms and parameters of continuing in
+layout A for the 5 steps after the save (fp32, relative 1e-5; Adam eps 1e-4 as in test_ddp_gpt, where
+the attention key bias's gradient is rounding noise). The learning-rate schedule (warmup + cosine)
+must be restored too, or the losses differ.
+"""
+import functools
+
+import pytest
+import torch
+from ddp_common import build, compare, result_of, train_step
+from harness import run_distributed
+from test_ddp_gpt import GPTSpec
+
+from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint
+from megatron_core.models.gpt import build_gpt_model_chunks
+from megatron_core.training.lr_scheduler import OptimizerParamScheduler
+
+SAVE_AT, AFTER, GLOBAL_MICROBATCHES = 2, 5, 4
+OPT = {"adam_eps": 1e-4}
+
+
+class FourLayers(GPTSpec):
+    """test_ddp_gpt's tiny GPT-2 / Llama with 4 layers (PP 4, PP 2 x VPP 2)."""
+
+    def config(self):
+        config = super().config()
+        config.num_layers = 4
+        return config
+
+    def build_chunks(self, parallel_state):
+        return build_gpt_model_chunks(self.config(), 64, 16, parallel_state, make_vocab_size_divisible_by=32)
+
+
+def _scheduler(optimizer):
+    return OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=0.01, min_lr=0.001, lr_warmup_steps=2,
+                                   lr_decay_steps=8, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
+                                   wd_incr_steps=8)
+
+
+def _perturb(params):
+    for p in params.values():
+        p.data.add_(0.5)
+
+
+def _steps(ps, spec, wrapped, optimizer, scheduler, first, count):
+    losses, norms = [], []
+    for step in range(first, first + count):
+        step_losses, (ok, norm, _) = train_step(ps, spec, wrapped, optimizer, step, GLOBAL_MICROBATCHES // ps.dp_size)
+        assert ok
+        scheduler.step(1)
+        losses.append(step_losses)
+        norms.append(norm)
+    return losses, norms
+
+
+def _original(layout, spec, ddp, directory, async_save=False, dtype=torch.float32):
+    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, OPT, dtype)
+    scheduler = _scheduler(optimizer)
+    _steps(ps, spec, wrapped, optimizer, scheduler, 0, SAVE_AT)
+    request = save_dist_checkpoint(directory, SAVE_AT, wrapped, optimizer, scheduler, ps,
+                                   extra={"consumed_train_samples": 123}, async_save=async_save)
+    # Async: training goes on while the copies are written; the save must hold the step-2 state.
+    losses, norms = _steps(ps, spec, wrapped, optimizer, scheduler, SAVE_AT, AFTER)
+    request.wait()
+    result = result_of(ps, spec, chunks, losses, norms)
+    ps.destroy()
+    return result
+
+
+def _resumed(layout, spec, ddp, directory, dtype=torch.float32):
+    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, OPT, dtype, prepare=_perturb)
+    scheduler = _scheduler(optimizer)
+    logged = []
+    common = load_dist_checkpoint(directory, wrapped, optimizer, scheduler, ps, printer=logged.append)
+    assert common["iteration"] == SAVE_AT and common["extra"]["consumed_train_samples"] == 123
+    assert scheduler.num_steps == SAVE_AT
+    losses, norms = _steps(ps, spec, wrapped, optimizer, scheduler, SAVE_AT, AFTER)
+    result = result_of(ps, spec, chunks, losses, norms)
+    result["log"] = logged
+    ps.destroy()
+    return result
+
+
+def _full(results):
+    """The TP = 1 parameters, merged from the shards of the DP-rank-0 results; per-step global losses.
+    (A tied embedding appears on the first and last stage; the copies are equal, the first is taken.)"""
+    params = {}
+    for name in {n for r in results for n in r["params"]}:
+        by_tp = {}
+        for r in results:
+            if name in r["params"] and r["dp"][0] == 0:
+                by_tp.setdefault(r["tp"][0], (r["params"][name], r["shard"][name]))
+        tensors = [by_tp[t][0] for t in sorted(by_tp)]
+        shard = by_tp[0][1]
+        if shard is None:
+            params[name] = tensors[0]
+            continue
+        dim, stride = shard
+        pieces = [t.chunk(stride, dim=dim) for t in tensors]
+        params[name] = torch.cat([p[i] for i in range(stride) for p in pieces], dim=dim)
+    last = sorted(((r["dp"][0], r["losses"]) for r in results if r["last_stage"]), key=lambda x: x[0])
+    losses = [[x for _, ls in last for x in ls[s]] for s in range(AFTER)]
+    return {"params": params, "losses": losses, "norms": results[0]["norms"]}
+
+
+CASES = {
+    "tp2pp2-to-tp1": ("llama", {"tp": 2, "pp": 2}, 4, {}, {}, 1, {}),
+    "tp1-to-tp2dp2-zero1": ("llama", {}, 1, {}, {"tp": 2}, 4, {"zero_stage": 1}),
+    "pp2vpp2-to-pp4": ("gpt2", {"pp": 2, "vpp": 2}, 2, {}, {"pp": 4}, 4, {}),
+    "dp2zero2-to-dp4zero1": ("gpt2", {}, 2, {"zero_stage": 2}, {}, 4, {"zero_stage": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_under_another_layout(case, tmp_path):
+    preset, layout_a, world_a, ddp_a, layout_b, world_b, ddp_b = CASES[case]
+    spec = FourLayers(preset)
+    original = run_distributed(_original, world_a, layout_a, spec, ddp_a, str(tmp_path),
+                               async_save=case == "pp2vpp2-to-pp4", timeout=120)
+    resumed = run_distributed(_resumed, world_b, layout_b, spec, ddp_b, str(tmp_path), timeout=120)
+    reference = _full(original)
+    compare(resumed, reference, GLOBAL_MICROBATCHES // (world_b // (layout_b.get("tp", 1) * layout_b.get("pp", 1))),
+            what=case)
+    assert any("reseeded" in line for r in resumed for line in r["log"]), "the RNG reseed must be logged"
+
+
+def test_same_layout_restores_rng_and_loads_without_optimizer(tmp_path):
+    spec = FourLayers("gpt2")
+    run_distributed(_original, 2, {"pp": 2}, spec, {}, str(tmp_path), timeout=120)
+    resumed = run_distributed(_resumed, 2, {"pp": 2}, spec, {}, str(tmp_path), timeout=120)
+    assert all(r["log"] == [] for r in resumed)
+    (only_model,) = run_distributed(functools.partial(_model_only, spec), 1, str(tmp_path), timeout=60)
+    assert only_model
+
+
+def _model_only(spec, directory):
+    ps, chunks, wrapped, optimizer = build({}, spec, {}, OPT, prepare=_perturb)
+    load_dist_checkpoint(directory, wrapped, optimizer, None, ps, load_optim=False)
+    ok = all(torch.equal(main, model) for main, model in optimizer.pairs)  # fp32: the main params are the model's
+    ps.destroy()
+    return ok
+
+
+def test_bf16_main_parameters_round_trip(tmp_path):
+    """bf16 weights: the fp32 main parameters are saved apart from the weights and restored; in the same
+    layout (DP 2, ZeRO-1) the resumed run repeats the continued one exactly."""
+    spec = FourLayers("gpt2")
+    args = ({}, spec, {"zero_stage": 1}, str(tmp_path))
+    original = run_distributed(_original, 2, *args, dtype=torch.bfloat16, timeout=120)
+    resumed = run_distributed(_resumed, 2, *args, dtype=torch.bfloat16, timeout=120)
+    for a, b in zip(original, resumed, strict=True):
+        assert a["losses"] == b["losses"] and a["norms"] == b["norms"]
+        assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])

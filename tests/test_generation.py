@@ -1,0 +1,107 @@
+"""Text generation: greedy decoding equals Hugging Face ``generate`` token for token (GPT-2 and Llama,
+TP 1 and 2, batched prompts of different lengths, stop at EOD), and the KV cache changes nothing."""
+import pytest
+import torch
+import torch.distributed as dist
+from harness import run_distributed
+
+from megatron_core import parallel_state
+from megatron_core.dist_checkpointing import save_dist_checkpoint
+from megatron_core.errors import ConfigError
+from megatron_core.inference import SamplingParams, generate
+from megatron_core.inference.loading import build_inference_model
+from megatron_core.models.gpt import GPTModel
+from tests.hf_testing import core_config_of, load_hf_weights, tiny_hf_gpt2, tiny_hf_llama
+
+BUILDERS = {"gpt2": tiny_hf_gpt2, "llama": tiny_hf_llama}
+PROMPTS = [[5, 17, 99], [200, 3, 41, 7, 8, 150, 12], [64, 9, 9, 1, 77]]
+NEW_TOKENS = 10
+
+
+def _hf_greedy(hf_model, prompt, new_tokens, eod):
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                            eos_token_id=eod, pad_token_id=eod if eod is not None else 0,
+                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0].tolist()
+
+
+def _ours(hf_model, runs, pp=1):
+    world = dist.get_world_size()
+    ps = parallel_state.initialize_model_parallel(world // pp, pp)
+    ps.manual_seed(1)
+    config, vocab, positions = core_config_of(hf_model)
+    model = GPTModel(config, vocab, positions, parallel_state=ps, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(), make_vocab_size_divisible_by=8)
+    load_hf_weights(model, hf_model, 8, ps)
+    return [generate(model, prompts, NEW_TOKENS, eod_id=eod, vocab_size=vocab, sampling=params,
+                     use_kv_cache=cache, parallel_state=ps) for prompts, eod, params, cache in runs]
+
+
+@pytest.mark.parametrize("kind,tp", [("gpt2", 1), ("gpt2", 2), ("llama", 1), ("llama", 2)])
+def test_greedy_matches_hf_generate(kind, tp):
+    hf_model = BUILDERS[kind](vocab_size=250)  # padded to 256 at TP 2: padding ids must never appear
+    free = [_hf_greedy(hf_model, p, NEW_TOKENS, None) for p in PROMPTS]
+    # An EOD that greedy decoding actually produces, third new token of the first prompt: stops early.
+    eod = free[0][len(PROMPTS[0]) + 2]
+    stopped = [_hf_greedy(hf_model, p, NEW_TOKENS, eod) for p in PROMPTS]
+    runs = [(PROMPTS, None, None, True), (PROMPTS, None, None, False), (PROMPTS, eod, None, True)]
+    results = run_distributed(_ours, tp, hf_model, runs, timeout=120)
+    for rank, (cached, uncached, with_eod) in enumerate(results):
+        assert cached.tokens == free, f"{kind} TP={tp} rank {rank}: KV-cached greedy differs from HF generate"
+        assert uncached.tokens == free, f"{kind} TP={tp} rank {rank}: uncached greedy differs from HF generate"
+        assert with_eod.tokens == stopped, f"{kind} TP={tp} rank {rank}: stop at EOD differs from HF generate"
+    first_eod = free[0][len(PROMPTS[0]):].index(eod) + 1
+    assert results[0][2].generated[0] == first_eod <= 3, "the first prompt must stop at its first EOD"
+
+
+def test_sampling_seeded_cache_and_pipeline():
+    """Seeded top-k / top-p / temperature sampling: same tokens with and without the KV cache, on every
+    rank of TP 2 x PP 2, and as in one process; another seed draws other tokens."""
+    hf_model = tiny_hf_llama(layers=4)
+    runs = [(PROMPTS, None, SamplingParams(temperature=0.8, top_k=20, seed=3), True),
+            (PROMPTS, None, SamplingParams(temperature=0.8, top_k=20, seed=3), False),
+            (PROMPTS, None, SamplingParams(temperature=1.2, top_p=0.9, seed=3), True),
+            (PROMPTS, None, SamplingParams(temperature=1.2, top_p=0.9, seed=4), True),
+            (PROMPTS, None, None, True)]
+    single = run_distributed(_ours, 1, hf_model, runs, timeout=120)[0]
+    assert single[0].tokens == single[1].tokens, "KV cache changed seeded top-k sampling"
+    assert single[2].tokens != single[3].tokens, "different seeds drew the same 30 tokens"
+    assert single[4].tokens == [_hf_greedy(hf_model, p, NEW_TOKENS, None) for p in PROMPTS]
+    for rank, outs in enumerate(run_distributed(_ours, 4, hf_model, runs, pp=2, timeout=180)):
+        for i, (ours, ref) in enumerate(zip(outs, single, strict=True)):
+            assert ours.tokens == ref.tokens, f"TP2 x PP2 rank {rank}, run {i} differs from one process"
+
+
+def test_bad_requests_raise_config_error():
+    hf_model = tiny_hf_gpt2()
+    for runs in ([([[]], None, None, True)], [([[1] * 30], None, None, True)],
+                 [(PROMPTS, None, SamplingParams(top_p=1.5), True)]):
+        with pytest.raises(Exception, match="ConfigError"):
+            run_distributed(_ours, 1, hf_model, runs, timeout=60)
+    assert issubclass(ConfigError, ValueError)
+
+
+def _save_dist(hf_model, directory):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config, vocab, positions = core_config_of(hf_model)
+    model = GPTModel(config, vocab, positions, parallel_state=ps, make_vocab_size_divisible_by=8)
+    load_hf_weights(model, hf_model, 8, ps)
+    info = {"vocab_size": vocab, "max_position_embeddings": positions, "make_vocab_size_divisible_by": 8}
+    save_dist_checkpoint(directory, 5, [model], None, None, ps,
+                         extra={"model_config": config.to_dict(), "model_info": info}).wait()
+
+
+def _generate_from(directory):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    loaded = build_inference_model(directory, ps, make_vocab_size_divisible_by=100)
+    return loaded.source, generate(loaded.model, PROMPTS, NEW_TOKENS, eod_id=None, vocab_size=loaded.vocab_size,
+                                   parallel_state=ps).tokens
+
+
+def test_torch_dist_checkpoint_generates_under_another_tp(tmp_path):
+    """Saved at TP 2 (vocabulary padded to 256), generated from at TP 1 (padded to 300): same as HF."""
+    hf_model = tiny_hf_llama(vocab_size=250)
+    run_distributed(_save_dist, 2, hf_model, str(tmp_path), timeout=60)
+    ((source, tokens),) = run_distributed(_generate_from, 1, str(tmp_path), timeout=60)
+    assert source == "torch_dist"
+    assert tokens == [_hf_greedy(hf_model, p, NEW_TOKENS, None) for p in PROMPTS]

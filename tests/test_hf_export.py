@@ -1,0 +1,97 @@
+"""Hugging Face export carries the tokenizer: HF (with tokenizer) -> Megatron checkpoint at TP2 x PP2 ->
+HF gives a directory that ``AutoTokenizer``/``AutoModelForCausalLM`` load, the tokenizer's real special ids
+in config.json and generation_config.json, the vocabulary without TP padding, normal file permissions,
+the same logits; a checkpoint from training plus GPT-2 BPE files exports the same way; resharding keeps
+the source iteration."""
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from megatron_core.checkpoint import convert
+from tests.hf_testing import tiny_hf_gpt2, tiny_hf_llama
+from tests.test_text_generation_cli import _save_tokenizer_json
+
+TEXT = "def f(x):\n    return the quick brown fox"
+
+
+def _convert(*args):
+    assert convert.main(["--model-type", "GPT", *map(str, args)]) == 0
+
+
+def _check_export(path, hf_model, reference_ids, specials):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    assert tok(TEXT, add_special_tokens=False)["input_ids"] == reference_ids
+    config, generation = (json.load(open(os.path.join(path, name))) for name in ("config.json",
+                                                                                "generation_config.json"))
+    for key, value in specials.items():
+        assert config[key] == value and generation.get(key) == value, f"{key}: {config[key]}, {generation.get(key)}"
+    assert config["vocab_size"] == hf_model.config.vocab_size
+    for name in os.listdir(path):
+        mode = stat.S_IMODE(os.stat(os.path.join(path, name)).st_mode)
+        assert mode == 0o666 & ~_umask(), f"{name} has mode {oct(mode)}"
+    exported = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    ids = torch.tensor([reference_ids])
+    assert torch.equal(exported(ids).logits, hf_model(ids).logits)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_round_trip_with_tokenizer_json(tmp_path, family):
+    from transformers import PreTrainedTokenizerFast
+
+    raw = _save_tokenizer_json(tmp_path / "tokenizer.json")
+    raw.add_special_tokens(["<pad>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<pad>")
+    hf_model = (tiny_hf_gpt2 if family == "gpt2" else tiny_hf_llama)(vocab_size=len(fast))
+    hf_model.save_pretrained(tmp_path / "hf")
+    fast.save_pretrained(tmp_path / "hf")
+    specials = {"bos_token_id": fast.bos_token_id, "eos_token_id": fast.eos_token_id, "pad_token_id": fast.pad_token_id}
+    assert specials["pad_token_id"] != specials["eos_token_id"]
+    _convert("--loader", "hf", "--saver", "core", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "ckpt",
+             "--target-tensor-parallel-size", 2, "--target-pipeline-parallel-size", 2, "--iteration", 7)
+    info = torch.load(tmp_path / "ckpt" / "iter_0000007" / "mp_rank_00_000" / "model_optim_rng.pt",
+                      weights_only=False)["model_info"]
+    assert info["padded_vocab_size"] == 512 and info["tokenizer"]["eos_token_id"] == specials["eos_token_id"]
+    _convert("--loader", "core", "--saver", "core", "--load-dir", tmp_path / "ckpt", "--save-dir", tmp_path / "tp1")
+    assert (tmp_path / "tp1" / "latest_checkpointed_iteration.txt").read_text() == "7", "resharding lost the iteration"
+    _convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "tp1", "--save-dir", tmp_path / "out")
+    _check_export(tmp_path / "out", hf_model, fast(TEXT, add_special_tokens=False)["input_ids"], specials)
+
+
+def test_training_checkpoint_with_gpt2_bpe_files(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT * 20], vocab_size=300, min_frequency=1, show_progress=False,
+                            special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(tmp_path))
+    eod = bpe.token_to_id("<|endoftext|>")
+    hf_model = tiny_hf_gpt2(vocab_size=bpe.get_vocab_size())
+    hf_model.save_pretrained(tmp_path / "hf")
+    _convert("--loader", "hf", "--saver", "core", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "ckpt")
+    _convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "ckpt", "--save-dir", tmp_path / "out",
+             "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", tmp_path / "vocab.json",
+             "--merge-file", tmp_path / "merges.txt")
+    _check_export(tmp_path / "out", hf_model, bpe.encode(TEXT).ids,
+                  {"bos_token_id": None, "eos_token_id": eod, "pad_token_id": None})
+    # Import reads the same: the exported directory brings its tokenizer into a Megatron checkpoint.
+    assert convert.load_hf(str(tmp_path / "out")).tokenizer.tokenize(TEXT) == bpe.encode(TEXT).ids
+
+
+def test_export_without_tokenizer_has_no_made_up_special_ids(tmp_path):
+    hf_model = tiny_hf_gpt2(vocab_size=300)
+    hf_model.save_pretrained(tmp_path / "hf")
+    _convert("--loader", "hf", "--saver", "hf", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "out")
+    config = json.load(open(tmp_path / "out" / "config.json"))
+    assert config.get("eos_token_id") is None and config.get("bos_token_id") is None  # not GPT-2's 50256

@@ -1,0 +1,87 @@
+"""tools/run_text_generation.py end to end: a legacy checkpoint saved at TP2 x PP2 read by one process,
+a Hugging Face directory under a real torchrun TP=2 launch, and text prompts through a saved tokenizer;
+greedy tokens equal Hugging Face ``generate`` on the same weights."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from megatron_core.checkpoint import convert
+from tests.hf_testing import tiny_hf_gpt2, tiny_hf_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "run_text_generation.py")
+PROMPTS = [[5, 17, 99], [200, 3, 41, 7, 8]]
+
+
+def _hf_greedy(hf_model, prompt, new_tokens, eos=None):
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
+                            pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0].tolist()
+
+
+def _run(cmd, tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.load(open(tmp_path / "out.json")), proc
+
+
+def _token_flags(prompts):
+    return [flag for p in prompts for flag in ("--prompt-tokens", ",".join(map(str, p)))]
+
+
+def test_legacy_checkpoint_any_layout_and_torchrun_tp2(tmp_path):
+    hf_model = tiny_hf_llama(vocab_size=250)
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert convert.main(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir",
+                         str(tmp_path / "hf"), "--save-dir", str(tmp_path / "ckpt"),
+                         "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"]) == 0
+    expected = [_hf_greedy(hf_model, p, 8) for p in PROMPTS]
+    common = [*_token_flags(PROMPTS), "--tokens-to-generate", "8", "--top_k", "1",
+              "--output", str(tmp_path / "out.json")]
+    out, _ = _run([sys.executable, TOOL, "--load", str(tmp_path / "ckpt"), *common], tmp_path)
+    assert out["tokens"] == expected, "legacy TP2xPP2 checkpoint at TP1: greedy differs from HF generate"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TOOL]
+    out, _ = _run([*launch, "--load", str(tmp_path / "hf"), "--tensor-model-parallel-size", "2", *common], tmp_path)
+    assert out["tokens"] == expected, "HF directory at TP2 (torchrun): greedy differs from HF generate"
+
+
+def _save_tokenizer_json(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 50, "the quick brown fox jumps over the lazy dog " * 50],
+                            trainer=trainer)
+    tok.save(str(path))
+    return tok
+
+
+def test_text_prompts_with_saved_tokenizer(tmp_path):
+    hf_model = tiny_hf_gpt2(vocab_size=300)
+    hf_model.save_pretrained(tmp_path / "hf")
+    tok = _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    eod = tok.token_to_id("<|endoftext|>")
+    prompts = ["def f(x):", "the quick brown"]
+    cmd = [sys.executable, TOOL, "--load", str(tmp_path / "hf"), "--prompt", prompts[0], "--prompt", prompts[1],
+           "--tokens-to-generate", "6", "--top_k", "1", "--output", str(tmp_path / "out.json")]
+    out, proc = _run(cmd, tmp_path)
+    for i, prompt in enumerate(prompts):
+        expected = _hf_greedy(hf_model, tok.encode(prompt).ids, 6, eod)
+        assert out["tokens"][i] == expected
+        assert out["text"][i] == tok.decode(expected, skip_special_tokens=False)
+        assert out["text"][i].startswith(prompt) and f"[{i}] {prompt}" in proc.stdout
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, TOOL, "--load", str(tmp_path / "missing"), "--prompt-tokens", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--load" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr

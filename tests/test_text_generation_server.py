@@ -1,0 +1,88 @@
+"""tools/run_text_generation_server.py under a real torchrun TP=2 launch, queried over HTTP on 127.0.0.1:
+concurrent PUT /api requests each get the same greedy continuation as Hugging Face ``generate``, and a
+bad request gets HTTP 400 with a one-line message."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from tests.hf_testing import tiny_hf_gpt2
+from tests.test_text_generation_cli import _save_tokenizer_json
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "run_text_generation_server.py")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _put(port, body, timeout=60):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api", data=json.dumps(body).encode(), method="PUT",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _wait_until_serving(proc, port, deadline=120):
+    start = time.time()
+    while time.time() - start < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("the server did not start listening")
+
+
+def test_server_answers_concurrent_requests_under_tp2(tmp_path):
+    hf_model = tiny_hf_gpt2(vocab_size=300)
+    hf_model.save_pretrained(tmp_path / "hf")
+    tok = _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    eod = tok.token_to_id("<|endoftext|>")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TOOL,
+           "--load", str(tmp_path / "hf"), "--tensor-model-parallel-size", "2", "--port", str(port), "--top_k", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_until_serving(proc, port)
+        bodies = [{"prompts": ["def f(x):", "the quick"], "tokens_to_generate": 6},
+                  {"prompts": ["the lazy dog"], "tokens_to_generate": 4},
+                  {"prompts": ["return x"], "tokens_to_generate": 5},
+                  {"prompts": ["brown fox jumps", "def"], "tokens_to_generate": 3}]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: _put(port, b), bodies))
+        for body, (status, answer) in zip(bodies, answers, strict=True):
+            assert status == 200, answer
+            for prompt, text, tokens in zip(body["prompts"], answer["text"], answer["tokens"], strict=True):
+                ids = tok.encode(prompt).ids
+                out = hf_model.generate(torch.tensor([ids]), max_new_tokens=body["tokens_to_generate"],
+                                        do_sample=False, eos_token_id=eod, pad_token_id=eod,
+                                        attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+                assert tokens == out[0].tolist(), f"{prompt!r}: server tokens differ from HF generate"
+                assert text == tok.decode(tokens, skip_special_tokens=False) and text.startswith(prompt)
+        status, answer = _put(port, {"prompts": ["x"], "tokens_to_generate": -1})
+        assert status == 400 and "tokens_to_generate" in answer["error"]
+        status, answer = _put(port, {"prompts": ["x" * 4], "tokens_to_generate": 40})
+        assert status == 400 and "--max-position-embeddings" in answer["error"]
+        status, answer = _put(port, {"prompts": ["the"], "tokens_to_generate": 2})  # still serving after errors
+        assert status == 200 and len(answer["tokens"][0]) <= len(tok.encode("the").ids) + 2
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
