@@ -24,6 +24,13 @@ class DistributedDataParallelConfig:
       ``zero_grad_buffer()`` (or the first gradient of a step) and released by the optimizer step
       once the shard has been copied out.
 
+    - ``zero_stage=3``: as stage 2, and the parameters are sharded too: each DP rank keeps only its
+      shard of every bucket's parameters (``ParamAndGradBuffer.param_shard``). Before a module runs,
+      the buckets holding its parameters are all-gathered into per-bucket storage; the following
+      buckets (``stage3_prefetch_bucket_size`` elements) are prefetched asynchronously; after the
+      forward the storage is freed (``reshard_after_forward``) and gathered again for backward,
+      and freed once every parameter of the bucket has its gradient. See ``param_gather``.
+
     ``zero_stage`` is the one knob: Megatron-LM's ``--use-distributed-optimizer`` is stage 1, and
     ``use_distributed_optimizer`` is a read-only view of ``zero_stage >= 1``.
     """
@@ -41,10 +48,39 @@ class DistributedDataParallelConfig:
     # afterwards (finalize_model_grads(..., num_tokens=...)).
     calculate_per_token_loss: bool = False
 
+    # ---- ZeRO-3 and parameter all-gather (DeepSpeed / Megatron-LM / FSDP names) ---------------
+    # ZeRO-1/2 (Megatron-LM --overlap-param-gather): the post-step all-gather of the updated
+    # parameters is launched asynchronously, bucket by bucket, and each bucket's gather is waited on
+    # just before its first use in the next forward. ZeRO-3 always gathers on demand.
+    overlap_param_gather: bool = False
+    # ZeRO-3 (DeepSpeed ``stage3_prefetch_bucket_size``): elements of the buckets that follow the
+    # one in use (in forward order, and in reverse during backward) whose all-gather is launched
+    # ahead; 0 disables prefetching (every gather is then waited on at once).
+    stage3_prefetch_bucket_size: int = 50_000_000
+    # ZeRO-3 (DeepSpeed ``stage3_param_persistence_threshold``): a bucket of at most this many
+    # elements is never freed: it is gathered once after each optimizer step and stays resident.
+    # Per bucket, not per parameter, because gathers work on whole buckets.
+    stage3_param_persistence_threshold: int = 0
+    # ZeRO-3 (FSDP's ``reshard_after_forward``): True frees a bucket after forward and gathers it
+    # again for backward, for every microbatch; False keeps every gathered bucket until the
+    # optimizer step (one gather per bucket per step, the full parameters resident during the step).
+    reshard_after_forward: bool = True
+    # ZeRO-3 parameter offload (DeepSpeed ``offload_param.device = "cpu"``): the parameter shards live
+    # in host memory and are copied to the device on each gather.
+    offload_param: bool = False
+
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"DistributedDataParallelConfig.zero_stage must be 0, 1 or 2, got {self.zero_stage} "
-                             f"(stage 3, sharded parameters, is not implemented)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"DistributedDataParallelConfig.zero_stage (--zero-stage) must be 0, 1, 2 or 3, "
+                             f"got {self.zero_stage}")
+        if self.overlap_param_gather and self.zero_stage == 0:
+            raise ValueError("--overlap-param-gather (overlap_param_gather) needs the distributed optimizer: "
+                             "set --use-distributed-optimizer or --zero-stage 1, 2 or 3")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"--offload-param (offload_param) needs --zero-stage 3 (parameter sharding), "
+                             f"got zero_stage={self.zero_stage}")
+        if self.stage3_prefetch_bucket_size < 0 or self.stage3_param_persistence_threshold < 0:
+            raise ValueError("--stage3-prefetch-bucket-size and --stage3-param-persistence-threshold must be >= 0")
         if self.zero1_all_reduce_grads and self.zero_stage != 1:
             raise ValueError("zero1_all_reduce_grads only applies to zero_stage=1; stage 2 must reduce-scatter "
                              "(it keeps only the gradient shard) and stage 0 always all-reduces")
@@ -60,4 +96,4 @@ class DistributedDataParallelConfig:
     @property
     def reduce_scatter_grads(self) -> bool:
         """Whether buckets are reduce-scattered (each rank gets its shard's sum) or all-reduced."""
-        return self.zero_stage == 2 or (self.zero_stage == 1 and not self.zero1_all_reduce_grads)
+        return self.zero_stage >= 2 or (self.zero_stage == 1 and not self.zero1_all_reduce_grads)

@@ -46,7 +46,7 @@ class DistributedOptimizer(MegatronOptimizer):
         for chunk in self.model_chunks:
             if not (isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.zero_stage >= 1):
                 raise TypeError("the distributed optimizer needs every model chunk wrapped in "
-                                "DistributedDataParallel with DistributedDataParallelConfig(zero_stage=1 or 2)")
+                                "DistributedDataParallel with DistributedDataParallelConfig(zero_stage >= 1)")
         self.zero_stage = self.model_chunks[0].ddp_config.zero_stage
         self.sharded: list[_ShardedBuffer] = []
         for chunk in self.model_chunks:
@@ -55,7 +55,7 @@ class DistributedOptimizer(MegatronOptimizer):
         self.inner = build_torch_optimizer(config, self.pairs)
 
     def _shard(self, buffer: ParamAndGradBuffer) -> _ShardedBuffer:
-        main = torch.zeros(buffer.shard_numel, dtype=torch.float32, device=buffer.param_data.device)
+        main = torch.zeros(buffer.shard_numel, dtype=torch.float32, device=buffer.device)
         pieces = buffer.local_pieces()
         mains = [torch.nn.Parameter(main[piece.shard_start:piece.shard_start + piece.numel]) for piece in pieces]
         sb = _ShardedBuffer(buffer, main, pieces, mains)
@@ -67,7 +67,8 @@ class DistributedOptimizer(MegatronOptimizer):
     # ---- the step -----------------------------------------------------------------------------
     def _prepare_main_grads(self) -> None:
         for sb in self.sharded:
-            if sb.buffer.config.zero_stage == 2 and sb.buffer.grads_allocated:
+            sb.buffer.finish_param_gathers()  # the step rewrites the shards gathers may still read
+            if sb.buffer.config.zero_stage >= 2 and sb.buffer.grads_allocated:
                 sb.buffer.release_full_grads()
             for piece, main in zip(sb.pieces, sb.mains):
                 start = piece.shard_start - piece.bucket.local_offset
@@ -78,7 +79,7 @@ class DistributedOptimizer(MegatronOptimizer):
         for sb in self.sharded:
             for bucket in sb.buffer.buckets:
                 sb.buffer.shard_param(bucket).copy_(_main_of(sb, bucket))
-            sb.buffer.all_gather_params()
+            sb.buffer.all_gather_params(async_op=sb.buffer.config.overlap_param_gather)
 
     @torch.no_grad()
     def reload_model_params(self) -> None:
