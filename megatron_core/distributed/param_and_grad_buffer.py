@@ -8,8 +8,9 @@ the DP size; DP rank r owns elements ``[r * n / dp, (r + 1) * n / dp)`` of every
 elements (its *shard*). Under ZeRO-3 each bucket's full parameters get a storage of their own,
 freed and re-gathered bucket by bucket (``param_gather``), and the rank keeps its shard of every
 bucket in ``param_shard`` (on the host with ``offload_param``). Under the distributed optimizer a
-``shared_embedding`` parameter gets a bucket of its own, so the first and the last pipeline stage shard it identically and the
-embedding-group all-reduce after the DP reduce-scatter adds matching shards.
+``shared_embedding`` parameter gets a bucket of its own, so the first and the last pipeline stage
+shard it identically and the embedding-group all-reduce after the DP reduce-scatter adds matching
+shards.
 """
 from __future__ import annotations
 
