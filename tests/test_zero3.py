@@ -5,12 +5,15 @@ per-microbatch losses, the grad norm of every step and the final parameters must
 run's (fp32, relative 1e-5), as in ``test_ddp``. Small buckets give several gathers per forward
 so prefetching, freeing after forward and re-gathering for backward are all exercised.
 """
+import dataclasses
+
 import pytest
 from ddp_common import compare, serial_reference, train
 from ddp_toy_model import ToyConfig
 from harness import run_distributed
+from test_ddp_gpt import GPTSpec
 
-STEPS, MICROBATCHES = 5, 2
+STEPS, MICROBATCHES, GPT_STEPS = 5, 2, 4
 Z3 = {"zero_stage": 3, "overlap_grad_reduce": True, "bucket_size": 700, "stage3_prefetch_bucket_size": 1000}
 VARIANTS = {
     "zero3": Z3,
@@ -44,3 +47,45 @@ def test_zero3_and_overlap_param_gather_equal_one_process(name):
     results = run_distributed(_train_variants, world, layout, config, variants, timeout=180)
     for variant in variants:
         compare([r[variant] for r in results], ref, MICROBATCHES, what=f"{name} {variant}")
+
+
+# ---- the real GPT: tied embeddings, full and selective recompute ---------------------------------
+GPT_OPT = {"adam_eps": 1e-4}  # as test_ddp_gpt: the key bias's gradient is rounding noise
+
+
+@dataclasses.dataclass
+class RecomputeGPTSpec(GPTSpec):
+    """``test_ddp_gpt``'s model with activation recompute."""
+
+    recompute: str | None = None
+
+    def config(self):
+        config = super().config()
+        if self.recompute == "full":
+            return dataclasses.replace(config, recompute_granularity="full", recompute_method="uniform",
+                                       recompute_num_layers=1)
+        if self.recompute == "selective":
+            return dataclasses.replace(config, recompute_granularity="selective")
+        return config
+
+
+GPT_LAYOUTS = {
+    # name: (world size, layout, model)
+    "gpt2-dp2-full-recompute-tied-in-stage": (2, {}, RecomputeGPTSpec("gpt2", recompute="full")),
+    "gpt2-dp2-pp2-full-recompute": (4, {"pp": 2}, RecomputeGPTSpec("gpt2", recompute="full")),
+    "llama-dp2-tp2-sp-selective-recompute": (4, {"tp": 2}, RecomputeGPTSpec("llama", sequence_parallel=True,
+                                                                           recompute="selective")),
+}
+
+
+def _train_gpt(layout, spec):
+    return train(layout, spec, {**Z3, "bucket_size": 3000}, GPT_STEPS, MICROBATCHES, GPT_OPT)
+
+
+@pytest.mark.parametrize("name", list(GPT_LAYOUTS))
+def test_zero3_gpt_with_recompute_equals_one_process(name):
+    world, layout, spec = GPT_LAYOUTS[name]
+    dp = world // (layout.get("tp", 1) * layout.get("pp", 1))
+    (ref,) = run_distributed(serial_reference, 1, spec, GPT_STEPS, dp * MICROBATCHES, GPT_OPT, timeout=60)
+    results = run_distributed(_train_gpt, world, layout, spec, timeout=180)
+    compare(results, ref, MICROBATCHES, what=f"{name} zero3")

@@ -70,6 +70,9 @@ class ParamGatherManager:
             m.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
             m.register_forward_hook(self._post_forward, with_kwargs=True)
         self.active: list[list[Unit]] = []
+        # Buckets already used in the current forward pass: a module that uses an earlier bucket
+        # again (the output layer and the tied word embedding) must not prefetch what follows it.
+        self.used_in_forward: set[int] = set()
 
     @staticmethod
     def _dedup(units: Iterable[Unit]) -> list[Unit]:
@@ -107,7 +110,8 @@ class ParamGatherManager:
             start, step = max(positions) + 1, 1
         out, total, i = [], 0, start
         while 0 <= i < len(order) and total < budget:
-            out.append(order[i])
+            if backward or id(order[i][1]) not in self.used_in_forward:
+                out.append(order[i])
             total += order[i][1].end - order[i][1].start
             i += step
         return out
@@ -130,7 +134,10 @@ class ParamGatherManager:
 
     # ---- hooks --------------------------------------------------------------------------------
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.active:  # the chunk's root module: a new forward pass
+            self.used_in_forward.clear()
         units = self._units_for(module, args, kwargs)
+        self.used_in_forward.update(id(k) for _, k in units)
         self.active.append(units)
         if not units:
             return
