@@ -89,3 +89,34 @@ def test_zero3_gpt_with_recompute_equals_one_process(name):
     (ref,) = run_distributed(serial_reference, 1, spec, GPT_STEPS, dp * MICROBATCHES, GPT_OPT, timeout=60)
     results = run_distributed(_train_gpt, world, layout, spec, timeout=180)
     compare(results, ref, MICROBATCHES, what=f"{name} zero3")
+
+
+# ---- optimizer offload: CPU (separate host copies) and NVMe files, against one process ----------
+OFFLOAD = {
+    # name: (DDP options, optimizer options)
+    "zero3-cpu-offload": (Z3, {"optimizer_cpu_offload": True}),
+    "zero1-cpu-offload-half": ({"zero_stage": 1, "bucket_size": 700}, {"optimizer_cpu_offload": True,
+                                                                        "optimizer_offload_fraction": 0.5}),
+    "zero2-nvme": ({"zero_stage": 2, "bucket_size": 700, "overlap_grad_reduce": True},
+                   {"nvme_offload_path": None, "nvme_offload_buffer_count": 2}),
+    "zero3-param-offload-nvme-one-buffer": ({**Z3, "offload_param": True},
+                                            {"nvme_offload_path": None, "nvme_offload_buffer_count": 1}),
+}
+
+
+def _train_offload(directory, names):
+    out = {}
+    for name in names:
+        ddp, opt = OFFLOAD[name]
+        if "nvme_offload_path" in opt:
+            opt = {**opt, "nvme_offload_path": directory}
+        out[name] = train({}, ToyConfig(num_layers=2), ddp, STEPS, MICROBATCHES, opt)
+    return out
+
+
+def test_cpu_and_nvme_optimizer_offload_equal_one_process(tmp_path):
+    config = ToyConfig(num_layers=2)
+    (ref,) = run_distributed(serial_reference, 1, config, STEPS, 2 * MICROBATCHES, timeout=60)
+    results = run_distributed(_train_offload, 2, str(tmp_path), list(OFFLOAD), timeout=180)
+    for name in OFFLOAD:
+        compare([r[name] for r in results], ref, MICROBATCHES, what=name)

@@ -35,6 +35,24 @@ class OptimizerConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     log_num_zeros_in_grad: bool = False
+    # ---- offload (Megatron-LM and DeepSpeed ZeRO-Offload / ZeRO-Infinity) ----------------------
+    # Megatron-LM --optimizer-cpu-offload (DeepSpeed ``offload_optimizer.device = "cpu"``): the fp32
+    # main parameters and the optimizer state (Adam moments and step) of this rank's shard live in
+    # host memory and the step runs there (torch's fused CPU AdamW). Each bucket's reduced gradient
+    # shard is copied out to a host fp32 copy and the updated shard copied back before the
+    # parameter all-gather. Needs the distributed optimizer (zero_stage >= 1).
+    optimizer_cpu_offload: bool = False
+    # Megatron-LM --optimizer-offload-fraction: the share of this rank's shard elements offloaded,
+    # in [0, 1], decided bucket by bucket in layout order (so exact up to one bucket).
+    optimizer_offload_fraction: float = 1.0
+    # DeepSpeed ``offload_optimizer.device = "nvme"`` with ``nvme_path``: the main parameters and the
+    # Adam moments of every offloaded bucket are kept in files under this directory and swapped in,
+    # a group (one bucket) at a time, for the step, with asynchronous reads and writes (threads).
+    # Implies optimizer_cpu_offload. A missing, unwritable or full directory is a ConfigError.
+    nvme_offload_path: str | None = None
+    # DeepSpeed ``offload_optimizer.buffer_count``: groups resident at once during the NVMe step
+    # (the one being updated plus those being read ahead; 2 = double buffering), plus one being written.
+    nvme_offload_buffer_count: int = 2
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -48,6 +66,14 @@ class OptimizerConfig:
                              f"got {self.loss_scale}")
         if self.clip_grad < 0:
             raise ValueError(f"OptimizerConfig.clip_grad (--clip-grad) must be >= 0 (0 disables), got {self.clip_grad}")
+        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
+            raise ValueError(f"--optimizer-offload-fraction (optimizer_offload_fraction) must be in [0, 1], "
+                             f"got {self.optimizer_offload_fraction}")
+        if self.nvme_offload_buffer_count < 1:
+            raise ValueError(f"--nvme-offload-buffer-count (nvme_offload_buffer_count) must be >= 1, "
+                             f"got {self.nvme_offload_buffer_count}")
+        if self.nvme_offload_path is not None:
+            self.optimizer_cpu_offload = True  # NVMe holds what CPU offload would keep in host memory
         if self.hysteresis < 1 or self.loss_scale_window < 1:
             raise ValueError("OptimizerConfig.hysteresis (--hysteresis) and loss_scale_window (--loss-scale-window) "
                              "must be >= 1")

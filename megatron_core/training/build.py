@@ -52,7 +52,7 @@ def optimizer_config(args: argparse.Namespace) -> Any:
             adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, fp16=args.fp16,
             bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
             min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
-            hysteresis=args.hysteresis)
+            hysteresis=args.hysteresis, **offload_optimizer_options(args))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -63,9 +63,9 @@ def ddp_config(args: argparse.Namespace) -> Any:
 
     try:
         return DistributedDataParallelConfig(
-            zero_stage=1 if args.use_distributed_optimizer else 0, overlap_grad_reduce=args.overlap_grad_reduce,
+            zero_stage=zero_stage(args), overlap_grad_reduce=args.overlap_grad_reduce,
             # As Megatron-LM: bf16 gradients are accumulated and reduced in fp32.
-            grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16)
+            grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16, **zero_ddp_options(args))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -81,3 +81,43 @@ def model_info(args: argparse.Namespace, vocab_size: int, padded_vocab_size: int
         "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
         "virtual_pipeline_model_parallel_size": args.virtual_pipeline_model_parallel_size,
     }
+
+
+# ---- ZeRO stage, parameter gather and offload flags (zero3 branch) -------------------------------
+def zero_stage(args: argparse.Namespace) -> int:
+    """The one ZeRO stage from --zero-stage, --data-parallel-sharding-strategy and --use-distributed-optimizer."""
+    from megatron_core.training.arguments.distributed import SHARDING_STRATEGIES
+
+    said: dict[str, int] = {}
+    if getattr(args, "zero_stage", None) is not None:
+        said["--zero-stage"] = args.zero_stage
+    if getattr(args, "data_parallel_sharding_strategy", None) is not None:
+        said["--data-parallel-sharding-strategy"] = SHARDING_STRATEGIES[args.data_parallel_sharding_strategy]
+    if len(set(said.values())) > 1:
+        raise ConfigError(f"{' and '.join(f'{k} ({v})' for k, v in said.items())} name different ZeRO stages; "
+                          f"pass one of them")
+    stage = next(iter(said.values()), None)
+    if args.use_distributed_optimizer:
+        if stage == 0:
+            raise ConfigError(f"--use-distributed-optimizer contradicts {next(iter(said))} selecting ZeRO stage 0; "
+                              f"drop one of them")
+        return stage or 1
+    return stage or 0
+
+
+def zero_ddp_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``DistributedDataParallelConfig`` fields of --overlap-param-gather and the ZeRO-3 flags."""
+    return {"overlap_param_gather": args.overlap_param_gather,
+            "stage3_prefetch_bucket_size": getattr(args, "stage3_prefetch_bucket_size", 50_000_000),
+            "stage3_param_persistence_threshold": getattr(args, "stage3_param_persistence_threshold", 0),
+            "reshard_after_forward": getattr(args, "reshard_after_forward", True),
+            "offload_param": getattr(args, "offload_param", False)}
+
+
+def offload_optimizer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``OptimizerConfig`` fields of the optimizer offload flags (CPU and NVMe)."""
+    return {"optimizer_cpu_offload": getattr(args, "optimizer_cpu_offload", False),
+            "optimizer_offload_fraction": getattr(args, "optimizer_offload_fraction", 1.0),
+            "overlap_cpu_optimizer_d2h_h2d": getattr(args, "overlap_cpu_optimizer_d2h_h2d", False),
+            "nvme_offload_path": getattr(args, "nvme_offload_path", None),
+            "nvme_offload_buffer_count": getattr(args, "nvme_offload_buffer_count", 2)}

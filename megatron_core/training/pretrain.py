@@ -146,8 +146,6 @@ def _setup(args: argparse.Namespace, parallel_state: ParallelState, model_provid
     out = Printers(parallel_state)
     out.rank0(f"> world size {parallel_state.world_size}: tensor parallel {parallel_state.tp_size}, pipeline parallel {parallel_state.pp_size}"
               f"{f' x {parallel_state.vpp_size} virtual stages' if parallel_state.vpp_size else ''}, data parallel {parallel_state.dp_size}")
-    if args.overlap_param_gather:
-        out.rank0("> --overlap-param-gather: parameters are all-gathered after the optimizer step (no overlap)")
     data = cfg.data_config(args)
     tokenizer, padded_vocab, transformer_config, model = agreed(_build_model, args, data, parallel_state, model_provider)
     out.rank0(f"> tokenizer {args.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded_vocab}")
@@ -201,7 +199,7 @@ def _build_data(run: _Run) -> None:
 def _train_and_evaluate(run: _Run) -> TrainResult:
     args, ps, out = run.args, run.parallel_state, run.out
     loaded = agreed(checkpointing.load_checkpoint, run.checkpoint, run.model, run.optimizer, run.scheduler, ps,
-                                           run.model_config, run.model_info, args.use_distributed_optimizer,
+                                           run.model_config, run.model_info, run.optimizer.sharded_over_dp,
                                            printer=out.rank0)
     state = TrainState(iteration=loaded.iteration, consumed_train_samples=loaded.consumed_train_samples)
     _build_data(run)
@@ -241,7 +239,7 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
         return
     checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
                                   run.optimizer, run.scheduler, run.parallel_state, run.model_config, run.model_info,
-                                  run.args.use_distributed_optimizer, printer=run.out.rank0)
+                                  run.optimizer.sharded_over_dp, printer=run.out.rank0)
     result.saved_iterations.append(state.iteration)
 
 

@@ -1,0 +1,83 @@
+"""pretrain_gpt.py under ZeRO-3 (and its flags): the one-process losses, resume, a real torchrun launch.
+
+Follows ``test_pretrain``: the same tiny model and data, dropout off, losses compared per iteration
+(fp32, relative 1e-5). Adam runs with a larger eps here, as in ``test_ddp_gpt``: the attention
+key bias's gradient is rounding noise that Adam with eps 1e-8 would turn into full-size steps.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from harness import run_distributed
+from test_pretrain import REPO, TINY, _logged, _train
+
+from megatron_core.errors import ConfigError
+from megatron_core.training import build
+from megatron_core.training.arguments import parse_args
+from megatron_core.training.validate import validate_args
+
+ARGS = [*TINY, "--train-iters", "6", "--eval-interval", "6", "--adam-eps", "1e-4"]
+
+
+@pytest.fixture(scope="module")
+def serial():
+    return _logged(run_distributed(_train, 1, ARGS, timeout=120))
+
+
+def _same_losses(got, want):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want), start=1):
+        assert abs(a - b) <= 1e-5 * abs(b), f"iteration {i}: {a} vs one process {b}"
+
+
+@pytest.mark.parametrize("world,extra", [
+    (2, ["--zero-stage", "3", "--overlap-grad-reduce"]),
+    (4, ["--data-parallel-sharding-strategy", "optim_grads_params", "--offload-param",
+         "--stage3-prefetch-bucket-size", "0"]),
+    (2, ["--use-distributed-optimizer", "--overlap-param-gather"]),
+], ids=["dp2-zero3", "dp4-zero3-param-offload", "dp2-zero1-overlap-param-gather"])
+def test_zero_layouts_reproduce_serial_losses(serial, world, extra):
+    result = _logged(run_distributed(_train, world, ARGS + extra, timeout=180))
+    _same_losses(result.losses, serial.losses)
+
+
+def test_resume_under_zero3_equals_uninterrupted_run(serial, tmp_path):
+    flags = ARGS + ["--zero-stage", "3", "--save", str(tmp_path), "--save-interval", "3"]
+    first = _logged(run_distributed(_train, 2, flags + ["--exit-interval", "3"], timeout=180))
+    resumed = _logged(run_distributed(_train, 2, flags + ["--load", str(tmp_path)], timeout=180))
+    assert first.exit_reason == "exit-interval" and resumed.loaded_iteration == 3
+    _same_losses(first.losses + resumed.losses, serial.losses)
+
+
+def test_conflicting_zero_flags_are_one_line_errors():
+    bad = [(["--zero-stage", "2", "--data-parallel-sharding-strategy", "optim"], "--zero-stage"),
+           (["--zero-stage", "0", "--use-distributed-optimizer"], "--use-distributed-optimizer"),
+           (["--zero-stage", "2", "--offload-param"], "--offload-param"),
+           (["--overlap-param-gather"], "--overlap-param-gather")]
+    for extra, flag in bad:
+        with pytest.raises(ConfigError, match=flag) as info:
+            build.ddp_config(validate_args(parse_args(ARGS + extra), world_size=2))
+        assert "\n" not in str(info.value)
+    ok = build.ddp_config(validate_args(parse_args(ARGS + ["--data-parallel-sharding-strategy", "optim_grads"]),
+                                        world_size=2))
+    assert ok.zero_stage == 2 and ok.reshard_after_forward and not ok.offload_param
+    ok = build.ddp_config(validate_args(parse_args(ARGS + ["--zero-stage", "3", "--no-reshard-after-forward",
+                                                           "--stage3-param-persistence-threshold", "100"]),
+                                        world_size=2))
+    assert (ok.zero_stage, ok.reshard_after_forward, ok.stage3_param_persistence_threshold) == (3, False, 100)
+
+
+def test_torchrun_launch_zero3_dp2_equals_one_process(serial):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "pretrain_gpt.py"), *ARGS, "--log-interval", "2", "--eval-iters", "1",
+           "--zero-stage", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data parallel 2" in proc.stdout
+    logged = [float(x) for x in re.findall(r"iteration +\d+/ +6 \|.*?lm loss: (\S+) \|", proc.stdout)]
+    want = [sum(serial.losses[i:i + 2]) / 2 for i in (0, 2, 4)]
+    assert len(logged) == 3, proc.stdout
+    for got, mean in zip(logged, want):
+        assert got == pytest.approx(mean, rel=1e-5), (logged, want)
