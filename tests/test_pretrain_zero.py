@@ -37,16 +37,23 @@ def _same_losses(got, want):
     (4, ["--data-parallel-sharding-strategy", "optim_grads_params", "--offload-param",
          "--stage3-prefetch-bucket-size", "0"]),
     (2, ["--use-distributed-optimizer", "--overlap-param-gather"]),
-], ids=["dp2-zero3", "dp4-zero3-param-offload", "dp2-zero1-overlap-param-gather"])
-def test_zero_layouts_reproduce_serial_losses(serial, world, extra):
+    (4, ["--zero-stage", "3", "--nvme-offload-path", "{tmp}"]),
+    (2, ["--zero-stage", "2", "--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.5"]),
+], ids=["dp2-zero3", "dp4-zero3-param-offload", "dp2-zero1-overlap-param-gather", "dp4-zero3-nvme",
+        "dp2-zero2-cpu-offload-half"])
+def test_zero_layouts_reproduce_serial_losses(serial, world, extra, tmp_path):
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     result = _logged(run_distributed(_train, world, ARGS + extra, timeout=180))
     _same_losses(result.losses, serial.losses)
 
 
-def test_resume_under_zero3_equals_uninterrupted_run(serial, tmp_path):
-    flags = ARGS + ["--zero-stage", "3", "--save", str(tmp_path), "--save-interval", "3"]
+@pytest.mark.parametrize("extra", [[], ["--nvme-offload-path", "{swap}"]], ids=["zero3", "zero3-nvme"])
+def test_resume_under_zero3_equals_uninterrupted_run(serial, tmp_path, extra):
+    (tmp_path / "swap").mkdir()
+    extra = [a.replace("{swap}", str(tmp_path / "swap")) for a in extra]
+    flags = ARGS + ["--zero-stage", "3", "--save", str(tmp_path / "ckpt"), "--save-interval", "3", *extra]
     first = _logged(run_distributed(_train, 2, flags + ["--exit-interval", "3"], timeout=180))
-    resumed = _logged(run_distributed(_train, 2, flags + ["--load", str(tmp_path)], timeout=180))
+    resumed = _logged(run_distributed(_train, 2, flags + ["--load", str(tmp_path / "ckpt")], timeout=180))
     assert first.exit_reason == "exit-interval" and resumed.loaded_iteration == 3
     _same_losses(first.losses + resumed.losses, serial.losses)
 
@@ -69,15 +76,27 @@ def test_conflicting_zero_flags_are_one_line_errors():
     assert (ok.zero_stage, ok.reshard_after_forward, ok.stage3_param_persistence_threshold) == (3, False, 100)
 
 
-def test_torchrun_launch_zero3_dp2_equals_one_process(serial):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "pretrain_gpt.py"), *ARGS, "--log-interval", "2", "--eval-iters", "1",
-           "--zero-stage", "3"]
+@pytest.mark.parametrize("world,extra", [(2, ["--zero-stage", "3"]), (4, ["--zero-stage", "3", "--nvme-offload-path"])],
+                         ids=["dp2-zero3", "dp4-zero3-nvme"])
+def test_torchrun_launch_equals_one_process(serial, world, extra, tmp_path):
+    if extra[-1] == "--nvme-offload-path":
+        extra = [*extra, str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+           os.path.join(REPO, "pretrain_gpt.py"), *ARGS, "--log-interval", "2", "--eval-iters", "1", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "data parallel 2" in proc.stdout
+    assert f"data parallel {world}" in proc.stdout
     logged = [float(x) for x in re.findall(r"iteration +\d+/ +6 \|.*?lm loss: (\S+) \|", proc.stdout)]
     want = [sum(serial.losses[i:i + 2]) / 2 for i in (0, 2, 4)]
     assert len(logged) == 3, proc.stdout
     for got, mean in zip(logged, want):
         assert got == pytest.approx(mean, rel=1e-5), (logged, want)
+
+
+def test_nvme_offload_path_errors_are_one_line_before_training(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for path, words in [(tmp_path / "missing", "is not a directory"), (a_file, "is not a directory")]:
+        with pytest.raises(Exception, match=f"--nvme-offload-path {re.escape(str(path))} {words}") as info:
+            run_distributed(_train, 1, ARGS + ["--zero-stage", "1", "--nvme-offload-path", str(path)], timeout=60)
+        assert "ConfigError" in str(info.value)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import time
+
 import torch
 
 from megatron_core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer
@@ -73,6 +75,9 @@ class ParamGatherManager:
         # Buckets already used in the current forward pass: a module that uses an earlier bucket
         # again (the output layer and the tied word embedding) must not prefetch what follows it.
         self.used_in_forward: set[int] = set()
+        # Seconds spent blocked waiting for gathers before a module could run, and gathers waited
+        # on (for bench/bench_zero.py: the share of gather time prefetching hides).
+        self.wait_seconds, self.waits = 0.0, 0
 
     @staticmethod
     def _dedup(units: Iterable[Unit]) -> list[Unit]:
@@ -88,15 +93,18 @@ class ParamGatherManager:
         return self._dedup([*own, *passed]) if passed else own
 
     # ---- gather, prefetch, free ---------------------------------------------------------------
-    @staticmethod
-    def ensure(units: list[Unit]) -> None:
+    def ensure(self, units: list[Unit]) -> None:
         """Every unit's full parameters present: launch the missing gathers, then wait for all."""
         for buffer, bucket in units:
             if not bucket.gathered:
                 buffer.launch_param_gather(bucket)
                 bucket.grads_pending_release = {id(p) for p in bucket.params}
+        started = time.perf_counter()
         for buffer, bucket in units:
+            if bucket.gather_handle is not None:
+                self.waits += 1
             buffer.wait_param_gather(bucket)
+        self.wait_seconds += time.perf_counter() - started
 
     def _prefetch_list(self, units: list[Unit], backward: bool) -> list[Unit]:
         budget = self.config.stage3_prefetch_bucket_size

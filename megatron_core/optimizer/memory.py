@@ -66,7 +66,9 @@ def memory_footprint(model_chunks: list[torch.nn.Module], optimizer: MegatronOpt
     param_bytes = counter.add([b.param_data for b in buffers] + [b.param_shard for b in buffers] + params)
     grad_bytes = counter.add([b.grad_data for b in buffers] + [b.grad_shard for b in buffers]
                              + [getattr(p, "main_grad", None) for p in params] + [p.grad for p in params]
-                             + [main.grad for main in mains])
+                             + [main.grad for main in mains]
+                             # optimizer offload: the host fp32 copies of the reduced gradient shards
+                             + [g for sb in getattr(optimizer, "sharded", []) for g in sb.host_grads])
     # Model parameters were counted above, so fp32 parameters that are their own main copy add nothing.
     main_bytes = counter.add(mains)
     state_bytes = 0

@@ -118,6 +118,5 @@ def offload_optimizer_options(args: argparse.Namespace) -> dict[str, Any]:
     """``OptimizerConfig`` fields of the optimizer offload flags (CPU and NVMe)."""
     return {"optimizer_cpu_offload": getattr(args, "optimizer_cpu_offload", False),
             "optimizer_offload_fraction": getattr(args, "optimizer_offload_fraction", 1.0),
-            "overlap_cpu_optimizer_d2h_h2d": getattr(args, "overlap_cpu_optimizer_d2h_h2d", False),
             "nvme_offload_path": getattr(args, "nvme_offload_path", None),
             "nvme_offload_buffer_count": getattr(args, "nvme_offload_buffer_count", 2)}
