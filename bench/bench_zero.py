@@ -139,7 +139,8 @@ def _rank(args, name: str, microbatches: int, nvme_dir: str) -> dict:
         log.reset()
         start = time.perf_counter()
         optimizer.zero_grad()
-        schedule(forward_step_func=_forward_step, data_iterator=iter(_batches(step, microbatches, args.vocab, args.seq)),
+        data = iter(_batches(step, microbatches, args.vocab, args.seq))
+        schedule(forward_step_func=_forward_step, data_iterator=data,
                  model=[ddp], num_microbatches=microbatches, seq_length=args.seq, micro_batch_size=1,
                  no_sync_func=no_sync_func([ddp]),
                  finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=ps))
@@ -203,7 +204,8 @@ def _report(args, nd: int, results: dict) -> None:
         tps = r0["tokens"] / max(r["step_s"] for r in ranks)
         ratio = f"{tps / base_tps:6.2f}" if base_tps else "     -"
         print(f"{name:24} {r0['volume']:9.2f} {state / 1e6:14.1f} {bytes_per_param(name, nd) * psi / 1e6:10.1f} "
-              f"{r0['window_peak'] / 1e6:16.1f} {fp['host'] / 1e6:8.1f} {max(r['peak_rss'] for r in ranks) / 1e6:11.0f} "
+              f"{r0['window_peak'] / 1e6:16.1f} {fp['host'] / 1e6:8.1f} "
+              f"{max(r['peak_rss'] for r in ranks) / 1e6:11.0f} "
               f"{tps:9.0f} {ratio}")
     if "ZeRO-3" in results and "ZeRO-3 no prefetch" in results:
         with_p = sum(r["wait_s"] for r in results["ZeRO-3"]) / nd
@@ -212,12 +214,16 @@ def _report(args, nd: int, results: dict) -> None:
         print(f"ZeRO-3 gather wait per step: {with_p * 1e3:.0f} ms with prefetch, {without * 1e3:.0f} ms without "
               f"-> {hidden:.0%} of the gather wait hidden")
     budget = args.budget_gib * 2 ** 30
+    parts = []
+    for name in results:
+        if "prefetch" in name or "keep" in name:
+            continue
+        fits = budget / bytes_per_param(name, nd, "device")
+        host = fits * (bytes_per_param(name, nd) - 4 / nd) / 2 ** 30
+        parts.append(f"{name}: {fits / 1e9:.1f}B" + (f" [{host:.0f} GiB host]" if "ffload" in name or "NVMe" in name
+                                                      else ""))
     print(f"largest model in {args.budget_gib:.0f} GiB of accelerator memory per rank (model states only, formulas; "
-          f"host memory needed per rank for it in brackets): " + ", ".join(
-              f"{name}: {budget / bytes_per_param(name, nd, 'device') / 1e9:.1f}B"
-              + (f" [{budget / bytes_per_param(name, nd, 'device') * (bytes_per_param(name, nd) - 4 / nd) / 2 ** 30:.0f}"
-                 f" GiB host]" if "offload" in name or "NVMe" in name else "")
-              for name in results if "prefetch" not in name and "keep" not in name))
+          f"host memory needed per rank for it in brackets): " + ", ".join(parts))
 
 
 def _report_microbatches(args, nd: int, results: dict) -> None:

@@ -28,7 +28,7 @@ def serial():
 
 def _same_losses(got, want):
     assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want), start=1):
+    for i, (a, b) in enumerate(zip(got, want, strict=True), start=1):
         assert abs(a - b) <= 1e-5 * abs(b), f"iteration {i}: {a} vs one process {b}"
 
 
@@ -89,7 +89,7 @@ def test_torchrun_launch_equals_one_process(serial, world, extra, tmp_path):
     logged = [float(x) for x in re.findall(r"iteration +\d+/ +6 \|.*?lm loss: (\S+) \|", proc.stdout)]
     want = [sum(serial.losses[i:i + 2]) / 2 for i in (0, 2, 4)]
     assert len(logged) == 3, proc.stdout
-    for got, mean in zip(logged, want):
+    for got, mean in zip(logged, want, strict=True):
         assert got == pytest.approx(mean, rel=1e-5), (logged, want)
 
 

@@ -82,12 +82,13 @@ class DistributedDataParallel(torch.nn.Module):
         src = self.parallel_state.dp_ranks[0]
         with torch.no_grad():
             for buffer in self.buffers_by_dtype:
-                if buffer.param_data is None:  # ZeRO-3: per-bucket storage, all gathered at construction
+                data = buffer.param_data
+                if data is None:  # ZeRO-3: per-bucket storage, all gathered at construction
                     for bucket in buffer.buckets:
                         comm.broadcast(bucket.param_data, src, self.parallel_state.dp_group, log=self.comm_log,
                                        tag="param.broadcast")
                     continue
-                comm.broadcast(buffer.param_data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")
+                comm.broadcast(data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")
             for p in self.module.parameters():
                 if not p.requires_grad:
                     comm.broadcast(p.data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")

@@ -41,7 +41,7 @@ class Bucket:
         # Parameters: a view of the buffer's ``param_data`` (ZeRO 0-2) or a storage of its own that
         # ZeRO-3 frees (``gathered`` False) and all-gathers again; ``gather_handle`` is an
         # all-gather in flight into it; ``persistent`` buckets are never freed.
-        self.param_data: torch.Tensor | None = None
+        self.param_data: torch.Tensor = torch.empty(0)  # set by the buffer
         self.gathered = True
         self.gather_handle = None
         self.persistent = False
@@ -265,7 +265,8 @@ class ParamAndGradBuffer:
         ``param_shard`` under ZeRO-3)."""
         if self.param_shard is not None:
             return self.param_shard[bucket.local_offset:bucket.local_offset + bucket.shard_size]
-        return self.param_data[bucket.shard_start:bucket.shard_start + bucket.shard_size]
+        offset = bucket.shard_start - bucket.start
+        return bucket.param_data[offset:offset + bucket.shard_size]
 
     def keep_shards(self) -> None:
         """ZeRO-3: copy this rank's shard of every (gathered) bucket into ``param_shard``."""

@@ -22,9 +22,8 @@ order everywhere.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import time
+from collections.abc import Iterable
 
 import torch
 

@@ -61,7 +61,7 @@ class DistributedOptimizer(MegatronOptimizer):
         self.sharded: list[_ShardedBuffer] = []
         buffers = [buffer for chunk in self.model_chunks for buffer in chunk.buffers_by_dtype]
         offload = offloaded_buckets(config, buffers)
-        for buffer, flags in zip(buffers, offload):
+        for buffer, flags in zip(buffers, offload, strict=True):
             self.sharded.append(self._shard(buffer, flags))
         self.offloading = any(any(sb.offloaded) for sb in self.sharded)
         # The host step uses torch's fused CPU AdamW (bench/bench_zero.py measured it ~6x faster
@@ -74,7 +74,7 @@ class DistributedOptimizer(MegatronOptimizer):
     def _shard(self, buffer: ParamAndGradBuffer, offloaded: list[bool]) -> _ShardedBuffer:
         host = device_mod.host_device()
         bucket_mains, host_grads = [], []
-        for bucket, off in zip(buffer.buckets, offloaded):
+        for bucket, off in zip(buffer.buckets, offloaded, strict=True):
             where = host if off else buffer.device
             main = torch.zeros(bucket.shard_size, dtype=torch.float32, device=where)
             bucket_mains.append(device_mod.maybe_pin(main) if off else main)
@@ -88,19 +88,25 @@ class DistributedOptimizer(MegatronOptimizer):
         sb = _ShardedBuffer(buffer, bucket_mains, pieces, mains, offloaded, host_grads)
         for bucket in buffer.buckets:
             _main_of(sb, bucket).copy_(buffer.shard_param(bucket))
-        self.pairs.extend(zip(mains, (piece.param for piece in pieces)))
+        self.pairs.extend(zip(mains, (piece.param for piece in pieces), strict=True))
         return sb
+
+    @property
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        assert self.inner is not None  # built in __init__
+        return self.inner
 
     def host_tensors(self) -> list[torch.Tensor]:
         """Main parameters, gradient copies and optimizer state held in host memory (offload)."""
         out: list[torch.Tensor] = []
         for sb in self.sharded:
-            for bucket, off in zip(sb.buffer.buckets, sb.offloaded):
-                if off:
-                    out += [_main_of(sb, bucket), sb.host_grads[bucket.index]]
-        host_mains = {id(main) for sb in self.sharded for piece, main in zip(sb.pieces, sb.mains)
+            for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True):
+                host_grad = sb.host_grads[bucket.index]
+                if off and host_grad is not None:
+                    out += [_main_of(sb, bucket), host_grad]
+        host_mains = {id(main) for sb in self.sharded for piece, main in zip(sb.pieces, sb.mains, strict=True)
                       if sb.offloaded[piece.bucket.index]}
-        out += [v for main, state in self.inner.state.items() if id(main) in host_mains
+        out += [v for main, state in self._torch_optimizer.state.items() if id(main) in host_mains
                 for v in state.values() if torch.is_tensor(v)]
         return out
 
@@ -110,10 +116,10 @@ class DistributedOptimizer(MegatronOptimizer):
             sb.buffer.finish_param_gathers()  # the step rewrites the shards gathers may still read
             if sb.buffer.config.zero_stage >= 2 and sb.buffer.grads_allocated:
                 sb.buffer.release_full_grads()
-            for bucket, host_grad in zip(sb.buffer.buckets, sb.host_grads):
+            for bucket, host_grad in zip(sb.buffer.buckets, sb.host_grads, strict=True):
                 if host_grad is not None:  # offload: stream the reduced gradient out, bucket by bucket
                     host_grad.copy_(sb.buffer.shard_grad(bucket), non_blocking=True)
-            for piece, main in zip(sb.pieces, sb.mains):
+            for piece, main in zip(sb.pieces, sb.mains, strict=True):
                 start = piece.shard_start - piece.bucket.local_offset
                 host_grad = sb.host_grads[piece.bucket.index]
                 grad = host_grad if host_grad is not None else sb.buffer.shard_grad(piece.bucket)
@@ -123,7 +129,7 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _update(self) -> None:
         if self.nvme is not None:
-            self.nvme.step(self.inner, self._copy_bucket_to_model)
+            self.nvme.step(self._torch_optimizer, self._copy_bucket_to_model)
             self._gather_params()
         else:
             super()._update()
@@ -169,7 +175,7 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def load_state_dict(self, state: dict) -> None:
         self._load_common_state(state)
-        for group, saved in zip(self.inner.param_groups, state["param_groups"]):
+        for group, saved in zip(self.inner.param_groups, state["param_groups"], strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
 
     def sharded_state_dict(self) -> dict:
@@ -182,7 +188,7 @@ class DistributedOptimizer(MegatronOptimizer):
         for sb in self.sharded:
             flat: dict[str, torch.Tensor] = {}
             scalars: dict[str, list[torch.Tensor]] = {}
-            for piece, main in zip(sb.pieces, sb.mains):
+            for piece, main in zip(sb.pieces, sb.mains, strict=True):
                 for key, value in self.inner.state.get(main, {}).items():
                     if torch.is_tensor(value) and value.numel() == piece.numel and value.dim() > 0:
                         if key not in flat:
@@ -210,22 +216,22 @@ class DistributedOptimizer(MegatronOptimizer):
             raise ValueError(f"distributed optimizer checkpoint has {len(state['buffers'])} buffers, the model "
                              f"{len(self.sharded)}: same model, dtypes and --accumulate-allreduce-grads-in-fp32 needed")
         with torch.no_grad():
-            for sb, saved in zip(self.sharded, state["buffers"]):
+            for sb, saved in zip(self.sharded, state["buffers"], strict=True):
                 if saved["numel"] != sb.buffer.numel or saved["shard_numel"] != sb.buffer.shard_numel:
                     raise ValueError(f"distributed optimizer checkpoint buffer of {saved['numel']} elements does not "
                                      f"match the model's {sb.buffer.numel}: same model and bucket_size needed")
                 for bucket in sb.buffer.buckets:
                     _main_of(sb, bucket).copy_(saved["main_params"][bucket.local_offset:
                                                                     bucket.local_offset + bucket.shard_size])
-                for i, (piece, main) in enumerate(zip(sb.pieces, sb.mains)):
+                for i, (piece, main) in enumerate(zip(sb.pieces, sb.mains, strict=True)):
                     entry = {key: flat[piece.shard_start:piece.shard_start + piece.numel].clone().view_as(main)
                              for key, flat in saved["state"].items()}
                     entry.update({key: values[i].clone() for key, values in saved["scalar_state"].items()})
-                    current = self.inner.state.get(main, {})
+                    current = self._torch_optimizer.state.get(main, {})
                     for key, value in entry.items():
                         if key in current and torch.is_tensor(current[key]) and current[key].shape == value.shape:
                             current[key].copy_(value)  # keep the tensors NVMe offload swaps
                         else:
                             current[key] = value.to(main.device)
                     if current:
-                        self.inner.state[main] = current
+                        self._torch_optimizer.state[main] = current

@@ -76,7 +76,7 @@ class _Group:
 
     def write_and_free(self) -> None:
         offset = 0
-        for t, n in zip(self.tensors, self.nbytes):
+        for t, n in zip(self.tensors, self.nbytes, strict=True):
             view = _bytes_view(t)
             done = 0
             while done < n:
@@ -89,10 +89,10 @@ class _Group:
             t.untyped_storage().resize_(0)
 
     def read(self) -> None:
-        for t, n in zip(self.tensors, self.nbytes):
+        for t, n in zip(self.tensors, self.nbytes, strict=True):
             t.untyped_storage().resize_(n)
         offset = 0
-        for t, n in zip(self.tensors, self.nbytes):
+        for t, n in zip(self.tensors, self.nbytes, strict=True):
             view = _bytes_view(t)
             done = 0
             while done < n:
@@ -128,12 +128,12 @@ class NvmeSwapper:
             raise ConfigError(f"--nvme-offload-path {directory} is not writable; fix its permissions or pass another")
         groups = []
         for i, sb in enumerate(sharded):
-            for bucket, off in zip(sb.buffer.buckets, sb.offloaded):
+            for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True):
                 if not off:
                     continue
                 main = sb.bucket_mains[bucket.index]
                 exp_avg, exp_avg_sq = torch.zeros_like(main), torch.zeros_like(main)
-                for piece, p in zip(sb.pieces, sb.mains):
+                for piece, p in zip(sb.pieces, sb.mains, strict=True):
                     if piece.bucket is bucket:
                         start = (p.data_ptr() - main.data_ptr()) // main.element_size()
                         inner.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
@@ -149,7 +149,7 @@ class NvmeSwapper:
 
     def step(self, inner: torch.optim.Optimizer, after_bucket: Callable) -> None:
         """Update every offloaded bucket in turn (read ahead, step, copy to model, write back)."""
-        offloaded = {id(p) for sb, bucket, _ in self.groups for piece, p in zip(sb.pieces, sb.mains)
+        offloaded = {id(p) for sb, bucket, _ in self.groups for piece, p in zip(sb.pieces, sb.mains, strict=True)
                      if piece.bucket is bucket}
         grads = {}
         for group in inner.param_groups:
@@ -159,7 +159,7 @@ class NvmeSwapper:
                     p.grad = None
         inner.step()  # the buckets kept on the device / in memory
         for sb in {id(sb): sb for sb, _, _ in self.groups}.values():
-            for bucket, off in zip(sb.buffer.buckets, sb.offloaded):
+            for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True):
                 if not off:
                     after_bucket(sb, bucket)
         reads: dict[int, Future] = {}
@@ -168,18 +168,18 @@ class NvmeSwapper:
         for g in range(min(ahead, len(self.groups))):
             reads[g] = self.pool.submit(self.groups[g][2].read)
         try:
-            for g, (sb, bucket, group) in enumerate(self.groups):
+            for g, (sb, bucket, swap) in enumerate(self.groups):
                 if g + ahead < len(self.groups) and ahead:
                     reads[g + ahead] = self.pool.submit(self.groups[g + ahead][2].read)
-                reads.pop(g).result() if g in reads else group.read()
-                pieces = [p for piece, p in zip(sb.pieces, sb.mains) if piece.bucket is bucket]
+                reads.pop(g).result() if g in reads else swap.read()
+                pieces = [p for piece, p in zip(sb.pieces, sb.mains, strict=True) if piece.bucket is bucket]
                 for p in pieces:
                     p.grad = grads.get(id(p))
                 inner.step()
                 for p in pieces:
                     p.grad = None
                 after_bucket(sb, bucket)
-                writes.append(self.pool.submit(group.write_and_free))
+                writes.append(self.pool.submit(swap.write_and_free))
                 while len(writes) > 1:
                     writes.popleft().result()
         finally:

@@ -35,7 +35,8 @@ def make_grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | None:
                              config.hysteresis)
 
 
-def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair], fused: bool = False) -> torch.optim.Optimizer:
+def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair],
+                          fused: bool = False) -> torch.optim.Optimizer:
     """Adam (decoupled weight decay, as Megatron-LM's fused Adam) or SGD over the main parameters.
 
     Two groups: weight decay on matrices, none on 1-D parameters (biases and norm weights); a

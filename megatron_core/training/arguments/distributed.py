@@ -32,7 +32,8 @@ def add_zero_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
                    help="ZeRO stage as Megatron-DeepSpeed writes it (1 = --use-distributed-optimizer)")
     g.add_argument("--data-parallel-sharding-strategy", default=None, choices=list(SHARDING_STRATEGIES),
-                   help="Megatron-FSDP spelling of the ZeRO stage: no_shard=0 optim=1 optim_grads=2 optim_grads_params=3")
+                   help="Megatron-FSDP spelling of the ZeRO stage: "
+                        "no_shard=0 optim=1 optim_grads=2 optim_grads_params=3")
     g.add_argument("--stage3-prefetch-bucket-size", type=int, default=50_000_000,
                    help="ZeRO-3: elements of the next buckets whose all-gather is launched ahead (0: no prefetch)")
     g.add_argument("--stage3-param-persistence-threshold", type=int, default=0,
