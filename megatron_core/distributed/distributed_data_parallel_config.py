@@ -32,7 +32,31 @@ class DistributedDataParallelConfig:
       and freed once every parameter of the bucket has its gradient. See ``param_gather``.
 
     ``zero_stage`` is the one knob: Megatron-LM's ``--use-distributed-optimizer`` is stage 1, and
-    ``use_distributed_optimizer`` is a read-only view of ``zero_stage >= 1``.
+    ``use_distributed_optimizer`` is a read-only view of ``zero_stage >= 1``. Megatron-FSDP's
+    ``--data-parallel-sharding-strategy`` maps as no_shard=0, optim=1, optim_grads=2,
+    optim_grads_params=3 (the flag mapping is in ``training/build.py``).
+
+    Parameter gathering and ZeRO-3 (names from Megatron-LM, DeepSpeed and FSDP):
+
+    - ``overlap_param_gather`` (Megatron-LM ``--overlap-param-gather``; ZeRO 1-3): the all-gather of
+      the updated parameters after the step is launched asynchronously bucket by bucket and each
+      bucket is waited on just before its first use in the next forward. ZeRO-3 gathers on demand
+      in any case; there the flag changes nothing.
+    - ``stage3_prefetch_bucket_size`` (DeepSpeed, elements, default 5e7): how many elements of the
+      buckets that follow the one in use (forward order, reverse order in backward) are gathered
+      ahead; 0 disables prefetching.
+    - ``stage3_param_persistence_threshold`` (DeepSpeed, elements, default 0): buckets of at most
+      this many elements are never freed (gathered once per step). Per bucket, not per parameter.
+    - ``reshard_after_forward`` (FSDP, default True): free each bucket after forward and gather it
+      again for backward, per microbatch: traffic (2M+1)Ψ per step with M microbatches (3Ψ for
+      one). False keeps every gathered bucket until the optimizer step: 2Ψ, but the full
+      parameters are resident during the step.
+    - ``offload_param`` (DeepSpeed ``offload_param.device="cpu"``; ZeRO-3 only): the parameter
+      shards live in host memory and are copied to the device when gathered.
+
+    Gradients under ZeRO-3 are handled as under ZeRO-2: the full gradient buffer is working memory
+    of backward (needed for gradient accumulation across microbatches and for the TP / tied
+    embedding all-reduces of ``finalize_model_grads``), released by the step, which keeps the shard.
     """
 
     zero_stage: int = 0
@@ -48,25 +72,11 @@ class DistributedDataParallelConfig:
     # afterwards (finalize_model_grads(..., num_tokens=...)).
     calculate_per_token_loss: bool = False
 
-    # ---- ZeRO-3 and parameter all-gather (DeepSpeed / Megatron-LM / FSDP names) ---------------
-    # ZeRO-1/2 (Megatron-LM --overlap-param-gather): the post-step all-gather of the updated
-    # parameters is launched asynchronously, bucket by bucket, and each bucket's gather is waited on
-    # just before its first use in the next forward. ZeRO-3 always gathers on demand.
+    # ---- parameter gathering and ZeRO-3 (see the class docstring) ------------------------------
     overlap_param_gather: bool = False
-    # ZeRO-3 (DeepSpeed ``stage3_prefetch_bucket_size``): elements of the buckets that follow the
-    # one in use (in forward order, and in reverse during backward) whose all-gather is launched
-    # ahead; 0 disables prefetching (every gather is then waited on at once).
     stage3_prefetch_bucket_size: int = 50_000_000
-    # ZeRO-3 (DeepSpeed ``stage3_param_persistence_threshold``): a bucket of at most this many
-    # elements is never freed: it is gathered once after each optimizer step and stays resident.
-    # Per bucket, not per parameter, because gathers work on whole buckets.
     stage3_param_persistence_threshold: int = 0
-    # ZeRO-3 (FSDP's ``reshard_after_forward``): True frees a bucket after forward and gathers it
-    # again for backward, for every microbatch; False keeps every gathered bucket until the
-    # optimizer step (one gather per bucket per step, the full parameters resident during the step).
     reshard_after_forward: bool = True
-    # ZeRO-3 parameter offload (DeepSpeed ``offload_param.device = "cpu"``): the parameter shards live
-    # in host memory and are copied to the device on each gather.
     offload_param: bool = False
 
     def __post_init__(self) -> None:

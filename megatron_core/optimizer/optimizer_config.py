@@ -14,6 +14,24 @@ class OptimizerConfig:
     ``hysteresis`` = 2 overflowing steps, never below ``min_loss_scale`` = 1. (Megatron-LM starts at
     2^32; pass ``initial_loss_scale=2**32`` to match it.)
 
+    Offload of the distributed optimizer's shard (Megatron-LM's flags; DeepSpeed ZeRO-Offload /
+    ZeRO-Infinity ``offload_optimizer``); the model chunks must use ``zero_stage >= 1``:
+
+    - ``optimizer_cpu_offload`` (``--optimizer-cpu-offload``; DeepSpeed ``device="cpu"``): fp32 main
+      parameters, Adam moments and step of the offloaded buckets live in host memory and the step
+      runs there with torch's fused CPU AdamW; the reduced gradient shard of each bucket is copied
+      to a host fp32 buffer, the updated shard copied back before the parameter all-gather.
+    - ``optimizer_offload_fraction`` (``--optimizer-offload-fraction``, [0, 1], default 1): share of
+      this rank's shard elements offloaded, bucket by bucket in layout order (exact up to a bucket);
+      the rest stays on the device with the device optimizer.
+    - ``nvme_offload_path`` (``--nvme-offload-path``; DeepSpeed ``device="nvme"``, ``nvme_path``):
+      implies CPU offload, and the main parameters and Adam moments of every offloaded bucket live
+      in a file under this directory between steps (freed from memory); the step swaps them in a
+      bucket at a time with read-ahead and write-behind on I/O threads. Adam only.
+    - ``nvme_offload_buffer_count`` (``--nvme-offload-buffer-count``; DeepSpeed ``buffer_count``,
+      default 2): buckets resident at once during the NVMe step (the one being updated and those
+      read ahead), plus the one being written back.
+
     Whether the optimizer is sharded over DP is not an option here: the model chunks'
     ``DistributedDataParallelConfig.zero_stage`` decides it (one knob for one choice).
     """
@@ -35,23 +53,10 @@ class OptimizerConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     log_num_zeros_in_grad: bool = False
-    # ---- offload (Megatron-LM and DeepSpeed ZeRO-Offload / ZeRO-Infinity) ----------------------
-    # Megatron-LM --optimizer-cpu-offload (DeepSpeed ``offload_optimizer.device = "cpu"``): the fp32
-    # main parameters and the optimizer state (Adam moments and step) of this rank's shard live in
-    # host memory and the step runs there (torch's fused CPU AdamW). Each bucket's reduced gradient
-    # shard is copied out to a host fp32 copy and the updated shard copied back before the
-    # parameter all-gather. Needs the distributed optimizer (zero_stage >= 1).
+    # ---- offload of the distributed optimizer's shard (see the class docstring) -----------------
     optimizer_cpu_offload: bool = False
-    # Megatron-LM --optimizer-offload-fraction: the share of this rank's shard elements offloaded,
-    # in [0, 1], decided bucket by bucket in layout order (so exact up to one bucket).
     optimizer_offload_fraction: float = 1.0
-    # DeepSpeed ``offload_optimizer.device = "nvme"`` with ``nvme_path``: the main parameters and the
-    # Adam moments of every offloaded bucket are kept in files under this directory and swapped in,
-    # a group (one bucket) at a time, for the step, with asynchronous reads and writes (threads).
-    # Implies optimizer_cpu_offload. A missing, unwritable or full directory is a ConfigError.
     nvme_offload_path: str | None = None
-    # DeepSpeed ``offload_optimizer.buffer_count``: groups resident at once during the NVMe step
-    # (the one being updated plus those being read ahead; 2 = double buffering), plus one being written.
     nvme_offload_buffer_count: int = 2
 
     def __post_init__(self) -> None:

@@ -101,8 +101,14 @@ def zero_stage(args: argparse.Namespace) -> int:
         if stage == 0:
             raise ConfigError(f"--use-distributed-optimizer contradicts {next(iter(said))} selecting ZeRO stage 0; "
                               f"drop one of them")
-        return stage or 1
-    return stage or 0
+        stage = stage or 1
+    stage = stage or 0
+    offload = [flag for flag, on in (("--optimizer-cpu-offload", getattr(args, "optimizer_cpu_offload", False)),
+                                     ("--nvme-offload-path", getattr(args, "nvme_offload_path", None))) if on]
+    if offload and stage == 0:
+        raise ConfigError(f"{offload[0]} offloads the distributed optimizer's shard: add --use-distributed-optimizer "
+                          f"or --zero-stage 1, 2 or 3")
+    return stage
 
 
 def zero_ddp_options(args: argparse.Namespace) -> dict[str, Any]:
