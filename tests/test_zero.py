@@ -92,8 +92,11 @@ def _mains_match_model(optimizer) -> bool:
                                        ({"zero_stage": 2, "overlap_grad_reduce": True}, "float32"),
                                        ({"zero_stage": 0}, "bfloat16"),
                                        ({"zero_stage": 3, "bucket_size": 700, "overlap_grad_reduce": True}, "float32"),
-                                       ({"zero_stage": 3, "bucket_size": 700, "offload_param": True}, "bfloat16")],
-                         ids=["zero1", "zero2", "replicated-bf16", "zero3", "zero3-param-offload-bf16"])
+                                       ({"zero_stage": 3, "bucket_size": 700, "offload_param": True}, "bfloat16"),
+                                       ({"zero_stage": 1, "bucket_size": 700, "overlap_param_gather": True},
+                                        "float32")],
+                         ids=["zero1", "zero2", "replicated-bf16", "zero3", "zero3-param-offload-bf16",
+                              "zero1-overlap-param-gather"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, ddp, dtype):
     results = run_distributed(_resume, 4, str(tmp_path), ddp, dtype, timeout=90)
     for rank, (straight, resumed, losses, resumed_losses, wrong_rank_error, reload) in enumerate(results):

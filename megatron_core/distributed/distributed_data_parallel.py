@@ -45,15 +45,17 @@ class DistributedDataParallel(torch.nn.Module):
         self.param_gather: ParamGatherManager | None = None
         if self.buffers_by_dtype and (config.zero_stage == 3 or config.overlap_param_gather):
             self.param_gather = ParamGatherManager(module, self.buffers_by_dtype)
+        if self.param_gather is not None:
+            # Checkpoints read and write full parameters: gathered (ZeRO-3), or no gather left in flight.
+            module.register_state_dict_pre_hook(self._gather_for_state_dict)
+            module.register_load_state_dict_pre_hook(self._gather_for_load)
         if config.zero_stage == 3:
             for buffer in self.buffers_by_dtype:
                 buffer.keep_shards()
                 for bucket in buffer.buckets:
                     buffer.release_params(bucket)
-            module.register_state_dict_pre_hook(self._gather_for_state_dict)
             # A plain function: torch tags the post hook with an attribute, which a bound method refuses.
             module.register_state_dict_post_hook(lambda *a: self._copy_state_dict(*a))
-            module.register_load_state_dict_pre_hook(self._gather_for_load)
             module.register_load_state_dict_post_hook(self._reshard_after_load)
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(self._buffer_of[id(p)]))
                        for buffer in self.buffers_by_dtype for p in buffer.params]
