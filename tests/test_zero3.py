@@ -32,7 +32,7 @@ VARIANTS = {
 LAYOUTS = {
     # name: (world size, layout, model, variants)
     "dp2": (2, {}, ToyConfig(num_layers=2), list(VARIANTS)),
-    "dp4": (4, {}, ToyConfig(num_layers=2), ["zero3", "zero3-keep-gathered", "zero1-overlap-param-gather"]),
+    "dp4": (4, {}, ToyConfig(num_layers=2), ["zero3", "zero1-overlap-param-gather"]),
     "dp2-tp2-sequence-parallel": (4, {"tp": 2}, ToyConfig(num_layers=2, sequence_parallel=True), ["zero3"]),
     "dp2-pp2-tied-embedding": (4, {"pp": 2}, ToyConfig(num_layers=2, vocab_size=256), ["zero3", "zero3-keep-gathered"]),
     "dp2-pp2-vpp2": (4, {"pp": 2, "vpp": 2}, ToyConfig(num_layers=4), ["zero3", "zero2-overlap-param-gather"]),
