@@ -74,3 +74,15 @@ def max_memory_allocated() -> int:
     if cuda_available():
         return torch.cuda.max_memory_allocated()
     return 0
+
+
+def host_device() -> torch.device:
+    """Where offloaded tensors live: host memory (the CPU; the same memory as the compute device on CPU)."""
+    return torch.device("cpu")
+
+
+def maybe_pin(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in page-locked memory when CUDA is used (asynchronous copies need it), else itself."""
+    if cuda_available() and tensor.device.type == "cpu":
+        return tensor.pin_memory()
+    return tensor

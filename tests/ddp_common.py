@@ -112,6 +112,8 @@ def train(layout: dict, spec: Any, ddp: dict, steps: int, num_microbatches: int,
         losses.append(step_losses)
         norms.append(norm)
         zeros.append(num_zeros)
+    for w in wrapped:
+        w.gather_all_params()  # ZeRO-3: full parameters to compare (a no-op below stage 3)
     result = result_of(ps, spec, chunks, losses, norms)
     result["zeros"] = zeros
     ps.destroy()

@@ -85,3 +85,53 @@ def test_bytes_per_rank_match_zero_formulas(nd):
         expected_total = 8 * psi * (nd if stage == 0 else 1)
         assert state_total == expected_total, \
             f"ZeRO-{stage}: Adam moments over all ranks {state_total} != {expected_total}"
+
+
+# ---- ZeRO-3: (2+2+K)Ψ/Nd between steps, plus the live gathered window during forward/backward ----
+Z3_BUCKET, Z3_PREFETCH = 3000, 3000
+Z3_CONFIG = ToyConfig(num_layers=4, hidden_size=33, ffn_hidden_size=128, vocab_size=127)
+
+
+def _zero3_footprint():
+    ps, chunks, wrapped, optimizer = build({}, Z3_CONFIG, {"zero_stage": 3, "bucket_size": Z3_BUCKET,
+                                                        "stage3_prefetch_bucket_size": Z3_PREFETCH}, {}, torch.bfloat16)
+    buffer = wrapped[0].buffers_by_dtype[0]
+    peak = {"window": 0}
+
+    def watch(*_):
+        peak["window"] = max(peak["window"], memory_footprint(wrapped).gathered_params)
+
+    for m in chunks[0].modules():
+        m.register_forward_hook(watch)
+        m.register_full_backward_hook(watch)
+    train_step(ps, Z3_CONFIG, wrapped, optimizer, 0, 2)
+    after = memory_footprint(wrapped, optimizer)
+    psi = sum(p.numel() for p in chunks[0].parameters())
+    result = {"after": after, "psi": psi, "padded": buffer.numel, "pieces": len(optimizer.pairs), "dp": ps.dp_size,
+              "peak_window": peak["window"], "largest_bucket": max(b.end - b.start for b in buffer.buckets),
+              "buckets": len(buffer.buckets)}
+    ps.destroy()
+    return result
+
+
+@pytest.mark.parametrize("nd", [2, 4])
+def test_zero3_bytes_per_rank_match_formula_plus_window(nd):
+    for rank, r in enumerate(run_distributed(_zero3_footprint, nd, timeout=90)):
+        psi, padded, measured = r["psi"], r["padded"], r["after"]
+        pad = padded - psi
+        assert r["buckets"] >= 4, "the test needs several buckets"
+        # Between steps nothing is gathered: shards only, (2+2+12)Ψ/Nd up to padding (+ Adam's step scalars).
+        assert measured.gathered_params == 0
+        expected = {"params": 2 * padded / nd, "grads": 2 * padded / nd, "main_params": 4 * padded / nd,
+                    "optimizer_state": 8 * padded / nd}
+        for field, value in expected.items():
+            slack = 4 * r["pieces"] if field == "optimizer_state" else 0
+            assert abs(getattr(measured, field) - value) <= slack, \
+                f"ZeRO-3 Nd={nd} rank {rank} {field}: {getattr(measured, field)} bytes, formula {value:.0f}"
+        assert abs(measured.total - 16 * psi / nd) <= 16 * pad / nd + 4 * r["pieces"]
+        # During the step the window holds the buckets of the module running (at most 2), the tied
+        # word embedding's bucket (gathered from the output layer's backward until the embedding's
+        # own gradient at the end) and the prefetch (its budget, rounded up to a whole bucket).
+        bound = 2 * (4 * r["largest_bucket"] + Z3_PREFETCH)
+        assert 0 < r["peak_window"] <= bound and r["peak_window"] < 2 * padded, \
+            f"rank {rank}: peak gathered window {r['peak_window']} bytes (bound {bound}, full {2 * padded})"

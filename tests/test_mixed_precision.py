@@ -21,6 +21,8 @@ CASES = {
     "bf16-zero0-fp32-grads": ({"zero_stage": 0, "grad_reduce_in_fp32": True}, torch.bfloat16, {}, 1e-2, 0.25),
     "bf16-zero2-bf16-grads": ({"zero_stage": 2, "bucket_size": 1500, "overlap_grad_reduce": True},
                               torch.bfloat16, {}, 1e-2, 0.25),
+    "bf16-zero3-fp32-grads": ({"zero_stage": 3, "bucket_size": 700, "overlap_grad_reduce": True,
+                               "grad_reduce_in_fp32": True}, torch.bfloat16, {}, 1e-2, 0.25),
     "fp16-zero1-dynamic-scale": ({"zero_stage": 1, "grad_reduce_in_fp32": True}, torch.float16,
                                  {"initial_loss_scale": 2.0 ** 12}, 2e-3, 0.06),
     "fp16-zero0-static-scale": ({"zero_stage": 0}, torch.float16, {"loss_scale": 1024.0}, 2e-3, 0.06),
@@ -38,6 +40,8 @@ def _low_precision_runs(names):
             losses.append(step_losses)
             skipped.append(not ok)
             norms.append(norm)
+        for w in wrapped:
+            w.gather_all_params()  # ZeRO-3: the full parameters (a no-op below stage 3)
         assert all(p.dtype == dtype for c in chunks for p in c.parameters())
         out[name] = (result_of(ps, CONFIG, chunks, losses, norms), skipped)
         ps.destroy()

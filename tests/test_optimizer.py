@@ -58,7 +58,11 @@ def test_config_errors_name_the_flag():
     with pytest.raises(ValueError, match="mutually exclusive"):
         OptimizerConfig(fp16=True, bf16=True)
     with pytest.raises(ValueError, match="zero_stage"):
-        DistributedDataParallelConfig(zero_stage=3)
+        DistributedDataParallelConfig(zero_stage=4)
+    with pytest.raises(ValueError, match="--offload-param.*--zero-stage 3"):
+        DistributedDataParallelConfig(zero_stage=2, offload_param=True)
+    with pytest.raises(ValueError, match="--overlap-param-gather"):
+        DistributedDataParallelConfig(zero_stage=0, overlap_param_gather=True)
     with pytest.raises(ValueError, match="zero1_all_reduce_grads"):
         DistributedDataParallelConfig(zero_stage=2, zero1_all_reduce_grads=True)
     assert DistributedDataParallelConfig(zero_stage=2).use_distributed_optimizer

@@ -1,4 +1,4 @@
-"""Optimizer checkpoints: resuming from a saved step reproduces the uninterrupted run bit for bit.
+"""Optimizer checkpoints (ZeRO 0-3): resuming from a saved step reproduces the uninterrupted run bit for bit.
 
 The distributed optimizer (ZeRO-1/2) writes its shard to ``distrib_optim_dp{rank:03d}.pt`` beside
 ``model_optim_rng.pt`` (which holds the model and the optimizer's shared part); the replicated
@@ -21,8 +21,13 @@ LAYOUT = {"tp": 2}
 SAVE_AT, STEPS, MICROBATCHES = 3, 5, 2
 
 
-def _params(chunks):
-    return [p.detach().clone() for c in chunks for p in c.parameters()]
+def _params(chunks, wrapped):
+    for w in wrapped:
+        w.gather_all_params()  # ZeRO-3: the full parameters (a no-op below stage 3)
+    params = [p.detach().clone() for c in chunks for p in c.parameters()]
+    for w in wrapped:
+        w.release_params()
+    return params
 
 
 def _paths(directory, parallel_state):
@@ -36,7 +41,7 @@ def _resume(directory, ddp, dtype_name):
     # Uninterrupted run.
     ps, chunks, wrapped, optimizer = build(LAYOUT, CONFIG, ddp, None, dtype)
     losses = [train_step(ps, CONFIG, wrapped, optimizer, s, MICROBATCHES)[0] for s in range(STEPS)]
-    straight = _params(chunks)
+    straight = _params(chunks, wrapped)
     ps.destroy()
     # Save after SAVE_AT steps ...
     ps, chunks, wrapped, optimizer = build(LAYOUT, CONFIG, ddp, None, dtype)
@@ -63,7 +68,7 @@ def _resume(directory, ddp, dtype_name):
             wrong_rank_error = str(exc)
         optimizer.load_sharded_state_dict(torch.load(sharded, weights_only=True))
     resumed_losses = [train_step(ps, CONFIG, wrapped, optimizer, s, MICROBATCHES)[0] for s in range(SAVE_AT, STEPS)]
-    resumed = _params(chunks)
+    resumed = _params(chunks, wrapped)
     ps.destroy()
     # Model weights without optimizer state (--finetune, --no-load-optim): the main copies must follow them.
     ps, chunks, wrapped, optimizer = build(LAYOUT, other, ddp, None, dtype)
@@ -85,8 +90,13 @@ def _mains_match_model(optimizer) -> bool:
 
 @pytest.mark.parametrize("ddp,dtype", [({"zero_stage": 1, "bucket_size": 1000}, "float32"),
                                        ({"zero_stage": 2, "overlap_grad_reduce": True}, "float32"),
-                                       ({"zero_stage": 0}, "bfloat16")],
-                         ids=["zero1", "zero2", "replicated-bf16"])
+                                       ({"zero_stage": 0}, "bfloat16"),
+                                       ({"zero_stage": 3, "bucket_size": 700, "overlap_grad_reduce": True}, "float32"),
+                                       ({"zero_stage": 3, "bucket_size": 700, "offload_param": True}, "bfloat16"),
+                                       ({"zero_stage": 1, "bucket_size": 700, "overlap_param_gather": True},
+                                        "float32")],
+                         ids=["zero1", "zero2", "replicated-bf16", "zero3", "zero3-param-offload-bf16",
+                              "zero1-overlap-param-gather"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, ddp, dtype):
     results = run_distributed(_resume, 4, str(tmp_path), ddp, dtype, timeout=90)
     for rank, (straight, resumed, losses, resumed_losses, wrong_rank_error, reload) in enumerate(results):

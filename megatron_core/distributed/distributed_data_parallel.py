@@ -6,6 +6,11 @@ marks the parameter ready; with ``overlap_grad_reduce`` a bucket's all-reduce (r
 under the distributed optimizer) starts asynchronously as soon as all its gradients are in, so it
 runs behind the rest of backward. :meth:`finish_grad_sync` (called by ``finalize_model_grads``)
 launches whatever is left and waits.
+
+Under ZeRO-3 and with ``overlap_param_gather`` a :class:`ParamGatherManager` gathers bucket
+parameters on demand (see ``param_gather``); the wrapped module's ``state_dict`` /
+``load_state_dict`` (also when called on the unwrapped module) gather every bucket first and
+return copies, so checkpoints hold full (TP-local) parameters at every ZeRO stage.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from megatron_core.distributed import comm_log as comm
 from megatron_core.distributed.comm_log import CommLog
 from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
 from megatron_core.distributed.param_and_grad_buffer import ParamAndGradBuffer
+from megatron_core.distributed.param_gather import ParamGatherManager
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 
 
@@ -36,6 +42,21 @@ class DistributedDataParallel(torch.nn.Module):
         self._buffer_of: dict[int, ParamAndGradBuffer] = {}
         self._build_buffers()
         self._broadcast_params()
+        self.param_gather: ParamGatherManager | None = None
+        if self.buffers_by_dtype and (config.zero_stage == 3 or config.overlap_param_gather):
+            self.param_gather = ParamGatherManager(module, self.buffers_by_dtype)
+        if self.param_gather is not None:
+            # Checkpoints read and write full parameters: gathered (ZeRO-3), or no gather left in flight.
+            module.register_state_dict_pre_hook(self._gather_for_state_dict)
+            module.register_load_state_dict_pre_hook(self._gather_for_load)
+        if config.zero_stage == 3:
+            for buffer in self.buffers_by_dtype:
+                buffer.keep_shards()
+                for bucket in buffer.buckets:
+                    buffer.release_params(bucket)
+            # A plain function: torch tags the post hook with an attribute, which a bound method refuses.
+            module.register_state_dict_post_hook(lambda *a: self._copy_state_dict(*a))
+            module.register_load_state_dict_post_hook(self._reshard_after_load)
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(self._buffer_of[id(p)]))
                        for buffer in self.buffers_by_dtype for p in buffer.params]
 
@@ -63,7 +84,13 @@ class DistributedDataParallel(torch.nn.Module):
         src = self.parallel_state.dp_ranks[0]
         with torch.no_grad():
             for buffer in self.buffers_by_dtype:
-                comm.broadcast(buffer.param_data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")
+                data = buffer.param_data
+                if data is None:  # ZeRO-3: per-bucket storage, all gathered at construction
+                    for bucket in buffer.buckets:
+                        comm.broadcast(bucket.param_data, src, self.parallel_state.dp_group, log=self.comm_log,
+                                       tag="param.broadcast")
+                    continue
+                comm.broadcast(data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")
             for p in self.module.parameters():
                 if not p.requires_grad:
                     comm.broadcast(p.data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")
@@ -77,7 +104,47 @@ class DistributedDataParallel(torch.nn.Module):
             param.grad = None  # the gradient lives in the buffer only
             if self._sync_enabled:
                 buffer.register_grad_ready(param)
+            if self.param_gather is not None:
+                self.param_gather.grad_ready(param)
         return hook
+
+    # ---- ZeRO-3: full parameters for checkpoints ----------------------------------------------
+    def _gather_for_state_dict(self, module, prefix, keep_vars) -> None:
+        self.gather_all_params()
+
+    def _copy_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
+        for key, value in state_dict.items():
+            if torch.is_tensor(value):
+                state_dict[key] = value.detach().clone()
+        self.release_params()
+
+    def _gather_for_load(self, *args, **kwargs) -> None:
+        self.gather_all_params()
+
+    def _reshard_after_load(self, module, incompatible_keys) -> None:
+        for buffer in self.buffers_by_dtype:
+            buffer.keep_shards()
+        self.release_params()
+
+    def gather_all_params(self) -> None:
+        """Make every parameter hold its full value (ZeRO-3: all-gather every bucket; wait for
+        gathers in flight under ``overlap_param_gather``). Collective over DP."""
+        if self.param_gather is not None:
+            self.param_gather.gather_all()
+
+    def release_params(self) -> None:
+        """ZeRO-3: free every non-persistent bucket again (after :meth:`gather_all_params`)."""
+        if self.param_gather is not None and self.ddp_config.zero_stage == 3:
+            self.param_gather.release_all()
+
+    @contextlib.contextmanager
+    def gathered_params(self) -> Iterator[None]:
+        """Full parameters inside the block (read-only use; collective over DP on entry)."""
+        self.gather_all_params()
+        try:
+            yield
+        finally:
+            self.release_params()
 
     # ---- the module interface -----------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -114,6 +181,8 @@ class DistributedDataParallel(torch.nn.Module):
             p.grad = None
         for buffer in self.buffers_by_dtype:
             buffer.reset()
+        if self.param_gather is not None:
+            self.param_gather.reset()
 
     def broadcast_params(self) -> None:
         """Copy DP rank 0's parameters to the other DP ranks (done once at construction)."""

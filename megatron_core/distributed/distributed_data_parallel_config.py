@@ -24,8 +24,39 @@ class DistributedDataParallelConfig:
       ``zero_grad_buffer()`` (or the first gradient of a step) and released by the optimizer step
       once the shard has been copied out.
 
+    - ``zero_stage=3``: as stage 2, and the parameters are sharded too: each DP rank keeps only its
+      shard of every bucket's parameters (``ParamAndGradBuffer.param_shard``). Before a module runs,
+      the buckets holding its parameters are all-gathered into per-bucket storage; the following
+      buckets (``stage3_prefetch_bucket_size`` elements) are prefetched asynchronously; after the
+      forward the storage is freed (``reshard_after_forward``) and gathered again for backward,
+      and freed once every parameter of the bucket has its gradient. See ``param_gather``.
+
     ``zero_stage`` is the one knob: Megatron-LM's ``--use-distributed-optimizer`` is stage 1, and
-    ``use_distributed_optimizer`` is a read-only view of ``zero_stage >= 1``.
+    ``use_distributed_optimizer`` is a read-only view of ``zero_stage >= 1``. Megatron-FSDP's
+    ``--data-parallel-sharding-strategy`` maps as no_shard=0, optim=1, optim_grads=2,
+    optim_grads_params=3 (the flag mapping is in ``training/arguments/to_config.py``).
+
+    Parameter gathering and ZeRO-3 (names from Megatron-LM, DeepSpeed and FSDP):
+
+    - ``overlap_param_gather`` (Megatron-LM ``--overlap-param-gather``; ZeRO 1-3): the all-gather of
+      the updated parameters after the step is launched asynchronously bucket by bucket and each
+      bucket is waited on just before its first use in the next forward. ZeRO-3 gathers on demand
+      in any case; there the flag changes nothing.
+    - ``stage3_prefetch_bucket_size`` (DeepSpeed, elements, default 5e7): how many elements of the
+      buckets that follow the one in use (forward order, reverse order in backward) are gathered
+      ahead; 0 disables prefetching.
+    - ``stage3_param_persistence_threshold`` (DeepSpeed, elements, default 0): buckets of at most
+      this many elements are never freed (gathered once per step). Per bucket, not per parameter.
+    - ``reshard_after_forward`` (FSDP, default True): free each bucket after forward and gather it
+      again for backward, per microbatch: traffic (2M+1)Ψ per step with M microbatches (3Ψ for
+      one). False keeps every gathered bucket until the optimizer step: 2Ψ, but the full
+      parameters are resident during the step.
+    - ``offload_param`` (DeepSpeed ``offload_param.device="cpu"``; ZeRO-3 only): the parameter
+      shards live in host memory and are copied to the device when gathered.
+
+    Gradients under ZeRO-3 are handled as under ZeRO-2: the full gradient buffer is working memory
+    of backward (needed for gradient accumulation across microbatches and for the TP / tied
+    embedding all-reduces of ``finalize_model_grads``), released by the step, which keeps the shard.
     """
 
     zero_stage: int = 0
@@ -41,10 +72,25 @@ class DistributedDataParallelConfig:
     # afterwards (finalize_model_grads(..., num_tokens=...)).
     calculate_per_token_loss: bool = False
 
+    # ---- parameter gathering and ZeRO-3 (see the class docstring) ------------------------------
+    overlap_param_gather: bool = False
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 0
+    reshard_after_forward: bool = True
+    offload_param: bool = False
+
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"DistributedDataParallelConfig.zero_stage must be 0, 1 or 2, got {self.zero_stage} "
-                             f"(stage 3, sharded parameters, is not implemented)")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"DistributedDataParallelConfig.zero_stage (--zero-stage) must be 0, 1, 2 or 3, "
+                             f"got {self.zero_stage}")
+        if self.overlap_param_gather and self.zero_stage == 0:
+            raise ValueError("--overlap-param-gather (overlap_param_gather) needs the distributed optimizer: "
+                             "set --use-distributed-optimizer or --zero-stage 1, 2 or 3")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"--offload-param (offload_param) needs --zero-stage 3 (parameter sharding), "
+                             f"got zero_stage={self.zero_stage}")
+        if self.stage3_prefetch_bucket_size < 0 or self.stage3_param_persistence_threshold < 0:
+            raise ValueError("--stage3-prefetch-bucket-size and --stage3-param-persistence-threshold must be >= 0")
         if self.zero1_all_reduce_grads and self.zero_stage != 1:
             raise ValueError("zero1_all_reduce_grads only applies to zero_stage=1; stage 2 must reduce-scatter "
                              "(it keeps only the gradient shard) and stage 0 always all-reduces")
@@ -60,4 +106,4 @@ class DistributedDataParallelConfig:
     @property
     def reduce_scatter_grads(self) -> bool:
         """Whether buckets are reduce-scattered (each rank gets its shard's sum) or all-reduced."""
-        return self.zero_stage == 2 or (self.zero_stage == 1 and not self.zero1_all_reduce_grads)
+        return self.zero_stage >= 2 or (self.zero_stage == 1 and not self.zero1_all_reduce_grads)

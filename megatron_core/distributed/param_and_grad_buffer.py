@@ -5,9 +5,12 @@ with the same ranges): parameters are placed in the order given, which the DDP w
 reverse of ``module.parameters()`` so that buckets fill up in the order backward produces
 gradients. A bucket closes once it holds ``bucket_size`` elements and is padded to a multiple of
 the DP size; DP rank r owns elements ``[r * n / dp, (r + 1) * n / dp)`` of every bucket of n
-elements (its *shard*). Under the distributed optimizer a ``shared_embedding`` parameter gets a
-bucket of its own, so the first and the last pipeline stage shard it identically and the
-embedding-group all-reduce after the DP reduce-scatter adds matching shards.
+elements (its *shard*). Under ZeRO-3 each bucket's full parameters get a storage of their own,
+freed and re-gathered bucket by bucket (``param_gather``), and the rank keeps its shard of every
+bucket in ``param_shard`` (on the host with ``offload_param``). Under the distributed optimizer a
+``shared_embedding`` parameter gets a bucket of its own, so the first and the last pipeline stage
+shard it identically and the embedding-group all-reduce after the DP reduce-scatter adds matching
+shards.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import dataclasses
 
 import torch
 
+from megatron_core import device as device_mod
 from megatron_core.distributed import comm_log as comm
 from megatron_core.distributed.comm_log import BucketTiming, CommLog
 from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
@@ -34,6 +38,14 @@ class Bucket:
         self.handle = None
         self.reduce_scatter_output: torch.Tensor | None = None
         self.launched_at: float | None = None
+        # Parameters: a view of the buffer's ``param_data`` (ZeRO 0-2) or a storage of its own that
+        # ZeRO-3 frees (``gathered`` False) and all-gathers again; ``gather_handle`` is an
+        # all-gather in flight into it; ``persistent`` buckets are never freed.
+        self.param_data: torch.Tensor = torch.empty(0)  # set by the buffer
+        self.gathered = True
+        self.gather_handle = None
+        self.persistent = False
+        self.grads_pending_release: set[int] = set()
         self.reset()
 
     def reset(self) -> None:
@@ -79,18 +91,32 @@ class ParamAndGradBuffer:
         self.buckets: list[Bucket] = []
         self.numel = self._layout(params)
         self.shard_numel = sum(b.shard_size for b in self.buckets)
-        device = params[0].device
-        self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
+        device = self.device = params[0].device
+        self.zero3 = config.zero_stage == 3
+        self.param_data: torch.Tensor | None = None
+        self.param_shard: torch.Tensor | None = None
+        if self.zero3:
+            shard_device = device_mod.host_device() if config.offload_param else device
+            self.param_shard = device_mod.maybe_pin(torch.zeros(self.shard_numel, dtype=self.param_dtype,
+                                                                device=shard_device))
+            for bucket in self.buckets:
+                bucket.param_data = torch.zeros(bucket.end - bucket.start, dtype=self.param_dtype, device=device)
+                bucket.persistent = bucket.end - bucket.start <= config.stage3_param_persistence_threshold
+        else:
+            self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
+            for bucket in self.buckets:
+                bucket.param_data = self.param_data[bucket.start:bucket.end]
         self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
         self._grad_bytes = self.grad_data.untyped_storage().nbytes()
         self.grads_allocated = True
         # Stage 2 keeps the reduced gradient shard here once the full buffer is released.
         self.grad_shard = (torch.zeros(self.shard_numel, dtype=grad_dtype, device=device)
-                           if config.zero_stage == 2 else None)
+                           if config.zero_stage >= 2 else None)
         for p in params:
-            start, end, _ = self.param_ranges[id(p)]
-            self.param_data[start:end].copy_(p.detach().reshape(-1))
-            p.data = self.param_data[start:end].view(p.shape)
+            start, end, bucket = self.param_ranges[id(p)]
+            view = bucket.param_data[start - bucket.start:end - bucket.start]
+            view.copy_(p.detach().reshape(-1))
+            p.data = view.view(p.shape)
             p.main_grad = self.grad_data[start:end].view(p.shape)
         self._synced = False
         # Sum over DP, then the optimizer sees the average unless the loss is averaged per token later.
@@ -235,19 +261,75 @@ class ParamAndGradBuffer:
 
     # ---- parameter sync (distributed optimizer) ----------------------------------------------
     def shard_param(self, bucket: Bucket) -> torch.Tensor:
-        """This rank's shard of ``bucket``'s parameters (a view into the parameter buffer)."""
-        return self.param_data[bucket.shard_start:bucket.shard_start + bucket.shard_size]
+        """This rank's shard of ``bucket``'s parameters (a view into the parameter buffer, or into
+        ``param_shard`` under ZeRO-3)."""
+        if self.param_shard is not None:
+            return self.param_shard[bucket.local_offset:bucket.local_offset + bucket.shard_size]
+        offset = bucket.shard_start - bucket.start
+        return bucket.param_data[offset:offset + bucket.shard_size]
 
-    def all_gather_params(self) -> None:
-        """After each rank updated its shard, give every rank every bucket's full parameters."""
-        if self.dp_size == 1:
-            return
-        handles = []
+    def keep_shards(self) -> None:
+        """ZeRO-3: copy this rank's shard of every (gathered) bucket into ``param_shard``."""
         for bucket in self.buckets:
-            # A copy of the local shard as input: the output buffer contains it, and not every
-            # backend allows the input to alias the output.
-            shard = self.shard_param(bucket).clone()
-            handles.append(comm.all_gather(self.param_data[bucket.start:bucket.end], shard, self.dp_group,
-                                           async_op=True, log=self.comm_log, tag=f"param.bucket{bucket.index}"))
-        for handle in handles:
-            handle.wait()
+            offset = bucket.shard_start - bucket.start
+            self.shard_param(bucket).copy_(bucket.param_data[offset:offset + bucket.shard_size])
+
+    def launch_param_gather(self, bucket: Bucket) -> None:
+        """Start the all-gather of ``bucket``'s parameters from every rank's shard (asynchronous).
+
+        ZeRO-3 re-allocates the freed storage first (the parameters' views stay valid: same storage).
+        """
+        if bucket.gather_handle is not None:
+            return
+        if self.zero3:
+            storage = bucket.param_data.untyped_storage()
+            nbytes = bucket.param_data.numel() * bucket.param_data.element_size()
+            if storage.nbytes() != nbytes:
+                storage.resize_(nbytes)
+        # A device copy of the local shard as input: the output contains it (no aliasing allowed),
+        # and an offloaded shard is on the host (the host-to-device copy of parameter offload).
+        shard = self.shard_param(bucket).to(self.device, copy=True)
+        if self.dp_size == 1:
+            bucket.param_data.copy_(shard)
+            bucket.gathered = True
+            return
+        bucket.gather_handle = comm.all_gather(bucket.param_data, shard, self.dp_group, async_op=True,
+                                               log=self.comm_log, tag=f"param.bucket{bucket.index}")
+        bucket.gathered = True
+
+    def wait_param_gather(self, bucket: Bucket) -> None:
+        """Wait for ``bucket``'s all-gather in flight, if any."""
+        if bucket.gather_handle is not None:
+            bucket.gather_handle.wait()
+            bucket.gather_handle = None
+
+    def release_params(self, bucket: Bucket) -> None:
+        """ZeRO-3: free ``bucket``'s full parameters (its shard stays in ``param_shard``)."""
+        if not self.zero3 or bucket.persistent or not bucket.gathered:
+            return
+        self.wait_param_gather(bucket)
+        bucket.param_data.untyped_storage().resize_(0)
+        bucket.gathered = False
+
+    def finish_param_gathers(self) -> None:
+        """Wait for every all-gather in flight (before a step writes the shards, or a checkpoint reads)."""
+        for bucket in self.buckets:
+            self.wait_param_gather(bucket)
+
+    def all_gather_params(self, async_op: bool = False) -> None:
+        """After each rank updated its shard, give every rank every bucket's full parameters.
+
+        ``async_op`` (``--overlap-param-gather``) leaves the gathers in flight: each bucket is waited
+        on before its first use in the next forward. Under ZeRO-3 the non-persistent buckets are
+        freed instead (gathered on demand in the next forward) and the persistent ones re-gathered.
+        """
+        self.finish_param_gathers()
+        if self.dp_size == 1 and not self.zero3:
+            return
+        for bucket in self.buckets:
+            if self.zero3 and not bucket.persistent:
+                self.release_params(bucket)
+            else:
+                self.launch_param_gather(bucket)
+        if not async_op:
+            self.finish_param_gathers()

@@ -45,6 +45,9 @@ def get_megatron_optimizer(config: OptimizerConfig, model_chunks: list[torch.nn.
                          "others are not; wrap every chunk with the same zero_stage")
     if all(sharded):
         return DistributedOptimizer(config, chunks, parallel_state)
+    if config.optimizer_cpu_offload:
+        raise ValueError("--optimizer-cpu-offload / --nvme-offload-path offload the distributed optimizer's shard: "
+                         "set --use-distributed-optimizer or --zero-stage 1, 2 or 3")
     return ReplicatedOptimizer(config, chunks, parallel_state)
 
 

@@ -35,12 +35,14 @@ def make_grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | None:
                              config.hysteresis)
 
 
-def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair]) -> torch.optim.Optimizer:
+def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair],
+                          fused: bool = False) -> torch.optim.Optimizer:
     """Adam (decoupled weight decay, as Megatron-LM's fused Adam) or SGD over the main parameters.
 
     Two groups: weight decay on matrices, none on 1-D parameters (biases and norm weights); a
     parameter's group is decided by its model parameter's shape, so a ZeRO shard piece of a bias
     is still exempt. Both groups always exist (possibly empty) so every rank has the same groups.
+    ``fused`` selects torch's fused AdamW (CPU and CUDA), used for the host step of optimizer offload.
     """
     decay = [main for main, model in pairs if model.dim() > 1]
     no_decay = [main for main, model in pairs if model.dim() <= 1]
@@ -48,7 +50,7 @@ def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair]) -> to
               {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "adam":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                 eps=config.adam_eps)
+                                 eps=config.adam_eps, **({"fused": True} if fused else {}))
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.sgd_momentum)
 
 
@@ -132,10 +134,14 @@ class MegatronOptimizer:
             clip_by_total_norm(grads, self.config.clip_grad, grad_norm)
         num_zeros = (count_zeros(counted, self.parallel_state, self.sharded_over_dp)
                      if self.config.log_num_zeros_in_grad else None)
-        self.inner.step()
-        self._copy_main_to_model()
+        self._update()
         self._drop_main_grads()
         return True, grad_norm, num_zeros
+
+    def _update(self) -> None:
+        """The torch optimizer's step on the main parameters, then the copy into the model."""
+        self.inner.step()
+        self._copy_main_to_model()
 
     # ---- checkpoint pieces shared by the variants --------------------------------------------
     def _common_state(self) -> dict:

@@ -14,6 +14,24 @@ class OptimizerConfig:
     ``hysteresis`` = 2 overflowing steps, never below ``min_loss_scale`` = 1. (Megatron-LM starts at
     2^32; pass ``initial_loss_scale=2**32`` to match it.)
 
+    Offload of the distributed optimizer's shard (Megatron-LM's flags; DeepSpeed ZeRO-Offload /
+    ZeRO-Infinity ``offload_optimizer``); the model chunks must use ``zero_stage >= 1``:
+
+    - ``optimizer_cpu_offload`` (``--optimizer-cpu-offload``; DeepSpeed ``device="cpu"``): fp32 main
+      parameters, Adam moments and step of the offloaded buckets live in host memory and the step
+      runs there with torch's fused CPU AdamW; the reduced gradient shard of each bucket is copied
+      to a host fp32 buffer, the updated shard copied back before the parameter all-gather.
+    - ``optimizer_offload_fraction`` (``--optimizer-offload-fraction``, [0, 1], default 1): share of
+      this rank's shard elements offloaded, bucket by bucket in layout order (exact up to a bucket);
+      the rest stays on the device with the device optimizer.
+    - ``nvme_offload_path`` (``--nvme-offload-path``; DeepSpeed ``device="nvme"``, ``nvme_path``):
+      implies CPU offload, and the main parameters and Adam moments of every offloaded bucket live
+      in a file under this directory between steps (freed from memory); the step swaps them in a
+      bucket at a time with read-ahead and write-behind on I/O threads. Adam only.
+    - ``nvme_offload_buffer_count`` (``--nvme-offload-buffer-count``; DeepSpeed ``buffer_count``,
+      default 2): buckets resident at once during the NVMe step (the one being updated and those
+      read ahead), plus the one being written back.
+
     Whether the optimizer is sharded over DP is not an option here: the model chunks'
     ``DistributedDataParallelConfig.zero_stage`` decides it (one knob for one choice).
     """
@@ -35,6 +53,11 @@ class OptimizerConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     log_num_zeros_in_grad: bool = False
+    # ---- offload of the distributed optimizer's shard (see the class docstring) -----------------
+    optimizer_cpu_offload: bool = False
+    optimizer_offload_fraction: float = 1.0
+    nvme_offload_path: str | None = None
+    nvme_offload_buffer_count: int = 2
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -48,6 +71,14 @@ class OptimizerConfig:
                              f"got {self.loss_scale}")
         if self.clip_grad < 0:
             raise ValueError(f"OptimizerConfig.clip_grad (--clip-grad) must be >= 0 (0 disables), got {self.clip_grad}")
+        if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
+            raise ValueError(f"--optimizer-offload-fraction (optimizer_offload_fraction) must be in [0, 1], "
+                             f"got {self.optimizer_offload_fraction}")
+        if self.nvme_offload_buffer_count < 1:
+            raise ValueError(f"--nvme-offload-buffer-count (nvme_offload_buffer_count) must be >= 1, "
+                             f"got {self.nvme_offload_buffer_count}")
+        if self.nvme_offload_path is not None:
+            self.optimizer_cpu_offload = True  # NVMe holds what CPU offload would keep in host memory
         if self.hysteresis < 1 or self.loss_scale_window < 1:
             raise ValueError("OptimizerConfig.hysteresis (--hysteresis) and loss_scale_window (--loss-scale-window) "
                              "must be >= 1")

@@ -107,12 +107,14 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     rng = None if config.no_save_rng else _gather_rng_states(parallel_state)
     rank_dir = os.path.join(tmp_dir, io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size))
     save_optim = optimizer is not None and not config.no_save_optim
+    # On every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective).
+    model_states = [unwrap(chunk).state_dict() for chunk in model]
     if parallel_state.dp_rank == 0:
         state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": iteration,
                                  "consumed_train_samples": consumed_train_samples,
                                  "config": transformer.to_dict(), "model_info": model_info.to_dict()}
-        for key, chunk in zip(_model_keys(model), model):
-            state[key] = unwrap(chunk).state_dict()
+        for key, model_state in zip(_model_keys(model), model_states):
+            state[key] = model_state
         if save_optim:
             state["optimizer"] = optimizer.state_dict()  # under ZeRO: what all DP ranks share
         if scheduler is not None:

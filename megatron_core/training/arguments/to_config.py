@@ -86,15 +86,49 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, fp16=args.fp16,
         bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
-        hysteresis=args.hysteresis)
+        hysteresis=args.hysteresis, optimizer_cpu_offload=args.optimizer_cpu_offload,
+        optimizer_offload_fraction=args.optimizer_offload_fraction, nvme_offload_path=args.nvme_offload_path,
+        nvme_offload_buffer_count=args.nvme_offload_buffer_count)
 
 
 def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
-    """``DistributedDataParallelConfig``: ZeRO-1 under ``--use-distributed-optimizer``, fp32 grads with bf16."""
+    """``DistributedDataParallelConfig``: the ZeRO stage, parameter gathering and fp32 grads with bf16."""
     return DistributedDataParallelConfig(
-        zero_stage=1 if args.use_distributed_optimizer else 0, overlap_grad_reduce=args.overlap_grad_reduce,
+        zero_stage=zero_stage(args), overlap_grad_reduce=args.overlap_grad_reduce,
         # As Megatron-LM: bf16 gradients are accumulated and reduced in fp32.
-        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16)
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16,
+        overlap_param_gather=args.overlap_param_gather,
+        stage3_prefetch_bucket_size=args.stage3_prefetch_bucket_size,
+        stage3_param_persistence_threshold=args.stage3_param_persistence_threshold,
+        reshard_after_forward=args.reshard_after_forward, offload_param=args.offload_param)
+
+
+def zero_stage(args: argparse.Namespace) -> int:
+    """The one ZeRO stage from ``--zero-stage`` (Megatron-DeepSpeed), ``--data-parallel-sharding-strategy``
+    (Megatron-FSDP) and ``--use-distributed-optimizer`` (stage 1); contradictions are a ConfigError."""
+    from megatron_core.training.arguments.distributed import SHARDING_STRATEGIES
+
+    said: dict[str, int] = {}
+    if args.zero_stage is not None:
+        said["--zero-stage"] = args.zero_stage
+    if args.data_parallel_sharding_strategy is not None:
+        said["--data-parallel-sharding-strategy"] = SHARDING_STRATEGIES[args.data_parallel_sharding_strategy]
+    if len(set(said.values())) > 1:
+        raise ConfigError(f"{' and '.join(f'{k} ({v})' for k, v in said.items())} name different ZeRO stages; "
+                          f"pass one of them")
+    stage = next(iter(said.values()), None)
+    if args.use_distributed_optimizer:
+        if stage == 0:
+            raise ConfigError(f"--use-distributed-optimizer contradicts {next(iter(said))} selecting ZeRO stage 0; "
+                              f"drop one of them")
+        stage = stage or 1
+    stage = stage or 0
+    offload = [flag for flag, on in (("--optimizer-cpu-offload", args.optimizer_cpu_offload),
+                                     ("--nvme-offload-path", args.nvme_offload_path)) if on]
+    if offload and stage == 0:
+        raise ConfigError(f"{offload[0]} offloads the distributed optimizer's shard: add --use-distributed-optimizer "
+                          f"or --zero-stage 1, 2 or 3")
+    return stage
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:

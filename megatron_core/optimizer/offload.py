@@ -1,0 +1,204 @@
+"""Optimizer offload: which buckets go to host memory, and the NVMe swapper (ZeRO-Infinity).
+
+CPU offload (``OptimizerConfig.optimizer_cpu_offload``) is done by ``DistributedOptimizer`` itself:
+the fp32 main shard of an offloaded bucket, its gradient copy and (created by the torch optimizer
+beside it) the Adam state are host tensors. :func:`offloaded_buckets` picks the buckets.
+
+NVMe offload keeps, for every offloaded bucket, the main shard and the two Adam moments in one file
+under ``nvme_offload_path`` (DeepSpeed's ``offload_optimizer.nvme_path``); in between steps their
+storage is freed. The step walks the buckets in order: bucket g is read in (reads run
+``buffer_count - 1`` buckets ahead on I/O threads), updated by the torch optimizer (only params with
+a gradient are updated, so g's pieces alone carry one), copied into the model shard, then written
+back and freed on an I/O thread while the next bucket computes. File I/O uses ``os.preadv`` /
+``os.pwritev`` straight into the tensors' memory from a thread pool (the calls release the GIL).
+The async-I/O packages on PyPI were considered: caio / aiofile (Linux AIO, maintained) return each
+read as a new ``bytes`` object and need an asyncio loop, which costs a copy and a transient
+allocation the size of the window that this feature exists to bound; plain positional I/O into
+the destination tensors has neither.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from megatron_core.errors import ConfigError
+
+
+def offloaded_buckets(config, buffers: list) -> list[list[bool]]:
+    """Per buffer, per bucket: whether its optimizer shard lives on the host.
+
+    Buckets are taken in layout order until ``optimizer_offload_fraction`` of this rank's shard
+    elements is reached (a bucket is taken when that brings the share nearer the fraction).
+    """
+    if not config.optimizer_cpu_offload:
+        return [[False] * len(b.buckets) for b in buffers]
+    total = sum(b.shard_numel for b in buffers)
+    target, taken, out = config.optimizer_offload_fraction * total, 0, []
+    for buffer in buffers:
+        flags = []
+        for bucket in buffer.buckets:
+            take = abs(taken + bucket.shard_size - target) < abs(taken - target) or (
+                config.optimizer_offload_fraction == 1.0)
+            taken += bucket.shard_size if take else 0
+            flags.append(take)
+        out.append(flags)
+    return out
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    # Through ctypes, not ``t.numpy()``: exporting to numpy marks the storage non-resizable for good,
+    # and the swapper frees storages by resizing them to 0.
+    assert t.device.type == "cpu" and t.is_contiguous()
+    return memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())).cast("B")
+
+
+class _Group:
+    """The tensors of one offloaded bucket that live in one file: main shard, exp_avg, exp_avg_sq."""
+
+    def __init__(self, path: str, tensors: list[torch.Tensor]) -> None:
+        self.path, self.tensors = path, tensors
+        self.nbytes = [t.numel() * t.element_size() for t in tensors]
+        self.fd = -1
+
+    def open(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(self.fd, 0, sum(self.nbytes))
+        except OSError as exc:
+            raise _io_error(self.path, "reserving space for", exc) from None
+
+    def write_and_free(self) -> None:
+        offset = 0
+        for t, n in zip(self.tensors, self.nbytes, strict=True):
+            view = _bytes_view(t)
+            done = 0
+            while done < n:
+                try:
+                    done += os.pwritev(self.fd, [view[done:]], offset + done)
+                except OSError as exc:
+                    raise _io_error(self.path, "writing", exc) from None
+            offset += n
+        for t in self.tensors:
+            t.untyped_storage().resize_(0)
+
+    def read(self) -> None:
+        for t, n in zip(self.tensors, self.nbytes, strict=True):
+            t.untyped_storage().resize_(n)
+        offset = 0
+        for t, n in zip(self.tensors, self.nbytes, strict=True):
+            view = _bytes_view(t)
+            done = 0
+            while done < n:
+                got = os.preadv(self.fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise ConfigError(f"--nvme-offload-path: {self.path} is shorter than written (truncated?)")
+                done += got
+            offset += n
+
+
+def _io_error(path: str, what: str, exc: OSError) -> ConfigError:
+    hint = "free space or pass another --nvme-offload-path" if exc.errno == errno.ENOSPC else \
+        "check the directory's permissions or pass another --nvme-offload-path"
+    return ConfigError(f"--nvme-offload-path: {what} {path} failed: {exc.strerror}; {hint}")
+
+
+class NvmeSwapper:
+    """Moves the offloaded buckets' optimizer shards between files and memory around the step."""
+
+    def __init__(self, directory: str, groups: list[tuple[Any, Any, _Group]], buffer_count: int) -> None:
+        self.directory, self.groups, self.buffer_count = directory, groups, buffer_count
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nvme-offload")
+
+    @classmethod
+    def for_optimizer(cls, config, sharded: list, inner: torch.optim.Optimizer, parallel_state) -> NvmeSwapper:
+        """Create the Adam state as flat per-bucket tensors, write every offloaded bucket out, free it."""
+        directory = config.nvme_offload_path
+        if config.optimizer != "adam":
+            raise ConfigError("--nvme-offload-path swaps Adam's state; use --optimizer adam")
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--nvme-offload-path {directory} is not a directory; create it or pass another")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"--nvme-offload-path {directory} is not writable; fix its permissions or pass another")
+        groups = []
+        for i, sb in enumerate(sharded):
+            for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True):
+                if not off:
+                    continue
+                main = sb.bucket_mains[bucket.index]
+                exp_avg, exp_avg_sq = torch.zeros_like(main), torch.zeros_like(main)
+                for piece, p in zip(sb.pieces, sb.mains, strict=True):
+                    if piece.bucket is bucket:
+                        start = (p.data_ptr() - main.data_ptr()) // main.element_size()
+                        inner.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                          "exp_avg": exp_avg[start:start + p.numel()].view_as(p),
+                                          "exp_avg_sq": exp_avg_sq[start:start + p.numel()].view_as(p)}
+                name = f"optim_rank{parallel_state.rank:05d}_buf{i}_bucket{bucket.index}.swp"
+                group = _Group(os.path.join(directory, name), [main, exp_avg, exp_avg_sq])
+                groups.append((sb, bucket, group))
+        for _, _, group in groups:
+            group.open()
+            group.write_and_free()
+        return cls(directory, groups, config.nvme_offload_buffer_count)
+
+    def step(self, inner: torch.optim.Optimizer, after_bucket: Callable) -> None:
+        """Update every offloaded bucket in turn (read ahead, step, copy to model, write back)."""
+        offloaded = {id(p) for sb, bucket, _ in self.groups for piece, p in zip(sb.pieces, sb.mains, strict=True)
+                     if piece.bucket is bucket}
+        grads = {}
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if id(p) in offloaded and p.grad is not None:
+                    grads[id(p)] = p.grad
+                    p.grad = None
+        inner.step()  # the buckets kept on the device / in memory
+        for sb in {id(sb): sb for sb, _, _ in self.groups}.values():
+            for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True):
+                if not off:
+                    after_bucket(sb, bucket)
+        reads: dict[int, Future] = {}
+        writes: collections.deque[Future] = collections.deque()
+        ahead = max(self.buffer_count - 1, 0)
+        for g in range(min(ahead, len(self.groups))):
+            reads[g] = self.pool.submit(self.groups[g][2].read)
+        try:
+            for g, (sb, bucket, swap) in enumerate(self.groups):
+                if g + ahead < len(self.groups) and ahead:
+                    reads[g + ahead] = self.pool.submit(self.groups[g + ahead][2].read)
+                reads.pop(g).result() if g in reads else swap.read()
+                pieces = [p for piece, p in zip(sb.pieces, sb.mains, strict=True) if piece.bucket is bucket]
+                for p in pieces:
+                    p.grad = grads.get(id(p))
+                inner.step()
+                for p in pieces:
+                    p.grad = None
+                after_bucket(sb, bucket)
+                writes.append(self.pool.submit(swap.write_and_free))
+                while len(writes) > 1:
+                    writes.popleft().result()
+        finally:
+            for f in [*reads.values(), *writes]:
+                f.result()
+
+    def swapped_in(self) -> _SwappedIn:
+        """Context: every offloaded bucket in memory (checkpoints), written back and freed on exit."""
+        return _SwappedIn(self)
+
+
+class _SwappedIn:
+    def __init__(self, swapper: NvmeSwapper) -> None:
+        self.swapper = swapper
+
+    def __enter__(self) -> None:
+        for _, _, group in self.swapper.groups:
+            group.read()
+
+    def __exit__(self, *exc) -> None:
+        for _, _, group in self.swapper.groups:
+            group.write_and_free()
