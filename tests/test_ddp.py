@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 from ddp_common import MICRO_BATCH, compare, serial_reference, train
-from ddp_toy_model import ToyConfig, build_toy_chunks, global_parameters, loss_func, microbatches
+from toy_model import ToyConfig, build_toy_chunks, global_parameters, loss_func, microbatches
 from equivalence import assert_rel_close
 from harness import run_distributed
 

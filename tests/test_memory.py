@@ -19,7 +19,7 @@ backward, like activations); that is checked too.
 import pytest
 import torch
 from ddp_common import build, train_step
-from ddp_toy_model import ToyConfig
+from toy_model import ToyConfig
 from harness import run_distributed
 
 from megatron_core.optimizer import memory_footprint

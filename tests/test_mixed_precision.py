@@ -11,7 +11,7 @@ turns noise on small gradients into full-size steps, hence the larger bf16 bound
 import pytest
 import torch
 from ddp_common import build, result_of, serial_reference, train_step
-from ddp_toy_model import ToyConfig
+from toy_model import ToyConfig
 from harness import run_distributed
 
 STEPS, MICROBATCHES = 5, 2

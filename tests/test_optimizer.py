@@ -2,7 +2,7 @@
 import pytest
 import torch
 from ddp_common import compare, serial_reference, train
-from ddp_toy_model import ToyConfig, build_toy_chunks
+from toy_model import ToyConfig, build_toy_chunks
 from harness import run_distributed
 
 from megatron_core import parallel_state

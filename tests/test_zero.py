@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from ddp_common import build, train_step
-from ddp_toy_model import ToyConfig
+from toy_model import ToyConfig
 from harness import run_distributed
 
 CONFIG = ToyConfig(num_layers=2)
