@@ -44,6 +44,43 @@ def test_cross_entropy_matches_torch(tp, smoothing):
         assert_rel_close(grad, ref_logits.grad.chunk(tp, dim=-1)[r], what="logit grad")
 
 
+def _large_data(dtype):
+    """Logits with one entry per token near 120 (exp overflows fp32 without the max subtraction),
+    placed in the vocabulary shard of another TP rank than the target's, in ``dtype``."""
+    logits, target = _data()
+    g = torch.Generator().manual_seed(12)
+    shard = VOCAB // 4  # a different shard at TP 2 and at TP 4
+    big = (target.clamp(min=0) + 2 * shard) % VOCAB
+    peak = 110 + 20 * torch.rand(SEQ, BATCH, generator=g)
+    logits.scatter_(-1, big.unsqueeze(-1), peak.unsqueeze(-1))
+    return logits.to(dtype), target
+
+
+def _parallel_large_ce(dtype):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    logits, target = _large_data(dtype)
+    local = logits.chunk(ps.tp_size, dim=-1)[ps.tp_rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, ps.tp_group)
+    loss.sum().backward()
+    return loss.detach(), local.grad
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cross_entropy_with_large_logits_is_finite_and_matches_torch(tp, dtype):
+    logits, target = _large_data(dtype)
+    valid = target != -100
+    assert (logits.float().argmax(-1)[valid] // (VOCAB // tp) != target[valid] // (VOCAB // tp)).all()
+    ref_logits = logits.float().requires_grad_()  # the layer computes in fp32 whatever the input dtype
+    ref = F.cross_entropy(ref_logits.view(-1, VOCAB), target.view(-1), reduction="none").view(SEQ, BATCH)
+    ref.sum().backward()
+    assert ref.isfinite().all() and ref[valid].min() > 50
+    for r, (loss, grad) in enumerate(run_distributed(_parallel_large_ce, tp, dtype, timeout=60)):
+        assert loss.isfinite().all() and grad.isfinite().all(), "loss overflowed"
+        assert_rel_close(loss, ref.detach(), what=f"{dtype} per-token loss")
+        assert_rel_close(grad.float(), ref_logits.grad.chunk(tp, dim=-1)[r], what=f"{dtype} logit grad")
+
+
 def _bad_label():
     ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     vocab_parallel_cross_entropy(torch.zeros(2, 1, 4), torch.tensor([[1], [9]]), ps.tp_group)
