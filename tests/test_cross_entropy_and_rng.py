@@ -109,6 +109,33 @@ def test_dropout_differs_across_tp_inside_regions_and_matches_outside():
     assert torch.equal(by[0, 0][1], by[0, 1][1]), "same TP rank, same seed: same mask"
 
 
+def _stage_dropout_masks():
+    ps = parallel_state.initialize_model_parallel(2, 2)  # world 4: tp 2 x pp 2
+    ps.manual_seed(42)
+    ones = torch.ones(1000)
+    default = F.dropout(ones, 0.5)
+    with ps.rng_tracker.fork():
+        tp_region = F.dropout(ones, 0.5)
+    return ps.tp_rank, ps.pp_rank, default, tp_region
+
+
+def _mask_from_seed(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return F.dropout(torch.ones(1000), 0.5)
+
+
+def test_pipeline_stages_draw_their_documented_dropout_masks():
+    """Megatron-LM's ``_set_random_seed``: the default stream of pipeline stage p is seeded with
+    ``seed + 100 p``; the TP-region stream with that plus 2718 + tp_rank
+    (``model_parallel_cuda_manual_seed``). Stages must not share masks."""
+    by = {(tp, pp): (d, r) for tp, pp, d, r in run_distributed(_stage_dropout_masks, 4, timeout=60)}
+    assert not torch.equal(by[0, 0][0], by[0, 1][0]), "pipeline stages drew the same default-stream mask"
+    for (tp, pp), (default, tp_region) in by.items():
+        assert torch.equal(default, _mask_from_seed(42 + 100 * pp)), f"tp {tp} pp {pp}: default stream seed"
+        assert torch.equal(tp_region, _mask_from_seed(42 + 100 * pp + 2718 + tp)), f"tp {tp} pp {pp}: TP-region seed"
+
+
 def _block(parallel_state, w1, w2):
     def run(x):
         h = F.dropout(torch.tanh(x @ w1), 0.3)
