@@ -26,6 +26,7 @@ from megatron_core.training import build, checkpointing, data_loading
 from megatron_core.training import config as cfg
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.flops import flops_per_iteration
+from megatron_core.training.initialize import teardown_model_parallel
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 from megatron_core.training.signal_handler import ExitSignalHandler
 from megatron_core.training.timers import Timers
@@ -138,7 +139,7 @@ def pretrain(args: argparse.Namespace, model_provider: ModelProvider, forward_st
         run = _setup(args, ps, model_provider, forward_step_func)
         return _train_and_evaluate(run)
     finally:
-        parallel_state.destroy_model_parallel()
+        teardown_model_parallel()  # a barrier first on a clean exit: no group dies while a peer uses it
 
 
 def _setup(args: argparse.Namespace, parallel_state: ParallelState, model_provider: ModelProvider,
