@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("tensor_parallel", "pipeline_parallel", "distributed", "optimizer")
@@ -75,9 +76,10 @@ def _annotation_nodes(tree: ast.AST) -> set[int]:
     return skip
 
 
-def _points(tree: ast.AST) -> list[tuple[ast.AST, str, object]]:
+def _points(tree: ast.AST) -> list[tuple[Any, str, object]]:
     """(node, description, how) for every mutation point of ``tree``, in a stable order."""
-    skip, points = _annotation_nodes(tree), []
+    skip = _annotation_nodes(tree)
+    points: list[tuple[Any, str, object]] = []
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
@@ -97,11 +99,14 @@ def _points(tree: ast.AST) -> list[tuple[ast.AST, str, object]]:
 
 
 class _Apply(ast.NodeTransformer):
-    def __init__(self, target: ast.AST, how: object) -> None:
+    def __init__(self, target: Any, how: object) -> None:
         self.target, self.how = target, how
 
-    def generic_visit(self, node):
+    def generic_visit(self, node: Any) -> Any:
         node = super().generic_visit(node)
+        return self._mutate(node)
+
+    def _mutate(self, node: Any) -> Any:
         if node is not self.target:
             return node
         if self.how == "op":
