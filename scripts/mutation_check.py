@@ -36,7 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("tensor_parallel", "pipeline_parallel", "distributed", "optimizer")
 # Tests run against each package's mutants, fastest first so that most mutants die early.
 TESTS = {
-    "tensor_parallel": ["tests/test_tensor_parallel_layers.py", "tests/test_cross_entropy_and_rng.py",
+    "tensor_parallel": ["tests/test_tensor_parallel_mappings.py", "tests/test_tensor_parallel_layers.py",
+                        "tests/test_cross_entropy_and_rng.py",
                         "tests/test_gpt_model.py"],
     "pipeline_parallel": ["tests/test_pipeline_layer_split.py", "tests/test_pipeline_schedule_order.py",
                           "tests/test_pipeline_finalize.py", "tests/test_pipeline_schedules.py"],
