@@ -54,16 +54,18 @@ def _mappings():
     return r, results
 
 
+def _checker(rank, got):
+    def check(name, out, grad):
+        assert torch.equal(got[name][0], out), f"rank {rank} {name}: forward"
+        assert torch.equal(got[name][1], grad), f"rank {rank} {name}: backward"
+    return check
+
+
 def test_mappings_forward_and_backward_follow_their_definitions():
     results = dict(run_distributed(_mappings, 2, timeout=60))
     x = {r: {k: _full(10 * k + r) for k in range(4)} for r in (0, 1)}  # what each rank held
     for r in (0, 1):
-        got = results[r]
-
-        def check(name, out, grad):
-            assert torch.equal(got[name][0], out), f"rank {r} {name}: forward"
-            assert torch.equal(got[name][1], grad), f"rank {r} {name}: backward"
-
+        check = _checker(r, results[r])
         check("copy", x[r][0], x[0][1] + x[1][1])
         check("reduce", x[0][0] + x[1][0], x[r][1])
         grads = {q: x[q][1].chunk(2, -1)[0] for q in (0, 1)}
