@@ -42,7 +42,8 @@ TESTS = {
     "pipeline_parallel": ["tests/test_pipeline_layer_split.py", "tests/test_pipeline_schedule_order.py",
                           "tests/test_pipeline_finalize.py", "tests/test_pipeline_schedules.py"],
     "distributed": ["tests/test_pipeline_finalize.py", "tests/test_ddp.py", "tests/test_zero.py"],
-    "optimizer": ["tests/test_optimizer.py", "tests/test_zero.py", "tests/test_mixed_precision.py"],
+    "optimizer": ["tests/test_optimizer.py", "tests/test_memory.py", "tests/test_zero.py",
+                  "tests/test_mixed_precision.py"],
 }
 SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
          ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
