@@ -1,6 +1,6 @@
 """Shared pieces of the DP / ZeRO / mixed-precision tests (no tests here).
 
-A test model is described by a spec object (``ddp_toy_model.ToyConfig``, or the GPT spec in
+A test model is described by a spec object (``toy_model.ToyConfig``, or the GPT spec in
 ``test_ddp_gpt``) with ``build_chunks(ps)``, ``serial()``, ``global_parameters(chunks)``,
 ``microbatches(step, count, micro_batch_size)``, ``forward_step`` and ``loss(model, batch)``. The
 reference is a one-process training loop written with plain torch (``torch.optim.AdamW`` or

@@ -44,6 +44,43 @@ def test_cross_entropy_matches_torch(tp, smoothing):
         assert_rel_close(grad, ref_logits.grad.chunk(tp, dim=-1)[r], what="logit grad")
 
 
+def _large_data(dtype):
+    """Logits with one entry per token near 120 (exp overflows fp32 without the max subtraction),
+    placed in the vocabulary shard of another TP rank than the target's, in ``dtype``."""
+    logits, target = _data()
+    g = torch.Generator().manual_seed(12)
+    shard = VOCAB // 4  # a different shard at TP 2 and at TP 4
+    big = (target.clamp(min=0) + 2 * shard) % VOCAB
+    peak = 110 + 20 * torch.rand(SEQ, BATCH, generator=g)
+    logits.scatter_(-1, big.unsqueeze(-1), peak.unsqueeze(-1))
+    return logits.to(dtype), target
+
+
+def _parallel_large_ce(dtype):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    logits, target = _large_data(dtype)
+    local = logits.chunk(ps.tp_size, dim=-1)[ps.tp_rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, ps.tp_group)
+    loss.sum().backward()
+    return loss.detach(), local.grad
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cross_entropy_with_large_logits_is_finite_and_matches_torch(tp, dtype):
+    logits, target = _large_data(dtype)
+    valid = target != -100
+    assert (logits.float().argmax(-1)[valid] // (VOCAB // tp) != target[valid] // (VOCAB // tp)).all()
+    ref_logits = logits.float().requires_grad_()  # the layer computes in fp32 whatever the input dtype
+    ref = F.cross_entropy(ref_logits.view(-1, VOCAB), target.view(-1), reduction="none").view(SEQ, BATCH)
+    ref.sum().backward()
+    assert ref.isfinite().all() and ref[valid].min() > 50
+    for r, (loss, grad) in enumerate(run_distributed(_parallel_large_ce, tp, dtype, timeout=60)):
+        assert loss.isfinite().all() and grad.isfinite().all(), "loss overflowed"
+        assert_rel_close(loss, ref.detach(), what=f"{dtype} per-token loss")
+        assert_rel_close(grad.float(), ref_logits.grad.chunk(tp, dim=-1)[r], what=f"{dtype} logit grad")
+
+
 def _bad_label():
     ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     vocab_parallel_cross_entropy(torch.zeros(2, 1, 4), torch.tensor([[1], [9]]), ps.tp_group)
@@ -70,6 +107,33 @@ def test_dropout_differs_across_tp_inside_regions_and_matches_outside():
     assert torch.equal(by[0, 0][0], by[1, 0][0]), "replicated dropout must match across TP ranks"
     assert not torch.equal(by[0, 0][1], by[1, 0][1]), "dropout in the TP region must differ across TP ranks"
     assert torch.equal(by[0, 0][1], by[0, 1][1]), "same TP rank, same seed: same mask"
+
+
+def _stage_dropout_masks():
+    ps = parallel_state.initialize_model_parallel(2, 2)  # world 4: tp 2 x pp 2
+    ps.manual_seed(42)
+    ones = torch.ones(1000)
+    default = F.dropout(ones, 0.5)
+    with ps.rng_tracker.fork():
+        tp_region = F.dropout(ones, 0.5)
+    return ps.tp_rank, ps.pp_rank, default, tp_region
+
+
+def _mask_from_seed(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return F.dropout(torch.ones(1000), 0.5)
+
+
+def test_pipeline_stages_draw_their_documented_dropout_masks():
+    """Megatron-LM's ``_set_random_seed``: the default stream of pipeline stage p is seeded with
+    ``seed + 100 p``; the TP-region stream with that plus 2718 + tp_rank
+    (``model_parallel_cuda_manual_seed``). Stages must not share masks."""
+    by = {(tp, pp): (d, r) for tp, pp, d, r in run_distributed(_stage_dropout_masks, 4, timeout=60)}
+    assert not torch.equal(by[0, 0][0], by[0, 1][0]), "pipeline stages drew the same default-stream mask"
+    for (tp, pp), (default, tp_region) in by.items():
+        assert torch.equal(default, _mask_from_seed(42 + 100 * pp)), f"tp {tp} pp {pp}: default stream seed"
+        assert torch.equal(tp_region, _mask_from_seed(42 + 100 * pp + 2718 + tp)), f"tp {tp} pp {pp}: TP-region seed"
 
 
 def _block(parallel_state, w1, w2):

@@ -136,6 +136,62 @@ def test_sample_index_matches_megatron_walk():
         assert np.array_equal(build_sample_index(sizes, document_index, seq_length), expected)
 
 
+def megatron_indices(sizes, documents, seq_length, num_samples, seed):
+    """Megatron-LM ``GPTDataset._build_document_sample_shuffle_indices`` restated independently
+    (its ``_get_num_epochs`` loop, ``_build_document_index`` with ``numpy.mgrid``, the 0.80
+    separate-final-epoch threshold, ``_build_shuffle_index``; one extra label token per sample)."""
+    tokens_per_epoch = int(sum(sizes[d] for d in documents))
+    num_epochs, tokens = 1, tokens_per_epoch
+    while tokens < num_samples * seq_length + 1:
+        num_epochs, tokens = num_epochs + 1, tokens + tokens_per_epoch
+    separate = False
+    if num_epochs > 1:
+        sans_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
+        per_epoch = (tokens_per_epoch - 1) // seq_length
+        separate = num_samples - sans_final < int(0.80 * per_epoch)
+    state = np.random.RandomState(seed)
+
+    def document_index(epochs):
+        index = np.mgrid[0:epochs, 0:len(documents)][1]
+        index[:] = documents
+        index = index.reshape(-1).astype(np.int32)
+        state.shuffle(index)
+        return index
+
+    doc = np.concatenate((document_index(num_epochs - 1), document_index(1))) if separate \
+        else document_index(num_epochs)
+    sample = megatron_sample_index_loop(sizes, doc, seq_length)
+    total = sample.shape[0] - 1
+    first = np.arange(sans_final if separate else total, dtype=np.uint32)
+    state.shuffle(first)
+    shuffle = first
+    if separate:
+        last = np.arange(sans_final, total, dtype=np.uint32)
+        state.shuffle(last)
+        shuffle = np.concatenate((first, last))
+    return doc, sample, shuffle, separate
+
+
+@pytest.mark.parametrize("num_samples", [40, 60, 70, 100, 140, 150])
+def test_multi_epoch_indices_follow_megatron_including_the_separate_final_epoch(tmp_path, data, num_samples):
+    prefix, docs = data
+    documents = np.arange(5, 35)  # a split: not every document, not starting at 0
+    dataset = gpt(tmp_path, prefix, num_samples, docs=documents)
+    sizes = [len(d) for d in docs]
+    doc, sample, shuffle, separate = megatron_indices(sizes, documents, 16, num_samples, 1234)
+    assert len(doc) > len(documents), "the case must span several epochs"
+    assert dataset.document_index.tolist() == doc.tolist(), f"document index ({separate=})"
+    assert dataset.sample_index.tolist() == sample.tolist(), f"sample index ({separate=})"
+    assert dataset.shuffle_index.tolist() == shuffle.tolist(), f"shuffle index ({separate=})"
+
+
+def test_multi_epoch_cases_cover_both_final_epoch_rules(tmp_path, data):
+    prefix, docs = data
+    sizes = [len(d) for d in docs]
+    rules = {megatron_indices(sizes, np.arange(5, 35), 16, n, 1234)[3] for n in (40, 60, 70, 100, 140, 150)}
+    assert rules == {True, False}
+
+
 def test_document_order_follows_megatron_shuffle(tmp_path, data):
     prefix, docs = data
     dataset = gpt(tmp_path, prefix, None)  # one epoch

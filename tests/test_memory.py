@@ -19,8 +19,8 @@ backward, like activations); that is checked too.
 import pytest
 import torch
 from ddp_common import build, train_step
-from ddp_toy_model import ToyConfig
 from harness import run_distributed
+from toy_model import ToyConfig
 
 from megatron_core.optimizer import memory_footprint
 

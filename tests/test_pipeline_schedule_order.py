@@ -12,9 +12,7 @@ from fractions import Fraction
 
 import pytest
 
-from megatron_core.pipeline_parallel.interleaved import _Interleaved
-from megatron_core.pipeline_parallel.p2p_communication import P2PCommunicator
-from megatron_core.pipeline_parallel.schedules import _one_forward_one_backward
+from megatron_core.pipeline_parallel import InterleavedSchedule, P2PCommunicator, one_forward_one_backward
 
 FORWARD, BACKWARD = Fraction(1), Fraction(2)  # time units; backward costs twice the forward
 
@@ -130,9 +128,9 @@ def _programs(p, v, m, forward_only):
         runner = _RecordingRunner(p, rank, v, m, forward_only, program, record)
         comm = _RecordingComm(p, rank, program, record)
         if v == 1:
-            _one_forward_one_backward(runner, comm, None)
+            one_forward_one_backward(runner, comm, None)
         else:
-            _Interleaved(runner, comm, [None] * v).run()
+            InterleavedSchedule(runner, comm, [None] * v).run()
         expected_done = {("F", c): m for c in range(v)}
         if not forward_only:
             expected_done.update({("B", c): m for c in range(v)})

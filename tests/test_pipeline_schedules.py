@@ -208,6 +208,8 @@ def _compare(results: list, ref: dict, num_microbatches: int) -> None:
 LAYOUTS = {
     # name: (layout, config, microbatches, per-token loss)
     "pp2": ({"tp": 1, "pp": 2}, _config(), 4, False),
+    # Fewer microbatches than stages: the pipeline never fills (one microbatch is a valid batch).
+    "pp2-one-microbatch": ({"tp": 1, "pp": 2}, _config(num_layers=2), 1, False),
     "pp4-lighter-ends": ({"tp": 1, "pp": 4}, _config(num_layers=8, num_layers_in_first_pipeline_stage=1,
                                                      num_layers_in_last_pipeline_stage=1), 6, False),
     "pp2-vpp2-grad-scale": ({"tp": 1, "pp": 2, "vpp": 2, "grad_scale": 8.0}, _config(), 4, False),

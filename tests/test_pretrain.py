@@ -1,4 +1,5 @@
 """pretrain_gpt.py end to end: loss falls, parallel layouts reproduce the serial losses, log format, demo."""
+import math
 import os
 import re
 import subprocess
@@ -97,5 +98,21 @@ def test_demo_pipeline_runs_end_to_end(tmp_path, capfd):
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:  # without the package: one line, and training goes on
         assert out.count("tensorboard is not installed") == 1
-    assert os.path.isfile(tmp_path / "tokenizer.model") and os.path.isfile(tmp_path / "stdlib_text_document.bin")
     assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "6"
+    # The files hold what the demo promises: the corpus, tokenized with the trained tokenizer, one
+    # document per JSONL line with EOD appended; the run's losses are finite.
+    import json
+
+    import numpy as np
+
+    from megatron_core.datasets import IndexedDataset
+    from megatron_core.tokenizer.build import build_tokenizer
+
+    tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "tokenizer.model"))
+    assert tokenizer.vocab_size == 1024
+    texts = [json.loads(line)["text"] for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    dataset = IndexedDataset(str(tmp_path / "stdlib_text_document"))
+    assert dataset.num_documents == len(texts) > 10
+    for d in (0, len(texts) // 2, len(texts) - 1):
+        assert np.asarray(dataset[d]).tolist() == tokenizer.tokenize(texts[d]) + [tokenizer.eod], f"document {d}"
+    assert all(math.isfinite(v) and 0 < v < 10 for v in result.losses + list(result.val_losses.values()))

@@ -153,14 +153,19 @@ def _custom_spec():
     plain = GPTModel(config, 64, 16, parallel_state=ps, make_vocab_size_divisible_by=8)
     ids = torch.arange(32).view(2, 16) % 64
     assert all(type(layer.mlp) is _DoubleMLP for layer in custom.decoder.layers)
-    # Same seeded weights (the spec changes behaviour, not parameters), different outputs.
+    # Same seeded weights (the spec changes behaviour, not parameters).
     assert all(torch.equal(a, b) for a, b in zip(custom.state_dict().values(), plain.state_dict().values()))
-    return (custom(ids) - plain(ids)).abs().max().item()
+    plain_out = plain(ids)
+    # Expected: the plain model with every MLP output (and bias) doubled, by a forward hook.
+    for layer in plain.decoder.layers:
+        layer.mlp.register_forward_hook(lambda _m, _i, out: (2 * out[0], None if out[1] is None else 2 * out[1]))
+    return custom(ids), plain(ids), plain_out
 
 
 def test_spec_swaps_a_submodule():
-    diff, = run_distributed(_custom_spec, 1, timeout=60)
-    assert diff > 1e-3
+    (custom, doubled, plain), = run_distributed(_custom_spec, 1, timeout=60)
+    assert torch.equal(custom, doubled), "the swapped MLP must double the MLP output, nothing else"
+    assert (custom - plain).abs().max().item() > 1e-3, "the swap must change the output"
 
 
 def test_cpu_dropout_is_unbiased_and_replayable():

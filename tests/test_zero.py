@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 from ddp_common import build, train_step
-from ddp_toy_model import ToyConfig
 from harness import run_distributed
+from toy_model import ToyConfig
 
 CONFIG = ToyConfig(num_layers=2)
 LAYOUT = {"tp": 2}

@@ -54,12 +54,18 @@ def forward_backward_pipelining_with_interleaving(
     comm = communicator_for(ps, model, seq_length, micro_batch_size, hidden_size, sequence_parallel, pipeline_dtype)
     with report_stage_failures(ps):
         with grad_mode(forward_only):
-            _Interleaved(runner, comm, list(data_iterator)).run()
+            InterleavedSchedule(runner, comm, list(data_iterator)).run()
         return runner.finish()
 
 
-class _Interleaved:
-    """One call's state: step bookkeeping, queues of received tensors and saved activations."""
+class InterleavedSchedule:
+    """The interleaved 1F1B order of one rank, for one call: step bookkeeping, queues of received
+    tensors and saved activations.
+
+    ``run()`` drives ``runner`` (the :class:`MicrobatchRunner` interface) and ``comm`` (a
+    :class:`P2PCommunicator`) over ``data_iterators`` (one per chunk); any objects with those
+    methods can replay the schedule, e.g. to check its order and bubble without running a model.
+    """
 
     def __init__(self, runner: MicrobatchRunner, comm: P2PCommunicator, data_iterators: list) -> None:
         self.runner, self.comm, self.data_iterators = runner, comm, data_iterators
@@ -75,10 +81,12 @@ class _Interleaved:
 
     # ---- step bookkeeping ---------------------------------------------------------------------
     def chunk(self, step: int, forward: bool) -> int:
+        """The model chunk of forward (or backward) step ``step`` of this rank (see the module doc)."""
         c = (step % (self.p * self.v)) // self.p
         return c if forward else self.v - 1 - c
 
     def microbatch(self, step: int) -> int:
+        """The microbatch of step ``step`` (the same for forward and backward steps)."""
         return (step // (self.p * self.v)) * self.p + step % self.p
 
     def _next_step(self, step: int, forward: bool) -> int:
@@ -101,6 +109,7 @@ class _Interleaved:
         return self.runner.forward_only or self.m == self.p
 
     def warmup_steps(self) -> int:
+        """Forward steps before the first backward: ``2 (p - rank - 1) + (v - 1) p`` (Megatron-LM)."""
         if self.all_warmup():
             return self.total
         return min(self.total, 2 * (self.p - self.rank - 1) + (self.v - 1) * self.p)
@@ -126,12 +135,14 @@ class _Interleaved:
         return None if self.runner.is_first(c) else input_grad
 
     def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False) -> None:
+        """One batched exchange with the neighbours; received tensors are queued for their steps."""
         self._store_received(*self.comm.communicate(send_next=send_next, send_prev=send_prev,
                                                     recv_prev=recv_prev, recv_next=recv_next))
         deallocate_output_tensor(send_next)
 
     # ---- the schedule -------------------------------------------------------------------------
     def run(self) -> None:
+        """Warm-up forwards, steady 1F1B, cool-down backwards over all ``m * v`` steps of this rank."""
         p, rank, v, total = self.p, self.rank, self.v, self.total
         first_rank, last_rank = rank == 0, rank == p - 1
         warmup = self.warmup_steps()

@@ -90,11 +90,18 @@ def forward_backward_pipelining_without_interleaving(
     comm = communicator_for(ps, model, seq_length, micro_batch_size, hidden_size, sequence_parallel, pipeline_dtype)
     with report_stage_failures(ps):
         with grad_mode(forward_only):
-            _one_forward_one_backward(runner, comm, data_iterator)
+            one_forward_one_backward(runner, comm, data_iterator)
         return runner.finish()
 
 
-def _one_forward_one_backward(runner: MicrobatchRunner, comm: P2PCommunicator, data_iterator: Any) -> None:
+def one_forward_one_backward(runner: MicrobatchRunner, comm: P2PCommunicator, data_iterator: Any) -> None:
+    """The 1F1B order of one rank: which microbatch step and which exchange come when.
+
+    Drives ``runner`` (``forward(chunk, data_iterator, input)``, ``backward(input, output, output_grad)``,
+    ``enable_grad_sync``/``disable_grad_sync``, ``is_last``) and ``comm`` (a :class:`P2PCommunicator`);
+    any objects with those methods can replay the schedule, e.g. to check its order and bubble
+    without running a model. Megatron-LM's ``forward_backward_pipelining_without_interleaving`` order.
+    """
     ps, m, forward_only = runner.parallel_state, runner.num_microbatches, runner.forward_only
     warmup = min(ps.pp_size - ps.pp_rank - 1, m)
     steady = m - warmup

@@ -2,17 +2,23 @@
 
 Inside a test harness (or any caller that already called ``init_process_group``) the existing
 group is used and left alone; otherwise this module creates it and ``shutdown`` destroys it.
+
+Shutdown is deterministic (a rank that tears down a group while a peer still uses it can make gloo
+abort at exit, "terminate called without an active exception"): on a clean exit every rank waits
+at a barrier of the default group, then the model-parallel groups are destroyed, then the default
+group. On an error nothing waits (a failed peer may never arrive); groups are still destroyed.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from megatron_core import device
+from megatron_core import device, parallel_state
 
 
 @dataclass
@@ -66,7 +72,28 @@ def initialize_distributed(backend: str, timeout_minutes: float) -> DistributedC
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, True)
 
 
+def _exiting_cleanly() -> bool:
+    """No exception is propagating (called from a ``finally`` block, this tells success from failure)."""
+    return sys.exc_info()[0] is None
+
+
+def quiesce() -> None:
+    """On a clean exit, wait until every rank has finished all its collectives (a default-group barrier)."""
+    if _exiting_cleanly() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def teardown_model_parallel() -> None:
+    """Quiesce (clean exit only), then destroy the model-parallel groups in the order they were made."""
+    quiesce()
+    parallel_state.destroy_model_parallel()
+
+
 def shutdown(context: DistributedContext) -> None:
-    """Destroy the default group if this module created it."""
-    if context.owns_process_group and dist.is_initialized():
+    """Quiesce (clean exit only), destroy any model-parallel groups still alive, then the default group
+    if this module created it. Call it from the entry point's ``finally``."""
+    if not dist.is_initialized():
+        return
+    teardown_model_parallel()
+    if context.owns_process_group:
         dist.destroy_process_group()

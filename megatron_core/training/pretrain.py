@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_core import device
 from megatron_core.microbatches import MicrobatchCalculator
-from megatron_core.parallel_state import ParallelState, destroy_model_parallel, initialize_model_parallel
+from megatron_core.parallel_state import ParallelState, initialize_model_parallel
 from megatron_core.training import checkpointing, data_loading
 from megatron_core.training.config import (
     CheckpointConfig,
@@ -33,6 +33,7 @@ from megatron_core.training.config import (
 )
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.flops import flops_per_iteration
+from megatron_core.training.initialize import teardown_model_parallel
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 from megatron_core.training.signal_handler import ExitSignalHandler
 from megatron_core.training.timers import Timers
@@ -158,7 +159,7 @@ def pretrain(config: RunConfig, model_provider: ModelProvider, forward_step_func
         run = _setup(config, parallel_state, model_provider, forward_step_func)
         return _train_and_evaluate(run)
     finally:
-        destroy_model_parallel()
+        teardown_model_parallel()  # a barrier first on a clean exit: no group dies while a peer uses it
 
 
 def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: ModelProvider,

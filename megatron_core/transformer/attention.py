@@ -17,6 +17,7 @@ from megatron_core.tensor_parallel.random import checkpoint
 from megatron_core.tensor_parallel.utils import divide
 from megatron_core.transformer.config import TransformerConfig
 from megatron_core.transformer.enums import AttnMaskType
+from megatron_core.transformer.init import component_name
 from megatron_core.transformer.rope import apply_rotary_pos_emb
 from megatron_core.transformer.spec import build_module
 
@@ -37,7 +38,9 @@ class SelfAttention(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal,
-                 parallel_state: ParallelState | None = None) -> None:
+                 parallel_state: ParallelState | None = None, prefix: str = "") -> None:
+        """``prefix``: this module's name in the whole model, the root of its weights' seed names
+        (see :func:`megatron_core.transformer.init.component_name`)."""
         super().__init__()
         ps = get_parallel_state(parallel_state)
         self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
@@ -47,18 +50,18 @@ class SelfAttention(torch.nn.Module):
         self.heads_per_group = config.num_attention_heads // config.num_query_groups
         self.head_dim = config.kv_channels
         self.selective_recompute = config.recompute_granularity == "selective"
-        name = f"decoder.layers.{layer_number - 1}.self_attention"
         common = dict(sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
                       parallel_state=ps)
         self.linear_qkv = build_module(
             submodules.linear_qkv, config.hidden_size, config.query_projection_size + 2 * config.kv_projection_size,
-            bias=config.qkv_bias, gather_output=False, init_method=config.init_method(f"{name}.linear_qkv.weight"),
-            **common)
+            bias=config.qkv_bias, gather_output=False,
+            init_method=config.init_method(component_name(prefix, "linear_qkv.weight")), **common)
         self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number,
                                            attn_mask_type=attn_mask_type, parallel_state=ps)
         self.linear_proj = build_module(
             submodules.linear_proj, config.query_projection_size, config.hidden_size, bias=config.add_bias_linear,
-            input_is_parallel=True, init_method=config.output_init_method(f"{name}.linear_proj.weight"), **common)
+            input_is_parallel=True,
+            init_method=config.output_init_method(component_name(prefix, "linear_proj.weight")), **common)
         self.q_layernorm = build_module(submodules.q_layernorm, config=config, hidden_size=self.head_dim)
         self.k_layernorm = build_module(submodules.k_layernorm, config=config, hidden_size=self.head_dim)
         for param in [*self.q_layernorm.parameters(), *self.k_layernorm.parameters()]:

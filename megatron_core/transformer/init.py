@@ -36,5 +36,15 @@ def seeded_normal_init(std: float, init_seed: int, component: str) -> InitMethod
     return init_
 
 
+def component_name(prefix: str, name: str) -> str:
+    """``name`` under ``prefix`` (``"decoder.layers.0"`` + ``"mlp"``); a standalone module has prefix ``""``.
+
+    The prefix of a module is its place in the whole, unsplit model: the path
+    ``GPTModel.named_parameters()`` gives it with global layer numbers, so seed names equal parameter
+    names whatever the pipeline split.
+    """
+    return f"{prefix}.{name}" if prefix else name
+
+
 def skip_init(tensor: torch.Tensor) -> None:
     """No draw: for weights replaced right after construction (a tied output layer)."""

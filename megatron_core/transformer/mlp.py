@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.init import component_name
 from megatron_core.transformer.spec import build_module
 
 
@@ -42,22 +43,24 @@ class MLP(torch.nn.Module):
     """h -> ffn (x2 when gated) -> activation -> h, split over TP along the ffn dimension."""
 
     def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, layer_number: int,
-                 parallel_state: ParallelState | None = None) -> None:
+                 parallel_state: ParallelState | None = None, prefix: str = "") -> None:
+        """``prefix``: this module's name in the whole model, the root of its weights' seed names
+        (see :func:`megatron_core.transformer.init.component_name`)."""
         super().__init__()
         ps = get_parallel_state(parallel_state)
         self.config = config
-        name = f"decoder.layers.{layer_number - 1}.mlp"
         gated = config.gated_linear_unit
         common = dict(sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
                       parallel_state=ps)
         self.linear_fc1 = build_module(
             submodules.linear_fc1, config.hidden_size, config.ffn_hidden_size * (2 if gated else 1),
             bias=config.add_bias_linear, gather_output=False, stride=2 if gated else 1,
-            init_method=config.init_method(f"{name}.linear_fc1.weight"), **common)
+            init_method=config.init_method(component_name(prefix, "linear_fc1.weight")), **common)
         self.activation_func = ACTIVATIONS[config.activation]
         self.linear_fc2 = build_module(
             submodules.linear_fc2, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
-            input_is_parallel=True, init_method=config.output_init_method(f"{name}.linear_fc2.weight"), **common)
+            input_is_parallel=True,
+            init_method=config.output_init_method(component_name(prefix, "linear_fc2.weight")), **common)
 
     def forward(self, hidden_states: torch.Tensor):
         """[s, b, h] -> (output, bias or None)."""

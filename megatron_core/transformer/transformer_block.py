@@ -13,6 +13,7 @@ from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.pipeline_parallel.layer_split import layer_range
 from megatron_core.tensor_parallel.random import checkpoint
 from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.init import component_name
 from megatron_core.transformer.spec import ModuleSpec, build_module
 
 
@@ -21,7 +22,10 @@ class TransformerBlock(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, spec: ModuleSpec, pre_process: bool = True,
                  post_process: bool = True, parallel_state: ParallelState | None = None,
-                 vp_stage: int | None = None) -> None:
+                 vp_stage: int | None = None, prefix: str = "") -> None:
+        """``prefix``: the block's name in the whole model (``decoder`` in GPTModel). Layer ``i`` of
+        this chunk gets ``<prefix>.layers.<global index>``, its name in the unsplit model, so the
+        seeded weights do not depend on the pipeline split."""
         super().__init__()
         ps = get_parallel_state(parallel_state)
         self.config, self.rng_tracker = config, ps.rng_tracker
@@ -29,7 +33,8 @@ class TransformerBlock(torch.nn.Module):
         counts = config.layer_counts(ps.pp_size, ps.vpp_size)
         self.layer_offset, count = layer_range(counts, ps.pp_size, ps.pp_rank, vp_stage)
         self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=self.layer_offset + i + 1, parallel_state=ps)
+            build_module(spec, config=config, layer_number=self.layer_offset + i + 1, parallel_state=ps,
+                         prefix=component_name(prefix, f"layers.{self.layer_offset + i}"))
             for i in range(count))
         self.final_layernorm = build_norm(config, config.hidden_size) if post_process else None
         self.input_tensor: torch.Tensor | None = None

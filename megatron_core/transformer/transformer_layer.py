@@ -15,6 +15,7 @@ import torch
 from megatron_core.fusions.fused_dropout import dropout
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.init import component_name
 from megatron_core.transformer.spec import build_module
 
 
@@ -32,16 +33,19 @@ class TransformerLayer(torch.nn.Module):
     """One transformer layer; ``layer_number`` is global and 1-based, as in Megatron-LM."""
 
     def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int,
-                 parallel_state: ParallelState | None = None) -> None:
+                 parallel_state: ParallelState | None = None, prefix: str = "") -> None:
+        """``prefix``: this layer's name in the whole model (``decoder.layers.<layer_number - 1>``),
+        passed on to its parts as the root of their seed names."""
         super().__init__()
         ps = get_parallel_state(parallel_state)
         self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
         h = config.hidden_size
         self.input_layernorm = build_module(submodules.input_layernorm, config=config, hidden_size=h)
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number,
-                                           parallel_state=ps)
+                                           parallel_state=ps, prefix=component_name(prefix, "self_attention"))
         self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config, hidden_size=h)
-        self.mlp = build_module(submodules.mlp, config=config, layer_number=layer_number, parallel_state=ps)
+        self.mlp = build_module(submodules.mlp, config=config, layer_number=layer_number, parallel_state=ps,
+                                prefix=component_name(prefix, "mlp"))
 
     def _bias_dropout_add(self, out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
         if bias is not None:

@@ -15,28 +15,29 @@ from megatron_core.fusions.fused_dropout import dropout
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron_core.transformer.config import TransformerConfig
-
-WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
-POSITION_EMBEDDINGS = "embedding.position_embeddings.weight"
+from megatron_core.transformer.init import component_name
 
 
 class LanguageModelEmbedding(torch.nn.Module):
     """Token ids [b, s] (and position ids) -> hidden states [s, b, h] with embedding dropout."""
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
-                 parallel_state: ParallelState | None = None) -> None:
+                 parallel_state: ParallelState | None = None, prefix: str = "") -> None:
+        """``prefix``: this module's name in the whole model (``embedding`` in GPTModel), the root of
+        its weights' seed names."""
         super().__init__()
         ps = get_parallel_state(parallel_state)
         self.config, self.rng_tracker = config, ps.rng_tracker
         self.tp_rank, self.tp_size = ps.tp_rank, ps.tp_size
         self.sequence_parallel = config.sequence_parallel
         self.word_embeddings = VocabParallelEmbedding(
-            vocab_size, config.hidden_size, init_method=config.init_method(WORD_EMBEDDINGS),
+            vocab_size, config.hidden_size,
+            init_method=config.init_method(component_name(prefix, "word_embeddings.weight")),
             reduce_scatter_embeddings=config.sequence_parallel, params_dtype=config.params_dtype, parallel_state=ps)
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
             weight = torch.empty(max_sequence_length, config.hidden_size, dtype=torch.float32)
-            config.init_method(POSITION_EMBEDDINGS)(weight)
+            config.init_method(component_name(prefix, "position_embeddings.weight"))(weight)
             self.position_embeddings = torch.nn.Embedding(
                 max_sequence_length, config.hidden_size, _weight=weight.to(config.params_dtype),
                 device=device_mod.current_device())

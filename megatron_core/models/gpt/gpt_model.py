@@ -11,17 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_core.models.gpt.embedding import WORD_EMBEDDINGS, LanguageModelEmbedding
+from megatron_core.models.gpt.embedding import LanguageModelEmbedding
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_core.tensor_parallel.layers import ColumnParallelLinear
 from megatron_core.tensor_parallel.utils import pad_vocab_size
 from megatron_core.transformer.config import TransformerConfig
-from megatron_core.transformer.init import skip_init
+from megatron_core.transformer.init import component_name, skip_init
 from megatron_core.transformer.layer_specs import get_gpt_layer_spec
 from megatron_core.transformer.rope import RotaryEmbedding
 from megatron_core.transformer.spec import ModuleSpec
 from megatron_core.transformer.transformer_block import TransformerBlock
+
+EMBEDDING = "embedding"  # the attribute (and seed-name prefix) of the embedding
 
 
 class GPTModel(torch.nn.Module):
@@ -45,14 +47,15 @@ class GPTModel(torch.nn.Module):
         self.share_embeddings_and_output_weights = tied
 
         if pre_process:
-            self.embedding = LanguageModelEmbedding(config, self.padded_vocab_size, max_sequence_length, ps)
+            self.embedding = LanguageModelEmbedding(config, self.padded_vocab_size, max_sequence_length, ps,
+                                                    prefix=EMBEDDING)
             if tied and not post_process:
                 self.embedding.word_embeddings.weight.shared_embedding = True
         self.rotary_pos_emb = (RotaryEmbedding(config.rotary_dim, config.rotary_base)
                                if config.position_embedding_type == "rope" else None)
         self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(),
                                         pre_process=pre_process, post_process=post_process, parallel_state=ps,
-                                        vp_stage=vp_stage)
+                                        vp_stage=vp_stage, prefix="decoder")
         if post_process:
             self._build_output_layer(ps, tied)
 
@@ -60,7 +63,8 @@ class GPTModel(torch.nn.Module):
         config = self.config
         same_param = tied and self.pre_process
         # Tied on another stage: the same seeded draw as the word embedding, so both start equal.
-        init = skip_init if same_param else config.init_method(WORD_EMBEDDINGS if tied else "output_layer.weight")
+        init = skip_init if same_param else config.init_method(
+            component_name(EMBEDDING, "word_embeddings.weight") if tied else "output_layer.weight")
         self.output_layer = ColumnParallelLinear(
             config.hidden_size, self.padded_vocab_size, bias=False, gather_output=False, init_method=init,
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, parallel_state=parallel_state)

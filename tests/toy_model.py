@@ -1,4 +1,6 @@
-"""A tiny TP- and PP-composable language model for the DP / ZeRO tests (no tests here).
+"""The one tiny TP- and PP-composable language model of the DP / ZeRO / optimizer / memory tests (no tests here).
+
+The pipeline-schedule tests use GPTModel itself.
 
 Residual MLP blocks ``x + W2 gelu(W1 LayerNorm(x))`` (W1 column-, W2 row-parallel, the layernorm
 replicated over TP), a vocab-parallel word embedding tied to the output layer (marked
@@ -85,7 +87,8 @@ class ToyBlock(torch.nn.Module):
             self.fc2 = RowParallelLinear(config.ffn_hidden_size, h, sequence_parallel=sp,
                                          init_method=init_method_normal(0.2), parallel_state=parallel_state)
             with torch.no_grad():  # full draws, cut to this TP rank's shard: the same at every TP size
-                self.fc1.bias.copy_((0.1 * torch.randn(config.ffn_hidden_size)).chunk(parallel_state.tp_size)[parallel_state.tp_rank])
+                fc1_bias = 0.1 * torch.randn(config.ffn_hidden_size)
+                self.fc1.bias.copy_(fc1_bias.chunk(parallel_state.tp_size)[parallel_state.tp_rank])
                 self.fc2.bias.copy_(0.1 * torch.randn(h))
         for p in self.norm.parameters():
             p.sequence_parallel = sp
@@ -99,8 +102,8 @@ class ToyBlock(torch.nn.Module):
 class ToyLM(torch.nn.Module):
     """One (virtual) pipeline stage of the toy language model."""
 
-    def __init__(self, config: ToyConfig, parallel_state: ParallelState, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: int | None = None) -> None:
+    def __init__(self, config: ToyConfig, parallel_state: ParallelState, pre_process: bool = True,
+                 post_process: bool = True, vp_stage: int | None = None) -> None:
         super().__init__()
         self.config, self.parallel_state = config, parallel_state
         self.pre_process, self.post_process = pre_process, post_process
@@ -122,8 +125,8 @@ class ToyLM(torch.nn.Module):
             if not pre_process:
                 with _seed(config.init_seed):  # the same draw as the first stage's embedding
                     self.output_weight = sharded_parameter((vocab, h), 0, init_method_normal(1.0), stride=1,
-                                                           rank=parallel_state.tp_rank, world=parallel_state.tp_size, dtype=torch.float32,
-                                                           device=torch.device("cpu"))
+                                                           rank=parallel_state.tp_rank, world=parallel_state.tp_size,
+                                                           dtype=torch.float32, device=torch.device("cpu"))
                 self.output_weight.shared_embedding = True
         self.input_tensor: torch.Tensor | None = None
 
@@ -149,7 +152,8 @@ class ToyLM(torch.nn.Module):
 def build_toy_chunks(config: ToyConfig, parallel_state: ParallelState) -> list[ToyLM]:
     """This rank's chunks, one per virtual pipeline stage."""
     stages = [None] if parallel_state.vpp_size is None else list(range(parallel_state.vpp_size))
-    return [ToyLM(config, parallel_state, parallel_state.is_pipeline_first_stage(v), parallel_state.is_pipeline_last_stage(v), v) for v in stages]
+    return [ToyLM(config, parallel_state, parallel_state.is_pipeline_first_stage(v),
+                  parallel_state.is_pipeline_last_stage(v), v) for v in stages]
 
 
 def global_parameters(chunks: list[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:

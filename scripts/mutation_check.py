@@ -1,0 +1,208 @@
+"""Mutation check of the parallel core: plant one small bug at a time, run the relevant tests.
+
+Run by hand or nightly, not in CI (issue #16, item 9)::
+
+    python scripts/mutation_check.py                      # every mutant (hours on 2 cores)
+    python scripts/mutation_check.py --sample 40 --seed 0 # a random sample
+    python scripts/mutation_check.py --list               # the mutants, without running anything
+
+Mutants are made on the AST of each file under ``megatron_core/{tensor_parallel, pipeline_parallel,
+distributed, optimizer}``, one change each, in the spirit of mutmut's operators: an arithmetic
+operator swapped (``+ -``, ``* /``, ``// *``), a comparison swapped (``< <=``, ``> >=``, ``== !=``,
+``is`` / ``is not``, ``in`` / ``not in``), ``and`` / ``or`` swapped, a ``not`` dropped, a small integer
+constant moved by one, or a call statement (such as a collective) deleted. Docstrings and type
+annotations are left alone. The mutated file is written back with ``ast.unparse`` and restored from
+its original text afterwards, whatever happens (also on Ctrl-C).
+
+A mutant is killed when its directory's tests fail (``pytest -x``, fastest files first) or time out;
+it survives when they pass. The target is under 10% survivors per directory. Survivors are printed
+with their location: each is either a missing test or an equivalent mutant (no observable change),
+to be judged by reading it. Results go to ``--out`` (JSON) as well.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("tensor_parallel", "pipeline_parallel", "distributed", "optimizer")
+# Tests run against each package's mutants, fastest first so that most mutants die early.
+TESTS = {
+    "tensor_parallel": ["tests/test_tensor_parallel_mappings.py", "tests/test_tensor_parallel_layers.py",
+                        "tests/test_cross_entropy_and_rng.py",
+                        "tests/test_gpt_model.py"],
+    "pipeline_parallel": ["tests/test_pipeline_layer_split.py", "tests/test_pipeline_schedule_order.py",
+                          "tests/test_pipeline_finalize.py", "tests/test_pipeline_schedules.py"],
+    "distributed": ["tests/test_pipeline_finalize.py", "tests/test_ddp.py", "tests/test_zero.py"],
+    "optimizer": ["tests/test_optimizer.py", "tests/test_memory.py", "tests/test_zero.py",
+                  "tests/test_mixed_precision.py"],
+}
+SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
+         ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+         ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And}
+
+
+@dataclass
+class Mutant:
+    path: str     # relative to the repository
+    index: int    # the index-th mutation point of the file, in AST walk order
+    line: int
+    what: str
+
+
+def _annotation_nodes(tree: ast.AST) -> set[int]:
+    """ids of nodes inside annotations and docstrings, which are never mutated."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        annotations = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            annotations = [a.annotation for a in node.args.args + node.args.kwonlyargs + node.args.posonlyargs]
+            annotations += [node.returns]
+        elif isinstance(node, ast.AnnAssign):
+            annotations = [node.annotation]
+        for a in annotations:
+            if a is not None:
+                skip.update(id(n) for n in ast.walk(a))
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            skip.add(id(body[0]))
+    return skip
+
+
+def _points(tree: ast.AST) -> list[tuple[Any, str, object]]:
+    """(node, description, how) for every mutation point of ``tree``, in a stable order."""
+    skip = _annotation_nodes(tree)
+    points: list[tuple[Any, str, object]] = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, (ast.BinOp, ast.BoolOp)) and type(node.op) in SWAPS:
+            points.append((node, f"{type(node.op).__name__} -> {SWAPS[type(node.op)].__name__}", "op"))
+        elif isinstance(node, ast.Compare):
+            for k, op in enumerate(node.ops):
+                if type(op) in SWAPS:
+                    points.append((node, f"{type(op).__name__} -> {SWAPS[type(op)].__name__}", k))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            points.append((node, "drop `not`", "not"))
+        elif isinstance(node, ast.Constant) and type(node.value) is int and 0 <= node.value <= 8:
+            points.append((node, f"{node.value} -> {node.value + 1}", "int"))
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            points.append((node, f"delete call `{ast.unparse(node.value)[:60]}`", "delete"))
+    return points
+
+
+class _Apply(ast.NodeTransformer):
+    def __init__(self, target: Any, how: object) -> None:
+        self.target, self.how = target, how
+
+    def generic_visit(self, node: Any) -> Any:
+        node = super().generic_visit(node)
+        return self._mutate(node)
+
+    def _mutate(self, node: Any) -> Any:
+        if node is not self.target:
+            return node
+        if self.how == "op":
+            node.op = SWAPS[type(node.op)]()
+        elif isinstance(self.how, int):
+            node.ops[self.how] = SWAPS[type(node.ops[self.how])]()
+        elif self.how == "not":
+            return node.operand
+        elif self.how == "int":
+            node.value += 1
+        elif self.how == "delete":
+            return ast.Pass()
+        return node
+
+
+def mutants(root: str = REPO) -> list[Mutant]:
+    out = []
+    for package in PACKAGES:
+        folder = os.path.join(root, "megatron_core", package)
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".py") or name == "__init__.py":
+                continue
+            path = os.path.join("megatron_core", package, name)
+            tree = ast.parse(open(os.path.join(root, path)).read())
+            for i, (node, what, _) in enumerate(_points(tree)):
+                out.append(Mutant(path, i, getattr(node, "lineno", 0), what))
+    return out
+
+
+def mutated_source(source: str, index: int) -> str:
+    tree = ast.parse(source)
+    node, _, how = _points(tree)[index]
+    tree = _Apply(node, how).visit(tree)
+    return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
+
+
+def run_mutant(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
+    """('killed' | 'survived' | 'timeout', seconds, first failing test)."""
+    path = os.path.join(REPO, mutant.path)
+    original = open(path).read()
+    package = mutant.path.split(os.sep)[1]
+    start = time.monotonic()
+    try:
+        with open(path, "w") as f:
+            f.write(mutated_source(original, mutant.index))
+        env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS[package]]
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", time.monotonic() - start, ""
+        failed = next((line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")), "")
+        return ("survived" if proc.returncode == 0 else "killed"), time.monotonic() - start, failed
+    finally:
+        with open(path, "w") as f:
+            f.write(original)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sample", type=int, default=None, help="run this many mutants, drawn at random")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    parser.add_argument("--package", choices=PACKAGES, action="append", help="only these packages")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant before it counts as killed")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--out", default="mutation_results.json", help="where to write the results (JSON)")
+    args = parser.parse_args(argv)
+    todo = [m for m in mutants() if args.package is None or m.path.split(os.sep)[1] in args.package]
+    if args.sample is not None and args.sample < len(todo):
+        todo = sorted(random.Random(args.seed).sample(todo, args.sample), key=lambda m: (m.path, m.index))
+    if args.list:
+        for m in todo:
+            print(f"{m.path}:{m.line}  #{m.index}  {m.what}")
+        print(f"{len(todo)} mutants")
+        return 0
+    results = []
+    for n, m in enumerate(todo, 1):
+        status, seconds, failed = run_mutant(m, args.timeout)
+        results.append({**asdict(m), "status": status, "seconds": round(seconds, 1), "caught_by": failed})
+        print(f"[{n}/{len(todo)}] {status:8s} {seconds:6.1f} s  {m.path}:{m.line}  {m.what}  {failed}", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print("\nsurvival by package:")
+    for package in PACKAGES:
+        mine = [r for r in results if r["path"].split(os.sep)[1] == package]
+        if mine:
+            alive = [r for r in mine if r["status"] == "survived"]
+            print(f"  {package:18s} {len(alive)}/{len(mine)} survived ({100 * len(alive) / len(mine):.0f}%)")
+    alive = [r for r in results if r["status"] == "survived"]
+    print(f"  {'all':18s} {len(alive)}/{len(results)} survived ({100 * len(alive) / max(len(results), 1):.0f}%)")
+    for r in alive:
+        print(f"  survivor: {r['path']}:{r['line']}  {r['what']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
