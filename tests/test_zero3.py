@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 from ddp_common import compare, serial_reference, train
-from ddp_toy_model import ToyConfig
+from toy_model import ToyConfig
 from harness import run_distributed
 from test_ddp_gpt import GPTSpec
 
