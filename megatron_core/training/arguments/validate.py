@@ -174,6 +174,30 @@ def _learning_rate(args: argparse.Namespace) -> None:
         raise ConfigError("--weight-decay-incr-style constant needs --start-weight-decay == --end-weight-decay")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("give only one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler")
+    if not args.skip_train:
+        _schedule_lengths(args, by_samples)
+
+
+def _schedule_lengths(args: argparse.Namespace, by_samples: bool) -> None:
+    """Megatron-LM's schedule rules: iteration-based training has no batch ramp-up (the decay, counted in
+    samples of full batches, would not end at the last iteration), and the warmup ends before the decay."""
+    if not by_samples and args.rampup_batch_size is not None:
+        raise ConfigError("--rampup-batch-size needs sample-based training (as in Megatron-LM): give --train-samples "
+                          "with --lr-decay-samples / --lr-warmup-samples instead of --train-iters, so the decay ends "
+                          "at --min-lr at the last iteration")
+    unit, flag = ("samples", "samples") if by_samples else ("iterations", "iters")
+    total = args.train_samples if by_samples else args.train_iters
+    decay = args.lr_decay_samples if by_samples else args.lr_decay_iters
+    decay = total if decay is None else decay
+    warmup = args.lr_warmup_samples if by_samples else args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warmup = args.lr_warmup_fraction * decay
+    if decay is not None and decay <= 0 and args.lr_decay_style != "constant":
+        raise ConfigError(f"--lr-decay-{flag} must be positive, got {decay}")
+    if args.lr_decay_style != "constant" and warmup > 0 and decay is not None and warmup >= decay:
+        raise ConfigError(f"the learning-rate warmup ({warmup:g} {unit}) is not shorter than the decay ({decay} "
+                          f"{unit}): the rate would jump from the peak --lr straight to --min-lr; make "
+                          f"--lr-decay-{flag} longer than the warmup or shorten the warmup")
 
 
 def _precision_and_recompute(args: argparse.Namespace) -> None:
