@@ -155,6 +155,8 @@ def _write_files(config: CheckpointConfig, tmp_dir: str, iteration: int, consume
                 state[key] = unwrap(chunk).state_dict()
             if save_optim:
                 state["optimizer"] = optimizer.state_dict()  # under ZeRO: what all DP ranks share
+                if _sharded(optimizer):  # so a load can tell a deleted shard from another DP size
+                    state["distrib_optim_shards"] = parallel_state.dp_size
             if scheduler is not None:
                 state["opt_param_scheduler"] = scheduler.state_dict()
             if rng is not None:
@@ -381,18 +383,19 @@ def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parall
         saved, now = ("sharded", "does not use") if shards else ("non-sharded", "uses")
         raise ConfigError(f"{rank_dir} holds a {saved} optimizer state but this run {now} --use-distributed-optimizer; "
                           f"match the flag to the checkpoint or pass --no-load-optim")
-    expected = [io.distrib_optim_filename(r) for r in range(len(shards))]
-    if distributed_optimizer and shards != expected:
-        missing = sorted(set(expected + [io.distrib_optim_filename(len(shards))]) - set(shards))[0]
-        raise ConfigError(f"{os.path.join(rank_dir, missing)} is missing (the shards there are not numbered 0..N-1): "
-                          f"the checkpoint is damaged; load an earlier one with --ckpt-step N or pass --no-load-optim")
+    written = int(state.get("distrib_optim_shards", int(shards[-1][len("distrib_optim_dp"):-3]) + 1 if shards else 0))
+    missing = sorted({io.distrib_optim_filename(r) for r in range(written)} - set(shards))
+    if distributed_optimizer and missing:
+        raise ConfigError(f"{os.path.join(rank_dir, missing[0])} is missing (the save wrote {written} shards): the "
+                          f"checkpoint is damaged; load an earlier one with --ckpt-step N or pass --no-load-optim")
     if distributed_optimizer and len(shards) != parallel_state.dp_size:
         raise ConfigError(f"{rank_dir} holds {len(shards)} distributed-optimizer shards but the data-parallel size is "
                           f"{parallel_state.dp_size}; resume with the same number of ranks or pass --no-load-optim")
+    shard = load(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank))) if distributed_optimizer else None
     try:
         optimizer.load_state_dict(state["optimizer"])
-        if distributed_optimizer:
-            optimizer.load_sharded_state_dict(load(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank))))
+        if shard is not None:
+            optimizer.load_sharded_state_dict(shard)
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{rank_dir}: the optimizer state does not fit ({exc}); pass --no-load-optim to start the "
                           f"optimizer fresh") from None

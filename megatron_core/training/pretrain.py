@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_core import device
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState, destroy_model_parallel, initialize_model_parallel
-from megatron_core.training import checkpointing, data_loading, health
+from megatron_core.training import checkpoint_io, checkpointing, data_loading, health
 from megatron_core.training.agreement import agreed
 from megatron_core.training.config import (
     CheckpointConfig,
@@ -144,6 +144,8 @@ def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: Mod
     out, ps = Printers(parallel_state), parallel_state
     out.rank0(f"> world size {ps.world_size}: tensor parallel {ps.tp_size}, pipeline parallel {ps.pp_size}"
               f"{f' x {ps.vpp_size} virtual stages' if ps.vpp_size else ''}, data parallel {ps.dp_size}")
+    if config.checkpoint.save is not None:  # found out now, not at the first save after hours of training
+        agreed(checkpoint_io.check_writable, config.checkpoint.save)
     tokenizer, padded_vocab, model = agreed(_build_model, config, ps, model_provider)
     out.rank0(f"> tokenizer {config.data.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded_vocab}")
     if ps.dp_rank == 0:
