@@ -9,6 +9,7 @@ import argparse
 
 from megatron_core import device
 from megatron_core.microbatches import MicrobatchCalculator
+from megatron_core.training.arguments import compat
 from megatron_core.training.errors import ConfigError
 
 _DEMO_HINT = " (or try python pretrain_gpt.py --demo)"
@@ -16,6 +17,7 @@ _DEMO_HINT = " (or try python pretrain_gpt.py --demo)"
 
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Validate ``args`` in place and add derived fields; raises :class:`ConfigError`."""
+    compat.apply(args)
     _parallel(args, world_size)
     _model(args)
     _batch_and_iterations(args)
