@@ -21,10 +21,11 @@ import torch.distributed as dist
 
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training import checkpoint_io as io
-from megatron_core.training.config import CheckpointConfig, ModelInfo
 from megatron_core.training.agreement import agreed
+from megatron_core.training.config import CheckpointConfig, ModelInfo
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.health import TrainingDivergedError, check_finite_state
+from megatron_core.training.initialize import launcher_alive
 from megatron_core.training.rng_state import get_rng_state, set_rng_state
 from megatron_core.transformer.config import TransformerConfig
 
@@ -172,6 +173,9 @@ def _write_files(config: CheckpointConfig, tmp_dir: str, iteration: int, consume
 
 def _publish(root: str, tmp_dir: str, final_dir: str, iteration: int) -> str | None:
     """Rank 0: manifest, fsync, rename, tracker. Returns an error message instead of raising."""
+    if not launcher_alive():  # never publish a checkpoint after the job's launcher was killed
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return f"not saving iteration {iteration}: the launcher of this job died"
     try:
         io.write_manifest(tmp_dir)
         for dirpath, _, _ in os.walk(tmp_dir):
