@@ -114,3 +114,34 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path):
         for pid in _children(agent.pid) + [agent.pid]:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_two_torchrun_agents_on_localhost_reproduce_the_one_process_losses(tmp_path):
+    """Two "nodes" (torchrun agents with --nnodes 2 and a c10d rendezvous) x 2 processes: TP 2 x DP 2."""
+    import re
+
+    from test_failures_training import TINY, _one
+
+    argv = TINY + ["--vocab-size", "255", "--global-batch-size", "4", "--train-iters", "3", "--eval-iters", "0"]
+    serial = _one(argv)  # 256 tokens pad to 256 at TP 1 and TP 2 alike: the same model
+    env = dict(os.environ, NNODES="2", NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{_free_port()}",
+               RDZV_ID="test-multinode", PYTHON=sys.executable, PYTHONPATH=REPO, GLOO_SOCKET_IFNAME="lo")
+    logs = [str(tmp_path / f"node{i}.txt") for i in range(2)]
+    agents = []
+    for log in logs:
+        with open(log, "w") as out:
+            agents.append(subprocess.Popen(
+                ["bash", os.path.join(REPO, "scripts", "pretrain_gpt_multinode.sh"), *argv,
+                 "--tensor-model-parallel-size", "2"], cwd=str(tmp_path), env=env, stdout=out,
+                stderr=subprocess.STDOUT))
+    try:
+        codes = [agent.wait(timeout=240) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    text = "".join(open(log).read() for log in logs)
+    assert codes == [0, 0], text[-4000:]
+    assert "world size 4: tensor parallel 2, pipeline parallel 1, data parallel 2" in text
+    losses = [float(v) for v in re.findall(r"iteration +\d+/ +3 \|.*?lm loss: ([0-9.E+-]+)", text)]
+    assert losses == pytest.approx(serial.losses, rel=1e-5), (losses, serial.losses)
