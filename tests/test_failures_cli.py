@@ -1,4 +1,4 @@
-"""Issue #14, what a Megatron-LM user types: their scripts' flags (14), ``--spec`` (14), ``--help`` and ``--demo`` (15)."""
+"""Issue #14, what a Megatron-LM user types: script flags and ``--spec`` (14), ``--help`` and ``--demo`` (15)."""
 import contextlib
 import io
 import json
@@ -64,7 +64,8 @@ def test_spec_picks_a_custom_layer_from_the_command_line(tmp_path):
     state = io_.load_file(os.path.join(io_.iteration_dir(ckpt, 2), "mp_rank_00", io_.MODEL_FILENAME))
     assert any("q_layernorm" in key for key in state["model"]) and any("k_layernorm" in key for key in state["model"])
     message = run_distributed(_run, 1, TINY + ["--spec", "models.custom_spec", "no_such_spec"], timeout=60)[0]
-    assert message == "ConfigError: --spec models.custom_spec no_such_spec: module models.custom_spec has no no_such_spec"
+    assert message == ("ConfigError: --spec models.custom_spec no_such_spec: module models.custom_spec has no "
+                       "no_such_spec")
 
 
 def test_help_shows_defaults_and_tokenizer_flags_have_help():

@@ -1,4 +1,4 @@
-"""Issue #14, data: a re-preprocessed corpus rebuilds its index cache (3); preprocessing that writes nothing fails (9)."""
+"""Issue #14, data: a re-preprocessed corpus rebuilds its index cache (3); writing nothing is an error (9)."""
 import contextlib
 import io
 import os

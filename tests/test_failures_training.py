@@ -54,8 +54,8 @@ def _weights(ckpt, iteration):
 @pytest.mark.parametrize("precision", [[], ["--bf16"]])
 def test_nan_loss_stops_the_run_naming_the_iteration_and_saves_nothing_bad(tmp_path, precision):
     ckpt = str(tmp_path / "ckpt")
-    argv = TINY + precision + ["--lr", "1e30", "--lr-decay-style", "constant", "--train-iters", "12", "--save", ckpt, "--save-interval", "1",
-                               "--clip-grad", "0", "--weight-decay", "0"]
+    argv = TINY + precision + ["--lr", "1e30", "--lr-decay-style", "constant", "--train-iters", "12", "--save", ckpt,
+                               "--save-interval", "1", "--clip-grad", "0", "--weight-decay", "0"]
     message = _one(argv)
     assert isinstance(message, str) and message.startswith("TrainingDivergedError: iteration "), message
     assert "is inf or nan" in message and "not applied" in message
@@ -107,7 +107,8 @@ def test_fp16_skipping_every_step_at_the_lowest_loss_scale_stops(tmp_path):
     argv = TINY + ["--fp16", "--initial-loss-scale", str(2.0 ** 100), "--min-loss-scale", str(2.0 ** 100),
                    "--train-iters", "50", "--max-skipped-iters-at-min-loss-scale", "4"]
     message = _one(argv)
-    assert isinstance(message, str) and message.startswith("TrainingDivergedError: iteration 4: the last 4 fp16"), message
+    assert isinstance(message, str), message
+    assert message.startswith("TrainingDivergedError: iteration 4: the last 4 fp16"), message
 
 
 # ---- 4. schedules that cannot be meant ---------------------------------------------------------------

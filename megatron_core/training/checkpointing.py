@@ -103,6 +103,8 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     Temporaries left by killed saves are removed first.
     """
     root = config.save
+    if root is None:
+        raise ValueError("save_checkpoint needs CheckpointConfig.save (--save DIR)")
     final_dir = io.iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     start = time.perf_counter()
@@ -261,6 +263,8 @@ def _check_load_root(root: str) -> bool:
 
 def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tuple[int, str] | None:
     root = config.load
+    if root is None:
+        return None
     fresh = _check_load_root(root)
     try:
         iteration = config.ckpt_step if config.ckpt_step is not None else io.read_tracker(root)
@@ -316,11 +320,12 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     if config.load is None:
         return LoadResult()
     resolved = _resolve_dir(config, parallel_state)
+    load_root = config.load
     if resolved is None:
         printer(f"> no checkpoint found in --load {config.load}: starting from scratch")
         return LoadResult()
     iteration, rank_dir = resolved
-    state = _load_or_name_damage(config.load, iteration, os.path.join(rank_dir, io.MODEL_FILENAME))
+    state = _load_or_name_damage(load_root, iteration, os.path.join(rank_dir, io.MODEL_FILENAME))
     check_compatible(state.get("config", {}), state.get("model_info", {}), transformer.to_dict(),
                      model_info.to_dict(), rank_dir)
     for key in _model_keys(model):
@@ -335,7 +340,7 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     result.consumed_train_samples = int(state.get("consumed_train_samples", 0))
     if not config.no_load_optim:
         result.optimizer_loaded = _load_optimizer(state, optimizer, rank_dir, parallel_state, printer,
-                                                  functools.partial(_load_or_name_damage, config.load, iteration))
+                                                  functools.partial(_load_or_name_damage, load_root, iteration))
         if scheduler is not None and "opt_param_scheduler" in state:
             scheduler.load_state_dict(state["opt_param_scheduler"])
             result.scheduler_loaded = True
@@ -387,7 +392,8 @@ def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parall
         saved, now = ("sharded", "does not use") if shards else ("non-sharded", "uses")
         raise ConfigError(f"{rank_dir} holds a {saved} optimizer state but this run {now} --use-distributed-optimizer; "
                           f"match the flag to the checkpoint or pass --no-load-optim")
-    written = int(state.get("distrib_optim_shards", int(shards[-1][len("distrib_optim_dp"):-3]) + 1 if shards else 0))
+    last_shard = int(shards[-1][len("distrib_optim_dp"):-len(".pt")]) if shards else -1
+    written = int(state.get("distrib_optim_shards", last_shard + 1))
     missing = sorted({io.distrib_optim_filename(r) for r in range(written)} - set(shards))
     if distributed_optimizer and missing:
         raise ConfigError(f"{os.path.join(rank_dir, missing[0])} is missing (the save wrote {written} shards): the "
@@ -395,7 +401,8 @@ def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parall
     if distributed_optimizer and len(shards) != parallel_state.dp_size:
         raise ConfigError(f"{rank_dir} holds {len(shards)} distributed-optimizer shards but the data-parallel size is "
                           f"{parallel_state.dp_size}; resume with the same number of ranks or pass --no-load-optim")
-    shard = load(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank))) if distributed_optimizer else None
+    shard = (load(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
+             if distributed_optimizer else None)
     try:
         optimizer.load_state_dict(state["optimizer"])
         if shard is not None:

@@ -73,9 +73,10 @@ class SkipWatch:
     def update(self, iteration: int, skipped: bool, optimizer: Any) -> None:
         """Raise :class:`TrainingDivergedError` after ``max_skipped`` such iterations (0: never)."""
         scaler = getattr(optimizer, "grad_scaler", None)
-        at_floor = scaler is not None and (not isinstance(scaler, DynamicGradScaler) or scaler.scale <= scaler.min_scale)
+        at_floor = scaler is not None and (not isinstance(scaler, DynamicGradScaler)
+                                           or scaler.scale <= scaler.min_scale)
         self.count = self.count + 1 if skipped and at_floor else 0
-        if self.max_skipped and self.count >= self.max_skipped:
+        if scaler is not None and self.max_skipped and self.count >= self.max_skipped:
             raise TrainingDivergedError(
                 f"iteration {iteration}: the last {self.count} fp16 steps overflowed at the lowest loss scale "
                 f"{scaler.scale:g} and were skipped; the gradients do not fit fp16: lower --lr, use --bf16, or lower "

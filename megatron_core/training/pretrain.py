@@ -209,7 +209,8 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     ps, out = run.parallel_state, run.out
     # Said after every rank agreed: never "loaded" from rank 0 while another rank's shard is damaged.
     messages: list[str] = []
-    checkpoint, optimizer, scheduler = run.checkpoint, run.optimizer, run.scheduler
+    checkpoint, optimizer = run.checkpoint, run.optimizer
+    scheduler: OptimizerParamScheduler | None = run.scheduler
     if run.training.skip_train:  # evaluation only: the weights, never the optimizer or the schedule
         checkpoint, optimizer, scheduler = dataclasses.replace(checkpoint, no_load_optim=True), None, None
     loaded = agreed(checkpointing.load_checkpoint, checkpoint, run.model, optimizer, scheduler, ps,

@@ -15,7 +15,8 @@ from megatron_core.errors import ConfigError
 # per op with the same result, so turning one off (or on) changes nothing a user can observe but speed.
 _KERNEL_CHOICES = ("--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion",
                    "--no-bias-dropout-fusion", "--no-gradient-accumulation-fusion", "--no-rope-fusion",
-                   "--no-persist-layer-norm", "--cross-entropy-loss-fusion", "--no-async-tensor-model-parallel-allreduce",
+                   "--no-persist-layer-norm", "--cross-entropy-loss-fusion",
+                   "--no-async-tensor-model-parallel-allreduce",
                    "--no-create-attention-mask-in-dataloader", "--masked-softmax-fusion", "--bias-gelu-fusion")
 
 _MOE = "mixture-of-experts (Mixtral-style) models are not supported yet; train a dense model (drop the MoE flags)"
@@ -76,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-flash-attn", action="store_true", help="same as --attention-backend flash")
     g.add_argument("--squared-relu", action="store_true", help="squared ReLU MLP activation (Primer, Nemotron)")
     g.add_argument("--no-position-embedding", action="store_true", help="same as --position-embedding-type none")
-    g.add_argument("--use-rotary-position-embeddings", action="store_true", help="same as --position-embedding-type rope")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="same as --position-embedding-type rope")
     for flag in _KERNEL_CHOICES:
         g.add_argument(flag, action="store_true", help="accepted: fused kernels are chosen at run time, same result")
     for flag in _REFUSED:
