@@ -97,9 +97,10 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path):
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
              "--master_port", str(_free_port()), os.path.join(REPO, "pretrain_gpt.py"), *TINY, "--train-iters",
              "100000", "--save", ckpt, "--save-interval", "3"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    workers = []
     try:
         _wait_for(log, "successfully saved checkpoint at iteration       3", agent)
-        workers = _children(agent.pid)
+        workers += _children(agent.pid)
         assert workers, "torchrun started no worker"
         agent.send_signal(signal.SIGKILL)
         agent.wait(timeout=10)
@@ -111,7 +112,7 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path):
         time.sleep(1.5)
         assert sorted(os.listdir(ckpt)) == saved  # and nothing is written afterwards
     finally:
-        for pid in _children(agent.pid) + [agent.pid]:
+        for pid in workers + _children(agent.pid) + [agent.pid]:  # never leave an orphan training
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
