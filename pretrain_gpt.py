@@ -11,6 +11,7 @@ such errors into one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -29,16 +30,41 @@ from megatron_core.training.demo import demo_argv, prepare_demo_data
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
 from megatron_core.training.pretrain import TrainResult, perplexity, pretrain
+from megatron_core.transformer.spec import ModuleSpec
 
 TRACEBACK_ENV = "MCORE_TRACEBACK"  # set to 1 to see the full traceback of a configuration error
 
 
+def layer_spec(spec: tuple[str, str] | None) -> ModuleSpec | None:
+    """The layer spec named by ``--spec MODULE FUNCTION`` (None: the built-in choice), as Megatron-LM's.
+
+    ``MODULE.FUNCTION`` is a ``ModuleSpec`` or a function of no arguments returning one; raises
+    ConfigError naming the flag when it cannot be imported or is not a spec.
+    """
+    if spec is None:
+        return None
+    module_name, name = spec
+    flag = f"--spec {module_name} {name}"
+    try:
+        target = getattr(importlib.import_module(module_name), name)
+        result = target if isinstance(target, ModuleSpec) or not callable(target) else target()
+    except ImportError as exc:
+        raise ConfigError(f"{flag}: {exc}; give a module importable from the working directory or PYTHONPATH "
+                          f"(--transformer-impl transformer_engine needs transformer_engine installed)") from None
+    except AttributeError:
+        raise ConfigError(f"{flag}: module {module_name} has no {name}") from None
+    if not isinstance(result, ModuleSpec):
+        raise ConfigError(f"{flag}: gave a {type(result).__name__}, not a ModuleSpec")
+    return result
+
+
 def model_provider(config: ModelConfig, padded_vocab_size: int,
                    parallel_state: ParallelState) -> list[torch.nn.Module]:
-    """This rank's GPT model chunks (one per virtual pipeline stage)."""
+    """This rank's GPT model chunks (one per virtual pipeline stage), with the ``--spec`` layer if given."""
     # The vocabulary is already padded by --make-vocab-size-divisible-by x TP; don't pad it again.
     return build_gpt_model_chunks(config.transformer, padded_vocab_size, config.max_position_embeddings,
-                                  parallel_state, make_vocab_size_divisible_by=1)
+                                  parallel_state, make_vocab_size_divisible_by=1,
+                                  transformer_layer_spec=layer_spec(config.spec))
 
 
 def get_batch(data_iterator: Any | None, seq_length: int, micro_batch_size: int) -> dict[str, torch.Tensor | None]:
@@ -75,7 +101,7 @@ def _expand_demo(argv: list[str]) -> list[str]:
     if "--demo" not in argv:
         return argv
     first = parse_args(argv)
-    return demo_argv(first.demo_dir) + argv
+    return demo_argv(first.demo_dir, first.demo_input) + argv
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult | None:

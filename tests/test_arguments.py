@@ -5,13 +5,13 @@ from megatron_core.training.arguments import config_from_args, parse_args
 from megatron_core.training.arguments.validate import validate_args
 from megatron_core.training.errors import ConfigError
 
-# Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh, with small sizes.
+# Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh, with small sizes (sample-based, as there).
 GPT3_SCRIPT = """
 --num-layers 4 --hidden-size 64 --num-attention-heads 8 --seq-length 32 --max-position-embeddings 32
 --attention-backend auto
---micro-batch-size 1 --global-batch-size 16 --rampup-batch-size 4 4 64 --train-iters 50
+--micro-batch-size 1 --global-batch-size 16 --rampup-batch-size 4 4 64 --train-samples 800
 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --init-method-std 0.006 --clip-grad 1.0 --fp16
---lr 6.0e-5 --lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-iters 40
+--lr 6.0e-5 --lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-samples 640
 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
 --mock-data --vocab-file vocab.json --merge-file merges.txt --split 949,50,1
 --log-interval 100 --save-interval 10000 --eval-interval 1000 --save ckpt --load ckpt --eval-iters 10

@@ -89,7 +89,8 @@ def test_demo_pipeline_runs_end_to_end(tmp_path, capfd):
     small = ["--demo", "--demo-dir", str(tmp_path), "--num-layers", "1", "--hidden-size", "32",
              "--num-attention-heads", "2", "--seq-length", "32", "--max-position-embeddings", "32",
              "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6", "--eval-iters", "2",
-             "--log-interval", "3", "--save-interval", "6", "--tensorboard-dir", str(tmp_path / "tb")]
+             "--log-interval", "3", "--save-interval", "6", "--tensorboard-dir", str(tmp_path / "tb"),
+             "--lr-warmup-iters", "1"]  # the demo warms up over 20 of its 500 iterations
     result = _logged(run_distributed(_train, 1, small, timeout=120))
     out = capfd.readouterr().out
     assert sorted(result.val_losses) == [0, 6] and result.saved_iterations == [6]

@@ -89,8 +89,11 @@ class GPTDataset(torch.utils.data.Dataset):
             "index_split": self.index_split,
             "document_range": [int(indices[0]), int(indices[-1]) + 1],
             "documents_md5": hashlib.md5(indices.tobytes()).hexdigest(),
-            # Content fingerprint: regenerated data under the same path gets new indices.
+            # Content fingerprint: regenerated data under the same path gets new indices. The sample index
+            # depends on every document's length, so the lengths themselves are hashed, not just their sum.
             "num_tokens": int(lengths[indices].sum()),
+            "document_lengths_md5": hashlib.md5(
+                np.ascontiguousarray(lengths[indices], dtype=np.int64).tobytes()).hexdigest(),
             "sequence_length": self.config.seq_length,
             "num_samples": self.num_samples,
             "random_seed": self.config.seed,

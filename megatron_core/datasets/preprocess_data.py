@@ -188,7 +188,7 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
         builders[key] = IndexedDatasetBuilder(data_file_path(prefix), dtype=dtype)
 
     encode = _EncodeLine(spec, keys, args.append_eod)
-    start, num_bytes, ok = time.monotonic(), 0, False
+    start, num_bytes, ok, first_bad = time.monotonic(), 0, False, ""
     pool = multiprocessing.Pool(args.workers) if args.workers > 1 else None
     try:
         results = pool.imap(encode, _iter_lines(args.input), args.chunk_size) if pool else map(encode, _iter_lines(args.input))
@@ -199,6 +199,7 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
                 if args.on_bad_line == "error":
                     raise BadLineError(f"{where}: {result.error} (pass --on-bad-line skip to skip such lines)")
                 stats.skipped += 1
+                first_bad = first_bad or f"{where}: {result.error}"
                 print(f"warning: {where}: skipped line: {result.error}", file=sys.stderr, flush=True)
                 continue
             for key, tokens in zip(keys, result.tokens):
@@ -208,6 +209,7 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
             stats.documents += 1
             if args.log_interval > 0 and stats.documents % args.log_interval == 0:
                 _log_progress(stats, num_bytes, start)
+        _check_wrote_something(args.input, stats, first_bad)
         for key in keys:
             builders[key].finalize(index_file_path(stats.output_prefixes[key]))
         ok = True
@@ -229,6 +231,18 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
     if stats.skipped:
         print(f"Skipped {stats.skipped} bad line(s).", file=sys.stderr)
     return stats
+
+
+def _check_wrote_something(inputs: Sequence[str], stats: PreprocessStats, first_bad: str) -> None:
+    """A dataset without a single token is an error (an empty, binary or wrongly encoded input), not a result."""
+    empty = [key for key, count in stats.tokens.items() if count == 0]
+    if stats.documents and not empty:
+        return
+    what = (f"{stats.documents} documents but no tokens under --json-keys {' '.join(empty)}" if stats.documents
+            else "no documents")
+    bad = f"; all {stats.skipped} non-blank lines were bad, the first: {first_bad}" if stats.skipped else ""
+    raise ValueError(f"--input {' '.join(inputs)}: {what}{bad}; nothing was written. The input must be JSONL in "
+                     f"UTF-8, one {{\"text\": ...}} object per line")
 
 
 def build_parser() -> argparse.ArgumentParser:

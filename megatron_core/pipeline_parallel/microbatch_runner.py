@@ -113,7 +113,9 @@ class MicrobatchRunner:
             loss, num_tokens, reduced = result
             self.num_tokens += torch.as_tensor(num_tokens).detach().to(torch.int64).cpu()
             if not self.calculate_per_token_loss:
-                loss = loss / num_tokens
+                # A microbatch whose every label is masked has loss_sum 0: it contributes zero loss and
+                # zero gradient, never 0 / 0 = nan.
+                loss = loss / torch.as_tensor(num_tokens).clamp(min=1)
         elif len(result) == 2:
             if self.calculate_per_token_loss:
                 raise ValueError("calculate_per_token_loss=True needs loss_func to return "

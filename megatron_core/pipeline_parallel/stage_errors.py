@@ -5,7 +5,9 @@ closed by peer" (measured: well under a second), and those peers exit in turn, s
 spreads down and up the pipeline instead of hanging. That message names no cause, though. The
 rank that raised first therefore writes its error into the job's key-value store before it
 unwinds (and so before its sockets close); a peer whose schedule then fails looks there and
-raises :class:`PipelineStageError` carrying the original error.
+raises :class:`PipelineStageError` carrying the original error. A rank that dies without raising
+(``kill -9``, the out-of-memory killer) publishes nothing; its peers then say that a peer was lost
+instead of naming the first survivor whose socket broke.
 """
 from __future__ import annotations
 
@@ -60,6 +62,17 @@ def _peer_failure() -> str | None:
     return None
 
 
+# What gloo and NCCL say when the process at the other end of a connection has gone away.
+_PEER_LOSS_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "ECONNRESET",
+                       "EPIPE", "Connection refused", "NCCL communicator was aborted", "remote process exited")
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """Whether ``exc`` is a communication failure caused by a vanished peer rather than an error of its own."""
+    text = str(exc)
+    return any(message in text for message in _PEER_LOSS_MESSAGES)
+
+
 @contextlib.contextmanager
 def report_stage_failures(parallel_state: ParallelState) -> Iterator[None]:
     """Run a schedule; publish this rank's error, or re-raise a peer's as :class:`PipelineStageError`."""
@@ -69,9 +82,16 @@ def report_stage_failures(parallel_state: ParallelState) -> Iterator[None]:
         raise
     except Exception as exc:
         if parallel_state.world_size > 1:
+            first_line = str(exc).split("\n", 1)[0]
             root = _peer_failure()
             if root is not None and not root.startswith(f"global rank {parallel_state.rank} "):
-                first_line = str(exc).split("\n", 1)[0]
                 raise PipelineStageError(f"{root}; this rank stopped on: {first_line}") from exc
+            if is_peer_loss(exc):
+                # A broken connection is a symptom: the peer died without raising (killed, out of memory,
+                # its machine lost). Never publish it as the root cause, which would name a survivor.
+                raise PipelineStageError(
+                    f"a peer was lost: global rank {parallel_state.rank} ({parallel_state.describe()}) stopped on "
+                    f"{type(exc).__name__}: {first_line}; no rank reported an error, so a peer process died "
+                    f"(killed, out of memory, or its machine failed): check the other ranks' logs") from exc
             _publish(parallel_state, exc)
         raise

@@ -109,19 +109,23 @@ def train_sentencepiece(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys holding the text")
     parser.add_argument("--input-format", choices=("auto", "text", "json"), default="auto",
                         help="auto: .jsonl/.json/.ndjson files are JSON lines, others plain text")
-    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--vocab-size", type=int, required=True,
+                        help="tokens in the trained vocabulary")
     parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    parser.add_argument("--character-coverage", type=float, default=0.9995)
+    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe",
+                        help="SentencePiece algorithm: byte-pair encoding or the unigram language model")
+    parser.add_argument("--character-coverage", type=float, default=0.9995,
+                        help="fraction of the input's characters the vocabulary covers (rarer ones become byte pieces)")
     parser.add_argument("--input-sentence-size", type=int, default=0,
                         help="train on a random sample of this many lines (0: all)")
-    parser.add_argument("--num-threads", type=int, default=None)
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--num-threads", type=int, default=None, help="trainer threads (None: all cores)")
+    parser.add_argument("--verbose", action="store_true", help="print SentencePiece's own training log")
     return parser
 
 

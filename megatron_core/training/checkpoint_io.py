@@ -7,14 +7,20 @@ checkpoint as the one that loads.
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
+import pickle
 import shutil
 from typing import Any
 
 import torch
 
+from megatron_core.errors import ConfigError
+
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MODEL_FILENAME = "model_optim_rng.pt"
+MANIFEST_FILENAME = "manifest.json"  # every file of an iteration and its size in bytes, written at save
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -54,8 +60,27 @@ def save_file(obj: Any, path: str) -> None:
 
 
 def load_file(path: str) -> Any:
-    """Load with ``weights_only=True``: tensors and plain Python values only, no code runs."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load with ``weights_only=True``: tensors and plain Python values only, no code runs.
+
+    Raises ConfigError (one line naming ``path``) for a file that is not a plain-tensor checkpoint
+    or that is truncated or damaged.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"{path} is not a plain-tensor checkpoint: it holds pickled Python objects, which are "
+                          f"not loaded (they could run code); re-save it with tensors and plain values only") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as exc:
+        raise DamagedFileError(path, exc) from None
+
+
+class DamagedFileError(ConfigError):
+    """A checkpoint file that cannot be read back (truncated, empty, overwritten)."""
+
+    def __init__(self, path: str, exc: BaseException) -> None:
+        self.cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+        super().__init__(f"{path} is truncated or damaged ({self.cause}); load an earlier checkpoint with "
+                         f"--ckpt-step N")
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -85,7 +110,12 @@ def read_tracker(root: str) -> int | None:
     path = os.path.join(root, TRACKER_FILENAME)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    with open(path, "rb") as f:
+        raw = f.read(64)
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        text = "<binary>"
     if text == "release":
         return 0  # Megatron-LM's name for a converted, iteration-less checkpoint
     try:
@@ -103,3 +133,74 @@ def existing_iteration_dir(root: str, iteration: int) -> str | None:
         if os.path.isdir(path):
             return path
     return None
+
+
+def write_manifest(directory: str) -> None:
+    """Record every file under ``directory`` and its size, so a load can tell a damaged file."""
+    sizes = {}
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            sizes[os.path.relpath(path, directory)] = os.path.getsize(path)
+    text = json.dumps({"files": sizes}, indent=1, sort_keys=True)
+    path = os.path.join(directory, MANIFEST_FILENAME)
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(directory: str) -> dict[str, int] | None:
+    """The manifest's ``{relative path: size}``, or None for a checkpoint saved without one."""
+    path = os.path.join(directory, MANIFEST_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            return {str(k): int(v) for k, v in json.loads(f.read().decode("utf-8"))["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{path} is damaged (not the JSON a save writes); load an earlier checkpoint with "
+                          f"--ckpt-step N") from None
+
+
+def complete_iterations(root: str) -> list[int]:
+    """Iterations under ``root`` with a final (not ``.tmp``) directory, ascending."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(root), "iter_*")):
+        name = os.path.basename(path)[len("iter_"):]
+        if name.isdigit() and os.path.isdir(path):
+            found.append(int(name))
+    return sorted(found)
+
+
+def remove_leftovers(root: str) -> list[str]:
+    """Delete temporaries of saves that were killed (``iter_N.tmp``, ``iter_N.old``, tracker temporaries)."""
+    removed = []
+    pattern = [os.path.join(glob.escape(root), p) for p in ("iter_*.tmp", "iter_*.old", f"{TRACKER_FILENAME}.tmp.*")]
+    for path in (p for pat in pattern for p in glob.glob(pat)):
+        if path.endswith(".old") and not os.path.isdir(path[:-len(".old")]):
+            continue  # a crash between the two renames of publish_dir: this is still the checkpoint
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                continue
+        removed.append(path)
+    return removed
+
+
+def check_writable(root: str, flag: str = "--save") -> None:
+    """Create ``root`` if needed and write a probe file in it; ConfigError naming ``root`` if that fails."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"{flag} {root} is an existing file, not a directory; give a directory for the checkpoints")
+    probe = os.path.join(root, f".write_test.{os.getpid()}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {root} is not writable ({exc.strerror or exc}); give a directory this job can "
+                          f"write to") from None

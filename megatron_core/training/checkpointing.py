@@ -8,20 +8,24 @@ all ranks are done; the tracker file is replaced last (see ``checkpoint_io``).
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training import checkpoint_io as io
+from megatron_core.training.agreement import agreed
 from megatron_core.training.config import CheckpointConfig, ModelInfo
 from megatron_core.training.errors import ConfigError
+from megatron_core.training.health import TrainingDivergedError, check_finite_state
+from megatron_core.training.initialize import launcher_alive
 from megatron_core.training.rng_state import get_rng_state, set_rng_state
 from megatron_core.transformer.config import TransformerConfig
 
@@ -68,7 +72,7 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _model_keys(model: list[torch.nn.Module]) -> list[str]:
+def _model_keys(model: Sequence[Any]) -> list[str]:
     return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
 
 
@@ -93,48 +97,111 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
                     printer: Callable[[str], None] = print) -> str:
     """Write iteration ``iteration`` under ``config.save``; returns the checkpoint directory. Collective.
 
-    A sharded (ZeRO) optimizer also writes this DP rank's shard beside the model file.
+    A sharded (ZeRO) optimizer also writes this DP rank's shard beside the model file. Weights
+    holding inf/nan are never saved (``TrainingDivergedError``); a write that fails on any rank (a
+    full disk) removes the partial directory and raises ConfigError naming it on every rank.
+    Temporaries left by killed saves are removed first.
     """
     root = config.save
+    if root is None:
+        raise ValueError("save_checkpoint needs CheckpointConfig.save (--save DIR)")
     final_dir = io.iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     start = time.perf_counter()
+    agreed(_check_finite_model, model, iteration)
     if parallel_state.rank == 0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that was killed
+        io.remove_leftovers(root)
         os.makedirs(tmp_dir)
     _barrier()
     rng = None if config.no_save_rng else _gather_rng_states(parallel_state)
-    rank_dir = os.path.join(tmp_dir, io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size))
-    save_optim = optimizer is not None and not config.no_save_optim
-    # On every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective).
+    # On every DP rank, outside ``agreed`` (which must not communicate): under ZeRO-3 state_dict()
+    # all-gathers the parameter shards, a DP collective.
     model_states = [unwrap(chunk).state_dict() for chunk in model]
-    if parallel_state.dp_rank == 0:
-        state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": iteration,
-                                 "consumed_train_samples": consumed_train_samples,
-                                 "config": transformer.to_dict(), "model_info": model_info.to_dict()}
-        for key, model_state in zip(_model_keys(model), model_states):
-            state[key] = model_state
-        if save_optim:
-            state["optimizer"] = optimizer.state_dict()  # under ZeRO: what all DP ranks share
-        if scheduler is not None:
-            state["opt_param_scheduler"] = scheduler.state_dict()
-        if rng is not None:
-            state["rng_state"] = rng
-        io.save_file(state, os.path.join(rank_dir, io.MODEL_FILENAME))
-    if save_optim and _sharded(optimizer):
-        io.save_file(optimizer.sharded_state_dict(), os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
+    try:
+        agreed(_write_files, config, tmp_dir, iteration, consumed_train_samples, model_states, optimizer,
+               scheduler, parallel_state, transformer, model_info, rng)
+    except ConfigError:
+        if parallel_state.rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     _sleep_for_test(iteration)
     _barrier()
     if parallel_state.rank == 0:
+        agreed_publish = _publish(root, tmp_dir, final_dir, iteration)
+    else:
+        agreed_publish = None
+    agreed(_raise_if, agreed_publish)
+    printer(f"  successfully saved checkpoint at iteration {iteration:7d} to {root} "
+            f"[ t {time.perf_counter() - start:.2f}s ]")
+    return final_dir
+
+
+def _check_finite_model(model: list[torch.nn.Module], iteration: int) -> None:
+    for chunk in model:
+        for name, param in unwrap(chunk).named_parameters():
+            if not torch.isfinite(param.detach()).all():
+                raise TrainingDivergedError(f"not saving iteration {iteration}: weight {name} holds inf or nan; "
+                                            f"resume from the last good checkpoint")
+
+
+def _write_files(config: CheckpointConfig, tmp_dir: str, iteration: int, consumed_train_samples: int,
+                 model_states: list[dict[str, Any]], optimizer: Any, scheduler: Any,
+                 parallel_state: ParallelState, transformer: TransformerConfig, model_info: ModelInfo,
+                 rng: list | None) -> None:
+    """This rank's files of the checkpoint (no communication); an OSError becomes one ConfigError line."""
+    rank_dir = os.path.join(tmp_dir, io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank,
+                                                     parallel_state.pp_size))
+    save_optim = optimizer is not None and not config.no_save_optim
+    try:
+        if parallel_state.dp_rank == 0:
+            state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": iteration,
+                                     "consumed_train_samples": consumed_train_samples,
+                                     "config": transformer.to_dict(), "model_info": model_info.to_dict()}
+            for key, model_state in zip(_model_keys(model_states), model_states, strict=True):
+                state[key] = model_state
+            if save_optim:
+                state["optimizer"] = optimizer.state_dict()  # under ZeRO: what all DP ranks share
+                if _sharded(optimizer):  # so a load can tell a deleted shard from another DP size
+                    state["distrib_optim_shards"] = parallel_state.dp_size
+            if scheduler is not None:
+                state["opt_param_scheduler"] = scheduler.state_dict()
+            if rng is not None:
+                state["rng_state"] = rng
+            io.save_file(state, os.path.join(rank_dir, io.MODEL_FILENAME))
+        if save_optim and _sharded(optimizer):
+            io.save_file(optimizer.sharded_state_dict(),
+                         os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        raise ConfigError(f"saving iteration {iteration} to {tmp_dir} failed ({_first_line(exc)}); the partial "
+                          f"directory was removed: free space or give --save another location") from None
+
+
+def _publish(root: str, tmp_dir: str, final_dir: str, iteration: int) -> str | None:
+    """Rank 0: manifest, fsync, rename, tracker. Returns an error message instead of raising."""
+    if not launcher_alive():  # never publish a checkpoint after the job's launcher was killed
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return f"not saving iteration {iteration}: the launcher of this job died"
+    try:
+        io.write_manifest(tmp_dir)
         for dirpath, _, _ in os.walk(tmp_dir):
             io.fsync_dir(dirpath)
         io.publish_dir(tmp_dir, final_dir)
         io.write_text_atomic(os.path.join(root, io.TRACKER_FILENAME), str(iteration))
-    _barrier()
-    printer(f"  successfully saved checkpoint at iteration {iteration:7d} to {root} "
-            f"[ t {time.perf_counter() - start:.2f}s ]")
-    return final_dir
+    except OSError as exc:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return (f"saving iteration {iteration} to {root} failed ({_first_line(exc)}); the partial directory was "
+                f"removed: free space or give --save another location")
+    return None
+
+
+def _raise_if(message: str | None) -> None:
+    if message is not None:
+        raise ConfigError(message)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _sharded(optimizer: Any) -> bool:
@@ -167,13 +234,47 @@ def check_compatible(saved_config: dict[str, Any], saved_info: dict[str, Any], m
                           f"--target-tensor-parallel-size ... --target-pipeline-parallel-size ...")
 
 
+def _check_load_root(root: str) -> bool:
+    """Whether ``root`` may mean a fresh start (missing, or empty apart from temporaries of killed saves).
+
+    Raises ConfigError naming ``root`` when it exists but is not a checkpoint directory (a file, an
+    iteration directory, a directory of other things).
+    """
+    expected = f"a checkpoint directory holding {io.TRACKER_FILENAME} and iter_NNNNNNN/"
+    if not os.path.exists(root):
+        return True
+    if not os.path.isdir(root):
+        hint = " (the tracker file: give its directory)" if os.path.basename(root) == io.TRACKER_FILENAME else ""
+        raise ConfigError(f"--load {root} is a file{hint}; expected {expected}")
+    if os.path.isfile(os.path.join(root, io.TRACKER_FILENAME)):
+        return False
+    name = os.path.basename(os.path.normpath(root))
+    if name.startswith("iter_") or name == "release" or any(e.startswith("mp_rank_") for e in os.listdir(root)):
+        parent = os.path.dirname(os.path.normpath(root))
+        step = (name[len("iter_"):].lstrip("0") or "0") if name.startswith("iter_") else "N"
+        raise ConfigError(f"--load {root} is one iteration's directory; expected {expected}: pass --load {parent} "
+                          f"(add --ckpt-step {step} for this iteration)")
+    entries = [e for e in os.listdir(root) if not (e.endswith(".tmp") or ".tmp." in e or e.startswith(".write_test"))]
+    if not entries:
+        return True
+    iterations = io.complete_iterations(root)
+    if iterations:
+        raise ConfigError(f"--load {root} has iteration directories ({', '.join(map(str, iterations[-3:]))}) but no "
+                          f"{io.TRACKER_FILENAME}; choose one with --ckpt-step N")
+    raise ConfigError(f"--load {root} holds {', '.join(sorted(entries)[:3])}{', ...' if len(entries) > 3 else ''} "
+                      f"but no checkpoint; expected {expected}")
+
+
 def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tuple[int, str] | None:
     root = config.load
+    if root is None:
+        return None
+    fresh = _check_load_root(root)
     try:
         iteration = config.ckpt_step if config.ckpt_step is not None else io.read_tracker(root)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if iteration is None:
+    if iteration is None or fresh and config.ckpt_step is None:
         if config.exit_on_missing_checkpoint:
             raise ConfigError(f"--load {root}: no {io.TRACKER_FILENAME} there; check the path, or drop "
                               f"--exit-on-missing-checkpoint to start from scratch")
@@ -181,14 +282,39 @@ def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tup
     directory = io.existing_iteration_dir(root, iteration)
     if directory is None:
         raise ConfigError(f"--load {root}: iteration {iteration} has no directory {io.iteration_dir(root, iteration)}")
-    rank_dir = os.path.join(directory, io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size))
+    rank_name = io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size)
+    rank_dir = os.path.join(directory, rank_name)
+    manifest = io.read_manifest(directory)
     if not os.path.isfile(os.path.join(rank_dir, io.MODEL_FILENAME)):
+        if manifest is not None and f"{rank_name}/{io.MODEL_FILENAME}" in manifest:
+            _damaged(root, iteration, os.path.join(rank_dir, io.MODEL_FILENAME), "was deleted")
         found = sorted(d for d in os.listdir(directory) if d.startswith("mp_rank_"))
         raise ConfigError(
-            f"--load {directory} has no {io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size)}/{io.MODEL_FILENAME} "
+            f"--load {directory} has no {rank_name}/{io.MODEL_FILENAME} "
             f"(it holds {', '.join(found) or 'nothing'}): it was saved with another --tensor-model-parallel-size / "
             f"--pipeline-model-parallel-size; use those, or convert it with tools/checkpoint/convert.py")
+    if manifest is not None:
+        _verify_rank_files(root, iteration, directory, rank_name, manifest)
     return iteration, rank_dir
+
+
+def _verify_rank_files(root: str, iteration: int, directory: str, rank_name: str, manifest: dict[str, int]) -> None:
+    """Every file the save recorded for this rank's directory exists with its recorded size."""
+    for relative, size in sorted(manifest.items()):
+        if not relative.startswith(rank_name + "/"):
+            continue
+        path = os.path.join(directory, relative)
+        if not os.path.isfile(path):
+            _damaged(root, iteration, path, "was deleted")
+        elif os.path.getsize(path) != size:
+            _damaged(root, iteration, path, f"has {os.path.getsize(path)} bytes, the save wrote {size}")
+
+
+def _damaged(root: str, iteration: int, path: str, what: str) -> NoReturn:
+    earlier = [i for i in io.complete_iterations(root) if i < iteration]
+    fix = (f"load the previous checkpoint with --ckpt-step {earlier[-1]}" if earlier
+           else "no earlier checkpoint is there: retrain or restore the file")
+    raise ConfigError(f"checkpoint file {path} {what} (iteration {iteration} is damaged); {fix}")
 
 
 def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
@@ -198,13 +324,16 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     if config.load is None:
         return LoadResult()
     resolved = _resolve_dir(config, parallel_state)
+    load_root = config.load
     if resolved is None:
         printer(f"> no checkpoint found in --load {config.load}: starting from scratch")
         return LoadResult()
     iteration, rank_dir = resolved
-    state = io.load_file(os.path.join(rank_dir, io.MODEL_FILENAME))
+    state = _load_or_name_damage(load_root, iteration, os.path.join(rank_dir, io.MODEL_FILENAME))
     check_compatible(state.get("config", {}), state.get("model_info", {}), transformer.to_dict(),
                      model_info.to_dict(), rank_dir)
+    for key in _model_keys(model):
+        check_finite_state(state.get(key, {}), os.path.join(rank_dir, io.MODEL_FILENAME))
     _load_model(state, model, rank_dir)
     result = LoadResult(loaded=True)
     if config.finetune:
@@ -214,7 +343,8 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     result.iteration = int(state.get("iteration", iteration))
     result.consumed_train_samples = int(state.get("consumed_train_samples", 0))
     if not config.no_load_optim:
-        result.optimizer_loaded = _load_optimizer(state, optimizer, rank_dir, parallel_state, printer)
+        result.optimizer_loaded = _load_optimizer(state, optimizer, rank_dir, parallel_state, printer,
+                                                  functools.partial(_load_or_name_damage, load_root, iteration))
         if scheduler is not None and "opt_param_scheduler" in state:
             scheduler.load_state_dict(state["opt_param_scheduler"])
             result.scheduler_loaded = True
@@ -245,8 +375,16 @@ def _load_model(state: dict[str, Any], model: list[torch.nn.Module], where: str)
                               f"check the model flags against the checkpoint") from None
 
 
+def _load_or_name_damage(root: str, iteration: int, path: str) -> Any:
+    """``io.load_file``; a truncated or damaged file names the previous complete iteration."""
+    try:
+        return io.load_file(path)
+    except io.DamagedFileError as exc:
+        _damaged(root, iteration, path, f"is truncated or damaged ({exc.cause})")
+
+
 def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parallel_state: ParallelState,
-                    printer: Callable[[str], None]) -> bool:
+                    printer: Callable[[str], None], load: Callable[[str], Any]) -> bool:
     if optimizer is None:
         return False
     distributed_optimizer = _sharded(optimizer)
@@ -258,13 +396,21 @@ def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parall
         saved, now = ("sharded", "does not use") if shards else ("non-sharded", "uses")
         raise ConfigError(f"{rank_dir} holds a {saved} optimizer state but this run {now} --use-distributed-optimizer; "
                           f"match the flag to the checkpoint or pass --no-load-optim")
+    last_shard = int(shards[-1][len("distrib_optim_dp"):-len(".pt")]) if shards else -1
+    written = int(state.get("distrib_optim_shards", last_shard + 1))
+    missing = sorted({io.distrib_optim_filename(r) for r in range(written)} - set(shards))
+    if distributed_optimizer and missing:
+        raise ConfigError(f"{os.path.join(rank_dir, missing[0])} is missing (the save wrote {written} shards): the "
+                          f"checkpoint is damaged; load an earlier one with --ckpt-step N or pass --no-load-optim")
     if distributed_optimizer and len(shards) != parallel_state.dp_size:
         raise ConfigError(f"{rank_dir} holds {len(shards)} distributed-optimizer shards but the data-parallel size is "
                           f"{parallel_state.dp_size}; resume with the same number of ranks or pass --no-load-optim")
+    shard = (load(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
+             if distributed_optimizer else None)
     try:
         optimizer.load_state_dict(state["optimizer"])
-        if distributed_optimizer:
-            optimizer.load_sharded_state_dict(io.load_file(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank))))
+        if shard is not None:
+            optimizer.load_sharded_state_dict(shard)
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{rank_dir}: the optimizer state does not fit ({exc}); pass --no-load-optim to start the "
                           f"optimizer fresh") from None

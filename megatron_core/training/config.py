@@ -37,6 +37,8 @@ class TrainingConfig:
     eval_at_start: bool = False
     seed: int = 1234
     deterministic_mode: bool = False
+    check_for_nan_in_loss_and_grad: bool = True  # Megatron-LM's flag; stop before a non-finite step lands
+    max_skipped_iters_at_min_loss_scale: int = 10  # fp16: stop after this many skips at the lowest scale (0: never)
 
 
 @dataclass

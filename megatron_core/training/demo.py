@@ -17,27 +17,41 @@ from megatron_core.training.errors import ConfigError
 
 DEMO_VOCAB_SIZE = 1024
 DEMO_CORPUS_BYTES = 3_000_000  # enough text for a tiny model to learn from in a few minutes
-_STAMP = "demo_data.json"
 _STAMP_VERSION = 1
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"})
 
 
-def demo_paths(demo_dir: str) -> dict[str, str]:
-    """Where the demo keeps its files."""
+def dataset_name(demo_input: str | None) -> str:
+    """``stdlib`` for the built-in corpus, else the input file's name without extension (``my.jsonl`` -> ``my``)."""
+    if not demo_input:
+        return "stdlib"
+    stem = os.path.basename(demo_input).split(".")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in stem) or "input"
+
+
+def demo_paths(demo_dir: str, demo_input: str | None = None) -> dict[str, str]:
+    """Where the demo keeps its files; each input gets its own tokenizer, dataset and checkpoints
+    (the standard-library corpus keeps the original names)."""
+    name = dataset_name(demo_input)
+    tag = "" if name == "stdlib" else f"_{name}"
     return {
         "corpus": os.path.join(demo_dir, "corpus.jsonl"),
-        "tokenizer_prefix": os.path.join(demo_dir, "tokenizer"),
-        "tokenizer_model": os.path.join(demo_dir, "tokenizer.model"),
-        "output_prefix": os.path.join(demo_dir, "stdlib"),
-        "data_prefix": os.path.join(demo_dir, "stdlib_text_document"),
-        "checkpoints": os.path.join(demo_dir, "checkpoints"),
-        "stamp": os.path.join(demo_dir, _STAMP),
+        "tokenizer_prefix": os.path.join(demo_dir, f"tokenizer{tag}"),
+        "tokenizer_model": os.path.join(demo_dir, f"tokenizer{tag}.model"),
+        "output_prefix": os.path.join(demo_dir, name),
+        "data_prefix": os.path.join(demo_dir, f"{name}_text_document"),
+        "checkpoints": os.path.join(demo_dir, f"checkpoints{tag}"),
+        "stamp": os.path.join(demo_dir, f"demo_data{tag}.json"),
     }
 
 
-def demo_argv(demo_dir: str) -> list[str]:
-    """The demo's flags (a tiny GPT on CPU); flags the user adds after ``--demo`` override them."""
-    p = demo_paths(demo_dir)
+def demo_argv(demo_dir: str, demo_input: str | None = None) -> list[str]:
+    """The demo's flags (a tiny GPT on CPU); flags the user adds after ``--demo`` override them.
+
+    It saves to and loads from its own checkpoint directory, so a rerun resumes (or, when the run
+    is complete, says there is nothing to train) instead of training over its own checkpoint.
+    """
+    p = demo_paths(demo_dir, demo_input)
     return [
         "--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
         "--seq-length", "128", "--max-position-embeddings", "128",
@@ -48,7 +62,7 @@ def demo_argv(demo_dir: str) -> list[str]:
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", p["tokenizer_model"],
         "--data-path", p["data_prefix"], "--split", "98,2,0", "--num-workers", "0",
         "--log-interval", "10", "--eval-interval", "100", "--eval-iters", "8", "--eval-at-start",
-        "--save", p["checkpoints"], "--save-interval", "500",
+        "--save", p["checkpoints"], "--save-interval", "500", "--load", p["checkpoints"],
     ]
 
 
@@ -113,7 +127,7 @@ def prepare_demo_data(demo_dir: str, demo_input: str | None = None,
     from megatron_core.datasets.preprocess_data import preprocess
     from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
 
-    p = demo_paths(demo_dir)
+    p = demo_paths(demo_dir, demo_input)
     wanted = {"version": _STAMP_VERSION, "vocab_size": DEMO_VOCAB_SIZE,
               "input": os.path.abspath(demo_input) if demo_input else "stdlib"}
     complete = all(os.path.isfile(p["data_prefix"] + ext) for ext in (".bin", ".idx"))

@@ -11,7 +11,10 @@ group. On an error nothing waits (a failed peer may never arrive); groups are st
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -52,6 +55,35 @@ def set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_ranks, 1)))
 
 
+_LAUNCHER_PID: int | None = None  # torchrun's agent, the parent of this worker; None when not launched by it
+LAUNCHER_POLL_SECONDS = 0.5
+
+
+def launcher_alive() -> bool:
+    """False once the torchrun agent that started this worker has died (True outside torchrun)."""
+    return _LAUNCHER_PID is None or os.getppid() == _LAUNCHER_PID
+
+
+def _watch_launcher() -> None:
+    while launcher_alive():
+        time.sleep(LAUNCHER_POLL_SECONDS)
+    # The agent is gone (kill -9, node failure): a worker left behind would keep training and writing
+    # checkpoints into the directory the user is about to resume from. Stop at once, without a save.
+    print(f"error: the launcher (pid {_LAUNCHER_PID}) died; worker pid {os.getpid()} stops without saving",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def watch_launcher() -> None:
+    """Under torchrun, stop this worker when its launcher dies (the agent reaps and restarts workers;
+    nothing does once it is killed). A daemon thread polls the parent pid."""
+    global _LAUNCHER_PID
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _LAUNCHER_PID is not None:
+        return
+    _LAUNCHER_PID = os.getppid()
+    threading.Thread(target=_watch_launcher, name="launcher-watchdog", daemon=True).start()
+
+
 def initialize_distributed(backend: str, timeout_minutes: float) -> DistributedContext:
     """Join (or create) the default process group and bind this rank to its device."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -59,6 +91,7 @@ def initialize_distributed(backend: str, timeout_minutes: float) -> DistributedC
         device.set_local_device(local_rank)
         return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, False)
     set_cpu_threads()
+    watch_launcher()
     device.set_local_device(local_rank)
     timeout = timedelta(minutes=timeout_minutes)
     if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:

@@ -104,11 +104,23 @@ class OptimizerParamScheduler:
         ``--override-opt-param-scheduler`` the flags win, with ``--use-checkpoint-opt-param-scheduler``
         the checkpoint wins.
         """
+        ignored = self._no_effect(state)
         for name in self._SAVED:
-            if name in state:
+            if name in state and name not in ignored:
                 setattr(self, name, self._pick(getattr(self, name), state[name], name))
         self.num_steps = 0
         self.step(int(state.get("num_steps", 0)))
+
+    def _no_effect(self, state: dict[str, Any]) -> set[str]:
+        """Settings that change nothing when both sides agree on the style: the weight-decay increment
+        under constant weight decay, the decay length and floor under a constant learning rate. These
+        follow the flags (so extending a run with a larger --train-iters is not refused for them)."""
+        ignored = set()
+        if self.wd_incr_style == "constant" and state.get("wd_incr_style") == "constant":
+            ignored |= {"wd_incr_steps", "start_wd"}
+        if self.lr_decay_style == "constant" and state.get("lr_decay_style") == "constant":
+            ignored |= {"lr_decay_steps", "min_lr"}
+        return ignored
 
     def _pick(self, ours: Any, saved: Any, name: str) -> Any:
         if self.override_opt_param_scheduler:

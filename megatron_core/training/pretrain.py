@@ -6,6 +6,7 @@ caller as a :class:`TrainResult`; nothing here calls ``sys.exit``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -21,7 +22,8 @@ import torch.distributed as dist
 from megatron_core import device
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
-from megatron_core.training import checkpointing, data_loading
+from megatron_core.training import checkpoint_io, checkpointing, data_loading, health
+from megatron_core.training.agreement import agreed
 from megatron_core.training.config import (
     CheckpointConfig,
     DataConfig,
@@ -29,9 +31,9 @@ from megatron_core.training.config import (
     ModelConfig,
     ModelInfo,
     RunConfig,
+    SchedulerConfig,
     TrainingConfig,
 )
-from megatron_core.training.errors import ConfigError
 from megatron_core.training.flops import flops_per_iteration
 from megatron_core.training.initialize import teardown_model_parallel
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
@@ -119,30 +121,6 @@ class _Run:
         return self.config.checkpoint
 
 
-def agreed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` on every rank; a ValueError on any rank is raised on all of them.
-
-    Without this, a rank that fails alone (a missing file on one node, a checkpoint shard) leaves
-    the others waiting in their next collective until the timeout. ``fn`` must not communicate.
-    """
-    error: ValueError | None = None
-    try:
-        result = fn(*args, **kwargs)
-    except ValueError as exc:
-        error, result = exc, None
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        messages: list = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, None if error is None else str(error))
-        first = next(((rank, m) for rank, m in enumerate(messages) if m is not None), None)
-        if first is not None and error is None:
-            raise ConfigError(first[1] if first[0] == 0 else f"(on rank {first[0]}) {first[1]}")
-        if first is not None and not isinstance(error, ConfigError):
-            raise ConfigError(str(error)) from error
-    if error is not None:
-        raise error
-    return result
-
-
 def pretrain(config: RunConfig, model_provider: ModelProvider, forward_step_func: Callable) -> TrainResult:
     """Train as ``config`` says; the default process group must exist (``initialize_distributed``).
 
@@ -167,6 +145,8 @@ def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: Mod
     out, ps = Printers(parallel_state), parallel_state
     out.rank0(f"> world size {ps.world_size}: tensor parallel {ps.tp_size}, pipeline parallel {ps.pp_size}"
               f"{f' x {ps.vpp_size} virtual stages' if ps.vpp_size else ''}, data parallel {ps.dp_size}")
+    if config.checkpoint.save is not None:  # found out now, not at the first save after hours of training
+        agreed(checkpoint_io.check_writable, config.checkpoint.save)
     tokenizer, padded_vocab, model = agreed(_build_model, config, ps, model_provider)
     out.rank0(f"> tokenizer {config.data.tokenizer_type}: {tokenizer.vocab_size} tokens, padded to {padded_vocab}")
     if ps.dp_rank == 0:
@@ -180,16 +160,30 @@ def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: Mod
     model = [DistributedDataParallel(config.ddp, chunk.to(where), ps) for chunk in model]
     optimizer = get_megatron_optimizer(config.optimizer, model, ps)
     s = config.scheduler
+    if config.training.skip_train:  # evaluation only: no schedule to check (the step count stays 0)
+        s = dataclasses.replace(s, lr=max(s.lr, 0.0), min_lr=0.0, lr_decay_style="constant", lr_warmup_steps=0,
+                                lr_decay_steps=0, weight_decay_incr_style="constant")
     scheduler = OptimizerParamScheduler(
         optimizer, s.lr_warmup_init, s.lr, s.min_lr, s.lr_warmup_steps, s.lr_decay_steps, s.lr_decay_style,
         s.start_weight_decay, s.end_weight_decay, s.wd_incr_steps, s.weight_decay_incr_style,
         s.use_checkpoint_opt_param_scheduler, s.override_opt_param_scheduler)
     training = config.training
+    _warn_short_run(s, training, out)
     calculator = MicrobatchCalculator(training.global_batch_size, training.micro_batch_size, ps.dp_size,
                                       training.rampup_batch_size, ps.pp_size, ps.vpp_size)
     return _Run(config, ps, out, model, optimizer, scheduler, forward_step_func,
                 config.model_info(tokenizer.vocab_size, padded_vocab), calculator, tokenizer=tokenizer,
                 writer=make_tensorboard_writer(config.logging.tensorboard_dir, out.is_logging_rank, out.last))
+
+
+def _warn_short_run(s: SchedulerConfig, training: TrainingConfig, out: Printers) -> None:
+    """A run that ends inside its warmup never reaches the peak rate: legal (a smoke test), but said."""
+    total = training.train_samples or training.train_iters * training.global_batch_size
+    if not training.skip_train and total < s.lr_warmup_steps:
+        reached = s.lr_warmup_init + (s.lr - s.lr_warmup_init) * total / s.lr_warmup_steps
+        out.rank0(f"warning: the run ends after {total} samples, inside the learning-rate warmup of "
+                  f"{s.lr_warmup_steps:g} samples: the rate reaches {reached:.3g}, not --lr {s.lr:g}; shorten the "
+                  f"warmup or train longer")
 
 
 def _build_model(config: RunConfig, parallel_state: ParallelState, model_provider: ModelProvider) -> tuple:
@@ -214,8 +208,16 @@ def _build_data(run: _Run) -> None:
 
 def _train_and_evaluate(run: _Run) -> TrainResult:
     ps, out = run.parallel_state, run.out
-    loaded = agreed(checkpointing.load_checkpoint, run.checkpoint, run.model, run.optimizer, run.scheduler, ps,
-                    run.config.model.transformer, run.model_info, printer=out.rank0)
+    # Said after every rank agreed: never "loaded" from rank 0 while another rank's shard is damaged.
+    messages: list[str] = []
+    checkpoint, optimizer = run.checkpoint, run.optimizer
+    scheduler: OptimizerParamScheduler | None = run.scheduler
+    if run.training.skip_train:  # evaluation only: the weights, never the optimizer or the schedule
+        checkpoint, optimizer, scheduler = dataclasses.replace(checkpoint, no_load_optim=True), None, None
+    loaded = agreed(checkpointing.load_checkpoint, checkpoint, run.model, optimizer, scheduler, ps,
+                    run.config.model.transformer, run.model_info, printer=messages.append)
+    for line in messages:
+        out.rank0(line)
     state = TrainState(iteration=loaded.iteration, consumed_train_samples=loaded.consumed_train_samples)
     _build_data(run)
     result = TrainResult(iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
@@ -227,7 +229,12 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     elif state.iteration < run.training.train_iters:
         out.rank0(f"> training from iteration {state.iteration} to {run.training.train_iters}")
         _train(run, state, result)
-    if result.exit_reason in ("completed", "skip-train") and run.last_eval_iteration != state.iteration:
+    else:
+        out.rank0(f"> nothing to train: the checkpoint is at iteration {state.iteration} and --train-iters is "
+                  f"{run.training.train_iters}; raise --train-iters to train further")
+        result.exit_reason = "nothing-to-train"
+    if result.exit_reason in ("completed", "skip-train", "nothing-to-train") and \
+            run.last_eval_iteration != state.iteration:
         _evaluate_and_print(run, state, result)
     if run.writer is not None:
         run.writer.close()
@@ -241,6 +248,9 @@ def _evaluate_and_print(run: _Run, state: TrainState, result: TrainResult) -> No
         return
     run.last_eval_iteration = state.iteration
     losses = evaluate(run.forward_step_func, run.valid_ds, run.model, run.parallel_state, run.training, run.data)
+    if _any_rank(any(not math.isfinite(v) for v in losses.values())):
+        raise health.TrainingDivergedError(f"iteration {state.iteration}: the validation loss is inf or nan; the "
+                                           f"weights are damaged: resume from an earlier checkpoint (--ckpt-step N)")
     if not run.out.is_logging_rank or not losses:
         return
     result.val_losses[state.iteration] = losses.get("lm loss", next(iter(losses.values())))
@@ -281,7 +291,7 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
     start_time, timers = time.monotonic(), Timers()
     for chunk in run.model:
         chunk.train()
-    handler = ExitSignalHandler()
+    handler, skips = ExitSignalHandler(), health.SkipWatch(training.max_skipped_iters_at_min_loss_scale)
     if training.exit_signal_handler:
         handler.install()
     try:
@@ -291,8 +301,10 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
             began = time.perf_counter()
             step = train_step(run.forward_step_func, iterators, run.model, run.optimizer, run.scheduler, ps,
                               run.calculator.num_microbatches, batch, seq_length, training.micro_batch_size,
-                              timers)
+                              timers, iteration=state.iteration + 1,
+                              check_for_nan=training.check_for_nan_in_loss_and_grad)
             seconds = time.perf_counter() - began
+            skips.update(state.iteration + 1, step.skipped, run.optimizer)
             state.iteration += 1
             state.consumed_train_samples += batch
             if "lm loss" in step.losses:

@@ -39,9 +39,17 @@ class ExitSignalHandler:
         return bool(flag.item())
 
     def release(self) -> None:
-        if self._installed:
-            signal.signal(self.sig, self._previous if self._previous is not None else signal.SIG_DFL)
-            self._installed = False
+        """Restore the previous handler; after a received signal keep catching it instead.
+
+        The run is then exiting on its own after its save: a second SIGTERM (schedulers repeat theirs)
+        must not turn that clean exit into death by signal (exit code -15), so it is ignored from here on.
+        """
+        if not self._installed:
+            return
+        # A Python-level handler is reset to the default while the interpreter shuts down; SIG_IGN is not.
+        signal.signal(self.sig, signal.SIG_IGN if self.received else
+                      self._previous if self._previous is not None else signal.SIG_DFL)
+        self._installed = False
 
     def __enter__(self) -> ExitSignalHandler:
         return self.install()

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron_core.distributed import finalize_model_grads, no_sync_func
 from megatron_core.parallel_state import ParallelState
 from megatron_core.pipeline_parallel import get_forward_backward_func
-from megatron_core.training import data_loading
+from megatron_core.training import data_loading, health
 from megatron_core.training.config import DataConfig, TrainingConfig
 from megatron_core.training.timers import Timers
 
@@ -46,7 +46,7 @@ def reduce_loss_dicts(loss_dicts: list[dict[str, torch.Tensor]], parallel_state:
     """Token-weighted mean of each reported loss over microbatches and DP ranks.
 
     A value is ``[sum, count]`` (a per-token loss sum and its token count) or a plain scalar
-    (counted once). Empty off the last pipeline stage.
+    (counted once). Empty off the last pipeline stage; a key whose tokens were all masked is left out.
     """
     if not loss_dicts:
         return {}
@@ -58,7 +58,8 @@ def reduce_loss_dicts(loss_dicts: list[dict[str, torch.Tensor]], parallel_state:
             total += value if value.numel() == 2 else torch.cat([value, value.new_ones(1)])
         if parallel_state.dp_size > 1:
             dist.all_reduce(total, group=parallel_state.dp_group)
-        reduced[key] = (total[0] / total[1]).item()
+        if total[1] > 0:  # a batch whose every label is masked has no loss to report
+            reduced[key] = (total[0] / total[1]).item()
     return reduced
 
 
@@ -68,8 +69,14 @@ def _iterator_arg(iterators: list) -> Any:
 
 def train_step(forward_step_func: Callable, data_iterators: list, model: list[torch.nn.Module], optimizer: Any,
                scheduler: Any, parallel_state: ParallelState, num_microbatches: int, global_batch_size: int,
-               seq_length: int, micro_batch_size: int, timers: Timers) -> StepResult:
-    """Forward and backward over the global batch, then the optimizer and scheduler steps."""
+               seq_length: int, micro_batch_size: int, timers: Timers, iteration: int = 0,
+               check_for_nan: bool = True) -> StepResult:
+    """Forward and backward over the global batch, then the optimizer and scheduler steps.
+
+    ``iteration`` is the number of the iteration being trained (for error messages). With
+    ``check_for_nan`` a non-finite loss or gradient on any rank raises ``TrainingDivergedError``
+    before the optimizer step (``health.check_loss_and_grads``).
+    """
     optimizer.zero_grad()  # also zeroes the DDP gradient buffers
     timers("forward-backward").start()
     schedule = get_forward_backward_func(parallel_state)
@@ -80,12 +87,15 @@ def train_step(forward_step_func: Callable, data_iterators: list, model: list[to
         finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=parallel_state),
         grad_scale_func=getattr(optimizer, "scale_loss", None))
     timers("forward-backward").stop()
+    losses = reduce_loss_dicts(loss_dicts, parallel_state)
+    if check_for_nan:
+        health.check_loss_and_grads(iteration, losses, model, optimizer)
     timers("optimizer").start()
     ok, grad_norm, num_zeros = optimizer.step()
     timers("optimizer").stop()
     if ok:
         scheduler.step(increment=global_batch_size)
-    return StepResult(reduce_loss_dicts(loss_dicts, parallel_state), not ok, _as_float(grad_norm), _as_int(num_zeros))
+    return StepResult(losses, not ok, _as_float(grad_norm), _as_int(num_zeros))
 
 
 def _as_float(value: Any) -> float | None:

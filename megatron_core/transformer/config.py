@@ -19,7 +19,7 @@ from megatron_core.tensor_parallel.utils import InitMethod
 from megatron_core.transformer.enums import AttnBackend
 from megatron_core.transformer.init import seeded_normal_init
 
-_ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "silu", "relu")
+_ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "silu", "relu", "squared_relu")
 _NORMS = ("LayerNorm", "RMSNorm")
 _POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
 

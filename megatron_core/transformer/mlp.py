@@ -27,8 +27,14 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def _squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (So et al. 2021, "Primer"; Megatron-LM's ``--squared-relu``)."""
+    return torch.pow(F.relu(x), 2)
+
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "swiglu": _swiglu, "silu": F.silu, "relu": F.relu}
+    "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "swiglu": _swiglu, "silu": F.silu, "relu": F.relu,
+    "squared_relu": _squared_relu}
 
 
 @dataclass

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Optional
 
-from megatron_core.training.arguments import checkpointing, data, distributed, logs, model, training
+from megatron_core.training.arguments import checkpointing, compat, data, distributed, logs, model, training
 from megatron_core.training.arguments.to_config import config_from_args
 from megatron_core.training.errors import ConfigError
 
@@ -24,14 +24,25 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see python pretrain_gpt.py --help)")
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to every flag's help that has a default worth showing (argparse's own
+    ArgumentDefaultsHelpFormatter skips flags that have no help text)."""
+    for action in parser._actions:
+        if (not action.option_strings or action.help == argparse.SUPPRESS or action.nargs == 0
+                or action.default in (None, False, []) or "%(default)" in (action.help or "")):
+            continue
+        action.help = (f"{action.help} " if action.help else "") + "(default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: model, training, learning rate, mixed precision, parallel, data, logging, checkpoints."""
     parser = _Parser(
         prog="pretrain_gpt.py", allow_abbrev=False,
         description="Pretrain a GPT model with tensor, pipeline and data parallelism (Megatron-LM's flags). "
                     "Try: python pretrain_gpt.py --demo")
-    for group in (model, training, distributed, data, logs, checkpointing):
+    for group in (model, training, distributed, data, logs, checkpointing, compat):
         group.add_arguments(parser)
+    _show_defaults(parser)
     return parser
 
 

@@ -58,6 +58,8 @@ def activation(args: argparse.Namespace) -> str:
     """The MLP activation named by ``--swiglu`` / ``--openai-gelu`` (default GeLU)."""
     if args.swiglu and args.openai_gelu:
         raise ConfigError("give only one of --swiglu and --openai-gelu")
+    if getattr(args, "squared_relu", False):
+        return "squared_relu"
     return "swiglu" if args.swiglu else "gelu_tanh" if args.openai_gelu else "gelu"
 
 

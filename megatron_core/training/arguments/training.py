@@ -31,6 +31,11 @@ def _batch(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-only", action="store_true", help="same as --skip-train")
     g.add_argument("--seed", type=int, default=1234, help="seed for weights, dropout and data order")
     g.add_argument("--deterministic-mode", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
+                   help="stop with an error, before the step is applied, when a loss or gradient is inf/nan")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad")
+    g.add_argument("--max-skipped-iters-at-min-loss-scale", type=int, default=10,
+                   help="fp16: stop after this many iterations in a row skipped at the lowest loss scale (0: never)")
 
 
 def _optimizer(parser: argparse.ArgumentParser) -> None:

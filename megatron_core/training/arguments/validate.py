@@ -9,6 +9,7 @@ import argparse
 
 from megatron_core import device
 from megatron_core.microbatches import MicrobatchCalculator
+from megatron_core.training.arguments import compat
 from megatron_core.training.errors import ConfigError
 
 _DEMO_HINT = " (or try python pretrain_gpt.py --demo)"
@@ -16,6 +17,7 @@ _DEMO_HINT = " (or try python pretrain_gpt.py --demo)"
 
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Validate ``args`` in place and add derived fields; raises :class:`ConfigError`."""
+    compat.apply(args)
     _parallel(args, world_size)
     _model(args)
     _batch_and_iterations(args)
@@ -174,6 +176,33 @@ def _learning_rate(args: argparse.Namespace) -> None:
         raise ConfigError("--weight-decay-incr-style constant needs --start-weight-decay == --end-weight-decay")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ConfigError("give only one of --override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler")
+    if not args.skip_train:
+        _schedule_lengths(args, by_samples)
+
+
+def _schedule_lengths(args: argparse.Namespace, by_samples: bool) -> None:
+    """Megatron-LM's schedule rules: iteration-based training has no batch ramp-up (the decay, counted in
+    samples of full batches, would not end at the last iteration), and the warmup ends before the decay
+    (when the run lasts past the warmup)."""
+    if not by_samples and args.rampup_batch_size is not None:
+        raise ConfigError("--rampup-batch-size needs sample-based training (as in Megatron-LM): give --train-samples "
+                          "with --lr-decay-samples / --lr-warmup-samples instead of --train-iters, so the decay ends "
+                          "at --min-lr at the last iteration")
+    unit, flag = ("samples", "samples") if by_samples else ("iterations", "iters")
+    total = args.train_samples if by_samples else args.train_iters
+    decay = args.lr_decay_samples if by_samples else args.lr_decay_iters
+    decay = total if decay is None else decay
+    warmup = args.lr_warmup_samples if by_samples else args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warmup = args.lr_warmup_fraction * decay
+    if decay is not None and decay <= 0 and args.lr_decay_style != "constant":
+        raise ConfigError(f"--lr-decay-{flag} must be positive, got {decay}")
+    # Megatron-LM asserts warmup < decay outright; here a run that ends inside its warmup (a smoke test)
+    # never reaches the jump and is only warned about (pretrain), so refuse when the jump is inside the run.
+    if args.lr_decay_style != "constant" and 0 < warmup and decay is not None and warmup >= decay and total > warmup:
+        raise ConfigError(f"the learning-rate warmup ({warmup:g} {unit}) is not shorter than the decay ({decay} "
+                          f"{unit}): the rate would jump from the peak --lr straight to --min-lr; make "
+                          f"--lr-decay-{flag} longer than the warmup or shorten the warmup")
 
 
 def _precision_and_recompute(args: argparse.Namespace) -> None:

@@ -1,0 +1,111 @@
+"""Flags of Megatron-LM's example scripts (GPT-3, Llama, Mixtral) that have no counterpart elsewhere here.
+
+Each is either accepted with its meaning (mapped onto this framework's options by ``apply``) or
+refused at parse time with one line saying why, never argparse's bare "unrecognized arguments".
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from megatron_core.errors import ConfigError
+
+# Kernel and overlap choices: this framework picks fused kernels at run time and falls back to torch
+# per op with the same result, so turning one off (or on) changes nothing a user can observe but speed.
+_KERNEL_CHOICES = ("--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion",
+                   "--no-bias-dropout-fusion", "--no-gradient-accumulation-fusion", "--no-rope-fusion",
+                   "--no-persist-layer-norm", "--cross-entropy-loss-fusion",
+                   "--no-async-tensor-model-parallel-allreduce",
+                   "--no-create-attention-mask-in-dataloader", "--masked-softmax-fusion", "--bias-gelu-fusion")
+
+_MOE = "mixture-of-experts (Mixtral-style) models are not supported yet; train a dense model (drop the MoE flags)"
+_FP8 = "FP8 training needs Transformer Engine on FP8-capable GPUs and is not supported yet; use --bf16"
+_LOG = "this logging option is not supported yet; drop it (TensorBoard gets losses, lr, batch size and validation)"
+_REFUSED: dict[str, str] = {
+    **{f: _MOE for f in ("--num-experts", "--moe-router-topk", "--moe-router-load-balancing-type",
+                         "--moe-aux-loss-coeff", "--moe-z-loss-coeff", "--moe-grouped-gemm",
+                         "--moe-token-dispatcher-type", "--expert-model-parallel-size", "--moe-router-pre-softmax",
+                         "--moe-expert-capacity-factor", "--moe-pad-expert-input-to-capacity", "--moe-layer-freq",
+                         "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size", "--moe-router-dtype",
+                         "--moe-input-jitter-eps", "--expert-tensor-parallel-size")},
+    **{f: _FP8 for f in ("--fp8-format", "--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-recipe",
+                         "--fp8-param-gather", "--fp8-margin")},
+    **{f: _LOG for f in ("--log-timers-to-tensorboard", "--log-memory-to-tensorboard", "--log-params-norm",
+                         "--log-validation-ppl-to-tensorboard", "--log-world-size-to-tensorboard")},
+    "--wandb-project": "Weights & Biases logging is not supported; log to TensorBoard with --tensorboard-dir DIR",
+    "--wandb-exp-name": "Weights & Biases logging is not supported; log to TensorBoard with --tensorboard-dir DIR",
+    "--wandb-save-dir": "Weights & Biases logging is not supported; log to TensorBoard with --tensorboard-dir DIR",
+    "--context-parallel-size": "context parallelism is not supported yet; drop the flag (context parallel size 1)",
+    "--apply-layernorm-1p": "zero-centred (1p) LayerNorm is not supported yet; drop the flag",
+    "--grad-reduce-in-bf16": "gradients are reduced in fp32 under --bf16 here; drop the flag",
+    "--calculate-per-token-loss": "per-token loss averaging over the global batch is not wired into "
+                                  "pretrain_gpt.py yet; drop the flag (the loss is averaged per microbatch)",
+    "--use-legacy-models": "only megatron_core models exist here (--use-mcore-models is implied); drop the flag",
+    "--profile": "profiling is not supported yet; drop --profile and its --profile-step-* flags",
+    "--profile-step-start": "profiling is not supported yet; drop --profile and its --profile-step-* flags",
+    "--profile-step-end": "profiling is not supported yet; drop --profile and its --profile-step-* flags",
+    "--empty-unused-memory-level": "emptying the CUDA cache between steps is not supported; drop the flag",
+    "--tp-comm-overlap": "overlapping TP communication needs Transformer Engine userbuffers; not supported yet",
+    "--use-torch-fsdp2": "use --use-distributed-optimizer (ZeRO-1) instead of FSDP2 here",
+    "--async-save": "asynchronous checkpoint saving is not supported yet; drop the flag",
+    "--use-checkpoint-args": "model flags are not read from a checkpoint; give them on the command line",
+    "--manual-gc": "manual garbage collection is not supported; drop the flag",
+}
+
+
+class _Refuse(argparse.Action):
+    """Consumes the flag and its values, then refuses it with the reason."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        raise ConfigError(f"{option_string}: {_REFUSED[str(option_string)]}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM flags accepted with their meaning, and the ones refused with a reason."""
+    g = parser.add_argument_group("Megatron-LM compatibility", "flags of Megatron-LM's example scripts")
+    g.add_argument("--use-mcore-models", action="store_true", help="accepted: the models are always megatron_core's")
+    g.add_argument("--transformer-impl", default=None, choices=["local", "transformer_engine"],
+                   help="layer implementation: local (plain torch) or transformer_engine (needs it installed); "
+                        "default: Transformer Engine when usable, else the fused-kernel spec")
+    g.add_argument("--spec", nargs=2, default=None, metavar=("MODULE", "FUNCTION"),
+                   help="custom transformer layer spec: MODULE.FUNCTION returns a ModuleSpec (or is one), e.g. "
+                        "--spec models.custom_spec qk_norm_layer_spec")
+    g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
+                   help="checkpoint format: torch (Megatron-LM's legacy per-rank files)")
+    g.add_argument("--use-flash-attn", action="store_true", help="same as --attention-backend flash")
+    g.add_argument("--squared-relu", action="store_true", help="squared ReLU MLP activation (Primer, Nemotron)")
+    g.add_argument("--no-position-embedding", action="store_true", help="same as --position-embedding-type none")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="same as --position-embedding-type rope")
+    for flag in _KERNEL_CHOICES:
+        g.add_argument(flag, action="store_true", help="accepted: fused kernels are chosen at run time, same result")
+    for flag in _REFUSED:
+        g.add_argument(flag, action=_Refuse, nargs="*", default=None, help=argparse.SUPPRESS)
+
+
+def apply(args: argparse.Namespace) -> None:
+    """Map the accepted flags onto this framework's options (before the rest of ``validate_args``)."""
+    if args.ckpt_format == "torch_dist":
+        raise ConfigError("--ckpt-format torch_dist is not supported yet; use --ckpt-format torch (the legacy "
+                          "per-rank layout, which tools/checkpoint/convert.py converts)")
+    if args.use_flash_attn:
+        if args.attention_backend not in ("auto", "flash"):
+            raise ConfigError(f"--use-flash-attn contradicts --attention-backend {args.attention_backend}")
+        args.attention_backend = "flash"
+    if args.squared_relu:
+        if args.swiglu or args.openai_gelu:
+            raise ConfigError("give only one of --squared-relu, --swiglu and --openai-gelu")
+    if args.no_position_embedding:
+        args.position_embedding_type = "none"
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"
+    if args.spec is None and args.transformer_impl is not None:
+        name = "get_gpt_layer_local_spec" if args.transformer_impl == "local" else "get_gpt_layer_te_spec"
+        args.spec = ["megatron_core.transformer.layer_specs", name]
+
+
+def refused_flags() -> Sequence[str]:
+    """Every flag refused with a reason (for tests and documentation)."""
+    return tuple(_REFUSED)

@@ -1,0 +1,186 @@
+"""Issue #14, damaged or mis-pointed checkpoint files: one line naming the file and the fix, never a traceback.
+
+Items 2 (``--load`` at the wrong path), 6 (truncated files), 7 (deleted shard, bad tracker, pickles),
+8 (``--save`` location, full disk, leftovers) and 12 (a second SIGTERM).
+"""
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from harness import run_distributed
+from test_failures_training import TINY, _run
+
+from megatron_core.training import checkpoint_io as io
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZERO = ["--use-distributed-optimizer", "--global-batch-size", "4"]  # 2 DP ranks, one microbatch each
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A ZeRO checkpoint of 2 DP ranks at iterations 1 and 2 (copied per test before damaging it)."""
+    ckpt = str(tmp_path_factory.mktemp("saved") / "ckpt")
+    results = run_distributed(_run, 2, TINY + ZERO + ["--save", ckpt, "--save-interval", "1"], timeout=120)
+    assert not any(isinstance(r, str) for r in results), results
+    return ckpt
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    target = str(tmp_path / "ckpt")
+    shutil.copytree(saved, target)
+    return target
+
+
+def _messages(argv, world=2):
+    return run_distributed(_run, world, TINY + ZERO + argv, timeout=120)
+
+
+def _one_line_error(messages, *needles):
+    for message in messages:
+        assert isinstance(message, str) and message.startswith("ConfigError: ") and "\n" not in message, message
+        for needle in needles:
+            assert needle in message, message
+    return messages[0]
+
+
+# ---- 2. --load at the wrong path ---------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["iteration directory", "tracker file", "model file", "other directory"])
+def test_load_at_the_wrong_path_is_an_error_not_a_fresh_start(saved, tmp_path, where):
+    ckpt = _copy(saved, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a checkpoint")
+    path = {"iteration directory": io.iteration_dir(ckpt, 2),
+            "tracker file": os.path.join(ckpt, io.TRACKER_FILENAME),
+            "model file": os.path.join(io.iteration_dir(ckpt, 2), "mp_rank_00", io.MODEL_FILENAME),
+            "other directory": str(other)}[where]
+    _one_line_error(_messages(["--load", path], world=1), f"--load {path}", "expected a checkpoint directory")
+
+
+def test_load_from_a_missing_or_empty_directory_starts_fresh(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "missing", tmp_path / "empty"):
+        results = _messages(["--load", str(path)], world=1)
+        assert any(not isinstance(r, str) and r is not None and r.loaded_iteration == 0 for r in results), results
+
+
+# ---- 6. truncated or empty files ---------------------------------------------------------------------
+@pytest.mark.parametrize("victim,damage", [(io.MODEL_FILENAME, "truncated"), ("distrib_optim_dp001.pt", "empty")])
+def test_a_damaged_file_is_named_with_the_previous_iteration(saved, tmp_path, capfd, victim, damage):
+    ckpt = _copy(saved, tmp_path)
+    path = os.path.join(io.iteration_dir(ckpt, 2), "mp_rank_00", victim)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2 if damage == "truncated" else 0)
+    capfd.readouterr()
+    _one_line_error(_messages(["--load", ckpt]), f"checkpoint file {path}",
+                    "--ckpt-step 1")
+    assert "loaded checkpoint" not in capfd.readouterr().out  # no rank says "loaded" before the error
+
+
+def test_a_damaged_file_without_manifest_is_still_one_line(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    os.remove(os.path.join(io.iteration_dir(ckpt, 2), io.MANIFEST_FILENAME))  # a checkpoint of an older save
+    path = os.path.join(io.iteration_dir(ckpt, 2), "mp_rank_00", "distrib_optim_dp000.pt")
+    open(path, "wb").close()
+    _one_line_error(_messages(["--load", ckpt]), path, "is truncated or damaged",
+                    "--ckpt-step 1")
+
+
+# ---- 7. deleted shard, bad tracker, pickled objects ------------------------------------------------------
+def test_a_deleted_dp_shard_is_named_not_called_a_dp_size_change(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    path = os.path.join(io.iteration_dir(ckpt, 2), "mp_rank_00", "distrib_optim_dp001.pt")
+    os.remove(path)
+    message = _one_line_error(_messages(["--load", ckpt]), path, "was deleted")
+    assert "data-parallel size" not in message
+    os.remove(os.path.join(io.iteration_dir(ckpt, 2), io.MANIFEST_FILENAME))
+    _one_line_error(_messages(["--load", ckpt]), path, "is missing")
+
+
+def test_random_bytes_in_the_tracker_name_the_file(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    tracker = os.path.join(ckpt, io.TRACKER_FILENAME)
+    with open(tracker, "wb") as f:
+        f.write(bytes(range(128, 256)))
+    _one_line_error(_messages(["--load", ckpt]), tracker, "not an iteration number")
+
+
+class _Payload:
+    """Stands for any pickled class (a checkpoint written with torch.save of an object)."""
+
+
+def test_a_pickled_object_is_refused_in_one_line(saved, tmp_path):
+    ckpt = _copy(saved, tmp_path)
+    path = os.path.join(io.iteration_dir(ckpt, 2), "mp_rank_00", io.MODEL_FILENAME)
+    state = io.load_file(path)
+    state["extra"] = _Payload()
+    torch.save(state, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    os.remove(os.path.join(io.iteration_dir(ckpt, 2), io.MANIFEST_FILENAME))
+    _one_line_error(_messages(["--load", ckpt]), path, "is not a plain-tensor checkpoint")
+
+
+# ---- 8. the save location ------------------------------------------------------------------------------
+def test_an_unusable_save_location_fails_at_start_up(tmp_path, capfd):
+    existing = tmp_path / "a_file"
+    existing.write_text("x")
+    for path, needle in ((existing, "is an existing file"), (existing / "sub", "is not writable")):
+        capfd.readouterr()
+        message = run_distributed(_run, 1, TINY + ["--save", str(path)], timeout=60)[0]
+        assert isinstance(message, str) and f"--save {path} " in message and needle in message, message
+        assert "iteration        1/" not in capfd.readouterr().out  # refused before training
+
+
+def _run_with_small_file_limit(argv, limit):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return _run(argv)
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_partial_directory(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    message = run_distributed(_run_with_small_file_limit, 1, TINY + ["--save", str(ckpt)], 20_000, timeout=60)[0]
+    assert isinstance(message, str) and message.startswith("ConfigError: saving iteration 2 to ") and \
+        "\n" not in message and "the partial directory was removed" in message, message
+    assert os.listdir(ckpt) == []
+
+
+def test_leftovers_of_killed_saves_are_removed_at_the_next_save(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000005.tmp" / "mp_rank_00").mkdir(parents=True)
+    (ckpt / f"{io.TRACKER_FILENAME}.tmp.12345").write_text("5")
+    run_distributed(_run, 1, TINY + ["--save", str(ckpt)], timeout=60)
+    assert sorted(os.listdir(ckpt)) == ["iter_0000002", io.TRACKER_FILENAME]
+
+
+# ---- 12. a second SIGTERM ----------------------------------------------------------------------------------
+def test_a_second_sigterm_after_the_save_still_exits_cleanly(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = TINY + ["--save", ckpt, "--train-iters", "100000", "--eval-iters", "0"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "iteration        3/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    for line in proc.stdout:
+        seen.append(line)
+        if "successfully saved checkpoint" in line:
+            break
+    while proc.poll() is None:  # the scheduler repeats its notice until the process is gone
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    out = "".join(seen) + proc.stdout.read()
+    assert proc.returncode == 0, out[-2000:]
+    assert "successfully saved checkpoint" in out

@@ -1,0 +1,116 @@
+"""Issue #14, what a Megatron-LM user types: script flags and ``--spec`` (14), ``--help`` and ``--demo`` (15)."""
+import contextlib
+import io
+import json
+import os
+import random
+
+import pytest
+from harness import run_distributed
+from test_failures_training import TINY, _one, _run
+
+from megatron_core.tokenizer.train_tokenizer import build_parser as tokenizer_parser
+from megatron_core.training import checkpoint_io as io_
+from megatron_core.training.arguments import build_parser, config_from_args, parse_args
+from megatron_core.training.arguments.compat import refused_flags
+from megatron_core.training.arguments.validate import validate_args
+from megatron_core.training.errors import ConfigError
+
+# Flags of Megatron-LM's examples/llama and examples/mixtral scripts that this framework has its own
+# names for or accepts as they are, with small sizes.
+LLAMA_SCRIPT = """
+--use-mcore-models --transformer-impl local --ckpt-format torch --use-flash-attn --no-masked-softmax-fusion
+--no-bias-gelu-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion --no-gradient-accumulation-fusion
+--no-rope-fusion --cross-entropy-loss-fusion --no-create-attention-mask-in-dataloader
+--num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --group-query-attention
+--num-query-groups 2 --seq-length 16 --max-position-embeddings 16 --position-embedding-type rope --rotary-base 500000
+--swiglu --normalization RMSNorm --disable-bias-linear --untie-embeddings-and-output-weights
+--micro-batch-size 1 --global-batch-size 4 --train-samples 64 --lr-decay-samples 48 --lr-warmup-samples 8
+--lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --bf16 --mock-data --vocab-size 100
+""".split()
+
+
+def test_llama_script_flags_are_accepted_with_their_meaning():
+    run = config_from_args(validate_args(parse_args(LLAMA_SCRIPT), world_size=1))
+    assert run.model.transformer.attention_backend == "flash"
+    assert run.model.spec == ("megatron_core.transformer.layer_specs", "get_gpt_layer_local_spec")
+    args = validate_args(parse_args([a for a in LLAMA_SCRIPT if a != "--swiglu"] + ["--squared-relu"]), 1)
+    assert config_from_args(args).model.transformer.activation == "squared_relu"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--num-experts", "8", "--moe-router-topk", "2"], "--num-experts: mixture-of-experts"),
+    (["--expert-model-parallel-size", "2"], "mixture-of-experts"),
+    (["--wandb-project", "llama"], "--wandb-project: Weights & Biases logging is not supported; log to TensorBoard"),
+    (["--fp8-format", "hybrid"], "FP8 training needs Transformer Engine"),
+    (["--ckpt-format", "torch_dist"], "--ckpt-format torch_dist is not supported yet"),
+])
+def test_refused_flags_say_why(argv, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        validate_args(parse_args(LLAMA_SCRIPT + argv), world_size=1)
+
+
+def test_every_refused_flag_is_one_line_not_unrecognized():
+    for flag in refused_flags():
+        with pytest.raises(ConfigError) as info:
+            parse_args(LLAMA_SCRIPT + [flag, "1"])
+        assert str(info.value).startswith(f"{flag}: ") and "unrecognized" not in str(info.value)
+
+
+def test_spec_picks_a_custom_layer_from_the_command_line(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    result = _one(TINY + ["--spec", "models.custom_spec", "qk_norm_layer_spec", "--save", ckpt])
+    assert not isinstance(result, str), result
+    state = io_.load_file(os.path.join(io_.iteration_dir(ckpt, 2), "mp_rank_00", io_.MODEL_FILENAME))
+    assert any("q_layernorm" in key for key in state["model"]) and any("k_layernorm" in key for key in state["model"])
+    message = run_distributed(_run, 1, TINY + ["--spec", "models.custom_spec", "no_such_spec"], timeout=60)[0]
+    assert message == ("ConfigError: --spec models.custom_spec no_such_spec: module models.custom_spec has no "
+                       "no_such_spec")
+
+
+def test_help_shows_defaults_and_tokenizer_flags_have_help():
+    text = build_parser().format_help()
+    for flag, default in (("--lr-decay-style", "linear"), ("--split", "969,30,1"), ("--seed", "1234"),
+                          ("--micro-batch-size", None), ("--ckpt-format", "torch")):
+        block = text[text.index(f"  {flag} "):][:400].split("\n  --")[0]
+        assert (f"(default: {default})" in " ".join(block.split())) == (default is not None), block
+    for action in tokenizer_parser()._actions:
+        assert action.help, f"tools/train_tokenizer.py {action.option_strings} has no help"
+
+
+def _corpus(path):
+    """Enough varied text for the demo's 1024-token tokenizer."""
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(300):
+            words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
+                     for _ in range(60)]
+            f.write(json.dumps({"text": f"def f_{i}(x):\n    return {' '.join(words)}\n"}) + "\n")
+
+
+def test_demo_input_names_its_dataset_and_a_rerun_resumes(tmp_path, capfd):
+    corpus = tmp_path / "my.jsonl"
+    _corpus(corpus)
+    demo = str(tmp_path / "demo")
+    small = ["--demo", "--demo-dir", demo, "--demo-input", str(corpus), "--num-layers", "1", "--hidden-size", "16",
+             "--num-attention-heads", "2", "--seq-length", "16", "--max-position-embeddings", "16",
+             "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--eval-iters", "1",
+             "--log-interval", "1", "--save-interval", "2", "--lr-warmup-iters", "1"]
+    first = _one(small)
+    assert not isinstance(first, str), first
+    assert os.path.isfile(os.path.join(demo, "my_text_document.bin"))
+    assert not os.path.exists(os.path.join(demo, "stdlib_text_document.bin"))
+    capfd.readouterr()
+    again = _one(small)
+    out = capfd.readouterr().out
+    assert again.loaded_iteration == 2 and again.exit_reason == "nothing-to-train", out[-2000:]
+    assert "> nothing to train" in out
+
+
+def test_cli_bad_flag_is_one_line():
+    err = io.StringIO()
+    import pretrain_gpt
+
+    with contextlib.redirect_stderr(err):
+        code = pretrain_gpt.cli(["--wandb-project", "x"])
+    assert code == 2 and err.getvalue().count("\n") == 1 and "Weights & Biases" in err.getvalue()
