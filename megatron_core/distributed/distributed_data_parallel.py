@@ -138,12 +138,16 @@ class DistributedDataParallel(torch.nn.Module):
             self.param_gather.release_all()
 
     @contextlib.contextmanager
-    def gathered_params(self) -> Iterator[None]:
-        """Full parameters inside the block (read-only use; collective over DP on entry)."""
+    def gathered_params(self, writeback: bool = False) -> Iterator[None]:
+        """Full parameters inside the block (collective over DP on entry). With ``writeback`` the values
+        written into them inside the block (a checkpoint load) become this rank's ZeRO-3 shards on exit."""
         self.gather_all_params()
         try:
             yield
         finally:
+            if writeback and self.ddp_config.zero_stage == 3:
+                for buffer in self.buffers_by_dtype:
+                    buffer.keep_shards()
             self.release_params()
 
     # ---- the module interface -----------------------------------------------------------------

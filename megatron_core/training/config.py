@@ -74,6 +74,8 @@ class CheckpointConfig:
     finetune: bool = False
     ckpt_step: int | None = None
     exit_on_missing_checkpoint: bool = False
+    ckpt_format: str = "torch"  # torch: Megatron-LM's legacy per-rank files; torch_dist: any-layout resume
+    async_save: bool = False  # torch_dist: write in the background while training goes on
 
 
 @dataclass

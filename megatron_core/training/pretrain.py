@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_core import device
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
-from megatron_core.training import checkpoint_io, checkpointing, data_loading, health
+from megatron_core.training import checkpoint_io, checkpointing, data_loading, dist_checkpoint, health
 from megatron_core.training.agreement import agreed
 from megatron_core.training.config import (
     CheckpointConfig,
@@ -107,6 +107,7 @@ class _Run:
     valid_ds: Any = None
     writer: Any = None
     last_eval_iteration: int | None = None  # the same on every rank (evaluation is collective)
+    pending_save: Any = None  # an asynchronous torch_dist save in flight (dist_checkpointing.SaveRequest)
 
     @property
     def training(self) -> TrainingConfig:
@@ -214,8 +215,13 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     scheduler: OptimizerParamScheduler | None = run.scheduler
     if run.training.skip_train:  # evaluation only: the weights, never the optimizer or the schedule
         checkpoint, optimizer, scheduler = dataclasses.replace(checkpoint, no_load_optim=True), None, None
-    loaded = agreed(checkpointing.load_checkpoint, checkpoint, run.model, optimizer, scheduler, ps,
-                    run.config.model.transformer, run.model_info, printer=messages.append)
+    if dist_checkpoint.holds_dist_checkpoint(checkpoint):  # collective: not under ``agreed``
+        loaded = dist_checkpoint.load_checkpoint(checkpoint, run.model, optimizer, scheduler, ps,
+                                                 run.config.model.transformer, run.model_info,
+                                                 printer=messages.append)
+    else:
+        loaded = agreed(checkpointing.load_checkpoint, checkpoint, run.model, optimizer, scheduler, ps,
+                        run.config.model.transformer, run.model_info, printer=messages.append)
     for line in messages:
         out.rank0(line)
     state = TrainState(iteration=loaded.iteration, consumed_train_samples=loaded.consumed_train_samples)
@@ -262,10 +268,24 @@ def _evaluate_and_print(run: _Run, state: TrainState, result: TrainResult) -> No
 def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
     if run.checkpoint.save is None or state.iteration in result.saved_iterations:
         return
+    _wait_for_save(run)
+    if run.checkpoint.ckpt_format == "torch_dist":
+        run.pending_save = dist_checkpoint.save_checkpoint(
+            run.checkpoint, state.iteration, state.consumed_train_samples, run.model, run.optimizer, run.scheduler,
+            run.parallel_state, run.config.model.transformer, run.model_info, run.data, printer=run.out.rank0)
+        result.saved_iterations.append(state.iteration)
+        return
     checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
                                   run.optimizer, run.scheduler, run.parallel_state, run.config.model.transformer,
                                   run.model_info, printer=run.out.rank0)
     result.saved_iterations.append(state.iteration)
+
+
+def _wait_for_save(run: _Run) -> None:
+    """Finish an asynchronous torch_dist save still in flight (before the next one, and at exit)."""
+    if run.pending_save is not None:
+        request, run.pending_save = run.pending_save, None
+        request.wait()
 
 
 def _flops_per_sample(config: RunConfig, padded_vocab: int) -> float:
@@ -322,11 +342,13 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
             if reason is not None:
                 run.out.rank0(f"> exiting at iteration {state.iteration}: {reason}")
                 _save(run, state, result)
+                _wait_for_save(run)
                 result.exit_reason = reason
                 return
     finally:
         handler.release()
     _save(run, state, result)
+    _wait_for_save(run)
 
 
 def _timing(timers: Timers, logging: LoggingConfig) -> str:

@@ -48,8 +48,6 @@ _REFUSED: dict[str, str] = {
     "--empty-unused-memory-level": "emptying the CUDA cache between steps is not supported; drop the flag",
     "--tp-comm-overlap": "overlapping TP communication needs Transformer Engine userbuffers; not supported yet",
     "--use-torch-fsdp2": "use --use-distributed-optimizer (ZeRO-1) instead of FSDP2 here",
-    "--async-save": "asynchronous checkpoint saving is not supported yet; drop the flag",
-    "--use-checkpoint-args": "model flags are not read from a checkpoint; give them on the command line",
     "--manual-gc": "manual garbage collection is not supported; drop the flag",
 }
 
@@ -73,7 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="custom transformer layer spec: MODULE.FUNCTION returns a ModuleSpec (or is one), e.g. "
                         "--spec models.custom_spec qk_norm_layer_spec")
     g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
-                   help="checkpoint format: torch (Megatron-LM's legacy per-rank files)")
+                   help="checkpoint format: torch (Megatron-LM's legacy per-rank files) or torch_dist "
+                        "(torch.distributed.checkpoint: resumes under any TP/PP/VPP/DP/ZeRO layout); a --load "
+                        "reads either, whatever this flag says")
+    g.add_argument("--async-save", action="store_true",
+                   help="torch_dist: write checkpoints in the background while training goes on")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model and tokenizer flags from the torch_dist checkpoint in --load")
     g.add_argument("--use-flash-attn", action="store_true", help="same as --attention-backend flash")
     g.add_argument("--squared-relu", action="store_true", help="squared ReLU MLP activation (Primer, Nemotron)")
     g.add_argument("--no-position-embedding", action="store_true", help="same as --position-embedding-type none")
@@ -87,9 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply(args: argparse.Namespace) -> None:
     """Map the accepted flags onto this framework's options (before the rest of ``validate_args``)."""
-    if args.ckpt_format == "torch_dist":
-        raise ConfigError("--ckpt-format torch_dist is not supported yet; use --ckpt-format torch (the legacy "
-                          "per-rank layout, which tools/checkpoint/convert.py converts)")
+    if args.async_save and args.ckpt_format != "torch_dist":
+        raise ConfigError("--async-save writes torch_dist checkpoints; add --ckpt-format torch_dist")
     if args.use_flash_attn:
         if args.attention_backend not in ("auto", "flash"):
             raise ConfigError(f"--use-flash-attn contradicts --attention-backend {args.attention_backend}")

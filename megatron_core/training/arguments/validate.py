@@ -18,6 +18,11 @@ _DEMO_HINT = " (or try python pretrain_gpt.py --demo)"
 def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Validate ``args`` in place and add derived fields; raises :class:`ConfigError`."""
     compat.apply(args)
+    if args.use_checkpoint_args:
+        from megatron_core.training.arguments import build_parser
+        from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
+
+        apply_checkpoint_args(args, vars(build_parser().parse_args([])))
     _parallel(args, world_size)
     _model(args)
     _batch_and_iterations(args)

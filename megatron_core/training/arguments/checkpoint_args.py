@@ -1,0 +1,56 @@
+"""``--use-checkpoint-args``: take the model and tokenizer flags from the checkpoint in ``--load``.
+
+A torch_dist checkpoint stores the ``TransformerConfig``, the ``model_info`` and the tokenizer
+flags of the run that wrote it; this maps them back onto the flag names (Megatron-LM's
+``load_args_from_checkpoint``), so ``pretrain_gpt.py --load DIR --use-checkpoint-args`` needs no
+model flags. A flag the user gave that disagrees with the checkpoint is an error naming both.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from megatron_core.errors import ConfigError
+
+# flag dest -> how to read it from the checkpoint's (model_config, model_info, tokenizer) records
+_FROM_CONFIG = {
+    "num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+    "kv_channels": "kv_channels", "normalization": "normalization", "norm_epsilon": "layernorm_epsilon",
+    "add_bias_linear": "add_bias_linear", "add_qkv_bias": "add_qkv_bias",
+    "position_embedding_type": "position_embedding_type", "rotary_base": "rotary_base",
+    "rotary_percent": "rotary_percent",
+}
+_FROM_INFO = {"seq_length": "seq_length", "max_position_embeddings": "max_position_embeddings"}
+_ACTIVATION_FLAGS = {"swiglu": "swiglu", "gelu_tanh": "openai_gelu", "squared_relu": "squared_relu"}
+
+
+def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> None:
+    """Fill the model and tokenizer flags of ``args`` from the torch_dist checkpoint in ``args.load``.
+
+    ``parser_defaults``: each flag's default, to tell a flag the user gave from one left alone.
+    Raises ConfigError when ``--load`` holds no torch_dist checkpoint or a given flag disagrees.
+    """
+    if args.load is None:
+        raise ConfigError("--use-checkpoint-args needs --load DIR (the checkpoint to read the model flags from)")
+    from megatron_core.dist_checkpointing import read_common
+
+    extra = read_common(args.load, args.ckpt_step).get("extra", {})
+    config, info, tokenizer = extra.get("model_config"), extra.get("model_info"), extra.get("tokenizer")
+    if not config or not info:
+        raise ConfigError(f"--load {args.load}: the checkpoint records no model flags (it was not written by "
+                          f"pretrain_gpt.py); give the model flags instead of --use-checkpoint-args")
+    values: dict[str, Any] = {dest: config[key] for dest, key in _FROM_CONFIG.items() if key in config}
+    values.update({dest: info[key] for dest, key in _FROM_INFO.items() if key in info})
+    values["group_query_attention"] = config.get("num_query_groups") not in (None, config.get("num_attention_heads"))
+    values["untie_embeddings_and_output_weights"] = not config.get("share_embeddings_and_output_weights", True)
+    for activation, dest in _ACTIVATION_FLAGS.items():
+        values[dest] = config.get("activation") == activation
+    values.update({k: v for k, v in (tokenizer or {}).items() if v is not None})
+    for dest, value in values.items():
+        given = getattr(args, dest, None)
+        if given is not None and given != parser_defaults.get(dest) and given != value:
+            flag = "--" + dest.replace("_", "-")
+            raise ConfigError(f"{flag} {given} disagrees with the checkpoint's {value} under --use-checkpoint-args; "
+                              f"drop {flag} or --use-checkpoint-args")
+        setattr(args, dest, value)

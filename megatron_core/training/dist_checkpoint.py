@@ -1,0 +1,123 @@
+"""The ``torch_dist`` checkpoint format in the training loop (``--ckpt-format torch_dist``).
+
+``megatron_core.dist_checkpointing`` stores every tensor with its global shape and this rank's
+slice on ``torch.distributed.checkpoint``, so a run resumes at any other TP x PP x VPP x DP x ZeRO
+layout with its optimizer state, iteration, consumed samples and schedule. This module adds what
+the trainer keeps beside the tensors (consumed samples, the model and tokenizer identity that
+``--use-checkpoint-args`` reads back), ZeRO-3's gathered parameters around a save or load, and
+the non-finite and launcher checks the legacy format has. Saves are collective.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import torch
+
+from megatron_core.dist_checkpointing import SaveRequest, is_dist_checkpoint, load_dist_checkpoint, save_dist_checkpoint
+from megatron_core.errors import ConfigError
+from megatron_core.parallel_state import ParallelState
+from megatron_core.training import checkpoint_io as io
+from megatron_core.training.checkpointing import LoadResult, check_compatible, unwrap
+from megatron_core.training.config import CheckpointConfig, DataConfig, ModelInfo
+from megatron_core.training.health import TrainingDivergedError, check_finite_state
+from megatron_core.training.initialize import launcher_alive
+from megatron_core.transformer.config import TransformerConfig
+
+
+def holds_dist_checkpoint(config: CheckpointConfig) -> bool:
+    """Whether ``config.load`` (at ``--ckpt-step`` or its tracker's iteration) is a torch_dist checkpoint."""
+    if config.load is None or not os.path.isdir(config.load):
+        return False
+    if config.ckpt_step is None:
+        return is_dist_checkpoint(config.load)
+    path = io.existing_iteration_dir(config.load, config.ckpt_step)
+    return path is not None and os.path.isfile(os.path.join(path, "common.pt"))
+
+
+@contextlib.contextmanager
+def _full_params(model: list[torch.nn.Module], writeback: bool) -> Iterator[None]:
+    """ZeRO-3: every parameter gathered inside the block; with ``writeback`` what was loaded into them
+    becomes this rank's shards. Other stages: nothing to do."""
+    chunks = [chunk for chunk in model if hasattr(chunk, "gathered_params")]
+    with contextlib.ExitStack() as stack:
+        for chunk in chunks:
+            stack.enter_context(cast(Any, chunk).gathered_params(writeback=writeback))
+        yield
+
+
+def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_samples: int,
+                    model: list[torch.nn.Module], optimizer: Any, scheduler: Any, parallel_state: ParallelState,
+                    transformer: TransformerConfig, model_info: ModelInfo, data: DataConfig,
+                    printer: Callable[[str], None] = print) -> SaveRequest:
+    """Write iteration ``iteration`` under ``config.save`` in torch_dist format; ``config.async_save``
+    writes in the background (call ``wait()`` on the result before the next save and at exit).
+
+    Raises TrainingDivergedError for weights holding inf/nan (never saved) and ConfigError when the
+    launcher of the job has died (never publish a checkpoint the user is about to resume from).
+    """
+    if config.save is None:
+        raise ValueError("save_checkpoint needs CheckpointConfig.save (--save DIR)")
+    if not launcher_alive():
+        raise ConfigError(f"not saving iteration {iteration}: the launcher of this job died")
+    extra = {"consumed_train_samples": consumed_train_samples, "model_config": transformer.to_dict(),
+             "model_info": model_info.to_dict(), "tokenizer": tokenizer_identity(data)}
+    with _full_params(model, writeback=False):
+        for chunk in model:
+            bad = [name for name, p in unwrap(chunk).named_parameters() if not torch.isfinite(p.data).all()]
+            if bad:
+                raise TrainingDivergedError(f"iteration {iteration}: weights {bad[:3]} hold inf or nan; "
+                                            f"not saving them")
+        request = save_dist_checkpoint(config.save, iteration, model, optimizer, scheduler, parallel_state,
+                                       extra=extra, async_save=config.async_save)
+    how = "started an asynchronous save of" if config.async_save else "successfully saved"
+    printer(f"  {how} checkpoint at iteration {iteration:7d} to {config.save} (torch_dist) "
+            f"[ training blocked {request.blocked_seconds:.2f}s ]")
+    return request
+
+
+def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,
+                    parallel_state: ParallelState, transformer: TransformerConfig, model_info: ModelInfo,
+                    printer: Callable[[str], None] = print) -> LoadResult:
+    """Restore a torch_dist checkpoint saved under any layout (``--load``, ``--ckpt-step``, ``--finetune``,
+    ``--no-load-optim``, ``--no-load-rng``). Collective. Raises ConfigError for another model."""
+    assert config.load is not None
+    from megatron_core.dist_checkpointing import read_common
+
+    common = read_common(config.load, config.ckpt_step)
+    extra = common.get("extra", {})
+    # The layout may differ (that is the point); the model itself may not.
+    ours = dict(model_info.to_dict(), tensor_model_parallel_size=None, pipeline_model_parallel_size=None,
+                virtual_pipeline_model_parallel_size=None)
+    saved_info = dict(extra.get("model_info", {}), tensor_model_parallel_size=None,
+                      pipeline_model_parallel_size=None, virtual_pipeline_model_parallel_size=None)
+    check_compatible(extra.get("model_config", {}), saved_info, transformer.to_dict(), ours, config.load)
+    load_optim = optimizer is not None and not (config.no_load_optim or config.finetune)
+    with _full_params(model, writeback=True):
+        common = load_dist_checkpoint(config.load, model, optimizer if load_optim else None,
+                                      None if config.finetune else scheduler, parallel_state,
+                                      iteration=config.ckpt_step, load_optim=load_optim,
+                                      load_rng=not (config.no_load_rng or config.finetune), printer=printer)
+        for chunk in model:
+            check_finite_state(unwrap(chunk).state_dict(), config.load)
+    if not load_optim and optimizer is not None:
+        optimizer.reload_model_params()
+    result = LoadResult(loaded=True, optimizer_loaded=load_optim, scheduler_loaded=not config.finetune,
+                        rng_loaded=not (config.no_load_rng or config.finetune))
+    if config.finetune:
+        printer(f"> loaded model weights from {config.load} (torch_dist) for finetuning: starting at iteration 0")
+        return result
+    result.iteration = int(common["iteration"])
+    result.consumed_train_samples = int(extra.get("consumed_train_samples", 0))
+    printer(f"> loaded torch_dist checkpoint from {config.load} at iteration {result.iteration} (saved under "
+            f"{common.get('layout')}; optimizer: {'yes' if load_optim else 'no'})")
+    return result
+
+
+def tokenizer_identity(data: DataConfig) -> dict[str, Any]:
+    """The tokenizer flags that rebuild this run's tokenizer (``--use-checkpoint-args``)."""
+    return {"tokenizer_type": data.tokenizer_type, "tokenizer_model": data.tokenizer_model,
+            "vocab_file": data.vocab_file, "merge_file": data.merge_file, "vocab_size": data.vocab_size,
+            "make_vocab_size_divisible_by": data.make_vocab_size_divisible_by}

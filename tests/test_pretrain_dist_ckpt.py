@@ -1,0 +1,53 @@
+"""pretrain_gpt.py with --ckpt-format torch_dist: resume under another layout with the optimizer, the
+iteration, the consumed samples and the schedule; --async-save; --use-checkpoint-args.
+
+The reference is one uninterrupted run in the saving layout. Adam's eps is 1e-4 (as test_ddp_gpt):
+with eps 1e-8 its 1/sqrt(v) turns reduction-order noise on near-zero gradients into full steps, so
+two layouts agree only to about 1e-4 after a few steps even without a checkpoint in between.
+"""
+import pytest
+import torch
+from equivalence import assert_rel_close
+from harness import run_distributed
+from test_pretrain import TINY, _logged, _train
+
+ARGS = [*TINY, "--train-iters", "8", "--eval-interval", "100", "--eval-iters", "0", "--adam-eps", "1e-4",
+        "--lr-warmup-iters", "3", "--ckpt-format", "torch_dist"]
+
+
+@pytest.mark.parametrize("saved,resumed", [
+    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--use-distributed-optimizer"])),
+    ((2, ["--zero-stage", "3"]), (2, ["--tensor-model-parallel-size", "2"])),
+], ids=["tp2-to-dp2-zero1", "dp2-zero3-to-tp2"])
+def test_resume_under_another_layout_continues_the_run(tmp_path, saved, resumed):
+    (world, layout), (new_world, new_layout) = saved, resumed
+    whole = _logged(run_distributed(_train, world, ARGS + layout, timeout=240))
+    ckpt = str(tmp_path / "ckpt")
+    first = _logged(run_distributed(_train, world, ARGS + layout + ["--save", ckpt, "--exit-interval", "4"],
+                                    timeout=240))
+    assert first.iteration == 4 and first.saved_iterations == [4]
+    rest = _logged(run_distributed(_train, new_world, ARGS + new_layout + ["--load", ckpt], timeout=240))
+    assert rest.loaded_iteration == 4 and rest.consumed_train_samples == whole.consumed_train_samples
+    assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]), what="losses after the resume")
+
+
+def test_async_save_and_use_checkpoint_args(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    whole = _logged(run_distributed(_train, 1, ARGS, timeout=240))
+    _logged(run_distributed(_train, 1, ARGS + ["--save", ckpt, "--save-interval", "2", "--exit-interval", "4",
+                                               "--async-save"], timeout=240))
+    # No model flags at all: they come from the checkpoint.
+    model_flags = {"--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--vocab-size"}
+    argv, skip = [], False
+    for token in ARGS:
+        if skip:
+            skip = False
+            continue
+        if token in model_flags:
+            skip = True
+            continue
+        argv.append(token)
+    rest = _logged(run_distributed(_train, 2, argv + ["--load", ckpt, "--use-checkpoint-args"], timeout=240))
+    assert rest.loaded_iteration == 4
+    assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]),
+                     what="losses after an async save, read back at DP 2")
