@@ -154,7 +154,15 @@ def _print_demo_summary(result: TrainResult) -> None:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: a configuration error is one line on stderr and exit code 2."""
+    """The command line: a configuration error is one line on stderr and exit code 2.
+
+    ``--autotune`` hands the same flags to the layout search (``tools/autotune.py``) instead of training.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--autotune" in argv:
+        from megatron_core.autotune.cli import main as autotune
+
+        return autotune([a for a in argv if a != "--autotune"])
     try:
         main(argv)
     except ValueError as exc:  # ConfigError and the libraries' own argument checks

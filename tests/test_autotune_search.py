@@ -56,18 +56,16 @@ def test_out_of_memory_says_by_how_much():
     assert predict_memory(spec, Layout(dp=2, micro_batch_size=1)) < need
 
 
-def test_unlaunchable_settings_are_marked_and_ranked_last():
+def test_every_zero_stage_and_offload_is_launchable_with_its_flags():
     spec = _spec()
     layouts = enumerate_layouts(spec, 2)
     assert {lay.zero_stage for lay in layouts} == {0, 1, 2, 3} and any(lay.offload for lay in layouts)
-    assert launch_blocker(Layout(dp=2, zero_stage=3)) == "ZeRO-3 is not in the framework yet"
-    assert launch_blocker(Layout(dp=2, zero_stage=1, offload=True)) == "optimizer offload is not in the framework yet"
-    assert launch_blocker(Layout(dp=2, zero_stage=1)) is None
+    assert all(launch_blocker(lay) is None for lay in layouts)
+    assert cli.layout_flags(spec, Layout(dp=2, zero_stage=3))[-2:] == ["--zero-stage", "3"]
+    assert "--optimizer-cpu-offload" in cli.layout_flags(spec, Layout(dp=2, zero_stage=1, offload=True))
+    assert "--use-distributed-optimizer" in cli.layout_flags(spec, Layout(dp=2, zero_stage=1))
     cands = search(spec, layouts, 1e12, predict_time=lambda lay: (1.0 + lay.zero_stage, 0.1))
-    ok = [c for c in cands if c.reason is None]
-    first_blocked = next(i for i, c in enumerate(ok) if not c.launchable)
-    assert all(not c.launchable for c in ok[first_blocked:])
-    assert all(launch_blocker(c.layout) is None for c in ok[:first_blocked])
+    assert all(c.launchable for c in cands if c.reason is None)
 
 
 def test_bad_flags_are_one_line_errors(capsys):

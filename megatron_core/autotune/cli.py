@@ -31,7 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYOUT_FLAGS = {"--tensor-model-parallel-size": 1, "--pipeline-model-parallel-size": 1,
                 "--num-layers-per-virtual-pipeline-stage": 1, "--micro-batch-size": 1, "--sequence-parallel": 0,
                 "--use-distributed-optimizer": 0, "--recompute-activations": 0, "--recompute-granularity": 1,
-                "--recompute-method": 1, "--recompute-num-layers": 1}
+                "--recompute-method": 1, "--recompute-num-layers": 1, "--zero-stage": 1,
+                "--data-parallel-sharding-strategy": 1, "--optimizer-cpu-offload": 0}
 AUTOTUNE_FLAGS = {"--world-size": 1, "--memory-per-device": 1, "--trials": 1, "--trial-iters": 1, "--output": 1,
                   "--output-deepspeed-json": 1, "--top": 1, "--no-offload": 0,
                   "--micro-batch-sizes": -1}
@@ -83,6 +84,8 @@ def layout_flags(spec: ModelSpec, layout: Layout) -> list[str]:
         flags += ["--num-layers-per-virtual-pipeline-stage", str(spec.config.num_layers // (layout.pp * layout.vpp))]
     if layout.sequence_parallel:
         flags.append("--sequence-parallel")
+    if layout.offload:
+        flags.append("--optimizer-cpu-offload")
     if layout.recompute == "selective":
         flags += ["--recompute-granularity", "selective"]
     elif layout.recompute == "full":

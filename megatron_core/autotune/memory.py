@@ -21,7 +21,7 @@ import dataclasses
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.params import ParamInfo, layer_params, rank_chunks
 
-IMPLEMENTED_ZERO_STAGES = (0, 1, 2)  # add 3 here when the framework's ZeRO-3 lands
+IMPLEMENTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclasses.dataclass

@@ -31,6 +31,9 @@ def _batch(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-only", action="store_true", help="same as --skip-train")
     g.add_argument("--seed", type=int, default=1234, help="seed for weights, dropout and data order")
     g.add_argument("--deterministic-mode", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    g.add_argument("--autotune", action="store_true",
+                   help="search the parallel layout for these flags instead of training (tools/autotune.py: "
+                        "--world-size, --memory-per-device, --trials, --output)")
     g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
                    help="stop with an error, before the step is applied, when a loss or gradient is inf/nan")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad")
