@@ -13,9 +13,10 @@ from megatron_core import device as device_mod
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
+    gather_first_async,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_first_async,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
@@ -32,6 +33,54 @@ def _zeros(n: int, dtype: torch.dtype, dev: torch.device) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=dev))
 
 
+class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
+    """``F.linear`` on the sequence-parallel all-gather of its input, saving only the local shard.
+
+    Forward: x [s / TP, b, h_in] is all-gathered to [s, b, h_in], multiplied by weight
+    [h_out / TP, h_in] (+ bias) to [s, b, h_out / TP]; only x, not the gathered input, is kept
+    for backward, which saves (TP - 1) / TP of this input's activation bytes (Korthikanti et al.,
+    2022, section 4.2.2). Backward follows Megatron-LM's function of this name: start the
+    all-gather of x again, compute grad_input = grad_output @ weight while it runs, wait, start
+    the reduce-scatter of grad_input and compute the weight and bias gradients while it runs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        """x [s / TP, b, h_in], weight [h_out / TP, h_in], bias [h_out / TP] or None -> [s, b, h_out / TP]."""
+        total_input, work = gather_first_async(x, group)
+        if work is not None:
+            work.wait()
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.use_bias = group, bias is not None
+        return F.linear(total_input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """Grads of x (reduce-scattered), weight and bias; the all-gather of x overlaps grad_output @ weight."""
+        x, weight = ctx.saved_tensors
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gather_work = None
+        if need_weight:
+            total_input, gather_work = gather_first_async(x, ctx.group)
+        grad_output = grad_output.contiguous()
+        grad_input = sub_grad_input = rs_work = None
+        if need_input:
+            grad_input = grad_output.matmul(weight)
+        if gather_work is not None:
+            gather_work.wait()
+        if need_input:
+            sub_grad_input, rs_work = reduce_scatter_first_async(grad_input, ctx.group)
+        grad_weight = grad_bias = None
+        if need_weight:
+            g2 = grad_output.view(-1, grad_output.shape[-1])
+            grad_weight = g2.t().mm(total_input.view(-1, total_input.shape[-1]))
+        if ctx.use_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.view(-1, grad_output.shape[-1]).sum(dim=0)
+        if rs_work is not None:
+            rs_work.wait()
+        return sub_grad_input, grad_weight, grad_bias, None
+
+
 class ColumnParallelLinear(torch.nn.Module):
     """Y = XA + b with A split by columns (output features) across tensor-parallel ranks."""
 
@@ -46,6 +95,7 @@ class ColumnParallelLinear(torch.nn.Module):
             raise ValueError("gather_output=True cannot be combined with sequence_parallel=True")
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = divide(output_size, tp, "ColumnParallelLinear output_size")
+        self._tp = tp
         self.gather_output, self.skip_bias_add, self.sequence_parallel = gather_output, skip_bias_add, sequence_parallel
         dev = device_mod.current_device()
         self.weight = sharded_parameter((output_size, input_size), 0, init_method or init_method_normal(0.02),
@@ -58,12 +108,11 @@ class ColumnParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None):
         weight = self.weight if weight is None else weight
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.tp_group, tensor_parallel_output_grad=True)
-        else:
-            x = copy_to_tensor_model_parallel_region(x, self.tp_group)
         bias = None if self.skip_bias_add else self.bias
-        out = F.linear(x, weight, bias)
+        if self.sequence_parallel and self._tp > 1:
+            out = LinearWithGradAccumulationAndAsyncCommunication.apply(x, weight, bias, self.tp_group)
+        else:
+            out = F.linear(copy_to_tensor_model_parallel_region(x, self.tp_group), weight, bias)
         if self.gather_output:
             out = gather_from_tensor_model_parallel_region(out, self.tp_group)
         return out, (self.bias if self.skip_bias_add else None)
