@@ -63,13 +63,12 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
         if need_weight:
             total_input, gather_work = gather_first_async(x, ctx.group)
         grad_output = grad_output.contiguous()
-        grad_input = sub_grad_input = rs_work = None
-        if need_input:
-            grad_input = grad_output.matmul(weight)
+        full_grad_input = grad_output.matmul(weight) if need_input else None
         if gather_work is not None:
             gather_work.wait()
-        if need_input:
-            sub_grad_input, rs_work = reduce_scatter_first_async(grad_input, ctx.group)
+        sub_grad_input = rs_work = None
+        if full_grad_input is not None:
+            sub_grad_input, rs_work = reduce_scatter_first_async(full_grad_input, ctx.group)
         grad_weight = grad_bias = None
         if need_weight:
             g2 = grad_output.view(-1, grad_output.shape[-1])

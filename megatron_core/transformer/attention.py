@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from megatron_core.fusions.kernels import find_kernel
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.random import checkpoint
 from megatron_core.tensor_parallel.utils import divide
@@ -36,8 +37,10 @@ class SelfAttention(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal,
-                 parallel_state: ParallelState | None = None) -> None:
+                 parallel_state: ParallelState | None = None, fused_kernels: bool = True) -> None:
         super().__init__()
+        # A fused RoPE kernel where one is found (fused spec); the local spec passes False.
+        self.rope_kernel = find_kernel("rope") if fused_kernels else None
         ps = get_parallel_state(parallel_state)
         self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
         tp = ps.tp_size
@@ -79,7 +82,8 @@ class SelfAttention(torch.nn.Module):
         mixed, _ = self.linear_qkv(hidden_states)
         q, k, v = self.split_qkv(mixed)
         q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rotary_pos_emb(q, rotary_pos_emb), apply_rotary_pos_emb(k, rotary_pos_emb)
+        q = apply_rotary_pos_emb(q, rotary_pos_emb, self.rope_kernel)
+        k = apply_rotary_pos_emb(k, rotary_pos_emb, self.rope_kernel)
         if self.selective_recompute and self.training:
             # Recompute the s^2 part in backward; the tracker states make dropout replay exactly.
             context = checkpoint(self.core_attention, self.rng_tracker, q, k, v, attention_mask)
