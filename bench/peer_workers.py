@@ -8,8 +8,10 @@ megatron-core on CPU needs, in this process only: its CUDA RNG tracker reading a
 generator (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``, ``torch.cuda.get_rng_state`` /
 ``manual_seed``), ``torch.cuda.current_device`` answering ``"cpu"`` (its layers and gradient
 buffers allocate on it), ``device="cuda"`` in ``torch.tensor/zeros/ones/empty/full`` and
-``Tensor.cuda()`` mapped to the CPU (optimizer, grad-norm and schedule scalars), CPU initialisation, and its fusions and batched p2p switched off. Its
-tracker warns on every fork that the CPU RNG moved (which here it must); that logger is silenced.
+``Tensor.cuda()`` mapped to the CPU (optimizer, grad-norm and schedule scalars), its gradient
+clipping (which asserts CUDA grads) replaced by the same scaling, CPU initialisation, and its
+fusions and batched p2p switched off. Its tracker warns on every fork that the CPU RNG moved
+(which here it must); that logger is silenced. Both peers clip at 1.0, as ours does.
 DeepSpeed wraps the same Hugging Face GPT-2 the HF row uses, with torch's AdamW as its optimizer
 (``zero_allow_untested_optimizer``: its fused Adam needs CUDA).
 """
