@@ -8,7 +8,8 @@ megatron-core on CPU needs, in this process only: its CUDA RNG tracker reading a
 generator (``_get_cuda_rng_state`` / ``_set_cuda_rng_state``, ``torch.cuda.get_rng_state`` /
 ``manual_seed``), ``torch.cuda.current_device`` answering ``"cpu"`` (its layers and gradient
 buffers allocate on it), ``device="cuda"`` in ``torch.tensor/zeros/ones/empty/full`` and
-``Tensor.cuda()`` mapped to the CPU (optimizer, grad-norm and schedule scalars), its gradient
+``Tensor.cuda()`` mapped to the CPU (optimizer, grad-norm and schedule scalars), ``Tensor.type()``
+naming CPU tensors as ``torch.cuda.*Tensor`` (its optimizers sort parameters by it), its gradient
 clipping (which asserts CUDA grads) replaced by the same scaling, CPU initialisation, and its
 fusions and batched p2p switched off. Its tracker warns on every fork that the CPU RNG moved
 (which here it must); that logger is silenced. Both peers clip at 1.0, as ours does.
@@ -40,6 +41,15 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
                 grad.mul_(coeff)
 
 
+def _cuda_type_name(original):
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+    return type_
+
+
 def _patch_megatron_for_cpu() -> None:
     import megatron.core.tensor_parallel.random as mrandom
     mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
@@ -51,6 +61,8 @@ def _patch_megatron_for_cpu() -> None:
     for name in ("tensor", "zeros", "ones", "empty", "full"):
         setattr(torch, name, _on_cpu(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # The optimizers sort parameters by ``param.type()`` against 'torch.cuda.FloatTensor' etc.
+    torch.Tensor.type = _cuda_type_name(torch.Tensor.type)
     # Its clipping asserts torch.cuda.FloatTensor grads; the same scaling by max_norm / (norm + 1e-6).
     import megatron.core.optimizer.optimizer as moptimizer
     moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
