@@ -115,12 +115,6 @@ class _CopyToRegion(torch.autograd.Function):
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        if x.is_contiguous():
-            # In place, as Megatron-LM does: the partial sums (a row-parallel product, a masked
-            # embedding lookup) are not needed afterwards, and mark_dirty tells autograd.
-            ctx.mark_dirty(x)
-            dist.all_reduce(x, group=group)
-            return x
         return _all_reduce(x.clone(), group)
 
     @staticmethod
