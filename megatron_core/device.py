@@ -20,6 +20,17 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def triton_available() -> bool:
+    """True when Triton kernels can run: CUDA is usable and ``triton`` imports (the ``gpu`` extra)."""
+    if not cuda_available():
+        return False
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
 def default_backend() -> str:
     """``nccl`` when CUDA is usable, else ``gloo``."""
     return "nccl" if cuda_available() else "gloo"

@@ -61,6 +61,24 @@ def test_column_parallel_linear(tp, sp):
             assert_rel_close(xgrad, x_ref.grad.chunk(tp)[r] if sp else x_ref.grad, what="input grad")
 
 
+def _saved_shapes_sp_column():
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    layer = ColumnParallelLinear(IN, OUT, sequence_parallel=True)
+    x = torch.randn(SEQ // ps.tp_size, BATCH, IN, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out, _ = layer(x)
+    out.sum().backward()
+    return saved, x.grad.shape
+
+
+def test_sequence_parallel_column_keeps_only_the_local_input_shard():
+    """Megatron-LM keeps x [s/TP, b, h] for backward and all-gathers it again there (Korthikanti et al. 4.2.2)."""
+    for saved, grad_shape in run_distributed(_saved_shapes_sp_column, 2, timeout=60):
+        assert (SEQ // 2, BATCH, IN) in saved and (SEQ, BATCH, IN) not in saved, saved
+        assert grad_shape == (SEQ // 2, BATCH, IN)
+
+
 def _row(sp):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     tp, r = ps.tp_size, ps.tp_rank

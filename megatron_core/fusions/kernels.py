@@ -1,7 +1,9 @@
 """Where fused kernels come from: probed once per op, used only when they apply.
 
-A kernel is found by trying its providers in order (an import that fails means "not here"); none
-ships with this package, so on a CPU machine every op uses its torch path and pays nothing. A
+A kernel is found by trying its providers in order (an import that fails means "not here"): the
+CUDA extensions of apex / Megatron-LM where installed, then this package's Triton kernels
+(``triton_norms``, ``triton_elementwise``, ``triton_cross_entropy``) when CUDA and Triton are both
+present (``device.triton_available()``). On a CPU machine every op uses its torch path and pays nothing. A
 provider returns a :class:`Kernel` whose ``applies(...)`` says whether it handles the given
 tensors (device, dtype, shape); modules also take an explicit ``kernel=`` so tests and users can
 plug one in without touching global state.
@@ -9,6 +11,7 @@ plug one in without touching global state.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from collections.abc import Callable
 from typing import NamedTuple
@@ -71,10 +74,34 @@ def _megatron_scaled_masked_softmax() -> Kernel | None:
     return Kernel(_ScaledMaskedSoftmax.apply, applies, "scaled_masked_softmax_cuda")
 
 
+_MAX_ROW = 16384  # one Triton program holds a whole norm/softmax row in registers
+
+
+def _triton(module: str, fn_name: str, applies: Callable[..., bool]) -> Callable[[], Kernel | None]:
+    """A provider for ``megatron_core.fusions.<module>.<fn_name>`` (ImportError without Triton)."""
+    def provider() -> Kernel | None:
+        if not device.triton_available():
+            raise ImportError("triton is not usable here")
+        mod = importlib.import_module(f"megatron_core.fusions.{module}")
+        return Kernel(getattr(mod, fn_name), applies, f"triton {module}.{fn_name}")
+    return provider
+
+
 _PROVIDERS: dict[str, tuple[Callable[[], Kernel | None], ...]] = {
-    "layer_norm": (_apex_layer_norm,),
-    "rms_norm": (_apex_rms_norm,),
-    "scaled_masked_softmax": (_megatron_scaled_masked_softmax,),
+    "layer_norm": (_apex_layer_norm, _triton("triton_norms", "layer_norm",
+                                             lambda x, *rest: _on_cuda(x) and x.shape[-1] <= _MAX_ROW)),
+    "rms_norm": (_apex_rms_norm, _triton("triton_norms", "rms_norm",
+                                         lambda x, *rest: _on_cuda(x) and x.shape[-1] <= _MAX_ROW)),
+    "scaled_masked_softmax": (_megatron_scaled_masked_softmax, _triton(
+        "triton_norms", "scaled_masked_softmax",
+        lambda scores, mask, scale: _on_cuda(scores, mask) and scores.dim() == 4 and scores.shape[-1] <= _MAX_ROW)),
+    "rope": (_triton("triton_elementwise", "apply_rotary_pos_emb",
+                     lambda x, cos, sin: _on_cuda(x, cos, sin) and x.dim() == 4),),
+    "swiglu": (_triton("triton_elementwise", "swiglu", lambda x: _on_cuda(x)),),
+    "bias_dropout_add": (_triton("triton_elementwise", "bias_dropout_add",
+                                 lambda x, bias, residual: _on_cuda(x, bias, residual)),),
+    "vocab_parallel_cross_entropy": (_triton("triton_cross_entropy", "vocab_parallel_cross_entropy",
+                                             lambda logits, target: _on_cuda(logits, target)),),
 }
 
 

@@ -11,10 +11,23 @@ import torch.distributed as dist
 from megatron_core.tensor_parallel.mappings import _rank, _size
 
 
-def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def reduce_over(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``x`` in place over ``group`` (a no-op for one rank); returns ``x``."""
     if _size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
+
+
+_all_reduce = reduce_over
+
+
+def check_labels(target: torch.Tensor, ignored: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError naming a label outside [0, vocab_size) among the positions not ignored."""
+    if not ignored.all():
+        valid = target[~ignored]
+        if int(valid.min()) < 0 or int(valid.max()) >= vocab_size:
+            raise ValueError(f"label {int(valid.max()) if int(valid.max()) >= vocab_size else int(valid.min())} "
+                             f"is outside the vocabulary [0, {vocab_size})")
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -29,11 +42,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         start = _rank(group) * partition
         vocab_size = partition * world
         ignored = target == ignore_index
-        if not ignored.all():
-            valid = target[~ignored]
-            if int(valid.min()) < 0 or int(valid.max()) >= vocab_size:
-                raise ValueError(f"label {int(valid.max()) if int(valid.max()) >= vocab_size else int(valid.min())} "
-                                 f"is outside the vocabulary [0, {vocab_size})")
+        check_labels(target, ignored, vocab_size)
         outside = (target < start) | (target >= start + partition)
         local_target = (target - start).masked_fill(outside, 0)
 

@@ -59,26 +59,46 @@ def _split_first(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def _gather_first(x: torch.Tensor, group) -> torch.Tensor:
+    out, work = gather_first_async(x, group)
+    if work is not None:
+        work.wait()
+    return out
+
+
+def gather_first_async(x: torch.Tensor, group):
+    """Start an all-gather of ``x`` along dim 0; returns ``(gathered, work)``; ``work.wait()`` before use.
+
+    ``x`` is [s / TP, ...]; ``gathered`` is [s, ...] (rank order). With a group of size one the
+    input itself is returned and ``work`` is None.
+    """
     world = _size(group)
     if world == 1:
-        return x
+        return x, None
     x = x.contiguous()
     flat = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
-    all_gather_flat(flat, x.view(-1), group)
-    return flat.view(world * x.shape[0], *x.shape[1:])
+    work = all_gather_flat(flat, x.view(-1), group, async_op=True)
+    return flat.view(world * x.shape[0], *x.shape[1:]), work
 
 
-def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_scatter_first_async(x: torch.Tensor, group):
+    """Start a reduce-scatter of ``x`` [s, ...] along dim 0; returns ``([s / TP, ...], work)``."""
     world = _size(group)
     if world == 1:
-        return x
+        return x, None
     if x.shape[0] % world != 0:
         raise ValueError(f"sequence length {x.shape[0]} is not divisible by the tensor-parallel "
                          f"size {world} (required by sequence parallelism)")
     x = x.contiguous()
     out = torch.empty(x.numel() // world, dtype=x.dtype, device=x.device)
-    reduce_scatter_flat(out, x.view(-1), group)
-    return out.view(x.shape[0] // world, *x.shape[1:])
+    work = reduce_scatter_flat(out, x.view(-1), group, async_op=True)
+    return out.view(x.shape[0] // world, *x.shape[1:]), work
+
+
+def _reduce_scatter_first(x: torch.Tensor, group) -> torch.Tensor:
+    out, work = reduce_scatter_first_async(x, group)
+    if work is not None:
+        work.wait()
+    return out
 
 
 class _CopyToRegion(torch.autograd.Function):

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from megatron_core.fusions.fused_softmax import causal_mask
+from megatron_core.fusions.kernels import find_kernel
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.random import checkpoint
 from megatron_core.tensor_parallel.utils import divide
@@ -38,10 +39,13 @@ class SelfAttention(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal,
-                 parallel_state: ParallelState | None = None, prefix: str = "") -> None:
+                 parallel_state: ParallelState | None = None, prefix: str = "",
+                 fused_kernels: bool = True) -> None:
         """``prefix``: this module's name in the whole model, the root of its weights' seed names
         (see :func:`megatron_core.transformer.init.component_name`)."""
         super().__init__()
+        # A fused RoPE kernel where one is found (fused spec); the local spec passes False.
+        self.rope_kernel = find_kernel("rope") if fused_kernels else None
         ps = get_parallel_state(parallel_state)
         self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
         tp = ps.tp_size
@@ -86,7 +90,8 @@ class SelfAttention(torch.nn.Module):
         mixed, _ = self.linear_qkv(hidden_states)
         q, k, v = self.split_qkv(mixed)
         q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rotary_pos_emb(q, rotary_pos_emb), apply_rotary_pos_emb(k, rotary_pos_emb)
+        q = apply_rotary_pos_emb(q, rotary_pos_emb, self.rope_kernel)
+        k = apply_rotary_pos_emb(k, rotary_pos_emb, self.rope_kernel)
         if inference_context is not None:
             k, v = inference_context.append(self.layer_number, k, v)
             if attention_mask is None:

@@ -27,23 +27,25 @@ def _torch_norm(config, hidden_size: int, eps: float | None = None):
     return build_norm(config, hidden_size, eps, kernel=None)
 
 
-def _gpt_layer_spec(norm, column, row, core_attention, qk_layernorm: bool) -> ModuleSpec:
+def _gpt_layer_spec(norm, column, row, core_attention, qk_layernorm: bool, fused_kernels: bool = True) -> ModuleSpec:
+    fused = {"fused_kernels": fused_kernels}  # RoPE, SwiGLU and bias-dropout-add kernels (kernels.py)
     return ModuleSpec(
-        module=TransformerLayer,
+        module=TransformerLayer, params=fused,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal, **fused},
                 submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core_attention,
                                                    linear_proj=row, q_layernorm=norm if qk_layernorm else None,
                                                    k_layernorm=norm if qk_layernorm else None)),
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))))
+            mlp=ModuleSpec(module=MLP, params=fused, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))))
 
 
 def get_gpt_layer_local_spec(qk_layernorm: bool = False) -> ModuleSpec:
     """Plain torch modules only (no kernel lookup): the reference implementation."""
-    return _gpt_layer_spec(_torch_norm, ColumnParallelLinear, RowParallelLinear, DotProductAttention, qk_layernorm)
+    return _gpt_layer_spec(_torch_norm, ColumnParallelLinear, RowParallelLinear, DotProductAttention, qk_layernorm,
+                           fused_kernels=False)
 
 
 def get_gpt_layer_fused_spec(qk_layernorm: bool = False) -> ModuleSpec:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_core.fusions.kernels import find_kernel
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig
 from megatron_core.transformer.init import component_name
@@ -49,7 +50,8 @@ class MLP(torch.nn.Module):
     """h -> ffn (x2 when gated) -> activation -> h, split over TP along the ffn dimension."""
 
     def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, layer_number: int,
-                 parallel_state: ParallelState | None = None, prefix: str = "") -> None:
+                 parallel_state: ParallelState | None = None, prefix: str = "",
+                 fused_kernels: bool = True) -> None:
         """``prefix``: this module's name in the whole model, the root of its weights' seed names
         (see :func:`megatron_core.transformer.init.component_name`)."""
         super().__init__()
@@ -63,6 +65,8 @@ class MLP(torch.nn.Module):
             bias=config.add_bias_linear, gather_output=False, stride=2 if gated else 1,
             init_method=config.init_method(component_name(prefix, "linear_fc1.weight")), **common)
         self.activation_func = ACTIVATIONS[config.activation]
+        # A fused SwiGLU kernel where one is found (fused spec); the local spec passes False.
+        self.activation_kernel = find_kernel("swiglu") if fused_kernels and config.activation == "swiglu" else None
         self.linear_fc2 = build_module(
             submodules.linear_fc2, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
             input_is_parallel=True,
@@ -73,4 +77,7 @@ class MLP(torch.nn.Module):
         intermediate, bias = self.linear_fc1(hidden_states)
         if bias is not None:
             intermediate = intermediate + bias
+        kernel = self.activation_kernel
+        if kernel is not None and kernel.applies(intermediate):
+            return self.linear_fc2(kernel.fn(intermediate))
         return self.linear_fc2(self.activation_func(intermediate))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_core.fusions.kernels import Kernel
+
 
 class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables for the positions of a batch, for the first ``rotary_dim`` channels of a head."""
@@ -32,11 +34,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Rotate the first ``rotary_dim`` channels of ``x`` [s, b, heads, head_dim]; the rest pass through."""
+def apply_rotary_pos_emb(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                         kernel: Kernel | None = None) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` channels of ``x`` [s, b, heads, head_dim]; the rest pass through.
+
+    ``kernel``: a fused ``rope`` kernel (``find_kernel("rope")``), used when it applies to ``x``.
+    """
     if rotary is None:
         return x
     cos, sin = rotary
+    if kernel is not None and kernel.applies(x, cos, sin):
+        return kernel.fn(x, cos, sin)
     rot_dim = cos.shape[-1]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if rot_dim == x.shape[-1]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from megatron_core.fusions.fused_dropout import dropout
+from megatron_core.fusions.kernels import find_kernel
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig
 from megatron_core.transformer.init import component_name
@@ -33,10 +34,13 @@ class TransformerLayer(torch.nn.Module):
     """One transformer layer; ``layer_number`` is global and 1-based, as in Megatron-LM."""
 
     def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int,
-                 parallel_state: ParallelState | None = None, prefix: str = "") -> None:
+                 parallel_state: ParallelState | None = None, prefix: str = "",
+                 fused_kernels: bool = True) -> None:
         """``prefix``: this layer's name in the whole model (``decoder.layers.<layer_number - 1>``),
         passed on to its parts as the root of their seed names."""
         super().__init__()
+        # A fused bias-dropout-add kernel where one is found (fused spec); the local spec passes False.
+        self.bda_kernel = find_kernel("bias_dropout_add") if fused_kernels else None
         ps = get_parallel_state(parallel_state)
         self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
         h = config.hidden_size
@@ -48,13 +52,19 @@ class TransformerLayer(torch.nn.Module):
                                 prefix=component_name(prefix, "mlp"))
 
     def _bias_dropout_add(self, out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-        if bias is not None:
-            out = out + bias
         p = self.config.hidden_dropout
         if self.training and p > 0:
             rng = self.rng_tracker.fork() if self.config.sequence_parallel else contextlib.nullcontext()
+            kernel = self.bda_kernel
             with rng:
+                if kernel is not None and kernel.applies(out, bias, residual):
+                    return kernel.fn(out, bias, residual, p)
+                if bias is not None:
+                    out = out + bias
                 out = dropout(out, p)
+            return residual + out
+        if bias is not None:
+            out = out + bias
         return residual + out
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,

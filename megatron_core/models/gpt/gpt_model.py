@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_core.fusions.kernels import find_kernel
 from megatron_core.models.gpt.embedding import LanguageModelEmbedding
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -58,6 +59,8 @@ class GPTModel(torch.nn.Module):
                                         vp_stage=vp_stage, prefix="decoder")
         if post_process:
             self._build_output_layer(ps, tied)
+        # Triton's cross entropy keeps the logits only (no fp32 copy, no softmax) where CUDA+Triton exist.
+        self.cross_entropy_kernel = find_kernel("vocab_parallel_cross_entropy") if post_process else None
 
     def _build_output_layer(self, parallel_state: ParallelState, tied: bool) -> None:
         config = self.config
@@ -117,6 +120,9 @@ class GPTModel(torch.nn.Module):
 
     def _per_token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """fp32 cross entropy of [s, b, V / TP] logits against [s, b] labels (-100: ignored, loss 0)."""
+        kernel = self.cross_entropy_kernel
+        if kernel is not None and kernel.applies(logits, labels):
+            return kernel.fn(logits, labels, self.parallel_state.tp_group)
         if self.parallel_state.tp_size > 1:
             return vocab_parallel_cross_entropy(logits, labels, self.parallel_state.tp_group)
         # One TP rank holds the whole vocabulary: torch's fused log-softmax + NLL is the same loss, faster.

@@ -1,0 +1,182 @@
+"""Triton rotary embedding, SwiGLU and bias-dropout-add, forward and backward.
+
+Imported only when Triton is installed; selected on CUDA by ``megatron_core.fusions.kernels``, and
+run on CPU in Triton's interpreter (``TRITON_INTERPRET=1``) by the tests. Arithmetic in fp32, results
+in the input's dtype. Bias-dropout-add keeps no mask: backward regenerates it from the saved seed
+and element offsets (``tl.rand`` is a counter-based Philox generator), so it stores 8 bytes instead
+of one byte per element.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope(X, Y, COS, SIN, HEADS, D, ROT, BACKWARD: tl.constexpr, HALF_BLOCK: tl.constexpr,
+          REST_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    sb = row // HEADS
+    half = ROT // 2
+    c = tl.arange(0, HALF_BLOCK)
+    m = c < half
+    x1 = tl.load(X + row * D + c, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(X + row * D + half + c, mask=m, other=0.0).to(tl.float32)
+    cos1 = tl.load(COS + sb * ROT + c, mask=m, other=0.0)
+    cos2 = tl.load(COS + sb * ROT + half + c, mask=m, other=0.0)
+    sin1 = tl.load(SIN + sb * ROT + c, mask=m, other=0.0)
+    sin2 = tl.load(SIN + sb * ROT + half + c, mask=m, other=0.0)
+    if BACKWARD:  # the transpose of [[cos1, -sin1], [sin2, cos2]]
+        y1 = x1 * cos1 + x2 * sin2
+        y2 = x2 * cos2 - x1 * sin1
+    else:  # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+        y1 = x1 * cos1 - x2 * sin1
+        y2 = x2 * cos2 + x1 * sin2
+    tl.store(Y + row * D + c, y1.to(Y.dtype.element_ty), mask=m)
+    tl.store(Y + row * D + half + c, y2.to(Y.dtype.element_ty), mask=m)
+    r = tl.arange(0, REST_BLOCK)
+    mr = r < D - ROT
+    tl.store(Y + row * D + ROT + r, tl.load(X + row * D + ROT + r, mask=mr, other=0.0), mask=mr)
+
+
+def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    s, b, heads, d = x.shape
+    rot = cos.shape[-1]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _rope[(s * b * heads,)](x, y, cos, sin, heads, d, rot, BACKWARD=backward,
+                            HALF_BLOCK=triton.next_power_of_2(max(rot // 2, 1)),
+                            REST_BLOCK=triton.next_power_of_2(max(d - rot, 1)))
+    return y
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        s, b = x.shape[:2]
+        rot = cos.shape[-1]
+        cos = cos.float().expand(s, b, 1, rot).reshape(s * b, rot).contiguous()
+        sin = sin.float().expand(s, b, 1, rot).reshape(s * b, rot).contiguous()
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(x, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rope_launch(dy, cos, sin, backward=True), None, None
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of the first ``rot`` channels of ``x`` [s, b, heads, d]; ``cos``/``sin``
+    broadcastable to [s, b, 1, rot] (``megatron_core.transformer.rope``'s convention)."""
+    return _Rope.apply(x, cos, sin)
+
+
+@triton.jit
+def _swiglu_fwd(X, Y, F, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < F
+    g = tl.load(X + row * 2 * F + c, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(X + row * 2 * F + F + c, mask=m, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + row * F + c, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _swiglu_bwd(X, DY, DX, F, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < F
+    g = tl.load(X + row * 2 * F + c, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(X + row * 2 * F + F + c, mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * F + c, mask=m, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(DX + row * 2 * F + c, dg.to(DX.dtype.element_ty), mask=m)
+    tl.store(DX + row * 2 * F + F + c, (dy * g * sig).to(DX.dtype.element_ty), mask=m)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, block):
+        f = x.shape[-1] // 2
+        x2 = x.reshape(-1, 2 * f).contiguous()
+        y = torch.empty(x2.shape[0], f, dtype=x.dtype, device=x.device)
+        block = block or min(1024, triton.next_power_of_2(f))
+        _swiglu_fwd[(x2.shape[0], triton.cdiv(f, block))](x2, y, f, BLOCK=block)
+        ctx.save_for_backward(x2)
+        ctx.block, ctx.shape = block, x.shape
+        return y.view(*x.shape[:-1], f)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, = ctx.saved_tensors
+        f = x2.shape[1] // 2
+        dx = torch.empty_like(x2)
+        _swiglu_bwd[(x2.shape[0], triton.cdiv(f, ctx.block))](x2, dy.reshape(-1, f).contiguous(), dx, f,
+                                                              BLOCK=ctx.block)
+        return dx.view(ctx.shape), None
+
+
+def swiglu(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """silu(gate) * up for ``x`` = [gate; up] along the last dimension [..., 2f] -> [..., f]."""
+    return _SwiGLU.apply(x, block)
+
+
+@triton.jit
+def _bda(X, BIAS, RES, DY, OUT, SEED, N, H, p, scale, HAS_BIAS: tl.constexpr, BACKWARD: tl.constexpr,
+         BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    keep = tl.rand(tl.load(SEED), offs) >= p
+    if BACKWARD:
+        dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(OUT + offs, tl.where(keep, dy * scale, 0.0).to(OUT.dtype.element_ty), mask=m)
+    else:
+        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(BIAS + offs % H, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(RES + offs, mask=m, other=0.0).to(tl.float32) + tl.where(keep, x * scale, 0.0)
+        tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=m)
+
+
+class _BiasDropoutAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, residual, p, block):
+        # The seed comes from the device's default generator, so the RNG tracker's fork() and
+        # recompute's RNG replay give the same mask, as for torch dropout.
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device).to(torch.int32)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        n, h = x.numel(), x.shape[-1]
+        scale = 1.0 / (1.0 - p)
+        _bda[(triton.cdiv(n, block),)](x, x if bias is None else bias, residual.contiguous(), x, out, seed, n, h, p,
+                                       scale, HAS_BIAS=bias is not None, BACKWARD=False, BLOCK=block)
+        ctx.save_for_backward(seed)
+        ctx.p, ctx.scale, ctx.block, ctx.has_bias, ctx.shape = p, scale, block, bias is not None, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        seed, = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch.empty_like(dy)
+        n = dy.numel()
+        _bda[(triton.cdiv(n, ctx.block),)](dy, dy, dy, dy, dx, seed, n, dy.shape[-1], ctx.p, ctx.scale,
+                                           HAS_BIAS=False, BACKWARD=True, BLOCK=ctx.block)
+        dbias = dx.reshape(-1, dx.shape[-1]).sum(0) if ctx.has_bias else None
+        return dx, dbias, dy, None, None
+
+
+def bias_dropout_add(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, p: float,
+                     block: int = 1024) -> torch.Tensor:
+    """residual + dropout(x + bias, p) for ``x``/``residual`` [..., h] and ``bias`` [h] (or None).
+
+    Kept values are scaled by 1 / (1 - p); the mask is drawn from a seed taken from the default
+    generator of ``x``'s device.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"bias_dropout_add needs a dropout probability in (0, 1), got {p}")
+    return _BiasDropoutAdd.apply(x, bias, residual, p, block)

@@ -1,0 +1,170 @@
+"""The Triton kernels of ``megatron_core.fusions`` against the torch versions, forward and backward.
+
+Run on CPU in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported): tiny
+shapes and fixed block sizes (autotune does not run there), with sizes that are not powers of two
+and several programs per tensor so masking and the cross-program reductions are exercised.
+Skipped when triton is not installed (it is in the ``test`` and ``gpu`` extras).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from equivalence import assert_rel_close  # noqa: E402
+from harness import run_distributed  # noqa: E402
+
+from megatron_core import device, parallel_state  # noqa: E402
+from megatron_core.fusions import Kernel, LayerNorm, RMSNorm, find_kernel  # noqa: E402
+from megatron_core.fusions import triton_cross_entropy as tce  # noqa: E402
+from megatron_core.fusions import triton_elementwise as tel  # noqa: E402
+from megatron_core.fusions import triton_norms as tno  # noqa: E402
+from megatron_core.fusions.fused_softmax import causal_mask  # noqa: E402
+from megatron_core.fusions.fused_softmax import scaled_masked_softmax as torch_softmax  # noqa: E402
+from megatron_core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy as torch_ce  # noqa: E402
+from megatron_core.transformer.mlp import ACTIVATIONS  # noqa: E402
+from megatron_core.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
+
+
+def _grads(fn, *tensors, seed=11):
+    """fn(*tensors), and the grads of sum(out * g) for a fixed random g, as plain tensors."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out * g).sum().backward()
+    return out.detach(), [t.grad for t in leaves if t.requires_grad]
+
+
+def _compare(fused, reference, *tensors, what):
+    out, grads = _grads(fused, *tensors)
+    ref_out, ref_grads = _grads(reference, *tensors)
+    assert_rel_close(out, ref_out, what=f"{what} forward")
+    for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_rel_close(g, r, what=f"{what} grad {i}")
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm(bias):
+    x, w, b = _randn(5, 3, 20), _randn(20, seed=1), _randn(20, seed=2)
+    if bias:
+        _compare(lambda x, w, b: tno.layer_norm(x, w, b, 1e-5, bwd_programs=4),
+                 lambda x, w, b: F.layer_norm(x, (20,), w, b, 1e-5), x, w, b, what="LayerNorm")
+    else:
+        _compare(lambda x, w: tno.layer_norm(x, w, None, 1e-5, bwd_programs=4),
+                 lambda x, w: F.layer_norm(x, (20,), w, None, 1e-5), x, w, what="LayerNorm without bias")
+
+
+def test_rms_norm():
+    x, w = _randn(7, 2, 12), _randn(12, seed=1)
+    _compare(lambda x, w: tno.rms_norm(x, w, 1e-5, bwd_programs=3),
+             lambda x, w: F.rms_norm(x, (12,), w, 1e-5), x, w, what="RMSNorm")
+
+
+def test_norm_modules_use_a_plugged_kernel():
+    """The modules' kernel slot routes to the Triton function (how kernels.py selects it on CUDA)."""
+    x = _randn(4, 2, 16)
+    ln_kernel = Kernel(tno.layer_norm, lambda *a: True, "triton layer_norm")
+    rms_kernel = Kernel(tno.rms_norm, lambda *a: True, "triton rms_norm")
+    for fused, plain in [(LayerNorm(16, kernel=ln_kernel), LayerNorm(16, kernel=None)),
+                         (RMSNorm(16, kernel=rms_kernel), RMSNorm(16, kernel=None))]:
+        with torch.no_grad():
+            for p in (*fused.parameters(), *plain.parameters()):
+                p.copy_(_randn(16, seed=5))
+        _compare(fused, plain, x, what=type(fused).__name__)
+
+
+@pytest.mark.parametrize("mask_kind", ["causal-index", "causal-mask", "padding", "fully-masked-row"])
+def test_scaled_masked_softmax(mask_kind):
+    b, h, sq, sk = 2, 3, 5, 7
+    scores = _randn(b, h, sq, sk)
+    mask = None
+    if mask_kind == "causal-mask":
+        mask = causal_mask(sq, sk, scores.device)
+    elif mask_kind == "padding":  # [b, 1, 1, sk]: broadcast over heads and queries
+        mask = torch.zeros(b, 1, 1, sk, dtype=torch.bool)
+        mask[0, ..., -2:] = True
+    elif mask_kind == "fully-masked-row":
+        mask = torch.zeros(1, 1, sq, sk, dtype=torch.bool)
+        mask[..., 1, :] = True
+    reference_mask = causal_mask(sq, sk, scores.device) if mask is None else mask
+    _compare(lambda s: tno.scaled_masked_softmax(s, mask, 0.37), lambda s: torch_softmax(s, reference_mask, 0.37),
+             scores, what=f"softmax ({mask_kind})")
+
+
+@pytest.mark.parametrize("rotary_dim", [8, 6])
+def test_rope(rotary_dim):
+    s, b, heads, d = 5, 2, 3, 8
+    cos, sin = RotaryEmbedding(rotary_dim)(torch.arange(s).expand(b, s) + torch.tensor([[0], [3]]))
+    _compare(lambda x: tel.apply_rotary_pos_emb(x, cos, sin), lambda x: apply_rotary_pos_emb(x, (cos, sin)),
+             _randn(s, b, heads, d), what=f"RoPE rotary_dim={rotary_dim}")
+
+
+def test_swiglu():
+    _compare(lambda x: tel.swiglu(x, block=4), ACTIVATIONS["swiglu"], _randn(3, 2, 22), what="SwiGLU")
+
+
+def _bda(seed):
+    x, bias, residual = _randn(6, 2, 16, seed=1), _randn(16, seed=2), _randn(6, 2, 16, seed=3)
+    torch.manual_seed(seed)
+    out, (dx, dbias, dres) = _grads(lambda x, b, r: tel.bias_dropout_add(x, b, r, 0.25, block=64), x, bias, residual)
+    return x, bias, residual, out, dx, dbias, dres
+
+
+def test_bias_dropout_add():
+    x, bias, residual, out, dx, dbias, dres = _bda(seed=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(11))
+    kept = out != residual
+    dropped = 1 - kept.float().mean().item()
+    assert 0.1 < dropped < 0.4, f"dropped fraction {dropped} far from p = 0.25"
+    assert_rel_close(out, residual + torch.where(kept, (x + bias) / 0.75, 0.0), what="bias-dropout-add forward")
+    # Backward regenerates the forward's mask from the seed: it must zero exactly the dropped elements.
+    assert_rel_close(dx, torch.where(kept, g / 0.75, 0.0), what="input grad")
+    assert_rel_close(dbias, dx.sum((0, 1)), what="bias grad")
+    assert torch.equal(dres, g)
+    again = _bda(seed=0)[3]
+    assert torch.equal(again, out), "the mask must follow the default generator's state"
+    assert not torch.equal(_bda(seed=1)[3], out)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy(label_smoothing):
+    logits = _randn(3, 4, 37)
+    target = torch.randint(0, 37, (3, 4), generator=torch.Generator().manual_seed(4))
+    target[0, 1] = -100
+    _compare(lambda x: tce.vocab_parallel_cross_entropy(x, target, None, label_smoothing, block=16),
+             lambda x: torch_ce(x, target, None, label_smoothing), logits, what="cross entropy")
+
+
+def _tp_cross_entropy():
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    logits = _randn(4, 3, 40)
+    target = torch.randint(0, 40, (4, 3), generator=torch.Generator().manual_seed(4))
+    shard = logits.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
+    out, (grad,) = _grads(lambda x: tce.vocab_parallel_cross_entropy(x, target, ps.tp_group, 0.1, block=8), shard)
+    ref, (ref_grad,) = _grads(lambda x: F.cross_entropy(x.view(-1, 40), target.view(-1), reduction="none",
+                                                        label_smoothing=0.1).view(4, 3), logits)
+    return out, grad, ref, ref_grad.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
+
+
+def test_cross_entropy_vocab_parallel_tp2():
+    for out, grad, ref, ref_grad in run_distributed(_tp_cross_entropy, 2, timeout=120):
+        assert_rel_close(out, ref, what="TP-2 loss")
+        assert_rel_close(grad, ref_grad, what="TP-2 logits grad")
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "scaled_masked_softmax", "rope", "swiglu",
+                                "bias_dropout_add", "vocab_parallel_cross_entropy"])
+def test_kernels_are_selected_only_with_cuda(op):
+    """On this CPU machine every op keeps its torch path even though triton imports."""
+    if device.cuda_available():
+        pytest.skip("a CUDA device is present")
+    assert find_kernel(op) is None
