@@ -108,16 +108,16 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     final_dir = io.iteration_dir(root, iteration)
     tmp_dir = final_dir + ".tmp"
     start = time.perf_counter()
-    agreed(_check_finite_model, model, iteration)
+    # On every DP rank, outside ``agreed`` (which must not communicate): under ZeRO-3 state_dict()
+    # all-gathers the parameter shards, a DP collective.
+    model_states = [unwrap(chunk).state_dict() for chunk in model]
+    agreed(_check_finite_model, model_states, iteration)
     if parallel_state.rank == 0:
         os.makedirs(root, exist_ok=True)
         io.remove_leftovers(root)
         os.makedirs(tmp_dir)
     _barrier()
     rng = None if config.no_save_rng else _gather_rng_states(parallel_state)
-    # On every DP rank, outside ``agreed`` (which must not communicate): under ZeRO-3 state_dict()
-    # all-gathers the parameter shards, a DP collective.
-    model_states = [unwrap(chunk).state_dict() for chunk in model]
     try:
         agreed(_write_files, config, tmp_dir, iteration, consumed_train_samples, model_states, optimizer,
                scheduler, parallel_state, transformer, model_info, rng)
@@ -137,10 +137,11 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     return final_dir
 
 
-def _check_finite_model(model: list[torch.nn.Module], iteration: int) -> None:
-    for chunk in model:
-        for name, param in unwrap(chunk).named_parameters():
-            if not torch.isfinite(param.detach()).all():
+def _check_finite_model(model_states: list[dict[str, Any]], iteration: int) -> None:
+    # The state dicts, not the parameters: under ZeRO-3 a parameter's storage is freed between steps.
+    for state in model_states:
+        for name, param in state.items():
+            if torch.is_tensor(param) and param.is_floating_point() and not torch.isfinite(param).all():
                 raise TrainingDivergedError(f"not saving iteration {iteration}: weight {name} holds inf or nan; "
                                             f"resume from the last good checkpoint")
 

@@ -32,7 +32,10 @@ def holds_dist_checkpoint(config: CheckpointConfig) -> bool:
     if config.load is None or not os.path.isdir(config.load):
         return False
     if config.ckpt_step is None:
-        return is_dist_checkpoint(config.load)
+        try:
+            return is_dist_checkpoint(config.load)
+        except ValueError:  # a damaged tracker: the legacy loader names the file and the fix
+            return False
     path = io.existing_iteration_dir(config.load, config.ckpt_step)
     return path is not None and os.path.isfile(os.path.join(path, "common.pt"))
 
