@@ -75,7 +75,8 @@ class MLPStack(torch.nn.Module):
         torch.manual_seed(0)
         self.blocks = torch.nn.ModuleList(
             torch.nn.ModuleList([ColumnParallelLinear(hidden, 4 * hidden, parallel_state=parallel_state),
-                                 RowParallelLinear(4 * hidden, hidden, parallel_state=parallel_state)]) for _ in range(layers))
+                                 RowParallelLinear(4 * hidden, hidden, parallel_state=parallel_state)])
+            for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for fc1, fc2 in self.blocks:

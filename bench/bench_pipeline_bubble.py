@@ -107,7 +107,8 @@ def _run(pp: int, vpp: int, num_microbatches: int) -> dict:
             step_times.append(elapsed)
             compute_times.append(stats["compute_s"])
     return {"step_s": statistics.median(step_times), "compute_s": statistics.median(compute_times),
-            "peak_in_flight": stats["peak_in_flight"], "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_in_flight": stats["peak_in_flight"],
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ def rank_groups(sizes: dict[str, int], order: str, dims: str) -> list[list[int]]
     groups = []
     # Slowest-varying "other" dimension outermost, so groups come out sorted by their first rank.
     for other_coords in itertools.product(*[range(sizes[d]) for d in reversed(others)]):
-        base = sum(c * strides[d] for c, d in zip(other_coords, reversed(others)))
+        base = sum(c * strides[d] for c, d in zip(other_coords, reversed(others), strict=True))
         members = [
-            base + sum(c * strides[d] for c, d in zip(coords, reversed(wanted)))
+            base + sum(c * strides[d] for c, d in zip(coords, reversed(wanted), strict=True))
             for coords in itertools.product(*[range(sizes[d]) for d in reversed(wanted)])
         ]
         groups.append(sorted(members))
@@ -109,22 +109,23 @@ class ParallelState:
 
     # ---- construction -------------------------------------------------------------------------
     def _new_group(self, ranks: list[int], member: bool):
-        kwargs = {"timeout": self._timeout} if self._timeout is not None else {}
-        group = dist.new_group(ranks, **kwargs)
+        group = dist.new_group(ranks, timeout=self._timeout)  # None: torch's default timeout
         if member:
             self._owned_groups.append(group)
         return group
 
     def _build(self, dims: str):
-        mine = None
+        mine: tuple[dist.ProcessGroup, list[int]] | None = None
         for ranks in rank_groups(self.sizes, self.order, dims):
             group = self._new_group(ranks, self.rank in ranks)  # every rank joins every call
             if self.rank in ranks:
                 mine = (group, ranks)
+        if mine is None:  # the groups along any dims partition all ranks, so this is a layout bug
+            raise RuntimeError(f"rank {self.rank} is in no {dims!r} group of layout {self.sizes} ({self.order})")
         return mine
 
     def _build_from_pipelines(self, pick):
-        mine = (None, [])
+        mine: tuple[dist.ProcessGroup | None, list[int]] = (None, [])
         for ranks in rank_groups(self.sizes, self.order, "pp"):
             members = sorted(set(pick(ranks)))
             group = self._new_group(members, self.rank in members)
@@ -135,38 +136,47 @@ class ParallelState:
     # ---- sizes and ranks ----------------------------------------------------------------------
     @property
     def tp_size(self) -> int:
+        """Tensor-parallel group size."""
         return self.sizes["tp"]
 
     @property
     def pp_size(self) -> int:
+        """Pipeline-parallel size (number of stages)."""
         return self.sizes["pp"]
 
     @property
     def dp_size(self) -> int:
+        """Data-parallel group size."""
         return self.sizes["dp"]
 
     @property
     def cp_size(self) -> int:
+        """Context-parallel group size."""
         return self.sizes["cp"]
 
     @property
     def vpp_size(self) -> int | None:
+        """Virtual pipeline stages (model chunks) per rank, or None without interleaving."""
         return self.virtual_pipeline_model_parallel_size
 
     @property
     def tp_rank(self) -> int:
+        """This rank's index in its tensor-parallel group."""
         return self.tp_ranks.index(self.rank)
 
     @property
     def pp_rank(self) -> int:
+        """This rank's pipeline stage (0 is the first)."""
         return self.pp_ranks.index(self.rank)
 
     @property
     def dp_rank(self) -> int:
+        """This rank's index in its data-parallel group."""
         return self.dp_ranks.index(self.rank)
 
     @property
     def mp_size(self) -> int:
+        """Model-parallel size: ``tp_size * pp_size``."""
         return self.tp_size * self.pp_size
 
     def is_pipeline_first_stage(self, vp_stage: int | None = None) -> bool:
@@ -182,14 +192,17 @@ class ParallelState:
         return self.pp_rank == self.pp_size - 1
 
     def is_in_embedding_group(self) -> bool:
+        """Whether this rank holds a tied word-embedding copy (first or last pipeline stage)."""
         return self.rank in self.embedding_ranks
 
     @property
     def next_pipeline_rank(self) -> int:
+        """Global rank of the next pipeline stage (wraps around from the last)."""
         return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
 
     @property
     def prev_pipeline_rank(self) -> int:
+        """Global rank of the previous pipeline stage (wraps around from the first)."""
         return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
 
     def manual_seed(self, seed: int) -> None:
@@ -198,6 +211,7 @@ class ParallelState:
         model_parallel_manual_seed(seed + 100 * self.pp_rank, self.rng_tracker, self.tp_rank)
 
     def describe(self) -> str:
+        """One line with this rank's global, TP, PP and DP coordinates, for logs."""
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
                 f"pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size}")
 
@@ -250,6 +264,7 @@ def get_parallel_state(state: ParallelState | None = None) -> ParallelState:
 
 
 def model_parallel_is_initialized() -> bool:
+    """Whether a current :class:`ParallelState` is set (``initialize_model_parallel`` was called)."""
     return _CURRENT is not None
 
 

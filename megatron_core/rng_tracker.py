@@ -26,16 +26,20 @@ class RNGStatesTracker:
         self.seeds: set[int] = set()
 
     def reset(self) -> None:
+        """Forget every stream and the seeds used."""
         self.states.clear()
         self.seeds.clear()
 
     def get_states(self) -> dict[str, torch.Tensor]:
+        """A copy of every stream's RNG state (name -> byte tensor), e.g. for activation recomputation."""
         return {name: state.clone() for name, state in self.states.items()}
 
     def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Replace all streams with copies of ``states`` (the output of :meth:`get_states`)."""
         self.states = {name: state.clone() for name, state in states.items()}
 
     def add(self, name: str, seed: int) -> None:
+        """Add stream ``name`` seeded with ``seed``; ValueError when the name or the seed is already used."""
         if seed in self.seeds:
             raise ValueError(f"seed {seed} already used by another RNG stream")
         if name in self.states:
@@ -48,6 +52,7 @@ class RNGStatesTracker:
 
     @contextlib.contextmanager
     def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
+        """Run the block with stream ``name``'s RNG state, saving its advanced state back afterwards."""
         if name not in self.states:
             raise RuntimeError(f"RNG stream {name!r} was not added; call model_parallel_manual_seed first")
         saved = device.get_rng_state()

@@ -54,7 +54,7 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
             state: dict[str, Any] = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
                                      "config": config.to_dict(), "model_info": dict(model_info)}
             keys = ["model"] if vpp is None else [f"model{v}" for v in stages]
-            for key, shards in zip(keys, per_tp):
+            for key, shards in zip(keys, per_tp, strict=True):
                 state[key] = shards[tp_rank]
             io.save_file(state, os.path.join(tmp_dir, io.mp_rank_name(tp_rank, pp_rank, pp), io.MODEL_FILENAME))
     io.publish_dir(tmp_dir, final_dir)

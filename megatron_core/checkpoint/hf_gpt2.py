@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from megatron_core.checkpoint.hf_errors import UnsupportedModel
+from megatron_core.checkpoint.hf_errors import UnsupportedModel, resolved
 from megatron_core.transformer.config import TransformerConfig
 
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -52,7 +52,7 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         problems.append(f"position_embedding_type={config.position_embedding_type}")
     if config.num_query_groups != config.num_attention_heads:
         problems.append(f"num_query_groups={config.num_query_groups}")
-    if config.kv_channels * config.num_attention_heads != config.hidden_size:
+    if resolved(config.kv_channels, "kv_channels") * config.num_attention_heads != config.hidden_size:
         problems.append(f"kv_channels={config.kv_channels}")
     if problems:
         raise UnsupportedModel(f"GPT2LMHeadModel cannot hold a model with {', '.join(problems)}")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from megatron_core.checkpoint.hf_errors import UnsupportedModel
+from megatron_core.checkpoint.hf_errors import UnsupportedModel, resolved
 from megatron_core.transformer.config import TransformerConfig
 
 ARCHITECTURE = "LlamaForCausalLM"
@@ -58,13 +58,16 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
     if config.activation != "swiglu":
         problems.append(f"activation={config.activation}")
     if config.position_embedding_type != "rope" or config.rotary_percent != 1.0:
-        problems.append(f"position_embedding_type={config.position_embedding_type} rotary_percent={config.rotary_percent}")
+        problems.append(
+            f"position_embedding_type={config.position_embedding_type} rotary_percent={config.rotary_percent}"
+        )
     if config.add_qkv_bias and not config.add_bias_linear:
         problems.append("add_qkv_bias without add_bias_linear")
     if problems:
         raise UnsupportedModel(f"LlamaForCausalLM cannot hold a model with {', '.join(problems)}")
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+        vocab_size=vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=resolved(config.ffn_hidden_size, "ffn_hidden_size"),
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels, hidden_act="silu",
         max_position_embeddings=max_position_embeddings, initializer_range=config.init_method_std,
@@ -76,7 +79,7 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
 
 def _qkv_to_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
     """Separate [heads * d, ...], [groups * d, ...] x2 -> per group [q heads of g; k_g; v_g]."""
-    g, d = config.num_query_groups, config.kv_channels
+    g, d = resolved(config.num_query_groups, "num_query_groups"), resolved(config.kv_channels, "kv_channels")
     rest = q.shape[1:]
     q = q.reshape(g, -1, *rest)
     k, v = k.reshape(g, d, *rest), v.reshape(g, d, *rest)
@@ -84,7 +87,7 @@ def _qkv_to_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Tran
 
 
 def _qkv_to_hf(qkv: torch.Tensor, config: TransformerConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g, d = config.num_query_groups, config.kv_channels
+    g, d = resolved(config.num_query_groups, "num_query_groups"), resolved(config.kv_channels, "kv_channels")
     per_group = config.num_attention_heads // g * d
     rest = qkv.shape[1:]
     q, k, v = qkv.reshape(g, per_group + 2 * d, *rest).split([per_group, d, d], dim=1)

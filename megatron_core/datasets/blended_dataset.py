@@ -88,13 +88,13 @@ class BlendedDataset(torch.utils.data.Dataset):
             self.dataset_index, self.dataset_sample_index = cached["dataset_index"], cached["dataset_sample_index"]
         else:
             self.dataset_index, self.dataset_sample_index = build_blending_indices(self.weights, self.size)
-            save_arrays(cache_dir, stem, dict(zip(_INDEX_NAMES, (self.dataset_index, self.dataset_sample_index))),
-                        self.unique_description)
+            arrays = (self.dataset_index, self.dataset_sample_index)
+            save_arrays(cache_dir, stem, dict(zip(_INDEX_NAMES, arrays, strict=True)), self.unique_description)
         self._check_sizes()
 
     def _check_sizes(self) -> None:
         counts = np.bincount(np.asarray(self.dataset_index, dtype=np.int64), minlength=len(self.datasets))
-        for d, (dataset, needed) in enumerate(zip(self.datasets, counts)):
+        for d, (dataset, needed) in enumerate(zip(self.datasets, counts, strict=True)):
             if needed > len(dataset):
                 raise ValueError(
                     f"blend part {d} has {len(dataset)} samples but the blend draws {needed} from it; "

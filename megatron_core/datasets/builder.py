@@ -26,7 +26,7 @@ def _check_prefix(prefix: str) -> None:
     raise ValueError(f"--data-path {prefix!r}: missing {', '.join(repr(p) for p in missing)}{hint}")
 
 
-def parse_data_path(data_path: Sequence[str], check_files: bool = True) -> tuple[list[str], list[float]]:
+def parse_data_path(data_path: Sequence[str] | None, check_files: bool = True) -> tuple[list[str], list[float]]:
     """``["A"]`` -> ``(["A"], [1.0])``; ``["0.3", "A", "0.7", "B"]`` -> ``(["A", "B"], [0.3, 0.7])``.
 
     Weights are normalized to sum to 1. With ``check_files`` each prefix must have its
@@ -49,7 +49,8 @@ def parse_data_path(data_path: Sequence[str], check_files: bool = True) -> tuple
                 weight = float(raw)
             except ValueError:
                 raise ValueError(
-                    f"--data-path weight {raw!r} is not a number; give weight prefix pairs, e.g. --data-path 0.3 A 0.7 B"
+                    f"--data-path weight {raw!r} is not a number; give weight prefix pairs, "
+                    "e.g. --data-path 0.3 A 0.7 B"
                 ) from None
             if not math.isfinite(weight) or weight <= 0:
                 raise ValueError(f"--data-path weight {raw!r} must be a positive number")
@@ -65,7 +66,8 @@ def _split_indices(
 ) -> list[np.ndarray | None]:
     """Document ids of each split that is needed; None for a split nobody asked samples of."""
     result: list[np.ndarray | None] = []
-    for name, bounds, wanted in zip(SPLIT_NAMES, split_document_ranges(config.split, num_documents), num_samples):
+    ranges = split_document_ranges(config.split, num_documents)
+    for name, bounds, wanted in zip(SPLIT_NAMES, ranges, num_samples, strict=True):
         if wanted == 0 or (bounds is None and wanted is None):
             result.append(None)
             continue
@@ -91,32 +93,40 @@ def build_gpt_datasets(
     if len(num_samples) != 3:
         raise ValueError(f"need train, valid and test sample counts, got {num_samples}")
     if config.mock:
-        mock = MockIndexedDataset(config.mock_num_documents, 2 * config.seq_length, config.resolved_mock_vocab_size, config.eod)
-        splits = _split_indices(config, len(mock), "the mock data", num_samples)
-        return tuple(  # type: ignore[return-value]
-            None if docs is None else MockGPTDataset(config, n, name, docs)
-            for name, docs, n in zip(SPLIT_NAMES, splits, num_samples)
+        mock = MockIndexedDataset(
+            config.mock_num_documents, 2 * config.seq_length, config.resolved_mock_vocab_size, config.eod
         )
+        splits = _split_indices(config, len(mock), "the mock data", num_samples)
+        train, valid, test = (
+            None if docs is None else MockGPTDataset(config, n, name, docs)
+            for name, docs, n in zip(SPLIT_NAMES, splits, num_samples, strict=True)
+        )
+        return train, valid, test
     prefixes, weights = parse_data_path(config.data_path)
     low_level = [IndexedDataset(prefix) for prefix in prefixes]
     per_prefix_splits = [
-        _split_indices(config, ds.num_documents, repr(prefix), num_samples) for prefix, ds in zip(prefixes, low_level)
+        _split_indices(config, ds.num_documents, repr(prefix), num_samples)
+        for prefix, ds in zip(prefixes, low_level, strict=True)
     ]
     results: list[GPTDataset | BlendedDataset | None] = []
-    for s, (name, wanted) in enumerate(zip(SPLIT_NAMES, num_samples)):
-        if per_prefix_splits[0][s] is None:
+    for s, (name, wanted) in enumerate(zip(SPLIT_NAMES, num_samples, strict=True)):
+        first_docs = per_prefix_splits[0][s]
+        if first_docs is None:
             results.append(None)
             continue
         if len(prefixes) == 1:
-            results.append(GPTDataset(low_level[0], prefixes[0], per_prefix_splits[0][s], wanted, name, config))
+            results.append(GPTDataset(low_level[0], prefixes[0], first_docs, wanted, name, config))
             continue
         if wanted is None:
             raise ValueError(f"a blended --data-path needs a {name} sample count, not None")
         sizes = samples_per_dataset(weights, wanted)
-        parts = [
-            GPTDataset(ds, prefix, splits[s], size, name, config)
-            for ds, prefix, splits, size in zip(low_level, prefixes, per_prefix_splits, sizes)
-        ]
+        parts = []
+        for ds, prefix, splits, size in zip(low_level, prefixes, per_prefix_splits, sizes, strict=True):
+            docs = splits[s]
+            # _split_indices gives None only for a split with no samples wanted, the same for every prefix.
+            if docs is None:
+                raise ValueError(f"--data-path {prefix!r} has no {name} split while {prefixes[0]!r} has one")
+            parts.append(GPTDataset(ds, prefix, docs, size, name, config))
         cache_dir = config.data_cache_path or default_cache_dir(prefixes[0])
         results.append(BlendedDataset(parts, weights, wanted, cache_dir))
-    return tuple(results)  # type: ignore[return-value]
+    return results[0], results[1], results[2]

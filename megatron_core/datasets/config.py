@@ -35,7 +35,9 @@ class GPTDatasetConfig:
         if self.mock:
             vocab = self.resolved_mock_vocab_size
             if vocab < 2 or not 0 <= self.eod < vocab:
-                raise ValueError(f"mock data needs 0 <= eod ({self.eod}) < mock vocab size ({vocab}), and a vocab of at least 2")
+                raise ValueError(
+                    f"mock data needs 0 <= eod ({self.eod}) < mock vocab size ({vocab}), and a vocab of at least 2"
+                )
 
     @property
     def resolved_mock_vocab_size(self) -> int:

@@ -27,7 +27,8 @@ class LowLevelDataset(Protocol):
     sequence_lengths: np.ndarray
     document_indices: np.ndarray
 
-    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray: ...
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens of document ``idx`` from ``offset``, ``length`` of them (to its end when None)."""
 
 
 def default_cache_dir(dataset_path: str) -> str:
@@ -110,9 +111,11 @@ class GPTDataset(torch.utils.data.Dataset):
             self.built_from_cache = True
             return tuple(cached[name] for name in _INDEX_NAMES)  # type: ignore[return-value]
         arrays = build_gpt_indices(
-            self.dataset.sequence_lengths, self.indexed_indices, self.config.seq_length, self.num_samples, self.config.seed
+            self.dataset.sequence_lengths, self.indexed_indices, self.config.seq_length, self.num_samples,
+            self.config.seed,
         )
-        if save_arrays(self.cache_dir, self.cache_stem, dict(zip(_INDEX_NAMES, arrays)), self.unique_description):
+        named = dict(zip(_INDEX_NAMES, arrays, strict=True))
+        if save_arrays(self.cache_dir, self.cache_stem, named, self.unique_description):
             logger.info("cached %s %s indices in %s", self.dataset_path, self.index_split, self.cache_dir)
         return arrays
 

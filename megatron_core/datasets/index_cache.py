@@ -45,7 +45,9 @@ def load_arrays(cache_dir: str | None, stem: str, names: Sequence[str]) -> dict[
         return None
 
 
-def save_arrays(cache_dir: str | None, stem: str, arrays: Mapping[str, np.ndarray], description: Mapping[str, Any]) -> bool:
+def save_arrays(
+    cache_dir: str | None, stem: str, arrays: Mapping[str, np.ndarray], description: Mapping[str, Any]
+) -> bool:
     """Write the arrays (and a readable description) atomically; False if the directory is unwritable."""
     if cache_dir is None:
         return False
@@ -57,7 +59,8 @@ def save_arrays(cache_dir: str | None, stem: str, arrays: Mapping[str, np.ndarra
             _atomic_write(cache_file(cache_dir, stem, name), lambda f, a=array: np.save(f, a, allow_pickle=False))
     except OSError as exc:
         # A read-only data directory must not stop training: the indices are simply rebuilt next time.
-        logger.warning("could not cache dataset indices in %s (%s); set --data-cache-path to a writable dir", cache_dir, exc)
+        logger.warning("could not cache dataset indices in %s (%s); set --data-cache-path to a writable dir",
+                       cache_dir, exc)
         return False
     return True
 

@@ -191,7 +191,9 @@ class IndexedDataset:
             raise FileNotFoundError(f"indexed dataset data file not found: {bin_path!r}")
         needed = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if count else 0
         if os.path.getsize(bin_path) < needed:
-            raise ValueError(f"{bin_path!r} is truncated: {os.path.getsize(bin_path)} bytes, {idx_path!r} needs {needed}")
+            raise ValueError(
+                f"{bin_path!r} is truncated: {os.path.getsize(bin_path)} bytes, {idx_path!r} needs {needed}"
+            )
         if os.path.getsize(bin_path) == 0:
             self._data = np.empty(0, dtype=self.dtype)  # numpy cannot memory-map an empty file
         elif mmap:
@@ -235,4 +237,4 @@ class IndexedDataset:
         return {"path_prefix": self.path_prefix, "mmap": self.mmap}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path_prefix"], state["mmap"])
+        IndexedDataset.__init__(self, state["path_prefix"], state["mmap"])

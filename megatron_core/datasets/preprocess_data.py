@@ -191,7 +191,8 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
     start, num_bytes, ok, first_bad = time.monotonic(), 0, False, ""
     pool = multiprocessing.Pool(args.workers) if args.workers > 1 else None
     try:
-        results = pool.imap(encode, _iter_lines(args.input), args.chunk_size) if pool else map(encode, _iter_lines(args.input))
+        lines = _iter_lines(args.input)
+        results = pool.imap(encode, lines, args.chunk_size) if pool else map(encode, lines)
         for result in results:
             num_bytes += result.num_bytes
             if result.tokens is None:
@@ -202,7 +203,7 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
                 first_bad = first_bad or f"{where}: {result.error}"
                 print(f"warning: {where}: skipped line: {result.error}", file=sys.stderr, flush=True)
                 continue
-            for key, tokens in zip(keys, result.tokens):
+            for key, tokens in zip(keys, result.tokens, strict=True):
                 # One sequence per document, even an empty one, so document i stays sequence i.
                 builders[key].add_document(tokens, [tokens.size])
                 stats.tokens[key] += int(tokens.size)

@@ -13,10 +13,12 @@ from megatron_core.transformer.config import TransformerConfig
 def gpt2_config(num_layers: int = 12, hidden_size: int = 768, num_attention_heads: int = 12,
                 **overrides: Any) -> TransformerConfig:
     """GPT-2: LayerNorm (eps 1e-5), tanh-approximate GeLU, 4h MLP, biases, learned positions, tied output."""
-    values = dict(num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
-                  ffn_hidden_size=4 * hidden_size, normalization="LayerNorm", layernorm_epsilon=1e-5,
-                  activation="gelu_tanh", add_bias_linear=True, position_embedding_type="learned_absolute",
-                  share_embeddings_and_output_weights=True, hidden_dropout=0.1, attention_dropout=0.1)
+    # Field values of several types (ints, floats, strings, bools) for TransformerConfig's keywords.
+    values: dict[str, Any] = dict(
+        num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+        ffn_hidden_size=4 * hidden_size, normalization="LayerNorm", layernorm_epsilon=1e-5,
+        activation="gelu_tanh", add_bias_linear=True, position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=True, hidden_dropout=0.1, attention_dropout=0.1)
     values.update(overrides)
     return TransformerConfig(**values)
 
@@ -37,11 +39,12 @@ def llama_config(num_layers: int = 32, hidden_size: int = 4096, num_attention_he
     ``num_query_groups`` < heads gives grouped-query attention (Llama-2 70B, Llama-3); Llama-3 also
     sets ``rotary_base=500000``.
     """
-    values = dict(num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
-                  num_query_groups=num_query_groups,
-                  ffn_hidden_size=ffn_hidden_size or llama_ffn_hidden_size(hidden_size),
-                  normalization="RMSNorm", layernorm_epsilon=1e-5, activation="swiglu", add_bias_linear=False,
-                  position_embedding_type="rope", rotary_base=10000.0, rotary_percent=1.0,
-                  share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0)
+    values: dict[str, Any] = dict(
+        num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups,
+        ffn_hidden_size=ffn_hidden_size or llama_ffn_hidden_size(hidden_size),
+        normalization="RMSNorm", layernorm_epsilon=1e-5, activation="swiglu", add_bias_linear=False,
+        position_embedding_type="rope", rotary_base=10000.0, rotary_percent=1.0,
+        share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0)
     values.update(overrides)
     return TransformerConfig(**values)

@@ -5,8 +5,6 @@ the schedule with ``grad_scale_func=optimizer.scale_loss``, and calls ``step()``
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megatron_core.distributed.distributed_data_parallel import DistributedDataParallel

@@ -51,15 +51,19 @@ class DistributedOptimizer(MegatronOptimizer):
 
     sharded_over_dp = True
 
-    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState) -> None:
+    def __init__(
+        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState
+    ) -> None:
         super().__init__(config, model_chunks, parallel_state)
+        ddp_chunks: list[DistributedDataParallel] = []
         for chunk in self.model_chunks:
             if not (isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.zero_stage >= 1):
                 raise TypeError("the distributed optimizer needs every model chunk wrapped in "
                                 "DistributedDataParallel with DistributedDataParallelConfig(zero_stage >= 1)")
-        self.zero_stage = self.model_chunks[0].ddp_config.zero_stage
+            ddp_chunks.append(chunk)
+        self.zero_stage = ddp_chunks[0].ddp_config.zero_stage
         self.sharded: list[_ShardedBuffer] = []
-        buffers = [buffer for chunk in self.model_chunks for buffer in chunk.buffers_by_dtype]
+        buffers = [buffer for chunk in ddp_chunks for buffer in chunk.buffers_by_dtype]
         offload = offloaded_buckets(config, buffers)
         for buffer, flags in zip(buffers, offload, strict=True):
             self.sharded.append(self._shard(buffer, flags))
@@ -91,11 +95,6 @@ class DistributedOptimizer(MegatronOptimizer):
         self.pairs.extend(zip(mains, (piece.param for piece in pieces), strict=True))
         return sb
 
-    @property
-    def _torch_optimizer(self) -> torch.optim.Optimizer:
-        assert self.inner is not None  # built in __init__
-        return self.inner
-
     def host_tensors(self) -> list[torch.Tensor]:
         """Main parameters, gradient copies and optimizer state held in host memory (offload)."""
         out: list[torch.Tensor] = []
@@ -106,7 +105,7 @@ class DistributedOptimizer(MegatronOptimizer):
                     out += [_main_of(sb, bucket), host_grad]
         host_mains = {id(main) for sb in self.sharded for piece, main in zip(sb.pieces, sb.mains, strict=True)
                       if sb.offloaded[piece.bucket.index]}
-        out += [v for main, state in self._torch_optimizer.state.items() if id(main) in host_mains
+        out += [v for main, state in self.torch_optimizer.state.items() if id(main) in host_mains
                 for v in state.values() if torch.is_tensor(v)]
         return out
 
@@ -129,7 +128,7 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _update(self) -> None:
         if self.nvme is not None:
-            self.nvme.step(self._torch_optimizer, self._copy_bucket_to_model)
+            self.nvme.step(self.torch_optimizer, self._copy_bucket_to_model)
             self._gather_params()
         else:
             super()._update()
@@ -169,13 +168,16 @@ class DistributedOptimizer(MegatronOptimizer):
     def state_dict(self) -> dict:
         """What all DP ranks share: hyper-parameters of each group and the loss scaler."""
         state = self._common_state()
-        state["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in self.inner.param_groups]
+        state["param_groups"] = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.torch_optimizer.param_groups
+        ]
         state["zero_stage"] = self.zero_stage
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (group hyper-parameters and loss scaler; not the shards)."""
         self._load_common_state(state)
-        for group, saved in zip(self.inner.param_groups, state["param_groups"], strict=True):
+        for group, saved in zip(self.torch_optimizer.param_groups, state["param_groups"], strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
 
     def sharded_state_dict(self) -> dict:
@@ -189,7 +191,7 @@ class DistributedOptimizer(MegatronOptimizer):
             flat: dict[str, torch.Tensor] = {}
             scalars: dict[str, list[torch.Tensor]] = {}
             for piece, main in zip(sb.pieces, sb.mains, strict=True):
-                for key, value in self.inner.state.get(main, {}).items():
+                for key, value in self.torch_optimizer.state.get(main, {}).items():
                     if torch.is_tensor(value) and value.numel() == piece.numel and value.dim() > 0:
                         if key not in flat:
                             flat[key] = torch.zeros(sb.buffer.shard_numel, dtype=value.dtype)
@@ -199,8 +201,8 @@ class DistributedOptimizer(MegatronOptimizer):
             buffers.append({"numel": sb.buffer.numel, "shard_numel": sb.buffer.shard_numel,
                             "main_params": sb.main.clone(), "state": flat,
                             "scalar_state": {k: torch.stack(v) for k, v in scalars.items()}})
-        return {"dp_rank": self.parallel_state.dp_rank, "dp_size": self.parallel_state.dp_size, "zero_stage": self.zero_stage,
-                "buffers": buffers}
+        return {"dp_rank": self.parallel_state.dp_rank, "dp_size": self.parallel_state.dp_size,
+                "zero_stage": self.zero_stage, "buffers": buffers}
 
     def load_sharded_state_dict(self, state: dict) -> None:
         """Restore :meth:`sharded_state_dict`'s output; the DP size and model layout must match."""
@@ -210,8 +212,8 @@ class DistributedOptimizer(MegatronOptimizer):
     def _load_sharded_state_dict(self, state: dict) -> None:
         if state["dp_size"] != self.parallel_state.dp_size or state["dp_rank"] != self.parallel_state.dp_rank:
             raise ValueError(f"distributed optimizer checkpoint is DP rank {state['dp_rank']} of {state['dp_size']}, "
-                             f"this rank is {self.parallel_state.dp_rank} of {self.parallel_state.dp_size}: resume with the same data-parallel "
-                             f"size (or load without the optimizer state, --no-load-optim)")
+                             f"this rank is {self.parallel_state.dp_rank} of {self.parallel_state.dp_size}: resume "
+                             f"with the same data-parallel size (or load without the optimizer state, --no-load-optim)")
         if len(state["buffers"]) != len(self.sharded):
             raise ValueError(f"distributed optimizer checkpoint has {len(state['buffers'])} buffers, the model "
                              f"{len(self.sharded)}: same model, dtypes and --accumulate-allreduce-grads-in-fp32 needed")
@@ -227,11 +229,11 @@ class DistributedOptimizer(MegatronOptimizer):
                     entry = {key: flat[piece.shard_start:piece.shard_start + piece.numel].clone().view_as(main)
                              for key, flat in saved["state"].items()}
                     entry.update({key: values[i].clone() for key, values in saved["scalar_state"].items()})
-                    current = self._torch_optimizer.state.get(main, {})
+                    current = self.torch_optimizer.state.get(main, {})
                     for key, value in entry.items():
                         if key in current and torch.is_tensor(current[key]) and current[key].shape == value.shape:
                             current[key].copy_(value)  # keep the tensors NVMe offload swaps
                         else:
                             current[key] = value.to(main.device)
                     if current:
-                        self._torch_optimizer.state[main] = current
+                        self.torch_optimizer.state[main] = current

@@ -1,6 +1,8 @@
 """Loss scalers for fp16 training: a constant one and a dynamic one with hysteresis."""
 from __future__ import annotations
 
+from typing_extensions import override
+
 
 class ConstantGradScaler:
     """A fixed loss scale (``--loss-scale``)."""
@@ -10,15 +12,21 @@ class ConstantGradScaler:
 
     @property
     def inv_scale(self) -> float:
+        """``1 / scale``: multiplies scaled gradients back to true gradients."""
         return 1.0 / self.scale
 
     def update(self, found_inf: bool) -> None:
-        pass
+        """Adjust the scale after a step; ``found_inf`` says whether the step's gradients overflowed.
+
+        A constant scale ignores it (an overflowing step is skipped by the optimizer either way).
+        """
 
     def state_dict(self) -> dict:
+        """The checkpointed scaler state: ``{"scale": float}``."""
         return {"scale": self.scale}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output."""
         self.scale = float(state["scale"])
 
 
@@ -39,6 +47,7 @@ class DynamicGradScaler(ConstantGradScaler):
         self.growth_tracker = 0
         self.hysteresis_tracker = hysteresis
 
+    @override
     def update(self, found_inf: bool) -> None:
         if found_inf:
             self.growth_tracker = 0
@@ -52,10 +61,12 @@ class DynamicGradScaler(ConstantGradScaler):
             self.hysteresis_tracker = self.hysteresis
             self.scale *= self.growth_factor
 
+    @override
     def state_dict(self) -> dict:
         return {"scale": self.scale, "growth_tracker": self.growth_tracker,
                 "hysteresis_tracker": self.hysteresis_tracker}
 
+    @override
     def load_state_dict(self, state: dict) -> None:
         self.scale = float(state["scale"])
         self.growth_tracker = int(state["growth_tracker"])

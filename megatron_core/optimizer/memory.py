@@ -73,8 +73,8 @@ def memory_footprint(model_chunks: list[torch.nn.Module], optimizer: MegatronOpt
     main_bytes = counter.add(mains)
     state_bytes = 0
     if optimizer is not None:
-        state_bytes = counter.add(value for state in optimizer.inner.state.values() for value in state.values()
-                                  if torch.is_tensor(value))
+        state_bytes = counter.add(value for state in optimizer.torch_optimizer.state.values()
+                                  for value in state.values() if torch.is_tensor(value))
     host = sum(t.untyped_storage().nbytes() for t in _offloaded(buffers, optimizer))
     return MemoryFootprint(param_bytes, grad_bytes, main_bytes, state_bytes, window, host)
 

@@ -65,7 +65,9 @@ class MegatronOptimizer:
 
     sharded_over_dp = False
 
-    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState) -> None:
+    def __init__(
+        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState
+    ) -> None:
         self.config, self.model_chunks, self.parallel_state = config, list(model_chunks), parallel_state
         self.grad_scaler = make_grad_scaler(config)
         self.pairs: list[ParamPair] = []
@@ -80,6 +82,7 @@ class MegatronOptimizer:
 
     # ---- loss scaling -------------------------------------------------------------------------
     def get_loss_scale(self) -> float:
+        """The current loss scale (1.0 without fp16 loss scaling)."""
         return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -88,15 +91,23 @@ class MegatronOptimizer:
 
     # ---- the step -----------------------------------------------------------------------------
     @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped torch optimizer over the main parameters (built by the subclass's ``__init__``)."""
+        if self.inner is None:
+            raise RuntimeError(f"{type(self).__name__}.__init__ did not build its torch optimizer (self.inner)")
+        return self.inner
+
+    @property
     def param_groups(self) -> list[dict]:
         """The torch optimizer's groups (the LR scheduler sets ``'lr'`` here)."""
-        return self.inner.param_groups
+        return self.torch_optimizer.param_groups
 
     def zero_grad(self) -> None:
         """Zero the DDP gradient buffers (or ``.grad``) of every chunk before a step's first backward."""
         for chunk in self.model_chunks:
-            if hasattr(chunk, "zero_grad_buffer"):
-                chunk.zero_grad_buffer()
+            zero_grad_buffer = getattr(chunk, "zero_grad_buffer", None)  # DDP-wrapped chunks only
+            if zero_grad_buffer is not None:
+                zero_grad_buffer()
             else:
                 for p in chunk.parameters():
                     p.grad = None
@@ -140,7 +151,7 @@ class MegatronOptimizer:
 
     def _update(self) -> None:
         """The torch optimizer's step on the main parameters, then the copy into the model."""
-        self.inner.step()
+        self.torch_optimizer.step()
         self._copy_main_to_model()
 
     # ---- checkpoint pieces shared by the variants --------------------------------------------
@@ -158,7 +169,9 @@ class ReplicatedOptimizer(MegatronOptimizer):
     fp32 model parameters are their own main parameters; bf16/fp16 ones get an fp32 copy.
     """
 
-    def __init__(self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState) -> None:
+    def __init__(
+        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState
+    ) -> None:
         super().__init__(config, model_chunks, parallel_state)
         seen: set[int] = set()
         for chunk in self.model_chunks:
@@ -188,19 +201,21 @@ class ReplicatedOptimizer(MegatronOptimizer):
                 main.copy_(model)
 
     def state_dict(self) -> dict:
+        """Loss-scaler state, the torch optimizer's state dict and the fp32 main copies of fp16/bf16 params."""
         state = self._common_state()
-        state["optimizer"] = self.inner.state_dict()
+        state["optimizer"] = self.torch_optimizer.state_dict()
         state["fp32_from_fp16_params"] = [main.detach().clone() for main, model in self.pairs if main is not model]
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; ValueError when the fp32 main copies do not match the model."""
         self._load_common_state(state)
-        self.inner.load_state_dict(state["optimizer"])
+        self.torch_optimizer.load_state_dict(state["optimizer"])
         copies = [main for main, model in self.pairs if main is not model]
         saved = state.get("fp32_from_fp16_params", [])
         if len(saved) != len(copies):
             raise ValueError(f"optimizer checkpoint has {len(saved)} fp32 main parameters, the model needs "
                              f"{len(copies)}: was it saved with the same --fp16/--bf16 setting and model?")
         with torch.no_grad():
-            for main, value in zip(copies, saved):
+            for main, value in zip(copies, saved, strict=True):
                 main.copy_(value)

@@ -72,9 +72,12 @@ class InterleavedSchedule:
         ps = runner.parallel_state
         self.p, self.rank, self.v, self.m = ps.pp_size, ps.pp_rank, len(runner.model), runner.num_microbatches
         self.total = self.m * self.v
-        self.inputs = [deque() for _ in range(self.v)]        # received activations, not yet used
-        self.output_grads = [deque() for _ in range(self.v)]  # received gradients, not yet used
-        self.saved = [deque() for _ in range(self.v)]         # (input, output) awaiting backward
+        # received activations, not yet used
+        self.inputs: list[deque[torch.Tensor]] = [deque() for _ in range(self.v)]
+        # received gradients, not yet used
+        self.output_grads: list[deque[torch.Tensor]] = [deque() for _ in range(self.v)]
+        # (input, output) awaiting backward
+        self.saved: list[deque[tuple[torch.Tensor | None, torch.Tensor]]] = [deque() for _ in range(self.v)]
         # Next forward / backward step whose received tensor has not arrived yet (see module doc).
         self.next_input_step = self._next_step(0, forward=True)
         self.next_grad_step = self._next_step(0, forward=False)
@@ -130,7 +133,8 @@ class InterleavedSchedule:
         output_grad = None if self.runner.is_last(c) else self.output_grads[c].popleft()
         if self.microbatch(step) == self.m - 1:
             self.runner.enable_grad_sync()  # this chunk's last microbatch: let DP sync its grads
-        input_grad = self.runner.backward(*self.saved[c].popleft(), output_grad)
+        input_tensor, output = self.saved[c].popleft()
+        input_grad = self.runner.backward(input_tensor, output, output_grad)
         self.runner.disable_grad_sync()
         return None if self.runner.is_first(c) else input_grad
 

@@ -41,13 +41,16 @@ def custom_backward(output: torch.Tensor, grad_output: torch.Tensor) -> None:
 
 def _unwrap_attr(module: torch.nn.Module, name: str):
     """``module.name``, looking through wrappers (DDP, mixed precision) that keep ``.module``."""
-    while not hasattr(module, name) and hasattr(module, "module"):
-        module = module.module
+    while not hasattr(module, name):
+        inner = getattr(module, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        module = inner
     return getattr(module, name, None)
 
 
-def communicator_for(parallel_state: ParallelState, model: Sequence[torch.nn.Module], seq_length: int, micro_batch_size: int,
-                     hidden_size: int | None, sequence_parallel: bool | None,
+def communicator_for(parallel_state: ParallelState, model: Sequence[torch.nn.Module], seq_length: int,
+                     micro_batch_size: int, hidden_size: int | None, sequence_parallel: bool | None,
                      pipeline_dtype: torch.dtype | None) -> P2PCommunicator:
     """The stage-to-stage communicator; sizes not given are read from the model's ``config``."""
     config = _unwrap_attr(model[0], "config")
@@ -69,8 +72,9 @@ def communicator_for(parallel_state: ParallelState, model: Sequence[torch.nn.Mod
 class MicrobatchRunner:
     """Runs forward and backward steps of single microbatches and drives the gradient hooks."""
 
-    def __init__(self, *, parallel_state: ParallelState, forward_step_func: ForwardStepFunc, model: Sequence[torch.nn.Module],
-                 num_microbatches: int, forward_only: bool, no_sync_func: Callable | None,
+    def __init__(self, *, parallel_state: ParallelState, forward_step_func: ForwardStepFunc,
+                 model: Sequence[torch.nn.Module], num_microbatches: int, forward_only: bool,
+                 no_sync_func: Callable | None,
                  finalize_model_grads_func: Callable | None, grad_scale_func: Callable | None,
                  calculate_per_token_loss: bool) -> None:
         if num_microbatches < 1:
@@ -86,9 +90,11 @@ class MicrobatchRunner:
 
     # ---- stage position -----------------------------------------------------------------------
     def is_first(self, chunk_id: int) -> bool:
+        """Whether ``chunk_id`` on this rank is the model's first chunk (it reads data, receives nothing)."""
         return self.parallel_state.pp_rank == 0 and chunk_id == 0
 
     def is_last(self, chunk_id: int) -> bool:
+        """Whether ``chunk_id`` on this rank is the model's last chunk (it computes the loss)."""
         return self.parallel_state.pp_rank == self.parallel_state.pp_size - 1 and chunk_id == len(self.model) - 1
 
     # ---- steps --------------------------------------------------------------------------------
@@ -141,11 +147,13 @@ class MicrobatchRunner:
 
     # ---- gradient-sync hooks ------------------------------------------------------------------
     def disable_grad_sync(self) -> None:
+        """Enter ``no_sync_func()`` so backwards only accumulate (no-op when training without it or already in)."""
         if self._no_sync_func is not None and self._no_sync is None and not self.forward_only:
             self._no_sync = self._no_sync_func()
             self._no_sync.__enter__()
 
     def enable_grad_sync(self) -> None:
+        """Leave the ``no_sync_func()`` context so the next backward syncs DP gradients."""
         if self._no_sync is not None:
             self._no_sync.__exit__(None, None, None)
             self._no_sync = None
@@ -167,4 +175,5 @@ def grad_mode(forward_only: bool) -> contextlib.AbstractContextManager:
 
 
 def as_list(model: Any) -> list[torch.nn.Module]:
+    """``model`` as a list of chunks (a single module becomes a one-element list)."""
     return list(model) if isinstance(model, (list, tuple)) else [model]

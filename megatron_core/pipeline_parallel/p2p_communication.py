@@ -68,22 +68,28 @@ class P2PCommunicator:
 
     # ---- 1F1B helpers: the first / last rank have no previous / next stage ---------------------
     def recv_forward(self) -> torch.Tensor | None:
+        """The previous stage's activation (``tensor_shape``), or None on the first stage."""
         return self.communicate(recv_prev=not self.parallel_state.is_pipeline_first_stage())[0]
 
     def recv_backward(self) -> torch.Tensor | None:
+        """The next stage's gradient for this stage's output, or None on the last stage."""
         return self.communicate(recv_next=not self.parallel_state.is_pipeline_last_stage())[1]
 
     def send_forward(self, output: torch.Tensor | None) -> None:
+        """Send ``output`` to the next stage (nothing on the last stage)."""
         self.communicate(send_next=None if self.parallel_state.is_pipeline_last_stage() else output)
 
     def send_backward(self, input_grad: torch.Tensor | None) -> None:
+        """Send ``input_grad`` to the previous stage (nothing on the first stage)."""
         self.communicate(send_prev=None if self.parallel_state.is_pipeline_first_stage() else input_grad)
 
     def send_forward_recv_backward(self, output: torch.Tensor | None) -> torch.Tensor | None:
+        """Send ``output`` on and receive its gradient from the next stage (None on the last)."""
         last = self.parallel_state.is_pipeline_last_stage()
         return self.communicate(send_next=None if last else output, recv_next=not last)[1]
 
     def send_backward_recv_forward(self, input_grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Send ``input_grad`` back and receive the next activation (None on the first stage)."""
         first = self.parallel_state.is_pipeline_first_stage()
         return self.communicate(send_prev=None if first else input_grad, recv_prev=not first)[0]
 

@@ -106,7 +106,8 @@ def one_forward_one_backward(runner: MicrobatchRunner, comm: P2PCommunicator, da
     warmup = min(ps.pp_size - ps.pp_rank - 1, m)
     steady = m - warmup
     last_stage = runner.is_last(0)
-    saved: deque = deque()  # (input, output) of microbatches awaiting their backward
+    # (input, output) of microbatches awaiting their backward
+    saved: deque[tuple[torch.Tensor | None, torch.Tensor]] = deque()
 
     def forward(input_tensor):
         output = runner.forward(0, data_iterator, input_tensor)
@@ -133,7 +134,8 @@ def one_forward_one_backward(runner: MicrobatchRunner, comm: P2PCommunicator, da
             deallocate_output_tensor(output)
         if last_iteration and warmup == 0:
             runner.enable_grad_sync()  # the last stage: this is the last microbatch's backward
-        input_grad = runner.backward(*saved.popleft(), output_grad)
+        saved_input, saved_output = saved.popleft()
+        input_grad = runner.backward(saved_input, saved_output, output_grad)
         if last_iteration:
             comm.send_backward(input_grad)
         else:
@@ -145,7 +147,8 @@ def one_forward_one_backward(runner: MicrobatchRunner, comm: P2PCommunicator, da
         if i == warmup - 1:
             runner.enable_grad_sync()
         output_grad = comm.recv_backward()
-        comm.send_backward(runner.backward(*saved.popleft(), output_grad))
+        saved_input, saved_output = saved.popleft()
+        comm.send_backward(runner.backward(saved_input, saved_output, output_grad))
 
 
 def get_forward_backward_func(parallel_state: ParallelState | None = None) -> Callable[..., list]:
@@ -154,6 +157,7 @@ def get_forward_backward_func(parallel_state: ParallelState | None = None) -> Ca
     No pipelining for one stage, interleaved 1F1B with virtual stages, 1F1B otherwise.
     """
     ps = get_parallel_state(parallel_state)
+    schedule: Callable[..., list]
     if ps.pp_size == 1:
         schedule = forward_backward_no_pipelining
     elif ps.vpp_size is not None and ps.vpp_size > 1:

@@ -41,7 +41,8 @@ def _publish(parallel_state: ParallelState, exc: BaseException) -> None:
     try:
         if store.add(_COUNT_KEY, 1) == 1:  # first failure wins; later ones are usually its symptoms
             summary = (str(exc).strip().splitlines() or [""])[0]  # one line: peers quote it in theirs
-            store.set(_MESSAGE_KEY, f"global rank {parallel_state.rank} ({parallel_state.describe()}) raised {type(exc).__name__}: {summary}")
+            store.set(_MESSAGE_KEY, f"global rank {parallel_state.rank} ({parallel_state.describe()}) "
+                                    f"raised {type(exc).__name__}: {summary}")
     except Exception:  # noqa: BLE001 - reporting must never mask the real error
         pass
 

@@ -1,7 +1,11 @@
 """``build_tokenizer``: pick a tokenizer by its Megatron-LM ``--tokenizer-type`` name."""
 from __future__ import annotations
 
+from typing import TypeVar
+
 from .base import MegatronTokenizer
+
+_T = TypeVar("_T")
 
 # The --tokenizer-type values accepted, spelled as in Megatron-LM. GPTSentencePieceTokenizer is
 # Megatron's name for the GPT flavour of SentencePiece (EOD = eos), which is what
@@ -15,9 +19,11 @@ TOKENIZER_TYPES = (
 )
 
 
-def _need(value: object, flag: str, tokenizer_type: str, hint: str) -> None:
+def _need(value: _T | None, flag: str, tokenizer_type: str, hint: str) -> _T:
+    """``value`` itself; ValueError naming ``flag`` when it is None or empty."""
     if value is None or value == "":
         raise ValueError(f"--tokenizer-type {tokenizer_type} needs {flag}: {hint}")
+    return value
 
 
 def build_tokenizer(
@@ -30,28 +36,28 @@ def build_tokenizer(
 ) -> MegatronTokenizer:
     """Build the tokenizer named ``tokenizer_type`` from local files (nothing is downloaded)."""
     if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
-        _need(tokenizer_model, "--tokenizer-model", tokenizer_type,
-              "pass the path of a SentencePiece .model file (tools/train_tokenizer.py makes one).")
+        model_file = _need(tokenizer_model, "--tokenizer-model", tokenizer_type,
+                           "pass the path of a SentencePiece .model file (tools/train_tokenizer.py makes one).")
         from .sentencepiece_tokenizer import SentencePieceTokenizer
 
-        return SentencePieceTokenizer(tokenizer_model)
+        return SentencePieceTokenizer(model_file)
     if tokenizer_type == "GPT2BPETokenizer":
-        _need(vocab_file, "--vocab-file", tokenizer_type, "pass the path of a GPT-2 vocab.json.")
-        _need(merge_file, "--merge-file", tokenizer_type, "pass the path of a GPT-2 merges.txt.")
+        vocab = _need(vocab_file, "--vocab-file", tokenizer_type, "pass the path of a GPT-2 vocab.json.")
+        merges = _need(merge_file, "--merge-file", tokenizer_type, "pass the path of a GPT-2 merges.txt.")
         from .gpt2_bpe_tokenizer import GPT2BPETokenizer
 
-        return GPT2BPETokenizer(vocab_file, merge_file)
+        return GPT2BPETokenizer(vocab, merges)
     if tokenizer_type == "HuggingFaceTokenizer":
-        _need(tokenizer_model, "--tokenizer-model", tokenizer_type,
-              "pass a local tokenizer.json file or a directory holding a saved tokenizer.")
+        path = _need(tokenizer_model, "--tokenizer-model", tokenizer_type,
+                     "pass a local tokenizer.json file or a directory holding a saved tokenizer.")
         from .huggingface_tokenizer import HuggingFaceTokenizer
 
-        return HuggingFaceTokenizer(tokenizer_model)
+        return HuggingFaceTokenizer(path)
     if tokenizer_type == "NullTokenizer":
-        _need(vocab_size, "--vocab-size", tokenizer_type, "pass the number of ids (EOD becomes that number).")
+        num_ids = _need(vocab_size, "--vocab-size", tokenizer_type, "pass the number of ids (EOD becomes that number).")
         from .null_tokenizer import NullTokenizer
 
-        return NullTokenizer(vocab_size)
+        return NullTokenizer(num_ids)
     raise ValueError(
         f"unknown --tokenizer-type {tokenizer_type!r}; choose one of: {', '.join(TOKENIZER_TYPES)}."
     )

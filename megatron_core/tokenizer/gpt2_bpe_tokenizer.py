@@ -5,6 +5,8 @@ import json
 import os
 from collections.abc import Sequence
 
+from typing_extensions import override
+
 from .base import MegatronTokenizer
 
 # GPT-2 separates documents with this token; Megatron-LM uses it as EOD.
@@ -43,14 +45,17 @@ class GPT2BPETokenizer(MegatronTokenizer):
                 f"could not load --vocab-file {vocab_file!r} / --merge-file {merge_file!r}: {exc}"
             ) from None
 
+    @override
     def tokenize(self, text: str) -> list[int]:
         # add_special_tokens=False: GPT-2 never inserts BOS/EOS itself; EOD is appended by callers.
         return self._bpe.encode(text, add_special_tokens=False).ids
 
+    @override
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._bpe.decode([int(i) for i in ids], skip_special_tokens=False)
 
     @property
+    @override
     def vocab_size(self) -> int:
         return len(self._encoder)
 
@@ -60,6 +65,7 @@ class GPT2BPETokenizer(MegatronTokenizer):
         return dict(self._encoder)
 
     @property
+    @override
     def eod(self) -> int:
         return self._encoder[GPT2_EOD_TOKEN]
 
@@ -67,4 +73,4 @@ class GPT2BPETokenizer(MegatronTokenizer):
         return {"vocab_file": self.vocab_file, "merge_file": self.merge_file}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["vocab_file"], state["merge_file"])
+        GPT2BPETokenizer.__init__(self, state["vocab_file"], state["merge_file"])

@@ -4,9 +4,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import override
 
 from .base import NO_TOKEN, MegatronTokenizer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 # When no tokenizer_config.json names the special tokens, these common spellings are tried in
 # order; the first one present in the vocabulary wins.
@@ -54,8 +60,9 @@ class HuggingFaceTokenizer(MegatronTokenizer):
                 "tokenizer.json file or a directory holding one (hub downloads are not done)."
             )
         self.path, self.add_special_tokens = path, add_special_tokens
-        self._fast = None  # tokenizers.Tokenizer, when a tokenizer.json is available
-        self._hf = None  # transformers tokenizer, for saved directories without tokenizer.json
+        self._fast: Tokenizer | None = None  # tokenizers.Tokenizer, when a tokenizer.json is available
+        # transformers tokenizer, for saved directories without tokenizer.json
+        self._hf: PreTrainedTokenizerBase | None = None
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         json_file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if os.path.isfile(json_file):
@@ -90,39 +97,56 @@ class HuggingFaceTokenizer(MegatronTokenizer):
         from transformers import AutoTokenizer
 
         try:
-            self._hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:
             raise ValueError(f"could not load a tokenizer from --tokenizer-model {path!r}: {exc}") from None
+        self._hf = hf
         as_id = lambda value: NO_TOKEN if value is None else int(value)  # noqa: E731
-        self._eos, self._bos, self._pad = (
-            as_id(self._hf.eos_token_id), as_id(self._hf.bos_token_id), as_id(self._hf.pad_token_id)
-        )
-        self._size = len(self._hf)
+        self._eos, self._bos, self._pad = as_id(hf.eos_token_id), as_id(hf.bos_token_id), as_id(hf.pad_token_id)
+        self._size = len(hf)
 
+    def _transformers(self) -> PreTrainedTokenizerBase:
+        # Set by _load_transformers whenever no tokenizer.json was found (i.e. self._fast is None).
+        if self._hf is None:
+            raise RuntimeError(
+                f"HuggingFaceTokenizer({self.path!r}) has neither a tokenizer.json nor a transformers tokenizer"
+            )
+        return self._hf
+
+    @override
     def tokenize(self, text: str) -> list[int]:
         if self._fast is not None:
             return self._fast.encode(text, add_special_tokens=self.add_special_tokens).ids
-        return self._hf(text, add_special_tokens=self.add_special_tokens)["input_ids"]
+        return self._transformers()(text, add_special_tokens=self.add_special_tokens)["input_ids"]
 
+    @override
     def detokenize(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
         if self._fast is not None:
             return self._fast.decode(ids, skip_special_tokens=False)
-        return self._hf.decode(ids, skip_special_tokens=False)
+        text = self._transformers().decode(ids, skip_special_tokens=False)
+        # decode() is typed str | list[str] (the list is for batched input); a flat id list gives a str.
+        if not isinstance(text, str):
+            raise TypeError(f"HuggingFaceTokenizer({self.path!r}).decode returned {type(text).__name__}, not str")
+        return text
 
     @property
+    @override
     def vocab_size(self) -> int:
         return self._size
 
     @property
+    @override
     def eod(self) -> int:
         return self._eos
 
     @property
+    @override
     def pad(self) -> int:
         return self._pad
 
     @property
+    @override
     def bos(self) -> int:
         return self._bos
 
@@ -130,4 +154,4 @@ class HuggingFaceTokenizer(MegatronTokenizer):
         return {"path": self.path, "add_special_tokens": self.add_special_tokens}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["add_special_tokens"])
+        HuggingFaceTokenizer.__init__(self, state["path"], state["add_special_tokens"])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing_extensions import override
+
 from .base import MegatronTokenizer
 
 
@@ -21,6 +23,7 @@ class NullTokenizer(MegatronTokenizer):
             )
         self._num_plain_ids = int(vocab_size)
 
+    @override
     def tokenize(self, text: str) -> list[int]:
         try:
             ids = [int(piece) for piece in text.split()]
@@ -32,13 +35,16 @@ class NullTokenizer(MegatronTokenizer):
                 raise ValueError(f"NullTokenizer id {token} is outside [0, {self.vocab_size})")
         return ids
 
+    @override
     def detokenize(self, ids: Sequence[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
 
     @property
+    @override
     def vocab_size(self) -> int:
         return self._num_plain_ids + 1
 
     @property
+    @override
     def eod(self) -> int:
         return self._num_plain_ids

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from typing_extensions import override
+
 from .base import NO_TOKEN, MegatronTokenizer
 
 
@@ -27,13 +29,16 @@ class SentencePieceTokenizer(MegatronTokenizer):
                 "EOD id; pass a --tokenizer-model trained with an eos piece."
             )
 
+    @override
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
+    @override
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
     @property
+    @override
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
@@ -43,15 +48,18 @@ class SentencePieceTokenizer(MegatronTokenizer):
         return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
 
     @property
+    @override
     def eod(self) -> int:
         return self._sp.eos_id()
 
     @property
+    @override
     def pad(self) -> int:
         pad_id = self._sp.pad_id()
         return pad_id if pad_id >= 0 else NO_TOKEN
 
     @property
+    @override
     def bos(self) -> int:
         bos_id = self._sp.bos_id()
         return bos_id if bos_id >= 0 else NO_TOKEN
@@ -61,4 +69,4 @@ class SentencePieceTokenizer(MegatronTokenizer):
         return {"model_file": self.model_file}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model_file"])
+        SentencePieceTokenizer.__init__(self, state["model_file"])

@@ -1,9 +1,13 @@
-"""Convert GPT checkpoints between Hugging Face and Megatron-LM's layout, or re-shard one (``megatron_core.checkpoint.convert``; ``--help`` lists the flags)."""
+"""Convert GPT checkpoints between Hugging Face and Megatron-LM's layout, or re-shard one.
+
+Runs ``megatron_core.checkpoint.convert``; ``--help`` lists the flags.
+"""
 import os
 import sys
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout, when the library is not installed
+    # The checkout, when the library is not installed.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from megatron_core.checkpoint.convert import main
 
     sys.exit(main())

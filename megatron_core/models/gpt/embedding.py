@@ -17,6 +17,9 @@ from megatron_core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron_core.transformer.config import TransformerConfig
 from megatron_core.transformer.init import component_name
 
+# The parameter tag for weights whose gradients are partial sums over the sequence-parallel shards.
+_SEQUENCE_PARALLEL = "sequence_parallel"
+
 
 class LanguageModelEmbedding(torch.nn.Module):
     """Token ids [b, s] (and position ids) -> hidden states [s, b, h] with embedding dropout."""
@@ -41,10 +44,13 @@ class LanguageModelEmbedding(torch.nn.Module):
             self.position_embeddings = torch.nn.Embedding(
                 max_sequence_length, config.hidden_size, _weight=weight.to(config.params_dtype),
                 device=device_mod.current_device())
-            self.position_embeddings.weight.sequence_parallel = config.sequence_parallel
+            # Tensors take ad-hoc attributes at run time (read by finalize_model_grads), but torch's stubs
+            # declare none, so the tag is set through setattr with a named attribute.
+            setattr(self.position_embeddings.weight, _SEQUENCE_PARALLEL, config.sequence_parallel)
         self.max_sequence_length = max_sequence_length
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [b, s] -> embeddings [s, b, h] ([s / tp, b, h] under sequence parallelism), after dropout."""
         words = self.word_embeddings(input_ids)  # [b, s, h], or [s / tp, b, h] under SP
         if self.sequence_parallel:
             hidden = words

@@ -25,6 +25,14 @@ from megatron_core.transformer.spec import ModuleSpec
 from megatron_core.transformer.transformer_block import TransformerBlock
 
 EMBEDDING = "embedding"  # the attribute (and seed-name prefix) of the embedding
+# Read (with getattr) by grad clipping, the DDP buffers, finalize_model_grads and checkpointing.
+SHARED_EMBEDDING = "shared_embedding"
+
+
+def _mark_shared_embedding(param: torch.Tensor) -> None:
+    # Tensors take ad-hoc attributes at run time (Megatron-LM tags parameters this way), but torch's
+    # stubs declare none, so the tag is set through setattr with a named attribute.
+    setattr(param, SHARED_EMBEDDING, True)
 
 
 class GPTModel(torch.nn.Module):
@@ -51,7 +59,7 @@ class GPTModel(torch.nn.Module):
             self.embedding = LanguageModelEmbedding(config, self.padded_vocab_size, max_sequence_length, ps,
                                                     prefix=EMBEDDING)
             if tied and not post_process:
-                self.embedding.word_embeddings.weight.shared_embedding = True
+                _mark_shared_embedding(self.embedding.word_embeddings.weight)
         self.rotary_pos_emb = (RotaryEmbedding(config.rotary_dim, config.rotary_base)
                                if config.position_embedding_type == "rope" else None)
         self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(),
@@ -72,9 +80,10 @@ class GPTModel(torch.nn.Module):
             config.hidden_size, self.padded_vocab_size, bias=False, gather_output=False, init_method=init,
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, parallel_state=parallel_state)
         if same_param:
-            self.output_layer.weight = None  # forward passes the word embedding Parameter instead
+            # forward passes the word embedding Parameter instead (what ``weight = None`` does on a Module)
+            self.output_layer.register_parameter("weight", None)
         elif tied:
-            self.output_layer.weight.shared_embedding = True
+            _mark_shared_embedding(self.output_layer.weight)
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
         """The word embedding on the first stage, else the output layer's weight (None without either)."""
@@ -86,11 +95,14 @@ class GPTModel(torch.nn.Module):
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
         """A non-first stage's input [s, b, h] (a one-element list is accepted, as Megatron-LM passes it)."""
+        tensor: torch.Tensor | None
         if isinstance(input_tensor, (list, tuple)):
             if len(input_tensor) != 1:
                 raise ValueError(f"GPTModel takes one input tensor, got {len(input_tensor)}")
-            input_tensor = input_tensor[0]
-        self.decoder.set_input_tensor(input_tensor)
+            tensor = input_tensor[0]
+        else:
+            tensor = input_tensor
+        self.decoder.set_input_tensor(tensor)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
