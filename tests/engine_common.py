@@ -18,7 +18,18 @@ MICRO = 2
 SEQ = 8
 VOCAB = 64
 OPT = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
+# The Adam caveat: GPT-2's key bias gets a gradient that is zero up to rounding (softmax is invariant
+# to it), and with eps 1e-8 Adam turns that reduction-order noise into lr-sized steps. The HF models
+# therefore use eps 1e-4, which keeps every other parameter's update Adam-like at these gradient sizes.
+HF_OPT = {"type": "AdamW", "params": {**OPT["params"], "eps": 1e-4}}
 CLIP = 0.5
+
+
+SGD = {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}}
+
+
+def opt_for(kind: str) -> dict:
+    return OPT if kind == "mlp" else HF_OPT
 
 
 def make_model(kind: str) -> torch.nn.Module:
@@ -51,14 +62,18 @@ def loss_of(kind: str, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["ids"], labels=batch["ids"]).loss.float()
 
 
-def reference(kind: str, steps: int, num_micro: int, clip: float = CLIP) -> dict:
-    """Plain PyTorch on one process over ``num_micro`` micro batches per step."""
+def reference(kind: str, steps: int, num_micro: int, clip: float = CLIP, opt: dict | None = None) -> dict:
+    """Plain PyTorch on one process over ``num_micro`` micro batches per step (AdamW, or SGD if ``opt`` says)."""
     model = make_model(kind).train()
     params = dict(model.named_parameters())
-    p = OPT["params"]
+    opt = opt or opt_for(kind)
+    p = opt["params"]
     groups = [{"params": [t for t in params.values() if t.dim() > 1], "weight_decay": p["weight_decay"]},
               {"params": [t for t in params.values() if t.dim() <= 1], "weight_decay": 0.0}]
-    optim = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"])
+    if opt["type"] == "SGD":
+        optim: torch.optim.Optimizer = torch.optim.SGD(groups, lr=p["lr"], momentum=p["momentum"])
+    else:
+        optim = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"])
     losses, norms = [], []
     for step in range(steps):
         optim.zero_grad()
@@ -74,10 +89,10 @@ def reference(kind: str, steps: int, num_micro: int, clip: float = CLIP) -> dict
     return {"losses": losses, "norms": norms, "state": copy.deepcopy(model.state_dict())}
 
 
-def ds_config(dp: int, ga: int, stage: int, **extra) -> dict:
+def ds_config(dp: int, ga: int, stage: int, kind: str = "mlp", **extra) -> dict:
     """A DeepSpeed config for the test models (fp32 unless ``extra`` says otherwise)."""
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ga,
-              "train_batch_size": MICRO * ga * dp, "optimizer": OPT, "gradient_clipping": CLIP,
+              "train_batch_size": MICRO * ga * dp, "optimizer": opt_for(kind), "gradient_clipping": CLIP,
               "zero_optimization": {"stage": stage, "reduce_bucket_size": 700}, "steps_per_print": 10 ** 6}
     config.update(extra)
     return config

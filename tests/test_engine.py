@@ -8,7 +8,7 @@ accumulation counts of a (model, DP) pair in turn, to pay the process start-up o
 """
 import pytest
 import torch
-from engine_common import MICRO, ds_config, global_batch, loss_of, make_model, micro_batch, reference, train_engine
+from engine_common import CLIP, SGD, ds_config, global_batch, loss_of, make_model, micro_batch, reference, train_engine
 from equivalence import assert_rel_close
 from harness import run_distributed
 
@@ -37,7 +37,7 @@ def _matrix(kind, stages, gas):
     import torch.distributed as dist
 
     dp = dist.get_world_size()
-    return {(stage, ga): train_engine(kind, ds_config(dp, ga, stage), STEPS) for stage in stages for ga in gas}
+    return {(stage, ga): train_engine(kind, ds_config(dp, ga, stage, kind), STEPS) for stage in stages for ga in gas}
 
 
 def _compare(results, ref, ga, what):
@@ -64,13 +64,18 @@ def test_engine_equals_plain_pytorch_loop(kind, dp):
 # ---- mixed precision ------------------------------------------------------------------------
 def _precision(stage, precision):
     extra = {"fp16": {"enabled": True, "initial_scale_power": 8}} if precision == "fp16" else {"bf16": {"enabled": True}}
-    return train_engine("mlp", ds_config(2, 2, stage, **extra), STEPS)
+    return train_engine("mlp", ds_config(2, 2, stage, optimizer=SGD, **extra), STEPS)
 
 
-@pytest.mark.parametrize("precision,tol", [("fp16", 2e-2), ("bf16", 5e-2)])
+@pytest.mark.parametrize("precision,tol", [("fp16", 5e-3), ("bf16", 2e-2)])
 def test_mixed_precision_close_to_fp32(precision, tol):
-    """fp16 (dynamic loss scale) and bf16 stay within a stated tolerance of fp32 after 3 steps (rel. per tensor)."""
-    (ref,) = run_distributed(reference, 1, "mlp", STEPS, 4, timeout=60)
+    """fp16 (dynamic loss scale) and bf16 stay within a stated tolerance of fp32 after 3 steps (rel. per tensor).
+
+    SGD, not Adam: Adam's normalisation turns a gradient below the format's resolution into an
+    lr-sized step of either sign, so its error does not shrink with the precision. The tolerances are
+    a few units of each format's rounding (fp16 2^-11, bf16 2^-8) on weights of the size trained here.
+    """
+    (ref,) = run_distributed(reference, 1, "mlp", STEPS, 4, CLIP, SGD, timeout=60)
     for stage in (0, 2):
         results = run_distributed(_precision, 2, stage, precision, timeout=120)
         for rank, res in enumerate(results):
