@@ -50,8 +50,13 @@ def _hidden_size(model: Any) -> Any:
 
 
 def _set(section: dict | None, key: str, value: Any) -> None:
-    if section is not None and section.get(key) == "auto" and value is not _MISSING:
+    if isinstance(section, dict) and section.get(key) == "auto" and value is not _MISSING:
         section[key] = value
+
+
+def _section(raw: dict, key: str) -> dict:
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _sources(model: Any, args: Any) -> dict[str, Any]:
@@ -77,10 +82,10 @@ def resolve_auto(raw: dict, model: Any = None, args: Any = None) -> dict:
     if raw.get("train_batch_size") == "auto" and raw.get("train_micro_batch_size_per_gpu") != "auto":
         raw["train_batch_size"] = None  # solved from the other two and the DP size
     _set(raw, "gradient_clipping", src["clip"])
-    opt = (raw.get("optimizer") or {}).get("params")
+    opt = _section(raw, "optimizer").get("params")
     for key, name in (("lr", "lr"), ("betas", "betas"), ("eps", "eps"), ("weight_decay", "wd")):
         _set(opt, key, src[name])
-    sched = (raw.get("scheduler") or {}).get("params")
+    sched = _section(raw, "scheduler").get("params")
     _set(sched, "warmup_min_lr", 0.0)
     for key, name in (("warmup_max_lr", "lr"), ("warmup_num_steps", "warmup"), ("total_num_steps", "total")):
         _set(sched, key, src[name])
