@@ -98,15 +98,11 @@ def ds_config(dp: int, ga: int, stage: int, kind: str = "mlp", **extra) -> dict:
     return config
 
 
-def train_engine(kind: str, config: dict, steps: int, model: torch.nn.Module | None = None) -> dict:
-    """Train through ``megatron_core.initialize`` on this rank; per-micro-step losses, norms, final state."""
-    import megatron_core
-
-    engine, _, _, _ = megatron_core.initialize(model if model is not None else make_model(kind), config=config)
-    engine.train()
+def run_steps(kind: str, engine, start: int, stop: int) -> tuple[list, list]:
+    """Steps ``start..stop-1`` of the test's data through ``engine``; per-micro-step losses and norms."""
     dp, ga = engine.parallel_state.dp_size, engine.gradient_accumulation_steps
     losses, norms = [], []
-    for step in range(steps):
+    for step in range(start, stop):
         batch = global_batch(kind, step, dp * ga * MICRO)
         step_losses = []
         for k in range(ga):
@@ -116,7 +112,21 @@ def train_engine(kind: str, config: dict, steps: int, model: torch.nn.Module | N
             step_losses.append(loss.item())
         losses.append(step_losses)
         norms.append(engine.get_global_grad_norm())
-    state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    return losses, norms
+
+
+def state_of(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def train_engine(kind: str, config: dict, steps: int, model: torch.nn.Module | None = None) -> dict:
+    """Train through ``megatron_core.initialize`` on this rank; per-micro-step losses, norms, final state."""
+    import megatron_core
+
+    engine, _, _, _ = megatron_core.initialize(model if model is not None else make_model(kind), config=config)
+    engine.train()
+    losses, norms = run_steps(kind, engine, 0, steps)
     engine.parallel_state.destroy()
-    return {"losses": losses, "norms": norms, "state": state, "dp": (engine.parallel_state.dp_rank, dp),
+    return {"losses": losses, "norms": norms, "state": state_of(engine),
+            "dp": (engine.parallel_state.dp_rank, engine.parallel_state.dp_size),
             "global_steps": engine.global_steps, "micro_steps": engine.micro_steps}
