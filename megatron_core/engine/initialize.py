@@ -94,7 +94,9 @@ def _scheduler(lr_scheduler: Any, config: EngineConfig, optimizer: Any) -> Any:
     if config.scheduler is not None:
         return build_scheduler(config.scheduler.type, config.scheduler.params, optimizer)
     if lr_scheduler is not None and callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
-        return lr_scheduler(optimizer)  # DeepSpeed's callable form: scheduler = fn(optimizer)
+        # DeepSpeed's callable form gets the torch optimizer (its ``basic_optimizer``): torch's schedulers
+        # need one, and its param groups are the ones the library optimizer steps with.
+        return lr_scheduler(optimizer.inner)
     return lr_scheduler
 
 
