@@ -7,6 +7,7 @@ batches ``j = k * dp + r`` for its micro steps ``k``. The reference is the loop 
 the engine: one process, the whole global batch as ``dp * ga`` micro batches, ``(loss / n).backward()``,
 ``clip_grad_norm_`` and ``torch.optim.AdamW`` (weight decay on matrices only, as the engine).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,9 @@ def make_model(kind: str) -> torch.nn.Module:
     """A fresh model with fixed random weights."""
     if kind == "mlp":
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.GELU(),
-                                   torch.nn.Linear(32, 4))
+        return torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)
+        )
     if kind == "gpt2":
         return tiny_hf_gpt2(vocab_size=VOCAB, hidden=32, layers=2, heads=4, positions=16)
     return tiny_hf_llama(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, positions=16)
@@ -51,7 +53,7 @@ def global_batch(kind: str, step: int, size: int) -> dict[str, torch.Tensor]:
 
 
 def micro_batch(batch: dict[str, torch.Tensor], j: int) -> dict[str, torch.Tensor]:
-    return {k: v[j * MICRO:(j + 1) * MICRO] for k, v in batch.items()}
+    return {k: v[j * MICRO : (j + 1) * MICRO] for k, v in batch.items()}
 
 
 def loss_of(kind: str, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -68,8 +70,10 @@ def reference(kind: str, steps: int, num_micro: int, clip: float = CLIP, opt: di
     params = dict(model.named_parameters())
     opt = opt or opt_for(kind)
     p = opt["params"]
-    groups = [{"params": [t for t in params.values() if t.dim() > 1], "weight_decay": p["weight_decay"]},
-              {"params": [t for t in params.values() if t.dim() <= 1], "weight_decay": 0.0}]
+    groups = [
+        {"params": [t for t in params.values() if t.dim() > 1], "weight_decay": p["weight_decay"]},
+        {"params": [t for t in params.values() if t.dim() <= 1], "weight_decay": 0.0},
+    ]
     if opt["type"] == "SGD":
         optim: torch.optim.Optimizer = torch.optim.SGD(groups, lr=p["lr"], momentum=p["momentum"])
     else:
@@ -91,9 +95,15 @@ def reference(kind: str, steps: int, num_micro: int, clip: float = CLIP, opt: di
 
 def ds_config(dp: int, ga: int, stage: int, kind: str = "mlp", **extra) -> dict:
     """A DeepSpeed config for the test models (fp32 unless ``extra`` says otherwise)."""
-    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ga,
-              "train_batch_size": MICRO * ga * dp, "optimizer": opt_for(kind), "gradient_clipping": CLIP,
-              "zero_optimization": {"stage": stage, "reduce_bucket_size": 700}, "steps_per_print": 10 ** 6}
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": ga,
+        "train_batch_size": MICRO * ga * dp,
+        "optimizer": opt_for(kind),
+        "gradient_clipping": CLIP,
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 700},
+        "steps_per_print": 10**6,
+    }
     config.update(extra)
     return config
 
@@ -127,6 +137,11 @@ def train_engine(kind: str, config: dict, steps: int, model: torch.nn.Module | N
     engine.train()
     losses, norms = run_steps(kind, engine, 0, steps)
     engine.parallel_state.destroy()
-    return {"losses": losses, "norms": norms, "state": state_of(engine),
-            "dp": (engine.parallel_state.dp_rank, engine.parallel_state.dp_size),
-            "global_steps": engine.global_steps, "micro_steps": engine.micro_steps}
+    return {
+        "losses": losses,
+        "norms": norms,
+        "state": state_of(engine),
+        "dp": (engine.parallel_state.dp_rank, engine.parallel_state.dp_size),
+        "global_steps": engine.global_steps,
+        "micro_steps": engine.micro_steps,
+    }

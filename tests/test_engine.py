@@ -6,6 +6,7 @@ rank's per-micro-batch losses, the global grad norm of every step and the final 
 the one-process loop's (fp32, relative 1e-5 per tensor). One forked job runs all stages and
 accumulation counts of a (model, DP) pair in turn, to pay the process start-up once.
 """
+
 import pytest
 import torch
 from engine_common import CLIP, SGD, ds_config, global_batch, loss_of, make_model, micro_batch, reference, train_engine
@@ -63,7 +64,9 @@ def test_engine_equals_plain_pytorch_loop(kind, dp):
 
 # ---- mixed precision ------------------------------------------------------------------------
 def _precision(stage, precision):
-    extra = {"fp16": {"enabled": True, "initial_scale_power": 8}} if precision == "fp16" else {"bf16": {"enabled": True}}
+    extra = (
+        {"fp16": {"enabled": True, "initial_scale_power": 8}} if precision == "fp16" else {"bf16": {"enabled": True}}
+    )
     return train_engine("mlp", ds_config(2, 2, stage, optimizer=SGD, **extra), STEPS)
 
 
@@ -100,7 +103,7 @@ def _overflow(stage):
                 mb["x"] = mb["x"] * 1e4  # inf in fp16 on one rank only
             engine.backward(loss_of("mlp", engine, mb))
             engine.step()
-        changed = any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+        changed = any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters(), strict=True))
         history.append((changed, engine.get_loss_scale(), engine.skipped_steps, engine.get_global_grad_norm()))
     return history, engine.global_steps
 

@@ -4,6 +4,7 @@ Each rank's losses must equal the one-process loop's, and the checkpoint consoli
 ranks must equal the loop's final state dict in Hugging Face's layout (fp32, relative 1e-5; AdamW with
 eps 1e-4 for the Adam caveat stated in ``engine_common``). A bad AutoTP size is a one-line error.
 """
+
 import os
 
 import pytest
@@ -58,5 +59,7 @@ def _mlp_autotp():
 def test_autotp_errors():
     with pytest.raises(RankError, match="autotp_size 3 does not divide the 4 ranks"):
         run_distributed(_bad_size, 4, timeout=60)
-    with pytest.raises(RankError, match="supports Hugging Face causal LMs of type gpt2, llama; this model is Sequential"):
+    with pytest.raises(
+        RankError, match="supports Hugging Face causal LMs of type gpt2, llama; this model is Sequential"
+    ):
         run_distributed(_mlp_autotp, 2, timeout=60)

@@ -6,6 +6,7 @@
 - consolidation (function and ``tools/zero_to_fp32.py``) equals the model's full state dict exactly, and
   its Hugging Face folder loads with ``from_pretrained`` to the same weights.
 """
+
 import os
 import subprocess
 import sys
@@ -31,8 +32,9 @@ def _other_weights(kind):
 
 
 def _resume(directory, kind, stage, ga):
-    config = ds_config(2, ga, stage, kind, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 3,
-                                                                                     "warmup_max_lr": 0.01}})
+    config = ds_config(
+        2, ga, stage, kind, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_max_lr": 0.01}}
+    )
     engine, _, _, _ = megatron_core.initialize(make_model(kind), config=config)
     straight, _ = run_steps(kind, engine, 0, 4)
     straight_state = state_of(engine)
@@ -114,14 +116,22 @@ def test_consolidation_equals_the_full_state_dict(tmp_path, stage):
     for name, value in expected.items():
         assert torch.equal(loaded[name], value), f"from_pretrained: {name}"
     out = tmp_path / "model.safetensors"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path / "ckpt"),
-                           str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path / "ckpt"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from_tool = load_file(str(out))
     assert set(from_tool) == set(expected) and all(torch.equal(from_tool[k], v) for k, v in expected.items())
 
 
 def test_consolidation_tool_errors_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path), "x"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path), "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "no 'latest' file" in proc.stdout

@@ -7,6 +7,7 @@ built from a config with random weights. Run (2 processes on one machine):
     torchrun --standalone --nproc_per_node 2 examples/engine/train_causal_lm.py \
         --deepspeed --deepspeed_config examples/engine/ds_config.json --text README.md --epochs 1
 """
+
 import argparse
 import os
 import sys
@@ -19,6 +20,7 @@ import megatron_core  # noqa: E402  (the checkout, when the library is not insta
 
 
 def main() -> None:
+    """Parse the flags, build the model and data, train."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--text", required=True, help="a text file; its bytes are the tokens")
     parser.add_argument("--model-type", default="gpt2", choices=["gpt2", "llama"])
@@ -36,10 +38,11 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(args.model_type, **sizes))
     with open(args.text, "rb") as f:
         tokens = torch.tensor(list(f.read()), dtype=torch.long)
-    samples = [tokens[i:i + args.seq_len] for i in range(0, len(tokens) - args.seq_len, args.seq_len)]
+    samples = [tokens[i : i + args.seq_len] for i in range(0, len(tokens) - args.seq_len, args.seq_len)]
 
     engine, optimizer, loader, _ = megatron_core.initialize(  # engine: replaces the optimizer and DataLoader
-        model=model, model_parameters=model.parameters(), training_data=samples, config=args.deepspeed_config)
+        model=model, model_parameters=model.parameters(), training_data=samples, config=args.deepspeed_config
+    )
 
     micro_steps = 0
     for epoch in range(args.epochs):

@@ -25,6 +25,7 @@ zero_optimization.stage3_param_persistence_thr.   10 * hidden_size
 
 A value that cannot be resolved stays ``"auto"`` and :func:`~.config.parse_config` names it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,8 +45,9 @@ def _arg(args: Any, name: str) -> Any:
 def _hidden_size(model: Any) -> Any:
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None)
-    if hidden is None and getattr(config, "hidden_sizes", None):
-        hidden = max(config.hidden_sizes)
+    sizes = getattr(config, "hidden_sizes", None)
+    if hidden is None and sizes:
+        hidden = max(sizes)
     return _MISSING if hidden is None else int(hidden)
 
 
@@ -63,11 +65,17 @@ def _sources(model: Any, args: Any) -> dict[str, Any]:
     hidden = _hidden_size(model)
     beta1, beta2 = _arg(args, "adam_beta1"), _arg(args, "adam_beta2")
     return {
-        "micro": _arg(args, "per_device_train_batch_size"), "gas": _arg(args, "gradient_accumulation_steps"),
-        "clip": _arg(args, "max_grad_norm"), "lr": _arg(args, "learning_rate"),
-        "betas": _MISSING if _MISSING in (beta1, beta2) else [beta1, beta2], "eps": _arg(args, "adam_epsilon"),
-        "wd": _arg(args, "weight_decay"), "warmup": _arg(args, "warmup_steps"), "total": _arg(args, "max_steps"),
-        "fp16": _arg(args, "fp16"), "bf16": _arg(args, "bf16"),
+        "micro": _arg(args, "per_device_train_batch_size"),
+        "gas": _arg(args, "gradient_accumulation_steps"),
+        "clip": _arg(args, "max_grad_norm"),
+        "lr": _arg(args, "learning_rate"),
+        "betas": _MISSING if _MISSING in (beta1, beta2) else [beta1, beta2],
+        "eps": _arg(args, "adam_epsilon"),
+        "wd": _arg(args, "weight_decay"),
+        "warmup": _arg(args, "warmup_steps"),
+        "total": _arg(args, "max_steps"),
+        "fp16": _arg(args, "fp16"),
+        "bf16": _arg(args, "bf16"),
         "bucket": _MISSING if hidden is _MISSING else hidden * hidden,
         "prefetch": _MISSING if hidden is _MISSING else int(0.9 * hidden * hidden),
         "persistence": _MISSING if hidden is _MISSING else 10 * hidden,
@@ -92,7 +100,10 @@ def resolve_auto(raw: dict, model: Any = None, args: Any = None) -> dict:
     _set(raw.get("fp16"), "enabled", src["fp16"])
     _set(raw.get("bf16"), "enabled", src["bf16"])
     zero = raw.get("zero_optimization")
-    for key, name in (("reduce_bucket_size", "bucket"), ("stage3_prefetch_bucket_size", "prefetch"),
-                      ("stage3_param_persistence_threshold", "persistence")):
+    for key, name in (
+        ("reduce_bucket_size", "bucket"),
+        ("stage3_prefetch_bucket_size", "prefetch"),
+        ("stage3_param_persistence_threshold", "persistence"),
+    ):
         _set(zero, key, src[name])
     return raw

@@ -15,7 +15,10 @@ Parameter names are unchanged; GPT-2's ``Conv1D`` weights ([in, out]) are stored
 ([out, in], as ``nn.Linear``) and marked ``autotp_transpose`` so consolidation restores HF's layout.
 Dropout under TP does not draw the same masks as one process (the tests use none).
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -28,18 +31,20 @@ from megatron_core.tensor_parallel.utils import shard_of_master
 class AutoTPColumnLinear(ColumnParallelLinear):
     """A column-parallel layer that returns a tensor, as the ``nn.Linear`` it replaces."""
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W_shard.T`` (+ bias), gathered over TP when ``gather_output``."""
         return super().forward(x, weight)[0]
 
 
 class AutoTPRowLinear(RowParallelLinear):
     """A row-parallel layer that returns a tensor, as the ``nn.Linear`` it replaces."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The partial products summed over TP, plus the bias."""
         return super().forward(x)[0]
 
 
-def _linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, bool]:
+def _linear_weight(module: Any) -> tuple[torch.Tensor, bool]:
     """The [out, in] weight of an ``nn.Linear`` or HF ``Conv1D`` (transposed: True for Conv1D)."""
     if isinstance(module, torch.nn.Linear):
         return module.weight.detach(), False
@@ -47,30 +52,38 @@ def _linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, bool]:
 
 
 @torch.no_grad()
-def _column(module: torch.nn.Module, parallel_state: ParallelState, stride: int = 1,
-            gather_output: bool = False) -> AutoTPColumnLinear:
+def _column(
+    module: Any, parallel_state: ParallelState, stride: int = 1, gather_output: bool = False
+) -> AutoTPColumnLinear:
     weight, transposed = _linear_weight(module)
     bias = getattr(module, "bias", None)
     out_features, in_features = weight.shape
-    layer = AutoTPColumnLinear(in_features, out_features, bias=bias is not None, gather_output=gather_output,
-                               stride=stride, parallel_state=parallel_state)
+    layer = AutoTPColumnLinear(
+        in_features,
+        out_features,
+        bias=bias is not None,
+        gather_output=gather_output,
+        stride=stride,
+        parallel_state=parallel_state,
+    )
     tp, rank = parallel_state.tp_size, parallel_state.tp_rank
     layer.weight.copy_(shard_of_master(weight.float(), 0, stride, rank, tp))
-    layer.weight.autotp_transpose = transposed
+    layer.weight.autotp_transpose = transposed  # read by consolidation
     if bias is not None:
         layer.bias.copy_(shard_of_master(bias.detach().float(), 0, stride, rank, tp))
     return layer
 
 
 @torch.no_grad()
-def _row(module: torch.nn.Module, parallel_state: ParallelState) -> AutoTPRowLinear:
+def _row(module: Any, parallel_state: ParallelState) -> AutoTPRowLinear:
     weight, transposed = _linear_weight(module)
     bias = getattr(module, "bias", None)
     out_features, in_features = weight.shape
-    layer = AutoTPRowLinear(in_features, out_features, bias=bias is not None, input_is_parallel=True,
-                            parallel_state=parallel_state)
+    layer = AutoTPRowLinear(
+        in_features, out_features, bias=bias is not None, input_is_parallel=True, parallel_state=parallel_state
+    )
     layer.weight.copy_(shard_of_master(weight.float(), 1, 1, parallel_state.tp_rank, parallel_state.tp_size))
-    layer.weight.autotp_transpose = transposed
+    layer.weight.autotp_transpose = transposed  # read by consolidation
     if bias is not None:
         layer.bias.copy_(bias.detach().float())
     return layer
@@ -80,11 +93,14 @@ def _row(module: torch.nn.Module, parallel_state: ParallelState) -> AutoTPRowLin
 def _embedding(module: torch.nn.Embedding, parallel_state: ParallelState) -> VocabParallelEmbedding:
     vocab, hidden = module.weight.shape
     if vocab % parallel_state.tp_size:
-        raise ConfigError(f"tensor_parallel.autotp_size {parallel_state.tp_size} does not divide the vocabulary "
-                          f"({vocab}); resize the token embeddings to a multiple of it")
+        raise ConfigError(
+            f"tensor_parallel.autotp_size {parallel_state.tp_size} does not divide the vocabulary "
+            f"({vocab}); resize the token embeddings to a multiple of it"
+        )
     layer = VocabParallelEmbedding(vocab, hidden, parallel_state=parallel_state)
-    layer.weight.copy_(shard_of_master(module.weight.detach().float(), 0, 1, parallel_state.tp_rank,
-                                       parallel_state.tp_size))
+    layer.weight.copy_(
+        shard_of_master(module.weight.detach().float(), 0, 1, parallel_state.tp_rank, parallel_state.tp_size)
+    )
     return layer
 
 
@@ -94,7 +110,7 @@ def _divide_heads(count: int, tp: int, what: str) -> int:
     return count // tp
 
 
-def _gpt2(model: torch.nn.Module, parallel_state: ParallelState) -> None:
+def _gpt2(model: Any, parallel_state: ParallelState) -> None:
     tp = parallel_state.tp_size
     for block in model.transformer.h:
         attn = block.attn
@@ -112,8 +128,9 @@ def _gpt2(model: torch.nn.Module, parallel_state: ParallelState) -> None:
     _lm_head_from(model, old, embedding, parallel_state)
 
 
-def _lm_head_from(model: torch.nn.Module, old: torch.nn.Embedding, embedding: VocabParallelEmbedding,
-                  parallel_state: ParallelState) -> None:
+def _lm_head_from(
+    model: Any, old: torch.nn.Embedding, embedding: VocabParallelEmbedding, parallel_state: ParallelState
+) -> None:
     """``lm_head`` as a column-parallel layer gathering full logits, re-tied to the new embedding if it was tied."""
     tied = model.lm_head.weight is old.weight
     head = _column(model.lm_head, parallel_state, gather_output=True)
@@ -123,7 +140,7 @@ def _lm_head_from(model: torch.nn.Module, old: torch.nn.Embedding, embedding: Vo
     model.lm_head = head
 
 
-def _llama(model: torch.nn.Module, parallel_state: ParallelState) -> None:
+def _llama(model: Any, parallel_state: ParallelState) -> None:
     tp = parallel_state.tp_size
     config = model.config
     _divide_heads(config.num_attention_heads, tp, "attention heads")
@@ -155,7 +172,9 @@ def apply_autotp(model: torch.nn.Module, parallel_state: ParallelState) -> torch
         return model
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED or not hasattr(model, "lm_head"):
-        raise ConfigError(f"tensor_parallel.autotp_size > 1 supports Hugging Face causal LMs of type "
-                          f"{', '.join(SUPPORTED)}; this model is {model_type or type(model).__name__}")
+        raise ConfigError(
+            f"tensor_parallel.autotp_size > 1 supports Hugging Face causal LMs of type "
+            f"{', '.join(SUPPORTED)}; this model is {model_type or type(model).__name__}"
+        )
     SUPPORTED[model_type](model, parallel_state)
     return model

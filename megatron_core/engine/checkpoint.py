@@ -17,6 +17,7 @@ pieces. Files are written to a temporary name and renamed; ``latest`` is written
 every rank has finished, so it only ever names a complete checkpoint. Everything is read back with
 ``torch.load(weights_only=True)``: ``client_state`` must hold tensors and plain Python values.
 """
+
 from __future__ import annotations
 
 import glob
@@ -35,17 +36,24 @@ FORMAT_VERSION = 1
 
 
 def model_file(folder: str, tp_rank: int) -> str:
+    """The model-states file of TP rank ``tp_rank`` in a tag folder."""
     return os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
 
 
 def optim_file(folder: str, dp_rank: int, tp_rank: int) -> str:
+    """The optimizer-fragment file of one (DP rank, TP rank)."""
     return os.path.join(folder, f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt")
+
+
+def _dp_rank_of(path: str) -> int:
+    match = re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path))
+    return int(match.group(1)) if match else -1
 
 
 def optim_files(folder: str, tp_rank: int) -> list[str]:
     """Every DP rank's fragment file of TP rank ``tp_rank``, in DP order."""
     pattern = os.path.join(folder, f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
-    return sorted(glob.glob(pattern), key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p).group(1)))
+    return sorted(glob.glob(pattern), key=_dp_rank_of)
 
 
 def _atomic_save(obj: Any, path: str) -> None:
@@ -64,8 +72,11 @@ def _pieces(engine: Any) -> list[tuple[str, int, int, torch.nn.Parameter]]:
     names = {id(p): n for n, p in engine.module.named_parameters()}
     optimizer = engine.optimizer
     if hasattr(optimizer, "sharded"):
-        return [(names[id(piece.param)], piece.param_start, piece.param_end, main)
-                for sb in optimizer.sharded for piece, main in zip(sb.pieces, sb.mains)]
+        return [
+            (names[id(piece.param)], piece.param_start, piece.param_end, main)
+            for sb in optimizer.sharded
+            for piece, main in zip(sb.pieces, sb.mains, strict=True)
+        ]
     return [(names[id(model)], 0, model.numel(), main) for main, model in optimizer.pairs]
 
 
@@ -79,8 +90,13 @@ def param_meta(module: torch.nn.Module) -> dict[str, dict]:
     meta = {}
     for name, p in module.named_parameters():
         tp_dim = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1
-        meta[name] = {"local_shape": list(p.shape), "tp_dim": tp_dim, "stride": getattr(p, "partition_stride", 1),
-                      "hf_transpose": bool(getattr(p, "autotp_transpose", False)), "aliases": aliases.get(name, [])}
+        meta[name] = {
+            "local_shape": list(p.shape),
+            "tp_dim": tp_dim,
+            "stride": getattr(p, "partition_stride", 1),
+            "hf_transpose": bool(getattr(p, "autotp_transpose", False)),
+            "aliases": aliases.get(name, []),
+        }
     return meta
 
 
@@ -94,13 +110,15 @@ def _fragments(engine: Any) -> dict:
                 state[key] = _cpu(value.reshape(-1))
             elif value is not None:
                 scalars[key] = _cpu(torch.as_tensor(value))
-        frags.append({"name": name, "start": start, "end": end, "fp32": _cpu(main.detach().reshape(-1)),
-                      "state": state})
+        frags.append(
+            {"name": name, "start": start, "end": end, "fp32": _cpu(main.detach().reshape(-1)), "state": state}
+        )
     return {"fragments": frags, "scalars": scalars}
 
 
 # ---- save -------------------------------------------------------------------------------------
 def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool) -> str:
+    """``Engine.save_checkpoint`` (see the module docstring for the layout)."""
     ps = engine.parallel_state
     tag = tag if tag is not None else f"global_step{engine.global_steps}"
     if not isinstance(tag, str) or not tag or os.sep in tag:
@@ -111,19 +129,28 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     if ps.dp_rank == 0:
         scaler = engine.optimizer.grad_scaler
         scheduler = engine.lr_scheduler
-        _atomic_save({
-            "format_version": FORMAT_VERSION,
-            "module": {k: _cpu(v) for k, v in engine.module.state_dict().items()},
-            "param_meta": param_meta(engine.module),
-            "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-            "micro_steps": engine.micro_steps, "skipped_steps": engine.skipped_steps,
-            "lr_scheduler": scheduler.state_dict() if scheduler is not None and hasattr(scheduler, "state_dict") else None,
-            "grad_scaler": scaler.state_dict() if scaler is not None else None,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
-            "client_state": client_state, "dp_size": ps.dp_size, "tp_size": ps.tp_size,
-            "zero_stage": engine.ddp.ddp_config.zero_stage,
-            "hf_config": json.dumps(engine.hf_config) if engine.hf_config is not None else None,
-        }, model_file(folder, ps.tp_rank))
+        _atomic_save(
+            {
+                "format_version": FORMAT_VERSION,
+                "module": {k: _cpu(v) for k, v in engine.module.state_dict().items()},
+                "param_meta": param_meta(engine.module),
+                "global_steps": engine.global_steps,
+                "global_samples": engine.global_samples,
+                "micro_steps": engine.micro_steps,
+                "skipped_steps": engine.skipped_steps,
+                "lr_scheduler": scheduler.state_dict()
+                if scheduler is not None and hasattr(scheduler, "state_dict")
+                else None,
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
+                "client_state": client_state,
+                "dp_size": ps.dp_size,
+                "tp_size": ps.tp_size,
+                "zero_stage": engine.ddp.ddp_config.zero_stage,
+                "hf_config": json.dumps(engine.hf_config) if engine.hf_config is not None else None,
+            },
+            model_file(folder, ps.tp_rank),
+        )
     if sharded or ps.dp_rank == 0:
         _atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
     if dist.is_initialized():
@@ -172,8 +199,10 @@ def full_fragments(paths: list[str], meta: dict[str, dict]) -> tuple[dict[str, t
                 states.setdefault(name, {}).setdefault(key, torch.zeros(numel, dtype=tensor.dtype))[start:end] = tensor
     for name, info in meta.items():
         if covered.get(name, 0) != int(torch.Size(info["local_shape"]).numel()):
-            raise ConfigError(f"checkpoint {os.path.dirname(paths[0]) if paths else '?'}: parameter {name!r} is not fully "
-                              f"covered by the optimizer files found ({len(paths)}); is a rank's file missing?")
+            raise ConfigError(
+                f"checkpoint {os.path.dirname(paths[0]) if paths else '?'}: parameter {name!r} is not fully "
+                f"covered by the optimizer files found ({len(paths)}); is a rank's file missing?"
+            )
     return values, states, scalars
 
 
@@ -190,8 +219,10 @@ def _load_optimizer(engine: Any, folder: str, meta: dict) -> None:
     engine.optimizer._copy_main_to_model()
 
 
-def load(engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool
-         ) -> tuple[str | None, dict]:
+def load(
+    engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool
+) -> tuple[str | None, dict]:
+    """``Engine.load_checkpoint``: model, optimizer fragments (any DP size), scheduler, counters."""
     ps = engine.parallel_state
     if tag is None:
         tag = read_latest(load_dir)
@@ -200,18 +231,21 @@ def load(engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load
     folder = os.path.join(load_dir, tag)
     path = model_file(folder, ps.tp_rank)
     if not os.path.exists(path):
-        raise ConfigError(f"load_checkpoint: {path} does not exist (tag {tag!r} in {load_dir!r}; saved with another "
-                          f"AutoTP size?)")
+        raise ConfigError(
+            f"load_checkpoint: {path} does not exist (tag {tag!r} in {load_dir!r}; saved with another AutoTP size?)"
+        )
     saved = torch.load(path, weights_only=True, map_location="cpu")
     if saved["tp_size"] != ps.tp_size:
-        raise ConfigError(f"load_checkpoint: the checkpoint has tensor_parallel.autotp_size {saved['tp_size']}, this run "
-                          f"{ps.tp_size}: use the same AutoTP size (consolidate it to change the layout)")
+        raise ConfigError(
+            f"load_checkpoint: the checkpoint has tensor_parallel.autotp_size {saved['tp_size']}, this run "
+            f"{ps.tp_size}: use the same AutoTP size (consolidate it to change the layout)"
+        )
     engine.module.load_state_dict(saved["module"], strict=True)
     if load_optimizer:
         _load_optimizer(engine, folder, saved["param_meta"])
         if engine.optimizer.grad_scaler is not None and saved["grad_scaler"] is not None:
             engine.optimizer.grad_scaler.load_state_dict(saved["grad_scaler"])
-        for group, values in zip(engine.optimizer.param_groups, saved["param_groups"]):
+        for group, values in zip(engine.optimizer.param_groups, saved["param_groups"], strict=True):
             group.update(values)
     else:
         engine.optimizer.reload_model_params()

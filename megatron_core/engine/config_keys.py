@@ -7,6 +7,7 @@ Three kinds of key (DeepSpeed's names, https://www.deepspeed.ai/docs/config-json
   any other value is a :class:`ConfigError` saying the framework does not implement it;
 - unknown: a :class:`ConfigError` naming the key and the closest known one (a typo is never ignored).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -17,35 +18,84 @@ from megatron_core.errors import ConfigError
 # Known DeepSpeed keys this framework does not implement, with the value that means "off"
 # (DeepSpeed's default). Top level, then per section.
 NOT_IMPLEMENTED_TOP: dict[str, Any] = {
-    "prescale_gradients": False, "gradient_predivide_factor": 1.0, "sparse_gradients": False,
-    "amp": {"enabled": False}, "flops_profiler": {"enabled": False}, "comms_logger": {"enabled": False},
-    "wandb": {"enabled": False}, "comet": {"enabled": False}, "elasticity": {"enabled": False},
-    "memory_breakdown": False, "dump_state": False, "communication_data_type": None,
-    "seq_parallel_communication_data_type": "fp32", "disable_allgather": False, "zero_allow_untested_optimizer": False,
-    "zero_force_ds_cpu_optimizer": True, "compile": {"enabled": False}, "pipeline": {},
-    "data_types": {}, "checkpoint": {}, "aio": {}, "autotuning": {"enabled": False}, "curriculum_learning": {"enabled": False},
-    "data_efficiency": {"enabled": False}, "sparse_attention": None, "progressive_layer_drop": {"enabled": False},
-    "eigenvalue": {"enabled": False}, "compression_training": {}, "nebula": {"enabled": False},
-    "hybrid_engine": {"enabled": False}, "graph_harvesting": False, "timers": {},
+    "prescale_gradients": False,
+    "gradient_predivide_factor": 1.0,
+    "sparse_gradients": False,
+    "amp": {"enabled": False},
+    "flops_profiler": {"enabled": False},
+    "comms_logger": {"enabled": False},
+    "wandb": {"enabled": False},
+    "comet": {"enabled": False},
+    "elasticity": {"enabled": False},
+    "memory_breakdown": False,
+    "dump_state": False,
+    "communication_data_type": None,
+    "seq_parallel_communication_data_type": "fp32",
+    "disable_allgather": False,
+    "zero_allow_untested_optimizer": False,
+    "zero_force_ds_cpu_optimizer": True,
+    "compile": {"enabled": False},
+    "pipeline": {},
+    "data_types": {},
+    "checkpoint": {},
+    "aio": {},
+    "autotuning": {"enabled": False},
+    "curriculum_learning": {"enabled": False},
+    "data_efficiency": {"enabled": False},
+    "sparse_attention": None,
+    "progressive_layer_drop": {"enabled": False},
+    "eigenvalue": {"enabled": False},
+    "compression_training": {},
+    "nebula": {"enabled": False},
+    "hybrid_engine": {"enabled": False},
+    "graph_harvesting": False,
+    "timers": {},
 }
 NOT_IMPLEMENTED_ZERO: dict[str, Any] = {
-    "reduce_scatter": True, "allgather_partitions": True, "load_from_fp32_weights": True, "round_robin_gradients": False,
-    "elastic_checkpoint": False, "sub_group_size": 1_000_000_000, "ignore_unused_parameters": True,
-    "legacy_stage1": False, "zero_hpz_partition_size": 1, "zero_quantized_weights": False,
-    "zero_quantized_gradients": False, "mics_shard_size": -1, "mics_hierarchical_params_gather": False,
-    "cpu_offload": False, "cpu_offload_params": False, "cpu_offload_use_pin_memory": False,
-    "memory_efficient_linear": True, "stage3_module_granularity_threshold": 0,
+    "reduce_scatter": True,
+    "allgather_partitions": True,
+    "load_from_fp32_weights": True,
+    "round_robin_gradients": False,
+    "elastic_checkpoint": False,
+    "sub_group_size": 1_000_000_000,
+    "ignore_unused_parameters": True,
+    "legacy_stage1": False,
+    "zero_hpz_partition_size": 1,
+    "zero_quantized_weights": False,
+    "zero_quantized_gradients": False,
+    "mics_shard_size": -1,
+    "mics_hierarchical_params_gather": False,
+    "cpu_offload": False,
+    "cpu_offload_params": False,
+    "cpu_offload_use_pin_memory": False,
+    "memory_efficient_linear": True,
+    "stage3_module_granularity_threshold": 0,
 }
 NOT_IMPLEMENTED_FP16: dict[str, Any] = {"auto_cast": False, "fp16_master_weights_and_grads": False}
 NOT_IMPLEMENTED_BF16: dict[str, Any] = {"immediate_grad_update": False, "check_grad_overflow": False}
 NOT_IMPLEMENTED_ACTIVATION_CHECKPOINTING: dict[str, Any] = {
-    "partition_activations": False, "cpu_checkpointing": False, "contiguous_memory_optimization": False,
-    "number_checkpoints": None, "synchronize_checkpoint_boundary": False, "profile": False,
+    "partition_activations": False,
+    "cpu_checkpointing": False,
+    "contiguous_memory_optimization": False,
+    "number_checkpoints": None,
+    "synchronize_checkpoint_boundary": False,
+    "profile": False,
 }
-NOT_IMPLEMENTED_TENSOR_PARALLEL: dict[str, Any] = {"tp_grain_size": 1, "tp": {}, "dtype": None,
-                                                   "keep_module_on_host": False, "partition_config": None}
-NOT_IMPLEMENTED_OFFLOAD: dict[str, Any] = {"fast_init": False, "ratio": 1.0, "pipeline_read": False,
-                                           "pipeline_write": False, "buffer_size": 100_000_000, "max_in_cpu": 1_000_000_000}
+NOT_IMPLEMENTED_TENSOR_PARALLEL: dict[str, Any] = {
+    "tp_grain_size": 1,
+    "tp": {},
+    "dtype": None,
+    "keep_module_on_host": False,
+    "partition_config": None,
+}
+NOT_IMPLEMENTED_OFFLOAD: dict[str, Any] = {
+    "fast_init": False,
+    "ratio": 1.0,
+    "pipeline_read": False,
+    "pipeline_write": False,
+    "buffer_size": 100_000_000,
+    "max_in_cpu": 1_000_000_000,
+}
 
 
 def where(path: str, key: str) -> str:
@@ -62,8 +112,10 @@ def check_keys(section: dict, path: str, implemented: set[str], not_implemented:
             continue
         if key in not_implemented:
             if value != not_implemented[key] and value != "auto":
-                raise ConfigError(f"DeepSpeed config: {where(path, key)} = {value!r} is a DeepSpeed option this "
-                                  f"framework does not implement; remove it (or set it to {not_implemented[key]!r})")
+                raise ConfigError(
+                    f"DeepSpeed config: {where(path, key)} = {value!r} is a DeepSpeed option this "
+                    f"framework does not implement; remove it (or set it to {not_implemented[key]!r})"
+                )
             continue
         close = difflib.get_close_matches(key, sorted(implemented | set(not_implemented)), n=1, cutoff=0.5)
         hint = f"; did you mean {where(path, close[0])!r}?" if close else ""

@@ -10,6 +10,7 @@ result is exact: the fp32 master values, no re-rounding.
 Output: a ``.safetensors`` file, or, when the model came from ``transformers``, a Hugging Face
 directory (``config.json`` + ``model.safetensors``, tied keys left to ``from_pretrained`` to re-tie).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
             return checkpoint_dir  # the tag folder itself
         tag = read_latest(checkpoint_dir)
         if tag is None:
-            raise ConfigError(f"{checkpoint_dir!r} has no 'latest' file and no mp_rank_00_model_states.pt; pass the "
-                              f"tag folder or --tag")
+            raise ConfigError(
+                f"{checkpoint_dir!r} has no 'latest' file and no mp_rank_00_model_states.pt; pass the "
+                f"tag folder or --tag"
+            )
     folder = os.path.join(checkpoint_dir, tag)
     if not os.path.exists(model_file(folder, 0)):
         raise ConfigError(f"{folder!r} is not an engine checkpoint (no mp_rank_00_model_states.pt)")
@@ -55,7 +58,9 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
     tp_size = first["tp_size"]
     per_rank = []
     for tp_rank in range(tp_size):
-        saved = first if tp_rank == 0 else torch.load(model_file(folder, tp_rank), weights_only=True, map_location="cpu")
+        saved = (
+            first if tp_rank == 0 else torch.load(model_file(folder, tp_rank), weights_only=True, map_location="cpu")
+        )
         files = optim_files(folder, tp_rank)
         if not files:
             raise ConfigError(f"{folder!r}: no optimizer fragment files for TP rank {tp_rank}")
@@ -98,8 +103,11 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     meta = torch.load(model_file(folder, 0), weights_only=True, map_location="cpu")["param_meta"]
     tied = {alias for info in meta.values() for alias in info["aliases"]}
     os.makedirs(output, exist_ok=True)
-    save_file({k: v for k, v in state.items() if k not in tied}, os.path.join(output, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items() if k not in tied},
+        os.path.join(output, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     hf_config = {**hf_config, "torch_dtype": "float32"}
     hf_config.pop("dtype", None)
     with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
@@ -109,8 +117,10 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
 
 def main(argv: list[str] | None = None) -> int:
     """``tools/zero_to_fp32.py CHECKPOINT_DIR OUTPUT [--tag TAG]``."""
-    parser = argparse.ArgumentParser(description="Consolidate an engine checkpoint (any ZeRO stage, DP and AutoTP "
-                                                 "size) into fp32 safetensors or a Hugging Face directory.")
+    parser = argparse.ArgumentParser(
+        description="Consolidate an engine checkpoint (any ZeRO stage, DP and AutoTP "
+        "size) into fp32 safetensors or a Hugging Face directory."
+    )
     parser.add_argument("checkpoint_dir", help="the save directory (reads its 'latest' tag) or a tag folder")
     parser.add_argument("output", help="a .safetensors file, or a directory for a Hugging Face model")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")

@@ -15,6 +15,7 @@ Counters follow DeepSpeed: ``micro_steps`` counts ``step()`` calls, ``global_ste
 boundaries (skipped fp16 steps included, counted in ``skipped_steps``), ``global_samples`` their
 samples.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,9 +40,16 @@ class Engine(torch.nn.Module):
     swapped in), ``optimizer`` the library optimizer, ``lr_scheduler`` the config's or the client's.
     """
 
-    def __init__(self, model: torch.nn.Module, ddp: DistributedDataParallel, optimizer: MegatronOptimizer,
-                 lr_scheduler: Any, config: EngineConfig, parallel_state: ParallelState,
-                 hf_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ddp: DistributedDataParallel,
+        optimizer: MegatronOptimizer,
+        lr_scheduler: Any,
+        config: EngineConfig,
+        parallel_state: ParallelState,
+        hf_config: dict | None = None,
+    ) -> None:
         super().__init__()
         self.config, self.parallel_state = config, parallel_state
         self.ddp = ddp
@@ -60,30 +68,36 @@ class Engine(torch.nn.Module):
         return self.ddp.module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model's forward (timed for ``wall_clock_breakdown``)."""
         start = time.perf_counter()
         out = self.ddp(*args, **kwargs)
         self._timings["forward"] += time.perf_counter() - start
         return out
 
     def train(self, mode: bool = True) -> Engine:
+        """Set the model's training mode; returns the engine."""
         self.module.train(mode)
         self.training = mode
         return self
 
     def eval(self) -> Engine:
+        """Evaluation mode (``train(False)``)."""
         return self.train(False)
 
     # ---- DeepSpeed's counters and accessors ---------------------------------------------------
     @property
     def gradient_accumulation_steps(self) -> int:
+        """Micro batches per optimizer step (the config's)."""
         return self.config.gradient_accumulation_steps
 
     @property
     def train_batch_size(self) -> int:
+        """Samples per optimizer step over all DP ranks."""
         return self.config.train_batch_size
 
     @property
     def train_micro_batch_size_per_gpu(self) -> int:
+        """Samples per micro batch on this rank."""
         return self.config.train_micro_batch_size_per_gpu
 
     def is_gradient_accumulation_boundary(self) -> bool:
@@ -102,7 +116,7 @@ class Engine(torch.nn.Module):
         """The current fp16 loss scale (1 without fp16)."""
         return self.optimizer.get_loss_scale()
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the accumulated gradients (the engine does it after every optimizer step)."""
         self.optimizer.zero_grad()
 
@@ -146,37 +160,55 @@ class Engine(torch.nn.Module):
     def _report(self) -> None:
         loss = sum(self._losses) / max(len(self._losses), 1)
         self._losses.clear()
-        self.monitor.write(self.global_samples, {"train_loss": loss, "lr": self.get_lr()[0],
-                                                 "loss_scale": self.get_loss_scale()})
+        self.monitor.write(
+            self.global_samples, {"train_loss": loss, "lr": self.get_lr()[0], "loss_scale": self.get_loss_scale()}
+        )
         if self.global_steps % self.config.steps_per_print == 0 and self.parallel_state.rank == 0:
-            print(f"[engine] step={self.global_steps}, skipped={self.skipped_steps}, lr={self.get_lr()}, "
-                  f"loss={loss:.6g}, loss_scale={self.get_loss_scale()}", flush=True)
+            print(
+                f"[engine] step={self.global_steps}, skipped={self.skipped_steps}, lr={self.get_lr()}, "
+                f"loss={loss:.6g}, loss_scale={self.get_loss_scale()}",
+                flush=True,
+            )
             if self.config.wall_clock_breakdown:
                 ms = {k: f"{1000 * v / self.config.steps_per_print:.2f}" for k, v in self._timings.items()}
-                print(f"[engine] ms per step: forward {ms['forward']} | backward {ms['backward']} | "
-                      f"optimizer {ms['step']}", flush=True)
+                print(
+                    f"[engine] ms per step: forward {ms['forward']} | backward {ms['backward']} | "
+                    f"optimizer {ms['step']}",
+                    flush=True,
+                )
         if self.global_steps % self.config.steps_per_print == 0:
             self._timings = dict.fromkeys(self._timings, 0.0)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
-                        save_latest: bool = True) -> str:
+    def save_checkpoint(
+        self, save_dir: str, tag: str | None = None, client_state: dict | None = None, save_latest: bool = True
+    ) -> str:
         """Write ``save_dir/tag/`` (default tag ``global_step{N}``) and the ``latest`` file; returns the folder.
 
         Every rank must call it. Layout: see :mod:`megatron_core.engine.checkpoint`.
         """
         return ckpt.save(self, save_dir, tag, client_state or {}, save_latest)
 
-    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_optimizer_states: bool = True,
-                        load_lr_scheduler_states: bool = True, load_module_only: bool = False
-                        ) -> tuple[str | None, dict]:
+    def load_checkpoint(
+        self,
+        load_dir: str,
+        tag: str | None = None,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+    ) -> tuple[str | None, dict]:
         """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``.
 
         The data-parallel size may differ from the saving run's; the AutoTP size must match.
         ``(None, {})`` when ``load_dir`` has no ``latest`` file, as DeepSpeed.
         """
-        return ckpt.load(self, load_dir, tag, load_optimizer_states and not load_module_only,
-                         load_lr_scheduler_states and not load_module_only)
+        return ckpt.load(
+            self,
+            load_dir,
+            tag,
+            load_optimizer_states and not load_module_only,
+            load_lr_scheduler_states and not load_module_only,
+        )
 
     def barrier(self) -> None:
         """Wait for every rank."""

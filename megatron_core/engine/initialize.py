@@ -5,6 +5,7 @@ Order of construction (each a short step): process group (torchrun's variables, 
 the DP size), AutoTP layer swap, dtype and device, ``DistributedDataParallel`` (ZeRO stage from the
 config), ``get_megatron_optimizer``, scheduler, data loader.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,19 +47,26 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """Add DeepSpeed's ``--deepspeed`` and ``--deepspeed_config FILE`` (and ``--local_rank``) to a user's parser."""
     group = parser.add_argument_group("DeepSpeed-style engine")
     group.add_argument("--deepspeed", action="store_true", help="train through megatron_core.initialize")
-    group.add_argument("--deepspeed_config", "--deepspeed-config", default=None, type=str,
-                       help="DeepSpeed JSON config file")
+    group.add_argument(
+        "--deepspeed_config", "--deepspeed-config", default=None, type=str, help="DeepSpeed JSON config file"
+    )
     if not any("--local_rank" in action.option_strings for action in parser._actions):
-        group.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
-                           help="set by the launcher; torchrun passes LOCAL_RANK in the environment instead")
+        group.add_argument(
+            "--local_rank",
+            "--local-rank",
+            type=int,
+            default=int(os.environ.get("LOCAL_RANK", 0)),
+            help="set by the launcher; torchrun passes LOCAL_RANK in the environment instead",
+        )
     return parser
 
 
 def _config_source(config: Any, args: Any) -> Any:
     if config is not None:
         if args is not None and getattr(args, "deepspeed_config", None):
-            raise ConfigError("initialize: give the DeepSpeed config either as config= or as args.deepspeed_config, "
-                              "not both")
+            raise ConfigError(
+                "initialize: give the DeepSpeed config either as config= or as args.deepspeed_config, not both"
+            )
         return config
     if args is not None and getattr(args, "deepspeed_config", None):
         return args.deepspeed_config
@@ -103,15 +111,25 @@ def _scheduler(lr_scheduler: Any, config: EngineConfig, optimizer: Any) -> Any:
 def _dataloader(training_data: Any, collate_fn: Any, config: EngineConfig, parallel_state: ParallelState) -> Any:
     if training_data is None:
         return None
-    sampler = torch.utils.data.DistributedSampler(training_data, num_replicas=parallel_state.dp_size,
-                                                  rank=parallel_state.dp_rank)
-    return torch.utils.data.DataLoader(training_data, batch_size=config.train_micro_batch_size_per_gpu,
-                                       sampler=sampler, collate_fn=collate_fn)
+    sampler: torch.utils.data.Sampler = torch.utils.data.DistributedSampler(
+        training_data, num_replicas=parallel_state.dp_size, rank=parallel_state.dp_rank
+    )
+    return torch.utils.data.DataLoader(
+        training_data, batch_size=config.train_micro_batch_size_per_gpu, sampler=sampler, collate_fn=collate_fn
+    )
 
 
-def initialize(model: torch.nn.Module, optimizer: Any = None, model_parameters: Any = None, lr_scheduler: Any = None,
-               training_data: Any = None, collate_fn: Any = None, config: Any = None, args: Any = None,
-               config_params: Any = None) -> tuple[Engine, Any, Any, Any]:
+def initialize(
+    model: torch.nn.Module,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    lr_scheduler: Any = None,
+    training_data: Any = None,
+    collate_fn: Any = None,
+    config: Any = None,
+    args: Any = None,
+    config_params: Any = None,
+) -> tuple[Engine, Any, Any, Any]:
     """Wrap ``model`` for training from a DeepSpeed config; returns ``(engine, optimizer, dataloader, lr_scheduler)``.
 
     ``config``: a path to a DeepSpeed JSON file or a dict (``config_params`` is DeepSpeed's older name;
@@ -138,7 +156,8 @@ def initialize(model: torch.nn.Module, optimizer: Any = None, model_parameters: 
         opt_config = optimizer_config_from_client(optimizer, opt_config, model)
     elif engine_config.optimizer is None:
         raise ConfigError("initialize: no optimizer; add an 'optimizer' section to the config or pass optimizer=")
-    hf_config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else None
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    hf_config = to_dict() if callable(to_dict) else None  # a transformers model: consolidation writes an HF folder
     model = _prepare_model(model, engine_config, parallel_state)
     ddp = DistributedDataParallel(ddp_config_from(engine_config), model, parallel_state)
     megatron_optimizer = get_megatron_optimizer(opt_config, [ddp], parallel_state)

@@ -20,6 +20,7 @@ train_micro_batch_size_per_gpu              micro_batch_size (Megatron's --micro
 train_batch_size                            global_batch_size (--global-batch-size)
 ==========================================  =============================================================
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,46 +51,72 @@ def _check_unimplemented(config: EngineConfig) -> None:
         try:
             DistributedDataParallelConfig(zero_stage=3)
         except ValueError:
-            raise ConfigError("DeepSpeed config: zero_optimization.stage 3 (sharded parameters) is not implemented "
-                              "by this library yet; use stage 0, 1 or 2") from None
+            raise ConfigError(
+                "DeepSpeed config: zero_optimization.stage 3 (sharded parameters) is not implemented "
+                "by this library yet; use stage 0, 1 or 2"
+            ) from None
     for name in ("offload_optimizer", "offload_param"):
         if getattr(zero, name).device != "none":
-            raise ConfigError(f"DeepSpeed config: zero_optimization.{name}.device = "
-                              f"{getattr(zero, name).device!r} is not implemented by this library yet; use 'none'")
+            raise ConfigError(
+                f"DeepSpeed config: zero_optimization.{name}.device = "
+                f"{getattr(zero, name).device!r} is not implemented by this library yet; use 'none'"
+            )
     if not zero.contiguous_gradients:
-        raise ConfigError("DeepSpeed config: zero_optimization.contiguous_gradients = false is not implemented: "
-                          "gradients always live in contiguous buffers; remove the key")
+        raise ConfigError(
+            "DeepSpeed config: zero_optimization.contiguous_gradients = false is not implemented: "
+            "gradients always live in contiguous buffers; remove the key"
+        )
     if zero.allgather_bucket_size not in (DEEPSPEED_BUCKET_DEFAULT, zero.reduce_bucket_size):
-        raise ConfigError("DeepSpeed config: zero_optimization.allgather_bucket_size differs from reduce_bucket_size; "
-                          "this library all-gathers parameters by the gradient buckets: set both to the same value")
+        raise ConfigError(
+            "DeepSpeed config: zero_optimization.allgather_bucket_size differs from reduce_bucket_size; "
+            "this library all-gathers parameters by the gradient buckets: set both to the same value"
+        )
 
 
 def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
     """The DDP wrapper's options for the config's ZeRO section and precision."""
     _check_unimplemented(config)
     zero = config.zero_optimization
-    return DistributedDataParallelConfig(zero_stage=zero.stage, grad_reduce_in_fp32=config.bf16_enabled,
-                                         overlap_grad_reduce=zero.overlap_comm, bucket_size=zero.reduce_bucket_size)
+    return DistributedDataParallelConfig(
+        zero_stage=zero.stage,
+        grad_reduce_in_fp32=config.bf16_enabled,
+        overlap_grad_reduce=zero.overlap_comm,
+        bucket_size=zero.reduce_bucket_size,
+    )
 
 
 def optimizer_config_from(config: EngineConfig, default_lr: float | None = None) -> OptimizerConfig:
     """The optimizer's options; without an ``optimizer`` section Adam with ``default_lr``. Raises ConfigError."""
     opt = config.optimizer
     fp16 = config.fp16
-    values: dict[str, Any] = dict(clip_grad=config.gradient_clipping, fp16=fp16.enabled, bf16=config.bf16_enabled,
-                                  loss_scale=fp16.loss_scale or None, initial_loss_scale=2.0 ** fp16.initial_scale_power,
-                                  min_loss_scale=fp16.min_loss_scale, loss_scale_window=fp16.loss_scale_window,
-                                  hysteresis=fp16.hysteresis)
+    values: dict[str, Any] = dict(
+        clip_grad=config.gradient_clipping,
+        fp16=fp16.enabled,
+        bf16=config.bf16_enabled,
+        loss_scale=fp16.loss_scale or None,
+        initial_loss_scale=2.0**fp16.initial_scale_power,
+        min_loss_scale=fp16.min_loss_scale,
+        loss_scale_window=fp16.loss_scale_window,
+        hysteresis=fp16.hysteresis,
+    )
     if fp16.enabled and fp16.loss_scale == 0 and values["initial_loss_scale"] < fp16.min_loss_scale:
-        raise ConfigError(f"DeepSpeed config: fp16.initial_scale_power {fp16.initial_scale_power} gives a scale below "
-                          f"fp16.min_loss_scale {fp16.min_loss_scale}")
+        raise ConfigError(
+            f"DeepSpeed config: fp16.initial_scale_power {fp16.initial_scale_power} gives a scale below "
+            f"fp16.min_loss_scale {fp16.min_loss_scale}"
+        )
     if opt is None:
         values.update(optimizer="adam", lr=default_lr if default_lr is not None else 1e-3, weight_decay=0.0)
     elif opt.type == "sgd":
         values.update(optimizer="sgd", lr=opt.lr, weight_decay=opt.weight_decay, sgd_momentum=opt.momentum)
     else:
-        values.update(optimizer="adam", lr=opt.lr, weight_decay=opt.weight_decay, adam_beta1=opt.betas[0],
-                      adam_beta2=opt.betas[1], adam_eps=opt.eps)
+        values.update(
+            optimizer="adam",
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.betas[0],
+            adam_beta2=opt.betas[1],
+            adam_eps=opt.eps,
+        )
     try:
         return OptimizerConfig(**values)
     except ValueError as exc:
@@ -98,9 +125,13 @@ def optimizer_config_from(config: EngineConfig, default_lr: float | None = None)
 
 def library_configs_from(config: EngineConfig) -> LibraryConfigs:
     """Every library config a DeepSpeed config determines."""
-    return LibraryConfigs(ddp_config_from(config), optimizer_config_from(config),
-                          config.train_micro_batch_size_per_gpu, config.train_batch_size,
-                          config.gradient_accumulation_steps)
+    return LibraryConfigs(
+        ddp_config_from(config),
+        optimizer_config_from(config),
+        config.train_micro_batch_size_per_gpu,
+        config.train_batch_size,
+        config.gradient_accumulation_steps,
+    )
 
 
 def deepspeed_to_megatron(path_or_dict: Any, dp_size: int, flags: dict[str, Any] | None = None) -> LibraryConfigs:
@@ -117,8 +148,10 @@ def deepspeed_to_megatron(path_or_dict: Any, dp_size: int, flags: dict[str, Any]
             if hasattr(holder, name):
                 ours = getattr(holder, name)
                 if ours != value:
-                    raise ConfigError(f"--{name.replace('_', '-')} {value!r} disagrees with the DeepSpeed config, which "
-                                      f"sets {name} = {ours!r}; drop the flag or change the file")
+                    raise ConfigError(
+                        f"--{name.replace('_', '-')} {value!r} disagrees with the DeepSpeed config, which "
+                        f"sets {name} = {ours!r}; drop the flag or change the file"
+                    )
                 break
         else:
             raise ConfigError(f"--{name.replace('_', '-')} is not set by a DeepSpeed config; nothing to compare")

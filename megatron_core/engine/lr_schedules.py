@@ -13,6 +13,7 @@ logarithmically by default, so they get this small module (formulas from
 
 The engine calls :meth:`step` after each successful optimizer step (not after a skipped fp16 step).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,15 @@ from typing import Any
 class WarmupLR:
     """Warm up from ``warmup_min_lr`` to ``warmup_max_lr`` over ``warmup_num_steps`` steps, then stay."""
 
-    def __init__(self, optimizer: Any, warmup_min_lr: float = 0.0, warmup_max_lr: float = 0.001,
-                 warmup_num_steps: int = 1000, warmup_type: str = "log", last_batch_iteration: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        warmup_min_lr: float = 0.0,
+        warmup_max_lr: float = 0.001,
+        warmup_num_steps: int = 1000,
+        warmup_type: str = "log",
+        last_batch_iteration: int = -1,
+    ) -> None:
         self.optimizer = optimizer
         self.min_lr, self.max_lr = float(warmup_min_lr), float(warmup_max_lr)
         self.warmup_num_steps = max(2, int(warmup_num_steps))
@@ -52,13 +60,14 @@ class WarmupLR:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def _apply(self) -> None:
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             group["lr"] = lr
 
     def step(self, last_batch_iteration: int | None = None) -> None:
         """Advance one optimizer step (or jump to ``last_batch_iteration``) and set the rates."""
-        self.last_batch_iteration = (self.last_batch_iteration + 1 if last_batch_iteration is None
-                                     else last_batch_iteration)
+        self.last_batch_iteration = (
+            self.last_batch_iteration + 1 if last_batch_iteration is None else last_batch_iteration
+        )
         self._apply()
 
     def state_dict(self) -> dict:
@@ -74,24 +83,41 @@ class WarmupLR:
 class WarmupDecayLR(WarmupLR):
     """:class:`WarmupLR`, then linear decay to 0 at ``total_num_steps``."""
 
-    def __init__(self, optimizer: Any, total_num_steps: int, warmup_min_lr: float = 0.0, warmup_max_lr: float = 0.001,
-                 warmup_num_steps: int = 1000, warmup_type: str = "log", last_batch_iteration: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        total_num_steps: int,
+        warmup_min_lr: float = 0.0,
+        warmup_max_lr: float = 0.001,
+        warmup_num_steps: int = 1000,
+        warmup_type: str = "log",
+        last_batch_iteration: int = -1,
+    ) -> None:
         self.total_num_steps = int(total_num_steps)
         super().__init__(optimizer, warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type, last_batch_iteration)
 
     def _gamma(self) -> float:
         if self.last_batch_iteration < self.warmup_num_steps:
             return self._warmup_gamma()
-        return max(0.0, (self.total_num_steps - self.last_batch_iteration)
-                   / max(1.0, self.total_num_steps - self.warmup_num_steps))
+        return max(
+            0.0,
+            (self.total_num_steps - self.last_batch_iteration) / max(1.0, self.total_num_steps - self.warmup_num_steps),
+        )
 
 
 class WarmupCosineLR(WarmupLR):
     """Ratio warmup of each group's base rate (the optimizer's ``lr``), then cosine decay to ``cos_min_ratio``."""
 
-    def __init__(self, optimizer: Any, total_num_steps: int, warmup_min_ratio: float = 0.0,
-                 warmup_num_steps: int = 1000, cos_min_ratio: float = 0.0001, warmup_type: str = "log",
-                 last_batch_iteration: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: Any,
+        total_num_steps: int,
+        warmup_min_ratio: float = 0.0,
+        warmup_num_steps: int = 1000,
+        cos_min_ratio: float = 0.0001,
+        warmup_type: str = "log",
+        last_batch_iteration: int = -1,
+    ) -> None:
         self.total_num_steps = int(total_num_steps)
         self.warmup_min_ratio, self.cos_min_ratio = float(warmup_min_ratio), float(cos_min_ratio)
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]

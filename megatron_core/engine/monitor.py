@@ -4,6 +4,7 @@ Rank 0 writes; the x axis is ``global_samples`` and the tags are DeepSpeed's (``
 ``Train/Samples/lr``, ``Train/Samples/loss_scale``). The CSV monitor writes one file per tag under
 ``output_path/job_name/`` with the header ``step,<tag>``, as DeepSpeed's ``csvMonitor``.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ class Monitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional dependency
             except ImportError:
-                raise ConfigError("DeepSpeed config: tensorboard.enabled needs the tensorboard package "
-                                  "(pip install tensorboard), or set it to false") from None
+                raise ConfigError(
+                    "DeepSpeed config: tensorboard.enabled needs the tensorboard package "
+                    "(pip install tensorboard), or set it to false"
+                ) from None
             folder = os.path.join(config.tensorboard.output_path or "runs", config.tensorboard.job_name)
             self.writer = SummaryWriter(log_dir=folder)
 
