@@ -41,8 +41,8 @@ def make_model(kind: str) -> torch.nn.Module:
             torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)
         )
     if kind == "gpt2":
-        return tiny_hf_gpt2(vocab_size=VOCAB, hidden=32, layers=2, heads=4, positions=16)
-    return tiny_hf_llama(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, positions=16)
+        return tiny_hf_gpt2(vocab_size=VOCAB, hidden=32, layers=1, heads=4, positions=16)
+    return tiny_hf_llama(vocab_size=VOCAB, hidden=32, layers=1, heads=4, kv_heads=2, ffn=48, positions=16)
 
 
 def global_batch(kind: str, step: int, size: int) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The engine (``megatron_core.initialize``) against a plain PyTorch loop over the same global batch.
 
-An MLP and tiny Hugging Face GPT-2 and Llama models (random weights) train 3 AdamW steps with clipping
-at DP 1, 2 and 4 x every ZeRO stage the library implements x gradient accumulation 1 and 4. Each
+An MLP trains 2 AdamW steps with clipping at DP 1, 2 and 4 x every ZeRO stage the library implements x
+gradient accumulation 1 and 4; tiny Hugging Face GPT-2 and Llama models (random weights, one layer) at
+DP 2 over the same stages x GA, and at DP 4 over ZeRO 0 and 2 x GA (to keep the suite short). Each
 rank's per-micro-batch losses, the global grad norm of every step and the final state dict must equal
 the one-process loop's (fp32, relative 1e-5 per tensor). One forked job runs all stages and
 accumulation counts of a (model, DP) pair in turn, to pay the process start-up once.
@@ -15,7 +16,8 @@ from harness import run_distributed
 
 from megatron_core.distributed import DistributedDataParallelConfig
 
-STEPS = 3
+STEPS = 2
+PRECISION_STEPS = 3
 
 
 def _implemented_stages() -> list[int]:
@@ -31,7 +33,7 @@ def _implemented_stages() -> list[int]:
 
 STAGES = _implemented_stages()
 GAS = (1, 4)
-CASES = [("mlp", 1), ("mlp", 2), ("mlp", 4), ("gpt2", 1), ("gpt2", 2), ("gpt2", 4), ("llama", 2), ("llama", 4)]
+CASES = [("mlp", 1), ("mlp", 2), ("mlp", 4), ("gpt2", 2), ("gpt2", 4), ("llama", 2), ("llama", 4)]
 
 
 def _matrix(kind, stages, gas):
@@ -56,8 +58,9 @@ def _compare(results, ref, ga, what):
 @pytest.mark.parametrize("kind,dp", CASES, ids=[f"{k}-dp{d}" for k, d in CASES])
 def test_engine_equals_plain_pytorch_loop(kind, dp):
     refs = {ga: run_distributed(reference, 1, kind, STEPS, dp * ga, timeout=60)[0] for ga in GAS}
-    results = run_distributed(_matrix, dp, kind, STAGES, GAS, timeout=240)
-    for stage in STAGES:
+    stages = [s for s in STAGES if s in (0, 2)] if kind != "mlp" and dp == 4 else STAGES
+    results = run_distributed(_matrix, dp, kind, stages, GAS, timeout=240)
+    for stage in stages:
         for ga in GAS:
             _compare([r[(stage, ga)] for r in results], refs[ga], ga, f"{kind} dp{dp} zero{stage} ga{ga}")
 
@@ -67,7 +70,7 @@ def _precision(stage, precision):
     extra = (
         {"fp16": {"enabled": True, "initial_scale_power": 8}} if precision == "fp16" else {"bf16": {"enabled": True}}
     )
-    return train_engine("mlp", ds_config(2, 2, stage, optimizer=SGD, **extra), STEPS)
+    return train_engine("mlp", ds_config(2, 2, stage, optimizer=SGD, **extra), PRECISION_STEPS)
 
 
 @pytest.mark.parametrize("precision,tol", [("fp16", 5e-3), ("bf16", 2e-2)])
@@ -78,7 +81,7 @@ def test_mixed_precision_close_to_fp32(precision, tol):
     lr-sized step of either sign, so its error does not shrink with the precision. The tolerances are
     a few units of each format's rounding (fp16 2^-11, bf16 2^-8) on weights of the size trained here.
     """
-    (ref,) = run_distributed(reference, 1, "mlp", STEPS, 4, CLIP, SGD, timeout=60)
+    (ref,) = run_distributed(reference, 1, "mlp", PRECISION_STEPS, 4, CLIP, SGD, timeout=60)
     for stage in (0, 2):
         results = run_distributed(_precision, 2, stage, precision, timeout=120)
         for rank, res in enumerate(results):

@@ -42,7 +42,6 @@ class Engine(torch.nn.Module):
 
     def __init__(
         self,
-        model: torch.nn.Module,
         ddp: DistributedDataParallel,
         optimizer: MegatronOptimizer,
         lr_scheduler: Any,

@@ -162,6 +162,6 @@ def initialize(
     ddp = DistributedDataParallel(ddp_config_from(engine_config), model, parallel_state)
     megatron_optimizer = get_megatron_optimizer(opt_config, [ddp], parallel_state)
     scheduler = _scheduler(lr_scheduler, engine_config, megatron_optimizer)
-    engine = Engine(model, ddp, megatron_optimizer, scheduler, engine_config, parallel_state, hf_config)
+    engine = Engine(ddp, megatron_optimizer, scheduler, engine_config, parallel_state, hf_config)
     loader = _dataloader(training_data, collate_fn, engine_config, parallel_state)
     return engine, megatron_optimizer, loader, scheduler
