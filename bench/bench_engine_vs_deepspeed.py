@@ -14,6 +14,9 @@ torch and transformers through a .pth file, so pip only adds DeepSpeed and its s
         > /tmp/ds-bench-venv/lib/python3.11/site-packages/work_venv.pth
     DS_BUILD_OPS=0 /tmp/ds-bench-venv/bin/pip install deepspeed==0.19.8
 
+The first DeepSpeed run compiles its CPU communication op (a minute or more on a busy machine) into
+``/tmp/ds-bench-venv/torch_extensions``.
+
 Run: ``python bench/bench_engine_vs_deepspeed.py [--stages 0 1 2 3] [--steps 10] [--rounds 2]``.
 Without that venv (``--ds-python``) the DeepSpeed column says how to make it and ours still runs.
 A stage our library does not implement yet (3) is reported as such.
@@ -111,6 +114,10 @@ def worker(impl: str, stage: int, steps: int, warmup: int) -> None:
 
 def launch(python: str, impl: str, stage: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"}
+    if impl == "deepspeed":
+        # DeepSpeed JIT-builds its CPU shared-memory op on first use; keep the build in its own venv,
+        # not in the user's shared ~/.cache/torch_extensions (a build killed there leaves a lock behind).
+        env["TORCH_EXTENSIONS_DIR"] = os.path.join(os.path.dirname(os.path.dirname(python)), "torch_extensions")
     cmd = [
         python,
         "-m",
