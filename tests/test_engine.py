@@ -57,7 +57,7 @@ def _compare(results, ref, ga, what):
 
 @pytest.mark.parametrize("kind,dp", CASES, ids=[f"{k}-dp{d}" for k, d in CASES])
 def test_engine_equals_plain_pytorch_loop(kind, dp):
-    refs = {ga: run_distributed(reference, 1, kind, STEPS, dp * ga, timeout=60)[0] for ga in GAS}
+    refs = {ga: run_distributed(reference, 1, kind, STEPS, dp * ga, timeout=120)[0] for ga in GAS}
     stages = [s for s in STAGES if s in (0, 2)] if kind != "mlp" and dp == 4 else STAGES
     results = run_distributed(_matrix, dp, kind, stages, GAS, timeout=240)
     for stage in stages:
@@ -81,7 +81,7 @@ def test_mixed_precision_close_to_fp32(precision, tol):
     lr-sized step of either sign, so its error does not shrink with the precision. The tolerances are
     a few units of each format's rounding (fp16 2^-11, bf16 2^-8) on weights of the size trained here.
     """
-    (ref,) = run_distributed(reference, 1, "mlp", PRECISION_STEPS, 4, CLIP, SGD, timeout=60)
+    (ref,) = run_distributed(reference, 1, "mlp", PRECISION_STEPS, 4, CLIP, SGD, timeout=120)
     for stage in (0, 2):
         results = run_distributed(_precision, 2, stage, precision, timeout=120)
         for rank, res in enumerate(results):
@@ -113,7 +113,7 @@ def _overflow(stage):
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_fp16_overflow_skips_the_step_on_every_rank(stage):
-    results = run_distributed(_overflow, 2, stage, timeout=60)
+    results = run_distributed(_overflow, 2, stage, timeout=120)
     for rank, (history, global_steps) in enumerate(results):
         assert [h[0] for h in history] == [True, False, True], f"rank {rank}: which steps updated"
         assert [h[1] for h in history] == [256.0, 128.0, 128.0], f"rank {rank}: loss scale backs off once"

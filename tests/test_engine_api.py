@@ -29,7 +29,7 @@ def _lrs(scheduler, steps):
         engine.parallel_state.destroy()
         return lrs
 
-    return run_distributed(run, 1, timeout=60)[0]
+    return run_distributed(run, 1, timeout=120)[0]
 
 
 def test_warmup_schedules_follow_deepspeed_formulas():
@@ -99,7 +99,7 @@ def _client_objects():
 
 
 def test_client_optimizer_scheduler_and_dataloader():
-    results = run_distributed(_client_objects, 2, timeout=60)
+    results = run_distributed(_client_objects, 2, timeout=120)
     seen = sorted(x for batches, _ in results for batch in batches for x in batch)
     assert seen == [float(i) for i in range(16)], "the two DP ranks must split the dataset"
     for batches, info in results:
@@ -135,7 +135,7 @@ def _init_error(kind):
 )
 def test_initialize_errors(kind, message):
     with pytest.raises(Exception) as info:
-        run_distributed(_init_error, 1, kind, timeout=60)
+        run_distributed(_init_error, 1, kind, timeout=120)
     assert message in str(info.value) and "ConfigError" in str(info.value)
 
 
@@ -167,7 +167,7 @@ def _monitored(directory):
 
 
 def test_csv_monitor_writes_deepspeed_tags(tmp_path):
-    run_distributed(_monitored, 1, str(tmp_path), timeout=60)
+    run_distributed(_monitored, 1, str(tmp_path), timeout=120)
     lines = (tmp_path / "run" / "Train_Samples_train_loss.csv").read_text().splitlines()
     assert lines[0] == "step,train_loss" and [line.split(",")[0] for line in lines[1:]] == [
         "4",

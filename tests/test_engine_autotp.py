@@ -34,7 +34,7 @@ def _train(directory, kind, stages):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_autotp_equals_plain_pytorch_loop(tmp_path, kind):
     stages = (0, 2)
-    (ref,) = run_distributed(reference, 1, kind, STEPS, 2 * GA, timeout=60)
+    (ref,) = run_distributed(reference, 1, kind, STEPS, 2 * GA, timeout=120)
     results = run_distributed(_train, 4, str(tmp_path), kind, stages, timeout=240)
     for stage in stages:
         for rank, res in enumerate(results):
@@ -58,8 +58,8 @@ def _mlp_autotp():
 
 def test_autotp_errors():
     with pytest.raises(RankError, match="autotp_size 3 does not divide the 4 ranks"):
-        run_distributed(_bad_size, 4, timeout=60)
+        run_distributed(_bad_size, 4, timeout=120)
     with pytest.raises(
         RankError, match="supports Hugging Face causal LMs of type gpt2, llama; this model is Sequential"
     ):
-        run_distributed(_mlp_autotp, 2, timeout=60)
+        run_distributed(_mlp_autotp, 2, timeout=120)

@@ -84,8 +84,8 @@ def _continue_at_dp4(directory):
 
 
 def test_load_at_another_dp_size(tmp_path):
-    (ref,) = run_distributed(reference, 1, "mlp", 4, 4, timeout=60)
-    run_distributed(_save_at_dp2, 2, str(tmp_path), timeout=60)
+    (ref,) = run_distributed(reference, 1, "mlp", 4, 4, timeout=120)
+    run_distributed(_save_at_dp2, 2, str(tmp_path), timeout=120)
     for rank, (client, state) in enumerate(run_distributed(_continue_at_dp4, 4, str(tmp_path), timeout=90)):
         assert client == {}
         for name, value in ref["state"].items():
