@@ -44,6 +44,11 @@ class AutoTPRowLinear(RowParallelLinear):
         return super().forward(x)[0]
 
 
+def _mark_transposed(param: torch.Tensor, transposed: bool) -> None:
+    """Record that HF stores this weight as [in, out] (GPT-2's Conv1D), for consolidation."""
+    vars(param)["autotp_transpose"] = transposed
+
+
 def _linear_weight(module: Any) -> tuple[torch.Tensor, bool]:
     """The [out, in] weight of an ``nn.Linear`` or HF ``Conv1D`` (transposed: True for Conv1D)."""
     if isinstance(module, torch.nn.Linear):
@@ -68,7 +73,7 @@ def _column(
     )
     tp, rank = parallel_state.tp_size, parallel_state.tp_rank
     layer.weight.copy_(shard_of_master(weight.float(), 0, stride, rank, tp))
-    layer.weight.autotp_transpose = transposed  # read by consolidation
+    _mark_transposed(layer.weight, transposed)
     if bias is not None:
         layer.bias.copy_(shard_of_master(bias.detach().float(), 0, stride, rank, tp))
     return layer
@@ -83,7 +88,7 @@ def _row(module: Any, parallel_state: ParallelState) -> AutoTPRowLinear:
         in_features, out_features, bias=bias is not None, input_is_parallel=True, parallel_state=parallel_state
     )
     layer.weight.copy_(shard_of_master(weight.float(), 1, 1, parallel_state.tp_rank, parallel_state.tp_size))
-    layer.weight.autotp_transpose = transposed  # read by consolidation
+    _mark_transposed(layer.weight, transposed)
     if bias is not None:
         layer.bias.copy_(bias.detach().float())
     return layer
