@@ -236,9 +236,9 @@ ERRORS = {
         "allgather_bucket_size differs from reduce_bucket_size",
     ),
     "contiguous-off": (_with(zero_optimization={"contiguous_gradients": False}), "contiguous_gradients = false"),
-    "offload-optimizer-cpu": (
-        _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
-        "offload_optimizer.device = 'cpu' is not implemented",
+    "offload-param-nvme": (
+        _with(zero_optimization={"stage": 2, "offload_param": {"device": "nvme", "nvme_path": "/x"}}),
+        "offload_param.device = 'nvme' is not implemented",
     ),
 }
 
@@ -267,6 +267,19 @@ def test_stage3_maps_or_says_not_implemented():
             library_configs_from(config)
     else:
         assert library_configs_from(config).ddp.zero_stage == 3
+
+
+def test_offload_optimizer_maps_or_says_not_implemented():
+    import dataclasses
+
+    from megatron_core.optimizer import OptimizerConfig
+
+    config = load_config(_with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), dp_size=2)
+    if "optimizer_cpu_offload" in {f.name for f in dataclasses.fields(OptimizerConfig)}:
+        assert library_configs_from(config).optimizer.optimizer_cpu_offload
+    else:
+        with pytest.raises(ConfigError, match="offload_optimizer.device = 'cpu' is not implemented by this library"):
+            library_configs_from(config)
 
 
 def test_file_errors(tmp_path):

@@ -27,7 +27,7 @@ import dataclasses
 from typing import Any
 
 from megatron_core.distributed import DistributedDataParallelConfig
-from megatron_core.engine.config import EngineConfig, load_config
+from megatron_core.engine.config import EngineConfig, ZeroSection, load_config
 from megatron_core.errors import ConfigError
 from megatron_core.optimizer import OptimizerConfig
 
@@ -55,12 +55,11 @@ def _check_unimplemented(config: EngineConfig) -> None:
                 "DeepSpeed config: zero_optimization.stage 3 (sharded parameters) is not implemented "
                 "by this library yet; use stage 0, 1 or 2"
             ) from None
-    for name in ("offload_optimizer", "offload_param"):
-        if getattr(zero, name).device != "none":
-            raise ConfigError(
-                f"DeepSpeed config: zero_optimization.{name}.device = "
-                f"{getattr(zero, name).device!r} is not implemented by this library yet; use 'none'"
-            )
+    if zero.offload_param.device == "nvme":
+        raise ConfigError(
+            "DeepSpeed config: zero_optimization.offload_param.device = 'nvme' is not implemented "
+            "(parameters offload to 'cpu' only)"
+        )
     if not zero.contiguous_gradients:
         raise ConfigError(
             "DeepSpeed config: zero_optimization.contiguous_gradients = false is not implemented: "
@@ -73,16 +72,61 @@ def _check_unimplemented(config: EngineConfig) -> None:
         )
 
 
+def _library_fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _needs(cls: type, field: str, key: str) -> None:
+    """Raise the one-line 'not implemented' error when the library's config lacks ``field``."""
+    if field not in _library_fields(cls):
+        raise ConfigError(
+            f"DeepSpeed config: {key} is not implemented by this library yet ({cls.__name__} has no "
+            f"{field!r}); remove it"
+        )
+
+
 def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
-    """The DDP wrapper's options for the config's ZeRO section and precision."""
+    """The DDP wrapper's options for the config's ZeRO section and precision (ZeRO-3 and offload when present)."""
     _check_unimplemented(config)
     zero = config.zero_optimization
-    return DistributedDataParallelConfig(
-        zero_stage=zero.stage,
-        grad_reduce_in_fp32=config.bf16_enabled,
-        overlap_grad_reduce=zero.overlap_comm,
-        bucket_size=zero.reduce_bucket_size,
-    )
+    extra: dict[str, Any] = {}
+    if zero.stage == 3:
+        for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+            _needs(DistributedDataParallelConfig, key, f"zero_optimization.{key}")
+            extra[key] = getattr(zero, key)
+        defaults = ZeroSection()
+        for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
+            if getattr(zero, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"DeepSpeed config: zero_optimization.{key} is not implemented (the library "
+                    f"gathers by prefetch buckets); remove it"
+                )
+    if zero.offload_param.device == "cpu":
+        _needs(DistributedDataParallelConfig, "offload_param", "zero_optimization.offload_param.device = 'cpu'")
+        extra["offload_param"] = True
+    try:
+        return DistributedDataParallelConfig(
+            zero_stage=zero.stage,
+            grad_reduce_in_fp32=config.bf16_enabled,
+            overlap_grad_reduce=zero.overlap_comm,
+            bucket_size=zero.reduce_bucket_size,
+            **extra,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"DeepSpeed config: {exc}") from None
+
+
+def _offload_optimizer_fields(config: EngineConfig) -> dict[str, Any]:
+    """``offload_optimizer`` -> OptimizerConfig's offload fields (DeepSpeed's cpu / nvme devices)."""
+    offload = config.zero_optimization.offload_optimizer
+    key = f"zero_optimization.offload_optimizer.device = {offload.device!r}"
+    if offload.device == "cpu":
+        _needs(OptimizerConfig, "optimizer_cpu_offload", key)
+        return {"optimizer_cpu_offload": True}
+    if offload.device == "nvme":
+        _needs(OptimizerConfig, "nvme_offload_path", key)
+        return {"nvme_offload_path": offload.nvme_path, "nvme_offload_buffer_count": offload.buffer_count}
+    return {}
 
 
 def optimizer_config_from(config: EngineConfig, default_lr: float | None = None) -> OptimizerConfig:
@@ -104,6 +148,7 @@ def optimizer_config_from(config: EngineConfig, default_lr: float | None = None)
             f"DeepSpeed config: fp16.initial_scale_power {fp16.initial_scale_power} gives a scale below "
             f"fp16.min_loss_scale {fp16.min_loss_scale}"
         )
+    values.update(_offload_optimizer_fields(config))
     if opt is None:
         values.update(optimizer="adam", lr=default_lr if default_lr is not None else 1e-3, weight_decay=0.0)
     elif opt.type == "sgd":
