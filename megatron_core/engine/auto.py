@@ -1,0 +1,109 @@
+"""Resolve ``"auto"`` values of a DeepSpeed config as Hugging Face's integration does.
+
+Source: ``transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig`` (``trainer_config_process``
+and ``trainer_config_finalize``). Values come from ``args`` (a ``TrainingArguments``, an argparse
+namespace or a dict with the same attribute names) and from the model's ``config.hidden_size``:
+
+================================================  ===============================================
+key                                               source
+================================================  ===============================================
+train_micro_batch_size_per_gpu                    args.per_device_train_batch_size
+gradient_accumulation_steps                       args.gradient_accumulation_steps
+train_batch_size                                  solved from the other two and the DP size
+gradient_clipping                                 args.max_grad_norm
+optimizer.params.lr / betas / eps / weight_decay  args.learning_rate / (adam_beta1, adam_beta2) /
+                                                  adam_epsilon / weight_decay
+scheduler.params.warmup_min_lr                    0
+scheduler.params.warmup_max_lr                    args.learning_rate
+scheduler.params.warmup_num_steps                 args.warmup_steps
+scheduler.params.total_num_steps                  args.max_steps
+fp16.enabled / bf16.enabled                       args.fp16 / args.bf16
+zero_optimization.reduce_bucket_size              hidden_size ** 2
+zero_optimization.stage3_prefetch_bucket_size     int(0.9 * hidden_size ** 2)
+zero_optimization.stage3_param_persistence_thr.   10 * hidden_size
+================================================  ===============================================
+
+A value that cannot be resolved stays ``"auto"`` and :func:`~.config.parse_config` names it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_MISSING = object()
+
+
+def _arg(args: Any, name: str) -> Any:
+    if args is None:
+        return _MISSING
+    if isinstance(args, dict):
+        return args.get(name, _MISSING)
+    value = getattr(args, name, _MISSING)
+    return _MISSING if value is None else value
+
+
+def _hidden_size(model: Any) -> Any:
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    sizes = getattr(config, "hidden_sizes", None)
+    if hidden is None and sizes:
+        hidden = max(sizes)
+    return _MISSING if hidden is None else int(hidden)
+
+
+def _set(section: dict | None, key: str, value: Any) -> None:
+    if isinstance(section, dict) and section.get(key) == "auto" and value is not _MISSING:
+        section[key] = value
+
+
+def _section(raw: dict, key: str) -> dict:
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _sources(model: Any, args: Any) -> dict[str, Any]:
+    hidden = _hidden_size(model)
+    beta1, beta2 = _arg(args, "adam_beta1"), _arg(args, "adam_beta2")
+    return {
+        "micro": _arg(args, "per_device_train_batch_size"),
+        "gas": _arg(args, "gradient_accumulation_steps"),
+        "clip": _arg(args, "max_grad_norm"),
+        "lr": _arg(args, "learning_rate"),
+        "betas": _MISSING if _MISSING in (beta1, beta2) else [beta1, beta2],
+        "eps": _arg(args, "adam_epsilon"),
+        "wd": _arg(args, "weight_decay"),
+        "warmup": _arg(args, "warmup_steps"),
+        "total": _arg(args, "max_steps"),
+        "fp16": _arg(args, "fp16"),
+        "bf16": _arg(args, "bf16"),
+        "bucket": _MISSING if hidden is _MISSING else hidden * hidden,
+        "prefetch": _MISSING if hidden is _MISSING else int(0.9 * hidden * hidden),
+        "persistence": _MISSING if hidden is _MISSING else 10 * hidden,
+    }
+
+
+def resolve_auto(raw: dict, model: Any = None, args: Any = None) -> dict:
+    """Replace the ``"auto"`` values of ``raw`` (in place, and returned) that ``model``/``args`` determine."""
+    src = _sources(model, args)
+    _set(raw, "train_micro_batch_size_per_gpu", src["micro"])
+    _set(raw, "gradient_accumulation_steps", src["gas"])
+    if raw.get("train_batch_size") == "auto" and raw.get("train_micro_batch_size_per_gpu") != "auto":
+        raw["train_batch_size"] = None  # solved from the other two and the DP size
+    _set(raw, "gradient_clipping", src["clip"])
+    opt = _section(raw, "optimizer").get("params")
+    for key, name in (("lr", "lr"), ("betas", "betas"), ("eps", "eps"), ("weight_decay", "wd")):
+        _set(opt, key, src[name])
+    sched = _section(raw, "scheduler").get("params")
+    _set(sched, "warmup_min_lr", 0.0)
+    for key, name in (("warmup_max_lr", "lr"), ("warmup_num_steps", "warmup"), ("total_num_steps", "total")):
+        _set(sched, key, src[name])
+    _set(raw.get("fp16"), "enabled", src["fp16"])
+    _set(raw.get("bf16"), "enabled", src["bf16"])
+    zero = raw.get("zero_optimization")
+    for key, name in (
+        ("reduce_bucket_size", "bucket"),
+        ("stage3_prefetch_bucket_size", "prefetch"),
+        ("stage3_param_persistence_threshold", "persistence"),
+    ):
+        _set(zero, key, src[name])
+    return raw

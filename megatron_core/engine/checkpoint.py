@@ -1,0 +1,256 @@
+"""Engine checkpoints: DeepSpeed's folder layout, with optimizer state that any DP size can load.
+
+``save_dir/latest`` holds the tag; ``save_dir/<tag>/`` holds (DeepSpeed's file names):
+
+- ``mp_rank_{tp:02d}_model_states.pt`` (DP rank 0 of each TP rank): ``module`` (the model's state dict in
+  its training dtype), the counters, ``lr_scheduler``, ``client_state``, the loss scaler, the layout
+  (``dp_size``, ``tp_size``, ``zero_stage``) and ``param_meta`` (per parameter name: full shape, TP split
+  dim / stride / transpose for consolidation, and the state-dict keys tied to it);
+- ``zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt``: this rank's *fragments*: for each parameter
+  piece it owns, ``(name, start, end)`` in the flattened parameter, its fp32 main values and optimizer
+  state (``exp_avg``, ``exp_avg_sq`` / ``momentum_buffer``) and the scalar ``step``. Under ZeRO-1/2 every
+  DP rank writes its shard; without ZeRO DP rank 0 writes whole parameters.
+
+Because fragments are addressed by parameter name and element range, not by bucket layout, a run
+with another DP size (or ZeRO stage, or bucket size) rebuilds each parameter and takes its own
+pieces. Files are written to a temporary name and renamed; ``latest`` is written by rank 0 after
+every rank has finished, so it only ever names a complete checkpoint. Everything is read back with
+``torch.load(weights_only=True)``: ``client_state`` must hold tensors and plain Python values.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_core.errors import ConfigError
+
+LATEST = "latest"
+FORMAT_VERSION = 1
+
+
+def model_file(folder: str, tp_rank: int) -> str:
+    """The model-states file of TP rank ``tp_rank`` in a tag folder."""
+    return os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
+
+
+def optim_file(folder: str, dp_rank: int, tp_rank: int) -> str:
+    """The optimizer-fragment file of one (DP rank, TP rank)."""
+    return os.path.join(folder, f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt")
+
+
+def _dp_rank_of(path: str) -> int:
+    match = re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path))
+    return int(match.group(1)) if match else -1
+
+
+def optim_files(folder: str, tp_rank: int) -> list[str]:
+    """Every DP rank's fragment file of TP rank ``tp_rank``, in DP order."""
+    pattern = os.path.join(folder, f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
+    return sorted(glob.glob(pattern), key=_dp_rank_of)
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _cpu(value: Any) -> Any:
+    return value.detach().cpu().clone() if torch.is_tensor(value) else value
+
+
+# ---- what the optimizer holds, by parameter name ----------------------------------------------
+def _pieces(engine: Any) -> list[tuple[str, int, int, torch.nn.Parameter]]:
+    """``(name, start, end, main)`` for every fp32 main parameter (piece) this rank's optimizer updates."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "sharded"):
+        return [
+            (names[id(piece.param)], piece.param_start, piece.param_end, main)
+            for sb in optimizer.sharded
+            for piece, main in zip(sb.pieces, sb.mains, strict=True)
+        ]
+    return [(names[id(model)], 0, model.numel(), main) for main, model in optimizer.pairs]
+
+
+def param_meta(module: torch.nn.Module) -> dict[str, dict]:
+    """Per parameter name: its full shape, how TP splits it and the state-dict keys that alias it (tied weights)."""
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    aliases: dict[str, list[str]] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in by_id and by_id[id(tensor)] != key:
+            aliases.setdefault(by_id[id(tensor)], []).append(key)
+    meta = {}
+    for name, p in module.named_parameters():
+        tp_dim = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1
+        meta[name] = {
+            "local_shape": list(p.shape),
+            "tp_dim": tp_dim,
+            "stride": getattr(p, "partition_stride", 1),
+            "hf_transpose": bool(getattr(p, "autotp_transpose", False)),
+            "aliases": aliases.get(name, []),
+        }
+    return meta
+
+
+def _fragments(engine: Any) -> dict:
+    inner = engine.optimizer.inner
+    frags, scalars = [], {}
+    for name, start, end, main in _pieces(engine):
+        state = {}
+        for key, value in inner.state.get(main, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                state[key] = _cpu(value.reshape(-1))
+            elif value is not None:
+                scalars[key] = _cpu(torch.as_tensor(value))
+        frags.append(
+            {"name": name, "start": start, "end": end, "fp32": _cpu(main.detach().reshape(-1)), "state": state}
+        )
+    return {"fragments": frags, "scalars": scalars}
+
+
+# ---- save -------------------------------------------------------------------------------------
+def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool) -> str:
+    """``Engine.save_checkpoint`` (see the module docstring for the layout)."""
+    ps = engine.parallel_state
+    tag = tag if tag is not None else f"global_step{engine.global_steps}"
+    if not isinstance(tag, str) or not tag or os.sep in tag:
+        raise ConfigError(f"save_checkpoint: tag must be a non-empty folder name, got {tag!r}")
+    folder = os.path.join(save_dir, tag)
+    os.makedirs(folder, exist_ok=True)
+    sharded = hasattr(engine.optimizer, "sharded")
+    if ps.dp_rank == 0:
+        scaler = engine.optimizer.grad_scaler
+        scheduler = engine.lr_scheduler
+        _atomic_save(
+            {
+                "format_version": FORMAT_VERSION,
+                "module": {k: _cpu(v) for k, v in engine.module.state_dict().items()},
+                "param_meta": param_meta(engine.module),
+                "global_steps": engine.global_steps,
+                "global_samples": engine.global_samples,
+                "micro_steps": engine.micro_steps,
+                "skipped_steps": engine.skipped_steps,
+                "lr_scheduler": scheduler.state_dict()
+                if scheduler is not None and hasattr(scheduler, "state_dict")
+                else None,
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
+                "client_state": client_state,
+                "dp_size": ps.dp_size,
+                "tp_size": ps.tp_size,
+                "zero_stage": engine.ddp.ddp_config.zero_stage,
+                "hf_config": json.dumps(engine.hf_config) if engine.hf_config is not None else None,
+            },
+            model_file(folder, ps.tp_rank),
+        )
+    if sharded or ps.dp_rank == 0:
+        _atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
+    if dist.is_initialized():
+        dist.barrier()
+    if save_latest and ps.rank == 0:
+        tmp = os.path.join(save_dir, f".{LATEST}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(tag)
+        os.replace(tmp, os.path.join(save_dir, LATEST))
+    if dist.is_initialized():
+        dist.barrier()
+    return folder
+
+
+# ---- load -------------------------------------------------------------------------------------
+def read_latest(load_dir: str) -> str | None:
+    """The tag in ``load_dir/latest``, or None when there is none."""
+    path = os.path.join(load_dir, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def full_fragments(paths: list[str], meta: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
+    """Each parameter's flat fp32 values and optimizer state rebuilt from every DP rank's fragments.
+
+    Raises ConfigError when some element of a parameter is in no file (a missing rank's file).
+    """
+    values: dict[str, torch.Tensor] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    covered: dict[str, int] = {}
+    scalars: dict = {}
+    for path in paths:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+        scalars.update(data["scalars"])
+        for frag in data["fragments"]:
+            name, start, end = frag["name"], frag["start"], frag["end"]
+            numel = int(torch.Size(meta[name]["local_shape"]).numel())
+            if name not in values:
+                values[name] = torch.zeros(numel, dtype=torch.float32)
+                covered[name] = 0
+            values[name][start:end] = frag["fp32"]
+            covered[name] += end - start
+            for key, tensor in frag["state"].items():
+                states.setdefault(name, {}).setdefault(key, torch.zeros(numel, dtype=tensor.dtype))[start:end] = tensor
+    for name, info in meta.items():
+        if covered.get(name, 0) != int(torch.Size(info["local_shape"]).numel()):
+            raise ConfigError(
+                f"checkpoint {os.path.dirname(paths[0]) if paths else '?'}: parameter {name!r} is not fully "
+                f"covered by the optimizer files found ({len(paths)}); is a rank's file missing?"
+            )
+    return values, states, scalars
+
+
+@torch.no_grad()
+def _load_optimizer(engine: Any, folder: str, meta: dict) -> None:
+    values, states, scalars = full_fragments(optim_files(folder, engine.parallel_state.tp_rank), meta)
+    inner = engine.optimizer.inner
+    for name, start, end, main in _pieces(engine):
+        main.copy_(values[name][start:end].view_as(main))
+        entry = {key: flat[start:end].clone().view_as(main) for key, flat in states.get(name, {}).items()}
+        entry.update({key: value.clone() for key, value in scalars.items()})
+        if entry:
+            inner.state[main] = entry
+    engine.optimizer._copy_main_to_model()
+
+
+def load(
+    engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool
+) -> tuple[str | None, dict]:
+    """``Engine.load_checkpoint``: model, optimizer fragments (any DP size), scheduler, counters."""
+    ps = engine.parallel_state
+    if tag is None:
+        tag = read_latest(load_dir)
+        if tag is None:
+            return None, {}
+    folder = os.path.join(load_dir, tag)
+    path = model_file(folder, ps.tp_rank)
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"load_checkpoint: {path} does not exist (tag {tag!r} in {load_dir!r}; saved with another AutoTP size?)"
+        )
+    saved = torch.load(path, weights_only=True, map_location="cpu")
+    if saved["tp_size"] != ps.tp_size:
+        raise ConfigError(
+            f"load_checkpoint: the checkpoint has tensor_parallel.autotp_size {saved['tp_size']}, this run "
+            f"{ps.tp_size}: use the same AutoTP size (consolidate it to change the layout)"
+        )
+    engine.module.load_state_dict(saved["module"], strict=True)
+    if load_optimizer:
+        _load_optimizer(engine, folder, saved["param_meta"])
+        if engine.optimizer.grad_scaler is not None and saved["grad_scaler"] is not None:
+            engine.optimizer.grad_scaler.load_state_dict(saved["grad_scaler"])
+        for group, values in zip(engine.optimizer.param_groups, saved["param_groups"], strict=True):
+            group.update(values)
+    else:
+        engine.optimizer.reload_model_params()
+    if load_scheduler and engine.lr_scheduler is not None and saved["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    for name in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
+        setattr(engine, name, saved[name])
+    return folder, saved["client_state"]

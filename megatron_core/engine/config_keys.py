@@ -1,0 +1,156 @@
+"""The DeepSpeed JSON keys the engine knows, and the typed checks shared by the config sections.
+
+Three kinds of key (DeepSpeed's names, https://www.deepspeed.ai/docs/config-json/):
+
+- implemented: parsed into a field of :mod:`megatron_core.engine.config`'s dataclasses;
+- known but not implemented here: accepted only with DeepSpeed's default value (the feature off),
+  any other value is a :class:`ConfigError` saying the framework does not implement it;
+- unknown: a :class:`ConfigError` naming the key and the closest known one (a typo is never ignored).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from megatron_core.errors import ConfigError
+
+# Known DeepSpeed keys this framework does not implement, with the value that means "off"
+# (DeepSpeed's default). Top level, then per section.
+NOT_IMPLEMENTED_TOP: dict[str, Any] = {
+    "prescale_gradients": False,
+    "gradient_predivide_factor": 1.0,
+    "sparse_gradients": False,
+    "amp": {"enabled": False},
+    "flops_profiler": {"enabled": False},
+    "comms_logger": {"enabled": False},
+    "wandb": {"enabled": False},
+    "comet": {"enabled": False},
+    "elasticity": {"enabled": False},
+    "memory_breakdown": False,
+    "dump_state": False,
+    "communication_data_type": None,
+    "seq_parallel_communication_data_type": "fp32",
+    "disable_allgather": False,
+    "zero_allow_untested_optimizer": False,
+    "zero_force_ds_cpu_optimizer": True,
+    "compile": {"enabled": False},
+    "pipeline": {},
+    "data_types": {},
+    "checkpoint": {},
+    "aio": {},
+    "autotuning": {"enabled": False},
+    "curriculum_learning": {"enabled": False},
+    "data_efficiency": {"enabled": False},
+    "sparse_attention": None,
+    "progressive_layer_drop": {"enabled": False},
+    "eigenvalue": {"enabled": False},
+    "compression_training": {},
+    "nebula": {"enabled": False},
+    "hybrid_engine": {"enabled": False},
+    "graph_harvesting": False,
+    "timers": {},
+}
+NOT_IMPLEMENTED_ZERO: dict[str, Any] = {
+    "reduce_scatter": True,
+    "allgather_partitions": True,
+    "load_from_fp32_weights": True,
+    "round_robin_gradients": False,
+    "elastic_checkpoint": False,
+    "sub_group_size": 1_000_000_000,
+    "ignore_unused_parameters": True,
+    "legacy_stage1": False,
+    "zero_hpz_partition_size": 1,
+    "zero_quantized_weights": False,
+    "zero_quantized_gradients": False,
+    "mics_shard_size": -1,
+    "mics_hierarchical_params_gather": False,
+    "cpu_offload": False,
+    "cpu_offload_params": False,
+    "cpu_offload_use_pin_memory": False,
+    "memory_efficient_linear": True,
+    "stage3_module_granularity_threshold": 0,
+}
+NOT_IMPLEMENTED_FP16: dict[str, Any] = {"auto_cast": False, "fp16_master_weights_and_grads": False}
+NOT_IMPLEMENTED_BF16: dict[str, Any] = {"immediate_grad_update": False, "check_grad_overflow": False}
+NOT_IMPLEMENTED_ACTIVATION_CHECKPOINTING: dict[str, Any] = {
+    "partition_activations": False,
+    "cpu_checkpointing": False,
+    "contiguous_memory_optimization": False,
+    "number_checkpoints": None,
+    "synchronize_checkpoint_boundary": False,
+    "profile": False,
+}
+NOT_IMPLEMENTED_TENSOR_PARALLEL: dict[str, Any] = {
+    "tp_grain_size": 1,
+    "tp": {},
+    "dtype": None,
+    "keep_module_on_host": False,
+    "partition_config": None,
+}
+NOT_IMPLEMENTED_OFFLOAD: dict[str, Any] = {
+    "fast_init": False,
+    "ratio": 1.0,
+    "pipeline_read": False,
+    "pipeline_write": False,
+    "buffer_size": 100_000_000,
+    "max_in_cpu": 1_000_000_000,
+}
+
+
+def where(path: str, key: str) -> str:
+    """``section.key`` as the user wrote it in the JSON file."""
+    return f"{path}.{key}" if path else key
+
+
+def check_keys(section: dict, path: str, implemented: set[str], not_implemented: dict[str, Any]) -> None:
+    """Raise for an unknown key (naming the closest known one) or a non-default unimplemented one."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"DeepSpeed config: {path or 'the config'} must be a JSON object, got {section!r}")
+    for key, value in section.items():
+        if key in implemented:
+            continue
+        if key in not_implemented:
+            if value != not_implemented[key] and value != "auto":
+                raise ConfigError(
+                    f"DeepSpeed config: {where(path, key)} = {value!r} is a DeepSpeed option this "
+                    f"framework does not implement; remove it (or set it to {not_implemented[key]!r})"
+                )
+            continue
+        close = difflib.get_close_matches(key, sorted(implemented | set(not_implemented)), n=1, cutoff=0.5)
+        hint = f"; did you mean {where(path, close[0])!r}?" if close else ""
+        raise ConfigError(f"DeepSpeed config: unknown key {where(path, key)!r}{hint}")
+
+
+def typed(section: dict, path: str, key: str, kind: type | tuple, default: Any) -> Any:
+    """``section[key]`` checked against ``kind`` (ints accepted for floats, bools never for numbers)."""
+    if key not in section or section[key] is None:
+        return default
+    value = section[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"DeepSpeed config: {where(path, key)} must be {names}, got {value!r}")
+    return value
+
+
+def number_at_least(section: dict, path: str, key: str, default: Any, low: float, kind: type = int) -> Any:
+    """An int (or float with ``kind=float``) >= ``low``; large ints written as 5e8 in JSON are accepted."""
+    value = section.get(key, default)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    value = typed({key: value}, path, key, kind, default)
+    if value is not None and value < low:
+        raise ConfigError(f"DeepSpeed config: {where(path, key)} must be >= {low}, got {value}")
+    return value
+
+
+def choice(section: dict, path: str, key: str, default: str, options: tuple[str, ...]) -> str:
+    """A string among ``options`` (case-insensitive as DeepSpeed compares them), lower-cased."""
+    value = typed(section, path, key, str, default)
+    if value.lower() not in options:
+        raise ConfigError(f"DeepSpeed config: {where(path, key)} = {value!r}: choose one of {', '.join(options)}")
+    return value.lower()

@@ -1,0 +1,215 @@
+"""The training engine: DeepSpeed's ``engine(...)`` / ``backward`` / ``step`` loop over the library's parts.
+
+One step of a user's loop, ``loss = engine(batch); engine.backward(loss); engine.step()``:
+
+- ``backward`` divides the loss by ``gradient_accumulation_steps`` and multiplies it by the fp16 loss
+  scale (``MegatronOptimizer.scale_loss``); every micro step but the last of a global batch runs under
+  ``DistributedDataParallel.no_sync()`` so gradients only accumulate, and the boundary's backward is
+  followed by ``finalize_model_grads`` (the DP reduction, reduce-scatter under ZeRO-2, and the TP
+  reductions);
+- ``step`` at the boundary runs the library optimizer (unscale, inf/nan agreed over every rank with a
+  skipped step and a backed-off scale, global-norm clipping, update of the fp32 main parameters,
+  ZeRO all-gather), steps the scheduler after a successful update and zeroes the gradient buffers.
+
+Counters follow DeepSpeed: ``micro_steps`` counts ``step()`` calls, ``global_steps`` optimizer
+boundaries (skipped fp16 steps included, counted in ``skipped_steps``), ``global_samples`` their
+samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_core.distributed import DistributedDataParallel, finalize_model_grads
+from megatron_core.engine import checkpoint as ckpt
+from megatron_core.engine.config import EngineConfig
+from megatron_core.engine.monitor import Monitor
+from megatron_core.optimizer import MegatronOptimizer
+from megatron_core.parallel_state import ParallelState
+
+
+class Engine(torch.nn.Module):
+    """A model wrapped for data (and AutoTP tensor) parallel training from a DeepSpeed config.
+
+    Built by :func:`megatron_core.initialize`; ``module`` is the user's model (with AutoTP layers
+    swapped in), ``optimizer`` the library optimizer, ``lr_scheduler`` the config's or the client's.
+    """
+
+    def __init__(
+        self,
+        ddp: DistributedDataParallel,
+        optimizer: MegatronOptimizer,
+        lr_scheduler: Any,
+        config: EngineConfig,
+        parallel_state: ParallelState,
+        hf_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.config, self.parallel_state = config, parallel_state
+        self.ddp = ddp
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.hf_config = hf_config
+        self.micro_steps = self.global_steps = self.global_samples = self.skipped_steps = 0
+        self._grad_norm: float | None = None
+        self._losses: list[float] = []
+        self._timings = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+        self.monitor = Monitor(config, parallel_state.rank)
+
+    # ---- the module -------------------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        """The user's model (its parameters live in the DDP wrapper's buffers)."""
+        return self.ddp.module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model's forward (timed for ``wall_clock_breakdown``)."""
+        start = time.perf_counter()
+        out = self.ddp(*args, **kwargs)
+        self._timings["forward"] += time.perf_counter() - start
+        return out
+
+    def train(self, mode: bool = True) -> Engine:
+        """Set the model's training mode; returns the engine."""
+        self.module.train(mode)
+        self.training = mode
+        return self
+
+    def eval(self) -> Engine:
+        """Evaluation mode (``train(False)``)."""
+        return self.train(False)
+
+    # ---- DeepSpeed's counters and accessors ---------------------------------------------------
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Micro batches per optimizer step (the config's)."""
+        return self.config.gradient_accumulation_steps
+
+    @property
+    def train_batch_size(self) -> int:
+        """Samples per optimizer step over all DP ranks."""
+        return self.config.train_batch_size
+
+    @property
+    def train_micro_batch_size_per_gpu(self) -> int:
+        """Samples per micro batch on this rank."""
+        return self.config.train_micro_batch_size_per_gpu
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """Whether the current micro step is the last of its global batch (``(micro_steps + 1) % GA == 0``)."""
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
+
+    def get_lr(self) -> list[float]:
+        """The learning rate of every optimizer param group."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        """The global gradient norm (before clipping) of the last optimizer step; None after a skipped step."""
+        return self._grad_norm
+
+    def get_loss_scale(self) -> float:
+        """The current fp16 loss scale (1 without fp16)."""
+        return self.optimizer.get_loss_scale()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the accumulated gradients (the engine does it after every optimizer step)."""
+        self.optimizer.zero_grad()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+        """Back-propagate ``loss / gradient_accumulation_steps`` (times the fp16 scale); returns the unscaled loss.
+
+        Gradients are reduced over data-parallel ranks only at the accumulation boundary.
+        """
+        if not torch.is_tensor(loss) or loss.dim() != 0:
+            raise ValueError("engine.backward(loss) needs a scalar loss tensor (reduce it with .mean() first)")
+        start = time.perf_counter()
+        self._losses.append(float(loss.detach()))
+        scaled = self.optimizer.scale_loss(loss.float() / self.gradient_accumulation_steps)
+        boundary = self.is_gradient_accumulation_boundary()
+        with contextlib.nullcontext() if boundary else self.ddp.no_sync():
+            scaled.backward(retain_graph=retain_graph)
+        if boundary:
+            finalize_model_grads([self.ddp], parallel_state=self.parallel_state)
+        self._timings["backward"] += time.perf_counter() - start
+        return loss
+
+    def step(self) -> None:
+        """At the accumulation boundary: optimizer step (or an fp16 skip on every rank), scheduler, zero grads."""
+        if self.is_gradient_accumulation_boundary():
+            start = time.perf_counter()
+            ok, norm, _ = self.optimizer.step()
+            self._grad_norm = norm
+            if ok:
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+            else:
+                self.skipped_steps += 1
+            self.optimizer.zero_grad()
+            self.global_steps += 1
+            self.global_samples += self.train_batch_size
+            self._timings["step"] += time.perf_counter() - start
+            self._report()
+        self.micro_steps += 1
+
+    def _report(self) -> None:
+        loss = sum(self._losses) / max(len(self._losses), 1)
+        self._losses.clear()
+        self.monitor.write(
+            self.global_samples, {"train_loss": loss, "lr": self.get_lr()[0], "loss_scale": self.get_loss_scale()}
+        )
+        if self.global_steps % self.config.steps_per_print == 0 and self.parallel_state.rank == 0:
+            print(
+                f"[engine] step={self.global_steps}, skipped={self.skipped_steps}, lr={self.get_lr()}, "
+                f"loss={loss:.6g}, loss_scale={self.get_loss_scale()}",
+                flush=True,
+            )
+            if self.config.wall_clock_breakdown:
+                ms = {k: f"{1000 * v / self.config.steps_per_print:.2f}" for k, v in self._timings.items()}
+                print(
+                    f"[engine] ms per step: forward {ms['forward']} | backward {ms['backward']} | "
+                    f"optimizer {ms['step']}",
+                    flush=True,
+                )
+        if self.global_steps % self.config.steps_per_print == 0:
+            self._timings = dict.fromkeys(self._timings, 0.0)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(
+        self, save_dir: str, tag: str | None = None, client_state: dict | None = None, save_latest: bool = True
+    ) -> str:
+        """Write ``save_dir/tag/`` (default tag ``global_step{N}``) and the ``latest`` file; returns the folder.
+
+        Every rank must call it. Layout: see :mod:`megatron_core.engine.checkpoint`.
+        """
+        return ckpt.save(self, save_dir, tag, client_state or {}, save_latest)
+
+    def load_checkpoint(
+        self,
+        load_dir: str,
+        tag: str | None = None,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+    ) -> tuple[str | None, dict]:
+        """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``.
+
+        The data-parallel size may differ from the saving run's; the AutoTP size must match.
+        ``(None, {})`` when ``load_dir`` has no ``latest`` file, as DeepSpeed.
+        """
+        return ckpt.load(
+            self,
+            load_dir,
+            tag,
+            load_optimizer_states and not load_module_only,
+            load_lr_scheduler_states and not load_module_only,
+        )
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if dist.is_initialized():
+            dist.barrier()

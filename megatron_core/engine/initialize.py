@@ -1,0 +1,167 @@
+"""``megatron_core.initialize``: DeepSpeed's ``deepspeed.initialize`` on the library's parts.
+
+Order of construction (each a short step): process group (torchrun's variables, or one process),
+``ParallelState`` (AutoTP size x DP), config (``"auto"`` resolved, validated, batch triple solved for
+the DP size), AutoTP layer swap, dtype and device, ``DistributedDataParallel`` (ZeRO stage from the
+config), ``get_megatron_optimizer``, scheduler, data loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_core import device as device_mod
+from megatron_core.distributed import DistributedDataParallel
+from megatron_core.engine.client_objects import check_model_parameters, optimizer_config_from_client
+from megatron_core.engine.config import EngineConfig, load_config, read_json
+from megatron_core.engine.engine import Engine
+from megatron_core.engine.library_configs import ddp_config_from, optimizer_config_from
+from megatron_core.engine.lr_schedules import build_scheduler
+from megatron_core.errors import ConfigError
+from megatron_core.optimizer import get_megatron_optimizer
+from megatron_core.parallel_state import ParallelState
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Join torchrun's process group (env://), or make a one-process group; no-op when one exists."""
+    if dist.is_initialized():
+        return
+    backend = device_mod.default_backend()
+    device_mod.set_local_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(minutes=timeout_minutes)
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "gloo" and os.environ["MASTER_ADDR"] in ("localhost", "127.0.0.1"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add DeepSpeed's ``--deepspeed`` and ``--deepspeed_config FILE`` (and ``--local_rank``) to a user's parser."""
+    group = parser.add_argument_group("DeepSpeed-style engine")
+    group.add_argument("--deepspeed", action="store_true", help="train through megatron_core.initialize")
+    group.add_argument(
+        "--deepspeed_config", "--deepspeed-config", default=None, type=str, help="DeepSpeed JSON config file"
+    )
+    if not any("--local_rank" in action.option_strings for action in parser._actions):
+        group.add_argument(
+            "--local_rank",
+            "--local-rank",
+            type=int,
+            default=int(os.environ.get("LOCAL_RANK", 0)),
+            help="set by the launcher; torchrun passes LOCAL_RANK in the environment instead",
+        )
+    return parser
+
+
+def _config_source(config: Any, args: Any) -> Any:
+    if config is not None:
+        if args is not None and getattr(args, "deepspeed_config", None):
+            raise ConfigError(
+                "initialize: give the DeepSpeed config either as config= or as args.deepspeed_config, not both"
+            )
+        return config
+    if args is not None and getattr(args, "deepspeed_config", None):
+        return args.deepspeed_config
+    raise ConfigError("initialize: no DeepSpeed config; pass config=PATH_OR_DICT or args with --deepspeed_config FILE")
+
+
+def _autotp_size(raw: dict) -> int:
+    size = (raw.get("tensor_parallel") or {}).get("autotp_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"DeepSpeed config: tensor_parallel.autotp_size must be a positive integer, got {size!r}")
+    world = dist.get_world_size()
+    if world % size:
+        raise ConfigError(f"DeepSpeed config: tensor_parallel.autotp_size {size} does not divide the {world} ranks")
+    return size
+
+
+def _prepare_model(model: torch.nn.Module, config: EngineConfig, parallel_state: ParallelState) -> torch.nn.Module:
+    if config.autotp_size > 1:
+        from megatron_core.engine.autotp import apply_autotp  # noqa: PLC0415 - needs transformers' model classes
+
+        model = apply_autotp(model, parallel_state)
+    model = model.to(device_mod.current_device())
+    if config.fp16.enabled:
+        model = model.half()
+    elif config.bf16_enabled:
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def _scheduler(lr_scheduler: Any, config: EngineConfig, optimizer: Any) -> Any:
+    if lr_scheduler is not None and config.scheduler is not None:
+        raise ConfigError("initialize: a client lr_scheduler and a 'scheduler' section in the config; give one")
+    if config.scheduler is not None:
+        return build_scheduler(config.scheduler.type, config.scheduler.params, optimizer)
+    if lr_scheduler is not None and callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
+        # DeepSpeed's callable form gets the torch optimizer (its ``basic_optimizer``): torch's schedulers
+        # need one, and its param groups are the ones the library optimizer steps with.
+        return lr_scheduler(optimizer.inner)
+    return lr_scheduler
+
+
+def _dataloader(training_data: Any, collate_fn: Any, config: EngineConfig, parallel_state: ParallelState) -> Any:
+    if training_data is None:
+        return None
+    sampler: torch.utils.data.Sampler = torch.utils.data.DistributedSampler(
+        training_data, num_replicas=parallel_state.dp_size, rank=parallel_state.dp_rank
+    )
+    return torch.utils.data.DataLoader(
+        training_data, batch_size=config.train_micro_batch_size_per_gpu, sampler=sampler, collate_fn=collate_fn
+    )
+
+
+def initialize(
+    model: torch.nn.Module,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    lr_scheduler: Any = None,
+    training_data: Any = None,
+    collate_fn: Any = None,
+    config: Any = None,
+    args: Any = None,
+    config_params: Any = None,
+) -> tuple[Engine, Any, Any, Any]:
+    """Wrap ``model`` for training from a DeepSpeed config; returns ``(engine, optimizer, dataloader, lr_scheduler)``.
+
+    ``config``: a path to a DeepSpeed JSON file or a dict (``config_params`` is DeepSpeed's older name;
+    ``args.deepspeed_config`` is read when neither is given). ``args`` also resolves ``"auto"`` values
+    (Hugging Face ``TrainingArguments`` names). ``optimizer``: None (the config's ``optimizer`` section)
+    or a torch AdamW / Adam without decay / SGD whose settings are used. ``model_parameters`` must be
+    the model's trainable parameters. ``lr_scheduler``: an object with ``step()``, or a callable
+    ``fn(optimizer)``. ``training_data``: a map-style dataset, sharded over DP ranks with a
+    ``DistributedSampler`` and batched by ``train_micro_batch_size_per_gpu``.
+    Raises ConfigError (one line) for every configuration problem.
+    """
+    if config is not None and config_params is not None:
+        raise ConfigError("initialize: give config= or config_params=, not both")
+    init_distributed()
+    raw = read_json(_config_source(config if config is not None else config_params, args))
+    tp = _autotp_size(raw)
+    parallel_state = ParallelState(tensor_model_parallel_size=tp)
+    engine_config = load_config(raw, parallel_state.dp_size, model, args)
+    check_model_parameters(model_parameters, model)
+    opt_config = optimizer_config_from(engine_config)
+    if optimizer is not None:
+        if engine_config.optimizer is not None:
+            raise ConfigError("initialize: a client optimizer and an 'optimizer' section in the config; give one")
+        opt_config = optimizer_config_from_client(optimizer, opt_config, model)
+    elif engine_config.optimizer is None:
+        raise ConfigError("initialize: no optimizer; add an 'optimizer' section to the config or pass optimizer=")
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    hf_config = to_dict() if callable(to_dict) else None  # a transformers model: consolidation writes an HF folder
+    model = _prepare_model(model, engine_config, parallel_state)
+    ddp = DistributedDataParallel(ddp_config_from(engine_config), model, parallel_state)
+    megatron_optimizer = get_megatron_optimizer(opt_config, [ddp], parallel_state)
+    scheduler = _scheduler(lr_scheduler, engine_config, megatron_optimizer)
+    engine = Engine(ddp, megatron_optimizer, scheduler, engine_config, parallel_state, hf_config)
+    loader = _dataloader(training_data, collate_fn, engine_config, parallel_state)
+    return engine, megatron_optimizer, loader, scheduler

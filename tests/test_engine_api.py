@@ -1,0 +1,176 @@
+"""The rest of the engine's DeepSpeed surface: schedules, client optimizer/scheduler, data loader, counters,
+the argparse helper, the CSV monitor and ``initialize``'s one-line errors.
+
+Scheduler values are DeepSpeed's formulas worked out by hand here (``deepspeed/runtime/lr_schedules.py``).
+"""
+
+import argparse
+import math
+import os
+
+import pytest
+import torch
+from engine_common import ds_config, make_model
+from harness import run_distributed
+
+import megatron_core
+from megatron_core.errors import ConfigError
+
+
+def _lrs(scheduler, steps):
+    def run():
+        config = ds_config(1, 1, 0, scheduler=scheduler)
+        engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+        lrs = [engine.get_lr()[0]]
+        for _ in range(steps):
+            engine.backward(engine(torch.ones(2, 8)).sum())
+            engine.step()
+            lrs.append(engine.get_lr()[0])
+        engine.parallel_state.destroy()
+        return lrs
+
+    return run_distributed(run, 1, timeout=120)[0]
+
+
+def test_warmup_schedules_follow_deepspeed_formulas():
+    log4 = math.log(4)
+    lrs = _lrs(
+        {"type": "WarmupLR", "params": {"warmup_min_lr": 0.001, "warmup_max_lr": 0.01, "warmup_num_steps": 4}}, 5
+    )
+    expected = [0.001, 0.001] + [0.001 + 0.009 * math.log(t + 1) / log4 for t in (1, 2)] + [0.01, 0.01]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    lrs = _lrs(
+        {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_max_lr": 0.01, "warmup_num_steps": 2, "total_num_steps": 6, "warmup_type": "linear"},
+        },
+        7,
+    )
+    assert lrs == pytest.approx([0.0, 0.0, 0.005, 0.01, 0.0075, 0.005, 0.0025, 0.0], rel=1e-12, abs=1e-15)
+    lrs = _lrs(
+        {
+            "type": "WarmupCosineLR",
+            "params": {"warmup_num_steps": 2, "total_num_steps": 6, "cos_min_ratio": 0.1, "warmup_type": "linear"},
+        },
+        3,
+    )
+    base = 0.01  # the optimizer section's lr
+    cosine = [base * (0.1 + 0.9 * (1 + math.cos(math.pi * k / 4)) / 2) for k in (1,)]
+    assert lrs == pytest.approx([0.0, 0.0, 0.005, *cosine], rel=1e-12)
+
+
+def _client_objects():
+    model = make_model("mlp")
+    torch_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    seen = []
+
+    def make_scheduler(optimizer):
+        seen.append(optimizer)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+
+    config = ds_config(2, 1, 1)
+    del config["optimizer"]
+    data = [(torch.full((8,), float(i)), torch.zeros(4)) for i in range(16)]
+    engine, optimizer, loader, scheduler = megatron_core.initialize(
+        model,
+        optimizer=torch_opt,
+        model_parameters=model.parameters(),
+        lr_scheduler=make_scheduler,
+        training_data=data,
+        config=config,
+    )
+    batches = [b[0][:, 0].tolist() for b in loader]
+    for x, y in loader:
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+    info = (
+        optimizer.config.optimizer,
+        optimizer.config.lr,
+        optimizer.config.sgd_momentum,
+        seen[0] is optimizer.inner,
+        engine.get_lr()[0],
+        engine.global_steps,
+        engine.global_samples,
+        type(scheduler).__name__,
+    )
+    engine.parallel_state.destroy()
+    return batches, info
+
+
+def test_client_optimizer_scheduler_and_dataloader():
+    results = run_distributed(_client_objects, 2, timeout=120)
+    seen = sorted(x for batches, _ in results for batch in batches for x in batch)
+    assert seen == [float(i) for i in range(16)], "the two DP ranks must split the dataset"
+    for batches, info in results:
+        assert all(len(b) == 2 for b in batches) and len(batches) == 4
+        assert info == ("sgd", 0.05, 0.5, True, pytest.approx(0.05 / 5), 4, 16, "LambdaLR")
+
+
+def _init_error(kind):
+    model = make_model("mlp")
+    config = ds_config(1, 1, 0)
+    if kind == "coupled-adam":
+        del config["optimizer"]
+        megatron_core.initialize(model, optimizer=torch.optim.Adam(model.parameters(), weight_decay=0.1), config=config)
+    elif kind == "both-optimizers":
+        megatron_core.initialize(model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+    elif kind == "partial-parameters":
+        megatron_core.initialize(model, model_parameters=list(model.parameters())[:2], config=config)
+    elif kind == "no-config":
+        megatron_core.initialize(model)
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        (
+            "coupled-adam",
+            "Adam is not implemented; use torch.optim.AdamW or SGD (Adam with weight_decay > 0 is L2-coupled",
+        ),
+        ("both-optimizers", "a client optimizer and an 'optimizer' section in the config; give one"),
+        ("partial-parameters", "covers 2 of the model's 6 trainable parameters"),
+        ("no-config", "no DeepSpeed config; pass config=PATH_OR_DICT"),
+    ],
+)
+def test_initialize_errors(kind, message):
+    with pytest.raises(Exception) as info:
+        run_distributed(_init_error, 1, kind, timeout=120)
+    assert message in str(info.value) and "ConfigError" in str(info.value)
+
+
+def test_add_config_arguments_and_config_from_args(tmp_path):
+    parser = megatron_core.add_config_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--deepspeed", "--deepspeed_config", str(tmp_path / "ds.json")])
+    assert args.deepspeed and args.deepspeed_config.endswith("ds.json") and args.local_rank == 0
+    from megatron_core.engine.initialize import _config_source
+
+    assert _config_source(None, args) == args.deepspeed_config
+    with pytest.raises(ConfigError, match="either as config= or as args.deepspeed_config"):
+        _config_source({"train_batch_size": 1}, args)
+
+
+def _monitored(directory):
+    config = ds_config(
+        1,
+        2,
+        0,
+        csv_monitor={"enabled": True, "output_path": directory, "job_name": "run"},
+        steps_per_print=1,
+        wall_clock_breakdown=True,
+    )
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    for _ in range(4):
+        engine.backward(engine(torch.ones(2, 8)).pow(2).mean())
+        engine.step()
+    engine.parallel_state.destroy()
+
+
+def test_csv_monitor_writes_deepspeed_tags(tmp_path):
+    run_distributed(_monitored, 1, str(tmp_path), timeout=120)
+    lines = (tmp_path / "run" / "Train_Samples_train_loss.csv").read_text().splitlines()
+    assert lines[0] == "step,train_loss" and [line.split(",")[0] for line in lines[1:]] == [
+        "4",
+        "8",
+    ]  # global_samples: 2 x 2 per step
+    assert os.path.exists(tmp_path / "run" / "Train_Samples_lr.csv")

@@ -1,0 +1,137 @@
+"""Engine checkpoints: resume equals the uninterrupted run, loading at another DP size, consolidation.
+
+- save after 2 of 4 steps, load into an engine built from other weights, train 2 more: losses and
+  state dict equal the uninterrupted run bit for bit (same DP size, every ZeRO stage);
+- a DP 2 / ZeRO-2 checkpoint loaded at DP 4 / ZeRO-1 continues like the plain PyTorch loop (fp32, rel 1e-5);
+- consolidation (function and ``tools/zero_to_fp32.py``) equals the model's full state dict exactly, and
+  its Hugging Face folder loads with ``from_pretrained`` to the same weights.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from engine_common import ds_config, make_model, reference, run_steps, state_of
+from equivalence import assert_rel_close
+from harness import run_distributed
+
+import megatron_core
+from megatron_core.engine.consolidate import consolidate_state_dict, save_consolidated
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _other_weights(kind):
+    model = make_model(kind)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    return model
+
+
+def _resume(directory, kind, stage, ga):
+    config = ds_config(
+        2, ga, stage, kind, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_max_lr": 0.01}}
+    )
+    engine, _, _, _ = megatron_core.initialize(make_model(kind), config=config)
+    straight, _ = run_steps(kind, engine, 0, 4)
+    straight_state = state_of(engine)
+    engine.parallel_state.destroy()
+
+    engine, _, _, _ = megatron_core.initialize(make_model(kind), config=config)
+    run_steps(kind, engine, 0, 2)
+    path = engine.save_checkpoint(directory, client_state={"epoch": 7})
+    engine.parallel_state.destroy()
+
+    engine, _, _, _ = megatron_core.initialize(_other_weights(kind), config=config)
+    loaded, client = engine.load_checkpoint(directory)
+    counters = (engine.global_steps, engine.micro_steps, engine.global_samples)
+    resumed, _ = run_steps(kind, engine, 2, 4)
+    resumed_state = state_of(engine)
+    engine.parallel_state.destroy()
+    return straight[2:], resumed, straight_state, resumed_state, (path, loaded, client, counters)
+
+
+@pytest.mark.parametrize("stage,ga", [(0, 1), (1, 2), (2, 2)])
+def test_resume_equals_uninterrupted_run(tmp_path, stage, ga):
+    results = run_distributed(_resume, 2, str(tmp_path), "mlp", stage, ga, timeout=120)
+    for rank, (straight, resumed, straight_state, resumed_state, info) in enumerate(results):
+        path, loaded, client, counters = info
+        assert loaded == path == os.path.join(str(tmp_path), "global_step2") and client == {"epoch": 7}
+        assert counters == (2, 2 * ga, 2 * 2 * ga * 2)
+        assert straight == resumed, f"rank {rank}: losses after resuming differ"
+        for name, value in straight_state.items():
+            assert torch.equal(value, resumed_state[name]), f"rank {rank}: {name} differs after resuming"
+    assert (tmp_path / "latest").read_text() == "global_step2"
+
+
+def _save_at_dp2(directory):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 2, 2))
+    run_steps("mlp", engine, 0, 2)
+    engine.save_checkpoint(directory, tag="mid")
+    engine.parallel_state.destroy()
+
+
+def _continue_at_dp4(directory):
+    engine, _, _, _ = megatron_core.initialize(_other_weights("mlp"), config=ds_config(4, 1, 1))
+    _, client = engine.load_checkpoint(directory, tag="mid")
+    losses, _ = run_steps("mlp", engine, 2, 4)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return client, state
+
+
+def test_load_at_another_dp_size(tmp_path):
+    (ref,) = run_distributed(reference, 1, "mlp", 4, 4, timeout=120)
+    run_distributed(_save_at_dp2, 2, str(tmp_path), timeout=120)
+    for rank, (client, state) in enumerate(run_distributed(_continue_at_dp4, 4, str(tmp_path), timeout=90)):
+        assert client == {}
+        for name, value in ref["state"].items():
+            assert_rel_close(state[name], value, 1e-5, f"rank {rank} {name}")
+
+
+def _train_and_save(directory, kind, stage):
+    engine, _, _, _ = megatron_core.initialize(make_model(kind), config=ds_config(2, 2, stage, kind))
+    run_steps(kind, engine, 0, 2)
+    engine.save_checkpoint(directory)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return state
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_consolidation_equals_the_full_state_dict(tmp_path, stage):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    expected = run_distributed(_train_and_save, 2, str(tmp_path / "ckpt"), "gpt2", stage, timeout=120)[0]
+    state, hf_config = consolidate_state_dict(str(tmp_path / "ckpt"))
+    assert hf_config["model_type"] == "gpt2" and set(state) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
+    hf_dir = save_consolidated(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    loaded = AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), f"from_pretrained: {name}"
+    out = tmp_path / "model.safetensors"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path / "ckpt"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from_tool = load_file(str(out))
+    assert set(from_tool) == set(expected) and all(torch.equal(from_tool[k], v) for k, v in expected.items())
+
+
+def test_consolidation_tool_errors_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path), "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "no 'latest' file" in proc.stdout

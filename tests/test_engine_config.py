@@ -1,0 +1,303 @@
+"""DeepSpeed JSON config: parsing, ``"auto"`` values, the batch triple, the mapping onto library configs, errors.
+
+Every bad config must give a one-line ``ConfigError`` naming the key (and the closest known key for a
+typo, or "does not implement" for a DeepSpeed feature the framework lacks).
+"""
+
+import json
+import types
+
+import pytest
+
+from megatron_core.distributed import DistributedDataParallelConfig
+from megatron_core.engine import deepspeed_to_megatron, library_configs_from, load_config
+from megatron_core.engine.config import solve_batch_triple
+from megatron_core.errors import ConfigError
+
+BASE = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 4,
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}},
+}
+
+
+def _with(**changes):
+    config = json.loads(json.dumps(BASE))
+    config.update(changes)
+    return config
+
+
+@pytest.mark.parametrize(
+    "train,micro,gas,dp,expected",
+    [
+        (32, 2, 4, 4, (32, 2, 4)),
+        (32, 2, None, 4, (32, 2, 4)),
+        (32, None, 4, 4, (32, 2, 4)),
+        (None, 2, 4, 4, (32, 2, 4)),
+        (32, None, None, 4, (32, 8, 1)),
+        (None, 2, None, 4, (8, 2, 1)),
+    ],
+)
+def test_batch_triple_any_two_determine_the_third(train, micro, gas, dp, expected):
+    assert solve_batch_triple(train, micro, gas, dp) == expected
+
+
+def test_full_config_maps_onto_library_configs(tmp_path):
+    raw = _with(
+        train_batch_size=16,
+        gradient_clipping=1.0,
+        fp16={
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 12,
+            "loss_scale_window": 500,
+            "hysteresis": 3,
+            "min_loss_scale": 2,
+        },
+        zero_optimization={
+            "stage": 2,
+            "reduce_bucket_size": 5e7,
+            "allgather_bucket_size": 5e7,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "offload_optimizer": {"device": "none"},
+            "stage3_prefetch_bucket_size": 1000,
+        },
+        scheduler={
+            "type": "WarmupDecayLR",
+            "params": {"total_num_steps": 100, "warmup_num_steps": 10, "warmup_max_lr": 3e-4, "warmup_type": "linear"},
+        },
+        activation_checkpointing={"partition_activations": False},
+        steps_per_print=5,
+        wall_clock_breakdown=True,
+        csv_monitor={"enabled": True, "output_path": "x", "job_name": "j"},
+    )
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(raw))
+    config = load_config(str(path), dp_size=2)
+    assert (config.train_batch_size, config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps) == (
+        16,
+        2,
+        4,
+    )
+    mapped = library_configs_from(config)
+    assert mapped.ddp.zero_stage == 2 and mapped.ddp.bucket_size == 50_000_000 and mapped.ddp.overlap_grad_reduce
+    opt = mapped.optimizer
+    assert (opt.optimizer, opt.lr, opt.adam_beta2, opt.adam_eps, opt.weight_decay, opt.clip_grad) == (
+        "adam",
+        3e-4,
+        0.95,
+        1e-6,
+        0.1,
+        1.0,
+    )
+    assert opt.fp16 and opt.loss_scale is None and opt.initial_loss_scale == 4096.0
+    assert (opt.loss_scale_window, opt.hysteresis, opt.min_loss_scale) == (500, 3, 2.0)
+    assert (mapped.micro_batch_size, mapped.global_batch_size) == (2, 16)
+    assert config.scheduler.params["warmup_type"] == "linear" and config.csv_monitor.job_name == "j"
+
+
+def test_bf16_reduces_gradients_in_fp32_and_sgd_maps():
+    raw = _with(bf16={"enabled": True}, optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}})
+    mapped = library_configs_from(load_config(raw, dp_size=1))
+    assert mapped.optimizer.bf16 and mapped.ddp.grad_reduce_in_fp32
+    assert (mapped.optimizer.optimizer, mapped.optimizer.sgd_momentum) == ("sgd", 0.9)
+
+
+def test_auto_values_resolve_from_args_and_model():
+    raw = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "fp16": {"enabled": "auto"},
+        "bf16": {"enabled": "auto"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": "auto",
+                "warmup_max_lr": "auto",
+                "warmup_num_steps": "auto",
+                "total_num_steps": "auto",
+            },
+        },
+        "zero_optimization": {"stage": 1, "reduce_bucket_size": "auto"},
+    }
+    args = types.SimpleNamespace(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.7,
+        learning_rate=5e-5,
+        adam_beta1=0.8,
+        adam_beta2=0.9,
+        adam_epsilon=1e-7,
+        weight_decay=0.01,
+        warmup_steps=7,
+        max_steps=70,
+        fp16=False,
+        bf16=True,
+    )
+    model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=16))
+    config = load_config(raw, dp_size=2, model=model, args=args)
+    assert (config.train_batch_size, config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps) == (
+        16,
+        4,
+        2,
+    )
+    assert config.gradient_clipping == 0.7 and config.bf16_enabled and not config.fp16.enabled
+    assert config.optimizer.lr == 5e-5 and config.optimizer.betas == (0.8, 0.9) and config.optimizer.eps == 1e-7
+    assert config.scheduler.params == {
+        "warmup_num_steps": 7,
+        "warmup_type": "log",
+        "last_batch_iteration": -1,
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": 5e-5,
+        "total_num_steps": 70,
+    }
+    assert config.zero_optimization.reduce_bucket_size == 256
+
+
+def _stage3_error():
+    try:
+        DistributedDataParallelConfig(zero_stage=3)
+    except ValueError:
+        return "stage 3"
+    return None
+
+
+ERRORS = {
+    "unknown-top-level": (_with(train_batch_szie=8), "unknown key 'train_batch_szie'; did you mean 'train_batch_size'"),
+    "unknown-nested": (
+        _with(zero_optimization={"stag": 1}),
+        "'zero_optimization.stag'; did you mean 'zero_optimization.stage'",
+    ),
+    "unknown-optimizer-param": (
+        _with(optimizer={"type": "AdamW", "params": {"learning_rate": 1}}),
+        "'optimizer.params.learning_rate'",
+    ),
+    "not-implemented-top": (
+        _with(prescale_gradients=True),
+        "prescale_gradients = True is a DeepSpeed option this framework does not implement",
+    ),
+    "not-implemented-zero": (
+        _with(zero_optimization={"stage": 2, "round_robin_gradients": True}),
+        "zero_optimization.round_robin_gradients = True is a DeepSpeed option",
+    ),
+    "not-implemented-activation-ckpt": (
+        _with(activation_checkpointing={"partition_activations": True}),
+        "activation_checkpointing.partition_activations = True",
+    ),
+    "inconsistent-triple": (
+        _with(train_batch_size=10),
+        "inconsistent batch sizes train_batch_size=10, train_micro_batch_size_per_gpu=2, "
+        "gradient_accumulation_steps=4 with 2 data-parallel ranks",
+    ),
+    "no-batch": ({"optimizer": BASE["optimizer"]}, "give train_batch_size or train_micro_batch_size_per_gpu"),
+    "bad-batch-type": (_with(train_micro_batch_size_per_gpu=2.5), "train_micro_batch_size_per_gpu must be a positive"),
+    "unimplemented-optimizer": (
+        _with(optimizer={"type": "Lamb"}),
+        "'Lamb' is a DeepSpeed optimizer this framework does not implement",
+    ),
+    "unknown-optimizer": (_with(optimizer={"type": "Adamm"}), "optimizer.type 'Adamm' is unknown"),
+    "coupled-adam": (
+        _with(optimizer={"type": "Adam", "params": {"adam_w_mode": False}}),
+        "optimizer.params.adam_w_mode = False",
+    ),
+    "bad-betas": (_with(optimizer={"type": "Adam", "params": {"betas": [0.9]}}), "optimizer.params.betas must be two"),
+    "unimplemented-scheduler": (_with(scheduler={"type": "OneCycle"}), "'OneCycle' is a DeepSpeed scheduler"),
+    "missing-total-steps": (
+        _with(scheduler={"type": "WarmupCosineLR", "params": {}}),
+        "scheduler.params.total_num_steps is required by WarmupCosineLR",
+    ),
+    "bad-warmup-type": (
+        _with(scheduler={"type": "WarmupLR", "params": {"warmup_type": "exp"}}),
+        "scheduler.params.warmup_type = 'exp': choose one of log, linear",
+    ),
+    "fp16-and-bf16": (_with(fp16={"enabled": True}, bf16={"enabled": True}), "fp16.enabled and bf16.enabled are both"),
+    "consecutive-hysteresis": (
+        _with(fp16={"enabled": True, "consecutive_hysteresis": True}),
+        "fp16.consecutive_hysteresis = true is not implemented",
+    ),
+    "wrong-type": (_with(steps_per_print="ten"), "steps_per_print must be int"),
+    "negative-clip": (_with(gradient_clipping=-1), "gradient_clipping must be >= 0.0"),
+    "stage-4": (_with(zero_optimization={"stage": 4}), "zero_optimization.stage must be 0, 1, 2 or 3"),
+    "nvme-without-path": (
+        _with(zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}}),
+        "offload_param.device = 'nvme' needs zero_optimization.offload_param.nvme_path",
+    ),
+    "unresolved-auto": (_with(gradient_clipping="auto"), 'gradient_clipping is "auto" and nothing resolves it'),
+    "not-an-object": (_with(fp16=[1]), "fp16 must be a JSON object"),
+    "allgather-bucket": (
+        _with(zero_optimization={"reduce_bucket_size": 100, "allgather_bucket_size": 200}),
+        "allgather_bucket_size differs from reduce_bucket_size",
+    ),
+    "contiguous-off": (_with(zero_optimization={"contiguous_gradients": False}), "contiguous_gradients = false"),
+    "offload-param-nvme": (
+        _with(zero_optimization={"stage": 2, "offload_param": {"device": "nvme", "nvme_path": "/x"}}),
+        "offload_param.device = 'nvme' is not implemented",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_config_errors_are_one_line_and_name_the_key(name):
+    raw, message = ERRORS[name]
+    with pytest.raises(ConfigError) as info:
+        library_configs_from(load_config(raw, dp_size=2))
+    text = str(info.value)
+    assert "\n" not in text and message in text, text
+
+
+def test_stage3_maps_or_says_not_implemented():
+    raw = _with(
+        zero_optimization={
+            "stage": 3,
+            "stage3_max_live_parameters": 1e6,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }
+    )
+    config = load_config(raw, dp_size=2)
+    assert config.zero_optimization.stage3_max_live_parameters == 1_000_000
+    if _stage3_error():
+        with pytest.raises(ConfigError, match="stage 3 .* is not implemented"):
+            library_configs_from(config)
+    else:
+        assert library_configs_from(config).ddp.zero_stage == 3
+
+
+def test_offload_optimizer_maps_or_says_not_implemented():
+    import dataclasses
+
+    from megatron_core.optimizer import OptimizerConfig
+
+    config = load_config(_with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), dp_size=2)
+    if "optimizer_cpu_offload" in {f.name for f in dataclasses.fields(OptimizerConfig)}:
+        assert library_configs_from(config).optimizer.optimizer_cpu_offload
+    else:
+        with pytest.raises(ConfigError, match="offload_optimizer.device = 'cpu' is not implemented by this library"):
+            library_configs_from(config)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.json"), dp_size=1)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_config(str(bad), dp_size=1)
+
+
+def test_pretrain_mapping_checks_flags_against_the_file():
+    raw = _with(zero_optimization={"stage": 1}, bf16={"enabled": True})
+    mapped = deepspeed_to_megatron(raw, dp_size=2, flags={"zero_stage": 1, "bf16": True, "micro_batch_size": 2})
+    assert mapped.global_batch_size == 16 and mapped.gradient_accumulation_steps == 4
+    with pytest.raises(
+        ConfigError, match=r"--zero-stage 2 disagrees with the DeepSpeed config, which sets zero_stage = 1"
+    ):
+        deepspeed_to_megatron(raw, dp_size=2, flags={"zero_stage": 2})
+    with pytest.raises(ConfigError, match="--global-batch-size 8 disagrees"):
+        deepspeed_to_megatron(raw, dp_size=2, flags={"global_batch_size": 8})
