@@ -43,7 +43,7 @@ def test_llama_script_flags_are_accepted_with_their_meaning():
     (["--expert-model-parallel-size", "2"], "mixture-of-experts"),
     (["--wandb-project", "llama"], "--wandb-project: Weights & Biases logging is not supported; log to TensorBoard"),
     (["--fp8-format", "hybrid"], "FP8 training needs Transformer Engine"),
-    (["--ckpt-format", "torch_dist"], "--ckpt-format torch_dist is not supported yet"),
+    (["--async-save"], "--async-save writes torch_dist checkpoints; add --ckpt-format torch_dist"),
 ])
 def test_refused_flags_say_why(argv, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):

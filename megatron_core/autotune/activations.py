@@ -41,7 +41,9 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True)
         return r * B
     stats = (1 if c.normalization == "RMSNorm" else 2) * 2 * s * b // shard * 4
     masks = 2 * r if c.hidden_dropout > 0 else 0
-    total = 2 * r * B + masks + stats + 2 * s * b * h * B
+    # + the inputs of the two column-parallel linears (QKV, fc1): under SP only the local shard is kept
+    # (re-gathered in backward, as Megatron-LM), so [s/t, b, h] each.
+    total = 2 * r * B + masks + stats + 2 * r * B
     ffn = s * b * spec.ffn_hidden_size // t
     total += (4 if c.gated_linear_unit else 2) * ffn * B
     if c.normalization == "RMSNorm":

@@ -35,6 +35,10 @@ class ModelStates:
     optimizer_state: int
     grads_in_backward: int
     host: int = 0
+    # ZeRO-3: full parameters of buckets gathered at the moment of measurement (``memory_footprint``'s
+    # field); none after an optimizer step, so 0 here. The live window during a step is
+    # ``zero3_gather_window_bytes``.
+    gathered_params: int = 0
 
     @property
     def total(self) -> int:
