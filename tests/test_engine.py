@@ -1,10 +1,11 @@
 """The engine (``megatron_core.initialize``) against a plain PyTorch loop over the same global batch.
 
-An MLP trains 2 AdamW steps with clipping at DP 1, 2 and 4 x every ZeRO stage the library implements x
+An MLP trains 2 AdamW steps (the HF models SGD: see engine_common.HF_OPT) with clipping at DP 1, 2
+and 4 x every ZeRO stage the library implements x
 gradient accumulation 1 and 4; tiny Hugging Face GPT-2 and Llama models (random weights, one layer) at
 DP 2 over the same stages x GA, and at DP 4 over ZeRO 0 and 2 x GA (to keep the suite short). Each
 rank's per-micro-batch losses, the global grad norm of every step and the final state dict must equal
-the one-process loop's (fp32, relative 1e-5 per tensor). One forked job runs all stages and
+the one-process loop's (fp32, relative 1e-5 element-wise). One forked job runs all stages and
 accumulation counts of a (model, DP) pair in turn, to pay the process start-up once.
 """
 
