@@ -24,6 +24,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
 
         apply_checkpoint_args(args, vars(build_parser().parse_args([])))
     _parallel(args, world_size)
+    if args.deepspeed_config is not None:
+        from megatron_core.training.arguments import build_parser
+        from megatron_core.training.arguments.deepspeed_config import apply_deepspeed_config
+
+        apply_deepspeed_config(args, vars(build_parser().parse_args([])))
     _model(args)
     _batch_and_iterations(args)
     _learning_rate(args)

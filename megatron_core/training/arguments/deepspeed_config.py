@@ -1,0 +1,49 @@
+"""``pretrain_gpt.py --deepspeed-config FILE``: the ZeRO, offload, precision, clipping and batch
+sections of a DeepSpeed JSON file, as Megatron-DeepSpeed users pass them.
+
+The file is read by the engine's parser (``megatron_core.engine.deepspeed_to_megatron``: DeepSpeed's
+keys, its batch-triple rule, ``"auto"`` values, one-line errors for unknown or unimplemented keys)
+and written onto the flags before the rest of validation, so one mapping serves both front ends.
+A flag given on the command line that disagrees with the file is an error naming both.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from megatron_core.errors import ConfigError
+
+# flag dest -> the library field (OptimizerConfig / DistributedDataParallelConfig / batch) it sets
+_COMPARED = {
+    "micro_batch_size": "micro_batch_size", "global_batch_size": "global_batch_size", "fp16": "fp16", "bf16": "bf16",
+    "loss_scale": "loss_scale", "initial_loss_scale": "initial_loss_scale", "min_loss_scale": "min_loss_scale",
+    "loss_scale_window": "loss_scale_window", "hysteresis": "hysteresis", "clip_grad": "clip_grad",
+    "zero_stage": "zero_stage", "overlap_grad_reduce": "overlap_grad_reduce", "offload_param": "offload_param",
+    "optimizer_cpu_offload": "optimizer_cpu_offload", "nvme_offload_path": "nvme_offload_path",
+}
+_OPTIMIZER_FIELDS = ("fp16", "bf16", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window",
+                     "hysteresis", "clip_grad", "optimizer_cpu_offload", "optimizer_offload_fraction",
+                     "nvme_offload_path", "nvme_offload_buffer_count")
+_DDP_FIELDS = ("zero_stage", "overlap_grad_reduce", "offload_param", "stage3_prefetch_bucket_size",
+               "stage3_param_persistence_threshold")
+
+
+def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> None:
+    """Set the ZeRO/offload/precision/clipping/batch flags of ``args`` from ``args.deepspeed_config``.
+
+    Needs ``args.data_parallel_size`` (set by the parallel checks). Raises ConfigError for a bad file,
+    an unimplemented key, or a command-line flag that disagrees with the file.
+    """
+    from megatron_core.engine import deepspeed_to_megatron
+
+    given = {field: getattr(args, dest) for dest, field in _COMPARED.items()
+             if getattr(args, dest, None) != parser_defaults.get(dest)}
+    if args.use_distributed_optimizer or args.data_parallel_sharding_strategy is not None:
+        raise ConfigError("--deepspeed-config sets the ZeRO stage (zero_optimization.stage); drop "
+                          "--use-distributed-optimizer / --data-parallel-sharding-strategy")
+    mapped = deepspeed_to_megatron(args.deepspeed_config, args.data_parallel_size, flags=given)
+    args.micro_batch_size, args.global_batch_size = mapped.micro_batch_size, mapped.global_batch_size
+    for name in _OPTIMIZER_FIELDS:
+        setattr(args, name, getattr(mapped.optimizer, name))
+    for name in _DDP_FIELDS:
+        setattr(args, name, getattr(mapped.ddp, name))
