@@ -8,5 +8,5 @@ from megatron_core.fusions.fused_layer_norm import LayerNorm, RMSNorm, build_nor
 from megatron_core.fusions.fused_softmax import FusedScaleMaskSoftmax, scaled_masked_softmax
 from megatron_core.fusions.kernels import Kernel, available_kernels, find_kernel
 
-__all__ = ["FusedScaleMaskSoftmax", "LayerNorm", "Kernel", "RMSNorm", "available_kernels", "build_norm", "dropout", "find_kernel",
-           "scaled_masked_softmax"]
+__all__ = ["FusedScaleMaskSoftmax", "Kernel", "LayerNorm", "RMSNorm", "available_kernels", "build_norm", "dropout",
+           "find_kernel", "scaled_masked_softmax"]

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
 from megatron_core import device as device_mod
 from megatron_core.fusions.kernels import Kernel, find_kernel
+from megatron_core.tensor_parallel.utils import set_sequence_parallel_attribute
 
 _AUTO = object()
-
-
-def _mark(param: torch.nn.Parameter, sequence_parallel: bool) -> None:
-    param.sequence_parallel = sequence_parallel
 
 
 class LayerNorm(torch.nn.Module):
@@ -29,19 +27,21 @@ class LayerNorm(torch.nn.Module):
         self.hidden_size, self.eps = hidden_size, eps
         dev = device_mod.current_device()
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=params_dtype, device=dev))
-        _mark(self.weight, sequence_parallel)
+        set_sequence_parallel_attribute(self.weight, sequence_parallel)
         if bias:
             self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=params_dtype, device=dev))
-            _mark(self.bias, sequence_parallel)
+            set_sequence_parallel_attribute(self.bias, sequence_parallel)
         else:
             self.register_parameter("bias", None)
         self.kernel: Kernel | None = find_kernel("layer_norm") if kernel is _AUTO else kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` [..., hidden_size] over its last dimension; same shape and dtype out."""
         if self.kernel is not None and self.kernel.applies(x, self.weight, self.bias, self.eps):
             return self.kernel.fn(x, self.weight, self.bias, self.eps)
         return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
 
+    @override
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
 
@@ -55,10 +55,11 @@ class RMSNorm(torch.nn.Module):
         self.hidden_size, self.eps = hidden_size, eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=params_dtype,
                                                     device=device_mod.current_device()))
-        _mark(self.weight, sequence_parallel)
+        set_sequence_parallel_attribute(self.weight, sequence_parallel)
         self.kernel: Kernel | None = find_kernel("rms_norm") if kernel is _AUTO else kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` [..., hidden_size] over its last dimension; same shape and dtype out."""
         if self.kernel is not None and self.kernel.applies(x, self.weight, self.eps):
             return self.kernel.fn(x, self.weight, self.eps)
         if x.dtype == torch.float32:
@@ -67,6 +68,7 @@ class RMSNorm(torch.nn.Module):
         normed = F.rms_norm(x.float(), (self.hidden_size,), None, self.eps).to(x.dtype)
         return normed * self.weight
 
+    @override
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
 

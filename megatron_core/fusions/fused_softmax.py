@@ -43,6 +43,10 @@ class FusedScaleMaskSoftmax(torch.nn.Module):
         self.kernel: Kernel | None = find_kernel("scaled_masked_softmax") if kernel is _AUTO else kernel
 
     def forward(self, scores: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """softmax(scores * scale, masked) over the last dimension, in the dtype of ``scores``.
+
+        ``mask``: bool, broadcastable to ``scores`` [b, heads, sq, sk], True where attention is not
+        allowed; None means causal (bottom-right aligned when sk > sq) or, for a non-causal module, none."""
         if mask is None and self.causal:
             mask = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)
         if self.kernel is not None and self.kernel.applies(scores, mask, scale):

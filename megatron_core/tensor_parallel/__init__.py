@@ -24,4 +24,25 @@ from megatron_core.tensor_parallel.utils import (
     shard_of_master,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "MODEL_PARALLEL_RNG",
+    "ColumnParallelLinear",
+    "RNGStatesTracker",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "checkpoint",
+    "copy_to_tensor_model_parallel_region",
+    "divide",
+    "gather_from_sequence_parallel_region",
+    "gather_from_tensor_model_parallel_region",
+    "init_method_normal",
+    "model_parallel_manual_seed",
+    "pad_vocab_size",
+    "reduce_from_tensor_model_parallel_region",
+    "reduce_scatter_to_sequence_parallel_region",
+    "scaled_init_method_normal",
+    "scatter_to_sequence_parallel_region",
+    "scatter_to_tensor_model_parallel_region",
+    "shard_of_master",
+    "vocab_parallel_cross_entropy",
+]

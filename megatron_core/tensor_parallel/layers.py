@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from typing_extensions import override
 
 from megatron_core import device as device_mod
 from megatron_core.parallel_state import ParallelState, get_parallel_state
@@ -24,6 +25,7 @@ from megatron_core.tensor_parallel.utils import (
     InitMethod,
     divide,
     init_method_normal,
+    set_sequence_parallel_attribute,
     set_tensor_model_parallel_attributes,
     sharded_parameter,
 )
@@ -126,6 +128,11 @@ class ColumnParallelLinear(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None):
+        """x [s, b, h_in] ([s / TP, b, h_in] under sequence parallelism) -> (output, bias or None).
+
+        The output is [s, b, h_out / TP], or [s, b, h_out] with ``gather_output``; the bias comes back
+        unadded with ``skip_bias_add``. ``weight`` [h_out / TP, h_in] replaces this layer's own (the
+        output layer tied to the word embedding passes the embedding table)."""
         weight = self.weight if weight is None else weight
         bias = None if self.skip_bias_add else self.bias
         if self._tp > 1:
@@ -137,6 +144,7 @@ class ColumnParallelLinear(torch.nn.Module):
             out = gather_from_tensor_model_parallel_region(out, self.tp_group)
         return out, (self.bias if self.skip_bias_add else None)
 
+    @override
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size}, out_per_partition={self.output_size_per_partition}, "
                 f"sequence_parallel={self.sequence_parallel}")
@@ -156,7 +164,8 @@ class RowParallelLinear(torch.nn.Module):
             raise ValueError("sequence_parallel=True needs input_is_parallel=True in RowParallelLinear")
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = divide(input_size, tp, "RowParallelLinear input_size")
-        self.input_is_parallel, self.skip_bias_add, self.sequence_parallel = input_is_parallel, skip_bias_add, sequence_parallel
+        self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
+        self.sequence_parallel = sequence_parallel
         dev = device_mod.current_device()
         self.weight = sharded_parameter((output_size, input_size), 1, init_method or init_method_normal(0.02),
                                         stride=stride, rank=rank, world=tp, dtype=params_dtype, device=dev)
@@ -164,11 +173,15 @@ class RowParallelLinear(torch.nn.Module):
             self.bias = _zeros(output_size, params_dtype, dev)
             # Under sequence parallelism each rank adds the bias to its own tokens only, so the
             # bias gradient is partial and must be all-reduced over TP like a norm's weight.
-            self.bias.sequence_parallel = sequence_parallel
+            set_sequence_parallel_attribute(self.bias, sequence_parallel)
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor):
+        """x [s, b, h_in / TP] (or [s, b, h_in] without ``input_is_parallel``) -> (output, bias or None).
+
+        The output is [s, b, h_out] summed over TP, or [s / TP, b, h_out] reduce-scattered along the
+        sequence under sequence parallelism; the bias comes back unadded with ``skip_bias_add``."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.tp_group)
         out = F.linear(x, self.weight)
@@ -180,6 +193,7 @@ class RowParallelLinear(torch.nn.Module):
             return out, self.bias
         return out + self.bias, None
 
+    @override
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, in_per_partition={self.input_size_per_partition}, out={self.output_size}, "
                 f"sequence_parallel={self.sequence_parallel}")
@@ -209,6 +223,9 @@ class VocabParallelEmbedding(torch.nn.Module):
         self._tp = tp
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [b, s] -> embeddings [b, s, h], or [s / TP, b, h] with ``reduce_scatter_embeddings``.
+
+        Raises ValueError naming the id when an id is outside [0, num_embeddings) (with ``check_ids``)."""
         if self.check_ids and input_ids.numel() > 0:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.num_embeddings:

@@ -47,7 +47,7 @@ class _CheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         args = list(ctx.non_tensors)
-        for pos, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
+        for pos, tensor in zip(ctx.tensor_positions, ctx.saved_tensors, strict=True):
             detached = tensor.detach()
             detached.requires_grad_(tensor.requires_grad)
             args[pos] = detached
@@ -59,7 +59,7 @@ class _CheckpointFunction(torch.autograd.Function):
         _restore_rng(now, ctx.tracker)
         if torch.is_tensor(outputs):
             outputs = (outputs,)
-        pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad]
+        pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if torch.is_tensor(o) and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         input_grads = tuple(a.grad if torch.is_tensor(a) else None for a in args)

@@ -8,6 +8,14 @@ import torch
 
 InitMethod = Callable[[torch.Tensor], None]
 
+# Attributes the parallel layers tag parameters with (Megatron-LM's names), read back with getattr by
+# grad clipping, finalize_model_grads, the DDP buffers and checkpointing. torch's stubs declare no such
+# attributes on a Tensor, so they are set through setattr with these names.
+TENSOR_MODEL_PARALLEL = "tensor_model_parallel"
+PARTITION_DIM = "partition_dim"
+PARTITION_STRIDE = "partition_stride"
+SEQUENCE_PARALLEL = "sequence_parallel"
+
 
 def divide(numerator: int, denominator: int, what: str = "size") -> int:
     """``numerator // denominator``, with an error naming ``what`` when it does not divide."""
@@ -67,6 +75,12 @@ def sharded_parameter(full_shape: tuple[int, ...], dim: int, init_method: InitMe
 
 def set_tensor_model_parallel_attributes(param: torch.Tensor, is_parallel: bool, dim: int, stride: int) -> None:
     """Mark a parameter as split across TP ranks (read by grad-norm, checkpoint and conversion code)."""
-    param.tensor_model_parallel = is_parallel
-    param.partition_dim = dim
-    param.partition_stride = stride
+    setattr(param, TENSOR_MODEL_PARALLEL, is_parallel)
+    setattr(param, PARTITION_DIM, dim)
+    setattr(param, PARTITION_STRIDE, stride)
+
+
+def set_sequence_parallel_attribute(param: torch.Tensor, sequence_parallel: bool) -> None:
+    """Mark a parameter replicated over TP whose gradient is partial on each rank (a norm's weight
+    under sequence parallelism): ``finalize_model_grads`` all-reduces such gradients over TP."""
+    setattr(param, SEQUENCE_PARALLEL, sequence_parallel)

@@ -15,4 +15,26 @@ from megatron_core.transformer.spec import IdentityOp, ModuleSpec, build_module
 from megatron_core.transformer.transformer_block import TransformerBlock
 from megatron_core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "MLP",
+    "AttnBackend",
+    "AttnMaskType",
+    "ConfigError",
+    "DotProductAttention",
+    "IdentityOp",
+    "MLPSubmodules",
+    "ModuleSpec",
+    "RotaryEmbedding",
+    "SelfAttention",
+    "SelfAttentionSubmodules",
+    "TransformerBlock",
+    "TransformerConfig",
+    "TransformerLayer",
+    "TransformerLayerSubmodules",
+    "apply_rotary_pos_emb",
+    "build_module",
+    "get_gpt_layer_fused_spec",
+    "get_gpt_layer_local_spec",
+    "get_gpt_layer_spec",
+    "get_gpt_layer_te_spec",
+]

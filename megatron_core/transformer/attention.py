@@ -15,8 +15,8 @@ from megatron_core.fusions.fused_softmax import causal_mask
 from megatron_core.fusions.kernels import find_kernel
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.random import checkpoint
-from megatron_core.tensor_parallel.utils import divide
-from megatron_core.transformer.config import TransformerConfig
+from megatron_core.tensor_parallel.utils import divide, set_sequence_parallel_attribute
+from megatron_core.transformer.config import TransformerConfig, resolved
 from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.init import component_name
 from megatron_core.transformer.rope import apply_rotary_pos_emb
@@ -50,9 +50,10 @@ class SelfAttention(torch.nn.Module):
         self.config, self.layer_number, self.rng_tracker = config, layer_number, ps.rng_tracker
         tp = ps.tp_size
         self.heads_per_rank = divide(config.num_attention_heads, tp, "num_attention_heads")
-        self.groups_per_rank = divide(config.num_query_groups, tp, "num_query_groups")
-        self.heads_per_group = config.num_attention_heads // config.num_query_groups
-        self.head_dim = config.kv_channels
+        groups = resolved(config.num_query_groups, "num_query_groups")
+        self.groups_per_rank = divide(groups, tp, "num_query_groups")
+        self.heads_per_group = config.num_attention_heads // groups
+        self.head_dim = resolved(config.kv_channels, "kv_channels")
         self.selective_recompute = config.recompute_granularity == "selective"
         common = dict(sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
                       parallel_state=ps)
@@ -71,7 +72,7 @@ class SelfAttention(torch.nn.Module):
         for param in [*self.q_layernorm.parameters(), *self.k_layernorm.parameters()]:
             # Replicated over TP, but each rank normalises only its own heads: the gradient is partial
             # whatever the sequence layout, so finalize_model_grads must sum it over TP.
-            param.sequence_parallel = tp > 1
+            set_sequence_parallel_attribute(param, tp > 1)
 
     def split_qkv(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[s, b, groups * (heads/groups + 2) * d] -> q [s, b, heads, d], k and v [s, b, groups, d]."""

@@ -24,6 +24,15 @@ _NORMS = ("LayerNorm", "RMSNorm")
 _POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
 
 
+def resolved(value: int | None, field: str) -> int:
+    """A ``TransformerConfig`` size that ``__post_init__`` fills in when left None (``ffn_hidden_size``,
+    ``num_query_groups``, ``kv_channels``). Raises ConfigError naming the field when it is still None."""
+    if value is None:
+        raise ConfigError(f"TransformerConfig.{field} is None; TransformerConfig.__post_init__ fills it in, so "
+                          "build the config with TransformerConfig(...) instead of resetting the field afterwards")
+    return value
+
+
 @dataclass
 class TransformerConfig:
     """Shape, architecture, regularisation, initialisation, parallelism and recompute of a transformer."""
@@ -134,23 +143,27 @@ class TransformerConfig:
 
     @property
     def query_projection_size(self) -> int:
-        return self.kv_channels * self.num_attention_heads
+        """Output features of the query projection: kv_channels x num_attention_heads."""
+        return resolved(self.kv_channels, "kv_channels") * self.num_attention_heads
 
     @property
     def kv_projection_size(self) -> int:
-        return self.kv_channels * self.num_query_groups
+        """Output features of the key (or the value) projection: kv_channels x num_query_groups."""
+        return resolved(self.kv_channels, "kv_channels") * resolved(self.num_query_groups, "num_query_groups")
 
     @property
     def rotary_dim(self) -> int:
         """Channels per head that RoPE rotates (even)."""
-        return int(self.kv_channels * self.rotary_percent) // 2 * 2
+        return int(resolved(self.kv_channels, "kv_channels") * self.rotary_percent) // 2 * 2
 
     @property
     def qkv_bias(self) -> bool:
+        """Whether the QKV projection has a bias (``add_bias_linear`` or ``add_qkv_bias``)."""
         return self.add_bias_linear or self.add_qkv_bias
 
     @property
     def attn_backend(self) -> AttnBackend:
+        """``attention_backend`` as an :class:`AttnBackend`."""
         return AttnBackend(self.attention_backend)
 
     # ---- initialisation ------------------------------------------------------------------------
@@ -173,9 +186,10 @@ class TransformerConfig:
                 raise ConfigError(f"TransformerConfig.{name} must be a positive integer, got {value!r}")
 
     def _validate_attention(self) -> None:
-        if self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups != 0:
+        groups = resolved(self.num_query_groups, "num_query_groups")
+        if groups < 1 or self.num_attention_heads % groups != 0:
             raise ConfigError(
-                f"num_query_groups ({self.num_query_groups}) must divide num_attention_heads "
+                f"num_query_groups ({groups}) must divide num_attention_heads "
                 f"({self.num_attention_heads}): each key/value head serves a whole number of query heads")
         if self.attention_backend not in AttnBackend.__members__:
             raise ConfigError(f"attention_backend={self.attention_backend!r} is not one of "
@@ -230,7 +244,8 @@ class TransformerConfig:
         """Checks that need the parallel layout: TP divisibility, the pipeline layer split."""
         tp = tensor_model_parallel_size
         for name, value in (("num_attention_heads", self.num_attention_heads),
-                            ("num_query_groups", self.num_query_groups), ("ffn_hidden_size", self.ffn_hidden_size)):
+                            ("num_query_groups", resolved(self.num_query_groups, "num_query_groups")),
+                            ("ffn_hidden_size", resolved(self.ffn_hidden_size, "ffn_hidden_size"))):
             if value % tp != 0:
                 raise ConfigError(f"{name} ({value}) is not divisible by --tensor-model-parallel-size ({tp}): "
                                   f"each TP rank must hold a whole number of them; change {name} or the TP size")
@@ -239,8 +254,9 @@ class TransformerConfig:
         counts = chunk_layer_counts(self.num_layers, pipeline_model_parallel_size,
                                     virtual_pipeline_model_parallel_size, self.num_layers_in_first_pipeline_stage,
                                     self.num_layers_in_last_pipeline_stage)
-        if self.recompute_method == "block" and self.recompute_num_layers > max(counts):
-            raise ConfigError(f"recompute_num_layers ({self.recompute_num_layers}) exceeds the layers of a "
+        n = self.recompute_num_layers  # never None under 'block' (_validate_recompute)
+        if self.recompute_method == "block" and n is not None and n > max(counts):
+            raise ConfigError(f"recompute_num_layers ({n}) exceeds the layers of a "
                               f"pipeline chunk ({max(counts)}) under recompute_method='block'")
 
     def layer_counts(self, pipeline_model_parallel_size: int,

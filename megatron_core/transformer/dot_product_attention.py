@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron_core.fusions.fused_dropout import dropout
 from megatron_core.fusions.fused_softmax import FusedScaleMaskSoftmax
 from megatron_core.parallel_state import ParallelState, get_parallel_state
-from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.config import TransformerConfig, resolved
 from megatron_core.transformer.enums import AttnBackend, AttnMaskType
 
 
@@ -32,13 +32,14 @@ class DotProductAttention(torch.nn.Module):
         self.rng_tracker = ps.rng_tracker
         self.config, self.layer_number = config, layer_number
         self.causal = attn_mask_type == AttnMaskType.causal
-        self.scale = 1.0 / math.sqrt(config.kv_channels)
+        self.scale = 1.0 / math.sqrt(resolved(config.kv_channels, "kv_channels"))
         self.dropout_p = config.attention_dropout
         self.backend = config.attn_backend
         use_kernel = self.backend == AttnBackend.fused and config.masked_softmax_fusion
         kernel_arg = {} if use_kernel else {"kernel": None}
         self.scale_mask_softmax = FusedScaleMaskSoftmax(self.causal, config.attention_softmax_in_fp32, **kernel_arg)
-        self._bias, self._bias_key = None, None
+        self._bias: torch.Tensor | None = None
+        self._bias_key: tuple[int, torch.dtype, torch.device] | None = None
 
     def _dropout_rng(self):
         if self.training and self.dropout_p > 0:
@@ -104,7 +105,7 @@ class DotProductAttention(torch.nn.Module):
     def _causal_bias(self, s: int, like: torch.Tensor) -> torch.Tensor:
         """[s, s] additive mask: 0 on and below the diagonal, -inf above (cached per size/dtype/device)."""
         key = (s, like.dtype, like.device)
-        if self._bias_key != key:
+        if self._bias is None or self._bias_key != key:
             self._bias = torch.full((s, s), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
             self._bias_key = key
         return self._bias

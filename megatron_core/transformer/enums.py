@@ -29,4 +29,5 @@ class AttnBackend(enum.Enum):
 
     @property
     def uses_sdpa(self) -> bool:
+        """True for the backends that run PyTorch's ``scaled_dot_product_attention`` (auto, flash)."""
         return self in (AttnBackend.auto, AttnBackend.flash)

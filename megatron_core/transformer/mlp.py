@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from megatron_core.fusions.kernels import find_kernel
 from megatron_core.parallel_state import ParallelState, get_parallel_state
-from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.config import TransformerConfig, resolved
 from megatron_core.transformer.init import component_name
 from megatron_core.transformer.spec import build_module
 
@@ -58,17 +58,18 @@ class MLP(torch.nn.Module):
         ps = get_parallel_state(parallel_state)
         self.config = config
         gated = config.gated_linear_unit
+        ffn_hidden_size = resolved(config.ffn_hidden_size, "ffn_hidden_size")
         common = dict(sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
                       parallel_state=ps)
         self.linear_fc1 = build_module(
-            submodules.linear_fc1, config.hidden_size, config.ffn_hidden_size * (2 if gated else 1),
+            submodules.linear_fc1, config.hidden_size, ffn_hidden_size * (2 if gated else 1),
             bias=config.add_bias_linear, gather_output=False, stride=2 if gated else 1,
             init_method=config.init_method(component_name(prefix, "linear_fc1.weight")), **common)
         self.activation_func = ACTIVATIONS[config.activation]
         # A fused SwiGLU kernel where one is found (fused spec); the local spec passes False.
         self.activation_kernel = find_kernel("swiglu") if fused_kernels and config.activation == "swiglu" else None
         self.linear_fc2 = build_module(
-            submodules.linear_fc2, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
+            submodules.linear_fc2, ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
             input_is_parallel=True,
             init_method=config.output_init_method(component_name(prefix, "linear_fc2.weight")), **common)
 

@@ -13,6 +13,8 @@ from megatron_core.fusions.kernels import Kernel
 class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables for the positions of a batch, for the first ``rotary_dim`` channels of a head."""
 
+    inv_freq: torch.Tensor  # [rotary_dim / 2] buffer; declared so that attribute reads are typed as a Tensor
+
     def __init__(self, rotary_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         if rotary_dim % 2 != 0:

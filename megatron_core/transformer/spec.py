@@ -21,6 +21,7 @@ class IdentityOp(torch.nn.Module):
         super().__init__()
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """Return ``x`` unchanged; further arguments are accepted and ignored."""
         return x
 
 

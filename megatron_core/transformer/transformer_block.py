@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_core.errors import ConfigError
 from megatron_core.fusions.fused_layer_norm import build_norm
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.pipeline_parallel.layer_split import layer_range
@@ -55,6 +56,8 @@ class TransformerBlock(torch.nn.Module):
 
     def _checkpointed(self, hidden, attention_mask, cos, sin) -> torch.Tensor:
         n, k = len(self.layers), self.config.recompute_num_layers
+        if k is None:
+            raise ConfigError("recompute_granularity='full' needs recompute_num_layers (--recompute-num-layers)")
         if self.config.recompute_method == "uniform":
             for start in range(0, n, k):
                 hidden = checkpoint(self._run(start, min(start + k, n)), self.rng_tracker, hidden,
