@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from megatron_core.checkpoint.hf_errors import UnsupportedModel, resolved
-from megatron_core.transformer.config import TransformerConfig
+from megatron_core.checkpoint.hf_errors import UnsupportedModel
+from megatron_core.transformer.config import TransformerConfig, resolved
 
 ARCHITECTURE = "GPT2LMHeadModel"
 _ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",

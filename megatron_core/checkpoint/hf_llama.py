@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from megatron_core.checkpoint.hf_errors import UnsupportedModel, resolved
-from megatron_core.transformer.config import TransformerConfig
+from megatron_core.checkpoint.hf_errors import UnsupportedModel
+from megatron_core.transformer.config import TransformerConfig, resolved
 
 ARCHITECTURE = "LlamaForCausalLM"
 
