@@ -122,7 +122,8 @@ def train(layout: dict, spec: Any, ddp: dict, steps: int, num_microbatches: int,
 
 def result_of(parallel_state, spec: Any, chunks, losses, norms) -> dict:
     params = spec.global_parameters(chunks)
-    return {"losses": losses, "norms": norms, "dp": (parallel_state.dp_rank, parallel_state.dp_size), "tp": (parallel_state.tp_rank, parallel_state.tp_size),
+    return {"losses": losses, "norms": norms, "dp": (parallel_state.dp_rank, parallel_state.dp_size),
+            "tp": (parallel_state.tp_rank, parallel_state.tp_size),
             "last_stage": parallel_state.is_pipeline_last_stage(),
             "params": {n: p.detach().float().clone() for n, p in params.items()},
             "shard": {n: ((p.partition_dim, getattr(p, "partition_stride", 1))

@@ -89,10 +89,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         results: dict[int, Any] = {}
         errors: list[tuple[int, str]] = []
         deadline = time.monotonic() + timeout
+        first_error_at: float | None = None  # after the first failure the others get a short grace period
         pending = dict(conns)
         while pending:
             now = time.monotonic()
-            limit = deadline if not errors else min(deadline, first_error_at + _GRACE_AFTER_ERROR)
+            limit = deadline if first_error_at is None else min(deadline, first_error_at + _GRACE_AFTER_ERROR)
             if now >= limit:
                 break
             for conn in mp.connection.wait(list(pending), timeout=limit - now):
@@ -104,7 +105,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 if kind == "ok":
                     results[rank] = payload
                 else:
-                    if not errors:
+                    if first_error_at is None:
                         first_error_at = time.monotonic()
                     errors.append((rank, payload))
         if errors:

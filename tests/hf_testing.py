@@ -66,6 +66,7 @@ def load_hf_weights(model: torch.nn.Module, hf_model: torch.nn.Module, make_voca
     """Copy this rank's part of ``hf_model``'s weights into the GPTModel chunk ``model`` (strict)."""
     config = model.config
     full = hf_tensors_to_core(hf_model, hf_model.state_dict(), config)
-    state = rank_state_dict(full, config, model.vocab_size, make_vocab_size_divisible_by, parallel_state.tp_size, parallel_state.tp_rank,
-                            parallel_state.pp_size, parallel_state.pp_rank, parallel_state.vpp_size, vp_stage)
+    state = rank_state_dict(full, config, model.vocab_size, make_vocab_size_divisible_by, parallel_state.tp_size,
+                            parallel_state.tp_rank, parallel_state.pp_size, parallel_state.pp_rank,
+                            parallel_state.vpp_size, vp_stage)
     model.load_state_dict(state, strict=True)

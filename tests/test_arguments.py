@@ -62,7 +62,8 @@ def _base(*extra):
 
 
 @pytest.mark.parametrize("extra,world,message", [
-    (["--tensor-model-parallel-size", "8", "--num-attention-heads", "4"], 8, "--num-attention-heads 4 is not divisible"),
+    (["--tensor-model-parallel-size", "8", "--num-attention-heads", "4"], 8,
+     "--num-attention-heads 4 is not divisible"),
     (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible by --micro-batch-size 2"),
     (["--tensor-model-parallel-size", "3"], 4, "world size 4 is not divisible"),
     (["--fp16", "--bf16"], 1, "only one of --fp16 and --bf16"),

@@ -50,7 +50,7 @@ def _load_and_run(ckpt_dir):
     chunks = build_gpt_model_chunks(config, info["vocab_size"], info["max_position_embeddings"], ps,
                                     make_vocab_size_divisible_by=info["make_vocab_size_divisible_by"])
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for key, chunk in zip(keys, chunks):
+    for key, chunk in zip(keys, chunks, strict=True):
         chunk.load_state_dict(state[key], strict=True)
         chunk.eval()
     ids, hidden, logits = _ids(info["vocab_size"]), None, None

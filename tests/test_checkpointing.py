@@ -50,7 +50,7 @@ def test_resume_equals_uninterrupted_run_under_zero(tmp_path):
     resumed = _logged(run_distributed(_train, 2, TINY + zero + ["--load", ckpt], timeout=120))
     assert resumed.loaded_iteration == 6 and resumed.iteration == 12
     assert len(resumed.losses) == 6
-    for i, (got, want) in enumerate(zip(resumed.losses, full.losses[6:]), start=7):
+    for i, (got, want) in enumerate(zip(resumed.losses, full.losses[6:], strict=True), start=7):
         assert abs(got - want) <= 1e-5 * abs(want), f"iteration {i}: resumed {got} vs uninterrupted {want}"
 
 
@@ -166,7 +166,8 @@ def test_process_killed_while_saving_leaves_previous_checkpoint(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "4"
-    assert os.path.isdir(os.path.join(ckpt, "iter_0000008.tmp")) and not os.path.exists(os.path.join(ckpt, "iter_0000008"))
+    assert os.path.isdir(os.path.join(ckpt, "iter_0000008.tmp"))
+    assert not os.path.exists(os.path.join(ckpt, "iter_0000008"))
     resumed = _logged(run_distributed(_train, 1, TINY + ["--load", ckpt, "--train-iters", "8", "--exit-interval", "5"]))
     assert resumed.loaded_iteration == 4 and resumed.iteration == 5
 

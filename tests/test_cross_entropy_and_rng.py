@@ -166,5 +166,5 @@ def _checkpoint_vs_plain():
 
 def test_checkpoint_with_dropout_equals_plain():
     plain, ckpt = run_distributed(_checkpoint_vs_plain, 1, timeout=60)[0]
-    for name, p, c in zip(("output", "input grad", "w1 grad", "w2 grad", "next dropout"), plain, ckpt):
+    for name, p, c in zip(("output", "input grad", "w1 grad", "w2 grad", "next dropout"), plain, ckpt, strict=True):
         assert torch.equal(p, c), name

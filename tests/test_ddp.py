@@ -98,7 +98,7 @@ def test_broadcast_from_dp_rank0_and_bucket_layout():
     rank0_before = results[0][0]
     names = list(rank0_before)
     assert any(not torch.equal(results[1][0][n], rank0_before[n]) for n in names), "ranks should start different"
-    for before, after, layout, dp_rank, dp_size in results:
+    for _before, after, layout, dp_rank, dp_size in results:
         for n in names:
             assert torch.equal(after[n], rank0_before[n]), f"dp rank {dp_rank}: {n} not broadcast from DP rank 0"
         assert layout["views"], "parameters and main_grad must be views into the contiguous buffers"

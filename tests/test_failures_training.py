@@ -125,7 +125,8 @@ def test_schedules_that_cannot_be_meant_are_refused(extra, needle):
 def test_a_run_shorter_than_its_warmup_is_warned(capfd):
     result = _one(TINY + ["--lr-warmup-iters", "10", "--lr-decay-iters", "20", "--train-iters", "2"])
     assert not isinstance(result, str), result
-    assert "warning: the run ends after 4 samples, inside the learning-rate warmup of 20 samples" in capfd.readouterr().out
+    expected = "warning: the run ends after 4 samples, inside the learning-rate warmup of 20 samples"
+    assert expected in capfd.readouterr().out
 
 
 # ---- 5. evaluation only ------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def _pipeline(config, pp, vpp):
     ps.manual_seed(5)
     chunks = build_gpt_model_chunks(config, VOCAB, SEQ, ps, make_vocab_size_divisible_by=64)
     params = []
-    for vp, chunk in enumerate(chunks):
+    for chunk in chunks:
         offset = chunk.decoder.layer_offset
         for name, p in chunk.named_parameters():
             if name.startswith("decoder.layers."):
@@ -131,7 +131,7 @@ def _pipeline(config, pp, vpp):
     # Forward one microbatch through the stages by hand (chunk order: vp-major, then pipeline rank).
     ids, labels = _batch(0)
     hidden, loss = None, None
-    for vp, chunk in enumerate(chunks):
+    for chunk in chunks:
         if not chunk.pre_process:
             hidden = torch.empty(SEQ, BATCH, config.hidden_size)
             dist.recv(hidden, src=ps.prev_pipeline_rank)
@@ -153,7 +153,7 @@ def test_pipeline_split_holds_the_same_parameters(pp, vpp, first):
     assert not any(shared for _, _, shared in ref_params), "a single stage has nothing to share"
     results = run_distributed(_pipeline, pp, config, pp, vpp, timeout=90)
     seen = set()
-    for rank, (params, loss, roles) in enumerate(results):
+    for rank, (params, loss, _roles) in enumerate(results):
         for name, value, shared in params:
             if name == "output_layer.weight":
                 assert shared and torch.equal(value, reference["embedding.word_embeddings.weight"]), \

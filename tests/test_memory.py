@@ -34,9 +34,12 @@ def _footprints(stages):
         ps, chunks, wrapped, optimizer = build({}, CONFIG, {"zero_stage": stage, "bucket_size": None}, {},
                                                torch.bfloat16)
         buffer = wrapped[0].buffers_by_dtype[0]
-        during = {}
-        train_step(ps, CONFIG, wrapped, optimizer, 0, 1,
-                   before_step=lambda: during.update(grads=memory_footprint(wrapped, optimizer).grads))
+        during: dict = {}
+
+        def record_grads(during=during, wrapped=wrapped, optimizer=optimizer):
+            during.update(grads=memory_footprint(wrapped, optimizer).grads)
+
+        train_step(ps, CONFIG, wrapped, optimizer, 0, 1, before_step=record_grads)
         after = memory_footprint(wrapped, optimizer)
         released = buffer.grad_data.untyped_storage().nbytes() == 0
         optimizer.zero_grad()

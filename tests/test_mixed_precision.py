@@ -79,13 +79,14 @@ def _inject_inf(layout, ddp, hysteresis, inject_steps):
     for step in range(4):
         before = [p.detach().clone() for c in chunks for p in c.parameters()]
 
-        def poison():
+        def poison(step=step):
             if step in inject_steps and ps.rank == victim:
                 for buffer in wrapped[0].buffers_by_dtype:
                     buffer.grad_data[buffer.buckets[0].shard_start] = float("inf")
 
         _, (ok, norm, _) = train_step(ps, CONFIG, wrapped, optimizer, step, MICROBATCHES, before_step=poison)
-        changed = any(not torch.equal(b, p) for b, p in zip(before, (p for c in chunks for p in c.parameters())))
+        after = [p for c in chunks for p in c.parameters()]
+        changed = any(not torch.equal(b, p) for b, p in zip(before, after, strict=True))
         history.append((ok, norm, optimizer.get_loss_scale(), changed))
     ps.destroy()
     return history

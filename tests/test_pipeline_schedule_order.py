@@ -67,7 +67,8 @@ class _RecordingRunner:
         self.done["F", c] += 1
         self.in_flight += not self.forward_only
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        return ("activation", c + (self.parallel_state.pp_rank == self.parallel_state.pp_size - 1), mb)  # the next piece's input
+        # The next piece's input.
+        return ("activation", c + (self.parallel_state.pp_rank == self.parallel_state.pp_size - 1), mb)
 
     def backward(self, input_tensor, output, output_grad):
         _, consumer, mb = output

@@ -129,8 +129,9 @@ def _pipeline(layout: dict, config, num_microbatches: int, per_token: bool) -> d
     # Whether DP sync was allowed when each microbatch's gradient reached each chunk.
     sync = {"on": True}
     sync_flags = [[] for _ in chunks]
-    for flags, chunk in zip(sync_flags, chunks):
-        chunk.decoder.layers[0].mlp.linear_fc1.weight.register_post_accumulate_grad_hook(lambda p, f=flags: f.append(sync["on"]))
+    for flags, chunk in zip(sync_flags, chunks, strict=True):
+        weight = chunk.decoder.layers[0].mlp.linear_fc1.weight
+        weight.register_post_accumulate_grad_hook(lambda p, f=flags: f.append(sync["on"]))
 
     @contextlib.contextmanager
     def no_sync():

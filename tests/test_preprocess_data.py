@@ -30,14 +30,18 @@ def read_megatron_index(prefix):
     count, doc_count = struct.unpack("<QQ", raw[18:34])
     assert version == 1
     pos = 34
-    lengths = struct.unpack(f"<{count}i", raw[pos:pos + 4 * count]); pos += 4 * count
-    pointers = struct.unpack(f"<{count}q", raw[pos:pos + 8 * count]); pos += 8 * count
-    documents = struct.unpack(f"<{doc_count}q", raw[pos:pos + 8 * doc_count]); pos += 8 * doc_count
+    lengths = struct.unpack(f"<{count}i", raw[pos:pos + 4 * count])
+    pos += 4 * count
+    pointers = struct.unpack(f"<{count}q", raw[pos:pos + 8 * count])
+    pos += 8 * count
+    documents = struct.unpack(f"<{doc_count}q", raw[pos:pos + 8 * doc_count])
+    pos += 8 * doc_count
     assert pos == len(raw)
     dtype = np.dtype(DTYPES[code]).newbyteorder("<")
     data = open(prefix + ".bin", "rb").read()
     sequences = [
-        np.frombuffer(data[p:p + n * dtype.itemsize], dtype=dtype).tolist() for p, n in zip(pointers, lengths)
+        np.frombuffer(data[p:p + n * dtype.itemsize], dtype=dtype).tolist()
+        for p, n in zip(pointers, lengths, strict=True)
     ]
     assert sum(lengths) * dtype.itemsize == len(data)
     return code, list(documents), sequences

@@ -44,7 +44,7 @@ def test_loss_falls_and_lines_follow_megatron(serial, capfd):
     assert result.iteration == 20 and result.consumed_train_samples == 160 and len(result.losses) == 20
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.25, result.losses
     assert result.losses == serial.losses  # the same run twice gives the same losses
-    lines = [l for l in out.splitlines() if re.search(r"iteration +\d+/ +20 \|", l)]
+    lines = [line for line in out.splitlines() if re.search(r"iteration +\d+/ +20 \|", line)]
     assert len(lines) == 4
     pattern = (r"^ \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration +20/ +20 \| consumed samples: +160 \| "
                r"elapsed time per iteration \(ms\): [\d.]+ \| throughput per rank: [\d.]+ tokens/s, [\d.]+ TFLOP/s \| "
@@ -68,7 +68,7 @@ def test_loss_falls_and_lines_follow_megatron(serial, capfd):
 def test_parallel_layouts_reproduce_serial_losses(serial, world, extra):
     result = _logged(run_distributed(_train, world, TINY + extra, timeout=180))
     assert len(result.losses) == len(serial.losses)
-    for i, (got, want) in enumerate(zip(result.losses, serial.losses), start=1):
+    for i, (got, want) in enumerate(zip(result.losses, serial.losses, strict=True), start=1):
         assert abs(got - want) <= 1e-5 * abs(want), f"iteration {i}: {got} vs serial {want}"
     assert result.val_losses[20] == pytest.approx(serial.val_losses[20], rel=1e-5)
 

@@ -83,7 +83,8 @@ def _row(sp):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     tp, r = ps.tp_size, ps.tp_rank
     torch.manual_seed(99)
-    layer = RowParallelLinear(OUT, IN, input_is_parallel=True, sequence_parallel=sp, init_method=init_method_normal(0.5))
+    layer = RowParallelLinear(OUT, IN, input_is_parallel=True, sequence_parallel=sp,
+                              init_method=init_method_normal(0.5))
     with torch.no_grad():
         layer.bias.copy_(torch.linspace(-1, 1, IN))
     x_full, g_full = _inputs((SEQ, BATCH, OUT), (SEQ, BATCH, IN))
@@ -164,5 +165,6 @@ def _indivisible():
 
 
 def test_sizes_not_divisible_by_tp_are_rejected():
-    with pytest.raises(RankError, match="ColumnParallelLinear output_size 10 is not divisible by the tensor-parallel size 4"):
+    message = "ColumnParallelLinear output_size 10 is not divisible by the tensor-parallel size 4"
+    with pytest.raises(RankError, match=message):
         run_distributed(_indivisible, 4, timeout=60)

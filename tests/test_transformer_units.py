@@ -46,7 +46,8 @@ def test_config_errors_name_the_fields(kwargs, message):
 def test_parallel_validation_and_round_trip():
     config = TransformerConfig(num_layers=4, num_attention_heads=4, num_query_groups=2, params_dtype=torch.bfloat16)
     config.validate_parallel(2, 2)
-    with pytest.raises(ConfigError, match=r"num_query_groups \(2\) is not divisible by --tensor-model-parallel-size \(4\)"):
+    message = r"num_query_groups \(2\) is not divisible by --tensor-model-parallel-size \(4\)"
+    with pytest.raises(ConfigError, match=message):
         config.validate_parallel(4)
     with pytest.raises(ValueError, match="--num-layers 4 does not split evenly"):
         config.validate_parallel(1, 3)
@@ -100,7 +101,8 @@ def _attention(backend, explicit_mask):
     config = TransformerConfig(hidden_size=32, num_attention_heads=4, num_query_groups=2, attention_backend=backend)
     attn = DotProductAttention(config, layer_number=1, parallel_state=ps).eval()
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(8, 2, 4, 8, generator=g), torch.randn(8, 2, 2, 8, generator=g), torch.randn(8, 2, 2, 8, generator=g)
+    q = torch.randn(8, 2, 4, 8, generator=g)
+    k, v = torch.randn(8, 2, 2, 8, generator=g), torch.randn(8, 2, 2, 8, generator=g)
     causal = torch.ones(8, 8, dtype=torch.bool).triu(1).expand(2, 1, 8, 8).clone()
     mask = causal.clone()
     if explicit_mask:  # two documents per sample: no attention across the boundary at position 4
@@ -154,7 +156,9 @@ def _custom_spec():
     ids = torch.arange(32).view(2, 16) % 64
     assert all(type(layer.mlp) is _DoubleMLP for layer in custom.decoder.layers)
     # Same seeded weights (the spec changes behaviour, not parameters).
-    assert all(torch.equal(a, b) for a, b in zip(custom.state_dict().values(), plain.state_dict().values()))
+    custom_state, plain_state = custom.state_dict(), plain.state_dict()
+    assert list(custom_state) == list(plain_state)
+    assert all(torch.equal(a, b) for a, b in zip(custom_state.values(), plain_state.values(), strict=True))
     plain_out = plain(ids)
     # Expected: the plain model with every MLP output (and bias) doubled, by a forward hook.
     for layer in plain.decoder.layers:

@@ -33,7 +33,8 @@ def _params(chunks, wrapped):
 def _paths(directory, parallel_state):
     folder = os.path.join(directory, f"mp_rank_{parallel_state.tp_rank:02d}")
     os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, "model_optim_rng.pt"), os.path.join(folder, f"distrib_optim_dp{parallel_state.dp_rank:03d}.pt")
+    optimizer_file = f"distrib_optim_dp{parallel_state.dp_rank:03d}.pt"
+    return os.path.join(folder, "model_optim_rng.pt"), os.path.join(folder, optimizer_file)
 
 
 def _resume(directory, ddp, dtype_name):
@@ -102,7 +103,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, ddp, dtype):
     for rank, (straight, resumed, losses, resumed_losses, wrong_rank_error, reload) in enumerate(results):
         assert reload == (False, True), f"rank {rank}: reload_model_params must copy the loaded weights (stale, after)"
         assert losses == resumed_losses, f"rank {rank}: losses after resuming differ"
-        for i, (a, b) in enumerate(zip(straight, resumed)):
+        for i, (a, b) in enumerate(zip(straight, resumed, strict=True)):
             assert torch.equal(a, b), f"rank {rank}: parameter {i} differs after resuming"
         if ddp["zero_stage"] > 0:
             assert wrong_rank_error is not None and "data-parallel size" in wrong_rank_error

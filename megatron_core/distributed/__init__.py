@@ -4,3 +4,13 @@ from megatron_core.distributed.distributed_data_parallel import DistributedDataP
 from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
 from megatron_core.distributed.finalize_model_grads import finalize_model_grads
 from megatron_core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer
+
+__all__ = [
+    "Bucket",
+    "CommLog",
+    "DistributedDataParallel",
+    "DistributedDataParallelConfig",
+    "ParamAndGradBuffer",
+    "finalize_model_grads",
+    "no_sync_func",
+]

@@ -59,10 +59,12 @@ class CommLog:
         self.bucket_timings: list[BucketTiming] = []
 
     def reset(self) -> None:
+        """Forget every recorded collective and bucket timing."""
         self.records.clear()
         self.bucket_timings.clear()
 
     def record(self, op: str, tensor: torch.Tensor, group, tag: str) -> None:
+        """Append one collective ``op`` over ``group`` on the full ``tensor`` (its numel and bytes)."""
         self.records.append(CommRecord(op, tag, tensor.numel(), tensor.element_size(), dist.get_world_size(group)))
 
     def paper_volume(self, tag_prefix: str = "") -> float:
@@ -70,6 +72,7 @@ class CommLog:
         return sum(PAPER_VOLUME[r.op] * r.numel for r in self.records if r.tag.startswith(tag_prefix))
 
     def bytes_by_op(self) -> dict[str, int]:
+        """Bytes of the recorded tensors per collective name (as issued, not the paper's factor)."""
         totals: dict[str, int] = {}
         for r in self.records:
             totals[r.op] = totals.get(r.op, 0) + r.bytes
@@ -77,6 +80,7 @@ class CommLog:
 
 
 def now() -> float:
+    """A monotonic clock in seconds (``time.perf_counter``) for the bucket timings."""
     return time.perf_counter()
 
 

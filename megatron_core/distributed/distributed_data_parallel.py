@@ -18,11 +18,12 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from typing_extensions import override
 
 from megatron_core.distributed import comm_log as comm
 from megatron_core.distributed.comm_log import CommLog
 from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
-from megatron_core.distributed.param_and_grad_buffer import ParamAndGradBuffer
+from megatron_core.distributed.param_and_grad_buffer import MAIN_GRAD_ATTR, ParamAndGradBuffer
 from megatron_core.distributed.param_gather import ParamGatherManager
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 
@@ -100,7 +101,8 @@ class DistributedDataParallel(torch.nn.Module):
             if param.grad is None:
                 return
             buffer.ensure_grads_allocated()
-            param.main_grad.add_(param.grad)
+            main_grad: torch.Tensor = getattr(param, MAIN_GRAD_ATTR)  # set by the buffer
+            main_grad.add_(param.grad)
             param.grad = None  # the gradient lives in the buffer only
             if self._sync_enabled:
                 buffer.register_grad_ready(param)
@@ -151,18 +153,26 @@ class DistributedDataParallel(torch.nn.Module):
             self.release_params()
 
     # ---- the module interface -----------------------------------------------------------------
+    @override
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
-        self.module.set_input_tensor(tensor)
+        """Hand the previous pipeline stage's activations to the wrapped chunk (see ``GPTModel``)."""
+        set_input_tensor = getattr(self.module, "set_input_tensor", None)
+        if not callable(set_input_tensor):
+            raise AttributeError(f"{type(self.module).__name__} has no set_input_tensor(); a pipeline stage "
+                                 f"wrapped in DistributedDataParallel must define one")
+        set_input_tensor(tensor)
 
+    @override
     def state_dict(self, *args, **kwargs):
         """The wrapped module's state dict (same keys as without the wrapper)."""
         return self.module.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state_dict, strict: bool = True):
-        return self.module.load_state_dict(state_dict, strict=strict)
+    @override
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- gradient sync ------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -26,8 +26,9 @@ def _grads_with(model_chunks: Iterable[torch.nn.Module], attribute: str) -> list
     grads = []
     for chunk in model_chunks:
         for param in chunk.parameters():
-            if param.requires_grad and getattr(param, attribute, False) and _grad(param) is not None:
-                grads.append(_grad(param))
+            grad = _grad(param)
+            if param.requires_grad and getattr(param, attribute, False) and grad is not None:
+                grads.append(grad)
     return grads
 
 
@@ -55,8 +56,9 @@ def finalize_model_grads(model_chunks: list[torch.nn.Module], parallel_state: Pa
     """
     ps = get_parallel_state(parallel_state)
     for chunk in model_chunks:
-        if hasattr(chunk, "finish_grad_sync"):
-            chunk.finish_grad_sync()
+        finish_grad_sync = getattr(chunk, "finish_grad_sync", None)
+        if callable(finish_grad_sync):  # a DDP wrapper; a bare module has nothing to sync
+            finish_grad_sync()
     if ps.tp_size > 1:
         grads = _grads_with(model_chunks, "sequence_parallel")
         if grads:
@@ -69,7 +71,8 @@ def finalize_model_grads(model_chunks: list[torch.nn.Module], parallel_state: Pa
         _scale_by_token_count(model_chunks, ps, num_tokens)
 
 
-def _scale_by_token_count(model_chunks: list[torch.nn.Module], parallel_state: ParallelState, num_tokens: torch.Tensor) -> None:
+def _scale_by_token_count(model_chunks: list[torch.nn.Module], parallel_state: ParallelState,
+                          num_tokens: torch.Tensor) -> None:
     total = torch.as_tensor(num_tokens, dtype=torch.int64).clone()
     if parallel_state.pp_size > 1:
         dist.broadcast(total, src=parallel_state.pp_ranks[-1], group=parallel_state.pp_group)

@@ -24,6 +24,9 @@ from megatron_core.distributed.comm_log import BucketTiming, CommLog
 from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
 from megatron_core.parallel_state import ParallelState
 
+# The attribute each parameter's gradient view in the buffer is stored under (Megatron-LM's name;
+# the optimizer reads it with ``getattr(param, "main_grad", None)``).
+MAIN_GRAD_ATTR = "main_grad"
 
 class Bucket:
     """A padded, contiguous range of a buffer whose gradients one collective reduces."""
@@ -49,11 +52,13 @@ class Bucket:
         self.reset()
 
     def reset(self) -> None:
+        """Mark every parameter's gradient pending again and forget the last reduction."""
         self.pending = {id(p) for p in self.params}
         self.handle, self.reduce_scatter_output, self.launched_at = None, None, None
 
     @property
     def launched(self) -> bool:
+        """Whether this bucket's gradient collective has been issued this step."""
         return self.launched_at is not None
 
 
@@ -69,6 +74,7 @@ class ShardPiece:
 
     @property
     def numel(self) -> int:
+        """Elements of the parameter in this piece."""
         return self.param_end - self.param_start
 
 
@@ -80,11 +86,13 @@ class ParamAndGradBuffer:
     """Parameters of one (param dtype, grad dtype) pair laid out in one flat buffer, with their grads."""
 
     def __init__(self, params: list[torch.nn.Parameter], grad_dtype: torch.dtype,
-                 config: DistributedDataParallelConfig, parallel_state: ParallelState, comm_log: CommLog | None = None) -> None:
+                 config: DistributedDataParallelConfig, parallel_state: ParallelState,
+                 comm_log: CommLog | None = None) -> None:
         if not params:
             raise ValueError("ParamAndGradBuffer needs at least one parameter")
         self.config, self.parallel_state, self.comm_log = config, parallel_state, comm_log
-        self.dp_size, self.dp_rank, self.dp_group = parallel_state.dp_size, parallel_state.dp_rank, parallel_state.dp_group
+        self.dp_size, self.dp_rank = parallel_state.dp_size, parallel_state.dp_rank
+        self.dp_group = parallel_state.dp_group
         self.param_dtype, self.grad_dtype = params[0].dtype, grad_dtype
         self.params = params
         self.param_ranges: dict[int, tuple[int, int, Bucket]] = {}
@@ -117,7 +125,7 @@ class ParamAndGradBuffer:
             view = bucket.param_data[start - bucket.start:end - bucket.start]
             view.copy_(p.detach().reshape(-1))
             p.data = view.view(p.shape)
-            p.main_grad = self.grad_data[start:end].view(p.shape)
+            setattr(p, MAIN_GRAD_ATTR, self.grad_data[start:end].view(p.shape))
         self._synced = False
         # Sum over DP, then the optimizer sees the average unless the loss is averaged per token later.
         self.gradient_scaling_factor = 1.0 if config.calculate_per_token_loss else 1.0 / self.dp_size
@@ -127,24 +135,24 @@ class ParamAndGradBuffer:
         bucket_size = self.config.bucket_size
         offset = bucket_start = local_offset = 0
         current: list[torch.nn.Parameter] = []
+        current_ranges: list[tuple[int, int]] = []  # buffer ranges of ``current``, known before their bucket
 
         def close() -> None:
-            nonlocal offset, bucket_start, local_offset, current
+            nonlocal offset, bucket_start, local_offset, current, current_ranges
             end = bucket_start + _pad(offset - bucket_start, self.dp_size)
             bucket = Bucket(len(self.buckets), bucket_start, end, current, self.dp_size, self.dp_rank, local_offset)
-            for p in current:
-                start, stop, _ = self.param_ranges[id(p)]
+            for p, (start, stop) in zip(current, current_ranges, strict=True):
                 self.param_ranges[id(p)] = (start, stop, bucket)
             self.buckets.append(bucket)
             local_offset += bucket.shard_size
             offset = bucket_start = end
-            current = []
+            current, current_ranges = [], []
 
         for p in params:
             own_bucket = self.config.use_distributed_optimizer and getattr(p, "shared_embedding", False)
             if own_bucket and current:
                 close()
-            self.param_ranges[id(p)] = (offset, offset + p.numel(), None)
+            current_ranges.append((offset, offset + p.numel()))
             offset += p.numel()
             current.append(p)
             if own_bucket or (bucket_size is not None and offset - bucket_start >= bucket_size):
@@ -174,7 +182,13 @@ class ParamAndGradBuffer:
             self.grads_allocated = True
 
     def release_full_grads(self) -> None:
-        """Stage 2: keep only the reduced shard (copied into ``grad_shard``) and free the full buffer."""
+        """Stage 2: keep only the reduced shard (copied into ``grad_shard``) and free the full buffer.
+
+        Raises ValueError below stage 2, where no shard copy exists to keep.
+        """
+        if self.grad_shard is None:
+            raise ValueError(f"release_full_grads needs zero_stage >= 2 (a kept gradient shard); this buffer "
+                             f"has zero_stage={self.config.zero_stage}")
         for bucket in self.buckets:
             lo = bucket.shard_start
             self.grad_shard[bucket.local_offset:bucket.local_offset + bucket.shard_size].copy_(

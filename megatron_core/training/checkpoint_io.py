@@ -24,6 +24,7 @@ MANIFEST_FILENAME = "manifest.json"  # every file of an iteration and its size i
 
 
 def iteration_dir(root: str, iteration: int) -> str:
+    """``root/iter_NNNNNNN``: the directory of one saved iteration (Megatron-LM's layout)."""
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
@@ -33,6 +34,7 @@ def mp_rank_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
 
 
 def distrib_optim_filename(dp_rank: int) -> str:
+    """The file of DP rank ``dp_rank``'s distributed-optimizer shard inside an ``mp_rank`` directory."""
     return f"distrib_optim_dp{dp_rank:03d}.pt"
 
 
@@ -121,7 +123,8 @@ def read_tracker(root: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{path} holds {text!r}, not an iteration number; delete it or point --load elsewhere") from None
+        raise ValueError(f"{path} holds {text!r}, not an iteration number; "
+                         "delete it or point --load elsewhere") from None
 
 
 def existing_iteration_dir(root: str, iteration: int) -> str | None:

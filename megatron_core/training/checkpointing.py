@@ -67,8 +67,9 @@ class LoadResult:
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP / mixed-precision wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
+    inner = getattr(module, "module", None)
+    while isinstance(inner, torch.nn.Module):
+        module, inner = inner, getattr(inner, "module", None)
     return module
 
 
@@ -353,7 +354,9 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
         _reload_main_params(optimizer)
     if not config.no_load_rng and "rng_state" in state:
         states = state["rng_state"]
-        set_rng_state(states[parallel_state.dp_rank] if len(states) == parallel_state.dp_size else states[0], parallel_state.rng_tracker)
+        # One state per DP rank when saved with this DP size, else every rank takes the first.
+        rank_state = states[parallel_state.dp_rank] if len(states) == parallel_state.dp_size else states[0]
+        set_rng_state(rank_state, parallel_state.rng_tracker)
         result.rng_loaded = True
     printer(f"> loaded checkpoint from {config.load} at iteration {result.iteration} "
             f"(optimizer: {'yes' if result.optimizer_loaded else 'no'}, rng: {'yes' if result.rng_loaded else 'no'})")
@@ -367,7 +370,7 @@ def _load_model(state: dict[str, Any], model: list[torch.nn.Module], where: str)
         present = sorted(k for k in state if k.startswith("model"))
         raise ConfigError(f"{where}: needs {keys} but holds {present}: it was saved with another number of virtual "
                           f"pipeline stages (--num-layers-per-virtual-pipeline-stage)")
-    for key, chunk in zip(keys, model):
+    for key, chunk in zip(keys, model, strict=True):
         try:
             unwrap(chunk).load_state_dict(state[key], strict=True)
         except RuntimeError as exc:

@@ -24,6 +24,9 @@ def build_run_tokenizer(config: DataConfig, tp_size: int) -> tuple[MegatronToken
 
     With ``--vocab-size`` and a real tokenizer, the flag is an upper bound the tokenizer must fit.
     """
+    if config.tokenizer_type is None:
+        raise ConfigError("--tokenizer-type is required (SentencePieceTokenizer, GPT2BPETokenizer, "
+                          "HuggingFaceTokenizer, or NullTokenizer with --vocab-size N)")
     try:
         tokenizer = build_tokenizer(config.tokenizer_type, tokenizer_model=config.tokenizer_model,
                                     vocab_file=config.vocab_file, merge_file=config.merge_file,
@@ -93,7 +96,8 @@ def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, para
     """A loader over this DP rank's micro batches."""
     if num_workers > 0 and multiprocessing.current_process().daemon:
         num_workers = 0  # a daemonic process (e.g. a test harness rank) may not start worker processes
-    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, parallel_state.dp_rank, parallel_state.dp_size)
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, parallel_state.dp_rank,
+                                 parallel_state.dp_size)
     # Its own generator: starting an iterator draws a worker seed, which must not come from the global
     # RNG that dropout uses (a resumed run would otherwise drop out differently from an uninterrupted one).
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
@@ -115,5 +119,6 @@ def data_iterators(dataset: Any, consumed_samples: int, micro_batch_size: int, p
         if dataset is None or not chunk_needs_data(parallel_state, vp_stage):
             iterators.append(None)
         else:
-            iterators.append(iter(data_loader(dataset, consumed_samples, micro_batch_size, parallel_state, num_workers)))
+            loader = data_loader(dataset, consumed_samples, micro_batch_size, parallel_state, num_workers)
+            iterators.append(iter(loader))
     return iterators

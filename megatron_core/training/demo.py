@@ -101,7 +101,8 @@ def build_stdlib_corpus(path: str, max_bytes: int = DEMO_CORPUS_BYTES, seed: int
 def check_jsonl(path: str, key: str = "text") -> int:
     """Count documents; a missing file or a malformed line is a :class:`ConfigError` naming the line."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--demo-input {path!r} does not exist; give a JSONL file with one {{\"{key}\": ...}} per line")
+        raise ConfigError(f"--demo-input {path!r} does not exist; "
+                          f"give a JSONL file with one {{\"{key}\": ...}} per line")
     count = 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):

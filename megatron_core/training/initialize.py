@@ -42,6 +42,7 @@ def world_size_from_env() -> int:
 
 
 def rank_from_env() -> int:
+    """The global rank: the process group's when initialised, else ``$RANK`` (torchrun's), else 0."""
     if dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))

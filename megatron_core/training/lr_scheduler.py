@@ -35,7 +35,8 @@ class OptimizerParamScheduler:
         if lr_warmup_steps < 0:
             raise ConfigError(f"learning-rate warmup must be >= 0 samples, got {lr_warmup_steps}")
         if use_checkpoint_opt_param_scheduler and override_opt_param_scheduler:
-            raise ConfigError("give only one of --use-checkpoint-opt-param-scheduler and --override-opt-param-scheduler")
+            raise ConfigError("give only one of --use-checkpoint-opt-param-scheduler and "
+                              "--override-opt-param-scheduler")
         self.optimizer = optimizer
         self.init_lr, self.max_lr, self.min_lr = float(init_lr), float(max_lr), float(min_lr)
         self.lr_warmup_steps, self.lr_decay_steps = lr_warmup_steps, lr_decay_steps

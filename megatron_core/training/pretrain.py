@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import device
+from megatron_core.checkpoint.hf_errors import resolved
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
 from megatron_core.training import checkpoint_io, checkpointing, data_loading, dist_checkpoint, health
@@ -70,13 +71,16 @@ class Printers:
 
     def __init__(self, parallel_state: ParallelState) -> None:
         self.is_rank0 = parallel_state.rank == 0
-        self.is_logging_rank = parallel_state.is_pipeline_last_stage() and parallel_state.tp_rank == 0 and parallel_state.dp_rank == 0
+        self.is_logging_rank = (parallel_state.is_pipeline_last_stage() and parallel_state.tp_rank == 0
+                                and parallel_state.dp_rank == 0)
 
     def rank0(self, text: str) -> None:
+        """Print ``text`` on global rank 0 only."""
         if self.is_rank0:
             print(text, flush=True)
 
     def last(self, text: str) -> None:
+        """Print ``text`` on the logging rank only (last pipeline stage, TP and DP rank 0)."""
         if self.is_logging_rank:
             print(text, flush=True)
 
@@ -290,9 +294,10 @@ def _wait_for_save(run: _Run) -> None:
 
 def _flops_per_sample(config: RunConfig, padded_vocab: int) -> float:
     t = config.model.transformer
-    return flops_per_iteration(1, config.data.seq_length, t.num_layers, t.hidden_size, t.ffn_hidden_size,
-                               t.num_attention_heads, t.kv_channels, t.num_query_groups, t.activation == "swiglu",
-                               padded_vocab)
+    return flops_per_iteration(1, config.data.seq_length, t.num_layers, t.hidden_size,
+                               resolved(t.ffn_hidden_size, "ffn_hidden_size"), t.num_attention_heads,
+                               resolved(t.kv_channels, "kv_channels"), resolved(t.num_query_groups, "num_query_groups"),
+                               t.activation == "swiglu", padded_vocab)
 
 
 def _any_rank(flag: bool) -> bool:
@@ -371,4 +376,5 @@ def _exit_reason(run: _Run, state: TrainState, handler: ExitSignalHandler, start
 
 
 def perplexity(loss: float) -> float:
+    """``exp(loss)`` with the loss capped at 20 so that an early, large loss does not overflow the log."""
     return math.exp(min(20.0, loss))

@@ -18,7 +18,10 @@ from megatron_core.tensor_parallel.random import RNGStatesTracker
 
 def get_rng_state(tracker: RNGStatesTracker) -> dict[str, Any]:
     """This rank's RNG states (Megatron-LM's key names)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if not isinstance(np_state, tuple):  # only a non-MT19937 global generator gives the dict form
+        raise ValueError("NumPy's global generator is not MT19937; its state cannot be saved in the legacy form")
+    kind, keys, pos, has_gauss, cached = np_state
     return {
         "random_rng_state": random.getstate(),
         "np_rng_state": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),

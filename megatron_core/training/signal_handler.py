@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,10 +21,12 @@ class ExitSignalHandler:
     def __init__(self, sig: int = signal.SIGTERM) -> None:
         self.sig = sig
         self.received = False
-        self._previous = None
+        # What ``signal.signal`` returned: a handler, SIG_DFL / SIG_IGN, or None (not set from Python).
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
         self._installed = False
 
     def install(self) -> ExitSignalHandler:
+        """Start catching the signal (from the main thread only; elsewhere a no-op); returns ``self``."""
         # Signal handlers can only be set from the main thread; elsewhere (a thread pool) skip it.
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(self.sig, self._handle)

@@ -15,12 +15,14 @@ class Timer:
         self._started_at: float | None = None
 
     def start(self) -> None:
+        """Begin an interval after the device's queued work finishes; RuntimeError if already running."""
         if self._started_at is not None:
             raise RuntimeError(f"timer {self.name!r} started twice")
         device.synchronize()  # time finished device work, not queued kernels
         self._started_at = time.perf_counter()
 
     def stop(self) -> None:
+        """Add the running interval (device work included) to the total; RuntimeError if not started."""
         if self._started_at is None:
             raise RuntimeError(f"timer {self.name!r} stopped before it was started")
         device.synchronize()
@@ -45,6 +47,7 @@ class Timers:
         self._timers: dict[str, Timer] = {}
 
     def __call__(self, name: str) -> Timer:
+        """The timer called ``name``, created (stopped, at zero) on first use."""
         if name not in self._timers:
             self._timers[name] = Timer(name)
         return self._timers[name]

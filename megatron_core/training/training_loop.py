@@ -113,7 +113,8 @@ def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Mod
         return {}  # every rank decides alike: evaluation is collective along the pipeline
     for chunk in model:
         chunk.eval()
-    iterators = data_loading.data_iterators(dataset, 0, training.micro_batch_size, parallel_state, data.num_workers, len(model))
+    iterators = data_loading.data_iterators(dataset, 0, training.micro_batch_size, parallel_state, data.num_workers,
+                                            len(model))
     num_microbatches = training.global_batch_size // (training.micro_batch_size * parallel_state.dp_size)
     schedule = get_forward_backward_func(parallel_state)
     loss_dicts: list = []
@@ -131,11 +132,13 @@ def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Mod
 
 
 def learning_rate(optimizer: Any) -> float:
+    """The first parameter group's learning rate (0.0 for an optimizer without groups)."""
     groups = getattr(optimizer, "param_groups", None) or [{}]
     return float(groups[0].get("lr", 0.0))
 
 
 def loss_scale(optimizer: Any) -> float:
+    """The optimizer's current loss scale (``get_loss_scale()``), 1.0 when it has none."""
     get = getattr(optimizer, "get_loss_scale", None)
     return float(get()) if get is not None else 1.0
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Optional
 
 from megatron_core.training.arguments import checkpointing, compat, data, distributed, logs, model, training
 from megatron_core.training.arguments.to_config import config_from_args

@@ -11,7 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved 1F1B: layers per virtual stage")
-    g.add_argument("--sequence-parallel", action="store_true", help="split norms and dropout over TP along the sequence")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split norms and dropout over TP along the sequence")
     g.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", default=None, metavar="FILE",
                    help="take the ZeRO, offload, precision, clipping and batch settings from a DeepSpeed JSON "
                         "config (flags that disagree with it are an error)")
