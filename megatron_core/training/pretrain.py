@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import device
-from megatron_core.checkpoint.hf_errors import resolved
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
 from megatron_core.training import checkpoint_io, checkpointing, data_loading, dist_checkpoint, health
@@ -47,6 +46,7 @@ from megatron_core.training.training_log import (
     write_validation_tensorboard,
 )
 from megatron_core.training.training_loop import TrainState, evaluate, learning_rate, loss_scale, train_step
+from megatron_core.transformer.config import resolved
 
 # (model config, padded vocabulary size, this rank's process groups) -> this rank's model chunks
 ModelProvider = Callable[[ModelConfig, int, ParallelState], list]
