@@ -88,7 +88,9 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     ``hf_dir`` None: a directory when the checkpoint holds a Hugging Face config and ``output`` does
     not end in ``.safetensors``.
     """
-    from safetensors.torch import save_file  # noqa: PLC0415 - only the tool needs it
+    from safetensors.torch import save_file  # only the tool needs it
+
+    from megatron_core.checkpoint.hf_io import normal_permissions
 
     state, hf_config = consolidate_state_dict(checkpoint_dir, tag)
     if hf_dir is None:
@@ -96,6 +98,9 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     if not hf_dir:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         save_file(state, output)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(output, 0o666 & ~umask)  # safetensors writes 0o600; a plain open() would not
         return output
     if hf_config is None:
         raise ConfigError(f"{checkpoint_dir!r} was not trained from a transformers model; write a .safetensors file")
@@ -112,6 +117,7 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     hf_config.pop("dtype", None)
     with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2)
+    normal_permissions(output)
     return output
 
 
