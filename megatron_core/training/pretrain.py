@@ -150,6 +150,12 @@ def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: Mod
     out, ps = Printers(parallel_state), parallel_state
     out.rank0(f"> world size {ps.world_size}: tensor parallel {ps.tp_size}, pipeline parallel {ps.pp_size}"
               f"{f' x {ps.vpp_size} virtual stages' if ps.vpp_size else ''}, data parallel {ps.dp_size}")
+    o = config.optimizer
+    precision = "bf16" if o.bf16 else "fp16" if o.fp16 else "fp32"
+    offload = " + NVMe offload" if o.nvme_offload_path else " + CPU offload" if o.optimizer_cpu_offload else ""
+    out.rank0(f"> ZeRO stage {config.ddp.zero_stage}{offload}, {precision}, micro batch "
+              f"{config.training.micro_batch_size}, global batch {config.training.global_batch_size}, "
+              f"clip grad {o.clip_grad}")
     if config.checkpoint.save is not None:  # found out now, not at the first save after hours of training
         agreed(checkpoint_io.check_writable, config.checkpoint.save)
     tokenizer, padded_vocab, model = agreed(_build_model, config, ps, model_provider)
@@ -241,7 +247,9 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
         _train(run, state, result)
     else:
         out.rank0(f"> nothing to train: the checkpoint is at iteration {state.iteration} and --train-iters is "
-                  f"{run.training.train_iters}; raise --train-iters to train further")
+                  f"{run.training.train_iters}; raise --train-iters to train further (when the learning-rate "
+                  f"decay follows --train-iters, add --override-opt-param-scheduler to decay over the new "
+                  f"length, or --use-checkpoint-opt-param-scheduler to keep the saved schedule)")
         result.exit_reason = "nothing-to-train"
     if result.exit_reason in ("completed", "skip-train", "nothing-to-train") and \
             run.last_eval_iteration != state.iteration:
