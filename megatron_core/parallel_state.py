@@ -95,6 +95,7 @@ class ParallelState:
         self.virtual_pipeline_model_parallel_size = virtual_pipeline_model_parallel_size
         self._timeout = timeout
         self._owned_groups: list = []
+        self._background_group: dist.ProcessGroup | None = None
         self.rng_tracker = RNGStatesTracker()
 
         self.tp_group, self.tp_ranks = self._build("tp")
@@ -215,6 +216,15 @@ class ParallelState:
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
                 f"pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size}")
 
+    def background_group(self) -> dist.ProcessGroup:
+        """A gloo group of all ranks for collectives that run in a background thread (asynchronous
+        checkpoint saves), so they never interleave with the training loop's collectives on the
+        default group. Created on first use: every rank must call this at the same point."""
+        if self._background_group is None:
+            self._background_group = dist.new_group(backend="gloo", timeout=self._timeout)
+            self._owned_groups.append(self._background_group)
+        return self._background_group
+
     def destroy(self) -> None:
         """Destroy every group this object created."""
         for group in self._owned_groups:
@@ -223,6 +233,7 @@ class ParallelState:
             except (ValueError, RuntimeError):
                 pass  # already gone with the default group
         self._owned_groups.clear()
+        self._background_group = None
 
 
 # The one resettable "current" handle (see module docstring).

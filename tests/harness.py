@@ -11,8 +11,10 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
+import queue
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -133,3 +135,50 @@ def _root_cause(errors: list[tuple[int, str]]) -> tuple[int, str]:
         if "Connection closed" not in head and "Connection reset" not in head and "Gloo" not in head:
             return rank, text
     return errors[0]
+
+
+class ProcessOutput:
+    """``proc``'s output lines, read by a thread so that every wait has a deadline even when the
+    process prints nothing (a plain ``readline`` would block past it)."""
+
+    def __init__(self, proc) -> None:
+        self.proc, self.lines, self.seen = proc, queue.Queue(), []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _next(self, deadline: float):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise queue.Empty
+        line = self.lines.get(timeout=left)
+        if line is not None:
+            self.seen.append(line)
+        return line
+
+    def until(self, needle: str, timeout: float = 60.0) -> str:
+        """The output up to the line holding ``needle``; kills the process and fails after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        try:
+            while (line := self._next(deadline)) is not None:
+                if needle in line:
+                    return "".join(self.seen)
+        except queue.Empty:
+            pass
+        self.proc.kill()
+        raise AssertionError(f"never saw {needle!r} within {timeout:.0f} s:\n{''.join(self.seen)[-3000:]}")
+
+    def rest(self, timeout: float = 60.0) -> str:
+        """All output once the process closes it; kills the process and fails after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self._next(deadline) is not None:
+                pass
+        except queue.Empty:
+            self.proc.kill()
+            raise AssertionError(f"output not closed within {timeout:.0f} s:\n{''.join(self.seen)[-3000:]}") from None
+        self.proc.wait(timeout=timeout)
+        return "".join(self.seen)

@@ -1,15 +1,12 @@
 """Checkpoints: resume equals an uninterrupted run, crash safety, SIGTERM, shape checks, finetune."""
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import torch
-from harness import run_distributed
+from harness import ProcessOutput, run_distributed
 
 import pretrain_gpt
 from megatron_core.training import checkpoint_io as io
@@ -111,58 +108,11 @@ def _spawn(args, env_extra=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-class _Output:
-    """``proc``'s output lines, read by a thread so that every wait has a deadline even when the
-    process prints nothing (a plain ``readline`` would block past it)."""
-
-    def __init__(self, proc) -> None:
-        self.proc, self.lines, self.seen = proc, queue.Queue(), []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def _next(self, deadline: float):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise queue.Empty
-        line = self.lines.get(timeout=left)
-        if line is not None:
-            self.seen.append(line)
-        return line
-
-    def until(self, needle: str, timeout: float = 60.0) -> str:
-        """The output up to the line holding ``needle``; kills the process and fails after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        try:
-            while (line := self._next(deadline)) is not None:
-                if needle in line:
-                    return "".join(self.seen)
-        except queue.Empty:
-            pass
-        self.proc.kill()
-        raise AssertionError(f"never saw {needle!r} within {timeout:.0f} s:\n{''.join(self.seen)[-3000:]}")
-
-    def rest(self, timeout: float = 60.0) -> str:
-        """All output once the process closes it; kills the process and fails after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        try:
-            while self._next(deadline) is not None:
-                pass
-        except queue.Empty:
-            self.proc.kill()
-            raise AssertionError(f"output not closed within {timeout:.0f} s:\n{''.join(self.seen)[-3000:]}") from None
-        self.proc.wait(timeout=timeout)
-        return "".join(self.seen)
-
-
 def test_process_killed_while_saving_leaves_previous_checkpoint(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     proc = _spawn(TINY + ["--save", ckpt, "--save-interval", "4", "--train-iters", "8"],
                   {SLEEP_IN_SAVE_ENV: "8:60"})
-    _Output(proc).until("[test hook]")
+    ProcessOutput(proc).until("[test hook]")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "4"
@@ -175,7 +125,7 @@ def test_process_killed_while_saving_leaves_previous_checkpoint(tmp_path):
 def test_sigterm_saves_and_exits(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     proc = _spawn(TINY + ["--save", ckpt, "--train-iters", "100000", "--log-interval", "1"])
-    output = _Output(proc)
+    output = ProcessOutput(proc)
     output.until("iteration        3/")
     proc.send_signal(signal.SIGTERM)
     out = output.rest(timeout=60)

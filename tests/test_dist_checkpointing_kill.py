@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 from ddp_common import build
-from harness import run_distributed
+from harness import ProcessOutput, run_distributed
 from test_dist_checkpointing import OPT, FourLayers, _perturb
 
 from megatron_core.dist_checkpointing import load_dist_checkpoint
@@ -53,13 +53,9 @@ def _load(directory):
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, mode):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, REPO, str(tmp_path), mode], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wanted = "trained on" if mode == "async" else "saving 2"
-    lines = []
-    while wanted not in lines:
-        line = proc.stdout.readline()
-        assert line, f"the saving process ended early: {proc.stderr.read()[-3000:]}"
-        lines.append(line.strip())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A reader thread gives the wait a deadline even if the process hangs silently.
+    ProcessOutput(proc).until("trained on" if mode == "async" else "saving 2", timeout=120)
     deadline = time.time() + 60
     while not os.path.isdir(tmp_path / "iter_0000002.tmp") and time.time() < deadline:
         time.sleep(0.05)

@@ -18,7 +18,8 @@ ARGS = [*TINY, "--train-iters", "8", "--eval-interval", "100", "--eval-iters", "
 @pytest.mark.parametrize("saved,resumed", [
     ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--use-distributed-optimizer"])),
     ((2, ["--zero-stage", "3"]), (2, ["--tensor-model-parallel-size", "2"])),
-], ids=["tp2-to-dp2-zero1", "dp2-zero3-to-tp2"])
+    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--zero-stage", "3"])),
+], ids=["tp2-to-dp2-zero1", "dp2-zero3-to-tp2", "tp2-to-dp2-zero3"])
 def test_resume_under_another_layout_continues_the_run(tmp_path, saved, resumed):
     (world, layout), (new_world, new_layout) = saved, resumed
     whole = _logged(run_distributed(_train, world, ARGS + layout, timeout=240))

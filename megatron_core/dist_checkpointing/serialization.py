@@ -90,9 +90,6 @@ class SaveRequest:
         return self.final_dir
 
 
-_ASYNC_GROUP: dict[str, Any] = {}
-
-
 def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_dir: str, final_dir: str,
                        group: Any, is_rank0: bool) -> None:
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_dir), process_group=group)
@@ -139,12 +136,11 @@ def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch
         _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, None, is_rank0)
         request.blocked_seconds = time.perf_counter() - start
         return request
-    if "group" not in _ASYNC_GROUP:  # collective: every rank reaches its first async save together
-        _ASYNC_GROUP["group"] = dist.new_group(backend="gloo")
+    group = parallel_state.background_group()  # collective on first use: every rank saves together
 
     def run() -> None:
         try:
-            _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, _ASYNC_GROUP["group"], is_rank0)
+            _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, group, is_rank0)
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
             request.error.append(exc)
 

@@ -12,7 +12,7 @@ import functools
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -112,7 +112,7 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     # On every DP rank, outside ``agreed`` (which must not communicate): under ZeRO-3 state_dict()
     # all-gathers the parameter shards, a DP collective.
     model_states = [unwrap(chunk).state_dict() for chunk in model]
-    agreed(_check_finite_model, model_states, iteration)
+    agreed(check_finite_model, model_states, iteration)
     if parallel_state.rank == 0:
         os.makedirs(root, exist_ok=True)
         io.remove_leftovers(root)
@@ -138,8 +138,11 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     return final_dir
 
 
-def _check_finite_model(model_states: list[dict[str, Any]], iteration: int) -> None:
-    # The state dicts, not the parameters: under ZeRO-3 a parameter's storage is freed between steps.
+def check_finite_model(model_states: list[Mapping[str, torch.Tensor]], iteration: int) -> None:
+    """Refuse to save weights holding inf/nan (``TrainingDivergedError`` naming the first one).
+
+    ``model_states``: one name -> tensor mapping per chunk, full values (state dicts; under ZeRO-3 a
+    parameter's own storage is freed between steps unless it is gathered)."""
     for state in model_states:
         for name, param in state.items():
             if torch.is_tensor(param) and param.is_floating_point() and not torch.isfinite(param).all():

@@ -20,9 +20,9 @@ from megatron_core.dist_checkpointing import SaveRequest, is_dist_checkpoint, lo
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training import checkpoint_io as io
-from megatron_core.training.checkpointing import LoadResult, check_compatible, unwrap
+from megatron_core.training.checkpointing import LoadResult, check_compatible, check_finite_model, unwrap
 from megatron_core.training.config import CheckpointConfig, DataConfig, ModelInfo
-from megatron_core.training.health import TrainingDivergedError, check_finite_state
+from megatron_core.training.health import check_finite_state
 from megatron_core.training.initialize import launcher_alive
 from megatron_core.transformer.config import TransformerConfig
 
@@ -68,11 +68,9 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     extra = {"consumed_train_samples": consumed_train_samples, "model_config": transformer.to_dict(),
              "model_info": model_info.to_dict(), "tokenizer": tokenizer_identity(data)}
     with _full_params(model, writeback=False):
-        for chunk in model:
-            bad = [name for name, p in unwrap(chunk).named_parameters() if not torch.isfinite(p.data).all()]
-            if bad:
-                raise TrainingDivergedError(f"iteration {iteration}: weights {bad[:3]} hold inf or nan; "
-                                            f"not saving them")
+        # The parameters themselves (gathered here), not state_dict(): under ZeRO-3 that would gather
+        # and release them again inside this block.
+        check_finite_model([dict(unwrap(chunk).named_parameters()) for chunk in model], iteration)
         request = save_dist_checkpoint(config.save, iteration, model, optimizer, scheduler, parallel_state,
                                        extra=extra, async_save=config.async_save)
     how = "started an asynchronous save of" if config.async_save else "successfully saved"
@@ -103,8 +101,8 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
                                       None if config.finetune else scheduler, parallel_state,
                                       iteration=config.ckpt_step, load_optim=load_optim,
                                       load_rng=not (config.no_load_rng or config.finetune), printer=printer)
-        for chunk in model:
-            check_finite_state(unwrap(chunk).state_dict(), config.load)
+        for chunk in model:  # named_parameters, not state_dict(): see save_checkpoint
+            check_finite_state(dict(unwrap(chunk).named_parameters()), config.load)
     if not load_optim and optimizer is not None:
         optimizer.reload_model_params()
     result = LoadResult(loaded=True, optimizer_loaded=load_optim, scheduler_loaded=not config.finetune,
