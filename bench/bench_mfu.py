@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from harness import run_distributed  # noqa: E402
 
-from megatron_core import parallel_state  # noqa: E402
+from megatron_core import device, parallel_state  # noqa: E402
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 
 BATCH, SEQ, LAYERS, HIDDEN, HEADS, VOCAB = 8, 256, 4, 256, 4, 4096
@@ -100,6 +100,7 @@ def _time_products(work) -> float:
 def _build(tp: int):
     from megatron_core.models.gpt import GPTModel
     from megatron_core.models.presets import gpt2_config
+    device.set_local_device(dist.get_rank())  # as pretrain_gpt's initialize does (tunes the CPU allocator)
     ps = parallel_state.initialize_model_parallel(tp, 1)
     ps.manual_seed(1234)
     config = gpt2_config(LAYERS, HIDDEN, HEADS)

@@ -111,7 +111,7 @@ def _ours_step(layout: str):
     """Our GPTModel under DDP / ZeRO, our optimizer and schedule, as pretrain_gpt runs them."""
     import functools
 
-    from megatron_core import parallel_state
+    from megatron_core import device, parallel_state
     from megatron_core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -123,6 +123,7 @@ def _ours_step(layout: str):
     from megatron_core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron_core.pipeline_parallel import get_forward_backward_func
     _, _, tp, pp, zero, micro = LAYOUTS[layout][:6]
+    device.set_local_device(int(os.environ.get("LOCAL_RANK", "0")))  # as pretrain_gpt's initialize does
     ps = parallel_state.initialize_model_parallel(tp, pp)
     ps.manual_seed(1234)
     config = gpt2_config(LAYERS, HIDDEN, HEADS, hidden_dropout=DROPOUT, attention_dropout=DROPOUT)

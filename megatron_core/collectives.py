@@ -2,8 +2,16 @@
 
 torch 2.13 renamed ``all_gather_into_tensor``/``reduce_scatter_tensor`` to ``*_single`` and warns on
 the old names; torch 2.4, the oldest release we support, has only the old ones.
+
+On gloo a reduce-scatter is done as an all-reduce of the whole tensor and this rank's chunk copied
+out: gloo's own reduce-scatter took 2.1-2.4x the time of its all-reduce of the same tensor between
+two local ranks (measured with torch 2.13: 26 MB 51 ms vs 24 ms, 2 MB 5.0 ms vs 2.1 ms), although
+in a ring it should move half the bytes. The result is the same sum; only this rank's chunk is
+returned, as from a reduce-scatter. NCCL and other backends use their own reduce-scatter.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +25,34 @@ def all_gather_flat(output: torch.Tensor, shard: torch.Tensor, group, async_op: 
     return _ALL_GATHER(output, shard, group=group, async_op=async_op)
 
 
-def reduce_scatter_flat(output: torch.Tensor, full: torch.Tensor, group, async_op: bool = False):
-    """Sum the 1-D ``full`` over ``group``; rank i receives chunk i in ``output``."""
-    return _REDUCE_SCATTER(output, full, group=group, async_op=async_op)
+class _ChunkOnWait:
+    """The handle of a gloo reduce-scatter done as an all-reduce: ``wait()`` also copies the chunk out."""
+
+    def __init__(self, work: Any, output: torch.Tensor, chunk: torch.Tensor) -> None:
+        self.work, self.output, self.chunk = work, output, chunk
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+            if self.output.data_ptr() != self.chunk.data_ptr():
+                self.output.copy_(self.chunk)
+        return True
+
+
+def reduce_scatter_flat(output: torch.Tensor, full: torch.Tensor, group, async_op: bool = False,
+                        full_is_scratch: bool = False):
+    """Sum the 1-D ``full`` over ``group``; rank i receives chunk i (``full.numel() / N`` elements) in
+    the 1-D ``output``. ``full_is_scratch``: the caller no longer needs ``full``'s values, so on gloo
+    the sum may be taken in place there (without it, ``full`` is left unchanged). Returns the work
+    handle (``async_op``) or None, like ``torch.distributed``."""
+    if dist.get_backend(group) != "gloo":
+        return _REDUCE_SCATTER(output, full, group=group, async_op=async_op)
+    buffer = full if full_is_scratch else full.clone()
+    size = output.numel()
+    chunk = buffer[dist.get_rank(group) * size:(dist.get_rank(group) + 1) * size]
+    handle = _ChunkOnWait(dist.all_reduce(buffer, group=group, async_op=True), output, chunk)
+    if async_op:
+        return handle
+    handle.wait()
+    return None

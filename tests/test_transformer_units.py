@@ -179,7 +179,7 @@ def test_cpu_dropout_is_unbiased_and_replayable():
     dropped = (out == 0).double().mean().item()
     assert abs(dropped - 0.1) < 2e-3, f"drop rate {dropped}"
     scale = out.max().item()
-    assert torch.all((out == 0) | (out == scale)) and abs(scale * (1 - round(0.1 * 2 ** 15) / 2 ** 15) - 1) < 1e-6
+    assert torch.all((out == 0) | (out == scale)) and abs(scale * (1 - round(0.1 * 2 ** 16) / 2 ** 16) - 1) < 1e-6
     assert abs(out.mean().item() - 1.0) < 3e-3
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     out.backward(g)

@@ -97,10 +97,11 @@ def all_reduce(tensor: torch.Tensor, group, *, async_op: bool = False, log: Comm
 
 
 def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op: bool = False,
-                   log: CommLog | None = None, tag: str = ""):
-    """Sum the flat ``full`` over ``group``; rank i receives chunk i in ``output``."""
+                   log: CommLog | None = None, tag: str = "", full_is_scratch: bool = False):
+    """Sum the flat ``full`` over ``group``; rank i receives chunk i in ``output`` (``full_is_scratch``:
+    see :func:`megatron_core.collectives.reduce_scatter_flat`)."""
     _log(log, "reduce_scatter", full, group, tag)
-    return reduce_scatter_flat(output, full, group, async_op=async_op)
+    return reduce_scatter_flat(output, full, group, async_op=async_op, full_is_scratch=full_is_scratch)
 
 
 def all_gather(full: torch.Tensor, shard: torch.Tensor, group, *, async_op: bool = False,

@@ -245,8 +245,9 @@ class ParamAndGradBuffer:
         tag = f"grad.bucket{bucket.index}"
         if self.config.reduce_scatter_grads:
             bucket.reduce_scatter_output = torch.empty(bucket.shard_size, dtype=grad.dtype, device=grad.device)
+            # The bucket's other shards are not read after the sync: gloo may sum in place there.
             bucket.handle = comm.reduce_scatter(bucket.reduce_scatter_output, grad, self.dp_group, async_op=True,
-                                                log=self.comm_log, tag=tag)
+                                                log=self.comm_log, tag=tag, full_is_scratch=True)
         else:
             bucket.handle = comm.all_reduce(grad, self.dp_group, async_op=True, log=self.comm_log, tag=tag)
 

@@ -1,10 +1,12 @@
 """Dropout with a cheaper CPU mask.
 
 On CPU, ``F.dropout`` draws one Bernoulli sample per element (about 5 ns each), which costs a
-training step more than the attention softmax. Here the mask compares 15-bit uniform integers
-(``int16.random_()``, about 2 ns each) with ``round(p * 2**15)``, and the kept values are scaled by
-the exact inverse keep rate, so the output is unbiased; the drop probability is ``p`` rounded to a
-multiple of 2**-15. The mask is kept as bool (1 byte per element instead of 4). Other devices use
+training step more than the attention softmax. Here the mask compares uniform 16-bit integers with
+``round(p * 2**16) - 2**15``, and the kept values are scaled by the exact inverse keep rate, so the
+output is unbiased; the drop probability is ``p`` rounded to a multiple of 2**-16. The integers are
+full-range 64-bit draws viewed as four int16 each: torch's CPU generator makes a 64-bit draw for
+about the cost of one int16 draw (measured on [32, 256, 256]: 1.7 ms vs 5.0 ms for
+``int16.random_()``, one thread). The mask is kept as bool (1 byte per element instead of 4). Other devices use
 ``F.dropout`` (already a fused kernel there). Draws come from the default generator, so the RNG
 tracker's ``fork()`` and recompute's RNG replay apply unchanged.
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_LEVELS = 1 << 15  # int16.random_() is uniform on [0, 2**15)
+_LEVELS = 1 << 16  # int16 values of full-range 64-bit draws: uniform on [-2**15, 2**15)
+_INT64_MIN = -(1 << 63)
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -38,5 +41,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
     threshold = round(p * _LEVELS)
-    keep = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_() >= threshold
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(_INT64_MIN, None)
+    keep = draws.view(torch.int16)[:n].view(x.shape) >= threshold - _LEVELS // 2
     return _MaskedScale.apply(x, keep, _LEVELS / (_LEVELS - threshold))

@@ -1,0 +1,70 @@
+"""The flat collectives (megatron_core.collectives) and the CPU host allocator setting.
+
+gloo's reduce-scatter is done as an all-reduce plus a copy of this rank's chunk; these tests pin its
+contract: the chunk equals the sum's slice, ``full`` is untouched unless it is declared scratch,
+and an asynchronous handle delivers the chunk only once waited on.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from harness import run_distributed
+
+from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
+
+
+def _inputs(rank: int, n: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _reduce_scatter(n: int) -> list[str]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    expected = sum(_inputs(r, n) for r in range(world))
+    chunk = n // world
+    mine = expected[rank * chunk:(rank + 1) * chunk]
+    problems = []
+    for async_op in (False, True):
+        for scratch in (False, True):
+            full = _inputs(rank, n)
+            before = full.clone()
+            out = torch.full((chunk,), float("nan"))
+            handle = reduce_scatter_flat(out, full, None, async_op=async_op, full_is_scratch=scratch)
+            if async_op:
+                handle.wait()
+                handle.wait()  # a second wait is a no-op
+            if not torch.allclose(out, mine, rtol=1e-6, atol=1e-6):
+                problems.append(f"async={async_op} scratch={scratch}: wrong chunk")
+            if not scratch and not torch.equal(full, before):
+                problems.append(f"async={async_op}: full was modified without full_is_scratch")
+    shard = _inputs(rank, chunk)
+    gathered = torch.empty(n)
+    all_gather_flat(gathered, shard, None)
+    if not torch.equal(gathered, torch.cat([_inputs(r, chunk) for r in range(world)])):
+        problems.append("all_gather_flat: wrong concatenation")
+    return problems
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_reduce_scatter_flat_on_gloo(world):
+    for problems in run_distributed(_reduce_scatter, world, 24, timeout=60):
+        assert problems == []
+
+
+def test_host_allocator_keeps_large_tensors_on_the_heap():
+    """After configure_host_allocator, a 64 MiB tensor comes from the heap (brk), not a fresh mmap."""
+    code = ("import torch\nfrom megatron_core import device\n"
+            "print(device.configure_host_allocator())\n"
+            "t = torch.ones(16 << 20)\nptr = t.data_ptr()\n"
+            "ranges = [l.split()[0].split('-') for l in open('/proc/self/maps') if l.rstrip().endswith('[heap]')]\n"
+            "print(any(int(a, 16) <= ptr < int(b, 16) for a, b in ranges))\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    tuned = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    plain = subprocess.run([sys.executable, "-c", code], env={**env, "MCORE_HOST_ALLOCATOR": "default"},
+                           capture_output=True, text=True, timeout=60)
+    if tuned.stdout.split()[:1] != ["True"]:
+        pytest.skip(f"not glibc: {tuned.stdout.strip()} {tuned.stderr.strip()[-200:]}")
+    assert tuned.stdout.split() == ["True", "True"], tuned.stderr
+    assert plain.stdout.split() == ["False", "False"], plain.stderr
