@@ -15,6 +15,16 @@ The async-I/O packages on PyPI were considered: caio / aiofile (Linux AIO, maint
 read as a new ``bytes`` object and need an asyncio loop, which costs a copy and a transient
 allocation the size of the window that this feature exists to bound; plain positional I/O into
 the destination tensors has neither.
+
+``--overlap-cpu-optimizer-d2h-h2d`` (:class:`OverlappedOffload`): each offloaded bucket's reduced
+gradient shard is copied to the host as soon as the bucket's reduce-scatter has completed: the
+copy is queued when the collective is launched (from the gradient hooks during backward with
+``overlap_grad_reduce``, else in ``finish_grad_sync``) behind the collective, on the copy engine's
+side stream or worker thread, so neither backward nor the waits on later buckets block on it.
+The host step then runs bucket by bucket, each bucket's updated shard copied back while the next
+one steps. The copies go through ``device.CopyEngine`` (a side stream on CUDA, a worker thread on
+the CPU); results are bitwise those of the plain offload step (AdamW's update is elementwise per
+tensor; a bucket's step only touches the parameters that carry a gradient).
 """
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ from typing import Any
 
 import torch
 
+from megatron_core import device as device_mod
+from megatron_core.distributed.finalize_model_grads import changed_after_dp_sync
 from megatron_core.errors import ConfigError
 
 
@@ -52,6 +64,86 @@ def offloaded_buckets(config, buffers: list) -> list[list[bool]]:
     return out
 
 
+Unit = tuple[Any, Any, list[torch.nn.Parameter]]  # (sharded buffer, bucket, the bucket's main parameters)
+
+
+def step_by_bucket(inner: torch.optim.Optimizer, units: list[Unit], after_rest: Callable[[], None],
+                   before: Callable[[int], None], after: Callable[[int], None]) -> None:
+    """One optimizer step split into: the parameters of no unit, then each unit in turn.
+
+    ``after_rest()`` runs after the parameters outside the units stepped (copy the device buckets
+    into the model), ``before(i)`` before unit i steps (NVMe: its read), ``after(i)`` after (the
+    copy into the model shard). Only params
+    with a gradient are updated by a torch optimizer step, so hiding the other units' gradients
+    makes each call update exactly one unit, with the same arithmetic as one whole step.
+    """
+    in_units = {id(p) for _, _, params in units for p in params}
+    grads = {}
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if id(p) in in_units and p.grad is not None:
+                grads[id(p)] = p.grad
+                p.grad = None
+    inner.step()  # the parameters outside the units (buckets kept on the device)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            p.grad = None  # updated once: the units' steps below must not update them again
+    after_rest()
+    for i, (_, _, params) in enumerate(units):
+        before(i)
+        for p in params:
+            p.grad = grads.get(id(p))
+        inner.step()
+        for p in params:
+            p.grad = None
+        after(i)
+
+
+class OverlappedOffload:
+    """``--overlap-cpu-optimizer-d2h-h2d``: gradient copies to the host during the gradient sync, a
+    bucket-by-bucket host step with the copies of updated shards back to the model overlapped.
+
+    Buckets holding a parameter whose gradient ``finalize_model_grads`` changes after the DP sync
+    (sequence-parallel grads under TP, the tied embedding across stages, per-token loss) are copied
+    at the step instead, as without the flag.
+    """
+
+    def __init__(self, sharded: list, parallel_state) -> None:
+        self.engine = device_mod.CopyEngine()
+        self.pending: dict[tuple[int, int], Any] = {}  # (sharded buffer index, bucket index) -> copy in flight
+        for i, sb in enumerate(sharded):
+            per_token = sb.buffer.config.calculate_per_token_loss
+            early = {bucket.index for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True)
+                     if off and not any(changed_after_dp_sync(p, parallel_state, per_token) for p in bucket.params)}
+            if early:
+                sb.buffer.on_bucket_launched = self._copier(i, sb, early)
+
+    def _copier(self, i: int, sb, early: set[int]) -> Callable:
+        def bucket_launched(bucket, work, shard: torch.Tensor) -> None:
+            if bucket.index in early:  # runs once ``work`` (the bucket's reduce-scatter) has completed
+                self.pending[(i, bucket.index)] = self.engine.copy(sb.host_grads[bucket.index], shard, after=work)
+        return bucket_launched
+
+    def wait_grads(self) -> set[tuple[int, int]]:
+        """Wait for every gradient copy in flight; returns the (buffer, bucket) indices they covered."""
+        done = set(self.pending)
+        for handle in self.pending.values():
+            handle.wait()
+        self.pending.clear()
+        return done
+
+    def step(self, inner: torch.optim.Optimizer, units: list[Unit], after_rest: Callable[[], None],
+             copy_to_model: Callable) -> None:
+        """The host step bucket by bucket; each bucket's ``copy_to_model(sb, bucket)`` copy (a handle)
+        runs while the next bucket steps. Every copy has finished on return."""
+        copies = []
+        step_by_bucket(inner, units, after_rest, lambda i: None,
+                       lambda i: copies.append(copy_to_model(units[i][0], units[i][1])))
+        for handle in copies:
+            if handle is not None:
+                handle.wait()
+
+
 def _bytes_view(t: torch.Tensor) -> memoryview:
     # Through ctypes, not ``t.numpy()``: exporting to numpy marks the storage non-resizable for good,
     # and the swapper frees storages by resizing them to 0.
@@ -74,7 +166,10 @@ class _Group:
         except OSError as exc:
             raise _io_error(self.path, "reserving space for", exc) from None
 
-    def write_and_free(self) -> None:
+    def write_and_free(self, copy_out: Any = None) -> None:
+        """Write the tensors to the file and free them, once ``copy_out`` (a copy reading them) is done."""
+        if copy_out is not None:
+            copy_out.wait()
         offset = 0
         for t, n in zip(self.tensors, self.nbytes, strict=True):
             view = _bytes_view(t)
@@ -147,41 +242,34 @@ class NvmeSwapper:
             group.write_and_free()
         return cls(directory, groups, config.nvme_offload_buffer_count)
 
-    def step(self, inner: torch.optim.Optimizer, after_bucket: Callable) -> None:
-        """Update every offloaded bucket in turn (read ahead, step, copy to model, write back)."""
-        offloaded = {id(p) for sb, bucket, _ in self.groups for piece, p in zip(sb.pieces, sb.mains, strict=True)
-                     if piece.bucket is bucket}
-        grads = {}
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if id(p) in offloaded and p.grad is not None:
-                    grads[id(p)] = p.grad
-                    p.grad = None
-        inner.step()  # the buckets kept on the device / in memory
-        for sb in {id(sb): sb for sb, _, _ in self.groups}.values():
-            for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True):
-                if not off:
-                    after_bucket(sb, bucket)
+    def step(self, inner: torch.optim.Optimizer, after_rest: Callable[[], None], after_bucket: Callable) -> None:
+        """Update every offloaded bucket in turn (read ahead, step, copy to model, write back).
+
+        ``after_bucket(sb, bucket)`` copies the updated bucket into the model shard; it may return a
+        copy handle (``--overlap-cpu-optimizer-d2h-h2d``), waited on before the bucket is written
+        back and freed.
+        """
+        units = [(sb, bucket, [p for piece, p in zip(sb.pieces, sb.mains, strict=True) if piece.bucket is bucket])
+                 for sb, bucket, _ in self.groups]
         reads: dict[int, Future] = {}
         writes: collections.deque[Future] = collections.deque()
         ahead = max(self.buffer_count - 1, 0)
         for g in range(min(ahead, len(self.groups))):
             reads[g] = self.pool.submit(self.groups[g][2].read)
+
+        def before(g: int) -> None:
+            if g + ahead < len(self.groups) and ahead:
+                reads[g + ahead] = self.pool.submit(self.groups[g + ahead][2].read)
+            reads.pop(g).result() if g in reads else self.groups[g][2].read()
+
+        def after(g: int) -> None:
+            sb, bucket, swap = self.groups[g]
+            writes.append(self.pool.submit(swap.write_and_free, after_bucket(sb, bucket)))
+            while len(writes) > 1:
+                writes.popleft().result()
+
         try:
-            for g, (sb, bucket, swap) in enumerate(self.groups):
-                if g + ahead < len(self.groups) and ahead:
-                    reads[g + ahead] = self.pool.submit(self.groups[g + ahead][2].read)
-                reads.pop(g).result() if g in reads else swap.read()
-                pieces = [p for piece, p in zip(sb.pieces, sb.mains, strict=True) if piece.bucket is bucket]
-                for p in pieces:
-                    p.grad = grads.get(id(p))
-                inner.step()
-                for p in pieces:
-                    p.grad = None
-                after_bucket(sb, bucket)
-                writes.append(self.pool.submit(swap.write_and_free))
-                while len(writes) > 1:
-                    writes.popleft().result()
+            step_by_bucket(inner, units, after_rest, before, after)
         finally:
             for f in [*reads.values(), *writes]:
                 f.result()
