@@ -36,6 +36,8 @@ VARIANTS = {
     "zero3": (Z3, {"optimizer_cpu_offload": True}),
     "zero2-nvme-overlap-grad-reduce": ({"zero_stage": 2, "bucket_size": 700, "overlap_grad_reduce": True},
                                        {"nvme_offload_path": None}),
+    "zero1-nvme-half": ({"zero_stage": 1, "bucket_size": 700}, {"nvme_offload_path": None,
+                                                                 "optimizer_offload_fraction": 0.5}),
 }
 
 
