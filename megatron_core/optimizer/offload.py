@@ -29,6 +29,7 @@ tensor; a bucket's step only touches the parameters that carry a gradient).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import os
@@ -37,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_core import device as device_mod
 from megatron_core.distributed.finalize_model_grads import changed_after_dp_sync
@@ -160,11 +162,22 @@ class _Group:
         self.fd = -1
 
     def open(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise _io_error(self.path, "creating", exc) from None
         try:
             os.posix_fallocate(self.fd, 0, sum(self.nbytes))
         except OSError as exc:
             raise _io_error(self.path, "reserving space for", exc) from None
+
+    def remove(self) -> None:
+        """Close and delete the file (construction failed: leave nothing behind)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
     def write_and_free(self, copy_out: Any = None) -> None:
         """Write the tensors to the file and free them, once ``copy_out`` (a copy reading them) is done."""
@@ -191,17 +204,45 @@ class _Group:
             view = _bytes_view(t)
             done = 0
             while done < n:
-                got = os.preadv(self.fd, [view[done:]], offset + done)
+                try:
+                    got = os.preadv(self.fd, [view[done:]], offset + done)
+                except OSError as exc:
+                    raise _io_error(self.path, "reading", exc) from None
                 if got <= 0:
                     raise ConfigError(f"--nvme-offload-path: {self.path} is shorter than written (truncated?)")
                 done += got
             offset += n
 
 
+_HINTS = {
+    errno.ENOSPC: "free space on its file system or pass another --nvme-offload-path",
+    errno.EDQUOT: "free space (disk quota exceeded) or pass another --nvme-offload-path",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or pass another --nvme-offload-path",
+    errno.EROFS: "the file system is read-only: pass a writable --nvme-offload-path",
+}
+
+
 def _io_error(path: str, what: str, exc: OSError) -> ConfigError:
-    hint = "free space or pass another --nvme-offload-path" if exc.errno == errno.ENOSPC else \
-        "check the directory's permissions or pass another --nvme-offload-path"
+    hint = _HINTS.get(exc.errno or 0, "check the directory's permissions or pass another --nvme-offload-path")
     return ConfigError(f"--nvme-offload-path: {what} {path} failed: {exc.strerror}; {hint}")
+
+
+def raise_agreed(error: ConfigError | None) -> None:
+    """Raise ``error`` on every rank when any rank has one (a collective over all ranks).
+
+    I/O errors are rank-local (one rank's file fills the disk); the other ranks would otherwise
+    wait for it in their next collective and the run's one error line (printed by rank 0) would
+    be missing. Every rank raises the message of the lowest failing rank.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        failed = torch.tensor([0 if error is None else 1], device=device_mod.current_device())
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            messages: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(messages, None if error is None else str(error))
+            raise ConfigError(next(m for m in messages if m is not None))
+    if error is not None:
+        raise error
 
 
 class NvmeSwapper:
@@ -213,15 +254,33 @@ class NvmeSwapper:
 
     @classmethod
     def for_optimizer(cls, config, sharded: list, inner: torch.optim.Optimizer, parallel_state) -> NvmeSwapper:
-        """Create the Adam state as flat per-bucket tensors, write every offloaded bucket out, free it."""
-        directory = config.nvme_offload_path
+        """Create the Adam state as flat per-bucket tensors, write every offloaded bucket out, free it.
+
+        Collective over all ranks: a missing, non-directory, unwritable or full directory on any
+        rank is the same one-line ConfigError on every rank (nothing is left in the directory).
+        """
         if config.optimizer != "adam":
             raise ConfigError("--nvme-offload-path swaps Adam's state; use --optimizer adam")
+        groups: list[tuple[Any, Any, _Group]] = []
+        error = None
+        try:
+            cls._create(config.nvme_offload_path, sharded, inner, parallel_state, groups)
+        except ConfigError as exc:
+            error = exc
+        try:
+            raise_agreed(error)
+        except ConfigError:
+            for _, _, group in groups:  # on the ranks that succeeded too
+                group.remove()
+            raise
+        return cls(config.nvme_offload_path, groups, config.nvme_offload_buffer_count)
+
+    @staticmethod
+    def _create(directory: str, sharded: list, inner: torch.optim.Optimizer, parallel_state, groups: list) -> None:
         if not os.path.isdir(directory):
             raise ConfigError(f"--nvme-offload-path {directory} is not a directory; create it or pass another")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ConfigError(f"--nvme-offload-path {directory} is not writable; fix its permissions or pass another")
-        groups = []
         for i, sb in enumerate(sharded):
             for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True):
                 if not off:
@@ -240,7 +299,6 @@ class NvmeSwapper:
         for _, _, group in groups:
             group.open()
             group.write_and_free()
-        return cls(directory, groups, config.nvme_offload_buffer_count)
 
     def step(self, inner: torch.optim.Optimizer, after_rest: Callable[[], None], after_bucket: Callable) -> None:
         """Update every offloaded bucket in turn (read ahead, step, copy to model, write back).
@@ -268,11 +326,16 @@ class NvmeSwapper:
             while len(writes) > 1:
                 writes.popleft().result()
 
+        error = None
         try:
-            step_by_bucket(inner, units, after_rest, before, after)
-        finally:
-            for f in [*reads.values(), *writes]:
-                f.result()
+            try:
+                step_by_bucket(inner, units, after_rest, before, after)
+            finally:
+                for f in [*reads.values(), *writes]:
+                    f.result()
+        except ConfigError as exc:  # a failing read or write (full disk): every rank stops with it
+            error = exc
+        raise_agreed(error)
 
     def swapped_in(self) -> _SwappedIn:
         """Context: every offloaded bucket in memory (checkpoints), written back and freed on exit."""
@@ -283,6 +346,8 @@ class _SwappedIn:
     def __init__(self, swapper: NvmeSwapper) -> None:
         self.swapper = swapper
 
+    # No communication here: checkpoint saves call this inside ``training.agreement.agreed``, which
+    # makes a failing read or write (a ConfigError naming the file) every rank's error.
     def __enter__(self) -> None:
         for _, _, group in self.swapper.groups:
             group.read()
