@@ -75,9 +75,9 @@ def step_by_bucket(inner: torch.optim.Optimizer, units: list[Unit], after_rest: 
 
     ``after_rest()`` runs after the parameters outside the units stepped (copy the device buckets
     into the model), ``before(i)`` before unit i steps (NVMe: its read), ``after(i)`` after (the
-    copy into the model shard). Only params
-    with a gradient are updated by a torch optimizer step, so hiding the other units' gradients
-    makes each call update exactly one unit, with the same arithmetic as one whole step.
+    copy into the model shard). Only params with a gradient are updated by a torch optimizer step,
+    so hiding the other units' gradients makes each call update exactly one unit, with the same
+    elementwise arithmetic as one whole step (torch's fused and foreach AdamW alike).
     """
     in_units = {id(p) for _, _, params in units for p in params}
     grads = {}
