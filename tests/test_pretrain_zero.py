@@ -82,10 +82,10 @@ def test_conflicting_zero_flags_are_one_line_errors():
 
 
 @pytest.mark.parametrize("world,extra", [
-    (2, ["--zero-stage", "3"]),
-    # NVMe implies CPU offload; the overlapped host copies log the losses of the run without them
-    (4, ["--zero-stage", "3", "--overlap-grad-reduce", "--overlap-cpu-optimizer-d2h-h2d", "--nvme-offload-path"]),
-], ids=["dp2-zero3", "dp4-zero3-nvme-overlap-d2h-h2d"])
+    # CPU offload with the overlapped host copies logs the losses of the run without offload
+    (2, ["--zero-stage", "3", "--overlap-grad-reduce", "--optimizer-cpu-offload", "--overlap-cpu-optimizer-d2h-h2d"]),
+    (4, ["--zero-stage", "3", "--nvme-offload-path"]),
+], ids=["dp2-zero3-cpu-offload-overlap-d2h-h2d", "dp4-zero3-nvme"])
 def test_torchrun_launch_equals_one_process(serial, world, extra, tmp_path):
     if extra[-1] == "--nvme-offload-path":
         extra = [*extra, str(tmp_path)]
@@ -95,7 +95,7 @@ def test_torchrun_launch_equals_one_process(serial, world, extra, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"data parallel {world}" in proc.stdout
     if "--overlap-cpu-optimizer-d2h-h2d" in extra:
-        assert "NVMe offload (overlapped host copies)" in proc.stdout, proc.stdout[:2000]
+        assert "ZeRO stage 3 + CPU offload (overlapped host copies)" in proc.stdout, proc.stdout[:2000]
     logged = [float(x) for x in re.findall(r"iteration +\d+/ +6 \|.*?lm loss: (\S+) \|", proc.stdout)]
     want = [sum(serial.losses[i:i + 2]) / 2 for i in (0, 2, 4)]
     assert len(logged) == 3, proc.stdout
