@@ -27,7 +27,11 @@ setting runs in fresh processes; for each it prints, per rank:
 5. tokens/s of each setting against plain DP in the same run (2 shared CPU cores: the ratio is
    what matters, and even it is dominated by gloo's CPU cost competing with compute).
 
-Run: ``python bench/bench_zero.py [--dp 2 4] [--steps 3]`` (several minutes on 2 cores).
+6. ``--overlap-cpu-optimizer-d2h-h2d``: the iteration and ``optimizer.step()`` times of ZeRO-3 + CPU
+   offload with the flag against without it, in the same run.
+
+Run: ``python bench/bench_zero.py [--dp 2 4] [--steps 3]`` (several minutes on 2 cores); only the
+offload pair: ``--dp 2 --settings "ZeRO-3 + CPU offload" "ZeRO-3 + CPU offload, overlapped copies"``.
 """
 from __future__ import annotations
 
@@ -70,6 +74,8 @@ SETTINGS = {
     "ZeRO-3 no prefetch": ({"zero_stage": 3, "stage3_prefetch_bucket_size": 0}, {}),
     "ZeRO-3 keep gathered": ({"zero_stage": 3, "reshard_after_forward": False}, {}),
     "ZeRO-3 + CPU offload": ({"zero_stage": 3, "offload_param": True}, {"optimizer_cpu_offload": True}),
+    "ZeRO-3 + CPU offload, overlapped copies": ({"zero_stage": 3, "offload_param": True},
+                                                {"optimizer_cpu_offload": True, "overlap_cpu_optimizer_d2h_h2d": True}),
     "ZeRO-3 + NVMe": ({"zero_stage": 3, "offload_param": True}, {"nvme_offload_path": "{nvme}"}),
 }
 
@@ -84,7 +90,7 @@ def bytes_per_param(name: str, nd: int, where: str = "memory") -> float:
     if where == "device" and ("offload" in name or "NVMe" in name):
         return 4 / nd  # bf16 parameter and gradient shards
     return {"DP (ZeRO-0)": 16.0, "ZeRO-1": 4 + 12 / nd, "ZeRO-2": 2 + 14 / nd,
-            "ZeRO-3 + CPU offload": 20 / nd, "ZeRO-3 + NVMe": 8 / nd}.get(name, 16 / nd)
+            "ZeRO-3 + CPU offload": 20 / nd, "ZeRO-3 + NVMe": 8 / nd}.get(name.split(",")[0], 16 / nd)
 
 
 def _vm(field: str) -> int:
@@ -134,7 +140,7 @@ def _rank(args, name: str, microbatches: int, nvme_dir: str) -> dict:
     for layer in chunk.decoder.layers:
         layer.register_forward_hook(sample)
     schedule = get_forward_backward_func(ps)
-    times, comm = [], []
+    times, comm, step_times = [], [], []
     for step in range(args.steps + 1):
         log.reset()
         start = time.perf_counter()
@@ -144,12 +150,15 @@ def _rank(args, name: str, microbatches: int, nvme_dir: str) -> dict:
                  model=[ddp], num_microbatches=microbatches, seq_length=args.seq, micro_batch_size=1,
                  no_sync_func=no_sync_func([ddp]),
                  finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=ps))
+        step_start = time.perf_counter()
         optimizer.step()
         times.append(time.perf_counter() - start)
+        step_times.append(time.perf_counter() - step_start)
         comm.append(log.paper_volume("param") + log.paper_volume("grad"))
     footprint = memory_footprint([ddp], optimizer)
     gather = ddp.param_gather
-    result = {"psi": psi, "step_s": sum(times[1:]) / args.steps, "volume": comm[-1] / psi,
+    result = {"psi": psi, "step_s": sum(times[1:]) / args.steps, "optimizer_s": sum(step_times[1:]) / args.steps,
+              "volume": comm[-1] / psi,
               "footprint": dataclasses.asdict(footprint), "peak_rss": _vm("VmHWM"), "rss": _vm("VmRSS"),
               "window_peak": window["peak"],
               "wait_s": (gather.wait_seconds / (args.steps + 1)) if gather is not None else 0.0,
@@ -182,6 +191,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix="bench_zero_nvme_") as nvme:
                 results[name] = run_distributed(_rank, nd, args, name, 1, nvme, timeout=1800)
         _report(args, nd, results)
+        _report_overlapped_copies(results)
+        if "ZeRO-3" not in args.settings:
+            continue
         with tempfile.TemporaryDirectory(prefix="bench_zero_nvme_") as nvme:
             _report_microbatches(args, nd, {m: run_distributed(_rank, nd, args, "ZeRO-3", m, nvme, timeout=1800)
                                             for m in (2, 4)})
@@ -195,7 +207,8 @@ def _report(args, nd: int, results: dict) -> None:
           f"{args.seq} tokens per rank ==")
     print("model state = params + grads + main params + optimizer state in memory after a step (host copies "
           "included: on CPU they share the one memory); formula = bytes_per_param(setting) x Ψ")
-    print(f"{'setting':24} {'traffic/Ψ':>9} {'model state MB':>14} {'formula MB':>10} {'gathered peak MB':>16} "
+    width = max(24, *(len(name) for name in results))
+    print(f"{'setting':{width}} {'traffic/Ψ':>9} {'model state MB':>14} {'formula MB':>10} {'gathered peak MB':>16} "
           f"{'host MB':>8} {'peak RSS MB':>11} {'tokens/s':>9} {'vs DP':>6}")
     for name, ranks in results.items():
         r0 = ranks[0]
@@ -203,7 +216,7 @@ def _report(args, nd: int, results: dict) -> None:
         state = fp["params"] + fp["grads"] + fp["main_params"] + fp["optimizer_state"]
         tps = r0["tokens"] / max(r["step_s"] for r in ranks)
         ratio = f"{tps / base_tps:6.2f}" if base_tps else "     -"
-        print(f"{name:24} {r0['volume']:9.2f} {state / 1e6:14.1f} {bytes_per_param(name, nd) * psi / 1e6:10.1f} "
+        print(f"{name:{width}} {r0['volume']:9.2f} {state / 1e6:14.1f} {bytes_per_param(name, nd) * psi / 1e6:10.1f} "
               f"{r0['window_peak'] / 1e6:16.1f} {fp['host'] / 1e6:8.1f} "
               f"{max(r['peak_rss'] for r in ranks) / 1e6:11.0f} "
               f"{tps:9.0f} {ratio}")
@@ -224,6 +237,19 @@ def _report(args, nd: int, results: dict) -> None:
                                                       else ""))
     print(f"largest model in {args.budget_gib:.0f} GiB of accelerator memory per rank (model states only, formulas; "
           f"host memory needed per rank for it in brackets): " + ", ".join(parts))
+
+
+def _report_overlapped_copies(results: dict) -> None:
+    """--overlap-cpu-optimizer-d2h-h2d against the same offload without it (same run, slowest rank)."""
+    plain, overlapped = results.get("ZeRO-3 + CPU offload"), results.get("ZeRO-3 + CPU offload, overlapped copies")
+    if plain is None or overlapped is None:
+        return
+    figures = []
+    for label, what in (("iteration", "step_s"), ("optimizer", "optimizer_s")):
+        a, b = max(r[what] for r in plain), max(r[what] for r in overlapped)
+        figures.append(f"{label} {a * 1e3:.0f} ms -> {b * 1e3:.0f} ms ({b / a:.2f}x)")
+    print("ZeRO-3 + CPU offload, --overlap-cpu-optimizer-d2h-h2d against without it (iteration = forward, backward "
+          "and step; optimizer = optimizer.step()): " + ", ".join(figures))
 
 
 def _report_microbatches(args, nd: int, results: dict) -> None:

@@ -136,3 +136,75 @@ def maybe_pin(tensor: torch.Tensor) -> torch.Tensor:
     if cuda_available() and tensor.device.type == "cpu":
         return tensor.pin_memory()
     return tensor
+
+
+class _CudaCopy:
+    """A copy queued on the side stream; :meth:`wait` blocks the host until it has run."""
+
+    def __init__(self, event) -> None:
+        self.event = event
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+
+class _ThreadCopy:
+    """A copy submitted to the worker thread; :meth:`wait` joins it (and re-raises its error)."""
+
+    def __init__(self, future) -> None:
+        self.future = future
+
+    def wait(self) -> None:
+        self.future.result()
+
+
+def _copy_after(dst: torch.Tensor, src: torch.Tensor, after) -> None:
+    if after is not None:
+        after.wait()  # gloo Work: blocks this worker thread only
+    dst.copy_(src)
+
+
+class CopyEngine:
+    """Asynchronous tensor copies that overlap compute and communication (optimizer offload's
+    ``--overlap-cpu-optimizer-d2h-h2d``).
+
+    On CUDA: ``dst.copy_(src, non_blocking=True)`` on a side stream that first waits for the work
+    queued so far on the current stream (which produced ``src``); host memory must be pinned for
+    the copy to be truly asynchronous (``maybe_pin``). On the CPU: the copy runs on one worker
+    thread (ATen releases the GIL during ``copy_``), so it proceeds while the main thread computes
+    or waits on collectives. ``after`` (a collective's Work) orders the copy behind that collective
+    without blocking the caller: the side stream waits on it (CUDA), or the worker thread does
+    (gloo). Either way :meth:`copy` returns a handle whose ``wait()`` returns once ``dst`` holds
+    ``src``; the caller keeps ``src`` and ``dst`` alive and unchanged until then. Copies run in
+    submission order.
+    """
+
+    def __init__(self) -> None:
+        self._stream = torch.cuda.Stream() if cuda_available() else None
+        self._pool = None
+        if self._stream is None:
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - CPU only
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-copy")
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> _CudaCopy | _ThreadCopy:
+        """Start ``dst.copy_(src)`` (once the collective ``after`` has completed); returns a handle with ``wait()``."""
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                if after is not None:
+                    after.wait()  # NCCL: makes the current (side) stream wait; the host goes on
+                dst.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            for t in (dst, src):
+                if t.is_cuda:
+                    t.record_stream(self._stream)  # the caching allocator must not reuse it early
+            return _CudaCopy(event)
+        assert self._pool is not None
+        return _ThreadCopy(self._pool.submit(_copy_after, dst, src, after))
+
+    def shutdown(self) -> None:
+        """Stop the worker thread (CPU); pending copies finish first."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

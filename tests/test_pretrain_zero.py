@@ -63,7 +63,9 @@ def test_conflicting_zero_flags_are_one_line_errors():
            (["--zero-stage", "2", "--offload-param"], "--offload-param"),
            (["--overlap-param-gather"], "--overlap-param-gather"),
            (["--optimizer-cpu-offload"], "--optimizer-cpu-offload"),
-           (["--nvme-offload-path", "/tmp"], "--nvme-offload-path")]
+           (["--nvme-offload-path", "/tmp"], "--nvme-offload-path"),
+           (["--use-distributed-optimizer", "--overlap-cpu-optimizer-d2h-h2d"],
+            "--overlap-cpu-optimizer-d2h-h2d .*--optimizer-cpu-offload")]
     for extra, flag in bad:
         with pytest.raises(ConfigError, match=flag) as info:
             _config(validate_args(parse_args(ARGS + extra), world_size=2))
@@ -79,8 +81,11 @@ def test_conflicting_zero_flags_are_one_line_errors():
     assert (ok.zero_stage, ok.reshard_after_forward, ok.stage3_param_persistence_threshold) == (3, False, 100)
 
 
-@pytest.mark.parametrize("world,extra", [(2, ["--zero-stage", "3"]), (4, ["--zero-stage", "3", "--nvme-offload-path"])],
-                         ids=["dp2-zero3", "dp4-zero3-nvme"])
+@pytest.mark.parametrize("world,extra", [
+    # CPU offload with the overlapped host copies logs the losses of the run without offload
+    (2, ["--zero-stage", "3", "--overlap-grad-reduce", "--optimizer-cpu-offload", "--overlap-cpu-optimizer-d2h-h2d"]),
+    (4, ["--zero-stage", "3", "--nvme-offload-path"]),
+], ids=["dp2-zero3-cpu-offload-overlap-d2h-h2d", "dp4-zero3-nvme"])
 def test_torchrun_launch_equals_one_process(serial, world, extra, tmp_path):
     if extra[-1] == "--nvme-offload-path":
         extra = [*extra, str(tmp_path)]
@@ -89,6 +94,8 @@ def test_torchrun_launch_equals_one_process(serial, world, extra, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"data parallel {world}" in proc.stdout
+    if "--overlap-cpu-optimizer-d2h-h2d" in extra:
+        assert "ZeRO stage 3 + CPU offload (overlapped host copies)" in proc.stdout, proc.stdout[:2000]
     logged = [float(x) for x in re.findall(r"iteration +\d+/ +6 \|.*?lm loss: (\S+) \|", proc.stdout)]
     want = [sum(serial.losses[i:i + 2]) / 2 for i in (0, 2, 4)]
     assert len(logged) == 3, proc.stdout

@@ -46,6 +46,19 @@ def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
             offset += g.numel()
 
 
+def changed_after_dp_sync(param: torch.nn.Parameter, parallel_state: ParallelState,
+                          calculate_per_token_loss: bool) -> bool:
+    """Whether :func:`finalize_model_grads` changes ``param``'s gradient after the DP sync (the TP
+    all-reduce of sequence-parallel grads, the tied-embedding all-reduce, the per-token division):
+    a copy of its reduced gradient taken as soon as its bucket is reduced would then be stale."""
+    if calculate_per_token_loss:
+        return True
+    if parallel_state.tp_size > 1 and getattr(param, "sequence_parallel", False):
+        return True
+    return (getattr(param, "shared_embedding", False) and parallel_state.is_in_embedding_group()
+            and len(parallel_state.embedding_ranks) > 1)
+
+
 def finalize_model_grads(model_chunks: list[torch.nn.Module], parallel_state: ParallelState | None = None,
                          num_tokens: torch.Tensor | None = None) -> None:
     """Finish DP sync, all-reduce sequence-parallel and tied-embedding grads, scale per-token grads.

@@ -15,6 +15,7 @@ shards.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -127,6 +128,10 @@ class ParamAndGradBuffer:
             p.data = view.view(p.shape)
             setattr(p, MAIN_GRAD_ATTR, self.grad_data[start:end].view(p.shape))
         self._synced = False
+        # Called as each bucket's collective is launched with (bucket, its Work or None when already
+        # done, the tensor that holds the reduced shard once it is): optimizer offload's
+        # --overlap-cpu-optimizer-d2h-h2d queues the shard's copy to the host behind the collective.
+        self.on_bucket_launched: Callable[[Bucket, object, torch.Tensor], None] | None = None
         # Sum over DP, then the optimizer sees the average unless the loss is averaged per token later.
         self.gradient_scaling_factor = 1.0 if config.calculate_per_token_loss else 1.0 / self.dp_size
 
@@ -238,6 +243,8 @@ class ParamAndGradBuffer:
     def _launch(self, bucket: Bucket) -> None:
         bucket.launched_at = comm.now()
         if self.dp_size == 1:
+            if self.on_bucket_launched is not None:
+                self.on_bucket_launched(bucket, None, self.shard_grad(bucket))
             return
         grad = self.grad_data[bucket.start:bucket.end]
         if self.gradient_scaling_factor != 1.0:
@@ -250,6 +257,9 @@ class ParamAndGradBuffer:
                                                 log=self.comm_log, tag=tag, full_is_scratch=True)
         else:
             bucket.handle = comm.all_reduce(grad, self.dp_group, async_op=True, log=self.comm_log, tag=tag)
+        if self.on_bucket_launched is not None:
+            shard = bucket.reduce_scatter_output
+            self.on_bucket_launched(bucket, bucket.handle, self.shard_grad(bucket) if shard is None else shard)
 
     def finish_grad_sync(self) -> None:
         """Launch the buckets not launched yet (all of them without overlap) and wait for every one."""

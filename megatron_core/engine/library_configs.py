@@ -7,7 +7,8 @@ clipping, optimizer and batch sections become a :class:`DistributedDataParallelC
 ==========================================  =============================================================
 zero_optimization.stage                     DistributedDataParallelConfig.zero_stage
 zero_optimization.reduce_bucket_size        DistributedDataParallelConfig.bucket_size (elements)
-zero_optimization.overlap_comm              DistributedDataParallelConfig.overlap_grad_reduce
+zero_optimization.overlap_comm              DistributedDataParallelConfig.overlap_grad_reduce; with
+                                            offload_optimizer also OptimizerConfig.overlap_cpu_optimizer_d2h_h2d
 bf16.enabled                                OptimizerConfig.bf16, DistributedDataParallelConfig.grad_reduce_in_fp32
                                             (DeepSpeed accumulates bf16 gradients in fp32)
 fp16.enabled / loss_scale / initial_scale_  OptimizerConfig.fp16 / loss_scale (0 = dynamic) / initial_loss_scale
@@ -120,12 +121,14 @@ def _offload_optimizer_fields(config: EngineConfig) -> dict[str, Any]:
     """``offload_optimizer`` -> OptimizerConfig's offload fields (DeepSpeed's cpu / nvme devices)."""
     offload = config.zero_optimization.offload_optimizer
     key = f"zero_optimization.offload_optimizer.device = {offload.device!r}"
+    # DeepSpeed's overlap_comm also overlaps ZeRO-Offload's gradient copies to the host with backward.
+    overlap = {"overlap_cpu_optimizer_d2h_h2d": config.zero_optimization.overlap_comm}
     if offload.device == "cpu":
         _needs(OptimizerConfig, "optimizer_cpu_offload", key)
-        return {"optimizer_cpu_offload": True}
+        return {"optimizer_cpu_offload": True, **overlap}
     if offload.device == "nvme":
         _needs(OptimizerConfig, "nvme_offload_path", key)
-        return {"nvme_offload_path": offload.nvme_path, "nvme_offload_buffer_count": offload.buffer_count}
+        return {"nvme_offload_path": offload.nvme_path, "nvme_offload_buffer_count": offload.buffer_count, **overlap}
     return {}
 
 

@@ -20,7 +20,7 @@ import torch
 from megatron_core import device as device_mod
 from megatron_core.distributed.distributed_data_parallel import DistributedDataParallel
 from megatron_core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer, ShardPiece
-from megatron_core.optimizer.offload import NvmeSwapper, offloaded_buckets
+from megatron_core.optimizer.offload import NvmeSwapper, OverlappedOffload, Unit, offloaded_buckets
 from megatron_core.optimizer.optimizer import MegatronOptimizer, build_torch_optimizer
 from megatron_core.optimizer.optimizer_config import OptimizerConfig
 from megatron_core.parallel_state import ParallelState
@@ -74,6 +74,9 @@ class DistributedOptimizer(MegatronOptimizer):
         self.nvme: NvmeSwapper | None = None
         if config.nvme_offload_path is not None:
             self.nvme = NvmeSwapper.for_optimizer(config, self.sharded, self.inner, parallel_state)
+        self.overlap: OverlappedOffload | None = None
+        if config.overlap_cpu_optimizer_d2h_h2d and self.offloading:
+            self.overlap = OverlappedOffload(self.sharded, parallel_state)
 
     def _shard(self, buffer: ParamAndGradBuffer, offloaded: list[bool]) -> _ShardedBuffer:
         host = device_mod.host_device()
@@ -110,13 +113,24 @@ class DistributedOptimizer(MegatronOptimizer):
         return out
 
     # ---- the step -----------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """As the base class; first waits for gradient copies to the host still in flight (they read
+        the buffers being zeroed)."""
+        if self.overlap is not None:
+            self.overlap.wait_grads()
+        super().zero_grad()
+
     def _prepare_main_grads(self) -> None:
-        for sb in self.sharded:
+        # --overlap-cpu-optimizer-d2h-h2d: the copies started as buckets were reduced must be done
+        # before ZeRO-2 releases the full gradient buffer they read.
+        copied = self.overlap.wait_grads() if self.overlap is not None else set()
+        for i, sb in enumerate(self.sharded):
             sb.buffer.finish_param_gathers()  # the step rewrites the shards gathers may still read
             if sb.buffer.config.zero_stage >= 2 and sb.buffer.grads_allocated:
                 sb.buffer.release_full_grads()
             for bucket, host_grad in zip(sb.buffer.buckets, sb.host_grads, strict=True):
-                if host_grad is not None:  # offload: stream the reduced gradient out, bucket by bucket
+                if host_grad is not None and (i, bucket.index) not in copied:
+                    # offload: stream the reduced gradient out, bucket by bucket
                     host_grad.copy_(sb.buffer.shard_grad(bucket), non_blocking=True)
             for piece, main in zip(sb.pieces, sb.mains, strict=True):
                 start = piece.shard_start - piece.bucket.local_offset
@@ -128,14 +142,34 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _update(self) -> None:
         if self.nvme is not None:
-            self.nvme.step(self.torch_optimizer, self._copy_bucket_to_model)
+            self.nvme.step(self.torch_optimizer, self._copy_device_buckets_to_model, self._copy_bucket_to_model)
+            self._gather_params()
+        elif self.overlap is not None:
+            self.overlap.step(self.torch_optimizer, self._offloaded_units(), self._copy_device_buckets_to_model,
+                              self._copy_bucket_to_model)
             self._gather_params()
         else:
             super()._update()
 
-    def _copy_bucket_to_model(self, sb: _ShardedBuffer, bucket: Bucket) -> None:
-        # Host-to-device for an offloaded bucket (asynchronous from pinned memory; waited on below).
+    def _offloaded_units(self) -> list[Unit]:
+        return [(sb, bucket, [main for piece, main in zip(sb.pieces, sb.mains, strict=True) if piece.bucket is bucket])
+                for sb in self.sharded for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True) if off]
+
+    def _copy_device_buckets_to_model(self) -> None:
+        for sb in self.sharded:
+            for bucket, off in zip(sb.buffer.buckets, sb.offloaded, strict=True):
+                if not off:
+                    self._copy_bucket_to_model(sb, bucket)
+
+    def _copy_bucket_to_model(self, sb: _ShardedBuffer, bucket: Bucket):
+        """Copy ``bucket``'s updated main shard into the model's shard. With
+        --overlap-cpu-optimizer-d2h-h2d an offloaded bucket's copy is started on the copy engine
+        and its handle returned; otherwise None (host-to-device from pinned memory is asynchronous
+        on CUDA too, and waited on by ``_gather_params``)."""
+        if self.overlap is not None and sb.offloaded[bucket.index]:
+            return self.overlap.engine.copy(sb.buffer.shard_param(bucket), _main_of(sb, bucket))
         sb.buffer.shard_param(bucket).copy_(_main_of(sb, bucket), non_blocking=True)
+        return None
 
     def _copy_main_to_model(self) -> None:
         for sb in self.sharded:

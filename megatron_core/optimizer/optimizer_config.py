@@ -28,6 +28,11 @@ class OptimizerConfig:
       implies CPU offload, and the main parameters and Adam moments of every offloaded bucket live
       in a file under this directory between steps (freed from memory); the step swaps them in a
       bucket at a time with read-ahead and write-behind on I/O threads. Adam only.
+    - ``overlap_cpu_optimizer_d2h_h2d`` (``--overlap-cpu-optimizer-d2h-h2d``; DeepSpeed ``overlap_comm``
+      with ``offload_optimizer``): needs ``optimizer_cpu_offload`` (or NVMe). Each offloaded bucket's
+      reduced gradient shard is copied to the host as soon as its reduce-scatter has completed
+      (during backward with ``overlap_grad_reduce``), asynchronously, and the host step runs bucket
+      by bucket with each bucket's updated shard copied back while the next one steps. Same results.
     - ``nvme_offload_buffer_count`` (``--nvme-offload-buffer-count``; DeepSpeed ``buffer_count``,
       default 2): buckets resident at once during the NVMe step (the one being updated and those
       read ahead), plus the one being written back.
@@ -58,6 +63,7 @@ class OptimizerConfig:
     optimizer_offload_fraction: float = 1.0
     nvme_offload_path: str | None = None
     nvme_offload_buffer_count: int = 2
+    overlap_cpu_optimizer_d2h_h2d: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
@@ -79,6 +85,9 @@ class OptimizerConfig:
                              f"got {self.nvme_offload_buffer_count}")
         if self.nvme_offload_path is not None:
             self.optimizer_cpu_offload = True  # NVMe holds what CPU offload would keep in host memory
+        if self.overlap_cpu_optimizer_d2h_h2d and not self.optimizer_cpu_offload:
+            raise ValueError("--overlap-cpu-optimizer-d2h-h2d overlaps the host copies of --optimizer-cpu-offload: "
+                             "add --optimizer-cpu-offload (or --nvme-offload-path) or drop it")
         if self.hysteresis < 1 or self.loss_scale_window < 1:
             raise ValueError("OptimizerConfig.hysteresis (--hysteresis) and loss_scale_window (--loss-scale-window) "
                              "must be >= 1")

@@ -153,6 +153,7 @@ def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: Mod
     o = config.optimizer
     precision = "bf16" if o.bf16 else "fp16" if o.fp16 else "fp32"
     offload = " + NVMe offload" if o.nvme_offload_path else " + CPU offload" if o.optimizer_cpu_offload else ""
+    offload += " (overlapped host copies)" if offload and o.overlap_cpu_optimizer_d2h_h2d else ""
     out.rank0(f"> ZeRO stage {config.ddp.zero_stage}{offload}, {precision}, micro batch "
               f"{config.training.micro_batch_size}, global batch {config.training.global_batch_size}, "
               f"clip grad {o.clip_grad}")

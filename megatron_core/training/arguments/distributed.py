@@ -50,6 +50,9 @@ def add_zero_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fp32 main parameters and optimizer state in host memory, the step on the host")
     g.add_argument("--optimizer-offload-fraction", type=float, default=1.0,
                    help="with --optimizer-cpu-offload: fraction of the main parameters offloaded, in [0, 1]")
+    g.add_argument("--overlap-cpu-optimizer-d2h-h2d", action="store_true",
+                   help="with --optimizer-cpu-offload: copy each bucket's reduced gradients to the host as soon as "
+                        "it is reduced, step bucket by bucket and copy updated parameters back while the next steps")
     g.add_argument("--nvme-offload-path", default=None, metavar="DIR",
                    help="ZeRO-Infinity: optimizer state (and ZeRO-3 parameter shards) in files under DIR")
     g.add_argument("--nvme-offload-buffer-count", type=int, default=2,

@@ -90,7 +90,8 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
         hysteresis=args.hysteresis, optimizer_cpu_offload=args.optimizer_cpu_offload,
         optimizer_offload_fraction=args.optimizer_offload_fraction, nvme_offload_path=args.nvme_offload_path,
-        nvme_offload_buffer_count=args.nvme_offload_buffer_count)
+        nvme_offload_buffer_count=args.nvme_offload_buffer_count,
+        overlap_cpu_optimizer_d2h_h2d=args.overlap_cpu_optimizer_d2h_h2d)
 
 
 def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
