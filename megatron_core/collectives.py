@@ -32,11 +32,14 @@ class _ChunkOnWait:
         self.work, self.output, self.chunk = work, output, chunk
 
     def wait(self) -> bool:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
+        work = self.work
+        if work is not None:
+            work.wait()
             if self.output.data_ptr() != self.chunk.data_ptr():
                 self.output.copy_(self.chunk)
+            # Cleared only after the copy: a wait from another thread (the offload copy engine) must
+            # not return while the chunk is still being copied.
+            self.work = None
         return True
 
 
