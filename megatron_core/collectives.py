@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_core import shm_collectives
+
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -54,7 +56,7 @@ def reduce_scatter_flat(output: torch.Tensor, full: torch.Tensor, group, async_o
     buffer = full if full_is_scratch else full.clone()
     size = output.numel()
     chunk = buffer[dist.get_rank(group) * size:(dist.get_rank(group) + 1) * size]
-    handle = _ChunkOnWait(dist.all_reduce(buffer, group=group, async_op=True), output, chunk)
+    handle = _ChunkOnWait(shm_collectives.all_reduce(buffer, group, async_op=True), output, chunk)
     if async_op:
         return handle
     handle.wait()

@@ -131,10 +131,12 @@ def _overlap_and_no_sync(overlap):
     with ddp.no_sync():
         _backward(ddp, config, 10 * ps.dp_rank)
     launched_in_no_sync = [b.launched for b in buffer.buckets]
+    # This rank's own gradients (no bucket reduced yet). Not read after the next backward: with
+    # overlap a bucket may already be summed then (the shared-memory all-reduce completes at launch).
+    local = {n: p.main_grad.clone() for n, p in global_parameters([model]).items()}
     _backward(ddp, config, 10 * ps.dp_rank + 1)
     launched_after_backward = [b.launched for b in buffer.buckets]
     records_before_finish = [r.tag for r in log.records]
-    local = {n: p.main_grad.clone() for n, p in global_parameters([model]).items()}
     ddp.finish_grad_sync()
     records = [(r.op, r.tag) for r in log.records]
     synced = {n: p.main_grad.clone() for n, p in global_parameters([model]).items()}

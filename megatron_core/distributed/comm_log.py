@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_core import shm_collectives
 from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
 
 # Elements a rank moves per element of the full tensor in a ring implementation, as the ZeRO
@@ -93,6 +94,8 @@ def all_reduce(tensor: torch.Tensor, group, *, async_op: bool = False, log: Comm
                tag: str = "", op=dist.ReduceOp.SUM):
     """Sum (or ``op``) ``tensor`` over ``group`` in place."""
     _log(log, "all_reduce", tensor, group, tag)
+    if op == dist.ReduceOp.SUM:
+        return shm_collectives.all_reduce(tensor, group, async_op=async_op)
     return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
 
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_core import shm_collectives
 from megatron_core.tensor_parallel.mappings import _rank, _size
 
 
 def reduce_over(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """All-reduce ``x`` in place over ``group`` (a no-op for one rank); returns ``x``."""
     if _size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
+        if op == dist.ReduceOp.SUM:
+            shm_collectives.all_reduce(x, group)
+        else:
+            dist.all_reduce(x, op=op, group=group)
     return x
 
 
@@ -33,12 +37,13 @@ def check_labels(target: torch.Tensor, ignored: torch.Tensor, vocab_size: int) -
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Cross entropy from each rank's softmax over its vocabulary shard.
 
-    Each rank takes torch's fused softmax of its shard (``sm_r``) and its shard's log-sum-exp
-    ``lse_r = max_r - log(max(sm_r))`` (the largest probability is at least 1 / partition, so its log
-    is exact to fp32 rounding); the global ``lse = log sum_r exp(lse_r)`` needs one MAX and one SUM
-    all-reduce of [tokens] values (the target logit rides along with the SUM). The loss is
-    ``lse - x[target]``; the saved ``sm_r`` scaled by ``exp(lse_r - lse)`` is the global softmax, so
-    backward is one in-place pass (softmax - one-hot, times the incoming gradient), as Megatron-LM's.
+    Each rank takes torch's fused softmax of its shard (``sm_r``); its normaliser
+    ``S_r = sum exp(x - max_r)`` is ``1 / max(sm_r)`` (the largest probability is at least
+    1 / partition, so this is exact to fp32 rounding). With ``M`` the global max (one MAX all-reduce)
+    and ``w_r = S_r exp(max_r - M)``, ``Z = sum_r w_r`` (one SUM all-reduce of [tokens] values; the
+    target logit rides along), the loss is ``M + log Z - x[target]`` and ``sm_r * w_r / Z`` is the
+    global softmax, so backward is one in-place pass (softmax - one-hot, times the incoming
+    gradient), as Megatron-LM's.
     This is 3-4x faster on CPU than max/exp/sum/divide passes (``Tensor.max(dim)`` with indices alone
     cost 13x ``amax``), and faster than ``F.cross_entropy`` on one rank (measured [2048, 2048] fp32,
     one thread: 3.9 ms vs 11.9 ms before and 6.8 ms for torch, forward and backward).
@@ -57,21 +62,25 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = (target - start).masked_fill(outside, 0)
 
         softmax = torch.softmax(logits, dim=-1)
-        local_lse = logits.amax(dim=-1) - softmax.amax(dim=-1).log()
-        lse_max = _all_reduce(local_lse.clone(), group, dist.ReduceOp.MAX)
+        local_max = logits.amax(dim=-1)
+        global_max = _all_reduce(local_max.clone(), group, dist.ReduceOp.MAX)
+        # sum_v exp(x_v - local_max) is 1 / the shard's largest probability; weighted to the global max.
+        weight = softmax.amax(dim=-1).reciprocal_().mul_((local_max - global_max).exp_())
         predicted = torch.gather(logits, -1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        parts = [(local_lse - lse_max).exp(), predicted]
+        parts = [weight, predicted]
         if label_smoothing > 0:
             parts.append(logits.sum(dim=-1))
         sums = _all_reduce(torch.stack(parts), group)
-        lse = lse_max + sums[0].log()
+        lse = global_max + sums[0].log()
         loss = lse - sums[1]
         if label_smoothing > 0:
             # torch's definition: (1 - e) * nll + e * mean over classes of -log p.
             smooth = lse - sums[2] / vocab_size
             loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
         loss = loss.masked_fill(ignored, 0.0)
-        ctx.save_for_backward(softmax, (local_lse - lse).exp(), outside, local_target, ignored)
+        # The shard's share of the global normaliser, a ratio of sums (exp(lse_r - lse) would lose
+        # ~1e-6 relative: lse is ~log(V) in magnitude); exactly 1 on one rank.
+        ctx.save_for_backward(softmax, weight / sums[0], outside, local_target, ignored)
         ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
         return loss
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from megatron_core import device as device_mod
+from megatron_core import shm_collectives
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.mappings import (
     gather_first_async,
@@ -87,7 +88,8 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
             if ctx.sequence_parallel:
                 grad_input, work = reduce_scatter_first_async(full_grad_input, ctx.group)
             else:
-                grad_input, work = full_grad_input, dist.all_reduce(full_grad_input, group=ctx.group, async_op=True)
+                grad_input = full_grad_input
+                work = shm_collectives.all_reduce(full_grad_input, ctx.group, async_op=True)
             if work is not None and not ctx.overlap:
                 work.wait()
                 work = None

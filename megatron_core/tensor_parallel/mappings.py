@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_core import shm_collectives
 from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
 
 
@@ -24,7 +25,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if _size(group) == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=group)
+    shm_collectives.all_reduce(x, group)
     return x
 
 
