@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from harness import run_distributed
-from test_failures_training import TINY, _run
+from test_failures_training import LEGACY, TINY, _run
 
 from megatron_core.training import checkpoint_io as io
 
@@ -24,9 +24,9 @@ ZERO = ["--use-distributed-optimizer", "--global-batch-size", "4"]  # 2 DP ranks
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A ZeRO checkpoint of 2 DP ranks at iterations 1 and 2 (copied per test before damaging it)."""
+    """A legacy ZeRO checkpoint of 2 DP ranks at iterations 1 and 2 (copied per test before damaging it)."""
     ckpt = str(tmp_path_factory.mktemp("saved") / "ckpt")
-    results = run_distributed(_run, 2, TINY + ZERO + ["--save", ckpt, "--save-interval", "1"], timeout=120)
+    results = run_distributed(_run, 2, TINY + LEGACY + ZERO + ["--save", ckpt, "--save-interval", "1"], timeout=120)
     assert not any(isinstance(r, str) for r in results), results
     return ckpt
 

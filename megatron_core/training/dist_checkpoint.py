@@ -17,6 +17,7 @@ from typing import Any, cast
 import torch
 
 from megatron_core.dist_checkpointing import SaveRequest, is_dist_checkpoint, load_dist_checkpoint, save_dist_checkpoint
+from megatron_core.dist_checkpointing.serialization import is_dist_dir
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training import checkpoint_io as io
@@ -37,7 +38,7 @@ def holds_dist_checkpoint(config: CheckpointConfig) -> bool:
         except ValueError:  # a damaged tracker: the legacy loader names the file and the fix
             return False
     path = io.existing_iteration_dir(config.load, config.ckpt_step)
-    return path is not None and os.path.isfile(os.path.join(path, "common.pt"))
+    return path is not None and is_dist_dir(path)
 
 
 @contextlib.contextmanager
@@ -63,8 +64,9 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     """
     if config.save is None:
         raise ValueError("save_checkpoint needs CheckpointConfig.save (--save DIR)")
+    died = f"not saving iteration {iteration}: the launcher of this job died"
     if not launcher_alive():
-        raise ConfigError(f"not saving iteration {iteration}: the launcher of this job died")
+        raise ConfigError(died)
     extra = {"consumed_train_samples": consumed_train_samples, "model_config": transformer.to_dict(),
              "model_info": model_info.to_dict(), "tokenizer": tokenizer_identity(data)}
     with _full_params(model, writeback=False):
@@ -72,7 +74,8 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
         # and release them again inside this block.
         check_finite_model([dict(unwrap(chunk).named_parameters()) for chunk in model], iteration)
         request = save_dist_checkpoint(config.save, iteration, model, optimizer, scheduler, parallel_state,
-                                       extra=extra, async_save=config.async_save)
+                                       extra=extra, async_save=config.async_save,
+                                       refuse_publish=lambda: None if launcher_alive() else died)
     how = "started an asynchronous save of" if config.async_save else "successfully saved"
     printer(f"  {how} checkpoint at iteration {iteration:7d} to {config.save} (torch_dist) "
             f"[ training blocked {request.blocked_seconds:.2f}s ]")
@@ -115,6 +118,25 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     printer(f"> loaded torch_dist checkpoint from {config.load} at iteration {result.iteration} (saved under "
             f"{common.get('layout')}; optimizer: {'yes' if load_optim else 'no'})")
     return result
+
+
+def save_format(config: CheckpointConfig, loaded_format: str | None,
+                printer: Callable[[str], None] = print) -> str:
+    """The format this run's saves use: ``--ckpt-format`` when given; else the format of the checkpoint
+    it resumed (a legacy series stays legacy, so tools reading that directory keep working); else
+    ``torch_dist`` (new runs, and ``--finetune``, which starts a new series at iteration 0).
+
+    ``loaded_format``: "torch" or "torch_dist" when a checkpoint was loaded, None for a fresh start.
+    Whatever the format of each iteration, ``--load`` resumes the one the tracker names.
+    """
+    if config.ckpt_format is not None:
+        return config.ckpt_format
+    if loaded_format == "torch" and not config.finetune:
+        if config.save is not None:
+            printer("> resumed a legacy (--ckpt-format torch) checkpoint: saving in that format; pass "
+                    "--ckpt-format torch_dist to switch (it resumes under any parallel layout)")
+        return "torch"
+    return "torch_dist"
 
 
 def tokenizer_identity(data: DataConfig) -> dict[str, Any]:
