@@ -15,20 +15,29 @@ ARGS = [*TINY, "--train-iters", "8", "--eval-interval", "100", "--eval-iters", "
         "--lr-warmup-iters", "3", "--ckpt-format", "torch_dist"]
 
 
-@pytest.mark.parametrize("saved,resumed", [
-    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--use-distributed-optimizer"])),
-    ((2, ["--zero-stage", "3"]), (2, ["--tensor-model-parallel-size", "2"])),
-    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--zero-stage", "3"])),
+@pytest.mark.parametrize("saved,resumed,logged", [
+    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--use-distributed-optimizer"]),
+     ("TP 2 x PP 1 x DP 1, ZeRO stage 0", "TP 1 x PP 1 x DP 2, ZeRO stage 1")),
+    ((2, ["--zero-stage", "3"]), (2, ["--tensor-model-parallel-size", "2"]),
+     ("TP 1 x PP 1 x DP 2, ZeRO stage 3", "TP 2 x PP 1 x DP 1, ZeRO stage 0")),
+    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--zero-stage", "3"]),
+     ("TP 2 x PP 1 x DP 1, ZeRO stage 0", "TP 1 x PP 1 x DP 2, ZeRO stage 3")),
 ], ids=["tp2-to-dp2-zero1", "dp2-zero3-to-tp2", "tp2-to-dp2-zero3"])
-def test_resume_under_another_layout_continues_the_run(tmp_path, saved, resumed):
+def test_resume_under_another_layout_continues_the_run(tmp_path, capfd, saved, resumed, logged):
     (world, layout), (new_world, new_layout) = saved, resumed
     whole = _logged(run_distributed(_train, world, ARGS + layout, timeout=240))
     ckpt = str(tmp_path / "ckpt")
     first = _logged(run_distributed(_train, world, ARGS + layout + ["--save", ckpt, "--exit-interval", "4"],
                                     timeout=240))
     assert first.iteration == 4 and first.saved_iterations == [4]
+    capfd.readouterr()
     rest = _logged(run_distributed(_train, new_world, ARGS + new_layout + ["--load", ckpt], timeout=240))
     assert rest.loaded_iteration == 4 and rest.consumed_train_samples == whole.consumed_train_samples
+    out = capfd.readouterr().out
+    saved_under, resumed_under = logged
+    assert f"> loaded torch_dist checkpoint from {ckpt} at iteration 4 (saved under {saved_under}, resumed under " \
+           f"{resumed_under}; optimizer: yes)" in out, out[-3000:]
+    assert f"RNG states were saved under {saved_under}, this run is {resumed_under}: they do not carry over" in out
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]), what="losses after the resume")
 
 

@@ -38,10 +38,24 @@ FORMAT = "torch_dist"
 PAUSE_BEFORE_PUBLISH_ENV = "MCORE_DIST_CKPT_PAUSE_BEFORE_PUBLISH"  # tests: seconds to wait, to kill a save
 
 
-def layout_of(parallel_state: ParallelState, optimizer: Any = None) -> dict[str, Any]:
-    """The parallel layout recorded in (and compared against) a checkpoint."""
+def layout_of(parallel_state: ParallelState, optimizer: Any = None,
+              model_chunks: list[torch.nn.Module] | None = None) -> dict[str, Any]:
+    """The parallel layout recorded in (and compared against) a checkpoint. The ZeRO stage is the
+    optimizer's, else the DDP wrapper's (``ddp_config.zero_stage``), else 0 (no data-parallel wrapper)."""
+    stage = getattr(optimizer, "zero_stage", None)
+    if stage is None:
+        stages = [getattr(getattr(c, "ddp_config", None), "zero_stage", None) for c in model_chunks or []]
+        stage = next((s for s in stages if s is not None), 0)
     return {"tp": parallel_state.tp_size, "pp": parallel_state.pp_size, "vpp": parallel_state.vpp_size,
-            "dp": parallel_state.dp_size, "zero_stage": getattr(optimizer, "zero_stage", 0) if optimizer else None}
+            "dp": parallel_state.dp_size, "zero_stage": int(stage)}
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    """``TP 2 x PP 1 x DP 2, ZeRO stage 1`` (``x VPP n`` with virtual stages) for a :func:`layout_of` record."""
+    vpp = f" x VPP {layout['vpp']}" if layout.get("vpp") else ""
+    stage = layout.get("zero_stage")
+    return (f"TP {layout['tp']} x PP {layout['pp']}{vpp} x DP {layout['dp']}, ZeRO stage "
+            f"{'unknown' if stage is None else stage}")  # None: saved before the stage was recorded
 
 
 def _tensor_state(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_state: ParallelState,
@@ -68,9 +82,9 @@ def _tensor_state(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_
     return sd, meta
 
 
-def _all_rng_states(parallel_state: ParallelState) -> list:
+def _all_rng_states(parallel_state: ParallelState, layout: dict[str, Any]) -> list:
     states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, (layout_of(parallel_state), parallel_state.rank,
+    dist.all_gather_object(states, (layout, parallel_state.rank,
                                     get_rng_state(parallel_state.rng_tracker)))
     return states
 
@@ -163,9 +177,10 @@ def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch
         os.makedirs(tmp_dir)
     dist.barrier()
     sd, optim_meta = _tensor_state(model_chunks, optimizer, parallel_state, copy=async_save)
-    common = {"format": FORMAT, "iteration": iteration, "layout": layout_of(parallel_state, optimizer),
+    layout = layout_of(parallel_state, optimizer, model_chunks)
+    common = {"format": FORMAT, "iteration": iteration, "layout": layout,
               "optimizer": optim_meta, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-              "rng": _all_rng_states(parallel_state), "extra": dict(extra or {})}
+              "rng": _all_rng_states(parallel_state, layout), "extra": dict(extra or {})}
     request = SaveRequest(final_dir)
     if not async_save:
         _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, None, is_rank0, refuse_publish)
@@ -198,7 +213,7 @@ def is_dist_dir(path: str) -> bool:
         return False
 
 
-def _checkpoint_dir(load_dir: str, iteration: int | None) -> tuple[str, int]:
+def checkpoint_dir(load_dir: str, iteration: int | None) -> tuple[str, int]:
     """The iteration directory to load and its iteration, its manifest verified (ConfigError naming a damaged file)."""
     if iteration is None:
         try:
@@ -223,23 +238,26 @@ def read_common(load_dir: str, iteration: int | None = None) -> dict[str, Any]:
 
     Raises ConfigError when absent, or naming the damaged file and an earlier iteration to load instead.
     """
-    path, iteration = _checkpoint_dir(load_dir, iteration)
-    return _read_common_file(load_dir, iteration, path)
+    path, iteration = checkpoint_dir(load_dir, iteration)
+    return read_checkpoint_common(load_dir, iteration, path)
 
 
-def _read_common_file(load_dir: str, iteration: int, path: str) -> dict[str, Any]:
+def read_checkpoint_common(load_dir: str, iteration: int, path: str) -> dict[str, Any]:
+    """``common.pt`` of the iteration directory ``path``; ConfigError naming it when damaged."""
     file = os.path.join(path, COMMON_FILE)
     try:
         common = io.load_file(file)
-    except io.DamagedFileError as exc:
-        raise ConfigError(io.damaged_message(load_dir, iteration, file, f"is truncated or damaged ({exc.cause})")) \
+    except ConfigError as exc:  # truncated, overwritten, or holding pickled objects: none of them a save writes
+        cause = exc.cause if isinstance(exc, io.DamagedFileError) else "not a plain-tensor file"
+        raise ConfigError(io.damaged_message(load_dir, iteration, file, f"is truncated or damaged ({cause})")) \
             from None
     if not isinstance(common, dict) or common.get("format") != FORMAT or "iteration" not in common:
         raise ConfigError(io.damaged_message(load_dir, iteration, file, "is not the record a torch_dist save writes"))
     return common
 
 
-def _read_metadata(load_dir: str, iteration: int, path: str, reader: Any) -> Any:
+def read_metadata(load_dir: str, iteration: int, path: str, reader: Any) -> Any:
+    """DCP's ``.metadata`` of ``path`` through ``reader``; ConfigError naming it when damaged."""
     try:
         return reader.read_metadata()
     except Exception as exc:  # noqa: BLE001 - DCP unpickles the file: anything may come out of damaged bytes
@@ -294,10 +312,10 @@ def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], opt
     from the iteration and its coordinates, and ``printer`` says so. Collective over all ranks.
     Raises ConfigError for a missing or incomplete checkpoint, or one of another model.
     """
-    path, iteration = _checkpoint_dir(load_dir, iteration)
-    common = _read_common_file(load_dir, iteration, path)
+    path, iteration = checkpoint_dir(load_dir, iteration)
+    common = read_checkpoint_common(load_dir, iteration, path)
     reader = dcp.FileSystemReader(path)
-    saved = _read_metadata(load_dir, iteration, path, reader).state_dict_metadata
+    saved = read_metadata(load_dir, iteration, path, reader).state_dict_metadata
     use_optim = optimizer is not None and load_optim and bool(common["optimizer"])
     keys = common["optimizer"].get("state_keys", []) if use_optim else []
     sd, states = _targets(model_chunks, optimizer if use_optim else None, parallel_state, saved, keys)
@@ -319,12 +337,12 @@ def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], opt
     if scheduler is not None and common.get("scheduler") is not None:
         scheduler.load_state_dict(common["scheduler"])
     if load_rng:
-        _restore_rng(common, parallel_state, printer)
+        _restore_rng(common, layout_of(parallel_state, optimizer, model_chunks), parallel_state, printer)
     return common
 
 
-def _restore_rng(common: dict, parallel_state: ParallelState, printer: Callable[[str], None]) -> None:
-    ours = layout_of(parallel_state)
+def _restore_rng(common: dict, ours: dict[str, Any], parallel_state: ParallelState,
+                 printer: Callable[[str], None]) -> None:
     for layout, rank, state in common["rng"]:
         if {k: layout[k] for k in ("tp", "pp", "vpp", "dp")} == {k: ours[k] for k in ("tp", "pp", "vpp", "dp")}:
             if rank == parallel_state.rank:
@@ -333,5 +351,6 @@ def _restore_rng(common: dict, parallel_state: ParallelState, printer: Callable[
     seed = 1234 + int(common["iteration"])
     parallel_state.manual_seed(seed + 7919 * parallel_state.dp_rank)
     if parallel_state.rank == 0:
-        printer(f"  RNG states were saved under layout {common['layout']}, this run is {ours}: they do not carry "
-                f"over, every rank is reseeded from {seed} (+ its pipeline / tensor / data-parallel rank)")
+        printer(f"  RNG states were saved under {describe_layout(common['layout'])}, this run is "
+                f"{describe_layout(ours)}: they do not carry over, every rank is reseeded from {seed} (+ its "
+                f"pipeline / tensor / data-parallel rank)")

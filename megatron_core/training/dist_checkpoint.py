@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 
 from megatron_core.dist_checkpointing import SaveRequest, is_dist_checkpoint, load_dist_checkpoint, save_dist_checkpoint
-from megatron_core.dist_checkpointing.serialization import is_dist_dir
+from megatron_core.dist_checkpointing.serialization import describe_layout, is_dist_dir, layout_of
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training import checkpoint_io as io
@@ -113,10 +113,12 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     if config.finetune:
         printer(f"> loaded model weights from {config.load} (torch_dist) for finetuning: starting at iteration 0")
         return result
+    ours_now = layout_of(parallel_state, optimizer, model)
     result.iteration = int(common["iteration"])
     result.consumed_train_samples = int(extra.get("consumed_train_samples", 0))
     printer(f"> loaded torch_dist checkpoint from {config.load} at iteration {result.iteration} (saved under "
-            f"{common.get('layout')}; optimizer: {'yes' if load_optim else 'no'})")
+            f"{describe_layout(common['layout'])}, resumed under {describe_layout(ours_now)}; optimizer: "
+            f"{'yes' if load_optim else 'no'})")
     return result
 
 
