@@ -96,10 +96,11 @@ def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
     world, pp = dist.get_world_size(), args.pipeline_model_parallel_size
     tp = args.tensor_model_parallel_size or max(world // pp, 1)
     if tp * pp != world:
-        raise ConfigError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} needs {tp * pp} "
-                          f"process{'es' if tp * pp > 1 else ''} but {world} were started: generation runs one model replica (no data "
-                          f"parallelism); launch {tp * pp} (torchrun --nproc_per_node {tp * pp}) or choose sizes "
-                          f"whose product is {world}")
+        needed = f"{tp * pp} process{'es' if tp * pp > 1 else ''}"
+        raise ConfigError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} needs {needed} "
+                          f"but {world} were started: generation runs one model replica (no data parallelism); "
+                          f"launch {tp * pp} (torchrun --nproc_per_node {tp * pp}) or choose sizes whose product "
+                          f"is {world}")
     ps = initialize_model_parallel(tp, pp)
     loaded = build_inference_model(args.load, ps, args.load_iteration, args.make_vocab_size_divisible_by)
     tokenizer = loaded.tokenizer  # its EOD stops generation even for prompts given as token ids
