@@ -4,7 +4,8 @@ full model, re-sharded keeping the iteration, the run's SentencePiece tokenizer 
 Face export of a Llama-shaped run loads with ``AutoTokenizer`` (tokenizer.json written at export) with the
 tokenizer's real special ids; tools/run_text_generation.py generates from the training checkpoint with
 no tokenizer flags, token for token as Hugging Face ``generate`` on the export. A run resuming a legacy
-checkpoint keeps its format; a directory mixing both resumes the newest."""
+checkpoint keeps its format (and --use-checkpoint-args reads a legacy one too); a directory mixing both
+resumes the newest."""
 import json
 import os
 import subprocess
@@ -101,9 +102,21 @@ def test_a_legacy_series_stays_legacy_and_a_mixed_directory_resumes_the_newest(t
     ckpt = str(tmp_path / "ckpt")
     shutil.copytree(d / "legacy", ckpt)
     capfd.readouterr()
-    longer = flags + ["--train-iters", "3", "--save", ckpt, "--load", ckpt]
-    results = run_distributed(_run, 2, longer, timeout=120)  # no --ckpt-format: keeps the legacy one
-    assert not any(isinstance(r, str) for r in results), results
+    model_flags = {"--num-layers": 1, "--hidden-size": 1, "--num-attention-heads": 1, "--seq-length": 1,
+                   "--max-position-embeddings": 1, "--position-embedding-type": 1, "--normalization": 1,
+                   "--swiglu": 0, "--disable-bias-linear": 0, "--untie-embeddings-and-output-weights": 0}
+    bare, skip = [], 0
+    for token in flags:
+        if skip:
+            skip -= 1
+        elif token in model_flags:
+            skip = model_flags[token]
+        else:
+            bare.append(token)
+    # No --ckpt-format: it keeps the legacy one; no model flags: --use-checkpoint-args reads the legacy files.
+    longer = bare + ["--train-iters", "3", "--save", ckpt, "--load", ckpt, "--use-checkpoint-args"]
+    results = run_distributed(_run, 2, longer, timeout=120)
+    assert [r.loaded_iteration for r in results if r is not None and not isinstance(r, str)] == [2], results
     assert "saving in that format; pass --ckpt-format torch_dist to switch" in capfd.readouterr().out
     assert os.path.isdir(os.path.join(io.iteration_dir(ckpt, 3), "mp_rank_00"))
     results = run_distributed(_run, 2, flags + ["--train-iters", "4", "--save", ckpt, "--load", ckpt,
