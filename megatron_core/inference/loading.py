@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from megatron_core import device as device_mod
 from megatron_core.checkpoint.convert import FullModel, load_core, load_hf, tokenizer_from_flags
 from megatron_core.checkpoint.sharding import rank_state_dict
-from megatron_core.dist_checkpointing import is_dist_checkpoint, load_dist_checkpoint, read_common
+from megatron_core.dist_checkpointing import load_dist_checkpoint, read_common
+from megatron_core.dist_checkpointing.full_model import is_torch_dist
 from megatron_core.dist_checkpointing.serialization import FORMAT
 from megatron_core.errors import ConfigError
 from megatron_core.models.gpt.gpt_model import GPTModel
@@ -73,7 +74,7 @@ def _build_from_dist(load: str, parallel_state: ParallelState, iteration: int | 
 def build_inference_model(load: str, parallel_state: ParallelState, iteration: int | None = None,
                           make_vocab_size_divisible_by: int = 128) -> LoadedModel:
     """This rank's GPTModel (eval mode, on the current device) filled from ``load``; see the module doc."""
-    if os.path.isdir(load) and is_dist_checkpoint(load):
+    if is_torch_dist(load, iteration):  # the format of that iteration: a directory may hold both
         return _build_from_dist(load, parallel_state, iteration, make_vocab_size_divisible_by)
     full, source = read_full_model(load, iteration)
     config = full.config

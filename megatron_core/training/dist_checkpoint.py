@@ -10,17 +10,16 @@ the non-finite and launcher checks the legacy format has. Saves are collective.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
 
-from megatron_core.dist_checkpointing import SaveRequest, is_dist_checkpoint, load_dist_checkpoint, save_dist_checkpoint
-from megatron_core.dist_checkpointing.serialization import describe_layout, is_dist_dir, layout_of
+from megatron_core.dist_checkpointing import SaveRequest, load_dist_checkpoint, save_dist_checkpoint
+from megatron_core.dist_checkpointing.full_model import is_torch_dist
+from megatron_core.dist_checkpointing.serialization import describe_layout, layout_of
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
-from megatron_core.training import checkpoint_io as io
 from megatron_core.training.checkpointing import LoadResult, check_compatible, check_finite_model, unwrap
 from megatron_core.training.config import CheckpointConfig, DataConfig, ModelInfo
 from megatron_core.training.health import check_finite_state
@@ -29,16 +28,10 @@ from megatron_core.transformer.config import TransformerConfig
 
 
 def holds_dist_checkpoint(config: CheckpointConfig) -> bool:
-    """Whether ``config.load`` (at ``--ckpt-step`` or its tracker's iteration) is a torch_dist checkpoint."""
-    if config.load is None or not os.path.isdir(config.load):
-        return False
-    if config.ckpt_step is None:
-        try:
-            return is_dist_checkpoint(config.load)
-        except ValueError:  # a damaged tracker: the legacy loader names the file and the fix
-            return False
-    path = io.existing_iteration_dir(config.load, config.ckpt_step)
-    return path is not None and is_dist_dir(path)
+    """Whether ``config.load`` (at ``--ckpt-step`` or its tracker's iteration) is a torch_dist checkpoint.
+
+    False for a damaged tracker: the legacy loader names the file and the fix."""
+    return config.load is not None and is_torch_dist(config.load, config.ckpt_step)
 
 
 @contextlib.contextmanager
