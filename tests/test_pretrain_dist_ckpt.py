@@ -61,3 +61,20 @@ def test_async_save_and_use_checkpoint_args(tmp_path):
     assert rest.loaded_iteration == 4
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]),
                      what="losses after an async save, read back at DP 2")
+
+
+def test_resume_under_another_vocabulary_padding(tmp_path, capfd):
+    """64 tokens pad to 128 rows at TP 1 and 256 at TP 2 (--make-vocab-size-divisible-by 128 x TP): the resume
+    says so and goes on; with a --make-vocab-size-divisible-by giving the saved 128 rows it is exact."""
+    args = ARGS + ["--vocab-size", "63"]
+    whole = _logged(run_distributed(_train, 1, args, timeout=240))
+    ckpt = str(tmp_path / "ckpt")
+    _logged(run_distributed(_train, 1, args + ["--save", ckpt, "--exit-interval", "4"], timeout=240))
+    capfd.readouterr()
+    tp2 = args + ["--tensor-model-parallel-size", "2", "--load", ckpt]
+    padded = _logged(run_distributed(_train, 2, tp2, timeout=240))
+    assert padded.loaded_iteration == 4 and len(padded.losses) == 4
+    assert "the vocabulary is padded to 256 rows here, 128 in the checkpoint" in capfd.readouterr().out
+    exact = _logged(run_distributed(_train, 2, tp2 + ["--make-vocab-size-divisible-by", "64"], timeout=240))
+    assert "the vocabulary is padded" not in capfd.readouterr().out
+    assert_rel_close(torch.tensor(exact.losses), torch.tensor(whole.losses[4:]), what="losses after the resume")

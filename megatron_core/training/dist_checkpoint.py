@@ -85,12 +85,7 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
 
     common = read_common(config.load, config.ckpt_step)
     extra = common.get("extra", {})
-    # The layout may differ (that is the point); the model itself may not.
-    ours = dict(model_info.to_dict(), tensor_model_parallel_size=None, pipeline_model_parallel_size=None,
-                virtual_pipeline_model_parallel_size=None)
-    saved_info = dict(extra.get("model_info", {}), tensor_model_parallel_size=None,
-                      pipeline_model_parallel_size=None, virtual_pipeline_model_parallel_size=None)
-    check_compatible(extra.get("model_config", {}), saved_info, transformer.to_dict(), ours, config.load)
+    _check_same_model(extra, transformer, model_info, config.load, printer)
     load_optim = optimizer is not None and not (config.no_load_optim or config.finetune)
     with _full_params(model, writeback=True):
         common = load_dist_checkpoint(config.load, model, optimizer if load_optim else None,
@@ -113,6 +108,27 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
             f"{describe_layout(common['layout'])}, resumed under {describe_layout(ours_now)}; optimizer: "
             f"{'yes' if load_optim else 'no'})")
     return result
+
+
+def _check_same_model(extra: dict[str, Any], transformer: TransformerConfig, model_info: ModelInfo, where: str,
+                      printer: Callable[[str], None]) -> None:
+    """The layout may differ (that is the point), and with it the vocabulary padding; the model may not."""
+    layout_free = dict.fromkeys(("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                 "virtual_pipeline_model_parallel_size", "padded_vocab_size"))
+    saved = dict(extra.get("model_info", {}))
+    ours = model_info.to_dict()
+    if saved.get("vocab_size") not in (None, ours["vocab_size"]):
+        raise ConfigError(f"checkpoint {where} was trained on {saved['vocab_size']} tokens, this run's tokenizer has "
+                          f"{ours['vocab_size']}: give the checkpoint's --tokenizer-* / --vocab-size flags "
+                          f"(or --use-checkpoint-args)")
+    check_compatible(extra.get("model_config", {}), {**saved, **layout_free}, transformer.to_dict(),
+                     {**ours, **layout_free}, where)
+    if saved.get("padded_vocab_size") not in (None, ours["padded_vocab_size"]):
+        printer(f"  the vocabulary is padded to {ours['padded_vocab_size']} rows here, {saved['padded_vocab_size']} "
+                f"in the checkpoint (--make-vocab-size-divisible-by x TP size): rows past the checkpoint's keep this "
+                f"run's initialisation and their logits join the softmax, so losses differ slightly from the saving "
+                f"layout's; to resume exactly, pass a --make-vocab-size-divisible-by that pads to "
+                f"{saved['padded_vocab_size']} rows at this TP size")
 
 
 def save_format(config: CheckpointConfig, loaded_format: str | None,
