@@ -1,9 +1,10 @@
-"""Paths of Megatron-LM's legacy checkpoint layout, and crash-safe writes.
+"""Paths of Megatron-LM's checkpoint layout, crash-safe writes, and the manifest both formats publish.
 
 A checkpoint is complete only once its directory has its final name and the tracker file points
 at it: files are written into ``iter_NNNNNNN.tmp``, fsynced, the directory is renamed, and the
 tracker is replaced atomically last. A process killed at any moment leaves the previous
-checkpoint as the one that loads.
+checkpoint as the one that loads. ``manifest.json`` (every file and its size) lets a load name a
+deleted or truncated file and the earlier iterations to load instead (:func:`verify_manifest`).
 """
 from __future__ import annotations
 
