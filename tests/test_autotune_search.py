@@ -91,3 +91,21 @@ def test_emitted_command_runs(tmp_path, capsys):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=cli.REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.findall(r"iteration +(\d+)/ +2 \|", proc.stdout) == ["1", "2"], (best, proc.stdout[-2000:])
+
+
+def test_trials_measure_from_scratch_even_with_a_checkpoint_to_resume(tmp_path, capsys):
+    """--trials runs the candidates for --trial-iters without the user's --save / --load: a checkpoint past
+    that iteration (here 4 > 3) would leave nothing to train and nothing to time."""
+    from harness import run_distributed
+
+    import pretrain_gpt
+
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(pretrain_gpt.main, 1, FLAGS + ["--micro-batch-size", "2", "--train-iters", "4", "--save", ckpt],
+                    timeout=60)
+    code = cli.main(FLAGS + ["--world-size", "2", "--memory-per-device", "1", "--no-offload", "--micro-batch-sizes",
+                             "2", "--trials", "1", "--trial-iters", "3", "--load", ckpt, "--save", ckpt])
+    printed = capsys.readouterr().out
+    measured = re.search(r"trial (.*): predicted [\d.]+ tokens/s, measured ([\d.na]+)", printed)
+    assert code == 0 and measured and measured.group(2) != "nan", printed[-2000:]
+    assert "--load" in printed.splitlines()[-1]  # the emitted command keeps them: it is the user's run

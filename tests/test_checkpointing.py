@@ -19,7 +19,8 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "12", "--lr", "3e-3",
         "--lr-warmup-iters", "3", "--lr-decay-style", "cosine", "--min-lr", "3e-4", "--mock-data",
         "--vocab-size", "255", "--log-interval", "4", "--eval-interval", "100", "--eval-iters", "1",
-        "--num-workers", "0", "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--seed", "11"]
+        "--num-workers", "0", "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--seed", "11",
+        "--ckpt-format", "torch"]  # Megatron-LM's legacy per-rank files (torch_dist: test_pretrain_dist_ckpt.py)
 
 
 def _train(argv):

@@ -67,3 +67,30 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, mode):
     assert not os.path.isdir(tmp_path / "iter_0000002")
     ((iteration, same),) = run_distributed(_load, 1, str(tmp_path), timeout=60)
     assert iteration == 1 and same
+
+
+def _save_refused_at_publish(directory, async_save):
+    from megatron_core.dist_checkpointing import save_dist_checkpoint
+    from megatron_core.errors import ConfigError
+
+    ps, _, wrapped, optimizer = build({}, FourLayers("gpt2"), {}, OPT)
+    save_dist_checkpoint(directory, 1, wrapped, optimizer, None, ps).wait()
+    died = "not saving iteration 2: the launcher of this job died"  # what training's hook says then
+    try:  # a synchronous save raises at once, an asynchronous one from wait()
+        save_dist_checkpoint(directory, 2, wrapped, optimizer, None, ps, async_save=async_save,
+                             refuse_publish=lambda: died).wait()
+        return None
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        ps.destroy()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_save_refused_at_publish_leaves_the_previous_checkpoint(tmp_path, mode):
+    """Every file written, then the launcher found dead (rank 0 asks just before publishing): every rank
+    raises the one message, the partial directory is removed, the tracker still names iteration 1."""
+    messages = run_distributed(_save_refused_at_publish, 2, str(tmp_path), mode == "async", timeout=60)
+    assert messages == ["not saving iteration 2: the launcher of this job died"] * 2, messages
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]

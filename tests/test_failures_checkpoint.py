@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from harness import run_distributed
-from test_failures_training import TINY, _run
+from test_failures_training import LEGACY, TINY, _run
 
 from megatron_core.training import checkpoint_io as io
 
@@ -24,9 +24,9 @@ ZERO = ["--use-distributed-optimizer", "--global-batch-size", "4"]  # 2 DP ranks
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A ZeRO checkpoint of 2 DP ranks at iterations 1 and 2 (copied per test before damaging it)."""
+    """A legacy ZeRO checkpoint of 2 DP ranks at iterations 1 and 2 (copied per test before damaging it)."""
     ckpt = str(tmp_path_factory.mktemp("saved") / "ckpt")
-    results = run_distributed(_run, 2, TINY + ZERO + ["--save", ckpt, "--save-interval", "1"], timeout=120)
+    results = run_distributed(_run, 2, TINY + LEGACY + ZERO + ["--save", ckpt, "--save-interval", "1"], timeout=120)
     assert not any(isinstance(r, str) for r in results), results
     return ckpt
 
@@ -145,19 +145,22 @@ def _run_with_small_file_limit(argv, limit):
     return _run(argv)
 
 
-def test_a_failed_write_is_one_line_and_leaves_no_partial_directory(tmp_path):
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_a_failed_write_is_one_line_and_leaves_no_partial_directory(tmp_path, fmt):
     ckpt = tmp_path / "ckpt"
-    message = run_distributed(_run_with_small_file_limit, 1, TINY + ["--save", str(ckpt)], 20_000, timeout=60)[0]
+    message = run_distributed(_run_with_small_file_limit, 1, TINY + ["--save", str(ckpt), "--ckpt-format", fmt],
+                              20_000, timeout=60)[0]
     assert isinstance(message, str) and message.startswith("ConfigError: saving iteration 2 to ") and \
         "\n" not in message and "the partial directory was removed" in message, message
     assert os.listdir(ckpt) == []
 
 
-def test_leftovers_of_killed_saves_are_removed_at_the_next_save(tmp_path):
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_leftovers_of_killed_saves_are_removed_at_the_next_save(tmp_path, fmt):
     ckpt = tmp_path / "ckpt"
     (ckpt / "iter_0000005.tmp" / "mp_rank_00").mkdir(parents=True)
     (ckpt / f"{io.TRACKER_FILENAME}.tmp.12345").write_text("5")
-    run_distributed(_run, 1, TINY + ["--save", str(ckpt)], timeout=60)
+    run_distributed(_run, 1, TINY + ["--save", str(ckpt), "--ckpt-format", fmt], timeout=60)
     assert sorted(os.listdir(ckpt)) == ["iter_0000002", io.TRACKER_FILENAME]
 
 

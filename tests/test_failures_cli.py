@@ -43,7 +43,7 @@ def test_llama_script_flags_are_accepted_with_their_meaning():
     (["--expert-model-parallel-size", "2"], "mixture-of-experts"),
     (["--wandb-project", "llama"], "--wandb-project: Weights & Biases logging is not supported; log to TensorBoard"),
     (["--fp8-format", "hybrid"], "FP8 training needs Transformer Engine"),
-    (["--async-save"], "--async-save writes torch_dist checkpoints; add --ckpt-format torch_dist"),
+    (["--async-save", "--ckpt-format", "torch"], "--async-save writes torch_dist checkpoints; drop --ckpt-format"),
 ])
 def test_refused_flags_say_why(argv, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
@@ -59,7 +59,8 @@ def test_every_refused_flag_is_one_line_not_unrecognized():
 
 def test_spec_picks_a_custom_layer_from_the_command_line(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    result = _one(TINY + ["--spec", "models.custom_spec", "qk_norm_layer_spec", "--save", ckpt])
+    legacy = ["--ckpt-format", "torch"]  # reads the legacy model file below
+    result = _one(TINY + legacy + ["--spec", "models.custom_spec", "qk_norm_layer_spec", "--save", ckpt])
     assert not isinstance(result, str), result
     state = io_.load_file(os.path.join(io_.iteration_dir(ckpt, 2), "mp_rank_00", io_.MODEL_FILENAME))
     assert any("q_layernorm" in key for key in state["model"]) and any("k_layernorm" in key for key in state["model"])
@@ -71,7 +72,7 @@ def test_spec_picks_a_custom_layer_from_the_command_line(tmp_path):
 def test_help_shows_defaults_and_tokenizer_flags_have_help():
     text = build_parser().format_help()
     for flag, default in (("--lr-decay-style", "linear"), ("--split", "969,30,1"), ("--seed", "1234"),
-                          ("--micro-batch-size", None), ("--ckpt-format", "torch")):
+                          ("--micro-batch-size", None), ("--ckpt-format", None)):
         block = text[text.index(f"  {flag} "):][:400].split("\n  --")[0]
         assert (f"(default: {default})" in " ".join(block.split())) == (default is not None), block
     for action in tokenizer_parser()._actions:

@@ -17,6 +17,7 @@ TINY = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2"
         "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--lr", "1e-3",
         "--mock-data", "--vocab-size", "63", "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "100",
         "--num-workers", "0", "--hidden-dropout", "0", "--attention-dropout", "0", "--seed", "3"]
+LEGACY = ["--ckpt-format", "torch"]  # tests that read or damage Megatron-LM's legacy per-rank files
 
 
 def _run(argv):
@@ -54,8 +55,9 @@ def _weights(ckpt, iteration):
 @pytest.mark.parametrize("precision", [[], ["--bf16"]])
 def test_nan_loss_stops_the_run_naming_the_iteration_and_saves_nothing_bad(tmp_path, precision):
     ckpt = str(tmp_path / "ckpt")
-    argv = TINY + precision + ["--lr", "1e30", "--lr-decay-style", "constant", "--train-iters", "12", "--save", ckpt,
-                               "--save-interval", "1", "--clip-grad", "0", "--weight-decay", "0"]
+    argv = TINY + LEGACY + precision + ["--lr", "1e30", "--lr-decay-style", "constant", "--train-iters", "12",
+                                        "--save", ckpt, "--save-interval", "1", "--clip-grad", "0",
+                                        "--weight-decay", "0"]
     message = _one(argv)
     assert isinstance(message, str) and message.startswith("TrainingDivergedError: iteration "), message
     assert "is inf or nan" in message and "not applied" in message
@@ -65,7 +67,7 @@ def test_nan_loss_stops_the_run_naming_the_iteration_and_saves_nothing_bad(tmp_p
 
 def test_a_checkpoint_with_a_nan_weight_is_refused(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    assert _one(TINY + ["--save", ckpt]).saved_iterations == [2]
+    assert _one(TINY + LEGACY + ["--save", ckpt]).saved_iterations == [2]
     path = os.path.join(io.iteration_dir(ckpt, 2), "mp_rank_00", io.MODEL_FILENAME)
     state = io.load_file(path)
     name = next(k for k, v in state["model"].items() if v.is_floating_point() and v.dim() == 2)
@@ -92,7 +94,7 @@ def test_a_batch_with_every_label_masked_contributes_zero_loss_and_gradient(tmp_
     ckpt = str(tmp_path / "ckpt")
     base = [a for a in TINY if a != "--mock-data"] + ["--data-path", prefix, "--eod-mask-loss", "--weight-decay", "0",
                                                      "--save", ckpt, "--split", "90,10,0", "--tokenizer-type",
-                                                     "NullTokenizer"]
+                                                     "NullTokenizer", *LEGACY]  # _weights reads legacy files
     start = _one(base + ["--train-iters", "1", "--lr", "0"])  # lr 0: iteration 1 leaves the initial weights
     assert not isinstance(start, str), start
     after = _one(base + ["--load", ckpt, "--train-iters", "3", "--override-opt-param-scheduler"])

@@ -15,20 +15,29 @@ ARGS = [*TINY, "--train-iters", "8", "--eval-interval", "100", "--eval-iters", "
         "--lr-warmup-iters", "3", "--ckpt-format", "torch_dist"]
 
 
-@pytest.mark.parametrize("saved,resumed", [
-    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--use-distributed-optimizer"])),
-    ((2, ["--zero-stage", "3"]), (2, ["--tensor-model-parallel-size", "2"])),
-    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--zero-stage", "3"])),
+@pytest.mark.parametrize("saved,resumed,logged", [
+    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--use-distributed-optimizer"]),
+     ("TP 2 x PP 1 x DP 1, ZeRO stage 0", "TP 1 x PP 1 x DP 2, ZeRO stage 1")),
+    ((2, ["--zero-stage", "3"]), (2, ["--tensor-model-parallel-size", "2"]),
+     ("TP 1 x PP 1 x DP 2, ZeRO stage 3", "TP 2 x PP 1 x DP 1, ZeRO stage 0")),
+    ((2, ["--tensor-model-parallel-size", "2"]), (2, ["--zero-stage", "3"]),
+     ("TP 2 x PP 1 x DP 1, ZeRO stage 0", "TP 1 x PP 1 x DP 2, ZeRO stage 3")),
 ], ids=["tp2-to-dp2-zero1", "dp2-zero3-to-tp2", "tp2-to-dp2-zero3"])
-def test_resume_under_another_layout_continues_the_run(tmp_path, saved, resumed):
+def test_resume_under_another_layout_continues_the_run(tmp_path, capfd, saved, resumed, logged):
     (world, layout), (new_world, new_layout) = saved, resumed
     whole = _logged(run_distributed(_train, world, ARGS + layout, timeout=240))
     ckpt = str(tmp_path / "ckpt")
     first = _logged(run_distributed(_train, world, ARGS + layout + ["--save", ckpt, "--exit-interval", "4"],
                                     timeout=240))
     assert first.iteration == 4 and first.saved_iterations == [4]
+    capfd.readouterr()
     rest = _logged(run_distributed(_train, new_world, ARGS + new_layout + ["--load", ckpt], timeout=240))
     assert rest.loaded_iteration == 4 and rest.consumed_train_samples == whole.consumed_train_samples
+    out = capfd.readouterr().out
+    saved_under, resumed_under = logged
+    assert f"> loaded torch_dist checkpoint from {ckpt} at iteration 4 (saved under {saved_under}, resumed under " \
+           f"{resumed_under}; optimizer: yes)" in out, out[-3000:]
+    assert f"RNG states were saved under {saved_under}, this run is {resumed_under}: they do not carry over" in out
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]), what="losses after the resume")
 
 
@@ -52,3 +61,20 @@ def test_async_save_and_use_checkpoint_args(tmp_path):
     assert rest.loaded_iteration == 4
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]),
                      what="losses after an async save, read back at DP 2")
+
+
+def test_resume_under_another_vocabulary_padding(tmp_path, capfd):
+    """64 tokens pad to 128 rows at TP 1 and 256 at TP 2 (--make-vocab-size-divisible-by 128 x TP): the resume
+    says so and goes on; with a --make-vocab-size-divisible-by giving the saved 128 rows it is exact."""
+    args = ARGS + ["--vocab-size", "63"]
+    whole = _logged(run_distributed(_train, 1, args, timeout=240))
+    ckpt = str(tmp_path / "ckpt")
+    _logged(run_distributed(_train, 1, args + ["--save", ckpt, "--exit-interval", "4"], timeout=240))
+    capfd.readouterr()
+    tp2 = args + ["--tensor-model-parallel-size", "2", "--load", ckpt]
+    padded = _logged(run_distributed(_train, 2, tp2, timeout=240))
+    assert padded.loaded_iteration == 4 and len(padded.losses) == 4
+    assert "the vocabulary is padded to 256 rows here, 128 in the checkpoint" in capfd.readouterr().out
+    exact = _logged(run_distributed(_train, 2, tp2 + ["--make-vocab-size-divisible-by", "64"], timeout=240))
+    assert "the vocabulary is padded" not in capfd.readouterr().out
+    assert_rel_close(torch.tensor(exact.losses), torch.tensor(whole.losses[4:]), what="losses after the resume")

@@ -86,3 +86,31 @@ def test_server_answers_concurrent_requests_under_tp2(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def _serve(argv):
+    import contextlib
+    import io
+
+    from megatron_core.inference import server
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = server.main(argv)
+    torch.distributed.barrier()
+    return code, err.getvalue()
+
+
+def test_a_world_larger_than_one_model_replica_is_refused_naming_the_fix(tmp_path):
+    """As Megatron-LM's server: every process holds part of the one replica (world = TP x PP), no DP."""
+    from harness import run_distributed
+
+    results = run_distributed(_serve, 2, ["--load", str(tmp_path / "any"), "--tensor-model-parallel-size", "1"],
+                              timeout=60)
+    assert [code for code, _ in results] == [2, 2], results
+    text = results[0][1]
+    assert text == ("run_text_generation_server.py: error: --tensor-model-parallel-size 1 x "
+                    "--pipeline-model-parallel-size 1 needs 1 process but 2 were started: generation runs one model "
+                    "replica (no data parallelism); launch 1 (torchrun --nproc_per_node 1) or choose sizes whose "
+                    "product is 2\n"), text
+    assert results[1][1] == ""  # said once, by rank 0

@@ -180,8 +180,12 @@ def print_table(cands: list[Candidate], top: int) -> None:
 
 def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: int) -> float | None:
     """tokens/s of ``iters`` real iterations (median after the first), or None when the run failed."""
+    # A trial measures speed from scratch: it writes no checkpoint and resumes none (a --load checkpoint
+    # is usually past --trial-iters, and a legacy one loads under its own layout only).
     flags = strip_flags(user_flags, {"--train-iters": 1, "--log-interval": 1, "--eval-iters": 1, "--eval-interval": 1,
-                                     "--save": 1, "--save-interval": 1})
+                                     "--save": 1, "--save-interval": 1, "--async-save": 0, "--load": 1,
+                                     "--ckpt-step": 1, "--use-checkpoint-args": 0, "--exit-on-missing-checkpoint": 0,
+                                     "--finetune": 0})
     cmd = torchrun_command(spec, cand.layout, flags + ["--train-iters", str(iters), "--log-interval", "1",
                                                        "--eval-iters", "0"])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)

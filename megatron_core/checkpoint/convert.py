@@ -1,4 +1,8 @@
-"""Convert GPT checkpoints between Hugging Face directories and Megatron-LM's legacy layout.
+"""Convert GPT checkpoints between Hugging Face directories and Megatron checkpoints.
+
+``--loader core`` reads a training checkpoint in either format (``torch_dist``, the default of
+``pretrain_gpt.py``, or the legacy per-rank files) saved under any layout; ``--saver core`` writes the
+legacy layout (model only), which ``pretrain_gpt.py --load`` reads under the layout it was cut for.
 
 Takes Megatron-LM's converter flags::
 
@@ -26,6 +30,7 @@ from megatron_core.checkpoint.core_format import load_core_checkpoint, make_mode
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
 from megatron_core.checkpoint.hf_io import load_hf_config, load_hf_state, normal_permissions, save_hf_dir
 from megatron_core.checkpoint.hf_tokenizer import has_tokenizer, load_dir_tokenizer, save_tokenizer, special_ids
+from megatron_core.dist_checkpointing.full_model import is_torch_dist, load_full_model
 from megatron_core.tokenizer.base import MegatronTokenizer
 from megatron_core.tokenizer.build import build_tokenizer
 from megatron_core.training import checkpoint_io as io
@@ -94,7 +99,9 @@ def save_hf(model: FullModel, path: str, family: str | None = None) -> None:
 
 
 def load_core(path: str, iteration: int | None = None) -> FullModel:
-    """Read and merge every rank of a Megatron legacy checkpoint."""
+    """Read and merge every rank of a Megatron checkpoint (torch_dist or legacy, any layout)."""
+    if is_torch_dist(path, iteration):
+        return _load_torch_dist(path, iteration)
     config, info, state = load_core_checkpoint(path, iteration)
     family = info.get("hf_model_type")
     tokenizer = None
@@ -104,6 +111,28 @@ def load_core(path: str, iteration: int | None = None) -> FullModel:
     return FullModel(config, info.get("vocab_size") or info["padded_vocab_size"],
                      int(info.get("max_position_embeddings") or info["seq_length"]), state, family, tokenizer,
                      iteration if iteration is not None else io.read_tracker(path))
+
+
+def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
+    full = load_full_model(path, iteration)
+    info = full.model_info
+    return FullModel(full.config, int(info.get("vocab_size") or info["padded_vocab_size"]),
+                     int(info.get("max_position_embeddings") or info["seq_length"]), full.state, None,
+                     tokenizer_from_flags(full.tokenizer), full.iteration)
+
+
+def tokenizer_from_flags(flags: dict[str, Any]) -> MegatronTokenizer | None:
+    """The tokenizer a training run recorded (its ``--tokenizer-*`` flags), when its files are still there.
+
+    None for a NullTokenizer (no text behind the ids) or when a recorded file is gone (another machine):
+    then ``--tokenizer-type`` and its file flags give it.
+    """
+    kind = flags.get("tokenizer_type")
+    files = [str(flags[k]) for k in ("tokenizer_model", "vocab_file", "merge_file") if flags.get(k)]
+    if not kind or kind == "NullTokenizer" or not files or not all(os.path.exists(f) for f in files):
+        return None
+    return build_tokenizer(kind, tokenizer_model=flags.get("tokenizer_model"), vocab_file=flags.get("vocab_file"),
+                           merge_file=flags.get("merge_file"))
 
 
 def _save_core_tokenizer(tokenizer: MegatronTokenizer, save_dir: str) -> dict:

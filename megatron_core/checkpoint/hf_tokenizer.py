@@ -2,14 +2,17 @@
 
 Export writes what ``transformers.AutoTokenizer.from_pretrained`` reads: ``tokenizer.json`` plus
 ``tokenizer_config.json`` for a Hugging Face tokenizer or GPT-2 BPE (vocab.json/merges.txt are
-converted to a fast tokenizer), and ``tokenizer.model`` plus a LlamaTokenizer ``tokenizer_config.json``
-for SentencePiece (transformers converts it on load, which needs ``protobuf``). The special ids
+converted to a fast tokenizer) and for SentencePiece, converted at export with transformers'
+``SpmConverter.build_tokenizer_from_spm_proto`` (it follows the model's own normalizer, dummy-prefix
+and byte-fallback settings, so it encodes as ``SentencePieceProcessor.encode``; reading the model
+file needs ``protobuf``, the ``hf`` extra), with ``tokenizer.model`` beside it: the exported directory
+loads with neither sentencepiece nor protobuf installed. The special ids
 (bos/eos/pad, -1 = none) are the tokenizer's own; they go into ``config.json`` and
 ``generation_config.json`` as ``bos_token_id``/``eos_token_id``/``pad_token_id``.
 """
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import shutil
 from typing import Any
@@ -39,11 +42,14 @@ def has_tokenizer(path: str) -> bool:
 
 
 def load_dir_tokenizer(path: str) -> MegatronTokenizer:
-    """The tokenizer saved in ``path`` by :func:`save_tokenizer` (or by ``transformers``)."""
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return HuggingFaceTokenizer(path)
+    """The tokenizer saved in ``path`` by :func:`save_tokenizer` (or by ``transformers``).
+
+    A SentencePiece ``tokenizer.model`` comes first: a ``tokenizer.json`` beside it was converted from it.
+    """
     if os.path.isfile(os.path.join(path, "tokenizer.model")):
         return build_tokenizer("SentencePieceTokenizer", tokenizer_model=os.path.join(path, "tokenizer.model"))
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return HuggingFaceTokenizer(path)
     if os.path.isfile(os.path.join(path, "vocab.json")):
         return build_tokenizer("GPT2BPETokenizer", vocab_file=os.path.join(path, "vocab.json"),
                                merge_file=os.path.join(path, "merges.txt"))
@@ -64,16 +70,12 @@ def save_tokenizer(tokenizer: MegatronTokenizer, path: str) -> None:
     Raises ValueError for a tokenizer with no files (NullTokenizer).
     """
     os.makedirs(path, exist_ok=True)
-    if isinstance(tokenizer, SentencePieceTokenizer):
-        shutil.copyfile(tokenizer.model_file, os.path.join(path, "tokenizer.model"))
-        config: dict[str, Any] = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
-                                  **_token_names(tokenizer, tokenizer._sp.id_to_piece)}
-        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        return
     from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
-    if isinstance(tokenizer, HuggingFaceTokenizer):
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        shutil.copyfile(tokenizer.model_file, os.path.join(path, "tokenizer.model"))
+        fast = PreTrainedTokenizerFast(tokenizer_object=_sentencepiece_to_fast(tokenizer.model_file))
+    elif isinstance(tokenizer, HuggingFaceTokenizer):
         source = tokenizer.path
         json_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else source
         fast = PreTrainedTokenizerFast(tokenizer_file=json_file)
@@ -90,6 +92,35 @@ def save_tokenizer(tokenizer: MegatronTokenizer, path: str) -> None:
                          f"SentencePiece, GPT-2 BPE or Hugging Face tokenizer")
     fast.add_special_tokens(_token_names(tokenizer, fast.convert_ids_to_tokens))
     fast.save_pretrained(path)
+
+
+def _sentencepiece_to_fast(model_file: str) -> Any:
+    """A ``tokenizers.Tokenizer`` encoding as the SentencePiece model ``model_file`` (control pieces special)."""
+    try:  # generated protobuf code: its classes are made at import time, so mypy sees none of them
+        model_pb2: Any = importlib.import_module("sentencepiece.sentencepiece_model_pb2")  # needs google.protobuf
+    except ImportError:
+        raise ValueError("exporting a SentencePiece tokenizer needs the protobuf package (pip install protobuf, "
+                         "or the project's hf extra) to read the .model file") from None
+    from tokenizers import AddedToken  # noqa: PLC0415
+    from transformers.convert_slow_tokenizer import SpmConverter  # noqa: PLC0415
+
+    if not hasattr(SpmConverter, "build_tokenizer_from_spm_proto"):  # transformers 4.x
+        raise ValueError("exporting a SentencePiece tokenizer needs a transformers release with "
+                         "SpmConverter.build_tokenizer_from_spm_proto (5.x); upgrade transformers")
+    proto = model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    bpe = proto.trainer_spec.model_type == 2  # sentencepiece_model.proto: 1 unigram, 2 bpe
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)} if bpe else pieces
+    fast = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    if fast is None:
+        raise ValueError(f"{model_file}: SentencePiece model type {proto.trainer_spec.model_type} cannot be exported; "
+                         f"train a bpe or unigram model")
+    # unknown (2) and control (3) pieces, e.g. <unk> <s> </s>: whole tokens, never split (SpmConverter.tokenizer)
+    fast.add_special_tokens([AddedToken(p.piece, normalized=False, special=True) for p in proto.pieces
+                             if p.type in (2, 3)])
+    return fast
 
 
 def copy_tokenizer_files(source: str, dest: str) -> None:

@@ -7,6 +7,7 @@ stage or the bucket layout, and resumes under any of them.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -38,10 +39,22 @@ def _step(optimizer: Any) -> float:
     return float(value.item())
 
 
+def _resident(optimizer: Any) -> Any:
+    """The optimizer's state in memory inside the block (NVMe offload swaps it out between steps)."""
+    resident = getattr(optimizer, "resident", None)
+    return resident() if resident is not None else contextlib.nullcontext()
+
+
 def gather_param_states(optimizer: Any, parallel_state: ParallelState
                         ) -> tuple[dict[int, dict[str, torch.Tensor]], list[str], float]:
     """``({id(model param): {"main": fp32, key: tensor}}, keys, step)``: every tensor shaped like its
     parameter (this TP rank's part). Collective over the world (and the DP group under ZeRO)."""
+    with _resident(optimizer):
+        return _gather_param_states(optimizer, parallel_state)
+
+
+def _gather_param_states(optimizer: Any, parallel_state: ParallelState
+                         ) -> tuple[dict[int, dict[str, torch.Tensor]], list[str], float]:
     keys = _per_param_keys(optimizer, parallel_state)
     step = _step(optimizer)
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -75,24 +88,35 @@ def gather_param_states(optimizer: Any, parallel_state: ParallelState
 def scatter_param_states(optimizer: Any, states: dict[int, dict[str, torch.Tensor]], step: float) -> None:
     """Inverse of :func:`gather_param_states` on this rank's optimizer (any ZeRO stage / DP size)."""
     step_entry = {} if step < 0 else {"step": torch.tensor(step, dtype=torch.float32)}
-    with torch.no_grad():
+    with torch.no_grad(), _resident(optimizer):
         if hasattr(optimizer, "sharded"):
             for sb in optimizer.sharded:
                 for piece, main in zip(sb.pieces, sb.mains, strict=True):
                     full = states[id(piece.param)]
                     lo, hi = piece.param_start, piece.param_end
                     main.copy_(full[MAIN].reshape(-1)[lo:hi])
-                    entry = {k: v.reshape(-1)[lo:hi].clone().view_as(main) for k, v in full.items() if k != MAIN}
+                    entry = {k: v.reshape(-1)[lo:hi].view_as(main) for k, v in full.items() if k != MAIN}
                     if step_entry:
-                        optimizer.inner.state[main] = {**entry, **{k: v.clone() for k, v in step_entry.items()}}
+                        _set_state(optimizer, main, {**entry, **step_entry})
             return
         for main, model in optimizer.pairs:
             full = states[id(model)]
             if main is not model:
                 main.copy_(full[MAIN])
-            entry = {k: v.clone().view_as(main) for k, v in full.items() if k != MAIN}
+            entry = {k: v.view_as(main) for k, v in full.items() if k != MAIN}
             if step_entry:
-                optimizer.inner.state[main] = {**entry, **{k: v.clone() for k, v in step_entry.items()}}
+                _set_state(optimizer, main, {**entry, **step_entry})
+
+
+def _set_state(optimizer: Any, main: torch.Tensor, entry: dict[str, torch.Tensor]) -> None:
+    """``optimizer.inner.state[main] = entry`` (copies), in place where the state exists: under NVMe
+    offload its tensors are views of the swap buffers, which must keep being the ones the step uses."""
+    state = optimizer.inner.state.get(main)
+    if state and all(k in state and state[k].shape == v.shape for k, v in entry.items()):
+        for k, v in entry.items():
+            state[k].copy_(v)
+    else:
+        optimizer.inner.state[main] = {k: v.clone() for k, v in entry.items()}
 
 
 def common_optimizer_state(optimizer: Any) -> dict:

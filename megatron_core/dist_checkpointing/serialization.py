@@ -3,10 +3,12 @@
 Layout: ``{dir}/iter_NNNNNNN/`` holds DCP's ``.metadata`` and ``__*.distcp`` files (every tensor with
 its global shape and each rank's slice: see :mod:`.sharded`) and ``common.pt`` (iteration, consumed
 samples, scheduler, the optimizer's shared state, every rank's RNG state, the saving layout and the
-caller's ``extra``: model args, tokenizer identity). ``latest_checkpointed_iteration.txt`` names the
-newest complete one. Writes go to ``iter_NNNNNNN.tmp`` and are renamed once every rank has written,
-then the tracker is replaced atomically: a save killed at any point leaves the previous checkpoint
-loadable. :func:`load_dist_checkpoint` reads it under any TP x PP x VPP x DP x ZeRO layout.
+caller's ``extra``: model args, tokenizer identity) and ``manifest.json`` (every file and its size,
+as the legacy format: a load names a deleted or truncated file and the earlier iterations to load
+instead). ``latest_checkpointed_iteration.txt`` names the newest complete one. Writes go to
+``iter_NNNNNNN.tmp`` and are renamed once every rank has written, then the tracker is replaced
+atomically: a save killed at any point leaves the previous checkpoint loadable.
+:func:`load_dist_checkpoint` reads it under any TP x PP x VPP x DP x ZeRO layout.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_core.dist_checkpointing import optimizer_state as opt_state
 from megatron_core.dist_checkpointing.sharded import ShardedSlice, chunk_params, clip_to, param_slices
@@ -30,14 +33,29 @@ from megatron_core.training import checkpoint_io as io
 from megatron_core.training.rng_state import get_rng_state, set_rng_state
 
 COMMON_FILE = "common.pt"
+METADATA_FILE = ".metadata"  # DCP's index of every tensor's chunks and the file holding each
 FORMAT = "torch_dist"
 PAUSE_BEFORE_PUBLISH_ENV = "MCORE_DIST_CKPT_PAUSE_BEFORE_PUBLISH"  # tests: seconds to wait, to kill a save
 
 
-def layout_of(parallel_state: ParallelState, optimizer: Any = None) -> dict[str, Any]:
-    """The parallel layout recorded in (and compared against) a checkpoint."""
+def layout_of(parallel_state: ParallelState, optimizer: Any = None,
+              model_chunks: list[torch.nn.Module] | None = None) -> dict[str, Any]:
+    """The parallel layout recorded in (and compared against) a checkpoint. The ZeRO stage is the
+    optimizer's, else the DDP wrapper's (``ddp_config.zero_stage``), else 0 (no data-parallel wrapper)."""
+    stage = getattr(optimizer, "zero_stage", None)
+    if stage is None:
+        stages = [getattr(getattr(c, "ddp_config", None), "zero_stage", None) for c in model_chunks or []]
+        stage = next((s for s in stages if s is not None), 0)
     return {"tp": parallel_state.tp_size, "pp": parallel_state.pp_size, "vpp": parallel_state.vpp_size,
-            "dp": parallel_state.dp_size, "zero_stage": getattr(optimizer, "zero_stage", 0) if optimizer else None}
+            "dp": parallel_state.dp_size, "zero_stage": int(stage)}
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    """``TP 2 x PP 1 x DP 2, ZeRO stage 1`` (``x VPP n`` with virtual stages) for a :func:`layout_of` record."""
+    vpp = f" x VPP {layout['vpp']}" if layout.get("vpp") else ""
+    stage = layout.get("zero_stage")
+    return (f"TP {layout['tp']} x PP {layout['pp']}{vpp} x DP {layout['dp']}, ZeRO stage "
+            f"{'unknown' if stage is None else stage}")  # None: saved before the stage was recorded
 
 
 def _tensor_state(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_state: ParallelState,
@@ -64,9 +82,9 @@ def _tensor_state(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_
     return sd, meta
 
 
-def _all_rng_states(parallel_state: ParallelState) -> list:
+def _all_rng_states(parallel_state: ParallelState, layout: dict[str, Any]) -> list:
     states: list = [None] * dist.get_world_size()
-    dist.all_gather_object(states, (layout_of(parallel_state), parallel_state.rank,
+    dist.all_gather_object(states, (layout, parallel_state.rank,
                                     get_rng_state(parallel_state.rng_tracker)))
     return states
 
@@ -90,33 +108,63 @@ class SaveRequest:
         return self.final_dir
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _agree(error: str | None, group: Any) -> None:
+    """Raise ConfigError on every rank of ``group`` when any of them has an error (collective)."""
+    errors: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise ConfigError(first)
+
+
 def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_dir: str, final_dir: str,
-                       group: Any, is_rank0: bool) -> None:
-    dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_dir), process_group=group)
-    if is_rank0:
-        io.save_file(common, os.path.join(tmp_dir, COMMON_FILE))
+                       group: Any, is_rank0: bool, refuse_publish: Callable[[], str | None] | None) -> None:
+    failed = (f"saving iteration {iteration} to {root} failed ({{}}); the partial directory was removed: free "
+              f"space or give --save another location")
+    error = None
+    try:
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_dir), process_group=group)
+        if is_rank0:
+            io.save_file(common, os.path.join(tmp_dir, COMMON_FILE))
+    except (CheckpointException, OSError, RuntimeError) as exc:  # a full disk: on every rank (DCP gathers errors)
+        error = failed.format(_first_line(exc))
     pause = float(os.environ.get(PAUSE_BEFORE_PUBLISH_ENV, "0") or 0)
-    if pause > 0:
+    if pause > 0 and error is None:
         time.sleep(pause)
-    dist.barrier(group=group)
-    if is_rank0:
-        for dirpath, _, _ in os.walk(tmp_dir):
-            io.fsync_dir(dirpath)
-        io.publish_dir(tmp_dir, final_dir)
-        io.write_text_atomic(os.path.join(root, io.TRACKER_FILENAME), str(iteration))
-    dist.barrier(group=group)
+    if is_rank0 and error is None:
+        error = refuse_publish() if refuse_publish is not None else None
+        try:
+            if error is None:
+                io.write_manifest(tmp_dir)
+                for dirpath, _, _ in os.walk(tmp_dir):
+                    io.fsync_dir(dirpath)
+                io.publish_dir(tmp_dir, final_dir)
+                io.write_text_atomic(os.path.join(root, io.TRACKER_FILENAME), str(iteration))
+        except OSError as exc:
+            error = failed.format(_first_line(exc))
+    if is_rank0 and error is not None:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    _agree(error, group)
 
 
 def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch.nn.Module], optimizer: Any,
                          scheduler: Any, parallel_state: ParallelState, extra: dict[str, Any] | None = None,
-                         async_save: bool = False) -> SaveRequest:
+                         async_save: bool = False,
+                         refuse_publish: Callable[[], str | None] | None = None) -> SaveRequest:
     """Write iteration ``iteration`` of a training run under ``save_dir``. Collective over all ranks.
 
     ``model_chunks``: this rank's (DDP-wrapped) GPTModel chunks; ``optimizer``: a MegatronOptimizer or
     None; ``scheduler``: anything with ``state_dict()`` or None; ``extra``: plain Python values stored
     as they are (``consumed_train_samples``, model args, tokenizer identity, ...). With ``async_save``
     the tensors are copied and written by a background thread on its own gloo group while training
-    goes on; call ``wait()`` on the result before the next save (or at exit). Returns the request.
+    goes on; call ``wait()`` on the result before the next save (or at exit). ``refuse_publish``: asked
+    on rank 0 once every file is written; a message it returns cancels the save (training: the launcher
+    died). Returns the request. A failed write (full disk) or a refusal removes the partial directory and
+    raises ConfigError on every rank (from ``wait()`` for an asynchronous save).
     """
     start = time.perf_counter()
     final_dir = io.iteration_dir(save_dir, iteration)
@@ -124,23 +172,25 @@ def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch
     is_rank0 = parallel_state.rank == 0
     if is_rank0:
         os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that was killed
+        io.remove_leftovers(save_dir)  # temporaries of saves that were killed
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
     dist.barrier()
     sd, optim_meta = _tensor_state(model_chunks, optimizer, parallel_state, copy=async_save)
-    common = {"format": FORMAT, "iteration": iteration, "layout": layout_of(parallel_state, optimizer),
+    layout = layout_of(parallel_state, optimizer, model_chunks)
+    common = {"format": FORMAT, "iteration": iteration, "layout": layout,
               "optimizer": optim_meta, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-              "rng": _all_rng_states(parallel_state), "extra": dict(extra or {})}
+              "rng": _all_rng_states(parallel_state, layout), "extra": dict(extra or {})}
     request = SaveRequest(final_dir)
     if not async_save:
-        _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, None, is_rank0)
+        _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, None, is_rank0, refuse_publish)
         request.blocked_seconds = time.perf_counter() - start
         return request
     group = parallel_state.background_group()  # collective on first use: every rank saves together
 
     def run() -> None:
         try:
-            _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, group, is_rank0)
+            _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, group, is_rank0, refuse_publish)
         except BaseException as exc:  # noqa: BLE001 - handed to wait()
             request.error.append(exc)
 
@@ -150,28 +200,76 @@ def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch
     return request
 
 
-def _checkpoint_dir(load_dir: str, iteration: int | None) -> str:
+def is_dist_dir(path: str) -> bool:
+    """Whether the iteration directory ``path`` was written in this format (even with a file since deleted)."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    if COMMON_FILE in names or METADATA_FILE in names or any(n.endswith(".distcp") for n in names):
+        return True
+    try:
+        return COMMON_FILE in (io.read_manifest(path) or {})
+    except ConfigError:  # a damaged manifest: the legacy loader names it
+        return False
+
+
+def checkpoint_dir(load_dir: str, iteration: int | None) -> tuple[str, int]:
+    """The iteration directory to load and its iteration, its manifest verified (ConfigError naming a damaged file)."""
     if iteration is None:
-        iteration = io.read_tracker(load_dir)
+        try:
+            iteration = io.read_tracker(load_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if iteration is None:
             raise ConfigError(f"--load {load_dir} has no {io.TRACKER_FILENAME}: nothing to resume from")
     path = io.existing_iteration_dir(load_dir, iteration)
-    if path is None or not os.path.isfile(os.path.join(path, COMMON_FILE)):
-        raise ConfigError(f"--load {load_dir}: iteration {iteration} is not a complete torch_dist checkpoint "
-                          f"(no {COMMON_FILE}); pass --ckpt-format torch for a legacy one")
-    return path
+    if path is None or not is_dist_dir(path):
+        raise ConfigError(f"--load {load_dir}: iteration {iteration} is not a torch_dist checkpoint (no "
+                          f"{COMMON_FILE}); a legacy one loads with pretrain_gpt.py --load")
+    io.verify_manifest(load_dir, iteration, path)
+    for name in (COMMON_FILE, METADATA_FILE):  # a checkpoint saved without a manifest, or the manifest deleted
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ConfigError(io.damaged_message(load_dir, iteration, os.path.join(path, name), "is missing"))
+    return path, iteration
 
 
 def read_common(load_dir: str, iteration: int | None = None) -> dict[str, Any]:
-    """The ``common.pt`` record of a torch_dist checkpoint (no tensors read). Raises ConfigError when absent."""
-    return io.load_file(os.path.join(_checkpoint_dir(load_dir, iteration), COMMON_FILE))
+    """The ``common.pt`` record of a torch_dist checkpoint (no tensors read).
+
+    Raises ConfigError when absent, or naming the damaged file and an earlier iteration to load instead.
+    """
+    path, iteration = checkpoint_dir(load_dir, iteration)
+    return read_checkpoint_common(load_dir, iteration, path)
+
+
+def read_checkpoint_common(load_dir: str, iteration: int, path: str) -> dict[str, Any]:
+    """``common.pt`` of the iteration directory ``path``; ConfigError naming it when damaged."""
+    file = os.path.join(path, COMMON_FILE)
+    try:
+        common = io.load_file(file)
+    except ConfigError as exc:  # truncated, overwritten, or holding pickled objects: none of them a save writes
+        cause = exc.cause if isinstance(exc, io.DamagedFileError) else "not a plain-tensor file"
+        raise ConfigError(io.damaged_message(load_dir, iteration, file, f"is truncated or damaged ({cause})")) \
+            from None
+    if not isinstance(common, dict) or common.get("format") != FORMAT or "iteration" not in common:
+        raise ConfigError(io.damaged_message(load_dir, iteration, file, "is not the record a torch_dist save writes"))
+    return common
+
+
+def read_metadata(load_dir: str, iteration: int, path: str, reader: Any) -> Any:
+    """DCP's ``.metadata`` of ``path`` through ``reader``; ConfigError naming it when damaged."""
+    try:
+        return reader.read_metadata()
+    except Exception as exc:  # noqa: BLE001 - DCP unpickles the file: anything may come out of damaged bytes
+        raise ConfigError(io.damaged_message(load_dir, iteration, os.path.join(path, METADATA_FILE),
+                                             f"is truncated or damaged ({type(exc).__name__})")) from None
 
 
 def is_dist_checkpoint(load_dir: str) -> bool:
-    """True when the tracker of ``load_dir`` names a torch_dist checkpoint."""
+    """True when the tracker of ``load_dir`` names a torch_dist checkpoint (ValueError: a damaged tracker)."""
     iteration = io.read_tracker(load_dir)
     path = io.existing_iteration_dir(load_dir, iteration) if iteration is not None else None
-    return path is not None and os.path.isfile(os.path.join(path, COMMON_FILE))
+    return path is not None and is_dist_dir(path)
 
 
 def _targets(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_state: ParallelState, saved: dict,
@@ -214,14 +312,18 @@ def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], opt
     from the iteration and its coordinates, and ``printer`` says so. Collective over all ranks.
     Raises ConfigError for a missing or incomplete checkpoint, or one of another model.
     """
-    path = _checkpoint_dir(load_dir, iteration)
-    common = read_common(load_dir, iteration)
+    path, iteration = checkpoint_dir(load_dir, iteration)
+    common = read_checkpoint_common(load_dir, iteration, path)
     reader = dcp.FileSystemReader(path)
-    saved = reader.read_metadata().state_dict_metadata
+    saved = read_metadata(load_dir, iteration, path, reader).state_dict_metadata
     use_optim = optimizer is not None and load_optim and bool(common["optimizer"])
     keys = common["optimizer"].get("state_keys", []) if use_optim else []
     sd, states = _targets(model_chunks, optimizer if use_optim else None, parallel_state, saved, keys)
-    dcp.load(sd, storage_reader=reader)
+    try:
+        dcp.load(sd, storage_reader=reader)
+    except CheckpointException as exc:  # a damaged .distcp in a checkpoint saved without a manifest
+        raise ConfigError(io.damaged_message(load_dir, iteration, path, f"holds an unreadable tensor file "
+                                             f"({_first_line(exc)})")) from None
     if use_optim:
         with torch.no_grad():
             for chunk in model_chunks:
@@ -235,12 +337,12 @@ def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], opt
     if scheduler is not None and common.get("scheduler") is not None:
         scheduler.load_state_dict(common["scheduler"])
     if load_rng:
-        _restore_rng(common, parallel_state, printer)
+        _restore_rng(common, layout_of(parallel_state, optimizer, model_chunks), parallel_state, printer)
     return common
 
 
-def _restore_rng(common: dict, parallel_state: ParallelState, printer: Callable[[str], None]) -> None:
-    ours = layout_of(parallel_state)
+def _restore_rng(common: dict, ours: dict[str, Any], parallel_state: ParallelState,
+                 printer: Callable[[str], None]) -> None:
     for layout, rank, state in common["rng"]:
         if {k: layout[k] for k in ("tp", "pp", "vpp", "dp")} == {k: ours[k] for k in ("tp", "pp", "vpp", "dp")}:
             if rank == parallel_state.rank:
@@ -249,5 +351,6 @@ def _restore_rng(common: dict, parallel_state: ParallelState, printer: Callable[
     seed = 1234 + int(common["iteration"])
     parallel_state.manual_seed(seed + 7919 * parallel_state.dp_rank)
     if parallel_state.rank == 0:
-        printer(f"  RNG states were saved under layout {common['layout']}, this run is {ours}: they do not carry "
-                f"over, every rank is reseeded from {seed} (+ its pipeline / tensor / data-parallel rank)")
+        printer(f"  RNG states were saved under {describe_layout(common['layout'])}, this run is "
+                f"{describe_layout(ours)}: they do not carry over, every rank is reseeded from {seed} (+ its "
+                f"pipeline / tensor / data-parallel rank)")

@@ -2,7 +2,8 @@
 
 A torch_dist checkpoint (:mod:`megatron_core.dist_checkpointing`) whose ``extra`` carries
 ``model_config`` (``TransformerConfig.to_dict()``) and ``model_info`` (vocab_size,
-max_position_embeddings) is read slice by slice for this rank's layout (vocabulary padding included).
+max_position_embeddings) is read slice by slice for this rank's layout (vocabulary padding included);
+its tokenizer is the one the training run recorded (``--tokenizer-*`` flags), when its files are there.
 
 A Megatron legacy checkpoint (``latest_checkpointed_iteration.txt`` + ``iter_*/mp_rank_*``, any TP/PP/VPP
 it was saved with) is merged with :func:`megatron_core.checkpoint.convert.load_core` and cut again for
@@ -17,9 +18,10 @@ import os
 from dataclasses import dataclass
 
 from megatron_core import device as device_mod
-from megatron_core.checkpoint.convert import FullModel, load_core, load_hf
+from megatron_core.checkpoint.convert import FullModel, load_core, load_hf, tokenizer_from_flags
 from megatron_core.checkpoint.sharding import rank_state_dict
-from megatron_core.dist_checkpointing import is_dist_checkpoint, load_dist_checkpoint, read_common
+from megatron_core.dist_checkpointing import load_dist_checkpoint, read_common
+from megatron_core.dist_checkpointing.full_model import is_torch_dist
 from megatron_core.dist_checkpointing.serialization import FORMAT
 from megatron_core.errors import ConfigError
 from megatron_core.models.gpt.gpt_model import GPTModel
@@ -65,13 +67,14 @@ def _build_from_dist(load: str, parallel_state: ParallelState, iteration: int | 
                      make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     load_dist_checkpoint(load, [model], None, None, parallel_state, iteration, load_rng=False)
     model.to(device_mod.current_device()).eval()
-    return LoadedModel(model, info["vocab_size"], FORMAT, None, None)
+    # pretrain_gpt.py records its --tokenizer-* flags: text prompts need no tokenizer flags then.
+    return LoadedModel(model, info["vocab_size"], FORMAT, None, tokenizer_from_flags(extra.get("tokenizer") or {}))
 
 
 def build_inference_model(load: str, parallel_state: ParallelState, iteration: int | None = None,
                           make_vocab_size_divisible_by: int = 128) -> LoadedModel:
     """This rank's GPTModel (eval mode, on the current device) filled from ``load``; see the module doc."""
-    if os.path.isdir(load) and is_dist_checkpoint(load):
+    if is_torch_dist(load, iteration):  # the format of that iteration: a directory may hold both
         return _build_from_dist(load, parallel_state, iteration, make_vocab_size_divisible_by)
     full, source = read_full_model(load, iteration)
     config = full.config
@@ -97,7 +100,8 @@ def inference_tokenizer(load: str, saved: MegatronTokenizer | None, tokenizer_ty
                         merge_file: str | None = None) -> MegatronTokenizer:
     """The tokenizer named by the ``--tokenizer-*`` flags, else ``saved`` (the one stored with the model).
 
-    Raises ConfigError when neither is available (checkpoints written by training do not record theirs).
+    Raises ConfigError when neither is available (a legacy training checkpoint records no tokenizer; a
+    torch_dist one records its flags, used when the files are still there).
     """
     if tokenizer_type is not None:
         try:

@@ -10,7 +10,6 @@ serialises requests: concurrent clients are answered one generation at a time, i
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,13 @@ import torch.distributed as dist
 
 from megatron_core.errors import ConfigError
 from megatron_core.inference.sampling import SamplingParams
-from megatron_core.inference.text_generation_cli import Generator, add_model_args, sampling_from_args, setup
+from megatron_core.inference.text_generation_cli import (
+    Generator,
+    add_model_args,
+    report_error,
+    sampling_from_args,
+    setup,
+)
 from megatron_core.parallel_state import destroy_model_parallel
 from megatron_core.training.initialize import initialize_distributed, shutdown
 
@@ -111,12 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until interrupted; returns the exit status (2 with a one-line message on a configuration error)."""
     args = build_parser().parse_args(argv)
+    context = None
     try:
         defaults = sampling_from_args(args)
         context = initialize_distributed(args.distributed_backend, timeout_minutes=args.server_timeout_minutes)
         gen = setup(args, need_tokenizer=True)
     except ConfigError as exc:
-        print(f"run_text_generation_server.py: error: {exc}", file=sys.stderr)
+        report_error("run_text_generation_server.py", exc, context)
         return 2
     try:
         if gen.parallel_state.rank == 0:

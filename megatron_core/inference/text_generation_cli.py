@@ -16,6 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
@@ -25,7 +26,7 @@ from megatron_core.inference.loading import LoadedModel, build_inference_model, 
 from megatron_core.inference.sampling import SamplingParams
 from megatron_core.parallel_state import ParallelState, destroy_model_parallel, initialize_model_parallel
 from megatron_core.tokenizer.base import MegatronTokenizer
-from megatron_core.training.initialize import initialize_distributed, shutdown
+from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -87,12 +88,19 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
-    """Build the parallel layout and this rank's model (and tokenizer); the process group must exist."""
+    """Build the parallel layout and this rank's model (and tokenizer); the process group must exist.
+
+    Every process holds part of one model replica: as Megatron-LM's text generation server, the world
+    must be TP x PP (no data parallelism). Raises ConfigError naming the fix otherwise.
+    """
     world, pp = dist.get_world_size(), args.pipeline_model_parallel_size
-    tp = args.tensor_model_parallel_size or world // pp
+    tp = args.tensor_model_parallel_size or max(world // pp, 1)
     if tp * pp != world:
-        raise ConfigError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must equal "
-                          f"the number of processes ({world}); generation uses no data parallelism")
+        needed = f"{tp * pp} process{'es' if tp * pp > 1 else ''}"
+        raise ConfigError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} needs {needed} "
+                          f"but {world} were started: generation runs one model replica (no data parallelism); "
+                          f"launch {tp * pp} (torchrun --nproc_per_node {tp * pp}) or choose sizes whose product "
+                          f"is {world}")
     ps = initialize_model_parallel(tp, pp)
     loaded = build_inference_model(args.load, ps, args.load_iteration, args.make_vocab_size_divisible_by)
     tokenizer = loaded.tokenizer  # its EOD stops generation even for prompts given as token ids
@@ -100,6 +108,15 @@ def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
         tokenizer = inference_tokenizer(args.load, loaded.tokenizer, args.tokenizer_type, args.tokenizer_model,
                                         args.vocab_file, args.merge_file)
     return Generator(loaded, tokenizer, ps, not args.no_kv_cache)
+
+
+def report_error(tool: str, exc: ConfigError, context: Any) -> None:
+    """``TOOL: error: message`` once (rank 0: every rank reaches the same verdict); the group is torn down."""
+    if rank_from_env() == 0:
+        print(f"{tool}: error: {exc}", file=sys.stderr, flush=True)
+    if context is not None:
+        destroy_model_parallel()
+        shutdown(context)
 
 
 def _prompts(args: argparse.Namespace, tokenizer: MegatronTokenizer | None) -> list[list[int]]:
@@ -126,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen = setup(args, need_tokenizer=bool(args.prompt))
         out = gen.run(_prompts(args, gen.tokenizer), args.tokens_to_generate, sampling)
     except ConfigError as exc:
-        print(f"run_text_generation.py: error: {exc}", file=sys.stderr)
+        report_error("run_text_generation.py", exc, context)
         return 2
     if gen.parallel_state.rank == 0:
         text = [gen.tokenizer.detokenize(t) for t in out.tokens] if gen.tokenizer is not None else None

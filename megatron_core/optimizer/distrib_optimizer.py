@@ -187,6 +187,11 @@ class DistributedOptimizer(MegatronOptimizer):
         """Every optimizer shard in memory inside the block (NVMe offload swaps them in and out)."""
         return self.nvme.swapped_in() if self.nvme is not None else contextlib.nullcontext()
 
+    def resident(self):
+        """Context: every optimizer shard (main parameters, Adam state) in memory, for a checkpoint to
+        read or write them in place; NVMe offload writes them back and frees them on exit."""
+        return self._resident()
+
     @torch.no_grad()
     def reload_model_params(self) -> None:
         """Make this rank's fp32 main shard follow model weights loaded without optimizer state."""

@@ -1,9 +1,10 @@
-"""Paths of Megatron-LM's legacy checkpoint layout, and crash-safe writes.
+"""Paths of Megatron-LM's checkpoint layout, crash-safe writes, and the manifest both formats publish.
 
 A checkpoint is complete only once its directory has its final name and the tracker file points
 at it: files are written into ``iter_NNNNNNN.tmp``, fsynced, the directory is renamed, and the
 tracker is replaced atomically last. A process killed at any moment leaves the previous
-checkpoint as the one that loads.
+checkpoint as the one that loads. ``manifest.json`` (every file and its size) lets a load name a
+deleted or truncated file and the earlier iterations to load instead (:func:`verify_manifest`).
 """
 from __future__ import annotations
 
@@ -164,6 +165,33 @@ def read_manifest(directory: str) -> dict[str, int] | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ConfigError(f"{path} is damaged (not the JSON a save writes); load an earlier checkpoint with "
                           f"--ckpt-step N") from None
+
+
+def damaged_message(root: str, iteration: int, path: str, what: str) -> str:
+    """One line naming a damaged checkpoint file and the fix: ``--ckpt-step`` of an earlier iteration."""
+    earlier = [i for i in complete_iterations(root) if i < iteration]
+    fix = (f"load the previous checkpoint with --ckpt-step {earlier[-1]} (iterations saved before it: "
+           f"{', '.join(map(str, earlier[-5:]))})" if earlier
+           else "no earlier checkpoint is there: retrain or restore the file")
+    return f"checkpoint file {path} {what} (iteration {iteration} is damaged); {fix}"
+
+
+def verify_manifest(root: str, iteration: int, directory: str, prefix: str = "") -> None:
+    """Every file the save recorded under ``directory`` (those starting with ``prefix``) exists with its size.
+
+    Raises ConfigError (:func:`damaged_message`) for a deleted or resized file; nothing to check for a
+    checkpoint saved without a manifest.
+    """
+    manifest = read_manifest(directory)
+    for relative, size in sorted((manifest or {}).items()):
+        if not relative.startswith(prefix):
+            continue
+        path = os.path.join(directory, relative)
+        if not os.path.isfile(path):
+            raise ConfigError(damaged_message(root, iteration, path, "was deleted"))
+        if os.path.getsize(path) != size:
+            raise ConfigError(damaged_message(root, iteration, path,
+                                              f"has {os.path.getsize(path)} bytes, the save wrote {size}"))
 
 
 def complete_iterations(root: str) -> list[int]:

@@ -299,27 +299,12 @@ def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tup
             f"(it holds {', '.join(found) or 'nothing'}): it was saved with another --tensor-model-parallel-size / "
             f"--pipeline-model-parallel-size; use those, or convert it with tools/checkpoint/convert.py")
     if manifest is not None:
-        _verify_rank_files(root, iteration, directory, rank_name, manifest)
+        io.verify_manifest(root, iteration, directory, prefix=rank_name + "/")
     return iteration, rank_dir
 
 
-def _verify_rank_files(root: str, iteration: int, directory: str, rank_name: str, manifest: dict[str, int]) -> None:
-    """Every file the save recorded for this rank's directory exists with its recorded size."""
-    for relative, size in sorted(manifest.items()):
-        if not relative.startswith(rank_name + "/"):
-            continue
-        path = os.path.join(directory, relative)
-        if not os.path.isfile(path):
-            _damaged(root, iteration, path, "was deleted")
-        elif os.path.getsize(path) != size:
-            _damaged(root, iteration, path, f"has {os.path.getsize(path)} bytes, the save wrote {size}")
-
-
 def _damaged(root: str, iteration: int, path: str, what: str) -> NoReturn:
-    earlier = [i for i in io.complete_iterations(root) if i < iteration]
-    fix = (f"load the previous checkpoint with --ckpt-step {earlier[-1]}" if earlier
-           else "no earlier checkpoint is there: retrain or restore the file")
-    raise ConfigError(f"checkpoint file {path} {what} (iteration {iteration} is damaged); {fix}")
+    raise ConfigError(io.damaged_message(root, iteration, path, what))
 
 
 def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], optimizer: Any, scheduler: Any,

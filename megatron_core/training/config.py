@@ -74,7 +74,10 @@ class CheckpointConfig:
     finetune: bool = False
     ckpt_step: int | None = None
     exit_on_missing_checkpoint: bool = False
-    ckpt_format: str = "torch"  # torch: Megatron-LM's legacy per-rank files; torch_dist: any-layout resume
+    # torch_dist: torch.distributed.checkpoint, resumes under any layout; torch: Megatron-LM's legacy per-rank
+    # files. None: torch_dist, except a run resuming a legacy checkpoint keeps saving legacy
+    # (dist_checkpoint.save_format). A load reads either format.
+    ckpt_format: str | None = None
     async_save: bool = False  # torch_dist: write in the background while training goes on
 
 

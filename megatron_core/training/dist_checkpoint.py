@@ -10,16 +10,16 @@ the non-finite and launcher checks the legacy format has. Saves are collective.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
 
-from megatron_core.dist_checkpointing import SaveRequest, is_dist_checkpoint, load_dist_checkpoint, save_dist_checkpoint
+from megatron_core.dist_checkpointing import SaveRequest, load_dist_checkpoint, save_dist_checkpoint
+from megatron_core.dist_checkpointing.full_model import is_torch_dist
+from megatron_core.dist_checkpointing.serialization import describe_layout, layout_of
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
-from megatron_core.training import checkpoint_io as io
 from megatron_core.training.checkpointing import LoadResult, check_compatible, check_finite_model, unwrap
 from megatron_core.training.config import CheckpointConfig, DataConfig, ModelInfo
 from megatron_core.training.health import check_finite_state
@@ -28,16 +28,10 @@ from megatron_core.transformer.config import TransformerConfig
 
 
 def holds_dist_checkpoint(config: CheckpointConfig) -> bool:
-    """Whether ``config.load`` (at ``--ckpt-step`` or its tracker's iteration) is a torch_dist checkpoint."""
-    if config.load is None or not os.path.isdir(config.load):
-        return False
-    if config.ckpt_step is None:
-        try:
-            return is_dist_checkpoint(config.load)
-        except ValueError:  # a damaged tracker: the legacy loader names the file and the fix
-            return False
-    path = io.existing_iteration_dir(config.load, config.ckpt_step)
-    return path is not None and os.path.isfile(os.path.join(path, "common.pt"))
+    """Whether ``config.load`` (at ``--ckpt-step`` or its tracker's iteration) is a torch_dist checkpoint.
+
+    False for a damaged tracker: the legacy loader names the file and the fix."""
+    return config.load is not None and is_torch_dist(config.load, config.ckpt_step)
 
 
 @contextlib.contextmanager
@@ -63,8 +57,9 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     """
     if config.save is None:
         raise ValueError("save_checkpoint needs CheckpointConfig.save (--save DIR)")
+    died = f"not saving iteration {iteration}: the launcher of this job died"
     if not launcher_alive():
-        raise ConfigError(f"not saving iteration {iteration}: the launcher of this job died")
+        raise ConfigError(died)
     extra = {"consumed_train_samples": consumed_train_samples, "model_config": transformer.to_dict(),
              "model_info": model_info.to_dict(), "tokenizer": tokenizer_identity(data)}
     with _full_params(model, writeback=False):
@@ -72,7 +67,8 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
         # and release them again inside this block.
         check_finite_model([dict(unwrap(chunk).named_parameters()) for chunk in model], iteration)
         request = save_dist_checkpoint(config.save, iteration, model, optimizer, scheduler, parallel_state,
-                                       extra=extra, async_save=config.async_save)
+                                       extra=extra, async_save=config.async_save,
+                                       refuse_publish=lambda: None if launcher_alive() else died)
     how = "started an asynchronous save of" if config.async_save else "successfully saved"
     printer(f"  {how} checkpoint at iteration {iteration:7d} to {config.save} (torch_dist) "
             f"[ training blocked {request.blocked_seconds:.2f}s ]")
@@ -89,12 +85,7 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
 
     common = read_common(config.load, config.ckpt_step)
     extra = common.get("extra", {})
-    # The layout may differ (that is the point); the model itself may not.
-    ours = dict(model_info.to_dict(), tensor_model_parallel_size=None, pipeline_model_parallel_size=None,
-                virtual_pipeline_model_parallel_size=None)
-    saved_info = dict(extra.get("model_info", {}), tensor_model_parallel_size=None,
-                      pipeline_model_parallel_size=None, virtual_pipeline_model_parallel_size=None)
-    check_compatible(extra.get("model_config", {}), saved_info, transformer.to_dict(), ours, config.load)
+    _check_same_model(extra, transformer, model_info, config.load, printer)
     load_optim = optimizer is not None and not (config.no_load_optim or config.finetune)
     with _full_params(model, writeback=True):
         common = load_dist_checkpoint(config.load, model, optimizer if load_optim else None,
@@ -110,11 +101,53 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     if config.finetune:
         printer(f"> loaded model weights from {config.load} (torch_dist) for finetuning: starting at iteration 0")
         return result
+    ours_now = layout_of(parallel_state, optimizer, model)
     result.iteration = int(common["iteration"])
     result.consumed_train_samples = int(extra.get("consumed_train_samples", 0))
     printer(f"> loaded torch_dist checkpoint from {config.load} at iteration {result.iteration} (saved under "
-            f"{common.get('layout')}; optimizer: {'yes' if load_optim else 'no'})")
+            f"{describe_layout(common['layout'])}, resumed under {describe_layout(ours_now)}; optimizer: "
+            f"{'yes' if load_optim else 'no'})")
     return result
+
+
+def _check_same_model(extra: dict[str, Any], transformer: TransformerConfig, model_info: ModelInfo, where: str,
+                      printer: Callable[[str], None]) -> None:
+    """The layout may differ (that is the point), and with it the vocabulary padding; the model may not."""
+    layout_free = dict.fromkeys(("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                 "virtual_pipeline_model_parallel_size", "padded_vocab_size"))
+    saved = dict(extra.get("model_info", {}))
+    ours = model_info.to_dict()
+    if saved.get("vocab_size") not in (None, ours["vocab_size"]):
+        raise ConfigError(f"checkpoint {where} was trained on {saved['vocab_size']} tokens, this run's tokenizer has "
+                          f"{ours['vocab_size']}: give the checkpoint's --tokenizer-* / --vocab-size flags "
+                          f"(or --use-checkpoint-args)")
+    check_compatible(extra.get("model_config", {}), {**saved, **layout_free}, transformer.to_dict(),
+                     {**ours, **layout_free}, where)
+    if saved.get("padded_vocab_size") not in (None, ours["padded_vocab_size"]):
+        printer(f"  the vocabulary is padded to {ours['padded_vocab_size']} rows here, {saved['padded_vocab_size']} "
+                f"in the checkpoint (--make-vocab-size-divisible-by x TP size): rows past the checkpoint's keep this "
+                f"run's initialisation and their logits join the softmax, so losses differ slightly from the saving "
+                f"layout's; to resume exactly, pass a --make-vocab-size-divisible-by that pads to "
+                f"{saved['padded_vocab_size']} rows at this TP size")
+
+
+def save_format(config: CheckpointConfig, loaded_format: str | None,
+                printer: Callable[[str], None] = print) -> str:
+    """The format this run's saves use: ``--ckpt-format`` when given; else the format of the checkpoint
+    it resumed (a legacy series stays legacy, so tools reading that directory keep working); else
+    ``torch_dist`` (new runs, and ``--finetune``, which starts a new series at iteration 0).
+
+    ``loaded_format``: "torch" or "torch_dist" when a checkpoint was loaded, None for a fresh start.
+    Whatever the format of each iteration, ``--load`` resumes the one the tracker names.
+    """
+    if config.ckpt_format is not None:
+        return config.ckpt_format
+    if loaded_format == "torch" and not config.finetune:
+        if config.save is not None:
+            printer("> resumed a legacy (--ckpt-format torch) checkpoint: saving in that format; pass "
+                    "--ckpt-format torch_dist to switch (it resumes under any parallel layout)")
+        return "torch"
+    return "torch_dist"
 
 
 def tokenizer_identity(data: DataConfig) -> dict[str, Any]:

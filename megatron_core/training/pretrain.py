@@ -112,6 +112,7 @@ class _Run:
     writer: Any = None
     last_eval_iteration: int | None = None  # the same on every rank (evaluation is collective)
     pending_save: Any = None  # an asynchronous torch_dist save in flight (dist_checkpointing.SaveRequest)
+    save_format: str = "torch_dist"  # what _save writes: see dist_checkpoint.save_format
 
     @property
     def training(self) -> TrainingConfig:
@@ -226,13 +227,16 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     scheduler: OptimizerParamScheduler | None = run.scheduler
     if run.training.skip_train:  # evaluation only: the weights, never the optimizer or the schedule
         checkpoint, optimizer, scheduler = dataclasses.replace(checkpoint, no_load_optim=True), None, None
-    if dist_checkpoint.holds_dist_checkpoint(checkpoint):  # collective: not under ``agreed``
+    loaded_format = "torch_dist" if dist_checkpoint.holds_dist_checkpoint(checkpoint) else "torch"
+    if loaded_format == "torch_dist":  # collective: not under ``agreed``
         loaded = dist_checkpoint.load_checkpoint(checkpoint, run.model, optimizer, scheduler, ps,
                                                  run.config.model.transformer, run.model_info,
                                                  printer=messages.append)
     else:
         loaded = agreed(checkpointing.load_checkpoint, checkpoint, run.model, optimizer, scheduler, ps,
                         run.config.model.transformer, run.model_info, printer=messages.append)
+    run.save_format = dist_checkpoint.save_format(checkpoint, loaded_format if loaded.loaded else None,
+                                                  printer=messages.append)
     for line in messages:
         out.rank0(line)
     state = TrainState(iteration=loaded.iteration, consumed_train_samples=loaded.consumed_train_samples)
@@ -282,7 +286,7 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
     if run.checkpoint.save is None or state.iteration in result.saved_iterations:
         return
     _wait_for_save(run)
-    if run.checkpoint.ckpt_format == "torch_dist":
+    if run.save_format == "torch_dist":
         run.pending_save = dist_checkpoint.save_checkpoint(
             run.checkpoint, state.iteration, state.consumed_train_samples, run.model, run.optimizer, run.scheduler,
             run.parallel_state, run.config.model.transformer, run.model_info, run.data, printer=run.out.rank0)

@@ -3,11 +3,14 @@
 A torch_dist checkpoint stores the ``TransformerConfig``, the ``model_info`` and the tokenizer
 flags of the run that wrote it; this maps them back onto the flag names (Megatron-LM's
 ``load_args_from_checkpoint``), so ``pretrain_gpt.py --load DIR --use-checkpoint-args`` needs no
-model flags. A flag the user gave that disagrees with the checkpoint is an error naming both.
+model flags. A legacy checkpoint's model files hold the same ``config`` and ``model_info`` but no
+tokenizer flags: those are still given. A flag the user gave that disagrees with the checkpoint is
+an error naming both.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from megatron_core.errors import ConfigError
@@ -26,17 +29,14 @@ _ACTIVATION_FLAGS = {"swiglu": "swiglu", "gelu_tanh": "openai_gelu", "squared_re
 
 
 def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> None:
-    """Fill the model and tokenizer flags of ``args`` from the torch_dist checkpoint in ``args.load``.
+    """Fill the model (and, from a torch_dist one, tokenizer) flags of ``args`` from the checkpoint in ``args.load``.
 
     ``parser_defaults``: each flag's default, to tell a flag the user gave from one left alone.
-    Raises ConfigError when ``--load`` holds no torch_dist checkpoint or a given flag disagrees.
+    Raises ConfigError when ``--load`` holds no checkpoint or a given flag disagrees.
     """
     if args.load is None:
         raise ConfigError("--use-checkpoint-args needs --load DIR (the checkpoint to read the model flags from)")
-    from megatron_core.dist_checkpointing import read_common
-
-    extra = read_common(args.load, args.ckpt_step).get("extra", {})
-    config, info, tokenizer = extra.get("model_config"), extra.get("model_info"), extra.get("tokenizer")
+    config, info, tokenizer = _records(args.load, args.ckpt_step)
     if not config or not info:
         raise ConfigError(f"--load {args.load}: the checkpoint records no model flags (it was not written by "
                           f"pretrain_gpt.py); give the model flags instead of --use-checkpoint-args")
@@ -47,6 +47,36 @@ def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, A
     for activation, dest in _ACTIVATION_FLAGS.items():
         values[dest] = config.get("activation") == activation
     values.update({k: v for k, v in (tokenizer or {}).items() if v is not None})
+    _set(args, values, parser_defaults)
+
+
+def _records(load: str, step: int | None) -> tuple[Any, Any, Any]:
+    """``(model config, model_info, tokenizer flags)`` of the checkpoint (torch_dist or legacy) in ``load``."""
+    from megatron_core.dist_checkpointing import read_common
+    from megatron_core.dist_checkpointing.full_model import is_torch_dist
+    from megatron_core.training import checkpoint_io as io
+
+    if is_torch_dist(load, step):
+        extra = read_common(load, step).get("extra", {})
+        return extra.get("model_config"), extra.get("model_info"), extra.get("tokenizer")
+    try:
+        iteration = io.read_tracker(load) if step is None else step
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    directory = io.existing_iteration_dir(load, iteration) if iteration is not None else None
+    if directory is None:
+        raise ConfigError(f"--load {load} holds no checkpoint to read the model flags from (--use-checkpoint-args); "
+                          f"check the path and --ckpt-step")
+    for rank_dir in (io.mp_rank_name(0, 0, 1), io.mp_rank_name(0, 0, 2)):  # without / with pipeline stages
+        path = os.path.join(directory, rank_dir, io.MODEL_FILENAME)
+        if os.path.isfile(path):
+            state = io.load_file(path)
+            return state.get("config"), state.get("model_info"), None
+    raise ConfigError(f"--load {directory} has no {io.mp_rank_name(0, 0, 1)}/{io.MODEL_FILENAME} to read the model "
+                      f"flags from (--use-checkpoint-args)")
+
+
+def _set(args: argparse.Namespace, values: dict[str, Any], parser_defaults: dict[str, Any]) -> None:
     for dest, value in values.items():
         given = getattr(args, dest, None)
         if given is not None and given != parser_defaults.get(dest) and given != value:

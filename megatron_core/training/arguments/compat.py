@@ -70,10 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--spec", nargs=2, default=None, metavar=("MODULE", "FUNCTION"),
                    help="custom transformer layer spec: MODULE.FUNCTION returns a ModuleSpec (or is one), e.g. "
                         "--spec models.custom_spec qk_norm_layer_spec")
-    g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
-                   help="checkpoint format: torch (Megatron-LM's legacy per-rank files) or torch_dist "
-                        "(torch.distributed.checkpoint: resumes under any TP/PP/VPP/DP/ZeRO layout); a --load "
-                        "reads either, whatever this flag says")
+    g.add_argument("--ckpt-format", default=None, choices=["torch", "torch_dist"],
+                   help="checkpoint format written by --save: torch_dist (torch.distributed.checkpoint: resumes "
+                        "under any TP/PP/VPP/DP/ZeRO layout) or torch (Megatron-LM's legacy per-rank files). "
+                        "Default: torch_dist, except that a run resuming a legacy checkpoint keeps saving legacy. "
+                        "A --load reads either, whatever this flag says")
     g.add_argument("--async-save", action="store_true",
                    help="torch_dist: write checkpoints in the background while training goes on")
     g.add_argument("--use-checkpoint-args", action="store_true",
@@ -91,8 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply(args: argparse.Namespace) -> None:
     """Map the accepted flags onto this framework's options (before the rest of ``validate_args``)."""
-    if args.async_save and args.ckpt_format != "torch_dist":
-        raise ConfigError("--async-save writes torch_dist checkpoints; add --ckpt-format torch_dist")
+    if args.async_save:
+        if args.ckpt_format == "torch":
+            raise ConfigError("--async-save writes torch_dist checkpoints; drop --ckpt-format torch")
+        args.ckpt_format = "torch_dist"
     if args.use_flash_attn:
         if args.attention_backend not in ("auto", "flash"):
             raise ConfigError(f"--use-flash-attn contradicts --attention-backend {args.attention_backend}")
