@@ -68,3 +68,57 @@ def test_host_allocator_keeps_large_tensors_on_the_heap():
         pytest.skip(f"not glibc: {tuned.stdout.strip()} {tuned.stderr.strip()[-200:]}")
     assert tuned.stdout.split() == ["True", "True"], tuned.stderr
     assert plain.stdout.split() == ["False", "False"], plain.stderr
+
+
+def _shm_all_reduce(sizes: list[int]) -> list[str]:
+    from megatron_core import shm_collectives
+    rank, world = dist.get_rank(), dist.get_world_size()
+    problems = []
+    for n in sizes:
+        for dtype in (torch.float32, torch.bfloat16):
+            mine = _inputs(rank, n).to(dtype)
+            ours, theirs = mine.clone(), mine.clone()
+            if not shm_collectives.try_all_reduce(ours, None):
+                problems.append("the shared-memory path was not taken on one machine")
+                continue
+            dist.all_reduce(theirs)
+            exact = sum(_inputs(r, n).to(dtype).double() for r in range(world))
+            # fp32: rounding only; bf16: N - 1 additions each rounding to 8 bits (|sum| < 16 here).
+            rtol, atol = (1e-5, 1e-5) if dtype == torch.float32 else (0.0, (world - 1) * 2.0 ** -4)
+            if not torch.allclose(ours.double(), exact, rtol=rtol, atol=atol):
+                problems.append(f"n={n} {dtype}: wrong sum")
+            gathered = [torch.empty_like(ours) for _ in range(world)]
+            dist.all_gather(gathered, ours)
+            if not all(torch.equal(g, ours) for g in gathered):
+                problems.append(f"n={n} {dtype}: ranks hold different sums")
+    handle = shm_collectives.all_reduce(torch.ones(8), None, async_op=True)
+    if not handle.wait():
+        problems.append("async handle")
+    return problems
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shared_memory_all_reduce(world):
+    """Sums (several pieces: 1.2M fp32 elements cross the 4 MiB slot) equal the exact sum, and every
+    rank holds bitwise the same result, as replicated TP activations need."""
+    for problems in run_distributed(_shm_all_reduce, world, [7, 1_200_000], timeout=120):
+        assert problems == []
+
+
+def _shm_fallback(spread: bool) -> tuple[bool, bool]:
+    from megatron_core import shm_collectives
+    if spread:  # each rank claims another machine: the group must stay on gloo
+        shm_collectives._machine_id = lambda: f"host-{dist.get_rank()}"
+    group = dist.new_group(list(range(dist.get_world_size())))
+    x = torch.full((5,), float(dist.get_rank() + 1))
+    used = shm_collectives.try_all_reduce(x, group)
+    if not used:
+        dist.all_reduce(x, group=group)
+    return used, bool(torch.equal(x, torch.full((5,), 3.0)))
+
+
+def test_shared_memory_needs_one_machine_and_can_be_disabled(monkeypatch):
+    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(True, True)] * 2
+    assert run_distributed(_shm_fallback, 2, True, timeout=60) == [(False, True)] * 2
+    monkeypatch.setenv("MCORE_SHM_COLLECTIVES", "0")
+    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(False, True)] * 2
