@@ -8,8 +8,8 @@ them alike; the median tokens/s over rounds is printed with the ratio ours / pee
 resident memory (VmHWM) of each rank.
 
 Layouts (the issue's table): ``1p2t`` one process, 2 threads; ``1p1t`` one process, 1 thread;
-``tp2`` TP 2; ``dp2-z0`` / ``dp2-z1`` / ``dp2-z2`` DP 2 with ZeRO stage 0/1/2 (megatron-core's
-distributed optimizer is stage 1; it has no stage 2); ``pp2`` PP 2 with 4 microbatches. Ranks of a
+``tp2`` TP 2; ``dp2-z0`` / ``dp2-z1`` / ``dp2-z2`` / ``dp2-z3`` DP 2 with ZeRO stage 0/1/2/3
+(megatron-core's distributed optimizer is stage 1; it has no stage 2 or 3 here); ``pp2`` PP 2 with 4 microbatches. Ranks of a
 multi-process layout get 1 thread each.
 
 Peers live only in the bench's own virtual environment, never in the project's dependencies:
@@ -49,6 +49,7 @@ LAYOUTS = {
     "dp2-z0": (2, 1, 1, 1, 0, 1, ("ours", "mcore", "deepspeed")),
     "dp2-z1": (2, 1, 1, 1, 1, 1, ("ours", "mcore", "deepspeed")),
     "dp2-z2": (2, 1, 1, 1, 2, 1, ("ours", "deepspeed")),
+    "dp2-z3": (2, 1, 1, 1, 3, 1, ("ours", "deepspeed")),
     "pp2": (2, 1, 1, 2, 0, 4, ("ours", "mcore")),
 }
 PEERS = {"mcore", "deepspeed"}
