@@ -89,8 +89,15 @@ def test_data_errors():
 
 
 def test_unknown_flag_is_a_config_error():
-    with pytest.raises(ConfigError, match="unrecognized arguments: --no-such-flag"):
+    with pytest.raises(ConfigError, match="unrecognized arguments: --no-such-flag") as info:
         parse_args(["--no-such-flag"])
+    assert "did you mean" not in str(info.value)
+
+
+def test_misspelt_flag_names_the_closest_known_one():
+    with pytest.raises(ConfigError) as info:
+        parse_args(["--trian-iters", "5", "--micro-batch-sise=4"])
+    assert "did you mean: --trian-iters -> --train-iters, --micro-batch-sise -> --micro-batch-size?" in str(info.value)
 
 
 def test_train_samples_with_rampup_counts_small_batches():

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 from collections.abc import Sequence
 
 from megatron_core.training.arguments import checkpointing, compat, data, distributed, logs, model, training
@@ -20,7 +21,20 @@ class _Parser(argparse.ArgumentParser):
     """Raises :class:`ConfigError` instead of exiting, so ``main(argv)`` can run inside a test."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message} (see python pretrain_gpt.py --help)")
+        raise ConfigError(f"{message}{self._suggestions(message)} (see python pretrain_gpt.py --help)")
+
+    def _suggestions(self, message: str) -> str:
+        """"; did you mean --train-iters?" for each unknown flag close to a known one."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [option for action in self._actions for option in action.option_strings]
+        hints = []
+        for word in message.split(":", 1)[1].split():
+            flag = word.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+            if close:
+                hints.append(f"{flag} -> {close[0]}")
+        return f"; did you mean: {', '.join(hints)}?" if hints else ""
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
