@@ -9,8 +9,8 @@ resident memory (VmHWM) of each rank.
 
 Layouts (the issue's table): ``1p2t`` one process, 2 threads; ``1p1t`` one process, 1 thread;
 ``tp2`` TP 2; ``dp2-z0`` / ``dp2-z1`` / ``dp2-z2`` / ``dp2-z3`` DP 2 with ZeRO stage 0/1/2/3
-(megatron-core's distributed optimizer is stage 1; it has no stage 2 or 3 here); ``pp2`` PP 2 with 4 microbatches. Ranks of a
-multi-process layout get 1 thread each.
+(megatron-core's distributed optimizer is stage 1; it has no stage 2 or 3 here); ``pp2`` PP 2 with
+4 microbatches. Ranks of a multi-process layout get 1 thread each.
 
 Peers live only in the bench's own virtual environment, never in the project's dependencies:
 

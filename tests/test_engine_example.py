@@ -50,3 +50,19 @@ def test_example_script_under_torchrun(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     logits = model(input_ids=torch.arange(16).view(1, 16)).logits
     assert logits.shape == (1, 16, 256) and torch.isfinite(logits).all()
+
+
+def test_example_script_with_a_misspelt_key_ends_in_one_line(tmp_path):
+    """A user's script that does not catch ConfigError still ends with one ``error:`` line, no traceback."""
+    config = tmp_path / "ds_config.json"
+    config.write_text('{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, '
+                      '"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "gradient_clippin": 1.0}')
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "engine", "train_causal_lm.py"), "--deepspeed",
+           "--deepspeed_config", str(config), "--text", os.path.join(ROOT, "README.md"), "--max-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # torch.distributed prefixes a rank's stderr lines with "[rank0]: "
+    errors = [line for line in proc.stderr.splitlines() if line.split("]: ", 1)[-1].startswith("error:")]
+    assert len(errors) == 1 and "gradient_clippin" in errors[0] and "gradient_clipping" in errors[0], proc.stderr

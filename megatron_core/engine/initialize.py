@@ -23,7 +23,7 @@ from megatron_core.engine.config import EngineConfig, load_config, read_json
 from megatron_core.engine.engine import Engine
 from megatron_core.engine.library_configs import ddp_config_from, optimizer_config_from
 from megatron_core.engine.lr_schedules import build_scheduler
-from megatron_core.errors import ConfigError
+from megatron_core.errors import ConfigError, report_uncaught_config_errors
 from megatron_core.optimizer import get_megatron_optimizer
 from megatron_core.parallel_state import ParallelState
 
@@ -141,6 +141,7 @@ def initialize(
     ``DistributedSampler`` and batched by ``train_micro_batch_size_per_gpu``.
     Raises ConfigError (one line) for every configuration problem.
     """
+    report_uncaught_config_errors()
     if config is not None and config_params is not None:
         raise ConfigError("initialize: give config= or config_params=, not both")
     init_distributed()
