@@ -49,8 +49,14 @@ def config_from_hf(hf: Any) -> tuple[TransformerConfig, int, int]:
     return config, hf.vocab_size, hf.max_position_embeddings
 
 
-def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embeddings: int) -> Any:
-    """The LlamaConfig of a Llama-shaped TransformerConfig (clear error for anything Llama cannot hold)."""
+def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embeddings: int,
+                 special_token_ids: dict[str, int | None] | None = None) -> Any:
+    """The LlamaConfig of a Llama-shaped TransformerConfig (clear error for anything Llama cannot hold).
+
+    ``special_token_ids`` (``bos_token_id``/``eos_token_id``/``pad_token_id``) go into the constructor:
+    set afterwards, transformers would first validate its defaults (bos 1, eos 2) against the
+    vocabulary and could warn.
+    """
     from transformers import LlamaConfig  # noqa: PLC0415
     problems = []
     if config.normalization != "RMSNorm":
@@ -74,7 +80,8 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         rms_norm_eps=config.layernorm_epsilon, tie_word_embeddings=config.share_embeddings_and_output_weights,
         rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
         attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear,
-        attention_dropout=config.attention_dropout, architectures=[ARCHITECTURE])
+        attention_dropout=config.attention_dropout, architectures=[ARCHITECTURE],
+        **(special_token_ids or {}))
 
 
 def _qkv_to_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
