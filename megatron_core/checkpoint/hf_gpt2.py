@@ -62,6 +62,7 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         problems.append(f"kv_channels={config.kv_channels}")
     if problems:
         raise UnsupportedModel(f"GPT2LMHeadModel cannot hold a model with {', '.join(problems)}")
+    ids = special_token_ids or {}
     return GPT2Config(
         vocab_size=vocab_size, n_positions=max_position_embeddings, n_embd=config.hidden_size,
         n_layer=config.num_layers, n_head=config.num_attention_heads, n_inner=config.ffn_hidden_size,
@@ -69,7 +70,8 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         embd_pdrop=config.hidden_dropout, attn_pdrop=config.attention_dropout,
         layer_norm_epsilon=config.layernorm_epsilon, initializer_range=config.init_method_std,
         tie_word_embeddings=config.share_embeddings_and_output_weights, architectures=[ARCHITECTURE],
-        **(special_token_ids or {}))
+        bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),
+        pad_token_id=ids.get("pad_token_id"))
 
 
 def _qkv_to_core(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -71,6 +71,7 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         problems.append("add_qkv_bias without add_bias_linear")
     if problems:
         raise UnsupportedModel(f"LlamaForCausalLM cannot hold a model with {', '.join(problems)}")
+    ids = special_token_ids or {}
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=config.hidden_size,
         intermediate_size=resolved(config.ffn_hidden_size, "ffn_hidden_size"),
@@ -81,7 +82,8 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
         attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear,
         attention_dropout=config.attention_dropout, architectures=[ARCHITECTURE],
-        **(special_token_ids or {}))
+        bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),
+        pad_token_id=ids.get("pad_token_id"))
 
 
 def _qkv_to_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
