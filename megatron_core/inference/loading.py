@@ -121,5 +121,7 @@ def inference_tokenizer(load: str, saved: MegatronTokenizer | None, tokenizer_ty
             raise ConfigError(str(exc)) from None
     if saved is not None:
         return saved
-    raise ConfigError(f"--load {load} holds no tokenizer files: pass --tokenizer-type and --tokenizer-model "
-                      f"(or --vocab-file/--merge-file), or use --prompt-tokens with token ids")
+    raise ConfigError(f"--load {load} gives no tokenizer (a legacy checkpoint records none; a torch_dist one "
+                      f"records its run's tokenizer files, which are not at the recorded paths from here): pass "
+                      f"--tokenizer-type and --tokenizer-model (or --vocab-file/--merge-file), or use "
+                      f"--prompt-tokens with token ids")
