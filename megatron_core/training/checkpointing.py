@@ -290,7 +290,9 @@ def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tup
         return None
     directory = io.existing_iteration_dir(root, iteration)
     if directory is None:
-        raise ConfigError(f"--load {root}: iteration {iteration} has no directory {io.iteration_dir(root, iteration)}")
+        saved = ", ".join(map(str, io.complete_iterations(root))) or "none"
+        raise ConfigError(f"--load {root}: iteration {iteration} has no directory {io.iteration_dir(root, iteration)} "
+                          f"(iterations saved there: {saved}; pick one with --ckpt-step N)")
     rank_name = io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size)
     rank_dir = os.path.join(directory, rank_name)
     manifest = io.read_manifest(directory)
