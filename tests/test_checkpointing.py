@@ -78,6 +78,10 @@ def test_other_model_shape_is_refused_naming_fields(tmp_path):
     message = run_distributed(_load_only, 1, wider + ["--load", ckpt])[0]
     assert message.startswith("ConfigError: checkpoint") and "hidden_size: checkpoint 32 vs run 64" in message
     assert "ffn_hidden_size: checkpoint 128 vs run 256" in message
+    # A shape mismatch points at --use-checkpoint-args; re-sharding only fixes a layout mismatch.
+    assert "--use-checkpoint-args" in message and "convert.py" not in message
+    message = run_distributed(_load_only, 1, TINY + ["--load", ckpt, "--ckpt-step", "7"])[0]
+    assert message.startswith("ConfigError: --load") and "iterations saved there: 2;" in message
 
 
 def test_finetune_loads_weights_only_and_model_only_checkpoints_load(tmp_path):

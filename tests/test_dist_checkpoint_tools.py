@@ -126,3 +126,32 @@ def test_a_legacy_series_stays_legacy_and_a_mixed_directory_resumes_the_newest(t
     assert [r.loaded_iteration for r in results if r is not None and not isinstance(r, str)] == [4], results
     assert os.path.isfile(os.path.join(io.iteration_dir(ckpt, 5), "common.pt"))  # torch_dist resumed: torch_dist
     assert io.complete_iterations(ckpt) == [2, 3, 4, 5]
+
+
+def test_a_sequence_parallel_run_with_a_relative_tokenizer_path_generates_at_tp1_from_elsewhere(
+        trained, tmp_path, monkeypatch):
+    """As the demo: ``--tokenizer-model`` relative to the training run's directory, and ``--sequence-parallel``
+    (a training-memory option). Generation from another directory at TP 1 finds the tokenizer (recorded
+    absolute) and runs without sequence parallelism: the same greedy tokens as HF ``generate`` on the export."""
+    from transformers import AutoModelForCausalLM
+
+    d, model, flags = trained
+    flags = [os.path.relpath(model, d) if token == model else token for token in flags]
+    monkeypatch.chdir(d)  # the forked ranks start here, where the relative path resolves
+    results = run_distributed(_run, 2, flags + ["--sequence-parallel", "--save", str(tmp_path / "sp")], timeout=120)
+    assert not any(isinstance(r, str) for r in results), results
+    monkeypatch.chdir(tmp_path)
+    assert convert.main(["--model-type", "GPT", "--loader", "core", "--saver", "hf", "--load-dir",
+                         str(tmp_path / "sp"), "--save-dir", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()  # the recorded path was found from here
+    ids = build_tokenizer("SentencePieceTokenizer", tokenizer_model=model).tokenize("def main(")
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=2,
+                                 pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0].tolist()
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "run_text_generation.py"), "--load",
+                           str(tmp_path / "sp"), "--prompt", "def main(", "--tokens-to-generate", "6", "--top_k", "1",
+                           "--output", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text())["tokens"][0] == expected

@@ -31,10 +31,18 @@ def _other_weights(kind):
     return model
 
 
+def _sharded(config):
+    """Under ZeRO-3 shard every bucket (DeepSpeed's default persistence threshold keeps these tiny models'
+    buckets resident, and a save then needs no gather: the hang of a DP-rank-0-only gather went unseen)."""
+    if config["zero_optimization"]["stage"] == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return config
+
+
 def _resume(directory, kind, stage, ga):
-    config = ds_config(
+    config = _sharded(ds_config(
         2, ga, stage, kind, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_max_lr": 0.01}}
-    )
+    ))
     engine, _, _, _ = megatron_core.initialize(make_model(kind), config=config)
     straight, _ = run_steps(kind, engine, 0, 4)
     straight_state = state_of(engine)
@@ -54,7 +62,7 @@ def _resume(directory, kind, stage, ga):
     return straight[2:], resumed, straight_state, resumed_state, (path, loaded, client, counters)
 
 
-@pytest.mark.parametrize("stage,ga", [(0, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("stage,ga", [(0, 1), (1, 2), (2, 2), (3, 2)])
 def test_resume_equals_uninterrupted_run(tmp_path, stage, ga):
     results = run_distributed(_resume, 2, str(tmp_path), "mlp", stage, ga, timeout=120)
     for rank, (straight, resumed, straight_state, resumed_state, info) in enumerate(results):
@@ -93,7 +101,7 @@ def test_load_at_another_dp_size(tmp_path):
 
 
 def _train_and_save(directory, kind, stage):
-    engine, _, _, _ = megatron_core.initialize(make_model(kind), config=ds_config(2, 2, stage, kind))
+    engine, _, _, _ = megatron_core.initialize(make_model(kind), config=_sharded(ds_config(2, 2, stage, kind)))
     run_steps(kind, engine, 0, 2)
     engine.save_checkpoint(directory)
     state = state_of(engine)
@@ -101,7 +109,7 @@ def _train_and_save(directory, kind, stage):
     return state
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_consolidation_equals_the_full_state_dict(tmp_path, stage):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -135,3 +143,12 @@ def test_consolidation_tool_errors_in_one_line(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "no 'latest' file" in proc.stdout
+    # A pretrain_gpt.py checkpoint (Megatron's tracker file) is pointed at its own converter.
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path), "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "tools/checkpoint/convert.py" in proc.stdout

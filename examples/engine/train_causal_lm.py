@@ -34,7 +34,10 @@ def main() -> None:
     torch.manual_seed(0)
     sizes = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
     if args.model_type == "gpt2":
-        sizes = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=args.seq_len)
+        # Bytes have no special tokens: GPT-2's default bos/eos id 50256 would lie outside the vocabulary
+        # (transformers warns when the exported folder is loaded).
+        sizes = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=args.seq_len,
+                     bos_token_id=None, eos_token_id=None)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(args.model_type, **sizes))
     with open(args.text, "rb") as f:
         tokens = torch.tensor(list(f.read()), dtype=torch.long)

@@ -83,13 +83,11 @@ def save_hf(model: FullModel, path: str, family: str | None = None) -> None:
     if family not in _HF_MODULES:
         raise UnsupportedModel(f"--hf-model-type {family!r} is not supported; use gpt2 or llama")
     module = _HF_MODULES[family]
-    hf_config = module.config_to_hf(model.config, model.vocab_size, model.max_position_embeddings)
     # The tokenizer's own special ids; without a tokenizer none (transformers' defaults, e.g. GPT-2's
     # 50256, would name ids that may not exist in this vocabulary).
     ids = special_ids(model.tokenizer) if model.tokenizer is not None else dict.fromkeys(
         ("bos_token_id", "eos_token_id", "pad_token_id"))
-    for key, value in ids.items():
-        setattr(hf_config, key, value)
+    hf_config = module.config_to_hf(model.config, model.vocab_size, model.max_position_embeddings, ids)
     save_hf_dir(path, hf_config, module.state_to_hf(model.state, model.config))
     from transformers import GenerationConfig  # noqa: PLC0415
     GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(path)
@@ -218,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"convert.py: error: {exc}", file=sys.stderr)
         return 2
     print(f"converted {args.loader}:{args.load_dir} -> {args.saver}:{where}")
+    if model.tokenizer is None:
+        # Said, not silent: a Hugging Face directory without a tokenizer fails later in AutoTokenizer.
+        print(f"convert.py: note: no tokenizer written to {args.save_dir} (the source carries none, or the "
+              "tokenizer files its training run recorded are gone); add one with --tokenizer-type TYPE "
+              "--tokenizer-model FILE (or --vocab-file/--merge-file)", file=sys.stderr)
     return 0
 
 

@@ -38,8 +38,14 @@ def config_from_hf(hf: Any) -> tuple[TransformerConfig, int, int]:
     return config, hf.vocab_size, hf.n_positions
 
 
-def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embeddings: int) -> Any:
-    """The GPT2Config of a GPT-2-shaped TransformerConfig (clear error for anything GPT-2 cannot hold)."""
+def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embeddings: int,
+                 special_token_ids: dict[str, int | None] | None = None) -> Any:
+    """The GPT2Config of a GPT-2-shaped TransformerConfig (clear error for anything GPT-2 cannot hold).
+
+    ``special_token_ids`` (``bos_token_id``/``eos_token_id``/``pad_token_id``) go into the constructor:
+    set afterwards, transformers would first validate its defaults (GPT-2's 50256) against a smaller
+    vocabulary and warn.
+    """
     from transformers import GPT2Config  # noqa: PLC0415
     problems = []
     if config.normalization != "LayerNorm":
@@ -56,13 +62,16 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         problems.append(f"kv_channels={config.kv_channels}")
     if problems:
         raise UnsupportedModel(f"GPT2LMHeadModel cannot hold a model with {', '.join(problems)}")
+    ids = special_token_ids or {}
     return GPT2Config(
         vocab_size=vocab_size, n_positions=max_position_embeddings, n_embd=config.hidden_size,
         n_layer=config.num_layers, n_head=config.num_attention_heads, n_inner=config.ffn_hidden_size,
         activation_function=_ACT_TO_HF[config.activation], resid_pdrop=config.hidden_dropout,
         embd_pdrop=config.hidden_dropout, attn_pdrop=config.attention_dropout,
         layer_norm_epsilon=config.layernorm_epsilon, initializer_range=config.init_method_std,
-        tie_word_embeddings=config.share_embeddings_and_output_weights, architectures=[ARCHITECTURE])
+        tie_word_embeddings=config.share_embeddings_and_output_weights, architectures=[ARCHITECTURE],
+        bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),
+        pad_token_id=ids.get("pad_token_id"))
 
 
 def _qkv_to_core(t: torch.Tensor, heads: int) -> torch.Tensor:

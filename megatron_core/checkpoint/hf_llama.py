@@ -49,8 +49,14 @@ def config_from_hf(hf: Any) -> tuple[TransformerConfig, int, int]:
     return config, hf.vocab_size, hf.max_position_embeddings
 
 
-def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embeddings: int) -> Any:
-    """The LlamaConfig of a Llama-shaped TransformerConfig (clear error for anything Llama cannot hold)."""
+def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embeddings: int,
+                 special_token_ids: dict[str, int | None] | None = None) -> Any:
+    """The LlamaConfig of a Llama-shaped TransformerConfig (clear error for anything Llama cannot hold).
+
+    ``special_token_ids`` (``bos_token_id``/``eos_token_id``/``pad_token_id``) go into the constructor:
+    set afterwards, transformers would first validate its defaults (bos 1, eos 2) against the
+    vocabulary and could warn.
+    """
     from transformers import LlamaConfig  # noqa: PLC0415
     problems = []
     if config.normalization != "RMSNorm":
@@ -65,6 +71,7 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         problems.append("add_qkv_bias without add_bias_linear")
     if problems:
         raise UnsupportedModel(f"LlamaForCausalLM cannot hold a model with {', '.join(problems)}")
+    ids = special_token_ids or {}
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=config.hidden_size,
         intermediate_size=resolved(config.ffn_hidden_size, "ffn_hidden_size"),
@@ -74,7 +81,9 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         rms_norm_eps=config.layernorm_epsilon, tie_word_embeddings=config.share_embeddings_and_output_weights,
         rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
         attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear,
-        attention_dropout=config.attention_dropout, architectures=[ARCHITECTURE])
+        attention_dropout=config.attention_dropout, architectures=[ARCHITECTURE],
+        bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),
+        pad_token_id=ids.get("pad_token_id"))
 
 
 def _qkv_to_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TransformerConfig) -> torch.Tensor:

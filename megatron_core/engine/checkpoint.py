@@ -126,14 +126,17 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     folder = os.path.join(save_dir, tag)
     os.makedirs(folder, exist_ok=True)
     sharded = hasattr(engine.optimizer, "sharded")
+    # Every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective, which
+    # hung when only DP rank 0 called it); below stage 3 it returns references, so this costs nothing.
+    module_state, meta = engine.module.state_dict(), param_meta(engine.module)  # param_meta reads state_dict too
     if ps.dp_rank == 0:
         scaler = engine.optimizer.grad_scaler
         scheduler = engine.lr_scheduler
         _atomic_save(
             {
                 "format_version": FORMAT_VERSION,
-                "module": {k: _cpu(v) for k, v in engine.module.state_dict().items()},
-                "param_meta": param_meta(engine.module),
+                "module": {k: _cpu(v) for k, v in module_state.items()},
+                "param_meta": meta,
                 "global_steps": engine.global_steps,
                 "global_samples": engine.global_samples,
                 "micro_steps": engine.micro_steps,

@@ -28,6 +28,13 @@ def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
         if os.path.exists(model_file(checkpoint_dir, 0)):
             return checkpoint_dir  # the tag folder itself
         tag = read_latest(checkpoint_dir)
+        if tag is None and os.path.exists(os.path.join(checkpoint_dir, "latest_checkpointed_iteration.txt")):
+            # Megatron's tracker file: a pretrain_gpt.py checkpoint, which has its own converter.
+            raise ConfigError(
+                f"{checkpoint_dir!r} is a pretrain_gpt.py checkpoint, not an engine one; export it with "
+                f"tools/checkpoint/convert.py --model-type GPT --loader core --saver hf --load-dir "
+                f"{checkpoint_dir} --save-dir DIR"
+            )
         if tag is None:
             raise ConfigError(
                 f"{checkpoint_dir!r} has no 'latest' file and no mp_rank_00_model_states.pt; pass the "

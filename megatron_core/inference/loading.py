@@ -14,6 +14,7 @@ which is fine for the models this framework trains on one node.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -42,6 +43,15 @@ class LoadedModel:
     tokenizer: MegatronTokenizer | None  # the one saved with the model, if any
 
 
+def _for_inference(config: TransformerConfig) -> TransformerConfig:
+    """``config`` without sequence parallelism, whatever the training run used.
+
+    Sequence parallelism only splits activations along the sequence to save training memory (the
+    weights are the same); kept, it would refuse TP 1 and need every prompt length divisible by TP.
+    """
+    return dataclasses.replace(config, sequence_parallel=False)
+
+
 def read_full_model(load: str, iteration: int | None = None) -> tuple[FullModel, str]:
     """``(whole model, "hf" | "legacy")`` from ``load``. Raises ConfigError naming --load when it is neither."""
     if not os.path.isdir(load):
@@ -60,7 +70,7 @@ def _build_from_dist(load: str, parallel_state: ParallelState, iteration: int | 
     if "model_config" not in extra or "model_info" not in extra:
         raise ConfigError(f"--load {load}: this torch_dist checkpoint records no model_config/model_info, "
                           f"so the model cannot be rebuilt; save it with them in `extra`")
-    config, info = TransformerConfig.from_dict(extra["model_config"]), extra["model_info"]
+    config, info = _for_inference(TransformerConfig.from_dict(extra["model_config"])), extra["model_info"]
     model = GPTModel(config, info["vocab_size"], info["max_position_embeddings"], parallel_state=parallel_state,
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(),
@@ -77,7 +87,7 @@ def build_inference_model(load: str, parallel_state: ParallelState, iteration: i
     if is_torch_dist(load, iteration):  # the format of that iteration: a directory may hold both
         return _build_from_dist(load, parallel_state, iteration, make_vocab_size_divisible_by)
     full, source = read_full_model(load, iteration)
-    config = full.config
+    config = _for_inference(full.config)
     try:
         config.validate_parallel(parallel_state.tp_size, parallel_state.pp_size, None)
     except ValueError as exc:
@@ -111,5 +121,7 @@ def inference_tokenizer(load: str, saved: MegatronTokenizer | None, tokenizer_ty
             raise ConfigError(str(exc)) from None
     if saved is not None:
         return saved
-    raise ConfigError(f"--load {load} holds no tokenizer files: pass --tokenizer-type and --tokenizer-model "
-                      f"(or --vocab-file/--merge-file), or use --prompt-tokens with token ids")
+    raise ConfigError(f"--load {load} gives no tokenizer (a legacy checkpoint records none; a torch_dist one "
+                      f"records its run's tokenizer files, which are not at the recorded paths from here): pass "
+                      f"--tokenizer-type and --tokenizer-model (or --vocab-file/--merge-file), or use "
+                      f"--prompt-tokens with token ids")

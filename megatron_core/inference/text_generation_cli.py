@@ -31,8 +31,8 @@ from megatron_core.training.initialize import initialize_distributed, rank_from_
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags shared by the generation CLI and the server: where the model and tokenizer come from."""
-    p.add_argument("--load", required=True, help="training checkpoint directory (legacy layout, any TP/PP) "
-                                                 "or Hugging Face save_pretrained directory")
+    p.add_argument("--load", required=True, help="training checkpoint directory (torch_dist or legacy, saved "
+                                                 "under any layout) or Hugging Face save_pretrained directory")
     p.add_argument("--load-iteration", type=int, default=None, help="checkpoint iteration (default: the tracker's)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=None, help="TP size (default: world size / PP)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
@@ -43,7 +43,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (GPT2BPETokenizer)")
     p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
     p.add_argument("--distributed-backend", default="gloo", choices=["gloo", "nccl"], help="process group backend")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy); the "
+                   "defaults (1.0, --top_k 0, --top_p 0) sample the whole vocabulary, as Megatron-LM's")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (1: greedy)")
     p.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling threshold (0: off)")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed")

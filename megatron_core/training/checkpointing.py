@@ -51,6 +51,7 @@ INFO_FLAGS = {
     "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
     "virtual_pipeline_model_parallel_size": "--num-layers-per-virtual-pipeline-stage",
 }
+_LAYOUT_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size")
 
 
 @dataclass
@@ -228,15 +229,18 @@ def _sleep_for_test(iteration: int) -> None:
 def check_compatible(saved_config: dict[str, Any], saved_info: dict[str, Any], model_config: dict[str, Any],
                      model_info: dict[str, Any], where: str) -> None:
     """Refuse a checkpoint of another model shape or parallel layout, naming every mismatching field."""
-    diffs = []
+    diffs, layout = [], False
     for saved, ours, flags in ((saved_config, model_config, CONFIG_FLAGS), (saved_info, model_info, INFO_FLAGS)):
         for name, flag in flags.items():
             if name in saved and saved[name] != ours.get(name):
                 diffs.append(f"{name}: checkpoint {saved[name]!r} vs run {ours.get(name)!r} ({flag})")
+                layout = layout or name in _LAYOUT_FIELDS
     if diffs:
+        # Re-sharding only helps a layout mismatch; a model-shape mismatch needs the checkpoint's flags.
+        fix = ("re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size ... "
+               "--target-pipeline-parallel-size ..." if layout else "pass --use-checkpoint-args to take them from it")
         raise ConfigError(f"checkpoint {where} does not fit this model: {'; '.join(diffs)}. Set those flags to match "
-                          f"the checkpoint, or re-shard it with tools/checkpoint/convert.py "
-                          f"--target-tensor-parallel-size ... --target-pipeline-parallel-size ...")
+                          f"the checkpoint, or {fix}")
 
 
 def _check_load_root(root: str) -> bool:
@@ -286,7 +290,9 @@ def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tup
         return None
     directory = io.existing_iteration_dir(root, iteration)
     if directory is None:
-        raise ConfigError(f"--load {root}: iteration {iteration} has no directory {io.iteration_dir(root, iteration)}")
+        saved = ", ".join(map(str, io.complete_iterations(root))) or "none"
+        raise ConfigError(f"--load {root}: iteration {iteration} has no directory {io.iteration_dir(root, iteration)} "
+                          f"(iterations saved there: {saved}; pick one with --ckpt-step N)")
     rank_name = io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank, parallel_state.pp_size)
     rank_dir = os.path.join(directory, rank_name)
     manifest = io.read_manifest(directory)

@@ -10,6 +10,7 @@ the non-finite and launcher checks the legacy format has. Saves are collective.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -151,7 +152,15 @@ def save_format(config: CheckpointConfig, loaded_format: str | None,
 
 
 def tokenizer_identity(data: DataConfig) -> dict[str, Any]:
-    """The tokenizer flags that rebuild this run's tokenizer (``--use-checkpoint-args``)."""
-    return {"tokenizer_type": data.tokenizer_type, "tokenizer_model": data.tokenizer_model,
-            "vocab_file": data.vocab_file, "merge_file": data.merge_file, "vocab_size": data.vocab_size,
-            "make_vocab_size_divisible_by": data.make_vocab_size_divisible_by}
+    """The tokenizer flags that rebuild this run's tokenizer (``--use-checkpoint-args``).
+
+    File paths that exist are recorded absolute, so a run or tool started from another working
+    directory finds them (the demo passes ``demo_output/tokenizer.model``); anything else (a Hugging
+    Face hub name) is kept as given.
+    """
+    def _absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path is not None and os.path.exists(path) else path
+
+    return {"tokenizer_type": data.tokenizer_type, "tokenizer_model": _absolute(data.tokenizer_model),
+            "vocab_file": _absolute(data.vocab_file), "merge_file": _absolute(data.merge_file),
+            "vocab_size": data.vocab_size, "make_vocab_size_divisible_by": data.make_vocab_size_divisible_by}
