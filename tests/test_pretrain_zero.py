@@ -101,6 +101,8 @@ def test_torchrun_launch_equals_one_process(serial, world, extra, tmp_path):
     assert len(logged) == 3, proc.stdout
     for got, mean in zip(logged, want, strict=True):
         assert got == pytest.approx(mean, rel=1e-5), (logged, want)
+    if "--nvme-offload-path" in extra:
+        assert os.listdir(tmp_path) == [], "a finished run leaves no swap files"
 
 
 def test_nvme_offload_path_errors_are_one_line_before_training(tmp_path):

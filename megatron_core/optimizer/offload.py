@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -245,12 +246,20 @@ def raise_agreed(error: ConfigError | None) -> None:
         raise error
 
 
+def _remove_all(groups: list[_Group]) -> None:
+    for group in groups:
+        group.remove()
+
+
 class NvmeSwapper:
     """Moves the offloaded buckets' optimizer shards between files and memory around the step."""
 
     def __init__(self, directory: str, groups: list[tuple[Any, Any, _Group]], buffer_count: int) -> None:
         self.directory, self.groups, self.buffer_count = directory, groups, buffer_count
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nvme-offload")
+        # The swap files hold nothing a checkpoint needs (saves read the state into the checkpoint):
+        # delete them with the optimizer, or at exit, so a finished run leaves the directory as it was.
+        weakref.finalize(self, _remove_all, [group for _, _, group in groups])
 
     @classmethod
     def for_optimizer(cls, config, sharded: list, inner: torch.optim.Optimizer, parallel_state) -> NvmeSwapper:
