@@ -78,7 +78,8 @@ def test_path_under_a_regular_file_is_an_error_on_every_rank(tmp_path):
     (tmp_path / "file").write_text("")
     path = str(tmp_path / "file" / "swap")
     results = run_distributed(_construct, 2, path, timeout=60)
-    _assert_same_one_line_error(results, f"--nvme-offload-path {path} is not a directory", "create it")
+    _assert_same_one_line_error(results, f"--nvme-offload-path {path} is not a directory",
+                                f"{tmp_path / 'file'} is a file: pass a directory elsewhere")
 
 
 def test_read_only_file_system_is_an_error(tmp_path):

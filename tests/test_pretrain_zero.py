@@ -108,7 +108,8 @@ def test_torchrun_launch_equals_one_process(serial, world, extra, tmp_path):
 def test_nvme_offload_path_errors_are_one_line_before_training(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("")
-    for path, words in [(tmp_path / "missing", "is not a directory"), (a_file, "is not a directory")]:
+    for path, words in [(tmp_path / "missing", "is not a directory; create it"),
+                        (a_file, "is not a directory; it is a file")]:
         with pytest.raises(Exception, match=f"--nvme-offload-path {re.escape(str(path))} {words}") as info:
             run_distributed(_train, 1, ARGS + ["--zero-stage", "1", "--nvme-offload-path", str(path)], timeout=60)
         assert "ConfigError" in str(info.value)

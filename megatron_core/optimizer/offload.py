@@ -246,6 +246,18 @@ def raise_agreed(error: ConfigError | None) -> None:
         raise error
 
 
+def _directory_fix(directory: str) -> str:
+    """What to do about a --nvme-offload-path that is not a directory."""
+    if os.path.exists(directory):
+        return "it is a file: pass a directory"
+    existing = os.path.dirname(os.path.abspath(directory))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file: pass a directory elsewhere"
+    return "create it (mkdir -p) or pass another"
+
+
 def _remove_all(groups: list[_Group]) -> None:
     for group in groups:
         group.remove()
@@ -287,7 +299,7 @@ class NvmeSwapper:
     @staticmethod
     def _create(directory: str, sharded: list, inner: torch.optim.Optimizer, parallel_state, groups: list) -> None:
         if not os.path.isdir(directory):
-            raise ConfigError(f"--nvme-offload-path {directory} is not a directory; create it or pass another")
+            raise ConfigError(f"--nvme-offload-path {directory} is not a directory; {_directory_fix(directory)}")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise ConfigError(f"--nvme-offload-path {directory} is not writable; fix its permissions or pass another")
         for i, sb in enumerate(sharded):
