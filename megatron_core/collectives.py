@@ -54,8 +54,8 @@ def reduce_scatter_flat(output: torch.Tensor, full: torch.Tensor, group, async_o
     if dist.get_backend(group) != "gloo":
         return _REDUCE_SCATTER(output, full, group=group, async_op=async_op)
     buffer = full if full_is_scratch else full.clone()
-    size = output.numel()
-    chunk = buffer[dist.get_rank(group) * size:(dist.get_rank(group) + 1) * size]
+    size, rank = output.numel(), dist.get_rank(group)
+    chunk = buffer[rank * size:(rank + 1) * size]
     handle = _ChunkOnWait(shm_collectives.all_reduce(buffer, group, async_op=True), output, chunk)
     if async_op:
         return handle

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -57,9 +58,7 @@ def set_local_device(local_rank: int) -> torch.device:
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
 HOST_TRIM_THRESHOLD = 256 << 20  # bytes of free heap top kept mapped instead of returned to the OS
-_host_allocator_configured = False
-
-
+@functools.cache
 def configure_host_allocator() -> bool:
     """Keep large CPU tensors' memory mapped between training steps (glibc only; once per process).
 
@@ -72,11 +71,10 @@ def configure_host_allocator() -> bool:
     (``M_MMAP_MAX=0``) and keep up to :data:`HOST_TRIM_THRESHOLD` of free heap top before trimming.
     This is what preloading jemalloc/tcmalloc does for PyTorch on CPU (Intel's tuning guide), set
     from inside the process. ``MCORE_HOST_ALLOCATOR=default`` leaves malloc alone. Returns whether
-    the setting was applied.
+    the setting was applied; runs once per process (cached).
     """
-    global _host_allocator_configured
-    if _host_allocator_configured or os.environ.get("MCORE_HOST_ALLOCATOR", "tuned") == "default":
-        return _host_allocator_configured
+    if os.environ.get("MCORE_HOST_ALLOCATOR", "tuned") == "default":
+        return False
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -86,7 +84,6 @@ def configure_host_allocator() -> bool:
         applied = False
     if not applied:
         logger.info("host allocator: not glibc, malloc left as it is (large tensors may page-fault every step)")
-    _host_allocator_configured = applied
     return applied
 
 

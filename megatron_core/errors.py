@@ -13,23 +13,19 @@ class ConfigError(ValueError):
     """
 
 
-_previous_hook = None
-
-
-def _report(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
-    if isinstance(value, ConfigError):
-        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
-            print(f"error: {value}", file=sys.stderr, flush=True)
-        return
-    assert _previous_hook is not None
-    _previous_hook(kind, value, tb)
-
-
 def report_uncaught_config_errors() -> None:
     """Let a user's own script (one that calls ``megatron_core.initialize``) end on a ConfigError it does
     not catch with one ``error:`` line on rank 0 instead of a traceback through this library; any other
     exception goes to the previous ``sys.excepthook``. Installed once per process."""
-    global _previous_hook
-    if _previous_hook is None:
-        _previous_hook = sys.excepthook
-        sys.excepthook = _report
+    previous = sys.excepthook
+    if getattr(previous, "reports_config_errors", False):
+        return
+
+    def report(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if not isinstance(value, ConfigError):
+            previous(kind, value, tb)
+        elif os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
+            print(f"error: {value}", file=sys.stderr, flush=True)
+
+    report.reports_config_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = report

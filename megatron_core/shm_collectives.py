@@ -152,8 +152,8 @@ def try_all_reduce(tensor: torch.Tensor, group: Any) -> bool:
     return True
 
 
-def all_reduce(tensor: torch.Tensor, group: Any = None, async_op: bool = False):
-    """``dist.all_reduce(tensor, SUM, group, async_op)``, through shared memory where it applies."""
-    if try_all_reduce(tensor, group):
+def all_reduce(tensor: torch.Tensor, group: Any = None, async_op: bool = False, op: Any = dist.ReduceOp.SUM):
+    """``dist.all_reduce(tensor, op, group, async_op)``; a SUM goes through shared memory where it applies."""
+    if op == dist.ReduceOp.SUM and try_all_reduce(tensor, group):
         return _Done() if async_op else None
-    return dist.all_reduce(tensor, group=group, async_op=async_op)
+    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)

@@ -108,10 +108,6 @@ class SaveRequest:
         return self.final_dir
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
 def _agree(error: str | None, group: Any) -> None:
     """Raise ConfigError on every rank of ``group`` when any of them has an error (collective)."""
     errors: list = [None] * dist.get_world_size(group)
@@ -131,7 +127,7 @@ def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_di
         if is_rank0:
             io.save_file(common, os.path.join(tmp_dir, COMMON_FILE))
     except (CheckpointException, OSError, RuntimeError) as exc:  # a full disk: on every rank (DCP gathers errors)
-        error = failed.format(_first_line(exc))
+        error = failed.format(io.first_line(exc))
     pause = float(os.environ.get(PAUSE_BEFORE_PUBLISH_ENV, "0") or 0)
     if pause > 0 and error is None:
         time.sleep(pause)
@@ -139,13 +135,9 @@ def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_di
         error = refuse_publish() if refuse_publish is not None else None
         try:
             if error is None:
-                io.write_manifest(tmp_dir)
-                for dirpath, _, _ in os.walk(tmp_dir):
-                    io.fsync_dir(dirpath)
-                io.publish_dir(tmp_dir, final_dir)
-                io.write_text_atomic(os.path.join(root, io.TRACKER_FILENAME), str(iteration))
+                io.publish_iteration(root, tmp_dir, final_dir, iteration)
         except OSError as exc:
-            error = failed.format(_first_line(exc))
+            error = failed.format(io.first_line(exc))
     if is_rank0 and error is not None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     _agree(error, group)
@@ -323,7 +315,7 @@ def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], opt
         dcp.load(sd, storage_reader=reader)
     except CheckpointException as exc:  # a damaged .distcp in a checkpoint saved without a manifest
         raise ConfigError(io.damaged_message(load_dir, iteration, path, f"holds an unreadable tensor file "
-                                             f"({_first_line(exc)})")) from None
+                                             f"({io.first_line(exc)})")) from None
     if use_optim:
         with torch.no_grad():
             for chunk in model_chunks:

@@ -94,9 +94,7 @@ def all_reduce(tensor: torch.Tensor, group, *, async_op: bool = False, log: Comm
                tag: str = "", op=dist.ReduceOp.SUM):
     """Sum (or ``op``) ``tensor`` over ``group`` in place."""
     _log(log, "all_reduce", tensor, group, tag)
-    if op == dist.ReduceOp.SUM:
-        return shm_collectives.all_reduce(tensor, group, async_op=async_op)
-    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    return shm_collectives.all_reduce(tensor, group, async_op=async_op, op=op)
 
 
 def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op: bool = False,

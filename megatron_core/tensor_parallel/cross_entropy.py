@@ -15,10 +15,7 @@ from megatron_core.tensor_parallel.mappings import _rank, _size
 def reduce_over(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """All-reduce ``x`` in place over ``group`` (a no-op for one rank); returns ``x``."""
     if _size(group) > 1:
-        if op == dist.ReduceOp.SUM:
-            shm_collectives.all_reduce(x, group)
-        else:
-            dist.all_reduce(x, op=op, group=group)
+        shm_collectives.all_reduce(x, group, op=op)
     return x
 
 

@@ -108,6 +108,22 @@ def publish_dir(tmp_dir: str, final_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def publish_iteration(root: str, tmp_dir: str, final_dir: str, iteration: int) -> None:
+    """Rank 0, both formats: manifest, fsync every directory, rename into place, then point the
+    tracker at ``iteration`` (atomically), in that order so a crash at any step leaves the previous
+    checkpoint loadable. Raises OSError."""
+    write_manifest(tmp_dir)
+    for dirpath, _, _ in os.walk(tmp_dir):
+        fsync_dir(dirpath)
+    publish_dir(tmp_dir, final_dir)
+    write_text_atomic(os.path.join(root, TRACKER_FILENAME), str(iteration))
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (at most 200 characters), for one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def read_tracker(root: str) -> int | None:
     """The iteration named by the tracker file, or None when there is none."""
     path = os.path.join(root, TRACKER_FILENAME)

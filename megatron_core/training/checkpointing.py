@@ -179,7 +179,7 @@ def _write_files(config: CheckpointConfig, tmp_dir: str, iteration: int, consume
             io.save_file(optimizer.sharded_state_dict(),
                          os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
-        raise ConfigError(f"saving iteration {iteration} to {tmp_dir} failed ({_first_line(exc)}); the partial "
+        raise ConfigError(f"saving iteration {iteration} to {tmp_dir} failed ({io.first_line(exc)}); the partial "
                           f"directory was removed: free space or give --save another location") from None
 
 
@@ -189,14 +189,10 @@ def _publish(root: str, tmp_dir: str, final_dir: str, iteration: int) -> str | N
         shutil.rmtree(tmp_dir, ignore_errors=True)
         return f"not saving iteration {iteration}: the launcher of this job died"
     try:
-        io.write_manifest(tmp_dir)
-        for dirpath, _, _ in os.walk(tmp_dir):
-            io.fsync_dir(dirpath)
-        io.publish_dir(tmp_dir, final_dir)
-        io.write_text_atomic(os.path.join(root, io.TRACKER_FILENAME), str(iteration))
+        io.publish_iteration(root, tmp_dir, final_dir, iteration)
     except OSError as exc:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        return (f"saving iteration {iteration} to {root} failed ({_first_line(exc)}); the partial directory was "
+        return (f"saving iteration {iteration} to {root} failed ({io.first_line(exc)}); the partial directory was "
                 f"removed: free space or give --save another location")
     return None
 
@@ -204,10 +200,6 @@ def _publish(root: str, tmp_dir: str, final_dir: str, iteration: int) -> str | N
 def _raise_if(message: str | None) -> None:
     if message is not None:
         raise ConfigError(message)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _sharded(optimizer: Any) -> bool:
