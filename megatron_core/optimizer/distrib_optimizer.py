@@ -68,9 +68,7 @@ class DistributedOptimizer(MegatronOptimizer):
         for buffer, flags in zip(buffers, offload, strict=True):
             self.sharded.append(self._shard(buffer, flags))
         self.offloading = any(any(sb.offloaded) for sb in self.sharded)
-        # The host step uses torch's fused CPU AdamW (bench/bench_zero.py measured it ~6x faster
-        # than the for-loop and foreach CPU implementations).
-        self.inner = build_torch_optimizer(config, self.pairs, fused=self.offloading)
+        self.inner = build_torch_optimizer(config, self.pairs)
         self.nvme: NvmeSwapper | None = None
         if config.nvme_offload_path is not None:
             self.nvme = NvmeSwapper.for_optimizer(config, self.sharded, self.inner, parallel_state)

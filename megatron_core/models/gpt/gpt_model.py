@@ -9,7 +9,6 @@ stage holds its own copy, drawn from the same seed and marked ``shared_embedding
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from megatron_core.fusions.kernels import find_kernel
 from megatron_core.models.gpt.embedding import LanguageModelEmbedding
@@ -135,11 +134,4 @@ class GPTModel(torch.nn.Module):
         kernel = self.cross_entropy_kernel
         if kernel is not None and kernel.applies(logits, labels):
             return kernel.fn(logits, labels, self.parallel_state.tp_group)
-        if self.parallel_state.tp_size > 1:
-            return vocab_parallel_cross_entropy(logits, labels, self.parallel_state.tp_group)
-        # One TP rank holds the whole vocabulary: torch's fused log-softmax + NLL. (The vocab-parallel
-        # function is ~30% faster here too, but its rounding moved a cancellation-heavy LayerNorm
-        # gradient of the TP2 x PP2 + SP equivalence test by 1.4e-5 relative where this one stays
-        # within 1e-5.)
-        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
-        return flat.view_as(labels)
+        return vocab_parallel_cross_entropy(logits, labels, self.parallel_state.tp_group)
