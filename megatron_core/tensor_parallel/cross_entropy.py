@@ -101,9 +101,9 @@ class _CrossEntropy(torch.autograd.Function):
     in-place pass (softmax times the incoming gradient) and a scatter of the target's -1: the
     formula of torch's log-softmax backward without the zero-filled [tokens, V] gradient that NLL's
     backward feeds it. Losses are bitwise ``F.cross_entropy``'s; gradients differ from it by torch's
-    two exp implementations (within 2 ulps of softmax x gradient). Measured [2048, 4096] fp32, 2
-    threads, forward and backward: 17.2 ms against 35.4 ms for ``F.cross_entropy`` (the earlier TP 1
-    path).
+    two exp implementations (within 2 ulps of softmax x gradient). Measured fp32, 2 threads, forward
+    and backward, against ``F.cross_entropy`` (the earlier TP 1 path): [1024, 50304] 55 ms vs 90 ms,
+    [2048, 4096] level (8.6 vs 8.3 ms).
     """
 
     @staticmethod
