@@ -88,7 +88,7 @@ def _naive_attention(q, k, v, mask):
     """Loop over heads; query head i reads key/value head i // (heads / groups)."""
     s, b, heads, d = q.shape
     per_group = heads // k.shape[2]
-    out = torch.empty(s, b, heads, d)
+    out = torch.empty(s, b, heads, d, dtype=q.dtype)
     for i in range(heads):
         scores = torch.einsum("sbd,tbd->bst", q[:, :, i], k[:, :, i // per_group]) / math.sqrt(d)
         scores = scores.masked_fill(mask[:, 0], float("-inf"))
@@ -115,6 +115,46 @@ def _attention(backend, explicit_mask):
 def test_core_attention_paths_match_naive_gqa(backend, explicit_mask):
     (out, ref), = run_distributed(_attention, 1, backend, explicit_mask, timeout=60)
     assert_rel_close(out, ref, what=f"{backend} attention")
+
+
+def _blocked_causal_attention(seq, block, dropout_p):
+    """The explicit causal path by query blocks: output and q/k/v gradients against the naive loop
+    (float64), and with dropout a float64 gradcheck whose every call replays the same masks."""
+    import megatron_core.transformer.dot_product_attention as dpa  # noqa: PLC0415
+    dpa.CAUSAL_BLOCK = block  # a forked rank of its own: the change ends with it
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config = TransformerConfig(hidden_size=16, num_attention_heads=4, num_query_groups=2,
+                               attention_backend="unfused", attention_dropout=dropout_p)
+    attn = DotProductAttention(config, layer_number=1, parallel_state=ps).double()
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(seq, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(seq, 2, 2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    if dropout_p == 0:
+        out = attn.eval()(q, k, v)
+        causal = torch.ones(seq, seq, dtype=torch.bool).triu(1).expand(2, 1, seq, seq)
+        ref = _naive_attention(q, k, v, causal)
+        weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+        return [(out, ref)] + list(zip(grads, ref_grads, strict=True))
+
+    def replayed(q, k, v):
+        ps.manual_seed(7)  # the tracker's stream from the same state: the same masks every call
+        return attn.train()(q, k, v)
+    assert not torch.equal(replayed(q, k, v), attn.eval()(q, k, v)), "dropout must act"
+    return torch.autograd.gradcheck(replayed, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("seq,block", [(10, 4), (8, 4), (300, 128)])
+def test_causal_attention_by_query_blocks_matches_naive(seq, block):
+    (pairs,) = run_distributed(_blocked_causal_attention, 1, seq, block, 0.0, timeout=60)
+    for i, (actual, expected) in enumerate(pairs):
+        assert (actual - expected).abs().max().item() < 1e-12, f"{'output' if i == 0 else 'grad'} {i}"
+
+
+def test_causal_attention_by_query_blocks_dropout_gradients():
+    (ok,) = run_distributed(_blocked_causal_attention, 1, 10, 4, 0.3, timeout=120)
+    assert ok
 
 
 def test_scaled_masked_softmax_and_norms():

@@ -25,7 +25,7 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale
     ``mask`` is a bool tensor broadcastable to ``scores``, True where attention is not allowed.
     """
     dtype = scores.dtype
-    x = scores.float() if softmax_in_fp32 else scores
+    x = scores.float() if softmax_in_fp32 and dtype in (torch.float16, torch.bfloat16) else scores
     if scale != 1.0:
         x = x * scale
     if mask is not None:

@@ -124,7 +124,7 @@ class DotProductAttention(torch.nn.Module):
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.config.attention_softmax_in_fp32 and scores.dtype != torch.float32:
+        if self.config.attention_softmax_in_fp32 and scores.dtype in (torch.float16, torch.bfloat16):
             return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
         return torch.softmax(scores, dim=-1)
 
