@@ -8,7 +8,7 @@ from equivalence import assert_rel_close
 from harness import run_distributed
 
 from megatron_core import parallel_state
-from megatron_core.fusions import LayerNorm, RMSNorm, dropout, scaled_masked_softmax
+from megatron_core.fusions import LayerNorm, RMSNorm, dropout, dropout_add, scaled_masked_softmax
 from megatron_core.models.gpt import GPTModel
 from megatron_core.models.presets import llama_config
 from megatron_core.transformer import (
@@ -227,3 +227,19 @@ def test_cpu_dropout_is_unbiased_and_replayable():
     torch.manual_seed(0)
     assert torch.equal(dropout(x, 0.1), out), "the same RNG state must give the same mask"
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_cpu_dropout_add_is_residual_plus_dropout():
+    g = torch.Generator().manual_seed(4)
+    x, residual = (torch.randn(64, 4, 32, generator=g, requires_grad=True) for _ in range(2))
+    torch.manual_seed(5)
+    out = dropout_add(x, residual, 0.2)
+    torch.manual_seed(5)
+    ref_x, ref_residual = x.detach().clone().requires_grad_(), residual.detach().clone().requires_grad_()
+    ref = ref_residual + dropout(ref_x, 0.2)
+    assert_rel_close(out, ref, what="dropout_add")  # one rounding (addcmul) instead of two
+    weights = torch.randn(out.shape, generator=g)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.equal(x.grad, ref_x.grad) and torch.equal(residual.grad, ref_residual.grad)
+    assert torch.equal(dropout_add(x, residual, 0.0), residual + x)

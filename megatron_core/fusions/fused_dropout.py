@@ -27,28 +27,50 @@ def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Te
 
 
 class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale, plus ``residual`` when given (one addcmul either way)."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float,
+                residual: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return _masked_scale(x, keep, scale)
+        ctx.scale, ctx.has_residual = scale, residual is not None
+        if residual is None:
+            return _masked_scale(x, keep, scale)
+        return torch.addcmul(residual, x, keep.view(torch.uint8), value=scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         keep, = ctx.saved_tensors
-        return _masked_scale(grad, keep, ctx.scale), None, None
+        return _masked_scale(grad, keep, ctx.scale), None, None, grad if ctx.has_residual else None
+
+
+def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A bool mask of x's shape, True with probability 1 - p (rounded to 2**-16), and 1 / that."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    threshold = round(p * _LEVELS)
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(_INT64_MIN, None)
+    keep = draws.view(torch.int16)[:n].view(x.shape) >= threshold - _LEVELS // 2
+    return keep, _LEVELS / (_LEVELS - threshold)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Zero each element with probability ``p`` and scale the rest so the mean is unchanged."""
     if not training or p == 0.0:
         return x
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    threshold = round(p * _LEVELS)
-    n = x.numel()
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(_INT64_MIN, None)
-    keep = draws.view(torch.int16)[:n].view(x.shape) >= threshold - _LEVELS // 2
-    return _MaskedScale.apply(x, keep, _LEVELS / (_LEVELS - threshold))
+    keep, scale = _keep_mask(x, p)
+    return _MaskedScale.apply(x, keep, scale, None)
+
+
+def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float) -> torch.Tensor:
+    """``residual + dropout(x, p)`` (training), the mask drawn as :func:`dropout` draws it; on the CPU
+    the add rides in the masking pass (one pass over [s, b, h] fewer than dropout then add)."""
+    if p == 0.0:
+        return residual + x
+    if x.device.type != "cpu":
+        return residual + F.dropout(x, p, training=True)
+    keep, scale = _keep_mask(x, p)
+    return _MaskedScale.apply(x, keep, scale, residual)

@@ -21,7 +21,6 @@ from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig, resolved
 from megatron_core.transformer.enums import AttnBackend, AttnMaskType
 
-
 CAUSAL_BLOCK = 128
 """Query rows per block of the explicit causal path (128 and 256 measured alike at s = 1024)."""
 

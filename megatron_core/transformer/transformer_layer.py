@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from megatron_core.fusions.fused_dropout import dropout
+from megatron_core.fusions import dropout_add
 from megatron_core.fusions.kernels import find_kernel
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig
@@ -61,8 +61,7 @@ class TransformerLayer(torch.nn.Module):
                     return kernel.fn(out, bias, residual, p)
                 if bias is not None:
                     out = out + bias
-                out = dropout(out, p)
-            return residual + out
+                return dropout_add(out, residual, p)
         if bias is not None:
             out = out + bias
         return residual + out
