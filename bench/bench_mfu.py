@@ -42,7 +42,7 @@ from megatron_core import device, parallel_state  # noqa: E402
 from megatron_core.optimizer import OptimizerConfig  # noqa: E402
 from megatron_core.optimizer.optimizer import build_torch_optimizer  # noqa: E402
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
-from megatron_core.transformer.dot_product_attention import CAUSAL_BLOCK  # noqa: E402
+from megatron_core.transformer.dot_product_attention import causal_blocks  # noqa: E402
 
 BATCH, SEQ, LAYERS, HIDDEN, HEADS, VOCAB = 8, 256, 4, 256, 4, 4096
 
@@ -82,7 +82,7 @@ def _products(linears, batch_heads: int, seq: int, head_dim: int, layers: int):
         flops = 2 * m * k * n
         work += [(lambda x=x, w=w: torch.mm(x, w.t()), flops), (lambda g=g, w=w: torch.mm(g, w), flops),
                  (lambda g=g, x=x: torch.mm(g.t(), x), flops)]
-    for start, end in _causal_blocks(seq):  # the explicit causal path's blocks (dot_product_attention.py)
+    for start, end in causal_blocks(seq):  # the explicit causal path's blocks (dot_product_attention.py)
         rows = end - start
         q, k, p = torch.randn(batch_heads, rows, head_dim), torch.randn(batch_heads, end, head_dim), \
             torch.randn(batch_heads, rows, end)
@@ -97,13 +97,9 @@ def _products(linears, batch_heads: int, seq: int, head_dim: int, layers: int):
     return work
 
 
-def _causal_blocks(seq: int) -> list[tuple[int, int]]:
-    return [(start, min(start + CAUSAL_BLOCK, seq)) for start in range(0, seq, CAUSAL_BLOCK)]
-
-
 def computed_attention_fraction(seq: int) -> float:
     """Share of the s x s causal scores the explicit path computes ((C+1)/2C for C equal blocks)."""
-    return sum((end - start) * end for start, end in _causal_blocks(seq)) / seq ** 2
+    return sum((end - start) * end for start, end in causal_blocks(seq)) / seq ** 2
 
 
 def _time_products(work) -> float:
