@@ -103,17 +103,17 @@ def _record(params: set, seen: dict, t):
     return t
 
 
-def _saved_per_layer(kw, tp, sp, mb):
+def _saved_per_layer(kw, tp, sp, mb, seq=SEQ):
     counts = []
     for layers in (1, 2):
         ps = parallel_state.ParallelState(tp, 1)
         ps.manual_seed(1)
         config = TransformerConfig(num_layers=layers, hidden_size=32, num_attention_heads=4, sequence_parallel=sp, **kw)
-        (model,) = build_gpt_model_chunks(config, 64, SEQ, ps, make_vocab_size_divisible_by=32)
+        (model,) = build_gpt_model_chunks(config, 64, seq, ps, make_vocab_size_divisible_by=32)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         seen: dict[int, int] = {}
         pack = functools.partial(_record, params, seen)
-        tokens = torch.randint(0, 64, (mb, SEQ))
+        tokens = torch.randint(0, 64, (mb, seq))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(tokens, labels=tokens).sum()
         loss.backward()  # outside the hooks: recompute's saved tensors are transient
@@ -143,3 +143,12 @@ def test_layer_activations_equal_saved_tensors(tp, sp):
                         recompute={"selective": "selective", "full": "full"}.get(case))
         predicted = layer_activation_bytes(ModelSpec(config, 64, SEQ, SEQ, 3), layout)
         assert predicted == measured[case], f"{case} tp{tp} sp{sp}: predicted {predicted} bytes, saved {measured[case]}"
+
+
+def test_blocked_causal_attention_activations_equal_saved_tensors():
+    """Sequence 200: the explicit causal path's two query blocks (128 + 72 rows) keep 128 x 128 and
+    72 x 200 scores, not 200 x 200."""
+    measured = run_distributed(_saved_per_layer, 1, CASES["dropout-explicit"], 1, False, 1, 200, timeout=120)[0]
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4)
+    predicted = layer_activation_bytes(ModelSpec(config, 64, 200, 200, 3), Layout(tp=1, micro_batch_size=1))
+    assert predicted == measured, f"predicted {predicted} bytes, saved {measured}"

@@ -13,13 +13,15 @@ by TP under sequence parallelism:
   activation's input (``2 s b ffn / t``; SwiGLU ``4 s b ffn / t``);
 - attention: the fused QKV output (``sb(q + 2kv)/t``), then either PyTorch's SDPA (output and
   log-sum-exp) or the explicit path (softmax output ``(a/t)s^2 b``, its dropout mask and dropped copy,
-  and the context copy); selective recompute keeps only QKV and the context.
+  and the context copy; ``s^2`` is ``(C+1)/2C s^2`` for the C query blocks of the causal path without
+  a fused softmax kernel); selective recompute keeps only QKV and the context.
 
 Full recompute keeps one layer input per layer and rebuilds one layer's activations in backward.
 """
 from __future__ import annotations
 
 from megatron_core.autotune.layout import Layout, ModelSpec
+from megatron_core.transformer.dot_product_attention import causal_blocks
 
 
 def _uses_sdpa(spec: ModelSpec, on_cpu: bool) -> bool:
@@ -70,7 +72,10 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     total = (qsz if rope else 0) + (qsz if gqa else kvsz if rope else 0) + (qsz if gqa else 0)
     if not (rope and gqa):
         total += mixed
-    scores = heads * s * s * b
+    # The causal path without a fused softmax kernel (the CPU's case; on a GPU under the "fused"
+    # backend a kernel is expected) keeps only the score blocks on and below the diagonal.
+    blocked = on_cpu or c.attention_backend != "fused"
+    scores = heads * b * (sum((end - start) * end for start, end in causal_blocks(s)) if blocked else s * s)
     total += scores * (4 if c.attention_softmax_in_fp32 else B) + qsz  # softmax output, context copy
     if c.attention_dropout > 0:
         total += scores + scores * B  # bool mask and the dropped probabilities

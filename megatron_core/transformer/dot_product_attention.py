@@ -58,8 +58,10 @@ class _CausalBlockAttention(torch.autograd.Function):
                 dropped = masked_scale(dropped, *masks[i])
             outputs.append(torch.bmm(dropped, v[:, :end]))
             saved += [probs, dropped]
-        ctx.save_for_backward(q, k, v, *saved)
-        ctx.scale, ctx.masks = scale, masks
+        keeps = [] if masks is None else [keep for keep, _ in masks]
+        # Masks through save_for_backward too: saved-tensor hooks (offload, memory accounting) see them.
+        ctx.save_for_backward(q, k, v, *saved, *keeps)
+        ctx.scale, ctx.keep_scales = scale, None if masks is None else [keep_scale for _, keep_scale in masks]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     @staticmethod
@@ -68,6 +70,7 @@ class _CausalBlockAttention(torch.autograd.Function):
         q, k, v, *saved = ctx.saved_tensors
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         blocks = causal_blocks(q.shape[1])
+        keeps = saved[2 * len(blocks):]
         # The last block covers every key: it writes dk, dv whole (beta 0), the others add to prefixes.
         for i in reversed(range(len(blocks))):
             start, end = blocks[i]
@@ -76,8 +79,8 @@ class _CausalBlockAttention(torch.autograd.Function):
             beta = 0.0 if i == len(blocks) - 1 else 1.0
             dv[:, :end].baddbmm_(dropped.transpose(1, 2), grad, beta=beta)
             grad_probs = torch.bmm(grad, v[:, :end].transpose(1, 2))
-            if ctx.masks is not None:
-                grad_probs = masked_scale(grad_probs, *ctx.masks[i])
+            if ctx.keep_scales is not None:
+                grad_probs = masked_scale(grad_probs, keeps[i], ctx.keep_scales[i])
             grad_scores = torch._softmax_backward_data(grad_probs.to(probs.dtype), probs, -1, probs.dtype)
             grad_scores = grad_scores.to(q.dtype)
             dq[:, start:end].baddbmm_(grad_scores, k[:, :end], beta=0.0, alpha=ctx.scale)
