@@ -7,6 +7,8 @@ what a "main parameter" is: the whole parameter here, a DP shard of it in ``dist
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from megatron_core.optimizer.clip_grads import (
@@ -35,7 +37,7 @@ def make_grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | None:
                              config.hysteresis)
 
 
-def _fused_adam_applies(params: list[torch.Tensor]) -> bool:
+def _fused_adam_applies(params: Sequence[torch.Tensor]) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
