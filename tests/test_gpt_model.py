@@ -106,16 +106,16 @@ RECOMPUTE = {"none": {}, "selective": dict(recompute_granularity="selective"),
              "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1)}
 
 
-def _recompute_grads(preset, backend):
+def _recompute_grads(preset, backend, seq=SEQ):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     out = {}
     for mode, options in RECOMPUTE.items():
         # Dropout on, so the recomputed forward must replay the default and the TP-rank RNG streams.
         config = _config(preset, num_layers=3, hidden_dropout=0.2, attention_dropout=0.2, attention_backend=backend,
                          **options)
-        model = GPTModel(config, VOCAB, SEQ, parallel_state=ps, make_vocab_size_divisible_by=64)
+        model = GPTModel(config, VOCAB, seq, parallel_state=ps, make_vocab_size_divisible_by=64)
         ps.manual_seed(3)
-        ids, labels = _batch(0)
+        ids, labels = _batch(0, seq)
         loss = model(ids, labels=labels).mean()
         loss.backward()
         out[mode] = (loss.item(), {n: p.grad for n, p in model.named_parameters()})
@@ -124,9 +124,11 @@ def _recompute_grads(preset, backend):
     return out
 
 
-@pytest.mark.parametrize("preset,backend", [("gpt2", "unfused"), ("llama", "flash"), ("llama", "auto")])
-def test_recompute_gives_the_same_gradients(preset, backend):
-    for rank, out in enumerate(run_distributed(_recompute_grads, 2, preset, backend, timeout=90)):
+@pytest.mark.parametrize("preset,backend,seq", [("gpt2", "unfused", SEQ), ("llama", "flash", SEQ),
+                                                ("llama", "auto", SEQ), ("llama", "auto", 140)])
+def test_recompute_gives_the_same_gradients(preset, backend, seq):
+    """Sequence 140: the explicit causal path's two query blocks, their dropout masks replayed."""
+    for rank, out in enumerate(run_distributed(_recompute_grads, 2, preset, backend, seq, timeout=90)):
         loss, grads = out["none"]
         assert abs(out["eval loss"] - loss) > 1e-4, "dropout should change the loss (else RNG replay is untested)"
         for mode in ("selective", "full-uniform", "full-block"):
