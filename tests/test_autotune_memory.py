@@ -152,3 +152,22 @@ def test_blocked_causal_attention_activations_equal_saved_tensors():
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4)
     predicted = layer_activation_bytes(ModelSpec(config, 64, 200, 200, 3), Layout(tp=1, micro_batch_size=1))
     assert predicted == measured, f"predicted {predicted} bytes, saved {measured}"
+
+
+def _saved_bf16(cases, seq):
+    return [_saved_per_layer(dict(CASES[case], params_dtype=torch.bfloat16), 1, False, 1, seq) for case in cases]
+
+
+def test_bf16_explicit_attention_over_sdpa_equals_saved_tensors():
+    """bf16, no dropout, sequence 200: the explicit causal path keeps the fp32 softmax and its bf16 copy
+    (the operand of the product with v) per block. Measured as the explicit path's excess over SDPA,
+    which cancels what both share (the CPU's LayerNorm keeps its statistics in the input's dtype)."""
+    cases = ("unfused", "no-dropout-sdpa")
+    explicit, sdpa = run_distributed(_saved_bf16, 1, cases, 200, timeout=120)[0]
+    spec = functools.partial(ModelSpec, seq_length=200, max_position_embeddings=200, global_batch_size=1,
+                             vocab_size=64, bytes_per_param=2)
+    predicted = [layer_activation_bytes(spec(TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                                                               params_dtype=torch.bfloat16, **CASES[case])),
+                                        Layout(tp=1, micro_batch_size=1)) for case in cases]
+    assert predicted[0] - predicted[1] == explicit - sdpa, \
+        f"predicted excess {predicted[0] - predicted[1]} bytes, saved {explicit - sdpa}"

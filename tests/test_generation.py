@@ -25,11 +25,11 @@ def _hf_greedy(hf_model, prompt, new_tokens, eod):
     return out[0].tolist()
 
 
-def _ours(hf_model, runs, pp=1):
+def _ours(hf_model, runs, pp=1, **overrides):
     world = dist.get_world_size()
     ps = parallel_state.initialize_model_parallel(world // pp, pp)
     ps.manual_seed(1)
-    config, vocab, positions = core_config_of(hf_model)
+    config, vocab, positions = core_config_of(hf_model, **overrides)
     model = GPTModel(config, vocab, positions, parallel_state=ps, pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage(), make_vocab_size_divisible_by=8)
     load_hf_weights(model, hf_model, 8, ps)
@@ -52,6 +52,19 @@ def test_greedy_matches_hf_generate(kind, tp):
         assert with_eod.tokens == stopped, f"{kind} TP={tp} rank {rank}: stop at EOD differs from HF generate"
     first_eod = free[0][len(PROMPTS[0]):].index(eod) + 1
     assert results[0][2].generated[0] == first_eod <= 3, "the first prompt must stop at its first EOD"
+
+
+def test_prompts_past_one_causal_query_block_match_hf_generate():
+    """Prompts of 131 and 140 tokens through the explicit attention path: the uncached forwards take
+    its causal query blocks (128 rows, then the rest), the cached ones its masked path."""
+    hf_model = tiny_hf_llama(positions=160)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (131, 140)]
+    free = [_hf_greedy(hf_model, p, NEW_TOKENS, None) for p in prompts]
+    runs = [(prompts, None, None, False), (prompts, None, None, True)]
+    (uncached, cached), = run_distributed(_ours, 1, hf_model, runs, attention_backend="unfused", timeout=120)
+    assert uncached.tokens == free, "uncached greedy past 128 prompt tokens differs from HF generate"
+    assert cached.tokens == free, "KV-cached greedy past 128 prompt tokens differs from HF generate"
 
 
 def test_sampling_seeded_cache_and_pipeline():

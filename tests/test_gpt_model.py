@@ -30,9 +30,9 @@ def _config(preset, **overrides):
     return gpt2_config(**values) if preset == "gpt2" else llama_config(**values)
 
 
-def _batch(step):
+def _batch(step, seq=SEQ):
     g = torch.Generator().manual_seed(100 + step)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    ids = torch.randint(0, VOCAB, (BATCH, seq + 1), generator=g)
     return ids[:, :-1], ids[:, 1:]
 
 
@@ -43,15 +43,15 @@ def _shard(full, param, tp, rank):
     return shard_of_master(full, param.partition_dim, param.partition_stride, rank, tp)
 
 
-def _train(config, steps):
+def _train(config, steps, seq=SEQ):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     ps.manual_seed(7)
-    model = GPTModel(config, VOCAB, SEQ, parallel_state=ps, make_vocab_size_divisible_by=64)
+    model = GPTModel(config, VOCAB, seq, parallel_state=ps, make_vocab_size_divisible_by=64)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     losses, first_grads = [], None
     for step in range(steps):
-        ids, labels = _batch(step)
+        ids, labels = _batch(step, seq)
         loss = model(ids, labels=labels).mean()
         loss.backward()
         finalize_model_grads([model], ps)  # sums sequence-parallel grads over TP
@@ -82,21 +82,40 @@ def test_tp2_training_matches_tp1(preset, sp):
     assert ref_losses[-1] < ref_losses[0], "training should lower the loss"
 
 
+@pytest.mark.parametrize("preset,backend,seq", [("gpt2", "unfused", 200), ("llama", "local", 130)])
+def test_explicit_causal_blocks_under_tp2_sp_match_sdpa_at_tp1(preset, backend, seq):
+    """Sequences past the explicit causal path's first 128-row query block: that path at TP=1 and at
+    TP=2 with sequence parallelism against PyTorch's SDPA at TP=1 (dropout 0), gradients and 5 losses."""
+    (ref_losses, _, ref_grads, _), = run_distributed(_train, 1, _config(preset), STEPS, seq, timeout=90)
+    config = _config(preset, attention_backend=backend)
+    layouts = {"TP=1": [run_distributed(_train, 1, config, STEPS, seq, timeout=90)[0]],
+               "TP=2 SP": run_distributed(_train, 2, dataclasses.replace(config, sequence_parallel=True), STEPS, seq,
+                                          timeout=90)}
+    for layout, results in layouts.items():
+        for rank, (losses, _, grads, attrs) in enumerate(results):
+            for name, grad in grads.items():
+                param = torch.nn.Parameter(grad)
+                param.tensor_model_parallel, param.partition_dim, param.partition_stride, _ = attrs[name]
+                expected = _shard(ref_grads[name], param, len(results), rank)
+                assert_rel_close(grad, expected, what=f"{layout} rank {rank} step-1 grad of {name}")
+            assert_rel_close(torch.tensor(losses), torch.tensor(ref_losses), what=f"{layout} losses")
+
+
 RECOMPUTE = {"none": {}, "selective": dict(recompute_granularity="selective"),
              "full-uniform": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2),
              "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1)}
 
 
-def _recompute_grads(preset, backend):
+def _recompute_grads(preset, backend, seq=SEQ):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     out = {}
     for mode, options in RECOMPUTE.items():
         # Dropout on, so the recomputed forward must replay the default and the TP-rank RNG streams.
         config = _config(preset, num_layers=3, hidden_dropout=0.2, attention_dropout=0.2, attention_backend=backend,
                          **options)
-        model = GPTModel(config, VOCAB, SEQ, parallel_state=ps, make_vocab_size_divisible_by=64)
+        model = GPTModel(config, VOCAB, seq, parallel_state=ps, make_vocab_size_divisible_by=64)
         ps.manual_seed(3)
-        ids, labels = _batch(0)
+        ids, labels = _batch(0, seq)
         loss = model(ids, labels=labels).mean()
         loss.backward()
         out[mode] = (loss.item(), {n: p.grad for n, p in model.named_parameters()})
@@ -105,9 +124,11 @@ def _recompute_grads(preset, backend):
     return out
 
 
-@pytest.mark.parametrize("preset,backend", [("gpt2", "unfused"), ("llama", "flash"), ("llama", "auto")])
-def test_recompute_gives_the_same_gradients(preset, backend):
-    for rank, out in enumerate(run_distributed(_recompute_grads, 2, preset, backend, timeout=90)):
+@pytest.mark.parametrize("preset,backend,seq", [("gpt2", "unfused", SEQ), ("llama", "flash", SEQ),
+                                                ("llama", "auto", SEQ), ("llama", "auto", 140)])
+def test_recompute_gives_the_same_gradients(preset, backend, seq):
+    """Sequence 140: the explicit causal path's two query blocks, their dropout masks replayed."""
+    for rank, out in enumerate(run_distributed(_recompute_grads, 2, preset, backend, seq, timeout=90)):
         loss, grads = out["none"]
         assert abs(out["eval loss"] - loss) > 1e-4, "dropout should change the loss (else RNG replay is untested)"
         for mode in ("selective", "full-uniform", "full-block"):

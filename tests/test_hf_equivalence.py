@@ -44,29 +44,29 @@ HAND_MAPPED = {
 }
 
 
-def _batch(vocab):
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(11))
+def _batch(vocab, seq=SEQ):
+    ids = torch.randint(0, vocab, (BATCH, seq), generator=torch.Generator().manual_seed(11))
     # Our model predicts labels[t] at position t; HF shifts internally. The last position has no target.
     labels = torch.cat([ids[:, 1:], torch.full((BATCH, 1), -100)], dim=1)
     return ids, labels
 
 
-def _ours(hf_model, backend, divisible_by):
+def _ours(hf_model, backend, divisible_by, seq=SEQ):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     ps.manual_seed(123)
     config, vocab, positions = core_config_of(hf_model, attention_backend=backend)
     model = GPTModel(config, vocab, positions, parallel_state=ps, make_vocab_size_divisible_by=divisible_by)
     load_hf_weights(model, hf_model, divisible_by, ps)
-    ids, labels = _batch(vocab)
+    ids, labels = _batch(vocab, seq)
     logits = model(ids).contiguous().detach()
-    loss = model(ids, labels=labels).sum() / (BATCH * (SEQ - 1))
+    loss = model(ids, labels=labels).sum() / (BATCH * (seq - 1))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     return logits, loss.detach(), grads, model.padded_vocab_size
 
 
-def _reference(hf_model, vocab):
-    ids, _ = _batch(vocab)
+def _reference(hf_model, vocab, seq=SEQ):
+    ids, _ = _batch(vocab, seq)
     hf_model.zero_grad()
     out = hf_model(ids, labels=ids)
     out.loss.backward()
@@ -74,14 +74,17 @@ def _reference(hf_model, vocab):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-@pytest.mark.parametrize("kind,tp,backend", [("gpt2", 1, "auto"), ("gpt2", 2, "auto"), ("llama", 1, "auto"),
-                                             ("llama", 2, "auto"), ("gpt2", 2, "unfused"), ("llama", 2, "fused")])
-def test_logits_loss_and_grads_match_hf(kind, tp, backend):
-    hf_model = BUILDERS[kind]()
+@pytest.mark.parametrize("kind,tp,backend,seq", [("gpt2", 1, "auto", SEQ), ("gpt2", 2, "auto", SEQ),
+                                                 ("llama", 1, "auto", SEQ), ("llama", 2, "auto", SEQ),
+                                                 ("gpt2", 2, "unfused", SEQ), ("llama", 2, "fused", SEQ),
+                                                 ("llama", 1, "unfused", 150), ("gpt2", 2, "local", 260)])
+def test_logits_loss_and_grads_match_hf(kind, tp, backend, seq):
+    """Sequences 150 and 260: the explicit causal path's 128-row query blocks (2 and 3 of them)."""
+    hf_model = BUILDERS[kind](positions=max(seq, 32))
     config, vocab, _ = core_config_of(hf_model)
-    ref_logits, ref_loss, ref_grads = _reference(hf_model, vocab)
+    ref_logits, ref_loss, ref_grads = _reference(hf_model, vocab, seq)
     full_grads = hf_tensors_to_core(hf_model, ref_grads, config)
-    results = run_distributed(_ours, tp, hf_model, backend, 128, timeout=90)
+    results = run_distributed(_ours, tp, hf_model, backend, 128, seq, timeout=90)
     logits = torch.cat([r[0] for r in results], dim=-1)
     assert results[0][3] == vocab, "test vocabulary should need no padding"
     assert_rel_close(logits, ref_logits, what=f"{kind} TP={tp} logits")

@@ -230,6 +230,22 @@ def test_pipeline_training_equals_one_process(name):
     _compare(results, ref, m)
 
 
+def _at_seq(seq, fn, *args):
+    """``fn`` with this module's SEQ set to ``seq`` (a forked rank of its own: the change ends with it)."""
+    globals()["SEQ"] = seq
+    return fn(*args)
+
+
+def test_pipeline_past_one_causal_query_block_equals_one_process():
+    """Sequence 140 through the explicit attention path (its causal query blocks: 128 rows, then 12)
+    under TP2 x PP2 with sequence parallelism and micro-batch size 2."""
+    config = _config("llama", num_layers=2, attention_backend="unfused", sequence_parallel=True)
+    (ref,) = run_distributed(_at_seq, 1, 140, _reference, dataclasses.replace(config, sequence_parallel=False), 2,
+                             False, timeout=60)
+    results = run_distributed(_at_seq, 4, 140, _pipeline, {"tp": 2, "pp": 2}, config, 2, False, timeout=90)
+    _compare(results, ref, 2)
+
+
 def test_no_pipelining_accumulates_gradients():
     config = _config(num_layers=2)
     (ref,) = run_distributed(_reference, 1, config, 3, False, timeout=60)

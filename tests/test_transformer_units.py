@@ -169,6 +169,35 @@ def test_causal_attention_by_query_blocks_dropout_gradients():
     assert ok
 
 
+def _blocked_dropout_streams():
+    """A training forward at sequence 140 (two query blocks) with attention dropout, on each TP rank
+    with the same q, k, v: the default generator's state before/after, the output, and the output
+    again from the tracker's state before the first forward."""
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    ps.manual_seed(9)
+    config = TransformerConfig(hidden_size=16, num_attention_heads=4, attention_backend="unfused",
+                               attention_dropout=0.3)
+    attn = DotProductAttention(config, layer_number=1, parallel_state=ps).train()
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(140, 2, 4, 4, generator=g) for _ in range(3))
+    tracker_before, default_before = ps.rng_tracker.get_states(), torch.get_rng_state()
+    out = attn(q, k, v)
+    default_after = torch.get_rng_state()
+    ps.rng_tracker.set_states(tracker_before)
+    return torch.equal(default_before, default_after), out, attn(q, k, v), attn.eval()(q, k, v)
+
+
+def test_blocked_attention_dropout_draws_from_the_tp_rank_stream():
+    """The causal blocks' dropout masks come from the tracker's per-TP-rank stream (Megatron-LM: attention
+    dropout acts on activations split over TP), never the default generator, which the ranks share."""
+    results = run_distributed(_blocked_dropout_streams, 2, timeout=60)
+    for rank, (default_unchanged, out, replayed, no_dropout) in enumerate(results):
+        assert default_unchanged, f"rank {rank}: attention dropout advanced the default generator"
+        assert torch.equal(out, replayed), f"rank {rank}: the tracker's state must replay the same masks"
+        assert not torch.equal(out, no_dropout), "dropout must act"
+    assert not torch.equal(results[0][1], results[1][1]), "TP ranks drew the same attention dropout masks"
+
+
 def test_scaled_masked_softmax_and_norms():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 4, 4, generator=g).to(torch.bfloat16)

@@ -12,9 +12,10 @@ by TP under sequence parallelism:
 - linear inputs, gathered under SP: the two norm outputs (``2sbhB``); fc2's input and the
   activation's input (``2 s b ffn / t``; SwiGLU ``4 s b ffn / t``);
 - attention: the fused QKV output (``sb(q + 2kv)/t``), then either PyTorch's SDPA (output and
-  log-sum-exp) or the explicit path (softmax output ``(a/t)s^2 b``, its dropout mask and dropped copy,
-  and the context copy; ``s^2`` is ``(C+1)/2C s^2`` for the C query blocks of the causal path without
-  a fused softmax kernel); selective recompute keeps only QKV and the context.
+  log-sum-exp) or the explicit path (softmax output ``(a/t)s^2 b``, its dropout mask and dropped copy
+  (with no dropout, the copy cast from an fp32 softmax of fp16/bf16 scores), and the context copy;
+  ``s^2`` is ``(C+1)/2C s^2`` for the C query blocks of the causal path without a fused softmax
+  kernel); selective recompute keeps only QKV and the context.
 
 Full recompute keeps one layer input per layer and rebuilds one layer's activations in backward.
 """
@@ -76,9 +77,12 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     # backend a kernel is expected) keeps only the score blocks on and below the diagonal.
     blocked = on_cpu or c.attention_backend != "fused"
     scores = heads * b * (sum((end - start) * end for start, end in causal_blocks(s)) if blocked else s * s)
-    total += scores * (4 if c.attention_softmax_in_fp32 else B) + qsz  # softmax output, context copy
+    fp32_probs = c.attention_softmax_in_fp32 and B < 4
+    total += scores * (4 if fp32_probs else B) + qsz  # softmax output, context copy
     if c.attention_dropout > 0:
-        total += scores + scores * B  # bool mask and the dropped probabilities
+        total += scores  # bool mask
+    if c.attention_dropout > 0 or fp32_probs:
+        total += scores * B  # the probabilities (dropped, or cast from fp32) in the dtype of the product with v
     return total
 
 

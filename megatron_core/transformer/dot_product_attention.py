@@ -174,11 +174,6 @@ class DotProductAttention(torch.nn.Module):
         softmax_dtype = torch.float32 if self.config.attention_softmax_in_fp32 and low_precision else q3.dtype
         return _CausalBlockAttention.apply(q3, k3, v3, self.scale, self._causal_bias(s, q3), masks, softmax_dtype)
 
-    def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.config.attention_softmax_in_fp32 and scores.dtype in (torch.float16, torch.bfloat16):
-            return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-        return torch.softmax(scores, dim=-1)
-
     def _causal_bias(self, s: int, like: torch.Tensor) -> torch.Tensor:
         """[s, s] additive mask: 0 on and below the diagonal, -inf above (cached per size/dtype/device)."""
         key = (s, like.dtype, like.device)
