@@ -15,6 +15,7 @@ from harness import run_distributed
 from test_ddp_gpt import GPTSpec
 
 from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint
+from megatron_core.dist_checkpointing.optimizer_state import placed_state
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 
@@ -154,3 +155,16 @@ def test_bf16_main_parameters_round_trip(tmp_path):
     for a, b in zip(original, resumed, strict=True):
         assert a["losses"] == b["losses"] and a["norms"] == b["norms"]
         assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+
+
+def test_loaded_optimizer_state_goes_where_torch_puts_it():
+    """Loaded CPU state lands on the parameter's device (here 'meta', standing in for CUDA); ``step``
+    stays a CPU scalar unless the group is fused or capturable, as torch's load_state_dict does."""
+    main = torch.empty(3, device="meta")
+    entry = {"exp_avg": torch.ones(3), "step": torch.tensor(4.0)}
+    plain = placed_state(entry, main, step_on_device=False)
+    assert plain["exp_avg"].device.type == "meta" and plain["step"].device.type == "cpu"
+    fused = placed_state(entry, main, step_on_device=True)
+    assert fused["exp_avg"].device.type == "meta" and fused["step"].device.type == "meta"
+    cpu = placed_state(entry, torch.empty(3), step_on_device=True)
+    assert cpu["exp_avg"].data_ptr() != entry["exp_avg"].data_ptr(), "copies, not the loaded tensors"

@@ -268,6 +268,8 @@ def test_cpu_dropout_is_unbiased_and_replayable():
     torch.manual_seed(0)
     assert torch.equal(dropout(x, 0.1), out), "the same RNG state must give the same mask"
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
+    with pytest.raises(ValueError, match=r"rounds to 1 at the CPU mask's resolution"):
+        dropout(x, 1 - 2 ** -18)
 
 
 def test_cpu_dropout_add_is_residual_plus_dropout():

@@ -88,6 +88,7 @@ def _gather_param_states(optimizer: Any, parallel_state: ParallelState
 def scatter_param_states(optimizer: Any, states: dict[int, dict[str, torch.Tensor]], step: float) -> None:
     """Inverse of :func:`gather_param_states` on this rank's optimizer (any ZeRO stage / DP size)."""
     step_entry = {} if step < 0 else {"step": torch.tensor(step, dtype=torch.float32)}
+    step_on_device = steps_on_device(optimizer.inner)
     with torch.no_grad(), _resident(optimizer):
         if hasattr(optimizer, "sharded"):
             for sb in optimizer.sharded:
@@ -97,7 +98,7 @@ def scatter_param_states(optimizer: Any, states: dict[int, dict[str, torch.Tenso
                     main.copy_(full[MAIN].reshape(-1)[lo:hi])
                     entry = {k: v.reshape(-1)[lo:hi].view_as(main) for k, v in full.items() if k != MAIN}
                     if step_entry:
-                        _set_state(optimizer, main, {**entry, **step_entry})
+                        _set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
             return
         for main, model in optimizer.pairs:
             full = states[id(model)]
@@ -105,18 +106,31 @@ def scatter_param_states(optimizer: Any, states: dict[int, dict[str, torch.Tenso
                 main.copy_(full[MAIN])
             entry = {k: v.view_as(main) for k, v in full.items() if k != MAIN}
             if step_entry:
-                _set_state(optimizer, main, {**entry, **step_entry})
+                _set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
 
 
-def _set_state(optimizer: Any, main: torch.Tensor, entry: dict[str, torch.Tensor]) -> None:
+def _set_state(optimizer: Any, main: torch.Tensor, entry: dict[str, torch.Tensor], step_on_device: bool) -> None:
     """``optimizer.inner.state[main] = entry`` (copies), in place where the state exists: under NVMe
     offload its tensors are views of the swap buffers, which must keep being the ones the step uses."""
     state = optimizer.inner.state.get(main)
     if state and all(k in state and state[k].shape == v.shape for k, v in entry.items()):
         for k, v in entry.items():
             state[k].copy_(v)
-    else:
-        optimizer.inner.state[main] = {k: v.clone() for k, v in entry.items()}
+        return
+    optimizer.inner.state[main] = placed_state(entry, main, step_on_device)
+
+
+def steps_on_device(inner: torch.optim.Optimizer) -> dict[int, bool]:
+    """id(param) -> whether its group keeps ``step`` on the parameter's device (fused or capturable)."""
+    return {id(p): bool(g.get("fused") or g.get("capturable")) for g in inner.param_groups for p in g["params"]}
+
+
+def placed_state(entry: dict[str, torch.Tensor], main: torch.Tensor, step_on_device: bool) -> dict[str, torch.Tensor]:
+    """Copies of loaded (CPU) state tensors where torch's ``Optimizer.load_state_dict`` puts them: on
+    the parameter's device, except ``step``, a CPU scalar unless ``step_on_device`` (torch's fused
+    AdamW needs it on the parameter's device)."""
+    return {k: v.clone() if k == "step" and not step_on_device else v.to(device=main.device, copy=True)
+            for k, v in entry.items()}
 
 
 def common_optimizer_state(optimizer: Any) -> dict:

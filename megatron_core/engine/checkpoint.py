@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_core.dist_checkpointing.optimizer_state import placed_state, steps_on_device
 from megatron_core.errors import ConfigError
 
 LATEST = "latest"
@@ -213,12 +214,13 @@ def full_fragments(paths: list[str], meta: dict[str, dict]) -> tuple[dict[str, t
 def _load_optimizer(engine: Any, folder: str, meta: dict) -> None:
     values, states, scalars = full_fragments(optim_files(folder, engine.parallel_state.tp_rank), meta)
     inner = engine.optimizer.inner
+    step_on_device = steps_on_device(inner)
     for name, start, end, main in _pieces(engine):
         main.copy_(values[name][start:end].view_as(main))
-        entry = {key: flat[start:end].clone().view_as(main) for key, flat in states.get(name, {}).items()}
-        entry.update({key: value.clone() for key, value in scalars.items()})
+        entry = {key: flat[start:end].view_as(main) for key, flat in states.get(name, {}).items()}
+        entry.update(scalars)
         if entry:
-            inner.state[main] = entry
+            inner.state[main] = placed_state(entry, main, step_on_device[id(main)])
     engine.optimizer._copy_main_to_model()
 
 

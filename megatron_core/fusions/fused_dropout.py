@@ -55,6 +55,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     if device.type != "cpu":
         return torch.empty(shape, device=device).bernoulli_(1.0 - p).bool(), 1.0 / (1.0 - p)
     threshold = round(p * _LEVELS)
+    if threshold == _LEVELS:
+        raise ValueError(f"dropout probability {p} rounds to 1 at the CPU mask's resolution of 2**-16")
     n = math.prod(shape)
     draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(_INT64_MIN, None)
     keep = draws.view(torch.int16)[:n].view(shape) >= threshold - _LEVELS // 2

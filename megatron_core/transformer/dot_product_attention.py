@@ -10,6 +10,7 @@ acts on activations split over TP, so it draws from the tracker's per-TP-rank st
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -23,6 +24,13 @@ from megatron_core.transformer.enums import AttnBackend, AttnMaskType
 
 CAUSAL_BLOCK = 128
 """Query rows per block of the explicit causal path (128 and 256 measured alike at s = 1024)."""
+
+
+@functools.lru_cache(maxsize=4)
+def causal_bias(s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[s, s] additive mask: 0 on and below the diagonal, -inf above; one per size/dtype/device for
+    all layers (read-only: the blocks take slices of it)."""
+    return torch.full((s, s), float("-inf"), dtype=dtype, device=device).triu_(1)
 
 
 def causal_blocks(seq: int) -> list[tuple[int, int]]:
@@ -104,8 +112,6 @@ class DotProductAttention(torch.nn.Module):
         use_kernel = self.backend == AttnBackend.fused and config.masked_softmax_fusion
         kernel_arg = {} if use_kernel else {"kernel": None}
         self.scale_mask_softmax = FusedScaleMaskSoftmax(self.causal, config.attention_softmax_in_fp32, **kernel_arg)
-        self._bias: torch.Tensor | None = None
-        self._bias_key: tuple[int, torch.dtype, torch.device] | None = None
 
     def _dropout_rng(self):
         if self.training and self.dropout_p > 0:
@@ -172,12 +178,5 @@ class DotProductAttention(torch.nn.Module):
                          for start, end in causal_blocks(s)]
         low_precision = q3.dtype in (torch.float16, torch.bfloat16)
         softmax_dtype = torch.float32 if self.config.attention_softmax_in_fp32 and low_precision else q3.dtype
-        return _CausalBlockAttention.apply(q3, k3, v3, self.scale, self._causal_bias(s, q3), masks, softmax_dtype)
-
-    def _causal_bias(self, s: int, like: torch.Tensor) -> torch.Tensor:
-        """[s, s] additive mask: 0 on and below the diagonal, -inf above (cached per size/dtype/device)."""
-        key = (s, like.dtype, like.device)
-        if self._bias is None or self._bias_key != key:
-            self._bias = torch.full((s, s), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
-            self._bias_key = key
-        return self._bias
+        bias = causal_bias(s, q3.dtype, q3.device)
+        return _CausalBlockAttention.apply(q3, k3, v3, self.scale, bias, masks, softmax_dtype)
