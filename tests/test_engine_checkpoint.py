@@ -136,19 +136,13 @@ def test_consolidation_equals_the_full_state_dict(tmp_path, stage):
 
 
 def test_consolidation_tool_errors_in_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path), "x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    def consolidate():
+        return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path), "x"],
+                              capture_output=True, text=True, timeout=60)
+
+    proc = consolidate()
     assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "no 'latest' file" in proc.stdout
     # A pretrain_gpt.py checkpoint (Megatron's tracker file) is pointed at its own converter.
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path), "x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = consolidate()
     assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "tools/checkpoint/convert.py" in proc.stdout

@@ -10,7 +10,6 @@ acts on activations split over TP, so it draws from the tracker's per-TP-rank st
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -26,13 +25,6 @@ CAUSAL_BLOCK = 128
 """Query rows per block of the explicit causal path (128 and 256 measured alike at s = 1024)."""
 
 
-@functools.lru_cache(maxsize=4)
-def causal_bias(s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[s, s] additive mask: 0 on and below the diagonal, -inf above; one per size/dtype/device for
-    all layers (read-only: the blocks take slices of it)."""
-    return torch.full((s, s), float("-inf"), dtype=dtype, device=device).triu_(1)
-
-
 def causal_blocks(seq: int) -> list[tuple[int, int]]:
     """(start, end) query rows of each block of the explicit causal path."""
     return [(start, min(start + CAUSAL_BLOCK, seq)) for start in range(0, seq, CAUSAL_BLOCK)]
@@ -43,7 +35,8 @@ class _CausalBlockAttention(torch.autograd.Function):
 
     Query block [start, end) attends over keys [0, end): the blocks above the diagonal, whose
     probabilities are exactly 0, are never computed (products, softmax and dropout over (C+1)/2C of
-    the s x s scores for C blocks). Scale and causal mask ride in the score product (``baddbmm``).
+    the s x s scores for C blocks). Scale and causal mask ride in the score product (``baddbmm``);
+    ``band`` is :meth:`DotProductAttention._causal_band`.
     Backward writes dq per block and accumulates dk, dv over the key prefixes in place (``baddbmm_``
     on their slices, the scale as its alpha): autograd over the same forward would zero-fill a
     full-size gradient per key prefix and add them, cat the query blocks' gradients and scale them in
@@ -56,10 +49,14 @@ class _CausalBlockAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, bias, masks, softmax_dtype):
+    def forward(ctx, q, k, v, scale, band, masks, softmax_dtype):
         outputs, saved = [], []
-        for i, (start, end) in enumerate(causal_blocks(q.shape[1])):
-            scores = torch.baddbmm(bias[start:end, :end], q[:, start:end], k[:, :end].transpose(1, 2), alpha=scale)
+        s, rows = q.shape[1], band.shape[0]
+        for i, (start, end) in enumerate(causal_blocks(s)):
+            # Row j of the block is query start + j: the band's row rows - (end - start) + j, read
+            # from column s - end on, is -inf exactly right of that query's key.
+            bias = band[rows - (end - start):, s - end:]
+            scores = torch.baddbmm(bias, q[:, start:end], k[:, :end].transpose(1, 2), alpha=scale)
             probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype)  # fp32 for fp16/bf16 unless told not
             dropped = probs.to(q.dtype)
             if masks is not None:
@@ -112,6 +109,8 @@ class DotProductAttention(torch.nn.Module):
         use_kernel = self.backend == AttnBackend.fused and config.masked_softmax_fusion
         kernel_arg = {} if use_kernel else {"kernel": None}
         self.scale_mask_softmax = FusedScaleMaskSoftmax(self.causal, config.attention_softmax_in_fp32, **kernel_arg)
+        self._band: torch.Tensor | None = None
+        self._band_key: tuple[int, int, torch.dtype, torch.device] | None = None
 
     def _dropout_rng(self):
         if self.training and self.dropout_p > 0:
@@ -178,5 +177,15 @@ class DotProductAttention(torch.nn.Module):
                          for start, end in causal_blocks(s)]
         low_precision = q3.dtype in (torch.float16, torch.bfloat16)
         softmax_dtype = torch.float32 if self.config.attention_softmax_in_fp32 and low_precision else q3.dtype
-        bias = causal_bias(s, q3.dtype, q3.device)
-        return _CausalBlockAttention.apply(q3, k3, v3, self.scale, bias, masks, softmax_dtype)
+        return _CausalBlockAttention.apply(q3, k3, v3, self.scale, self._causal_band(s, q3), masks, softmax_dtype)
+
+    def _causal_band(self, s: int, like: torch.Tensor) -> torch.Tensor:
+        """[rows, s] additive mask, rows = min(CAUSAL_BLOCK, s): -inf where column > row + s - rows,
+        else 0. Every block's causal bias is a slice of it (the mask depends on column - row only),
+        so a layer keeps 128 x s values instead of s x s (cached per size/dtype/device)."""
+        rows = min(CAUSAL_BLOCK, s)
+        key = (s, rows, like.dtype, like.device)
+        if self._band is None or self._band_key != key:
+            self._band = torch.full((rows, s), float("-inf"), dtype=like.dtype, device=like.device).triu_(s - rows + 1)
+            self._band_key = key
+        return self._band
