@@ -12,10 +12,11 @@ by TP under sequence parallelism:
 - linear inputs, gathered under SP: the two norm outputs (``2sbhB``); fc2's input and the
   activation's input (``2 s b ffn / t``; SwiGLU ``4 s b ffn / t``);
 - attention: the fused QKV output (``sb(q + 2kv)/t``), then either PyTorch's SDPA (output and
-  log-sum-exp) or the explicit path (softmax output ``(a/t)s^2 b``, its dropout mask and dropped copy
-  (with no dropout, the copy cast from an fp32 softmax of fp16/bf16 scores), and the context copy;
-  ``s^2`` is ``(C+1)/2C s^2`` for the C query blocks of the causal path without a fused softmax
-  kernel); selective recompute keeps only QKV and the context.
+  log-sum-exp) or the explicit path (softmax output ``(a/t)s^2 b``, its dropped copy (with no
+  dropout, the copy cast from an fp32 softmax of fp16/bf16 scores), and the context copy; ``s^2`` is
+  ``(C+1)/2C s^2`` for the C query blocks of the causal path without a fused softmax kernel, which
+  keeps no dropout mask; the full-score path keeps it, bool); selective recompute keeps only QKV and
+  the context.
 
 Full recompute keeps one layer input per layer and rebuilds one layer's activations in backward.
 """
@@ -79,8 +80,8 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     scores = heads * b * (sum((end - start) * end for start, end in causal_blocks(s)) if blocked else s * s)
     fp32_probs = c.attention_softmax_in_fp32 and B < 4
     total += scores * (4 if fp32_probs else B) + qsz  # softmax output, context copy
-    if c.attention_dropout > 0:
-        total += scores  # bool mask
+    if c.attention_dropout > 0 and not blocked:
+        total += scores  # bool mask (the blocked path's backward needs none)
     if c.attention_dropout > 0 or fp32_probs:
         total += scores * B  # the probabilities (dropped, or cast from fp32) in the dtype of the product with v
     return total
