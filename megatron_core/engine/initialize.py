@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -26,21 +25,7 @@ from megatron_core.engine.lr_schedules import build_scheduler
 from megatron_core.errors import ConfigError, report_uncaught_config_errors
 from megatron_core.optimizer import get_megatron_optimizer
 from megatron_core.parallel_state import ParallelState
-
-
-def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """Join torchrun's process group (env://), or make a one-process group; no-op when one exists."""
-    if dist.is_initialized():
-        return
-    backend = device_mod.default_backend()
-    device_mod.set_local_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = timedelta(minutes=timeout_minutes)
-    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
-        if backend == "gloo" and os.environ["MASTER_ADDR"] in ("localhost", "127.0.0.1"):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group(backend, timeout=timeout)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+from megatron_core.training.initialize import initialize_distributed
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -144,7 +129,9 @@ def initialize(
     report_uncaught_config_errors()
     if config is not None and config_params is not None:
         raise ConfigError("initialize: give config= or config_params=, not both")
-    init_distributed()
+    # The CLI's process-group setup (torchrun's env:// or one process; cores shared among local
+    # ranks; a launcher watchdog); a no-op past binding the device when the user made the group.
+    initialize_distributed(device_mod.default_backend(), timeout_minutes=30.0)
     raw = read_json(_config_source(config if config is not None else config_params, args))
     tp = _autotp_size(raw)
     parallel_state = ParallelState(tensor_model_parallel_size=tp)
