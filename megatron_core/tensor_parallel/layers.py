@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from megatron_core import device as device_mod
 from megatron_core import shm_collectives
+from megatron_core.fusions.onednn_linear import input_grad, linear
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.tensor_parallel.mappings import (
     gather_first_async,
@@ -66,7 +67,7 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
         # gloo runs collectives on CPU threads that compete with the matmuls for the same cores: on
         # a 2-core machine overlapping made a step ~3x slower (measured), so wait at once there.
         ctx.overlap = dist.get_backend(group) != "gloo"
-        return F.linear(total_input, weight, bias)
+        return linear(total_input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -80,7 +81,7 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
         if gather_work is not None and not ctx.overlap:
             gather_work.wait()
             gather_work = None
-        full_grad_input = grad_output.matmul(weight) if need_input else None
+        full_grad_input = input_grad(grad_output, weight) if need_input else None
         if gather_work is not None:
             gather_work.wait()
         grad_input = work = None
@@ -141,7 +142,7 @@ class ColumnParallelLinear(torch.nn.Module):
             out = LinearWithGradAccumulationAndAsyncCommunication.apply(x, weight, bias, self.tp_group,
                                                                         self.sequence_parallel)
         else:
-            out = F.linear(x, weight, bias)
+            out = linear(x, weight, bias)
         if self.gather_output:
             out = gather_from_tensor_model_parallel_region(out, self.tp_group)
         return out, (self.bias if self.skip_bias_add else None)
@@ -186,7 +187,7 @@ class RowParallelLinear(torch.nn.Module):
         sequence under sequence parallelism; the bias comes back unadded with ``skip_bias_add``."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.tp_group)
-        out = F.linear(x, self.weight)
+        out = linear(x, self.weight)
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_parallel_region(out, self.tp_group)
         else:
