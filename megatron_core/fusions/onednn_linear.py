@@ -35,8 +35,20 @@ def onednn_linear_available() -> bool:
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 CPU operands of a product oneDNN's op computes right: a 2-D weight with no empty side
+    whose input features match x's last dimension. Anything else takes the torch op, which gives
+    its own values or its own error (oneDNN's is "could not create a primitive descriptor")."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.device.type == "cpu" and onednn_linear_available())
+            and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
+            and x.shape[-1] == weight.shape[1] and weight.numel() > 0 and onednn_linear_available())
+
+
+def _bias_applies(bias: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """No bias, or an fp32 [out] one with unit stride: oneDNN reads ``out`` consecutive floats from
+    the bias pointer whatever its shape and strides (a [1] or 0-d bias that F.linear broadcasts,
+    a strided or expanded view: wrong values, reads past its storage)."""
+    return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.dim() == 1
+                            and bias.shape[0] == weight.shape[0] and bias.stride(0) == 1)
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,13 +82,13 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x [..., in], weight [out, in], bias [out] -> [..., out]."""
-    if _applies(x, weight) and (bias is None or bias.dtype == torch.float32):
+    if _applies(x, weight) and _bias_applies(bias, weight):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def input_grad(grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad_output [..., out] @ weight [out, in] -> [..., in] (a linear layer's input gradient)."""
-    if _applies(grad_output, weight):
+    if weight.dim() == 2 and _applies(grad_output, weight.t()):
         return _product(grad_output, weight.t(), None)
     return grad_output.matmul(weight)
