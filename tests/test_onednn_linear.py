@@ -139,3 +139,24 @@ def test_input_grad_of_unusual_operands_is_matmul(case):
         assert str(ours.value) == str(e), f"{case}: {ours.value}"
         return
     assert torch.allclose(input_grad(grad, w).double(), grad.double().matmul(w.double()), rtol=1e-5, atol=1e-5), case
+
+
+@needs_onednn
+@pytest.mark.parametrize("needs", ["x", "weight", "bias", "x+bias", "all"])
+def test_keeps_for_backward_only_what_f_linear_keeps(needs):
+    """A frozen weight's layer keeps no input for backward (no weight gradient to form), as F.linear."""
+    def kept(fn):
+        x, w, b = (torch.randn(*shape, requires_grad=name in needs or needs == "all")
+                   for name, shape in (("x", (4, 3, 8)), ("weight", (5, 8)), ("bias", (5,))))
+        storages = {x.untyped_storage().data_ptr(): "x", w.untyped_storage().data_ptr(): "weight"}
+        names = set()
+
+        def pack(t):
+            names.add(storages.get(t.untyped_storage().data_ptr(), "other"))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(x, w, b)
+        return names, out
+    names, out = kept(linear)
+    assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
+    assert names == kept(F.linear)[0], f"requires grad: {needs}"

@@ -61,7 +61,9 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # As F.linear's autograd: x only for a weight gradient, the weight only for x's (a frozen
+        # weight's layer keeps no activation).
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return _product(x, weight, bias)
 
