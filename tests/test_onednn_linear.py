@@ -160,3 +160,19 @@ def test_keeps_for_backward_only_what_f_linear_keeps(needs):
     names, out = kept(linear)
     assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
     assert names == kept(F.linear)[0], f"requires grad: {needs}"
+
+
+@needs_onednn
+def test_without_a_graph_the_same_values():
+    """Under no_grad / inference_mode, or with nothing requiring a gradient, the product is the same
+    oneDNN call without the autograd Function (full recompute's first forward runs under no_grad and
+    must match its recomputation bitwise)."""
+    x, w, b, _ = _data(True)
+    with_graph = linear(x.requires_grad_(), w, b)
+    assert type(with_graph.grad_fn).__name__ == "_OneDNNLinearBackward"
+    with torch.no_grad():
+        assert torch.equal(linear(x, w, b), with_graph)
+    with torch.inference_mode():
+        assert torch.equal(linear(x.detach(), w, b), with_graph)
+    plain = linear(x.detach(), w, b)
+    assert plain.grad_fn is None and torch.equal(plain, with_graph)
