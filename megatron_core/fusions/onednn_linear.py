@@ -10,8 +10,10 @@ weight gradient ``grad_output^T @ input`` (a long reduction) stayed faster in MK
 141-183 GFLOP/s through oneDNN), so it stays on ``mm``. In the GPT-2 bench step (A/B, 10-14 rounds):
 4.0% (2 threads) and 5.8% (1 thread) less time per step.
 
-Used for fp32 CPU tensors when the op exists (``torch.backends.mkldnn``); everything else, and every
-tensor when ``MCORE_ONEDNN_LINEAR=0``, takes ``F.linear``. Values are the same product rounded by
+Used for fp32 CPU tensors when the op exists (``torch.backends.mkldnn``) and the operands are a
+well-formed linear (2-D weight matching x, no empty side, a unit-stride [out] bias or none);
+everything else, and every tensor when ``MCORE_ONEDNN_LINEAR=0``, takes ``F.linear`` (its values,
+its errors). Not differentiable twice, no forward-mode AD (F.linear is both). Values are the same product rounded by
 another kernel, fp32 accumulation either way: against float64, at most 0.9-2.8 eps of sum |x w| for
 2048 tokens and 256-4096 inputs (MKL 0.3-1.7; MKL blocks long reductions more), identical to MKL's
 at the test suite's small shapes. oneDNN's fp32 matmul does not follow
