@@ -176,3 +176,11 @@ def test_without_a_graph_the_same_values():
         assert torch.equal(linear(x.detach(), w, b), with_graph)
     plain = linear(x.detach(), w, b)
     assert plain.grad_fn is None and torch.equal(plain, with_graph)
+
+
+def test_autocast_is_honoured():
+    """Under torch.autocast the layer is autocast's F.linear (bf16 product, bf16 output), as before."""
+    x, w, b, _ = _data(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = linear(x, w.requires_grad_(), b), F.linear(x, w, b)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
