@@ -184,3 +184,13 @@ def test_autocast_is_honoured():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, expected = linear(x, w.requires_grad_(), b), F.linear(x, w, b)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_torch_mkldnn_switch_is_honoured():
+    """torch.backends.mkldnn.flags(enabled=False), torch's own off switch for oneDNN, gives F.linear."""
+    x, w, b, _ = _data(False)
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = linear(x.requires_grad_(), w, b)
+        grad = input_grad(x.detach()[..., :80], w)
+    assert type(out.grad_fn).__name__ != "_OneDNNLinearBackward" and torch.equal(out, F.linear(x, w, b))
+    assert torch.equal(grad, x.detach()[..., :80].matmul(w))

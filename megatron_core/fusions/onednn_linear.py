@@ -38,12 +38,13 @@ def onednn_linear_available() -> bool:
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """fp32 CPU operands of a product oneDNN's op computes right: a 2-D weight with no empty side
-    whose input features match x's last dimension, outside CPU autocast. Anything else takes the
-    torch op, which gives its own values or its own error (oneDNN's is "could not create a
-    primitive descriptor")."""
+    whose input features match x's last dimension; outside CPU autocast, with oneDNN enabled in
+    torch. Anything else takes the torch op, which gives its own values or its own error (oneDNN's
+    is "could not create a primitive descriptor")."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
             and x.shape[-1] == weight.shape[1] and weight.numel() > 0 and onednn_linear_available()
+            and bool(torch.backends.mkldnn.enabled)  # torch's own off switch (torch.backends.mkldnn.flags)
             and not torch.is_autocast_enabled("cpu"))  # autocast casts F.linear, not this op
 
 
