@@ -186,6 +186,7 @@ def test_autocast_is_honoured():
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() on a CPU build
 def test_torch_mkldnn_switch_is_honoured():
     """torch.backends.mkldnn.flags(enabled=False), torch's own off switch for oneDNN, gives F.linear."""
     x, w, b, _ = _data(False)
