@@ -10,8 +10,10 @@ weight gradient ``grad_output^T @ input`` (a long reduction) stayed faster in MK
 141-183 GFLOP/s through oneDNN), so it stays on ``mm``. In the GPT-2 bench step (A/B, 10-14 rounds):
 4.0% (2 threads) and 5.8% (1 thread) less time per step.
 
-Used for fp32 CPU tensors when the op exists (``torch.backends.mkldnn``); everything else, and every
-tensor when ``MCORE_ONEDNN_LINEAR=0``, takes ``F.linear``. Values are the same product rounded by
+Used for fp32 CPU tensors when the op exists (``torch.backends.mkldnn``) and the operands are a
+well-formed linear (2-D weight matching x, no empty side, a unit-stride [out] bias or none);
+everything else, and every tensor when ``MCORE_ONEDNN_LINEAR=0``, takes ``F.linear`` (its values,
+its errors). Not differentiable twice, no forward-mode AD (F.linear is both). Values are the same product rounded by
 another kernel, fp32 accumulation either way: against float64, at most 0.9-2.8 eps of sum |x w| for
 2048 tokens and 256-4096 inputs (MKL 0.3-1.7; MKL blocks long reductions more), identical to MKL's
 at the test suite's small shapes. oneDNN's fp32 matmul does not follow
@@ -35,8 +37,23 @@ def onednn_linear_available() -> bool:
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 CPU operands of a product oneDNN's op computes right: a 2-D weight with no empty side
+    whose input features match x's last dimension; outside CPU autocast, with oneDNN enabled in
+    torch. Anything else takes the torch op, which gives its own values or its own error (oneDNN's
+    is "could not create a primitive descriptor")."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.device.type == "cpu" and onednn_linear_available())
+            and weight.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
+            and x.shape[-1] == weight.shape[1] and weight.numel() > 0 and onednn_linear_available()
+            and bool(torch.backends.mkldnn.enabled)  # torch's own off switch (torch.backends.mkldnn.flags)
+            and not torch.is_autocast_enabled("cpu"))  # autocast casts F.linear, not this op
+
+
+def _bias_applies(bias: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """No bias, or an fp32 [out] one with unit stride: oneDNN reads ``out`` consecutive floats from
+    the bias pointer whatever its shape and strides (a [1] or 0-d bias that F.linear broadcasts,
+    a strided or expanded view: wrong values, reads past its storage)."""
+    return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.dim() == 1
+                            and bias.shape[0] == weight.shape[0] and bias.stride(0) == 1)
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -49,7 +66,9 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # As F.linear's autograd: x only for a weight gradient, the weight only for x's (a frozen
+        # weight's layer keeps no activation).
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return _product(x, weight, bias)
 
@@ -70,13 +89,17 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x [..., in], weight [out, in], bias [out] -> [..., out]."""
-    if _applies(x, weight) and (bias is None or bias.dtype == torch.float32):
-        return _OneDNNLinear.apply(x, weight, bias)
+    if _applies(x, weight) and _bias_applies(bias, weight):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            return _OneDNNLinear.apply(x, weight, bias)
+        # No graph to record (generation, evaluation): the autograd Function's ~15 us a call was a
+        # third of a [1, 256] x [256, 1024] product in a decode step (1 thread).
+        return _product(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def input_grad(grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad_output [..., out] @ weight [out, in] -> [..., in] (a linear layer's input gradient)."""
-    if _applies(grad_output, weight):
+    if weight.dim() == 2 and _applies(grad_output, weight.t()):
         return _product(grad_output, weight.t(), None)
     return grad_output.matmul(weight)
