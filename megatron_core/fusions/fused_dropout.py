@@ -50,6 +50,11 @@ class _MaskedScale(torch.autograd.Function):
         return masked_scale(grad, keep, ctx.scale), None, None, grad if ctx.has_residual else None
 
 
+def cpu_rounds_to_one(p: float) -> bool:
+    """True when the CPU mask would drop everything: ``p`` rounds to 1 at its 2**-16 resolution."""
+    return round(p * _LEVELS) == _LEVELS
+
+
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """A bool mask of ``shape``, True with probability 1 - p, and 1 / that probability: on the CPU
     from 16-bit draws (p rounded to 2**-16), elsewhere from torch's Bernoulli sampler."""
@@ -58,7 +63,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     if device.type != "cpu":
         return torch.empty(shape, device=device).bernoulli_(1.0 - p).bool(), 1.0 / (1.0 - p)
     threshold = round(p * _LEVELS)
-    if threshold == _LEVELS:
+    if cpu_rounds_to_one(p):
         raise ValueError(f"dropout probability {p} rounds to 1 at the CPU mask's resolution of 2**-16")
     n = math.prod(shape)
     seed = int(torch.empty((), dtype=torch.int64).random_(_INT64_MIN, None)) & _UINT64_MAX

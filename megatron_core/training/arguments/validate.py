@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_core import device
+from megatron_core.fusions.fused_dropout import cpu_rounds_to_one
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.training.arguments import compat
 from megatron_core.training.errors import ConfigError
@@ -125,8 +126,12 @@ def _model(args: argparse.Namespace) -> None:
         raise ConfigError(f"--sequence-parallel needs --seq-length {args.seq_length} divisible by "
                           f"--tensor-model-parallel-size {tp}")
     for name in ("hidden_dropout", "attention_dropout"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+        flag, p = f"--{name.replace('_', '-')}", getattr(args, name)
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"{flag} must be in [0, 1), got {p}")
+        if not device.cuda_available() and cpu_rounds_to_one(p):
+            raise ConfigError(f"{flag} {p} rounds to 1 at the CPU dropout mask's resolution of 2**-16 (every "
+                              f"value dropped); use at most 0.99999")
 
 
 def _batch_and_iterations(args: argparse.Namespace) -> None:
