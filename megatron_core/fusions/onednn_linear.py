@@ -8,7 +8,8 @@ measured, e.g. 2 threads, 2048 tokens: [256 -> 1024] 212 vs 179 GFLOP/s, [1024 -
 grad_output @ weight for [1024 -> 256] 207 vs 145, the [256 -> 4096] output layer 146 vs 134; the
 weight gradient ``grad_output^T @ input`` (a long reduction) stayed faster in MKL (180-199 vs
 141-183 GFLOP/s through oneDNN), so it stays on ``mm``. In the GPT-2 bench step (A/B, 10-14 rounds):
-4.0% (2 threads) and 5.8% (1 thread) less time per step.
+4.0% (2 threads) and 5.8% (1 thread) less time per step. ``bench/bench_linear.py`` compares the two
+per product on any machine.
 
 Used for fp32 CPU tensors when the op exists (``torch.backends.mkldnn``) and the operands are a
 well-formed linear (2-D weight matching x, no empty side, a unit-stride [out] bias or none);
