@@ -24,11 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_core import device  # noqa: E402
-from megatron_core.fusions.onednn_linear import linear, onednn_linear_available  # noqa: E402
-
-
-def _onednn(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+from megatron_core.fusions.onednn_linear import linear, onednn_linear_available, onednn_product  # noqa: E402
 
 
 def _median_ms(fns, rounds: int) -> list[float]:
@@ -50,9 +46,10 @@ def _products(tokens: int, hidden: int, vocab: int, rounds: int) -> None:
                        ("output layer [h -> vocab]", hidden, vocab)):
         x, w, b, g = torch.randn(tokens, k), torch.randn(n, k), torch.randn(n), torch.randn(tokens, n)
         flops = 2 * tokens * k * n
-        parts = (("forward", lambda x=x, w=w, b=b: torch.addmm(b, x, w.t()), lambda x=x, w=w, b=b: _onednn(x, w, b)),
-                 ("input grad", lambda g=g, w=w: g.mm(w), lambda g=g, w=w: _onednn(g, w.t())),
-                 ("weight grad", lambda g=g, x=x: g.t().mm(x), lambda g=g, x=x: _onednn(g.t(), x.t())))
+        parts = (("forward", lambda x=x, w=w, b=b: torch.addmm(b, x, w.t()),
+                  lambda x=x, w=w, b=b: onednn_product(x, w, b)),
+                 ("input grad", lambda g=g, w=w: g.mm(w), lambda g=g, w=w: onednn_product(g, w.t())),
+                 ("weight grad", lambda g=g, x=x: g.t().mm(x), lambda g=g, x=x: onednn_product(g.t(), x.t())))
         for part, mkl, dnn in parts:
             t_mkl, t_dnn = _median_ms([mkl, dnn], rounds)
             print(f"{name + ' ' + part:36s} {flops / t_mkl / 1e6:12.1f} {flops / t_dnn / 1e6:15.1f} "

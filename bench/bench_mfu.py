@@ -41,7 +41,7 @@ import torch.distributed as dist  # noqa: E402
 from harness import run_distributed  # noqa: E402
 
 from megatron_core import device, parallel_state  # noqa: E402
-from megatron_core.fusions.onednn_linear import onednn_linear_available  # noqa: E402
+from megatron_core.fusions.onednn_linear import onednn_linear_available, onednn_product  # noqa: E402
 from megatron_core.optimizer import OptimizerConfig  # noqa: E402
 from megatron_core.optimizer.optimizer import build_torch_optimizer  # noqa: E402
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
@@ -77,11 +77,6 @@ def _linear_shapes(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[int,
     return shapes
 
 
-def _onednn(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """a @ b_tᵀ through oneDNN's linear op (what megatron_core.fusions.onednn_linear runs)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
-
-
 def _products(linears, batch_heads: int, seq: int, head_dim: int, layers: int):
     """(alternative implementations, FLOPs) of each matrix product of one step: a linear product
     runs through torch.mm and, where this PyTorch has it, oneDNN; the faster counts."""
@@ -90,9 +85,10 @@ def _products(linears, batch_heads: int, seq: int, head_dim: int, layers: int):
     for m, k, n in linears:
         x, w, g = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
         flops = 2 * m * k * n
-        forward = [lambda x=x, w=w: torch.mm(x, w.t())] + ([lambda x=x, w=w: _onednn(x, w)] if onednn else [])
-        dgrad = [lambda g=g, w=w: torch.mm(g, w)] + ([lambda g=g, w=w: _onednn(g, w.t())] if onednn else [])
-        wgrad = [lambda g=g, x=x: torch.mm(g.t(), x)] + ([lambda g=g, x=x: _onednn(g.t(), x.t())] if onednn else [])
+        forward = [lambda x=x, w=w: torch.mm(x, w.t())] + ([lambda x=x, w=w: onednn_product(x, w)] if onednn else [])
+        dgrad = [lambda g=g, w=w: torch.mm(g, w)] + ([lambda g=g, w=w: onednn_product(g, w.t())] if onednn else [])
+        wgrad = [lambda g=g, x=x: torch.mm(g.t(), x)] + (
+            [lambda g=g, x=x: onednn_product(g.t(), x.t())] if onednn else [])
         work += [(forward, flops), (dgrad, flops), (wgrad, flops)]
     for start, end in causal_blocks(seq):  # the explicit causal path's blocks (dot_product_attention.py)
         rows = end - start

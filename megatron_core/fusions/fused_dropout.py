@@ -59,12 +59,12 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     """A bool mask of ``shape``, True with probability 1 - p, and 1 / that probability: on the CPU
     from 16-bit draws (p rounded to 2**-16), elsewhere from torch's Bernoulli sampler."""
     if not 0.0 < p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        raise ValueError(f"dropout probability for a mask must be in (0, 1), got {p}")
     if device.type != "cpu":
         return torch.empty(shape, device=device).bernoulli_(1.0 - p).bool(), 1.0 / (1.0 - p)
-    threshold = round(p * _LEVELS)
     if cpu_rounds_to_one(p):
         raise ValueError(f"dropout probability {p} rounds to 1 at the CPU mask's resolution of 2**-16")
+    threshold = round(p * _LEVELS)
     n = math.prod(shape)
     seed = int(torch.empty((), dtype=torch.int64).random_(_INT64_MIN, None)) & _UINT64_MAX
     draws = torch.from_numpy(np.random.PCG64DXSM(seed).random_raw((n + 3) // 4).view(np.int64))

@@ -18,6 +18,13 @@ def causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
     return torch.ones(sq, sk, dtype=torch.bool, device=device).triu_(sk - sq + 1).view(1, 1, sq, sk)
 
 
+def softmax_dtype(scores_dtype: torch.dtype, softmax_in_fp32: bool) -> torch.dtype:
+    """The dtype attention probabilities are computed in: fp32 for fp16/bf16 scores when
+    ``softmax_in_fp32`` (Megatron-LM's ``--attention-softmax-in-fp32``), else the scores' own."""
+    low_precision = scores_dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if softmax_in_fp32 and low_precision else scores_dtype
+
+
 def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float,
                           softmax_in_fp32: bool = True) -> torch.Tensor:
     """softmax(scale * scores with masked positions removed) over the last dimension.
@@ -25,7 +32,7 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale
     ``mask`` is a bool tensor broadcastable to ``scores``, True where attention is not allowed.
     """
     dtype = scores.dtype
-    x = scores.float() if softmax_in_fp32 and dtype in (torch.float16, torch.bfloat16) else scores
+    x = scores.to(softmax_dtype(dtype, softmax_in_fp32))
     if scale != 1.0:
         x = x * scale
     if mask is not None:

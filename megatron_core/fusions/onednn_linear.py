@@ -57,8 +57,9 @@ def _bias_applies(bias: torch.Tensor | None, weight: torch.Tensor) -> bool:
                             and bias.shape[0] == weight.shape[0] and bias.stride(0) == 1)
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ weight [out, in]^T (+ bias [out]) through oneDNN; weight may be a strided view."""
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T (+ bias [out]) through oneDNN, unchecked (see :func:`linear`
+    for the operands it computes right); weight may be a strided view."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -71,7 +72,7 @@ class _OneDNNLinear(torch.autograd.Function):
         # weight's layer keeps no activation).
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
-        return _product(x, weight, bias)
+        return onednn_product(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -79,7 +80,7 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = _product(grad_output, weight.t(), None)
+            grad_input = onednn_product(grad_output, weight.t(), None)
         g2 = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_weight = g2.t().mm(x.reshape(-1, x.shape[-1]))
@@ -95,12 +96,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return _OneDNNLinear.apply(x, weight, bias)
         # No graph to record (generation, evaluation): the autograd Function's ~15 us a call was a
         # third of a [1, 256] x [256, 1024] product in a decode step (1 thread).
-        return _product(x, weight, bias)
+        return onednn_product(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def input_grad(grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad_output [..., out] @ weight [out, in] -> [..., in] (a linear layer's input gradient)."""
     if weight.dim() == 2 and _applies(grad_output, weight.t()):
-        return _product(grad_output, weight.t(), None)
+        return onednn_product(grad_output, weight.t(), None)
     return grad_output.matmul(weight)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_core.fusions.fused_dropout import dropout, keep_mask, masked_scale
-from megatron_core.fusions.fused_softmax import FusedScaleMaskSoftmax
+from megatron_core.fusions.fused_softmax import FusedScaleMaskSoftmax, softmax_dtype
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig, resolved
 from megatron_core.transformer.enums import AttnBackend, AttnMaskType
@@ -178,9 +178,8 @@ class DotProductAttention(torch.nn.Module):
             with self._dropout_rng():
                 masks = [keep_mask((q3.shape[0], end - start, end), self.dropout_p, q3.device)
                          for start, end in causal_blocks(s)]
-        low_precision = q3.dtype in (torch.float16, torch.bfloat16)
-        softmax_dtype = torch.float32 if self.config.attention_softmax_in_fp32 and low_precision else q3.dtype
-        return _CausalBlockAttention.apply(q3, k3, v3, self.scale, self._causal_band(s, q3), masks, softmax_dtype)
+        probs_dtype = softmax_dtype(q3.dtype, self.config.attention_softmax_in_fp32)
+        return _CausalBlockAttention.apply(q3, k3, v3, self.scale, self._causal_band(s, q3), masks, probs_dtype)
 
     def _causal_band(self, s: int, like: torch.Tensor) -> torch.Tensor:
         """[rows, s] additive mask, rows = min(CAUSAL_BLOCK, s): -inf where column > row + s - rows,
