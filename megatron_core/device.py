@@ -87,6 +87,14 @@ def configure_host_allocator() -> bool:
     return applied
 
 
+def multiprocessor_count() -> int:
+    """Streaming multiprocessors of this rank's GPU (CPU cores without one): how many programs a
+    kernel launch needs to fill the device."""
+    if cuda_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return os.cpu_count() or 1
+
+
 def get_rng_state() -> torch.Tensor:
     """RNG state of the generator that dropout on ``current_device()`` draws from."""
     if cuda_available():

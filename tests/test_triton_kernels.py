@@ -135,6 +135,19 @@ def test_bias_dropout_add():
     assert not torch.equal(_bda(seed=1)[3], out)
 
 
+def test_bias_dropout_add_partial_block():
+    """A size that is not a multiple of the block (the last program's four quarter-blocks are
+    partly out of range): forward and backward drop the same elements."""
+    x, bias, residual = _randn(5, 3, 7, seed=1), _randn(7, seed=2), _randn(5, 3, 7, seed=3)
+    torch.manual_seed(0)
+    out, (dx, _, _) = _grads(lambda x, b, r: tel.bias_dropout_add(x, b, r, 0.3, block=32), x, bias, residual)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(11))
+    kept = dx != 0
+    assert 0.1 < 1 - kept.float().mean().item() < 0.5
+    assert_rel_close(out, residual + torch.where(kept, (x + bias) / 0.7, 0.0), what="forward")
+    assert_rel_close(dx, torch.where(kept, g / 0.7, 0.0), what="input grad")
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_cross_entropy(label_smoothing):
     logits = _randn(3, 4, 37)
@@ -142,6 +155,16 @@ def test_cross_entropy(label_smoothing):
     target[0, 1] = -100
     _compare(lambda x: tce.vocab_parallel_cross_entropy(x, target, None, label_smoothing, block=16),
              lambda x: torch_ce(x, target, None, label_smoothing), logits, what="cross entropy")
+
+
+@pytest.mark.parametrize("block", [8, 64])
+def test_cross_entropy_online_max(block):
+    """Large logits whose running max grows block after block (each lane's sum is rescaled), and a
+    block wider than the vocabulary (lanes that never see a logit must add 0, not nan)."""
+    logits = _randn(4, 37) * 30 + torch.linspace(-200, 200, 37)
+    target = torch.tensor([0, 36, 18, 5])
+    _compare(lambda x: tce.vocab_parallel_cross_entropy(x, target, None, 0.1, block=block),
+             lambda x: torch_ce(x, target, None, 0.1), logits, what=f"cross entropy, block {block}")
 
 
 def _tp_cross_entropy():

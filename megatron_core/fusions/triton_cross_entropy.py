@@ -1,9 +1,10 @@
 """Triton vocab-parallel cross entropy that keeps only the logits and two numbers per token.
 
 The torch version (``megatron_core.tensor_parallel.cross_entropy``) converts the logits to fp32 and
-keeps their softmax for backward: two fp32 [tokens, vocab / TP] tensors. Here three row kernels
-read the logits in their own dtype: the local max, then (after the TP all-reduce of the max) the
-sum of exp, the sum of logits and the target's logit, and in backward the gradient
+keeps their softmax for backward: two fp32 [tokens, vocab / TP] tensors. Here the forward reads the
+logits once, in their own dtype: one row kernel gives the local max, the sum of exp relative to it
+(online softmax), the sum of logits and the target's logit; the sums are moved to the global max
+after its TP all-reduce and all-reduced together. Backward writes the gradient
 softmax - (1 - e) onehot - e / V straight from the logits and the saved per-token max and sum.
 Imported only when Triton is installed; tests run it on CPU with ``TRITON_INTERPRET=1``.
 """
@@ -14,35 +15,37 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from megatron_core.fusions.triton_norms import num_warps
 from megatron_core.tensor_parallel.cross_entropy import check_labels, reduce_over
 from megatron_core.tensor_parallel.mappings import _rank, _size
 
 
 @triton.jit
-def _row_max(X, OUT, V, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    acc = tl.full([BLOCK], float("-inf"), tl.float32)
-    for start in range(0, V, BLOCK):
-        c = start + tl.arange(0, BLOCK)
-        acc = tl.maximum(acc, tl.load(X + row * V + c, mask=c < V, other=float("-inf")).to(tl.float32))
-    tl.store(OUT + row, tl.max(acc, axis=0))
+def _row_stats(X, TARGET, MAX, SUM_EXP, SUM_X, PRED, V, BLOCK: tl.constexpr):
+    """One pass over a row: its max, sum(exp(x - max)), sum(x) and the target's logit.
 
-
-@triton.jit
-def _row_sums(X, MAX, TARGET, SUM_EXP, SUM_X, PRED, V, BLOCK: tl.constexpr):
+    Online softmax (Milakov and Gimelshein 2018) by blocks: the running max grows by each block's
+    max and the lanes' partial sums are rescaled by one exp per block, so an element costs one exp
+    (a per-lane running max costs two: on an H200 that made the forward compute-bound, fp32 and
+    bf16 logits taking the same time). The max starts at fp32's lowest finite value, not -inf, so
+    the first rescale is exp(lowest - max) = 0 rather than exp(-inf - -inf) = nan.
+    """
     row = tl.program_id(0).to(tl.int64)
-    mx = tl.load(MAX + row)
     target = tl.load(TARGET + row)  # local index, -1 when the target is on another rank
+    mx = tl.max(tl.full([BLOCK], -3.4028234663852886e38, tl.float32), axis=0)
     se = tl.zeros([BLOCK], tl.float32)
     sx = tl.zeros([BLOCK], tl.float32)
     pred = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         c = start + tl.arange(0, BLOCK)
         m = c < V
-        x = tl.load(X + row * V + c, mask=m, other=0.0).to(tl.float32) - mx
-        se += tl.where(m, tl.exp(x), 0.0)
+        x = tl.load(X + row * V + c, mask=m, other=float("-inf")).to(tl.float32)
+        new_mx = tl.maximum(mx, tl.max(x, axis=0))
+        se = se * tl.exp(mx - new_mx) + tl.exp(x - new_mx)
+        mx = new_mx
         sx += tl.where(m, x, 0.0)
         pred += tl.where(c == target, x, 0.0)
+    tl.store(MAX + row, mx)
     tl.store(SUM_EXP + row, tl.sum(se, axis=0))
     tl.store(SUM_X + row, tl.sum(sx, axis=0))
     tl.store(PRED + row, tl.sum(pred, axis=0))
@@ -76,12 +79,13 @@ class _TritonVocabParallelCrossEntropy(torch.autograd.Function):
         local = flat_target - start
         local = torch.where((local >= 0) & (local < part), local, torch.full_like(local, -1)).to(torch.int32)
         stats = torch.empty(4, rows, dtype=torch.float32, device=x.device)
-        _row_max[(rows,)](x, stats[0], part, BLOCK=block)
+        _row_stats[(rows,)](x, local, stats[0], stats[1], stats[2], stats[3], part, BLOCK=block,
+                            num_warps=num_warps(block))
+        local_max = stats[0].clone()
         mx = reduce_over(stats[0], group, dist.ReduceOp.MAX)
-        _row_sums[(rows,)](x, mx, local, stats[1], stats[2], stats[3], part, BLOCK=block)
-        sums = reduce_over(stats[1:].contiguous(), group)
-        sum_exp, sum_x, pred = sums.unbind(0)
-        log_z = sum_exp.log()
+        stats[1] *= torch.exp(local_max - mx)  # this rank's sum of exp, now relative to the global max
+        sum_exp, sum_x, pred = reduce_over(stats[1:].contiguous(), group).unbind(0)
+        log_z = mx + sum_exp.log()
         loss = log_z - pred
         if label_smoothing > 0:
             loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_z - sum_x / vocab_size)
@@ -97,7 +101,7 @@ class _TritonVocabParallelCrossEntropy(torch.autograd.Function):
         dy = grad_output.masked_fill(ignored, 0.0).reshape(-1).float().contiguous()
         dx = torch.empty_like(x)
         _grad[(x.shape[0],)](x, mx, sum_exp, local, dy, dx, x.shape[1], 1.0 - eps, eps / ctx.vocab_size,
-                             BLOCK=ctx.block)
+                             BLOCK=ctx.block, num_warps=num_warps(ctx.block))
         return dx.view(ctx.shape), None, None, None, None, None
 
 

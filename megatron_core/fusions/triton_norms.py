@@ -13,7 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-_FP32_MIN = -3.4028234663852886e38  # torch.finfo(torch.float32).min, the torch path's masked fill
+from megatron_core import device
+
+# torch.finfo(torch.float32).min, the torch path's masked fill. A constexpr: a kernel compiled for a
+# GPU reads no other kind of global (the interpreter does, so only tests/test_triton_compile.py sees it).
+_FP32_MIN = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -69,6 +73,19 @@ def _norm_bwd(X, DY, DX, W, Mean, Rstd, DW, DB, M, N, ROWS, HAS_BIAS: tl.constex
         tl.store(DB + pid * N + cols, db, mask=m)
 
 
+def num_warps(block: int, most: int = 8) -> int:
+    """Warps per row program: block // 256 clamped to [1, most] (the Triton layer-norm tutorial's
+    rule with most = 8). The norm backward takes most = 16: on an H200, [8192, 4096] bf16, 16 warps
+    took 0.09-0.12 ms against 0.11-0.15 with 8 or 4 (bench/bench_gpu.py's sweep)."""
+    return min(max(block // 256, 1), most)
+
+
+BWD_PROGRAMS_PER_SM = 4
+"""Norm backward programs per multiprocessor: each loops over rows and keeps partial weight/bias
+gradients ([programs, n] fp32, summed afterwards), so more programs mean more parallel rows and
+more partials to sum. See bench/bench_gpu.py's sweep for the measurement behind the value."""
+
+
 class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, rms, bwd_programs):
@@ -80,7 +97,7 @@ class _Norm(torch.autograd.Function):
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(n)
         _norm_fwd[(rows,)](x2, y, weight, weight if bias is None else bias, mean, rstd, n, eps,
-                           HAS_BIAS=bias is not None, RMS=rms, BLOCK=block)
+                           HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, num_warps=num_warps(block))
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias, ctx.rms, ctx.block = bias is not None, rms, block
         ctx.bwd_programs, ctx.shape = bwd_programs, x.shape
@@ -90,25 +107,31 @@ class _Norm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         rows, n = x2.shape
-        programs = max(1, min(rows, ctx.bwd_programs))
+        programs = ctx.bwd_programs or BWD_PROGRAMS_PER_SM * device.multiprocessor_count()
+        programs = max(1, min(rows, programs))
         per_program = triton.cdiv(rows, programs)
         dx = torch.empty_like(x2)
         dw = torch.empty(programs, n, dtype=torch.float32, device=x2.device)
         db = torch.empty(programs, n, dtype=torch.float32, device=x2.device) if ctx.has_bias else dw
         _norm_bwd[(programs,)](x2, dy.reshape(rows, n).contiguous(), dx, weight, mean, rstd, dw, db, rows, n,
-                               per_program, HAS_BIAS=ctx.has_bias, RMS=ctx.rms, BLOCK=ctx.block)
+                               per_program, HAS_BIAS=ctx.has_bias, RMS=ctx.rms, BLOCK=ctx.block,
+                               num_warps=num_warps(ctx.block, most=16))
         grad_bias = db.sum(0).to(weight.dtype) if ctx.has_bias else None
         return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), grad_bias, None, None, None
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-               bwd_programs: int = 128) -> torch.Tensor:
-    """LayerNorm over the last dimension of ``x`` [..., n]; ``weight``/``bias`` [n] (bias may be None)."""
+               bwd_programs: int | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension of ``x`` [..., n]; ``weight``/``bias`` [n] (bias may be None).
+
+    ``bwd_programs``: programs of the backward kernel (None: :data:`BWD_PROGRAMS_PER_SM` per
+    multiprocessor, at most one per row)."""
     return _Norm.apply(x, weight, bias, eps, False, bwd_programs)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bwd_programs: int = 128) -> torch.Tensor:
-    """RMSNorm over the last dimension of ``x`` [..., n] with ``weight`` [n]."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bwd_programs: int | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension of ``x`` [..., n] with ``weight`` [n]; ``bwd_programs`` as
+    :func:`layer_norm`'s."""
     return _Norm.apply(x, weight, None, eps, True, bwd_programs)
 
 
@@ -167,7 +190,8 @@ class _ScaledMaskedSoftmax(torch.autograd.Function):
             mask_arg = mask.to(torch.uint8).expand(b, h, sq, sk)
             strides = tuple(mask_arg.stride())
         ctx.mask_args = (mask_arg, h, sq, sk, *strides, scale)
-        ctx.flags = dict(HAS_MASK=mask is not None, CAUSAL=mask is None, BLOCK=triton.next_power_of_2(sk))
+        block = triton.next_power_of_2(sk)
+        ctx.flags = dict(HAS_MASK=mask is not None, CAUSAL=mask is None, BLOCK=block, num_warps=num_warps(block))
         _softmax_fwd[(b * h * sq,)](x, y, *ctx.mask_args, **ctx.flags)
         ctx.save_for_backward(y)
         return y

@@ -1,0 +1,520 @@
+"""Issue #15's GPU checks in one script: the Triton kernels on the device, and bf16 MFU of a 1.3B GPT
+against megatron-core. Needs a CUDA device (and Triton); nothing here runs in tests or CI.
+
+``kernels``: every Triton kernel of ``megatron_core.fusions`` against its torch version on the
+device, forward and backward, at training shapes, in bf16 and fp32. Error: max |a - ref| / max
+|ref| against the op computed in fp64 from the same inputs; the kernel passes when its error is at
+most twice torch's own in that dtype plus 2 units of the dtype's epsilon (the dropout kernel, whose mask
+torch cannot reproduce, is checked against the mask read off its own output). Speed: median time
+(``triton.testing.do_bench``), the bytes the op must move (each input read once, each output
+written once: the least any kernel can do), their rate, and that rate against the device's
+measured copy bandwidth (a device-to-device ``copy_`` of 1 GiB, bytes read plus written); target
+80%. The torch version's time is printed beside it.
+
+``step``: one training step of a GPT-2-style model of 1.32B parameters (24 layers, hidden 2048, 16
+heads, sequence 2048, vocabulary 50304, dropout 0.1, tied embeddings), bf16 parameters with fp32
+gradient reduction and fp32 main parameters, Adam, 2 microbatches of 4 sequences, in a fresh
+process: ``ours`` (our GPTModel, DDP, optimizer and schedule as pretrain_gpt builds them; attention
+``auto``, i.e. ``scaled_dot_product_attention``), ``ours-unfused`` (our explicit attention that
+materialises the scores, as megatron-core's local spec does), ``ours-fused`` (the same with the
+Triton softmax) or ``mcore`` (megatron-core 0.16.1's
+GPTModel with its local spec, DDP, optimizer and schedule; the machine has no Transformer Engine or
+apex, so its attention is the explicit one with torch's softmax and its bias-GeLU and
+bias-dropout-add are its ``torch.compile``d fusions). Model FLOPs per token are 6N + 12·L·h·s
+(PaLM's convention, as bench_mfu.py), the same N for all systems; MFU is against the measured bf16
+peak of an 8192³ product and, beside it, of the step's own products (shapes of its linear layers).
+
+``all`` (the default): kernels, then the step systems alternated (ours, mcore, ours-unfused, ours,
+mcore, ...) in fresh processes until ``--budget-s`` is spent, and a summary.
+
+    pip install --target /tmp/site megatron_core-0.16.1-*.whl   # megatron-core only for this bench
+    PYTHONPATH=/tmp/site python bench/bench_gpu.py all --budget-s 420
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+LAYERS, HIDDEN, HEADS, SEQ, VOCAB, MICRO, MICROBATCHES, DROPOUT = 24, 2048, 16, 2048, 50304, 4, 2, 0.1
+# s: the softmax's and cross entropy's sequence; t: the other kernels' (4x: their kernels take tens of
+# microseconds at s, where launch costs blur the timing)
+KERNEL_SHAPE = dict(s=2048, t=8192, b=4, h=4096, heads=16, ffn=11008, rope_heads=32, head_dim=128)
+if os.environ.get("BENCH_GPU_TINY") == "1":  # a CPU smoke run of this script (TRITON_INTERPRET=1); not a measurement
+    LAYERS, HIDDEN, HEADS, SEQ, VOCAB, MICRO = 2, 64, 4, 32, 512, 2
+    KERNEL_SHAPE = dict(s=16, t=24, b=2, h=48, heads=2, ffn=40, rope_heads=2, head_dim=8)
+
+
+def _do_bench(fn) -> float:
+    """Median milliseconds of fn() by CUDA events (Triton's do_bench: flushes L2 between runs)."""
+    from megatron_core import device
+    if not device.cuda_available():  # the CPU smoke run
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def copy_bandwidth(dev) -> float:
+    """Bytes per second of a device-to-device copy of 1 GiB (read + written)."""
+    src = torch.empty(2**29, dtype=torch.bfloat16, device=dev).normal_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / (_do_bench(lambda: dst.copy_(src)) / 1e3)
+
+
+def matmul_peak(shapes: dict[tuple[int, int, int], int], dev) -> float:
+    """bf16 FLOP/s of the products [m, k] x [k, n], ``shapes`` {(m, k, n): count}, each timed alone."""
+    flops = seconds = 0.0
+    for (m, k, n), count in shapes.items():
+        a = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+        b = torch.randn(k, n, dtype=torch.bfloat16, device=dev)
+        seconds += count * _do_bench(lambda a=a, b=b: a @ b) / 1e3
+        flops += count * 2 * m * k * n
+    return flops / seconds
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+def _cases(dev):
+    """(name, triton fn, torch fn, inputs(dtype), forward bytes, backward bytes) per kernel."""
+    from megatron_core.fusions import triton_cross_entropy as tce
+    from megatron_core.fusions import triton_elementwise as tel
+    from megatron_core.fusions import triton_norms as tno
+    from megatron_core.fusions.fused_softmax import causal_mask
+    from megatron_core.fusions.fused_softmax import scaled_masked_softmax as torch_softmax
+    from megatron_core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy as torch_ce
+    from megatron_core.transformer.mlp import ACTIVATIONS
+    from megatron_core.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb
+
+    s, t, b, h, heads, ffn = (KERNEL_SHAPE[k] for k in ("s", "t", "b", "h", "heads", "ffn"))
+    rope_heads, head_dim = KERNEL_SHAPE["rope_heads"], KERNEL_SHAPE["head_dim"]
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*shape, dtype):
+        return torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32).to(dtype)
+
+    cos, sin = RotaryEmbedding(head_dim)(torch.arange(t).expand(b, t))
+    cos, sin = cos.to(dev), sin.to(dev)
+    target = torch.randint(0, VOCAB, (s, b), generator=gen, device=dev)
+    mask = causal_mask(s, s, dev)
+    n = t * b * h
+    return [
+        ("layer_norm", lambda x, w, bias: tno.layer_norm(x, w, bias, 1e-5),
+         lambda x, w, bias: F.layer_norm(x, (h,), w, bias, 1e-5),
+         lambda dt: (randn(t, b, h, dtype=dt), randn(h, dtype=dt), randn(h, dtype=dt)), 2 * n, 3 * n),
+        ("rms_norm", lambda x, w: tno.rms_norm(x, w, 1e-5), lambda x, w: F.rms_norm(x, (h,), w, 1e-5),
+         lambda dt: (randn(t, b, h, dtype=dt), randn(h, dtype=dt)), 2 * n, 3 * n),
+        ("causal softmax", lambda x: tno.scaled_masked_softmax(x, None, 0.088),
+         lambda x: torch_softmax(x, mask, 0.088),
+         lambda dt: (randn(b, heads, s, s, dtype=dt),), 2 * b * heads * s * s, 3 * b * heads * s * s),
+        ("rope", lambda x: tel.apply_rotary_pos_emb(x, cos, sin), lambda x: apply_rotary_pos_emb(x, (cos, sin)),
+         lambda dt: (randn(t, b, rope_heads, head_dim, dtype=dt),), 2 * n * rope_heads * head_dim // h,
+         2 * n * rope_heads * head_dim // h),
+        ("swiglu", tel.swiglu, ACTIVATIONS["swiglu"],
+         lambda dt: (randn(t, b, 2 * ffn, dtype=dt),), 3 * t * b * ffn, 5 * t * b * ffn),
+        ("bias_dropout_add", lambda x, bias, r: tel.bias_dropout_add(x, bias, r, DROPOUT), None,
+         lambda dt: (randn(t, b, h, dtype=dt), randn(h, dtype=dt), randn(t, b, h, dtype=dt)), 3 * n, 2 * n),
+        ("cross_entropy", lambda x: tce.vocab_parallel_cross_entropy(x, target), lambda x: torch_ce(x, target),
+         lambda dt: (randn(s, b, VOCAB, dtype=dt),), s * b * VOCAB, 2 * s * b * VOCAB),
+    ]
+
+
+def _run(fn, inputs, grad_seed=1):
+    """fn(*inputs) and the input gradients of sum(out * g), g a fixed random tensor."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator(device=out.device).manual_seed(grad_seed),
+                    device=out.device).to(out.dtype)
+    g = torch.where(g == 0, 1.0, g)  # no exact zeros: the dropout check reads its mask off g * mask
+    grads = torch.autograd.grad(out, leaves, g)
+    return out.detach(), grads, g
+
+
+def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _check(name, fused, reference, inputs) -> tuple[bool, str]:
+    dt = inputs[0].dtype
+    eps = torch.finfo(dt).eps
+    out, grads, g = _run(fused, inputs)
+    if reference is None:  # bias-dropout-add: the mask is random; read it off the input gradient
+        x, bias, residual = (t.double() for t in inputs)
+        kept = grads[0] != 0  # g * scale or exactly 0; forward and backward must agree on it
+        scale = 1 / (1 - DROPOUT)
+        ref_out = residual + torch.where(kept, (x + bias) * scale, 0.0)
+        ref_dx = torch.where(kept, g.double() * scale, 0.0)
+        errs = [_err(out, ref_out), _err(grads[0], ref_dx), _err(grads[1], ref_dx.sum((0, 1))),
+                _err(grads[2], g.double())]
+        dropped = 1 - kept.double().mean().item()
+        ok = max(errs) <= 4 * eps and abs(dropped - DROPOUT) < (0.01 if out.numel() > 10**6 else 0.2)
+        return ok, f"errors {', '.join(f'{e:.1e}' for e in errs)} (limit {4 * eps:.1e}); dropped {dropped:.4f}"
+    ref_out, ref_grads, _ = _run(reference, [t.double() for t in inputs])
+    torch_out, torch_grads, _ = _run(reference, inputs)
+    ours = [_err(out, ref_out)] + [_err(a, r) for a, r in zip(grads, ref_grads, strict=True)]
+    theirs = [_err(torch_out, ref_out)] + [_err(a, r) for a, r in zip(torch_grads, ref_grads, strict=True)]
+    ok = all(o <= 2 * t + 2 * eps for o, t in zip(ours, theirs, strict=True))
+    return ok, ("errors (out, grads) triton " + ", ".join(f"{e:.1e}" for e in ours)
+                + " | torch " + ", ".join(f"{e:.1e}" for e in theirs))
+
+
+def _times(fn, inputs, kernel_only: bool):
+    """Median ms of fn's forward (without building a graph) and backward.
+
+    ``kernel_only`` (our Triton ops, each one autograd Function): the backward is the Function's
+    own ``backward`` called through its graph node, without autograd's engine, so the time is the
+    kernels' and the few tensor ops around them. Otherwise (torch's composite versions) the
+    backward is a whole forward + backward less the forward (their backward may overwrite what it
+    saved, so it cannot be replayed).
+    """
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with torch.no_grad():
+        fwd = _do_bench(lambda: fn(*leaves))
+    out = fn(*leaves)
+    g = torch.randn_like(out)
+    if kernel_only:
+        bwd = _do_bench(lambda: out.grad_fn.apply(g))
+    else:
+        bwd = _do_bench(lambda: torch.autograd.grad(fn(*leaves), leaves, g)) - fwd
+    return fwd, bwd
+
+
+def _kernel_row(name, fused, reference, inputs, fwd_elems, bwd_elems, bandwidth, failed) -> str:
+    dt = inputs[0].dtype
+    ok, detail = _check(name, fused, reference, inputs)
+    if not ok:
+        failed.append(f"{name} {dt}")
+    size = torch.finfo(dt).bits // 8
+    fwd, bwd = _times(fused, inputs, kernel_only=True)
+    fwd_rate, bwd_rate = fwd_elems * size / fwd * 1e3, bwd_elems * size / bwd * 1e3  # bytes/s
+    line = (f"{name:17s} {str(dt)[6:]:8s} {'ok  ' if ok else 'FAIL'} "
+            f"fwd {fwd:7.3f} ms {fwd_rate / 1e9:6.0f} GB/s ({fwd_rate / bandwidth:4.0%})  "
+            f"bwd {bwd:7.3f} ms {bwd_rate / 1e9:6.0f} GB/s ({bwd_rate / bandwidth:4.0%})")
+    if reference is not None:
+        tf, tb = _times(reference, inputs, kernel_only=False)
+        line += f"  torch fwd {tf:7.3f} bwd {tb:7.3f} ms"
+    print(line + "\n    " + detail, flush=True)
+    return line
+
+
+def sweep(args) -> None:
+    """Launch configurations of the row kernels (warps per program; the norm backward's programs
+    per multiprocessor; the cross entropy's block), timed forward and backward in bf16, the
+    current defaults marked with *."""
+    from megatron_core import device
+    from megatron_core.fusions import triton_cross_entropy as tce
+    from megatron_core.fusions import triton_norms as tno
+    dev = device.current_device()
+    default_warps, default_per_sm = tno.num_warps, tno.BWD_PROGRAMS_PER_SM
+    cases = {c[0]: c for c in _cases(dev)}
+    try:
+        for name in ("layer_norm", "rms_norm", "causal softmax", "cross_entropy"):
+            _, fused, _, make, _, _ = cases[name]
+            inputs = make(torch.bfloat16)
+            target = torch.randint(0, VOCAB, inputs[0].shape[:-1], device=dev)
+            per_sm_options = (1, 2, 4, 8, 16) if "norm" in name else (default_per_sm,)
+            blocks = (1024, 2048, 4096) if name == "cross_entropy" else (None,)
+            for warps in (4, 8, 16):
+                for per_sm in per_sm_options:
+                    for block in blocks:
+                        tno.num_warps = tce.num_warps = lambda _b, w=warps: w
+                        tno.BWD_PROGRAMS_PER_SM = per_sm
+                        fn = fused if block is None else (
+                            lambda x, b=block, t=target: tce.vocab_parallel_cross_entropy(x, t, block=b))
+                        fwd, bwd = _times(fn, inputs, kernel_only=True)
+                        block_size = block or 1 << (inputs[0].shape[-1] - 1).bit_length()
+                        is_default = (warps == default_warps(block_size) and per_sm == default_per_sm
+                                      and block in (None, 1024))
+                        print(f"sweep {name:15s} warps {warps:2d} programs/SM {per_sm:2d} block {block_size:5d}: "
+                              f"fwd {fwd:7.3f} ms bwd {bwd:7.3f} ms{' *' if is_default else ''}", flush=True)
+            del inputs
+    finally:
+        tno.num_warps = tce.num_warps = default_warps
+        tno.BWD_PROGRAMS_PER_SM = default_per_sm
+
+
+def kernels(args) -> dict:
+    from megatron_core import device
+    dev = device.current_device()
+    bandwidth = copy_bandwidth(dev)
+    print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + written)", flush=True)
+    rows, failed = [], []
+    for name, fused, reference, make, fwd_elems, bwd_elems in _cases(dev):
+        for dt in (torch.bfloat16, torch.float32):
+            try:
+                rows.append(_kernel_row(name, fused, reference, make(dt), fwd_elems, bwd_elems, bandwidth, failed))
+            except Exception:  # noqa: BLE001 (report it and go on to the next kernel)
+                failed.append(f"{name} {dt}")
+                print(f"{name} {dt}: FAILED\n{traceback.format_exc()}", flush=True)
+    return dict(bandwidth=bandwidth, failed=failed, rows=rows)
+
+
+# --- training step -------------------------------------------------------------------------------
+
+def model_parameters() -> int:
+    """N of 6N: every parameter but the position table (the tied embedding counts once)."""
+    per_layer = 12 * HIDDEN * HIDDEN + 13 * HIDDEN
+    return LAYERS * per_layer + VOCAB * HIDDEN + 2 * HIDDEN
+
+
+def model_flops_per_step() -> float:
+    tokens = MICRO * MICROBATCHES * SEQ
+    return (6 * model_parameters() + 12 * LAYERS * HIDDEN * SEQ) * tokens
+
+
+def step_products() -> dict[tuple[int, int, int], int]:
+    """{(m, k, n): count} of the forward, input-gradient and weight-gradient products of the step's
+    linear layers, one microbatch (t tokens): [t, k] x [k, n], [t, n] x [n, k], [k, t] x [t, n]."""
+    t = MICRO * SEQ
+    out: dict[tuple[int, int, int], int] = {}
+    for k, n, count in [(HIDDEN, 3 * HIDDEN, LAYERS), (HIDDEN, HIDDEN, LAYERS), (HIDDEN, 4 * HIDDEN, LAYERS),
+                        (4 * HIDDEN, HIDDEN, LAYERS), (HIDDEN, VOCAB, 1)]:
+        for shape in [(t, k, n), (t, n, k), (k, t, n)]:
+            out[shape] = out.get(shape, 0) + count
+    return out
+
+
+def _batches(dev):
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(0, VOCAB, (MICROBATCHES, MICRO, SEQ + 1), generator=gen, device=dev)
+    return [(m[:, :-1].contiguous(), m[:, 1:].contiguous()) for m in ids]
+
+
+def _ours_step(backend: str):
+    import functools
+
+    from megatron_core import device, parallel_state
+    from megatron_core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+        no_sync_func,
+    )
+    from megatron_core.models.gpt import build_gpt_model_chunks
+    from megatron_core.models.presets import gpt2_config
+    from megatron_core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron_core.pipeline_parallel import get_forward_backward_func
+    dev = device.set_local_device(0)
+    ps = parallel_state.initialize_model_parallel(1, 1)
+    ps.manual_seed(1234)
+    config = gpt2_config(LAYERS, HIDDEN, HEADS, hidden_dropout=DROPOUT, attention_dropout=DROPOUT,
+                         params_dtype=torch.bfloat16, attention_backend=backend)
+    chunks = build_gpt_model_chunks(config, VOCAB, SEQ, parallel_state=ps)
+    wrapped = [DistributedDataParallel(DistributedDataParallelConfig(grad_reduce_in_fp32=True), c.to(dev), ps)
+               for c in chunks]
+    optimizer = get_megatron_optimizer(OptimizerConfig(lr=1e-4, bf16=True), wrapped, ps)
+    schedule = get_forward_backward_func(ps)
+    batches = _batches(dev)
+
+    def forward_step(data_iterator, model):
+        x, y = next(data_iterator)
+        return model(x, labels=y), lambda out: (out.float().mean(), {"lm loss": out.float().mean().detach()})
+
+    def step() -> float:
+        optimizer.zero_grad()
+        losses = schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=wrapped,
+                          num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO,
+                          no_sync_func=no_sync_func(wrapped),
+                          finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=ps))
+        optimizer.step()
+        return float(sum(d["lm loss"] for d in losses) / len(losses))
+    return step
+
+
+def _mcore_step(_backend: str):
+    from megatron.core import parallel_state as mps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_core import device
+    dev = device.set_local_device(0)
+    if not device.cuda_available():  # the CPU smoke run: megatron-core's CUDA calls redirected
+        import peer_workers
+        peer_workers._patch_megatron_for_cpu()
+    mps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    model_parallel_cuda_manual_seed(1234)
+    # Megatron-LM's GPT defaults: bias-GeLU (tanh form) and bias-dropout-add fused; no apex/TE here,
+    # so no fused softmax extension and no fused weight-gradient accumulation.
+    config = TransformerConfig(
+        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=4 * HIDDEN,
+        hidden_dropout=DROPOUT, attention_dropout=DROPOUT, layernorm_epsilon=1e-5, bf16=True,
+        params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, masked_softmax_fusion=False,
+        bias_activation_fusion=True, bias_dropout_fusion=True,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        use_cpu_initialization=not device.cuda_available())
+    model = GPTModel(config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
+                     max_sequence_length=SEQ, share_embeddings_and_output_weights=True,
+                     position_embedding_type="learned_absolute")
+    model = Float16Module(config, model.to(dev))  # as Megatron-LM's get_model: every weight bf16 (the norms too)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=True,
+                                                       params_dtype=torch.bfloat16), [ddp])
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    batches = _batches(dev)
+    positions = torch.arange(SEQ, device=dev).expand(MICRO, SEQ)
+
+    def forward_step(data_iterator, model):
+        tokens, target = next(data_iterator)
+        out = model(tokens, positions, None, labels=target)
+        return out, lambda o: (o.float().mean(), {"lm loss": o.float().mean().detach()})
+
+    schedule = get_forward_backward_func()
+
+    def step() -> float:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
+                          num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO, forward_only=False)
+        optimizer.step()
+        return float(sum(d["lm loss"] for d in losses) / len(losses))
+    return step
+
+
+def train_step(args) -> dict:
+    import torch.distributed as dist
+
+    from megatron_core import device
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group(device.default_backend(), rank=0, world_size=1)
+    start = time.perf_counter()
+    build = _mcore_step if args.system == "mcore" else _ours_step
+    step = build({"ours-unfused": "unfused", "ours-fused": "fused"}.get(args.system, "auto"))
+    built = time.perf_counter() - start
+    losses, times = [], []
+    for _ in range(args.warmup + args.steps):
+        device.synchronize()
+        t0 = time.perf_counter()
+        losses.append(step())  # float(): waits for the step's losses
+        device.synchronize()
+        times.append(time.perf_counter() - t0)
+    out = dict(system=args.system, step_s=statistics.median(times[args.warmup:]), build_s=built,
+               warmup_s=sum(times[:args.warmup]), losses=losses,
+               max_allocated_gib=device.max_memory_allocated() / 2**30)
+    if args.profile and device.cuda_available():
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            device.synchronize()
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.profile), flush=True)
+    warm = ", ".join(f"{t:.2f}" for t in times[:args.warmup])
+    print(f"{args.system}: built in {built:.1f} s, warm-up steps {warm} s, "
+          f"timed steps {', '.join(f'{t * 1e3:.1f}' for t in times[args.warmup:])} ms, "
+          f"losses {', '.join(f'{v:.4f}' for v in losses)}", flush=True)
+    dist.destroy_process_group()
+    return out
+
+
+# --- all -----------------------------------------------------------------------------------------
+
+def run_all(args) -> None:
+    from megatron_core import device
+    deadline = time.monotonic() + args.budget_s
+    dev = device.current_device()
+    print(f"torch {torch.__version__}, device {dev}", flush=True)
+    peak_8k = matmul_peak({(8192, 8192, 8192): 1}, dev)
+    peak_step = matmul_peak(step_products(), dev)
+    print(f"bf16 product peak: 8192^3 {peak_8k / 1e12:.0f} TFLOP/s; the step's linear products "
+          f"{peak_step / 1e12:.0f} TFLOP/s", flush=True)
+    if "kernels" in args.parts.split(","):
+        _child(["kernels"], min(240, deadline - time.monotonic()))
+    if "sweep" in args.parts.split(","):
+        _child(["sweep"], min(240, deadline - time.monotonic()))
+    results: dict[str, list[dict]] = {}
+    order = [s for s in ["ours", "mcore", "ours-unfused", "ours-fused"] + ["ours", "mcore"] * 3
+             if s in args.parts.split(",")]
+    for system in order:
+        if deadline - time.monotonic() < 60:
+            break
+        first = system not in results
+        argv = ["step", "--system", system, "--steps", str(args.steps), "--profile", str(args.profile if first else 0)]
+        r = _child(argv, min(300, deadline - time.monotonic()))
+        if r is not None:
+            results.setdefault(system, []).append(r)
+    print(f"\n1.3B GPT, bf16, {MICROBATCHES} x {MICRO} x {SEQ} tokens per step, "
+          f"{model_flops_per_step() / 1e12:.1f} model TFLOP per step ({model_parameters() / 1e9:.3f}B in 6N)")
+    best = {s: min(r["step_s"] for r in rs) for s, rs in results.items()}
+    for system, rs in results.items():
+        step_s = best[system]
+        rate = model_flops_per_step() / step_s
+        ratio = f"; ours is {step_s / best['ours']:.2f}x as fast" if "ours" in best and system != "ours" else ""
+        runs = ", ".join(f"{r['step_s'] * 1e3:.1f}" for r in rs)
+        print(f"{system:13s} step {step_s * 1e3:7.1f} ms (runs: {runs})"
+              f" {MICRO * MICROBATCHES * SEQ / step_s:8.0f} tok/s  MFU {rate / peak_8k:5.1%} of 8192^3, "
+              f"{rate / peak_step:5.1%} of step products; max allocated {rs[0]['max_allocated_gib']:.1f} GiB; "
+              f"loss {rs[0]['losses'][0]:.3f} -> {rs[0]['losses'][-1]:.3f}{ratio}", flush=True)
+
+
+def _child(argv: list[str], timeout: float) -> dict | None:
+    """Run this script's subcommand in a fresh process, echoing its output as it comes (Python's
+    warnings left out); its RESULT line parsed. Killed after ``timeout`` seconds."""
+    if timeout < 30:
+        print(f"skipped {' '.join(argv)}: too little time left", flush=True)
+        return None
+    print(f"\n== {' '.join(argv)} (timeout {timeout:.0f} s)", flush=True)
+    proc = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    result = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+        elif "warn" not in line.lower():
+            print(line, end="", flush=True)
+    timer.cancel()
+    if proc.wait() != 0:
+        print(f"FAILED rc {proc.returncode} (killed after {timeout:.0f} s)" if proc.returncode == -9
+              else f"FAILED rc {proc.returncode}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("part", nargs="?", default="all", choices=["all", "kernels", "sweep", "step"])
+    parser.add_argument("--system", default="ours", choices=["ours", "ours-unfused", "ours-fused", "mcore"])
+    parser.add_argument("--parts", default="kernels,ours,mcore,ours-unfused",
+                        help="for all: which of kernels, sweep, ours, mcore, ours-unfused to run")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=18,
+                        help="kernels in the profile table of a step (ours' and mcore's first run; 0: none)")
+    parser.add_argument("--budget-s", type=float, default=420, help="for all: wall-clock seconds to spend")
+    args = parser.parse_args()
+    from megatron_core import device
+    if not device.cuda_available() and os.environ.get("BENCH_GPU_TINY") != "1":
+        sys.exit("bench_gpu.py needs a CUDA device")
+    if args.part == "kernels":
+        r = kernels(args)
+        print("RESULT " + json.dumps(dict(failed=r["failed"], bandwidth=r["bandwidth"])))
+    elif args.part == "sweep":
+        sweep(args)
+    elif args.part == "step":
+        print("RESULT " + json.dumps(train_step(args)))
+    else:
+        run_all(args)
+
+
+if __name__ == "__main__":
+    main()
