@@ -1,34 +1,40 @@
 """Issue #15's GPU checks in one script: the Triton kernels on the device, and bf16 MFU of a 1.3B GPT
-against megatron-core. Needs a CUDA device (and Triton); nothing here runs in tests or CI.
+against megatron-core. Needs a CUDA device and Triton; nothing here runs in tests or CI.
 
-``kernels``: every Triton kernel of ``megatron_core.fusions`` against its torch version on the
-device, forward and backward, at training shapes, in bf16 and fp32. Error: max |a - ref| / max
-|ref| against the op computed in fp64 from the same inputs; the kernel passes when its error is at
-most twice torch's own in that dtype plus 2 units of the dtype's epsilon (the dropout kernel, whose mask
-torch cannot reproduce, is checked against the mask read off its own output). Speed: median time
-(``triton.testing.do_bench``), the bytes the op must move (each input read once, each output
-written once: the least any kernel can do), their rate, and that rate against the device's
-measured copy bandwidth (a device-to-device ``copy_`` of 1 GiB, bytes read plus written); target
-80%. The torch version's time is printed beside it.
+``kernels``: each Triton kernel of ``megatron_core.fusions`` against its torch version, forward and
+backward, bf16 and fp32, at training shapes. Error: max |a - ref| / max |ref| against the op in
+fp64 from the same inputs; a kernel passes at most 2x torch's own error in that dtype + 2 eps (the
+dropout kernel, whose mask torch cannot reproduce, against the mask read off its input gradient).
+Speed: median time (``triton.testing.do_bench``; the forward without a graph, the backward through
+the autograd Function's own ``backward``), the bytes the op must move (each input read once, each
+output written once), their rate, and that rate against a device-to-device ``copy_`` of 1 GiB
+(read + written); target 80%. The torch version's time beside it.
 
-``step``: one training step of a GPT-2-style model of 1.32B parameters (24 layers, hidden 2048, 16
-heads, sequence 2048, vocabulary 50304, dropout 0.1, tied embeddings), bf16 parameters with fp32
-gradient reduction and fp32 main parameters, Adam, 2 microbatches of 4 sequences, in a fresh
-process: ``ours`` (our GPTModel, DDP, optimizer and schedule as pretrain_gpt builds them; attention
-``auto``, i.e. ``scaled_dot_product_attention``), ``ours-unfused`` (our explicit attention that
-materialises the scores, as megatron-core's local spec does), ``ours-fused`` (the same with the
-Triton softmax) or ``mcore`` (megatron-core 0.16.1's
-GPTModel with its local spec, DDP, optimizer and schedule; the machine has no Transformer Engine or
-apex, so its attention is the explicit one with torch's softmax and its bias-GeLU and
-bias-dropout-add are its ``torch.compile``d fusions). Model FLOPs per token are 6N + 12·L·h·s
-(PaLM's convention, as bench_mfu.py), the same N for all systems; MFU is against the measured bf16
-peak of an 8192³ product and, beside it, of the step's own products (shapes of its linear layers).
+``sweep``: warps per program, norm-backward programs per multiprocessor and cross-entropy block,
+timed in bf16; the defaults marked.
 
-``all`` (the default): kernels, then the step systems alternated (ours, mcore, ours-unfused, ours,
-mcore, ...) in fresh processes until ``--budget-s`` is spent, and a summary.
+``step``: one training step of a GPT-2-style model of 1.31B parameters in 6N (24 layers, hidden
+2048, 16 heads, sequence 2048, vocabulary 50304, dropout 0.1, tied embeddings), bf16 parameters,
+fp32 gradient reduction and main parameters, Adam, 2 microbatches of 4 sequences, in a fresh
+process, for ``--system``: ``ours`` (GPTModel, DDP, optimizer and schedule as pretrain_gpt builds
+them; attention ``auto`` = ``scaled_dot_product_attention``), ``ours-unfused`` (explicit attention
+materialising the scores, as megatron-core's local spec does), ``ours-fused`` (the same with the
+Triton softmax) or ``mcore`` (megatron-core 0.16.1's GPTModel, local spec, DDP, optimizer and
+schedule, wrapped in Float16Module as Megatron-LM does; without Transformer Engine or apex its
+attention is unfused and its bias-GeLU and bias-dropout-add are its ``torch.compile``d fusions).
+Model FLOPs per token 6N + 12·L·h·s (PaLM's convention, as bench_mfu.py), the same N for every
+system; MFU against a bf16 8192³ product measured in the same run, and against the step's own
+linear-layer products.
+
+``all`` (the default): the peaks, then ``--parts`` (kernels, sweep, and the step systems
+alternated in fresh processes: ours, mcore, ours-unfused, ours-fused, ours, mcore, ...) until
+``--budget-s`` is spent, and a summary.
 
     pip install --target /tmp/site megatron_core-0.16.1-*.whl   # megatron-core only for this bench
     PYTHONPATH=/tmp/site python bench/bench_gpu.py all --budget-s 420
+
+``BENCH_GPU_TINY=1 TRITON_INTERPRET=1`` runs it on a CPU at toy shapes (megatron-core patched as
+in peer_workers.py): a smoke test of the script before spending device time, not a measurement.
 """
 from __future__ import annotations
 

@@ -52,6 +52,9 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
     ``async_tensor_model_parallel_allreduce``), instead of an identity whose backward all-reduces.
     Follows Megatron-LM's function of this name. The overlap is used where the backend runs
     collectives off the CPU (NCCL); with gloo each collective is waited for as soon as it starts.
+    Under autocast the backward runs in the forward's autocast state (as ``torch.amp.custom_bwd``,
+    which Megatron-LM uses, does for one device type; here for the input's), so the products meet
+    the low-precision grad_output with a weight cast the same way.
     """
 
     @staticmethod
@@ -64,6 +67,8 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
                 work.wait()
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.use_bias, ctx.sequence_parallel = group, bias is not None, sequence_parallel
+        kind = x.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         # gloo runs collectives on CPU threads that compete with the matmuls for the same cores: on
         # a 2-core machine overlapping made a step ~3x slower (measured), so wait at once there.
         ctx.overlap = dist.get_backend(group) != "gloo"
@@ -72,6 +77,12 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         """Grads of x, weight and bias; the input-side collective overlaps the matmuls."""
+        kind, enabled, dtype = ctx.autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            return LinearWithGradAccumulationAndAsyncCommunication._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         x, weight = ctx.saved_tensors
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total_input, gather_work = x, None
