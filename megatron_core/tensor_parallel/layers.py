@@ -78,7 +78,9 @@ class LinearWithGradAccumulationAndAsyncCommunication(torch.autograd.Function):
     def backward(ctx, grad_output):
         """Grads of x, weight and bias; the input-side collective overlaps the matmuls."""
         kind, enabled, dtype = ctx.autocast
-        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+        if not enabled:  # the usual case: no context manager per layer and step
+            return LinearWithGradAccumulationAndAsyncCommunication._backward(ctx, grad_output)
+        with torch.autocast(kind, dtype=dtype):
             return LinearWithGradAccumulationAndAsyncCommunication._backward(ctx, grad_output)
 
     @staticmethod
