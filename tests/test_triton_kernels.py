@@ -167,19 +167,36 @@ def test_cross_entropy_online_max(block):
              lambda x: torch_ce(x, target, None, 0.1), logits, what=f"cross entropy, block {block}")
 
 
-def _tp_cross_entropy():
+def test_cross_entropy_logits_far_from_zero():
+    """Logits near 1000 and losses near 1: the loss is log(sum exp(x - max)) - (x_t - max), not
+    (max + log(sum exp(x - max))) - x_t, which loses ulp(1000) = 6e-5 absolute."""
+    logits = _randn(4, 3, 37) * 2 + 1000
+    target = torch.randint(0, 37, (4, 3), generator=torch.Generator().manual_seed(4))
+    _compare(lambda x: tce.vocab_parallel_cross_entropy(x, target, None, 0.0, block=16),
+             lambda x: torch_ce(x, target, None, 0.0), logits, what="cross entropy near 1000")
+
+
+def _tp_cross_entropy(label_smoothing, rank0_shift):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     logits = _randn(4, 3, 40)
+    logits[..., :20] += rank0_shift  # rank 0's shard, so the two ranks' local maxima differ by that much
     target = torch.randint(0, 40, (4, 3), generator=torch.Generator().manual_seed(4))
+    if rank0_shift:  # each target rank 0's largest logit: losses below 1 (one near the shift would set the floor)
+        target = logits[..., :20].argmax(-1)
     shard = logits.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
-    out, (grad,) = _grads(lambda x: tce.vocab_parallel_cross_entropy(x, target, ps.tp_group, 0.1, block=8), shard)
-    ref, (ref_grad,) = _grads(lambda x: F.cross_entropy(x.view(-1, 40), target.view(-1), reduction="none",
-                                                        label_smoothing=0.1).view(4, 3), logits)
+    out, (grad,) = _grads(lambda x: tce.vocab_parallel_cross_entropy(x, target, ps.tp_group, label_smoothing,
+                                                                     block=8), shard)
+    ref, (ref_grad,) = _grads(lambda x: F.cross_entropy(x.double().view(-1, 40), target.view(-1), reduction="none",
+                                                        label_smoothing=label_smoothing).view(4, 3), logits)
     return out, grad, ref, ref_grad.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
 
 
-def test_cross_entropy_vocab_parallel_tp2():
-    for out, grad, ref, ref_grad in run_distributed(_tp_cross_entropy, 2, timeout=120):
+@pytest.mark.parametrize("label_smoothing, rank0_shift", [(0.1, 0.0), (0.0, 1000.0)])
+def test_cross_entropy_vocab_parallel_tp2(label_smoothing, rank0_shift):
+    """With a shift of 1000, rank 1's sum of exp underflows to 0 once moved to the global max (rank
+    0's), and every target is on rank 0 with a loss below 1 next to logits near 1000."""
+    for out, grad, ref, ref_grad in run_distributed(_tp_cross_entropy, 2, label_smoothing, rank0_shift,
+                                                    timeout=120):
         assert_rel_close(out, ref, what="TP-2 loss")
         assert_rel_close(grad, ref_grad, what="TP-2 logits grad")
 
