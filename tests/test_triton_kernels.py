@@ -69,6 +69,16 @@ def test_rms_norm():
              lambda x, w: F.rms_norm(x, (12,), w, 1e-5), x, w, what="RMSNorm")
 
 
+@pytest.mark.parametrize("bwd_programs", [0, -2])
+def test_norm_bwd_programs_must_be_positive(bwd_programs):
+    """0 is not "the default" (None is) and a negative count is not one program: both are refused."""
+    x, w = _randn(4, 8), _randn(8, seed=1)
+    with pytest.raises(ValueError, match="bwd_programs must be None"):
+        tno.layer_norm(x, w, None, 1e-5, bwd_programs=bwd_programs)
+    with pytest.raises(ValueError, match="bwd_programs must be None"):
+        tno.rms_norm(x, w, 1e-5, bwd_programs=bwd_programs)
+
+
 def test_norm_modules_use_a_plugged_kernel():
     """The modules' kernel slot routes to the Triton function (how kernels.py selects it on CUDA)."""
     x = _randn(4, 2, 16)
