@@ -118,6 +118,17 @@ def test_rope(rotary_dim):
              _randn(s, b, heads, d), what=f"RoPE rotary_dim={rotary_dim}")
 
 
+@pytest.mark.parametrize("heads, d, rotary_dim", [(1, 8, 8), (33, 9, 2), (5, 12, 6)])
+def test_rope_head_tile_edges(heads, d, rotary_dim):
+    """The [heads, rotary_dim / 2] tile of one program: one head, a head count far from a power of
+    two, the smallest rotary part with an odd pass-through rest, and a rotary half that is not a
+    power of two."""
+    s, b = 3, 2
+    cos, sin = RotaryEmbedding(rotary_dim)(torch.arange(s).expand(b, s))
+    _compare(lambda x: tel.apply_rotary_pos_emb(x, cos, sin), lambda x: apply_rotary_pos_emb(x, (cos, sin)),
+             _randn(s, b, heads, d), what=f"RoPE heads={heads} d={d} rotary_dim={rotary_dim}")
+
+
 def test_swiglu():
     _compare(lambda x: tel.swiglu(x, block=4), ACTIVATIONS["swiglu"], _randn(3, 2, 22), what="SwiGLU")
 
