@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from equivalence import assert_rel_close  # noqa: E402
 from harness import run_distributed  # noqa: E402
 
-from megatron_core import device, parallel_state  # noqa: E402
+from megatron_core import device, parallel_state, tensor_parallel  # noqa: E402
 from megatron_core.fusions import Kernel, LayerNorm, RMSNorm, find_kernel  # noqa: E402
 from megatron_core.fusions import triton_cross_entropy as tce  # noqa: E402
 from megatron_core.fusions import triton_elementwise as tel  # noqa: E402
@@ -167,6 +167,32 @@ def test_bias_dropout_add_partial_block():
     assert 0.1 < 1 - kept.float().mean().item() < 0.5
     assert_rel_close(out, residual + torch.where(kept, (x + bias) / 0.7, 0.0), what="forward")
     assert_rel_close(dx, torch.where(kept, g / 0.7, 0.0), what="input grad")
+
+
+def _bda_checkpoint_vs_plain():
+    ps = parallel_state.initialize_model_parallel(1, 1)
+    w, bias, x0 = _randn(8, 16, seed=1), _randn(16, seed=2), _randn(5, 16, seed=3)
+    outs = []
+    for use_checkpoint in (False, True):
+        ps.manual_seed(123)
+        a, b, x = w.clone().requires_grad_(), bias.clone().requires_grad_(), x0.clone().requires_grad_()
+
+        def block(x, a=a, b=b):
+            h = tel.bias_dropout_add(x[:, :8] @ a, b, x, 0.3, block=16)  # the default generator's seed
+            with ps.rng_tracker.fork():  # the tracker's, as under sequence parallelism
+                return tel.bias_dropout_add(torch.tanh(h)[:, :8] @ a, b, h, 0.3, block=16)
+        y = tensor_parallel.checkpoint(block, ps.rng_tracker, x) if use_checkpoint else block(x)
+        (y * y).sum().backward()
+        outs.append((y.detach(), x.grad, a.grad, b.grad))
+    return outs
+
+
+def test_bias_dropout_add_recompute_draws_the_same_masks():
+    """Activation recompute replays the RNG states, so the kernel's re-drawn seeds and four-per-call
+    Philox masks, inside and outside the tracker's fork, give bitwise the same output and grads."""
+    plain, recomputed = run_distributed(_bda_checkpoint_vs_plain, 1, timeout=60)[0]
+    for name, p, r in zip(("output", "input grad", "weight grad", "bias grad"), plain, recomputed, strict=True):
+        assert torch.equal(p, r), name
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
