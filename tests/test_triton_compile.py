@@ -9,12 +9,11 @@ public op (``layer_norm``, ``rms_norm``, ``scaled_masked_softmax``, ``apply_rota
 CPU tensors with every kernel's launch recorded instead of run, and each recorded launch is compiled
 down to a cubin (Triton's bundled ptxas) with the types, constexprs and ``num_warps`` a launch on a
 GPU would compile: Triton's own argument specialization, so an int argument equal to 1 (one head
-per rank, one row per norm-backward program, a mask's unit stride) is a constexpr there too.
-Alignment attributes (pointers and ints divisible by 16) are left out: they change vectorization,
-not what compiles. A ``@triton.jit`` function that no call launches and no kernel calls fails the
-test. Runs in a subprocess: the interpreter tests set ``TRITON_INTERPRET=1`` for the whole session,
-and under it ``@triton.jit`` gives kernels that cannot be compiled. Skipped when triton is not
-installed.
+per rank, one row per norm-backward program, a mask's unit stride) is a constexpr there too, and
+pointers and ints divisible by 16 carry that attribute. A ``@triton.jit`` function that no call
+launches and no kernel calls fails the test. Runs in a subprocess: the interpreter tests set
+``TRITON_INTERPRET=1`` for the whole session, and under it ``@triton.jit`` gives kernels that
+cannot be compiled. Skipped when triton is not installed.
 """
 import importlib
 import inspect
@@ -89,28 +88,33 @@ def compile_all() -> list[str]:
     """Compile every distinct recorded launch; the failures as one line each."""
     import torch
     import triton
+    from triton._C.libtriton import native_specialize_impl  # what a launch's argument binder calls
     from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import mangle_type
+    from triton.compiler.compiler import make_backend
 
     launches: list = []
     _record_launches(launches)
     for dtype in DTYPES:
         _call_launch_sites(getattr(torch, dtype))
     target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
     failures, done = [], set()
     for name, fn, bound, options in launches:
-        signature, constexprs = {}, {}
-        for p in fn.arg_names:
-            kind = "constexpr" if fn.params[fn.arg_names.index(p)].is_constexpr else mangle_type(bound[p], True)
+        signature, constexprs, attrs = {}, {}, {}
+        for i, p in enumerate(fn.arg_names):
+            kind, attr = ("constexpr", None) if fn.params[i].is_constexpr else native_specialize_impl(
+                backend, bound[p], False, True, True)
             signature[p] = kind
             if kind == "constexpr":
-                constexprs[p] = bound[p]
-        key = (name, tuple(signature.items()), tuple(constexprs.items()), tuple(sorted(options.items())))
+                constexprs[(i,)] = bound[p]
+            elif isinstance(attr, str) and attr:  # "D": divisible by 16, as a launch specializes it
+                attrs[(i,)] = backend.parse_attr(attr)
+        key = (name, tuple(signature.items()), tuple(constexprs.items()), str(attrs), tuple(sorted(options.items())))
         if key in done:
             continue
         done.add(key)
         try:
-            triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+            triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                            target=target, options=options)
         except Exception as e:  # noqa: BLE001 (any compiler error is the finding)
             lines = str(e).strip().splitlines()
