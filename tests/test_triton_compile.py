@@ -119,7 +119,8 @@ def compile_all() -> list[str]:
         except Exception as e:  # noqa: BLE001 (any compiler error is the finding)
             lines = str(e).strip().splitlines()
             types = {p: t for p, t in signature.items() if t != "constexpr"}
-            failures.append(f"{name} {types} {constexprs} {options}: {type(e).__name__}: {' | '.join(lines[-3:])}")
+            values = {fn.arg_names[i]: v for (i,), v in constexprs.items()}
+            failures.append(f"{name} {types} {values} {options}: {type(e).__name__}: {' | '.join(lines[-3:])}")
     launched = {name for name, *_ in launches}
     jit_functions = _jit_functions()
     for name in jit_functions:
