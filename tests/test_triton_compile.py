@@ -60,9 +60,9 @@ def _call_launch_sites(dtype) -> None:
         out.backward(torch.ones_like(out))
 
     x, w, b = leaf(8, 4096), leaf(4096), leaf(4096)  # hidden 4096: the norm backward's 16 warps
-    backward(tno.layer_norm(x, w, b, 1e-5))  # as the model calls it: one row per program here
+    backward(tno.layer_norm(x, w, b, 1e-5, bwd_programs=8))  # one row per program: ROWS == 1, a constexpr
     backward(tno.layer_norm(x, w, None, 1e-5, bwd_programs=2))
-    backward(tno.rms_norm(x, w, 1e-5))
+    backward(tno.rms_norm(x, w, 1e-5))  # as the model calls it (programs per multiprocessor)
     scores = leaf(2, 4, 16, 2048)
     backward(tno.scaled_masked_softmax(scores, None, 0.125))  # causal
     backward(tno.scaled_masked_softmax(scores, torch.zeros(2, 1, 1, 2048, dtype=torch.bool), 0.125))
