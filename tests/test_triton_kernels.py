@@ -223,13 +223,16 @@ def test_cross_entropy_logits_far_from_zero():
              lambda x: torch_ce(x, target, None, 0.0), logits, what="cross entropy near 1000")
 
 
-def _tp_cross_entropy(label_smoothing, rank0_shift):
+def _tp_cross_entropy(label_smoothing, rank0_shift, rank1_padding):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     logits = _randn(4, 3, 40)
     logits[..., :20] += rank0_shift  # rank 0's shard, so the two ranks' local maxima differ by that much
     target = torch.randint(0, 40, (4, 3), generator=torch.Generator().manual_seed(4))
     if rank0_shift:  # each target rank 0's largest logit: losses below 1 (one near the shift would set the floor)
         target = logits[..., :20].argmax(-1)
+    if rank1_padding:  # rank 1's whole shard is masked vocabulary padding: its rows' max is fp32's lowest
+        logits[..., 20:] = float("-inf")
+        target %= 20
     shard = logits.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
     out, (grad,) = _grads(lambda x: tce.vocab_parallel_cross_entropy(x, target, ps.tp_group, label_smoothing,
                                                                      block=8), shard)
@@ -238,12 +241,14 @@ def _tp_cross_entropy(label_smoothing, rank0_shift):
     return out, grad, ref, ref_grad.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
 
 
-@pytest.mark.parametrize("label_smoothing, rank0_shift", [(0.1, 0.0), (0.0, 1000.0)])
-def test_cross_entropy_vocab_parallel_tp2(label_smoothing, rank0_shift):
+@pytest.mark.parametrize("label_smoothing, rank0_shift, rank1_padding",
+                         [(0.1, 0.0, False), (0.0, 1000.0, False), (0.0, 0.0, True)])
+def test_cross_entropy_vocab_parallel_tp2(label_smoothing, rank0_shift, rank1_padding):
     """With a shift of 1000, rank 1's sum of exp underflows to 0 once moved to the global max (rank
-    0's), and every target is on rank 0 with a loss below 1 next to logits near 1000."""
+    0's), and every target is on rank 0 with a loss below 1 next to logits near 1000. With rank 1's
+    shard all -inf, its sum must be 0, not exp(-inf - -inf) = nan."""
     for out, grad, ref, ref_grad in run_distributed(_tp_cross_entropy, 2, label_smoothing, rank0_shift,
-                                                    timeout=120):
+                                                    rank1_padding, timeout=120):
         assert_rel_close(out, ref, what="TP-2 loss")
         assert_rel_close(grad, ref_grad, what="TP-2 logits grad")
 
