@@ -230,15 +230,12 @@ def sweep(args) -> None:
             for warps in (4, 8, 16):
                 for per_sm in per_sm_options:
                     for block in blocks:
-                        # The same signature as num_warps: the norm backward passes most=16.
-                        tno.num_warps = tce.num_warps = lambda _block, most=8, w=warps: w
+                        tno.num_warps = tce.num_warps = lambda _block, most=8, w=warps: w  # as num_warps(b, most)
                         tno.BWD_PROGRAMS_PER_SM = per_sm
                         fn = fused if block is None else (
                             lambda x, b=block, t=target: tce.vocab_parallel_cross_entropy(x, t, block=b))
                         fwd, bwd = _times(fn, inputs, kernel_only=True)
                         block_size = block or 1 << (inputs[0].shape[-1] - 1).bit_length()
-                        # The defaults: the forward's warps, and the backward's (up to 16 for the norms)
-                        # with its programs per multiprocessor.
                         fwd_default = warps == default_warps(block_size) and block in (None, 1024)
                         bwd_default = (warps == default_warps(block_size, 16 if "norm" in name else 8)
                                        and per_sm == default_per_sm and block in (None, 1024))
