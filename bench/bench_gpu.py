@@ -219,7 +219,7 @@ def _kernel_row(name, fused, reference, inputs, fwd_elems, bwd_elems, bandwidth,
 def sweep(args) -> None:
     """Launch configurations of the row kernels (warps per program; the norm backward's programs
     per multiprocessor; the cross entropy's block), timed forward and backward in bf16, the
-    current defaults marked with *."""
+    current defaults marked with * after the forward's and the backward's time."""
     from megatron_core import device
     from megatron_core.fusions import triton_cross_entropy as tce
     from megatron_core.fusions import triton_norms as tno
@@ -236,16 +236,18 @@ def sweep(args) -> None:
             for warps in (4, 8, 16):
                 for per_sm in per_sm_options:
                     for block in blocks:
-                        tno.num_warps = tce.num_warps = lambda _b, w=warps: w
+                        tno.num_warps = tce.num_warps = lambda _block, most=8, w=warps: w  # as num_warps(b, most)
                         tno.BWD_PROGRAMS_PER_SM = per_sm
                         fn = fused if block is None else (
                             lambda x, b=block, t=target: tce.vocab_parallel_cross_entropy(x, t, block=b))
                         fwd, bwd = _times(fn, inputs, kernel_only=True)
                         block_size = block or 1 << (inputs[0].shape[-1] - 1).bit_length()
-                        is_default = (warps == default_warps(block_size) and per_sm == default_per_sm
-                                      and block in (None, 1024))
+                        fwd_default = warps == default_warps(block_size) and block in (None, 1024)
+                        bwd_default = (warps == default_warps(block_size, 16 if "norm" in name else 8)
+                                       and per_sm == default_per_sm and block in (None, 1024))
                         print(f"sweep {name:15s} warps {warps:2d} programs/SM {per_sm:2d} block {block_size:5d}: "
-                              f"fwd {fwd:7.3f} ms bwd {bwd:7.3f} ms{' *' if is_default else ''}", flush=True)
+                              f"fwd {fwd:7.3f} ms{' *' if fwd_default else '  '} "
+                              f"bwd {bwd:7.3f} ms{' *' if bwd_default else ''}", flush=True)
             del inputs
     finally:
         tno.num_warps = tce.num_warps = default_warps

@@ -1,86 +1,135 @@
-"""Every Triton kernel of ``megatron_core.fusions`` compiles for a Hopper GPU (sm_90), on this CPU.
+"""Every Triton kernel of ``megatron_core.fusions`` compiles for a Hopper GPU (sm_90), on this CPU,
+as its launch sites launch it.
 
 Triton's interpreter (``tests/test_triton_kernels.py``) runs a kernel's Python, not its compiler:
 code the compiler refuses (a non-constexpr global, a dtype clash between branches, an op with no
 lowering) passes there and fails only on a GPU. ``triton.compile`` needs no device, so here each
-kernel is compiled down to a cubin (Triton's bundled ptxas) for every constexpr combination and
-data dtype the launch sites use. Runs in a subprocess: the interpreter tests set
+public op (``layer_norm``, ``rms_norm``, ``scaled_masked_softmax``, ``apply_rotary_pos_emb``,
+``swiglu``, ``bias_dropout_add``, ``vocab_parallel_cross_entropy``) is called forward and backward on
+CPU tensors with every kernel's launch recorded instead of run, and each recorded launch is compiled
+down to a cubin (Triton's bundled ptxas) with the types, constexprs and ``num_warps`` a launch on a
+GPU would compile: Triton's own argument specialization, so an int argument equal to 1 (one head
+per rank, one row per norm-backward program, a mask's unit stride) is a constexpr there too, and
+pointers and ints divisible by 16 carry that attribute. A ``@triton.jit`` function that no call
+launches and no kernel calls fails the test. Runs in a subprocess: the interpreter tests set
 ``TRITON_INTERPRET=1`` for the whole session, and under it ``@triton.jit`` gives kernels that
 cannot be compiled. Skipped when triton is not installed.
 """
 import importlib
+import inspect
 import os
 import subprocess
 import sys
 
 import pytest
 
-PTR = "*{dtype}"
-# kernel -> (argument types, with {dtype} the data dtype; constexpr variants the launch sites use)
-KERNELS = {
-    "triton_norms._norm_fwd": (
-        dict(X=PTR, Y=PTR, W=PTR, B=PTR, Mean="*fp32", Rstd="*fp32", N="i32", eps="fp32"),
-        [dict(HAS_BIAS=True, RMS=False), dict(HAS_BIAS=False, RMS=False), dict(HAS_BIAS=False, RMS=True)]),
-    "triton_norms._norm_bwd": (
-        dict(X=PTR, DY=PTR, DX=PTR, W=PTR, Mean="*fp32", Rstd="*fp32", DW="*fp32", DB="*fp32", M="i32", N="i32",
-             ROWS="i32"),
-        [dict(HAS_BIAS=True, RMS=False), dict(HAS_BIAS=False, RMS=False), dict(HAS_BIAS=False, RMS=True)]),
-    "triton_norms._softmax_fwd": (
-        dict(X=PTR, Y=PTR, MASK="*u8", H="i32", SQ="i32", SK="i32", msb="i32", msh="i32", msq="i32", msk="i32",
-             scale="fp32"),
-        [dict(HAS_MASK=True, CAUSAL=False), dict(HAS_MASK=False, CAUSAL=True)]),
-    "triton_norms._softmax_bwd": (
-        dict(DY=PTR, Y=PTR, DX=PTR, MASK="*u8", H="i32", SQ="i32", SK="i32", msb="i32", msh="i32", msq="i32",
-             msk="i32", scale="fp32"),
-        [dict(HAS_MASK=True, CAUSAL=False), dict(HAS_MASK=False, CAUSAL=True)]),
-    "triton_elementwise._rope": (
-        dict(X=PTR, Y=PTR, COS="*fp32", SIN="*fp32", HEADS="i32", D="i32", ROT="i32"),
-        [dict(BACKWARD=False, HEADS_BLOCK=32, HALF_BLOCK=64, REST_BLOCK=1),
-         dict(BACKWARD=True, HEADS_BLOCK=8, HALF_BLOCK=32, REST_BLOCK=64)]),
-    "triton_elementwise._swiglu_fwd": (dict(X=PTR, Y=PTR, F="i32"), [{}]),
-    "triton_elementwise._swiglu_bwd": (dict(X=PTR, DY=PTR, DX=PTR, F="i32"), [{}]),
-    "triton_elementwise._bda": (
-        dict(X=PTR, BIAS=PTR, RES=PTR, DY=PTR, OUT=PTR, SEED="*i32", N="i64", H="i32", p="fp32", scale="fp32"),
-        [dict(HAS_BIAS=True, BACKWARD=False), dict(HAS_BIAS=False, BACKWARD=False),
-         dict(HAS_BIAS=False, BACKWARD=True)]),
-    "triton_cross_entropy._row_stats": (
-        dict(X=PTR, TARGET="*i32", MAX="*fp32", SUM_EXP="*fp32", SUM_X="*fp32", PRED="*fp32", V="i32"), [{}]),
-    "triton_cross_entropy._grad": (
-        dict(X=PTR, MAX="*fp32", SUM_EXP="*fp32", TARGET="*i32", DY="*fp32", DX=PTR, V="i32", smooth_target="fp32",
-             smooth_all="fp32"), [{}]),
-}
-DTYPES = ("bf16", "fp16", "fp32")
-NUM_WARPS = {"triton_norms._norm_bwd": 16}  # the launch sites' num_warps for BLOCK 2048 (8 elsewhere)
+MODULES = ("triton_norms", "triton_elementwise", "triton_cross_entropy")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _record_launches(launches: list) -> None:
+    """Replace every kernel's launch by one that appends (kernel, arguments, options) to ``launches``."""
+    import triton
+
+    for module in MODULES:
+        mod = importlib.import_module(f"megatron_core.fusions.{module}")
+        for name, fn in vars(mod).items():
+            if isinstance(fn, triton.runtime.jit.JITFunction):
+                params = list(inspect.signature(fn.fn).parameters)
+
+                def run(*args, grid, warmup, fn=fn, params=params, qualified=f"{module}.{name}", **kwargs):
+                    bound = dict(zip(params, args, strict=False))
+                    bound.update((k, v) for k, v in kwargs.items() if k in params)
+                    options = {k: v for k, v in kwargs.items() if k not in params}
+                    launches.append((qualified, fn, bound, options))
+                fn.run = run
+
+
+def _call_launch_sites(dtype) -> None:
+    """Each public op forward and backward at training-like shapes (kernels recorded, not run)."""
+    import torch
+
+    from megatron_core.fusions import triton_cross_entropy as tce
+    from megatron_core.fusions import triton_elementwise as tel
+    from megatron_core.fusions import triton_norms as tno
+
+    def leaf(*shape):
+        return torch.zeros(*shape, dtype=dtype, requires_grad=True)
+
+    def backward(out):
+        out.backward(torch.ones_like(out))
+
+    x, w, b = leaf(8, 4096), leaf(4096), leaf(4096)  # hidden 4096: the norm backward's 16 warps
+    backward(tno.layer_norm(x, w, b, 1e-5, bwd_programs=8))  # one row per program: ROWS == 1, a constexpr
+    backward(tno.layer_norm(x, w, None, 1e-5, bwd_programs=2))
+    backward(tno.rms_norm(x, w, 1e-5))  # as the model calls it (programs per multiprocessor)
+    scores = leaf(2, 4, 16, 2048)
+    backward(tno.scaled_masked_softmax(scores, None, 0.125))  # causal
+    backward(tno.scaled_masked_softmax(scores, torch.zeros(2, 1, 1, 2048, dtype=torch.bool), 0.125))
+    cos, sin = torch.zeros(4, 1, 1, 128), torch.zeros(4, 1, 1, 128)
+    backward(tel.apply_rotary_pos_emb(leaf(4, 2, 32, 128), cos, sin))
+    backward(tel.apply_rotary_pos_emb(leaf(4, 2, 1, 128), cos[..., :64], sin[..., :64]))  # one head, partial
+    backward(tel.swiglu(leaf(8, 2 * 11008)))
+    backward(tel.bias_dropout_add(leaf(4, 2, 4096), leaf(4096), leaf(4, 2, 4096), 0.1))
+    backward(tel.bias_dropout_add(leaf(4, 2, 4096), None, leaf(4, 2, 4096), 0.1))
+    target = torch.zeros(8, dtype=torch.int64)
+    backward(tce.vocab_parallel_cross_entropy(leaf(8, 50304), target, None, 0.1))
+
+
+def _jit_functions() -> dict:
+    import triton
+
+    return {f"{module}.{name}": fn for module in MODULES
+            for name, fn in vars(importlib.import_module(f"megatron_core.fusions.{module}")).items()
+            if isinstance(fn, triton.runtime.jit.JITFunction)}
 
 
 def compile_all() -> list[str]:
-    """Compile every (kernel, variant, dtype); the failures as one line each."""
+    """Compile every distinct recorded launch; the failures as one line each."""
+    import torch
     import triton
+    from triton._C.libtriton import native_specialize_impl  # what a launch's argument binder calls
     from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
 
-    from megatron_core.fusions.triton_norms import num_warps
+    launches: list = []
+    _record_launches(launches)
+    for dtype in DTYPES:
+        _call_launch_sites(getattr(torch, dtype))
     target = GPUTarget("cuda", 90, 32)
-    failures = []
-    for name, (types, variants) in KERNELS.items():
-        module, fn_name = name.split(".")
-        fn = getattr(importlib.import_module(f"megatron_core.fusions.{module}"), fn_name)
-        params = fn.arg_names
-        for variant in variants:
-            constexprs = dict(variant)
-            if "BLOCK" in params:
-                constexprs["BLOCK"] = 2048
-            missing = [p for p in params if p not in types and p not in constexprs]
-            if missing:
-                failures.append(f"{name}: no type for {missing} in this test's table")
-                continue
-            for dtype in DTYPES:
-                signature = {p: types[p].format(dtype=dtype) if p in types else "constexpr" for p in params}
-                try:
-                    triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                   target=target, options=dict(num_warps=NUM_WARPS.get(name, num_warps(2048))))
-                except Exception as e:  # noqa: BLE001 (any compiler error is the finding)
-                    first = str(e).strip().splitlines()
-                    failures.append(f"{name} {variant} {dtype}: {type(e).__name__}: {' | '.join(first[-3:])}")
+    backend = make_backend(target)
+    failures, done = [], set()
+    for name, fn, bound, options in launches:
+        signature, constexprs, attrs = {}, {}, {}
+        for i, p in enumerate(fn.arg_names):
+            kind, attr = ("constexpr", None) if fn.params[i].is_constexpr else native_specialize_impl(
+                backend, bound[p], False, True, True)
+            signature[p] = kind
+            if kind == "constexpr":
+                constexprs[(i,)] = bound[p]
+            elif isinstance(attr, str) and attr:  # "D": divisible by 16, as a launch specializes it
+                attrs[(i,)] = backend.parse_attr(attr)
+        key = (name, tuple(signature.items()), tuple(constexprs.items()), str(attrs), tuple(sorted(options.items())))
+        if key in done:
+            continue
+        done.add(key)
+        try:
+            triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                           target=target, options=options)
+        except Exception as e:  # noqa: BLE001 (any compiler error is the finding)
+            lines = str(e).strip().splitlines()
+            types = {p: t for p, t in signature.items() if t != "constexpr"}
+            values = {fn.arg_names[i]: v for (i,), v in constexprs.items()}
+            failures.append(f"{name} {types} {values} {options}: {type(e).__name__}: {' | '.join(lines[-3:])}")
+    launched = {name for name, *_ in launches}
+    jit_functions = _jit_functions()
+    for name in jit_functions:
+        # A device function (called from another kernel) is compiled with its caller.
+        called = any(name.split(".")[1] + "(" in other.src for other_name, other in jit_functions.items()
+                     if other_name != name)
+        if name not in launched and not called:
+            failures.append(f"{name}: no call in this test launches it (add one to _call_launch_sites)")
+    print(f"{len(done)} launches compiled ({len(launches)} recorded)")
     return failures
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from equivalence import assert_rel_close  # noqa: E402
 from harness import run_distributed  # noqa: E402
 
-from megatron_core import device, parallel_state  # noqa: E402
+from megatron_core import device, parallel_state, tensor_parallel  # noqa: E402
 from megatron_core.fusions import Kernel, LayerNorm, RMSNorm, find_kernel  # noqa: E402
 from megatron_core.fusions import triton_cross_entropy as tce  # noqa: E402
 from megatron_core.fusions import triton_elementwise as tel  # noqa: E402
@@ -69,6 +69,16 @@ def test_rms_norm():
              lambda x, w: F.rms_norm(x, (12,), w, 1e-5), x, w, what="RMSNorm")
 
 
+@pytest.mark.parametrize("bwd_programs", [0, -2])
+def test_norm_bwd_programs_must_be_positive(bwd_programs):
+    """0 is not "the default" (None is) and a negative count is not one program: both are refused."""
+    x, w = _randn(4, 8), _randn(8, seed=1)
+    with pytest.raises(ValueError, match="bwd_programs must be None"):
+        tno.layer_norm(x, w, None, 1e-5, bwd_programs=bwd_programs)
+    with pytest.raises(ValueError, match="bwd_programs must be None"):
+        tno.rms_norm(x, w, 1e-5, bwd_programs=bwd_programs)
+
+
 def test_norm_modules_use_a_plugged_kernel():
     """The modules' kernel slot routes to the Triton function (how kernels.py selects it on CUDA)."""
     x = _randn(4, 2, 16)
@@ -106,6 +116,17 @@ def test_rope(rotary_dim):
     cos, sin = RotaryEmbedding(rotary_dim)(torch.arange(s).expand(b, s) + torch.tensor([[0], [3]]))
     _compare(lambda x: tel.apply_rotary_pos_emb(x, cos, sin), lambda x: apply_rotary_pos_emb(x, (cos, sin)),
              _randn(s, b, heads, d), what=f"RoPE rotary_dim={rotary_dim}")
+
+
+@pytest.mark.parametrize("heads, d, rotary_dim", [(1, 8, 8), (33, 9, 2), (5, 12, 6)])
+def test_rope_head_tile_edges(heads, d, rotary_dim):
+    """The [heads, rotary_dim / 2] tile of one program: one head, a head count far from a power of
+    two, the smallest rotary part with an odd pass-through rest, and a rotary half that is not a
+    power of two."""
+    s, b = 3, 2
+    cos, sin = RotaryEmbedding(rotary_dim)(torch.arange(s).expand(b, s))
+    _compare(lambda x: tel.apply_rotary_pos_emb(x, cos, sin), lambda x: apply_rotary_pos_emb(x, (cos, sin)),
+             _randn(s, b, heads, d), what=f"RoPE heads={heads} d={d} rotary_dim={rotary_dim}")
 
 
 def test_swiglu():
@@ -148,6 +169,32 @@ def test_bias_dropout_add_partial_block():
     assert_rel_close(dx, torch.where(kept, g / 0.7, 0.0), what="input grad")
 
 
+def _bda_checkpoint_vs_plain():
+    ps = parallel_state.initialize_model_parallel(1, 1)
+    w, bias, x0 = _randn(8, 16, seed=1), _randn(16, seed=2), _randn(5, 16, seed=3)
+    outs = []
+    for use_checkpoint in (False, True):
+        ps.manual_seed(123)
+        a, b, x = w.clone().requires_grad_(), bias.clone().requires_grad_(), x0.clone().requires_grad_()
+
+        def block(x, a=a, b=b):
+            h = tel.bias_dropout_add(x[:, :8] @ a, b, x, 0.3, block=16)  # the default generator's seed
+            with ps.rng_tracker.fork():  # the tracker's, as under sequence parallelism
+                return tel.bias_dropout_add(torch.tanh(h)[:, :8] @ a, b, h, 0.3, block=16)
+        y = tensor_parallel.checkpoint(block, ps.rng_tracker, x) if use_checkpoint else block(x)
+        (y * y).sum().backward()
+        outs.append((y.detach(), x.grad, a.grad, b.grad))
+    return outs
+
+
+def test_bias_dropout_add_recompute_draws_the_same_masks():
+    """Activation recompute replays the RNG states, so the kernel's re-drawn seeds and four-per-call
+    Philox masks, inside and outside the tracker's fork, give bitwise the same output and grads."""
+    plain, recomputed = run_distributed(_bda_checkpoint_vs_plain, 1, timeout=60)[0]
+    for name, p, r in zip(("output", "input grad", "weight grad", "bias grad"), plain, recomputed, strict=True):
+        assert torch.equal(p, r), name
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_cross_entropy(label_smoothing):
     logits = _randn(3, 4, 37)
@@ -167,19 +214,41 @@ def test_cross_entropy_online_max(block):
              lambda x: torch_ce(x, target, None, 0.1), logits, what=f"cross entropy, block {block}")
 
 
-def _tp_cross_entropy():
+def test_cross_entropy_logits_far_from_zero():
+    """Logits near 1000 and losses near 1: the loss is log(sum exp(x - max)) - (x_t - max), not
+    (max + log(sum exp(x - max))) - x_t, which loses ulp(1000) = 6e-5 absolute."""
+    logits = _randn(4, 3, 37) * 2 + 1000
+    target = torch.randint(0, 37, (4, 3), generator=torch.Generator().manual_seed(4))
+    _compare(lambda x: tce.vocab_parallel_cross_entropy(x, target, None, 0.0, block=16),
+             lambda x: torch_ce(x, target, None, 0.0), logits, what="cross entropy near 1000")
+
+
+def _tp_cross_entropy(label_smoothing, rank0_shift, rank1_padding):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     logits = _randn(4, 3, 40)
+    logits[..., :20] += rank0_shift  # rank 0's shard, so the two ranks' local maxima differ by that much
     target = torch.randint(0, 40, (4, 3), generator=torch.Generator().manual_seed(4))
+    if rank0_shift:  # each target rank 0's largest logit: losses below 1 (one near the shift would set the floor)
+        target = logits[..., :20].argmax(-1)
+    if rank1_padding:  # rank 1's whole shard is masked vocabulary padding: its rows' max is fp32's lowest
+        logits[..., 20:] = float("-inf")
+        target %= 20
     shard = logits.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
-    out, (grad,) = _grads(lambda x: tce.vocab_parallel_cross_entropy(x, target, ps.tp_group, 0.1, block=8), shard)
-    ref, (ref_grad,) = _grads(lambda x: F.cross_entropy(x.view(-1, 40), target.view(-1), reduction="none",
-                                                        label_smoothing=0.1).view(4, 3), logits)
+    out, (grad,) = _grads(lambda x: tce.vocab_parallel_cross_entropy(x, target, ps.tp_group, label_smoothing,
+                                                                     block=8), shard)
+    ref, (ref_grad,) = _grads(lambda x: F.cross_entropy(x.double().view(-1, 40), target.view(-1), reduction="none",
+                                                        label_smoothing=label_smoothing).view(4, 3), logits)
     return out, grad, ref, ref_grad.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
 
 
-def test_cross_entropy_vocab_parallel_tp2():
-    for out, grad, ref, ref_grad in run_distributed(_tp_cross_entropy, 2, timeout=120):
+@pytest.mark.parametrize("label_smoothing, rank0_shift, rank1_padding",
+                         [(0.1, 0.0, False), (0.0, 1000.0, False), (0.0, 0.0, True)])
+def test_cross_entropy_vocab_parallel_tp2(label_smoothing, rank0_shift, rank1_padding):
+    """With a shift of 1000, rank 1's sum of exp underflows to 0 once moved to the global max (rank
+    0's), and every target is on rank 0 with a loss below 1 next to logits near 1000. With rank 1's
+    shard all -inf, its sum must be 0, not exp(-inf - -inf) = nan."""
+    for out, grad, ref, ref_grad in run_distributed(_tp_cross_entropy, 2, label_smoothing, rank0_shift,
+                                                    rank1_padding, timeout=120):
         assert_rel_close(out, ref, what="TP-2 loss")
         assert_rel_close(grad, ref_grad, what="TP-2 logits grad")
 

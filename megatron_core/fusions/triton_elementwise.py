@@ -3,8 +3,8 @@
 Imported only when Triton is installed; selected on CUDA by ``megatron_core.fusions.kernels``, and
 run on CPU in Triton's interpreter (``TRITON_INTERPRET=1``) by the tests. Arithmetic in fp32, results
 in the input's dtype. Bias-dropout-add keeps no mask: backward regenerates it from the saved seed
-and element offsets (``tl.rand`` is a counter-based Philox generator), so it stores 8 bytes instead
-of one byte per element.
+and the same Philox counters (``tl.rand4x`` is a counter-based generator, four numbers per
+counter), so it stores 4 bytes instead of one byte per element.
 """
 from __future__ import annotations
 
@@ -193,7 +193,9 @@ def bias_dropout_add(x: torch.Tensor, bias: torch.Tensor | None, residual: torch
     """residual + dropout(x + bias, p) for ``x``/``residual`` [..., h] and ``bias`` [h] (or None).
 
     Kept values are scaled by 1 / (1 - p); the mask is drawn from a seed taken from the default
-    generator of ``x``'s device.
+    generator of ``x``'s device, and depends on the seed and ``block`` (elements per program, a
+    power of two >= 4: each Philox counter decides four elements a quarter-block apart).
+    Raises ValueError for p outside (0, 1) or another block.
     """
     if not 0.0 < p < 1.0:
         raise ValueError(f"bias_dropout_add needs a dropout probability in (0, 1), got {p}")

@@ -120,19 +120,26 @@ class _Norm(torch.autograd.Function):
         return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), grad_bias, None, None, None
 
 
+def _check_programs(bwd_programs: int | None) -> int | None:
+    # 0 would read as "the default" in backward and a negative count as one program: refuse both.
+    if bwd_programs is not None and bwd_programs < 1:
+        raise ValueError(f"bwd_programs must be None (the default) or >= 1, got {bwd_programs}")
+    return bwd_programs
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                bwd_programs: int | None = None) -> torch.Tensor:
     """LayerNorm over the last dimension of ``x`` [..., n]; ``weight``/``bias`` [n] (bias may be None).
 
     ``bwd_programs``: programs of the backward kernel (None: :data:`BWD_PROGRAMS_PER_SM` per
-    multiprocessor, at most one per row)."""
-    return _Norm.apply(x, weight, bias, eps, False, bwd_programs)
+    multiprocessor), at most one per row; ValueError unless None or >= 1."""
+    return _Norm.apply(x, weight, bias, eps, False, _check_programs(bwd_programs))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bwd_programs: int | None = None) -> torch.Tensor:
     """RMSNorm over the last dimension of ``x`` [..., n] with ``weight`` [n]; ``bwd_programs`` as
     :func:`layer_norm`'s."""
-    return _Norm.apply(x, weight, None, eps, True, bwd_programs)
+    return _Norm.apply(x, weight, None, eps, True, _check_programs(bwd_programs))
 
 
 @triton.jit
