@@ -31,6 +31,35 @@ from megatron_core.transformer.mlp import ACTIVATIONS  # noqa: E402
 from megatron_core.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
 
 
+def _interpreter_runs_loops() -> bool:
+    """Whether this Triton's interpreter runs a loop bounded by a runtime argument. Triton 3.6's
+    does ``int()`` of a one-element array there, which NumPy 2.4 refuses (a later Triton
+    squeezes it first): then the kernels with such loops cannot run here, although they compile
+    (tests/test_triton_compile.py) and run on a GPU."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count(OUT, N):
+        acc = 0
+        for _ in range(0, N):
+            acc += 1
+        tl.store(OUT, acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count[(1,)](out, 3)
+    except Exception:  # noqa: BLE001 (the interpreter's error is the answer)
+        return False
+    return int(out) == 3
+
+
+runtime_loops = pytest.mark.skipif(not _interpreter_runs_loops(), reason=(
+    "this Triton's interpreter cannot run loops bounded by a runtime argument with this NumPy "
+    "(seen with Triton 3.6 and NumPy 2.4; Triton 3.9 runs them); the kernels still compile "
+    "(test_triton_compile.py)"))
+
+
 def _grads(fn, *tensors, seed=11):
     """fn(*tensors), and the grads of sum(out * g) for a fixed random g, as plain tensors."""
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
@@ -52,6 +81,7 @@ def _randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+@runtime_loops
 @pytest.mark.parametrize("bias", [True, False])
 def test_layer_norm(bias):
     x, w, b = _randn(5, 3, 20), _randn(20, seed=1), _randn(20, seed=2)
@@ -63,6 +93,7 @@ def test_layer_norm(bias):
                  lambda x, w: F.layer_norm(x, (20,), w, None, 1e-5), x, w, what="LayerNorm without bias")
 
 
+@runtime_loops
 def test_rms_norm():
     x, w = _randn(7, 2, 12), _randn(12, seed=1)
     _compare(lambda x, w: tno.rms_norm(x, w, 1e-5, bwd_programs=3),
@@ -79,6 +110,7 @@ def test_norm_bwd_programs_must_be_positive(bwd_programs):
         tno.rms_norm(x, w, 1e-5, bwd_programs=bwd_programs)
 
 
+@runtime_loops
 def test_norm_modules_use_a_plugged_kernel():
     """The modules' kernel slot routes to the Triton function (how kernels.py selects it on CUDA)."""
     x = _randn(4, 2, 16)
@@ -195,6 +227,7 @@ def test_bias_dropout_add_recompute_draws_the_same_masks():
         assert torch.equal(p, r), name
 
 
+@runtime_loops
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_cross_entropy(label_smoothing):
     logits = _randn(3, 4, 37)
@@ -204,6 +237,7 @@ def test_cross_entropy(label_smoothing):
              lambda x: torch_ce(x, target, None, label_smoothing), logits, what="cross entropy")
 
 
+@runtime_loops
 @pytest.mark.parametrize("block", [8, 64])
 def test_cross_entropy_online_max(block):
     """Large logits whose running max grows block after block (each lane's sum is rescaled), and a
@@ -214,6 +248,7 @@ def test_cross_entropy_online_max(block):
              lambda x: torch_ce(x, target, None, 0.1), logits, what=f"cross entropy, block {block}")
 
 
+@runtime_loops
 def test_cross_entropy_logits_far_from_zero():
     """Logits near 1000 and losses near 1: the loss is log(sum exp(x - max)) - (x_t - max), not
     (max + log(sum exp(x - max))) - x_t, which loses ulp(1000) = 6e-5 absolute."""
@@ -241,6 +276,7 @@ def _tp_cross_entropy(label_smoothing, rank0_shift, rank1_padding):
     return out, grad, ref, ref_grad.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
 
 
+@runtime_loops
 @pytest.mark.parametrize("label_smoothing, rank0_shift, rank1_padding",
                          [(0.1, 0.0, False), (0.0, 1000.0, False), (0.0, 0.0, True)])
 def test_cross_entropy_vocab_parallel_tp2(label_smoothing, rank0_shift, rank1_padding):
