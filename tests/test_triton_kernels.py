@@ -33,8 +33,8 @@ from megatron_core.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb
 
 def _interpreter_runs_loops() -> bool:
     """Whether this Triton's interpreter runs a loop bounded by a runtime argument. Triton 3.6's
-    does ``int()`` of a one-element array there, which NumPy 2.4 refuses (a later Triton
-    squeezes it first): then the kernels with such loops cannot run here, although they compile
+    does ``int()`` of a one-element array there, which NumPy 2.4 refuses (Triton 3.9 squeezes it
+    first): then the kernels with such loops cannot run here, although they compile
     (tests/test_triton_compile.py) and run on a GPU."""
     import triton
     import triton.language as tl
