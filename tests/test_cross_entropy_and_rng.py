@@ -187,3 +187,22 @@ def test_checkpoint_with_dropout_equals_plain():
     plain, ckpt = run_distributed(_checkpoint_vs_plain, 1, timeout=60)[0]
     for name, p, c in zip(("output", "input grad", "w1 grad", "w2 grad", "next dropout"), plain, ckpt, strict=True):
         assert torch.equal(p, c), name
+
+
+def _parallel_shifted_ce():
+    """Rank 0's vocabulary shard 1000 above rank 1's; every target is rank 0's largest logit."""
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    logits = torch.randn(4, 3, 40, generator=torch.Generator().manual_seed(3))
+    logits[..., :20] += 1000
+    target = logits[..., :20].argmax(-1)
+    local = logits.chunk(ps.tp_size, dim=-1)[ps.tp_rank]
+    return vocab_parallel_cross_entropy(local, target, ps.tp_group), logits, target
+
+
+def test_vocab_parallel_loss_keeps_precision_far_from_zero():
+    """Losses below 3 at logits near 1000 over TP 2: the loss is log Z - (x_t - M), not
+    (M + log Z) - x_t, whose rounding of M + log Z alone is ulp(1000) = 6e-5 absolute."""
+    for loss, logits, target in run_distributed(_parallel_shifted_ce, 2, timeout=60):
+        ref = F.cross_entropy(logits.double().view(-1, 40), target.view(-1), reduction="none").view(4, 3)
+        assert ref.max() < 3  # so ulp(1000) = 6e-5 absolute is over 2e-5 relative
+        assert_rel_close(loss, ref.float(), what="TP 2 loss near 1000")
