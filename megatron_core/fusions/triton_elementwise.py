@@ -12,6 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+NUM_WARPS = 4
+"""Warps per program of RoPE and bias-dropout-add (Triton's default; bench/bench_gpu.py's sweep
+varies it)."""
+
 
 @triton.jit
 def _rope(X, Y, COS, SIN, HEADS, D, ROT, BACKWARD: tl.constexpr, HEADS_BLOCK: tl.constexpr,
@@ -50,9 +54,10 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward
     rot = cos.shape[-1]
     x = x.contiguous()
     y = torch.empty_like(x)
-    _rope[(s * b,)](x, y, cos, sin, heads, d, rot, BACKWARD=backward, HEADS_BLOCK=triton.next_power_of_2(heads),
-                    HALF_BLOCK=triton.next_power_of_2(max(rot // 2, 1)),
-                    REST_BLOCK=triton.next_power_of_2(max(d - rot, 1)))
+    heads_block, half_block = triton.next_power_of_2(heads), triton.next_power_of_2(max(rot // 2, 1))
+    _rope[(s * b,)](x, y, cos, sin, heads, d, rot, BACKWARD=backward, HEADS_BLOCK=heads_block,
+                    HALF_BLOCK=half_block, REST_BLOCK=triton.next_power_of_2(max(d - rot, 1)),
+                    num_warps=NUM_WARPS)
     return y
 
 
@@ -171,7 +176,8 @@ class _BiasDropoutAdd(torch.autograd.Function):
         n, h = x.numel(), x.shape[-1]
         scale = 1.0 / (1.0 - p)
         _bda[(triton.cdiv(n, block),)](x, x if bias is None else bias, residual.contiguous(), x, out, seed, n, h, p,
-                                       scale, HAS_BIAS=bias is not None, BACKWARD=False, BLOCK=block)
+                                       scale, HAS_BIAS=bias is not None, BACKWARD=False, BLOCK=block,
+                                       num_warps=NUM_WARPS)
         ctx.save_for_backward(seed)
         ctx.p, ctx.scale, ctx.block, ctx.has_bias, ctx.shape = p, scale, block, bias is not None, x.shape
         return out
@@ -183,7 +189,8 @@ class _BiasDropoutAdd(torch.autograd.Function):
         dx = torch.empty_like(dy)
         n = dy.numel()
         _bda[(triton.cdiv(n, ctx.block),)](dy, dy, dy, dy, dx, seed, n, dy.shape[-1], ctx.p, ctx.scale,
-                                           HAS_BIAS=False, BACKWARD=True, BLOCK=ctx.block)
+                                           HAS_BIAS=False, BACKWARD=True, BLOCK=ctx.block,
+                                           num_warps=NUM_WARPS)
         dbias = dx.reshape(-1, dx.shape[-1]).sum(0) if ctx.has_bias else None
         return dx, dbias, dy, None, None
 

@@ -80,6 +80,13 @@ def num_warps(block: int, most: int = 8) -> int:
     return min(max(block // 256, 1), most)
 
 
+def softmax_num_warps(block: int) -> int:
+    """Warps per softmax row: 4 for rows of up to 2048 keys (on an H200, [4, 16, 2048, 2048] bf16:
+    forward 0.27 ms against 0.32 with 8, backward 0.37 with either; bench_gpu.py's sweep, two
+    runs), longer rows as the norms."""
+    return num_warps(block, most=4) if block <= 2048 else num_warps(block)
+
+
 BWD_PROGRAMS_PER_SM = 4
 """Norm backward programs per multiprocessor: each loops over rows and keeps partial weight/bias
 gradients ([programs, n] fp32, summed afterwards), so more programs mean more parallel rows and
@@ -198,10 +205,8 @@ class _ScaledMaskedSoftmax(torch.autograd.Function):
             strides = tuple(mask_arg.stride())
         ctx.mask_args = (mask_arg, h, sq, sk, *strides, scale)
         block = triton.next_power_of_2(sk)
-        # Rows of up to 2048 keys: 4 warps (on an H200, [4, 16, 2048, 2048] bf16: forward 0.27 ms against
-        # 0.32 with 8, backward 0.37 with either; bench_gpu.py's sweep, two runs); longer rows as the norms.
-        warps = num_warps(block, most=4) if block <= 2048 else num_warps(block)
-        ctx.flags = dict(HAS_MASK=mask is not None, CAUSAL=mask is None, BLOCK=block, num_warps=warps)
+        ctx.flags = dict(HAS_MASK=mask is not None, CAUSAL=mask is None, BLOCK=block,
+                         num_warps=softmax_num_warps(block))
         _softmax_fwd[(b * h * sq,)](x, y, *ctx.mask_args, **ctx.flags)
         ctx.save_for_backward(y)
         return y
