@@ -29,20 +29,15 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 def _record_launches(launches: list) -> None:
     """Replace every kernel's launch by one that appends (kernel, arguments, options) to ``launches``."""
-    import triton
+    for qualified, fn in _jit_functions().items():
+        params = list(inspect.signature(fn.fn).parameters)
 
-    for module in MODULES:
-        mod = importlib.import_module(f"megatron_core.fusions.{module}")
-        for name, fn in vars(mod).items():
-            if isinstance(fn, triton.runtime.jit.JITFunction):
-                params = list(inspect.signature(fn.fn).parameters)
-
-                def run(*args, grid, warmup, fn=fn, params=params, qualified=f"{module}.{name}", **kwargs):
-                    bound = dict(zip(params, args, strict=False))
-                    bound.update((k, v) for k, v in kwargs.items() if k in params)
-                    options = {k: v for k, v in kwargs.items() if k not in params}
-                    launches.append((qualified, fn, bound, options))
-                fn.run = run
+        def run(*args, grid, warmup, fn=fn, params=params, qualified=qualified, **kwargs):
+            bound = dict(zip(params, args, strict=False))
+            bound.update((k, v) for k, v in kwargs.items() if k in params)
+            options = {k: v for k, v in kwargs.items() if k not in params}
+            launches.append((qualified, fn, bound, options))
+        fn.run = run
 
 
 def _call_launch_sites(dtype) -> None:
@@ -77,6 +72,7 @@ def _call_launch_sites(dtype) -> None:
 
 
 def _jit_functions() -> dict:
+    """``{"module.name": JITFunction}`` of every ``@triton.jit`` function in :data:`MODULES`."""
     import triton
 
     return {f"{module}.{name}": fn for module in MODULES

@@ -156,9 +156,10 @@ def _bda(X, BIAS, RES, DY, OUT, SEED, N, H, p, scale, HAS_BIAS: tl.constexpr, BA
     # start + i, start + BLOCK/4 + i, ... of the program's block. Measured on an H200 (33.5M
     # elements): one call per element made this kernel compute-bound, fp32 and bf16 taking the
     # same 0.12 ms.
+    pid = tl.program_id(0).to(tl.int64)
     quarter = tl.arange(0, BLOCK // 4)
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    r0, r1, r2, r3 = tl.rand4x(tl.load(SEED), tl.program_id(0).to(tl.int64) * (BLOCK // 4) + quarter)
+    start = pid * BLOCK
+    r0, r1, r2, r3 = tl.rand4x(tl.load(SEED), pid * (BLOCK // 4) + quarter)
     _bda_part(X, BIAS, RES, DY, OUT, start + quarter, r0 >= p, N, H, scale, HAS_BIAS, BACKWARD)
     _bda_part(X, BIAS, RES, DY, OUT, start + BLOCK // 4 + quarter, r1 >= p, N, H, scale, HAS_BIAS, BACKWARD)
     _bda_part(X, BIAS, RES, DY, OUT, start + 2 * (BLOCK // 4) + quarter, r2 >= p, N, H, scale, HAS_BIAS, BACKWARD)
