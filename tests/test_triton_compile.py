@@ -11,20 +11,28 @@ down to a cubin (Triton's bundled ptxas) with the types, constexprs and ``num_wa
 GPU would compile: Triton's own argument specialization, so an int argument equal to 1 (one head
 per rank, one row per norm-backward program, a mask's unit stride) is a constexpr there too, and
 pointers and ints divisible by 16 carry that attribute. A ``@triton.jit`` function that no call
-launches and no kernel calls fails the test. Runs in a subprocess: the interpreter tests set
+launches and no kernel calls fails the test. Each compiled launch's PTX then goes through ptxas -v
+(the one Triton uses for sm_90): a kernel that spills registers to local memory, or takes more than
+``MAX_REGISTERS`` a thread, fails the test. These kernels are memory-bound: a tile that grows past
+what a thread holds leaves too few warps on a multiprocessor to hide memory latency (RoPE's
+whole-position tile took all 255 registers at 128 heads x 128 before it was capped; the softmax at
+rows of 16384 took 178 with 8 warps). Runs in a subprocess: the interpreter tests set
 ``TRITON_INTERPRET=1`` for the whole session, and under it ``@triton.jit`` gives kernels that
 cannot be compiled. Skipped when triton is not installed.
 """
 import importlib
 import inspect
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 MODULES = ("triton_norms", "triton_elementwise", "triton_cross_entropy")
 DTYPES = ("bfloat16", "float16", "float32")
+MAX_REGISTERS = 128  # a multiprocessor's 65,536 registers then keep at least 16 warps resident
 
 
 def _record_launches(launches: list) -> None:
@@ -61,8 +69,11 @@ def _call_launch_sites(dtype) -> None:
     scores = leaf(2, 4, 16, 2048)
     backward(tno.scaled_masked_softmax(scores, None, 0.125))  # causal
     backward(tno.scaled_masked_softmax(scores, torch.zeros(2, 1, 1, 2048, dtype=torch.bool), 0.125))
+    backward(tno.layer_norm(leaf(8, 16384), leaf(16384), leaf(16384), 1e-5))  # kernels.py's longest row
+    backward(tno.scaled_masked_softmax(leaf(1, 1, 2, 16384), None, 0.125))
     cos, sin = torch.zeros(4, 1, 1, 128), torch.zeros(4, 1, 1, 128)
     backward(tel.apply_rotary_pos_emb(leaf(4, 2, 32, 128), cos, sin))
+    backward(tel.apply_rotary_pos_emb(leaf(4, 2, 128, 128), cos, sin))  # many heads: tiles over heads
     backward(tel.apply_rotary_pos_emb(leaf(4, 2, 1, 128), cos[..., :64], sin[..., :64]))  # one head, partial
     backward(tel.swiglu(leaf(8, 2 * 11008)))
     backward(tel.bias_dropout_add(leaf(4, 2, 4096), leaf(4096), leaf(4, 2, 4096), 0.1))
@@ -78,6 +89,23 @@ def _jit_functions() -> dict:
     return {f"{module}.{name}": fn for module in MODULES
             for name, fn in vars(importlib.import_module(f"megatron_core.fusions.{module}")).items()
             if isinstance(fn, triton.runtime.jit.JITFunction)}
+
+
+def _register_use(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers a thread, bytes of spill stores) that ptxas -v reports for ``ptx`` on sm_``arch``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", path, "-o", path + ".cubin"],
+                              capture_output=True, text=True, check=True)
+    report = done.stdout + done.stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    assert registers and spills, report
+    return int(registers.group(1)), int(spills.group(1))
 
 
 def compile_all() -> list[str]:
@@ -109,14 +137,20 @@ def compile_all() -> list[str]:
         if key in done:
             continue
         done.add(key)
+        types = {p: t for p, t in signature.items() if t != "constexpr"}
+        values = {fn.arg_names[i]: v for (i,), v in constexprs.items()}
         try:
-            triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                           target=target, options=options)
+            kernel = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
+                                                              attrs=attrs), target=target, options=options)
         except Exception as e:  # noqa: BLE001 (any compiler error is the finding)
             lines = str(e).strip().splitlines()
-            types = {p: t for p, t in signature.items() if t != "constexpr"}
-            values = {fn.arg_names[i]: v for (i,), v in constexprs.items()}
             failures.append(f"{name} {types} {values} {options}: {type(e).__name__}: {' | '.join(lines[-3:])}")
+            continue
+        registers, spilled = _register_use(kernel.asm["ptx"], target.arch)
+        print(f"{name} {values} {options}: {registers} registers, {spilled} bytes spilled")
+        if spilled or registers > MAX_REGISTERS:
+            failures.append(f"{name} {types} {values} {options}: {registers} registers a thread (at most "
+                            f"{MAX_REGISTERS}), {spilled} bytes spilled: give each thread fewer elements")
     launched = {name for name, *_ in launches}
     jit_functions = _jit_functions()
     for name in jit_functions:

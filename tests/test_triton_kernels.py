@@ -150,11 +150,12 @@ def test_rope(rotary_dim):
              _randn(s, b, heads, d), what=f"RoPE rotary_dim={rotary_dim}")
 
 
-@pytest.mark.parametrize("heads, d, rotary_dim", [(1, 8, 8), (33, 9, 2), (5, 12, 6)])
+@pytest.mark.parametrize("heads, d, rotary_dim", [(1, 8, 8), (33, 9, 2), (5, 12, 6), (80, 130, 128)])
 def test_rope_head_tile_edges(heads, d, rotary_dim):
     """The [heads, rotary_dim / 2] tile of one program: one head, a head count far from a power of
-    two, the smallest rotary part with an odd pass-through rest, and a rotary half that is not a
-    power of two."""
+    two, the smallest rotary part with an odd pass-through rest, a rotary half that is not a
+    power of two, and heads over several programs (80 x 64 > ROPE_TILE: tiles of 32, the last half
+    full)."""
     s, b = 3, 2
     cos, sin = RotaryEmbedding(rotary_dim)(torch.arange(s).expand(b, s))
     _compare(lambda x: tel.apply_rotary_pos_emb(x, cos, sin), lambda x: apply_rotary_pos_emb(x, (cos, sin)),

@@ -15,17 +15,22 @@ import triton.language as tl
 NUM_WARPS = 4
 """Warps per program of RoPE and bias-dropout-add (Triton's default; bench/bench_gpu.py's sweep
 varies it)."""
+ROPE_TILE = 2048
+"""Most elements of a RoPE program's [heads, rot / 2] tile. The tile measured on an H200 (32 heads x
+64, 88% of the copy bandwidth) compiles to 72 registers a thread at 4 warps; a whole position's heads
+in one tile grows with them, up to 255 registers (ptxas's limit, a quarter of that occupancy) at
+128 heads x 64 (ptxas -v, sm_90)."""
 
 
 @triton.jit
 def _rope(X, Y, COS, SIN, HEADS, D, ROT, BACKWARD: tl.constexpr, HEADS_BLOCK: tl.constexpr,
           HALF_BLOCK: tl.constexpr, REST_BLOCK: tl.constexpr):
-    # One program per (s, b) position, all its heads as a [heads, rot / 2] tile: cos and sin are
-    # read once per position, and a program moves heads * d elements (one program per head and
-    # position moved too little to cover its own cost: 19% of the copy bandwidth on an H200).
+    # One program per (s, b) position and block of heads, a [heads, rot / 2] tile: cos and sin are
+    # read once per tile, and a program moves up to HEADS_BLOCK * d elements (one program per head
+    # and position moved too little to cover its own cost: 19% of the copy bandwidth on an H200).
     sb = tl.program_id(0).to(tl.int64)
     half = ROT // 2
-    h = tl.arange(0, HEADS_BLOCK)[:, None]
+    h = tl.program_id(1) * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)[:, None]
     c = tl.arange(0, HALF_BLOCK)[None, :]
     mc = c < half
     m = (h < HEADS) & mc
@@ -54,10 +59,11 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward
     rot = cos.shape[-1]
     x = x.contiguous()
     y = torch.empty_like(x)
-    heads_block, half_block = triton.next_power_of_2(heads), triton.next_power_of_2(max(rot // 2, 1))
-    _rope[(s * b,)](x, y, cos, sin, heads, d, rot, BACKWARD=backward, HEADS_BLOCK=heads_block,
-                    HALF_BLOCK=half_block, REST_BLOCK=triton.next_power_of_2(max(d - rot, 1)),
-                    num_warps=NUM_WARPS)
+    half_block = triton.next_power_of_2(max(rot // 2, 1))
+    heads_block = min(triton.next_power_of_2(heads), max(ROPE_TILE // half_block, 1))
+    grid = (s * b, triton.cdiv(heads, heads_block))
+    _rope[grid](x, y, cos, sin, heads, d, rot, BACKWARD=backward, HEADS_BLOCK=heads_block, HALF_BLOCK=half_block,
+                REST_BLOCK=triton.next_power_of_2(max(d - rot, 1)), num_warps=NUM_WARPS)
     return y
 
 

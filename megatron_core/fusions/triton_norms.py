@@ -76,8 +76,12 @@ def _norm_bwd(X, DY, DX, W, Mean, Rstd, DW, DB, M, N, ROWS, HAS_BIAS: tl.constex
 def num_warps(block: int, most: int = 8) -> int:
     """Warps per row program: block // 256 clamped to [1, most] (the Triton layer-norm tutorial's
     rule with most = 8). The norm backward takes most = 16: on an H200, [8192, 4096] bf16, 16 warps
-    took 0.09-0.12 ms against 0.11-0.15 with 8 or 4 (bench/bench_gpu.py's sweep)."""
-    return min(max(block // 256, 1), most)
+    took 0.09-0.12 ms against 0.11-0.15 with 8 or 4 (bench/bench_gpu.py's sweep). Rows longer than
+    8192 (up to kernels.py's 16384) get 16 warps, 32 fp32 elements a thread: with 8 warps a row of
+    16384 took 117-178 registers a thread, with 16 58-128 (ptxas -v, sm_90; nothing spills either
+    way, which tests/test_triton_compile.py checks). Unmeasured on a device."""
+    warps = min(max(block // 256, 1), most)
+    return max(warps, min(block // 1024, 16)) if block > 8192 else warps
 
 
 def softmax_num_warps(block: int) -> int:
