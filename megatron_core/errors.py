@@ -1,8 +1,10 @@
 """``ConfigError``: a bad flag, key, file or combination, reported to the user as one line."""
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from types import TracebackType
 
 
@@ -11,6 +13,25 @@ class ConfigError(ValueError):
 
     A ``ValueError`` so that code catching the libraries' own argument checks catches it too.
     """
+
+
+def record_for_launcher(line: str) -> None:
+    """Hand the one-line error to torchrun, which then prints it as the failed rank's root cause
+    (``traceback :`` in its ChildFailedError report) instead of "To enable traceback see: ...".
+
+    torchrun gives each worker an error file (``$TORCHELASTIC_ERROR_FILE``) and reads it when the
+    worker exits non-zero; ``{"message": str, "timestamp": int}`` is a form it accepts
+    (torch.distributed.elastic.multiprocessing.errors.ProcessFailure). A file already written (a
+    handler of torchrun's own got there first) is left alone; outside torchrun this does nothing.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # the launcher's report is a courtesy: the error line itself is already printed
 
 
 def report_uncaught_config_errors() -> None:
@@ -24,7 +45,9 @@ def report_uncaught_config_errors() -> None:
     def report(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         if not isinstance(value, ConfigError):
             previous(kind, value, tb)
-        elif os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
+            return
+        record_for_launcher(f"error: {value}")
+        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
             print(f"error: {value}", file=sys.stderr, flush=True)
 
     report.reports_config_errors = True  # type: ignore[attr-defined]

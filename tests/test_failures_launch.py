@@ -146,3 +146,19 @@ def test_two_torchrun_agents_on_localhost_reproduce_the_one_process_losses(tmp_p
     assert "world size 4: tensor parallel 2, pipeline parallel 1, data parallel 2" in text
     losses = [float(v) for v in re.findall(r"iteration +\d+/ +3 \|.*?lm loss: ([0-9.E+-]+)", text)]
     assert losses == pytest.approx(serial.losses, rel=1e-5), (losses, serial.losses)
+
+
+def test_a_config_error_under_torchrun_is_its_root_cause(tmp_path):
+    """A misspelt flag under torchrun: our one line once, and the same line as the root cause of torchrun's
+    failure report (its error file), where a user reads first, instead of "To enable traceback see"."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), os.path.join(REPO, "pretrain_gpt.py"), "--demo", "--trian-iters", "3"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    ours = "error: unrecognized arguments: --trian-iters 3; did you mean: --trian-iters -> --train-iters?"
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"{ours} (see python pretrain_gpt.py --help)"], proc.stderr
+    root_cause = proc.stderr.split("Root Cause (first observed failure):", 1)[-1]
+    assert f"traceback : {ours}" in root_cause, proc.stderr[-3000:]

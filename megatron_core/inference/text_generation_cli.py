@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_core.errors import ConfigError
+from megatron_core.errors import ConfigError, record_for_launcher
 from megatron_core.inference.generation import GenerationOutput, generate
 from megatron_core.inference.loading import LoadedModel, build_inference_model, inference_tokenizer
 from megatron_core.inference.sampling import SamplingParams
@@ -113,6 +113,7 @@ def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
 
 def report_error(tool: str, exc: ConfigError, context: Any) -> None:
     """``TOOL: error: message`` once (rank 0: every rank reaches the same verdict); the group is torn down."""
+    record_for_launcher(f"{tool}: error: {exc}")
     if rank_from_env() == 0:
         print(f"{tool}: error: {exc}", file=sys.stderr, flush=True)
     if context is not None:
