@@ -18,7 +18,10 @@ Model FLOPs per token 6N + 12·L·h·s (PaLM's convention, as bench_mfu.py), the
 system; MFU against a bf16 8192³ product measured in the same run, and against the step's own
 linear-layer products.
 
-``all`` (the default): the peaks, then ``--parts`` (kernels, sweep, and the step systems
+``e2e``: pretrain_gpt.py, checkpoint resume (also with ZeRO-1 and the optimizer on the host) and
+generation on the device, each PASS or FAIL (``bench/gpu_e2e.py`` says what it compares).
+
+``all`` (the default): the peaks, then ``--parts`` (kernels, sweep, e2e, and the step systems
 alternated in fresh processes: ours, mcore, ours-unfused, ours-fused, ours, mcore, ...) until
 ``--budget-s`` is spent, and a summary.
 
@@ -43,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402
+from gpu_e2e import e2e  # noqa: E402
 from gpu_kernels import DROPOUT, VOCAB, do_bench, kernels, sweep  # noqa: E402
 
 LAYERS, HIDDEN, HEADS, SEQ, MICRO, MICROBATCHES = 24, 2048, 16, 2048, 4, 2
@@ -239,6 +243,8 @@ def run_all(args) -> None:
         _child(["kernels"], min(240, deadline - time.monotonic()))
     if "sweep" in args.parts.split(","):
         _child(["sweep"], min(240, deadline - time.monotonic()))
+    if "e2e" in args.parts.split(","):
+        _child(["e2e"], min(300, deadline - time.monotonic()))
     results: dict[str, list[dict]] = {}
     order = [s for s in ["ours", "mcore", "ours-unfused", "ours-fused"] + ["ours", "mcore"] * 3
              if s in args.parts.split(",")]
@@ -291,10 +297,10 @@ def _child(argv: list[str], timeout: float) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", nargs="?", default="all", choices=["all", "kernels", "sweep", "step"])
+    parser.add_argument("part", nargs="?", default="all", choices=["all", "kernels", "sweep", "e2e", "step"])
     parser.add_argument("--system", default="ours", choices=["ours", "ours-unfused", "ours-fused", "mcore"])
-    parser.add_argument("--parts", default="kernels,ours,mcore,ours-unfused",
-                        help="for all: which of kernels, sweep, ours, mcore, ours-unfused to run")
+    parser.add_argument("--parts", default="kernels,e2e,ours,mcore,ours-unfused",
+                        help="for all: which of kernels, sweep, e2e, ours, mcore, ours-unfused, ours-fused to run")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", type=int, default=18,
@@ -309,6 +315,8 @@ def main() -> None:
         print("RESULT " + json.dumps(dict(failed=r["failed"], bandwidth=r["bandwidth"])))
     elif args.part == "sweep":
         sweep(args)
+    elif args.part == "e2e":
+        print("RESULT " + json.dumps(e2e(args)))
     elif args.part == "step":
         print("RESULT " + json.dumps(train_step(args)))
     else:
