@@ -3,7 +3,9 @@
 The test suite runs every path on CPU with gloo; on a GPU these are what no test reaches:
 ``pretrain_gpt.py`` with real data (the demo's SentencePiece tokenizer and mmap dataset), bf16,
 the fused kernels and checkpoints; a resume, which loads the optimizer state onto the device; the
-same with ZeRO-1 and the optimizer on the host (``--optimizer-cpu-offload``); greedy generation
+same with ZeRO-1 and the optimizer on the host (``--optimizer-cpu-offload``), and with its copies
+overlapped (``--overlap-cpu-optimizer-d2h-h2d``: CUDA streams, pinned memory, events), which must
+give the same losses bit for bit; greedy generation
 from the checkpoint with and without the KV cache. Each check prints ``PASS`` or ``FAIL`` with the
 numbers it compared. Not a measurement: nothing here is timed.
 
@@ -46,8 +48,9 @@ def _train(cwd: str, save: str, extra: list[str]) -> dict[int, float]:
     return {int(i): float(loss) for i, loss in _LOSS.findall(proc.stdout)}
 
 
-def check_resume(cwd: str, label: str, extra: list[str]) -> bool:
-    """Uninterrupted against saved-and-resumed; PASS when the second half's losses agree."""
+def check_resume(cwd: str, label: str, extra: list[str]) -> dict[int, float] | None:
+    """Uninterrupted against saved-and-resumed; PASS when the second half's losses agree. The
+    uninterrupted run's losses, None on FAIL."""
     whole = _train(cwd, os.path.join(cwd, f"{label}-whole"), extra)
     split = os.path.join(cwd, f"{label}-split")
     first = _train(cwd, split, [*extra, "--exit-interval", str(ITERS // 2)])  # stops after saving half-way
@@ -56,13 +59,13 @@ def check_resume(cwd: str, label: str, extra: list[str]) -> bool:
     missing = [i for i in wanted if i not in whole or i not in second]
     if missing or sorted(first) != list(range(1, ITERS // 2 + 1)):
         print(f"FAIL {label}: iterations missing from the logs: {missing or sorted(first)}", flush=True)
-        return False
+        return None
     worst = max(abs(second[i] - whole[i]) / abs(whole[i]) for i in wanted)
     ok = worst <= RESUME_RTOL
     print(f"{'PASS' if ok else 'FAIL'} {label}: losses {whole[1]:.4f} -> {whole[ITERS]:.4f}; resumed at "
           f"{ITERS // 2}, iterations {wanted.start}-{ITERS} differ by at most {worst:.2e} relative "
           f"(bound {RESUME_RTOL:g})", flush=True)
-    return ok
+    return whole if ok else None
 
 
 def check_generation(cwd: str, load: str) -> bool:
@@ -82,16 +85,26 @@ def check_generation(cwd: str, load: str) -> bool:
 
 def e2e(args) -> dict:
     """Every check in a fresh temporary directory; the failed ones' names."""
-    failed = []
+    failed, whole = [], {}
+    offload = ["--use-distributed-optimizer", "--optimizer-cpu-offload"]
     with tempfile.TemporaryDirectory() as cwd:
-        for label, extra in [("bf16", []),
-                             ("bf16-zero1-cpu-offload", ["--use-distributed-optimizer", "--optimizer-cpu-offload"])]:
+        for label, extra in [("bf16", []), ("bf16-zero1-cpu-offload", offload),
+                             ("bf16-zero1-cpu-offload-overlap", [*offload, "--overlap-cpu-optimizer-d2h-h2d"])]:
             try:
-                if not check_resume(cwd, label, extra):
-                    failed.append(label)
+                whole[label] = check_resume(cwd, label, extra)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 print(f"FAIL {label}: {exc}", flush=True)
+                whole[label] = None
+            if whole[label] is None:
                 failed.append(label)
+        # The overlapped copies (a side stream, pinned host memory, events) change when, not what.
+        plain, overlap = whole["bf16-zero1-cpu-offload"], whole["bf16-zero1-cpu-offload-overlap"]
+        if plain is not None and overlap is not None:
+            same = plain == overlap
+            print(f"{'PASS' if same else 'FAIL'} offload overlap: losses {'identical to' if same else 'differ from'} "
+                  f"the offload without it", flush=True)
+            if not same:
+                failed.append("offload-overlap-identical")
         if not check_generation(cwd, os.path.join(cwd, "bf16-whole")):
             failed.append("generation")
     return dict(failed=failed)
