@@ -307,3 +307,28 @@ def test_pretrain_mapping_checks_flags_against_the_file():
         deepspeed_to_megatron(raw, dp_size=2, flags={"zero_stage": 2})
     with pytest.raises(ConfigError, match="--global-batch-size 8 disagrees"):
         deepspeed_to_megatron(raw, dp_size=2, flags={"global_batch_size": 8})
+
+
+def test_sections_written_out_with_their_off_values_are_accepted():
+    """Real configs spell out disabled features and default sections (DeepSpeedExamples' flops_profiler
+    block, a checkpoint section at its defaults, the aio block of NVMe examples); only a value that turns a
+    feature on is refused."""
+    raw = _with(
+        flops_profiler={"enabled": False, "profile_step": 1, "module_depth": -1, "top_modules": 1, "detailed": True},
+        comms_logger={"enabled": False, "verbose": False, "prof_all": True, "debug": False},
+        wandb={"enabled": False, "group": None, "team": None, "project": "deepspeed"},
+        checkpoint={"tag_validation": "Warn", "load_universal": False},
+        aio={"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False,
+             "overlap_events": True},
+        data_types={"grad_accum_dtype": None},
+    )
+    assert load_config(raw, dp_size=2).train_batch_size == 16
+    for key, value in (
+        ("flops_profiler", {"enabled": True, "profile_step": 1}),
+        ("checkpoint", {"tag_validation": "Fail"}),
+        ("checkpoint", {"load_univresal": True}),
+        ("aio", {"queue_depth": 32}),
+        ("data_types", {"grad_accum_dtype": "bf16"}),
+    ):
+        with pytest.raises(ConfigError, match=f"{key} = .* is a DeepSpeed option this framework does not implement"):
+            load_config(_with(**{key: value}), dp_size=2)

@@ -36,9 +36,19 @@ NOT_IMPLEMENTED_TOP: dict[str, Any] = {
     "zero_force_ds_cpu_optimizer": True,
     "compile": {"enabled": False},
     "pipeline": {},
-    "data_types": {},
-    "checkpoint": {},
-    "aio": {},
+    "data_types": {"grad_accum_dtype": None},
+    "checkpoint": {"tag_validation": "Warn", "load_universal": False, "use_node_local_storage": False},
+    # Asynchronous I/O tuning for NVMe offload (DeepSpeed's defaults; newer releases name thread_count
+    # intra_op_parallelism).
+    "aio": {
+        "block_size": 1_048_576,
+        "queue_depth": 8,
+        "thread_count": 1,
+        "intra_op_parallelism": 1,
+        "single_submit": False,
+        "overlap_events": True,
+        "use_gds": False,
+    },
     "autotuning": {"enabled": False},
     "curriculum_learning": {"enabled": False},
     "data_efficiency": {"enabled": False},
@@ -103,6 +113,22 @@ def where(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def is_off(value: Any, default: Any) -> bool:
+    """Whether ``value`` of a known, unimplemented key leaves the feature off (DeepSpeed's default).
+
+    A section whose default is ``{"enabled": False, ...}`` is off when its ``enabled`` is false,
+    whatever its other keys (real configs carry ``"flops_profiler": {"enabled": false,
+    "profile_step": 1, ...}``); another section is off when every key it has holds its default.
+    """
+    if value == default or value == "auto":
+        return True
+    if isinstance(default, dict) and isinstance(value, dict):
+        if default.get("enabled") is False:
+            return value.get("enabled", False) in (False, "auto")
+        return all(key in default and is_off(item, default[key]) for key, item in value.items())
+    return False
+
+
 def check_keys(section: dict, path: str, implemented: set[str], not_implemented: dict[str, Any]) -> None:
     """Raise for an unknown key (naming the closest known one) or a non-default unimplemented one."""
     if not isinstance(section, dict):
@@ -111,7 +137,7 @@ def check_keys(section: dict, path: str, implemented: set[str], not_implemented:
         if key in implemented:
             continue
         if key in not_implemented:
-            if value != not_implemented[key] and value != "auto":
+            if not is_off(value, not_implemented[key]):
                 raise ConfigError(
                     f"DeepSpeed config: {where(path, key)} = {value!r} is a DeepSpeed option this "
                     f"framework does not implement; remove it (or set it to {not_implemented[key]!r})"
