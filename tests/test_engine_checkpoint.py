@@ -19,6 +19,7 @@ from harness import run_distributed
 
 import megatron_core
 from megatron_core.engine.consolidate import consolidate_state_dict, save_consolidated
+from megatron_core.engine.consolidate import main as consolidate_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,6 +134,12 @@ def test_consolidation_equals_the_full_state_dict(tmp_path, stage):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from_tool = load_file(str(out))
     assert set(from_tool) == set(expected) and all(torch.equal(from_tool[k], v) for k, v in expected.items())
+    if stage == 0:
+        # DeepSpeed's older usage, `zero_to_fp32.py CKPT pytorch_model.bin -t TAG`: one torch.save file.
+        argv = [str(tmp_path / "ckpt"), str(tmp_path / "pytorch_model.bin"), "-t", "global_step2"]
+        assert consolidate_main(argv) == 0
+        from_bin = torch.load(str(tmp_path / "pytorch_model.bin"), weights_only=True)
+        assert set(from_bin) == set(expected) and all(torch.equal(from_bin[k], v) for k, v in expected.items())
 
 
 def test_consolidation_tool_errors_in_one_line(tmp_path):
