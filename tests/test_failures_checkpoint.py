@@ -152,6 +152,8 @@ def test_a_failed_write_is_one_line_and_leaves_no_partial_directory(tmp_path, fm
                               20_000, timeout=60)[0]
     assert isinstance(message, str) and message.startswith("ConfigError: saving iteration 2 to ") and \
         "\n" not in message and "the partial directory was removed" in message, message
+    if fmt == "torch_dist":  # the cause, not DCP's "CheckpointException ranks:dict_keys([0])"
+        assert "File too large" in message, message
     assert os.listdir(ckpt) == []
 
 
@@ -187,3 +189,33 @@ def test_a_second_sigterm_after_the_save_still_exits_cleanly(tmp_path):
     out = "".join(seen) + proc.stdout.read()
     assert proc.returncode == 0, out[-2000:]
     assert "successfully saved checkpoint" in out
+
+
+def _run_interrupted_mid_write(argv, limit):
+    """Ctrl-C arriving while the checkpoint files are written: the write past ``limit`` bytes raises
+    KeyboardInterrupt where it stands, as SIGINT's default handler does."""
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+
+    def ctrl_c(signum, frame):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # once; the disk is not full, writes go on
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGXFSZ, ctrl_c)
+    os.environ["MCORE_SHM_COLLECTIVES"] = "0"  # its /dev/shm file would pass the limit before the save
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    return _run(argv)
+
+
+@pytest.mark.parametrize("world", [1, 2])  # one process: the KeyboardInterrupt itself; two: inside DCP's error
+def test_ctrl_c_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, world):
+    ckpt = tmp_path / "ckpt"
+    argv = TINY + ["--save", str(ckpt), "--global-batch-size", str(2 * world)]
+    run_distributed(_run, world, argv + ["--exit-interval", "1"], timeout=60)
+    messages = run_distributed(_run_interrupted_mid_write, world, argv + ["--load", str(ckpt)], 20_000, timeout=60)
+    assert len(set(messages)) == 1, messages
+    message = messages[0]
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message == (f"ConfigError: saving iteration 2 to {ckpt} was interrupted (Ctrl-C); the partial directory "
+                       f"was removed and the previous checkpoint is still the latest"), message
+    assert sorted(os.listdir(ckpt)) == ["iter_0000001", io.TRACKER_FILENAME]
+    assert io.read_tracker(str(ckpt)) == 1
