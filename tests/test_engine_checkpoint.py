@@ -153,3 +153,23 @@ def test_consolidation_tool_errors_in_one_line(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
     proc = consolidate()
     assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "tools/checkpoint/convert.py" in proc.stdout
+
+
+def _load_from(directory):
+    import contextlib
+    import io
+
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        result = engine.load_checkpoint(directory)
+    engine.parallel_state.destroy()
+    return result, err.getvalue()
+
+
+def test_load_without_latest_returns_none_and_warns(tmp_path):
+    """As DeepSpeed: ``(None, {})`` and a warning line, so a mistyped directory does not restart silently."""
+    for directory, where in ((tmp_path / "typo", "does not exist"), (tmp_path, "has no 'latest' file")):
+        result, err = run_distributed(_load_from, 1, str(directory), timeout=60)[0]
+        assert result == (None, {})
+        assert err.startswith(f"warning: load_checkpoint: {str(directory)!r} {where}; nothing was loaded"), err

@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import torch
@@ -232,6 +233,14 @@ def load(
     if tag is None:
         tag = read_latest(load_dir)
         if tag is None:
+            if ps.rank == 0:  # DeepSpeed warns too: a mistyped directory would otherwise restart silently
+                where = "has no 'latest' file" if os.path.isdir(load_dir) else "does not exist"
+                print(
+                    f"warning: load_checkpoint: {load_dir!r} {where}; nothing was loaded (training starts "
+                    f"from scratch); pass tag= to load a given checkpoint folder",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return None, {}
     folder = os.path.join(load_dir, tag)
     path = model_file(folder, ps.tp_rank)

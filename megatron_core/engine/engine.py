@@ -199,7 +199,7 @@ class Engine(torch.nn.Module):
         """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``.
 
         The data-parallel size may differ from the saving run's; the AutoTP size must match.
-        ``(None, {})`` when ``load_dir`` has no ``latest`` file, as DeepSpeed.
+        ``(None, {})`` when ``load_dir`` has no ``latest`` file, with a warning line on rank 0, as DeepSpeed.
         """
         return ckpt.load(
             self,
