@@ -154,7 +154,7 @@ def _print_demo_summary(result: TrainResult) -> None:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: a configuration error is one line on stderr and exit code 2.
+    """The command line: a configuration error is one line on stderr and exit code 2; Ctrl-C one line and 130.
 
     ``--autotune`` hands the same flags to the layout search (``tools/autotune.py``) instead of training.
     """
@@ -165,6 +165,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return autotune([a for a in argv if a != "--autotune"])
     try:
         main(argv)
+    except KeyboardInterrupt:  # Ctrl-C (torchrun forwards it to every rank): say what is kept, once
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        if rank_from_env() == 0:
+            print("error: interrupted (Ctrl-C); the checkpoints already saved are complete (a save in progress is "
+                  "discarded); SIGTERM instead stops after the current iteration and saves one", file=sys.stderr,
+                  flush=True)
+        return 130  # 128 + SIGINT, as a shell reports it
     except ValueError as exc:  # ConfigError and the libraries' own argument checks
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise

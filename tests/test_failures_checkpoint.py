@@ -219,3 +219,25 @@ def test_ctrl_c_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path
                        f"was removed and the previous checkpoint is still the latest"), message
     assert sorted(os.listdir(ckpt)) == ["iter_0000001", io.TRACKER_FILENAME]
     assert io.read_tracker(str(ckpt)) == 1
+
+
+def test_ctrl_c_during_training_is_one_line_not_a_traceback(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = TINY + ["--save", ckpt, "--save-interval", "2", "--train-iters", "100000", "--eval-iters", "0"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "iteration        5/" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out = "".join(seen) + proc.stdout.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted (Ctrl-C)"), out[-3000:]
+    # Saved at 2 and 4 before the signal; the latest named is complete (a save cut short leaves only a .tmp).
+    assert io.read_tracker(ckpt) >= 4 and os.path.isfile(os.path.join(io.iteration_dir(ckpt, io.read_tracker(ckpt)),
+                                                                       io.MANIFEST_FILENAME))
