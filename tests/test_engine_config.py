@@ -332,3 +332,13 @@ def test_sections_written_out_with_their_off_values_are_accepted():
     ):
         with pytest.raises(ConfigError, match=f"{key} = .* is a DeepSpeed option this framework does not implement"):
             load_config(_with(**{key: value}), dp_size=2)
+
+
+def test_unresolved_auto_names_the_argument_that_resolves_it():
+    """Trainer's default max_steps -1 ("from the epochs") cannot give WarmupDecayLR's total_num_steps."""
+    raw = _with(scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}})
+    with pytest.raises(ConfigError, match=r'total_num_steps is "auto" and nothing resolves it; pass args= with '
+                                          r"args.max_steps \(a positive number of optimizer steps\)"):
+        load_config(raw, dp_size=2, args=types.SimpleNamespace(max_steps=-1))
+    resolved = load_config(raw, dp_size=2, args=types.SimpleNamespace(max_steps=30))
+    assert resolved.scheduler.params["total_num_steps"] == 30

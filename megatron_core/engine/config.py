@@ -377,9 +377,12 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     """Validate a config dict whose ``"auto"`` values are resolved (see :func:`load_config`)."""
     check_keys(raw, "", TOP_LEVEL, keys.NOT_IMPLEMENTED_TOP)
     for key, _ in _find_auto(raw)[:1]:
+        from megatron_core.engine.auto import ARG_OF_KEY  # noqa: PLC0415 - auto imports this module's names
+
+        source = f"args.{ARG_OF_KEY[key]}" if key in ARG_OF_KEY else "the value"
         raise ConfigError(
-            f'DeepSpeed config: {key} is "auto" and nothing resolves it; pass args= with the '
-            f"value to initialize(), or write the value in the file"
+            f'DeepSpeed config: {key} is "auto" and nothing resolves it; pass args= with {source} '
+            f"to initialize(), or write the value in the file"
         )
     train, micro, gas = solve_batch_triple(
         raw.get("train_batch_size"),
