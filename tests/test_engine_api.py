@@ -174,3 +174,19 @@ def test_csv_monitor_writes_deepspeed_tags(tmp_path):
         "8",
     ]  # global_samples: 2 x 2 per step
     assert os.path.exists(tmp_path / "run" / "Train_Samples_lr.csv")
+
+
+def _accessors():
+    config = ds_config(1, 3, 2, bf16={"enabled": True})
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    # Called as a DeepSpeed script (and Hugging Face's integration) calls them: methods of the engine.
+    values = (engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
+              engine.zero_optimization_stage(), engine.fp16_enabled(), engine.bfloat16_enabled(),
+              engine.gradient_clipping())
+    engine.parallel_state.destroy()
+    return values, config["train_micro_batch_size_per_gpu"], config["gradient_clipping"]
+
+
+def test_config_accessors_are_methods_as_deepspeed():
+    values, micro, clip = run_distributed(_accessors, 1, timeout=60)[0]
+    assert values == (3 * micro, micro, 3, 2, False, True, clip)
