@@ -9,7 +9,9 @@ config), ``get_megatron_optimizer``, scheduler, data loader.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import sys
 from typing import Any
 
 import torch
@@ -104,6 +106,30 @@ def _dataloader(training_data: Any, collate_fn: Any, config: EngineConfig, paral
     )
 
 
+def _shutdown_at_exit(parallel_state: ParallelState) -> None:
+    """At interpreter exit, what ``pretrain_gpt.py``'s ``finally`` does (``training.initialize.shutdown``).
+
+    DeepSpeed-style scripts end without tearing the process group down; gloo then destroys its
+    connections while a peer may still be using them, and about one exit in four aborted with C++'s
+    "terminate called without an active exception" (SIGABRT). On a clean exit every rank first meets
+    at a barrier, then the engine's groups and the default group are destroyed. After an uncaught
+    exception (``sys.last_value`` is set before ``atexit`` runs), or when the barrier finds a peer gone,
+    nothing is done: the failing rank's own error is the message.
+    """
+    if not dist.is_initialized():
+        return
+    failed = getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None
+    if failed:
+        return
+    if dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer failed (its own error says why): nothing left to tear down in order
+            return
+    parallel_state.destroy()
+    dist.destroy_process_group()
+
+
 def initialize(
     model: torch.nn.Module,
     optimizer: Any = None,
@@ -131,10 +157,12 @@ def initialize(
         raise ConfigError("initialize: give config= or config_params=, not both")
     # The CLI's process-group setup (torchrun's env:// or one process; cores shared among local
     # ranks; a launcher watchdog); a no-op past binding the device when the user made the group.
-    initialize_distributed(device_mod.default_backend(), timeout_minutes=30.0)
+    context = initialize_distributed(device_mod.default_backend(), timeout_minutes=30.0)
     raw = read_json(_config_source(config if config is not None else config_params, args))
     tp = _autotp_size(raw)
     parallel_state = ParallelState(tensor_model_parallel_size=tp)
+    if context.owns_process_group:
+        atexit.register(_shutdown_at_exit, parallel_state)
     engine_config = load_config(raw, parallel_state.dp_size, model, args)
     check_model_parameters(model_parameters, model)
     opt_config = optimizer_config_from(engine_config)
