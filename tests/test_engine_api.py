@@ -119,6 +119,8 @@ def _init_error(kind):
         megatron_core.initialize(model, model_parameters=list(model.parameters())[:2], config=config)
     elif kind == "no-config":
         megatron_core.initialize(model)
+    elif kind == "mpu":
+        megatron_core.initialize(model, config=config, mpu=object())
 
 
 @pytest.mark.parametrize(
@@ -131,6 +133,8 @@ def _init_error(kind):
         ("both-optimizers", "a client optimizer and an 'optimizer' section in the config; give one"),
         ("partial-parameters", "covers 2 of the model's 6 trainable parameters"),
         ("no-config", "no DeepSpeed config; pass config=PATH_OR_DICT"),
+        ("mpu", "mpu= (model-parallel groups made outside) is not implemented; drop it and use the config's "
+                "tensor_parallel.autotp_size"),
     ],
 )
 def test_initialize_errors(kind, message):

@@ -20,6 +20,7 @@ from harness import run_distributed
 import megatron_core
 from megatron_core.engine.consolidate import consolidate_state_dict, save_consolidated
 from megatron_core.engine.consolidate import main as consolidate_main
+from megatron_core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,3 +174,37 @@ def test_load_without_latest_returns_none_and_warns(tmp_path):
         result, err = run_distributed(_load_from, 1, str(directory), timeout=60)[0]
         assert result == (None, {})
         assert err.startswith(f"warning: load_checkpoint: {str(directory)!r} {where}; nothing was loaded"), err
+
+
+def _save_with_a_full_disk_on_rank_1(directory):
+    import resource
+    import signal
+
+    import torch.distributed as dist
+
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 2), dist_init_required=False)
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(directory)
+    run_steps("mlp", engine, 1, 2)
+    if dist.get_rank() == 1:  # a write past 1 KiB fails with EFBIG on this rank only, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        engine.save_checkpoint(directory)
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+def test_a_write_failing_on_one_rank_is_one_line_on_every_rank(tmp_path):
+    """Before, the failing rank raised torch's "unexpected pos 1280 vs 1174" and the other one a gloo error
+    from the barrier; ``dist_init_required=False`` (DeepSpeed's) is accepted when the group exists."""
+    directory = str(tmp_path / "ckpt")
+    messages = run_distributed(_save_with_a_full_disk_on_rank_1, 2, directory, timeout=120)
+    assert messages[0] == messages[1] and "\n" not in messages[0], messages
+    assert messages[0].startswith(f"save_checkpoint: writing {os.path.join(directory, 'global_step2')!r} failed on "
+                                  f"rank 1 (") and "'latest' still names the previous checkpoint" in messages[0]
+    assert open(os.path.join(directory, "latest")).read() == "global_step1"
+    consolidate_state_dict(directory)  # the previous checkpoint still reads

@@ -119,47 +119,66 @@ def _fragments(engine: Any) -> dict:
 
 
 # ---- save -------------------------------------------------------------------------------------
+def _model_states(engine: Any, module_state: dict, meta: dict, client_state: dict) -> dict:
+    """What ``mp_rank_XX_model_states.pt`` holds."""
+    ps, scaler, scheduler = engine.parallel_state, engine.optimizer.grad_scaler, engine.lr_scheduler
+    return {
+        "format_version": FORMAT_VERSION,
+        "module": {k: _cpu(v) for k, v in module_state.items()},
+        "param_meta": meta,
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "micro_steps": engine.micro_steps,
+        "skipped_steps": engine.skipped_steps,
+        "lr_scheduler": scheduler.state_dict() if scheduler is not None and hasattr(scheduler, "state_dict") else None,
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
+        "client_state": client_state,
+        "dp_size": ps.dp_size,
+        "tp_size": ps.tp_size,
+        "zero_stage": engine.ddp.ddp_config.zero_stage,
+        "hf_config": json.dumps(engine.hf_config) if engine.hf_config is not None else None,
+    }
+
+
+def _agree_on_write(error: str | None) -> None:
+    """Raise ConfigError on every rank when a write failed on any (collective): no rank waits for a peer
+    that stopped, and ``latest`` is not moved."""
+    errors: list = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise ConfigError(first)
+
+
 def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool) -> str:
-    """``Engine.save_checkpoint`` (see the module docstring for the layout)."""
+    """``Engine.save_checkpoint`` (see the module docstring for the layout).
+
+    A failed write (a path under a file, no permission, a full disk) on any rank is a ConfigError on every
+    rank naming it; ``latest`` then still names the previous checkpoint.
+    """
     ps = engine.parallel_state
     tag = tag if tag is not None else f"global_step{engine.global_steps}"
     if not isinstance(tag, str) or not tag or os.sep in tag:
         raise ConfigError(f"save_checkpoint: tag must be a non-empty folder name, got {tag!r}")
     folder = os.path.join(save_dir, tag)
-    os.makedirs(folder, exist_ok=True)
     sharded = hasattr(engine.optimizer, "sharded")
     # Every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective, which
     # hung when only DP rank 0 called it); below stage 3 it returns references, so this costs nothing.
     module_state, meta = engine.module.state_dict(), param_meta(engine.module)  # param_meta reads state_dict too
-    if ps.dp_rank == 0:
-        scaler = engine.optimizer.grad_scaler
-        scheduler = engine.lr_scheduler
-        _atomic_save(
-            {
-                "format_version": FORMAT_VERSION,
-                "module": {k: _cpu(v) for k, v in module_state.items()},
-                "param_meta": meta,
-                "global_steps": engine.global_steps,
-                "global_samples": engine.global_samples,
-                "micro_steps": engine.micro_steps,
-                "skipped_steps": engine.skipped_steps,
-                "lr_scheduler": scheduler.state_dict()
-                if scheduler is not None and hasattr(scheduler, "state_dict")
-                else None,
-                "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
-                "client_state": client_state,
-                "dp_size": ps.dp_size,
-                "tp_size": ps.tp_size,
-                "zero_stage": engine.ddp.ddp_config.zero_stage,
-                "hf_config": json.dumps(engine.hf_config) if engine.hf_config is not None else None,
-            },
-            model_file(folder, ps.tp_rank),
-        )
-    if sharded or ps.dp_rank == 0:
-        _atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
-    if dist.is_initialized():
-        dist.barrier()
+    error = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if ps.dp_rank == 0:
+            _atomic_save(_model_states(engine, module_state, meta, client_state), model_file(folder, ps.tp_rank))
+        if sharded or ps.dp_rank == 0:
+            _atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        error = (f"save_checkpoint: writing {folder!r} failed on rank {ps.rank} ({exc}); 'latest' still names "
+                 f"the previous checkpoint: give a directory this job can write to, with free space")
+    _agree_on_write(error)  # also the barrier: every rank has written before 'latest' moves
     if save_latest and ps.rank == 0:
         tmp = os.path.join(save_dir, f".{LATEST}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:

@@ -140,6 +140,10 @@ def initialize(
     config: Any = None,
     args: Any = None,
     config_params: Any = None,
+    dist_init_required: bool | None = None,
+    distributed_port: int | None = None,
+    mpu: Any = None,
+    mesh_param: Any = None,
 ) -> tuple[Engine, Any, Any, Any]:
     """Wrap ``model`` for training from a DeepSpeed config; returns ``(engine, optimizer, dataloader, lr_scheduler)``.
 
@@ -150,11 +154,21 @@ def initialize(
     the model's trainable parameters. ``lr_scheduler``: an object with ``step()``, or a callable
     ``fn(optimizer)``. ``training_data``: a map-style dataset, sharded over DP ranks with a
     ``DistributedSampler`` and batched by ``train_micro_batch_size_per_gpu``.
+    DeepSpeed's ``dist_init_required`` (False: the caller has made the process group) and
+    ``distributed_port`` (torchrun's ``MASTER_PORT`` is what is used) are accepted; ``mpu`` and
+    ``mesh_param`` (external model-parallel groups) are not implemented.
     Raises ConfigError (one line) for every configuration problem.
     """
     report_uncaught_config_errors()
     if config is not None and config_params is not None:
         raise ConfigError("initialize: give config= or config_params=, not both")
+    for name, value in (("mpu", mpu), ("mesh_param", mesh_param)):
+        if value is not None:
+            raise ConfigError(f"initialize: {name}= (model-parallel groups made outside) is not implemented; drop it "
+                              f"and use the config's tensor_parallel.autotp_size for tensor parallelism")
+    if dist_init_required is False and not dist.is_initialized():
+        raise ConfigError("initialize: dist_init_required=False but no process group exists; call "
+                          "torch.distributed.init_process_group first or drop the argument")
     # The CLI's process-group setup (torchrun's env:// or one process; cores shared among local
     # ranks; a launcher watchdog); a no-op past binding the device when the user made the group.
     context = initialize_distributed(device_mod.default_backend(), timeout_minutes=30.0)
