@@ -208,3 +208,27 @@ def test_a_write_failing_on_one_rank_is_one_line_on_every_rank(tmp_path):
                                   f"rank 1 (") and "'latest' still names the previous checkpoint" in messages[0]
     assert open(os.path.join(directory, "latest")).read() == "global_step1"
     consolidate_state_dict(directory)  # the previous checkpoint still reads
+
+
+def _save_16bit(directory):
+    import torch.distributed as dist
+
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 3, bf16={"enabled": True}))
+    run_steps("mlp", engine, 0, 2)
+    assert engine.save_16bit_model(directory) is True
+    expected = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}  # gathered, every rank
+    engine.parallel_state.destroy()
+    if dist.get_rank() != 0:
+        return None
+    saved = torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
+    full_shapes = {k: v.shape for k, v in make_model("mlp").state_dict().items()}
+    return {k: (v.dtype, torch.equal(v, expected[k]) and v.shape == full_shapes[k]) for k, v in saved.items()}, \
+        sorted(full_shapes)
+
+
+def test_save_16bit_model_writes_the_gathered_weights(tmp_path):
+    """DeepSpeed's engine.save_16bit_model (with stage3_gather_16bit_weights_on_model_save): one torch.save
+    file of the full bf16 weights under ZeRO-3 at DP 2."""
+    saved, names = run_distributed(_save_16bit, 2, str(tmp_path / "out"), timeout=120)[0]
+    assert sorted(saved) == names and all(same for _, same in saved.values()), saved
+    assert {dtype for dtype, _ in saved.values()} == {torch.bfloat16}

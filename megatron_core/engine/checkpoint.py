@@ -189,6 +189,30 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     return folder
 
 
+def save_16bit_model(engine: Any, save_dir: str, save_filename: str) -> bool:
+    """``Engine.save_16bit_model``: the module's full state dict, in its training dtype, as one ``torch.save``
+    file written by rank 0 (DeepSpeed's ``pytorch_model.bin``). Collective (ZeRO-3 gathers the shards).
+
+    Raises ConfigError under AutoTP (each rank holds a shard: consolidate with ``tools/zero_to_fp32.py``)
+    and, on every rank, when the write fails.
+    """
+    ps = engine.parallel_state
+    if ps.tp_size > 1:
+        raise ConfigError("save_16bit_model: under tensor_parallel.autotp_size > 1 each rank holds a shard; save a "
+                          "checkpoint and consolidate it with tools/zero_to_fp32.py")
+    state = {k: _cpu(v) for k, v in engine.module.state_dict().items()}  # every rank: ZeRO-3 all-gathers
+    path = os.path.join(save_dir, save_filename)
+    error = None
+    if ps.rank == 0:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            _atomic_save(state, path)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+            error = f"save_16bit_model: writing {path!r} failed ({exc}); give a directory this job can write to"
+    _agree_on_write(error)
+    return True
+
+
 # ---- load -------------------------------------------------------------------------------------
 def read_latest(load_dir: str) -> str | None:
     """The tag in ``load_dir/latest``, or None when there is none."""

@@ -201,6 +201,12 @@ class Engine(torch.nn.Module):
         """
         return ckpt.save(self, save_dir, tag, client_state or {}, save_latest)
 
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
+        """DeepSpeed's: the full module state dict in the training dtype (fp16/bf16, or fp32) as one
+        ``torch.save`` file, ``save_dir/save_filename``, written by rank 0; every rank must call it (ZeRO-3
+        gathers). Returns True. Not under AutoTP (consolidate a checkpoint with ``tools/zero_to_fp32.py``)."""
+        return ckpt.save_16bit_model(self, save_dir, save_filename)
+
     def load_checkpoint(
         self,
         load_dir: str,
