@@ -342,3 +342,13 @@ def test_unresolved_auto_names_the_argument_that_resolves_it():
         load_config(raw, dp_size=2, args=types.SimpleNamespace(max_steps=-1))
     resolved = load_config(raw, dp_size=2, args=types.SimpleNamespace(max_steps=30))
     assert resolved.scheduler.params["total_num_steps"] == 30
+
+
+def test_bfloat16_is_the_older_name_of_bf16(tmp_path):
+    """DeepSpeed still reads a "bfloat16" section when "bf16" is absent (and "check_overflow", the older
+    name of check_grad_overflow)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(_with(bfloat16={"enabled": True, "check_overflow": False})))
+    assert load_config(str(path), dp_size=2).bf16_enabled
+    with pytest.raises(ConfigError, match='both "bf16" and its older name "bfloat16"'):
+        load_config(_with(bf16={"enabled": True}, bfloat16={"enabled": True}), dp_size=2)

@@ -355,10 +355,19 @@ TOP_LEVEL = {
 }
 
 
+def _old_names(raw: dict) -> dict:
+    """DeepSpeed's older spelling ``"bfloat16"`` of the ``"bf16"`` section (DeepSpeed still reads it)."""
+    if "bfloat16" in raw:
+        if "bf16" in raw:
+            raise ConfigError('DeepSpeed config: both "bf16" and its older name "bfloat16" are given; keep "bf16"')
+        raw["bf16"] = raw.pop("bfloat16")
+    return raw
+
+
 def read_json(config: str | os.PathLike | dict) -> dict:
     """The config as a dict: a path to a JSON file, or a dict (copied). Raises ConfigError."""
     if isinstance(config, dict):
-        return json.loads(json.dumps(config))
+        return _old_names(json.loads(json.dumps(config)))
     if not isinstance(config, (str, os.PathLike)):
         raise ConfigError(f"DeepSpeed config must be a path to a JSON file or a dict, got {type(config).__name__}")
     try:
@@ -370,7 +379,7 @@ def read_json(config: str | os.PathLike | dict) -> dict:
         raise ConfigError(f"DeepSpeed config file {os.fspath(config)!r} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"DeepSpeed config file {os.fspath(config)!r} must hold a JSON object")
-    return data
+    return _old_names(data)
 
 
 def parse_config(raw: dict, dp_size: int) -> EngineConfig:
