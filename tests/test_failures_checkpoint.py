@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from harness import run_distributed
-from test_failures_training import LEGACY, TINY, _run
+from test_failures_training import LEGACY, TINY, _run, _without
 
 from megatron_core.training import checkpoint_io as io
 
@@ -241,3 +241,25 @@ def test_ctrl_c_during_training_is_one_line_not_a_traceback(tmp_path):
     # Saved at 2 and 4 before the signal; the latest named is complete (a save cut short leaves only a .tmp).
     assert io.read_tracker(ckpt) >= 4 and os.path.isfile(os.path.join(io.iteration_dir(ckpt, io.read_tracker(ckpt)),
                                                                        io.MANIFEST_FILENAME))
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
+    """Slurm and torchrun signal the whole process group, DataLoader workers included (--num-workers 2,
+    Megatron-LM's default): the run must still finish its iteration, save and exit 0."""
+    ckpt = str(tmp_path / "ckpt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = _without(TINY, "--num-workers") + ["--num-workers", "2", "--save", ckpt, "--train-iters", "100000",
+                                              "--eval-iters", "0"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "iteration        3/" in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = "".join(seen) + proc.stdout.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 0 and "successfully saved checkpoint" in out, out[-3000:]
+    assert "DataLoader worker" not in out and "Traceback" not in out, out[-3000:]
+    assert io.read_tracker(ckpt) >= 3
