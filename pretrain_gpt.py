@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -154,7 +155,7 @@ def _print_demo_summary(result: TrainResult) -> None:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: a configuration error is one line on stderr and exit code 2.
+    """The command line: a configuration error is one line on stderr and exit code 2; Ctrl-C one line and 130.
 
     ``--autotune`` hands the same flags to the layout search (``tools/autotune.py``) instead of training.
     """
@@ -163,8 +164,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
         from megatron_core.autotune.cli import main as autotune
 
         return autotune([a for a in argv if a != "--autotune"])
+    interrupted = _record_ctrl_c()
     try:
         main(argv)
+    except KeyboardInterrupt:  # Ctrl-C (torchrun forwards it to every rank): say what is kept, once
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        return _interrupted()
     except ValueError as exc:  # ConfigError and the libraries' own argument checks
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
@@ -172,8 +178,32 @@ def cli(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
         elif rank_from_env() == 0:  # every rank reaches the same verdict; say it once
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return 130 if interrupted else 2
+    except Exception:
+        # After Ctrl-C a rank blocked in a collective sees its peer's connection close: not a crash to show.
+        if not interrupted or os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        return _interrupted()
     return 0
+
+
+def _record_ctrl_c() -> list[int]:
+    """Note a SIGINT (then raise KeyboardInterrupt, as Python's default handler) in the list returned."""
+    seen: list[int] = []
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        def on_sigint(signum: int, frame: Any) -> None:
+            seen.append(signum)
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, on_sigint)
+    return seen
+
+
+def _interrupted() -> int:
+    if rank_from_env() == 0:
+        print("error: interrupted (Ctrl-C); the checkpoints already saved are complete (a save in progress is "
+              "discarded); SIGTERM instead stops after the current iteration and saves one", file=sys.stderr,
+              flush=True)
+    return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def ds_config(dp: int, ga: int, stage: int, kind: str = "mlp", **extra) -> dict:
 
 def run_steps(kind: str, engine, start: int, stop: int) -> tuple[list, list]:
     """Steps ``start..stop-1`` of the test's data through ``engine``; per-micro-step losses and norms."""
-    dp, ga = engine.parallel_state.dp_size, engine.gradient_accumulation_steps
+    dp, ga = engine.parallel_state.dp_size, engine.gradient_accumulation_steps()
     losses, norms = [], []
     for step in range(start, stop):
         batch = global_batch(kind, step, dp * ga * MICRO)

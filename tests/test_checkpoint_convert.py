@@ -135,3 +135,18 @@ def test_errors_name_the_path_and_flag(tmp_path, capsys):
     assert "not divisible by --tensor-model-parallel-size (3)" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--loader 'nemo' is not supported"):
         _cli("nemo", "core", tmp_path / "gpt2", tmp_path / "out")
+
+
+def test_megatron_converter_flags_are_accepted(tmp_path, capsys):
+    """A Megatron-LM convert command carries --megatron-path, --max-queue-size, --no-checking, the
+    transformer-impl flags and --true-vocab-size: accepted, the last checked against the checkpoint."""
+    model = tiny_hf_gpt2()
+    model.save_pretrained(tmp_path / "gpt2")
+    vocab = model.config.vocab_size
+    megatron = ["--megatron-path", "/opt/Megatron-LM", "--max-queue-size", 50, "--no-checking",
+                "--loader-transformer-impl", "transformer_engine", "--saver-transformer-impl", "local"]
+    assert _cli("hf", "core", tmp_path / "gpt2", tmp_path / "core", *megatron) == 0
+    assert _cli("core", "hf", tmp_path / "core", tmp_path / "hf", "--true-vocab-size", vocab, *megatron) == 0
+    capsys.readouterr()
+    assert _cli("core", "hf", tmp_path / "core", tmp_path / "hf2", "--true-vocab-size", vocab + 1) == 2
+    assert f"--true-vocab-size {vocab + 1} differs from the vocabulary size {vocab}" in capsys.readouterr().err

@@ -45,3 +45,42 @@ def test_repeated_multi_rank_runs_exit_cleanly(layout, checkpoint):
         assert proc.returncode == 0 and "terminate called" not in output, \
             f"{layout} run {attempt + 1}: exit {proc.returncode}\n{output[-3000:]}"
         assert "iteration        2/" in proc.stdout, proc.stdout[-2000:]
+
+
+# A DeepSpeed-style script: it never tears the process group down itself (as DeepSpeed's examples).
+ENGINE_SCRIPT = """
+import atexit, os, sys, torch
+import torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import megatron_core
+# Registered first, so it runs last: by then the engine's exit hook must have torn the group down.
+atexit.register(lambda: sys.stdout.write(f"group left at exit: {{dist.is_initialized()}}\\n") and sys.stdout.flush())
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+config = {{"train_micro_batch_size_per_gpu": 2, "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-3}}}},
+          "zero_optimization": {{"stage": 2}}, "steps_per_print": 100}}
+engine, _, _, _ = megatron_core.initialize(model=model, config=config)
+for _ in range(3):
+    engine.backward(engine(torch.randn(2, 8)).pow(2).mean())
+    engine.step()
+if os.environ["RANK"] == "1" and sys.argv[1:] == ["fail"]:
+    raise RuntimeError("a bug on rank 1")
+print("done", engine.global_steps, flush=True)
+"""
+
+
+def test_engine_scripts_exit_cleanly_without_tearing_down(tmp_path):
+    """Before ``initialize`` tore the group down at exit, about one run in four aborted ("terminate called",
+    SIGABRT): now the group is gone before the interpreter's own teardown, on every rank. A rank that fails
+    ends with its own traceback only, not one from the exit hook."""
+    script = tmp_path / "train.py"
+    script.write_text(ENGINE_SCRIPT.format(repo=REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "terminate called" not in output and "done 3" in proc.stdout, output[-3000:]
+    assert proc.stdout.count("group left at exit: False") == 2, proc.stdout
+    proc = subprocess.run([*cmd, "fail"], capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=env)
+    assert proc.returncode != 0 and "a bug on rank 1" in proc.stderr, proc.stderr[-3000:]
+    assert "atexit" not in proc.stderr, proc.stderr[-3000:]

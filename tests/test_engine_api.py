@@ -119,6 +119,8 @@ def _init_error(kind):
         megatron_core.initialize(model, model_parameters=list(model.parameters())[:2], config=config)
     elif kind == "no-config":
         megatron_core.initialize(model)
+    elif kind == "mpu":
+        megatron_core.initialize(model, config=config, mpu=object())
 
 
 @pytest.mark.parametrize(
@@ -131,6 +133,8 @@ def _init_error(kind):
         ("both-optimizers", "a client optimizer and an 'optimizer' section in the config; give one"),
         ("partial-parameters", "covers 2 of the model's 6 trainable parameters"),
         ("no-config", "no DeepSpeed config; pass config=PATH_OR_DICT"),
+        ("mpu", "mpu= (model-parallel groups made outside) is not implemented; drop it and use the config's "
+                "tensor_parallel.autotp_size"),
     ],
 )
 def test_initialize_errors(kind, message):
@@ -174,3 +178,19 @@ def test_csv_monitor_writes_deepspeed_tags(tmp_path):
         "8",
     ]  # global_samples: 2 x 2 per step
     assert os.path.exists(tmp_path / "run" / "Train_Samples_lr.csv")
+
+
+def _accessors():
+    config = ds_config(1, 3, 2, bf16={"enabled": True})
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    # Called as a DeepSpeed script (and Hugging Face's integration) calls them: methods of the engine.
+    values = (engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
+              engine.zero_optimization_stage(), engine.fp16_enabled(), engine.bfloat16_enabled(),
+              engine.gradient_clipping())
+    engine.parallel_state.destroy()
+    return values, config["train_micro_batch_size_per_gpu"], config["gradient_clipping"]
+
+
+def test_config_accessors_are_methods_as_deepspeed():
+    values, micro, clip = run_distributed(_accessors, 1, timeout=60)[0]
+    assert values == (3 * micro, micro, 3, 2, False, True, clip)

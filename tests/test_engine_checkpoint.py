@@ -19,6 +19,8 @@ from harness import run_distributed
 
 import megatron_core
 from megatron_core.engine.consolidate import consolidate_state_dict, save_consolidated
+from megatron_core.engine.consolidate import main as consolidate_main
+from megatron_core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,6 +135,12 @@ def test_consolidation_equals_the_full_state_dict(tmp_path, stage):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from_tool = load_file(str(out))
     assert set(from_tool) == set(expected) and all(torch.equal(from_tool[k], v) for k, v in expected.items())
+    if stage == 0:
+        # DeepSpeed's older usage, `zero_to_fp32.py CKPT pytorch_model.bin -t TAG`: one torch.save file.
+        argv = [str(tmp_path / "ckpt"), str(tmp_path / "pytorch_model.bin"), "-t", "global_step2"]
+        assert consolidate_main(argv) == 0
+        from_bin = torch.load(str(tmp_path / "pytorch_model.bin"), weights_only=True)
+        assert set(from_bin) == set(expected) and all(torch.equal(from_bin[k], v) for k, v in expected.items())
 
 
 def test_consolidation_tool_errors_in_one_line(tmp_path):
@@ -146,3 +154,81 @@ def test_consolidation_tool_errors_in_one_line(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
     proc = consolidate()
     assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "tools/checkpoint/convert.py" in proc.stdout
+
+
+def _load_from(directory):
+    import contextlib
+    import io
+
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        result = engine.load_checkpoint(directory)
+    engine.parallel_state.destroy()
+    return result, err.getvalue()
+
+
+def test_load_without_latest_returns_none_and_warns(tmp_path):
+    """As DeepSpeed: ``(None, {})`` and a warning line, so a mistyped directory does not restart silently."""
+    for directory, where in ((tmp_path / "typo", "does not exist"), (tmp_path, "has no 'latest' file")):
+        result, err = run_distributed(_load_from, 1, str(directory), timeout=60)[0]
+        assert result == (None, {})
+        assert err.startswith(f"warning: load_checkpoint: {str(directory)!r} {where}; nothing was loaded"), err
+
+
+def _save_with_a_full_disk_on_rank_1(directory):
+    import resource
+    import signal
+
+    import torch.distributed as dist
+
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 2), dist_init_required=False)
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(directory)
+    run_steps("mlp", engine, 1, 2)
+    if dist.get_rank() == 1:  # a write past 1 KiB fails with EFBIG on this rank only, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        engine.save_checkpoint(directory)
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+def test_a_write_failing_on_one_rank_is_one_line_on_every_rank(tmp_path):
+    """Before, the failing rank raised torch's "unexpected pos 1280 vs 1174" and the other one a gloo error
+    from the barrier; ``dist_init_required=False`` (DeepSpeed's) is accepted when the group exists."""
+    directory = str(tmp_path / "ckpt")
+    messages = run_distributed(_save_with_a_full_disk_on_rank_1, 2, directory, timeout=120)
+    assert messages[0] == messages[1] and "\n" not in messages[0], messages
+    assert messages[0].startswith(f"save_checkpoint: writing {os.path.join(directory, 'global_step2')!r} failed on "
+                                  f"rank 1 (") and "'latest' still names the previous checkpoint" in messages[0]
+    assert open(os.path.join(directory, "latest")).read() == "global_step1"
+    consolidate_state_dict(directory)  # the previous checkpoint still reads
+
+
+def _save_16bit(directory):
+    import torch.distributed as dist
+
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 3, bf16={"enabled": True}))
+    run_steps("mlp", engine, 0, 2)
+    assert engine.save_16bit_model(directory) is True
+    expected = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}  # gathered, every rank
+    engine.parallel_state.destroy()
+    if dist.get_rank() != 0:
+        return None
+    saved = torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
+    full_shapes = {k: v.shape for k, v in make_model("mlp").state_dict().items()}
+    return {k: (v.dtype, torch.equal(v, expected[k]) and v.shape == full_shapes[k]) for k, v in saved.items()}, \
+        sorted(full_shapes)
+
+
+def test_save_16bit_model_writes_the_gathered_weights(tmp_path):
+    """DeepSpeed's engine.save_16bit_model (with stage3_gather_16bit_weights_on_model_save): one torch.save
+    file of the full bf16 weights under ZeRO-3 at DP 2."""
+    saved, names = run_distributed(_save_16bit, 2, str(tmp_path / "out"), timeout=120)[0]
+    assert sorted(saved) == names and all(same for _, same in saved.values()), saved
+    assert {dtype for dtype, _ in saved.values()} == {torch.bfloat16}

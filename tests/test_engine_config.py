@@ -307,3 +307,48 @@ def test_pretrain_mapping_checks_flags_against_the_file():
         deepspeed_to_megatron(raw, dp_size=2, flags={"zero_stage": 2})
     with pytest.raises(ConfigError, match="--global-batch-size 8 disagrees"):
         deepspeed_to_megatron(raw, dp_size=2, flags={"global_batch_size": 8})
+
+
+def test_sections_written_out_with_their_off_values_are_accepted():
+    """Real configs spell out disabled features and default sections (DeepSpeedExamples' flops_profiler
+    block, a checkpoint section at its defaults, the aio block of NVMe examples); only a value that turns a
+    feature on is refused."""
+    raw = _with(
+        flops_profiler={"enabled": False, "profile_step": 1, "module_depth": -1, "top_modules": 1, "detailed": True},
+        comms_logger={"enabled": False, "verbose": False, "prof_all": True, "debug": False},
+        wandb={"enabled": False, "group": None, "team": None, "project": "deepspeed"},
+        checkpoint={"tag_validation": "Warn", "load_universal": False},
+        aio={"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False,
+             "overlap_events": True},
+        data_types={"grad_accum_dtype": None},
+    )
+    assert load_config(raw, dp_size=2).train_batch_size == 16
+    for key, value in (
+        ("flops_profiler", {"enabled": True, "profile_step": 1}),
+        ("checkpoint", {"tag_validation": "Fail"}),
+        ("checkpoint", {"load_univresal": True}),
+        ("aio", {"queue_depth": 32}),
+        ("data_types", {"grad_accum_dtype": "bf16"}),
+    ):
+        with pytest.raises(ConfigError, match=f"{key} = .* is a DeepSpeed option this framework does not implement"):
+            load_config(_with(**{key: value}), dp_size=2)
+
+
+def test_unresolved_auto_names_the_argument_that_resolves_it():
+    """Trainer's default max_steps -1 ("from the epochs") cannot give WarmupDecayLR's total_num_steps."""
+    raw = _with(scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}})
+    with pytest.raises(ConfigError, match=r'total_num_steps is "auto" and nothing resolves it; pass args= with '
+                                          r"args.max_steps \(a positive number of optimizer steps\)"):
+        load_config(raw, dp_size=2, args=types.SimpleNamespace(max_steps=-1))
+    resolved = load_config(raw, dp_size=2, args=types.SimpleNamespace(max_steps=30))
+    assert resolved.scheduler.params["total_num_steps"] == 30
+
+
+def test_bfloat16_is_the_older_name_of_bf16(tmp_path):
+    """DeepSpeed still reads a "bfloat16" section when "bf16" is absent (and "check_overflow", the older
+    name of check_grad_overflow)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(_with(bfloat16={"enabled": True, "check_overflow": False})))
+    assert load_config(str(path), dp_size=2).bf16_enabled
+    with pytest.raises(ConfigError, match='both "bf16" and its older name "bfloat16"'):
+        load_config(_with(bf16={"enabled": True}, bfloat16={"enabled": True}), dp_size=2)

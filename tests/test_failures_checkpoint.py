@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from harness import run_distributed
-from test_failures_training import LEGACY, TINY, _run
+from test_failures_training import LEGACY, TINY, _run, _without
 
 from megatron_core.training import checkpoint_io as io
 
@@ -152,6 +152,8 @@ def test_a_failed_write_is_one_line_and_leaves_no_partial_directory(tmp_path, fm
                               20_000, timeout=60)[0]
     assert isinstance(message, str) and message.startswith("ConfigError: saving iteration 2 to ") and \
         "\n" not in message and "the partial directory was removed" in message, message
+    if fmt == "torch_dist":  # the cause, not DCP's "CheckpointException ranks:dict_keys([0])"
+        assert "File too large" in message, message
     assert os.listdir(ckpt) == []
 
 
@@ -187,3 +189,77 @@ def test_a_second_sigterm_after_the_save_still_exits_cleanly(tmp_path):
     out = "".join(seen) + proc.stdout.read()
     assert proc.returncode == 0, out[-2000:]
     assert "successfully saved checkpoint" in out
+
+
+def _run_interrupted_mid_write(argv, limit):
+    """Ctrl-C arriving while the checkpoint files are written: the write past ``limit`` bytes raises
+    KeyboardInterrupt where it stands, as SIGINT's default handler does."""
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+
+    def ctrl_c(signum, frame):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # once; the disk is not full, writes go on
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGXFSZ, ctrl_c)
+    os.environ["MCORE_SHM_COLLECTIVES"] = "0"  # its /dev/shm file would pass the limit before the save
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    return _run(argv)
+
+
+@pytest.mark.parametrize("world", [1, 2])  # one process: the KeyboardInterrupt itself; two: inside DCP's error
+def test_ctrl_c_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, world):
+    ckpt = tmp_path / "ckpt"
+    argv = TINY + ["--save", str(ckpt), "--global-batch-size", str(2 * world)]
+    run_distributed(_run, world, argv + ["--exit-interval", "1"], timeout=60)
+    messages = run_distributed(_run_interrupted_mid_write, world, argv + ["--load", str(ckpt)], 20_000, timeout=60)
+    assert len(set(messages)) == 1, messages
+    message = messages[0]
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message == (f"ConfigError: saving iteration 2 to {ckpt} was interrupted (Ctrl-C); the partial directory "
+                       f"was removed and the previous checkpoint is still the latest"), message
+    assert sorted(os.listdir(ckpt)) == ["iter_0000001", io.TRACKER_FILENAME]
+    assert io.read_tracker(str(ckpt)) == 1
+
+
+def test_ctrl_c_during_training_is_one_line_not_a_traceback(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = TINY + ["--save", ckpt, "--save-interval", "2", "--train-iters", "100000", "--eval-iters", "0"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "iteration        5/" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out = "".join(seen) + proc.stdout.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted (Ctrl-C)"), out[-3000:]
+    # Saved at 2 and 4 before the signal; the latest named is complete (a save cut short leaves only a .tmp).
+    assert io.read_tracker(ckpt) >= 4 and os.path.isfile(os.path.join(io.iteration_dir(ckpt, io.read_tracker(ckpt)),
+                                                                       io.MANIFEST_FILENAME))
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
+    """Slurm and torchrun signal the whole process group, DataLoader workers included (--num-workers 2,
+    Megatron-LM's default): the run must still finish its iteration, save and exit 0."""
+    ckpt = str(tmp_path / "ckpt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = _without(TINY, "--num-workers") + ["--num-workers", "2", "--save", ckpt, "--train-iters", "100000",
+                                              "--eval-iters", "0"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "iteration        3/" in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = "".join(seen) + proc.stdout.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 0 and "successfully saved checkpoint" in out, out[-3000:]
+    assert "DataLoader worker" not in out and "Traceback" not in out, out[-3000:]
+    assert io.read_tracker(ckpt) >= 3

@@ -38,6 +38,19 @@ def test_llama_script_flags_are_accepted_with_their_meaning():
     assert config_from_args(args).model.transformer.activation == "squared_relu"
 
 
+def test_older_megatron_script_flags_are_accepted():
+    """Megatron-LM spells the scheduler flags with an underscore (``--override-opt_param-scheduler``), and its
+    Llama-2 / GPT scripts carry flags whose only setting is this framework's behaviour."""
+    older = ["--override-opt_param-scheduler", "--no-query-key-layer-scaling", "--attention-softmax-in-fp32",
+             "--auto-detect-ckpt-format", "--data-impl", "mmap", "--dataloader-type", "single"]
+    run = config_from_args(validate_args(parse_args(LLAMA_SCRIPT + older), world_size=1))
+    assert run.scheduler.override_opt_param_scheduler and not run.scheduler.use_checkpoint_opt_param_scheduler
+    args = parse_args(LLAMA_SCRIPT + ["--use-checkpoint-opt_param-scheduler"])
+    assert args.use_checkpoint_opt_param_scheduler
+    with pytest.raises(ConfigError, match="--dataloader-type: invalid choice: 'cyclic'"):
+        parse_args(LLAMA_SCRIPT + ["--dataloader-type", "cyclic"])
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--num-experts", "8", "--moe-router-topk", "2"], "--num-experts: mixture-of-experts"),
     (["--expert-model-parallel-size", "2"], "mixture-of-experts"),

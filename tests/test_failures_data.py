@@ -53,3 +53,18 @@ def test_preprocessing_that_writes_nothing_is_an_error(tmp_path, content, needle
     last = err.getvalue().strip().splitlines()[-1]
     assert code == 1 and last.startswith(f"error: --input {source}: ") and needle in last, err.getvalue()
     assert "nothing was written" in last and not [p for p in os.listdir(tmp_path) if p.startswith("out")]
+
+
+def test_an_empty_validation_split_names_the_flags_that_fix_it(tmp_path):
+    """Megatron-LM scripts often carry --split 100,0,0 with evaluation on: say which flags change that."""
+    from megatron_core.datasets.builder import build_gpt_datasets
+
+    prefix = str(tmp_path / "corpus_text_document")
+    _write(prefix, [12] * 10)
+    config = GPTDatasetConfig(seq_length=8, eod=0, seed=5, data_path=[prefix], split="100,0,0",
+                              data_cache_path=str(tmp_path / "cache"))
+    with pytest.raises(ValueError) as info:
+        build_gpt_datasets(config, [16, 8, 0])
+    assert str(info.value) == (
+        f"--split '100,0,0' gives the valid split no documents of {prefix!r} (10 documents in all), but 8 valid "
+        f"samples are needed; give valid a larger share of --split, evaluate nothing (--eval-iters 0), or add data")

@@ -178,3 +178,18 @@ def test_reader_errors_name_the_path(tmp_path):
     (tmp_path / "short.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="short.idx.*truncated"):
         IndexedDataset(str(tmp_path / "short"))
+
+
+def test_megatron_flags_are_accepted_or_refused_with_the_reason(tmp_path, capsys):
+    """Megatron-LM's scripts pass --dataset-impl mmap, --keep-sequential-samples, --split-sentences,
+    --partitions: the first two name what always happens here, the others stop with the reason."""
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2 3"}, {"text": "4 5"}])
+    common = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"),
+              "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"]
+    assert preprocess_data.main(common + ["--dataset-impl", "mmap", "--keep-sequential-samples"]) == 0
+    for flag, needle in ((["--split-sentences"], "--split-sentences: sentence splitting"),
+                         (["--partitions", "2"], "--partitions: use --workers N instead")):
+        with pytest.raises(SystemExit) as info:
+            preprocess_data.main(common + flag)
+        error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert info.value.code == 2 and len(error_lines) == 1 and needle in error_lines[0], error_lines

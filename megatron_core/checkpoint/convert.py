@@ -187,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-model-type", choices=sorted(_HF_MODULES), default=None,
                    help="family of a written HF directory (default: the one the checkpoint came from, else "
                         "llama for RoPE models and gpt2 otherwise)")
+    g = p.add_argument_group("Megatron-LM compatibility", "flags of Megatron-LM's convert.py that change nothing here")
+    g.add_argument("--megatron-path", default=None, help="accepted: the converter is this package")
+    g.add_argument("--max-queue-size", type=int, default=None,
+                   help="accepted: the loader hands the saver the whole model, not a queue of layers")
+    g.add_argument("--no-checking", action="store_true",
+                   help="accepted: the saver always checks what it receives")
+    for side in ("loader", "saver"):
+        g.add_argument(f"--{side}-transformer-impl", default=None, choices=["local", "transformer_engine"],
+                       help="accepted: checkpoints here have one layout for both layer implementations")
+    g.add_argument("--true-vocab-size", type=int, default=None,
+                   help="checked: the vocabulary size without padding, which checkpoints here record (the padding "
+                        "is always trimmed on load); a different value is an error")
     return p
 
 
@@ -202,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
     try:
         model = load_hf(args.load_dir) if loader == "hf" else load_core(args.load_dir, args.load_iteration)
+        if args.true_vocab_size is not None and args.true_vocab_size != model.vocab_size:
+            raise ValueError(f"--true-vocab-size {args.true_vocab_size} differs from the vocabulary size "
+                             f"{model.vocab_size} that {args.load_dir} records (without padding); drop the flag "
+                             f"or correct it")
         if args.tokenizer_type is not None:
             model.tokenizer = build_tokenizer(args.tokenizer_type, tokenizer_model=args.tokenizer_model,
                                               vocab_file=args.vocab_file, merge_file=args.merge_file)

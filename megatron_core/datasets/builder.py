@@ -61,6 +61,10 @@ def parse_data_path(data_path: Sequence[str] | None, check_files: bool = True) -
     return prefixes, normalize_weights(weights)
 
 
+# How a pretrain_gpt.py run asks for no samples of a split (Megatron-LM's flags).
+NO_SAMPLES_OF = {"valid": ", evaluate nothing (--eval-iters 0)", "test": ", evaluate nothing (--eval-iters 0)"}
+
+
 def _split_indices(
     config: GPTDatasetConfig, num_documents: int, where: str, num_samples: Sequence[int | None]
 ) -> list[np.ndarray | None]:
@@ -76,7 +80,7 @@ def _split_indices(
             raise ValueError(
                 f"--split {config.split!r} gives the {name} split no documents of {where} ({num_documents} "
                 f"documents in all), but {wanted if wanted is not None else 'an epoch of'} {name} samples are "
-                f"needed; give {name} a larger share of --split, add data, or ask for no {name} samples"
+                f"needed; give {name} a larger share of --split{NO_SAMPLES_OF.get(name, '')}, or add data"
             )
         result.append(np.arange(begin, end, dtype=np.int64))
     return result

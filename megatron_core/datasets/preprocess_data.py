@@ -246,6 +246,25 @@ def _check_wrote_something(inputs: Sequence[str], stats: PreprocessStats, first_
                      f"UTF-8, one {{\"text\": ...}} object per line")
 
 
+_SENTENCES = ("sentence splitting (for BERT-style sentence-order data) is not supported: GPT training reads whole "
+              "documents; drop the flag")
+# Megatron-LM's flags this tool does not implement, with the reason (never argparse's bare "unrecognized").
+_REFUSED = {
+    "--split-sentences": _SENTENCES,
+    "--keep-newlines": _SENTENCES,
+    "--lang": _SENTENCES,
+    "--partitions": "use --workers N instead: one pool of N tokenizer processes over all the --input files",
+}
+
+
+class _Refuse(argparse.Action):
+    """Consumes the flag and its values, then stops with the reason."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string}: {_REFUSED[str(option_string)]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Megatron-LM's preprocess_data.py flags, plus --on-bad-line and --chunk-size."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -267,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     group.add_argument("--chunk-size", type=int, default=64, help="lines handed to a worker at a time")
     group.add_argument("--log-interval", type=int, default=1000, help="report progress every N documents")
+    group = parser.add_argument_group("Megatron-LM compatibility")
+    group.add_argument("--dataset-impl", default="mmap", choices=["mmap"],
+                       help="accepted: the output is always Megatron-LM's mmap indexed format")
+    group.add_argument("--keep-sequential-samples", action="store_true",
+                       help="accepted: documents are always written in input order")
+    for flag in _REFUSED:
+        group.add_argument(flag, action=_Refuse, nargs="*", default=None, help=argparse.SUPPRESS)
     return parser
 
 

@@ -126,8 +126,15 @@ def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_di
         dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp_dir), process_group=group)
         if is_rank0:
             io.save_file(common, os.path.join(tmp_dir, COMMON_FILE))
-    except (CheckpointException, OSError, RuntimeError) as exc:  # a full disk: on every rank (DCP gathers errors)
-        error = failed.format(io.first_line(exc))
+    except (CheckpointException, OSError, RuntimeError, KeyboardInterrupt) as exc:  # a full disk: on every rank
+        error = failed.format(io.first_line(exc))  # (DCP gathers the ranks' errors, one process's come as they are)
+        if isinstance(io.root_cause(exc)[1], KeyboardInterrupt):
+            # Ctrl-C: one line, and no further collective (the other ranks may be stopping anywhere, so one
+            # more all-gather could wait for a peer that never comes).
+            if is_rank0:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise ConfigError(f"saving iteration {iteration} to {root} was interrupted (Ctrl-C); the partial "
+                              f"directory was removed and the previous checkpoint is still the latest") from None
     pause = float(os.environ.get(PAUSE_BEFORE_PUBLISH_ENV, "0") or 0)
     if pause > 0 and error is None:
         time.sleep(pause)

@@ -42,6 +42,27 @@ def _arg(args: Any, name: str) -> Any:
     return _MISSING if value is None else value
 
 
+def _positive(value: Any) -> Any:
+    return value if value is _MISSING or (isinstance(value, (int, float)) and value > 0) else _MISSING
+
+
+# Where each resolvable "auto" comes from, for the error naming one that stayed unresolved.
+ARG_OF_KEY = {
+    "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "gradient_clipping": "max_grad_norm",
+    "optimizer.params.lr": "learning_rate",
+    "optimizer.params.betas": "adam_beta1 and adam_beta2",
+    "optimizer.params.eps": "adam_epsilon",
+    "optimizer.params.weight_decay": "weight_decay",
+    "scheduler.params.warmup_max_lr": "learning_rate",
+    "scheduler.params.warmup_num_steps": "warmup_steps",
+    "scheduler.params.total_num_steps": "max_steps (a positive number of optimizer steps)",
+    "fp16.enabled": "fp16",
+    "bf16.enabled": "bf16",
+}
+
+
 def _hidden_size(model: Any) -> Any:
     config = getattr(model, "config", None)
     hidden = getattr(config, "hidden_size", None)
@@ -73,7 +94,8 @@ def _sources(model: Any, args: Any) -> dict[str, Any]:
         "eps": _arg(args, "adam_epsilon"),
         "wd": _arg(args, "weight_decay"),
         "warmup": _arg(args, "warmup_steps"),
-        "total": _arg(args, "max_steps"),
+        # Trainer's default max_steps -1 means "from the epochs": a count this function cannot know.
+        "total": _positive(_arg(args, "max_steps")),
         "fp16": _arg(args, "fp16"),
         "bf16": _arg(args, "bf16"),
         "bucket": _MISSING if hidden is _MISSING else hidden * hidden,

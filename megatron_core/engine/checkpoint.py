@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import torch
@@ -118,47 +119,66 @@ def _fragments(engine: Any) -> dict:
 
 
 # ---- save -------------------------------------------------------------------------------------
+def _model_states(engine: Any, module_state: dict, meta: dict, client_state: dict) -> dict:
+    """What ``mp_rank_XX_model_states.pt`` holds."""
+    ps, scaler, scheduler = engine.parallel_state, engine.optimizer.grad_scaler, engine.lr_scheduler
+    return {
+        "format_version": FORMAT_VERSION,
+        "module": {k: _cpu(v) for k, v in module_state.items()},
+        "param_meta": meta,
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "micro_steps": engine.micro_steps,
+        "skipped_steps": engine.skipped_steps,
+        "lr_scheduler": scheduler.state_dict() if scheduler is not None and hasattr(scheduler, "state_dict") else None,
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
+        "client_state": client_state,
+        "dp_size": ps.dp_size,
+        "tp_size": ps.tp_size,
+        "zero_stage": engine.ddp.ddp_config.zero_stage,
+        "hf_config": json.dumps(engine.hf_config) if engine.hf_config is not None else None,
+    }
+
+
+def _agree_on_write(error: str | None) -> None:
+    """Raise ConfigError on every rank when a write failed on any (collective): no rank waits for a peer
+    that stopped, and ``latest`` is not moved."""
+    errors: list = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise ConfigError(first)
+
+
 def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool) -> str:
-    """``Engine.save_checkpoint`` (see the module docstring for the layout)."""
+    """``Engine.save_checkpoint`` (see the module docstring for the layout).
+
+    A failed write (a path under a file, no permission, a full disk) on any rank is a ConfigError on every
+    rank naming it; ``latest`` then still names the previous checkpoint.
+    """
     ps = engine.parallel_state
     tag = tag if tag is not None else f"global_step{engine.global_steps}"
     if not isinstance(tag, str) or not tag or os.sep in tag:
         raise ConfigError(f"save_checkpoint: tag must be a non-empty folder name, got {tag!r}")
     folder = os.path.join(save_dir, tag)
-    os.makedirs(folder, exist_ok=True)
     sharded = hasattr(engine.optimizer, "sharded")
     # Every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective, which
     # hung when only DP rank 0 called it); below stage 3 it returns references, so this costs nothing.
     module_state, meta = engine.module.state_dict(), param_meta(engine.module)  # param_meta reads state_dict too
-    if ps.dp_rank == 0:
-        scaler = engine.optimizer.grad_scaler
-        scheduler = engine.lr_scheduler
-        _atomic_save(
-            {
-                "format_version": FORMAT_VERSION,
-                "module": {k: _cpu(v) for k, v in module_state.items()},
-                "param_meta": meta,
-                "global_steps": engine.global_steps,
-                "global_samples": engine.global_samples,
-                "micro_steps": engine.micro_steps,
-                "skipped_steps": engine.skipped_steps,
-                "lr_scheduler": scheduler.state_dict()
-                if scheduler is not None and hasattr(scheduler, "state_dict")
-                else None,
-                "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
-                "client_state": client_state,
-                "dp_size": ps.dp_size,
-                "tp_size": ps.tp_size,
-                "zero_stage": engine.ddp.ddp_config.zero_stage,
-                "hf_config": json.dumps(engine.hf_config) if engine.hf_config is not None else None,
-            },
-            model_file(folder, ps.tp_rank),
-        )
-    if sharded or ps.dp_rank == 0:
-        _atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
-    if dist.is_initialized():
-        dist.barrier()
+    error = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if ps.dp_rank == 0:
+            _atomic_save(_model_states(engine, module_state, meta, client_state), model_file(folder, ps.tp_rank))
+        if sharded or ps.dp_rank == 0:
+            _atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        error = (f"save_checkpoint: writing {folder!r} failed on rank {ps.rank} ({exc}); 'latest' still names "
+                 f"the previous checkpoint: give a directory this job can write to, with free space")
+    _agree_on_write(error)  # also the barrier: every rank has written before 'latest' moves
     if save_latest and ps.rank == 0:
         tmp = os.path.join(save_dir, f".{LATEST}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -167,6 +187,30 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     if dist.is_initialized():
         dist.barrier()
     return folder
+
+
+def save_16bit_model(engine: Any, save_dir: str, save_filename: str) -> bool:
+    """``Engine.save_16bit_model``: the module's full state dict, in its training dtype, as one ``torch.save``
+    file written by rank 0 (DeepSpeed's ``pytorch_model.bin``). Collective (ZeRO-3 gathers the shards).
+
+    Raises ConfigError under AutoTP (each rank holds a shard: consolidate with ``tools/zero_to_fp32.py``)
+    and, on every rank, when the write fails.
+    """
+    ps = engine.parallel_state
+    if ps.tp_size > 1:
+        raise ConfigError("save_16bit_model: under tensor_parallel.autotp_size > 1 each rank holds a shard; save a "
+                          "checkpoint and consolidate it with tools/zero_to_fp32.py")
+    state = {k: _cpu(v) for k, v in engine.module.state_dict().items()}  # every rank: ZeRO-3 all-gathers
+    path = os.path.join(save_dir, save_filename)
+    error = None
+    if ps.rank == 0:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            _atomic_save(state, path)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+            error = f"save_16bit_model: writing {path!r} failed ({exc}); give a directory this job can write to"
+    _agree_on_write(error)
+    return True
 
 
 # ---- load -------------------------------------------------------------------------------------
@@ -232,6 +276,14 @@ def load(
     if tag is None:
         tag = read_latest(load_dir)
         if tag is None:
+            if ps.rank == 0:  # DeepSpeed warns too: a mistyped directory would otherwise restart silently
+                where = "has no 'latest' file" if os.path.isdir(load_dir) else "does not exist"
+                print(
+                    f"warning: load_checkpoint: {load_dir!r} {where}; nothing was loaded (training starts "
+                    f"from scratch); pass tag= to load a given checkpoint folder",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return None, {}
     folder = os.path.join(load_dir, tag)
     path = model_file(folder, ps.tp_rank)

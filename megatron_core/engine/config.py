@@ -355,10 +355,19 @@ TOP_LEVEL = {
 }
 
 
+def _old_names(raw: dict) -> dict:
+    """DeepSpeed's older spelling ``"bfloat16"`` of the ``"bf16"`` section (DeepSpeed still reads it)."""
+    if "bfloat16" in raw:
+        if "bf16" in raw:
+            raise ConfigError('DeepSpeed config: both "bf16" and its older name "bfloat16" are given; keep "bf16"')
+        raw["bf16"] = raw.pop("bfloat16")
+    return raw
+
+
 def read_json(config: str | os.PathLike | dict) -> dict:
     """The config as a dict: a path to a JSON file, or a dict (copied). Raises ConfigError."""
     if isinstance(config, dict):
-        return json.loads(json.dumps(config))
+        return _old_names(json.loads(json.dumps(config)))
     if not isinstance(config, (str, os.PathLike)):
         raise ConfigError(f"DeepSpeed config must be a path to a JSON file or a dict, got {type(config).__name__}")
     try:
@@ -370,16 +379,19 @@ def read_json(config: str | os.PathLike | dict) -> dict:
         raise ConfigError(f"DeepSpeed config file {os.fspath(config)!r} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"DeepSpeed config file {os.fspath(config)!r} must hold a JSON object")
-    return data
+    return _old_names(data)
 
 
 def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     """Validate a config dict whose ``"auto"`` values are resolved (see :func:`load_config`)."""
     check_keys(raw, "", TOP_LEVEL, keys.NOT_IMPLEMENTED_TOP)
     for key, _ in _find_auto(raw)[:1]:
+        from megatron_core.engine.auto import ARG_OF_KEY  # noqa: PLC0415 - auto imports this module's names
+
+        source = f"args.{ARG_OF_KEY[key]}" if key in ARG_OF_KEY else "the value"
         raise ConfigError(
-            f'DeepSpeed config: {key} is "auto" and nothing resolves it; pass args= with the '
-            f"value to initialize(), or write the value in the file"
+            f'DeepSpeed config: {key} is "auto" and nothing resolves it; pass args= with {source} '
+            f"to initialize(), or write the value in the file"
         )
     train, micro, gas = solve_batch_triple(
         raw.get("train_batch_size"),

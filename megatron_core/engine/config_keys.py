@@ -82,7 +82,8 @@ NOT_IMPLEMENTED_ZERO: dict[str, Any] = {
     "stage3_module_granularity_threshold": 0,
 }
 NOT_IMPLEMENTED_FP16: dict[str, Any] = {"auto_cast": False, "fp16_master_weights_and_grads": False}
-NOT_IMPLEMENTED_BF16: dict[str, Any] = {"immediate_grad_update": False, "check_grad_overflow": False}
+NOT_IMPLEMENTED_BF16: dict[str, Any] = {"immediate_grad_update": False, "check_grad_overflow": False,
+                                        "check_overflow": False}  # the older name of check_grad_overflow
 NOT_IMPLEMENTED_ACTIVATION_CHECKPOINTING: dict[str, Any] = {
     "partition_activations": False,
     "cpu_checkpointing": False,

@@ -7,8 +7,10 @@ dimension AutoTP split (de-interleaving fused QKV by its stride) and put back in
 layout, tied weights get every state-dict key they had, and buffers come from the model file. The
 result is exact: the fp32 master values, no re-rounding.
 
-Output: a ``.safetensors`` file, or, when the model came from ``transformers``, a Hugging Face
-directory (``config.json`` + ``model.safetensors``, tied keys left to ``from_pretrained`` to re-tie).
+Output: a ``.safetensors`` file; a ``.bin`` / ``.pt`` / ``.pth`` file written with ``torch.save`` (what
+DeepSpeed's ``zero_to_fp32.py CHECKPOINT_DIR pytorch_model.bin`` writes); or, when the model came from
+``transformers``, a Hugging Face directory (``config.json`` + ``model.safetensors``, tied keys left to
+``from_pretrained`` to re-tie).
 """
 
 from __future__ import annotations
@@ -89,8 +91,20 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
     return out, hf_config
 
 
+TORCH_SAVE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _torch_save(state: dict[str, torch.Tensor], output: str) -> None:
+    """One ``torch.save`` file, written to a temporary name and renamed (a killed run leaves no half file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, output)
+
+
 def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, hf_dir: bool | None = None) -> str:
-    """Write the consolidated fp32 weights to ``output`` (a ``.safetensors`` file or an HF directory); returns it.
+    """Write the consolidated fp32 weights to ``output`` (a ``.safetensors`` file, a ``torch.save`` file ending
+    in ``.bin``/``.pt``/``.pth``, or an HF directory); returns it.
 
     ``hf_dir`` None: a directory when the checkpoint holds a Hugging Face config and ``output`` does
     not end in ``.safetensors``.
@@ -100,6 +114,9 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     from megatron_core.checkpoint.hf_io import normal_permissions
 
     state, hf_config = consolidate_state_dict(checkpoint_dir, tag)
+    if output.endswith(TORCH_SAVE_SUFFIXES):
+        _torch_save(state, output)
+        return output
     if hf_dir is None:
         hf_dir = hf_config is not None and not output.endswith(".safetensors")
     if not hf_dir:
@@ -135,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         "size) into fp32 safetensors or a Hugging Face directory."
     )
     parser.add_argument("checkpoint_dir", help="the save directory (reads its 'latest' tag) or a tag folder")
-    parser.add_argument("output", help="a .safetensors file, or a directory for a Hugging Face model")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
+    parser.add_argument("output", help="a .safetensors file, a .bin/.pt/.pth file (torch.save, as DeepSpeed's "
+                        "zero_to_fp32.py CHECKPOINT_DIR pytorch_model.bin), or a directory for a Hugging Face model")
+    parser.add_argument("-t", "--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
     parser.add_argument("--safetensors", action="store_true", help="one file even for a transformers model")
     args = parser.parse_args(argv)
     try:

@@ -83,25 +83,38 @@ class Engine(torch.nn.Module):
         """Evaluation mode (``train(False)``)."""
         return self.train(False)
 
-    # ---- DeepSpeed's counters and accessors ---------------------------------------------------
-    @property
+    # ---- DeepSpeed's counters and accessors (methods, as DeepSpeedEngine's) -----------------------
     def gradient_accumulation_steps(self) -> int:
         """Micro batches per optimizer step (the config's)."""
         return self.config.gradient_accumulation_steps
 
-    @property
     def train_batch_size(self) -> int:
         """Samples per optimizer step over all DP ranks."""
         return self.config.train_batch_size
 
-    @property
     def train_micro_batch_size_per_gpu(self) -> int:
         """Samples per micro batch on this rank."""
         return self.config.train_micro_batch_size_per_gpu
 
+    def zero_optimization_stage(self) -> int:
+        """The config's ``zero_optimization.stage``."""
+        return self.config.zero_optimization.stage
+
+    def fp16_enabled(self) -> bool:
+        """The config's ``fp16.enabled``."""
+        return self.config.fp16.enabled
+
+    def bfloat16_enabled(self) -> bool:
+        """The config's ``bf16.enabled``."""
+        return self.config.bf16_enabled
+
+    def gradient_clipping(self) -> float:
+        """The config's ``gradient_clipping`` (0: none)."""
+        return self.config.gradient_clipping
+
     def is_gradient_accumulation_boundary(self) -> bool:
         """Whether the current micro step is the last of its global batch (``(micro_steps + 1) % GA == 0``)."""
-        return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
 
     def get_lr(self) -> list[float]:
         """The learning rate of every optimizer param group."""
@@ -129,7 +142,7 @@ class Engine(torch.nn.Module):
             raise ValueError("engine.backward(loss) needs a scalar loss tensor (reduce it with .mean() first)")
         start = time.perf_counter()
         self._losses.append(float(loss.detach()))
-        scaled = self.optimizer.scale_loss(loss.float() / self.gradient_accumulation_steps)
+        scaled = self.optimizer.scale_loss(loss.float() / self.gradient_accumulation_steps())
         boundary = self.is_gradient_accumulation_boundary()
         with contextlib.nullcontext() if boundary else self.ddp.no_sync():
             scaled.backward(retain_graph=retain_graph)
@@ -151,7 +164,7 @@ class Engine(torch.nn.Module):
                 self.skipped_steps += 1
             self.optimizer.zero_grad()
             self.global_steps += 1
-            self.global_samples += self.train_batch_size
+            self.global_samples += self.train_batch_size()
             self._timings["step"] += time.perf_counter() - start
             self._report()
         self.micro_steps += 1
@@ -188,6 +201,12 @@ class Engine(torch.nn.Module):
         """
         return ckpt.save(self, save_dir, tag, client_state or {}, save_latest)
 
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
+        """DeepSpeed's: the full module state dict in the training dtype (fp16/bf16, or fp32) as one
+        ``torch.save`` file, ``save_dir/save_filename``, written by rank 0; every rank must call it (ZeRO-3
+        gathers). Returns True. Not under AutoTP (consolidate a checkpoint with ``tools/zero_to_fp32.py``)."""
+        return ckpt.save_16bit_model(self, save_dir, save_filename)
+
     def load_checkpoint(
         self,
         load_dir: str,
@@ -199,7 +218,7 @@ class Engine(torch.nn.Module):
         """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``.
 
         The data-parallel size may differ from the saving run's; the AutoTP size must match.
-        ``(None, {})`` when ``load_dir`` has no ``latest`` file, as DeepSpeed.
+        ``(None, {})`` when ``load_dir`` has no ``latest`` file, with a warning line on rank 0, as DeepSpeed.
         """
         return ckpt.load(
             self,

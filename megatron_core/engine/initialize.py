@@ -9,7 +9,9 @@ config), ``get_megatron_optimizer``, scheduler, data loader.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import sys
 from typing import Any
 
 import torch
@@ -104,6 +106,30 @@ def _dataloader(training_data: Any, collate_fn: Any, config: EngineConfig, paral
     )
 
 
+def _shutdown_at_exit(parallel_state: ParallelState) -> None:
+    """At interpreter exit, what ``pretrain_gpt.py``'s ``finally`` does (``training.initialize.shutdown``).
+
+    DeepSpeed-style scripts end without tearing the process group down; gloo then destroys its
+    connections while a peer may still be using them, and about one exit in four aborted with C++'s
+    "terminate called without an active exception" (SIGABRT). On a clean exit every rank first meets
+    at a barrier, then the engine's groups and the default group are destroyed. After an uncaught
+    exception (``sys.last_value`` is set before ``atexit`` runs), or when the barrier finds a peer gone,
+    nothing is done: the failing rank's own error is the message.
+    """
+    if not dist.is_initialized():
+        return
+    failed = getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None
+    if failed:
+        return
+    if dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer failed (its own error says why): nothing left to tear down in order
+            return
+    parallel_state.destroy()
+    dist.destroy_process_group()
+
+
 def initialize(
     model: torch.nn.Module,
     optimizer: Any = None,
@@ -114,6 +140,10 @@ def initialize(
     config: Any = None,
     args: Any = None,
     config_params: Any = None,
+    dist_init_required: bool | None = None,
+    distributed_port: int | None = None,
+    mpu: Any = None,
+    mesh_param: Any = None,
 ) -> tuple[Engine, Any, Any, Any]:
     """Wrap ``model`` for training from a DeepSpeed config; returns ``(engine, optimizer, dataloader, lr_scheduler)``.
 
@@ -124,17 +154,29 @@ def initialize(
     the model's trainable parameters. ``lr_scheduler``: an object with ``step()``, or a callable
     ``fn(optimizer)``. ``training_data``: a map-style dataset, sharded over DP ranks with a
     ``DistributedSampler`` and batched by ``train_micro_batch_size_per_gpu``.
+    DeepSpeed's ``dist_init_required`` (False: the caller has made the process group) and
+    ``distributed_port`` (torchrun's ``MASTER_PORT`` is what is used) are accepted; ``mpu`` and
+    ``mesh_param`` (external model-parallel groups) are not implemented.
     Raises ConfigError (one line) for every configuration problem.
     """
     report_uncaught_config_errors()
     if config is not None and config_params is not None:
         raise ConfigError("initialize: give config= or config_params=, not both")
+    for name, value in (("mpu", mpu), ("mesh_param", mesh_param)):
+        if value is not None:
+            raise ConfigError(f"initialize: {name}= (model-parallel groups made outside) is not implemented; drop it "
+                              f"and use the config's tensor_parallel.autotp_size for tensor parallelism")
+    if dist_init_required is False and not dist.is_initialized():
+        raise ConfigError("initialize: dist_init_required=False but no process group exists; call "
+                          "torch.distributed.init_process_group first or drop the argument")
     # The CLI's process-group setup (torchrun's env:// or one process; cores shared among local
     # ranks; a launcher watchdog); a no-op past binding the device when the user made the group.
-    initialize_distributed(device_mod.default_backend(), timeout_minutes=30.0)
+    context = initialize_distributed(device_mod.default_backend(), timeout_minutes=30.0)
     raw = read_json(_config_source(config if config is not None else config_params, args))
     tp = _autotp_size(raw)
     parallel_state = ParallelState(tensor_model_parallel_size=tp)
+    if context.owns_process_group:
+        atexit.register(_shutdown_at_exit, parallel_state)
     engine_config = load_config(raw, parallel_state.dp_size, model, args)
     check_model_parameters(model_parameters, model)
     opt_config = optimizer_config_from(engine_config)

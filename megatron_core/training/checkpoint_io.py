@@ -119,9 +119,26 @@ def publish_iteration(root: str, tmp_dir: str, final_dir: str, iteration: int) -
     write_text_atomic(os.path.join(root, TRACKER_FILENAME), str(iteration))
 
 
+def root_cause(exc: BaseException) -> tuple[int | None, BaseException]:
+    """``(rank, exception)``: the lowest rank's own exception inside a ``torch.distributed.checkpoint``
+    ``CheckpointException`` (whose ``failures`` maps ranks to ``(exception, traceback)``), else ``(None, exc)``."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        cause = failures[rank]
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        if isinstance(cause, BaseException):
+            return rank, cause
+    return None, exc
+
+
 def first_line(exc: BaseException) -> str:
-    """An exception's first message line (at most 200 characters), for one-line errors."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    """An exception's first message line (at most 200 characters), for one-line errors; for a DCP
+    ``CheckpointException`` the first failing rank's exception (its ``str`` lists every rank's traceback)."""
+    rank, cause = root_cause(exc)
+    lines = str(cause).strip().splitlines()
+    text = f"{type(cause).__name__}: {lines[0]}" if lines and rank is not None else (lines or [type(cause).__name__])[0]
+    return (text if rank is None else f"rank {rank}: {text}")[:200]
 
 
 def read_tracker(root: str) -> int | None:

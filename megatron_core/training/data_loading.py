@@ -8,6 +8,7 @@ one-process run sees the same global batches as a data-parallel one.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,6 +92,15 @@ class PretrainingSampler:
             yield list(range(first + start, first + start + self.micro_batch_size))
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT. Schedulers (Slurm), torchrun and a terminal's Ctrl-C
+    signal the whole process group: a worker killed by it made the main process fail ("DataLoader worker
+    ... is killed by signal: Terminated") instead of finishing its iteration and saving. The main process
+    stops its workers itself, and they exit when it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, parallel_state: ParallelState,
                 num_workers: int) -> torch.utils.data.DataLoader:
     """A loader over this DP rank's micro batches."""
@@ -102,6 +112,7 @@ def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, para
     # RNG that dropout uses (a resumed run would otherwise drop out differently from an uninterrupted one).
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        persistent_workers=False, pin_memory=False,
+                                       worker_init_fn=_worker_ignores_stop_signals if num_workers else None,
                                        generator=torch.Generator().manual_seed(consumed_samples))
 
 

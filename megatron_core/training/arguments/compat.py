@@ -49,6 +49,23 @@ _REFUSED: dict[str, str] = {
     "--tp-comm-overlap": "overlapping TP communication needs Transformer Engine userbuffers; not supported yet",
     "--use-torch-fsdp2": "use --use-distributed-optimizer (ZeRO-1) instead of FSDP2 here",
     "--manual-gc": "manual garbage collection is not supported; drop the flag",
+    "--apply-query-key-layer-scaling": "query-key layer scaling is not supported; drop the flag (the attention "
+                                       "softmax is computed in fp32, the overflow it guards against in fp16)",
+    "--fp32-residual-connection": "an fp32 residual stream is not supported yet; drop the flag",
+    "--reset-position-ids": "per-document position ids are not supported yet; drop the flag",
+    "--reset-attention-mask": "per-document attention masks are not supported yet; drop the flag",
+    "--qk-layernorm": "use --spec models.custom_spec qk_norm_layer_spec (QK-norm as a custom layer spec)",
+    "--overlap-p2p-communication": "pipeline sends and receives are already batched per step; drop the flag",
+    "--log-num-zeros-in-grad": _LOG,
+    "--timing-log-option": _LOG,
+    "--tensorboard-queue-size": "drop the flag (TensorBoard is written with its default queue)",
+    "--rotary-seq-len-interpolation-factor": "RoPE position interpolation is not supported yet; drop the flag",
+}
+# Megatron-LM flags whose only setting is this framework's behaviour (flag -> help).
+_NO_OPS: dict[str, str] = {
+    "--no-query-key-layer-scaling": "accepted: query-key layer scaling is never applied (Megatron-LM's default)",
+    "--attention-softmax-in-fp32": "accepted: the attention softmax is always computed in fp32",
+    "--auto-detect-ckpt-format": "accepted: --load always detects the checkpoint format",
 }
 
 
@@ -84,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-position-embedding", action="store_true", help="same as --position-embedding-type none")
     g.add_argument("--use-rotary-position-embeddings", action="store_true",
                    help="same as --position-embedding-type rope")
+    g.add_argument("--data-impl", default="mmap", choices=["mmap"],
+                   help="accepted: datasets are Megatron-LM's mmap indexed format")
+    g.add_argument("--dataloader-type", default="single", choices=["single"],
+                   help="accepted: samples are read in order (Megatron-LM's single pass); cyclic is not supported")
+    for flag, text in _NO_OPS.items():
+        g.add_argument(flag, action="store_true", help=text)
     for flag in _KERNEL_CHOICES:
         g.add_argument(flag, action="store_true", help="accepted: fused kernels are chosen at run time, same result")
     for flag in _REFUSED:

@@ -67,9 +67,10 @@ def _learning_rate(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-samples", type=int, default=0)
     g.add_argument("--lr-warmup-init", type=float, default=0.0, help="learning rate at the start of warmup")
-    g.add_argument("--override-opt-param-scheduler", action="store_true",
+    # Megatron-LM spells these two "--override-opt_param-scheduler" and "--use-checkpoint-opt_param-scheduler".
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler", action="store_true",
                    help="take the schedule from the flags, not from the loaded checkpoint")
-    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler", action="store_true",
                    help="take the schedule from the loaded checkpoint")
 
 
