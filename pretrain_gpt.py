@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import device
+from megatron_core.errors import record_for_launcher
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training.arguments import config_from_args, parse_args
@@ -174,10 +175,11 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # ConfigError and the libraries' own argument checks
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        if not isinstance(exc, ConfigError):
-            print(f"error: {exc} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
-        elif rank_from_env() == 0:  # every rank reaches the same verdict; say it once
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        line = f"error: {exc}" if isinstance(exc, ConfigError) else \
+            f"error: {exc} (set {TRACEBACK_ENV}=1 for the traceback)"
+        record_for_launcher(line)  # torchrun's failure report then ends with it
+        if not isinstance(exc, ConfigError) or rank_from_env() == 0:  # a ConfigError is every rank's: say it once
+            print(line, file=sys.stderr, flush=True)
         return 130 if interrupted else 2
     except Exception:
         # After Ctrl-C a rank blocked in a collective sees its peer's connection close: not a crash to show.
@@ -199,10 +201,11 @@ def _record_ctrl_c() -> list[int]:
 
 
 def _interrupted() -> int:
+    line = ("error: interrupted (Ctrl-C); the checkpoints already saved are complete (a save in progress is "
+            "discarded); SIGTERM instead stops after the current iteration and saves one")
+    record_for_launcher(line)
     if rank_from_env() == 0:
-        print("error: interrupted (Ctrl-C); the checkpoints already saved are complete (a save in progress is "
-              "discarded); SIGTERM instead stops after the current iteration and saves one", file=sys.stderr,
-              flush=True)
+        print(line, file=sys.stderr, flush=True)
     return 130  # 128 + SIGINT, as a shell reports it
 
 
