@@ -266,9 +266,6 @@ def test_stage3_maps_or_says_not_implemented():
         with pytest.raises(ConfigError, match="stage 3 .* is not implemented"):
             library_configs_from(config)
         return
-    # The library gathers by prefetch buckets: a live-parameter budget is a key it does not implement.
-    with pytest.raises(ConfigError, match="stage3_max_live_parameters is not implemented"):
-        library_configs_from(config)
     plain = load_config(_with(zero_optimization={"stage": 3, "stage3_prefetch_bucket_size": 1000,
                                                  "stage3_param_persistence_threshold": 10}), dp_size=2)
     ddp = library_configs_from(plain).ddp
@@ -352,3 +349,19 @@ def test_bfloat16_is_the_older_name_of_bf16(tmp_path):
     assert load_config(str(path), dp_size=2).bf16_enabled
     with pytest.raises(ConfigError, match='both "bf16" and its older name "bfloat16"'):
         load_config(_with(bf16={"enabled": True}, bfloat16={"enabled": True}), dp_size=2)
+
+
+def test_deepspeed_tuning_only_keys_run_with_one_warning_each(capsys):
+    """axolotl's zero3_bf16.json sets DeepSpeed's parameter-cache bounds and optimizer sub-groups to 0: knobs of
+    memory and speed with no counterpart here. The config maps as without them, with one warning line per key
+    (rank 0); at stage 1 DeepSpeed reads only sub_group_size, so only that one is named."""
+    tuning = {"sub_group_size": 0, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
+    stage = 1 if _stage3_error() else 3
+    with_keys = library_configs_from(load_config(_with(zero_optimization={"stage": stage, **tuning}), dp_size=2))
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    without = library_configs_from(load_config(_with(zero_optimization={"stage": stage}), dp_size=2))
+    assert with_keys == without
+    named = ["sub_group_size"] + (["stage3_max_live_parameters", "stage3_max_reuse_distance"] if stage == 3 else [])
+    assert sorted(line.split("zero_optimization.")[1].split(" ")[0] for line in warned) == sorted(named), warned
+    assert all("= 0 is ignored" in line and "results are the same" in line for line in warned), warned
+    assert capsys.readouterr().err == ""  # the defaults warn about nothing

@@ -114,6 +114,7 @@ class ZeroSection:
     stage3_max_live_parameters: int = 1_000_000_000
     stage3_max_reuse_distance: int = 1_000_000_000
     stage3_gather_16bit_weights_on_model_save: bool = False
+    sub_group_size: int = 1_000_000_000
 
 
 @dataclasses.dataclass
@@ -273,6 +274,7 @@ def _zero(raw: dict) -> ZeroSection:
             "stage3_param_persistence_threshold",
             "stage3_max_live_parameters",
             "stage3_max_reuse_distance",
+            "sub_group_size",
         )
     }
     bools = {

@@ -67,7 +67,6 @@ NOT_IMPLEMENTED_ZERO: dict[str, Any] = {
     "load_from_fp32_weights": True,
     "round_robin_gradients": False,
     "elastic_checkpoint": False,
-    "sub_group_size": 1_000_000_000,
     "ignore_unused_parameters": True,
     "legacy_stage1": False,
     "zero_hpz_partition_size": 1,

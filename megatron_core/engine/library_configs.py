@@ -25,12 +25,14 @@ train_batch_size                            global_batch_size (--global-batch-si
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from megatron_core.distributed import DistributedDataParallelConfig
 from megatron_core.engine.config import EngineConfig, ZeroSection, load_config
 from megatron_core.errors import ConfigError
 from megatron_core.optimizer import OptimizerConfig
+from megatron_core.training.initialize import rank_from_env
 
 DEEPSPEED_BUCKET_DEFAULT = 500_000_000
 
@@ -86,22 +88,42 @@ def _needs(cls: type, field: str, key: str) -> None:
         )
 
 
+_STAGE3_CACHE = ("a bound on DeepSpeed's cache of gathered parameters; here a parameter bucket is freed once no "
+                 "running module needs it and at most stage3_prefetch_bucket_size elements are gathered ahead")
+# DeepSpeed's memory/speed knobs with no counterpart here: the results do not depend on them, so a config that
+# sets them (e.g. axolotl's zero3_bf16.json: all three 0) runs, with one warning line naming each.
+TUNING_ONLY = {
+    "stage3_max_live_parameters": _STAGE3_CACHE,
+    "stage3_max_reuse_distance": _STAGE3_CACHE,
+    "sub_group_size": "DeepSpeed's grouping of the optimizer step; here the step runs whole, or bucket by bucket "
+                      "with the optimizer offloaded",
+}
+
+
+def ignored_tuning_keys(config: EngineConfig) -> list[str]:
+    """One warning line for each :data:`TUNING_ONLY` key the config sets away from DeepSpeed's default
+    (the stage-3 cache bounds only under stage 3, where DeepSpeed reads them)."""
+    zero, defaults = config.zero_optimization, ZeroSection()
+    return [f"warning: DeepSpeed config: zero_optimization.{key} = {getattr(zero, key)} is ignored: {why} "
+            f"(results are the same)"
+            for key, why in TUNING_ONLY.items()
+            if getattr(zero, key) != getattr(defaults, key) and (zero.stage == 3 or key == "sub_group_size")]
+
+
 def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
-    """The DDP wrapper's options for the config's ZeRO section and precision (ZeRO-3 and offload when present)."""
+    """The DDP wrapper's options for the config's ZeRO section and precision (ZeRO-3 and offload when present).
+
+    Prints :func:`ignored_tuning_keys`' lines on rank 0 (stderr)."""
     _check_unimplemented(config)
+    if rank_from_env() == 0:
+        for line in ignored_tuning_keys(config):
+            print(line, file=sys.stderr, flush=True)
     zero = config.zero_optimization
     extra: dict[str, Any] = {}
     if zero.stage == 3:
         for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
             _needs(DistributedDataParallelConfig, key, f"zero_optimization.{key}")
             extra[key] = getattr(zero, key)
-        defaults = ZeroSection()
-        for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance"):
-            if getattr(zero, key) != getattr(defaults, key):
-                raise ConfigError(
-                    f"DeepSpeed config: zero_optimization.{key} is not implemented (the library "
-                    f"gathers by prefetch buckets); remove it"
-                )
     if zero.offload_param.device == "cpu":
         _needs(DistributedDataParallelConfig, "offload_param", "zero_optimization.offload_param.device = 'cpu'")
         extra["offload_param"] = True
