@@ -206,6 +206,9 @@ def test_a_write_failing_on_one_rank_is_one_line_on_every_rank(tmp_path):
     assert messages[0] == messages[1] and "\n" not in messages[0], messages
     assert messages[0].startswith(f"save_checkpoint: writing {os.path.join(directory, 'global_step2')!r} failed on "
                                   f"rank 1 (") and "'latest' still names the previous checkpoint" in messages[0]
+    assert "File too large" in messages[0], messages  # the write's own error, not torch.save's "unexpected pos"
+    assert sorted(os.listdir(directory)) == ["global_step1", "global_step2", "latest"]
+    assert not [f for f in os.listdir(os.path.join(directory, "global_step2")) if ".tmp" in f]  # no partial file
     assert open(os.path.join(directory, "latest")).read() == "global_step1"
     consolidate_state_dict(directory)  # the previous checkpoint still reads
 

@@ -20,6 +20,7 @@ every rank has finished, so it only ever names a complete checkpoint. Everything
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from megatron_core.dist_checkpointing.optimizer_state import placed_state, steps_on_device
 from megatron_core.errors import ConfigError
+from megatron_core.training.checkpoint_io import torch_save
 
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -60,8 +62,14 @@ def optim_files(folder: str, tp_rank: int) -> list[str]:
 
 def _atomic_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch_save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a failed or interrupted write leaves nothing behind
+        raise
 
 
 def _cpu(value: Any) -> Any:

@@ -53,11 +53,41 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _KeepWriteError:
+    """A binary file whose ``write`` keeps the first OSError it raises."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def torch_save(obj: Any, file: Any) -> None:
+    """``torch.save(obj, file)`` that raises the write's own OSError (e.g. "[Errno 28] No space left on
+    device"): torch's zip writer reports a failed write as "unexpected pos N vs M" (RuntimeError)."""
+    writer = _KeepWriteError(file)
+    try:
+        torch.save(obj, writer)  # type: ignore[arg-type]  # any object with write() and flush() will do
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+
+
 def save_file(obj: Any, path: str) -> None:
     """``torch.save`` and fsync (the caller writes into a temporary directory)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        torch_save(obj, f)
         f.flush()
         os.fsync(f.fileno())
 
