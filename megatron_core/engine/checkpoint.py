@@ -60,7 +60,9 @@ def optim_files(folder: str, tp_rank: int) -> list[str]:
     return sorted(glob.glob(pattern), key=_dp_rank_of)
 
 
-def _atomic_save(obj: Any, path: str) -> None:
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary name, renamed when complete; a failed write raises its own OSError and
+    leaves no partial file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -180,9 +182,9 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     try:
         os.makedirs(folder, exist_ok=True)
         if ps.dp_rank == 0:
-            _atomic_save(_model_states(engine, module_state, meta, client_state), model_file(folder, ps.tp_rank))
+            atomic_save(_model_states(engine, module_state, meta, client_state), model_file(folder, ps.tp_rank))
         if sharded or ps.dp_rank == 0:
-            _atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
+            atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
         error = (f"save_checkpoint: writing {folder!r} failed on rank {ps.rank} ({exc}); 'latest' still names "
                  f"the previous checkpoint: give a directory this job can write to, with free space")
@@ -214,7 +216,7 @@ def save_16bit_model(engine: Any, save_dir: str, save_filename: str) -> bool:
     if ps.rank == 0:
         try:
             os.makedirs(save_dir, exist_ok=True)
-            _atomic_save(state, path)
+            atomic_save(state, path)
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
             error = f"save_16bit_model: writing {path!r} failed ({exc}); give a directory this job can write to"
     _agree_on_write(error)

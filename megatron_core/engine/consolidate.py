@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from megatron_core.engine.checkpoint import full_fragments, model_file, optim_files, read_latest
+from megatron_core.engine.checkpoint import atomic_save, full_fragments, model_file, optim_files, read_latest
 from megatron_core.errors import ConfigError
 
 
@@ -97,9 +97,7 @@ TORCH_SAVE_SUFFIXES = (".bin", ".pt", ".pth")
 def _torch_save(state: dict[str, torch.Tensor], output: str) -> None:
     """One ``torch.save`` file, written to a temporary name and renamed (a killed run leaves no half file)."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, output)
+    atomic_save(state, output)
 
 
 def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, hf_dir: bool | None = None) -> str:
