@@ -95,3 +95,33 @@ def test_export_without_tokenizer_has_no_made_up_special_ids(tmp_path):
     _convert("--loader", "hf", "--saver", "hf", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "out")
     config = json.load(open(tmp_path / "out" / "config.json"))
     assert config.get("eos_token_id") is None and config.get("bos_token_id") is None  # not GPT-2's 50256
+
+
+@pytest.mark.parametrize("family,change,named", [
+    ("gpt2", dict(normalization="RMSNorm"), "normalization=RMSNorm"),
+    ("gpt2", dict(activation="swiglu"), "activation=swiglu"),
+    ("gpt2", dict(add_bias_linear=False), "add_bias_linear=False"),
+    ("gpt2", dict(position_embedding_type="rope"), "position_embedding_type=rope"),
+    ("gpt2", dict(num_query_groups=2), "num_query_groups=2"),
+    ("gpt2", dict(kv_channels=16), "kv_channels=16"),
+    ("llama", dict(normalization="LayerNorm"), "normalization=LayerNorm"),
+    ("llama", dict(activation="gelu"), "activation=gelu"),
+    ("llama", dict(rotary_percent=0.5), "position_embedding_type=rope rotary_percent=0.5"),
+    ("llama", dict(add_qkv_bias=True), "add_qkv_bias without add_bias_linear"),
+])
+def test_export_names_what_the_hf_class_cannot_hold(family, change, named):
+    """Each feature outside GPT2LMHeadModel / LlamaForCausalLM is refused by name, and only it (the
+    unchanged preset exports)."""
+    import dataclasses
+
+    from megatron_core.checkpoint import hf_gpt2, hf_llama
+    from megatron_core.checkpoint.hf_errors import UnsupportedModel
+    from megatron_core.models.presets import gpt2_config, llama_config
+
+    module, preset, cls = {"gpt2": (hf_gpt2, gpt2_config, "GPT2LMHeadModel"),
+                           "llama": (hf_llama, llama_config, "LlamaForCausalLM")}[family]
+    config = preset(2, 32, 4, ffn_hidden_size=64)
+    assert module.config_to_hf(config, 64, 16).hidden_size == 32
+    with pytest.raises(UnsupportedModel) as error:
+        module.config_to_hf(dataclasses.replace(config, **change), 64, 16)
+    assert str(error.value) == f"{cls} cannot hold a model with {named}"

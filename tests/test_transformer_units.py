@@ -331,3 +331,26 @@ def test_cpu_dropout_add_is_residual_plus_dropout():
     (ref * weights).sum().backward()
     assert torch.equal(x.grad, ref_x.grad) and torch.equal(residual.grad, ref_residual.grad)
     assert torch.equal(dropout_add(x, residual, 0.0), residual + x)
+
+
+def _layer_forwards_in_a_training_step(method, k):
+    """How many times each of 3 layers runs forward in one forward + backward with full recompute."""
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config = llama_config(3, 32, 4, num_query_groups=2, ffn_hidden_size=64, recompute_granularity="full",
+                          recompute_method=method, recompute_num_layers=k)
+    model = GPTModel(config, 64, 8, parallel_state=ps, make_vocab_size_divisible_by=8)
+    calls = [0] * 3
+    for i, layer in enumerate(model.decoder.layers):
+        layer.register_forward_hook(lambda _m, _i, _o, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.arange(16).view(2, 8)
+    model(ids, labels=ids).mean().backward()
+    return calls
+
+
+@pytest.mark.parametrize("method,k,expected", [("uniform", 2, [2, 2, 2]), ("block", 2, [2, 2, 1]),
+                                               ("block", 1, [2, 1, 1])])
+def test_full_recompute_reruns_the_layers_its_method_names(method, k, expected):
+    """Megatron-LM's --recompute-method: ``uniform`` checkpoints every group of k layers (all of
+    them run forward twice), ``block`` only the first k layers of the chunk."""
+    (calls,) = run_distributed(_layer_forwards_in_a_training_step, 1, method, k, timeout=60)
+    assert calls == expected
