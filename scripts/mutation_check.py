@@ -24,10 +24,9 @@ Files not mutated (``SKIP``), each for its reason:
 
 - ``transformer/te_spec.py``: Transformer Engine wrappers; TE cannot be installed on the CPU
   machines, so no test can run them (the file says so) and every mutant would survive untested.
-- ``transformer/enums.py``, ``transformer/spec.py``, ``transformer/layer_specs.py``: pure glue
-  (enum values, ``build_module``, the spec tables naming which class fills each slot); every model
-  test builds through them, and their only mutable points are the spec picker's TE/GPU branches,
-  which depend on TE being importable (see above).
+- ``transformer/layer_specs.py``: the spec tables (which class fills each slot: no mutation points)
+  and the picker's TE branch (``not te_spec.HAVE_TE``, ``use_te is None``, a log line), whose every
+  mutant gives the same spec on a machine without TE and CUDA, i.e. every machine the tests run on.
 - ``checkpoint/hf_errors.py``: one exception class, no logic.
 - ``fusions/triton_{norms,elementwise,cross_entropy}.py``: Triton kernels, not torch fallbacks;
   they run in Triton's interpreter in ``tests/test_triton_kernels.py`` against the torch paths,
@@ -69,9 +68,8 @@ TESTS = {
     "fusions": ["tests/test_onednn_linear.py", "tests/test_triton_kernels.py", "tests/test_transformer_units.py"],
 }
 # Files never mutated; the reasons are in the module docstring.
-SKIP = {"transformer/te_spec.py", "transformer/enums.py", "transformer/spec.py", "transformer/layer_specs.py",
-        "checkpoint/hf_errors.py", "fusions/triton_norms.py", "fusions/triton_elementwise.py",
-        "fusions/triton_cross_entropy.py"}
+SKIP = {"transformer/te_spec.py", "transformer/layer_specs.py", "checkpoint/hf_errors.py", "fusions/triton_norms.py",
+        "fusions/triton_elementwise.py", "fusions/triton_cross_entropy.py"}
 SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
          ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
          ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And}
