@@ -125,3 +125,31 @@ def test_export_names_what_the_hf_class_cannot_hold(family, change, named):
     with pytest.raises(UnsupportedModel) as error:
         module.config_to_hf(dataclasses.replace(config, **change), 64, 16)
     assert str(error.value) == f"{cls} cannot hold a model with {named}"
+
+
+def test_sentencepiece_control_pieces_export_as_whole_tokens(tmp_path):
+    """SentencePiece control pieces (``<s>``, a ``control_symbols`` entry) become special added tokens:
+    in text they stay one token, as in Hugging Face's own converted Llama tokenizers, and
+    ``skip_special_tokens`` drops them; a user-defined piece stays an ordinary token."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from megatron_core.checkpoint.hf_tokenizer import save_tokenizer
+    from megatron_core.tokenizer.build import build_tokenizer
+    from tests.test_tokenizer import stdlib_text
+
+    prefix = str(tmp_path / "spm")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(stdlib_text().splitlines()[:3000]), model_prefix=prefix, vocab_size=400,
+        model_type="bpe", control_symbols=["<ctl>"], user_defined_symbols=["<usr>"], byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    ours = build_tokenizer("SentencePieceTokenizer", tokenizer_model=prefix + ".model")
+    save_tokenizer(ours, str(tmp_path / "hf"))
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    piece = sentencepiece.SentencePieceProcessor(model_file=prefix + ".model").piece_to_id
+    for control in ("<ctl>", "<s>"):
+        ids = hf(f"a {control} b", add_special_tokens=False)["input_ids"]
+        assert piece(control) in ids and hf.decode(ids, skip_special_tokens=True) == "a b", (control, ids)
+    ids = hf("a <usr> b", add_special_tokens=False)["input_ids"]
+    assert ids == ours.tokenize("a <usr> b") and piece("<usr>") in ids
+    assert hf.decode(ids, skip_special_tokens=True) == "a <usr> b"
