@@ -15,7 +15,7 @@ from harness import run_distributed
 from test_ddp_gpt import GPTSpec
 
 from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint
-from megatron_core.dist_checkpointing.optimizer_state import placed_state
+from megatron_core.dist_checkpointing.optimizer_state import placed_state, steps_on_device
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 
@@ -57,8 +57,8 @@ def _steps(ps, spec, wrapped, optimizer, scheduler, first, count):
     return losses, norms
 
 
-def _original(layout, spec, ddp, directory, async_save=False, dtype=torch.float32):
-    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, OPT, dtype)
+def _original(layout, spec, ddp, directory, async_save=False, dtype=torch.float32, opt=OPT):
+    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, opt, dtype)
     scheduler = _scheduler(optimizer)
     _steps(ps, spec, wrapped, optimizer, scheduler, 0, SAVE_AT)
     request = save_dist_checkpoint(directory, SAVE_AT, wrapped, optimizer, scheduler, ps,
@@ -67,12 +67,13 @@ def _original(layout, spec, ddp, directory, async_save=False, dtype=torch.float3
     losses, norms = _steps(ps, spec, wrapped, optimizer, scheduler, SAVE_AT, AFTER)
     request.wait()
     result = result_of(ps, spec, chunks, losses, norms)
+    result["loss_scale"] = optimizer.get_loss_scale()
     ps.destroy()
     return result
 
 
-def _resumed(layout, spec, ddp, directory, dtype=torch.float32):
-    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, OPT, dtype, prepare=_perturb)
+def _resumed(layout, spec, ddp, directory, dtype=torch.float32, opt=OPT):
+    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, opt, dtype, prepare=_perturb)
     scheduler = _scheduler(optimizer)
     logged = []
     common = load_dist_checkpoint(directory, wrapped, optimizer, scheduler, ps, printer=logged.append)
@@ -80,6 +81,7 @@ def _resumed(layout, spec, ddp, directory, dtype=torch.float32):
     assert scheduler.num_steps == SAVE_AT
     losses, norms = _steps(ps, spec, wrapped, optimizer, scheduler, SAVE_AT, AFTER)
     result = result_of(ps, spec, chunks, losses, norms)
+    result["loss_scale"] = optimizer.get_loss_scale()
     result["log"] = logged
     ps.destroy()
     return result
@@ -145,16 +147,25 @@ def _model_only(spec, directory):
     return ok
 
 
-def test_bf16_main_parameters_round_trip(tmp_path):
-    """bf16 weights: the fp32 main parameters are saved apart from the weights and restored; in the same
-    layout (DP 2, ZeRO-1) the resumed run repeats the continued one exactly."""
+@pytest.mark.parametrize("dtype,zero_stage,world", [(torch.bfloat16, 1, 2), (torch.bfloat16, 0, 1),
+                                                    (torch.float16, 0, 1)])
+def test_low_precision_main_parameters_round_trip(tmp_path, dtype, zero_stage, world):
+    """bf16/fp16 weights: the fp32 main parameters (ZeRO-1's shards or, without ZeRO, whole copies) are
+    saved apart from the weights and restored, with fp16's dynamic loss scale; in the same layout the
+    resumed run repeats the continued one exactly."""
     spec = FourLayers("gpt2")
-    args = ({}, spec, {"zero_stage": 1}, str(tmp_path))
-    original = run_distributed(_original, 2, *args, dtype=torch.bfloat16, timeout=120)
-    resumed = run_distributed(_resumed, 2, *args, dtype=torch.bfloat16, timeout=120)
+    args = ({}, spec, {"zero_stage": zero_stage}, str(tmp_path))
+    # fp16: the scale doubles after every step without overflow (1 to 2**7, no overflow on the way), so a
+    # scaler not restored ends elsewhere.
+    opt = {**OPT, "initial_loss_scale": 1.0, "loss_scale_window": 1}
+    original = run_distributed(_original, world, *args, dtype=dtype, opt=opt, timeout=120)
+    resumed = run_distributed(_resumed, world, *args, dtype=dtype, opt=opt, timeout=120)
     for a, b in zip(original, resumed, strict=True):
         assert a["losses"] == b["losses"] and a["norms"] == b["norms"]
         assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+        assert a["loss_scale"] == b["loss_scale"], (a["loss_scale"], b["loss_scale"])
+        if dtype == torch.float16:
+            assert a["loss_scale"] == 2.0 ** (SAVE_AT + AFTER), "the scale must have moved for the check to bite"
 
 
 def test_loaded_optimizer_state_goes_where_torch_puts_it():
@@ -166,5 +177,8 @@ def test_loaded_optimizer_state_goes_where_torch_puts_it():
     assert plain["exp_avg"].device.type == "meta" and plain["step"].device.type == "cpu"
     fused = placed_state(entry, main, step_on_device=True)
     assert fused["exp_avg"].device.type == "meta" and fused["step"].device.type == "meta"
+    param = torch.nn.Parameter(torch.zeros(3))
+    for options, on_device in (({}, False), ({"fused": True}, True), ({"capturable": True}, True)):
+        assert steps_on_device(torch.optim.AdamW([param], **options)) == {id(param): on_device}, options
     cpu = placed_state(entry, torch.empty(3), step_on_device=True)
     assert cpu["exp_avg"].data_ptr() != entry["exp_avg"].data_ptr(), "copies, not the loaded tensors"
