@@ -19,6 +19,7 @@ from test_tokenizer import stdlib_text
 
 from megatron_core.checkpoint import convert
 from megatron_core.checkpoint.hf_tokenizer import load_dir_tokenizer
+from megatron_core.dist_checkpointing import is_dist_checkpoint
 from megatron_core.tokenizer.build import build_tokenizer
 from megatron_core.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
 from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
@@ -49,6 +50,8 @@ def test_convert_reads_the_default_format_as_the_legacy_one(trained, tmp_path):
     d, model, _ = trained
     assert {".metadata", "common.pt", io.MANIFEST_FILENAME} <= set(os.listdir(io.iteration_dir(d / "dist", 2)))
     assert sorted(os.listdir(io.iteration_dir(d / "legacy", 2))) == [io.MANIFEST_FILENAME, "mp_rank_00", "mp_rank_01"]
+    assert is_dist_checkpoint(str(d / "dist")) and not is_dist_checkpoint(str(d / "legacy"))
+    assert not is_dist_checkpoint(str(tmp_path)), "no tracker: not a torch_dist checkpoint"
     dist, legacy = convert.load_core(str(d / "dist")), convert.load_core(str(d / "legacy"))
     assert dist.iteration == legacy.iteration == 2 and dist.vocab_size == legacy.vocab_size == 400
     assert sorted(dist.state) == sorted(legacy.state)
