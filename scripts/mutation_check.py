@@ -64,7 +64,9 @@ TESTS = {
                    "tests/test_checkpointing_hf.py", "tests/test_hf_equivalence.py",
                    "tests/test_dist_checkpoint_tools.py"],
     "dist_checkpointing": ["tests/test_dist_checkpoint_tools.py", "tests/test_dist_checkpoint_damage.py",
-                           "tests/test_dist_checkpointing_kill.py", "tests/test_dist_checkpointing.py"],
+                           "tests/test_dist_checkpointing_kill.py", "tests/test_dist_checkpointing.py",
+                           # the one load across vocabulary paddings (TP 2's 256 rows into TP 1's 300)
+                           "tests/test_generation.py::test_torch_dist_checkpoint_generates_under_another_tp"],
     "fusions": ["tests/test_onednn_linear.py", "tests/test_triton_kernels.py", "tests/test_transformer_units.py"],
 }
 # Files never mutated; the reasons are in the module docstring.

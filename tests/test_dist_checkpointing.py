@@ -182,3 +182,28 @@ def test_loaded_optimizer_state_goes_where_torch_puts_it():
         assert steps_on_device(torch.optim.AdamW([param], **options)) == {id(param): on_device}, options
     cpu = placed_state(entry, torch.empty(3), step_on_device=True)
     assert cpu["exp_avg"].data_ptr() != entry["exp_avg"].data_ptr(), "copies, not the loaded tensors"
+
+
+def _load_into_another_model(directory):
+    from megatron_core import parallel_state
+    from megatron_core.models.gpt import GPTModel
+    from megatron_core.models.presets import gpt2_config
+
+    ps = parallel_state.initialize_model_parallel(1)
+    model = GPTModel(gpt2_config(2, 32, 4), 64, 16, parallel_state=ps, make_vocab_size_divisible_by=8)
+    save_dist_checkpoint(directory, 1, [model], None, None, ps).wait()
+    other = GPTModel(gpt2_config(2, 32, 4, ffn_hidden_size=96), 64, 16, parallel_state=ps,
+                     make_vocab_size_divisible_by=8)
+    try:
+        load_dist_checkpoint(directory, [other], None, None, ps, load_rng=False, printer=lambda _: None)
+        return None
+    except ValueError as exc:
+        return str(exc)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    """Only the vocabulary tables may differ in shape (another TP padding, clipped on load): an MLP of
+    another width is an error naming the tensor and --use-checkpoint-args, never a silently clipped load."""
+    (message,) = run_distributed(_load_into_another_model, 1, str(tmp_path), timeout=60)
+    assert message is not None and "mlp.linear_fc1.weight: saved with shape (128, 32)" in message, message
+    assert "the checkpoint is of another model (--use-checkpoint-args)" in message
