@@ -354,3 +354,13 @@ def test_full_recompute_reruns_the_layers_its_method_names(method, k, expected):
     them run forward twice), ``block`` only the first k layers of the chunk."""
     (calls,) = run_distributed(_layer_forwards_in_a_training_step, 1, method, k, timeout=60)
     assert calls == expected
+
+
+def test_cpu_dropout_masks_of_successive_calls_differ():
+    """Each mask comes from its own 64-bit seed drawn from torch's generator: successive calls draw
+    different masks (a seed cut to a few bits would repeat them)."""
+    from megatron_core.fusions.fused_dropout import keep_mask
+
+    torch.manual_seed(0)
+    masks = {keep_mask((64,), 0.5, torch.device("cpu"))[0].numpy().tobytes() for _ in range(16)}
+    assert len(masks) == 16
