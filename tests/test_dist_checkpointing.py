@@ -207,3 +207,27 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     (message,) = run_distributed(_load_into_another_model, 1, str(tmp_path), timeout=60)
     assert message is not None and "mlp.linear_fc1.weight: saved with shape (128, 32)" in message, message
     assert "the checkpoint is of another model (--use-checkpoint-args)" in message
+
+
+def _save_tiny(directory, keys):
+    from megatron_core import parallel_state
+    from megatron_core.models.gpt import GPTModel
+    from megatron_core.models.presets import gpt2_config
+
+    ps = parallel_state.initialize_model_parallel(1)
+    config = gpt2_config(2, 32, 4)
+    model = GPTModel(config, 64, 16, parallel_state=ps, make_vocab_size_divisible_by=8)
+    extra = {"model_config": config.to_dict(), "model_info": {"vocab_size": 64}}
+    save_dist_checkpoint(directory, 1, [model], None, None, ps, extra={k: extra[k] for k in keys}).wait()
+
+
+@pytest.mark.parametrize("keys", [("model_config",), ("model_info",)])
+def test_whole_model_read_needs_the_model_config_and_info(tmp_path, keys):
+    """The whole-model reader (convert.py's) rebuilds the model from both records; either one missing is
+    the one ConfigError, not a KeyError later."""
+    from megatron_core.dist_checkpointing.full_model import load_full_model
+    from megatron_core.errors import ConfigError
+
+    run_distributed(_save_tiny, 1, str(tmp_path), keys, timeout=60)
+    with pytest.raises(ConfigError, match="records no model_config/model_info"):
+        load_full_model(str(tmp_path))

@@ -77,6 +77,8 @@ def test_rope_encodes_relative_positions():
         qr = apply_rotary_pos_emb(q, rope(torch.tensor([[p]])))
         kr = apply_rotary_pos_emb(k, rope(torch.tensor([[p2]])))
         assert torch.equal(qr[..., 8:], q[..., 8:])
+        # The rotated part is the whole-head rotation of those channels (HF Llama's, test_hf_equivalence).
+        assert torch.equal(qr[..., :8], apply_rotary_pos_emb(q[..., :8].clone(), rope(torch.tensor([[p]]))))
         assert torch.allclose(qr.norm(), q.norm(), atol=1e-6)
         return (qr[..., :8] * kr[..., :8]).sum()
 
@@ -354,6 +356,23 @@ def test_full_recompute_reruns_the_layers_its_method_names(method, k, expected):
     them run forward twice), ``block`` only the first k layers of the chunk."""
     (calls,) = run_distributed(_layer_forwards_in_a_training_step, 1, method, k, timeout=60)
     assert calls == expected
+
+
+def test_dropout_masks_honour_p_at_their_resolution():
+    """p outside (0, 1) is refused; p = 2**-16 drops exactly one int16 value in 2**16 on the CPU (64 of
+    2**22 draws expected: a comparison one value off would drop twice as many); other devices keep
+    with torch's Bernoulli at 1 - p and scale by 1 / (1 - p) (the 'meta' device standing in)."""
+    from megatron_core.fusions.fused_dropout import keep_mask
+
+    cpu = torch.device("cpu")
+    for p in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+            keep_mask((4,), p, cpu)
+    torch.manual_seed(0)
+    keep, scale = keep_mask((1 << 22,), 2.0 ** -16, cpu)
+    assert 32 <= int((~keep).sum()) <= 96 and scale == 2 ** 16 / (2 ** 16 - 1)
+    keep, scale = keep_mask((4,), 0.25, torch.device("meta"))
+    assert keep.dtype == torch.bool and scale == 1 / 0.75
 
 
 def test_cpu_dropout_masks_of_successive_calls_differ():
