@@ -231,3 +231,26 @@ def test_whole_model_read_needs_the_model_config_and_info(tmp_path, keys):
     run_distributed(_save_tiny, 1, str(tmp_path), keys, timeout=60)
     with pytest.raises(ConfigError, match="records no model_config/model_info"):
         load_full_model(str(tmp_path))
+
+
+def _load_into_existing_state(directory):
+    spec = FourLayers("gpt2")
+    ps, _, wrapped, optimizer = build({}, spec, {}, OPT)
+    _steps(ps, spec, wrapped, optimizer, _scheduler(optimizer), 0, 1)
+    save_dist_checkpoint(directory, 1, wrapped, optimizer, None, ps).wait()
+    held = [(main, key, tensor, tensor.clone()) for main, state in optimizer.inner.state.items()
+            for key, tensor in state.items()]
+    for _, _, tensor, _ in held:
+        tensor.add_(1.0)
+    load_dist_checkpoint(directory, wrapped, optimizer, None, ps, load_rng=False, printer=lambda _: None)
+    same_tensors = all(optimizer.inner.state[main][key] is tensor for main, key, tensor, _ in held)
+    restored = all(torch.equal(tensor, saved) for _, _, tensor, saved in held)
+    ps.destroy()
+    return len(held), same_tensors, restored
+
+
+def test_load_writes_existing_optimizer_state_in_place(tmp_path):
+    """Where the optimizer already has state of the right shapes, loading copies into those tensors
+    (under NVMe offload they are views of the swap buffers the step keeps using), restoring the values."""
+    ((count, same_tensors, restored),) = run_distributed(_load_into_existing_state, 1, str(tmp_path), timeout=60)
+    assert count > 0 and same_tensors and restored

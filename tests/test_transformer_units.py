@@ -383,3 +383,26 @@ def test_cpu_dropout_masks_of_successive_calls_differ():
     torch.manual_seed(0)
     masks = {keep_mask((64,), 0.5, torch.device("cpu"))[0].numpy().tobytes() for _ in range(16)}
     assert len(masks) == 16
+
+
+def _qk_layernorm_grads():
+    from megatron_core.distributed import finalize_model_grads
+
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config = llama_config(1, 32, 4, num_query_groups=2, ffn_hidden_size=64)
+    spec = get_gpt_layer_local_spec(qk_layernorm=True)
+    model = GPTModel(config, 64, 8, parallel_state=ps, transformer_layer_spec=spec, make_vocab_size_divisible_by=8)
+    ids = (torch.arange(18).view(2, 9) * 7) % 64
+    model(ids[:, :-1], labels=ids[:, 1:]).mean().backward()
+    finalize_model_grads([model], ps)
+    return {n: p.grad for n, p in model.named_parameters() if "q_layernorm" in n or "k_layernorm" in n}
+
+
+def test_qk_layernorm_grads_under_tp2_match_tp1():
+    """QK-norm weights are replicated over TP but each rank normalises only its own heads: their
+    gradients are partial and summed over TP, so every TP-2 rank holds the TP-1 gradient."""
+    (ref,) = run_distributed(_qk_layernorm_grads, 1, timeout=60)
+    assert len(ref) == 2
+    for rank, grads in enumerate(run_distributed(_qk_layernorm_grads, 2, timeout=60)):
+        for name, grad in grads.items():
+            assert_rel_close(grad, ref[name], what=f"rank {rank} grad of {name}")
