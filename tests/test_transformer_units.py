@@ -37,6 +37,7 @@ from megatron_core.transformer import (
     (dict(recompute_method="block"), "apply only with recompute_granularity='full'"),
     (dict(hidden_dropout=1.0), r"hidden_dropout must be in \[0, 1\)"),
     (dict(attention_backend="flash3"), "attention_backend='flash3' is not one of"),
+    (dict(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
 ])
 def test_config_errors_name_the_fields(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -406,3 +407,26 @@ def test_qk_layernorm_grads_under_tp2_match_tp1():
     for rank, grads in enumerate(run_distributed(_qk_layernorm_grads, 2, timeout=60)):
         for name, grad in grads.items():
             assert_rel_close(grad, ref[name], what=f"rank {rank} grad of {name}")
+
+
+def _auto_backend_with_dropout():
+    """A training forward with attention dropout through ``auto`` and through ``unfused``, each from
+    the same tracker state."""
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    ps.manual_seed(9)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(8, 2, 4, 4, generator=g) for _ in range(3))
+    state, outs = ps.rng_tracker.get_states(), {}
+    for backend in ("auto", "unfused"):
+        config = TransformerConfig(hidden_size=16, num_attention_heads=4, attention_backend=backend,
+                                   attention_dropout=0.3)
+        ps.rng_tracker.set_states(state)
+        outs[backend] = DotProductAttention(config, layer_number=1, parallel_state=ps).train()(q, k, v)
+    return outs
+
+
+def test_auto_backend_trains_with_dropout_on_the_explicit_path_on_cpu():
+    """SDPA's CPU kernels have no dropout, so ``auto`` takes the explicit path there: the same output
+    as ``unfused`` from the same RNG state."""
+    (outs,) = run_distributed(_auto_backend_with_dropout, 1, timeout=60)
+    assert torch.equal(outs["auto"], outs["unfused"])
