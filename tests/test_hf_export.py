@@ -153,3 +153,38 @@ def test_sentencepiece_control_pieces_export_as_whole_tokens(tmp_path):
     ids = hf("a <usr> b", add_special_tokens=False)["input_ids"]
     assert ids == ours.tokenize("a <usr> b") and piece("<usr>") in ids
     assert hf.decode(ids, skip_special_tokens=True) == "a <usr> b"
+
+
+def test_llama_with_biases_round_trips():
+    """A Llama with attention and MLP biases (random, as HF initialises them to zero): Hugging Face ->
+    Megatron -> Hugging Face gives back every tensor, and the config keeps both bias flags."""
+    from megatron_core.checkpoint import hf_llama
+
+    hf_model = tiny_hf_llama(layers=1, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(generator=torch.Generator().manual_seed(len(name)))
+    config, vocab, positions = hf_llama.config_from_hf(hf_model.config)
+    state = hf_model.state_dict()
+    back = hf_llama.state_to_hf(hf_llama.state_to_core(state, config), config)
+    assert sorted(back) == sorted(state) and any(k.endswith("gate_proj.bias") for k in back)
+    for key, value in state.items():
+        assert torch.equal(back[key], value), key
+    exported = hf_llama.config_to_hf(config, vocab, positions)
+    assert exported.attention_bias and exported.mlp_bias
+
+
+def test_recorded_tokenizer_flags_rebuild_the_tokenizer_only_when_its_files_exist(tmp_path):
+    """convert.py rebuilds the training run's tokenizer from its recorded flags; without a type, with
+    NullTokenizer (no text), without files, or with a file gone (another machine) there is none."""
+    from megatron_core.checkpoint.convert import tokenizer_from_flags
+    from megatron_core.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
+
+    path = str(tmp_path / "tokenizer.json")
+    _save_tokenizer_json(path)
+    hf = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": path}
+    assert isinstance(tokenizer_from_flags(hf), HuggingFaceTokenizer)
+    for flags in ({}, {"tokenizer_model": path}, {"tokenizer_type": "NullTokenizer", "vocab_file": path},
+                  {"tokenizer_type": "HuggingFaceTokenizer"}, {**hf, "tokenizer_model": path + ".gone"}):
+        assert tokenizer_from_flags(flags) is None, flags
