@@ -32,6 +32,23 @@ Files not mutated (``SKIP``), each for its reason:
   they run in Triton's interpreter in ``tests/test_triton_kernels.py`` against the torch paths,
   and mutating the ``@triton.jit`` bodies tests the interpreter more than our code. That test file
   (about 5 s) is in the ``fusions`` list because it checks the torch paths as the kernels' reference.
+
+Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them apart on a CPU machine):
+
+- ``fusions/fused_dropout.py``: ``threshold - _LEVELS // 2`` -> ``+`` (the int16 comparison wraps the
+  Python scalar to the same value); ``(n + 3) // 4`` -> ``(n + 4) // 4`` (one more raw draw, sliced
+  off); ``_UINT64_MAX`` off by one bit (another seed -> mask mapping, still random); the non-CPU
+  Bernoulli's ``1.0 - p`` (the 'meta' device computes no values).
+- ``fusions/kernels.py``: the ``applies`` of Megatron-LM's ``scaled_masked_softmax_cuda`` (runs only
+  when that compiled extension imports).
+- ``fusions/onednn_linear.py``: ``has_bias and needs_input_grad[2]`` -> ``or`` (autograd drops a
+  gradient for a bias that needs none); ``is_grad_enabled() and any(...)`` -> ``or`` (the same oneDNN
+  product with or without the autograd Function).
+- ``dist_checkpointing``: the test-only pause before publishing (``pause > 0 and error is None``:
+  a sleep of 0 s either way); ``chunk(stride)`` for ``stride >= 1`` (``chunk(1)`` is the tensor);
+  ``partition_dim``'s and ``partition_of``'s unreachable defaults. ``dist.barrier()`` after rank 0
+  makes the temporary directory is a race no deterministic test shows.
+- ``checkpoint/hf_io.py``: ``os.makedirs`` before ``save_pretrained`` (which creates the directory).
 """
 from __future__ import annotations
 
