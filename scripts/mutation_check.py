@@ -37,8 +37,9 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
 
 - ``fusions/fused_dropout.py``: ``threshold - _LEVELS // 2`` -> ``+`` (the int16 comparison wraps the
   Python scalar to the same value); ``(n + 3) // 4`` -> ``(n + 4) // 4`` (one more raw draw, sliced
-  off); ``_UINT64_MAX`` off by one bit (another seed -> mask mapping, still random); the non-CPU
-  Bernoulli's ``1.0 - p`` (the 'meta' device computes no values).
+  off); ``_UINT64_MAX`` off by one bit (another seed -> mask mapping, still random). Not testable
+  here rather than equivalent: the non-CPU branches (``F.dropout``, the Bernoulli mask), which need a
+  device that computes values ('meta' does not).
 - ``fusions/kernels.py``: the ``applies`` of Megatron-LM's ``scaled_masked_softmax_cuda`` (runs only
   when that compiled extension imports).
 - ``fusions/onednn_linear.py``: ``has_bias and needs_input_grad[2]`` -> ``or`` (autograd drops a

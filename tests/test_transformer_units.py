@@ -430,3 +430,16 @@ def test_auto_backend_trains_with_dropout_on_the_explicit_path_on_cpu():
     as ``unfused`` from the same RNG state."""
     (outs,) = run_distributed(_auto_backend_with_dropout, 1, timeout=60)
     assert torch.equal(outs["auto"], outs["unfused"])
+
+
+def test_layer_norm_without_bias():
+    """LayerNorm(bias=False): no bias parameter (``bias`` is None, as torch.nn.LayerNorm's), the
+    normalised input times the weight."""
+    ln = LayerNorm(16, eps=1e-5, bias=False)
+    assert ln.bias is None and [name for name, _ in ln.named_parameters()] == ["weight"]
+    h = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(4))
+    centred = h - h.mean(-1, keepdim=True)
+    assert_rel_close(ln(h), centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5) * ln.weight,
+                     what="LayerNorm without bias")
