@@ -38,6 +38,7 @@ from megatron_core.transformer import (
     (dict(hidden_dropout=1.0), r"hidden_dropout must be in \[0, 1\)"),
     (dict(attention_backend="flash3"), "attention_backend='flash3' is not one of"),
     (dict(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
+    (dict(position_embedding_type="rope", rotary_percent=0.0), r"rotary_percent must be in \(0, 1\], got 0.0"),
 ])
 def test_config_errors_name_the_fields(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -336,13 +337,13 @@ def test_cpu_dropout_add_is_residual_plus_dropout():
     assert torch.equal(dropout_add(x, residual, 0.0), residual + x)
 
 
-def _layer_forwards_in_a_training_step(method, k):
-    """How many times each of 3 layers runs forward in one forward + backward with full recompute."""
+def _layer_forwards_in_a_training_step(method, k, layers):
+    """How many times each layer runs forward in one forward + backward with full recompute."""
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
-    config = llama_config(3, 32, 4, num_query_groups=2, ffn_hidden_size=64, recompute_granularity="full",
+    config = llama_config(layers, 32, 4, num_query_groups=2, ffn_hidden_size=64, recompute_granularity="full",
                           recompute_method=method, recompute_num_layers=k)
     model = GPTModel(config, 64, 8, parallel_state=ps, make_vocab_size_divisible_by=8)
-    calls = [0] * 3
+    calls = [0] * layers
     for i, layer in enumerate(model.decoder.layers):
         layer.register_forward_hook(lambda _m, _i, _o, i=i: calls.__setitem__(i, calls[i] + 1))
     ids = torch.arange(16).view(2, 8)
@@ -351,11 +352,11 @@ def _layer_forwards_in_a_training_step(method, k):
 
 
 @pytest.mark.parametrize("method,k,expected", [("uniform", 2, [2, 2, 2]), ("block", 2, [2, 2, 1]),
-                                               ("block", 1, [2, 1, 1])])
+                                               ("block", 1, [2, 1, 1]), ("uniform", 1, [2])])
 def test_full_recompute_reruns_the_layers_its_method_names(method, k, expected):
     """Megatron-LM's --recompute-method: ``uniform`` checkpoints every group of k layers (all of
-    them run forward twice), ``block`` only the first k layers of the chunk."""
-    (calls,) = run_distributed(_layer_forwards_in_a_training_step, 1, method, k, timeout=60)
+    them run forward twice), ``block`` only the first k layers of the chunk; a one-layer chunk too."""
+    (calls,) = run_distributed(_layer_forwards_in_a_training_step, 1, method, k, len(expected), timeout=60)
     assert calls == expected
 
 
@@ -443,3 +444,20 @@ def test_layer_norm_without_bias():
     centred = h - h.mean(-1, keepdim=True)
     assert_rel_close(ln(h), centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5) * ln.weight,
                      what="LayerNorm without bias")
+
+
+def _auto_backend_without_dropout():
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config = TransformerConfig(hidden_size=16, num_attention_heads=4, attention_backend="auto",
+                               attention_dropout=0.0)
+    attn = DotProductAttention(config, layer_number=1, parallel_state=ps)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(8, 2, 4, 4, generator=g) for _ in range(3))
+    return attn.train()(q, k, v), attn.eval()(q, k, v)
+
+
+def test_auto_backend_without_dropout_trains_as_it_evaluates():
+    """With attention dropout 0 the ``auto`` backend keeps PyTorch's SDPA in training too: the training
+    forward is the evaluation forward, bit for bit."""
+    ((train, evaluate),) = run_distributed(_auto_backend_without_dropout, 1, timeout=60)
+    assert torch.equal(train, evaluate)
