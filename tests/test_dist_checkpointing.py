@@ -254,3 +254,25 @@ def test_load_writes_existing_optimizer_state_in_place(tmp_path):
     (under NVMe offload they are views of the swap buffers the step keeps using), restoring the values."""
     ((count, same_tensors, restored),) = run_distributed(_load_into_existing_state, 1, str(tmp_path), timeout=60)
     assert count > 0 and same_tensors and restored
+
+
+def test_whole_model_read_of_a_truncated_tensor_file_is_one_line(tmp_path):
+    """convert.py's reader on a checkpoint whose manifest is gone and a tensor file truncated: one
+    ConfigError line naming the iteration directory and the first line of DCP's error."""
+    import os
+    import re
+
+    from megatron_core.dist_checkpointing.full_model import load_full_model
+    from megatron_core.errors import ConfigError
+
+    run_distributed(_save_tiny, 1, str(tmp_path), ("model_config", "model_info"), timeout=60)
+    directory = tmp_path / "iter_0000001"
+    os.remove(directory / "manifest.json")
+    with open(directory / "__0_0.distcp", "r+b") as f:
+        f.truncate(os.path.getsize(directory / "__0_0.distcp") // 2)
+    with pytest.raises(ConfigError) as error:
+        load_full_model(str(tmp_path))
+    message = str(error.value)
+    found = re.fullmatch(rf"checkpoint file {re.escape(str(directory))} holds an unreadable tensor file \((.+)\) "
+                         r"\(iteration 1 is damaged\); .*", message)
+    assert found and found.group(1).startswith("CheckpointException"), message
