@@ -47,8 +47,10 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
   product with or without the autograd Function).
 - ``dist_checkpointing``: the test-only pause before publishing (``pause > 0 and error is None``:
   a sleep of 0 s either way); ``chunk(stride)`` for ``stride >= 1`` (``chunk(1)`` is the tensor);
-  ``partition_dim``'s and ``partition_of``'s unreachable defaults. ``dist.barrier()`` after rank 0
-  makes the temporary directory is a race no deterministic test shows.
+  ``partition_dim``'s and ``partition_of``'s unreachable defaults; ``dp_size > 1`` -> ``>= 1`` before
+  an all-reduce (over one rank it is the identity). ``dist.barrier()`` after rank 0 makes the temporary
+  directory is a race no deterministic test shows. Still a missing test: deleting the all-reduce that
+  makes every rank agree on the optimizer's step count (it needs a rank holding no optimizer state).
 - ``checkpoint/hf_io.py``: ``os.makedirs`` before ``save_pretrained`` (which creates the directory).
 """
 from __future__ import annotations
