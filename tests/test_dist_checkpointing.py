@@ -276,3 +276,18 @@ def test_whole_model_read_of_a_truncated_tensor_file_is_one_line(tmp_path):
     found = re.fullmatch(rf"checkpoint file {re.escape(str(directory))} holds an unreadable tensor file \((.+)\) "
                          r"\(iteration 1 is damaged\); .*", message)
     assert found and found.group(1).startswith("CheckpointException"), message
+
+
+@pytest.mark.parametrize("names,expected", [((".metadata",), True), (("common.pt",), True), (("__1_0.distcp",), True),
+                                            (("mp_rank_00",), False), ((), False)])
+def test_any_one_file_of_the_format_marks_a_dist_directory(tmp_path, names, expected):
+    """A torch_dist iteration directory is recognised by any one of its files (the others may have been
+    deleted, and the manifest with them), so its loader, not the legacy one, reports what is missing."""
+    from megatron_core.dist_checkpointing.serialization import is_dist_dir
+
+    for name in names:
+        if name.startswith("mp_rank"):  # the legacy format's per-rank folder
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(b"")
+    assert is_dist_dir(str(tmp_path)) is expected
