@@ -291,3 +291,16 @@ def test_any_one_file_of_the_format_marks_a_dist_directory(tmp_path, names, expe
         else:
             (tmp_path / name).write_bytes(b"")
     assert is_dist_dir(str(tmp_path)) is expected
+
+
+@pytest.mark.parametrize("case", ["no format", "another format", "no iteration"])
+def test_a_common_file_that_is_not_our_record_is_refused(tmp_path, case):
+    """``common.pt`` must be the dict a torch_dist save writes (its format tag and the iteration)."""
+    from megatron_core.dist_checkpointing.serialization import FORMAT, read_checkpoint_common
+    from megatron_core.errors import ConfigError
+
+    record = {"no format": {"iteration": 1}, "another format": {"format": "other", "iteration": 1},
+              "no iteration": {"format": FORMAT}}[case]
+    torch.save(record, tmp_path / "common.pt")
+    with pytest.raises(ConfigError, match="is not the record a torch_dist save writes"):
+        read_checkpoint_common(str(tmp_path), 1, str(tmp_path))
