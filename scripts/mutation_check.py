@@ -47,7 +47,8 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
   product with or without the autograd Function).
 - ``dist_checkpointing``: the test-only pause before publishing (``pause > 0 and error is None``,
   ``pause >= 0``: a sleep of 0 s either way); the reseed after a layout change ``seed + 7919 * dp_rank``
-  -> ``-`` (as valid a convention: distinct per DP rank); ``chunk(stride)`` for ``stride >= 1`` (``chunk(1)`` is the tensor);
+  -> ``-`` (as valid a convention: distinct per DP rank); ``chunk(stride)`` for ``stride >= 1``
+  (``chunk(1)`` is the tensor);
   ``partition_dim``'s and ``partition_of``'s unreachable defaults; ``dp_size > 1`` -> ``>= 1`` before
   an all-reduce (over one rank it is the identity). ``dist.barrier()`` after rank 0 makes the temporary
   directory is a race no deterministic test shows. Still a missing test: deleting the all-reduce that
