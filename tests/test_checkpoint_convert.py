@@ -132,7 +132,10 @@ def test_errors_name_the_path_and_flag(tmp_path, capsys):
     assert "model_type 'bert'" in err and "GPT2LMHeadModel" in err
     tiny_hf_gpt2().save_pretrained(tmp_path / "gpt2")
     assert _cli("hf", "core", tmp_path / "gpt2", tmp_path / "out", "--target-tensor-parallel-size", 3) == 2
-    assert "not divisible by --tensor-model-parallel-size (3)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The converter's own flag first (a user of convert.py never typed --tensor-model-parallel-size).
+    assert "--target-tensor-parallel-size 3 / --target-pipeline-parallel-size 1 do not fit" in err, err
+    assert "not divisible by --tensor-model-parallel-size (3)" in err
     with pytest.raises(SystemExit, match="--loader 'nemo' is not supported"):
         _cli("nemo", "core", tmp_path / "gpt2", tmp_path / "out")
 

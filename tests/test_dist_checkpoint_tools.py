@@ -18,6 +18,8 @@ from test_failures_training import _run
 from test_tokenizer import stdlib_text
 
 from megatron_core.checkpoint import convert
+from megatron_core.checkpoint.hf_tokenizer import load_dir_tokenizer
+from megatron_core.dist_checkpointing import is_dist_checkpoint
 from megatron_core.tokenizer.build import build_tokenizer
 from megatron_core.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
 from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
@@ -48,6 +50,8 @@ def test_convert_reads_the_default_format_as_the_legacy_one(trained, tmp_path):
     d, model, _ = trained
     assert {".metadata", "common.pt", io.MANIFEST_FILENAME} <= set(os.listdir(io.iteration_dir(d / "dist", 2)))
     assert sorted(os.listdir(io.iteration_dir(d / "legacy", 2))) == [io.MANIFEST_FILENAME, "mp_rank_00", "mp_rank_01"]
+    assert is_dist_checkpoint(str(d / "dist")) and not is_dist_checkpoint(str(d / "legacy"))
+    assert not is_dist_checkpoint(str(tmp_path)), "no tracker: not a torch_dist checkpoint"
     dist, legacy = convert.load_core(str(d / "dist")), convert.load_core(str(d / "legacy"))
     assert dist.iteration == legacy.iteration == 2 and dist.vocab_size == legacy.vocab_size == 400
     assert sorted(dist.state) == sorted(legacy.state)
@@ -73,6 +77,9 @@ def test_sentencepiece_export_and_text_generation_from_the_training_checkpoint(t
     sentence = "def main(argv):\n    return len(argv) + 42  # the answer"
     hf_tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert hf_tokenizer(sentence, add_special_tokens=False)["input_ids"] == ours.tokenize(sentence)
+    # The SentencePiece model travels beside tokenizer.json, and a re-import reads it, not the conversion.
+    reread = load_dir_tokenizer(str(out))
+    assert isinstance(reread, SentencePieceTokenizer) and reread.tokenize(sentence) == ours.tokenize(sentence)
     assert (ours.bos, ours.eod) == (1, 2)  # train_sentencepiece's ids; no pad piece
     for name in ("config.json", "generation_config.json"):
         config = json.loads((out / name).read_text())

@@ -15,7 +15,7 @@ from harness import run_distributed
 from test_ddp_gpt import GPTSpec
 
 from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint
-from megatron_core.dist_checkpointing.optimizer_state import placed_state
+from megatron_core.dist_checkpointing.optimizer_state import placed_state, steps_on_device
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 
@@ -57,8 +57,8 @@ def _steps(ps, spec, wrapped, optimizer, scheduler, first, count):
     return losses, norms
 
 
-def _original(layout, spec, ddp, directory, async_save=False, dtype=torch.float32):
-    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, OPT, dtype)
+def _original(layout, spec, ddp, directory, async_save=False, dtype=torch.float32, opt=OPT):
+    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, opt, dtype)
     scheduler = _scheduler(optimizer)
     _steps(ps, spec, wrapped, optimizer, scheduler, 0, SAVE_AT)
     request = save_dist_checkpoint(directory, SAVE_AT, wrapped, optimizer, scheduler, ps,
@@ -67,12 +67,13 @@ def _original(layout, spec, ddp, directory, async_save=False, dtype=torch.float3
     losses, norms = _steps(ps, spec, wrapped, optimizer, scheduler, SAVE_AT, AFTER)
     request.wait()
     result = result_of(ps, spec, chunks, losses, norms)
+    result["loss_scale"] = optimizer.get_loss_scale()
     ps.destroy()
     return result
 
 
-def _resumed(layout, spec, ddp, directory, dtype=torch.float32):
-    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, OPT, dtype, prepare=_perturb)
+def _resumed(layout, spec, ddp, directory, dtype=torch.float32, opt=OPT):
+    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, opt, dtype, prepare=_perturb)
     scheduler = _scheduler(optimizer)
     logged = []
     common = load_dist_checkpoint(directory, wrapped, optimizer, scheduler, ps, printer=logged.append)
@@ -80,6 +81,7 @@ def _resumed(layout, spec, ddp, directory, dtype=torch.float32):
     assert scheduler.num_steps == SAVE_AT
     losses, norms = _steps(ps, spec, wrapped, optimizer, scheduler, SAVE_AT, AFTER)
     result = result_of(ps, spec, chunks, losses, norms)
+    result["loss_scale"] = optimizer.get_loss_scale()
     result["log"] = logged
     ps.destroy()
     return result
@@ -145,16 +147,25 @@ def _model_only(spec, directory):
     return ok
 
 
-def test_bf16_main_parameters_round_trip(tmp_path):
-    """bf16 weights: the fp32 main parameters are saved apart from the weights and restored; in the same
-    layout (DP 2, ZeRO-1) the resumed run repeats the continued one exactly."""
+@pytest.mark.parametrize("dtype,zero_stage,world", [(torch.bfloat16, 1, 2), (torch.bfloat16, 0, 1),
+                                                    (torch.float16, 0, 1)])
+def test_low_precision_main_parameters_round_trip(tmp_path, dtype, zero_stage, world):
+    """bf16/fp16 weights: the fp32 main parameters (ZeRO-1's shards or, without ZeRO, whole copies) are
+    saved apart from the weights and restored, with fp16's dynamic loss scale; in the same layout the
+    resumed run repeats the continued one exactly."""
     spec = FourLayers("gpt2")
-    args = ({}, spec, {"zero_stage": 1}, str(tmp_path))
-    original = run_distributed(_original, 2, *args, dtype=torch.bfloat16, timeout=120)
-    resumed = run_distributed(_resumed, 2, *args, dtype=torch.bfloat16, timeout=120)
+    args = ({}, spec, {"zero_stage": zero_stage}, str(tmp_path))
+    # fp16: the scale doubles after every step without overflow (1 to 2**7, no overflow on the way), so a
+    # scaler not restored ends elsewhere.
+    opt = {**OPT, "initial_loss_scale": 1.0, "loss_scale_window": 1}
+    original = run_distributed(_original, world, *args, dtype=dtype, opt=opt, timeout=120)
+    resumed = run_distributed(_resumed, world, *args, dtype=dtype, opt=opt, timeout=120)
     for a, b in zip(original, resumed, strict=True):
         assert a["losses"] == b["losses"] and a["norms"] == b["norms"]
         assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+        assert a["loss_scale"] == b["loss_scale"], (a["loss_scale"], b["loss_scale"])
+        if dtype == torch.float16:
+            assert a["loss_scale"] == 2.0 ** (SAVE_AT + AFTER), "the scale must have moved for the check to bite"
 
 
 def test_loaded_optimizer_state_goes_where_torch_puts_it():
@@ -166,5 +177,130 @@ def test_loaded_optimizer_state_goes_where_torch_puts_it():
     assert plain["exp_avg"].device.type == "meta" and plain["step"].device.type == "cpu"
     fused = placed_state(entry, main, step_on_device=True)
     assert fused["exp_avg"].device.type == "meta" and fused["step"].device.type == "meta"
+    param = torch.nn.Parameter(torch.zeros(3))
+    for options, on_device in (({}, False), ({"fused": True}, True), ({"capturable": True}, True)):
+        assert steps_on_device(torch.optim.AdamW([param], **options)) == {id(param): on_device}, options
     cpu = placed_state(entry, torch.empty(3), step_on_device=True)
     assert cpu["exp_avg"].data_ptr() != entry["exp_avg"].data_ptr(), "copies, not the loaded tensors"
+
+
+def _load_into_another_model(directory):
+    from megatron_core import parallel_state
+    from megatron_core.models.gpt import GPTModel
+    from megatron_core.models.presets import gpt2_config
+
+    ps = parallel_state.initialize_model_parallel(1)
+    model = GPTModel(gpt2_config(2, 32, 4), 64, 16, parallel_state=ps, make_vocab_size_divisible_by=8)
+    save_dist_checkpoint(directory, 1, [model], None, None, ps).wait()
+    other = GPTModel(gpt2_config(2, 32, 4, ffn_hidden_size=96), 64, 16, parallel_state=ps,
+                     make_vocab_size_divisible_by=8)
+    try:
+        load_dist_checkpoint(directory, [other], None, None, ps, load_rng=False, printer=lambda _: None)
+        return None
+    except ValueError as exc:
+        return str(exc)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    """Only the vocabulary tables may differ in shape (another TP padding, clipped on load): an MLP of
+    another width is an error naming the tensor and --use-checkpoint-args, never a silently clipped load."""
+    (message,) = run_distributed(_load_into_another_model, 1, str(tmp_path), timeout=60)
+    assert message is not None and "mlp.linear_fc1.weight: saved with shape (128, 32)" in message, message
+    assert "the checkpoint is of another model (--use-checkpoint-args)" in message
+
+
+def _save_tiny(directory, keys):
+    from megatron_core import parallel_state
+    from megatron_core.models.gpt import GPTModel
+    from megatron_core.models.presets import gpt2_config
+
+    ps = parallel_state.initialize_model_parallel(1)
+    config = gpt2_config(2, 32, 4)
+    model = GPTModel(config, 64, 16, parallel_state=ps, make_vocab_size_divisible_by=8)
+    extra = {"model_config": config.to_dict(), "model_info": {"vocab_size": 64}}
+    save_dist_checkpoint(directory, 1, [model], None, None, ps, extra={k: extra[k] for k in keys}).wait()
+
+
+@pytest.mark.parametrize("keys", [("model_config",), ("model_info",)])
+def test_whole_model_read_needs_the_model_config_and_info(tmp_path, keys):
+    """The whole-model reader (convert.py's) rebuilds the model from both records; either one missing is
+    the one ConfigError, not a KeyError later."""
+    from megatron_core.dist_checkpointing.full_model import load_full_model
+    from megatron_core.errors import ConfigError
+
+    run_distributed(_save_tiny, 1, str(tmp_path), keys, timeout=60)
+    with pytest.raises(ConfigError, match="records no model_config/model_info"):
+        load_full_model(str(tmp_path))
+
+
+def _load_into_existing_state(directory):
+    spec = FourLayers("gpt2")
+    ps, _, wrapped, optimizer = build({}, spec, {}, OPT)
+    _steps(ps, spec, wrapped, optimizer, _scheduler(optimizer), 0, 1)
+    save_dist_checkpoint(directory, 1, wrapped, optimizer, None, ps).wait()
+    held = [(main, key, tensor, tensor.clone()) for main, state in optimizer.inner.state.items()
+            for key, tensor in state.items()]
+    for _, _, tensor, _ in held:
+        tensor.add_(1.0)
+    load_dist_checkpoint(directory, wrapped, optimizer, None, ps, load_rng=False, printer=lambda _: None)
+    same_tensors = all(optimizer.inner.state[main][key] is tensor for main, key, tensor, _ in held)
+    restored = all(torch.equal(tensor, saved) for _, _, tensor, saved in held)
+    ps.destroy()
+    return len(held), same_tensors, restored
+
+
+def test_load_writes_existing_optimizer_state_in_place(tmp_path):
+    """Where the optimizer already has state of the right shapes, loading copies into those tensors
+    (under NVMe offload they are views of the swap buffers the step keeps using), restoring the values."""
+    ((count, same_tensors, restored),) = run_distributed(_load_into_existing_state, 1, str(tmp_path), timeout=60)
+    assert count > 0 and same_tensors and restored
+
+
+def test_whole_model_read_of_a_truncated_tensor_file_is_one_line(tmp_path):
+    """convert.py's reader on a checkpoint whose manifest is gone and a tensor file truncated: one
+    ConfigError line naming the iteration directory and the first line of DCP's error."""
+    import os
+    import re
+
+    from megatron_core.dist_checkpointing.full_model import load_full_model
+    from megatron_core.errors import ConfigError
+
+    run_distributed(_save_tiny, 1, str(tmp_path), ("model_config", "model_info"), timeout=60)
+    directory = tmp_path / "iter_0000001"
+    os.remove(directory / "manifest.json")
+    with open(directory / "__0_0.distcp", "r+b") as f:
+        f.truncate(os.path.getsize(directory / "__0_0.distcp") // 2)
+    with pytest.raises(ConfigError) as error:
+        load_full_model(str(tmp_path))
+    message = str(error.value)
+    found = re.fullmatch(rf"checkpoint file {re.escape(str(directory))} holds an unreadable tensor file \((.+)\) "
+                         r"\(iteration 1 is damaged\); .*", message)
+    assert found and found.group(1).startswith("CheckpointException"), message
+
+
+@pytest.mark.parametrize("names,expected", [((".metadata",), True), (("common.pt",), True), (("__1_0.distcp",), True),
+                                            (("mp_rank_00",), False), ((), False)])
+def test_any_one_file_of_the_format_marks_a_dist_directory(tmp_path, names, expected):
+    """A torch_dist iteration directory is recognised by any one of its files (the others may have been
+    deleted, and the manifest with them), so its loader, not the legacy one, reports what is missing."""
+    from megatron_core.dist_checkpointing.serialization import is_dist_dir
+
+    for name in names:
+        if name.startswith("mp_rank"):  # the legacy format's per-rank folder
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(b"")
+    assert is_dist_dir(str(tmp_path)) is expected
+
+
+@pytest.mark.parametrize("case", ["no format", "another format", "no iteration"])
+def test_a_common_file_that_is_not_our_record_is_refused(tmp_path, case):
+    """``common.pt`` must be the dict a torch_dist save writes (its format tag and the iteration)."""
+    from megatron_core.dist_checkpointing.serialization import FORMAT, read_checkpoint_common
+    from megatron_core.errors import ConfigError
+
+    record = {"no format": {"iteration": 1}, "another format": {"format": "other", "iteration": 1},
+              "no iteration": {"format": FORMAT}}[case]
+    torch.save(record, tmp_path / "common.pt")
+    with pytest.raises(ConfigError, match="is not the record a torch_dist save writes"):
+        read_checkpoint_common(str(tmp_path), 1, str(tmp_path))

@@ -95,3 +95,96 @@ def test_export_without_tokenizer_has_no_made_up_special_ids(tmp_path):
     _convert("--loader", "hf", "--saver", "hf", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "out")
     config = json.load(open(tmp_path / "out" / "config.json"))
     assert config.get("eos_token_id") is None and config.get("bos_token_id") is None  # not GPT-2's 50256
+
+
+@pytest.mark.parametrize("family,change,named", [
+    ("gpt2", dict(normalization="RMSNorm"), "normalization=RMSNorm"),
+    ("gpt2", dict(activation="swiglu"), "activation=swiglu"),
+    ("gpt2", dict(add_bias_linear=False), "add_bias_linear=False"),
+    ("gpt2", dict(position_embedding_type="rope"), "position_embedding_type=rope"),
+    ("gpt2", dict(num_query_groups=2), "num_query_groups=2"),
+    ("gpt2", dict(kv_channels=16), "kv_channels=16"),
+    ("llama", dict(normalization="LayerNorm"), "normalization=LayerNorm"),
+    ("llama", dict(activation="gelu"), "activation=gelu"),
+    ("llama", dict(rotary_percent=0.5), "position_embedding_type=rope rotary_percent=0.5"),
+    ("llama", dict(add_qkv_bias=True), "add_qkv_bias without add_bias_linear"),
+])
+def test_export_names_what_the_hf_class_cannot_hold(family, change, named):
+    """Each feature outside GPT2LMHeadModel / LlamaForCausalLM is refused by name, and only it (the
+    unchanged preset exports)."""
+    import dataclasses
+
+    from megatron_core.checkpoint import hf_gpt2, hf_llama
+    from megatron_core.checkpoint.hf_errors import UnsupportedModel
+    from megatron_core.models.presets import gpt2_config, llama_config
+
+    module, preset, cls = {"gpt2": (hf_gpt2, gpt2_config, "GPT2LMHeadModel"),
+                           "llama": (hf_llama, llama_config, "LlamaForCausalLM")}[family]
+    config = preset(2, 32, 4, ffn_hidden_size=64)
+    assert module.config_to_hf(config, 64, 16).hidden_size == 32
+    with pytest.raises(UnsupportedModel) as error:
+        module.config_to_hf(dataclasses.replace(config, **change), 64, 16)
+    assert str(error.value) == f"{cls} cannot hold a model with {named}"
+
+
+def test_sentencepiece_control_pieces_export_as_whole_tokens(tmp_path):
+    """SentencePiece control pieces (``<s>``, a ``control_symbols`` entry) become special added tokens:
+    in text they stay one token, as in Hugging Face's own converted Llama tokenizers, and
+    ``skip_special_tokens`` drops them; a user-defined piece stays an ordinary token."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from megatron_core.checkpoint.hf_tokenizer import save_tokenizer
+    from megatron_core.tokenizer.build import build_tokenizer
+    from tests.test_tokenizer import stdlib_text
+
+    prefix = str(tmp_path / "spm")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(stdlib_text().splitlines()[:3000]), model_prefix=prefix, vocab_size=400,
+        model_type="bpe", control_symbols=["<ctl>"], user_defined_symbols=["<usr>"], byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    ours = build_tokenizer("SentencePieceTokenizer", tokenizer_model=prefix + ".model")
+    save_tokenizer(ours, str(tmp_path / "hf"))
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    piece = sentencepiece.SentencePieceProcessor(model_file=prefix + ".model").piece_to_id
+    for control in ("<ctl>", "<s>"):
+        ids = hf(f"a {control} b", add_special_tokens=False)["input_ids"]
+        assert piece(control) in ids and hf.decode(ids, skip_special_tokens=True) == "a b", (control, ids)
+    ids = hf("a <usr> b", add_special_tokens=False)["input_ids"]
+    assert ids == ours.tokenize("a <usr> b") and piece("<usr>") in ids
+    assert hf.decode(ids, skip_special_tokens=True) == "a <usr> b"
+
+
+def test_llama_with_biases_round_trips():
+    """A Llama with attention and MLP biases (random, as HF initialises them to zero): Hugging Face ->
+    Megatron -> Hugging Face gives back every tensor, and the config keeps both bias flags."""
+    from megatron_core.checkpoint import hf_llama
+
+    hf_model = tiny_hf_llama(layers=1, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(generator=torch.Generator().manual_seed(len(name)))
+    config, vocab, positions = hf_llama.config_from_hf(hf_model.config)
+    state = hf_model.state_dict()
+    back = hf_llama.state_to_hf(hf_llama.state_to_core(state, config), config)
+    assert sorted(back) == sorted(state) and any(k.endswith("gate_proj.bias") for k in back)
+    for key, value in state.items():
+        assert torch.equal(back[key], value), key
+    exported = hf_llama.config_to_hf(config, vocab, positions)
+    assert exported.attention_bias and exported.mlp_bias
+
+
+def test_recorded_tokenizer_flags_rebuild_the_tokenizer_only_when_its_files_exist(tmp_path):
+    """convert.py rebuilds the training run's tokenizer from its recorded flags; without a type, with
+    NullTokenizer (no text), without files, or with a file gone (another machine) there is none."""
+    from megatron_core.checkpoint.convert import tokenizer_from_flags
+    from megatron_core.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
+
+    path = str(tmp_path / "tokenizer.json")
+    _save_tokenizer_json(path)
+    hf = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": path}
+    assert isinstance(tokenizer_from_flags(hf), HuggingFaceTokenizer)
+    for flags in ({}, {"tokenizer_model": path}, {"tokenizer_type": "NullTokenizer", "vocab_file": path},
+                  {"tokenizer_type": "HuggingFaceTokenizer"}, {**hf, "tokenizer_model": path + ".gone"}):
+        assert tokenizer_from_flags(flags) is None, flags

@@ -195,3 +195,19 @@ def test_torch_mkldnn_switch_is_honoured():
         grad = input_grad(x.detach()[..., :80], w)
     assert type(out.grad_fn).__name__ != "_OneDNNLinearBackward" and torch.equal(out, F.linear(x, w, b))
     assert torch.equal(grad, x.detach()[..., :80].matmul(w))
+
+
+@needs_onednn
+def test_a_1d_input_takes_onednn():
+    """x [in] (a single token's features) is a product oneDNN's op computes right: it goes there, with
+    F.linear's values and gradients."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*shape, generator=g).requires_grad_() for shape in ((96,), (80, 96), (80,)))
+    out = linear(x, w, b)
+    assert out.shape == (80,) and type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
+    exact = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    expected = F.linear(*exact)
+    _within(out, expected, F.linear(*(t.detach().abs().double() for t in (x, w, b))), "1-d input: output")
+    for ours, ref in zip(torch.autograd.grad(out.sum(), (x, w, b)), torch.autograd.grad(expected.sum(), exact),
+                         strict=True):
+        assert ours.shape == ref.shape and torch.allclose(ours.double(), ref, rtol=1e-5, atol=1e-5)

@@ -37,6 +37,8 @@ from megatron_core.transformer import (
     (dict(recompute_method="block"), "apply only with recompute_granularity='full'"),
     (dict(hidden_dropout=1.0), r"hidden_dropout must be in \[0, 1\)"),
     (dict(attention_backend="flash3"), "attention_backend='flash3' is not one of"),
+    (dict(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
+    (dict(position_embedding_type="rope", rotary_percent=0.0), r"rotary_percent must be in \(0, 1\], got 0.0"),
 ])
 def test_config_errors_name_the_fields(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -77,6 +79,8 @@ def test_rope_encodes_relative_positions():
         qr = apply_rotary_pos_emb(q, rope(torch.tensor([[p]])))
         kr = apply_rotary_pos_emb(k, rope(torch.tensor([[p2]])))
         assert torch.equal(qr[..., 8:], q[..., 8:])
+        # The rotated part is the whole-head rotation of those channels (HF Llama's, test_hf_equivalence).
+        assert torch.equal(qr[..., :8], apply_rotary_pos_emb(q[..., :8].clone(), rope(torch.tensor([[p]]))))
         assert torch.allclose(qr.norm(), q.norm(), atol=1e-6)
         return (qr[..., :8] * kr[..., :8]).sum()
 
@@ -331,3 +335,129 @@ def test_cpu_dropout_add_is_residual_plus_dropout():
     (ref * weights).sum().backward()
     assert torch.equal(x.grad, ref_x.grad) and torch.equal(residual.grad, ref_residual.grad)
     assert torch.equal(dropout_add(x, residual, 0.0), residual + x)
+
+
+def _layer_forwards_in_a_training_step(method, k, layers):
+    """How many times each layer runs forward in one forward + backward with full recompute."""
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config = llama_config(layers, 32, 4, num_query_groups=2, ffn_hidden_size=64, recompute_granularity="full",
+                          recompute_method=method, recompute_num_layers=k)
+    model = GPTModel(config, 64, 8, parallel_state=ps, make_vocab_size_divisible_by=8)
+    calls = [0] * layers
+    for i, layer in enumerate(model.decoder.layers):
+        layer.register_forward_hook(lambda _m, _i, _o, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.arange(16).view(2, 8)
+    model(ids, labels=ids).mean().backward()
+    return calls
+
+
+@pytest.mark.parametrize("method,k,expected", [("uniform", 2, [2, 2, 2]), ("block", 2, [2, 2, 1]),
+                                               ("block", 1, [2, 1, 1]), ("uniform", 1, [2])])
+def test_full_recompute_reruns_the_layers_its_method_names(method, k, expected):
+    """Megatron-LM's --recompute-method: ``uniform`` checkpoints every group of k layers (all of
+    them run forward twice), ``block`` only the first k layers of the chunk; a one-layer chunk too."""
+    (calls,) = run_distributed(_layer_forwards_in_a_training_step, 1, method, k, len(expected), timeout=60)
+    assert calls == expected
+
+
+def test_dropout_masks_honour_p_at_their_resolution():
+    """p outside (0, 1) is refused; p = 2**-16 drops exactly one int16 value in 2**16 on the CPU (64 of
+    2**22 draws expected: a comparison one value off would drop twice as many); other devices keep
+    with torch's Bernoulli at 1 - p and scale by 1 / (1 - p) (the 'meta' device standing in)."""
+    from megatron_core.fusions.fused_dropout import keep_mask
+
+    cpu = torch.device("cpu")
+    for p in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+            keep_mask((4,), p, cpu)
+    torch.manual_seed(0)
+    keep, scale = keep_mask((1 << 22,), 2.0 ** -16, cpu)
+    assert 32 <= int((~keep).sum()) <= 96 and scale == 2 ** 16 / (2 ** 16 - 1)
+    keep, scale = keep_mask((4,), 0.25, torch.device("meta"))
+    assert keep.dtype == torch.bool and scale == 1 / 0.75
+
+
+def test_cpu_dropout_masks_of_successive_calls_differ():
+    """Each mask comes from its own 64-bit seed drawn from torch's generator: successive calls draw
+    different masks (a seed cut to a few bits would repeat them)."""
+    from megatron_core.fusions.fused_dropout import keep_mask
+
+    torch.manual_seed(0)
+    masks = {keep_mask((64,), 0.5, torch.device("cpu"))[0].numpy().tobytes() for _ in range(16)}
+    assert len(masks) == 16
+
+
+def _qk_layernorm_grads():
+    from megatron_core.distributed import finalize_model_grads
+
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config = llama_config(1, 32, 4, num_query_groups=2, ffn_hidden_size=64)
+    spec = get_gpt_layer_local_spec(qk_layernorm=True)
+    model = GPTModel(config, 64, 8, parallel_state=ps, transformer_layer_spec=spec, make_vocab_size_divisible_by=8)
+    ids = (torch.arange(18).view(2, 9) * 7) % 64
+    model(ids[:, :-1], labels=ids[:, 1:]).mean().backward()
+    finalize_model_grads([model], ps)
+    return {n: p.grad for n, p in model.named_parameters() if "q_layernorm" in n or "k_layernorm" in n}
+
+
+def test_qk_layernorm_grads_under_tp2_match_tp1():
+    """QK-norm weights are replicated over TP but each rank normalises only its own heads: their
+    gradients are partial and summed over TP, so every TP-2 rank holds the TP-1 gradient."""
+    (ref,) = run_distributed(_qk_layernorm_grads, 1, timeout=60)
+    assert len(ref) == 2
+    for rank, grads in enumerate(run_distributed(_qk_layernorm_grads, 2, timeout=60)):
+        for name, grad in grads.items():
+            assert_rel_close(grad, ref[name], what=f"rank {rank} grad of {name}")
+
+
+def _auto_backend_with_dropout():
+    """A training forward with attention dropout through ``auto`` and through ``unfused``, each from
+    the same tracker state."""
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    ps.manual_seed(9)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(8, 2, 4, 4, generator=g) for _ in range(3))
+    state, outs = ps.rng_tracker.get_states(), {}
+    for backend in ("auto", "unfused"):
+        config = TransformerConfig(hidden_size=16, num_attention_heads=4, attention_backend=backend,
+                                   attention_dropout=0.3)
+        ps.rng_tracker.set_states(state)
+        outs[backend] = DotProductAttention(config, layer_number=1, parallel_state=ps).train()(q, k, v)
+    return outs
+
+
+def test_auto_backend_trains_with_dropout_on_the_explicit_path_on_cpu():
+    """SDPA's CPU kernels have no dropout, so ``auto`` takes the explicit path there: the same output
+    as ``unfused`` from the same RNG state."""
+    (outs,) = run_distributed(_auto_backend_with_dropout, 1, timeout=60)
+    assert torch.equal(outs["auto"], outs["unfused"])
+
+
+def test_layer_norm_without_bias():
+    """LayerNorm(bias=False): no bias parameter (``bias`` is None, as torch.nn.LayerNorm's), the
+    normalised input times the weight."""
+    ln = LayerNorm(16, eps=1e-5, bias=False)
+    assert ln.bias is None and [name for name, _ in ln.named_parameters()] == ["weight"]
+    h = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(4))
+    centred = h - h.mean(-1, keepdim=True)
+    assert_rel_close(ln(h), centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5) * ln.weight,
+                     what="LayerNorm without bias")
+
+
+def _auto_backend_without_dropout():
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size())
+    config = TransformerConfig(hidden_size=16, num_attention_heads=4, attention_backend="auto",
+                               attention_dropout=0.0)
+    attn = DotProductAttention(config, layer_number=1, parallel_state=ps)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(8, 2, 4, 4, generator=g) for _ in range(3))
+    return attn.train()(q, k, v), attn.eval()(q, k, v)
+
+
+def test_auto_backend_without_dropout_trains_as_it_evaluates():
+    """With attention dropout 0 the ``auto`` backend keeps PyTorch's SDPA in training too: the training
+    forward is the evaluation forward, bit for bit."""
+    ((train, evaluate),) = run_distributed(_auto_backend_without_dropout, 1, timeout=60)
+    assert torch.equal(train, evaluate)

@@ -297,3 +297,53 @@ def test_kernels_are_selected_only_with_cuda(op):
     if device.cuda_available():
         pytest.skip("a CUDA device is present")
     assert find_kernel(op) is None
+
+
+def test_kernel_selection_rules_on_a_cuda_machine(monkeypatch, caplog):
+    """What ``find_kernel`` picks and accepts on a CUDA machine with Triton (and without apex). No GPU
+    here: CUDA's presence is faked through ``device.cuda_available``/``triton_available`` (and
+    ``kernels._on_cuda`` for the shape rules, on meta tensors), so only the selection logic runs."""
+    import importlib.util
+    import logging
+
+    from megatron_core.fusions import kernels
+
+    if importlib.util.find_spec("apex") is not None:
+        pytest.skip("apex is installed: its kernels come first")
+    monkeypatch.setattr(device, "cuda_available", lambda: True)
+    monkeypatch.setattr(device, "triton_available", lambda: True)
+    find_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger=kernels.__name__):
+            found = {op: find_kernel(op) for op in kernels._PROVIDERS}
+        assert {op: k.name for op, k in found.items()} == {
+            op: f"triton {module}.{op if op != 'rope' else 'apply_rotary_pos_emb'}" for op, module in (
+                ("layer_norm", "triton_norms"), ("rms_norm", "triton_norms"), ("scaled_masked_softmax", "triton_norms"),
+                ("rope", "triton_elementwise"), ("swiglu", "triton_elementwise"),
+                ("bias_dropout_add", "triton_elementwise"), ("vocab_parallel_cross_entropy", "triton_cross_entropy"))}
+        assert f"using fused kernel {found['swiglu'].name} for swiglu" in caplog.messages
+        # CPU tensors (a CPU model on a CUDA machine) keep the torch path.
+        x = torch.zeros(2, 1, 2, 8)
+        cpu_operands = {"layer_norm": (x,), "rms_norm": (x,), "scaled_masked_softmax": (x, None, 1.0),
+                        "rope": (x, x, x), "swiglu": (x,), "bias_dropout_add": (x, None, x),
+                        "vocab_parallel_cross_entropy": (x, x)}
+        assert not any(found[op].applies(*args) for op, args in cpu_operands.items())
+        # Rows of up to _MAX_ROW = 16384 (one program holds a row), softmax on [b, np, sq, sk], RoPE on 4-D.
+        monkeypatch.setattr(kernels, "_on_cuda", lambda *tensors: True)
+        meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
+        for op in ("layer_norm", "rms_norm"):
+            applies = found[op].applies
+            assert applies(meta(2, 16384)) and applies(meta(16385, 8)) and not applies(meta(2, 16385)), op
+        softmax = found["scaled_masked_softmax"].applies
+        assert softmax(meta(1, 1, 2, 16384), None, 1.0) and not softmax(meta(1, 1, 2, 16385), None, 1.0)
+        assert not softmax(meta(1, 2, 16), None, 1.0)
+        rope = found["rope"].applies
+        assert rope(meta(4, 1, 2, 8), None, None) and not rope(meta(4, 2, 8), None, None)
+        # Without Triton nothing is found, and the log says so.
+        monkeypatch.setattr(device, "triton_available", lambda: False)
+        find_kernel.cache_clear()
+        with caplog.at_level(logging.INFO, logger=kernels.__name__):
+            assert find_kernel("layer_norm") is None
+        assert "no fused kernel for layer_norm; using the torch implementation" in caplog.messages
+    finally:
+        find_kernel.cache_clear()
