@@ -7,7 +7,8 @@ Run by hand or nightly, not in CI (issue #16, item 9)::
     python scripts/mutation_check.py --list               # the mutants, without running anything
 
 Mutants are made on the AST of each file under ``megatron_core/{tensor_parallel, pipeline_parallel,
-distributed, optimizer}``, one change each, in the spirit of mutmut's operators: an arithmetic
+distributed, optimizer, engine, training, datasets, tokenizer, inference}`` (subfolders included, such as
+``training/arguments``), one change each, in the spirit of mutmut's operators: an arithmetic
 operator swapped (``+ -``, ``* /``, ``// *``), a comparison swapped (``< <=``, ``> >=``, ``== !=``,
 ``is`` / ``is not``, ``in`` / ``not in``), ``and`` / ``or`` swapped, a ``not`` dropped, a small integer
 constant moved by one, or a call statement (such as a collective) deleted. Docstrings and type
@@ -33,7 +34,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("tensor_parallel", "pipeline_parallel", "distributed", "optimizer")
+PACKAGES = ("tensor_parallel", "pipeline_parallel", "distributed", "optimizer",
+            "engine", "training", "datasets", "tokenizer", "inference")
 # Tests run against each package's mutants, fastest first so that most mutants die early.
 TESTS = {
     "tensor_parallel": ["tests/test_tensor_parallel_mappings.py", "tests/test_tensor_parallel_layers.py",
@@ -44,6 +46,14 @@ TESTS = {
     "distributed": ["tests/test_pipeline_finalize.py", "tests/test_ddp.py", "tests/test_zero.py"],
     "optimizer": ["tests/test_optimizer.py", "tests/test_memory.py", "tests/test_zero.py",
                   "tests/test_mixed_precision.py"],
+    "engine": ["tests/test_engine_config.py", "tests/test_engine_api.py", "tests/test_engine.py",
+               "tests/test_engine_checkpoint.py", "tests/test_engine_autotp.py"],
+    "training": ["tests/test_arguments.py", "tests/test_lr_scheduler.py", "tests/test_pretrain_errors.py",
+                 "tests/test_checkpointing.py", "tests/test_pretrain.py", "tests/test_failures_training.py"],
+    "datasets": ["tests/test_datasets.py", "tests/test_preprocess_data.py", "tests/test_failures_data.py"],
+    "tokenizer": ["tests/test_tokenizer.py", "tests/test_preprocess_data.py"],
+    "inference": ["tests/test_generation.py", "tests/test_text_generation_cli.py",
+                  "tests/test_text_generation_server.py"],
 }
 SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
          ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
@@ -128,8 +138,9 @@ def mutants(root: str = REPO) -> list[Mutant]:
     out = []
     for package in PACKAGES:
         folder = os.path.join(root, "megatron_core", package)
-        for name in sorted(os.listdir(folder)):
-            if not name.endswith(".py") or name == "__init__.py":
+        names = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+        for name in names:
+            if not name.endswith(".py") or name.endswith("__init__.py"):
                 continue
             path = os.path.join("megatron_core", package, name)
             tree = ast.parse(open(os.path.join(root, path)).read())

@@ -115,6 +115,15 @@ def test_gpt2_bpe_missing_endoftext(tmp_path):
         build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
 
 
+def test_gpt2_bpe_missing_merge_file_names_the_flag(tmp_path):
+    # A real vocab.json next to a merges path that does not exist: the error names --merge-file
+    # rather than whatever the tokenizers library says about the missing file.
+    _, vocab, _ = _train_byte_level_bpe(tmp_path)
+    missing = str(tmp_path / "no_such_merges.txt")
+    with pytest.raises(ValueError, match=f"merge file .*not found: {missing!r}; pass --merge-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=missing)
+
+
 def _save_hf_tokenizer_json(path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
