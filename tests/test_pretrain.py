@@ -117,3 +117,32 @@ def test_demo_pipeline_runs_end_to_end(tmp_path, capfd):
     for d in (0, len(texts) // 2, len(texts) - 1):
         assert np.asarray(dataset[d]).tolist() == tokenizer.tokenize(texts[d]) + [tokenizer.eod], f"document {d}"
     assert all(math.isfinite(v) and 0 < v < 10 for v in result.losses + list(result.val_losses.values()))
+
+
+def _matmul_weights(preset):
+    """Elements of the 2-D weights a tiny model multiplies by: every matrix but the embedding tables
+    (a lookup, not a matmul); the output layer counts once, tied to the word embedding or not."""
+    from megatron_core import parallel_state
+    from megatron_core.models.gpt import GPTModel
+    from megatron_core.models.presets import gpt2_config, llama_config
+
+    make = gpt2_config if preset == "gpt2" else llama_config
+    extra = {} if preset == "gpt2" else dict(num_query_groups=2, ffn_hidden_size=48)
+    config = make(num_layers=2, hidden_size=32, num_attention_heads=4, **extra)
+    ps = parallel_state.initialize_model_parallel(1)
+    model = GPTModel(config, 128, 8, parallel_state=ps, make_vocab_size_divisible_by=64)
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embedding" not in name)
+    if config.share_embeddings_and_output_weights:
+        n += 128 * 32  # the output projection reuses the word embedding
+    return n, config.ffn_hidden_size, config.num_query_groups, config.kv_channels
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_flops_count_every_matmul_weight_of_the_model(preset):
+    # Megatron-LM's (and PaLM's) count: 6 FLOPs per weight per token forward + backward, plus
+    # 12 * layers * seq * (heads * kv_channels) per token for the attention scores and values.
+    from megatron_core.training.flops import flops_per_iteration
+
+    (n, ffn, groups, kv), = run_distributed(_matmul_weights, 1, preset, timeout=60)
+    per_token = 6 * n + 12 * 2 * 8 * 4 * kv
+    assert flops_per_iteration(3, 8, 2, 32, ffn, 4, kv, groups, preset == "llama", 128) == 3 * 8 * per_token
