@@ -150,3 +150,12 @@ def test_a_rank_missing_its_shard_fails_every_rank_promptly(tmp_path):
     assert all(m.startswith("ConfigError: ") and "mp_rank_00_001/model_optim_rng.pt was deleted" in m
                for m in messages)
     assert "(on rank 1)" in messages[0]
+
+
+def test_complete_iterations_are_the_final_iteration_directories(tmp_path):
+    # What a killed save leaves (iter_N.tmp, iter_N.old) and a stray file named like an iteration are
+    # not checkpoints the "iterations saved there" hints may offer.
+    for name in ("iter_0000010", "iter_0000002", "iter_0000004.tmp", "iter_0000006.old", "iter_latest"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "iter_0000008").write_text("not a directory")
+    assert io.complete_iterations(str(tmp_path)) == [2, 10]
