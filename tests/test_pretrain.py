@@ -146,3 +146,28 @@ def test_flops_count_every_matmul_weight_of_the_model(preset):
     (n, ffn, groups, kv), = run_distributed(_matmul_weights, 1, preset, timeout=60)
     per_token = 6 * n + 12 * 2 * 8 * 4 * kv
     assert flops_per_iteration(3, 8, 2, 32, ffn, 4, kv, groups, preset == "llama", 128) == 3 * 8 * per_token
+
+
+def _seeded_streams():
+    import random
+
+    import numpy as np
+
+    from megatron_core import parallel_state
+    from megatron_core.training.pretrain import set_seeds
+
+    ps = parallel_state.initialize_model_parallel(1, 2)
+    set_seeds(7, parallel_state=ps)
+    return ps.pp_rank, random.random(), float(np.random.rand())
+
+
+def test_set_seeds_seeds_python_and_numpy_per_pipeline_stage():
+    # Megatron-LM's _set_random_seed: Python's and NumPy's global streams (which user data code may
+    # draw from) start at seed + 100 x pipeline rank.
+    import random
+
+    import numpy as np
+
+    for pp_rank, python_draw, numpy_draw in run_distributed(_seeded_streams, 2, timeout=60):
+        assert python_draw == random.Random(7 + 100 * pp_rank).random(), pp_rank
+        assert numpy_draw == np.random.RandomState(7 + 100 * pp_rank).rand(), pp_rank
