@@ -95,6 +95,7 @@ def test_demo_pipeline_runs_end_to_end(tmp_path, capfd):
     out = capfd.readouterr().out
     assert sorted(result.val_losses) == [0, 6] and result.saved_iterations == [6]
     assert "demo: validation lm loss" in out and "-> " in out
+    assert re.search(r"> demo: wrote \d+ standard-library modules \([\d.]+ MB\) to ", out)
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:  # without the package: one line, and training goes on
