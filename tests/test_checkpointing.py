@@ -159,3 +159,19 @@ def test_complete_iterations_are_the_final_iteration_directories(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / "iter_0000008").write_text("not a directory")
     assert io.complete_iterations(str(tmp_path)) == [2, 10]
+
+
+def test_first_line_of_a_dcp_failure_is_the_lowest_failing_ranks_own_error():
+    # torch.distributed.checkpoint raises one CheckpointException whose str() holds every rank's
+    # traceback; the one-line error names the lowest failing rank and that rank's exception.
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    disk_full, bad = OSError(28, "No space left on device"), ValueError("bad shard\nsecond line")
+    exc = CheckpointException("save failed", {3: _wrap_exception(disk_full), 1: _wrap_exception(bad)})
+    assert io.root_cause(exc) == (1, bad)
+    assert io.first_line(exc) == "rank 1: ValueError: bad shard"
+    plain = OSError(28, "No space left on device")
+    assert io.root_cause(plain) == (None, plain)
+    assert io.first_line(plain) == "[Errno 28] No space left on device"
+    no_ranks = CheckpointException("save failed", {})
+    assert io.root_cause(no_ranks) == (None, no_ranks)
