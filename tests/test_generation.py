@@ -94,14 +94,14 @@ def test_bad_requests_raise_config_error():
     assert issubclass(ConfigError, ValueError)
 
 
-def _save_dist(hf_model, directory):
+def _save_dist(hf_model, directory, keys=("model_config", "model_info")):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     config, vocab, positions = core_config_of(hf_model)
     model = GPTModel(config, vocab, positions, parallel_state=ps, make_vocab_size_divisible_by=8)
     load_hf_weights(model, hf_model, 8, ps)
     info = {"vocab_size": vocab, "max_position_embeddings": positions, "make_vocab_size_divisible_by": 8}
-    save_dist_checkpoint(directory, 5, [model], None, None, ps,
-                         extra={"model_config": config.to_dict(), "model_info": info}).wait()
+    extra = {"model_config": config.to_dict(), "model_info": info}
+    save_dist_checkpoint(directory, 5, [model], None, None, ps, extra={k: extra[k] for k in keys}).wait()
 
 
 def _generate_from(directory):
@@ -118,3 +118,11 @@ def test_torch_dist_checkpoint_generates_under_another_tp(tmp_path):
     ((source, tokens),) = run_distributed(_generate_from, 1, str(tmp_path), timeout=60)
     assert source == "torch_dist"
     assert tokens == [_hf_greedy(hf_model, p, NEW_TOKENS, None) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("keys", [("model_config",), ("model_info",)])
+def test_torch_dist_checkpoint_without_model_description_is_a_config_error(tmp_path, keys):
+    """A torch_dist checkpoint that lacks either record cannot rebuild the model: one ConfigError naming both."""
+    run_distributed(_save_dist, 1, tiny_hf_gpt2(), str(tmp_path), keys, timeout=60)
+    with pytest.raises(Exception, match="ConfigError: --load .* records no model_config/model_info"):
+        run_distributed(_generate_from, 1, str(tmp_path), timeout=60)
