@@ -172,3 +172,44 @@ def test_set_seeds_seeds_python_and_numpy_per_pipeline_stage():
     for pp_rank, python_draw, numpy_draw in run_distributed(_seeded_streams, 2, timeout=60):
         assert python_draw == random.Random(7 + 100 * pp_rank).random(), pp_rank
         assert numpy_draw == np.random.RandomState(7 + 100 * pp_rank).rand(), pp_rank
+
+
+def test_log_line_numbers_are_the_intervals_means_and_rates():
+    # Three iterations of 8 samples (32 tokens, 3 TFLOP each) in 0.25 + 0.75 + 0 s on 2 ranks: 333.3 ms
+    # per iteration, 24 * 32 / 1 s / 2 = 384 tokens/s and 24 * 3 / 1 s / 2 = 36 TFLOP/s per rank; the
+    # loss is the mean over the iterations that advanced (the skipped one is counted, not averaged).
+    from megatron_core.training.config import LoggingConfig
+    from megatron_core.training.training_log import TrainingLog
+
+    printed = []
+    log = TrainingLog(LoggingConfig(log_interval=3), 6, printed.append, None, 3e12, 32, 2)
+    common = dict(grad_norm=1.5, num_zeros=None, learning_rate=1e-3, loss_scale=1.0, batch_size=8)
+    assert log.add(iteration=1, losses={"lm loss": 2.0}, skipped=False, consumed_samples=8, seconds=0.25,
+                   **common) is None
+    assert log.add(iteration=2, losses={"lm loss": 4.0}, skipped=False, consumed_samples=16, seconds=0.75,
+                   **common) is None
+    line = log.add(iteration=3, losses={"lm loss": 100.0}, skipped=True, consumed_samples=16, seconds=0.0,
+                   **common)
+    assert printed == [line]
+    assert re.search(r"iteration +3/ +6 \| consumed samples: +16 \| elapsed time per iteration \(ms\): 333\.3 \| "
+                     r"throughput per rank: 384\.0 tokens/s, 36\.0000 TFLOP/s \|", line), line
+    assert "| lm loss: 3.000000E+00 |" in line and "| grad norm: 1.500 |" in line
+    assert "number of skipped iterations:   1 | number of nan iterations:   0 |" in line
+    # The next interval starts from zero: a NaN loss is counted (not averaged), the last num zeros and
+    # loss scale are shown.
+    common.update(loss_scale=512.0)
+    log.add(iteration=4, losses={"lm loss": float("nan")}, skipped=False, consumed_samples=24, seconds=0.5,
+            **common)
+    log.add(iteration=5, losses={"lm loss": 6.0}, skipped=False, consumed_samples=32, seconds=0.5, **common)
+    line = log.add(iteration=6, losses={"lm loss": 8.0}, skipped=False, consumed_samples=40, seconds=0.5,
+                   **dict(common, num_zeros=3))
+    assert re.search(r"elapsed time per iteration \(ms\): 500\.0 \| throughput per rank: 256\.0 tokens/s, "
+                     r"24\.0000 TFLOP/s \|", line), line
+    assert "| lm loss: 7.000000E+00 | loss scale: 512.0 | grad norm: 1.500 | num zeros: 3 |" in line, line
+    assert "number of skipped iterations:   0 | number of nan iterations:   1 |" in line
+    # One iteration per line: its own time and loss; an extra part goes at the end.
+    log = TrainingLog(LoggingConfig(log_interval=1), 6, None, None, 3e12, 32, 1)
+    line = log.add(iteration=1, losses={"lm loss": 1.5}, skipped=False, consumed_samples=8, seconds=0.25,
+                   extra=lambda: "mem 1 GB", **common)
+    assert "elapsed time per iteration (ms): 250.0 |" in line and "| lm loss: 1.500000E+00 |" in line
+    assert line.endswith("number of nan iterations:   0 | mem 1 GB"), line
