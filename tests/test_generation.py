@@ -126,3 +126,15 @@ def test_torch_dist_checkpoint_without_model_description_is_a_config_error(tmp_p
     run_distributed(_save_dist, 1, tiny_hf_gpt2(), str(tmp_path), keys, timeout=60)
     with pytest.raises(Exception, match="ConfigError: --load .* records no model_config/model_info"):
         run_distributed(_generate_from, 1, str(tmp_path), timeout=60)
+
+
+def test_top_k_sampling_draws_only_from_the_k_largest_logits():
+    """Megatron-LM's top-k: every other logit is masked, so the draws cover exactly the k best ids."""
+    from megatron_core.inference.sampling import sample
+
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 400):  # one row (k larger than the batch) and many
+        logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0, 0.0]]).expand(batch, -1)
+        for k, best in ((3, {1, 2, 3}), (2, {1, 3})):
+            draws = [sample(logits, SamplingParams(temperature=1.0, top_k=k), g).tolist() for _ in range(400 // batch)]
+            assert set(sum(draws, [])) == best, (batch, k)
