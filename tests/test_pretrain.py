@@ -46,6 +46,9 @@ def test_loss_falls_and_lines_follow_megatron(serial, capfd):
     assert result.losses == serial.losses  # the same run twice gives the same losses
     lines = [line for line in out.splitlines() if re.search(r"iteration +\d+/ +20 \|", line)]
     assert len(lines) == 4
+    # Megatron-LM's parameter count line, printed once by the first data-parallel rank.
+    assert len(re.findall(r"^ > number of parameters on \(tensor, pipeline\) model parallel rank \(0, 0\): \d+$",
+                          out, re.M)) == 1
     pattern = (r"^ \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration +20/ +20 \| consumed samples: +160 \| "
                r"elapsed time per iteration \(ms\): [\d.]+ \| throughput per rank: [\d.]+ tokens/s, [\d.]+ TFLOP/s \| "
                r"learning rate: \d\.\d{6}E[+-]\d\d \| global batch size: +8 \| lm loss: \d\.\d{6}E[+-]\d\d \| "
