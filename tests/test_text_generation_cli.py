@@ -85,3 +85,14 @@ def test_bad_flags_are_one_line_errors(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--load" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_sampling_flags_default_to_megatrons_whole_vocabulary_sampling():
+    from megatron_core.inference import SamplingParams
+    from megatron_core.inference.text_generation_cli import build_parser, sampling_from_args
+
+    args = build_parser().parse_args(["--load", "x", "--prompt", "hi"])
+    assert sampling_from_args(args) == SamplingParams(temperature=1.0, top_k=0, top_p=0.0, seed=1234)
+    args = build_parser().parse_args(["--load", "x", "--prompt", "hi", "--top_k", "5", "--temperature", "0.5",
+                                      "--seed", "3"])
+    assert sampling_from_args(args) == SamplingParams(temperature=0.5, top_k=5, top_p=0.0, seed=3)
