@@ -374,3 +374,13 @@ def test_adam_betas_may_be_zero(betas):
     assert config.optimizer.betas == tuple(float(b) for b in betas)
     with pytest.raises(ConfigError, match=r"betas must be two numbers in \[0, 1\)"):
         load_config(_with(optimizer={"type": "Adam", "params": {"betas": [betas[0], 1.0]}}), dp_size=1)
+
+
+def test_without_an_optimizer_section_the_optimizer_config_is_adam_at_the_default_lr():
+    from megatron_core.engine.library_configs import optimizer_config_from
+
+    raw = {k: v for k, v in BASE.items() if k != "optimizer"}
+    config = load_config(raw, dp_size=1)
+    plain, given = optimizer_config_from(config), optimizer_config_from(config, default_lr=0.02)
+    assert (plain.optimizer, plain.lr, plain.weight_decay) == ("adam", 1e-3, 0.0)
+    assert (given.optimizer, given.lr) == ("adam", 0.02)
