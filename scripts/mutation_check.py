@@ -7,7 +7,8 @@ Run by hand or nightly, not in CI (issue #16, item 9)::
     python scripts/mutation_check.py --list               # the mutants, without running anything
 
 Mutants are made on the AST of each file under ``megatron_core/{tensor_parallel, pipeline_parallel,
-distributed, optimizer, transformer, checkpoint, dist_checkpointing, fusions}`` (but ``SKIP``), one change
+distributed, optimizer, transformer, checkpoint, dist_checkpointing, fusions, engine, training, datasets,
+tokenizer, inference}`` (subfolders included, such as ``training/arguments``; but ``SKIP``), one change
 each, in the spirit of mutmut's operators: an arithmetic
 operator swapped (``+ -``, ``* /``, ``// *``), a comparison swapped (``< <=``, ``> >=``, ``== !=``,
 ``is`` / ``is not``, ``in`` / ``not in``), ``and`` / ``or`` swapped, a ``not`` dropped, a small integer
@@ -70,7 +71,7 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("tensor_parallel", "pipeline_parallel", "distributed", "optimizer", "transformer", "checkpoint",
-            "dist_checkpointing", "fusions")
+            "dist_checkpointing", "fusions", "engine", "training", "datasets", "tokenizer", "inference")
 # Tests run against each package's mutants, fastest first so that most mutants die early.
 TESTS = {
     "tensor_parallel": ["tests/test_tensor_parallel_mappings.py", "tests/test_tensor_parallel_layers.py",
@@ -92,6 +93,17 @@ TESTS = {
                            # the one load across vocabulary paddings (TP 2's 256 rows into TP 1's 300)
                            "tests/test_generation.py::test_torch_dist_checkpoint_generates_under_another_tp"],
     "fusions": ["tests/test_onednn_linear.py", "tests/test_triton_kernels.py", "tests/test_transformer_units.py"],
+    "engine": ["tests/test_engine_config.py", "tests/test_engine_api.py", "tests/test_engine.py",
+               "tests/test_engine_checkpoint.py", "tests/test_engine_autotp.py",
+               "tests/test_clean_exit.py::test_engine_scripts_exit_cleanly_without_tearing_down"],
+    "training": ["tests/test_arguments.py", "tests/test_lr_scheduler.py", "tests/test_pretrain_deepspeed_config.py",
+                 "tests/test_pretrain_errors.py",
+                 "tests/test_checkpointing.py", "tests/test_pretrain.py", "tests/test_failures_training.py",
+                 "tests/test_pretrain_dist_ckpt.py"],
+    "datasets": ["tests/test_datasets.py", "tests/test_preprocess_data.py", "tests/test_failures_data.py"],
+    "tokenizer": ["tests/test_tokenizer.py", "tests/test_preprocess_data.py"],
+    "inference": ["tests/test_generation.py", "tests/test_text_generation_cli.py",
+                  "tests/test_text_generation_server.py"],
 }
 # Files never mutated; the reasons are in the module docstring.
 SKIP = {"transformer/te_spec.py", "transformer/layer_specs.py", "checkpoint/hf_errors.py", "fusions/triton_norms.py",
@@ -179,8 +191,9 @@ def mutants(root: str = REPO) -> list[Mutant]:
     out = []
     for package in PACKAGES:
         folder = os.path.join(root, "megatron_core", package)
-        for name in sorted(os.listdir(folder)):
-            if not name.endswith(".py") or name == "__init__.py" or f"{package}/{name}" in SKIP:
+        names = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+        for name in names:
+            if not name.endswith(".py") or name.endswith("__init__.py") or f"{package}/{name}" in SKIP:
                 continue
             path = os.path.join("megatron_core", package, name)
             tree = ast.parse(open(os.path.join(root, path)).read())

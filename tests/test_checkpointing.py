@@ -150,3 +150,28 @@ def test_a_rank_missing_its_shard_fails_every_rank_promptly(tmp_path):
     assert all(m.startswith("ConfigError: ") and "mp_rank_00_001/model_optim_rng.pt was deleted" in m
                for m in messages)
     assert "(on rank 1)" in messages[0]
+
+
+def test_complete_iterations_are_the_final_iteration_directories(tmp_path):
+    # What a killed save leaves (iter_N.tmp, iter_N.old) and a stray file named like an iteration are
+    # not checkpoints the "iterations saved there" hints may offer.
+    for name in ("iter_0000010", "iter_0000002", "iter_0000004.tmp", "iter_0000006.old", "iter_latest"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "iter_0000008").write_text("not a directory")
+    assert io.complete_iterations(str(tmp_path)) == [2, 10]
+
+
+def test_first_line_of_a_dcp_failure_is_the_lowest_failing_ranks_own_error():
+    # torch.distributed.checkpoint raises one CheckpointException whose str() holds every rank's
+    # traceback; the one-line error names the lowest failing rank and that rank's exception.
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    disk_full, bad = OSError(28, "No space left on device"), ValueError("bad shard\nsecond line")
+    exc = CheckpointException("save failed", {3: _wrap_exception(disk_full), 1: _wrap_exception(bad)})
+    assert io.root_cause(exc) == (1, bad)
+    assert io.first_line(exc) == "rank 1: ValueError: bad shard"
+    plain = OSError(28, "No space left on device")
+    assert io.root_cause(plain) == (None, plain)
+    assert io.first_line(plain) == "[Errno 28] No space left on device"
+    no_ranks = CheckpointException("save failed", {})
+    assert io.root_cause(no_ranks) == (None, no_ranks)

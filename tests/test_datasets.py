@@ -185,6 +185,28 @@ def test_multi_epoch_indices_follow_megatron_including_the_separate_final_epoch(
     assert dataset.shuffle_index.tolist() == shuffle.tolist(), f"shuffle index ({separate=})"
 
 
+def test_final_epoch_rule_at_the_samples_per_epoch_boundary(tmp_path, data):
+    # 639 tokens per epoch (documents 5..36): Megatron counts (639 - 1) // 16 = 39 samples per epoch;
+    # 70 samples leave 70 - 39 = 31 for the final epoch, not fewer than int(0.8 * 39) = 31, so it is
+    # not separate. Counting 640 // 16 = 40 per epoch (threshold 32) would make it separate.
+    prefix, docs = data
+    documents = np.arange(5, 37)
+    sizes = [len(d) for d in docs]
+    assert sum(sizes[5:37]) == 639
+    doc, sample, shuffle, separate = megatron_indices(sizes, documents, 16, 70, 1234)
+    dataset = gpt(tmp_path, prefix, 70, docs=documents)
+    assert not separate
+    assert dataset.document_index.tolist() == doc.tolist()
+    assert dataset.shuffle_index.tolist() == shuffle.tolist()
+
+
+def test_sample_index_of_a_corpus_shorter_than_one_sample():
+    # A sample needs seq_length + 1 tokens (inputs and shifted labels): one token makes none.
+    for lengths in ([1], [0], [0, 1]):
+        index = build_sample_index(np.array(lengths), np.arange(len(lengths)), 1)
+        assert index.tolist() == [[0, 0]], lengths
+
+
 def test_multi_epoch_cases_cover_both_final_epoch_rules(tmp_path, data):
     prefix, docs = data
     sizes = [len(d) for d in docs]

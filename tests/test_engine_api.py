@@ -52,10 +52,11 @@ def test_warmup_schedules_follow_deepspeed_formulas():
             "type": "WarmupCosineLR",
             "params": {"warmup_num_steps": 2, "total_num_steps": 6, "cos_min_ratio": 0.1, "warmup_type": "linear"},
         },
-        3,
+        6,
     )
     base = 0.01  # the optimizer section's lr
-    cosine = [base * (0.1 + 0.9 * (1 + math.cos(math.pi * k / 4)) / 2) for k in (1,)]
+    # Steps past the warmup k = 1..4 of total - warmup = 4: down to cos_min_ratio * lr at the last one.
+    cosine = [base * (0.1 + 0.9 * (1 + math.cos(math.pi * k / 4)) / 2) for k in (1, 2, 3, 4)]
     assert lrs == pytest.approx([0.0, 0.0, 0.005, *cosine], rel=1e-12)
 
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from engine_common import ds_config, make_model, reference, run_steps
+from engine_common import VOCAB, ds_config, make_model, reference, run_steps
 from equivalence import assert_rel_close
 from harness import RankError, run_distributed
 
@@ -26,7 +26,7 @@ def _train(directory, kind, stages):
         engine, _, _, _ = megatron_core.initialize(make_model(kind), config=config)
         losses, norms = run_steps(kind, engine, 0, STEPS)
         engine.save_checkpoint(os.path.join(directory, f"zero{stage}"))
-        out[stage] = (losses, norms, engine.parallel_state.dp_rank)
+        out[stage] = (losses, norms, engine.parallel_state.dp_rank, tuple(engine.module.lm_head.weight.shape))
         engine.parallel_state.destroy()
     return out
 
@@ -38,7 +38,9 @@ def test_autotp_equals_plain_pytorch_loop(tmp_path, kind):
     results = run_distributed(_train, 4, str(tmp_path), kind, stages, timeout=240)
     for stage in stages:
         for rank, res in enumerate(results):
-            losses, norms, dp_rank = res[stage]
+            losses, norms, dp_rank, head = res[stage]
+            # lm_head is sharded over the vocabulary too (tied to the embedding or not), not left whole.
+            assert head == (VOCAB // 2, 32), f"{kind} zero{stage} rank {rank} lm_head {head}"
             mine = [[step[k * 2 + dp_rank] for k in range(GA)] for step in ref["losses"]]
             assert_rel_close(torch.tensor(losses), torch.tensor(mine), 1e-5, f"{kind} zero{stage} rank {rank} losses")
             assert_rel_close(torch.tensor(norms), torch.tensor(ref["norms"]), 1e-5, f"{kind} zero{stage} norms")

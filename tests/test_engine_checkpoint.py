@@ -235,3 +235,25 @@ def test_save_16bit_model_writes_the_gathered_weights(tmp_path):
     saved, names = run_distributed(_save_16bit, 2, str(tmp_path / "out"), timeout=120)[0]
     assert sorted(saved) == names and all(same for _, same in saved.values()), saved
     assert {dtype for dtype, _ in saved.values()} == {torch.bfloat16}
+
+
+def _fp16_scale_round_trip(directory):
+    config = ds_config(1, 1, 0, fp16={"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1})
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    run_steps("mlp", engine, 0, 2)
+    saved = engine.optimizer.grad_scaler.scale
+    engine.save_checkpoint(directory)
+    engine.parallel_state.destroy()
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    fresh = engine.optimizer.grad_scaler.scale
+    engine.load_checkpoint(directory)
+    loaded = engine.optimizer.grad_scaler.scale
+    engine.parallel_state.destroy()
+    return fresh, saved, loaded
+
+
+def test_fp16_dynamic_loss_scale_is_restored(tmp_path):
+    """The loss scale grown by two clean steps (window 1) comes back with the checkpoint, not the initial 2^8."""
+    ((fresh, saved, loaded),) = run_distributed(_fp16_scale_round_trip, 1, str(tmp_path), timeout=60)
+    assert fresh == 2.0**8 and saved == 2.0**10
+    assert loaded == saved

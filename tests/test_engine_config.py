@@ -365,3 +365,22 @@ def test_deepspeed_tuning_only_keys_run_with_one_warning_each(capsys):
     assert sorted(line.split("zero_optimization.")[1].split(" ")[0] for line in warned) == sorted(named), warned
     assert all("= 0 is ignored" in line and "results are the same" in line for line in warned), warned
     assert capsys.readouterr().err == ""  # the defaults warn about nothing
+
+
+@pytest.mark.parametrize("betas", [[0.0, 0.999], [0.9, 0.0], [0, 0]])
+def test_adam_betas_may_be_zero(betas):
+    # [0, 1) as in torch.optim.Adam: beta1 = 0 (no momentum, RMSProp-like) is a valid choice.
+    config = load_config(_with(optimizer={"type": "Adam", "params": {"betas": betas}}), dp_size=1)
+    assert config.optimizer.betas == tuple(float(b) for b in betas)
+    with pytest.raises(ConfigError, match=r"betas must be two numbers in \[0, 1\)"):
+        load_config(_with(optimizer={"type": "Adam", "params": {"betas": [betas[0], 1.0]}}), dp_size=1)
+
+
+def test_without_an_optimizer_section_the_optimizer_config_is_adam_at_the_default_lr():
+    from megatron_core.engine.library_configs import optimizer_config_from
+
+    raw = {k: v for k, v in BASE.items() if k != "optimizer"}
+    config = load_config(raw, dp_size=1)
+    plain, given = optimizer_config_from(config), optimizer_config_from(config, default_lr=0.02)
+    assert (plain.optimizer, plain.lr, plain.weight_decay) == ("adam", 1e-3, 0.0)
+    assert (given.optimizer, given.lr) == ("adam", 0.02)

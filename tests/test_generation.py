@@ -94,14 +94,14 @@ def test_bad_requests_raise_config_error():
     assert issubclass(ConfigError, ValueError)
 
 
-def _save_dist(hf_model, directory):
+def _save_dist(hf_model, directory, keys=("model_config", "model_info")):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     config, vocab, positions = core_config_of(hf_model)
     model = GPTModel(config, vocab, positions, parallel_state=ps, make_vocab_size_divisible_by=8)
     load_hf_weights(model, hf_model, 8, ps)
     info = {"vocab_size": vocab, "max_position_embeddings": positions, "make_vocab_size_divisible_by": 8}
-    save_dist_checkpoint(directory, 5, [model], None, None, ps,
-                         extra={"model_config": config.to_dict(), "model_info": info}).wait()
+    extra = {"model_config": config.to_dict(), "model_info": info}
+    save_dist_checkpoint(directory, 5, [model], None, None, ps, extra={k: extra[k] for k in keys}).wait()
 
 
 def _generate_from(directory):
@@ -118,3 +118,23 @@ def test_torch_dist_checkpoint_generates_under_another_tp(tmp_path):
     ((source, tokens),) = run_distributed(_generate_from, 1, str(tmp_path), timeout=60)
     assert source == "torch_dist"
     assert tokens == [_hf_greedy(hf_model, p, NEW_TOKENS, None) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("keys", [("model_config",), ("model_info",)])
+def test_torch_dist_checkpoint_without_model_description_is_a_config_error(tmp_path, keys):
+    """A torch_dist checkpoint that lacks either record cannot rebuild the model: one ConfigError naming both."""
+    run_distributed(_save_dist, 1, tiny_hf_gpt2(), str(tmp_path), keys, timeout=60)
+    with pytest.raises(Exception, match="ConfigError: --load .* records no model_config/model_info"):
+        run_distributed(_generate_from, 1, str(tmp_path), timeout=60)
+
+
+def test_top_k_sampling_draws_only_from_the_k_largest_logits():
+    """Megatron-LM's top-k: every other logit is masked, so the draws cover exactly the k best ids."""
+    from megatron_core.inference.sampling import sample
+
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 400):  # one row (k larger than the batch) and many
+        logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0, 0.0]]).expand(batch, -1)
+        for k, best in ((3, {1, 2, 3}), (2, {1, 3})):
+            draws = [sample(logits, SamplingParams(temperature=1.0, top_k=k), g).tolist() for _ in range(400 // batch)]
+            assert set(sum(draws, [])) == best, (batch, k)

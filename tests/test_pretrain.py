@@ -46,6 +46,9 @@ def test_loss_falls_and_lines_follow_megatron(serial, capfd):
     assert result.losses == serial.losses  # the same run twice gives the same losses
     lines = [line for line in out.splitlines() if re.search(r"iteration +\d+/ +20 \|", line)]
     assert len(lines) == 4
+    # Megatron-LM's parameter count line, printed once by the first data-parallel rank.
+    assert len(re.findall(r"^ > number of parameters on \(tensor, pipeline\) model parallel rank \(0, 0\): \d+$",
+                          out, re.M)) == 1
     pattern = (r"^ \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration +20/ +20 \| consumed samples: +160 \| "
                r"elapsed time per iteration \(ms\): [\d.]+ \| throughput per rank: [\d.]+ tokens/s, [\d.]+ TFLOP/s \| "
                r"learning rate: \d\.\d{6}E[+-]\d\d \| global batch size: +8 \| lm loss: \d\.\d{6}E[+-]\d\d \| "
@@ -95,6 +98,7 @@ def test_demo_pipeline_runs_end_to_end(tmp_path, capfd):
     out = capfd.readouterr().out
     assert sorted(result.val_losses) == [0, 6] and result.saved_iterations == [6]
     assert "demo: validation lm loss" in out and "-> " in out
+    assert re.search(r"> demo: wrote \d+ standard-library modules \([\d.]+ MB\) to ", out)
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:  # without the package: one line, and training goes on
@@ -117,3 +121,98 @@ def test_demo_pipeline_runs_end_to_end(tmp_path, capfd):
     for d in (0, len(texts) // 2, len(texts) - 1):
         assert np.asarray(dataset[d]).tolist() == tokenizer.tokenize(texts[d]) + [tokenizer.eod], f"document {d}"
     assert all(math.isfinite(v) and 0 < v < 10 for v in result.losses + list(result.val_losses.values()))
+
+
+def _matmul_weights(preset):
+    """Elements of the 2-D weights a tiny model multiplies by: every matrix but the embedding tables
+    (a lookup, not a matmul); the output layer counts once, tied to the word embedding or not."""
+    from megatron_core import parallel_state
+    from megatron_core.models.gpt import GPTModel
+    from megatron_core.models.presets import gpt2_config, llama_config
+
+    make = gpt2_config if preset == "gpt2" else llama_config
+    extra = {} if preset == "gpt2" else dict(num_query_groups=2, ffn_hidden_size=48)
+    config = make(num_layers=2, hidden_size=32, num_attention_heads=4, **extra)
+    ps = parallel_state.initialize_model_parallel(1)
+    model = GPTModel(config, 128, 8, parallel_state=ps, make_vocab_size_divisible_by=64)
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embedding" not in name)
+    if config.share_embeddings_and_output_weights:
+        n += 128 * 32  # the output projection reuses the word embedding
+    return n, config.ffn_hidden_size, config.num_query_groups, config.kv_channels
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_flops_count_every_matmul_weight_of_the_model(preset):
+    # Megatron-LM's (and PaLM's) count: 6 FLOPs per weight per token forward + backward, plus
+    # 12 * layers * seq * (heads * kv_channels) per token for the attention scores and values.
+    from megatron_core.training.flops import flops_per_iteration
+
+    (n, ffn, groups, kv), = run_distributed(_matmul_weights, 1, preset, timeout=60)
+    per_token = 6 * n + 12 * 2 * 8 * 4 * kv
+    assert flops_per_iteration(3, 8, 2, 32, ffn, 4, kv, groups, preset == "llama", 128) == 3 * 8 * per_token
+
+
+def _seeded_streams():
+    import random
+
+    import numpy as np
+
+    from megatron_core import parallel_state
+    from megatron_core.training.pretrain import set_seeds
+
+    ps = parallel_state.initialize_model_parallel(1, 2)
+    set_seeds(7, parallel_state=ps)
+    return ps.pp_rank, random.random(), float(np.random.rand())
+
+
+def test_set_seeds_seeds_python_and_numpy_per_pipeline_stage():
+    # Megatron-LM's _set_random_seed: Python's and NumPy's global streams (which user data code may
+    # draw from) start at seed + 100 x pipeline rank.
+    import random
+
+    import numpy as np
+
+    for pp_rank, python_draw, numpy_draw in run_distributed(_seeded_streams, 2, timeout=60):
+        assert python_draw == random.Random(7 + 100 * pp_rank).random(), pp_rank
+        assert numpy_draw == np.random.RandomState(7 + 100 * pp_rank).rand(), pp_rank
+
+
+def test_log_line_numbers_are_the_intervals_means_and_rates():
+    # Three iterations of 8 samples (32 tokens, 3 TFLOP each) in 0.25 + 0.75 + 0 s on 2 ranks: 333.3 ms
+    # per iteration, 24 * 32 / 1 s / 2 = 384 tokens/s and 24 * 3 / 1 s / 2 = 36 TFLOP/s per rank; the
+    # loss is the mean over the iterations that advanced (the skipped one is counted, not averaged).
+    from megatron_core.training.config import LoggingConfig
+    from megatron_core.training.training_log import TrainingLog
+
+    printed = []
+    log = TrainingLog(LoggingConfig(log_interval=3), 6, printed.append, None, 3e12, 32, 2)
+    common = dict(grad_norm=1.5, num_zeros=None, learning_rate=1e-3, loss_scale=1.0, batch_size=8)
+    assert log.add(iteration=1, losses={"lm loss": 2.0}, skipped=False, consumed_samples=8, seconds=0.25,
+                   **common) is None
+    assert log.add(iteration=2, losses={"lm loss": 4.0}, skipped=False, consumed_samples=16, seconds=0.75,
+                   **common) is None
+    line = log.add(iteration=3, losses={"lm loss": 100.0}, skipped=True, consumed_samples=16, seconds=0.0,
+                   **common)
+    assert printed == [line]
+    assert re.search(r"iteration +3/ +6 \| consumed samples: +16 \| elapsed time per iteration \(ms\): 333\.3 \| "
+                     r"throughput per rank: 384\.0 tokens/s, 36\.0000 TFLOP/s \|", line), line
+    assert "| lm loss: 3.000000E+00 |" in line and "| grad norm: 1.500 |" in line
+    assert "number of skipped iterations:   1 | number of nan iterations:   0 |" in line
+    # The next interval starts from zero: a NaN loss is counted (not averaged), the last num zeros and
+    # loss scale are shown.
+    common.update(loss_scale=512.0)
+    log.add(iteration=4, losses={"lm loss": float("nan")}, skipped=False, consumed_samples=24, seconds=0.5,
+            **common)
+    log.add(iteration=5, losses={"lm loss": 6.0}, skipped=False, consumed_samples=32, seconds=0.5, **common)
+    line = log.add(iteration=6, losses={"lm loss": 8.0}, skipped=False, consumed_samples=40, seconds=0.5,
+                   **dict(common, num_zeros=3))
+    assert re.search(r"elapsed time per iteration \(ms\): 500\.0 \| throughput per rank: 256\.0 tokens/s, "
+                     r"24\.0000 TFLOP/s \|", line), line
+    assert "| lm loss: 7.000000E+00 | loss scale: 512.0 | grad norm: 1.500 | num zeros: 3 |" in line, line
+    assert "number of skipped iterations:   0 | number of nan iterations:   1 |" in line
+    # One iteration per line: its own time and loss; an extra part goes at the end.
+    log = TrainingLog(LoggingConfig(log_interval=1), 6, None, None, 3e12, 32, 1)
+    line = log.add(iteration=1, losses={"lm loss": 1.5}, skipped=False, consumed_samples=8, seconds=0.25,
+                   extra=lambda: "mem 1 GB", **common)
+    assert "elapsed time per iteration (ms): 250.0 |" in line and "| lm loss: 1.500000E+00 |" in line
+    assert line.endswith("number of nan iterations:   0 | mem 1 GB"), line

@@ -78,3 +78,16 @@ def test_resume_under_another_vocabulary_padding(tmp_path, capfd):
     exact = _logged(run_distributed(_train, 2, tp2 + ["--make-vocab-size-divisible-by", "64"], timeout=240))
     assert "the vocabulary is padded" not in capfd.readouterr().out
     assert_rel_close(torch.tensor(exact.losses), torch.tensor(whole.losses[4:]), what="losses after the resume")
+
+
+def test_no_load_optim_under_the_distributed_optimizer_starts_from_the_loaded_weights(tmp_path):
+    """--no-load-optim: the distributed optimizer's fp32 main shard must follow the loaded weights (not
+    keep the initialisation), so training continues exactly as under the plain optimizer (DP 1, fp32)."""
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_train, 1, ARGS + ["--use-distributed-optimizer", "--save", ckpt, "--exit-interval", "4"],
+                    timeout=120)
+    resume = ARGS + ["--load", ckpt, "--no-load-optim", "--exit-interval", "6"]
+    plain = _logged(run_distributed(_train, 1, resume, timeout=120))
+    sharded = _logged(run_distributed(_train, 1, resume + ["--use-distributed-optimizer"], timeout=120))
+    assert plain.loaded_iteration == sharded.loaded_iteration == 4 and len(sharded.losses) == 2
+    assert_rel_close(torch.tensor(sharded.losses), torch.tensor(plain.losses), 1e-5, "losses after --no-load-optim")

@@ -85,3 +85,34 @@ def test_bad_flags_are_one_line_errors(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--load" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_sampling_flags_default_to_megatrons_whole_vocabulary_sampling():
+    from megatron_core.inference import SamplingParams
+    from megatron_core.inference.text_generation_cli import build_parser, sampling_from_args
+
+    args = build_parser().parse_args(["--load", "x", "--prompt", "hi"])
+    assert sampling_from_args(args) == SamplingParams(temperature=1.0, top_k=0, top_p=0.0, seed=1234)
+    args = build_parser().parse_args(["--load", "x", "--prompt", "hi", "--top_k", "5", "--temperature", "0.5",
+                                      "--seed", "3"])
+    assert sampling_from_args(args) == SamplingParams(temperature=0.5, top_k=5, top_p=0.0, seed=3)
+
+
+def _report_after_initialization():
+    from megatron_core import parallel_state
+    from megatron_core.errors import ConfigError
+    from megatron_core.inference.text_generation_cli import report_error
+    from megatron_core.training.initialize import initialize_distributed
+
+    context = initialize_distributed("gloo", timeout_minutes=1)
+    parallel_state.initialize_model_parallel(1)
+    before = parallel_state.model_parallel_is_initialized()
+    report_error("run_text_generation.py", ConfigError("--load x: bad"), context)
+    return before, parallel_state.model_parallel_is_initialized()
+
+
+def test_an_error_after_initialization_tears_the_model_parallel_groups_down(capfd):
+    from harness import run_distributed
+
+    assert run_distributed(_report_after_initialization, 1, timeout=60) == [(True, False)]
+    assert "run_text_generation.py: error: --load x: bad" in capfd.readouterr().err

@@ -81,6 +81,8 @@ def test_server_answers_concurrent_requests_under_tp2(tmp_path):
         assert status == 400 and "tokens_to_generate" in answer["error"]
         status, answer = _put(port, {"prompts": ["x" * 4], "tokens_to_generate": 40})
         assert status == 400 and "--max-position-embeddings" in answer["error"]
+        status, answer = _put(port, {"prompts": ["x"], "tokens_to_generate": 2, "top_p": 1.5})
+        assert status == 400 and "--top_p must be in [0, 1], got 1.5" in answer["error"], answer
         status, answer = _put(port, {"prompts": ["the"], "tokens_to_generate": 2})  # still serving after errors
         assert status == 200 and len(answer["tokens"][0]) <= len(tok.encode("the").ids) + 2
     finally:

@@ -9,7 +9,8 @@ import pickle
 import pytest
 
 from megatron_core.tokenizer import NullTokenizer, build_tokenizer, train_tokenizer, vocab_size_with_padding
-from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
+from megatron_core.tokenizer.base import NO_TOKEN
+from megatron_core.tokenizer.train_tokenizer import iter_training_lines, train_sentencepiece
 
 SAMPLES = (
     "def f(x):\n    return x + 1\n",
@@ -59,7 +60,21 @@ def test_sentencepiece_round_trip_and_specials(spm_model):
     assert clone.tokenize(SAMPLES[2]) == tok.tokenize(SAMPLES[2])
 
 
-def test_train_from_jsonl_unigram_and_cli(tmp_path, corpus_file):
+@pytest.mark.parametrize("unk, bos, eos, pad", [(1, -1, 0, -1), (1, 0, 2, 3), (1, 2, 3, 0)])
+def test_sentencepiece_special_ids_at_zero(tmp_path, unk, bos, eos, pad):
+    # Id 0 is a real id: a model whose eos, bos or pad piece is 0 keeps it (-1 alone means "none").
+    import sentencepiece
+
+    prefix = str(tmp_path / "ids")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(stdlib_text(4000).splitlines()), model_prefix=prefix, vocab_size=400,
+        byte_fallback=True, unk_id=unk, bos_id=bos, eos_id=eos, pad_id=pad, minloglevel=2, num_threads=1)
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=prefix + ".model")
+    as_id = lambda i: NO_TOKEN if i < 0 else i  # noqa: E731
+    assert (tok.eod, tok.bos, tok.pad) == (eos, as_id(bos), as_id(pad))
+
+
+def test_train_from_jsonl_unigram_and_cli(tmp_path, corpus_file, capsys):
     text = open(corpus_file, encoding="utf-8").read()
     jsonl = tmp_path / "docs.jsonl"
     with open(jsonl, "w", encoding="utf-8") as f:
@@ -71,6 +86,19 @@ def test_train_from_jsonl_unigram_and_cli(tmp_path, corpus_file):
     assert tok.detokenize(tok.tokenize(SAMPLES[2])) == SAMPLES[2]
     rc = train_tokenizer.main(["--input", corpus_file, "--vocab-size", "400", "--model-prefix", str(tmp_path / "cli")])
     assert rc == 0 and os.path.isfile(tmp_path / "cli.model")
+    assert capsys.readouterr().err.endswith(f"wrote {tmp_path / 'cli'}.model\n")
+
+
+def test_training_lines_of_jsonl_and_text(tmp_path):
+    # By suffix ("auto"), a .jsonl file gives its documents' lines and a .txt file its own lines;
+    # --input-format json/text overrides the suffix.
+    jsonl, txt = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    jsonl.write_text(json.dumps({"text": "one\ntwo"}) + "\n\n" + json.dumps({"text": "three"}) + "\n")
+    txt.write_text('{"text": "x"}\n\nplain\n')
+    assert list(iter_training_lines([str(jsonl)])) == ["one", "two", "three"]
+    assert list(iter_training_lines([str(txt)])) == ['{"text": "x"}', "plain"]
+    assert list(iter_training_lines([str(txt)], input_format="json")) == ["x"]
+    assert list(iter_training_lines([str(jsonl)], input_format="text"))[0] == json.dumps({"text": "one\ntwo"})
 
 
 def test_train_vocab_too_small_is_a_clear_error(tmp_path, corpus_file):
@@ -115,6 +143,15 @@ def test_gpt2_bpe_missing_endoftext(tmp_path):
         build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
 
 
+def test_gpt2_bpe_missing_merge_file_names_the_flag(tmp_path):
+    # A real vocab.json next to a merges path that does not exist: the error names --merge-file
+    # rather than whatever the tokenizers library says about the missing file.
+    _, vocab, _ = _train_byte_level_bpe(tmp_path)
+    missing = str(tmp_path / "no_such_merges.txt")
+    with pytest.raises(ValueError, match=f"merge file .*not found: {missing!r}; pass --merge-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=missing)
+
+
 def _save_hf_tokenizer_json(path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -140,6 +177,28 @@ def test_huggingface_tokenizer_from_file_and_dir(tmp_path):
     # A tokenizer_config.json beside it decides which token is eos.
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<pad>"}}))
     assert build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path)).eod == reference.token_to_id("<pad>")
+
+
+def test_huggingface_transformers_directory_without_tokenizer_json(tmp_path):
+    # A saved GPT-2 tokenizer directory with tokenizer_config.json, vocab.json and merges.txt but no
+    # tokenizer.json (as transformers 4 wrote slow tokenizers) is loaded through transformers; ids
+    # and specials are the saved tokenizer's.
+    import shutil
+
+    from transformers import GPT2Tokenizer
+
+    _, vocab, merges = _train_byte_level_bpe(tmp_path)
+    slow = GPT2Tokenizer(vocab, merges)
+    saved = tmp_path / "saved"
+    slow.save_pretrained(str(saved))
+    if os.path.exists(saved / "tokenizer.json"):  # transformers 5 writes one, and no vocab.json
+        os.remove(saved / "tokenizer.json")
+    shutil.copy(vocab, saved)
+    shutil.copy(merges, saved)
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(saved))
+    assert (tok.eod, tok.bos, tok.pad) == (slow.eos_token_id, slow.bos_token_id, NO_TOKEN)
+    assert tok.vocab_size == len(slow)
+    assert tok.tokenize(SAMPLES[0]) == slow.encode(SAMPLES[0])
 
 
 def test_huggingface_never_downloads(tmp_path):
