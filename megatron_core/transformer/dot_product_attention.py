@@ -37,10 +37,12 @@ class _CausalBlockAttention(torch.autograd.Function):
     probabilities are exactly 0, are never computed (products, softmax and dropout over (C+1)/2C of
     the s x s scores for C blocks). Scale and causal mask ride in the score product (``baddbmm``);
     ``band`` is :meth:`DotProductAttention._causal_band`.
-    Backward writes dq per block and accumulates dk, dv over the key prefixes in place (``baddbmm_``
-    on their slices, the scale as its alpha): autograd over the same forward would zero-fill a
-    full-size gradient per key prefix and add them, cat the query blocks' gradients and scale them in
-    separate passes. With dropout (keep mask m, keep scale c, probabilities P, dropped D = c m P), the
+    Backward computes dq per block and accumulates dk, dv over the key prefixes: autograd over the
+    same forward would zero-fill a full-size gradient per key prefix and add them. Its products write
+    contiguous tensors (batched GEMMs; see ``backward``): the gradients leave in [b*n, s, d] order,
+    not in q's strides (bench_mfu step at 2 threads 375-411 vs 380-421 ms with in-place ``baddbmm_``
+    into q-strided slices, alternated in one process, three runs; level at 1 thread). With dropout
+    (keep mask m, keep scale c, probabilities P, dropped D = c m P), the
     softmax and dropout backward of dL/dD = G is ``G D - P rowsum(G D)``: ``P (c m G - rowsum(P c m
     G))`` with ``P c m = D`` (the identity FlashAttention's backward uses, Dao et al. 2022, alg. 4), so
     the mask is not kept for backward and its uint8-to-float pass is skipped there (on [32, 256, 64],
@@ -75,15 +77,18 @@ class _CausalBlockAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         q, k, v, *saved = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         blocks = causal_blocks(q.shape[1])
-        # The last block covers every key: it writes dk, dv whole (beta 0), the others add to prefixes.
+        dk = dv = None
+        dq_blocks = []
+        # Last block first: it covers every key, so its products are dk, dv whole; the others add to
+        # their key prefixes. Every product writes a fresh contiguous tensor (one batched GEMM): an
+        # in-place baddbmm_ into a slice, or into a tensor in q's [s, b, n, d] strides, is not
+        # contiguous, and ATen then runs one small GEMM per batch entry (32 addmm_ per product here).
         for i in reversed(range(len(blocks))):
             start, end = blocks[i]
             probs, dropped = saved[2 * i], saved[2 * i + 1]
             grad = grad_output[:, start:end]
-            beta = 0.0 if i == len(blocks) - 1 else 1.0
-            dv[:, :end].baddbmm_(dropped.transpose(1, 2), grad, beta=beta)
+            grad_v = torch.bmm(dropped.transpose(1, 2), grad)
             grad_dropped = torch.bmm(grad, v[:, :end].transpose(1, 2)).to(probs.dtype)
             if ctx.dropout:
                 grad_scores = grad_dropped.mul_(dropped)
@@ -91,8 +96,14 @@ class _CausalBlockAttention(torch.autograd.Function):
             else:
                 grad_scores = torch._softmax_backward_data(grad_dropped, probs, -1, probs.dtype)
             grad_scores = grad_scores.to(q.dtype)
-            dq[:, start:end].baddbmm_(grad_scores, k[:, :end], beta=0.0, alpha=ctx.scale)
-            dk[:, :end].baddbmm_(grad_scores.transpose(1, 2), q[:, start:end], beta=beta, alpha=ctx.scale)
+            dq_blocks.append(torch.bmm(grad_scores, k[:, :end]).mul_(ctx.scale))
+            grad_k = torch.bmm(grad_scores.transpose(1, 2), q[:, start:end])
+            if dk is None or dv is None:
+                dk, dv = grad_k.mul_(ctx.scale), grad_v
+            else:
+                dk[:, :end].add_(grad_k, alpha=ctx.scale)
+                dv[:, :end].add_(grad_v)
+        dq = dq_blocks[0] if len(dq_blocks) == 1 else torch.cat(dq_blocks[::-1], dim=1)
         return dq, dk, dv, None, None, None, None
 
 
