@@ -257,3 +257,25 @@ def test_fp16_dynamic_loss_scale_is_restored(tmp_path):
     ((fresh, saved, loaded),) = run_distributed(_fp16_scale_round_trip, 1, str(tmp_path), timeout=60)
     assert fresh == 2.0**8 and saved == 2.0**10
     assert loaded == saved
+
+
+def _cross_precision_load(directory):
+    fp16 = ds_config(1, 1, 0, fp16={"enabled": True, "initial_scale_power": 8})
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=fp16)
+    run_steps("mlp", engine, 0, 2)
+    engine.save_checkpoint(directory)
+    engine.parallel_state.destroy()
+    weights, _ = consolidate_state_dict(directory)  # the fp32 main parameters, not their fp16 copies
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))  # fp32: no scaler
+    engine.load_checkpoint(directory)
+    loaded = {k: v.detach().float() for k, v in engine.module.state_dict().items()}
+    scaler = engine.optimizer.grad_scaler
+    engine.parallel_state.destroy()
+    return scaler, {k: torch.equal(weights[k], loaded[k]) for k in weights}
+
+
+def test_an_fp16_checkpoint_loads_into_an_fp32_engine(tmp_path):
+    """A run resumed without fp16 takes the checkpoint's fp32 main parameters as its weights and has no loss
+    scaler to fill: the checkpoint's scaler state is left aside, not loaded into a scaler that does not exist."""
+    ((scaler, same),) = run_distributed(_cross_precision_load, 1, str(tmp_path), timeout=60)
+    assert scaler is None and same and all(same.values()), same
