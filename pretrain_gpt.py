@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import device
-from megatron_core.errors import record_for_launcher
+from megatron_core.errors import report_line
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training.arguments import config_from_args, parse_args
@@ -175,11 +175,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # ConfigError and the libraries' own argument checks
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        line = f"error: {exc}" if isinstance(exc, ConfigError) else \
-            f"error: {exc} (set {TRACEBACK_ENV}=1 for the traceback)"
-        record_for_launcher(line)  # torchrun's failure report then ends with it
-        if not isinstance(exc, ConfigError) or rank_from_env() == 0:  # a ConfigError is every rank's: say it once
-            print(line, file=sys.stderr, flush=True)
+        if isinstance(exc, ConfigError):
+            report_line(f"error: {exc}", rank_from_env())
+        else:  # a library's own check may fail on one rank only
+            report_line(f"error: {exc} (set {TRACEBACK_ENV}=1 for the traceback)", rank_from_env(), every_rank=True)
         return 130 if interrupted else 2
     except Exception:
         # After Ctrl-C a rank blocked in a collective sees its peer's connection close: not a crash to show.
@@ -201,11 +200,8 @@ def _record_ctrl_c() -> list[int]:
 
 
 def _interrupted() -> int:
-    line = ("error: interrupted (Ctrl-C); the checkpoints already saved are complete (a save in progress is "
-            "discarded); SIGTERM instead stops after the current iteration and saves one")
-    record_for_launcher(line)
-    if rank_from_env() == 0:
-        print(line, file=sys.stderr, flush=True)
+    report_line("error: interrupted (Ctrl-C); the checkpoints already saved are complete (a save in progress is "
+                "discarded); SIGTERM instead stops after the current iteration and saves one", rank_from_env())
     return 130  # 128 + SIGINT, as a shell reports it
 
 

@@ -34,6 +34,14 @@ def record_for_launcher(line: str) -> None:
         pass  # the launcher's report is a courtesy: the error line itself is already printed
 
 
+def report_line(line: str, rank: int, every_rank: bool = False) -> None:
+    """An entry point's one-line error: printed on stderr by rank 0 only (every rank reaches the same
+    verdict) unless ``every_rank``, and handed to torchrun by every rank (:func:`record_for_launcher`)."""
+    record_for_launcher(line)
+    if every_rank or rank == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
 def report_uncaught_config_errors() -> None:
     """Let a user's own script (one that calls ``megatron_core.initialize``) end on a ConfigError it does
     not catch with one ``error:`` line on rank 0 instead of a traceback through this library; any other
@@ -46,9 +54,7 @@ def report_uncaught_config_errors() -> None:
         if not isinstance(value, ConfigError):
             previous(kind, value, tb)
             return
-        record_for_launcher(f"error: {value}")
-        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
-            print(f"error: {value}", file=sys.stderr, flush=True)
+        report_line(f"error: {value}", int(os.environ.get("RANK", "0")))
 
     report.reports_config_errors = True  # type: ignore[attr-defined]
     sys.excepthook = report

@@ -3,6 +3,7 @@
 Items 2 (``--load`` at the wrong path), 6 (truncated files), 7 (deleted shard, bad tracker, pickles),
 8 (``--save`` location, full disk, leftovers) and 12 (a second SIGTERM).
 """
+import contextlib
 import os
 import pickle
 import resource
@@ -166,27 +167,43 @@ def test_leftovers_of_killed_saves_are_removed_at_the_next_save(tmp_path, fmt):
     assert sorted(os.listdir(ckpt)) == ["iter_0000002", io.TRACKER_FILENAME]
 
 
-# ---- 12. a second SIGTERM ----------------------------------------------------------------------------------
+# ---- 12. signals to a running pretrain_gpt.py ---------------------------------------------------------------
+@contextlib.contextmanager
+def _training_until(argv, iteration, new_session=False):
+    """A real ``pretrain_gpt.py`` process, read until it logs ``iteration``: yields ``(proc, seen)`` (the
+    lines read so far). The process (its group with ``new_session``) is killed on the way out if still
+    running, so a failing test leaves no training behind."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if f"iteration {iteration:>8}/" in line:
+                break
+        yield proc, seen
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                (os.killpg if new_session else os.kill)(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+
+
 def test_a_second_sigterm_after_the_save_still_exits_cleanly(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     argv = TINY + ["--save", ckpt, "--train-iters", "100000", "--eval-iters", "0"]
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "iteration        3/" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    for line in proc.stdout:
-        seen.append(line)
-        if "successfully saved checkpoint" in line:
-            break
-    while proc.poll() is None:  # the scheduler repeats its notice until the process is gone
+    with _training_until(argv, 3) as (proc, seen):
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.005)
-    out = "".join(seen) + proc.stdout.read()
+        for line in proc.stdout:
+            seen.append(line)
+            if "successfully saved checkpoint" in line:
+                break
+        while proc.poll() is None:  # the scheduler repeats its notice until the process is gone
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.005)
+        out = "".join(seen) + proc.stdout.read()
     assert proc.returncode == 0, out[-2000:]
     assert "successfully saved checkpoint" in out
 
@@ -223,18 +240,11 @@ def test_ctrl_c_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path
 
 def test_ctrl_c_during_training_is_one_line_not_a_traceback(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     argv = TINY + ["--save", ckpt, "--save-interval", "2", "--train-iters", "100000", "--eval-iters", "0"]
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "iteration        5/" in line:
-            break
-    proc.send_signal(signal.SIGINT)
-    out = "".join(seen) + proc.stdout.read()
-    proc.wait(timeout=60)
+    with _training_until(argv, 5) as (proc, seen):
+        proc.send_signal(signal.SIGINT)
+        out = "".join(seen) + proc.stdout.read()
+        proc.wait(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: interrupted (Ctrl-C)"), out[-3000:]
@@ -247,19 +257,12 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
     """Slurm and torchrun signal the whole process group, DataLoader workers included (--num-workers 2,
     Megatron-LM's default): the run must still finish its iteration, save and exit 0."""
     ckpt = str(tmp_path / "ckpt")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     argv = _without(TINY, "--num-workers") + ["--num-workers", "2", "--save", ckpt, "--train-iters", "100000",
                                               "--eval-iters", "0"]
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "iteration        3/" in line:
-            break
-    os.killpg(proc.pid, signal.SIGTERM)
-    out = "".join(seen) + proc.stdout.read()
-    proc.wait(timeout=60)
+    with _training_until(argv, 3, new_session=True) as (proc, seen):
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = "".join(seen) + proc.stdout.read()
+        proc.wait(timeout=60)
     assert proc.returncode == 0 and "successfully saved checkpoint" in out, out[-3000:]
     assert "DataLoader worker" not in out and "Traceback" not in out, out[-3000:]
     assert io.read_tracker(ckpt) >= 3

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
-from megatron_core.errors import ConfigError, record_for_launcher
+from megatron_core.errors import ConfigError, report_line
 from megatron_core.inference.generation import GenerationOutput, generate
 from megatron_core.inference.loading import LoadedModel, build_inference_model, inference_tokenizer
 from megatron_core.inference.sampling import SamplingParams
@@ -113,9 +112,7 @@ def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
 
 def report_error(tool: str, exc: ConfigError, context: Any) -> None:
     """``TOOL: error: message`` once (rank 0: every rank reaches the same verdict); the group is torn down."""
-    record_for_launcher(f"{tool}: error: {exc}")
-    if rank_from_env() == 0:
-        print(f"{tool}: error: {exc}", file=sys.stderr, flush=True)
+    report_line(f"{tool}: error: {exc}", rank_from_env())
     if context is not None:
         destroy_model_parallel()
         shutdown(context)
