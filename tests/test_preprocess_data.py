@@ -112,6 +112,8 @@ def test_bad_lines_are_skipped_with_line_numbers(tmp_path, spm_model, capsys):
     err = capsys.readouterr().err
     assert "in.jsonl:3:" in err and "invalid JSON" in err
     assert "in.jsonl:5:" in err and "missing key 'text'" in err
+    assert "Skipped 2 bad line(s)." in err.splitlines()
+    assert f"Wrote {tmp_path / 'out' / 'data_text_document'}.bin/.idx ({len(docs)} documents," in err
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
     dataset = IndexedDataset(str(tmp_path / "out" / "data_text_document"))
     assert [dataset[i].tolist() for i in range(len(dataset))] == [tok.tokenize(d["text"]) for d in docs]
@@ -200,14 +202,19 @@ PROGRESS = re.compile(r"Processed (\d+) documents \(([\d.]+) docs/s, ([\d.]+) MB
 
 
 def test_progress_lines_count_documents_and_agree_on_the_rate(tmp_path, spm_model, capsys):
-    """With --log-interval 10 over 25 documents: lines at 10 and 20, then the final one at 25. Both rates
+    """The summary line counts the documents and tokens written. With --log-interval 10 over 25
+    documents, progress lines at 10 and 20, then the final one at 25. Both rates
     share one elapsed time, so MB/s must equal docs/s x (bytes read so far / documents) / 2**20 (MiB,
     as Megatron-LM's preprocess_data.py), up to the printed rounding."""
     docs = [{"text": f"document {i} " + "alpha beta gamma delta " * (40 + 7 * i)} for i in range(25)]
     write_jsonl(tmp_path / "in.jsonl", docs)
     line_bytes = [len(line) for line in (tmp_path / "in.jsonl").read_bytes().splitlines(keepends=True)]
     assert run_main(tmp_path, spm_model, "--log-interval", "10") == 0
-    progress = [PROGRESS.fullmatch(line) for line in capsys.readouterr().err.splitlines() if "Processed" in line]
+    err = capsys.readouterr().err
+    prefix = tmp_path / "out" / "data_text_document"
+    tokens = sum(IndexedDataset(str(prefix)).sequence_lengths)
+    assert f"Wrote {prefix}.bin/.idx (25 documents, {tokens} tokens)" in err.splitlines(), err
+    progress = [PROGRESS.fullmatch(line) for line in err.splitlines() if "Processed" in line]
     assert all(progress), progress
     counts = [int(m[1]) for m in progress]
     assert counts == [10, 20, 25], counts
