@@ -40,7 +40,10 @@ logger = logging.getLogger(__name__)
 SLOT_BYTES = 4 << 20  # per rank and set: an all-reduce moves pieces of this size (4 MiB)
 MAX_RANKS = 16  # a larger group reads N slots per piece on every rank: leave it to gloo's ring
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> _ShmGroup, or None for gloo
+# group -> _ShmGroup, or None for gloo. Module level, as the only place reachable from a bare group:
+# callers (autograd contexts, DDP buckets, comm_log) hold a ProcessGroup, not a ParallelState, and a
+# ProcessGroup takes no attributes. Weak keys: an entry, and its mapping, lives as long as its group.
+_groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Done:
@@ -65,14 +68,16 @@ def _machine_id() -> str:
 class _ShmGroup:
     """One group's shared segment: 2 sets x N slots of ``SLOT_BYTES``, and the synchronisation tensor."""
 
-    def __init__(self, group: Any, buffer: mmap.mmap, size: int, rank: int) -> None:
-        self.group, self.size, self.rank = group, size, rank
+    def __init__(self, buffer: mmap.mmap, size: int, rank: int) -> None:
+        # No reference to the group: it is this object's key in ``_groups``, a weak one, and a strong
+        # reference from here would keep every destroyed group and its mapping alive for good.
+        self.size, self.rank = size, rank
         self.buffer = buffer  # kept referenced: the tensor below views its memory
         self.segment = torch.frombuffer(buffer, dtype=torch.uint8)
         self.sync = torch.zeros(1)
         self.op = 0
 
-    def all_reduce_(self, tensor: torch.Tensor) -> None:
+    def all_reduce_(self, tensor: torch.Tensor, group: Any) -> None:
         flat = tensor.view(-1)
         per_slot = SLOT_BYTES // tensor.element_size()
         for start in range(0, flat.numel(), per_slot):
@@ -82,7 +87,7 @@ class _ShmGroup:
             self.op += 1
             slots = self.segment[first:first + self.size * SLOT_BYTES].view(tensor.dtype).view(self.size, per_slot)
             slots[self.rank, :n].copy_(piece)
-            dist.all_reduce(self.sync, group=self.group)
+            dist.all_reduce(self.sync, group=group)
             torch.add(slots[0, :n], slots[1, :n], out=piece)
             for i in range(2, self.size):
                 piece.add_(slots[i, :n])
@@ -127,7 +132,7 @@ def _create(group: Any) -> _ShmGroup | None:
             mapped.close()
         return None
     assert mapped is not None
-    return _ShmGroup(group, mapped, size, rank)
+    return _ShmGroup(mapped, size, rank)
 
 
 def enabled() -> bool:
@@ -148,7 +153,7 @@ def try_all_reduce(tensor: torch.Tensor, group: Any) -> bool:
     shm = _groups[pg]
     if shm is None:
         return False
-    shm.all_reduce_(tensor)
+    shm.all_reduce_(tensor, pg)
     return True
 
 

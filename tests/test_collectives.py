@@ -122,3 +122,32 @@ def test_shared_memory_needs_one_machine_and_can_be_disabled(monkeypatch):
     assert run_distributed(_shm_fallback, 2, True, timeout=60) == [(False, True)] * 2
     monkeypatch.setenv("MCORE_SHM_COLLECTIVES", "0")
     assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(False, True)] * 2
+
+
+def _mappings_after_destroy() -> list[tuple[int, int]]:
+    import gc
+
+    from megatron_core import shm_collectives
+    from megatron_core.parallel_state import ParallelState
+
+    def mapped() -> int:
+        with open("/proc/self/maps") as f:
+            return sum("mcore-allreduce-" in line for line in f)
+
+    counts = []
+    for _ in range(3):
+        ps = ParallelState(2, 1)
+        shm_collectives.all_reduce(torch.ones(4), ps.tp_group)
+        alive = mapped()
+        ps.destroy()
+        del ps
+        gc.collect()
+        counts.append((alive, mapped()))
+    return counts
+
+
+def test_a_destroyed_group_releases_its_shared_segment():
+    """Each TP group maps 2 x 2 x 4 MiB; once the ParallelState is destroyed and dropped, the mapping
+    goes with it (the cache is keyed weakly by the group, and nothing else may hold the group)."""
+    for counts in run_distributed(_mappings_after_destroy, 2, timeout=60):
+        assert counts == [(1, 0)] * 3, counts

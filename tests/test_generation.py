@@ -138,3 +138,34 @@ def test_top_k_sampling_draws_only_from_the_k_largest_logits():
         for k, best in ((3, {1, 2, 3}), (2, {1, 3})):
             draws = [sample(logits, SamplingParams(temperature=1.0, top_k=k), g).tolist() for _ in range(400 // batch)]
             assert set(sum(draws, [])) == best, (batch, k)
+
+
+def _forward_counts(hf_model, prompts, eod):
+    """(GenerationOutput, number of model forwards) of one greedy KV-cached run at TP 1."""
+    ps = parallel_state.initialize_model_parallel(1)
+    config, vocab, positions = core_config_of(hf_model)
+    model = GPTModel(config, vocab, positions, parallel_state=ps, make_vocab_size_divisible_by=8)
+    load_hf_weights(model, hf_model, 8, ps)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    out = generate(model, prompts, NEW_TOKENS, eod_id=eod, vocab_size=vocab, parallel_state=ps)
+    return out, len(calls)
+
+
+def test_generation_stops_once_every_sequence_is_finished():
+    """The loop ends at the step where the last sequence reaches EOD or its own token budget, not after
+    longest prompt + max_new_tokens: one forward when the only prompt stops at its first new token, and
+    with a short prompt (budget spent at step 10) beside a long one that stops at once, 10 forwards not 14."""
+    hf_model = tiny_hf_gpt2()
+    short, long_ = PROMPTS[0], PROMPTS[1]
+    free_long = _hf_greedy(hf_model, long_, NEW_TOKENS, None)
+    eod = free_long[len(long_)]  # the long prompt's first greedy token
+    free_short = _hf_greedy(hf_model, short, NEW_TOKENS, None)
+    assert eod not in free_short[len(short):], "pick prompts whose short continuation avoids this EOD"
+    (alone, alone_calls), = run_distributed(_forward_counts, 1, hf_model, [long_], eod, timeout=60)
+    assert alone.generated == [1] and alone_calls == 1, (alone.generated, alone_calls)
+    (both, calls), = run_distributed(_forward_counts, 1, hf_model, [short, long_], eod, timeout=60)
+    assert both.generated == [NEW_TOKENS, 1], both.generated
+    assert both.tokens == [free_short, free_long[:len(long_) + 1]]
+    # Positions 3..12: the short prompt spends its budget at 12, the long one stopped at 7; 14 without the stop.
+    assert calls == NEW_TOKENS, f"{calls} forwards: the loop ran past the step where the last sequence finished"

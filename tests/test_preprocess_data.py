@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -111,6 +112,8 @@ def test_bad_lines_are_skipped_with_line_numbers(tmp_path, spm_model, capsys):
     err = capsys.readouterr().err
     assert "in.jsonl:3:" in err and "invalid JSON" in err
     assert "in.jsonl:5:" in err and "missing key 'text'" in err
+    assert "Skipped 2 bad line(s)." in err.splitlines()
+    assert f"Wrote {tmp_path / 'out' / 'data_text_document'}.bin/.idx ({len(docs)} documents," in err
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
     dataset = IndexedDataset(str(tmp_path / "out" / "data_text_document"))
     assert [dataset[i].tolist() for i in range(len(dataset))] == [tok.tokenize(d["text"]) for d in docs]
@@ -193,3 +196,32 @@ def test_megatron_flags_are_accepted_or_refused_with_the_reason(tmp_path, capsys
             preprocess_data.main(common + flag)
         error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert info.value.code == 2 and len(error_lines) == 1 and needle in error_lines[0], error_lines
+
+
+PROGRESS = re.compile(r"Processed (\d+) documents \(([\d.]+) docs/s, ([\d.]+) MB/s\)\.")
+
+
+def test_progress_lines_count_documents_and_agree_on_the_rate(tmp_path, spm_model, capsys):
+    """The summary line counts the documents and tokens written. With --log-interval 10 over 25
+    documents, progress lines at 10 and 20, then the final one at 25. Both rates
+    share one elapsed time, so MB/s must equal docs/s x (bytes read so far / documents) / 2**20 (MiB,
+    as Megatron-LM's preprocess_data.py), up to the printed rounding."""
+    docs = [{"text": f"document {i} " + "alpha beta gamma delta " * (40 + 7 * i)} for i in range(25)]
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    line_bytes = [len(line) for line in (tmp_path / "in.jsonl").read_bytes().splitlines(keepends=True)]
+    assert run_main(tmp_path, spm_model, "--log-interval", "10") == 0
+    err = capsys.readouterr().err
+    prefix = tmp_path / "out" / "data_text_document"
+    tokens = sum(IndexedDataset(str(prefix)).sequence_lengths)
+    assert f"Wrote {prefix}.bin/.idx (25 documents, {tokens} tokens)" in err.splitlines(), err
+    progress = [PROGRESS.fullmatch(line) for line in err.splitlines() if "Processed" in line]
+    assert all(progress), progress
+    counts = [int(m[1]) for m in progress]
+    assert counts == [10, 20, 25], counts
+    for m, count in zip(progress, counts, strict=True):
+        docs_rate, mb_rate = float(m[2]), float(m[3])
+        assert docs_rate > 0 and mb_rate > 0
+        expected = docs_rate * sum(line_bytes[:count]) / count / 2 ** 20
+        # docs/s is printed to 0.05 (relative 0.05 / docs_rate), MB/s to 0.005.
+        slack = expected * 0.05 / docs_rate + 0.005 + 1e-9
+        assert abs(mb_rate - expected) <= slack, (m[0], expected)

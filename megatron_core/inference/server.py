@@ -25,14 +25,18 @@ from megatron_core.inference.text_generation_cli import (
     sampling_from_args,
     setup,
 )
-from megatron_core.parallel_state import destroy_model_parallel
 from megatron_core.training.initialize import initialize_distributed, shutdown
 
 _STOP = "stop"
 
 
 def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, SamplingParams]:
-    """``(prompts, tokens_to_generate, sampling)`` from a request body; ConfigError naming the bad field."""
+    """``(prompts, tokens_to_generate, sampling)`` from a request body; ConfigError naming the bad field.
+
+    Only the body's shape and types are checked here: the sampling ranges and the length limit are
+    checked once, by :func:`generate` on every rank before its first collective; every rank rejects the
+    request alike and rank 0 answers HTTP 400 with the message.
+    """
     if not isinstance(body, dict):
         raise ConfigError("the request body must be a JSON object with 'prompts' and 'tokens_to_generate'")
     prompts = body.get("prompts")
@@ -51,7 +55,6 @@ def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, 
                                 int(body.get("random_seed", defaults.seed)))
     except (TypeError, ValueError):
         raise ConfigError("'temperature'/'top_p' must be numbers, 'top_k'/'random_seed' integers") from None
-    params.validate()
     return prompts, tokens, params
 
 
@@ -135,6 +138,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if gen.parallel_state.rank == 0 and gen.parallel_state.world_size > 1:
             _broadcast((_STOP,))
-    destroy_model_parallel()
-    shutdown(context)
+    shutdown(context)  # also destroys the model-parallel groups
     return 0

@@ -23,7 +23,7 @@ from megatron_core.errors import ConfigError, report_line
 from megatron_core.inference.generation import GenerationOutput, generate
 from megatron_core.inference.loading import LoadedModel, build_inference_model, inference_tokenizer
 from megatron_core.inference.sampling import SamplingParams
-from megatron_core.parallel_state import ParallelState, destroy_model_parallel, initialize_model_parallel
+from megatron_core.parallel_state import ParallelState, initialize_model_parallel
 from megatron_core.tokenizer.base import MegatronTokenizer
 from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
 
@@ -114,8 +114,7 @@ def report_error(tool: str, exc: ConfigError, context: Any) -> None:
     """``TOOL: error: message`` once (rank 0: every rank reaches the same verdict); the group is torn down."""
     report_line(f"{tool}: error: {exc}", rank_from_env())
     if context is not None:
-        destroy_model_parallel()
-        shutdown(context)
+        shutdown(context)  # also destroys the model-parallel groups
 
 
 def _prompts(args: argparse.Namespace, tokenizer: MegatronTokenizer | None) -> list[list[int]]:
@@ -151,7 +150,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output:
             with open(args.output, "w") as f:
                 json.dump({"prompts": args.prompt or args.prompt_tokens, "text": text, "tokens": out.tokens}, f)
-    destroy_model_parallel()
-    if context is not None:
-        shutdown(context)
+    shutdown(context)  # also destroys the model-parallel groups
     return 0

@@ -69,14 +69,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             outside, 0.0)
         parts = [weight, predicted]
         if label_smoothing > 0:
-            parts.append(logits.sum(dim=-1))
+            # sum_v (x_v - M) over the shard, accumulated in fp64 so that subtracting partition * M
+            # leaves the small difference exact, without a [tokens, partition] temporary.
+            parts.append((logits.sum(dim=-1, dtype=torch.float64) - partition * global_max.double()).float())
         sums = _all_reduce(torch.stack(parts), group)
         log_z = sums[0].log()
         loss = log_z - sums[1]
         if label_smoothing > 0:
-            lse = global_max + log_z
-            # torch's definition: (1 - e) * nll + e * mean over classes of -log p.
-            smooth = lse - sums[2] / vocab_size
+            # torch's definition: (1 - e) * nll + e * mean over classes of -log p, where
+            # -log p_v = log Z - (x_v - M): both terms relative to M, as the nll (summing raw logits
+            # and subtracting lse = M + log Z would lose ulp(M) absolute, 6e-5 at logits near 1000).
+            smooth = log_z - sums[2] / vocab_size
             loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
         loss = loss.masked_fill(ignored, 0.0)
         # The shard's share of the global normaliser, a ratio of sums (exp(lse_r - lse) would lose
