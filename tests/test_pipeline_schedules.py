@@ -84,13 +84,25 @@ def forward_step(data_iterator, model, per_token=False):
     return output, functools.partial(loss_func_per_token if per_token else loss_func, batch["loss_mask"])
 
 
-def _reference(config, num_microbatches: int, per_token: bool) -> dict:
+def _freeze(params: dict, frozen: tuple) -> None:
+    """Parameters whose global name starts with one of ``frozen`` get no gradient (fine-tuning the rest)."""
+    for name, p in params.items():
+        if name.startswith(frozen):
+            p.requires_grad_(False)
+
+
+def _grads(params: dict) -> dict:
+    return {n: None if p.grad is None else p.grad.clone() for n, p in params.items()}
+
+
+def _reference(config, num_microbatches: int, per_token: bool, frozen: tuple = ()) -> dict:
     """Plain serial training: accumulate each microbatch's loss, then step."""
     ps = parallel_state.initialize_model_parallel(1, 1)
     config = dataclasses.replace(config, num_layers_in_first_pipeline_stage=None,
                                  num_layers_in_last_pipeline_stage=None, sequence_parallel=False)
     (model,) = _build(config, ps)
     params = _global_parameters([model])
+    _freeze(params, frozen)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses, grads = [], []
     for step in range(STEPS):
@@ -109,7 +121,7 @@ def _reference(config, num_microbatches: int, per_token: bool) -> dict:
                 (loss / num_microbatches).backward()
                 step_losses.append(loss.item())
         losses.append(step_losses)
-        grads.append({n: p.grad.clone() for n, p in params.items()})
+        grads.append(_grads(params))
         opt.step()
     with torch.no_grad():
         evals = [loss_func(b["loss_mask"], model(b["tokens"], labels=b["labels"]))[0].item()
@@ -122,15 +134,17 @@ def _pipeline(layout: dict, config, num_microbatches: int, per_token: bool) -> d
     ps = parallel_state.initialize_model_parallel(layout["tp"], layout["pp"], layout.get("vpp"))
     chunks = _build(config, ps)
     params = _global_parameters(chunks)
+    _freeze(params, layout.get("frozen", ()))
     opt = torch.optim.SGD([p for c in chunks for p in c.parameters()], lr=LR)
     schedule = get_forward_backward_func(ps)
     sent_outputs = []
     grad_scale = layout.get("grad_scale", 1.0)
-    # Whether DP sync was allowed when each microbatch's gradient reached each chunk.
+    # Whether DP sync was allowed when each microbatch's gradient reached each chunk (that trains).
     sync = {"on": True}
-    sync_flags = [[] for _ in chunks]
-    for flags, chunk in zip(sync_flags, chunks, strict=True):
-        weight = chunk.decoder.layers[0].mlp.linear_fc1.weight
+    weights = [c.decoder.layers[0].mlp.linear_fc1.weight for c in chunks]
+    weights = [w for w in weights if w.requires_grad]
+    sync_flags: list[list[bool]] = [[] for _ in weights]
+    for flags, weight in zip(sync_flags, weights, strict=True):
         weight.register_post_accumulate_grad_hook(lambda p, f=flags: f.append(sync["on"]))
 
     @contextlib.contextmanager
@@ -161,9 +175,10 @@ def _pipeline(layout: dict, config, num_microbatches: int, per_token: bool) -> d
         opt.zero_grad()
         out = run(step, forward_only=False)
         for p in params.values():
-            p.grad /= grad_scale  # what an fp16 optimizer does before its step
+            if p.grad is not None:
+                p.grad /= grad_scale  # what an fp16 optimizer does before its step
         losses.append([(d["lm loss"][0] if per_token else d["lm loss"]).item() for d in out])
-        grads.append({n: p.grad.clone() for n, p in params.items()})
+        grads.append(_grads(params))
         opt.step()
     evals = [d["lm loss"].item() for d in run(EVAL_STEP, forward_only=True)]
     shard = {n: ((p.partition_dim, p.partition_stride) if getattr(p, "tensor_model_parallel", False) else None)
@@ -187,6 +202,9 @@ def _compare(results: list, ref: dict, num_microbatches: int) -> None:
         for name in res["params"]:
             seen.add(name)
             for step in range(STEPS):
+                if ref["grads"][step][name] is None:  # frozen
+                    assert res["grads"][step][name] is None, f"rank {rank} step {step}: frozen {name} got a gradient"
+                    continue
                 assert_rel_close(res["grads"][step][name], _expected(ref["grads"][step][name], name, res),
                                  what=f"rank {rank} step {step} grad {name}")
             assert_rel_close(res["params"][name], _expected(ref["params"][name], name, res),
@@ -218,13 +236,21 @@ LAYOUTS = {
     "pp4-vpp2": ({"tp": 1, "pp": 4, "vpp": 2}, _config(num_layers=8), 8, False),
     "tp2-pp2-sp": ({"tp": 2, "pp": 2}, _config(sequence_parallel=True), 3, False),
     "tp2-pp2-llama": ({"tp": 2, "pp": 2}, _config("llama"), 2, False),
+    # Fine-tuning the top: the first stage (embeddings, layers 1-2) and the tied output weight frozen,
+    # so the first stage's output needs no gradient (its backward has nothing to run).
+    "pp2-first-stage-frozen": ({"tp": 1, "pp": 2, "frozen": ("embedding.", "decoder.layers.1.", "decoder.layers.2.")},
+                               _config(), 4, False),
+    # Interleaved: stage 0's first model chunk (embeddings, layers 1-2) frozen, its second (5-6) trains.
+    "pp2-vpp2-first-chunk-frozen": ({"tp": 1, "pp": 2, "vpp": 2,
+                                     "frozen": ("embedding.", "decoder.layers.1.", "decoder.layers.2.")},
+                                    _config(num_layers=8), 4, False),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_pipeline_training_equals_one_process(name):
     layout, config, m, per_token = LAYOUTS[name]
-    (ref,) = run_distributed(_reference, 1, config, m, per_token, timeout=60)
+    (ref,) = run_distributed(_reference, 1, config, m, per_token, layout.get("frozen", ()), timeout=60)
     world = layout["tp"] * layout["pp"]
     results = run_distributed(_pipeline, world, layout, config, m, per_token, timeout=90)
     _compare(results, ref, m)

@@ -141,7 +141,7 @@ class MicrobatchRunner:
             if self.grad_scale_func is not None:
                 output = self.grad_scale_func(output)
             torch.autograd.backward(output)
-        else:
+        elif output.requires_grad:  # not when every parameter before it is frozen: nothing to send back
             custom_backward(output, output_grad)
         return None if input_tensor is None else input_tensor.grad
 
