@@ -2,9 +2,9 @@
 
 The torch version (``megatron_core.tensor_parallel.cross_entropy``) converts the logits to fp32 and
 keeps their softmax for backward: two fp32 [tokens, vocab / TP] tensors. Here the forward reads the
-logits once, in their own dtype: one row kernel gives the local max, the sum of exp relative to it
-(online softmax), the sum of logits and the target's logit; the sums are moved to the global max
-after its TP all-reduce and all-reduced together. Backward writes the gradient
+logits once, in their own dtype: one row kernel gives the local max, the sums of exp and of logits
+relative to it (online softmax) and the target's logit; the sums are moved to the global max after
+its TP all-reduce and all-reduced together. Backward writes the gradient
 softmax - (1 - e) onehot - e / V straight from the logits and the saved per-token max and sum.
 Imported only when Triton is installed; tests run it on CPU with ``TRITON_INTERPRET=1``.
 """
@@ -22,13 +22,16 @@ from megatron_core.tensor_parallel.mappings import _rank, _size
 
 @triton.jit
 def _row_stats(X, TARGET, MAX, SUM_EXP, SUM_X, PRED, V, BLOCK: tl.constexpr):
-    """One pass over a row: its max, sum(exp(x - max)), sum(x) and the target's logit.
+    """One pass over a row: its max, sum(exp(x - max)), sum(x - max) and the target's logit.
 
     Online softmax (Milakov and Gimelshein 2018) by blocks: the running max grows by each block's
     max and the lanes' partial sums are rescaled by one exp per block, so an element costs one exp
     (a per-lane running max costs two: on an H200 that made the forward compute-bound, fp32 and
     bf16 logits taking the same time). The max starts at fp32's lowest finite value, not -inf, so
-    the first rescale is exp(lowest - max) = 0 rather than exp(-inf - -inf) = nan.
+    the first rescale is exp(lowest - max) = 0 rather than exp(-inf - -inf) = nan. The sum of
+    logits is kept relative to the running max too (each earlier block, all full, moved by the max's
+    growth), so label smoothing's mean logit keeps fp32's relative precision at logits near 1000
+    (a raw sum would lose ulp(1000) = 6e-5 absolute); its terms are all <= 0, so nothing cancels.
     """
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGET + row)  # local index, -1 when the target is on another rank
@@ -42,8 +45,8 @@ def _row_stats(X, TARGET, MAX, SUM_EXP, SUM_X, PRED, V, BLOCK: tl.constexpr):
         x = tl.load(X + row * V + c, mask=m, other=float("-inf")).to(tl.float32)
         new_mx = tl.maximum(mx, tl.max(x, axis=0))
         se = se * tl.exp(mx - new_mx) + tl.exp(x - new_mx)
+        sx = sx - (start // BLOCK) * (new_mx - mx) + tl.where(m, x - new_mx, 0.0)
         mx = new_mx
-        sx += tl.where(m, x, 0.0)
         pred += tl.where(c == target, x, 0.0)
     tl.store(MAX + row, mx)
     tl.store(SUM_EXP + row, tl.sum(se, axis=0))
@@ -88,11 +91,12 @@ class _TritonVocabParallelCrossEntropy(torch.autograd.Function):
         # loss log(sum_exp) - (x_t - max) keeps fp32's relative precision where (max + log(sum_exp)) - x_t
         # would lose ulp(max) absolute (2.7e-5 relative, losses near 1 at logits near 1000: the tests).
         stats[3] = torch.where(local >= 0, stats[3] - mx, 0.0)
+        stats[2] += part * (local_max - mx)  # sum(x - max) over this shard, now relative to the global max
         sum_exp, sum_x, pred = reduce_over(stats[1:].contiguous(), group).unbind(0)
         log_sum = sum_exp.log()
         loss = log_sum - pred
-        if label_smoothing > 0:
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * (mx + log_sum - sum_x / vocab_size)
+        if label_smoothing > 0:  # mean over classes of -log p_v = log(sum_exp) - (x_v - max)
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_sum - sum_x / vocab_size)
         loss = loss.view_as(target).masked_fill(ignored, 0.0)
         ctx.save_for_backward(x, mx, sum_exp, local, ignored)
         ctx.label_smoothing, ctx.vocab_size, ctx.block, ctx.shape = label_smoothing, vocab_size, block, logits.shape
