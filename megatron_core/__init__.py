@@ -1,13 +1,14 @@
 """A Megatron-style model-parallel training library that runs on CPU (gloo) and GPU (NCCL).
 
-``megatron_core.initialize(model, config=...)`` is the DeepSpeed-style entry point (``deepspeed.initialize``);
+``megatron_core.initialize(model, config=...)`` is the DeepSpeed-style entry point (``deepspeed.initialize``;
+``megatron_core.init_distributed`` is ``deepspeed.init_distributed``);
 it is imported on first use so that ``import megatron_core`` stays light.
 """
 from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("initialize", "add_config_arguments"):
+    if name in ("initialize", "add_config_arguments", "init_distributed"):
         from megatron_core import engine  # noqa: PLC0415 - lazy: pulls in torch.distributed and the optimizer
 
         return getattr(engine, name)

@@ -6,7 +6,7 @@ Built on the library's parts (``DistributedDataParallel`` with its ZeRO stage, `
 
 from megatron_core.engine.config import EngineConfig, load_config
 from megatron_core.engine.engine import Engine
-from megatron_core.engine.initialize import add_config_arguments, initialize
+from megatron_core.engine.initialize import add_config_arguments, init_distributed, initialize
 from megatron_core.engine.library_configs import LibraryConfigs, deepspeed_to_megatron, library_configs_from
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "LibraryConfigs",
     "add_config_arguments",
     "deepspeed_to_megatron",
+    "init_distributed",
     "initialize",
     "library_configs_from",
     "load_config",

@@ -12,6 +12,7 @@ import argparse
 import atexit
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -106,7 +107,50 @@ def _dataloader(training_data: Any, collate_fn: Any, config: EngineConfig, paral
     )
 
 
-def _shutdown_at_exit(parallel_state: ParallelState) -> None:
+def init_distributed(
+    dist_backend: str | None = None,
+    auto_mpi_discovery: bool = True,
+    distributed_port: int | None = None,
+    verbose: bool = True,
+    timeout: timedelta = timedelta(minutes=30),
+    init_method: str | None = None,
+    dist_init_required: bool | None = None,
+    config: Any = None,
+    rank: int = -1,
+    world_size: int = -1,
+) -> None:
+    """DeepSpeed's ``deepspeed.init_distributed``: make the default process group (a no-op when one exists).
+
+    The backend is ``dist_backend`` or the device's (NCCL with CUDA, else gloo); ``init_method`` with
+    ``rank`` and ``world_size`` are passed to ``init_process_group``; without it, torchrun's variables
+    or a one-process group (as :func:`initialize`). A group made here is torn down at exit after a
+    barrier, as the one :func:`initialize` makes. DeepSpeed's MPI discovery is not done: processes
+    started by mpirun or srun without torchrun's variables are an error (``check_launcher``);
+    ``auto_mpi_discovery``, ``distributed_port``, ``verbose`` and ``config`` are accepted for
+    compatibility. Raises ConfigError for a backend this machine cannot run.
+    """
+    report_uncaught_config_errors()
+    if dist.is_initialized() or dist_init_required is False:
+        return
+    backend = dist_backend or device_mod.default_backend()
+    if backend == "nccl" and not device_mod.cuda_available():
+        raise ConfigError("init_distributed: dist_backend='nccl' needs CUDA, which this machine lacks; drop "
+                          "dist_backend (gloo is picked on CPU)")
+    if init_method is None:
+        context = initialize_distributed(backend, timeout_minutes=timeout.total_seconds() / 60)
+        owns = context.owns_process_group
+    else:
+        if rank < 0 or world_size < 1:
+            raise ConfigError(f"init_distributed: init_method={init_method!r} needs rank= and world_size= "
+                              f"(got {rank} and {world_size})")
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+        device_mod.set_local_device(int(os.environ.get("LOCAL_RANK", "0")))
+        owns = True
+    if owns:
+        atexit.register(_shutdown_at_exit, None)
+
+
+def _shutdown_at_exit(parallel_state: ParallelState | None) -> None:
     """At interpreter exit, what ``pretrain_gpt.py``'s ``finally`` does (``training.initialize.shutdown``).
 
     DeepSpeed-style scripts end without tearing the process group down; gloo then destroys its
@@ -126,8 +170,9 @@ def _shutdown_at_exit(parallel_state: ParallelState) -> None:
             dist.barrier()
         except RuntimeError:  # a peer failed (its own error says why): nothing left to tear down in order
             return
-    parallel_state.destroy()
-    dist.destroy_process_group()
+    if parallel_state is not None:
+        parallel_state.destroy()
+    dist.destroy_process_group()  # the default group and any left (init_distributed's: the engine's too)
 
 
 def initialize(

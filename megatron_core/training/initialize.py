@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import device, parallel_state
+from megatron_core.errors import ConfigError
 
 
 @dataclass
@@ -85,12 +86,37 @@ def watch_launcher() -> None:
     threading.Thread(target=_watch_launcher, name="launcher-watchdog", daemon=True).start()
 
 
+# Launchers other than torchrun, by the process count each sets in every process it starts.
+FOREIGN_LAUNCHERS = (("OMPI_COMM_WORLD_SIZE", "mpirun (Open MPI)"), ("PMI_SIZE", "mpirun (MPICH) or srun --mpi"),
+                     ("SLURM_STEP_NUM_TASKS", "srun"))
+
+
+def check_launcher() -> None:
+    """Raise ConfigError when mpirun or srun started several processes without torchrun's variables.
+
+    Each would otherwise make its own one-process group and train alone, all of them writing the
+    same checkpoint directory. (``$SLURM_STEP_NUM_TASKS`` is set by ``srun`` for the processes of a
+    job step, not in an ``sbatch`` script's own shell.)
+    """
+    if "WORLD_SIZE" in os.environ:
+        return
+    for variable, launcher in FOREIGN_LAUNCHERS:
+        count = os.environ.get(variable, "")
+        if count.isdigit() and int(count) > 1:
+            raise ConfigError(f"{count} processes were started by {launcher} (${variable}={count}) without "
+                              f"torchrun's RANK, WORLD_SIZE and MASTER_ADDR, so each would train alone; launch "
+                              f"with torchrun on each node (scripts/pretrain_gpt_multinode.sbatch) or set them")
+
+
 def initialize_distributed(backend: str, timeout_minutes: float) -> DistributedContext:
-    """Join (or create) the default process group and bind this rank to its device."""
+    """Join (or create) the default process group and bind this rank to its device.
+
+    Raises ConfigError when another launcher started several processes (:func:`check_launcher`)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         device.set_local_device(local_rank)
         return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, False)
+    check_launcher()
     set_cpu_threads()
     watch_launcher()
     device.set_local_device(local_rank)
