@@ -15,6 +15,7 @@ shards.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -102,6 +103,9 @@ class ParamAndGradBuffer:
         self.shard_numel = sum(b.shard_size for b in self.buckets)
         device = self.device = params[0].device
         self.zero3 = config.zero_stage == 3
+        # Called as listener(bucket) after write_shard rewrote a bucket's kept shard: the distributed
+        # optimizer's fp32 main copy follows (weak methods: the optimizer may go before the buffer).
+        self.shard_listeners: list[weakref.WeakMethod] = []
         self.param_data: torch.Tensor | None = None
         self.param_shard: torch.Tensor | None = None
         if self.zero3:
@@ -296,8 +300,20 @@ class ParamAndGradBuffer:
     def keep_shards(self) -> None:
         """ZeRO-3: copy this rank's shard of every (gathered) bucket into ``param_shard``."""
         for bucket in self.buckets:
-            offset = bucket.shard_start - bucket.start
-            self.shard_param(bucket).copy_(bucket.param_data[offset:offset + bucket.shard_size])
+            self._keep_shard(bucket)
+
+    def _keep_shard(self, bucket: Bucket) -> None:
+        offset = bucket.shard_start - bucket.start
+        self.shard_param(bucket).copy_(bucket.param_data[offset:offset + bucket.shard_size])
+
+    def write_shard(self, bucket: Bucket) -> None:
+        """ZeRO-3: the (gathered, modified) full parameters of ``bucket`` become this rank's kept shard,
+        and every shard listener (the distributed optimizer's fp32 main copy) follows."""
+        self._keep_shard(bucket)
+        for ref in self.shard_listeners:
+            listener = ref()
+            if listener is not None:
+                listener(bucket)
 
     def launch_param_gather(self, bucket: Bucket) -> None:
         """Start the all-gather of ``bucket``'s parameters from every rank's shard (asynchronous).

@@ -30,6 +30,8 @@ import torch
 from megatron_core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer
 
 Unit = tuple[ParamAndGradBuffer, Bucket]
+# Attribute naming a ZeRO-3 parameter's manager (``megatron_core.zero.GatheredParameters`` reads it).
+GATHER_MANAGER_ATTR = "zero3_param_gather"
 
 
 def _in_backward() -> bool:
@@ -63,6 +65,8 @@ class ParamGatherManager:
         for buffer in buffers:
             for p in buffer.params:
                 self.unit_of[id(p)] = (buffer, buffer.param_ranges[id(p)][2])
+                if self.zero3:
+                    setattr(p, GATHER_MANAGER_ATTR, self)
         self.own_units: dict[int, list[Unit]] = {}
         for m in module.modules():
             units = self._dedup(self.unit_of[id(p)] for p in m._parameters.values()
@@ -71,6 +75,8 @@ class ParamGatherManager:
             m.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
             m.register_forward_hook(self._post_forward, with_kwargs=True)
         self.active: list[list[Unit]] = []
+        # Units held gathered by ``megatron_core.zero.GatheredParameters`` blocks (pin / unpin).
+        self.pinned: list[list[Unit]] = []
         # Buckets already used in the current forward pass: a module that uses an earlier bucket
         # again (the output layer and the tied word embedding) must not prefetch what follows it.
         self.used_in_forward: set[int] = set()
@@ -133,7 +139,7 @@ class ParamGatherManager:
         if not self.config.reshard_after_forward:
             return
         kept = {id(k) for _, k in keep}
-        for frame in self.active:
+        for frame in (*self.active, *self.pinned):
             kept.update(id(k) for _, k in frame)
         for buffer, bucket in self.forward_order:
             if bucket.gathered and id(bucket) not in kept:
@@ -177,18 +183,34 @@ class ParamGatherManager:
         if not bucket.gathered:
             return
         bucket.grads_pending_release.discard(id(param))
-        if not bucket.grads_pending_release and not any(bucket is k for frame in self.active for _, k in frame):
+        held = (*self.active, *self.pinned)
+        if not bucket.grads_pending_release and not any(bucket is k for frame in held for _, k in frame):
             buffer.release_params(bucket)
 
     def reset(self) -> None:
         """Forget modules left entered by a forward that raised (start of a step)."""
         self.active.clear()
 
+    def pin(self, units: list[Unit]) -> None:
+        """Gather ``units`` and keep them gathered (no forward frees them) until :meth:`unpin`."""
+        self.ensure(units)
+        self.pinned.append(units)
+
+    def unpin(self, units: list[Unit]) -> None:
+        """End :meth:`pin`; ZeRO-3 frees the units that no running module or other pin holds."""
+        self.pinned = [frame for frame in self.pinned if frame is not units]
+        held = {id(k) for frame in (*self.active, *self.pinned) for _, k in frame}
+        for buffer, bucket in units:
+            if id(bucket) not in held:
+                buffer.release_params(bucket)
+
     def gather_all(self) -> None:
         """All buckets gathered (checkpoints, tests, evaluation of the full weights)."""
         self.ensure(self.forward_order)
 
     def release_all(self) -> None:
-        """Free every non-persistent bucket (ZeRO-3)."""
+        """Free every non-persistent bucket (ZeRO-3) but those a GatheredParameters block holds."""
+        pinned = {id(k) for frame in self.pinned for _, k in frame}
         for buffer, bucket in self.forward_order:
-            buffer.release_params(bucket)
+            if id(bucket) not in pinned:
+                buffer.release_params(bucket)

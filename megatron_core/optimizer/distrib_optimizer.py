@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 
 import torch
 
@@ -93,6 +94,7 @@ class DistributedOptimizer(MegatronOptimizer):
         sb = _ShardedBuffer(buffer, bucket_mains, pieces, mains, offloaded, host_grads)
         for bucket in buffer.buckets:
             _main_of(sb, bucket).copy_(buffer.shard_param(bucket))
+        buffer.shard_listeners.append(weakref.WeakMethod(self._follow_shard))
         self.pairs.extend(zip(mains, (piece.param for piece in pieces), strict=True))
         return sb
 
@@ -195,6 +197,15 @@ class DistributedOptimizer(MegatronOptimizer):
         """Make this rank's fp32 main shard follow model weights loaded without optimizer state."""
         with self._resident():
             self._reload_model_params()
+
+    @torch.no_grad()
+    def _follow_shard(self, bucket: Bucket) -> None:
+        """A bucket's kept model shard was rewritten (``megatron_core.zero.GatheredParameters`` with a
+        ``modifier_rank``): its fp32 main copy follows, so the next step starts from the new values."""
+        with self._resident():
+            for sb in self.sharded:
+                if any(b is bucket for b in sb.buffer.buckets):
+                    _main_of(sb, bucket).copy_(sb.buffer.shard_param(bucket))
 
     def _reload_model_params(self) -> None:
         for sb in self.sharded:

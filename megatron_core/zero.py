@@ -1,0 +1,76 @@
+"""``megatron_core.zero.GatheredParameters``: DeepSpeed's ``deepspeed.zero.GatheredParameters``.
+
+Under ZeRO-3 (``DistributedDataParallelConfig.zero_stage == 3``, the engine's ``"stage": 3``) a
+parameter holds its full value only while a module that uses it runs: outside forward and backward
+its storage is freed and this rank keeps a 1/DP shard. This context gathers the given parameters
+for reading (or changing) outside a forward pass::
+
+    with megatron_core.zero.GatheredParameters(engine.module.lm_head.weight):
+        norm = engine.module.lm_head.weight.norm()  # the full weight on every rank
+
+    with megatron_core.zero.GatheredParameters(list(block.parameters()), modifier_rank=0):
+        if torch.distributed.get_rank() == 0:
+            block.weight.mul_(0.5)  # rank 0's values are broadcast and re-sharded on exit
+
+Parameters not under ZeRO-3 (other stages, modules not wrapped) are full already: the context does
+nothing for them, as DeepSpeed's. Entering is a collective over the data-parallel group (every rank
+must enter with the same parameters), and no optimizer step may run inside the block.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_core.distributed.param_gather import GATHER_MANAGER_ATTR, ParamGatherManager, Unit
+
+
+class GatheredParameters:
+    """Full values of ZeRO-3 ``params`` inside the block (DeepSpeed's argument names and meaning).
+
+    ``params``: a parameter or an iterable of them. ``modifier_rank``: None to read only (changes
+    are dropped on exit, with the gathered storage), or the data-parallel rank whose values are kept
+    (its global rank without tensor parallelism, as in DeepSpeed): on exit they are broadcast over
+    the data-parallel group, become every rank's kept shard, and the distributed optimizer's fp32
+    main copy follows, so training continues from them. ``fwd_module`` (DeepSpeed's registration of
+    parameters used outside their module) is accepted and not needed: any module's forward
+    gathers a managed parameter passed to it. ``enabled=False`` makes the block do nothing.
+    """
+
+    def __init__(self, params: torch.Tensor | Iterable[torch.Tensor], modifier_rank: int | None = None,
+                 fwd_module: Any = None, enabled: bool = True) -> None:
+        del fwd_module
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        self.modifier_rank = modifier_rank
+        # manager id -> (manager, its units holding the parameters, the parameters)
+        self.groups: dict[int, tuple[ParamGatherManager, list[Unit], list[torch.Tensor]]] = {}
+        for p in params if enabled else ():
+            manager = getattr(p, GATHER_MANAGER_ATTR, None)
+            if manager is None:
+                continue
+            _, units, members = self.groups.setdefault(id(manager), (manager, [], []))
+            unit = manager.unit_of[id(p)]
+            if all(u[1] is not unit[1] for u in units):
+                units.append(unit)
+            members.append(p)
+
+    def __enter__(self) -> None:
+        for manager, units, _ in self.groups.values():
+            manager.pin(units)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for manager, units, members in self.groups.values():
+            try:
+                if exc_type is None and self.modifier_rank is not None:
+                    with torch.no_grad():
+                        group = units[0][0].dp_group
+                        source = dist.get_global_rank(group, self.modifier_rank)
+                        for p in members:
+                            dist.broadcast(p.data, src=source, group=group)
+                        for buffer, bucket in units:
+                            buffer.write_shard(bucket)
+            finally:
+                manager.unpin(units)

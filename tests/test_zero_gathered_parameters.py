@@ -1,0 +1,74 @@
+"""``megatron_core.zero.GatheredParameters`` (DeepSpeed's ``deepspeed.zero.GatheredParameters``) on an
+engine at ZeRO-3 with 2 DP ranks and small buckets (several per model): inside the block the named
+parameters hold their full values (those of ``state_dict()``, which gathers by its own path) while the
+other buckets stay freed; with ``modifier_rank`` that rank's values are kept on every rank, and the
+optimizer's fp32 main copy follows them (a step at lr 0 leaves them as written)."""
+import pytest
+import torch
+import torch.distributed as dist
+from engine_common import make_model
+from harness import run_distributed
+
+import megatron_core
+from megatron_core.zero import GatheredParameters
+
+
+def _engine(lr: float, bf16: bool):
+    model = make_model("mlp")
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "SGD", "params": {"lr": lr}}, "bf16": {"enabled": bf16},
+              "zero_optimization": {"stage": 3, "reduce_bucket_size": 300, "stage3_prefetch_bucket_size": 0,
+                                    "stage3_param_persistence_threshold": 0}}
+    engine, _, _, _ = megatron_core.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def _train(engine, steps: int) -> None:
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(steps):
+        out = engine(torch.randn(2, 8, generator=g).to(next(engine.module.parameters()).dtype))
+        engine.backward(out.float().pow(2).mean())
+        engine.step()
+
+
+def _freed(p: torch.Tensor) -> bool:
+    return p.untyped_storage().nbytes() == 0
+
+
+def _read():
+    engine = _engine(0.1, bf16=False)
+    _train(engine, 2)
+    named = dict(engine.module.named_parameters())
+    first, last = named["0.weight"], named["4.weight"]
+    assert _freed(first) and _freed(last), "ZeRO-3 keeps no full parameter outside forward"
+    full = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    with GatheredParameters([first]):
+        inside = first.detach().clone()
+        other_freed = _freed(last)
+    assert _freed(first), "freed again after the block"
+    with GatheredParameters(last, enabled=False):
+        disabled_freed = _freed(last)
+    return torch.equal(inside, full["0.weight"]), other_freed, disabled_freed
+
+
+def test_reading_gathers_only_the_named_parameters():
+    for equal, other_freed, disabled_freed in run_distributed(_read, 2, timeout=120):
+        assert equal and other_freed and disabled_freed
+
+
+def _modify(bf16: bool):
+    engine = _engine(0.0, bf16)
+    _train(engine, 1)
+    weight = dict(engine.module.named_parameters())["2.weight"]
+    with GatheredParameters([weight], modifier_rank=1):
+        weight.data.fill_(0.25 if dist.get_rank() == 1 else 7.0)  # rank 0's change is dropped
+    after_block = engine.module.state_dict()["2.weight"].clone()
+    _train(engine, 1)  # lr 0: the step writes the fp32 main copy back into the shards
+    return after_block, engine.module.state_dict()["2.weight"].clone()
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_modifier_rank_values_reach_every_rank_and_the_optimizer(bf16):
+    for after_block, after_step in run_distributed(_modify, 2, bf16, timeout=120):
+        assert (after_block == 0.25).all(), after_block
+        assert (after_step == 0.25).all(), "the optimizer's main copy did not follow the modification"
