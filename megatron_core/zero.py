@@ -15,6 +15,10 @@ for reading (or changing) outside a forward pass::
 Parameters not under ZeRO-3 (other stages, modules not wrapped) are full already: the context does
 nothing for them, as DeepSpeed's. Entering is a collective over the data-parallel group (every rank
 must enter with the same parameters), and no optimizer step may run inside the block.
+
+:func:`register_external_parameter` is DeepSpeed's too: a module whose forward reads another
+module's parameter as an attribute (not as an argument) must say so. ``deepspeed.zero.Init`` has no
+counterpart (an AttributeError says why): the model is built whole and ``initialize`` shards it.
 """
 from __future__ import annotations
 
@@ -74,3 +78,28 @@ class GatheredParameters:
                             buffer.write_shard(bucket)
             finally:
                 manager.unpin(units)
+
+
+def register_external_parameter(module: torch.nn.Module, parameter: torch.Tensor) -> None:
+    """Gather ``parameter`` whenever ``module`` (part of the wrapped model) runs forward, although it
+    belongs to another module (DeepSpeed's ``deepspeed.zero.register_external_parameter``). Forward
+    hooks gather a module's own parameters and managed parameters passed to it as arguments; one read
+    as ``self.other.weight`` inside ``forward`` needs this. A no-op for parameters not under ZeRO-3.
+    Raises ValueError when ``module`` is not part of the model that holds ``parameter``."""
+    manager = getattr(parameter, GATHER_MANAGER_ATTR, None)
+    if manager is None:
+        return
+    units = manager.own_units.get(id(module))
+    if units is None:
+        raise ValueError(f"register_external_parameter: {type(module).__name__} is not part of the model that "
+                         f"holds the parameter; register it with a module of that model")
+    unit = manager.unit_of[id(parameter)]
+    if all(u[1] is not unit[1] for u in units):
+        units.append(unit)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Init":
+        raise AttributeError("megatron_core.zero.Init (deepspeed.zero.Init) has no counterpart: build the model "
+                             "whole on each rank and pass it to megatron_core.initialize, which shards it at ZeRO-3")
+    raise AttributeError(f"module 'megatron_core.zero' has no attribute {name!r}")

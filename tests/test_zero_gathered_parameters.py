@@ -72,3 +72,62 @@ def test_modifier_rank_values_reach_every_rank_and_the_optimizer(bf16):
     for after_block, after_step in run_distributed(_modify, 2, bf16, timeout=120):
         assert (after_block == 0.25).all(), after_block
         assert (after_step == 0.25).all(), "the optimizer's main copy did not follow the modification"
+
+
+class _Head(torch.nn.Module):
+    """Reads another module's weight as an attribute (tied, transposed), not as an argument."""
+
+    def __init__(self, tied: torch.nn.Linear) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(8))
+        self._tied = [tied]  # a list: not a submodule, so the weight has one owner
+
+    def forward(self, h):
+        return torch.nn.functional.linear(h, self._tied[0].weight.t(), self.bias)
+
+
+class _TiedNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16)
+        self.head = _Head(self.inp)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(torch.tanh(self.inp(x)))))
+
+
+def _tied_losses(stage: int, register: bool):
+    from megatron_core.zero import register_external_parameter
+
+    model = _TiedNet()
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": 100, "stage3_prefetch_bucket_size": 0,
+                                    "stage3_param_persistence_threshold": 0}}
+    engine, _, _, _ = megatron_core.initialize(model=model, model_parameters=model.parameters(), config=config)
+    if register:
+        register_external_parameter(engine.module.head, engine.module.inp.weight)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    losses = []
+    for _ in range(3):
+        loss = engine(torch.randn(2, 8, generator=g)).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_register_external_parameter_gathers_a_weight_read_as_an_attribute():
+    """ZeRO-3 with the tied weight registered trains as ZeRO-0; without, the head reads a freed weight."""
+    reference = run_distributed(_tied_losses, 2, 0, False, timeout=120)
+    for ours, ref in zip(run_distributed(_tied_losses, 2, 3, True, timeout=120), reference, strict=True):
+        assert ours == pytest.approx(ref, rel=1e-6)
+    hint = r"storage of size 0\. Under ZeRO-3 a parameter is gathered only for the modules that own it .* needs "
+    with pytest.raises(Exception, match=hint + r"megatron_core\.zero\.register_external_parameter"):
+        run_distributed(_tied_losses, 2, 3, False, timeout=120)
+
+
+def test_zero_init_names_what_to_do_instead():
+    with pytest.raises(AttributeError, match="build the model whole on each rank and pass it to "
+                                             "megatron_core.initialize"):
+        megatron_core.zero.Init()

@@ -69,7 +69,16 @@ class Engine(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model's forward (timed for ``wall_clock_breakdown``)."""
         start = time.perf_counter()
-        out = self.ddp(*args, **kwargs)
+        try:
+            out = self.ddp(*args, **kwargs)
+        except RuntimeError as exc:
+            if self.ddp.ddp_config.zero_stage == 3 and "storage of size 0" in str(exc):
+                # A freed ZeRO-3 parameter: torch's message does not say which or why.
+                raise RuntimeError(f"{exc}. Under ZeRO-3 a parameter is gathered only for the modules that own "
+                                   f"it or get it as an argument: a forward reading another module's parameter "
+                                   f"as an attribute needs megatron_core.zero.register_external_parameter(module, "
+                                   f"parameter)") from exc
+            raise
         self._timings["forward"] += time.perf_counter() - start
         return out
 
