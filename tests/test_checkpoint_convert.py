@@ -140,6 +140,38 @@ def test_errors_name_the_path_and_flag(tmp_path, capsys):
         _cli("nemo", "core", tmp_path / "gpt2", tmp_path / "out")
 
 
+@pytest.mark.parametrize("family,field,value,message", [
+    ("gpt2", "n_embd", 128, "'transformer.h.0.attn.c_attn.bias' has shape (192,) but config.json gives (384,)"),
+    ("gpt2", "vocab_size", 300, "'transformer.wte.weight' has shape (256, 64) but config.json gives (300, 64)"),
+    ("gpt2", "n_layer", 1, "'transformer.h.1.attn.c_attn.bias' has no place in a GPT2LMHeadModel with this config.json "
+                           "(1 layers)"),
+    ("llama", "num_key_value_heads", 4, "'model.layers.0.self_attn.k_proj.weight' has shape (32, 64) but "
+                                        "config.json gives (64, 64)")])
+def test_a_config_json_that_does_not_describe_the_weights_is_refused(family, field, value, message, tmp_path,
+                                                                       capsys):
+    """Each converted without a word (a checkpoint of the wrong shape) or ended in a reshape traceback."""
+    import json
+    src = tmp_path / "hf"
+    (tiny_hf_gpt2() if family == "gpt2" else tiny_hf_llama()).save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, field: value}))
+    assert _cli("hf", "core", src, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"convert.py: error: --load-dir {src}: weight {message}; config.json does not describe these weights" \
+        in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_save_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    tiny_hf_gpt2().save_pretrained(tmp_path / "hf")
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    for saver in ("core", "hf"):
+        assert _cli("hf", saver, tmp_path / "hf", tmp_path / "file") == 2  # was FileExistsError's traceback
+        assert capsys.readouterr().err == (f"convert.py: error: --save-dir {tmp_path / 'file'} is a file; give a "
+                                           f"directory (it is created if missing)\n")
+
+
 def test_megatron_converter_flags_are_accepted(tmp_path, capsys):
     """A Megatron-LM convert command carries --megatron-path, --max-queue-size, --no-checking, the
     transformer-impl flags and --true-vocab-size: accepted, the last checked against the checkpoint."""

@@ -28,7 +28,13 @@ import torch
 from megatron_core.checkpoint import hf_gpt2, hf_llama
 from megatron_core.checkpoint.core_format import load_core_checkpoint, make_model_info, save_core_checkpoint
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
-from megatron_core.checkpoint.hf_io import load_hf_config, load_hf_state, normal_permissions, save_hf_dir
+from megatron_core.checkpoint.hf_io import (
+    check_hf_state,
+    load_hf_config,
+    load_hf_state,
+    normal_permissions,
+    save_hf_dir,
+)
 from megatron_core.checkpoint.hf_tokenizer import has_tokenizer, load_dir_tokenizer, save_tokenizer, special_ids
 from megatron_core.dist_checkpointing.full_model import is_torch_dist, load_full_model
 from megatron_core.tokenizer.base import MegatronTokenizer
@@ -69,10 +75,12 @@ def load_hf(path: str) -> FullModel:
     module = _HF_MODULES[family]
     config, vocab, positions = module.config_from_hf(hf_config)
     state = load_hf_state(path)
+    check_hf_state(path, hf_config, state)
     try:
         full = module.state_to_core(state, config)
     except KeyError as exc:
-        raise KeyError(f"--load-dir {path}: weight {exc} is missing for a {module.ARCHITECTURE}") from None
+        raise ValueError(f"--load-dir {path}: weight {exc} is missing for a {module.ARCHITECTURE}; config.json "
+                         f"describes more than the file holds: use the config the weights were saved with") from None
     tokenizer = load_dir_tokenizer(path) if has_tokenizer(path) else None
     return FullModel(config, vocab, positions, full, family, tokenizer)
 
@@ -213,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
     try:
+        if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+            raise ValueError(f"--save-dir {args.save_dir} is a file; give a directory (it is created if missing)")
         model = load_hf(args.load_dir) if loader == "hf" else load_core(args.load_dir, args.load_iteration)
         if args.true_vocab_size is not None and args.true_vocab_size != model.vocab_size:
             raise ValueError(f"--true-vocab-size {args.true_vocab_size} differs from the vocabulary size "

@@ -56,9 +56,9 @@ def read_full_model(load: str, iteration: int | None = None) -> tuple[FullModel,
     """``(whole model, "hf" | "legacy")`` from ``load``. Raises ConfigError naming --load when it is neither."""
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load} is not a directory; pass a training checkpoint or a Hugging Face directory")
-    if os.path.isfile(os.path.join(load, "config.json")):
-        return load_hf(load), "hf"
     try:
+        if os.path.isfile(os.path.join(load, "config.json")):
+            return load_hf(load), "hf"
         return load_core(load, iteration), "legacy"
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise ConfigError(f"--load {load}: {exc}") from None
