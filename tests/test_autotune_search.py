@@ -75,6 +75,33 @@ def test_bad_flags_are_one_line_errors(capsys):
         "error: --global-batch-size is required: the search needs the model and batch size"
 
 
+def test_out_of_range_autotune_flags_are_one_line_errors(tmp_path, capsys):
+    """Each was taken: --world-size 0 as 'this machine's cores', -2 and --memory-per-device -1 ended in 'no
+    layout fits', --trials -1 ran every layout but the last, --output in a missing directory failed at the end."""
+    base = FLAGS + ["--world-size", "2", "--memory-per-device", "1"]
+    for extra, message in ((["--world-size", "0"], "--world-size must be >= 1, got 0"),
+                           (["--world-size", "-2"], "--world-size must be >= 1, got -2"),
+                           (["--memory-per-device", "-1"], "--memory-per-device takes GiB per rank, a finite number "
+                                                           "> 0; got -1.0"),
+                           (["--memory-per-device", "nan"], "got nan"),
+                           (["--trials", "-1"], "--trials must be >= 0, got -1"),
+                           (["--micro-batch-sizes", "2", "0"], "--micro-batch-sizes must be >= 1, got 0"),
+                           (["--output", str(tmp_path / "no" / "run.sh")], f"directory {tmp_path / 'no'} does not "
+                                                                             f"exist")):
+        assert cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (extra, err)
+
+
+def test_a_world_size_no_layout_divides_is_not_called_out_of_memory(capsys):
+    """3 ranks: 4 heads, 2 layers and a batch of 4 admit no TP, PP or DP of 3, whatever the memory."""
+    assert cli.main(FLAGS + ["--world-size", "3", "--memory-per-device", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: no layout of --world-size 3 ranks suits this model (memory aside): every one is pruned "
+                   "for the reasons above; pick a world size that the heads, layers and --global-batch-size "
+                   "divide\n"), err
+
+
 def test_emitted_command_runs(tmp_path, capsys):
     out, ds = tmp_path / "run.sh", tmp_path / "ds.json"
     code = cli.main(FLAGS + ["--world-size", "2", "--memory-per-device", "1", "--no-offload",
