@@ -102,6 +102,20 @@ def test_a_world_size_no_layout_divides_is_not_called_out_of_memory(capsys):
                    "divide\n"), err
 
 
+def test_the_written_deepspeed_json_is_one_this_framework_reads():
+    """It carried "pipeline": {"stages": N} (and activation_checkpointing keys for SP / full recompute),
+    which pretrain_gpt.py --deepspeed-config and megatron_core.initialize refuse as not implemented."""
+    from megatron_core.engine import deepspeed_to_megatron
+    args = cli.build_parser().parse_args(FLAGS)
+    spec = cli.model_spec(args)
+    for layout in (Layout(pp=2, dp=1, micro_batch_size=2), Layout(tp=2, dp=1, sequence_parallel=True,
+                                                                   recompute="full", micro_batch_size=4),
+                   Layout(dp=2, zero_stage=1, offload=True, micro_batch_size=2)):
+        mapped = deepspeed_to_megatron(cli.deepspeed_config(spec, layout, args), layout.dp)
+        assert (mapped.ddp.zero_stage, mapped.optimizer.optimizer_cpu_offload) == (layout.zero_stage, layout.offload)
+        assert (mapped.micro_batch_size, mapped.global_batch_size) == (layout.micro_batch_size, 4)
+
+
 def test_emitted_command_runs(tmp_path, capsys):
     out, ds = tmp_path / "run.sh", tmp_path / "ds.json"
     code = cli.main(FLAGS + ["--world-size", "2", "--memory-per-device", "1", "--no-offload",
@@ -111,9 +125,10 @@ def test_emitted_command_runs(tmp_path, capsys):
     best = re.search(r"^best: (.*)$", printed, re.M).group(1)
     config = json.loads(ds.read_text())
     assert config["train_batch_size"] == 4 and config["zero_optimization"]["stage"] in (0, 1)
-    assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * \
-        (2 // (config["tensor_parallel"]["autotp_size"] * config["pipeline"]["stages"])) == 4
     command = shlex.split(out.read_text())
+    pp = int(command[command.index("--pipeline-model-parallel-size") + 1])
+    assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * \
+        (2 // (config["tensor_parallel"]["autotp_size"] * pp)) == 4
     assert "--nproc_per_node" in command and command[command.index("--nproc_per_node") + 1] == "2"
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=cli.REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

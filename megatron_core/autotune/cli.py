@@ -101,18 +101,18 @@ def torchrun_command(spec: ModelSpec, layout: Layout, user_flags: list[str]) -> 
 
 
 def deepspeed_config(spec: ModelSpec, layout: Layout, args: argparse.Namespace) -> dict:
-    """The layout in DeepSpeed's JSON keys (https://www.deepspeed.ai/docs/config-json/)."""
+    """The layout in DeepSpeed's JSON keys (https://www.deepspeed.ai/docs/config-json/), as
+    ``pretrain_gpt.py --deepspeed-config`` and ``megatron_core.initialize`` read them: batch, ZeRO, offload,
+    precision, clipping, optimizer, AutoTP. Pipeline stages, sequence parallelism and recompute stay on the
+    torchrun line: DeepSpeed sets stages in code (``PipelineModule``), and the activation_checkpointing keys
+    that would carry the others are refused by this framework's parser (it does not implement them)."""
     zero: dict = {"stage": layout.zero_stage}
     if layout.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {"train_batch_size": spec.global_batch_size, "train_micro_batch_size_per_gpu": layout.micro_batch_size,
               "gradient_accumulation_steps": spec.num_microbatches(layout), "zero_optimization": zero,
               "gradient_clipping": args.clip_grad, "bf16": {"enabled": bool(args.bf16)},
-              "fp16": {"enabled": bool(args.fp16)},
-              "activation_checkpointing": {
-                  "partition_activations": layout.sequence_parallel,
-                  "number_checkpoints": spec.config.num_layers if layout.recompute == "full" else None},
-              "tensor_parallel": {"autotp_size": layout.tp}, "pipeline": {"stages": layout.pp}}
+              "fp16": {"enabled": bool(args.fp16)}, "tensor_parallel": {"autotp_size": layout.tp}}
     if args.optimizer == "adam":
         config["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr, "betas": [args.adam_beta1, args.adam_beta2],
                                                            "eps": args.adam_eps, "weight_decay": args.weight_decay}}
