@@ -76,10 +76,20 @@ def _records(load: str, step: int | None) -> tuple[Any, Any, Any]:
                       f"flags from (--use-checkpoint-args)")
 
 
+# Tokenizer files: the checkpoint records absolute paths, a user may name the same file relatively.
+_PATH_FLAGS = ("tokenizer_model", "vocab_file", "merge_file")
+
+
+def _same(dest: str, given: Any, value: Any) -> bool:
+    if dest in _PATH_FLAGS and isinstance(given, str) and isinstance(value, str):
+        return os.path.realpath(given) == os.path.realpath(value)
+    return bool(given == value)
+
+
 def _set(args: argparse.Namespace, values: dict[str, Any], parser_defaults: dict[str, Any]) -> None:
     for dest, value in values.items():
         given = getattr(args, dest, None)
-        if given is not None and given != parser_defaults.get(dest) and given != value:
+        if given is not None and given != parser_defaults.get(dest) and not _same(dest, given, value):
             flag = "--" + dest.replace("_", "-")
             raise ConfigError(f"{flag} {given} disagrees with the checkpoint's {value} under --use-checkpoint-args; "
                               f"drop {flag} or --use-checkpoint-args")
