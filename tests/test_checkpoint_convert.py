@@ -172,6 +172,25 @@ def test_a_save_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
                                            f"directory (it is created if missing)\n")
 
 
+def test_a_resharded_training_checkpoint_continues_the_data_and_the_schedule(tmp_path):
+    """A legacy PP 2 checkpoint re-sharded to TP 1 (the documented way to change a legacy layout) kept its
+    iteration but lost the consumed samples and the schedule: the resume re-read the data from sample 0 at
+    the warm-up learning rate. SGD without momentum has no optimizer state, so the continuation is exact."""
+    from test_pretrain import _logged, _train
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6", "--lr", "0.1",
+            "--lr-decay-style", "cosine", "--min-lr", "0.01", "--optimizer", "sgd", "--sgd-momentum", "0",
+            "--mock-data", "--vocab-size", "255", "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--seed", "7", "--ckpt-format", "torch"]
+    ckpt = str(tmp_path / "ckpt")
+    whole = _logged(run_distributed(_train, 2, args + ["--pipeline-model-parallel-size", "2", "--save", ckpt,
+                                                       "--save-interval", "3"], timeout=240))
+    assert _cli("core", "core", ckpt, tmp_path / "tp1", "--load-iteration", 3) == 0
+    rest = _logged(run_distributed(_train, 1, args + ["--load", str(tmp_path / "tp1")], timeout=240))
+    assert rest.loaded_iteration == 3 and rest.consumed_train_samples == whole.consumed_train_samples == 24
+    assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[3:]), what="losses after the resume")
+
+
 def test_megatron_converter_flags_are_accepted(tmp_path, capsys):
     """A Megatron-LM convert command carries --megatron-path, --max-queue-size, --no-checking, the
     transformer-impl flags and --true-vocab-size: accepted, the last checked against the checkpoint."""
