@@ -53,7 +53,14 @@ def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, 
                               f"got {body[name]!r}")
     params = SamplingParams(float(body.get("temperature", defaults.temperature)), body.get("top_k", defaults.top_k),
                             float(body.get("top_p", defaults.top_p)), body.get("random_seed", defaults.seed))
-    params.validate()
+    try:
+        params.validate()
+    except ConfigError as exc:  # validate() names the command-line flags; a client sent request fields
+        message = str(exc)
+        for flag, field in (("--temperature", "temperature"), ("--top_k", "top_k"), ("--top_p", "top_p"),
+                            ("--seed", "random_seed")):
+            message = message.replace(flag, f"'{field}'")
+        raise ConfigError(message) from None
     return prompts, tokens, params
 
 
