@@ -108,3 +108,40 @@ def test_train_samples_with_rampup_counts_small_batches():
     # The batch grows by 4 every 48 / 3 = 16 samples: 4 x 4 (16 samples), 2 x 8 (32), 2 x 12 (56 >= 48),
     # then (208 - 56) // 16 = 9 full batches.
     assert args.train_iters == 4 + 2 + 2 + 9
+
+
+def test_use_checkpoint_args_takes_a_relative_path_to_the_recorded_tokenizer_file(tmp_path, monkeypatch):
+    """The checkpoint records /abs/tok.model; `--tokenizer-model tok.model` run from /abs names the same file
+    (it was refused as disagreeing); another file is still refused."""
+    import argparse
+
+    from megatron_core.training.arguments.checkpoint_args import _set
+    (tmp_path / "tok.model").write_text("x")
+    (tmp_path / "other.model").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    recorded = {"tokenizer_model": str(tmp_path / "tok.model")}
+    args = argparse.Namespace(tokenizer_model="tok.model")
+    _set(args, recorded, {"tokenizer_model": None})
+    assert args.tokenizer_model == str(tmp_path / "tok.model")
+    with pytest.raises(ConfigError, match="--tokenizer-model other.model disagrees with the checkpoint's"):
+        _set(argparse.Namespace(tokenizer_model="other.model"), recorded, {"tokenizer_model": None})
+
+
+def test_use_checkpoint_args_takes_the_tokenizer_the_converter_stored(tmp_path):
+    """An HF model converted with its tokenizer.json: --use-checkpoint-args read the model flags but then
+    stopped at '--tokenizer-type is required', though the checkpoint carries its tokenizer."""
+    from megatron_core.checkpoint.convert import main as convert
+    from megatron_core.training.arguments import build_parser
+    from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
+    from tests.hf_testing import tiny_hf_gpt2
+    from tests.test_text_generation_cli import _save_tokenizer_json
+    tiny_hf_gpt2(vocab_size=300).save_pretrained(tmp_path / "hf")
+    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    ckpt = str(tmp_path / "ckpt")
+    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                    "--save-dir", ckpt]) == 0
+    args = parse_args(["--load", ckpt, "--use-checkpoint-args", "--mock-data", "--micro-batch-size", "1",
+                       "--train-iters", "1", "--lr", "1e-3"])
+    apply_checkpoint_args(args, vars(build_parser().parse_args([])))
+    assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", f"{ckpt}/tokenizer")
+    assert (args.hidden_size, args.num_layers) == (64, 2)

@@ -75,6 +75,47 @@ def test_bad_flags_are_one_line_errors(capsys):
         "error: --global-batch-size is required: the search needs the model and batch size"
 
 
+def test_out_of_range_autotune_flags_are_one_line_errors(tmp_path, capsys):
+    """Each was taken: --world-size 0 as 'this machine's cores', -2 and --memory-per-device -1 ended in 'no
+    layout fits', --trials -1 ran every layout but the last, --output in a missing directory failed at the end."""
+    base = FLAGS + ["--world-size", "2", "--memory-per-device", "1"]
+    for extra, message in ((["--world-size", "0"], "--world-size must be >= 1, got 0"),
+                           (["--world-size", "-2"], "--world-size must be >= 1, got -2"),
+                           (["--memory-per-device", "-1"], "--memory-per-device takes GiB per rank, a finite number "
+                                                           "> 0; got -1.0"),
+                           (["--memory-per-device", "nan"], "got nan"),
+                           (["--trials", "-1"], "--trials must be >= 0, got -1"),
+                           (["--micro-batch-sizes", "2", "0"], "--micro-batch-sizes must be >= 1, got 0"),
+                           (["--output", str(tmp_path / "no" / "run.sh")], f"directory {tmp_path / 'no'} does not "
+                                                                             f"exist")):
+        assert cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (extra, err)
+
+
+def test_a_world_size_no_layout_divides_is_not_called_out_of_memory(capsys):
+    """3 ranks: 4 heads, 2 layers and a batch of 4 admit no TP, PP or DP of 3, whatever the memory."""
+    assert cli.main(FLAGS + ["--world-size", "3", "--memory-per-device", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: no layout of --world-size 3 ranks suits this model (memory aside): every one is pruned "
+                   "for the reasons above; pick a world size that the heads, layers and --global-batch-size "
+                   "divide\n"), err
+
+
+def test_the_written_deepspeed_json_is_one_this_framework_reads():
+    """It carried "pipeline": {"stages": N} (and activation_checkpointing keys for SP / full recompute),
+    which pretrain_gpt.py --deepspeed-config and megatron_core.initialize refuse as not implemented."""
+    from megatron_core.engine import deepspeed_to_megatron
+    args = cli.build_parser().parse_args(FLAGS)
+    spec = cli.model_spec(args)
+    for layout in (Layout(pp=2, dp=1, micro_batch_size=2), Layout(tp=2, dp=1, sequence_parallel=True,
+                                                                   recompute="full", micro_batch_size=4),
+                   Layout(dp=2, zero_stage=1, offload=True, micro_batch_size=2)):
+        mapped = deepspeed_to_megatron(cli.deepspeed_config(spec, layout, args), layout.dp)
+        assert (mapped.ddp.zero_stage, mapped.optimizer.optimizer_cpu_offload) == (layout.zero_stage, layout.offload)
+        assert (mapped.micro_batch_size, mapped.global_batch_size) == (layout.micro_batch_size, 4)
+
+
 def test_emitted_command_runs(tmp_path, capsys):
     out, ds = tmp_path / "run.sh", tmp_path / "ds.json"
     code = cli.main(FLAGS + ["--world-size", "2", "--memory-per-device", "1", "--no-offload",
@@ -84,9 +125,10 @@ def test_emitted_command_runs(tmp_path, capsys):
     best = re.search(r"^best: (.*)$", printed, re.M).group(1)
     config = json.loads(ds.read_text())
     assert config["train_batch_size"] == 4 and config["zero_optimization"]["stage"] in (0, 1)
-    assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * \
-        (2 // (config["tensor_parallel"]["autotp_size"] * config["pipeline"]["stages"])) == 4
     command = shlex.split(out.read_text())
+    pp = int(command[command.index("--pipeline-model-parallel-size") + 1])
+    assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * \
+        (2 // (config["tensor_parallel"]["autotp_size"] * pp)) == 4
     assert "--nproc_per_node" in command and command[command.index("--nproc_per_node") + 1] == "2"
     proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=cli.REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -140,6 +140,57 @@ def test_errors_name_the_path_and_flag(tmp_path, capsys):
         _cli("nemo", "core", tmp_path / "gpt2", tmp_path / "out")
 
 
+@pytest.mark.parametrize("family,field,value,message", [
+    ("gpt2", "n_embd", 128, "'transformer.h.0.attn.c_attn.bias' has shape (192,) but config.json gives (384,)"),
+    ("gpt2", "vocab_size", 300, "'transformer.wte.weight' has shape (256, 64) but config.json gives (300, 64)"),
+    ("gpt2", "n_layer", 1, "'transformer.h.1.attn.c_attn.bias' has no place in a GPT2LMHeadModel with this config.json "
+                           "(1 layers)"),
+    ("llama", "num_key_value_heads", 4, "'model.layers.0.self_attn.k_proj.weight' has shape (32, 64) but "
+                                        "config.json gives (64, 64)")])
+def test_a_config_json_that_does_not_describe_the_weights_is_refused(family, field, value, message, tmp_path,
+                                                                       capsys):
+    """Each converted without a word (a checkpoint of the wrong shape) or ended in a reshape traceback."""
+    import json
+    src = tmp_path / "hf"
+    (tiny_hf_gpt2() if family == "gpt2" else tiny_hf_llama()).save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, field: value}))
+    assert _cli("hf", "core", src, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"convert.py: error: --load-dir {src}: weight {message}; config.json does not describe these weights" \
+        in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_save_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    tiny_hf_gpt2().save_pretrained(tmp_path / "hf")
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    for saver in ("core", "hf"):
+        assert _cli("hf", saver, tmp_path / "hf", tmp_path / "file") == 2  # was FileExistsError's traceback
+        assert capsys.readouterr().err == (f"convert.py: error: --save-dir {tmp_path / 'file'} is a file; give a "
+                                           f"directory (it is created if missing)\n")
+
+
+def test_a_resharded_training_checkpoint_continues_the_data_and_the_schedule(tmp_path):
+    """A legacy PP 2 checkpoint re-sharded to TP 1 (the documented way to change a legacy layout) kept its
+    iteration but lost the consumed samples and the schedule: the resume re-read the data from sample 0 at
+    the warm-up learning rate. SGD without momentum has no optimizer state, so the continuation is exact."""
+    from test_pretrain import _logged, _train
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6", "--lr", "0.1",
+            "--lr-decay-style", "cosine", "--min-lr", "0.01", "--optimizer", "sgd", "--sgd-momentum", "0",
+            "--mock-data", "--vocab-size", "255", "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--seed", "7", "--ckpt-format", "torch"]
+    ckpt = str(tmp_path / "ckpt")
+    whole = _logged(run_distributed(_train, 2, args + ["--pipeline-model-parallel-size", "2", "--save", ckpt,
+                                                       "--save-interval", "3"], timeout=240))
+    assert _cli("core", "core", ckpt, tmp_path / "tp1", "--load-iteration", 3) == 0
+    rest = _logged(run_distributed(_train, 1, args + ["--load", str(tmp_path / "tp1")], timeout=240))
+    assert rest.loaded_iteration == 3 and rest.consumed_train_samples == whole.consumed_train_samples == 24
+    assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[3:]), what="losses after the resume")
+
+
 def test_megatron_converter_flags_are_accepted(tmp_path, capsys):
     """A Megatron-LM convert command carries --megatron-path, --max-queue-size, --no-checking, the
     transformer-impl flags and --true-vocab-size: accepted, the last checked against the checkpoint."""

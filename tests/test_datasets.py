@@ -257,8 +257,12 @@ def test_split_ranges_and_errors(tmp_path, data):
         for _ in range(3):
             builder.add_document([], [0])
         builder.finalize(str(empty) + ".idx")
-    with pytest.raises(ValueError, match="holds no tokens"):
+    with pytest.raises(ValueError, match=r"holds no tokens, but 1 samples are needed; its documents are all empty: "
+                                         r"move the --split boundaries or add data$"):
         build_gpt_datasets(config(tmp_path, empty), [1, 0, 0])
+    with pytest.raises(ValueError, match=r"the valid split .* move the --split boundaries, evaluate nothing "
+                                         r"\(--eval-iters 0\) or add data$"):
+        build_gpt_datasets(config(tmp_path, empty, split="34,33,33"), [0, 1, 0])
 
 
 def test_blended_fractions_follow_weights(tmp_path):

@@ -13,9 +13,10 @@ import sys
 
 import pytest
 import torch
-from engine_common import ds_config, make_model, reference, run_steps, state_of
+from engine_common import VOCAB, ds_config, make_model, reference, run_steps, state_of
 from equivalence import assert_rel_close
 from harness import run_distributed
+from hf_testing import tiny_hf_gpt2
 
 import megatron_core
 from megatron_core.engine.consolidate import consolidate_state_dict, save_consolidated
@@ -174,6 +175,43 @@ def test_load_without_latest_returns_none_and_warns(tmp_path):
         result, err = run_distributed(_load_from, 1, str(directory), timeout=60)[0]
         assert result == (None, {})
         assert err.startswith(f"warning: load_checkpoint: {str(directory)!r} {where}; nothing was loaded"), err
+
+
+def _save_one_step(kind, directory):
+    engine, _, _, _ = megatron_core.initialize(make_model(kind), config=ds_config(1, 1, 1, kind),
+                                               dist_init_required=False)
+    run_steps(kind, engine, 0, 1)
+    engine.save_checkpoint(directory)
+    engine.parallel_state.destroy()
+
+
+def _load_into(kind, directory, **sizes):
+    import torch.distributed as dist
+    model = make_model(kind) if not sizes else tiny_hf_gpt2(vocab_size=VOCAB, positions=16, **sizes)
+    engine, _, _, _ = megatron_core.initialize(model, config=ds_config(dist.get_world_size(), 1, 1, kind),
+                                               dist_init_required=False)
+    try:
+        engine.load_checkpoint(directory)
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+def test_a_checkpoint_of_another_model_is_one_line(tmp_path):
+    """A GPT-2 checkpoint loaded into a Llama engine, or into a wider GPT-2: torch's multi-line strict
+    load_state_dict RuntimeError (hundreds of key names) became one ConfigError line with a first example."""
+    run_distributed(_save_one_step, 1, "gpt2", str(tmp_path), timeout=120)
+    path = tmp_path / "global_step1" / "mp_rank_00_model_states.pt"
+    message = run_distributed(_load_into, 1, "llama", str(tmp_path), timeout=120)[0]
+    assert message.startswith(f"load_checkpoint: {path} holds another model than this engine's (") \
+        and "missing key(s), e.g. 'model.embed_tokens.weight'" in message \
+        and "unexpected key(s), e.g. 'transformer.wte.weight'" in message \
+        and message.endswith("); load it into the model it was saved from") and "\n" not in message, message
+    message = run_distributed(_load_into, 1, "gpt2", str(tmp_path), hidden=64, layers=1, heads=4,
+                              timeout=120)[0]
+    assert "of another shape, e.g. transformer.wte.weight: [64, 32] saved, [64, 64] here" in message, message
 
 
 def _save_with_a_full_disk_on_rank_1(directory):

@@ -66,6 +66,39 @@ def test_load_at_the_wrong_path_is_an_error_not_a_fresh_start(saved, tmp_path, w
     _one_line_error(_messages(["--load", path], world=1), f"--load {path}", "expected a checkpoint directory")
 
 
+def _engine_checkpoint(directory):
+    import megatron_core
+    model = torch.nn.Linear(4, 4)
+    engine, _, _, _ = megatron_core.initialize(model, config={"train_batch_size": 1, "optimizer": {
+        "type": "SGD", "params": {"lr": 0.1}}}, dist_init_required=False)
+    engine.save_checkpoint(directory)
+    engine.parallel_state.destroy()
+
+
+def test_load_at_a_hugging_face_folder_or_an_engine_checkpoint_names_the_conversion(saved, tmp_path):
+    """Both ended at 'holds config.json, ... but no checkpoint' (pretrain_gpt.py) and, from
+    run_text_generation.py, at the converter's 'use --loader hf' (a flag that tool does not have)."""
+    from megatron_core.errors import ConfigError
+    from megatron_core.inference.loading import read_full_model
+    from tests.hf_testing import tiny_hf_gpt2
+    hf, engine = str(tmp_path / "hf"), str(tmp_path / "engine")
+    tiny_hf_gpt2().save_pretrained(hf)
+    run_distributed(_engine_checkpoint, 1, engine, timeout=60)
+    convert = "tools/checkpoint/convert.py --model-type GPT --loader hf --saver core --load-dir"
+    _one_line_error(_messages(["--load", hf], world=1),
+                    f"; it is a Hugging Face model folder: convert it with {convert} {hf} --save-dir CKPT and load "
+                    f"CKPT")
+    engine_hint = (f"; it is a megatron_core.initialize (engine) checkpoint: for a transformers model write a Hugging "
+                   f"Face folder with tools/zero_to_fp32.py {engine} HF_DIR, then {convert} HF_DIR --save-dir CKPT")
+    _one_line_error(_messages(["--load", engine], world=1), engine_hint)
+    with pytest.raises(ConfigError) as error:
+        read_full_model(engine)
+    assert str(error.value) == (f"--load {engine} is neither a Hugging Face folder (no config.json) nor a training "
+                                f"checkpoint (no {io.TRACKER_FILENAME}){engine_hint}")
+    with pytest.raises(ConfigError, match=f"it is one iteration's directory: pass --load {saved} --load-iteration 2$"):
+        read_full_model(io.iteration_dir(saved, 2))
+
+
 def test_load_from_a_missing_or_empty_directory_starts_fresh(tmp_path):
     (tmp_path / "empty").mkdir()
     for path in (tmp_path / "missing", tmp_path / "empty"):

@@ -88,7 +88,8 @@ def test_sampling_seeded_cache_and_pipeline():
 def test_bad_requests_raise_config_error():
     hf_model = tiny_hf_gpt2()
     for runs in ([([[]], None, None, True)], [([[1] * 30], None, None, True)],
-                 [(PROMPTS, None, SamplingParams(top_p=1.5), True)]):
+                 [(PROMPTS, None, SamplingParams(top_p=1.5), True)], [([[5, 256]], None, None, True)],
+                 [([[-1, 5]], None, None, True)]):
         with pytest.raises(Exception, match="ConfigError"):
             run_distributed(_ours, 1, hf_model, runs, timeout=60)
     assert issubclass(ConfigError, ValueError)

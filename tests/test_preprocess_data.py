@@ -141,6 +141,21 @@ def test_tokenizer_flag_errors_are_one_line(tmp_path, capsys):
     assert rc == 1 and "--vocab-size" in capsys.readouterr().err
 
 
+def test_a_wrong_tokenizer_file_or_a_directory_as_input_is_one_line(tmp_path, capsys):
+    """--tokenizer-model naming a JSONL (not a SentencePiece model) raised sentencepiece's RuntimeError
+    traceback; --input naming a directory said 'file not found'."""
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    common = ["--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "SentencePieceTokenizer"]
+    rc = preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--tokenizer-model", str(tmp_path / "in.jsonl"),
+                               *common])
+    assert rc == 1 and capsys.readouterr().err == (
+        f"error: --tokenizer-model {str(tmp_path / 'in.jsonl')!r} is not a SentencePiece .model file; pass one "
+        f"(train one with tools/train_tokenizer.py), or the --tokenizer-type that reads this file\n")
+    rc = preprocess_data.main(["--input", str(tmp_path), "--tokenizer-model", "unused.model", *common])
+    assert rc == 1 and capsys.readouterr().err == (
+        f"error: --input {str(tmp_path)!r} is a directory; pass its JSONL files (e.g. --input {tmp_path}/*.jsonl)\n")
+
+
 def test_null_tokenizer_large_vocab_uses_int32(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2 70000"}, {"text": "99999"}])
     rc = preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"),

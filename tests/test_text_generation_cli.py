@@ -87,6 +87,18 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     assert "--load" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
+def test_a_prompt_token_outside_the_vocabulary_is_a_one_line_error(tmp_path):
+    """--prompt-tokens 1,2,9999 against a 256-token model: exit 2 and one line, not the embedding's traceback."""
+    tiny_hf_gpt2().save_pretrained(tmp_path / "hf")
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, TOOL, "--load", str(tmp_path / "hf"), "--prompt-tokens", "1,2,9999"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert lines == ["run_text_generation.py: error: prompt token id 9999 is outside the model's vocabulary "
+                     "[0, 256); give ids the model's tokenizer produces"], proc.stderr[-3000:]
+
+
 def test_sampling_flags_default_to_megatrons_whole_vocabulary_sampling():
     from megatron_core.inference import SamplingParams
     from megatron_core.inference.text_generation_cli import build_parser, sampling_from_args

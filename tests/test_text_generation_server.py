@@ -82,7 +82,20 @@ def test_server_answers_concurrent_requests_under_tp2(tmp_path):
         status, answer = _put(port, {"prompts": ["x" * 4], "tokens_to_generate": 40})
         assert status == 400 and "--max-position-embeddings" in answer["error"]
         status, answer = _put(port, {"prompts": ["x"], "tokens_to_generate": 2, "top_p": 1.5})
-        assert status == 400 and "--top_p must be in [0, 1], got 1.5" in answer["error"], answer
+        assert status == 400 and answer["error"] == "'top_p' must be in [0, 1], got 1.5", answer
+        # Each answered 500 (a traceback on rank 0) and killed rank 1's worker loop, so the TP2 server was dead.
+        nan_message = "'temperature' must be a finite number >= 0, got nan"
+        for field, value, message in (("temperature", float("nan"), nan_message),
+                                      ("random_seed", 1e30, "'random_seed' must be an integer, got 1e+30"),
+                                      ("random_seed", 10**26, "'random_seed' must be in [0, 2**64)"),
+                                      ("top_k", 1.7, "'top_k' must be an integer, got 1.7")):
+            status, answer = _put(port, {"prompts": ["x"], "tokens_to_generate": 2, field: value})
+            assert status == 400 and message in answer["error"], (field, value, answer)
+        # A JSON body sent without Content-Type: application/json (curl -d) is read, not called "not an object".
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api", method="PUT",
+                                     data=json.dumps({"prompts": ["the"], "tokens_to_generate": 1}).encode())
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200 and len(json.loads(resp.read())["tokens"]) == 1
         status, answer = _put(port, {"prompts": ["the"], "tokens_to_generate": 2})  # still serving after errors
         assert status == 200 and len(answer["tokens"][0]) <= len(tok.encode("the").ids) + 2
     finally:

@@ -102,7 +102,9 @@ def test_training_lines_of_jsonl_and_text(tmp_path):
 
 
 def test_train_vocab_too_small_is_a_clear_error(tmp_path, corpus_file):
-    with pytest.raises(ValueError, match="--vocab-size 100"):
+    with pytest.raises(ValueError, match=r"^--vocab-size 100 is too small: the input's characters at "
+                                         r"--character-coverage 0.9995 need \d+ pieces; raise --vocab-size to at "
+                                         r"least \d+ or lower --character-coverage$"):
         train_sentencepiece([corpus_file], str(tmp_path / "small"), vocab_size=100)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -100,18 +101,18 @@ def torchrun_command(spec: ModelSpec, layout: Layout, user_flags: list[str]) -> 
 
 
 def deepspeed_config(spec: ModelSpec, layout: Layout, args: argparse.Namespace) -> dict:
-    """The layout in DeepSpeed's JSON keys (https://www.deepspeed.ai/docs/config-json/)."""
+    """The layout in DeepSpeed's JSON keys (https://www.deepspeed.ai/docs/config-json/), as
+    ``pretrain_gpt.py --deepspeed-config`` and ``megatron_core.initialize`` read them: batch, ZeRO, offload,
+    precision, clipping, optimizer, AutoTP. Pipeline stages, sequence parallelism and recompute stay on the
+    torchrun line: DeepSpeed sets stages in code (``PipelineModule``), and the activation_checkpointing keys
+    that would carry the others are refused by this framework's parser (it does not implement them)."""
     zero: dict = {"stage": layout.zero_stage}
     if layout.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {"train_batch_size": spec.global_batch_size, "train_micro_batch_size_per_gpu": layout.micro_batch_size,
               "gradient_accumulation_steps": spec.num_microbatches(layout), "zero_optimization": zero,
               "gradient_clipping": args.clip_grad, "bf16": {"enabled": bool(args.bf16)},
-              "fp16": {"enabled": bool(args.fp16)},
-              "activation_checkpointing": {
-                  "partition_activations": layout.sequence_parallel,
-                  "number_checkpoints": spec.config.num_layers if layout.recompute == "full" else None},
-              "tensor_parallel": {"autotp_size": layout.tp}, "pipeline": {"stages": layout.pp}}
+              "fp16": {"enabled": bool(args.fp16)}, "tensor_parallel": {"autotp_size": layout.tp}}
     if args.optimizer == "adam":
         config["optimizer"] = {"type": "AdamW", "params": {"lr": args.lr, "betas": [args.adam_beta1, args.adam_beta2],
                                                            "eps": args.adam_eps, "weight_decay": args.weight_decay}}
@@ -207,6 +208,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _check_autotune_args(args: argparse.Namespace) -> None:
+    """ConfigError naming the first autotune flag out of range, and an output file that cannot be written,
+    before the search spends minutes (``--trials -1`` would run every layout but the last)."""
+    for flag, value, least in (("--world-size", args.world_size, 1), ("--trials", args.trials, 0),
+                               ("--trial-iters", args.trial_iters, 1), ("--top", args.top, 1),
+                               *(("--micro-batch-sizes", m, 1) for m in args.micro_batch_sizes or ())):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    memory = args.memory_per_device
+    if memory is not None and not (memory > 0 and math.isfinite(memory)):
+        raise ConfigError(f"--memory-per-device takes GiB per rank, a finite number > 0; got {memory}")
+    for flag, path in (("--output", args.output), ("--output-deepspeed-json", args.output_deepspeed_json)):
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ConfigError(f"{flag} {path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
+
+
 def _main(argv: list[str]) -> int:
     from tqdm import tqdm
 
@@ -214,8 +231,9 @@ def _main(argv: list[str]) -> int:
     from megatron_core.training.flops import flops_per_iteration
 
     args = build_parser().parse_args(argv)
-    world = args.world_size or os.cpu_count() or 1
-    memory = (args.memory_per_device or _machine_memory_gib() / world) * GIB
+    _check_autotune_args(args)
+    world = args.world_size if args.world_size is not None else os.cpu_count() or 1
+    memory = (args.memory_per_device if args.memory_per_device is not None else _machine_memory_gib() / world) * GIB
     spec = model_spec(args)
     layouts = enumerate_layouts(spec, world, args.micro_batch_sizes, with_offload=not args.no_offload)
     c = spec.config
@@ -224,7 +242,12 @@ def _main(argv: list[str]) -> int:
                                 c.gated_linear_unit, spec.padded_vocab(1))
     valid = [c.layout for c in search(spec, layouts, memory) if c.reason is None]
     if not valid:
-        print_table(search(spec, layouts, memory), args.top)
+        pruned = search(spec, layouts, memory)
+        print_table(pruned, args.top)
+        if not any((c.reason or "").startswith("out of memory") for c in pruned):
+            raise ConfigError(f"no layout of --world-size {world} ranks suits this model (memory aside): every one "
+                              f"is pruned for the reasons above; pick a world size that the heads, layers and "
+                              f"--global-batch-size divide")
         raise ConfigError(f"no layout of {world} ranks fits in {memory / GIB:.3f} GiB per rank")
     prof = profile(spec, valid, world, progress=lambda keys: tqdm(keys, desc="profiling layers", file=sys.stderr))
     cands = search(spec, layouts, memory, predict_time=lambda lay: step_time(spec, lay, prof, flops),

@@ -20,8 +20,8 @@ from megatron_core.autotune.memory import (
     zero3_gather_window_bytes,
 )
 
-# pretrain_gpt.py's flags for each ZeRO stage it can launch. Stage 2 is in the library but has no
-# command-line flag yet; add ``2: ["--zero-stage", "2"]`` (and 3 once ZeRO-3 lands) when it has.
+# pretrain_gpt.py's flags for each ZeRO stage it can launch (a stage missing here would be listed, never
+# written out or tried).
 ZERO_STAGE_FLAGS: dict[int, list[str]] = {0: [], 1: ["--use-distributed-optimizer"], 2: ["--zero-stage", "2"],
                                           3: ["--zero-stage", "3"]}
 OFFLOAD_LAUNCHABLE = True  # --optimizer-cpu-offload

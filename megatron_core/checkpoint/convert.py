@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,8 +28,15 @@ import torch
 from megatron_core.checkpoint import hf_gpt2, hf_llama
 from megatron_core.checkpoint.core_format import load_core_checkpoint, make_model_info, save_core_checkpoint
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
-from megatron_core.checkpoint.hf_io import load_hf_config, load_hf_state, normal_permissions, save_hf_dir
+from megatron_core.checkpoint.hf_io import (
+    check_hf_state,
+    load_hf_config,
+    load_hf_state,
+    normal_permissions,
+    save_hf_dir,
+)
 from megatron_core.checkpoint.hf_tokenizer import has_tokenizer, load_dir_tokenizer, save_tokenizer, special_ids
+from megatron_core.dist_checkpointing import read_common
 from megatron_core.dist_checkpointing.full_model import is_torch_dist, load_full_model
 from megatron_core.tokenizer.base import MegatronTokenizer
 from megatron_core.tokenizer.build import build_tokenizer
@@ -51,6 +58,7 @@ class FullModel:
     hf_family: str | None = None
     tokenizer: MegatronTokenizer | None = None
     iteration: int | None = None  # of a Megatron checkpoint: kept when it is resharded
+    train_state: dict[str, Any] = field(default_factory=dict)  # core_format.TRAIN_STATE_KEYS, kept likewise
 
 
 def _family_of(hf_config: Any, path: str) -> str:
@@ -69,10 +77,12 @@ def load_hf(path: str) -> FullModel:
     module = _HF_MODULES[family]
     config, vocab, positions = module.config_from_hf(hf_config)
     state = load_hf_state(path)
+    check_hf_state(path, hf_config, state)
     try:
         full = module.state_to_core(state, config)
     except KeyError as exc:
-        raise KeyError(f"--load-dir {path}: weight {exc} is missing for a {module.ARCHITECTURE}") from None
+        raise ValueError(f"--load-dir {path}: weight {exc} is missing for a {module.ARCHITECTURE}; config.json "
+                         f"describes more than the file holds: use the config the weights were saved with") from None
     tokenizer = load_dir_tokenizer(path) if has_tokenizer(path) else None
     return FullModel(config, vocab, positions, full, family, tokenizer)
 
@@ -100,7 +110,7 @@ def load_core(path: str, iteration: int | None = None) -> FullModel:
     """Read and merge every rank of a Megatron checkpoint (torch_dist or legacy, any layout)."""
     if is_torch_dist(path, iteration):
         return _load_torch_dist(path, iteration)
-    config, info, state = load_core_checkpoint(path, iteration)
+    config, info, state, train_state = load_core_checkpoint(path, iteration)
     family = info.get("hf_model_type")
     tokenizer = None
     saved = (info.get("tokenizer") or {}).get("dir")
@@ -108,15 +118,19 @@ def load_core(path: str, iteration: int | None = None) -> FullModel:
         tokenizer = load_dir_tokenizer(os.path.join(path, saved))
     return FullModel(config, info.get("vocab_size") or info["padded_vocab_size"],
                      int(info.get("max_position_embeddings") or info["seq_length"]), state, family, tokenizer,
-                     iteration if iteration is not None else io.read_tracker(path))
+                     iteration if iteration is not None else io.read_tracker(path), train_state)
 
 
 def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
     full = load_full_model(path, iteration)
     info = full.model_info
+    common = read_common(path, full.iteration)
+    train_state = {"consumed_train_samples": common.get("extra", {}).get("consumed_train_samples"),
+                   "opt_param_scheduler": common.get("scheduler")}
     return FullModel(full.config, int(info.get("vocab_size") or info["padded_vocab_size"]),
                      int(info.get("max_position_embeddings") or info["seq_length"]), full.state, None,
-                     tokenizer_from_flags(full.tokenizer), full.iteration)
+                     tokenizer_from_flags(full.tokenizer), full.iteration,
+                     {k: v for k, v in train_state.items() if v is not None})
 
 
 def tokenizer_from_flags(flags: dict[str, Any]) -> MegatronTokenizer | None:
@@ -157,7 +171,7 @@ def save_core(model: FullModel, path: str, tp: int, pp: int = 1, vpp: int | None
         extra["tokenizer"] = _save_core_tokenizer(model.tokenizer, path)
     info = make_model_info(model.config, model.vocab_size, model.max_position_embeddings, tp, pp, vpp,
                            make_vocab_size_divisible_by, hf_model_type=model.hf_family, **extra)
-    return save_core_checkpoint(path, model.config, info, model.state, iteration)
+    return save_core_checkpoint(path, model.config, info, model.state, iteration, model.train_state)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
     try:
+        if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+            raise ValueError(f"--save-dir {args.save_dir} is a file; give a directory (it is created if missing)")
         model = load_hf(args.load_dir) if loader == "hf" else load_core(args.load_dir, args.load_iteration)
         if args.true_vocab_size is not None and args.true_vocab_size != model.vocab_size:
             raise ValueError(f"--true-vocab-size {args.true_vocab_size} differs from the vocabulary size "

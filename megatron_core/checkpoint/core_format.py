@@ -34,10 +34,17 @@ def make_model_info(config: TransformerConfig, vocab_size: int, max_position_emb
             "virtual_pipeline_model_parallel_size": vpp, **extra}
 
 
+# What a training checkpoint holds beside the model that no layout change touches: carried by a
+# re-shard so that a run resumed from it continues the data order and the learning-rate schedule.
+TRAIN_STATE_KEYS = ("consumed_train_samples", "opt_param_scheduler")
+
+
 def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: dict[str, Any],
-                         full: dict[str, torch.Tensor], iteration: int = 1) -> str:
+                         full: dict[str, torch.Tensor], iteration: int = 1,
+                         train_state: dict[str, Any] | None = None) -> str:
     """Shard ``full`` (TP = 1, PP = 1, true vocabulary) over the TP/PP sizes in ``model_info`` and write
-    every rank's file; returns the iteration directory. The tracker is written last."""
+    every rank's file; returns the iteration directory. The tracker is written last. ``train_state``
+    (:data:`TRAIN_STATE_KEYS` of a re-sharded training checkpoint) goes into every file."""
     tp, pp = model_info["tensor_model_parallel_size"], model_info["pipeline_model_parallel_size"]
     vpp = model_info.get("virtual_pipeline_model_parallel_size")
     config.validate_parallel(tp, pp, vpp)
@@ -52,7 +59,8 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
                   for chunk in chunks]
         for tp_rank in range(tp):
             state: dict[str, Any] = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-                                     "config": config.to_dict(), "model_info": dict(model_info)}
+                                     "config": config.to_dict(), "model_info": dict(model_info),
+                                     **(train_state or {})}
             keys = ["model"] if vpp is None else [f"model{v}" for v in stages]
             for key, shards in zip(keys, per_tp, strict=True):
                 state[key] = shards[tp_rank]
@@ -78,8 +86,9 @@ def _iteration_dir(load_dir: str, iteration: int | None) -> str:
 
 
 def load_core_checkpoint(load_dir: str, iteration: int | None = None
-                         ) -> tuple[TransformerConfig, dict[str, Any], dict[str, torch.Tensor]]:
-    """``(config, model_info, full state dict)`` merged from every TP/PP rank's file."""
+                         ) -> tuple[TransformerConfig, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """``(config, model_info, full state dict, train state)`` merged from every TP/PP rank's file; the train
+    state is the first file's :data:`TRAIN_STATE_KEYS` (none in a converted Hugging Face model)."""
     path = _iteration_dir(load_dir, iteration)
     first = os.path.join(path, io.mp_rank_name(0, 0, 1), io.MODEL_FILENAME)
     if not os.path.isfile(first):
@@ -105,4 +114,5 @@ def load_core_checkpoint(load_dir: str, iteration: int | None = None
             if missing:
                 raise KeyError(f"{path}: TP ranks {missing} of pipeline rank {pp_rank} have no {key!r} entry")
             chunks[(vp or 0) * pp + pp_rank] = merge_tp_shards([f[key] for f in files], config, vocab)
-    return config, info, merge_chunks(chunks, config, pp, vpp, config.share_embeddings_and_output_weights)
+    train_state = {key: head[key] for key in TRAIN_STATE_KEYS if key in head}
+    return config, info, merge_chunks(chunks, config, pp, vpp, config.share_embeddings_and_output_weights), train_state

@@ -49,6 +49,36 @@ def load_hf_state(path: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"--load-dir {path} has none of {', '.join(_WEIGHT_FILES)}")
 
 
+# Buffers older transformers versions saved beside the weights (GPT-2's causal mask, Llama's RoPE frequencies).
+_SAVED_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+def check_hf_state(path: str, hf_config: Any, state: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError when ``config.json`` does not describe the weights of ``path``.
+
+    The reference is the ``transformers`` model built from ``hf_config`` on the meta device (no memory):
+    every stored tensor must have its shape there, and none may be left without a place (e.g. a config
+    with fewer layers than the file holds). A bare base model's keys (no ``transformer.`` / ``model.``
+    prefix) are matched as ``from_pretrained`` matches them. Missing weights are the converters' check.
+    """
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(hf_config)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    prefix = f"{reference.base_model_prefix}."
+    fix = "config.json does not describe these weights; use the config they were saved with"
+    for key, tensor in sorted(state.items()):
+        name = key if key in expected else prefix + key
+        if name not in expected:
+            if key.endswith(_SAVED_BUFFERS):
+                continue
+            raise ValueError(f"--load-dir {path}: weight {key!r} has no place in a {type(reference).__name__} "
+                             f"with this config.json ({hf_config.num_hidden_layers} layers); {fix}")
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"--load-dir {path}: weight {key!r} has shape {tuple(tensor.shape)} but config.json "
+                             f"gives {expected[name]}; {fix}")
+
+
 def normal_permissions(path: str) -> None:
     """Give every file directly in ``path`` the mode a plain ``open(..., "w")`` would (0o666 minus the umask).
 

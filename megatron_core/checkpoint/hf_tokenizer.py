@@ -41,6 +41,19 @@ def has_tokenizer(path: str) -> bool:
                                                                       "vocab.json"))
 
 
+def dir_tokenizer_flags(path: str) -> dict[str, str]:
+    """The ``--tokenizer-*`` flags that build the tokenizer saved in ``path`` (as :func:`load_dir_tokenizer`
+    reads it); empty when ``path`` holds none."""
+    if os.path.isfile(os.path.join(path, "tokenizer.model")):
+        return {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": os.path.join(path, "tokenizer.model")}
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": path}
+    if os.path.isfile(os.path.join(path, "vocab.json")):
+        return {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": os.path.join(path, "vocab.json"),
+                "merge_file": os.path.join(path, "merges.txt")}
+    return {}
+
+
 def load_dir_tokenizer(path: str) -> MegatronTokenizer:
     """The tokenizer saved in ``path`` by :func:`save_tokenizer` (or by ``transformers``).
 

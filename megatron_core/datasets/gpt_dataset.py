@@ -68,9 +68,11 @@ class GPTDataset(torch.utils.data.Dataset):
         if self.indexed_indices.size == 0:
             raise ValueError(f"the {index_split} split of {where!r} has no documents")
         if num_samples and int(np.asarray(indexed_dataset.sequence_lengths)[self.indexed_indices].sum()) == 0:
+            skip = "" if index_split == "train" else ", evaluate nothing (--eval-iters 0)"
             raise ValueError(
                 f"the {index_split} split of {where!r} (documents {self.indexed_indices[0]}.."
-                f"{self.indexed_indices[-1]}) holds no tokens, but {num_samples} samples are needed"
+                f"{self.indexed_indices[-1]}) holds no tokens, but {num_samples} samples are needed; its documents "
+                f"are all empty: move the --split boundaries{skip} or add data"
             )
         self.unique_description = self._describe()
         self.unique_description_hash = description_hash(self.unique_description)

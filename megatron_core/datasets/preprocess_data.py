@@ -169,6 +169,8 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
     """Run the conversion described by parsed ``args``; raises ValueError/BadLineError on failure."""
     args = _with_defaults(args)
     for path in args.input:
+        if os.path.isdir(path):
+            raise ValueError(f"--input {path!r} is a directory; pass its JSONL files (e.g. --input {path}/*.jsonl)")
         if not os.path.isfile(path):
             raise ValueError(f"--input file not found: {path!r}")
     if args.workers < 1:

@@ -278,6 +278,22 @@ def _load_optimizer(engine: Any, folder: str, meta: dict) -> None:
     engine.optimizer._copy_main_to_model()
 
 
+def _mismatch(message: str) -> str:
+    """One line from ``load_state_dict``'s multi-line strict-mode error: counts and a first example of each."""
+    parts = []
+    for kind in ("Missing", "Unexpected"):
+        found = re.search(rf"{kind} key\(s\) in state_dict: (.*)", message)
+        if found:
+            keys = re.findall(r'"([^"]+)"', found.group(1))
+            parts.append(f"{len(keys)} {kind.lower()} key(s), e.g. {keys[0]!r}")
+    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", message)
+    if sizes:
+        name, saved, current = sizes[0]
+        parts.append(f"{len(sizes)} of another shape, e.g. {name}: {saved} saved, {current} here")
+    return "; ".join(parts) or message.splitlines()[0]
+
+
 def load(
     engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool
 ) -> tuple[str | None, dict]:
@@ -307,7 +323,13 @@ def load(
             f"load_checkpoint: the checkpoint has tensor_parallel.autotp_size {saved['tp_size']}, this run "
             f"{ps.tp_size}: use the same AutoTP size (consolidate it to change the layout)"
         )
-    engine.module.load_state_dict(saved["module"], strict=True)
+    try:
+        engine.module.load_state_dict(saved["module"], strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load it "
+            f"into the model it was saved from"
+        ) from None
     if load_optimizer:
         _load_optimizer(engine, folder, saved["param_meta"])
         if engine.optimizer.grad_scaler is not None and saved["grad_scaler"] is not None:

@@ -69,10 +69,14 @@ def _next_tokens(logits: torch.Tensor | None, batch: int, params: SamplingParams
     return chosen
 
 
-def _check(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def _check(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, vocab_size: int,
            parallel_state: ParallelState) -> int:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompts: every prompt needs at least one token (nothing to condition on otherwise)")
+    bad = next((t for p in prompts for t in p if not 0 <= t < vocab_size), None)
+    if bad is not None:  # caught here, on every rank alike, not as an embedding error inside the forward
+        raise ConfigError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab_size}); "
+                          f"give ids the model's tokenizer produces")
     if max_new_tokens < 0:
         raise ConfigError(f"tokens_to_generate must be >= 0, got {max_new_tokens}")
     if parallel_state.vpp_size is not None:
@@ -94,12 +98,13 @@ def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: 
 
     ``model``: this rank's GPTModel chunk (eval mode is set here). ``vocab_size``: the true vocabulary;
     logits of TP padding ids are masked. Every rank of the model-parallel group must call this with the
-    same arguments. Raises ConfigError for empty prompts or a length beyond the position table.
+    same arguments. Raises ConfigError for empty prompts, a token id outside ``[0, vocab_size)`` or a length
+    beyond the position table.
     """
     ps = get_parallel_state(parallel_state)
     params = sampling or SamplingParams(top_k=1)
     params.validate()
-    total = _check(model, prompts, max_new_tokens, ps)
+    total = _check(model, prompts, max_new_tokens, vocab_size, ps)
     model.eval()
     device = next(model.parameters()).device
     batch = len(prompts)

@@ -29,6 +29,8 @@ from megatron_core.models.gpt.gpt_model import GPTModel
 from megatron_core.parallel_state import ParallelState
 from megatron_core.tokenizer.base import MegatronTokenizer
 from megatron_core.tokenizer.build import build_tokenizer
+from megatron_core.training.checkpoint_io import TRACKER_FILENAME as TRACKER
+from megatron_core.training.checkpoint_io import foreign_checkpoint_hint
 from megatron_core.transformer.config import TransformerConfig
 
 
@@ -56,9 +58,15 @@ def read_full_model(load: str, iteration: int | None = None) -> tuple[FullModel,
     """``(whole model, "hf" | "legacy")`` from ``load``. Raises ConfigError naming --load when it is neither."""
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load} is not a directory; pass a training checkpoint or a Hugging Face directory")
-    if os.path.isfile(os.path.join(load, "config.json")):
-        return load_hf(load), "hf"
+    if not os.path.isfile(os.path.join(load, "config.json")) and not os.path.isfile(os.path.join(load, TRACKER)):
+        name, parent = os.path.basename(os.path.normpath(load)), os.path.dirname(os.path.normpath(load))
+        step = f"; it is one iteration's directory: pass --load {parent} --load-iteration " \
+               f"{name[len('iter_'):].lstrip('0') or '0'}" if name.startswith("iter_") else ""
+        raise ConfigError(f"--load {load} is neither a Hugging Face folder (no config.json) nor a training checkpoint "
+                          f"(no {TRACKER}){step or foreign_checkpoint_hint(load)}")
     try:
+        if os.path.isfile(os.path.join(load, "config.json")):
+            return load_hf(load), "hf"
         return load_core(load, iteration), "legacy"
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise ConfigError(f"--load {load}: {exc}") from None

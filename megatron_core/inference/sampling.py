@@ -7,6 +7,7 @@ to at least p (Holtzman et al. 2019, "The Curious Case of Neural Text Degenerati
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +26,14 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ConfigError on an out-of-range value (names the Megatron-LM flag)."""
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails both
+            raise ConfigError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"--top_k must be >= 0, got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ConfigError(f"--top_p must be in [0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**64:  # torch.Generator.manual_seed's range (raises an OverflowError past it)
+            raise ConfigError(f"--seed must be in [0, 2**64), got {self.seed}")
         if self.top_k > 1 and self.top_p > 0:
             raise ConfigError("--top_k and --top_p cannot both be set (as in Megatron-LM); pick one")
 

@@ -49,12 +49,22 @@ def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, 
     if unknown:
         raise ConfigError(f"unknown request fields {sorted(unknown)}; accepted: prompts, tokens_to_generate, "
                           f"temperature, top_k, top_p, random_seed")
+    for name, kinds in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", (int,)),
+                        ("random_seed", (int,))):
+        # No silent casts: 1.7 is not a top_k, true is not a temperature, 1e30 is not a seed.
+        if name in body and (isinstance(body[name], bool) or not isinstance(body[name], kinds)):
+            raise ConfigError(f"'{name}' must be {'an integer' if kinds == (int,) else 'a number'}, "
+                              f"got {body[name]!r}")
+    params = SamplingParams(float(body.get("temperature", defaults.temperature)), body.get("top_k", defaults.top_k),
+                            float(body.get("top_p", defaults.top_p)), body.get("random_seed", defaults.seed))
     try:
-        params = SamplingParams(float(body.get("temperature", defaults.temperature)),
-                                int(body.get("top_k", defaults.top_k)), float(body.get("top_p", defaults.top_p)),
-                                int(body.get("random_seed", defaults.seed)))
-    except (TypeError, ValueError):
-        raise ConfigError("'temperature'/'top_p' must be numbers, 'top_k'/'random_seed' integers") from None
+        params.validate()
+    except ConfigError as exc:  # validate() names the command-line flags; a client sent request fields
+        message = str(exc)
+        for flag, field in (("--temperature", "temperature"), ("--top_k", "top_k"), ("--top_p", "top_p"),
+                            ("--seed", "random_seed")):
+            message = message.replace(flag, f"'{field}'")
+        raise ConfigError(message) from None
     return prompts, tokens, params
 
 
@@ -81,8 +91,8 @@ def create_app(gen: Generator, defaults: SamplingParams):
 
     @app.put("/api")
     def api():
-        try:
-            prompts, tokens, params = parse_request(request.get_json(silent=True), defaults)
+        try:  # force: a JSON body is read whatever its Content-Type (curl -d sends a form type)
+            prompts, tokens, params = parse_request(request.get_json(force=True, silent=True), defaults)
             with lock:  # one generation at a time; every rank must see requests in the same order
                 _broadcast(("generate", prompts, tokens, params))
                 return jsonify(_generate_text(gen, prompts, tokens, params))

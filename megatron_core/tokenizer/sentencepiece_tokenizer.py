@@ -21,7 +21,13 @@ class SentencePieceTokenizer(MegatronTokenizer):
                 "PATH.model (train one with tools/train_tokenizer.py)."
             )
         self.model_file = model_file
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        except RuntimeError:  # "could not parse ModelProto": another kind of file (e.g. a tokenizer.json)
+            raise ValueError(
+                f"--tokenizer-model {model_file!r} is not a SentencePiece .model file; pass one (train one with "
+                "tools/train_tokenizer.py), or the --tokenizer-type that reads this file"
+            ) from None
         if self._sp.eos_id() < 0:
             # Without an eos piece there is no id to separate documents with.
             raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -101,8 +102,14 @@ def train_sentencepiece(
             minloglevel=0 if verbose else 2,
         )
     except RuntimeError as exc:
-        # e.g. "Vocabulary size is smaller than required_chars": byte fallback alone needs 256
-        # byte pieces plus the special pieces plus one per frequent character.
+        # e.g. "Vocabulary size is smaller than required_chars. 256 vs 344. ... with --character_coverage
+        # option.": byte fallback alone needs 256 byte pieces plus the special pieces plus one per frequent
+        # character. Said with this tool's flags (sentencepiece names its own, spelt with underscores).
+        short = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(exc))
+        if short:
+            raise ValueError(f"--vocab-size {vocab_size} is too small: the input's characters at --character-coverage "
+                             f"{character_coverage} need {short.group(2)} pieces; raise --vocab-size to at least "
+                             f"{short.group(2)} or lower --character-coverage") from None
         raise ValueError(f"sentencepiece training failed (--vocab-size {vocab_size}): {exc}") from None
     return f"{model_prefix}.model"
 

@@ -191,6 +191,19 @@ def read_tracker(root: str) -> int | None:
                          "delete it or point --load elsewhere") from None
 
 
+def foreign_checkpoint_hint(root: str) -> str:
+    """What to run when ``root`` is a Hugging Face folder or an engine checkpoint instead of a training
+    checkpoint ("" otherwise): the message's ending, from "; " on."""
+    entries = os.listdir(root) if os.path.isdir(root) else []
+    convert = "tools/checkpoint/convert.py --model-type GPT --loader hf --saver core --load-dir {} --save-dir CKPT"
+    if "config.json" in entries:
+        return f"; it is a Hugging Face model folder: convert it with {convert.format(root)} and load CKPT"
+    if "latest" in entries or any(e.startswith("global_step") for e in entries):
+        return (f"; it is a megatron_core.initialize (engine) checkpoint: for a transformers model write a Hugging "
+                f"Face folder with tools/zero_to_fp32.py {root} HF_DIR, then {convert.format('HF_DIR')}")
+    return ""
+
+
 def existing_iteration_dir(root: str, iteration: int) -> str | None:
     """The directory of ``iteration`` (or ``release``), falling back to a replaced copy left by a crash."""
     candidates = [iteration_dir(root, iteration), iteration_dir(root, iteration) + ".old"]

@@ -263,7 +263,7 @@ def _check_load_root(root: str) -> bool:
         raise ConfigError(f"--load {root} has iteration directories ({', '.join(map(str, iterations[-3:]))}) but no "
                           f"{io.TRACKER_FILENAME}; choose one with --ckpt-step N")
     raise ConfigError(f"--load {root} holds {', '.join(sorted(entries)[:3])}{', ...' if len(entries) > 3 else ''} "
-                      f"but no checkpoint; expected {expected}")
+                      f"but no checkpoint; expected {expected}{io.foreign_checkpoint_hint(root)}")
 
 
 def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tuple[int, str] | None:

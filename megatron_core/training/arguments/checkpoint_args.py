@@ -4,8 +4,9 @@ A torch_dist checkpoint stores the ``TransformerConfig``, the ``model_info`` and
 flags of the run that wrote it; this maps them back onto the flag names (Megatron-LM's
 ``load_args_from_checkpoint``), so ``pretrain_gpt.py --load DIR --use-checkpoint-args`` needs no
 model flags. A legacy checkpoint's model files hold the same ``config`` and ``model_info`` but no
-tokenizer flags: those are still given. A flag the user gave that disagrees with the checkpoint is
-an error naming both.
+tokenizer flags: those are still given, unless ``tools/checkpoint/convert.py`` stored its tokenizer
+beside the iterations (``model_info["tokenizer"]["dir"]``). A flag the user gave that disagrees with
+the checkpoint is an error naming both.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, A
 
 def _records(load: str, step: int | None) -> tuple[Any, Any, Any]:
     """``(model config, model_info, tokenizer flags)`` of the checkpoint (torch_dist or legacy) in ``load``."""
+    from megatron_core.checkpoint.hf_tokenizer import dir_tokenizer_flags
     from megatron_core.dist_checkpointing import read_common
     from megatron_core.dist_checkpointing.full_model import is_torch_dist
     from megatron_core.training import checkpoint_io as io
@@ -71,15 +73,29 @@ def _records(load: str, step: int | None) -> tuple[Any, Any, Any]:
         path = os.path.join(directory, rank_dir, io.MODEL_FILENAME)
         if os.path.isfile(path):
             state = io.load_file(path)
-            return state.get("config"), state.get("model_info"), None
+            info = state.get("model_info") or {}
+            # tools/checkpoint/convert.py stores the tokenizer it carried beside the iterations.
+            saved = (info.get("tokenizer") or {}).get("dir")
+            tokenizer = dir_tokenizer_flags(os.path.join(load, saved)) if saved else None
+            return state.get("config"), state.get("model_info"), tokenizer or None
     raise ConfigError(f"--load {directory} has no {io.mp_rank_name(0, 0, 1)}/{io.MODEL_FILENAME} to read the model "
                       f"flags from (--use-checkpoint-args)")
+
+
+# Tokenizer files: the checkpoint records absolute paths, a user may name the same file relatively.
+_PATH_FLAGS = ("tokenizer_model", "vocab_file", "merge_file")
+
+
+def _same(dest: str, given: Any, value: Any) -> bool:
+    if dest in _PATH_FLAGS and isinstance(given, str) and isinstance(value, str):
+        return os.path.realpath(given) == os.path.realpath(value)
+    return bool(given == value)
 
 
 def _set(args: argparse.Namespace, values: dict[str, Any], parser_defaults: dict[str, Any]) -> None:
     for dest, value in values.items():
         given = getattr(args, dest, None)
-        if given is not None and given != parser_defaults.get(dest) and given != value:
+        if given is not None and given != parser_defaults.get(dest) and not _same(dest, given, value):
             flag = "--" + dest.replace("_", "-")
             raise ConfigError(f"{flag} {given} disagrees with the checkpoint's {value} under --use-checkpoint-args; "
                               f"drop {flag} or --use-checkpoint-args")
