@@ -89,6 +89,32 @@ def test_data_errors():
         validate_args(parse_args(argv + ["--data-path", "/nonexistent/prefix_text_document"]), 1)
 
 
+def test_per_split_data_path_errors(tmp_path):
+    import numpy as np
+
+    from megatron_core.datasets import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "a_text_document")
+    with IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16) as builder:
+        builder.add_document([1, 2, 3, 0], [4])
+        builder.finalize(prefix + ".idx")
+    argv = [a for a in _base() if a != "--mock-data"]
+    with pytest.raises(ConfigError, match=r"^give --data-path \(split by --split\) or --train-data-path \(each split "
+                                          r"its own data\), not both$"):
+        validate_args(parse_args(argv + ["--data-path", prefix, "--train-data-path", prefix]), 1)
+    with pytest.raises(ConfigError, match=r"^--train-data-path without --valid-data-path: give --valid-data-path "
+                                          r"PREFIX for the --eval-iters \d+ evaluations, or --eval-iters 0$"):
+        validate_args(parse_args(argv + ["--train-data-path", prefix]), 1)
+    with pytest.raises(ConfigError, match=r"^--valid-data-path without --train-data-path: give --train-data-path "
+                                          r"PREFIX for training$"):
+        validate_args(parse_args(argv + ["--valid-data-path", prefix]), 1)
+    missing = "/nowhere/x_text_document"
+    with pytest.raises(ConfigError, match=rf"^--valid-data-path '{missing}': missing"):
+        validate_args(parse_args(argv + ["--train-data-path", prefix, "--valid-data-path", missing]), 1)
+    args = validate_args(parse_args(argv + ["--train-data-path", prefix, "--eval-iters", "0"]), 1)
+    assert args.train_data_path == [prefix] and args.data_path is None
+
+
 def test_unknown_flag_is_a_config_error():
     with pytest.raises(ConfigError, match="unrecognized arguments: --no-such-flag") as info:
         parse_args(["--no-such-flag"])

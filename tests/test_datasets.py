@@ -334,3 +334,33 @@ def test_indexed_dataset_pickles_for_dataloader_workers(data):
     prefix, docs = data
     dataset = pickle.loads(pickle.dumps(IndexedDataset(str(prefix))))
     assert [dataset[i].tolist() for i in range(len(docs))] == docs
+
+
+def test_per_split_paths_take_every_document_of_their_own_prefixes(tmp_path):
+    """Megatron-LM's --train-data-path / --valid-data-path: each split reads all of its own data (--split
+    does not apply), a blend per split is weighted as --data-path's, and a needed split without a path
+    names its flag."""
+    a, b, c = (tmp_path / f"{n}_text_document" for n in "abc")
+    write_dataset(a, 30, seed=1, base=1)
+    write_dataset(b, 20, seed=2, base=2000)
+    write_dataset(c, 10, seed=3, base=4000)
+    cfg = GPTDatasetConfig(seq_length=16, eod=EOD, seed=1234, train_data_path=["0.3", str(a), "0.7", str(b)],
+                           valid_data_path=[str(c)], split="1,0,0", data_cache_path=str(tmp_path / "cache"))
+    train, valid, test = build_gpt_datasets(cfg, [500, 12, 0])
+    assert test is None
+    assert isinstance(train, BlendedDataset) and len(train) == 500
+    assert np.allclose(np.bincount(np.asarray(train.dataset_index, dtype=np.int64), minlength=2) / 500,
+                       [0.3, 0.7], atol=0.01)
+    assert [d.indexed_indices.tolist() for d in train.datasets] == [list(range(30)), list(range(20))]
+    assert isinstance(valid, GPTDataset) and valid.indexed_indices.tolist() == list(range(10)) and len(valid) >= 12
+    alone = GPTDataset(IndexedDataset(str(c)), str(c), np.arange(10), 12, "valid", cfg)
+    assert all(torch.equal(valid[i]["tokens"], alone[i]["tokens"]) for i in range(12))
+    assert all(bool(torch.all(valid[i]["tokens"][valid[i]["tokens"] != EOD] >= 4000)) for i in range(12))
+    with pytest.raises(ValueError, match=r"^3 test samples are needed but no --test-data-path is given; give "
+                                         r"--test-data-path PREFIX, evaluate nothing \(--eval-iters 0\)$"):
+        build_gpt_datasets(cfg, [500, 12, 3])
+    with pytest.raises(ValueError, match=r"--valid-data-path 'nowhere': missing"):
+        build_gpt_datasets(GPTDatasetConfig(seq_length=16, eod=EOD, train_data_path=[str(a)],
+                                            valid_data_path=["nowhere"]), [10, 1, 0])
+    with pytest.raises(ValueError, match="give exactly one of --data-path PREFIX..., --train-data-path"):
+        GPTDatasetConfig(seq_length=16, eod=EOD, data_path=[str(a)], train_data_path=[str(a)])

@@ -216,3 +216,32 @@ def test_log_line_numbers_are_the_intervals_means_and_rates():
                    extra=lambda: "mem 1 GB", **common)
     assert "elapsed time per iteration (ms): 250.0 |" in line and "| lm loss: 1.500000E+00 |" in line
     assert line.endswith("number of nan iterations:   0 | mem 1 GB"), line
+
+
+def _write_corpus(prefix, num_docs, seed):
+    import numpy as np
+
+    from megatron_core.datasets import IndexedDatasetBuilder
+
+    rng = np.random.RandomState(seed)
+    with IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16) as builder:
+        for _ in range(num_docs):
+            tokens = rng.randint(0, 255, size=int(rng.randint(20, 80))).tolist() + [255]  # NullTokenizer's EOD
+            builder.add_document(tokens, [len(tokens)])
+        builder.finalize(str(prefix) + ".idx")
+
+
+def test_per_split_data_paths_train_on_all_of_their_data(tmp_path):
+    """--train-data-path A --valid-data-path B (Megatron-LM's flags): training sees every document of A,
+    as --data-path A --split 100,0,0 does (the same losses), and validation reads B."""
+    a, b = str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document")
+    _write_corpus(a, 60, seed=1)
+    _write_corpus(b, 20, seed=2)
+    base = [x for x in TINY if x != "--mock-data"] + ["--train-iters", "6", "--eval-interval", "6",
+                                                     "--data-cache-path", str(tmp_path / "cache")]
+    per_split = _logged(run_distributed(_train, 1, base + ["--train-data-path", a, "--valid-data-path", b],
+                                        timeout=120))
+    one_path = _logged(run_distributed(_train, 1, base + ["--data-path", a, "--split", "100,0,0", "--eval-iters", "0"],
+                                       timeout=120))
+    assert per_split.losses == one_path.losses and len(per_split.losses) == 6
+    assert sorted(per_split.val_losses) == [6] and math.isfinite(per_split.val_losses[6])

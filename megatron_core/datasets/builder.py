@@ -15,33 +15,34 @@ from .mock_indexed_dataset import MockIndexedDataset
 from .splits import SPLIT_NAMES, split_document_ranges
 
 
-def _check_prefix(prefix: str) -> None:
+def _check_prefix(prefix: str, flag: str = "--data-path") -> None:
     missing = [p for p in (index_file_path(prefix), data_file_path(prefix)) if not os.path.isfile(p)]
     if not missing:
         return
     if prefix.endswith((".bin", ".idx")):
-        hint = f" (--data-path takes the prefix without the extension: {prefix[:-4]!r})"
+        hint = f" ({flag} takes the prefix without the extension: {prefix[:-4]!r})"
     else:
         hint = " (make it with tools/preprocess_data.py; the prefix usually ends in _text_document)"
-    raise ValueError(f"--data-path {prefix!r}: missing {', '.join(repr(p) for p in missing)}{hint}")
+    raise ValueError(f"{flag} {prefix!r}: missing {', '.join(repr(p) for p in missing)}{hint}")
 
 
-def parse_data_path(data_path: Sequence[str] | None, check_files: bool = True) -> tuple[list[str], list[float]]:
+def parse_data_path(data_path: Sequence[str] | None, check_files: bool = True,
+                    flag: str = "--data-path") -> tuple[list[str], list[float]]:
     """``["A"]`` -> ``(["A"], [1.0])``; ``["0.3", "A", "0.7", "B"]`` -> ``(["A", "B"], [0.3, 0.7])``.
 
     Weights are normalized to sum to 1. With ``check_files`` each prefix must have its
-    ``.bin`` and ``.idx`` files.
+    ``.bin`` and ``.idx`` files. Errors (ValueError) name ``flag``.
     """
     items = [str(item) for item in data_path or []]
     if not items:
-        raise ValueError("--data-path is empty; give a dataset prefix, or weight prefix pairs like 0.3 A 0.7 B")
+        raise ValueError(f"{flag} is empty; give a dataset prefix, or weight prefix pairs like 0.3 A 0.7 B")
     if len(items) == 1:
         prefixes, weights = items, [1.0]
     else:
         if len(items) % 2:
             raise ValueError(
-                f"--data-path has {len(items)} entries; with several datasets give weight prefix pairs, "
-                "e.g. --data-path 0.3 A 0.7 B"
+                f"{flag} has {len(items)} entries; with several datasets give weight prefix pairs, "
+                f"e.g. {flag} 0.3 A 0.7 B"
             )
         prefixes, weights = items[1::2], []
         for raw in items[0::2]:
@@ -49,15 +50,15 @@ def parse_data_path(data_path: Sequence[str] | None, check_files: bool = True) -
                 weight = float(raw)
             except ValueError:
                 raise ValueError(
-                    f"--data-path weight {raw!r} is not a number; give weight prefix pairs, "
-                    "e.g. --data-path 0.3 A 0.7 B"
+                    f"{flag} weight {raw!r} is not a number; give weight prefix pairs, "
+                    f"e.g. {flag} 0.3 A 0.7 B"
                 ) from None
             if not math.isfinite(weight) or weight <= 0:
-                raise ValueError(f"--data-path weight {raw!r} must be a positive number")
+                raise ValueError(f"{flag} weight {raw!r} must be a positive number")
             weights.append(weight)
     if check_files:
         for prefix in prefixes:
-            _check_prefix(prefix)
+            _check_prefix(prefix, flag)
     return prefixes, normalize_weights(weights)
 
 
@@ -86,12 +87,51 @@ def _split_indices(
     return result
 
 
+def _split_dataset(
+    config: GPTDatasetConfig, prefixes: list[str], weights: list[float], low_level: list[IndexedDataset],
+    docs: list[np.ndarray], wanted: int | None, name: str, flag: str
+) -> GPTDataset | BlendedDataset:
+    """One split: a GPTDataset over ``docs`` of one prefix, or their blend by ``weights``."""
+    if len(prefixes) == 1:
+        return GPTDataset(low_level[0], prefixes[0], docs[0], wanted, name, config)
+    if wanted is None:
+        raise ValueError(f"a blended {flag} needs a {name} sample count, not None")
+    sizes = samples_per_dataset(weights, wanted)
+    parts = [GPTDataset(ds, prefix, split_docs, size, name, config)
+             for ds, prefix, split_docs, size in zip(low_level, prefixes, docs, sizes, strict=True)]
+    cache_dir = config.data_cache_path or default_cache_dir(prefixes[0])
+    return BlendedDataset(parts, weights, wanted, cache_dir)
+
+
+def _per_split_datasets(
+    config: GPTDatasetConfig, num_samples: list[int | None]
+) -> tuple[GPTDataset | BlendedDataset | None, GPTDataset | BlendedDataset | None, GPTDataset | BlendedDataset | None]:
+    """Megatron-LM's ``--{train,valid,test}-data-path``: each split from every document of its own prefixes."""
+    results: list[GPTDataset | BlendedDataset | None] = []
+    for name, paths, wanted in zip(SPLIT_NAMES, config.per_split_paths, num_samples, strict=True):
+        flag = f"--{name}-data-path"
+        if wanted == 0 or (paths is None and wanted is None):
+            results.append(None)
+            continue
+        if paths is None:
+            raise ValueError(f"{wanted} {name} samples are needed but no {flag} is given; give {flag} "
+                             f"PREFIX{NO_SAMPLES_OF.get(name, '')}")
+        prefixes, weights = parse_data_path(paths, flag=flag)
+        low_level = [IndexedDataset(prefix) for prefix in prefixes]
+        docs = [np.arange(ds.num_documents, dtype=np.int64) for ds in low_level]
+        results.append(_split_dataset(config, prefixes, weights, low_level, docs, wanted, name, flag))
+    return results[0], results[1], results[2]
+
+
 def build_gpt_datasets(
     config: GPTDatasetConfig, train_valid_test_num_samples: Sequence[int | None]
 ) -> tuple[GPTDataset | BlendedDataset | None, GPTDataset | BlendedDataset | None, GPTDataset | BlendedDataset | None]:
     """(train, valid, test) datasets; an entry is None when its sample count is 0.
 
-    A sample count of None means one epoch of that split (not allowed for blends).
+    A sample count of None means one epoch of that split (not allowed for blends). From ``data_path``
+    the splits are ``--split``'s shares of each prefix's documents; from the per-split paths each split
+    is every document of its own prefixes. Raises ValueError naming the flag for a bad path or a split
+    that is needed and has no data.
     """
     num_samples = list(train_valid_test_num_samples)
     if len(num_samples) != 3:
@@ -106,6 +146,8 @@ def build_gpt_datasets(
             for name, docs, n in zip(SPLIT_NAMES, splits, num_samples, strict=True)
         )
         return train, valid, test
+    if any(config.per_split_paths):
+        return _per_split_datasets(config, num_samples)
     prefixes, weights = parse_data_path(config.data_path)
     low_level = [IndexedDataset(prefix) for prefix in prefixes]
     per_prefix_splits = [
@@ -114,23 +156,15 @@ def build_gpt_datasets(
     ]
     results: list[GPTDataset | BlendedDataset | None] = []
     for s, (name, wanted) in enumerate(zip(SPLIT_NAMES, num_samples, strict=True)):
-        first_docs = per_prefix_splits[0][s]
-        if first_docs is None:
+        if per_prefix_splits[0][s] is None:
             results.append(None)
             continue
-        if len(prefixes) == 1:
-            results.append(GPTDataset(low_level[0], prefixes[0], first_docs, wanted, name, config))
-            continue
-        if wanted is None:
-            raise ValueError(f"a blended --data-path needs a {name} sample count, not None")
-        sizes = samples_per_dataset(weights, wanted)
-        parts = []
-        for ds, prefix, splits, size in zip(low_level, prefixes, per_prefix_splits, sizes, strict=True):
-            docs = splits[s]
+        docs: list[np.ndarray] = []
+        for prefix, splits in zip(prefixes, per_prefix_splits, strict=True):
             # _split_indices gives None only for a split with no samples wanted, the same for every prefix.
-            if docs is None:
+            split_docs = splits[s]
+            if split_docs is None:
                 raise ValueError(f"--data-path {prefix!r} has no {name} split while {prefixes[0]!r} has one")
-            parts.append(GPTDataset(ds, prefix, docs, size, name, config))
-        cache_dir = config.data_cache_path or default_cache_dir(prefixes[0])
-        results.append(BlendedDataset(parts, weights, wanted, cache_dir))
+            docs.append(split_docs)
+        results.append(_split_dataset(config, prefixes, weights, low_level, docs, wanted, name, "--data-path"))
     return results[0], results[1], results[2]

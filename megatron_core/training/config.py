@@ -47,6 +47,9 @@ class DataConfig:
 
     seq_length: int
     data_path: list[str] | None = None
+    train_data_path: list[str] | None = None  # per-split prefixes (Megatron-LM's flags), instead of data_path
+    valid_data_path: list[str] | None = None
+    test_data_path: list[str] | None = None
     mock_data: bool = False
     split: str = "969,30,1"
     data_cache_path: str | None = None

@@ -51,7 +51,9 @@ def dataset_config(config: DataConfig, tokenizer: MegatronTokenizer, seed: int) 
 
     try:
         return GPTDatasetConfig(seq_length=config.seq_length, eod=tokenizer.eod, seed=seed,
-                                data_path=config.data_path, mock=config.mock_data, split=config.split,
+                                data_path=config.data_path, train_data_path=config.train_data_path,
+                                valid_data_path=config.valid_data_path, test_data_path=config.test_data_path,
+                                mock=config.mock_data, split=config.split,
                                 data_cache_path=config.data_cache_path, eod_mask_loss=config.eod_mask_loss,
                                 pad=tokenizer.pad, mock_vocab_size=tokenizer.vocab_size if config.mock_data else None)
     except ValueError as exc:

@@ -9,6 +9,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data", "datasets and tokenizer")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="dataset prefix(es) from tools/preprocess_data.py, optionally weighted: 0.3 A 0.7 B")
+    for split in ("train", "valid", "test"):
+        g.add_argument(f"--{split}-data-path", nargs="*", default=None,
+                       help=f"the {split} split's own prefix(es), every document of them (instead of --data-path "
+                            f"and --split)")
     g.add_argument("--mock-data", action="store_true", help="synthetic tokens, no files")
     g.add_argument("--split", default="969,30,1", help="train,valid,test weights over documents")
     g.add_argument("--data-cache-path", default=None, help="where dataset index caches go")

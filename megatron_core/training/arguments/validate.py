@@ -239,24 +239,40 @@ def _precision_and_recompute(args: argparse.Namespace) -> None:
 
 def _data(args: argparse.Namespace) -> None:
     needs_data = not args.skip_train or args.eval_iters > 0
-    if args.data_path == []:
-        args.data_path = None
-    if args.data_path is not None and args.mock_data:
-        raise ConfigError("give only one of --data-path and --mock-data")
-    if needs_data and args.data_path is None and not args.mock_data:
+    flags = {"--data-path": "data_path", "--train-data-path": "train_data_path",
+             "--valid-data-path": "valid_data_path", "--test-data-path": "test_data_path"}
+    for name in flags.values():
+        if getattr(args, name, None) == []:
+            setattr(args, name, None)
+    given = [flag for flag, name in flags.items() if getattr(args, name, None) is not None]
+    per_split = [flag for flag in given if flag != "--data-path"]
+    if per_split and "--data-path" in given:
+        raise ConfigError(f"give --data-path (split by --split) or {'/'.join(per_split)} (each split its own "
+                          f"data), not both")
+    if given and args.mock_data:
+        raise ConfigError(f"give only one of {given[0]} and --mock-data")
+    if needs_data and not given and not args.mock_data:
         raise ConfigError(f"no training data: give --data-path PREFIX (made by tools/preprocess_data.py) or "
                           f"--mock-data{_DEMO_HINT}")
-    for entry in args.data_path or []:
-        if entry.endswith((".jsonl", ".json")):
-            raise ConfigError(
-                f"--data-path {entry!r} is raw JSON; tokenize it first: python tools/preprocess_data.py --input "
-                f"{entry} --output-prefix PREFIX --tokenizer-type ... --append-eod, then pass --data-path "
-                f"PREFIX_text_document")
-    if args.data_path is not None:
+    if per_split:
+        for flag, name, needed in (("--train-data-path", "train_data_path", not args.skip_train),
+                                   ("--valid-data-path", "valid_data_path", args.eval_iters > 0)):
+            if needed and getattr(args, name) is None:
+                what = "training" if name == "train_data_path" else f"the --eval-iters {args.eval_iters} evaluations"
+                fix = "" if name == "train_data_path" else ", or --eval-iters 0"
+                raise ConfigError(f"{', '.join(per_split)} without {flag}: give {flag} PREFIX for {what}{fix}")
+    for flag in given:
+        entries = getattr(args, flags[flag])
+        for entry in entries:
+            if entry.endswith((".jsonl", ".json")):
+                raise ConfigError(
+                    f"{flag} {entry!r} is raw JSON; tokenize it first: python tools/preprocess_data.py --input "
+                    f"{entry} --output-prefix PREFIX --tokenizer-type ... --append-eod, then pass {flag} "
+                    f"PREFIX_text_document")
         from megatron_core.datasets import parse_data_path
 
         try:
-            parse_data_path(args.data_path, check_files=True)
+            parse_data_path(entries, check_files=True, flag=flag)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     if args.tokenizer_type is None:
