@@ -70,6 +70,14 @@ def test_host_allocator_keeps_large_tensors_on_the_heap():
     assert plain.stdout.split() == ["False", "False"], plain.stderr
 
 
+def test_multiprocessor_count_without_cuda_is_the_cpu_count():
+    """Triton's backward kernels size their grid from it (triton_norms): one program per core on CPU."""
+    from megatron_core import device
+    if device.cuda_available():
+        pytest.skip("a CUDA device: the count is its streaming multiprocessors")
+    assert os.cpu_count() is not None and device.multiprocessor_count() == os.cpu_count()
+
+
 def _shm_all_reduce(sizes: list[int]) -> list[str]:
     from megatron_core import shm_collectives
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -105,7 +113,18 @@ def test_shared_memory_all_reduce(world):
         assert problems == []
 
 
-def _shm_fallback(spread: bool) -> tuple[bool, bool]:
+def _segment_fds() -> int:
+    """This process's open descriptors on shared-memory all-reduce segments."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/mcore-allreduce-")
+        except OSError:
+            pass  # closed meanwhile (gloo's threads open and close sockets)
+    return count
+
+
+def _shm_fallback(spread: bool) -> tuple[bool, bool, int]:
     from megatron_core import shm_collectives
     if spread:  # each rank claims another machine: the group must stay on gloo
         shm_collectives._machine_id = lambda: f"host-{dist.get_rank()}"
@@ -114,11 +133,12 @@ def _shm_fallback(spread: bool) -> tuple[bool, bool]:
     used = shm_collectives.try_all_reduce(x, group)
     if not used:
         dist.all_reduce(x, group=group)
-    return used, bool(torch.equal(x, torch.full((5,), 3.0)))
+    return used, bool(torch.equal(x, torch.full((5,), 3.0))), _segment_fds()
 
 
 def test_shared_memory_needs_one_machine_and_can_be_disabled(monkeypatch):
-    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(True, True)] * 2
-    assert run_distributed(_shm_fallback, 2, True, timeout=60) == [(False, True)] * 2
+    # One descriptor per rank on the (unlinked) segment: the mapping's own; the creator closes its file.
+    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(True, True, 1)] * 2
+    assert run_distributed(_shm_fallback, 2, True, timeout=60) == [(False, True, 0)] * 2
     monkeypatch.setenv("MCORE_SHM_COLLECTIVES", "0")
-    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(False, True)] * 2
+    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(False, True, 0)] * 2

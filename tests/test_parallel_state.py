@@ -82,3 +82,27 @@ def test_layer_before_process_groups_is_a_clear_error():
     from megatron_core.tensor_parallel import ColumnParallelLinear
     with pytest.raises(RuntimeError, match="model parallel groups are not initialized"):
         ColumnParallelLinear(4, 4)
+
+
+def _registered_after_destroy():
+    ps = parallel_state.initialize_model_parallel(2, 2)
+    ps.background_group()
+    groups = {"tp": ps.tp_group, "pp": ps.pp_group, "dp": ps.dp_group, "mp": ps.mp_group,
+              "embedding": ps.embedding_group, "background": ps.background_group()}
+    before = [name for name, group in groups.items() if _registered(group)]
+    parallel_state.destroy_model_parallel()
+    return before, [name for name, group in groups.items() if _registered(group)]
+
+
+def _registered(group) -> bool:
+    try:
+        dist.get_rank(group)  # ValueError for a group torch.distributed no longer knows
+    except ValueError:
+        return False
+    return True
+
+
+def test_destroy_releases_every_group_of_this_rank():
+    for before, after in run_distributed(_registered_after_destroy, 4, timeout=60):
+        assert before == ["tp", "pp", "dp", "mp", "embedding", "background"]
+        assert after == [], f"groups still registered after destroy_model_parallel: {after}"
