@@ -53,6 +53,15 @@ def test_reduce_scatter_flat_on_gloo(world):
         assert problems == []
 
 
+def test_flat_collectives_use_this_torch_releases_names():
+    """torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (a FutureWarning on every call,
+    ``__deprecated__`` on the function); the *_single names are taken where they exist. The reduce-scatter
+    runs on NCCL only, so its name is checked here rather than by a call."""
+    from megatron_core import collectives
+    for fn in (collectives._ALL_GATHER, collectives._REDUCE_SCATTER):
+        assert getattr(fn, "__deprecated__", None) is None, f"{fn.__name__} is deprecated in this torch"
+
+
 def test_host_allocator_keeps_large_tensors_on_the_heap():
     """After configure_host_allocator, a 64 MiB tensor comes from the heap (brk), not a fresh mmap."""
     code = ("import torch\nfrom megatron_core import device\n"
@@ -102,6 +111,10 @@ def _shm_all_reduce(sizes: list[int]) -> list[str]:
     handle = shm_collectives.all_reduce(torch.ones(8), None, async_op=True)
     if not handle.wait():
         problems.append("async handle")
+    top = torch.full((3,), float(rank + 1))
+    shm_collectives.all_reduce(top, None, op=dist.ReduceOp.MAX)  # not a sum: torch.distributed's own
+    if not torch.equal(top, torch.full((3,), float(world))):
+        problems.append(f"MAX gave {top.tolist()}")
     return problems
 
 
