@@ -173,3 +173,12 @@ def test_bf16_explicit_attention_over_sdpa_equals_saved_tensors():
                                         Layout(tp=1, micro_batch_size=1)) for case in cases]
     assert predicted[0] - predicted[1] == explicit - sdpa, \
         f"predicted excess {predicted[0] - predicted[1]} bytes, saved {explicit - sdpa}"
+
+
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt2", "llama"])
+def test_one_causal_block_keeps_the_full_scores_of_a_fused_softmax(llama):
+    """Up to CAUSAL_BLOCK positions the CPU's blocked causal path is one block over all s x s scores,
+    so its prediction equals the GPU's under the "fused" backend (no dropout: no mask either way)."""
+    spec = _spec(_config(llama, attention_backend="fused"))
+    for layout in (Layout(dp=4), Layout(tp=2, dp=2, micro_batch_size=2)):
+        assert layer_activation_bytes(spec, layout, on_cpu=False) == layer_activation_bytes(spec, layout, on_cpu=True)

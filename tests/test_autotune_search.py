@@ -192,3 +192,13 @@ def test_a_layer_is_profiled_as_its_tp_shard():
     assert (shard.num_layers, shard.num_attention_heads, shard.num_query_groups, shard.ffn_hidden_size,
             shard.kv_channels, shard.recompute_granularity) == (1, 3, 3, 96, 8, "selective")
     assert layer_shard_config(spec, 1, selective=False).recompute_granularity is None
+
+
+def test_model_spec_takes_the_configs_own_widths():
+    """ModelSpec's MLP width, query groups and per-head size: the config's when it sets them (here none
+    of them the default 4h, heads, h / heads), else the defaults."""
+    config = TransformerConfig(num_layers=2, hidden_size=48, num_attention_heads=6, num_query_groups=2,
+                               ffn_hidden_size=100, kv_channels=16)
+    spec = ModelSpec(config, 1000, 32, 32, global_batch_size=8)
+    assert (spec.ffn_hidden_size, spec.num_query_groups, spec.kv_channels) == (100, 2, 16)
+    assert (_spec().ffn_hidden_size, _spec().num_query_groups, _spec().kv_channels) == (192, 6, 8)
