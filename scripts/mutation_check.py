@@ -59,9 +59,10 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
 - ``checkpoint/hf_io.py``: ``os.makedirs`` before ``save_pretrained`` (which creates the directory).
 - ``parallel_state.py``: the embedding group's ``[ranks[0], ranks[-1]] if len(ranks) > 1`` -> ``>= 1``
   (one stage gives ``[r, r]``, which ``sorted(set(...))`` makes ``[r]`` again).
-- ``shm_collectives.py``: the "mapped" flag ``1`` -> ``2`` (only its MIN over the ranks is compared with 0);
-  ``rank == 0`` -> ``!=`` before the log line of the gloo fallback (which rank logs it; the fallback needs
-  /dev/shm full or missing, which no test should do to the machine).
+- ``shm_collectives.py``: the "mapped" flag ``1`` -> ``2`` (only its MIN over the ranks is compared with 0).
+  Not testable here rather than equivalent: the path where rank 0 cannot create the segment
+  (``name[0] = f"!{exc}"``, ``rank == 0`` -> ``!=`` before its log line); it needs /dev/shm full or
+  missing, which no test should do to the machine.
 - ``device.py``: ``mallopt(M_MMAP_MAX, 0)`` -> ``1``: ``import torch`` already leaves glibc with mmapped
   chunks (6, by ``mallinfo2().hblks``), so a limit of 1 allows no new mmap either; ``_M_TRIM_THRESHOLD``
   -1 -> -2 (``M_TOP_PAD``): a 256 MiB top pad also keeps the freed heap top mapped (glibc trims down to
@@ -71,7 +72,8 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
   ``torch.manual_seed(seed)`` of the line before; it seeds the CUDA generator). device.py stays in
   the check although its CUDA branches cannot run on these machines: its CPU paths (RNG state, the host
   allocator, the offload copy engine's worker thread) are reached by the ``core`` tests, and a mutant in
-  a CUDA branch survives here by construction (not counted as a missing test).
+  a CUDA branch survives here by construction (not counted as a missing test; seen in the samples:
+  ``CopyEngine.copy``'s side-stream ``copy_`` and ``after.wait()``, ``_CudaCopy.wait``'s synchronize).
 """
 from __future__ import annotations
 

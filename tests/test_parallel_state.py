@@ -53,6 +53,7 @@ def test_groups_on_eight_ranks_communicate_within_their_members():
         assert r["emb_ranks"] == pp_members
         assert r["emb"] == sum(pp_members)
         assert r["next"] == pp_members[(r["pp"][0] + 1) % 2]
+        assert r["prev"] == pp_members[(r["pp"][0] - 1) % 2]
     assert [r["tp"][0] for r in results] == [0, 1] * 4
     assert [r["dp"][0] for r in results] == [0, 0, 1, 1] * 2
 
