@@ -74,6 +74,11 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
   allocator, the offload copy engine's worker thread) are reached by the ``core`` tests, and a mutant in
   a CUDA branch survives here by construction (not counted as a missing test; seen in the samples:
   ``CopyEngine.copy``'s side-stream ``copy_`` and ``after.wait()``, ``_CudaCopy.wait``'s synchronize).
+- ``autotune/cost.py``: ``torch.set_num_threads(1)`` -> ``2`` in the forked ranks that time collectives
+  (a measurement's speed, which no test can pin).
+
+A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
+16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.
 """
 from __future__ import annotations
 

@@ -10,9 +10,11 @@ import sys
 import pytest
 
 from megatron_core.autotune import cli
+from megatron_core.autotune.activations import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
 from megatron_core.autotune.cost import Profile, layer_shard_config, step_time
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import comm_buffer_bytes, model_state_bytes
+from megatron_core.autotune.params import total_parameters
 from megatron_core.autotune.search import enumerate_layouts, launch_blocker, predict_memory, search
 from megatron_core.transformer.config import TransformerConfig
 
@@ -90,7 +92,10 @@ def test_emitted_command_runs(tmp_path, capsys):
     table = printed[:printed.index("layouts fit")].splitlines()
     # --no-offload: the search covers exactly the layouts without optimizer offload.
     spec = cli.model_spec(cli.build_parser().parse_args(FLAGS))
-    fit, pruned = map(int, re.search(r"^(\d+) layouts fit, (\d+) pruned:$", printed, re.M).groups())
+    assert spec.vocab_size == 256  # the NullTokenizer's 255 tokens + EOD, as pretrain_gpt.py builds it
+    counts = re.search(r"^(\d+) layouts fit, (\d+) pruned:$", printed, re.M)
+    assert counts, printed
+    fit, pruned = map(int, counts.groups())
     assert fit + pruned == len(enumerate_layouts(spec, 2, [2], with_offload=False)) \
         < len(enumerate_layouts(spec, 2, [2], with_offload=True))
     assert any(line.startswith(best + " ") for line in table), f"{best} missing from the table: {table}"
@@ -183,6 +188,34 @@ def test_collective_buffers_are_counted_for_sharded_data_parallel_on_cpu_only():
     assert comm_buffer_bytes(spec, Layout(dp=2, zero_stage=1), on_cpu=False) == 0
     assert comm_buffer_bytes(spec, Layout(dp=1, zero_stage=1)) == 0
     assert comm_buffer_bytes(spec, Layout(dp=2, zero_stage=0)) == 0
+    # Unbucketed and unpipelined, the one bucket holds every parameter (the tied embedding too: it has
+    # no second copy to share with): a full-size fp32 copy plus this rank's half, 1.5 x its bytes.
+    assert comm_buffer_bytes(spec, Layout(dp=2, zero_stage=1), bucket_size=None) == total_parameters(spec) * 4 * 3 // 2
+
+
+def test_strip_flags_takes_each_flags_own_values():
+    argv = ["--lr=1e-3", "--top", "5", "--micro-batch-sizes", "1", "2", "--seq-length", "16", "--top=3", "--x"]
+    assert cli.strip_flags(argv, {"--top": 1, "--micro-batch-sizes": -1}) == ["--lr=1e-3", "--seq-length", "16", "--x"]
+
+
+def test_launchable_layouts_rank_first():
+    """A layout the framework cannot launch (ZeRO-4) ranks after every launchable one, however fast."""
+    spec = _spec()
+    cands = search(spec, [Layout(dp=2, zero_stage=4), Layout(dp=2)], 1e12,
+                   predict_time=lambda lay: (1.0 if lay.zero_stage == 4 else 2.0, 0.1))
+    assert [(c.layout.zero_stage, c.launchable, c.reason) for c in cands] == [(0, True, None), (4, False, None)]
+
+
+def test_activations_scale_with_the_micro_batch():
+    """Every saved activation is per sample: a micro batch of b keeps b times the bytes of one."""
+    spec = dataclasses.replace(_spec(), global_batch_size=16)
+    for base in (Layout(dp=2), Layout(tp=2, sequence_parallel=True)):
+        one = dataclasses.replace(base, micro_batch_size=1)
+        for b in (2, 4):
+            many = dataclasses.replace(base, micro_batch_size=b)
+            for fn in (head_activation_bytes, embedding_activation_bytes):
+                assert fn(spec, many) == b * fn(spec, one), (fn.__name__, base, b)
+            assert layer_activation_bytes(spec, many) == b * layer_activation_bytes(spec, one), (base, b)
 
 
 def test_a_layer_is_profiled_as_its_tp_shard():

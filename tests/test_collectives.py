@@ -127,18 +127,22 @@ def test_shared_memory_all_reduce(world):
         assert problems == []
 
 
-def _segment_fds() -> int:
-    """This process's open descriptors on shared-memory all-reduce segments."""
-    count = 0
+def _segment_fds() -> tuple[int, int]:
+    """This process's open descriptors on shared-memory all-reduce segments, and how many of those
+    segments still have a name in /dev/shm (the link of an unlinked file ends in " (deleted)")."""
+    count = named = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/mcore-allreduce-")
+            link = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
-            pass  # closed meanwhile (gloo's threads open and close sockets)
-    return count
+            continue  # closed meanwhile (gloo's threads open and close sockets)
+        if link.startswith("/dev/shm/mcore-allreduce-"):
+            count += 1
+            named += not link.endswith(" (deleted)")
+    return count, named
 
 
-def _shm_fallback(spread: bool) -> tuple[bool, bool, int]:
+def _shm_fallback(spread: bool) -> tuple[bool, bool, tuple[int, int]]:
     from megatron_core import shm_collectives
     if spread:  # each rank claims another machine: the group must stay on gloo
         shm_collectives._machine_id = lambda: f"host-{dist.get_rank()}"
@@ -151,8 +155,9 @@ def _shm_fallback(spread: bool) -> tuple[bool, bool, int]:
 
 
 def test_shared_memory_needs_one_machine_and_can_be_disabled(monkeypatch):
-    # One descriptor per rank on the (unlinked) segment: the mapping's own; the creator closes its file.
-    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(True, True, 1)] * 2
-    assert run_distributed(_shm_fallback, 2, True, timeout=60) == [(False, True, 0)] * 2
+    # One descriptor per rank on the segment: the mapping's own (the creator closes its file), and the
+    # segment already unlinked, so that nothing is left in /dev/shm after a crash.
+    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(True, True, (1, 0))] * 2
+    assert run_distributed(_shm_fallback, 2, True, timeout=60) == [(False, True, (0, 0))] * 2
     monkeypatch.setenv("MCORE_SHM_COLLECTIVES", "0")
-    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(False, True, 0)] * 2
+    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(False, True, (0, 0))] * 2

@@ -75,7 +75,8 @@ def _bad_sizes():
 
 
 def test_sizes_not_dividing_world_are_named():
-    with pytest.raises(RankError, match=r"world size 4 is not divisible by tensor_model_parallel_size \(3\)"):
+    with pytest.raises(RankError, match=r"world size 4 is not divisible by tensor_model_parallel_size \(3\) x .* "
+                                        r"x expert_model_parallel_size \(1\) = 3; change the sizes"):
         run_distributed(_bad_sizes, 4, timeout=60)
 
 
@@ -91,8 +92,10 @@ def _registered_after_destroy():
     groups = {"tp": ps.tp_group, "pp": ps.pp_group, "dp": ps.dp_group, "mp": ps.mp_group,
               "embedding": ps.embedding_group, "background": ps.background_group()}
     before = [name for name, group in groups.items() if _registered(group)]
+    initialized = parallel_state.model_parallel_is_initialized()
     parallel_state.destroy_model_parallel()
-    return before, [name for name, group in groups.items() if _registered(group)]
+    after = [name for name, group in groups.items() if _registered(group)]
+    return before, after, (initialized, parallel_state.model_parallel_is_initialized())
 
 
 def _registered(group) -> bool:
@@ -104,6 +107,7 @@ def _registered(group) -> bool:
 
 
 def test_destroy_releases_every_group_of_this_rank():
-    for before, after in run_distributed(_registered_after_destroy, 4, timeout=60):
+    for before, after, initialized in run_distributed(_registered_after_destroy, 4, timeout=60):
         assert before == ["tp", "pp", "dp", "mp", "embedding", "background"]
         assert after == [], f"groups still registered after destroy_model_parallel: {after}"
+        assert initialized == (True, False), "model_parallel_is_initialized before and after destroy"
