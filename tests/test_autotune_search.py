@@ -16,6 +16,7 @@ from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import comm_buffer_bytes, model_state_bytes
 from megatron_core.autotune.params import total_parameters
 from megatron_core.autotune.search import enumerate_layouts, launch_blocker, predict_memory, search
+from megatron_core.errors import ConfigError
 from megatron_core.transformer.config import TransformerConfig
 
 # Megatron-style mock-data run, as tests/test_pretrain.py: 255 tokens + EOD, padded to 256.
@@ -204,6 +205,30 @@ def test_launchable_layouts_rank_first():
     cands = search(spec, [Layout(dp=2, zero_stage=4), Layout(dp=2)], 1e12,
                    predict_time=lambda lay: (1.0 if lay.zero_stage == 4 else 2.0, 0.1))
     assert [(c.layout.zero_stage, c.launchable, c.reason) for c in cands] == [(0, True, None), (4, False, None)]
+
+
+def test_the_embedding_keeps_a_dropout_mask_only_with_dropout():
+    """One bool per element of the embeddings' output [s, b, h] (its SP shard: s / TP) when hidden dropout is on."""
+    spec = _spec()  # hidden dropout 0.1 (TransformerConfig's default)
+    dry = dataclasses.replace(spec, config=dataclasses.replace(spec.config, hidden_dropout=0.0))
+    for layout, shard in ((Layout(dp=2, micro_batch_size=2), 1), (Layout(tp=2, sequence_parallel=True), 2)):
+        mask = spec.seq_length * layout.micro_batch_size * 48 // shard
+        assert embedding_activation_bytes(spec, layout) - embedding_activation_bytes(dry, layout) == mask
+
+
+def test_the_model_spec_follows_the_flags():
+    """--max-position-embeddings sizes the position table (else --seq-length); the NullTokenizer needs
+    --vocab-size."""
+    spec = cli.model_spec(cli.build_parser().parse_args(FLAGS + ["--max-position-embeddings", "64"]))
+    assert (spec.seq_length, spec.max_position_embeddings) == (16, 64)
+    no_vocab = [flag for i, flag in enumerate(FLAGS) if "--vocab-size" not in FLAGS[max(i - 1, 0):i + 1]]
+    no_vocab += ["--tokenizer-type", "NullTokenizer"]
+    try:
+        cli.model_spec(cli.build_parser().parse_args(no_vocab))
+        error = ""
+    except ConfigError as exc:
+        error = str(exc)
+    assert error == "--tokenizer-type or --vocab-size is required to size the embedding"
 
 
 def test_activations_scale_with_the_micro_batch():

@@ -242,3 +242,25 @@ def test_a_stage_takes_its_input_as_a_tensor_or_a_one_element_list():
     (same, error), = run_distributed(_stage_input_forms, 1, timeout=60)
     assert same
     assert error == "GPTModel takes one input tensor, got 2"
+
+
+def _refusals():
+    ps = parallel_state.initialize_model_parallel(1)
+    ps.manual_seed(3)
+    errors = []
+    try:
+        GPTModel(_config("gpt2", sequence_parallel=True), VOCAB, SEQ, parallel_state=ps)
+    except ValueError as exc:  # ConfigError
+        errors.append(str(exc))
+    model = GPTModel(_config("gpt2", num_layers=1), VOCAB, SEQ, parallel_state=ps)
+    try:
+        model(torch.zeros(1, SEQ + 1, dtype=torch.long))
+    except ValueError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+def test_bad_layouts_and_long_sequences_are_refused_by_name():
+    errors, = run_distributed(_refusals, 1, timeout=60)
+    assert errors == ["sequence_parallel=True needs --tensor-model-parallel-size > 1",
+                      f"sequence length {SEQ + 1} exceeds --max-position-embeddings {SEQ}"]
