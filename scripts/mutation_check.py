@@ -7,14 +7,16 @@ Run by hand or nightly, not in CI (issue #16, item 9)::
     python scripts/mutation_check.py --list               # the mutants, without running anything
 
 Mutants are made on the AST of each file under ``megatron_core/{tensor_parallel, pipeline_parallel,
-distributed, optimizer, transformer, checkpoint, dist_checkpointing, fusions, engine, training, datasets,
-tokenizer, inference}`` (subfolders included, such as ``training/arguments``; but ``SKIP``), one change
-each, in the spirit of mutmut's operators: an arithmetic
-operator swapped (``+ -``, ``* /``, ``// *``), a comparison swapped (``< <=``, ``> >=``, ``== !=``,
-``is`` / ``is not``, ``in`` / ``not in``), ``and`` / ``or`` swapped, a ``not`` dropped, a small integer
-constant moved by one, or a call statement (such as a collective) deleted. Docstrings and type
-annotations are left alone. The mutated file is written back with ``ast.unparse`` and restored from
-its original text afterwards, whatever happens (also on Ctrl-C).
+distributed, optimizer, transformer, checkpoint, dist_checkpointing, fusions, engine, training,
+datasets, tokenizer, inference, autotune, models}`` (subfolders included, such as
+``training/arguments``; but ``SKIP``) and of the top-level modules ``megatron_core/{parallel_state,
+collectives, shm_collectives, microbatches, rng_tracker, errors, device}.py`` (the package "core"), one
+change each, in the spirit of mutmut's operators: an arithmetic operator swapped (``+ -``, ``* /``,
+``// *``), a comparison swapped (``< <=``, ``> >=``, ``== !=``, ``is`` / ``is not``, ``in`` /
+``not in``), ``and`` / ``or`` swapped, a ``not`` dropped, a small integer constant moved by one, or a
+call statement (such as a collective) deleted. Docstrings and type annotations are left alone. The
+mutated file is written back with ``ast.unparse`` and restored from its original text afterwards,
+whatever happens (also on Ctrl-C).
 
 A mutant is killed when its directory's tests fail (``pytest -x``, fastest files first) or time out;
 it survives when they pass. The target is under 10% survivors per directory. Survivors are printed
@@ -55,6 +57,37 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
   directory is a race no deterministic test shows. Still a missing test: deleting the all-reduce that
   makes every rank agree on the optimizer's step count (it needs a rank holding no optimizer state).
 - ``checkpoint/hf_io.py``: ``os.makedirs`` before ``save_pretrained`` (which creates the directory).
+- ``parallel_state.py``: the embedding group's ``[ranks[0], ranks[-1]] if len(ranks) > 1`` -> ``>= 1``
+  (one stage gives ``[r, r]``, which ``sorted(set(...))`` makes ``[r]`` again).
+- ``shm_collectives.py``: the "mapped" flag ``1`` -> ``2`` (only its MIN over the ranks is compared with 0).
+  Not testable here rather than equivalent: the path where rank 0 cannot create the segment
+  (``name[0] = f"!{exc}"``, ``rank == 0`` -> ``!=`` before its log line); it needs /dev/shm full or
+  missing, which no test should do to the machine.
+- ``device.py``: ``mallopt(M_MMAP_MAX, 0)`` -> ``1``: ``import torch`` already leaves glibc with mmapped
+  chunks (6, by ``mallinfo2().hblks``), so a limit of 1 allows no new mmap either; ``_M_TRIM_THRESHOLD``
+  -1 -> -2 (``M_TOP_PAD``): a 256 MiB top pad also keeps the freed heap top mapped (glibc trims down to
+  the pad), a difference in resident memory and speed only; ``MCORE_FORCE_CPU == "1"`` -> ``!=``
+  (without CUDA both give False: a GPU machine's difference). ``rng_tracker.py``: deleting
+  ``device.manual_seed(seed)`` in ``model_parallel_manual_seed`` (on the CPU it is the
+  ``torch.manual_seed(seed)`` of the line before; it seeds the CUDA generator). device.py stays in
+  the check although its CUDA branches cannot run on these machines: its CPU paths (RNG state, the host
+  allocator, the offload copy engine's worker thread) are reached by the ``core`` tests, and a mutant in
+  a CUDA branch survives here by construction (not counted as a missing test; seen in the samples:
+  ``CopyEngine.copy``'s side-stream ``copy_`` and ``after.wait()``, ``_CudaCopy.wait``'s synchronize).
+- ``autotune/cost.py``: ``torch.set_num_threads(1)`` -> ``2`` in the forked ranks that time collectives
+  (a measurement's speed, which no test can pin). Still a missing test: ``head_activation_bytes``'s
+  ``shard = t if sequence_parallel else 1`` -> ``else 2``; the head's prediction is not held to measured
+  saved tensors as the layer's is (measured head + embedding of a 16-token, h 32 model differ from it by
+  944 B at TP 1 and -2032 B at TP 2 with SP: labels, per-token loss and SP's copies are not counted).
+  Also missing: ``memory.model_state_bytes`` with 16-bit gradients (``grad_bytes != 4``: the
+  ``piece_grads`` term) is not checked against ``memory_footprint`` (and disagrees with it: bf16
+  gradients reduced in bf16, ZeRO-0, 4 ranks: 185184 B predicted, 61728 B measured), nor ZeRO-3's
+  ``grads_in_backward`` (``2 * shard``). ``autotune/cost.py``: the profiled head's labels drawn from
+  ``[0, vocab)`` -> ``[1, vocab)`` (timing only). ``autotune/cli.py``: ``LAYOUT_FLAGS``' value counts
+  1 -> 2 (a strip stops at the next ``--`` flag, and pretrain_gpt.py takes no positional arguments).
+
+A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
+16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.
 """
 from __future__ import annotations
 
@@ -71,7 +104,11 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("tensor_parallel", "pipeline_parallel", "distributed", "optimizer", "transformer", "checkpoint",
-            "dist_checkpointing", "fusions", "engine", "training", "datasets", "tokenizer", "inference")
+            "dist_checkpointing", "fusions", "engine", "training", "datasets", "tokenizer", "inference", "autotune",
+            "models", "core")
+# "core" is not a folder: the top-level modules of megatron_core (device.py is in SKIP).
+CORE = ("parallel_state.py", "collectives.py", "shm_collectives.py", "microbatches.py", "rng_tracker.py",
+        "errors.py", "device.py")
 # Tests run against each package's mutants, fastest first so that most mutants die early.
 TESTS = {
     "tensor_parallel": ["tests/test_tensor_parallel_mappings.py", "tests/test_tensor_parallel_layers.py",
@@ -104,6 +141,16 @@ TESTS = {
     "tokenizer": ["tests/test_tokenizer.py", "tests/test_preprocess_data.py"],
     "inference": ["tests/test_generation.py", "tests/test_text_generation_cli.py",
                   "tests/test_text_generation_server.py"],
+    # the schedule replay checks activations.in_flight against the activations the schedules hold
+    "autotune": ["tests/test_pipeline_schedule_order.py", "tests/test_autotune_search.py",
+                 "tests/test_autotune_memory.py"],
+    "models": ["tests/test_init_seed_names.py", "tests/test_hf_equivalence.py", "tests/test_layout.py",
+               # GPTModel.forward's KV-cache argument (incremental decoding against HF generate)
+               "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py"],
+    "core": ["tests/test_errors.py", "tests/test_microbatches.py", "tests/test_parallel_state.py",
+             "tests/test_cross_entropy_and_rng.py", "tests/test_collectives.py", "tests/test_offload_overlap.py",
+             # errors.record_for_launcher / report_line under a real torchrun
+             "tests/test_failures_launch.py::test_a_config_error_under_torchrun_is_its_root_cause"],
 }
 # Files never mutated; the reasons are in the module docstring.
 SKIP = {"transformer/te_spec.py", "transformer/layer_specs.py", "checkpoint/hf_errors.py", "fusions/triton_norms.py",
@@ -187,15 +234,28 @@ class _Apply(ast.NodeTransformer):
         return node
 
 
+def package_of(path: str) -> str:
+    """The ``PACKAGES`` entry of a path relative to the repository (``megatron_core/X.py`` is "core")."""
+    parts = path.split(os.sep)
+    return parts[1] if len(parts) > 2 else "core"
+
+
+def _files(root: str, package: str) -> list[str]:
+    """The package's files relative to ``megatron_core/`` (SKIP included), sorted."""
+    if package == "core":
+        return sorted(CORE)
+    folder = os.path.join(root, "megatron_core", package)
+    return sorted(os.path.join(package, os.path.relpath(os.path.join(d, f), folder))
+                  for d, _, fs in os.walk(folder) for f in fs)
+
+
 def mutants(root: str = REPO) -> list[Mutant]:
     out = []
     for package in PACKAGES:
-        folder = os.path.join(root, "megatron_core", package)
-        names = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
-        for name in names:
-            if not name.endswith(".py") or name.endswith("__init__.py") or f"{package}/{name}" in SKIP:
+        for name in _files(root, package):
+            if not name.endswith(".py") or name.endswith("__init__.py") or name in SKIP:
                 continue
-            path = os.path.join("megatron_core", package, name)
+            path = os.path.join("megatron_core", name)
             tree = ast.parse(open(os.path.join(root, path)).read())
             for i, (node, what, _) in enumerate(_points(tree)):
                 out.append(Mutant(path, i, getattr(node, "lineno", 0), what))
@@ -213,7 +273,7 @@ def run_mutant(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
     """('killed' | 'survived' | 'timeout', seconds, first failing test)."""
     path = os.path.join(REPO, mutant.path)
     original = open(path).read()
-    package = mutant.path.split(os.sep)[1]
+    package = package_of(mutant.path)
     start = time.monotonic()
     try:
         with open(path, "w") as f:
@@ -240,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--out", default="mutation_results.json", help="where to write the results (JSON)")
     args = parser.parse_args(argv)
-    todo = [m for m in mutants() if args.package is None or m.path.split(os.sep)[1] in args.package]
+    todo = [m for m in mutants() if args.package is None or package_of(m.path) in args.package]
     if args.sample is not None and args.sample < len(todo):
         todo = sorted(random.Random(args.seed).sample(todo, args.sample), key=lambda m: (m.path, m.index))
     if args.list:
@@ -257,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, f, indent=1)
     print("\nsurvival by package:")
     for package in PACKAGES:
-        mine = [r for r in results if r["path"].split(os.sep)[1] == package]
+        mine = [r for r in results if package_of(r["path"]) == package]
         if mine:
             alive = [r for r in mine if r["status"] == "survived"]
             print(f"  {package:18s} {len(alive)}/{len(mine)} survived ({100 * len(alive) / len(mine):.0f}%)")

@@ -16,7 +16,7 @@ from megatron_core.autotune.memory import model_state_bytes
 from megatron_core.autotune.params import rank_chunks
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.models.presets import llama_config
-from megatron_core.optimizer import memory_footprint
+from megatron_core.optimizer import MemoryFootprint, memory_footprint
 from megatron_core.transformer.config import TransformerConfig
 
 VOCAB, SEQ = 61, 16  # odd vocabulary: padded to 64 (TP 1) or 128 (TP 2) with divisible-by 32 / 64
@@ -91,9 +91,11 @@ def test_model_states_equal_framework_accounting(dtype):
             pp_rank, dp_rank, measured, names = by_name[name]
             predicted = [[(p.name, p.numel, p.shared_embedding) for p in c] for c in rank_chunks(spec, layout, pp_rank)]
             assert predicted == names, f"{name} rank {rank}: parameter lists differ"
-            states = dataclasses.asdict(model_state_bytes(spec, layout, pp_rank, dp_rank, bucket_size=bucket))
+            predicted_states = model_state_bytes(spec, layout, pp_rank, dp_rank, bucket_size=bucket)
+            states = dataclasses.asdict(predicted_states)
             for key, value in measured.items():
                 assert states[key] == value, f"{name} rank {rank} {key}: predicted {states[key]}, measured {value}"
+            assert predicted_states.total == MemoryFootprint(**measured).total, f"{name} rank {rank}: total"
 
 
 def _record(params: set, seen: dict, t):
@@ -171,3 +173,12 @@ def test_bf16_explicit_attention_over_sdpa_equals_saved_tensors():
                                         Layout(tp=1, micro_batch_size=1)) for case in cases]
     assert predicted[0] - predicted[1] == explicit - sdpa, \
         f"predicted excess {predicted[0] - predicted[1]} bytes, saved {explicit - sdpa}"
+
+
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt2", "llama"])
+def test_one_causal_block_keeps_the_full_scores_of_a_fused_softmax(llama):
+    """Up to CAUSAL_BLOCK positions the CPU's blocked causal path is one block over all s x s scores,
+    so its prediction equals the GPU's under the "fused" backend (no dropout: no mask either way)."""
+    spec = _spec(_config(llama, attention_backend="fused"))
+    for layout in (Layout(dp=4), Layout(tp=2, dp=2, micro_batch_size=2)):
+        assert layer_activation_bytes(spec, layout, on_cpu=False) == layer_activation_bytes(spec, layout, on_cpu=True)

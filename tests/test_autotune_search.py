@@ -1,14 +1,22 @@
 """The autotuner's search and command line: invalid layouts pruned with their reasons, only launchable
 layouts written out, and the emitted torchrun command runs pretrain_gpt.py for real."""
+import dataclasses
 import json
 import re
 import shlex
 import subprocess
+import sys
+
+import pytest
 
 from megatron_core.autotune import cli
+from megatron_core.autotune.activations import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
+from megatron_core.autotune.cost import Profile, layer_shard_config, step_time
 from megatron_core.autotune.layout import Layout, ModelSpec
-from megatron_core.autotune.memory import model_state_bytes
+from megatron_core.autotune.memory import comm_buffer_bytes, model_state_bytes
+from megatron_core.autotune.params import total_parameters
 from megatron_core.autotune.search import enumerate_layouts, launch_blocker, predict_memory, search
+from megatron_core.errors import ConfigError
 from megatron_core.transformer.config import TransformerConfig
 
 # Megatron-style mock-data run, as tests/test_pretrain.py: 255 tokens + EOD, padded to 256.
@@ -123,6 +131,16 @@ def test_emitted_command_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and "layouts fit" in printed
     best = re.search(r"^best: (.*)$", printed, re.M).group(1)
+    table = printed[:printed.index("layouts fit")].splitlines()
+    # --no-offload: the search covers exactly the layouts without optimizer offload.
+    spec = cli.model_spec(cli.build_parser().parse_args(FLAGS))
+    assert spec.vocab_size == 256  # the NullTokenizer's 255 tokens + EOD, as pretrain_gpt.py builds it
+    counts = re.search(r"^(\d+) layouts fit, (\d+) pruned:$", printed, re.M)
+    assert counts, printed
+    fit, pruned = map(int, counts.groups())
+    assert fit + pruned == len(enumerate_layouts(spec, 2, [2], with_offload=False)) \
+        < len(enumerate_layouts(spec, 2, [2], with_offload=True))
+    assert any(line.startswith(best + " ") for line in table), f"{best} missing from the table: {table}"
     config = json.loads(ds.read_text())
     assert config["train_batch_size"] == 4 and config["zero_optimization"]["stage"] in (0, 1)
     command = shlex.split(out.read_text())
@@ -148,6 +166,139 @@ def test_trials_measure_from_scratch_even_with_a_checkpoint_to_resume(tmp_path, 
     code = cli.main(FLAGS + ["--world-size", "2", "--memory-per-device", "1", "--no-offload", "--micro-batch-sizes",
                              "2", "--trials", "1", "--trial-iters", "3", "--load", ckpt, "--save", ckpt])
     printed = capsys.readouterr().out
-    measured = re.search(r"trial (.*): predicted [\d.]+ tokens/s, measured ([\d.na]+)", printed)
+    measured = re.search(r"trial (.*): predicted [\d.]+ tokens/s, measured ([\d.na]+) \((\d+) s\)", printed)
     assert code == 0 and measured and measured.group(2) != "nan", printed[-2000:]
+    # The median step is shorter than the whole trial (launch included), so at least one global batch
+    # (4 x 16 tokens) per trial second, whatever the machine's speed.
+    assert float(measured.group(2)) > 4 * 16 / (int(measured.group(3)) + 1), printed[-2000:]
     assert "--load" in printed.splitlines()[-1]  # the emitted command keeps them: it is the user's run
+
+
+def test_step_time_follows_the_documented_model():
+    """cost.step_time on a made-up profile, term by term as its module docstring states: (M + (pp-1)/v) x
+    the microbatch time (layers x (layer x slowdown + 4 TP all-reduces of sbh bytes) + the head on the
+    last stage, + 2 sends of sbh/TP under SP), the DP all-reduce (ZeRO: reduce-scatter + all-gather,
+    ZeRO-3 two more all-gathers), Adam per element; ranks beyond the cores slow compute down."""
+    spec = _spec()  # 4 layers, h 48, s 32, global batch 8, fp32 (4 bytes a parameter and a gradient)
+    fits = {"all_reduce": (1e-3, 1e-9), "send_recv": (2e-3, 2e-9), "reduce_scatter": (3e-3, 3e-9),
+            "all_gather": (4e-3, 4e-9)}
+    prof = Profile(layer={(1, 1, False): 1.0, (1, 2, False): 0.5}, head={(1, 1): 0.25, (1, 2): 0.125},
+                   collectives={(op, 2): fit for op, fit in fits.items()}, adam_s_per_element=1e-8,
+                   peak_flops=1e9, cores=2)
+
+    def comm(op, nbytes):
+        return fits[op][0] + fits[op][1] * nbytes
+
+    def elements(layout):
+        return model_state_bytes(spec, layout).params // 4
+
+    sbh = 32 * 1 * 48 * 4
+    dp2 = Layout(dp=2)  # 4 microbatches of 4 layers each, the head after each one, then the DP all-reduce
+    total, mfu = step_time(spec, dp2, prof, 1e9)
+    expected = 4 * (4 * 1.0 + 0.25) + comm("all_reduce", 4 * elements(dp2)) + elements(dp2) * 1e-8
+    assert total == pytest.approx(expected, rel=1e-12)
+    assert mfu == pytest.approx(1e9 / expected / (1e9 * 2), rel=1e-12)
+
+    zero3 = Layout(dp=2, zero_stage=3)
+    e = elements(zero3)
+    expected = 4 * (4 * 1.0 + 0.25) + comm("reduce_scatter", 4 * e) + 3 * comm("all_gather", 4 * e) + e // 2 * 1e-8
+    assert step_time(spec, zero3, prof, 1e9)[0] == pytest.approx(expected, rel=1e-12)
+
+    # 4 ranks on 2 cores: compute twice as slow; full recompute: 4/3 of the layer; 8 microbatches, bubble 1/2.
+    mp = Layout(tp=2, pp=2, vpp=2, sequence_parallel=True, recompute="full")
+    per_mb = 2 * (0.5 * 4 / 3 * 2 + 4 * comm("all_reduce", sbh)) + 0.125 * 2 + 2 * comm("send_recv", sbh / 2)
+    expected = (8 + 1 / 2) * per_mb + elements(mp) * 1e-8 * 2
+    assert step_time(spec, mp, prof, 1e9)[0] == pytest.approx(expected, rel=1e-12)
+    on_gpu = dataclasses.replace(prof, on_cpu=False)
+    per_mb = 2 * (0.5 * 4 / 3 + 4 * comm("all_reduce", sbh)) + 0.125 + 2 * comm("send_recv", sbh / 2)
+    assert step_time(spec, mp, on_gpu, 1e9)[0] == pytest.approx((8 + 1 / 2) * per_mb + elements(mp) * 1e-8, rel=1e-12)
+
+
+def test_the_tool_reads_its_command_line():
+    """tools/autotune.py hands sys.argv[1:] to cli.main: a bad flag set ends in the same one-line error."""
+    proc = subprocess.run([sys.executable, "tools/autotune.py", "--num-layers", "2", "--hidden-size", "32",
+                           "--num-attention-heads", "4", "--seq-length", "16", "--mock-data", "--vocab-size", "255"],
+                          capture_output=True, text=True, cwd=cli.REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --global-batch-size is required: the search needs the model and batch size"
+
+
+def test_collective_buffers_are_counted_for_sharded_data_parallel_on_cpu_only():
+    """gloo's reduce-scatter / all-gather staging copies (memory.comm_buffer_bytes): ZeRO >= 1 over DP > 1
+    on the CPU; nothing without sharding, over one DP rank, or on NCCL (fixed internal buffers)."""
+    spec = _spec()
+    assert comm_buffer_bytes(spec, Layout(dp=2, zero_stage=1)) > 0
+    assert comm_buffer_bytes(spec, Layout(dp=2, zero_stage=1), on_cpu=False) == 0
+    assert comm_buffer_bytes(spec, Layout(dp=1, zero_stage=1)) == 0
+    assert comm_buffer_bytes(spec, Layout(dp=2, zero_stage=0)) == 0
+    # Unbucketed and unpipelined, the one bucket holds every parameter (the tied embedding too: it has
+    # no second copy to share with): a full-size fp32 copy plus this rank's half, 1.5 x its bytes.
+    assert comm_buffer_bytes(spec, Layout(dp=2, zero_stage=1), bucket_size=None) == total_parameters(spec) * 4 * 3 // 2
+
+
+def test_strip_flags_takes_each_flags_own_values():
+    argv = ["--lr=1e-3", "--top", "5", "--micro-batch-sizes", "1", "2", "--seq-length", "16", "--top=3", "--x"]
+    assert cli.strip_flags(argv, {"--top": 1, "--micro-batch-sizes": -1}) == ["--lr=1e-3", "--seq-length", "16", "--x"]
+
+
+def test_launchable_layouts_rank_first():
+    """A layout the framework cannot launch (ZeRO-4) ranks after every launchable one, however fast."""
+    spec = _spec()
+    cands = search(spec, [Layout(dp=2, zero_stage=4), Layout(dp=2)], 1e12,
+                   predict_time=lambda lay: (1.0 if lay.zero_stage == 4 else 2.0, 0.1))
+    assert [(c.layout.zero_stage, c.launchable, c.reason) for c in cands] == [(0, True, None), (4, False, None)]
+
+
+def test_the_embedding_keeps_a_dropout_mask_only_with_dropout():
+    """One bool per element of the embeddings' output [s, b, h] (its SP shard: s / TP) when hidden dropout is on."""
+    spec = _spec()  # hidden dropout 0.1 (TransformerConfig's default)
+    dry = dataclasses.replace(spec, config=dataclasses.replace(spec.config, hidden_dropout=0.0))
+    for layout, shard in ((Layout(dp=2, micro_batch_size=2), 1), (Layout(tp=2, sequence_parallel=True), 2)):
+        mask = spec.seq_length * layout.micro_batch_size * 48 // shard
+        assert embedding_activation_bytes(spec, layout) - embedding_activation_bytes(dry, layout) == mask
+
+
+def test_the_model_spec_follows_the_flags():
+    """--max-position-embeddings sizes the position table (else --seq-length); the NullTokenizer needs
+    --vocab-size."""
+    spec = cli.model_spec(cli.build_parser().parse_args(FLAGS + ["--max-position-embeddings", "64"]))
+    assert (spec.seq_length, spec.max_position_embeddings) == (16, 64)
+    no_vocab = [flag for i, flag in enumerate(FLAGS) if "--vocab-size" not in FLAGS[max(i - 1, 0):i + 1]]
+    no_vocab += ["--tokenizer-type", "NullTokenizer"]
+    try:
+        cli.model_spec(cli.build_parser().parse_args(no_vocab))
+        error = ""
+    except ConfigError as exc:
+        error = str(exc)
+    assert error == "--tokenizer-type or --vocab-size is required to size the embedding"
+
+
+def test_activations_scale_with_the_micro_batch():
+    """Every saved activation is per sample: a micro batch of b keeps b times the bytes of one."""
+    spec = dataclasses.replace(_spec(), global_batch_size=16)
+    for base in (Layout(dp=2), Layout(tp=2, sequence_parallel=True)):
+        one = dataclasses.replace(base, micro_batch_size=1)
+        for b in (2, 4):
+            many = dataclasses.replace(base, micro_batch_size=b)
+            for fn in (head_activation_bytes, embedding_activation_bytes):
+                assert fn(spec, many) == b * fn(spec, one), (fn.__name__, base, b)
+            assert layer_activation_bytes(spec, many) == b * layer_activation_bytes(spec, one), (base, b)
+
+
+def test_a_layer_is_profiled_as_its_tp_shard():
+    """The profiled layer (cost.layer_shard_config): one layer with heads, query groups and MLP width / TP."""
+    spec = _spec()  # h 48, 6 heads in 6 groups, MLP 4h
+    shard = layer_shard_config(spec, 2, selective=True)
+    assert (shard.num_layers, shard.num_attention_heads, shard.num_query_groups, shard.ffn_hidden_size,
+            shard.kv_channels, shard.recompute_granularity) == (1, 3, 3, 96, 8, "selective")
+    assert layer_shard_config(spec, 1, selective=False).recompute_granularity is None
+
+
+def test_model_spec_takes_the_configs_own_widths():
+    """ModelSpec's MLP width, query groups and per-head size: the config's when it sets them (here none
+    of them the default 4h, heads, h / heads), else the defaults."""
+    config = TransformerConfig(num_layers=2, hidden_size=48, num_attention_heads=6, num_query_groups=2,
+                               ffn_hidden_size=100, kv_channels=16)
+    spec = ModelSpec(config, 1000, 32, 32, global_batch_size=8)
+    assert (spec.ffn_hidden_size, spec.num_query_groups, spec.kv_channels) == (100, 2, 16)
+    assert (_spec().ffn_hidden_size, _spec().num_query_groups, _spec().kv_channels) == (192, 6, 8)

@@ -53,10 +53,19 @@ def test_reduce_scatter_flat_on_gloo(world):
         assert problems == []
 
 
+def test_flat_collectives_use_this_torch_releases_names():
+    """torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (a FutureWarning on every call,
+    ``__deprecated__`` on the function); the *_single names are taken where they exist. The reduce-scatter
+    runs on NCCL only, so its name is checked here rather than by a call."""
+    from megatron_core import collectives
+    for fn in (collectives._ALL_GATHER, collectives._REDUCE_SCATTER):
+        assert getattr(fn, "__deprecated__", None) is None, f"{fn.__name__} is deprecated in this torch"
+
+
 def test_host_allocator_keeps_large_tensors_on_the_heap():
     """After configure_host_allocator, a 64 MiB tensor comes from the heap (brk), not a fresh mmap."""
-    code = ("import torch\nfrom megatron_core import device\n"
-            "print(device.configure_host_allocator())\n"
+    code = ("import logging\nimport torch\nfrom megatron_core import device\n"
+            "logging.basicConfig(level=logging.INFO)\nprint(device.configure_host_allocator())\n"
             "t = torch.ones(16 << 20)\nptr = t.data_ptr()\n"
             "ranges = [l.split()[0].split('-') for l in open('/proc/self/maps') if l.rstrip().endswith('[heap]')]\n"
             "print(any(int(a, 16) <= ptr < int(b, 16) for a, b in ranges))\n")
@@ -68,6 +77,15 @@ def test_host_allocator_keeps_large_tensors_on_the_heap():
         pytest.skip(f"not glibc: {tuned.stdout.strip()} {tuned.stderr.strip()[-200:]}")
     assert tuned.stdout.split() == ["True", "True"], tuned.stderr
     assert plain.stdout.split() == ["False", "False"], plain.stderr
+    assert "host allocator" not in tuned.stderr + plain.stderr  # logged only where glibc is missing
+
+
+def test_multiprocessor_count_without_cuda_is_the_cpu_count():
+    """Triton's backward kernels size their grid from it (triton_norms): one program per core on CPU."""
+    from megatron_core import device
+    if device.cuda_available():
+        pytest.skip("a CUDA device: the count is its streaming multiprocessors")
+    assert os.cpu_count() is not None and device.multiprocessor_count() == os.cpu_count()
 
 
 def _shm_all_reduce(sizes: list[int]) -> list[str]:
@@ -94,6 +112,10 @@ def _shm_all_reduce(sizes: list[int]) -> list[str]:
     handle = shm_collectives.all_reduce(torch.ones(8), None, async_op=True)
     if not handle.wait():
         problems.append("async handle")
+    top = torch.full((3,), float(rank + 1))
+    shm_collectives.all_reduce(top, None, op=dist.ReduceOp.MAX)  # not a sum: torch.distributed's own
+    if not torch.equal(top, torch.full((3,), float(world))):
+        problems.append(f"MAX gave {top.tolist()}")
     return problems
 
 
@@ -105,7 +127,22 @@ def test_shared_memory_all_reduce(world):
         assert problems == []
 
 
-def _shm_fallback(spread: bool) -> tuple[bool, bool]:
+def _segment_fds() -> tuple[int, int]:
+    """This process's open descriptors on shared-memory all-reduce segments, and how many of those
+    segments still have a name in /dev/shm (the link of an unlinked file ends in " (deleted)")."""
+    count = named = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile (gloo's threads open and close sockets)
+        if link.startswith("/dev/shm/mcore-allreduce-"):
+            count += 1
+            named += not link.endswith(" (deleted)")
+    return count, named
+
+
+def _shm_fallback(spread: bool) -> tuple[bool, bool, tuple[int, int]]:
     from megatron_core import shm_collectives
     if spread:  # each rank claims another machine: the group must stay on gloo
         shm_collectives._machine_id = lambda: f"host-{dist.get_rank()}"
@@ -114,14 +151,16 @@ def _shm_fallback(spread: bool) -> tuple[bool, bool]:
     used = shm_collectives.try_all_reduce(x, group)
     if not used:
         dist.all_reduce(x, group=group)
-    return used, bool(torch.equal(x, torch.full((5,), 3.0)))
+    return used, bool(torch.equal(x, torch.full((5,), 3.0))), _segment_fds()
 
 
 def test_shared_memory_needs_one_machine_and_can_be_disabled(monkeypatch):
-    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(True, True)] * 2
-    assert run_distributed(_shm_fallback, 2, True, timeout=60) == [(False, True)] * 2
+    # One descriptor per rank on the segment: the mapping's own (the creator closes its file), and the
+    # segment already unlinked, so that nothing is left in /dev/shm after a crash.
+    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(True, True, (1, 0))] * 2
+    assert run_distributed(_shm_fallback, 2, True, timeout=60) == [(False, True, (0, 0))] * 2
     monkeypatch.setenv("MCORE_SHM_COLLECTIVES", "0")
-    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(False, True)] * 2
+    assert run_distributed(_shm_fallback, 2, False, timeout=60) == [(False, True, (0, 0))] * 2
 
 
 def _mappings_after_destroy() -> list[tuple[int, int]]:

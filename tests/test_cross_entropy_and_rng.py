@@ -7,6 +7,7 @@ from equivalence import assert_rel_close
 from harness import RankError, run_distributed
 
 from megatron_core import parallel_state
+from megatron_core.rng_tracker import RNGStatesTracker
 from megatron_core.tensor_parallel import checkpoint, vocab_parallel_cross_entropy
 
 SEQ, BATCH, VOCAB = 6, 4, 24
@@ -153,6 +154,22 @@ def test_pipeline_stages_draw_their_documented_dropout_masks():
     for (tp, pp), (default, tp_region) in by.items():
         assert torch.equal(default, _mask_from_seed(42 + 100 * pp)), f"tp {tp} pp {pp}: default stream seed"
         assert torch.equal(tp_region, _mask_from_seed(42 + 100 * pp + 2718 + tp)), f"tp {tp} pp {pp}: TP-region seed"
+
+
+def test_tracker_refuses_a_reused_seed_or_name_until_reset():
+    """Two streams from one seed would draw the same masks: add() refuses it, and a taken name, until
+    reset() (which model_parallel_manual_seed calls, so a run may reseed)."""
+    tracker = RNGStatesTracker()
+    tracker.add("a", 5)
+    with pytest.raises(ValueError, match="seed 5 already used"):
+        tracker.add("b", 5)
+    with pytest.raises(ValueError, match="RNG stream 'a' already exists"):
+        tracker.add("a", 6)
+    with pytest.raises(RuntimeError, match="RNG stream 'c' was not added"):
+        with tracker.fork("c"):
+            pass
+    tracker.reset()
+    tracker.add("a", 5)
 
 
 def _block(parallel_state, w1, w2):

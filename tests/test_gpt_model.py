@@ -15,7 +15,8 @@ from harness import run_distributed
 from megatron_core import parallel_state
 from megatron_core.distributed import finalize_model_grads
 from megatron_core.models.gpt import GPTModel, build_gpt_model_chunks
-from megatron_core.models.presets import gpt2_config, llama_config
+from megatron_core.models.gpt.embedding import LanguageModelEmbedding
+from megatron_core.models.presets import gpt2_config, llama_config, llama_ffn_hidden_size
 from megatron_core.tensor_parallel.utils import shard_of_master
 
 VOCAB, SEQ, BATCH, STEPS = 128, 16, 2, 5
@@ -187,3 +188,79 @@ def test_pipeline_split_holds_the_same_parameters(pp, vpp, first):
             assert_rel_close(torch.tensor(loss), torch.tensor(ref_loss), what="pipelined loss")
     assert seen == set(reference), f"parameters missing from every stage: {set(reference) - seen}"
     assert results[0][2][0] == (True, False) and results[-1][2][-1] == (False, True)
+
+
+def test_llama_ffn_hidden_size_gives_the_published_widths():
+    """2/3 of 4h (times ffn_dim_multiplier), rounded up to multiple_of: the intermediate_size of the
+    Hugging Face configs of Llama-2 7B (11008), 13B (13824), 70B (28672, multiplier 1.3, multiple_of
+    4096) and Llama-3 8B (14336, 1.3, 1024); a width already a multiple stays as it is."""
+    assert llama_ffn_hidden_size(4096) == 11008
+    assert llama_ffn_hidden_size(5120) == 13824
+    assert llama_ffn_hidden_size(8192, 4096, 1.3) == 28672
+    assert llama_ffn_hidden_size(4096, 1024, 1.3) == 14336
+    assert llama_ffn_hidden_size(96) == 256  # 2/3 of 384 is 256 exactly
+    assert llama_config(num_layers=1).ffn_hidden_size == 11008
+    assert llama_config(num_layers=1, ffn_hidden_size=96).ffn_hidden_size == 96
+
+
+def _embedding_outputs(p):
+    ps = parallel_state.initialize_model_parallel(1)
+    ps.manual_seed(3)
+    embedding = LanguageModelEmbedding(_config("gpt2", hidden_dropout=p), VOCAB, SEQ, ps)
+    ids = _batch(0)[0]
+    clean = embedding.eval()(ids)
+    return clean, embedding.train()(ids)
+
+
+def test_embedding_dropout_applies_in_training_only():
+    """--hidden-dropout on the embeddings' output: in training each element is zeroed or scaled by 1/(1-p)."""
+    (clean, dropped), = run_distributed(_embedding_outputs, 1, 0.5, timeout=60)
+    kept = dropped != 0
+    assert 0.4 < kept.float().mean().item() < 0.6, "about half the elements survive p = 0.5"
+    torch.testing.assert_close(dropped[kept], 2 * clean[kept], rtol=1e-6, atol=0)
+
+
+def _stage_input_forms():
+    ps = parallel_state.initialize_model_parallel(1)
+    ps.manual_seed(3)
+    model = GPTModel(_config("gpt2", num_layers=1), VOCAB, SEQ, pre_process=False, post_process=False,
+                     parallel_state=ps)
+    hidden = torch.randn(SEQ, BATCH, 64)
+    model.set_input_tensor(hidden)
+    plain = model(None)
+    model.set_input_tensor([hidden])  # Megatron-LM's schedules pass a one-element list
+    as_list = model(None)
+    try:
+        model.set_input_tensor([hidden, hidden])
+        error = ""
+    except ValueError as exc:
+        error = str(exc)
+    return torch.equal(plain, as_list), error
+
+
+def test_a_stage_takes_its_input_as_a_tensor_or_a_one_element_list():
+    (same, error), = run_distributed(_stage_input_forms, 1, timeout=60)
+    assert same
+    assert error == "GPTModel takes one input tensor, got 2"
+
+
+def _refusals():
+    ps = parallel_state.initialize_model_parallel(1)
+    ps.manual_seed(3)
+    errors = []
+    try:
+        GPTModel(_config("gpt2", sequence_parallel=True), VOCAB, SEQ, parallel_state=ps)
+    except ValueError as exc:  # ConfigError
+        errors.append(str(exc))
+    model = GPTModel(_config("gpt2", num_layers=1), VOCAB, SEQ, parallel_state=ps)
+    try:
+        model(torch.zeros(1, SEQ + 1, dtype=torch.long))
+    except ValueError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+def test_bad_layouts_and_long_sequences_are_refused_by_name():
+    errors, = run_distributed(_refusals, 1, timeout=60)
+    assert errors == ["sequence_parallel=True needs --tensor-model-parallel-size > 1",
+                      f"sequence length {SEQ + 1} exceeds --max-position-embeddings {SEQ}"]

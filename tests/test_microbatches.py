@@ -49,3 +49,7 @@ def test_interleaving_needs_microbatches_divisible_by_pipeline_size():
     with pytest.raises(ValueError, match=r"microbatches \(2\) to be a multiple of --pipeline-model-parallel-size 4"):
         MicrobatchCalculator(16, 2, 1, rampup_batch_size=[4, 4, 100], pipeline_model_parallel_size=4,
                              virtual_pipeline_model_parallel_size=2)
+    # ... and only those: a ramp of increment 1 that starts at the global batch reaches 4 (4 microbatches,
+    # a multiple of 2 stages) and never 5.
+    assert MicrobatchCalculator(4, 1, 1, rampup_batch_size=[4, 1, 100], pipeline_model_parallel_size=2,
+                                virtual_pipeline_model_parallel_size=2).num_microbatches == 4

@@ -53,6 +53,7 @@ def test_groups_on_eight_ranks_communicate_within_their_members():
         assert r["emb_ranks"] == pp_members
         assert r["emb"] == sum(pp_members)
         assert r["next"] == pp_members[(r["pp"][0] + 1) % 2]
+        assert r["prev"] == pp_members[(r["pp"][0] - 1) % 2]
     assert [r["tp"][0] for r in results] == [0, 1] * 4
     assert [r["dp"][0] for r in results] == [0, 0, 1, 1] * 2
 
@@ -74,7 +75,8 @@ def _bad_sizes():
 
 
 def test_sizes_not_dividing_world_are_named():
-    with pytest.raises(RankError, match=r"world size 4 is not divisible by tensor_model_parallel_size \(3\)"):
+    with pytest.raises(RankError, match=r"world size 4 is not divisible by tensor_model_parallel_size \(3\) x .* "
+                                        r"x expert_model_parallel_size \(1\) = 3; change the sizes"):
         run_distributed(_bad_sizes, 4, timeout=60)
 
 
@@ -82,3 +84,30 @@ def test_layer_before_process_groups_is_a_clear_error():
     from megatron_core.tensor_parallel import ColumnParallelLinear
     with pytest.raises(RuntimeError, match="model parallel groups are not initialized"):
         ColumnParallelLinear(4, 4)
+
+
+def _registered_after_destroy():
+    ps = parallel_state.initialize_model_parallel(2, 2)
+    ps.background_group()
+    groups = {"tp": ps.tp_group, "pp": ps.pp_group, "dp": ps.dp_group, "mp": ps.mp_group,
+              "embedding": ps.embedding_group, "background": ps.background_group()}
+    before = [name for name, group in groups.items() if _registered(group)]
+    initialized = parallel_state.model_parallel_is_initialized()
+    parallel_state.destroy_model_parallel()
+    after = [name for name, group in groups.items() if _registered(group)]
+    return before, after, (initialized, parallel_state.model_parallel_is_initialized())
+
+
+def _registered(group) -> bool:
+    try:
+        dist.get_rank(group)  # ValueError for a group torch.distributed no longer knows
+    except ValueError:
+        return False
+    return True
+
+
+def test_destroy_releases_every_group_of_this_rank():
+    for before, after, initialized in run_distributed(_registered_after_destroy, 4, timeout=60):
+        assert before == ["tp", "pp", "dp", "mp", "embedding", "background"]
+        assert after == [], f"groups still registered after destroy_model_parallel: {after}"
+        assert initialized == (True, False), "model_parallel_is_initialized before and after destroy"

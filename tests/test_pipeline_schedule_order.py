@@ -12,6 +12,8 @@ from fractions import Fraction
 
 import pytest
 
+from megatron_core.autotune.activations import in_flight
+from megatron_core.autotune.layout import Layout
 from megatron_core.pipeline_parallel import InterleavedSchedule, P2PCommunicator, one_forward_one_backward
 
 FORWARD, BACKWARD = Fraction(1), Fraction(2)  # time units; backward costs twice the forward
@@ -111,15 +113,6 @@ class _RecordingComm(P2PCommunicator):
         return tuple(received)
 
 
-def _activation_bound(p, v, m, rank):
-    """Chunk activations a rank may hold at once: its warm-up forwards plus the one in flight."""
-    if v == 1:
-        return min(p - rank, m)
-    if m == p:
-        return m * v
-    return min(m * v, 2 * (p - rank - 1) + (v - 1) * p + 1)
-
-
 def _programs(p, v, m, forward_only):
     """Each rank's program; checks that every receive got the payload its consumer expected and
     that no rank keeps more activations alive than the schedule's warm-up allows."""
@@ -136,7 +129,10 @@ def _programs(p, v, m, forward_only):
         if not forward_only:
             expected_done.update({("B", c): m for c in range(v)})
         assert dict(runner.done) == expected_done, f"rank {rank} ran {dict(runner.done)}"
-        assert runner.peak_in_flight == (0 if forward_only else _activation_bound(p, v, m, rank))
+        # Chunk activations held at once: the warm-up forwards plus the one in flight, as the autotuner
+        # predicts them (its activation memory is this count times a chunk's saved tensors).
+        bound = in_flight(Layout(pp=p, vpp=v if v > 1 else None), m, rank)
+        assert runner.peak_in_flight == (0 if forward_only else bound)
         programs.append(program)
     received = {k: n for k, n in record.received.items() if n}
     assert received == {k: len(v) for k, v in record.sent.items()}, "sends and receives differ"

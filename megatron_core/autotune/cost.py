@@ -32,6 +32,7 @@ from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
 from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
 from megatron_core.fusions.onednn_linear import linear
+from megatron_core.transformer.config import TransformerConfig
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 
@@ -114,18 +115,25 @@ class Profile:
     on_cpu: bool = True
 
 
+def layer_shard_config(spec: ModelSpec, tp: int, selective: bool) -> TransformerConfig:
+    """One layer's TP shard as a TP 1 config: heads, query groups and MLP width / TP, the per-head
+    size kept, no sequence parallelism, selective recompute or none."""
+    c = spec.config
+    return dataclasses.replace(c, num_layers=1, num_attention_heads=c.num_attention_heads // tp,
+                               num_query_groups=spec.num_query_groups // tp,
+                               ffn_hidden_size=spec.ffn_hidden_size // tp, kv_channels=spec.kv_channels,
+                               sequence_parallel=False,
+                               recompute_granularity="selective" if selective else None,
+                               recompute_method=None, recompute_num_layers=None)
+
+
 def _layer_seconds(spec: ModelSpec, mb: int, tp: int, selective: bool) -> float:
-    """Forward + backward of one layer's TP shard (built at TP 1 with heads/TP and ffn/TP)."""
+    """Forward + backward of one layer's TP shard (:func:`layer_shard_config`)."""
     from megatron_core import parallel_state
     from megatron_core.models.gpt import GPTModel
 
     c = spec.config
-    shard = dataclasses.replace(c, num_layers=1, num_attention_heads=c.num_attention_heads // tp,
-                                num_query_groups=spec.num_query_groups // tp,
-                                ffn_hidden_size=spec.ffn_hidden_size // tp, kv_channels=spec.kv_channels,
-                                sequence_parallel=False,
-                                recompute_granularity="selective" if selective else None,
-                                recompute_method=None, recompute_num_layers=None)
+    shard = layer_shard_config(spec, tp, selective)
     ps = parallel_state.ParallelState(1, 1)
     ps.manual_seed(0)
     model = GPTModel(shard, 128, spec.max_position_embeddings, pre_process=False, post_process=False,
