@@ -79,10 +79,10 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
   ``shard = t if sequence_parallel else 1`` -> ``else 2``; the head's prediction is not held to measured
   saved tensors as the layer's is (measured head + embedding of a 16-token, h 32 model differ from it by
   944 B at TP 1 and -2032 B at TP 2 with SP: labels, per-token loss and SP's copies are not counted).
-  Also missing: ``memory.model_state_bytes`` with 16-bit gradients (``grad_bytes != 4``: the
-  ``piece_grads`` term) is not checked against ``memory_footprint`` (and disagrees with it: bf16
-  gradients reduced in bf16, ZeRO-0, 4 ranks: 185184 B predicted, 61728 B measured), nor ZeRO-3's
-  ``grads_in_backward`` (``2 * shard``). ``autotune/cost.py``: the profiled head's labels drawn from
+  ``memory.model_state_bytes`` with 16-bit gradients: now checked (tests/test_autotune_memory's
+  bf16-grads-reduced-in-bf16 case; the step's fp32 copies are ``step_grad_copies``, measured inside
+  the step, no longer counted in ``grads``, which ``memory_footprint`` sees after it). Still missing:
+  ZeRO-3's ``grads_in_backward`` (``2 * shard``). ``autotune/cost.py``: the profiled head's labels drawn from
   ``[0, vocab)`` -> ``[1, vocab)`` (timing only). ``autotune/cli.py``: ``LAYOUT_FLAGS``' value counts
   1 -> 2 (a strip stops at the next ``--`` flag, and pretrain_gpt.py takes no positional arguments).
 

@@ -27,7 +27,8 @@ IMPLEMENTED_ZERO_STAGES = (0, 1, 2, 3)
 @dataclasses.dataclass
 class ModelStates:
     """Bytes of one rank after an optimizer step (``memory_footprint``'s categories), plus the
-    gradient bytes alive during backward (ZeRO-2 holds the full buffer then) and host bytes."""
+    gradient bytes alive during backward (ZeRO-2 holds the full buffer then), the fp32 gradient
+    copies alive during the step only, and host bytes."""
 
     params: int
     grads: int
@@ -35,6 +36,10 @@ class ModelStates:
     optimizer_state: int
     grads_in_backward: int
     host: int = 0
+    # 16-bit gradients: the step's fp32 copies of them (``main.grad = grad.float()``, one per main
+    # parameter or shard piece), made at the start of ``step()`` and dropped at its end, so not in
+    # ``memory_footprint`` after it but in the step's peak. 0 for fp32 gradients (their own copy).
+    step_grad_copies: int = 0
     # ZeRO-3: full parameters of buckets gathered at the moment of measurement (``memory_footprint``'s
     # field); none after an optimizer step, so 0 here. The live window during a step is
     # ``zero3_gather_window_bytes``.
@@ -102,11 +107,12 @@ def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank
                       sgd_momentum: float = 0.9) -> ModelStates:
     """Bytes of parameters, gradients, fp32 main parameters and optimizer state on one rank.
 
-    Equals ``megatron_core.optimizer.memory_footprint`` after a step for stages 0-2 (checked by
+    Equals ``megatron_core.optimizer.memory_footprint`` after a step for stages 0-2, and
+    ``step_grad_copies`` the fp32 gradient copies measured inside the step (checked by
     tests/test_autotune_memory.py); stage 3 follows the ZeRO paper's (2+2+K)Ψ/Nd.
     """
     pb, gb, stage, dp = spec.bytes_per_param, spec.grad_bytes, layout.zero_stage, layout.dp
-    params = grads = mains = state = grads_bw = 0
+    params = grads = mains = state = grads_bw = copies = 0
     adam = optimizer == "adam"
     per_elem_state = 8 if adam else (4 if sgd_momentum > 0 else 0)
     for chunk in rank_chunks(spec, layout, pp_rank):
@@ -115,22 +121,23 @@ def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank
         psi = sum(p.numel for p in chunk)
         if stage == 0:
             params += numel * pb
-            grads += numel * gb + (psi * 4 if gb != 4 else 0)  # main.grad = grad.float()
+            grads += numel * gb
+            copies += psi * 4 if gb != 4 else 0  # main.grad = grad.float(), during the step
             grads_bw += numel * gb
             mains += psi * 4 if pb != 4 else 0  # fp32 parameters are their own main copy
             state += psi * per_elem_state + (4 * len(chunk) if adam else 0)
             continue
         shard, pieces = _shard_pieces(buckets, dp, dp_rank)
-        piece_grads = sum(pieces) * 4 if gb != 4 else 0
+        copies += sum(pieces) * 4 if gb != 4 else 0  # each shard piece's main.grad, during the step
         params += (shard if stage == 3 else numel) * pb
-        grads += (numel if stage == 1 else shard) * gb + piece_grads
+        grads += (numel if stage == 1 else shard) * gb
         grads_bw += (numel if stage == 1 else numel + shard) * gb if stage < 3 else 2 * shard * gb
         mains += shard * 4
         state += sum(pieces) * per_elem_state + (4 * len(pieces) if adam else 0)
     host = 0
     if layout.offload:
         host, mains, state = mains + state, 0, 0
-    return ModelStates(params, grads, mains, state, grads_bw, host)
+    return ModelStates(params, grads, mains, state, grads_bw, host, step_grad_copies=copies)
 
 
 def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout) -> int:

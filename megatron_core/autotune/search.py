@@ -108,7 +108,8 @@ def predict_rank_memory(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: b
     backward), the ZeRO-3 gather window and activations (see :mod:`.activations`) during backward, or
     the states and the DP collectives' buffers after it, whichever is larger."""
     states = model_state_bytes(spec, layout, pp_rank, 0, optimizer, bucket_size)
-    rank = states.params + states.main_params + states.optimizer_state + max(states.grads, states.grads_in_backward)
+    rank = states.params + states.main_params + states.optimizer_state + max(
+        states.grads + states.step_grad_copies, states.grads_in_backward)
     if layout.zero_stage == 3:
         rank += zero3_gather_window_bytes(spec, layout)
     return rank + max(stage_activation_bytes(spec, layout, pp_rank, on_cpu),
