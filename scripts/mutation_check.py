@@ -81,8 +81,10 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
   944 B at TP 1 and -2032 B at TP 2 with SP: labels, per-token loss and SP's copies are not counted).
   ``memory.model_state_bytes`` with 16-bit gradients: now checked (tests/test_autotune_memory's
   bf16-grads-reduced-in-bf16 case; the step's fp32 copies are ``step_grad_copies``, measured inside
-  the step, no longer counted in ``grads``, which ``memory_footprint`` sees after it). Still missing:
-  ZeRO-3's ``grads_in_backward`` (``2 * shard``). ``autotune/cost.py``: the profiled head's labels drawn from
+  the step, no longer counted in ``grads``, which ``memory_footprint`` sees after it), and
+  ``grads_in_backward`` at every stage, measured at the end of backward (ZeRO-3 predicted ``2 * shard``
+  where the framework holds the full buffer and the shard, as docs/zero.md says: fixed).
+  ``autotune/cost.py``: the profiled head's labels drawn from
   ``[0, vocab)`` -> ``[1, vocab)`` (timing only). ``autotune/cli.py``: ``LAYOUT_FLAGS``' value counts
   1 -> 2 (a strip stops at the next ``--`` flag, and pretrain_gpt.py takes no positional arguments).
 

@@ -62,7 +62,8 @@ GRID = [("dp4-z0", 1, 1, None, 0, False, True, 32, None), ("dp4-z1", 1, 1, None,
         ("dp4-z2-buckets", 1, 1, None, 2, False, True, 32, 1000),
         ("tp2-dp2-z1-llama", 2, 1, None, 1, True, False, 64, None),
         ("pp2-dp2-z2-tied", 1, 2, None, 2, False, True, 32, None), ("pp2-v2-dp2-z1", 1, 2, 2, 1, False, True, 32, 700),
-        ("tp2-pp2-z0-llama", 2, 2, None, 0, True, True, 64, None), ("tp4-z2", 4, 1, None, 2, False, False, 8, None)]
+        ("tp2-pp2-z0-llama", 2, 2, None, 0, True, True, 64, None), ("tp4-z2", 4, 1, None, 2, False, False, 8, None),
+        ("dp4-z3-buckets", 1, 1, None, 3, False, True, 32, 1000)]
 
 
 def _step_grad_copies(optimizer, wrapped) -> list[int]:
@@ -82,6 +83,10 @@ def _step_grad_copies(optimizer, wrapped) -> list[int]:
     return seen
 
 
+def _record_grads(into: list, wrapped, optimizer) -> None:
+    into.append(memory_footprint(wrapped, optimizer).grads)
+
+
 def _measure(grid, dtype, grad_reduce_in_fp32):
     out = {}
     for name, tp, pp, vpp, zero, llama, tied, divisible, bucket in grid:
@@ -92,9 +97,14 @@ def _measure(grid, dtype, grad_reduce_in_fp32):
         names = [[(n, p.numel(), getattr(p, "shared_embedding", False)) for n, p in c.named_parameters()]
                  for c in chunks]
         copies = _step_grad_copies(optimizer, wrapped)
-        train_step(ps, gpt, wrapped, optimizer, 0, 2)
+        in_backward: list[int] = []  # the gradient bytes held at the end of backward, before the step
+        record = functools.partial(_record_grads, in_backward, wrapped, optimizer)
+        train_step(ps, gpt, wrapped, optimizer, 0, 2, before_step=record)
         measured = dataclasses.asdict(memory_footprint(wrapped, optimizer))
-        out[name] = (ps.pp_rank, ps.dp_rank, {**measured, "step_grad_copies": copies[-1]}, names)
+        extra = {"step_grad_copies": copies[-1], "grads_in_backward": in_backward[-1]}
+        if zero == 3:  # after the step ZeRO-3 follows the paper's accounting, not this test's (docstring)
+            measured = {}
+        out[name] = (ps.pp_rank, ps.dp_rank, {**measured, **extra}, names)
         ps.destroy()
     return out
 
@@ -103,10 +113,13 @@ def _measure(grid, dtype, grad_reduce_in_fp32):
                                                         (torch.bfloat16, False)],
                          ids=["fp32", "bf16", "bf16-grads-reduced-in-bf16"])
 def test_model_states_equal_framework_accounting(dtype, grad_reduce_in_fp32):
-    """After the step, and the fp32 gradient copies inside it (16-bit gradients only)."""
+    """After the step (stages 0-2), the gradients held at the end of backward (every stage: ZeRO-2 and
+    -3 keep the full buffer beside the shard until the step) and the fp32 gradient copies inside the
+    step (16-bit gradients only)."""
     grid = GRID if dtype == torch.float32 else GRID[:4]
     results = run_distributed(_measure, 4, grid, dtype, grad_reduce_in_fp32, timeout=240)
     grad_bytes = 4 if dtype == torch.float32 or grad_reduce_in_fp32 else dtype.itemsize
+    extra_keys = ("step_grad_copies", "grads_in_backward")
     for name, tp, pp, vpp, zero, llama, tied, divisible, bucket in grid:
         spec = dataclasses.replace(_spec(_config(llama, tied), divisible), bytes_per_param=dtype.itemsize,
                                    grad_bytes=grad_bytes)
@@ -119,8 +132,9 @@ def test_model_states_equal_framework_accounting(dtype, grad_reduce_in_fp32):
             states = dataclasses.asdict(predicted_states)
             for key, value in measured.items():
                 assert states[key] == value, f"{name} rank {rank} {key}: predicted {states[key]}, measured {value}"
-            footprint = MemoryFootprint(**{k: v for k, v in measured.items() if k != "step_grad_copies"})
-            assert predicted_states.total == footprint.total, f"{name} rank {rank}: total"
+            if zero < 3:
+                footprint = MemoryFootprint(**{k: v for k, v in measured.items() if k not in extra_keys})
+                assert predicted_states.total == footprint.total, f"{name} rank {rank}: total"
     assert grad_bytes == 4 or any(r[name][2]["step_grad_copies"] > 0 for r in results for name in (g[0] for g in grid))
 
 

@@ -131,7 +131,9 @@ def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank
         copies += sum(pieces) * 4 if gb != 4 else 0  # each shard piece's main.grad, during the step
         params += (shard if stage == 3 else numel) * pb
         grads += (numel if stage == 1 else shard) * gb
-        grads_bw += (numel if stage == 1 else numel + shard) * gb if stage < 3 else 2 * shard * gb
+        # ZeRO-2 and -3 hold the full gradient buffer through backward (one contiguous allocation,
+        # released at the step) beside the reduced shard; ZeRO-1 reduces into the full buffer itself.
+        grads_bw += (numel if stage == 1 else numel + shard) * gb
         mains += shard * 4
         state += sum(pieces) * per_elem_state + (4 * len(pieces) if adam else 0)
     host = 0
