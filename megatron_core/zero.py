@@ -14,7 +14,9 @@ for reading (or changing) outside a forward pass::
 
 Parameters not under ZeRO-3 (other stages, modules not wrapped) are full already: the context does
 nothing for them, as DeepSpeed's. Entering is a collective over the data-parallel group (every rank
-must enter with the same parameters), and no optimizer step may run inside the block.
+must enter with the same parameters), and no optimizer step may run inside the block. A checkpoint
+is saved after a ``modifier_rank`` block, not inside it (``save_checkpoint`` there is a ConfigError):
+inside, rank R's changes are in its gathered parameters only, not yet in the shards or the optimizer.
 
 :func:`register_external_parameter` is DeepSpeed's too: a module whose forward reads another
 module's parameter as an attribute (not as an argument) must say so. ``deepspeed.zero.Init`` has no
@@ -64,6 +66,7 @@ class GatheredParameters:
     def __enter__(self) -> None:
         for manager, units, _ in self.groups.values():
             manager.pin(units)
+            manager.modifying += self.modifier_rank is not None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for manager, units, members in self.groups.values():
@@ -77,6 +80,7 @@ class GatheredParameters:
                         for buffer, bucket in units:
                             buffer.write_shard(bucket)
             finally:
+                manager.modifying -= self.modifier_rank is not None
                 manager.unpin(units)
 
 

@@ -74,6 +74,34 @@ def test_modifier_rank_values_reach_every_rank_and_the_optimizer(bf16):
         assert (after_step == 0.25).all(), "the optimizer's main copy did not follow the modification"
 
 
+def _save_in_block(folder: str):
+    from megatron_core.errors import ConfigError
+
+    engine = _engine(0.0, bf16=False)
+    _train(engine, 1)
+    weight = dict(engine.module.named_parameters())["2.weight"]
+    with GatheredParameters([weight]):
+        engine.save_checkpoint(folder, tag="read")  # a read-only block: the values are the shards'
+    refused = ""
+    with GatheredParameters([weight], modifier_rank=0):
+        weight.data.fill_(0.25)
+        try:  # the model file would hold 0.25 and the optimizer's main copy (what is loaded) the old values
+            engine.save_checkpoint(folder, tag="inside")
+        except ConfigError as exc:
+            refused = str(exc)
+    engine.save_checkpoint(folder, tag="after")
+    loaded = _engine(0.0, bf16=False)
+    loaded.load_checkpoint(folder, tag="after")
+    _train(loaded, 1)  # lr 0: the restored main copy is written back into the shards
+    return refused, loaded.module.state_dict()["2.weight"].clone()
+
+
+def test_save_checkpoint_inside_a_modifier_block_is_refused(tmp_path):
+    for refused, restored in run_distributed(_save_in_block, 2, str(tmp_path), timeout=120):
+        assert refused.startswith("save_checkpoint inside a megatron_core.zero.GatheredParameters"), refused
+        assert (restored == 0.25).all(), restored
+
+
 class _Head(torch.nn.Module):
     """Reads another module's weight as an attribute (tied, transposed), not as an argument."""
 
