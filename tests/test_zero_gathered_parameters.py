@@ -102,6 +102,31 @@ def test_save_checkpoint_inside_a_modifier_block_is_refused(tmp_path):
         assert (restored == 0.25).all(), restored
 
 
+def _step_in_block(modifier_rank):
+    from megatron_core.errors import ConfigError
+
+    engine = _engine(0.1, bf16=False)
+    _train(engine, 1)
+    weight = dict(engine.module.named_parameters())["2.weight"]
+    refused = ""
+    with GatheredParameters([weight], modifier_rank=modifier_rank):
+        try:
+            _train(engine, 1)
+        except ConfigError as exc:
+            refused = str(exc)
+        full = weight.untyped_storage().nbytes() > 0  # the block's parameter kept its storage
+    engine.step()  # the refused step, after the block
+    _train(engine, 1)  # and training goes on
+    return refused, full
+
+
+@pytest.mark.parametrize("modifier_rank", [None, 0], ids=["read", "modify"])
+def test_a_step_inside_a_block_is_refused(modifier_rank):
+    for refused, full in run_distributed(_step_in_block, 2, modifier_rank, timeout=120):
+        assert refused.startswith("engine.step() inside a megatron_core.zero.GatheredParameters block"), refused
+        assert full
+
+
 class _Head(torch.nn.Module):
     """Reads another module's weight as an attribute (tied, transposed), not as an argument."""
 
