@@ -36,26 +36,26 @@ from megatron_core.distributed.param_gather import GATHER_MANAGER_ATTR, ParamGat
 class GatheredParameters:
     """Full values of ZeRO-3 ``params`` inside the block (DeepSpeed's argument names and meaning).
 
-    ``params``: a parameter or an iterable of them. ``modifier_rank``: None to read only (changes
-    are dropped on exit, with the gathered storage), or the data-parallel rank whose values are kept
-    (its global rank without tensor parallelism, as in DeepSpeed): on exit they are broadcast over
+    ``params``: a parameter or an iterable of them (None entries are skipped). ``modifier_rank``:
+    None to read only (changes are dropped on exit, with the gathered storage), or the data-parallel
+    rank whose values are kept (its global rank without tensor parallelism, as in DeepSpeed): on exit they are broadcast over
     the data-parallel group, become every rank's kept shard, and the distributed optimizer's fp32
     main copy follows, so training continues from them. ``fwd_module`` (DeepSpeed's registration of
     parameters used outside their module) is accepted and not needed: any module's forward
     gathers a managed parameter passed to it. ``enabled=False`` makes the block do nothing.
     """
 
-    def __init__(self, params: torch.Tensor | Iterable[torch.Tensor], modifier_rank: int | None = None,
+    def __init__(self, params: torch.Tensor | Iterable[torch.Tensor | None] | None, modifier_rank: int | None = None,
                  fwd_module: Any = None, enabled: bool = True) -> None:
         del fwd_module
-        if isinstance(params, torch.Tensor):
-            params = [params]
+        if params is None or isinstance(params, torch.Tensor):
+            params = [params]  # None (e.g. a module's absent bias) is not a ZeRO-3 parameter, as in DeepSpeed
         self.modifier_rank = modifier_rank
         # manager id -> (manager, its units holding the parameters, the parameters)
         self.groups: dict[int, tuple[ParamGatherManager, list[Unit], list[torch.Tensor]]] = {}
         for p in params if enabled else ():
             manager = getattr(p, GATHER_MANAGER_ATTR, None)
-            if manager is None:
+            if p is None or manager is None:
                 continue
             _, units, members = self.groups.setdefault(id(manager), (manager, [], []))
             unit = manager.unit_of[id(p)]

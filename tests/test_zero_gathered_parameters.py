@@ -180,6 +180,14 @@ def test_register_external_parameter_gathers_a_weight_read_as_an_attribute():
         run_distributed(_tied_losses, 2, 3, False, timeout=120)
 
 
+def test_none_is_not_a_zero3_parameter():
+    """DeepSpeed's GatheredParameters takes None (Hugging Face passes a module's absent bias): nothing to gather."""
+    with GatheredParameters(None, modifier_rank=0):
+        pass
+    with GatheredParameters([None, torch.nn.Parameter(torch.ones(2))]):
+        pass
+
+
 def test_zero_init_names_what_to_do_instead():
     with pytest.raises(AttributeError, match="build the model whole on each rank and pass it to "
                                              "megatron_core.initialize"):
