@@ -38,11 +38,11 @@ class GatheredParameters:
 
     ``params``: a parameter or an iterable of them (None entries are skipped). ``modifier_rank``:
     None to read only (changes are dropped on exit, with the gathered storage), or the data-parallel
-    rank whose values are kept (its global rank without tensor parallelism, as in DeepSpeed): on exit they are broadcast over
-    the data-parallel group, become every rank's kept shard, and the distributed optimizer's fp32
-    main copy follows, so training continues from them. ``fwd_module`` (DeepSpeed's registration of
-    parameters used outside their module) is accepted and not needed: any module's forward
-    gathers a managed parameter passed to it. ``enabled=False`` makes the block do nothing.
+    rank whose values are kept (its global rank without tensor parallelism, as in DeepSpeed): on
+    exit they are broadcast over the data-parallel group, become every rank's kept shard, and the
+    distributed optimizer's fp32 main copy follows, so training continues from them. ``fwd_module``
+    (DeepSpeed's registration of parameters used outside their module) is accepted and not needed:
+    any module's forward gathers a managed parameter passed to it. ``enabled=False`` makes the block do nothing.
     """
 
     def __init__(self, params: torch.Tensor | Iterable[torch.Tensor | None] | None, modifier_rank: int | None = None,
