@@ -14,7 +14,9 @@ for reading (or changing) outside a forward pass::
 
 Parameters not under ZeRO-3 (other stages, modules not wrapped) are full already: the context does
 nothing for them, as DeepSpeed's. Entering is a collective over the data-parallel group (every rank
-must enter with the same parameters), and no optimizer step may run inside the block.
+must enter with the same parameters), and no optimizer step may run inside the block. A checkpoint
+is saved after a ``modifier_rank`` block, not inside it (``save_checkpoint`` there is a ConfigError):
+inside, rank R's changes are in its gathered parameters only, not yet in the shards or the optimizer.
 
 :func:`register_external_parameter` is DeepSpeed's too: a module whose forward reads another
 module's parameter as an attribute (not as an argument) must say so. ``deepspeed.zero.Init`` has no
@@ -34,26 +36,26 @@ from megatron_core.distributed.param_gather import GATHER_MANAGER_ATTR, ParamGat
 class GatheredParameters:
     """Full values of ZeRO-3 ``params`` inside the block (DeepSpeed's argument names and meaning).
 
-    ``params``: a parameter or an iterable of them. ``modifier_rank``: None to read only (changes
-    are dropped on exit, with the gathered storage), or the data-parallel rank whose values are kept
-    (its global rank without tensor parallelism, as in DeepSpeed): on exit they are broadcast over
-    the data-parallel group, become every rank's kept shard, and the distributed optimizer's fp32
-    main copy follows, so training continues from them. ``fwd_module`` (DeepSpeed's registration of
-    parameters used outside their module) is accepted and not needed: any module's forward
-    gathers a managed parameter passed to it. ``enabled=False`` makes the block do nothing.
+    ``params``: a parameter or an iterable of them (None entries are skipped). ``modifier_rank``:
+    None to read only (changes are dropped on exit, with the gathered storage), or the data-parallel
+    rank whose values are kept (its global rank without tensor parallelism, as in DeepSpeed): on
+    exit they are broadcast over the data-parallel group, become every rank's kept shard, and the
+    distributed optimizer's fp32 main copy follows, so training continues from them. ``fwd_module``
+    (DeepSpeed's registration of parameters used outside their module) is accepted and not needed:
+    any module's forward gathers a managed parameter passed to it. ``enabled=False`` makes the block do nothing.
     """
 
-    def __init__(self, params: torch.Tensor | Iterable[torch.Tensor], modifier_rank: int | None = None,
+    def __init__(self, params: torch.Tensor | Iterable[torch.Tensor | None] | None, modifier_rank: int | None = None,
                  fwd_module: Any = None, enabled: bool = True) -> None:
         del fwd_module
-        if isinstance(params, torch.Tensor):
-            params = [params]
+        if params is None or isinstance(params, torch.Tensor):
+            params = [params]  # None (e.g. a module's absent bias) is not a ZeRO-3 parameter, as in DeepSpeed
         self.modifier_rank = modifier_rank
         # manager id -> (manager, its units holding the parameters, the parameters)
         self.groups: dict[int, tuple[ParamGatherManager, list[Unit], list[torch.Tensor]]] = {}
         for p in params if enabled else ():
             manager = getattr(p, GATHER_MANAGER_ATTR, None)
-            if manager is None:
+            if p is None or manager is None:
                 continue
             _, units, members = self.groups.setdefault(id(manager), (manager, [], []))
             unit = manager.unit_of[id(p)]
@@ -64,6 +66,7 @@ class GatheredParameters:
     def __enter__(self) -> None:
         for manager, units, _ in self.groups.values():
             manager.pin(units)
+            manager.modifying += self.modifier_rank is not None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for manager, units, members in self.groups.values():
@@ -77,6 +80,7 @@ class GatheredParameters:
                         for buffer, bucket in units:
                             buffer.write_shard(bucket)
             finally:
+                manager.modifying -= self.modifier_rank is not None
                 manager.unpin(units)
 
 

@@ -111,6 +111,10 @@ def test_per_split_data_path_errors(tmp_path):
     missing = "/nowhere/x_text_document"
     with pytest.raises(ConfigError, match=rf"^--valid-data-path '{missing}': missing"):
         validate_args(parse_args(argv + ["--train-data-path", prefix, "--valid-data-path", missing]), 1)
+    with pytest.raises(ConfigError, match=r"^--split 90,10,0 does not apply to --train-data-path \(each split is "
+                                          r"every document of its own prefixes\); drop --split, or give --data-path "
+                                          r"instead$"):
+        validate_args(parse_args(argv + ["--train-data-path", prefix, "--eval-iters", "0", "--split", "90,10,0"]), 1)
     args = validate_args(parse_args(argv + ["--train-data-path", prefix, "--eval-iters", "0"]), 1)
     assert args.train_data_path == [prefix] and args.data_path is None
 

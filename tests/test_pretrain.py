@@ -245,3 +245,19 @@ def test_per_split_data_paths_train_on_all_of_their_data(tmp_path):
                                        timeout=120))
     assert per_split.losses == one_path.losses and len(per_split.losses) == 6
     assert sorted(per_split.val_losses) == [6] and math.isfinite(per_split.val_losses[6])
+
+
+def test_skip_train_evaluates_a_checkpoint_on_valid_data_path_alone(tmp_path):
+    """--skip-train with only --valid-data-path (no training split needed): the loaded checkpoint's
+    validation loss is the one the training run logged at that iteration on the same data."""
+    a, b = str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document")
+    _write_corpus(a, 30, seed=1)
+    _write_corpus(b, 20, seed=2)
+    base = [x for x in TINY if x != "--mock-data"] + ["--train-iters", "2", "--eval-interval", "2", "--eval-iters",
+                                                     "1", "--data-cache-path", str(tmp_path / "cache"),
+                                                     "--valid-data-path", b]
+    trained = _logged(run_distributed(_train, 1, base + ["--train-data-path", a, "--save", str(tmp_path / "ck")],
+                                      timeout=120))
+    evaluated = _logged(run_distributed(_train, 1, base + ["--skip-train", "--load", str(tmp_path / "ck")],
+                                        timeout=120))
+    assert sorted(trained.val_losses) == [2] and evaluated.val_losses == trained.val_losses

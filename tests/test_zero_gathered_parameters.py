@@ -74,6 +74,59 @@ def test_modifier_rank_values_reach_every_rank_and_the_optimizer(bf16):
         assert (after_step == 0.25).all(), "the optimizer's main copy did not follow the modification"
 
 
+def _save_in_block(folder: str):
+    from megatron_core.errors import ConfigError
+
+    engine = _engine(0.0, bf16=False)
+    _train(engine, 1)
+    weight = dict(engine.module.named_parameters())["2.weight"]
+    with GatheredParameters([weight]):
+        engine.save_checkpoint(folder, tag="read")  # a read-only block: the values are the shards'
+    refused = ""
+    with GatheredParameters([weight], modifier_rank=0):
+        weight.data.fill_(0.25)
+        try:  # the model file would hold 0.25 and the optimizer's main copy (what is loaded) the old values
+            engine.save_checkpoint(folder, tag="inside")
+        except ConfigError as exc:
+            refused = str(exc)
+    engine.save_checkpoint(folder, tag="after")
+    loaded = _engine(0.0, bf16=False)
+    loaded.load_checkpoint(folder, tag="after")
+    _train(loaded, 1)  # lr 0: the restored main copy is written back into the shards
+    return refused, loaded.module.state_dict()["2.weight"].clone()
+
+
+def test_save_checkpoint_inside_a_modifier_block_is_refused(tmp_path):
+    for refused, restored in run_distributed(_save_in_block, 2, str(tmp_path), timeout=120):
+        assert refused.startswith("save_checkpoint inside a megatron_core.zero.GatheredParameters"), refused
+        assert (restored == 0.25).all(), restored
+
+
+def _step_in_block(modifier_rank):
+    from megatron_core.errors import ConfigError
+
+    engine = _engine(0.1, bf16=False)
+    _train(engine, 1)
+    weight = dict(engine.module.named_parameters())["2.weight"]
+    refused = ""
+    with GatheredParameters([weight], modifier_rank=modifier_rank):
+        try:
+            _train(engine, 1)
+        except ConfigError as exc:
+            refused = str(exc)
+        full = weight.untyped_storage().nbytes() > 0  # the block's parameter kept its storage
+    engine.step()  # the refused step, after the block
+    _train(engine, 1)  # and training goes on
+    return refused, full
+
+
+@pytest.mark.parametrize("modifier_rank", [None, 0], ids=["read", "modify"])
+def test_a_step_inside_a_block_is_refused(modifier_rank):
+    for refused, full in run_distributed(_step_in_block, 2, modifier_rank, timeout=120):
+        assert refused.startswith("engine.step() inside a megatron_core.zero.GatheredParameters block"), refused
+        assert full
+
+
 class _Head(torch.nn.Module):
     """Reads another module's weight as an attribute (tied, transposed), not as an argument."""
 
@@ -125,6 +178,14 @@ def test_register_external_parameter_gathers_a_weight_read_as_an_attribute():
     hint = r"storage of size 0\. Under ZeRO-3 a parameter is gathered only for the modules that own it .* needs "
     with pytest.raises(Exception, match=hint + r"megatron_core\.zero\.register_external_parameter"):
         run_distributed(_tied_losses, 2, 3, False, timeout=120)
+
+
+def test_none_is_not_a_zero3_parameter():
+    """DeepSpeed's GatheredParameters takes None (Hugging Face passes a module's absent bias): nothing to gather."""
+    with GatheredParameters(None, modifier_rank=0):
+        pass
+    with GatheredParameters([None, torch.nn.Parameter(torch.ones(2))]):
+        pass
 
 
 def test_zero_init_names_what_to_do_instead():

@@ -77,6 +77,9 @@ class ParamGatherManager:
         self.active: list[list[Unit]] = []
         # Units held gathered by ``megatron_core.zero.GatheredParameters`` blocks (pin / unpin).
         self.pinned: list[list[Unit]] = []
+        # How many of those blocks have a ``modifier_rank``: their changes are published only on exit,
+        # so a checkpoint saved inside one would mix them with the optimizer's unchanged main copy.
+        self.modifying = 0
         # Buckets already used in the current forward pass: a module that uses an earlier bucket
         # again (the output layer and the tied word embedding) must not prefetch what follows it.
         self.used_in_forward: set[int] = set()

@@ -167,9 +167,16 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     """``Engine.save_checkpoint`` (see the module docstring for the layout).
 
     A failed write (a path under a file, no permission, a full disk) on any rank is a ConfigError on every
-    rank naming it; ``latest`` then still names the previous checkpoint.
+    rank naming it; ``latest`` then still names the previous checkpoint. So is a save inside a ZeRO-3
+    ``GatheredParameters(..., modifier_rank=R)`` block (every rank is inside it: a collective).
     """
     ps = engine.parallel_state
+    gather = getattr(engine.ddp, "param_gather", None)
+    if gather is not None and gather.modifying:
+        # Rank R's changes are in its gathered parameters only until the block exits: the model file
+        # would hold them and the optimizer's fp32 main copy (what load_checkpoint restores) would not.
+        raise ConfigError("save_checkpoint inside a megatron_core.zero.GatheredParameters(..., modifier_rank=...) "
+                          "block: the changes reach every rank and the optimizer on exit; save after the block")
     tag = tag if tag is not None else f"global_step{engine.global_steps}"
     if not isinstance(tag, str) or not tag or os.sep in tag:
         raise ConfigError(f"save_checkpoint: tag must be a non-empty folder name, got {tag!r}")

@@ -29,6 +29,7 @@ from megatron_core.distributed import DistributedDataParallel, finalize_model_gr
 from megatron_core.engine import checkpoint as ckpt
 from megatron_core.engine.config import EngineConfig
 from megatron_core.engine.monitor import Monitor
+from megatron_core.errors import ConfigError
 from megatron_core.optimizer import MegatronOptimizer
 from megatron_core.parallel_state import ParallelState
 
@@ -161,7 +162,16 @@ class Engine(torch.nn.Module):
         return loss
 
     def step(self) -> None:
-        """At the accumulation boundary: optimizer step (or an fp16 skip on every rank), scheduler, zero grads."""
+        """At the accumulation boundary: optimizer step (or an fp16 skip on every rank), scheduler, zero grads.
+
+        Raises ConfigError inside a ZeRO-3 ``megatron_core.zero.GatheredParameters`` block (every rank is in it).
+        """
+        gather = getattr(self.ddp, "param_gather", None)
+        if gather is not None and gather.pinned:
+            # The ZeRO-3 step frees every gathered bucket, the block's too: its parameters then had no
+            # storage, and a modifier_rank block's broadcast on exit crashed gloo ("writev: Bad address").
+            raise ConfigError("engine.step() inside a megatron_core.zero.GatheredParameters block: the step "
+                              "re-shards the parameters the block holds; step after the block")
         if self.is_gradient_accumulation_boundary():
             start = time.perf_counter()
             ok, norm, _ = self.optimizer.step()

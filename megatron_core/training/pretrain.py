@@ -207,7 +207,9 @@ def _build_model(config: RunConfig, parallel_state: ParallelState, model_provide
 def _build_data(run: _Run) -> None:
     """Datasets on the ranks that read data; rank 0 first, so it alone writes the index cache."""
     training, ps = run.training, run.parallel_state
-    train_samples = max(training.train_samples or training.train_iters * training.global_batch_size, 1)
+    # --skip-train evaluates only: no training split (a per-split run then needs no --train-data-path).
+    train_samples = 0 if training.skip_train else \
+        max(training.train_samples or training.train_iters * training.global_batch_size, 1)
     needs = any(data_loading.chunk_needs_data(ps, i if ps.vpp_size else None) for i in range(len(run.model)))
 
     def build(turn: bool) -> tuple:

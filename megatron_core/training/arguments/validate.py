@@ -11,6 +11,7 @@ from megatron_core import device
 from megatron_core.fusions.fused_dropout import cpu_rounds_to_one
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.training.arguments import compat
+from megatron_core.training.config import DataConfig
 from megatron_core.training.errors import ConfigError
 
 _DEMO_HINT = " (or try python pretrain_gpt.py --demo)"
@@ -254,6 +255,10 @@ def _data(args: argparse.Namespace) -> None:
     if needs_data and not given and not args.mock_data:
         raise ConfigError(f"no training data: give --data-path PREFIX (made by tools/preprocess_data.py) or "
                           f"--mock-data{_DEMO_HINT}")
+    if per_split and args.split != DataConfig.split:
+        # --split only cuts --data-path; ignored, the splits would silently not be the ones asked for.
+        raise ConfigError(f"--split {args.split} does not apply to {'/'.join(per_split)} (each split is every "
+                          f"document of its own prefixes); drop --split, or give --data-path instead")
     if per_split:
         for flag, name, needed in (("--train-data-path", "train_data_path", not args.skip_train),
                                    ("--valid-data-path", "valid_data_path", args.eval_iters > 0)):
