@@ -51,25 +51,21 @@ class GatheredParameters:
         if params is None or isinstance(params, torch.Tensor):
             params = [params]  # None (e.g. a module's absent bias) is not a ZeRO-3 parameter, as in DeepSpeed
         self.modifier_rank = modifier_rank
-        # manager id -> (manager, its units holding the parameters, the parameters)
-        self.groups: dict[int, tuple[ParamGatherManager, list[Unit], list[torch.Tensor]]] = {}
+        members: dict[int, tuple[ParamGatherManager, list[torch.Tensor]]] = {}  # by manager
         for p in params if enabled else ():
-            manager = getattr(p, GATHER_MANAGER_ATTR, None)
-            if p is None or manager is None:
-                continue
-            _, units, members = self.groups.setdefault(id(manager), (manager, [], []))
-            unit = manager.unit_of[id(p)]
-            if all(u[1] is not unit[1] for u in units):
-                units.append(unit)
-            members.append(p)
+            manager = getattr(p, GATHER_MANAGER_ATTR, None)  # None for a parameter not under ZeRO-3
+            if p is not None and manager is not None:
+                members.setdefault(id(manager), (manager, []))[1].append(p)
+        # (manager, its units holding the parameters, the parameters)
+        self.groups: list[tuple[ParamGatherManager, list[Unit], list[torch.Tensor]]] = [
+            (manager, manager.units_of(ps), ps) for manager, ps in members.values()]
 
     def __enter__(self) -> None:
-        for manager, units, _ in self.groups.values():
-            manager.pin(units)
-            manager.modifying += self.modifier_rank is not None
+        for manager, units, _ in self.groups:
+            manager.pin(units, modifies=self.modifier_rank is not None)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for manager, units, members in self.groups.values():
+        for manager, units, members in self.groups:
             try:
                 if exc_type is None and self.modifier_rank is not None:
                     with torch.no_grad():
@@ -80,8 +76,7 @@ class GatheredParameters:
                         for buffer, bucket in units:
                             buffer.write_shard(bucket)
             finally:
-                manager.modifying -= self.modifier_rank is not None
-                manager.unpin(units)
+                manager.unpin(units, modifies=self.modifier_rank is not None)
 
 
 def register_external_parameter(module: torch.nn.Module, parameter: torch.Tensor) -> None:
@@ -91,15 +86,8 @@ def register_external_parameter(module: torch.nn.Module, parameter: torch.Tensor
     as ``self.other.weight`` inside ``forward`` needs this. A no-op for parameters not under ZeRO-3.
     Raises ValueError when ``module`` is not part of the model that holds ``parameter``."""
     manager = getattr(parameter, GATHER_MANAGER_ATTR, None)
-    if manager is None:
-        return
-    units = manager.own_units.get(id(module))
-    if units is None:
-        raise ValueError(f"register_external_parameter: {type(module).__name__} is not part of the model that "
-                         f"holds the parameter; register it with a module of that model")
-    unit = manager.unit_of[id(parameter)]
-    if all(u[1] is not unit[1] for u in units):
-        units.append(unit)
+    if manager is not None:
+        manager.add_external(module, parameter)
 
 
 def __getattr__(name: str) -> Any:

@@ -37,13 +37,13 @@ def special_ids(tokenizer: MegatronTokenizer) -> dict[str, int | None]:
 
 def has_tokenizer(path: str) -> bool:
     """True when ``path`` holds tokenizer files this module reads."""
-    return any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer.model",
-                                                                      "vocab.json"))
+    return bool(dir_tokenizer_flags(path))
 
 
-def dir_tokenizer_flags(path: str) -> dict[str, str]:
-    """The ``--tokenizer-*`` flags that build the tokenizer saved in ``path`` (as :func:`load_dir_tokenizer`
-    reads it); empty when ``path`` holds none."""
+def dir_tokenizer_flags(path: str) -> dict[str, Any]:
+    """The ``--tokenizer-*`` flags that build the tokenizer saved in ``path`` (what :func:`load_dir_tokenizer`
+    builds); empty when ``path`` holds none. A SentencePiece ``tokenizer.model`` comes first: a
+    ``tokenizer.json`` beside it was converted from it."""
     if os.path.isfile(os.path.join(path, "tokenizer.model")):
         return {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": os.path.join(path, "tokenizer.model")}
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
@@ -55,18 +55,12 @@ def dir_tokenizer_flags(path: str) -> dict[str, str]:
 
 
 def load_dir_tokenizer(path: str) -> MegatronTokenizer:
-    """The tokenizer saved in ``path`` by :func:`save_tokenizer` (or by ``transformers``).
-
-    A SentencePiece ``tokenizer.model`` comes first: a ``tokenizer.json`` beside it was converted from it.
-    """
-    if os.path.isfile(os.path.join(path, "tokenizer.model")):
-        return build_tokenizer("SentencePieceTokenizer", tokenizer_model=os.path.join(path, "tokenizer.model"))
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return HuggingFaceTokenizer(path)
-    if os.path.isfile(os.path.join(path, "vocab.json")):
-        return build_tokenizer("GPT2BPETokenizer", vocab_file=os.path.join(path, "vocab.json"),
-                               merge_file=os.path.join(path, "merges.txt"))
-    raise FileNotFoundError(f"{path} holds no tokenizer.json, tokenizer.model or vocab.json")
+    """The tokenizer saved in ``path`` by :func:`save_tokenizer` (or by ``transformers``), as
+    :func:`dir_tokenizer_flags` finds it. Raises FileNotFoundError when there is none."""
+    flags = dir_tokenizer_flags(path)
+    if not flags:
+        raise FileNotFoundError(f"{path} holds no tokenizer.json, tokenizer.model or vocab.json")
+    return build_tokenizer(**flags)
 
 
 def _token_names(tokenizer: MegatronTokenizer, id_to_token) -> dict[str, Any]:

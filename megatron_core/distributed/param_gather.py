@@ -194,13 +194,29 @@ class ParamGatherManager:
         """Forget modules left entered by a forward that raised (start of a step)."""
         self.active.clear()
 
-    def pin(self, units: list[Unit]) -> None:
-        """Gather ``units`` and keep them gathered (no forward frees them) until :meth:`unpin`."""
+    def units_of(self, params) -> list[Unit]:
+        """The units (buckets) holding ``params``, each once."""
+        return self._dedup(self.unit_of[id(p)] for p in params)
+
+    def add_external(self, module: torch.nn.Module, param: torch.nn.Parameter) -> None:
+        """Gather ``param``'s bucket whenever ``module`` runs forward, as its own parameters'.
+        Raises ValueError when ``module`` is not part of the model this manager hooks."""
+        units = self.own_units.get(id(module))
+        if units is None:
+            raise ValueError(f"register_external_parameter: {type(module).__name__} is not part of the model that "
+                             f"holds the parameter; register it with a module of that model")
+        units[:] = self._dedup([*units, self.unit_of[id(param)]])
+
+    def pin(self, units: list[Unit], modifies: bool = False) -> None:
+        """Gather ``units`` and keep them gathered (no forward frees them) until :meth:`unpin`;
+        ``modifies``: the block publishes changes on exit (counted in :attr:`modifying`)."""
         self.ensure(units)
         self.pinned.append(units)
+        self.modifying += modifies
 
-    def unpin(self, units: list[Unit]) -> None:
-        """End :meth:`pin`; ZeRO-3 frees the units that no running module or other pin holds."""
+    def unpin(self, units: list[Unit], modifies: bool = False) -> None:
+        """End :meth:`pin` (same arguments); ZeRO-3 frees the units that no running module or other pin holds."""
+        self.modifying -= modifies
         self.pinned = [frame for frame in self.pinned if frame is not units]
         held = {id(k) for frame in (*self.active, *self.pinned) for _, k in frame}
         for buffer, bucket in units:

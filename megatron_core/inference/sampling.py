@@ -8,11 +8,15 @@ to at least p (Holtzman et al. 2019, "The Curious Case of Neural Text Degenerati
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from megatron_core.errors import ConfigError
+
+# How the sampling values are named to a command-line user (Megatron-LM's flags).
+FLAG_NAMES = {"temperature": "--temperature", "top_k": "--top_k", "top_p": "--top_p", "seed": "--seed"}
 
 
 @dataclass
@@ -24,18 +28,20 @@ class SamplingParams:
     top_p: float = 0.0
     seed: int = 0
 
-    def validate(self) -> None:
-        """Raise ConfigError on an out-of-range value (names the Megatron-LM flag)."""
+    def validate(self, names: Mapping[str, str] = FLAG_NAMES) -> None:
+        """Raise ConfigError on an out-of-range value, named by ``names`` (field -> what the user typed:
+        Megatron-LM's flags by default; the HTTP server passes its request fields)."""
+        t, k, p, s = (names[f] for f in ("temperature", "top_k", "top_p", "seed"))
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails both
-            raise ConfigError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+            raise ConfigError(f"{t} must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ConfigError(f"--top_k must be >= 0, got {self.top_k}")
+            raise ConfigError(f"{k} must be >= 0, got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
-            raise ConfigError(f"--top_p must be in [0, 1], got {self.top_p}")
+            raise ConfigError(f"{p} must be in [0, 1], got {self.top_p}")
         if not 0 <= self.seed < 2**64:  # torch.Generator.manual_seed's range (raises an OverflowError past it)
-            raise ConfigError(f"--seed must be in [0, 2**64), got {self.seed}")
+            raise ConfigError(f"{s} must be in [0, 2**64), got {self.seed}")
         if self.top_k > 1 and self.top_p > 0:
-            raise ConfigError("--top_k and --top_p cannot both be set (as in Megatron-LM); pick one")
+            raise ConfigError(f"{k} and {p} cannot both be set (as in Megatron-LM); pick one")
 
     @property
     def greedy(self) -> bool:

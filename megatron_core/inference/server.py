@@ -28,14 +28,16 @@ from megatron_core.inference.text_generation_cli import (
 from megatron_core.training.initialize import initialize_distributed, shutdown
 
 _STOP = "stop"
+# SamplingParams' values as a client names them: the request's fields, not the command-line flags.
+_FIELD_NAMES = {"temperature": "'temperature'", "top_k": "'top_k'", "top_p": "'top_p'", "seed": "'random_seed'"}
 
 
 def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, SamplingParams]:
     """``(prompts, tokens_to_generate, sampling)`` from a request body; ConfigError naming the bad field.
 
-    Only the body's shape and types are checked here: the sampling ranges and the length limit are
-    checked once, by :func:`generate` on every rank before its first collective; every rank rejects the
-    request alike and rank 0 answers HTTP 400 with the message.
+    The body's shape, types and sampling ranges are checked here, named by the request's fields (rank 0
+    answers HTTP 400); :func:`generate` checks the ranges again, and the length limit, on every rank
+    before its first collective.
     """
     if not isinstance(body, dict):
         raise ConfigError("the request body must be a JSON object with 'prompts' and 'tokens_to_generate'")
@@ -57,14 +59,7 @@ def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, 
                               f"got {body[name]!r}")
     params = SamplingParams(float(body.get("temperature", defaults.temperature)), body.get("top_k", defaults.top_k),
                             float(body.get("top_p", defaults.top_p)), body.get("random_seed", defaults.seed))
-    try:
-        params.validate()
-    except ConfigError as exc:  # validate() names the command-line flags; a client sent request fields
-        message = str(exc)
-        for flag, field in (("--temperature", "temperature"), ("--top_k", "top_k"), ("--top_p", "top_p"),
-                            ("--seed", "random_seed")):
-            message = message.replace(flag, f"'{field}'")
-        raise ConfigError(message) from None
+    params.validate(names=_FIELD_NAMES)
     return prompts, tokens, params
 
 

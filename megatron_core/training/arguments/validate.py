@@ -259,13 +259,12 @@ def _data(args: argparse.Namespace) -> None:
         # --split only cuts --data-path; ignored, the splits would silently not be the ones asked for.
         raise ConfigError(f"--split {args.split} does not apply to {'/'.join(per_split)} (each split is every "
                           f"document of its own prefixes); drop --split, or give --data-path instead")
-    if per_split:
-        for flag, name, needed in (("--train-data-path", "train_data_path", not args.skip_train),
-                                   ("--valid-data-path", "valid_data_path", args.eval_iters > 0)):
-            if needed and getattr(args, name) is None:
-                what = "training" if name == "train_data_path" else f"the --eval-iters {args.eval_iters} evaluations"
-                fix = "" if name == "train_data_path" else ", or --eval-iters 0"
-                raise ConfigError(f"{', '.join(per_split)} without {flag}: give {flag} PREFIX for {what}{fix}")
+    if per_split and not args.skip_train and args.train_data_path is None:
+        raise ConfigError(f"{', '.join(per_split)} without --train-data-path: give --train-data-path PREFIX for "
+                          f"training")
+    if per_split and args.eval_iters > 0 and args.valid_data_path is None:
+        raise ConfigError(f"{', '.join(per_split)} without --valid-data-path: give --valid-data-path PREFIX for the "
+                          f"--eval-iters {args.eval_iters} evaluations, or --eval-iters 0")
     for flag in given:
         entries = getattr(args, flags[flag])
         for entry in entries:
