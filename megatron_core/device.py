@@ -34,6 +34,17 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
+def cpu_compiler_available() -> bool:
+    """True when ``torch.compile``'s CPU backend (inductor) finds its C++ compiler (``g++`` on the PATH)."""
+    try:
+        from torch._inductor import cpp_builder  # noqa: PLC0415
+        cpp_builder.get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or an inductor that does not import
+        return False
+    return True
+
+
 def default_backend() -> str:
     """``nccl`` when CUDA is usable, else ``gloo``."""
     return "nccl" if cuda_available() else "gloo"

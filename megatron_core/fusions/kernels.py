@@ -3,7 +3,9 @@
 A kernel is found by trying its providers in order (an import that fails means "not here"): the
 CUDA extensions of apex / Megatron-LM where installed, then this package's Triton kernels
 (``triton_norms``, ``triton_elementwise``, ``triton_cross_entropy``) when CUDA and Triton are both
-present (``device.triton_available()``). On a CPU machine every op uses its torch path and pays nothing. A
+present (``device.triton_available()``). The one CPU kernel is the tanh-GeLU compiled by
+``torch.compile`` (``compiled.py``), for large tensors in a training step; on a CPU machine every
+other op uses its torch path and pays nothing. A
 provider returns a :class:`Kernel` whose ``applies(...)`` says whether it handles the given
 tensors (device, dtype, shape); modules also take an explicit ``kernel=`` so tests and users can
 plug one in without touching global state.
@@ -87,6 +89,16 @@ def _triton(module: str, fn_name: str, applies: Callable[..., bool]) -> Callable
     return provider
 
 
+def _compiled_gelu_tanh() -> Kernel | None:
+    from megatron_core.fusions import compiled  # noqa: PLC0415
+
+    if not compiled.compiled_fusions_enabled():
+        raise ImportError("torch.compile finds no C++ compiler here, or MCORE_COMPILED_FUSIONS=0")
+    return Kernel(compiled.gelu_tanh_fusion(), compiled.fusion_applies, "torch.compile gelu_tanh (CPU)")
+
+
+_CPU_PROVIDERS = (_compiled_gelu_tanh,)  # the others are CUDA kernels
+
 _PROVIDERS: dict[str, tuple[Callable[[], Kernel | None], ...]] = {
     "layer_norm": (_apex_layer_norm, _triton("triton_norms", "layer_norm",
                                              lambda x, *rest: _on_cuda(x) and x.shape[-1] <= _MAX_ROW)),
@@ -100,6 +112,7 @@ _PROVIDERS: dict[str, tuple[Callable[[], Kernel | None], ...]] = {
     "swiglu": (_triton("triton_elementwise", "swiglu", lambda x: _on_cuda(x)),),
     "bias_dropout_add": (_triton("triton_elementwise", "bias_dropout_add",
                                  lambda x, bias, residual: _on_cuda(x, bias, residual)),),
+    "gelu_tanh": (_compiled_gelu_tanh,),
     "vocab_parallel_cross_entropy": (_triton("triton_cross_entropy", "vocab_parallel_cross_entropy",
                                              lambda logits, target: _on_cuda(logits, target)),),
 }
@@ -110,9 +123,10 @@ def find_kernel(op: str) -> Kernel | None:
     """The first fused kernel for ``op`` that imports on this machine, or None (use torch)."""
     if op not in _PROVIDERS:
         raise ValueError(f"unknown fusable op {op!r}; expected one of {', '.join(_PROVIDERS)}")
-    if not device.cuda_available():
-        return None  # every provider here is a CUDA kernel
-    for provider in _PROVIDERS[op]:
+    providers = [p for p in _PROVIDERS[op] if p in _CPU_PROVIDERS or device.cuda_available()]
+    if not providers:
+        return None  # only CUDA kernels for this op, and no CUDA here
+    for provider in providers:
         try:
             kernel = provider()
         except ImportError:

@@ -66,8 +66,9 @@ class MLP(torch.nn.Module):
             bias=config.add_bias_linear, gather_output=False, stride=2 if gated else 1,
             init_method=config.init_method(component_name(prefix, "linear_fc1.weight")), **common)
         self.activation_func = ACTIVATIONS[config.activation]
-        # A fused SwiGLU kernel where one is found (fused spec); the local spec passes False.
-        self.activation_kernel = find_kernel("swiglu") if fused_kernels and config.activation == "swiglu" else None
+        # A fused SwiGLU / tanh-GeLU kernel where one is found (fused spec); the local spec passes False.
+        fusable = config.activation if config.activation in ("swiglu", "gelu_tanh") else None
+        self.activation_kernel = find_kernel(fusable) if fused_kernels and fusable else None
         self.linear_fc2 = build_module(
             submodules.linear_fc2, ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
             input_is_parallel=True,
