@@ -10,7 +10,7 @@ from ddp_common import build, train_step
 from harness import run_distributed
 
 from megatron_core import parallel_state
-from megatron_core.autotune.activations import layer_activation_bytes
+from megatron_core.autotune.activations import head_activation_bytes, layer_activation_bytes
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
 from megatron_core.autotune.params import rank_chunks
@@ -222,3 +222,46 @@ def test_one_causal_block_keeps_the_full_scores_of_a_fused_softmax(llama):
     spec = _spec(_config(llama, attention_backend="fused"))
     for layout in (Layout(dp=4), Layout(tp=2, dp=2, micro_batch_size=2)):
         assert layer_activation_bytes(spec, layout, on_cpu=False) == layer_activation_bytes(spec, layout, on_cpu=True)
+
+
+def _saved_by_head(tp, sp, mb, kw):
+    """Bytes of the tensors saved from the final norm on (final norm, output layer, loss): a forward
+    pre-hook on the final norm switches the count on."""
+    ps = parallel_state.ParallelState(tp, 1)
+    ps.manual_seed(1)
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, sequence_parallel=sp, **kw)
+    (model,) = build_gpt_model_chunks(config, 64, SEQ, ps, make_vocab_size_divisible_by=32)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    counting = []
+    model.decoder.final_layernorm.register_forward_pre_hook(lambda *_: counting.append(True))
+
+    def pack(t):
+        return _record(params, seen, t) if counting else t
+
+    tokens = torch.randint(0, 64, (mb, SEQ))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, labels=tokens).sum()
+    loss.backward()
+    ps.destroy()
+    return sum(seen.values())
+
+
+HEAD_CASES = {"layernorm": {}, "rmsnorm": dict(normalization="RMSNorm", activation="swiglu", add_bias_linear=False)}
+
+
+def _saved_by_head_all(tp, sp, mb):
+    return {case: _saved_by_head(tp, sp, mb, kw) for case, kw in HEAD_CASES.items()}
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2-sp"])
+def test_head_activations_equal_saved_tensors(tp, sp):
+    """The final norm, output layer and loss. Under TP 2 with sequence parallelism the norm's input and
+    output are [s/2, b, h] shards (the output layer keeps its local input and re-gathers it in backward):
+    the formula once counted the gathered [s, b, h] input, 6144 bytes too many here."""
+    measured = run_distributed(_saved_by_head_all, tp, tp, sp, 3, timeout=120)[0]
+    for case, kw in HEAD_CASES.items():
+        spec = ModelSpec(TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, **kw), 64, SEQ, SEQ,
+                         3, make_vocab_size_divisible_by=32)
+        predicted = head_activation_bytes(spec, Layout(tp=tp, micro_batch_size=3, sequence_parallel=sp))
+        assert predicted == measured[case], f"{case} tp{tp} sp{sp}: predicted {predicted} bytes, saved {measured[case]}"

@@ -33,6 +33,9 @@ def test_scalars_follow_the_tensorboard_log_interval(tmp_path):
         assert value == pytest.approx(result.val_losses[step], rel=1e-6)
         assert ppl == pytest.approx(math.exp(result.val_losses[step]), rel=1e-5)
     assert [s for s, _ in scalars["lm loss validation vs samples"]] == [8 * s for s in evaluated]
+    # The test split (the mock data's default --split 969,30,1 has one): once, at the end, under its own tags.
+    assert scalars["lm loss test"] == [(6, pytest.approx(result.test_loss, rel=1e-6))]
+    assert scalars["lm loss test ppl"] == [(6, pytest.approx(math.exp(result.test_loss), rel=1e-5))]
 
 
 def _writer_without_tensorboard(directory):

@@ -88,11 +88,27 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
 
 
 def head_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
-    """The last stage's final norm, output layer input and loss (fp32 softmax of the logits shard)."""
-    s, b, h, t = spec.seq_length, layout.micro_batch_size, spec.config.hidden_size, layout.tp
+    """Bytes the last stage's final norm, output layer and loss keep for backward per microbatch, on one rank.
+
+    Every term a saved tensor (tests/test_autotune_memory.py counts them with ``saved_tensors_hooks``),
+    ``r`` = sbh, divided by TP under sequence parallelism:
+
+    - final norm: its input and output (``2rB``; the output layer keeps the output, its input, as every
+      column-parallel linear: under SP only the local shard, re-gathered in backward as Megatron-LM),
+      RMSNorm's normalized ``x`` (``rB``), the fp32 statistics (``s b`` per statistic);
+    - loss (``tensor_parallel.cross_entropy``): the fp32 softmax of the logits shard (``4 s b V / t``),
+      the target index (int64) and the ignore mask (bool) per token; under TP > 1 also the shard's share
+      of the normaliser (fp32) and the out-of-shard mask (bool) per token.
+    """
+    c = spec.config
+    s, b, h, t = spec.seq_length, layout.micro_batch_size, c.hidden_size, layout.tp
     shard = t if layout.sequence_parallel else 1
+    r, B = s * b * h // shard, spec.bytes_per_param
+    rms = c.normalization == "RMSNorm"
+    norm = 2 * r * B + (r * B if rms else 0) + (1 if rms else 2) * s * b // shard * 4
     vocab = spec.padded_vocab(t) // t
-    return s * b * h // shard * spec.bytes_per_param + s * b * h * spec.bytes_per_param + 4 * s * b * vocab
+    loss = 4 * s * b * vocab + (8 + 1) * s * b + ((4 + 1) * s * b if t > 1 else 0)
+    return norm + loss
 
 
 def embedding_activation_bytes(spec: ModelSpec, layout: Layout) -> int:

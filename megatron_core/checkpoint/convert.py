@@ -10,7 +10,10 @@ Takes Megatron-LM's converter flags::
         --load-dir HF_DIR --save-dir CKPT --target-tensor-parallel-size 2 [--target-pipeline-parallel-size 2]
     python tools/checkpoint/convert.py --model-type GPT --loader core --saver hf --load-dir CKPT --save-dir HF_DIR
 
-``--loader core --saver core`` re-shards a checkpoint to another TP/PP size. Hugging Face models:
+``--loader core --saver core`` re-shards a checkpoint to another TP/PP size; a legacy training
+checkpoint keeps its iteration, consumed samples, learning-rate schedule and optimizer state (the
+replicated optimizer's Adam moments, step and fp32 main parameters, re-sharded with the weights;
+``optimizer_reshard``). Hugging Face models:
 GPT2LMHeadModel and LlamaForCausalLM (``transformers`` and ``safetensors`` must be installed).
 """
 from __future__ import annotations
@@ -106,11 +109,12 @@ def save_hf(model: FullModel, path: str, family: str | None = None) -> None:
     normal_permissions(path)
 
 
-def load_core(path: str, iteration: int | None = None) -> FullModel:
-    """Read and merge every rank of a Megatron checkpoint (torch_dist or legacy, any layout)."""
+def load_core(path: str, iteration: int | None = None, with_optimizer: bool = False) -> FullModel:
+    """Read and merge every rank of a Megatron checkpoint (torch_dist or legacy, any layout); with
+    ``with_optimizer`` also a legacy checkpoint's optimizer state (ShardedOptimizerState for ZeRO shards)."""
     if is_torch_dist(path, iteration):
         return _load_torch_dist(path, iteration)
-    config, info, state, train_state = load_core_checkpoint(path, iteration)
+    config, info, state, train_state = load_core_checkpoint(path, iteration, with_optimizer)
     family = info.get("hf_model_type")
     tokenizer = None
     saved = (info.get("tokenizer") or {}).get("dir")
@@ -193,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(default: the source checkpoint's, 1 from HF)")
     p.add_argument("--load-iteration", type=int, default=None, help="iteration of a core checkpoint to read "
                                                                      "(default: the tracker's)")
+    p.add_argument("--no-load-optim", action="store_true",
+                   help="re-shard a legacy training checkpoint without its optimizer state (as pretrain_gpt.py's "
+                        "flag): needed for a distributed optimizer's shards, which a re-shard cannot carry")
     p.add_argument("--tokenizer-type", default=None, help="tokenizer to write with the model (default: the one "
                    "the source carries); SentencePieceTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer")
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model, or tokenizer.json / directory")
@@ -229,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
             raise ValueError(f"--save-dir {args.save_dir} is a file; give a directory (it is created if missing)")
-        model = load_hf(args.load_dir) if loader == "hf" else load_core(args.load_dir, args.load_iteration)
+        model = load_hf(args.load_dir) if loader == "hf" else \
+            load_core(args.load_dir, args.load_iteration, with_optimizer=saver == "core" and not args.no_load_optim)
         if args.true_vocab_size is not None and args.true_vocab_size != model.vocab_size:
             raise ValueError(f"--true-vocab-size {args.true_vocab_size} differs from the vocabulary size "
                              f"{model.vocab_size} that {args.load_dir} records (without padding); drop the flag "

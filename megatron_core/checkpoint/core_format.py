@@ -3,7 +3,8 @@
 ``{dir}/latest_checkpointed_iteration.txt`` and ``{dir}/iter_NNNNNNN/mp_rank_TT[_PPP]/model_optim_rng.pt``,
 each file holding ``model`` (or ``model0``, ``model1``, ... per virtual stage), ``config``,
 ``model_info``, ``iteration`` and ``checkpoint_version``: what ``pretrain_gpt.py --load`` or
-``--finetune`` reads to rebuild and fill the model.
+``--finetune`` reads to rebuild and fill the model. A re-sharded training checkpoint also carries its
+consumed samples, learning-rate schedule and (replicated) optimizer state, cut for each rank.
 """
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from typing import Any
 
 import torch
 
+from megatron_core.checkpoint.optimizer_reshard import (
+    FullOptimizerState,
+    ShardedOptimizerState,
+    merge_states,
+    rank_optimizer_state,
+    rank_state_by_name,
+)
 from megatron_core.checkpoint.sharding import chunk_keys, merge_chunks, merge_tp_shards, tp_shards
 from megatron_core.tensor_parallel.utils import pad_vocab_size
 from megatron_core.training import checkpoint_io as io
@@ -37,6 +45,7 @@ def make_model_info(config: TransformerConfig, vocab_size: int, max_position_emb
 # What a training checkpoint holds beside the model that no layout change touches: carried by a
 # re-shard so that a run resumed from it continues the data order and the learning-rate schedule.
 TRAIN_STATE_KEYS = ("consumed_train_samples", "opt_param_scheduler")
+OPTIMIZER = "optimizer"  # train_state's FullOptimizerState: re-sharded with the weights (optimizer_reshard)
 
 
 def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: dict[str, Any],
@@ -44,7 +53,10 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
                          train_state: dict[str, Any] | None = None) -> str:
     """Shard ``full`` (TP = 1, PP = 1, true vocabulary) over the TP/PP sizes in ``model_info`` and write
     every rank's file; returns the iteration directory. The tracker is written last. ``train_state``
-    (:data:`TRAIN_STATE_KEYS` of a re-sharded training checkpoint) goes into every file."""
+    (:data:`TRAIN_STATE_KEYS` of a re-sharded training checkpoint) goes into every file; its
+    :data:`OPTIMIZER` (a ``FullOptimizerState``) is cut for each rank as the weights are."""
+    train_state = dict(train_state or {})
+    optimizer: FullOptimizerState | None = train_state.pop(OPTIMIZER, None)
     tp, pp = model_info["tensor_model_parallel_size"], model_info["pipeline_model_parallel_size"]
     vpp = model_info.get("virtual_pipeline_model_parallel_size")
     config.validate_parallel(tp, pp, vpp)
@@ -64,6 +76,9 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
             keys = ["model"] if vpp is None else [f"model{v}" for v in stages]
             for key, shards in zip(keys, per_tp, strict=True):
                 state[key] = shards[tp_rank]
+            if optimizer is not None:
+                state[OPTIMIZER] = rank_optimizer_state(optimizer, [state[k] for k in keys], config, model_info,
+                                                        pp_rank, tp_rank)
             io.save_file(state, os.path.join(tmp_dir, io.mp_rank_name(tp_rank, pp_rank, pp), io.MODEL_FILENAME))
     io.publish_dir(tmp_dir, final_dir)
     io.write_text_atomic(os.path.join(save_dir, io.TRACKER_FILENAME), str(iteration))
@@ -85,10 +100,14 @@ def _iteration_dir(load_dir: str, iteration: int | None) -> str:
     return path
 
 
-def load_core_checkpoint(load_dir: str, iteration: int | None = None
+def load_core_checkpoint(load_dir: str, iteration: int | None = None, with_optimizer: bool = False
                          ) -> tuple[TransformerConfig, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """``(config, model_info, full state dict, train state)`` merged from every TP/PP rank's file; the train
-    state is the first file's :data:`TRAIN_STATE_KEYS` (none in a converted Hugging Face model)."""
+    state is the first file's :data:`TRAIN_STATE_KEYS` (none in a converted Hugging Face model) and, with
+    ``with_optimizer``, the merged optimizer state under :data:`OPTIMIZER` when the files hold one.
+
+    Raises ShardedOptimizerState (``with_optimizer``) for a distributed optimizer's shards, ValueError
+    for an optimizer state that does not fit its model."""
     path = _iteration_dir(load_dir, iteration)
     first = os.path.join(path, io.mp_rank_name(0, 0, 1), io.MODEL_FILENAME)
     if not os.path.isfile(first):
@@ -103,16 +122,35 @@ def load_core_checkpoint(load_dir: str, iteration: int | None = None
     tp, pp = info["tensor_model_parallel_size"], info["pipeline_model_parallel_size"]
     vpp = info.get("virtual_pipeline_model_parallel_size")
     vocab = info.get("vocab_size") or info["padded_vocab_size"]
+    with_optimizer = with_optimizer and OPTIMIZER in head
+    if with_optimizer and ("distrib_optim_shards" in head or "zero_stage" in head[OPTIMIZER]):
+        raise ShardedOptimizerState(
+            f"{load_dir} holds a distributed optimizer (distrib_optim_dpNNN.pt shards, cut along the gradient buckets "
+            f"of the layout it was saved under), which a re-shard cannot carry: add --no-load-optim to re-shard "
+            f"without it (the optimizer starts fresh), or resume it under its own layout with --ckpt-format "
+            f"torch_dist and save: a torch_dist checkpoint resumes under any layout with its optimizer")
+    stages = [None] if vpp is None else list(range(vpp))
+    keys = ["model"] if vpp is None else [f"model{vp}" for vp in stages]
     chunks: dict[int, dict[str, torch.Tensor]] = {}
+    opt_tensors: dict[int, list] = {}
+    opt_scalars: dict[int, dict] = {}
     for pp_rank in range(pp):
-        files = [io.load_file(os.path.join(path, io.mp_rank_name(t, pp_rank, pp), io.MODEL_FILENAME))
-                 for t in range(tp)]
-        stages = [None] if vpp is None else list(range(vpp))
-        for vp in stages:
-            key = "model" if vp is None else f"model{vp}"
+        names = [os.path.join(path, io.mp_rank_name(t, pp_rank, pp), io.MODEL_FILENAME) for t in range(tp)]
+        files = [io.load_file(name) for name in names]
+        for key in keys:
             missing = [t for t, f in enumerate(files) if key not in f]
             if missing:
                 raise KeyError(f"{path}: TP ranks {missing} of pipeline rank {pp_rank} have no {key!r} entry")
-            chunks[(vp or 0) * pp + pp_rank] = merge_tp_shards([f[key] for f in files], config, vocab)
-    train_state = {key: head[key] for key in TRAIN_STATE_KEYS if key in head}
-    return config, info, merge_chunks(chunks, config, pp, vpp, config.share_embeddings_and_output_weights), train_state
+        by_name = [rank_state_by_name(f[OPTIMIZER], [f[k] for k in keys], name)
+                   for f, name in zip(files, names, strict=True)] if with_optimizer else []
+        for slot, (vp, key) in enumerate(zip(stages, keys, strict=True)):
+            index = (vp or 0) * pp + pp_rank
+            chunks[index] = merge_tp_shards([f[key] for f in files], config, vocab)
+            if by_name:
+                opt_tensors[index] = [tensors[slot] for tensors, _ in by_name]
+                opt_scalars[index] = by_name[0][1][slot]
+    tied = config.share_embeddings_and_output_weights
+    train_state: dict[str, Any] = {key: head[key] for key in TRAIN_STATE_KEYS if key in head}
+    if with_optimizer:
+        train_state[OPTIMIZER] = merge_states(opt_tensors, opt_scalars, config, vocab, pp, vpp, head[OPTIMIZER])
+    return config, info, merge_chunks(chunks, config, pp, vpp, tied), train_state

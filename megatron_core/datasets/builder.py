@@ -62,8 +62,11 @@ def parse_data_path(data_path: Sequence[str] | None, check_files: bool = True,
     return prefixes, normalize_weights(weights)
 
 
-# How a pretrain_gpt.py run asks for no samples of a split (Megatron-LM's flags).
-NO_SAMPLES_OF = {"valid": ", evaluate nothing (--eval-iters 0)", "test": ", evaluate nothing (--eval-iters 0)"}
+# How a pretrain_gpt.py run asks for no samples of a split (Megatron-LM's flags). The test split is
+# evaluated whenever it has a share of --split (or a --test-data-path), so its fix is a zero share.
+NO_EVALUATION = ", evaluate nothing (--eval-iters 0)"
+NO_SAMPLES_OF = {"valid": NO_EVALUATION,
+                 "test": ", a zero test share (--split A,B,0: no test evaluation)" + NO_EVALUATION}
 
 
 def _split_indices(
@@ -115,7 +118,7 @@ def _per_split_datasets(
             continue
         if paths is None:
             raise ValueError(f"{wanted} {name} samples are needed but no {flag} is given; give {flag} "
-                             f"PREFIX{NO_SAMPLES_OF.get(name, '')}")
+                             f"PREFIX{NO_EVALUATION if name in ('valid', 'test') else ''}")
         prefixes, weights = parse_data_path(paths, flag=flag)
         low_level = [IndexedDataset(prefix) for prefix in prefixes]
         docs = [np.arange(ds.num_documents, dtype=np.int64) for ds in low_level]

@@ -60,18 +60,35 @@ def dataset_config(config: DataConfig, tokenizer: MegatronTokenizer, seed: int) 
         raise ConfigError(str(exc)) from None
 
 
+def has_test_split(config: DataConfig) -> bool:
+    """Whether the run has a test split: ``--test-data-path``, or a positive test share of ``--split``.
+
+    Decided from the flags alone, so every rank (also the middle pipeline stages, which build no
+    dataset) agrees on whether the collective test evaluation runs.
+    """
+    from megatron_core.datasets.splits import split_matrix
+
+    if config.train_data_path or config.valid_data_path or config.test_data_path:
+        return config.test_data_path is not None
+    return split_matrix(config.split)[2] is not None
+
+
 def build_datasets(config: DataConfig, training: TrainingConfig, tokenizer: MegatronTokenizer,
-                   train_samples: int) -> tuple[Any, Any]:
-    """(train, valid) datasets; valid holds the ``eval_iters`` global batches every evaluation reuses."""
+                   train_samples: int) -> tuple[Any, Any, Any]:
+    """(train, valid, test) datasets; valid and test hold ``eval_iters`` global batches each.
+
+    Every evaluation reuses the same validation batches; the test split is evaluated once, at the end
+    (Megatron-LM's ``eval_iters x global_batch_size`` test samples). Test is None without a test split.
+    """
     from megatron_core.datasets import build_gpt_datasets
 
     valid_samples = training.eval_iters * training.global_batch_size
+    test_samples = valid_samples if has_test_split(config) else 0
     try:
-        train, valid, _ = build_gpt_datasets(dataset_config(config, tokenizer, training.seed),
-                                             [train_samples, valid_samples, 0])
+        return build_gpt_datasets(dataset_config(config, tokenizer, training.seed),
+                                  [train_samples, valid_samples, test_samples])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return train, valid
 
 
 class PretrainingSampler:

@@ -61,6 +61,7 @@ class TrainResult:
     loaded_iteration: int
     losses: list[float] = field(default_factory=list)  # "lm loss" of every iteration trained by this call
     val_losses: dict[int, float] = field(default_factory=dict)  # iteration -> validation "lm loss"
+    test_loss: float | None = None  # the test split's "lm loss" at the end (None without a test split)
     saved_iterations: list[int] = field(default_factory=list)
     exit_reason: str = "completed"
     is_logging_rank: bool = False
@@ -109,6 +110,7 @@ class _Run:
     tokenizer: Any = None
     train_ds: Any = None
     valid_ds: Any = None
+    test_ds: Any = None
     writer: Any = None
     last_eval_iteration: int | None = None  # the same on every rank (evaluation is collective)
     pending_save: Any = None  # an asynchronous torch_dist save in flight (dist_checkpointing.SaveRequest)
@@ -214,11 +216,11 @@ def _build_data(run: _Run) -> None:
 
     def build(turn: bool) -> tuple:
         if not turn:
-            return run.train_ds, run.valid_ds
+            return run.train_ds, run.valid_ds, run.test_ds
         return data_loading.build_datasets(run.data, training, run.tokenizer, train_samples)
 
-    run.train_ds, run.valid_ds = agreed(build, ps.rank == 0)
-    run.train_ds, run.valid_ds = agreed(build, ps.rank != 0 and needs)
+    run.train_ds, run.valid_ds, run.test_ds = agreed(build, ps.rank == 0)
+    run.train_ds, run.valid_ds, run.test_ds = agreed(build, ps.rank != 0 and needs)
 
 
 def _train_and_evaluate(run: _Run) -> TrainResult:
@@ -261,6 +263,9 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     if result.exit_reason in ("completed", "skip-train", "nothing-to-train") and \
             run.last_eval_iteration != state.iteration:
         _evaluate_and_print(run, state, result)
+    if result.exit_reason in ("completed", "skip-train", "nothing-to-train") and \
+            data_loading.has_test_split(run.data):
+        _evaluate_and_print(run, state, result, test=True)
     if run.writer is not None:
         run.writer.close()
     result.iteration, result.consumed_train_samples = state.iteration, state.consumed_train_samples
@@ -268,20 +273,29 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     return result
 
 
-def _evaluate_and_print(run: _Run, state: TrainState, result: TrainResult) -> None:
+def _evaluate_and_print(run: _Run, state: TrainState, result: TrainResult, test: bool = False) -> None:
+    """Evaluate the validation split (or, with ``test``, the test split: once, at the end, Megatron-LM's
+    ``validation loss at iteration N on test set`` line) on ``--eval-iters`` global batches."""
     if run.training.eval_iters == 0:
         return
-    run.last_eval_iteration = state.iteration
-    losses = evaluate(run.forward_step_func, run.valid_ds, run.model, run.parallel_state, run.training, run.data)
+    split = "test" if test else "validation"
+    if not test:
+        run.last_eval_iteration = state.iteration
+    losses = evaluate(run.forward_step_func, run.test_ds if test else run.valid_ds, run.model, run.parallel_state,
+                      run.training, run.data)
     if _any_rank(any(not math.isfinite(v) for v in losses.values())):
-        raise health.TrainingDivergedError(f"iteration {state.iteration}: the validation loss is inf or nan; the "
+        raise health.TrainingDivergedError(f"iteration {state.iteration}: the {split} loss is inf or nan; the "
                                            f"weights are damaged: resume from an earlier checkpoint (--ckpt-step N)")
     if not run.out.is_logging_rank or not losses:
         return
-    result.val_losses[state.iteration] = losses.get("lm loss", next(iter(losses.values())))
-    for line in validation_lines(f"iteration {state.iteration}", losses):
+    loss = losses.get("lm loss", next(iter(losses.values())))
+    if test:
+        result.test_loss = loss
+    else:
+        result.val_losses[state.iteration] = loss
+    for line in validation_lines(f"iteration {state.iteration}{' on test set' if test else ''}", losses):
         run.out.last(line)
-    write_validation_tensorboard(run.writer, losses, state.iteration, state.consumed_train_samples)
+    write_validation_tensorboard(run.writer, losses, state.iteration, state.consumed_train_samples, split)
 
 
 def _save(run: _Run, state: TrainState, result: TrainResult) -> None:

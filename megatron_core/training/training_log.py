@@ -118,12 +118,17 @@ def validation_lines(prefix: str, losses: dict[str, float]) -> list[str]:
     return [rule, text, rule]
 
 
-def write_validation_tensorboard(writer: Any, losses: dict[str, float], iteration: int, consumed_samples: int) -> None:
-    """Validation loss and perplexity scalars (no-op without a writer)."""
+def write_validation_tensorboard(writer: Any, losses: dict[str, float], iteration: int, consumed_samples: int,
+                                 split: str = "validation") -> None:
+    """Loss and perplexity scalars of an evaluation (no-op without a writer).
+
+    Tags are Megatron-LM's ``lm loss validation`` (``... vs samples``, ``... ppl``); the test split's are
+    ``lm loss test`` and so on (Megatron-LM writes its test loss under the validation tags, at the same step).
+    """
     if writer is None:
         return
     for key, value in losses.items():
-        writer.add_scalar(f"{key} validation", value, iteration)
-        writer.add_scalar(f"{key} validation vs samples", value, consumed_samples)
-        writer.add_scalar(f"{key} validation ppl", math.exp(min(20.0, value)), iteration)
+        writer.add_scalar(f"{key} {split}", value, iteration)
+        writer.add_scalar(f"{key} {split} vs samples", value, consumed_samples)
+        writer.add_scalar(f"{key} {split} ppl", math.exp(min(20.0, value)), iteration)
     writer.flush()
