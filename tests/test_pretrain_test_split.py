@@ -125,3 +125,19 @@ def test_a_test_share_without_documents_names_the_zero_share(tmp_path):
                                          r"samples are needed; give test a larger share of --split, a zero test share "
                                          r"\(--split A,B,0: no test evaluation\), evaluate nothing"):
         build_gpt_datasets(config, [8, 8, 8])
+
+
+def test_default_split_on_a_small_corpus_trains_without_a_test_set(tmp_path, capfd, caplog):
+    """Megatron-LM's default --split 969,30,1 gives a 40-document corpus no test document: the run
+    trains and validates as it did before test evaluation existed, says in one warning that the test
+    set is not evaluated, and prints no test line."""
+    corpus = str(tmp_path / "a_text_document")
+    _write_corpus(corpus, 40, seed=3)
+    result = _logged(run_distributed(_train, 1, ARGS + ["--train-iters", "1", "--eval-interval", "1",
+                                                       "--data-path", corpus, "--data-cache-path",
+                                                       str(tmp_path / "cache")], timeout=120))
+    captured = capfd.readouterr()
+    assert result.test_loss is None and sorted(result.val_losses) == [1]
+    assert "on test set" not in captured.out
+    warnings = [line for line in (captured.out + captured.err).splitlines() if "the test set is not evaluated" in line]
+    assert len(warnings) == 1 and "gives the test split no documents" in warnings[0], captured.err

@@ -69,6 +69,14 @@ NO_SAMPLES_OF = {"valid": NO_EVALUATION,
                  "test": ", a zero test share (--split A,B,0: no test evaluation)" + NO_EVALUATION}
 
 
+class EmptySplitError(ValueError):
+    """A split that samples are asked of has no documents; ``split`` names it (train, valid or test)."""
+
+    def __init__(self, message: str, split: str) -> None:
+        super().__init__(message)
+        self.split = split
+
+
 def _split_indices(
     config: GPTDatasetConfig, num_documents: int, where: str, num_samples: Sequence[int | None]
 ) -> list[np.ndarray | None]:
@@ -81,10 +89,11 @@ def _split_indices(
             continue
         begin, end = bounds if bounds is not None else (0, 0)
         if end <= begin:
-            raise ValueError(
+            raise EmptySplitError(
                 f"--split {config.split!r} gives the {name} split no documents of {where} ({num_documents} "
                 f"documents in all), but {wanted if wanted is not None else 'an epoch of'} {name} samples are "
-                f"needed; give {name} a larger share of --split{NO_SAMPLES_OF.get(name, '')}, or add data"
+                f"needed; give {name} a larger share of --split{NO_SAMPLES_OF.get(name, '')}, or add data",
+                name,
             )
         result.append(np.arange(begin, end, dtype=np.int64))
     return result

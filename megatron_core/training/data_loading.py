@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -63,8 +63,9 @@ def dataset_config(config: DataConfig, tokenizer: MegatronTokenizer, seed: int) 
 def has_test_split(config: DataConfig) -> bool:
     """Whether the run has a test split: ``--test-data-path``, or a positive test share of ``--split``.
 
-    Decided from the flags alone, so every rank (also the middle pipeline stages, which build no
-    dataset) agrees on whether the collective test evaluation runs.
+    Decided from the flags alone (the test samples to ask for); whether the test set is evaluated
+    is decided at the end by every rank from whether any rank built it (a share of --split can hold
+    no document of a small corpus).
     """
     from megatron_core.datasets.splits import split_matrix
 
@@ -74,19 +75,29 @@ def has_test_split(config: DataConfig) -> bool:
 
 
 def build_datasets(config: DataConfig, training: TrainingConfig, tokenizer: MegatronTokenizer,
-                   train_samples: int) -> tuple[Any, Any, Any]:
+                   train_samples: int, note: Callable[[str], None] = print) -> tuple[Any, Any, Any]:
     """(train, valid, test) datasets; valid and test hold ``eval_iters`` global batches each.
 
     Every evaluation reuses the same validation batches; the test split is evaluated once, at the end
-    (Megatron-LM's ``eval_iters x global_batch_size`` test samples). Test is None without a test split.
+    (Megatron-LM's ``eval_iters x global_batch_size`` test samples). Test is None without a test split,
+    or when the test share of ``--split`` holds no document (said through ``note``).
     """
     from megatron_core.datasets import build_gpt_datasets
+    from megatron_core.datasets.builder import EmptySplitError
 
     valid_samples = training.eval_iters * training.global_batch_size
     test_samples = valid_samples if has_test_split(config) else 0
+    dataset_cfg = dataset_config(config, tokenizer, training.seed)
     try:
-        return build_gpt_datasets(dataset_config(config, tokenizer, training.seed),
-                                  [train_samples, valid_samples, test_samples])
+        try:
+            return build_gpt_datasets(dataset_cfg, [train_samples, valid_samples, test_samples])
+        except EmptySplitError as exc:
+            if exc.split != "test":
+                raise
+            # Megatron-LM's default --split 969,30,1 leaves a small corpus no test document: train and
+            # validate as before, evaluate no test set, and say so (the run's pre-test behaviour).
+            note(f"warning: {str(exc).split('; give test')[0]}; the test set is not evaluated")
+            return build_gpt_datasets(dataset_cfg, [train_samples, valid_samples, 0])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -217,7 +217,7 @@ def _build_data(run: _Run) -> None:
     def build(turn: bool) -> tuple:
         if not turn:
             return run.train_ds, run.valid_ds, run.test_ds
-        return data_loading.build_datasets(run.data, training, run.tokenizer, train_samples)
+        return data_loading.build_datasets(run.data, training, run.tokenizer, train_samples, run.out.rank0)
 
     run.train_ds, run.valid_ds, run.test_ds = agreed(build, ps.rank == 0)
     run.train_ds, run.valid_ds, run.test_ds = agreed(build, ps.rank != 0 and needs)
@@ -263,8 +263,7 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     if result.exit_reason in ("completed", "skip-train", "nothing-to-train") and \
             run.last_eval_iteration != state.iteration:
         _evaluate_and_print(run, state, result)
-    if result.exit_reason in ("completed", "skip-train", "nothing-to-train") and \
-            data_loading.has_test_split(run.data):
+    if result.exit_reason in ("completed", "skip-train", "nothing-to-train") and _any_rank(run.test_ds is not None):
         _evaluate_and_print(run, state, result, test=True)
     if run.writer is not None:
         run.writer.close()
