@@ -1,4 +1,4 @@
-"""The tanh-GeLU compiled by torch.compile for the CPU (megatron_core/fusions/compiled.py).
+"""The tanh-GeLU and SwiGLU compiled by torch.compile for the CPU (megatron_core/fusions/compiled.py).
 
 Values against float64 and against torch's eager op, forward and backward; a GPT-2 model with the
 fusion against the same model without it; what happens without a C++ compiler (a real PATH
@@ -68,6 +68,21 @@ def test_gelu_tanh_fusion_bf16():
     eps = torch.finfo(torch.bfloat16).eps
     assert ((y.double() - y64).abs() <= eps * (1 + y64.abs())).all()
     assert ((dx.double() - dx64).abs() <= 2 * eps * (1 + dx64.abs())).all()
+
+
+@needs_compiler
+def test_swiglu_fusion_against_float64():
+    """silu(gate) * up of [..., 2f]: forward and input gradient within 4 eps (1 + |ref|) of float64
+    (torch's eager op: within 2 here)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 3, 2 * 24, generator=g) * 3
+    grad = torch.randn(16, 3, 24, generator=g)
+    fusion = compiled.swiglu_fusion()
+    y, dx = _forward_backward(fusion, x, grad)
+    assert fusion._ready == {(torch.float32, 3): True} and y.shape == (16, 3, 24)
+    y64, dx64 = _forward_backward(compiled.swiglu, x.double(), grad.double())
+    assert ((y.double() - y64).abs() <= 4 * EPS32 * (1 + y64.abs())).all()
+    assert ((dx.double() - dx64).abs() <= 4 * EPS32 * (1 + dx64.abs())).all()
 
 
 def test_fusion_applies_only_to_large_training_tensors():
@@ -156,10 +171,10 @@ def test_a_failed_compile_logs_one_line_and_falls_back(tmp_path):
 def test_kernel_is_offered_on_this_cpu_and_switched_off_by_the_environment(monkeypatch):
     find_kernel.cache_clear()
     try:
-        kernel = find_kernel("gelu_tanh")
-        assert kernel is not None and kernel.name == "torch.compile gelu_tanh (CPU)"
+        assert find_kernel("gelu_tanh").name == "torch.compile gelu_tanh (CPU)"
+        assert find_kernel("swiglu").name == "torch.compile swiglu (CPU)"
         monkeypatch.setenv("MCORE_COMPILED_FUSIONS", "0")
         find_kernel.cache_clear()
-        assert find_kernel("gelu_tanh") is None
+        assert find_kernel("gelu_tanh") is None and find_kernel("swiglu") is None
     finally:
         find_kernel.cache_clear()

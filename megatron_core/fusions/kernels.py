@@ -3,7 +3,7 @@
 A kernel is found by trying its providers in order (an import that fails means "not here"): the
 CUDA extensions of apex / Megatron-LM where installed, then this package's Triton kernels
 (``triton_norms``, ``triton_elementwise``, ``triton_cross_entropy``) when CUDA and Triton are both
-present (``device.triton_available()``). The one CPU kernel is the tanh-GeLU compiled by
+present (``device.triton_available()``). The CPU kernels are the tanh-GeLU and SwiGLU compiled by
 ``torch.compile`` (``compiled.py``), for large tensors in a training step; on a CPU machine every
 other op uses its torch path and pays nothing. A
 provider returns a :class:`Kernel` whose ``applies(...)`` says whether it handles the given
@@ -89,15 +89,19 @@ def _triton(module: str, fn_name: str, applies: Callable[..., bool]) -> Callable
     return provider
 
 
-def _compiled_gelu_tanh() -> Kernel | None:
-    from megatron_core.fusions import compiled  # noqa: PLC0415
+def _compiled(name: str) -> Callable[[], Kernel | None]:
+    """A provider for ``compiled.<name>_fusion`` (ImportError where torch.compile cannot build it)."""
+    def provider() -> Kernel | None:
+        from megatron_core.fusions import compiled  # noqa: PLC0415
 
-    if not compiled.compiled_fusions_enabled():
-        raise ImportError("torch.compile finds no C++ compiler here, or MCORE_COMPILED_FUSIONS=0")
-    return Kernel(compiled.gelu_tanh_fusion(), compiled.fusion_applies, "torch.compile gelu_tanh (CPU)")
+        if not compiled.compiled_fusions_enabled():
+            raise ImportError("torch.compile finds no C++ compiler here, or MCORE_COMPILED_FUSIONS=0")
+        return Kernel(getattr(compiled, f"{name}_fusion")(), compiled.fusion_applies, f"torch.compile {name} (CPU)")
+    return provider
 
 
-_CPU_PROVIDERS = (_compiled_gelu_tanh,)  # the others are CUDA kernels
+_compiled_gelu_tanh, _compiled_swiglu = _compiled("gelu_tanh"), _compiled("swiglu")
+_CPU_PROVIDERS = (_compiled_gelu_tanh, _compiled_swiglu)  # the others are CUDA kernels
 
 _PROVIDERS: dict[str, tuple[Callable[[], Kernel | None], ...]] = {
     "layer_norm": (_apex_layer_norm, _triton("triton_norms", "layer_norm",
@@ -109,7 +113,7 @@ _PROVIDERS: dict[str, tuple[Callable[[], Kernel | None], ...]] = {
         lambda scores, mask, scale: _on_cuda(scores, mask) and scores.dim() == 4 and scores.shape[-1] <= _MAX_ROW)),
     "rope": (_triton("triton_elementwise", "apply_rotary_pos_emb",
                      lambda x, cos, sin: _on_cuda(x, cos, sin) and x.dim() == 4),),
-    "swiglu": (_triton("triton_elementwise", "swiglu", lambda x: _on_cuda(x)),),
+    "swiglu": (_triton("triton_elementwise", "swiglu", lambda x: _on_cuda(x)), _compiled_swiglu),
     "bias_dropout_add": (_triton("triton_elementwise", "bias_dropout_add",
                                  lambda x, bias, residual: _on_cuda(x, bias, residual)),),
     "gelu_tanh": (_compiled_gelu_tanh,),

@@ -12,20 +12,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_core.fusions.compiled import gelu_tanh, swiglu
 from megatron_core.fusions.kernels import find_kernel
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig, resolved
 from megatron_core.transformer.init import component_name
 from megatron_core.transformer.spec import build_module
-
-
-def _swiglu(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
 
 
 def _squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +26,7 @@ def _squared_relu(x: torch.Tensor) -> torch.Tensor:
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "swiglu": _swiglu, "silu": F.silu, "relu": F.relu,
+    "gelu": F.gelu, "gelu_tanh": gelu_tanh, "swiglu": swiglu, "silu": F.silu, "relu": F.relu,
     "squared_relu": _squared_relu}
 
 
