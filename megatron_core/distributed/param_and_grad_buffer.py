@@ -19,8 +19,10 @@ to 0) once its reduce-scatter has completed and its shard has been kept in ``gra
 backward reduces, under ``no_sync`` too (DeepSpeed ZeRO-2 reduces every micro-step): a backward run
 under ``no_sync`` is flushed by a callback at its end, the last one by ``finish_grad_sync``. This
 rank adds its running shard into its own part of the bucket before the reduce-scatter, so the
-collective's output is the sum over microbatches. Launching bucket i waits for the buckets before
-it: at most one reduce-scatter is left in flight behind backward.
+collective's output is the sum over microbatches. Buckets are launched from the gradient hooks
+(in bucket order) whether or not ``overlap_grad_reduce`` is set: with it, launching bucket i waits
+for the buckets before it, so at most one reduce-scatter is left in flight behind backward; without
+it each reduce-scatter is waited on at once.
 """
 from __future__ import annotations
 
@@ -272,7 +274,9 @@ class ParamAndGradBuffer:
                 "microbatches must run all but the last backward under DistributedDataParallel.no_sync() (pass "
                 "no_sync_func= to the schedule), and optimizer.zero_grad() / zero_grad_buffer() must run between steps")
         bucket.pending.discard(id(param))
-        if self.config.overlap_grad_reduce:
+        # ZeRO-2/3 reduce during backward with or without overlap (DeepSpeed's overlap_comm=False
+        # reduces from its hooks too, synchronously): that is what frees each bucket's full gradient.
+        if self.config.overlap_grad_reduce or self.partition_grads:
             self._launch_ready_buckets(final)
 
     def _open_round(self) -> None:
@@ -345,7 +349,9 @@ class ParamAndGradBuffer:
                                             log=self.comm_log, tag=f"grad.bucket{bucket.index}", full_is_scratch=True)
         if final and self.on_bucket_launched is not None:
             self.on_bucket_launched(bucket, bucket.handle, bucket.reduce_scatter_output)
-        for earlier in self.buckets[:bucket.index]:
+        # With overlap the collective runs behind the rest of backward until the next launch; without,
+        # it is waited on now (backward pauses, as DeepSpeed's with overlap_comm=False).
+        for earlier in self.buckets[:bucket.index + (0 if self.config.overlap_grad_reduce else 1)]:
             self._complete(earlier)
 
     def _complete(self, bucket: Bucket) -> None:
