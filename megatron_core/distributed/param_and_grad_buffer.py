@@ -252,6 +252,7 @@ class ParamAndGradBuffer:
         for bucket in self.buckets:
             bucket.reset()
         self._synced = False
+        self._round_open = False  # a backward that raised never ran its callback
 
     # ---- gradient sync ------------------------------------------------------------------------
     def register_grad_ready(self, param: torch.nn.Parameter, final: bool = True) -> None:
