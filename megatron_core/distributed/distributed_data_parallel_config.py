@@ -50,9 +50,9 @@ class DistributedDataParallelConfig:
     - ``stage3_param_persistence_threshold`` (DeepSpeed, elements, default 0): buckets of at most
       this many elements are never freed (gathered once per step). Per bucket, not per parameter.
     - ``reshard_after_forward`` (FSDP, default True): free each bucket after forward and gather it
-      again for backward, per microbatch: traffic (2M+1)Ψ per step with M microbatches (3Ψ for
-      one). False keeps every gathered bucket until the optimizer step: 2Ψ, but the full
-      parameters are resident during the step.
+      again for backward, per microbatch: traffic 3MΨ per step with M microbatches (the
+      gradients of each are reduce-scattered too). False keeps every gathered bucket until the
+      optimizer step: (M+1)Ψ, but the full parameters are resident during the step.
     - ``offload_param`` (DeepSpeed ``offload_param.device="cpu"``; ZeRO-3 only): the parameter
       shards live in host memory and are copied to the device when gathered.
 
