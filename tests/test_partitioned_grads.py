@@ -3,7 +3,8 @@
 Under ZeRO-2/3 the full gradients are freed bucket by bucket during backward, so everything
 ``finalize_model_grads`` does after the DP sync acts on this rank's pieces of ``grad_shard``: here
 the tied-embedding all-reduce between the first and the last pipeline stage and the division by
-the global token count (``calculate_per_token_loss``, Megatron-LM's ``--calculate-per-token-loss``).
+the global token count (``calculate_per_token_loss``, Megatron-LM's ``--calculate-per-token-loss``);
+and ``training.health``'s nan check reads the shards.
 GPT-2 at DP 2 x PP 2 with 2 accumulated microbatches (each reduced into the shard), 3 SGD steps
 without clipping: parameters equal the serial run's on the global batch (fp32, relative 1e-5; SGD as in
 ``test_ddp_gpt``, since PP changes the summation order). ZeRO-0 runs the same loop as a control.
@@ -18,7 +19,9 @@ from harness import run_distributed
 from test_ddp_gpt import SEQ, GPTSpec
 
 from megatron_core.distributed import finalize_model_grads, no_sync_func
+from megatron_core.distributed.finalize_model_grads import reduced_grads
 from megatron_core.pipeline_parallel import get_forward_backward_func
+from megatron_core.training.health import TrainingDivergedError, check_loss_and_grads
 
 STEPS, MICROBATCHES = 3, 2
 # A clipping threshold never reached (0 would clip to zero in the serial run): clipping would hide a
@@ -88,3 +91,37 @@ def test_per_token_loss_and_tied_embedding_on_gradient_shards_equal_one_process(
             assert_rel_close(value, expected_param(ref, name, res), 1e-5,
                              f"ZeRO-{zero_stage} rank {rank} {name} after {STEPS} steps")
     assert seen == set(ref["params"])
+
+
+def _check_after_backward(zero_stage: int, poison_rank: int | None):
+    spec = PerTokenGPT("gpt2")
+    ps, chunks, wrapped, optimizer = build({}, spec, {"zero_stage": zero_stage, "bucket_size": 2000}, SGD)
+    optimizer.zero_grad()
+    (batch,) = spec.microbatches(0, 1, MICRO_BATCH)
+    spec.loss(wrapped[0], batch).backward()
+    finalize_model_grads(wrapped, parallel_state=ps)
+    main_grads = [getattr(p, "main_grad", None) for p in chunks[0].parameters()]
+    if ps.dp_rank == poison_rank:
+        reduced_grads(wrapped)[-1].view(-1)[0] = float("nan")
+    try:
+        check_loss_and_grads(1, {"lm loss": 1.0}, wrapped, optimizer)
+        outcome = "ok"
+    except TrainingDivergedError as exc:
+        outcome = str(exc)
+    ps.destroy()
+    return outcome, all(g is None for g in main_grads)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_nan_check_reads_the_gradient_shards_on_every_rank(zero_stage):
+    """``--check-for-nan-in-loss-and-grad`` after backward: under ZeRO-2/3 ``param.main_grad`` is None
+    (its storage is freed; reading the old view crashed ``pretrain_gpt.py``) and the check reads the
+    shards instead, so a nan on one rank's shard stops every rank."""
+    for poison_rank in (None, 1):
+        for outcome, main_grads_none in run_distributed(_check_after_backward, 2, zero_stage, poison_rank,
+                                                         timeout=60):
+            assert main_grads_none == (zero_stage >= 2)
+            if poison_rank is None:
+                assert outcome == "ok"
+            else:
+                assert outcome.startswith("iteration 1: a gradient is inf or nan"), outcome

@@ -33,9 +33,9 @@ def _partitioned(chunk: torch.nn.Module) -> list:
     return [b for b in getattr(chunk, "buffers_by_dtype", []) if b.partition_grads]
 
 
-def _grads_with(model_chunks: Iterable[torch.nn.Module], attribute: str) -> list[torch.Tensor]:
-    """Where the reduced gradients of the parameters with ``attribute`` are: ``main_grad`` (or
-    ``grad``), or under ZeRO-2/3 the views of ``grad_shard`` holding this rank's pieces of them
+def _grads_with(model_chunks: Iterable[torch.nn.Module], attribute: str | None) -> list[torch.Tensor]:
+    """Where the reduced gradients of the parameters with ``attribute`` (all: None) are: ``main_grad``
+    (or ``grad``), or under ZeRO-2/3 the views of ``grad_shard`` holding this rank's pieces of them
     (in shard order, the same on every rank of the group: module docstring)."""
     grads = []
     for chunk in model_chunks:
@@ -43,15 +43,23 @@ def _grads_with(model_chunks: Iterable[torch.nn.Module], attribute: str) -> list
         for buffer in _partitioned(chunk):
             in_shards.update(id(p) for p in buffer.params)
             for piece in buffer.local_pieces():
-                if getattr(piece.param, attribute, False):
+                if attribute is None or getattr(piece.param, attribute, False):
                     start = piece.shard_start
                     grads.append(buffer.grad_shard[start:start + piece.numel])
         for param in chunk.parameters():
             grad = _grad(param)
-            if (param.requires_grad and id(param) not in in_shards and getattr(param, attribute, False)
-                    and grad is not None):
+            if (param.requires_grad and id(param) not in in_shards and grad is not None
+                    and (attribute is None or getattr(param, attribute, False))):
                 grads.append(grad)
     return grads
+
+
+def reduced_grads(model_chunks: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    """This rank's gradients after :func:`finalize_model_grads`: each parameter's ``main_grad`` (or
+    ``grad``), except under ZeRO-2/3, whose full gradients are freed: this rank's pieces of each
+    buffer's ``grad_shard`` (every element of the gradient is on exactly one DP rank). For checks
+    that agree over all ranks afterwards (``training.health``)."""
+    return _grads_with(model_chunks, None)
 
 
 def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:

@@ -67,6 +67,7 @@ class Bucket:
         # its own, allocated (``grad_allocated``) from the bucket's first gradient to its reduction.
         self.grad_data: torch.Tensor = torch.empty(0)  # set by the buffer
         self.grad_allocated = True
+        self.main_grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # each parameter's view of grad_data
         self.reset()
 
     def reset(self) -> None:
@@ -153,7 +154,9 @@ class ParamAndGradBuffer:
             view = bucket.param_data[start - bucket.start:end - bucket.start]
             view.copy_(p.detach().reshape(-1))
             p.data = view.view(p.shape)
-            setattr(p, MAIN_GRAD_ATTR, bucket.grad_data[start - bucket.start:end - bucket.start].view(p.shape))
+            main_grad = bucket.grad_data[start - bucket.start:end - bucket.start].view(p.shape)
+            bucket.main_grads.append((p, main_grad))
+            setattr(p, MAIN_GRAD_ATTR, main_grad)
         if self.partition_grads:
             for bucket in self.buckets:
                 self._release_grad(bucket)
@@ -222,11 +225,17 @@ class ParamAndGradBuffer:
         bucket.grad_data.untyped_storage().resize_(bucket.grad_data.numel() * bucket.grad_data.element_size())
         bucket.grad_data.zero_()
         bucket.grad_allocated = True
+        for param, main_grad in bucket.main_grads:
+            setattr(param, MAIN_GRAD_ATTR, main_grad)
 
     @staticmethod
     def _release_grad(bucket: Bucket) -> None:
         bucket.grad_data.untyped_storage().resize_(0)
         bucket.grad_allocated = False
+        # A view of a storage resized to 0 reads out of bounds (torch does not check): while released,
+        # ``param.main_grad`` is None, and the reduced gradient is in ``grad_shard`` (``reduced_grads``).
+        for param, _ in bucket.main_grads:
+            setattr(param, MAIN_GRAD_ATTR, None)
 
     def _kept_shard(self, bucket: Bucket) -> torch.Tensor:
         assert self.grad_shard is not None
