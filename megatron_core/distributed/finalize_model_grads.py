@@ -9,8 +9,9 @@ gradients are finally divided by the number of tokens in the global batch.
 Under ZeRO-2/3 the full gradients are gone after the DP sync: these all-reduces act on this rank's
 pieces of the kept ``grad_shard``. That is the same sum: the buffer layout depends only on the
 parameters' shapes and order, which the ranks of a TP group share (TP shards are equal) and so do
-the two ends of the embedding group (the tied embedding has a bucket of its own there), so rank r
-of every such rank holds the same elements of the same parameters at the same shard offsets.
+the two ends of the embedding group (the tied embedding has a bucket of its own there). Both
+groups join ranks of one DP rank, so their members hold the same elements of the same parameters
+at the same shard offsets.
 """
 from __future__ import annotations
 
