@@ -9,15 +9,18 @@ setting runs in fresh processes; for each it prints, per rank:
    (all-gather / reduce-scatter 1x the full tensor, all-reduce 2x), divided by Ψ. Expected 2Ψ
    for DP and ZeRO-1/2, 3Ψ for ZeRO-3 with one microbatch (gather for forward, gather again for
    backward, reduce-scatter; less the buckets still gathered when backward starts, which it
-   reuses: the whole model when it fits one bucket), and (2M + 1)Ψ with M microbatches (forward and backward of every
-   microbatch regather; the gradients are reduce-scattered once), or 2Ψ with
+   reuses: the whole model when it fits one bucket), and 3MΨ with M microbatches (forward and
+   backward of every microbatch regather, and its gradients are reduce-scattered: ZeRO-2/3 free the
+   full gradients per microbatch, as DeepSpeed does), or (M + 1)Ψ with
    ``reshard_after_forward=False``, which keeps the gathered buckets for the whole step.
 2. Hidden gather time (ZeRO-3): time blocked waiting on all-gathers before a module may run,
    with prefetch against without it, measured in the same run; hidden = 1 - with / without.
 3. Memory: model-state bytes from ``memory_footprint`` (between steps; the gathered window is
    reported apart, its peak sampled during the step) beside the formula, and the peak resident
    set of the training steps (VmHWM after resetting it through /proc/self/clear_refs once the
-   model is built, so construction is not counted). Large allocations are forced to mmap so that
+   model is built, so construction is not counted), and the most gradient bytes held during
+   backward (``memory_footprint``'s gradients sampled after every gradient hook: ZeRO-2/3 hold the
+   shard and the buckets in use, DP and ZeRO-1 the full buffer). Large allocations are forced to mmap so that
    freed (and NVMe-swapped) storage is returned to the system and shows in the resident set.
 4. Capacity: from the formulas (bytes per parameter per rank in memory: DP 16, ZeRO-1 4+12/Nd,
    ZeRO-2 2+14/Nd, ZeRO-3 16/Nd, ZeRO-3 + CPU offload 20/Nd of which 4/Nd on the accelerator,
@@ -139,6 +142,13 @@ def _rank(args, name: str, microbatches: int, nvme_dir: str) -> dict:
 
     for layer in chunk.decoder.layers:
         layer.register_forward_hook(sample)
+    grads = {"peak": 0}
+
+    def sample_grads(*_):
+        grads["peak"] = max(grads["peak"], memory_footprint([ddp]).grads)
+
+    for p in chunk.parameters():
+        p.register_post_accumulate_grad_hook(sample_grads)  # after the DDP wrapper's own hook
     schedule = get_forward_backward_func(ps)
     times, comm, step_times = [], [], []
     for step in range(args.steps + 1):
@@ -160,7 +170,7 @@ def _rank(args, name: str, microbatches: int, nvme_dir: str) -> dict:
     result = {"psi": psi, "step_s": sum(times[1:]) / args.steps, "optimizer_s": sum(step_times[1:]) / args.steps,
               "volume": comm[-1] / psi,
               "footprint": dataclasses.asdict(footprint), "peak_rss": _vm("VmHWM"), "rss": _vm("VmRSS"),
-              "window_peak": window["peak"],
+              "window_peak": window["peak"], "grads_peak": grads["peak"],
               "wait_s": (gather.wait_seconds / (args.steps + 1)) if gather is not None else 0.0,
               "tokens": microbatches * args.seq * ps.dp_size}
     ps.destroy()
@@ -209,7 +219,7 @@ def _report(args, nd: int, results: dict) -> None:
           "included: on CPU they share the one memory); formula = bytes_per_param(setting) x Ψ")
     width = max(24, *(len(name) for name in results))
     print(f"{'setting':{width}} {'traffic/Ψ':>9} {'model state MB':>14} {'formula MB':>10} {'gathered peak MB':>16} "
-          f"{'host MB':>8} {'peak RSS MB':>11} {'tokens/s':>9} {'vs DP':>6}")
+          f"{'host MB':>8} {'backward grads MB':>17} {'peak RSS MB':>11} {'tokens/s':>9} {'vs DP':>6}")
     for name, ranks in results.items():
         r0 = ranks[0]
         fp = r0["footprint"]
@@ -217,7 +227,7 @@ def _report(args, nd: int, results: dict) -> None:
         tps = r0["tokens"] / max(r["step_s"] for r in ranks)
         ratio = f"{tps / base_tps:6.2f}" if base_tps else "     -"
         print(f"{name:{width}} {r0['volume']:9.2f} {state / 1e6:14.1f} {bytes_per_param(name, nd) * psi / 1e6:10.1f} "
-              f"{r0['window_peak'] / 1e6:16.1f} {fp['host'] / 1e6:8.1f} "
+              f"{r0['window_peak'] / 1e6:16.1f} {fp['host'] / 1e6:8.1f} {r0['grads_peak'] / 1e6:17.1f} "
               f"{max(r['peak_rss'] for r in ranks) / 1e6:11.0f} "
               f"{tps:9.0f} {ratio}")
     if "ZeRO-3" in results and "ZeRO-3 no prefetch" in results:
@@ -255,8 +265,8 @@ def _report_overlapped_copies(results: dict) -> None:
 def _report_microbatches(args, nd: int, results: dict) -> None:
     for m, ranks in results.items():
         print(f"ZeRO-3 with {m} microbatches (gradient accumulation / pipeline microbatches): traffic "
-              f"{ranks[0]['volume']:.2f}Ψ per step (expected (2M+1)Ψ = {2 * m + 1}Ψ: every microbatch regathers "
-              f"for forward and backward; reshard_after_forward=False keeps 2Ψ)")
+              f"{ranks[0]['volume']:.2f}Ψ per step (expected 3MΨ = {3 * m}Ψ: every microbatch regathers for "
+              f"forward and backward and reduce-scatters its gradients; reshard_after_forward=False: (M+1)Ψ)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ returned, as from a reduce-scatter. NCCL and other backends use their own reduce
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -32,16 +33,17 @@ class _ChunkOnWait:
 
     def __init__(self, work: Any, output: torch.Tensor, chunk: torch.Tensor) -> None:
         self.work, self.output, self.chunk = work, output, chunk
+        # One waiter copies, the others wait for it: ZeRO-2/3 free the full tensor (the chunk's storage)
+        # as soon as one wait returns, while the offload copy engine may wait on the same handle.
+        self._lock = threading.Lock()
 
     def wait(self) -> bool:
-        work = self.work
-        if work is not None:
-            work.wait()
-            if self.output.data_ptr() != self.chunk.data_ptr():
-                self.output.copy_(self.chunk)
-            # Cleared only after the copy: a wait from another thread (the offload copy engine) must
-            # not return while the chunk is still being copied.
-            self.work = None
+        with self._lock:
+            if self.work is not None:
+                self.work.wait()
+                if self.output.data_ptr() != self.chunk.data_ptr():
+                    self.output.copy_(self.chunk)
+                self.work = None
         return True
 
 

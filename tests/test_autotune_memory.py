@@ -83,8 +83,30 @@ def _step_grad_copies(optimizer, wrapped) -> list[int]:
     return seen
 
 
-def _record_grads(into: list, wrapped, optimizer) -> None:
+def _record_grads(into: list, wrapped, optimizer, *_) -> None:
     into.append(memory_footprint(wrapped, optimizer).grads)
+
+
+def _recording_before(launch, record):
+    def launch_after_recording(*args, **kwargs):
+        record()
+        return launch(*args, **kwargs)
+    return launch_after_recording
+
+
+def _watch_grads_in_backward(wrapped, optimizer) -> list[int]:
+    """Gradient bytes measured after every DDP gradient hook (a hook registered after the wrapper's
+    runs after it) and just before every bucket's collective is launched (the bucket is full then,
+    and under ZeRO-2/3 not yet freed): the states between which gradient memory only shrinks."""
+    seen: list[int] = []
+    record = functools.partial(_record_grads, seen, wrapped, optimizer)
+    for w in wrapped:
+        for buffer in w.buffers_by_dtype:
+            buffer._launch = _recording_before(buffer._launch, record)
+        for p in w.module.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(record)
+    return seen
 
 
 def _measure(grid, dtype, grad_reduce_in_fp32):
@@ -97,11 +119,12 @@ def _measure(grid, dtype, grad_reduce_in_fp32):
         names = [[(n, p.numel(), getattr(p, "shared_embedding", False)) for n, p in c.named_parameters()]
                  for c in chunks]
         copies = _step_grad_copies(optimizer, wrapped)
-        in_backward: list[int] = []  # the gradient bytes held at the end of backward, before the step
+        # the most gradient bytes held during backward (after each gradient hook) or at its end
+        in_backward = _watch_grads_in_backward(wrapped, optimizer)
         record = functools.partial(_record_grads, in_backward, wrapped, optimizer)
         train_step(ps, gpt, wrapped, optimizer, 0, 2, before_step=record)
         measured = dataclasses.asdict(memory_footprint(wrapped, optimizer))
-        extra = {"step_grad_copies": copies[-1], "grads_in_backward": in_backward[-1]}
+        extra = {"step_grad_copies": copies[-1], "grads_in_backward": max(in_backward)}
         if zero == 3:  # after the step ZeRO-3 follows the paper's accounting, not this test's (docstring)
             measured = {}
         out[name] = (ps.pp_rank, ps.dp_rank, {**measured, **extra}, names)
@@ -136,6 +159,46 @@ def test_model_states_equal_framework_accounting(dtype, grad_reduce_in_fp32):
                 footprint = MemoryFootprint(**{k: v for k, v in measured.items() if k not in extra_keys})
                 assert predicted_states.total == footprint.total, f"{name} rank {rank}: total"
     assert grad_bytes == 4 or any(r[name][2]["step_grad_copies"] > 0 for r in results for name in (g[0] for g in grid))
+
+
+# ---- ZeRO-2/3 free each bucket's full gradient during backward ----------------------------------
+PARTITIONED = [(zero, overlap) for zero in (2, 3) for overlap in (False, True)]
+PARTITIONED_BUCKET = 1000
+
+
+def _grads_during_backward(cases):
+    out = {}
+    gpt = _GPT(_config(False))
+    for zero, overlap in cases:
+        ps, _, wrapped, optimizer = build({}, gpt, {"zero_stage": zero, "bucket_size": PARTITIONED_BUCKET,
+                                                    "overlap_grad_reduce": overlap}, {})
+        seen = _watch_grads_in_backward(wrapped, optimizer)
+        for step in range(2):  # the second step starts from the first one's freed buckets
+            train_step(ps, gpt, wrapped, optimizer, step, 3)
+        (buffer,) = wrapped[0].buffers_by_dtype
+        out[(zero, overlap)] = (ps.dp_rank, max(seen), 4 * buffer.numel, len(buffer.buckets))
+        ps.destroy()
+    return out
+
+
+def test_zero2_and_zero3_hold_the_shard_and_the_buckets_in_use_not_the_full_gradients():
+    """DP 4, 3 microbatches, buckets of 1000 elements: the most gradient bytes held at any point of
+    backward (measured after each gradient hook and before each bucket's reduce-scatter) equal the
+    autotuner's ``grads_in_backward`` (the shard plus one bucket, two with ``overlap_grad_reduce``)
+    and stay below the full gradient buffer that ZeRO-2/3 used to keep through backward."""
+    results = run_distributed(_grads_during_backward, 4, PARTITIONED, timeout=180)
+    spec = _spec(_config(False))
+    for zero, overlap in PARTITIONED:
+        layout = Layout(dp=4, zero_stage=zero, micro_batch_size=2)
+        for rank, by_case in enumerate(results):
+            dp_rank, peak, full, buckets = by_case[(zero, overlap)]
+            predicted = model_state_bytes(spec, layout, 0, dp_rank, bucket_size=PARTITIONED_BUCKET,
+                                          overlap_grad_reduce=overlap)
+            what = f"ZeRO-{zero} overlap={overlap} rank {rank}"
+            assert buckets >= 4, f"{what}: the test needs several buckets"
+            assert peak == predicted.grads_in_backward, \
+                f"{what}: {peak} gradient bytes during backward, predicted {predicted.grads_in_backward}"
+            assert peak < full / 2, f"{what}: {peak} gradient bytes during backward, full buffer {full}"
 
 
 def _record(params: set, seen: dict, t):

@@ -82,7 +82,7 @@ def _inject_inf(layout, ddp, hysteresis, inject_steps):
         def poison(step=step):
             if step in inject_steps and ps.rank == victim:
                 for buffer in wrapped[0].buffers_by_dtype:
-                    buffer.grad_data[buffer.buckets[0].shard_start] = float("inf")
+                    buffer.shard_grad(buffer.buckets[0])[0] = float("inf")  # ZeRO-2: the kept shard
 
         _, (ok, norm, _) = train_step(ps, CONFIG, wrapped, optimizer, step, MICROBATCHES, before_step=poison)
         after = [p for c in chunks for p in c.parameters()]

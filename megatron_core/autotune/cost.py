@@ -9,7 +9,8 @@
 - Step: ``(M + (pp - 1) / v) x`` the slowest rank's microbatch time (1F1B / interleaved bubble,
   Narayanan et al. 2021) + TP collectives per layer (2 forward, 2 backward of ``sbh`` bytes) + pipeline
   sends + the DP gradient reduction and ZeRO parameter all-gather (not overlapped: the default
-  flags) + the optimizer step (Adam seconds per element x elements on the rank).
+  flags; ZeRO-2/3 reduce-scatter the gradients of every microbatch, as DeepSpeed does, the other
+  stages once per step) + the optimizer step (Adam seconds per element x elements on the rank).
 - On the CPU, ranks share the cores: compute is slowed by ``ranks / cores`` when that exceeds 1.
 """
 from __future__ import annotations
@@ -222,7 +223,8 @@ def step_time(spec: ModelSpec, layout: Layout, prof: Profile, flops_per_step: fl
         dp_comm = _comm(prof, "all_reduce", layout.dp, grad_bytes)
         opt_elements = elements
     else:
-        dp_comm = (_comm(prof, "reduce_scatter", layout.dp, grad_bytes)
+        reductions = m if layout.zero_stage >= 2 else 1  # ZeRO-2/3 free the full gradients per microbatch
+        dp_comm = (reductions * _comm(prof, "reduce_scatter", layout.dp, grad_bytes)
                    + _comm(prof, "all_gather", layout.dp, elements * B))
         opt_elements = elements // layout.dp
     if layout.zero_stage == 3:

@@ -27,8 +27,8 @@ IMPLEMENTED_ZERO_STAGES = (0, 1, 2, 3)
 @dataclasses.dataclass
 class ModelStates:
     """Bytes of one rank after an optimizer step (``memory_footprint``'s categories), plus the
-    gradient bytes alive during backward (ZeRO-2 holds the full buffer then), the fp32 gradient
-    copies alive during the step only, and host bytes."""
+    most gradient bytes alive during backward (ZeRO-2/3: the shard and the buckets in use), the fp32
+    gradient copies alive during the step only, and host bytes."""
 
     params: int
     grads: int
@@ -102,17 +102,29 @@ def comm_buffer_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, on_cpu:
     return max(largest * spec.grad_bytes * (layout.dp + 1) // layout.dp, largest * spec.bytes_per_param)
 
 
+def _buckets_in_backward(buckets: list[list[tuple[int, int]]], overlap_grad_reduce: bool) -> int:
+    """Elements of full bucket gradients ZeRO-2/3 hold at once during backward: the bucket being
+    filled, and with ``overlap_grad_reduce`` the one before it, whose reduce-scatter is in flight
+    until the next launch (``param_and_grad_buffer``). Assumes gradients arrive in bucket order, which
+    the buffer's reverse-registration layout is made for."""
+    sizes = [b[-1][0] for b in buckets]
+    if overlap_grad_reduce:
+        return max(a + b for a, b in zip(sizes, sizes[1:], strict=False)) if len(sizes) > 1 else sizes[0]
+    return max(sizes)
+
+
 def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank: int = 0,
                       optimizer: str = "adam", bucket_size: int | None = 40_000_000,
-                      sgd_momentum: float = 0.9) -> ModelStates:
+                      sgd_momentum: float = 0.9, overlap_grad_reduce: bool = False) -> ModelStates:
     """Bytes of parameters, gradients, fp32 main parameters and optimizer state on one rank.
 
-    Equals ``megatron_core.optimizer.memory_footprint`` after a step for stages 0-2, and
-    ``step_grad_copies`` the fp32 gradient copies measured inside the step (checked by
-    tests/test_autotune_memory.py); stage 3 follows the ZeRO paper's (2+2+K)Ψ/Nd.
+    Equals ``megatron_core.optimizer.memory_footprint`` after a step for stages 0-2, ``grads_in_backward``
+    the most gradient bytes measured during backward (stages 0-3), and ``step_grad_copies`` the fp32
+    gradient copies measured inside the step (checked by tests/test_autotune_memory.py); stage 3's
+    states after the step follow the ZeRO paper's (2+2+K)Ψ/Nd.
     """
     pb, gb, stage, dp = spec.bytes_per_param, spec.grad_bytes, layout.zero_stage, layout.dp
-    params = grads = mains = state = grads_bw = copies = 0
+    params = grads = mains = state = grads_bw = copies = in_flight = 0
     adam = optimizer == "adam"
     per_elem_state = 8 if adam else (4 if sgd_momentum > 0 else 0)
     for chunk in rank_chunks(spec, layout, pp_rank):
@@ -131,15 +143,18 @@ def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank
         copies += sum(pieces) * 4 if gb != 4 else 0  # each shard piece's main.grad, during the step
         params += (shard if stage == 3 else numel) * pb
         grads += (numel if stage == 1 else shard) * gb
-        # ZeRO-2 and -3 hold the full gradient buffer through backward (one contiguous allocation,
-        # released at the step) beside the reduced shard; ZeRO-1 reduces into the full buffer itself.
-        grads_bw += (numel if stage == 1 else numel + shard) * gb
+        # ZeRO-1 reduces into the full buffer itself. ZeRO-2 and -3 keep the reduced shard and free
+        # each bucket's full gradient once reduced, from the gradient hooks: besides the shards, one
+        # chunk's buckets in use (chunks run backward one at a time; each ends with all freed).
+        grads_bw += (numel if stage == 1 else shard) * gb
+        if stage >= 2:
+            in_flight = max(in_flight, _buckets_in_backward(buckets, overlap_grad_reduce) * gb)
         mains += shard * 4
         state += sum(pieces) * per_elem_state + (4 * len(pieces) if adam else 0)
     host = 0
     if layout.offload:
         host, mains, state = mains + state, 0, 0
-    return ModelStates(params, grads, mains, state, grads_bw, host, step_grad_copies=copies)
+    return ModelStates(params, grads, mains, state, grads_bw + in_flight, host, step_grad_copies=copies)
 
 
 def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout) -> int:

@@ -104,9 +104,10 @@ def launch_blocker(layout: Layout) -> str | None:
 
 def predict_rank_memory(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True,
                         bucket_size: int | None = 40_000_000, optimizer: str = "adam") -> int:
-    """Peak device bytes of pipeline rank ``pp_rank``: model states (with ZeRO-2's full gradients during
-    backward), the ZeRO-3 gather window and activations (see :mod:`.activations`) during backward, or
-    the states and the DP collectives' buffers after it, whichever is larger."""
+    """Peak device bytes of pipeline rank ``pp_rank``: model states (with the gradients held during
+    backward: ZeRO-2/3's shard plus the bucket in use), the ZeRO-3 gather window and activations
+    (see :mod:`.activations`) during backward, or the states and the DP collectives' buffers after
+    it, whichever is larger."""
     states = model_state_bytes(spec, layout, pp_rank, 0, optimizer, bucket_size)
     rank = states.params + states.main_params + states.optimizer_state + max(
         states.grads + states.step_grad_copies, states.grads_in_backward)

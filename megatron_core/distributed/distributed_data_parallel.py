@@ -7,6 +7,9 @@ under the distributed optimizer) starts asynchronously as soon as all its gradie
 runs behind the rest of backward. :meth:`finish_grad_sync` (called by ``finalize_model_grads``)
 launches whatever is left and waits.
 
+Under ZeRO-2/3 each bucket's full gradient is freed once reduced, also between microbatches (see
+``param_and_grad_buffer``): after backward only the reduced shard is held.
+
 Under ZeRO-3 and with ``overlap_param_gather`` a :class:`ParamGatherManager` gathers bucket
 parameters on demand (see ``param_gather``); the wrapped module's ``state_dict`` /
 ``load_state_dict`` (also when called on the unwrapped module) gather every bucket first and
@@ -100,12 +103,11 @@ class DistributedDataParallel(torch.nn.Module):
         def hook(param: torch.nn.Parameter) -> None:
             if param.grad is None:
                 return
-            buffer.ensure_grads_allocated()
+            buffer.ensure_grad_allocated(param)
             main_grad: torch.Tensor = getattr(param, MAIN_GRAD_ATTR)  # set by the buffer
             main_grad.add_(param.grad)
             param.grad = None  # the gradient lives in the buffer only
-            if self._sync_enabled:
-                buffer.register_grad_ready(param)
+            buffer.register_grad_ready(param, final=self._sync_enabled)
             if self.param_gather is not None:
                 self.param_gather.grad_ready(param)
         return hook
@@ -177,7 +179,11 @@ class DistributedDataParallel(torch.nn.Module):
     # ---- gradient sync ------------------------------------------------------------------------
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients without reducing them (every microbatch but the last)."""
+        """Accumulate gradients without reducing them (every microbatch but the last).
+
+        Under ZeRO-2/3 each backward is reduced all the same, into the kept gradient shard, so the
+        full gradients of a microbatch are freed before the next one (DeepSpeed's engine refuses
+        ``no_sync`` at stages 2/3 for this reason; here it only marks the step's last backward)."""
         self._sync_enabled = False
         try:
             yield

@@ -18,11 +18,13 @@ class DistributedDataParallelConfig:
       Megatron-LM's ``--use-distributed-optimizer`` and costs the paper's 2Ψ per step; with
       ``zero1_all_reduce_grads=True`` gradients are all-reduced instead (every rank ends with the
       full reduced gradient; 3Ψ with the parameter all-gather).
-    - ``zero_stage=2``: as stage 1, and gradients are reduce-scattered bucket by bucket and only
-      the rank's reduced shard is kept after the optimizer step: the full-size gradient buffer is
-      working memory of backward and ``finalize_model_grads`` (like activations), allocated at
-      ``zero_grad_buffer()`` (or the first gradient of a step) and released by the optimizer step
-      once the shard has been copied out.
+    - ``zero_stage=2``: as stage 1, and gradients are partitioned (DeepSpeed's ZeRO-2): each
+      bucket's full gradient has a storage of its own, allocated by its first gradient of a
+      backward, reduce-scattered from the gradient hooks (asynchronously with
+      ``overlap_grad_reduce``, at most one in flight; else at once) and freed once its shard has
+      been added into the kept ``grad_shard``. Every microbatch is reduced (``no_sync`` only marks
+      the last backward), so the gradients held at any time are the shard plus the buckets in use;
+      the cost is one reduce-scatter per microbatch. See ``param_and_grad_buffer`` and docs/zero.md.
 
     - ``zero_stage=3``: as stage 2, and the parameters are sharded too: each DP rank keeps only its
       shard of every bucket's parameters (``ParamAndGradBuffer.param_shard``). Before a module runs,
@@ -48,15 +50,15 @@ class DistributedDataParallelConfig:
     - ``stage3_param_persistence_threshold`` (DeepSpeed, elements, default 0): buckets of at most
       this many elements are never freed (gathered once per step). Per bucket, not per parameter.
     - ``reshard_after_forward`` (FSDP, default True): free each bucket after forward and gather it
-      again for backward, per microbatch: traffic (2M+1)Ψ per step with M microbatches (3Ψ for
-      one). False keeps every gathered bucket until the optimizer step: 2Ψ, but the full
-      parameters are resident during the step.
+      again for backward, per microbatch: traffic 3MΨ per step with M microbatches (the
+      gradients of each are reduce-scattered too). False keeps every gathered bucket until the
+      optimizer step: (M+1)Ψ, but the full parameters are resident during the step.
     - ``offload_param`` (DeepSpeed ``offload_param.device="cpu"``; ZeRO-3 only): the parameter
       shards live in host memory and are copied to the device when gathered.
 
-    Gradients under ZeRO-3 are handled as under ZeRO-2: the full gradient buffer is working memory
-    of backward (needed for gradient accumulation across microbatches and for the TP / tied
-    embedding all-reduces of ``finalize_model_grads``), released by the step, which keeps the shard.
+    Gradients under ZeRO-3 are handled as under ZeRO-2 (partitioned, freed bucket by bucket during
+    backward); ``finalize_model_grads``' TP / tied-embedding all-reduces and per-token scaling act on
+    the kept shard.
     """
 
     zero_stage: int = 0

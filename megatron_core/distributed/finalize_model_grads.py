@@ -5,6 +5,13 @@ all-reduces that TP and PP introduce: ``sequence_parallel`` grads over the TP gr
 saw only its sequence shard) and ``shared_embedding`` grads over the embedding group (the tied
 word embedding lives on the first and the last stage). With per-token loss averaging the
 gradients are finally divided by the number of tokens in the global batch.
+
+Under ZeRO-2/3 the full gradients are gone after the DP sync: these all-reduces act on this rank's
+pieces of the kept ``grad_shard``. That is the same sum: the buffer layout depends only on the
+parameters' shapes and order, which the ranks of a TP group share (TP shards are equal) and so do
+the two ends of the embedding group (the tied embedding has a bucket of its own there). Both
+groups join ranks of one DP rank, so their members hold the same elements of the same parameters
+at the same shard offsets.
 """
 from __future__ import annotations
 
@@ -22,14 +29,38 @@ def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
     return grad if grad is not None else param.grad
 
 
-def _grads_with(model_chunks: Iterable[torch.nn.Module], attribute: str) -> list[torch.Tensor]:
+def _partitioned(chunk: torch.nn.Module) -> list:
+    """The chunk's DDP buffers whose full gradients are freed after the sync (ZeRO-2/3)."""
+    return [b for b in getattr(chunk, "buffers_by_dtype", []) if b.partition_grads]
+
+
+def _grads_with(model_chunks: Iterable[torch.nn.Module], attribute: str | None) -> list[torch.Tensor]:
+    """Where the reduced gradients of the parameters with ``attribute`` (all: None) are: ``main_grad``
+    (or ``grad``), or under ZeRO-2/3 the views of ``grad_shard`` holding this rank's pieces of them
+    (in shard order, the same on every rank of the group: module docstring)."""
     grads = []
     for chunk in model_chunks:
+        in_shards: set[int] = set()
+        for buffer in _partitioned(chunk):
+            in_shards.update(id(p) for p in buffer.params)
+            for piece in buffer.local_pieces():
+                if attribute is None or getattr(piece.param, attribute, False):
+                    start = piece.shard_start
+                    grads.append(buffer.grad_shard[start:start + piece.numel])
         for param in chunk.parameters():
             grad = _grad(param)
-            if param.requires_grad and getattr(param, attribute, False) and grad is not None:
+            if (param.requires_grad and id(param) not in in_shards and grad is not None
+                    and (attribute is None or getattr(param, attribute, False))):
                 grads.append(grad)
     return grads
+
+
+def reduced_grads(model_chunks: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
+    """This rank's gradients after :func:`finalize_model_grads`: each parameter's ``main_grad`` (or
+    ``grad``), except under ZeRO-2/3, whose full gradients are freed: this rank's pieces of each
+    buffer's ``grad_shard`` (every element of the gradient is on exactly one DP rank). For checks
+    that agree over all ranks afterwards (``training.health``)."""
+    return _grads_with(model_chunks, None)
 
 
 def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
@@ -96,7 +127,11 @@ def _scale_by_token_count(model_chunks: list[torch.nn.Module], parallel_state: P
         raise ValueError(f"per-token loss averaging counted {count} tokens in the global batch; loss_func must "
                          f"return (loss_sum, num_tokens, dict) with num_tokens > 0")
     for chunk in model_chunks:
+        in_shards: set[int] = set()
+        for buffer in _partitioned(chunk):
+            buffer.grad_shard.div_(count)
+            in_shards.update(id(p) for p in buffer.params)
         for param in chunk.parameters():
             grad = _grad(param)
-            if grad is not None:
+            if grad is not None and id(param) not in in_shards:
                 grad.div_(count)

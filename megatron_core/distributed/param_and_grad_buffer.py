@@ -11,6 +11,18 @@ bucket in ``param_shard`` (on the host with ``offload_param``). Under the distri
 ``shared_embedding`` parameter gets a bucket of its own, so the first and the last pipeline stage
 shard it identically and the embedding-group all-reduce after the DP reduce-scatter adds matching
 shards.
+
+Gradients under ZeRO-2/3 (``partition_grads``, DeepSpeed's partitioned gradients): each bucket's
+full gradient gets a storage of its own (``Bucket.grad_data``; the parameters' ``main_grad`` are
+views into it), allocated zeroed by the bucket's first gradient of a backward and freed (resized
+to 0) once its reduce-scatter has completed and its shard has been kept in ``grad_shard``. Every
+backward reduces, under ``no_sync`` too (DeepSpeed ZeRO-2 reduces every micro-step): a backward run
+under ``no_sync`` is flushed by a callback at its end, the last one by ``finish_grad_sync``. This
+rank adds its running shard into its own part of the bucket before the reduce-scatter, so the
+collective's output is the sum over microbatches. Buckets are launched from the gradient hooks
+(in bucket order) whether or not ``overlap_grad_reduce`` is set: with it, launching bucket i waits
+for the buckets before it, so at most one reduce-scatter is left in flight behind backward; without
+it each reduce-scatter is waited on at once.
 """
 from __future__ import annotations
 
@@ -51,6 +63,11 @@ class Bucket:
         self.gather_handle = None
         self.persistent = False
         self.grads_pending_release: set[int] = set()
+        # Gradients: a view of the buffer's ``grad_data`` (ZeRO 0-1) or, under ZeRO-2/3, a storage of
+        # its own, allocated (``grad_allocated``) from the bucket's first gradient to its reduction.
+        self.grad_data: torch.Tensor = torch.empty(0)  # set by the buffer
+        self.grad_allocated = True
+        self.main_grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # each parameter's view of grad_data
         self.reset()
 
     def reset(self) -> None:
@@ -119,19 +136,32 @@ class ParamAndGradBuffer:
             self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
             for bucket in self.buckets:
                 bucket.param_data = self.param_data[bucket.start:bucket.end]
-        self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
-        self._grad_bytes = self.grad_data.untyped_storage().nbytes()
-        self.grads_allocated = True
-        # Stage 2 keeps the reduced gradient shard here once the full buffer is released.
-        self.grad_shard = (torch.zeros(self.shard_numel, dtype=grad_dtype, device=device)
-                           if config.zero_stage >= 2 else None)
+        # ZeRO-2/3: per-bucket gradient storage, released after each reduction (module docstring); the
+        # reduced shard of every bucket, summed over the microbatches of a step, lives in ``grad_shard``.
+        self.partition_grads = config.zero_stage >= 2
+        self.grad_data: torch.Tensor | None = None
+        self.grad_shard: torch.Tensor | None = None
+        if self.partition_grads:
+            self.grad_shard = torch.zeros(self.shard_numel, dtype=grad_dtype, device=device)
+            for bucket in self.buckets:
+                bucket.grad_data = torch.zeros(bucket.end - bucket.start, dtype=grad_dtype, device=device)
+        else:
+            self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
+            for bucket in self.buckets:
+                bucket.grad_data = self.grad_data[bucket.start:bucket.end]
         for p in params:
             start, end, bucket = self.param_ranges[id(p)]
             view = bucket.param_data[start - bucket.start:end - bucket.start]
             view.copy_(p.detach().reshape(-1))
             p.data = view.view(p.shape)
-            setattr(p, MAIN_GRAD_ATTR, self.grad_data[start:end].view(p.shape))
+            main_grad = bucket.grad_data[start - bucket.start:end - bucket.start].view(p.shape)
+            bucket.main_grads.append((p, main_grad))
+            setattr(p, MAIN_GRAD_ATTR, main_grad)
+        if self.partition_grads:
+            for bucket in self.buckets:
+                self._release_grad(bucket)
         self._synced = False
+        self._round_open = False  # a backward under no_sync is running; a callback reduces at its end
         # Called as each bucket's collective is launched with (bucket, its Work or None when already
         # done, the tensor that holds the reduced shard once it is): optimizer offload's
         # --overlap-cpu-optimizer-d2h-h2d queues the shard's copy to the host behind the collective.
@@ -183,58 +213,95 @@ class ParamAndGradBuffer:
         return sorted(pieces, key=lambda piece: piece.shard_start)
 
     # ---- gradient storage ---------------------------------------------------------------------
-    def ensure_grads_allocated(self) -> None:
-        """Re-create the full gradient buffer (zeroed) after a stage-2 release; views stay valid."""
-        if not self.grads_allocated:
-            self.grad_data.untyped_storage().resize_(self._grad_bytes)
-            self.grad_data.zero_()
-            self.grads_allocated = True
+    def ensure_grad_allocated(self, param: torch.nn.Parameter) -> None:
+        """ZeRO-2/3: re-create ``param``'s bucket gradient storage (zeroed) if it was released; the
+        ``main_grad`` views stay valid (same storage). A no-op below stage 2 (one buffer, never freed)."""
+        bucket = self.param_ranges[id(param)][2]
+        if not bucket.grad_allocated:
+            self._allocate_grad(bucket)
 
-    def release_full_grads(self) -> None:
-        """Stage 2: keep only the reduced shard (copied into ``grad_shard``) and free the full buffer.
+    @staticmethod
+    def _allocate_grad(bucket: Bucket) -> None:
+        bucket.grad_data.untyped_storage().resize_(bucket.grad_data.numel() * bucket.grad_data.element_size())
+        bucket.grad_data.zero_()
+        bucket.grad_allocated = True
+        for param, main_grad in bucket.main_grads:
+            setattr(param, MAIN_GRAD_ATTR, main_grad)
 
-        Raises ValueError below stage 2, where no shard copy exists to keep.
-        """
-        if self.grad_shard is None:
-            raise ValueError(f"release_full_grads needs zero_stage >= 2 (a kept gradient shard); this buffer "
-                             f"has zero_stage={self.config.zero_stage}")
-        for bucket in self.buckets:
-            lo = bucket.shard_start
-            self.grad_shard[bucket.local_offset:bucket.local_offset + bucket.shard_size].copy_(
-                self.grad_data[lo:lo + bucket.shard_size])
-        self.grad_data.untyped_storage().resize_(0)
-        self.grads_allocated = False
+    @staticmethod
+    def _release_grad(bucket: Bucket) -> None:
+        bucket.grad_data.untyped_storage().resize_(0)
+        bucket.grad_allocated = False
+        # A view of a storage resized to 0 reads out of bounds (torch does not check): while released,
+        # ``param.main_grad`` is None, and the reduced gradient is in ``grad_shard`` (``reduced_grads``).
+        for param, _ in bucket.main_grads:
+            setattr(param, MAIN_GRAD_ATTR, None)
+
+    def _kept_shard(self, bucket: Bucket) -> torch.Tensor:
+        assert self.grad_shard is not None
+        return self.grad_shard[bucket.local_offset:bucket.local_offset + bucket.shard_size]
 
     def shard_grad(self, bucket: Bucket) -> torch.Tensor:
-        """This rank's reduced gradient shard of ``bucket`` (stage 2 reads the kept copy once released)."""
-        if self.grad_shard is not None and not self.grads_allocated:
-            return self.grad_shard[bucket.local_offset:bucket.local_offset + bucket.shard_size]
+        """This rank's reduced gradient shard of ``bucket``: in ``grad_shard`` under ZeRO-2/3, else a
+        view of the full buffer."""
+        if self.grad_shard is not None:
+            return self._kept_shard(bucket)
+        assert self.grad_data is not None
         return self.grad_data[bucket.shard_start:bucket.shard_start + bucket.shard_size]
 
     def reset(self) -> None:
         """Zero the gradients and forget which buckets were reduced (start of a step)."""
-        if self.grads_allocated:
+        if self.grad_data is not None:
             self.grad_data.zero_()
-        else:
-            self.ensure_grads_allocated()
+        if self.grad_shard is not None:
+            self.grad_shard.zero_()
+            for bucket in self.buckets:
+                if bucket.grad_allocated:
+                    self._release_grad(bucket)  # a backward without its step: re-allocated zeroed
         for bucket in self.buckets:
             bucket.reset()
         self._synced = False
+        self._round_open = False  # a backward that raised never ran its callback
 
     # ---- gradient sync ------------------------------------------------------------------------
-    def register_grad_ready(self, param: torch.nn.Parameter) -> None:
-        """Called from the backward hook (outside ``no_sync``); launches finished buckets when overlapping."""
+    def register_grad_ready(self, param: torch.nn.Parameter, final: bool = True) -> None:
+        """Called from the backward hook; launches finished buckets when overlapping.
+
+        ``final`` is False inside ``no_sync`` (a microbatch before the last): ignored below ZeRO-2
+        (the gradients only accumulate); under ZeRO-2/3 that backward is reduced as well, the rest of
+        its buckets launched and every one waited on by a callback at the end of the backward pass.
+        """
+        if not final and not self.partition_grads:
+            return
         bucket = self.param_ranges[id(param)][2]
+        if not final:
+            self._open_round()
+            if id(param) not in bucket.pending and not bucket.launched:
+                return  # a second gradient of the same backward (reentrant recompute): accumulated
         if self._synced or bucket.launched or id(param) not in bucket.pending:
             raise RuntimeError(
                 "a parameter's gradient became ready twice before the optimizer step: gradient accumulation over "
                 "microbatches must run all but the last backward under DistributedDataParallel.no_sync() (pass "
                 "no_sync_func= to the schedule), and optimizer.zero_grad() / zero_grad_buffer() must run between steps")
         bucket.pending.discard(id(param))
-        if self.config.overlap_grad_reduce:
-            self._launch_ready_buckets()
+        # ZeRO-2/3 reduce during backward with or without overlap (DeepSpeed's overlap_comm=False
+        # reduces from its hooks too, synchronously): that is what frees each bucket's full gradient.
+        if self.config.overlap_grad_reduce or self.partition_grads:
+            self._launch_ready_buckets(final)
 
-    def _launch_ready_buckets(self) -> None:
+    def _open_round(self) -> None:
+        if not self._round_open:
+            # torch's own DDP finishes its reduction the same way (a callback at the end of backward).
+            torch.autograd.Variable._execution_engine.queue_callback(self._close_round)
+            self._round_open = True
+
+    def _close_round(self) -> None:
+        self._round_open = False
+        self._flush(final=False)
+        for bucket in self.buckets:
+            bucket.reset()
+
+    def _launch_ready_buckets(self, final: bool = True) -> None:
         # Strictly in bucket order, so every rank issues its collectives in the same order even if a
         # bucket completes earlier on one rank than on another.
         for bucket in self.buckets:
@@ -242,15 +309,18 @@ class ParamAndGradBuffer:
                 continue
             if bucket.pending:
                 return
-            self._launch(bucket)
+            self._launch(bucket, final)
 
-    def _launch(self, bucket: Bucket) -> None:
+    def _launch(self, bucket: Bucket, final: bool = True) -> None:
         bucket.launched_at = comm.now()
+        if self.partition_grads:
+            self._launch_partitioned(bucket, final)
+            return
         if self.dp_size == 1:
             if self.on_bucket_launched is not None:
                 self.on_bucket_launched(bucket, None, self.shard_grad(bucket))
             return
-        grad = self.grad_data[bucket.start:bucket.end]
+        grad = bucket.grad_data
         if self.gradient_scaling_factor != 1.0:
             grad.mul_(self.gradient_scaling_factor)  # gloo has no AVG / PREMUL_SUM: divide before summing
         tag = f"grad.bucket{bucket.index}"
@@ -265,27 +335,64 @@ class ParamAndGradBuffer:
             shard = bucket.reduce_scatter_output
             self.on_bucket_launched(bucket, bucket.handle, self.shard_grad(bucket) if shard is None else shard)
 
+    def _launch_partitioned(self, bucket: Bucket, final: bool) -> None:
+        """ZeRO-2/3: reduce-scatter ``bucket`` with the running shard folded in, then complete the
+        buckets launched before it (releasing their storage). ``final``: the step's last backward,
+        whose launches the ``on_bucket_launched`` listener hears."""
+        if not bucket.grad_allocated:
+            self._allocate_grad(bucket)  # no gradient this backward: zeros, so every rank reduces it
+        grad, kept = bucket.grad_data, self._kept_shard(bucket)
+        if self.gradient_scaling_factor != 1.0:
+            grad.mul_(self.gradient_scaling_factor)  # gloo has no AVG / PREMUL_SUM: divide before summing
+        own = grad[bucket.shard_start - bucket.start:bucket.shard_start - bucket.start + bucket.shard_size]
+        # Only this rank adds its kept shard (the earlier microbatches' reduced sum, zero at the first),
+        # so the reduce-scatter returns the running total: the listener may copy the output directly.
+        own.add_(kept)
+        if self.dp_size == 1:
+            kept.copy_(own)
+            self._release_grad(bucket)
+            if final and self.on_bucket_launched is not None:
+                self.on_bucket_launched(bucket, None, kept)
+            return
+        bucket.reduce_scatter_output = torch.empty(bucket.shard_size, dtype=grad.dtype, device=grad.device)
+        bucket.handle = comm.reduce_scatter(bucket.reduce_scatter_output, grad, self.dp_group, async_op=True,
+                                            log=self.comm_log, tag=f"grad.bucket{bucket.index}", full_is_scratch=True)
+        if final and self.on_bucket_launched is not None:
+            self.on_bucket_launched(bucket, bucket.handle, bucket.reduce_scatter_output)
+        # With overlap the collective runs behind the rest of backward until the next launch; without,
+        # it is waited on now (backward pauses, as DeepSpeed's with overlap_comm=False).
+        for earlier in self.buckets[:bucket.index + (0 if self.config.overlap_grad_reduce else 1)]:
+            self._complete(earlier)
+
+    def _complete(self, bucket: Bucket) -> None:
+        """Wait for ``bucket``'s collective, if in flight; keep the reduced shard (ZeRO-2/3: in
+        ``grad_shard``, then free the bucket's full storage)."""
+        if bucket.handle is None:
+            return
+        wait_started = comm.now()
+        bucket.handle.wait()
+        if self.comm_log is not None:
+            self.comm_log.bucket_timings.append(BucketTiming(bucket.launched_at, wait_started, comm.now()))
+        if bucket.reduce_scatter_output is not None:
+            # Written back into the full buffer below ZeRO-2 so finalize_model_grads' TP / embedding
+            # all-reduces (which act on param.main_grad) also reach the shard the optimizer reads.
+            self.shard_grad(bucket).copy_(bucket.reduce_scatter_output)
+        if self.partition_grads:
+            self._release_grad(bucket)
+        bucket.handle, bucket.reduce_scatter_output = None, None
+
+    def _flush(self, final: bool) -> None:
+        for bucket in self.buckets:
+            if not bucket.launched:
+                self._launch(bucket, final)
+        for bucket in self.buckets:
+            self._complete(bucket)
+
     def finish_grad_sync(self) -> None:
         """Launch the buckets not launched yet (all of them without overlap) and wait for every one."""
         if self._synced:
             return
-        self.ensure_grads_allocated()
-        for bucket in self.buckets:
-            if not bucket.launched:
-                self._launch(bucket)
-        for bucket in self.buckets:
-            if bucket.handle is None:
-                continue
-            wait_started = comm.now()
-            bucket.handle.wait()
-            if self.comm_log is not None:
-                self.comm_log.bucket_timings.append(BucketTiming(bucket.launched_at, wait_started, comm.now()))
-            if bucket.reduce_scatter_output is not None:
-                # Written back into the full buffer so finalize_model_grads' TP / embedding all-reduces
-                # (which act on param.main_grad) also reach the shard the optimizer reads.
-                self.grad_data[bucket.shard_start:bucket.shard_start + bucket.shard_size].copy_(
-                    bucket.reduce_scatter_output)
-            bucket.handle, bucket.reduce_scatter_output = None, None
+        self._flush(final=True)
         self._synced = True
 
     # ---- parameter sync (distributed optimizer) ----------------------------------------------

@@ -3,9 +3,9 @@
 DP rank r owns the r-th shard of every bucket (see ``param_and_grad_buffer``). It keeps fp32 main
 parameters and optimizer state for that shard only: one flat fp32 tensor per buffer, of which each
 parameter's piece is a view the torch optimizer updates. A step reads the reduced gradient shard
-(from the full gradient buffer under ZeRO-1; under ZeRO-2 from the kept ``grad_shard``, the full
-buffer being released first), updates the shard, writes it into the parameter buffer in the model
-dtype and all-gathers every bucket's parameters over DP.
+(from the full gradient buffer under ZeRO-1; under ZeRO-2/3 from the kept ``grad_shard``, each
+bucket's full gradient having been freed once reduced), updates the shard, writes it into the
+parameter buffer in the model dtype and all-gathers every bucket's parameters over DP.
 
 Checkpoints: :meth:`state_dict` holds what every DP rank shares (hyper-parameters, loss scale);
 :meth:`sharded_state_dict` this rank's flat shards, written to ``distrib_optim_dp{rank:03d}.pt``.
@@ -122,12 +122,10 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def _prepare_main_grads(self) -> None:
         # --overlap-cpu-optimizer-d2h-h2d: the copies started as buckets were reduced must be done
-        # before ZeRO-2 releases the full gradient buffer they read.
+        # before the host step reads them.
         copied = self.overlap.wait_grads() if self.overlap is not None else set()
         for i, sb in enumerate(self.sharded):
             sb.buffer.finish_param_gathers()  # the step rewrites the shards gathers may still read
-            if sb.buffer.config.zero_stage >= 2 and sb.buffer.grads_allocated:
-                sb.buffer.release_full_grads()
             for bucket, host_grad in zip(sb.buffer.buckets, sb.host_grads, strict=True):
                 if host_grad is not None and (i, bucket.index) not in copied:
                     # offload: stream the reduced gradient out, bucket by bucket

@@ -10,16 +10,15 @@ only the loss is checked; instead, a run whose loss scale cannot go lower and th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megatron_core.distributed.finalize_model_grads import reduced_grads
 from megatron_core.errors import ConfigError
 from megatron_core.optimizer.clip_grads import any_non_finite
 from megatron_core.optimizer.grad_scaler import DynamicGradScaler
-from megatron_core.optimizer.optimizer import model_grad
 
 _FIX = ("the step was not applied and nothing was saved; lower --lr, check the data, or resume from the last "
         "checkpoint (--no-check-for-nan-in-loss-and-grad turns this check off)")
@@ -27,10 +26,6 @@ _FIX = ("the step was not applied and nothing was saved; lower --lr, check the d
 
 class TrainingDivergedError(ConfigError):
     """The loss or the gradients became inf/nan, or fp16 cannot find a loss scale that fits."""
-
-
-def _grads(model: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
-    return [g for chunk in model for p in chunk.parameters() if (g := model_grad(p)) is not None]
 
 
 def _any_rank(flags: list[bool]) -> list[bool]:
@@ -50,7 +45,7 @@ def check_loss_and_grads(iteration: int, losses: dict[str, float], model: list[t
     """
     fp16 = getattr(optimizer, "grad_scaler", None) is not None
     bad_loss, bad_grad = _any_rank([any(not math.isfinite(v) for v in losses.values()),
-                                    not fp16 and any_non_finite(_grads(model))])
+                                    not fp16 and any_non_finite(reduced_grads(model))])
     if bad_loss or bad_grad:
         what = "the loss" if bad_loss else "a gradient"
         raise TrainingDivergedError(f"iteration {iteration}: {what} is inf or nan; {_FIX}")
