@@ -29,7 +29,12 @@ from typing import Any
 import torch
 
 from megatron_core.checkpoint import hf_gpt2, hf_llama
-from megatron_core.checkpoint.core_format import load_core_checkpoint, make_model_info, save_core_checkpoint
+from megatron_core.checkpoint.core_format import (
+    VOCAB_PADDING,
+    load_core_checkpoint,
+    make_model_info,
+    save_core_checkpoint,
+)
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
 from megatron_core.checkpoint.hf_io import (
     check_hf_state,
@@ -130,7 +135,7 @@ def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
     info = full.model_info
     common = read_common(path, full.iteration)
     train_state = {"consumed_train_samples": common.get("extra", {}).get("consumed_train_samples"),
-                   "opt_param_scheduler": common.get("scheduler")}
+                   "opt_param_scheduler": common.get("scheduler"), VOCAB_PADDING: full.vocab_padding}
     return FullModel(full.config, int(info.get("vocab_size") or info["padded_vocab_size"]),
                      int(info.get("max_position_embeddings") or info["seq_length"]), full.state, None,
                      tokenizer_from_flags(full.tokenizer), full.iteration,
