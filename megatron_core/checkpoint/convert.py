@@ -168,7 +168,19 @@ def _save_core_tokenizer(tokenizer: MegatronTokenizer, save_dir: str) -> dict:
 
 def save_core(model: FullModel, path: str, tp: int, pp: int = 1, vpp: int | None = None,
               make_vocab_size_divisible_by: int = 128, iteration: int = 1) -> str:
-    """Shard ``model`` for TP x PP (x virtual stages) and write it; returns the iteration directory."""
+    """Shard ``model`` for TP x PP (x virtual stages) and write it; returns the iteration directory.
+
+    ``vpp`` 1 is no virtual pipeline (one chunk per rank: what a run whose
+    ``--num-layers-per-virtual-pipeline-stage`` gives one stage per rank builds); ``vpp`` >= 2 needs
+    ``pp`` >= 2, as training's ``--num-layers-per-virtual-pipeline-stage`` does (ValueError otherwise)."""
+    if vpp is not None and vpp < 1:
+        raise ValueError(f"--target-virtual-pipeline-parallel-size {vpp}: give 2 or more virtual stages per "
+                         f"pipeline rank, or drop the flag")
+    if vpp is not None and vpp > 1 and pp < 2:
+        raise ValueError(f"--target-virtual-pipeline-parallel-size {vpp} needs --target-pipeline-parallel-size 2 or "
+                         f"more (got {pp}): virtual stages interleave the pipeline ranks; drop the flag or raise "
+                         f"the pipeline size")
+    vpp = None if vpp == 1 else vpp
     try:
         model.config.validate_parallel(tp, pp, vpp)
     except ValueError as exc:
@@ -194,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="TP size of a core checkpoint")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="PP size of a core checkpoint")
     p.add_argument("--target-virtual-pipeline-parallel-size", type=int, default=None,
-                   help="virtual pipeline stages per rank of a core checkpoint (model0, model1, ...)")
+                   help="virtual pipeline stages per rank of a core checkpoint (model0, model1, ...; needs a "
+                        "pipeline size of 2 or more; 1 is the plain layout)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this times the TP size "
                         "(as --make-vocab-size-divisible-by)")

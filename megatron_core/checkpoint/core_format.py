@@ -94,6 +94,7 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
 def _iteration_dir(load_dir: str, iteration: int | None) -> str:
     if not os.path.isdir(load_dir):
         raise FileNotFoundError(f"--load-dir {load_dir} does not exist")
+    asked = iteration is not None
     if iteration is None:
         iteration = io.read_tracker(load_dir)
         if iteration is None:
@@ -101,6 +102,10 @@ def _iteration_dir(load_dir: str, iteration: int | None) -> str:
                                     f"directory (for a Hugging Face directory use --loader hf)")
     path = io.existing_iteration_dir(load_dir, iteration)
     if path is None:
+        if asked:
+            saved = ", ".join(map(str, io.complete_iterations(load_dir))) or "none"
+            raise FileNotFoundError(f"--load-iteration {iteration}: {io.iteration_dir(load_dir, iteration)} does not "
+                                    f"exist (iterations saved in --load-dir {load_dir}: {saved})")
         raise FileNotFoundError(f"--load-dir {load_dir}: {io.TRACKER_FILENAME} names iteration {iteration} but "
                                 f"{io.iteration_dir(load_dir, iteration)} does not exist")
     return path
