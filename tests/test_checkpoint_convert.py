@@ -138,6 +138,11 @@ def test_errors_name_the_path_and_flag(tmp_path, capsys):
     assert "not divisible by --tensor-model-parallel-size (3)" in err
     with pytest.raises(SystemExit, match="--loader 'nemo' is not supported"):
         _cli("nemo", "core", tmp_path / "gpt2", tmp_path / "out")
+    # Converting in place (the same directory by another spelling) would overwrite the source.
+    before = sorted(p.name for p in (tmp_path / "gpt2").iterdir())
+    assert _cli("hf", "hf", tmp_path / "gpt2", f"{tmp_path}/./gpt2/") == 2
+    assert "is --load-dir: the converted checkpoint would replace the one it is read from" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "gpt2").iterdir()) == before
 
 
 @pytest.mark.parametrize("family,field,value,message", [

@@ -254,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
             raise ValueError(f"--save-dir {args.save_dir} is a file; give a directory (it is created if missing)")
+        if os.path.realpath(args.save_dir) == os.path.realpath(args.load_dir):
+            raise ValueError(f"--save-dir {args.save_dir} is --load-dir: the converted checkpoint would replace "
+                             f"the one it is read from; give another directory")
         model = load_hf(args.load_dir) if loader == "hf" else \
             load_core(args.load_dir, args.load_iteration, with_optimizer=saver == "core" and not args.no_load_optim)
         if args.true_vocab_size is not None and args.true_vocab_size != model.vocab_size:
