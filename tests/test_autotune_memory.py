@@ -9,7 +9,7 @@ import torch
 from ddp_common import build, train_step
 from harness import run_distributed
 
-from megatron_core import parallel_state
+from megatron_core import device, parallel_state
 from megatron_core.autotune.activations import head_activation_bytes, layer_activation_bytes
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
@@ -250,6 +250,28 @@ def test_layer_activations_equal_saved_tensors(tp, sp):
         assert predicted == measured[case], f"{case} tp{tp} sp{sp}: predicted {predicted} bytes, saved {measured[case]}"
 
 
+def _saved_per_layer_compiled(kw, tp, sp, mb):
+    from megatron_core.fusions import compiled
+    compiled.MIN_NUMEL = 1  # this forked rank: every SwiGLU input takes the compiled fusion
+    return _saved_per_layer(kw, tp, sp, mb)
+
+
+@pytest.mark.skipif(not device.cpu_compiler_available(), reason="no C++ compiler for torch.compile")
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, True)], ids=["tp1", "tp2-sp"])
+def test_compiled_swiglu_activations_equal_saved_tensors(tp, sp, monkeypatch):
+    """The CPU's compiled SwiGLU keeps its input and no silu(gate): 3 s b ffn / t, not 4."""
+    from megatron_core.fusions import compiled
+    kw = CASES["llama-rope-gqa"]
+    measured = run_distributed(_saved_per_layer_compiled, tp, kw, tp, sp, 3, timeout=240)[0]
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, **kw)
+    spec, layout = ModelSpec(config, 64, SEQ, SEQ, 3), Layout(tp=tp, micro_batch_size=3, sequence_parallel=sp)
+    eager = layer_activation_bytes(spec, layout)
+    monkeypatch.setattr(compiled, "MIN_NUMEL", 1)
+    predicted = layer_activation_bytes(spec, layout)
+    assert predicted == measured, f"tp{tp} sp{sp}: predicted {predicted} bytes, saved {measured}"
+    assert eager - predicted == SEQ * 3 * config.ffn_hidden_size // tp * 4  # one fp32 silu(gate) less
+
+
 def test_blocked_causal_attention_activations_equal_saved_tensors():
     """Sequence 200: the explicit causal path's two query blocks (128 + 72 rows) keep 128 x 128 and
     72 x 200 scores, not 200 x 200."""
@@ -281,10 +303,14 @@ def test_bf16_explicit_attention_over_sdpa_equals_saved_tensors():
 @pytest.mark.parametrize("llama", [False, True], ids=["gpt2", "llama"])
 def test_one_causal_block_keeps_the_full_scores_of_a_fused_softmax(llama):
     """Up to CAUSAL_BLOCK positions the CPU's blocked causal path is one block over all s x s scores,
-    so its prediction equals the GPU's under the "fused" backend (no dropout: no mask either way)."""
+    so its prediction equals the GPU's under the "fused" backend (no dropout: no mask either way),
+    but for the GPU's fused SwiGLU kernel, which keeps no silu(gate) (these tiny CPU inputs take
+    SwiGLU as torch ops)."""
     spec = _spec(_config(llama, attention_backend="fused"))
     for layout in (Layout(dp=4), Layout(tp=2, dp=2, micro_batch_size=2)):
-        assert layer_activation_bytes(spec, layout, on_cpu=False) == layer_activation_bytes(spec, layout, on_cpu=True)
+        silu_gate = SEQ * layout.micro_batch_size * spec.ffn_hidden_size // layout.tp * 4 if llama else 0
+        assert layer_activation_bytes(spec, layout, on_cpu=False) == \
+            layer_activation_bytes(spec, layout, on_cpu=True) - silu_gate
 
 
 def _saved_by_head(tp, sp, mb, kw):

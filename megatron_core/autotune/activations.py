@@ -10,7 +10,8 @@ by TP under sequence parallelism:
 - residual stream, sharded under SP: layer input and the residual sum (``2rB``); hidden dropout masks,
   bool (``2r`` bytes); norm statistics (fp32, ``s b`` per statistic);
 - linear inputs, gathered under SP: the two norm outputs (``2sbhB``); fc2's input and the
-  activation's input (``2 s b ffn / t``; SwiGLU ``4 s b ffn / t``);
+  activation's input (``2 s b ffn / t``; SwiGLU ``4 s b ffn / t`` as torch ops, ``3 s b ffn / t``
+  with a fused kernel, which keeps no silu(gate));
 - attention: the fused QKV output (``sb(q + 2kv)/t``), then either PyTorch's SDPA (output and
   log-sum-exp) or the explicit path (softmax output ``(a/t)s^2 b``, its dropped copy (with no
   dropout, the copy cast from an fp32 softmax of fp16/bf16 scores), and the context copy; ``s^2`` is
@@ -34,6 +35,19 @@ def _uses_sdpa(spec: ModelSpec, on_cpu: bool) -> bool:
     return backend == "auto" and not (on_cpu and spec.config.attention_dropout > 0)
 
 
+def _swiglu_elements(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
+    """SwiGLU's kept tensors in units of [s, b, ffn / t]: fc1's output [gate; up] and fc2's input (3),
+    plus silu(gate) (4) when SwiGLU runs as torch ops. A fused kernel keeps only its input: Triton's on
+    a GPU (expected there, as the softmax kernel is) and, on the CPU, torch.compile's for inputs of
+    ``compiled.MIN_NUMEL`` elements or more where a C++ compiler is found."""
+    if not on_cpu:
+        return 3
+    from megatron_core.fusions import compiled  # noqa: PLC0415
+
+    numel = spec.seq_length * layout.micro_batch_size * 2 * spec.ffn_hidden_size // layout.tp
+    return 3 if compiled.compiled_fusions_enabled() and numel >= compiled.MIN_NUMEL else 4
+
+
 def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
     """Bytes one transformer layer keeps for backward per microbatch, on one rank."""
     c = spec.config
@@ -49,7 +63,7 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True)
     # (re-gathered in backward, as Megatron-LM), so [s/t, b, h] each.
     total = 2 * r * B + masks + stats + 2 * r * B
     ffn = s * b * spec.ffn_hidden_size // t
-    total += (4 if c.gated_linear_unit else 2) * ffn * B
+    total += (_swiglu_elements(spec, layout, on_cpu) if c.gated_linear_unit else 2) * ffn * B
     if c.normalization == "RMSNorm":
         total += 2 * r * B  # F.rms_norm keeps x * rsqrt(mean(x^2)) for the weight's gradient
     return total + _attention_bytes(spec, layout, on_cpu)

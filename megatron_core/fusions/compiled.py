@@ -82,7 +82,10 @@ class CompiledFusion:
                 self._compiled = torch.compile(self._fn, dynamic=True, options={"compile_threads": 1})
             # Distinct sizes: equal ones would be "duck-sized" into one symbol and recompiled later.
             x = torch.ones(tuple(range(2, 2 + ndim)), dtype=dtype, requires_grad=True)
-            self._compiled(x).sum().backward()
+            # Identity hooks: the probe runs inside the caller's forward, whose saved-tensor hooks
+            # (activation offload, memory accounting) must not see its tensors.
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                self._compiled(x).sum().backward()
         except Exception as exc:  # noqa: BLE001 - any compile failure means: use the eager op
             logger.warning("torch.compile of %s failed (%s: %s); using the eager op",
                            self.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
