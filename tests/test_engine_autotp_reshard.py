@@ -4,7 +4,8 @@ A run trains ``N`` steps with Adam at one AutoTP size, saves, and goes on ``M`` 
 save/load": saving does not touch it). The checkpoint is loaded into engines built from other weights at
 AutoTP 2 -> 1 (world 1, and world 2 = DP 2 under ZeRO-1), 2 -> 2, 1 -> 2 and 2 -> 4, which continue the
 same ``M`` steps of the same global batches. Their losses and final parameters (consolidated over TP and
-DP) must equal the uninterrupted run's (fp32, relative 1e-5): the fp32 main weights, Adam's ``exp_avg``,
+DP) must equal the uninterrupted run's (fp32, relative 1e-5; bit for bit when the layout is the saving
+run's): the fp32 main weights, Adam's ``exp_avg``,
 ``exp_avg_sq`` and ``step``, the WarmupLR schedule (still warming up at the save) and the counters all
 carried over. Without them the losses differ at the first resumed step: Adam's first step after a
 lost state moves every weight by about lr.
@@ -15,8 +16,6 @@ lr-sized steps; the GPT-2 runs use eps 1e-3, which bounds that amplification (Ll
 keeps eps 1e-8).
 """
 
-import os
-
 import pytest
 import torch
 from engine_common import VOCAB, ds_config, run_steps
@@ -26,6 +25,7 @@ from hf_testing import tiny_hf_gpt2, tiny_hf_llama
 
 import megatron_core
 from megatron_core.engine.consolidate import consolidate_state_dict
+from megatron_core.errors import ConfigError
 
 N, M = 2, 2
 GLOBAL_MICRO = 2  # micro batches per global batch: DP x gradient accumulation, the same in every layout
@@ -79,33 +79,66 @@ def _resumed(source, directory, kind, tp, stage):
     return losses, dp_rank, info
 
 
-def _check(kind, straight, results, ref_dir, out_dir, what):
+def _equal(actual, expected, _tol, what):
+    assert torch.equal(actual, expected), f"{what}: differs from the uninterrupted run"
+
+
+def _check(kind, straight, results, ref_dir, out_dir, what, exact):
     """Every rank's micro-batch losses, lr, client state, counters and the consolidated final weights
-    equal the straight run's."""
+    equal the straight run's (``exact``: bit for bit, the layout being the saving run's)."""
+    close = _equal if exact else assert_rel_close
     expected, expected_lr = straight
     for rank, (losses, dp_rank, (client, steps, lr)) in enumerate(results):
         dp = GLOBAL_MICRO // len(losses[0])
         assert client == {"epoch": 3} and steps == N, f"{what} rank {rank}: {client}, global_steps {steps}"
         assert lr == expected_lr, f"{what} rank {rank}: lr {lr} after loading, {expected_lr} at the save"
         mine = [[step[k * dp + dp_rank] for k in range(len(losses[0]))] for step in expected]
-        assert_rel_close(torch.tensor(losses), torch.tensor(mine), 1e-5, f"{kind} {what} rank {rank} losses")
+        close(torch.tensor(losses), torch.tensor(mine), 1e-5, f"{kind} {what} rank {rank} losses")
     want, _ = consolidate_state_dict(ref_dir, tag="end")
     got, _ = consolidate_state_dict(out_dir, tag="end")
     assert set(got) == set(want)
     for name, value in want.items():
-        assert_rel_close(got[name], value, 1e-5, f"{kind} {what} {name}")
+        close(got[name], value, 1e-5, f"{kind} {what} {name}")
+
+
+# (source, world, AutoTP size, ZeRO stage); GPT-2 (fused QKV with stride 3, Conv1D weights stored transposed
+# under AutoTP) takes every layout, Llama (separate q/k/v projections, SwiGLU) one each way.
+CASES = {
+    "gpt2": [("tp2", 1, 1, 0), ("tp2", 2, 1, 1), ("tp2", 2, 2, 0), ("tp1", 2, 2, 0), ("tp2", 4, 4, 0)],
+    "llama": [("tp2", 1, 1, 0), ("tp1", 2, 2, 0)],
+}
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_load_at_another_autotp_size_equals_the_uninterrupted_run(tmp_path, kind):
-    tp2, tp1 = str(tmp_path / "tp2"), str(tmp_path / "tp1")
-    straight2 = run_distributed(_straight, 2, tp2, kind, 2, timeout=120)[0]
-    (straight1,) = run_distributed(_straight, 1, tp1, kind, 1, timeout=120)
-    cases = [  # (source, world, AutoTP size, ZeRO stage)
-        (tp2, 1, 1, 0), (tp2, 2, 1, 1), (tp2, 2, 2, 0), (tp1, 2, 2, 0), (tp2, 4, 4, 0),
-    ]
-    for source, world, tp, stage in cases:
-        out = str(tmp_path / f"from_{os.path.basename(source)}_world{world}_tp{tp}")
-        results = run_distributed(_resumed, world, source, out, kind, tp, stage, timeout=180)
-        expected = straight2 if source == tp2 else straight1
-        _check(kind, expected, results, source, out, f"{os.path.basename(source)} -> world {world} AutoTP {tp}")
+    straight = {
+        "tp2": run_distributed(_straight, 2, str(tmp_path / "tp2"), kind, 2, timeout=120)[0],
+        "tp1": run_distributed(_straight, 1, str(tmp_path / "tp1"), kind, 1, timeout=120)[0],
+    }
+    for source, world, tp, stage in CASES[kind]:
+        out, src = str(tmp_path / f"from_{source}_world{world}_tp{tp}"), str(tmp_path / source)
+        results = run_distributed(_resumed, world, src, out, kind, tp, stage, timeout=180)
+        what = f"{source} -> world {world} AutoTP {tp} ZeRO-{stage}"
+        _check(kind, straight[source], results, src, out, what, exact=source == f"tp{tp}")
+
+
+def _load_wider(source):
+    model = tiny_hf_gpt2(vocab_size=VOCAB, hidden=64, layers=1, heads=4, positions=16)
+    engine, _, _, _ = megatron_core.initialize(model, config=_config("gpt2", 1, 1, 0))
+    try:
+        engine.load_checkpoint(source, tag="mid")
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+def test_an_autotp_checkpoint_of_another_model_is_one_line(tmp_path):
+    """Resharding checks the merged shapes against this model's: one line naming the key, not a torch error."""
+    run_distributed(_straight, 2, str(tmp_path), "gpt2", 2, timeout=120)
+    (message,) = run_distributed(_load_wider, 1, str(tmp_path), timeout=120)
+    assert message == (
+        "load_checkpoint: transformer.wte.weight is [64, 32] in the checkpoint (merged over its AutoTP ranks), "
+        "[64, 64] in this model; load it into the model it was saved from"
+    ), message
