@@ -97,9 +97,11 @@ def param_meta(module: torch.nn.Module) -> dict[str, dict]:
     """Per parameter name: its full shape, how TP splits it and the state-dict keys that alias it (tied weights)."""
     by_id = {id(p): n for n, p in module.named_parameters()}
     aliases: dict[str, list[str]] = {}
-    for key, tensor in module.state_dict(keep_vars=True).items():
-        if id(tensor) in by_id and by_id[id(tensor)] != key:
-            aliases.setdefault(by_id[id(tensor)], []).append(key)
+    # From the module tree, not from state_dict(): under ZeRO-3 state_dict() returns gathered copies,
+    # which share no identity with the parameters (the tied lm_head.weight was no alias there).
+    for key, param in module.named_parameters(remove_duplicate=False):
+        if by_id[id(param)] != key:
+            aliases.setdefault(by_id[id(param)], []).append(key)
     meta = {}
     for name, p in module.named_parameters():
         tp_dim = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1
@@ -185,7 +187,7 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     sharded = hasattr(engine.optimizer, "sharded")
     # Every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective, which
     # hung when only DP rank 0 called it); below stage 3 it returns references, so this costs nothing.
-    module_state, meta = engine.module.state_dict(), param_meta(engine.module)  # param_meta reads state_dict too
+    module_state, meta = engine.module.state_dict(), param_meta(engine.module)
     error = None
     try:
         os.makedirs(folder, exist_ok=True)

@@ -66,14 +66,19 @@ def reshard_module(saved: list[dict], target_meta: dict[str, dict], tp_rank: int
     Keys that are no parameter of both models (buffers, or keys of another model) are passed through from
     TP rank 0's file, for ``load_state_dict(strict=True)`` to accept or report.
     """
-    saved_owner, target_owner = key_owners(saved[0]["param_meta"]), key_owners(target_meta)
+    saved_meta = saved[0]["param_meta"]
+    saved_owner, target_owner = key_owners(saved_meta), key_owners(target_meta)
     out = {}
     for key, tensor in saved[0]["module"].items():
-        if key not in saved_owner or key not in target_owner:
+        # A tied key one side does not list as an alias (checkpoints saved under ZeRO-3 before aliases were
+        # read from the module tree) takes the layout of the parameter the other side ties it to.
+        owner = saved_owner.get(key, target_owner.get(key))
+        target = target_owner.get(key, owner)
+        if owner not in saved_meta or target not in target_meta:
             out[key] = tensor
             continue
-        full = to_full([files["module"][key] for files in saved], saved[0]["param_meta"][saved_owner[key]])
-        out[key] = to_local(full, target_meta[target_owner[key]], tp_rank, tp_size, key)
+        full = to_full([files["module"][key] for files in saved], saved_meta[owner])
+        out[key] = to_local(full, target_meta[target], tp_rank, tp_size, key)
     return out
 
 
