@@ -13,9 +13,11 @@
 
 Because fragments are addressed by parameter name and element range, not by bucket layout, a run
 with another DP size (or ZeRO stage, or bucket size) rebuilds each parameter and takes its own
-pieces. Files are written to a temporary name and renamed; ``latest`` is written by rank 0 after
-every rank has finished, so it only ever names a complete checkpoint. Everything is read back with
-``torch.load(weights_only=True)``: ``client_state`` must hold tensors and plain Python values.
+pieces; a run with another AutoTP size also joins the TP shards and cuts its own
+(:mod:`megatron_core.engine.reshard`). Files are written to a temporary name and renamed; ``latest``
+is written by rank 0 after every rank has finished, so it only ever names a complete checkpoint.
+Everything is read back with ``torch.load(weights_only=True)``: ``client_state`` must hold tensors and
+plain Python values.
 """
 
 from __future__ import annotations
