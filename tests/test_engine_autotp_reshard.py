@@ -137,11 +137,77 @@ def _load_wider(source):
     return None
 
 
-def test_an_autotp_checkpoint_of_another_model_is_one_line(tmp_path):
-    """Resharding checks the merged shapes against this model's: one line naming the key, not a torch error."""
+FP16 = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1}
+
+
+def _save_fp16(directory):
+    config = _config("gpt2", 2, 2, 0)
+    engine, _, _, _ = megatron_core.initialize(_model("gpt2"), config={**config, "fp16": FP16})
+    run_steps("gpt2", engine, 0, 2)
+    engine.save_checkpoint(directory, tag="mid")
+    scale = engine.optimizer.grad_scaler.scale
+    engine.parallel_state.destroy()
+    return scale
+
+
+def _load_fp16(source, directory, module_only):
+    config = {**_config("gpt2", 1, 1, 0), "fp16": FP16}
+    engine, _, _, _ = megatron_core.initialize(_model("gpt2", 0.5), config=config)
+    engine.load_checkpoint(source, tag="mid", load_module_only=module_only)
+    scale = engine.optimizer.grad_scaler.scale
+    module = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    engine.save_checkpoint(directory, tag="again")
+    engine.parallel_state.destroy()
+    return scale, module
+
+
+def test_fp16_autotp_checkpoint_moves_exactly(tmp_path):
+    """fp16 at AutoTP 2 loaded at AutoTP 1: the dynamic loss scale (grown by clean steps, window 1) comes
+    back, the fp32 main weights move bit for bit (saved again and consolidated: equal to the source) and
+    the fp16 module holds them rounded; with ``load_module_only`` the module comes from the fp16 model
+    files, the same values."""
+    source = str(tmp_path / "tp2")
+    saved_scale = run_distributed(_save_fp16, 2, source, timeout=120)[0]
+    assert saved_scale > 2.0**8
+    want, _ = consolidate_state_dict(source, tag="mid")
+    for module_only in (False, True):
+        out = str(tmp_path / f"tp1_{module_only}")
+        ((scale, module),) = run_distributed(_load_fp16, 1, source, out, module_only, timeout=120)
+        assert scale == (2.0**8 if module_only else saved_scale), (module_only, scale)
+        for name, value in want.items():
+            assert module[name].dtype == torch.float16 and torch.equal(module[name], value.half()), name
+        if not module_only:
+            got, _ = consolidate_state_dict(out, tag="again")
+            for name, value in want.items():
+                assert torch.equal(got[name], value), f"fp32 main {name} changed on the way"
+
+
+def _load_incomplete(source):
+    engine, _, _, _ = megatron_core.initialize(_model("gpt2"), config=_config("gpt2", 1, 1, 0))
+    try:
+        engine.load_checkpoint(source, tag="mid")
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+def test_what_cannot_be_resharded_is_one_line(tmp_path):
+    """Resharding checks the merged shapes against this model's (a wider GPT-2: one line naming the key,
+    not a torch error) and reads every saved TP rank's files (a missing one is named)."""
     run_distributed(_straight, 2, str(tmp_path), "gpt2", 2, timeout=120)
     (message,) = run_distributed(_load_wider, 1, str(tmp_path), timeout=120)
     assert message == (
         "load_checkpoint: transformer.wte.weight is [64, 32] in the checkpoint (merged over its AutoTP ranks), "
         "[64, 64] in this model; load it into the model it was saved from"
     ), message
+    optim = tmp_path / "mid" / "zero_pp_rank_0_mp_rank_01_optim_states.pt"
+    optim.rename(tmp_path / "optim.pt")
+    (message,) = run_distributed(_load_incomplete, 1, str(tmp_path), timeout=120)
+    assert message == (f"load_checkpoint: {str(tmp_path / 'mid')!r} has no optimizer fragment files of TP rank 1; "
+                       f"is a rank's file missing?"), message
+    (tmp_path / "mid" / "mp_rank_01_model_states.pt").unlink()
+    (message,) = run_distributed(_load_incomplete, 1, str(tmp_path), timeout=120)
+    assert message == (f"load_checkpoint: {tmp_path / 'mid' / 'mp_rank_01_model_states.pt'} does not exist; is a "
+                       f"TP rank's model file missing?"), message
