@@ -82,6 +82,14 @@ def reshard_module(saved: list[dict], target_meta: dict[str, dict], tp_rank: int
     return out
 
 
+def _moved(flats: list[torch.Tensor], saved_meta: list[dict[str, dict]], source: str, info: dict, tp_rank: int,
+           tp_size: int, name: str) -> torch.Tensor:
+    """One flat per-parameter tensor of every saved TP rank -> this rank's flat piece (:func:`to_full`,
+    then :func:`to_local`)."""
+    shards = [flat.view(meta[source]["local_shape"]) for flat, meta in zip(flats, saved_meta, strict=True)]
+    return to_local(to_full(shards, saved_meta[0][source]), info, tp_rank, tp_size, name).reshape(-1)
+
+
 def reshard_fragments(
     per_rank: list[tuple[dict[str, torch.Tensor], dict[str, dict]]],
     saved_meta: list[dict[str, dict]],
@@ -105,12 +113,10 @@ def reshard_fragments(
                 f"load_checkpoint: the checkpoint's optimizer state has no parameter {name!r}; load it into "
                 f"the model it was saved from"
             )
-
-        def moved(flats: list[torch.Tensor], source: str = source, name: str = name, info: dict = info) -> torch.Tensor:
-            shards = [flat.view(meta[source]["local_shape"]) for flat, meta in zip(flats, saved_meta, strict=True)]
-            return to_local(to_full(shards, saved_meta[0][source]), info, tp_rank, tp_size, name).reshape(-1)
-
-        values[name] = moved([rank_values[source] for rank_values, _ in per_rank])
-        keys = per_rank[0][1].get(source, {})
-        states[name] = {key: moved([rank_states[source][key] for _, rank_states in per_rank]) for key in keys}
+        where = (saved_meta, source, info, tp_rank, tp_size, name)
+        values[name] = _moved([rank_values[source] for rank_values, _ in per_rank], *where)
+        states[name] = {
+            key: _moved([rank_states[source][key] for _, rank_states in per_rank], *where)
+            for key in per_rank[0][1].get(source, {})
+        }
     return values, states
