@@ -177,9 +177,9 @@ def test_trials_measure_from_scratch_even_with_a_checkpoint_to_resume(tmp_path, 
 def test_step_time_follows_the_documented_model():
     """cost.step_time on a made-up profile, term by term as its module docstring states: (M + (pp-1)/v) x
     the microbatch time (layers x (layer x slowdown + 4 TP all-reduces of sbh bytes) + the head on the
-    last stage, + 2 sends of sbh/TP under SP), the DP all-reduce (ZeRO: reduce-scatter + all-gather,
-    the reduce-scatter once per microbatch under ZeRO-2/3, ZeRO-3 two more all-gathers), Adam per
-    element; ranks beyond the cores slow compute down."""
+    last stage, + 2 sends of sbh/TP under SP), the DP all-reduce (ZeRO: reduce-scatter + all-gather of
+    the rank's shard, the reduce-scatter once per microbatch under ZeRO-2/3, ZeRO-3's all-gathers two
+    per microbatch), Adam per element updated; ranks beyond the cores slow compute down."""
     spec = _spec()  # 4 layers, h 48, s 32, global batch 8, fp32 (4 bytes a parameter and a gradient)
     fits = {"all_reduce": (1e-3, 1e-9), "send_recv": (2e-3, 2e-9), "reduce_scatter": (3e-3, 3e-9),
             "all_gather": (4e-3, 4e-9)}
@@ -200,11 +200,19 @@ def test_step_time_follows_the_documented_model():
     assert total == pytest.approx(expected, rel=1e-12)
     assert mfu == pytest.approx(1e9 / expected / (1e9 * 2), rel=1e-12)
 
+    # Reduce-scatter and all-gather are priced by the rank's shard (what measure_collectives times).
+    zero1 = Layout(dp=2, zero_stage=1)
+    shard = elements(zero1) // 2
+    expected = (4 * (4 * 1.0 + 0.25) + comm("reduce_scatter", 4 * shard) + comm("all_gather", 4 * shard)
+                + shard * 1e-8)
+    assert step_time(spec, zero1, prof, 1e9)[0] == pytest.approx(expected, rel=1e-12)
     zero3 = Layout(dp=2, zero_stage=3)
-    e = elements(zero3)
-    # 4 microbatches: ZeRO-3 reduce-scatters the gradients of each one
-    expected = (4 * (4 * 1.0 + 0.25) + 4 * comm("reduce_scatter", 4 * e) + 3 * comm("all_gather", 4 * e)
-                + e // 2 * 1e-8)
+    shard = elements(zero3)  # ZeRO-3 keeps only its shard of the parameters
+    assert shard == elements(zero1) // 2
+    # 4 microbatches: ZeRO-3 reduce-scatters the gradients of each one and gathers its parameters
+    # twice per microbatch (forward, backward), none after the step; Adam updates the shard.
+    expected = (4 * (4 * 1.0 + 0.25) + 4 * comm("reduce_scatter", 4 * shard) + 8 * comm("all_gather", 4 * shard)
+                + shard * 1e-8)
     assert step_time(spec, zero3, prof, 1e9)[0] == pytest.approx(expected, rel=1e-12)
 
     # 4 ranks on 2 cores: compute twice as slow; full recompute: 4/3 of the layer; 8 microbatches, bubble 1/2.

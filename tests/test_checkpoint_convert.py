@@ -138,6 +138,11 @@ def test_errors_name_the_path_and_flag(tmp_path, capsys):
     assert "not divisible by --tensor-model-parallel-size (3)" in err
     with pytest.raises(SystemExit, match="--loader 'nemo' is not supported"):
         _cli("nemo", "core", tmp_path / "gpt2", tmp_path / "out")
+    # Converting in place (the same directory by another spelling) would overwrite the source.
+    before = sorted(p.name for p in (tmp_path / "gpt2").iterdir())
+    assert _cli("hf", "hf", tmp_path / "gpt2", f"{tmp_path}/./gpt2/") == 2
+    assert "is --load-dir: the converted checkpoint would replace the one it is read from" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "gpt2").iterdir()) == before
 
 
 @pytest.mark.parametrize("family,field,value,message", [
@@ -204,3 +209,26 @@ def test_megatron_converter_flags_are_accepted(tmp_path, capsys):
     capsys.readouterr()
     assert _cli("core", "hf", tmp_path / "core", tmp_path / "hf2", "--true-vocab-size", vocab + 1) == 2
     assert f"--true-vocab-size {vocab + 1} differs from the vocabulary size {vocab}" in capsys.readouterr().err
+
+
+def test_virtual_stages_need_a_pipeline_and_one_is_none(tmp_path, capsys):
+    """Virtual stages interleave pipeline ranks: 2 of them at PP 1 is refused in one line (it wrote a
+    checkpoint no run can load: training refuses virtual stages at PP 1). One virtual stage per rank is
+    the plain layout (training builds it without virtual stages): written as such, not as model0 with
+    virtual size 1, which no run's layout matched. A --load-iteration that is not there names the saved ones."""
+    tiny_hf_llama(vocab_size=256, layers=4).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert _cli("hf", "core", tmp_path / "hf", tmp_path / "v2", "--target-virtual-pipeline-parallel-size", 2) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--target-virtual-pipeline-parallel-size 2 needs --target-pipeline-parallel-size" \
+        in err, err
+    assert not os.path.exists(tmp_path / "v2" / "iter_0000001")
+    assert _cli("hf", "core", tmp_path / "hf", tmp_path / "v1", "--target-virtual-pipeline-parallel-size", 1,
+                "--target-pipeline-parallel-size", 2) == 0
+    head = torch.load(tmp_path / "v1" / "iter_0000001" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=True)
+    assert head["model_info"]["virtual_pipeline_model_parallel_size"] is None and "model" in head, sorted(head)
+    capsys.readouterr()
+    assert _cli("core", "core", tmp_path / "v1", tmp_path / "out", "--load-iteration", 7) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert.py: error: --load-iteration 7: ") and "saved in --load-dir" in err, err
+    assert err.rstrip().endswith(": 1)"), err

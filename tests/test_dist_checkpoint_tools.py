@@ -162,3 +162,20 @@ def test_a_sequence_parallel_run_with_a_relative_tokenizer_path_generates_at_tp1
                           cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "out.json").read_text())["tokens"][0] == expected
+
+
+def test_a_reshard_keeps_the_vocabulary_padding_rows(trained, tmp_path):
+    """400 tokens padded to 512 under TP 2: the run's 112 padding rows (their logits join the softmax) come
+    out of a re-shard of either format as saved, as the legacy run's own files hold them. They were
+    replaced by copies of the last true row."""
+    d, _, _ = trained
+    for source in ("dist", "legacy"):
+        out = tmp_path / source
+        assert convert.main(["--model-type", "GPT", "--loader", "core", "--saver", "core", "--load-dir",
+                             str(d / source), "--save-dir", str(out), "--target-tensor-parallel-size", "2"]) == 0
+        for rank in ("mp_rank_00", "mp_rank_01"):
+            saved, resharded = (torch.load(os.path.join(io.iteration_dir(root, 2), rank, io.MODEL_FILENAME),
+                                           weights_only=True)["model"] for root in (d / "legacy", out))
+            assert saved["output_layer.weight"].shape[0] == 256 and sorted(saved) == sorted(resharded)
+            for key, value in saved.items():
+                assert torch.equal(resharded[key], value), (source, rank, key)

@@ -8,9 +8,11 @@
   send/recv), fitted from two sizes on groups of 2..N forked gloo ranks.
 - Step: ``(M + (pp - 1) / v) x`` the slowest rank's microbatch time (1F1B / interleaved bubble,
   Narayanan et al. 2021) + TP collectives per layer (2 forward, 2 backward of ``sbh`` bytes) + pipeline
-  sends + the DP gradient reduction and ZeRO parameter all-gather (not overlapped: the default
-  flags; ZeRO-2/3 reduce-scatter the gradients of every microbatch, as DeepSpeed does, the other
-  stages once per step) + the optimizer step (Adam seconds per element x elements on the rank).
+  sends + the DP gradient reduction and ZeRO parameter all-gathers (not overlapped: the default
+  flags; ZeRO-2/3 reduce-scatter the gradients of every microbatch, as DeepSpeed does, ZeRO-1 once
+  per step; ZeRO-1/2 all-gather the parameters once after the step, ZeRO-3 twice per microbatch,
+  forward and backward; all-gather and reduce-scatter are priced by the rank's shard, as timed) +
+  the optimizer step (Adam seconds per element x the elements the rank updates: its shard under ZeRO).
 - On the CPU, ranks share the cores: compute is slowed by ``ranks / cores`` when that exceeds 1.
 """
 from __future__ import annotations
@@ -192,6 +194,8 @@ def _ensure_group() -> bool:
 
 
 def _comm(prof: Profile, op: str, group: int, nbytes: float) -> float:
+    """Seconds of ``op`` over ``group`` ranks. ``nbytes`` is what :func:`measure_collectives` timed: the
+    whole tensor for all-reduce and send/recv, one rank's shard for all-gather and reduce-scatter."""
     if group < 2:
         return 0.0
     key = (op, group) if (op, group) in prof.collectives else min(
@@ -217,17 +221,19 @@ def step_time(spec: ModelSpec, layout: Layout, prof: Profile, flops_per_step: fl
     p2p = 2 * _comm(prof, "send_recv", 2, act_bytes / (tp if layout.sequence_parallel else 1)) if layout.pp > 1 else 0.0
     pipeline = (m + bubble) * (per_mb + p2p) + m * last_extra
     states = model_state_bytes(spec, layout)
-    elements = states.params // B
-    grad_bytes = elements * spec.grad_bytes
+    # The rank's bucket-padded elements (ZeRO-3 keeps a 1/dp shard of them) and its shard of them.
+    elements = states.params // B * (layout.dp if layout.zero_stage == 3 else 1)
+    shard = elements // layout.dp
     if layout.zero_stage == 0:
-        dp_comm = _comm(prof, "all_reduce", layout.dp, grad_bytes)
+        dp_comm = _comm(prof, "all_reduce", layout.dp, elements * spec.grad_bytes)
         opt_elements = elements
     else:
         reductions = m if layout.zero_stage >= 2 else 1  # ZeRO-2/3 free the full gradients per microbatch
-        dp_comm = (reductions * _comm(prof, "reduce_scatter", layout.dp, grad_bytes)
-                   + _comm(prof, "all_gather", layout.dp, elements * B))
-        opt_elements = elements // layout.dp
-    if layout.zero_stage == 3:
-        dp_comm += 2 * _comm(prof, "all_gather", layout.dp, elements * B)  # forward and backward re-gathers
+        # ZeRO-1/2 gather the updated parameters once after the step; ZeRO-3 gathers each microbatch's
+        # parameters in forward and again in backward, and only writes its shard at the step.
+        gathers = 2 * m if layout.zero_stage == 3 else 1
+        dp_comm = (reductions * _comm(prof, "reduce_scatter", layout.dp, shard * spec.grad_bytes)
+                   + gathers * _comm(prof, "all_gather", layout.dp, shard * B))
+        opt_elements = shard
     total = pipeline + dp_comm + opt_elements * prof.adam_s_per_element * slowdown
     return total, flops_per_step / total / (prof.peak_flops * layout.world_size)

@@ -29,7 +29,12 @@ from typing import Any
 import torch
 
 from megatron_core.checkpoint import hf_gpt2, hf_llama
-from megatron_core.checkpoint.core_format import load_core_checkpoint, make_model_info, save_core_checkpoint
+from megatron_core.checkpoint.core_format import (
+    VOCAB_PADDING,
+    load_core_checkpoint,
+    make_model_info,
+    save_core_checkpoint,
+)
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
 from megatron_core.checkpoint.hf_io import (
     check_hf_state,
@@ -130,7 +135,7 @@ def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
     info = full.model_info
     common = read_common(path, full.iteration)
     train_state = {"consumed_train_samples": common.get("extra", {}).get("consumed_train_samples"),
-                   "opt_param_scheduler": common.get("scheduler")}
+                   "opt_param_scheduler": common.get("scheduler"), VOCAB_PADDING: full.vocab_padding}
     return FullModel(full.config, int(info.get("vocab_size") or info["padded_vocab_size"]),
                      int(info.get("max_position_embeddings") or info["seq_length"]), full.state, None,
                      tokenizer_from_flags(full.tokenizer), full.iteration,
@@ -163,7 +168,19 @@ def _save_core_tokenizer(tokenizer: MegatronTokenizer, save_dir: str) -> dict:
 
 def save_core(model: FullModel, path: str, tp: int, pp: int = 1, vpp: int | None = None,
               make_vocab_size_divisible_by: int = 128, iteration: int = 1) -> str:
-    """Shard ``model`` for TP x PP (x virtual stages) and write it; returns the iteration directory."""
+    """Shard ``model`` for TP x PP (x virtual stages) and write it; returns the iteration directory.
+
+    ``vpp`` 1 is no virtual pipeline (one chunk per rank: what a run whose
+    ``--num-layers-per-virtual-pipeline-stage`` gives one stage per rank builds); ``vpp`` >= 2 needs
+    ``pp`` >= 2, as training's ``--num-layers-per-virtual-pipeline-stage`` does (ValueError otherwise)."""
+    if vpp is not None and vpp < 1:
+        raise ValueError(f"--target-virtual-pipeline-parallel-size {vpp}: give 2 or more virtual stages per "
+                         f"pipeline rank, or drop the flag")
+    if vpp is not None and vpp > 1 and pp < 2:
+        raise ValueError(f"--target-virtual-pipeline-parallel-size {vpp} needs --target-pipeline-parallel-size 2 or "
+                         f"more (got {pp}): virtual stages interleave the pipeline ranks; drop the flag or raise "
+                         f"the pipeline size")
+    vpp = None if vpp == 1 else vpp
     try:
         model.config.validate_parallel(tp, pp, vpp)
     except ValueError as exc:
@@ -189,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, help="TP size of a core checkpoint")
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1, help="PP size of a core checkpoint")
     p.add_argument("--target-virtual-pipeline-parallel-size", type=int, default=None,
-                   help="virtual pipeline stages per rank of a core checkpoint (model0, model1, ...)")
+                   help="virtual pipeline stages per rank of a core checkpoint (model0, model1, ...; needs a "
+                        "pipeline size of 2 or more; 1 is the plain layout)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this times the TP size "
                         "(as --make-vocab-size-divisible-by)")
@@ -236,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
             raise ValueError(f"--save-dir {args.save_dir} is a file; give a directory (it is created if missing)")
+        if os.path.realpath(args.save_dir) == os.path.realpath(args.load_dir):
+            raise ValueError(f"--save-dir {args.save_dir} is --load-dir: the converted checkpoint would replace "
+                             f"the one it is read from; give another directory")
         model = load_hf(args.load_dir) if loader == "hf" else \
             load_core(args.load_dir, args.load_iteration, with_optimizer=saver == "core" and not args.no_load_optim)
         if args.true_vocab_size is not None and args.true_vocab_size != model.vocab_size:

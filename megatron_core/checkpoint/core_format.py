@@ -46,6 +46,10 @@ def make_model_info(config: TransformerConfig, vocab_size: int, max_position_emb
 # re-shard so that a run resumed from it continues the data order and the learning-rate schedule.
 TRAIN_STATE_KEYS = ("consumed_train_samples", "opt_param_scheduler")
 OPTIMIZER = "optimizer"  # train_state's FullOptimizerState: re-sharded with the weights (optimizer_reshard)
+# train_state's {vocabulary table name: its rows past the true vocabulary} of a re-sharded checkpoint: the
+# new layout's padding starts from them (sharding.pad_vocab_rows), so that a run resumed under a layout
+# with the same padded size sees the same softmax (padding rows keep their own values and join it).
+VOCAB_PADDING = "vocab_padding"
 
 
 def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: dict[str, Any],
@@ -54,9 +58,11 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
     """Shard ``full`` (TP = 1, PP = 1, true vocabulary) over the TP/PP sizes in ``model_info`` and write
     every rank's file; returns the iteration directory. The tracker is written last. ``train_state``
     (:data:`TRAIN_STATE_KEYS` of a re-sharded training checkpoint) goes into every file; its
-    :data:`OPTIMIZER` (a ``FullOptimizerState``) is cut for each rank as the weights are."""
+    :data:`OPTIMIZER` (a ``FullOptimizerState``) is cut for each rank as the weights are, and its
+    :data:`VOCAB_PADDING` rows start the padding of the vocabulary tables."""
     train_state = dict(train_state or {})
     optimizer: FullOptimizerState | None = train_state.pop(OPTIMIZER, None)
+    padding: dict[str, torch.Tensor] | None = train_state.pop(VOCAB_PADDING, None)
     tp, pp = model_info["tensor_model_parallel_size"], model_info["pipeline_model_parallel_size"]
     vpp = model_info.get("virtual_pipeline_model_parallel_size")
     config.validate_parallel(tp, pp, vpp)
@@ -67,8 +73,8 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
     for pp_rank in range(pp):
         stages = [None] if vpp is None else list(range(vpp))
         chunks = [chunk_keys(full, config, pp, vpp, pp_rank, vp, tied) for vp in stages]
-        per_tp = [tp_shards(chunk, config, tp, model_info["vocab_size"], model_info["make_vocab_size_divisible_by"])
-                  for chunk in chunks]
+        per_tp = [tp_shards(chunk, config, tp, model_info["vocab_size"], model_info["make_vocab_size_divisible_by"],
+                            padding) for chunk in chunks]
         for tp_rank in range(tp):
             state: dict[str, Any] = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
                                      "config": config.to_dict(), "model_info": dict(model_info),
@@ -88,6 +94,7 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
 def _iteration_dir(load_dir: str, iteration: int | None) -> str:
     if not os.path.isdir(load_dir):
         raise FileNotFoundError(f"--load-dir {load_dir} does not exist")
+    asked = iteration is not None
     if iteration is None:
         iteration = io.read_tracker(load_dir)
         if iteration is None:
@@ -95,6 +102,10 @@ def _iteration_dir(load_dir: str, iteration: int | None) -> str:
                                     f"directory (for a Hugging Face directory use --loader hf)")
     path = io.existing_iteration_dir(load_dir, iteration)
     if path is None:
+        if asked:
+            saved = ", ".join(map(str, io.complete_iterations(load_dir))) or "none"
+            raise FileNotFoundError(f"--load-iteration {iteration}: {io.iteration_dir(load_dir, iteration)} does not "
+                                    f"exist (iterations saved in --load-dir {load_dir}: {saved})")
         raise FileNotFoundError(f"--load-dir {load_dir}: {io.TRACKER_FILENAME} names iteration {iteration} but "
                                 f"{io.iteration_dir(load_dir, iteration)} does not exist")
     return path
@@ -104,7 +115,8 @@ def load_core_checkpoint(load_dir: str, iteration: int | None = None, with_optim
                          ) -> tuple[TransformerConfig, dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """``(config, model_info, full state dict, train state)`` merged from every TP/PP rank's file; the train
     state is the first file's :data:`TRAIN_STATE_KEYS` (none in a converted Hugging Face model) and, with
-    ``with_optimizer``, the merged optimizer state under :data:`OPTIMIZER` when the files hold one.
+    ``with_optimizer``, the merged optimizer state under :data:`OPTIMIZER` when the files hold one; the
+    vocabulary tables' padding rows are under :data:`VOCAB_PADDING`.
 
     Raises ShardedOptimizerState (``with_optimizer``) for a distributed optimizer's shards, ValueError
     for an optimizer state that does not fit its model."""
@@ -134,6 +146,7 @@ def load_core_checkpoint(load_dir: str, iteration: int | None = None, with_optim
     chunks: dict[int, dict[str, torch.Tensor]] = {}
     opt_tensors: dict[int, list] = {}
     opt_scalars: dict[int, dict] = {}
+    padding: dict[str, torch.Tensor] = {}
     for pp_rank in range(pp):
         names = [os.path.join(path, io.mp_rank_name(t, pp_rank, pp), io.MODEL_FILENAME) for t in range(tp)]
         files = [io.load_file(name) for name in names]
@@ -145,12 +158,13 @@ def load_core_checkpoint(load_dir: str, iteration: int | None = None, with_optim
                    for f, name in zip(files, names, strict=True)] if with_optimizer else []
         for slot, (vp, key) in enumerate(zip(stages, keys, strict=True)):
             index = (vp or 0) * pp + pp_rank
-            chunks[index] = merge_tp_shards([f[key] for f in files], config, vocab)
+            chunks[index] = merge_tp_shards([f[key] for f in files], config, vocab, padding)
             if by_name:
                 opt_tensors[index] = [tensors[slot] for tensors, _ in by_name]
                 opt_scalars[index] = by_name[0][1][slot]
     tied = config.share_embeddings_and_output_weights
     train_state: dict[str, Any] = {key: head[key] for key in TRAIN_STATE_KEYS if key in head}
+    train_state[VOCAB_PADDING] = padding
     if with_optimizer:
         train_state[OPTIMIZER] = merge_states(opt_tensors, opt_scalars, config, vocab, pp, vpp, head[OPTIMIZER])
     return config, info, merge_chunks(chunks, config, pp, vpp, tied), train_state

@@ -44,6 +44,9 @@ class FullOptimizerState:
     scalars: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     param_groups: list[dict[str, Any]] = field(default_factory=list)  # hyper-parameters, without "params"
     grad_scaler: Any = None
+    # ``vocab_padding[kind][name]``: the rows of vocabulary table ``name`` past the true vocabulary, kept
+    # for the new layout's padding as the weights' (sharding.pad_vocab_rows).
+    vocab_padding: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def _param_order(model_states: list[dict[str, torch.Tensor]]) -> list[tuple[int, str]]:
@@ -106,7 +109,8 @@ def merge_states(tensors: dict[int, list[dict[str, dict[str, torch.Tensor]]]],
         param_groups=[{k: v for k, v in g.items() if k != "params"} for g in saved["optimizer"]["param_groups"]],
         grad_scaler=saved.get("grad_scaler"))
     for kind in sorted({kind for shards in tensors.values() for shard in shards for kind in shard}):
-        chunks = {index: merge_tp_shards([shard.get(kind, {}) for shard in shards], config, vocab_size)
+        padding = full.vocab_padding.setdefault(kind, {})
+        chunks = {index: merge_tp_shards([shard.get(kind, {}) for shard in shards], config, vocab_size, padding)
                   for index, shards in tensors.items()}
         full.tensors[kind] = merge_chunks(chunks, config, pp, vpp, tied)
     for kind in sorted({kind for per_kind in scalars.values() for kind in per_kind}):
@@ -128,7 +132,8 @@ def rank_optimizer_state(state: FullOptimizerState, model_states: list[dict[str,
     for slot, vp in enumerate(stages):
         for kind, full in state.tensors.items():
             cut[slot][kind] = tp_shards(chunk_keys(full, config, pp, vpp, pp_rank, vp, tied), config, tp,
-                                        model_info["vocab_size"], model_info["make_vocab_size_divisible_by"])[tp_rank]
+                                        model_info["vocab_size"], model_info["make_vocab_size_divisible_by"],
+                                        state.vocab_padding.get(kind))[tp_rank]
         for kind, values in state.scalars.items():
             cut[slot][kind] = chunk_keys(values, config, pp, vpp, pp_rank, vp, tied)
     entries: dict[int, dict[str, torch.Tensor]] = {}

@@ -32,31 +32,51 @@ def partition_of(key: str, config: TransformerConfig) -> tuple[int, int] | None:
     return None
 
 
-def pad_vocab_rows(weight: torch.Tensor, padded: int) -> torch.Tensor:
-    """Grow a [vocab, h] table to ``padded`` rows by repeating the last row (Megatron-LM's converter rule)."""
-    extra = padded - weight.shape[0]
-    if extra < 0:
+def pad_vocab_rows(weight: torch.Tensor, padded: int, pad_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The [vocab, h] table ``weight`` grown or cut to ``padded`` rows, Megatron-LM's converter rule
+    (``tools/checkpoint/saver_mcore.py``): the source checkpoint's padding rows ``pad_rows`` (rows past the
+    true vocabulary) come first, cut to fit, and any rows still missing repeat the last row. A source
+    without padding rows gets copies of its last true row."""
+    table = weight if pad_rows is None or pad_rows.shape[0] == 0 else torch.cat([weight, pad_rows], dim=0)
+    if weight.shape[0] > padded:
         raise ValueError(f"vocabulary table has {weight.shape[0]} rows, more than the padded size {padded}")
-    return weight if extra == 0 else torch.cat([weight, weight[-1:].expand(extra, -1)], dim=0)
+    extra = padded - table.shape[0]
+    if extra <= 0:
+        return table[:padded]
+    return torch.cat([table, table[-1:].expand(extra, -1)], dim=0)
+
+
+def vocab_padding_of(key: str, padding: dict[str, torch.Tensor] | None, config: TransformerConfig
+                     ) -> torch.Tensor | None:
+    """The source padding rows of vocabulary table ``key``; a tied output layer shares the embedding's."""
+    if not padding:
+        return None
+    if key not in padding and config.share_embeddings_and_output_weights:
+        return padding.get(VOCAB_KEYS[0])
+    return padding.get(key)
 
 
 def tp_shards(full: dict[str, torch.Tensor], config: TransformerConfig, tp: int, vocab_size: int,
-              make_vocab_size_divisible_by: int) -> list[dict[str, torch.Tensor]]:
-    """The ``tp`` per-rank state dicts of ``full`` (vocabulary tables padded for this TP size)."""
+              make_vocab_size_divisible_by: int, padding: dict[str, torch.Tensor] | None = None
+              ) -> list[dict[str, torch.Tensor]]:
+    """The ``tp`` per-rank state dicts of ``full`` (vocabulary tables padded for this TP size, from the
+    source's padding rows ``padding`` where given: :func:`pad_vocab_rows`)."""
     padded = pad_vocab_size(vocab_size, make_vocab_size_divisible_by, tp)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for key, value in full.items():
         if key in VOCAB_KEYS:
-            value = pad_vocab_rows(value, padded)
+            value = pad_vocab_rows(value, padded, vocab_padding_of(key, padding, config))
         part = partition_of(key, config)
         for rank in range(tp):
             shards[rank][key] = value.clone() if part is None else shard_of_master(value, part[0], part[1], rank, tp)
     return shards
 
 
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]], config: TransformerConfig,
-                    vocab_size: int) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`tp_shards`: the full state dict with the vocabulary cut back to ``vocab_size``."""
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]], config: TransformerConfig, vocab_size: int,
+                    padding: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`tp_shards`: the full state dict with the vocabulary cut back to ``vocab_size``;
+    the rows cut off (the padding, [padded - vocab_size, h]) go into ``padding`` by key when it is given,
+    so that a re-shard keeps them (a run's padding rows have their own values and join the softmax)."""
     full = {}
     for key in shards[0]:
         part = partition_of(key, config)
@@ -65,6 +85,8 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]], config: TransformerCo
             continue
         full[key] = merge_shards([s[key] for s in shards], *part)
         if key in VOCAB_KEYS:
+            if padding is not None:
+                padding[key] = full[key][vocab_size:].clone()
             full[key] = full[key][:vocab_size].clone()
     return full
 

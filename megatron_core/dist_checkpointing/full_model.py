@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,9 @@ class FullCheckpoint:
     tokenizer: dict[str, Any]  # the ``--tokenizer-*`` flags of the run that saved it (may be empty)
     state: dict[str, torch.Tensor]  # full: TP = 1, PP = 1, true vocabulary rows
     iteration: int
+    # The vocabulary tables' rows past the true vocabulary (the saving layout's padding), by name: a
+    # re-shard starts the new layout's padding from them (checkpoint.sharding.pad_vocab_rows).
+    vocab_padding: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load_full_model(load_dir: str, iteration: int | None = None) -> FullCheckpoint:
@@ -71,12 +74,15 @@ def load_full_model(load_dir: str, iteration: int | None = None) -> FullCheckpoi
         raise ConfigError(io.damaged_message(load_dir, iteration, path, f"holds an unreadable tensor file "
                                              f"({(str(exc).strip().splitlines() or [''])[0][:200]})")) from None
     vocab = int(extra["model_info"].get("vocab_size") or extra["model_info"]["padded_vocab_size"])
+    padding: dict[str, torch.Tensor] = {}
     return FullCheckpoint(config, dict(extra["model_info"]), dict(extra.get("tokenizer") or {}),
-                          _assemble(buffers, config, vocab), int(common["iteration"]))
+                          _assemble(buffers, config, vocab, padding), int(common["iteration"]), padding)
 
 
-def _assemble(buffers: dict[str, torch.Tensor], config: TransformerConfig, vocab: int) -> dict[str, torch.Tensor]:
-    """``model/name`` and ``model/name#partI`` tensors -> the full state dict (parts joined, vocabulary cut)."""
+def _assemble(buffers: dict[str, torch.Tensor], config: TransformerConfig, vocab: int,
+              padding: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model/name`` and ``model/name#partI`` tensors -> the full state dict (parts joined, vocabulary cut;
+    the rows cut off go into ``padding`` by name)."""
     parts: dict[str, dict[int, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
     for key, value in buffers.items():
@@ -91,6 +97,7 @@ def _assemble(buffers: dict[str, torch.Tensor], config: TransformerConfig, vocab
         full[name] = torch.cat([pieces[i] for i in sorted(pieces)], dim=dim)
     for name in VOCAB_KEYS:
         if name in full:
+            padding[name] = full[name][vocab:].clone()
             full[name] = full[name][:vocab].clone()
     return full
 
