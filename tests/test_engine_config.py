@@ -329,6 +329,10 @@ def test_sections_written_out_with_their_off_values_are_accepted():
     ):
         with pytest.raises(ConfigError, match=f"{key} = .* is a DeepSpeed option this framework does not implement"):
             load_config(_with(**{key: value}), dp_size=2)
+    # DeepSpeed's universal-checkpoint switch: engine checkpoints need no conversion to change layout.
+    with pytest.raises(ConfigError, match=r"^DeepSpeed config: checkpoint.load_universal = true is not needed: "
+                                          r"engine checkpoints load at another DP size, ZeRO stage or AutoTP size"):
+        load_config(_with(checkpoint={"load_universal": True}), dp_size=2)
 
 
 def test_unresolved_auto_names_the_argument_that_resolves_it():

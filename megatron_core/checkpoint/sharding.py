@@ -12,7 +12,7 @@ import re
 import torch
 
 from megatron_core.pipeline_parallel.layer_split import layer_range
-from megatron_core.tensor_parallel.utils import pad_vocab_size, shard_of_master
+from megatron_core.tensor_parallel.utils import merge_shards, pad_vocab_size, shard_of_master
 from megatron_core.transformer.config import TransformerConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -77,15 +77,13 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]], config: TransformerCo
     """Inverse of :func:`tp_shards`: the full state dict with the vocabulary cut back to ``vocab_size``;
     the rows cut off (the padding, [padded - vocab_size, h]) go into ``padding`` by key when it is given,
     so that a re-shard keeps them (a run's padding rows have their own values and join the softmax)."""
-    tp, full = len(shards), {}
+    full = {}
     for key in shards[0]:
         part = partition_of(key, config)
         if part is None:
             full[key] = shards[0][key].clone()
             continue
-        dim, stride = part
-        pieces = [s[key].chunk(stride, dim=dim) for s in shards]
-        full[key] = torch.cat([pieces[rank][i] for i in range(stride) for rank in range(tp)], dim=dim)
+        full[key] = merge_shards([s[key] for s in shards], *part)
         if key in VOCAB_KEYS:
             if padding is not None:
                 padding[key] = full[key][vocab_size:].clone()

@@ -13,9 +13,11 @@
 
 Because fragments are addressed by parameter name and element range, not by bucket layout, a run
 with another DP size (or ZeRO stage, or bucket size) rebuilds each parameter and takes its own
-pieces. Files are written to a temporary name and renamed; ``latest`` is written by rank 0 after
-every rank has finished, so it only ever names a complete checkpoint. Everything is read back with
-``torch.load(weights_only=True)``: ``client_state`` must hold tensors and plain Python values.
+pieces; a run with another AutoTP size also joins the TP shards and cuts its own
+(:mod:`megatron_core.engine.reshard`). Files are written to a temporary name and renamed; ``latest``
+is written by rank 0 after every rank has finished, so it only ever names a complete checkpoint.
+Everything is read back with ``torch.load(weights_only=True)``: ``client_state`` must hold tensors and
+plain Python values.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core.dist_checkpointing.optimizer_state import placed_state, steps_on_device
+from megatron_core.engine.reshard import reshard_fragments, reshard_module
 from megatron_core.errors import ConfigError
 from megatron_core.training.checkpoint_io import torch_save
 
@@ -96,9 +99,11 @@ def param_meta(module: torch.nn.Module) -> dict[str, dict]:
     """Per parameter name: its full shape, how TP splits it and the state-dict keys that alias it (tied weights)."""
     by_id = {id(p): n for n, p in module.named_parameters()}
     aliases: dict[str, list[str]] = {}
-    for key, tensor in module.state_dict(keep_vars=True).items():
-        if id(tensor) in by_id and by_id[id(tensor)] != key:
-            aliases.setdefault(by_id[id(tensor)], []).append(key)
+    # From the module tree, not from state_dict(): under ZeRO-3 state_dict() returns gathered copies,
+    # which share no identity with the parameters (the tied lm_head.weight was no alias there).
+    for key, param in module.named_parameters(remove_duplicate=False):
+        if by_id[id(param)] != key:
+            aliases.setdefault(by_id[id(param)], []).append(key)
     meta = {}
     for name, p in module.named_parameters():
         tp_dim = getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False) else -1
@@ -184,7 +189,7 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     sharded = hasattr(engine.optimizer, "sharded")
     # Every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective, which
     # hung when only DP rank 0 called it); below stage 3 it returns references, so this costs nothing.
-    module_state, meta = engine.module.state_dict(), param_meta(engine.module)  # param_meta reads state_dict too
+    module_state, meta = engine.module.state_dict(), param_meta(engine.module)
     error = None
     try:
         os.makedirs(folder, exist_ok=True)
@@ -271,9 +276,35 @@ def full_fragments(paths: list[str], meta: dict[str, dict]) -> tuple[dict[str, t
     return values, states, scalars
 
 
+def _optim_files_of(folder: str, tp_rank: int) -> list[str]:
+    files = optim_files(folder, tp_rank)
+    if not files:
+        raise ConfigError(f"load_checkpoint: {folder!r} has no optimizer fragment files of TP rank {tp_rank}; "
+                          f"is a rank's file missing?")
+    return files
+
+
+def _fragments_here(engine: Any, folder: str, saved: list[dict]) -> tuple[dict, dict, dict]:
+    """``full_fragments`` for this rank's parameters: its own TP rank's files when the AutoTP size matches,
+    else every saved TP rank's, resharded to this AutoTP size (:mod:`megatron_core.engine.reshard`)."""
+    ps = engine.parallel_state
+    if len(saved) == 1 and saved[0]["tp_size"] == ps.tp_size:
+        return full_fragments(_optim_files_of(folder, ps.tp_rank), saved[0]["param_meta"])
+    per_rank: list[tuple[dict, dict]] = []
+    scalars: dict = {}
+    for tp_rank, files in enumerate(saved):
+        values, states, rank_scalars = full_fragments(_optim_files_of(folder, tp_rank), files["param_meta"])
+        per_rank.append((values, states))
+        scalars = scalars or rank_scalars
+    values, states = reshard_fragments(
+        per_rank, [files["param_meta"] for files in saved], param_meta(engine.module), ps.tp_rank, ps.tp_size
+    )
+    return values, states, scalars
+
+
 @torch.no_grad()
-def _load_optimizer(engine: Any, folder: str, meta: dict) -> None:
-    values, states, scalars = full_fragments(optim_files(folder, engine.parallel_state.tp_rank), meta)
+def _load_optimizer(engine: Any, folder: str, saved: list[dict]) -> None:
+    values, states, scalars = _fragments_here(engine, folder, saved)
     inner = engine.optimizer.inner
     step_on_device = steps_on_device(inner)
     for name, start, end, main in _pieces(engine):
@@ -301,10 +332,35 @@ def _mismatch(message: str) -> str:
     return "; ".join(parts) or message.splitlines()[0]
 
 
+def _model_files(engine: Any, folder: str, tag: str, load_dir: str) -> tuple[list[dict], dict]:
+    """``(saved, module_state)``: this TP rank's model file alone when the AutoTP size matches (``[file]``),
+    else every saved TP rank's (in TP order) and the module state resharded to this AutoTP size."""
+    ps = engine.parallel_state
+    first = model_file(folder, 0)
+    if not os.path.exists(first):
+        raise ConfigError(f"load_checkpoint: {first} does not exist (tag {tag!r} in {load_dir!r})")
+    saved = torch.load(first, weights_only=True, map_location="cpu")
+    if saved["tp_size"] == ps.tp_size:
+        if ps.tp_rank != 0:
+            saved = torch.load(_existing(model_file(folder, ps.tp_rank)), weights_only=True, map_location="cpu")
+        return [saved], saved["module"]
+    files = [saved] + [
+        torch.load(_existing(model_file(folder, r)), weights_only=True, map_location="cpu")
+        for r in range(1, saved["tp_size"])
+    ]
+    return files, reshard_module(files, param_meta(engine.module), ps.tp_rank, ps.tp_size)
+
+
+def _existing(path: str) -> str:
+    if not os.path.exists(path):
+        raise ConfigError(f"load_checkpoint: {path} does not exist; is a TP rank's model file missing?")
+    return path
+
+
 def load(
     engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool
 ) -> tuple[str | None, dict]:
-    """``Engine.load_checkpoint``: model, optimizer fragments (any DP size), scheduler, counters."""
+    """``Engine.load_checkpoint``: model, optimizer fragments (any DP, ZeRO or AutoTP size), scheduler, counters."""
     ps = engine.parallel_state
     if tag is None:
         tag = read_latest(load_dir)
@@ -319,26 +375,18 @@ def load(
                 )
             return None, {}
     folder = os.path.join(load_dir, tag)
-    path = model_file(folder, ps.tp_rank)
-    if not os.path.exists(path):
-        raise ConfigError(
-            f"load_checkpoint: {path} does not exist (tag {tag!r} in {load_dir!r}; saved with another AutoTP size?)"
-        )
-    saved = torch.load(path, weights_only=True, map_location="cpu")
-    if saved["tp_size"] != ps.tp_size:
-        raise ConfigError(
-            f"load_checkpoint: the checkpoint has tensor_parallel.autotp_size {saved['tp_size']}, this run "
-            f"{ps.tp_size}: use the same AutoTP size (consolidate it to change the layout)"
-        )
+    saved_files, module_state = _model_files(engine, folder, tag, load_dir)
+    saved = saved_files[0]
+    path = model_file(folder, ps.tp_rank if saved["tp_size"] == ps.tp_size else 0)
     try:
-        engine.module.load_state_dict(saved["module"], strict=True)
+        engine.module.load_state_dict(module_state, strict=True)
     except RuntimeError as exc:
         raise ConfigError(
             f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load it "
             f"into the model it was saved from"
         ) from None
     if load_optimizer:
-        _load_optimizer(engine, folder, saved["param_meta"])
+        _load_optimizer(engine, folder, saved_files)
         if engine.optimizer.grad_scaler is not None and saved["grad_scaler"] is not None:
             engine.optimizer.grad_scaler.load_state_dict(saved["grad_scaler"])
         for group, values in zip(engine.optimizer.param_groups, saved["param_groups"], strict=True):

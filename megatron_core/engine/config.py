@@ -386,6 +386,14 @@ def read_json(config: str | os.PathLike | dict) -> dict:
 
 def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     """Validate a config dict whose ``"auto"`` values are resolved (see :func:`load_config`)."""
+    section = raw.get("checkpoint")
+    if isinstance(section, dict) and section.get("load_universal") is True:
+        # DeepSpeed's switch for a folder converted by ds_to_universal.py: what that conversion gives
+        # (another DP / ZeRO / TP layout) is what every engine checkpoint loads into as saved.
+        raise ConfigError(
+            "DeepSpeed config: checkpoint.load_universal = true is not needed: engine checkpoints load at "
+            "another DP size, ZeRO stage or AutoTP size as saved (no ds_to_universal step); remove it"
+        )
     check_keys(raw, "", TOP_LEVEL, keys.NOT_IMPLEMENTED_TOP)
     for key, _ in _find_auto(raw)[:1]:
         from megatron_core.engine.auto import ARG_OF_KEY  # noqa: PLC0415 - auto imports this module's names

@@ -22,6 +22,7 @@ import os
 import torch
 
 from megatron_core.engine.checkpoint import atomic_save, full_fragments, model_file, optim_files, read_latest
+from megatron_core.engine.reshard import to_full
 from megatron_core.errors import ConfigError
 
 
@@ -46,14 +47,6 @@ def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
     if not os.path.exists(model_file(folder, 0)):
         raise ConfigError(f"{folder!r} is not an engine checkpoint (no mp_rank_00_model_states.pt)")
     return folder
-
-
-def _merge_tp(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """Inverse of a strided TP split: each rank holds ``stride`` chunks, one of each fused part (Q, K, V)."""
-    if stride == 1:
-        return torch.cat(shards, dim=dim)
-    parts = [shard.chunk(stride, dim=dim) for shard in shards]
-    return torch.cat([torch.cat([p[i] for p in parts], dim=dim) for i in range(stride)], dim=dim)
 
 
 def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -81,10 +74,7 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
         out[key] = tensor.clone()  # buffers (and the training-dtype weights, replaced below)
     for name, info in meta.items():
         shards = [values[name].view(saved["param_meta"][name]["local_shape"]) for saved, values in per_rank]
-        full = _merge_tp(shards, info["tp_dim"], info["stride"]) if info["tp_dim"] >= 0 else shards[0]
-        if info["hf_transpose"]:
-            full = full.t()
-        full = full.contiguous()
+        full = to_full(shards, info).contiguous()
         for key in [name, *info["aliases"]]:
             out[key] = full.clone() if key != name else full
     hf_config = json.loads(first["hf_config"]) if first.get("hf_config") else None

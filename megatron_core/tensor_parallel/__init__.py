@@ -19,6 +19,7 @@ from megatron_core.tensor_parallel.random import (
 from megatron_core.tensor_parallel.utils import (
     divide,
     init_method_normal,
+    merge_shards,
     pad_vocab_size,
     scaled_init_method_normal,
     shard_of_master,
@@ -36,6 +37,7 @@ __all__ = [
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region",
     "init_method_normal",
+    "merge_shards",
     "model_parallel_manual_seed",
     "pad_vocab_size",
     "reduce_from_tensor_model_parallel_region",

@@ -58,6 +58,18 @@ def shard_of_master(master: torch.Tensor, dim: int, stride: int, rank: int, worl
     return torch.cat(chunks[rank::world], dim=dim).contiguous()
 
 
+def merge_shards(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """The full tensor from every rank's :func:`shard_of_master` shard, in rank order (its inverse).
+
+    Each shard holds ``stride`` chunks (one of each fused part, e.g. Q, K and V); part ``i`` of the
+    full tensor is part ``i`` of every rank's shard, concatenated along ``dim``.
+    """
+    if len(shards) == 1:
+        return shards[0].clone()
+    pieces = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([pieces[rank][i] for i in range(stride) for rank in range(len(shards))], dim=dim)
+
+
 def sharded_parameter(full_shape: tuple[int, ...], dim: int, init_method: InitMethod, *, stride: int,
                       rank: int, world: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:
     """A parameter holding this rank's shard of a master weight initialised at full size.
