@@ -56,6 +56,14 @@ def _linear_weight(module: Any) -> tuple[torch.Tensor, bool]:
     return module.weight.detach().t(), True  # transformers' Conv1D: y = x @ W + b, W is [in, out]
 
 
+def _keep_frozen(layer: torch.nn.Module, module: torch.nn.Module) -> None:
+    """A weight or bias the user froze (``requires_grad=False``) stays frozen in the TP layer replacing it."""
+    for name in ("weight", "bias"):
+        new, old = getattr(layer, name, None), getattr(module, name, None)
+        if isinstance(new, torch.nn.Parameter) and isinstance(old, torch.nn.Parameter):
+            new.requires_grad_(old.requires_grad)
+
+
 @torch.no_grad()
 def _column(
     module: Any, parallel_state: ParallelState, stride: int = 1, gather_output: bool = False
@@ -76,6 +84,7 @@ def _column(
     _mark_transposed(layer.weight, transposed)
     if bias is not None:
         layer.bias.copy_(shard_of_master(bias.detach().float(), 0, stride, rank, tp))
+    _keep_frozen(layer, module)
     return layer
 
 
@@ -91,6 +100,7 @@ def _row(module: Any, parallel_state: ParallelState) -> AutoTPRowLinear:
     _mark_transposed(layer.weight, transposed)
     if bias is not None:
         layer.bias.copy_(bias.detach().float())
+    _keep_frozen(layer, module)
     return layer
 
 
@@ -106,6 +116,7 @@ def _embedding(module: torch.nn.Embedding, parallel_state: ParallelState) -> Voc
     layer.weight.copy_(
         shard_of_master(module.weight.detach().float(), 0, 1, parallel_state.tp_rank, parallel_state.tp_size)
     )
+    _keep_frozen(layer, module)
     return layer
 
 

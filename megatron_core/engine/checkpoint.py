@@ -113,8 +113,16 @@ def param_meta(module: torch.nn.Module) -> dict[str, dict]:
             "stride": getattr(p, "partition_stride", 1),
             "hf_transpose": bool(getattr(p, "autotp_transpose", False)),
             "aliases": aliases.get(name, []),
+            # A frozen parameter has no optimizer state: its value is the model file's (training dtype).
+            "requires_grad": p.requires_grad,
         }
     return meta
+
+
+def trained(info: dict) -> bool:
+    """Whether the optimizer holds the parameter of ``param_meta`` entry ``info`` (fp32 main, state): a
+    frozen one (``requires_grad`` False) is in the model files only. Checkpoints saved before the flag: True."""
+    return bool(info.get("requires_grad", True))
 
 
 def _fragments(engine: Any) -> dict:
@@ -268,7 +276,7 @@ def full_fragments(paths: list[str], meta: dict[str, dict]) -> tuple[dict[str, t
             for key, tensor in frag["state"].items():
                 states.setdefault(name, {}).setdefault(key, torch.zeros(numel, dtype=tensor.dtype))[start:end] = tensor
     for name, info in meta.items():
-        if covered.get(name, 0) != int(torch.Size(info["local_shape"]).numel()):
+        if trained(info) and covered.get(name, 0) != int(torch.Size(info["local_shape"]).numel()):
             raise ConfigError(
                 f"checkpoint {os.path.dirname(paths[0]) if paths else '?'}: parameter {name!r} is not fully "
                 f"covered by the optimizer files found ({len(paths)}); is a rank's file missing?"

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from megatron_core.engine.checkpoint import atomic_save, full_fragments, model_file, optim_files, read_latest
+from megatron_core.engine.checkpoint import atomic_save, full_fragments, model_file, optim_files, read_latest, trained
 from megatron_core.engine.reshard import to_full
 from megatron_core.errors import ConfigError
 
@@ -73,7 +73,9 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
     for key, tensor in first["module"].items():
         out[key] = tensor.clone()  # buffers (and the training-dtype weights, replaced below)
     for name, info in meta.items():
-        shards = [values[name].view(saved["param_meta"][name]["local_shape"]) for saved, values in per_rank]
+        # A frozen parameter has no fp32 main value: its shards are the model files' (training dtype).
+        shards = [values[name].view(saved["param_meta"][name]["local_shape"]) if trained(info)
+                  else saved["module"][name].float() for saved, values in per_rank]
         full = to_full(shards, info).contiguous()
         for key in [name, *info["aliases"]]:
             out[key] = full.clone() if key != name else full

@@ -107,6 +107,8 @@ def reshard_fragments(
     values: dict[str, torch.Tensor] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
     for name, info in target_meta.items():
+        if not info.get("requires_grad", True):
+            continue  # frozen: no optimizer state, its value came with the module (reshard_module)
         source = next((owner[key] for key in [name, *info["aliases"]] if key in owner), None)
         if source is None:
             raise ConfigError(
