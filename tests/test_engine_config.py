@@ -236,6 +236,11 @@ ERRORS = {
         "allgather_bucket_size differs from reduce_bucket_size",
     ),
     "contiguous-off": (_with(zero_optimization={"contiguous_gradients": False}), "contiguous_gradients = false"),
+    "offload-optimizer-stage-0": (
+        _with(zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}}),
+        "zero_optimization.offload_optimizer.device = 'cpu' offloads the ZeRO optimizer's shard: set "
+        "zero_optimization.stage to 1, 2 or 3",
+    ),
     "offload-param-nvme": (
         _with(zero_optimization={"stage": 2, "offload_param": {"device": "nvme", "nvme_path": "/x"}}),
         "offload_param.device = 'nvme' is not implemented",

@@ -145,6 +145,10 @@ def _offload_optimizer_fields(config: EngineConfig) -> dict[str, Any]:
     key = f"zero_optimization.offload_optimizer.device = {offload.device!r}"
     # DeepSpeed's overlap_comm also overlaps ZeRO-Offload's gradient copies to the host with backward.
     overlap = {"overlap_cpu_optimizer_d2h_h2d": config.zero_optimization.overlap_comm}
+    if offload.device != "none" and config.zero_optimization.stage == 0:
+        # ZeRO-Offload moves the distributed optimizer's shard (what get_megatron_optimizer says in flags).
+        raise ConfigError(f"DeepSpeed config: {key} offloads the ZeRO optimizer's shard: set zero_optimization.stage "
+                          f"to 1, 2 or 3, or offload_optimizer.device to 'none'")
     if offload.device == "cpu":
         _needs(OptimizerConfig, "optimizer_cpu_offload", key)
         return {"optimizer_cpu_offload": True, **overlap}
