@@ -18,6 +18,7 @@ from test_engine_autotp_reshard import M, N, _check, _config, _dp_losses, _model
 
 import megatron_core
 from megatron_core.engine.consolidate import consolidate_state_dict
+from megatron_core.errors import ConfigError
 
 FROZEN = ("transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight")
 
@@ -70,3 +71,35 @@ def test_frozen_parameters_load_at_any_autotp_size_and_consolidate(tmp_path):
         results = run_distributed(_resumed, world, source, out, tp, stage, timeout=120)
         _check("gpt2", straight, results, source, out, f"frozen: AutoTP 2 -> world {world} AutoTP {tp} ZeRO-{stage}",
                exact=(world, tp) == (2, 2))
+
+
+def _unfrozen_load(source, tp, load_optimizer_states):
+    """An engine training every parameter loads the checkpoint saved with FROZEN frozen."""
+    import torch.distributed as dist
+
+    config = _config("gpt2", dist.get_world_size(), tp, 0)
+    engine, _, _, _ = megatron_core.initialize(_model("gpt2", 0.5), config=config)
+    try:
+        engine.load_checkpoint(source, tag="mid", load_optimizer_states=load_optimizer_states)
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()} if tp == 1 else None
+
+
+def test_unfreezing_after_the_save_is_one_line_or_loads_weights_only(tmp_path):
+    """Fine-tuning in stages: parameters frozen when saved and trained now have no optimizer state to load:
+    one line naming the parameter and ``load_optimizer_states=False`` (a KeyError before, at the saving
+    AutoTP size and at another), which then loads the weights."""
+    source = str(tmp_path / "tp2")
+    run_distributed(_straight, 2, source, timeout=120)
+    for world, tp in ((2, 2), (1, 1)):
+        for message in run_distributed(_unfrozen_load, world, source, tp, True, timeout=120):
+            assert isinstance(message, str) and "\n" not in message, message
+            assert "has no optimizer state for 'transformer.wpe.weight'" in message, message
+            assert message.endswith("load its weights only with load_optimizer_states=False"), message
+    (module,) = run_distributed(_unfrozen_load, 1, source, 1, False, timeout=120)
+    want, _ = consolidate_state_dict(source, tag="mid")
+    for name in FROZEN:
+        assert torch.equal(module[name], want[name]), name

@@ -284,6 +284,12 @@ def full_fragments(paths: list[str], meta: dict[str, dict]) -> tuple[dict[str, t
     return values, states, scalars
 
 
+def frozen_when_saved(folder: str, name: str) -> str:
+    """The one-line error for a parameter this engine trains that the checkpoint has no optimizer state for."""
+    return (f"load_checkpoint: {folder!r} has no optimizer state for {name!r} (frozen, requires_grad=False, when "
+            f"saved); load its weights only with load_optimizer_states=False")
+
+
 def _optim_files_of(folder: str, tp_rank: int) -> list[str]:
     files = optim_files(folder, tp_rank)
     if not files:
@@ -313,9 +319,13 @@ def _fragments_here(engine: Any, folder: str, saved: list[dict]) -> tuple[dict, 
 @torch.no_grad()
 def _load_optimizer(engine: Any, folder: str, saved: list[dict]) -> None:
     values, states, scalars = _fragments_here(engine, folder, saved)
+    pieces = _pieces(engine)
+    untrained = next((name for name, *_ in pieces if name not in values), None)
+    if untrained is not None:
+        raise ConfigError(frozen_when_saved(folder, untrained))
     inner = engine.optimizer.inner
     step_on_device = steps_on_device(inner)
-    for name, start, end, main in _pieces(engine):
+    for name, start, end, main in pieces:
         main.copy_(values[name][start:end].view_as(main))
         entry = {key: flat[start:end].view_as(main) for key, flat in states.get(name, {}).items()}
         entry.update(scalars)

@@ -115,6 +115,11 @@ def reshard_fragments(
                 f"load_checkpoint: the checkpoint's optimizer state has no parameter {name!r}; load it into "
                 f"the model it was saved from"
             )
+        if not saved_meta[0][source].get("requires_grad", True):
+            raise ConfigError(
+                f"load_checkpoint: the checkpoint has no optimizer state for {name!r} (frozen, requires_grad=False, "
+                f"when saved); load its weights only with load_optimizer_states=False"
+            )
         where = (saved_meta, source, info, tp_rank, tp_size, name)
         values[name] = _moved([rank_values[source] for rank_values, _ in per_rank], *where)
         states[name] = {
