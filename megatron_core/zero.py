@@ -18,6 +18,10 @@ must enter with the same parameters), and no optimizer step may run inside the b
 is saved after a ``modifier_rank`` block, not inside it (``save_checkpoint`` there is a ConfigError):
 inside, rank R's changes are in its gathered parameters only, not yet in the shards or the optimizer.
 
+:func:`safe_get_full_grad` is DeepSpeed's ``deepspeed.utils.safe_get_full_grad``: under ZeRO-2/3 a
+parameter's reduced gradient lives in pieces on the DP ranks (``param.main_grad`` is freed once its
+bucket is reduced), and this assembles it.
+
 :func:`register_external_parameter` is DeepSpeed's too: a module whose forward reads another
 module's parameter as an attribute (not as an argument) must say so. ``deepspeed.zero.Init`` has no
 counterpart (an AttributeError says why): the model is built whole and ``initialize`` shards it.
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_core.distributed.param_and_grad_buffer import GRAD_BUFFER_ATTR, MAIN_GRAD_ATTR
 from megatron_core.distributed.param_gather import GATHER_MANAGER_ATTR, ParamGatherManager, Unit
 
 
@@ -95,3 +100,31 @@ def __getattr__(name: str) -> Any:
         raise AttributeError("megatron_core.zero.Init (deepspeed.zero.Init) has no counterpart: build the model "
                              "whole on each rank and pass it to megatron_core.initialize, which shards it at ZeRO-3")
     raise AttributeError(f"module 'megatron_core.zero' has no attribute {name!r}")
+
+
+def safe_get_full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The whole reduced gradient of ``param`` (DeepSpeed's ``deepspeed.utils.safe_get_full_grad``).
+
+    Call it after ``engine.backward`` at the accumulation boundary (or after ``finalize_model_grads``)
+    and before ``engine.step()``. Returns a new tensor of ``param``'s shape in the gradient buffer's
+    dtype (fp32 unless gradients are reduced in bf16), averaged over data-parallel ranks and, under
+    fp16, still multiplied by the loss scale (``engine.get_loss_scale()``), as the optimizer sees it
+    before unscaling; None for a parameter that takes no gradient. Under ZeRO-2/3 this is a
+    collective over the data-parallel group (every rank calls it for the same parameter): each rank
+    holds the pieces in its shard. Elsewhere it is a copy of ``main_grad`` (or ``grad``).
+    """
+    if not param.requires_grad:
+        return None
+    buffer = getattr(param, GRAD_BUFFER_ATTR, None)
+    if buffer is None or not buffer.partition_grads:
+        grad = getattr(param, MAIN_GRAD_ATTR, None)
+        grad = param.grad if grad is None else grad
+        return None if grad is None else grad.detach().clone()
+    full = torch.zeros(param.numel(), dtype=buffer.grad_dtype, device=buffer.device)
+    for piece in buffer.local_pieces():
+        if piece.param is param:
+            full[piece.param_start:piece.param_end] = buffer.grad_shard[piece.shard_start:
+                                                                         piece.shard_start + piece.numel]
+    if buffer.dp_size > 1:
+        dist.all_reduce(full, group=buffer.dp_group)  # every element lives on exactly one rank
+    return full.view(param.shape)

@@ -192,3 +192,40 @@ def test_zero_init_names_what_to_do_instead():
     with pytest.raises(AttributeError, match="build the model whole on each rank and pass it to "
                                              "megatron_core.initialize"):
         megatron_core.zero.Init()
+
+
+def _full_grads(stage: int):
+    """Every parameter's safe_get_full_grad after the boundary backward of 2 accumulated micro steps
+    (the first layer's bias frozen), and whether main_grad was freed for any of them."""
+    model = make_model("mlp")
+    model[0].bias.requires_grad_(False)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": 300, "stage3_prefetch_bucket_size": 0,
+                                    "stage3_param_persistence_threshold": 0}}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = megatron_core.initialize(model=model, model_parameters=trained, config=config)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    engine.backward(engine(torch.randn(2, 8, generator=g)).pow(2).mean())
+    engine.step()  # a micro step: no optimizer step yet (DeepSpeed's loop calls step() after every backward)
+    engine.backward(engine(torch.randn(2, 8, generator=g)).pow(2).mean())  # the accumulation boundary
+    named = dict(engine.module.named_parameters())
+    freed = any(getattr(p, "main_grad", 0) is None for p in named.values() if p.requires_grad)
+    grads = {name: megatron_core.zero.safe_get_full_grad(p) for name, p in named.items()}
+    engine.step()  # still steps after the reads
+    return grads, freed
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_safe_get_full_grad_assembles_the_shards(stage):
+    """DeepSpeed's safe_get_full_grad: under ZeRO-2/3 (main_grad freed, each rank holding pieces) it
+    returns the same averaged gradient as ZeRO-0's main_grad on every rank; None for a frozen parameter."""
+    reference = run_distributed(_full_grads, 2, 0, timeout=120)
+    results = run_distributed(_full_grads, 2, stage, timeout=120)
+    for (grads, freed), (expected, _) in zip(results, reference, strict=True):
+        assert freed, "ZeRO-2/3 free main_grad after the boundary backward"
+        assert grads["0.bias"] is None and expected["0.bias"] is None
+        for name, grad in expected.items():
+            if grad is not None:
+                assert grads[name].shape == grad.shape
+                torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)

@@ -41,6 +41,7 @@ from megatron_core.parallel_state import ParallelState
 # The attribute each parameter's gradient view in the buffer is stored under (Megatron-LM's name;
 # the optimizer reads it with ``getattr(param, "main_grad", None)``).
 MAIN_GRAD_ATTR = "main_grad"
+GRAD_BUFFER_ATTR = "grad_buffer"  # on each parameter: the ParamAndGradBuffer holding its gradient
 
 class Bucket:
     """A padded, contiguous range of a buffer whose gradients one collective reduces."""
@@ -157,6 +158,7 @@ class ParamAndGradBuffer:
             main_grad = bucket.grad_data[start - bucket.start:end - bucket.start].view(p.shape)
             bucket.main_grads.append((p, main_grad))
             setattr(p, MAIN_GRAD_ATTR, main_grad)
+            setattr(p, GRAD_BUFFER_ATTR, self)
         if self.partition_grads:
             for bucket in self.buckets:
                 self._release_grad(bucket)
