@@ -121,10 +121,9 @@ def safe_get_full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
         grad = param.grad if grad is None else grad
         return None if grad is None else grad.detach().clone()
     full = torch.zeros(param.numel(), dtype=buffer.grad_dtype, device=buffer.device)
-    for piece in buffer.local_pieces():
-        if piece.param is param:
-            full[piece.param_start:piece.param_end] = buffer.grad_shard[piece.shard_start:
-                                                                         piece.shard_start + piece.numel]
+    piece = buffer.local_piece(param)
+    if piece is not None:
+        full[piece.param_start:piece.param_end] = buffer.grad_shard[piece.shard_start:piece.shard_start + piece.numel]
     if buffer.dp_size > 1:
         dist.all_reduce(full, group=buffer.dp_group)  # every element lives on exactly one rank
     return full.view(param.shape)

@@ -141,8 +141,9 @@ def test_load_at_another_autotp_size_equals_the_uninterrupted_run(tmp_path, kind
         _check(kind, straight[source], results, src, out, what, exact=SOURCES[source] == (world, tp, stage))
 
 
-def _load_wider(source):
-    model = tiny_hf_gpt2(vocab_size=VOCAB, hidden=64, layers=1, heads=4, positions=16)
+def _load_error(source, wider):
+    """The ConfigError line of loading ``source`` at AutoTP 1 (a wider GPT-2 with ``wider``), or None."""
+    model = tiny_hf_gpt2(vocab_size=VOCAB, hidden=64, layers=1, heads=4, positions=16) if wider else _model("gpt2")
     engine, _, _, _ = megatron_core.initialize(model, config=_config("gpt2", 1, 1, 0))
     try:
         engine.load_checkpoint(source, tag="mid")
@@ -198,32 +199,21 @@ def test_fp16_autotp_checkpoint_moves_exactly(tmp_path):
                 assert torch.equal(got[name], value), f"fp32 main {name} changed on the way"
 
 
-def _load_incomplete(source):
-    engine, _, _, _ = megatron_core.initialize(_model("gpt2"), config=_config("gpt2", 1, 1, 0))
-    try:
-        engine.load_checkpoint(source, tag="mid")
-    except ConfigError as exc:
-        return str(exc)
-    finally:
-        engine.parallel_state.destroy()
-    return None
-
-
 def test_what_cannot_be_resharded_is_one_line(tmp_path):
     """Resharding checks the merged shapes against this model's (a wider GPT-2: one line naming the key,
     not a torch error) and reads every saved TP rank's files (a missing one is named)."""
     run_distributed(_straight, 2, str(tmp_path), "gpt2", 2, timeout=120)
-    (message,) = run_distributed(_load_wider, 1, str(tmp_path), timeout=120)
+    (message,) = run_distributed(_load_error, 1, str(tmp_path), True, timeout=120)
     assert message == (
         "load_checkpoint: transformer.wte.weight is [64, 32] in the checkpoint (merged over its AutoTP ranks), "
         "[64, 64] in this model; load it into the model it was saved from"
     ), message
     optim = tmp_path / "mid" / "zero_pp_rank_0_mp_rank_01_optim_states.pt"
     optim.rename(tmp_path / "optim.pt")
-    (message,) = run_distributed(_load_incomplete, 1, str(tmp_path), timeout=120)
+    (message,) = run_distributed(_load_error, 1, str(tmp_path), False, timeout=120)
     assert message == (f"load_checkpoint: {str(tmp_path / 'mid')!r} has no optimizer fragment files of TP rank 1; "
                        f"is a rank's file missing?"), message
     (tmp_path / "mid" / "mp_rank_01_model_states.pt").unlink()
-    (message,) = run_distributed(_load_incomplete, 1, str(tmp_path), timeout=120)
+    (message,) = run_distributed(_load_error, 1, str(tmp_path), False, timeout=120)
     assert message == (f"load_checkpoint: {tmp_path / 'mid' / 'mp_rank_01_model_states.pt'} does not exist; is a "
                        f"TP rank's model file missing?"), message

@@ -204,15 +204,18 @@ class ParamAndGradBuffer:
 
     def local_pieces(self) -> list[ShardPiece]:
         """The pieces of parameters inside this rank's shard, in shard order."""
-        pieces = []
-        for bucket in self.buckets:
-            lo, hi = bucket.shard_start, bucket.shard_start + bucket.shard_size
-            for p in bucket.params:
-                start, end, _ = self.param_ranges[id(p)]
-                s, e = max(start, lo), min(end, hi)
-                if s < e:
-                    pieces.append(ShardPiece(p, s - start, e - start, bucket.local_offset + s - lo, bucket))
+        pieces = [piece for bucket in self.buckets for p in bucket.params
+                  if (piece := self.local_piece(p)) is not None]
         return sorted(pieces, key=lambda piece: piece.shard_start)
+
+    def local_piece(self, param: torch.nn.Parameter) -> ShardPiece | None:
+        """The part of ``param`` inside this rank's shard, or None when it has none here."""
+        start, end, bucket = self.param_ranges[id(param)]
+        lo, hi = bucket.shard_start, bucket.shard_start + bucket.shard_size
+        s, e = max(start, lo), min(end, hi)
+        if s >= e:
+            return None
+        return ShardPiece(param, s - start, e - start, bucket.local_offset + s - lo, bucket)
 
     # ---- gradient storage ---------------------------------------------------------------------
     def ensure_grad_allocated(self, param: torch.nn.Parameter) -> None:
