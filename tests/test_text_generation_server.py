@@ -129,3 +129,33 @@ def test_a_world_larger_than_one_model_replica_is_refused_naming_the_fix(tmp_pat
                     "replica (no data parallelism); launch 1 (torchrun --nproc_per_node 1) or choose sizes whose "
                     "product is 2\n"), text
     assert results[1][1] == ""  # said once, by rank 0
+
+
+def test_ctrl_c_stops_a_tp2_server_at_once_without_a_traceback_of_ours(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to torchrun and every rank) ends a TP=2 server within seconds.
+
+    Rank 1 waits in the broadcast of the next request: its KeyboardInterrupt landed between the two
+    broadcasts of ``broadcast_object_list`` (or in the shutdown barrier) while rank 0 sent the stop
+    message, so both hung until torchrun killed them 30 s later, and rank 1 printed a traceback from
+    our shutdown barrier."""
+    hf_model = tiny_hf_gpt2(vocab_size=300)
+    hf_model.save_pretrained(tmp_path / "hf")
+    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TOOL,
+           "--load", str(tmp_path / "hf"), "--port", str(port), "--top_k", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_until_serving(proc, port)
+        status, answer = _put(port, {"prompts": ["the quick"], "tokens_to_generate": 2})
+        assert status == 200, answer
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert "megatron_core" not in err and "run_text_generation_server.py\", line" not in err, err[-3000:]
+    assert "forcefully exiting" not in err, err[-3000:]

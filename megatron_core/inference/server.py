@@ -10,6 +10,7 @@ serialises requests: concurrent clients are answered one generation at a time, i
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -77,12 +78,15 @@ def _generate_text(gen: Generator, prompts: list[str], tokens: int, params: Samp
     return {"text": [gen.tokenizer.detokenize(t) for t in out.tokens], "tokens": out.tokens}
 
 
-def create_app(gen: Generator, defaults: SamplingParams):
-    """The Flask app of rank 0 (``PUT /api``); ``gen`` must be the rank's loaded generator."""
+def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | None = None):
+    """The Flask app of rank 0 (``PUT /api``); ``gen`` must be the rank's loaded generator.
+
+    ``lock`` serialises every broadcast to the other ranks (requests, and the stop message of
+    :func:`main`, which must not interleave with a generation in flight)."""
     from flask import Flask, jsonify, request  # noqa: PLC0415 - the server extra, only needed here
 
     app = Flask("megatron_text_generation")
-    lock = threading.Lock()
+    lock = lock if lock is not None else threading.Lock()
 
     @app.put("/api")
     def api():
@@ -98,7 +102,12 @@ def create_app(gen: Generator, defaults: SamplingParams):
 
 
 def _worker_loop(gen: Generator) -> None:
-    """Ranks other than 0: run each broadcast request until rank 0 says stop."""
+    """Ranks other than 0: run each broadcast request until rank 0 says stop.
+
+    SIGINT is ignored here: a terminal's Ctrl-C (and torchrun, which forwards it) reaches every rank,
+    and a KeyboardInterrupt between the two broadcasts of ``broadcast_object_list`` left this rank
+    and rank 0 in different collectives until torchrun killed both. Rank 0 stops the loop instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         message = _broadcast(None)
         if message[0] == _STOP:
@@ -132,16 +141,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         report_error("run_text_generation_server.py", exc, context)
         return 2
+    lock = threading.Lock()
     try:
         if gen.parallel_state.rank == 0:
             print(f"serving PUT http://{args.host}:{args.port}/api", flush=True)
-            create_app(gen, defaults).run(host=args.host, port=args.port, threaded=True)
+            create_app(gen, defaults, lock).run(host=args.host, port=args.port, threaded=True)
         else:
             _worker_loop(gen)
     except KeyboardInterrupt:
         pass
     finally:
+        # Flask returns on Ctrl-C; a second SIGINT (torchrun forwards the terminal's) must not cut the
+        # stop message or the shutdown barrier short, and a generation in flight finishes first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if gen.parallel_state.rank == 0 and gen.parallel_state.world_size > 1:
-            _broadcast((_STOP,))
+            with lock:
+                _broadcast((_STOP,))
     shutdown(context)  # also destroys the model-parallel groups
     return 0
