@@ -232,3 +232,49 @@ def test_virtual_stages_need_a_pipeline_and_one_is_none(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("convert.py: error: --load-iteration 7: ") and "saved in --load-dir" in err, err
     assert err.rstrip().endswith(": 1)"), err
+
+
+@pytest.mark.parametrize("flag,value", [("--target-tensor-parallel-size", 0), ("--target-pipeline-parallel-size", -1),
+                                        ("--make-vocab-size-divisible-by", 0), ("--iteration", 0)])
+def test_sizes_below_one_are_a_one_line_error(flag, value, tmp_path, capsys):
+    """Each was a ZeroDivisionError traceback (or a checkpoint of iteration 0, which no tracker names)."""
+    tiny_hf_gpt2().save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert _cli("hf", "core", tmp_path / "hf", tmp_path / "out", flag, value) == 2
+    assert capsys.readouterr().err == f"convert.py: error: {flag} {value}: give an integer of 1 or more\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_megatron_llama_mistral_command_converts_an_hf_llama(tmp_path, capsys):
+    """Megatron-LM's docs/llama_mistral.md command (``--loader llama_mistral --checkpoint-type hf
+    --model-size ... --bf16 --tokenizer-model ...``) was refused ('llama_mistral' is not supported, then
+    the unknown flags). It reads the HF directory as ``--loader hf``; ``--bf16`` writes bf16 weights, as
+    that loader's ``params_dtype``; the tokenizer type follows from ``--tokenizer-model`` as there."""
+    from tests.test_text_generation_cli import _save_tokenizer_json
+
+    hf = tiny_hf_llama(vocab_size=300)
+    hf.save_pretrained(tmp_path / "hf")
+    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    capsys.readouterr()
+    assert convert(["--bf16", "--model-type", "GPT", "--loader", "llama_mistral", "--saver", "mcore",
+                    "--target-tensor-parallel-size", "2", "--checkpoint-type", "hf", "--load-dir", str(tmp_path / "hf"),
+                    "--save-dir", str(tmp_path / "core"), "--tokenizer-model", str(tmp_path / "hf"),
+                    "--model-size", "llama3"]) == 0
+    assert "no tokenizer written" not in capsys.readouterr().err
+    shard = torch.load(tmp_path / "core" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)
+    assert shard["model_info"]["tokenizer"]["type"] == "HuggingFaceTokenizer", shard["model_info"]
+    dtypes = {v.dtype for v in shard["model"].values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    assert dtypes == {torch.bfloat16}, dtypes
+    assert _cli("core", "hf", tmp_path / "core", tmp_path / "back") == 0
+    from transformers import AutoModelForCausalLM
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").state_dict()
+    for name, value in hf.state_dict().items():
+        assert torch.equal(back[name].float(), value.bfloat16().float()), name
+    capsys.readouterr()
+    assert convert(["--model-type", "GPT", "--loader", "llama_mistral", "--saver", "core", "--checkpoint-type", "meta",
+                    "--load-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "meta")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("convert.py: error: --checkpoint-type meta") and "hf" in err, err
+    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--bf16", "--fp16",
+                    "--load-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "both")]) == 2
+    assert "--bf16 and --fp16" in capsys.readouterr().err

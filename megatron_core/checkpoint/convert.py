@@ -52,7 +52,11 @@ from megatron_core.training import checkpoint_io as io
 from megatron_core.transformer.config import TransformerConfig
 
 _HF_MODULES = {"gpt2": hf_gpt2, "llama": hf_llama}
-_LOADERS = {"hf": "hf", "huggingface": "hf", "core": "core", "mcore": "core", "megatron": "core", "legacy": "core"}
+# llama_mistral: Megatron-LM's loader of Hugging Face Llama-family directories (docs/llama_mistral.md).
+_LOADERS = {"hf": "hf", "huggingface": "hf", "llama_mistral": "hf", "core": "core", "mcore": "core",
+            "megatron": "core", "legacy": "core"}
+_POSITIVE_FLAGS = ("target_tensor_parallel_size", "target_pipeline_parallel_size", "make_vocab_size_divisible_by",
+                   "iteration")
 
 
 @dataclass
@@ -238,7 +242,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--true-vocab-size", type=int, default=None,
                    help="checked: the vocabulary size without padding, which checkpoints here record (the padding "
                         "is always trimmed on load); a different value is an error")
+    # Megatron-LM's llama_mistral loader flags (docs/llama_mistral.md's command).
+    g.add_argument("--checkpoint-type", default=None, choices=["hf", "meta"],
+                   help="hf: a Hugging Face directory (read as --loader hf); meta's original consolidated.*.pth "
+                        "files are not read")
+    g.add_argument("--model-size", default=None, help="accepted: the shape comes from the directory's config.json")
+    g.add_argument("--bf16", action="store_true", help="write the weights in bf16 (default: the source's dtype)")
+    g.add_argument("--fp16", action="store_true", help="write the weights in fp16 (default: the source's dtype)")
     return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """One-line ValueErrors for flag values no conversion can use (before anything is read or written)."""
+    for name in _POSITIVE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: give an integer of 1 or more")
+    if args.checkpoint_type == "meta":
+        raise ValueError("--checkpoint-type meta: Meta's original consolidated.*.pth files are not read; convert "
+                         "them to a Hugging Face directory (transformers' convert_llama_weights_to_hf.py) and pass "
+                         "--checkpoint-type hf")
+    if args.bf16 and args.fp16:
+        raise ValueError("--bf16 and --fp16 both given: pick the one dtype to write the weights in")
+
+
+def _tokenizer_type(args: argparse.Namespace) -> str | None:
+    """``--tokenizer-type``, or the type a bare ``--tokenizer-model`` implies (a SentencePiece ``.model``
+    file, else a Hugging Face tokenizer file or directory), as Megatron-LM's llama_mistral loader takes it."""
+    if args.tokenizer_type is not None or args.tokenizer_model is None:
+        return args.tokenizer_type
+    return "SentencePieceTokenizer" if args.tokenizer_model.endswith(".model") else "HuggingFaceTokenizer"
+
+
+def _cast_weights(model: FullModel, args: argparse.Namespace) -> None:
+    """``--bf16`` / ``--fp16``: the floating-point weights in that dtype (Megatron's loader ``params_dtype``)."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    if dtype is not None:
+        model.state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state.items()}
 
 
 def _kind(name: str, flag: str) -> str:
@@ -252,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
     try:
+        _check_args(args)
         if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
             raise ValueError(f"--save-dir {args.save_dir} is a file; give a directory (it is created if missing)")
         if os.path.realpath(args.save_dir) == os.path.realpath(args.load_dir):
@@ -263,8 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--true-vocab-size {args.true_vocab_size} differs from the vocabulary size "
                              f"{model.vocab_size} that {args.load_dir} records (without padding); drop the flag "
                              f"or correct it")
-        if args.tokenizer_type is not None:
-            model.tokenizer = build_tokenizer(args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+        _cast_weights(model, args)
+        tokenizer_type = _tokenizer_type(args)
+        if tokenizer_type is not None:
+            model.tokenizer = build_tokenizer(tokenizer_type, tokenizer_model=args.tokenizer_model,
                                               vocab_file=args.vocab_file, merge_file=args.merge_file)
         if saver == "hf":
             save_hf(model, args.save_dir, args.hf_model_type)
