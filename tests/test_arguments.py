@@ -175,3 +175,31 @@ def test_use_checkpoint_args_takes_the_tokenizer_the_converter_stored(tmp_path):
     apply_checkpoint_args(args, vars(build_parser().parse_args([])))
     assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", f"{ckpt}/tokenizer")
     assert (args.hidden_size, args.num_layers) == (64, 2)
+
+
+def test_use_checkpoint_args_keeps_a_given_seq_length(tmp_path):
+    """--seq-length is how long the training samples are, not a shape of the weights: Megatron-LM's
+    load_args_from_checkpoint keeps the command line's (``_set_arg('seq_length')`` without force). It was
+    refused as disagreeing with the checkpoint's, which the converter sets to the model's position count
+    (131072 for a Llama 3), so a converted model could not be fine-tuned at a shorter length with the flag."""
+    from megatron_core.checkpoint.convert import main as convert
+    from megatron_core.training.arguments import build_parser
+    from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
+    from tests.hf_testing import tiny_hf_llama
+    tiny_hf_llama(vocab_size=256).save_pretrained(tmp_path / "hf")
+    ckpt = str(tmp_path / "ckpt")
+    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                    "--save-dir", ckpt]) == 0
+    defaults = vars(build_parser().parse_args([]))
+    base = ["--load", ckpt, "--use-checkpoint-args", "--mock-data", "--vocab-size", "256", "--micro-batch-size", "1",
+            "--train-iters", "1", "--lr", "1e-3"]
+    args = parse_args(base)
+    apply_checkpoint_args(args, defaults)
+    saved = args.seq_length
+    assert saved == args.max_position_embeddings > 8
+    args = parse_args(base + ["--seq-length", "8"])
+    apply_checkpoint_args(args, defaults)
+    assert (args.seq_length, args.max_position_embeddings) == (8, saved)
+    validate_args(args, 1)
+    with pytest.raises(ConfigError, match="--hidden-size 48 disagrees with the checkpoint's"):
+        apply_checkpoint_args(parse_args(base + ["--hidden-size", "48"]), defaults)

@@ -6,7 +6,7 @@ flags of the run that wrote it; this maps them back onto the flag names (Megatro
 model flags. A legacy checkpoint's model files hold the same ``config`` and ``model_info`` but no
 tokenizer flags: those are still given, unless ``tools/checkpoint/convert.py`` stored its tokenizer
 beside the iterations (``model_info["tokenizer"]["dir"]``). A flag the user gave that disagrees with
-the checkpoint is an error naming both.
+the checkpoint is an error naming both, except ``--seq-length``, which the given value sets (as Megatron-LM).
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ _FROM_CONFIG = {
     "rotary_percent": "rotary_percent",
 }
 _FROM_INFO = {"seq_length": "seq_length", "max_position_embeddings": "max_position_embeddings"}
+# Flags a run may set apart from the checkpoint: the given value wins (Megatron-LM's non-forced
+# ``_set_arg``). --seq-length is the samples' length, not a shape of the weights.
+_RUN_CHOICES = ("seq_length",)
 _ACTIVATION_FLAGS = {"swiglu": "swiglu", "gelu_tanh": "openai_gelu", "squared_relu": "squared_relu"}
 
 
@@ -95,6 +98,8 @@ def _same(dest: str, given: Any, value: Any) -> bool:
 def _set(args: argparse.Namespace, values: dict[str, Any], parser_defaults: dict[str, Any]) -> None:
     for dest, value in values.items():
         given = getattr(args, dest, None)
+        if dest in _RUN_CHOICES and given is not None and given != parser_defaults.get(dest):
+            continue
         if given is not None and given != parser_defaults.get(dest) and not _same(dest, given, value):
             flag = "--" + dest.replace("_", "-")
             raise ConfigError(f"{flag} {given} disagrees with the checkpoint's {value} under --use-checkpoint-args; "
