@@ -170,10 +170,12 @@ def _load_from(directory):
 
 
 def test_load_without_latest_returns_none_and_warns(tmp_path):
-    """As DeepSpeed: ``(None, {})`` and a warning line, so a mistyped directory does not restart silently."""
+    """As DeepSpeed: ``(None, None)`` and a warning line, so a mistyped directory does not restart silently.
+    It returned ``(None, {})``: a DeepSpeed script's ``if client_state is not None: step =
+    client_state["step"]`` then raised KeyError instead of starting from scratch."""
     for directory, where in ((tmp_path / "typo", "does not exist"), (tmp_path, "has no 'latest' file")):
         result, err = run_distributed(_load_from, 1, str(directory), timeout=60)[0]
-        assert result == (None, {})
+        assert result == (None, None)
         assert err.startswith(f"warning: load_checkpoint: {str(directory)!r} {where}; nothing was loaded"), err
 
 

@@ -377,8 +377,10 @@ def _existing(path: str) -> str:
 
 def load(
     engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool
-) -> tuple[str | None, dict]:
-    """``Engine.load_checkpoint``: model, optimizer fragments (any DP, ZeRO or AutoTP size), scheduler, counters."""
+) -> tuple[str | None, dict | None]:
+    """``Engine.load_checkpoint``: model, optimizer fragments (any DP, ZeRO or AutoTP size), scheduler, counters.
+
+    ``(None, None)`` when ``tag`` is None and ``load_dir`` has no ``latest`` file (DeepSpeed's return)."""
     ps = engine.parallel_state
     if tag is None:
         tag = read_latest(load_dir)
@@ -391,7 +393,7 @@ def load(
                     file=sys.stderr,
                     flush=True,
                 )
-            return None, {}
+            return None, None
     folder = os.path.join(load_dir, tag)
     saved_files, module_state = _model_files(engine, folder, tag, load_dir)
     saved = saved_files[0]

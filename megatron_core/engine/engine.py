@@ -233,13 +233,13 @@ class Engine(torch.nn.Module):
         load_optimizer_states: bool = True,
         load_lr_scheduler_states: bool = True,
         load_module_only: bool = False,
-    ) -> tuple[str | None, dict]:
+    ) -> tuple[str | None, dict | None]:
         """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``.
 
         The data-parallel size, ZeRO stage and AutoTP size may differ from the saving run's (another AutoTP
         size reshards the weights and optimizer state on load: :mod:`megatron_core.engine.reshard`). Raises
         ConfigError for a missing file or a checkpoint of another model.
-        ``(None, {})`` when ``load_dir`` has no ``latest`` file, with a warning line on rank 0, as DeepSpeed.
+        ``(None, None)`` when ``load_dir`` has no ``latest`` file, with a warning line on rank 0, as DeepSpeed.
         """
         return ckpt.load(
             self,
