@@ -393,3 +393,22 @@ def test_without_an_optimizer_section_the_optimizer_config_is_adam_at_the_defaul
     plain, given = optimizer_config_from(config), optimizer_config_from(config, default_lr=0.02)
     assert (plain.optimizer, plain.lr, plain.weight_decay) == ("adam", 1e-3, 0.0)
     assert (given.optimizer, given.lr) == ("adam", 0.02)
+
+
+def test_optimizer_permission_keys_of_real_configs_are_accepted():
+    """LLaMA-Factory's ds_z*_config.json and DeepSpeed's own tests write "zero_allow_untested_optimizer":
+    true, and offload configs "zero_force_ds_cpu_optimizer": false: both were refused as not implemented.
+    They only permit a client optimizer under ZeRO / on the host; every optimizer this engine takes (Adam,
+    AdamW, SGD, run by the library optimizer with the client's hyper-parameters) runs at every stage and
+    with offload, and any other is refused whatever they say. DeepSpeed's sequence_parallel_size (Ulysses)
+    at its default 1 was an unknown key."""
+    for allow in (True, False):
+        for force in (True, False):
+            raw = _with(zero_allow_untested_optimizer=allow, zero_force_ds_cpu_optimizer=force,
+                        zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})
+            assert load_config(raw, dp_size=2).zero_optimization.stage == 2
+    assert load_config(_with(sequence_parallel_size=1), dp_size=2).train_batch_size == 16
+    with pytest.raises(ConfigError, match="^DeepSpeed config: zero_allow_untested_optimizer must be bool, got 'yes'$"):
+        load_config(_with(zero_allow_untested_optimizer="yes"), dp_size=2)
+    with pytest.raises(ConfigError, match="sequence_parallel_size = 2 is a DeepSpeed option this framework does not"):
+        load_config(_with(sequence_parallel_size=2), dp_size=2)

@@ -354,6 +354,10 @@ TOP_LEVEL = {
     "wall_clock_breakdown",
     "tensorboard",
     "csv_monitor",
+    # Permissions for a client optimizer under ZeRO / on the host (LLaMA-Factory's configs set both):
+    # every optimizer this engine takes runs at every stage and with offload, others are refused anyway.
+    "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer",
 }
 
 
@@ -395,6 +399,8 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
             "another DP size, ZeRO stage or AutoTP size as saved (no ds_to_universal step); remove it"
         )
     check_keys(raw, "", TOP_LEVEL, keys.NOT_IMPLEMENTED_TOP)
+    for permission in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer"):
+        typed(raw, "", permission, bool, None)
     for key, _ in _find_auto(raw)[:1]:
         from megatron_core.engine.auto import ARG_OF_KEY  # noqa: PLC0415 - auto imports this module's names
 

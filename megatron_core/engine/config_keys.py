@@ -32,8 +32,7 @@ NOT_IMPLEMENTED_TOP: dict[str, Any] = {
     "communication_data_type": None,
     "seq_parallel_communication_data_type": "fp32",
     "disable_allgather": False,
-    "zero_allow_untested_optimizer": False,
-    "zero_force_ds_cpu_optimizer": True,
+    "sequence_parallel_size": 1,  # DeepSpeed-Ulysses
     "compile": {"enabled": False},
     "pipeline": {},
     "data_types": {"grad_accum_dtype": None},
