@@ -313,3 +313,20 @@ def test_model_spec_takes_the_configs_own_widths():
     spec = ModelSpec(config, 1000, 32, 32, global_batch_size=8)
     assert (spec.ffn_hidden_size, spec.num_query_groups, spec.kv_channels) == (100, 2, 16)
     assert (_spec().ffn_hidden_size, _spec().num_query_groups, _spec().kv_channels) == (192, 6, 8)
+
+
+def test_an_output_that_is_a_directory_and_a_deepspeed_config_are_one_line_errors(tmp_path, capsys):
+    """--output DIR ended, after the search, in IsADirectoryError's traceback. --deepspeed-config FILE
+    (pretrain_gpt.py's flag, which the tool takes) fixes the ZeRO stage and micro batch the search varies:
+    it failed on the first layout with '--micro-batch-size 1 disagrees with the DeepSpeed config', a flag
+    the user never gave."""
+    base = FLAGS + ["--world-size", "2", "--memory-per-device", "1"]
+    for flag in ("--output", "--output-deepspeed-json"):
+        assert cli.main(base + [flag, str(tmp_path)]) == 2
+        assert capsys.readouterr().err == f"error: {flag} {tmp_path} is a directory; give a file name in it\n"
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2,
+                                                  "zero_optimization": {"stage": 1}}))
+    assert cli.main(base + ["--deepspeed-config", str(tmp_path / "ds.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --deepspeed-config is what the search chooses") \
+        and "--output-deepspeed-json" in err, err

@@ -220,8 +220,14 @@ def _check_autotune_args(args: argparse.Namespace) -> None:
     if memory is not None and not (memory > 0 and math.isfinite(memory)):
         raise ConfigError(f"--memory-per-device takes GiB per rank, a finite number > 0; got {memory}")
     for flag, path in (("--output", args.output), ("--output-deepspeed-json", args.output_deepspeed_json)):
+        if path is not None and os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a directory; give a file name in it")
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ConfigError(f"{flag} {path}: directory {os.path.dirname(os.path.abspath(path))} does not exist")
+    if args.deepspeed_config is not None:
+        # Its ZeRO, offload and batch sections would fix what each candidate layout sets by flags.
+        raise ConfigError("--deepspeed-config is what the search chooses (ZeRO stage, offload, micro batch); drop "
+                          "it, and --output-deepspeed-json FILE writes the best layout as a DeepSpeed config")
 
 
 def _main(argv: list[str]) -> int:
