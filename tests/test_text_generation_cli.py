@@ -128,3 +128,18 @@ def test_an_error_after_initialization_tears_the_model_parallel_groups_down(capf
 
     assert run_distributed(_report_after_initialization, 1, timeout=60) == [(True, False)]
     assert "run_text_generation.py: error: --load x: bad" in capfd.readouterr().err
+
+
+def test_an_output_path_that_cannot_be_written_is_a_one_line_error_before_loading(tmp_path, capsys):
+    """--output DIR and --output in a missing directory ended, after loading and generating, in
+    IsADirectoryError's / FileNotFoundError's traceback."""
+    from megatron_core.inference.text_generation_cli import main
+
+    tiny_hf_gpt2().save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    for output, message in ((tmp_path, f"--output {tmp_path} is a directory; give a file name in it"),
+                            (tmp_path / "no" / "out.json", f"--output {tmp_path / 'no' / 'out.json'}: directory "
+                                                           f"{tmp_path / 'no'} does not exist")):
+        assert main(["--load", str(tmp_path / "hf"), "--prompt-tokens", "1,2", "--tokens-to-generate", "1",
+                     "--output", str(output)]) == 2
+        assert capsys.readouterr().err == f"run_text_generation.py: error: {message}\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,11 +132,23 @@ def _prompts(args: argparse.Namespace, tokenizer: MegatronTokenizer | None) -> l
     return [tokenizer.tokenize(p) for p in args.prompt]
 
 
+def _check_output(path: str | None) -> None:
+    """ConfigError for an ``--output`` that cannot be written, before the model is loaded."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ConfigError(f"--output {path} is a directory; give a file name in it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output {path}: directory {parent} does not exist")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 with a one-line message on a configuration error)."""
     args = build_parser().parse_args(argv)
     context = None
     try:
+        _check_output(args.output)
         sampling = sampling_from_args(args)
         context = initialize_distributed(args.distributed_backend, timeout_minutes=30)
         gen = setup(args, need_tokenizer=bool(args.prompt))
