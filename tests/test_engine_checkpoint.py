@@ -319,3 +319,52 @@ def test_an_fp16_checkpoint_loads_into_an_fp32_engine(tmp_path):
     scaler to fill: the checkpoint's scaler state is left aside, not loaded into a scaler that does not exist."""
     ((scaler, same),) = run_distributed(_cross_precision_load, 1, str(tmp_path), timeout=60)
     assert scaler is None and same and all(same.values()), same
+
+
+def _train_mlp_with_a_frozen_layer(directory):
+    model = make_model("mlp")
+    model[0].requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=trainable, config=ds_config(1, 1, 2))
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(directory)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return state
+
+
+def test_consolidation_takes_deepspeeds_current_command_line(tmp_path, capsys):
+    """DeepSpeed's zero_to_fp32.py (0.14 on): ``CHECKPOINT_DIR OUTPUT_DIR [--safe_serialization]
+    [--max_shard_size 5GB] [--exclude_frozen_parameters] [-d]`` writes OUTPUT_DIR/pytorch_model.bin (or
+    model.safetensors), in shards with an index past --max_shard_size. The flags were unrecognized, and a
+    plain model's OUTPUT_DIR became one safetensors file of that name, which torch.load and
+    OUTPUT_DIR/pytorch_model.bin could not read."""
+    import json
+
+    from safetensors.torch import load_file
+
+    expected = run_distributed(_train_mlp_with_a_frozen_layer, 1, str(tmp_path / "ckpt"), timeout=60)[0]
+    ckpt = str(tmp_path / "ckpt")
+
+    def same(state, names):
+        assert set(state) == set(names) and all(torch.equal(state[k], expected[k]) for k in names), sorted(state)
+
+    assert consolidate_main([ckpt, str(tmp_path / "out"), "-d"]) == 0
+    same(torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True), expected)
+    assert consolidate_main([ckpt, str(tmp_path / "safe"), "--safe_serialization", "--exclude_frozen_parameters"]) == 0
+    same(load_file(str(tmp_path / "safe" / "model.safetensors")), [k for k in expected if not k.startswith("0.")])
+    # 1 KB shards: each tensor alone where it is larger, the index names every tensor's shard.
+    assert consolidate_main([ckpt, str(tmp_path / "shards"), "--max_shard_size", "1KB"]) == 0
+    index = json.loads((tmp_path / "shards" / "pytorch_model.bin.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"pytorch_model-00001-of-{len(files):05d}.bin", files
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in expected.values())
+    merged = {}
+    for name in files:
+        merged.update(torch.load(tmp_path / "shards" / name, weights_only=True))
+    same(merged, expected)
+    assert {k: f for f in files for k in torch.load(tmp_path / "shards" / f, weights_only=True)} == index["weight_map"]
+    capsys.readouterr()
+    assert consolidate_main([ckpt, str(tmp_path / "bad"), "--max_shard_size", "5 parsecs"]) == 2
+    assert capsys.readouterr().out == ("error: --max_shard_size '5 parsecs': give a size such as 5GB, 500MB or a "
+                                       "number of bytes\n")

@@ -8,9 +8,13 @@ layout, tied weights get every state-dict key they had, and buffers come from th
 result is exact: the fp32 master values, no re-rounding.
 
 Output: a ``.safetensors`` file; a ``.bin`` / ``.pt`` / ``.pth`` file written with ``torch.save`` (what
-DeepSpeed's ``zero_to_fp32.py CHECKPOINT_DIR pytorch_model.bin`` writes); or, when the model came from
+DeepSpeed's older ``zero_to_fp32.py CHECKPOINT_DIR pytorch_model.bin`` writes); when the model came from
 ``transformers``, a Hugging Face directory (``config.json`` + ``model.safetensors``, tied keys left to
-``from_pretrained`` to re-tie).
+``from_pretrained`` to re-tie); otherwise a directory as DeepSpeed's current ``zero_to_fp32.py
+CHECKPOINT_DIR OUTPUT_DIR`` writes it: ``pytorch_model.bin`` (``model.safetensors`` with
+``--safe_serialization``), cut into ``pytorch_model-00001-of-0000N.bin`` ... with
+``pytorch_model.bin.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {key: file}}``, Hugging
+Face's sharded layout) when larger than ``--max_shard_size``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 import torch
 
@@ -84,6 +89,18 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
 
 
 TORCH_SAVE_SUFFIXES = (".bin", ".pt", ".pth")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # huggingface_hub's units
+
+
+def parse_size(text: str) -> int:
+    """Bytes of ``"5GB"`` / ``"500MB"`` / ``"1KiB"`` / ``"1000"`` (DeepSpeed's and Hugging Face's
+    ``max_shard_size``); ConfigError naming the flag otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"--max_shard_size {text!r}: give a size such as 5GB, 500MB or a number of bytes")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _torch_save(state: dict[str, torch.Tensor], output: str) -> None:
@@ -92,41 +109,85 @@ def _torch_save(state: dict[str, torch.Tensor], output: str) -> None:
     atomic_save(state, output)
 
 
-def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, hf_dir: bool | None = None) -> str:
-    """Write the consolidated fp32 weights to ``output`` (a ``.safetensors`` file, a ``torch.save`` file ending
-    in ``.bin``/``.pt``/``.pth``, or an HF directory); returns it.
-
-    ``hf_dir`` None: a directory when the checkpoint holds a Hugging Face config and ``output`` does
-    not end in ``.safetensors``.
-    """
+def _write_file(state: dict[str, torch.Tensor], path: str, safe: bool) -> None:
     from safetensors.torch import save_file  # only the tool needs it
 
+    if safe:
+        save_file(state, path, metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0o600; a plain open() would not
+    else:
+        _torch_save(state, path)
+
+
+def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, max_shard_bytes: int | None) -> None:
+    """``output/pytorch_model.bin`` (``model.safetensors`` when ``safe``), or shards of at most
+    ``max_shard_bytes`` (a tensor larger than that alone in its shard) and their index, in key order."""
+    os.makedirs(output, exist_ok=True)
+    name, ext = ("model", ".safetensors") if safe else ("pytorch_model", ".bin")
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and max_shard_bytes is not None and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    if len(shards) == 1:
+        _write_file(state, os.path.join(output, name + ext), safe)
+        return
+    weight_map = {}
+    for i, keys in enumerate(shards, start=1):
+        file = f"{name}-{i:05d}-of-{len(shards):05d}{ext}"
+        _write_file({k: state[k] for k in keys}, os.path.join(output, file), safe)
+        weight_map.update(dict.fromkeys(keys, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(output, f"{name}{ext}.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+
+
+def _frozen_keys(checkpoint_dir: str, tag: str | None) -> set[str]:
+    folder = _tag_folder(checkpoint_dir, tag)
+    meta = torch.load(model_file(folder, 0), weights_only=True, map_location="cpu")["param_meta"]
+    return {key for name, info in meta.items() if not trained(info) for key in [name, *info["aliases"]]}
+
+
+def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, hf_dir: bool | None = None, *,
+                      safe_serialization: bool = False, max_shard_bytes: int | None = None,
+                      exclude_frozen_parameters: bool = False) -> str:
+    """Write the consolidated fp32 weights to ``output`` (a ``.safetensors`` file, a ``torch.save`` file ending
+    in ``.bin``/``.pt``/``.pth``, an HF directory, or DeepSpeed's output directory); returns it.
+
+    ``hf_dir`` None: an HF directory when the checkpoint holds a Hugging Face config and ``output`` does
+    not end in ``.safetensors``; False: a ``.safetensors`` file. Otherwise (a plain model, no file suffix)
+    :func:`write_weights_dir` with ``safe_serialization`` and ``max_shard_bytes``, as DeepSpeed's
+    ``zero_to_fp32.py``. ``exclude_frozen_parameters`` leaves ``requires_grad=False`` parameters out.
+    """
     from megatron_core.checkpoint.hf_io import normal_permissions
 
     state, hf_config = consolidate_state_dict(checkpoint_dir, tag)
+    if exclude_frozen_parameters:
+        frozen = _frozen_keys(checkpoint_dir, tag)
+        state = {k: v for k, v in state.items() if k not in frozen}
     if output.endswith(TORCH_SAVE_SUFFIXES):
         _torch_save(state, output)
         return output
-    if hf_dir is None:
-        hf_dir = hf_config is not None and not output.endswith(".safetensors")
-    if not hf_dir:
+    if output.endswith(".safetensors") or hf_dir is False:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        save_file(state, output)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(output, 0o666 & ~umask)  # safetensors writes 0o600; a plain open() would not
+        _write_file(state, output, safe=True)
         return output
     if hf_config is None:
-        raise ConfigError(f"{checkpoint_dir!r} was not trained from a transformers model; write a .safetensors file")
+        if hf_dir:
+            raise ConfigError(f"{checkpoint_dir!r} was not trained from a transformers model; write a .safetensors "
+                              f"file")
+        write_weights_dir(state, output, safe_serialization, max_shard_bytes)
+        return output
     folder = _tag_folder(checkpoint_dir, tag)
     meta = torch.load(model_file(folder, 0), weights_only=True, map_location="cpu")["param_meta"]
     tied = {alias for info in meta.values() for alias in info["aliases"]}
-    os.makedirs(output, exist_ok=True)
-    save_file(
-        {k: v for k, v in state.items() if k not in tied},
-        os.path.join(output, "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    write_weights_dir({k: v for k, v in state.items() if k not in tied}, output, True, max_shard_bytes)
     hf_config = {**hf_config, "torch_dtype": "float32"}
     hf_config.pop("dtype", None)
     with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
@@ -136,19 +197,31 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``tools/zero_to_fp32.py CHECKPOINT_DIR OUTPUT [--tag TAG]``."""
+    """``tools/zero_to_fp32.py CHECKPOINT_DIR OUTPUT [--tag TAG]`` and DeepSpeed's current flags."""
     parser = argparse.ArgumentParser(
         description="Consolidate an engine checkpoint (any ZeRO stage, DP and AutoTP "
-        "size) into fp32 safetensors or a Hugging Face directory."
+        "size) into fp32 safetensors, a torch.save file, a Hugging Face directory or DeepSpeed's output directory."
     )
     parser.add_argument("checkpoint_dir", help="the save directory (reads its 'latest' tag) or a tag folder")
-    parser.add_argument("output", help="a .safetensors file, a .bin/.pt/.pth file (torch.save, as DeepSpeed's "
-                        "zero_to_fp32.py CHECKPOINT_DIR pytorch_model.bin), or a directory for a Hugging Face model")
+    parser.add_argument("output", help="a .safetensors file, a .bin/.pt/.pth file (torch.save, as DeepSpeed's older "
+                        "zero_to_fp32.py CHECKPOINT_DIR pytorch_model.bin), or a directory: a Hugging Face model for "
+                        "a transformers model, else pytorch_model.bin (model.safetensors) in it, as DeepSpeed's "
+                        "zero_to_fp32.py CHECKPOINT_DIR OUTPUT_DIR")
     parser.add_argument("-t", "--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
     parser.add_argument("--safetensors", action="store_true", help="one file even for a transformers model")
+    parser.add_argument("--safe_serialization", action="store_true",
+                        help="DeepSpeed's: model.safetensors in the output directory instead of pytorch_model.bin")
+    parser.add_argument("--max_shard_size", default="5GB",
+                        help="DeepSpeed's: cut a directory's weights into shards of at most this size (default 5GB)")
+    parser.add_argument("--exclude_frozen_parameters", action="store_true",
+                        help="DeepSpeed's: leave out parameters with requires_grad=False")
+    parser.add_argument("-d", "--debug", action="store_true", help="DeepSpeed's: accepted; nothing more is printed")
     args = parser.parse_args(argv)
     try:
-        path = save_consolidated(args.checkpoint_dir, args.output, args.tag, hf_dir=False if args.safetensors else None)
+        path = save_consolidated(args.checkpoint_dir, args.output, args.tag, hf_dir=False if args.safetensors else None,
+                                 safe_serialization=args.safe_serialization,
+                                 max_shard_bytes=parse_size(args.max_shard_size),
+                                 exclude_frozen_parameters=args.exclude_frozen_parameters)
     except ConfigError as exc:
         print(f"error: {exc}")
         return 2
