@@ -368,3 +368,36 @@ def test_consolidation_takes_deepspeeds_current_command_line(tmp_path, capsys):
     assert consolidate_main([ckpt, str(tmp_path / "bad"), "--max_shard_size", "5 parsecs"]) == 2
     assert capsys.readouterr().out == ("error: --max_shard_size '5 parsecs': give a size such as 5GB, 500MB or a "
                                        "number of bytes\n")
+
+
+def _save_client_state(directory, client_state):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))
+    try:
+        engine.save_checkpoint(directory, client_state=client_state)
+        return "saved", engine.load_checkpoint(directory)[1]
+    except ConfigError as exc:
+        return "error", str(exc)
+    finally:
+        engine.parallel_state.destroy()
+
+
+def test_client_state_must_be_readable_back(tmp_path):
+    """DeepSpeed pickles any client_state; Megatron-DeepSpeed passes its argparse args there. Here every
+    file is read with torch.load(weights_only=True): an object() was saved, and the checkpoint then failed
+    to load with an UnpicklingError traceback; an argparse.Namespace too. Now a Namespace is read back, and
+    anything else that cannot be is refused in one line at save time, before a file is written."""
+    import argparse
+
+    args = argparse.Namespace(lr=1e-3, name="run", layers=[1, 2])
+    kind, client = run_distributed(_save_client_state, 1, str(tmp_path / "ns"), {"args": args, "step": 3},
+                                   timeout=60)[0]
+    assert kind == "saved" and client == {"args": args, "step": 3}, client
+    state, _ = consolidate_state_dict(str(tmp_path / "ns"))  # the model file holds the Namespace too
+    assert set(state) == set(make_model("mlp").state_dict())
+    kind, message = run_distributed(_save_client_state, 1, str(tmp_path / "obj"), {"step": 3, "obj": object()},
+                                    timeout=60)[0]
+    assert (kind, message) == ("error", "save_checkpoint: client_state['obj'] (object) is not read back by "
+                                        "torch.load(weights_only=True) (Unsupported global: GLOBAL object); "
+                                        "keep tensors, numbers, strings, lists, dicts and argparse.Namespace in "
+                                        "client_state"), message
+    assert not (tmp_path / "obj").exists() or not os.listdir(tmp_path / "obj")

@@ -16,14 +16,17 @@ with another DP size (or ZeRO stage, or bucket size) rebuilds each parameter and
 pieces; a run with another AutoTP size also joins the TP shards and cuts its own
 (:mod:`megatron_core.engine.reshard`). Files are written to a temporary name and renamed; ``latest``
 is written by rank 0 after every rank has finished, so it only ever names a complete checkpoint.
-Everything is read back with ``torch.load(weights_only=True)``: ``client_state`` must hold tensors and
-plain Python values.
+Everything is read back with ``torch.load(weights_only=True)`` (:func:`load_states`): ``client_state``
+must hold tensors, plain Python values and ``argparse.Namespace`` (Megatron-DeepSpeed passes its args
+there); anything else is refused when saving (:func:`client_state_error`), since it could not be loaded.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
+import io
 import json
 import os
 import re
@@ -176,6 +179,36 @@ def _agree_on_write(error: str | None) -> None:
         raise ConfigError(first)
 
 
+# Classes read back besides torch.load(weights_only=True)'s own: a plain attribute container.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
+def load_states(path: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, also reading ``argparse.Namespace`` (in client_state)."""
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def client_state_error(client_state: Any) -> str | None:
+    """Why ``client_state`` would not load back through :func:`load_states` (the first key), or None."""
+    if not isinstance(client_state, dict):
+        return f"save_checkpoint: client_state must be a dict, got {type(client_state).__name__}"
+    for key, value in client_state.items():
+        buffer = io.BytesIO()
+        try:
+            torch.save(value, buffer)
+            buffer.seek(0)
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                torch.load(buffer, weights_only=True)
+        except Exception as exc:  # pickling errors of any kind, and the weights-only unpickler's refusal
+            found = re.search(r"Unsupported global: GLOBAL \S+", str(exc))
+            reason = found.group(0) if found else type(exc).__name__
+            return (f"save_checkpoint: client_state[{key!r}] ({type(value).__name__}) is not read back by "
+                    f"torch.load(weights_only=True) ({reason}); keep tensors, numbers, strings, lists, dicts and "
+                    f"argparse.Namespace in client_state")
+    return None
+
+
 def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool) -> str:
     """``Engine.save_checkpoint`` (see the module docstring for the layout).
 
@@ -198,12 +231,14 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     # Every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective, which
     # hung when only DP rank 0 called it); below stage 3 it returns references, so this costs nothing.
     module_state, meta = engine.module.state_dict(), param_meta(engine.module)
-    error = None
+    # Before any file: a client_state that cannot be loaded back would make the checkpoint unloadable.
+    error = client_state_error(client_state) if ps.dp_rank == 0 else None
     try:
-        os.makedirs(folder, exist_ok=True)
-        if ps.dp_rank == 0:
+        if error is None:
+            os.makedirs(folder, exist_ok=True)
+        if error is None and ps.dp_rank == 0:
             atomic_save(_model_states(engine, module_state, meta, client_state), model_file(folder, ps.tp_rank))
-        if sharded or ps.dp_rank == 0:
+        if error is None and (sharded or ps.dp_rank == 0):
             atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
         error = (f"save_checkpoint: writing {folder!r} failed on rank {ps.rank} ({exc}); 'latest' still names "
@@ -357,13 +392,13 @@ def _model_files(engine: Any, folder: str, tag: str, load_dir: str) -> tuple[lis
     first = model_file(folder, 0)
     if not os.path.exists(first):
         raise ConfigError(f"load_checkpoint: {first} does not exist (tag {tag!r} in {load_dir!r})")
-    saved = torch.load(first, weights_only=True, map_location="cpu")
+    saved = load_states(first)
     if saved["tp_size"] == ps.tp_size:
         if ps.tp_rank != 0:
-            saved = torch.load(_existing(model_file(folder, ps.tp_rank)), weights_only=True, map_location="cpu")
+            saved = load_states(_existing(model_file(folder, ps.tp_rank)))
         return [saved], saved["module"]
     files = [saved] + [
-        torch.load(_existing(model_file(folder, r)), weights_only=True, map_location="cpu")
+        load_states(_existing(model_file(folder, r)))
         for r in range(1, saved["tp_size"])
     ]
     return files, reshard_module(files, param_meta(engine.module), ps.tp_rank, ps.tp_size)

@@ -26,7 +26,15 @@ import re
 
 import torch
 
-from megatron_core.engine.checkpoint import atomic_save, full_fragments, model_file, optim_files, read_latest, trained
+from megatron_core.engine.checkpoint import (
+    atomic_save,
+    full_fragments,
+    load_states,
+    model_file,
+    optim_files,
+    read_latest,
+    trained,
+)
 from megatron_core.engine.reshard import to_full
 from megatron_core.errors import ConfigError
 
@@ -61,12 +69,12 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
     Raises ConfigError when files are missing.
     """
     folder = _tag_folder(checkpoint_dir, tag)
-    first = torch.load(model_file(folder, 0), weights_only=True, map_location="cpu")
+    first = load_states(model_file(folder, 0))
     tp_size = first["tp_size"]
     per_rank = []
     for tp_rank in range(tp_size):
         saved = (
-            first if tp_rank == 0 else torch.load(model_file(folder, tp_rank), weights_only=True, map_location="cpu")
+            first if tp_rank == 0 else load_states(model_file(folder, tp_rank))
         )
         files = optim_files(folder, tp_rank)
         if not files:
@@ -150,7 +158,7 @@ def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, m
 
 def _frozen_keys(checkpoint_dir: str, tag: str | None) -> set[str]:
     folder = _tag_folder(checkpoint_dir, tag)
-    meta = torch.load(model_file(folder, 0), weights_only=True, map_location="cpu")["param_meta"]
+    meta = load_states(model_file(folder, 0))["param_meta"]
     return {key for name, info in meta.items() if not trained(info) for key in [name, *info["aliases"]]}
 
 
@@ -185,7 +193,7 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
         write_weights_dir(state, output, safe_serialization, max_shard_bytes)
         return output
     folder = _tag_folder(checkpoint_dir, tag)
-    meta = torch.load(model_file(folder, 0), weights_only=True, map_location="cpu")["param_meta"]
+    meta = load_states(model_file(folder, 0))["param_meta"]
     tied = {alias for info in meta.values() for alias in info["aliases"]}
     write_weights_dir({k: v for k, v in state.items() if k not in tied}, output, True, max_shard_bytes)
     hf_config = {**hf_config, "torch_dtype": "float32"}
