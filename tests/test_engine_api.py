@@ -122,6 +122,10 @@ def _init_error(kind):
         megatron_core.initialize(model)
     elif kind == "mpu":
         megatron_core.initialize(model, config=config, mpu=object())
+    elif kind == "not-a-module":  # was AttributeError: 'function' object has no attribute 'to'
+        megatron_core.initialize(lambda x: x, config=config)
+    elif kind == "no-model":
+        megatron_core.initialize(None, config=config)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +140,8 @@ def _init_error(kind):
         ("no-config", "no DeepSpeed config; pass config=PATH_OR_DICT"),
         ("mpu", "mpu= (model-parallel groups made outside) is not implemented; drop it and use the config's "
                 "tensor_parallel.autotp_size"),
+        ("not-a-module", "initialize: model= must be a torch.nn.Module, got function"),
+        ("no-model", "initialize: model= must be a torch.nn.Module, got NoneType"),
     ],
 )
 def test_initialize_errors(kind, message):

@@ -205,6 +205,8 @@ def initialize(
     Raises ConfigError (one line) for every configuration problem.
     """
     report_uncaught_config_errors()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"initialize: model= must be a torch.nn.Module, got {type(model).__name__}")
     if config is not None and config_params is not None:
         raise ConfigError("initialize: give config= or config_params=, not both")
     for name, value in (("mpu", mpu), ("mesh_param", mesh_param)):
