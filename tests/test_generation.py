@@ -170,3 +170,36 @@ def test_generation_stops_once_every_sequence_is_finished():
     assert both.tokens == [free_short, free_long[:len(long_) + 1]]
     # Positions 3..12: the short prompt spends its budget at 12, the long one stopped at 7; 14 without the stop.
     assert calls == NEW_TOKENS, f"{calls} forwards: the loop ran past the step where the last sequence finished"
+
+
+def _with_log_probs(hf_model, pp, runs):
+    world = dist.get_world_size()
+    ps = parallel_state.initialize_model_parallel(world // pp, pp)
+    ps.manual_seed(1)
+    config, vocab, positions = core_config_of(hf_model)
+    model = GPTModel(config, vocab, positions, parallel_state=ps, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(), make_vocab_size_divisible_by=8)
+    load_hf_weights(model, hf_model, 8, ps)
+    return [generate(model, PROMPTS, new_tokens, eod_id=None, vocab_size=vocab, sampling=params, use_kv_cache=cache,
+                     parallel_state=ps, return_log_probs=True) for new_tokens, params, cache in runs]
+
+
+@pytest.mark.parametrize("kind,tp,pp", [("gpt2", 2, 1), ("llama", 2, 1), ("llama", 1, 2)])
+def test_log_probs_equal_hf_log_softmax(kind, tp, pp):
+    """Megatron-LM's ``logprobs``: each returned token's log-probability given the tokens before it, for
+    prompt and generated tokens, with and without the KV cache, sampled or greedy, and for scoring alone
+    (0 new tokens), equal to Hugging Face's log_softmax of the same sequence (fp32, relative 1e-5), on
+    every rank of the layout."""
+    from equivalence import assert_rel_close
+
+    hf_model = BUILDERS[kind](vocab_size=250, layers=2)
+    runs = [(NEW_TOKENS, None, True), (NEW_TOKENS, None, False), (4, SamplingParams(temperature=0.7, top_k=5, seed=2),
+                                                                   True), (0, None, True)]
+    for rank, outs in enumerate(run_distributed(_with_log_probs, tp * pp, hf_model, pp, runs, timeout=120)):
+        for (new_tokens, _, _), out in zip(runs, outs, strict=True):
+            for tokens, scores in zip(out.tokens, out.log_probs, strict=True):
+                assert len(scores) == len(tokens) - 1 and (new_tokens or len(tokens) in map(len, PROMPTS))
+                ids = torch.tensor([tokens])
+                ref = hf_model(ids).logits.float().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+                assert_rel_close(torch.tensor(scores), ref.detach(), 1e-5,
+                                 f"{kind} TP {tp} PP {pp} rank {rank}, {new_tokens} new tokens: log-probs")

@@ -13,6 +13,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from equivalence import assert_rel_close
 
 from tests.hf_testing import tiny_hf_gpt2
 from tests.test_text_generation_cli import _save_tokenizer_json
@@ -132,7 +133,8 @@ def test_a_world_larger_than_one_model_replica_is_refused_naming_the_fix(tmp_pat
 
 
 def test_ctrl_c_stops_a_tp2_server_at_once_without_a_traceback_of_ours(tmp_path):
-    """A terminal's Ctrl-C (SIGINT to torchrun and every rank) ends a TP=2 server within seconds.
+    """A terminal's Ctrl-C (SIGINT to torchrun and every rank) ends a TP=2 server within seconds (after
+    answering Megatron-LM's ``logprobs`` requests over HTTP).
 
     Rank 1 waits in the broadcast of the next request: its KeyboardInterrupt landed between the two
     broadcasts of ``broadcast_object_list`` (or in the shutdown barrier) while rank 0 sent the stop
@@ -150,7 +152,19 @@ def test_ctrl_c_stops_a_tp2_server_at_once_without_a_traceback_of_ours(tmp_path)
     try:
         _wait_until_serving(proc, port)
         status, answer = _put(port, {"prompts": ["the quick"], "tokens_to_generate": 2})
-        assert status == 200, answer
+        assert status == 200 and answer["logprobs"] is None, answer
+        # Megatron-LM's "logprobs": each token's log-probability given those before it (was refused as an
+        # unknown field); tokens_to_generate 0 scores the prompts. Against HF's log_softmax, fp32 1e-5.
+        for body in ({"prompts": ["the quick", "def f(x):"], "tokens_to_generate": 3, "logprobs": True},
+                     {"prompts": ["the lazy dog"], "tokens_to_generate": 0, "logprobs": True}):
+            status, answer = _put(port, body)
+            assert status == 200, answer
+            for tokens, scores in zip(answer["tokens"], answer["logprobs"], strict=True):
+                ids = torch.tensor([tokens])
+                ref = hf_model(ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0].detach()
+                assert_rel_close(torch.tensor(scores), ref, 1e-5, f"server logprobs of {body}")
+        status, answer = _put(port, {"prompts": ["x"], "tokens_to_generate": 1, "logprobs": "yes"})
+        assert status == 400 and answer["error"] == "'logprobs' must be true or false, got 'yes'", answer
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
         _, err = proc.communicate(timeout=20)
     finally:

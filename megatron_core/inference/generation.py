@@ -25,10 +25,16 @@ from megatron_core.parallel_state import ParallelState, get_parallel_state
 
 @dataclass
 class GenerationOutput:
-    """Per prompt: ``tokens`` = prompt + generated ids (up to and including EOD); ``generated`` counts the new ones."""
+    """Per prompt: ``tokens`` = prompt + generated ids (up to and including EOD); ``generated`` counts the new ones.
+
+    ``log_probs`` (with ``return_log_probs``): per prompt, ``len(tokens) - 1`` natural-log probabilities,
+    entry ``i`` = log P(tokens[i + 1] | tokens[: i + 1]) under the model's own distribution (no temperature,
+    top-k or top-p; TP padding ids excluded), as Megatron-LM's ``logprobs``; None otherwise.
+    """
 
     tokens: list[list[int]]
     generated: list[int]
+    log_probs: list[list[float]] | None = None
 
 
 def _gather_vocab(logits: torch.Tensor, parallel_state: ParallelState) -> torch.Tensor:
@@ -41,9 +47,10 @@ def _gather_vocab(logits: torch.Tensor, parallel_state: ParallelState) -> torch.
 
 
 def _stage_forward(model: GPTModel, tokens: torch.Tensor, positions: torch.Tensor,
-                   context: InferenceContext | None, parallel_state: ParallelState) -> torch.Tensor | None:
+                   context: InferenceContext | None, parallel_state: ParallelState,
+                   every_position: bool = False) -> torch.Tensor | None:
     """One forward pass of this pipeline stage over ``tokens`` [b, s_new]; logits [b, V] of the last
-    position on the last stage, None elsewhere."""
+    position (``every_position``: [b, s_new, V]) on the last stage, None elsewhere."""
     extra = {} if context is None else {"inference_context": context}
     pp = parallel_state.pp_size
     if pp > 1 and not parallel_state.is_pipeline_first_stage():
@@ -55,7 +62,19 @@ def _stage_forward(model: GPTModel, tokens: torch.Tensor, positions: torch.Tenso
     if pp > 1 and not parallel_state.is_pipeline_last_stage():
         dist.send(out.contiguous(), dst=parallel_state.next_pipeline_rank)
         return None
-    return _gather_vocab(out[:, -1, :].float(), parallel_state)
+    return _gather_vocab((out if every_position else out[:, -1, :]).float(), parallel_state)
+
+
+def _token_log_probs(logits: torch.Tensor | None, targets: torch.Tensor, vocab_size: int,
+                     parallel_state: ParallelState) -> torch.Tensor:
+    """log P(targets) [b, n] from ``logits`` [b, n, V_padded] (last stage), on every pipeline rank."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
+    if logits is not None:
+        log_probs = logits[..., :vocab_size].log_softmax(dim=-1)  # TP padding ids are no tokens
+        out = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if parallel_state.pp_size > 1:
+        dist.broadcast(out, src=parallel_state.pp_ranks[-1], group=parallel_state.pp_group)
+    return out
 
 
 def _next_tokens(logits: torch.Tensor | None, batch: int, params: SamplingParams, vocab_size: int,
@@ -93,8 +112,12 @@ def _check(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: in
 @torch.no_grad()
 def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              eod_id: int | None, vocab_size: int, sampling: SamplingParams | None = None,
-             use_kv_cache: bool = True, parallel_state: ParallelState | None = None) -> GenerationOutput:
+             use_kv_cache: bool = True, parallel_state: ParallelState | None = None,
+             return_log_probs: bool = False) -> GenerationOutput:
     """Continue each prompt (token ids) by up to ``max_new_tokens``, stopping a sequence at ``eod_id``.
+
+    ``return_log_probs``: also each token's log-probability (:class:`GenerationOutput`); with
+    ``max_new_tokens`` 0 the prompts are scored in one forward pass (Megatron-LM's scoring path).
 
     ``model``: this rank's GPTModel chunk (eval mode is set here). ``vocab_size``: the true vocabulary;
     logits of TP padding ids are masked. Every rank of the model-parallel group must call this with the
@@ -112,6 +135,12 @@ def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: 
     tokens = torch.full((batch, total), eod_id if eod_id is not None else 0, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
+    log_probs = torch.zeros(batch, max(total - 1, 0), device=device) if return_log_probs else None
+    if log_probs is not None and max_new_tokens == 0:  # scoring: the prompts' tokens, one pass
+        positions = torch.arange(0, total, device=device).expand(batch, -1)
+        logits = _stage_forward(model, tokens, positions, None, ps, every_position=True)
+        log_probs[:] = _token_log_probs(None if logits is None else logits[:, :-1], tokens[:, 1:], vocab_size, ps)
+        return _collect(tokens, lengths, total, 0, eod_id, log_probs)
     generator = torch.Generator(device=device).manual_seed(params.seed)
     context = InferenceContext(batch, total) if use_kv_cache else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -119,7 +148,8 @@ def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: 
     for pos in range(int(lengths.min()), total):
         chunk = tokens[:, prev:pos]
         positions = torch.arange(prev, pos, device=device).expand(batch, -1)
-        logits = _stage_forward(model, chunk, positions, context, ps)
+        every = _stage_forward(model, chunk, positions, context, ps, every_position=log_probs is not None)
+        logits = every[:, -1, :] if every is not None and log_probs is not None else every
         new = _next_tokens(logits, batch, params, vocab_size, generator, ps, device)
         generating = lengths <= pos
         if eod_id is not None:
@@ -127,17 +157,19 @@ def generate(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: 
         tokens[:, pos] = torch.where(generating, new, tokens[:, pos])
         if eod_id is not None:
             done |= generating & (new == eod_id)
+        if log_probs is not None:  # positions prev..pos-1 predicted tokens prev+1..pos
+            log_probs[:, prev:pos] = _token_log_probs(every, tokens[:, prev + 1:pos + 1], vocab_size, ps)
         end = pos + 1
         if context is not None:
             context.advance(pos - prev)
             prev = pos
         if bool((done | (lengths + max_new_tokens <= pos + 1)).all()):
             break
-    return _collect(tokens, lengths, end, max_new_tokens, eod_id)
+    return _collect(tokens, lengths, end, max_new_tokens, eod_id, log_probs)
 
 
 def _collect(tokens: torch.Tensor, lengths: torch.Tensor, end: int, max_new_tokens: int,
-             eod_id: int | None) -> GenerationOutput:
+             eod_id: int | None, log_probs: torch.Tensor | None = None) -> GenerationOutput:
     out, counts = [], []
     for row, length in zip(tokens.tolist(), lengths.tolist(), strict=True):
         # A short prompt in a batch may run past its own budget while longer ones catch up: cut it.
@@ -146,4 +178,5 @@ def _collect(tokens: torch.Tensor, lengths: torch.Tensor, end: int, max_new_toke
             new = new[:new.index(eod_id) + 1]
         out.append(row[:length] + new)
         counts.append(len(new))
-    return GenerationOutput(out, counts)
+    scores = None if log_probs is None else [lp[:len(t) - 1] for lp, t in zip(log_probs.tolist(), out, strict=True)]
+    return GenerationOutput(out, counts, scores)

@@ -1,9 +1,11 @@
 """``tools/run_text_generation_server.py``: Megatron-LM's text generation REST API on Flask.
 
 ``PUT /api`` with JSON ``{"prompts": [str, ...], "tokens_to_generate": int}`` and optionally
-``temperature``, ``top_k``, ``top_p``, ``random_seed`` (Megatron-LM's field names) answers
-``{"text": [prompt + continuation, ...], "tokens": [[ids], ...]}``; a bad request gets HTTP 400 and a
-one-line message. Rank 0 serves HTTP; each request is broadcast to every rank of the model-parallel
+``temperature``, ``top_k``, ``top_p``, ``random_seed``, ``logprobs`` (Megatron-LM's field names) answers
+``{"text": [prompt + continuation, ...], "tokens": [[ids], ...], "logprobs": [[float, ...], ...] or null}``
+(``logprobs``: each token's log-probability given the ones before it, ``len(tokens) - 1`` per prompt, as
+Megatron-LM's; ``tokens_to_generate`` 0 scores the prompts); a bad request gets HTTP 400 and a one-line
+message. Rank 0 serves HTTP; each request is broadcast to every rank of the model-parallel
 group (as Megatron-LM's ``send_do_generate``) so all ranks run the same generation. A lock
 serialises requests: concurrent clients are answered one generation at a time, in arrival order.
 """
@@ -33,8 +35,11 @@ _STOP = "stop"
 _FIELD_NAMES = {"temperature": "'temperature'", "top_k": "'top_k'", "top_p": "'top_p'", "seed": "'random_seed'"}
 
 
-def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, SamplingParams]:
-    """``(prompts, tokens_to_generate, sampling)`` from a request body; ConfigError naming the bad field.
+_FIELDS = ("prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "random_seed", "logprobs")
+
+
+def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, SamplingParams, bool]:
+    """``(prompts, tokens_to_generate, sampling, logprobs)`` from a request body; ConfigError naming the bad field.
 
     The body's shape, types and sampling ranges are checked here, named by the request's fields (rank 0
     answers HTTP 400); :func:`generate` checks the ranges again, and the length limit, on every rank
@@ -48,10 +53,12 @@ def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, 
     tokens = body.get("tokens_to_generate", 64)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ConfigError("'tokens_to_generate' must be an integer >= 0")
-    unknown = set(body) - {"prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "random_seed"}
+    unknown = set(body) - set(_FIELDS)
     if unknown:
-        raise ConfigError(f"unknown request fields {sorted(unknown)}; accepted: prompts, tokens_to_generate, "
-                          f"temperature, top_k, top_p, random_seed")
+        raise ConfigError(f"unknown request fields {sorted(unknown)}; accepted: {', '.join(_FIELDS)}")
+    logprobs = body.get("logprobs", False)
+    if not isinstance(logprobs, bool):
+        raise ConfigError(f"'logprobs' must be true or false, got {logprobs!r}")
     for name, kinds in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", (int,)),
                         ("random_seed", (int,))):
         # No silent casts: 1.7 is not a top_k, true is not a temperature, 1e30 is not a seed.
@@ -61,7 +68,7 @@ def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, 
     params = SamplingParams(float(body.get("temperature", defaults.temperature)), body.get("top_k", defaults.top_k),
                             float(body.get("top_p", defaults.top_p)), body.get("random_seed", defaults.seed))
     params.validate(names=_FIELD_NAMES)
-    return prompts, tokens, params
+    return prompts, tokens, params, logprobs
 
 
 def _broadcast(obj: Any) -> Any:
@@ -71,11 +78,13 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _generate_text(gen: Generator, prompts: list[str], tokens: int, params: SamplingParams) -> dict[str, Any]:
+def _generate_text(gen: Generator, prompts: list[str], tokens: int, params: SamplingParams,
+                   logprobs: bool) -> dict[str, Any]:
     assert gen.tokenizer is not None
     ids = [gen.tokenizer.tokenize(p) for p in prompts]
-    out = gen.run(ids, tokens, params)
-    return {"text": [gen.tokenizer.detokenize(t) for t in out.tokens], "tokens": out.tokens}
+    out = gen.run(ids, tokens, params, log_probs=logprobs)
+    return {"text": [gen.tokenizer.detokenize(t) for t in out.tokens], "tokens": out.tokens,
+            "logprobs": out.log_probs}
 
 
 def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | None = None):
@@ -91,10 +100,10 @@ def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | 
     @app.put("/api")
     def api():
         try:  # force: a JSON body is read whatever its Content-Type (curl -d sends a form type)
-            prompts, tokens, params = parse_request(request.get_json(force=True, silent=True), defaults)
+            prompts, tokens, params, logprobs = parse_request(request.get_json(force=True, silent=True), defaults)
             with lock:  # one generation at a time; every rank must see requests in the same order
-                _broadcast(("generate", prompts, tokens, params))
-                return jsonify(_generate_text(gen, prompts, tokens, params))
+                _broadcast(("generate", prompts, tokens, params, logprobs))
+                return jsonify(_generate_text(gen, prompts, tokens, params, logprobs))
         except ConfigError as exc:
             return jsonify({"error": str(exc)}), 400
 
@@ -112,9 +121,9 @@ def _worker_loop(gen: Generator) -> None:
         message = _broadcast(None)
         if message[0] == _STOP:
             return
-        _, prompts, tokens, params = message
+        _, prompts, tokens, params, logprobs = message
         try:
-            _generate_text(gen, prompts, tokens, params)
+            _generate_text(gen, prompts, tokens, params, logprobs)
         except ConfigError:
             pass  # rank 0 raised the same error from the same arguments and answered HTTP 400
 

@@ -73,12 +73,12 @@ class Generator:
     use_kv_cache: bool
 
     def run(self, prompts: Sequence[Sequence[int]], tokens_to_generate: int,
-            sampling: SamplingParams) -> GenerationOutput:
+            sampling: SamplingParams, log_probs: bool = False) -> GenerationOutput:
         """Generate on every rank (all ranks must call this with the same arguments)."""
         eod = self.tokenizer.eod if self.tokenizer is not None else None
         return generate(self.loaded.model, prompts, tokens_to_generate, eod_id=eod,
                         vocab_size=self.loaded.vocab_size, sampling=sampling, use_kv_cache=self.use_kv_cache,
-                        parallel_state=self.parallel_state)
+                        parallel_state=self.parallel_state, return_log_probs=log_probs)
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
