@@ -55,11 +55,19 @@ def _cases(tmp_path, tokenizer):
         "global batch not divisible": (2, TINY + MOCK + ["--global-batch-size", "6"],
                                        "--global-batch-size 6 is not divisible by --micro-batch-size 2 x "
                                        "data-parallel size 2", "choose a global batch that is a multiple of 4"),
+        # Each was torch's own message (no flag named) with a pointer to MCORE_TRACEBACK, from the optimizer.
+        "adam beta out of range": (1, TINY + MOCK + ["--adam-beta1", "1.5"], "--adam-beta1 must be in [0, 1), got 1.5"),
+        "negative adam eps": (1, TINY + MOCK + ["--adam-eps=-1e-8"], "--adam-eps must be >= 0, got -1e-08"),
+        "negative weight decay": (1, TINY + MOCK + ["--weight-decay", "-0.1"],
+                                  "--weight-decay must be >= 0, got -0.1"),
+        "negative momentum": (1, TINY + MOCK + ["--optimizer", "sgd", "--sgd-momentum", "-0.5"],
+                              "--sgd-momentum must be >= 0, got -0.5"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing data path", "malformed JSONL", "tokenizer larger than --vocab-size",
-                                  "heads not divisible by TP", "global batch not divisible"])
+                                  "heads not divisible by TP", "global batch not divisible", "adam beta out of range",
+                                  "negative adam eps", "negative weight decay", "negative momentum"])
 def test_bad_input_is_one_line(case, tmp_path, small_tokenizer):
     world, argv, *needles = _cases(tmp_path, small_tokenizer)[case]
     results = run_distributed(_cli, world, argv, timeout=60)

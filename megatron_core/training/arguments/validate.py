@@ -34,6 +34,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
     _model(args)
     _batch_and_iterations(args)
     _learning_rate(args)
+    _optimizer_values(args)
     _precision_and_recompute(args)
     _data(args)
     _checkpoint_and_logging(args)
@@ -167,6 +168,19 @@ def _iterations_for_samples(calculator: MicrobatchCalculator, train_samples: int
         consumed += calculator.batch_size_at(consumed)
         iterations += 1
     return iterations + max(train_samples - consumed, 0) // calculator.global_batch_size
+
+
+def _optimizer_values(args: argparse.Namespace) -> None:
+    """Adam's betas in [0, 1), eps, weight decay and momentum >= 0 (torch's optimizers refuse the rest,
+    naming no flag)."""
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    for name in ("adam_eps", "weight_decay", "start_weight_decay", "end_weight_decay", "sgd_momentum"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
 def _learning_rate(args: argparse.Namespace) -> None:
