@@ -401,3 +401,46 @@ def test_client_state_must_be_readable_back(tmp_path):
                                         "keep tensors, numbers, strings, lists, dicts and argparse.Namespace in "
                                         "client_state"), message
     assert not (tmp_path / "obj").exists() or not os.listdir(tmp_path / "obj")
+
+
+def _deepspeed_signatures(directory):
+    """DeepSpeedExamples' ``save_checkpoint(dir, loss.item())`` (a float tag) and Hugging Face Trainer's
+    ``load_checkpoint(dir, load_module_strict=..., load_optimizer_states=True, load_lr_scheduler_states=True)``."""
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 1))
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(directory, 1.25, {"step": 1}, True, exclude_frozen_parameters=False)
+    weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    engine.parallel_state.destroy()
+    bigger = torch.nn.Sequential(*make_model("mlp"), torch.nn.Linear(4, 4))  # one more layer than saved
+    engine, _, _, _ = megatron_core.initialize(bigger, config=ds_config(1, 1, 1))
+    results = {}
+    try:
+        engine.load_checkpoint(directory, "1.25", load_module_strict=True, load_optimizer_states=False)
+    except ConfigError as exc:
+        results["strict"] = str(exc)
+    # DeepSpeed's third positional parameter is load_module_strict (here it was load_optimizer_states).
+    results["loose"] = engine.load_checkpoint(directory, "1.25", False, False, False)
+    results["same"] = all(torch.equal(engine.module.state_dict()[k], v) for k, v in weights.items())
+    for kwargs in ({"custom_load_fn": print}, {}):
+        try:
+            engine.save_checkpoint(directory, "x", exclude_frozen_parameters=True) if not kwargs else \
+                engine.load_checkpoint(directory, "1.25", **kwargs)
+        except ConfigError as exc:
+            results["refused", bool(kwargs)] = str(exc)
+    engine.parallel_state.destroy()
+    return results
+
+
+def test_save_and_load_take_deepspeeds_parameters(tmp_path):
+    """save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters) with any tag
+    DeepSpeed turns into str (a float tag was refused); load_checkpoint(load_dir, tag, load_module_strict,
+    load_optimizer_states, load_lr_scheduler_states, load_module_only, custom_load_fn): the keyword
+    load_module_strict was a TypeError, and a positional False landed on load_optimizer_states."""
+    results = run_distributed(_deepspeed_signatures, 1, str(tmp_path), timeout=60)[0]
+    assert os.path.isdir(tmp_path / "1.25") and (tmp_path / "latest").read_text() == "1.25"
+    assert "holds another model than this engine's" in results["strict"], results
+    assert results["loose"] == (os.path.join(str(tmp_path), "1.25"), {"step": 1}) and results["same"], results
+    assert results["refused", True] == ("load_checkpoint: custom_load_fn is not implemented; load without it "
+                                        "(weights, optimizer fragments and scheduler are restored as saved)")
+    assert results["refused", False] == ("save_checkpoint: exclude_frozen_parameters=True is not implemented; "
+                                         "frozen parameters are saved with the model (drop it)")

@@ -411,7 +411,7 @@ def _existing(path: str) -> str:
 
 
 def load(
-    engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool
+    engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool, strict: bool = True
 ) -> tuple[str | None, dict | None]:
     """``Engine.load_checkpoint``: model, optimizer fragments (any DP, ZeRO or AutoTP size), scheduler, counters.
 
@@ -434,7 +434,7 @@ def load(
     saved = saved_files[0]
     path = model_file(folder, ps.tp_rank if saved["tp_size"] == ps.tp_size else 0)
     try:
-        engine.module.load_state_dict(module_state, strict=True)
+        engine.module.load_state_dict(module_state, strict=strict)
     except RuntimeError as exc:
         raise ConfigError(
             f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load it "

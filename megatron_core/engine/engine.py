@@ -212,13 +212,23 @@ class Engine(torch.nn.Module):
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(
-        self, save_dir: str, tag: str | None = None, client_state: dict | None = None, save_latest: bool = True
+        self,
+        save_dir: str,
+        tag: Any = None,
+        client_state: dict | None = None,
+        save_latest: bool = True,
+        exclude_frozen_parameters: bool = False,
     ) -> str:
         """Write ``save_dir/tag/`` (default tag ``global_step{N}``) and the ``latest`` file; returns the folder.
 
-        Every rank must call it. Layout: see :mod:`megatron_core.engine.checkpoint`.
+        DeepSpeed's parameters: a tag that is not a string is used as ``str(tag)`` (DeepSpeedExamples pass
+        ``loss.item()``); ``exclude_frozen_parameters=True`` is not implemented (ConfigError). Every rank must
+        call it. Layout: see :mod:`megatron_core.engine.checkpoint`.
         """
-        return ckpt.save(self, save_dir, tag, client_state or {}, save_latest)
+        if exclude_frozen_parameters:
+            raise ConfigError("save_checkpoint: exclude_frozen_parameters=True is not implemented; frozen parameters "
+                              "are saved with the model (drop it)")
+        return ckpt.save(self, save_dir, None if tag is None else str(tag), client_state or {}, save_latest)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
         """DeepSpeed's: the full module state dict in the training dtype (fp16/bf16, or fp32) as one
@@ -229,24 +239,34 @@ class Engine(torch.nn.Module):
     def load_checkpoint(
         self,
         load_dir: str,
-        tag: str | None = None,
+        tag: Any = None,
+        load_module_strict: bool = True,
         load_optimizer_states: bool = True,
         load_lr_scheduler_states: bool = True,
         load_module_only: bool = False,
+        custom_load_fn: Any = None,
     ) -> tuple[str | None, dict | None]:
         """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``.
+
+        DeepSpeed's parameters, in its order: ``load_module_strict`` False loads the module weights with
+        ``load_state_dict(strict=False)`` (keys missing on either side are skipped); ``custom_load_fn`` is not
+        implemented (ConfigError).
 
         The data-parallel size, ZeRO stage and AutoTP size may differ from the saving run's (another AutoTP
         size reshards the weights and optimizer state on load: :mod:`megatron_core.engine.reshard`). Raises
         ConfigError for a missing file or a checkpoint of another model.
         ``(None, None)`` when ``load_dir`` has no ``latest`` file, with a warning line on rank 0, as DeepSpeed.
         """
+        if custom_load_fn is not None:
+            raise ConfigError("load_checkpoint: custom_load_fn is not implemented; load without it (weights, "
+                              "optimizer fragments and scheduler are restored as saved)")
         return ckpt.load(
             self,
             load_dir,
-            tag,
+            None if tag is None else str(tag),
             load_optimizer_states and not load_module_only,
             load_lr_scheduler_states and not load_module_only,
+            strict=load_module_strict,
         )
 
     def barrier(self) -> None:
