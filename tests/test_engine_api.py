@@ -201,3 +201,32 @@ def _accessors():
 def test_config_accessors_are_methods_as_deepspeed():
     values, micro, clip = run_distributed(_accessors, 1, timeout=60)[0]
     assert values == (3 * micro, micro, 3, 2, False, True, clip)
+
+
+def _process_attributes():
+    from engine_common import global_batch, loss_of, micro_batch
+
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 2, 1))
+    ranks = (engine.local_rank, engine.global_rank, engine.world_size, engine.dp_world_size, engine.mp_world_size,
+             engine.device)
+    applied = []
+    batch = global_batch("mlp", 0, 2 * 2 * 2)
+    for k in range(2):
+        engine.backward(loss_of("mlp", engine, micro_batch(batch, k * 2 + engine.parallel_state.dp_rank)))
+        engine.step()
+        applied.append(engine.was_step_applied())
+    engine.parallel_state.destroy()
+    return ranks, applied
+
+
+def test_process_attributes_and_was_step_applied_as_deepspeed():
+    """DeepSpeed scripts move batches with ``engine.device`` / ``engine.local_rank`` and read
+    ``global_rank``, ``world_size``, ``dp_world_size``, ``mp_world_size``; Accelerate asks
+    ``engine.was_step_applied()`` whether the optimizer stepped: each was an AttributeError."""
+    from megatron_core.device import current_device
+
+    results = run_distributed(_process_attributes, 2, timeout=60)
+    for rank, ((local, global_rank, world, dp, mp, device), applied) in enumerate(results):
+        assert (global_rank, world, dp, mp) == (rank, 2, 2, 1) and device == current_device(), results
+        assert isinstance(local, int)
+        assert applied == [False, True], applied  # no step between accumulation boundaries

@@ -19,12 +19,14 @@ samples.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from megatron_core import device as device_mod
 from megatron_core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron_core.engine import checkpoint as ckpt
 from megatron_core.engine.config import EngineConfig
@@ -56,6 +58,7 @@ class Engine(torch.nn.Module):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.hf_config = hf_config
         self.micro_steps = self.global_steps = self.global_samples = self.skipped_steps = 0
+        self._step_applied = False
         self._grad_norm: float | None = None
         self._losses: list[float] = []
         self._timings = {"forward": 0.0, "backward": 0.0, "step": 0.0}
@@ -92,6 +95,42 @@ class Engine(torch.nn.Module):
     def eval(self) -> Engine:
         """Evaluation mode (``train(False)``)."""
         return self.train(False)
+
+    # ---- DeepSpeed's process attributes ---------------------------------------------------------
+    @property
+    def local_rank(self) -> int:
+        """This process's rank on its node (torchrun's ``LOCAL_RANK``; 0 without it)."""
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def global_rank(self) -> int:
+        """This process's rank in the job."""
+        return self.parallel_state.rank
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the job."""
+        return self.parallel_state.world_size
+
+    @property
+    def dp_world_size(self) -> int:
+        """Data-parallel size (world / AutoTP size)."""
+        return self.parallel_state.dp_size
+
+    @property
+    def mp_world_size(self) -> int:
+        """Model-parallel (AutoTP) size."""
+        return self.parallel_state.tp_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (its local CUDA device, or the CPU): move batches here."""
+        return device_mod.current_device()
+
+    def was_step_applied(self) -> bool:
+        """Whether the last ``step()`` updated the parameters (False between accumulation boundaries and
+        after an fp16 overflow skip), as DeepSpeed's."""
+        return self._step_applied
 
     # ---- DeepSpeed's counters and accessors (methods, as DeepSpeedEngine's) -----------------------
     def gradient_accumulation_steps(self) -> int:
@@ -172,10 +211,12 @@ class Engine(torch.nn.Module):
             # storage, and a modifier_rank block's broadcast on exit crashed gloo ("writev: Bad address").
             raise ConfigError("engine.step() inside a megatron_core.zero.GatheredParameters block: the step "
                               "re-shards the parameters the block holds; step after the block")
+        self._step_applied = False
         if self.is_gradient_accumulation_boundary():
             start = time.perf_counter()
             ok, norm, _ = self.optimizer.step()
             self._grad_norm = norm
+            self._step_applied = bool(ok)
             if ok:
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()
