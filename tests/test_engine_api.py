@@ -230,3 +230,27 @@ def test_process_attributes_and_was_step_applied_as_deepspeed():
         assert (global_rank, world, dp, mp) == (rank, 2, 2, 1) and device == current_device(), results
         assert isinstance(local, int)
         assert applied == [False, True], applied  # no step between accumulation boundaries
+
+
+def _offload_error(config):
+    try:
+        megatron_core.initialize(make_model("mlp"), config=config)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_offload_errors_name_the_json_keys(tmp_path):
+    """A DeepSpeed user wrote JSON keys, not pretrain_gpt.py flags: a missing nvme_path was
+    '--nvme-offload-path DIR is not a directory', offload_param at stage 2 '--offload-param (offload_param)
+    needs --zero-stage 3'."""
+    missing = tmp_path / "no_such_nvme"
+    nvme = ds_config(1, 1, 2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "nvme",
+                                                                                   "nvme_path": str(missing)}})
+    param = ds_config(1, 1, 2, zero_optimization={"stage": 2, "offload_param": {"device": "cpu"}})
+    nvme_message, param_message = (run_distributed(_offload_error, 1, c, timeout=60)[0] for c in (nvme, param))
+    assert nvme_message == (f"DeepSpeed config: zero_optimization.offload_optimizer.nvme_path {missing} is not a "
+                            f"directory; create it (mkdir -p) or pass another"), nvme_message
+    assert param_message == ("DeepSpeed config: zero_optimization.offload_param.device = 'cpu' offloads ZeRO-3's "
+                             "parameter shards: set zero_optimization.stage to 3, or offload_param.device to "
+                             "'none'"), param_message

@@ -30,6 +30,7 @@ from megatron_core import device as device_mod
 from megatron_core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron_core.engine import checkpoint as ckpt
 from megatron_core.engine.config import EngineConfig
+from megatron_core.engine.library_configs import as_deepspeed_keys
 from megatron_core.engine.monitor import Monitor
 from megatron_core.errors import ConfigError
 from megatron_core.optimizer import MegatronOptimizer
@@ -214,7 +215,10 @@ class Engine(torch.nn.Module):
         self._step_applied = False
         if self.is_gradient_accumulation_boundary():
             start = time.perf_counter()
-            ok, norm, _ = self.optimizer.step()
+            try:
+                ok, norm, _ = self.optimizer.step()
+            except ConfigError as exc:  # an NVMe swap failing mid-run: named by the JSON key
+                raise as_deepspeed_keys(exc) from None
             self._grad_norm = norm
             self._step_applied = bool(ok)
             if ok:

@@ -23,7 +23,7 @@ from megatron_core.distributed import DistributedDataParallel
 from megatron_core.engine.client_objects import check_model_parameters, optimizer_config_from_client
 from megatron_core.engine.config import EngineConfig, load_config, read_json
 from megatron_core.engine.engine import Engine
-from megatron_core.engine.library_configs import ddp_config_from, optimizer_config_from
+from megatron_core.engine.library_configs import as_deepspeed_keys, ddp_config_from, optimizer_config_from
 from megatron_core.engine.lr_schedules import build_scheduler
 from megatron_core.errors import ConfigError, report_uncaught_config_errors
 from megatron_core.optimizer import get_megatron_optimizer
@@ -237,7 +237,10 @@ def initialize(
     hf_config = to_dict() if callable(to_dict) else None  # a transformers model: consolidation writes an HF folder
     model = _prepare_model(model, engine_config, parallel_state)
     ddp = DistributedDataParallel(ddp_config_from(engine_config), model, parallel_state)
-    megatron_optimizer = get_megatron_optimizer(opt_config, [ddp], parallel_state)
+    try:
+        megatron_optimizer = get_megatron_optimizer(opt_config, [ddp], parallel_state)
+    except ConfigError as exc:  # the same error on every rank (the NVMe checks agree across ranks)
+        raise as_deepspeed_keys(exc) from None
     scheduler = _scheduler(lr_scheduler, engine_config, megatron_optimizer)
     engine = Engine(ddp, megatron_optimizer, scheduler, engine_config, parallel_state, hf_config)
     loader = _dataloader(training_data, collate_fn, engine_config, parallel_state)

@@ -120,6 +120,10 @@ def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
             print(line, file=sys.stderr, flush=True)
     zero = config.zero_optimization
     extra: dict[str, Any] = {}
+    if zero.offload_param.device != "none" and zero.stage != 3:
+        raise ConfigError(f"DeepSpeed config: zero_optimization.offload_param.device = {zero.offload_param.device!r} "
+                          f"offloads ZeRO-3's parameter shards: set zero_optimization.stage to 3, or "
+                          f"offload_param.device to 'none'")
     if zero.stage == 3:
         for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
             _needs(DistributedDataParallelConfig, key, f"zero_optimization.{key}")
@@ -137,6 +141,20 @@ def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
         )
     except ValueError as exc:
         raise ConfigError(f"DeepSpeed config: {exc}") from None
+
+
+# The library names its offload inputs by pretrain_gpt.py's flags; an engine user wrote these JSON keys.
+_FLAGS_AS_KEYS = {"--nvme-offload-path": "zero_optimization.offload_optimizer.nvme_path"}
+
+
+def as_deepspeed_keys(exc: ConfigError) -> ConfigError:
+    """``exc`` with the library's flag names replaced by the DeepSpeed keys that set them (unchanged otherwise)."""
+    message = str(exc)
+    if not any(flag in message for flag in _FLAGS_AS_KEYS):
+        return exc
+    for flag, key in _FLAGS_AS_KEYS.items():
+        message = message.replace(flag, key)
+    return ConfigError(message if message.startswith("DeepSpeed config: ") else f"DeepSpeed config: {message}")
 
 
 def _offload_optimizer_fields(config: EngineConfig) -> dict[str, Any]:
