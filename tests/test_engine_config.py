@@ -412,3 +412,23 @@ def test_optimizer_permission_keys_of_real_configs_are_accepted():
         load_config(_with(zero_allow_untested_optimizer="yes"), dp_size=2)
     with pytest.raises(ConfigError, match="sequence_parallel_size = 2 is a DeepSpeed option this framework does not"):
         load_config(_with(sequence_parallel_size=2), dp_size=2)
+
+
+def test_deepspeeds_older_zero_key_names_are_read():
+    """DeepSpeed still reads its deprecated ZeRO keys: cpu_offload (-> offload_optimizer cpu),
+    cpu_offload_param (-> offload_param cpu), cpu_offload_use_pin_memory (-> pin_memory) and
+    stage3_gather_fp16_weights_on_model_save. cpu_offload: true was refused as not implemented, and
+    cpu_offload_param was an unknown key (the known list spelt it cpu_offload_params)."""
+    zero = load_config(_with(zero_optimization={"stage": 3, "cpu_offload": True, "cpu_offload_param": True,
+                                                "cpu_offload_use_pin_memory": True,
+                                                "stage3_gather_fp16_weights_on_model_save": True}),
+                       dp_size=2).zero_optimization
+    assert (zero.offload_optimizer.device, zero.offload_param.device) == ("cpu", "cpu")
+    assert zero.offload_optimizer.pin_memory and zero.offload_param.pin_memory
+    assert zero.stage3_gather_16bit_weights_on_model_save
+    zero = load_config(_with(zero_optimization={"stage": 2, "cpu_offload": False}), dp_size=2).zero_optimization
+    assert zero.offload_optimizer.device == "none"
+    with pytest.raises(ConfigError, match=r"^DeepSpeed config: zero_optimization.cpu_offload is the older name of "
+                                          r"zero_optimization.offload_optimizer: give one of them$"):
+        load_config(_with(zero_optimization={"stage": 2, "cpu_offload": True,
+                                             "offload_optimizer": {"device": "cpu"}}), dp_size=2)

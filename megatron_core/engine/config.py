@@ -257,8 +257,32 @@ def _offload(raw: dict | None, path: str) -> OffloadSection:
     return section
 
 
+# DeepSpeed's deprecated ZeRO keys, still read there: older name -> (section it sets, what it sets).
+_OLD_ZERO_SECTIONS = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "offload_param"}
+
+
+def _old_zero_names(raw: dict) -> dict:
+    """``raw`` with DeepSpeed's older ZeRO key names rewritten to the current ones (a copy)."""
+    raw = dict(raw)
+    if "stage3_gather_fp16_weights_on_model_save" in raw:
+        value = raw.pop("stage3_gather_fp16_weights_on_model_save")
+        raw.setdefault("stage3_gather_16bit_weights_on_model_save", value)
+    pin = raw.pop("cpu_offload_use_pin_memory", None)
+    for old, section in _OLD_ZERO_SECTIONS.items():
+        if old not in raw:
+            continue
+        if section in raw:
+            raise ConfigError(f"DeepSpeed config: zero_optimization.{old} is the older name of "
+                              f"zero_optimization.{section}: give one of them")
+        if typed(raw, "zero_optimization", old, bool, False):
+            raw[section] = {"device": "cpu", **({"pin_memory": pin} if pin is not None else {})}
+        del raw[old]
+    return raw
+
+
 def _zero(raw: dict) -> ZeroSection:
     path = "zero_optimization"
+    raw = _old_zero_names(raw)
     fields = {f.name for f in dataclasses.fields(ZeroSection)}
     check_keys(raw, path, fields, keys.NOT_IMPLEMENTED_ZERO)
     stage = number_at_least(raw, path, "stage", 0, 0)

@@ -73,9 +73,6 @@ NOT_IMPLEMENTED_ZERO: dict[str, Any] = {
     "zero_quantized_gradients": False,
     "mics_shard_size": -1,
     "mics_hierarchical_params_gather": False,
-    "cpu_offload": False,
-    "cpu_offload_params": False,
-    "cpu_offload_use_pin_memory": False,
     "memory_efficient_linear": True,
     "stage3_module_granularity_threshold": 0,
 }
