@@ -143,3 +143,26 @@ def test_an_output_path_that_cannot_be_written_is_a_one_line_error_before_loadin
         assert main(["--load", str(tmp_path / "hf"), "--prompt-tokens", "1,2", "--tokens-to-generate", "1",
                      "--output", str(output)]) == 2
         assert capsys.readouterr().err == f"run_text_generation.py: error: {message}\n"
+
+
+def test_megatron_server_script_flags_are_taken(tmp_path):
+    """Megatron-LM's examples/inference/run_text_generation_server_345M.sh passes the model's shape
+    (--num-layers --hidden-size --num-attention-heads --max-position-embeddings), --fp16, --micro-batch-size
+    and --seq-length: each was 'unrecognized arguments'. The shape is checked against the checkpoint, the
+    batch and length flags are accepted, --bf16 / --fp16 run the model in that dtype."""
+    hf_model = tiny_hf_gpt2()
+    hf_model.save_pretrained(tmp_path / "hf")
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    megatron = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                "--max-position-embeddings", "32", "--micro-batch-size", "1", "--seq-length", "32", "--seed", "42"]
+    base = [sys.executable, TOOL, "--load", str(tmp_path / "hf"), "--prompt-tokens", "5,17,99", "--top_k", "1",
+            "--tokens-to-generate", "4", "--output", str(tmp_path / "out.json")]
+    out, _ = _run(base + megatron, tmp_path)
+    assert out["tokens"] == [_hf_greedy(hf_model, [5, 17, 99], 4)]
+    out, _ = _run(base + megatron + ["--bf16"], tmp_path)
+    assert len(out["tokens"][0]) == 7
+    proc = subprocess.run(base + megatron[:2] + ["--hidden-size", "128"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 2 and proc.stderr == ("run_text_generation.py: error: --hidden-size 128 disagrees with "
+                                                    "the checkpoint's 64; drop the flag (the model's shape comes "
+                                                    "from --load)\n"), proc.stderr
