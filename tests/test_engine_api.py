@@ -254,3 +254,34 @@ def test_offload_errors_name_the_json_keys(tmp_path):
     assert param_message == ("DeepSpeed config: zero_optimization.offload_param.device = 'cpu' offloads ZeRO-3's "
                              "parameter shards: set zero_optimization.stage to 3, or offload_param.device to "
                              "'none'"), param_message
+
+
+def _backward_and_step_keywords():
+    from engine_common import global_batch, loss_of, micro_batch
+
+    norms, lrs = [], []
+    for scale in (True, False):
+        config = ds_config(1, 2, 0, scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0,
+                                                                               "warmup_max_lr": 0.01,
+                                                                               "warmup_num_steps": 10,
+                                                                               "warmup_type": "linear"}})
+        engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+        batch = global_batch("mlp", 0, 4)
+        for k in range(2):
+            engine.backward(loss_of("mlp", engine, micro_batch(batch, k)), scale_wrt_gas=scale)
+            engine.step(lr_kwargs={"last_batch_iteration": 5} if not scale else None)
+        norms.append(engine.get_global_grad_norm())
+        lrs.append(engine.get_lr()[0])
+        engine.parallel_state.destroy()
+    return norms, lrs
+
+
+def test_backward_and_step_take_deepspeeds_keywords():
+    """engine.backward(loss, scale_wrt_gas=False) (the loss not divided by gradient_accumulation_steps) and
+    engine.step(lr_kwargs=...) (handed to the scheduler's step) were TypeErrors."""
+    from equivalence import assert_rel_close
+
+    (scaled, unscaled), (lr_next, lr_jump) = run_distributed(_backward_and_step_keywords, 1, timeout=60)[0]
+    assert_rel_close(torch.tensor(unscaled), torch.tensor(2 * scaled), 1e-5, "gradient norm without GA scaling")
+    # Linear warm-up, DeepSpeed's counting: the first step is iteration 0 (lr 0); the jump lands on iteration 5.
+    assert lr_next == 0.0 and math.isclose(lr_jump, 0.01 * 5 / 10), (lr_next, lr_jump)

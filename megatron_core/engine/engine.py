@@ -183,16 +183,18 @@ class Engine(torch.nn.Module):
         self.optimizer.zero_grad()
 
     # ---- the step ------------------------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """Back-propagate ``loss / gradient_accumulation_steps`` (times the fp16 scale); returns the unscaled loss.
 
+        ``scale_wrt_gas`` False (DeepSpeed's keyword) leaves out the division by the accumulation steps.
         Gradients are reduced over data-parallel ranks only at the accumulation boundary.
         """
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise ValueError("engine.backward(loss) needs a scalar loss tensor (reduce it with .mean() first)")
         start = time.perf_counter()
         self._losses.append(float(loss.detach()))
-        scaled = self.optimizer.scale_loss(loss.float() / self.gradient_accumulation_steps())
+        divisor = self.gradient_accumulation_steps() if scale_wrt_gas else 1
+        scaled = self.optimizer.scale_loss(loss.float() / divisor)
         boundary = self.is_gradient_accumulation_boundary()
         with contextlib.nullcontext() if boundary else self.ddp.no_sync():
             scaled.backward(retain_graph=retain_graph)
@@ -201,8 +203,10 @@ class Engine(torch.nn.Module):
         self._timings["backward"] += time.perf_counter() - start
         return loss
 
-    def step(self) -> None:
+    def step(self, lr_kwargs: dict | None = None) -> None:
         """At the accumulation boundary: optimizer step (or an fp16 skip on every rank), scheduler, zero grads.
+
+        ``lr_kwargs`` (DeepSpeed's) are passed to the scheduler's ``step``.
 
         Raises ConfigError inside a ZeRO-3 ``megatron_core.zero.GatheredParameters`` block (every rank is in it).
         """
@@ -223,7 +227,7 @@ class Engine(torch.nn.Module):
             self._step_applied = bool(ok)
             if ok:
                 if self.lr_scheduler is not None:
-                    self.lr_scheduler.step()
+                    self.lr_scheduler.step(**(lr_kwargs or {}))
             else:
                 self.skipped_steps += 1
             self.optimizer.zero_grad()
