@@ -330,3 +330,13 @@ def test_an_output_that_is_a_directory_and_a_deepspeed_config_are_one_line_error
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --deepspeed-config is what the search chooses") \
         and "--output-deepspeed-json" in err, err
+
+
+def test_layout_flags_given_to_the_search_are_said_to_be_replaced(capsys):
+    """A launch script's --tensor-model-parallel-size 2 and --micro-batch-size 1, handed to the tuner with the
+    other flags, were dropped without a word (the written command had the search's values)."""
+    assert cli.main(FLAGS + ["--world-size", "2", "--memory-per-device", "1", "--tensor-model-parallel-size", "2",
+                             "--micro-batch-size=1"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: --tensor-model-parallel-size, --micro-batch-size are what the search chooses: the values given "
+            "are replaced by the best layout's\n") in err, err

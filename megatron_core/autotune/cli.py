@@ -238,6 +238,12 @@ def _main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     _check_autotune_args(args)
+    given = [flag for flag in LAYOUT_FLAGS if any(a.split("=", 1)[0] == flag for a in argv)]
+    given.sort(key=lambda flag: next(i for i, a in enumerate(argv) if a.split("=", 1)[0] == flag))
+    if given:  # a launch script's flags handed over whole: say which ones the search overrides
+        print(f"note: {', '.join(given)} {'are' if len(given) > 1 else 'is'} what the search chooses: the "
+              f"value{'s' if len(given) > 1 else ''} given {'are' if len(given) > 1 else 'is'} replaced by the best "
+              f"layout's", file=sys.stderr)
     world = args.world_size if args.world_size is not None else os.cpu_count() or 1
     memory = (args.memory_per_device if args.memory_per_device is not None else _machine_memory_gib() / world) * GIB
     spec = model_spec(args)
