@@ -142,7 +142,7 @@ def test_ctrl_c_stops_a_tp2_server_at_once_without_a_traceback_of_ours(tmp_path)
     our shutdown barrier."""
     hf_model = tiny_hf_gpt2(vocab_size=300)
     hf_model.save_pretrained(tmp_path / "hf")
-    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    tok = _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TOOL,
@@ -165,6 +165,17 @@ def test_ctrl_c_stops_a_tp2_server_at_once_without_a_traceback_of_ours(tmp_path)
                 assert_rel_close(torch.tensor(scores), ref, 1e-5, f"server logprobs of {body}")
         status, answer = _put(port, {"prompts": ["x"], "tokens_to_generate": 1, "logprobs": "yes"})
         assert status == 400 and answer["error"] == "'logprobs' must be true or false, got 'yes'", answer
+        # Megatron-LM's other fields: add_BOS prepends its BOS (the EOD token), no_log is taken, "segments"
+        # holds each token's text; the options not implemented are refused by name unless at their default.
+        status, answer = _put(port, {"prompts": ["the quick"], "tokens_to_generate": 2, "add_BOS": True,
+                                     "no_log": True, "stop_on_eol": False, "top_p_decay": 0.0, "beam_width": None})
+        eod = tok.token_to_id("<|endoftext|>")
+        assert status == 200 and answer["tokens"][0][:len(tok.encode("the quick").ids) + 1] == \
+            [eod] + tok.encode("the quick").ids, answer
+        assert answer["segments"][0] == [tok.decode([t], skip_special_tokens=False) for t in answer["tokens"][0]]
+        status, answer = _put(port, {"prompts": ["x"], "tokens_to_generate": 1, "stop_on_eol": True})
+        assert status == 400 and answer["error"] == ("'stop_on_eol': true is a Megatron-LM option this server does "
+                                                     "not implement; drop it or send its default false"), answer
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
         _, err = proc.communicate(timeout=20)
     finally:

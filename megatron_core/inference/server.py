@@ -1,20 +1,25 @@
 """``tools/run_text_generation_server.py``: Megatron-LM's text generation REST API on Flask.
 
 ``PUT /api`` with JSON ``{"prompts": [str, ...], "tokens_to_generate": int}`` and optionally
-``temperature``, ``top_k``, ``top_p``, ``random_seed``, ``logprobs`` (Megatron-LM's field names) answers
-``{"text": [prompt + continuation, ...], "tokens": [[ids], ...], "logprobs": [[float, ...], ...] or null}``
-(``logprobs``: each token's log-probability given the ones before it, ``len(tokens) - 1`` per prompt, as
-Megatron-LM's; ``tokens_to_generate`` 0 scores the prompts); a bad request gets HTTP 400 and a one-line
-message. Rank 0 serves HTTP; each request is broadcast to every rank of the model-parallel
+``temperature``, ``top_k``, ``top_p``, ``random_seed``, ``logprobs``, ``add_BOS``, ``no_log`` (Megatron-LM's
+field names) answers ``{"text": [prompt + continuation, ...], "segments": [[each token's text], ...],
+"tokens": [[ids], ...], "logprobs": [[float, ...], ...] or null}`` (``logprobs``: each token's
+log-probability given the ones before it, ``len(tokens) - 1`` per prompt, as Megatron-LM's;
+``tokens_to_generate`` 0 scores the prompts; ``add_BOS`` prepends the EOD token, Megatron-LM's BOS).
+Megatron-LM's ``stop_on_eol``, ``stop_on_double_eol``, ``prevent_newline_after_colon``, ``top_p_decay``,
+``top_p_bound`` and ``beam_width`` are accepted at their defaults only. A bad request gets HTTP 400 and a
+one-line message. Rank 0 serves HTTP; each request is broadcast to every rank of the model-parallel
 group (as Megatron-LM's ``send_do_generate``) so all ranks run the same generation. A lock
 serialises requests: concurrent clients are answered one generation at a time, in arrival order.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -35,11 +40,44 @@ _STOP = "stop"
 _FIELD_NAMES = {"temperature": "'temperature'", "top_k": "'top_k'", "top_p": "'top_p'", "seed": "'random_seed'"}
 
 
-_FIELDS = ("prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "random_seed", "logprobs")
+_FIELDS = ("prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "random_seed", "logprobs", "add_BOS",
+           "no_log")
+# Megatron-LM's request fields this server does not implement, with the default they are accepted at.
+_AT_DEFAULT_ONLY = {"stop_on_eol": False, "stop_on_double_eol": False, "prevent_newline_after_colon": False,
+                    "top_p_decay": 0.0, "top_p_bound": 0.0, "beam_width": None}
 
 
-def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, SamplingParams, bool]:
-    """``(prompts, tokens_to_generate, sampling, logprobs)`` from a request body; ConfigError naming the bad field.
+@dataclass
+class Request:
+    """One parsed ``PUT /api`` body (what every rank needs to run the same generation)."""
+
+    prompts: list[str]
+    tokens_to_generate: int
+    sampling: SamplingParams
+    logprobs: bool = False
+    add_bos: bool = False
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"'{name}' must be true or false, got {value!r}")
+    return value
+
+
+def _check_fields(body: dict) -> None:
+    unknown = set(body) - set(_FIELDS) - set(_AT_DEFAULT_ONLY)
+    if unknown:
+        raise ConfigError(f"unknown request fields {sorted(unknown)}; accepted: {', '.join(_FIELDS)}")
+    for name, default in _AT_DEFAULT_ONLY.items():
+        if name in body and body[name] != default:
+            raise ConfigError(f"'{name}': {json.dumps(body[name])} is a Megatron-LM option this server does not "
+                              f"implement; drop it or send its default {json.dumps(default)}")
+    _flag(body, "no_log")  # accepted: request bodies are not logged here
+
+
+def parse_request(body: Any, defaults: SamplingParams) -> Request:
+    """The :class:`Request` of a request body; ConfigError naming the bad field.
 
     The body's shape, types and sampling ranges are checked here, named by the request's fields (rank 0
     answers HTTP 400); :func:`generate` checks the ranges again, and the length limit, on every rank
@@ -53,12 +91,7 @@ def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, 
     tokens = body.get("tokens_to_generate", 64)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ConfigError("'tokens_to_generate' must be an integer >= 0")
-    unknown = set(body) - set(_FIELDS)
-    if unknown:
-        raise ConfigError(f"unknown request fields {sorted(unknown)}; accepted: {', '.join(_FIELDS)}")
-    logprobs = body.get("logprobs", False)
-    if not isinstance(logprobs, bool):
-        raise ConfigError(f"'logprobs' must be true or false, got {logprobs!r}")
+    _check_fields(body)
     for name, kinds in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", (int,)),
                         ("random_seed", (int,))):
         # No silent casts: 1.7 is not a top_k, true is not a temperature, 1e30 is not a seed.
@@ -68,7 +101,7 @@ def parse_request(body: Any, defaults: SamplingParams) -> tuple[list[str], int, 
     params = SamplingParams(float(body.get("temperature", defaults.temperature)), body.get("top_k", defaults.top_k),
                             float(body.get("top_p", defaults.top_p)), body.get("random_seed", defaults.seed))
     params.validate(names=_FIELD_NAMES)
-    return prompts, tokens, params, logprobs
+    return Request(prompts, tokens, params, _flag(body, "logprobs"), _flag(body, "add_BOS"))
 
 
 def _broadcast(obj: Any) -> Any:
@@ -78,13 +111,15 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _generate_text(gen: Generator, prompts: list[str], tokens: int, params: SamplingParams,
-                   logprobs: bool) -> dict[str, Any]:
-    assert gen.tokenizer is not None
-    ids = [gen.tokenizer.tokenize(p) for p in prompts]
-    out = gen.run(ids, tokens, params, log_probs=logprobs)
-    return {"text": [gen.tokenizer.detokenize(t) for t in out.tokens], "tokens": out.tokens,
-            "logprobs": out.log_probs}
+def _generate_text(gen: Generator, req: Request) -> dict[str, Any]:
+    tokenizer = gen.tokenizer
+    assert tokenizer is not None
+    bos = [tokenizer.eod] if req.add_bos else []  # Megatron-LM's BOS is the EOD token
+    ids = [bos + tokenizer.tokenize(p) for p in req.prompts]
+    out = gen.run(ids, req.tokens_to_generate, req.sampling, log_probs=req.logprobs)
+    return {"text": [tokenizer.detokenize(t) for t in out.tokens],
+            "segments": [[tokenizer.detokenize([t]) for t in tokens] for tokens in out.tokens],
+            "tokens": out.tokens, "logprobs": out.log_probs}
 
 
 def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | None = None):
@@ -100,10 +135,10 @@ def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | 
     @app.put("/api")
     def api():
         try:  # force: a JSON body is read whatever its Content-Type (curl -d sends a form type)
-            prompts, tokens, params, logprobs = parse_request(request.get_json(force=True, silent=True), defaults)
+            req = parse_request(request.get_json(force=True, silent=True), defaults)
             with lock:  # one generation at a time; every rank must see requests in the same order
-                _broadcast(("generate", prompts, tokens, params, logprobs))
-                return jsonify(_generate_text(gen, prompts, tokens, params, logprobs))
+                _broadcast(("generate", req))
+                return jsonify(_generate_text(gen, req))
         except ConfigError as exc:
             return jsonify({"error": str(exc)}), 400
 
@@ -121,9 +156,8 @@ def _worker_loop(gen: Generator) -> None:
         message = _broadcast(None)
         if message[0] == _STOP:
             return
-        _, prompts, tokens, params, logprobs = message
         try:
-            _generate_text(gen, prompts, tokens, params, logprobs)
+            _generate_text(gen, message[1])
         except ConfigError:
             pass  # rank 0 raised the same error from the same arguments and answered HTTP 400
 
