@@ -263,3 +263,20 @@ def test_the_no_tokenizer_note_only_where_a_tokenizer_is_lost(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"(its tokenizer directory {tmp_path / 'with_tok' / 'tokenizer'} is gone)" \
         in err, err
+
+
+def test_a_null_tokenizer_run_resharded_from_torch_dist_says_nothing_of_a_tokenizer(tmp_path, capsys):
+    """A torch_dist checkpoint records its run's tokenizer flags; a NullTokenizer run has no text to lose."""
+    from test_pretrain import _train
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr", "0.1",
+            "--mock-data", "--vocab-size", "255", "--eval-iters", "0", "--num-workers", "0",
+            "--save", str(tmp_path / "dist"), "--save-interval", "1"]
+    run_distributed(_train, 1, args, timeout=120)
+    capsys.readouterr()
+    assert _cli("core", "core", tmp_path / "dist", tmp_path / "legacy") == 0
+    assert capsys.readouterr().err == ""
+    assert _cli("core", "hf", tmp_path / "dist", tmp_path / "hf") == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"(the run that saved {tmp_path / 'dist'} used NullTokenizer: ids without " \
+        f"text)" in err, err

@@ -148,8 +148,9 @@ def test_a_blend_whose_test_share_misses_one_prefix_is_refused_naming_it(tmp_pat
     the whole test set with a warning, A's test documents included. As Megatron-LM's blended builder (an
     error for a blend's empty share, NVIDIA/Megatron-LM#957/#5519): one line naming B and the fixes.
     Empty in every prefix, the test split is still skipped as for a single prefix (EmptySplitError)."""
-    from megatron_core.datasets.builder import EmptySplitError
     from test_pretrain_errors import _cli
+
+    from megatron_core.datasets.builder import EmptySplitError
 
     a, b = str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document")
     _write_corpus(a, 40, seed=3)  # test share: documents 38, 39
