@@ -3,7 +3,7 @@
 Each layout trains a small GPT (fp32, mock tokens, dropout on as pretrain_gpt.py's defaults) for a
 few iterations on forked gloo ranks of this machine (the test harness's launcher), through the
 library directly: the same model chunks, DDP wrapper, optimizer and pipeline schedules as
-pretrain_gpt.py, which also lets ZeRO-2 run (pretrain_gpt.py has no flag for it yet).
+pretrain_gpt.py (its ``--zero-stage``), without a process launch per layout.
 
 Memory: each rank resets its peak resident set (``/proc/self/clear_refs``) after the process group is
 up and everything is imported, then builds and trains; the measured increase is ``VmHWM`` minus the

@@ -28,8 +28,9 @@ alternated in fresh processes: ours, mcore, ours-unfused, ours-fused, ours, mcor
     pip install --target /tmp/site megatron_core-0.16.1-*.whl   # megatron-core only for this bench
     PYTHONPATH=/tmp/site python bench/bench_gpu.py all --budget-s 420
 
+The steps are built by ``bench/step_builders.py`` (shared with ``bench_peers.py``).
 ``BENCH_GPU_TINY=1 TRITON_INTERPRET=1`` runs it on a CPU at toy shapes (megatron-core patched as
-in peer_workers.py): a smoke test of the script before spending device time, not a measurement.
+in step_builders.py): a smoke test of the script before spending device time, not a measurement.
 """
 from __future__ import annotations
 
@@ -90,107 +91,25 @@ def step_products() -> dict[tuple[int, int, int], int]:
     return out
 
 
-def _batches(dev):
+def _batch(dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's global batch (inputs, labels) [MICROBATCHES * MICRO, SEQ], seeded, on ``dev``."""
     gen = torch.Generator(device=dev).manual_seed(0)
-    ids = torch.randint(0, VOCAB, (MICROBATCHES, MICRO, SEQ + 1), generator=gen, device=dev)
-    return [(m[:, :-1].contiguous(), m[:, 1:].contiguous()) for m in ids]
+    ids = torch.randint(0, VOCAB, (MICROBATCHES * MICRO, SEQ + 1), generator=gen, device=dev)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def _ours_step(backend: str):
-    import functools
-
-    from megatron_core import device, parallel_state
-    from megatron_core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-        no_sync_func,
-    )
-    from megatron_core.models.gpt import build_gpt_model_chunks
-    from megatron_core.models.presets import gpt2_config
-    from megatron_core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron_core.pipeline_parallel import get_forward_backward_func
-    dev = device.set_local_device(0)
-    ps = parallel_state.initialize_model_parallel(1, 1)
-    ps.manual_seed(1234)
-    config = gpt2_config(LAYERS, HIDDEN, HEADS, hidden_dropout=DROPOUT, attention_dropout=DROPOUT,
-                         params_dtype=torch.bfloat16, attention_backend=backend)
-    chunks = build_gpt_model_chunks(config, VOCAB, SEQ, parallel_state=ps)
-    wrapped = [DistributedDataParallel(DistributedDataParallelConfig(grad_reduce_in_fp32=True), c.to(dev), ps)
-               for c in chunks]
-    optimizer = get_megatron_optimizer(OptimizerConfig(lr=1e-4, bf16=True), wrapped, ps)
-    schedule = get_forward_backward_func(ps)
-    batches = _batches(dev)
-
-    def forward_step(data_iterator, model):
-        x, y = next(data_iterator)
-        return model(x, labels=y), lambda out: (out.float().mean(), {"lm loss": out.float().mean().detach()})
-
-    def step() -> float:
-        optimizer.zero_grad()
-        losses = schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=wrapped,
-                          num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO,
-                          no_sync_func=no_sync_func(wrapped),
-                          finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=ps))
-        optimizer.step()
-        return float(sum(d["lm loss"] for d in losses) / len(losses))
-    return step
-
-
-def _mcore_step(_backend: str):
-    from megatron.core import parallel_state as mps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import Float16Module
+def _build_step(system: str):
+    """The step of ``--system`` (bench/step_builders.py, shared with bench_peers.py): bf16, one process."""
+    from step_builders import GPTShape, Layout, mcore_step, ours_step
 
     from megatron_core import device
-    dev = device.set_local_device(0)
-    if not device.cuda_available():  # the CPU smoke run: megatron-core's CUDA calls redirected
-        import peer_workers
-        peer_workers._patch_megatron_for_cpu()
-    mps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    model_parallel_cuda_manual_seed(1234)
-    # Megatron-LM's GPT defaults: bias-GeLU (tanh form) and bias-dropout-add fused; no apex/TE here,
-    # so no fused softmax extension and no fused weight-gradient accumulation.
-    config = TransformerConfig(
-        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=4 * HIDDEN,
-        hidden_dropout=DROPOUT, attention_dropout=DROPOUT, layernorm_epsilon=1e-5, bf16=True,
-        params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16, masked_softmax_fusion=False,
-        bias_activation_fusion=True, bias_dropout_fusion=True,
-        gradient_accumulation_fusion=False, persist_layer_norm=False,
-        use_cpu_initialization=not device.cuda_available())
-    model = GPTModel(config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                     max_sequence_length=SEQ, share_embeddings_and_output_weights=True,
-                     position_embedding_type="learned_absolute")
-    model = Float16Module(config, model.to(dev))  # as Megatron-LM's get_model: every weight bf16 (the norms too)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-4, bf16=True,
-                                                       params_dtype=torch.bfloat16), [ddp])
-    config.no_sync_func = ddp.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
-    batches = _batches(dev)
-    positions = torch.arange(SEQ, device=dev).expand(MICRO, SEQ)
-
-    def forward_step(data_iterator, model):
-        tokens, target = next(data_iterator)
-        out = model(tokens, positions, None, labels=target)
-        return out, lambda o: (o.float().mean(), {"lm loss": o.float().mean().detach()})
-
-    schedule = get_forward_backward_func()
-
-    def step() -> float:
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses = schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
-                          num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO, forward_only=False)
-        optimizer.step()
-        return float(sum(d["lm loss"] for d in losses) / len(losses))
-    return step
+    shape = GPTShape(LAYERS, HIDDEN, HEADS, SEQ, VOCAB, DROPOUT)
+    layout = Layout(micro=MICROBATCHES)
+    batch = _batch(device.set_local_device(0))
+    if system == "mcore":
+        return mcore_step(shape, layout, batch, bf16=True, fused=True)
+    backend = {"ours-unfused": "unfused", "ours-fused": "fused"}.get(system, "auto")
+    return ours_step(shape, layout, batch, bf16=True, attention_backend=backend)
 
 
 def train_step(args) -> dict:
@@ -201,8 +120,7 @@ def train_step(args) -> dict:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init_process_group(device.default_backend(), rank=0, world_size=1)
     start = time.perf_counter()
-    build = _mcore_step if args.system == "mcore" else _ours_step
-    step = build({"ours-unfused": "unfused", "ours-fused": "fused"}.get(args.system, "auto"))
+    step = _build_step(args.system)
     built = time.perf_counter() - start
     losses, times = [], []
     for _ in range(args.warmup + args.steps):

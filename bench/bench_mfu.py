@@ -48,6 +48,8 @@ from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron_core.transformer.dot_product_attention import causal_blocks  # noqa: E402
 
 BATCH, SEQ, LAYERS, HIDDEN, HEADS, VOCAB = 8, 256, 4, 256, 4, 4096
+PRODUCT_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm")
+"""The profiler's names of the step's matrix-product kernels (oneDNN linear, MKL mm and batched mm)."""
 
 
 def model_flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq: int, tp: int) -> float:
@@ -165,11 +167,15 @@ def _run(args) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.profile_steps):
             step()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=args.rows)
+    # Self time (us) of the matrix-product kernels against everything else the profiler saw.
+    in_products = sum(e.self_cpu_time_total for e in averages if e.key in PRODUCT_OPS) / 1e6 / args.profile_steps
+    profiled = sum(e.self_cpu_time_total for e in averages) / 1e6 / args.profile_steps
     flops = model_flops_per_token(model, LAYERS, HIDDEN, SEQ, ps.tp_size) * BATCH * SEQ
     out = dict(step_s=statistics.median(step_s), products_s=statistics.median(peak_s),
                product_flops=sum(f for _, f in work), model_flops=flops, table=table,
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(), in_products_s=in_products, profiled_s=profiled)
     parallel_state.destroy_model_parallel()
     return out
 
@@ -202,6 +208,11 @@ def main() -> None:
     computed = r0["model_flops"] - attention * (1 - frac)
     print(f"the causal path computes {frac:.1%} of the s x s attention scores; with attention counted as "
           f"computed: {computed / r0['step_s'] / peak:.1%} of the peak")
+    rest = r0["profiled_s"] - r0["in_products_s"]
+    print(f"rank 0 in the profiled steps: products {r0['in_products_s'] * 1e3:.1f} ms per step "
+          f"({r0['products_s'] / r0['in_products_s']:.0%} of their speed alone), everything else "
+          f"{rest * 1e3:.1f} ms ({rest / r0['profiled_s']:.0%} of the profiled time); with that at zero the "
+          f"MFU would be {r0['model_flops'] / r0['in_products_s'] / peak:.1%}")
     print(f"\nrank 0 profile over {args.profile_steps} steps (self CPU time):\n{r0['table']}")
 
 

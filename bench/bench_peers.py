@@ -22,9 +22,10 @@ build isolation so it finds torch, with no compiled ops). Then
 
     python bench/bench_peers.py [--venv /tmp/peers-venv] [--layouts 1p2t,tp2] [--rounds 3] [--steps 5]
 
-Without the venv only ours and Hugging Face run. megatron-core runs on CPU with small monkeypatches
-(see ``bench/peer_workers.py``): its CUDA RNG tracker and ``torch.cuda.current_device`` calls are
-redirected to the CPU.
+Without the venv only ours and Hugging Face run. Ours and megatron-core's steps come from
+``bench/step_builders.py`` (shared with ``bench_gpu.py``); megatron-core runs on CPU with small
+monkeypatches (see ``patch_megatron_for_cpu`` there): its CUDA RNG tracker and
+``torch.cuda.current_device`` calls are redirected to the CPU. DeepSpeed's step is in ``bench/peer_workers.py``.
 """
 from __future__ import annotations
 
@@ -108,58 +109,10 @@ def _batch():
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def _ours_step(layout: str):
-    """Our GPTModel under DDP / ZeRO, our optimizer and schedule, as pretrain_gpt runs them."""
-    import functools
-
-    from megatron_core import device, parallel_state
-    from megatron_core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-        no_sync_func,
-    )
-    from megatron_core.models.gpt import build_gpt_model_chunks
-    from megatron_core.models.presets import gpt2_config
-    from megatron_core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron_core.pipeline_parallel import get_forward_backward_func
-    _, _, tp, pp, zero, micro = LAYOUTS[layout][:6]
-    device.set_local_device(int(os.environ.get("LOCAL_RANK", "0")))  # as pretrain_gpt's initialize does
-    ps = parallel_state.initialize_model_parallel(tp, pp)
-    ps.manual_seed(1234)
-    config = gpt2_config(LAYERS, HIDDEN, HEADS, hidden_dropout=DROPOUT, attention_dropout=DROPOUT)
-    config.validate_parallel(tp, pp)
-    chunks = build_gpt_model_chunks(config, VOCAB, SEQ, parallel_state=ps)
-    wrapped = [DistributedDataParallel(DistributedDataParallelConfig(zero_stage=zero), c, ps) for c in chunks]
-    optimizer = get_megatron_optimizer(OptimizerConfig(lr=1e-4), wrapped, ps)
-    schedule = get_forward_backward_func(ps)
-    inputs, labels = _batch()
-    per_rank = BATCH // ps.dp_size
-    mine = (inputs[ps.dp_rank * per_rank:(ps.dp_rank + 1) * per_rank],
-            labels[ps.dp_rank * per_rank:(ps.dp_rank + 1) * per_rank])
-    mbs = per_rank // micro
-    batches = [(mine[0][i * mbs:(i + 1) * mbs], mine[1][i * mbs:(i + 1) * mbs]) for i in range(micro)]
-
-    def forward_step(data_iterator, model):
-        x, y = next(data_iterator)
-        return model(x, labels=y), lambda out: (out.mean(), {"lm loss": out.mean().detach()})
-
-    def step() -> None:
-        optimizer.zero_grad()
-        schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=wrapped, num_microbatches=micro,
-                 seq_length=SEQ, micro_batch_size=mbs, no_sync_func=no_sync_func(wrapped),
-                 finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=ps))
-        optimizer.step()
-    return step
-
-
-def _hf_step(layout: str):
+def _hf_step(shape):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
-                        resid_pdrop=DROPOUT, embd_pdrop=DROPOUT, attn_pdrop=DROPOUT, bos_token_id=0, eos_token_id=0,
-                        attn_implementation="sdpa")
-    model = GPT2LMHeadModel(config).float().train()
+    from step_builders import hf_gpt2
+    model = hf_gpt2(shape)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inputs, _ = _batch()
 
@@ -170,21 +123,28 @@ def _hf_step(layout: str):
     return step
 
 
+def _build_step(system: str, layout: str):
+    """One training step of ``system`` at ``layout``: ours and megatron-core's from bench/step_builders.py
+    (shared with bench_gpu.py), fp32; DeepSpeed's from peer_workers.py; Hugging Face's here."""
+    from step_builders import GPTShape, Layout, mcore_step, ours_step
+    shape = GPTShape(LAYERS, HIDDEN, HEADS, SEQ, VOCAB, DROPOUT)
+    tp, pp, zero, micro = LAYOUTS[layout][2:6]
+    if system == "ours":
+        return ours_step(shape, Layout(tp, pp, zero, micro), _batch())
+    if system == "mcore":
+        return mcore_step(shape, Layout(tp, pp, zero, micro), _batch())
+    if system == "hf":
+        return _hf_step(shape)
+    import peer_workers
+    return peer_workers.deepspeed_step(shape, zero, BATCH, _batch())
+
+
 def worker(system: str, layout: str, steps: int, warmup: int) -> None:
     import torch
     import torch.distributed as dist
     torch.set_num_threads(LAYOUTS[layout][1])
     dist.init_process_group("gloo")
-    if system == "ours":
-        step = _ours_step(layout)
-    elif system == "hf":
-        step = _hf_step(layout)
-    else:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import peer_workers
-        step = peer_workers.STEPS[system](layout, LAYOUTS[layout], _batch,
-                                          dict(batch=BATCH, seq=SEQ, layers=LAYERS, hidden=HIDDEN, heads=HEADS,
-                                               vocab=VOCAB, dropout=DROPOUT))
+    step = _build_step(system, layout)
     times = []
     for i in range(warmup + steps):
         dist.barrier()

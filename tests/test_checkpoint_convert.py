@@ -278,3 +278,51 @@ def test_megatron_llama_mistral_command_converts_an_hf_llama(tmp_path, capsys):
     assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--bf16", "--fp16",
                     "--load-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "both")]) == 2
     assert "--bf16 and --fp16" in capsys.readouterr().err
+
+
+def test_the_no_tokenizer_note_only_where_a_tokenizer_is_lost(tmp_path, capsys):
+    """Re-sharding a legacy checkpoint (a format whose training runs record no tokenizer) printed "no
+    tokenizer written" every time. The note stays where a tokenizer is lost: a recorded one that is gone,
+    and a Hugging Face directory written without one; each says which."""
+    import shutil
+
+    from tests.test_text_generation_cli import _save_tokenizer_json
+    tiny_hf_gpt2(vocab_size=300).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert _cli("hf", "core", tmp_path / "hf", tmp_path / "legacy") == 0
+    err = capsys.readouterr().err
+    assert err == (f"convert.py: note: no tokenizer written to {tmp_path / 'legacy'} ({tmp_path / 'hf'} holds no "
+                   f"tokenizer files); add one with --tokenizer-type TYPE --tokenizer-model FILE (or "
+                   f"--vocab-file/--merge-file)\n"), err
+    assert _cli("core", "core", tmp_path / "legacy", tmp_path / "tp2", "--target-tensor-parallel-size", 2) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("converted core:"), captured
+    assert _cli("core", "hf", tmp_path / "tp2", tmp_path / "hf_out") == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"(the legacy checkpoint {tmp_path / 'tp2'} records no tokenizer)" in err, err
+    # A tokenizer the checkpoint records, then lost: said on a re-shard too.
+    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    assert _cli("hf", "core", tmp_path / "hf", tmp_path / "with_tok") == 0
+    assert capsys.readouterr().err == ""
+    shutil.rmtree(tmp_path / "with_tok" / "tokenizer")
+    assert _cli("core", "core", tmp_path / "with_tok", tmp_path / "resharded", "--target-tensor-parallel-size", 2) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"(its tokenizer directory {tmp_path / 'with_tok' / 'tokenizer'} is gone)" \
+        in err, err
+
+
+def test_a_null_tokenizer_run_resharded_from_torch_dist_says_nothing_of_a_tokenizer(tmp_path, capsys):
+    """A torch_dist checkpoint records its run's tokenizer flags; a NullTokenizer run has no text to lose."""
+    from test_pretrain import _train
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr", "0.1",
+            "--mock-data", "--vocab-size", "255", "--eval-iters", "0", "--num-workers", "0",
+            "--save", str(tmp_path / "dist"), "--save-interval", "1"]
+    run_distributed(_train, 1, args, timeout=120)
+    capsys.readouterr()
+    assert _cli("core", "core", tmp_path / "dist", tmp_path / "legacy") == 0
+    assert capsys.readouterr().err == ""
+    assert _cli("core", "hf", tmp_path / "dist", tmp_path / "hf") == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"(the run that saved {tmp_path / 'dist'} used NullTokenizer: ids without " \
+        f"text)" in err, err

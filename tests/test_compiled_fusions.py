@@ -178,3 +178,22 @@ def test_kernel_is_offered_on_this_cpu_and_switched_off_by_the_environment(monke
         assert find_kernel("gelu_tanh") is None and find_kernel("swiglu") is None
     finally:
         find_kernel.cache_clear()
+
+
+def _no_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("this backward does not compile")
+
+
+@needs_compiler
+def test_a_backward_that_fails_its_probe_falls_back_before_any_training_step(caplog):
+    """The probe runs the compiled backward too: a fusion whose forward compiles but whose backward
+    does not is never used (else the failure would come in the first training step's backward)."""
+    fusion = compiled.CompiledFusion(lambda x: x * 2.0, _no_backward, lambda x: x * 2.0, "double")
+    x = torch.randn(3, 4, requires_grad=True)
+    with caplog.at_level("WARNING", logger="megatron_core.fusions.compiled"):
+        y = fusion(x)
+    y.sum().backward()
+    assert fusion._ready == {(torch.float32, 2): False}
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    lines = [r.getMessage() for r in caplog.records if r.name == "megatron_core.fusions.compiled"]
+    assert len(lines) == 1 and "torch.compile of double failed (RuntimeError" in lines[0], lines

@@ -65,3 +65,36 @@ def test_autotp_errors():
         RankError, match="supports Hugging Face causal LMs of type gpt2, llama; this model is Sequential"
     ):
         run_distributed(_mlp_autotp, 2, timeout=120)
+
+
+def _autotp_error(kind: str) -> str:
+    """The one-line ConfigError of AutoTP 2 on a model it cannot split (raised on every rank)."""
+    from hf_testing import tiny_hf_gpt2, tiny_hf_llama
+    from transformers import GPT2Model
+
+    from megatron_core.errors import ConfigError
+
+    model = {"gpt2-3-heads": lambda: tiny_hf_gpt2(vocab_size=VOCAB, hidden=24, layers=1, heads=3, positions=16),
+             "llama-3-heads": lambda: tiny_hf_llama(vocab_size=VOCAB, hidden=24, layers=1, heads=3, kv_heads=3,
+                                                    ffn=32, positions=16),
+             "llama-1-kv-head": lambda: tiny_hf_llama(vocab_size=VOCAB, hidden=32, layers=1, heads=4, kv_heads=1,
+                                                      ffn=32, positions=16),
+             "gpt2-no-lm-head": lambda: GPT2Model(tiny_hf_gpt2(vocab_size=VOCAB, hidden=32, layers=1, heads=4,
+                                                               positions=16).config)}[kind]()
+    try:
+        megatron_core.initialize(model, config=ds_config(1, 1, 0, tensor_parallel={"autotp_size": 2}))
+    except ConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("gpt2-3-heads", "autotp_size 2 does not divide the model's attention heads (3)"),
+    ("llama-3-heads", "autotp_size 2 does not divide the model's attention heads (3)"),
+    ("llama-1-kv-head", "autotp_size 2 does not divide the model's key/value heads (1)"),
+    ("gpt2-no-lm-head", "supports Hugging Face causal LMs of type gpt2, llama; this model is gpt2"),
+])
+def test_autotp_refuses_a_model_it_cannot_split(kind, message):
+    """Heads (or key/value heads) that the AutoTP size does not divide, and a GPT-2 without its LM head."""
+    for error in run_distributed(_autotp_error, 2, kind, timeout=120):
+        assert message in error and "\n" not in error, error

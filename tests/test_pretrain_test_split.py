@@ -141,3 +141,34 @@ def test_default_split_on_a_small_corpus_trains_without_a_test_set(tmp_path, cap
     assert "on test set" not in captured.out
     warnings = [line for line in (captured.out + captured.err).splitlines() if "the test set is not evaluated" in line]
     assert len(warnings) == 1 and "gives the test split no documents" in warnings[0], captured.err
+
+
+def test_a_blend_whose_test_share_misses_one_prefix_is_refused_naming_it(tmp_path):
+    """--data-path 0.5 A 0.5 B --split 90,5,5 where B's 5% holds no document: the run trained and skipped
+    the whole test set with a warning, A's test documents included. As Megatron-LM's blended builder (an
+    error for a blend's empty share, NVIDIA/Megatron-LM#957/#5519): one line naming B and the fixes.
+    Empty in every prefix, the test split is still skipped as for a single prefix (EmptySplitError)."""
+    from test_pretrain_errors import _cli
+
+    from megatron_core.datasets.builder import EmptySplitError
+
+    a, b = str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document")
+    _write_corpus(a, 40, seed=3)  # test share: documents 38, 39
+    _write_corpus(b, 8, seed=4)  # test share: round(0.95 * 8) = 8 .. 8, none
+    argv = ARGS + ["--train-iters", "1", "--eval-interval", "1", "--data-path", "0.5", a, "0.5", b,
+                   "--split", "90,5,5", "--data-cache-path", str(tmp_path / "cache")]
+    [(code, err)] = run_distributed(_cli, 1, argv, timeout=120)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --split '90,5,5' gives the test split no documents of {b!r} (8 documents) while "
+                          f"the other --data-path prefixes have some; "), err
+    assert "give test a larger share of --split, a zero test share (--split A,B,0: no test evaluation)" in err, err
+    config = GPTDatasetConfig(seq_length=SEQ, eod=255, seed=SEED, data_path=["0.5", a, "0.5", b], split="90,5,5",
+                              data_cache_path=str(tmp_path / "cache"))
+    _, _, test = build_gpt_datasets(config, [8, 8, 0])  # no test samples asked: no test split, no error
+    assert test is None
+    _write_corpus(b, 20, seed=4)  # 969,30,1: neither A's nor B's test share holds a document
+    config = GPTDatasetConfig(seq_length=SEQ, eod=255, seed=SEED, data_path=["0.5", a, "0.5", b], split="969,30,1",
+                              data_cache_path=str(tmp_path / "cache"))
+    with pytest.raises(EmptySplitError, match="gives the test split no documents of") as info:
+        build_gpt_datasets(config, [8, 8, 8])
+    assert info.value.split == "test"

@@ -104,6 +104,79 @@ def test_server_answers_concurrent_requests_under_tp2(tmp_path):
         proc.wait(timeout=30)
 
 
+# A test-only server: the tool's main() serving a Generator subclass that injects faults through real
+# paths (a forward hook on the loaded model, the tokenize step); nothing a user runs is replaced.
+FAULTY_SERVER = """
+import sys
+
+from megatron_core.inference import server
+from megatron_core.inference.text_generation_cli import Generator
+
+
+class FaultyGenerator(Generator):
+    def tokenize(self, prompts):
+        if self.parallel_state.rank == 1 and prompts[0].startswith("FAIL-RANK1"):
+            raise KeyError("injected: rank 1 alone, while tokenising")
+        return super().tokenize(prompts)
+
+    def run(self, prompts, tokens_to_generate, sampling, **kwargs):
+        calls = []
+
+        def hook(module, args, output):  # every rank, after the TP collectives of 3 forward passes
+            calls.append(None)
+            if len(calls) == 3:
+                raise RuntimeError("injected: every rank, in decoding step 3\\nsecond line")
+        fault = self.tokenizer.detokenize(list(prompts[0])).startswith("FAIL-ALL")
+        handle = self.loaded.model.register_forward_hook(hook) if fault else None
+        try:
+            return super().run(prompts, tokens_to_generate, sampling, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+sys.exit(server.main(wrap_generator=lambda gen: FaultyGenerator(**vars(gen))))
+"""
+
+
+def test_an_exception_inside_generation_fails_the_request_not_the_server(tmp_path):
+    """A fault raised inside generation (on every rank, mid-decoding; or on rank 1 alone, before generating)
+    ended rank 1's worker loop (and rank 0 answered Flask's HTML 500): the TP 2 server was dead. Now the
+    ranks agree the request failed, the client gets HTTP 500 and one line, and the next requests work."""
+    hf_model = tiny_hf_gpt2(vocab_size=300)
+    hf_model.save_pretrained(tmp_path / "hf")
+    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    script = tmp_path / "faulty_server.py"
+    script.write_text(FAULTY_SERVER)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--load", str(tmp_path / "hf"), "--tensor-model-parallel-size", "2", "--port", str(port), "--top_k", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_until_serving(proc, port)
+        good = {"prompts": ["the quick"], "tokens_to_generate": 5}
+        status, expected = _put(port, good, timeout=30)
+        assert status == 200, expected
+        status, answer = _put(port, {"prompts": ["FAIL-ALL now"], "tokens_to_generate": 5}, timeout=30)
+        assert (status, answer) == (500, {"error": "generation failed on rank 0: RuntimeError: injected: every "
+                                                   "rank, in decoding step 3"}), (status, answer)
+        status, answer = _put(port, {"prompts": ["FAIL-RANK1 now"], "tokens_to_generate": 5}, timeout=30)
+        assert (status, answer) == (500, {"error": "generation failed on rank 1: KeyError: 'injected: rank 1 "
+                                                   "alone, while tokenising'"}), (status, answer)
+        assert _put(port, good, timeout=30) == (200, expected)  # in step again: the same greedy answer
+        status, answer = _put(port, {"prompts": ["x" * 4], "tokens_to_generate": 40}, timeout=30)
+        assert status == 400 and "--max-position-embeddings" in answer["error"]
+        assert _put(port, {"prompts": ["FAIL-ALL", "the"], "tokens_to_generate": 4}, timeout=30)[0] == 500
+        assert _put(port, good, timeout=30) == (200, expected)
+        assert proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert err.count("request failed:") == 5, err[-3000:]  # each failing rank logged its traceback: 2 + 1 + 2
+
+
 def _serve(argv):
     import contextlib
     import io

@@ -211,9 +211,10 @@ def _full_grads(stage: int):
     engine.backward(engine(torch.randn(2, 8, generator=g)).pow(2).mean())  # the accumulation boundary
     named = dict(engine.module.named_parameters())
     freed = any(getattr(p, "main_grad", 0) is None for p in named.values() if p.requires_grad)
+    mains = {name: p.main_grad.clone() for name, p in named.items() if getattr(p, "main_grad", None) is not None}
     grads = {name: megatron_core.zero.safe_get_full_grad(p) for name, p in named.items()}
     engine.step()  # still steps after the reads
-    return grads, freed
+    return grads, freed, mains
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -222,10 +223,22 @@ def test_safe_get_full_grad_assembles_the_shards(stage):
     returns the same averaged gradient as ZeRO-0's main_grad on every rank; None for a frozen parameter."""
     reference = run_distributed(_full_grads, 2, 0, timeout=120)
     results = run_distributed(_full_grads, 2, stage, timeout=120)
-    for (grads, freed), (expected, _) in zip(results, reference, strict=True):
+    for (grads, freed, _), (expected, _, mains) in zip(results, reference, strict=True):
         assert freed, "ZeRO-2/3 free main_grad after the boundary backward"
         assert grads["0.bias"] is None and expected["0.bias"] is None
+        # At ZeRO-0 it is a copy of main_grad, for every trained parameter.
+        assert sorted(mains) == sorted(name for name in expected if name != "0.bias")
         for name, grad in expected.items():
-            if grad is not None:
+            if name != "0.bias":
+                assert torch.equal(grad, mains[name]), name
                 assert grads[name].shape == grad.shape
                 torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_safe_get_full_grad_of_a_plain_parameter_is_a_copy_of_its_grad():
+    """Outside the engine (no gradient buffer, no main_grad) it copies ``.grad``; None before backward."""
+    layer = torch.nn.Linear(4, 3)
+    assert megatron_core.zero.safe_get_full_grad(layer.weight) is None
+    layer(torch.randn(2, 4)).sum().backward()
+    full = megatron_core.zero.safe_get_full_grad(layer.weight)
+    assert torch.equal(full, layer.weight.grad) and full.data_ptr() != layer.weight.grad.data_ptr()

@@ -71,6 +71,10 @@ class FullModel:
     tokenizer: MegatronTokenizer | None = None
     iteration: int | None = None  # of a Megatron checkpoint: kept when it is resharded
     train_state: dict[str, Any] = field(default_factory=dict)  # core_format.TRAIN_STATE_KEYS, kept likewise
+    # Without a tokenizer: why, and whether the source recorded one (then its absence is a loss to report;
+    # a legacy training checkpoint, or a NullTokenizer run, records none and loses nothing).
+    no_tokenizer_reason: str = ""
+    tokenizer_expected: bool = True
 
 
 def _family_of(hf_config: Any, path: str) -> str:
@@ -96,7 +100,8 @@ def load_hf(path: str) -> FullModel:
         raise ValueError(f"--load-dir {path}: weight {exc} is missing for a {module.ARCHITECTURE}; config.json "
                          f"describes more than the file holds: use the config the weights were saved with") from None
     tokenizer = load_dir_tokenizer(path) if has_tokenizer(path) else None
-    return FullModel(config, vocab, positions, full, family, tokenizer)
+    return FullModel(config, vocab, positions, full, family, tokenizer,
+                     no_tokenizer_reason=f"{path} holds no tokenizer files")
 
 
 def save_hf(model: FullModel, path: str, family: str | None = None) -> None:
@@ -126,12 +131,16 @@ def load_core(path: str, iteration: int | None = None, with_optimizer: bool = Fa
     config, info, state, train_state = load_core_checkpoint(path, iteration, with_optimizer)
     family = info.get("hf_model_type")
     tokenizer = None
+    # A training run's legacy checkpoint records no tokenizer; one this converter wrote records its directory.
     saved = (info.get("tokenizer") or {}).get("dir")
     if saved and os.path.isdir(os.path.join(path, saved)):
         tokenizer = load_dir_tokenizer(os.path.join(path, saved))
+    reason = f"its tokenizer directory {os.path.join(path, saved)} is gone" if saved else \
+        f"the legacy checkpoint {path} records no tokenizer"
     return FullModel(config, info.get("vocab_size") or info["padded_vocab_size"],
                      int(info.get("max_position_embeddings") or info["seq_length"]), state, family, tokenizer,
-                     iteration if iteration is not None else io.read_tracker(path), train_state)
+                     iteration if iteration is not None else io.read_tracker(path), train_state,
+                     no_tokenizer_reason=reason, tokenizer_expected=bool(saved))
 
 
 def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
@@ -140,10 +149,14 @@ def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
     common = read_common(path, full.iteration)
     train_state = {"consumed_train_samples": common.get("extra", {}).get("consumed_train_samples"),
                    "opt_param_scheduler": common.get("scheduler"), VOCAB_PADDING: full.vocab_padding}
+    kind = full.tokenizer.get("tokenizer_type")
+    expected = bool(kind) and kind != "NullTokenizer"
+    reason = (f"the tokenizer files its training run recorded ({kind}) are gone" if expected else
+              f"the run that saved {path} used {kind or 'no tokenizer'}: ids without text")
     return FullModel(full.config, int(info.get("vocab_size") or info["padded_vocab_size"]),
                      int(info.get("max_position_embeddings") or info["seq_length"]), full.state, None,
                      tokenizer_from_flags(full.tokenizer), full.iteration,
-                     {k: v for k, v in train_state.items() if v is not None})
+                     {k: v for k, v in train_state.items() if v is not None}, reason, expected)
 
 
 def tokenizer_from_flags(flags: dict[str, Any]) -> MegatronTokenizer | None:
@@ -320,11 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"convert.py: error: {exc}", file=sys.stderr)
         return 2
     print(f"converted {args.loader}:{args.load_dir} -> {args.saver}:{where}")
-    if model.tokenizer is None:
-        # Said, not silent: a Hugging Face directory without a tokenizer fails later in AutoTokenizer.
-        print(f"convert.py: note: no tokenizer written to {args.save_dir} (the source carries none, or the "
-              "tokenizer files its training run recorded are gone); add one with --tokenizer-type TYPE "
-              "--tokenizer-model FILE (or --vocab-file/--merge-file)", file=sys.stderr)
+    # Said where something is lost: a tokenizer the source recorded, or any tokenizer in a Hugging Face
+    # directory (AutoTokenizer fails on it later). A re-shard of a checkpoint that records none loses nothing.
+    if model.tokenizer is None and (model.tokenizer_expected or saver == "hf"):
+        print(f"convert.py: note: no tokenizer written to {args.save_dir} ({model.no_tokenizer_reason}); add one "
+              f"with --tokenizer-type TYPE --tokenizer-model FILE (or --vocab-file/--merge-file)", file=sys.stderr)
     return 0
 
 

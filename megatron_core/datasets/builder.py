@@ -99,6 +99,38 @@ def _split_indices(
     return result
 
 
+def _check_blend_splits(
+    config: GPTDatasetConfig, prefixes: list[str], low_level: list[IndexedDataset], num_samples: Sequence[int | None]
+) -> None:
+    """Every split a ``--data-path`` blend samples has documents in each of its prefixes, or in none.
+
+    Megatron-LM's ``BlendedMegatronDatasetBuilder._build_blended_dataset_splits``
+    (megatron/core/datasets/blended_megatron_dataset_builder.py) builds each prefix's ``--split`` share and
+    blends them by the weights, with no rule for a share that holds no document: its GPTDataset then
+    loops forever (NVIDIA/Megatron-LM issue #957), and the proposed fix (pull request #5519) raises an error
+    naming the split. The same here, naming the prefixes: dropping them and renormalising the weights
+    would sample another mixture than the one asked for, and skipping the whole split (what a split empty
+    in every prefix does for the test set) would drop the others' documents. Raises ValueError.
+    """
+    if len(prefixes) < 2:
+        return
+    per_prefix = [split_document_ranges(config.split, ds.num_documents) for ds in low_level]
+    for s, (name, wanted) in enumerate(zip(SPLIT_NAMES, num_samples, strict=True)):
+        if wanted == 0 or per_prefix[0][s] is None:  # no samples asked, or a zero share: alike for every prefix
+            continue
+        bounds = [ranges[s] or (0, 0) for ranges in per_prefix]
+        empty = [(prefix, ds.num_documents)
+                 for prefix, ds, (begin, end) in zip(prefixes, low_level, bounds, strict=True) if end <= begin]
+        if 0 < len(empty) < len(prefixes):
+            which = ", ".join(f"{prefix!r} ({count} documents)" for prefix, count in empty)
+            raise ValueError(
+                f"--split {config.split!r} gives the {name} split no documents of {which} while the other "
+                f"--data-path prefixes have some; a blend samples every prefix in each split (as Megatron-LM's "
+                f"builder): give {name} a larger share of --split{NO_SAMPLES_OF.get(name, '')}, add documents "
+                f"to that prefix, or give each split its own prefixes (--train-data-path, --valid-data-path, "
+                f"--test-data-path instead of --data-path)")
+
+
 def _split_dataset(
     config: GPTDatasetConfig, prefixes: list[str], weights: list[float], low_level: list[IndexedDataset],
     docs: list[np.ndarray], wanted: int | None, name: str, flag: str
@@ -162,6 +194,7 @@ def build_gpt_datasets(
         return _per_split_datasets(config, num_samples)
     prefixes, weights = parse_data_path(config.data_path)
     low_level = [IndexedDataset(prefix) for prefix in prefixes]
+    _check_blend_splits(config, prefixes, low_level, num_samples)
     per_prefix_splits = [
         _split_indices(config, ds.num_documents, repr(prefix), num_samples)
         for prefix, ds in zip(prefixes, low_level, strict=True)

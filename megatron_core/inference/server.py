@@ -11,20 +11,34 @@ Megatron-LM's ``stop_on_eol``, ``stop_on_double_eol``, ``prevent_newline_after_c
 one-line message. Rank 0 serves HTTP; each request is broadcast to every rank of the model-parallel
 group (as Megatron-LM's ``send_do_generate``) so all ranks run the same generation. A lock
 serialises requests: concurrent clients are answered one generation at a time, in arrival order.
+
+An unexpected exception while a request runs (a bug, a fault in the model) fails that request, not the
+server: the ranks exchange their outcome twice per request, after tokenising and after generating
+(:func:`_agree`), so every rank knows the request failed before any moves on; rank 0 answers HTTP 500
+with ``{"error": "generation failed on rank R: Type: first line"}``, the failing rank prints its
+traceback on stderr, and the next request runs as usual. This covers a failure every rank meets alike
+(the ranks run the same code on the same request, so a deterministic error strikes all of them at the
+same collective) and a failure of any subset of ranks before generation starts. A rank failing alone
+in the middle of the forward pass leaves the others inside a collective it never joins; no exchange can
+reach them there, and they wait until ``--server-timeout-minutes`` (the process group's timeout).
+(Megatron-LM's server catches only its ValueError; any other exception ends its worker loop.)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import signal
+import sys
 import threading
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
 from megatron_core.errors import ConfigError
+from megatron_core.inference.generation import GenerationOutput
 from megatron_core.inference.sampling import SamplingParams
 from megatron_core.inference.text_generation_cli import (
     Generator,
@@ -111,15 +125,73 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _generate_text(gen: Generator, req: Request) -> dict[str, Any]:
-    tokenizer = gen.tokenizer
-    assert tokenizer is not None
-    bos = [tokenizer.eod] if req.add_bos else []  # Megatron-LM's BOS is the EOD token
-    ids = [bos + tokenizer.tokenize(p) for p in req.prompts]
-    out = gen.run(ids, req.tokens_to_generate, req.sampling, log_probs=req.logprobs)
-    return {"text": [tokenizer.detokenize(t) for t in out.tokens],
-            "segments": [[tokenizer.detokenize([t]) for t in tokens] for tokens in out.tokens],
-            "tokens": out.tokens, "logprobs": out.log_probs}
+# One rank's outcome of a request step: None, or (kind, message); kind "config" (a ConfigError: the
+# client's fault, HTTP 400) or "internal" (anything else: HTTP 500).
+Failure = tuple[str, str] | None
+
+
+def _failure(exc: Exception, rank: int) -> tuple[str, str]:
+    """What this rank tells the others about ``exc``; an unexpected one's traceback goes to its stderr."""
+    if isinstance(exc, ConfigError):
+        return "config", str(exc)
+    print(f"run_text_generation_server.py: rank {rank}: request failed:", file=sys.stderr)
+    traceback.print_exc(file=sys.stderr)
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return "internal", f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+
+
+def _agree(failure: Failure) -> tuple[int, str, str] | None:
+    """Every rank's outcome of the step just run: ``(rank, kind, message)`` of the lowest failed rank, or
+    None when all succeeded; the same answer on every rank. A collective: each rank must call it once per
+    step, whether its own step failed or not."""
+    outcomes: list[Failure] = [failure]
+    if dist.get_world_size() > 1:
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, failure)
+    return next(((rank, *o) for rank, o in enumerate(outcomes) if o is not None), None)
+
+
+def _run_request(gen: Generator, req: Request) -> tuple[GenerationOutput | None, tuple[int, str, str] | None]:
+    """Tokenise and generate on this rank, in step with the others: ``(output, None)``, or ``(None, verdict)``
+    when any rank failed (see :func:`_agree`). Every rank calls this with the same request."""
+    rank = gen.parallel_state.rank
+    ids: list[list[int]] = []
+    failure: Failure = None
+    try:
+        ids = gen.tokenize(req.prompts)
+        if req.add_bos:  # Megatron-LM's BOS is the EOD token
+            ids = [[gen.tokenizer.eod] + p for p in ids] if gen.tokenizer is not None else ids
+    except Exception as exc:  # any failure is agreed on, then answered; the server goes on
+        failure = _failure(exc, rank)
+    # Agreed before generation's first collective: a rank that failed alone here must not leave the others
+    # waiting in it.
+    verdict = _agree(failure)
+    if verdict is not None:
+        return None, verdict
+    out = None
+    try:
+        out = gen.run(ids, req.tokens_to_generate, req.sampling, log_probs=req.logprobs)
+    except Exception as exc:  # as above
+        failure = _failure(exc, rank)
+    verdict = _agree(failure)
+    return (None, verdict) if verdict is not None else (out, None)
+
+
+def _answer(gen: Generator, out: GenerationOutput | None, verdict: tuple[int, str, str] | None):
+    """Rank 0's ``(JSON body, HTTP status)`` for a request's outcome."""
+    if verdict is not None:
+        rank, kind, message = verdict
+        if kind == "config":
+            return {"error": message}, 400
+        return {"error": f"generation failed on rank {rank}: {message}"}, 500
+    assert out is not None and gen.tokenizer is not None
+    try:  # rank 0 alone, after the ranks agreed: nothing left to agree on
+        tokenizer = gen.tokenizer
+        return {"text": [tokenizer.detokenize(t) for t in out.tokens],
+                "segments": [[tokenizer.detokenize([t]) for t in tokens] for tokens in out.tokens],
+                "tokens": out.tokens, "logprobs": out.log_probs}, 200
+    except Exception as exc:  # as in _run_request
+        return {"error": f"generation failed on rank 0: {_failure(exc, 0)[1]}"}, 500
 
 
 def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | None = None):
@@ -136,11 +208,13 @@ def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | 
     def api():
         try:  # force: a JSON body is read whatever its Content-Type (curl -d sends a form type)
             req = parse_request(request.get_json(force=True, silent=True), defaults)
-            with lock:  # one generation at a time; every rank must see requests in the same order
-                _broadcast(("generate", req))
-                return jsonify(_generate_text(gen, req))
         except ConfigError as exc:
             return jsonify({"error": str(exc)}), 400
+        with lock:  # one generation at a time; every rank must see requests in the same order
+            _broadcast(("generate", req))
+            out, verdict = _run_request(gen, req)
+        body, status = _answer(gen, out, verdict)
+        return jsonify(body), status
 
     return app
 
@@ -156,10 +230,7 @@ def _worker_loop(gen: Generator) -> None:
         message = _broadcast(None)
         if message[0] == _STOP:
             return
-        try:
-            _generate_text(gen, message[1])
-        except ConfigError:
-            pass  # rank 0 raised the same error from the same arguments and answered HTTP 400
+        _run_request(gen, message[1])  # a failure is agreed with rank 0, which answers it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,14 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve until interrupted; returns the exit status (2 with a one-line message on a configuration error)."""
+def main(argv: Sequence[str] | None = None,
+         wrap_generator: Callable[[Generator], Generator] | None = None) -> int:
+    """Serve until interrupted; returns the exit status (2 with a one-line message on a configuration error).
+
+    ``wrap_generator`` is for tests only (None in the tool): it gets each rank's loaded Generator and
+    returns the one to serve, e.g. a subclass that injects a fault to show the server survives it.
+    """
     args = build_parser().parse_args(argv)
     context = None
     try:
         defaults = sampling_from_args(args)
         context = initialize_distributed(args.distributed_backend, timeout_minutes=args.server_timeout_minutes)
         gen = setup(args, need_tokenizer=True)
+        if wrap_generator is not None:
+            gen = wrap_generator(gen)
     except ConfigError as exc:
         report_error("run_text_generation_server.py", exc, context)
         return 2

@@ -104,6 +104,11 @@ class Generator:
     parallel_state: ParallelState
     use_kv_cache: bool
 
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Each text prompt as token ids (this rank's tokenizer; one must be loaded)."""
+        assert self.tokenizer is not None
+        return [self.tokenizer.tokenize(p) for p in prompts]
+
     def run(self, prompts: Sequence[Sequence[int]], tokens_to_generate: int,
             sampling: SamplingParams, log_probs: bool = False) -> GenerationOutput:
         """Generate on every rank (all ranks must call this with the same arguments)."""

@@ -181,7 +181,7 @@ class RowParallelLinear(torch.nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = divide(input_size, tp, "RowParallelLinear input_size")
         self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self._tp = sequence_parallel, tp
         dev = device_mod.current_device()
         self.weight = sharded_parameter((output_size, input_size), 1, init_method or init_method_normal(0.02),
                                         stride=stride, rank=rank, world=tp, dtype=params_dtype, device=dev)
@@ -198,6 +198,10 @@ class RowParallelLinear(torch.nn.Module):
 
         The output is [s, b, h_out] summed over TP, or [s / TP, b, h_out] reduce-scattered along the
         sequence under sequence parallelism; the bias comes back unadded with ``skip_bias_add``."""
+        if self._tp == 1 and not self.skip_bias_add:
+            # Nothing to sum over ranks, so the bias rides in the product (oneDNN adds it in the
+            # product's output pass; a separate add is one more pass over [s, b, h]).
+            return linear(x, self.weight, self.bias), None
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.tp_group)
         out = linear(x, self.weight)

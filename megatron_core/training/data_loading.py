@@ -80,7 +80,8 @@ def build_datasets(config: DataConfig, training: TrainingConfig, tokenizer: Mega
 
     Every evaluation reuses the same validation batches; the test split is evaluated once, at the end
     (Megatron-LM's ``eval_iters x global_batch_size`` test samples). Test is None without a test split,
-    or when the test share of ``--split`` holds no document (said through ``note``).
+    or when the test share of ``--split`` holds no document (of any prefix of a blend; said through
+    ``note``). A blend whose test share is empty in some prefixes only is an error naming them.
     """
     from megatron_core.datasets import build_gpt_datasets
     from megatron_core.datasets.builder import EmptySplitError

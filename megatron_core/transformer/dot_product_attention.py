@@ -56,8 +56,12 @@ class _CausalBlockAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, band, masks, softmax_dtype):
-        outputs, saved = [], []
-        s, rows = q.shape[1], band.shape[0]
+        saved = []
+        bn, s, d = q.shape
+        rows = band.shape[0]
+        # Blocks are written in [s, b*n, d] order and returned as its [b*n, s, d] view: the caller's
+        # [s, b, n*d] context is then that memory as is (a cat, then a permute copy, cost two passes).
+        out = q.new_empty(s, bn, d)
         for i, (start, end) in enumerate(causal_blocks(s)):
             # Row j of the block is query start + j: the band's row rows - (end - start) + j, read
             # from column s - end on, is -inf exactly right of that query's key.
@@ -67,11 +71,11 @@ class _CausalBlockAttention(torch.autograd.Function):
             dropped = probs.to(q.dtype)
             if masks is not None:
                 dropped = masked_scale(dropped, *masks[i])
-            outputs.append(torch.bmm(dropped, v[:, :end]))
+            out[start:end].copy_(torch.bmm(dropped, v[:, :end]).transpose(0, 1))
             saved += [probs, dropped]
         ctx.save_for_backward(q, k, v, *saved)
         ctx.scale, ctx.dropout = scale, masks is not None
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return out.transpose(0, 1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
