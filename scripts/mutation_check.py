@@ -99,6 +99,12 @@ was itself None under the mutant), the compiled fusions' backward probe, and the
 ``ParamAndGradBuffer.all_gather_params`` (its one caller, the distributed optimizer's step, has
 waited for every gather before writing the shards), and the compiled fusions' probe sizes
 ``range(2, 2 + ndim)`` -> ``range(3, ...)`` (any distinct sizes above 1 trace the same dynamic graph).
+A second sample the same day (20 mutants of engine/reshard.py, engine/autotp.py,
+datasets/builder.py, inference/server.py, ``--seed 2``): 6 survived, 5 of them missing tests, added
+since: AutoTP's refusal of Llama heads and of a GPT-2 without its LM head, the server's "serving PUT"
+line and its stop message at a world of 2 (the Ctrl-C test), and the blend check (its test was not in
+the ``datasets`` list). Equivalent: the server's ``--help`` description taken from another paragraph
+of the module docstring (``split("\n\n")[0]`` -> ``[1]``).
 
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.

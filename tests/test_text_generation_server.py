@@ -250,10 +250,11 @@ def test_ctrl_c_stops_a_tp2_server_at_once_without_a_traceback_of_ours(tmp_path)
         assert status == 400 and answer["error"] == ("'stop_on_eol': true is a Megatron-LM option this server does "
                                                      "not implement; drop it or send its default false"), answer
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
-        _, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     assert "megatron_core" not in err and "run_text_generation_server.py\", line" not in err, err[-3000:]
     assert "forcefully exiting" not in err, err[-3000:]
+    assert f"serving PUT http://127.0.0.1:{port}/api" in out, out  # where to send requests, as Megatron-LM's
