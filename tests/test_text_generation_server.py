@@ -285,4 +285,5 @@ def test_request_fields_are_checked_as_megatron_lm_checks_them():
             assert message in str(exc), (body, str(exc))
         else:
             raise AssertionError(f"{body} was accepted")
-    assert parse_request({"prompts": ["a"], "stop_token": 50256, "length_penalty": 1}, defaults).tokens_to_generate == 64
+    req = parse_request({"prompts": ["a"], "stop_token": 50256, "length_penalty": 1}, defaults)
+    assert req.tokens_to_generate == 64
