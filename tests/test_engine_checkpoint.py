@@ -444,3 +444,64 @@ def test_save_and_load_take_deepspeeds_parameters(tmp_path):
                                         "(weights, optimizer fragments and scheduler are restored as saved)")
     assert results["refused", False] == ("save_checkpoint: exclude_frozen_parameters=True is not implemented; "
                                          "frozen parameters are saved with the model (drop it)")
+
+
+def _loose_load_at_dp2(directory, stage):
+    """Save the MLP at DP 2, then load it with load_module_strict=False into the MLP with one more layer."""
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, stage))
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(directory, "saved")
+    engine.parallel_state.destroy()
+    torch.manual_seed(7)
+    bigger = torch.nn.Sequential(*make_model("mlp"), torch.nn.Linear(4, 4))
+    engine, _, _, _ = megatron_core.initialize(bigger, config=_sharded(ds_config(2, 1, stage)))
+    try:
+        engine.load_checkpoint(directory, "saved", False)  # optimizer states too: the new layer has none
+        refused = None
+    except ConfigError as exc:
+        refused = str(exc)
+    loaded = engine.load_checkpoint(directory, "saved", False, False)[0]
+    run_steps("mlp", engine, 1, 2)  # the ranks are still in step
+    engine.parallel_state.destroy()
+    return refused, loaded
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_loose_load_of_a_layer_the_checkpoint_lacks_is_one_line_on_every_rank(tmp_path, stage):
+    """load_module_strict=False (Hugging Face Trainer's for PEFT models) into a model with a parameter the
+    checkpoint lacks, optimizer states asked: only the DP rank whose ZeRO shard held that parameter raised,
+    and the other waited in the parameter all-gather until the group timeout (a hang), the message blaming
+    a parameter frozen when saved. Now every rank raises one line naming it as not in the checkpoint;
+    load_optimizer_states=False then loads."""
+    directory = str(tmp_path)
+    results = run_distributed(_loose_load_at_dp2, 2, directory, stage, timeout=90)
+    for refused, loaded in results:
+        assert refused == (f"load_checkpoint: {os.path.join(directory, 'saved')!r} has no optimizer state for "
+                           f"'5.weight', a parameter the checkpoint does not hold; load it with "
+                           f"load_optimizer_states=False (the optimizer starts afresh)"), refused
+        assert loaded == os.path.join(directory, "saved")
+
+
+def _load_without_tp_rank_1_model_file(directory):
+    from test_engine_autotp_reshard import _config, _model
+
+    engine, _, _, _ = megatron_core.initialize(_model("gpt2"), config=_config("gpt2", 2, 2, 0))
+    run_steps("gpt2", engine, 0, 1)
+    engine.save_checkpoint(directory, "saved")
+    if engine.parallel_state.rank == 0:
+        os.remove(os.path.join(directory, "saved", "mp_rank_01_model_states.pt"))
+    engine.barrier()
+    try:
+        engine.load_checkpoint(directory, "saved")
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+
+
+def test_a_tp_ranks_missing_model_file_is_one_line_on_every_rank(tmp_path):
+    """AutoTP 2: the TP rank whose model file is gone raised alone and TP rank 0 went on into the next
+    collective, waiting for it until the group timeout. Every rank now raises the same line."""
+    results = run_distributed(_load_without_tp_rank_1_model_file, 2, str(tmp_path), timeout=90)
+    path = os.path.join(str(tmp_path), "saved", "mp_rank_01_model_states.pt")
+    assert results == [f"load_checkpoint: {path} does not exist; is a TP rank's model file missing?"] * 2, results

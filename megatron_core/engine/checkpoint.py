@@ -168,8 +168,8 @@ def _model_states(engine: Any, module_state: dict, meta: dict, client_state: dic
 
 
 def _agree_on_write(error: str | None) -> None:
-    """Raise ConfigError on every rank when a write failed on any (collective): no rank waits for a peer
-    that stopped, and ``latest`` is not moved."""
+    """Raise ConfigError on every rank when a write (or a read) failed on any (collective): no rank waits for
+    a peer that stopped, and ``latest`` is not moved. The lowest failed rank's message is raised."""
     errors: list = [error]
     if dist.is_initialized() and dist.get_world_size() > 1:
         errors = [None] * dist.get_world_size()
@@ -325,6 +325,21 @@ def frozen_when_saved(folder: str, name: str) -> str:
             f"saved); load its weights only with load_optimizer_states=False")
 
 
+def _untrained_when_saved(engine: Any, folder: str, saved_meta: dict[str, dict]) -> str | None:
+    """The error for the first parameter this engine trains that has no optimizer state in the checkpoint
+    (frozen when saved, or absent: a model loaded with ``load_module_strict=False``), else None. Decided from
+    the module and the saved ``param_meta`` alone, so every rank reaches the same verdict whatever its shard."""
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name not in saved_meta:
+            return (f"load_checkpoint: {folder!r} has no optimizer state for {name!r}, a parameter the checkpoint "
+                    f"does not hold; load it with load_optimizer_states=False (the optimizer starts afresh)")
+        if not trained(saved_meta[name]):
+            return frozen_when_saved(folder, name)
+    return None
+
+
 def _optim_files_of(folder: str, tp_rank: int) -> list[str]:
     files = optim_files(folder, tp_rank)
     if not files:
@@ -353,11 +368,19 @@ def _fragments_here(engine: Any, folder: str, saved: list[dict]) -> tuple[dict, 
 
 @torch.no_grad()
 def _load_optimizer(engine: Any, folder: str, saved: list[dict]) -> None:
-    values, states, scalars = _fragments_here(engine, folder, saved)
+    # Agreed before the parameter all-gather below: a rank raising alone (its shard holds the parameter
+    # without state, its TP rank's file is missing) left the others in that collective.
+    error = _untrained_when_saved(engine, folder, saved[0]["param_meta"])
+    values: dict[str, torch.Tensor] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    scalars: dict = {}
+    if error is None:
+        try:
+            values, states, scalars = _fragments_here(engine, folder, saved)
+        except ConfigError as exc:
+            error = str(exc)
+    _agree_on_write(error)
     pieces = _pieces(engine)
-    untrained = next((name for name, *_ in pieces if name not in values), None)
-    if untrained is not None:
-        raise ConfigError(frozen_when_saved(folder, untrained))
     inner = engine.optimizer.inner
     step_on_device = steps_on_device(inner)
     for name, start, end, main in pieces:
@@ -430,16 +453,24 @@ def load(
                 )
             return None, None
     folder = os.path.join(load_dir, tag)
-    saved_files, module_state = _model_files(engine, folder, tag, load_dir)
+    # Each TP rank reads its own model file: a failure is agreed on, or the ranks that read theirs would wait
+    # in the next collective for one that stopped.
+    error: str | None = None
+    saved_files: list[dict] = []
+    module_state: dict[str, Any] = {}
+    try:
+        saved_files, module_state = _model_files(engine, folder, tag, load_dir)
+    except ConfigError as exc:
+        error = str(exc)
+    _agree_on_write(error)
     saved = saved_files[0]
     path = model_file(folder, ps.tp_rank if saved["tp_size"] == ps.tp_size else 0)
     try:
         engine.module.load_state_dict(module_state, strict=strict)
     except RuntimeError as exc:
-        raise ConfigError(
-            f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load it "
-            f"into the model it was saved from"
-        ) from None
+        error = (f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load "
+                 f"it into the model it was saved from")
+    _agree_on_write(error)
     if load_optimizer:
         _load_optimizer(engine, folder, saved_files)
         if engine.optimizer.grad_scaler is not None and saved["grad_scaler"] is not None:
