@@ -212,3 +212,17 @@ def test_megatron_llama_script_flags_are_checked_against_the_checkpoint(tmp_path
         assert main(["--load", str(tmp_path / "gpt2"), *args, *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"run_text_generation.py: error: {message}") and err.count("\n") == 1, err
+
+
+def test_a_temperature_past_megatron_lms_bound_is_one_line():
+    """--temperature 1e39 overflowed float32: the logits became nan and torch.multinomial raised a traceback."""
+    from megatron_core.errors import ConfigError
+    from megatron_core.inference.text_generation_cli import build_parser, sampling_from_args
+
+    args = build_parser().parse_args(["--load", "x", "--prompt", "hi", "--temperature", "1e39"])
+    try:
+        sampling_from_args(args)
+    except ConfigError as exc:
+        assert str(exc) == "--temperature must be at most 100 (Megatron-LM's bound), got 1e+39"
+    else:
+        raise AssertionError("--temperature 1e39 was accepted")

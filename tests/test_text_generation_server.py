@@ -267,7 +267,8 @@ def test_ctrl_c_stops_a_tp2_server_at_once_without_a_traceback_of_ours(tmp_path)
 def test_request_fields_are_checked_as_megatron_lm_checks_them():
     """Megatron-LM's MegatronGenerate.put: an empty prompt needs add_BOS; tokens_to_generate 0 needs logprobs
     (scoring without log-probabilities answers nothing); its beam-search fields stop_token and length_penalty
-    are taken at their defaults (50256, 1) like the other options not implemented here."""
+    are taken at their defaults (50256, 1) like the other options not implemented here; temperature is at
+    most 100."""
     from megatron_core.errors import ConfigError
     from megatron_core.inference.sampling import SamplingParams
     from megatron_core.inference.server import parse_request
@@ -278,7 +279,10 @@ def test_request_fields_are_checked_as_megatron_lm_checks_them():
     for body, message in (({"prompts": ["a", ""], "tokens_to_generate": 1}, "empty prompt needs 'add_BOS': true"),
                           ({"prompts": ["a"], "tokens_to_generate": 0},
                            "'tokens_to_generate' 0 scores the prompts: send 'logprobs': true"),
-                          ({"prompts": ["a"], "stop_token": 7}, "'stop_token': 7 is a Megatron-LM option")):
+                          ({"prompts": ["a"], "stop_token": 7}, "'stop_token': 7 is a Megatron-LM option"),
+                          # Past float32's range the logits became nan: HTTP 500 from torch.multinomial.
+                          ({"prompts": ["a"], "temperature": 1e308}, "'temperature' must be at most 100 (Megatron-LM's "
+                                                                     "bound), got 1e+308")):
         try:
             parse_request(body, defaults)
         except ConfigError as exc:
