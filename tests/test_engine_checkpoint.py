@@ -505,3 +505,28 @@ def test_a_tp_ranks_missing_model_file_is_one_line_on_every_rank(tmp_path):
     results = run_distributed(_load_without_tp_rank_1_model_file, 2, str(tmp_path), timeout=90)
     path = os.path.join(str(tmp_path), "saved", "mp_rank_01_model_states.pt")
     assert results == [f"load_checkpoint: {path} does not exist; is a TP rank's model file missing?"] * 2, results
+
+
+def _module_only(directory):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))
+    run_steps("mlp", engine, 0, 2)
+    engine.save_checkpoint(directory, "saved")
+    weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    engine.parallel_state.destroy()
+    engine, _, _, _ = megatron_core.initialize(_other_weights("mlp"), config=ds_config(1, 1, 0))
+    engine.load_checkpoint(directory, "saved", load_module_only=True)
+    module_only = (engine.global_steps, engine.global_samples, engine.micro_steps)
+    same = all(torch.equal(engine.module.state_dict()[k], v) for k, v in weights.items())
+    engine.load_checkpoint(directory, "saved")
+    full = (engine.global_steps, engine.global_samples, engine.micro_steps)
+    engine.parallel_state.destroy()
+    return module_only, same, full
+
+
+def test_load_module_only_keeps_the_engines_counters(tmp_path):
+    """DeepSpeed's load_module_only=True loads the weights alone (fine-tuning from a pretrained checkpoint):
+    global_steps, global_samples, micro_steps and skipped_steps are left as they are (DeepSpeed restores them
+    only without it). They were the saving run's, so the next default tag was global_step{saved + N}."""
+    module_only, same, full = run_distributed(_module_only, 1, str(tmp_path), timeout=60)[0]
+    assert module_only == (0, 0, 0) and same, module_only
+    assert full == (2, 2 * 2, 2), full

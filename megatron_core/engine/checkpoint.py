@@ -434,7 +434,8 @@ def _existing(path: str) -> str:
 
 
 def load(
-    engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool, strict: bool = True
+    engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool, strict: bool = True,
+    load_counters: bool = True,
 ) -> tuple[str | None, dict | None]:
     """``Engine.load_checkpoint``: model, optimizer fragments (any DP, ZeRO or AutoTP size), scheduler, counters.
 
@@ -481,6 +482,6 @@ def load(
         engine.optimizer.reload_model_params()
     if load_scheduler and engine.lr_scheduler is not None and saved["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    for name in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
+    for name in ("global_steps", "global_samples", "micro_steps", "skipped_steps") if load_counters else ():
         setattr(engine, name, saved[name])
     return folder, saved["client_state"]

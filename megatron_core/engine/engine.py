@@ -298,7 +298,9 @@ class Engine(torch.nn.Module):
         """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``.
 
         DeepSpeed's parameters, in its order: ``load_module_strict`` False loads the module weights with
-        ``load_state_dict(strict=False)`` (keys missing on either side are skipped); ``custom_load_fn`` is not
+        ``load_state_dict(strict=False)`` (keys missing on either side are skipped); ``load_module_only`` loads
+        the weights alone, leaving the optimizer, the scheduler and the step counters (``global_steps``,
+        ``global_samples``, ``micro_steps``, ``skipped_steps``) as they are; ``custom_load_fn`` is not
         implemented (ConfigError).
 
         The data-parallel size, ZeRO stage and AutoTP size may differ from the saving run's (another AutoTP
@@ -316,6 +318,7 @@ class Engine(torch.nn.Module):
             load_optimizer_states and not load_module_only,
             load_lr_scheduler_states and not load_module_only,
             strict=load_module_strict,
+            load_counters=not load_module_only,
         )
 
     def barrier(self) -> None:
