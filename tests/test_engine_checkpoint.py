@@ -421,12 +421,10 @@ def _deepspeed_signatures(directory):
     # DeepSpeed's third positional parameter is load_module_strict (here it was load_optimizer_states).
     results["loose"] = engine.load_checkpoint(directory, "1.25", False, False, False)
     results["same"] = all(torch.equal(engine.module.state_dict()[k], v) for k, v in weights.items())
-    for kwargs in ({"custom_load_fn": print}, {}):
-        try:
-            engine.save_checkpoint(directory, "x", exclude_frozen_parameters=True) if not kwargs else \
-                engine.load_checkpoint(directory, "1.25", **kwargs)
-        except ConfigError as exc:
-            results["refused", bool(kwargs)] = str(exc)
+    try:
+        engine.load_checkpoint(directory, "1.25", custom_load_fn=print)
+    except ConfigError as exc:
+        results["refused", True] = str(exc)
     engine.parallel_state.destroy()
     return results
 
@@ -442,8 +440,7 @@ def test_save_and_load_take_deepspeeds_parameters(tmp_path):
     assert results["loose"] == (os.path.join(str(tmp_path), "1.25"), {"step": 1}) and results["same"], results
     assert results["refused", True] == ("load_checkpoint: custom_load_fn is not implemented; load without it "
                                         "(weights, optimizer fragments and scheduler are restored as saved)")
-    assert results["refused", False] == ("save_checkpoint: exclude_frozen_parameters=True is not implemented; "
-                                         "frozen parameters are saved with the model (drop it)")
+
 
 
 def _loose_load_at_dp2(directory, stage):
@@ -530,3 +527,58 @@ def test_load_module_only_keeps_the_engines_counters(tmp_path):
     module_only, same, full = run_distributed(_module_only, 1, str(tmp_path), timeout=60)[0]
     assert module_only == (0, 0, 0) and same, module_only
     assert full == (2, 2 * 2, 2), full
+
+
+def _save_without_frozen(directory, stage):
+    """The MLP with its first layer frozen (a PEFT-style base) at DP 2: save without the frozen layer, load
+    into an engine whose trained layers differ, strictly and not."""
+    def frozen_first(offset):
+        model = _other_weights("mlp") if offset else make_model("mlp")
+        model[0].load_state_dict(make_model("mlp")[0].state_dict())  # the same frozen base either way
+        model[0].requires_grad_(False)
+        return model
+
+    config = ds_config(2, 1, stage)
+    model = frozen_first(0)
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=[p for p in model.parameters()
+                                                                        if p.requires_grad], config=config)
+    run_steps("mlp", engine, 0, 2)
+    engine.save_checkpoint(directory, "peft", exclude_frozen_parameters=True)
+    saved = state_of(engine)
+    engine.parallel_state.destroy()
+    model = frozen_first(1)
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=[p for p in model.parameters()
+                                                                        if p.requires_grad], config=config)
+    try:
+        engine.load_checkpoint(directory, "peft")
+        strict = None
+    except ConfigError as exc:
+        strict = str(exc)
+    engine.load_checkpoint(directory, "peft", load_module_strict=False)  # Hugging Face Trainer's for PEFT
+    loaded = state_of(engine)
+    losses, _ = run_steps("mlp", engine, 2, 3)  # the ranks are in step
+    engine.parallel_state.destroy()
+    return strict, saved, loaded, losses
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_save_checkpoint_excludes_frozen_parameters_as_deepspeed(tmp_path, stage):
+    """save_checkpoint(exclude_frozen_parameters=True), what Hugging Face Trainer calls for a PEFT model once
+    the signature has the parameter, was refused (so Trainer's checkpoints failed). As DeepSpeed: the model
+    files leave the frozen parameters out, load_module_strict=False restores the rest (the frozen ones keep
+    the model's own values), a strict load names the missing keys, and zero_to_fp32 leaves them out."""
+    directory = str(tmp_path / "ckpt")
+    results = run_distributed(_save_without_frozen, 2, directory, stage, timeout=120)
+    base = make_model("mlp").state_dict()
+    for strict, saved, loaded, _ in results:
+        assert strict == (f"load_checkpoint: {os.path.join(directory, 'peft', 'mp_rank_00_model_states.pt')} was "
+                          f"saved with exclude_frozen_parameters=True (2 frozen parameters left out, e.g. '0.weight'); "
+                          f"load it with load_module_strict=False (the model keeps its own values of those)"), strict
+        for key, value in saved.items():  # trained layers as saved; the frozen base as the model was built
+            assert torch.equal(loaded[key], base[key] if key.startswith("0.") else value), key
+    model_file = torch.load(os.path.join(directory, "peft", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert sorted(model_file["module"]) == ["2.bias", "2.weight", "4.bias", "4.weight"]
+    consolidated, _ = consolidate_state_dict(directory, tag="peft")
+    assert sorted(consolidated) == ["2.bias", "2.weight", "4.bias", "4.weight"]
+    for key, value in consolidated.items():
+        assert torch.equal(value, results[0][1][key].float()), key

@@ -209,7 +209,8 @@ def client_state_error(client_state: Any) -> str | None:
     return None
 
 
-def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool) -> str:
+def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool,
+         exclude_frozen: bool = False) -> str:
     """``Engine.save_checkpoint`` (see the module docstring for the layout).
 
     A failed write (a path under a file, no permission, a full disk) on any rank is a ConfigError on every
@@ -231,6 +232,9 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     # Every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective, which
     # hung when only DP rank 0 called it); below stage 3 it returns references, so this costs nothing.
     module_state, meta = engine.module.state_dict(), param_meta(engine.module)
+    if exclude_frozen:  # DeepSpeed's exclude_frozen_parameters: param_meta still records them as frozen
+        frozen = {key for name, info in meta.items() if not trained(info) for key in [name, *info["aliases"]]}
+        module_state = {k: v for k, v in module_state.items() if k not in frozen}
     # Before any file: a client_state that cannot be loaded back would make the checkpoint unloadable.
     error = client_state_error(client_state) if ps.dp_rank == 0 else None
     try:
@@ -466,8 +470,14 @@ def load(
     _agree_on_write(error)
     saved = saved_files[0]
     path = model_file(folder, ps.tp_rank if saved["tp_size"] == ps.tp_size else 0)
+    excluded = [n for n, info in saved["param_meta"].items() if not trained(info) and n not in module_state]
     try:
-        engine.module.load_state_dict(module_state, strict=strict)
+        if strict and excluded:
+            error = (f"load_checkpoint: {path} was saved with exclude_frozen_parameters=True ({len(excluded)} frozen "
+                     f"parameters left out, e.g. {excluded[0]!r}); load it with load_module_strict=False (the model "
+                     f"keeps its own values of those)")
+        else:
+            engine.module.load_state_dict(module_state, strict=strict)
     except RuntimeError as exc:
         error = (f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load "
                  f"it into the model it was saved from")
