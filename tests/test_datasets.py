@@ -302,8 +302,9 @@ def test_parse_data_path(tmp_path, data):
     assert prefixes == [p, p] and weights == pytest.approx([0.25, 0.75])
     with pytest.raises(ValueError, match="--data-path.*3 entries"):
         parse_data_path(["0.3", p, "0.7"])
-    with pytest.raises(ValueError, match="--data-path weight 'A' is not a number"):
-        parse_data_path(["A", p, "B", p])
+    with pytest.raises(ValueError, match="--data-path weight 'B' is not a number"):
+        parse_data_path(["0.5", p, "B", p])
+    assert parse_data_path([p, p, p]) == ([p, p, p], None)  # Megatron-LM's form (3): prefixes, no weights
     with pytest.raises(ValueError, match="--data-path weight '-1'"):
         parse_data_path(["-1", p, "1", p])
     missing = str(tmp_path / "missing_text_document")
@@ -364,3 +365,22 @@ def test_per_split_paths_take_every_document_of_their_own_prefixes(tmp_path):
                                             valid_data_path=["nowhere"]), [10, 1, 0])
     with pytest.raises(ValueError, match="give exactly one of --data-path PREFIX..., --train-data-path"):
         GPTDatasetConfig(seq_length=16, eod=EOD, data_path=[str(a)], train_data_path=[str(a)])
+
+
+def test_a_data_path_of_prefixes_alone_is_weighted_by_their_lengths(tmp_path):
+    """Megatron-LM's --data-path form (3), 'prefix1 prefix2': 'weights are inferred from the lengths of the
+    contributing datasets' (each split's one-epoch sample count). It was refused ('weight ... is not a
+    number'). The blend equals the weighted one given those counts as weights."""
+    a, b = tmp_path / "a_text_document", tmp_path / "b_text_document"
+    docs_a, docs_b = write_dataset(a, 30, seed=1, base=1), write_dataset(b, 12, seed=2, base=2000)
+    seq = 16
+    counts = [(sum(len(d) for d in docs) - 1) // seq for docs in (docs_a, docs_b)]
+    assert counts[0] > 2 * counts[1] > 0
+    unweighted, _, _ = build_gpt_datasets(config(tmp_path, a, data_path=[str(a), str(b)]), [300, 0, 0])
+    weighted, _, _ = build_gpt_datasets(config(tmp_path, a, data_path=[str(counts[0]), str(a), str(counts[1]), str(b)],
+                                               data_cache_path=str(tmp_path / "cache2")), [300, 0, 0])
+    assert isinstance(unweighted, BlendedDataset) and len(unweighted) == 300
+    assert np.array_equal(unweighted.dataset_index, weighted.dataset_index)
+    assert np.array_equal(unweighted.dataset_sample_index, weighted.dataset_sample_index)
+    for i in (0, 7, 299):
+        assert torch.equal(unweighted[i]["tokens"], weighted[i]["tokens"])

@@ -421,12 +421,10 @@ def _deepspeed_signatures(directory):
     # DeepSpeed's third positional parameter is load_module_strict (here it was load_optimizer_states).
     results["loose"] = engine.load_checkpoint(directory, "1.25", False, False, False)
     results["same"] = all(torch.equal(engine.module.state_dict()[k], v) for k, v in weights.items())
-    for kwargs in ({"custom_load_fn": print}, {}):
-        try:
-            engine.save_checkpoint(directory, "x", exclude_frozen_parameters=True) if not kwargs else \
-                engine.load_checkpoint(directory, "1.25", **kwargs)
-        except ConfigError as exc:
-            results["refused", bool(kwargs)] = str(exc)
+    try:
+        engine.load_checkpoint(directory, "1.25", custom_load_fn=print)
+    except ConfigError as exc:
+        results["refused", True] = str(exc)
     engine.parallel_state.destroy()
     return results
 
@@ -442,5 +440,145 @@ def test_save_and_load_take_deepspeeds_parameters(tmp_path):
     assert results["loose"] == (os.path.join(str(tmp_path), "1.25"), {"step": 1}) and results["same"], results
     assert results["refused", True] == ("load_checkpoint: custom_load_fn is not implemented; load without it "
                                         "(weights, optimizer fragments and scheduler are restored as saved)")
-    assert results["refused", False] == ("save_checkpoint: exclude_frozen_parameters=True is not implemented; "
-                                         "frozen parameters are saved with the model (drop it)")
+
+
+
+def _loose_load_at_dp2(directory, stage):
+    """Save the MLP at DP 2, then load it with load_module_strict=False into the MLP with one more layer."""
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, stage))
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(directory, "saved")
+    engine.parallel_state.destroy()
+    torch.manual_seed(7)
+    bigger = torch.nn.Sequential(*make_model("mlp"), torch.nn.Linear(4, 4))
+    engine, _, _, _ = megatron_core.initialize(bigger, config=_sharded(ds_config(2, 1, stage)))
+    try:
+        engine.load_checkpoint(directory, "saved", False)  # optimizer states too: the new layer has none
+        refused = None
+    except ConfigError as exc:
+        refused = str(exc)
+    loaded = engine.load_checkpoint(directory, "saved", False, False)[0]
+    run_steps("mlp", engine, 1, 2)  # the ranks are still in step
+    engine.parallel_state.destroy()
+    return refused, loaded
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_loose_load_of_a_layer_the_checkpoint_lacks_is_one_line_on_every_rank(tmp_path, stage):
+    """load_module_strict=False (Hugging Face Trainer's for PEFT models) into a model with a parameter the
+    checkpoint lacks, optimizer states asked: only the DP rank whose ZeRO shard held that parameter raised,
+    and the other waited in the parameter all-gather until the group timeout (a hang), the message blaming
+    a parameter frozen when saved. Now every rank raises one line naming it as not in the checkpoint;
+    load_optimizer_states=False then loads."""
+    directory = str(tmp_path)
+    results = run_distributed(_loose_load_at_dp2, 2, directory, stage, timeout=90)
+    for refused, loaded in results:
+        assert refused == (f"load_checkpoint: {os.path.join(directory, 'saved')!r} has no optimizer state for "
+                           f"'5.weight', a parameter the checkpoint does not hold; load it with "
+                           f"load_optimizer_states=False (the optimizer starts afresh)"), refused
+        assert loaded == os.path.join(directory, "saved")
+
+
+def _load_without_tp_rank_1_model_file(directory):
+    from test_engine_autotp_reshard import _config, _model
+
+    engine, _, _, _ = megatron_core.initialize(_model("gpt2"), config=_config("gpt2", 2, 2, 0))
+    run_steps("gpt2", engine, 0, 1)
+    engine.save_checkpoint(directory, "saved")
+    if engine.parallel_state.rank == 0:
+        os.remove(os.path.join(directory, "saved", "mp_rank_01_model_states.pt"))
+    engine.barrier()
+    try:
+        engine.load_checkpoint(directory, "saved")
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+
+
+def test_a_tp_ranks_missing_model_file_is_one_line_on_every_rank(tmp_path):
+    """AutoTP 2: the TP rank whose model file is gone raised alone and TP rank 0 went on into the next
+    collective, waiting for it until the group timeout. Every rank now raises the same line."""
+    results = run_distributed(_load_without_tp_rank_1_model_file, 2, str(tmp_path), timeout=90)
+    path = os.path.join(str(tmp_path), "saved", "mp_rank_01_model_states.pt")
+    assert results == [f"load_checkpoint: {path} does not exist; is a TP rank's model file missing?"] * 2, results
+
+
+def _module_only(directory):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))
+    run_steps("mlp", engine, 0, 2)
+    engine.save_checkpoint(directory, "saved")
+    weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    engine.parallel_state.destroy()
+    engine, _, _, _ = megatron_core.initialize(_other_weights("mlp"), config=ds_config(1, 1, 0))
+    engine.load_checkpoint(directory, "saved", load_module_only=True)
+    module_only = (engine.global_steps, engine.global_samples, engine.micro_steps)
+    same = all(torch.equal(engine.module.state_dict()[k], v) for k, v in weights.items())
+    engine.load_checkpoint(directory, "saved")
+    full = (engine.global_steps, engine.global_samples, engine.micro_steps)
+    engine.parallel_state.destroy()
+    return module_only, same, full
+
+
+def test_load_module_only_keeps_the_engines_counters(tmp_path):
+    """DeepSpeed's load_module_only=True loads the weights alone (fine-tuning from a pretrained checkpoint):
+    global_steps, global_samples, micro_steps and skipped_steps are left as they are (DeepSpeed restores them
+    only without it). They were the saving run's, so the next default tag was global_step{saved + N}."""
+    module_only, same, full = run_distributed(_module_only, 1, str(tmp_path), timeout=60)[0]
+    assert module_only == (0, 0, 0) and same, module_only
+    assert full == (2, 2 * 2, 2), full
+
+
+def _save_without_frozen(directory, stage):
+    """The MLP with its first layer frozen (a PEFT-style base) at DP 2: save without the frozen layer, load
+    into an engine whose trained layers differ, strictly and not."""
+    def frozen_first(offset):
+        model = _other_weights("mlp") if offset else make_model("mlp")
+        model[0].load_state_dict(make_model("mlp")[0].state_dict())  # the same frozen base either way
+        model[0].requires_grad_(False)
+        return model
+
+    config = ds_config(2, 1, stage)
+    model = frozen_first(0)
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=[p for p in model.parameters()
+                                                                        if p.requires_grad], config=config)
+    run_steps("mlp", engine, 0, 2)
+    engine.save_checkpoint(directory, "peft", exclude_frozen_parameters=True)
+    saved = state_of(engine)
+    engine.parallel_state.destroy()
+    model = frozen_first(1)
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=[p for p in model.parameters()
+                                                                        if p.requires_grad], config=config)
+    try:
+        engine.load_checkpoint(directory, "peft")
+        strict = None
+    except ConfigError as exc:
+        strict = str(exc)
+    engine.load_checkpoint(directory, "peft", load_module_strict=False)  # Hugging Face Trainer's for PEFT
+    loaded = state_of(engine)
+    losses, _ = run_steps("mlp", engine, 2, 3)  # the ranks are in step
+    engine.parallel_state.destroy()
+    return strict, saved, loaded, losses
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_save_checkpoint_excludes_frozen_parameters_as_deepspeed(tmp_path, stage):
+    """save_checkpoint(exclude_frozen_parameters=True), what Hugging Face Trainer calls for a PEFT model once
+    the signature has the parameter, was refused (so Trainer's checkpoints failed). As DeepSpeed: the model
+    files leave the frozen parameters out, load_module_strict=False restores the rest (the frozen ones keep
+    the model's own values), a strict load names the missing keys, and zero_to_fp32 leaves them out."""
+    directory = str(tmp_path / "ckpt")
+    results = run_distributed(_save_without_frozen, 2, directory, stage, timeout=120)
+    base = make_model("mlp").state_dict()
+    for strict, saved, loaded, _ in results:
+        assert strict == (f"load_checkpoint: {os.path.join(directory, 'peft', 'mp_rank_00_model_states.pt')} was "
+                          f"saved with exclude_frozen_parameters=True (2 frozen parameters left out, e.g. '0.weight'); "
+                          f"load it with load_module_strict=False (the model keeps its own values of those)"), strict
+        for key, value in saved.items():  # trained layers as saved; the frozen base as the model was built
+            assert torch.equal(loaded[key], base[key] if key.startswith("0.") else value), key
+    model_file = torch.load(os.path.join(directory, "peft", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert sorted(model_file["module"]) == ["2.bias", "2.weight", "4.bias", "4.weight"]
+    consolidated, _ = consolidate_state_dict(directory, tag="peft")
+    assert sorted(consolidated) == ["2.bias", "2.weight", "4.bias", "4.weight"]
+    for key, value in consolidated.items():
+        assert torch.equal(value, results[0][1][key].float()), key

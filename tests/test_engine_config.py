@@ -432,3 +432,10 @@ def test_deepspeeds_older_zero_key_names_are_read():
                                           r"zero_optimization.offload_optimizer: give one of them$"):
         load_config(_with(zero_optimization={"stage": 2, "cpu_offload": True,
                                              "offload_optimizer": {"device": "cpu"}}), dp_size=2)
+    # As DeepSpeed ("Cannot provide deprecated parameter ... and replacing parameter ... together"); the
+    # older name was dropped silently when the current one was given too.
+    with pytest.raises(ConfigError, match=r"^DeepSpeed config: zero_optimization.stage3_gather_fp16_weights_on_model_"
+                                          r"save is the older name of zero_optimization.stage3_gather_16bit_weights_"
+                                          r"on_model_save: give one of them$"):
+        load_config(_with(zero_optimization={"stage": 3, "stage3_gather_fp16_weights_on_model_save": True,
+                                             "stage3_gather_16bit_weights_on_model_save": False}), dp_size=2)

@@ -166,3 +166,63 @@ def test_megatron_server_script_flags_are_taken(tmp_path):
     assert proc.returncode == 2 and proc.stderr == ("run_text_generation.py: error: --hidden-size 128 disagrees with "
                                                     "the checkpoint's 64; drop the flag (the model's shape comes "
                                                     "from --load)\n"), proc.stderr
+
+
+# Megatron-LM's Llama/Mistral generation command (docs/llama_mistral.md, examples/inference/llama_mistral):
+# architecture flags checked against the checkpoint, run-time flags accepted.
+LLAMA_SCRIPT_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads",
+                      "4", "--group-query-attention", "--num-query-groups", "2", "--max-position-embeddings", "32",
+                      "--normalization", "RMSNorm", "--norm-epsilon", "1e-6", "--position-embedding-type", "rope",
+                      "--use-rotary-position-embeddings", "--no-position-embedding", "--rotary-base", "10000",
+                      "--rotary-percent", "1.0", "--swiglu", "--disable-bias-linear",
+                      "--untie-embeddings-and-output-weights", "--no-masked-softmax-fusion",
+                      "--attention-softmax-in-fp32", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+                      "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint", "--use-checkpoint-args",
+                      "--out-seq-length", "32", "--micro-batch-size", "1", "--seq-length", "32"]
+
+
+def test_megatron_llama_script_flags_are_checked_against_the_checkpoint(tmp_path, capsys):
+    """The flags of Megatron-LM's Llama generation scripts (--group-query-attention, --swiglu, --normalization,
+    --position-embedding-type, --disable-bias-linear, --untie-embeddings-and-output-weights, --out-seq-length,
+    --no-load-optim, ...) were 'unrecognized arguments'. Architecture flags must match the loaded model (one
+    line naming the flag and the checkpoint's value otherwise); the run-time ones are accepted."""
+    from megatron_core.inference.text_generation_cli import main
+
+    llama, gpt2 = tiny_hf_llama(), tiny_hf_gpt2()
+    llama.save_pretrained(tmp_path / "llama")
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "out.json"
+    args = ["--prompt-tokens", "5,17,99", "--top_k", "1", "--tokens-to-generate", "4", "--output", str(out)]
+    code = main(["--load", str(tmp_path / "llama"), *args, *LLAMA_SCRIPT_FLAGS])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert json.loads(out.read_text())["tokens"] == [_hf_greedy(llama, [5, 17, 99], 4)]
+    for flags, message in ((["--swiglu"], "--swiglu: the checkpoint's MLP activation is gelu_tanh, not swiglu"),
+                           (["--normalization", "RMSNorm"], "--normalization RMSNorm disagrees with the checkpoint's "
+                                                            "LayerNorm"),
+                           (["--position-embedding-type", "rope"], "--position-embedding-type rope disagrees with the "
+                                                                   "checkpoint's learned_absolute"),
+                           (["--use-rotary-position-embeddings"], "--use-rotary-position-embeddings: the checkpoint's "
+                                                                  "position embedding is learned_absolute, not rope"),
+                           (["--disable-bias-linear"], "--disable-bias-linear: the checkpoint's linear layers have "
+                                                       "biases"),
+                           (["--untie-embeddings-and-output-weights"], "--untie-embeddings-and-output-weights: the "
+                                                                       "checkpoint ties its embedding and output "
+                                                                       "layer")):
+        assert main(["--load", str(tmp_path / "gpt2"), *args, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"run_text_generation.py: error: {message}") and err.count("\n") == 1, err
+
+
+def test_a_temperature_past_megatron_lms_bound_is_one_line():
+    """--temperature 1e39 overflowed float32: the logits became nan and torch.multinomial raised a traceback."""
+    from megatron_core.errors import ConfigError
+    from megatron_core.inference.text_generation_cli import build_parser, sampling_from_args
+
+    args = build_parser().parse_args(["--load", "x", "--prompt", "hi", "--temperature", "1e39"])
+    try:
+        sampling_from_args(args)
+    except ConfigError as exc:
+        assert str(exc) == "--temperature must be at most 100 (Megatron-LM's bound), got 1e+39"
+    else:
+        raise AssertionError("--temperature 1e39 was accepted")

@@ -246,6 +246,11 @@ def test_ctrl_c_stops_a_tp2_server_at_once_without_a_traceback_of_ours(tmp_path)
         assert status == 200 and answer["tokens"][0][:len(tok.encode("the quick").ids) + 1] == \
             [eod] + tok.encode("the quick").ids, answer
         assert answer["segments"][0] == [tok.decode([t], skip_special_tokens=False) for t in answer["tokens"][0]]
+        # Megatron-LM generates from its BOS alone: an empty prompt is taken with add_BOS (was refused).
+        status, answer = _put(port, {"prompts": ["", "the"], "tokens_to_generate": 2, "add_BOS": True,
+                                     "logprobs": True})
+        assert status == 200 and answer["tokens"][0][0] == eod and answer["text"][0].startswith("<|endoftext|>")
+        assert len(answer["logprobs"][0]) == len(answer["tokens"][0]) - 1, answer
         status, answer = _put(port, {"prompts": ["x"], "tokens_to_generate": 1, "stop_on_eol": True})
         assert status == 400 and answer["error"] == ("'stop_on_eol': true is a Megatron-LM option this server does "
                                                      "not implement; drop it or send its default false"), answer
@@ -258,3 +263,32 @@ def test_ctrl_c_stops_a_tp2_server_at_once_without_a_traceback_of_ours(tmp_path)
     assert "megatron_core" not in err and "run_text_generation_server.py\", line" not in err, err[-3000:]
     assert "forcefully exiting" not in err, err[-3000:]
     assert f"serving PUT http://127.0.0.1:{port}/api" in out, out  # where to send requests, as Megatron-LM's
+
+
+def test_request_fields_are_checked_as_megatron_lm_checks_them():
+    """Megatron-LM's MegatronGenerate.put: an empty prompt needs add_BOS; tokens_to_generate 0 needs logprobs
+    (scoring without log-probabilities answers nothing); its beam-search fields stop_token and length_penalty
+    are taken at their defaults (50256, 1) like the other options not implemented here; temperature is at
+    most 100."""
+    from megatron_core.errors import ConfigError
+    from megatron_core.inference.sampling import SamplingParams
+    from megatron_core.inference.server import parse_request
+
+    defaults = SamplingParams(1.0, 0, 0.0, 1234)
+    req = parse_request({"prompts": ["", "a"], "add_BOS": True, "tokens_to_generate": 1}, defaults)
+    assert req.prompts == ["", "a"] and req.add_bos
+    for body, message in (({"prompts": ["a", ""], "tokens_to_generate": 1}, "empty prompt needs 'add_BOS': true"),
+                          ({"prompts": ["a"], "tokens_to_generate": 0},
+                           "'tokens_to_generate' 0 scores the prompts: send 'logprobs': true"),
+                          ({"prompts": ["a"], "stop_token": 7}, "'stop_token': 7 is a Megatron-LM option"),
+                          # Past float32's range the logits became nan: HTTP 500 from torch.multinomial.
+                          ({"prompts": ["a"], "temperature": 1e308}, "'temperature' must be at most 100 (Megatron-LM's "
+                                                                     "bound), got 1e+308")):
+        try:
+            parse_request(body, defaults)
+        except ConfigError as exc:
+            assert message in str(exc), (body, str(exc))
+        else:
+            raise AssertionError(f"{body} was accepted")
+    req = parse_request({"prompts": ["a"], "stop_token": 50256, "length_penalty": 1}, defaults)
+    assert req.tokens_to_generate == 64

@@ -26,18 +26,32 @@ def _check_prefix(prefix: str, flag: str = "--data-path") -> None:
     raise ValueError(f"{flag} {prefix!r}: missing {', '.join(repr(p) for p in missing)}{hint}")
 
 
-def parse_data_path(data_path: Sequence[str] | None, check_files: bool = True,
-                    flag: str = "--data-path") -> tuple[list[str], list[float]]:
-    """``["A"]`` -> ``(["A"], [1.0])``; ``["0.3", "A", "0.7", "B"]`` -> ``(["A", "B"], [0.3, 0.7])``.
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
-    Weights are normalized to sum to 1. With ``check_files`` each prefix must have its
-    ``.bin`` and ``.idx`` files. Errors (ValueError) name ``flag``.
+
+def parse_data_path(data_path: Sequence[str] | None, check_files: bool = True,
+                    flag: str = "--data-path") -> tuple[list[str], list[float] | None]:
+    """``["A"]`` -> ``(["A"], [1.0])``; ``["0.3", "A", "0.7", "B"]`` -> ``(["A", "B"], [0.3, 0.7])``;
+    ``["A", "B"]`` -> ``(["A", "B"], None)``.
+
+    Megatron-LM's three forms of ``--data-path``: a prefix, weight prefix pairs, or prefixes alone (no
+    entry where a weight would stand is a number), whose weights the builder infers from the lengths of
+    the datasets (None here). Weights are normalized to sum to 1. With ``check_files`` each prefix must
+    have its ``.bin`` and ``.idx`` files. Errors (ValueError) name ``flag``.
     """
     items = [str(item) for item in data_path or []]
+    weights: list[float] | None
     if not items:
         raise ValueError(f"{flag} is empty; give a dataset prefix, or weight prefix pairs like 0.3 A 0.7 B")
     if len(items) == 1:
         prefixes, weights = items, [1.0]
+    elif not any(_is_number(item) for item in items[0::2]):
+        prefixes, weights = items, None
     else:
         if len(items) % 2:
             raise ValueError(
@@ -59,7 +73,7 @@ def parse_data_path(data_path: Sequence[str] | None, check_files: bool = True,
     if check_files:
         for prefix in prefixes:
             _check_prefix(prefix, flag)
-    return prefixes, normalize_weights(weights)
+    return prefixes, None if weights is None else normalize_weights(weights)
 
 
 # How a pretrain_gpt.py run asks for no samples of a split (Megatron-LM's flags). The test split is
@@ -131,15 +145,34 @@ def _check_blend_splits(
                 f"--test-data-path instead of --data-path)")
 
 
+def _weights_by_length(config: GPTDatasetConfig, prefixes: list[str], low_level: list[IndexedDataset],
+                       docs: list[np.ndarray], name: str, flag: str) -> list[float]:
+    """Megatron-LM's weights of a blend given as prefixes alone: each prefix's one-epoch sample count in
+    this split (``BlendedMegatronDatasetBuilder``: ``len()`` of each split's dataset). Raises ValueError
+    naming a prefix whose split holds less than one sample (its weight would be 0)."""
+    weights = []
+    for prefix, ds, split_docs in zip(prefixes, low_level, docs, strict=True):
+        tokens = int(np.asarray(ds.sequence_lengths, dtype=np.int64)[split_docs].sum())
+        samples = max(tokens - 1, 0) // config.seq_length  # gpt_indices.build_sample_index at one epoch
+        if samples == 0:
+            raise ValueError(f"{flag} {prefix!r}: its {name} split holds {tokens} tokens, less than one sample of "
+                             f"--seq-length {config.seq_length}, so its inferred weight is 0; give weight prefix "
+                             f"pairs, {name} a larger share of --split, or drop that prefix")
+        weights.append(float(samples))
+    return weights
+
+
 def _split_dataset(
-    config: GPTDatasetConfig, prefixes: list[str], weights: list[float], low_level: list[IndexedDataset],
+    config: GPTDatasetConfig, prefixes: list[str], weights: list[float] | None, low_level: list[IndexedDataset],
     docs: list[np.ndarray], wanted: int | None, name: str, flag: str
 ) -> GPTDataset | BlendedDataset:
-    """One split: a GPTDataset over ``docs`` of one prefix, or their blend by ``weights``."""
+    """One split: a GPTDataset over ``docs`` of one prefix, or their blend by ``weights`` (None: by length)."""
     if len(prefixes) == 1:
         return GPTDataset(low_level[0], prefixes[0], docs[0], wanted, name, config)
     if wanted is None:
         raise ValueError(f"a blended {flag} needs a {name} sample count, not None")
+    if weights is None:
+        weights = _weights_by_length(config, prefixes, low_level, docs, name, flag)
     sizes = samples_per_dataset(weights, wanted)
     parts = [GPTDataset(ds, prefix, split_docs, size, name, config)
              for ds, prefix, split_docs, size in zip(low_level, prefixes, docs, sizes, strict=True)]

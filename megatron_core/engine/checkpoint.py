@@ -168,8 +168,8 @@ def _model_states(engine: Any, module_state: dict, meta: dict, client_state: dic
 
 
 def _agree_on_write(error: str | None) -> None:
-    """Raise ConfigError on every rank when a write failed on any (collective): no rank waits for a peer
-    that stopped, and ``latest`` is not moved."""
+    """Raise ConfigError on every rank when a write (or a read) failed on any (collective): no rank waits for
+    a peer that stopped, and ``latest`` is not moved. The lowest failed rank's message is raised."""
     errors: list = [error]
     if dist.is_initialized() and dist.get_world_size() > 1:
         errors = [None] * dist.get_world_size()
@@ -209,7 +209,8 @@ def client_state_error(client_state: Any) -> str | None:
     return None
 
 
-def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool) -> str:
+def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool,
+         exclude_frozen: bool = False) -> str:
     """``Engine.save_checkpoint`` (see the module docstring for the layout).
 
     A failed write (a path under a file, no permission, a full disk) on any rank is a ConfigError on every
@@ -231,6 +232,9 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     # Every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective, which
     # hung when only DP rank 0 called it); below stage 3 it returns references, so this costs nothing.
     module_state, meta = engine.module.state_dict(), param_meta(engine.module)
+    if exclude_frozen:  # DeepSpeed's exclude_frozen_parameters: param_meta still records them as frozen
+        frozen = {key for name, info in meta.items() if not trained(info) for key in [name, *info["aliases"]]}
+        module_state = {k: v for k, v in module_state.items() if k not in frozen}
     # Before any file: a client_state that cannot be loaded back would make the checkpoint unloadable.
     error = client_state_error(client_state) if ps.dp_rank == 0 else None
     try:
@@ -325,6 +329,21 @@ def frozen_when_saved(folder: str, name: str) -> str:
             f"saved); load its weights only with load_optimizer_states=False")
 
 
+def _untrained_when_saved(engine: Any, folder: str, saved_meta: dict[str, dict]) -> str | None:
+    """The error for the first parameter this engine trains that has no optimizer state in the checkpoint
+    (frozen when saved, or absent: a model loaded with ``load_module_strict=False``), else None. Decided from
+    the module and the saved ``param_meta`` alone, so every rank reaches the same verdict whatever its shard."""
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name not in saved_meta:
+            return (f"load_checkpoint: {folder!r} has no optimizer state for {name!r}, a parameter the checkpoint "
+                    f"does not hold; load it with load_optimizer_states=False (the optimizer starts afresh)")
+        if not trained(saved_meta[name]):
+            return frozen_when_saved(folder, name)
+    return None
+
+
 def _optim_files_of(folder: str, tp_rank: int) -> list[str]:
     files = optim_files(folder, tp_rank)
     if not files:
@@ -353,11 +372,19 @@ def _fragments_here(engine: Any, folder: str, saved: list[dict]) -> tuple[dict, 
 
 @torch.no_grad()
 def _load_optimizer(engine: Any, folder: str, saved: list[dict]) -> None:
-    values, states, scalars = _fragments_here(engine, folder, saved)
+    # Agreed before the parameter all-gather below: a rank raising alone (its shard holds the parameter
+    # without state, its TP rank's file is missing) left the others in that collective.
+    error = _untrained_when_saved(engine, folder, saved[0]["param_meta"])
+    values: dict[str, torch.Tensor] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    scalars: dict = {}
+    if error is None:
+        try:
+            values, states, scalars = _fragments_here(engine, folder, saved)
+        except ConfigError as exc:
+            error = str(exc)
+    _agree_on_write(error)
     pieces = _pieces(engine)
-    untrained = next((name for name, *_ in pieces if name not in values), None)
-    if untrained is not None:
-        raise ConfigError(frozen_when_saved(folder, untrained))
     inner = engine.optimizer.inner
     step_on_device = steps_on_device(inner)
     for name, start, end, main in pieces:
@@ -411,7 +438,8 @@ def _existing(path: str) -> str:
 
 
 def load(
-    engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool, strict: bool = True
+    engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool, strict: bool = True,
+    load_counters: bool = True,
 ) -> tuple[str | None, dict | None]:
     """``Engine.load_checkpoint``: model, optimizer fragments (any DP, ZeRO or AutoTP size), scheduler, counters.
 
@@ -430,16 +458,30 @@ def load(
                 )
             return None, None
     folder = os.path.join(load_dir, tag)
-    saved_files, module_state = _model_files(engine, folder, tag, load_dir)
+    # Each TP rank reads its own model file: a failure is agreed on, or the ranks that read theirs would wait
+    # in the next collective for one that stopped.
+    error: str | None = None
+    saved_files: list[dict] = []
+    module_state: dict[str, Any] = {}
+    try:
+        saved_files, module_state = _model_files(engine, folder, tag, load_dir)
+    except ConfigError as exc:
+        error = str(exc)
+    _agree_on_write(error)
     saved = saved_files[0]
     path = model_file(folder, ps.tp_rank if saved["tp_size"] == ps.tp_size else 0)
+    excluded = [n for n, info in saved["param_meta"].items() if not trained(info) and n not in module_state]
     try:
-        engine.module.load_state_dict(module_state, strict=strict)
+        if strict and excluded:
+            error = (f"load_checkpoint: {path} was saved with exclude_frozen_parameters=True ({len(excluded)} frozen "
+                     f"parameters left out, e.g. {excluded[0]!r}); load it with load_module_strict=False (the model "
+                     f"keeps its own values of those)")
+        else:
+            engine.module.load_state_dict(module_state, strict=strict)
     except RuntimeError as exc:
-        raise ConfigError(
-            f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load it "
-            f"into the model it was saved from"
-        ) from None
+        error = (f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load "
+                 f"it into the model it was saved from")
+    _agree_on_write(error)
     if load_optimizer:
         _load_optimizer(engine, folder, saved_files)
         if engine.optimizer.grad_scaler is not None and saved["grad_scaler"] is not None:
@@ -450,6 +492,6 @@ def load(
         engine.optimizer.reload_model_params()
     if load_scheduler and engine.lr_scheduler is not None and saved["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    for name in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
+    for name in ("global_steps", "global_samples", "micro_steps", "skipped_steps") if load_counters else ():
         setattr(engine, name, saved[name])
     return folder, saved["client_state"]

@@ -264,16 +264,17 @@ _OLD_ZERO_SECTIONS = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "
 def _old_zero_names(raw: dict) -> dict:
     """``raw`` with DeepSpeed's older ZeRO key names rewritten to the current ones (a copy)."""
     raw = dict(raw)
-    if "stage3_gather_fp16_weights_on_model_save" in raw:
-        value = raw.pop("stage3_gather_fp16_weights_on_model_save")
-        raw.setdefault("stage3_gather_16bit_weights_on_model_save", value)
+    old_gather, gather = "stage3_gather_fp16_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save"
+    for old, current in ((old_gather, gather), *_OLD_ZERO_SECTIONS.items()):
+        if old in raw and current in raw:  # DeepSpeed asserts the same
+            raise ConfigError(f"DeepSpeed config: zero_optimization.{old} is the older name of "
+                              f"zero_optimization.{current}: give one of them")
+    if old_gather in raw:
+        raw[gather] = raw.pop(old_gather)
     pin = raw.pop("cpu_offload_use_pin_memory", None)
     for old, section in _OLD_ZERO_SECTIONS.items():
         if old not in raw:
             continue
-        if section in raw:
-            raise ConfigError(f"DeepSpeed config: zero_optimization.{old} is the older name of "
-                              f"zero_optimization.{section}: give one of them")
         if typed(raw, "zero_optimization", old, bool, False):
             raw[section] = {"device": "cpu", **({"pin_memory": pin} if pin is not None else {})}
         del raw[old]

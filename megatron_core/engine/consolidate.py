@@ -86,6 +86,8 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
     for key, tensor in first["module"].items():
         out[key] = tensor.clone()  # buffers (and the training-dtype weights, replaced below)
     for name, info in meta.items():
+        if not trained(info) and name not in first["module"]:
+            continue  # frozen and saved with exclude_frozen_parameters: in no file (DeepSpeed's output lacks it too)
         # A frozen parameter has no fp32 main value: its shards are the model files' (training dtype).
         shards = [values[name].view(saved["param_meta"][name]["local_shape"]) if trained(info)
                   else saved["module"][name].float() for saved, values in per_rank]

@@ -271,13 +271,13 @@ class Engine(torch.nn.Module):
         """Write ``save_dir/tag/`` (default tag ``global_step{N}``) and the ``latest`` file; returns the folder.
 
         DeepSpeed's parameters: a tag that is not a string is used as ``str(tag)`` (DeepSpeedExamples pass
-        ``loss.item()``); ``exclude_frozen_parameters=True`` is not implemented (ConfigError). Every rank must
-        call it. Layout: see :mod:`megatron_core.engine.checkpoint`.
+        ``loss.item()``); ``exclude_frozen_parameters=True`` leaves the ``requires_grad=False`` parameters out
+        of the model files (Hugging Face Trainer's for a PEFT model; load such a checkpoint with
+        ``load_module_strict=False``, which keeps the model's own frozen values). Every rank must call it.
+        Layout: see :mod:`megatron_core.engine.checkpoint`.
         """
-        if exclude_frozen_parameters:
-            raise ConfigError("save_checkpoint: exclude_frozen_parameters=True is not implemented; frozen parameters "
-                              "are saved with the model (drop it)")
-        return ckpt.save(self, save_dir, None if tag is None else str(tag), client_state or {}, save_latest)
+        return ckpt.save(self, save_dir, None if tag is None else str(tag), client_state or {}, save_latest,
+                         exclude_frozen_parameters)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
         """DeepSpeed's: the full module state dict in the training dtype (fp16/bf16, or fp32) as one
@@ -298,7 +298,9 @@ class Engine(torch.nn.Module):
         """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``.
 
         DeepSpeed's parameters, in its order: ``load_module_strict`` False loads the module weights with
-        ``load_state_dict(strict=False)`` (keys missing on either side are skipped); ``custom_load_fn`` is not
+        ``load_state_dict(strict=False)`` (keys missing on either side are skipped); ``load_module_only`` loads
+        the weights alone, leaving the optimizer, the scheduler and the step counters (``global_steps``,
+        ``global_samples``, ``micro_steps``, ``skipped_steps``) as they are; ``custom_load_fn`` is not
         implemented (ConfigError).
 
         The data-parallel size, ZeRO stage and AutoTP size may differ from the saving run's (another AutoTP
@@ -316,6 +318,7 @@ class Engine(torch.nn.Module):
             load_optimizer_states and not load_module_only,
             load_lr_scheduler_states and not load_module_only,
             strict=load_module_strict,
+            load_counters=not load_module_only,
         )
 
     def barrier(self) -> None:

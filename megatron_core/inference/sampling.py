@@ -15,6 +15,9 @@ import torch
 
 from megatron_core.errors import ConfigError
 
+# Megatron-LM's text generation server refuses a temperature above 100 ("temperature must be a positive
+# number less than or equal to 100.0"); 0 stays allowed here (greedy).
+MAX_TEMPERATURE = 100.0
 # How the sampling values are named to a command-line user (Megatron-LM's flags).
 FLAG_NAMES = {"temperature": "--temperature", "top_k": "--top_k", "top_p": "--top_p", "seed": "--seed"}
 
@@ -34,6 +37,9 @@ class SamplingParams:
         t, k, p, s = (names[f] for f in ("temperature", "top_k", "top_p", "seed"))
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails both
             raise ConfigError(f"{t} must be a finite number >= 0, got {self.temperature}")
+        if self.temperature > MAX_TEMPERATURE:  # past float32's range the scaled logits became nan
+            raise ConfigError(f"{t} must be at most {MAX_TEMPERATURE:g} (Megatron-LM's bound), "
+                              f"got {self.temperature:g}")
         if self.top_k < 0:
             raise ConfigError(f"{k} must be >= 0, got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:

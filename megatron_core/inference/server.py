@@ -5,9 +5,10 @@
 field names) answers ``{"text": [prompt + continuation, ...], "segments": [[each token's text], ...],
 "tokens": [[ids], ...], "logprobs": [[float, ...], ...] or null}`` (``logprobs``: each token's
 log-probability given the ones before it, ``len(tokens) - 1`` per prompt, as Megatron-LM's;
-``tokens_to_generate`` 0 scores the prompts; ``add_BOS`` prepends the EOD token, Megatron-LM's BOS).
-Megatron-LM's ``stop_on_eol``, ``stop_on_double_eol``, ``prevent_newline_after_colon``, ``top_p_decay``,
-``top_p_bound`` and ``beam_width`` are accepted at their defaults only. A bad request gets HTTP 400 and a
+``tokens_to_generate`` 0 scores the prompts and needs ``logprobs``; ``add_BOS`` prepends the EOD token,
+Megatron-LM's BOS, and allows an empty prompt). Megatron-LM's ``stop_on_eol``, ``stop_on_double_eol``,
+``prevent_newline_after_colon``, ``top_p_decay``, ``top_p_bound``, ``beam_width``, ``stop_token`` and
+``length_penalty`` are accepted at their defaults only. A bad request gets HTTP 400 and a
 one-line message. Rank 0 serves HTTP; each request is broadcast to every rank of the model-parallel
 group (as Megatron-LM's ``send_do_generate``) so all ranks run the same generation. A lock
 serialises requests: concurrent clients are answered one generation at a time, in arrival order.
@@ -57,8 +58,10 @@ _FIELD_NAMES = {"temperature": "'temperature'", "top_k": "'top_k'", "top_p": "'t
 _FIELDS = ("prompts", "tokens_to_generate", "temperature", "top_k", "top_p", "random_seed", "logprobs", "add_BOS",
            "no_log")
 # Megatron-LM's request fields this server does not implement, with the default they are accepted at.
+# stop_token and length_penalty are its beam search's (its default stop_token is GPT-2's EOD id).
 _AT_DEFAULT_ONLY = {"stop_on_eol": False, "stop_on_double_eol": False, "prevent_newline_after_colon": False,
-                    "top_p_decay": 0.0, "top_p_bound": 0.0, "beam_width": None}
+                    "top_p_decay": 0.0, "top_p_bound": 0.0, "beam_width": None, "stop_token": 50256,
+                    "length_penalty": 1}
 
 
 @dataclass
@@ -100,12 +103,19 @@ def parse_request(body: Any, defaults: SamplingParams) -> Request:
     if not isinstance(body, dict):
         raise ConfigError("the request body must be a JSON object with 'prompts' and 'tokens_to_generate'")
     prompts = body.get("prompts")
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise ConfigError("'prompts' must be a non-empty list of non-empty strings")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("'prompts' must be a non-empty list of strings")
     tokens = body.get("tokens_to_generate", 64)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ConfigError("'tokens_to_generate' must be an integer >= 0")
     _check_fields(body)
+    logprobs, add_bos = _flag(body, "logprobs"), _flag(body, "add_BOS")
+    # Megatron-LM's checks: generation from its BOS alone is asked with an empty prompt, and scoring
+    # (0 new tokens) returns nothing but the log-probabilities.
+    if not add_bos and not all(prompts):
+        raise ConfigError("an empty prompt needs 'add_BOS': true (generation starts from the BOS token alone)")
+    if tokens == 0 and not logprobs:
+        raise ConfigError("'tokens_to_generate' 0 scores the prompts: send 'logprobs': true (as Megatron-LM)")
     for name, kinds in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", (int,)),
                         ("random_seed", (int,))):
         # No silent casts: 1.7 is not a top_k, true is not a temperature, 1e30 is not a seed.
@@ -115,7 +125,7 @@ def parse_request(body: Any, defaults: SamplingParams) -> Request:
     params = SamplingParams(float(body.get("temperature", defaults.temperature)), body.get("top_k", defaults.top_k),
                             float(body.get("top_p", defaults.top_p)), body.get("random_seed", defaults.seed))
     params.validate(names=_FIELD_NAMES)
-    return Request(prompts, tokens, params, _flag(body, "logprobs"), _flag(body, "add_BOS"))
+    return Request(prompts, tokens, params, logprobs, add_bos)
 
 
 def _broadcast(obj: Any) -> Any:

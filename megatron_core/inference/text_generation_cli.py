@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from megatron_core.errors import ConfigError, report_line
 from megatron_core.inference.generation import GenerationOutput, generate
 from megatron_core.inference.loading import LoadedModel, build_inference_model, inference_tokenizer
+from megatron_core.inference.megatron_flags import add_megatron_args, check_and_cast
 from megatron_core.inference.sampling import SamplingParams
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
 from megatron_core.tokenizer.base import MegatronTokenizer
@@ -50,37 +50,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling threshold (0: off)")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix at every step")
-    g = p.add_argument_group("Megatron-LM compatibility", "flags of Megatron-LM's generation scripts "
-                             "(examples/inference/run_text_generation_server_345M.sh)")
-    for flag in _SHAPE_FLAGS:
-        g.add_argument(flag, type=int, default=None, help="checked: must equal the checkpoint's")
-    g.add_argument("--micro-batch-size", type=int, default=None, help="accepted: prompts are batched as given")
-    g.add_argument("--seq-length", type=int, default=None,
-                   help="accepted: the length limit is the model's --max-position-embeddings")
-    g.add_argument("--use-checkpoint-args", action="store_true", help="accepted: the model always comes from --load")
-    dtype = g.add_mutually_exclusive_group()
-    dtype.add_argument("--fp16", action="store_true", help="run the model in fp16 (default: the checkpoint's fp32)")
-    dtype.add_argument("--bf16", action="store_true", help="run the model in bf16 (default: the checkpoint's fp32)")
-
-
-# Megatron-LM's model-shape flags -> the loaded model's TransformerConfig field (None: the position count).
-_SHAPE_FLAGS = {"--num-layers": "num_layers", "--hidden-size": "hidden_size",
-                "--num-attention-heads": "num_attention_heads", "--ffn-hidden-size": "ffn_hidden_size",
-                "--num-query-groups": "num_query_groups", "--max-position-embeddings": None}
-
-
-def _check_shape_and_cast(args: argparse.Namespace, model: Any) -> None:
-    """ConfigError for a shape flag that disagrees with the loaded model; ``--fp16``/``--bf16`` cast it."""
-    for flag, field in _SHAPE_FLAGS.items():
-        given = getattr(args, flag[2:].replace("-", "_"))
-        saved = model.max_sequence_length if field is None else getattr(model.config, field)
-        if given is not None and given != saved:
-            raise ConfigError(f"{flag} {given} disagrees with the checkpoint's {saved}; drop the flag (the model's "
-                              f"shape comes from --load)")
-    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    if dtype is not None:
-        model.to(dtype)
-        model.config.params_dtype = dtype  # pipeline stages receive hidden states in it
+    add_megatron_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +111,7 @@ def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
                           f"is {world}")
     ps = initialize_model_parallel(tp, pp)
     loaded = build_inference_model(args.load, ps, args.load_iteration, args.make_vocab_size_divisible_by)
-    _check_shape_and_cast(args, loaded.model)
+    check_and_cast(args, loaded.model)
     tokenizer = loaded.tokenizer  # its EOD stops generation even for prompts given as token ids
     if need_tokenizer or args.tokenizer_type is not None:
         tokenizer = inference_tokenizer(args.load, loaded.tokenizer, args.tokenizer_type, args.tokenizer_model,
