@@ -256,7 +256,8 @@ def test_a_write_failing_on_one_rank_is_one_line_on_every_rank(tmp_path):
 def _save_16bit(directory):
     import torch.distributed as dist
 
-    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 3, bf16={"enabled": True}))
+    config = ds_config(dist.get_world_size(), 1, 3, bf16={"enabled": True})
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
     run_steps("mlp", engine, 0, 2)
     assert engine.save_16bit_model(directory) is True
     expected = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}  # gathered, every rank
@@ -269,10 +270,11 @@ def _save_16bit(directory):
         sorted(full_shapes)
 
 
-def test_save_16bit_model_writes_the_gathered_weights(tmp_path):
+@pytest.mark.parametrize("world", [1, 2])
+def test_save_16bit_model_writes_the_gathered_weights(tmp_path, world):
     """DeepSpeed's engine.save_16bit_model (with stage3_gather_16bit_weights_on_model_save): one torch.save
-    file of the full bf16 weights under ZeRO-3 at DP 2."""
-    saved, names = run_distributed(_save_16bit, 2, str(tmp_path / "out"), timeout=120)[0]
+    file of the full bf16 weights under ZeRO-3 at DP 2, and in one process."""
+    saved, names = run_distributed(_save_16bit, world, str(tmp_path / "out"), timeout=120)[0]
     assert sorted(saved) == names and all(same for _, same in saved.values()), saved
     assert {dtype for dtype, _ in saved.values()} == {torch.bfloat16}
 
