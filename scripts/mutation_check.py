@@ -105,6 +105,13 @@ since: AutoTP's refusal of Llama heads and of a GPT-2 without its LM head, the s
 line and its stop message at a world of 2 (the Ctrl-C test), and the blend check (its test was not in
 the ``datasets`` list). Equivalent: the server's ``--help`` description taken from another paragraph
 of the module docstring (``split("\n\n")[0]`` -> ``[1]``).
+A third sample (16 mutants of the engine's checkpoint/consolidate, convert.py and the server,
+``--seed 3``): 4 survived, 3 missing tests, added since: ``save_16bit_model`` written by a rank other
+than 0 (tested at DP 2 only, where rank 1 writes the same file; now also in one process), the failing
+rank's traceback on the server's stderr, and the server's request lock shared with the stop message
+(a Ctrl-C during a generation now in the fault test). Equivalent in practice: the optimizer files'
+coverage check ``covered.get(name, 0)`` -> ``1`` (differs only for a one-element parameter missing
+from every file).
 
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.

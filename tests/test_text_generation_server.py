@@ -108,6 +108,7 @@ def test_server_answers_concurrent_requests_under_tp2(tmp_path):
 # paths (a forward hook on the loaded model, the tokenize step); nothing a user runs is replaced.
 FAULTY_SERVER = """
 import sys
+import time
 
 from megatron_core.inference import server
 from megatron_core.inference.text_generation_cli import Generator
@@ -126,8 +127,12 @@ class FaultyGenerator(Generator):
             calls.append(None)
             if len(calls) == 3:
                 raise RuntimeError("injected: every rank, in decoding step 3\\nsecond line")
-        fault = self.tokenizer.detokenize(list(prompts[0])).startswith("FAIL-ALL")
-        handle = self.loaded.model.register_forward_hook(hook) if fault else None
+
+        def slow(module, args, output):  # a long generation, for a Ctrl-C to arrive during it
+            time.sleep(0.25)
+        text = self.tokenizer.detokenize(list(prompts[0]))
+        handle = (self.loaded.model.register_forward_hook(hook) if text.startswith("FAIL-ALL") else
+                  self.loaded.model.register_forward_hook(slow) if text.startswith("SLOW") else None)
         try:
             return super().run(prompts, tokens_to_generate, sampling, **kwargs)
         finally:
@@ -171,10 +176,23 @@ def test_an_exception_inside_generation_fails_the_request_not_the_server(tmp_pat
         assert _put(port, {"prompts": ["FAIL-ALL", "the"], "tokens_to_generate": 4}, timeout=30)[0] == 500
         assert _put(port, good, timeout=30) == (200, expected)
         assert proc.poll() is None
+        # Ctrl-C while a generation runs (20 forward passes of 0.25 s): the request is answered, then the
+        # stop message goes out (after it, under the request lock: not into the generation's collectives).
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(_put, port, {"prompts": ["SLOW the"], "tokens_to_generate": 20}, 60)
+            time.sleep(2.0)
+            os.killpg(proc.pid, signal.SIGINT)
+            status, answer = slow.result(timeout=60)
+        assert status == 200 and answer["text"][0].startswith("SLOW the"), answer
+        _, err = proc.communicate(timeout=30)  # exits by itself, without torchrun's 30 s kill
+        assert "forcefully exiting" not in err and "Broken pipe" not in err, err[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
     assert err.count("request failed:") == 5, err[-3000:]  # each failing rank logged its traceback: 2 + 1 + 2
+    assert err.count("RuntimeError: injected: every rank, in decoding step 3") == 4, err[-3000:]
+    assert err.count("KeyError: 'injected: rank 1 alone, while tokenising'") == 1, err[-3000:]
 
 
 def _serve(argv):
