@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing import optimizer_state as opt_state
 from megatron_core.dist_checkpointing.sharded import ShardedSlice, chunk_params, clip_to, param_slices
 from megatron_core.errors import ConfigError
@@ -110,11 +111,9 @@ class SaveRequest:
 
 def _agree(error: str | None, group: Any) -> None:
     """Raise ConfigError on every rank of ``group`` when any of them has an error (collective)."""
-    errors: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, error, group=group)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise ConfigError(first)
+    failed = lowest_failure(error, group)
+    if failed is not None:
+        raise ConfigError(failed[1])
 
 
 def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_dir: str, final_dir: str,

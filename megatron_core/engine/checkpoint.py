@@ -36,8 +36,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing.optimizer_state import placed_state, steps_on_device
-from megatron_core.engine.reshard import reshard_fragments, reshard_module
+from megatron_core.engine.reshard import frozen_keys, reshard_fragments, reshard_module, trained
 from megatron_core.errors import ConfigError
 from megatron_core.training.checkpoint_io import torch_save
 
@@ -122,12 +123,6 @@ def param_meta(module: torch.nn.Module) -> dict[str, dict]:
     return meta
 
 
-def trained(info: dict) -> bool:
-    """Whether the optimizer holds the parameter of ``param_meta`` entry ``info`` (fp32 main, state): a
-    frozen one (``requires_grad`` False) is in the model files only. Checkpoints saved before the flag: True."""
-    return bool(info.get("requires_grad", True))
-
-
 def _fragments(engine: Any) -> dict:
     inner = engine.optimizer.inner
     frags, scalars = [], {}
@@ -167,25 +162,21 @@ def _model_states(engine: Any, module_state: dict, meta: dict, client_state: dic
     }
 
 
-def _agree_on_write(error: str | None) -> None:
+def _agree_on_error(error: str | None) -> None:
     """Raise ConfigError on every rank when a write (or a read) failed on any (collective): no rank waits for
     a peer that stopped, and ``latest`` is not moved. The lowest failed rank's message is raised."""
-    errors: list = [error]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise ConfigError(first)
+    failed = lowest_failure(error)
+    if failed is not None:
+        raise ConfigError(failed[1])
 
 
 # Classes read back besides torch.load(weights_only=True)'s own: a plain attribute container.
-SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
 
 
-def load_states(path: str) -> Any:
+def load_states(path: str | io.BytesIO) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, also reading ``argparse.Namespace`` (in client_state)."""
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
         return torch.load(path, weights_only=True, map_location="cpu")
 
 
@@ -198,8 +189,7 @@ def client_state_error(client_state: Any) -> str | None:
         try:
             torch.save(value, buffer)
             buffer.seek(0)
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                torch.load(buffer, weights_only=True)
+            load_states(buffer)
         except Exception as exc:  # pickling errors of any kind, and the weights-only unpickler's refusal
             found = re.search(r"Unsupported global: GLOBAL \S+", str(exc))
             reason = found.group(0) if found else type(exc).__name__
@@ -233,7 +223,7 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     # hung when only DP rank 0 called it); below stage 3 it returns references, so this costs nothing.
     module_state, meta = engine.module.state_dict(), param_meta(engine.module)
     if exclude_frozen:  # DeepSpeed's exclude_frozen_parameters: param_meta still records them as frozen
-        frozen = {key for name, info in meta.items() if not trained(info) for key in [name, *info["aliases"]]}
+        frozen = frozen_keys(meta)
         module_state = {k: v for k, v in module_state.items() if k not in frozen}
     # Before any file: a client_state that cannot be loaded back would make the checkpoint unloadable.
     error = client_state_error(client_state) if ps.dp_rank == 0 else None
@@ -247,7 +237,7 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
         error = (f"save_checkpoint: writing {folder!r} failed on rank {ps.rank} ({exc}); 'latest' still names "
                  f"the previous checkpoint: give a directory this job can write to, with free space")
-    _agree_on_write(error)  # also the barrier: every rank has written before 'latest' moves
+    _agree_on_error(error)  # also the barrier: every rank has written before 'latest' moves
     if save_latest and ps.rank == 0:
         tmp = os.path.join(save_dir, f".{LATEST}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -278,7 +268,7 @@ def save_16bit_model(engine: Any, save_dir: str, save_filename: str) -> bool:
             atomic_save(state, path)
         except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
             error = f"save_16bit_model: writing {path!r} failed ({exc}); give a directory this job can write to"
-    _agree_on_write(error)
+    _agree_on_error(error)
     return True
 
 
@@ -323,12 +313,6 @@ def full_fragments(paths: list[str], meta: dict[str, dict]) -> tuple[dict[str, t
     return values, states, scalars
 
 
-def frozen_when_saved(folder: str, name: str) -> str:
-    """The one-line error for a parameter this engine trains that the checkpoint has no optimizer state for."""
-    return (f"load_checkpoint: {folder!r} has no optimizer state for {name!r} (frozen, requires_grad=False, when "
-            f"saved); load its weights only with load_optimizer_states=False")
-
-
 def _untrained_when_saved(engine: Any, folder: str, saved_meta: dict[str, dict]) -> str | None:
     """The error for the first parameter this engine trains that has no optimizer state in the checkpoint
     (frozen when saved, or absent: a model loaded with ``load_module_strict=False``), else None. Decided from
@@ -340,7 +324,8 @@ def _untrained_when_saved(engine: Any, folder: str, saved_meta: dict[str, dict])
             return (f"load_checkpoint: {folder!r} has no optimizer state for {name!r}, a parameter the checkpoint "
                     f"does not hold; load it with load_optimizer_states=False (the optimizer starts afresh)")
         if not trained(saved_meta[name]):
-            return frozen_when_saved(folder, name)
+            return (f"load_checkpoint: {folder!r} has no optimizer state for {name!r} (frozen, requires_grad=False, "
+                    f"when saved); load its weights only with load_optimizer_states=False")
     return None
 
 
@@ -383,7 +368,7 @@ def _load_optimizer(engine: Any, folder: str, saved: list[dict]) -> None:
             values, states, scalars = _fragments_here(engine, folder, saved)
         except ConfigError as exc:
             error = str(exc)
-    _agree_on_write(error)
+    _agree_on_error(error)
     pieces = _pieces(engine)
     inner = engine.optimizer.inner
     step_on_device = steps_on_device(inner)
@@ -467,7 +452,7 @@ def load(
         saved_files, module_state = _model_files(engine, folder, tag, load_dir)
     except ConfigError as exc:
         error = str(exc)
-    _agree_on_write(error)
+    _agree_on_error(error)
     saved = saved_files[0]
     path = model_file(folder, ps.tp_rank if saved["tp_size"] == ps.tp_size else 0)
     excluded = [n for n, info in saved["param_meta"].items() if not trained(info) and n not in module_state]
@@ -481,7 +466,7 @@ def load(
     except RuntimeError as exc:
         error = (f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load "
                  f"it into the model it was saved from")
-    _agree_on_write(error)
+    _agree_on_error(error)
     if load_optimizer:
         _load_optimizer(engine, folder, saved_files)
         if engine.optimizer.grad_scaler is not None and saved["grad_scaler"] is not None:

@@ -33,9 +33,8 @@ from megatron_core.engine.checkpoint import (
     model_file,
     optim_files,
     read_latest,
-    trained,
 )
-from megatron_core.engine.reshard import to_full
+from megatron_core.engine.reshard import frozen_keys, to_full, trained
 from megatron_core.errors import ConfigError
 
 
@@ -68,7 +67,12 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
     ``checkpoint_dir``: a save directory (its ``latest`` tag is read, or ``tag``) or a tag folder.
     Raises ConfigError when files are missing.
     """
-    folder = _tag_folder(checkpoint_dir, tag)
+    state, hf_config, _ = _consolidate(_tag_folder(checkpoint_dir, tag))
+    return state, hf_config
+
+
+def _consolidate(folder: str) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, dict]]:
+    """:func:`consolidate_state_dict` of a tag folder, and the saved ``param_meta`` (read with it, once)."""
     first = load_states(model_file(folder, 0))
     tp_size = first["tp_size"]
     per_rank = []
@@ -95,7 +99,7 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
         for key in [name, *info["aliases"]]:
             out[key] = full.clone() if key != name else full
     hf_config = json.loads(first["hf_config"]) if first.get("hf_config") else None
-    return out, hf_config
+    return out, hf_config, meta
 
 
 TORCH_SAVE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -158,12 +162,6 @@ def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, m
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
 
 
-def _frozen_keys(checkpoint_dir: str, tag: str | None) -> set[str]:
-    folder = _tag_folder(checkpoint_dir, tag)
-    meta = load_states(model_file(folder, 0))["param_meta"]
-    return {key for name, info in meta.items() if not trained(info) for key in [name, *info["aliases"]]}
-
-
 def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, hf_dir: bool | None = None, *,
                       safe_serialization: bool = False, max_shard_bytes: int | None = None,
                       exclude_frozen_parameters: bool = False) -> str:
@@ -177,9 +175,9 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     """
     from megatron_core.checkpoint.hf_io import normal_permissions
 
-    state, hf_config = consolidate_state_dict(checkpoint_dir, tag)
+    state, hf_config, meta = _consolidate(_tag_folder(checkpoint_dir, tag))
     if exclude_frozen_parameters:
-        frozen = _frozen_keys(checkpoint_dir, tag)
+        frozen = frozen_keys(meta)
         state = {k: v for k, v in state.items() if k not in frozen}
     if output.endswith(TORCH_SAVE_SUFFIXES):
         _torch_save(state, output)
@@ -194,8 +192,6 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
                               f"file")
         write_weights_dir(state, output, safe_serialization, max_shard_bytes)
         return output
-    folder = _tag_folder(checkpoint_dir, tag)
-    meta = load_states(model_file(folder, 0))["param_meta"]
     tied = {alias for info in meta.values() for alias in info["aliases"]}
     write_weights_dir({k: v for k, v in state.items() if k not in tied}, output, True, max_shard_bytes)
     hf_config = {**hf_config, "torch_dtype": "float32"}

@@ -33,6 +33,17 @@ def key_owners(meta: dict[str, dict]) -> dict[str, str]:
     return {key: name for name, info in meta.items() for key in [name, *info["aliases"]]}
 
 
+def trained(info: dict) -> bool:
+    """Whether the optimizer holds the parameter of ``param_meta`` entry ``info`` (fp32 main, state): a
+    frozen one (``requires_grad`` False) is in the model files only. Checkpoints saved before the flag: True."""
+    return bool(info.get("requires_grad", True))
+
+
+def frozen_keys(meta: dict[str, dict]) -> set[str]:
+    """The state-dict keys (aliases included) of the frozen parameters of ``param_meta`` ``meta``."""
+    return {key for name, info in meta.items() if not trained(info) for key in [name, *info["aliases"]]}
+
+
 def to_full(shards: list[torch.Tensor], info: dict) -> torch.Tensor:
     """The full tensor in Hugging Face's layout from every saved TP rank's shard (each at its local shape).
 
@@ -101,24 +112,20 @@ def reshard_fragments(
     for a checkpoint of this AutoTP size.
 
     ``per_rank``: ``(values, states)`` of each saved TP rank from ``full_fragments``; ``saved_meta``: each
-    saved TP rank's ``param_meta``. Raises ConfigError for a parameter the checkpoint does not hold.
+    saved TP rank's ``param_meta``. Raises ConfigError for a parameter the checkpoint does not hold. A
+    parameter trained here but frozen when saved is refused before this (``checkpoint._load_optimizer``).
     """
     owner = key_owners(saved_meta[0])
     values: dict[str, torch.Tensor] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
     for name, info in target_meta.items():
-        if not info.get("requires_grad", True):
+        if not trained(info):
             continue  # frozen: no optimizer state, its value came with the module (reshard_module)
         source = next((owner[key] for key in [name, *info["aliases"]] if key in owner), None)
         if source is None:
             raise ConfigError(
                 f"load_checkpoint: the checkpoint's optimizer state has no parameter {name!r}; load it into "
                 f"the model it was saved from"
-            )
-        if not saved_meta[0][source].get("requires_grad", True):
-            raise ConfigError(
-                f"load_checkpoint: the checkpoint has no optimizer state for {name!r} (frozen, requires_grad=False, "
-                f"when saved); load its weights only with load_optimizer_states=False"
             )
         where = (saved_meta, source, info, tp_rank, tp_size, name)
         values[name] = _moved([rank_values[source] for rank_values, _ in per_rank], *where)

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_core.collectives import lowest_failure
 from megatron_core.errors import ConfigError
 from megatron_core.inference.generation import GenerationOutput
 from megatron_core.inference.sampling import SamplingParams
@@ -154,11 +155,8 @@ def _agree(failure: Failure) -> tuple[int, str, str] | None:
     """Every rank's outcome of the step just run: ``(rank, kind, message)`` of the lowest failed rank, or
     None when all succeeded; the same answer on every rank. A collective: each rank must call it once per
     step, whether its own step failed or not."""
-    outcomes: list[Failure] = [failure]
-    if dist.get_world_size() > 1:
-        outcomes = [None] * dist.get_world_size()
-        dist.all_gather_object(outcomes, failure)
-    return next(((rank, *o) for rank, o in enumerate(outcomes) if o is not None), None)
+    failed = lowest_failure(failure)
+    return None if failed is None else (failed[0], *failed[1])
 
 
 def _run_request(gen: Generator, req: Request) -> tuple[GenerationOutput | None, tuple[int, str, str] | None]:

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import device as device_mod
+from megatron_core.collectives import lowest_failure
 from megatron_core.distributed.finalize_model_grads import changed_after_dp_sync
 from megatron_core.errors import ConfigError
 
@@ -239,9 +240,9 @@ def raise_agreed(error: ConfigError | None) -> None:
         failed = torch.tensor([0 if error is None else 1], device=device_mod.current_device())
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item():
-            messages: list[str | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(messages, None if error is None else str(error))
-            raise ConfigError(next(m for m in messages if m is not None))
+            first = lowest_failure(None if error is None else str(error))
+            assert first is not None  # a rank failed: the MAX above says so
+            raise ConfigError(first[1])
     if error is not None:
         raise error
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_core.collectives import lowest_failure
 from megatron_core.errors import ConfigError
 
 
@@ -21,9 +22,7 @@ def agreed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except ValueError as exc:
         error, result = exc, None
     if dist.is_initialized() and dist.get_world_size() > 1:
-        messages: list = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, None if error is None else str(error))
-        first = next(((rank, m) for rank, m in enumerate(messages) if m is not None), None)
+        first = lowest_failure(None if error is None else str(error))
         if first is not None and error is None:
             raise ConfigError(first[1] if first[0] == 0 else f"(on rank {first[0]}) {first[1]}")
         if first is not None and not isinstance(error, ConfigError):
