@@ -60,6 +60,19 @@ def test_warmup_schedules_follow_deepspeed_formulas():
     assert lrs == pytest.approx([0.0, 0.0, 0.005, *cosine], rel=1e-12)
 
 
+
+def test_warmup_cosine_stays_at_its_floor_past_total_num_steps():
+    """DeepSpeed 0.19 clamps the cosine progress at 1: past ``total_num_steps`` the rate stays at
+    ``cos_min_ratio * lr`` instead of climbing the cosine back up; ``total_num_steps`` below the
+    warmup (no decay window) holds the floor from the warmup's end."""
+    params = {"warmup_num_steps": 2, "total_num_steps": 4, "cos_min_ratio": 0.1, "warmup_type": "linear"}
+    lrs = _lrs({"type": "WarmupCosineLR", "params": params}, 7)
+    base = 0.01
+    cosine = [base * (0.1 + 0.9 * (1 + math.cos(math.pi * k / 2)) / 2) for k in (1, 2)]
+    assert lrs == pytest.approx([0.0, 0.0, 0.005, *cosine, base * 0.1, base * 0.1, base * 0.1], rel=1e-12)
+    lrs = _lrs({"type": "WarmupCosineLR", "params": {**params, "warmup_num_steps": 3, "total_num_steps": 2}}, 5)
+    assert lrs[4:] == pytest.approx([base * 0.1, base * 0.1], rel=1e-12)
+
 def _client_objects():
     model = make_model("mlp")
     torch_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)

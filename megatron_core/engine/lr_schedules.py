@@ -9,7 +9,7 @@ logarithmically by default, so they get this small module (formulas from
 - WarmupLR: lr = min_lr + (max_lr - min_lr) * gamma, then max_lr;
 - WarmupDecayLR: after warmup gamma = max(0, (T - t) / max(1, T - W)) with T = total_num_steps;
 - WarmupCosineLR: lr = base_lr * ratio, ratio = warmup_min_ratio + (1 - warmup_min_ratio) * gamma
-  in warmup, then cos_min_ratio + (1 - cos_min_ratio) * (1 + cos(pi * (t - W + 1) / (T - W))) / 2.
+  in warmup, then cos_min_ratio + (1 - cos_min_ratio) * (1 + cos(pi * min(1, (t - W + 1) / max(1, T - W)))) / 2.
 
 The engine calls :meth:`step` after each successful optimizer step (not after a skipped fp16 step).
 """
@@ -127,7 +127,9 @@ class WarmupCosineLR(WarmupLR):
         t = self.last_batch_iteration
         if t < self.warmup_num_steps:
             return self.warmup_min_ratio + (1.0 - self.warmup_min_ratio) * self._warmup_gamma()
-        progress = (t - self.warmup_num_steps + 1) / max(1, self.total_num_steps - self.warmup_num_steps)
+        # Clamped at 1, as DeepSpeed 0.19: past total_num_steps the rate stays at the floor instead of
+        # climbing the cosine back up.
+        progress = min(1.0, (t - self.warmup_num_steps + 1) / max(1, self.total_num_steps - self.warmup_num_steps))
         return max(0.0, self.cos_min_ratio + (1.0 - self.cos_min_ratio) * (1 + math.cos(math.pi * progress)) / 2)
 
     def get_lr(self) -> list[float]:
