@@ -139,6 +139,8 @@ def _init_error(kind):
         megatron_core.initialize(lambda x: x, config=config)
     elif kind == "no-model":
         megatron_core.initialize(None, config=config)
+    elif kind == "tensor-parallel-not-an-object":  # was AttributeError: 'int' object has no attribute 'get'
+        megatron_core.initialize(model, config={**config, "tensor_parallel": 2})
 
 
 @pytest.mark.parametrize(
@@ -155,6 +157,7 @@ def _init_error(kind):
                 "tensor_parallel.autotp_size"),
         ("not-a-module", "initialize: model= must be a torch.nn.Module, got function"),
         ("no-model", "initialize: model= must be a torch.nn.Module, got NoneType"),
+        ("tensor-parallel-not-an-object", "DeepSpeed config: tensor_parallel must be a JSON object, got 2"),
     ],
 )
 def test_initialize_errors(kind, message):

@@ -231,6 +231,9 @@ ERRORS = {
     ),
     "unresolved-auto": (_with(gradient_clipping="auto"), 'gradient_clipping is "auto" and nothing resolves it'),
     "not-an-object": (_with(fp16=[1]), "fp16 must be a JSON object"),
+    # Was TypeError: 'bool' object is not iterable (the older ZeRO names were read before the type check).
+    "zero-not-an-object": (_with(zero_optimization=True), "zero_optimization must be a JSON object, got True"),
+    "tensor-parallel-not-an-object": (_with(tensor_parallel=2), "tensor_parallel must be a JSON object, got 2"),
     "allgather-bucket": (
         _with(zero_optimization={"reduce_bucket_size": 100, "allgather_bucket_size": 200}),
         "allgather_bucket_size differs from reduce_bucket_size",

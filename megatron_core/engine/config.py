@@ -283,7 +283,7 @@ def _old_zero_names(raw: dict) -> dict:
 
 def _zero(raw: dict) -> ZeroSection:
     path = "zero_optimization"
-    raw = _old_zero_names(raw)
+    raw = _old_zero_names(keys.json_object(raw, path))
     fields = {f.name for f in dataclasses.fields(ZeroSection)}
     check_keys(raw, path, fields, keys.NOT_IMPLEMENTED_ZERO)
     stage = number_at_least(raw, path, "stage", 0, 0)

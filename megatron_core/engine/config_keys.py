@@ -125,10 +125,18 @@ def is_off(value: Any, default: Any) -> bool:
     return False
 
 
-def check_keys(section: dict, path: str, implemented: set[str], not_implemented: dict[str, Any]) -> None:
-    """Raise for an unknown key (naming the closest known one) or a non-default unimplemented one."""
+def json_object(section: Any, path: str) -> dict:
+    """``section`` (a config section, None read as empty) checked to be a JSON object. Raises ConfigError."""
+    if section is None:
+        return {}
     if not isinstance(section, dict):
         raise ConfigError(f"DeepSpeed config: {path or 'the config'} must be a JSON object, got {section!r}")
+    return section
+
+
+def check_keys(section: dict, path: str, implemented: set[str], not_implemented: dict[str, Any]) -> None:
+    """Raise for an unknown key (naming the closest known one) or a non-default unimplemented one."""
+    json_object(section, path)
     for key, value in section.items():
         if key in implemented:
             continue

@@ -22,6 +22,7 @@ from megatron_core import device as device_mod
 from megatron_core.distributed import DistributedDataParallel
 from megatron_core.engine.client_objects import check_model_parameters, optimizer_config_from_client
 from megatron_core.engine.config import EngineConfig, load_config, read_json
+from megatron_core.engine.config_keys import json_object
 from megatron_core.engine.engine import Engine
 from megatron_core.engine.library_configs import as_deepspeed_keys, ddp_config_from, optimizer_config_from
 from megatron_core.engine.lr_schedules import build_scheduler
@@ -62,7 +63,7 @@ def _config_source(config: Any, args: Any) -> Any:
 
 
 def _autotp_size(raw: dict) -> int:
-    size = (raw.get("tensor_parallel") or {}).get("autotp_size", 1)
+    size = json_object(raw.get("tensor_parallel"), "tensor_parallel").get("autotp_size", 1)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"DeepSpeed config: tensor_parallel.autotp_size must be a positive integer, got {size!r}")
     world = dist.get_world_size()
