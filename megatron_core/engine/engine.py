@@ -60,6 +60,8 @@ class Engine(torch.nn.Module):
         self.hf_config = hf_config
         self.micro_steps = self.global_steps = self.global_samples = self.skipped_steps = 0
         self._step_applied = False
+        self._boundary: bool | None = None  # set_gradient_accumulation_boundary's override (None: count)
+        self._in_no_sync = False
         self._grad_norm: float | None = None
         self._losses: list[float] = []
         self._timings = {"forward": 0.0, "backward": 0.0, "step": 0.0}
@@ -163,8 +165,39 @@ class Engine(torch.nn.Module):
         return self.config.gradient_clipping
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        """Whether the current micro step is the last of its global batch (``(micro_steps + 1) % GA == 0``)."""
+        """Whether the current micro step is the last of its global batch (``(micro_steps + 1) % GA == 0``),
+        or what :meth:`set_gradient_accumulation_boundary` last set."""
+        if self._boundary is not None:
+            return self._boundary
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
+        """DeepSpeed's override of the counted boundary, for loops that own it (Accelerate's wrapper sets it
+        before every backward): the backwards of ``False`` micro steps only accumulate, the ``True`` one
+        reduces over DP, and ``step()`` updates only while it is ``True``. It holds until set again
+        (``None`` goes back to counting micro steps, which DeepSpeed's engine also accepts)."""
+        self._boundary = None if is_boundary is None else bool(is_boundary)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Any:
+        """DeepSpeed's (and torch DDP's) context: backwards inside it accumulate gradients without the DP
+        reduction, even at a boundary; the first backward outside reduces all of them.
+
+        Raises ConfigError under ZeRO-2/3 (their gradients are partitioned as they are reduced), for
+        ``step()`` inside it and for a nested ``no_sync()``, as DeepSpeed asserts.
+        """
+        stage = self.zero_optimization_stage()
+        if stage >= 2:
+            raise ConfigError(f"engine.no_sync() does not work with zero_optimization.stage {stage} (gradients "
+                              f"are partitioned as they are reduced), as in DeepSpeed; use stage 0 or 1, or "
+                              f"gradient_accumulation_steps / set_gradient_accumulation_boundary(False)")
+        if self._in_no_sync:
+            raise ConfigError("engine.no_sync() inside engine.no_sync(): enter it once")
+        self._in_no_sync = True
+        try:
+            yield
+        finally:
+            self._in_no_sync = False
 
     def get_lr(self) -> list[float]:
         """The learning rate of every optimizer param group."""
@@ -195,7 +228,7 @@ class Engine(torch.nn.Module):
         self._losses.append(float(loss.detach()))
         divisor = self.gradient_accumulation_steps() if scale_wrt_gas else 1
         scaled = self.optimizer.scale_loss(loss.float() / divisor)
-        boundary = self.is_gradient_accumulation_boundary()
+        boundary = self.is_gradient_accumulation_boundary() and not self._in_no_sync
         with contextlib.nullcontext() if boundary else self.ddp.no_sync():
             scaled.backward(retain_graph=retain_graph)
         if boundary:
@@ -208,8 +241,12 @@ class Engine(torch.nn.Module):
 
         ``lr_kwargs`` (DeepSpeed's) are passed to the scheduler's ``step``.
 
-        Raises ConfigError inside a ZeRO-3 ``megatron_core.zero.GatheredParameters`` block (every rank is in it).
+        Raises ConfigError inside a ZeRO-3 ``megatron_core.zero.GatheredParameters`` block (every rank is in it)
+        and inside :meth:`no_sync`.
         """
+        if self._in_no_sync:
+            raise ConfigError("engine.step() inside engine.no_sync(): its gradients are not reduced yet; "
+                              "step after the block (after a backward outside it)")
         gather = getattr(self.ddp, "param_gather", None)
         if gather is not None and gather.pinned:
             # The ZeRO-3 step frees every gathered bucket, the block's too: its parameters then had no
