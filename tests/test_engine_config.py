@@ -442,3 +442,13 @@ def test_deepspeeds_older_zero_key_names_are_read():
                                           r"on_model_save: give one of them$"):
         load_config(_with(zero_optimization={"stage": 3, "stage3_gather_fp16_weights_on_model_save": True,
                                              "stage3_gather_16bit_weights_on_model_save": False}), dp_size=2)
+
+
+def test_gradient_clipping_defaults_to_deepspeeds_1():
+    """DeepSpeed 0.19 clips at 1.0 when the config leaves gradient_clipping out (deepspeedai/DeepSpeed#8068,
+    GRADIENT_CLIPPING_DEFAULT = 1.0); 0 turns clipping off. The engine ran such a config unclipped, and
+    pretrain_gpt.py's --clip-grad 1.0 (Megatron's default) 'disagreed' with a file without the key."""
+    config = load_config(BASE, dp_size=1)
+    assert config.gradient_clipping == 1.0 and library_configs_from(config).optimizer.clip_grad == 1.0
+    assert load_config(_with(gradient_clipping=0), dp_size=1).gradient_clipping == 0.0
+    assert deepspeed_to_megatron(BASE, dp_size=1, flags={"clip_grad": 1.0}).optimizer.clip_grad == 1.0
