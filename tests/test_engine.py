@@ -120,3 +120,28 @@ def test_fp16_overflow_skips_the_step_on_every_rank(stage):
         assert [h[1] for h in history] == [256.0, 128.0, 128.0], f"rank {rank}: loss scale backs off once"
         assert [h[2] for h in history] == [0, 1, 1] and history[1][3] is None
         assert global_steps == 3  # a skipped step still counts, as in DeepSpeed
+
+
+def _overflow_every_step():
+    import megatron_core
+
+    fp16 = {"enabled": True, "initial_scale_power": 2, "min_loss_scale": 1, "hysteresis": 2}
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 1, fp16=fp16))
+    rank = engine.parallel_state.dp_rank
+    for step in range(6):
+        mb = micro_batch(global_batch("mlp", step, 4), rank)
+        if rank == 1:
+            mb["x"] = mb["x"] * 1e4  # inf in fp16 on one rank, every step
+        engine.backward(loss_of("mlp", engine, mb))
+        engine.step()
+
+
+def test_fp16_overflow_at_the_minimum_loss_scale_stops_the_run():
+    """DeepSpeed's loss scaler raises 'Current loss scale already at minimum' on an overflow it cannot back off
+    from (scale at min_loss_scale, hysteresis used up); the engine skipped such steps forever. Scale 4: the first
+    overflow uses the hysteresis, the next two back off to 2 and 1, the fourth stops on every rank."""
+    with pytest.raises(Exception) as info:
+        run_distributed(_overflow_every_step, 2, timeout=120)
+    text = str(info.value)
+    assert "TrainingDivergedError" in text and "global step 4: the fp16 gradients overflowed at the minimum loss " \
+        "scale 1 (fp16.min_loss_scale) after 3 skipped steps" in text, text

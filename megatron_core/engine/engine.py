@@ -34,7 +34,9 @@ from megatron_core.engine.library_configs import as_deepspeed_keys
 from megatron_core.engine.monitor import Monitor
 from megatron_core.errors import ConfigError
 from megatron_core.optimizer import MegatronOptimizer
+from megatron_core.optimizer.grad_scaler import DynamicGradScaler
 from megatron_core.parallel_state import ParallelState
+from megatron_core.training.health import TrainingDivergedError
 
 
 class Engine(torch.nn.Module):
@@ -256,10 +258,17 @@ class Engine(torch.nn.Module):
         self._step_applied = False
         if self.is_gradient_accumulation_boundary():
             start = time.perf_counter()
+            at_floor = self._loss_scale_at_floor()
             try:
                 ok, norm, _ = self.optimizer.step()
             except ConfigError as exc:  # an NVMe swap failing mid-run: named by the JSON key
                 raise as_deepspeed_keys(exc) from None
+            if not ok and at_floor:
+                raise TrainingDivergedError(
+                    f"engine.step(): global step {self.global_steps + 1}: the fp16 gradients overflowed at the "
+                    f"minimum loss scale {self.get_loss_scale():g} (fp16.min_loss_scale) after "
+                    f"{self.skipped_steps} skipped steps and the scale cannot back off further, so the run stops "
+                    f"(DeepSpeed raises here too); lower the learning rate, use bf16, or lower fp16.min_loss_scale")
             self._grad_norm = norm
             self._step_applied = bool(ok)
             if ok:
@@ -273,6 +282,14 @@ class Engine(torch.nn.Module):
             self._timings["step"] += time.perf_counter() - start
             self._report()
         self.micro_steps += 1
+
+    def _loss_scale_at_floor(self) -> bool:
+        """Whether an overflow now would have to back off below ``min_loss_scale``: the dynamic scale sits at
+        it and the hysteresis is used up (DeepSpeed's ``DynamicLossScaler`` raises then, by its default
+        ``raise_error_at_min_scale``)."""
+        scaler = getattr(self.optimizer, "grad_scaler", None)
+        return (isinstance(scaler, DynamicGradScaler) and scaler.scale <= scaler.min_scale
+                and scaler.hysteresis_tracker <= 1)
 
     def _report(self) -> None:
         loss = sum(self._losses) / max(len(self._losses), 1)
