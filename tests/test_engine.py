@@ -145,3 +145,25 @@ def test_fp16_overflow_at_the_minimum_loss_scale_stops_the_run():
     text = str(info.value)
     assert "TrainingDivergedError" in text and "global step 4: the fp16 gradients overflowed at the minimum loss " \
         "scale 1 (fp16.min_loss_scale) after 3 skipped steps" in text, text
+
+
+def _fp16_with_fp32_reduction(stage):
+    import megatron_core
+
+    config = ds_config(2, 1, stage, fp16={"enabled": True, "initial_scale_power": 8}, communication_data_type="fp32")
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    engine.backward(loss_of("mlp", engine, micro_batch(global_batch("mlp", 0, 4), engine.parallel_state.dp_rank)))
+    dtypes = {p.main_grad.dtype for p in engine.module.parameters() if getattr(p, "main_grad", None) is not None}
+    engine.step()
+    changed = all(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters(), strict=True))
+    return dtypes, changed, {p.dtype for p in engine.module.parameters()}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_communication_data_type_fp32_under_fp16(stage):
+    """fp16 weights, gradients accumulated and reduced in fp32 ("communication_data_type": "fp32"), and steps."""
+    for dtypes, changed, weights in run_distributed(_fp16_with_fp32_reduction, 2, stage, timeout=120):
+        # ZeRO-2 frees main_grad once its bucket is reduced; at ZeRO-0 every parameter still holds one.
+        assert dtypes == {torch.float32} if stage == 0 else dtypes <= {torch.float32}, dtypes
+        assert changed and weights == {torch.float16}, (changed, weights)

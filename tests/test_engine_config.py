@@ -5,6 +5,7 @@ typo, or "does not implement" for a DeepSpeed feature the framework lacks).
 """
 
 import json
+import re
 import types
 
 import pytest
@@ -452,3 +453,34 @@ def test_gradient_clipping_defaults_to_deepspeeds_1():
     assert config.gradient_clipping == 1.0 and library_configs_from(config).optimizer.clip_grad == 1.0
     assert load_config(_with(gradient_clipping=0), dp_size=1).gradient_clipping == 0.0
     assert deepspeed_to_megatron(BASE, dp_size=1, flags={"clip_grad": 1.0}).optimizer.clip_grad == 1.0
+
+
+def test_communication_data_type_fp32_reduces_gradients_in_fp32():
+    """"communication_data_type": "fp32" was refused as not implemented, though fp32 and bf16 training reduce in
+    fp32 here anyway; under fp16 it now reduces in fp32 too (DeepSpeed's meaning). The training dtype's own
+    choice is accepted; a lower precision than this framework reduces in is refused in one line."""
+    for precision in ({}, {"bf16": {"enabled": True}}, {"fp16": {"enabled": True}}):
+        config = load_config(_with(communication_data_type="fp32", **precision), dp_size=2)
+        assert library_configs_from(config).ddp.grad_reduce_in_fp32, precision
+    fp16 = {"fp16": {"enabled": True}}
+    assert not library_configs_from(load_config(_with(**fp16), dp_size=2)).ddp.grad_reduce_in_fp32
+    config = load_config(_with(communication_data_type="FP16", **fp16), dp_size=2)
+    assert config.communication_data_type == "fp16" and not library_configs_from(config).ddp.grad_reduce_in_fp32
+    for raw, message in (
+        (_with(communication_data_type="bf16", bf16={"enabled": True}),
+         "communication_data_type = 'bf16' is not implemented with bf16 training (gradients reduce in fp32 here); "
+         "remove it or set it to 'fp32'"),
+        (_with(communication_data_type="fp16"), "communication_data_type = 'fp16' is not implemented with fp32"),
+        (_with(communication_data_type="int8"), "communication_data_type = 'int8': choose one of fp32, fp16, bf16"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(raw, dp_size=2)
+
+
+def test_deepspeed_019_managed_gradient_accumulation_key():
+    """DeepSpeed 0.19's managed_gradient_accumulation (default true) was an unknown key; false (every step() a
+    boundary) is not implemented."""
+    assert load_config(_with(managed_gradient_accumulation=True), dp_size=1).gradient_accumulation_steps == 4
+    with pytest.raises(ConfigError, match="managed_gradient_accumulation = False is a DeepSpeed option this "
+                                          "framework does not implement"):
+        load_config(_with(managed_gradient_accumulation=False), dp_size=1)

@@ -145,6 +145,7 @@ class EngineConfig:
     wall_clock_breakdown: bool = False
     tensorboard: MonitorSection = dataclasses.field(default_factory=MonitorSection)
     csv_monitor: MonitorSection = dataclasses.field(default_factory=MonitorSection)
+    communication_data_type: str | None = None  # "fp32": reduce gradients in fp32 (None: the training dtype's rule)
 
 
 # ---- sections ---------------------------------------------------------------------------------
@@ -325,6 +326,23 @@ def _monitor(raw: dict | None, path: str) -> MonitorSection:
     )
 
 
+def _communication_data_type(raw: dict, fp16: bool, bf16: bool) -> str | None:
+    """DeepSpeed's gradient-reduction dtype. Gradients reduce in fp32 for fp32 and bf16 training and in fp16
+    for fp16 training; ``"fp32"`` (any precision) and the training dtype's own choice are accepted."""
+    value = typed(raw, "", "communication_data_type", str, None)
+    if value is None:
+        return None
+    value = value.lower()
+    if value not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"DeepSpeed config: communication_data_type = {value!r}: choose one of fp32, fp16, bf16")
+    if value == "fp32" or (value == "fp16" and fp16):
+        return value
+    now = "fp16" if fp16 else "fp32"
+    raise ConfigError(f"DeepSpeed config: communication_data_type = {value!r} is not implemented with "
+                      f"{'fp16' if fp16 else 'bf16' if bf16 else 'fp32'} training (gradients reduce in {now} "
+                      f"here); remove it or set it to 'fp32'")
+
+
 # ---- the batch triple -------------------------------------------------------------------------
 def solve_batch_triple(train: int | None, micro: int | None, gas: int | None, dp_size: int) -> tuple[int, int, int]:
     """``(train_batch_size, micro_batch_per_gpu, gradient_accumulation_steps)`` from any two (DeepSpeed's rules).
@@ -379,6 +397,7 @@ TOP_LEVEL = {
     "wall_clock_breakdown",
     "tensorboard",
     "csv_monitor",
+    "communication_data_type",
     # Permissions for a client optimizer under ZeRO / on the host (LLaMA-Factory's configs set both):
     # every optimizer this engine takes runs at every stage and with offload, others are refused anyway.
     "zero_allow_untested_optimizer",
@@ -469,6 +488,7 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     )
     if config.fp16.enabled and config.bf16_enabled:
         raise ConfigError("DeepSpeed config: fp16.enabled and bf16.enabled are both true; enable one")
+    config.communication_data_type = _communication_data_type(raw, config.fp16.enabled, config.bf16_enabled)
     return config
 
 

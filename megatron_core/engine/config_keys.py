@@ -29,7 +29,6 @@ NOT_IMPLEMENTED_TOP: dict[str, Any] = {
     "elasticity": {"enabled": False},
     "memory_breakdown": False,
     "dump_state": False,
-    "communication_data_type": None,
     "seq_parallel_communication_data_type": "fp32",
     "disable_allgather": False,
     "sequence_parallel_size": 1,  # DeepSpeed-Ulysses
@@ -58,6 +57,7 @@ NOT_IMPLEMENTED_TOP: dict[str, Any] = {
     "nebula": {"enabled": False},
     "hybrid_engine": {"enabled": False},
     "graph_harvesting": False,
+    "managed_gradient_accumulation": True,  # DeepSpeed 0.19: False makes every step() a boundary
     "timers": {},
 }
 NOT_IMPLEMENTED_ZERO: dict[str, Any] = {

@@ -11,6 +11,7 @@ zero_optimization.overlap_comm              DistributedDataParallelConfig.overla
                                             offload_optimizer also OptimizerConfig.overlap_cpu_optimizer_d2h_h2d
 bf16.enabled                                OptimizerConfig.bf16, DistributedDataParallelConfig.grad_reduce_in_fp32
                                             (DeepSpeed accumulates bf16 gradients in fp32)
+communication_data_type "fp32"              DistributedDataParallelConfig.grad_reduce_in_fp32 (also under fp16)
 fp16.enabled / loss_scale / initial_scale_  OptimizerConfig.fp16 / loss_scale (0 = dynamic) / initial_loss_scale
 power / loss_scale_window / hysteresis /    = 2**power / loss_scale_window / hysteresis / min_loss_scale
 min_loss_scale
@@ -134,7 +135,7 @@ def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
     try:
         return DistributedDataParallelConfig(
             zero_stage=zero.stage,
-            grad_reduce_in_fp32=config.bf16_enabled,
+            grad_reduce_in_fp32=config.bf16_enabled or config.communication_data_type == "fp32",
             overlap_grad_reduce=zero.overlap_comm,
             bucket_size=zero.reduce_bucket_size,
             **extra,
