@@ -43,6 +43,7 @@ def optimizer_config_from_client(
                     f"set of hyper-parameters: put them in the config's 'optimizer' section"
                 )
     decay = max(float(g.get("weight_decay", 0.0)) for g in groups)
+    check_group_decays((g.get("weight_decay", 0.0) for g in groups), decay, "initialize(optimizer=...)")
     name = type(optimizer).__name__
     if isinstance(optimizer, torch.optim.AdamW) or (isinstance(optimizer, torch.optim.Adam) and decay == 0.0):
         if first.get("amsgrad"):
@@ -68,6 +69,21 @@ def optimizer_config_from_client(
     raise ConfigError(f"initialize(optimizer=...): {name} is not implemented; use torch.optim.AdamW or SGD{hint}")
 
 
+def check_group_decays(decays: Iterable[Any], optimizer_decay: float, what: str) -> None:
+    """Raise for a param group's ``weight_decay`` other than 0 and ``optimizer_decay``.
+
+    The library optimizer decays every matrix by one value and no 1-D parameter; DeepSpeed (a torch
+    optimizer) would apply each group's own value, so a third value would silently change the training.
+    """
+    for decay in decays:
+        if float(decay) not in (0.0, float(optimizer_decay)):
+            raise ConfigError(
+                f"{what}: a param group's weight_decay {float(decay):g} is neither 0 nor the optimizer's "
+                f"{float(optimizer_decay):g}; the engine decays every matrix by the optimizer's value and no "
+                f"bias or norm weight: give the groups that value or 0 (or one group)"
+            )
+
+
 def check_covers_model(params: Iterable[Any], model: torch.nn.Module, what: str) -> None:
     """Raise unless ``params`` are exactly ``model``'s trainable parameters (freeze others with requires_grad)."""
     given = {id(p) for p in params}
@@ -80,11 +96,12 @@ def check_covers_model(params: Iterable[Any], model: torch.nn.Module, what: str)
         )
 
 
-def check_model_parameters(model_parameters: Any, model: torch.nn.Module) -> None:
+def check_model_parameters(model_parameters: Any, model: torch.nn.Module, weight_decay: float) -> None:
     """``model_parameters`` (tensors or param-group dicts) must list the trainable parameters, nothing else.
 
     Per-group options other than Hugging Face's usual ``weight_decay`` split (none on biases and
-    norm weights, which is the library's rule) are refused.
+    norm weights, which is the library's rule; a group's nonzero value must be the optimizer's
+    ``weight_decay``) are refused.
     """
     if model_parameters is None:
         return
@@ -99,6 +116,7 @@ def check_model_parameters(model_parameters: Any, model: torch.nn.Module) -> Non
                     f"supported; set them in the config's 'optimizer' section"
                 )
             group = list(item["params"])
+            check_group_decays([item.get("weight_decay", 0.0)], weight_decay, "initialize(model_parameters=...)")
             if item.get("weight_decay", None) == 0.0 and any(p.dim() > 1 for p in group):
                 raise ConfigError(
                     "initialize(model_parameters=...): a group without weight decay holds matrices; the "

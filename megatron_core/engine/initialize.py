@@ -226,7 +226,6 @@ def initialize(
     if context.owns_process_group:
         atexit.register(_shutdown_at_exit, parallel_state)
     engine_config = load_config(raw, parallel_state.dp_size, model, args)
-    check_model_parameters(model_parameters, model)
     opt_config = optimizer_config_from(engine_config)
     if optimizer is not None:
         if engine_config.optimizer is not None:
@@ -234,6 +233,7 @@ def initialize(
         opt_config = optimizer_config_from_client(optimizer, opt_config, model)
     elif engine_config.optimizer is None:
         raise ConfigError("initialize: no optimizer; add an 'optimizer' section to the config or pass optimizer=")
+    check_model_parameters(model_parameters, model, opt_config.weight_decay)
     to_dict = getattr(getattr(model, "config", None), "to_dict", None)
     hf_config = to_dict() if callable(to_dict) else None  # a transformers model: consolidation writes an HF folder
     model = _prepare_model(model, engine_config, parallel_state)
