@@ -316,3 +316,19 @@ def test_backward_and_step_take_deepspeeds_keywords():
     assert_rel_close(torch.tensor(unscaled), torch.tensor(2 * scaled), 1e-5, "gradient norm without GA scaling")
     # Linear warm-up, DeepSpeed's counting: the first step is iteration 0 (lr 0); the jump lands on iteration 5.
     assert lr_next == 0.0 and math.isclose(lr_jump, 0.01 * 5 / 10), (lr_next, lr_jump)
+
+
+def _named_parameters():
+    model = make_model("mlp")
+    named = [(n, p) for n, p in model.named_parameters()]
+    groups = [{"params": [(n, p) for n, p in named if p.dim() > 1], "weight_decay": 0.1},
+              {"params": [(n, p) for n, p in named if p.dim() == 1], "weight_decay": 0.0}]
+    for given in (model.named_parameters(), groups):
+        engine, _, _, _ = megatron_core.initialize(model, model_parameters=given, config=ds_config(1, 1, 0))
+        engine.parallel_state.destroy()
+
+
+def test_model_parameters_may_be_named():
+    """``model_parameters=model.named_parameters()`` ((name, tensor) pairs, which torch optimizers and DeepSpeed
+    take, also inside param groups) was refused as covering 0 of the model's parameters."""
+    run_distributed(_named_parameters, 1, timeout=60)

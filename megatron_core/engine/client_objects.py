@@ -115,7 +115,7 @@ def check_model_parameters(model_parameters: Any, model: torch.nn.Module, weight
                     f"initialize(model_parameters=...): per-group option(s) {sorted(extra)} are not "
                     f"supported; set them in the config's 'optimizer' section"
                 )
-            group = list(item["params"])
+            group = [_tensor_of(p) for p in item["params"]]
             check_group_decays([item.get("weight_decay", 0.0)], weight_decay, "initialize(model_parameters=...)")
             if item.get("weight_decay", None) == 0.0 and any(p.dim() > 1 for p in group):
                 raise ConfigError(
@@ -124,5 +124,13 @@ def check_model_parameters(model_parameters: Any, model: torch.nn.Module, weight
                 )
             params.extend(group)
         else:
-            params.append(item)
+            params.append(_tensor_of(item))
     check_covers_model(params, model, "initialize(model_parameters=...)")
+
+
+def _tensor_of(item: Any) -> Any:
+    """A parameter given as itself or as ``named_parameters()``' ``(name, tensor)`` pair (torch >= 2.6 optimizers
+    and DeepSpeed take both)."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return item[1]
+    return item
