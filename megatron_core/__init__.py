@@ -12,8 +12,8 @@ def __getattr__(name: str) -> Any:
         from megatron_core import engine  # noqa: PLC0415 - lazy: pulls in torch.distributed and the optimizer
 
         return getattr(engine, name)
-    if name == "zero":  # megatron_core.zero.GatheredParameters, as deepspeed.zero's
+    if name in ("zero", "comm"):  # megatron_core.zero.GatheredParameters, megatron_core.comm: deepspeed.zero/.comm
         import importlib  # noqa: PLC0415
 
-        return importlib.import_module("megatron_core.zero")
+        return importlib.import_module(f"megatron_core.{name}")
     raise AttributeError(f"module 'megatron_core' has no attribute {name!r}")
