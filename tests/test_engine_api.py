@@ -182,14 +182,23 @@ def test_initialize_errors(kind, message):
 
 
 def test_add_config_arguments_and_config_from_args(tmp_path):
+    """DeepSpeed's flags, its own and no others: a script adding --local_rank after add_config_arguments (which
+    DeepSpeed allows: it adds no --local_rank) ended in argparse's 'conflicting option string: --local_rank'.
+    The deprecated --deepscale_config is read as --deepspeed_config, as DeepSpeed's initialize does."""
     parser = megatron_core.add_config_arguments(argparse.ArgumentParser())
+    parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args(["--deepspeed", "--deepspeed_config", str(tmp_path / "ds.json")])
-    assert args.deepspeed and args.deepspeed_config.endswith("ds.json") and args.local_rank == 0
+    assert args.deepspeed and args.deepspeed_config.endswith("ds.json") and args.local_rank == -1
     from megatron_core.engine.initialize import _config_source
 
     assert _config_source(None, args) == args.deepspeed_config
     with pytest.raises(ConfigError, match="either as config= or as args.deepspeed_config"):
         _config_source({"train_batch_size": 1}, args)
+    old = megatron_core.add_config_arguments(argparse.ArgumentParser()).parse_args(["--deepscale_config", "a.json"])
+    assert _config_source(None, old) == "a.json" and not old.deepscale
+    both = argparse.Namespace(deepspeed_config="a.json", deepscale_config="b.json")
+    with pytest.raises(ConfigError, match="both --deepspeed_config and its deprecated name --deepscale_config"):
+        _config_source(None, both)
 
 
 def _monitored(directory):

@@ -33,32 +33,34 @@ from megatron_core.training.initialize import initialize_distributed
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add DeepSpeed's ``--deepspeed`` and ``--deepspeed_config FILE`` (and ``--local_rank``) to a user's parser."""
+    """Add DeepSpeed's flags to a user's parser: ``--deepspeed``, ``--deepspeed_config FILE`` and the deprecated
+    ``--deepscale`` / ``--deepscale_config FILE``, as ``deepspeed.add_config_arguments`` (no ``--local_rank``:
+    a script defines its own, before or after this call, and torchrun passes ``LOCAL_RANK`` in the environment)."""
     group = parser.add_argument_group("DeepSpeed-style engine")
     group.add_argument("--deepspeed", action="store_true", help="train through megatron_core.initialize")
     group.add_argument(
         "--deepspeed_config", "--deepspeed-config", default=None, type=str, help="DeepSpeed JSON config file"
     )
-    if not any("--local_rank" in action.option_strings for action in parser._actions):
-        group.add_argument(
-            "--local_rank",
-            "--local-rank",
-            type=int,
-            default=int(os.environ.get("LOCAL_RANK", 0)),
-            help="set by the launcher; torchrun passes LOCAL_RANK in the environment instead",
-        )
+    group.add_argument("--deepscale", action="store_true", help="deprecated name of --deepspeed")
+    group.add_argument("--deepscale_config", default=None, type=str, help="deprecated name of --deepspeed_config")
     return parser
 
 
 def _config_source(config: Any, args: Any) -> Any:
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    old_name = getattr(args, "deepscale_config", None) if args is not None else None
+    if from_args and old_name:
+        raise ConfigError("initialize: both --deepspeed_config and its deprecated name --deepscale_config are "
+                          "given; keep --deepspeed_config")
+    from_args = from_args or old_name
     if config is not None:
-        if args is not None and getattr(args, "deepspeed_config", None):
+        if from_args:
             raise ConfigError(
                 "initialize: give the DeepSpeed config either as config= or as args.deepspeed_config, not both"
             )
         return config
-    if args is not None and getattr(args, "deepspeed_config", None):
-        return args.deepspeed_config
+    if from_args:
+        return from_args
     raise ConfigError("initialize: no DeepSpeed config; pass config=PATH_OR_DICT or args with --deepspeed_config FILE")
 
 
