@@ -341,3 +341,21 @@ def test_model_parameters_may_be_named():
     """``model_parameters=model.named_parameters()`` ((name, tensor) pairs, which torch optimizers and DeepSpeed
     take, also inside param groups) was refused as covering 0 of the model's parameters."""
     run_distributed(_named_parameters, 1, timeout=60)
+
+
+
+def _loader_sizes(drop_last):
+    data = [(torch.full((8,), float(i)), torch.zeros(4)) for i in range(9)]
+    extra = {} if drop_last is None else {"dataloader_drop_last": drop_last}
+    engine, _, loader, _ = megatron_core.initialize(make_model("mlp"), training_data=data,
+                                                    config=ds_config(2, 1, 0, **extra))
+    sizes = [len(x) for x, _ in loader]
+    engine.parallel_state.destroy()
+    return len(loader), sizes
+
+
+def test_dataloader_drop_last():
+    """DeepSpeed's top-level dataloader_drop_last (default false) was an unknown key. 9 samples over 2 ranks are
+    5 per rank (the sampler pads), micro batches of 2: the last, short one is dropped only when asked."""
+    for drop_last, expected in ((None, (3, [2, 2, 1])), (False, (3, [2, 2, 1])), (True, (2, [2, 2]))):
+        assert run_distributed(_loader_sizes, 2, drop_last, timeout=60) == [expected] * 2, drop_last

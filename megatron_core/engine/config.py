@@ -146,6 +146,7 @@ class EngineConfig:
     tensorboard: MonitorSection = dataclasses.field(default_factory=MonitorSection)
     csv_monitor: MonitorSection = dataclasses.field(default_factory=MonitorSection)
     communication_data_type: str | None = None  # "fp32": reduce gradients in fp32 (None: the training dtype's rule)
+    dataloader_drop_last: bool = False  # the training_data loader drops each rank's last, short micro batch
 
 
 # ---- sections ---------------------------------------------------------------------------------
@@ -398,6 +399,7 @@ TOP_LEVEL = {
     "tensorboard",
     "csv_monitor",
     "communication_data_type",
+    "dataloader_drop_last",
     # Permissions for a client optimizer under ZeRO / on the host (LLaMA-Factory's configs set both):
     # every optimizer this engine takes runs at every stage and with offload, others are refused anyway.
     "zero_allow_untested_optimizer",
@@ -489,6 +491,7 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     if config.fp16.enabled and config.bf16_enabled:
         raise ConfigError("DeepSpeed config: fp16.enabled and bf16.enabled are both true; enable one")
     config.communication_data_type = _communication_data_type(raw, config.fp16.enabled, config.bf16_enabled)
+    config.dataloader_drop_last = typed(raw, "", "dataloader_drop_last", bool, False)
     return config
 
 

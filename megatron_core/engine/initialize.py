@@ -106,7 +106,11 @@ def _dataloader(training_data: Any, collate_fn: Any, config: EngineConfig, paral
         training_data, num_replicas=parallel_state.dp_size, rank=parallel_state.dp_rank
     )
     return torch.utils.data.DataLoader(
-        training_data, batch_size=config.train_micro_batch_size_per_gpu, sampler=sampler, collate_fn=collate_fn
+        training_data,
+        batch_size=config.train_micro_batch_size_per_gpu,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        drop_last=config.dataloader_drop_last,
     )
 
 
@@ -201,7 +205,8 @@ def initialize(
     or a torch AdamW / Adam without decay / SGD whose settings are used. ``model_parameters`` must be
     the model's trainable parameters. ``lr_scheduler``: an object with ``step()``, or a callable
     ``fn(optimizer)``. ``training_data``: a map-style dataset, sharded over DP ranks with a
-    ``DistributedSampler`` and batched by ``train_micro_batch_size_per_gpu``.
+    ``DistributedSampler`` and batched by ``train_micro_batch_size_per_gpu`` (``dataloader_drop_last``: without
+    each rank's last, short batch).
     DeepSpeed's ``dist_init_required`` (False: the caller has made the process group) and
     ``distributed_port`` (torchrun's ``MASTER_PORT`` is what is used) are accepted; ``mpu`` and
     ``mesh_param`` (external model-parallel groups) are not implemented.
