@@ -359,3 +359,31 @@ def test_dataloader_drop_last():
     5 per rank (the sampler pads), micro batches of 2: the last, short one is dropped only when asked."""
     for drop_last, expected in ((None, (3, [2, 2, 1])), (False, (3, [2, 2, 1])), (True, (2, [2, 2]))):
         assert run_distributed(_loader_sizes, 2, drop_last, timeout=60) == [expected] * 2, drop_last
+
+
+def _batch_size_changes():
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 0))
+    engine.set_train_batch_size(8)  # micro batch 2 x 2 ranks: 2 accumulation steps
+    counters = []
+    for _ in range(2):
+        engine.backward(engine(torch.ones(2, 8)).pow(2).mean())
+        engine.step()
+        counters.append((engine.global_steps, engine.global_samples))
+    sizes = (engine.train_batch_size(), engine.gradient_accumulation_steps())
+    try:
+        engine.set_train_batch_size(6)
+    except ConfigError as exc:
+        error = str(exc)
+    engine.set_train_micro_batch_size(3)
+    micro = (engine.train_micro_batch_size_per_gpu(), engine.train_batch_size(), engine.gradient_accumulation_steps())
+    engine.parallel_state.destroy()
+    return counters, sizes, error, micro
+
+
+def test_set_train_batch_size_changes_the_accumulation_steps():
+    """DeepSpeed's set_train_batch_size (batch-size warm-up: the micro batch stays, the accumulation steps
+    follow) and set_train_micro_batch_size were AttributeErrors."""
+    for counters, sizes, error, micro in run_distributed(_batch_size_changes, 2, timeout=60):
+        assert counters == [(0, 0), (1, 8)] and sizes == (8, 2) and micro == (3, 12, 2)
+        assert error == ("engine.set_train_batch_size(6): the train batch size must be a multiple of 4 "
+                         "(train_micro_batch_size_per_gpu 2 x 2 data-parallel ranks)"), error

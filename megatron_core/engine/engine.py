@@ -150,6 +150,28 @@ class Engine(torch.nn.Module):
         """Samples per micro batch on this rank."""
         return self.config.train_micro_batch_size_per_gpu
 
+    def set_train_batch_size(self, train_batch_size: int) -> None:
+        """DeepSpeed's: a new global batch of the same micro batches, by changing ``gradient_accumulation_steps``.
+
+        Raises ConfigError unless ``train_batch_size`` is a multiple of micro batch x DP size.
+        """
+        per_step = self.train_micro_batch_size_per_gpu() * self.dp_world_size
+        if isinstance(train_batch_size, bool) or not isinstance(train_batch_size, int) or train_batch_size < 1 \
+                or train_batch_size % per_step:
+            raise ConfigError(f"engine.set_train_batch_size({train_batch_size!r}): the train batch size must be a "
+                              f"multiple of {per_step} (train_micro_batch_size_per_gpu "
+                              f"{self.train_micro_batch_size_per_gpu()} x {self.dp_world_size} data-parallel ranks)")
+        self.config.train_batch_size = train_batch_size
+        self.config.gradient_accumulation_steps = train_batch_size // per_step
+
+    def set_train_micro_batch_size(self, micro_batch_size: int) -> None:
+        """DeepSpeed's: a new micro batch size with the same accumulation steps (the global batch follows); the
+        ``training_data`` loader keeps its batch size, as DeepSpeed's."""
+        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+            raise ConfigError(f"engine.set_train_micro_batch_size({micro_batch_size!r}): give a positive integer")
+        self.config.train_micro_batch_size_per_gpu = micro_batch_size
+        self.config.train_batch_size = micro_batch_size * self.gradient_accumulation_steps() * self.dp_world_size
+
     def zero_optimization_stage(self) -> int:
         """The config's ``zero_optimization.stage``."""
         return self.config.zero_optimization.stage
