@@ -131,8 +131,8 @@ def _model(args: argparse.Namespace) -> None:
         flag, p = f"--{name.replace('_', '-')}", getattr(args, name)
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"{flag} must be in [0, 1), got {p}")
-        if not device.cuda_available() and cpu_rounds_to_one(p):
-            raise ConfigError(f"{flag} {p} rounds to 1 at the CPU dropout mask's resolution of 2**-16 (every "
+        if cpu_rounds_to_one(p):  # the CPU mask's and the Triton bias-dropout-add's resolution
+            raise ConfigError(f"{flag} {p} rounds to 1 at the dropout mask's resolution of 2**-16 (every "
                               f"value dropped); use at most 0.99999")
 
 
