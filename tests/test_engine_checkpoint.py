@@ -8,6 +8,7 @@
 """
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -69,8 +70,10 @@ def _resume(directory, kind, stage, ga):
 def test_resume_equals_uninterrupted_run(tmp_path, stage, ga):
     results = run_distributed(_resume, 2, str(tmp_path), "mlp", stage, ga, timeout=120)
     for rank, (straight, resumed, straight_state, resumed_state, info) in enumerate(results):
-        path, loaded, client, counters = info
-        assert loaded == path == os.path.join(str(tmp_path), "global_step2") and client == {"epoch": 7}
+        saved, loaded, client, counters = info
+        # DeepSpeed's returns: True, and the model-states file loaded (it was the tag folder, twice).
+        assert saved is True and client == {"epoch": 7}
+        assert loaded == os.path.join(str(tmp_path), "global_step2", "mp_rank_00_model_states.pt"), loaded
         assert counters == (2, 2 * ga, 2 * 2 * ga * 2)
         assert straight == resumed, f"rank {rank}: losses after resuming differ"
         for name, value in straight_state.items():
@@ -247,7 +250,7 @@ def test_a_write_failing_on_one_rank_is_one_line_on_every_rank(tmp_path):
     assert messages[0].startswith(f"save_checkpoint: writing {os.path.join(directory, 'global_step2')!r} failed on "
                                   f"rank 1 (") and "'latest' still names the previous checkpoint" in messages[0]
     assert "File too large" in messages[0], messages  # the write's own error, not torch.save's "unexpected pos"
-    assert sorted(os.listdir(directory)) == ["global_step1", "global_step2", "latest"]
+    assert sorted(os.listdir(directory)) == ["global_step1", "global_step2", "latest", "zero_to_fp32.py"]
     assert not [f for f in os.listdir(os.path.join(directory, "global_step2")) if ".tmp" in f]  # no partial file
     assert open(os.path.join(directory, "latest")).read() == "global_step1"
     consolidate_state_dict(directory)  # the previous checkpoint still reads
@@ -439,7 +442,8 @@ def test_save_and_load_take_deepspeeds_parameters(tmp_path):
     results = run_distributed(_deepspeed_signatures, 1, str(tmp_path), timeout=60)[0]
     assert os.path.isdir(tmp_path / "1.25") and (tmp_path / "latest").read_text() == "1.25"
     assert "holds another model than this engine's" in results["strict"], results
-    assert results["loose"] == (os.path.join(str(tmp_path), "1.25"), {"step": 1}) and results["same"], results
+    assert results["loose"] == (os.path.join(str(tmp_path), "1.25", "mp_rank_00_model_states.pt"), {"step": 1})
+    assert results["same"], results
     assert results["refused", True] == ("load_checkpoint: custom_load_fn is not implemented; load without it "
                                         "(weights, optimizer fragments and scheduler are restored as saved)")
 
@@ -478,7 +482,7 @@ def test_loose_load_of_a_layer_the_checkpoint_lacks_is_one_line_on_every_rank(tm
         assert refused == (f"load_checkpoint: {os.path.join(directory, 'saved')!r} has no optimizer state for "
                            f"'5.weight', a parameter the checkpoint does not hold; load it with "
                            f"load_optimizer_states=False (the optimizer starts afresh)"), refused
-        assert loaded == os.path.join(directory, "saved")
+        assert loaded == os.path.join(directory, "saved", "mp_rank_00_model_states.pt")
 
 
 def _load_without_tp_rank_1_model_file(directory):
@@ -584,3 +588,46 @@ def test_save_checkpoint_excludes_frozen_parameters_as_deepspeed(tmp_path, stage
     assert sorted(consolidated) == ["2.bias", "2.weight", "4.bias", "4.weight"]
     for key, value in consolidated.items():
         assert torch.equal(value, results[0][1][key].float()), key
+
+
+def _save_at_zero2(directory):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 2))
+    run_steps("mlp", engine, 0, 1)
+    saved = engine.save_checkpoint(directory)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return saved, state
+
+
+def test_save_checkpoint_leaves_a_runnable_zero_to_fp32_script(tmp_path):
+    """As DeepSpeed's save_checkpoint (_copy_recovery_script): the save directory gets an executable
+    zero_to_fp32.py, written by rank 0, that takes DeepSpeed's command line from any working directory and
+    writes the engine's weights exactly. Without megatron_core importable it says in one line to install
+    the project. No script was written, and save_checkpoint returned the tag folder, not True."""
+    save_dir = tmp_path / "ckpt"
+    results = run_distributed(_save_at_zero2, 2, str(save_dir), timeout=120)
+    assert [saved for saved, _ in results] == [True, True]
+    script = save_dir / "zero_to_fp32.py"
+    assert script.is_file() and os.stat(script).st_mode & stat.S_IXUSR
+    assert sorted(os.listdir(save_dir)) == ["global_step1", "latest", "zero_to_fp32.py"]  # no temporary left
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # Relative paths from another directory; megatron_core from this checkout (PYTHONPATH) or an install.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, os.path.join("..", "ckpt", "zero_to_fp32.py"), os.path.join("..", "ckpt"),
+                           os.path.join("..", "out")], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
+    expected = results[0][1]
+    assert set(written) == set(expected)
+    for name, value in expected.items():
+        assert written[name].dtype == torch.float32 and torch.equal(written[name], value), name
+    # `python -S` without PYTHONPATH: neither an install nor the checkout is on the path.
+    env.pop("PYTHONPATH")
+    proc = subprocess.run([sys.executable, "-S", str(script), str(save_dir), str(tmp_path / "out2")], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == "" and proc.stdout.count("\n") == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("error: zero_to_fp32.py needs the megatron_core package") \
+        and "pip install" in proc.stdout, proc.stdout
+    assert not (tmp_path / "out2").exists()

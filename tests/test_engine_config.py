@@ -439,3 +439,31 @@ def test_deepspeeds_older_zero_key_names_are_read():
                                           r"on_model_save: give one of them$"):
         load_config(_with(zero_optimization={"stage": 3, "stage3_gather_fp16_weights_on_model_save": True,
                                              "stage3_gather_16bit_weights_on_model_save": False}), dp_size=2)
+
+
+@pytest.mark.parametrize("zero,message", [
+    # cpu_offload_param: true below stage 3 named offload_param.device, a key the config did not hold.
+    ({"stage": 2, "cpu_offload_param": True},
+     "zero_optimization.cpu_offload_param = true offloads ZeRO-3's parameter shards: set zero_optimization.stage "
+     "to 3, or cpu_offload_param to false"),
+    ({"stage": 0, "cpu_offload": True},
+     "zero_optimization.cpu_offload = true offloads the ZeRO optimizer's shard: set zero_optimization.stage to 1, "
+     "2 or 3, or cpu_offload to false"),
+    # The pin flag was checked under the section it was copied into (offload_optimizer.pin_memory), and not at
+    # all without cpu_offload.
+    ({"stage": 2, "cpu_offload": True, "cpu_offload_use_pin_memory": "yes"},
+     "zero_optimization.cpu_offload_use_pin_memory must be bool, got 'yes'"),
+    ({"stage": 2, "cpu_offload_use_pin_memory": "yes"},
+     "zero_optimization.cpu_offload_use_pin_memory must be bool, got 'yes'"),
+], ids=["cpu_offload_param", "cpu_offload", "pin_memory_with_cpu_offload", "pin_memory_alone"])
+def test_errors_name_the_older_offload_key_the_config_holds(zero, message):
+    """DeepSpeed's deprecated cpu_offload / cpu_offload_param / cpu_offload_use_pin_memory are read as the
+    offload sections they stand for; an error about them names the key the user wrote, and its fix."""
+    with pytest.raises(ConfigError) as info:
+        library_configs_from(load_config(_with(zero_optimization=zero), dp_size=2))
+    assert str(info.value) == f"DeepSpeed config: {message}"
+    # The current spelling keeps its own message.
+    current = {"stage": 2, "offload_param": {"device": "cpu"}}
+    with pytest.raises(ConfigError, match=r"offload_param.device = 'cpu' offloads ZeRO-3's parameter shards: set "
+                                          r"zero_optimization.stage to 3, or offload_param.device to 'none'$"):
+        library_configs_from(load_config(_with(zero_optimization=current), dp_size=2))

@@ -96,6 +96,9 @@ class OffloadSection:
     nvme_path: str | None = None
     pin_memory: bool = False
     buffer_count: int = 4
+    # DeepSpeed's deprecated boolean key that set this section (cpu_offload, cpu_offload_param), if any:
+    # errors name the key the user wrote.
+    written_as: str | None = None
 
 
 @dataclasses.dataclass
@@ -243,7 +246,7 @@ def _fp16(raw: dict) -> FP16Section:
     return section
 
 
-def _offload(raw: dict | None, path: str) -> OffloadSection:
+def _offload(raw: dict | None, path: str, written_as: str | None = None) -> OffloadSection:
     raw = raw or {}
     check_keys(raw, path, {"device", "nvme_path", "pin_memory", "buffer_count"}, keys.NOT_IMPLEMENTED_OFFLOAD)
     section = OffloadSection(
@@ -251,6 +254,7 @@ def _offload(raw: dict | None, path: str) -> OffloadSection:
         typed(raw, path, "nvme_path", str, None),
         typed(raw, path, "pin_memory", bool, False),
         number_at_least(raw, path, "buffer_count", 4, 1),
+        written_as,
     )
     if section.device == "nvme" and not section.nvme_path:
         raise ConfigError(f"DeepSpeed config: {path}.device = 'nvme' needs {path}.nvme_path (a directory)")
@@ -261,8 +265,9 @@ def _offload(raw: dict | None, path: str) -> OffloadSection:
 _OLD_ZERO_SECTIONS = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "offload_param"}
 
 
-def _old_zero_names(raw: dict) -> dict:
-    """``raw`` with DeepSpeed's older ZeRO key names rewritten to the current ones (a copy)."""
+def _old_zero_names(raw: dict) -> tuple[dict, dict[str, str]]:
+    """``raw`` with DeepSpeed's older ZeRO key names rewritten to the current ones (a copy), and the
+    offload sections an older key set (section -> that key)."""
     raw = dict(raw)
     old_gather, gather = "stage3_gather_fp16_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save"
     for old, current in ((old_gather, gather), *_OLD_ZERO_SECTIONS.items()):
@@ -271,19 +276,22 @@ def _old_zero_names(raw: dict) -> dict:
                               f"zero_optimization.{current}: give one of them")
     if old_gather in raw:
         raw[gather] = raw.pop(old_gather)
-    pin = raw.pop("cpu_offload_use_pin_memory", None)
+    pin = typed(raw, "zero_optimization", "cpu_offload_use_pin_memory", bool, None)
+    raw.pop("cpu_offload_use_pin_memory", None)
+    written_as = {}
     for old, section in _OLD_ZERO_SECTIONS.items():
         if old not in raw:
             continue
         if typed(raw, "zero_optimization", old, bool, False):
             raw[section] = {"device": "cpu", **({"pin_memory": pin} if pin is not None else {})}
+            written_as[section] = old
         del raw[old]
-    return raw
+    return raw, written_as
 
 
 def _zero(raw: dict) -> ZeroSection:
     path = "zero_optimization"
-    raw = _old_zero_names(raw)
+    raw, written_as = _old_zero_names(raw)
     fields = {f.name for f in dataclasses.fields(ZeroSection)}
     check_keys(raw, path, fields, keys.NOT_IMPLEMENTED_ZERO)
     stage = number_at_least(raw, path, "stage", 0, 0)
@@ -308,8 +316,9 @@ def _zero(raw: dict) -> ZeroSection:
     }
     return ZeroSection(
         stage=stage,
-        offload_optimizer=_offload(raw.get("offload_optimizer"), f"{path}.offload_optimizer"),
-        offload_param=_offload(raw.get("offload_param"), f"{path}.offload_param"),
+        offload_optimizer=_offload(raw.get("offload_optimizer"), f"{path}.offload_optimizer",
+                                   written_as.get("offload_optimizer")),
+        offload_param=_offload(raw.get("offload_param"), f"{path}.offload_param", written_as.get("offload_param")),
         **ints,
         **bools,
     )
