@@ -416,8 +416,9 @@ def test_optimizer_permission_keys_of_real_configs_are_accepted():
 
 def test_deepspeeds_older_zero_key_names_are_read():
     """DeepSpeed still reads its deprecated ZeRO keys: cpu_offload (-> offload_optimizer cpu),
-    cpu_offload_param (-> offload_param cpu), cpu_offload_use_pin_memory (-> pin_memory) and
-    stage3_gather_fp16_weights_on_model_save. cpu_offload: true was refused as not implemented, and
+    cpu_offload_param (-> offload_param cpu) and stage3_gather_fp16_weights_on_model_save; it accepts
+    cpu_offload_use_pin_memory and applies it to nothing (0.19), here it becomes those sections' pin_memory
+    (which changes nothing either). cpu_offload: true was refused as not implemented, and
     cpu_offload_param was an unknown key (the known list spelt it cpu_offload_params)."""
     zero = load_config(_with(zero_optimization={"stage": 3, "cpu_offload": True, "cpu_offload_param": True,
                                                 "cpu_offload_use_pin_memory": True,
