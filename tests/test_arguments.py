@@ -203,3 +203,40 @@ def test_use_checkpoint_args_keeps_a_given_seq_length(tmp_path):
     validate_args(args, 1)
     with pytest.raises(ConfigError, match="--hidden-size 48 disagrees with the checkpoint's"):
         apply_checkpoint_args(parse_args(base + ["--hidden-size", "48"]), defaults)
+
+
+def _legacy_args_run(argv):
+    import pretrain_gpt
+    return pretrain_gpt.main(argv).iteration
+
+
+def test_use_checkpoint_args_takes_a_legacy_checkpoints_layout_and_vocabulary_padding(tmp_path):
+    """A legacy checkpoint loads only under the layout that saved it, with its padded vocabulary: Megatron-LM's
+    load_args_from_checkpoint takes padded_vocab_size and forces the TP / PP / virtual sizes. Here neither was
+    taken, so `--load CKPT --use-checkpoint-args` on a converted TP 2 checkpoint (padding multiple 32) stopped with
+    'padded_vocab_size: checkpoint 320 vs run 384; tensor_model_parallel_size: checkpoint 2 vs run 1'."""
+    from harness import run_distributed
+
+    from megatron_core.checkpoint.convert import main as convert
+    from megatron_core.training.arguments import build_parser
+    from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
+    from tests.hf_testing import tiny_hf_gpt2
+    tiny_hf_gpt2(vocab_size=300).save_pretrained(tmp_path / "hf")
+    ckpt = str(tmp_path / "ckpt")
+    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                    "--save-dir", ckpt, "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+                    "--target-virtual-pipeline-parallel-size", "1", "--make-vocab-size-divisible-by", "32"]) == 0
+    base = ["--load", ckpt, "--use-checkpoint-args", "--mock-data", "--vocab-size", "300", "--micro-batch-size", "1",
+            "--train-iters", "1", "--lr", "1e-3", "--seq-length", "8", "--eval-iters", "0", "--num-workers", "0"]
+    args = parse_args(base)
+    apply_checkpoint_args(args, vars(build_parser().parse_args([])))
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
+    assert (args.make_vocab_size_divisible_by, args.num_layers_per_virtual_pipeline_stage) == (32, None)
+    with pytest.raises(ConfigError, match="--tensor-model-parallel-size 4 disagrees with the checkpoint's 2"):
+        apply_checkpoint_args(parse_args(base + ["--tensor-model-parallel-size", "4"]),
+                              vars(build_parser().parse_args([])))
+    assert run_distributed(_legacy_args_run, 4, base + ["--finetune"], timeout=120) == [1, 1, 1, 1]
+    from megatron_core.training.arguments.checkpoint_args import _legacy_layout
+    assert _legacy_layout({"num_layers": 8}, {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2,
+                                              "virtual_pipeline_model_parallel_size": 2}) == {
+        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 2}
