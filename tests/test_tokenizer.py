@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import pickle
+import re
 
 import pytest
 
@@ -102,10 +103,17 @@ def test_training_lines_of_jsonl_and_text(tmp_path):
 
 
 def test_train_vocab_too_small_is_a_clear_error(tmp_path, corpus_file):
+    """The count said 'the input's characters need 295 pieces' of a text of 36 characters: 256 of them are
+    byte-fallback pieces, which the message now says, so the vocabulary left for merges is no surprise."""
     with pytest.raises(ValueError, match=r"^--vocab-size 100 is too small: the input's characters at "
-                                         r"--character-coverage 0.9995 need \d+ pieces; raise --vocab-size to at "
-                                         r"least \d+ or lower --character-coverage$"):
+                                         r"--character-coverage 0.9995 need (\d+) pieces \(256 byte-fallback "
+                                         r"pieces, 3 special pieces and (\d+) characters\); raise --vocab-size "
+                                         r"to at least \1 \(the pieces above it are the merges\) or lower "
+                                         r"--character-coverage$") as info:
         train_sentencepiece([corpus_file], str(tmp_path / "small"), vocab_size=100)
+    chars = int(re.search(r"and (\d+) characters", str(info.value)).group(1))
+    distinct = set(open(corpus_file, encoding="utf-8").read()) - {"\n"}  # lines are the training sentences
+    assert 0.9 * len(distinct) <= chars <= len(distinct), (chars, len(distinct))
 
 
 def _train_byte_level_bpe(tmp_path):
