@@ -240,3 +240,19 @@ def test_use_checkpoint_args_takes_a_legacy_checkpoints_layout_and_vocabulary_pa
     assert _legacy_layout({"num_layers": 8}, {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2,
                                               "virtual_pipeline_model_parallel_size": 2}) == {
         "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 2}
+
+
+@pytest.mark.parametrize("split,message", [
+    ("90,8,2,1", "--split '90,8,2,1' must have one to three comma-separated weights, e.g. 949,50,1"),
+    ("ninety,10", "--split 'ninety,10' has a non-numeric weight; use e.g. 949,50,1"),
+    ("0,0,0", "--split '0,0,0' needs non-negative weights with a positive sum"),
+])
+def test_a_malformed_split_is_a_config_error_before_the_run_starts(split, message):
+    """A bad --split was found only when the datasets were built, after the model: a plain ValueError, which
+    pretrain_gpt.py reports on every rank as a library error with '(set MCORE_TRACEBACK=1 for the traceback)'."""
+    argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--data-path", "prefix", "--split", split,
+            "--vocab-size", "100"]
+    with pytest.raises(ConfigError) as info:
+        validate_args(parse_args(argv), world_size=1)
+    assert str(info.value) == message

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_core import device
+from megatron_core.datasets.splits import parse_split
 from megatron_core.fusions.fused_dropout import cpu_rounds_to_one
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.training.arguments import compat
@@ -254,6 +255,10 @@ def _precision_and_recompute(args: argparse.Namespace) -> None:
 
 def _data(args: argparse.Namespace) -> None:
     needs_data = not args.skip_train or args.eval_iters > 0
+    try:  # up front: the datasets that read it are built after the model
+        parse_split(args.split)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     flags = {"--data-path": "data_path", "--train-data-path": "train_data_path",
              "--valid-data-path": "valid_data_path", "--test-data-path": "test_data_path"}
     for name in flags.values():
