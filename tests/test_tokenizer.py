@@ -61,6 +61,42 @@ def test_sentencepiece_round_trip_and_specials(spm_model):
     assert clone.tokenize(SAMPLES[2]) == tok.tokenize(SAMPLES[2])
 
 
+def test_llama2_tokenizer_prepends_bos_through_preprocessing_export_and_reshard(spm_model, tmp_path):
+    """Megatron-LM's --tokenizer-type Llama2Tokenizer (its Mixtral example, docs/llama_mistral.md) was an invalid
+    choice. As Megatron-LM's _Llama2Tokenizer: SentencePiece with the bos id before every tokenized text, eos as
+    EOD; the exported Hugging Face tokenizer adds the same bos, and a core re-shard keeps the type."""
+    from transformers import AutoTokenizer
+
+    from megatron_core.checkpoint.convert import load_core, save_core
+    from megatron_core.checkpoint.hf_tokenizer import save_tokenizer
+    from megatron_core.datasets.indexed_dataset import IndexedDataset
+    from megatron_core.datasets.preprocess_data import main as preprocess
+    from megatron_core.training.arguments import parse_args
+    from tests.hf_testing import tiny_hf_gpt2
+
+    tok = build_tokenizer("Llama2Tokenizer", tokenizer_model=spm_model)
+    plain = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
+    text = "def main():\n    return 0"
+    assert tok.tokenize(text) == [tok.bos] + plain.tokenize(text) and tok.bos == 1
+    assert (tok.eod, tok.vocab_size, tok.detokenize(tok.tokenize(text)[1:])) == (plain.eod, 400, text)
+    assert parse_args(["--tokenizer-type", "Llama2Tokenizer"]).tokenizer_type == "Llama2Tokenizer"
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "x = 1"}) + "\n")
+    assert preprocess(["--input", str(corpus), "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+                       spm_model, "--output-prefix", str(tmp_path / "d"), "--append-eod"]) == 0
+    docs = IndexedDataset(str(tmp_path / "d_text_document"))
+    assert [list(docs[i][:1]) + list(docs[i][-1:]) for i in range(2)] == [[tok.bos, tok.eod]] * 2
+    save_tokenizer(tok, str(tmp_path / "hf"))
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text)["input_ids"] == tok.tokenize(text)
+    # A core checkpoint carrying it (as the converter writes) reads back as Llama2Tokenizer.
+    tiny_hf_gpt2(vocab_size=400).save_pretrained(tmp_path / "model")
+    from megatron_core.checkpoint.convert import load_hf
+    model = load_hf(str(tmp_path / "model"))
+    model.tokenizer = tok
+    save_core(model, str(tmp_path / "core"), tp=1)
+    assert type(load_core(str(tmp_path / "core")).tokenizer).__name__ == "Llama2Tokenizer"
+
+
 @pytest.mark.parametrize("unk, bos, eos, pad", [(1, -1, 0, -1), (1, 0, 2, 3), (1, 2, 3, 0)])
 def test_sentencepiece_special_ids_at_zero(tmp_path, unk, bos, eos, pad):
     # Id 0 is a real id: a model whose eos, bos or pad piece is 0 keeps it (-1 alone means "none").

@@ -137,7 +137,7 @@ def load_core(path: str, iteration: int | None = None, with_optimizer: bool = Fa
     # A training run's legacy checkpoint records no tokenizer; one this converter wrote records its directory.
     saved = (info.get("tokenizer") or {}).get("dir")
     if saved and os.path.isdir(os.path.join(path, saved)):
-        tokenizer = load_dir_tokenizer(os.path.join(path, saved))
+        tokenizer = load_dir_tokenizer(os.path.join(path, saved), info["tokenizer"].get("type"))
     reason = f"its tokenizer directory {os.path.join(path, saved)} is gone" if saved else \
         f"the legacy checkpoint {path} records no tokenizer"
     return FullModel(config, info.get("vocab_size") or info["padded_vocab_size"],

@@ -99,7 +99,7 @@ def _records(load: str, step: int | None) -> tuple[Any, Any, Any, bool]:
             info = state.get("model_info") or {}
             # tools/checkpoint/convert.py stores the tokenizer it carried beside the iterations.
             saved = (info.get("tokenizer") or {}).get("dir")
-            tokenizer = dir_tokenizer_flags(os.path.join(load, saved)) if saved else None
+            tokenizer = dir_tokenizer_flags(os.path.join(load, saved), info["tokenizer"].get("type")) if saved else None
             return state.get("config"), state.get("model_info"), tokenizer or None, True
     raise ConfigError(f"--load {directory} has no {io.mp_rank_name(0, 0, 1)}/{io.MODEL_FILENAME} to read the model "
                       f"flags from (--use-checkpoint-args)")
