@@ -20,8 +20,12 @@ with ``{"error": "generation failed on rank R: Type: first line"}``, the failing
 traceback on stderr, and the next request runs as usual. This covers a failure every rank meets alike
 (the ranks run the same code on the same request, so a deterministic error strikes all of them at the
 same collective) and a failure of any subset of ranks before generation starts. A rank failing alone
-in the middle of the forward pass leaves the others inside a collective it never joins; no exchange can
-reach them there, and they wait until ``--server-timeout-minutes`` (the process group's timeout).
+in the middle of the forward pass leaves the others inside a collective it never joins: the generation's
+collectives run on the model-parallel groups, which time out after ``--distributed-timeout-minutes``
+(Megatron-LM's flag, default 10), while the default group, which carries requests, the agreement and
+the stop message, waits ``--server-timeout-minutes`` for the next request. The waiting ranks' timeout
+is a failure inside a collective; the answer names the rank that failed first outside one, and since
+gloo closes a group's connections on a timeout, the server then stops (exit status 1).
 (Megatron-LM's server catches only its ValueError; any other exception ends its worker loop.)
 """
 from __future__ import annotations
