@@ -65,16 +65,22 @@ def reduce_scatter_flat(output: torch.Tensor, full: torch.Tensor, group, async_o
     return None
 
 
-def lowest_failure(failure: Any, group=None) -> tuple[int, Any] | None:
-    """``(rank, failure)`` of the lowest rank of ``group`` (the default group: all ranks) whose ``failure``
-    is not None, or None when no rank failed: the same answer on every rank.
+def failures(failure: Any, group=None) -> list[tuple[int, Any]]:
+    """``(rank, failure)`` of every rank of ``group`` (the default group: all ranks) whose ``failure`` is not
+    None, lowest rank first: the same list on every rank.
 
     A collective (``all_gather_object``): every rank of ``group`` calls it once, whether its own step
     failed or not, so a rank that failed alone does not leave the others waiting for it in their next
-    collective. Without a process group, or in a group of one, this rank's own ``(0, failure)``.
+    collective. Without a process group, or in a group of one, this rank's own ``[(0, failure)]`` or [].
     """
     outcomes: list[Any] = [failure]
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         outcomes = [None] * dist.get_world_size(group)
         dist.all_gather_object(outcomes, failure, group=group)
-    return next(((rank, f) for rank, f in enumerate(outcomes) if f is not None), None)
+    return [(rank, f) for rank, f in enumerate(outcomes) if f is not None]
+
+
+def lowest_failure(failure: Any, group=None) -> tuple[int, Any] | None:
+    """The first of :func:`failures` (the lowest failed rank's ``(rank, failure)``), or None when no rank
+    failed: the same answer on every rank; a collective, as :func:`failures`."""
+    return next(iter(failures(failure, group)), None)

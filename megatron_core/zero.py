@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from megatron_core.distributed.param_and_grad_buffer import GRAD_BUFFER_ATTR, MAIN_GRAD_ATTR
 from megatron_core.distributed.param_gather import GATHER_MANAGER_ATTR, ParamGatherManager, Unit
+from megatron_core.errors import ConfigError
 
 
 class GatheredParameters:
@@ -112,10 +113,22 @@ def safe_get_full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
     before unscaling; None for a parameter that takes no gradient. Under ZeRO-2/3 this is a
     collective over the data-parallel group (every rank calls it for the same parameter): each rank
     holds the pieces in its shard. Elsewhere it is a copy of ``main_grad`` (or ``grad``).
+
+    Where no backward has run since the last ``step()`` (or ever) it answers as DeepSpeed 0.19: None at
+    ZeRO-0 (DeepSpeed's engine sets ``grad`` to None after the step); a ConfigError (a ValueError, DeepSpeed's
+    type and words) at ZeRO-1/2, on every rank; zeros at ZeRO-3 (DeepSpeed's partition buffer before the first
+    backward; after a step DeepSpeed's still holds the last step's gradient, here zeroed by the step).
     """
     if not param.requires_grad:
         return None
     buffer = getattr(param, GRAD_BUFFER_ATTR, None)
+    if buffer is not None and not buffer.has_grads:
+        stage = buffer.config.zero_stage
+        if stage in (1, 2):
+            raise ConfigError(f"safe_get_full_grad: under ZeRO stage {stage} gradients are only available immediately "
+                              f"after backward and before engine step (as in DeepSpeed); call it between "
+                              f"engine.backward(loss) at the gradient accumulation boundary and engine.step()")
+        return torch.zeros(param.shape, dtype=buffer.grad_dtype, device=buffer.device) if stage == 3 else None
     if buffer is None or not buffer.partition_grads:
         grad = getattr(param, MAIN_GRAD_ATTR, None)
         grad = param.grad if grad is None else grad

@@ -146,3 +146,11 @@ def train_engine(kind: str, config: dict, steps: int, model: torch.nn.Module | N
         "global_steps": engine.global_steps,
         "micro_steps": engine.micro_steps,
     }
+
+
+def sharded(config: dict) -> dict:
+    """Under ZeRO-3 shard every bucket (DeepSpeed's default persistence threshold keeps these tiny models'
+    buckets resident, and a save then needs no gather: the hang of a DP-rank-0-only gather went unseen)."""
+    if config["zero_optimization"]["stage"] == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return config

@@ -72,7 +72,7 @@ def _base(*extra):
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size >= 2"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], 1, "only one of --lr-warmup-fraction"),
-    (["--attention-dropout", "0.999995"], 1, "--attention-dropout 0.999995 rounds to 1 at the CPU dropout mask"),
+    (["--attention-dropout", "0.999995"], 1, "--attention-dropout 0.999995 rounds to 1 at the dropout mask"),
 ])
 def test_bad_combinations_name_the_fix(extra, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -203,3 +203,56 @@ def test_use_checkpoint_args_keeps_a_given_seq_length(tmp_path):
     validate_args(args, 1)
     with pytest.raises(ConfigError, match="--hidden-size 48 disagrees with the checkpoint's"):
         apply_checkpoint_args(parse_args(base + ["--hidden-size", "48"]), defaults)
+
+
+def _legacy_args_run(argv):
+    import pretrain_gpt
+    return pretrain_gpt.main(argv).iteration
+
+
+def test_use_checkpoint_args_takes_a_legacy_checkpoints_layout_and_vocabulary_padding(tmp_path):
+    """A legacy checkpoint loads only under the layout that saved it, with its padded vocabulary: Megatron-LM's
+    load_args_from_checkpoint takes padded_vocab_size and forces the TP / PP / virtual sizes. Here neither was
+    taken, so `--load CKPT --use-checkpoint-args` on a converted TP 2 checkpoint (padding multiple 32) stopped with
+    'padded_vocab_size: checkpoint 320 vs run 384; tensor_model_parallel_size: checkpoint 2 vs run 1'."""
+    from harness import run_distributed
+
+    from megatron_core.checkpoint.convert import main as convert
+    from megatron_core.training.arguments import build_parser
+    from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
+    from tests.hf_testing import tiny_hf_gpt2
+    tiny_hf_gpt2(vocab_size=300).save_pretrained(tmp_path / "hf")
+    ckpt = str(tmp_path / "ckpt")
+    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                    "--save-dir", ckpt, "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+                    "--target-virtual-pipeline-parallel-size", "1", "--make-vocab-size-divisible-by", "32"]) == 0
+    base = ["--load", ckpt, "--use-checkpoint-args", "--mock-data", "--vocab-size", "300", "--micro-batch-size", "1",
+            "--train-iters", "1", "--lr", "1e-3", "--seq-length", "8", "--eval-iters", "0", "--num-workers", "0"]
+    args = parse_args(base)
+    apply_checkpoint_args(args, vars(build_parser().parse_args([])))
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
+    assert (args.make_vocab_size_divisible_by, args.num_layers_per_virtual_pipeline_stage) == (32, None)
+    with pytest.raises(ConfigError, match="--tensor-model-parallel-size 4 disagrees with the checkpoint's 2"):
+        apply_checkpoint_args(parse_args(base + ["--tensor-model-parallel-size", "4"]),
+                              vars(build_parser().parse_args([])))
+    assert run_distributed(_legacy_args_run, 4, base + ["--finetune"], timeout=120) == [1, 1, 1, 1]
+    from megatron_core.training.arguments.checkpoint_args import _legacy_layout
+    assert _legacy_layout({"num_layers": 8}, {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2,
+                                              "virtual_pipeline_model_parallel_size": 2}) == {
+        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 2}
+
+
+@pytest.mark.parametrize("split,message", [
+    ("90,8,2,1", "--split '90,8,2,1' must have one to three comma-separated weights, e.g. 949,50,1"),
+    ("ninety,10", "--split 'ninety,10' has a non-numeric weight; use e.g. 949,50,1"),
+    ("0,0,0", "--split '0,0,0' needs non-negative weights with a positive sum"),
+])
+def test_a_malformed_split_is_a_config_error_before_the_run_starts(split, message):
+    """A bad --split was found only when the datasets were built, after the model: a plain ValueError, which
+    pretrain_gpt.py reports on every rank as a library error with '(set MCORE_TRACEBACK=1 for the traceback)'."""
+    argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--data-path", "prefix", "--split", split,
+            "--vocab-size", "100"]
+    with pytest.raises(ConfigError) as info:
+        validate_args(parse_args(argv), world_size=1)
+    assert str(info.value) == message

@@ -326,3 +326,32 @@ def test_a_null_tokenizer_run_resharded_from_torch_dist_says_nothing_of_a_tokeni
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"(the run that saved {tmp_path / 'dist'} used NullTokenizer: ids without " \
         f"text)" in err, err
+
+
+def _padded_rows(ckpt_dir, iteration, rank_dir):
+    head = torch.load(os.path.join(ckpt_dir, f"iter_{iteration:07d}", rank_dir, "model_optim_rng.pt"),
+                      weights_only=True)
+    return head["model_info"]["padded_vocab_size"], head["model_info"]["make_vocab_size_divisible_by"]
+
+
+def test_a_reshard_keeps_the_vocabulary_padding_multiple_the_run_was_saved_with(tmp_path):
+    """A run with --make-vocab-size-divisible-by 32 (63 tokens: 64 rows at TP 1 and 2) re-sharded without
+    the flag was padded to 128 x TP rows, so resuming it with the run's own flags was refused
+    ('padded_vocab_size: checkpoint 256 vs run 64'). Megatron-LM's converter keeps the source's value
+    (loader ``md.make_vocab_size_divisible_by``, passed on by the saver); the flag still overrides it."""
+    from test_pretrain import _logged, _train
+    args = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3", "--lr", "0.1",
+            "--mock-data", "--vocab-size", "63", "--make-vocab-size-divisible-by", "32", "--eval-iters", "0",
+            "--num-workers", "0", "--hidden-dropout", "0", "--attention-dropout", "0"]
+    dist_dir, tp2, tp1 = tmp_path / "dist", tmp_path / "tp2", tmp_path / "tp1"
+    run_distributed(_train, 1, args + ["--save", str(dist_dir), "--exit-interval", "2"], timeout=120)
+    assert _cli("core", "core", dist_dir, tp2, "--target-tensor-parallel-size", 2) == 0  # torch_dist source
+    assert _padded_rows(tp2, 2, "mp_rank_01") == (64, 32)
+    assert _cli("core", "core", tp2, tp1) == 0  # legacy source
+    assert _padded_rows(tp1, 2, "mp_rank_00") == (64, 32)
+    rest = _logged(run_distributed(_train, 2, args + ["--tensor-model-parallel-size", "2", "--load", str(tp2)],
+                                   timeout=120))
+    assert rest.loaded_iteration == 2 and rest.iteration == 3
+    assert _cli("core", "core", tp2, tmp_path / "flag", "--make-vocab-size-divisible-by", 128) == 0
+    assert _padded_rows(tmp_path / "flag", 2, "mp_rank_00") == (128, 128)

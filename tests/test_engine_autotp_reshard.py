@@ -16,6 +16,8 @@ bias, whose gradient is zero up to rounding (softmax ignores it), missed by 3e-3
 an element of Llama's embedding by 1.1e-5; both runs use AdamW with eps 1e-4.
 """
 
+import os
+
 import pytest
 import torch
 from engine_common import VOCAB, ds_config, run_steps
@@ -73,8 +75,9 @@ def _resumed(source, directory, kind, tp, stage):
 
     config = _config(kind, dist.get_world_size(), tp, stage)
     engine, _, _, _ = megatron_core.initialize(_model(kind, 0.5), config=config)
-    _, client = engine.load_checkpoint(source, tag="mid")
-    info = (client, engine.global_steps, engine.get_lr()[0])
+    loaded, client = engine.load_checkpoint(source, tag="mid")
+    info = (client, engine.global_steps, engine.get_lr()[0], os.path.relpath(loaded, source),
+            engine.parallel_state.tp_rank)
     losses, _ = run_steps(kind, engine, N, N + M)
     engine.save_checkpoint(directory, tag="end")
     dp_rank = engine.parallel_state.dp_rank
@@ -95,12 +98,16 @@ def _equal(actual, expected, _tol, what):
     assert torch.equal(actual, expected), f"{what}: differs from the uninterrupted run"
 
 
-def _check(kind, straight, results, ref_dir, out_dir, what, exact):
+def _check(kind, straight, results, ref_dir, out_dir, what, exact, tp_sizes):
     """Every rank's micro-batch losses, lr, client state, counters and the consolidated final weights
-    equal the straight run's (``exact``: bit for bit, the layout being the saving run's)."""
+    equal the straight run's (``exact``: bit for bit, the layout being the saving run's). ``tp_sizes``:
+    (saved, loaded) AutoTP size, for the model-states file load_checkpoint names (DeepSpeed's SDLoader
+    index: TP rank r of t loads file r * saved // t)."""
     close = _equal if exact else assert_rel_close
     expected, expected_lr = straight
-    for rank, (losses, dp_rank, (client, steps, lr)) in enumerate(results):
+    saved_tp, tp = tp_sizes
+    for rank, (losses, dp_rank, (client, steps, lr, loaded, tp_rank)) in enumerate(results):
+        assert loaded == os.path.join("mid", f"mp_rank_{tp_rank * saved_tp // tp:02d}_model_states.pt"), loaded
         dp = GLOBAL_MICRO // len(losses[0])
         assert client == {"epoch": 3} and steps == N, f"{what} rank {rank}: {client}, global_steps {steps}"
         assert lr == expected_lr, f"{what} rank {rank}: lr {lr} after loading, {expected_lr} at the save"
@@ -138,7 +145,8 @@ def test_load_at_another_autotp_size_equals_the_uninterrupted_run(tmp_path, kind
         out, src = str(tmp_path / f"from_{source}_world{world}_tp{tp}"), str(tmp_path / source)
         results = run_distributed(_resumed, world, src, out, kind, tp, stage, timeout=180)
         what = f"{source} -> world {world} AutoTP {tp} ZeRO-{stage}"
-        _check(kind, straight[source], results, src, out, what, exact=SOURCES[source] == (world, tp, stage))
+        _check(kind, straight[source], results, src, out, what, exact=SOURCES[source] == (world, tp, stage),
+               tp_sizes=(SOURCES[source][1], tp))
 
 
 def _load_error(source, wider):

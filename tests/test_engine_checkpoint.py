@@ -1,29 +1,26 @@
-"""Engine checkpoints: resume equals the uninterrupted run, loading at another DP size, consolidation.
+"""Engine checkpoints: resume equals the uninterrupted run, loading at another DP size, load errors.
 
 - save after 2 of 4 steps, load into an engine built from other weights, train 2 more: losses and
   state dict equal the uninterrupted run bit for bit (same DP size, every ZeRO stage);
 - a DP 2 / ZeRO-2 checkpoint loaded at DP 4 / ZeRO-1 continues like the plain PyTorch loop (fp32, rel 1e-5);
-- consolidation (function and ``tools/zero_to_fp32.py``) equals the model's full state dict exactly, and
-  its Hugging Face folder loads with ``from_pretrained`` to the same weights.
+- DeepSpeed's save/load signatures, client state, fp16 loss scale, frozen parameters left out, and
+  one-line errors on every rank for a wrong model, a failed write or a missing file.
+
+Consolidation (``zero_to_fp32``, ``save_16bit_model``) is in ``test_engine_consolidate.py``.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from engine_common import VOCAB, ds_config, make_model, reference, run_steps, state_of
+from engine_common import VOCAB, ds_config, make_model, reference, run_steps, sharded, state_of
 from equivalence import assert_rel_close
 from harness import run_distributed
 from hf_testing import tiny_hf_gpt2
 
 import megatron_core
-from megatron_core.engine.consolidate import consolidate_state_dict, save_consolidated
-from megatron_core.engine.consolidate import main as consolidate_main
+from megatron_core.engine.consolidate import consolidate_state_dict
 from megatron_core.errors import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _other_weights(kind):
@@ -34,16 +31,8 @@ def _other_weights(kind):
     return model
 
 
-def _sharded(config):
-    """Under ZeRO-3 shard every bucket (DeepSpeed's default persistence threshold keeps these tiny models'
-    buckets resident, and a save then needs no gather: the hang of a DP-rank-0-only gather went unseen)."""
-    if config["zero_optimization"]["stage"] == 3:
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    return config
-
-
 def _resume(directory, kind, stage, ga):
-    config = _sharded(ds_config(
+    config = sharded(ds_config(
         2, ga, stage, kind, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_max_lr": 0.01}}
     ))
     engine, _, _, _ = megatron_core.initialize(make_model(kind), config=config)
@@ -69,8 +58,10 @@ def _resume(directory, kind, stage, ga):
 def test_resume_equals_uninterrupted_run(tmp_path, stage, ga):
     results = run_distributed(_resume, 2, str(tmp_path), "mlp", stage, ga, timeout=120)
     for rank, (straight, resumed, straight_state, resumed_state, info) in enumerate(results):
-        path, loaded, client, counters = info
-        assert loaded == path == os.path.join(str(tmp_path), "global_step2") and client == {"epoch": 7}
+        saved, loaded, client, counters = info
+        # DeepSpeed's returns: True, and the model-states file loaded (it was the tag folder, twice).
+        assert saved is True and client == {"epoch": 7}
+        assert loaded == os.path.join(str(tmp_path), "global_step2", "mp_rank_00_model_states.pt"), loaded
         assert counters == (2, 2 * ga, 2 * 2 * ga * 2)
         assert straight == resumed, f"rank {rank}: losses after resuming differ"
         for name, value in straight_state.items():
@@ -101,60 +92,6 @@ def test_load_at_another_dp_size(tmp_path):
         assert client == {}
         for name, value in ref["state"].items():
             assert_rel_close(state[name], value, 1e-5, f"rank {rank} {name}")
-
-
-def _train_and_save(directory, kind, stage):
-    engine, _, _, _ = megatron_core.initialize(make_model(kind), config=_sharded(ds_config(2, 2, stage, kind)))
-    run_steps(kind, engine, 0, 2)
-    engine.save_checkpoint(directory)
-    state = state_of(engine)
-    engine.parallel_state.destroy()
-    return state
-
-
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_consolidation_equals_the_full_state_dict(tmp_path, stage):
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    expected = run_distributed(_train_and_save, 2, str(tmp_path / "ckpt"), "gpt2", stage, timeout=120)[0]
-    state, hf_config = consolidate_state_dict(str(tmp_path / "ckpt"))
-    assert hf_config["model_type"] == "gpt2" and set(state) == set(expected)
-    for name, value in expected.items():
-        assert torch.equal(state[name], value), name
-    hf_dir = save_consolidated(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
-    loaded = AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
-    for name, value in expected.items():
-        assert torch.equal(loaded[name], value), f"from_pretrained: {name}"
-    out = tmp_path / "model.safetensors"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path / "ckpt"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    from_tool = load_file(str(out))
-    assert set(from_tool) == set(expected) and all(torch.equal(from_tool[k], v) for k, v in expected.items())
-    if stage == 0:
-        # DeepSpeed's older usage, `zero_to_fp32.py CKPT pytorch_model.bin -t TAG`: one torch.save file.
-        argv = [str(tmp_path / "ckpt"), str(tmp_path / "pytorch_model.bin"), "-t", "global_step2"]
-        assert consolidate_main(argv) == 0
-        from_bin = torch.load(str(tmp_path / "pytorch_model.bin"), weights_only=True)
-        assert set(from_bin) == set(expected) and all(torch.equal(from_bin[k], v) for k, v in expected.items())
-
-
-def test_consolidation_tool_errors_in_one_line(tmp_path):
-    def consolidate():
-        return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path), "x"],
-                              capture_output=True, text=True, timeout=60)
-
-    proc = consolidate()
-    assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "no 'latest' file" in proc.stdout
-    # A pretrain_gpt.py checkpoint (Megatron's tracker file) is pointed at its own converter.
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
-    proc = consolidate()
-    assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "tools/checkpoint/convert.py" in proc.stdout
 
 
 def _load_from(directory):
@@ -247,36 +184,10 @@ def test_a_write_failing_on_one_rank_is_one_line_on_every_rank(tmp_path):
     assert messages[0].startswith(f"save_checkpoint: writing {os.path.join(directory, 'global_step2')!r} failed on "
                                   f"rank 1 (") and "'latest' still names the previous checkpoint" in messages[0]
     assert "File too large" in messages[0], messages  # the write's own error, not torch.save's "unexpected pos"
-    assert sorted(os.listdir(directory)) == ["global_step1", "global_step2", "latest"]
+    assert sorted(os.listdir(directory)) == ["global_step1", "global_step2", "latest", "zero_to_fp32.py"]
     assert not [f for f in os.listdir(os.path.join(directory, "global_step2")) if ".tmp" in f]  # no partial file
     assert open(os.path.join(directory, "latest")).read() == "global_step1"
     consolidate_state_dict(directory)  # the previous checkpoint still reads
-
-
-def _save_16bit(directory):
-    import torch.distributed as dist
-
-    config = ds_config(dist.get_world_size(), 1, 3, bf16={"enabled": True})
-    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
-    run_steps("mlp", engine, 0, 2)
-    assert engine.save_16bit_model(directory) is True
-    expected = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}  # gathered, every rank
-    engine.parallel_state.destroy()
-    if dist.get_rank() != 0:
-        return None
-    saved = torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
-    full_shapes = {k: v.shape for k, v in make_model("mlp").state_dict().items()}
-    return {k: (v.dtype, torch.equal(v, expected[k]) and v.shape == full_shapes[k]) for k, v in saved.items()}, \
-        sorted(full_shapes)
-
-
-@pytest.mark.parametrize("world", [1, 2])
-def test_save_16bit_model_writes_the_gathered_weights(tmp_path, world):
-    """DeepSpeed's engine.save_16bit_model (with stage3_gather_16bit_weights_on_model_save): one torch.save
-    file of the full bf16 weights under ZeRO-3 at DP 2, and in one process."""
-    saved, names = run_distributed(_save_16bit, world, str(tmp_path / "out"), timeout=120)[0]
-    assert sorted(saved) == names and all(same for _, same in saved.values()), saved
-    assert {dtype for dtype, _ in saved.values()} == {torch.bfloat16}
 
 
 def _fp16_scale_round_trip(directory):
@@ -321,55 +232,6 @@ def test_an_fp16_checkpoint_loads_into_an_fp32_engine(tmp_path):
     scaler to fill: the checkpoint's scaler state is left aside, not loaded into a scaler that does not exist."""
     ((scaler, same),) = run_distributed(_cross_precision_load, 1, str(tmp_path), timeout=60)
     assert scaler is None and same and all(same.values()), same
-
-
-def _train_mlp_with_a_frozen_layer(directory):
-    model = make_model("mlp")
-    model[0].requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = megatron_core.initialize(model, model_parameters=trainable, config=ds_config(1, 1, 2))
-    run_steps("mlp", engine, 0, 1)
-    engine.save_checkpoint(directory)
-    state = state_of(engine)
-    engine.parallel_state.destroy()
-    return state
-
-
-def test_consolidation_takes_deepspeeds_current_command_line(tmp_path, capsys):
-    """DeepSpeed's zero_to_fp32.py (0.14 on): ``CHECKPOINT_DIR OUTPUT_DIR [--safe_serialization]
-    [--max_shard_size 5GB] [--exclude_frozen_parameters] [-d]`` writes OUTPUT_DIR/pytorch_model.bin (or
-    model.safetensors), in shards with an index past --max_shard_size. The flags were unrecognized, and a
-    plain model's OUTPUT_DIR became one safetensors file of that name, which torch.load and
-    OUTPUT_DIR/pytorch_model.bin could not read."""
-    import json
-
-    from safetensors.torch import load_file
-
-    expected = run_distributed(_train_mlp_with_a_frozen_layer, 1, str(tmp_path / "ckpt"), timeout=60)[0]
-    ckpt = str(tmp_path / "ckpt")
-
-    def same(state, names):
-        assert set(state) == set(names) and all(torch.equal(state[k], expected[k]) for k in names), sorted(state)
-
-    assert consolidate_main([ckpt, str(tmp_path / "out"), "-d"]) == 0
-    same(torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True), expected)
-    assert consolidate_main([ckpt, str(tmp_path / "safe"), "--safe_serialization", "--exclude_frozen_parameters"]) == 0
-    same(load_file(str(tmp_path / "safe" / "model.safetensors")), [k for k in expected if not k.startswith("0.")])
-    # 1 KB shards: each tensor alone where it is larger, the index names every tensor's shard.
-    assert consolidate_main([ckpt, str(tmp_path / "shards"), "--max_shard_size", "1KB"]) == 0
-    index = json.loads((tmp_path / "shards" / "pytorch_model.bin.index.json").read_text())
-    files = sorted(set(index["weight_map"].values()))
-    assert len(files) > 1 and files[0] == f"pytorch_model-00001-of-{len(files):05d}.bin", files
-    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in expected.values())
-    merged = {}
-    for name in files:
-        merged.update(torch.load(tmp_path / "shards" / name, weights_only=True))
-    same(merged, expected)
-    assert {k: f for f in files for k in torch.load(tmp_path / "shards" / f, weights_only=True)} == index["weight_map"]
-    capsys.readouterr()
-    assert consolidate_main([ckpt, str(tmp_path / "bad"), "--max_shard_size", "5 parsecs"]) == 2
-    assert capsys.readouterr().out == ("error: --max_shard_size '5 parsecs': give a size such as 5GB, 500MB or a "
-                                       "number of bytes\n")
 
 
 def _save_client_state(directory, client_state):
@@ -439,7 +301,8 @@ def test_save_and_load_take_deepspeeds_parameters(tmp_path):
     results = run_distributed(_deepspeed_signatures, 1, str(tmp_path), timeout=60)[0]
     assert os.path.isdir(tmp_path / "1.25") and (tmp_path / "latest").read_text() == "1.25"
     assert "holds another model than this engine's" in results["strict"], results
-    assert results["loose"] == (os.path.join(str(tmp_path), "1.25"), {"step": 1}) and results["same"], results
+    assert results["loose"] == (os.path.join(str(tmp_path), "1.25", "mp_rank_00_model_states.pt"), {"step": 1})
+    assert results["same"], results
     assert results["refused", True] == ("load_checkpoint: custom_load_fn is not implemented; load without it "
                                         "(weights, optimizer fragments and scheduler are restored as saved)")
 
@@ -453,7 +316,7 @@ def _loose_load_at_dp2(directory, stage):
     engine.parallel_state.destroy()
     torch.manual_seed(7)
     bigger = torch.nn.Sequential(*make_model("mlp"), torch.nn.Linear(4, 4))
-    engine, _, _, _ = megatron_core.initialize(bigger, config=_sharded(ds_config(2, 1, stage)))
+    engine, _, _, _ = megatron_core.initialize(bigger, config=sharded(ds_config(2, 1, stage)))
     try:
         engine.load_checkpoint(directory, "saved", False)  # optimizer states too: the new layer has none
         refused = None
@@ -478,7 +341,7 @@ def test_loose_load_of_a_layer_the_checkpoint_lacks_is_one_line_on_every_rank(tm
         assert refused == (f"load_checkpoint: {os.path.join(directory, 'saved')!r} has no optimizer state for "
                            f"'5.weight', a parameter the checkpoint does not hold; load it with "
                            f"load_optimizer_states=False (the optimizer starts afresh)"), refused
-        assert loaded == os.path.join(directory, "saved")
+        assert loaded == os.path.join(directory, "saved", "mp_rank_00_model_states.pt")
 
 
 def _load_without_tp_rank_1_model_file(directory):

@@ -5,7 +5,6 @@ typo, or "does not implement" for a DeepSpeed feature the framework lacks).
 """
 
 import json
-import re
 import types
 
 import pytest
@@ -420,8 +419,9 @@ def test_optimizer_permission_keys_of_real_configs_are_accepted():
 
 def test_deepspeeds_older_zero_key_names_are_read():
     """DeepSpeed still reads its deprecated ZeRO keys: cpu_offload (-> offload_optimizer cpu),
-    cpu_offload_param (-> offload_param cpu), cpu_offload_use_pin_memory (-> pin_memory) and
-    stage3_gather_fp16_weights_on_model_save. cpu_offload: true was refused as not implemented, and
+    cpu_offload_param (-> offload_param cpu) and stage3_gather_fp16_weights_on_model_save; it accepts
+    cpu_offload_use_pin_memory and applies it to nothing (0.19), here it becomes those sections' pin_memory
+    (which changes nothing either). cpu_offload: true was refused as not implemented, and
     cpu_offload_param was an unknown key (the known list spelt it cpu_offload_params)."""
     zero = load_config(_with(zero_optimization={"stage": 3, "cpu_offload": True, "cpu_offload_param": True,
                                                 "cpu_offload_use_pin_memory": True,
@@ -445,42 +445,29 @@ def test_deepspeeds_older_zero_key_names_are_read():
                                              "stage3_gather_16bit_weights_on_model_save": False}), dp_size=2)
 
 
-def test_gradient_clipping_defaults_to_deepspeeds_1():
-    """DeepSpeed 0.19 clips at 1.0 when the config leaves gradient_clipping out (deepspeedai/DeepSpeed#8068,
-    GRADIENT_CLIPPING_DEFAULT = 1.0); 0 turns clipping off. The engine ran such a config unclipped, and
-    pretrain_gpt.py's --clip-grad 1.0 (Megatron's default) 'disagreed' with a file without the key."""
-    config = load_config(BASE, dp_size=1)
-    assert config.gradient_clipping == 1.0 and library_configs_from(config).optimizer.clip_grad == 1.0
-    assert load_config(_with(gradient_clipping=0), dp_size=1).gradient_clipping == 0.0
-    assert deepspeed_to_megatron(BASE, dp_size=1, flags={"clip_grad": 1.0}).optimizer.clip_grad == 1.0
-
-
-def test_communication_data_type_fp32_reduces_gradients_in_fp32():
-    """"communication_data_type": "fp32" was refused as not implemented, though fp32 and bf16 training reduce in
-    fp32 here anyway; under fp16 it now reduces in fp32 too (DeepSpeed's meaning). The training dtype's own
-    choice is accepted; a lower precision than this framework reduces in is refused in one line."""
-    for precision in ({}, {"bf16": {"enabled": True}}, {"fp16": {"enabled": True}}):
-        config = load_config(_with(communication_data_type="fp32", **precision), dp_size=2)
-        assert library_configs_from(config).ddp.grad_reduce_in_fp32, precision
-    fp16 = {"fp16": {"enabled": True}}
-    assert not library_configs_from(load_config(_with(**fp16), dp_size=2)).ddp.grad_reduce_in_fp32
-    config = load_config(_with(communication_data_type="FP16", **fp16), dp_size=2)
-    assert config.communication_data_type == "fp16" and not library_configs_from(config).ddp.grad_reduce_in_fp32
-    for raw, message in (
-        (_with(communication_data_type="bf16", bf16={"enabled": True}),
-         "communication_data_type = 'bf16' is not implemented with bf16 training (gradients reduce in fp32 here); "
-         "remove it or set it to 'fp32'"),
-        (_with(communication_data_type="fp16"), "communication_data_type = 'fp16' is not implemented with fp32"),
-        (_with(communication_data_type="int8"), "communication_data_type = 'int8': choose one of fp32, fp16, bf16"),
-    ):
-        with pytest.raises(ConfigError, match=re.escape(message)):
-            load_config(raw, dp_size=2)
-
-
-def test_deepspeed_019_managed_gradient_accumulation_key():
-    """DeepSpeed 0.19's managed_gradient_accumulation (default true) was an unknown key; false (every step() a
-    boundary) is not implemented."""
-    assert load_config(_with(managed_gradient_accumulation=True), dp_size=1).gradient_accumulation_steps == 4
-    with pytest.raises(ConfigError, match="managed_gradient_accumulation = False is a DeepSpeed option this "
-                                          "framework does not implement"):
-        load_config(_with(managed_gradient_accumulation=False), dp_size=1)
+@pytest.mark.parametrize("zero,message", [
+    # cpu_offload_param: true below stage 3 named offload_param.device, a key the config did not hold.
+    ({"stage": 2, "cpu_offload_param": True},
+     "zero_optimization.cpu_offload_param = true offloads ZeRO-3's parameter shards: set zero_optimization.stage "
+     "to 3, or cpu_offload_param to false"),
+    ({"stage": 0, "cpu_offload": True},
+     "zero_optimization.cpu_offload = true offloads the ZeRO optimizer's shard: set zero_optimization.stage to 1, "
+     "2 or 3, or cpu_offload to false"),
+    # The pin flag was checked under the section it was copied into (offload_optimizer.pin_memory), and not at
+    # all without cpu_offload.
+    ({"stage": 2, "cpu_offload": True, "cpu_offload_use_pin_memory": "yes"},
+     "zero_optimization.cpu_offload_use_pin_memory must be bool, got 'yes'"),
+    ({"stage": 2, "cpu_offload_use_pin_memory": "yes"},
+     "zero_optimization.cpu_offload_use_pin_memory must be bool, got 'yes'"),
+], ids=["cpu_offload_param", "cpu_offload", "pin_memory_with_cpu_offload", "pin_memory_alone"])
+def test_errors_name_the_older_offload_key_the_config_holds(zero, message):
+    """DeepSpeed's deprecated cpu_offload / cpu_offload_param / cpu_offload_use_pin_memory are read as the
+    offload sections they stand for; an error about them names the key the user wrote, and its fix."""
+    with pytest.raises(ConfigError) as info:
+        library_configs_from(load_config(_with(zero_optimization=zero), dp_size=2))
+    assert str(info.value) == f"DeepSpeed config: {message}"
+    # The current spelling keeps its own message.
+    current = {"stage": 2, "offload_param": {"device": "cpu"}}
+    with pytest.raises(ConfigError, match=r"offload_param.device = 'cpu' offloads ZeRO-3's parameter shards: set "
+                                          r"zero_optimization.stage to 3, or offload_param.device to 'none'$"):
+        library_configs_from(load_config(_with(zero_optimization=current), dp_size=2))

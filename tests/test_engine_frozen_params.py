@@ -11,6 +11,8 @@ the uninterrupted run's (bit for bit at the saving layout, else fp32 relative 1e
 not fully covered by the optimizer files".
 """
 
+import os
+
 import torch
 from engine_common import run_steps
 from harness import run_distributed
@@ -50,8 +52,9 @@ def _resumed(source, directory, tp, stage):
 
     config = _config("gpt2", dist.get_world_size(), tp, stage)
     engine, _, _, _ = megatron_core.initialize(_frozen_model(0.5), config=config)
-    _, client = engine.load_checkpoint(source, tag="mid")
-    info = (client, engine.global_steps, engine.get_lr()[0])
+    loaded, client = engine.load_checkpoint(source, tag="mid")
+    info = (client, engine.global_steps, engine.get_lr()[0], os.path.relpath(loaded, source),
+            engine.parallel_state.tp_rank)
     losses, _ = run_steps("gpt2", engine, N, N + M)
     engine.save_checkpoint(directory, tag="end")
     dp_rank = engine.parallel_state.dp_rank
@@ -70,7 +73,7 @@ def test_frozen_parameters_load_at_any_autotp_size_and_consolidate(tmp_path):
         out = str(tmp_path / f"world{world}_tp{tp}_zero{stage}")
         results = run_distributed(_resumed, world, source, out, tp, stage, timeout=120)
         _check("gpt2", straight, results, source, out, f"frozen: AutoTP 2 -> world {world} AutoTP {tp} ZeRO-{stage}",
-               exact=(world, tp) == (2, 2))
+               exact=(world, tp) == (2, 2), tp_sizes=(2, tp))
 
 
 def _unfrozen_load(source, tp, load_optimizer_states):

@@ -51,6 +51,24 @@ def test_older_megatron_script_flags_are_accepted():
         parse_args(LLAMA_SCRIPT + ["--dataloader-type", "cyclic"])
 
 
+def test_megatron_llama3_and_checkpoint_script_flags_are_accepted_or_refused_with_a_reason():
+    """Megatron-LM's examples/llama/train_llama3_8b_h100_fp8.sh carries --tiktoken-pattern v2,
+    --no-mmap-bin-files, --decoupled-lr and --decoupled-min-lr, and its other scripts the torch_dist
+    performance flags (--ckpt-fully-parallel-save ...): each was argparse's bare 'unrecognized arguments'."""
+    accepted = ["--tiktoken-pattern", "v2", "--no-mmap-bin-files", "--mmap-bin-files", "--ckpt-fully-parallel-save",
+                "--no-ckpt-fully-parallel-save", "--ckpt-fully-parallel-load", "--ckpt-assume-constant-structure",
+                "--use-persistent-ckpt-worker"]
+    plain = config_from_args(validate_args(parse_args(LLAMA_SCRIPT), world_size=1))
+    run = config_from_args(validate_args(parse_args(LLAMA_SCRIPT + accepted), world_size=1))
+    assert run == plain  # no effect on the run: what each one changes in Megatron-LM is its I/O, not the result
+    with pytest.raises(ConfigError, match="--tiktoken-pattern: invalid choice: 'v3'"):
+        parse_args(LLAMA_SCRIPT + ["--tiktoken-pattern", "v3"])
+    for flag in ("--decoupled-lr", "--decoupled-min-lr"):
+        with pytest.raises(ConfigError, match=f"^{flag}: a separate learning rate for the embedding and output "
+                                              f"layer is not supported yet"):
+            parse_args(LLAMA_SCRIPT + [flag, "5e-4"])
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--num-experts", "8", "--moe-router-topk", "2"], "--num-experts: mixture-of-experts"),
     (["--expert-model-parallel-size", "2"], "mixture-of-experts"),

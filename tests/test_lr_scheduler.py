@@ -87,3 +87,47 @@ def test_schedule_is_counted_in_samples():
     assert c.lr_decay_steps == 800 and c.lr_warmup_steps == pytest.approx(80)
     c = scheduler_config(_args("--train-samples", "400", "--lr-warmup-samples", "40"))
     assert (c.lr_warmup_steps, c.lr_decay_steps) == (40, 400)
+
+
+@pytest.mark.parametrize("wsd_style,coeff", [
+    # Megatron-LM's OptimizerParamScheduler.get_lr, lr_decay_style "WSD": r = steps into the anneal / its length.
+    ("exponential", lambda r: 2.0 * 0.5 ** r - 1.0),
+    ("linear", lambda r: 1.0 - r),
+    ("cosine", lambda r: 0.5 * (math.cos(math.pi * r) + 1.0)),
+    ("minus_sqrt", lambda r: 1.0 - math.sqrt(r)),
+])
+def test_wsd_holds_the_peak_then_anneals_over_its_last_samples(wsd_style, coeff):
+    """Megatron-LM's warmup-stable-decay (--lr-decay-style WSD --lr-wsd-decay-style S --lr-wsd-decay-iters N):
+    warmup, --lr until the last N x global batch samples of the decay, then S down to --min-lr."""
+    max_lr, min_lr = 1e-3, 1e-4
+    sched = _scheduler("WSD", warmup=10, decay=110, max_lr=max_lr, min_lr=min_lr, wsd_decay_steps=40,
+                       lr_wsd_decay_style=wsd_style)
+    assert _lr_at(sched, 5) == pytest.approx(0.5 * max_lr)
+    for step in (10, 40, 70):  # the stable phase ends where the anneal starts: 110 - 40
+        assert _lr_at(sched, step) == pytest.approx(max_lr, rel=1e-12)
+    for step in (71, 85, 100, 110):
+        assert _lr_at(sched, step) == pytest.approx(min_lr + coeff((step - 70) / 40) * (max_lr - min_lr), rel=1e-12)
+    assert _lr_at(sched, 150) == pytest.approx(min_lr)
+
+
+def test_wsd_flags_and_checkpoint():
+    c = scheduler_config(_args("--train-iters", "100", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "20",
+                               "--lr-wsd-decay-style", "linear"))
+    assert (c.lr_decay_style, c.wsd_decay_steps, c.lr_wsd_decay_style) == ("WSD", 160, "linear")
+    c = scheduler_config(_args("--train-samples", "400", "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "100"))
+    assert (c.wsd_decay_steps, c.lr_wsd_decay_style) == (100, "exponential")  # Megatron-LM's default style
+    with pytest.raises(ConfigError, match="^--lr-decay-style WSD needs --lr-wsd-decay-iters"):
+        _args("--train-iters", "100", "--lr-decay-style", "WSD")
+    with pytest.raises(ConfigError, match="^with --train-samples give the schedule in samples"):
+        _args("--train-samples", "400", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "10")
+    with pytest.raises(ConfigError, match="^--lr-wsd-decay-iters 200 is longer than the decay"):
+        _args("--train-iters", "100", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "200")
+    # Resumed: the anneal's length and style are part of the saved schedule.
+    a = _scheduler("WSD", wsd_decay_steps=40, lr_wsd_decay_style="cosine")
+    a.step(90)
+    b = _scheduler("WSD", wsd_decay_steps=40, lr_wsd_decay_style="cosine")
+    b.load_state_dict(a.state_dict())
+    assert b.optimizer.param_groups[0]["lr"] == a.optimizer.param_groups[0]["lr"]
+    with pytest.raises(ConfigError, match="wsd_decay_steps = 40 but the flags give 20"):
+        _scheduler("WSD", wsd_decay_steps=20, lr_wsd_decay_style="cosine").load_state_dict(a.state_dict())
+    _scheduler("cosine").load_state_dict(_scheduler("cosine").state_dict())  # no anneal: nothing to compare

@@ -91,3 +91,21 @@ def test_no_load_optim_under_the_distributed_optimizer_starts_from_the_loaded_we
     sharded = _logged(run_distributed(_train, 1, resume + ["--use-distributed-optimizer"], timeout=120))
     assert plain.loaded_iteration == sharded.loaded_iteration == 4 and len(sharded.losses) == 2
     assert_rel_close(torch.tensor(sharded.losses), torch.tensor(plain.losses), 1e-5, "losses after --no-load-optim")
+
+
+def test_no_load_optim_leaves_the_schedule_out_as_the_legacy_format_and_megatron_lm(tmp_path):
+    """--no-load-optim skips the learning-rate schedule with the optimizer (Megatron-LM loads the scheduler
+    inside its ``not args.no_load_optim`` branch, and the legacy format here did so). From torch_dist the
+    schedule was loaded and checked: a resume with another --train-iters was refused ('lr_decay_steps = 64
+    but the flags give 48'). Both formats now continue alike: the same losses from the same weights."""
+    resumed = {}
+    for fmt in ("torch", "torch_dist"):
+        ckpt = str(tmp_path / fmt)
+        run_distributed(_train, 1, ARGS + ["--ckpt-format", fmt, "--save", ckpt, "--exit-interval", "4"], timeout=120)
+        resumed[fmt] = _logged(run_distributed(_train, 1, ARGS + ["--ckpt-format", fmt, "--load", ckpt,
+                                                                  "--no-load-optim", "--train-iters", "6"],
+                                               timeout=120))
+    assert [r.loaded_iteration for r in resumed.values()] == [4, 4]
+    assert [len(r.losses) for r in resumed.values()] == [2, 2]
+    assert_rel_close(torch.tensor(resumed["torch_dist"].losses), torch.tensor(resumed["torch"].losses),
+                     what="losses after --no-load-optim, torch_dist vs legacy")

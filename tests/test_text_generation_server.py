@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 from equivalence import assert_rel_close
 
@@ -128,10 +129,16 @@ class FaultyGenerator(Generator):
             if len(calls) == 3:
                 raise RuntimeError("injected: every rank, in decoding step 3\\nsecond line")
 
+        def alone(module, args, output):  # rank 1 alone, mid-generation: the others wait in a collective
+            calls.append(None)
+            if len(calls) == 2 and self.parallel_state.rank == 1:
+                raise RuntimeError("injected: rank 1 alone, in decoding step 2")
+
         def slow(module, args, output):  # a long generation, for a Ctrl-C to arrive during it
             time.sleep(0.25)
         text = self.tokenizer.detokenize(list(prompts[0]))
         handle = (self.loaded.model.register_forward_hook(hook) if text.startswith("FAIL-ALL") else
+                  self.loaded.model.register_forward_hook(alone) if text.startswith("FAIL-ALONE") else
                   self.loaded.model.register_forward_hook(slow) if text.startswith("SLOW") else None)
         try:
             return super().run(prompts, tokens_to_generate, sampling, **kwargs)
@@ -193,6 +200,49 @@ def test_an_exception_inside_generation_fails_the_request_not_the_server(tmp_pat
     assert err.count("request failed:") == 5, err[-3000:]  # each failing rank logged its traceback: 2 + 1 + 2
     assert err.count("RuntimeError: injected: every rank, in decoding step 3") == 4, err[-3000:]
     assert err.count("KeyError: 'injected: rank 1 alone, while tokenising'") == 1, err[-3000:]
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_a_rank_failing_alone_mid_generation_stops_the_server_after_the_collective_timeout(tmp_path, layout):
+    """Rank 1 raises alone in the middle of a generation while rank 0 waits for it inside a collective (TP 2:
+    the vocabulary all-gather; PP 2: the chosen token's broadcast). That waited for --server-timeout-minutes
+    (24 h by default). The generation's groups now time out after --distributed-timeout-minutes (3 s here):
+    the request gets HTTP 500 naming rank 1's exception, and the server, whose groups are out of step after
+    a gloo timeout, stops by itself with status 1 and one line."""
+    hf_model = tiny_hf_gpt2(vocab_size=300)
+    hf_model.save_pretrained(tmp_path / "hf")
+    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    script = tmp_path / "faulty_server.py"
+    script.write_text(FAULTY_SERVER)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--load", str(tmp_path / "hf"), *layout, "--port", str(port), "--top_k", "1",
+           "--distributed-timeout-minutes", "0.05"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_until_serving(proc, port)
+        assert _put(port, {"prompts": ["the quick"], "tokens_to_generate": 3}, timeout=30)[0] == 200
+        start = time.time()
+        status, answer = _put(port, {"prompts": ["FAIL-ALONE now"], "tokens_to_generate": 5}, timeout=60)
+        waited = time.time() - start
+        assert status == 500 and answer["error"].startswith(
+            "generation failed on rank 1: RuntimeError: injected: rank 1 alone, in decoding step 2; the other ranks "
+            "waited for it inside a collective until --distributed-timeout-minutes"), answer
+        assert 3 <= waited < 30, waited
+        _, err = proc.communicate(timeout=60)  # stops by itself
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("run_text_generation_server.py: error:")]
+    assert ours == ["run_text_generation_server.py: error: stopped: a generation failed inside a collective (see the "
+                    "failing rank's traceback above); restart the server"], err[-3000:]  # rank 0's, once
+    assert err.count("RuntimeError: injected: rank 1 alone, in decoding step 2") == 1, err[-3000:]  # its traceback
+    assert err.count("rank 0: request failed in a collective: RuntimeError:") == 1, err[-3000:]  # one line
 
 
 def _serve(argv):

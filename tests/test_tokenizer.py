@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import pickle
+import re
 
 import pytest
 
@@ -60,6 +61,42 @@ def test_sentencepiece_round_trip_and_specials(spm_model):
     assert clone.tokenize(SAMPLES[2]) == tok.tokenize(SAMPLES[2])
 
 
+def test_llama2_tokenizer_prepends_bos_through_preprocessing_export_and_reshard(spm_model, tmp_path):
+    """Megatron-LM's --tokenizer-type Llama2Tokenizer (its Mixtral example, docs/llama_mistral.md) was an invalid
+    choice. As Megatron-LM's _Llama2Tokenizer: SentencePiece with the bos id before every tokenized text, eos as
+    EOD; the exported Hugging Face tokenizer adds the same bos, and a core re-shard keeps the type."""
+    from transformers import AutoTokenizer
+
+    from megatron_core.checkpoint.convert import load_core, save_core
+    from megatron_core.checkpoint.hf_tokenizer import save_tokenizer
+    from megatron_core.datasets.indexed_dataset import IndexedDataset
+    from megatron_core.datasets.preprocess_data import main as preprocess
+    from megatron_core.training.arguments import parse_args
+    from tests.hf_testing import tiny_hf_gpt2
+
+    tok = build_tokenizer("Llama2Tokenizer", tokenizer_model=spm_model)
+    plain = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
+    text = "def main():\n    return 0"
+    assert tok.tokenize(text) == [tok.bos] + plain.tokenize(text) and tok.bos == 1
+    assert (tok.eod, tok.vocab_size, tok.detokenize(tok.tokenize(text)[1:])) == (plain.eod, 400, text)
+    assert parse_args(["--tokenizer-type", "Llama2Tokenizer"]).tokenizer_type == "Llama2Tokenizer"
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "x = 1"}) + "\n")
+    assert preprocess(["--input", str(corpus), "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+                       spm_model, "--output-prefix", str(tmp_path / "d"), "--append-eod"]) == 0
+    docs = IndexedDataset(str(tmp_path / "d_text_document"))
+    assert [list(docs[i][:1]) + list(docs[i][-1:]) for i in range(2)] == [[tok.bos, tok.eod]] * 2
+    save_tokenizer(tok, str(tmp_path / "hf"))
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(text)["input_ids"] == tok.tokenize(text)
+    # A core checkpoint carrying it (as the converter writes) reads back as Llama2Tokenizer.
+    tiny_hf_gpt2(vocab_size=400).save_pretrained(tmp_path / "model")
+    from megatron_core.checkpoint.convert import load_hf
+    model = load_hf(str(tmp_path / "model"))
+    model.tokenizer = tok
+    save_core(model, str(tmp_path / "core"), tp=1)
+    assert type(load_core(str(tmp_path / "core")).tokenizer).__name__ == "Llama2Tokenizer"
+
+
 @pytest.mark.parametrize("unk, bos, eos, pad", [(1, -1, 0, -1), (1, 0, 2, 3), (1, 2, 3, 0)])
 def test_sentencepiece_special_ids_at_zero(tmp_path, unk, bos, eos, pad):
     # Id 0 is a real id: a model whose eos, bos or pad piece is 0 keeps it (-1 alone means "none").
@@ -102,10 +139,17 @@ def test_training_lines_of_jsonl_and_text(tmp_path):
 
 
 def test_train_vocab_too_small_is_a_clear_error(tmp_path, corpus_file):
+    """The count said 'the input's characters need 295 pieces' of a text of 36 characters: 256 of them are
+    byte-fallback pieces, which the message now says, so the vocabulary left for merges is no surprise."""
     with pytest.raises(ValueError, match=r"^--vocab-size 100 is too small: the input's characters at "
-                                         r"--character-coverage 0.9995 need \d+ pieces; raise --vocab-size to at "
-                                         r"least \d+ or lower --character-coverage$"):
+                                         r"--character-coverage 0.9995 need (\d+) pieces \(256 byte-fallback "
+                                         r"pieces, 3 special pieces and (\d+) characters\); raise --vocab-size "
+                                         r"to at least \1 \(the pieces above it are the merges\) or lower "
+                                         r"--character-coverage$") as info:
         train_sentencepiece([corpus_file], str(tmp_path / "small"), vocab_size=100)
+    chars = int(re.search(r"and (\d+) characters", str(info.value)).group(1))
+    distinct = set(open(corpus_file, encoding="utf-8").read()) - {"\n"}  # lines are the training sentences
+    assert 0.9 * len(distinct) <= chars <= len(distinct), (chars, len(distinct))
 
 
 def _train_byte_level_bpe(tmp_path):

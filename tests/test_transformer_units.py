@@ -317,7 +317,7 @@ def test_cpu_dropout_is_unbiased_and_replayable():
     torch.manual_seed(0)
     assert torch.equal(dropout(x, 0.1), out), "the same RNG state must give the same mask"
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
-    with pytest.raises(ValueError, match=r"rounds to 1 at the CPU mask's resolution"):
+    with pytest.raises(ValueError, match=r"rounds to 1 at the mask's resolution"):
         dropout(x, 1 - 2 ** -18)
 
 

@@ -198,8 +198,32 @@ def test_bias_dropout_add_partial_block():
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(11))
     kept = dx != 0
     assert 0.1 < 1 - kept.float().mean().item() < 0.5
-    assert_rel_close(out, residual + torch.where(kept, (x + bias) / 0.7, 0.0), what="forward")
-    assert_rel_close(dx, torch.where(kept, g / 0.7, 0.0), what="input grad")
+    scale = 2 ** 16 / (2 ** 16 - round(0.3 * 2 ** 16))  # the exact inverse keep rate, as the CPU mask's
+    assert_rel_close(out, residual + torch.where(kept, (x + bias) * scale, 0.0), what="forward")
+    assert_rel_close(dx, torch.where(kept, g * scale, 0.0), what="input grad")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_bias_dropout_add_keep_rate(p):
+    """Each Philox word gives two 16-bit draws: over 2**16 elements (8,192 counters) the dropped
+    fraction is p within 5 standard deviations, and so is it within each eighth of the blocks (the
+    words' low and high halves of the four words: a half that never dropped, or always, fails)."""
+    n, block = 1 << 16, 1024
+    torch.manual_seed(5)
+    out = tel.bias_dropout_add(torch.ones(n), None, torch.zeros(n), p, block=block)
+    dropped = (out == 0).float()
+    assert torch.all((out == 0) | (out == 2 ** 16 / (2 ** 16 - round(p * 2 ** 16))))
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped.mean().item() - p) < 5 * sd, f"dropped {dropped.mean().item()} for p = {p}"
+    by_eighth = dropped.view(-1, 8, block // 8)
+    eighths = by_eighth.mean((0, 2))
+    assert torch.all((eighths - p).abs() < 5 * sd * 8 ** 0.5), f"dropped per eighth of a block: {eighths}"
+    # The eight elements one counter decides (two halves of each of four words) are independent:
+    # every pair of eighths agrees as often as two independent draws do.
+    i, j = torch.triu_indices(8, 8, offset=1)
+    same = (by_eighth[:, i] == by_eighth[:, j]).float().mean((0, 2))
+    agree, n_pairs = p * p + (1 - p) ** 2, n // 8
+    assert torch.all((same - agree).abs() < 5 * (agree * (1 - agree) / n_pairs) ** 0.5), f"eighths agree: {same}"
 
 
 def _bda_checkpoint_vs_plain():

@@ -242,3 +242,46 @@ def test_safe_get_full_grad_of_a_plain_parameter_is_a_copy_of_its_grad():
     layer(torch.randn(2, 4)).sum().backward()
     full = megatron_core.zero.safe_get_full_grad(layer.weight)
     assert torch.equal(full, layer.weight.grad) and full.data_ptr() != layer.weight.grad.data_ptr()
+
+
+def _grads_around_a_step(stage):
+    """safe_get_full_grad of the first layer's weight before any backward, after the backward, and after the
+    step that zeroed the gradients: None, "zeros", "values", or a ConfigError's message."""
+    model = make_model("mlp")
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": 300, "stage3_prefetch_bucket_size": 0,
+                                    "stage3_param_persistence_threshold": 0}}
+    engine, _, _, _ = megatron_core.initialize(model=model, model_parameters=model.parameters(), config=config)
+
+    def read():
+        try:
+            grad = megatron_core.zero.safe_get_full_grad(engine.module[0].weight)
+        except ValueError as exc:  # DeepSpeed's type (ConfigError is one)
+            return str(exc)
+        return None if grad is None else ("values" if grad.any() else "zeros") + str(tuple(grad.shape))
+
+    before = read()
+    g = torch.Generator().manual_seed(dist.get_rank())
+    engine.backward(engine(torch.randn(2, 8, generator=g)).pow(2).mean())
+    between = read()
+    engine.step()
+    after = read()
+    engine.parallel_state.destroy()
+    return before, between, after
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_safe_get_full_grad_outside_backward_and_step_is_deepspeeds(stage):
+    """DeepSpeed 0.19's safe_get_full_grad where no backward has run since the last step (or ever): ZeRO-0
+    returns param.grad, None (its engine sets grads to None after the step); ZeRO-1/2 raise ValueError
+    ("Gradients are only available immediately after backward and before engine step"); ZeRO-3 reads its
+    partition buffer, zeros before the first backward. Every stage returned zeros here."""
+    shape = "(32, 8)"
+    error = (f"safe_get_full_grad: under ZeRO stage {stage} gradients are only available immediately after backward "
+             f"and before engine step (as in DeepSpeed); call it between engine.backward(loss) at the gradient "
+             f"accumulation boundary and engine.step()")
+    expected = {0: None, 1: error, 2: error, 3: f"zeros{shape}"}[stage]
+    for before, between, after in run_distributed(_grads_around_a_step, 2, stage, timeout=120):
+        assert between == f"values{shape}"
+        assert before == expected and after == expected, (before, after)

@@ -60,7 +60,8 @@ def main() -> None:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"epoch {epoch}: {engine.global_steps} optimizer steps, last loss {loss.item():.4f}", flush=True)
     if args.save_dir:
-        engine.save_checkpoint(args.save_dir)  # engine: all ranks save; tools/zero_to_fp32.py makes an HF folder
+        # All ranks save; SAVE_DIR/zero_to_fp32.py (or tools/zero_to_fp32.py) then makes an HF folder.
+        engine.save_checkpoint(args.save_dir)
 
 
 if __name__ == "__main__":

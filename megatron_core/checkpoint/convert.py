@@ -75,6 +75,9 @@ class FullModel:
     # a legacy training checkpoint, or a NullTokenizer run, records none and loses nothing).
     no_tokenizer_reason: str = ""
     tokenizer_expected: bool = True
+    # The padding multiple a Megatron checkpoint was saved with (None from HF): a re-shard keeps it unless
+    # --make-vocab-size-divisible-by says otherwise, as Megatron-LM's loaders hand it to the saver.
+    make_vocab_size_divisible_by: int | None = None
 
 
 def _family_of(hf_config: Any, path: str) -> str:
@@ -134,13 +137,14 @@ def load_core(path: str, iteration: int | None = None, with_optimizer: bool = Fa
     # A training run's legacy checkpoint records no tokenizer; one this converter wrote records its directory.
     saved = (info.get("tokenizer") or {}).get("dir")
     if saved and os.path.isdir(os.path.join(path, saved)):
-        tokenizer = load_dir_tokenizer(os.path.join(path, saved))
+        tokenizer = load_dir_tokenizer(os.path.join(path, saved), info["tokenizer"].get("type"))
     reason = f"its tokenizer directory {os.path.join(path, saved)} is gone" if saved else \
         f"the legacy checkpoint {path} records no tokenizer"
     return FullModel(config, info.get("vocab_size") or info["padded_vocab_size"],
                      int(info.get("max_position_embeddings") or info["seq_length"]), state, family, tokenizer,
                      iteration if iteration is not None else io.read_tracker(path), train_state,
-                     no_tokenizer_reason=reason, tokenizer_expected=bool(saved))
+                     no_tokenizer_reason=reason, tokenizer_expected=bool(saved),
+                     make_vocab_size_divisible_by=info.get("make_vocab_size_divisible_by"))
 
 
 def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
@@ -156,7 +160,8 @@ def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
     return FullModel(full.config, int(info.get("vocab_size") or info["padded_vocab_size"]),
                      int(info.get("max_position_embeddings") or info["seq_length"]), full.state, None,
                      tokenizer_from_flags(full.tokenizer), full.iteration,
-                     {k: v for k, v in train_state.items() if v is not None}, reason, expected)
+                     {k: v for k, v in train_state.items() if v is not None}, reason, expected,
+                     info.get("make_vocab_size_divisible_by"))
 
 
 def tokenizer_from_flags(flags: dict[str, Any]) -> MegatronTokenizer | None:
@@ -225,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-virtual-pipeline-parallel-size", type=int, default=None,
                    help="virtual pipeline stages per rank of a core checkpoint (model0, model1, ...; needs a "
                         "pipeline size of 2 or more; 1 is the plain layout)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="pad the vocabulary to a multiple of this times the TP size "
-                        "(as --make-vocab-size-divisible-by)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                   help="pad the vocabulary to a multiple of this times the TP size (as --make-vocab-size-"
+                        "divisible-by; default: the value a Megatron checkpoint was saved with, 128 from HF)")
     p.add_argument("--iteration", type=int, default=None, help="iteration number of a written core checkpoint "
                                                                 "(default: the source checkpoint's, 1 from HF)")
     p.add_argument("--load-iteration", type=int, default=None, help="iteration of a core checkpoint to read "
@@ -328,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             where = save_core(model, args.save_dir, args.target_tensor_parallel_size,
                               args.target_pipeline_parallel_size, args.target_virtual_pipeline_parallel_size,
-                              args.make_vocab_size_divisible_by, args.iteration or model.iteration or 1)
+                              args.make_vocab_size_divisible_by or model.make_vocab_size_divisible_by or 128,
+                              args.iteration or model.iteration or 1)
     except (FileNotFoundError, UnsupportedModel, ValueError, KeyError) as exc:
         print(f"convert.py: error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from megatron_core.tokenizer.base import NO_TOKEN, MegatronTokenizer
 from megatron_core.tokenizer.build import build_tokenizer
 from megatron_core.tokenizer.gpt2_bpe_tokenizer import GPT2BPETokenizer
 from megatron_core.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
-from megatron_core.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
+from megatron_core.tokenizer.sentencepiece_tokenizer import Llama2Tokenizer, SentencePieceTokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt")
@@ -40,12 +40,14 @@ def has_tokenizer(path: str) -> bool:
     return bool(dir_tokenizer_flags(path))
 
 
-def dir_tokenizer_flags(path: str) -> dict[str, Any]:
+def dir_tokenizer_flags(path: str, recorded_type: str | None = None) -> dict[str, Any]:
     """The ``--tokenizer-*`` flags that build the tokenizer saved in ``path`` (what :func:`load_dir_tokenizer`
     builds); empty when ``path`` holds none. A SentencePiece ``tokenizer.model`` comes first: a
-    ``tokenizer.json`` beside it was converted from it."""
+    ``tokenizer.json`` beside it was converted from it. ``recorded_type``, the class a checkpoint's
+    ``model_info["tokenizer"]["type"]`` names, picks Llama2Tokenizer for such a file."""
     if os.path.isfile(os.path.join(path, "tokenizer.model")):
-        return {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": os.path.join(path, "tokenizer.model")}
+        kind = "Llama2Tokenizer" if recorded_type == "Llama2Tokenizer" else "SentencePieceTokenizer"
+        return {"tokenizer_type": kind, "tokenizer_model": os.path.join(path, "tokenizer.model")}
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": path}
     if os.path.isfile(os.path.join(path, "vocab.json")):
@@ -54,10 +56,10 @@ def dir_tokenizer_flags(path: str) -> dict[str, Any]:
     return {}
 
 
-def load_dir_tokenizer(path: str) -> MegatronTokenizer:
+def load_dir_tokenizer(path: str, recorded_type: str | None = None) -> MegatronTokenizer:
     """The tokenizer saved in ``path`` by :func:`save_tokenizer` (or by ``transformers``), as
     :func:`dir_tokenizer_flags` finds it. Raises FileNotFoundError when there is none."""
-    flags = dir_tokenizer_flags(path)
+    flags = dir_tokenizer_flags(path, recorded_type)
     if not flags:
         raise FileNotFoundError(f"{path} holds no tokenizer.json, tokenizer.model or vocab.json")
     return build_tokenizer(**flags)
@@ -81,7 +83,13 @@ def save_tokenizer(tokenizer: MegatronTokenizer, path: str) -> None:
 
     if isinstance(tokenizer, SentencePieceTokenizer):
         shutil.copyfile(tokenizer.model_file, os.path.join(path, "tokenizer.model"))
-        fast = PreTrainedTokenizerFast(tokenizer_object=_sentencepiece_to_fast(tokenizer.model_file))
+        spm = _sentencepiece_to_fast(tokenizer.model_file)
+        if isinstance(tokenizer, Llama2Tokenizer):  # bos before every text, as Hugging Face's Llama tokenizer
+            from tokenizers import processors  # noqa: PLC0415
+            bos = spm.id_to_token(tokenizer.bos)
+            spm.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                               special_tokens=[(bos, tokenizer.bos)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=spm)
     elif isinstance(tokenizer, HuggingFaceTokenizer):
         source = tokenizer.path
         json_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else source

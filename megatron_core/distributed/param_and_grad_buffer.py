@@ -164,6 +164,7 @@ class ParamAndGradBuffer:
                 self._release_grad(bucket)
         self._synced = False
         self._round_open = False  # a backward under no_sync is running; a callback reduces at its end
+        self.has_grads = False  # a backward put gradients here since the last reset (safe_get_full_grad)
         # Called as each bucket's collective is launched with (bucket, its Work or None when already
         # done, the tensor that holds the reduced shard once it is): optimizer offload's
         # --overlap-cpu-optimizer-d2h-h2d queues the shard's copy to the host behind the collective.
@@ -267,6 +268,7 @@ class ParamAndGradBuffer:
             bucket.reset()
         self._synced = False
         self._round_open = False  # a backward that raised never ran its callback
+        self.has_grads = False
 
     # ---- gradient sync ------------------------------------------------------------------------
     def register_grad_ready(self, param: torch.nn.Parameter, final: bool = True) -> None:
@@ -276,6 +278,7 @@ class ParamAndGradBuffer:
         (the gradients only accumulate); under ZeRO-2/3 that backward is reduced as well, the rest of
         its buckets launched and every one waited on by a callback at the end of the backward pass.
         """
+        self.has_grads = True
         if not final and not self.partition_grads:
             return
         bucket = self.param_ranges[id(param)][2]

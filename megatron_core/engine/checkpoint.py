@@ -1,6 +1,7 @@
 """Engine checkpoints: DeepSpeed's folder layout, with optimizer state that any DP size can load.
 
-``save_dir/latest`` holds the tag; ``save_dir/<tag>/`` holds (DeepSpeed's file names):
+``save_dir/latest`` holds the tag, ``save_dir/zero_to_fp32.py`` is DeepSpeed's consolidation script
+(:mod:`megatron_core.engine.zero_to_fp32`, copied by rank 0); ``save_dir/<tag>/`` holds (DeepSpeed's file names):
 
 - ``mp_rank_{tp:02d}_model_states.pt`` (DP rank 0 of each TP rank): ``module`` (the model's state dict in
   its training dtype), the counters, ``lr_scheduler``, ``client_state``, the loss scaler, the layout
@@ -16,17 +17,13 @@ with another DP size (or ZeRO stage, or bucket size) rebuilds each parameter and
 pieces; a run with another AutoTP size also joins the TP shards and cuts its own
 (:mod:`megatron_core.engine.reshard`). Files are written to a temporary name and renamed; ``latest``
 is written by rank 0 after every rank has finished, so it only ever names a complete checkpoint.
-Everything is read back with ``torch.load(weights_only=True)`` (:func:`load_states`): ``client_state``
-must hold tensors, plain Python values and ``argparse.Namespace`` (Megatron-DeepSpeed passes its args
-there); anything else is refused when saving (:func:`client_state_error`), since it could not be loaded.
+Everything is read back with ``torch.load(weights_only=True)``: ``client_state`` must hold tensors, plain
+Python values and ``argparse.Namespace``; anything else is refused when saving, since it could not be
+loaded (file names and I/O: :mod:`megatron_core.engine.checkpoint_files`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import glob
-import io
 import json
 import os
 import re
@@ -38,47 +35,21 @@ import torch.distributed as dist
 
 from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing.optimizer_state import placed_state, steps_on_device
+from megatron_core.engine.checkpoint_files import (
+    LATEST,
+    atomic_save,
+    client_state_error,
+    copy_recovery_script,
+    load_states,
+    model_file,
+    optim_file,
+    optim_files,
+    read_latest,
+)
 from megatron_core.engine.reshard import frozen_keys, reshard_fragments, reshard_module, trained
 from megatron_core.errors import ConfigError
-from megatron_core.training.checkpoint_io import torch_save
 
-LATEST = "latest"
 FORMAT_VERSION = 1
-
-
-def model_file(folder: str, tp_rank: int) -> str:
-    """The model-states file of TP rank ``tp_rank`` in a tag folder."""
-    return os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
-
-
-def optim_file(folder: str, dp_rank: int, tp_rank: int) -> str:
-    """The optimizer-fragment file of one (DP rank, TP rank)."""
-    return os.path.join(folder, f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt")
-
-
-def _dp_rank_of(path: str) -> int:
-    match = re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path))
-    return int(match.group(1)) if match else -1
-
-
-def optim_files(folder: str, tp_rank: int) -> list[str]:
-    """Every DP rank's fragment file of TP rank ``tp_rank``, in DP order."""
-    pattern = os.path.join(folder, f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
-    return sorted(glob.glob(pattern), key=_dp_rank_of)
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary name, renamed when complete; a failed write raises its own OSError and
-    leaves no partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch_save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)  # a failed or interrupted write leaves nothing behind
-        raise
 
 
 def _cpu(value: Any) -> Any:
@@ -170,38 +141,10 @@ def _agree_on_error(error: str | None) -> None:
         raise ConfigError(failed[1])
 
 
-# Classes read back besides torch.load(weights_only=True)'s own: a plain attribute container.
-SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
-
-
-def load_states(path: str | io.BytesIO) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, also reading ``argparse.Namespace`` (in client_state)."""
-    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-        return torch.load(path, weights_only=True, map_location="cpu")
-
-
-def client_state_error(client_state: Any) -> str | None:
-    """Why ``client_state`` would not load back through :func:`load_states` (the first key), or None."""
-    if not isinstance(client_state, dict):
-        return f"save_checkpoint: client_state must be a dict, got {type(client_state).__name__}"
-    for key, value in client_state.items():
-        buffer = io.BytesIO()
-        try:
-            torch.save(value, buffer)
-            buffer.seek(0)
-            load_states(buffer)
-        except Exception as exc:  # pickling errors of any kind, and the weights-only unpickler's refusal
-            found = re.search(r"Unsupported global: GLOBAL \S+", str(exc))
-            reason = found.group(0) if found else type(exc).__name__
-            return (f"save_checkpoint: client_state[{key!r}] ({type(value).__name__}) is not read back by "
-                    f"torch.load(weights_only=True) ({reason}); keep tensors, numbers, strings, lists, dicts and "
-                    f"argparse.Namespace in client_state")
-    return None
-
-
 def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_latest: bool,
-         exclude_frozen: bool = False) -> str:
-    """``Engine.save_checkpoint`` (see the module docstring for the layout).
+         exclude_frozen: bool = False) -> bool:
+    """``Engine.save_checkpoint`` (see the module docstring for the layout); True, as DeepSpeed's. Rank 0 also
+    writes ``save_dir/zero_to_fp32.py`` (:func:`copy_recovery_script`).
 
     A failed write (a path under a file, no permission, a full disk) on any rank is a ConfigError on every
     rank naming it; ``latest`` then still names the previous checkpoint. So is a save inside a ZeRO-3
@@ -232,6 +175,8 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
             os.makedirs(folder, exist_ok=True)
         if error is None and ps.dp_rank == 0:
             atomic_save(_model_states(engine, module_state, meta, client_state), model_file(folder, ps.tp_rank))
+        if error is None and ps.rank == 0:
+            copy_recovery_script(save_dir)
         if error is None and (sharded or ps.dp_rank == 0):
             atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
@@ -245,7 +190,7 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
         os.replace(tmp, os.path.join(save_dir, LATEST))
     if dist.is_initialized():
         dist.barrier()
-    return folder
+    return True
 
 
 def save_16bit_model(engine: Any, save_dir: str, save_filename: str) -> bool:
@@ -273,15 +218,6 @@ def save_16bit_model(engine: Any, save_dir: str, save_filename: str) -> bool:
 
 
 # ---- load -------------------------------------------------------------------------------------
-def read_latest(load_dir: str) -> str | None:
-    """The tag in ``load_dir/latest``, or None when there is none."""
-    path = os.path.join(load_dir, LATEST)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
-
-
 def full_fragments(paths: list[str], meta: dict[str, dict]) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict]:
     """Each parameter's flat fp32 values and optimizer state rebuilt from every DP rank's fragments.
 
@@ -428,7 +364,10 @@ def load(
 ) -> tuple[str | None, dict | None]:
     """``Engine.load_checkpoint``: model, optimizer fragments (any DP, ZeRO or AutoTP size), scheduler, counters.
 
-    ``(None, None)`` when ``tag`` is None and ``load_dir`` has no ``latest`` file (DeepSpeed's return)."""
+    Returns ``(path, client_state)``, DeepSpeed's: ``path`` is the model-states file this rank's load is named
+    by, ``mp_rank_{i:02d}_model_states.pt`` with DeepSpeed's ``i = tp_rank * saved_tp_size // tp_size`` (this TP
+    rank's file when the AutoTP size is the saving run's). ``(None, None)`` when ``tag`` is None and
+    ``load_dir`` has no ``latest`` file."""
     ps = engine.parallel_state
     if tag is None:
         tag = read_latest(load_dir)
@@ -454,7 +393,7 @@ def load(
         error = str(exc)
     _agree_on_error(error)
     saved = saved_files[0]
-    path = model_file(folder, ps.tp_rank if saved["tp_size"] == ps.tp_size else 0)
+    path = model_file(folder, ps.tp_rank * saved["tp_size"] // ps.tp_size)  # DeepSpeed's SDLoader index
     excluded = [n for n, info in saved["param_meta"].items() if not trained(info) and n not in module_state]
     try:
         if strict and excluded:
@@ -479,4 +418,4 @@ def load(
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     for name in ("global_steps", "global_samples", "micro_steps", "skipped_steps") if load_counters else ():
         setattr(engine, name, saved[name])
-    return folder, saved["client_state"]
+    return path, saved["client_state"]

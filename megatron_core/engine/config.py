@@ -96,6 +96,9 @@ class OffloadSection:
     nvme_path: str | None = None
     pin_memory: bool = False
     buffer_count: int = 4
+    # DeepSpeed's deprecated boolean key that set this section (cpu_offload, cpu_offload_param), if any:
+    # errors name the key the user wrote.
+    written_as: str | None = None
 
 
 @dataclasses.dataclass
@@ -245,7 +248,7 @@ def _fp16(raw: dict) -> FP16Section:
     return section
 
 
-def _offload(raw: dict | None, path: str) -> OffloadSection:
+def _offload(raw: dict | None, path: str, written_as: str | None = None) -> OffloadSection:
     raw = raw or {}
     check_keys(raw, path, {"device", "nvme_path", "pin_memory", "buffer_count"}, keys.NOT_IMPLEMENTED_OFFLOAD)
     section = OffloadSection(
@@ -253,6 +256,7 @@ def _offload(raw: dict | None, path: str) -> OffloadSection:
         typed(raw, path, "nvme_path", str, None),
         typed(raw, path, "pin_memory", bool, False),
         number_at_least(raw, path, "buffer_count", 4, 1),
+        written_as,
     )
     if section.device == "nvme" and not section.nvme_path:
         raise ConfigError(f"DeepSpeed config: {path}.device = 'nvme' needs {path}.nvme_path (a directory)")
@@ -263,8 +267,9 @@ def _offload(raw: dict | None, path: str) -> OffloadSection:
 _OLD_ZERO_SECTIONS = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "offload_param"}
 
 
-def _old_zero_names(raw: dict) -> dict:
-    """``raw`` with DeepSpeed's older ZeRO key names rewritten to the current ones (a copy)."""
+def _old_zero_names(raw: dict) -> tuple[dict, dict[str, str]]:
+    """``raw`` with DeepSpeed's older ZeRO key names rewritten to the current ones (a copy), and the
+    offload sections an older key set (section -> that key)."""
     raw = dict(raw)
     old_gather, gather = "stage3_gather_fp16_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save"
     for old, current in ((old_gather, gather), *_OLD_ZERO_SECTIONS.items()):
@@ -273,19 +278,22 @@ def _old_zero_names(raw: dict) -> dict:
                               f"zero_optimization.{current}: give one of them")
     if old_gather in raw:
         raw[gather] = raw.pop(old_gather)
-    pin = raw.pop("cpu_offload_use_pin_memory", None)
+    pin = typed(raw, "zero_optimization", "cpu_offload_use_pin_memory", bool, None)
+    raw.pop("cpu_offload_use_pin_memory", None)
+    written_as = {}
     for old, section in _OLD_ZERO_SECTIONS.items():
         if old not in raw:
             continue
         if typed(raw, "zero_optimization", old, bool, False):
             raw[section] = {"device": "cpu", **({"pin_memory": pin} if pin is not None else {})}
+            written_as[section] = old
         del raw[old]
-    return raw
+    return raw, written_as
 
 
 def _zero(raw: dict) -> ZeroSection:
     path = "zero_optimization"
-    raw = _old_zero_names(keys.json_object(raw, path))
+    raw, written_as = _old_zero_names(keys.json_object(raw, path))
     fields = {f.name for f in dataclasses.fields(ZeroSection)}
     check_keys(raw, path, fields, keys.NOT_IMPLEMENTED_ZERO)
     stage = number_at_least(raw, path, "stage", 0, 0)
@@ -310,8 +318,9 @@ def _zero(raw: dict) -> ZeroSection:
     }
     return ZeroSection(
         stage=stage,
-        offload_optimizer=_offload(raw.get("offload_optimizer"), f"{path}.offload_optimizer"),
-        offload_param=_offload(raw.get("offload_param"), f"{path}.offload_param"),
+        offload_optimizer=_offload(raw.get("offload_optimizer"), f"{path}.offload_optimizer",
+                                   written_as.get("offload_optimizer")),
+        offload_param=_offload(raw.get("offload_param"), f"{path}.offload_param", written_as.get("offload_param")),
         **ints,
         **bools,
     )
@@ -325,23 +334,6 @@ def _monitor(raw: dict | None, path: str) -> MonitorSection:
         typed(raw, path, "output_path", str, ""),
         typed(raw, path, "job_name", str, "DeepSpeedJobName"),
     )
-
-
-def _communication_data_type(raw: dict, fp16: bool, bf16: bool) -> str | None:
-    """DeepSpeed's gradient-reduction dtype. Gradients reduce in fp32 for fp32 and bf16 training and in fp16
-    for fp16 training; ``"fp32"`` (any precision) and the training dtype's own choice are accepted."""
-    value = typed(raw, "", "communication_data_type", str, None)
-    if value is None:
-        return None
-    value = value.lower()
-    if value not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"DeepSpeed config: communication_data_type = {value!r}: choose one of fp32, fp16, bf16")
-    if value == "fp32" or (value == "fp16" and fp16):
-        return value
-    now = "fp16" if fp16 else "fp32"
-    raise ConfigError(f"DeepSpeed config: communication_data_type = {value!r} is not implemented with "
-                      f"{'fp16' if fp16 else 'bf16' if bf16 else 'fp32'} training (gradients reduce in {now} "
-                      f"here); remove it or set it to 'fp32'")
 
 
 # ---- the batch triple -------------------------------------------------------------------------
@@ -490,7 +482,7 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     )
     if config.fp16.enabled and config.bf16_enabled:
         raise ConfigError("DeepSpeed config: fp16.enabled and bf16.enabled are both true; enable one")
-    config.communication_data_type = _communication_data_type(raw, config.fp16.enabled, config.bf16_enabled)
+    config.communication_data_type = keys.communication_data_type(raw, config.fp16.enabled, config.bf16_enabled)
     config.dataloader_drop_last = typed(raw, "", "dataloader_drop_last", bool, False)
     return config
 

@@ -184,3 +184,20 @@ def choice(section: dict, path: str, key: str, default: str, options: tuple[str,
     if value.lower() not in options:
         raise ConfigError(f"DeepSpeed config: {where(path, key)} = {value!r}: choose one of {', '.join(options)}")
     return value.lower()
+
+
+def communication_data_type(raw: dict, fp16: bool, bf16: bool) -> str | None:
+    """DeepSpeed's gradient-reduction dtype. Gradients reduce in fp32 for fp32 and bf16 training and in fp16
+    for fp16 training; ``"fp32"`` (any precision) and the training dtype's own choice are accepted."""
+    value = typed(raw, "", "communication_data_type", str, None)
+    if value is None:
+        return None
+    value = value.lower()
+    if value not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"DeepSpeed config: communication_data_type = {value!r}: choose one of fp32, fp16, bf16")
+    if value == "fp32" or (value == "fp16" and fp16):
+        return value
+    now = "fp16" if fp16 else "fp32"
+    raise ConfigError(f"DeepSpeed config: communication_data_type = {value!r} is not implemented with "
+                      f"{'fp16' if fp16 else 'bf16' if bf16 else 'fp32'} training (gradients reduce in {now} "
+                      f"here); remove it or set it to 'fp32'")

@@ -26,14 +26,8 @@ import re
 
 import torch
 
-from megatron_core.engine.checkpoint import (
-    atomic_save,
-    full_fragments,
-    load_states,
-    model_file,
-    optim_files,
-    read_latest,
-)
+from megatron_core.engine.checkpoint import full_fragments
+from megatron_core.engine.checkpoint_files import atomic_save, load_states, model_file, optim_files, read_latest
 from megatron_core.engine.reshard import frozen_keys, to_full, trained
 from megatron_core.errors import ConfigError
 

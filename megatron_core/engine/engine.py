@@ -343,8 +343,10 @@ class Engine(torch.nn.Module):
         client_state: dict | None = None,
         save_latest: bool = True,
         exclude_frozen_parameters: bool = False,
-    ) -> str:
-        """Write ``save_dir/tag/`` (default tag ``global_step{N}``) and the ``latest`` file; returns the folder.
+    ) -> bool:
+        """Write ``save_dir/tag/`` (default tag ``global_step{N}``), the ``latest`` file and DeepSpeed's
+        consolidation script ``save_dir/zero_to_fp32.py`` (``python SAVE_DIR/zero_to_fp32.py SAVE_DIR OUTPUT_DIR``
+        from any directory); returns True, as DeepSpeed.
 
         DeepSpeed's parameters: a tag that is not a string is used as ``str(tag)`` (DeepSpeedExamples pass
         ``loss.item()``); ``exclude_frozen_parameters=True`` leaves the ``requires_grad=False`` parameters out
@@ -371,7 +373,8 @@ class Engine(torch.nn.Module):
         load_module_only: bool = False,
         custom_load_fn: Any = None,
     ) -> tuple[str | None, dict | None]:
-        """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``.
+        """Restore a checkpoint (``tag`` None reads ``latest``); returns ``(path, client_state)``, DeepSpeed's:
+        ``path`` is the model-states file loaded, ``load_dir/tag/mp_rank_XX_model_states.pt``.
 
         DeepSpeed's parameters, in its order: ``load_module_strict`` False loads the module weights with
         ``load_state_dict(strict=False)`` (keys missing on either side are skipped); ``load_module_only`` loads

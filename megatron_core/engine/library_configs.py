@@ -122,9 +122,9 @@ def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
     zero = config.zero_optimization
     extra: dict[str, Any] = {}
     if zero.offload_param.device != "none" and zero.stage != 3:
-        raise ConfigError(f"DeepSpeed config: zero_optimization.offload_param.device = {zero.offload_param.device!r} "
-                          f"offloads ZeRO-3's parameter shards: set zero_optimization.stage to 3, or "
-                          f"offload_param.device to 'none'")
+        key, off = offload_key(config, "offload_param")
+        raise ConfigError(f"DeepSpeed config: {key} offloads ZeRO-3's parameter shards: set zero_optimization.stage "
+                          f"to 3, or {off}")
     if zero.stage == 3:
         for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
             _needs(DistributedDataParallelConfig, key, f"zero_optimization.{key}")
@@ -144,6 +144,15 @@ def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
         raise ConfigError(f"DeepSpeed config: {exc}") from None
 
 
+def offload_key(config: EngineConfig, section: str) -> tuple[str, str]:
+    """``(the setting, how to turn it off)`` of ``zero_optimization.<section>`` as the user wrote it: DeepSpeed's
+    older ``cpu_offload`` / ``cpu_offload_param`` when that set the section, else its ``device``."""
+    offload = getattr(config.zero_optimization, section)
+    if offload.written_as is not None:
+        return f"zero_optimization.{offload.written_as} = true", f"{offload.written_as} to false"
+    return f"zero_optimization.{section}.device = {offload.device!r}", f"{section}.device to 'none'"
+
+
 # The library names its offload inputs by pretrain_gpt.py's flags; an engine user wrote these JSON keys.
 _FLAGS_AS_KEYS = {"--nvme-offload-path": "zero_optimization.offload_optimizer.nvme_path"}
 
@@ -161,13 +170,13 @@ def as_deepspeed_keys(exc: ConfigError) -> ConfigError:
 def _offload_optimizer_fields(config: EngineConfig) -> dict[str, Any]:
     """``offload_optimizer`` -> OptimizerConfig's offload fields (DeepSpeed's cpu / nvme devices)."""
     offload = config.zero_optimization.offload_optimizer
-    key = f"zero_optimization.offload_optimizer.device = {offload.device!r}"
+    key, off = offload_key(config, "offload_optimizer")
     # DeepSpeed's overlap_comm also overlaps ZeRO-Offload's gradient copies to the host with backward.
     overlap = {"overlap_cpu_optimizer_d2h_h2d": config.zero_optimization.overlap_comm}
     if offload.device != "none" and config.zero_optimization.stage == 0:
         # ZeRO-Offload moves the distributed optimizer's shard (what get_megatron_optimizer says in flags).
         raise ConfigError(f"DeepSpeed config: {key} offloads the ZeRO optimizer's shard: set zero_optimization.stage "
-                          f"to 1, 2 or 3, or offload_optimizer.device to 'none'")
+                          f"to 1, 2 or 3, or {off}")
     if offload.device == "cpu":
         _needs(OptimizerConfig, "optimizer_cpu_offload", key)
         return {"optimizer_cpu_offload": True, **overlap}

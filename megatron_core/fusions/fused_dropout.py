@@ -55,6 +55,17 @@ def cpu_rounds_to_one(p: float) -> bool:
     return round(p * _LEVELS) == _LEVELS
 
 
+def keep_threshold(p: float) -> tuple[int, float]:
+    """``(t, scale)`` for a mask that keeps a uniform 16-bit draw ``u`` in [0, 2**16) when ``u >= t``:
+    ``t = round(p * 2**16)`` and ``scale = 2**16 / (2**16 - t)``, the exact inverse keep rate. Shared by
+    the CPU mask and the Triton bias-dropout-add, so both drop with the same probability.
+    Raises ValueError when ``p`` rounds to 1 at this resolution (everything dropped)."""
+    if cpu_rounds_to_one(p):
+        raise ValueError(f"dropout probability {p} rounds to 1 at the mask's resolution of 2**-16")
+    threshold = round(p * _LEVELS)
+    return threshold, _LEVELS / (_LEVELS - threshold)
+
+
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """A bool mask of ``shape``, True with probability 1 - p, and 1 / that probability: on the CPU
     from 16-bit draws (p rounded to 2**-16), elsewhere from torch's Bernoulli sampler."""
@@ -62,14 +73,12 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
         raise ValueError(f"dropout probability for a mask must be in (0, 1), got {p}")
     if device.type != "cpu":
         return torch.empty(shape, device=device).bernoulli_(1.0 - p).bool(), 1.0 / (1.0 - p)
-    if cpu_rounds_to_one(p):
-        raise ValueError(f"dropout probability {p} rounds to 1 at the CPU mask's resolution of 2**-16")
-    threshold = round(p * _LEVELS)
+    threshold, scale = keep_threshold(p)
     n = math.prod(shape)
     seed = int(torch.empty((), dtype=torch.int64).random_(_INT64_MIN, None)) & _UINT64_MAX
     draws = torch.from_numpy(np.random.PCG64DXSM(seed).random_raw((n + 3) // 4).view(np.int64))
     keep = draws.view(torch.int16)[:n].view(shape) >= threshold - _LEVELS // 2
-    return keep, _LEVELS / (_LEVELS - threshold)
+    return keep, scale
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

@@ -56,11 +56,13 @@ def _stage_forward(model: GPTModel, tokens: torch.Tensor, positions: torch.Tenso
     if pp > 1 and not parallel_state.is_pipeline_first_stage():
         shape = (tokens.shape[1], tokens.shape[0], model.config.hidden_size)
         hidden = torch.empty(shape, dtype=model.config.params_dtype, device=tokens.device)
-        dist.recv(hidden, src=parallel_state.prev_pipeline_rank)
+        # On the pipeline group (src/dst are global ranks), not the default one: the server's requests and
+        # failure agreement use that, with another timeout (inference/server.py).
+        dist.recv(hidden, src=parallel_state.prev_pipeline_rank, group=parallel_state.pp_group)
         model.set_input_tensor(hidden)
     out = model(tokens, position_ids=positions, **extra)
     if pp > 1 and not parallel_state.is_pipeline_last_stage():
-        dist.send(out.contiguous(), dst=parallel_state.next_pipeline_rank)
+        dist.send(out.contiguous(), dst=parallel_state.next_pipeline_rank, group=parallel_state.pp_group)
         return None
     return _gather_vocab((out if every_position else out[:, -1, :]).float(), parallel_state)
 

@@ -20,26 +20,32 @@ with ``{"error": "generation failed on rank R: Type: first line"}``, the failing
 traceback on stderr, and the next request runs as usual. This covers a failure every rank meets alike
 (the ranks run the same code on the same request, so a deterministic error strikes all of them at the
 same collective) and a failure of any subset of ranks before generation starts. A rank failing alone
-in the middle of the forward pass leaves the others inside a collective it never joins; no exchange can
-reach them there, and they wait until ``--server-timeout-minutes`` (the process group's timeout).
+in the middle of the forward pass leaves the others inside a collective it never joins: the generation's
+collectives run on the model-parallel groups, which time out after ``--distributed-timeout-minutes``
+(Megatron-LM's flag, default 10), while the default group, which carries requests, the agreement and
+the stop message, waits ``--server-timeout-minutes`` for the next request. The waiting ranks' timeout
+is a failure inside a collective; the answer names the rank that failed first outside one, and since
+gloo closes a group's connections on a timeout, the server then stops (exit status 1).
 (Megatron-LM's server catches only its ValueError; any other exception ends its worker loop.)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
-from megatron_core.collectives import lowest_failure
-from megatron_core.errors import ConfigError
+from megatron_core.collectives import failures
+from megatron_core.errors import ConfigError, report_line
 from megatron_core.inference.generation import GenerationOutput
 from megatron_core.inference.sampling import SamplingParams
 from megatron_core.inference.text_generation_cli import (
@@ -137,26 +143,44 @@ def _broadcast(obj: Any) -> Any:
 
 
 # One rank's outcome of a request step: None, or (kind, message); kind "config" (a ConfigError: the
-# client's fault, HTTP 400) or "internal" (anything else: HTTP 500).
+# client's fault, HTTP 400), "collective" (raised inside a torch.distributed call: another rank did not
+# join it in time, and the group is out of step) or "internal" (anything else: HTTP 500).
 Failure = tuple[str, str] | None
+
+
+def _in_collective(exc: BaseException) -> bool:
+    """True when ``exc`` was raised inside torch.distributed (a collective or send/recv): with gloo, a
+    timeout there closes the group's connections, so the model-parallel groups cannot be used again."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and f"torch{os.sep}distributed{os.sep}" in frames[-1].filename
 
 
 def _failure(exc: Exception, rank: int) -> tuple[str, str]:
     """What this rank tells the others about ``exc``; an unexpected one's traceback goes to its stderr."""
     if isinstance(exc, ConfigError):
         return "config", str(exc)
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    message = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+    if _in_collective(exc):  # a consequence (the cause is another rank's): one line, no traceback
+        print(f"run_text_generation_server.py: rank {rank}: request failed in a collective: {message}",
+              file=sys.stderr)
+        return "collective", message
     print(f"run_text_generation_server.py: rank {rank}: request failed:", file=sys.stderr)
     traceback.print_exc(file=sys.stderr)
-    first_line = (str(exc).strip().splitlines() or [""])[0]
-    return "internal", f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+    return "internal", message
 
 
 def _agree(failure: Failure) -> tuple[int, str, str] | None:
-    """Every rank's outcome of the step just run: ``(rank, kind, message)`` of the lowest failed rank, or
-    None when all succeeded; the same answer on every rank. A collective: each rank must call it once per
-    step, whether its own step failed or not."""
-    failed = lowest_failure(failure)
-    return None if failed is None else (failed[0], *failed[1])
+    """Every rank's outcome of the step just run, the same answer on every rank: None when all succeeded,
+    else ``(rank, kind, message)``: the message of the lowest rank that failed outside a collective (the
+    cause, when others only timed out waiting for it), else of the lowest failed rank; kind "collective"
+    when any rank failed inside one (the groups are out of step), else that rank's kind. A collective: each
+    rank must call it once per step, whether its own step failed or not."""
+    failed = failures(failure)
+    if not failed:
+        return None
+    rank, (kind, message) = next((f for f in failed if f[1][0] != "collective"), failed[0])
+    return rank, "collective" if any(f[1][0] == "collective" for f in failed) else kind, message
 
 
 def _run_request(gen: Generator, req: Request) -> tuple[GenerationOutput | None, tuple[int, str, str] | None]:
@@ -191,6 +215,10 @@ def _answer(gen: Generator, out: GenerationOutput | None, verdict: tuple[int, st
         rank, kind, message = verdict
         if kind == "config":
             return {"error": message}, 400
+        if kind == "collective":
+            return {"error": f"generation failed on rank {rank}: {message}; the other ranks waited for it inside a "
+                             f"collective until --distributed-timeout-minutes and the model-parallel groups are out "
+                             f"of step: the server stops, restart it"}, 500
         return {"error": f"generation failed on rank {rank}: {message}"}, 500
     assert out is not None and gen.tokenizer is not None
     try:  # rank 0 alone, after the ranks agreed: nothing left to agree on
@@ -202,15 +230,19 @@ def _answer(gen: Generator, out: GenerationOutput | None, verdict: tuple[int, st
         return {"error": f"generation failed on rank 0: {_failure(exc, 0)[1]}"}, 500
 
 
-def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | None = None):
+def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | None = None,
+               broken: threading.Event | None = None):
     """The Flask app of rank 0 (``PUT /api``); ``gen`` must be the rank's loaded generator.
 
     ``lock`` serialises every broadcast to the other ranks (requests, and the stop message of
-    :func:`main`, which must not interleave with a generation in flight)."""
+    :func:`main`, which must not interleave with a generation in flight). ``broken`` is set when a
+    request failed inside a collective (see :func:`_agree`): that request is answered, later ones get
+    HTTP 503, and a SIGINT to this process, once the answer is sent, makes :func:`main` stop every rank."""
     from flask import Flask, jsonify, request  # noqa: PLC0415 - the server extra, only needed here
 
     app = Flask("megatron_text_generation")
     lock = lock if lock is not None else threading.Lock()
+    broken = broken if broken is not None else threading.Event()
 
     @app.put("/api")
     def api():
@@ -219,26 +251,36 @@ def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | 
         except ConfigError as exc:
             return jsonify({"error": str(exc)}), 400
         with lock:  # one generation at a time; every rank must see requests in the same order
+            if broken.is_set():
+                return jsonify({"error": "the server is stopping after a failed generation; restart it"}), 503
             _broadcast(("generate", req))
             out, verdict = _run_request(gen, req)
+            if verdict is not None and verdict[1] == "collective":
+                broken.set()
         body, status = _answer(gen, out, verdict)
-        return jsonify(body), status
+        response = jsonify(body)
+        if broken.is_set():  # Flask returns from run() on SIGINT, as on Ctrl-C; main() then stops the ranks
+            response.call_on_close(lambda: os.kill(os.getpid(), signal.SIGINT))
+        return response, status
 
     return app
 
 
-def _worker_loop(gen: Generator) -> None:
-    """Ranks other than 0: run each broadcast request until rank 0 says stop.
+def _worker_loop(gen: Generator) -> bool:
+    """Ranks other than 0: run each broadcast request until rank 0 says stop; True when a request failed
+    inside a collective (rank 0 then stops the server, :func:`create_app`).
 
     SIGINT is ignored here: a terminal's Ctrl-C (and torchrun, which forwards it) reaches every rank,
     and a KeyboardInterrupt between the two broadcasts of ``broadcast_object_list`` left this rank
     and rank 0 in different collectives until torchrun killed both. Rank 0 stops the loop instead."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    broken = False
     while True:
         message = _broadcast(None)
         if message[0] == _STOP:
-            return
-        _run_request(gen, message[1])  # a failure is agreed with rank 0, which answers it
+            return broken
+        verdict = _run_request(gen, message[1])[1]  # a failure is agreed with rank 0, which answers it
+        broken = broken or (verdict is not None and verdict[1] == "collective")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="TCP port (Megatron-LM's default 5000)")
     p.add_argument("--server-timeout-minutes", type=float, default=24 * 60,
                    help="how long the other ranks wait for the next request before giving up")
+    p.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="how long a rank waits inside a generation's collectives for the others (Megatron-LM's "
+                        "flag and default): a rank that failed alone fails its request after this, and the "
+                        "server stops")
     return p
 
 
@@ -263,20 +309,26 @@ def main(argv: Sequence[str] | None = None,
     context = None
     try:
         defaults = sampling_from_args(args)
+        for flag, minutes in (("--server-timeout-minutes", args.server_timeout_minutes),
+                              ("--distributed-timeout-minutes", args.distributed_timeout_minutes)):
+            if not minutes > 0:
+                raise ConfigError(f"{flag} must be a positive number of minutes, got {minutes}")
+        # The default group (requests, agreement, stop) waits for the next request; the model-parallel
+        # groups (the generation's collectives) give up after --distributed-timeout-minutes.
         context = initialize_distributed(args.distributed_backend, timeout_minutes=args.server_timeout_minutes)
-        gen = setup(args, need_tokenizer=True)
+        gen = setup(args, need_tokenizer=True, timeout=timedelta(minutes=args.distributed_timeout_minutes))
         if wrap_generator is not None:
             gen = wrap_generator(gen)
     except ConfigError as exc:
         report_error("run_text_generation_server.py", exc, context)
         return 2
-    lock = threading.Lock()
+    lock, broken = threading.Lock(), threading.Event()
     try:
         if gen.parallel_state.rank == 0:
             print(f"serving PUT http://{args.host}:{args.port}/api", flush=True)
-            create_app(gen, defaults, lock).run(host=args.host, port=args.port, threaded=True)
-        else:
-            _worker_loop(gen)
+            create_app(gen, defaults, lock, broken).run(host=args.host, port=args.port, threaded=True)
+        elif _worker_loop(gen):
+            broken.set()
     except KeyboardInterrupt:
         pass
     finally:
@@ -287,4 +339,8 @@ def main(argv: Sequence[str] | None = None,
             with lock:
                 _broadcast((_STOP,))
     shutdown(context)  # also destroys the model-parallel groups
+    if broken.is_set():
+        report_line("run_text_generation_server.py: error: stopped: a generation failed inside a collective (see "
+                    "the failing rank's traceback above); restart the server", gen.parallel_state.rank)
+        return 1
     return 0

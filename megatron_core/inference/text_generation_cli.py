@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -95,8 +96,9 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return params
 
 
-def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
+def setup(args: argparse.Namespace, need_tokenizer: bool, timeout: timedelta | None = None) -> Generator:
     """Build the parallel layout and this rank's model (and tokenizer); the process group must exist.
+    ``timeout``: the model-parallel groups' (None: torch's default).
 
     Every process holds part of one model replica: as Megatron-LM's text generation server, the world
     must be TP x PP (no data parallelism). Raises ConfigError naming the fix otherwise.
@@ -109,7 +111,7 @@ def setup(args: argparse.Namespace, need_tokenizer: bool) -> Generator:
                           f"but {world} were started: generation runs one model replica (no data parallelism); "
                           f"launch {tp * pp} (torchrun --nproc_per_node {tp * pp}) or choose sizes whose product "
                           f"is {world}")
-    ps = initialize_model_parallel(tp, pp)
+    ps = initialize_model_parallel(tp, pp, timeout=timeout)
     loaded = build_inference_model(args.load, ps, args.load_iteration, args.make_vocab_size_divisible_by)
     check_and_cast(args, loaded.model)
     tokenizer = loaded.tokenizer  # its EOD stops generation even for prompts given as token ids

@@ -9,10 +9,11 @@ _T = TypeVar("_T")
 
 # The --tokenizer-type values accepted, spelled as in Megatron-LM. GPTSentencePieceTokenizer is
 # Megatron's name for the GPT flavour of SentencePiece (EOD = eos), which is what
-# SentencePieceTokenizer does here too, so both names are accepted.
+# SentencePieceTokenizer does here too, so both names are accepted. Llama2Tokenizer puts bos first.
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
     "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
     "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
     "NullTokenizer",
@@ -35,12 +36,13 @@ def build_tokenizer(
     vocab_size: int | None = None,
 ) -> MegatronTokenizer:
     """Build the tokenizer named ``tokenizer_type`` from local files (nothing is downloaded)."""
-    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         model_file = _need(tokenizer_model, "--tokenizer-model", tokenizer_type,
                            "pass the path of a SentencePiece .model file (tools/train_tokenizer.py makes one).")
-        from .sentencepiece_tokenizer import SentencePieceTokenizer
+        from .sentencepiece_tokenizer import Llama2Tokenizer, SentencePieceTokenizer
 
-        return SentencePieceTokenizer(model_file)
+        kind = Llama2Tokenizer if tokenizer_type == "Llama2Tokenizer" else SentencePieceTokenizer
+        return kind(model_file)
     if tokenizer_type == "GPT2BPETokenizer":
         vocab = _need(vocab_file, "--vocab-file", tokenizer_type, "pass the path of a GPT-2 vocab.json.")
         merges = _need(merge_file, "--merge-file", tokenizer_type, "pass the path of a GPT-2 merges.txt.")

@@ -76,3 +76,22 @@ class SentencePieceTokenizer(MegatronTokenizer):
 
     def __setstate__(self, state: dict) -> None:
         SentencePieceTokenizer.__init__(self, state["model_file"])
+
+
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's ``Llama2Tokenizer``: SentencePiece with the bos id before every tokenized text
+    (its ``tokenize(s, bos=True, eos=False)``); EOD is eos, as above. Raises ValueError for a model
+    without a bos piece."""
+
+    def __init__(self, model_file: str) -> None:
+        super().__init__(model_file)
+        if self._sp.bos_id() < 0:
+            raise ValueError(f"--tokenizer-type Llama2Tokenizer puts the bos piece before every text, but "
+                             f"{model_file!r} has none (bos_id=-1); pass --tokenizer-type SentencePieceTokenizer")
+
+    @override
+    def tokenize(self, text: str) -> list[int]:
+        return [self._sp.bos_id(), *self._sp.encode(text, out_type=int)]
+
+    def __setstate__(self, state: dict) -> None:
+        Llama2Tokenizer.__init__(self, state["model_file"])

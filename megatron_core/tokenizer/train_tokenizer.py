@@ -54,6 +54,10 @@ def iter_training_lines(
                         yield from (part for part in text.split("\n") if part.strip())
 
 
+# unk, bos and eos (no pad piece): the ids set in train_sentencepiece.
+_SPECIAL_PIECES = 3
+
+
 def train_sentencepiece(
     inputs: Sequence[str],
     model_prefix: str,
@@ -107,9 +111,13 @@ def train_sentencepiece(
         # character. Said with this tool's flags (sentencepiece names its own, spelt with underscores).
         short = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(exc))
         if short:
+            needed = int(short.group(2))
+            byte_pieces = 256 if byte_fallback else 0
+            parts = f"{byte_pieces} byte-fallback pieces, " if byte_fallback else ""
+            parts += f"{_SPECIAL_PIECES} special pieces and {needed - byte_pieces - _SPECIAL_PIECES} characters"
             raise ValueError(f"--vocab-size {vocab_size} is too small: the input's characters at --character-coverage "
-                             f"{character_coverage} need {short.group(2)} pieces; raise --vocab-size to at least "
-                             f"{short.group(2)} or lower --character-coverage") from None
+                             f"{character_coverage} need {needed} pieces ({parts}); raise --vocab-size to at least "
+                             f"{needed} (the pieces above it are the merges) or lower --character-coverage") from None
         raise ValueError(f"sentencepiece training failed (--vocab-size {vocab_size}): {exc}") from None
     return f"{model_prefix}.model"
 

@@ -111,6 +111,8 @@ class SchedulerConfig:
     weight_decay_incr_style: str = "constant"
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
+    wsd_decay_steps: float | None = None  # lr_decay_style "WSD": the anneal's length in samples
+    lr_wsd_decay_style: str = "exponential"
 
 
 @dataclass

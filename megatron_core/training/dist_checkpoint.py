@@ -88,16 +88,18 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     extra = common.get("extra", {})
     _check_same_model(extra, transformer, model_info, config.load, printer)
     load_optim = optimizer is not None and not (config.no_load_optim or config.finetune)
+    # The schedule goes with the optimizer, as Megatron-LM's load_checkpoint (and the legacy format's) has it.
+    load_scheduler = not (config.no_load_optim or config.finetune)
     with _full_params(model, writeback=True):
         common = load_dist_checkpoint(config.load, model, optimizer if load_optim else None,
-                                      None if config.finetune else scheduler, parallel_state,
+                                      scheduler if load_scheduler else None, parallel_state,
                                       iteration=config.ckpt_step, load_optim=load_optim,
                                       load_rng=not (config.no_load_rng or config.finetune), printer=printer)
         for chunk in model:  # named_parameters, not state_dict(): see save_checkpoint
             check_finite_state(dict(unwrap(chunk).named_parameters()), config.load)
     if not load_optim and optimizer is not None:
         optimizer.reload_model_params()
-    result = LoadResult(loaded=True, optimizer_loaded=load_optim, scheduler_loaded=not config.finetune,
+    result = LoadResult(loaded=True, optimizer_loaded=load_optim, scheduler_loaded=load_scheduler,
                         rng_loaded=not (config.no_load_rng or config.finetune))
     if config.finetune:
         printer(f"> loaded model weights from {config.load} (torch_dist) for finetuning: starting at iteration 0")

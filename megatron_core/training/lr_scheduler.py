@@ -3,7 +3,9 @@
 Steps are counted in samples (the trainer calls ``step(global_batch_size)`` after each
 successful iteration), so a ramped-up batch advances the schedule by what it consumed.
 Warmup is linear from ``init_lr`` to ``max_lr``; then the rate stays constant or decays
-(linear, cosine, inverse square root) to ``min_lr`` at ``lr_decay_steps`` and stays there.
+(linear, cosine, inverse square root) to ``min_lr`` at ``lr_decay_steps`` and stays there. WSD
+(warmup-stable-decay) holds ``max_lr`` until the last ``wsd_decay_steps`` of the decay and anneals over
+those (exponential, linear, cosine or minus-sqrt), as Megatron-LM's ``lr_decay_style="WSD"``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import Any
 
 from megatron_core.training.errors import ConfigError
 
-DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 WD_INCR_STYLES = ("constant", "linear", "cosine")
 
 
@@ -22,9 +25,12 @@ class OptimizerParamScheduler:
     def __init__(self, optimizer: Any, init_lr: float, max_lr: float, min_lr: float, lr_warmup_steps: float,
                  lr_decay_steps: float, lr_decay_style: str, start_wd: float, end_wd: float, wd_incr_steps: float,
                  wd_incr_style: str = "constant", use_checkpoint_opt_param_scheduler: bool = False,
-                 override_opt_param_scheduler: bool = False) -> None:
+                 override_opt_param_scheduler: bool = False, wsd_decay_steps: float | None = None,
+                 lr_wsd_decay_style: str = "exponential") -> None:
         if lr_decay_style not in DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {lr_decay_style!r}: choose one of {', '.join(DECAY_STYLES)}")
+        if lr_decay_style == "WSD":
+            _check_wsd(wsd_decay_steps, lr_wsd_decay_style, lr_decay_steps)
         if wd_incr_style not in WD_INCR_STYLES:
             raise ConfigError(f"--weight-decay-incr-style {wd_incr_style!r}: choose one of {', '.join(WD_INCR_STYLES)}")
         if not 0.0 <= min_lr <= max_lr:
@@ -41,6 +47,7 @@ class OptimizerParamScheduler:
         self.init_lr, self.max_lr, self.min_lr = float(init_lr), float(max_lr), float(min_lr)
         self.lr_warmup_steps, self.lr_decay_steps = lr_warmup_steps, lr_decay_steps
         self.lr_decay_style = lr_decay_style
+        self.wsd_decay_steps, self.lr_wsd_decay_style = wsd_decay_steps, lr_wsd_decay_style
         self.start_wd, self.end_wd = float(start_wd), float(end_wd)
         self.wd_incr_steps, self.wd_incr_style = wd_incr_steps, wd_incr_style
         self.use_checkpoint_opt_param_scheduler = use_checkpoint_opt_param_scheduler
@@ -73,12 +80,29 @@ class OptimizerParamScheduler:
         if self.lr_decay_style == "inverse-square-root":
             warmup = max(self.lr_warmup_steps, 1)
             return max(min_lr, max_lr * math.sqrt(warmup) / math.sqrt(max(self.num_steps, 1)))
+        if self.lr_decay_style == "WSD":
+            return min_lr + self._wsd_coeff() * (max_lr - min_lr)
         decay_ratio = (self.num_steps - self.lr_warmup_steps) / (self.lr_decay_steps - self.lr_warmup_steps)
         if self.lr_decay_style == "linear":
             coeff = 1.0 - decay_ratio
         else:  # cosine
             coeff = 0.5 * (math.cos(math.pi * decay_ratio) + 1.0)
         return min_lr + coeff * (max_lr - min_lr)
+
+    def _wsd_coeff(self) -> float:
+        """1 in the stable phase, then Megatron-LM's anneal over the last ``wsd_decay_steps`` of the decay."""
+        assert self.wsd_decay_steps is not None
+        anneal_start = self.lr_decay_steps - self.wsd_decay_steps
+        if self.num_steps <= anneal_start:
+            return 1.0
+        ratio = (self.num_steps - anneal_start) / self.wsd_decay_steps
+        if self.lr_wsd_decay_style == "linear":
+            return 1.0 - ratio
+        if self.lr_wsd_decay_style == "cosine":
+            return 0.5 * (math.cos(math.pi * ratio) + 1.0)
+        if self.lr_wsd_decay_style == "minus_sqrt":
+            return 1.0 - math.sqrt(ratio)
+        return 2.0 * math.pow(0.5, ratio) - 1.0  # exponential
 
     def step(self, increment: int) -> None:
         """Advance by ``increment`` samples and write lr / weight decay into the param groups."""
@@ -90,7 +114,7 @@ class OptimizerParamScheduler:
 
     # ---- checkpoints --------------------------------------------------------------------------
     _SAVED = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd",
-              "wd_incr_steps", "wd_incr_style")
+              "wd_incr_steps", "wd_incr_style", "wsd_decay_steps", "lr_wsd_decay_style")
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's settings and position (plain Python values)."""
@@ -121,6 +145,8 @@ class OptimizerParamScheduler:
             ignored |= {"wd_incr_steps", "start_wd"}
         if self.lr_decay_style == "constant" and state.get("lr_decay_style") == "constant":
             ignored |= {"lr_decay_steps", "min_lr"}
+        if self.lr_decay_style != "WSD" and state.get("lr_decay_style") != "WSD":
+            ignored |= {"wsd_decay_steps", "lr_wsd_decay_style"}
         return ignored
 
     def _pick(self, ours: Any, saved: Any, name: str) -> Any:
@@ -134,3 +160,12 @@ class OptimizerParamScheduler:
                 f"--override-opt-param-scheduler to use the flags or --use-checkpoint-opt-param-scheduler to keep "
                 f"the checkpoint's")
         return saved
+
+
+def _check_wsd(wsd_decay_steps: float | None, style: str, lr_decay_steps: float) -> None:
+    """ConfigError unless the WSD anneal has a style and a length within the decay (Megatron-LM asserts one is set)."""
+    if style not in WSD_DECAY_STYLES:
+        raise ConfigError(f"--lr-wsd-decay-style {style!r}: choose one of {', '.join(WSD_DECAY_STYLES)}")
+    if wsd_decay_steps is None or not 0 < wsd_decay_steps <= lr_decay_steps:
+        raise ConfigError(f"--lr-decay-style WSD anneals over {wsd_decay_steps} samples; give --lr-wsd-decay-iters "
+                          f"(or --lr-wsd-decay-samples) above 0 and at most the decay's {lr_decay_steps:g} samples")

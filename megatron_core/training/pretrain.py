@@ -181,7 +181,7 @@ def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: Mod
     scheduler = OptimizerParamScheduler(
         optimizer, s.lr_warmup_init, s.lr, s.min_lr, s.lr_warmup_steps, s.lr_decay_steps, s.lr_decay_style,
         s.start_weight_decay, s.end_weight_decay, s.wd_incr_steps, s.weight_decay_incr_style,
-        s.use_checkpoint_opt_param_scheduler, s.override_opt_param_scheduler)
+        s.use_checkpoint_opt_param_scheduler, s.override_opt_param_scheduler, s.wsd_decay_steps, s.lr_wsd_decay_style)
     training = config.training
     _warn_short_run(s, training, out)
     calculator = MicrobatchCalculator(training.global_batch_size, training.micro_batch_size, ps.dp_size,

@@ -7,6 +7,8 @@ model flags. A legacy checkpoint's model files hold the same ``config`` and ``mo
 tokenizer flags: those are still given, unless ``tools/checkpoint/convert.py`` stored its tokenizer
 beside the iterations (``model_info["tokenizer"]["dir"]``). A flag the user gave that disagrees with
 the checkpoint is an error naming both, except ``--seq-length``, which the given value sets (as Megatron-LM).
+Both formats give ``--make-vocab-size-divisible-by`` (the padded vocabulary); a legacy checkpoint, which
+loads only under the layout that saved it, also its TP / PP / virtual-stage sizes (Megatron-LM forces them).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, A
     """
     if args.load is None:
         raise ConfigError("--use-checkpoint-args needs --load DIR (the checkpoint to read the model flags from)")
-    config, info, tokenizer = _records(args.load, args.ckpt_step)
+    config, info, tokenizer, legacy = _records(args.load, args.ckpt_step)
     if not config or not info:
         raise ConfigError(f"--load {args.load}: the checkpoint records no model flags (it was not written by "
                           f"pretrain_gpt.py); give the model flags instead of --use-checkpoint-args")
@@ -50,12 +52,30 @@ def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, A
     values["untie_embeddings_and_output_weights"] = not config.get("share_embeddings_and_output_weights", True)
     for activation, dest in _ACTIVATION_FLAGS.items():
         values[dest] = config.get("activation") == activation
+    # The padded vocabulary (Megatron-LM's _set_arg('padded_vocab_size')): its multiple, as a flag.
+    if info.get("make_vocab_size_divisible_by") is not None:
+        values["make_vocab_size_divisible_by"] = info["make_vocab_size_divisible_by"]
+    if legacy:
+        values.update(_legacy_layout(config, info))
     values.update({k: v for k, v in (tokenizer or {}).items() if v is not None})
     _set(args, values, parser_defaults)
 
 
-def _records(load: str, step: int | None) -> tuple[Any, Any, Any]:
-    """``(model config, model_info, tokenizer flags)`` of the checkpoint (torch_dist or legacy) in ``load``."""
+def _legacy_layout(config: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """The TP / PP / virtual-stage flags of a legacy checkpoint, which loads under that layout only (Megatron-LM's
+    load_args_from_checkpoint forces them; a torch_dist one resumes under any layout, so there they stay the run's)."""
+    pp = info.get("pipeline_model_parallel_size") or 1
+    vpp = info.get("virtual_pipeline_model_parallel_size")
+    layout = {"tensor_model_parallel_size": info.get("tensor_model_parallel_size") or 1,
+              "pipeline_model_parallel_size": pp}
+    if vpp is not None and vpp > 1 and config.get("num_layers"):
+        layout["num_layers_per_virtual_pipeline_stage"] = config["num_layers"] // (pp * vpp)
+    return layout
+
+
+def _records(load: str, step: int | None) -> tuple[Any, Any, Any, bool]:
+    """``(model config, model_info, tokenizer flags, whether legacy)`` of the checkpoint (torch_dist or
+    legacy) in ``load``."""
     from megatron_core.checkpoint.hf_tokenizer import dir_tokenizer_flags
     from megatron_core.dist_checkpointing import read_common
     from megatron_core.dist_checkpointing.full_model import is_torch_dist
@@ -63,7 +83,7 @@ def _records(load: str, step: int | None) -> tuple[Any, Any, Any]:
 
     if is_torch_dist(load, step):
         extra = read_common(load, step).get("extra", {})
-        return extra.get("model_config"), extra.get("model_info"), extra.get("tokenizer")
+        return extra.get("model_config"), extra.get("model_info"), extra.get("tokenizer"), False
     try:
         iteration = io.read_tracker(load) if step is None else step
     except ValueError as exc:
@@ -79,8 +99,8 @@ def _records(load: str, step: int | None) -> tuple[Any, Any, Any]:
             info = state.get("model_info") or {}
             # tools/checkpoint/convert.py stores the tokenizer it carried beside the iterations.
             saved = (info.get("tokenizer") or {}).get("dir")
-            tokenizer = dir_tokenizer_flags(os.path.join(load, saved)) if saved else None
-            return state.get("config"), state.get("model_info"), tokenizer or None
+            tokenizer = dir_tokenizer_flags(os.path.join(load, saved), info["tokenizer"].get("type")) if saved else None
+            return state.get("config"), state.get("model_info"), tokenizer or None, True
     raise ConfigError(f"--load {directory} has no {io.mp_rank_name(0, 0, 1)}/{io.MODEL_FILENAME} to read the model "
                       f"flags from (--use-checkpoint-args)")
 

@@ -60,12 +60,23 @@ _REFUSED: dict[str, str] = {
     "--timing-log-option": _LOG,
     "--tensorboard-queue-size": "drop the flag (TensorBoard is written with its default queue)",
     "--rotary-seq-len-interpolation-factor": "RoPE position interpolation is not supported yet; drop the flag",
+    **{f: "a separate learning rate for the embedding and output layer is not supported yet; drop the flag "
+          "(every parameter follows --lr and --min-lr)" for f in ("--decoupled-lr", "--decoupled-min-lr")},
 }
 # Megatron-LM flags whose only setting is this framework's behaviour (flag -> help).
 _NO_OPS: dict[str, str] = {
     "--no-query-key-layer-scaling": "accepted: query-key layer scaling is never applied (Megatron-LM's default)",
     "--attention-softmax-in-fp32": "accepted: the attention softmax is always computed in fp32",
     "--auto-detect-ckpt-format": "accepted: --load always detects the checkpoint format",
+    # How Megatron-LM reads the .bin files and schedules torch_dist I/O: the samples and the checkpoint
+    # files are the same either way (torch_dist here has every rank write and read its own shards).
+    "--mmap-bin-files": "accepted: the .bin files are always memory-mapped",
+    "--no-mmap-bin-files": "accepted: the .bin files are always memory-mapped (the same samples either way)",
+    "--ckpt-fully-parallel-save": "accepted: every rank writes its own torch_dist shards",
+    "--no-ckpt-fully-parallel-save": "accepted: every rank writes its own torch_dist shards",
+    "--ckpt-fully-parallel-load": "accepted: every rank reads the torch_dist shards it needs",
+    "--ckpt-assume-constant-structure": "accepted: Megatron-LM's caching of the save plan; no effect on the files",
+    "--use-persistent-ckpt-worker": "accepted: --async-save writes from a background thread",
 }
 
 
@@ -105,6 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="accepted: datasets are Megatron-LM's mmap indexed format")
     g.add_argument("--dataloader-type", default="single", choices=["single"],
                    help="accepted: samples are read in order (Megatron-LM's single pass); cyclic is not supported")
+    g.add_argument("--tiktoken-pattern", default=None, choices=["v1", "v2"],
+                   help="accepted: Megatron-LM's TikTokenizer pattern, which no --tokenizer-type here uses")
     for flag, text in _NO_OPS.items():
         g.add_argument(flag, action="store_true", help=text)
     for flag in _KERNEL_CHOICES:

@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predictions after an end-of-document")
     g.add_argument("--tokenizer-type", default=None,
-                   choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "GPT2BPETokenizer",
-                            "HuggingFaceTokenizer", "NullTokenizer"])
+                   choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                            "GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or Hugging Face tokenizer path")
     g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
     g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")

@@ -150,10 +150,12 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
         decay = args.lr_decay_samples if args.lr_decay_samples is not None else args.train_samples
         warmup = args.lr_warmup_samples
         wd_steps = args.train_samples
+        wsd = args.lr_wsd_decay_samples
     else:
         decay = (args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters) * gbs
         warmup = args.lr_warmup_iters * gbs
         wd_steps = args.train_iters * gbs
+        wsd = args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters is not None else None
     if args.lr_warmup_fraction is not None:
         warmup = args.lr_warmup_fraction * decay
     return SchedulerConfig(
@@ -162,4 +164,5 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
         start_weight_decay=args.start_weight_decay, end_weight_decay=args.end_weight_decay,
         wd_incr_steps=wd_steps, weight_decay_incr_style=args.weight_decay_incr_style,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        wsd_decay_steps=wsd, lr_wsd_decay_style=args.lr_wsd_decay_style)

@@ -56,11 +56,16 @@ def _optimizer(parser: argparse.ArgumentParser) -> None:
 
 
 def _learning_rate(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("learning rate", "warmup then constant, linear or cosine decay to --min-lr")
+    g = parser.add_argument_group("learning rate", "warmup then constant, linear, cosine or WSD decay to --min-lr")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
     g.add_argument("--lr-decay-style", default="linear",
-                   choices=["constant", "linear", "cosine", "inverse-square-root"])
+                   choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   help="WSD: warmup, --lr held, then annealed over the last --lr-wsd-decay-iters/-samples")
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=["exponential", "linear", "cosine", "minus_sqrt"], help="WSD's anneal")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="WSD: anneal over this many iterations")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="WSD: anneal over this many samples")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="decay over this many iterations (default all)")
     g.add_argument("--lr-decay-samples", type=int, default=None, help="decay over this many samples (default all)")
     g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of the decay")

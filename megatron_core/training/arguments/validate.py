@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_core import device
+from megatron_core.datasets.splits import parse_split
 from megatron_core.fusions.fused_dropout import cpu_rounds_to_one
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.training.arguments import compat
@@ -131,8 +132,8 @@ def _model(args: argparse.Namespace) -> None:
         flag, p = f"--{name.replace('_', '-')}", getattr(args, name)
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"{flag} must be in [0, 1), got {p}")
-        if not device.cuda_available() and cpu_rounds_to_one(p):
-            raise ConfigError(f"{flag} {p} rounds to 1 at the CPU dropout mask's resolution of 2**-16 (every "
+        if cpu_rounds_to_one(p):  # the CPU mask's and the Triton bias-dropout-add's resolution
+            raise ConfigError(f"{flag} {p} rounds to 1 at the dropout mask's resolution of 2**-16 (every "
                               f"value dropped); use at most 0.99999")
 
 
@@ -194,10 +195,13 @@ def _learning_rate(args: argparse.Namespace) -> None:
         if not 0.0 <= args.lr_warmup_fraction <= 1.0:
             raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {args.lr_warmup_fraction}")
     by_samples = args.train_samples is not None
-    if by_samples and (args.lr_decay_iters is not None or args.lr_warmup_iters):
-        raise ConfigError("with --train-samples give the schedule in samples: --lr-decay-samples, --lr-warmup-samples")
-    if not by_samples and (args.lr_decay_samples is not None or args.lr_warmup_samples):
-        raise ConfigError("with --train-iters give the schedule in iterations: --lr-decay-iters, --lr-warmup-iters")
+    if by_samples and (args.lr_decay_iters is not None or args.lr_warmup_iters or args.lr_wsd_decay_iters is not None):
+        raise ConfigError("with --train-samples give the schedule in samples: --lr-decay-samples, --lr-warmup-samples, "
+                          "--lr-wsd-decay-samples")
+    if not by_samples and (args.lr_decay_samples is not None or args.lr_warmup_samples
+                           or args.lr_wsd_decay_samples is not None):
+        raise ConfigError("with --train-iters give the schedule in iterations: --lr-decay-iters, --lr-warmup-iters, "
+                          "--lr-wsd-decay-iters")
     if args.start_weight_decay is None:
         args.start_weight_decay = args.weight_decay
     if args.end_weight_decay is None:
@@ -227,6 +231,14 @@ def _schedule_lengths(args: argparse.Namespace, by_samples: bool) -> None:
         warmup = args.lr_warmup_fraction * decay
     if decay is not None and decay <= 0 and args.lr_decay_style != "constant":
         raise ConfigError(f"--lr-decay-{flag} must be positive, got {decay}")
+    if args.lr_decay_style == "WSD":
+        wsd = args.lr_wsd_decay_samples if by_samples else args.lr_wsd_decay_iters
+        if wsd is None:
+            raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-{flag} N: the {unit} at the end of the "
+                              f"decay over which the rate anneals from --lr to --min-lr")
+        if not 0 < wsd <= decay:
+            raise ConfigError(f"--lr-wsd-decay-{flag} {wsd} is longer than the decay ({decay} {unit}) or not "
+                              f"positive; give 1 to {decay}")
     # Megatron-LM asserts warmup < decay outright; here a run that ends inside its warmup (a smoke test)
     # never reaches the jump and is only warned about (pretrain), so refuse when the jump is inside the run.
     if args.lr_decay_style != "constant" and 0 < warmup and decay is not None and warmup >= decay and total > warmup:
@@ -254,6 +266,10 @@ def _precision_and_recompute(args: argparse.Namespace) -> None:
 
 def _data(args: argparse.Namespace) -> None:
     needs_data = not args.skip_train or args.eval_iters > 0
+    try:  # up front: the datasets that read it are built after the model
+        parse_split(args.split)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     flags = {"--data-path": "data_path", "--train-data-path": "train_data_path",
              "--valid-data-path": "valid_data_path", "--test-data-path": "test_data_path"}
     for name in flags.values():

@@ -1,0 +1,115 @@
+"""Engine checkpoint files: their names, atomic writes, the ``latest`` file, what ``client_state`` may hold,
+and the ``zero_to_fp32.py`` script beside them (the layout: :mod:`megatron_core.engine.checkpoint`).
+
+Every file is read back with ``torch.load(weights_only=True)`` (:func:`load_states`), so ``client_state``
+must hold tensors, plain Python values and ``argparse.Namespace`` (Megatron-DeepSpeed passes its args
+there); :func:`client_state_error` names anything else before a file is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import io
+import os
+import re
+import shutil
+import stat
+from typing import Any
+
+import torch
+
+from megatron_core.training.checkpoint_io import torch_save
+
+LATEST = "latest"
+RECOVERY_SCRIPT = "zero_to_fp32.py"  # DeepSpeed's name, in the save directory
+
+
+def model_file(folder: str, tp_rank: int) -> str:
+    """The model-states file of TP rank ``tp_rank`` in a tag folder."""
+    return os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
+
+
+def optim_file(folder: str, dp_rank: int, tp_rank: int) -> str:
+    """The optimizer-fragment file of one (DP rank, TP rank)."""
+    return os.path.join(folder, f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt")
+
+
+def _dp_rank_of(path: str) -> int:
+    match = re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path))
+    return int(match.group(1)) if match else -1
+
+
+def optim_files(folder: str, tp_rank: int) -> list[str]:
+    """Every DP rank's fragment file of TP rank ``tp_rank``, in DP order."""
+    pattern = os.path.join(folder, f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
+    return sorted(glob.glob(pattern), key=_dp_rank_of)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary name, renamed when complete; a failed write raises its own OSError and
+    leaves no partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch_save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a failed or interrupted write leaves nothing behind
+        raise
+
+
+def copy_recovery_script(save_dir: str) -> None:
+    """DeepSpeed's ``_copy_recovery_script``: ``save_dir/zero_to_fp32.py`` (:mod:`megatron_core.engine.zero_to_fp32`),
+    executable by its owner (a file share refusing the mode keeps the copy, as DeepSpeed), replaced atomically."""
+    path = os.path.join(save_dir, RECOVERY_SCRIPT)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), RECOVERY_SCRIPT), tmp)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IEXEC)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+# Classes read back besides torch.load(weights_only=True)'s own: a plain attribute container.
+SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
+
+
+def load_states(path: str | io.BytesIO) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, also reading ``argparse.Namespace`` (in client_state)."""
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def client_state_error(client_state: Any) -> str | None:
+    """Why ``client_state`` would not load back through :func:`load_states` (the first key), or None."""
+    if not isinstance(client_state, dict):
+        return f"save_checkpoint: client_state must be a dict, got {type(client_state).__name__}"
+    for key, value in client_state.items():
+        buffer = io.BytesIO()
+        try:
+            torch.save(value, buffer)
+            buffer.seek(0)
+            load_states(buffer)
+        except Exception as exc:  # pickling errors of any kind, and the weights-only unpickler's refusal
+            found = re.search(r"Unsupported global: GLOBAL \S+", str(exc))
+            reason = found.group(0) if found else type(exc).__name__
+            return (f"save_checkpoint: client_state[{key!r}] ({type(value).__name__}) is not read back by "
+                    f"torch.load(weights_only=True) ({reason}); keep tensors, numbers, strings, lists, dicts and "
+                    f"argparse.Namespace in client_state")
+    return None
+
+
+def read_latest(load_dir: str) -> str | None:
+    """The tag in ``load_dir/latest``, or None when there is none."""
+    path = os.path.join(load_dir, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()

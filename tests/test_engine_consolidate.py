@@ -1,0 +1,199 @@
+"""Engine checkpoint consolidation: ``zero_to_fp32`` and ``save_16bit_model`` give the full weights.
+
+- consolidation (function and ``tools/zero_to_fp32.py``) equals the model's full state dict exactly, and
+  its Hugging Face folder loads with ``from_pretrained`` to the same weights (ZeRO 0, 2, 3 at DP 2);
+- ``tools/zero_to_fp32.py`` takes DeepSpeed's current command line (output folder, safetensors, shards,
+  frozen parameters left out) and its older one, and errors in one line;
+- save_checkpoint leaves a runnable ``zero_to_fp32.py`` in the save directory, as DeepSpeed;
+- ``engine.save_16bit_model`` writes the gathered bf16 weights under ZeRO-3.
+
+Resuming and loading are in ``test_engine_checkpoint.py``.
+"""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from engine_common import ds_config, make_model, run_steps, sharded, state_of
+from harness import run_distributed
+
+import megatron_core
+from megatron_core.engine.consolidate import consolidate_state_dict, save_consolidated
+from megatron_core.engine.consolidate import main as consolidate_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_and_save(directory, kind, stage):
+    engine, _, _, _ = megatron_core.initialize(make_model(kind), config=sharded(ds_config(2, 2, stage, kind)))
+    run_steps(kind, engine, 0, 2)
+    engine.save_checkpoint(directory)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return state
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_consolidation_equals_the_full_state_dict(tmp_path, stage):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    expected = run_distributed(_train_and_save, 2, str(tmp_path / "ckpt"), "gpt2", stage, timeout=120)[0]
+    state, hf_config = consolidate_state_dict(str(tmp_path / "ckpt"))
+    assert hf_config["model_type"] == "gpt2" and set(state) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
+    hf_dir = save_consolidated(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    loaded = AutoModelForCausalLM.from_pretrained(hf_dir).state_dict()
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), f"from_pretrained: {name}"
+    out = tmp_path / "model.safetensors"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path / "ckpt"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from_tool = load_file(str(out))
+    assert set(from_tool) == set(expected) and all(torch.equal(from_tool[k], v) for k, v in expected.items())
+    if stage == 0:
+        # DeepSpeed's older usage, `zero_to_fp32.py CKPT pytorch_model.bin -t TAG`: one torch.save file.
+        argv = [str(tmp_path / "ckpt"), str(tmp_path / "pytorch_model.bin"), "-t", "global_step2"]
+        assert consolidate_main(argv) == 0
+        from_bin = torch.load(str(tmp_path / "pytorch_model.bin"), weights_only=True)
+        assert set(from_bin) == set(expected) and all(torch.equal(from_bin[k], v) for k, v in expected.items())
+
+
+def test_consolidation_tool_errors_in_one_line(tmp_path):
+    def consolidate():
+        return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "zero_to_fp32.py"), str(tmp_path), "x"],
+                              capture_output=True, text=True, timeout=60)
+
+    proc = consolidate()
+    assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "no 'latest' file" in proc.stdout
+    # A pretrain_gpt.py checkpoint (Megatron's tracker file) is pointed at its own converter.
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
+    proc = consolidate()
+    assert proc.returncode == 2 and proc.stdout.count("\n") == 1 and "tools/checkpoint/convert.py" in proc.stdout
+
+
+def _save_16bit(directory):
+    import torch.distributed as dist
+
+    config = ds_config(dist.get_world_size(), 1, 3, bf16={"enabled": True})
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    run_steps("mlp", engine, 0, 2)
+    assert engine.save_16bit_model(directory) is True
+    expected = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}  # gathered, every rank
+    engine.parallel_state.destroy()
+    if dist.get_rank() != 0:
+        return None
+    saved = torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
+    full_shapes = {k: v.shape for k, v in make_model("mlp").state_dict().items()}
+    return {k: (v.dtype, torch.equal(v, expected[k]) and v.shape == full_shapes[k]) for k, v in saved.items()}, \
+        sorted(full_shapes)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_save_16bit_model_writes_the_gathered_weights(tmp_path, world):
+    """DeepSpeed's engine.save_16bit_model (with stage3_gather_16bit_weights_on_model_save): one torch.save
+    file of the full bf16 weights under ZeRO-3 at DP 2, and in one process."""
+    saved, names = run_distributed(_save_16bit, world, str(tmp_path / "out"), timeout=120)[0]
+    assert sorted(saved) == names and all(same for _, same in saved.values()), saved
+    assert {dtype for dtype, _ in saved.values()} == {torch.bfloat16}
+
+
+def _train_mlp_with_a_frozen_layer(directory):
+    model = make_model("mlp")
+    model[0].requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=trainable, config=ds_config(1, 1, 2))
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(directory)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return state
+
+
+def test_consolidation_takes_deepspeeds_current_command_line(tmp_path, capsys):
+    """DeepSpeed's zero_to_fp32.py (0.14 on): ``CHECKPOINT_DIR OUTPUT_DIR [--safe_serialization]
+    [--max_shard_size 5GB] [--exclude_frozen_parameters] [-d]`` writes OUTPUT_DIR/pytorch_model.bin (or
+    model.safetensors), in shards with an index past --max_shard_size. The flags were unrecognized, and a
+    plain model's OUTPUT_DIR became one safetensors file of that name, which torch.load and
+    OUTPUT_DIR/pytorch_model.bin could not read."""
+    import json
+
+    from safetensors.torch import load_file
+
+    expected = run_distributed(_train_mlp_with_a_frozen_layer, 1, str(tmp_path / "ckpt"), timeout=60)[0]
+    ckpt = str(tmp_path / "ckpt")
+
+    def same(state, names):
+        assert set(state) == set(names) and all(torch.equal(state[k], expected[k]) for k in names), sorted(state)
+
+    assert consolidate_main([ckpt, str(tmp_path / "out"), "-d"]) == 0
+    same(torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True), expected)
+    assert consolidate_main([ckpt, str(tmp_path / "safe"), "--safe_serialization", "--exclude_frozen_parameters"]) == 0
+    same(load_file(str(tmp_path / "safe" / "model.safetensors")), [k for k in expected if not k.startswith("0.")])
+    # 1 KB shards: each tensor alone where it is larger, the index names every tensor's shard.
+    assert consolidate_main([ckpt, str(tmp_path / "shards"), "--max_shard_size", "1KB"]) == 0
+    index = json.loads((tmp_path / "shards" / "pytorch_model.bin.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"pytorch_model-00001-of-{len(files):05d}.bin", files
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in expected.values())
+    merged = {}
+    for name in files:
+        merged.update(torch.load(tmp_path / "shards" / name, weights_only=True))
+    same(merged, expected)
+    assert {k: f for f in files for k in torch.load(tmp_path / "shards" / f, weights_only=True)} == index["weight_map"]
+    capsys.readouterr()
+    assert consolidate_main([ckpt, str(tmp_path / "bad"), "--max_shard_size", "5 parsecs"]) == 2
+    assert capsys.readouterr().out == ("error: --max_shard_size '5 parsecs': give a size such as 5GB, 500MB or a "
+                                       "number of bytes\n")
+
+
+def _save_at_zero2(directory):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 2))
+    run_steps("mlp", engine, 0, 1)
+    saved = engine.save_checkpoint(directory)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return saved, state
+
+
+def test_save_checkpoint_leaves_a_runnable_zero_to_fp32_script(tmp_path):
+    """As DeepSpeed's save_checkpoint (_copy_recovery_script): the save directory gets an executable
+    zero_to_fp32.py, written by rank 0, that takes DeepSpeed's command line from any working directory and
+    writes the engine's weights exactly. Without megatron_core importable it says in one line to install
+    the project. No script was written, and save_checkpoint returned the tag folder, not True."""
+    save_dir = tmp_path / "ckpt"
+    results = run_distributed(_save_at_zero2, 2, str(save_dir), timeout=120)
+    assert [saved for saved, _ in results] == [True, True]
+    script = save_dir / "zero_to_fp32.py"
+    assert script.is_file() and os.stat(script).st_mode & stat.S_IXUSR
+    assert sorted(os.listdir(save_dir)) == ["global_step1", "latest", "zero_to_fp32.py"]  # no temporary left
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # Relative paths from another directory; megatron_core from this checkout (PYTHONPATH) or an install.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, os.path.join("..", "ckpt", "zero_to_fp32.py"), os.path.join("..", "ckpt"),
+                           os.path.join("..", "out")], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
+    expected = results[0][1]
+    assert set(written) == set(expected)
+    for name, value in expected.items():
+        assert written[name].dtype == torch.float32 and torch.equal(written[name], value), name
+    # `python -S` without PYTHONPATH: neither an install nor the checkout is on the path.
+    env.pop("PYTHONPATH")
+    proc = subprocess.run([sys.executable, "-S", str(script), str(save_dir), str(tmp_path / "out2")], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == "" and proc.stdout.count("\n") == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("error: zero_to_fp32.py needs the megatron_core package") \
+        and "pip install" in proc.stdout, proc.stdout
+    assert not (tmp_path / "out2").exists()
