@@ -16,6 +16,7 @@ Run: ``python bench/bench_pipeline_bubble.py`` (about a minute).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import statistics
@@ -112,6 +113,7 @@ def _run(pp: int, vpp: int, num_microbatches: int) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # --help; the bench takes no flags
     print(f"Emulated compute (sleep): forward {FORWARD_MS:.0f} ms + backward {BACKWARD_MS:.0f} ms per microbatch per "
           f"pipeline rank, split over its virtual stages; activations [{SEQ}, {MICRO_BATCH}, {HIDDEN}] fp32.")
     print(f"Load average at start: {os.getloadavg()[0]:.1f} (other work on the machine delays wake-ups and "

@@ -97,6 +97,17 @@ def test_load_at_a_hugging_face_folder_or_an_engine_checkpoint_names_the_convers
                                 f"checkpoint (no {io.TRACKER_FILENAME}){engine_hint}")
     with pytest.raises(ConfigError, match=f"it is one iteration's directory: pass --load {saved} --load-iteration 2$"):
         read_full_model(io.iteration_dir(saved, 2))
+    # The engine's tag folder (global_stepN, holding mp_rank_00_model_states.pt) was taken for an iteration
+    # directory of a training checkpoint: "pass --load ENGINE (add --ckpt-step N ...)", which cannot load either.
+    tag = open(os.path.join(engine, "latest")).read().strip()
+    folder = os.path.join(engine, tag)
+    tag_hint = (f"; it is a tag folder of a megatron_core.initialize (engine) checkpoint: for a transformers model "
+                f"write a Hugging Face folder with tools/zero_to_fp32.py {engine} HF_DIR -t {tag}, then {convert} "
+                f"HF_DIR --save-dir CKPT")
+    _one_line_error(_messages(["--load", folder], world=1), tag_hint)
+    with pytest.raises(ConfigError) as error:
+        read_full_model(folder)
+    assert str(error.value).endswith(tag_hint)
 
 
 def test_load_from_a_missing_or_empty_directory_starts_fresh(tmp_path):

@@ -1,4 +1,4 @@
-"""pretrain_gpt.py --deepspeed-config FILE: the file's ZeRO, precision, clipping and batch sections
+"""pretrain_gpt.py --deepspeed-config FILE: the file's ZeRO, precision, clipping, batch and optimizer sections
 become the run's typed config (through the engine's DeepSpeed parser); disagreeing flags are refused."""
 import json
 
@@ -51,3 +51,44 @@ def test_training_from_the_file_equals_the_same_flags(tmp_path):
     from_file = _logged(run_distributed(_train, 2, BASE + ["--deepspeed-config", path, "--train-iters", "4"],
                                         timeout=180))
     assert from_file.losses == flags.losses
+
+
+NO_LR = [a for a in BASE]
+del NO_LR[NO_LR.index("--lr"):NO_LR.index("--lr") + 2]
+
+
+@pytest.mark.parametrize("section,expected", [
+    ({"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.2}},
+     dict(optimizer="adam", lr=1e-3, adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-6, weight_decay=0.2)),
+    ({"type": "SGD", "params": {"lr": 2e-3, "momentum": 0.5, "weight_decay": 0.0}},
+     dict(optimizer="sgd", lr=2e-3, sgd_momentum=0.5, weight_decay=0.0)),
+])
+def test_the_optimizer_section_sets_the_optimizer(tmp_path, section, expected):
+    # It was read and then dropped: the run used --lr and the flags' defaults (weight decay 0.01, betas 0.9/0.999).
+    path = _file(tmp_path, optimizer=section)
+    run = config_from_args(validate_args(parse_args(NO_LR + ["--deepspeed-config", path]), world_size=2))
+    assert {name: getattr(run.optimizer, name) for name in expected} == expected
+
+
+def test_a_flag_that_disagrees_with_the_optimizer_section_is_a_one_line_error(tmp_path):
+    path = _file(tmp_path, optimizer={"type": "AdamW", "params": {"lr": 1e-3}})
+    with pytest.raises(ConfigError, match="--lr 0.003 disagrees with the DeepSpeed config") as info:
+        validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2)
+    assert "\n" not in str(info.value)
+    agreeing = parse_args(NO_LR + ["--lr", "1e-3", "--deepspeed-config", path])
+    run = config_from_args(validate_args(agreeing, world_size=2))
+    assert run.optimizer.lr == 1e-3
+
+
+def test_without_an_optimizer_section_the_flags_set_the_optimizer(tmp_path):
+    path = _file(tmp_path)
+    run = config_from_args(validate_args(parse_args(BASE + ["--weight-decay", "0.05", "--deepspeed-config", path]),
+                                         world_size=2))
+    assert (run.optimizer.lr, run.optimizer.weight_decay) == (3e-3, 0.05)
+
+
+def test_the_scheduler_section_is_named_as_not_used(tmp_path, capsys):
+    path = _file(tmp_path, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10}})
+    validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "scheduler" in line]
+    assert len(lines) == 1 and "--lr-decay-style" in lines[0], lines

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import shutil
 from typing import Any
 
@@ -198,6 +199,11 @@ def foreign_checkpoint_hint(root: str) -> str:
     convert = "tools/checkpoint/convert.py --model-type GPT --loader hf --saver core --load-dir {} --save-dir CKPT"
     if "config.json" in entries:
         return f"; it is a Hugging Face model folder: convert it with {convert.format(root)} and load CKPT"
+    if any(re.fullmatch(r"mp_rank_\d+_model_states\.pt", e) for e in entries):  # the engine's names (DeepSpeed's)
+        parent, tag = os.path.split(os.path.normpath(root))
+        return (f"; it is a tag folder of a megatron_core.initialize (engine) checkpoint: for a transformers model "
+                f"write a Hugging Face folder with tools/zero_to_fp32.py {parent} HF_DIR -t {tag}, then "
+                f"{convert.format('HF_DIR')}")
     if "latest" in entries or any(e.startswith("global_step") for e in entries):
         return (f"; it is a megatron_core.initialize (engine) checkpoint: for a transformers model write a Hugging "
                 f"Face folder with tools/zero_to_fp32.py {root} HF_DIR, then {convert.format('HF_DIR')}")

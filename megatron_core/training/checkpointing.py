@@ -250,6 +250,9 @@ def _check_load_root(root: str) -> bool:
     if os.path.isfile(os.path.join(root, io.TRACKER_FILENAME)):
         return False
     name = os.path.basename(os.path.normpath(root))
+    foreign = io.foreign_checkpoint_hint(root)
+    if foreign.startswith("; it is a tag folder"):
+        raise ConfigError(f"--load {root} is not a training checkpoint; expected {expected}{foreign}")
     if name.startswith("iter_") or name == "release" or any(e.startswith("mp_rank_") for e in os.listdir(root)):
         parent = os.path.dirname(os.path.normpath(root))
         step = (name[len("iter_"):].lstrip("0") or "0") if name.startswith("iter_") else "N"

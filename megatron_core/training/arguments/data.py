@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
     g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="NullTokenizer size, or an upper bound the tokenizer must fit in")
+                   help="NullTokenizer: N ids plus its eod id N (N+1 tokens, as Megatron-LM); with another "
+                        "tokenizer an upper bound it must fit in")
     g = parser.add_argument_group("demo", "train a tiny GPT on the Python standard library's sources")
     g.add_argument("--demo", action="store_true",
                    help="build a corpus, train a tokenizer, preprocess and train on CPU; other flags override")

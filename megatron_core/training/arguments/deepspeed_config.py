@@ -1,14 +1,18 @@
-"""``pretrain_gpt.py --deepspeed-config FILE``: the ZeRO, offload, precision, clipping and batch
-sections of a DeepSpeed JSON file, as Megatron-DeepSpeed users pass them.
+"""``pretrain_gpt.py --deepspeed-config FILE``: the ZeRO, offload, precision, clipping, batch and
+optimizer sections of a DeepSpeed JSON file, as Megatron-DeepSpeed users pass them.
 
 The file is read by the engine's parser (``megatron_core.engine.deepspeed_to_megatron``: DeepSpeed's
 keys, its batch-triple rule, ``"auto"`` values, one-line errors for unknown or unimplemented keys)
 and written onto the flags before the rest of validation, so one mapping serves both front ends.
-A flag given on the command line that disagrees with the file is an error naming both.
+A flag given on the command line that disagrees with the file is an error naming both. The
+``optimizer`` section (type, lr, betas, eps, weight_decay, momentum) sets the optimizer flags only when
+the file has one; a ``scheduler`` section is not used (DeepSpeed's WarmupLR and friends count optimizer
+steps, Megatron's schedule counts samples), which one warning line says.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from megatron_core.errors import ConfigError
@@ -25,6 +29,9 @@ _COMPARED = {
 _OPTIMIZER_FIELDS = ("fp16", "bf16", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window",
                      "hysteresis", "clip_grad", "optimizer_cpu_offload", "optimizer_offload_fraction",
                      "nvme_offload_path", "nvme_offload_buffer_count", "overlap_cpu_optimizer_d2h_h2d")
+# The optimizer section's fields, per optimizer type (the others keep the flags' values).
+_OPTIMIZER_SECTION_FIELDS = {"adam": ("optimizer", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps"),
+                             "sgd": ("optimizer", "lr", "weight_decay", "sgd_momentum")}
 _DDP_FIELDS = ("zero_stage", "overlap_grad_reduce", "offload_param", "stage3_prefetch_bucket_size",
                "stage3_param_persistence_threshold")
 
@@ -36,15 +43,25 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
     an unimplemented key, or a command-line flag that disagrees with the file.
     """
     from megatron_core.engine import deepspeed_to_megatron
+    from megatron_core.engine.config import load_config
+    from megatron_core.training.initialize import rank_from_env
 
-    given = {field: getattr(args, dest) for dest, field in _COMPARED.items()
+    file = load_config(args.deepspeed_config, args.data_parallel_size)
+    section = () if file.optimizer is None else _OPTIMIZER_SECTION_FIELDS[
+        "sgd" if file.optimizer.type == "sgd" else "adam"]
+    compared = {**_COMPARED, **{name: name for name in section}}
+    given = {field: getattr(args, dest) for dest, field in compared.items()
              if getattr(args, dest, None) != parser_defaults.get(dest)}
     if args.use_distributed_optimizer or args.data_parallel_sharding_strategy is not None:
         raise ConfigError("--deepspeed-config sets the ZeRO stage (zero_optimization.stage); drop "
                           "--use-distributed-optimizer / --data-parallel-sharding-strategy")
     mapped = deepspeed_to_megatron(args.deepspeed_config, args.data_parallel_size, flags=given)
     args.micro_batch_size, args.global_batch_size = mapped.micro_batch_size, mapped.global_batch_size
-    for name in _OPTIMIZER_FIELDS:
+    for name in _OPTIMIZER_FIELDS + section:
         setattr(args, name, getattr(mapped.optimizer, name))
+    if file.scheduler is not None and rank_from_env() == 0:
+        print(f"warning: --deepspeed-config: the scheduler section ({file.scheduler.type}) is not used by "
+              f"pretrain_gpt.py; the learning-rate schedule comes from --lr, --lr-warmup-iters, --lr-decay-style "
+              f"and --min-lr", file=sys.stderr, flush=True)
     for name in _DDP_FIELDS:
         setattr(args, name, getattr(mapped.ddp, name))
