@@ -245,6 +245,16 @@ ERRORS = {
         _with(zero_optimization={"stage": 2, "offload_param": {"device": "nvme", "nvme_path": "/x"}}),
         "offload_param.device = 'nvme' is not implemented",
     ),
+    # The offload sections' own keys are checked as every section's.
+    "unknown-offload-key": (
+        _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memroy": True}}),
+        "unknown key 'zero_optimization.offload_optimizer.pin_memroy'; did you mean "
+        "'zero_optimization.offload_optimizer.pin_memory'?",
+    ),
+    "offload-ratio": (
+        _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}),
+        "zero_optimization.offload_optimizer.ratio = 0.3 is a DeepSpeed option this framework does not implement",
+    ),
 }
 
 
