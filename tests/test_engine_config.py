@@ -456,6 +456,15 @@ def test_deepspeeds_older_zero_key_names_are_read():
                                              "stage3_gather_16bit_weights_on_model_save": False}), dp_size=2)
 
 
+def test_an_empty_zero_section_parses_to_the_dataclass_defaults():
+    """The parser's defaults (DeepSpeed's) and ZeroSection's / OffloadSection's are one set: ignored_tuning_keys
+    compares a config's values with ZeroSection(), and code building an EngineConfig directly gets the same."""
+    from megatron_core.engine.config import ZeroSection
+
+    for raw in (_with(), _with(zero_optimization={}), _with(zero_optimization={"offload_optimizer": {}})):
+        assert load_config(raw, dp_size=2).zero_optimization == ZeroSection()
+
+
 @pytest.mark.parametrize("zero,message", [
     # cpu_offload_param: true below stage 3 named offload_param.device, a key the config did not hold.
     ({"stage": 2, "cpu_offload_param": True},
