@@ -342,6 +342,29 @@ def test_a_weights_only_load_steps_from_the_loaded_weights(tmp_path):
         assert torch.equal(weights_only[name], value), name
 
 
+def _lr_set_by_hand_round_trip(directory):
+    """No scheduler; the learning rate set by hand in the optimizer's groups before saving, as DeepSpeed
+    users do; what a fresh engine's groups hold after loading."""
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))
+    run_steps("mlp", engine, 0, 1)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.003
+    engine.save_checkpoint(directory, "saved")
+    engine.parallel_state.destroy()
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))
+    fresh = engine.get_lr()
+    engine.load_checkpoint(directory, "saved")
+    loaded = engine.get_lr()
+    engine.parallel_state.destroy()
+    return fresh, loaded
+
+
+def test_the_optimizer_groups_learning_rate_is_restored(tmp_path):
+    """As DeepSpeed's optimizer state_dict: the groups' values (a learning rate no scheduler sets) come back."""
+    fresh, loaded = run_distributed(_lr_set_by_hand_round_trip, 1, str(tmp_path), timeout=60)[0]
+    assert fresh != loaded and set(loaded) == {0.003}, (fresh, loaded)
+
+
 
 def _loose_load_at_dp2(directory, stage):
     """Save the MLP at DP 2, then load it with load_module_strict=False into the MLP with one more layer."""
