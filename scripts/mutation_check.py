@@ -122,10 +122,10 @@ coverage check ``covered.get(name, 0)`` -> ``1`` (differs only for a one-element
 from every file).
 A fourth sample (sixth session: the mutants on the lines changed that session, picked by line range,
 not ``--sample``: engine/config.py's ``_old_zero_names``/``_offload``/``_zero`` 21, library_configs.py's
-``offload_key`` and its callers 18, checkpoint_files.py 16, checkpoint.py's save (recovery script) and
-load (return path and after) 30, fused_dropout.py's ``keep_threshold``/``keep_mask`` 15, zero.py's
+``offload_key`` and its callers 21, checkpoint_files.py 16, checkpoint.py's save (recovery script) and
+load (return path and after) 33, fused_dropout.py's ``keep_threshold``/``keep_mask`` 15, zero.py's
 ``safe_get_full_grad`` 19; ParamAndGradBuffer.has_grads has no mutation point (bool constants), its two
-assignments were deleted by hand): 13 survived, 9 of them missing tests, added since: the offload
+assignments were deleted by hand): 125 mutants, 15 survived, 8 of them missing tests, added since: the offload
 section's own key check (an unknown and an unimplemented key), the stage default 0 and
 ``OffloadSection.buffer_count``'s default (an empty ``zero_optimization`` equals ``ZeroSection()``),
 ``buffer_count``'s minimum 1, the ``offload_param`` stage check at stage 3 (the older keys mapped there),
@@ -133,7 +133,8 @@ the recovery script's temporary removed when its rename fails (which also kills 
 ``!= 0`` / ``== 1`` before the copy: a one-process save wrote no script), the weights-only load's
 ``reload_model_params`` and the optimizer groups' restore (``group.update``). The hand-deleted
 ``has_grads`` assignments fail only test_zero_gathered_parameters.py, now in the ``distributed`` list.
-Equivalent: the ``_needs`` guard, ``_dp_rank_of``'s -2, ``(n + 3) * 4`` draws and ``dp_size >= 1`` (above).
+Equivalent (7): the four ``_needs`` deletions, ``_dp_rank_of``'s -2, ``(n + 3) * 4`` draws and
+``dp_size >= 1`` (above).
 
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.
