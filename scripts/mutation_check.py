@@ -41,9 +41,10 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
 
 - ``fusions/fused_dropout.py``: ``threshold - _LEVELS // 2`` -> ``+`` (the int16 comparison wraps the
   Python scalar to the same value); ``(n + 3) // 4`` -> ``(n + 4) // 4`` (one more raw draw, sliced
-  off); ``_UINT64_MAX`` off by one bit (another seed -> mask mapping, still random). Not testable
-  here rather than equivalent: the non-CPU branches (``F.dropout``, the Bernoulli mask), which need a
-  device that computes values ('meta' does not).
+  off) or -> ``(n + 3) * 4`` (sixteen times the draws; a longer ``random_raw`` of the same generator
+  starts with the same words, and the first n int16 are kept); ``_UINT64_MAX`` off by one bit
+  (another seed -> mask mapping, still random). Not testable here rather than equivalent: the non-CPU
+  branches (``F.dropout``, the Bernoulli mask), which need a device that computes values ('meta' does not).
 - ``fusions/kernels.py``: the ``applies`` of Megatron-LM's ``scaled_masked_softmax_cuda`` (runs only
   when that compiled extension imports).
 - ``fusions/onednn_linear.py``: ``has_bias and needs_input_grad[2]`` -> ``or`` (autograd drops a
@@ -58,6 +59,13 @@ Survivors judged equivalent in the samples of 2026-11-30 (no test can tell them 
   directory is a race no deterministic test shows. Still a missing test: deleting the all-reduce that
   makes every rank agree on the optimizer's step count (it needs a rank holding no optimizer state).
 - ``checkpoint/hf_io.py``: ``os.makedirs`` before ``save_pretrained`` (which creates the directory).
+- ``engine/library_configs.py``: deleting a ``_needs(...)`` call (seen: ``optimizer_cpu_offload``; the
+  ``nvme_offload_path``, ``offload_param`` and stage-3 ones read the same): it raises only when the
+  library's config class lacks the field, and every one is there (the tests take their other branch
+  when one is missing). ``engine/checkpoint_files.py``: ``_dp_rank_of``'s -1 for a file name without a
+  DP rank -> -2 (any negative sorts such a file before every DP rank; only the order is used).
+- ``zero.py``: ``safe_get_full_grad``'s ``buffer.dp_size > 1`` -> ``>= 1`` before its all-reduce (over one
+  rank the identity; the branch needs ZeRO-2/3, whose engine always has a process group).
 - ``parallel_state.py``: the embedding group's ``[ranks[0], ranks[-1]] if len(ranks) > 1`` -> ``>= 1``
   (one stage gives ``[r, r]``, which ``sorted(set(...))`` makes ``[r]`` again).
 - ``shm_collectives.py``: the "mapped" flag ``1`` -> ``2`` (only its MIN over the ranks is compared with 0).
@@ -112,6 +120,21 @@ rank's traceback on the server's stderr, and the server's request lock shared wi
 (a Ctrl-C during a generation now in the fault test). Equivalent in practice: the optimizer files'
 coverage check ``covered.get(name, 0)`` -> ``1`` (differs only for a one-element parameter missing
 from every file).
+A fourth sample (sixth session: the mutants on the lines changed that session, picked by line range,
+not ``--sample``: engine/config.py's ``_old_zero_names``/``_offload``/``_zero`` 21, library_configs.py's
+``offload_key`` and its callers 21, checkpoint_files.py 16, checkpoint.py's save (recovery script) and
+load (return path and after) 33, fused_dropout.py's ``keep_threshold``/``keep_mask`` 15, zero.py's
+``safe_get_full_grad`` 19; ParamAndGradBuffer.has_grads has no mutation point (bool constants), its two
+assignments were deleted by hand): 125 mutants, 15 survived, 8 of them missing tests, added since: the offload
+section's own key check (an unknown and an unimplemented key), the stage default 0 and
+``OffloadSection.buffer_count``'s default (an empty ``zero_optimization`` equals ``ZeroSection()``),
+``buffer_count``'s minimum 1, the ``offload_param`` stage check at stage 3 (the older keys mapped there),
+the recovery script's temporary removed when its rename fails (which also kills ``ps.rank == 0`` ->
+``!= 0`` / ``== 1`` before the copy: a one-process save wrote no script), the weights-only load's
+``reload_model_params`` and the optimizer groups' restore (``group.update``). The hand-deleted
+``has_grads`` assignments fail only test_zero_gathered_parameters.py, now in the ``distributed`` list.
+Equivalent (7): the four ``_needs`` deletions, ``_dp_rank_of``'s -2, ``(n + 3) * 4`` draws and
+``dp_size >= 1`` (above).
 
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.
@@ -146,7 +169,9 @@ TESTS = {
     "distributed": ["tests/test_pipeline_finalize.py", "tests/test_ddp.py", "tests/test_zero.py",
                     "tests/test_partitioned_grads.py", "tests/test_zero3.py",
                     # the buffer's on_bucket_launched hook (gradient copies to the host during backward)
-                    "tests/test_offload_overlap.py"],
+                    "tests/test_offload_overlap.py",
+                    # the buffer's has_grads, which zero.safe_get_full_grad reads (no backward since the step)
+                    "tests/test_zero_gathered_parameters.py"],
     "optimizer": ["tests/test_optimizer.py", "tests/test_memory.py", "tests/test_zero.py",
                   "tests/test_mixed_precision.py"],
     "transformer": ["tests/test_transformer_units.py", "tests/test_hf_equivalence.py",
@@ -162,8 +187,9 @@ TESTS = {
                            "tests/test_generation.py::test_torch_dist_checkpoint_generates_under_another_tp"],
     "fusions": ["tests/test_onednn_linear.py", "tests/test_triton_kernels.py", "tests/test_compiled_fusions.py",
                 "tests/test_transformer_units.py"],
-    "engine": ["tests/test_engine_config.py", "tests/test_engine_api.py", "tests/test_engine.py",
-               "tests/test_engine_checkpoint.py", "tests/test_engine_consolidate.py", "tests/test_engine_autotp.py",
+    "engine": ["tests/test_engine_config.py", "tests/test_engine_config_offload.py", "tests/test_engine_api.py",
+               "tests/test_engine.py", "tests/test_engine_checkpoint.py", "tests/test_engine_consolidate.py",
+               "tests/test_engine_load_options.py", "tests/test_engine_autotp.py",
                "tests/test_engine_frozen_params.py", "tests/test_engine_autotp_reshard.py",
                "tests/test_clean_exit.py::test_engine_scripts_exit_cleanly_without_tearing_down"],
     "training": ["tests/test_arguments.py", "tests/test_lr_scheduler.py", "tests/test_pretrain_deepspeed_config.py",

@@ -248,6 +248,16 @@ ERRORS = {
         _with(zero_optimization={"stage": 2, "offload_param": {"device": "nvme", "nvme_path": "/x"}}),
         "offload_param.device = 'nvme' is not implemented",
     ),
+    # The offload sections' own keys are checked as every section's.
+    "unknown-offload-key": (
+        _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memroy": True}}),
+        "unknown key 'zero_optimization.offload_optimizer.pin_memroy'; did you mean "
+        "'zero_optimization.offload_optimizer.pin_memory'?",
+    ),
+    "offload-ratio": (
+        _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}),
+        "zero_optimization.offload_optimizer.ratio = 0.3 is a DeepSpeed option this framework does not implement",
+    ),
 }
 
 
@@ -430,6 +440,10 @@ def test_deepspeeds_older_zero_key_names_are_read():
     assert (zero.offload_optimizer.device, zero.offload_param.device) == ("cpu", "cpu")
     assert zero.offload_optimizer.pin_memory and zero.offload_param.pin_memory
     assert zero.stage3_gather_16bit_weights_on_model_save
+    # ... and map at stage 3 as the current keys do (a stage check that refused offload_param there was untested).
+    libraries = library_configs_from(load_config(_with(zero_optimization={"stage": 3, "cpu_offload": True,
+                                                                          "cpu_offload_param": True}), dp_size=2))
+    assert libraries.ddp.offload_param and libraries.optimizer.optimizer_cpu_offload
     zero = load_config(_with(zero_optimization={"stage": 2, "cpu_offload": False}), dp_size=2).zero_optimization
     assert zero.offload_optimizer.device == "none"
     with pytest.raises(ConfigError, match=r"^DeepSpeed config: zero_optimization.cpu_offload is the older name of "

@@ -23,6 +23,7 @@ from harness import run_distributed
 import megatron_core
 from megatron_core.engine.consolidate import consolidate_state_dict, save_consolidated
 from megatron_core.engine.consolidate import main as consolidate_main
+from megatron_core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,6 +164,30 @@ def _save_at_zero2(directory):
     state = state_of(engine)
     engine.parallel_state.destroy()
     return saved, state
+
+
+def _save_expecting_an_error(directory):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))
+    try:
+        engine.save_checkpoint(directory)
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+def test_a_recovery_script_that_cannot_be_replaced_is_one_line_and_leaves_no_temporary(tmp_path):
+    """A directory where save_checkpoint puts zero_to_fp32.py: the copy's rename fails (EISDIR), save_checkpoint
+    says so in one line, and the copied temporary is removed (it was left in the save directory)."""
+    save_dir = tmp_path / "ckpt"
+    (save_dir / "zero_to_fp32.py").mkdir(parents=True)
+    (message,) = run_distributed(_save_expecting_an_error, 1, str(save_dir), timeout=120)
+    assert message is not None and message.startswith(
+        f"save_checkpoint: writing {str(save_dir / 'global_step0')!r} failed on rank 0 (") \
+        and "Is a directory" in message and "\n" not in message, message
+    assert sorted(os.listdir(save_dir)) == ["global_step0", "zero_to_fp32.py"]  # no temporary, no 'latest'
+    assert (save_dir / "zero_to_fp32.py").is_dir()
 
 
 def test_save_checkpoint_leaves_a_runnable_zero_to_fp32_script(tmp_path):
