@@ -154,3 +154,18 @@ def sharded(config: dict) -> dict:
     if config["zero_optimization"]["stage"] == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     return config
+
+
+BASE_CONFIG = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 4,
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}},
+}
+"""A DeepSpeed config of the config tests (no model behind it): the batch pair and an AdamW section."""
+
+
+def config_with(**changes) -> dict:
+    """A deep copy of :data:`BASE_CONFIG` with ``changes`` set at its top level."""
+    config = copy.deepcopy(BASE_CONFIG)
+    config.update(changes)
+    return config

@@ -8,23 +8,12 @@ import json
 import types
 
 import pytest
+from engine_common import BASE_CONFIG, config_with
 
 from megatron_core.distributed import DistributedDataParallelConfig
 from megatron_core.engine import deepspeed_to_megatron, library_configs_from, load_config
 from megatron_core.engine.config import solve_batch_triple
 from megatron_core.errors import ConfigError
-
-BASE = {
-    "train_micro_batch_size_per_gpu": 2,
-    "gradient_accumulation_steps": 4,
-    "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}},
-}
-
-
-def _with(**changes):
-    config = json.loads(json.dumps(BASE))
-    config.update(changes)
-    return config
 
 
 @pytest.mark.parametrize(
@@ -43,7 +32,7 @@ def test_batch_triple_any_two_determine_the_third(train, micro, gas, dp, expecte
 
 
 def test_full_config_maps_onto_library_configs(tmp_path):
-    raw = _with(
+    raw = config_with(
         train_batch_size=16,
         gradient_clipping=1.0,
         fp16={
@@ -98,7 +87,7 @@ def test_full_config_maps_onto_library_configs(tmp_path):
 
 
 def test_bf16_reduces_gradients_in_fp32_and_sgd_maps():
-    raw = _with(bf16={"enabled": True}, optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}})
+    raw = config_with(bf16={"enabled": True}, optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}})
     mapped = library_configs_from(load_config(raw, dp_size=1))
     assert mapped.optimizer.bf16 and mapped.ddp.grad_reduce_in_fp32
     assert (mapped.optimizer.optimizer, mapped.optimizer.sgd_momentum) == ("sgd", 0.9)
@@ -170,92 +159,96 @@ def _stage3_error():
 
 
 ERRORS = {
-    "unknown-top-level": (_with(train_batch_szie=8), "unknown key 'train_batch_szie'; did you mean 'train_batch_size'"),
+    "unknown-top-level": (
+        config_with(train_batch_szie=8), "unknown key 'train_batch_szie'; did you mean 'train_batch_size'"),
     "unknown-nested": (
-        _with(zero_optimization={"stag": 1}),
+        config_with(zero_optimization={"stag": 1}),
         "'zero_optimization.stag'; did you mean 'zero_optimization.stage'",
     ),
     "unknown-optimizer-param": (
-        _with(optimizer={"type": "AdamW", "params": {"learning_rate": 1}}),
+        config_with(optimizer={"type": "AdamW", "params": {"learning_rate": 1}}),
         "'optimizer.params.learning_rate'",
     ),
     "not-implemented-top": (
-        _with(prescale_gradients=True),
+        config_with(prescale_gradients=True),
         "prescale_gradients = True is a DeepSpeed option this framework does not implement",
     ),
     "not-implemented-zero": (
-        _with(zero_optimization={"stage": 2, "round_robin_gradients": True}),
+        config_with(zero_optimization={"stage": 2, "round_robin_gradients": True}),
         "zero_optimization.round_robin_gradients = True is a DeepSpeed option",
     ),
     "not-implemented-activation-ckpt": (
-        _with(activation_checkpointing={"partition_activations": True}),
+        config_with(activation_checkpointing={"partition_activations": True}),
         "activation_checkpointing.partition_activations = True",
     ),
     "inconsistent-triple": (
-        _with(train_batch_size=10),
+        config_with(train_batch_size=10),
         "inconsistent batch sizes train_batch_size=10, train_micro_batch_size_per_gpu=2, "
         "gradient_accumulation_steps=4 with 2 data-parallel ranks",
     ),
-    "no-batch": ({"optimizer": BASE["optimizer"]}, "give train_batch_size or train_micro_batch_size_per_gpu"),
-    "bad-batch-type": (_with(train_micro_batch_size_per_gpu=2.5), "train_micro_batch_size_per_gpu must be a positive"),
+    "no-batch": ({"optimizer": BASE_CONFIG["optimizer"]}, "give train_batch_size or train_micro_batch_size_per_gpu"),
+    "bad-batch-type": (
+        config_with(train_micro_batch_size_per_gpu=2.5), "train_micro_batch_size_per_gpu must be a positive"),
     "unimplemented-optimizer": (
-        _with(optimizer={"type": "Lamb"}),
+        config_with(optimizer={"type": "Lamb"}),
         "'Lamb' is a DeepSpeed optimizer this framework does not implement",
     ),
-    "unknown-optimizer": (_with(optimizer={"type": "Adamm"}), "optimizer.type 'Adamm' is unknown"),
+    "unknown-optimizer": (config_with(optimizer={"type": "Adamm"}), "optimizer.type 'Adamm' is unknown"),
     "coupled-adam": (
-        _with(optimizer={"type": "Adam", "params": {"adam_w_mode": False}}),
+        config_with(optimizer={"type": "Adam", "params": {"adam_w_mode": False}}),
         "optimizer.params.adam_w_mode = False",
     ),
-    "bad-betas": (_with(optimizer={"type": "Adam", "params": {"betas": [0.9]}}), "optimizer.params.betas must be two"),
-    "unimplemented-scheduler": (_with(scheduler={"type": "OneCycle"}), "'OneCycle' is a DeepSpeed scheduler"),
+    "bad-betas": (
+        config_with(optimizer={"type": "Adam", "params": {"betas": [0.9]}}), "optimizer.params.betas must be two"),
+    "unimplemented-scheduler": (config_with(scheduler={"type": "OneCycle"}), "'OneCycle' is a DeepSpeed scheduler"),
     "missing-total-steps": (
-        _with(scheduler={"type": "WarmupCosineLR", "params": {}}),
+        config_with(scheduler={"type": "WarmupCosineLR", "params": {}}),
         "scheduler.params.total_num_steps is required by WarmupCosineLR",
     ),
     "bad-warmup-type": (
-        _with(scheduler={"type": "WarmupLR", "params": {"warmup_type": "exp"}}),
+        config_with(scheduler={"type": "WarmupLR", "params": {"warmup_type": "exp"}}),
         "scheduler.params.warmup_type = 'exp': choose one of log, linear",
     ),
-    "fp16-and-bf16": (_with(fp16={"enabled": True}, bf16={"enabled": True}), "fp16.enabled and bf16.enabled are both"),
+    "fp16-and-bf16": (
+        config_with(fp16={"enabled": True}, bf16={"enabled": True}), "fp16.enabled and bf16.enabled are both"),
     "consecutive-hysteresis": (
-        _with(fp16={"enabled": True, "consecutive_hysteresis": True}),
+        config_with(fp16={"enabled": True, "consecutive_hysteresis": True}),
         "fp16.consecutive_hysteresis = true is not implemented",
     ),
-    "wrong-type": (_with(steps_per_print="ten"), "steps_per_print must be int"),
-    "negative-clip": (_with(gradient_clipping=-1), "gradient_clipping must be >= 0.0"),
-    "stage-4": (_with(zero_optimization={"stage": 4}), "zero_optimization.stage must be 0, 1, 2 or 3"),
+    "wrong-type": (config_with(steps_per_print="ten"), "steps_per_print must be int"),
+    "negative-clip": (config_with(gradient_clipping=-1), "gradient_clipping must be >= 0.0"),
+    "stage-4": (config_with(zero_optimization={"stage": 4}), "zero_optimization.stage must be 0, 1, 2 or 3"),
     "nvme-without-path": (
-        _with(zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}}),
+        config_with(zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}}),
         "offload_param.device = 'nvme' needs zero_optimization.offload_param.nvme_path",
     ),
-    "unresolved-auto": (_with(gradient_clipping="auto"), 'gradient_clipping is "auto" and nothing resolves it'),
-    "not-an-object": (_with(fp16=[1]), "fp16 must be a JSON object"),
+    "unresolved-auto": (config_with(gradient_clipping="auto"), 'gradient_clipping is "auto" and nothing resolves it'),
+    "not-an-object": (config_with(fp16=[1]), "fp16 must be a JSON object"),
     # Was TypeError: 'bool' object is not iterable (the older ZeRO names were read before the type check).
-    "zero-not-an-object": (_with(zero_optimization=True), "zero_optimization must be a JSON object, got True"),
-    "tensor-parallel-not-an-object": (_with(tensor_parallel=2), "tensor_parallel must be a JSON object, got 2"),
+    "zero-not-an-object": (config_with(zero_optimization=True), "zero_optimization must be a JSON object, got True"),
+    "tensor-parallel-not-an-object": (config_with(tensor_parallel=2), "tensor_parallel must be a JSON object, got 2"),
     "allgather-bucket": (
-        _with(zero_optimization={"reduce_bucket_size": 100, "allgather_bucket_size": 200}),
+        config_with(zero_optimization={"reduce_bucket_size": 100, "allgather_bucket_size": 200}),
         "allgather_bucket_size differs from reduce_bucket_size",
     ),
-    "contiguous-off": (_with(zero_optimization={"contiguous_gradients": False}), "contiguous_gradients = false"),
+    "contiguous-off": (config_with(zero_optimization={"contiguous_gradients": False}), "contiguous_gradients = false"),
     "offload-optimizer-stage-0": (
-        _with(zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}}),
+        config_with(zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}}),
         "zero_optimization.offload_optimizer.device = 'cpu' offloads the ZeRO optimizer's shard: set "
         "zero_optimization.stage to 1, 2 or 3",
     ),
     "offload-param-nvme": (
-        _with(zero_optimization={"stage": 2, "offload_param": {"device": "nvme", "nvme_path": "/x"}}),
+        config_with(zero_optimization={"stage": 2, "offload_param": {"device": "nvme", "nvme_path": "/x"}}),
         "offload_param.device = 'nvme' is not implemented",
     ),
     # The offload sections' own keys are checked as every section's.
     "unknown-offload-key": (
-        _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memroy": True}}),
+        config_with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memroy": True}}),
         "unknown key 'zero_optimization.offload_optimizer.pin_memroy'; did you mean "
         "'zero_optimization.offload_optimizer.pin_memory'?",
     ),
     "offload-ratio": (
-        _with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}),
+        config_with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}),
         "zero_optimization.offload_optimizer.ratio = 0.3 is a DeepSpeed option this framework does not implement",
     ),
 }
@@ -271,7 +264,7 @@ def test_config_errors_are_one_line_and_name_the_key(name):
 
 
 def test_stage3_maps_or_says_not_implemented():
-    raw = _with(
+    raw = config_with(
         zero_optimization={
             "stage": 3,
             "stage3_max_live_parameters": 1e6,
@@ -284,7 +277,7 @@ def test_stage3_maps_or_says_not_implemented():
         with pytest.raises(ConfigError, match="stage 3 .* is not implemented"):
             library_configs_from(config)
         return
-    plain = load_config(_with(zero_optimization={"stage": 3, "stage3_prefetch_bucket_size": 1000,
+    plain = load_config(config_with(zero_optimization={"stage": 3, "stage3_prefetch_bucket_size": 1000,
                                                  "stage3_param_persistence_threshold": 10}), dp_size=2)
     ddp = library_configs_from(plain).ddp
     assert (ddp.zero_stage, ddp.stage3_prefetch_bucket_size, ddp.stage3_param_persistence_threshold) == (3, 1000, 10)
@@ -295,7 +288,7 @@ def test_offload_optimizer_maps_or_says_not_implemented():
 
     from megatron_core.optimizer import OptimizerConfig
 
-    config = load_config(_with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), dp_size=2)
+    config = load_config(config_with(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}), dp_size=2)
     if "optimizer_cpu_offload" in {f.name for f in dataclasses.fields(OptimizerConfig)}:
         assert library_configs_from(config).optimizer.optimizer_cpu_offload
     else:
@@ -313,7 +306,7 @@ def test_file_errors(tmp_path):
 
 
 def test_pretrain_mapping_checks_flags_against_the_file():
-    raw = _with(zero_optimization={"stage": 1}, bf16={"enabled": True})
+    raw = config_with(zero_optimization={"stage": 1}, bf16={"enabled": True})
     mapped = deepspeed_to_megatron(raw, dp_size=2, flags={"zero_stage": 1, "bf16": True, "micro_batch_size": 2})
     assert mapped.global_batch_size == 16 and mapped.gradient_accumulation_steps == 4
     with pytest.raises(
@@ -328,7 +321,7 @@ def test_sections_written_out_with_their_off_values_are_accepted():
     """Real configs spell out disabled features and default sections (DeepSpeedExamples' flops_profiler
     block, a checkpoint section at its defaults, the aio block of NVMe examples); only a value that turns a
     feature on is refused."""
-    raw = _with(
+    raw = config_with(
         flops_profiler={"enabled": False, "profile_step": 1, "module_depth": -1, "top_modules": 1, "detailed": True},
         comms_logger={"enabled": False, "verbose": False, "prof_all": True, "debug": False},
         wandb={"enabled": False, "group": None, "team": None, "project": "deepspeed"},
@@ -346,16 +339,16 @@ def test_sections_written_out_with_their_off_values_are_accepted():
         ("data_types", {"grad_accum_dtype": "bf16"}),
     ):
         with pytest.raises(ConfigError, match=f"{key} = .* is a DeepSpeed option this framework does not implement"):
-            load_config(_with(**{key: value}), dp_size=2)
+            load_config(config_with(**{key: value}), dp_size=2)
     # DeepSpeed's universal-checkpoint switch: engine checkpoints need no conversion to change layout.
     with pytest.raises(ConfigError, match=r"^DeepSpeed config: checkpoint.load_universal = true is not needed: "
                                           r"engine checkpoints load at another DP size, ZeRO stage or AutoTP size"):
-        load_config(_with(checkpoint={"load_universal": True}), dp_size=2)
+        load_config(config_with(checkpoint={"load_universal": True}), dp_size=2)
 
 
 def test_unresolved_auto_names_the_argument_that_resolves_it():
     """Trainer's default max_steps -1 ("from the epochs") cannot give WarmupDecayLR's total_num_steps."""
-    raw = _with(scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}})
+    raw = config_with(scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}})
     with pytest.raises(ConfigError, match=r'total_num_steps is "auto" and nothing resolves it; pass args= with '
                                           r"args.max_steps \(a positive number of optimizer steps\)"):
         load_config(raw, dp_size=2, args=types.SimpleNamespace(max_steps=-1))
@@ -367,10 +360,10 @@ def test_bfloat16_is_the_older_name_of_bf16(tmp_path):
     """DeepSpeed still reads a "bfloat16" section when "bf16" is absent (and "check_overflow", the older
     name of check_grad_overflow)."""
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps(_with(bfloat16={"enabled": True, "check_overflow": False})))
+    path.write_text(json.dumps(config_with(bfloat16={"enabled": True, "check_overflow": False})))
     assert load_config(str(path), dp_size=2).bf16_enabled
     with pytest.raises(ConfigError, match='both "bf16" and its older name "bfloat16"'):
-        load_config(_with(bf16={"enabled": True}, bfloat16={"enabled": True}), dp_size=2)
+        load_config(config_with(bf16={"enabled": True}, bfloat16={"enabled": True}), dp_size=2)
 
 
 def test_deepspeed_tuning_only_keys_run_with_one_warning_each(capsys):
@@ -379,9 +372,9 @@ def test_deepspeed_tuning_only_keys_run_with_one_warning_each(capsys):
     (rank 0); at stage 1 DeepSpeed reads only sub_group_size, so only that one is named."""
     tuning = {"sub_group_size": 0, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
     stage = 1 if _stage3_error() else 3
-    with_keys = library_configs_from(load_config(_with(zero_optimization={"stage": stage, **tuning}), dp_size=2))
+    with_keys = library_configs_from(load_config(config_with(zero_optimization={"stage": stage, **tuning}), dp_size=2))
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    without = library_configs_from(load_config(_with(zero_optimization={"stage": stage}), dp_size=2))
+    without = library_configs_from(load_config(config_with(zero_optimization={"stage": stage}), dp_size=2))
     assert with_keys == without
     named = ["sub_group_size"] + (["stage3_max_live_parameters", "stage3_max_reuse_distance"] if stage == 3 else [])
     assert sorted(line.split("zero_optimization.")[1].split(" ")[0] for line in warned) == sorted(named), warned
@@ -392,16 +385,16 @@ def test_deepspeed_tuning_only_keys_run_with_one_warning_each(capsys):
 @pytest.mark.parametrize("betas", [[0.0, 0.999], [0.9, 0.0], [0, 0]])
 def test_adam_betas_may_be_zero(betas):
     # [0, 1) as in torch.optim.Adam: beta1 = 0 (no momentum, RMSProp-like) is a valid choice.
-    config = load_config(_with(optimizer={"type": "Adam", "params": {"betas": betas}}), dp_size=1)
+    config = load_config(config_with(optimizer={"type": "Adam", "params": {"betas": betas}}), dp_size=1)
     assert config.optimizer.betas == tuple(float(b) for b in betas)
     with pytest.raises(ConfigError, match=r"betas must be two numbers in \[0, 1\)"):
-        load_config(_with(optimizer={"type": "Adam", "params": {"betas": [betas[0], 1.0]}}), dp_size=1)
+        load_config(config_with(optimizer={"type": "Adam", "params": {"betas": [betas[0], 1.0]}}), dp_size=1)
 
 
 def test_without_an_optimizer_section_the_optimizer_config_is_adam_at_the_default_lr():
     from megatron_core.engine.library_configs import optimizer_config_from
 
-    raw = {k: v for k, v in BASE.items() if k != "optimizer"}
+    raw = {k: v for k, v in BASE_CONFIG.items() if k != "optimizer"}
     config = load_config(raw, dp_size=1)
     plain, given = optimizer_config_from(config), optimizer_config_from(config, default_lr=0.02)
     assert (plain.optimizer, plain.lr, plain.weight_decay) == ("adam", 1e-3, 0.0)
@@ -417,14 +410,14 @@ def test_optimizer_permission_keys_of_real_configs_are_accepted():
     at its default 1 was an unknown key."""
     for allow in (True, False):
         for force in (True, False):
-            raw = _with(zero_allow_untested_optimizer=allow, zero_force_ds_cpu_optimizer=force,
+            raw = config_with(zero_allow_untested_optimizer=allow, zero_force_ds_cpu_optimizer=force,
                         zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})
             assert load_config(raw, dp_size=2).zero_optimization.stage == 2
-    assert load_config(_with(sequence_parallel_size=1), dp_size=2).train_batch_size == 16
+    assert load_config(config_with(sequence_parallel_size=1), dp_size=2).train_batch_size == 16
     with pytest.raises(ConfigError, match="^DeepSpeed config: zero_allow_untested_optimizer must be bool, got 'yes'$"):
-        load_config(_with(zero_allow_untested_optimizer="yes"), dp_size=2)
+        load_config(config_with(zero_allow_untested_optimizer="yes"), dp_size=2)
     with pytest.raises(ConfigError, match="sequence_parallel_size = 2 is a DeepSpeed option this framework does not"):
-        load_config(_with(sequence_parallel_size=2), dp_size=2)
+        load_config(config_with(sequence_parallel_size=2), dp_size=2)
 
 
 def test_deepspeeds_older_zero_key_names_are_read():
@@ -433,7 +426,7 @@ def test_deepspeeds_older_zero_key_names_are_read():
     cpu_offload_use_pin_memory and applies it to nothing (0.19), here it becomes those sections' pin_memory
     (which changes nothing either). cpu_offload: true was refused as not implemented, and
     cpu_offload_param was an unknown key (the known list spelt it cpu_offload_params)."""
-    zero = load_config(_with(zero_optimization={"stage": 3, "cpu_offload": True, "cpu_offload_param": True,
+    zero = load_config(config_with(zero_optimization={"stage": 3, "cpu_offload": True, "cpu_offload_param": True,
                                                 "cpu_offload_use_pin_memory": True,
                                                 "stage3_gather_fp16_weights_on_model_save": True}),
                        dp_size=2).zero_optimization
@@ -441,21 +434,21 @@ def test_deepspeeds_older_zero_key_names_are_read():
     assert zero.offload_optimizer.pin_memory and zero.offload_param.pin_memory
     assert zero.stage3_gather_16bit_weights_on_model_save
     # ... and map at stage 3 as the current keys do (a stage check that refused offload_param there was untested).
-    libraries = library_configs_from(load_config(_with(zero_optimization={"stage": 3, "cpu_offload": True,
+    libraries = library_configs_from(load_config(config_with(zero_optimization={"stage": 3, "cpu_offload": True,
                                                                           "cpu_offload_param": True}), dp_size=2))
     assert libraries.ddp.offload_param and libraries.optimizer.optimizer_cpu_offload
-    zero = load_config(_with(zero_optimization={"stage": 2, "cpu_offload": False}), dp_size=2).zero_optimization
+    zero = load_config(config_with(zero_optimization={"stage": 2, "cpu_offload": False}), dp_size=2).zero_optimization
     assert zero.offload_optimizer.device == "none"
     with pytest.raises(ConfigError, match=r"^DeepSpeed config: zero_optimization.cpu_offload is the older name of "
                                           r"zero_optimization.offload_optimizer: give one of them$"):
-        load_config(_with(zero_optimization={"stage": 2, "cpu_offload": True,
+        load_config(config_with(zero_optimization={"stage": 2, "cpu_offload": True,
                                              "offload_optimizer": {"device": "cpu"}}), dp_size=2)
     # As DeepSpeed ("Cannot provide deprecated parameter ... and replacing parameter ... together"); the
     # older name was dropped silently when the current one was given too.
     with pytest.raises(ConfigError, match=r"^DeepSpeed config: zero_optimization.stage3_gather_fp16_weights_on_model_"
                                           r"save is the older name of zero_optimization.stage3_gather_16bit_weights_"
                                           r"on_model_save: give one of them$"):
-        load_config(_with(zero_optimization={"stage": 3, "stage3_gather_fp16_weights_on_model_save": True,
+        load_config(config_with(zero_optimization={"stage": 3, "stage3_gather_fp16_weights_on_model_save": True,
                                              "stage3_gather_16bit_weights_on_model_save": False}), dp_size=2)
 
 
@@ -478,10 +471,10 @@ def test_errors_name_the_older_offload_key_the_config_holds(zero, message):
     """DeepSpeed's deprecated cpu_offload / cpu_offload_param / cpu_offload_use_pin_memory are read as the
     offload sections they stand for; an error about them names the key the user wrote, and its fix."""
     with pytest.raises(ConfigError) as info:
-        library_configs_from(load_config(_with(zero_optimization=zero), dp_size=2))
+        library_configs_from(load_config(config_with(zero_optimization=zero), dp_size=2))
     assert str(info.value) == f"DeepSpeed config: {message}"
     # The current spelling keeps its own message.
     current = {"stage": 2, "offload_param": {"device": "cpu"}}
     with pytest.raises(ConfigError, match=r"offload_param.device = 'cpu' offloads ZeRO-3's parameter shards: set "
                                           r"zero_optimization.stage to 3, or offload_param.device to 'none'$"):
-        library_configs_from(load_config(_with(zero_optimization=current), dp_size=2))
+        library_configs_from(load_config(config_with(zero_optimization=current), dp_size=2))

@@ -1,35 +1,23 @@
 """DeepSpeed 0.19's defaults and keys the engine's config follows: ``gradient_clipping`` 1.0 when left out,
 ``communication_data_type``, ``managed_gradient_accumulation`` (test_engine_config.py has the rest)."""
 
-import json
 import re
 
 import pytest
+from engine_common import BASE_CONFIG, config_with
 
 from megatron_core.engine import deepspeed_to_megatron, library_configs_from, load_config
 from megatron_core.errors import ConfigError
-
-BASE = {
-    "train_micro_batch_size_per_gpu": 2,
-    "gradient_accumulation_steps": 4,
-    "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}},
-}
-
-
-def _with(**changes):
-    config = json.loads(json.dumps(BASE))
-    config.update(changes)
-    return config
 
 
 def test_gradient_clipping_defaults_to_deepspeeds_1():
     """DeepSpeed 0.19 clips at 1.0 when the config leaves gradient_clipping out (deepspeedai/DeepSpeed#8068,
     GRADIENT_CLIPPING_DEFAULT = 1.0); 0 turns clipping off. The engine ran such a config unclipped, and
     pretrain_gpt.py's --clip-grad 1.0 (Megatron's default) 'disagreed' with a file without the key."""
-    config = load_config(BASE, dp_size=1)
+    config = load_config(BASE_CONFIG, dp_size=1)
     assert config.gradient_clipping == 1.0 and library_configs_from(config).optimizer.clip_grad == 1.0
-    assert load_config(_with(gradient_clipping=0), dp_size=1).gradient_clipping == 0.0
-    assert deepspeed_to_megatron(BASE, dp_size=1, flags={"clip_grad": 1.0}).optimizer.clip_grad == 1.0
+    assert load_config(config_with(gradient_clipping=0), dp_size=1).gradient_clipping == 0.0
+    assert deepspeed_to_megatron(BASE_CONFIG, dp_size=1, flags={"clip_grad": 1.0}).optimizer.clip_grad == 1.0
 
 
 def test_communication_data_type_fp32_reduces_gradients_in_fp32():
@@ -37,18 +25,19 @@ def test_communication_data_type_fp32_reduces_gradients_in_fp32():
     fp32 here anyway; under fp16 it now reduces in fp32 too (DeepSpeed's meaning). The training dtype's own
     choice is accepted; a lower precision than this framework reduces in is refused in one line."""
     for precision in ({}, {"bf16": {"enabled": True}}, {"fp16": {"enabled": True}}):
-        config = load_config(_with(communication_data_type="fp32", **precision), dp_size=2)
+        config = load_config(config_with(communication_data_type="fp32", **precision), dp_size=2)
         assert library_configs_from(config).ddp.grad_reduce_in_fp32, precision
     fp16 = {"fp16": {"enabled": True}}
-    assert not library_configs_from(load_config(_with(**fp16), dp_size=2)).ddp.grad_reduce_in_fp32
-    config = load_config(_with(communication_data_type="FP16", **fp16), dp_size=2)
+    assert not library_configs_from(load_config(config_with(**fp16), dp_size=2)).ddp.grad_reduce_in_fp32
+    config = load_config(config_with(communication_data_type="FP16", **fp16), dp_size=2)
     assert config.communication_data_type == "fp16" and not library_configs_from(config).ddp.grad_reduce_in_fp32
     for raw, message in (
-        (_with(communication_data_type="bf16", bf16={"enabled": True}),
+        (config_with(communication_data_type="bf16", bf16={"enabled": True}),
          "communication_data_type = 'bf16' is not implemented with bf16 training (gradients reduce in fp32 here); "
          "remove it or set it to 'fp32'"),
-        (_with(communication_data_type="fp16"), "communication_data_type = 'fp16' is not implemented with fp32"),
-        (_with(communication_data_type="int8"), "communication_data_type = 'int8': choose one of fp32, fp16, bf16"),
+        (config_with(communication_data_type="fp16"), "communication_data_type = 'fp16' is not implemented with fp32"),
+        (config_with(communication_data_type="int8"),
+         "communication_data_type = 'int8': choose one of fp32, fp16, bf16"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(raw, dp_size=2)
@@ -57,7 +46,7 @@ def test_communication_data_type_fp32_reduces_gradients_in_fp32():
 def test_deepspeed_019_managed_gradient_accumulation_key():
     """DeepSpeed 0.19's managed_gradient_accumulation (default true) was an unknown key; false (every step() a
     boundary) is not implemented."""
-    assert load_config(_with(managed_gradient_accumulation=True), dp_size=1).gradient_accumulation_steps == 4
+    assert load_config(config_with(managed_gradient_accumulation=True), dp_size=1).gradient_accumulation_steps == 4
     with pytest.raises(ConfigError, match="managed_gradient_accumulation = False is a DeepSpeed option this "
                                           "framework does not implement"):
-        load_config(_with(managed_gradient_accumulation=False), dp_size=1)
+        load_config(config_with(managed_gradient_accumulation=False), dp_size=1)

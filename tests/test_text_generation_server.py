@@ -151,21 +151,26 @@ sys.exit(server.main(wrap_generator=lambda gen: FaultyGenerator(**vars(gen))))
 """
 
 
-def test_an_exception_inside_generation_fails_the_request_not_the_server(tmp_path):
-    """A fault raised inside generation (on every rank, mid-decoding; or on rank 1 alone, before generating)
-    ended rank 1's worker loop (and rank 0 answered Flask's HTML 500): the TP 2 server was dead. Now the
-    ranks agree the request failed, the client gets HTTP 500 and one line, and the next requests work."""
+def _start_faulty_server(tmp_path, port, *flags):
+    """FAULTY_SERVER on 2 ranks under torchrun, serving a tiny random GPT-2 greedily on ``port``."""
     hf_model = tiny_hf_gpt2(vocab_size=300)
     hf_model.save_pretrained(tmp_path / "hf")
     _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
     script = tmp_path / "faulty_server.py"
     script.write_text(FAULTY_SERVER)
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "--load", str(tmp_path / "hf"), "--tensor-model-parallel-size", "2", "--port", str(port), "--top_k", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+           "--load", str(tmp_path / "hf"), *flags, "--port", str(port), "--top_k", "1"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+
+
+def test_an_exception_inside_generation_fails_the_request_not_the_server(tmp_path):
+    """A fault raised inside generation (on every rank, mid-decoding; or on rank 1 alone, before generating)
+    ended rank 1's worker loop (and rank 0 answered Flask's HTML 500): the TP 2 server was dead. Now the
+    ranks agree the request failed, the client gets HTTP 500 and one line, and the next requests work."""
+    port = _free_port()
+    proc = _start_faulty_server(tmp_path, port, "--tensor-model-parallel-size", "2")
     try:
         _wait_until_serving(proc, port)
         good = {"prompts": ["the quick"], "tokens_to_generate": 5}
@@ -210,18 +215,8 @@ def test_a_rank_failing_alone_mid_generation_stops_the_server_after_the_collecti
     (24 h by default). The generation's groups now time out after --distributed-timeout-minutes (3 s here):
     the request gets HTTP 500 naming rank 1's exception, and the server, whose groups are out of step after
     a gloo timeout, stops by itself with status 1 and one line."""
-    hf_model = tiny_hf_gpt2(vocab_size=300)
-    hf_model.save_pretrained(tmp_path / "hf")
-    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
-    script = tmp_path / "faulty_server.py"
-    script.write_text(FAULTY_SERVER)
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           "--load", str(tmp_path / "hf"), *layout, "--port", str(port), "--top_k", "1",
-           "--distributed-timeout-minutes", "0.05"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = _start_faulty_server(tmp_path, port, *layout, "--distributed-timeout-minutes", "0.05")
     try:
         _wait_until_serving(proc, port)
         assert _put(port, {"prompts": ["the quick"], "tokens_to_generate": 3}, timeout=30)[0] == 200
