@@ -173,14 +173,15 @@ TESTS = {
                     # the buffer's has_grads, which zero.safe_get_full_grad reads (no backward since the step)
                     "tests/test_zero_gathered_parameters.py"],
     "optimizer": ["tests/test_optimizer.py", "tests/test_memory.py", "tests/test_zero.py",
-                  "tests/test_mixed_precision.py"],
+                  "tests/test_mixed_precision.py", "tests/test_decoupled_lr.py"],
     "transformer": ["tests/test_transformer_units.py", "tests/test_hf_equivalence.py",
                     # attention's KV-cache path (incremental decoding against HF generate)
                     "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py"],
     "checkpoint": ["tests/test_tokenizer.py", "tests/test_hf_export.py", "tests/test_checkpoint_convert.py",
                    "tests/test_checkpoint_convert_optimizer.py",
                    "tests/test_checkpointing_hf.py", "tests/test_hf_equivalence.py",
-                   "tests/test_dist_checkpoint_tools.py"],
+                   "tests/test_dist_checkpoint_tools.py", "tests/test_tokenizer_hf_dir.py",
+                   "tests/test_decoupled_lr.py"],
     "dist_checkpointing": ["tests/test_dist_checkpoint_tools.py", "tests/test_dist_checkpoint_damage.py",
                            "tests/test_dist_checkpointing_kill.py", "tests/test_dist_checkpointing.py",
                            # the one load across vocabulary paddings (TP 2's 256 rows into TP 1's 300)
@@ -190,16 +191,16 @@ TESTS = {
     "engine": ["tests/test_engine_config.py", "tests/test_engine_config_offload.py", "tests/test_engine_api.py",
                "tests/test_engine.py", "tests/test_engine_checkpoint.py", "tests/test_engine_consolidate.py",
                "tests/test_engine_load_options.py", "tests/test_engine_autotp.py",
-               "tests/test_engine_frozen_params.py", "tests/test_engine_autotp_reshard.py",
+               "tests/test_engine_frozen_params.py", "tests/test_engine_autotp_reshard.py", "tests/test_weights_dir.py",
                "tests/test_clean_exit.py::test_engine_scripts_exit_cleanly_without_tearing_down"],
     "training": ["tests/test_arguments.py", "tests/test_lr_scheduler.py", "tests/test_pretrain_deepspeed_config.py",
                  "tests/test_pretrain_errors.py",
                  "tests/test_checkpointing.py", "tests/test_pretrain.py", "tests/test_failures_training.py",
-                 "tests/test_pretrain_dist_ckpt.py"],
+                 "tests/test_pretrain_dist_ckpt.py", "tests/test_decoupled_lr.py"],
     "datasets": ["tests/test_datasets.py", "tests/test_preprocess_data.py", "tests/test_failures_data.py",
                  # the blend whose split is empty in some prefixes only (builder._check_blend_splits)
                  "tests/test_pretrain_test_split.py"],
-    "tokenizer": ["tests/test_tokenizer.py", "tests/test_preprocess_data.py"],
+    "tokenizer": ["tests/test_tokenizer.py", "tests/test_preprocess_data.py", "tests/test_tokenizer_hf_dir.py"],
     "inference": ["tests/test_generation.py", "tests/test_text_generation_cli.py",
                   "tests/test_text_generation_server.py"],
     # the schedule replay checks activations.in_flight against the activations the schedules hold
@@ -207,7 +208,8 @@ TESTS = {
                  "tests/test_autotune_memory.py"],
     "models": ["tests/test_init_seed_names.py", "tests/test_hf_equivalence.py", "tests/test_layout.py",
                # GPTModel.forward's KV-cache argument (incremental decoding against HF generate)
-               "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py"],
+               "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py",
+               "tests/test_decoupled_lr.py"],
     "core": ["tests/test_errors.py", "tests/test_microbatches.py", "tests/test_parallel_state.py",
              "tests/test_cross_entropy_and_rng.py", "tests/test_collectives.py", "tests/test_offload_overlap.py",
              "tests/test_zero_gathered_parameters.py",  # zero.py: GatheredParameters, safe_get_full_grad

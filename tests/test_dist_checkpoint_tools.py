@@ -21,6 +21,7 @@ from megatron_core.checkpoint import convert
 from megatron_core.checkpoint.hf_tokenizer import load_dir_tokenizer
 from megatron_core.dist_checkpointing import is_dist_checkpoint
 from megatron_core.tokenizer.build import build_tokenizer
+from megatron_core.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
 from megatron_core.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
 from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
 from megatron_core.training import checkpoint_io as io
@@ -77,9 +78,11 @@ def test_sentencepiece_export_and_text_generation_from_the_training_checkpoint(t
     sentence = "def main(argv):\n    return len(argv) + 42  # the answer"
     hf_tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert hf_tokenizer(sentence, add_special_tokens=False)["input_ids"] == ours.tokenize(sentence)
-    # The SentencePiece model travels beside tokenizer.json, and a re-import reads it, not the conversion.
+    # A re-import reads the directory as Hugging Face does (tokenizer.json; test_tokenizer_hf_dir.py): the
+    # conversion gives the SentencePiece model's ids, which travels beside it.
     reread = load_dir_tokenizer(str(out))
-    assert isinstance(reread, SentencePieceTokenizer) and reread.tokenize(sentence) == ours.tokenize(sentence)
+    assert isinstance(reread, HuggingFaceTokenizer) and reread.tokenize(sentence) == ours.tokenize(sentence)
+    assert hf_tokenizer(sentence)["input_ids"] == ours.tokenize(sentence) and (out / "tokenizer.model").is_file()
     assert (ours.bos, ours.eod) == (1, 2)  # train_sentencepiece's ids; no pad piece
     for name in ("config.json", "generation_config.json"):
         config = json.loads((out / name).read_text())

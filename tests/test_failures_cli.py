@@ -53,8 +53,9 @@ def test_older_megatron_script_flags_are_accepted():
 
 def test_megatron_llama3_and_checkpoint_script_flags_are_accepted_or_refused_with_a_reason():
     """Megatron-LM's examples/llama/train_llama3_8b_h100_fp8.sh carries --tiktoken-pattern v2,
-    --no-mmap-bin-files, --decoupled-lr and --decoupled-min-lr, and its other scripts the torch_dist
-    performance flags (--ckpt-fully-parallel-save ...): each was argparse's bare 'unrecognized arguments'."""
+    --no-mmap-bin-files, --decoupled-lr and --decoupled-min-lr (test_decoupled_lr.py trains with them), and its
+    other scripts the torch_dist performance flags (--ckpt-fully-parallel-save ...): each was argparse's bare
+    'unrecognized arguments'."""
     accepted = ["--tiktoken-pattern", "v2", "--no-mmap-bin-files", "--mmap-bin-files", "--ckpt-fully-parallel-save",
                 "--no-ckpt-fully-parallel-save", "--ckpt-fully-parallel-load", "--ckpt-assume-constant-structure",
                 "--use-persistent-ckpt-worker"]
@@ -63,10 +64,16 @@ def test_megatron_llama3_and_checkpoint_script_flags_are_accepted_or_refused_wit
     assert run == plain  # no effect on the run: what each one changes in Megatron-LM is its I/O, not the result
     with pytest.raises(ConfigError, match="--tiktoken-pattern: invalid choice: 'v3'"):
         parse_args(LLAMA_SCRIPT + ["--tiktoken-pattern", "v3"])
-    for flag in ("--decoupled-lr", "--decoupled-min-lr"):
-        with pytest.raises(ConfigError, match=f"^{flag}: a separate learning rate for the embedding and output "
-                                              f"layer is not supported yet"):
-            parse_args(LLAMA_SCRIPT + [flag, "5e-4"])
+    decoupled = config_from_args(validate_args(parse_args(LLAMA_SCRIPT + ["--decoupled-lr", "5e-4",
+                                                                         "--decoupled-min-lr", "1e-5"]), world_size=1))
+    assert (decoupled.optimizer.decoupled_lr, decoupled.optimizer.decoupled_min_lr) == (5e-4, 1e-5)
+    for argv, message in [(["--decoupled-min-lr", "1e-5"], "--decoupled-min-lr is the floor of the --decoupled-lr "
+                                                            "group; add --decoupled-lr or drop it"),
+                          (["--decoupled-lr", "5e-4", "--decoupled-min-lr", "1e-3"],
+                           "need 0 <= --decoupled-min-lr 0.001 <= --decoupled-lr 0.0005"),
+                          (["--decoupled-lr", "-1"], "need 0 <= --min-lr")]:
+        with pytest.raises(ConfigError, match=f"^{message}"):
+            validate_args(parse_args(LLAMA_SCRIPT + argv), world_size=1)
 
 
 @pytest.mark.parametrize("argv,needle", [

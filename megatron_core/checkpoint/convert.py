@@ -264,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-type", default=None, choices=["hf", "meta"],
                    help="hf: a Hugging Face directory (read as --loader hf); meta's original consolidated.*.pth "
                         "files are not read")
-    g.add_argument("--model-size", default=None, help="accepted: the shape comes from the directory's config.json")
+    g.add_argument("--model-size", default=None,
+                   help="the shape comes from the directory's config.json; llama2-* makes a bare SentencePiece "
+                        "--tokenizer-model a Llama2Tokenizer (bos first), as Megatron-LM's loader")
     g.add_argument("--bf16", action="store_true", help="write the weights in bf16 (default: the source's dtype)")
     g.add_argument("--fp16", action="store_true", help="write the weights in fp16 (default: the source's dtype)")
     return p
@@ -285,11 +287,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_type(args: argparse.Namespace) -> str | None:
-    """``--tokenizer-type``, or the type a bare ``--tokenizer-model`` implies (a SentencePiece ``.model``
-    file, else a Hugging Face tokenizer file or directory), as Megatron-LM's llama_mistral loader takes it."""
+    """``--tokenizer-type``, or the type a bare ``--tokenizer-model`` implies, as Megatron-LM's llama_mistral
+    loader takes it: a SentencePiece ``.model`` file is ``Llama2Tokenizer`` (bos first, as Hugging Face's
+    Llama tokenizer) with a ``--model-size llama2-*``, else ``SentencePieceTokenizer``; a Hugging Face
+    tokenizer file or directory is ``HuggingFaceTokenizer``."""
     if args.tokenizer_type is not None or args.tokenizer_model is None:
         return args.tokenizer_type
-    return "SentencePieceTokenizer" if args.tokenizer_model.endswith(".model") else "HuggingFaceTokenizer"
+    if not args.tokenizer_model.endswith(".model"):
+        return "HuggingFaceTokenizer"
+    return "Llama2Tokenizer" if "llama2" in (args.model_size or "") else "SentencePieceTokenizer"
 
 
 def _cast_weights(model: FullModel, args: argparse.Namespace) -> None:

@@ -40,16 +40,27 @@ def has_tokenizer(path: str) -> bool:
     return bool(dir_tokenizer_flags(path))
 
 
+_SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer")
+
+
 def dir_tokenizer_flags(path: str, recorded_type: str | None = None) -> dict[str, Any]:
     """The ``--tokenizer-*`` flags that build the tokenizer saved in ``path`` (what :func:`load_dir_tokenizer`
-    builds); empty when ``path`` holds none. A SentencePiece ``tokenizer.model`` comes first: a
-    ``tokenizer.json`` beside it was converted from it. ``recorded_type``, the class a checkpoint's
-    ``model_info["tokenizer"]["type"]`` names, picks Llama2Tokenizer for such a file."""
-    if os.path.isfile(os.path.join(path, "tokenizer.model")):
-        kind = "Llama2Tokenizer" if recorded_type == "Llama2Tokenizer" else "SentencePieceTokenizer"
-        return {"tokenizer_type": kind, "tokenizer_model": os.path.join(path, "tokenizer.model")}
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    builds); empty when ``path`` holds none.
+
+    A Hugging Face directory (``tokenizer.json``, or ``tokenizer.model`` with a ``tokenizer_config.json``)
+    is read as Hugging Face reads it (``HuggingFaceTokenizer``: ``AutoTokenizer``'s ids, e.g. the bos that
+    a Llama tokenizer puts first, which the bare SentencePiece model does not). ``recorded_type``, the
+    class a checkpoint's ``model_info["tokenizer"]["type"]`` names (the converter's record of what the
+    training run used), keeps a ``SentencePieceTokenizer`` or ``Llama2Tokenizer`` on its ``tokenizer.model``.
+    A ``tokenizer.model`` alone is a SentencePiece model; ``vocab.json``/``merges.txt`` GPT-2 BPE."""
+    spm_file, json_file = os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")
+    has_config = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    if os.path.isfile(spm_file) and recorded_type in _SENTENCEPIECE_TYPES:
+        return {"tokenizer_type": recorded_type, "tokenizer_model": spm_file}
+    if os.path.isfile(json_file) or (os.path.isfile(spm_file) and has_config):
         return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": path}
+    if os.path.isfile(spm_file):
+        return {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": spm_file}
     if os.path.isfile(os.path.join(path, "vocab.json")):
         return {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": os.path.join(path, "vocab.json"),
                 "merge_file": os.path.join(path, "merges.txt")}
@@ -79,8 +90,9 @@ def save_tokenizer(tokenizer: MegatronTokenizer, path: str) -> None:
     Raises ValueError for a tokenizer with no files (NullTokenizer).
     """
     os.makedirs(path, exist_ok=True)
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast  # noqa: PLC0415
 
+    fast: PreTrainedTokenizerBase
     if isinstance(tokenizer, SentencePieceTokenizer):
         shutil.copyfile(tokenizer.model_file, os.path.join(path, "tokenizer.model"))
         spm = _sentencepiece_to_fast(tokenizer.model_file)
@@ -93,7 +105,11 @@ def save_tokenizer(tokenizer: MegatronTokenizer, path: str) -> None:
     elif isinstance(tokenizer, HuggingFaceTokenizer):
         source = tokenizer.path
         json_file = os.path.join(source, "tokenizer.json") if os.path.isdir(source) else source
-        fast = PreTrainedTokenizerFast(tokenizer_file=json_file)
+        if os.path.isfile(json_file):
+            fast = PreTrainedTokenizerFast(tokenizer_file=json_file)
+        else:  # a directory transformers reads without a tokenizer.json (e.g. tokenizer.model + its config)
+            from transformers import AutoTokenizer  # noqa: PLC0415
+            fast = AutoTokenizer.from_pretrained(source, local_files_only=True)
     elif isinstance(tokenizer, GPT2BPETokenizer):
         # Built with the tokenizers library directly: transformers' GPT-2 tokenizer class changed its
         # constructor between 4.x (GPT2TokenizerFast, vocab_file=) and 5.x (GPT2Tokenizer, vocab=).

@@ -3,7 +3,8 @@
 A legacy file (``mp_rank_.../model_optim_rng.pt``) of the replicated optimizer (plain DP, ZeRO stage 0)
 holds ``optimizer`` as :meth:`ReplicatedOptimizer.state_dict` writes it: the torch optimizer's state
 dict, whose integer ids number the main parameters group by group (weight-decay group: parameters of
-two or more dimensions, then the no-decay group), each group in the order the rank's model chunks list
+two or more dimensions, then the no-decay group, then with ``--decoupled-lr`` the word embedding and
+output layer weights), each group in the order the rank's model chunks list
 their parameters (which is the order of their state dict keys); and ``fp32_from_fp16_params``, the fp32
 main copies of the non-fp32 parameters in that parameter order. Here the ids become parameter names,
 so every per-element state tensor (Adam's ``exp_avg`` and ``exp_avg_sq``, SGD's ``momentum_buffer``,
@@ -49,21 +50,44 @@ class FullOptimizerState:
     vocab_padding: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def _param_order(model_states: list[dict[str, torch.Tensor]]) -> list[tuple[int, str]]:
-    """(chunk, name) of every parameter in the torch optimizer's id order: decay group, then no-decay."""
+# The parameters of the --decoupled-lr group (GPTModel tags them is_embedding_or_output_parameter).
+_DECOUPLED_NAMES = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _is_decoupled(groups: list[dict]) -> bool:
+    """Whether the saved optimizer has the third, ``--decoupled-lr`` group (megatron.core's ``is_decoupled_lr``)."""
+    return len(groups) == 3 and bool(groups[2].get("is_decoupled_lr"))
+
+
+def _group_of(name: str, value: torch.Tensor, decoupled: bool) -> int:
+    """The group index ``build_torch_optimizer`` gives a parameter (``param_group_index``), by name."""
+    if decoupled and name in _DECOUPLED_NAMES:
+        return 2
+    return 0 if value.dim() > 1 else 1
+
+
+def _param_order(model_states: list[dict[str, torch.Tensor]], decoupled: bool) -> list[tuple[int, str]]:
+    """(chunk, name) of every parameter in the torch optimizer's id order: group by group (decay, no
+    decay, then the --decoupled-lr group when ``decoupled``), each in the chunks' parameter order."""
     names = [(c, n) for c, state in enumerate(model_states) for n in state]
-    decay = [(c, n) for c, n in names if model_states[c][n].dim() > 1]
-    return decay + [(c, n) for c, n in names if model_states[c][n].dim() <= 1]
+    return [(c, n) for group in range(3) for c, n in names if _group_of(n, model_states[c][n], decoupled) == group]
+
+
+def _group_sizes(model_states: list[dict[str, torch.Tensor]], decoupled: bool) -> list[int]:
+    sizes = [0, 0, 0]
+    for state in model_states:
+        for name, value in state.items():
+            sizes[_group_of(name, value, decoupled)] += 1
+    return sizes if decoupled else sizes[:2]
 
 
 def _check_groups(saved_groups: list[dict], model_states: list[dict[str, torch.Tensor]], where: str) -> None:
-    decay = sum(1 for s in model_states for v in s.values() if v.dim() > 1)
     counts = [len(g["params"]) for g in saved_groups]
-    expected = [decay, sum(len(s) for s in model_states) - decay]
+    expected = _group_sizes(model_states, _is_decoupled(saved_groups))
     if counts != expected:
         raise ValueError(f"{where}: the optimizer's parameter groups hold {counts} parameters, its model "
-                         f"{expected} (weight decay, no weight decay): the optimizer state does not belong to this "
-                         f"model; convert with --no-load-optim to carry the weights only")
+                         f"{expected} (weight decay, no weight decay[, --decoupled-lr]): the optimizer state does not "
+                         f"belong to this model; convert with --no-load-optim to carry the weights only")
 
 
 # One rank's state by name: per model chunk, {kind: {chunk-local parameter name: tensor}}.
@@ -76,7 +100,7 @@ def rank_state_by_name(saved: dict[str, Any], model_states: list[dict[str, torch
     ``{kind: {name: value}}``; tensors are shaped like their weight. ValueError names ``where``."""
     inner = saved["optimizer"]
     _check_groups(inner["param_groups"], model_states, where)
-    order = _param_order(model_states)
+    order = _param_order(model_states, _is_decoupled(inner["param_groups"]))
     tensors: ChunkStates = [{} for _ in model_states]
     scalars: ChunkStates = [{} for _ in model_states]
     for index, entry in inner["state"].items():
@@ -137,14 +161,16 @@ def rank_optimizer_state(state: FullOptimizerState, model_states: list[dict[str,
         for kind, values in state.scalars.items():
             cut[slot][kind] = chunk_keys(values, config, pp, vpp, pp_rank, vp, tied)
     entries: dict[int, dict[str, torch.Tensor]] = {}
-    for index, (slot, name) in enumerate(_param_order(model_states)):
+    decoupled = _is_decoupled(state.param_groups)
+    for index, (slot, name) in enumerate(_param_order(model_states, decoupled)):
         entry = {kind: by_name[name].clone() for kind, by_name in cut[slot].items() if kind != MAIN and name in by_name}
         if entry:
             entries[index] = entry
-    decay = sum(1 for s in model_states for v in s.values() if v.dim() > 1)
-    total = sum(len(s) for s in model_states)
-    groups = [{**hp, "params": list(ids)}
-              for hp, ids in zip(state.param_groups, (range(decay), range(decay, total)), strict=True)]
+    starts = [0]
+    for size in _group_sizes(model_states, decoupled):
+        starts.append(starts[-1] + size)
+    groups = [{**hp, "params": list(range(start, end))}
+              for hp, start, end in zip(state.param_groups, starts[:-1], starts[1:], strict=True)]
     mains = [cut[slot][MAIN][name].clone() for slot, s in enumerate(model_states) for name, v in s.items()
              if v.dtype != torch.float32]
     return {"grad_scaler": state.grad_scaler, "optimizer": {"state": entries, "param_groups": groups}, MAIN: mains}

@@ -14,7 +14,8 @@ DeepSpeed's older ``zero_to_fp32.py CHECKPOINT_DIR pytorch_model.bin`` writes); 
 CHECKPOINT_DIR OUTPUT_DIR`` writes it: ``pytorch_model.bin`` (``model.safetensors`` with
 ``--safe_serialization``), cut into ``pytorch_model-00001-of-0000N.bin`` ... with
 ``pytorch_model.bin.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {key: file}}``, Hugging
-Face's sharded layout) when larger than ``--max_shard_size``.
+Face's sharded layout, cut by huggingface_hub as transformers and DeepSpeed cut it) when larger than
+``--max_shard_size``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import sys
 
 import torch
 
@@ -129,31 +131,42 @@ def _write_file(state: dict[str, torch.Tensor], path: str, safe: bool) -> None:
         _torch_save(state, path)
 
 
-def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, max_shard_bytes: int | None) -> None:
+def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, max_shard_bytes: int | None,
+                      total_parameters: int | None = None) -> None:
     """``output/pytorch_model.bin`` (``model.safetensors`` when ``safe``), or shards of at most
-    ``max_shard_bytes`` (a tensor larger than that alone in its shard) and their index, in key order."""
+    ``max_shard_bytes`` (a tensor larger than that alone in its shard) with their index, as transformers'
+    ``save_pretrained`` and DeepSpeed's ``zero_to_fp32.py`` write them: huggingface_hub's
+    ``split_torch_state_dict_into_shards`` cuts the state in key order (tensors sharing storage in one
+    shard) and names the files ``model-00001-of-0000N.safetensors`` ...; the index
+    ``model.safetensors.index.json`` (``pytorch_model.bin.index.json``) holds ``{"metadata": {"total_size":
+    bytes}, "weight_map": {key: file}}``, plus transformers' ``total_parameters`` when given (a model
+    directory). Shard files of an earlier write that this one does not name are removed, as transformers does.
+    ConfigError when huggingface_hub is missing (it comes with transformers)."""
+    try:
+        from huggingface_hub import split_torch_state_dict_into_shards
+    except ImportError:
+        raise ConfigError("writing an output directory needs huggingface_hub (pip install huggingface_hub, or "
+                          "transformers); or give an output file ending in .safetensors or .bin") from None
     os.makedirs(output, exist_ok=True)
-    name, ext = ("model", ".safetensors") if safe else ("pytorch_model", ".bin")
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and max_shard_bytes is not None and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    if len(shards) == 1:
-        _write_file(state, os.path.join(output, name + ext), safe)
-        return
-    weight_map = {}
-    for i, keys in enumerate(shards, start=1):
-        file = f"{name}-{i:05d}-of-{len(shards):05d}{ext}"
+    weights_name = "model.safetensors" if safe else "pytorch_model.bin"
+    pattern = weights_name.replace(".bin", "{suffix}.bin").replace(".safetensors", "{suffix}.safetensors")
+    limit = sys.maxsize if max_shard_bytes is None else max_shard_bytes  # None: one file (DeepSpeed's without a limit)
+    split = split_torch_state_dict_into_shards(state, filename_pattern=pattern, max_shard_size=limit)
+    stale = re.compile(re.escape(pattern).replace(re.escape("{suffix}"), r"-\d{5}-of-\d{5}"))
+    for name in os.listdir(output):
+        if stale.fullmatch(name) and name not in split.filename_to_tensors:
+            os.remove(os.path.join(output, name))
+    for file, keys in split.filename_to_tensors.items():
         _write_file({k: state[k] for k in keys}, os.path.join(output, file), safe)
-        weight_map.update(dict.fromkeys(keys, file))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    with open(os.path.join(output, f"{name}{ext}.index.json"), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    index = os.path.join(output, weights_name + ".index.json")
+    if not split.is_sharded and os.path.exists(index):
+        os.remove(index)  # an earlier sharded write's: transformers would read it instead of the one file
+    if split.is_sharded:
+        metadata = {**({"total_parameters": total_parameters} if total_parameters is not None else {}),
+                    **split.metadata}
+        with open(index, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"metadata": metadata, "weight_map": split.tensor_to_filename}, indent=2,
+                               sort_keys=True) + "\n")
 
 
 def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, hf_dir: bool | None = None, *,
@@ -187,7 +200,8 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
         write_weights_dir(state, output, safe_serialization, max_shard_bytes)
         return output
     tied = {alias for info in meta.values() for alias in info["aliases"]}
-    write_weights_dir({k: v for k, v in state.items() if k not in tied}, output, True, max_shard_bytes)
+    untied = {k: v for k, v in state.items() if k not in tied}
+    write_weights_dir(untied, output, True, max_shard_bytes, sum(untied[k].numel() for k in meta if k in untied))
     hf_config = {**hf_config, "torch_dtype": "float32"}
     hf_config.pop("dtype", None)
     with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:

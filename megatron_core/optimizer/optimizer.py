@@ -41,22 +41,44 @@ def _fused_adam_applies(params: Sequence[torch.Tensor]) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
+def is_embedding_or_output_parameter(param: torch.Tensor) -> bool:
+    """Whether the model tagged ``param`` as the input word embedding or the output layer weight
+    (Megatron-LM's ``is_embedding_or_output_parameter``, set by ``GPTModel`` as megatron.core's
+    ``LanguageModule.setup_embeddings_and_output_layer`` does)."""
+    return bool(getattr(param, "is_embedding_or_output_parameter", False))
+
+
+def param_group_index(model_param: torch.Tensor, config: OptimizerConfig) -> int:
+    """The torch optimizer group of a model parameter: 0 weight decay, 1 no weight decay (1-D),
+    2 the decoupled learning rate (embedding and output weights, only with ``decoupled_lr`` set)."""
+    if config.decoupled_lr is not None and is_embedding_or_output_parameter(model_param):
+        return 2
+    return 0 if model_param.dim() > 1 else 1
+
+
 def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair]) -> torch.optim.Optimizer:
     """Adam (decoupled weight decay, as Megatron-LM's fused Adam) or SGD over the main parameters.
 
-    Two groups: weight decay on matrices, none on 1-D parameters (biases and norm weights); a
-    parameter's group is decided by its model parameter's shape, so a ZeRO shard piece of a bias
-    is still exempt. Both groups always exist (possibly empty) so every rank has the same groups.
+    Groups (see :func:`param_group_index`): weight decay on matrices, none on 1-D parameters (biases
+    and norm weights); with ``config.decoupled_lr`` a third group, the embedding and output weights
+    (matrices, so with weight decay), carrying ``max_lr``/``min_lr`` that the LR scheduler reads instead
+    of its own and megatron.core's ``is_decoupled_lr`` tag. A parameter's group is decided by its model
+    parameter, so a ZeRO shard piece of a bias is still exempt. Every group always exists (possibly
+    empty: the decoupled one on a middle pipeline stage) so every rank has the same groups.
     Adam is torch's fused AdamW when every main parameter is a floating-point tensor on CPU or CUDA
     (one multi-threaded kernel over all tensors: 2.3 ms against 6.4-9.5 ms for the per-tensor loop
     that torch picks by default on CPU, 4.3M parameters, 2 threads, bench shape), else its default.
     """
-    decay = [main for main, model in pairs if model.dim() > 1]
-    no_decay = [main for main, model in pairs if model.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    members: list[list[torch.nn.Parameter]] = [[], [], []]
+    for main, model in pairs:
+        members[param_group_index(model, config)].append(main)
+    groups: list[dict] = [{"params": members[0], "weight_decay": config.weight_decay},
+                          {"params": members[1], "weight_decay": 0.0}]
+    if config.decoupled_lr is not None:
+        groups.append({"params": members[2], "weight_decay": config.weight_decay, "is_decoupled_lr": True,
+                       "max_lr": config.decoupled_lr, "min_lr": config.decoupled_min_lr_or_min_lr})
     if config.optimizer == "adam":
-        fused = {"fused": True} if _fused_adam_applies(decay + no_decay) else {}
+        fused = {"fused": True} if _fused_adam_applies([p for m in members for p in m]) else {}
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                  eps=config.adam_eps, **fused)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.sgd_momentum)

@@ -37,6 +37,13 @@ class OptimizerConfig:
       default 2): buckets resident at once during the NVMe step (the one being updated and those
       read ahead), plus the one being written back.
 
+    Decoupled learning rate (Megatron-LM's ``--decoupled-lr`` / ``--decoupled-min-lr``, megatron.core's
+    ``OptimizerConfig.decoupled_lr`` / ``decoupled_min_lr``): ``decoupled_lr`` set puts the parameters
+    marked ``is_embedding_or_output_parameter`` (the input word embedding on the first pipeline stage,
+    the output layer on the last, the tied copy of the word embedding included) in a group of their
+    own whose ``max_lr`` is ``decoupled_lr`` and ``min_lr`` is ``decoupled_min_lr`` (``min_lr`` when
+    None); the LR scheduler runs the same warmup and decay between those bounds.
+
     Whether the optimizer is sharded over DP is not an option here: the model chunks'
     ``DistributedDataParallelConfig.zero_stage`` decides it (one knob for one choice).
     """
@@ -44,6 +51,8 @@ class OptimizerConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     min_lr: float = 0.0
+    decoupled_lr: float | None = None
+    decoupled_min_lr: float | None = None
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -68,6 +77,12 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"OptimizerConfig.optimizer (--optimizer) must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            raise ValueError("OptimizerConfig.decoupled_min_lr (--decoupled-min-lr) is the floor of the "
+                             "decoupled_lr (--decoupled-lr) group; set decoupled_lr too or drop it")
+        if self.decoupled_lr is not None and not 0.0 <= self.decoupled_min_lr_or_min_lr <= self.decoupled_lr:
+            raise ValueError(f"OptimizerConfig: need 0 <= decoupled_min_lr (--decoupled-min-lr, else --min-lr) "
+                             f"{self.decoupled_min_lr_or_min_lr} <= decoupled_lr (--decoupled-lr) {self.decoupled_lr}")
         if self.fp16 and self.bf16:
             raise ValueError("OptimizerConfig: --fp16 and --bf16 are mutually exclusive; pick one")
         if self.loss_scale == 0:
@@ -94,3 +109,8 @@ class OptimizerConfig:
         if self.min_loss_scale <= 0 or self.initial_loss_scale < self.min_loss_scale:
             raise ValueError(f"OptimizerConfig: need 0 < min_loss_scale ({self.min_loss_scale}) <= initial_loss_scale "
                              f"({self.initial_loss_scale})")
+
+    @property
+    def decoupled_min_lr_or_min_lr(self) -> float:
+        """The floor of the decoupled group: ``decoupled_min_lr``, else ``min_lr`` (megatron.core's default)."""
+        return self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr

@@ -15,6 +15,12 @@ class SentencePieceTokenizer(MegatronTokenizer):
     def __init__(self, model_file: str) -> None:
         import sentencepiece
 
+        if model_file and os.path.isdir(model_file):
+            raise ValueError(
+                f"--tokenizer-model {model_file!r} is a directory; pass its tokenizer.model file, or "
+                f"--tokenizer-type HuggingFaceTokenizer to tokenize as Hugging Face reads the directory (a Llama "
+                f"tokenizer's bos included)"
+            )
         if not model_file or not os.path.isfile(model_file):
             raise ValueError(
                 f"SentencePiece model file not found: {model_file!r}; pass --tokenizer-model "

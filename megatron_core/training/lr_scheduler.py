@@ -6,6 +6,11 @@ Warmup is linear from ``init_lr`` to ``max_lr``; then the rate stays constant or
 (linear, cosine, inverse square root) to ``min_lr`` at ``lr_decay_steps`` and stays there. WSD
 (warmup-stable-decay) holds ``max_lr`` until the last ``wsd_decay_steps`` of the decay and anneals over
 those (exponential, linear, cosine or minus-sqrt), as Megatron-LM's ``lr_decay_style="WSD"``.
+
+A param group carrying its own ``max_lr``/``min_lr`` follows the same schedule between those bounds
+(Megatron-LM's ``get_lr(param_group)``): the ``--decoupled-lr`` group of the embedding and output weights,
+tagged ``is_decoupled_lr``. Its bounds are saved with the schedule as ``decoupled_lr``/``decoupled_min_lr``
+and checked on resume like ``max_lr``/``min_lr``.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ class OptimizerParamScheduler:
         self.wd_incr_steps, self.wd_incr_style = wd_incr_steps, wd_incr_style
         self.use_checkpoint_opt_param_scheduler = use_checkpoint_opt_param_scheduler
         self.override_opt_param_scheduler = override_opt_param_scheduler
+        self.decoupled_lr, self.decoupled_min_lr = _decoupled_bounds(optimizer)
         self.num_steps = 0
         for group in getattr(optimizer, "param_groups", []):
             # A group built without weight decay (biases, norms) keeps none, as Megatron-LM's wd_mult 0.
@@ -114,7 +120,8 @@ class OptimizerParamScheduler:
 
     # ---- checkpoints --------------------------------------------------------------------------
     _SAVED = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd",
-              "wd_incr_steps", "wd_incr_style", "wsd_decay_steps", "lr_wsd_decay_style")
+              "wd_incr_steps", "wd_incr_style", "wsd_decay_steps", "lr_wsd_decay_style", "decoupled_lr",
+              "decoupled_min_lr")
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's settings and position (plain Python values)."""
@@ -133,6 +140,7 @@ class OptimizerParamScheduler:
         for name in self._SAVED:
             if name in state and name not in ignored:
                 setattr(self, name, self._pick(getattr(self, name), state[name], name))
+        self._set_decoupled_bounds()
         self.num_steps = 0
         self.step(int(state.get("num_steps", 0)))
 
@@ -144,22 +152,46 @@ class OptimizerParamScheduler:
         if self.wd_incr_style == "constant" and state.get("wd_incr_style") == "constant":
             ignored |= {"wd_incr_steps", "start_wd"}
         if self.lr_decay_style == "constant" and state.get("lr_decay_style") == "constant":
-            ignored |= {"lr_decay_steps", "min_lr"}
+            ignored |= {"lr_decay_steps", "min_lr", "decoupled_min_lr"}
         if self.lr_decay_style != "WSD" and state.get("lr_decay_style") != "WSD":
             ignored |= {"wsd_decay_steps", "lr_wsd_decay_style"}
         return ignored
+
+    def _set_decoupled_bounds(self) -> None:
+        """Write the chosen decoupled bounds into the tagged group (the optimizer's load restored the saved ones)."""
+        groups = [g for g in getattr(self.optimizer, "param_groups", []) if g.get("is_decoupled_lr")]
+        if self.decoupled_lr is not None and not groups:
+            raise ConfigError(f"the checkpoint's embedding and output layer trained with --decoupled-lr "
+                              f"{self.decoupled_lr:g}; add --decoupled-lr {self.decoupled_lr:g} (and its "
+                              f"--decoupled-min-lr), or pass --override-opt-param-scheduler to drop it")
+        for group in groups:
+            if self.decoupled_lr is None:  # the flags' group, the checkpoint's schedule without one
+                group.pop("max_lr", None)
+                group.pop("min_lr", None)
+            else:
+                group["max_lr"], group["min_lr"] = self.decoupled_lr, self.decoupled_min_lr
 
     def _pick(self, ours: Any, saved: Any, name: str) -> Any:
         if self.override_opt_param_scheduler:
             return ours
         if self.use_checkpoint_opt_param_scheduler:
             return saved
-        if ours != saved and not (isinstance(ours, float) and math.isclose(ours, saved, rel_tol=1e-12)):
+        numbers = isinstance(ours, float) and isinstance(saved, (int, float))  # None: no --decoupled-lr
+        close = numbers and math.isclose(ours, saved, rel_tol=1e-12)
+        if ours != saved and not close:
             raise ConfigError(
                 f"the checkpoint's learning-rate schedule has {name} = {saved!r} but the flags give {ours!r}; pass "
                 f"--override-opt-param-scheduler to use the flags or --use-checkpoint-opt-param-scheduler to keep "
                 f"the checkpoint's")
         return saved
+
+
+def _decoupled_bounds(optimizer: Any) -> tuple[float | None, float | None]:
+    """``(max_lr, min_lr)`` of the group tagged ``is_decoupled_lr`` (``--decoupled-lr``), else ``(None, None)``."""
+    for group in getattr(optimizer, "param_groups", []):
+        if group.get("is_decoupled_lr"):
+            return float(group["max_lr"]), float(group["min_lr"])
+    return None, None
 
 
 def _check_wsd(wsd_decay_steps: float | None, style: str, lr_decay_steps: float) -> None:

@@ -4,7 +4,8 @@ A stage builds only its part: the embedding on the first stage (``pre_process``)
 output layer and loss on the last (``post_process``). With tied embeddings on a single stage the
 output layer uses the word embedding Parameter itself; on separate first and last stages the last
 stage holds its own copy, drawn from the same seed and marked ``shared_embedding`` so that
-``finalize_model_grads`` sums the two gradients.
+``finalize_model_grads`` sums the two gradients. The word embedding and the output weight (the tied
+copy included) are tagged ``is_embedding_or_output_parameter``, Megatron-LM's mark for ``--decoupled-lr``.
 """
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ from megatron_core.transformer.transformer_block import TransformerBlock
 EMBEDDING = "embedding"  # the attribute (and seed-name prefix) of the embedding
 # Read (with getattr) by grad clipping, the DDP buffers, finalize_model_grads and checkpointing.
 SHARED_EMBEDDING = "shared_embedding"
+# Read (with getattr) by the optimizer: Megatron-LM's tag for --decoupled-lr's group.
+EMBEDDING_OR_OUTPUT = "is_embedding_or_output_parameter"
 
 
-def _mark_shared_embedding(param: torch.Tensor) -> None:
+def _mark(param: torch.Tensor, tag: str) -> None:
     # Tensors take ad-hoc attributes at run time (Megatron-LM tags parameters this way), but torch's
     # stubs declare none, so the tag is set through setattr with a named attribute.
-    setattr(param, SHARED_EMBEDDING, True)
+    setattr(param, tag, True)
 
 
 class GPTModel(torch.nn.Module):
@@ -57,8 +60,9 @@ class GPTModel(torch.nn.Module):
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, self.padded_vocab_size, max_sequence_length, ps,
                                                     prefix=EMBEDDING)
+            _mark(self.embedding.word_embeddings.weight, EMBEDDING_OR_OUTPUT)
             if tied and not post_process:
-                _mark_shared_embedding(self.embedding.word_embeddings.weight)
+                _mark(self.embedding.word_embeddings.weight, SHARED_EMBEDDING)
         self.rotary_pos_emb = (RotaryEmbedding(config.rotary_dim, config.rotary_base)
                                if config.position_embedding_type == "rope" else None)
         self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(),
@@ -81,8 +85,10 @@ class GPTModel(torch.nn.Module):
         if same_param:
             # forward passes the word embedding Parameter instead (what ``weight = None`` does on a Module)
             self.output_layer.register_parameter("weight", None)
-        elif tied:
-            _mark_shared_embedding(self.output_layer.weight)
+        else:
+            _mark(self.output_layer.weight, EMBEDDING_OR_OUTPUT)
+            if tied:
+                _mark(self.output_layer.weight, SHARED_EMBEDDING)
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
         """The word embedding on the first stage, else the output layer's weight (None without either)."""

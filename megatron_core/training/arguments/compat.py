@@ -60,8 +60,6 @@ _REFUSED: dict[str, str] = {
     "--timing-log-option": _LOG,
     "--tensorboard-queue-size": "drop the flag (TensorBoard is written with its default queue)",
     "--rotary-seq-len-interpolation-factor": "RoPE position interpolation is not supported yet; drop the flag",
-    **{f: "a separate learning rate for the embedding and output layer is not supported yet; drop the flag "
-          "(every parameter follows --lr and --min-lr)" for f in ("--decoupled-lr", "--decoupled-min-lr")},
 }
 # Megatron-LM flags whose only setting is this framework's behaviour (flag -> help).
 _NO_OPS: dict[str, str] = {

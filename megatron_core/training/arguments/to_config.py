@@ -84,7 +84,8 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
     """``OptimizerConfig`` from the optimizer, mixed-precision and loss-scale flags."""
     return OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr if args.lr is not None else 0.0, min_lr=args.min_lr,
-        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        decoupled_lr=args.decoupled_lr, decoupled_min_lr=args.decoupled_min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, fp16=args.fp16,
         bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,

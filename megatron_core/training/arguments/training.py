@@ -59,6 +59,11 @@ def _learning_rate(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("learning rate", "warmup then constant, linear, cosine or WSD decay to --min-lr")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="peak learning rate of the input embedding and output layer (their own group, same "
+                        "warmup and decay; Megatron-LM's flag). Default: --lr")
+    g.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="--decoupled-lr's floor at the end of the decay (default --min-lr)")
     g.add_argument("--lr-decay-style", default="linear",
                    choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
                    help="WSD: warmup, --lr held, then annealed over the last --lr-wsd-decay-iters/-samples")

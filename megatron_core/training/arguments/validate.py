@@ -184,11 +184,26 @@ def _optimizer_values(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
+def _decoupled_lr(args: argparse.Namespace) -> None:
+    """--decoupled-lr's bounds: Megatron-LM ignores --decoupled-min-lr alone; here that is an error."""
+    if args.decoupled_lr is None:
+        if args.decoupled_min_lr is not None:
+            raise ConfigError("--decoupled-min-lr is the floor of the --decoupled-lr group; add --decoupled-lr or "
+                              "drop it")
+        return
+    floor = args.min_lr if args.decoupled_min_lr is None else args.decoupled_min_lr
+    if not 0.0 <= floor <= args.decoupled_lr:
+        which = "--min-lr" if args.decoupled_min_lr is None else "--decoupled-min-lr"
+        raise ConfigError(f"need 0 <= {which} {floor} <= --decoupled-lr {args.decoupled_lr}; give "
+                          f"--decoupled-min-lr at most --decoupled-lr")
+
+
 def _learning_rate(args: argparse.Namespace) -> None:
     if not args.skip_train:
         _require(args, "lr", "3e-4")
     if args.lr is not None and args.min_lr > args.lr:
         raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    _decoupled_lr(args)
     if args.lr_warmup_fraction is not None:
         if args.lr_warmup_iters or args.lr_warmup_samples:
             raise ConfigError("give only one of --lr-warmup-fraction, --lr-warmup-iters and --lr-warmup-samples")
