@@ -91,6 +91,20 @@ class Engine(torch.nn.Module):
         self._timings["forward"] += time.perf_counter() - start
         return out
 
+    def module_state_dict(self, destination: dict | None = None, prefix: str = "", keep_vars: bool = False,
+                          exclude_frozen_parameters: bool = False) -> dict:
+        """DeepSpeed's ``engine.module_state_dict``: the user's model's ``state_dict(destination, prefix,
+        keep_vars)`` (keys without the engine's wrapper prefix, AutoTP layers as this rank's shards), without
+        the ``requires_grad=False`` parameters when ``exclude_frozen_parameters``. Under ZeRO-3 the
+        parameters are gathered whole (a collective: every data-parallel rank calls it), where DeepSpeed's
+        gives the empty partitioned tensors."""
+        state = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if exclude_frozen_parameters:
+            for name, param in self.module.named_parameters():
+                if not param.requires_grad and prefix + name in state:
+                    del state[prefix + name]
+        return state
+
     def train(self, mode: bool = True) -> Engine:
         """Set the model's training mode; returns the engine."""
         self.module.train(mode)
@@ -149,6 +163,12 @@ class Engine(torch.nn.Module):
     def train_micro_batch_size_per_gpu(self) -> int:
         """Samples per micro batch on this rank."""
         return self.config.train_micro_batch_size_per_gpu
+
+    def get_batch_info(self) -> tuple[int, int, int]:
+        """``(train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)``, DeepSpeed's
+        ``get_batch_info`` as its docstring documents it (DeepSpeed 0.19.8's returns the three bound methods
+        themselves, uncalled; here the values)."""
+        return self.train_batch_size(), self.train_micro_batch_size_per_gpu(), self.gradient_accumulation_steps()
 
     def set_train_batch_size(self, train_batch_size: int) -> None:
         """DeepSpeed's: a new global batch of the same micro batches, by changing ``gradient_accumulation_steps``.
