@@ -9,6 +9,7 @@ the CPU with /tmp/peers-venv (the project's tests cannot import deepspeed).
 import pathlib
 import re
 
+import pytest
 import torch
 from engine_common import ds_config, make_model
 from harness import run_distributed
@@ -56,3 +57,97 @@ def test_module_state_dict_and_get_batch_info():
     assert out["full"] == names and out["same"] and out["kept_is_param"]
     assert out["trainable"] == ["module." + n for n in names if n != "0.weight"]
     assert out["info"] == (6, 2, 3) and out["info_after"] == (12, 2, 6)
+
+
+# ---- param groups and weight decay, as DeepSpeed forms them ------------------------------------------------
+DECAY_CONFIG = {
+    "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.5}},
+    "steps_per_print": 10**6,
+}
+# DeepSpeed 0.19.8, /tmp/peers-venv, DS_ACCELERATOR=cpu, one gloo rank, torch_adam, ZeRO stage 0, 1 and 2 alike:
+# deepspeed.initialize(model=_decay_model(), model_parameters=model.parameters(), config=DECAY_CONFIG) and three
+# steps of _decay_batch(0..2) gave get_lr() [0.1], one group with weight_decay 0.5, losses
+# [0.7609480619430542, 1.4191032648086548, 1.31943678855896] and model[0].bias[:4]
+# [-0.54867023229599, 0.07330617308616638, -0.40006932616233826, -0.0788869857788086].
+DEEPSPEED_LOSSES = [0.7609480619430542, 1.4191032648086548, 1.31943678855896]
+DEEPSPEED_BIAS = [-0.54867023229599, 0.07330617308616638, -0.40006932616233826, -0.0788869857788086]
+
+
+def _decay_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+
+
+def _decay_batch(step):
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(4, 8, generator=gen), torch.randn(4, 4, generator=gen)
+
+
+def _groups_of(model, how):
+    if how == "parameters":
+        return model.parameters()
+    if how == "none":
+        return None
+    matrices = [p for p in model.parameters() if p.dim() > 1]
+    return [{"params": matrices, "weight_decay": 0.3}, {"params": [p for p in model.parameters() if p.dim() == 1]}]
+
+
+def _train_decay(stage, how):
+    model = _decay_model()
+    config = {**DECAY_CONFIG, "zero_optimization": {"stage": stage}}
+    if how == "client":  # a torch AdamW with two groups of their own decays; the config then has no optimizer
+        del config["optimizer"]
+        groups = _groups_of(model, "groups")
+        groups[1]["weight_decay"] = 0.05
+        client = torch.optim.AdamW(groups, lr=0.1, betas=(0.9, 0.95), eps=1e-8)
+        engine, _, _, _ = megatron_core.initialize(model, optimizer=client, config=config)
+    else:
+        engine, _, _, _ = megatron_core.initialize(model, model_parameters=_groups_of(model, how), config=config)
+    out = {"lr": engine.get_lr(), "decay": [g["weight_decay"] for g in engine.optimizer.param_groups], "losses": []}
+    for step in range(3):
+        x, y = _decay_batch(step)
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        out["losses"].append(loss.item())
+    out["bias"] = engine.module[0].bias.detach()[:4].tolist()
+    engine.parallel_state.destroy()
+    return out
+
+
+def _torch_reference(how):
+    """The same three steps with torch.optim.AdamW over the same groups (what DeepSpeed steps)."""
+    model = _decay_model()
+    groups = list(model.parameters()) if how in ("parameters", "none") else _groups_of(model, how)
+    if how == "client":
+        groups[1]["weight_decay"] = 0.05
+    optimizer = torch.optim.AdamW(groups, lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.5)
+    losses = []
+    for step in range(3):
+        x, y = _decay_batch(step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, model[0].bias.detach()[:4].tolist(), [g["weight_decay"] for g in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_weight_decay_and_groups_follow_deepspeed(stage):
+    """With ``model_parameters=model.parameters()`` (or none) DeepSpeed builds one param group and decays every
+    parameter, biases included; the engine had two groups (Megatron's no decay on 1-D parameters), so
+    ``get_lr()`` showed two rates and training differed from DeepSpeed's as soon as weight_decay > 0
+    (bias[:4] after 3 steps moved away from DeepSpeed's numbers above). Group dicts keep their own
+    ``weight_decay`` (those were refused unless 0 or the optimizer's), the optimizer's filling a group without one;
+    a client optimizer's groups are kept too."""
+    for how in ("parameters", "none", "groups", "client"):
+        out = run_distributed(_train_decay, 1, stage, how, timeout=60)[0]
+        losses, bias, decays = _torch_reference(how)
+        assert out["decay"] == decays and out["lr"] == [0.1] * len(decays), (how, out)
+        assert out["losses"] == pytest.approx(losses, rel=1e-5), how
+        assert out["bias"] == pytest.approx(bias, rel=1e-5, abs=1e-6), how
+        if how in ("parameters", "none"):
+            assert out["losses"] == pytest.approx(DEEPSPEED_LOSSES, rel=1e-5)
+            assert out["bias"] == pytest.approx(DEEPSPEED_BIAS, rel=1e-5, abs=1e-6)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -98,7 +98,8 @@ class Engine(torch.nn.Module):
         the ``requires_grad=False`` parameters when ``exclude_frozen_parameters``. Under ZeRO-3 the
         parameters are gathered whole (a collective: every data-parallel rank calls it), where DeepSpeed's
         gives the empty partitioned tensors."""
-        state = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        # typing.cast: torch's overloads type destination=None apart; None makes torch's own OrderedDict with _metadata.
+        state = cast(dict, self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars))
         if exclude_frozen_parameters:
             for name, param in self.module.named_parameters():
                 if not param.requires_grad and prefix + name in state:

@@ -41,22 +41,39 @@ def _fused_adam_applies(params: Sequence[torch.Tensor]) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
-def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair]) -> torch.optim.Optimizer:
+def _groups(config: OptimizerConfig, pairs: list[ParamPair], model_param_groups: list[dict] | None) -> list[dict]:
+    """The torch param groups over the main parameters: the client's groups, or Megatron-LM's decay split."""
+    if model_param_groups is None:
+        return [{"params": [main for main, model in pairs if model.dim() > 1], "weight_decay": config.weight_decay},
+                {"params": [main for main, model in pairs if model.dim() <= 1], "weight_decay": 0.0}]
+    group_of = {id(p): i for i, group in enumerate(model_param_groups) for p in group["params"]}
+    groups: list[dict] = [{"params": [], "weight_decay": float(group["weight_decay"])} for group in model_param_groups]
+    for main, model in pairs:
+        if id(model) not in group_of:
+            raise ValueError(f"model_param_groups leave out a trainable parameter of shape {tuple(model.shape)}; "
+                             f"list every parameter with requires_grad=True in one group")
+        groups[group_of[id(model)]]["params"].append(main)
+    return groups
+
+
+def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair],
+                          model_param_groups: list[dict] | None = None) -> torch.optim.Optimizer:
     """Adam (decoupled weight decay, as Megatron-LM's fused Adam) or SGD over the main parameters.
 
-    Two groups: weight decay on matrices, none on 1-D parameters (biases and norm weights); a
-    parameter's group is decided by its model parameter's shape, so a ZeRO shard piece of a bias
-    is still exempt. Both groups always exist (possibly empty) so every rank has the same groups.
+    Without ``model_param_groups``, Megatron-LM's two groups: weight decay on matrices, none on 1-D
+    parameters (biases and norm weights). With it (``[{"params": [model parameters], "weight_decay":
+    float}, ...]``, the groups a torch optimizer or DeepSpeed's engine is given), one torch group per
+    given group, in order, with its weight decay. A main parameter joins its model parameter's group,
+    so a ZeRO shard piece of a bias stays where the bias is, and every group exists (possibly empty
+    on this rank) so every rank has the same groups. Raises ValueError when a trainable parameter is
+    in no group.
     Adam is torch's fused AdamW when every main parameter is a floating-point tensor on CPU or CUDA
     (one multi-threaded kernel over all tensors: 2.3 ms against 6.4-9.5 ms for the per-tensor loop
     that torch picks by default on CPU, 4.3M parameters, 2 threads, bench shape), else its default.
     """
-    decay = [main for main, model in pairs if model.dim() > 1]
-    no_decay = [main for main, model in pairs if model.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = _groups(config, pairs, model_param_groups)
     if config.optimizer == "adam":
-        fused = {"fused": True} if _fused_adam_applies(decay + no_decay) else {}
+        fused = {"fused": True} if _fused_adam_applies([main for main, _ in pairs]) else {}
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                  eps=config.adam_eps, **fused)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.sgd_momentum)
@@ -74,9 +91,11 @@ class MegatronOptimizer:
     sharded_over_dp = False
 
     def __init__(
-        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState
+        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState,
+        model_param_groups: list[dict] | None = None,
     ) -> None:
         self.config, self.model_chunks, self.parallel_state = config, list(model_chunks), parallel_state
+        self.model_param_groups = model_param_groups  # see build_torch_optimizer
         self.grad_scaler = make_grad_scaler(config)
         self.pairs: list[ParamPair] = []
         self.inner: torch.optim.Optimizer | None = None
@@ -178,9 +197,10 @@ class ReplicatedOptimizer(MegatronOptimizer):
     """
 
     def __init__(
-        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState
+        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState,
+        model_param_groups: list[dict] | None = None,
     ) -> None:
-        super().__init__(config, model_chunks, parallel_state)
+        super().__init__(config, model_chunks, parallel_state, model_param_groups)
         seen: set[int] = set()
         for chunk in self.model_chunks:
             for p in chunk.parameters():
@@ -188,7 +208,7 @@ class ReplicatedOptimizer(MegatronOptimizer):
                     seen.add(id(p))
                     main = p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float())
                     self.pairs.append((main, p))
-        self.inner = build_torch_optimizer(config, self.pairs)
+        self.inner = build_torch_optimizer(config, self.pairs, model_param_groups)
 
     def _prepare_main_grads(self) -> None:
         for main, model in self.pairs:
