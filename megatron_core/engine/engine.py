@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -98,8 +98,9 @@ class Engine(torch.nn.Module):
         the ``requires_grad=False`` parameters when ``exclude_frozen_parameters``. Under ZeRO-3 the
         parameters are gathered whole (a collective: every data-parallel rank calls it), where DeepSpeed's
         gives the empty partitioned tensors."""
-        # typing.cast: torch's overloads type destination=None apart; None makes torch's own OrderedDict with _metadata.
-        state = cast(dict, self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars))
+        # Two calls for torch's two overloads; None lets torch make its OrderedDict with the version _metadata.
+        state: dict = (self.module.state_dict(prefix=prefix, keep_vars=keep_vars) if destination is None
+                       else self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars))
         if exclude_frozen_parameters:
             for name, param in self.module.named_parameters():
                 if not param.requires_grad and prefix + name in state:
