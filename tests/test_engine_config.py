@@ -200,7 +200,10 @@ ERRORS = {
     ),
     "bad-betas": (
         config_with(optimizer={"type": "Adam", "params": {"betas": [0.9]}}), "optimizer.params.betas must be two"),
-    "unimplemented-scheduler": (config_with(scheduler={"type": "OneCycle"}), "'OneCycle' is a DeepSpeed scheduler"),
+    "one-cycle-without-bounds": (config_with(scheduler={"type": "OneCycle"}),
+                                 "scheduler.params.cycle_min_lr is required by OneCycle"),
+    "range-test-step-size": (config_with(scheduler={"type": "LRRangeTest", "params": {"lr_range_test_step_size": 0}}),
+                             "scheduler.params.lr_range_test_step_size must be > 0, got 0"),
     "missing-total-steps": (
         config_with(scheduler={"type": "WarmupCosineLR", "params": {}}),
         "scheduler.params.total_num_steps is required by WarmupCosineLR",

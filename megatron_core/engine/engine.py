@@ -249,6 +249,12 @@ class Engine(torch.nn.Module):
         """The learning rate of every optimizer param group."""
         return [group["lr"] for group in self.optimizer.param_groups]
 
+    def get_mom(self) -> list[Any]:
+        """DeepSpeed's: every param group's momentum, SGD's ``momentum`` or Adam's ``betas`` pair (``OneCycle``
+        cycles beta1)."""
+        key = "momentum" if self.optimizer.config.optimizer == "sgd" else "betas"
+        return [group.get(key, 0.0) for group in self.optimizer.param_groups]
+
     def get_global_grad_norm(self) -> float | None:
         """The global gradient norm (before clipping) of the last optimizer step; None after a skipped step."""
         return self._grad_norm
