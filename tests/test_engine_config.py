@@ -214,10 +214,6 @@ ERRORS = {
     ),
     "fp16-and-bf16": (
         config_with(fp16={"enabled": True}, bf16={"enabled": True}), "fp16.enabled and bf16.enabled are both"),
-    "consecutive-hysteresis": (
-        config_with(fp16={"enabled": True, "consecutive_hysteresis": True}),
-        "fp16.consecutive_hysteresis = true is not implemented",
-    ),
     "wrong-type": (config_with(steps_per_print="ten"), "steps_per_print must be int"),
     "negative-clip": (config_with(gradient_clipping=-1), "gradient_clipping must be >= 0.0"),
     "stage-4": (config_with(zero_optimization={"stage": 4}), "zero_optimization.stage must be 0, 1, 2 or 3"),

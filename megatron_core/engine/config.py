@@ -176,11 +176,6 @@ def _fp16(raw: dict) -> FP16Section:
         typed(raw, path, "consecutive_hysteresis", bool, False),
         number_at_least(raw, path, "min_loss_scale", 1.0, 0.0, float),
     )
-    if section.enabled and section.consecutive_hysteresis:
-        raise ConfigError(
-            "DeepSpeed config: fp16.consecutive_hysteresis = true is not implemented (the loss scaler "
-            "restores its hysteresis only when the scale grows); set it to false"
-        )
     return section
 
 

@@ -13,8 +13,8 @@ bf16.enabled                                OptimizerConfig.bf16, DistributedDat
                                             (DeepSpeed accumulates bf16 gradients in fp32)
 communication_data_type "fp32"              DistributedDataParallelConfig.grad_reduce_in_fp32 (also under fp16)
 fp16.enabled / loss_scale / initial_scale_  OptimizerConfig.fp16 / loss_scale (0 = dynamic) / initial_loss_scale
-power / loss_scale_window / hysteresis /    = 2**power / loss_scale_window / hysteresis / min_loss_scale
-min_loss_scale
+power / loss_scale_window / hysteresis /    = 2**power / loss_scale_window / hysteresis / min_loss_scale /
+min_loss_scale / consecutive_hysteresis     consecutive_hysteresis
 gradient_clipping                           OptimizerConfig.clip_grad (0 = off; 1.0 when left out, as DeepSpeed 0.19)
 optimizer Adam/AdamW/SGD params             OptimizerConfig.optimizer 'adam' (decoupled decay) / 'sgd', lr,
                                             adam_beta1/2, adam_eps, weight_decay, sgd_momentum
@@ -199,6 +199,8 @@ def optimizer_config_from(config: EngineConfig, default_lr: float | None = None)
         min_loss_scale=fp16.min_loss_scale,
         loss_scale_window=fp16.loss_scale_window,
         hysteresis=fp16.hysteresis,
+        consecutive_hysteresis=fp16.consecutive_hysteresis,
+        deepspeed_loss_scale_window=True,  # DeepSpeed's DynamicLossScaler counts the window one step later
     )
     if fp16.enabled and fp16.loss_scale == 0 and values["initial_loss_scale"] < fp16.min_loss_scale:
         raise ConfigError(

@@ -34,7 +34,8 @@ def make_grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | None:
     if config.loss_scale is not None:
         return ConstantGradScaler(config.loss_scale)
     return DynamicGradScaler(config.initial_loss_scale, config.min_loss_scale, config.loss_scale_window,
-                             config.hysteresis)
+                             config.hysteresis, consecutive_hysteresis=config.consecutive_hysteresis,
+                             deepspeed_window=config.deepspeed_loss_scale_window)
 
 
 def _fused_adam_applies(params: Sequence[torch.Tensor]) -> bool:
