@@ -180,3 +180,43 @@ def test_consecutive_hysteresis_follows_deepspeeds_loss_scaler(consecutive):
         scaler.update(bool(overflow))
         scales.append(scaler.scale)
     assert scales == DEEPSPEED_SCALES[consecutive]
+
+
+# ---- safe_get_full_grad between micro steps --------------------------------------------------------------------
+# DeepSpeed 0.19.8, 2 gloo ranks on the CPU (/tmp/peers-venv), torch.nn.Linear(8, 4) (seed 0), AdamW, micro batch 2,
+# gradient_accumulation_steps 2, each micro step engine.backward(engine(torch.ones(2, 8) * (rank + 1)).sum()), then
+# deepspeed.utils.safe_get_full_grad(engine.module.weight).sum() before engine.step(): per stage, rank 0's and
+# rank 1's (micro step 1, the boundary micro step 2). "raise": ValueError("Gradients are only available immediately
+# after backward and before engine step").
+DEEPSPEED_MID_GRADS = {
+    0: [(32.0, 96.0), (64.0, 96.0)],
+    1: [(32.0, 96.0), (64.0, 96.0)],
+    2: [("raise", 96.0), ("raise", 96.0)],
+    3: [(48.0, 96.0), (48.0, 96.0)],
+}
+
+
+def _mid_accumulation_grads(stage):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 10**6,
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01}}, "zero_optimization": {"stage": stage}}
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=model.parameters(), config=config)
+    sums = []
+    for _ in range(2):
+        engine.backward(engine(torch.ones(2, 8) * (engine.global_rank + 1)).sum())
+        try:
+            sums.append(megatron_core.zero.safe_get_full_grad(engine.module.weight).sum().item())
+        except ValueError as exc:
+            assert "only available immediately after backward and before engine step" in str(exc)
+            sums.append("raise")
+        engine.step()
+    engine.parallel_state.destroy()
+    return tuple(sums)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_safe_get_full_grad_between_micro_steps_answers_as_deepspeed(stage):
+    """Before the accumulation boundary ZeRO-2 returned the micro step's reduced gradient where DeepSpeed raises;
+    ZeRO-0/1 give the rank's own accumulated gradient and ZeRO-3 the reduced one so far, as DeepSpeed's."""
+    assert run_distributed(_mid_accumulation_grads, 2, stage, timeout=120) == DEEPSPEED_MID_GRADS[stage]
