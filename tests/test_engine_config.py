@@ -335,7 +335,6 @@ def test_sections_written_out_with_their_off_values_are_accepted():
         ("checkpoint", {"tag_validation": "Fail"}),
         ("checkpoint", {"load_univresal": True}),
         ("aio", {"queue_depth": 32}),
-        ("data_types", {"grad_accum_dtype": "bf16"}),
     ):
         with pytest.raises(ConfigError, match=f"{key} = .* is a DeepSpeed option this framework does not implement"):
             load_config(config_with(**{key: value}), dp_size=2)

@@ -220,3 +220,54 @@ def test_safe_get_full_grad_between_micro_steps_answers_as_deepspeed(stage):
     """Before the accumulation boundary ZeRO-2 returned the micro step's reduced gradient where DeepSpeed raises;
     ZeRO-0/1 give the rank's own accumulated gradient and ZeRO-3 the reduced one so far, as DeepSpeed's."""
     assert run_distributed(_mid_accumulation_grads, 2, stage, timeout=120) == DEEPSPEED_MID_GRADS[stage]
+
+
+# ---- data_types.grad_accum_dtype ---------------------------------------------------------------------------------
+# DeepSpeed 0.19.8 (/tmp/peers-venv, CPU, one rank), bf16, torch.nn.Linear(16, 8) (seed 0), micro batch 4, GA 2,
+# engine.backward(engine(x).float().pow(2).mean()) for two x = torch.randn(4, 16) (generator seed 1) in bf16, then
+# safe_get_full_grad(engine.module.weight).flatten()[:6]: grad_accum_dtype "bf16" at ZeRO-0 (its FP16_UnfusedOptimizer)
+# and "fp32" at ZeRO-1 (its BF16_Optimizer).
+DEEPSPEED_ACCUMULATED = {
+    ("bf16", 0): ("torch.bfloat16", [-0.050048828125, 0.04931640625, -0.01361083984375, -0.027587890625,
+                                     0.030029296875, -0.0213623046875]),
+    ("fp32", 1): ("torch.float32", [-0.04998779296875, 0.04931640625, -0.01361083984375, -0.027587890625,
+                                    0.030029296875, -0.0213623046875]),
+}
+
+
+def _accumulated_grad(accum, stage):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8)
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "bf16": {"enabled": True},
+              "data_types": {"grad_accum_dtype": accum}, "gradient_clipping": 0.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01}}, "zero_optimization": {"stage": stage}}
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=model.parameters(), config=config)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        engine.backward(engine(torch.randn(4, 16, generator=gen).to(torch.bfloat16)).float().pow(2).mean())
+    grad = megatron_core.zero.safe_get_full_grad(engine.module.weight)
+    engine.parallel_state.destroy()
+    return str(grad.dtype), grad.float().flatten()[:6].tolist()
+
+
+@pytest.mark.parametrize("accum,stage", sorted(DEEPSPEED_ACCUMULATED))
+def test_grad_accum_dtype_accumulates_as_deepspeed(accum, stage):
+    """``data_types.grad_accum_dtype`` was refused. ``"bf16"`` under bf16 accumulates the micro steps' gradients
+    in bf16 (DeepSpeed's result bit for bit; the engine's bf16 default accumulates in fp32), ``"fp32"`` in fp32."""
+    assert run_distributed(_accumulated_grad, 1, accum, stage, timeout=60)[0] == DEEPSPEED_ACCUMULATED[accum, stage]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"data_types": {"grad_accum_dtype": "bf16"}},
+     "data_types.grad_accum_dtype = 'bf16' with fp32 training is not implemented; use 'fp32' or the training dtype"),
+    ({"data_types": {"grad_accum_dtype": "int8"}, "fp16": {"enabled": True}},
+     "data_types.grad_accum_dtype = 'int8' with fp16 training is not implemented"),
+    ({"data_types": {"grad_accum_dtype": "bfloat16"}, "bf16": {"enabled": True}, "communication_data_type": "fp32"},
+     "data_types.grad_accum_dtype = 'bfloat16' with communication_data_type 'fp32' is not implemented"),
+])
+def test_grad_accum_dtype_mixes_not_implemented_are_one_line(extra, message):
+    from megatron_core.engine.config import load_config
+    from megatron_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config({**ds_config(1, 1, 0), **extra}, 1)

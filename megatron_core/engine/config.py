@@ -120,6 +120,7 @@ class EngineConfig:
     tensorboard: MonitorSection = dataclasses.field(default_factory=MonitorSection)
     csv_monitor: MonitorSection = dataclasses.field(default_factory=MonitorSection)
     communication_data_type: str | None = None  # "fp32": reduce gradients in fp32 (None: the training dtype's rule)
+    grad_accum_dtype: str | None = None  # data_types.grad_accum_dtype: "fp32", "fp16", "bf16" (None: the default rule)
     dataloader_drop_last: bool = False  # the training_data loader drops each rank's last, short micro batch
 
 
@@ -322,6 +323,7 @@ TOP_LEVEL = {
     "tensorboard",
     "csv_monitor",
     "communication_data_type",
+    "data_types",
     "dataloader_drop_last",
     # Permissions for a client optimizer under ZeRO / on the host (LLaMA-Factory's configs set both):
     # every optimizer this engine takes runs at every stage and with offload, others are refused anyway.
@@ -414,6 +416,8 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     if config.fp16.enabled and config.bf16_enabled:
         raise ConfigError("DeepSpeed config: fp16.enabled and bf16.enabled are both true; enable one")
     config.communication_data_type = keys.communication_data_type(raw, config.fp16.enabled, config.bf16_enabled)
+    config.grad_accum_dtype = keys.grad_accum_dtype(raw, config.fp16.enabled, config.bf16_enabled,
+                                                    config.communication_data_type)
     config.dataloader_drop_last = typed(raw, "", "dataloader_drop_last", bool, False)
     return config
 
