@@ -271,3 +271,25 @@ def test_grad_accum_dtype_mixes_not_implemented_are_one_line(extra, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config({**ds_config(1, 1, 0), **extra}, 1)
+
+
+def _load_into_other_groups(directory):
+    model = _decay_model()
+    config = {**DECAY_CONFIG, "zero_optimization": {"stage": 1}}
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=_groups_of(model, "groups"), config=config)
+    engine.save_checkpoint(directory)
+    engine.parallel_state.destroy()
+    model = _decay_model()
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=model.parameters(), config=config)
+    try:
+        engine.load_checkpoint(directory)
+    finally:
+        engine.parallel_state.destroy()
+
+
+def test_a_checkpoint_of_other_param_groups_is_one_line(tmp_path):
+    """Loading the optimizer of a run with other param groups (two here, one now; every engine checkpoint saved
+    before the groups followed DeepSpeed's) was zip()'s ValueError with a traceback."""
+    with pytest.raises(Exception, match="was saved with 2 optimizer param groups, this engine has 1 .*; load with "
+                                        "load_optimizer_states=False"):
+        run_distributed(_load_into_other_groups, 1, str(tmp_path), timeout=60)
