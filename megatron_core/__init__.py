@@ -4,7 +4,14 @@
 ``megatron_core.init_distributed`` is ``deepspeed.init_distributed``);
 it is imported on first use so that ``import megatron_core`` stays light.
 """
+from importlib import metadata
 from typing import Any
+
+try:
+    # The installed distribution's version (pyproject.toml's [project] version), as torch and DeepSpeed expose it.
+    __version__ = metadata.version("shardtrain")
+except metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str) -> Any:

@@ -103,6 +103,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'megatron_core.zero' has no attribute {name!r}")
 
 
+def _not_available(stage: int) -> ConfigError:
+    return ConfigError(f"safe_get_full_grad: under ZeRO stage {stage} gradients are only available immediately "
+                       f"after backward and before engine step (as in DeepSpeed); call it between "
+                       f"engine.backward(loss) at the gradient accumulation boundary and engine.step()")
+
+
 def safe_get_full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
     """The whole reduced gradient of ``param`` (DeepSpeed's ``deepspeed.utils.safe_get_full_grad``).
 
@@ -118,17 +124,21 @@ def safe_get_full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
     ZeRO-0 (DeepSpeed's engine sets ``grad`` to None after the step); a ConfigError (a ValueError, DeepSpeed's
     type and words) at ZeRO-1/2, on every rank; zeros at ZeRO-3 (DeepSpeed's partition buffer before the first
     backward; after a step DeepSpeed's still holds the last step's gradient, here zeroed by the step).
+    Between the micro steps of a gradient accumulation (before the boundary's backward), as DeepSpeed 0.19.8:
+    ZeRO-0/1 give this rank's gradient accumulated so far (not reduced over DP), ZeRO-2 the ConfigError
+    (its micro steps are reduce-scattered into the shard, DeepSpeed's not yet averaged), ZeRO-3 the
+    accumulated average so far.
     """
     if not param.requires_grad:
         return None
     buffer = getattr(param, GRAD_BUFFER_ATTR, None)
+    stage = None if buffer is None else buffer.config.zero_stage
     if buffer is not None and not buffer.has_grads:
-        stage = buffer.config.zero_stage
         if stage in (1, 2):
-            raise ConfigError(f"safe_get_full_grad: under ZeRO stage {stage} gradients are only available immediately "
-                              f"after backward and before engine step (as in DeepSpeed); call it between "
-                              f"engine.backward(loss) at the gradient accumulation boundary and engine.step()")
+            raise _not_available(stage)
         return torch.zeros(param.shape, dtype=buffer.grad_dtype, device=buffer.device) if stage == 3 else None
+    if buffer is not None and stage == 2 and not buffer.synced:
+        raise _not_available(stage)
     if buffer is None or not buffer.partition_grads:
         grad = getattr(param, MAIN_GRAD_ATTR, None)
         grad = param.grad if grad is None else grad

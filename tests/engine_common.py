@@ -5,7 +5,8 @@ A model kind is ``"mlp"``, ``"gpt2"`` or ``"llama"`` (tiny Hugging Face models w
 batch ``j`` of it is rows ``[j * MICRO, (j + 1) * MICRO)``, and on the engine DP rank ``r`` runs micro
 batches ``j = k * dp + r`` for its micro steps ``k``. The reference is the loop a user writes without
 the engine: one process, the whole global batch as ``dp * ga`` micro batches, ``(loss / n).backward()``,
-``clip_grad_norm_`` and ``torch.optim.AdamW`` (weight decay on matrices only, as the engine).
+``clip_grad_norm_`` and ``torch.optim.AdamW(model.parameters(), ...)``: one param group, every parameter
+decayed (biases too), as DeepSpeed builds the config's optimizer without ``model_parameters``.
 """
 
 from __future__ import annotations
@@ -71,14 +72,13 @@ def reference(kind: str, steps: int, num_micro: int, clip: float = CLIP, opt: di
     params = dict(model.named_parameters())
     opt = opt or opt_for(kind)
     p = opt["params"]
-    groups = [
-        {"params": [t for t in params.values() if t.dim() > 1], "weight_decay": p["weight_decay"]},
-        {"params": [t for t in params.values() if t.dim() <= 1], "weight_decay": 0.0},
-    ]
+    groups = list(params.values())
     if opt["type"] == "SGD":
-        optim: torch.optim.Optimizer = torch.optim.SGD(groups, lr=p["lr"], momentum=p["momentum"])
+        optim: torch.optim.Optimizer = torch.optim.SGD(groups, lr=p["lr"], momentum=p["momentum"],
+                                                       weight_decay=p["weight_decay"])
     else:
-        optim = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"])
+        optim = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                                  weight_decay=p["weight_decay"])
     losses, norms = [], []
     for step in range(steps):
         optim.zero_grad()

@@ -139,16 +139,6 @@ def _init_error(kind):
         megatron_core.initialize(lambda x: x, config=config)
     elif kind == "no-model":
         megatron_core.initialize(None, config=config)
-    elif kind.startswith("group-decay"):  # DeepSpeed applies each group's weight_decay; it was silently replaced
-        matrices = [p for p in model.parameters() if p.dim() > 1]
-        vectors = [p for p in model.parameters() if p.dim() == 1]
-        decays = {"group-decay-vectors": (0.1, 0.01), "group-decay-matrices": (0.05, 0.0)}.get(kind, (0.1, 0.01))
-        groups = [{"params": matrices, "weight_decay": decays[0]}, {"params": vectors, "weight_decay": decays[1]}]
-        if kind == "group-decay-client":
-            del config["optimizer"]
-            megatron_core.initialize(model, optimizer=torch.optim.AdamW(groups), config=config)
-        else:  # the config's optimizer section has weight_decay 0.1
-            megatron_core.initialize(model, model_parameters=groups, config=config)
     elif kind == "tensor-parallel-not-an-object":  # was AttributeError: 'int' object has no attribute 'get'
         megatron_core.initialize(model, config={**config, "tensor_parallel": 2})
 
@@ -167,11 +157,6 @@ def _init_error(kind):
                 "tensor_parallel.autotp_size"),
         ("not-a-module", "initialize: model= must be a torch.nn.Module, got function"),
         ("no-model", "initialize: model= must be a torch.nn.Module, got NoneType"),
-        ("group-decay-vectors", "initialize(model_parameters=...): a param group's weight_decay 0.01 is neither 0 "
-                                "nor the optimizer's 0.1; the engine decays every matrix by the optimizer's value"),
-        ("group-decay-matrices", "a param group's weight_decay 0.05 is neither 0 nor the optimizer's 0.1"),
-        ("group-decay-client", "initialize(optimizer=...): a param group's weight_decay 0.01 is neither 0 nor the "
-                               "optimizer's 0.1"),
         ("tensor-parallel-not-an-object", "DeepSpeed config: tensor_parallel must be a JSON object, got 2"),
     ],
 )

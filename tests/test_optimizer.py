@@ -68,10 +68,12 @@ def _megatron_rule(scale, min_scale, interval, hysteresis, steps):
     return out
 
 
-def _deepspeed_rule(scale, min_scale, window, hysteresis, steps):
-    """DeepSpeed ``DynamicLossScaler.update_scale`` restated (``delayed_shift`` = hysteresis, no
-    consecutive hysteresis): growth when the iterations since the last overflow are a multiple of
-    the window. A different formulation of the same rule; only the scales are comparable."""
+def _deepspeed_rule(scale, min_scale, window, hysteresis, steps, consecutive=False):
+    """DeepSpeed 0.19.8 ``DynamicLossScaler.update_scale`` restated (``delayed_shift`` = hysteresis): growth when
+    ``stable_interval = cur_iter - last_overflow_iter - 1`` is a positive multiple of the window, so the first
+    growth comes one clean step later than Megatron's. Checked against DeepSpeed itself (/tmp/peers-venv, CPU):
+    its scales over all-clean, overflow-then-clean and a 40-step random sequence, hysteresis 1-3, with and
+    without ``consecutive_hysteresis``, equal this function's. Only the scales are comparable."""
     cur_iter, last_overflow, cur_hyst, out = 0, -1, hysteresis, []
     for overflow in steps:
         if overflow:
@@ -80,8 +82,12 @@ def _deepspeed_rule(scale, min_scale, window, hysteresis, steps):
             else:
                 cur_hyst -= 1
             last_overflow = cur_iter
-        elif (cur_iter - last_overflow) % window == 0:
-            cur_hyst, scale = hysteresis, scale * 2.0
+        else:
+            if consecutive:
+                cur_hyst = hysteresis
+            stable = cur_iter - last_overflow - 1
+            if stable > 0 and stable % window == 0:
+                cur_hyst, scale = hysteresis, scale * 2.0
         cur_iter += 1
         out.append(scale)
     return out
@@ -103,12 +109,16 @@ def test_dynamic_loss_scale_follows_megatron_and_deepspeed_after_every_step(name
     steps = SCALER_SEQUENCES[name]
     s = DynamicGradScaler(initial_scale=8.0, min_scale=2.0, growth_interval=3, hysteresis=hysteresis)
     expected = _megatron_rule(8.0, 2.0, 3, hysteresis, steps)
-    deepspeed = _deepspeed_rule(8.0, 2.0, 3, hysteresis, steps)
     for i, found_inf in enumerate(steps):
         s.update(found_inf)
         got = (s.scale, s.growth_tracker, s.hysteresis_tracker)
         assert got == expected[i], f"{name} step {i} ({'overflow' if found_inf else 'clean'}): {got} != {expected[i]}"
-        assert s.scale == deepspeed[i], f"{name} step {i}: scale {s.scale} != DeepSpeed's {deepspeed[i]}"
+    for consecutive in (False, True):  # the engine's scaler: DeepSpeed's window count (and its fp16 key)
+        ds = DynamicGradScaler(8.0, 2.0, 3, hysteresis, consecutive_hysteresis=consecutive, deepspeed_window=True)
+        deepspeed = _deepspeed_rule(8.0, 2.0, 3, hysteresis, steps, consecutive)
+        for i, found_inf in enumerate(steps):
+            ds.update(found_inf)
+            assert ds.scale == deepspeed[i], f"{name} step {i}: scale {ds.scale} != DeepSpeed's {deepspeed[i]}"
     if name == "overflow-resets-growth" and hysteresis == 2:
         assert [e[0] for e in expected[:4]] == [8.0, 8.0, 8.0, 8.0]
 

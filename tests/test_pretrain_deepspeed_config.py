@@ -32,6 +32,16 @@ def test_file_sections_become_the_typed_config(tmp_path):
         (2, True, True, 1.0)
 
 
+
+def test_consecutive_hysteresis_reaches_the_loss_scaler(tmp_path):
+    """``fp16.consecutive_hysteresis`` (DeepSpeed's) was refused; from the file it sets --consecutive-hysteresis."""
+    path = _file(tmp_path, fp16={"enabled": True, "consecutive_hysteresis": True})
+    run = config_from_args(validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2))
+    assert run.optimizer.fp16 and run.optimizer.consecutive_hysteresis
+    flag = config_from_args(validate_args(parse_args(TINY + ["--fp16", "--consecutive-hysteresis"]), world_size=2))
+    assert flag.optimizer.consecutive_hysteresis
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--micro-batch-size", "4"], "--micro-batch-size 4 disagrees with the DeepSpeed config"),
     (["--use-distributed-optimizer"], "--deepspeed-config sets the ZeRO stage"),

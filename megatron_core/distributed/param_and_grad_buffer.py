@@ -403,6 +403,12 @@ class ParamAndGradBuffer:
         self._flush(final=True)
         self._synced = True
 
+    @property
+    def synced(self) -> bool:
+        """Whether this step's gradients are reduced: :meth:`finish_grad_sync` ran (the last micro batch's
+        backward) since the last :meth:`reset`."""
+        return self._synced
+
     # ---- parameter sync (distributed optimizer) ----------------------------------------------
     def shard_param(self, bucket: Bucket) -> torch.Tensor:
         """This rank's shard of ``bucket``'s parameters (a view into the parameter buffer, or into

@@ -406,6 +406,12 @@ def load(
         error = (f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load "
                  f"it into the model it was saved from")
     _agree_on_error(error)
+    groups = len(engine.optimizer.param_groups)
+    if load_optimizer and len(saved["param_groups"]) != groups:  # the same files and engine on every rank
+        raise ConfigError(f"load_checkpoint: {path} was saved with {len(saved['param_groups'])} optimizer param "
+                          f"groups, this engine has {groups} (its model_parameters / optimizer groups differ; engine "
+                          f"checkpoints before DeepSpeed's grouping had 2); load with load_optimizer_states=False "
+                          f"or give the saving run's groups")
     if load_optimizer:
         _load_optimizer(engine, folder, saved_files)
         if engine.optimizer.grad_scaler is not None and saved["grad_scaler"] is not None:

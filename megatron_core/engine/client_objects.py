@@ -42,8 +42,7 @@ def optimizer_config_from_client(
                     f"initialize(optimizer=...): param groups differ in {name!r}; the engine uses one "
                     f"set of hyper-parameters: put them in the config's 'optimizer' section"
                 )
-    decay = max(float(g.get("weight_decay", 0.0)) for g in groups)
-    check_group_decays((g.get("weight_decay", 0.0) for g in groups), decay, "initialize(optimizer=...)")
+    decay = max(float(g.get("weight_decay", 0.0)) for g in groups)  # each group keeps its own: param_groups_of
     name = type(optimizer).__name__
     if isinstance(optimizer, torch.optim.AdamW) or (isinstance(optimizer, torch.optim.Adam) and decay == 0.0):
         if first.get("amsgrad"):
@@ -69,21 +68,6 @@ def optimizer_config_from_client(
     raise ConfigError(f"initialize(optimizer=...): {name} is not implemented; use torch.optim.AdamW or SGD{hint}")
 
 
-def check_group_decays(decays: Iterable[Any], optimizer_decay: float, what: str) -> None:
-    """Raise for a param group's ``weight_decay`` other than 0 and ``optimizer_decay``.
-
-    The library optimizer decays every matrix by one value and no 1-D parameter; DeepSpeed (a torch
-    optimizer) would apply each group's own value, so a third value would silently change the training.
-    """
-    for decay in decays:
-        if float(decay) not in (0.0, float(optimizer_decay)):
-            raise ConfigError(
-                f"{what}: a param group's weight_decay {float(decay):g} is neither 0 nor the optimizer's "
-                f"{float(optimizer_decay):g}; the engine decays every matrix by the optimizer's value and no "
-                f"bias or norm weight: give the groups that value or 0 (or one group)"
-            )
-
-
 def check_covers_model(params: Iterable[Any], model: torch.nn.Module, what: str) -> None:
     """Raise unless ``params`` are exactly ``model``'s trainable parameters (freeze others with requires_grad)."""
     given = {id(p) for p in params}
@@ -96,36 +80,60 @@ def check_covers_model(params: Iterable[Any], model: torch.nn.Module, what: str)
         )
 
 
-def check_model_parameters(model_parameters: Any, model: torch.nn.Module, weight_decay: float) -> None:
-    """``model_parameters`` (tensors or param-group dicts) must list the trainable parameters, nothing else.
+def _given_groups(model_parameters: Any) -> list[dict]:
+    """``model_parameters`` as torch-style groups (a plain list of tensors is one group, as torch and DeepSpeed
+    read it). Per-group options other than ``weight_decay`` are refused."""
+    items = list(model_parameters)
+    if not any(isinstance(item, dict) for item in items):
+        return [{"params": [_tensor_of(p) for p in items]}]
+    groups = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ConfigError("initialize(model_parameters=...): mixes param-group dicts and tensors; give one kind")
+        extra = set(item) - {"params", "weight_decay"}
+        if extra:
+            raise ConfigError(
+                f"initialize(model_parameters=...): per-group option(s) {sorted(extra)} are not "
+                f"supported; set them in the config's 'optimizer' section"
+            )
+        groups.append({**item, "params": [_tensor_of(p) for p in item["params"]]})
+    return groups
 
-    Per-group options other than Hugging Face's usual ``weight_decay`` split (none on biases and
-    norm weights, which is the library's rule; a group's nonzero value must be the optimizer's
-    ``weight_decay``) are refused.
-    """
+
+def check_model_parameters(model_parameters: Any, model: torch.nn.Module) -> None:
+    """``model_parameters`` (tensors or param-group dicts) must list the trainable parameters, nothing else."""
     if model_parameters is None:
         return
-    items = list(model_parameters)
-    params: list[Any] = []
-    for item in items:
-        if isinstance(item, dict):
-            extra = set(item) - {"params", "weight_decay"}
-            if extra:
-                raise ConfigError(
-                    f"initialize(model_parameters=...): per-group option(s) {sorted(extra)} are not "
-                    f"supported; set them in the config's 'optimizer' section"
-                )
-            group = [_tensor_of(p) for p in item["params"]]
-            check_group_decays([item.get("weight_decay", 0.0)], weight_decay, "initialize(model_parameters=...)")
-            if item.get("weight_decay", None) == 0.0 and any(p.dim() > 1 for p in group):
-                raise ConfigError(
-                    "initialize(model_parameters=...): a group without weight decay holds matrices; the "
-                    "engine exempts exactly the 1-D parameters (biases, norm weights) from weight decay"
-                )
-            params.extend(group)
-        else:
-            params.append(_tensor_of(item))
+    params = [p for group in _given_groups(model_parameters) for p in group["params"]]
     check_covers_model(params, model, "initialize(model_parameters=...)")
+
+
+def param_groups_of(model_parameters: Any, optimizer: Any, model: torch.nn.Module,
+                    weight_decay: float) -> list[tuple[list[str], float]]:
+    """The optimizer's param groups as DeepSpeed forms them, by parameter name: ``[(names, weight_decay)]``.
+
+    DeepSpeed 0.19 steps the client optimizer's groups, else builds the config's optimizer over
+    ``model_parameters`` (``module.parameters()`` when None): a plain list is one group, decayed by the
+    optimizer's ``weight_decay`` (biases and norm weights too); a group dict's own ``weight_decay``
+    wins. Names (not tensors) because AutoTP replaces the layers, keeping their parameter names.
+    Frozen parameters are left out (they never get a gradient).
+    """
+    if optimizer is not None:
+        groups = [{"params": g["params"], "weight_decay": g.get("weight_decay", 0.0)} for g in optimizer.param_groups]
+    elif model_parameters is not None:
+        groups = _given_groups(model_parameters)
+    else:
+        groups = [{"params": list(model.parameters())}]
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [([name_of[id(p)] for p in g["params"] if p.requires_grad], float(g.get("weight_decay", weight_decay)))
+            for g in groups]
+
+
+def model_param_groups(groups: list[tuple[list[str], float]], model: torch.nn.Module) -> list[dict]:
+    """:func:`param_groups_of`'s groups over ``model``'s parameters now (after the AutoTP swap), in the form
+    ``get_megatron_optimizer(model_param_groups=...)`` takes."""
+    params = dict(model.named_parameters())
+    return [{"params": [params[name] for name in names], "weight_decay": decay} for names, decay in groups]
 
 
 def _tensor_of(item: Any) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 
 from megatron_core.engine import config_keys as keys
 from megatron_core.engine.config_keys import check_keys, choice, number_at_least, typed
+from megatron_core.engine.scheduler_config import SchedulerSection, scheduler_section
 from megatron_core.errors import ConfigError
 
 OPTIMIZER_TYPES = ("adam", "adamw", "sgd")
@@ -33,28 +34,6 @@ OTHER_DEEPSPEED_OPTIMIZERS = (
     "muon",
     "cpuadam",
 )
-SCHEDULER_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
-SCHEDULER_PARAMS = {
-    "WarmupLR": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "last_batch_iteration"},
-    "WarmupDecayLR": {
-        "warmup_min_lr",
-        "warmup_max_lr",
-        "warmup_num_steps",
-        "warmup_type",
-        "last_batch_iteration",
-        "total_num_steps",
-    },
-    "WarmupCosineLR": {
-        "total_num_steps",
-        "warmup_min_ratio",
-        "warmup_num_steps",
-        "cos_min_ratio",
-        "warmup_type",
-        "last_batch_iteration",
-    },
-}
-
-
 @dataclasses.dataclass
 class OptimizerSection:
     """``optimizer``: ``Adam``/``AdamW`` (decoupled weight decay, DeepSpeed's ``adam_w_mode`` default) or ``SGD``."""
@@ -65,14 +44,6 @@ class OptimizerSection:
     eps: float = 1e-8
     weight_decay: float = 0.0
     momentum: float = 0.0
-
-
-@dataclasses.dataclass
-class SchedulerSection:
-    """``scheduler``: one of :data:`SCHEDULER_TYPES` and its ``params`` (DeepSpeed's defaults filled in)."""
-
-    type: str
-    params: dict[str, Any]
 
 
 @dataclasses.dataclass
@@ -149,6 +120,7 @@ class EngineConfig:
     tensorboard: MonitorSection = dataclasses.field(default_factory=MonitorSection)
     csv_monitor: MonitorSection = dataclasses.field(default_factory=MonitorSection)
     communication_data_type: str | None = None  # "fp32": reduce gradients in fp32 (None: the training dtype's rule)
+    grad_accum_dtype: str | None = None  # data_types.grad_accum_dtype: "fp32", "fp16", "bf16" (None: the default rule)
     dataloader_drop_last: bool = False  # the training_data loader drops each rank's last, short micro batch
 
 
@@ -192,41 +164,6 @@ def _optimizer(raw: dict | None) -> OptimizerSection | None:
     return section
 
 
-def _scheduler(raw: dict | None) -> SchedulerSection | None:
-    if raw is None:
-        return None
-    check_keys(raw, "scheduler", {"type", "params"}, {})
-    kind = typed(raw, "scheduler", "type", str, None)
-    if kind in ("LRRangeTest", "OneCycle"):
-        raise ConfigError(
-            f"DeepSpeed config: scheduler.type {kind!r} is a DeepSpeed scheduler this framework does "
-            f"not implement; use one of {', '.join(SCHEDULER_TYPES)}"
-        )
-    if kind not in SCHEDULER_TYPES:
-        raise ConfigError(
-            f"DeepSpeed config: scheduler.type {kind!r} is unknown; use one of {', '.join(SCHEDULER_TYPES)}"
-        )
-    params = raw.get("params", {})
-    path = "scheduler.params"
-    check_keys(params, path, SCHEDULER_PARAMS[kind], {})
-    out: dict[str, Any] = {
-        "warmup_num_steps": number_at_least(params, path, "warmup_num_steps", 1000, 0),
-        "warmup_type": choice(params, path, "warmup_type", "log", ("log", "linear")),
-        "last_batch_iteration": number_at_least(params, path, "last_batch_iteration", -1, -1),
-    }
-    if kind == "WarmupCosineLR":
-        out["warmup_min_ratio"] = number_at_least(params, path, "warmup_min_ratio", 0.0, 0.0, float)
-        out["cos_min_ratio"] = number_at_least(params, path, "cos_min_ratio", 0.0001, 0.0, float)
-    else:
-        out["warmup_min_lr"] = number_at_least(params, path, "warmup_min_lr", 0.0, 0.0, float)
-        out["warmup_max_lr"] = number_at_least(params, path, "warmup_max_lr", 0.001, 0.0, float)
-    if kind != "WarmupLR":
-        if "total_num_steps" not in params:
-            raise ConfigError(f"DeepSpeed config: scheduler.params.total_num_steps is required by {kind}")
-        out["total_num_steps"] = number_at_least(params, path, "total_num_steps", None, 1)
-    return SchedulerSection(kind, out)
-
-
 def _fp16(raw: dict) -> FP16Section:
     path = "fp16"
     fields = {f.name for f in dataclasses.fields(FP16Section)}
@@ -240,11 +177,6 @@ def _fp16(raw: dict) -> FP16Section:
         typed(raw, path, "consecutive_hysteresis", bool, False),
         number_at_least(raw, path, "min_loss_scale", 1.0, 0.0, float),
     )
-    if section.enabled and section.consecutive_hysteresis:
-        raise ConfigError(
-            "DeepSpeed config: fp16.consecutive_hysteresis = true is not implemented (the loss scaler "
-            "restores its hysteresis only when the scale grows); set it to false"
-        )
     return section
 
 
@@ -391,6 +323,7 @@ TOP_LEVEL = {
     "tensorboard",
     "csv_monitor",
     "communication_data_type",
+    "data_types",
     "dataloader_drop_last",
     # Permissions for a client optimizer under ZeRO / on the host (LLaMA-Factory's configs set both):
     # every optimizer this engine takes runs at every stage and with offload, others are refused anyway.
@@ -469,7 +402,7 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
         gas,
         dp_size,
         _optimizer(raw.get("optimizer")),
-        _scheduler(raw.get("scheduler")),
+        scheduler_section(raw.get("scheduler")),
         _fp16(raw.get("fp16") or {}),
         typed(bf16, "bf16", "enabled", bool, False),
         number_at_least(raw, "", "gradient_clipping", 1.0, 0.0, float),
@@ -483,6 +416,8 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     if config.fp16.enabled and config.bf16_enabled:
         raise ConfigError("DeepSpeed config: fp16.enabled and bf16.enabled are both true; enable one")
     config.communication_data_type = keys.communication_data_type(raw, config.fp16.enabled, config.bf16_enabled)
+    config.grad_accum_dtype = keys.grad_accum_dtype(raw, config.fp16.enabled, config.bf16_enabled,
+                                                    config.communication_data_type)
     config.dataloader_drop_last = typed(raw, "", "dataloader_drop_last", bool, False)
     return config
 

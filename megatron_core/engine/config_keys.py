@@ -34,7 +34,6 @@ NOT_IMPLEMENTED_TOP: dict[str, Any] = {
     "sequence_parallel_size": 1,  # DeepSpeed-Ulysses
     "compile": {"enabled": False},
     "pipeline": {},
-    "data_types": {"grad_accum_dtype": None},
     "checkpoint": {"tag_validation": "Warn", "load_universal": False, "use_node_local_storage": False},
     # Asynchronous I/O tuning for NVMe offload (DeepSpeed's defaults; newer releases name thread_count
     # intra_op_parallelism).
@@ -201,3 +200,35 @@ def communication_data_type(raw: dict, fp16: bool, bf16: bool) -> str | None:
     raise ConfigError(f"DeepSpeed config: communication_data_type = {value!r} is not implemented with "
                       f"{'fp16' if fp16 else 'bf16' if bf16 else 'fp32'} training (gradients reduce in {now} "
                       f"here); remove it or set it to 'fp32'")
+
+
+# DeepSpeed's DtypeEnum spellings (deepspeed/runtime/config.py) of the dtypes gradients can accumulate in.
+_DTYPE_NAMES = {"fp32": ("fp32", "float32", "float", "torch.float32"),
+                "fp16": ("fp16", "float16", "half", "torch.float16"),
+                "bf16": ("bf16", "bfloat16", "torch.bfloat16")}
+
+
+def grad_accum_dtype(raw: dict, fp16: bool, bf16: bool, communication: str | None) -> str | None:
+    """``data_types.grad_accum_dtype`` as ``"fp32"``, ``"fp16"`` or ``"bf16"`` (None when not given): the dtype of
+    the gradient buffers, where micro steps accumulate and which are reduced over DP.
+
+    DeepSpeed 0.19.8 accumulates in the training dtype or, for bf16 at ZeRO-1 set to ``"fp32"``, in fp32 (its
+    BF16_Optimizer); without ZeRO other mixes are its NotImplementedError (its ZeRO-1/2/3 optimizers otherwise
+    ignore the key). Here ``"fp32"`` works with every precision; other mixes are a ConfigError. The training dtype with
+    ``communication_data_type: "fp32"`` is refused too: one buffer both accumulates and is reduced here.
+    """
+    section = json_object(raw.get("data_types"), "data_types")
+    check_keys(section, "data_types", {"grad_accum_dtype"}, {})
+    value = typed(section, "data_types", "grad_accum_dtype", str, None)
+    if value is None:
+        return None
+    name = next((key for key, names in _DTYPE_NAMES.items() if value.lower() in names), None)
+    training = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    if name not in ("fp32", training):
+        raise ConfigError(f"DeepSpeed config: data_types.grad_accum_dtype = {value!r} with {training} training is not "
+                          f"implemented; use 'fp32' or the training dtype {training!r}, or remove it")
+    if name != "fp32" and communication == "fp32":
+        raise ConfigError(f"DeepSpeed config: data_types.grad_accum_dtype = {value!r} with communication_data_type "
+                          f"'fp32' is not implemented (gradients are reduced in the buffer they accumulate in); "
+                          f"drop one")
+    return name

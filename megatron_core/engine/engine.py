@@ -91,6 +91,22 @@ class Engine(torch.nn.Module):
         self._timings["forward"] += time.perf_counter() - start
         return out
 
+    def module_state_dict(self, destination: dict | None = None, prefix: str = "", keep_vars: bool = False,
+                          exclude_frozen_parameters: bool = False) -> dict:
+        """DeepSpeed's ``engine.module_state_dict``: the user's model's ``state_dict(destination, prefix,
+        keep_vars)`` (keys without the engine's wrapper prefix, AutoTP layers as this rank's shards), without
+        the ``requires_grad=False`` parameters when ``exclude_frozen_parameters``. Under ZeRO-3 the
+        parameters are gathered whole (a collective: every data-parallel rank calls it), where DeepSpeed's
+        gives the empty partitioned tensors."""
+        # Two calls for torch's two overloads; None lets torch make its OrderedDict with the version _metadata.
+        state: dict = (self.module.state_dict(prefix=prefix, keep_vars=keep_vars) if destination is None
+                       else self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars))
+        if exclude_frozen_parameters:
+            for name, param in self.module.named_parameters():
+                if not param.requires_grad and prefix + name in state:
+                    del state[prefix + name]
+        return state
+
     def train(self, mode: bool = True) -> Engine:
         """Set the model's training mode; returns the engine."""
         self.module.train(mode)
@@ -149,6 +165,12 @@ class Engine(torch.nn.Module):
     def train_micro_batch_size_per_gpu(self) -> int:
         """Samples per micro batch on this rank."""
         return self.config.train_micro_batch_size_per_gpu
+
+    def get_batch_info(self) -> tuple[int, int, int]:
+        """``(train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)``, DeepSpeed's
+        ``get_batch_info`` as its docstring documents it (DeepSpeed 0.19.8's returns the three bound methods
+        themselves, uncalled; here the values)."""
+        return self.train_batch_size(), self.train_micro_batch_size_per_gpu(), self.gradient_accumulation_steps()
 
     def set_train_batch_size(self, train_batch_size: int) -> None:
         """DeepSpeed's: a new global batch of the same micro batches, by changing ``gradient_accumulation_steps``.
@@ -226,6 +248,12 @@ class Engine(torch.nn.Module):
     def get_lr(self) -> list[float]:
         """The learning rate of every optimizer param group."""
         return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_mom(self) -> list[Any]:
+        """DeepSpeed's: every param group's momentum, SGD's ``momentum`` or Adam's ``betas`` pair (``OneCycle``
+        cycles beta1)."""
+        key = "momentum" if self.optimizer.config.optimizer == "sgd" else "betas"
+        return [group.get(key, 0.0) for group in self.optimizer.param_groups]
 
     def get_global_grad_norm(self) -> float | None:
         """The global gradient norm (before clipping) of the last optimizer step; None after a skipped step."""

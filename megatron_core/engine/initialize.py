@@ -20,7 +20,12 @@ import torch.distributed as dist
 
 from megatron_core import device as device_mod
 from megatron_core.distributed import DistributedDataParallel
-from megatron_core.engine.client_objects import check_model_parameters, optimizer_config_from_client
+from megatron_core.engine.client_objects import (
+    check_model_parameters,
+    model_param_groups,
+    optimizer_config_from_client,
+    param_groups_of,
+)
 from megatron_core.engine.config import EngineConfig, load_config, read_json
 from megatron_core.engine.config_keys import json_object
 from megatron_core.engine.engine import Engine
@@ -203,7 +208,10 @@ def initialize(
     ``args.deepspeed_config`` is read when neither is given). ``args`` also resolves ``"auto"`` values
     (Hugging Face ``TrainingArguments`` names). ``optimizer``: None (the config's ``optimizer`` section)
     or a torch AdamW / Adam without decay / SGD whose settings are used. ``model_parameters`` must be
-    the model's trainable parameters. ``lr_scheduler``: an object with ``step()``, or a callable
+    the model's trainable parameters (tensors, ``(name, tensor)`` pairs or group dicts with a ``weight_decay``).
+    The optimizer's param groups are DeepSpeed's: the client optimizer's, else those of ``model_parameters``
+    (all parameters when None), a plain list being one group whose every parameter, biases and norm weights
+    included, is decayed by the optimizer's ``weight_decay``. ``lr_scheduler``: an object with ``step()``, or a callable
     ``fn(optimizer)``. ``training_data``: a map-style dataset, sharded over DP ranks with a
     ``DistributedSampler`` and batched by ``train_micro_batch_size_per_gpu`` (``dataloader_drop_last``: without
     each rank's last, short batch).
@@ -240,13 +248,17 @@ def initialize(
         opt_config = optimizer_config_from_client(optimizer, opt_config, model)
     elif engine_config.optimizer is None:
         raise ConfigError("initialize: no optimizer; add an 'optimizer' section to the config or pass optimizer=")
-    check_model_parameters(model_parameters, model, opt_config.weight_decay)
+    if model_parameters is not None:
+        model_parameters = list(model_parameters)  # model.parameters() is read twice (DeepSpeed lists it too)
+    check_model_parameters(model_parameters, model)
+    groups = param_groups_of(model_parameters, optimizer, model, opt_config.weight_decay)
     to_dict = getattr(getattr(model, "config", None), "to_dict", None)
     hf_config = to_dict() if callable(to_dict) else None  # a transformers model: consolidation writes an HF folder
     model = _prepare_model(model, engine_config, parallel_state)
     ddp = DistributedDataParallel(ddp_config_from(engine_config), model, parallel_state)
     try:
-        megatron_optimizer = get_megatron_optimizer(opt_config, [ddp], parallel_state)
+        megatron_optimizer = get_megatron_optimizer(opt_config, [ddp], parallel_state,
+                                                    model_param_groups(groups, model))
     except ConfigError as exc:  # the same error on every rank (the NVMe checks agree across ranks)
         raise as_deepspeed_keys(exc) from None
     scheduler = _scheduler(lr_scheduler, engine_config, megatron_optimizer)

@@ -12,9 +12,11 @@ zero_optimization.overlap_comm              DistributedDataParallelConfig.overla
 bf16.enabled                                OptimizerConfig.bf16, DistributedDataParallelConfig.grad_reduce_in_fp32
                                             (DeepSpeed accumulates bf16 gradients in fp32)
 communication_data_type "fp32"              DistributedDataParallelConfig.grad_reduce_in_fp32 (also under fp16)
+data_types.grad_accum_dtype                 DistributedDataParallelConfig.grad_reduce_in_fp32 ("fp32"; the training
+                                            dtype: False, e.g. bf16 gradients accumulated in bf16)
 fp16.enabled / loss_scale / initial_scale_  OptimizerConfig.fp16 / loss_scale (0 = dynamic) / initial_loss_scale
-power / loss_scale_window / hysteresis /    = 2**power / loss_scale_window / hysteresis / min_loss_scale
-min_loss_scale
+power / loss_scale_window / hysteresis /    = 2**power / loss_scale_window / hysteresis / min_loss_scale /
+min_loss_scale / consecutive_hysteresis     consecutive_hysteresis
 gradient_clipping                           OptimizerConfig.clip_grad (0 = off; 1.0 when left out, as DeepSpeed 0.19)
 optimizer Adam/AdamW/SGD params             OptimizerConfig.optimizer 'adam' (decoupled decay) / 'sgd', lr,
                                             adam_beta1/2, adam_eps, weight_decay, sgd_momentum
@@ -111,6 +113,14 @@ def ignored_tuning_keys(config: EngineConfig) -> list[str]:
             if getattr(zero, key) != getattr(defaults, key) and (zero.stage == 3 or key == "sub_group_size")]
 
 
+def grads_in_fp32(config: EngineConfig) -> bool:
+    """Whether gradients accumulate and are reduced in fp32: ``data_types.grad_accum_dtype`` when given, else
+    under bf16 (as DeepSpeed's BF16_Optimizer) or with ``communication_data_type: "fp32"``."""
+    if config.grad_accum_dtype is not None:
+        return config.grad_accum_dtype == "fp32"
+    return config.bf16_enabled or config.communication_data_type == "fp32"
+
+
 def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
     """The DDP wrapper's options for the config's ZeRO section and precision (ZeRO-3 and offload when present).
 
@@ -135,7 +145,7 @@ def ddp_config_from(config: EngineConfig) -> DistributedDataParallelConfig:
     try:
         return DistributedDataParallelConfig(
             zero_stage=zero.stage,
-            grad_reduce_in_fp32=config.bf16_enabled or config.communication_data_type == "fp32",
+            grad_reduce_in_fp32=grads_in_fp32(config),
             overlap_grad_reduce=zero.overlap_comm,
             bucket_size=zero.reduce_bucket_size,
             **extra,
@@ -199,6 +209,8 @@ def optimizer_config_from(config: EngineConfig, default_lr: float | None = None)
         min_loss_scale=fp16.min_loss_scale,
         loss_scale_window=fp16.loss_scale_window,
         hysteresis=fp16.hysteresis,
+        consecutive_hysteresis=fp16.consecutive_hysteresis,
+        deepspeed_loss_scale_window=True,  # DeepSpeed's DynamicLossScaler counts the window one step later
     )
     if fp16.enabled and fp16.loss_scale == 0 and values["initial_loss_scale"] < fp16.min_loss_scale:
         raise ConfigError(

@@ -1,4 +1,5 @@
-"""DeepSpeed's ``WarmupLR``, ``WarmupDecayLR`` and ``WarmupCosineLR`` over the library optimizer's param groups.
+"""DeepSpeed's ``WarmupLR``, ``WarmupDecayLR``, ``WarmupCosineLR``, ``LRRangeTest`` and ``OneCycle`` over the
+library optimizer's param groups.
 
 Megatron's ``OptimizerParamScheduler`` counts samples and warms up linearly from ``init_lr``;
 DeepSpeed's schedules count optimizer steps from ``last_batch_iteration = -1`` and warm up
@@ -10,6 +11,12 @@ logarithmically by default, so they get this small module (formulas from
 - WarmupDecayLR: after warmup gamma = max(0, (T - t) / max(1, T - W)) with T = total_num_steps;
 - WarmupCosineLR: lr = base_lr * ratio, ratio = warmup_min_ratio + (1 - warmup_min_ratio) * gamma
   in warmup, then cos_min_ratio + (1 - cos_min_ratio) * (1 + cos(pi * min(1, (t - W + 1) / max(1, T - W)))) / 2.
+- LRRangeTest (Smith 2018, arXiv:1803.09820): lr = min_lr * (1 + step_rate * i), i = (t + 1) / step_size
+  (floored with ``lr_range_test_staircase``);
+- OneCycle (same paper): one cycle from ``cycle_min_lr`` up to ``cycle_max_lr`` over ``cycle_first_step_size``
+  steps and back over ``cycle_second_step_size``, Adam's beta1 cycled the opposite way between ``cycle_max_mom``
+  and ``cycle_min_mom``; then lr = min_lr / (1 + decay_lr_rate * k / decay_step_size) and
+  beta1 = max_mom * (1 + decay_mom_rate * k / decay_step_size) after k more steps (:class:`OneCycle`).
 
 The engine calls :meth:`step` after each successful optimizer step (not after a skipped fp16 step).
 """
@@ -17,7 +24,10 @@ The engine calls :meth:`step` after each successful optimizer step (not after a 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
+
+from megatron_core.errors import ConfigError
 
 
 class WarmupLR:
@@ -140,9 +150,185 @@ class WarmupCosineLR(WarmupLR):
         return [base * ratio for base in self.base_lrs]
 
 
-SCHEDULERS = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR}
+def per_group(value: Any, groups: list[dict], name: str) -> list[float]:
+    """``value`` for every param group: one number for all, or a list with one per group (DeepSpeed's
+    ``_format_param``). Raises ConfigError naming ``scheduler.params.<name>`` for a list of another length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(groups):
+            raise ConfigError(f"DeepSpeed config: scheduler.params.{name} has {len(value)} values for the optimizer's "
+                              f"{len(groups)} param groups; give one number or one per group")
+        return [float(v) for v in value]
+    return [float(value)] * len(groups)
 
 
-def build_scheduler(kind: str, params: dict, optimizer: Any) -> WarmupLR:
-    """The scheduler named by the config's ``scheduler.type`` with its validated ``params``."""
+class _BatchSchedule:
+    """What DeepSpeed's ``LRRangeTest`` and ``OneCycle`` share: the step counter, its checkpoint and ``get_last_lr``.
+
+    As DeepSpeed's, the rates are written at construction only when starting (``last_batch_iteration == -1``),
+    and ``load_state_dict`` restores the counter alone (the checkpoint's param groups hold the rates)."""
+
+    optimizer: Any
+    last_batch_iteration: int
+
+    def get_lr(self) -> list[float]:
+        raise NotImplementedError
+
+    def get_last_lr(self) -> list[float]:
+        """The rates last written into the param groups."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def step(self, batch_iteration: int | None = None) -> None:
+        """Advance one optimizer step (or jump to ``batch_iteration``) and set the rates."""
+        self.last_batch_iteration = self.last_batch_iteration + 1 if batch_iteration is None else batch_iteration
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        """``{'last_batch_iteration': t}``, as DeepSpeed saves it."""
+        return {"last_batch_iteration": self.last_batch_iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved step."""
+        self.last_batch_iteration = int(state["last_batch_iteration"])
+
+
+class LRRangeTest(_BatchSchedule):
+    """DeepSpeed's learning-rate range test: grow the rate from ``lr_range_test_min_lr`` by
+    ``lr_range_test_step_rate`` x ``lr_range_test_min_lr`` every ``lr_range_test_step_size`` steps."""
+
+    def __init__(
+        self,
+        optimizer: Any,
+        lr_range_test_min_lr: float | list[float] = 1e-3,
+        lr_range_test_step_size: int = 2000,
+        lr_range_test_step_rate: float = 1.0,
+        lr_range_test_staircase: bool = False,
+        last_batch_iteration: int = -1,
+    ) -> None:
+        self.optimizer = optimizer
+        self.min_lrs = per_group(lr_range_test_min_lr, optimizer.param_groups, "lr_range_test_min_lr")
+        self.step_size, self.step_rate = int(lr_range_test_step_size), float(lr_range_test_step_rate)
+        self.staircase = bool(lr_range_test_staircase)
+        self.last_batch_iteration = last_batch_iteration
+        if last_batch_iteration == -1:
+            for group, lr in zip(optimizer.param_groups, self.min_lrs, strict=True):
+                group["lr"] = lr
+
+    def get_lr(self) -> list[float]:
+        """``min_lr * (1 + step_rate * interval)`` per group."""
+        interval = (self.last_batch_iteration + 1) / self.step_size
+        if self.staircase:
+            interval = math.floor(interval)
+        return [lr * (1 + self.step_rate * interval) for lr in self.min_lrs]
+
+
+class OneCycle(_BatchSchedule):
+    """DeepSpeed's 1Cycle: the rate cycles once between ``cycle_min_lr`` and ``cycle_max_lr`` (and Adam's beta1
+    inversely between ``cycle_max_mom`` and ``cycle_min_mom``), then decays; DeepSpeed's names and defaults.
+
+    As DeepSpeed 0.19.8 (``deepspeed/runtime/lr_schedules.py``): momentum is cycled only for optimizers with
+    ``betas`` (Adam / AdamW; SGD keeps its momentum, with a warning), beta2 is set to 0.99 while cycling, the
+    post-cycle momentum decay multiplies beta1 by ``1 + decay_mom_rate * k / decay_step_size`` (it grows), and a
+    stair count holds the values flat over that many equal stairs of a half cycle.
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        cycle_min_lr: float | list[float],
+        cycle_max_lr: float | list[float],
+        decay_lr_rate: float = 0.0,
+        cycle_first_step_size: float = 2000,
+        cycle_second_step_size: float | None = None,
+        cycle_first_stair_count: int = 0,
+        cycle_second_stair_count: int | None = None,
+        decay_step_size: float = 0,
+        cycle_momentum: bool = True,
+        cycle_min_mom: float | list[float] = 0.8,
+        cycle_max_mom: float | list[float] = 0.9,
+        decay_mom_rate: float = 0.0,
+        last_batch_iteration: int = -1,
+    ) -> None:
+        self.optimizer = optimizer
+        groups = optimizer.param_groups
+        self.first_step_size = float(cycle_first_step_size)
+        second = cycle_second_step_size
+        self.second_step_size = self.first_step_size if second is None else float(second)
+        self.total_size = self.first_step_size + self.second_step_size
+        self.step_ratio = self.first_step_size / self.total_size
+        self.first_stair_count = int(cycle_first_stair_count)
+        self.second_stair_count = self.first_stair_count if cycle_second_stair_count is None \
+            else int(cycle_second_stair_count)
+        self.decay_step_size = float(decay_step_size)
+        self.min_lrs = per_group(cycle_min_lr, groups, "cycle_min_lr")
+        self.max_lrs = per_group(cycle_max_lr, groups, "cycle_max_lr")
+        self.decay_lr_rate, self.decay_mom_rate = float(decay_lr_rate), float(decay_mom_rate)
+        no_decay = math.isclose(self.decay_step_size, 0)
+        self.skip_lr_decay = no_decay or math.isclose(self.decay_lr_rate, 0)
+        self.skip_mom_decay = no_decay or math.isclose(self.decay_mom_rate, 0)
+        self.min_moms = per_group(cycle_min_mom, groups, "cycle_min_mom")
+        self.max_moms = per_group(cycle_max_mom, groups, "cycle_max_mom")
+        self.cycle_momentum = bool(cycle_momentum) and all("betas" in group for group in groups)
+        if cycle_momentum and not self.cycle_momentum:
+            warnings.warn("scheduler OneCycle: cycle_momentum is off because the optimizer has no betas (SGD), as "
+                          "in DeepSpeed", stacklevel=2)
+        self.last_batch_iteration = last_batch_iteration
+        if last_batch_iteration == -1:
+            for i, group in enumerate(groups):
+                group["lr"] = self.min_lrs[i]
+                if self.cycle_momentum:
+                    group["betas"] = (self.min_moms[i], 0.99)
+
+    def _scale_factor(self) -> float:
+        """Where the step sits in the cycle: 0 at ``cycle_min_lr``, 1 at ``cycle_max_lr`` (DeepSpeed's formula)."""
+        t = self.last_batch_iteration + 1
+        x = 1.0 + t / self.total_size - math.floor(1 + t / self.total_size)
+        if x <= self.step_ratio:
+            scale, stairs = x / self.step_ratio, self.first_stair_count
+        else:
+            scale, stairs = (x - 1) / (self.step_ratio - 1), self.second_stair_count
+        if stairs > 0:  # from the integer position, as DeepSpeed: a float scale just under a stair floors low
+            position = t % self.total_size
+            if position <= self.first_step_size:
+                stair = position * stairs / self.first_step_size
+            else:
+                stair = (self.total_size - position) * stairs / self.second_step_size
+            scale = math.floor(stair) / stairs
+        return scale
+
+    def get_lr(self) -> list[float]:
+        """The rate of every param group at the current step."""
+        if self.last_batch_iteration < self.total_size:
+            scale = self._scale_factor()
+            return [low + (high - low) * scale for low, high in zip(self.min_lrs, self.max_lrs, strict=True)]
+        if self.skip_lr_decay:
+            return list(self.min_lrs)
+        factor = 1 + self.decay_lr_rate * (self.last_batch_iteration - self.total_size + 1) / self.decay_step_size
+        return [low / factor for low in self.min_lrs]
+
+    def get_mom(self) -> list[tuple[float, float]] | None:
+        """Adam's ``betas`` of every param group at the current step; None without momentum cycling."""
+        if not self.cycle_momentum:
+            return None
+        if self.last_batch_iteration < self.total_size:
+            scale = self._scale_factor()
+            return [(high - (high - low) * scale, 0.99) for low, high in zip(self.min_moms, self.max_moms, strict=True)]
+        if self.skip_mom_decay:
+            return [(high, 0.99) for high in self.max_moms]
+        factor = 1 + self.decay_mom_rate * (self.last_batch_iteration - self.total_size + 1) / self.decay_step_size
+        return [(high * factor, 0.99) for high in self.max_moms]
+
+    def step(self, batch_iteration: int | None = None) -> None:
+        """Advance one optimizer step (or jump to ``batch_iteration``); set the rates and, cycling, the betas."""
+        super().step(batch_iteration)
+        for group, betas in zip(self.optimizer.param_groups, self.get_mom() or [], strict=False):
+            group["betas"] = betas
+
+
+SCHEDULERS: dict[str, Any] = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR,
+                              "LRRangeTest": LRRangeTest, "OneCycle": OneCycle}
+
+
+def build_scheduler(kind: str, params: dict, optimizer: Any) -> Any:
+    """The scheduler named by the config's ``scheduler.type`` with its validated ``params``. Raises ConfigError."""
     return SCHEDULERS[kind](optimizer, **params)

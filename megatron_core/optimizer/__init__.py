@@ -27,8 +27,13 @@ def _check_dtypes(config: OptimizerConfig, model_chunks: list[torch.nn.Module]) 
 
 
 def get_megatron_optimizer(config: OptimizerConfig, model_chunks: list[torch.nn.Module],
-                           parallel_state: ParallelState | None = None) -> MegatronOptimizer:
+                           parallel_state: ParallelState | None = None,
+                           model_param_groups: list[dict] | None = None) -> MegatronOptimizer:
     """One optimizer over all of this rank's model chunks (virtual pipeline stages included).
+
+    ``model_param_groups``: torch-style groups over the model's parameters with their ``weight_decay``
+    (the DeepSpeed-style engine passes the user's); None is Megatron-LM's split (no decay on 1-D
+    parameters). See :func:`~megatron_core.optimizer.optimizer.build_torch_optimizer`.
 
     :class:`DistributedOptimizer` (ZeRO-1/2) when the chunks are wrapped in ``DistributedDataParallel``
     with ``zero_stage >= 1``, else :class:`ReplicatedOptimizer`. Raises ValueError when some chunks
@@ -42,11 +47,11 @@ def get_megatron_optimizer(config: OptimizerConfig, model_chunks: list[torch.nn.
         raise ValueError("some model chunks are wrapped with DistributedDataParallelConfig(zero_stage >= 1) and "
                          "others are not; wrap every chunk with the same zero_stage")
     if all(sharded):
-        return DistributedOptimizer(config, chunks, parallel_state)
+        return DistributedOptimizer(config, chunks, parallel_state, model_param_groups)
     if config.optimizer_cpu_offload:
         raise ValueError("--optimizer-cpu-offload / --nvme-offload-path offload the distributed optimizer's shard: "
                          "set --use-distributed-optimizer or --zero-stage 1, 2 or 3")
-    return ReplicatedOptimizer(config, chunks, parallel_state)
+    return ReplicatedOptimizer(config, chunks, parallel_state, model_param_groups)
 
 
 __all__ = [

@@ -53,9 +53,10 @@ class DistributedOptimizer(MegatronOptimizer):
     sharded_over_dp = True
 
     def __init__(
-        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState
+        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState,
+        model_param_groups: list[dict] | None = None,
     ) -> None:
-        super().__init__(config, model_chunks, parallel_state)
+        super().__init__(config, model_chunks, parallel_state, model_param_groups)
         ddp_chunks: list[DistributedDataParallel] = []
         for chunk in self.model_chunks:
             if not (isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.zero_stage >= 1):
@@ -69,7 +70,7 @@ class DistributedOptimizer(MegatronOptimizer):
         for buffer, flags in zip(buffers, offload, strict=True):
             self.sharded.append(self._shard(buffer, flags))
         self.offloading = any(any(sb.offloaded) for sb in self.sharded)
-        self.inner = build_torch_optimizer(config, self.pairs)
+        self.inner = build_torch_optimizer(config, self.pairs, model_param_groups)
         self.nvme: NvmeSwapper | None = None
         if config.nvme_offload_path is not None:
             self.nvme = NvmeSwapper.for_optimizer(config, self.sharded, self.inner, parallel_state)

@@ -34,7 +34,8 @@ def make_grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | None:
     if config.loss_scale is not None:
         return ConstantGradScaler(config.loss_scale)
     return DynamicGradScaler(config.initial_loss_scale, config.min_loss_scale, config.loss_scale_window,
-                             config.hysteresis)
+                             config.hysteresis, consecutive_hysteresis=config.consecutive_hysteresis,
+                             deepspeed_window=config.deepspeed_loss_scale_window)
 
 
 def _fused_adam_applies(params: Sequence[torch.Tensor]) -> bool:
@@ -49,26 +50,14 @@ def is_embedding_or_output_parameter(param: torch.Tensor) -> bool:
 
 
 def param_group_index(model_param: torch.Tensor, config: OptimizerConfig) -> int:
-    """The torch optimizer group of a model parameter: 0 weight decay, 1 no weight decay (1-D),
-    2 the decoupled learning rate (embedding and output weights, only with ``decoupled_lr`` set)."""
+    """Megatron-LM's torch optimizer group of a model parameter: 0 weight decay, 1 no weight decay
+    (1-D), 2 the decoupled learning rate (embedding and output weights, only with ``decoupled_lr`` set)."""
     if config.decoupled_lr is not None and is_embedding_or_output_parameter(model_param):
         return 2
     return 0 if model_param.dim() > 1 else 1
 
 
-def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair]) -> torch.optim.Optimizer:
-    """Adam (decoupled weight decay, as Megatron-LM's fused Adam) or SGD over the main parameters.
-
-    Groups (see :func:`param_group_index`): weight decay on matrices, none on 1-D parameters (biases
-    and norm weights); with ``config.decoupled_lr`` a third group, the embedding and output weights
-    (matrices, so with weight decay), carrying ``max_lr``/``min_lr`` that the LR scheduler reads instead
-    of its own and megatron.core's ``is_decoupled_lr`` tag. A parameter's group is decided by its model
-    parameter, so a ZeRO shard piece of a bias is still exempt. Every group always exists (possibly
-    empty: the decoupled one on a middle pipeline stage) so every rank has the same groups.
-    Adam is torch's fused AdamW when every main parameter is a floating-point tensor on CPU or CUDA
-    (one multi-threaded kernel over all tensors: 2.3 ms against 6.4-9.5 ms for the per-tensor loop
-    that torch picks by default on CPU, 4.3M parameters, 2 threads, bench shape), else its default.
-    """
+def _megatron_groups(config: OptimizerConfig, pairs: list[ParamPair]) -> list[dict]:
     members: list[list[torch.nn.Parameter]] = [[], [], []]
     for main, model in pairs:
         members[param_group_index(model, config)].append(main)
@@ -77,8 +66,44 @@ def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair]) -> to
     if config.decoupled_lr is not None:
         groups.append({"params": members[2], "weight_decay": config.weight_decay, "is_decoupled_lr": True,
                        "max_lr": config.decoupled_lr, "min_lr": config.decoupled_min_lr_or_min_lr})
+    return groups
+
+
+def _groups(config: OptimizerConfig, pairs: list[ParamPair], model_param_groups: list[dict] | None) -> list[dict]:
+    """The torch param groups over the main parameters: the client's groups, or Megatron-LM's split."""
+    if model_param_groups is None:
+        return _megatron_groups(config, pairs)
+    group_of = {id(p): i for i, group in enumerate(model_param_groups) for p in group["params"]}
+    groups: list[dict] = [{"params": [], "weight_decay": float(group["weight_decay"])} for group in model_param_groups]
+    for main, model in pairs:
+        if id(model) not in group_of:
+            raise ValueError(f"model_param_groups leave out a trainable parameter of shape {tuple(model.shape)}; "
+                             f"list every parameter with requires_grad=True in one group")
+        groups[group_of[id(model)]]["params"].append(main)
+    return groups
+
+
+def build_torch_optimizer(config: OptimizerConfig, pairs: list[ParamPair],
+                          model_param_groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """Adam (decoupled weight decay, as Megatron-LM's fused Adam) or SGD over the main parameters.
+
+    Without ``model_param_groups``, Megatron-LM's groups (see :func:`param_group_index`): weight decay
+    on matrices, none on 1-D parameters (biases and norm weights); with ``config.decoupled_lr`` a third
+    group, the embedding and output weights (matrices, so with weight decay), carrying
+    ``max_lr``/``min_lr`` that the LR scheduler reads instead of its own and megatron.core's
+    ``is_decoupled_lr`` tag. With ``model_param_groups`` (``[{"params": [model parameters],
+    "weight_decay": float}, ...]``, the groups a torch optimizer or DeepSpeed's engine is given), one
+    torch group per given group, in order, with its weight decay. A main parameter joins its model
+    parameter's group, so a ZeRO shard piece of a bias stays where the bias is, and every group
+    exists (possibly empty on this rank: the decoupled one on a middle pipeline stage) so every rank
+    has the same groups. Raises ValueError when a trainable parameter is in no given group.
+    Adam is torch's fused AdamW when every main parameter is a floating-point tensor on CPU or CUDA
+    (one multi-threaded kernel over all tensors: 2.3 ms against 6.4-9.5 ms for the per-tensor loop
+    that torch picks by default on CPU, 4.3M parameters, 2 threads, bench shape), else its default.
+    """
+    groups = _groups(config, pairs, model_param_groups)
     if config.optimizer == "adam":
-        fused = {"fused": True} if _fused_adam_applies([p for m in members for p in m]) else {}
+        fused = {"fused": True} if _fused_adam_applies([main for main, _ in pairs]) else {}
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                  eps=config.adam_eps, **fused)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.sgd_momentum)
@@ -96,9 +121,11 @@ class MegatronOptimizer:
     sharded_over_dp = False
 
     def __init__(
-        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState
+        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState,
+        model_param_groups: list[dict] | None = None,
     ) -> None:
         self.config, self.model_chunks, self.parallel_state = config, list(model_chunks), parallel_state
+        self.model_param_groups = model_param_groups  # see build_torch_optimizer
         self.grad_scaler = make_grad_scaler(config)
         self.pairs: list[ParamPair] = []
         self.inner: torch.optim.Optimizer | None = None
@@ -200,9 +227,10 @@ class ReplicatedOptimizer(MegatronOptimizer):
     """
 
     def __init__(
-        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState
+        self, config: OptimizerConfig, model_chunks: list[torch.nn.Module], parallel_state: ParallelState,
+        model_param_groups: list[dict] | None = None,
     ) -> None:
-        super().__init__(config, model_chunks, parallel_state)
+        super().__init__(config, model_chunks, parallel_state, model_param_groups)
         seen: set[int] = set()
         for chunk in self.model_chunks:
             for p in chunk.parameters():
@@ -210,7 +238,7 @@ class ReplicatedOptimizer(MegatronOptimizer):
                     seen.add(id(p))
                     main = p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float())
                     self.pairs.append((main, p))
-        self.inner = build_torch_optimizer(config, self.pairs)
+        self.inner = build_torch_optimizer(config, self.pairs, model_param_groups)
 
     def _prepare_main_grads(self) -> None:
         for main, model in self.pairs:

@@ -66,6 +66,9 @@ class OptimizerConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
+    consecutive_hysteresis: bool = False  # DeepSpeed's fp16 key: a step without overflow restores the hysteresis
+    # DeepSpeed's count of loss_scale_window (first growth one clean step later than Megatron's); the engine's
+    deepspeed_loss_scale_window: bool = False
     log_num_zeros_in_grad: bool = False
     # ---- offload of the distributed optimizer's shard (see the class docstring) -----------------
     optimizer_cpu_offload: bool = False

@@ -22,13 +22,15 @@ _COMPARED = {
     "micro_batch_size": "micro_batch_size", "global_batch_size": "global_batch_size", "fp16": "fp16", "bf16": "bf16",
     "loss_scale": "loss_scale", "initial_loss_scale": "initial_loss_scale", "min_loss_scale": "min_loss_scale",
     "loss_scale_window": "loss_scale_window", "hysteresis": "hysteresis", "clip_grad": "clip_grad",
+    "consecutive_hysteresis": "consecutive_hysteresis",
     "zero_stage": "zero_stage", "overlap_grad_reduce": "overlap_grad_reduce", "offload_param": "offload_param",
     "optimizer_cpu_offload": "optimizer_cpu_offload", "nvme_offload_path": "nvme_offload_path",
     "overlap_cpu_optimizer_d2h_h2d": "overlap_cpu_optimizer_d2h_h2d",
 }
 _OPTIMIZER_FIELDS = ("fp16", "bf16", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window",
-                     "hysteresis", "clip_grad", "optimizer_cpu_offload", "optimizer_offload_fraction",
-                     "nvme_offload_path", "nvme_offload_buffer_count", "overlap_cpu_optimizer_d2h_h2d")
+                     "hysteresis", "consecutive_hysteresis", "clip_grad", "optimizer_cpu_offload",
+                     "optimizer_offload_fraction", "nvme_offload_path", "nvme_offload_buffer_count",
+                     "overlap_cpu_optimizer_d2h_h2d")
 # The optimizer section's fields, per optimizer type (the others keep the flags' values).
 _OPTIMIZER_SECTION_FIELDS = {"adam": ("optimizer", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps"),
                              "sgd": ("optimizer", "lr", "weight_decay", "sgd_momentum")}

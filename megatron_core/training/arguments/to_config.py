@@ -89,7 +89,8 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad, fp16=args.fp16,
         bf16=args.bf16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
-        hysteresis=args.hysteresis, optimizer_cpu_offload=args.optimizer_cpu_offload,
+        hysteresis=args.hysteresis, consecutive_hysteresis=args.consecutive_hysteresis,
+        optimizer_cpu_offload=args.optimizer_cpu_offload,
         optimizer_offload_fraction=args.optimizer_offload_fraction, nvme_offload_path=args.nvme_offload_path,
         nvme_offload_buffer_count=args.nvme_offload_buffer_count,
         overlap_cpu_optimizer_d2h_h2d=args.overlap_cpu_optimizer_d2h_h2d)

@@ -93,6 +93,8 @@ def _mixed_precision(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-loss-scale", type=float, default=1.0)
     g.add_argument("--loss-scale-window", type=int, default=1000)
     g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--consecutive-hysteresis", action="store_true",
+                   help="a step without overflow restores the hysteresis (DeepSpeed's fp16.consecutive_hysteresis)")
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
 
 
