@@ -5,7 +5,8 @@ re-sharded to TP 1, or a run recomputing 2 layers per chunk by blocks re-sharded
 chunk, was refused ("sequence_parallel=True needs --tensor-model-parallel-size > 1"); Megatron-LM's
 converter writes both (its ``validate_args`` turns sequence parallelism off at TP 1, and its block
 recompute of more layers than a chunk holds recomputes them all). The re-sharded checkpoint resumes
-under the new layout with the losses of the uninterrupted run.
+under the new layout with the losses of the uninterrupted run. Also two --load-dir / --loader mistakes,
+one line each.
 """
 import pytest
 import torch
@@ -40,3 +41,19 @@ def test_a_layout_only_setting_does_not_stop_a_reshard(saved, target, resumed, t
     rest = _logged(run_distributed(_train, world, ARGS + resumed + ["--load", str(tmp_path / "out")], timeout=240))
     assert rest.loaded_iteration == 2
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[2:]), what="losses after the resume")
+
+
+def test_an_iteration_directory_and_an_unknown_loader_are_one_line_errors(tmp_path, capsys):
+    """An iter_NNNNNNN folder given as --load-dir was 'not a Megatron checkpoint directory (for a Hugging Face
+    directory use --loader hf)'; an unknown --loader ended by SystemExit with exit status 1 and no prefix."""
+    from test_pretrain import _train
+    run_distributed(_train, 1, ARGS + ["--train-iters", "1", "--save", str(tmp_path / "ckpt")], timeout=120)
+    capsys.readouterr()
+    assert _cli("core", "hf", tmp_path / "ckpt" / "iter_0000001", tmp_path / "hf") == 2
+    assert capsys.readouterr().err == (f"convert.py: error: --load-dir {tmp_path / 'ckpt' / 'iter_0000001'} is one "
+                                       f"iteration's directory: pass --load-dir {tmp_path / 'ckpt'} --load-iteration "
+                                       f"1\n")
+    assert _cli("bogus", "hf", tmp_path / "ckpt", tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert.py: error: --loader 'bogus' is not supported; use one of core, hf,") and \
+        err.count("\n") == 1, err

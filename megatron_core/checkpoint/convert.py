@@ -320,15 +320,15 @@ def _cast_weights(model: FullModel, args: argparse.Namespace) -> None:
 
 def _kind(name: str, flag: str) -> str:
     if name not in _LOADERS:
-        raise SystemExit(f"{flag} {name!r} is not supported; use one of {', '.join(sorted(_LOADERS))}")
+        raise ValueError(f"{flag} {name!r} is not supported; use one of {', '.join(sorted(_LOADERS))}")
     return _LOADERS[name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     args = build_parser().parse_args(argv)
-    loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
     try:
+        loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
         _check_args(args)
         if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
             raise ValueError(f"--save-dir {args.save_dir} is a file; give a directory (it is created if missing)")
