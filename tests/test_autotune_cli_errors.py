@@ -59,3 +59,11 @@ def test_failure_line_reads_through_torchrun_s_report():
 def test_an_unknown_flag_points_at_the_tools_own_help(capsys):
     assert cli.main(FLAGS + ["--vocab-size", "255", "--mock-data", "--bogus"]) == 2
     assert capsys.readouterr().err == "error: unrecognized arguments: --bogus (see python tools/autotune.py --help)\n"
+
+
+def test_no_layout_in_memory_names_the_smallest_need(capsys):
+    """--memory-per-device 0.0001 said 'no layout of 2 ranks fits in 0.000 GiB per rank'."""
+    assert cli.main(FLAGS + ["--mock-data", "--vocab-size", "255", "--memory-per-device", "0.0001"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: no layout of 2 ranks fits in 0.1 MiB per rank; the smallest, tp"), last
+    assert last.endswith(" MiB (raise --memory-per-device, or give more ranks with --world-size)"), last

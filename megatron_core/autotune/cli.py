@@ -272,7 +272,10 @@ def _main(argv: list[str]) -> int:
             raise ConfigError(f"no layout of --world-size {world} ranks suits this model (memory aside): every one "
                               f"is pruned for the reasons above; pick a world size that the heads, layers and "
                               f"--global-batch-size divide")
-        raise ConfigError(f"no layout of {world} ranks fits in {memory / GIB:.3f} GiB per rank")
+        least = min((c for c in pruned if (c.reason or "").startswith("out of memory")), key=lambda c: c.memory_bytes)
+        raise ConfigError(f"no layout of {world} ranks fits in {format_bytes(memory)} per rank; the smallest, "
+                          f"{least.layout.describe()}, needs {format_bytes(least.memory_bytes)} (raise "
+                          f"--memory-per-device, or give more ranks with --world-size)")
     prof = profile(spec, valid, world, progress=lambda keys: tqdm(keys, desc="profiling layers", file=sys.stderr))
     cands = search(spec, layouts, memory, predict_time=lambda lay: step_time(spec, lay, prof, flops),
                    progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr))
