@@ -202,7 +202,7 @@ TESTS = {
     "tokenizer": ["tests/test_tokenizer.py", "tests/test_preprocess_data.py"],
     "inference": ["tests/test_generation.py", "tests/test_text_generation_cli.py",
                   "tests/test_text_generation_server.py", "tests/test_text_generation_client.py",
-                  "tests/test_text_generation_layouts.py"],
+                  "tests/test_text_generation_layouts.py", "tests/test_text_generation_server_port.py"],
     # the schedule replay checks activations.in_flight against the activations the schedules hold
     "autotune": ["tests/test_pipeline_schedule_order.py", "tests/test_autotune_search.py",
                  "tests/test_autotune_memory.py", "tests/test_autotune_cli_errors.py"],
