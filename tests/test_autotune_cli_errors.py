@@ -67,3 +67,10 @@ def test_no_layout_in_memory_names_the_smallest_need(capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: no layout of 2 ranks fits in 0.1 MiB per rank; the smallest, tp"), last
     assert last.endswith(" MiB (raise --memory-per-device, or give more ranks with --world-size)"), last
+
+
+def test_progress_bars_only_on_a_terminal(capsys):
+    """Redirected to a file (a job log), the bars wrote every update as a \\r-joined line."""
+    assert cli.main(FLAGS + ["--mock-data", "--vocab-size", "255", "--top", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "profiling layers" not in err and "predicting" not in err and "\r" not in err, err[-500:]

@@ -276,15 +276,17 @@ def _main(argv: list[str]) -> int:
         raise ConfigError(f"no layout of {world} ranks fits in {format_bytes(memory)} per rank; the smallest, "
                           f"{least.layout.describe()}, needs {format_bytes(least.memory_bytes)} (raise "
                           f"--memory-per-device, or give more ranks with --world-size)")
-    prof = profile(spec, valid, world, progress=lambda keys: tqdm(keys, desc="profiling layers", file=sys.stderr))
+    # disable=None: bars on a terminal only (in a job log every update would be another \r-joined line)
+    prof = profile(spec, valid, world,
+                   progress=lambda keys: tqdm(keys, desc="profiling layers", file=sys.stderr, disable=None))
     cands = search(spec, layouts, memory, predict_time=lambda lay: step_time(spec, lay, prof, flops),
-                   progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr))
+                   progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr, disable=None))
     user_flags = strip_flags(strip_flags(argv, AUTOTUNE_FLAGS), LAYOUT_FLAGS)
     best = next((c for c in cands if c.reason is None and c.launchable), None)
     if args.trials and best is not None:
         tried = [c for c in cands if c.reason is None and c.launchable][:args.trials]
         failures = []
-        for cand in tqdm(tried, desc="trials", file=sys.stderr):
+        for cand in tqdm(tried, desc="trials", file=sys.stderr, disable=None):
             start = time.perf_counter()
             result = run_trial(spec, cand, user_flags, args.trial_iters)
             cand.measured_tokens_per_s = result if isinstance(result, float) else None
