@@ -178,7 +178,7 @@ TESTS = {
                     # attention's KV-cache path (incremental decoding against HF generate)
                     "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py"],
     "checkpoint": ["tests/test_tokenizer.py", "tests/test_hf_export.py", "tests/test_checkpoint_convert.py",
-                   "tests/test_checkpoint_convert_optimizer.py",
+                   "tests/test_checkpoint_convert_optimizer.py", "tests/test_checkpoint_convert_layout_settings.py",
                    "tests/test_checkpointing_hf.py", "tests/test_hf_equivalence.py",
                    "tests/test_dist_checkpoint_tools.py", "tests/test_tokenizer_hf_dir.py",
                    "tests/test_decoupled_lr.py"],
@@ -203,10 +203,11 @@ TESTS = {
                  "tests/test_pretrain_test_split.py"],
     "tokenizer": ["tests/test_tokenizer.py", "tests/test_preprocess_data.py", "tests/test_tokenizer_hf_dir.py"],
     "inference": ["tests/test_generation.py", "tests/test_text_generation_cli.py",
-                  "tests/test_text_generation_server.py"],
+                  "tests/test_text_generation_server.py", "tests/test_text_generation_client.py",
+                  "tests/test_text_generation_layouts.py", "tests/test_text_generation_server_port.py"],
     # the schedule replay checks activations.in_flight against the activations the schedules hold
     "autotune": ["tests/test_pipeline_schedule_order.py", "tests/test_autotune_search.py",
-                 "tests/test_autotune_memory.py"],
+                 "tests/test_autotune_memory.py", "tests/test_autotune_cli_errors.py"],
     "models": ["tests/test_init_seed_names.py", "tests/test_hf_equivalence.py", "tests/test_layout.py",
                # GPTModel.forward's KV-cache argument (incremental decoding against HF generate)
                "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py",

@@ -203,3 +203,24 @@ def test_log_probs_equal_hf_log_softmax(kind, tp, pp):
                 ref = hf_model(ids).logits.float().log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
                 assert_rel_close(torch.tensor(scores), ref.detach(), 1e-5,
                                  f"{kind} TP {tp} PP {pp} rank {rank}, {new_tokens} new tokens: log-probs")
+
+
+def _length_error(prompt_length, new_tokens):
+    ps = parallel_state.initialize_model_parallel(1)
+    config, vocab, positions = core_config_of(tiny_hf_gpt2())
+    model = GPTModel(config, vocab, positions, parallel_state=ps, make_vocab_size_divisible_by=8)
+    try:
+        generate(model, [[5] * prompt_length], new_tokens, eod_id=None, vocab_size=vocab, parallel_state=ps)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("prompt_length,new_tokens,fix", [
+    (40, 0, "shorten the prompt to at most 32 tokens"), (30, 5, "ask for at most 2 tokens"),
+    (32, 1, "ask for at most 0 tokens (0 with logprobs scores the prompt)")])
+def test_a_request_past_the_position_limit_names_the_fix(prompt_length, new_tokens, fix):
+    """A 40-token prompt scored with tokens_to_generate 0 was told to 'ask for fewer tokens'."""
+    (error,) = run_distributed(_length_error, 1, prompt_length, new_tokens, timeout=60)
+    assert error == (f"longest prompt ({prompt_length} tokens) + tokens_to_generate ({new_tokens}) = "
+                     f"{prompt_length + new_tokens} exceeds the model's --max-position-embeddings 32; {fix}"), error

@@ -55,3 +55,26 @@ def test_without_tensorboard_one_line_and_no_writer(tmp_path):
     expected = f"> tensorboard is not installed (pip install tensorboard): not writing events to {tmp_path / 'tb'}"
     assert lines == [expected]
     assert not (tmp_path / "tb").exists()
+
+
+def _error_of(argv):
+    import pretrain_gpt
+    from megatron_core.errors import ConfigError
+
+    try:
+        pretrain_gpt.main(argv)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_directory_that_cannot_be_written_is_one_line_on_every_rank(tmp_path):
+    """Under a file: SummaryWriter's NotADirectoryError traceback on the logging rank (the last stage, rank 1
+    here) while rank 0 went on into its first pipeline exchange."""
+    (tmp_path / "file").write_text("x")
+    argv = [*TINY, "--num-layers", "2", "--train-iters", "1", "--pipeline-model-parallel-size", "2",
+            "--tensorboard-dir", str(tmp_path / "file" / "tb")]
+    errors = run_distributed(_error_of, 2, argv, timeout=60)
+    message = f"--tensorboard-dir {tmp_path / 'file' / 'tb'} cannot be written (Not a directory); give a directory"
+    assert errors[1].startswith(message), errors
+    assert errors[0] == f"(on rank 1) {errors[1]}", errors

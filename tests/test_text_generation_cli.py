@@ -226,3 +226,16 @@ def test_a_temperature_past_megatron_lms_bound_is_one_line():
         assert str(exc) == "--temperature must be at most 100 (Megatron-LM's bound), got 1e+39"
     else:
         raise AssertionError("--temperature 1e39 was accepted")
+
+
+def test_the_dropout_flags_help_says_why_they_change_nothing():
+    """Their help was the batching flags' ('prompts are batched as given; the length limit is ...')."""
+    import argparse
+
+    from megatron_core.inference.megatron_flags import add_megatron_args
+    parser = argparse.ArgumentParser()
+    add_megatron_args(parser)
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    for flag in ("--attention-dropout", "--hidden-dropout"):
+        assert helps[flag] == "accepted: no effect here (generation runs the model in eval mode, without dropout)"
+    assert "prompts are batched as given" in helps["--seq-length"]

@@ -124,6 +124,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     from megatron_core.tokenizer.build import build_tokenizer
     from megatron_core.training.arguments.to_config import params_dtype, transformer_config
     from megatron_core.training.arguments.validate import validate_args
+    from megatron_core.training.data_loading import model_vocab_size
 
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "global_batch_size"):
         if getattr(args, flag) is None:
@@ -141,12 +142,12 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     if kind == "NullTokenizer" and args.vocab_size is None:
         raise ConfigError("--tokenizer-type or --vocab-size is required to size the embedding")
     try:
-        vocab = build_tokenizer(kind, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
-                                merge_file=args.merge_file, vocab_size=args.vocab_size).vocab_size
+        tokenizer = build_tokenizer(kind, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
+                                    merge_file=args.merge_file, vocab_size=args.vocab_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if kind != "NullTokenizer" and args.vocab_size is not None:
-        vocab = args.vocab_size
+    # pretrain_gpt.py's check (a tokenizer larger than --vocab-size), before the search rather than in every trial
+    vocab = model_vocab_size(kind, tokenizer, args.vocab_size, args.tokenizer_model or args.vocab_file)
     nbytes = params_dtype(args).itemsize
     return ModelSpec(config, vocab, args.seq_length, args.max_position_embeddings or args.seq_length,
                      args.global_batch_size, args.make_vocab_size_divisible_by, nbytes,
@@ -179,8 +180,18 @@ def print_table(cands: list[Candidate], top: int) -> None:
                                             if reason == "out of memory" else ""))
 
 
-def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: int) -> float | None:
-    """tokens/s of ``iters`` real iterations (median after the first), or None when the run failed."""
+def failure_line(stderr: str) -> str:
+    """The line of a failed launch's stderr that says why: pretrain_gpt.py's last ``error: ...`` line
+    (under torchrun also repeated in its failure report, whose last line is a row of ``=``), else the
+    last line that is not blank or such a row."""
+    lines = [line.strip() for line in stderr.splitlines()]
+    errors = [line[line.index("error: "):] for line in lines if "error: " in line]
+    rest = [line for line in lines if line.strip("=-")]
+    return errors[-1] if errors else (rest[-1] if rest else "no output")
+
+
+def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: int) -> float | str:
+    """tokens/s of ``iters`` real iterations (median after the first), or the line saying why the run failed."""
     # A trial measures speed from scratch: it writes no checkpoint and resumes none (a --load checkpoint
     # is usually past --trial-iters, and a legacy one loads under its own layout only).
     flags = strip_flags(user_flags, {"--train-iters": 1, "--log-interval": 1, "--eval-iters": 1, "--eval-interval": 1,
@@ -192,8 +203,9 @@ def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: in
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     times = re.findall(r"elapsed time per iteration \(ms\): ([\d.]+)", proc.stdout)
     if proc.returncode != 0 or not times:
-        print(f"  trial {cand.layout.describe()} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
-        return None
+        why = failure_line(proc.stderr)
+        print(f"  trial {cand.layout.describe()} failed: {why}", flush=True)
+        return why
     steady = [float(t) for t in times[1:]] or [float(times[0])]  # the first iteration warms up
     return spec.global_batch_size * spec.seq_length / (statistics.median(steady) / 1000)
 
@@ -260,22 +272,31 @@ def _main(argv: list[str]) -> int:
             raise ConfigError(f"no layout of --world-size {world} ranks suits this model (memory aside): every one "
                               f"is pruned for the reasons above; pick a world size that the heads, layers and "
                               f"--global-batch-size divide")
-        raise ConfigError(f"no layout of {world} ranks fits in {memory / GIB:.3f} GiB per rank")
-    prof = profile(spec, valid, world, progress=lambda keys: tqdm(keys, desc="profiling layers", file=sys.stderr))
+        least = min((c for c in pruned if (c.reason or "").startswith("out of memory")), key=lambda c: c.memory_bytes)
+        raise ConfigError(f"no layout of {world} ranks fits in {format_bytes(memory)} per rank; the smallest, "
+                          f"{least.layout.describe()}, needs {format_bytes(least.memory_bytes)} (raise "
+                          f"--memory-per-device, or give more ranks with --world-size)")
+    # disable=None: bars on a terminal only (in a job log every update would be another \r-joined line)
+    prof = profile(spec, valid, world,
+                   progress=lambda keys: tqdm(keys, desc="profiling layers", file=sys.stderr, disable=None))
     cands = search(spec, layouts, memory, predict_time=lambda lay: step_time(spec, lay, prof, flops),
-                   progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr))
+                   progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr, disable=None))
     user_flags = strip_flags(strip_flags(argv, AUTOTUNE_FLAGS), LAYOUT_FLAGS)
     best = next((c for c in cands if c.reason is None and c.launchable), None)
     if args.trials and best is not None:
         tried = [c for c in cands if c.reason is None and c.launchable][:args.trials]
-        for cand in tqdm(tried, desc="trials", file=sys.stderr):
+        failures = []
+        for cand in tqdm(tried, desc="trials", file=sys.stderr, disable=None):
             start = time.perf_counter()
-            cand.measured_tokens_per_s = run_trial(spec, cand, user_flags, args.trial_iters)
+            result = run_trial(spec, cand, user_flags, args.trial_iters)
+            cand.measured_tokens_per_s = result if isinstance(result, float) else None
+            failures += [] if isinstance(result, float) else [result]
             print(f"  trial {cand.layout.describe()}: predicted {cand.tokens_per_s:.1f} tokens/s, measured "
                   f"{cand.measured_tokens_per_s or float('nan'):.1f} ({time.perf_counter() - start:.0f} s)", flush=True)
         measured = [c for c in tried if c.measured_tokens_per_s]
-        if measured:
-            best = max(measured, key=lambda c: c.measured_tokens_per_s or 0.0)
+        if not measured:  # the flags themselves fail: a launch line that fails would be no answer
+            raise ConfigError(f"every trial failed, so no layout is written; the first: {failures[0]}")
+        best = max(measured, key=lambda c: c.measured_tokens_per_s or 0.0)
     print_table(cands, args.top)
     if best is None:
         raise ConfigError("no launchable layout fits; see the table for the layouts that need ZeRO-3 or offload")

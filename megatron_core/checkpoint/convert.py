@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -204,7 +204,8 @@ def save_core(model: FullModel, path: str, tp: int, pp: int = 1, vpp: int | None
                          f"the pipeline size")
     vpp = None if vpp == 1 else vpp
     try:
-        model.config.validate_parallel(tp, pp, vpp)
+        config = _training_settings_for_layout(model.config, tp, pp, vpp)
+        config.validate_parallel(tp, pp, vpp)
     except ValueError as exc:
         raise ValueError(f"--target-tensor-parallel-size {tp} / --target-pipeline-parallel-size {pp} do not fit "
                          f"this model: {exc}") from None
@@ -212,9 +213,27 @@ def save_core(model: FullModel, path: str, tp: int, pp: int = 1, vpp: int | None
     if model.tokenizer is not None:
         os.makedirs(path, exist_ok=True)
         extra["tokenizer"] = _save_core_tokenizer(model.tokenizer, path)
-    info = make_model_info(model.config, model.vocab_size, model.max_position_embeddings, tp, pp, vpp,
+    info = make_model_info(config, model.vocab_size, model.max_position_embeddings, tp, pp, vpp,
                            make_vocab_size_divisible_by, hf_model_type=model.hf_family, **extra)
-    return save_core_checkpoint(path, model.config, info, model.state, iteration, model.train_state)
+    return save_core_checkpoint(path, config, info, model.state, iteration, model.train_state)
+
+
+def _training_settings_for_layout(config: TransformerConfig, tp: int, pp: int, vpp: int | None) -> TransformerConfig:
+    """``config`` with the training settings that depend on the layout fitted to the target one.
+
+    They change no weight, so they must not stop a re-shard (a TP 2 run with ``--sequence-parallel``
+    converted to TP 1 was refused): sequence parallelism is dropped at TP 1, as Megatron-LM's
+    ``validate_args`` does, and block recompute of more layers than a chunk of the new split holds
+    becomes all of that chunk's layers, which is what Megatron-LM's block recompute does with such a
+    count. Raises ConfigError (a ValueError) for a split that does not fit ``config.num_layers``."""
+    changes: dict[str, Any] = {}
+    if tp == 1 and config.sequence_parallel:
+        changes["sequence_parallel"] = False
+    if config.recompute_method == "block" and config.recompute_num_layers is not None:
+        most = max(config.layer_counts(pp, vpp))
+        if config.recompute_num_layers > most:
+            changes["recompute_num_layers"] = most
+    return replace(config, **changes) if changes else config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,15 +326,15 @@ def _cast_weights(model: FullModel, args: argparse.Namespace) -> None:
 
 def _kind(name: str, flag: str) -> str:
     if name not in _LOADERS:
-        raise SystemExit(f"{flag} {name!r} is not supported; use one of {', '.join(sorted(_LOADERS))}")
+        raise ValueError(f"{flag} {name!r} is not supported; use one of {', '.join(sorted(_LOADERS))}")
     return _LOADERS[name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     args = build_parser().parse_args(argv)
-    loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
     try:
+        loader, saver = _kind(args.loader, "--loader"), _kind(args.saver, "--saver")
         _check_args(args)
         if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
             raise ValueError(f"--save-dir {args.save_dir} is a file; give a directory (it is created if missing)")

@@ -98,6 +98,11 @@ def _iteration_dir(load_dir: str, iteration: int | None) -> str:
     if iteration is None:
         iteration = io.read_tracker(load_dir)
         if iteration is None:
+            name = os.path.basename(os.path.normpath(load_dir))
+            if name.startswith("iter_") and name[len("iter_"):].isdigit():
+                raise FileNotFoundError(f"--load-dir {load_dir} is one iteration's directory: pass --load-dir "
+                                        f"{os.path.dirname(os.path.normpath(load_dir))} --load-iteration "
+                                        f"{int(name[len('iter_'):])}")
             raise FileNotFoundError(f"--load-dir {load_dir} has no {io.TRACKER_FILENAME}: not a Megatron checkpoint "
                                     f"directory (for a Hugging Face directory use --loader hf)")
     path = io.existing_iteration_dir(load_dir, iteration)

@@ -103,11 +103,14 @@ def _check(model: GPTModel, prompts: Sequence[Sequence[int]], max_new_tokens: in
     if parallel_state.vpp_size is not None:
         raise ConfigError("generation runs without virtual pipeline stages: load the model with "
                           "--virtual-pipeline-model-parallel-size unset (checkpoints reshard on load)")
-    total = max(len(p) for p in prompts) + max_new_tokens
-    limit = model.max_sequence_length
+    longest = max(len(p) for p in prompts)
+    total, limit = longest + max_new_tokens, model.max_sequence_length
     if total > limit:
-        raise ConfigError(f"longest prompt + tokens_to_generate = {total} exceeds the model's "
-                          f"--max-position-embeddings {limit}; ask for fewer tokens")
+        fix = (f"shorten the prompt to at most {limit} tokens" if longest > limit else
+               f"ask for at most {limit - longest} tokens" + (" (0 with logprobs scores the prompt)"
+                                                             if longest == limit else ""))
+        raise ConfigError(f"longest prompt ({longest} tokens) + tokens_to_generate ({max_new_tokens}) = {total} "
+                          f"exceeds the model's --max-position-embeddings {limit}; {fix}")
     return total
 
 

@@ -46,12 +46,15 @@ class LoadedModel:
 
 
 def _for_inference(config: TransformerConfig) -> TransformerConfig:
-    """``config`` without sequence parallelism, whatever the training run used.
+    """``config`` without sequence parallelism or activation recompute, whatever the training run used.
 
     Sequence parallelism only splits activations along the sequence to save training memory (the
     weights are the same); kept, it would refuse TP 1 and need every prompt length divisible by TP.
+    Recompute saves activations for backward, which generation never runs; kept, block recompute of
+    more layers than a chunk of the generation's pipeline split holds refused that split.
     """
-    return dataclasses.replace(config, sequence_parallel=False)
+    return dataclasses.replace(config, sequence_parallel=False, recompute_granularity=None, recompute_method=None,
+                               recompute_num_layers=None)
 
 
 def read_full_model(load: str, iteration: int | None = None) -> tuple[FullModel, str]:

@@ -32,8 +32,11 @@ _CHOICES = {"--normalization": ["LayerNorm", "RMSNorm"],
 # Switches that only configure a run (loading, fusions, dropout, batching): no effect on generation here.
 _RUN_SWITCHES = ("--use-checkpoint-args", "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint",
                  "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--use-mcore-models")
-_RUN_VALUES = {"--micro-batch-size": int, "--seq-length": int, "--out-seq-length": int,
-               "--attention-dropout": float, "--hidden-dropout": float}
+_BATCHING = "prompts are batched as given; the length limit is the model's --max-position-embeddings"
+_EVAL = "generation runs the model in eval mode, without dropout"
+_RUN_VALUES = {"--micro-batch-size": (int, _BATCHING), "--seq-length": (int, _BATCHING),
+               "--out-seq-length": (int, _BATCHING), "--attention-dropout": (float, _EVAL),
+               "--hidden-dropout": (float, _EVAL)}
 # Architecture switches: each must hold for the loaded model (see _switch_errors).
 _SWITCHES = ("--group-query-attention", "--swiglu", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--disable-bias-linear", "--add-qkv-bias", "--untie-embeddings-and-output-weights")
@@ -48,9 +51,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
                        help="checked: must equal the checkpoint's")
     for flag in _SWITCHES:
         g.add_argument(flag, action="store_true", help="checked: the checkpoint's model must have it")
-    for flag, kind in _RUN_VALUES.items():
-        g.add_argument(flag, type=kind, default=None, help="accepted: no effect here (prompts are batched as "
-                       "given; the length limit is the model's --max-position-embeddings)")
+    for flag, (kind, why) in _RUN_VALUES.items():
+        g.add_argument(flag, type=kind, default=None, help=f"accepted: no effect here ({why})")
     for flag in _RUN_SWITCHES:
         g.add_argument(flag, action="store_true", help="accepted: the model, and nothing else, comes from --load")
     dtype = g.add_mutually_exclusive_group()

@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -55,7 +56,7 @@ from megatron_core.inference.text_generation_cli import (
     sampling_from_args,
     setup,
 )
-from megatron_core.training.initialize import initialize_distributed, shutdown
+from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
 
 _STOP = "stop"
 # SamplingParams' values as a client names them: the request's fields, not the command-line flags.
@@ -298,6 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_port(host: str, port: int) -> None:
+    """ConfigError for a ``--port`` out of range or, on rank 0 (the rank that serves HTTP), one that cannot
+    be bound, before the model loads. Out of range, Flask took ``--port 99999`` as 34463 (the value mod 2^16)
+    and ``-5`` raised OverflowError; a port in use was Flask's message on rank 0 alone, and torchrun's
+    report named no root cause."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {port}")
+    if rank_from_env() != 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Flask's server binds
+            probe.bind(address)
+    except OSError as exc:  # socket.gaierror (an unknown --host) included
+        raise ConfigError(f"--host {host} --port {port} cannot be served ({exc.strerror or exc}); stop the "
+                          f"program using that port or pass another --port (or --host)") from None
+
+
 def main(argv: Sequence[str] | None = None,
          wrap_generator: Callable[[Generator], Generator] | None = None) -> int:
     """Serve until interrupted; returns the exit status (2 with a one-line message on a configuration error).
@@ -308,6 +328,7 @@ def main(argv: Sequence[str] | None = None,
     args = build_parser().parse_args(argv)
     context = None
     try:
+        _check_port(args.host, args.port)
         defaults = sampling_from_args(args)
         for flag, minutes in (("--server-timeout-minutes", args.server_timeout_minutes),
                               ("--distributed-timeout-minutes", args.distributed_timeout_minutes)):

@@ -34,15 +34,24 @@ def build_run_tokenizer(config: DataConfig, tp_size: int) -> tuple[MegatronToken
                                     vocab_size=config.vocab_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    size = tokenizer.vocab_size
-    if config.tokenizer_type != "NullTokenizer" and config.vocab_size is not None and size > config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer ({config.tokenizer_type}, {config.tokenizer_model or config.vocab_file}) has {size} tokens "
-            f"but --vocab-size is {config.vocab_size}; raise --vocab-size to at least {size} or leave it out (the "
-            f"model then takes the tokenizer's size)")
-    if config.tokenizer_type != "NullTokenizer" and config.vocab_size is not None:
-        size = config.vocab_size
+    size = model_vocab_size(config.tokenizer_type, tokenizer, config.vocab_size,
+                            config.tokenizer_model or config.vocab_file)
     return tokenizer, vocab_size_with_padding(size, config.make_vocab_size_divisible_by, tp_size)
+
+
+def model_vocab_size(tokenizer_type: str, tokenizer: MegatronTokenizer, vocab_size: int | None,
+                     source: str | None) -> int:
+    """The model's vocabulary before padding (tokens): ``--vocab-size`` when given with a real tokenizer,
+    else the tokenizer's size. ConfigError naming both when the tokenizer has more tokens than the flag
+    (``source`` is its file, for the message)."""
+    size = tokenizer.vocab_size
+    if tokenizer_type == "NullTokenizer" or vocab_size is None:
+        return size
+    if size > vocab_size:
+        raise ConfigError(
+            f"the tokenizer ({tokenizer_type}, {source}) has {size} tokens but --vocab-size is {vocab_size}; raise "
+            f"--vocab-size to at least {size} or leave it out (the model then takes the tokenizer's size)")
+    return vocab_size
 
 
 def dataset_config(config: DataConfig, tokenizer: MegatronTokenizer, seed: int) -> Any:

@@ -186,9 +186,10 @@ def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: Mod
     _warn_short_run(s, training, out)
     calculator = MicrobatchCalculator(training.global_batch_size, training.micro_batch_size, ps.dp_size,
                                       training.rampup_batch_size, ps.pp_size, ps.vpp_size)
+    # agreed: only the logging rank opens the directory; a failure there stops every rank at once
+    writer = agreed(make_tensorboard_writer, config.logging.tensorboard_dir, out.is_logging_rank, out.last)
     return _Run(config, ps, out, model, optimizer, scheduler, forward_step_func,
-                config.model_info(tokenizer.vocab_size, padded_vocab), calculator, tokenizer=tokenizer,
-                writer=make_tensorboard_writer(config.logging.tensorboard_dir, out.is_logging_rank, out.last))
+                config.model_info(tokenizer.vocab_size, padded_vocab), calculator, tokenizer=tokenizer, writer=writer)
 
 
 def _warn_short_run(s: SchedulerConfig, training: TrainingConfig, out: Printers) -> None:

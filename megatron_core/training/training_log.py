@@ -11,12 +11,16 @@ from datetime import datetime
 from typing import Any
 
 from megatron_core.training.config import LoggingConfig
+from megatron_core.training.errors import ConfigError
 
 Printer = Callable[[str], None]
 
 
 def make_tensorboard_writer(directory: str | None, is_logging_rank: bool, printer: Printer) -> Any:
-    """A ``SummaryWriter`` on the logging rank, or None (with one line when tensorboard is missing)."""
+    """A ``SummaryWriter`` on the logging rank, or None (with one line when tensorboard is missing).
+
+    Raises ConfigError naming ``--tensorboard-dir`` when the directory cannot be created or written
+    (``SummaryWriter`` creates it and opens its event file at once)."""
     if directory is None or not is_logging_rank:
         return None
     try:
@@ -24,7 +28,11 @@ def make_tensorboard_writer(directory: str | None, is_logging_rank: bool, printe
     except ImportError:
         printer(f"> tensorboard is not installed (pip install tensorboard): not writing events to {directory}")
         return None
-    return SummaryWriter(log_dir=directory, max_queue=1000)
+    try:
+        return SummaryWriter(log_dir=directory, max_queue=1000)
+    except OSError as exc:
+        raise ConfigError(f"--tensorboard-dir {directory} cannot be written ({exc.strerror or exc}); give a "
+                          f"directory this job can create and write to") from None
 
 
 class TrainingLog:

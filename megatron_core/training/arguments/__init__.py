@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
     """Raises :class:`ConfigError` instead of exiting, so ``main(argv)`` can run inside a test."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message}{self._suggestions(message)} (see python pretrain_gpt.py --help)")
+        raise ConfigError(f"{message}{self._suggestions(message)} (see python {self.prog} --help)")
 
     def _suggestions(self, message: str) -> str:
         """"; did you mean --train-iters?" for each unknown flag close to a known one."""

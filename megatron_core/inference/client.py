@@ -1,0 +1,85 @@
+"""``tools/text_generation_cli.py``: Megatron-LM's interactive client for the text generation server.
+
+    python tools/text_generation_cli.py localhost:5000
+
+As Megatron-LM's ``tools/text_generation_cli.py``: asks for a prompt and a number of tokens, sends
+``PUT /api`` with ``{"prompts": [prompt], "tokens_to_generate": n}`` and prints the text, until end of
+input (Ctrl-D). A server's HTTP 400 answer is printed as ``Error 400: <its message>`` and the loop goes on;
+a token count that is not a whole number is asked again (Megatron-LM ``eval``s it); a server that cannot
+be reached is one ``error:`` line and exit status 1. Standard library only (``urllib``), so the client
+runs where the server's Flask is not installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def api_url(address: str) -> str:
+    """``http://ADDRESS/api`` for Megatron-LM's ``host:port`` argument; a full ``http(s)://...`` URL is kept."""
+    if address.startswith(("http://", "https://")):
+        return address if address.rstrip("/").endswith("/api") else address.rstrip("/") + "/api"
+    return f"http://{address}/api"
+
+
+def put_api(url: str, body: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any]]:
+    """``(HTTP status, JSON answer)`` of ``PUT url`` with ``body``; an answer that is not JSON becomes
+    ``{"error": its first line}``. Raises ``urllib.error.URLError`` (an OSError) when the server cannot be reached."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        text = raw.decode(errors="replace").strip().splitlines()
+        return status, {"error": text[0] if text else f"HTTP {status} with an empty body"}
+
+
+def _ask_tokens(ask: Callable[[str], str]) -> int:
+    """The number of tokens to generate, asked until it is a whole number >= 0 (EOFError at end of input)."""
+    while True:
+        answer = ask("Enter number of tokens to generate: ").strip()
+        try:
+            count = int(answer)
+        except ValueError:
+            count = -1
+        if count >= 0:
+            return count
+        print(f"error: {answer!r} is not a number of tokens; give a whole number, 0 or more", flush=True)
+
+
+def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] = input) -> int:
+    """The interactive loop; returns the exit status (0 at end of input, 1 when the server is unreachable)."""
+    parser = argparse.ArgumentParser(prog="text_generation_cli.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("url", help="the server's host:port (Megatron-LM's argument), or its http:// URL")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
+    args = parser.parse_args(argv)
+    url = api_url(args.url)
+    while True:
+        try:
+            prompt = ask("Enter prompt: ")
+            tokens = _ask_tokens(ask)
+        except (EOFError, KeyboardInterrupt):
+            print(flush=True)
+            return 0
+        try:
+            status, answer = put_api(url, {"prompts": [prompt], "tokens_to_generate": tokens}, args.timeout)
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            print(f"error: cannot reach the text generation server at {url} ({reason}); start it with "
+                  f"tools/run_text_generation_server.py or check the address", file=sys.stderr, flush=True)
+            return 1
+        if status != 200:
+            print(f"Error {status}: {answer.get('error', answer)}", flush=True)
+        else:
+            print("Megatron Response: ", flush=True)
+            print(answer["text"][0], flush=True)

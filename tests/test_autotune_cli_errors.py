@@ -1,0 +1,76 @@
+"""tools/autotune.py: input the search cannot act on is one line before any minutes are spent, and a
+failed trial says why.
+
+A tokenizer larger than --vocab-size was searched for (about half a minute of profiling), then every
+trial failed and the tool printed "trial ... failed: ['=====...']" (torchrun's report border, the last
+stderr line) and wrote the failing launch line as the best layout. An unknown flag pointed at
+``pretrain_gpt.py --help``.
+"""
+from megatron_core.autotune import cli
+from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
+
+FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+         "--global-batch-size", "4", "--lr", "1e-3", "--train-iters", "2", "--eval-iters", "0", "--num-workers", "0",
+         "--world-size", "2", "--memory-per-device", "1", "--no-offload", "--micro-batch-sizes", "2"]
+
+
+def test_a_tokenizer_larger_than_the_vocab_size_is_refused_before_the_search(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text("def main(argv):\n    return len(argv) + 1\n" * 200, encoding="utf-8")
+    model = train_sentencepiece([str(tmp_path / "corpus.txt")], str(tmp_path / "tok"), vocab_size=300)
+    code = cli.main(FLAGS + ["--mock-data", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
+                             "--vocab-size", "299", "--output", str(tmp_path / "run.sh")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and not (tmp_path / "run.sh").exists(), captured
+    assert captured.err.endswith(f"error: the tokenizer (SentencePieceTokenizer, {model}) has 300 tokens but "
+                                 f"--vocab-size is 299; raise --vocab-size to at least 300 or leave it out (the "
+                                 f"model then takes the tokenizer's size)\n"), captured.err
+    assert "profiling" not in captured.err
+
+
+def test_when_every_trial_fails_the_error_is_the_runs_own_line_and_nothing_is_written(tmp_path, capsys):
+    """Data tokenized with a 300-token SentencePiece model, trained with a NullTokenizer of 128 ids: the
+    search cannot see it (it reads no data), every trial stops at the first out-of-vocabulary id."""
+    from megatron_core.datasets.preprocess_data import main as preprocess
+
+    (tmp_path / "corpus.jsonl").write_text("".join(f'{{"text": "def f{i}(x):\\n    return x * {i} + {i % 7}"}}\n'
+                                                   for i in range(400)), encoding="utf-8")
+    model = train_sentencepiece([str(tmp_path / "corpus.jsonl")], str(tmp_path / "tok"), vocab_size=300)
+    assert preprocess(["--input", str(tmp_path / "corpus.jsonl"), "--tokenizer-type", "SentencePieceTokenizer",
+                       "--tokenizer-model", model, "--output-prefix", str(tmp_path / "data"), "--workers", "1"]) == 0
+    code = cli.main(FLAGS + ["--vocab-size", "100", "--make-vocab-size-divisible-by", "64", "--data-path",
+                             str(tmp_path / "data_text_document"), "--trials", "1", "--trial-iters", "2",
+                             "--output", str(tmp_path / "run.sh")])
+    captured = capsys.readouterr()
+    assert code == 2 and not (tmp_path / "run.sh").exists(), captured.out[-2000:]
+    line = "error: token id "
+    assert f"failed: {line}" in captured.out and "is outside the vocabulary [0, 128)" in captured.out, \
+        captured.out[-2000:]
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith(f"error: every trial failed, so no layout is written; the first: {line}"), last
+
+
+def test_failure_line_reads_through_torchrun_s_report():
+    report = ("error: --lr is required\n[W] torchrun noise\n=====\nRoot Cause (first observed failure):\n"
+              "  traceback : error: --lr is required\n=====\n")
+    assert cli.failure_line(report) == "error: --lr is required"
+    assert cli.failure_line("Traceback (most recent call last):\n  boom\nRuntimeError: x\n====\n") == "RuntimeError: x"
+
+
+def test_an_unknown_flag_points_at_the_tools_own_help(capsys):
+    assert cli.main(FLAGS + ["--vocab-size", "255", "--mock-data", "--bogus"]) == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --bogus (see python tools/autotune.py --help)\n"
+
+
+def test_no_layout_in_memory_names_the_smallest_need(capsys):
+    """--memory-per-device 0.0001 said 'no layout of 2 ranks fits in 0.000 GiB per rank'."""
+    assert cli.main(FLAGS + ["--mock-data", "--vocab-size", "255", "--memory-per-device", "0.0001"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: no layout of 2 ranks fits in 0.1 MiB per rank; the smallest, tp"), last
+    assert last.endswith(" MiB (raise --memory-per-device, or give more ranks with --world-size)"), last
+
+
+def test_progress_bars_only_on_a_terminal(capsys):
+    """Redirected to a file (a job log), the bars wrote every update as a \\r-joined line."""
+    assert cli.main(FLAGS + ["--mock-data", "--vocab-size", "255", "--top", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "profiling layers" not in err and "predicting" not in err and "\r" not in err, err[-500:]

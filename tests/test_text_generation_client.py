@@ -1,0 +1,53 @@
+"""tools/text_generation_cli.py, Megatron-LM's interactive client, against a running
+tools/run_text_generation_server.py: it prints the server's text for each prompt, a bad request's
+HTTP 400 message, asks again for a token count that is not a number, ends at end of input, and a
+server that cannot be reached is one error line (exit status 1). The tool was missing."""
+import os
+import signal
+import subprocess
+import sys
+
+from test_text_generation_server import _free_port, _put, _wait_until_serving
+
+from tests.hf_testing import tiny_hf_gpt2
+from tests.test_text_generation_cli import _save_tokenizer_json
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(REPO, "tools", "run_text_generation_server.py")
+CLIENT = os.path.join(REPO, "tools", "text_generation_cli.py")
+ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+
+
+def _client(address, stdin):
+    return subprocess.run([sys.executable, CLIENT, address], input=stdin, capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=ENV)
+
+
+def test_the_client_prints_the_servers_answers_and_its_errors(tmp_path):
+    tiny_hf_gpt2(vocab_size=300).save_pretrained(tmp_path / "hf")
+    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, SERVER, "--load", str(tmp_path / "hf"), "--port", str(port),
+                               "--top_k", "1"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        _wait_until_serving(server, port)
+        status, answer = _put(port, {"prompts": ["def f(x):"], "tokens_to_generate": 5})
+        assert status == 200, answer
+        proc = _client(f"127.0.0.1:{port}", "def f(x):\n5\nthe quick\nmany\n100\n")
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        out = proc.stdout
+        assert f"Megatron Response: \n{answer['text'][0]}\n" in out, out
+        assert "error: 'many' is not a number of tokens; give a whole number, 0 or more\n" in out, out
+        assert "Error 400: longest prompt (" in out and "exceeds the model's --max-position-embeddings" in out, out
+        assert out.count("Enter prompt: ") == 3, out  # the third reaches end of input
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=60)
+
+
+def test_an_unreachable_server_is_one_line():
+    proc = _client(f"127.0.0.1:{_free_port()}", "hello\n3\n")
+    assert proc.returncode == 1, proc
+    assert proc.stderr.startswith("error: cannot reach the text generation server at http://127.0.0.1:") and \
+        proc.stderr.count("\n") == 1, proc.stderr
