@@ -342,6 +342,7 @@ def _layer_forwards_in_a_training_step(method, k, layers):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
     config = llama_config(layers, 32, 4, num_query_groups=2, ffn_hidden_size=64, recompute_granularity="full",
                           recompute_method=method, recompute_num_layers=k)
+    config.validate_parallel(ps.tp_size)  # as pretrain_gpt checks the layout
     model = GPTModel(config, 64, 8, parallel_state=ps, make_vocab_size_divisible_by=8)
     calls = [0] * layers
     for i, layer in enumerate(model.decoder.layers):
@@ -352,10 +353,13 @@ def _layer_forwards_in_a_training_step(method, k, layers):
 
 
 @pytest.mark.parametrize("method,k,expected", [("uniform", 2, [2, 2, 2]), ("block", 2, [2, 2, 1]),
-                                               ("block", 1, [2, 1, 1]), ("uniform", 1, [2])])
+                                               ("block", 1, [2, 1, 1]), ("uniform", 1, [2]),
+                                               ("block", 5, [2, 2, 2]), ("uniform", 5, [2, 2, 2])])
 def test_full_recompute_reruns_the_layers_its_method_names(method, k, expected):
     """Megatron-LM's --recompute-method: ``uniform`` checkpoints every group of k layers (all of
-    them run forward twice), ``block`` only the first k layers of the chunk; a one-layer chunk too."""
+    them run forward twice), ``block`` only the first k layers of the chunk; a one-layer chunk too.
+    k above the chunk's layers recomputes them all, as Megatron-LM's (which checks only k >= 1);
+    both were refused here ("exceeds the layers of a pipeline chunk", "in [1, num_layers]")."""
     (calls,) = run_distributed(_layer_forwards_in_a_training_step, 1, method, k, len(expected), timeout=60)
     assert calls == expected
 

@@ -223,16 +223,13 @@ def _training_settings_for_layout(config: TransformerConfig, tp: int, pp: int, v
 
     They change no weight, so they must not stop a re-shard (a TP 2 run with ``--sequence-parallel``
     converted to TP 1 was refused): sequence parallelism is dropped at TP 1, as Megatron-LM's
-    ``validate_args`` does, and block recompute of more layers than a chunk of the new split holds
-    becomes all of that chunk's layers, which is what Megatron-LM's block recompute does with such a
-    count. Raises ConfigError (a ValueError) for a split that does not fit ``config.num_layers``."""
+    ``validate_args`` does. (Block recompute of more layers than a chunk of the new split holds needs
+    no change: it recomputes all of them, as Megatron-LM's.) Raises ConfigError (a ValueError) for a
+    split that does not fit ``config.num_layers``."""
+    config.layer_counts(pp, vpp)  # the split's own error
     changes: dict[str, Any] = {}
     if tp == 1 and config.sequence_parallel:
         changes["sequence_parallel"] = False
-    if config.recompute_method == "block" and config.recompute_num_layers is not None:
-        most = max(config.layer_counts(pp, vpp))
-        if config.recompute_num_layers > most:
-            changes["recompute_num_layers"] = most
     return replace(config, **changes) if changes else config
 
 

@@ -108,7 +108,8 @@ class TransformerConfig:
     """None, ``full`` (whole layers) or ``selective`` (core attention only) (``--recompute-granularity``)."""
     recompute_method: str | None = None
     """With ``full``: ``uniform`` (checkpoint groups of ``recompute_num_layers`` layers) or ``block``
-    (checkpoint the first ``recompute_num_layers`` layers of each chunk) (``--recompute-method``)."""
+    (checkpoint the first ``recompute_num_layers`` layers of each chunk) (``--recompute-method``); a
+    count above a chunk's layers covers them all, as in Megatron-LM."""
     recompute_num_layers: int | None = None
     """Layers per checkpointed group (uniform) or checkpointed layers per chunk (block)."""
 
@@ -232,9 +233,11 @@ class TransformerConfig:
             if m not in ("uniform", "block"):
                 raise ConfigError("recompute_granularity='full' needs recompute_method 'uniform' or 'block' "
                                   "(--recompute-method)")
-            if n is None or n < 1 or (m == "uniform" and n > self.num_layers):
-                raise ConfigError(f"recompute_granularity='full' needs recompute_num_layers in [1, num_layers="
-                                  f"{self.num_layers}] (--recompute-num-layers), got {n}")
+            # No upper bound, as Megatron-LM: more layers than a chunk holds recomputes all of them
+            # (uniform: one group; block: every layer), which a re-shard to smaller chunks relies on.
+            if n is None or n < 1:
+                raise ConfigError(f"recompute_granularity='full' needs recompute_num_layers >= 1 "
+                                  f"(--recompute-num-layers), got {n}")
         elif m is not None or n is not None:
             raise ConfigError(f"recompute_method={m!r} / recompute_num_layers={n!r} apply only with "
                               f"recompute_granularity='full' (got {g!r})")
@@ -251,13 +254,9 @@ class TransformerConfig:
                                   f"each TP rank must hold a whole number of them; change {name} or the TP size")
         if self.sequence_parallel and tp == 1:
             raise ConfigError("sequence_parallel=True needs --tensor-model-parallel-size > 1")
-        counts = chunk_layer_counts(self.num_layers, pipeline_model_parallel_size,
-                                    virtual_pipeline_model_parallel_size, self.num_layers_in_first_pipeline_stage,
-                                    self.num_layers_in_last_pipeline_stage)
-        n = self.recompute_num_layers  # never None under 'block' (_validate_recompute)
-        if self.recompute_method == "block" and n is not None and n > max(counts):
-            raise ConfigError(f"recompute_num_layers ({n}) exceeds the layers of a "
-                              f"pipeline chunk ({max(counts)}) under recompute_method='block'")
+        # Raises ConfigError naming the flags for a split that does not fit num_layers.
+        chunk_layer_counts(self.num_layers, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,
+                           self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
 
     def layer_counts(self, pipeline_model_parallel_size: int,
                      virtual_pipeline_model_parallel_size: int | None = None) -> list[int]:
