@@ -10,7 +10,7 @@ zero_optimization.reduce_bucket_size        DistributedDataParallelConfig.bucket
 zero_optimization.overlap_comm              DistributedDataParallelConfig.overlap_grad_reduce; with
                                             offload_optimizer also OptimizerConfig.overlap_cpu_optimizer_d2h_h2d
 bf16.enabled                                OptimizerConfig.bf16, DistributedDataParallelConfig.grad_reduce_in_fp32
-                                            (DeepSpeed accumulates bf16 gradients in fp32)
+                                            (fp32 as Megatron-LM; DeepSpeed's default is bf16)
 communication_data_type "fp32"              DistributedDataParallelConfig.grad_reduce_in_fp32 (also under fp16)
 data_types.grad_accum_dtype                 DistributedDataParallelConfig.grad_reduce_in_fp32 ("fp32"; the training
                                             dtype: False, e.g. bf16 gradients accumulated in bf16)
@@ -115,7 +115,8 @@ def ignored_tuning_keys(config: EngineConfig) -> list[str]:
 
 def grads_in_fp32(config: EngineConfig) -> bool:
     """Whether gradients accumulate and are reduced in fp32: ``data_types.grad_accum_dtype`` when given, else
-    under bf16 (as DeepSpeed's BF16_Optimizer) or with ``communication_data_type: "fp32"``."""
+    under bf16 (Megatron-LM's rule and DeepSpeed's BF16_Optimizer's; DeepSpeed 0.19.8's default is the model dtype)
+    or with ``communication_data_type: "fp32"``."""
     if config.grad_accum_dtype is not None:
         return config.grad_accum_dtype == "fp32"
     return config.bf16_enabled or config.communication_data_type == "fp32"
