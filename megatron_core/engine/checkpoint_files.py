@@ -13,6 +13,7 @@ import contextlib
 import glob
 import io
 import os
+import pickle
 import re
 import shutil
 import stat
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from megatron_core.errors import ConfigError
 from megatron_core.training.checkpoint_io import torch_save
 
 LATEST = "latest"
@@ -82,9 +84,20 @@ SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
 
 
 def load_states(path: str | io.BytesIO) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, also reading ``argparse.Namespace`` (in client_state)."""
+    """``torch.load(path, weights_only=True)`` on the CPU, also reading ``argparse.Namespace`` (in client_state).
+
+    Raises ConfigError naming a file ``path`` that torch cannot read (truncated, overwritten, not a torch
+    file): torch's own error is a multi-line traceback."""
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-        return torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(path, str):
+            return torch.load(path, weights_only=True, map_location="cpu")
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu")
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            lines = str(exc).strip().splitlines()
+            reason = lines[0].split(". ")[0] if lines else type(exc).__name__
+            raise ConfigError(f"checkpoint file {path} is damaged ({reason}); save it again or load another tag"
+                              ) from None
 
 
 def client_state_error(client_state: Any) -> str | None:
