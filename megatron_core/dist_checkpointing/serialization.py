@@ -126,7 +126,8 @@ def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_di
         if is_rank0:
             io.save_file(common, os.path.join(tmp_dir, COMMON_FILE))
     except (CheckpointException, OSError, RuntimeError, KeyboardInterrupt) as exc:  # a full disk: on every rank
-        error = failed.format(io.first_line(exc))  # (DCP gathers the ranks' errors, one process's come as they are)
+        # DCP gathers the ranks' errors (one process's come as they are)
+        error = failed.format(io.write_failure(exc, root))
         if isinstance(io.root_cause(exc)[1], KeyboardInterrupt):
             # Ctrl-C: one line, and no further collective (the other ranks may be stopping anywhere, so one
             # more all-gather could wait for a peer that never comes).

@@ -172,6 +172,21 @@ def first_line(exc: BaseException) -> str:
     return (text if rank is None else f"rank {rank}: {text}")[:200]
 
 
+def write_failure(exc: BaseException, directory: str) -> str:
+    """:func:`first_line` of a failed checkpoint write; when it carries no OS error (torch's zip writer reports a
+    write cut short by a full disk as ``unexpected pos N vs M``, ``torch.distributed.checkpoint``'s writer
+    passes that on) the bytes still free on the file system holding ``directory`` are added, so the line
+    says whether space ran out."""
+    text = first_line(exc)
+    if "[Errno" in text:
+        return text
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return text
+    return f"{text}; {free} bytes free on the file system of {directory}"
+
+
 def read_tracker(root: str) -> int | None:
     """The iteration named by the tracker file, or None when there is none."""
     path = os.path.join(root, TRACKER_FILENAME)
