@@ -3,6 +3,7 @@ naming the file and what to do (rules of the house: no traceback of ours, no ran
 
 - a truncated model-states file or a truncated rank's optimizer file (a copy cut short, a full disk when
   it was copied) raised torch's multi-line ``PytorchStreamReader failed reading zip archive`` traceback;
+- a file holding a pickled class raised torch's multi-line ``Weights only load failed`` traceback;
 - an empty ``latest`` read as the tag '' and blamed ``DIR/mp_rank_00_model_states.pt``; a ``latest``
   naming a folder that is gone named only the file inside it, not ``latest`` nor the tags there.
 """
@@ -10,6 +11,7 @@ naming the file and what to do (rules of the house: no traceback of ours, no ran
 import os
 
 import pytest
+import torch
 from engine_common import ds_config, make_model, run_steps
 from harness import run_distributed
 
@@ -17,8 +19,14 @@ import megatron_core
 from megatron_core.errors import ConfigError
 
 
+class _Payload:
+    """Stands for any class pickled into a file (DeepSpeed pickles whatever client_state holds)."""
+
+
 def _damage(directory, what):
-    if what == "model":
+    if what == "pickled":
+        torch.save({"extra": _Payload()}, os.path.join(directory, "saved", "mp_rank_00_model_states.pt"))
+    elif what == "model":
         os.truncate(os.path.join(directory, "saved", "mp_rank_00_model_states.pt"), 100)
     elif what == "optim":
         os.truncate(os.path.join(directory, "saved", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), 100)
@@ -51,6 +59,9 @@ def _save_damage_load(directory, what):
     ("optim", "checkpoint file {d}/saved/zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged "
               "(PytorchStreamReader failed reading zip archive: failed finding central directory); save it again "
               "or load another tag"),
+    ("pickled", "checkpoint file {d}/saved/mp_rank_00_model_states.pt holds what torch.load(weights_only=True) "
+                "does not read (Unsupported global: GLOBAL test_engine_checkpoint_damage._Payload); files are never "
+                "unpickled with code"),
     ("empty-latest", "load_checkpoint: {d}/latest is empty; write the tag to load into it or pass tag= "
                      "(tags in {d}: saved)"),
     ("latest-to-gone", "load_checkpoint: {d}/latest names the tag 'global_step9', which is not a folder of {d}; "

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import pickle
+import pickletools
 import re
 import shutil
 from typing import Any
@@ -101,11 +102,31 @@ def load_file(path: str) -> Any:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if not is_pickled_object(exc):  # garbage in the pickle (overwritten bytes) fails the same unpickler
+            raise DamagedFileError(path, pickle.UnpicklingError(unpickler_reason(exc))) from None
         raise ConfigError(f"{path} is not a plain-tensor checkpoint: it holds pickled Python objects, which are "
                           f"not loaded (they could run code); re-save it with tensors and plain values only") from None
     except (EOFError, RuntimeError, OSError, ValueError) as exc:
         raise DamagedFileError(path, exc) from None
+
+
+def is_pickled_object(exc: pickle.UnpicklingError) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused what a pickle may hold (a class or function the file
+    pickles: ``Unsupported global: GLOBAL module.Name``; an opcode of a newer pickle protocol, ``Unsupported
+    operand 149``), rather than bytes that are no pickle opcode at all (damage: ``Unsupported operand 90``,
+    ``invalid load key``)."""
+    text = str(exc)
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand is not None:
+        return chr(int(operand.group(1))) in {op.code for op in pickletools.opcodes}
+    return "Unsupported global" in text
+
+
+def unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own reason (``Unsupported operand 90``) from torch's multi-line message."""
+    tail = str(exc).split("WeightsUnpickler error:")[-1]
+    return next((line.strip() for line in tail.splitlines() if line.strip()), type(exc).__name__)
 
 
 class DamagedFileError(ConfigError):
