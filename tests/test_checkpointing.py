@@ -175,3 +175,24 @@ def test_first_line_of_a_dcp_failure_is_the_lowest_failing_ranks_own_error():
     assert io.first_line(plain) == "[Errno 28] No space left on device"
     no_ranks = CheckpointException("save failed", {})
     assert io.root_cause(no_ranks) == (None, no_ranks)
+
+
+def test_a_write_failure_without_an_os_error_says_how_much_space_is_left(tmp_path):
+    """A torch_dist save onto a full tmpfs failed with only 'rank 0: RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos 704 vs 598' (torch's zip writer, through DCP, loses the
+    ENOSPC): the line now adds the bytes free where --save is, as the legacy format's '[Errno 28] No space
+    left on device' says it; an OS error keeps its own line."""
+    import re
+    import shutil
+
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    exc = CheckpointException("save failed", {0: _wrap_exception(short)})
+    line = io.write_failure(exc, str(tmp_path))
+    found = re.fullmatch(r"rank 0: RuntimeError: \[enforce fail at inline_container.cc:672\] \. unexpected pos 704 "
+                         rf"vs 598; (\d+) bytes free on the file system of {re.escape(str(tmp_path))}", line)
+    assert found, line
+    assert abs(int(found.group(1)) - shutil.disk_usage(tmp_path).free) < 2**30
+    assert io.write_failure(OSError(28, "No space left on device"), str(tmp_path)) == \
+        "[Errno 28] No space left on device"

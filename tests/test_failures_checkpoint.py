@@ -140,6 +140,20 @@ def test_a_damaged_file_without_manifest_is_still_one_line(saved, tmp_path):
                     "--ckpt-step 1")
 
 
+def test_bytes_overwritten_in_the_pickle_are_damage_not_a_pickled_object(saved, tmp_path):
+    """Same size (the manifest passes), garbage inside the file's pickle: the load said the file 'is not a
+    plain-tensor checkpoint: it holds pickled Python objects ... re-save it with tensors and plain values
+    only' (torch's weights-only unpickler fails on the garbage opcode as on a class); it is damage."""
+    ckpt = _copy(saved, tmp_path)
+    path = os.path.join(io.iteration_dir(ckpt, 2), "mp_rank_00", "distrib_optim_dp001.pt")
+    with open(path, "r+b") as f:
+        f.seek(300)
+        f.write(b"Z" * 200)
+    message = _one_line_error(_messages(["--load", ckpt]), path, "is truncated or damaged (UnpicklingError: "
+                              "Unsupported operand 90)", "--ckpt-step 1")
+    assert "plain-tensor" not in message, message
+
+
 # ---- 7. deleted shard, bad tracker, pickled objects ------------------------------------------------------
 def test_a_deleted_dp_shard_is_named_not_called_a_dp_size_change(saved, tmp_path):
     ckpt = _copy(saved, tmp_path)

@@ -109,3 +109,26 @@ def test_no_load_optim_leaves_the_schedule_out_as_the_legacy_format_and_megatron
     assert [len(r.losses) for r in resumed.values()] == [2, 2]
     assert_rel_close(torch.tensor(resumed["torch_dist"].losses), torch.tensor(resumed["torch"].losses),
                      what="losses after --no-load-optim, torch_dist vs legacy")
+
+
+def test_no_save_optim_and_no_save_rng_leave_them_out_of_torch_dist_as_the_legacy_format(tmp_path, capfd):
+    """--no-save-optim / --no-save-rng were ignored by torch_dist: the checkpoint held the Adam state and the
+    RNG states (byte for byte the size of a full one), and a resume loaded them, saying 'optimizer: yes'.
+    Now both formats leave them out, and a resume starts a fresh optimizer from the saved weights alike."""
+    from megatron_core.dist_checkpointing import read_common
+
+    resumed = {}
+    for fmt in ("torch", "torch_dist"):
+        ckpt = str(tmp_path / fmt)
+        run_distributed(_train, 1, ARGS + ["--ckpt-format", fmt, "--save", ckpt, "--exit-interval", "4",
+                                           "--no-save-optim", "--no-save-rng"], timeout=120)
+        capfd.readouterr()
+        resumed[fmt] = _logged(run_distributed(_train, 1, ARGS + ["--ckpt-format", fmt, "--load", ckpt,
+                                                                  "--exit-interval", "6"], timeout=120))
+        out = capfd.readouterr().out
+        assert "optimizer: no" in out, out[-2000:]
+    common = read_common(str(tmp_path / "torch_dist"))
+    assert not common["optimizer"] and not common["rng"]
+    assert [r.loaded_iteration for r in resumed.values()] == [4, 4]
+    assert_rel_close(torch.tensor(resumed["torch_dist"].losses), torch.tensor(resumed["torch"].losses),
+                     what="losses after a --no-save-optim checkpoint, torch_dist vs legacy")

@@ -126,7 +126,8 @@ def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_di
         if is_rank0:
             io.save_file(common, os.path.join(tmp_dir, COMMON_FILE))
     except (CheckpointException, OSError, RuntimeError, KeyboardInterrupt) as exc:  # a full disk: on every rank
-        error = failed.format(io.first_line(exc))  # (DCP gathers the ranks' errors, one process's come as they are)
+        # DCP gathers the ranks' errors (one process's come as they are)
+        error = failed.format(io.write_failure(exc, root))
         if isinstance(io.root_cause(exc)[1], KeyboardInterrupt):
             # Ctrl-C: one line, and no further collective (the other ranks may be stopping anywhere, so one
             # more all-gather could wait for a peer that never comes).
@@ -152,7 +153,8 @@ def _write_and_publish(sd: dict, common: dict, root: str, iteration: int, tmp_di
 def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch.nn.Module], optimizer: Any,
                          scheduler: Any, parallel_state: ParallelState, extra: dict[str, Any] | None = None,
                          async_save: bool = False,
-                         refuse_publish: Callable[[], str | None] | None = None) -> SaveRequest:
+                         refuse_publish: Callable[[], str | None] | None = None,
+                         save_rng: bool = True) -> SaveRequest:
     """Write iteration ``iteration`` of a training run under ``save_dir``. Collective over all ranks.
 
     ``model_chunks``: this rank's (DDP-wrapped) GPTModel chunks; ``optimizer``: a MegatronOptimizer or
@@ -161,7 +163,8 @@ def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch
     the tensors are copied and written by a background thread on its own gloo group while training
     goes on; call ``wait()`` on the result before the next save (or at exit). ``refuse_publish``: asked
     on rank 0 once every file is written; a message it returns cancels the save (training: the launcher
-    died). Returns the request. A failed write (full disk) or a refusal removes the partial directory and
+    died); ``save_rng=False`` leaves the RNG states out (``--no-save-rng``; pass ``optimizer=None`` for
+    ``--no-save-optim``). Returns the request. A failed write (full disk) or a refusal removes the partial directory and
     raises ConfigError on every rank (from ``wait()`` for an asynchronous save).
     """
     start = time.perf_counter()
@@ -178,7 +181,7 @@ def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch
     layout = layout_of(parallel_state, optimizer, model_chunks)
     common = {"format": FORMAT, "iteration": iteration, "layout": layout,
               "optimizer": optim_meta, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-              "rng": _all_rng_states(parallel_state, layout), "extra": dict(extra or {})}
+              "rng": _all_rng_states(parallel_state, layout) if save_rng else [], "extra": dict(extra or {})}
     request = SaveRequest(final_dir)
     if not async_save:
         _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, None, is_rank0, refuse_publish)
@@ -341,6 +344,8 @@ def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], opt
 
 def _restore_rng(common: dict, ours: dict[str, Any], parallel_state: ParallelState,
                  printer: Callable[[str], None]) -> None:
+    if not common["rng"]:  # saved with --no-save-rng: the run keeps its own seeding, as the legacy format
+        return
     for layout, rank, state in common["rng"]:
         if {k: layout[k] for k in ("tp", "pp", "vpp", "dp")} == {k: ours[k] for k in ("tp", "pp", "vpp", "dp")}:
             if rank == parallel_state.rank:

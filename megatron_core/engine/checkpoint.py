@@ -228,7 +228,7 @@ def full_fragments(paths: list[str], meta: dict[str, dict]) -> tuple[dict[str, t
     covered: dict[str, int] = {}
     scalars: dict = {}
     for path in paths:
-        data = torch.load(path, weights_only=True, map_location="cpu")
+        data = load_states(path)
         scalars.update(data["scalars"])
         for frag in data["fragments"]:
             name, start, end = frag["name"], frag["start"], frag["end"]
@@ -352,6 +352,17 @@ def _model_files(engine: Any, folder: str, tag: str, load_dir: str) -> tuple[lis
     return files, reshard_module(files, param_meta(engine.module), ps.tp_rank, ps.tp_size)
 
 
+def _latest_error(load_dir: str, tag: str) -> str | None:
+    """Why the tag read from ``load_dir/latest`` cannot be loaded (empty, or not a folder there), or None."""
+    if tag and os.path.isdir(os.path.join(load_dir, tag)):
+        return None
+    latest = os.path.join(load_dir, LATEST)
+    tags = sorted(d for d in os.listdir(load_dir) if os.path.isdir(os.path.join(load_dir, d)))
+    what = "is empty" if not tag else f"names the tag {tag!r}, which is not a folder of {load_dir}"
+    return (f"load_checkpoint: {latest} {what}; write the tag to load into it or pass tag= "
+            f"(tags in {load_dir}: {', '.join(tags) or 'none'})")
+
+
 def _existing(path: str) -> str:
     if not os.path.exists(path):
         raise ConfigError(f"load_checkpoint: {path} does not exist; is a TP rank's model file missing?")
@@ -369,6 +380,7 @@ def load(
     rank's file when the AutoTP size is the saving run's). ``(None, None)`` when ``tag`` is None and
     ``load_dir`` has no ``latest`` file."""
     ps = engine.parallel_state
+    error: str | None = None
     if tag is None:
         tag = read_latest(load_dir)
         if tag is None:
@@ -381,14 +393,15 @@ def load(
                     flush=True,
                 )
             return None, None
+        error = _latest_error(load_dir, tag)
     folder = os.path.join(load_dir, tag)
     # Each TP rank reads its own model file: a failure is agreed on, or the ranks that read theirs would wait
     # in the next collective for one that stopped.
-    error: str | None = None
     saved_files: list[dict] = []
     module_state: dict[str, Any] = {}
     try:
-        saved_files, module_state = _model_files(engine, folder, tag, load_dir)
+        if error is None:
+            saved_files, module_state = _model_files(engine, folder, tag, load_dir)
     except ConfigError as exc:
         error = str(exc)
     _agree_on_error(error)

@@ -13,6 +13,7 @@ import contextlib
 import glob
 import io
 import os
+import pickle
 import re
 import shutil
 import stat
@@ -20,7 +21,8 @@ from typing import Any
 
 import torch
 
-from megatron_core.training.checkpoint_io import torch_save
+from megatron_core.errors import ConfigError
+from megatron_core.training.checkpoint_io import is_pickled_object, torch_save, unpickler_reason
 
 LATEST = "latest"
 RECOVERY_SCRIPT = "zero_to_fp32.py"  # DeepSpeed's name, in the save directory
@@ -82,9 +84,26 @@ SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
 
 
 def load_states(path: str | io.BytesIO) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, also reading ``argparse.Namespace`` (in client_state)."""
+    """``torch.load(path, weights_only=True)`` on the CPU, also reading ``argparse.Namespace`` (in client_state).
+
+    Raises ConfigError naming a file ``path`` that torch cannot read (truncated, overwritten, not a torch
+    file, or holding a pickled class): torch's own error is a multi-line traceback."""
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-        return torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(path, str):
+            return torch.load(path, weights_only=True, map_location="cpu")
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu")
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            if isinstance(exc, pickle.UnpicklingError) and is_pickled_object(exc):
+                found = re.search(r"Unsupported global: GLOBAL \S+", str(exc))
+                raise ConfigError(f"checkpoint file {path} holds what torch.load(weights_only=True) does not read "
+                                  f"({found.group(0) if found else unpickler_reason(exc)}); files are never "
+                                  f"unpickled with code") from None
+            lines = str(exc).strip().splitlines()
+            reason = unpickler_reason(exc) if isinstance(exc, pickle.UnpicklingError) else \
+                lines[0].split(". ")[0] if lines else type(exc).__name__
+            raise ConfigError(f"checkpoint file {path} is damaged ({reason}); save it again or load another tag"
+                              ) from None
 
 
 def client_state_error(client_state: Any) -> str | None:

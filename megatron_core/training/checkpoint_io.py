@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import pickle
+import pickletools
 import re
 import shutil
 from typing import Any
@@ -101,11 +102,31 @@ def load_file(path: str) -> Any:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if not is_pickled_object(exc):  # garbage in the pickle (overwritten bytes) fails the same unpickler
+            raise DamagedFileError(path, pickle.UnpicklingError(unpickler_reason(exc))) from None
         raise ConfigError(f"{path} is not a plain-tensor checkpoint: it holds pickled Python objects, which are "
                           f"not loaded (they could run code); re-save it with tensors and plain values only") from None
     except (EOFError, RuntimeError, OSError, ValueError) as exc:
         raise DamagedFileError(path, exc) from None
+
+
+def is_pickled_object(exc: pickle.UnpicklingError) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused what a pickle may hold (a class or function the file
+    pickles: ``Unsupported global: GLOBAL module.Name``; an opcode of a newer pickle protocol, ``Unsupported
+    operand 149``), rather than bytes that are no pickle opcode at all (damage: ``Unsupported operand 90``,
+    ``invalid load key``)."""
+    text = str(exc)
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand is not None:
+        return chr(int(operand.group(1))) in {op.code for op in pickletools.opcodes}
+    return "Unsupported global" in text
+
+
+def unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """The weights-only unpickler's own reason (``Unsupported operand 90``) from torch's multi-line message."""
+    tail = str(exc).split("WeightsUnpickler error:")[-1]
+    return next((line.strip() for line in tail.splitlines() if line.strip()), type(exc).__name__)
 
 
 class DamagedFileError(ConfigError):
@@ -170,6 +191,21 @@ def first_line(exc: BaseException) -> str:
     lines = str(cause).strip().splitlines()
     text = f"{type(cause).__name__}: {lines[0]}" if lines and rank is not None else (lines or [type(cause).__name__])[0]
     return (text if rank is None else f"rank {rank}: {text}")[:200]
+
+
+def write_failure(exc: BaseException, directory: str) -> str:
+    """:func:`first_line` of a failed checkpoint write; when it carries no OS error (torch's zip writer reports a
+    write cut short by a full disk as ``unexpected pos N vs M``, ``torch.distributed.checkpoint``'s writer
+    passes that on) the bytes still free on the file system holding ``directory`` are added, so the line
+    says whether space ran out."""
+    text = first_line(exc)
+    if "[Errno" in text:
+        return text
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return text
+    return f"{text}; {free} bytes free on the file system of {directory}"
 
 
 def read_tracker(root: str) -> int | None:

@@ -179,8 +179,9 @@ def _write_files(config: CheckpointConfig, tmp_dir: str, iteration: int, consume
             io.save_file(optimizer.sharded_state_dict(),
                          os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
-        raise ConfigError(f"saving iteration {iteration} to {tmp_dir} failed ({io.first_line(exc)}); the partial "
-                          f"directory was removed: free space or give --save another location") from None
+        reason = io.write_failure(exc, config.save or tmp_dir)
+        raise ConfigError(f"saving iteration {iteration} to {tmp_dir} failed ({reason}); "
+                          f"the partial directory was removed: free space or give --save another location") from None
 
 
 def _publish(root: str, tmp_dir: str, final_dir: str, iteration: int) -> str | None:

@@ -67,9 +67,11 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
         # The parameters themselves (gathered here), not state_dict(): under ZeRO-3 that would gather
         # and release them again inside this block.
         check_finite_model([dict(unwrap(chunk).named_parameters()) for chunk in model], iteration)
-        request = save_dist_checkpoint(config.save, iteration, model, optimizer, scheduler, parallel_state,
-                                       extra=extra, async_save=config.async_save,
-                                       refuse_publish=lambda: None if launcher_alive() else died)
+        # --no-save-optim / --no-save-rng leave them out, as the legacy format and Megatron-LM do.
+        request = save_dist_checkpoint(config.save, iteration, model, None if config.no_save_optim else optimizer,
+                                       scheduler, parallel_state, extra=extra, async_save=config.async_save,
+                                       refuse_publish=lambda: None if launcher_alive() else died,
+                                       save_rng=not config.no_save_rng)
     how = "started an asynchronous save of" if config.async_save else "successfully saved"
     printer(f"  {how} checkpoint at iteration {iteration:7d} to {config.save} (torch_dist) "
             f"[ training blocked {request.blocked_seconds:.2f}s ]")
@@ -97,10 +99,12 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
                                       load_rng=not (config.no_load_rng or config.finetune), printer=printer)
         for chunk in model:  # named_parameters, not state_dict(): see save_checkpoint
             check_finite_state(dict(unwrap(chunk).named_parameters()), config.load)
+    # A checkpoint saved with --no-save-optim / --no-save-rng has none to load: the optimizer starts fresh.
+    load_optim = load_optim and bool(common["optimizer"])
     if not load_optim and optimizer is not None:
         optimizer.reload_model_params()
     result = LoadResult(loaded=True, optimizer_loaded=load_optim, scheduler_loaded=load_scheduler,
-                        rng_loaded=not (config.no_load_rng or config.finetune))
+                        rng_loaded=not (config.no_load_rng or config.finetune) and bool(common["rng"]))
     if config.finetune:
         printer(f"> loaded model weights from {config.load} (torch_dist) for finetuning: starting at iteration 0")
         return result

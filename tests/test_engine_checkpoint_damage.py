@@ -1,0 +1,72 @@
+"""Engine checkpoints damaged after the save: each load is one ConfigError line, the same on every rank,
+naming the file and what to do (rules of the house: no traceback of ours, no rank left waiting).
+
+- a truncated model-states file or a truncated rank's optimizer file (a copy cut short, a full disk when
+  it was copied) raised torch's multi-line ``PytorchStreamReader failed reading zip archive`` traceback;
+- a file holding a pickled class raised torch's multi-line ``Weights only load failed`` traceback;
+- an empty ``latest`` read as the tag '' and blamed ``DIR/mp_rank_00_model_states.pt``; a ``latest``
+  naming a folder that is gone named only the file inside it, not ``latest`` nor the tags there.
+"""
+
+import os
+
+import pytest
+import torch
+from engine_common import ds_config, make_model, run_steps
+from harness import run_distributed
+
+import megatron_core
+from megatron_core.errors import ConfigError
+
+
+class _Payload:
+    """Stands for any class pickled into a file (DeepSpeed pickles whatever client_state holds)."""
+
+
+def _damage(directory, what):
+    if what == "pickled":
+        torch.save({"extra": _Payload()}, os.path.join(directory, "saved", "mp_rank_00_model_states.pt"))
+    elif what == "model":
+        os.truncate(os.path.join(directory, "saved", "mp_rank_00_model_states.pt"), 100)
+    elif what == "optim":
+        os.truncate(os.path.join(directory, "saved", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), 100)
+    elif what == "empty-latest":
+        open(os.path.join(directory, "latest"), "w").close()
+    elif what == "latest-to-gone":
+        with open(os.path.join(directory, "latest"), "w") as f:
+            f.write("global_step9")
+
+
+def _save_damage_load(directory, what):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, 1))
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(directory, "saved")
+    if engine.parallel_state.rank == 0:
+        _damage(directory, what)
+    engine.barrier()
+    try:
+        engine.load_checkpoint(directory, None if what.endswith("latest") or what == "latest-to-gone" else "saved")
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+@pytest.mark.parametrize("what,expected", [
+    ("model", "checkpoint file {d}/saved/mp_rank_00_model_states.pt is damaged (PytorchStreamReader failed "
+              "reading zip archive: failed finding central directory); save it again or load another tag"),
+    ("optim", "checkpoint file {d}/saved/zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged "
+              "(PytorchStreamReader failed reading zip archive: failed finding central directory); save it again "
+              "or load another tag"),
+    ("pickled", "checkpoint file {d}/saved/mp_rank_00_model_states.pt holds what torch.load(weights_only=True) "
+                "does not read (Unsupported global: GLOBAL test_engine_checkpoint_damage._Payload); files are never "
+                "unpickled with code"),
+    ("empty-latest", "load_checkpoint: {d}/latest is empty; write the tag to load into it or pass tag= "
+                     "(tags in {d}: saved)"),
+    ("latest-to-gone", "load_checkpoint: {d}/latest names the tag 'global_step9', which is not a folder of {d}; "
+                       "write the tag to load into it or pass tag= (tags in {d}: saved)"),
+])
+def test_a_damaged_checkpoint_is_one_line_on_every_rank(tmp_path, what, expected):
+    results = run_distributed(_save_damage_load, 2, str(tmp_path), what, timeout=90)
+    assert results == [expected.format(d=str(tmp_path))] * 2, results
