@@ -151,6 +151,8 @@ line, nothing created in between); ``collectives.reduce_scatter_flat``'s ``get_b
 ``==`` (on gloo torch's own reduce-scatter gives the same sum; the all-reduce is taken for speed, the module
 docstring's measurement, and summing in a scratch ``full`` is allowed, not promised); ``failures``'
 ``get_world_size(group) > 1`` -> ``>= 1`` (an ``all_gather_object`` over one rank returns its own failure).
+The same session's 15 of inference/server.py's 110 (``--seed 4``, against test_text_generation_server.py):
+14 killed; the survivor is the ``--help`` description's ``split("\n\n")[0]`` -> ``[1]``, equivalent (above).
 
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.
