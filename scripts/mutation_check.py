@@ -135,6 +135,24 @@ the recovery script's temporary removed when its rename fails (which also kills 
 ``has_grads`` assignments fail only test_zero_gathered_parameters.py, now in the ``distributed`` list.
 Equivalent (7): the four ``_needs`` deletions, ``_dp_rank_of``'s -2, ``(n + 3) * 4`` draws and
 ``dp_size >= 1`` (above).
+A fifth sample (seventh session, ``--seed 4``: engine/consolidate.py 20 of 88, engine/reshard.py 16 of
+22, engine/zero_to_fp32.py all 4, collectives.py all 18; each mutant run first against the test files of
+its own file, the survivors of consolidate.py then against the ``engine`` list): 58 mutants, 14 survived,
+11 of them missing tests, added since: ``--max_shard_size``'s units (``"B": 1`` -> 2, ``KiB`` ``2 ** 10``
+-> ``3 ** 10``; no test called ``parse_size``), the umask left changed by a safetensors output (its
+restoring ``os.umask`` deleted), a shard filled to exactly the limit (``>`` -> ``>=``; now grouped as
+``huggingface_hub.split_torch_state_dict_into_shards``), the keys of another model passed through a
+load at another AutoTP size (``or`` -> ``and`` raised a KeyError instead of the strict load's one line),
+``collectives.failures``/``lowest_failure`` (five mutants: no test called them at world 2 or without a
+process group), and ``_ChunkOnWait``'s wait on gloo's own asynchronous all-reduce (with
+``MCORE_SHM_COLLECTIVES=0``; the shared-memory one is done when it returns). Equivalent (3):
+``consolidate._write_file``'s ``os.umask(0)`` -> ``os.umask(1)`` (the umask is only read: set back on the next
+line, nothing created in between); ``collectives.reduce_scatter_flat``'s ``get_backend(group) != "gloo"`` ->
+``==`` (on gloo torch's own reduce-scatter gives the same sum; the all-reduce is taken for speed, the module
+docstring's measurement, and summing in a scratch ``full`` is allowed, not promised); ``failures``'
+``get_world_size(group) > 1`` -> ``>= 1`` (an ``all_gather_object`` over one rank returns its own failure).
+The same session's 15 of inference/server.py's 110 (``--seed 4``, against test_text_generation_server.py):
+14 killed; the survivor is the ``--help`` description's ``split("\n\n")[0]`` -> ``[1]``, equivalent (above).
 
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.

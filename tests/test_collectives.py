@@ -2,7 +2,8 @@
 
 gloo's reduce-scatter is done as an all-reduce plus a copy of this rank's chunk; these tests pin its
 contract: the chunk equals the sum's slice, ``full`` is untouched unless it is declared scratch,
-and an asynchronous handle delivers the chunk only once waited on.
+and an asynchronous handle delivers the chunk only once waited on. ``failures`` / ``lowest_failure``
+give every rank the same list of the ranks whose step failed.
 """
 import os
 import subprocess
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from harness import run_distributed
 
-from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
+from megatron_core.collectives import all_gather_flat, failures, lowest_failure, reduce_scatter_flat
 
 
 def _inputs(rank: int, n: int) -> torch.Tensor:
@@ -47,9 +48,13 @@ def _reduce_scatter(n: int) -> list[str]:
     return problems
 
 
+@pytest.mark.parametrize("shm", ["1", "0"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_reduce_scatter_flat_on_gloo(world):
-    for problems in run_distributed(_reduce_scatter, world, 24, timeout=60):
+def test_reduce_scatter_flat_on_gloo(world, shm, monkeypatch):
+    """Through the shared-memory all-reduce (done when it returns) and through gloo's own asynchronous one
+    (``MCORE_SHM_COLLECTIVES=0``), whose chunk is only there once its work is waited on."""
+    monkeypatch.setenv("MCORE_SHM_COLLECTIVES", shm)
+    for problems in run_distributed(_reduce_scatter, world, 24 << 10, timeout=60):
         assert problems == []
 
 
@@ -60,6 +65,29 @@ def test_flat_collectives_use_this_torch_releases_names():
     from megatron_core import collectives
     for fn in (collectives._ALL_GATHER, collectives._REDUCE_SCATTER):
         assert getattr(fn, "__deprecated__", None) is None, f"{fn.__name__} is deprecated in this torch"
+
+
+def _failures() -> list:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    odd = f"rank {rank} failed" if rank % 2 else None  # every odd rank fails
+    return [failures(odd), lowest_failure(odd), failures(None), lowest_failure(None),
+            failures(f"only {rank}" if rank == world - 1 else None)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_failures_are_the_same_list_on_every_rank(world):
+    """Every rank learns which ranks failed (lowest first) although only those ranks know it, as the
+    checkpoint writers and the server agree on an error before raising; no failure gives [] and None."""
+    odd = [(r, f"rank {r} failed") for r in range(1, world, 2)]
+    last = [(world - 1, f"only {world - 1}")]
+    expected = [odd, odd[0] if odd else None, [], None, last]
+    assert run_distributed(_failures, world, timeout=60) == [expected] * world
+
+
+def test_failures_without_a_process_group_are_this_ranks_own():
+    assert not dist.is_initialized()
+    assert failures("bad") == [(0, "bad")] and lowest_failure("bad") == (0, "bad")
+    assert failures(None) == [] and lowest_failure(None) is None
 
 
 def test_host_allocator_keeps_large_tensors_on_the_heap():

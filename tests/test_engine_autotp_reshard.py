@@ -149,10 +149,14 @@ def test_load_at_another_autotp_size_equals_the_uninterrupted_run(tmp_path, kind
                tp_sizes=(SOURCES[source][1], tp))
 
 
-def _load_error(source, wider):
-    """The ConfigError line of loading ``source`` at AutoTP 1 (a wider GPT-2 with ``wider``), or None."""
-    model = tiny_hf_gpt2(vocab_size=VOCAB, hidden=64, layers=1, heads=4, positions=16) if wider else _model("gpt2")
-    engine, _, _, _ = megatron_core.initialize(model, config=_config("gpt2", 1, 1, 0))
+def _load_error(source, other):
+    """The ConfigError line of loading ``source`` at AutoTP 1 into the same GPT-2 (``other`` None), a wider
+    GPT-2 ("wider") or a Llama ("llama"), or None."""
+    if other == "wider":
+        model = tiny_hf_gpt2(vocab_size=VOCAB, hidden=64, layers=1, heads=4, positions=16)
+    else:
+        model = _model(other or "gpt2")
+    engine, _, _, _ = megatron_core.initialize(model, config=_config(other or "gpt2", 1, 1, 0))
     try:
         engine.load_checkpoint(source, tag="mid")
     except ConfigError as exc:
@@ -209,19 +213,24 @@ def test_fp16_autotp_checkpoint_moves_exactly(tmp_path):
 
 def test_what_cannot_be_resharded_is_one_line(tmp_path):
     """Resharding checks the merged shapes against this model's (a wider GPT-2: one line naming the key,
-    not a torch error) and reads every saved TP rank's files (a missing one is named)."""
+    not a torch error), passes the keys of another model (a Llama) through to the strict load's one line,
+    and reads every saved TP rank's files (a missing one is named)."""
     run_distributed(_straight, 2, str(tmp_path), "gpt2", 2, timeout=120)
-    (message,) = run_distributed(_load_error, 1, str(tmp_path), True, timeout=120)
+    (message,) = run_distributed(_load_error, 1, str(tmp_path), "wider", timeout=120)
     assert message == (
         "load_checkpoint: transformer.wte.weight is [64, 32] in the checkpoint (merged over its AutoTP ranks), "
         "[64, 64] in this model; load it into the model it was saved from"
     ), message
+    (message,) = run_distributed(_load_error, 1, str(tmp_path), "llama", timeout=120)
+    assert message.startswith(f"load_checkpoint: {tmp_path / 'mid' / 'mp_rank_00_model_states.pt'} holds another "
+                              f"model than this engine's (") \
+        and "unexpected key(s), e.g. 'transformer.wte.weight'" in message and "\n" not in message, message
     optim = tmp_path / "mid" / "zero_pp_rank_0_mp_rank_01_optim_states.pt"
     optim.rename(tmp_path / "optim.pt")
-    (message,) = run_distributed(_load_error, 1, str(tmp_path), False, timeout=120)
+    (message,) = run_distributed(_load_error, 1, str(tmp_path), None, timeout=120)
     assert message == (f"load_checkpoint: {str(tmp_path / 'mid')!r} has no optimizer fragment files of TP rank 1; "
                        f"is a rank's file missing?"), message
     (tmp_path / "mid" / "mp_rank_01_model_states.pt").unlink()
-    (message,) = run_distributed(_load_error, 1, str(tmp_path), False, timeout=120)
+    (message,) = run_distributed(_load_error, 1, str(tmp_path), None, timeout=120)
     assert message == (f"load_checkpoint: {tmp_path / 'mid' / 'mp_rank_01_model_states.pt'} does not exist; is a "
                        f"TP rank's model file missing?"), message

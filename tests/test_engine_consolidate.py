@@ -5,11 +5,13 @@
 - ``tools/zero_to_fp32.py`` takes DeepSpeed's current command line (output folder, safetensors, shards,
   frozen parameters left out) and its older one, and errors in one line;
 - save_checkpoint leaves a runnable ``zero_to_fp32.py`` in the save directory, as DeepSpeed;
-- ``engine.save_16bit_model`` writes the gathered bf16 weights under ZeRO-3.
+- ``engine.save_16bit_model`` writes the gathered bf16 weights under ZeRO-3;
+- ``--max_shard_size``'s units, and a safetensors output's permissions (the process umask left alone).
 
 Resuming and loading are in ``test_engine_checkpoint.py``.
 """
 
+import json
 import os
 import stat
 import subprocess
@@ -21,7 +23,7 @@ from engine_common import ds_config, make_model, run_steps, sharded, state_of
 from harness import run_distributed
 
 import megatron_core
-from megatron_core.engine.consolidate import consolidate_state_dict, save_consolidated
+from megatron_core.engine.consolidate import consolidate_state_dict, parse_size, save_consolidated, write_weights_dir
 from megatron_core.engine.consolidate import main as consolidate_main
 from megatron_core.errors import ConfigError
 
@@ -126,8 +128,6 @@ def test_consolidation_takes_deepspeeds_current_command_line(tmp_path, capsys):
     model.safetensors), in shards with an index past --max_shard_size. The flags were unrecognized, and a
     plain model's OUTPUT_DIR became one safetensors file of that name, which torch.load and
     OUTPUT_DIR/pytorch_model.bin could not read."""
-    import json
-
     from safetensors.torch import load_file
 
     expected = run_distributed(_train_mlp_with_a_frozen_layer, 1, str(tmp_path / "ckpt"), timeout=60)[0]
@@ -222,3 +222,45 @@ def test_save_checkpoint_leaves_a_runnable_zero_to_fp32_script(tmp_path):
     assert proc.stdout.startswith("error: zero_to_fp32.py needs the megatron_core package") \
         and "pip install" in proc.stdout, proc.stdout
     assert not (tmp_path / "out2").exists()
+
+
+def test_max_shard_size_takes_bytes_and_decimal_and_binary_units():
+    """``--max_shard_size`` as DeepSpeed and Hugging Face write it: a bare number and ``B`` are bytes, KB/MB/GB/TB
+    powers of 1000, KiB/MiB/GiB/TiB powers of 1024, any case, a fraction allowed; zero is refused."""
+    assert parse_size("1000") == parse_size("1000B") == parse_size(" 1000 b ") == 1000
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("1.5MB") == 1_500_000 and parse_size("2kb") == 2000
+    assert parse_size("1KiB") == 1024 and parse_size("3MiB") == 3 * 2**20 and parse_size("1TiB") == 2**40
+    for bad in ("0", "0GB", "5 parsecs", "-1GB", "GB"):
+        with pytest.raises(ConfigError, match="--max_shard_size"):
+            parse_size(bad)
+
+
+def test_a_safetensors_output_is_readable_as_the_umask_allows_and_the_umask_is_kept(tmp_path):
+    """safetensors writes its file 0o600; the tool gives it the mode a plain ``open()`` would (0o644 under umask
+    0o022), reading the umask without leaving it changed for the rest of the process."""
+    previous = os.umask(0o022)
+    try:
+        state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+        write_weights_dir(state, str(tmp_path / "out"), safe=True, max_shard_bytes=None)
+        after = os.umask(0o022)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "model.safetensors").st_mode) == 0o644
+    assert after == 0o022, oct(after)
+
+
+def test_shards_group_the_tensors_as_huggingface_hub_does(tmp_path):
+    """``--max_shard_size`` cuts as DeepSpeed's zero_to_fp32.py (``huggingface_hub.split_torch_state_dict_into_shards``)
+    when no tensor alone exceeds it: in key order, a shard filled to exactly the limit keeps its last tensor."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    state = {k: torch.full((n,), float(i)) for i, (k, n) in enumerate(zip("abcde", (4, 4, 8, 2, 2), strict=True))}
+    for limit in (32, 40, 48):  # bytes: 32 and 48 are filled exactly (a + b, c + d + e)
+        out = tmp_path / str(limit)
+        write_weights_dir(state, str(out), safe=False, max_shard_bytes=limit)
+        hub = split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
+                                                 max_shard_size=limit)
+        index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+        assert index["weight_map"] == hub.tensor_to_filename, limit
+        for file, keys in hub.filename_to_tensors.items():
+            assert sorted(torch.load(out / file, weights_only=True)) == sorted(keys), (limit, file)
