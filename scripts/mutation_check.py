@@ -215,6 +215,7 @@ TESTS = {
                "tests/test_engine_autotp.py",
                "tests/test_engine_frozen_params.py", "tests/test_engine_autotp_reshard.py", "tests/test_weights_dir.py",
                "tests/test_engine_ds_compat.py", "tests/test_engine_lr_range_one_cycle.py",
+               "tests/test_engine_scheduler_config.py",
                "tests/test_clean_exit.py::test_engine_scripts_exit_cleanly_without_tearing_down"],
     "training": ["tests/test_arguments.py", "tests/test_lr_scheduler.py", "tests/test_pretrain_deepspeed_config.py",
                  "tests/test_pretrain_errors.py",
