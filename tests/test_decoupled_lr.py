@@ -113,6 +113,18 @@ def test_resume_checks_the_decoupled_bounds_like_the_main_ones():
         _scheduler(None, use_checkpoint_opt_param_scheduler=True).load_state_dict(state)
 
 
+def test_keeping_a_checkpoints_schedule_without_decoupled_lr_drops_the_flags_bounds():
+    """--use-checkpoint-opt-param-scheduler with a checkpoint trained without --decoupled-lr: the tagged group
+    follows the checkpoint's one schedule, its max and its floor both, not the flags' --decoupled-(min-)lr."""
+    saved = _scheduler(None)
+    saved.step(6)
+    kept = _scheduler(6e-3, use_checkpoint_opt_param_scheduler=True)
+    kept.optimizer.param_groups[1]["min_lr"] = 1e-4  # the flags' --decoupled-min-lr, above the main floor 0
+    kept.load_state_dict(saved.state_dict())
+    rates = [group["lr"] for group in kept.optimizer.param_groups]
+    assert rates == pytest.approx([_cosine(6, LR, 0.0)] * 2, rel=1e-12)
+
+
 DECOUPLED = ["--decoupled-lr", "3e-2", "--decoupled-min-lr", "1e-3"]
 
 

@@ -131,6 +131,14 @@ def _init_error(kind):
         megatron_core.initialize(model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
     elif kind == "partial-parameters":
         megatron_core.initialize(model, model_parameters=list(model.parameters())[:2], config=config)
+    elif kind == "partial-client-optimizer":
+        del config["optimizer"]
+        megatron_core.initialize(model, optimizer=torch.optim.AdamW(list(model.parameters())[:2]), config=config)
+    elif kind == "client-groups-differ":
+        del config["optimizer"]
+        params = list(model.parameters())
+        groups = [{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.2}]
+        megatron_core.initialize(model, optimizer=torch.optim.AdamW(groups), config=config)
     elif kind == "no-config":
         megatron_core.initialize(model)
     elif kind == "mpu":
@@ -152,6 +160,8 @@ def _init_error(kind):
         ),
         ("both-optimizers", "a client optimizer and an 'optimizer' section in the config; give one"),
         ("partial-parameters", "covers 2 of the model's 6 trainable parameters"),
+        ("partial-client-optimizer", "initialize(optimizer=...) covers 2 of the model's 6 trainable parameters"),
+        ("client-groups-differ", "initialize(optimizer=...): param groups differ in 'lr'; the engine uses one set"),
         ("no-config", "no DeepSpeed config; pass config=PATH_OR_DICT"),
         ("mpu", "mpu= (model-parallel groups made outside) is not implemented; drop it and use the config's "
                 "tensor_parallel.autotp_size"),

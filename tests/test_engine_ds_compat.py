@@ -155,31 +155,36 @@ def test_weight_decay_and_groups_follow_deepspeed(stage):
 
 # ---- fp16.consecutive_hysteresis -----------------------------------------------------------------------------
 OVERFLOWS = [1, 0, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 0]
-# DeepSpeed 0.19.8's DynamicLossScaler(init_scale=2**10, scale_window=3, min_scale=1, delayed_shift=2,
+# DeepSpeed 0.19.8's DynamicLossScaler(init_scale=2**10, scale_window=3 or 1, min_scale=1, delayed_shift=2,
 # consecutive_hysteresis=...), cur_scale after each update_scale(overflow) over OVERFLOWS (/tmp/peers-venv, CPU).
+# Window 1: no growth on the first clean step after an overflow, then one on every step.
 DEEPSPEED_SCALES = {
-    False: [1024, 1024, 512, 512, 256, 128, 128, 128, 128, 256, 256, 256, 256, 256, 128, 64, 32, 32, 32, 32, 64],
-    True: [1024, 1024, 1024, 1024, 1024, 512, 512, 512, 512, 1024, 1024, 1024, 1024, 1024, 1024, 512, 256, 256, 256,
-           256, 512],
+    (False, 3): [1024, 1024, 512, 512, 256, 128, 128, 128, 128, 256, 256, 256, 256, 256, 128, 64, 32, 32, 32, 32, 64],
+    (True, 3): [1024, 1024, 1024, 1024, 1024, 512, 512, 512, 512, 1024, 1024, 1024, 1024, 1024, 1024, 512, 256, 256,
+                256, 256, 512],
+    (False, 1): [1024, 1024, 512, 512, 256, 128, 128, 256, 512, 1024, 2048, 4096, 4096, 4096, 2048, 1024, 512, 512,
+                 1024, 2048, 4096],
+    (True, 1): [1024, 1024, 1024, 1024, 1024, 512, 512, 1024, 2048, 4096, 8192, 16384, 16384, 16384, 16384, 8192,
+                4096, 4096, 8192, 16384, 32768],
 }
 
 
-@pytest.mark.parametrize("consecutive", [False, True])
-def test_consecutive_hysteresis_follows_deepspeeds_loss_scaler(consecutive):
+@pytest.mark.parametrize("consecutive,window", [(False, 3), (True, 3), (False, 1), (True, 1)])
+def test_consecutive_hysteresis_follows_deepspeeds_loss_scaler(consecutive, window):
     """``fp16.consecutive_hysteresis: true`` was refused. With it a step without overflow restores the hysteresis,
     so only two overflows in a row (hysteresis 2) halve the scale; the config reaches the engine's scaler."""
     from megatron_core.engine.config import load_config
     from megatron_core.engine.library_configs import optimizer_config_from
     from megatron_core.optimizer.optimizer import make_grad_scaler
 
-    fp16 = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 3, "hysteresis": 2,
+    fp16 = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": window, "hysteresis": 2,
             "consecutive_hysteresis": consecutive}
     scaler = make_grad_scaler(optimizer_config_from(load_config({**ds_config(1, 1, 0), "fp16": fp16}, 1)))
     scales = []
     for overflow in OVERFLOWS:
         scaler.update(bool(overflow))
         scales.append(scaler.scale)
-    assert scales == DEEPSPEED_SCALES[consecutive]
+    assert scales == DEEPSPEED_SCALES[consecutive, window]
 
 
 # ---- safe_get_full_grad between micro steps --------------------------------------------------------------------

@@ -23,6 +23,10 @@ SCHEDULERS = {
         "decay_mom_rate": 0.1}},
     "one-cycle-stairs": {"type": "OneCycle", "params": {
         "cycle_min_lr": 0.002, "cycle_max_lr": 0.006, "cycle_first_step_size": 4, "cycle_first_stair_count": 2}},
+    # decay rates without decay_step_size: DeepSpeed's default step size 0 means no decay after the cycle
+    "one-cycle-no-decay-step": {"type": "OneCycle", "params": {
+        "cycle_min_lr": 0.001, "cycle_max_lr": 0.01, "cycle_first_step_size": 2, "decay_lr_rate": 0.5,
+        "decay_mom_rate": 0.1, "cycle_min_mom": 0.85, "cycle_max_mom": 0.95}},
     "range-test": {"type": "LRRangeTest", "params": {
         "lr_range_test_min_lr": 0.001, "lr_range_test_step_size": 3, "lr_range_test_step_rate": 2.0}},
     "range-test-stairs": {"type": "LRRangeTest", "params": {
@@ -32,6 +36,8 @@ DEEPSPEED_LRS = {
     "one-cycle": [0.001, 0.004, 0.006999999999999999, 0.009999999999999998, 0.0055, 0.001, 0.0008,
                   0.0006666666666666666, 0.0005714285714285715, 0.0005, 0.00044444444444444447, 0.0004],
     "one-cycle-stairs": [0.002, 0.002, 0.004, 0.004, 0.006, 0.004, 0.004, 0.002, 0.002, 0.002, 0.002, 0.002],
+    "one-cycle-no-decay-step": [0.001, 0.0055000000000000005, 0.010000000000000002, 0.0055000000000000005]
+    + [0.001] * 8,
     "range-test": [0.001, 0.0016666666666666666, 0.002333333333333333, 0.003, 0.0036666666666666666,
                    0.004333333333333334, 0.005, 0.005666666666666667, 0.006333333333333333, 0.007,
                    0.007666666666666667, 0.008333333333333331],
@@ -43,6 +49,7 @@ DEEPSPEED_BETA1 = {
                   1.0924999999999998, 1.14, 1.1875, 1.2349999999999999],
     "one-cycle-stairs": [0.8, 0.9, 0.8500000000000001, 0.8500000000000001, 0.8, 0.8500000000000001,
                          0.8500000000000001, 0.9, 0.9, 0.9, 0.9, 0.9],
+    "one-cycle-no-decay-step": [0.85, 0.8999999999999999, 0.85, 0.8999999999999999] + [0.95] * 8,
     "range-test": [0.9] * 12,
     "range-test-stairs": [0.9] * 12,
 }
@@ -94,3 +101,20 @@ def test_per_group_values_must_match_the_groups():
     with pytest.raises(Exception, match="scheduler.params.cycle_min_lr has 2 values for the optimizer's 1 param "
                                         "groups; give one number or one per group"):
         run_distributed(_per_group_mismatch, 1, timeout=60)
+
+
+def test_one_cycle_built_directly_keeps_deepspeeds_defaults():
+    """A client may build the class itself and pass it as ``lr_scheduler`` (as with DeepSpeed's class): its
+    defaults are DeepSpeed's, here ``decay_step_size=0`` (no decay after the cycle whatever the decay rates)."""
+    from megatron_core.engine.lr_schedules import OneCycle
+
+    params = dict(SCHEDULERS["one-cycle-no-decay-step"]["params"])
+    optimizer = torch.optim.AdamW(torch.nn.Linear(8, 4).parameters(), lr=0.01, betas=(0.9, 0.95))
+    scheduler = OneCycle(optimizer, **params)
+    lrs, beta1 = [scheduler.get_last_lr()[0]], [optimizer.param_groups[0]["betas"][0]]
+    for _ in range(11):
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+        beta1.append(optimizer.param_groups[0]["betas"][0])
+    assert lrs == pytest.approx(DEEPSPEED_LRS["one-cycle-no-decay-step"], rel=1e-12)
+    assert beta1 == pytest.approx(DEEPSPEED_BETA1["one-cycle-no-decay-step"], rel=1e-12)

@@ -99,6 +99,23 @@ def test_converted_llama_checkpoint_and_preprocessing_keep_the_bos(llama_dir, tm
     assert [list(docs[i]) for i in range(4)] == [_hf_ids(llama_dir, t) + [2] for t in TEXTS[:4]]
 
 
+def test_tokenizer_model_alone_is_the_bare_sentencepiece_model(llama_dir, tmp_path):
+    """Without a tokenizer_config.json nothing says how transformers would wrap the model: the directory's
+    tokenizer is the SentencePiece model itself (its own ids, no bos), not Hugging Face's Llama reading."""
+    import sentencepiece
+
+    from megatron_core.checkpoint.hf_tokenizer import dir_tokenizer_flags, load_dir_tokenizer
+
+    alone = tmp_path / "alone"
+    os.makedirs(alone)
+    spm_file = shutil.copy(os.path.join(llama_dir, "tokenizer.model"), alone)
+    assert dir_tokenizer_flags(str(alone)) == {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": spm_file}
+    processor = sentencepiece.SentencePieceProcessor(model_file=spm_file)
+    tok = load_dir_tokenizer(str(alone))
+    for text in TEXTS:
+        assert tok.tokenize(text) == processor.encode(text), text
+
+
 @pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "Llama2Tokenizer"])
 def test_sentencepiece_type_given_the_directory_says_what_to_pass(llama_dir, kind):
     with pytest.raises(ValueError, match=f"^--tokenizer-model '{llama_dir}' is a directory; pass its tokenizer.model "

@@ -65,7 +65,8 @@ def _positive(params: dict, key: str, default: Any, kind: type = float) -> Any:
 
 def _warmup_params(kind: str, params: dict) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "warmup_num_steps": number_at_least(params, PATH, "warmup_num_steps", 1000, 0),
+        # > 0 as DeepSpeed's WarmupLR / WarmupCosineLR ("warmup_num_steps must be a positive integer")
+        "warmup_num_steps": _positive(params, "warmup_num_steps", 1000, int),
         "warmup_type": choice(params, PATH, "warmup_type", "log", ("log", "linear")),
     }
     if kind == "WarmupCosineLR":
