@@ -165,7 +165,7 @@ schedulers refuse 0; the section now does too), the decoupled bounds dropped whe
 none (the two ``group.pop``), the loss scaler's ``loss_scale_window`` 1 (``growth_tracker > 1`` -> ``> 2``), a
 ``tokenizer.model`` alone read as the bare SentencePiece model (``and has_config`` -> ``or``), and the client
 optimizer's coverage check and ``groups[1:]`` hyper-parameter check. Not a missing test but dead code:
-``hf_tokenizer.copy_tokenizer_files`` (deleting its copy survives: nothing in the repository calls it).
+``hf_tokenizer.copy_tokenizer_files`` (deleting its copy survived: nothing called it; the function is removed).
 
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.

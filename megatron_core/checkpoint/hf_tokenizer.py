@@ -152,11 +152,3 @@ def _sentencepiece_to_fast(model_file: str) -> Any:
     fast.add_special_tokens([AddedToken(p.piece, normalized=False, special=True) for p in proto.pieces
                              if p.type in (2, 3)])
     return fast
-
-
-def copy_tokenizer_files(source: str, dest: str) -> None:
-    """Copy the tokenizer files of directory ``source`` into ``dest`` (created)."""
-    os.makedirs(dest, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(dest, name))
