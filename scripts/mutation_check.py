@@ -153,7 +153,7 @@ docstring's measurement, and summing in a scratch ``full`` is allowed, not promi
 ``get_world_size(group) > 1`` -> ``>= 1`` (an ``all_gather_object`` over one rank returns its own failure).
 The same session's 15 of inference/server.py's 110 (``--seed 4``, against test_text_generation_server.py):
 14 killed; the survivor is the ``--help`` description's ``split("\n\n")[0]`` -> ``[1]``, equivalent (above).
-A sixth sample (eighth session, ``--seed 5``, the mutants on the lines changed since 3b64eb8, each run against its
+A sixth sample (seventh session, ``--seed 5``, the mutants on the lines changed since 3b64eb8, each run against its
 own module's test files): engine/lr_schedules.py 24 of 86 (12 more at ``--seed 6``, all killed),
 engine/scheduler_config.py 13 of 26, optimizer/optimizer.py 12 of 17, training/lr_scheduler.py all 12,
 optimizer/grad_scaler.py all 10, engine/client_objects.py all 6 and hf_tokenizer.py all 4, with 7 more of each of
