@@ -162,3 +162,21 @@ def test_converted_checkpoint_keeps_the_decoupled_group(tmp_path):
                                    timeout=240))
     assert rest.loaded_iteration == 3
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[3:]), what="losses after the resume")
+
+
+def test_a_legacy_checkpoint_of_the_other_grouping_names_the_decoupled_flag(tmp_path):
+    # The legacy optimizer state is stored per param group: a resume adding or dropping --decoupled-lr
+    # failed as 'loaded state dict has a different number of parameter groups' naming only --no-load-optim.
+    argv = TINY + ["--eval-iters", "0", "--ckpt-format", "torch", "--train-iters", "2"]
+    without, with_group = str(tmp_path / "without"), str(tmp_path / "with")
+    run_distributed(_train, 1, argv + ["--save", without], timeout=120)
+    run_distributed(_train, 1, argv + DECOUPLED + ["--save", with_group], timeout=120)
+    later = argv[:-1] + ["4", "--override-opt-param-scheduler"]
+    with pytest.raises(Exception, match=r"iter_0000002/mp_rank_00: the optimizer state was saved without "
+                                        r"--decoupled-lr and this run has its param group .*; drop --decoupled-lr, "
+                                        r"or pass --no-load-optim"):
+        run_distributed(_train, 1, later + DECOUPLED + ["--load", without], timeout=120)
+    with pytest.raises(Exception, match=r"the optimizer state was saved with --decoupled-lr .* and this run has "
+                                        r"none; add --decoupled-lr 0.03 \(and its --decoupled-min-lr\), or pass "
+                                        r"--no-load-optim"):
+        run_distributed(_train, 1, later + ["--load", with_group], timeout=120)
