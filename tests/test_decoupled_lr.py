@@ -100,8 +100,13 @@ def test_resume_checks_the_decoupled_bounds_like_the_main_ones():
     with pytest.raises(ConfigError, match=r"has decoupled_lr = 0\.005 but the flags give 0\.006; pass "
                                           r"--override-opt-param-scheduler"):
         _scheduler(6e-3).load_state_dict(state)
-    with pytest.raises(ConfigError, match="has decoupled_lr = 0.005 but the flags give None"):
+    with pytest.raises(ConfigError, match=r"has decoupled_lr = 0\.005 but the flags give none \(no "
+                                          r"--decoupled-lr\); pass"):
         _scheduler(None).load_state_dict(state)
+    without = _scheduler(None)
+    without.step(6)
+    with pytest.raises(ConfigError, match=r"has decoupled_lr = none \(no --decoupled-lr\) but the flags give 0\.005"):
+        _scheduler(5e-3).load_state_dict(without.state_dict())
     override = _scheduler(6e-3, override_opt_param_scheduler=True)
     override.optimizer.param_groups[1]["max_lr"] = 5e-3  # what the optimizer's load restores from the checkpoint
     override.load_state_dict(state)
