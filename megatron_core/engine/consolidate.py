@@ -140,8 +140,11 @@ def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, m
     shard) and names the files ``model-00001-of-0000N.safetensors`` ...; the index
     ``model.safetensors.index.json`` (``pytorch_model.bin.index.json``) holds ``{"metadata": {"total_size":
     bytes}, "weight_map": {key: file}}``, plus transformers' ``total_parameters`` when given (a model
-    directory). Shard files of an earlier write that this one does not name are removed, as transformers does.
-    ConfigError when huggingface_hub is missing (it comes with transformers)."""
+    directory). Shard files of an earlier write that this one does not name are removed, as transformers does,
+    and so is the one file (index) of an earlier write of the same format that transformers would read instead
+    of this write's shards (file); transformers' save_pretrained leaves it. ConfigError when huggingface_hub is
+    missing (it comes with transformers), or for .bin output where an earlier model.safetensors (or its index)
+    would be read instead."""
     try:
         from huggingface_hub import split_torch_state_dict_into_shards
     except ImportError:
@@ -149,6 +152,13 @@ def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, m
                           "transformers); or give an output file ending in .safetensors or .bin") from None
     os.makedirs(output, exist_ok=True)
     weights_name = "model.safetensors" if safe else "pytorch_model.bin"
+    # transformers' from_pretrained reads model.safetensors, then its index, before any pytorch_model*.bin
+    shadowing = [n for n in ("model.safetensors", "model.safetensors.index.json") if not safe
+                 and os.path.isfile(os.path.join(output, n))]
+    if shadowing:
+        raise ConfigError(f"{os.path.join(output, shadowing[0])} is an earlier write's, which transformers would load "
+                          f"instead of the pytorch_model*.bin files asked for; remove it, write to another directory, "
+                          f"or pass --safe_serialization")
     pattern = weights_name.replace(".bin", "{suffix}.bin").replace(".safetensors", "{suffix}.safetensors")
     limit = sys.maxsize if max_shard_bytes is None else max_shard_bytes  # None: one file (DeepSpeed's without a limit)
     split = split_torch_state_dict_into_shards(state, filename_pattern=pattern, max_shard_size=limit)
@@ -161,6 +171,9 @@ def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, m
     index = os.path.join(output, weights_name + ".index.json")
     if not split.is_sharded and os.path.exists(index):
         os.remove(index)  # an earlier sharded write's: transformers would read it instead of the one file
+    single = os.path.join(output, weights_name)
+    if split.is_sharded and os.path.isfile(single):
+        os.remove(single)  # an earlier one-file write's: transformers would read it instead of the shards
     if split.is_sharded:
         metadata = {**({"total_parameters": total_parameters} if total_parameters is not None else {}),
                     **split.metadata}
