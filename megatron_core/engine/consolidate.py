@@ -223,6 +223,22 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     return output
 
 
+def _is_write_failure(exc: BaseException, output: str) -> bool:
+    """An OSError on a path in ``output``'s folder (or in ``output``), or safetensors' SafetensorError (it
+    wraps its writer's I/O error in its own class; reading the checkpoint never goes through safetensors)."""
+    if type(exc).__name__ == "SafetensorError":
+        return True
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return False
+    return os.path.abspath(str(exc.filename)).startswith(os.path.dirname(os.path.abspath(output)))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``tools/zero_to_fp32.py CHECKPOINT_DIR OUTPUT [--tag TAG]`` and DeepSpeed's current flags."""
     parser = argparse.ArgumentParser(
@@ -251,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                                  exclude_frozen_parameters=args.exclude_frozen_parameters)
     except ConfigError as exc:
         print(f"error: {exc}")
+        return 2
+    except Exception as exc:  # noqa: BLE001 - only a failed write, named; anything else is raised again
+        if not _is_write_failure(exc, args.output):
+            raise
+        print(f"error: writing {args.output!r} failed ({_reason(exc)}); give an output path in a writable directory")
         return 2
     print(f"wrote {path}")
     return 0
