@@ -157,6 +157,31 @@ def test_use_checkpoint_args_takes_a_relative_path_to_the_recorded_tokenizer_fil
         _set(argparse.Namespace(tokenizer_model="other.model"), recorded, {"tokenizer_model": None})
 
 
+def test_use_checkpoint_args_takes_the_tokenizer_directory_the_converter_copied(tmp_path):
+    """convert.py --loader hf copies the directory's tokenizer beside the checkpoint (through transformers: other
+    config keys); naming the original directory with --tokenizer-model was refused as disagreeing with that
+    copy. Another tokenizer.json or other special tokens are still refused."""
+    import argparse
+    import json
+
+    from megatron_core.training.arguments.checkpoint_args import _set
+    original = {"eos_token": "</s>", "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>"}
+    for name, text, config in (("hf", "{}", original),
+                               ("copy", "{}", {"eos_token": "</s>", "tokenizer_class": "TokenizersBackend"}),
+                               ("other", "{ }", {"eos_token": "</s>"}), ("other-eos", "{}", {"eos_token": "<e>"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(text)
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "hf" / "tokenizer.model").write_text("sp")  # the original holds more than the copy
+    recorded = {"tokenizer_model": str(tmp_path / "copy")}
+    args = argparse.Namespace(tokenizer_model=str(tmp_path / "hf"))
+    _set(args, recorded, {"tokenizer_model": None})
+    assert args.tokenizer_model == str(tmp_path / "copy")
+    for other in ("other", "other-eos"):
+        with pytest.raises(ConfigError, match=f"--tokenizer-model .*{other} disagrees with the checkpoint's"):
+            _set(argparse.Namespace(tokenizer_model=str(tmp_path / other)), recorded, {"tokenizer_model": None})
+
+
 def test_use_checkpoint_args_takes_the_tokenizer_the_converter_stored(tmp_path):
     """An HF model converted with its tokenizer.json: --use-checkpoint-args read the model flags but then
     stopped at '--tokenizer-type is required', though the checkpoint carries its tokenizer."""

@@ -175,6 +175,11 @@ def test_a_save_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
         assert _cli("hf", saver, tmp_path / "hf", tmp_path / "file") == 2  # was FileExistsError's traceback
         assert capsys.readouterr().err == (f"convert.py: error: --save-dir {tmp_path / 'file'} is a file; give a "
                                            f"directory (it is created if missing)\n")
+        # Under the file: it was NotADirectoryError's traceback from os.makedirs, after the load.
+        assert _cli("hf", saver, tmp_path / "hf", tmp_path / "file" / "out" / "x") == 2
+        assert capsys.readouterr().err == (f"convert.py: error: --save-dir {tmp_path / 'file' / 'out' / 'x'} is under "
+                                           f"the file {tmp_path / 'file'}, so it cannot be created; give a directory "
+                                           f"elsewhere\n")
 
 
 def test_a_resharded_training_checkpoint_continues_the_data_and_the_schedule(tmp_path):

@@ -100,8 +100,13 @@ def test_resume_checks_the_decoupled_bounds_like_the_main_ones():
     with pytest.raises(ConfigError, match=r"has decoupled_lr = 0\.005 but the flags give 0\.006; pass "
                                           r"--override-opt-param-scheduler"):
         _scheduler(6e-3).load_state_dict(state)
-    with pytest.raises(ConfigError, match="has decoupled_lr = 0.005 but the flags give None"):
+    with pytest.raises(ConfigError, match=r"has decoupled_lr = 0\.005 but the flags give none \(no "
+                                          r"--decoupled-lr\); pass"):
         _scheduler(None).load_state_dict(state)
+    without = _scheduler(None)
+    without.step(6)
+    with pytest.raises(ConfigError, match=r"has decoupled_lr = none \(no --decoupled-lr\) but the flags give 0\.005"):
+        _scheduler(5e-3).load_state_dict(without.state_dict())
     override = _scheduler(6e-3, override_opt_param_scheduler=True)
     override.optimizer.param_groups[1]["max_lr"] = 5e-3  # what the optimizer's load restores from the checkpoint
     override.load_state_dict(state)
@@ -174,3 +179,21 @@ def test_converted_checkpoint_keeps_the_decoupled_group(tmp_path):
                                    timeout=240))
     assert rest.loaded_iteration == 3
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[3:]), what="losses after the resume")
+
+
+def test_a_legacy_checkpoint_of_the_other_grouping_names_the_decoupled_flag(tmp_path):
+    # The legacy optimizer state is stored per param group: a resume adding or dropping --decoupled-lr
+    # failed as 'loaded state dict has a different number of parameter groups' naming only --no-load-optim.
+    argv = TINY + ["--eval-iters", "0", "--ckpt-format", "torch", "--train-iters", "2"]
+    without, with_group = str(tmp_path / "without"), str(tmp_path / "with")
+    run_distributed(_train, 1, argv + ["--save", without], timeout=120)
+    run_distributed(_train, 1, argv + DECOUPLED + ["--save", with_group], timeout=120)
+    later = argv[:-1] + ["4", "--override-opt-param-scheduler"]
+    with pytest.raises(Exception, match=r"iter_0000002/mp_rank_00: the optimizer state was saved without "
+                                        r"--decoupled-lr and this run has its param group .*; drop --decoupled-lr, "
+                                        r"or pass --no-load-optim"):
+        run_distributed(_train, 1, later + DECOUPLED + ["--load", without], timeout=120)
+    with pytest.raises(Exception, match=r"the optimizer state was saved with --decoupled-lr .* and this run has "
+                                        r"none; add --decoupled-lr 0.03 \(and its --decoupled-min-lr\), or pass "
+                                        r"--no-load-optim"):
+        run_distributed(_train, 1, later + ["--load", with_group], timeout=120)

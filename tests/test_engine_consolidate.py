@@ -264,3 +264,17 @@ def test_shards_group_the_tensors_as_huggingface_hub_does(tmp_path):
         assert index["weight_map"] == hub.tensor_to_filename, limit
         for file, keys in hub.filename_to_tensors.items():
             assert sorted(torch.load(out / file, weights_only=True)) == sorted(keys), (limit, file)
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """An output under a file (or in a folder that cannot hold it) was the OSError's traceback, or safetensors'
+    SafetensorError's for a .safetensors file."""
+    run_distributed(_train_mlp_with_a_frozen_layer, 1, str(tmp_path / "ckpt"), timeout=60)
+    (tmp_path / "afile").write_text("")
+    capsys.readouterr()
+    for output, reason in ((tmp_path / "afile" / "x.bin", f"File exists: {tmp_path / 'afile'}"),
+                           (tmp_path / "afile" / "out_dir", f"Not a directory: {tmp_path / 'afile' / 'out_dir'}"),
+                           (tmp_path / "afile" / "x.safetensors", f"File exists: {tmp_path / 'afile'}")):
+        assert consolidate_main([str(tmp_path / "ckpt"), str(output)]) == 2
+        assert capsys.readouterr().out == (f"error: writing {str(output)!r} failed ({reason}); give an output path "
+                                           f"in a writable directory\n"), output

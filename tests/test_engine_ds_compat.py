@@ -15,6 +15,7 @@ from engine_common import ds_config, make_model
 from harness import run_distributed
 
 import megatron_core
+from megatron_core.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -298,3 +299,44 @@ def test_a_checkpoint_of_other_param_groups_is_one_line(tmp_path):
     with pytest.raises(Exception, match="was saved with 2 optimizer param groups, this engine has 1 .*; load with "
                                         "load_optimizer_states=False"):
         run_distributed(_load_into_other_groups, 1, str(tmp_path), timeout=60)
+
+
+def _group_error(case):
+    model = make_model("mlp")
+    params = list(model.parameters())
+    groups = {"twice": [{"params": params}, {"params": params[:1]}],
+              "string-decay": [{"params": params, "weight_decay": "0.1"}],
+              "negative-decay": [{"params": params[:1], "weight_decay": -0.1}, {"params": params[1:]}]}[case]
+    try:
+        megatron_core.initialize(model, model_parameters=groups, config=ds_config(1, 1, 0))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("case,message", [
+    ("twice", r"a parameter of shape \(\d+, \d+\) is in groups 0 and 1; give each parameter to one group"),
+    ("string-decay", r"group 0's weight_decay must be a number >= 0, got '0\.1'"),
+    ("negative-decay", r"group 0's weight_decay must be a number >= 0, got -0\.1"),
+])
+def test_bad_param_groups_are_one_line(case, message):
+    """A parameter in two groups is torch.optim's ValueError under DeepSpeed 0.19.8 (checked on the CPU); a
+    weight_decay string is its TypeError deep in the Adam kernel, a negative one torch's 'Invalid weight_decay
+    value'. The engine took all three silently."""
+    error = run_distributed(_group_error, 1, case, timeout=60)[0]
+    assert error is not None and re.fullmatch(r"initialize\(model_parameters=\.\.\.\): " + message, error), error
+
+
+def _one_tensor_group():
+    model = make_model("mlp")
+    params = list(model.parameters())
+    engine, _, _, _ = megatron_core.initialize(
+        model, model_parameters=[{"params": params[0], "weight_decay": 0.0}, {"params": params[1:]}],
+        config=ds_config(1, 1, 0))
+    return len(engine.get_lr())
+
+
+def test_a_group_of_one_tensor_is_that_tensor():
+    """torch.optim reads ``{"params": tensor}`` as a group of one; the engine iterated the tensor's rows and
+    refused the groups as not covering the model."""
+    assert run_distributed(_one_tensor_group, 1, timeout=60)[0] == 2

@@ -71,7 +71,13 @@ def test_megatron_llama3_and_checkpoint_script_flags_are_accepted_or_refused_wit
                                                             "group; add --decoupled-lr or drop it"),
                           (["--decoupled-lr", "5e-4", "--decoupled-min-lr", "1e-3"],
                            "need 0 <= --decoupled-min-lr 0.001 <= --decoupled-lr 0.0005"),
-                          (["--decoupled-lr", "-1"], "need 0 <= --min-lr")]:
+                          (["--decoupled-lr", "-1"], "--decoupled-lr \\(the embedding and output layer's peak "
+                                                     "learning rate\\) must be 0 or more, got -1.0$"),
+                          (["--decoupled-lr", "1e-5"], "need 0 <= --min-lr 3e-05 <= --decoupled-lr 1e-05; give a "
+                                                       "--decoupled-min-lr from 0 to 1e-05 \\(it defaults to "
+                                                       "--min-lr\\)$"),
+                          (["--recompute-granularity", "full", "--recompute-method", "block",
+                            "--recompute-num-layers", "0"], "--recompute-num-layers must be 1 or more, got 0$")]:
         with pytest.raises(ConfigError, match=f"^{message}"):
             validate_args(parse_args(LLAMA_SCRIPT + argv), world_size=1)
 

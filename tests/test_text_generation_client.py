@@ -51,3 +51,14 @@ def test_an_unreachable_server_is_one_line():
     assert proc.returncode == 1, proc
     assert proc.stderr.startswith("error: cannot reach the text generation server at http://127.0.0.1:") and \
         proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_an_address_that_is_no_host_and_port_is_one_line_before_the_prompt():
+    for address, why in (("local host:5000", "no host name in 'local host:5000'"),
+                         ("localhost:abc", "Port could not be cast to integer value as 'abc'"),
+                         ("localhost:99999", "Port out of range 0-65535")):
+        proc = _client(address, "hello\n3\n")
+        assert proc.returncode == 2 and proc.stdout == "", proc
+        assert proc.stderr.splitlines()[-1] == (
+            f"text_generation_cli.py: error: url {address!r} is not the server's host:port ({why}); give e.g. "
+            f"localhost:5000"), proc.stderr

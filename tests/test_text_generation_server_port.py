@@ -34,3 +34,14 @@ def test_a_port_in_use_is_the_root_cause_under_torchrun(tmp_path):
             f"already in use); stop the program using that port or pass another --port (or --host)")
     assert proc.returncode != 0 and line in proc.stderr, proc.stderr[-3000:]
     assert f"traceback : {line}" in proc.stderr, proc.stderr[-3000:]  # torchrun's root cause
+
+
+@pytest.mark.parametrize("host", ["no.such.host.invalid", "192.0.2.1"])
+def test_a_host_that_cannot_be_bound_names_the_host_not_a_busy_port(host, tmp_path, capsys):
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine. The fix said before to stop
+    # the program using the port, which no program was.
+    assert server.main(["--load", str(tmp_path), "--host", host, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"run_text_generation_server.py: error: --host {host} --port 0 cannot be served (") and \
+        err.endswith("); pass a --host of this machine (127.0.0.1, 0.0.0.0 for every interface, or its own "
+                     "name)\n") and err.count("\n") == 1, err

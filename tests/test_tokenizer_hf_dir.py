@@ -123,6 +123,15 @@ def test_sentencepiece_type_given_the_directory_says_what_to_pass(llama_dir, kin
         build_tokenizer(kind, tokenizer_model=llama_dir)
 
 
+def test_huggingface_type_given_the_sentencepiece_file_says_what_to_pass(llama_dir):
+    # It was tokenizers' 'is not a valid tokenizer.json: stream did not contain valid UTF-8', naming no fix.
+    model = os.path.join(llama_dir, "tokenizer.model")
+    with pytest.raises(ValueError, match=f"^--tokenizer-model '{model}' is a SentencePiece model, not a "
+                                         f"tokenizer.json; pass its directory .* or --tokenizer-type "
+                                         f"SentencePieceTokenizer$"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=model)
+
+
 def test_llama_mistral_loader_with_llama2_model_size_puts_bos_first(llama_dir, tmp_path):
     """Megatron-LM's llama_mistral loader records Llama2Tokenizer for --model-size llama2-*, whose
     tokenizer.model it is given (docs/llama_mistral.md); here that was a plain SentencePieceTokenizer."""

@@ -8,10 +8,12 @@ untied embeddings, so its state dict is exactly what ``save_pretrained`` writes.
 import json
 import os
 
+import pytest
 import torch
 from hf_testing import tiny_hf_llama
 
 from megatron_core.engine.consolidate import write_weights_dir
+from megatron_core.errors import ConfigError
 
 
 def _files(directory):
@@ -51,8 +53,19 @@ def test_a_rewrite_leaves_nothing_of_the_earlier_layout(tmp_path):
     write_weights_dir(state, str(tmp_path), True, None)
     assert sorted(_files(tmp_path)) == ["model.safetensors"]
     assert load_file(str(tmp_path / "model.safetensors")).keys() == state.keys()
+    # transformers reads model.safetensors before an index: a sharded rewrite left it, and it was loaded
+    write_weights_dir(state, str(tmp_path), True, 1000)
+    assert sorted(_files(tmp_path)) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                        "model.safetensors.index.json"]
+    # ... and before any pytorch_model*.bin: .bin output beside it is refused in one line
+    with pytest.raises(ConfigError, match=r"model.safetensors.index.json is an earlier write's, which transformers "
+                                          r"would load instead of the pytorch_model\*.bin files asked for; remove it"):
+        write_weights_dir(state, str(tmp_path), False, 1000)
+    for name in _files(tmp_path):
+        os.remove(tmp_path / name)
+    write_weights_dir(state, str(tmp_path), False, None)
     write_weights_dir(state, str(tmp_path), False, 1000)
-    assert sorted(_files(tmp_path)) == ["model.safetensors", "pytorch_model-00001-of-00002.bin",
+    assert sorted(_files(tmp_path)) == ["pytorch_model-00001-of-00002.bin",
                                         "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"]
     index = json.loads((tmp_path / "pytorch_model.bin.index.json").read_text())
     assert index == {"metadata": {"total_size": 1600}, "weight_map": {"w0": "pytorch_model-00001-of-00002.bin",

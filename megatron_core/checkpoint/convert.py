@@ -327,6 +327,14 @@ def _kind(name: str, flag: str) -> str:
     return _LOADERS[name]
 
 
+def _file_above(path: str) -> str | None:
+    """The nearest existing ancestor of ``path`` when it is a file (``os.makedirs`` fails after the load), else None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) else parent
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -335,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_args(args)
         if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
             raise ValueError(f"--save-dir {args.save_dir} is a file; give a directory (it is created if missing)")
+        blocking = _file_above(args.save_dir)
+        if blocking is not None:
+            raise ValueError(f"--save-dir {args.save_dir} is under the file {blocking}, so it cannot be created; give "
+                             f"a directory elsewhere")
         if os.path.realpath(args.save_dir) == os.path.realpath(args.load_dir):
             raise ValueError(f"--save-dir {args.save_dir} is --load-dir: the converted checkpoint would replace "
                              f"the one it is read from; give another directory")

@@ -126,9 +126,14 @@ def client_state_error(client_state: Any) -> str | None:
 
 
 def read_latest(load_dir: str) -> str | None:
-    """The tag in ``load_dir/latest``, or None when there is none."""
+    """The tag in ``load_dir/latest``, or None when there is no such file (a folder of that name included, as
+    DeepSpeed 0.19.8's ``os.path.isfile`` check). Raises ConfigError for a file that is not UTF-8 text."""
     path = os.path.join(load_dir, LATEST)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"load_checkpoint: {path} is not a text file naming a tag ({exc.reason} at byte "
+                          f"{exc.start}); write the tag to load into it or pass tag=") from None

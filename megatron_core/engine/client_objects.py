@@ -87,7 +87,7 @@ def _given_groups(model_parameters: Any) -> list[dict]:
     if not any(isinstance(item, dict) for item in items):
         return [{"params": [_tensor_of(p) for p in items]}]
     groups = []
-    for item in items:
+    for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise ConfigError("initialize(model_parameters=...): mixes param-group dicts and tensors; give one kind")
         extra = set(item) - {"params", "weight_decay"}
@@ -96,8 +96,26 @@ def _given_groups(model_parameters: Any) -> list[dict]:
                 f"initialize(model_parameters=...): per-group option(s) {sorted(extra)} are not "
                 f"supported; set them in the config's 'optimizer' section"
             )
-        groups.append({**item, "params": [_tensor_of(p) for p in item["params"]]})
+        decay = item.get("weight_decay", 0.0)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0.0:
+            raise ConfigError(f"initialize(model_parameters=...): group {index}'s weight_decay must be a number >= 0, "
+                              f"got {decay!r}")
+        params = item["params"]  # one tensor is a group of one, as torch.optim reads it (not its rows)
+        groups.append({**item, "params": [_tensor_of(p) for p in ([params] if torch.is_tensor(params) else params)]})
+    _check_disjoint(groups)
     return groups
+
+
+def _check_disjoint(groups: list[dict]) -> None:
+    """A parameter in two groups is torch.optim's (and so DeepSpeed 0.19.8's) ValueError 'some parameters appear
+    in more than one parameter group'; the engine took it silently."""
+    seen: dict[int, int] = {}
+    for index, group in enumerate(groups):
+        for param in group["params"]:
+            if id(param) in seen:
+                raise ConfigError(f"initialize(model_parameters=...): a parameter of shape {tuple(param.shape)} is in "
+                                  f"groups {seen[id(param)]} and {index}; give each parameter to one group")
+            seen[id(param)] = index
 
 
 def check_model_parameters(model_parameters: Any, model: torch.nn.Module) -> None:

@@ -140,8 +140,11 @@ def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, m
     shard) and names the files ``model-00001-of-0000N.safetensors`` ...; the index
     ``model.safetensors.index.json`` (``pytorch_model.bin.index.json``) holds ``{"metadata": {"total_size":
     bytes}, "weight_map": {key: file}}``, plus transformers' ``total_parameters`` when given (a model
-    directory). Shard files of an earlier write that this one does not name are removed, as transformers does.
-    ConfigError when huggingface_hub is missing (it comes with transformers)."""
+    directory). Shard files of an earlier write that this one does not name are removed, as transformers does,
+    and so is the one file (index) of an earlier write of the same format that transformers would read instead
+    of this write's shards (file); transformers' save_pretrained leaves it. ConfigError when huggingface_hub is
+    missing (it comes with transformers), or for .bin output where an earlier model.safetensors (or its index)
+    would be read instead."""
     try:
         from huggingface_hub import split_torch_state_dict_into_shards
     except ImportError:
@@ -149,6 +152,13 @@ def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, m
                           "transformers); or give an output file ending in .safetensors or .bin") from None
     os.makedirs(output, exist_ok=True)
     weights_name = "model.safetensors" if safe else "pytorch_model.bin"
+    # transformers' from_pretrained reads model.safetensors, then its index, before any pytorch_model*.bin
+    shadowing = [n for n in ("model.safetensors", "model.safetensors.index.json") if not safe
+                 and os.path.isfile(os.path.join(output, n))]
+    if shadowing:
+        raise ConfigError(f"{os.path.join(output, shadowing[0])} is an earlier write's, which transformers would load "
+                          f"instead of the pytorch_model*.bin files asked for; remove it, write to another directory, "
+                          f"or pass --safe_serialization")
     pattern = weights_name.replace(".bin", "{suffix}.bin").replace(".safetensors", "{suffix}.safetensors")
     limit = sys.maxsize if max_shard_bytes is None else max_shard_bytes  # None: one file (DeepSpeed's without a limit)
     split = split_torch_state_dict_into_shards(state, filename_pattern=pattern, max_shard_size=limit)
@@ -161,6 +171,9 @@ def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, m
     index = os.path.join(output, weights_name + ".index.json")
     if not split.is_sharded and os.path.exists(index):
         os.remove(index)  # an earlier sharded write's: transformers would read it instead of the one file
+    single = os.path.join(output, weights_name)
+    if split.is_sharded and os.path.isfile(single):
+        os.remove(single)  # an earlier one-file write's: transformers would read it instead of the shards
     if split.is_sharded:
         metadata = {**({"total_parameters": total_parameters} if total_parameters is not None else {}),
                     **split.metadata}
@@ -210,6 +223,22 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     return output
 
 
+def _is_write_failure(exc: BaseException, output: str) -> bool:
+    """An OSError on a path in ``output``'s folder (or in ``output``), or safetensors' SafetensorError (it
+    wraps its writer's I/O error in its own class; reading the checkpoint never goes through safetensors)."""
+    if type(exc).__name__ == "SafetensorError":
+        return True
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return False
+    return os.path.abspath(str(exc.filename)).startswith(os.path.dirname(os.path.abspath(output)))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``tools/zero_to_fp32.py CHECKPOINT_DIR OUTPUT [--tag TAG]`` and DeepSpeed's current flags."""
     parser = argparse.ArgumentParser(
@@ -238,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                                  exclude_frozen_parameters=args.exclude_frozen_parameters)
     except ConfigError as exc:
         print(f"error: {exc}")
+        return 2
+    except Exception as exc:  # noqa: BLE001 - only a failed write, named; anything else is raised again
+        if not _is_write_failure(exc, args.output):
+            raise
+        print(f"error: writing {args.output!r} failed ({_reason(exc)}); give an output path in a writable directory")
         return 2
     print(f"wrote {path}")
     return 0

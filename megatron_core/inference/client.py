@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +26,21 @@ def api_url(address: str) -> str:
     if address.startswith(("http://", "https://")):
         return address if address.rstrip("/").endswith("/api") else address.rstrip("/") + "/api"
     return f"http://{address}/api"
+
+
+def address_error(url: str) -> str | None:
+    """Why ``url`` (from :func:`api_url`) names no server, or None: a host that is empty or holds a space or
+    control character, or a port that is not a number in 0..65535 (``http.client`` would raise ``InvalidURL``
+    at the first request, after a prompt was typed)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - the property raises ValueError for a port that is no number or out of range
+    except ValueError as exc:
+        return str(exc)
+    host = parts.hostname or ""
+    if not host or any(ch.isspace() or not ch.isprintable() for ch in host):
+        return f"no host name in {parts.netloc!r}"
+    return None
 
 
 def put_api(url: str, body: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any]]:
@@ -64,6 +80,9 @@ def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] = input) -
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
     args = parser.parse_args(argv)
     url = api_url(args.url)
+    problem = address_error(url)
+    if problem is not None:
+        parser.error(f"url {args.url!r} is not the server's host:port ({problem}); give e.g. localhost:5000")
     while True:
         try:
             prompt = ask("Enter prompt: ")

@@ -31,6 +31,7 @@ gloo closes a group's connections on a timeout, the server then stops (exit stat
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -314,8 +315,18 @@ def _check_port(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Flask's server binds
             probe.bind(address)
     except OSError as exc:  # socket.gaierror (an unknown --host) included
-        raise ConfigError(f"--host {host} --port {port} cannot be served ({exc.strerror or exc}); stop the "
-                          f"program using that port or pass another --port (or --host)") from None
+        raise ConfigError(f"--host {host} --port {port} cannot be served ({exc.strerror or exc}); "
+                          f"{_bind_fix(exc)}") from None
+
+
+def _bind_fix(exc: OSError) -> str:
+    """The fix for a failed bind: only a port in use is another program's; an unknown host name or an
+    address of another machine needs another --host, a port below 1024 without the right another --port."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return "pass a --host of this machine (127.0.0.1, 0.0.0.0 for every interface, or its own name)"
+    if exc.errno == errno.EACCES:
+        return "pass a --port of 1024 or more (lower ports need privileges)"
+    return "stop the program using that port or pass another --port (or --host)"
 
 
 def main(argv: Sequence[str] | None = None,

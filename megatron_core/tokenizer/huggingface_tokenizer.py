@@ -71,6 +71,11 @@ class HuggingFaceTokenizer(MegatronTokenizer):
             try:
                 self._fast = Tokenizer.from_file(json_file)
             except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+                if json_file.endswith(".model"):  # a SentencePiece model: its bytes are no JSON
+                    raise ValueError(
+                        f"--tokenizer-model {json_file!r} is a SentencePiece model, not a tokenizer.json; pass its "
+                        f"directory (with tokenizer_config.json, read as transformers reads it) or --tokenizer-type "
+                        f"SentencePieceTokenizer") from None
                 raise ValueError(f"--tokenizer-model {json_file!r} is not a valid tokenizer.json: {exc}") from None
             vocab = self._fast.get_vocab(with_added_tokens=True)
             names = _read_special_tokens(directory)

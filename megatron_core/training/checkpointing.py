@@ -401,6 +401,7 @@ def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parall
                           f"{parallel_state.dp_size}; resume with the same number of ranks or pass --no-load-optim")
     shard = (load(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
              if distributed_optimizer else None)
+    _check_decoupled_group(state["optimizer"], optimizer, rank_dir)
     try:
         optimizer.load_state_dict(state["optimizer"])
         if shard is not None:
@@ -409,6 +410,35 @@ def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parall
         raise ConfigError(f"{rank_dir}: the optimizer state does not fit ({exc}); pass --no-load-optim to start the "
                           f"optimizer fresh") from None
     return True
+
+
+def _saved_param_groups(state: Any) -> list[dict[str, Any]]:
+    """Every ``param_groups`` entry of a saved optimizer state, however the optimizer nests it."""
+    if isinstance(state, dict):
+        groups = state.get("param_groups")
+        found = list(groups) if isinstance(groups, list) else []
+        return found + [g for key, value in state.items() if key != "param_groups" for g in _saved_param_groups(value)]
+    if isinstance(state, (list, tuple)):
+        return [g for value in state for g in _saved_param_groups(value)]
+    return []
+
+
+def _check_decoupled_group(saved: Any, optimizer: Any, rank_dir: str) -> None:
+    """ConfigError when the legacy optimizer state and this run disagree on ``--decoupled-lr``'s group: the
+    state is stored per param group, so the load failed as 'a different number of parameter groups' and
+    named only --no-load-optim (a torch_dist checkpoint is stored per parameter and loads either way)."""
+    saved_lr = [g.get("max_lr") for g in _saved_param_groups(saved) if g.get("is_decoupled_lr")]
+    ours = any(g.get("is_decoupled_lr") for g in getattr(optimizer, "param_groups", []))
+    if bool(saved_lr) == ours:
+        return
+    if saved_lr:
+        fix = f"add --decoupled-lr {saved_lr[0]:g} (and its --decoupled-min-lr)"
+        what = "with --decoupled-lr (a param group of its own for the embedding and output layer) and this run has none"
+    else:
+        fix = "drop --decoupled-lr"
+        what = "without --decoupled-lr and this run has its param group (the embedding and output layer)"
+    raise ConfigError(f"{rank_dir}: the optimizer state was saved {what}; {fix}, or pass --no-load-optim to start "
+                      f"the optimizer fresh (a --ckpt-format torch_dist checkpoint resumes either way)")
 
 
 def _reload_main_params(optimizer: Any) -> None:

@@ -180,10 +180,16 @@ class OptimizerParamScheduler:
         close = numbers and math.isclose(ours, saved, rel_tol=1e-12)
         if ours != saved and not close:
             raise ConfigError(
-                f"the checkpoint's learning-rate schedule has {name} = {saved!r} but the flags give {ours!r}; pass "
+                f"the checkpoint's learning-rate schedule has {name} = {_shown(name, saved)} but the flags give "
+                f"{_shown(name, ours)}; pass "
                 f"--override-opt-param-scheduler to use the flags or --use-checkpoint-opt-param-scheduler to keep "
                 f"the checkpoint's")
         return saved
+
+
+def _shown(name: str, value: Any) -> str:
+    """A schedule setting in an error line; the decoupled bounds are None when there is no --decoupled-lr."""
+    return "none (no --decoupled-lr)" if value is None and name.startswith("decoupled") else repr(value)
 
 
 def _decoupled_bounds(optimizer: Any) -> tuple[float | None, float | None]:

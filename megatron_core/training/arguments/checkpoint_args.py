@@ -13,6 +13,8 @@ loads only under the layout that saved it, also its TP / PP / virtual-stage size
 from __future__ import annotations
 
 import argparse
+import filecmp
+import json
 import os
 from typing import Any
 
@@ -111,8 +113,28 @@ _PATH_FLAGS = ("tokenizer_model", "vocab_file", "merge_file")
 
 def _same(dest: str, given: Any, value: Any) -> bool:
     if dest in _PATH_FLAGS and isinstance(given, str) and isinstance(value, str):
-        return os.path.realpath(given) == os.path.realpath(value)
+        return os.path.realpath(given) == os.path.realpath(value) or _same_tokenizer_dir(given, value)
     return bool(given == value)
+
+
+def _same_tokenizer_dir(given: str, saved: str) -> bool:
+    """True when the directory ``given`` holds the tokenizer that convert.py copied into ``saved``: the same
+    tokenizer.json bytes and the same special tokens in tokenizer_config.json (the copy is written through
+    transformers, so its other config keys, e.g. tokenizer_class, differ from the original's). A Hugging Face
+    directory given as --tokenizer-model was refused as disagreeing with its own copy."""
+    def tokens(directory: str) -> dict[str, Any] | None:
+        try:
+            with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return None
+        # the tokens HuggingFaceTokenizer reads (the copy leaves out unk_token, which it does not read)
+        return {key: config.get(key) for key in ("bos_token", "eos_token", "pad_token")}
+
+    given_json, saved_json = os.path.join(given, "tokenizer.json"), os.path.join(saved, "tokenizer.json")
+    if not (os.path.isfile(given_json) and os.path.isfile(saved_json)):
+        return False
+    return filecmp.cmp(given_json, saved_json, shallow=False) and tokens(given) == tokens(saved)
 
 
 def _set(args: argparse.Namespace, values: dict[str, Any], parser_defaults: dict[str, Any]) -> None:

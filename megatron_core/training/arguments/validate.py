@@ -191,11 +191,15 @@ def _decoupled_lr(args: argparse.Namespace) -> None:
             raise ConfigError("--decoupled-min-lr is the floor of the --decoupled-lr group; add --decoupled-lr or "
                               "drop it")
         return
+    if args.decoupled_lr < 0.0:
+        raise ConfigError(f"--decoupled-lr (the embedding and output layer's peak learning rate) must be 0 or "
+                          f"more, got {args.decoupled_lr}")
     floor = args.min_lr if args.decoupled_min_lr is None else args.decoupled_min_lr
     if not 0.0 <= floor <= args.decoupled_lr:
         which = "--min-lr" if args.decoupled_min_lr is None else "--decoupled-min-lr"
-        raise ConfigError(f"need 0 <= {which} {floor} <= --decoupled-lr {args.decoupled_lr}; give "
-                          f"--decoupled-min-lr at most --decoupled-lr")
+        default = " (it defaults to --min-lr)" if args.decoupled_min_lr is None else ""
+        raise ConfigError(f"need 0 <= {which} {floor} <= --decoupled-lr {args.decoupled_lr}; give a "
+                          f"--decoupled-min-lr from 0 to {args.decoupled_lr}{default}")
 
 
 def _learning_rate(args: argparse.Namespace) -> None:
@@ -272,7 +276,9 @@ def _precision_and_recompute(args: argparse.Namespace) -> None:
     if args.recompute_granularity == "full":
         if args.recompute_method is None:
             raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
-        if args.recompute_num_layers is None or args.recompute_num_layers <= 0:
+        if args.recompute_num_layers is not None and args.recompute_num_layers <= 0:
+            raise ConfigError(f"--recompute-num-layers must be 1 or more, got {args.recompute_num_layers}")
+        if args.recompute_num_layers is None:
             raise ConfigError("--recompute-granularity full needs --recompute-num-layers N (layers per recompute "
                               "group with uniform, recomputed layers per stage with block)")
     elif args.recompute_method is not None or args.recompute_num_layers is not None:
