@@ -33,6 +33,19 @@ def test_file_sections_become_the_typed_config(tmp_path):
 
 
 
+def test_megatron_deepspeeds_switch_is_accepted(tmp_path):
+    """Megatron-DeepSpeed's scripts pass ``--deepspeed --deepspeed_config FILE``; --deepspeed was an unrecognized
+    argument. It changes nothing with the file, and alone (no file to apply) is one line."""
+    path = _file(tmp_path, zero_optimization={"stage": 2})
+    plain = config_from_args(validate_args(parse_args(BASE + ["--deepspeed_config", path]), world_size=2))
+    switched = config_from_args(validate_args(parse_args(BASE + ["--deepspeed", "--deepspeed_config", path]),
+                                              world_size=2))
+    assert switched == plain and switched.ddp.zero_stage == 2
+    with pytest.raises(ConfigError, match="--deepspeed needs --deepspeed_config FILE") as info:
+        validate_args(parse_args(TINY + ["--deepspeed"]), world_size=2)
+    assert "\n" not in str(info.value)
+
+
 def test_consecutive_hysteresis_reaches_the_loss_scaler(tmp_path):
     """``fp16.consecutive_hysteresis`` (DeepSpeed's) was refused; from the file it sets --consecutive-hysteresis."""
     path = _file(tmp_path, fp16={"enabled": True, "consecutive_hysteresis": True})

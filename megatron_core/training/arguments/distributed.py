@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", default=None, metavar="FILE",
                    help="take the ZeRO, offload, precision, clipping and batch settings from a DeepSpeed JSON "
                         "config (flags that disagree with it are an error)")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="Megatron-DeepSpeed's switch for --deepspeed_config (accepted; the file applies with or "
+                        "without it)")
     g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO: shard optimizer state over DP")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap DP grad reduction with backward")
     g.add_argument("--overlap-param-gather", action="store_true", help="overlap ZeRO param all-gather with forward")

@@ -27,6 +27,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
 
         apply_checkpoint_args(args, vars(build_parser().parse_args([])))
     _parallel(args, world_size)
+    if getattr(args, "deepspeed", False) and args.deepspeed_config is None:
+        raise ConfigError("--deepspeed needs --deepspeed_config FILE (the DeepSpeed JSON whose ZeRO, precision, "
+                          "clipping and batch settings the run takes); give one or drop --deepspeed")
     if args.deepspeed_config is not None:
         from megatron_core.training.arguments import build_parser
         from megatron_core.training.arguments.deepspeed_config import apply_deepspeed_config
