@@ -18,8 +18,8 @@ CLIENT = os.path.join(REPO, "tools", "text_generation_cli.py")
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
 
 
-def _client(address, stdin):
-    return subprocess.run([sys.executable, CLIENT, address], input=stdin, capture_output=True, text=True,
+def _client(address, stdin, *flags):
+    return subprocess.run([sys.executable, CLIENT, address, *flags], input=stdin, capture_output=True, text=True,
                           timeout=120, cwd=REPO, env=ENV)
 
 
@@ -62,3 +62,14 @@ def test_an_address_that_is_no_host_and_port_is_one_line_before_the_prompt():
         assert proc.stderr.splitlines()[-1] == (
             f"text_generation_cli.py: error: url {address!r} is not the server's host:port ({why}); give e.g. "
             f"localhost:5000"), proc.stderr
+
+
+def test_a_timeout_that_is_not_positive_is_one_line():
+    """--timeout -1 was socket's 'ValueError: Timeout value out of range' traceback at the first request
+    (0 would make urllib's socket non-blocking)."""
+    for value in ("-1", "0"):
+        proc = _client(f"127.0.0.1:{_free_port()}", "hello\n3\n", "--timeout", value)
+        assert proc.returncode == 2 and proc.stdout == "", proc
+        assert proc.stderr.splitlines()[-1] == (
+            f"text_generation_cli.py: error: --timeout must be a number of seconds > 0, got {float(value):g}"), \
+            proc.stderr

@@ -79,6 +79,8 @@ def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] = input) -
     parser.add_argument("url", help="the server's host:port (Megatron-LM's argument), or its http:// URL")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
     args = parser.parse_args(argv)
+    if not args.timeout > 0:  # urllib: 0 is a non-blocking socket, a negative value a ValueError traceback
+        parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
     url = api_url(args.url)
     problem = address_error(url)
     if problem is not None:
