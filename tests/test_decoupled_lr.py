@@ -5,6 +5,7 @@ The reference for the rates is Megatron-LM's formula (linear warmup from --lr-wa
 to the group's floor); for training, one process with the same flags.
 """
 import math
+import re
 
 import pytest
 import torch
@@ -197,3 +198,32 @@ def test_a_legacy_checkpoint_of_the_other_grouping_names_the_decoupled_flag(tmp_
                                         r"none; add --decoupled-lr 0.03 \(and its --decoupled-min-lr\), or pass "
                                         r"--no-load-optim"):
         run_distributed(_train, 1, later + ["--load", with_group], timeout=120)
+
+
+def _rates_in_log(out):
+    """{iteration: (learning rate, decoupled learning rate or None)} from the progress lines."""
+    rates = {}
+    for line in out.splitlines():
+        it = re.search(r"iteration\s+(\d+)/", line)
+        lr = re.search(r"\| learning rate: (\S+) \|", line)
+        if it and lr:
+            decoupled = re.search(r"\| decoupled learning rate: (\S+) \|", line)
+            rates[int(it.group(1))] = (float(lr.group(1)), float(decoupled.group(1)) if decoupled else None)
+    return rates
+
+
+@pytest.mark.parametrize("layout", [[], ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]],
+                         ids=["one-process", "tp2-pp2"])
+def test_the_progress_line_shows_both_learning_rates_as_megatron(capfd, layout):
+    run_distributed(_train, 1 if not layout else 4, TINY + DECOUPLED + layout, timeout=180)
+    rates = _rates_in_log(capfd.readouterr().out)
+    assert sorted(rates) == [5, 10, 15, 20]
+    for iteration, (main, decoupled) in rates.items():
+        fraction = 0.5 * (1 + math.cos(math.pi * (iteration - 2) / (20 - 2)))  # TINY: warmup 2, decay 20
+        assert main == pytest.approx(3e-4 + (3e-3 - 3e-4) * fraction, rel=1e-5), iteration
+        assert decoupled == pytest.approx(1e-3 + (3e-2 - 1e-3) * fraction, rel=1e-5), iteration
+
+
+def test_without_decoupled_lr_the_line_has_no_decoupled_rate(capfd):
+    run_distributed(_train, 1, TINY + ["--train-iters", "5"], timeout=120)
+    assert list(_rates_in_log(capfd.readouterr().out).values())[0][1] is None

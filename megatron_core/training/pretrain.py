@@ -45,7 +45,7 @@ from megatron_core.training.training_log import (
     validation_lines,
     write_validation_tensorboard,
 )
-from megatron_core.training.training_loop import TrainState, evaluate, learning_rate, loss_scale, train_step
+from megatron_core.training.training_loop import TrainState, evaluate, learning_rates, loss_scale, train_step
 from megatron_core.transformer.config import resolved
 
 # (model config, padded vocabulary size, this rank's process groups) -> this rank's model chunks
@@ -363,8 +363,9 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
             state.consumed_train_samples += batch
             if "lm loss" in step.losses:
                 state.loss_history.append(step.losses["lm loss"])
+            lr, decoupled_lr = learning_rates(run.optimizer)
             log.add(iteration=state.iteration, losses=step.losses, skipped=step.skipped, grad_norm=step.grad_norm,
-                    num_zeros=step.num_zeros, learning_rate=learning_rate(run.optimizer),
+                    num_zeros=step.num_zeros, learning_rate=lr, decoupled_learning_rate=decoupled_lr,
                     loss_scale=loss_scale(run.optimizer), batch_size=batch,
                     consumed_samples=state.consumed_train_samples, seconds=seconds,
                     extra=lambda: _timing(timers, run.config.logging))

@@ -54,8 +54,13 @@ class TrainingLog:
 
     def add(self, *, iteration: int, losses: dict[str, float], skipped: bool, grad_norm: float | None,
             num_zeros: int | None, learning_rate: float, loss_scale: float, batch_size: int,
-            consumed_samples: int, seconds: float, extra: Callable[[], str] = str) -> str | None:
-        """Record one iteration; returns the log line when one is due (on every rank)."""
+            consumed_samples: int, seconds: float, extra: Callable[[], str] = str,
+            decoupled_learning_rate: float | None = None) -> str | None:
+        """Record one iteration; returns the log line when one is due (on every rank).
+
+        ``decoupled_learning_rate`` (``--decoupled-lr``'s group, None without one) is logged after the
+        learning rate and to TensorBoard as ``decoupled-learning-rate``, as Megatron-LM's ``training_log``.
+        """
         self.seconds += seconds
         self.samples += batch_size
         got_nan = any(not math.isfinite(v) for v in losses.values())
@@ -67,17 +72,17 @@ class TrainingLog:
             self.advanced += 1
             for key, value in losses.items():
                 self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
-        self._tensorboard(iteration, losses, learning_rate, loss_scale, grad_norm, batch_size, consumed_samples)
+        rates = (learning_rate, decoupled_learning_rate)
+        self._tensorboard(iteration, losses, rates, loss_scale, grad_norm, batch_size, consumed_samples)
         if iteration % self.config.log_interval != 0:
             return None
-        line = self._line(iteration, learning_rate, loss_scale, grad_norm, num_zeros, batch_size,
-                          consumed_samples, extra())
+        line = self._line(iteration, rates, loss_scale, grad_norm, num_zeros, batch_size, consumed_samples, extra())
         if self.printer is not None:
             self.printer(line)
         self._reset()
         return line
 
-    def _line(self, iteration: int, learning_rate: float, loss_scale: float, grad_norm: float | None,
+    def _line(self, iteration: int, rates: tuple[float, float | None], loss_scale: float, grad_norm: float | None,
               num_zeros: int | None, batch_size: int, consumed_samples: int, extra: str) -> str:
         iterations = self.advanced + self.skipped + self.nan
         per_iteration = self.seconds / max(iterations, 1)
@@ -87,8 +92,10 @@ class TrainingLog:
                  f" consumed samples: {consumed_samples:12d}",
                  f" elapsed time per iteration (ms): {per_iteration * 1000.0:.1f}",
                  f" throughput per rank: {tokens_per_s:.1f} tokens/s, {tflops:.4f} TFLOP/s",
-                 f" learning rate: {learning_rate:.6E}",
-                 f" global batch size: {batch_size:5d}"]
+                 f" learning rate: {rates[0]:.6E}"]
+        if rates[1] is not None:
+            parts.append(f" decoupled learning rate: {rates[1]:.6E}")
+        parts.append(f" global batch size: {batch_size:5d}")
         for key, total in self.loss_sums.items():
             parts.append(f" {key}: {total / max(self.advanced, 1):.6E}")
         parts.append(f" loss scale: {loss_scale:.1f}")
@@ -101,13 +108,15 @@ class TrainingLog:
         line = " |".join(parts) + " |"
         return line + (" " + extra if extra else "")
 
-    def _tensorboard(self, iteration: int, losses: dict[str, float], learning_rate: float, loss_scale: float,
-                     grad_norm: float | None, batch_size: int, consumed_samples: int) -> None:
+    def _tensorboard(self, iteration: int, losses: dict[str, float], rates: tuple[float, float | None],
+                     loss_scale: float, grad_norm: float | None, batch_size: int, consumed_samples: int) -> None:
         if self.writer is None or iteration % self.config.tensorboard_log_interval != 0:
             return
         w = self.writer
-        w.add_scalar("learning-rate", learning_rate, iteration)
-        w.add_scalar("learning-rate vs samples", learning_rate, consumed_samples)
+        w.add_scalar("learning-rate", rates[0], iteration)
+        w.add_scalar("learning-rate vs samples", rates[0], consumed_samples)
+        if rates[1] is not None:
+            w.add_scalar("decoupled-learning-rate", rates[1], iteration)
         w.add_scalar("batch-size", batch_size, iteration)
         for key, value in losses.items():
             w.add_scalar(key, value, iteration)

@@ -131,10 +131,17 @@ def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Mod
     return reduce_loss_dicts(loss_dicts, parallel_state)
 
 
-def learning_rate(optimizer: Any) -> float:
-    """The first parameter group's learning rate (0.0 for an optimizer without groups)."""
-    groups = getattr(optimizer, "param_groups", None) or [{}]
-    return float(groups[0].get("lr", 0.0))
+def learning_rates(optimizer: Any) -> tuple[float, float | None]:
+    """(learning rate, decoupled learning rate) as Megatron-LM's ``train_step`` reads them.
+
+    The first is the first group's without megatron.core's ``is_decoupled_lr`` tag (0.0 for an
+    optimizer without groups); the second is the tagged group's (``--decoupled-lr``), None without one.
+    """
+    groups = getattr(optimizer, "param_groups", None) or []
+    main = [g for g in groups if not g.get("is_decoupled_lr")]
+    decoupled = [g for g in groups if g.get("is_decoupled_lr")]
+    return (float(main[0].get("lr", 0.0)) if main else 0.0,
+            float(decoupled[0]["lr"]) if decoupled else None)
 
 
 def loss_scale(optimizer: Any) -> float:
