@@ -23,7 +23,8 @@ from engine_common import ds_config, make_model, run_steps, sharded, state_of
 from harness import run_distributed
 
 import megatron_core
-from megatron_core.engine.consolidate import consolidate_state_dict, parse_size, save_consolidated, write_weights_dir
+from megatron_core.checkpoint.hf_io import write_weights_dir
+from megatron_core.engine.consolidate import consolidate_state_dict, parse_size, save_consolidated
 from megatron_core.engine.consolidate import main as consolidate_main
 from megatron_core.errors import ConfigError
 

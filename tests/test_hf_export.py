@@ -188,3 +188,39 @@ def test_recorded_tokenizer_flags_rebuild_the_tokenizer_only_when_its_files_exis
     for flags in ({}, {"tokenizer_model": path}, {"tokenizer_type": "NullTokenizer", "vocab_file": path},
                   {"tokenizer_type": "HuggingFaceTokenizer"}, {**hf, "tokenizer_model": path + ".gone"}):
         assert tokenizer_from_flags(flags) is None, flags
+
+
+def test_export_over_an_earlier_sharded_save_loads_the_exported_weights(tmp_path):
+    """An export into a folder that holds a sharded ``save_pretrained`` (say, the model the run was imported
+    from) removes the old shards and index, as ``save_pretrained`` cleans its folder; they were left beside
+    the new ``model.safetensors`` (transformers reads that file first, a reader of the index the old weights)."""
+    from transformers import AutoModelForCausalLM
+
+    trained, old = tiny_hf_gpt2(seed=1), tiny_hf_gpt2(seed=2)
+    trained.save_pretrained(tmp_path / "trained")
+    _convert("--loader", "hf", "--saver", "core", "--load-dir", tmp_path / "trained", "--save-dir", tmp_path / "core")
+    old.save_pretrained(tmp_path / "out", max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
+    _convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "core", "--save-dir", tmp_path / "out")
+    assert sorted(n for n in os.listdir(tmp_path / "out") if "safetensors" in n) == ["model.safetensors"]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    want = trained.state_dict()
+    for key, value in exported.state_dict().items():
+        assert torch.equal(value, want[key]), key
+
+
+def test_save_hf_dir_shards_as_save_pretrained(tmp_path):
+    """Above ``max_shard_bytes`` the weights are cut as transformers cuts them: the same files, bytes and index."""
+    from megatron_core.checkpoint.hf_io import save_hf_dir
+
+    model = tiny_hf_gpt2(seed=3)
+    model.save_pretrained(tmp_path / "theirs", max_shard_size=40_000)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: saved once, as HF
+    save_hf_dir(str(tmp_path / "ours"), model.config, state, max_shard_bytes=40_000)
+    theirs = sorted(n for n in os.listdir(tmp_path / "theirs") if n.startswith("model"))
+    assert len(theirs) > 2 and sorted(n for n in os.listdir(tmp_path / "ours") if n.startswith("model")) == theirs
+    for name in theirs:
+        if name.endswith(".safetensors"):
+            assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
+    index = [json.load(open(tmp_path / d / "model.safetensors.index.json")) for d in ("ours", "theirs")]
+    assert index[0] == index[1]

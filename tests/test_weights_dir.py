@@ -12,7 +12,7 @@ import pytest
 import torch
 from hf_testing import tiny_hf_llama
 
-from megatron_core.engine.consolidate import write_weights_dir
+from megatron_core.checkpoint.hf_io import write_weights_dir
 from megatron_core.errors import ConfigError
 
 

@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from typing import Any
 
 import torch
+
+from megatron_core.errors import ConfigError
+from megatron_core.training.checkpoint_io import atomic_save
+
+HF_MAX_SHARD_BYTES = 50 * 10**9  # transformers' save_pretrained default, "50GB"
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -93,10 +100,85 @@ def normal_permissions(path: str) -> None:
             os.chmod(file, 0o666 & ~umask)
 
 
-def save_hf_dir(path: str, hf_config: Any, state: dict[str, torch.Tensor]) -> None:
-    """Write ``config.json`` and ``model.safetensors`` that ``from_pretrained`` loads."""
+def torch_save_file(state: dict[str, torch.Tensor], output: str) -> None:
+    """One ``torch.save`` file (its folder created), written to a temporary name and renamed (a killed run
+    leaves no half file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    atomic_save(state, output)
+
+
+def write_weights_file(state: dict[str, torch.Tensor], path: str, safe: bool) -> None:
+    """One weights file: safetensors (with ``{"format": "pt"}`` metadata, as transformers writes) when ``safe``,
+    else an atomic ``torch.save``; OSError / safetensors' error from the write."""
     from safetensors.torch import save_file  # noqa: PLC0415
+
+    if safe:
+        save_file(state, path, metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0o600; a plain open() would not
+    else:
+        torch_save_file(state, path)
+
+
+def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, max_shard_bytes: int | None,
+                      total_parameters: int | None = None) -> None:
+    """``output/pytorch_model.bin`` (``model.safetensors`` when ``safe``), or shards of at most
+    ``max_shard_bytes`` (a tensor larger than that alone in its shard) with their index, as transformers'
+    ``save_pretrained`` and DeepSpeed's ``zero_to_fp32.py`` write them: huggingface_hub's
+    ``split_torch_state_dict_into_shards`` cuts the state in key order (tensors sharing storage in one
+    shard) and names the files ``model-00001-of-0000N.safetensors`` ...; the index
+    ``model.safetensors.index.json`` (``pytorch_model.bin.index.json``) holds ``{"metadata": {"total_size":
+    bytes}, "weight_map": {key: file}}``, plus transformers' ``total_parameters`` when given (a model
+    directory). Shard files of an earlier write that this one does not name are removed, as transformers does,
+    and so is the one file (index) of an earlier write of the same format that transformers would read instead
+    of this write's shards (file); transformers' save_pretrained leaves it. ConfigError when huggingface_hub is
+    missing (it comes with transformers), or for .bin output where an earlier model.safetensors (or its index)
+    would be read instead."""
+    try:
+        from huggingface_hub import split_torch_state_dict_into_shards
+    except ImportError:
+        raise ConfigError("writing an output directory needs huggingface_hub (pip install huggingface_hub, or "
+                          "transformers); or give an output file ending in .safetensors or .bin") from None
+    os.makedirs(output, exist_ok=True)
+    weights_name = "model.safetensors" if safe else "pytorch_model.bin"
+    # transformers' from_pretrained reads model.safetensors, then its index, before any pytorch_model*.bin
+    shadowing = [n for n in ("model.safetensors", "model.safetensors.index.json") if not safe
+                 and os.path.isfile(os.path.join(output, n))]
+    if shadowing:
+        raise ConfigError(f"{os.path.join(output, shadowing[0])} is an earlier write's, which transformers would load "
+                          f"instead of the pytorch_model*.bin files asked for; remove it, write to another directory, "
+                          f"or pass --safe_serialization")
+    pattern = weights_name.replace(".bin", "{suffix}.bin").replace(".safetensors", "{suffix}.safetensors")
+    limit = sys.maxsize if max_shard_bytes is None else max_shard_bytes  # None: one file (DeepSpeed's without a limit)
+    split = split_torch_state_dict_into_shards(state, filename_pattern=pattern, max_shard_size=limit)
+    stale = re.compile(re.escape(pattern).replace(re.escape("{suffix}"), r"-\d{5}-of-\d{5}"))
+    for name in os.listdir(output):
+        if stale.fullmatch(name) and name not in split.filename_to_tensors:
+            os.remove(os.path.join(output, name))
+    for file, keys in split.filename_to_tensors.items():
+        write_weights_file({k: state[k] for k in keys}, os.path.join(output, file), safe)
+    index = os.path.join(output, weights_name + ".index.json")
+    if not split.is_sharded and os.path.exists(index):
+        os.remove(index)  # an earlier sharded write's: transformers would read it instead of the one file
+    single = os.path.join(output, weights_name)
+    if split.is_sharded and os.path.isfile(single):
+        os.remove(single)  # an earlier one-file write's: transformers would read it instead of the shards
+    if split.is_sharded:
+        metadata = {**({"total_parameters": total_parameters} if total_parameters is not None else {}),
+                    **split.metadata}
+        with open(index, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"metadata": metadata, "weight_map": split.tensor_to_filename}, indent=2,
+                               sort_keys=True) + "\n")
+
+
+def save_hf_dir(path: str, hf_config: Any, state: dict[str, torch.Tensor],
+                max_shard_bytes: int = HF_MAX_SHARD_BYTES) -> None:
+    """Write ``config.json`` and the weights as ``save_pretrained`` does: ``model.safetensors``, or shards
+    of at most ``max_shard_bytes`` with their index (transformers' default limit, 50 GB), so that
+    ``from_pretrained`` loads the directory; see :func:`write_weights_dir`."""
     os.makedirs(path, exist_ok=True)
     hf_config.save_pretrained(path)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    write_weights_dir(state, path, True, max_shard_bytes, sum(v.numel() for v in state.values()))
+    normal_permissions(path)

@@ -37,7 +37,6 @@ from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing.optimizer_state import placed_state, steps_on_device
 from megatron_core.engine.checkpoint_files import (
     LATEST,
-    atomic_save,
     client_state_error,
     copy_recovery_script,
     load_states,
@@ -48,6 +47,7 @@ from megatron_core.engine.checkpoint_files import (
 )
 from megatron_core.engine.reshard import frozen_keys, reshard_fragments, reshard_module, trained
 from megatron_core.errors import ConfigError
+from megatron_core.training.checkpoint_io import atomic_save
 
 FORMAT_VERSION = 1
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from megatron_core.errors import ConfigError
-from megatron_core.training.checkpoint_io import is_pickled_object, torch_save, unpickler_reason
+from megatron_core.training.checkpoint_io import is_pickled_object, unpickler_reason
 
 LATEST = "latest"
 RECOVERY_SCRIPT = "zero_to_fp32.py"  # DeepSpeed's name, in the save directory
@@ -47,20 +47,6 @@ def optim_files(folder: str, tp_rank: int) -> list[str]:
     """Every DP rank's fragment file of TP rank ``tp_rank``, in DP order."""
     pattern = os.path.join(folder, f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
     return sorted(glob.glob(pattern), key=_dp_rank_of)
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary name, renamed when complete; a failed write raises its own OSError and
-    leaves no partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch_save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)  # a failed or interrupted write leaves nothing behind
-        raise
 
 
 def copy_recovery_script(save_dir: str) -> None:

@@ -24,12 +24,12 @@ import argparse
 import json
 import os
 import re
-import sys
 
 import torch
 
+from megatron_core.checkpoint.hf_io import normal_permissions, torch_save_file, write_weights_dir, write_weights_file
 from megatron_core.engine.checkpoint import full_fragments
-from megatron_core.engine.checkpoint_files import atomic_save, load_states, model_file, optim_files, read_latest
+from megatron_core.engine.checkpoint_files import load_states, model_file, optim_files, read_latest
 from megatron_core.engine.reshard import frozen_keys, to_full, trained
 from megatron_core.errors import ConfigError
 
@@ -113,75 +113,6 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
-def _torch_save(state: dict[str, torch.Tensor], output: str) -> None:
-    """One ``torch.save`` file, written to a temporary name and renamed (a killed run leaves no half file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    atomic_save(state, output)
-
-
-def _write_file(state: dict[str, torch.Tensor], path: str, safe: bool) -> None:
-    from safetensors.torch import save_file  # only the tool needs it
-
-    if safe:
-        save_file(state, path, metadata={"format": "pt"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0o600; a plain open() would not
-    else:
-        _torch_save(state, path)
-
-
-def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, max_shard_bytes: int | None,
-                      total_parameters: int | None = None) -> None:
-    """``output/pytorch_model.bin`` (``model.safetensors`` when ``safe``), or shards of at most
-    ``max_shard_bytes`` (a tensor larger than that alone in its shard) with their index, as transformers'
-    ``save_pretrained`` and DeepSpeed's ``zero_to_fp32.py`` write them: huggingface_hub's
-    ``split_torch_state_dict_into_shards`` cuts the state in key order (tensors sharing storage in one
-    shard) and names the files ``model-00001-of-0000N.safetensors`` ...; the index
-    ``model.safetensors.index.json`` (``pytorch_model.bin.index.json``) holds ``{"metadata": {"total_size":
-    bytes}, "weight_map": {key: file}}``, plus transformers' ``total_parameters`` when given (a model
-    directory). Shard files of an earlier write that this one does not name are removed, as transformers does,
-    and so is the one file (index) of an earlier write of the same format that transformers would read instead
-    of this write's shards (file); transformers' save_pretrained leaves it. ConfigError when huggingface_hub is
-    missing (it comes with transformers), or for .bin output where an earlier model.safetensors (or its index)
-    would be read instead."""
-    try:
-        from huggingface_hub import split_torch_state_dict_into_shards
-    except ImportError:
-        raise ConfigError("writing an output directory needs huggingface_hub (pip install huggingface_hub, or "
-                          "transformers); or give an output file ending in .safetensors or .bin") from None
-    os.makedirs(output, exist_ok=True)
-    weights_name = "model.safetensors" if safe else "pytorch_model.bin"
-    # transformers' from_pretrained reads model.safetensors, then its index, before any pytorch_model*.bin
-    shadowing = [n for n in ("model.safetensors", "model.safetensors.index.json") if not safe
-                 and os.path.isfile(os.path.join(output, n))]
-    if shadowing:
-        raise ConfigError(f"{os.path.join(output, shadowing[0])} is an earlier write's, which transformers would load "
-                          f"instead of the pytorch_model*.bin files asked for; remove it, write to another directory, "
-                          f"or pass --safe_serialization")
-    pattern = weights_name.replace(".bin", "{suffix}.bin").replace(".safetensors", "{suffix}.safetensors")
-    limit = sys.maxsize if max_shard_bytes is None else max_shard_bytes  # None: one file (DeepSpeed's without a limit)
-    split = split_torch_state_dict_into_shards(state, filename_pattern=pattern, max_shard_size=limit)
-    stale = re.compile(re.escape(pattern).replace(re.escape("{suffix}"), r"-\d{5}-of-\d{5}"))
-    for name in os.listdir(output):
-        if stale.fullmatch(name) and name not in split.filename_to_tensors:
-            os.remove(os.path.join(output, name))
-    for file, keys in split.filename_to_tensors.items():
-        _write_file({k: state[k] for k in keys}, os.path.join(output, file), safe)
-    index = os.path.join(output, weights_name + ".index.json")
-    if not split.is_sharded and os.path.exists(index):
-        os.remove(index)  # an earlier sharded write's: transformers would read it instead of the one file
-    single = os.path.join(output, weights_name)
-    if split.is_sharded and os.path.isfile(single):
-        os.remove(single)  # an earlier one-file write's: transformers would read it instead of the shards
-    if split.is_sharded:
-        metadata = {**({"total_parameters": total_parameters} if total_parameters is not None else {}),
-                    **split.metadata}
-        with open(index, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"metadata": metadata, "weight_map": split.tensor_to_filename}, indent=2,
-                               sort_keys=True) + "\n")
-
-
 def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, hf_dir: bool | None = None, *,
                       safe_serialization: bool = False, max_shard_bytes: int | None = None,
                       exclude_frozen_parameters: bool = False) -> str:
@@ -193,18 +124,16 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     :func:`write_weights_dir` with ``safe_serialization`` and ``max_shard_bytes``, as DeepSpeed's
     ``zero_to_fp32.py``. ``exclude_frozen_parameters`` leaves ``requires_grad=False`` parameters out.
     """
-    from megatron_core.checkpoint.hf_io import normal_permissions
-
     state, hf_config, meta = _consolidate(_tag_folder(checkpoint_dir, tag))
     if exclude_frozen_parameters:
         frozen = frozen_keys(meta)
         state = {k: v for k, v in state.items() if k not in frozen}
     if output.endswith(TORCH_SAVE_SUFFIXES):
-        _torch_save(state, output)
+        torch_save_file(state, output)
         return output
     if output.endswith(".safetensors") or hf_dir is False:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        _write_file(state, output, safe=True)
+        write_weights_file(state, output, safe=True)
         return output
     if hf_config is None:
         if hf_dir:

@@ -8,6 +8,7 @@ deleted or truncated file and the earlier iterations to load instead (:func:`ver
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -82,6 +83,20 @@ def torch_save(obj: Any, file: Any) -> None:
     except RuntimeError:
         if writer.error is not None:
             raise writer.error from None
+        raise
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary name, renamed when complete; a failed write raises its own OSError and
+    leaves no partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch_save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a failed or interrupted write leaves nothing behind
         raise
 
 
