@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from megatron_core.checkpoint.sharding import chunk_keys, merge_chunks, merge_tp_shards, tp_shards
+from megatron_core.optimizer.optimizer import group_index
 from megatron_core.transformer.config import TransformerConfig
 
 MAIN = "fp32_from_fp16_params"  # the per-name kind holding the fp32 main copies of bf16/fp16 parameters
@@ -60,10 +61,9 @@ def _is_decoupled(groups: list[dict]) -> bool:
 
 
 def _group_of(name: str, value: torch.Tensor, decoupled: bool) -> int:
-    """The group index ``build_torch_optimizer`` gives a parameter (``param_group_index``), by name."""
-    if decoupled and name in _DECOUPLED_NAMES:
-        return 2
-    return 0 if value.dim() > 1 else 1
+    """The group index ``build_torch_optimizer`` gives a parameter (``param_group_index``); a saved state
+    has no tags, so the embedding and output weights are known by name."""
+    return group_index(value.dim(), name in _DECOUPLED_NAMES, decoupled)
 
 
 def _param_order(model_states: list[dict[str, torch.Tensor]], decoupled: bool) -> list[tuple[int, str]]:

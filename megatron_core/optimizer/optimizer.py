@@ -49,12 +49,19 @@ def is_embedding_or_output_parameter(param: torch.Tensor) -> bool:
     return bool(getattr(param, "is_embedding_or_output_parameter", False))
 
 
-def param_group_index(model_param: torch.Tensor, config: OptimizerConfig) -> int:
-    """Megatron-LM's torch optimizer group of a model parameter: 0 weight decay, 1 no weight decay
-    (1-D), 2 the decoupled learning rate (embedding and output weights, only with ``decoupled_lr`` set)."""
-    if config.decoupled_lr is not None and is_embedding_or_output_parameter(model_param):
+def group_index(ndim: int, embedding_or_output: bool, decoupled_lr: bool) -> int:
+    """Megatron-LM's torch optimizer group of a parameter of ``ndim`` dimensions: 0 weight decay, 1 no
+    weight decay (1-D), 2 the decoupled learning rate (the embedding and output weights, only with
+    ``decoupled_lr``). Also what the checkpoint converter reads a saved group layout by."""
+    if decoupled_lr and embedding_or_output:
         return 2
-    return 0 if model_param.dim() > 1 else 1
+    return 0 if ndim > 1 else 1
+
+
+def param_group_index(model_param: torch.Tensor, config: OptimizerConfig) -> int:
+    """:func:`group_index` of a model parameter, its embedding/output tag and ``config.decoupled_lr``."""
+    return group_index(model_param.dim(), is_embedding_or_output_parameter(model_param),
+                       config.decoupled_lr is not None)
 
 
 def _megatron_groups(config: OptimizerConfig, pairs: list[ParamPair]) -> list[dict]:
