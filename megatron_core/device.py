@@ -5,6 +5,7 @@ outside of it, and a missing CUDA costs at most one log line.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -138,6 +139,48 @@ def max_memory_allocated() -> int:
     if cuda_available():
         return torch.cuda.max_memory_allocated()
     return 0
+
+
+def empty_cache() -> None:
+    """Release the CUDA caching allocator's unused blocks (``--empty-unused-memory-level``); nothing on CPU,
+    where freed tensors go back to the host allocator at once."""
+    if cuda_available():
+        torch.cuda.empty_cache()
+
+
+def memory_stats() -> dict[str, float]:
+    """TensorBoard's memory scalars (``--log-memory-to-tensorboard``): on CUDA Megatron-LM's four from
+    ``torch.cuda.memory_stats`` (``mem-reserved-bytes``, ``mem-allocated-bytes``,
+    ``mem-max-allocated-bytes``, ``mem-allocated-count``); on the CPU the process's resident memory now
+    and at its peak (``mem-rss-bytes``, ``mem-max-rss-bytes``: VmRSS and VmHWM of /proc/self/status)."""
+    if cuda_available():
+        stats = torch.cuda.memory_stats()
+        return {"mem-reserved-bytes": stats["reserved_bytes.all.current"],
+                "mem-allocated-bytes": stats["allocated_bytes.all.current"],
+                "mem-max-allocated-bytes": stats["allocated_bytes.all.peak"],
+                "mem-allocated-count": stats["allocation.all.current"]}
+    fields = {}
+    with open("/proc/self/status", encoding="ascii") as f:  # Linux; VmHWM is the peak of VmRSS, both in kB
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = float(value.split()[0]) * 1024
+    return {"mem-rss-bytes": fields["VmRSS"], "mem-max-rss-bytes": fields["VmHWM"]}
+
+
+def cuda_profiler_start() -> contextlib.AbstractContextManager:
+    """Open an Nsight Systems capture range (``cudaProfilerStart``) with an NVTX range per autograd op
+    (``--profile``, as Megatron-LM); returns the NVTX context for :func:`cuda_profiler_stop`."""
+    torch.cuda.cudart().cudaProfilerStart()
+    nvtx = torch.autograd.profiler.emit_nvtx(record_shapes=True)
+    nvtx.__enter__()
+    return nvtx
+
+
+def cuda_profiler_stop(nvtx: contextlib.AbstractContextManager) -> None:
+    """Close the capture range and the NVTX context :func:`cuda_profiler_start` opened."""
+    torch.cuda.cudart().cudaProfilerStop()
+    nvtx.__exit__(None, None, None)
 
 
 def host_device() -> torch.device:

@@ -7,6 +7,7 @@ what a "main parameter" is: the whole parameter here, a DP shard of it in ``dist
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -212,6 +213,19 @@ class MegatronOptimizer:
         self._update()
         self._drop_main_grads()
         return True, grad_norm, num_zeros
+
+    @torch.no_grad()
+    def params_norm(self) -> float:
+        """L2 norm of the fp32 main parameters over the whole model, each element counted once as in the
+        gradient norm (Megatron-LM's ``calc_params_l2_norm``, ``--log-params-norm``). Collective over the
+        model-parallel group (and the DP group when sharded): every rank calls it at the same step."""
+        with self.resident():
+            counted = [main for main, model in self.pairs if counted_in_norm(model, self.parallel_state)]
+            return global_grad_norm(counted, self.parallel_state, self.sharded_over_dp)
+
+    def resident(self) -> contextlib.AbstractContextManager:
+        """Context: every main parameter and optimizer state in memory (NVMe offload swaps them in)."""
+        return contextlib.nullcontext()
 
     def _update(self) -> None:
         """The torch optimizer's step on the main parameters, then the copy into the model."""

@@ -39,6 +39,16 @@ class TrainingConfig:
     deterministic_mode: bool = False
     check_for_nan_in_loss_and_grad: bool = True  # Megatron-LM's flag; stop before a non-finite step lands
     max_skipped_iters_at_min_loss_scale: int = 10  # fp16: stop after this many skips at the lowest scale (0: never)
+    # Megatron-LM's per-iteration extras (megatron_core.training.iteration_hooks)
+    manual_gc: bool = False
+    manual_gc_interval: int = 0
+    manual_gc_eval: bool = True
+    empty_unused_memory_level: int = 0
+    profile: bool = False
+    use_pytorch_profiler: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -93,6 +103,11 @@ class LoggingConfig:
     timing_log_level: int = 0
     tensorboard_dir: str | None = None
     tensorboard_log_interval: int = 1
+    tensorboard_queue_size: int = 1000
+    log_params_norm: bool = False
+    log_timers_to_tensorboard: bool = False
+    log_memory_to_tensorboard: bool = False
+    log_world_size_to_tensorboard: bool = False
 
 
 @dataclass

@@ -36,16 +36,24 @@ from megatron_core.training.config import (
 )
 from megatron_core.training.flops import flops_per_iteration
 from megatron_core.training.initialize import teardown_model_parallel
+from megatron_core.training.iteration_hooks import IterationHooks
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 from megatron_core.training.signal_handler import ExitSignalHandler
-from megatron_core.training.timers import Timers
+from megatron_core.training.timers import Timers, timing_string
 from megatron_core.training.training_log import (
     TrainingLog,
     make_tensorboard_writer,
     validation_lines,
     write_validation_tensorboard,
 )
-from megatron_core.training.training_loop import TrainState, evaluate, learning_rates, loss_scale, train_step
+from megatron_core.training.training_loop import (
+    StepResult,
+    TrainState,
+    evaluate,
+    learning_rates,
+    loss_scale,
+    train_step,
+)
 from megatron_core.transformer.config import resolved
 
 # (model config, padded vocabulary size, this rank's process groups) -> this rank's model chunks
@@ -187,7 +195,8 @@ def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: Mod
     calculator = MicrobatchCalculator(training.global_batch_size, training.micro_batch_size, ps.dp_size,
                                       training.rampup_batch_size, ps.pp_size, ps.vpp_size)
     # agreed: only the logging rank opens the directory; a failure there stops every rank at once
-    writer = agreed(make_tensorboard_writer, config.logging.tensorboard_dir, out.is_logging_rank, out.last)
+    writer = agreed(make_tensorboard_writer, config.logging.tensorboard_dir, out.is_logging_rank, out.last,
+                    config.logging.tensorboard_queue_size)
     return _Run(config, ps, out, model, optimizer, scheduler, forward_step_func,
                 config.model_info(tokenizer.vocab_size, padded_vocab), calculator, tokenizer=tokenizer, writer=writer)
 
@@ -336,60 +345,103 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+@dataclass
+class _Loop:
+    """What the training loop keeps between iterations."""
+
+    log: TrainingLog
+    iterators: list
+    timers: Timers
+    handler: ExitSignalHandler
+    skips: health.SkipWatch
+    hooks: IterationHooks
+    start_time: float
+
+
 def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
-    ps, training, seq_length = run.parallel_state, run.training, run.data.seq_length
-    log = TrainingLog(run.config.logging, training.train_iters, run.out.last, run.writer,
-                      _flops_per_sample(run.config, run.model_info.padded_vocab_size), seq_length, ps.world_size)
-    iterators = data_loading.data_iterators(run.train_ds, state.consumed_train_samples, training.micro_batch_size,
-                                            ps, run.data.num_workers, len(run.model))
-    start_time, timers = time.monotonic(), Timers()
+    ps, training = run.parallel_state, run.training
+    loop = _Loop(
+        log=TrainingLog(run.config.logging, training.train_iters, run.out.last, run.writer,
+                        _flops_per_sample(run.config, run.model_info.padded_vocab_size), run.data.seq_length,
+                        ps.world_size),
+        iterators=data_loading.data_iterators(run.train_ds, state.consumed_train_samples, training.micro_batch_size,
+                                              ps, run.data.num_workers, len(run.model)),
+        timers=Timers(), handler=ExitSignalHandler(),
+        skips=health.SkipWatch(training.max_skipped_iters_at_min_loss_scale),
+        hooks=IterationHooks(training, dist.get_rank(), run.config.logging.tensorboard_dir,
+                             lambda line: print(line, flush=True)),
+        start_time=time.monotonic())
     for chunk in run.model:
         chunk.train()
-    handler, skips = ExitSignalHandler(), health.SkipWatch(training.max_skipped_iters_at_min_loss_scale)
     if training.exit_signal_handler:
-        handler.install()
+        loop.handler.install()
     try:
-        while state.iteration < training.train_iters:
-            run.calculator.update(state.consumed_train_samples)
-            batch = run.calculator.current_global_batch_size
-            began = time.perf_counter()
-            step = train_step(run.forward_step_func, iterators, run.model, run.optimizer, run.scheduler, ps,
-                              run.calculator.num_microbatches, batch, seq_length, training.micro_batch_size,
-                              timers, iteration=state.iteration + 1,
-                              check_for_nan=training.check_for_nan_in_loss_and_grad)
-            seconds = time.perf_counter() - began
-            skips.update(state.iteration + 1, step.skipped, run.optimizer)
-            state.iteration += 1
-            state.consumed_train_samples += batch
-            if "lm loss" in step.losses:
-                state.loss_history.append(step.losses["lm loss"])
-            lr, decoupled_lr = learning_rates(run.optimizer)
-            log.add(iteration=state.iteration, losses=step.losses, skipped=step.skipped, grad_norm=step.grad_norm,
-                    num_zeros=step.num_zeros, learning_rate=lr, decoupled_learning_rate=decoupled_lr,
-                    loss_scale=loss_scale(run.optimizer), batch_size=batch,
-                    consumed_samples=state.consumed_train_samples, seconds=seconds,
-                    extra=lambda: _timing(timers, run.config.logging))
-            if state.iteration % training.eval_interval == 0:
-                _evaluate_and_print(run, state, result)
-            if run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:
-                _save(run, state, result)
-            reason = _exit_reason(run, state, handler, start_time)
-            if reason is not None:
-                run.out.rank0(f"> exiting at iteration {state.iteration}: {reason}")
-                _save(run, state, result)
-                _wait_for_save(run)
-                result.exit_reason = reason
-                return
+        with loop.hooks:
+            while state.iteration < training.train_iters:
+                reason = _iteration(run, loop, state, result)
+                if reason is not None:
+                    run.out.rank0(f"> exiting at iteration {state.iteration}: {reason}")
+                    _save(run, state, result)
+                    _wait_for_save(run)
+                    result.exit_reason = reason
+                    return
     finally:
-        handler.release()
+        loop.handler.release()
     _save(run, state, result)
     _wait_for_save(run)
 
 
-def _timing(timers: Timers, logging: LoggingConfig) -> str:
-    """Mean forward-backward and optimizer milliseconds of the interval (``--timing-log-level 1``)."""
-    text = timers.log_string(["forward-backward", "optimizer"], normalizer=logging.log_interval)
-    return text if logging.timing_log_level >= 1 else ""
+def _iteration(run: _Run, loop: _Loop, state: TrainState, result: TrainResult) -> str | None:
+    """Train, log, evaluate and save one iteration; returns why to stop after it, or None."""
+    training = run.training
+    run.calculator.update(state.consumed_train_samples)
+    batch = run.calculator.current_global_batch_size
+    loop.hooks.before_iteration(state.iteration)
+    began = time.perf_counter()
+    step = train_step(run.forward_step_func, loop.iterators, run.model, run.optimizer, run.scheduler,
+                      run.parallel_state, run.calculator.num_microbatches, batch, run.data.seq_length,
+                      training.micro_batch_size, loop.timers, iteration=state.iteration + 1,
+                      check_for_nan=training.check_for_nan_in_loss_and_grad,
+                      empty_unused_memory_level=training.empty_unused_memory_level)
+    seconds = time.perf_counter() - began
+    loop.skips.update(state.iteration + 1, step.skipped, run.optimizer)
+    state.iteration += 1
+    state.consumed_train_samples += batch
+    if "lm loss" in step.losses:
+        state.loss_history.append(step.losses["lm loss"])
+    _log_iteration(run, loop.log, state, step, batch, seconds, loop.timers)
+    loop.hooks.after_iteration(state.iteration)
+    if state.iteration % training.eval_interval == 0:
+        with loop.hooks.evaluation():
+            _evaluate_and_print(run, state, result)
+    if run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:
+        _save(run, state, result)
+    return _exit_reason(run, state, loop.handler, loop.start_time)
+
+
+def _log_iteration(run: _Run, log: TrainingLog, state: TrainState, step: StepResult, batch: int, seconds: float,
+                   timers: Timers) -> None:
+    """Hand the iteration to the log; with ``--log-params-norm`` the norm is computed (collectively, on every
+    rank) at the iterations whose line or TensorBoard scalars show it."""
+    logging, iteration = run.config.logging, state.iteration
+    shown = iteration % logging.log_interval == 0 or (
+        logging.tensorboard_dir is not None and iteration % logging.tensorboard_log_interval == 0)
+    params_norm = run.optimizer.params_norm() if logging.log_params_norm and shown else None
+    lr, decoupled_lr = learning_rates(run.optimizer)
+    log.add(iteration=iteration, losses=step.losses, skipped=step.skipped, grad_norm=step.grad_norm,
+            num_zeros=step.num_zeros, learning_rate=lr, decoupled_learning_rate=decoupled_lr,
+            loss_scale=loss_scale(run.optimizer), batch_size=batch, consumed_samples=state.consumed_train_samples,
+            seconds=seconds, params_norm=params_norm, extra=lambda: _timing(timers, logging, run.writer, iteration))
+
+
+def _timing(timers: Timers, logging: LoggingConfig, writer: Any, iteration: int) -> str:
+    """Mean forward-backward and optimizer milliseconds of the interval (``--timing-log-level 1``); with
+    ``--log-timers-to-tensorboard`` also their seconds per iteration as ``<name>-time`` (Megatron-LM's tags)."""
+    means = timers.means(["forward-backward", "optimizer"], normalizer=logging.log_interval)
+    if writer is not None and logging.log_timers_to_tensorboard:
+        for name, value in means.items():
+            writer.add_scalar(f"{name}-time", value, iteration)
+    return timing_string(means) if logging.timing_log_level >= 1 else ""
 
 
 def _exit_reason(run: _Run, state: TrainState, handler: ExitSignalHandler, start_time: float) -> str | None:

@@ -52,8 +52,16 @@ class Timers:
             self._timers[name] = Timer(name)
         return self._timers[name]
 
+    def means(self, names: list[str], normalizer: float = 1.0) -> dict[str, float]:
+        """Seconds per iteration of each used timer among ``names`` (its total / ``normalizer``), and reset."""
+        return {n: self._timers[n].elapsed() / normalizer for n in names if n in self._timers}
+
     def log_string(self, names: list[str], normalizer: float = 1.0) -> str:
         """``name: ms`` for each used timer, averaged over ``normalizer`` iterations, and reset."""
-        parts = [f"{n}: {self._timers[n].elapsed() * 1000.0 / normalizer:.2f}"
-                 for n in names if n in self._timers]
-        return "time (ms) | " + " | ".join(parts) if parts else ""
+        return timing_string(self.means(names, normalizer))
+
+
+def timing_string(means: dict[str, float]) -> str:
+    """Megatron-LM's ``time (ms) | name: ms | ...`` from seconds per iteration ("" for none)."""
+    parts = [f"{name}: {seconds * 1000.0:.2f}" for name, seconds in means.items()]
+    return "time (ms) | " + " | ".join(parts) if parts else ""

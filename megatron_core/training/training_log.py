@@ -10,14 +10,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from megatron_core import device
 from megatron_core.training.config import LoggingConfig
 from megatron_core.training.errors import ConfigError
 
 Printer = Callable[[str], None]
 
 
-def make_tensorboard_writer(directory: str | None, is_logging_rank: bool, printer: Printer) -> Any:
-    """A ``SummaryWriter`` on the logging rank, or None (with one line when tensorboard is missing).
+def make_tensorboard_writer(directory: str | None, is_logging_rank: bool, printer: Printer,
+                            queue_size: int = 1000) -> Any:
+    """A ``SummaryWriter`` on the logging rank, holding up to ``queue_size`` events before it writes
+    (``--tensorboard-queue-size``), or None (with one line when tensorboard is missing).
 
     Raises ConfigError naming ``--tensorboard-dir`` when the directory cannot be created or written
     (``SummaryWriter`` creates it and opens its event file at once)."""
@@ -29,7 +32,7 @@ def make_tensorboard_writer(directory: str | None, is_logging_rank: bool, printe
         printer(f"> tensorboard is not installed (pip install tensorboard): not writing events to {directory}")
         return None
     try:
-        return SummaryWriter(log_dir=directory, max_queue=1000)
+        return SummaryWriter(log_dir=directory, max_queue=queue_size)
     except OSError as exc:
         raise ConfigError(f"--tensorboard-dir {directory} cannot be written ({exc.strerror or exc}); give a "
                           f"directory this job can create and write to") from None
@@ -55,11 +58,12 @@ class TrainingLog:
     def add(self, *, iteration: int, losses: dict[str, float], skipped: bool, grad_norm: float | None,
             num_zeros: int | None, learning_rate: float, loss_scale: float, batch_size: int,
             consumed_samples: int, seconds: float, extra: Callable[[], str] = str,
-            decoupled_learning_rate: float | None = None) -> str | None:
+            decoupled_learning_rate: float | None = None, params_norm: float | None = None) -> str | None:
         """Record one iteration; returns the log line when one is due (on every rank).
 
         ``decoupled_learning_rate`` (``--decoupled-lr``'s group, None without one) is logged after the
-        learning rate and to TensorBoard as ``decoupled-learning-rate``, as Megatron-LM's ``training_log``.
+        learning rate and to TensorBoard as ``decoupled-learning-rate``; ``params_norm``
+        (``--log-params-norm``) after the zero count, and as ``params-norm``: Megatron-LM's ``training_log``.
         """
         self.seconds += seconds
         self.samples += batch_size
@@ -73,17 +77,18 @@ class TrainingLog:
             for key, value in losses.items():
                 self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
         rates = (learning_rate, decoupled_learning_rate)
-        self._tensorboard(iteration, losses, rates, loss_scale, grad_norm, batch_size, consumed_samples)
+        norms = {"grad-norm": grad_norm, "num-zeros": num_zeros, "params-norm": params_norm}
+        self._tensorboard(iteration, losses, rates, loss_scale, norms, batch_size, consumed_samples)
         if iteration % self.config.log_interval != 0:
             return None
-        line = self._line(iteration, rates, loss_scale, grad_norm, num_zeros, batch_size, consumed_samples, extra())
+        line = self._line(iteration, rates, loss_scale, norms, batch_size, consumed_samples, extra())
         if self.printer is not None:
             self.printer(line)
         self._reset()
         return line
 
-    def _line(self, iteration: int, rates: tuple[float, float | None], loss_scale: float, grad_norm: float | None,
-              num_zeros: int | None, batch_size: int, consumed_samples: int, extra: str) -> str:
+    def _line(self, iteration: int, rates: tuple[float, float | None], loss_scale: float,
+              norms: dict[str, float | int | None], batch_size: int, consumed_samples: int, extra: str) -> str:
         iterations = self.advanced + self.skipped + self.nan
         per_iteration = self.seconds / max(iterations, 1)
         tokens_per_s = self.samples * self.tokens_per_sample / max(self.seconds, 1e-12) / self.world_size
@@ -99,17 +104,20 @@ class TrainingLog:
         for key, total in self.loss_sums.items():
             parts.append(f" {key}: {total / max(self.advanced, 1):.6E}")
         parts.append(f" loss scale: {loss_scale:.1f}")
-        if grad_norm is not None:
-            parts.append(f" grad norm: {grad_norm:.3f}")
-        if num_zeros is not None:
-            parts.append(f" num zeros: {num_zeros}")
+        if norms["grad-norm"] is not None:
+            parts.append(f" grad norm: {norms['grad-norm']:.3f}")
+        if norms["num-zeros"] is not None:
+            parts.append(f" num zeros: {norms['num-zeros']}")
+        if norms["params-norm"] is not None:
+            parts.append(f" params norm: {norms['params-norm']:.3f}")
         parts.append(f" number of skipped iterations: {self.skipped:3d}")
         parts.append(f" number of nan iterations: {self.nan:3d}")
         line = " |".join(parts) + " |"
         return line + (" " + extra if extra else "")
 
     def _tensorboard(self, iteration: int, losses: dict[str, float], rates: tuple[float, float | None],
-                     loss_scale: float, grad_norm: float | None, batch_size: int, consumed_samples: int) -> None:
+                     loss_scale: float, norms: dict[str, float | int | None], batch_size: int,
+                     consumed_samples: int) -> None:
         if self.writer is None or iteration % self.config.tensorboard_log_interval != 0:
             return
         w = self.writer
@@ -122,8 +130,16 @@ class TrainingLog:
             w.add_scalar(key, value, iteration)
             w.add_scalar(f"{key} vs samples", value, consumed_samples)
         w.add_scalar("loss-scale", loss_scale, iteration)
-        if grad_norm is not None:
-            w.add_scalar("grad-norm", grad_norm, iteration)
+        if self.config.log_world_size_to_tensorboard:
+            w.add_scalar("world-size", self.world_size, iteration)
+            w.add_scalar("world-size vs samples", self.world_size, consumed_samples)
+        for tag, norm in norms.items():
+            if norm is not None:
+                w.add_scalar(tag, norm, iteration)
+                w.add_scalar(f"{tag} vs samples", norm, consumed_samples)
+        if self.config.log_memory_to_tensorboard:
+            for tag, used in device.memory_stats().items():
+                w.add_scalar(tag, used, iteration)
 
 
 def validation_lines(prefix: str, losses: dict[str, float]) -> list[str]:

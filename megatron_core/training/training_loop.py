@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_core import device
 from megatron_core.distributed import finalize_model_grads, no_sync_func
 from megatron_core.parallel_state import ParallelState
 from megatron_core.pipeline_parallel import get_forward_backward_func
@@ -70,12 +71,14 @@ def _iterator_arg(iterators: list) -> Any:
 def train_step(forward_step_func: Callable, data_iterators: list, model: list[torch.nn.Module], optimizer: Any,
                scheduler: Any, parallel_state: ParallelState, num_microbatches: int, global_batch_size: int,
                seq_length: int, micro_batch_size: int, timers: Timers, iteration: int = 0,
-               check_for_nan: bool = True) -> StepResult:
+               check_for_nan: bool = True, empty_unused_memory_level: int = 0) -> StepResult:
     """Forward and backward over the global batch, then the optimizer and scheduler steps.
 
     ``iteration`` is the number of the iteration being trained (for error messages). With
     ``check_for_nan`` a non-finite loss or gradient on any rank raises ``TrainingDivergedError``
-    before the optimizer step (``health.check_loss_and_grads``).
+    before the optimizer step (``health.check_loss_and_grads``). ``empty_unused_memory_level`` 1
+    releases the device allocator's cache after the forward-backward, 2 also after the optimizer step
+    (Megatron-LM's ``--empty-unused-memory-level``).
     """
     optimizer.zero_grad()  # also zeroes the DDP gradient buffers
     timers("forward-backward").start()
@@ -87,6 +90,8 @@ def train_step(forward_step_func: Callable, data_iterators: list, model: list[to
         finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=parallel_state),
         grad_scale_func=getattr(optimizer, "scale_loss", None))
     timers("forward-backward").stop()
+    if empty_unused_memory_level >= 1:
+        device.empty_cache()
     losses = reduce_loss_dicts(loss_dicts, parallel_state)
     if check_for_nan:
         health.check_loss_and_grads(iteration, losses, model, optimizer)
@@ -95,6 +100,8 @@ def train_step(forward_step_func: Callable, data_iterators: list, model: list[to
     timers("optimizer").stop()
     if ok:
         scheduler.step(increment=global_batch_size)
+    if empty_unused_memory_level >= 2:
+        device.empty_cache()
     return StepResult(losses, not ok, _as_float(grad_norm), _as_int(num_zeros))
 
 
@@ -125,6 +132,8 @@ def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Mod
                     forward_step_func=forward_step_func, data_iterator=_iterator_arg(iterators), model=model,
                     num_microbatches=num_microbatches, seq_length=data.seq_length,
                     micro_batch_size=training.micro_batch_size, forward_only=True)
+                if training.empty_unused_memory_level >= 1:
+                    device.empty_cache()
     finally:
         for chunk in model:
             chunk.train()

@@ -21,7 +21,6 @@ _KERNEL_CHOICES = ("--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-
 
 _MOE = "mixture-of-experts (Mixtral-style) models are not supported yet; train a dense model (drop the MoE flags)"
 _FP8 = "FP8 training needs Transformer Engine on FP8-capable GPUs and is not supported yet; use --bf16"
-_LOG = "this logging option is not supported yet; drop it (TensorBoard gets losses, lr, batch size and validation)"
 _REFUSED: dict[str, str] = {
     **{f: _MOE for f in ("--num-experts", "--moe-router-topk", "--moe-router-load-balancing-type",
                          "--moe-aux-loss-coeff", "--moe-z-loss-coeff", "--moe-grouped-gemm",
@@ -31,8 +30,6 @@ _REFUSED: dict[str, str] = {
                          "--moe-input-jitter-eps", "--expert-tensor-parallel-size")},
     **{f: _FP8 for f in ("--fp8-format", "--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-recipe",
                          "--fp8-param-gather", "--fp8-margin")},
-    **{f: _LOG for f in ("--log-timers-to-tensorboard", "--log-memory-to-tensorboard", "--log-params-norm",
-                         "--log-validation-ppl-to-tensorboard", "--log-world-size-to-tensorboard")},
     "--wandb-project": "Weights & Biases logging is not supported; log to TensorBoard with --tensorboard-dir DIR",
     "--wandb-exp-name": "Weights & Biases logging is not supported; log to TensorBoard with --tensorboard-dir DIR",
     "--wandb-save-dir": "Weights & Biases logging is not supported; log to TensorBoard with --tensorboard-dir DIR",
@@ -42,23 +39,16 @@ _REFUSED: dict[str, str] = {
     "--calculate-per-token-loss": "per-token loss averaging over the global batch is not wired into "
                                   "pretrain_gpt.py yet; drop the flag (the loss is averaged per microbatch)",
     "--use-legacy-models": "only megatron_core models exist here (--use-mcore-models is implied); drop the flag",
-    "--profile": "profiling is not supported yet; drop --profile and its --profile-step-* flags",
-    "--profile-step-start": "profiling is not supported yet; drop --profile and its --profile-step-* flags",
-    "--profile-step-end": "profiling is not supported yet; drop --profile and its --profile-step-* flags",
-    "--empty-unused-memory-level": "emptying the CUDA cache between steps is not supported; drop the flag",
     "--tp-comm-overlap": "overlapping TP communication needs Transformer Engine userbuffers; not supported yet",
-    "--use-torch-fsdp2": "use --use-distributed-optimizer (ZeRO-1) instead of FSDP2 here",
-    "--manual-gc": "manual garbage collection is not supported; drop the flag",
+    "--use-torch-fsdp2": "FSDP2 is not used here; --data-parallel-sharding-strategy optim_grads_params (ZeRO-3) "
+                         "shards parameters, gradients and optimizer state the same way",
     "--apply-query-key-layer-scaling": "query-key layer scaling is not supported; drop the flag (the attention "
                                        "softmax is computed in fp32, the overflow it guards against in fp16)",
     "--fp32-residual-connection": "an fp32 residual stream is not supported yet; drop the flag",
     "--reset-position-ids": "per-document position ids are not supported yet; drop the flag",
     "--reset-attention-mask": "per-document attention masks are not supported yet; drop the flag",
     "--qk-layernorm": "use --spec models.custom_spec qk_norm_layer_spec (QK-norm as a custom layer spec)",
-    "--overlap-p2p-communication": "pipeline sends and receives are already batched per step; drop the flag",
-    "--log-num-zeros-in-grad": _LOG,
-    "--timing-log-option": _LOG,
-    "--tensorboard-queue-size": "drop the flag (TensorBoard is written with its default queue)",
+    "--timing-log-option": "the timing line shows the logging rank's times; drop the flag",
     "--rotary-seq-len-interpolation-factor": "RoPE position interpolation is not supported yet; drop the flag",
 }
 # Megatron-LM flags whose only setting is this framework's behaviour (flag -> help).
@@ -75,6 +65,7 @@ _NO_OPS: dict[str, str] = {
     "--ckpt-fully-parallel-load": "accepted: every rank reads the torch_dist shards it needs",
     "--ckpt-assume-constant-structure": "accepted: Megatron-LM's caching of the save plan; no effect on the files",
     "--use-persistent-ckpt-worker": "accepted: --async-save writes from a background thread",
+    "--overlap-p2p-communication": "accepted: the pipeline's sends and receives are batched per step",
 }
 
 

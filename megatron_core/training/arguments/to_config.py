@@ -93,7 +93,8 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
         optimizer_cpu_offload=args.optimizer_cpu_offload,
         optimizer_offload_fraction=args.optimizer_offload_fraction, nvme_offload_path=args.nvme_offload_path,
         nvme_offload_buffer_count=args.nvme_offload_buffer_count,
-        overlap_cpu_optimizer_d2h_h2d=args.overlap_cpu_optimizer_d2h_h2d)
+        overlap_cpu_optimizer_d2h_h2d=args.overlap_cpu_optimizer_d2h_h2d,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad)
 
 
 def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:

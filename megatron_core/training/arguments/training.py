@@ -39,6 +39,25 @@ def _batch(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad")
     g.add_argument("--max-skipped-iters-at-min-loss-scale", type=int, default=10,
                    help="fp16: stop after this many iterations in a row skipped at the lowest loss scale (0: never)")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="turn Python's automatic garbage collection off; collect every --manual-gc-interval "
+                        "iterations instead, at the same moment on every rank")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: iterations between collections (0: only around evaluations)")
+    g.add_argument("--no-manual-gc-eval", action="store_false", dest="manual_gc_eval",
+                   help="with --manual-gc: no collection before and after each evaluation")
+    g.add_argument("--empty-unused-memory-level", type=int, default=0, choices=[0, 1, 2],
+                   help="release the accelerator allocator's cached blocks: 1 after each forward-backward and "
+                        "evaluation step, 2 also after each optimizer step (no effect on the CPU)")
+    g.add_argument("--profile", action="store_true",
+                   help="profile iterations --profile-step-start to --profile-step-end on --profile-ranks: with "
+                        "--use-pytorch-profiler into --tensorboard-dir, else as an Nsight Systems capture range "
+                        "(CUDA only)")
+    g.add_argument("--use-pytorch-profiler", action="store_true",
+                   help="with --profile: torch.profiler traces written to --tensorboard-dir")
+    g.add_argument("--profile-step-start", type=int, default=10, help="first iteration --profile records")
+    g.add_argument("--profile-step-end", type=int, default=12, help="iteration at which --profile stops recording")
+    g.add_argument("--profile-ranks", nargs="+", type=int, default=[0], help="global ranks that --profile records")
 
 
 def _optimizer(parser: argparse.ArgumentParser) -> None:

@@ -343,10 +343,26 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _checkpoint_and_logging(args: argparse.Namespace) -> None:
-    _positive(args, "save_interval", "log_interval", "eval_interval", "tensorboard_log_interval")
+    _positive(args, "save_interval", "log_interval", "eval_interval", "tensorboard_log_interval",
+              "tensorboard_queue_size")
+    _gc_and_profile(args)
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save DIR (where to write the checkpoints)")
     if args.finetune and args.load is None:
         raise ConfigError("--finetune needs --load DIR (the checkpoint to start from)")
     if args.eval_iters < 0:
         raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
+
+
+def _gc_and_profile(args: argparse.Namespace) -> None:
+    """--manual-gc-interval and the --profile window (Megatron-LM's flags)."""
+    if args.manual_gc_interval < 0:
+        raise ConfigError(f"--manual-gc-interval must be 0 (collect only around evaluations) or more, got "
+                          f"{args.manual_gc_interval}")
+    if not args.profile:
+        return
+    if args.profile_step_start < 0 or args.profile_step_end <= args.profile_step_start:
+        raise ConfigError(f"--profile records iterations --profile-step-start to --profile-step-end: need 0 <= "
+                          f"start < end, got {args.profile_step_start} and {args.profile_step_end}")
+    if args.use_pytorch_profiler and args.tensorboard_dir is None:
+        raise ConfigError("--use-pytorch-profiler writes its traces to --tensorboard-dir; add --tensorboard-dir DIR")

@@ -1,0 +1,149 @@
+"""Megatron-LM's logging, garbage-collection and profiling flags of pretrain_gpt.py.
+
+``--log-params-norm`` and ``--log-num-zeros-in-grad`` give one process's values under TP x PP and
+ZeRO-1 (each element counted once), the norm equal to the saved weights' own; ``--manual-gc``
+collects only where Megatron-LM does; ``--profile --use-pytorch-profiler`` writes one trace of the
+iterations asked for on the ranks asked for; the TensorBoard extras are written; bad values are one line.
+"""
+import gc
+import glob
+import json
+import math
+
+import pytest
+import torch
+from harness import run_distributed
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # the test extra
+from test_pretrain import TINY, _logged, _train
+from test_tensorboard import _error_of
+
+NORMS = ["--log-params-norm", "--log-num-zeros-in-grad", "--train-iters", "6", "--eval-iters", "0",
+         "--untie-embeddings-and-output-weights", "--vocab-size", "200"]  # 56 padded rows: zero gradients
+
+
+def _scalars(directory):
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def _norms(tmp_path, name, world, layout):
+    tb = tmp_path / name
+    run_distributed(_train, world, TINY + NORMS + layout + ["--tensorboard-dir", str(tb)], timeout=180)
+    scalars = _scalars(tb)
+    return scalars["params-norm"], scalars["num-zeros"]
+
+
+def test_params_norm_and_zero_count_are_one_process_values_under_every_layout(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run_distributed(_train, 1, TINY + NORMS + ["--tensorboard-dir", str(tmp_path / "one"), "--save", str(ckpt),
+                                               "--ckpt-format", "torch"], timeout=180)
+    scalars = _scalars(tmp_path / "one")
+    params, zeros = scalars["params-norm"], scalars["num-zeros"]
+    assert sorted(params) == sorted(zeros) == list(range(1, 7))  # --tensorboard-log-interval 1
+    state = torch.load(ckpt / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["model"]
+    weights = [v for k, v in state.items() if "_extra_state" not in k and torch.is_floating_point(v)]
+    assert params[6] == pytest.approx(math.sqrt(sum(float(w.double().pow(2).sum()) for w in weights)), rel=1e-6)
+    assert all(z >= 56 * 32 for z in zeros.values())  # the padded embedding rows never get a gradient
+    for name, world, layout in [
+        ("tp2pp2", 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+        ("zero1", 2, ["--use-distributed-optimizer"]),
+    ]:
+        got_params, got_zeros = _norms(tmp_path, name, world, layout)
+        # The zeros are structural (rows of tokens absent from the batch, the padding) but for an element
+        # or two whose exact zero depends on the summation order: TP 2 x PP 2 read 3809 where one process
+        # read 3810 at iteration 1.
+        for step, want in zeros.items():
+            assert abs(got_zeros[step] - want) <= 2, (name, step, got_zeros[step], want)
+        for step, want in params.items():
+            assert got_params[step] == pytest.approx(want, rel=1e-5), (name, step)
+
+
+def test_the_progress_line_shows_params_norm_after_num_zeros(capfd):
+    run_distributed(_train, 1, TINY + NORMS + ["--log-interval", "3"], timeout=120)
+    lines = [line for line in capfd.readouterr().out.splitlines() if " iteration " in line and "params norm" in line]
+    assert len(lines) == 2
+    for line in lines:
+        parts = [p.strip().split(":")[0] for p in line.split("|")]
+        assert parts.index("grad norm") < parts.index("num zeros") < parts.index("params norm") \
+            < parts.index("number of skipped iterations")
+
+
+def _collections(argv):
+    """The generation of every collection made while automatic collection was off (the manual ones; the
+    setup before training runs with it on, as in Megatron-LM), the number made while it was on, and
+    whether it is on again after the run."""
+    import pretrain_gpt
+
+    seen, automatic = [], []
+
+    def callback(phase, info):
+        if phase == "start":
+            (automatic if gc.isenabled() else seen).append(info["generation"])
+
+    gc.callbacks.append(callback)
+    try:
+        pretrain_gpt.main(argv)
+    finally:
+        gc.callbacks.remove(callback)
+    return seen, len(automatic), gc.isenabled()
+
+
+def test_manual_gc_collects_only_at_its_interval_and_around_evaluations():
+    # 20 iterations, --manual-gc-interval 5, evaluations at 10 and 20 (TINY's --eval-interval 10): one full
+    # collection at the start, one per interval, one before each periodic evaluation, a young one after it.
+    ((seen, _, enabled),) = run_distributed(_collections, 1, TINY + ["--manual-gc", "--manual-gc-interval", "5"],
+                                            timeout=120)
+    assert sorted(seen) == [0, 0] + [2] * (1 + 4 + 2) and enabled
+    ((seen, _, _),) = run_distributed(_collections, 1, TINY + ["--manual-gc", "--no-manual-gc-eval"], timeout=120)
+    assert seen == [2]
+    ((seen, automatic, _),) = run_distributed(_collections, 1, TINY, timeout=120)
+    assert seen == [] and automatic > 10  # without the flag the collector runs on its own
+
+
+def test_pytorch_profiler_traces_the_asked_iterations_on_the_asked_ranks(tmp_path):
+    argv = TINY + ["--train-iters", "6", "--eval-iters", "0", "--profile", "--use-pytorch-profiler",
+                   "--profile-step-start", "2", "--profile-step-end", "4"]
+    run_distributed(_train, 2, argv + ["--tensorboard-dir", str(tmp_path / "rank0")], timeout=180)
+    run_distributed(_train, 2, argv + ["--tensorboard-dir", str(tmp_path / "both"), "--profile-ranks", "0", "1"],
+                    timeout=180)
+    assert len(glob.glob(str(tmp_path / "both" / "*.pt.trace.json"))) == 2
+    (trace,) = glob.glob(str(tmp_path / "rank0" / "*.pt.trace.json"))
+    with open(trace) as f:
+        steps = {e["name"] for e in json.load(f)["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#2", "ProfilerStep#3"}  # Megatron-LM's schedule: the 3rd and 4th iterations
+
+
+def test_tensorboard_extras_and_losses_unchanged_by_emptying_the_cache(tmp_path):
+    plain = _logged(run_distributed(_train, 1, TINY + ["--train-iters", "4", "--eval-iters", "0"], timeout=120))
+    argv = TINY + ["--train-iters", "4", "--eval-iters", "0", "--log-interval", "2", "--tensorboard-dir",
+                   str(tmp_path), "--log-timers-to-tensorboard", "--log-memory-to-tensorboard",
+                   "--log-world-size-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+                   "--tensorboard-queue-size", "5", "--empty-unused-memory-level", "2"]
+    result = _logged(run_distributed(_train, 1, argv, timeout=120))
+    assert result.losses == plain.losses
+    scalars = _scalars(tmp_path)
+    assert scalars["world-size"] == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert sorted(scalars["forward-backward-time"]) == sorted(scalars["optimizer-time"]) == [2, 4]
+    assert all(0 < v < 60 for v in scalars["forward-backward-time"].values())
+    rss, peak = scalars["mem-rss-bytes"], scalars["mem-max-rss-bytes"]
+    assert all(10 * 2**20 < rss[s] <= peak[s] for s in rss), (rss, peak)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--manual-gc", "--manual-gc-interval", "-1"], "--manual-gc-interval must be 0"),
+    (["--profile", "--profile-step-start", "5", "--profile-step-end", "5"], "need 0 <= start < end, got 5 and 5"),
+    (["--profile", "--use-pytorch-profiler"], "--use-pytorch-profiler writes its traces to --tensorboard-dir"),
+    (["--tensorboard-queue-size", "0"], "--tensorboard-queue-size must be positive"),
+])
+def test_bad_values_are_one_line(flags, message):
+    ((error,),) = [run_distributed(_error_of, 1, TINY + flags, timeout=60)]
+    assert error is not None and message in error and "\n" not in error
+
+
+def test_nsight_profiling_without_cuda_says_so_and_trains(capfd):
+    result = _logged(run_distributed(_train, 1, TINY + ["--train-iters", "3", "--eval-iters", "0", "--profile",
+                                                        "--profile-step-start", "1"], timeout=120))
+    assert result.iteration == 3
+    out = capfd.readouterr().out
+    assert out.count("> --profile without --use-pytorch-profiler marks an Nsight Systems capture range") == 1
