@@ -147,3 +147,25 @@ def test_nsight_profiling_without_cuda_says_so_and_trains(capfd):
     assert result.iteration == 3
     out = capfd.readouterr().out
     assert out.count("> --profile without --use-pytorch-profiler marks an Nsight Systems capture range") == 1
+
+
+PER_TOKEN = ["--eod-mask-loss", "--train-iters", "8", "--eval-iters", "0", "--log-interval", "1"]
+
+
+def test_per_token_loss_is_the_global_batch_token_mean_under_any_split_and_layout():
+    """With --eod-mask-loss the microbatches hold different numbers of loss tokens. The per-token objective
+    (sum over the global batch / its token count) does not depend on how the batch is cut: micro batch 2 x
+    4 microbatches, one microbatch of 8, DP 2 and PP 2 all train alike; the default mean of microbatch means
+    does depend on it."""
+    whole = _logged(run_distributed(_train, 1, TINY + PER_TOKEN + ["--micro-batch-size", "8"], timeout=120))
+    per_token = _logged(run_distributed(_train, 1, TINY + PER_TOKEN + ["--calculate-per-token-loss"], timeout=120))
+    default = _logged(run_distributed(_train, 1, TINY + PER_TOKEN, timeout=120))
+    for i, (got, want) in enumerate(zip(per_token.losses, whole.losses, strict=True), start=1):
+        assert abs(got - want) <= 1e-5 * abs(want), f"iteration {i}: {got} vs one microbatch {want}"
+    # the masks differ: 3.1e-5 relative at iteration 8, against 2e-8 with the per-token loss
+    assert abs(default.losses[-1] - whole.losses[-1]) > 1e-5 * abs(whole.losses[-1])
+    for world, layout in [(2, ["--use-distributed-optimizer"]), (2, ["--pipeline-model-parallel-size", "2"])]:
+        got = _logged(run_distributed(_train, world, TINY + PER_TOKEN + ["--calculate-per-token-loss"] + layout,
+                                      timeout=180))
+        for i, (a, b) in enumerate(zip(got.losses, whole.losses, strict=True), start=1):
+            assert abs(a - b) <= 1e-5 * abs(b), f"{layout} iteration {i}: {a} vs one microbatch {b}"

@@ -402,7 +402,8 @@ def _iteration(run: _Run, loop: _Loop, state: TrainState, result: TrainResult) -
                       run.parallel_state, run.calculator.num_microbatches, batch, run.data.seq_length,
                       training.micro_batch_size, loop.timers, iteration=state.iteration + 1,
                       check_for_nan=training.check_for_nan_in_loss_and_grad,
-                      empty_unused_memory_level=training.empty_unused_memory_level)
+                      empty_unused_memory_level=training.empty_unused_memory_level,
+                      calculate_per_token_loss=run.config.ddp.calculate_per_token_loss)
     seconds = time.perf_counter() - began
     loop.skips.update(state.iteration + 1, step.skipped, run.optimizer)
     state.iteration += 1

@@ -71,14 +71,16 @@ def _iterator_arg(iterators: list) -> Any:
 def train_step(forward_step_func: Callable, data_iterators: list, model: list[torch.nn.Module], optimizer: Any,
                scheduler: Any, parallel_state: ParallelState, num_microbatches: int, global_batch_size: int,
                seq_length: int, micro_batch_size: int, timers: Timers, iteration: int = 0,
-               check_for_nan: bool = True, empty_unused_memory_level: int = 0) -> StepResult:
+               check_for_nan: bool = True, empty_unused_memory_level: int = 0,
+               calculate_per_token_loss: bool = False) -> StepResult:
     """Forward and backward over the global batch, then the optimizer and scheduler steps.
 
     ``iteration`` is the number of the iteration being trained (for error messages). With
     ``check_for_nan`` a non-finite loss or gradient on any rank raises ``TrainingDivergedError``
     before the optimizer step (``health.check_loss_and_grads``). ``empty_unused_memory_level`` 1
     releases the device allocator's cache after the forward-backward, 2 also after the optimizer step
-    (Megatron-LM's ``--empty-unused-memory-level``).
+    (Megatron-LM's ``--empty-unused-memory-level``). ``calculate_per_token_loss`` (which the DDP
+    config's must match) makes the gradient that of the mean over every unmasked token of the global batch.
     """
     optimizer.zero_grad()  # also zeroes the DDP gradient buffers
     timers("forward-backward").start()
@@ -88,7 +90,7 @@ def train_step(forward_step_func: Callable, data_iterators: list, model: list[to
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=False, no_sync_func=no_sync_func(model),
         finalize_model_grads_func=functools.partial(finalize_model_grads, parallel_state=parallel_state),
-        grad_scale_func=getattr(optimizer, "scale_loss", None))
+        grad_scale_func=getattr(optimizer, "scale_loss", None), calculate_per_token_loss=calculate_per_token_loss)
     timers("forward-backward").stop()
     if empty_unused_memory_level >= 1:
         device.empty_cache()

@@ -36,8 +36,6 @@ _REFUSED: dict[str, str] = {
     "--context-parallel-size": "context parallelism is not supported yet; drop the flag (context parallel size 1)",
     "--apply-layernorm-1p": "zero-centred (1p) LayerNorm is not supported yet; drop the flag",
     "--grad-reduce-in-bf16": "gradients are reduced in fp32 under --bf16 here; drop the flag",
-    "--calculate-per-token-loss": "per-token loss averaging over the global batch is not wired into "
-                                  "pretrain_gpt.py yet; drop the flag (the loss is averaged per microbatch)",
     "--use-legacy-models": "only megatron_core models exist here (--use-mcore-models is implied); drop the flag",
     "--tp-comm-overlap": "overlapping TP communication needs Transformer Engine userbuffers; not supported yet",
     "--use-torch-fsdp2": "FSDP2 is not used here; --data-parallel-sharding-strategy optim_grads_params (ZeRO-3) "

@@ -39,6 +39,9 @@ def _batch(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad")
     g.add_argument("--max-skipped-iters-at-min-loss-scale", type=int, default=10,
                    help="fp16: stop after this many iterations in a row skipped at the lowest loss scale (0: never)")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="average the loss over every unmasked token of the global batch (per-token sums, "
+                        "divided by the total count) instead of per microbatch, then over microbatches")
     g.add_argument("--manual-gc", action="store_true",
                    help="turn Python's automatic garbage collection off; collect every --manual-gc-interval "
                         "iterations instead, at the same moment on every rank")
