@@ -108,3 +108,48 @@ def test_padded_vocabulary_logits_match_hf():
     assert results[0][3] == 256
     logits = torch.cat([r[0] for r in results], dim=-1)[..., :250]
     assert_rel_close(logits, ref_logits, what="padded-vocabulary logits")
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+
+
+@pytest.mark.parametrize("rope,tp", [(LLAMA3_ROPE, 1), (LLAMA3_ROPE, 2), (LINEAR_ROPE, 2)],
+                         ids=["llama3-tp1", "llama3-tp2", "linear-tp2"])
+def test_scaled_rope_logits_and_grads_match_hf(rope, tp):
+    """Llama 3.x's RoPE scaling (rope_type llama3: heads of 16 channels at theta 500000 have wavelengths
+    above 8192, which it divides by 8) and linear interpolation import from the config and give HF's
+    logits and gradients; the export writes the same rope_parameters back."""
+    from megatron_core.checkpoint import hf_llama
+
+    seq = 128  # longer than SEQ: the scaled low frequencies turn by more
+    hf_model = tiny_hf_llama(hidden=64, heads=4, kv_heads=2, positions=seq, rope_parameters=dict(rope))
+    config, vocab, _ = core_config_of(hf_model)
+    assert (config.rope_scaling, config.seq_len_interpolation_factor) == (
+        (True, None) if rope["rope_type"] == "llama3" else (False, 4.0))
+    ref_logits, ref_loss, ref_grads = _reference(hf_model, vocab, seq)
+    plain = tiny_hf_llama(hidden=64, heads=4, kv_heads=2, positions=seq,
+                          rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]})
+    plain.load_state_dict(hf_model.state_dict())
+    change = ((plain(_batch(vocab, seq)[0]).logits - ref_logits).abs() / ref_logits.abs().clamp(min=1e-2)).max()
+    assert change > 1e-3  # the scaling changes the logits far beyond the comparison's 1e-5
+    results = run_distributed(_ours, tp, hf_model, "auto", 128, seq, timeout=90)
+    assert_rel_close(torch.cat([r[0] for r in results], dim=-1), ref_logits, what=f"{rope['rope_type']} logits")
+    full_grads = hf_tensors_to_core(hf_model, ref_grads, config)
+    for rank, (_, loss, grads, _) in enumerate(results):
+        assert_rel_close(loss, ref_loss, what=f"loss rank {rank}")
+        expected = rank_state_dict(full_grads, config, vocab, 128, tp, rank)
+        for name, grad in grads.items():
+            assert_rel_close(grad, expected[name], what=f"rank {rank} grad of {name}")
+    exported = hf_llama.config_to_hf(config, vocab, hf_model.config.max_position_embeddings)
+    assert exported.rope_parameters == rope
+
+
+def test_other_rope_scalings_are_refused_in_one_line():
+    from megatron_core.checkpoint.hf_errors import UnsupportedModel
+
+    for rope, needle in [({**LLAMA3_ROPE, "high_freq_factor": 2.0}, "'high_freq_factor': 2.0"),
+                         ({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}, "'yarn'")]:
+        with pytest.raises(UnsupportedModel, match=needle):
+            core_config_of(tiny_hf_llama(rope_parameters=rope))

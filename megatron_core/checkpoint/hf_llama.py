@@ -13,17 +13,42 @@ import torch
 
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
 from megatron_core.transformer.config import TransformerConfig, resolved
+from megatron_core.transformer.rope import LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_LOW_FREQ_FACTOR, LLAMA3_ORIGINAL_POSITIONS
 
 ARCHITECTURE = "LlamaForCausalLM"
 
 
-def _rope_theta(hf: Any) -> float:
-    params = getattr(hf, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    scaling = getattr(hf, "rope_scaling", None)
-    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-        raise UnsupportedModel(f"Llama RoPE scaling {params or scaling} is not supported (only the default RoPE)")
-    return float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+_LLAMA3_CONSTANTS = {"low_freq_factor": LLAMA3_LOW_FREQ_FACTOR, "high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
+                     "original_max_position_embeddings": LLAMA3_ORIGINAL_POSITIONS}
+
+
+def _rope(hf: Any) -> dict[str, Any]:
+    """The TransformerConfig RoPE fields of a LlamaConfig: its theta, and its ``rope_type`` "llama3" (Llama
+    3.x, with Megatron-LM's fixed constants) or "linear" scaling; any other type is UnsupportedModel."""
+    params = {**(getattr(hf, "rope_scaling", None) or {}), **(getattr(hf, "rope_parameters", None) or {})}
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    fields: dict[str, Any] = {"rotary_base": float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))}
+    if rope_type == "llama3":
+        odd = {k: params.get(k) for k, v in _LLAMA3_CONSTANTS.items() if params.get(k) != v}
+        if odd:
+            raise UnsupportedModel(f"Llama 3 RoPE scaling with {odd} is not supported (Megatron-LM's "
+                                   f"--use-rope-scaling fixes {_LLAMA3_CONSTANTS})")
+        fields.update(rope_scaling=True, rope_scaling_factor=float(params["factor"]))
+    elif rope_type == "linear":
+        fields["seq_len_interpolation_factor"] = float(params["factor"])
+    elif rope_type != "default":
+        raise UnsupportedModel(f"Llama RoPE type {rope_type!r} ({params}) is not supported (default, llama3 or linear)")
+    return fields
+
+
+def _rope_parameters(config: TransformerConfig) -> dict[str, Any]:
+    """Hugging Face's ``rope_parameters`` of ``config`` (see :func:`_rope`)."""
+    if config.rope_scaling:
+        return {"rope_type": "llama3", "rope_theta": config.rotary_base, "factor": config.rope_scaling_factor,
+                **_LLAMA3_CONSTANTS}
+    if config.seq_len_interpolation_factor is not None:
+        return {"rope_type": "linear", "rope_theta": config.rotary_base, "factor": config.seq_len_interpolation_factor}
+    return {"rope_type": "default", "rope_theta": config.rotary_base}
 
 
 def config_from_hf(hf: Any) -> tuple[TransformerConfig, int, int]:
@@ -42,7 +67,7 @@ def config_from_hf(hf: Any) -> tuple[TransformerConfig, int, int]:
         num_query_groups=hf.num_key_value_heads or hf.num_attention_heads, kv_channels=head_dim,
         ffn_hidden_size=hf.intermediate_size, normalization="RMSNorm", layernorm_epsilon=hf.rms_norm_eps,
         activation="swiglu", add_bias_linear=attention_bias, position_embedding_type="rope",
-        rotary_base=_rope_theta(hf), rotary_percent=1.0,
+        rotary_percent=1.0, **_rope(hf),
         share_embeddings_and_output_weights=bool(getattr(hf, "tie_word_embeddings", False)),
         hidden_dropout=0.0, attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
         init_method_std=hf.initializer_range)
@@ -69,6 +94,8 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         )
     if config.add_qkv_bias and not config.add_bias_linear:
         problems.append("add_qkv_bias without add_bias_linear")
+    if config.rope_scaling and config.seq_len_interpolation_factor is not None:
+        problems.append("both Llama 3 RoPE scaling and linear position interpolation")
     if problems:
         raise UnsupportedModel(f"LlamaForCausalLM cannot hold a model with {', '.join(problems)}")
     ids = special_token_ids or {}
@@ -79,7 +106,7 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels, hidden_act="silu",
         max_position_embeddings=max_position_embeddings, initializer_range=config.init_method_std,
         rms_norm_eps=config.layernorm_epsilon, tie_word_embeddings=config.share_embeddings_and_output_weights,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rotary_base},
+        rope_parameters=_rope_parameters(config),
         attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear,
         attention_dropout=config.attention_dropout, architectures=[ARCHITECTURE],
         bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),

@@ -26,6 +26,8 @@ _VALUE_FLAGS: dict[str, tuple[type, str | None]] = {
     "--max-position-embeddings": (int, None), "--normalization": (str, "normalization"),
     "--norm-epsilon": (float, "layernorm_epsilon"), "--position-embedding-type": (str, "position_embedding_type"),
     "--rotary-base": (float, "rotary_base"), "--rotary-percent": (float, "rotary_percent"),
+    "--rope-scaling-factor": (float, "rope_scaling_factor"), "--rotary-scaling-factor": (float, "rope_scaling_factor"),
+    "--rotary-seq-len-interpolation-factor": (float, "seq_len_interpolation_factor"),
 }
 _CHOICES = {"--normalization": ["LayerNorm", "RMSNorm"],
             "--position-embedding-type": ["learned_absolute", "rope", "none"]}
@@ -39,7 +41,7 @@ _RUN_VALUES = {"--micro-batch-size": (int, _BATCHING), "--seq-length": (int, _BA
                "--hidden-dropout": (float, _EVAL)}
 # Architecture switches: each must hold for the loaded model (see _switch_errors).
 _SWITCHES = ("--group-query-attention", "--swiglu", "--use-rotary-position-embeddings", "--no-position-embedding",
-             "--disable-bias-linear", "--add-qkv-bias", "--untie-embeddings-and-output-weights")
+             "--disable-bias-linear", "--add-qkv-bias", "--untie-embeddings-and-output-weights", "--use-rope-scaling")
 
 
 def add_megatron_args(p: argparse.ArgumentParser) -> None:
@@ -79,6 +81,7 @@ def _switch_errors(model: Any) -> dict[str, str | None]:
         "--add-qkv-bias": None if c.add_qkv_bias or c.add_bias_linear else "the checkpoint's QKV layer has no bias",
         "--untie-embeddings-and-output-weights": None if not model.share_embeddings_and_output_weights else
         "the checkpoint ties its embedding and output layer",
+        "--use-rope-scaling": None if c.rope_scaling else "the checkpoint's RoPE has no Llama 3.x scaling",
     }
 
 

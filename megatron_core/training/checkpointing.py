@@ -41,7 +41,8 @@ CONFIG_FLAGS = {
     "kv_channels": "--kv-channels", "add_bias_linear": "--disable-bias-linear", "add_qkv_bias": "--add-qkv-bias",
     "normalization": "--normalization", "layernorm_epsilon": "--norm-epsilon",
     "activation": "--swiglu / --openai-gelu", "position_embedding_type": "--position-embedding-type",
-    "rotary_base": "--rotary-base", "rotary_percent": "--rotary-percent",
+    "rotary_base": "--rotary-base", "rotary_percent": "--rotary-percent", "rope_scaling": "--use-rope-scaling",
+    "rope_scaling_factor": "--rope-scaling-factor",
     "share_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
 }
 INFO_FLAGS = {

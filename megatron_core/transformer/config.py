@@ -70,6 +70,16 @@ class TransformerConfig:
     """RoPE base period (``--rotary-base``)."""
     rotary_percent: float = 1.0
     """Fraction of each head's channels that RoPE rotates (``--rotary-percent``)."""
+    rope_scaling: bool = False
+    """Llama 3.x's RoPE frequency scaling (``--use-rope-scaling``; Hugging Face's ``rope_type`` "llama3"):
+    frequencies whose wavelength exceeds 8192 positions are divided by ``rope_scaling_factor``, those
+    below 2048 kept, the band between interpolated (low/high frequency factors 1 and 4, Megatron-LM's)."""
+    rope_scaling_factor: float = 8.0
+    """Llama 3.x's scaling factor (``--rope-scaling-factor``): 8 for Llama 3.1, 32 for Llama 3.2."""
+    seq_len_interpolation_factor: float | None = None
+    """Linear position interpolation (Chen et al. 2023; ``--rotary-seq-len-interpolation-factor``, Hugging
+    Face's ``rope_type`` "linear"): positions are divided by it, so a model trained on s positions reads
+    factor x s. None: off."""
     share_embeddings_and_output_weights: bool = True
     """Tie the output layer to the word embedding (``--untie-embeddings-and-output-weights`` unties)."""
     attention_backend: str = "auto"
@@ -216,6 +226,16 @@ class TransformerConfig:
                                   f"leaves fewer than 2 channels to rotate; raise rotary_percent")
             if not self.rotary_base > 0:
                 raise ConfigError(f"rotary_base must be > 0, got {self.rotary_base}")
+            if not self.rope_scaling_factor > 0:
+                raise ConfigError(f"rope_scaling_factor (--rope-scaling-factor) must be > 0, got "
+                                  f"{self.rope_scaling_factor}")
+            if self.seq_len_interpolation_factor is not None and not self.seq_len_interpolation_factor > 0:
+                raise ConfigError(f"seq_len_interpolation_factor (--rotary-seq-len-interpolation-factor) must be > 0, "
+                                  f"got {self.seq_len_interpolation_factor}")
+        elif self.rope_scaling or self.seq_len_interpolation_factor is not None:
+            flag = "--use-rope-scaling" if self.rope_scaling else "--rotary-seq-len-interpolation-factor"
+            raise ConfigError(f"{flag} scales RoPE, but position_embedding_type is "
+                              f"{self.position_embedding_type!r}; add --position-embedding-type rope or drop {flag}")
 
     def _validate_regularisation(self) -> None:
         for name in ("hidden_dropout", "attention_dropout"):

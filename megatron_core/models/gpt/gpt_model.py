@@ -63,7 +63,9 @@ class GPTModel(torch.nn.Module):
             _mark(self.embedding.word_embeddings.weight, EMBEDDING_OR_OUTPUT)
             if tied and not post_process:
                 _mark(self.embedding.word_embeddings.weight, SHARED_EMBEDDING)
-        self.rotary_pos_emb = (RotaryEmbedding(config.rotary_dim, config.rotary_base)
+        self.rotary_pos_emb = (RotaryEmbedding(config.rotary_dim, config.rotary_base,
+                                               config.rope_scaling_factor if config.rope_scaling else None,
+                                               config.seq_len_interpolation_factor)
                                if config.position_embedding_type == "rope" else None)
         self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(),
                                         pre_process=pre_process, post_process=post_process, parallel_state=ps,

@@ -27,12 +27,15 @@ _FROM_CONFIG = {
     "kv_channels": "kv_channels", "normalization": "normalization", "norm_epsilon": "layernorm_epsilon",
     "add_bias_linear": "add_bias_linear", "add_qkv_bias": "add_qkv_bias",
     "position_embedding_type": "position_embedding_type", "rotary_base": "rotary_base",
-    "rotary_percent": "rotary_percent",
+    "rotary_percent": "rotary_percent", "use_rope_scaling": "rope_scaling",
+    "rope_scaling_factor": "rope_scaling_factor",
+    "rotary_seq_len_interpolation_factor": "seq_len_interpolation_factor",
 }
 _FROM_INFO = {"seq_length": "seq_length", "max_position_embeddings": "max_position_embeddings"}
 # Flags a run may set apart from the checkpoint: the given value wins (Megatron-LM's non-forced
-# ``_set_arg``). --seq-length is the samples' length, not a shape of the weights.
-_RUN_CHOICES = ("seq_length",)
+# ``_set_arg``). --seq-length is the samples' length, not a shape of the weights; a position interpolation
+# factor is how a run extends a checkpoint's context.
+_RUN_CHOICES = ("seq_length", "rotary_seq_len_interpolation_factor")
 _ACTIVATION_FLAGS = {"swiglu": "swiglu", "gelu_tanh": "openai_gelu", "squared_relu": "squared_relu"}
 
 

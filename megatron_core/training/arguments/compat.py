@@ -47,7 +47,6 @@ _REFUSED: dict[str, str] = {
     "--reset-attention-mask": "per-document attention masks are not supported yet; drop the flag",
     "--qk-layernorm": "use --spec models.custom_spec qk_norm_layer_spec (QK-norm as a custom layer spec)",
     "--timing-log-option": "the timing line shows the logging rank's times; drop the flag",
-    "--rotary-seq-len-interpolation-factor": "RoPE position interpolation is not supported yet; drop the flag",
 }
 # Megatron-LM flags whose only setting is this framework's behaviour (flag -> help).
 _NO_OPS: dict[str, str] = {

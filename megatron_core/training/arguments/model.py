@@ -23,6 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    choices=["learned_absolute", "rope", "none"])
     g.add_argument("--rotary-base", type=int, default=10000, help="RoPE base period")
     g.add_argument("--rotary-percent", type=float, default=1.0, help="fraction of each head RoPE rotates")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x's RoPE frequency scaling (Hugging Face's rope_type llama3)")
+    g.add_argument("--rope-scaling-factor", "--rotary-scaling-factor", type=float, default=8.0,
+                   help="with --use-rope-scaling: the scaling factor (8 for Llama 3.1, 32 for Llama 3.2)")
+    g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
+                   help="divide RoPE positions by this (linear position interpolation; Hugging Face's rope_type "
+                        "linear)")
     g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GeLU")
