@@ -37,19 +37,24 @@ from megatron_core.transformer.spec import ModuleSpec
 TRACEBACK_ENV = "MCORE_TRACEBACK"  # set to 1 to see the full traceback of a configuration error
 
 
-def layer_spec(spec: tuple[str, str] | None) -> ModuleSpec | None:
+_BUILT_IN_SPECS = "megatron_core.transformer.layer_specs"  # what --transformer-impl names (compat.apply)
+
+
+def layer_spec(spec: tuple[str, str] | None, qk_layernorm: bool = False) -> ModuleSpec | None:
     """The layer spec named by ``--spec MODULE FUNCTION`` (None: the built-in choice), as Megatron-LM's.
 
-    ``MODULE.FUNCTION`` is a ``ModuleSpec`` or a function of no arguments returning one; raises
-    ConfigError naming the flag when it cannot be imported or is not a spec.
+    ``MODULE.FUNCTION`` is a ``ModuleSpec`` or a function of no arguments returning one; the built-in
+    ones (``--transformer-impl``) are given ``qk_layernorm``. Raises ConfigError naming the flag when it
+    cannot be imported, is not a spec, or has no query/key norms under ``--qk-layernorm``.
     """
     if spec is None:
         return None
     module_name, name = spec
     flag = f"--spec {module_name} {name}"
+    kwargs = {"qk_layernorm": qk_layernorm} if module_name == _BUILT_IN_SPECS else {}
     try:
         target = getattr(importlib.import_module(module_name), name)
-        result = target if isinstance(target, ModuleSpec) or not callable(target) else target()
+        result = target if isinstance(target, ModuleSpec) or not callable(target) else target(**kwargs)
     except ImportError as exc:
         raise ConfigError(f"{flag}: {exc}; give a module importable from the working directory or PYTHONPATH "
                           f"(--transformer-impl transformer_engine needs transformer_engine installed)") from None
@@ -57,7 +62,16 @@ def layer_spec(spec: tuple[str, str] | None) -> ModuleSpec | None:
         raise ConfigError(f"{flag}: module {module_name} has no {name}") from None
     if not isinstance(result, ModuleSpec):
         raise ConfigError(f"{flag}: gave a {type(result).__name__}, not a ModuleSpec")
+    if qk_layernorm and not _has_qk_norms(result):
+        raise ConfigError(f"--qk-layernorm: the layer of {flag} has no q_layernorm/k_layernorm; fill them in "
+                          f"that spec, or drop --qk-layernorm")
     return result
+
+
+def _has_qk_norms(spec: ModuleSpec) -> bool:
+    attention = getattr(spec.submodules, "self_attention", None)
+    parts = getattr(attention, "submodules", None)
+    return getattr(parts, "q_layernorm", None) is not None and getattr(parts, "k_layernorm", None) is not None
 
 
 def model_provider(config: ModelConfig, padded_vocab_size: int,
@@ -66,7 +80,7 @@ def model_provider(config: ModelConfig, padded_vocab_size: int,
     # The vocabulary is already padded by --make-vocab-size-divisible-by x TP; don't pad it again.
     return build_gpt_model_chunks(config.transformer, padded_vocab_size, config.max_position_embeddings,
                                   parallel_state, make_vocab_size_divisible_by=1,
-                                  transformer_layer_spec=layer_spec(config.spec))
+                                  transformer_layer_spec=layer_spec(config.spec, config.transformer.qk_layernorm))
 
 
 def get_batch(data_iterator: Any | None, seq_length: int, micro_batch_size: int) -> dict[str, torch.Tensor | None]:

@@ -3,7 +3,8 @@
 QK-LayerNorm (Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion Parameters"; OLMo 2)
 normalises queries and keys per head before the attention scores, which keeps the logits bounded
 at high learning rates. The layer is the library's GPT layer with ``q_layernorm``/``k_layernorm``
-filled in; any other ``ModuleSpec`` (your own attention or MLP class) is picked the same way:
+filled in (the same layer as Megatron-LM's ``--qk-layernorm``, which is a flag here too); any other
+``ModuleSpec`` (your own attention or MLP class) is picked the same way:
 
     python pretrain_gpt.py --spec models.custom_spec qk_norm_layer_spec --num-layers 2 ...
 

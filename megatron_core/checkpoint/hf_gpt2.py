@@ -56,6 +56,8 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         problems.append("add_bias_linear=False")
     if config.position_embedding_type != "learned_absolute":
         problems.append(f"position_embedding_type={config.position_embedding_type}")
+    if config.qk_layernorm:
+        problems.append("qk_layernorm")
     if config.num_query_groups != config.num_attention_heads:
         problems.append(f"num_query_groups={config.num_query_groups}")
     if resolved(config.kv_channels, "kv_channels") * config.num_attention_heads != config.hidden_size:

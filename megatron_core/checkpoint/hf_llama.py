@@ -94,6 +94,8 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
         )
     if config.add_qkv_bias and not config.add_bias_linear:
         problems.append("add_qkv_bias without add_bias_linear")
+    if config.qk_layernorm:
+        problems.append("qk_layernorm")
     if config.rope_scaling and config.seq_len_interpolation_factor is not None:
         problems.append("both Llama 3 RoPE scaling and linear position interpolation")
     if problems:

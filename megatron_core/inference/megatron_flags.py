@@ -41,7 +41,8 @@ _RUN_VALUES = {"--micro-batch-size": (int, _BATCHING), "--seq-length": (int, _BA
                "--hidden-dropout": (float, _EVAL)}
 # Architecture switches: each must hold for the loaded model (see _switch_errors).
 _SWITCHES = ("--group-query-attention", "--swiglu", "--use-rotary-position-embeddings", "--no-position-embedding",
-             "--disable-bias-linear", "--add-qkv-bias", "--untie-embeddings-and-output-weights", "--use-rope-scaling")
+             "--disable-bias-linear", "--add-qkv-bias", "--untie-embeddings-and-output-weights", "--use-rope-scaling",
+             "--qk-layernorm")
 
 
 def add_megatron_args(p: argparse.ArgumentParser) -> None:
@@ -82,6 +83,7 @@ def _switch_errors(model: Any) -> dict[str, str | None]:
         "--untie-embeddings-and-output-weights": None if not model.share_embeddings_and_output_weights else
         "the checkpoint ties its embedding and output layer",
         "--use-rope-scaling": None if c.rope_scaling else "the checkpoint's RoPE has no Llama 3.x scaling",
+        "--qk-layernorm": None if c.qk_layernorm else "the checkpoint's attention has no query/key norms",
     }
 
 

@@ -39,6 +39,7 @@ CONFIG_FLAGS = {
     "num_layers": "--num-layers", "hidden_size": "--hidden-size", "ffn_hidden_size": "--ffn-hidden-size",
     "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
     "kv_channels": "--kv-channels", "add_bias_linear": "--disable-bias-linear", "add_qkv_bias": "--add-qkv-bias",
+    "qk_layernorm": "--qk-layernorm",
     "normalization": "--normalization", "layernorm_epsilon": "--norm-epsilon",
     "activation": "--swiglu / --openai-gelu", "position_embedding_type": "--position-embedding-type",
     "rotary_base": "--rotary-base", "rotary_percent": "--rotary-percent", "rope_scaling": "--use-rope-scaling",

@@ -64,6 +64,9 @@ class TransformerConfig:
     """Biases on every linear layer (``--disable-bias-linear`` turns them off)."""
     add_qkv_bias: bool = False
     """Bias on the QKV projection even when ``add_bias_linear`` is off (``--add-qkv-bias``)."""
+    qk_layernorm: bool = False
+    """A norm (``normalization``) over each head's queries and keys before the scores (``--qk-layernorm``;
+    Dehghani et al. 2023, OLMo 2, Qwen3): the built-in layer specs add ``q_layernorm``/``k_layernorm``."""
     position_embedding_type: str = "learned_absolute"
     """``learned_absolute``, ``rope`` or ``none`` (``--position-embedding-type``)."""
     rotary_base: float = 10000.0

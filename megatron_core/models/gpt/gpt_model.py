@@ -67,7 +67,7 @@ class GPTModel(torch.nn.Module):
                                                config.rope_scaling_factor if config.rope_scaling else None,
                                                config.seq_len_interpolation_factor)
                                if config.position_embedding_type == "rope" else None)
-        self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(),
+        self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(config.qk_layernorm),
                                         pre_process=pre_process, post_process=post_process, parallel_state=ps,
                                         vp_stage=vp_stage, prefix="decoder")
         if post_process:

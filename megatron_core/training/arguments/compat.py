@@ -45,7 +45,6 @@ _REFUSED: dict[str, str] = {
     "--fp32-residual-connection": "an fp32 residual stream is not supported yet; drop the flag",
     "--reset-position-ids": "per-document position ids are not supported yet; drop the flag",
     "--reset-attention-mask": "per-document attention masks are not supported yet; drop the flag",
-    "--qk-layernorm": "use --spec models.custom_spec qk_norm_layer_spec (QK-norm as a custom layer spec)",
     "--timing-log-option": "the timing line shows the logging rank's times; drop the flag",
 }
 # Megatron-LM flags whose only setting is this framework's behaviour (flag -> help).

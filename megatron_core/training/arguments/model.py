@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GeLU")
     g.add_argument("--openai-gelu", action="store_true", help="tanh-approximate GeLU (GPT-2's)")
     g.add_argument("--add-qkv-bias", action="store_true", help="QKV bias even with --disable-bias-linear")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="a --normalization norm over each head's queries and keys (OLMo 2, Qwen3)")
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear",
                    help="no biases in the linear layers")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",

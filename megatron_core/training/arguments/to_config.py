@@ -70,6 +70,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups,
         kv_channels=args.kv_channels, normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
         activation=activation(args), add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
         position_embedding_type=args.position_embedding_type, rotary_base=float(args.rotary_base),
         rotary_percent=args.rotary_percent, rope_scaling=args.use_rope_scaling,
         rope_scaling_factor=args.rope_scaling_factor,
