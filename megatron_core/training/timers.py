@@ -56,10 +56,6 @@ class Timers:
         """Seconds per iteration of each used timer among ``names`` (its total / ``normalizer``), and reset."""
         return {n: self._timers[n].elapsed() / normalizer for n in names if n in self._timers}
 
-    def log_string(self, names: list[str], normalizer: float = 1.0) -> str:
-        """``name: ms`` for each used timer, averaged over ``normalizer`` iterations, and reset."""
-        return timing_string(self.means(names, normalizer))
-
 
 def timing_string(means: dict[str, float]) -> str:
     """Megatron-LM's ``time (ms) | name: ms | ...`` from seconds per iteration ("" for none)."""
