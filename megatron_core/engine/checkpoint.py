@@ -435,6 +435,8 @@ def load(
         engine.optimizer.reload_model_params()
     if load_scheduler and engine.lr_scheduler is not None and saved["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    for name in ("global_steps", "global_samples", "micro_steps", "skipped_steps") if load_counters else ():
+    # micro_steps stays this engine's own count, as DeepSpeed 0.19.8 (it restores the other three): restoring
+    # the saving run's misplaced the accumulation boundary ((micro_steps + 1) % GA) when GA differs on resume.
+    for name in ("global_steps", "global_samples", "skipped_steps") if load_counters else ():
         setattr(engine, name, saved[name])
     return path, saved["client_state"]

@@ -407,8 +407,9 @@ class Engine(torch.nn.Module):
         DeepSpeed's parameters, in its order: ``load_module_strict`` False loads the module weights with
         ``load_state_dict(strict=False)`` (keys missing on either side are skipped); ``load_module_only`` loads
         the weights alone, leaving the optimizer, the scheduler and the step counters (``global_steps``,
-        ``global_samples``, ``micro_steps``, ``skipped_steps``) as they are; ``custom_load_fn`` is not
-        implemented (ConfigError).
+        ``global_samples``, ``skipped_steps``) as they are; ``custom_load_fn`` is not implemented (ConfigError).
+        ``micro_steps`` is never loaded (DeepSpeed's neither): it counts this engine's ``step()`` calls, so the
+        accumulation boundary stays in place when ``gradient_accumulation_steps`` differs from the saving run's.
 
         The data-parallel size, ZeRO stage and AutoTP size may differ from the saving run's (another AutoTP
         size reshards the weights and optimizer state on load: :mod:`megatron_core.engine.reshard`). Raises
