@@ -339,6 +339,43 @@ def test_model_parameters_may_be_named():
 
 
 
+def _with_frozen_layer(how, stage):
+    from engine_common import run_steps, state_of
+
+    model = make_model("mlp")
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    config = ds_config(2, 1, stage)
+    if how == "client-optimizer":
+        del config["optimizer"]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        engine, _, _, _ = megatron_core.initialize(model, optimizer=optimizer, config=config)
+    else:
+        given = {"all": model.parameters(), "trainable": trainable}[how]
+        engine, _, _, _ = megatron_core.initialize(model, model_parameters=given, config=config)
+    losses, _ = run_steps("mlp", engine, 0, 2)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return losses, state, frozen
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_model_parameters_may_hold_frozen_ones(stage):
+    """``model_parameters=model.parameters()`` (and a client optimizer over them) on a model with a frozen layer,
+    which DeepSpeed 0.19.8 trains as the trainable parameters alone (torch.optim skips a parameter without a
+    gradient; ZeRO leaves requires_grad=False ones out), was refused: 'covers 4 of the model's 4 trainable
+    parameters (and 2 others) ... freeze the rest with requires_grad_(False)', though the rest was frozen."""
+    results = {how: run_distributed(_with_frozen_layer, 2, how, stage, timeout=120)
+               for how in ("trainable", "all", "client-optimizer")}
+    for rank, (losses, state, frozen) in enumerate(results["trainable"]):
+        assert torch.equal(state["0.weight"], frozen)
+        for how in ("all", "client-optimizer"):
+            other_losses, other_state, _ = results[how][rank]
+            assert other_losses == losses, (how, rank)
+            assert all(torch.equal(other_state[k], v) for k, v in state.items()), (how, rank)
+
+
 def _loader_sizes(drop_last):
     data = [(torch.full((8,), float(i)), torch.zeros(4)) for i in range(9)]
     extra = {} if drop_last is None else {"dataloader_drop_last": drop_last}

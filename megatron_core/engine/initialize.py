@@ -208,7 +208,8 @@ def initialize(
     ``args.deepspeed_config`` is read when neither is given). ``args`` also resolves ``"auto"`` values
     (Hugging Face ``TrainingArguments`` names). ``optimizer``: None (the config's ``optimizer`` section)
     or a torch AdamW / Adam without decay / SGD whose settings are used. ``model_parameters`` must be
-    the model's trainable parameters (tensors, ``(name, tensor)`` pairs or group dicts with a ``weight_decay``).
+    the model's trainable parameters (tensors, ``(name, tensor)`` pairs or group dicts with a ``weight_decay``;
+    frozen ones among them are left out, as DeepSpeed).
     The optimizer's param groups are DeepSpeed's: the client optimizer's, else those of ``model_parameters``
     (all parameters when None), a plain list being one group whose every parameter, biases and norm weights
     included, is decayed by the optimizer's ``weight_decay``. ``lr_scheduler``: an object with ``step()``, or a callable
