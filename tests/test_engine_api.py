@@ -419,3 +419,31 @@ def test_set_train_batch_size_changes_the_accumulation_steps():
         assert counters == [(0, 0), (1, 8)] and sizes == (8, 2) and micro == (3, 12, 2)
         assert error == ("engine.set_train_batch_size(6): the train batch size must be a multiple of 4 "
                          "(train_micro_batch_size_per_gpu 2 x 2 data-parallel ranks)"), error
+
+
+def _io_batches():
+    data = [torch.full((2,), float(i)) for i in range(8)]
+
+    def collate(items):  # initialize's collate_fn, which deepspeed_io uses when given none (DeepSpeed's)
+        return torch.stack(items)[:, 0]
+
+    engine, _, loader, _ = megatron_core.initialize(make_model("mlp"), training_data=data, collate_fn=collate,
+                                                    config=ds_config(2, 1, 0))
+    train = engine.deepspeed_io(data)
+    evaluation = engine.deepspeed_io(data, batch_size=4, route="eval")
+    batches = ([b.tolist() for b in loader], [b.tolist() for b in train], [b.tolist() for b in evaluation])
+    engine.parallel_state.destroy()
+    return batches
+
+
+def test_deepspeed_io_builds_the_engines_loader():
+    """``engine.deepspeed_io(dataset)`` (DeepSpeed's loader for another dataset: an eval set, a new epoch's
+    data) was "AttributeError: 'Engine' object has no attribute 'deepspeed_io'". The train route is
+    initialize's loader (DistributedSampler over DP, the micro batch, initialize's collate_fn); "eval" reads
+    in order, rank r taking items r, r + 2, ..., in batches of ``batch_size``, as DeepSpeed 0.19.8."""
+    results = run_distributed(_io_batches, 2, timeout=60)
+    trained = [[x for b in train for x in b] for _, train, _ in results]
+    assert sorted(trained[0] + trained[1]) == [float(i) for i in range(8)] and trained[0] != [0.0, 2.0, 4.0, 6.0]
+    for rank, (loader, train, evaluation) in enumerate(results):
+        assert train == loader and all(len(b) == 2 for b in train), (rank, train)
+        assert evaluation == [[float(i) for i in range(rank, 8, 2)]], (rank, evaluation)

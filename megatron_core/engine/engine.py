@@ -60,6 +60,7 @@ class Engine(torch.nn.Module):
         self.ddp = ddp
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.hf_config = hf_config
+        self.collate_fn: Any = None  # initialize's collate_fn, deepspeed_io's default (DeepSpeed's attribute)
         self.micro_steps = self.global_steps = self.global_samples = self.skipped_steps = 0
         self._step_applied = False
         self._boundary: bool | None = None  # set_gradient_accumulation_boundary's override (None: count)
@@ -68,6 +69,33 @@ class Engine(torch.nn.Module):
         self._losses: list[float] = []
         self._timings = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self.monitor = Monitor(config, parallel_state.rank)
+
+    def deepspeed_io(self, dataset: Any, batch_size: int | None = None, route: str = "train", pin_memory: bool = True,
+                     data_sampler: Any = None, collate_fn: Any = None, num_local_io_workers: int | None = None) -> Any:
+        """DeepSpeed's ``engine.deepspeed_io``: a ``torch.utils.data.DataLoader`` over a map-style ``dataset``.
+
+        Sharded over the data-parallel ranks by a ``DistributedSampler`` (shuffled for ``route`` "train", in order
+        for "eval" and "predict", as DeepSpeed) unless ``data_sampler`` is given; ``batch_size`` defaults to
+        ``train_micro_batch_size_per_gpu``, ``collate_fn`` to initialize's; ``dataloader_drop_last`` applies.
+        ``num_local_io_workers`` is the DataLoader's ``num_workers`` (None: 0, loading in this process);
+        ``pin_memory`` pins only on CUDA. ``initialize(training_data=...)`` returns ``deepspeed_io(training_data)``.
+        Raises ConfigError for another ``route``.
+        """
+        if route not in ("train", "eval", "predict"):
+            raise ConfigError(f"deepspeed_io: route {route!r} is not one of 'train', 'eval', 'predict'")
+        if data_sampler is None:
+            data_sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=self.parallel_state.dp_size, rank=self.parallel_state.dp_rank,
+                shuffle=route == "train")
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.config.train_micro_batch_size_per_gpu if batch_size is None else batch_size,
+            sampler=data_sampler,
+            collate_fn=self.collate_fn if collate_fn is None else collate_fn,
+            drop_last=self.config.dataloader_drop_last,
+            num_workers=num_local_io_workers or 0,
+            pin_memory=pin_memory and self.device.type == "cuda",
+        )
 
     # ---- the module -------------------------------------------------------------------------
     @property

@@ -104,21 +104,6 @@ def _scheduler(lr_scheduler: Any, config: EngineConfig, optimizer: Any) -> Any:
     return lr_scheduler
 
 
-def _dataloader(training_data: Any, collate_fn: Any, config: EngineConfig, parallel_state: ParallelState) -> Any:
-    if training_data is None:
-        return None
-    sampler: torch.utils.data.Sampler = torch.utils.data.DistributedSampler(
-        training_data, num_replicas=parallel_state.dp_size, rank=parallel_state.dp_rank
-    )
-    return torch.utils.data.DataLoader(
-        training_data,
-        batch_size=config.train_micro_batch_size_per_gpu,
-        sampler=sampler,
-        collate_fn=collate_fn,
-        drop_last=config.dataloader_drop_last,
-    )
-
-
 def init_distributed(
     dist_backend: str | None = None,
     auto_mpi_discovery: bool = True,
@@ -264,5 +249,6 @@ def initialize(
         raise as_deepspeed_keys(exc) from None
     scheduler = _scheduler(lr_scheduler, engine_config, megatron_optimizer)
     engine = Engine(ddp, megatron_optimizer, scheduler, engine_config, parallel_state, hf_config)
-    loader = _dataloader(training_data, collate_fn, engine_config, parallel_state)
+    engine.collate_fn = collate_fn
+    loader = None if training_data is None else engine.deepspeed_io(training_data)
     return engine, megatron_optimizer, loader, scheduler
