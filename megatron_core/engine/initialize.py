@@ -85,10 +85,13 @@ def _prepare_model(model: torch.nn.Module, config: EngineConfig, parallel_state:
 
         model = apply_autotp(model, parallel_state)
     model = model.to(device_mod.current_device())
-    if config.fp16.enabled:
-        model = model.half()
-    elif config.bf16_enabled:
-        model = model.to(torch.bfloat16)
+    dtype = torch.float16 if config.fp16.enabled else torch.bfloat16 if config.bf16_enabled else None
+    if dtype is not None:
+        # Parameters only, as DeepSpeed 0.19.8: buffers keep their dtype (a Llama's rotary inv_freq stays fp32;
+        # rounded to bf16 it moved every loss).
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
     return model
 
 
