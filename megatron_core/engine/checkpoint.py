@@ -40,6 +40,7 @@ from megatron_core.engine.checkpoint_files import (
     atomic_save,
     client_state_error,
     copy_recovery_script,
+    foreign_states,
     load_states,
     model_file,
     optim_file,
@@ -341,6 +342,10 @@ def _model_files(engine: Any, folder: str, tag: str, load_dir: str) -> tuple[lis
     if not os.path.exists(first):
         raise ConfigError(f"load_checkpoint: {first} does not exist (tag {tag!r} in {load_dir!r})")
     saved = load_states(first)
+    foreign = foreign_states(saved, first)
+    if foreign is not None:
+        hint = " and load them into the model before initialize" if "DeepSpeed" in foreign else ""
+        raise ConfigError(f"load_checkpoint: {foreign}{hint}")
     if saved["tp_size"] == ps.tp_size:
         if ps.tp_rank != 0:
             saved = load_states(_existing(model_file(folder, ps.tp_rank)))
