@@ -65,6 +65,7 @@ class Engine(torch.nn.Module):
         self._step_applied = False
         self._boundary: bool | None = None  # set_gradient_accumulation_boundary's override (None: count)
         self._in_no_sync = False
+        self._reduced = False  # a boundary backward has reduced the gradients since the last step()
         self._grad_norm: float | None = None
         self._losses: list[float] = []
         self._timings = {"forward": 0.0, "backward": 0.0, "step": 0.0}
@@ -294,16 +295,22 @@ class Engine(torch.nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the accumulated gradients (the engine does it after every optimizer step)."""
         self.optimizer.zero_grad()
+        self._reduced = False
 
     # ---- the step ------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """Back-propagate ``loss / gradient_accumulation_steps`` (times the fp16 scale); returns the unscaled loss.
 
         ``scale_wrt_gas`` False (DeepSpeed's keyword) leaves out the division by the accumulation steps.
-        Gradients are reduced over data-parallel ranks only at the accumulation boundary.
+        Gradients are reduced over data-parallel ranks only at the accumulation boundary, so one backward runs
+        there per ``step()``: a second is a ConfigError (DeepSpeed 0.19.8 accumulates it; add the losses instead).
         """
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise ValueError("engine.backward(loss) needs a scalar loss tensor (reduce it with .mean() first)")
+        if self._reduced:
+            raise ConfigError("engine.backward(): a second backward at the accumulation boundary before engine.step() "
+                              "(the first one reduced the gradients over data-parallel ranks already); add the losses "
+                              "and call engine.backward once")
         start = time.perf_counter()
         self._losses.append(float(loss.detach()))
         divisor = self.gradient_accumulation_steps() if scale_wrt_gas else 1
@@ -313,6 +320,7 @@ class Engine(torch.nn.Module):
             scaled.backward(retain_graph=retain_graph)
         if boundary:
             finalize_model_grads([self.ddp], parallel_state=self.parallel_state)
+            self._reduced = True
         self._timings["backward"] += time.perf_counter() - start
         return loss
 
@@ -334,6 +342,7 @@ class Engine(torch.nn.Module):
             raise ConfigError("engine.step() inside a megatron_core.zero.GatheredParameters block: the step "
                               "re-shards the parameters the block holds; step after the block")
         self._step_applied = False
+        self._reduced = False
         if self.is_gradient_accumulation_boundary():
             start = time.perf_counter()
             at_floor = self._loss_scale_at_floor()
