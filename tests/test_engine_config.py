@@ -169,6 +169,17 @@ ERRORS = {
         config_with(optimizer={"type": "AdamW", "params": {"learning_rate": 1}}),
         "'optimizer.params.learning_rate'",
     ),
+    # It was "unknown key 'optimizer.params.betas'" alone: nothing close, no fix (found by trial14: an AdamW
+    # section's type changed to SGD, its betas kept).
+    "unknown-sgd-param": (
+        config_with(optimizer={"type": "SGD", "params": {"lr": 0.1, "betas": [0.9, 0.99]}}),
+        "unknown key 'optimizer.params.betas'; remove it (the keys known here: dampening, lr, momentum, nesterov, "
+        "weight_decay)",
+    ),
+    "unknown-top-level-far": (
+        config_with(my_own_setting=1),
+        "unknown key 'my_own_setting'; remove it (docs/engine.md lists the supported keys)",
+    ),
     "not-implemented-top": (
         config_with(prescale_gradients=True),
         "prescale_gradients = True is a DeepSpeed option this framework does not implement",
