@@ -197,6 +197,15 @@ ERRORS = {
         "inconsistent batch sizes train_batch_size=10, train_micro_batch_size_per_gpu=2, "
         "gradient_accumulation_steps=4 with 2 data-parallel ranks",
     ),
+    # It said "gradient_accumulation_steps=None ... need train_batch_size = micro batch x gradient_accumulation_steps
+    # x 2" (found by trial14): the steps were not given, and the fix is a multiple of micro batch x DP.
+    "indivisible-train-batch": (
+        {"optimizer": BASE_CONFIG["optimizer"], "train_batch_size": 7, "train_micro_batch_size_per_gpu": 2},
+        "DeepSpeed config: inconsistent batch sizes train_batch_size=7, train_micro_batch_size_per_gpu=2, "
+        "gradient_accumulation_steps not given with 2 data-parallel ranks: train_batch_size must be a multiple of "
+        "train_micro_batch_size_per_gpu x 2 = 4 (e.g. 8), or give the three so that train_batch_size = "
+        "train_micro_batch_size_per_gpu x gradient_accumulation_steps x 2",
+    ),
     "no-batch": ({"optimizer": BASE_CONFIG["optimizer"]}, "give train_batch_size or train_micro_batch_size_per_gpu"),
     "bad-batch-type": (
         config_with(train_micro_batch_size_per_gpu=2.5), "train_micro_batch_size_per_gpu must be a positive"),
