@@ -339,6 +339,43 @@ def test_model_parameters_may_be_named():
 
 
 
+def _with_frozen_layer(how, stage):
+    from engine_common import run_steps, state_of
+
+    model = make_model("mlp")
+    model[0].requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    config = ds_config(2, 1, stage)
+    if how == "client-optimizer":
+        del config["optimizer"]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        engine, _, _, _ = megatron_core.initialize(model, optimizer=optimizer, config=config)
+    else:
+        given = {"all": model.parameters(), "trainable": trainable}[how]
+        engine, _, _, _ = megatron_core.initialize(model, model_parameters=given, config=config)
+    losses, _ = run_steps("mlp", engine, 0, 2)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return losses, state, frozen
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_model_parameters_may_hold_frozen_ones(stage):
+    """``model_parameters=model.parameters()`` (and a client optimizer over them) on a model with a frozen layer,
+    which DeepSpeed 0.19.8 trains as the trainable parameters alone (torch.optim skips a parameter without a
+    gradient; ZeRO leaves requires_grad=False ones out), was refused: 'covers 4 of the model's 4 trainable
+    parameters (and 2 others) ... freeze the rest with requires_grad_(False)', though the rest was frozen."""
+    results = {how: run_distributed(_with_frozen_layer, 2, how, stage, timeout=120)
+               for how in ("trainable", "all", "client-optimizer")}
+    for rank, (losses, state, frozen) in enumerate(results["trainable"]):
+        assert torch.equal(state["0.weight"], frozen)
+        for how in ("all", "client-optimizer"):
+            other_losses, other_state, _ = results[how][rank]
+            assert other_losses == losses, (how, rank)
+            assert all(torch.equal(other_state[k], v) for k, v in state.items()), (how, rank)
+
+
 def _loader_sizes(drop_last):
     data = [(torch.full((8,), float(i)), torch.zeros(4)) for i in range(9)]
     extra = {} if drop_last is None else {"dataloader_drop_last": drop_last}
@@ -382,3 +419,31 @@ def test_set_train_batch_size_changes_the_accumulation_steps():
         assert counters == [(0, 0), (1, 8)] and sizes == (8, 2) and micro == (3, 12, 2)
         assert error == ("engine.set_train_batch_size(6): the train batch size must be a multiple of 4 "
                          "(train_micro_batch_size_per_gpu 2 x 2 data-parallel ranks)"), error
+
+
+def _io_batches():
+    data = [torch.full((2,), float(i)) for i in range(8)]
+
+    def collate(items):  # initialize's collate_fn, which deepspeed_io uses when given none (DeepSpeed's)
+        return torch.stack(items)[:, 0]
+
+    engine, _, loader, _ = megatron_core.initialize(make_model("mlp"), training_data=data, collate_fn=collate,
+                                                    config=ds_config(2, 1, 0))
+    train = engine.deepspeed_io(data)
+    evaluation = engine.deepspeed_io(data, batch_size=4, route="eval")
+    batches = ([b.tolist() for b in loader], [b.tolist() for b in train], [b.tolist() for b in evaluation])
+    engine.parallel_state.destroy()
+    return batches
+
+
+def test_deepspeed_io_builds_the_engines_loader():
+    """``engine.deepspeed_io(dataset)`` (DeepSpeed's loader for another dataset: an eval set, a new epoch's
+    data) was "AttributeError: 'Engine' object has no attribute 'deepspeed_io'". The train route is
+    initialize's loader (DistributedSampler over DP, the micro batch, initialize's collate_fn); "eval" reads
+    in order, rank r taking items r, r + 2, ..., in batches of ``batch_size``, as DeepSpeed 0.19.8."""
+    results = run_distributed(_io_batches, 2, timeout=60)
+    trained = [[x for b in train for x in b] for _, train, _ in results]
+    assert sorted(trained[0] + trained[1]) == [float(i) for i in range(8)] and trained[0] != [0.0, 2.0, 4.0, 6.0]
+    for rank, (loader, train, evaluation) in enumerate(results):
+        assert train == loader and all(len(b) == 2 for b in train), (rank, train)
+        assert evaluation == [[float(i) for i in range(rank, 8, 2)]], (rank, evaluation)

@@ -100,3 +100,29 @@ def test_no_sync_misuse_is_one_line(kind, message):
     with pytest.raises(Exception) as info:
         run_distributed(_misuse, 1, kind, timeout=60)
     assert message in str(info.value) and "ConfigError" in str(info.value), str(info.value)
+
+
+def _two_backwards(stage):
+    from megatron_core.errors import ConfigError
+
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(2, 1, stage))
+    batch = _batch(0, engine.parallel_state.dp_rank)
+    engine.backward(loss_of("mlp", engine, batch))
+    try:
+        engine.backward(loss_of("mlp", engine, batch))
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_second_backward_after_the_boundary_is_one_line(stage):
+    """Two engine.backward calls before engine.step() at the accumulation boundary (two losses of one batch)
+    raised the DDP buffer's RuntimeError traceback, whose advice (DistributedDataParallel.no_sync, the schedule's
+    no_sync_func) is not the engine's. The boundary backward reduces the gradients, so a second one cannot be
+    added to them: one line naming the fix. (DeepSpeed 0.19.8 accumulates the two.)"""
+    assert run_distributed(_two_backwards, 2, stage, timeout=90) == [
+        "engine.backward(): a second backward at the accumulation boundary before engine.step() (the first one "
+        "reduced the gradients over data-parallel ranks already); add the losses and call engine.backward once"] * 2

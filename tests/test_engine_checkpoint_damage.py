@@ -38,6 +38,14 @@ def _damage(directory, what):
     elif what == "folder-latest":
         os.remove(os.path.join(directory, "latest"))
         os.mkdir(os.path.join(directory, "latest"))
+    elif what == "deepspeed":  # the keys DeepSpeed 0.19.8 writes (CPU run, ZeRO-2, /tmp/peers-venv)
+        path = os.path.join(directory, "saved", "mp_rank_00_model_states.pt")
+        module = torch.load(path, weights_only=True)["module"]
+        torch.save({"module": module, "buffer_names": [], "optimizer": None, "param_shapes": [], "frozen_param_shapes":
+                    None, "shared_params": {}, "frozen_param_fragments": None, "lr_scheduler": None,
+                    "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
+                    "global_steps": 1, "global_samples": 2, "dp_world_size": 2, "mp_world_size": 1,
+                    "ds_config": {}, "ds_version": "0.19.8"}, path)
     elif what == "latest-to-gone":
         with open(os.path.join(directory, "latest"), "w") as f:
             f.write("global_step9")
@@ -73,9 +81,32 @@ def _save_damage_load(directory, what):
     ("binary-latest", "load_checkpoint: {d}/latest is not a text file naming a tag (invalid start byte at byte "
                       "11); write the tag to load into it or pass tag="),
     ("folder-latest", None),  # DeepSpeed 0.19.8 checks os.path.isfile: nothing loaded, (None, None)
+    ("deepspeed", "load_checkpoint: {d}/saved/mp_rank_00_model_states.pt was written by DeepSpeed 0.19.8, whose "
+                  "checkpoints this engine does not load; write its weights with the zero_to_fp32.py DeepSpeed saved "
+                  "beside it and load them into the model before initialize"),
     ("latest-to-gone", "load_checkpoint: {d}/latest names the tag 'global_step9', which is not a folder of {d}; "
                        "write the tag to load into it or pass tag= (tags in {d}: saved)"),
 ])
 def test_a_damaged_checkpoint_is_one_line_on_every_rank(tmp_path, what, expected):
     results = run_distributed(_save_damage_load, 2, str(tmp_path), what, timeout=90)
     assert results == [expected if expected is None else expected.format(d=str(tmp_path))] * 2, results
+
+
+def _save_as_deepspeed(directory):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 1))
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(directory, "saved")
+    _damage(directory, "deepspeed")
+    engine.parallel_state.destroy()
+
+
+def test_consolidating_a_deepspeed_checkpoint_is_one_line(tmp_path):
+    """tools/zero_to_fp32.py (consolidate_state_dict) on a checkpoint DeepSpeed wrote was "KeyError: 'tp_size'"
+    with a traceback, and so was load_checkpoint (a DeepSpeed user's first try with an existing run)."""
+    from megatron_core.engine.consolidate import consolidate_state_dict
+
+    run_distributed(_save_as_deepspeed, 1, str(tmp_path), timeout=60)
+    with pytest.raises(ConfigError, match=r"^consolidate: .*/saved/mp_rank_00_model_states.pt was written by DeepSpeed "
+                                          r"0.19.8, whose checkpoints this engine does not load; write its weights "
+                                          r"with the zero_to_fp32.py DeepSpeed saved beside it$"):
+        consolidate_state_dict(str(tmp_path), "saved")

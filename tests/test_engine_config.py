@@ -169,6 +169,17 @@ ERRORS = {
         config_with(optimizer={"type": "AdamW", "params": {"learning_rate": 1}}),
         "'optimizer.params.learning_rate'",
     ),
+    # It was "unknown key 'optimizer.params.betas'" alone: nothing close, no fix (found by trial14: an AdamW
+    # section's type changed to SGD, its betas kept).
+    "unknown-sgd-param": (
+        config_with(optimizer={"type": "SGD", "params": {"lr": 0.1, "betas": [0.9, 0.99]}}),
+        "unknown key 'optimizer.params.betas'; remove it (the keys known here: dampening, lr, momentum, nesterov, "
+        "weight_decay)",
+    ),
+    "unknown-top-level-far": (
+        config_with(my_own_setting=1),
+        "unknown key 'my_own_setting'; remove it (docs/engine.md lists the supported keys)",
+    ),
     "not-implemented-top": (
         config_with(prescale_gradients=True),
         "prescale_gradients = True is a DeepSpeed option this framework does not implement",
@@ -185,6 +196,15 @@ ERRORS = {
         config_with(train_batch_size=10),
         "inconsistent batch sizes train_batch_size=10, train_micro_batch_size_per_gpu=2, "
         "gradient_accumulation_steps=4 with 2 data-parallel ranks",
+    ),
+    # It said "gradient_accumulation_steps=None ... need train_batch_size = micro batch x gradient_accumulation_steps
+    # x 2" (found by trial14): the steps were not given, and the fix is a multiple of micro batch x DP.
+    "indivisible-train-batch": (
+        {"optimizer": BASE_CONFIG["optimizer"], "train_batch_size": 7, "train_micro_batch_size_per_gpu": 2},
+        "DeepSpeed config: inconsistent batch sizes train_batch_size=7, train_micro_batch_size_per_gpu=2, "
+        "gradient_accumulation_steps not given with 2 data-parallel ranks: train_batch_size must be a multiple of "
+        "train_micro_batch_size_per_gpu x 2 = 4 (e.g. 8), or give the three so that train_batch_size = "
+        "train_micro_batch_size_per_gpu x gradient_accumulation_steps x 2",
     ),
     "no-batch": ({"optimizer": BASE_CONFIG["optimizer"]}, "give train_batch_size or train_micro_batch_size_per_gpu"),
     "bad-batch-type": (

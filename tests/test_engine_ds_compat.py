@@ -340,3 +340,33 @@ def test_a_group_of_one_tensor_is_that_tensor():
     """torch.optim reads ``{"params": tensor}`` as a group of one; the engine iterated the tensor's rows and
     refused the groups as not covering the model."""
     assert run_distributed(_one_tensor_group, 1, timeout=60)[0] == 2
+
+
+# ---- bf16 / fp16 cast: parameters only --------------------------------------------------------------------------
+# DeepSpeed 0.19.8 (/tmp/peers-venv, CPU, one rank): tiny_hf_llama() under {"bf16": {"enabled": true}}, ZeRO-0,
+# engine(input_ids=ids, labels=ids).loss for ids = torch.randint(0, 256, (2, 16)) (generator seed 0), no grad.
+DEEPSPEED_BF16_LLAMA_LOSS = 5.606157302856445
+
+
+def _bf16_llama_loss():
+    from hf_testing import tiny_hf_llama
+
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01}}, "zero_optimization": {"stage": 0}}
+    model = tiny_hf_llama()
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=model.parameters(), config=config)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = engine(input_ids=ids, labels=ids).loss.item()
+    dtypes = {str(p.dtype) for p in engine.module.parameters()}, str(engine.module.model.rotary_emb.inv_freq.dtype)
+    engine.parallel_state.destroy()
+    return loss, dtypes
+
+
+def test_half_precision_casts_parameters_and_keeps_fp32_buffers():
+    """bf16 cast the whole module, buffers too: Llama's rotary ``inv_freq`` was rounded to bf16, so the first
+    loss was 5.606153 where DeepSpeed 0.19.8, which casts the parameters only and keeps fp32 buffers, gives
+    5.606157 (and every later step drifted, 1e-5 to 4e-4 in a 2-rank Llama run)."""
+    loss, (param_dtypes, inv_freq_dtype) = run_distributed(_bf16_llama_loss, 1, timeout=120)[0]
+    assert param_dtypes == {"torch.bfloat16"} and inv_freq_dtype == "torch.float32"
+    assert loss == DEEPSPEED_BF16_LLAMA_LOSS, loss

@@ -53,3 +53,32 @@ def test_one_cycle_requires_both_bounds(missing):
     with pytest.raises(ConfigError) as info:
         load_config(config_with(scheduler={"type": "OneCycle", "params": params}), dp_size=2)
     assert str(info.value) == f"DeepSpeed config: scheduler.params.{missing} is required by OneCycle"
+
+
+# DeepSpeed 0.19.8 (/tmp/peers-venv): WarmupLR / WarmupDecayLR(total_num_steps=6) over torch.optim.SGD with two
+# param groups, warmup_min_lr=[0.0, 0.0005], warmup_max_lr=[0.001, 0.002], warmup_num_steps=3, warmup_type
+# "linear": get_last_lr() before and after each of five optimizer.step(); scheduler.step().
+DEEPSPEED_PER_GROUP_WARMUP = {
+    "WarmupLR": [[0.0, 0.0005], [0.0, 0.0005], [0.0003333333333333333, 0.001], [0.0006666666666666666, 0.0015],
+                 [0.001, 0.002], [0.001, 0.002]],
+    "WarmupDecayLR": [[0.0, 0.0005], [0.0, 0.0005], [0.0003333333333333333, 0.001], [0.0006666666666666666, 0.0015],
+                      [0.001, 0.002], [0.0006666666666666666, 0.0015]],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DEEPSPEED_PER_GROUP_WARMUP))
+def test_warmup_bounds_may_be_one_per_param_group(kind):
+    """docs/engine.md: 'a per-group value may be a list, one per param group', as DeepSpeed's _format_param; for
+    WarmupLR and WarmupDecayLR it was 'scheduler.params.warmup_min_lr must be float, got [0.0, 0.0005]'."""
+    params = {"warmup_min_lr": [0.0, 0.0005], "warmup_max_lr": [0.001, 0.002], "warmup_num_steps": 3,
+              "warmup_type": "linear", **({"total_num_steps": 6} if kind == "WarmupDecayLR" else {})}
+    section = load_config(config_with(scheduler={"type": kind, "params": params}), dp_size=2).scheduler
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.01)
+    scheduler = build_scheduler(section.type, section.params, optimizer)
+    lrs = [scheduler.get_last_lr()]
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr())
+    assert lrs == [pytest.approx(row, abs=1e-15) for row in DEEPSPEED_PER_GROUP_WARMUP[kind]]

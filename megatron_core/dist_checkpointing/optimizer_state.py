@@ -98,7 +98,7 @@ def scatter_param_states(optimizer: Any, states: dict[int, dict[str, torch.Tenso
                     main.copy_(full[MAIN].reshape(-1)[lo:hi])
                     entry = {k: v.reshape(-1)[lo:hi].view_as(main) for k, v in full.items() if k != MAIN}
                     if step_entry:
-                        _set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
+                        set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
             return
         for main, model in optimizer.pairs:
             full = states[id(model)]
@@ -106,10 +106,10 @@ def scatter_param_states(optimizer: Any, states: dict[int, dict[str, torch.Tenso
                 main.copy_(full[MAIN])
             entry = {k: v.view_as(main) for k, v in full.items() if k != MAIN}
             if step_entry:
-                _set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
+                set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
 
 
-def _set_state(optimizer: Any, main: torch.Tensor, entry: dict[str, torch.Tensor], step_on_device: bool) -> None:
+def set_state(optimizer: Any, main: torch.Tensor, entry: dict[str, torch.Tensor], step_on_device: bool) -> None:
     """``optimizer.inner.state[main] = entry`` (copies), in place where the state exists: under NVMe
     offload its tensors are views of the swap buffers, which must keep being the ones the step uses."""
     state = optimizer.inner.state.get(main)

@@ -24,6 +24,7 @@ loaded (file names and I/O: :mod:`megatron_core.engine.checkpoint_files`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,11 +35,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_core.collectives import lowest_failure
-from megatron_core.dist_checkpointing.optimizer_state import placed_state, steps_on_device
+from megatron_core.dist_checkpointing.optimizer_state import set_state, steps_on_device
 from megatron_core.engine.checkpoint_files import (
     LATEST,
     client_state_error,
     copy_recovery_script,
+    foreign_states,
     load_states,
     model_file,
     optim_file,
@@ -50,6 +52,13 @@ from megatron_core.errors import ConfigError
 from megatron_core.training.checkpoint_io import atomic_save
 
 FORMAT_VERSION = 1
+
+
+def _resident(engine: Any) -> Any:
+    """The optimizer's main weights and state in memory inside the block: NVMe offload frees their storage
+    between steps (reading it was a SIGSEGV) and writes them back on exit."""
+    resident = getattr(engine.optimizer, "resident", None)
+    return resident() if resident is not None else contextlib.nullcontext()
 
 
 def _cpu(value: Any) -> Any:
@@ -178,10 +187,14 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
         if error is None and ps.rank == 0:
             copy_recovery_script(save_dir)
         if error is None and (sharded or ps.dp_rank == 0):
-            atomic_save(_fragments(engine), optim_file(folder, ps.dp_rank, ps.tp_rank))
+            with _resident(engine):
+                fragments = _fragments(engine)
+            atomic_save(fragments, optim_file(folder, ps.dp_rank, ps.tp_rank))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
         error = (f"save_checkpoint: writing {folder!r} failed on rank {ps.rank} ({exc}); 'latest' still names "
                  f"the previous checkpoint: give a directory this job can write to, with free space")
+    except ConfigError as exc:  # NVMe offload: a swap file that cannot be read back (named in the message)
+        error = str(exc)
     _agree_on_error(error)  # also the barrier: every rank has written before 'latest' moves
     if save_latest and ps.rank == 0:
         tmp = os.path.join(save_dir, f".{LATEST}.tmp")
@@ -305,16 +318,15 @@ def _load_optimizer(engine: Any, folder: str, saved: list[dict]) -> None:
         except ConfigError as exc:
             error = str(exc)
     _agree_on_error(error)
-    pieces = _pieces(engine)
-    inner = engine.optimizer.inner
-    step_on_device = steps_on_device(inner)
-    for name, start, end, main in pieces:
-        main.copy_(values[name][start:end].view_as(main))
-        entry = {key: flat[start:end].view_as(main) for key, flat in states.get(name, {}).items()}
-        entry.update(scalars)
-        if entry:
-            inner.state[main] = placed_state(entry, main, step_on_device[id(main)])
-    engine.optimizer._copy_main_to_model()
+    step_on_device = steps_on_device(engine.optimizer.inner)
+    with _resident(engine):  # written in place: under NVMe offload the swap buffers must stay the step's
+        for name, start, end, main in _pieces(engine):
+            main.copy_(values[name][start:end].view_as(main))
+            entry = {key: flat[start:end].view_as(main) for key, flat in states.get(name, {}).items()}
+            entry.update(scalars)
+            if entry:
+                set_state(engine.optimizer, main, entry, step_on_device[id(main)])
+        engine.optimizer._copy_main_to_model()
 
 
 def _mismatch(message: str) -> str:
@@ -341,6 +353,10 @@ def _model_files(engine: Any, folder: str, tag: str, load_dir: str) -> tuple[lis
     if not os.path.exists(first):
         raise ConfigError(f"load_checkpoint: {first} does not exist (tag {tag!r} in {load_dir!r})")
     saved = load_states(first)
+    foreign = foreign_states(saved, first)
+    if foreign is not None:
+        hint = " and load them into the model before initialize" if "DeepSpeed" in foreign else ""
+        raise ConfigError(f"load_checkpoint: {foreign}{hint}")
     if saved["tp_size"] == ps.tp_size:
         if ps.tp_rank != 0:
             saved = load_states(_existing(model_file(folder, ps.tp_rank)))
@@ -435,6 +451,8 @@ def load(
         engine.optimizer.reload_model_params()
     if load_scheduler and engine.lr_scheduler is not None and saved["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    for name in ("global_steps", "global_samples", "micro_steps", "skipped_steps") if load_counters else ():
+    # micro_steps stays this engine's own count, as DeepSpeed 0.19.8 (it restores the other three): restoring
+    # the saving run's misplaced the accumulation boundary ((micro_steps + 1) % GA) when GA differs on resume.
+    for name in ("global_steps", "global_samples", "skipped_steps") if load_counters else ():
         setattr(engine, name, saved[name])
     return path, saved["client_state"]

@@ -69,14 +69,19 @@ def optimizer_config_from_client(
 
 
 def check_covers_model(params: Iterable[Any], model: torch.nn.Module, what: str) -> None:
-    """Raise unless ``params`` are exactly ``model``'s trainable parameters (freeze others with requires_grad)."""
-    given = {id(p) for p in params}
+    """Raise unless ``params`` are ``model``'s trainable parameters (freeze others with requires_grad).
+
+    The model's frozen parameters may be among them (``model.parameters()`` on a partly frozen model): they
+    are left out, as DeepSpeed 0.19.8 trains them (torch.optim skips a parameter without a gradient, ZeRO
+    drops ``requires_grad=False`` ones)."""
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    given = {id(p) for p in params} - frozen
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     if given != trainable:
         raise ConfigError(
             f"{what} covers {len(given & trainable)} of the model's {len(trainable)} trainable parameters "
-            f"(and {len(given - trainable)} others): the engine trains every parameter with "
-            f"requires_grad=True; freeze the rest with requires_grad_(False)"
+            f"(and {len(given - trainable)} tensors that are not the model's): the engine trains every parameter "
+            f"with requires_grad=True; freeze the rest with requires_grad_(False)"
         )
 
 

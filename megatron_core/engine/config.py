@@ -275,7 +275,11 @@ def solve_batch_triple(train: int | None, micro: int | None, gas: int | None, dp
     Only ``train_batch_size`` given: no accumulation; only the micro batch: no accumulation.
     Raises ConfigError naming the three values when they disagree or do not divide.
     """
-    triple = f"train_batch_size={train}, train_micro_batch_size_per_gpu={micro}, gradient_accumulation_steps={gas}"
+    triple = ", ".join(f"{name} not given" if value is None else f"{name}={value}" for name, value in (
+        ("train_batch_size", train), ("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas)))
+    # The fix when train_batch_size is given with one of the other two: a multiple of that one x DP.
+    given = ("train_micro_batch_size_per_gpu", micro) if gas is None else ("gradient_accumulation_steps", gas)
+    derived = (micro is None) != (gas is None)
     for name, value in (
         ("train_batch_size", train),
         ("train_micro_batch_size_per_gpu", micro),
@@ -298,6 +302,13 @@ def solve_batch_triple(train: int | None, micro: int | None, gas: int | None, dp
         gas = gas or 1
         train = micro * gas * dp_size
     if not micro or not gas or train != micro * gas * dp_size:
+        if derived and given[1] is not None and train is not None:
+            unit = given[1] * dp_size
+            raise ConfigError(
+                f"DeepSpeed config: inconsistent batch sizes {triple} with {dp_size} data-parallel ranks: "
+                f"train_batch_size must be a multiple of {given[0]} x {dp_size} = {unit} (e.g. "
+                f"{max(1, -(-train // unit)) * unit}), or give the three so that train_batch_size = "
+                f"train_micro_batch_size_per_gpu x gradient_accumulation_steps x {dp_size}")
         raise ConfigError(
             f"DeepSpeed config: inconsistent batch sizes {triple} with {dp_size} data-parallel "
             f"ranks: need train_batch_size = micro batch x gradient_accumulation_steps x {dp_size}"

@@ -146,8 +146,11 @@ def check_keys(section: dict, path: str, implemented: set[str], not_implemented:
                     f"framework does not implement; remove it (or set it to {not_implemented[key]!r})"
                 )
             continue
-        close = difflib.get_close_matches(key, sorted(implemented | set(not_implemented)), n=1, cutoff=0.5)
-        hint = f"; did you mean {where(path, close[0])!r}?" if close else ""
+        known = sorted(implemented | set(not_implemented))
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        listed = f"the keys known here: {', '.join(known)}" if len(known) <= 12 else \
+            "docs/engine.md lists the supported keys"
+        hint = f"; did you mean {where(path, close[0])!r}?" if close else f"; remove it ({listed})"
         raise ConfigError(f"DeepSpeed config: unknown key {where(path, key)!r}{hint}")
 
 

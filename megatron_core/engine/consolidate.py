@@ -29,7 +29,7 @@ import torch
 
 from megatron_core.checkpoint.hf_io import normal_permissions, torch_save_file, write_weights_dir, write_weights_file
 from megatron_core.engine.checkpoint import full_fragments
-from megatron_core.engine.checkpoint_files import load_states, model_file, optim_files, read_latest
+from megatron_core.engine.checkpoint_files import foreign_states, load_states, model_file, optim_files, read_latest
 from megatron_core.engine.reshard import frozen_keys, to_full, trained
 from megatron_core.errors import ConfigError
 
@@ -70,6 +70,9 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
 def _consolidate(folder: str) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, dict]]:
     """:func:`consolidate_state_dict` of a tag folder, and the saved ``param_meta`` (read with it, once)."""
     first = load_states(model_file(folder, 0))
+    foreign = foreign_states(first, model_file(folder, 0))
+    if foreign is not None:
+        raise ConfigError(f"consolidate: {foreign}")
     tp_size = first["tp_size"]
     per_rank = []
     for tp_rank in range(tp_size):

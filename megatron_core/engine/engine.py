@@ -60,14 +60,43 @@ class Engine(torch.nn.Module):
         self.ddp = ddp
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.hf_config = hf_config
+        self.collate_fn: Any = None  # initialize's collate_fn, deepspeed_io's default (DeepSpeed's attribute)
         self.micro_steps = self.global_steps = self.global_samples = self.skipped_steps = 0
         self._step_applied = False
         self._boundary: bool | None = None  # set_gradient_accumulation_boundary's override (None: count)
         self._in_no_sync = False
+        self._reduced = False  # a boundary backward has reduced the gradients since the last step()
         self._grad_norm: float | None = None
         self._losses: list[float] = []
         self._timings = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self.monitor = Monitor(config, parallel_state.rank)
+
+    def deepspeed_io(self, dataset: Any, batch_size: int | None = None, route: str = "train", pin_memory: bool = True,
+                     data_sampler: Any = None, collate_fn: Any = None, num_local_io_workers: int | None = None) -> Any:
+        """DeepSpeed's ``engine.deepspeed_io``: a ``torch.utils.data.DataLoader`` over a map-style ``dataset``.
+
+        Sharded over the data-parallel ranks by a ``DistributedSampler`` (shuffled for ``route`` "train", in order
+        for "eval" and "predict", as DeepSpeed) unless ``data_sampler`` is given; ``batch_size`` defaults to
+        ``train_micro_batch_size_per_gpu``, ``collate_fn`` to initialize's; ``dataloader_drop_last`` applies.
+        ``num_local_io_workers`` is the DataLoader's ``num_workers`` (None: 0, loading in this process);
+        ``pin_memory`` pins only on CUDA. ``initialize(training_data=...)`` returns ``deepspeed_io(training_data)``.
+        Raises ConfigError for another ``route``.
+        """
+        if route not in ("train", "eval", "predict"):
+            raise ConfigError(f"deepspeed_io: route {route!r} is not one of 'train', 'eval', 'predict'")
+        if data_sampler is None:
+            data_sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=self.parallel_state.dp_size, rank=self.parallel_state.dp_rank,
+                shuffle=route == "train")
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.config.train_micro_batch_size_per_gpu if batch_size is None else batch_size,
+            sampler=data_sampler,
+            collate_fn=self.collate_fn if collate_fn is None else collate_fn,
+            drop_last=self.config.dataloader_drop_last,
+            num_workers=num_local_io_workers or 0,
+            pin_memory=pin_memory and self.device.type == "cuda",
+        )
 
     # ---- the module -------------------------------------------------------------------------
     @property
@@ -266,16 +295,22 @@ class Engine(torch.nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop the accumulated gradients (the engine does it after every optimizer step)."""
         self.optimizer.zero_grad()
+        self._reduced = False
 
     # ---- the step ------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """Back-propagate ``loss / gradient_accumulation_steps`` (times the fp16 scale); returns the unscaled loss.
 
         ``scale_wrt_gas`` False (DeepSpeed's keyword) leaves out the division by the accumulation steps.
-        Gradients are reduced over data-parallel ranks only at the accumulation boundary.
+        Gradients are reduced over data-parallel ranks only at the accumulation boundary, so one backward runs
+        there per ``step()``: a second is a ConfigError (DeepSpeed 0.19.8 accumulates it; add the losses instead).
         """
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise ValueError("engine.backward(loss) needs a scalar loss tensor (reduce it with .mean() first)")
+        if self._reduced:
+            raise ConfigError("engine.backward(): a second backward at the accumulation boundary before engine.step() "
+                              "(the first one reduced the gradients over data-parallel ranks already); add the losses "
+                              "and call engine.backward once")
         start = time.perf_counter()
         self._losses.append(float(loss.detach()))
         divisor = self.gradient_accumulation_steps() if scale_wrt_gas else 1
@@ -285,6 +320,7 @@ class Engine(torch.nn.Module):
             scaled.backward(retain_graph=retain_graph)
         if boundary:
             finalize_model_grads([self.ddp], parallel_state=self.parallel_state)
+            self._reduced = True
         self._timings["backward"] += time.perf_counter() - start
         return loss
 
@@ -306,6 +342,7 @@ class Engine(torch.nn.Module):
             raise ConfigError("engine.step() inside a megatron_core.zero.GatheredParameters block: the step "
                               "re-shards the parameters the block holds; step after the block")
         self._step_applied = False
+        self._reduced = False
         if self.is_gradient_accumulation_boundary():
             start = time.perf_counter()
             at_floor = self._loss_scale_at_floor()
@@ -407,8 +444,9 @@ class Engine(torch.nn.Module):
         DeepSpeed's parameters, in its order: ``load_module_strict`` False loads the module weights with
         ``load_state_dict(strict=False)`` (keys missing on either side are skipped); ``load_module_only`` loads
         the weights alone, leaving the optimizer, the scheduler and the step counters (``global_steps``,
-        ``global_samples``, ``micro_steps``, ``skipped_steps``) as they are; ``custom_load_fn`` is not
-        implemented (ConfigError).
+        ``global_samples``, ``skipped_steps``) as they are; ``custom_load_fn`` is not implemented (ConfigError).
+        ``micro_steps`` is never loaded (DeepSpeed's neither): it counts this engine's ``step()`` calls, so the
+        accumulation boundary stays in place when ``gradient_accumulation_steps`` differs from the saving run's.
 
         The data-parallel size, ZeRO stage and AutoTP size may differ from the saving run's (another AutoTP
         size reshards the weights and optimizer state on load: :mod:`megatron_core.engine.reshard`). Raises

@@ -85,10 +85,13 @@ def _prepare_model(model: torch.nn.Module, config: EngineConfig, parallel_state:
 
         model = apply_autotp(model, parallel_state)
     model = model.to(device_mod.current_device())
-    if config.fp16.enabled:
-        model = model.half()
-    elif config.bf16_enabled:
-        model = model.to(torch.bfloat16)
+    dtype = torch.float16 if config.fp16.enabled else torch.bfloat16 if config.bf16_enabled else None
+    if dtype is not None:
+        # Parameters only, as DeepSpeed 0.19.8: buffers keep their dtype (a Llama's rotary inv_freq stays fp32;
+        # rounded to bf16 it moved every loss).
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
     return model
 
 
@@ -102,21 +105,6 @@ def _scheduler(lr_scheduler: Any, config: EngineConfig, optimizer: Any) -> Any:
         # need one, and its param groups are the ones the library optimizer steps with.
         return lr_scheduler(optimizer.inner)
     return lr_scheduler
-
-
-def _dataloader(training_data: Any, collate_fn: Any, config: EngineConfig, parallel_state: ParallelState) -> Any:
-    if training_data is None:
-        return None
-    sampler: torch.utils.data.Sampler = torch.utils.data.DistributedSampler(
-        training_data, num_replicas=parallel_state.dp_size, rank=parallel_state.dp_rank
-    )
-    return torch.utils.data.DataLoader(
-        training_data,
-        batch_size=config.train_micro_batch_size_per_gpu,
-        sampler=sampler,
-        collate_fn=collate_fn,
-        drop_last=config.dataloader_drop_last,
-    )
 
 
 def init_distributed(
@@ -208,7 +196,8 @@ def initialize(
     ``args.deepspeed_config`` is read when neither is given). ``args`` also resolves ``"auto"`` values
     (Hugging Face ``TrainingArguments`` names). ``optimizer``: None (the config's ``optimizer`` section)
     or a torch AdamW / Adam without decay / SGD whose settings are used. ``model_parameters`` must be
-    the model's trainable parameters (tensors, ``(name, tensor)`` pairs or group dicts with a ``weight_decay``).
+    the model's trainable parameters (tensors, ``(name, tensor)`` pairs or group dicts with a ``weight_decay``;
+    frozen ones among them are left out, as DeepSpeed).
     The optimizer's param groups are DeepSpeed's: the client optimizer's, else those of ``model_parameters``
     (all parameters when None), a plain list being one group whose every parameter, biases and norm weights
     included, is decayed by the optimizer's ``weight_decay``. ``lr_scheduler``: an object with ``step()``, or a callable
@@ -263,5 +252,6 @@ def initialize(
         raise as_deepspeed_keys(exc) from None
     scheduler = _scheduler(lr_scheduler, engine_config, megatron_optimizer)
     engine = Engine(ddp, megatron_optimizer, scheduler, engine_config, parallel_state, hf_config)
-    loader = _dataloader(training_data, collate_fn, engine_config, parallel_state)
+    engine.collate_fn = collate_fn
+    loader = None if training_data is None else engine.deepspeed_io(training_data)
     return engine, megatron_optimizer, loader, scheduler

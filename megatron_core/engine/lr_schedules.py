@@ -36,14 +36,16 @@ class WarmupLR:
     def __init__(
         self,
         optimizer: Any,
-        warmup_min_lr: float = 0.0,
-        warmup_max_lr: float = 0.001,
+        warmup_min_lr: float | list[float] = 0.0,
+        warmup_max_lr: float | list[float] = 0.001,
         warmup_num_steps: int = 1000,
         warmup_type: str = "log",
         last_batch_iteration: int = -1,
     ) -> None:
         self.optimizer = optimizer
-        self.min_lr, self.max_lr = float(warmup_min_lr), float(warmup_max_lr)
+        # One rate for every param group, or one per group (DeepSpeed's _format_param).
+        self.min_lrs = per_group(warmup_min_lr, optimizer.param_groups, "warmup_min_lr")
+        self.max_lrs = per_group(warmup_max_lr, optimizer.param_groups, "warmup_max_lr")
         self.warmup_num_steps = max(2, int(warmup_num_steps))
         self.warmup_type = warmup_type
         self.last_batch_iteration = last_batch_iteration
@@ -61,9 +63,9 @@ class WarmupLR:
     def get_lr(self) -> list[float]:
         """The learning rate of every param group at the current step (``min_lr`` before the first step)."""
         if self.last_batch_iteration < 0:
-            return [self.min_lr for _ in self.optimizer.param_groups]
-        lr = self.min_lr + (self.max_lr - self.min_lr) * self._gamma()
-        return [lr for _ in self.optimizer.param_groups]
+            return list(self.min_lrs)
+        gamma = self._gamma()
+        return [low + (high - low) * gamma for low, high in zip(self.min_lrs, self.max_lrs, strict=True)]
 
     def get_last_lr(self) -> list[float]:
         """The rates last written into the param groups."""
@@ -97,8 +99,8 @@ class WarmupDecayLR(WarmupLR):
         self,
         optimizer: Any,
         total_num_steps: int,
-        warmup_min_lr: float = 0.0,
-        warmup_max_lr: float = 0.001,
+        warmup_min_lr: float | list[float] = 0.0,
+        warmup_max_lr: float | list[float] = 0.001,
         warmup_num_steps: int = 1000,
         warmup_type: str = "log",
         last_batch_iteration: int = -1,

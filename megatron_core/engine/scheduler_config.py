@@ -73,8 +73,8 @@ def _warmup_params(kind: str, params: dict) -> dict[str, Any]:
         out["warmup_min_ratio"] = number_at_least(params, PATH, "warmup_min_ratio", 0.0, 0.0, float)
         out["cos_min_ratio"] = number_at_least(params, PATH, "cos_min_ratio", 0.0001, 0.0, float)
     else:
-        out["warmup_min_lr"] = number_at_least(params, PATH, "warmup_min_lr", 0.0, 0.0, float)
-        out["warmup_max_lr"] = number_at_least(params, PATH, "warmup_max_lr", 0.001, 0.0, float)
+        out["warmup_min_lr"] = _per_group_number(params, "warmup_min_lr", 0.0)
+        out["warmup_max_lr"] = _per_group_number(params, "warmup_max_lr", 0.001)
     if kind != "WarmupLR":
         _required(params, "total_num_steps", kind)
         out["total_num_steps"] = number_at_least(params, PATH, "total_num_steps", None, 1)
