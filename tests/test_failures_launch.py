@@ -162,3 +162,34 @@ def test_a_config_error_under_torchrun_is_its_root_cause(tmp_path):
         f"{ours} (see python pretrain_gpt.py --help)"], proc.stderr
     root_cause = proc.stderr.split("Root Cause (first observed failure):", 1)[-1]
     assert f"traceback : {ours}" in root_cause, proc.stderr[-3000:]
+
+
+def test_a_rank_whose_peer_is_killed_exits_with_dataloader_workers(tmp_path):
+    """kill -9 of one rank (two plain processes, no torchrun, --num-workers 2, Megatron-LM's default): the
+    other rank fails on the lost peer and its process ends. Its DataLoader workers ignore SIGTERM (so a
+    group-wide SIGTERM still saves), so multiprocessing's exit handler, which stops them with SIGTERM and
+    joins, waited forever while the failed iterator was still referenced (under torchrun: its SIGKILL after 30 s)."""
+    from test_failures_training import TINY
+
+    argv = TINY + ["--train-iters", "100000", "--eval-iters", "0", "--num-workers", "2",
+                                "--tensor-model-parallel-size", "2", "--vocab-size", "255"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    logs = [str(tmp_path / f"rank{r}.txt") for r in range(2)]
+    ranks = []
+    try:
+        for r, log in enumerate(logs):
+            with open(log, "w") as out:
+                ranks.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv],
+                                              cwd=str(tmp_path), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                              stdout=out, stderr=subprocess.STDOUT))
+        _wait_for(logs[0], "iteration        3/", ranks[0])
+        ranks[1].send_signal(signal.SIGKILL)
+        ranks[0].wait(timeout=20)  # subprocess.TimeoutExpired: rank 0 hangs at exit
+        assert ranks[0].returncode != 0
+        assert "a peer was lost" in open(logs[0]).read(), open(logs[0]).read()[-3000:]
+    finally:
+        for proc in ranks:
+            for pid in _children(proc.pid) + [proc.pid]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)

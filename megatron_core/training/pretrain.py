@@ -381,6 +381,7 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
                 return
     finally:
         handler.release()
+        data_loading.shutdown_data_iterators(iterators)
     _save(run, state, result)
     _wait_for_save(run)
 

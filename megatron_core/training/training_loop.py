@@ -126,6 +126,7 @@ def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Mod
                     num_microbatches=num_microbatches, seq_length=data.seq_length,
                     micro_batch_size=training.micro_batch_size, forward_only=True)
     finally:
+        data_loading.shutdown_data_iterators(iterators)
         for chunk in model:
             chunk.train()
     return reduce_loss_dicts(loss_dicts, parallel_state)
