@@ -82,6 +82,20 @@ def test_megatron_llama3_and_checkpoint_script_flags_are_accepted_or_refused_wit
             validate_args(parse_args(LLAMA_SCRIPT + argv), world_size=1)
 
 
+def test_parallel_sizes_of_one_for_missing_parallelisms_are_accepted():
+    """Megatron-LM's Llama and Qwen scripts spell out --context-parallel-size 1 --expert-model-parallel-size 1
+    --expert-tensor-parallel-size 1 (and --empty-unused-memory-level 0, its default): sizes that mean "off" were
+    refused as if context or expert parallelism had been asked for ("drop the flag (context parallel size 1)")."""
+    off = ["--context-parallel-size", "1", "--expert-model-parallel-size", "1", "--expert-tensor-parallel-size", "1",
+           "--empty-unused-memory-level", "0"]
+    plain = config_from_args(validate_args(parse_args(LLAMA_SCRIPT), world_size=1))
+    assert config_from_args(validate_args(parse_args(LLAMA_SCRIPT + off), world_size=1)) == plain
+    for flag, value in (("--context-parallel-size", "2"), ("--expert-tensor-parallel-size", "4"),
+                        ("--empty-unused-memory-level", "1")):
+        with pytest.raises(ConfigError, match=f"^{flag}: "):
+            parse_args(LLAMA_SCRIPT + [flag, value])
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--num-experts", "8", "--moe-router-topk", "2"], "--num-experts: mixture-of-experts"),
     (["--expert-model-parallel-size", "2"], "mixture-of-experts"),
@@ -97,7 +111,7 @@ def test_refused_flags_say_why(argv, needle):
 def test_every_refused_flag_is_one_line_not_unrecognized():
     for flag in refused_flags():
         with pytest.raises(ConfigError) as info:
-            parse_args(LLAMA_SCRIPT + [flag, "1"])
+            parse_args(LLAMA_SCRIPT + [flag, "2"])  # 2: not the size 1 that --context-parallel-size 1 ... accept
         assert str(info.value).startswith(f"{flag}: ") and "unrecognized" not in str(info.value)
 
 

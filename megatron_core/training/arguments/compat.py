@@ -61,6 +61,10 @@ _REFUSED: dict[str, str] = {
     "--tensorboard-queue-size": "drop the flag (TensorBoard is written with its default queue)",
     "--rotary-seq-len-interpolation-factor": "RoPE position interpolation is not supported yet; drop the flag",
 }
+# Refused flags whose one value means "off", as Megatron-LM's scripts spell it out (--context-parallel-size 1):
+# accepted with that value, refused with any other.
+_OFF_VALUES: dict[str, str] = {"--context-parallel-size": "1", "--expert-model-parallel-size": "1",
+                               "--expert-tensor-parallel-size": "1", "--empty-unused-memory-level": "0"}
 # Megatron-LM flags whose only setting is this framework's behaviour (flag -> help).
 _NO_OPS: dict[str, str] = {
     "--no-query-key-layer-scaling": "accepted: query-key layer scaling is never applied (Megatron-LM's default)",
@@ -83,6 +87,8 @@ class _Refuse(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
+        if values == [_OFF_VALUES.get(str(option_string))]:
+            return
         raise ConfigError(f"{option_string}: {_REFUSED[str(option_string)]}")
 
 
