@@ -193,3 +193,40 @@ def test_a_rank_whose_peer_is_killed_exits_with_dataloader_workers(tmp_path):
             for pid in _children(proc.pid) + [proc.pid]:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def test_a_peer_killed_during_a_save_is_reported_as_a_lost_peer(tmp_path):
+    """kill -9 of rank 1 while a torch_dist save waits to publish: rank 0 said only gloo's "RuntimeError: ...
+    Connection reset by peer" from the save's agreement, not that a peer was lost (as training does)."""
+    from test_failures_training import TINY
+
+    from megatron_core.dist_checkpointing.serialization import PAUSE_BEFORE_PUBLISH_ENV
+
+    ckpt = tmp_path / "ckpt"
+    argv = TINY + ["--train-iters", "100000", "--eval-iters", "0", "--tensor-model-parallel-size", "2",
+                   "--vocab-size", "255", "--save", str(ckpt), "--save-interval", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", **{PAUSE_BEFORE_PUBLISH_ENV: "3"})
+    logs = [str(tmp_path / f"rank{r}.txt") for r in range(2)]
+    ranks = []
+    try:
+        for r, log in enumerate(logs):
+            with open(log, "w") as out:
+                ranks.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv],
+                                              cwd=str(tmp_path), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                              stdout=out, stderr=subprocess.STDOUT))
+        written = ckpt / "iter_0000002.tmp" / "common.pt"  # rank 0 writes it last, then every rank pauses
+        deadline = time.monotonic() + 120
+        while not written.exists() and time.monotonic() < deadline:
+            assert ranks[0].poll() is None, open(logs[0]).read()[-3000:]
+            time.sleep(0.05)
+        ranks[1].send_signal(signal.SIGKILL)
+        ranks[0].wait(timeout=60)
+        text = open(logs[0]).read()
+        assert ranks[0].returncode != 0
+        assert "PipelineStageError: a peer was lost while saving iteration 2 to " in text, text[-3000:]
+    finally:
+        for proc in ranks:
+            for pid in _children(proc.pid) + [proc.pid]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)

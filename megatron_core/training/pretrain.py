@@ -6,11 +6,12 @@ caller as a :class:`TrainResult`; nothing here calls ``sys.exit``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from megatron_core import device
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
+from megatron_core.pipeline_parallel.stage_errors import PipelineStageError, is_peer_loss
 from megatron_core.training import checkpoint_io, checkpointing, data_loading, dist_checkpoint, health
 from megatron_core.training.agreement import agreed
 from megatron_core.training.config import (
@@ -302,15 +304,16 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
     if run.checkpoint.save is None or state.iteration in result.saved_iterations:
         return
     _wait_for_save(run)
-    if run.save_format == "torch_dist":
-        run.pending_save = dist_checkpoint.save_checkpoint(
-            run.checkpoint, state.iteration, state.consumed_train_samples, run.model, run.optimizer, run.scheduler,
-            run.parallel_state, run.config.model.transformer, run.model_info, run.data, printer=run.out.rank0)
-        result.saved_iterations.append(state.iteration)
-        return
-    checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
-                                  run.optimizer, run.scheduler, run.parallel_state, run.config.model.transformer,
-                                  run.model_info, printer=run.out.rank0)
+    with _peer_loss_while_saving(run, f"iteration {state.iteration} to {run.checkpoint.save}"):
+        if run.save_format == "torch_dist":
+            run.pending_save = dist_checkpoint.save_checkpoint(
+                run.checkpoint, state.iteration, state.consumed_train_samples, run.model, run.optimizer,
+                run.scheduler, run.parallel_state, run.config.model.transformer, run.model_info, run.data,
+                printer=run.out.rank0)
+        else:
+            checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
+                                          run.optimizer, run.scheduler, run.parallel_state,
+                                          run.config.model.transformer, run.model_info, printer=run.out.rank0)
     result.saved_iterations.append(state.iteration)
 
 
@@ -318,7 +321,24 @@ def _wait_for_save(run: _Run) -> None:
     """Finish an asynchronous torch_dist save still in flight (before the next one, and at exit)."""
     if run.pending_save is not None:
         request, run.pending_save = run.pending_save, None
-        request.wait()
+        with _peer_loss_while_saving(run, request.final_dir):
+            request.wait()
+
+
+@contextlib.contextmanager
+def _peer_loss_while_saving(run: _Run, what: str) -> Iterator[None]:
+    """A peer killed during a save (kill -9, the out-of-memory killer) breaks the save's collectives: say so, as
+    the schedules do during training (``PipelineStageError``), instead of gloo's bare "Connection reset by peer"."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if isinstance(exc, PipelineStageError) or run.parallel_state.world_size == 1 or not is_peer_loss(exc):
+            raise
+        raise PipelineStageError(
+            f"a peer was lost while saving {what}: global rank {run.parallel_state.rank} stopped on "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}; a peer process died (killed, out of memory, or its "
+            f"machine failed): check the other ranks' logs; latest_checkpointed_iteration.txt names the newest "
+            f"complete checkpoint") from exc
 
 
 def _flops_per_sample(config: RunConfig, padded_vocab: int) -> float:
