@@ -313,7 +313,8 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
         else:
             checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
                                           run.optimizer, run.scheduler, run.parallel_state,
-                                          run.config.model.transformer, run.model_info, printer=run.out.rank0)
+                                          run.config.model.transformer, run.model_info, printer=run.out.rank0,
+                                          tokenizer=dist_checkpoint.tokenizer_identity(run.data))
     result.saved_iterations.append(state.iteration)
 
 
