@@ -96,6 +96,19 @@ def test_parallel_sizes_of_one_for_missing_parallelisms_are_accepted():
             parse_args(LLAMA_SCRIPT + [flag, value])
 
 
+def test_transformer_impl_transformer_engine_without_it_names_the_flag():
+    """It said "--spec megatron_core.transformer.layer_specs get_gpt_layer_te_spec: ...; give a module importable
+    from the working directory or PYTHONPATH (...)": a flag the user never gave and a fix that does not apply."""
+    from megatron_core.transformer.te_spec import HAVE_TE, TE_IMPORT_ERROR
+
+    if HAVE_TE:
+        pytest.skip("transformer_engine is installed here")
+    with pytest.raises(ConfigError) as info:
+        validate_args(parse_args(LLAMA_SCRIPT + ["--transformer-impl", "transformer_engine"]), world_size=1)
+    assert str(info.value) == (f"--transformer-impl transformer_engine: transformer_engine failed to import "
+                               f"({TE_IMPORT_ERROR}); install it on a CUDA machine or pass --transformer-impl local")
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--num-experts", "8", "--moe-router-topk", "2"], "--num-experts: mixture-of-experts"),
     (["--expert-model-parallel-size", "2"], "mixture-of-experts"),

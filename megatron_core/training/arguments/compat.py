@@ -149,6 +149,12 @@ def apply(args: argparse.Namespace) -> None:
         args.position_embedding_type = "rope"
     if args.spec is None and args.transformer_impl is not None:
         name = "get_gpt_layer_local_spec" if args.transformer_impl == "local" else "get_gpt_layer_te_spec"
+        if args.transformer_impl == "transformer_engine":
+            from megatron_core.transformer.te_spec import HAVE_TE, TE_IMPORT_ERROR
+
+            if not HAVE_TE:  # before any process group or model, naming the flag given
+                raise ConfigError(f"--transformer-impl transformer_engine: transformer_engine failed to import "
+                                  f"({TE_IMPORT_ERROR}); install it on a CUDA machine or pass --transformer-impl local")
         args.spec = ["megatron_core.transformer.layer_specs", name]
 
 
