@@ -230,3 +230,42 @@ def test_a_peer_killed_during_a_save_is_reported_as_a_lost_peer(tmp_path):
             for pid in _children(proc.pid) + [proc.pid]:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def _killed_after_the_schedule(report_dir: str, where: str):
+    """pretrain_gpt.main at DP 2 where rank 1 dies (SIGKILL) on its second call of ``where``, just before a
+    collective outside the pipeline schedule: train_step's loss all-reduce, or the per-iteration exit check's."""
+    from test_failures_training import TINY
+
+    import pretrain_gpt
+    from megatron_core.training import training_loop
+    from megatron_core.training.signal_handler import ExitSignalHandler
+
+    owner = {"reduce_loss_dicts": training_loop, "signal_received_any": ExitSignalHandler}[where]
+    real, calls = getattr(owner, where), []
+
+    def dying(*args):
+        calls.append(1)
+        if dist.get_rank() == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+
+    setattr(owner, where, dying)  # in this forked rank only
+    try:
+        pretrain_gpt.main(TINY + ["--train-iters", "5", "--eval-iters", "0", "--global-batch-size", "4"])
+    except Exception as exc:
+        with open(os.path.join(report_dir, f"rank{dist.get_rank()}.txt"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+@pytest.mark.parametrize("where,activity", [("reduce_loss_dicts", "training iteration 2"),
+                                            ("signal_received_any", "training, after iteration 2")])
+def test_a_peer_killed_outside_the_schedule_is_reported_as_a_lost_peer(tmp_path, where, activity):
+    """Collectives of a training iteration outside the pipeline schedule (train_step's loss all-reduce and
+    optimizer, the exit check) met a dead peer with gloo's bare RuntimeError; inside the schedule the same death
+    was already 'a peer was lost'."""
+    with pytest.raises(RankError):
+        run_distributed(_killed_after_the_schedule, 2, str(tmp_path), where, timeout=120)
+    text = (tmp_path / "rank0.txt").read_text()
+    assert text.startswith(f"PipelineStageError: a peer was lost while {activity}: global rank 0 "), text

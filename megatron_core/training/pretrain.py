@@ -256,7 +256,9 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
         result.exit_reason = "skip-train"
     elif state.iteration < run.training.train_iters:
         out.rank0(f"> training from iteration {state.iteration} to {run.training.train_iters}")
-        _train(run, state, result)
+        # train_step and saves name their own iteration; this catches the rest (logging, evaluation, exit checks)
+        with _name_a_lost_peer(run, lambda: f"training, after iteration {state.iteration}"):
+            _train(run, state, result)
     else:
         out.rank0(f"> nothing to train: the checkpoint is at iteration {state.iteration} and --train-iters is "
                   f"{run.training.train_iters}; raise --train-iters to train further (when the learning-rate "
@@ -304,7 +306,7 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
     if run.checkpoint.save is None or state.iteration in result.saved_iterations:
         return
     _wait_for_save(run)
-    with _peer_loss_while_saving(run, f"iteration {state.iteration} to {run.checkpoint.save}"):
+    with _name_a_lost_peer(run, f"saving iteration {state.iteration} to {run.checkpoint.save}"):
         if run.save_format == "torch_dist":
             run.pending_save = dist_checkpoint.save_checkpoint(
                 run.checkpoint, state.iteration, state.consumed_train_samples, run.model, run.optimizer,
@@ -322,21 +324,24 @@ def _wait_for_save(run: _Run) -> None:
     """Finish an asynchronous torch_dist save still in flight (before the next one, and at exit)."""
     if run.pending_save is not None:
         request, run.pending_save = run.pending_save, None
-        with _peer_loss_while_saving(run, request.final_dir):
+        with _name_a_lost_peer(run, f"saving {request.final_dir}"):
             request.wait()
 
 
 @contextlib.contextmanager
-def _peer_loss_while_saving(run: _Run, what: str) -> Iterator[None]:
-    """A peer killed during a save (kill -9, the out-of-memory killer) breaks the save's collectives: say so, as
-    the schedules do during training (``PipelineStageError``), instead of gloo's bare "Connection reset by peer"."""
+def _name_a_lost_peer(run: _Run, what: str | Callable[[], str]) -> Iterator[None]:
+    """A peer killed (kill -9, the out-of-memory killer) during a save or a training step's collectives outside the
+    pipeline schedule (loss all-reduce, optimizer): say so, as the schedules do (``PipelineStageError``), instead
+    of gloo's bare "Connection reset by peer". ``what``: the activity, e.g. "saving iteration 4 to DIR" (or a
+    function giving it when the error is raised)."""
     try:
         yield
     except RuntimeError as exc:
         if isinstance(exc, PipelineStageError) or run.parallel_state.world_size == 1 or not is_peer_loss(exc):
             raise
+        activity = what if isinstance(what, str) else what()
         raise PipelineStageError(
-            f"a peer was lost while saving {what}: global rank {run.parallel_state.rank} stopped on "
+            f"a peer was lost while {activity}: global rank {run.parallel_state.rank} stopped on "
             f"{type(exc).__name__}: {str(exc).splitlines()[0]}; a peer process died (killed, out of memory, or its "
             f"machine failed): check the other ranks' logs; latest_checkpointed_iteration.txt names the newest "
             f"complete checkpoint") from exc
@@ -374,10 +379,11 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
             run.calculator.update(state.consumed_train_samples)
             batch = run.calculator.current_global_batch_size
             began = time.perf_counter()
-            step = train_step(run.forward_step_func, iterators, run.model, run.optimizer, run.scheduler, ps,
-                              run.calculator.num_microbatches, batch, seq_length, training.micro_batch_size,
-                              timers, iteration=state.iteration + 1,
-                              check_for_nan=training.check_for_nan_in_loss_and_grad)
+            with _name_a_lost_peer(run, f"training iteration {state.iteration + 1}"):
+                step = train_step(run.forward_step_func, iterators, run.model, run.optimizer, run.scheduler, ps,
+                                  run.calculator.num_microbatches, batch, seq_length, training.micro_batch_size,
+                                  timers, iteration=state.iteration + 1,
+                                  check_for_nan=training.check_for_nan_in_loss_and_grad)
             seconds = time.perf_counter() - began
             skips.update(state.iteration + 1, step.skipped, run.optimizer)
             state.iteration += 1
