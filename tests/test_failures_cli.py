@@ -114,6 +114,7 @@ def test_transformer_impl_transformer_engine_without_it_names_the_flag():
     (["--expert-model-parallel-size", "2"], "mixture-of-experts"),
     (["--wandb-project", "llama"], "--wandb-project: Weights & Biases logging is not supported; log to TensorBoard"),
     (["--fp8-format", "hybrid"], "FP8 training needs Transformer Engine"),
+    (["--use-rope-scaling"], "--use-rope-scaling: Llama 3.1's RoPE frequency scaling is not supported yet"),
     (["--async-save", "--ckpt-format", "torch"], "--async-save writes torch_dist checkpoints; drop --ckpt-format"),
 ])
 def test_refused_flags_say_why(argv, needle):

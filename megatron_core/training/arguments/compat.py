@@ -21,6 +21,8 @@ _KERNEL_CHOICES = ("--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-
 
 _MOE = "mixture-of-experts (Mixtral-style) models are not supported yet; train a dense model (drop the MoE flags)"
 _FP8 = "FP8 training needs Transformer Engine on FP8-capable GPUs and is not supported yet; use --bf16"
+_ROPE_SCALING = ("Llama 3.1's RoPE frequency scaling is not supported yet (nor by tools/checkpoint/convert.py); train "
+                 "with plain RoPE (--rotary-base) or drop the flag")
 _LOG = "this logging option is not supported yet; drop it (TensorBoard gets losses, lr, batch size and validation)"
 _REFUSED: dict[str, str] = {
     **{f: _MOE for f in ("--num-experts", "--moe-router-topk", "--moe-router-load-balancing-type",
@@ -60,6 +62,9 @@ _REFUSED: dict[str, str] = {
     "--timing-log-option": _LOG,
     "--tensorboard-queue-size": "drop the flag (TensorBoard is written with its default queue)",
     "--rotary-seq-len-interpolation-factor": "RoPE position interpolation is not supported yet; drop the flag",
+    # Megatron-LM's docs/llama_mistral.md launch arguments for Llama 3.1 (HF rope_type "llama3")
+    "--use-rope-scaling": _ROPE_SCALING,
+    "--rope-scaling-factor": _ROPE_SCALING,
 }
 # Refused flags whose one value means "off", as Megatron-LM's scripts spell it out (--context-parallel-size 1):
 # accepted with that value, refused with any other.
