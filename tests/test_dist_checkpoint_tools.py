@@ -25,6 +25,7 @@ from megatron_core.tokenizer.huggingface_tokenizer import HuggingFaceTokenizer
 from megatron_core.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
 from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
 from megatron_core.training import checkpoint_io as io
+from megatron_core.training.arguments import build_parser, parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -182,3 +183,26 @@ def test_a_reshard_keeps_the_vocabulary_padding_rows(trained, tmp_path):
             assert saved["output_layer.weight"].shape[0] == 256 and sorted(saved) == sorted(resharded)
             for key, value in saved.items():
                 assert torch.equal(resharded[key], value), (source, rank, key)
+
+
+def test_a_legacy_training_checkpoint_records_its_tokenizer(trained, tmp_path):
+    """Megatron-LM's legacy checkpoint carries its args, so --use-checkpoint-args gives the tokenizer type; here
+    a legacy training checkpoint recorded no tokenizer: `--load LEGACY --use-checkpoint-args` stopped on
+    "--tokenizer-type is required" and text generation / the Hugging Face export had none. Now it records the run's
+    --tokenizer-* flags as torch_dist does, and a re-shard carries them."""
+    from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
+
+    d, model, _ = trained
+    args = parse_args(["--load", str(d / "legacy"), "--use-checkpoint-args", "--mock-data", "--micro-batch-size", "2",
+                       "--train-iters", "3", "--lr", "1e-3"])
+    apply_checkpoint_args(args, vars(build_parser().parse_args([])))
+    assert (args.tokenizer_type, args.tokenizer_model) == ("SentencePieceTokenizer", model)
+    full = convert.load_core(str(d / "legacy"))
+    assert isinstance(full.tokenizer, SentencePieceTokenizer) and full.tokenizer.vocab_size == 400
+    resharded = str(tmp_path / "tp1")
+    convert.main(["--model-type", "GPT", "--loader", "core", "--saver", "core", "--load-dir", str(d / "legacy"),
+                  "--save-dir", resharded, "--target-tensor-parallel-size", "1"])
+    args = parse_args(["--load", resharded, "--use-checkpoint-args", "--mock-data", "--micro-batch-size", "2",
+                       "--train-iters", "3", "--lr", "1e-3"])
+    apply_checkpoint_args(args, vars(build_parser().parse_args([])))
+    assert args.tokenizer_type == "SentencePieceTokenizer"

@@ -82,6 +82,31 @@ def test_megatron_llama3_and_checkpoint_script_flags_are_accepted_or_refused_wit
             validate_args(parse_args(LLAMA_SCRIPT + argv), world_size=1)
 
 
+def test_parallel_sizes_of_one_for_missing_parallelisms_are_accepted():
+    """Megatron-LM's Llama and Qwen scripts spell out --context-parallel-size 1 --expert-model-parallel-size 1
+    --expert-tensor-parallel-size 1: sizes that mean "off" were refused as if context or expert parallelism had
+    been asked for ("drop the flag (context parallel size 1)")."""
+    off = ["--context-parallel-size", "1", "--expert-model-parallel-size", "1", "--expert-tensor-parallel-size", "1"]
+    plain = config_from_args(validate_args(parse_args(LLAMA_SCRIPT), world_size=1))
+    assert config_from_args(validate_args(parse_args(LLAMA_SCRIPT + off), world_size=1)) == plain
+    for flag, value in (("--context-parallel-size", "2"), ("--expert-tensor-parallel-size", "4")):
+        with pytest.raises(ConfigError, match=f"^{flag}: "):
+            parse_args(LLAMA_SCRIPT + [flag, value])
+
+
+def test_transformer_impl_transformer_engine_without_it_names_the_flag():
+    """It said "--spec megatron_core.transformer.layer_specs get_gpt_layer_te_spec: ...; give a module importable
+    from the working directory or PYTHONPATH (...)": a flag the user never gave and a fix that does not apply."""
+    from megatron_core.transformer.te_spec import HAVE_TE, TE_IMPORT_ERROR
+
+    if HAVE_TE:
+        pytest.skip("transformer_engine is installed here")
+    with pytest.raises(ConfigError) as info:
+        validate_args(parse_args(LLAMA_SCRIPT + ["--transformer-impl", "transformer_engine"]), world_size=1)
+    assert str(info.value) == (f"--transformer-impl transformer_engine: transformer_engine failed to import "
+                               f"({TE_IMPORT_ERROR}); install it on a CUDA machine or pass --transformer-impl local")
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--num-experts", "8", "--moe-router-topk", "2"], "--num-experts: mixture-of-experts"),
     (["--expert-model-parallel-size", "2"], "mixture-of-experts"),
@@ -97,7 +122,7 @@ def test_refused_flags_say_why(argv, needle):
 def test_every_refused_flag_is_one_line_not_unrecognized():
     for flag in refused_flags():
         with pytest.raises(ConfigError) as info:
-            parse_args(LLAMA_SCRIPT + [flag, "1"])
+            parse_args(LLAMA_SCRIPT + [flag, "2"])  # 2: not the size 1 that --context-parallel-size 1 ... accept
         assert str(info.value).startswith(f"{flag}: ") and "unrecognized" not in str(info.value)
 
 

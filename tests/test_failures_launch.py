@@ -162,3 +162,110 @@ def test_a_config_error_under_torchrun_is_its_root_cause(tmp_path):
         f"{ours} (see python pretrain_gpt.py --help)"], proc.stderr
     root_cause = proc.stderr.split("Root Cause (first observed failure):", 1)[-1]
     assert f"traceback : {ours}" in root_cause, proc.stderr[-3000:]
+
+
+def test_a_rank_whose_peer_is_killed_exits_with_dataloader_workers(tmp_path):
+    """kill -9 of one rank (two plain processes, no torchrun, --num-workers 2, Megatron-LM's default): the
+    other rank fails on the lost peer and its process ends. Its DataLoader workers ignore SIGTERM (so a
+    group-wide SIGTERM still saves), so multiprocessing's exit handler, which stops them with SIGTERM and
+    joins, waited forever while the failed iterator was still referenced (under torchrun: its SIGKILL after 30 s)."""
+    from test_failures_training import TINY
+
+    argv = TINY + ["--train-iters", "100000", "--eval-iters", "0", "--num-workers", "2",
+                                "--tensor-model-parallel-size", "2", "--vocab-size", "255"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    logs = [str(tmp_path / f"rank{r}.txt") for r in range(2)]
+    ranks = []
+    try:
+        for r, log in enumerate(logs):
+            with open(log, "w") as out:
+                ranks.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv],
+                                              cwd=str(tmp_path), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                              stdout=out, stderr=subprocess.STDOUT))
+        _wait_for(logs[0], "iteration        3/", ranks[0])
+        ranks[1].send_signal(signal.SIGKILL)
+        ranks[0].wait(timeout=20)  # subprocess.TimeoutExpired: rank 0 hangs at exit
+        assert ranks[0].returncode != 0
+        assert "a peer was lost" in open(logs[0]).read(), open(logs[0]).read()[-3000:]
+    finally:
+        for proc in ranks:
+            for pid in _children(proc.pid) + [proc.pid]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_peer_killed_during_a_save_is_reported_as_a_lost_peer(tmp_path):
+    """kill -9 of rank 1 while a torch_dist save waits to publish: rank 0 said only gloo's "RuntimeError: ...
+    Connection reset by peer" from the save's agreement, not that a peer was lost (as training does)."""
+    from test_failures_training import TINY
+
+    from megatron_core.dist_checkpointing.serialization import PAUSE_BEFORE_PUBLISH_ENV
+
+    ckpt = tmp_path / "ckpt"
+    argv = TINY + ["--train-iters", "100000", "--eval-iters", "0", "--tensor-model-parallel-size", "2",
+                   "--vocab-size", "255", "--save", str(ckpt), "--save-interval", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", **{PAUSE_BEFORE_PUBLISH_ENV: "3"})
+    logs = [str(tmp_path / f"rank{r}.txt") for r in range(2)]
+    ranks = []
+    try:
+        for r, log in enumerate(logs):
+            with open(log, "w") as out:
+                ranks.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv],
+                                              cwd=str(tmp_path), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                              stdout=out, stderr=subprocess.STDOUT))
+        written = ckpt / "iter_0000002.tmp" / "common.pt"  # rank 0 writes it last, then every rank pauses
+        deadline = time.monotonic() + 120
+        while not written.exists() and time.monotonic() < deadline:
+            assert ranks[0].poll() is None, open(logs[0]).read()[-3000:]
+            time.sleep(0.05)
+        ranks[1].send_signal(signal.SIGKILL)
+        ranks[0].wait(timeout=60)
+        text = open(logs[0]).read()
+        assert ranks[0].returncode != 0
+        assert "PipelineStageError: a peer was lost while saving iteration 2 to " in text, text[-3000:]
+    finally:
+        for proc in ranks:
+            for pid in _children(proc.pid) + [proc.pid]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _killed_after_the_schedule(report_dir: str, where: str):
+    """pretrain_gpt.main at DP 2 where rank 1 dies (SIGKILL) on its second call of ``where``, just before a
+    collective outside the pipeline schedule: train_step's loss all-reduce, or the per-iteration exit check's."""
+    from test_failures_training import TINY
+
+    import pretrain_gpt
+    from megatron_core.training import training_loop
+    from megatron_core.training.signal_handler import ExitSignalHandler
+
+    owner = {"reduce_loss_dicts": training_loop, "signal_received_any": ExitSignalHandler}[where]
+    real, calls = getattr(owner, where), []
+
+    def dying(*args):
+        calls.append(1)
+        if dist.get_rank() == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+
+    setattr(owner, where, dying)  # in this forked rank only
+    try:
+        pretrain_gpt.main(TINY + ["--train-iters", "5", "--eval-iters", "0", "--global-batch-size", "4"])
+    except Exception as exc:
+        with open(os.path.join(report_dir, f"rank{dist.get_rank()}.txt"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+@pytest.mark.parametrize("where,activity", [("reduce_loss_dicts", "training iteration 2"),
+                                            ("signal_received_any", "training, after iteration 2")])
+def test_a_peer_killed_outside_the_schedule_is_reported_as_a_lost_peer(tmp_path, where, activity):
+    """Collectives of a training iteration outside the pipeline schedule (train_step's loss all-reduce and
+    optimizer, the exit check) met a dead peer with gloo's bare RuntimeError; inside the schedule the same death
+    was already 'a peer was lost'."""
+    with pytest.raises(RankError):
+        run_distributed(_killed_after_the_schedule, 2, str(tmp_path), where, timeout=120)
+    text = (tmp_path / "rank0.txt").read_text()
+    assert text.startswith(f"PipelineStageError: a peer was lost while {activity}: global rank 0 "), text

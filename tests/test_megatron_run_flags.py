@@ -98,7 +98,7 @@ def test_manual_gc_collects_only_at_its_interval_and_around_evaluations():
     ((seen, _, _),) = run_distributed(_collections, 1, TINY + ["--manual-gc", "--no-manual-gc-eval"], timeout=120)
     assert seen == [2]
     ((seen, automatic, _),) = run_distributed(_collections, 1, TINY, timeout=120)
-    assert seen == [] and automatic > 10  # without the flag the collector runs on its own
+    assert seen == [] and automatic > 0  # without the flag the collector runs on its own (6 to 150 times seen)
 
 
 def test_pytorch_profiler_traces_the_asked_iterations_on_the_asked_ranks(tmp_path):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from megatron_core.checkpoint import convert
@@ -212,6 +213,27 @@ def test_megatron_llama_script_flags_are_checked_against_the_checkpoint(tmp_path
         assert main(["--load", str(tmp_path / "gpt2"), *args, *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"run_text_generation.py: error: {message}") and err.count("\n") == 1, err
+
+
+def test_megatron_llama3_launch_flags_transformer_impl_and_kernel_choices_are_accepted(tmp_path, capsys):
+    """Megatron-LM's Llama 3 launch arguments (docs/llama_mistral.md "Launch model") carry
+    --transformer-impl transformer_engine, and its inference scripts --no-rope-fusion and
+    --no-gradient-accumulation-fusion: each was argparse's 'unrecognized arguments'. They pick kernels, not the
+    weights: the same greedy tokens; an unknown implementation is still refused."""
+    from megatron_core.inference.text_generation_cli import main
+
+    llama = tiny_hf_llama()
+    llama.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "out.json"
+    args = ["--load", str(tmp_path / "llama"), "--prompt-tokens", "5,17,99", "--top_k", "1", "--tokens-to-generate",
+            "4", "--output", str(out), *LLAMA_SCRIPT_FLAGS]
+    for impl in ("transformer_engine", "local"):
+        code = main([*args, "--transformer-impl", impl, "--no-rope-fusion", "--no-gradient-accumulation-fusion"])
+        assert code == 0, capsys.readouterr().err
+        assert json.loads(out.read_text())["tokens"] == [_hf_greedy(llama, [5, 17, 99], 4)]
+    with pytest.raises(SystemExit):
+        main([*args, "--transformer-impl", "inference_optimized_x"])
+    assert "--transformer-impl: invalid choice" in capsys.readouterr().err
 
 
 def test_a_temperature_past_megatron_lms_bound_is_one_line():

@@ -30,6 +30,7 @@ import torch
 
 from megatron_core.checkpoint import hf_gpt2, hf_llama
 from megatron_core.checkpoint.core_format import (
+    TOKENIZER_FLAGS,
     VOCAB_PADDING,
     load_core_checkpoint,
     make_model_info,
@@ -72,7 +73,7 @@ class FullModel:
     iteration: int | None = None  # of a Megatron checkpoint: kept when it is resharded
     train_state: dict[str, Any] = field(default_factory=dict)  # core_format.TRAIN_STATE_KEYS, kept likewise
     # Without a tokenizer: why, and whether the source recorded one (then its absence is a loss to report;
-    # a legacy training checkpoint, or a NullTokenizer run, records none and loses nothing).
+    # a legacy training checkpoint of an older run, or a NullTokenizer run, records none and loses nothing).
     no_tokenizer_reason: str = ""
     tokenizer_expected: bool = True
     # The padding multiple a Megatron checkpoint was saved with (None from HF): a re-shard keeps it unless
@@ -134,16 +135,21 @@ def load_core(path: str, iteration: int | None = None, with_optimizer: bool = Fa
     config, info, state, train_state = load_core_checkpoint(path, iteration, with_optimizer)
     family = info.get("hf_model_type")
     tokenizer = None
-    # A training run's legacy checkpoint records no tokenizer; one this converter wrote records its directory.
+    # A training run's legacy checkpoint records its --tokenizer-* flags; one this converter wrote, its directory.
     saved = (info.get("tokenizer") or {}).get("dir")
+    flags = train_state.get(TOKENIZER_FLAGS) or {}
     if saved and os.path.isdir(os.path.join(path, saved)):
         tokenizer = load_dir_tokenizer(os.path.join(path, saved), info["tokenizer"].get("type"))
+    elif not saved:
+        tokenizer = tokenizer_from_flags(flags)
+    recorded = flags.get("tokenizer_type") not in (None, "NullTokenizer")
     reason = f"its tokenizer directory {os.path.join(path, saved)} is gone" if saved else \
+        f"its recorded tokenizer files are gone ({_recorded_files(flags)})" if recorded else \
         f"the legacy checkpoint {path} records no tokenizer"
     return FullModel(config, info.get("vocab_size") or info["padded_vocab_size"],
                      int(info.get("max_position_embeddings") or info["seq_length"]), state, family, tokenizer,
                      iteration if iteration is not None else io.read_tracker(path), train_state,
-                     no_tokenizer_reason=reason, tokenizer_expected=bool(saved),
+                     no_tokenizer_reason=reason, tokenizer_expected=bool(saved) or recorded,
                      make_vocab_size_divisible_by=info.get("make_vocab_size_divisible_by"))
 
 
@@ -162,6 +168,10 @@ def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
                      tokenizer_from_flags(full.tokenizer), full.iteration,
                      {k: v for k, v in train_state.items() if v is not None}, reason, expected,
                      info.get("make_vocab_size_divisible_by"))
+
+
+def _recorded_files(flags: dict[str, Any]) -> str:
+    return ", ".join(str(flags[k]) for k in ("tokenizer_model", "vocab_file", "merge_file") if flags.get(k))
 
 
 def tokenizer_from_flags(flags: dict[str, Any]) -> MegatronTokenizer | None:

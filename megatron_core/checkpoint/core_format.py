@@ -43,8 +43,10 @@ def make_model_info(config: TransformerConfig, vocab_size: int, max_position_emb
 
 
 # What a training checkpoint holds beside the model that no layout change touches: carried by a
-# re-shard so that a run resumed from it continues the data order and the learning-rate schedule.
-TRAIN_STATE_KEYS = ("consumed_train_samples", "opt_param_scheduler")
+# re-shard so that a run resumed from it continues the data order and the learning-rate schedule, and
+# the --tokenizer-* flags the run recorded (TOKENIZER_FLAGS, Megatron-LM's args.tokenizer_*).
+TOKENIZER_FLAGS = "tokenizer"
+TRAIN_STATE_KEYS = ("consumed_train_samples", "opt_param_scheduler", TOKENIZER_FLAGS)
 OPTIMIZER = "optimizer"  # train_state's FullOptimizerState: re-sharded with the weights (optimizer_reshard)
 # train_state's {vocabulary table name: its rows past the true vocabulary} of a re-sharded checkpoint: the
 # new layout's padding starts from them (sharding.pad_vocab_rows), so that a run resumed under a layout

@@ -121,8 +121,8 @@ def inference_tokenizer(load: str, saved: MegatronTokenizer | None, tokenizer_ty
                         merge_file: str | None = None) -> MegatronTokenizer:
     """The tokenizer named by the ``--tokenizer-*`` flags, else ``saved`` (the one stored with the model).
 
-    Raises ConfigError when neither is available (a legacy training checkpoint records no tokenizer; a
-    torch_dist one records its flags, used when the files are still there).
+    Raises ConfigError when neither is available (a training checkpoint of either format records its
+    ``--tokenizer-*`` flags, used when the files are still there; one of an older legacy run records none).
     """
     if tokenizer_type is not None:
         try:
@@ -132,7 +132,7 @@ def inference_tokenizer(load: str, saved: MegatronTokenizer | None, tokenizer_ty
             raise ConfigError(str(exc)) from None
     if saved is not None:
         return saved
-    raise ConfigError(f"--load {load} gives no tokenizer (a legacy checkpoint records none; a torch_dist one "
+    raise ConfigError(f"--load {load} gives no tokenizer (a training checkpoint "
                       f"records its run's tokenizer files, which are not at the recorded paths from here): pass "
                       f"--tokenizer-type and --tokenizer-model (or --vocab-file/--merge-file), or use "
                       f"--prompt-tokens with token ids")

@@ -34,6 +34,10 @@ _CHOICES = {"--normalization": ["LayerNorm", "RMSNorm"],
 # Switches that only configure a run (loading, fusions, dropout, batching): no effect on generation here.
 _RUN_SWITCHES = ("--use-checkpoint-args", "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint",
                  "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--use-mcore-models")
+# Kernel choices of Megatron-LM's Llama launch and inference scripts (docs/llama_mistral.md: --transformer-impl
+# transformer_engine): they pick how layers compute, not what the weights are; generation here uses its own layers.
+_KERNEL_SWITCHES = ("--no-rope-fusion", "--no-gradient-accumulation-fusion", "--no-bias-swiglu-fusion",
+                    "--no-bias-dropout-fusion", "--no-persist-layer-norm")
 _BATCHING = "prompts are batched as given; the length limit is the model's --max-position-embeddings"
 _EVAL = "generation runs the model in eval mode, without dropout"
 _RUN_VALUES = {"--micro-batch-size": (int, _BATCHING), "--seq-length": (int, _BATCHING),
@@ -58,6 +62,10 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=kind, default=None, help=f"accepted: no effect here ({why})")
     for flag in _RUN_SWITCHES:
         g.add_argument(flag, action="store_true", help="accepted: the model, and nothing else, comes from --load")
+    kernels = "accepted: picks kernels, not weights; generation runs this framework's layers, the same result"
+    g.add_argument("--transformer-impl", default=None, choices=["local", "transformer_engine"], help=kernels)
+    for flag in _KERNEL_SWITCHES:
+        g.add_argument(flag, action="store_true", help=kernels)
     dtype = g.add_mutually_exclusive_group()
     dtype.add_argument("--fp16", action="store_true", help="run the model in fp16 (default: the checkpoint's fp32)")
     dtype.add_argument("--bf16", action="store_true", help="run the model in bf16 (default: the checkpoint's fp32)")

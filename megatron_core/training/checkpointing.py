@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
+from megatron_core.checkpoint.core_format import TOKENIZER_FLAGS
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training import checkpoint_io as io
 from megatron_core.training.agreement import agreed
@@ -98,8 +99,11 @@ def _gather_rng_states(parallel_state: ParallelState) -> list[dict[str, Any]]:
 def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_samples: int,
                     model: list[torch.nn.Module], optimizer: Any, scheduler: Any, parallel_state: ParallelState,
                     transformer: TransformerConfig, model_info: ModelInfo,
-                    printer: Callable[[str], None] = print) -> str:
+                    printer: Callable[[str], None] = print, tokenizer: dict[str, Any] | None = None) -> str:
     """Write iteration ``iteration`` under ``config.save``; returns the checkpoint directory. Collective.
+
+    ``tokenizer``: the run's ``--tokenizer-*`` flags (``dist_checkpoint.tokenizer_identity``), recorded for
+    ``--use-checkpoint-args``, text generation and the converter, as Megatron-LM's legacy files carry its args.
 
     A sharded (ZeRO) optimizer also writes this DP rank's shard beside the model file. Weights
     holding inf/nan are never saved (``TrainingDivergedError``); a write that fails on any rank (a
@@ -124,7 +128,7 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     rng = None if config.no_save_rng else _gather_rng_states(parallel_state)
     try:
         agreed(_write_files, config, tmp_dir, iteration, consumed_train_samples, model_states, optimizer,
-               scheduler, parallel_state, transformer, model_info, rng)
+               scheduler, parallel_state, transformer, model_info, rng, tokenizer)
     except ConfigError:
         if parallel_state.rank == 0:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -156,7 +160,7 @@ def check_finite_model(model_states: list[Mapping[str, torch.Tensor]], iteration
 def _write_files(config: CheckpointConfig, tmp_dir: str, iteration: int, consumed_train_samples: int,
                  model_states: list[dict[str, Any]], optimizer: Any, scheduler: Any,
                  parallel_state: ParallelState, transformer: TransformerConfig, model_info: ModelInfo,
-                 rng: list | None) -> None:
+                 rng: list | None, tokenizer: dict[str, Any] | None = None) -> None:
     """This rank's files of the checkpoint (no communication); an OSError becomes one ConfigError line."""
     rank_dir = os.path.join(tmp_dir, io.mp_rank_name(parallel_state.tp_rank, parallel_state.pp_rank,
                                                      parallel_state.pp_size))
@@ -176,6 +180,8 @@ def _write_files(config: CheckpointConfig, tmp_dir: str, iteration: int, consume
                 state["opt_param_scheduler"] = scheduler.state_dict()
             if rng is not None:
                 state["rng_state"] = rng
+            if tokenizer is not None:
+                state[TOKENIZER_FLAGS] = tokenizer
             io.save_file(state, os.path.join(rank_dir, io.MODEL_FILENAME))
         if save_optim and _sharded(optimizer):
             io.save_file(optimizer.sharded_state_dict(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -154,6 +154,21 @@ def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, para
                                        persistent_workers=False, pin_memory=False,
                                        worker_init_fn=_worker_ignores_stop_signals if num_workers else None,
                                        generator=torch.Generator().manual_seed(consumed_samples))
+
+
+def shutdown_data_iterators(iterators: Iterable[Any]) -> None:
+    """Stop the worker processes of these DataLoader iterators now (``None`` entries and iterators
+    without workers are skipped); the iterators cannot be used afterwards.
+
+    Called when training or an evaluation ends, and above all when it raises: the exception's traceback
+    keeps the iterators alive until the interpreter exits, where multiprocessing stops leftover children
+    with SIGTERM, which the workers ignore (``_worker_ignores_stop_signals``), and then joins them forever:
+    a rank whose peer died hung instead of exiting. torch's own ``__del__`` shutdown is what runs here.
+    """
+    for iterator in iterators:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's _MultiProcessingDataLoaderIter
+        if shutdown is not None:
+            shutdown()
 
 
 def chunk_needs_data(parallel_state: ParallelState, vp_stage: int | None) -> bool:

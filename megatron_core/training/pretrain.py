@@ -6,11 +6,12 @@ caller as a :class:`TrainResult`; nothing here calls ``sys.exit``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from megatron_core import device
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
+from megatron_core.pipeline_parallel.stage_errors import PipelineStageError, is_peer_loss
 from megatron_core.training import checkpoint_io, checkpointing, data_loading, dist_checkpoint, health
 from megatron_core.training.agreement import agreed
 from megatron_core.training.config import (
@@ -263,7 +265,9 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
         result.exit_reason = "skip-train"
     elif state.iteration < run.training.train_iters:
         out.rank0(f"> training from iteration {state.iteration} to {run.training.train_iters}")
-        _train(run, state, result)
+        # train_step and saves name their own iteration; this catches the rest (logging, evaluation, exit checks)
+        with _name_a_lost_peer(run, lambda: f"training, after iteration {state.iteration}"):
+            _train(run, state, result)
     else:
         out.rank0(f"> nothing to train: the checkpoint is at iteration {state.iteration} and --train-iters is "
                   f"{run.training.train_iters}; raise --train-iters to train further (when the learning-rate "
@@ -311,15 +315,17 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
     if run.checkpoint.save is None or state.iteration in result.saved_iterations:
         return
     _wait_for_save(run)
-    if run.save_format == "torch_dist":
-        run.pending_save = dist_checkpoint.save_checkpoint(
-            run.checkpoint, state.iteration, state.consumed_train_samples, run.model, run.optimizer, run.scheduler,
-            run.parallel_state, run.config.model.transformer, run.model_info, run.data, printer=run.out.rank0)
-        result.saved_iterations.append(state.iteration)
-        return
-    checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
-                                  run.optimizer, run.scheduler, run.parallel_state, run.config.model.transformer,
-                                  run.model_info, printer=run.out.rank0)
+    with _name_a_lost_peer(run, f"saving iteration {state.iteration} to {run.checkpoint.save}"):
+        if run.save_format == "torch_dist":
+            run.pending_save = dist_checkpoint.save_checkpoint(
+                run.checkpoint, state.iteration, state.consumed_train_samples, run.model, run.optimizer,
+                run.scheduler, run.parallel_state, run.config.model.transformer, run.model_info, run.data,
+                printer=run.out.rank0)
+        else:
+            checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
+                                          run.optimizer, run.scheduler, run.parallel_state,
+                                          run.config.model.transformer, run.model_info, printer=run.out.rank0,
+                                          tokenizer=dist_checkpoint.tokenizer_identity(run.data))
     result.saved_iterations.append(state.iteration)
 
 
@@ -327,7 +333,27 @@ def _wait_for_save(run: _Run) -> None:
     """Finish an asynchronous torch_dist save still in flight (before the next one, and at exit)."""
     if run.pending_save is not None:
         request, run.pending_save = run.pending_save, None
-        request.wait()
+        with _name_a_lost_peer(run, f"saving {request.final_dir}"):
+            request.wait()
+
+
+@contextlib.contextmanager
+def _name_a_lost_peer(run: _Run, what: str | Callable[[], str]) -> Iterator[None]:
+    """A peer killed (kill -9, the out-of-memory killer) during a save or a training step's collectives outside the
+    pipeline schedule (loss all-reduce, optimizer): say so, as the schedules do (``PipelineStageError``), instead
+    of gloo's bare "Connection reset by peer". ``what``: the activity, e.g. "saving iteration 4 to DIR" (or a
+    function giving it when the error is raised)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if isinstance(exc, PipelineStageError) or run.parallel_state.world_size == 1 or not is_peer_loss(exc):
+            raise
+        activity = what if isinstance(what, str) else what()
+        raise PipelineStageError(
+            f"a peer was lost while {activity}: global rank {run.parallel_state.rank} stopped on "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}; a peer process died (killed, out of memory, or its "
+            f"machine failed): check the other ranks' logs; latest_checkpointed_iteration.txt names the newest "
+            f"complete checkpoint") from exc
 
 
 def _flops_per_sample(config: RunConfig, padded_vocab: int) -> float:
@@ -387,6 +413,7 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
                     return
     finally:
         loop.handler.release()
+        data_loading.shutdown_data_iterators(loop.iterators)
     _save(run, state, result)
     _wait_for_save(run)
 
@@ -398,12 +425,13 @@ def _iteration(run: _Run, loop: _Loop, state: TrainState, result: TrainResult) -
     batch = run.calculator.current_global_batch_size
     loop.hooks.before_iteration(state.iteration)
     began = time.perf_counter()
-    step = train_step(run.forward_step_func, loop.iterators, run.model, run.optimizer, run.scheduler,
-                      run.parallel_state, run.calculator.num_microbatches, batch, run.data.seq_length,
-                      training.micro_batch_size, loop.timers, iteration=state.iteration + 1,
-                      check_for_nan=training.check_for_nan_in_loss_and_grad,
-                      empty_unused_memory_level=training.empty_unused_memory_level,
-                      calculate_per_token_loss=run.config.ddp.calculate_per_token_loss)
+    with _name_a_lost_peer(run, f"training iteration {state.iteration + 1}"):
+        step = train_step(run.forward_step_func, loop.iterators, run.model, run.optimizer, run.scheduler,
+                          run.parallel_state, run.calculator.num_microbatches, batch, run.data.seq_length,
+                          training.micro_batch_size, loop.timers, iteration=state.iteration + 1,
+                          check_for_nan=training.check_for_nan_in_loss_and_grad,
+                          empty_unused_memory_level=training.empty_unused_memory_level,
+                          calculate_per_token_loss=run.config.ddp.calculate_per_token_loss)
     seconds = time.perf_counter() - began
     loop.skips.update(state.iteration + 1, step.skipped, run.optimizer)
     state.iteration += 1

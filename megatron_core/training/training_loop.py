@@ -137,6 +137,7 @@ def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Mod
                 if training.empty_unused_memory_level >= 1:
                     device.empty_cache()
     finally:
+        data_loading.shutdown_data_iterators(iterators)
         for chunk in model:
             chunk.train()
     return reduce_loss_dicts(loss_dicts, parallel_state)

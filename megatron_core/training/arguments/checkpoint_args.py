@@ -3,10 +3,12 @@
 A torch_dist checkpoint stores the ``TransformerConfig``, the ``model_info`` and the tokenizer
 flags of the run that wrote it; this maps them back onto the flag names (Megatron-LM's
 ``load_args_from_checkpoint``), so ``pretrain_gpt.py --load DIR --use-checkpoint-args`` needs no
-model flags. A legacy checkpoint's model files hold the same ``config`` and ``model_info`` but no
-tokenizer flags: those are still given, unless ``tools/checkpoint/convert.py`` stored its tokenizer
-beside the iterations (``model_info["tokenizer"]["dir"]``). A flag the user gave that disagrees with
-the checkpoint is an error naming both, except ``--seq-length``, which the given value sets (as Megatron-LM).
+model flags. A legacy checkpoint's model files hold the same ``config``, ``model_info`` and, from
+``pretrain_gpt.py``, tokenizer flags (Megatron-LM's legacy files carry its args); a checkpoint that
+``tools/checkpoint/convert.py`` wrote stores its tokenizer beside the iterations instead
+(``model_info["tokenizer"]["dir"]``), which wins; one from an older run records none (give the flags).
+A flag the user gave that disagrees with the checkpoint is an error naming both, except ``--seq-length``,
+which the given value sets (as Megatron-LM).
 Both formats give ``--make-vocab-size-divisible-by`` (the padded vocabulary); a legacy checkpoint, which
 loads only under the layout that saved it, also its TP / PP / virtual-stage sizes (Megatron-LM forces them).
 """
@@ -40,7 +42,7 @@ _ACTIVATION_FLAGS = {"swiglu": "swiglu", "gelu_tanh": "openai_gelu", "squared_re
 
 
 def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> None:
-    """Fill the model (and, from a torch_dist one, tokenizer) flags of ``args`` from the checkpoint in ``args.load``.
+    """Fill the model and tokenizer flags of ``args`` from the checkpoint in ``args.load``.
 
     ``parser_defaults``: each flag's default, to tell a flag the user gave from one left alone.
     Raises ConfigError when ``--load`` holds no checkpoint or a given flag disagrees.
@@ -81,6 +83,7 @@ def _legacy_layout(config: dict[str, Any], info: dict[str, Any]) -> dict[str, An
 def _records(load: str, step: int | None) -> tuple[Any, Any, Any, bool]:
     """``(model config, model_info, tokenizer flags, whether legacy)`` of the checkpoint (torch_dist or
     legacy) in ``load``."""
+    from megatron_core.checkpoint.core_format import TOKENIZER_FLAGS
     from megatron_core.checkpoint.hf_tokenizer import dir_tokenizer_flags
     from megatron_core.dist_checkpointing import read_common
     from megatron_core.dist_checkpointing.full_model import is_torch_dist
@@ -105,6 +108,8 @@ def _records(load: str, step: int | None) -> tuple[Any, Any, Any, bool]:
             # tools/checkpoint/convert.py stores the tokenizer it carried beside the iterations.
             saved = (info.get("tokenizer") or {}).get("dir")
             tokenizer = dir_tokenizer_flags(os.path.join(load, saved), info["tokenizer"].get("type")) if saved else None
+            # pretrain_gpt.py records its --tokenizer-* flags (core_format.TOKENIZER_FLAGS; none before 2026-11-30)
+            tokenizer = tokenizer or state.get(TOKENIZER_FLAGS)
             return state.get("config"), state.get("model_info"), tokenizer or None, True
     raise ConfigError(f"--load {directory} has no {io.mp_rank_name(0, 0, 1)}/{io.MODEL_FILENAME} to read the model "
                       f"flags from (--use-checkpoint-args)")

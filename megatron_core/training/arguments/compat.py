@@ -47,6 +47,10 @@ _REFUSED: dict[str, str] = {
     "--reset-attention-mask": "per-document attention masks are not supported yet; drop the flag",
     "--timing-log-option": "the timing line shows the logging rank's times; drop the flag",
 }
+# Refused flags whose one value means "off", as Megatron-LM's scripts spell it out (--context-parallel-size 1):
+# accepted with that value, refused with any other.
+_OFF_VALUES: dict[str, str] = {"--context-parallel-size": "1", "--expert-model-parallel-size": "1",
+                               "--expert-tensor-parallel-size": "1"}
 # Megatron-LM flags whose only setting is this framework's behaviour (flag -> help).
 _NO_OPS: dict[str, str] = {
     "--no-query-key-layer-scaling": "accepted: query-key layer scaling is never applied (Megatron-LM's default)",
@@ -70,6 +74,8 @@ class _Refuse(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
+        if values == [_OFF_VALUES.get(str(option_string))]:
+            return
         raise ConfigError(f"{option_string}: {_REFUSED[str(option_string)]}")
 
 
@@ -130,6 +136,12 @@ def apply(args: argparse.Namespace) -> None:
         args.position_embedding_type = "rope"
     if args.spec is None and args.transformer_impl is not None:
         name = "get_gpt_layer_local_spec" if args.transformer_impl == "local" else "get_gpt_layer_te_spec"
+        if args.transformer_impl == "transformer_engine":
+            from megatron_core.transformer.te_spec import HAVE_TE, TE_IMPORT_ERROR
+
+            if not HAVE_TE:  # before any process group or model, naming the flag given
+                raise ConfigError(f"--transformer-impl transformer_engine: transformer_engine failed to import "
+                                  f"({TE_IMPORT_ERROR}); install it on a CUDA machine or pass --transformer-impl local")
         args.spec = ["megatron_core.transformer.layer_specs", name]
 
 
