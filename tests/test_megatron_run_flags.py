@@ -169,3 +169,26 @@ def test_per_token_loss_is_the_global_batch_token_mean_under_any_split_and_layou
                                       timeout=180))
         for i, (a, b) in enumerate(zip(got.losses, whole.losses, strict=True), start=1):
             assert abs(a - b) <= 1e-5 * abs(b), f"{layout} iteration {i}: {a} vs one microbatch {b}"
+
+
+def test_grad_reduce_in_bf16_keeps_bf16_gradient_buffers():
+    from megatron_core.training.arguments import config_from_args, parse_args
+    from megatron_core.training.arguments.validate import validate_args
+
+    def ddp(extra):
+        return config_from_args(validate_args(parse_args(TINY + ["--bf16"] + extra), world_size=2)).ddp
+
+    assert ddp([]).grad_reduce_in_fp32 and not ddp(["--grad-reduce-in-bf16"]).grad_reduce_in_fp32
+    argv = TINY + ["--bf16", "--train-iters", "6", "--eval-iters", "0", "--log-interval", "1"]
+    fp32 = _logged(run_distributed(_train, 2, argv, timeout=180)).losses
+    bf16 = _logged(run_distributed(_train, 2, argv + ["--grad-reduce-in-bf16"], timeout=180)).losses
+    assert bf16 != fp32 and all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(bf16, fp32, strict=True))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--grad-reduce-in-bf16"], "--grad-reduce-in-bf16 reduces the gradients of --bf16 training; add --bf16"),
+    (["--bf16", "--grad-reduce-in-bf16", "--accumulate-allreduce-grads-in-fp32"], "contradict each other"),
+])
+def test_grad_reduce_in_bf16_needs_bf16(flags, message):
+    error = run_distributed(_error_of, 1, TINY + flags, timeout=60)[0]
+    assert error is not None and message in error and "\n" not in error

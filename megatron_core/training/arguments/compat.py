@@ -35,7 +35,6 @@ _REFUSED: dict[str, str] = {
     "--wandb-save-dir": "Weights & Biases logging is not supported; log to TensorBoard with --tensorboard-dir DIR",
     "--context-parallel-size": "context parallelism is not supported yet; drop the flag (context parallel size 1)",
     "--apply-layernorm-1p": "zero-centred (1p) LayerNorm is not supported yet; drop the flag",
-    "--grad-reduce-in-bf16": "gradients are reduced in fp32 under --bf16 here; drop the flag",
     "--use-legacy-models": "only megatron_core models exist here (--use-mcore-models is implied); drop the flag",
     "--tp-comm-overlap": "overlapping TP communication needs Transformer Engine userbuffers; not supported yet",
     "--use-torch-fsdp2": "FSDP2 is not used here; --data-parallel-sharding-strategy optim_grads_params (ZeRO-3) "

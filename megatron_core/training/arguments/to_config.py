@@ -104,8 +104,8 @@ def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
     """``DistributedDataParallelConfig``: the ZeRO stage, parameter gathering and fp32 grads with bf16."""
     return DistributedDataParallelConfig(
         zero_stage=zero_stage(args), overlap_grad_reduce=args.overlap_grad_reduce,
-        # As Megatron-LM: bf16 gradients are accumulated and reduced in fp32.
-        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16,
+        # As Megatron-LM: bf16 gradients are accumulated and reduced in fp32, unless --grad-reduce-in-bf16.
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or (args.bf16 and not args.grad_reduce_in_bf16),
         overlap_param_gather=args.overlap_param_gather,
         stage3_prefetch_bucket_size=args.stage3_prefetch_bucket_size,
         stage3_param_persistence_threshold=args.stage3_param_persistence_threshold,

@@ -118,6 +118,9 @@ def _mixed_precision(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--consecutive-hysteresis", action="store_true",
                    help="a step without overflow restores the hysteresis (DeepSpeed's fp16.consecutive_hysteresis)")
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="with --bf16: accumulate and reduce gradients in bf16 (default: fp32, Megatron-LM's rule); "
+                        "half the gradient memory and traffic, at bf16's rounding")
 
 
 def _recompute(parser: argparse.ArgumentParser) -> None:

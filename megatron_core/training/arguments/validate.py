@@ -272,6 +272,11 @@ def _schedule_lengths(args: argparse.Namespace, by_samples: bool) -> None:
 def _precision_and_recompute(args: argparse.Namespace) -> None:
     if args.fp16 and args.bf16:
         raise ConfigError("give only one of --fp16 and --bf16")
+    if args.grad_reduce_in_bf16 and not args.bf16:
+        raise ConfigError("--grad-reduce-in-bf16 reduces the gradients of --bf16 training; add --bf16 or drop the flag")
+    if args.grad_reduce_in_bf16 and args.accumulate_allreduce_grads_in_fp32:
+        raise ConfigError("--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 contradict each other; "
+                          "give one of them")
     if args.loss_scale is not None and args.loss_scale <= 0:
         raise ConfigError(f"--loss-scale must be positive (leave it out for dynamic scaling), got {args.loss_scale}")
     if args.recompute_activations:
