@@ -261,3 +261,23 @@ def test_the_dropout_flags_help_says_why_they_change_nothing():
     for flag in ("--attention-dropout", "--hidden-dropout"):
         assert helps[flag] == "accepted: no effect here (generation runs the model in eval mode, without dropout)"
     assert "prompts are batched as given" in helps["--seq-length"]
+
+
+def test_context_and_expert_sizes_of_one_are_accepted_and_others_are_one_line(tmp_path, capsys):
+    """Megatron-LM's Mixtral server script spells out --expert-model-parallel-size 1, its Llama ones
+    --context-parallel-size 1: argparse's 'unrecognized arguments' before; 1 now generates, 2 is one line."""
+    from megatron_core.inference.text_generation_cli import main
+
+    llama = tiny_hf_llama()
+    llama.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "out.json"
+    args = ["--load", str(tmp_path / "llama"), "--prompt-tokens", "5,17,99", "--top_k", "1", "--tokens-to-generate",
+            "4", "--output", str(out)]
+    off = ["--context-parallel-size", "1", "--expert-model-parallel-size", "1", "--expert-tensor-parallel-size", "1"]
+    assert main([*args, *off]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["tokens"] == [_hf_greedy(llama, [5, 17, 99], 4)]
+    capsys.readouterr()
+    assert main([*args, "--expert-model-parallel-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--expert-model-parallel-size 2: generation has no expert parallelism here; drop the flag or give 1" in err
+    assert "Traceback" not in err

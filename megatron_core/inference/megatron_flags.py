@@ -43,6 +43,9 @@ _EVAL = "generation runs the model in eval mode, without dropout"
 _RUN_VALUES = {"--micro-batch-size": (int, _BATCHING), "--seq-length": (int, _BATCHING),
                "--out-seq-length": (int, _BATCHING), "--attention-dropout": (float, _EVAL),
                "--hidden-dropout": (float, _EVAL)}
+# Parallel sizes of parallelisms generation does not have: Megatron-LM's scripts spell out 1 (off).
+_ABSENT_PARALLELISMS = {"--context-parallel-size": "context", "--expert-model-parallel-size": "expert",
+                        "--expert-tensor-parallel-size": "expert tensor"}
 # Architecture switches: each must hold for the loaded model (see _switch_errors).
 _SWITCHES = ("--group-query-attention", "--swiglu", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--disable-bias-linear", "--add-qkv-bias", "--untie-embeddings-and-output-weights", "--use-rope-scaling",
@@ -62,6 +65,8 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=kind, default=None, help=f"accepted: no effect here ({why})")
     for flag in _RUN_SWITCHES:
         g.add_argument(flag, action="store_true", help="accepted: the model, and nothing else, comes from --load")
+    for flag, kind in _ABSENT_PARALLELISMS.items():
+        g.add_argument(flag, type=int, default=None, help=f"accepted with 1: generation has no {kind} parallelism")
     kernels = "accepted: picks kernels, not weights; generation runs this framework's layers, the same result"
     g.add_argument("--transformer-impl", default=None, choices=["local", "transformer_engine"], help=kernels)
     for flag in _KERNEL_SWITCHES:
@@ -93,6 +98,14 @@ def _switch_errors(model: Any) -> dict[str, str | None]:
         "--use-rope-scaling": None if c.rope_scaling else "the checkpoint's RoPE has no Llama 3.x scaling",
         "--qk-layernorm": None if c.qk_layernorm else "the checkpoint's attention has no query/key norms",
     }
+
+
+def check_parallel_sizes(args: argparse.Namespace) -> None:
+    """ConfigError for a context or expert parallel size other than 1 (before any process group is made)."""
+    for flag, kind in _ABSENT_PARALLELISMS.items():
+        value = getattr(args, _dest(flag))
+        if value not in (None, 1):
+            raise ConfigError(f"{flag} {value}: generation has no {kind} parallelism here; drop the flag or give 1")
 
 
 def check_and_cast(args: argparse.Namespace, model: Any) -> None:

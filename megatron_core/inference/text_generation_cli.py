@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron_core.errors import ConfigError, report_line
 from megatron_core.inference.generation import GenerationOutput, generate
 from megatron_core.inference.loading import LoadedModel, build_inference_model, inference_tokenizer
-from megatron_core.inference.megatron_flags import add_megatron_args, check_and_cast
+from megatron_core.inference.megatron_flags import add_megatron_args, check_and_cast, check_parallel_sizes
 from megatron_core.inference.sampling import SamplingParams
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
 from megatron_core.tokenizer.base import MegatronTokenizer
@@ -103,6 +103,7 @@ def setup(args: argparse.Namespace, need_tokenizer: bool, timeout: timedelta | N
     Every process holds part of one model replica: as Megatron-LM's text generation server, the world
     must be TP x PP (no data parallelism). Raises ConfigError naming the fix otherwise.
     """
+    check_parallel_sizes(args)
     world, pp = dist.get_world_size(), args.pipeline_model_parallel_size
     tp = args.tensor_model_parallel_size or max(world // pp, 1)
     if tp * pp != world:
