@@ -36,6 +36,8 @@ def test_the_scalings_reach_the_model_and_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--use-rope-scaling"], "--use-rope-scaling scales RoPE, but position_embedding_type is 'learned_absolute'"),
     (ROPE + ["--rotary-seq-len-interpolation-factor", "0"], "must be > 0, got 0.0"),
+    # Megatron-LM ignores the factor without the switch: the run trained unscaled (found by breakit2)
+    (ROPE + ["--rope-scaling-factor", "32"], "--rope-scaling-factor 32 scales RoPE only with --use-rope-scaling"),
 ])
 def test_bad_scalings_are_one_line(flags, message):
     error = run_distributed(_error_of, 1, TINY + flags, timeout=60)[0]
