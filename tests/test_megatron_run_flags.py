@@ -135,6 +135,8 @@ def test_tensorboard_extras_and_losses_unchanged_by_emptying_the_cache(tmp_path)
     (["--profile", "--profile-step-start", "5", "--profile-step-end", "5"], "need 0 <= start < end, got 5 and 5"),
     (["--profile", "--use-pytorch-profiler"], "--use-pytorch-profiler writes its traces to --tensorboard-dir"),
     (["--tensorboard-queue-size", "0"], "--tensorboard-queue-size must be positive"),
+    # Megatron-LM profiles no rank then, silently (found by breakit2: a one-process run with --profile-ranks 5)
+    (["--profile", "--profile-ranks", "5"], "--profile-ranks 5 names no rank of this run (ranks 0 to 0)"),
 ])
 def test_bad_values_are_one_line(flags, message):
     ((error,),) = [run_distributed(_error_of, 1, TINY + flags, timeout=60)]
@@ -147,6 +149,22 @@ def test_nsight_profiling_without_cuda_says_so_and_trains(capfd):
     assert result.iteration == 3
     out = capfd.readouterr().out
     assert out.count("> --profile without --use-pytorch-profiler marks an Nsight Systems capture range") == 1
+
+
+@pytest.mark.parametrize("flags,warning", [
+    (["--manual-gc-interval", "2", "--profile-ranks", "1"],
+     "warning: --manual-gc-interval, --profile-ranks: no effect without --manual-gc and --profile; add "),
+    (["--profile", "--profile-step-start", "3"],
+     "warning: --profile-step-start 3 is not below --train-iters 3: nothing is profiled"),
+])
+def test_options_that_cannot_take_effect_say_so_in_one_line(capfd, flags, warning):
+    """Megatron-LM ignores them silently (found by breakit2: --profile's default window 10-12 in a shorter run
+    records nothing); the run still trains, so a script that toggles only the switch keeps working."""
+    result = _logged(run_distributed(_train, 1, TINY + ["--train-iters", "3", "--eval-iters", "0"] + flags,
+                                     timeout=120))
+    assert result.iteration == 3
+    err = capfd.readouterr().err
+    assert err.count(warning) == 1, err
 
 
 PER_TOKEN = ["--eod-mask-loss", "--train-iters", "8", "--eval-iters", "0", "--log-interval", "1"]

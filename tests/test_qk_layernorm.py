@@ -57,3 +57,20 @@ def test_flag_without_norms_in_a_user_spec_is_refused(tmp_path, monkeypatch):
     error = run_distributed(_error_of, 1, TINY + QK + ["--spec", "plain_spec", "LAYER"] + RUN, timeout=60)[0]
     assert error == ("--qk-layernorm: the layer of --spec plain_spec LAYER has no q_layernorm/k_layernorm; fill them "
                      "in that spec, or drop --qk-layernorm")
+
+
+def test_hf_export_of_a_user_spec_with_norms_is_refused_not_dropped(tmp_path, capfd):
+    """Found by breakit2: a Llama-shaped run with ``--spec models.custom_spec qk_norm_layer_spec`` and no
+    --qk-layernorm records qk_layernorm False, and ``convert.py --saver hf`` wrote a LlamaForCausalLM without
+    the trained q/k norms (another model, no word said). The export now names the weights and writes nothing."""
+    llama = ["--position-embedding-type", "rope", "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
+             "--spec", "models.custom_spec", "qk_norm_layer_spec", "--save", str(tmp_path / "ckpt"),
+             "--ckpt-format", "torch"]
+    _logged(run_distributed(_train, 1, TINY + RUN + llama, timeout=120))
+    capfd.readouterr()
+    assert convert(["--model-type", "GPT", "--loader", "core", "--saver", "hf", "--load-dir", str(tmp_path / "ckpt"),
+                    "--save-dir", str(tmp_path / "hf")]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith("convert.py: error: LlamaForCausalLM has no place for the weights "
+                           "decoder.layers.0.self_attention.k_layernorm.weight, "), line
+    assert "keep the Megatron checkpoint" in line and not (tmp_path / "hf").exists()

@@ -7,6 +7,8 @@ from harness import run_distributed
 from test_pretrain import TINY, _logged, _train
 from test_tensorboard import _error_of
 
+from megatron_core.errors import ConfigError
+
 ROPE = ["--position-embedding-type", "rope", "--rotary-base", "500000", "--seq-length", "64", "--train-iters", "3",
         "--eval-iters", "0", "--log-interval", "1"]
 LLAMA3 = ["--use-rope-scaling", "--rope-scaling-factor", "8"]
@@ -36,7 +38,25 @@ def test_the_scalings_reach_the_model_and_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--use-rope-scaling"], "--use-rope-scaling scales RoPE, but position_embedding_type is 'learned_absolute'"),
     (ROPE + ["--rotary-seq-len-interpolation-factor", "0"], "must be > 0, got 0.0"),
+    # Megatron-LM ignores the factor without the switch: the run trained unscaled (found by breakit2)
+    (ROPE + ["--rope-scaling-factor", "32"], "--rope-scaling-factor 32 scales RoPE only with --use-rope-scaling"),
 ])
 def test_bad_scalings_are_one_line(flags, message):
     error = run_distributed(_error_of, 1, TINY + flags, timeout=60)[0]
     assert error is not None and message in error and "\n" not in error
+
+
+def test_the_factor_without_the_scaling_does_not_block_a_resume():
+    """Found by breakit2: a checkpoint of a run given --rope-scaling-factor 32 without --use-rope-scaling (accepted
+    before that became an error) was refused unless the run gave the factor too, now an error: a dead end. The
+    factor does nothing without the scaling, so it is compared only when either side scales."""
+    from megatron_core.training.checkpointing import check_compatible
+    from megatron_core.transformer.config import TransformerConfig
+
+    def config(**rope):
+        return TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, position_embedding_type="rope",
+                                 **rope).to_dict()
+
+    check_compatible(config(rope_scaling_factor=32.0), {}, config(), {}, "ckpt")
+    with pytest.raises(ConfigError, match=r"rope_scaling_factor: checkpoint 8.0 vs run 32.0 \(--rope-scaling-factor\)"):
+        check_compatible(config(rope_scaling=True), {}, config(rope_scaling=True, rope_scaling_factor=32.0), {}, "ckpt")

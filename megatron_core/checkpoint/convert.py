@@ -119,12 +119,37 @@ def save_hf(model: FullModel, path: str, family: str | None = None) -> None:
     ids = special_ids(model.tokenizer) if model.tokenizer is not None else dict.fromkeys(
         ("bos_token_id", "eos_token_id", "pad_token_id"))
     hf_config = module.config_to_hf(model.config, model.vocab_size, model.max_position_embeddings, ids)
-    save_hf_dir(path, hf_config, module.state_to_hf(model.state, model.config))
+    save_hf_dir(path, hf_config, _state_to_hf_whole(module, model))
     from transformers import GenerationConfig  # noqa: PLC0415
     GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(path)
     if model.tokenizer is not None:
         save_tokenizer(model.tokenizer, path)
     normal_permissions(path)
+
+
+class _ReadKeys(dict):
+    """A state dict that records the keys read from it (what a ``state_to_hf`` mapping consumed)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__(state)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _state_to_hf_whole(module: Any, model: FullModel) -> dict[str, torch.Tensor]:
+    """``module.state_to_hf`` of the model, refusing weights the Hugging Face class has no place for (a
+    ``--spec`` layer's q/k norms in a run without ``--qk-layernorm``): leaving them out changes the model."""
+    state = _ReadKeys(model.state)
+    hf_state = module.state_to_hf(state, model.config)
+    left = sorted(set(model.state) - state.read)
+    if left:
+        shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        raise UnsupportedModel(f"{module.ARCHITECTURE} has no place for the weights {shown} (a custom --spec layer's); "
+                               f"the export would drop them: keep the Megatron checkpoint")
+    return hf_state
 
 
 def load_core(path: str, iteration: int | None = None, with_optimizer: bool = False) -> FullModel:

@@ -65,8 +65,9 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=kind, default=None, help=f"accepted: no effect here ({why})")
     for flag in _RUN_SWITCHES:
         g.add_argument(flag, action="store_true", help="accepted: the model, and nothing else, comes from --load")
-    for flag, kind in _ABSENT_PARALLELISMS.items():
-        g.add_argument(flag, type=int, default=None, help=f"accepted with 1: generation has no {kind} parallelism")
+    for flag, parallelism in _ABSENT_PARALLELISMS.items():
+        g.add_argument(flag, type=int, default=None,
+                       help=f"accepted with 1: generation has no {parallelism} parallelism")
     kernels = "accepted: picks kernels, not weights; generation runs this framework's layers, the same result"
     g.add_argument("--transformer-impl", default=None, choices=["local", "transformer_engine"], help=kernels)
     for flag in _KERNEL_SWITCHES:

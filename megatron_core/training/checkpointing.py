@@ -233,6 +233,8 @@ def check_compatible(saved_config: dict[str, Any], saved_info: dict[str, Any], m
     diffs, layout = [], False
     for saved, ours, flags in ((saved_config, model_config, CONFIG_FLAGS), (saved_info, model_info, INFO_FLAGS)):
         for name, flag in flags.items():
+            if name == "rope_scaling_factor" and not (saved.get("rope_scaling") or ours.get("rope_scaling")):
+                continue  # the factor does nothing without --use-rope-scaling (a checkpoint may hold any)
             if name in saved and saved[name] != ours.get(name):
                 diffs.append(f"{name}: checkpoint {saved[name]!r} vs run {ours.get(name)!r} ({flag})")
                 layout = layout or name in _LAYOUT_FIELDS

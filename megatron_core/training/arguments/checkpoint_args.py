@@ -55,6 +55,8 @@ def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, A
                           f"pretrain_gpt.py); give the model flags instead of --use-checkpoint-args")
     values: dict[str, Any] = {dest: config[key] for dest, key in _FROM_CONFIG.items() if key in config}
     values.update({dest: info[key] for dest, key in _FROM_INFO.items() if key in info})
+    if not config.get("rope_scaling"):  # the factor does nothing then; a run before it was checked saved any
+        values.pop("rope_scaling_factor", None)
     values["group_query_attention"] = config.get("num_query_groups") not in (None, config.get("num_attention_heads"))
     values["untie_embeddings_and_output_weights"] = not config.get("share_embeddings_and_output_weights", True)
     for activation, dest in _ACTIVATION_FLAGS.items():

@@ -6,6 +6,7 @@ same verdict before any process group or model exists, and a bad combination cos
 from __future__ import annotations
 
 import argparse
+import sys
 
 from megatron_core import device
 from megatron_core.datasets.splits import parse_split
@@ -14,6 +15,7 @@ from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.training.arguments import compat
 from megatron_core.training.config import DataConfig
 from megatron_core.training.errors import ConfigError
+from megatron_core.training.initialize import rank_from_env
 
 _DEMO_HINT = " (or try python pretrain_gpt.py --demo)"
 
@@ -95,6 +97,9 @@ def _model(args: argparse.Namespace) -> None:
     _require(args, "seq_length", "128")
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size",
               "kv_channels", "max_position_embeddings", "make_vocab_size_divisible_by")
+    if args.rope_scaling_factor != 8.0 and not args.use_rope_scaling:  # Megatron-LM ignores the factor alone
+        raise ConfigError(f"--rope-scaling-factor {args.rope_scaling_factor:g} scales RoPE only with "
+                          f"--use-rope-scaling (Llama 3.x); add --use-rope-scaling or drop --rope-scaling-factor")
     tp, pp, heads = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.num_attention_heads
     if heads % tp != 0:
         raise ConfigError(
@@ -364,10 +369,36 @@ def _gc_and_profile(args: argparse.Namespace) -> None:
     if args.manual_gc_interval < 0:
         raise ConfigError(f"--manual-gc-interval must be 0 (collect only around evaluations) or more, got "
                           f"{args.manual_gc_interval}")
+    _without_switch(args)
     if not args.profile:
         return
+    if not any(0 <= rank < args.world_size for rank in args.profile_ranks):
+        raise ConfigError(f"--profile-ranks {' '.join(map(str, args.profile_ranks))} names no rank of this run "
+                          f"(ranks 0 to {args.world_size - 1}); name one or more of them")
     if args.profile_step_start < 0 or args.profile_step_end <= args.profile_step_start:
         raise ConfigError(f"--profile records iterations --profile-step-start to --profile-step-end: need 0 <= "
                           f"start < end, got {args.profile_step_start} and {args.profile_step_end}")
+    if args.train_iters is not None and args.profile_step_start >= args.train_iters and rank_from_env() == 0:
+        print(f"warning: --profile-step-start {args.profile_step_start} is not below --train-iters "
+              f"{args.train_iters}: nothing is profiled; lower --profile-step-start (default 10)",
+              file=sys.stderr, flush=True)
     if args.use_pytorch_profiler and args.tensorboard_dir is None:
         raise ConfigError("--use-pytorch-profiler writes its traces to --tensorboard-dir; add --tensorboard-dir DIR")
+
+
+def _without_switch(args: argparse.Namespace) -> None:
+    """Options of --manual-gc / --profile given without it: Megatron-LM ignores them silently; here one
+    warning line names them (not an error, so a script that toggles only the switch keeps running)."""
+    given = {"--manual-gc-interval": ("--manual-gc", args.manual_gc_interval != 0),
+             "--no-manual-gc-eval": ("--manual-gc", not args.manual_gc_eval),
+             "--use-pytorch-profiler": ("--profile", args.use_pytorch_profiler),
+             "--profile-step-start": ("--profile", args.profile_step_start != 10),
+             "--profile-step-end": ("--profile", args.profile_step_end != 12),
+             "--profile-ranks": ("--profile", args.profile_ranks != [0])}
+    switched_on = {"--manual-gc": args.manual_gc, "--profile": args.profile}
+    unused = [flag for flag, (switch, on) in given.items() if on and not switched_on[switch]]
+    if unused and rank_from_env() == 0:
+        switches = " and ".join(dict.fromkeys(given[flag][0] for flag in unused))
+        print(f"warning: {', '.join(unused)}: no effect without {switches}; add {switches} or drop "
+              f"{', '.join(unused)}",
+              file=sys.stderr, flush=True)
