@@ -281,3 +281,24 @@ def test_context_and_expert_sizes_of_one_are_accepted_and_others_are_one_line(tm
     err = capsys.readouterr().err
     assert "--expert-model-parallel-size 2: generation has no expert parallelism here; drop the flag or give 1" in err
     assert "Traceback" not in err
+
+
+def test_an_interpolation_factor_is_applied_as_in_training(tmp_path, capsys):
+    """--rotary-seq-len-interpolation-factor is a run's choice (training may change it to extend a checkpoint's
+    context): generation applies it to the loaded RoPE, giving what transformers gives with rope_type linear
+    over the same weights. It was refused as disagreeing with the checkpoint's None."""
+    from megatron_core.inference.text_generation_cli import main
+
+    llama = tiny_hf_llama()
+    llama.save_pretrained(tmp_path / "llama")
+    linear = tiny_hf_llama(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
+    linear.load_state_dict(llama.state_dict())
+    out = tmp_path / "out.json"
+    prompt = [5, 17, 99, 3, 250, 7, 41, 8]
+    args = ["--load", str(tmp_path / "llama"), "--prompt-tokens", ",".join(map(str, prompt)), "--top_k", "1",
+            "--tokens-to-generate", "12", "--output", str(out)]
+    assert main([*args, "--rotary-seq-len-interpolation-factor", "4"]) == 0, capsys.readouterr().err
+    interpolated = json.loads(out.read_text())["tokens"]
+    assert interpolated == [_hf_greedy(linear, prompt, 12)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["tokens"] == [_hf_greedy(llama, prompt, 12)] != interpolated

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from megatron_core.errors import ConfigError
+from megatron_core.transformer.rope import RotaryEmbedding
 
 # Megatron-LM's value flags -> (type, the TransformerConfig field; None: the model's position count).
 _VALUE_FLAGS: dict[str, tuple[type, str | None]] = {
@@ -27,8 +28,8 @@ _VALUE_FLAGS: dict[str, tuple[type, str | None]] = {
     "--norm-epsilon": (float, "layernorm_epsilon"), "--position-embedding-type": (str, "position_embedding_type"),
     "--rotary-base": (float, "rotary_base"), "--rotary-percent": (float, "rotary_percent"),
     "--rope-scaling-factor": (float, "rope_scaling_factor"), "--rotary-scaling-factor": (float, "rope_scaling_factor"),
-    "--rotary-seq-len-interpolation-factor": (float, "seq_len_interpolation_factor"),
 }
+_INTERPOLATION = "--rotary-seq-len-interpolation-factor"  # a run's choice, as in training: applied, not checked
 _CHOICES = {"--normalization": ["LayerNorm", "RMSNorm"],
             "--position-embedding-type": ["learned_absolute", "rope", "none"]}
 # Switches that only configure a run (loading, fusions, dropout, batching): no effect on generation here.
@@ -65,6 +66,9 @@ def add_megatron_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=kind, default=None, help=f"accepted: no effect here ({why})")
     for flag in _RUN_SWITCHES:
         g.add_argument(flag, action="store_true", help="accepted: the model, and nothing else, comes from --load")
+    g.add_argument(_INTERPOLATION, type=float, default=None,
+                   help="divide RoPE positions by this (linear interpolation: read a longer context than the "
+                        "model was trained on); default: the checkpoint's")
     for flag, parallelism in _ABSENT_PARALLELISMS.items():
         g.add_argument(flag, type=int, default=None,
                        help=f"accepted with 1: generation has no {parallelism} parallelism")
@@ -109,9 +113,25 @@ def check_parallel_sizes(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} {value}: generation has no {kind} parallelism here; drop the flag or give 1")
 
 
+def _interpolate(factor: float | None, model: Any) -> None:
+    """Give the model's RoPE ``--rotary-seq-len-interpolation-factor`` (a training run may change it too)."""
+    if factor is None or factor == model.config.seq_len_interpolation_factor:
+        return
+    if model.rotary_pos_emb is None:
+        raise ConfigError(f"{_INTERPOLATION}: the checkpoint's model has no RoPE (position embedding "
+                          f"{model.config.position_embedding_type}); drop the flag")
+    if not factor > 0:
+        raise ConfigError(f"{_INTERPOLATION} must be > 0, got {factor}")
+    c = model.config
+    c.seq_len_interpolation_factor = factor
+    old = model.rotary_pos_emb.inv_freq
+    scaling = c.rope_scaling_factor if c.rope_scaling else None
+    model.rotary_pos_emb = RotaryEmbedding(c.rotary_dim, c.rotary_base, scaling, factor).to(old.device)
+
+
 def check_and_cast(args: argparse.Namespace, model: Any) -> None:
     """ConfigError for an architecture flag that disagrees with the loaded ``model`` (a GPTModel chunk);
-    ``--fp16`` / ``--bf16`` cast it."""
+    ``--rotary-seq-len-interpolation-factor`` is applied to its RoPE, ``--fp16`` / ``--bf16`` cast it."""
     for flag, (_, field) in _VALUE_FLAGS.items():
         given = getattr(args, _dest(flag))
         saved = model.max_sequence_length if field is None else getattr(model.config, field)
@@ -121,6 +141,7 @@ def check_and_cast(args: argparse.Namespace, model: Any) -> None:
     for flag, why in _switch_errors(model).items():
         if getattr(args, _dest(flag)) and why is not None:
             raise ConfigError(f"{flag}: {why}; drop the flag (the model's architecture comes from --load)")
+    _interpolate(args.rotary_seq_len_interpolation_factor, model)
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     if dtype is not None:
         model.to(dtype)
