@@ -167,6 +167,16 @@ def test_a_config_json_that_does_not_describe_the_weights_is_refused(family, fie
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unwritable_save_dir_names_the_flag(tmp_path, capsys):
+    """It was the bare '[Errno 2] No such file or directory: '/proc/nope'' (found by breakit2)."""
+    tiny_hf_gpt2().save_pretrained(tmp_path / "hf")
+    for saver in ("core", "hf"):
+        assert _cli("hf", saver, tmp_path / "hf", "/proc/nope") == 2
+        err = capsys.readouterr().err  # after the core saver's progress bar
+        assert err.splitlines()[-1].startswith("convert.py: error: --save-dir /proc/nope cannot be written (")
+        assert "Traceback" not in err
+
+
 def test_a_save_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     tiny_hf_gpt2().save_pretrained(tmp_path / "hf")
     (tmp_path / "file").write_text("x")

@@ -370,6 +370,22 @@ def _file_above(path: str) -> str | None:
     return None if os.path.isdir(parent) else parent
 
 
+def _save(model: FullModel, args: argparse.Namespace, saver: str) -> str:
+    """Write ``model`` as ``saver`` asks; returns where. ValueError naming --save-dir when it cannot be written."""
+    try:
+        if saver == "hf":
+            save_hf(model, args.save_dir, args.hf_model_type)
+            return args.save_dir
+        return save_core(model, args.save_dir, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+                         args.target_virtual_pipeline_parallel_size,
+                         args.make_vocab_size_divisible_by or model.make_vocab_size_divisible_by or 128,
+                         args.iteration or model.iteration or 1)
+    except OSError as exc:
+        raise ValueError(f"--save-dir {args.save_dir} cannot be written ({exc.strerror or exc}"
+                         f"{f': {exc.filename}' if exc.filename else ''}); give a directory this user can create "
+                         f"and write to") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -396,14 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tokenizer_type is not None:
             model.tokenizer = build_tokenizer(tokenizer_type, tokenizer_model=args.tokenizer_model,
                                               vocab_file=args.vocab_file, merge_file=args.merge_file)
-        if saver == "hf":
-            save_hf(model, args.save_dir, args.hf_model_type)
-            where = args.save_dir
-        else:
-            where = save_core(model, args.save_dir, args.target_tensor_parallel_size,
-                              args.target_pipeline_parallel_size, args.target_virtual_pipeline_parallel_size,
-                              args.make_vocab_size_divisible_by or model.make_vocab_size_divisible_by or 128,
-                              args.iteration or model.iteration or 1)
+        where = _save(model, args, saver)
     except (FileNotFoundError, UnsupportedModel, ValueError, KeyError) as exc:
         print(f"convert.py: error: {exc}", file=sys.stderr)
         return 2

@@ -63,7 +63,8 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
     if resolved(config.kv_channels, "kv_channels") * config.num_attention_heads != config.hidden_size:
         problems.append(f"kv_channels={config.kv_channels}")
     if problems:
-        raise UnsupportedModel(f"GPT2LMHeadModel cannot hold a model with {', '.join(problems)}")
+        raise UnsupportedModel(f"GPT2LMHeadModel cannot hold a model with {', '.join(problems)}; keep it as a Megatron "
+                               f"checkpoint (tools/run_text_generation.py and the server load it)")
     ids = special_token_ids or {}
     return GPT2Config(
         vocab_size=vocab_size, n_positions=max_position_embeddings, n_embd=config.hidden_size,

@@ -99,7 +99,8 @@ def config_to_hf(config: TransformerConfig, vocab_size: int, max_position_embedd
     if config.rope_scaling and config.seq_len_interpolation_factor is not None:
         problems.append("both Llama 3 RoPE scaling and linear position interpolation")
     if problems:
-        raise UnsupportedModel(f"LlamaForCausalLM cannot hold a model with {', '.join(problems)}")
+        raise UnsupportedModel(f"LlamaForCausalLM cannot hold a model with {', '.join(problems)}; keep it as a "
+                               f"Megatron checkpoint (tools/run_text_generation.py and the server load it)")
     ids = special_token_ids or {}
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=config.hidden_size,
