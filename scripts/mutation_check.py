@@ -187,7 +187,12 @@ refusal of both RoPE scalings at once (test_hf_export.py). Equivalent (2): ``lla
 deleting ``train_step``'s ``device.empty_cache()`` (a CUDA call; nothing on the CPU). Not run: device.py's
 Nsight calls (``cuda_profiler_start``/``stop``), CUDA only. test_megatron_run_flags.py (about 40 s) is
 now in the ``training`` list and test_rope_scaling.py in the ``transformer`` one: no listed test used
-the flags of iteration_hooks.py.
+the flags of iteration_hooks.py. A second draw (``--seed 8``, 3 more of each of pretrain.py,
+training_loop.py, iteration_hooks.py): 7 run, 6 killed (the interval ``_save`` deletion by
+test_checkpointing.py); training_loop.py's two others drawn only gate ``device.empty_cache()``
+(``empty_unused_memory_level >= 2`` -> ``>= 3`` and the call deleted: CUDA only, not run). Equivalent:
+``_log_iteration``'s ``tensorboard_dir is not None and ...`` -> ``or`` (the params norm is then computed,
+on every rank alike, at iterations whose line does not show it: the same output at one more reduction's cost).
 
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.
