@@ -167,6 +167,33 @@ none (the two ``group.pop``), the loss scaler's ``loss_scale_window`` 1 (``growt
 optimizer's coverage check and ``groups[1:]`` hyper-parameter check. Not a missing test but dead code:
 ``hf_tokenizer.copy_tokenizer_files`` (deleting its copy survived: nothing called it; the function is removed).
 
+A seventh sample (eighth session, ``--seed 7``: the mutants on the lines changed since edc7f1a, listed
+by ``git diff -U0`` line ranges, 240 in all, and a sample of each file's: 38 run, each against the test
+files of its change rather than its directory's list): iteration_hooks.py 4 of 5 killed, training_log.py
+4/4, timers.py 1 of 2, pretrain.py 1 of 4, training_loop.py 0 of 3, arguments/validate.py 3/3, device.py
+1/1, optimizer.py 2/2 (test_megatron_run_flags.py, test_decoupled_lr.py), rope.py 4 of 5, hf_llama.py 2
+of 3 (test_rope_scaling.py, test_hf_equivalence.py), hf_io.py 4/4 (test_hf_export.py), megatron_flags.py
+2/2 (test_text_generation_cli.py): 10 survived. Killed by tests outside those files (3):
+``_wait_for_save``'s ``request.wait()`` (test_pretrain_dist_ckpt.py's async save), ``_name_a_lost_peer``'s
+``not is_peer_loss`` (test_failures_launch.py) and ``learning_rates``' ``or []`` -> ``and []``
+(test_decoupled_lr.py). Missing tests (5), added since: the profiler's ``stop()`` (a run ending inside
+the ``--profile`` window lost its trace; test_megatron_run_flags.py), ``timing_string``'s format (no test
+used ``--timing-log-level 1``), the iteration time ``perf_counter() - began`` -> ``+`` (the log's regex
+took any number; now bounded by the run's wall time, test_pretrain.py), ``evaluate``'s shutdown of its
+DataLoader iterators (a peer killed during an evaluation; test_failures_launch.py) and the Llama export's
+refusal of both RoPE scalings at once (test_hf_export.py). Equivalent (2): ``llama3_scaled``'s
+``wavelength > low_wavelength`` -> ``>=`` (differs only at a wavelength of exactly 8192, which no
+``base ** (-2i / d)`` gives in float32: none for bases 1e4, 5e5, 1e6 and head dims 16 to 256), and
+deleting ``train_step``'s ``device.empty_cache()`` (a CUDA call; nothing on the CPU). Not run: device.py's
+Nsight calls (``cuda_profiler_start``/``stop``), CUDA only. test_megatron_run_flags.py (about 40 s) is
+now in the ``training`` list and test_rope_scaling.py in the ``transformer`` one: no listed test used
+the flags of iteration_hooks.py. A second draw (``--seed 8``, 3 more of each of pretrain.py,
+training_loop.py, iteration_hooks.py): 7 run, 6 killed (the interval ``_save`` deletion by
+test_checkpointing.py); training_loop.py's two others drawn only gate ``device.empty_cache()``
+(``empty_unused_memory_level >= 2`` -> ``>= 3`` and the call deleted: CUDA only, not run). Equivalent:
+``_log_iteration``'s ``tensorboard_dir is not None and ...`` -> ``or`` (the params norm is then computed,
+on every rank alike, at iterations whose line does not show it: the same output at one more reduction's cost).
+
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.
 """
@@ -207,7 +234,7 @@ TESTS = {
                   "tests/test_mixed_precision.py", "tests/test_decoupled_lr.py",
                   # grad_scaler's consecutive_hysteresis and DeepSpeed's window; the engine's param groups
                   "tests/test_engine_ds_compat.py"],
-    "transformer": ["tests/test_transformer_units.py", "tests/test_hf_equivalence.py",
+    "transformer": ["tests/test_transformer_units.py", "tests/test_rope_scaling.py", "tests/test_hf_equivalence.py",
                     # attention's KV-cache path (incremental decoding against HF generate)
                     "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py"],
     "checkpoint": ["tests/test_tokenizer.py", "tests/test_hf_export.py", "tests/test_checkpoint_convert.py",
@@ -235,7 +262,9 @@ TESTS = {
     "training": ["tests/test_arguments.py", "tests/test_lr_scheduler.py", "tests/test_pretrain_deepspeed_config.py",
                  "tests/test_pretrain_errors.py",
                  "tests/test_checkpointing.py", "tests/test_pretrain.py", "tests/test_failures_training.py",
-                 "tests/test_pretrain_dist_ckpt.py", "tests/test_decoupled_lr.py"],
+                 "tests/test_pretrain_dist_ckpt.py", "tests/test_decoupled_lr.py",
+                 # --manual-gc, --profile, --log-params-norm and the TensorBoard extras (iteration_hooks.py)
+                 "tests/test_megatron_run_flags.py"],
     "datasets": ["tests/test_datasets.py", "tests/test_preprocess_data.py", "tests/test_failures_data.py",
                  # the blend whose split is empty in some prefixes only (builder._check_blend_splits)
                  "tests/test_pretrain_test_split.py"],

@@ -164,15 +164,18 @@ def test_a_config_error_under_torchrun_is_its_root_cause(tmp_path):
     assert f"traceback : {ours}" in root_cause, proc.stderr[-3000:]
 
 
-def test_a_rank_whose_peer_is_killed_exits_with_dataloader_workers(tmp_path):
+@pytest.mark.parametrize("during", [["--eval-iters", "0"], ["--eval-interval", "3", "--eval-iters", "100000"]],
+                         ids=["training", "evaluation"])
+def test_a_rank_whose_peer_is_killed_exits_with_dataloader_workers(tmp_path, during):
     """kill -9 of one rank (two plain processes, no torchrun, --num-workers 2, Megatron-LM's default): the
     other rank fails on the lost peer and its process ends. Its DataLoader workers ignore SIGTERM (so a
     group-wide SIGTERM still saves), so multiprocessing's exit handler, which stops them with SIGTERM and
-    joins, waited forever while the failed iterator was still referenced (under torchrun: its SIGKILL after 30 s)."""
+    joins, waited forever while the failed iterator was still referenced (under torchrun: its SIGKILL after 30 s).
+    Killed during training or during an evaluation (which has its own validation iterators)."""
     from test_failures_training import TINY
 
-    argv = TINY + ["--train-iters", "100000", "--eval-iters", "0", "--num-workers", "2",
-                                "--tensor-model-parallel-size", "2", "--vocab-size", "255"]
+    argv = TINY + ["--train-iters", "100000", "--num-workers", "2",
+                   "--tensor-model-parallel-size", "2", "--vocab-size", "255"] + during
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     logs = [str(tmp_path / f"rank{r}.txt") for r in range(2)]

@@ -108,6 +108,9 @@ def test_export_without_tokenizer_has_no_made_up_special_ids(tmp_path):
     ("llama", dict(activation="gelu"), "activation=gelu"),
     ("llama", dict(rotary_percent=0.5), "position_embedding_type=rope rotary_percent=0.5"),
     ("llama", dict(add_qkv_bias=True), "add_qkv_bias without add_bias_linear"),
+    # HF's rope_scaling holds one rope_type: llama3 or linear, not both
+    ("llama", dict(rope_scaling=True, seq_len_interpolation_factor=2.0),
+     "both Llama 3 RoPE scaling and linear position interpolation"),
 ])
 def test_export_names_what_the_hf_class_cannot_hold(family, change, named):
     """Each feature outside GPT2LMHeadModel / LlamaForCausalLM is refused by name, and only it (the

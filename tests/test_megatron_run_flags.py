@@ -114,6 +114,26 @@ def test_pytorch_profiler_traces_the_asked_iterations_on_the_asked_ranks(tmp_pat
     assert steps == {"ProfilerStep#2", "ProfilerStep#3"}  # Megatron-LM's schedule: the 3rd and 4th iterations
 
 
+def test_a_run_ending_inside_the_profile_window_still_writes_its_trace(tmp_path):
+    # --profile-step-end past the last iteration: the schedule never reaches its end, so the trace of the
+    # iterations recorded is written when the hooks close (profiler.stop()), not lost.
+    from megatron_core.training.config import TrainingConfig
+    from megatron_core.training.iteration_hooks import IterationHooks
+
+    training = TrainingConfig(micro_batch_size=1, global_batch_size=1, train_iters=3, profile=True,
+                              use_pytorch_profiler=True, profile_step_start=1, profile_step_end=5)
+    with IterationHooks(training, 0, str(tmp_path), print) as hooks:
+        for iteration in range(training.train_iters):
+            hooks.before_iteration(iteration)
+            torch.ones(4).sum()
+            hooks.after_iteration(iteration + 1)
+    (trace,) = glob.glob(str(tmp_path / "*.pt.trace.json"))
+    with open(trace) as f:
+        steps = {e["name"] for e in json.load(f)["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    assert "ProfilerStep#2" in steps  # the iterations recorded before the run ended
+    assert not torch.autograd.profiler._is_profiler_enabled
+
+
 def test_tensorboard_extras_and_losses_unchanged_by_emptying_the_cache(tmp_path):
     plain = _logged(run_distributed(_train, 1, TINY + ["--train-iters", "4", "--eval-iters", "0"], timeout=120))
     argv = TINY + ["--train-iters", "4", "--eval-iters", "0", "--log-interval", "2", "--tensorboard-dir",

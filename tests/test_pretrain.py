@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from harness import run_distributed
@@ -39,7 +40,9 @@ def serial():
 
 
 def test_loss_falls_and_lines_follow_megatron(serial, capfd):
+    began = time.perf_counter()
     result = _logged(run_distributed(_train, 1, TINY, timeout=120))
+    wall_ms = (time.perf_counter() - began) * 1000.0
     out = capfd.readouterr().out
     assert result.iteration == 20 and result.consumed_train_samples == 160 and len(result.losses) == 20
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5 - 0.25, result.losses
@@ -55,6 +58,9 @@ def test_loss_falls_and_lines_follow_megatron(serial, capfd):
                r"loss scale: 1\.0 \| grad norm: [\d.]+ \| number of skipped iterations: +0 \| "
                r"number of nan iterations: +0 \|$")
     assert re.match(pattern, lines[-1]), lines[-1]
+    # Each line's time per iteration is its interval's mean: 5 of them fit in the whole run's wall time.
+    per_iteration = [float(re.search(r"per iteration \(ms\): ([\d.]+)", line).group(1)) for line in lines]
+    assert all(0 < 5 * ms < wall_ms for ms in per_iteration), (per_iteration, wall_ms)
     # The logged loss is the mean over the interval's iterations, to the printed precision.
     logged = float(re.search(r"lm loss: (\S+) \|", lines[-1]).group(1))
     assert logged == pytest.approx(sum(result.losses[15:]) / 5, rel=1e-6)
@@ -216,6 +222,16 @@ def test_log_line_numbers_are_the_intervals_means_and_rates():
                    extra=lambda: "mem 1 GB", **common)
     assert "elapsed time per iteration (ms): 250.0 |" in line and "| lm loss: 1.500000E+00 |" in line
     assert line.endswith("number of nan iterations:   0 | mem 1 GB"), line
+
+
+def test_timing_part_is_milliseconds_per_iteration():
+    # --timing-log-level 1 ends the line with Megatron-LM's "time (ms) | name: ms | ..." of the timers'
+    # seconds per iteration; nothing when no timer ran.
+    from megatron_core.training.timers import timing_string
+
+    assert timing_string({"forward-backward": 0.0125, "optimizer": 0.002}) == \
+        "time (ms) | forward-backward: 12.50 | optimizer: 2.00"
+    assert timing_string({}) == ""
 
 
 def _write_corpus(prefix, num_docs, seed):
