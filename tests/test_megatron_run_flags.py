@@ -111,7 +111,8 @@ def test_pytorch_profiler_traces_the_asked_iterations_on_the_asked_ranks(tmp_pat
     (trace,) = glob.glob(str(tmp_path / "rank0" / "*.pt.trace.json"))
     with open(trace) as f:
         steps = {e["name"] for e in json.load(f)["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
-    assert steps == {"ProfilerStep#2", "ProfilerStep#3"}  # Megatron-LM's schedule: the 3rd and 4th iterations
+    # Megatron-LM's schedule: torch's ProfilerStep#k is the process's k-th iteration (its step() opens each one)
+    assert steps == {"ProfilerStep#2", "ProfilerStep#3"}
 
 
 def test_a_run_ending_inside_the_profile_window_still_writes_its_trace(tmp_path):
