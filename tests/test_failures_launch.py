@@ -87,6 +87,28 @@ def _wait_for(path, needle, proc, timeout=120):
     raise AssertionError(f"never saw {needle!r}:\n{open(path).read()[-3000:]}")
 
 
+@contextlib.contextmanager
+def _two_plain_ranks(tmp_path, argv, **env_extra):
+    """pretrain_gpt.py with ``argv`` as ranks 0 and 1 of a 2-process world, started without torchrun (each
+    writes to ``tmp_path/rank{r}.txt``); yields (processes, log paths) and kills both and their children after."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", **env_extra)
+    logs = [str(tmp_path / f"rank{r}.txt") for r in range(2)]
+    ranks = []
+    try:
+        for r, log in enumerate(logs):
+            with open(log, "w") as out:
+                ranks.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv],
+                                              cwd=str(tmp_path), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                              stdout=out, stderr=subprocess.STDOUT))
+        yield ranks, logs
+    finally:
+        for proc in ranks:
+            for pid in _children(proc.pid) + [proc.pid]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def test_workers_stop_when_their_launcher_is_killed(tmp_path):
     from test_failures_training import TINY
 
@@ -176,26 +198,12 @@ def test_a_rank_whose_peer_is_killed_exits_with_dataloader_workers(tmp_path, dur
 
     argv = TINY + ["--train-iters", "100000", "--num-workers", "2",
                    "--tensor-model-parallel-size", "2", "--vocab-size", "255"] + during
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    logs = [str(tmp_path / f"rank{r}.txt") for r in range(2)]
-    ranks = []
-    try:
-        for r, log in enumerate(logs):
-            with open(log, "w") as out:
-                ranks.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv],
-                                              cwd=str(tmp_path), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                                              stdout=out, stderr=subprocess.STDOUT))
+    with _two_plain_ranks(tmp_path, argv) as (ranks, logs):
         _wait_for(logs[0], "iteration        3/", ranks[0])
         ranks[1].send_signal(signal.SIGKILL)
         ranks[0].wait(timeout=20)  # subprocess.TimeoutExpired: rank 0 hangs at exit
         assert ranks[0].returncode != 0
         assert "a peer was lost" in open(logs[0]).read(), open(logs[0]).read()[-3000:]
-    finally:
-        for proc in ranks:
-            for pid in _children(proc.pid) + [proc.pid]:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 def test_a_peer_killed_during_a_save_is_reported_as_a_lost_peer(tmp_path):
@@ -208,16 +216,7 @@ def test_a_peer_killed_during_a_save_is_reported_as_a_lost_peer(tmp_path):
     ckpt = tmp_path / "ckpt"
     argv = TINY + ["--train-iters", "100000", "--eval-iters", "0", "--tensor-model-parallel-size", "2",
                    "--vocab-size", "255", "--save", str(ckpt), "--save-interval", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", **{PAUSE_BEFORE_PUBLISH_ENV: "3"})
-    logs = [str(tmp_path / f"rank{r}.txt") for r in range(2)]
-    ranks = []
-    try:
-        for r, log in enumerate(logs):
-            with open(log, "w") as out:
-                ranks.append(subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv],
-                                              cwd=str(tmp_path), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                                              stdout=out, stderr=subprocess.STDOUT))
+    with _two_plain_ranks(tmp_path, argv, **{PAUSE_BEFORE_PUBLISH_ENV: "3"}) as (ranks, logs):
         written = ckpt / "iter_0000002.tmp" / "common.pt"  # rank 0 writes it last, then every rank pauses
         deadline = time.monotonic() + 120
         while not written.exists() and time.monotonic() < deadline:
@@ -228,11 +227,6 @@ def test_a_peer_killed_during_a_save_is_reported_as_a_lost_peer(tmp_path):
         text = open(logs[0]).read()
         assert ranks[0].returncode != 0
         assert "PipelineStageError: a peer was lost while saving iteration 2 to " in text, text[-3000:]
-    finally:
-        for proc in ranks:
-            for pid in _children(proc.pid) + [proc.pid]:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 def _killed_after_the_schedule(report_dir: str, where: str):

@@ -9,6 +9,7 @@ import gc
 import glob
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -135,18 +136,23 @@ def test_a_run_ending_inside_the_profile_window_still_writes_its_trace(tmp_path)
     assert not torch.autograd.profiler._is_profiler_enabled
 
 
-def test_tensorboard_extras_and_losses_unchanged_by_emptying_the_cache(tmp_path):
+def test_tensorboard_extras_and_losses_unchanged_by_emptying_the_cache(tmp_path, capfd):
     plain = _logged(run_distributed(_train, 1, TINY + ["--train-iters", "4", "--eval-iters", "0"], timeout=120))
     argv = TINY + ["--train-iters", "4", "--eval-iters", "0", "--log-interval", "2", "--tensorboard-dir",
                    str(tmp_path), "--log-timers-to-tensorboard", "--log-memory-to-tensorboard",
                    "--log-world-size-to-tensorboard", "--log-validation-ppl-to-tensorboard",
-                   "--tensorboard-queue-size", "5", "--empty-unused-memory-level", "2"]
+                   "--tensorboard-queue-size", "5", "--empty-unused-memory-level", "2", "--timing-log-level", "1"]
+    capfd.readouterr()
     result = _logged(run_distributed(_train, 1, argv, timeout=120))
+    printed = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r"iteration +(\d+)/.*forward-backward: ([\d.]+)", capfd.readouterr().out)}
     assert result.losses == plain.losses
     scalars = _scalars(tmp_path)
     assert scalars["world-size"] == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
     assert sorted(scalars["forward-backward-time"]) == sorted(scalars["optimizer-time"]) == [2, 4]
     assert all(0 < v < 60 for v in scalars["forward-backward-time"].values())
+    for step, seconds in scalars["forward-backward-time"].items():  # the line's ms, in seconds
+        assert abs(seconds * 1000 - printed[step]) <= 0.006, (step, seconds, printed)
     rss, peak = scalars["mem-rss-bytes"], scalars["mem-max-rss-bytes"]
     assert all(10 * 2**20 < rss[s] <= peak[s] for s in rss), (rss, peak)
 

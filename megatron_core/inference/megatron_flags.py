@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from megatron_core.errors import ConfigError
-from megatron_core.transformer.rope import RotaryEmbedding
+from megatron_core.transformer.rope import rotary_embedding
 
 # Megatron-LM's value flags -> (type, the TransformerConfig field; None: the model's position count).
 _VALUE_FLAGS: dict[str, tuple[type, str | None]] = {
@@ -122,11 +122,8 @@ def _interpolate(factor: float | None, model: Any) -> None:
                           f"{model.config.position_embedding_type}); drop the flag")
     if not factor > 0:
         raise ConfigError(f"{_INTERPOLATION} must be > 0, got {factor}")
-    c = model.config
-    c.seq_len_interpolation_factor = factor
-    old = model.rotary_pos_emb.inv_freq
-    scaling = c.rope_scaling_factor if c.rope_scaling else None
-    model.rotary_pos_emb = RotaryEmbedding(c.rotary_dim, c.rotary_base, scaling, factor).to(old.device)
+    model.config.seq_len_interpolation_factor = factor
+    model.rotary_pos_emb = rotary_embedding(model.config).to(model.rotary_pos_emb.inv_freq.device)
 
 
 def check_and_cast(args: argparse.Namespace, model: Any) -> None:

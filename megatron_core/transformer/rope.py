@@ -6,10 +6,14 @@ q/k projection weights are stored for this convention, so they load without perm
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_core.fusions.kernels import Kernel
+
+if TYPE_CHECKING:
+    from megatron_core.transformer.config import TransformerConfig
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -63,6 +67,13 @@ def llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float 
     mixed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
     return torch.where(medium, mixed, scaled)
+
+
+def rotary_embedding(config: TransformerConfig) -> RotaryEmbedding:
+    """The :class:`RotaryEmbedding` of ``config`` (dimension, base, Llama 3.x scaling, interpolation)."""
+    return RotaryEmbedding(config.rotary_dim, config.rotary_base,
+                           config.rope_scaling_factor if config.rope_scaling else None,
+                           config.seq_len_interpolation_factor)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

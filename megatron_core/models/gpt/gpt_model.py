@@ -20,7 +20,7 @@ from megatron_core.tensor_parallel.utils import pad_vocab_size
 from megatron_core.transformer.config import TransformerConfig
 from megatron_core.transformer.init import component_name, skip_init
 from megatron_core.transformer.layer_specs import get_gpt_layer_spec
-from megatron_core.transformer.rope import RotaryEmbedding
+from megatron_core.transformer.rope import rotary_embedding
 from megatron_core.transformer.spec import ModuleSpec
 from megatron_core.transformer.transformer_block import TransformerBlock
 
@@ -63,10 +63,7 @@ class GPTModel(torch.nn.Module):
             _mark(self.embedding.word_embeddings.weight, EMBEDDING_OR_OUTPUT)
             if tied and not post_process:
                 _mark(self.embedding.word_embeddings.weight, SHARED_EMBEDDING)
-        self.rotary_pos_emb = (RotaryEmbedding(config.rotary_dim, config.rotary_base,
-                                               config.rope_scaling_factor if config.rope_scaling else None,
-                                               config.seq_len_interpolation_factor)
-                               if config.position_embedding_type == "rope" else None)
+        self.rotary_pos_emb = rotary_embedding(config) if config.position_embedding_type == "rope" else None
         self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(config.qk_layernorm),
                                         pre_process=pre_process, post_process=post_process, parallel_state=ps,
                                         vp_stage=vp_stage, prefix="decoder")
