@@ -18,9 +18,11 @@ return copies, so checkpoints hold full (TP-local) parameters at every ZeRO stag
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from typing_extensions import override
 
 from megatron_core.distributed import comm_log as comm
@@ -28,7 +30,44 @@ from megatron_core.distributed.comm_log import CommLog
 from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
 from megatron_core.distributed.param_and_grad_buffer import MAIN_GRAD_ATTR, ParamAndGradBuffer
 from megatron_core.distributed.param_gather import ParamGatherManager
+from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState, get_parallel_state
+
+
+def _parameter_signature(module: torch.nn.Module) -> list[str]:
+    return [f"{name} {list(p.shape)} {str(p.dtype).removeprefix('torch.')}"
+            f"{'' if p.requires_grad else ' frozen'}" for name, p in module.named_parameters()]
+
+
+def check_same_parameters(module: torch.nn.Module, parallel_state: ParallelState) -> None:
+    """Raise :class:`ConfigError` on every DP rank when the ranks' ``module`` parameters differ (names,
+    shapes, dtypes, ``requires_grad``).
+
+    The gradient buckets and the ZeRO shards are laid out from each rank's own parameters, so a
+    rank-dependent model would pair unrelated elements in every broadcast and reduction without any
+    error (or abort gloo on a size mismatch). Collective over the DP group: one all-gather of a
+    32-byte digest; the signatures themselves are gathered only to name the first difference.
+    """
+    if parallel_state.dp_size == 1:
+        return
+    group = parallel_state.dp_group
+    mine = _parameter_signature(module)
+    digest = hashlib.sha256("\n".join(mine).encode()).hexdigest()
+    digests: list = [None] * parallel_state.dp_size
+    dist.all_gather_object(digests, digest, group=group)
+    if len(set(digests)) == 1:
+        return
+    signatures: list = [None] * parallel_state.dp_size
+    dist.all_gather_object(signatures, mine, group=group)
+    first = signatures[0]
+    rank = next(r for r, d in enumerate(digests) if d != digests[0])
+    other = signatures[rank]
+    at = next((i for i, (a, b) in enumerate(zip(first, other, strict=False)) if a != b), min(len(first), len(other)))
+    def describe(sig: list[str]) -> str:
+        return f"'{sig[at]}'" if at < len(sig) else "no more parameters"
+    raise ConfigError(f"the model differs across data-parallel ranks: at parameter {at}, DP rank {rank} has "
+                      f"{describe(other)} where DP rank 0 has {describe(first)}; build the same model on every "
+                      "rank (no rank-dependent modules, shapes, dtypes or requires_grad)")
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -42,6 +81,7 @@ class DistributedDataParallel(torch.nn.Module):
         self.parallel_state = get_parallel_state(parallel_state)
         self.comm_log = comm_log
         self._sync_enabled = True
+        check_same_parameters(module, self.parallel_state)
         self.buffers_by_dtype: list[ParamAndGradBuffer] = []
         self._buffer_of: dict[int, ParamAndGradBuffer] = {}
         self._build_buffers()

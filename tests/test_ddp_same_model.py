@@ -1,0 +1,77 @@
+"""Data parallelism needs the same model on every DP rank; a rank-dependent one is refused in one line.
+
+The gradient buckets and ZeRO shards are laid out from each rank's own parameters, so before the check a
+model whose last layer had ``3 + rank`` outputs was wrapped without any error at ZeRO 0 and 3 (the buffers
+pad to the same size) and its ranks then broadcast and reduced unrelated elements. Now the wrapper, and so
+``megatron_core.initialize`` too, raises :class:`ConfigError` on every rank naming the first parameter
+that differs; TP ranks (same names and shapes, other values) are not compared, only DP ranks.
+"""
+import pytest
+import torch
+from harness import run_distributed
+
+import megatron_core
+from megatron_core import parallel_state
+from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron_core.errors import ConfigError
+
+
+def _model(rank: int, change: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3 + (rank if change == "shape" else 0)))
+    if change == "frozen" and rank == 1:
+        model[0].bias.requires_grad_(False)
+    if change == "dtype" and rank == 1:
+        model[1].to(torch.float64)
+    if change == "extra" and rank == 1:
+        model.append(torch.nn.Linear(3, 3))
+    return model
+
+
+def _wrap(zero: int, change: str) -> str:
+    import torch.distributed as dist
+    ps = parallel_state.initialize_model_parallel(1, 1)
+    try:
+        DistributedDataParallel(DistributedDataParallelConfig(zero_stage=zero), _model(dist.get_rank(), change), ps)
+    except ConfigError as exc:
+        return str(exc)
+    return "wrapped"
+
+
+@pytest.mark.parametrize("zero,change,expected", [
+    (0, "shape", "DP rank 1 has '1.weight [4, 4] float32' where DP rank 0 has '1.weight [3, 4] float32'"),
+    (3, "shape", "DP rank 1 has '1.weight [4, 4] float32' where DP rank 0 has '1.weight [3, 4] float32'"),
+    (1, "frozen", "DP rank 1 has '0.bias [4] float32 frozen' where DP rank 0 has '0.bias [4] float32'"),
+    (2, "dtype", "DP rank 1 has '1.weight [3, 4] float64' where DP rank 0 has '1.weight [3, 4] float32'"),
+    (0, "extra", "DP rank 1 has '2.weight [3, 3] float32' where DP rank 0 has no more parameters"),
+])
+def test_rank_dependent_model_is_refused_on_every_rank(zero, change, expected):
+    messages = run_distributed(_wrap, 2, zero, change, timeout=60)
+    for message in messages:
+        assert message.startswith("the model differs across data-parallel ranks") and expected in message
+        assert "build the same model on every rank" in message and "\n" not in message
+
+
+def test_same_model_wraps_and_tp_ranks_are_not_compared():
+    # 2 ranks as TP 2 (DP 1): the wrapper compares nothing, as TP shards legitimately differ.
+    def body(tp: int, change: str) -> str:
+        import torch.distributed as dist
+        ps = parallel_state.initialize_model_parallel(tp, 1)
+        DistributedDataParallel(DistributedDataParallelConfig(zero_stage=3), _model(dist.get_rank(), change), ps)
+        return "wrapped"
+    assert run_distributed(body, 2, 1, "none", timeout=60) == ["wrapped", "wrapped"]
+    assert run_distributed(body, 2, 2, "shape", timeout=60) == ["wrapped", "wrapped"]
+
+
+def test_engine_initialize_refuses_a_rank_dependent_model():
+    def body() -> str:
+        import torch.distributed as dist
+        config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+                  "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 3}}
+        try:
+            megatron_core.initialize(_model(dist.get_rank(), "shape"), config=config)
+        except ConfigError as exc:
+            return str(exc)
+        return "initialized"
+    for message in run_distributed(body, 2, timeout=60):
+        assert message.startswith("the model differs across data-parallel ranks"), message
