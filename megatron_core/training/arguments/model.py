@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+ROPE_SCALING_FACTOR = 8.0  # Llama 3.x's; validate_args reads it to tell a given factor from the default
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Shape, attention, normalization, embeddings, dropout and initialisation."""
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rotary-percent", type=float, default=1.0, help="fraction of each head RoPE rotates")
     g.add_argument("--use-rope-scaling", action="store_true",
                    help="Llama 3.x's RoPE frequency scaling (Hugging Face's rope_type llama3)")
-    g.add_argument("--rope-scaling-factor", "--rotary-scaling-factor", type=float, default=8.0,
+    g.add_argument("--rope-scaling-factor", "--rotary-scaling-factor", type=float, default=ROPE_SCALING_FACTOR,
                    help="with --use-rope-scaling: the scaling factor (8 for Llama 3.1, 32 for Llama 3.2)")
     g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
                    help="divide RoPE positions by this (linear position interpolation; Hugging Face's rope_type "

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+# Defaults that validate_args also reads, to tell an option given without its switch from its default.
+MANUAL_GC_INTERVAL = 0
+PROFILE_STEP_START, PROFILE_STEP_END, PROFILE_RANKS = 10, 12, (0,)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Megatron-LM's training, learning-rate, regularization and mixed-precision groups."""
@@ -45,7 +49,7 @@ def _batch(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--manual-gc", action="store_true",
                    help="turn Python's automatic garbage collection off; collect every --manual-gc-interval "
                         "iterations instead, at the same moment on every rank")
-    g.add_argument("--manual-gc-interval", type=int, default=0,
+    g.add_argument("--manual-gc-interval", type=int, default=MANUAL_GC_INTERVAL,
                    help="with --manual-gc: iterations between collections (0: only around evaluations)")
     g.add_argument("--no-manual-gc-eval", action="store_false", dest="manual_gc_eval",
                    help="with --manual-gc: no collection before and after each evaluation")
@@ -58,9 +62,12 @@ def _batch(parser: argparse.ArgumentParser) -> None:
                         "(CUDA only)")
     g.add_argument("--use-pytorch-profiler", action="store_true",
                    help="with --profile: torch.profiler traces written to --tensorboard-dir")
-    g.add_argument("--profile-step-start", type=int, default=10, help="first iteration --profile records")
-    g.add_argument("--profile-step-end", type=int, default=12, help="iteration at which --profile stops recording")
-    g.add_argument("--profile-ranks", nargs="+", type=int, default=[0], help="global ranks that --profile records")
+    g.add_argument("--profile-step-start", type=int, default=PROFILE_STEP_START,
+                   help="first iteration --profile records")
+    g.add_argument("--profile-step-end", type=int, default=PROFILE_STEP_END,
+                   help="iteration at which --profile stops recording")
+    g.add_argument("--profile-ranks", nargs="+", type=int, default=list(PROFILE_RANKS),
+                   help="global ranks that --profile records")
 
 
 def _optimizer(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from megatron_core import device
 from megatron_core.datasets.splits import parse_split
 from megatron_core.fusions.fused_dropout import cpu_rounds_to_one
 from megatron_core.microbatches import MicrobatchCalculator
-from megatron_core.training.arguments import compat
+from megatron_core.training.arguments import compat, model, training
 from megatron_core.training.config import DataConfig
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.initialize import rank_from_env
@@ -97,7 +97,8 @@ def _model(args: argparse.Namespace) -> None:
     _require(args, "seq_length", "128")
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "ffn_hidden_size",
               "kv_channels", "max_position_embeddings", "make_vocab_size_divisible_by")
-    if args.rope_scaling_factor != 8.0 and not args.use_rope_scaling:  # Megatron-LM ignores the factor alone
+    # Megatron-LM ignores the factor alone
+    if args.rope_scaling_factor != model.ROPE_SCALING_FACTOR and not args.use_rope_scaling:
         raise ConfigError(f"--rope-scaling-factor {args.rope_scaling_factor:g} scales RoPE only with "
                           f"--use-rope-scaling (Llama 3.x); add --use-rope-scaling or drop --rope-scaling-factor")
     tp, pp, heads = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.num_attention_heads
@@ -380,7 +381,8 @@ def _gc_and_profile(args: argparse.Namespace) -> None:
                           f"start < end, got {args.profile_step_start} and {args.profile_step_end}")
     if args.train_iters is not None and args.profile_step_start >= args.train_iters and rank_from_env() == 0:
         print(f"warning: --profile-step-start {args.profile_step_start} is not below --train-iters "
-              f"{args.train_iters}: nothing is profiled; lower --profile-step-start (default 10)",
+              f"{args.train_iters}: nothing is profiled; lower --profile-step-start "
+              f"(default {training.PROFILE_STEP_START})",
               file=sys.stderr, flush=True)
     if args.use_pytorch_profiler and args.tensorboard_dir is None:
         raise ConfigError("--use-pytorch-profiler writes its traces to --tensorboard-dir; add --tensorboard-dir DIR")
@@ -389,12 +391,12 @@ def _gc_and_profile(args: argparse.Namespace) -> None:
 def _without_switch(args: argparse.Namespace) -> None:
     """Options of --manual-gc / --profile given without it: Megatron-LM ignores them silently; here one
     warning line names them (not an error, so a script that toggles only the switch keeps running)."""
-    given = {"--manual-gc-interval": ("--manual-gc", args.manual_gc_interval != 0),
+    given = {"--manual-gc-interval": ("--manual-gc", args.manual_gc_interval != training.MANUAL_GC_INTERVAL),
              "--no-manual-gc-eval": ("--manual-gc", not args.manual_gc_eval),
              "--use-pytorch-profiler": ("--profile", args.use_pytorch_profiler),
-             "--profile-step-start": ("--profile", args.profile_step_start != 10),
-             "--profile-step-end": ("--profile", args.profile_step_end != 12),
-             "--profile-ranks": ("--profile", args.profile_ranks != [0])}
+             "--profile-step-start": ("--profile", args.profile_step_start != training.PROFILE_STEP_START),
+             "--profile-step-end": ("--profile", args.profile_step_end != training.PROFILE_STEP_END),
+             "--profile-ranks": ("--profile", args.profile_ranks != list(training.PROFILE_RANKS))}
     switched_on = {"--manual-gc": args.manual_gc, "--profile": args.profile}
     unused = [flag for flag, (switch, on) in given.items() if on and not switched_on[switch]]
     if unused and rank_from_env() == 0:
