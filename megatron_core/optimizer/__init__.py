@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from megatron_core.distributed.distributed_data_parallel import DistributedDataParallel
-from megatron_core.optimizer.clip_grads import clip_by_total_norm, count_zeros, counted_in_norm, global_grad_norm
+from megatron_core.optimizer.clip_grads import clip_by_total_norm, count_zeros, counted_in_norm, global_l2_norm
 from megatron_core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron_core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron_core.optimizer.memory import MemoryFootprint, memory_footprint
@@ -66,6 +66,6 @@ __all__ = [
     "count_zeros",
     "counted_in_norm",
     "get_megatron_optimizer",
-    "global_grad_norm",
+    "global_l2_norm",
     "memory_footprint",
 ]

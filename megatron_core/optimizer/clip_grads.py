@@ -1,4 +1,4 @@
-"""Global gradient norm across TP, PP and DP ranks, clipping, and zero counting.
+"""Global gradient (and parameter) norm across TP, PP and DP ranks, clipping, and zero counting.
 
 A gradient element enters the norm exactly once in the whole job: a parameter replicated over TP
 (``tensor_model_parallel`` not set, e.g. a layernorm weight) is counted on TP rank 0 only; the
@@ -35,12 +35,13 @@ def _groups(parallel_state: ParallelState, sharded_over_dp: bool) -> list:
     return groups
 
 
-def global_grad_norm(grads: Iterable[torch.Tensor], parallel_state: ParallelState, sharded_over_dp: bool) -> float:
-    """L2 norm of the gradients counted on every rank (see the module docstring), in fp32."""
+def global_l2_norm(tensors: Iterable[torch.Tensor], parallel_state: ParallelState, sharded_over_dp: bool) -> float:
+    """L2 norm over the model of ``tensors`` (gradients, or the main parameters for ``--log-params-norm``),
+    each element counted once in the whole job (see the module docstring), in fp32. Collective."""
     # On the compute device: NCCL only reduces device tensors.
     total = torch.zeros((), dtype=torch.float32, device=device_mod.current_device())
-    for g in grads:
-        total += g.detach().float().pow(2).sum()
+    for t in tensors:
+        total += t.detach().float().pow(2).sum()
     for group in _groups(parallel_state, sharded_over_dp):
         dist.all_reduce(total, group=group)
     return math.sqrt(total.item())

@@ -18,7 +18,7 @@ from megatron_core.optimizer.clip_grads import (
     clip_by_total_norm,
     count_zeros,
     counted_in_norm,
-    global_grad_norm,
+    global_l2_norm,
 )
 from megatron_core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron_core.optimizer.optimizer_config import OptimizerConfig
@@ -205,7 +205,7 @@ class MegatronOptimizer:
                 return False, None, None
         counted = [main.grad for main, model in self.pairs
                    if main.grad is not None and counted_in_norm(model, self.parallel_state)]
-        grad_norm = global_grad_norm(counted, self.parallel_state, self.sharded_over_dp)
+        grad_norm = global_l2_norm(counted, self.parallel_state, self.sharded_over_dp)
         if self.config.clip_grad > 0:
             clip_by_total_norm(grads, self.config.clip_grad, grad_norm)
         num_zeros = (count_zeros(counted, self.parallel_state, self.sharded_over_dp)
@@ -221,7 +221,7 @@ class MegatronOptimizer:
         model-parallel group (and the DP group when sharded): every rank calls it at the same step."""
         with self.resident():
             counted = [main for main, model in self.pairs if counted_in_norm(model, self.parallel_state)]
-            return global_grad_norm(counted, self.parallel_state, self.sharded_over_dp)
+            return global_l2_norm(counted, self.parallel_state, self.sharded_over_dp)
 
     def resident(self) -> contextlib.AbstractContextManager:
         """Context: every main parameter and optimizer state in memory (NVMe offload swaps them in)."""
