@@ -84,14 +84,19 @@ def model_provider(config: ModelConfig, padded_vocab_size: int,
 
 
 def get_batch(data_iterator: Any | None, seq_length: int, micro_batch_size: int) -> dict[str, torch.Tensor | None]:
-    """The next micro batch on the device; a chunk that reads no data gets only the position ids
-    (RoPE needs them on every stage)."""
+    """The next micro batch on the device: ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` [b, s] and
+    ``attention_mask`` [b, 1, s, s] bool (True = masked; None, i.e. causal, unless ``--reset-attention-mask``).
+
+    A middle pipeline chunk reads no data, unless ``--reset-position-ids``/``--reset-attention-mask`` make
+    every chunk read it (``DataConfig.every_chunk_reads_data``); without data it gets the plain position ids
+    (RoPE needs them on every stage) and no mask."""
     where = device.current_device()
     if data_iterator is None:
         positions = torch.arange(seq_length, device=where).expand(micro_batch_size, seq_length)
-        return {"tokens": None, "labels": None, "loss_mask": None, "position_ids": positions}
+        return {"tokens": None, "labels": None, "loss_mask": None, "position_ids": positions, "attention_mask": None}
     batch = next(data_iterator)
-    return {key: batch[key].to(where, non_blocking=True) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+    keys = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+    return {key: batch[key].to(where, non_blocking=True) if key in batch else None for key in keys}
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:
@@ -108,7 +113,8 @@ def forward_step(data_iterator: Any | None, model: torch.nn.Module, *, seq_lengt
                  micro_batch_size: int) -> tuple:
     """One micro batch through one model chunk: ``(output, loss_func)`` for the schedules."""
     batch = get_batch(data_iterator, seq_length, micro_batch_size)
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=batch["attention_mask"],
+                   labels=batch["labels"])
     return output, functools.partial(loss_func, batch["loss_mask"])
 
 

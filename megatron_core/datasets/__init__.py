@@ -18,6 +18,8 @@ _EXPORTS = types.MappingProxyType({
     "GPTDatasetConfig": "config",
     "GPTDataset": "gpt_dataset",
     "MockGPTDataset": "gpt_dataset",
+    "document_attention_mask": "gpt_dataset",
+    "document_position_ids": "gpt_dataset",
     "IndexedDataset": "indexed_dataset",
     "IndexedDatasetBuilder": "indexed_dataset",
     "optimal_dtype": "indexed_dataset",

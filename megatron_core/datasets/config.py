@@ -24,7 +24,11 @@ class GPTDatasetConfig:
     mock: bool = False  # --mock-data: synthetic tokens, no files
     split: str = "969,30,1"  # train/valid/test weights over documents (Megatron's default)
     data_cache_path: str | None = None  # where index .npy files go; default: next to the data
-    eod_mask_loss: bool = False  # zero the loss where the label is EOD
+    eod_mask_loss: bool = False  # zero the loss where the input token is EOD (the prediction across a boundary)
+    # Megatron-LM's --reset-position-ids / --reset-attention-mask: positions restart at 0 after each EOD;
+    # tokens after an EOD attend only to their own document (a block-diagonal causal mask per sample).
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
     pad: int = -1  # labels equal to this id get no loss (-1: no pad token)
     mock_vocab_size: int | None = None  # mock token ids lie in [0, this); default eod + 1
     mock_num_documents: int = 1000

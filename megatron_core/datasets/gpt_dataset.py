@@ -36,6 +36,40 @@ def default_cache_dir(dataset_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(dataset_path)), "cache", "GPTDataset_indices")
 
 
+def _document_starts(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """[s] bool: True where a token opens a new document, i.e. the token before it is EOD."""
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    starts[1:] = tokens[:-1] == eod
+    return starts
+
+
+def document_position_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Position ids [s] (int64) of input ``tokens`` [s] that restart at 0 after each ``eod``.
+
+    Megatron-LM's ``--reset-position-ids`` (``_get_ltor_masks_and_position_ids`` in megatron-core
+    0.16.1's ``datasets/gpt_dataset.py``): an EOD ends its document and keeps counting (it is the last
+    token of it); the token after it is position 0. E.g. tokens ``a b EOD c EOD EOD d`` get positions
+    ``0 1 2 0 1 0 0``. Without an EOD the positions are ``0 .. s-1``.
+    """
+    arange = torch.arange(tokens.shape[0], dtype=torch.int64)
+    # Each token's document starts at the last start index at or before it (0 for the first document).
+    first = torch.cummax(torch.where(_document_starts(tokens, eod), arange, 0), dim=0).values
+    return arange - first
+
+
+def document_attention_mask(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Causal, block-diagonal attention mask [1, s, s] (bool, True = may NOT attend) of input ``tokens`` [s].
+
+    Megatron-LM's ``--reset-attention-mask`` (``_get_ltor_masks_and_position_ids``, megatron-core 0.16.1):
+    query i attends to key j when j <= i and no EOD lies in ``[j, i)``: tokens after an EOD do not see
+    it or anything before it, while the EOD itself still sees its own document. Costs s * s bytes.
+    """
+    s = tokens.shape[0]
+    document = torch.cumsum(_document_starts(tokens, eod), dim=0)
+    future = torch.ones(s, s, dtype=torch.bool).triu_(1)
+    return (future | (document.view(s, 1) != document.view(1, s))).unsqueeze(0)
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """Samples of ``seq_length + 1`` tokens over shuffled, concatenated documents.
 
@@ -138,6 +172,9 @@ class GPTDataset(torch.utils.data.Dataset):
         return np.concatenate(parts)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        """Sample ``idx``: ``tokens``, ``labels`` [s] int64, ``loss_mask`` [s] fp32, ``position_ids`` [s] int64
+        (per document under ``reset_position_ids``), and under ``reset_attention_mask`` ``attention_mask``
+        [1, s, s] bool, True = masked (:func:`document_attention_mask`)."""
         if not 0 <= idx < len(self):
             raise IndexError(f"sample {idx} out of range for {len(self)} samples")
         text = torch.from_numpy(self.get_tokens(idx).astype(np.int64))
@@ -148,8 +185,16 @@ class GPTDataset(torch.utils.data.Dataset):
             loss_mask[tokens == self.config.eod] = 0.0
         if self.config.pad >= 0:
             loss_mask[labels == self.config.pad] = 0.0
-        position_ids = torch.arange(self.config.seq_length, dtype=torch.int64)
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+        if self.config.reset_position_ids:
+            position_ids = document_position_ids(tokens, self.config.eod)
+        else:
+            position_ids = torch.arange(self.config.seq_length, dtype=torch.int64)
+        sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+        if self.config.reset_attention_mask:
+            # Built per sample in the loader's workers, as megatron-core's dataset does: [1, s, s] per sample,
+            # [b, 1, s, s] per micro batch. Without the flag there is no mask and attention stays causal.
+            sample["attention_mask"] = document_attention_mask(tokens, self.config.eod)
+        return sample
 
 
 class MockGPTDataset(GPTDataset):

@@ -65,12 +65,20 @@ class DataConfig:
     data_cache_path: str | None = None
     num_workers: int = 2
     eod_mask_loss: bool = False
+    reset_position_ids: bool = False  # positions restart at 0 after each EOD (Megatron-LM's flag)
+    reset_attention_mask: bool = False  # tokens after an EOD attend only to their own document
     tokenizer_type: str | None = None
     tokenizer_model: str | None = None
     vocab_file: str | None = None
     merge_file: str | None = None
     vocab_size: int | None = None
     make_vocab_size_divisible_by: int = 128
+
+    @property
+    def every_chunk_reads_data(self) -> bool:
+        """Whether every pipeline chunk reads the samples, not only the first and the last: the middle ones
+        need the per-document position ids (RoPE) and attention mask of each micro batch."""
+        return self.reset_position_ids or self.reset_attention_mask
 
 
 @dataclass

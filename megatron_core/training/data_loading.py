@@ -64,6 +64,8 @@ def dataset_config(config: DataConfig, tokenizer: MegatronTokenizer, seed: int) 
                                 valid_data_path=config.valid_data_path, test_data_path=config.test_data_path,
                                 mock=config.mock_data, split=config.split,
                                 data_cache_path=config.data_cache_path, eod_mask_loss=config.eod_mask_loss,
+                                reset_position_ids=config.reset_position_ids,
+                                reset_attention_mask=config.reset_attention_mask,
                                 pad=tokenizer.pad, mock_vocab_size=tokenizer.vocab_size if config.mock_data else None)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -171,18 +173,21 @@ def shutdown_data_iterators(iterators: Iterable[Any]) -> None:
             shutdown()
 
 
-def chunk_needs_data(parallel_state: ParallelState, vp_stage: int | None) -> bool:
-    """Only the first chunk (tokens) and the last chunk (labels, loss mask) read samples."""
-    return parallel_state.is_pipeline_first_stage(vp_stage) or parallel_state.is_pipeline_last_stage(vp_stage)
+def chunk_needs_data(parallel_state: ParallelState, vp_stage: int | None, every_chunk: bool = False) -> bool:
+    """The first chunk (tokens) and the last chunk (labels, loss mask) read samples; with ``every_chunk``
+    (``DataConfig.every_chunk_reads_data``) the middle ones do too, for the position ids and attention mask."""
+    return every_chunk or parallel_state.is_pipeline_first_stage(vp_stage) or \
+        parallel_state.is_pipeline_last_stage(vp_stage)
 
 
 def data_iterators(dataset: Any, consumed_samples: int, micro_batch_size: int, parallel_state: ParallelState,
-                   num_workers: int, num_chunks: int) -> list[Iterator | None]:
-    """One iterator per model chunk that reads data (each sees the same sample order), else None."""
+                   num_workers: int, num_chunks: int, every_chunk: bool = False) -> list[Iterator | None]:
+    """One iterator per model chunk that reads data (each sees the same sample order), else None;
+    ``every_chunk``: as :func:`chunk_needs_data`."""
     iterators: list[Iterator | None] = []
     for chunk in range(num_chunks):
         vp_stage = chunk if parallel_state.vpp_size else None
-        if dataset is None or not chunk_needs_data(parallel_state, vp_stage):
+        if dataset is None or not chunk_needs_data(parallel_state, vp_stage, every_chunk):
             iterators.append(None)
         else:
             loader = data_loader(dataset, consumed_samples, micro_batch_size, parallel_state, num_workers)

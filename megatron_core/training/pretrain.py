@@ -224,7 +224,8 @@ def _build_data(run: _Run) -> None:
     # --skip-train evaluates only: no training split (a per-split run then needs no --train-data-path).
     train_samples = 0 if training.skip_train else \
         max(training.train_samples or training.train_iters * training.global_batch_size, 1)
-    needs = any(data_loading.chunk_needs_data(ps, i if ps.vpp_size else None) for i in range(len(run.model)))
+    needs = any(data_loading.chunk_needs_data(ps, i if ps.vpp_size else None, run.data.every_chunk_reads_data)
+                for i in range(len(run.model)))
 
     def build(turn: bool) -> tuple:
         if not turn:
@@ -391,7 +392,8 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
                         _flops_per_sample(run.config, run.model_info.padded_vocab_size), run.data.seq_length,
                         ps.world_size),
         iterators=data_loading.data_iterators(run.train_ds, state.consumed_train_samples, training.micro_batch_size,
-                                              ps, run.data.num_workers, len(run.model)),
+                                              ps, run.data.num_workers, len(run.model),
+                                              run.data.every_chunk_reads_data),
         timers=Timers(), handler=ExitSignalHandler(),
         skips=health.SkipWatch(training.max_skipped_iters_at_min_loss_scale),
         hooks=IterationHooks(training, dist.get_rank(), run.config.logging.tensorboard_dir,

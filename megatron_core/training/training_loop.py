@@ -123,7 +123,7 @@ def evaluate(forward_step_func: Callable, dataset: Any, model: list[torch.nn.Mod
     for chunk in model:
         chunk.eval()
     iterators = data_loading.data_iterators(dataset, 0, training.micro_batch_size, parallel_state, data.num_workers,
-                                            len(model))
+                                            len(model), data.every_chunk_reads_data)
     num_microbatches = training.global_batch_size // (training.micro_batch_size * parallel_state.dp_size)
     schedule = get_forward_backward_func(parallel_state)
     loss_dicts: list = []

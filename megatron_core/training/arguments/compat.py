@@ -42,8 +42,6 @@ _REFUSED: dict[str, str] = {
     "--apply-query-key-layer-scaling": "query-key layer scaling is not supported; drop the flag (the attention "
                                        "softmax is computed in fp32, the overflow it guards against in fp16)",
     "--fp32-residual-connection": "an fp32 residual stream is not supported yet; drop the flag",
-    "--reset-position-ids": "per-document position ids are not supported yet; drop the flag",
-    "--reset-attention-mask": "per-document attention masks are not supported yet; drop the flag",
     "--timing-log-option": "the timing line shows the logging rank's times; drop the flag",
 }
 # Refused flags whose one value means "off", as Megatron-LM's scripts spell it out (--context-parallel-size 1):
@@ -126,6 +124,10 @@ def apply(args: argparse.Namespace) -> None:
         if args.attention_backend not in ("auto", "flash"):
             raise ConfigError(f"--use-flash-attn contradicts --attention-backend {args.attention_backend}")
         args.attention_backend = "flash"
+    if args.reset_attention_mask and args.no_create_attention_mask_in_dataloader:
+        # Megatron-LM then builds no mask and silently trains with plain causal attention.
+        raise ConfigError("--reset-attention-mask builds each sample's document mask in the data loader; drop "
+                          "--no-create-attention-mask-in-dataloader (or --reset-attention-mask)")
     if args.squared_relu:
         if args.swiglu or args.openai_gelu:
             raise ConfigError("give only one of --squared-relu, --swiglu and --openai-gelu")

@@ -18,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-cache-path", default=None, help="where dataset index caches go")
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
     g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predictions after an end-of-document")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="position ids restart at 0 after each end-of-document token inside a sample")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="tokens after an end-of-document token attend only to their own document (a causal, "
+                        "block-diagonal [s, s] mask per sample instead of the fused causal path)")
     g.add_argument("--tokenizer-type", default=None,
                    choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
                             "GPT2BPETokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
