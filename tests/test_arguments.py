@@ -281,3 +281,21 @@ def test_a_malformed_split_is_a_config_error_before_the_run_starts(split, messag
     with pytest.raises(ConfigError) as info:
         validate_args(parse_args(argv), world_size=1)
     assert str(info.value) == message
+
+
+def test_help_shows_every_default_including_zero():
+    """docs/training.md: "--help shows every default". A default of 0 or 0.0 (--min-lr, --lr-warmup-iters,
+    --manual-gc-interval, ...) is a default worth showing; only None, False (store_true flags) and [] are not
+    (0 == False in Python, so a membership test against False dropped them)."""
+    import argparse
+
+    from megatron_core.training.arguments import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    assert "learning rate at the end of the decay (default: 0.0)" in " ".join(text.split())
+    for action in parser._actions:
+        if (not action.option_strings or action.help == argparse.SUPPRESS or action.nargs == 0
+                or action.default is None or action.default is False or action.default == []):
+            continue
+        assert "(default:" in action.help, (action.option_strings[0], action.default, action.help)

@@ -214,7 +214,8 @@ def test_log_line_numbers_are_the_intervals_means_and_rates():
                    **dict(common, num_zeros=3))
     assert re.search(r"elapsed time per iteration \(ms\): 500\.0 \| throughput per rank: 256\.0 tokens/s, "
                      r"24\.0000 TFLOP/s \|", line), line
-    assert "| lm loss: 7.000000E+00 | loss scale: 512.0 | grad norm: 1.500 | num zeros: 3 |" in line, line
+    # Megatron-LM's training_log formats the count as ' num zeros: {:.1f} |' (a float, like the loss scale).
+    assert "| lm loss: 7.000000E+00 | loss scale: 512.0 | grad norm: 1.500 | num zeros: 3.0 |" in line, line
     assert "number of skipped iterations:   0 | number of nan iterations:   1 |" in line
     # One iteration per line: its own time and loss; an extra part goes at the end.
     log = TrainingLog(LoggingConfig(log_interval=1), 6, None, None, 3e12, 32, 1)

@@ -58,7 +58,9 @@ def _config(args):
 
 
 def test_conflicting_zero_flags_are_one_line_errors():
-    bad = [(["--zero-stage", "2", "--data-parallel-sharding-strategy", "optim"], "--zero-stage"),
+    # The values as given, each with the stage it names (the strategy's name is what the user typed).
+    bad = [(["--zero-stage", "2", "--data-parallel-sharding-strategy", "optim"],
+            r"--zero-stage 2 \(ZeRO stage 2\) and --data-parallel-sharding-strategy optim \(ZeRO stage 1\)"),
            (["--zero-stage", "0", "--use-distributed-optimizer"], "--use-distributed-optimizer"),
            (["--zero-stage", "2", "--offload-param"], "--offload-param"),
            (["--overlap-param-gather"], "--overlap-param-gather"),

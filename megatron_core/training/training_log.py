@@ -107,7 +107,7 @@ class TrainingLog:
         if norms["grad-norm"] is not None:
             parts.append(f" grad norm: {norms['grad-norm']:.3f}")
         if norms["num-zeros"] is not None:
-            parts.append(f" num zeros: {norms['num-zeros']}")
+            parts.append(f" num zeros: {norms['num-zeros']:.1f}")  # Megatron-LM's format: 3.0, not 3
         if norms["params-norm"] is not None:
             parts.append(f" params norm: {norms['params-norm']:.3f}")
         parts.append(f" number of skipped iterations: {self.skipped:3d}")

@@ -41,8 +41,10 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append "(default: X)" to every flag's help that has a default worth showing (argparse's own
     ArgumentDefaultsHelpFormatter skips flags that have no help text)."""
     for action in parser._actions:
+        # Identity tests for None/False: a membership test would drop 0 and 0.0 too (0 == False).
         if (not action.option_strings or action.help == argparse.SUPPRESS or action.nargs == 0
-                or action.default in (None, False, []) or "%(default)" in (action.help or "")):
+                or action.default is None or action.default is False or action.default == []
+                or "%(default)" in (action.help or "")):
             continue
         action.help = (f"{action.help} " if action.help else "") + "(default: %(default)s)"
 

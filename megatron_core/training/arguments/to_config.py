@@ -118,14 +118,15 @@ def zero_stage(args: argparse.Namespace) -> int:
     (Megatron-FSDP) and ``--use-distributed-optimizer`` (stage 1); contradictions are a ConfigError."""
     from megatron_core.training.arguments.distributed import SHARDING_STRATEGIES
 
-    said: dict[str, int] = {}
+    said: dict[str, int] = {}  # "--flag value" as given -> the stage it names
     if args.zero_stage is not None:
-        said["--zero-stage"] = args.zero_stage
+        said[f"--zero-stage {args.zero_stage}"] = args.zero_stage
     if args.data_parallel_sharding_strategy is not None:
-        said["--data-parallel-sharding-strategy"] = SHARDING_STRATEGIES[args.data_parallel_sharding_strategy]
+        strategy = args.data_parallel_sharding_strategy
+        said[f"--data-parallel-sharding-strategy {strategy}"] = SHARDING_STRATEGIES[strategy]
     if len(set(said.values())) > 1:
-        raise ConfigError(f"{' and '.join(f'{k} ({v})' for k, v in said.items())} name different ZeRO stages; "
-                          f"pass one of them")
+        raise ConfigError(f"{' and '.join(f'{k} (ZeRO stage {v})' for k, v in said.items())} name different "
+                          f"ZeRO stages; pass one of them")
     stage = next(iter(said.values()), None)
     if args.use_distributed_optimizer:
         if stage == 0:
