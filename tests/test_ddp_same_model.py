@@ -18,7 +18,10 @@ from megatron_core.errors import ConfigError
 
 def _model(rank: int, change: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3 + (rank if change == "shape" else 0)))
+    outputs = 3 + (rank if change == "shape" else 0)
+    if change.startswith("odd") and rank == int(change.removeprefix("odd")):  # "oddN": rank N alone differs
+        outputs += 1
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, outputs))
     if change == "frozen" and rank == 1:
         model[0].bias.requires_grad_(False)
     if change == "dtype" and rank == 1:
@@ -28,9 +31,9 @@ def _model(rank: int, change: str) -> torch.nn.Module:
     return model
 
 
-def _wrap(zero: int, change: str) -> str:
+def _wrap(zero: int, change: str, tp: int = 1) -> str:
     import torch.distributed as dist
-    ps = parallel_state.initialize_model_parallel(1, 1)
+    ps = parallel_state.initialize_model_parallel(tp, 1)
     try:
         DistributedDataParallel(DistributedDataParallelConfig(zero_stage=zero), _model(dist.get_rank(), change), ps)
     except ConfigError as exc:
@@ -38,18 +41,33 @@ def _wrap(zero: int, change: str) -> str:
     return "wrapped"
 
 
-@pytest.mark.parametrize("zero,change,expected", [
-    (0, "shape", "DP rank 1 has '1.weight [4, 4] float32' where DP rank 0 has '1.weight [3, 4] float32'"),
-    (3, "shape", "DP rank 1 has '1.weight [4, 4] float32' where DP rank 0 has '1.weight [3, 4] float32'"),
-    (1, "frozen", "DP rank 1 has '0.bias [4] float32 frozen' where DP rank 0 has '0.bias [4] float32'"),
-    (2, "dtype", "DP rank 1 has '1.weight [3, 4] float64' where DP rank 0 has '1.weight [3, 4] float32'"),
-    (0, "extra", "DP rank 1 has '2.weight [3, 3] float32' where DP rank 0 has no more parameters"),
+@pytest.mark.parametrize("zero,change,odd,reference", [
+    (0, "shape", "'1.weight [4, 4] float32'", "'1.weight [3, 4] float32'"),
+    (3, "shape", "'1.weight [4, 4] float32'", "'1.weight [3, 4] float32'"),
+    (1, "frozen", "'0.bias [4] float32 frozen'", "'0.bias [4] float32'"),
+    (2, "dtype", "'1.weight [3, 4] float64'", "'1.weight [3, 4] float32'"),
+    (0, "extra", "'2.weight [3, 3] float32'", "no more parameters"),
 ])
-def test_rank_dependent_model_is_refused_on_every_rank(zero, change, expected):
+def test_rank_dependent_model_is_refused_on_every_rank(zero, change, odd, reference):
+    expected = f"DP rank 1 (global rank 1) has {odd} where DP rank 0 has {reference}"
     messages = run_distributed(_wrap, 2, zero, change, timeout=60)
     for message in messages:
         assert message.startswith("the model differs across data-parallel ranks") and expected in message
         assert "build the same model on every rank" in message and "\n" not in message
+
+
+def test_the_rank_named_is_the_odd_one_out():
+    """The model most DP ranks hold is the reference: with 3 ranks where only rank 0 differs, rank 0 is
+    named (before, every rank but 0 was compared with rank 0, and rank 1 was blamed). Under TP 2 x DP 2 the
+    DP rank and the global rank differ, and both are given."""
+    for message in run_distributed(_wrap, 3, 0, "odd0", timeout=60):
+        assert ("at parameter 2, DP rank 0 (global rank 0) has '1.weight [4, 4] float32' where DP rank 1 has "
+                "'1.weight [3, 4] float32' (as 2 of 3 DP ranks do)") in message, message
+    # TP 2 x DP 2: global rank 3 differs; its DP group is global ranks 1 and 3 (a tie: DP rank 0 is the reference).
+    messages = run_distributed(_wrap, 4, 0, "odd3", 2, timeout=60)
+    assert messages[0] == messages[2] == "wrapped"
+    for message in (messages[1], messages[3]):
+        assert "DP rank 1 (global rank 3) has '1.weight [4, 4] float32' where DP rank 0 has" in message, message
 
 
 def test_same_model_wraps_and_tp_ranks_are_not_compared():
