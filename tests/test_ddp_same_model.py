@@ -93,3 +93,56 @@ def test_engine_initialize_refuses_a_rank_dependent_model():
         return "initialized"
     for message in run_distributed(body, 2, timeout=60):
         assert message.startswith("the model differs across data-parallel ranks"), message
+
+
+def _pretrain_with_rank3_extra() -> str:
+    """pretrain_gpt's training under TP 2 x DP 2 with a model provider that adds a layer on global rank 3
+    alone: only the DP group of ranks 1 and 3 differs."""
+    import torch.distributed as dist
+
+    import pretrain_gpt
+    from megatron_core.training.arguments import config_from_args, parse_args
+    from megatron_core.training.arguments.validate import validate_args
+    from megatron_core.training.pretrain import pretrain
+
+    argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "1", "--lr", "1e-3",
+            "--mock-data", "--vocab-size", "255", "--eval-iters", "0", "--num-workers", "0",
+            "--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", "1"]
+    config = config_from_args(validate_args(parse_args(argv), dist.get_world_size()))
+
+    def provider(*args):
+        chunks = pretrain_gpt.model_provider(*args)
+        if dist.get_rank() == 3:
+            chunks[0].extra = torch.nn.Linear(2, 2)
+        return chunks
+    try:
+        pretrain(config, provider, pretrain_gpt.forward_step)
+    except ConfigError as exc:
+        return str(exc)
+    return "trained"
+
+
+def test_a_difference_in_one_dp_group_stops_every_rank():
+    """Ranks 0 and 2 (a DP group with the same model) are told too, instead of waiting in their next
+    collective for ranks 1 and 3 until the timeout."""
+    for message in run_distributed(_pretrain_with_rank3_extra, 4, timeout=120):
+        assert "the model differs across data-parallel ranks" in message and "(global rank 3)" in message, message
+
+
+def test_engine_a_difference_in_one_dp_group_stops_every_rank():
+    """The same under megatron_core.initialize with AutoTP 2 on 4 ranks (Hugging Face GPT-2): only global
+    rank 3's model has an extra parameter."""
+    def body() -> str:
+        import torch.distributed as dist
+        from engine_common import ds_config, make_model
+        model = make_model("gpt2")
+        if dist.get_rank() == 3:
+            model.extra = torch.nn.Linear(2, 2)
+        try:
+            megatron_core.initialize(model, config=ds_config(2, 1, 1, "gpt2", tensor_parallel={"autotp_size": 2}))
+        except ConfigError as exc:
+            return str(exc)
+        return "initialized"
+    for message in run_distributed(body, 4, timeout=120):
+        assert "the model differs across data-parallel ranks" in message and "(global rank 3)" in message, message
