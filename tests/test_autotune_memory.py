@@ -10,10 +10,11 @@ from ddp_common import build, train_step
 from harness import run_distributed
 
 from megatron_core import device, parallel_state
-from megatron_core.autotune.activations import head_activation_bytes, layer_activation_bytes
+from megatron_core.autotune.activations import document_mask_bytes, head_activation_bytes, layer_activation_bytes
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
 from megatron_core.autotune.params import rank_chunks
+from megatron_core.datasets import document_attention_mask
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.models.presets import llama_config
 from megatron_core.optimizer import MemoryFootprint, memory_footprint
@@ -208,23 +209,28 @@ def _record(params: set, seen: dict, t):
     return t
 
 
-def _saved_per_layer(kw, tp, sp, mb, seq=SEQ):
-    counts = []
-    for layers in (1, 2):
-        ps = parallel_state.ParallelState(tp, 1)
-        ps.manual_seed(1)
-        config = TransformerConfig(num_layers=layers, hidden_size=32, num_attention_heads=4, sequence_parallel=sp, **kw)
-        (model,) = build_gpt_model_chunks(config, 64, seq, ps, make_vocab_size_divisible_by=32)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen: dict[int, int] = {}
-        pack = functools.partial(_record, params, seen)
-        tokens = torch.randint(0, 64, (mb, seq))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(tokens, labels=tokens).sum()
-        loss.backward()  # outside the hooks: recompute's saved tensors are transient
-        counts.append(sum(seen.values()))
-        ps.destroy()
-    return counts[1] - counts[0]
+def _saved_bytes(kw, layers, tp, sp, mb, seq=SEQ, document_mask=False):
+    """Bytes saved for backward by a GPT of ``layers`` layers (parameters aside); with ``document_mask``
+    every sample holds two documents and the model gets their [b, 1, s, s] mask, as pretrain_gpt's."""
+    ps = parallel_state.ParallelState(tp, 1)
+    ps.manual_seed(1)
+    config = TransformerConfig(num_layers=layers, hidden_size=32, num_attention_heads=4, sequence_parallel=sp, **kw)
+    (model,) = build_gpt_model_chunks(config, 64, seq, ps, make_vocab_size_divisible_by=32)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    pack = functools.partial(_record, params, seen)
+    tokens = torch.randint(0, 63, (mb, seq))
+    tokens[:, seq // 3] = 63  # an EOD (id 63) in every sample
+    mask = torch.stack([document_attention_mask(t, 63) for t in tokens]) if document_mask else None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, attention_mask=mask, labels=tokens).sum()
+    loss.backward()  # outside the hooks: recompute's saved tensors are transient
+    ps.destroy()
+    return sum(seen.values())
+
+
+def _saved_per_layer(kw, tp, sp, mb, seq=SEQ, document_mask=False):
+    return _saved_bytes(kw, 2, tp, sp, mb, seq, document_mask) - _saved_bytes(kw, 1, tp, sp, mb, seq, document_mask)
 
 
 CASES = {"dropout-explicit": dict(), "no-dropout-sdpa": dict(hidden_dropout=0.0, attention_dropout=0.0),
@@ -279,6 +285,45 @@ def test_blocked_causal_attention_activations_equal_saved_tensors():
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4)
     predicted = layer_activation_bytes(ModelSpec(config, 64, 200, 200, 3), Layout(tp=1, micro_batch_size=1))
     assert predicted == measured, f"predicted {predicted} bytes, saved {measured}"
+
+
+DOCUMENT_CASES = ("dropout-explicit", "no-dropout-sdpa", "selective", "full", "unfused")
+
+
+def _saved_with_document_mask(seq, params_dtype):
+    """Per case: (bytes per layer with a document mask, bytes a 1-layer model saves beyond the same model
+    without the mask)."""
+    out = {}
+    for case in DOCUMENT_CASES:
+        kw = dict(CASES[case], params_dtype=params_dtype)
+        one = _saved_bytes(kw, 1, 1, False, 3, seq, document_mask=True)
+        out[case] = (_saved_bytes(kw, 2, 1, False, 3, seq, document_mask=True) - one,
+                     one - _saved_bytes(kw, 1, 1, False, 3, seq))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_document_mask_activations_equal_saved_tensors(dtype):
+    """--reset-attention-mask at sequence 200: the explicit path computes all 200 x 200 scores (not the
+    causal blocks), SDPA keeps an additive copy of the mask per layer, and the bool mask is kept once per
+    micro batch by the explicit path and the recompute checkpoints. Before ModelSpec.document_mask the
+    autotuner predicted the causal path's bytes for these runs (1.36 MB less per layer with dropout).
+    In bf16 only the excess over the run without the mask is compared (the CPU's LayerNorm keeps its
+    statistics in the input's dtype, as in test_bf16_explicit_attention_over_sdpa_equals_saved_tensors)."""
+    measured = run_distributed(_saved_with_document_mask, 1, 200, dtype, timeout=240)[0]
+    nbytes = torch.finfo(dtype).bits // 8
+    for case in DOCUMENT_CASES:
+        config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, params_dtype=dtype,
+                                   **CASES[case])
+        layout = Layout(micro_batch_size=3, recompute={"selective": "selective", "full": "full"}.get(case))
+        spec = functools.partial(ModelSpec, config, 64, 200, 200, 3, bytes_per_param=nbytes)
+        masked, plain = spec(document_mask=True), spec()
+        per_layer, extra = measured[case]
+        predicted = layer_activation_bytes(masked, layout)
+        if dtype == torch.float32:
+            assert predicted == per_layer, f"{case}: predicted {predicted} bytes per layer, saved {per_layer}"
+        predicted = predicted - layer_activation_bytes(plain, layout) + document_mask_bytes(masked, layout)
+        assert predicted == extra, f"{case} {dtype}: predicted {predicted} more bytes with the mask, saved {extra}"
 
 
 def _saved_bf16(cases, seq):

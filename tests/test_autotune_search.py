@@ -340,3 +340,16 @@ def test_layout_flags_given_to_the_search_are_said_to_be_replaced(capsys):
     err = capsys.readouterr().err
     assert ("note: --tensor-model-parallel-size, --micro-batch-size are what the search chooses: the values given "
             "are replaced by the best layout's\n") in err, err
+
+
+def test_reset_attention_mask_is_in_the_prediction():
+    """--reset-attention-mask given to the autotuner reaches its memory model (the masked attention path and
+    the [b, 1, s, s] mask; tests/test_autotune_memory.py counts them): before, the flag was parsed and its
+    cost left out. With dropout on the CPU (the explicit path) at sequence 256 the layers' full scores and
+    masks come to more than the causal blocks."""
+    flags = [f if f != "16" else "256" for f in FLAGS] + ["--attention-dropout", "0.1"]
+    plain = cli.model_spec(cli.build_parser().parse_args(flags))
+    masked = cli.model_spec(cli.build_parser().parse_args(flags + ["--reset-attention-mask"]))
+    assert masked.document_mask and not plain.document_mask
+    layout = Layout(dp=1, micro_batch_size=2)
+    assert predict_memory(masked, layout) > predict_memory(plain, layout)

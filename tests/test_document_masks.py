@@ -6,7 +6,10 @@ after it opens the next document at position 0 and attends to nothing up to and 
 The hand-written cases below were also checked once against megatron-core's function itself (the peer
 is not a dependency of this project, so it is not imported here).
 """
+import contextlib
 import functools
+import io
+import json
 
 import pytest
 import torch
@@ -16,9 +19,16 @@ from test_pretrain import TINY, _logged, _train
 
 import pretrain_gpt
 from megatron_core import parallel_state
-from megatron_core.datasets import GPTDatasetConfig, MockGPTDataset, document_attention_mask, document_position_ids
+from megatron_core.datasets import (
+    GPTDatasetConfig,
+    MockGPTDataset,
+    build_gpt_datasets,
+    document_attention_mask,
+    document_position_ids,
+)
 from megatron_core.models.gpt import GPTModel
 from megatron_core.models.presets import gpt2_config, llama_config
+from megatron_core.tokenizer import build_tokenizer
 from megatron_core.training.arguments import config_from_args, parse_args
 from megatron_core.training.arguments.validate import validate_args
 from megatron_core.training.errors import ConfigError
@@ -202,3 +212,37 @@ def test_flags_reach_the_dataset_config_and_contradictions_are_refused():
     assert not plain.every_chunk_reads_data
     with pytest.raises(ConfigError, match="--reset-attention-mask builds .* drop --no-create-attention-mask"):
         validate_args(parse_args(SHORT + ["--reset-attention-mask", "--no-create-attention-mask-in-dataloader"]), 1)
+
+
+def _cli(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = pretrain_gpt.cli(argv)
+    return code, err.getvalue()
+
+
+def test_data_without_eod_is_refused_and_with_eod_resets(tmp_path):
+    """Real data: a SentencePiece tokenizer and tools/preprocess_data.py. Without --append-eod the documents
+    carry no EOD, so the flags would silently train across documents: one line naming --append-eod (before,
+    training ran with positions 0..s-1 and a causal mask). With it, the samples' positions do reset."""
+    from megatron_core.datasets import preprocess_data
+    from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"def function_{i}(x):\n    return x * {i} + {i * i}" for i in range(300)))
+    model = train_sentencepiece([str(text)], str(tmp_path / "tok"), 320)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"x = {i} + {i}"}) + "\n" for i in range(200)))
+    argv = SHORT[:SHORT.index("--mock-data")] + SHORT[SHORT.index("--vocab-size") + 2:] + DOCS + [
+        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model, "--train-iters", "1"]
+    for append, prefix in ((False, "plain"), (True, "eod")):
+        assert preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / prefix),
+                                     "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model]
+                                    + (["--append-eod"] if append else [])) == 0
+    code, err = run_distributed(_cli, 1, argv + ["--data-path", str(tmp_path / "plain_text_document")], timeout=120)[0]
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert "none of the first 16 documents of the train split" in err and "--append-eod" in err, err
+    eod = build_tokenizer("SentencePieceTokenizer", tokenizer_model=model).eod
+    config = GPTDatasetConfig(seq_length=32, eod=eod, seed=1, data_path=[str(tmp_path / "eod_text_document")],
+                              split="100,0,0", reset_position_ids=True, reset_attention_mask=True)
+    train, _, _ = build_gpt_datasets(config, [4, 0, 0])
+    assert any(not torch.equal(train[i]["position_ids"], torch.arange(32)) for i in range(4))

@@ -18,6 +18,11 @@ by TP under sequence parallelism:
   ``(C+1)/2C s^2`` for the C query blocks of the causal path without a fused softmax kernel, which
   keeps no dropout mask; the full-score path keeps it, bool); selective recompute keeps only QKV and
   the context.
+- with a document mask (``--reset-attention-mask``, ``ModelSpec.document_mask``) the explicit path
+  computes all ``s^2`` scores (no causal blocks), and SDPA keeps per layer its additive copy of the
+  bool mask in the activations' dtype (``b s^2 B``: PyTorch converts a bool ``attn_mask``); the bool
+  mask itself (``b s^2`` bytes, one per micro batch and model chunk, as every chunk reads it) is kept
+  by the explicit path's masked softmax and by the recompute checkpoints (:func:`document_mask_bytes`).
 
 Full recompute keeps one layer input per layer and rebuilds one layer's activations in backward.
 """
@@ -82,15 +87,15 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     rotated = qsz + kvsz if rope else 0
     if layout.recompute == "selective":  # the checkpoint keeps q, k, v and the context
         return mixed + rotated + qsz
-    if _uses_sdpa(spec, on_cpu):  # q, k, v, output and log-sum-exp
-        return mixed + rotated + qsz + b * heads * s * 4
+    if _uses_sdpa(spec, on_cpu):  # q, k, v, output and log-sum-exp (and the mask's additive copy)
+        return mixed + rotated + qsz + b * heads * s * 4 + (b * s * s * B if spec.document_mask else 0)
     gqa = c.num_query_groups != c.num_attention_heads
     total = (qsz if rope else 0) + (qsz if gqa else kvsz if rope else 0) + (qsz if gqa else 0)
     if not (rope and gqa):
         total += mixed
     # The causal path without a fused softmax kernel (the CPU's case; on a GPU under the "fused"
     # backend a kernel is expected) keeps only the score blocks on and below the diagonal.
-    blocked = on_cpu or c.attention_backend != "fused"
+    blocked = not spec.document_mask and (on_cpu or c.attention_backend != "fused")
     scores = heads * b * (sum((end - start) * end for start, end in causal_blocks(s)) if blocked else s * s)
     fp32_probs = c.attention_softmax_in_fp32 and B < 4
     total += scores * (4 if fp32_probs else B) + qsz  # softmax output, context copy
@@ -132,6 +137,15 @@ def embedding_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
     return (s * b * h // shard if spec.config.hidden_dropout > 0 else 0) + 8 * s * b
 
 
+def document_mask_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
+    """The bool document mask [b, 1, s, s] of one micro batch on one model chunk (``--reset-attention-mask``),
+    when something keeps it for backward: the explicit path's masked softmax, or a recompute checkpoint
+    (selective or full). SDPA keeps only its own copy, counted per layer. 0 without a document mask."""
+    if not spec.document_mask or (layout.recompute is None and _uses_sdpa(spec, on_cpu)):
+        return 0
+    return layout.micro_batch_size * spec.seq_length ** 2
+
+
 def in_flight(layout: Layout, num_microbatches: int, pp_rank: int) -> int:
     """Chunk forwards whose activations rank ``pp_rank`` holds at once (the schedules' warm-up + 1)."""
     p, m = layout.pp, num_microbatches
@@ -154,7 +168,7 @@ def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu
     flight = in_flight(layout, spec.num_microbatches(layout), pp_rank)
     per_layer = layer_activation_bytes(spec, layout, on_cpu)
     # Interleaved ranks cycle through their chunks; the in-flight count is in chunk forwards.
-    total = flight * per_chunk_layers * per_layer
+    total = flight * (per_chunk_layers * per_layer + document_mask_bytes(spec, layout, on_cpu))
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     vocab = spec.padded_vocab(layout.tp) // layout.tp
     s, b = spec.seq_length, layout.micro_batch_size

@@ -151,7 +151,8 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     nbytes = params_dtype(args).itemsize
     return ModelSpec(config, vocab, args.seq_length, args.max_position_embeddings or args.seq_length,
                      args.global_batch_size, args.make_vocab_size_divisible_by, nbytes,
-                     4 if (args.bf16 or args.accumulate_allreduce_grads_in_fp32) else nbytes)
+                     4 if (args.bf16 or args.accumulate_allreduce_grads_in_fp32) else nbytes,
+                     document_mask=args.reset_attention_mask)
 
 
 def _machine_memory_gib() -> float:

@@ -34,6 +34,7 @@ from megatron_core import device as device_mod
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
 from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
+from megatron_core.fusions.fused_softmax import causal_mask
 from megatron_core.fusions.onednn_linear import linear
 from megatron_core.transformer.config import TransformerConfig
 
@@ -144,10 +145,13 @@ def _layer_seconds(spec: ModelSpec, mb: int, tp: int, selective: bool) -> float:
     where = device_mod.current_device()
     x = torch.randn(spec.seq_length, mb, c.hidden_size, dtype=c.params_dtype, device=where, requires_grad=True)
     positions = torch.arange(spec.seq_length, device=where).expand(mb, spec.seq_length)
+    # --reset-attention-mask: attention takes the masked path (all s x s scores); its cost does not
+    # depend on where the documents end, so the causal mask stands for any document mask.
+    mask = causal_mask(spec.seq_length, spec.seq_length, where).expand(mb, 1, -1, -1) if spec.document_mask else None
 
     def step() -> None:
         model.set_input_tensor(x)
-        model(None, positions).sum().backward()
+        model(None, positions, attention_mask=mask).sum().backward()
     seconds = _time(step)
     ps.destroy()
     return seconds

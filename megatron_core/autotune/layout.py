@@ -49,7 +49,9 @@ class Layout:
 class ModelSpec:
     """What fixes the parameter and activation sizes: the transformer config (its parallel and
     recompute fields are ignored: the layout sets them), the vocabulary before padding
-    (``--make-vocab-size-divisible-by`` x TP pads it, as pretrain_gpt.py does), positions and sequence."""
+    (``--make-vocab-size-divisible-by`` x TP pads it, as pretrain_gpt.py does), positions and sequence.
+    ``document_mask``: ``--reset-attention-mask``, each sample's [1, s, s] bool document mask, with which
+    attention takes its masked path (see :mod:`.activations`)."""
 
     config: TransformerConfig
     vocab_size: int
@@ -59,6 +61,7 @@ class ModelSpec:
     make_vocab_size_divisible_by: int = 128
     bytes_per_param: int = 4
     grad_bytes: int = 4
+    document_mask: bool = False
 
     def padded_vocab(self, tp: int) -> int:
         """Megatron-LM's padding: the next multiple of ``make_vocab_size_divisible_by * TP``."""

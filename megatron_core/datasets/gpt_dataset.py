@@ -17,6 +17,8 @@ from .mock_indexed_dataset import MockIndexedDataset
 logger = logging.getLogger(__name__)
 
 _INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
+EOD_PROBE_DOCUMENTS = 16
+"""Documents of a split read to check that documents end with EOD under the document masks."""
 # Bump when the index construction changes, so old caches are not reused.
 _INDEX_FORMAT = 1
 
@@ -108,6 +110,8 @@ class GPTDataset(torch.utils.data.Dataset):
                 f"{self.indexed_indices[-1]}) holds no tokens, but {num_samples} samples are needed; its documents "
                 f"are all empty: move the --split boundaries{skip} or add data"
             )
+        if config.reset_position_ids or config.reset_attention_mask:
+            self._check_documents_end_with_eod(where)
         self.unique_description = self._describe()
         self.unique_description_hash = description_hash(self.unique_description)
         self.cache_dir = None
@@ -115,6 +119,19 @@ class GPTDataset(torch.utils.data.Dataset):
             self.cache_dir = config.data_cache_path or default_cache_dir(dataset_path)
         self.built_from_cache = False
         self.document_index, self.sample_index, self.shuffle_index = self._load_or_build_indices()
+
+    def _check_documents_end_with_eod(self, where: str) -> None:
+        """ValueError when none of the split's first ``EOD_PROBE_DOCUMENTS`` non-empty documents ends with
+        the EOD id: the document masks find boundaries by EOD alone (as Megatron-LM's), so data preprocessed
+        without ``--append-eod`` would be trained across documents while the flags say otherwise."""
+        lengths = np.asarray(self.dataset.sequence_lengths)
+        probed = [int(i) for i in self.indexed_indices[:EOD_PROBE_DOCUMENTS] if lengths[i] > 0]
+        if probed and not any(int(self.dataset.get(i, int(lengths[i]) - 1, 1)[0]) == self.config.eod for i in probed):
+            raise ValueError(
+                f"--reset-position-ids/--reset-attention-mask find documents by their EOD token (id "
+                f"{self.config.eod}), but none of the first {len(probed)} documents of the {self.index_split} split "
+                f"of {where!r} ends with it; preprocess the data with tools/preprocess_data.py --append-eod "
+                "(or drop the flags)")
 
     def _describe(self) -> dict[str, Any]:
         indices = self.indexed_indices

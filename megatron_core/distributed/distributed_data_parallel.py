@@ -41,7 +41,8 @@ def _parameter_signature(module: torch.nn.Module) -> list[str]:
 
 def check_same_parameters(module: torch.nn.Module, parallel_state: ParallelState) -> None:
     """Raise :class:`ConfigError` on every DP rank when the ranks' ``module`` parameters differ (names,
-    shapes, dtypes, ``requires_grad``).
+    shapes, dtypes, ``requires_grad``), naming the first parameter that differs and a rank that differs
+    from the most common model (its DP rank and global rank).
 
     The gradient buckets and the ZeRO shards are laid out from each rank's own parameters, so a
     rank-dependent model would pair unrelated elements in every broadcast and reduction without any
@@ -59,15 +60,20 @@ def check_same_parameters(module: torch.nn.Module, parallel_state: ParallelState
         return
     signatures: list = [None] * parallel_state.dp_size
     dist.all_gather_object(signatures, mine, group=group)
-    first = signatures[0]
-    rank = next(r for r, d in enumerate(digests) if d != digests[0])
-    other = signatures[rank]
+    # The model most DP ranks hold is the reference (ties: the lowest rank's), so the rank named is the
+    # odd one out: with 4 ranks of which rank 0 alone differs, rank 0 is named, not rank 1.
+    common = max(digests, key=lambda d: (digests.count(d), -digests.index(d)))
+    ref = digests.index(common)
+    odd = next(r for r, d in enumerate(digests) if d != common)
+    first, other = signatures[ref], signatures[odd]
     at = next((i for i, (a, b) in enumerate(zip(first, other, strict=False)) if a != b), min(len(first), len(other)))
+
     def describe(sig: list[str]) -> str:
         return f"'{sig[at]}'" if at < len(sig) else "no more parameters"
-    raise ConfigError(f"the model differs across data-parallel ranks: at parameter {at}, DP rank {rank} has "
-                      f"{describe(other)} where DP rank 0 has {describe(first)}; build the same model on every "
-                      "rank (no rank-dependent modules, shapes, dtypes or requires_grad)")
+    raise ConfigError(f"the model differs across data-parallel ranks: at parameter {at}, DP rank {odd} (global rank "
+                      f"{parallel_state.dp_ranks[odd]}) has {describe(other)} where DP rank {ref} has "
+                      f"{describe(first)} (as {digests.count(common)} of {len(digests)} DP ranks do); build the "
+                      "same model on every rank (no rank-dependent modules, shapes, dtypes or requires_grad)")
 
 
 class DistributedDataParallel(torch.nn.Module):

@@ -34,6 +34,7 @@ from megatron_core.engine.lr_schedules import build_scheduler
 from megatron_core.errors import ConfigError, report_uncaught_config_errors
 from megatron_core.optimizer import get_megatron_optimizer
 from megatron_core.parallel_state import ParallelState
+from megatron_core.training.agreement import agreed
 from megatron_core.training.initialize import initialize_distributed
 
 
@@ -244,7 +245,8 @@ def initialize(
     to_dict = getattr(getattr(model, "config", None), "to_dict", None)
     hf_config = to_dict() if callable(to_dict) else None  # a transformers model: consolidation writes an HF folder
     model = _prepare_model(model, engine_config, parallel_state)
-    ddp = DistributedDataParallel(ddp_config_from(engine_config), model, parallel_state)
+    # agreed: a model that differs within some DP groups only (AutoTP) stops every rank, not only those groups'
+    ddp = agreed(DistributedDataParallel, ddp_config_from(engine_config), model, parallel_state)
     try:
         megatron_optimizer = get_megatron_optimizer(opt_config, [ddp], parallel_state,
                                                     model_param_groups(groups, model))

@@ -182,7 +182,9 @@ def _setup(config: RunConfig, parallel_state: ParallelState, model_provider: Mod
     from megatron_core.optimizer import get_megatron_optimizer
 
     where = device.current_device()  # weights are drawn on the CPU; move them to this rank's device
-    model = [DistributedDataParallel(config.ddp, chunk.to(where), ps) for chunk in model]
+    # agreed: the same-model check fails in the DP groups whose ranks differ (its collectives stay in the DP
+    # group); every rank hears of it, not only those, instead of the others waiting in their next collective.
+    model = agreed(lambda chunks: [DistributedDataParallel(config.ddp, c.to(where), ps) for c in chunks], model)
     optimizer = get_megatron_optimizer(config.optimizer, model, ps)
     s = config.scheduler
     if config.training.skip_train:  # evaluation only: no schedule to check (the step count stays 0)
