@@ -14,7 +14,9 @@ def agreed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` on every rank; a ValueError on any rank is raised on all of them.
 
     Without this, a rank that fails alone (a missing file on one node, a checkpoint shard) leaves
-    the others waiting in their next collective until the timeout. ``fn`` must not communicate.
+    the others waiting in their next collective until the timeout. ``fn`` must not communicate, except
+    inside groups whose ranks all fail or all pass together (DDP's same-model check and its parameter
+    broadcast stay within one DP group, whose ranks reach one verdict).
     """
     error: ValueError | None = None
     try:
