@@ -42,7 +42,6 @@ _REFUSED: dict[str, str] = {
                                        "softmax is computed in fp32, the overflow it guards against in fp16)",
     "--reset-position-ids": "per-document position ids are not supported yet; drop the flag",
     "--reset-attention-mask": "per-document attention masks are not supported yet; drop the flag",
-    "--timing-log-option": "the timing line shows the logging rank's times; drop the flag",
 }
 # Refused flags whose one value means "off", as Megatron-LM's scripts spell it out (--context-parallel-size 1):
 # accepted with that value, refused with any other.
