@@ -1,7 +1,8 @@
 """``--fp32-residual-connection`` (TransformerConfig ``fp32_residual_connection``, Megatron-core's field): under
 bf16 the residual stream stays fp32 (the embedding output, every layer's output, the tensors sent between
 pipeline stages) while the norms hand the branches bf16; full recompute gives the same gradients; TP 2 + SP
-x PP 2 gives one process's losses; with fp32 weights the field changes nothing (bit-identical losses).
+x PP 2 gives one process's losses; generation at PP 2 receives the fp32 stream; with fp32 weights the field
+changes nothing (bit-identical losses).
 
 With the same weights a 12-layer bf16 model's logits are closer to the fp32 model's with the flag (mean
 relative error 0.0043 / 0.0036 for GPT-2 / Llama against 0.0089 / 0.0087 without; asserted: below 0.75x).
@@ -152,3 +153,14 @@ def test_without_low_precision_the_flag_is_one_line_naming_the_fix():
     error = run_distributed(_error_of, 1, TINY + RUN[:-2] + RUN[-1:], timeout=60)[0]
     assert error is not None and error.startswith("--fp32-residual-connection") and "add --bf16 or --fp16" in error
     assert "\n" not in error
+
+
+def test_generation_receives_the_fp32_stream_between_pipeline_stages(tmp_path):
+    """tools/run_text_generation.py at PP 2 (bf16) receives the stages' fp32 hidden states: the same greedy
+    tokens as PP 1."""
+    from test_text_generation_layouts import _generate
+
+    run_distributed(_train, 1, TINY + ["--train-iters", "2", "--eval-iters", "0", "--bf16",
+                                       "--fp32-residual-connection", "--save", str(tmp_path / "ckpt")], timeout=120)
+    assert _generate(tmp_path / "ckpt", 2, tmp_path / "pp2.json") == _generate(tmp_path / "ckpt", 1,
+                                                                                tmp_path / "pp1.json")

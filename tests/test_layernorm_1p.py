@@ -6,9 +6,10 @@ A model with the flag and norm weights w gives the plain model's logits and grad
 applies 1 + weight; pretrain under TP 2 + SP x PP 2 gives one process's losses, and the flag is recorded
 with the checkpoint (a resume without it is one line naming it; --use-checkpoint-args takes it); the
 Hugging Face export writes 1 + weight and the import with the flag writes weight - 1, the logits of the
-imported model equal Hugging Face's.
+imported model equal Hugging Face's, and generation from it gives Hugging Face's tokens.
 """
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -209,3 +210,27 @@ def test_the_converter_flag_goes_with_the_hf_loader(tmp_path, capsys):
                          "--save-dir", str(tmp_path / "b"), "--apply-layernorm-1p"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--apply-layernorm-1p applies to --loader hf" in err[0]
+
+
+def test_generation_checks_the_flag_and_runs_an_imported_1p_checkpoint(tmp_path, capsys):
+    """Megatron-LM's generation scripts repeat the training flags: --apply-layernorm-1p is checked against the
+    loaded model (one line when its norms are plain); a Llama imported with the flag generates Llama's tokens."""
+    from test_text_generation_cli import _hf_greedy
+
+    from megatron_core.inference.text_generation_cli import main
+
+    llama = tiny_hf_llama()
+    llama.save_pretrained(tmp_path / "hf")
+    assert convert.main(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                         "--save-dir", str(tmp_path / "ckpt"), "--apply-layernorm-1p"]) == 0
+    out = tmp_path / "out.json"
+    args = ["--prompt-tokens", "5,17,99", "--top_k", "1", "--tokens-to-generate", "4", "--output", str(out),
+            "--apply-layernorm-1p"]
+    assert main(["--load", str(tmp_path / "ckpt"), *args]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["tokens"] == [_hf_greedy(llama, [5, 17, 99], 4)]
+    capsys.readouterr()
+    assert main(["--load", str(tmp_path / "hf"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("--apply-layernorm-1p: the checkpoint's norm weights are not "
+                                             "zero-centred; drop the flag (the model's architecture comes from "
+                                             "--load)"), err
