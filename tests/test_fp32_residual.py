@@ -128,12 +128,13 @@ def test_with_fp32_weights_the_field_changes_nothing():
 
 
 def test_the_stages_send_fp32_and_a_contradicting_pipeline_dtype_is_refused():
-    assert TransformerConfig(params_dtype=torch.bfloat16, fp32_residual_connection=True).pipeline_dtype == torch.float32
-    assert TransformerConfig(params_dtype=torch.bfloat16).pipeline_dtype is None  # params_dtype, as before
+    config = TransformerConfig(params_dtype=torch.bfloat16, fp32_residual_connection=True)
+    assert config.pipeline_communication_dtype == torch.float32
+    assert TransformerConfig.from_dict(config.to_dict()) == config
+    plain = dataclasses.replace(config, fp32_residual_connection=False)
+    assert plain.pipeline_communication_dtype == torch.bfloat16  # params_dtype, as before
     with pytest.raises(ConfigError, match="fp32_residual_connection .*pipeline_dtype is torch.bfloat16"):
         TransformerConfig(params_dtype=torch.bfloat16, fp32_residual_connection=True, pipeline_dtype=torch.bfloat16)
-    config = TransformerConfig(params_dtype=torch.bfloat16, fp32_residual_connection=True)
-    assert dataclasses.replace(TransformerConfig.from_dict(config.to_dict())) == config
 
 
 RUN = ["--train-iters", "6", "--eval-iters", "0", "--log-interval", "1", "--bf16", "--fp32-residual-connection"]

@@ -61,7 +61,7 @@ class LayerNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``x`` [..., hidden_size] over its last dimension; same shape out, in the weight's dtype
         (an fp32 ``x`` with low-precision weights is normalised in fp32 and cast once at the end)."""
-        if x.dtype != self.weight.dtype:
+        if x.dtype == torch.float32 and self.weight.dtype != torch.float32:  # the fp32 residual stream
             bias = None if self.bias is None else self.bias.float()
             return F.layer_norm(x.float(), (self.hidden_size,), _applied(self.weight.float(), self.zero_centered_gamma),
                                 bias, self.eps).to(self.weight.dtype)
@@ -90,7 +90,7 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``x`` [..., hidden_size] over its last dimension; same shape out, in the weight's dtype
         (an fp32 ``x`` with low-precision weights is normalised and scaled in fp32, cast once at the end)."""
-        if x.dtype != self.weight.dtype:
+        if x.dtype == torch.float32 and self.weight.dtype != torch.float32:  # the fp32 residual stream
             return F.rms_norm(x.float(), (self.hidden_size,), _applied(self.weight.float(), self.zero_centered_gamma),
                               self.eps).to(self.weight.dtype)
         weight = _applied(self.weight, self.zero_centered_gamma)
