@@ -216,6 +216,14 @@ class ParallelState:
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
                 f"pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size}")
 
+    @property
+    def world_group(self) -> dist.ProcessGroup:
+        """The default group (every rank of the job), for job-wide collectives such as the timers' gather."""
+        group = dist.group.WORLD
+        if group is None:
+            raise RuntimeError("torch.distributed's default group is gone (destroyed after this ParallelState)")
+        return group
+
     def background_group(self) -> dist.ProcessGroup:
         """A gloo group of all ranks for collectives that run in a background thread (asynchronous
         checkpoint saves), so they never interleave with the training loop's collectives on the

@@ -124,6 +124,27 @@ def test_norm_modules_use_a_plugged_kernel():
         _compare(fused, plain, x, what=type(fused).__name__)
 
 
+@runtime_loops
+def test_zero_centered_norm_modules_hand_the_triton_kernel_one_plus_weight():
+    """--apply-layernorm-1p: the Triton kernels get 1 + weight, forward and backward as the torch path."""
+    x = _randn(4, 2, 16)
+    ln_kernel = Kernel(tno.layer_norm, lambda *a: True, "triton layer_norm")
+    rms_kernel = Kernel(tno.rms_norm, lambda *a: True, "triton rms_norm")
+    for fused, plain in [(LayerNorm(16, kernel=ln_kernel, zero_centered_gamma=True),
+                          LayerNorm(16, kernel=None, zero_centered_gamma=True)),
+                         (RMSNorm(16, kernel=rms_kernel, zero_centered_gamma=True),
+                          RMSNorm(16, kernel=None, zero_centered_gamma=True))]:
+        with torch.no_grad():
+            for p in (*fused.parameters(), *plain.parameters()):
+                p.copy_(_randn(16, seed=5) * 0.1)
+        _compare(fused, plain, x, what=f"zero-centred {type(fused).__name__}")
+        g = _randn(4, 2, 16, seed=7)
+        for module in (fused, plain):
+            (module(x) * g).sum().backward()
+        for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+            assert_rel_close(p.grad, q.grad, what=f"zero-centred {type(fused).__name__} grad of {name}")
+
+
 @pytest.mark.parametrize("mask_kind", ["causal-index", "causal-mask", "padding", "fully-masked-row"])
 def test_scaled_masked_softmax(mask_kind):
     b, h, sq, sk = 2, 3, 5, 7

@@ -90,12 +90,15 @@ def _family_of(hf_config: Any, path: str) -> str:
     return family
 
 
-def load_hf(path: str) -> FullModel:
-    """Read a GPT-2 or Llama ``save_pretrained`` directory."""
+def load_hf(path: str, layernorm_zero_centered_gamma: bool = False) -> FullModel:
+    """Read a GPT-2 or Llama ``save_pretrained`` directory; with ``layernorm_zero_centered_gamma``
+    (``--apply-layernorm-1p``) as a model whose norm weights are stored zero-centred (HF's weight - 1)."""
     hf_config = load_hf_config(path)
     family = _family_of(hf_config, path)
     module = _HF_MODULES[family]
     config, vocab, positions = module.config_from_hf(hf_config)
+    if layernorm_zero_centered_gamma:
+        config = replace(config, layernorm_zero_centered_gamma=True)
     state = load_hf_state(path)
     check_hf_state(path, hf_config, state)
     try:
@@ -299,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-model-type", choices=sorted(_HF_MODULES), default=None,
                    help="family of a written HF directory (default: the one the checkpoint came from, else "
                         "llama for RoPE models and gpt2 otherwise)")
+    p.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="with --loader hf: write a checkpoint for pretrain_gpt.py --apply-layernorm-1p (norm weights "
+                        "stored zero-centred, HF's weight - 1); a checkpoint that records it exports as weight + 1")
     g = p.add_argument_group("Megatron-LM compatibility", "flags of Megatron-LM's convert.py that change nothing here")
     g.add_argument("--megatron-path", default=None, help="accepted: the converter is this package")
     g.add_argument("--max-queue-size", type=int, default=None,
@@ -335,6 +341,9 @@ def _check_args(args: argparse.Namespace) -> None:
                          "--checkpoint-type hf")
     if args.bf16 and args.fp16:
         raise ValueError("--bf16 and --fp16 both given: pick the one dtype to write the weights in")
+    if args.apply_layernorm_1p and _kind(args.loader, "--loader") != "hf":
+        raise ValueError("--apply-layernorm-1p applies to --loader hf; a Megatron checkpoint records whether its norm "
+                         "weights are zero-centred: drop the flag")
 
 
 def _tokenizer_type(args: argparse.Namespace) -> str | None:
@@ -401,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.path.realpath(args.save_dir) == os.path.realpath(args.load_dir):
             raise ValueError(f"--save-dir {args.save_dir} is --load-dir: the converted checkpoint would replace "
                              f"the one it is read from; give another directory")
-        model = load_hf(args.load_dir) if loader == "hf" else \
+        model = load_hf(args.load_dir, args.apply_layernorm_1p) if loader == "hf" else \
             load_core(args.load_dir, args.load_iteration, with_optimizer=saver == "core" and not args.no_load_optim)
         if args.true_vocab_size is not None and args.true_vocab_size != model.vocab_size:
             raise ValueError(f"--true-vocab-size {args.true_vocab_size} differs from the vocabulary size "

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
+from megatron_core.checkpoint.hf_io import norm_weight_to_core, norm_weight_to_hf
 from megatron_core.transformer.config import TransformerConfig, resolved
 
 ARCHITECTURE = "GPT2LMHeadModel"
@@ -89,17 +90,19 @@ def _qkv_to_hf(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def state_to_core(hf: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
-    """Full GPTModel state dict from a GPT2LMHeadModel (or bare GPT2Model) state dict."""
+    """Full GPTModel state dict from a GPT2LMHeadModel (or bare GPT2Model) state dict; the LayerNorm weights
+    minus 1 when ``config`` keeps zero-centred gammas (``layernorm_zero_centered_gamma``)."""
     hf = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in hf.items()}
-    heads = config.num_attention_heads
+    heads, zc = config.num_attention_heads, config.layernorm_zero_centered_gamma
     out = {"embedding.word_embeddings.weight": hf["transformer.wte.weight"],
            "embedding.position_embeddings.weight": hf["transformer.wpe.weight"],
-           "decoder.final_layernorm.weight": hf["transformer.ln_f.weight"],
+           "decoder.final_layernorm.weight": norm_weight_to_core(hf["transformer.ln_f.weight"], zc),
            "decoder.final_layernorm.bias": hf["transformer.ln_f.bias"]}
     for i in range(config.num_layers):
         h, c = f"transformer.h.{i}.", f"decoder.layers.{i}."
         for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
-            out[f"{c}{ours}.weight"], out[f"{c}{ours}.bias"] = hf[f"{h}{theirs}.weight"], hf[f"{h}{theirs}.bias"]
+            out[f"{c}{ours}.weight"] = norm_weight_to_core(hf[f"{h}{theirs}.weight"], zc)
+            out[f"{c}{ours}.bias"] = hf[f"{h}{theirs}.bias"]
         out[f"{c}self_attention.linear_qkv.weight"] = _qkv_to_core(hf[f"{h}attn.c_attn.weight"].t(), heads)
         out[f"{c}self_attention.linear_qkv.bias"] = _qkv_to_core(hf[f"{h}attn.c_attn.bias"], heads)
         out[f"{c}self_attention.linear_proj.weight"] = hf[f"{h}attn.c_proj.weight"].t()
@@ -114,16 +117,18 @@ def state_to_core(hf: dict[str, torch.Tensor], config: TransformerConfig) -> dic
 
 
 def state_to_hf(core: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel state dict (tied ``lm_head`` left out, as ``save_pretrained`` does)."""
-    heads = config.num_attention_heads
+    """GPT2LMHeadModel state dict (tied ``lm_head`` left out, as ``save_pretrained`` does); zero-centred
+    LayerNorm weights (``layernorm_zero_centered_gamma``) are written as the 1 + weight they apply."""
+    heads, zc = config.num_attention_heads, config.layernorm_zero_centered_gamma
     out = {"transformer.wte.weight": core["embedding.word_embeddings.weight"],
            "transformer.wpe.weight": core["embedding.position_embeddings.weight"],
-           "transformer.ln_f.weight": core["decoder.final_layernorm.weight"],
+           "transformer.ln_f.weight": norm_weight_to_hf(core["decoder.final_layernorm.weight"], zc),
            "transformer.ln_f.bias": core["decoder.final_layernorm.bias"]}
     for i in range(config.num_layers):
         h, c = f"transformer.h.{i}.", f"decoder.layers.{i}."
         for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
-            out[f"{h}{theirs}.weight"], out[f"{h}{theirs}.bias"] = core[f"{c}{ours}.weight"], core[f"{c}{ours}.bias"]
+            out[f"{h}{theirs}.weight"] = norm_weight_to_hf(core[f"{c}{ours}.weight"], zc)
+            out[f"{h}{theirs}.bias"] = core[f"{c}{ours}.bias"]
         out[f"{h}attn.c_attn.weight"] = _qkv_to_hf(core[f"{c}self_attention.linear_qkv.weight"], heads).t()
         out[f"{h}attn.c_attn.bias"] = _qkv_to_hf(core[f"{c}self_attention.linear_qkv.bias"], heads)
         out[f"{h}attn.c_proj.weight"] = core[f"{c}self_attention.linear_proj.weight"].t()

@@ -18,6 +18,17 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json")
 
 
+def norm_weight_to_core(weight: torch.Tensor, zero_centered_gamma: bool) -> torch.Tensor:
+    """A Hugging Face norm weight (applied as is) in our storage: ``weight - 1`` when the target model keeps
+    zero-centred gammas (``layernorm_zero_centered_gamma``, applied as 1 + weight); computed in fp32."""
+    return (weight.float() - 1).to(weight.dtype) if zero_centered_gamma else weight
+
+
+def norm_weight_to_hf(weight: torch.Tensor, zero_centered_gamma: bool) -> torch.Tensor:
+    """Inverse of :func:`norm_weight_to_core`: the weight a Hugging Face norm applies, ``1 + weight``."""
+    return (weight.float() + 1).to(weight.dtype) if zero_centered_gamma else weight
+
+
 def _load_weight_file(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file  # noqa: PLC0415

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
+from megatron_core.checkpoint.hf_io import norm_weight_to_core, norm_weight_to_hf
 from megatron_core.transformer.config import TransformerConfig, resolved
 from megatron_core.transformer.rope import LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_LOW_FREQ_FACTOR, LLAMA3_ORIGINAL_POSITIONS
 
@@ -134,14 +135,16 @@ def _qkv_to_hf(qkv: torch.Tensor, config: TransformerConfig) -> tuple[torch.Tens
 
 
 def state_to_core(hf: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
-    """Full GPTModel state dict from a LlamaForCausalLM state dict."""
+    """Full GPTModel state dict from a LlamaForCausalLM state dict; the RMSNorm weights minus 1 when ``config``
+    keeps zero-centred gammas (``layernorm_zero_centered_gamma``)."""
+    zc = config.layernorm_zero_centered_gamma
     out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+           "decoder.final_layernorm.weight": norm_weight_to_core(hf["model.norm.weight"], zc)}
     bias = config.add_bias_linear
     for i in range(config.num_layers):
         h, c = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[f"{c}input_layernorm.weight"] = hf[f"{h}input_layernorm.weight"]
-        out[f"{c}pre_mlp_layernorm.weight"] = hf[f"{h}post_attention_layernorm.weight"]
+        out[f"{c}input_layernorm.weight"] = norm_weight_to_core(hf[f"{h}input_layernorm.weight"], zc)
+        out[f"{c}pre_mlp_layernorm.weight"] = norm_weight_to_core(hf[f"{h}post_attention_layernorm.weight"], zc)
         a = f"{h}self_attn."
         out[f"{c}self_attention.linear_qkv.weight"] = _qkv_to_core(
             hf[f"{a}q_proj.weight"], hf[f"{a}k_proj.weight"], hf[f"{a}v_proj.weight"], config)
@@ -161,14 +164,16 @@ def state_to_core(hf: dict[str, torch.Tensor], config: TransformerConfig) -> dic
 
 
 def state_to_hf(core: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM state dict (tied ``lm_head`` left out, as ``save_pretrained`` does)."""
+    """LlamaForCausalLM state dict (tied ``lm_head`` left out, as ``save_pretrained`` does); zero-centred
+    RMSNorm weights (``layernorm_zero_centered_gamma``) are written as the 1 + weight they apply."""
+    zc = config.layernorm_zero_centered_gamma
     out = {"model.embed_tokens.weight": core["embedding.word_embeddings.weight"],
-           "model.norm.weight": core["decoder.final_layernorm.weight"]}
+           "model.norm.weight": norm_weight_to_hf(core["decoder.final_layernorm.weight"], zc)}
     bias = config.add_bias_linear
     for i in range(config.num_layers):
         h, c = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[f"{h}input_layernorm.weight"] = core[f"{c}input_layernorm.weight"]
-        out[f"{h}post_attention_layernorm.weight"] = core[f"{c}pre_mlp_layernorm.weight"]
+        out[f"{h}input_layernorm.weight"] = norm_weight_to_hf(core[f"{c}input_layernorm.weight"], zc)
+        out[f"{h}post_attention_layernorm.weight"] = norm_weight_to_hf(core[f"{c}pre_mlp_layernorm.weight"], zc)
         a, m = f"{h}self_attn.", f"{h}mlp."
         q, k, v = _qkv_to_hf(core[f"{c}self_attention.linear_qkv.weight"], config)
         out[f"{a}q_proj.weight"], out[f"{a}k_proj.weight"], out[f"{a}v_proj.weight"] = q, k, v

@@ -55,7 +55,8 @@ def _stage_forward(model: GPTModel, tokens: torch.Tensor, positions: torch.Tenso
     pp = parallel_state.pp_size
     if pp > 1 and not parallel_state.is_pipeline_first_stage():
         shape = (tokens.shape[1], tokens.shape[0], model.config.hidden_size)
-        hidden = torch.empty(shape, dtype=model.config.params_dtype, device=tokens.device)
+        # float32 for an fp32 residual stream (fp32_residual_connection), else the params dtype
+        hidden = torch.empty(shape, dtype=model.config.pipeline_communication_dtype, device=tokens.device)
         # On the pipeline group (src/dst are global ranks), not the default one: the server's requests and
         # failure agreement use that, with another timeout (inference/server.py).
         dist.recv(hidden, src=parallel_state.prev_pipeline_rank, group=parallel_state.pp_group)

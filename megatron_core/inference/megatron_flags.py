@@ -50,7 +50,7 @@ _ABSENT_PARALLELISMS = {"--context-parallel-size": "context", "--expert-model-pa
 # Architecture switches: each must hold for the loaded model (see _switch_errors).
 _SWITCHES = ("--group-query-attention", "--swiglu", "--use-rotary-position-embeddings", "--no-position-embedding",
              "--disable-bias-linear", "--add-qkv-bias", "--untie-embeddings-and-output-weights", "--use-rope-scaling",
-             "--qk-layernorm")
+             "--qk-layernorm", "--apply-layernorm-1p")
 
 
 def add_megatron_args(p: argparse.ArgumentParser) -> None:
@@ -102,6 +102,8 @@ def _switch_errors(model: Any) -> dict[str, str | None]:
         "the checkpoint ties its embedding and output layer",
         "--use-rope-scaling": None if c.rope_scaling else "the checkpoint's RoPE has no Llama 3.x scaling",
         "--qk-layernorm": None if c.qk_layernorm else "the checkpoint's attention has no query/key norms",
+        "--apply-layernorm-1p": None if c.layernorm_zero_centered_gamma else
+        "the checkpoint's norm weights are not zero-centred",
     }
 
 

@@ -62,7 +62,8 @@ def communicator_for(parallel_state: ParallelState, model: Sequence[torch.nn.Mod
     if sequence_parallel is None:
         sequence_parallel = bool(getattr(config, "sequence_parallel", False))
     if pipeline_dtype is None:
-        pipeline_dtype = (getattr(config, "pipeline_dtype", None) or getattr(config, "params_dtype", None)
+        pipeline_dtype = (getattr(config, "pipeline_communication_dtype", None)  # a TransformerConfig's
+                          or getattr(config, "pipeline_dtype", None) or getattr(config, "params_dtype", None)
                           or torch.float32)
     shape = pipeline_tensor_shape(seq_length, micro_batch_size, hidden_size,
                                   sequence_parallel=sequence_parallel, tp_size=parallel_state.tp_size)

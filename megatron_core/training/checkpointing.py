@@ -42,6 +42,7 @@ CONFIG_FLAGS = {
     "kv_channels": "--kv-channels", "add_bias_linear": "--disable-bias-linear", "add_qkv_bias": "--add-qkv-bias",
     "qk_layernorm": "--qk-layernorm",
     "normalization": "--normalization", "layernorm_epsilon": "--norm-epsilon",
+    "layernorm_zero_centered_gamma": "--apply-layernorm-1p",
     "activation": "--swiglu / --openai-gelu", "position_embedding_type": "--position-embedding-type",
     "rotary_base": "--rotary-base", "rotary_percent": "--rotary-percent", "rope_scaling": "--use-rope-scaling",
     "rope_scaling_factor": "--rope-scaling-factor",

@@ -29,7 +29,6 @@ from megatron_core.training.agreement import agreed
 from megatron_core.training.config import (
     CheckpointConfig,
     DataConfig,
-    LoggingConfig,
     ModelConfig,
     ModelInfo,
     RunConfig,
@@ -41,7 +40,7 @@ from megatron_core.training.initialize import teardown_model_parallel
 from megatron_core.training.iteration_hooks import IterationHooks
 from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 from megatron_core.training.signal_handler import ExitSignalHandler
-from megatron_core.training.timers import Timers, timing_string
+from megatron_core.training.timers import Timers, interval_timing
 from megatron_core.training.training_log import (
     TrainingLog,
     make_tensorboard_writer,
@@ -461,20 +460,16 @@ def _log_iteration(run: _Run, log: TrainingLog, state: TrainState, step: StepRes
         logging.tensorboard_dir is not None and iteration % logging.tensorboard_log_interval == 0)
     params_norm = run.optimizer.params_norm() if logging.log_params_norm and shown else None
     lr, decoupled_lr = learning_rates(run.optimizer)
-    log.add(iteration=iteration, losses=step.losses, skipped=step.skipped, grad_norm=step.grad_norm,
-            num_zeros=step.num_zeros, learning_rate=lr, decoupled_learning_rate=decoupled_lr,
-            loss_scale=loss_scale(run.optimizer), batch_size=batch, consumed_samples=state.consumed_train_samples,
-            seconds=seconds, params_norm=params_norm, extra=lambda: _timing(timers, logging, run.writer, iteration))
-
-
-def _timing(timers: Timers, logging: LoggingConfig, writer: Any, iteration: int) -> str:
-    """Mean forward-backward and optimizer milliseconds of the interval (``--timing-log-level 1``); with
-    ``--log-timers-to-tensorboard`` also their seconds per iteration as ``<name>-time`` (Megatron-LM's tags)."""
-    means = timers.means(["forward-backward", "optimizer"], normalizer=logging.log_interval)
-    if writer is not None and logging.log_timers_to_tensorboard:
-        for name, value in means.items():
-            writer.add_scalar(f"{name}-time", value, iteration)
-    return timing_string(means) if logging.timing_log_level >= 1 else ""
+    # At the line's iterations only (on every rank: the gather of --timing-log-option is a collective).
+    ending, block = interval_timing(timers, logging, run.writer, iteration, run.parallel_state.world_group) \
+        if iteration % logging.log_interval == 0 else ("", "")
+    line = log.add(iteration=iteration, losses=step.losses, skipped=step.skipped, grad_norm=step.grad_norm,
+                   num_zeros=step.num_zeros, learning_rate=lr, decoupled_learning_rate=decoupled_lr,
+                   loss_scale=loss_scale(run.optimizer), batch_size=batch,
+                   consumed_samples=state.consumed_train_samples, seconds=seconds, params_norm=params_norm,
+                   extra=lambda: ending)
+    if line is not None and block:
+        run.out.last(block)  # after the line, as Megatron-LM's Timers.log
 
 
 def _exit_reason(run: _Run, state: TrainState, handler: ExitSignalHandler, start_time: float) -> str | None:

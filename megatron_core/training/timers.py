@@ -1,9 +1,22 @@
-"""Named wall-clock timers for the log line (forward-backward, optimizer, evaluation, saves)."""
+"""Named wall-clock timers for the log line (forward-backward, optimizer, evaluation, saves).
+
+With ``--timing-log-option`` the logging iterations gather every rank's timers (one all-gather over an
+explicit process group) and print Megatron-LM's block (``megatron/core/timers.py``'s ``Timers.log``):
+``max`` the slowest rank's time, ``minmax`` the fastest and the slowest, ``all`` each rank's.
+"""
 from __future__ import annotations
 
 import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from megatron_core import device
+from megatron_core.training.config import LoggingConfig
+
+TIMING_LOG_OPTIONS = ("max", "minmax", "all")
+"""Megatron-LM's ``--timing-log-option`` choices."""
 
 
 class Timer:
@@ -56,8 +69,72 @@ class Timers:
         """Seconds per iteration of each used timer among ``names`` (its total / ``normalizer``), and reset."""
         return {n: self._timers[n].elapsed() / normalizer for n in names if n in self._timers}
 
+    def gather_means(self, names: list[str], group: dist.ProcessGroup, normalizer: float = 1.0) -> list[list[float]]:
+        """Seconds per iteration of each timer in ``names`` on every rank of ``group``, ``[rank in group][name]``
+        (0.0 where a rank never ran it), and reset. One all-gather: a collective every rank of ``group``
+        calls with the same ``names``, as Megatron-LM's ``Timers._get_elapsed_time_all_ranks``."""
+        mine = torch.tensor([self._timers[n].elapsed() / normalizer if n in self._timers else 0.0 for n in names],
+                            dtype=torch.float64, device=device.current_device())
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        return [t.tolist() for t in every]
+
+
+def slowest(names: list[str], times: list[list[float]]) -> dict[str, float]:
+    """The largest value of each timer over the ranks of ``times`` (``[rank][name]``), for the timers some
+    rank ran (Megatron-LM's ``Timers.write`` of the max to TensorBoard)."""
+    return {name: max(row[i] for row in times) for i, name in enumerate(names) if any(row[i] > 0.0 for row in times)}
+
+
+def timing_block(names: list[str], times: list[list[float]], option: str) -> str:
+    """Megatron-LM's ``Timers.log`` text of ``times`` (seconds, ``[rank][name]`` as :meth:`Timers.gather_means`)
+    in milliseconds for ``option`` (``max``, ``minmax`` or ``all``); a rank's 0.0 means "not run there" and
+    is left out, as Megatron-LM does; "" when no rank ran any. ValueError for another option."""
+    if option not in TIMING_LOG_OPTIONS:
+        raise ValueError(f"timing log option {option!r} is not one of {', '.join(TIMING_LOG_OPTIONS)}")
+    lines = []
+    for i, name in enumerate(names):
+        ran = [(rank, row[i] * 1000.0) for rank, row in enumerate(times) if row[i] > 0.0]
+        if not ran:
+            continue
+        values = [ms for _, ms in ran]
+        if option == "all":
+            lines.append(f"  {name}:")
+            lines.extend(f"     rank {rank:2d}: {ms:.2f}" for rank, ms in ran)
+        elif option == "max":
+            lines.append(f"    {(name + ' ').ljust(48, '.')}: {max(values):.2f}")
+        else:
+            lines.append(f"    {(name + ' ').ljust(48, '.')}: ({min(values):.2f}, {max(values):.2f})")
+    if not lines:
+        return ""
+    title = {"max": "max time across ranks (ms):", "minmax": "(min, max) time across ranks (ms):",
+             "all": "times across ranks (ms):"}[option]
+    return "\n".join([title, *lines])
+
 
 def timing_string(means: dict[str, float]) -> str:
     """Megatron-LM's ``time (ms) | name: ms | ...`` from seconds per iteration ("" for none)."""
     parts = [f"{name}: {seconds * 1000.0:.2f}" for name, seconds in means.items()]
     return "time (ms) | " + " | ".join(parts) if parts else ""
+
+
+def interval_timing(timers: Timers, logging: LoggingConfig, writer: Any, iteration: int,
+                    group: dist.ProcessGroup) -> tuple[str, str]:
+    """``(end of the line, block after it)``: the logging rank's mean forward-backward and optimizer
+    milliseconds of the interval ending its line (``--timing-log-level 1``), or with ``--timing-log-option``
+    every rank's, gathered, in Megatron-LM's block. With ``--log-timers-to-tensorboard`` also their seconds
+    per iteration as ``<name>-time`` (Megatron-LM's tags; the slowest rank's when gathered, as its
+    ``Timers.write``). Call it on every rank of ``group`` at the line's iterations: the gather is a collective."""
+    names, option = ["forward-backward", "optimizer"], logging.timing_log_option
+    ending = block = ""
+    if option is None or logging.timing_log_level < 1:
+        means = timers.means(names, normalizer=logging.log_interval)
+        ending = timing_string(means) if logging.timing_log_level >= 1 else ""
+    else:
+        times = timers.gather_means(names, group, normalizer=logging.log_interval)
+        means = slowest(names, times)
+        block = timing_block(names, times, option)
+    if writer is not None and logging.log_timers_to_tensorboard:
+        for name, value in means.items():
+            writer.add_scalar(f"{name}-time", value, iteration)
+    return ending, block

@@ -57,6 +57,10 @@ class TransformerConfig:
     """``LayerNorm`` or ``RMSNorm`` (``--normalization``)."""
     layernorm_epsilon: float = 1e-5
     """Epsilon of every norm (``--norm-epsilon``)."""
+    layernorm_zero_centered_gamma: bool = False
+    """Store every norm's weight centred on zero (initialised to zeros) and apply it as ``1 + weight``
+    (``--apply-layernorm-1p``; LayerNorm and RMSNorm, as Transformer Engine's ``zero_centered_gamma``).
+    Like every 1-D parameter the weight gets no weight decay, as in Megatron-core."""
     activation: str = "gelu"
     """MLP activation: ``gelu`` (exact erf), ``gelu_tanh`` (GPT-2's tanh approximation), ``swiglu``
     (gated SiLU, ``--swiglu``), ``silu`` or ``relu``."""
@@ -130,7 +134,12 @@ class TransformerConfig:
     params_dtype: torch.dtype = torch.float32
     """Dtype the parameters are created in (``--bf16`` / ``--fp16`` set it)."""
     pipeline_dtype: torch.dtype | None = None
-    """Dtype of activations sent between pipeline stages; None means params_dtype."""
+    """Dtype of activations sent between pipeline stages; None means params_dtype (float32 with
+    ``fp32_residual_connection``, whose stream the stages pass on): see ``pipeline_communication_dtype``."""
+    fp32_residual_connection: bool = False
+    """Keep the residual stream in fp32 under low-precision params (``--fp32-residual-connection``): the
+    embedding output is cast to fp32, each residual add is done in fp32, and each norm takes the fp32
+    stream and returns the params dtype (Megatron-LM's placement of the casts). No effect with fp32 params."""
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -148,6 +157,7 @@ class TransformerConfig:
         self._validate_position_embedding()
         self._validate_regularisation()
         self._validate_recompute()
+        self._validate_precision()
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -174,6 +184,15 @@ class TransformerConfig:
     def qkv_bias(self) -> bool:
         """Whether the QKV projection has a bias (``add_bias_linear`` or ``add_qkv_bias``)."""
         return self.add_bias_linear or self.add_qkv_bias
+
+    @property
+    def pipeline_communication_dtype(self) -> torch.dtype:
+        """Dtype of the hidden states sent between pipeline stages: ``pipeline_dtype`` when set, else float32
+        with ``fp32_residual_connection`` (the stream is fp32 there), else ``params_dtype`` (Megatron-core's
+        inference wrapper's name and rule)."""
+        if self.pipeline_dtype is not None:
+            return self.pipeline_dtype
+        return torch.float32 if self.fp32_residual_connection else self.params_dtype
 
     @property
     def attn_backend(self) -> AttnBackend:
@@ -286,6 +305,12 @@ class TransformerConfig:
         """Layer counts of every pipeline chunk in model order."""
         return chunk_layer_counts(self.num_layers, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,
                                   self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
+
+    def _validate_precision(self) -> None:
+        if self.fp32_residual_connection and self.pipeline_dtype not in (None, torch.float32):
+            raise ConfigError(f"fp32_residual_connection (--fp32-residual-connection) sends the fp32 residual stream "
+                              f"between pipeline stages, but pipeline_dtype is {self.pipeline_dtype}; leave "
+                              f"pipeline_dtype None (float32 is used)")
 
     # ---- (de)serialisation for checkpoints ------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

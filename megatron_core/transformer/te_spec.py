@@ -77,11 +77,13 @@ class TERowParallelLinear(_TELinear):
 
 
 def TENorm(config, hidden_size: int, eps: float | None = None) -> torch.nn.Module:  # noqa: N802 - a factory
-    """te.LayerNorm or te.RMSNorm as ``config.normalization`` says."""
+    """te.LayerNorm or te.RMSNorm as ``config.normalization`` says (TE's ``zero_centered_gamma`` is
+    ``config.layernorm_zero_centered_gamma``, as Megatron-core passes it)."""
     require_te()
     eps = config.layernorm_epsilon if eps is None else eps
     cls = te.LayerNorm if config.normalization == "LayerNorm" else te.RMSNorm
-    norm = cls(hidden_size, eps=eps, sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype)
+    norm = cls(hidden_size, eps=eps, sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
+               zero_centered_gamma=config.layernorm_zero_centered_gamma)
     for param in norm.parameters():
         param.sequence_parallel = config.sequence_parallel
     return norm

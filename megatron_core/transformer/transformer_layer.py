@@ -1,5 +1,8 @@
 """A pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)), with hidden dropout.
 
+With ``fp32_residual_connection`` x stays fp32: the norms return the params dtype for the branches,
+whose outputs are cast up for the add.
+
 Hidden dropout acts on the residual stream, which TP ranks hold identically, so it draws from the
 default RNG (the same mask on every TP rank); under sequence parallelism each rank holds different
 tokens and it draws from the tracker's per-TP-rank stream instead.
@@ -52,6 +55,8 @@ class TransformerLayer(torch.nn.Module):
                                 prefix=component_name(prefix, "mlp"))
 
     def _bias_dropout_add(self, out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+        if out.dtype != residual.dtype:  # an fp32 residual stream (fp32_residual_connection): add in fp32
+            out, bias = out.to(residual.dtype), None if bias is None else bias.to(residual.dtype)
         p = self.config.hidden_dropout
         if self.training and p > 0:
             rng = self.rng_tracker.fork() if self.config.sequence_parallel else contextlib.nullcontext()

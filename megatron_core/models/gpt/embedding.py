@@ -50,7 +50,8 @@ class LanguageModelEmbedding(torch.nn.Module):
         self.max_sequence_length = max_sequence_length
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [b, s] -> embeddings [s, b, h] ([s / tp, b, h] under sequence parallelism), after dropout."""
+        """Token ids [b, s] -> embeddings [s, b, h] ([s / tp, b, h] under sequence parallelism), after dropout;
+        in the params dtype, or fp32 with ``config.fp32_residual_connection``."""
         words = self.word_embeddings(input_ids)  # [b, s, h], or [s / tp, b, h] under SP
         if self.sequence_parallel:
             hidden = words
@@ -62,6 +63,8 @@ class LanguageModelEmbedding(torch.nn.Module):
             if self.position_embeddings is not None:
                 words = words + self.position_embeddings(self._positions(input_ids, position_ids))
             hidden = words.transpose(0, 1).contiguous()
+        if self.config.fp32_residual_connection:  # the residual stream starts here (Megatron-LM casts here too)
+            hidden = hidden.float()
         p = self.config.hidden_dropout
         if self.training and p > 0:
             rng = self.rng_tracker.fork() if self.sequence_parallel else contextlib.nullcontext()

@@ -27,6 +27,7 @@ _FROM_CONFIG = {
     "num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
     "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
     "kv_channels": "kv_channels", "normalization": "normalization", "norm_epsilon": "layernorm_epsilon",
+    "apply_layernorm_1p": "layernorm_zero_centered_gamma",
     "add_bias_linear": "add_bias_linear", "add_qkv_bias": "add_qkv_bias", "qk_layernorm": "qk_layernorm",
     "position_embedding_type": "position_embedding_type", "rotary_base": "rotary_base",
     "rotary_percent": "rotary_percent", "use_rope_scaling": "rope_scaling",

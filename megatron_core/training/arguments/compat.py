@@ -34,15 +34,12 @@ _REFUSED: dict[str, str] = {
     "--wandb-exp-name": "Weights & Biases logging is not supported; log to TensorBoard with --tensorboard-dir DIR",
     "--wandb-save-dir": "Weights & Biases logging is not supported; log to TensorBoard with --tensorboard-dir DIR",
     "--context-parallel-size": "context parallelism is not supported yet; drop the flag (context parallel size 1)",
-    "--apply-layernorm-1p": "zero-centred (1p) LayerNorm is not supported yet; drop the flag",
     "--use-legacy-models": "only megatron_core models exist here (--use-mcore-models is implied); drop the flag",
     "--tp-comm-overlap": "overlapping TP communication needs Transformer Engine userbuffers; not supported yet",
     "--use-torch-fsdp2": "FSDP2 is not used here; --data-parallel-sharding-strategy optim_grads_params (ZeRO-3) "
                          "shards parameters, gradients and optimizer state the same way",
     "--apply-query-key-layer-scaling": "query-key layer scaling is not supported; drop the flag (the attention "
                                        "softmax is computed in fp32, the overflow it guards against in fp16)",
-    "--fp32-residual-connection": "an fp32 residual stream is not supported yet; drop the flag",
-    "--timing-log-option": "the timing line shows the logging rank's times; drop the flag",
 }
 # Refused flags whose one value means "off", as Megatron-LM's scripts spell it out (--context-parallel-size 1):
 # accepted with that value, refused with any other.

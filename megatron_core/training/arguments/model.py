@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "linear)")
     g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="zero-centred norm weights, applied as 1 + weight (LayerNorm and RMSNorm)")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP instead of GeLU")
     g.add_argument("--openai-gelu", action="store_true", help="tanh-approximate GeLU (GPT-2's)")
     g.add_argument("--add-qkv-bias", action="store_true", help="QKV bias even with --disable-bias-linear")

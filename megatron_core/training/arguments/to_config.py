@@ -69,6 +69,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups,
         kv_channels=args.kv_channels, normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
+        layernorm_zero_centered_gamma=args.apply_layernorm_1p,
         activation=activation(args), add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=args.qk_layernorm,
         position_embedding_type=args.position_embedding_type, rotary_base=float(args.rotary_base),
@@ -80,7 +81,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         attention_dropout=args.attention_dropout, init_method_std=args.init_method_std, init_seed=args.seed,
         sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
-        params_dtype=params_dtype(args))
+        params_dtype=params_dtype(args), fp32_residual_connection=args.fp32_residual_connection)
 
 
 def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:

@@ -117,6 +117,9 @@ def _mixed_precision(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("mixed precision", "fp16/bf16 training and loss scaling")
     g.add_argument("--fp16", action="store_true", help="fp16 weights and activations, fp32 master weights")
     g.add_argument("--bf16", action="store_true", help="bf16 weights and activations, fp32 master weights")
+    g.add_argument("--fp32-residual-connection", action="store_true",
+                   help="with --fp16/--bf16: keep the residual stream (and the tensors sent between pipeline "
+                        "stages) in fp32; the norms return the compute dtype")
     g.add_argument("--loss-scale", type=float, default=None, help="static loss scale (default: dynamic)")
     g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
     g.add_argument("--min-loss-scale", type=float, default=1.0)

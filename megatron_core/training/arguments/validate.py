@@ -283,6 +283,9 @@ def _precision_and_recompute(args: argparse.Namespace) -> None:
     if args.grad_reduce_in_bf16 and args.accumulate_allreduce_grads_in_fp32:
         raise ConfigError("--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 contradict each other; "
                           "give one of them")
+    if args.fp32_residual_connection and not (args.fp16 or args.bf16):  # Megatron-LM's check
+        raise ConfigError("--fp32-residual-connection keeps the residual stream in fp32 under low precision; "
+                          "add --bf16 or --fp16, or drop the flag (fp32 training's stream is fp32 already)")
     if args.loss_scale is not None and args.loss_scale <= 0:
         raise ConfigError(f"--loss-scale must be positive (leave it out for dynamic scaling), got {args.loss_scale}")
     if args.recompute_activations:
