@@ -1,4 +1,5 @@
-"""Flat all-gather and reduce-scatter under whichever names this torch release has.
+"""Flat all-gather and reduce-scatter under whichever names this torch release has; host tensors
+reduced through the compute device; agreement on failures and flags.
 
 torch 2.13 renamed ``all_gather_into_tensor``/``reduce_scatter_tensor`` to ``*_single`` and warns on
 the old names; torch 2.4, the oldest release we support, has only the old ones.
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_core import device as device_mod
 from megatron_core import shm_collectives
 
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -63,6 +65,47 @@ def reduce_scatter_flat(output: torch.Tensor, full: torch.Tensor, group, async_o
         return handle
     handle.wait()
     return None
+
+
+# Host tensors go to the compute device in pieces of at most this many bytes (bounded device memory).
+HOST_REDUCE_PIECE_BYTES = 256 << 20
+
+
+def all_reduce_host(tensor: torch.Tensor, group=None, op: Any = dist.ReduceOp.SUM,
+                    piece_bytes: int = HOST_REDUCE_PIECE_BYTES) -> None:
+    """``dist.all_reduce(tensor, op, group)`` in place for a contiguous ``tensor`` in host memory, moved
+    through the compute device in pieces of at most ``piece_bytes``: an NCCL group reduces device
+    tensors only ("No backend type associated with device type cpu"), as Megatron-LM's CPU-side
+    reductions use gloo groups. On the CPU each piece is a view of ``tensor``, reduced without a copy."""
+    dev = device_mod.current_device()
+    flat = tensor.view(-1)
+    step = max(piece_bytes // tensor.element_size(), 1)
+    for start in range(0, flat.numel(), step):
+        host = flat[start:start + step]
+        piece = host.to(dev)
+        dist.all_reduce(piece, op=op, group=group)
+        if piece.data_ptr() != host.data_ptr():
+            host.copy_(piece)
+
+
+def broadcast_host(tensor: torch.Tensor, src: int, group=None) -> None:
+    """``dist.broadcast`` of a small host ``tensor`` in place, through the compute device (as
+    :func:`all_reduce_host`)."""
+    dev = device_mod.current_device()
+    moved = tensor.to(dev)
+    dist.broadcast(moved, src=src, group=group)
+    if moved is not tensor:
+        tensor.copy_(moved)
+
+
+def any_rank(flags: list[bool], group=None) -> list[bool]:
+    """Element-wise OR of ``flags`` over every rank of ``group`` (the default group: all ranks); the same
+    list on every rank. A collective; without a process group, or in a group of one, ``flags`` itself."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return [bool(f) for f in flags]
+    value = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device_mod.current_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in value.tolist()]
 
 
 def failures(failure: Any, group=None) -> list[tuple[int, Any]]:

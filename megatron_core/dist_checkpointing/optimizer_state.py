@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_core.collectives import all_reduce_host
 from megatron_core.parallel_state import ParallelState
 
 MAIN = "main"  # the fp32 main parameter
@@ -35,7 +36,7 @@ def _step(optimizer: Any) -> float:
         if "step" in state:
             step = max(step, float(state["step"]))
     value = torch.tensor([step], dtype=torch.float64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    all_reduce_host(value, op=dist.ReduceOp.MAX)
     return float(value.item())
 
 
@@ -71,7 +72,7 @@ def _gather_param_states(optimizer: Any, parallel_state: ParallelState
                         flats[k][start:start + piece.numel] = state[k].reshape(-1)
             for flat in flats.values():
                 if parallel_state.dp_size > 1:
-                    dist.all_reduce(flat, group=parallel_state.dp_group)  # each element comes from one rank
+                    all_reduce_host(flat, parallel_state.dp_group)  # each element comes from one rank
             for p in buffer.params:
                 s, e, _ = buffer.param_ranges[id(p)]
                 out[id(p)] = {k: flat[s:e].view(p.shape) for k, flat in flats.items()}

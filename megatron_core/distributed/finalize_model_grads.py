@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_core.collectives import all_reduce_host, broadcast_host
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 
 
@@ -119,9 +120,9 @@ def _scale_by_token_count(model_chunks: list[torch.nn.Module], parallel_state: P
                           num_tokens: torch.Tensor) -> None:
     total = torch.as_tensor(num_tokens, dtype=torch.int64).clone()
     if parallel_state.pp_size > 1:
-        dist.broadcast(total, src=parallel_state.pp_ranks[-1], group=parallel_state.pp_group)
+        broadcast_host(total, parallel_state.pp_ranks[-1], parallel_state.pp_group)
     if parallel_state.dp_size > 1:
-        dist.all_reduce(total, group=parallel_state.dp_group)
+        all_reduce_host(total, parallel_state.dp_group)
     count = int(total.item())
     if count <= 0:
         raise ValueError(f"per-token loss averaging counted {count} tokens in the global batch; loss_func must "

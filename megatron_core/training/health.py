@@ -13,8 +13,8 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from megatron_core.collectives import any_rank
 from megatron_core.distributed.finalize_model_grads import reduced_grads
 from megatron_core.errors import ConfigError
 from megatron_core.optimizer.clip_grads import any_non_finite
@@ -28,12 +28,6 @@ class TrainingDivergedError(ConfigError):
     """The loss or the gradients became inf/nan, or fp16 cannot find a loss scale that fits."""
 
 
-def _any_rank(flags: list[bool]) -> list[bool]:
-    """Element-wise OR of ``flags`` over every rank of the job (a collective)."""
-    value = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in value.tolist()]
 
 
 def check_loss_and_grads(iteration: int, losses: dict[str, float], model: list[torch.nn.Module],
@@ -44,7 +38,7 @@ def check_loss_and_grads(iteration: int, losses: dict[str, float], model: list[t
     losses (empty off the last pipeline stage). Collective: call it on every rank.
     """
     fp16 = getattr(optimizer, "grad_scaler", None) is not None
-    bad_loss, bad_grad = _any_rank([any(not math.isfinite(v) for v in losses.values()),
+    bad_loss, bad_grad = any_rank([any(not math.isfinite(v) for v in losses.values()),
                                     not fp16 and any_non_finite(reduced_grads(model))])
     if bad_loss or bad_grad:
         what = "the loss" if bad_loss else "a gradient"

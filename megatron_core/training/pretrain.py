@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import device
+from megatron_core.collectives import any_rank
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
 from megatron_core.pipeline_parallel.stage_errors import PipelineStageError, is_peer_loss
@@ -367,10 +368,7 @@ def _flops_per_sample(config: RunConfig, padded_vocab: int) -> float:
 
 
 def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return any_rank([flag])[0]
 
 
 @dataclass

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-import torch
 import torch.distributed as dist
+
+from megatron_core.collectives import any_rank
 
 
 class ExitSignalHandler:
@@ -38,10 +39,7 @@ class ExitSignalHandler:
 
     def signal_received_any(self, group: dist.ProcessGroup | None = None) -> bool:
         """True on every rank when any rank got the signal (a collective: call it on all ranks)."""
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        return any_rank([self.received], group)[0]
 
     def release(self) -> None:
         """Restore the previous handler; after a received signal keep catching it instead.

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_core import device
+from megatron_core.collectives import all_reduce_host
 from megatron_core.distributed import finalize_model_grads, no_sync_func
 from megatron_core.parallel_state import ParallelState
 from megatron_core.pipeline_parallel import get_forward_backward_func
@@ -58,7 +58,7 @@ def reduce_loss_dicts(loss_dicts: list[dict[str, torch.Tensor]], parallel_state:
             value = d[key].detach().double().cpu().view(-1)
             total += value if value.numel() == 2 else torch.cat([value, value.new_ones(1)])
         if parallel_state.dp_size > 1:
-            dist.all_reduce(total, group=parallel_state.dp_group)
+            all_reduce_host(total, parallel_state.dp_group)
         if total[1] > 0:  # a batch whose every label is masked has no loss to report
             reduced[key] = (total[0] / total[1]).item()
     return reduced
