@@ -3,8 +3,9 @@
 Two forked ranks: the gathered table holds each rank's own timer values exactly, and the three blocks show
 them as Megatron-LM prints them (each rank's, the max, the min and max; a rank that never ran a timer is
 left out). Through ``pretrain_gpt`` on two pipeline stages, each option prints its block after every log
-line, and the values agree with the slowest rank's time the run writes to TensorBoard (Megatron-LM's
-``Timers.write``). Values are cross-checked against each other, never against wall-clock bounds.
+line (without the flag: minmax, Megatron-LM's default), and the values agree with the slowest rank's time
+the run writes to TensorBoard (Megatron-LM's ``Timers.write``). Values are cross-checked against each other,
+never against wall-clock bounds.
 """
 import re
 
@@ -89,11 +90,16 @@ def _blocks(out, option):
     return found
 
 
-@pytest.mark.parametrize("option", ["all", "max", "minmax"])
+@pytest.mark.parametrize("option", ["all", "max", "minmax", None])
 def test_pretrain_prints_the_block_of_the_option_after_each_line(tmp_path, capfd, option):
+    # None: no --timing-log-option, Megatron-LM's default (minmax)
     argv = TINY + ["--train-iters", "4", "--eval-iters", "0", "--log-interval", "2", "--timing-log-level", "1",
-                   "--timing-log-option", option, "--pipeline-model-parallel-size", "2",
+                   "--pipeline-model-parallel-size", "2",
                    "--tensorboard-dir", str(tmp_path / "tb"), "--log-timers-to-tensorboard"]
+    if option is None:
+        option = "minmax"
+    else:
+        argv += ["--timing-log-option", option]
     run_distributed(_train, 2, argv, timeout=180)
     blocks = _blocks(capfd.readouterr().out, option)
     scalars = _scalars(tmp_path / "tb")

@@ -109,8 +109,9 @@ class LoggingConfig:
     log_interval: int = 100
     log_throughput: bool = False
     timing_log_level: int = 0
-    # None: the logging rank's times end its line; max/minmax/all: every rank's, gathered (Megatron-LM's block)
-    timing_log_option: str | None = None
+    # With timing_log_level >= 1, Megatron-LM's block after the line: the times of every rank, gathered, shown
+    # as the slowest (max), the fastest and slowest (minmax, Megatron-LM's default) or each rank's (all)
+    timing_log_option: str = "minmax"
     tensorboard_dir: str | None = None
     tensorboard_log_interval: int = 1
     tensorboard_queue_size: int = 1000
@@ -120,7 +121,7 @@ class LoggingConfig:
     log_world_size_to_tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.timing_log_option not in (None, "max", "minmax", "all"):
+        if self.timing_log_option not in ("max", "minmax", "all"):
             raise ValueError(f"timing_log_option (--timing-log-option) {self.timing_log_option!r} is not one of "
                              f"max, minmax, all")
 

@@ -112,29 +112,23 @@ def timing_block(names: list[str], times: list[list[float]], option: str) -> str
     return "\n".join([title, *lines])
 
 
-def timing_string(means: dict[str, float]) -> str:
-    """Megatron-LM's ``time (ms) | name: ms | ...`` from seconds per iteration ("" for none)."""
-    parts = [f"{name}: {seconds * 1000.0:.2f}" for name, seconds in means.items()]
-    return "time (ms) | " + " | ".join(parts) if parts else ""
-
-
 def interval_timing(timers: Timers, logging: LoggingConfig, writer: Any, iteration: int,
-                    group: dist.ProcessGroup) -> tuple[str, str]:
-    """``(end of the line, block after it)``: the logging rank's mean forward-backward and optimizer
-    milliseconds of the interval ending its line (``--timing-log-level 1``), or with ``--timing-log-option``
-    every rank's, gathered, in Megatron-LM's block. With ``--log-timers-to-tensorboard`` also their seconds
-    per iteration as ``<name>-time`` (Megatron-LM's tags; the slowest rank's when gathered, as its
-    ``Timers.write``). Call it on every rank of ``group`` at the line's iterations: the gather is a collective."""
-    names, option = ["forward-backward", "optimizer"], logging.timing_log_option
-    ending = block = ""
-    if option is None or logging.timing_log_level < 1:
+                    group: dist.ProcessGroup) -> str:
+    """The block printed after the log line (``--timing-log-level 1`` or 2, else ""): every rank's mean
+    forward-backward and optimizer milliseconds of the interval ending the line, gathered and shown as
+    ``--timing-log-option`` says (Megatron-LM's ``Timers.log``; default ``minmax``). With
+    ``--log-timers-to-tensorboard`` also their seconds per iteration as ``<name>-time`` (Megatron-LM's tags;
+    the slowest rank's, as its ``Timers.write``; the logging rank's at level 0, where nothing is gathered).
+    Call it on every rank of ``group`` at the line's iterations: the gather is a collective."""
+    names = ["forward-backward", "optimizer"]
+    block = ""
+    if logging.timing_log_level < 1:
         means = timers.means(names, normalizer=logging.log_interval)
-        ending = timing_string(means) if logging.timing_log_level >= 1 else ""
     else:
         times = timers.gather_means(names, group, normalizer=logging.log_interval)
         means = slowest(names, times)
-        block = timing_block(names, times, option)
+        block = timing_block(names, times, logging.timing_log_option)
     if writer is not None and logging.log_timers_to_tensorboard:
         for name, value in means.items():
             writer.add_scalar(f"{name}-time", value, iteration)
-    return ending, block
+    return block

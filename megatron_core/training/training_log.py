@@ -57,7 +57,7 @@ class TrainingLog:
 
     def add(self, *, iteration: int, losses: dict[str, float], skipped: bool, grad_norm: float | None,
             num_zeros: int | None, learning_rate: float, loss_scale: float, batch_size: int,
-            consumed_samples: int, seconds: float, extra: Callable[[], str] = str,
+            consumed_samples: int, seconds: float,
             decoupled_learning_rate: float | None = None, params_norm: float | None = None) -> str | None:
         """Record one iteration; returns the log line when one is due (on every rank).
 
@@ -81,14 +81,14 @@ class TrainingLog:
         self._tensorboard(iteration, losses, rates, loss_scale, norms, batch_size, consumed_samples)
         if iteration % self.config.log_interval != 0:
             return None
-        line = self._line(iteration, rates, loss_scale, norms, batch_size, consumed_samples, extra())
+        line = self._line(iteration, rates, loss_scale, norms, batch_size, consumed_samples)
         if self.printer is not None:
             self.printer(line)
         self._reset()
         return line
 
     def _line(self, iteration: int, rates: tuple[float, float | None], loss_scale: float,
-              norms: dict[str, float | int | None], batch_size: int, consumed_samples: int, extra: str) -> str:
+              norms: dict[str, float | int | None], batch_size: int, consumed_samples: int) -> str:
         iterations = self.advanced + self.skipped + self.nan
         per_iteration = self.seconds / max(iterations, 1)
         tokens_per_s = self.samples * self.tokens_per_sample / max(self.seconds, 1e-12) / self.world_size
@@ -112,8 +112,7 @@ class TrainingLog:
             parts.append(f" params norm: {norms['params-norm']:.3f}")
         parts.append(f" number of skipped iterations: {self.skipped:3d}")
         parts.append(f" number of nan iterations: {self.nan:3d}")
-        line = " |".join(parts) + " |"
-        return line + (" " + extra if extra else "")
+        return " |".join(parts) + " |"
 
     def _tensorboard(self, iteration: int, losses: dict[str, float], rates: tuple[float, float | None],
                      loss_scale: float, norms: dict[str, float | int | None], batch_size: int,

@@ -11,11 +11,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-throughput", action="store_true",
                    help="accepted for compatibility: tokens/s and TFLOP/s are always logged")
     g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
-                   help="1: log forward-backward/optimizer times with each log line")
-    g.add_argument("--timing-log-option", default=None, choices=["max", "minmax", "all"],
-                   help="with --timing-log-level 1 or 2: gather the times of every rank and print Megatron-LM's "
-                        "block after the line: the slowest rank's (max), the fastest and slowest (minmax) or each "
-                        "rank's (all). Default: the logging rank's times end the line")
+                   help="1 or 2: print every rank's forward-backward/optimizer times after each log line")
+    g.add_argument("--timing-log-option", default="minmax", choices=["max", "minmax", "all"],
+                   help="with --timing-log-level 1 or 2: Megatron-LM's block after the line shows the slowest "
+                        "rank's times (max), the fastest and slowest (minmax) or each rank's (all)")
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here (needs tensorboard)")
     g.add_argument("--tensorboard-log-interval", type=int, default=1)
     g.add_argument("--tensorboard-queue-size", type=int, default=1000,
