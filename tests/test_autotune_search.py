@@ -143,14 +143,16 @@ def test_emitted_command_runs(tmp_path, capsys):
     assert any(line.startswith(best + " ") for line in table), f"{best} missing from the table: {table}"
     config = json.loads(ds.read_text())
     assert config["train_batch_size"] == 4 and config["zero_optimization"]["stage"] in (0, 1)
-    command = shlex.split(out.read_text())
+    command = shlex.split(out.read_text().splitlines()[-1])[:-1]  # the torchrun line, without its "$@"
     pp = int(command[command.index("--pipeline-model-parallel-size") + 1])
     assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * \
         (2 // (config["tensor_parallel"]["autotp_size"] * pp)) == 4
     assert "--nproc_per_node" in command and command[command.index("--nproc_per_node") + 1] == "2"
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=cli.REPO)
+    # run as a user would, adding a flag: `bash run.sh --train-iters 3` ran 2 iterations (the flag was dropped)
+    proc = subprocess.run(["bash", str(out), "--train-iters", "3"], capture_output=True, text=True, timeout=240,
+                          cwd=cli.REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.findall(r"iteration +(\d+)/ +2 \|", proc.stdout) == ["1", "2"], (best, proc.stdout[-2000:])
+    assert re.findall(r"iteration +(\d+)/ +3 \|", proc.stdout) == ["1", "2", "3"], (best, proc.stdout[-2000:])
 
 
 def test_trials_measure_from_scratch_even_with_a_checkpoint_to_resume(tmp_path, capsys):

@@ -210,6 +210,15 @@ def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: in
     return spec.global_batch_size * spec.seq_length / (statistics.median(steady) / 1000)
 
 
+def write_launch_script(path: str, command: str, layout: str) -> None:
+    """Write ``command`` to ``path`` as an executable bash script that passes on its own arguments
+    (``bash run.sh --save ckpt --log-interval 1``): without ``"$@"`` those were silently dropped."""
+    with open(path, "w") as f:
+        f.write(f"#!/bin/bash\n# {layout}: the best layout of tools/autotune.py; flags given to this script "
+                f"are added to the run's\n{command} \"$@\"\n")
+    os.chmod(path, os.stat(path).st_mode | 0o111)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Search, print, write; returns the process exit code (2 with a one-line error on bad flags)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -304,8 +313,7 @@ def _main(argv: list[str]) -> int:
     command = shlex.join(torchrun_command(spec, best.layout, user_flags))
     print(command)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(command + "\n")
+        write_launch_script(args.output, command, best.layout.describe())
     if args.output_deepspeed_json:
         with open(args.output_deepspeed_json, "w") as f:
             json.dump(deepspeed_config(spec, best.layout, args), f, indent=2)
