@@ -181,10 +181,12 @@ def print_table(cands: list[Candidate], top: int) -> None:
 
 
 def failure_line(stderr: str) -> str:
-    """The line of a failed launch's stderr that says why: pretrain_gpt.py's last ``error: ...`` line
-    (under torchrun also repeated in its failure report, whose last line is a row of ``=``), else the
-    last line that is not blank or such a row."""
-    lines = [line.strip() for line in stderr.splitlines()]
+    """The line of a failed launch's stderr that says why: the ``error: ...`` line of the rank that failed
+    first (torchrun's "Root Cause" report), else pretrain_gpt.py's last ``error: ...`` line, else the last
+    line that is not blank or a row of ``=``/``-`` (a rank killed by a signal: torchrun's "Signal 9 ..." line)."""
+    # The other ranks print their own lines after the root one, in any order (a peer was lost, or "global
+    # rank N raised ...; this rank stopped on ..."), so the last error line of all may be one of theirs.
+    lines = [line.strip() for line in stderr.rsplit("Root Cause (first observed failure):", 1)[-1].splitlines()]
     errors = [line[line.index("error: "):] for line in lines if "error: " in line]
     rest = [line for line in lines if line.strip("=-")]
     return errors[-1] if errors else (rest[-1] if rest else "no output")
@@ -200,7 +202,8 @@ def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: in
                                      "--finetune": 0})
     cmd = torchrun_command(spec, cand.layout, flags + ["--train-iters", str(iters), "--log-interval", "1",
                                                        "--eval-iters", "0"])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    # in the caller's directory, as the emitted launch line runs: relative --data-path, --tokenizer-model ...
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     times = re.findall(r"elapsed time per iteration \(ms\): ([\d.]+)", proc.stdout)
     if proc.returncode != 0 or not times:
         why = failure_line(proc.stderr)
