@@ -342,3 +342,22 @@ def test_layout_flags_given_to_the_search_are_said_to_be_replaced(capsys):
     err = capsys.readouterr().err
     assert ("note: --tensor-model-parallel-size, --micro-batch-size are what the search chooses: the values given "
             "are replaced by the best layout's\n") in err, err
+
+
+def test_the_profile_counts_the_cores_this_process_may_use():
+    """Under taskset (or a Slurm cpuset) the launched ranks share the cores of the affinity mask, not the
+    machine's: with one core allowed, the profile said os.cpu_count() (2 here) and predicted 8 ranks about
+    twice as fast as they ran."""
+    import os
+
+    from megatron_core.autotune.cost import profile
+
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs a machine of 2 or more cores and CPU affinity")
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        prof = profile(_spec(num_layers=1), [Layout(dp=1)], 1)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert prof.cores == 1

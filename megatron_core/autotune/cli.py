@@ -257,7 +257,7 @@ def _check_autotune_args(args: argparse.Namespace) -> None:
 def _main(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    from megatron_core.autotune.cost import profile, step_time
+    from megatron_core.autotune.cost import profile, step_time, usable_cores
     from megatron_core.training.flops import flops_per_iteration
 
     args = build_parser().parse_args(argv)
@@ -268,7 +268,7 @@ def _main(argv: list[str]) -> int:
         print(f"note: {', '.join(given)} {'are' if len(given) > 1 else 'is'} what the search chooses: the "
               f"value{'s' if len(given) > 1 else ''} given {'are' if len(given) > 1 else 'is'} replaced by the best "
               f"layout's", file=sys.stderr)
-    world = args.world_size if args.world_size is not None else os.cpu_count() or 1
+    world = args.world_size if args.world_size is not None else usable_cores()
     memory = (args.memory_per_device if args.memory_per_device is not None else _machine_memory_gib() / world) * GIB
     spec = model_spec(args)
     layouts = enumerate_layouts(spec, world, args.micro_batch_sizes, with_offload=not args.no_offload)
