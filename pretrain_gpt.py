@@ -25,6 +25,7 @@ from megatron_core import device
 from megatron_core.errors import report_line
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.parallel_state import ParallelState
+from megatron_core.pipeline_parallel import PipelineStageError
 from megatron_core.training.arguments import config_from_args, parse_args
 from megatron_core.training.arguments.validate import validate_args
 from megatron_core.training.config import ModelConfig
@@ -176,7 +177,9 @@ def _print_demo_summary(result: TrainResult) -> None:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: a configuration error is one line on stderr and exit code 2; Ctrl-C one line and 130.
+    """The command line: a configuration error is one line on stderr and exit code 2; Ctrl-C one line and 130;
+    a rank stopped by another rank's failure (``PipelineStageError``: a peer raised, its traceback is in that
+    rank's log, or died) one line on every such rank and exit code 1.
 
     ``--autotune`` hands the same flags to the layout search (``tools/autotune.py``) instead of training.
     """
@@ -200,6 +203,15 @@ def cli(argv: Sequence[str] | None = None) -> int:
         else:  # a library's own check may fail on one rank only
             report_line(f"error: {exc} (set {TRACEBACK_ENV}=1 for the traceback)", rank_from_env(), every_rank=True)
         return 130 if interrupted else 2
+    except PipelineStageError as exc:
+        # Not this rank's error: a traceback from each of the surviving ranks (hundreds of lines after a
+        # kill -9 at 8 ranks) would only bury the line that says what happened and where.
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        if interrupted:
+            return _interrupted()
+        report_line(f"error: {exc}", rank_from_env(), every_rank=True)
+        return 1
     except Exception:
         # After Ctrl-C a rank blocked in a collective sees its peer's connection close: not a crash to show.
         if not interrupted or os.environ.get(TRACEBACK_ENV) == "1":

@@ -56,6 +56,23 @@ def test_failure_line_reads_through_torchrun_s_report():
     assert cli.failure_line("Traceback (most recent call last):\n  boom\nRuntimeError: x\n====\n") == "RuntimeError: x"
 
 
+def test_failure_line_is_the_first_failing_rank_s_not_a_peer_s():
+    """Since a rank stopped by a peer prints its own one error: line (pretrain_gpt.py), that line can come after
+    the root one; the trial then reported "error: global rank 0 ... raised ...; this rank stopped on ..." or
+    "error: a peer was lost ..." instead of the cause, as torchrun's Root Cause names it."""
+    cause = "error: token id 250 is outside the vocabulary [0, 128)"
+    peer = ("error: global rank 0 (rank 0/2: tp 0/1 pp 0/1 dp 0/2) raised ValueError: token id 250 ...; "
+            "this rank stopped on: x")
+    report = (f"{cause}\n{peer}\n" + "=" * 20 + "\nFailures:\n[1]:\n  rank      : 1 (local_rank: 1)\n"
+              f"  traceback : {peer}\n" + "-" * 20 + "\nRoot Cause (first observed failure):\n[0]:\n"
+              f"  rank      : 0 (local_rank: 0)\n  traceback : {cause}\n" + "=" * 20 + "\n")
+    assert cli.failure_line(report) == cause
+    killed = ("error: a peer was lost: global rank 0 ...\n" + "-" * 20 + "\nRoot Cause (first observed failure):\n"
+              "[0]:\n  exitcode  : -9 (pid: 2158)  (SIGKILL)\n  error_file: <N/A>\n"
+              "  traceback : Signal 9 (SIGKILL) received by PID 2158\n" + "=" * 20 + "\n")
+    assert cli.failure_line(killed) == "traceback : Signal 9 (SIGKILL) received by PID 2158"
+
+
 def test_an_unknown_flag_points_at_the_tools_own_help(capsys):
     assert cli.main(FLAGS + ["--vocab-size", "255", "--mock-data", "--bogus"]) == 2
     assert capsys.readouterr().err == "error: unrecognized arguments: --bogus (see python tools/autotune.py --help)\n"
@@ -74,3 +91,22 @@ def test_progress_bars_only_on_a_terminal(capsys):
     assert cli.main(FLAGS + ["--mock-data", "--vocab-size", "255", "--top", "1"]) == 0
     err = capsys.readouterr().err
     assert "profiling layers" not in err and "predicting" not in err and "\r" not in err, err[-500:]
+
+
+def test_trials_run_in_the_callers_directory(tmp_path, capsys, monkeypatch):
+    """Relative --data-path / --tokenizer-model, as a user types them: the search read them from the working
+    directory, but every trial ran in the checkout and failed with "missing 'data_text_document.idx'"."""
+    from megatron_core.datasets.preprocess_data import main as preprocess
+
+    (tmp_path / "corpus.jsonl").write_text("".join(f'{{"text": "def f{i}(x):\\n    return x * {i} + {i % 7}"}}\n'
+                                                   for i in range(400)), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    train_sentencepiece(["corpus.jsonl"], "tok", vocab_size=300)
+    assert preprocess(["--input", "corpus.jsonl", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                       "tok.model", "--output-prefix", "data", "--workers", "1"]) == 0
+    code = cli.main(FLAGS + ["--data-path", "data_text_document", "--split", "90,10,0", "--tokenizer-type",
+                             "SentencePieceTokenizer", "--tokenizer-model", "tok.model", "--trials", "1",
+                             "--trial-iters", "2", "--output", "run.sh"])
+    captured = capsys.readouterr()
+    assert code == 0 and "failed" not in captured.out and "measured nan" not in captured.out, captured.out[-2000:]
+    assert (tmp_path / "run.sh").exists()

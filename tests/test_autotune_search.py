@@ -143,14 +143,16 @@ def test_emitted_command_runs(tmp_path, capsys):
     assert any(line.startswith(best + " ") for line in table), f"{best} missing from the table: {table}"
     config = json.loads(ds.read_text())
     assert config["train_batch_size"] == 4 and config["zero_optimization"]["stage"] in (0, 1)
-    command = shlex.split(out.read_text())
+    command = shlex.split(out.read_text().splitlines()[-1])[:-1]  # the torchrun line, without its "$@"
     pp = int(command[command.index("--pipeline-model-parallel-size") + 1])
     assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * \
         (2 // (config["tensor_parallel"]["autotp_size"] * pp)) == 4
     assert "--nproc_per_node" in command and command[command.index("--nproc_per_node") + 1] == "2"
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=cli.REPO)
+    # run as a user would, adding a flag: `bash run.sh --train-iters 3` ran 2 iterations (the flag was dropped)
+    proc = subprocess.run(["bash", str(out), "--train-iters", "3"], capture_output=True, text=True, timeout=240,
+                          cwd=cli.REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.findall(r"iteration +(\d+)/ +2 \|", proc.stdout) == ["1", "2"], (best, proc.stdout[-2000:])
+    assert re.findall(r"iteration +(\d+)/ +3 \|", proc.stdout) == ["1", "2", "3"], (best, proc.stdout[-2000:])
 
 
 def test_trials_measure_from_scratch_even_with_a_checkpoint_to_resume(tmp_path, capsys):
@@ -353,3 +355,22 @@ def test_reset_attention_mask_is_in_the_prediction():
     assert masked.document_mask and not plain.document_mask
     layout = Layout(dp=1, micro_batch_size=2)
     assert predict_memory(masked, layout) > predict_memory(plain, layout)
+
+
+def test_the_profile_counts_the_cores_this_process_may_use():
+    """Under taskset (or a Slurm cpuset) the launched ranks share the cores of the affinity mask, not the
+    machine's: with one core allowed, the profile said os.cpu_count() (2 here) and predicted 8 ranks about
+    twice as fast as they ran."""
+    import os
+
+    from megatron_core.autotune.cost import profile
+
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs a machine of 2 or more cores and CPU affinity")
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        prof = profile(_spec(num_layers=1), [Layout(dp=1)], 1)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert prof.cores == 1

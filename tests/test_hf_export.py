@@ -97,6 +97,23 @@ def test_export_without_tokenizer_has_no_made_up_special_ids(tmp_path):
     assert config.get("eos_token_id") is None and config.get("bos_token_id") is None  # not GPT-2's 50256
 
 
+@pytest.mark.parametrize("flags,dtype", [([], "float32"), (["--bf16"], "bfloat16"), (["--fp16"], "float16")])
+def test_export_records_the_weights_dtype_in_config_json(tmp_path, flags, dtype):
+    """config.json names the weights' dtype, as save_pretrained writes it ("dtype" from transformers 5,
+    "torch_dtype" before): a bf16 export had none, so tools that take the dtype from the config (vLLM's
+    "auto", TGI) read no dtype for bf16 weights."""
+    from transformers import AutoConfig
+
+    tiny_hf_gpt2(vocab_size=300).save_pretrained(tmp_path / "hf")
+    _convert("--loader", "hf", "--saver", "core", "--load-dir", tmp_path / "hf", "--save-dir", tmp_path / "core",
+             *flags)
+    _convert("--loader", "core", "--saver", "hf", "--load-dir", tmp_path / "core", "--save-dir", tmp_path / "out")
+    config = json.load(open(tmp_path / "out" / "config.json"))
+    assert config.get("dtype", config.get("torch_dtype")) == dtype, config
+    assert AutoConfig.from_pretrained(tmp_path / "out", local_files_only=True).to_dict().get(
+        "dtype", config.get("torch_dtype")) == dtype
+
+
 @pytest.mark.parametrize("family,change,named", [
     ("gpt2", dict(normalization="RMSNorm"), "normalization=RMSNorm"),
     ("gpt2", dict(activation="swiglu"), "activation=swiglu"),

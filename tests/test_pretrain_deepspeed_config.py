@@ -57,7 +57,8 @@ def test_consecutive_hysteresis_reaches_the_loss_scaler(tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--micro-batch-size", "4"], "--micro-batch-size 4 disagrees with the DeepSpeed config"),
-    (["--use-distributed-optimizer"], "--deepspeed-config sets the ZeRO stage"),
+    (["--data-parallel-sharding-strategy", "optim_grads"],
+     "--data-parallel-sharding-strategy \\(ZeRO stage 2\\) disagrees with the DeepSpeed config"),
     (["--zero-stage", "3"], "--zero-stage 3 disagrees"),
 ])
 def test_flags_that_disagree_with_the_file_are_one_line_errors(tmp_path, extra, needle):
@@ -65,6 +66,23 @@ def test_flags_that_disagree_with_the_file_are_one_line_errors(tmp_path, extra, 
     with pytest.raises(ConfigError, match=needle) as info:
         validate_args(parse_args(BASE + ["--deepspeed-config", path] + extra), world_size=2)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("file_stage,extra,stage", [
+    (1, ["--use-distributed-optimizer"], 1), (2, ["--use-distributed-optimizer"], 2),
+    (3, ["--data-parallel-sharding-strategy", "optim_grads_params"], 3), (0, ["--use-distributed-optimizer"], None),
+])
+def test_megatron_zero_flags_that_agree_with_the_file_are_accepted(tmp_path, file_stage, extra, stage):
+    """tools/autotune.py writes a torchrun line with --use-distributed-optimizer (its ZeRO-1 pick) and a DeepSpeed
+    JSON with stage 1; run together they were refused ("--deepspeed-config sets the ZeRO stage"), though they
+    agree. Agreeing is fine as for --zero-stage; stage 0 in the file contradicts the flag."""
+    path = _file(tmp_path, zero_optimization={"stage": file_stage})
+    argv = BASE + ["--deepspeed-config", path] + extra
+    if stage is None:
+        with pytest.raises(ConfigError, match=r"--use-distributed-optimizer \(ZeRO stage 1\) disagrees .*stage = 0"):
+            validate_args(parse_args(argv), world_size=2)
+        return
+    assert config_from_args(validate_args(parse_args(argv), world_size=2)).ddp.zero_stage == stage
 
 
 def test_training_from_the_file_equals_the_same_flags(tmp_path):

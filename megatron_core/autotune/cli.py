@@ -182,10 +182,12 @@ def print_table(cands: list[Candidate], top: int) -> None:
 
 
 def failure_line(stderr: str) -> str:
-    """The line of a failed launch's stderr that says why: pretrain_gpt.py's last ``error: ...`` line
-    (under torchrun also repeated in its failure report, whose last line is a row of ``=``), else the
-    last line that is not blank or such a row."""
-    lines = [line.strip() for line in stderr.splitlines()]
+    """The line of a failed launch's stderr that says why: the ``error: ...`` line of the rank that failed
+    first (torchrun's "Root Cause" report), else pretrain_gpt.py's last ``error: ...`` line, else the last
+    line that is not blank or a row of ``=``/``-`` (a rank killed by a signal: torchrun's "Signal 9 ..." line)."""
+    # The other ranks print their own lines after the root one, in any order (a peer was lost, or "global
+    # rank N raised ...; this rank stopped on ..."), so the last error line of all may be one of theirs.
+    lines = [line.strip() for line in stderr.rsplit("Root Cause (first observed failure):", 1)[-1].splitlines()]
     errors = [line[line.index("error: "):] for line in lines if "error: " in line]
     rest = [line for line in lines if line.strip("=-")]
     return errors[-1] if errors else (rest[-1] if rest else "no output")
@@ -201,7 +203,8 @@ def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: in
                                      "--finetune": 0})
     cmd = torchrun_command(spec, cand.layout, flags + ["--train-iters", str(iters), "--log-interval", "1",
                                                        "--eval-iters", "0"])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    # in the caller's directory, as the emitted launch line runs: relative --data-path, --tokenizer-model ...
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     times = re.findall(r"elapsed time per iteration \(ms\): ([\d.]+)", proc.stdout)
     if proc.returncode != 0 or not times:
         why = failure_line(proc.stderr)
@@ -209,6 +212,15 @@ def run_trial(spec: ModelSpec, cand: Candidate, user_flags: list[str], iters: in
         return why
     steady = [float(t) for t in times[1:]] or [float(times[0])]  # the first iteration warms up
     return spec.global_batch_size * spec.seq_length / (statistics.median(steady) / 1000)
+
+
+def write_launch_script(path: str, command: str, layout: str) -> None:
+    """Write ``command`` to ``path`` as an executable bash script that passes on its own arguments
+    (``bash run.sh --save ckpt --log-interval 1``): without ``"$@"`` those were silently dropped."""
+    with open(path, "w") as f:
+        f.write(f"#!/bin/bash\n# {layout}: the best layout of tools/autotune.py; flags given to this script "
+                f"are added to the run's\n{command} \"$@\"\n")
+    os.chmod(path, os.stat(path).st_mode | 0o111)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,7 +258,7 @@ def _check_autotune_args(args: argparse.Namespace) -> None:
 def _main(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    from megatron_core.autotune.cost import profile, step_time
+    from megatron_core.autotune.cost import profile, step_time, usable_cores
     from megatron_core.training.flops import flops_per_iteration
 
     args = build_parser().parse_args(argv)
@@ -257,7 +269,7 @@ def _main(argv: list[str]) -> int:
         print(f"note: {', '.join(given)} {'are' if len(given) > 1 else 'is'} what the search chooses: the "
               f"value{'s' if len(given) > 1 else ''} given {'are' if len(given) > 1 else 'is'} replaced by the best "
               f"layout's", file=sys.stderr)
-    world = args.world_size if args.world_size is not None else os.cpu_count() or 1
+    world = args.world_size if args.world_size is not None else usable_cores()
     memory = (args.memory_per_device if args.memory_per_device is not None else _machine_memory_gib() / world) * GIB
     spec = model_spec(args)
     layouts = enumerate_layouts(spec, world, args.micro_batch_sizes, with_offload=not args.no_offload)
@@ -305,8 +317,7 @@ def _main(argv: list[str]) -> int:
     command = shlex.join(torchrun_command(spec, best.layout, user_flags))
     print(command)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(command + "\n")
+        write_launch_script(args.output, command, best.layout.describe())
     if args.output_deepspeed_json:
         with open(args.output_deepspeed_json, "w") as f:
             json.dump(deepspeed_config(spec, best.layout, args), f, indent=2)

@@ -1,6 +1,7 @@
 """Read and write Hugging Face model directories (``config.json`` plus safetensors or torch weights)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -185,10 +186,15 @@ def write_weights_dir(state: dict[str, torch.Tensor], output: str, safe: bool, m
 
 def save_hf_dir(path: str, hf_config: Any, state: dict[str, torch.Tensor],
                 max_shard_bytes: int = HF_MAX_SHARD_BYTES) -> None:
-    """Write ``config.json`` and the weights as ``save_pretrained`` does: ``model.safetensors``, or shards
-    of at most ``max_shard_bytes`` with their index (transformers' default limit, 50 GB), so that
-    ``from_pretrained`` loads the directory; see :func:`write_weights_dir`."""
+    """Write ``config.json`` (with the weights' dtype) and the weights as ``save_pretrained`` does:
+    ``model.safetensors``, or shards of at most ``max_shard_bytes`` with their index (transformers' default
+    limit, 50 GB), so that ``from_pretrained`` loads the directory; see :func:`write_weights_dir`."""
     os.makedirs(path, exist_ok=True)
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # save_pretrained records the weights' dtype, which from_pretrained(dtype="auto") reads
+        # "dtype" from transformers 5 on (set in the config's __init__), "torch_dtype" before
+        hf_config = copy.copy(hf_config)  # the caller's config stays as given
+        setattr(hf_config, "dtype" if "dtype" in vars(hf_config) else "torch_dtype", dtypes.pop())
     hf_config.save_pretrained(path)
     state = {k: v.detach().contiguous() for k, v in state.items()}
     write_weights_dir(state, path, True, max_shard_bytes, sum(v.numel() for v in state.values()))

@@ -54,10 +54,8 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
     compared = {**_COMPARED, **{name: name for name in section}}
     given = {field: getattr(args, dest) for dest, field in compared.items()
              if getattr(args, dest, None) != parser_defaults.get(dest)}
-    if args.use_distributed_optimizer or args.data_parallel_sharding_strategy is not None:
-        raise ConfigError("--deepspeed-config sets the ZeRO stage (zero_optimization.stage); drop "
-                          "--use-distributed-optimizer / --data-parallel-sharding-strategy")
     mapped = deepspeed_to_megatron(args.deepspeed_config, args.data_parallel_size, flags=given)
+    _check_stage_flags(args, mapped.ddp.zero_stage)
     args.micro_batch_size, args.global_batch_size = mapped.micro_batch_size, mapped.global_batch_size
     for name in _OPTIMIZER_FIELDS + section:
         setattr(args, name, getattr(mapped.optimizer, name))
@@ -67,3 +65,22 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
               f"and --min-lr", file=sys.stderr, flush=True)
     for name in _DDP_FIELDS:
         setattr(args, name, getattr(mapped.ddp, name))
+
+
+def _check_stage_flags(args: argparse.Namespace, file_stage: int) -> None:
+    """Megatron-LM's spellings of the ZeRO stage, ``--use-distributed-optimizer`` (stage 1 or above) and
+    ``--data-parallel-sharding-strategy``, compared with the file's stage as ``--zero-stage`` is: agreeing is
+    fine (tools/autotune.py's torchrun line for ZeRO-1 carries ``--use-distributed-optimizer`` beside its
+    DeepSpeed JSON), disagreeing is a ConfigError naming both."""
+    from megatron_core.training.arguments.to_config import zero_stage
+
+    stage_flags = [flag for flag, on in (("--use-distributed-optimizer", args.use_distributed_optimizer),
+                                         ("--data-parallel-sharding-strategy",
+                                          args.data_parallel_sharding_strategy is not None)) if on]
+    if not stage_flags:
+        return
+    stage = zero_stage(args)  # raises when the flags contradict each other
+    if stage != file_stage and not (stage_flags == ["--use-distributed-optimizer"] and args.zero_stage is None
+                                    and file_stage >= 1):
+        raise ConfigError(f"{' and '.join(stage_flags)} (ZeRO stage {stage}) disagrees with the DeepSpeed config, "
+                          f"which sets zero_optimization.stage = {file_stage}; drop the flag or change the file")
