@@ -148,6 +148,20 @@ def empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def memory_report_mib() -> dict[str, float]:
+    """Megatron-LM's ``report_memory`` fields in MiB: on CUDA the caching allocator's ``allocated``, ``max
+    allocated``, ``reserved`` and ``max reserved``; on the CPU the process's ``rss`` and ``max rss`` (VmRSS,
+    VmHWM)."""
+    mib = float(1 << 20)
+    if cuda_available():
+        return {"allocated": torch.cuda.memory_allocated() / mib,
+                "max allocated": torch.cuda.max_memory_allocated() / mib,
+                "reserved": torch.cuda.memory_reserved() / mib,
+                "max reserved": torch.cuda.max_memory_reserved() / mib}
+    stats = memory_stats()
+    return {"rss": stats["mem-rss-bytes"] / mib, "max rss": stats["mem-max-rss-bytes"] / mib}
+
+
 def memory_stats() -> dict[str, float]:
     """TensorBoard's memory scalars (``--log-memory-to-tensorboard``): on CUDA Megatron-LM's four from
     ``torch.cuda.memory_stats`` (``mem-reserved-bytes``, ``mem-allocated-bytes``,

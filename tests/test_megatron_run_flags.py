@@ -240,3 +240,26 @@ def test_grad_reduce_in_bf16_keeps_bf16_gradient_buffers():
 def test_grad_reduce_in_bf16_needs_bf16(flags, message):
     error = run_distributed(_error_of, 1, TINY + flags, timeout=60)[0]
     assert error is not None and message in error and "\n" not in error
+
+
+def _train_and_peak(argv):
+    import pretrain_gpt
+    from megatron_core import device
+    pretrain_gpt.main(argv)
+    return device.memory_report_mib()["max rss"]
+
+
+def test_memory_report_after_the_first_line_on_every_dp_rank_0(capfd):
+    """Megatron-LM's ``report_memory``: once, after the first progress line, every DP rank 0 prints
+    ``[Rank r] (after N iterations) memory (MB) | ...``; on the CPU the process's resident memory (rss, max rss:
+    VmRSS, VmHWM), whose peak is at most the one the rank reads after its run."""
+    argv = TINY + ["--train-iters", "4", "--eval-iters", "0", "--log-interval", "2",
+                   "--tensor-model-parallel-size", "2"]
+    peaks = run_distributed(_train_and_peak, 4, argv, timeout=180)  # TP 2 x DP 2: global ranks 0, 1 are DP rank 0
+    out = capfd.readouterr().out
+    found = re.findall(r"^\[Rank (\d)\] \(after (\d+) iterations\) memory \(MB\) \| rss: ([\d.]+) \| "
+                       r"max rss: ([\d.]+)$", out, flags=re.MULTILINE)
+    assert sorted(int(rank) for rank, *_ in found) == [0, 1], out[-2000:]
+    for rank, after, rss, max_rss in found:
+        assert after == "2" and 0 < float(rss) <= float(max_rss) <= peaks[int(rank)], (rank, rss, max_rss, peaks)
+    assert out.index("iteration        2/") < out.index("[Rank 0] (after 2 iterations)")

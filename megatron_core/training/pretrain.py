@@ -81,7 +81,8 @@ class Printers:
     """``rank0`` for setup messages (global rank 0), ``last`` for progress (the loss-holding rank)."""
 
     def __init__(self, parallel_state: ParallelState) -> None:
-        self.is_rank0 = parallel_state.rank == 0
+        self.rank, self.is_rank0, self.is_dp_first = parallel_state.rank, parallel_state.rank == 0, \
+            parallel_state.dp_rank == 0
         self.is_logging_rank = (parallel_state.is_pipeline_last_stage() and parallel_state.tp_rank == 0
                                 and parallel_state.dp_rank == 0)
 
@@ -94,6 +95,11 @@ class Printers:
         """Print ``text`` on the logging rank only (last pipeline stage, TP and DP rank 0)."""
         if self.is_logging_rank:
             print(text, flush=True)
+
+    def dp_first(self, text: str) -> None:
+        """Print ``[Rank r] text`` on every DP rank 0 (each TP and PP rank's), as Megatron-LM's ``report_memory``."""
+        if self.is_dp_first:
+            print(f"[Rank {self.rank}] {text}", flush=True)
 
 
 def set_seeds(seed: int, parallel_state: ParallelState) -> None:
@@ -389,7 +395,7 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
     loop = _Loop(
         log=TrainingLog(run.config.logging, training.train_iters, run.out.last, run.writer,
                         _flops_per_sample(run.config, run.model_info.padded_vocab_size), run.data.seq_length,
-                        ps.world_size),
+                        ps.world_size, memory_printer=run.out.dp_first),
         iterators=data_loading.data_iterators(run.train_ds, state.consumed_train_samples, training.micro_batch_size,
                                               ps, run.data.num_workers, len(run.model),
                                               run.data.every_chunk_reads_data),

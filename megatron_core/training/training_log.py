@@ -42,9 +42,13 @@ class TrainingLog:
     """Accumulates iteration results and prints one line every ``log_interval`` iterations."""
 
     def __init__(self, config: LoggingConfig, train_iters: int, printer: Printer | None, writer: Any,
-                 flops_per_sample: float, tokens_per_sample: int, world_size: int) -> None:
+                 flops_per_sample: float, tokens_per_sample: int, world_size: int,
+                 memory_printer: Printer | None = None) -> None:
+        """``memory_printer``: after the first line, Megatron-LM's ``(after N iterations) memory (MB) | ...``
+        (:func:`device.memory_report_mib`) goes to it once; pretrain prints it on every DP rank 0, as
+        Megatron-LM's ``report_memory``."""
         self.config, self.train_iters = config, train_iters
-        self.printer, self.writer = printer, writer
+        self.printer, self.writer, self.memory_printer = printer, writer, memory_printer
         self.flops_per_sample, self.tokens_per_sample = flops_per_sample, tokens_per_sample
         self.world_size = world_size
         self._reset()
@@ -84,6 +88,10 @@ class TrainingLog:
         line = self._line(iteration, rates, loss_scale, norms, batch_size, consumed_samples)
         if self.printer is not None:
             self.printer(line)
+        if self.memory_printer is not None:
+            fields = " | ".join(f"{name}: {mib}" for name, mib in device.memory_report_mib().items())
+            self.memory_printer(f"(after {iteration} iterations) memory (MB) | {fields}")
+            self.memory_printer = None  # once, after the first line (memory after the optimizer state exists)
         self._reset()
         return line
 
