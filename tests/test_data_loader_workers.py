@@ -1,0 +1,40 @@
+"""The pretraining DataLoader's worker processes: they ignore the stop signals a scheduler sends the whole
+process group (their rank stops them itself), and on Linux they die with their rank
+(``prctl(PR_SET_PDEATHSIG, SIGKILL)``). A worker holds copies of its rank's sockets (fork), so without that a
+``kill -9`` of a rank reached its peers only when the workers noticed, at torch's next parent check: a TP 2
+peer printed "a peer was lost" 5.1 s after the kill, now 0.1 s (tests/test_failures_launch.py kills a rank
+with workers)."""
+import ctypes
+import ctypes.util
+import signal
+import sys
+import types
+
+import pytest
+import torch
+
+from megatron_core.training.data_loading import data_loader
+
+_PR_GET_PDEATHSIG = 2
+
+
+class _WorkerFacts(torch.utils.data.Dataset):
+    """Each sample: the worker's parent-death signal and its SIGTERM / SIGINT handlers."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        death = ctypes.c_int(-1)
+        libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(death), 0, 0, 0)
+        ignored = [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT)]
+        return torch.tensor([death.value, *ignored])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_workers_ignore_stop_signals_and_die_with_their_rank():
+    one_rank = types.SimpleNamespace(dp_rank=0, dp_size=1)  # the two fields the sampler reads
+    loader = data_loader(_WorkerFacts(), 0, 2, one_rank, num_workers=1)
+    for batch in loader:
+        assert batch.tolist() == [[int(signal.SIGKILL), 1, 1]] * 2
