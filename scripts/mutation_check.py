@@ -6,6 +6,12 @@ Run by hand or nightly, not in CI (issue #16, item 9)::
     python scripts/mutation_check.py --sample 40 --seed 0 # a random sample
     python scripts/mutation_check.py --list               # the mutants, without running anything
     python scripts/mutation_check.py --file engine/reshard.py --sample 10  # one file's mutants
+    python scripts/mutation_check.py --since 7b90a5b --list  # only mutants on lines changed since a commit
+    python scripts/mutation_check.py --file training/timers.py --tests tests/test_timing_log_option.py
+
+``--since REV`` keeps the mutants whose line (the first line of the mutated node) is in an added or
+changed hunk of ``git diff -U0 REV`` (working tree against REV). ``--tests`` replaces the package's
+``TESTS`` list, for running a sample against the test files of the change only.
 
 Mutants are made on the AST of each file under ``megatron_core/{tensor_parallel, pipeline_parallel,
 distributed, optimizer, transformer, checkpoint, dist_checkpointing, fusions, engine, training,
@@ -194,6 +200,28 @@ test_checkpointing.py); training_loop.py's two others drawn only gate ``device.e
 ``_log_iteration``'s ``tensorboard_dir is not None and ...`` -> ``or`` (the params norm is then computed,
 on every rank alike, at iterations whose line does not show it: the same output at one more reduction's cost).
 
+An eighth sample (ninth session, ``--since 7b90a5b --seed 9``, each file's mutants run against the new test
+files of its change via ``--tests``): gpt_dataset.py 12 of 25 (test_document_masks.py), data_loading.py all
+4 and training/config.py both 2 (test_document_masks.py), fused_layer_norm.py 10 of 16 (test_layernorm_1p.py,
+test_fp32_residual.py: all killed), transformer_layer.py both 2 (test_fp32_residual.py), hf_io.py 3 of 8
+(test_layernorm_1p.py; the survivor, the config's dtype ``len(dtypes) == 1`` -> ``== 2``, is killed by
+test_hf_export.py), timers.py 10 of 22 (test_timing_log_option.py), distributed_data_parallel.py 7 of 12
+(test_ddp_same_model.py: all killed), collectives.py 7 of 18 (test_host_collectives.py), autotune
+activations.py + cost.py 6 of 36 (the document-mask and cores tests), and by hand three more of
+``usable_cores`` and four in unmutated places (the embedding's fp32 cast deleted, ``pipeline_communication_dtype``
+ignoring ``fp32_residual_connection``, pretrain_gpt's ``attention_mask=None`` to the model, and an all-False
+mask for a chunk without data instead of None): 70 mutants, 12 survived. Missing tests (8), added since: the
+EOD check and ``every_chunk_reads_data`` with either flag alone (``or`` -> ``and``, two mutants), an empty
+document among the probed ones (``lengths[i] > 0`` -> ``>=``: an IndexError), ``data_iterators``' None for a
+middle chunk (``or`` -> ``and``), ``_bias_dropout_add``'s cast to the fp32 stream (without it the bf16 branch
+and bias are added in bf16; promotion keeps the result fp32, so no dtype test saw it), ``slowest`` leaving out
+a timer no rank ran (``> 0.0`` -> ``>=``), ``usable_cores``' ``len(...) or 1`` -> ``and 1`` (its test sets one
+core, where both give 1) and the middle chunks' mask without the flags. Not testable here (3):
+``all_reduce_host``'s ``host.copy_(piece)`` (on the CPU each piece is a view of the host tensor, so the
+branch runs only on a GPU) and ``usable_cores``' fallback ``os.cpu_count() or 1`` (two mutants: platforms
+without ``sched_getaffinity``). Equivalent (1): ``usable_cores``' ``or 1`` -> ``or 2`` (a running process's
+affinity mask is never empty).
+
 A ``shm_collectives`` mutant that skips the unlink of its segment (killed by test_collectives) leaves
 16-32 MiB files ``/dev/shm/mcore-allreduce-*`` behind; remove them after a run of the ``core`` package.
 """
@@ -229,19 +257,25 @@ TESTS = {
                     # the buffer's on_bucket_launched hook (gradient copies to the host during backward)
                     "tests/test_offload_overlap.py",
                     # the buffer's has_grads, which zero.safe_get_full_grad reads (no backward since the step)
-                    "tests/test_zero_gathered_parameters.py"],
+                    "tests/test_zero_gathered_parameters.py",
+                    # DDP's check_same_parameters (a rank-dependent model refused on every rank)
+                    "tests/test_ddp_same_model.py"],
     "optimizer": ["tests/test_optimizer.py", "tests/test_memory.py", "tests/test_zero.py",
                   "tests/test_mixed_precision.py", "tests/test_decoupled_lr.py",
                   # grad_scaler's consecutive_hysteresis and DeepSpeed's window; the engine's param groups
                   "tests/test_engine_ds_compat.py"],
     "transformer": ["tests/test_transformer_units.py", "tests/test_rope_scaling.py", "tests/test_hf_equivalence.py",
                     # attention's KV-cache path (incremental decoding against HF generate)
-                    "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py"],
+                    "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py",
+                    # the fp32 residual stream's casts (_bias_dropout_add), the 1p norms, the pipeline dtype
+                    "tests/test_fp32_residual.py", "tests/test_layernorm_1p.py"],
     "checkpoint": ["tests/test_tokenizer.py", "tests/test_hf_export.py", "tests/test_checkpoint_convert.py",
                    "tests/test_checkpoint_convert_optimizer.py", "tests/test_checkpoint_convert_layout_settings.py",
                    "tests/test_checkpointing_hf.py", "tests/test_hf_equivalence.py",
                    "tests/test_dist_checkpoint_tools.py", "tests/test_tokenizer_hf_dir.py",
-                   "tests/test_decoupled_lr.py"],
+                   "tests/test_decoupled_lr.py",
+                   # the HF import/export of zero-centred gammas (hf_io.norm_weight_to_core/_to_hf)
+                   "tests/test_layernorm_1p.py"],
     "dist_checkpointing": ["tests/test_dist_checkpoint_tools.py", "tests/test_dist_checkpoint_damage.py",
                            "tests/test_dist_checkpointing_kill.py", "tests/test_dist_checkpointing.py",
                            # the one load across vocabulary paddings (TP 2's 256 rows into TP 1's 300)
@@ -250,7 +284,9 @@ TESTS = {
                            "tests/test_pretrain_dist_ckpt.py::"
                            "test_no_save_optim_and_no_save_rng_leave_them_out_of_torch_dist_as_the_legacy_format"],
     "fusions": ["tests/test_onednn_linear.py", "tests/test_triton_kernels.py", "tests/test_compiled_fusions.py",
-                "tests/test_transformer_units.py"],
+                "tests/test_transformer_units.py",
+                # fused_layer_norm's zero_centered_gamma and its fp32-stream path
+                "tests/test_layernorm_1p.py", "tests/test_fp32_residual.py"],
     "engine": ["tests/test_engine_config.py", "tests/test_engine_config_offload.py", "tests/test_engine_api.py",
                "tests/test_engine.py", "tests/test_engine_checkpoint.py", "tests/test_engine_consolidate.py",
                "tests/test_engine_load_options.py", "tests/test_engine_checkpoint_damage.py",
@@ -264,10 +300,16 @@ TESTS = {
                  "tests/test_checkpointing.py", "tests/test_pretrain.py", "tests/test_failures_training.py",
                  "tests/test_pretrain_dist_ckpt.py", "tests/test_decoupled_lr.py",
                  # --manual-gc, --profile, --log-params-norm and the TensorBoard extras (iteration_hooks.py)
-                 "tests/test_megatron_run_flags.py"],
+                 "tests/test_megatron_run_flags.py",
+                 # --timing-log-option (timers.gather_means, the minmax/max/all blocks)
+                 "tests/test_timing_log_option.py",
+                 # every pipeline chunk reads the data under document masks (data_loading, config)
+                 "tests/test_document_masks.py"],
     "datasets": ["tests/test_datasets.py", "tests/test_preprocess_data.py", "tests/test_failures_data.py",
                  # the blend whose split is empty in some prefixes only (builder._check_blend_splits)
-                 "tests/test_pretrain_test_split.py"],
+                 "tests/test_pretrain_test_split.py",
+                 # --reset-position-ids / --reset-attention-mask / --eod-mask-loss (gpt_dataset)
+                 "tests/test_document_masks.py"],
     "tokenizer": ["tests/test_tokenizer.py", "tests/test_preprocess_data.py", "tests/test_tokenizer_hf_dir.py"],
     "inference": ["tests/test_generation.py", "tests/test_text_generation_cli.py",
                   "tests/test_text_generation_server.py", "tests/test_text_generation_client.py",
@@ -278,10 +320,13 @@ TESTS = {
     "models": ["tests/test_init_seed_names.py", "tests/test_hf_equivalence.py", "tests/test_layout.py",
                # GPTModel.forward's KV-cache argument (incremental decoding against HF generate)
                "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py",
-               "tests/test_decoupled_lr.py"],
+               "tests/test_decoupled_lr.py",
+               # the embedding's fp32 cast that starts the fp32 residual stream
+               "tests/test_fp32_residual.py"],
     "core": ["tests/test_errors.py", "tests/test_microbatches.py", "tests/test_parallel_state.py",
              "tests/test_cross_entropy_and_rng.py", "tests/test_collectives.py", "tests/test_offload_overlap.py",
              "tests/test_zero_gathered_parameters.py",  # zero.py: GatheredParameters, safe_get_full_grad
+             "tests/test_host_collectives.py",  # collectives.all_reduce_host / broadcast_host / any_rank
              # errors.record_for_launcher / report_line under a real torchrun
              "tests/test_failures_launch.py::test_a_config_error_under_torchrun_is_its_root_cause"],
 }
@@ -402,8 +447,23 @@ def mutated_source(source: str, index: int) -> str:
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
 
 
-def run_mutant(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
-    """('killed' | 'survived' | 'timeout', seconds, first failing test)."""
+def changed_lines(path: str, since: str, root: str = REPO) -> set[int]:
+    """Line numbers of ``path`` (relative to the repository) added or changed since the commit ``since``.
+
+    Read from the ``+c,d`` ranges of ``git diff -U0 since -- path`` (working tree against ``since``); a
+    range with ``d == 0`` is a pure deletion and adds no line. Raises CalledProcessError for an unknown ``since``.
+    """
+    diff = subprocess.run(["git", "diff", "-U0", since, "--", path], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+    lines: set[int] = set()
+    for header in (line for line in diff.splitlines() if line.startswith("@@ ")):
+        start, _, count = header.split(" ")[2][1:].partition(",")
+        lines.update(range(int(start), int(start) + (int(count) if count else 1)))
+    return lines
+
+
+def run_mutant(mutant: Mutant, timeout: float, tests: list[str] | None = None) -> tuple[str, float, str]:
+    """('killed' | 'survived' | 'timeout', seconds, first failing test); ``tests`` replaces the package's list."""
     path = os.path.join(REPO, mutant.path)
     original = open(path).read()
     package = package_of(mutant.path)
@@ -412,7 +472,7 @@ def run_mutant(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
         with open(path, "w") as f:
             f.write(mutated_source(original, mutant.index))
         env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS[package]]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(tests or TESTS[package])]
         try:
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -431,12 +491,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--package", choices=PACKAGES, action="append", help="only these packages")
     parser.add_argument("--file", action="append",
                         help="only files whose path relative to megatron_core/ is this (e.g. engine/reshard.py)")
+    parser.add_argument("--since", metavar="REV",
+                        help="only mutants on lines added or changed since this commit (git diff -U0 REV)")
+    parser.add_argument("--tests", nargs="+", metavar="TEST",
+                        help="run these pytest files/ids against every mutant instead of its package's TESTS list")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant before it counts as killed")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--out", default="mutation_results.json", help="where to write the results (JSON)")
     args = parser.parse_args(argv)
     todo = [m for m in mutants() if (args.package is None or package_of(m.path) in args.package)
             and (args.file is None or os.path.relpath(m.path, "megatron_core") in args.file)]
+    if args.since is not None:
+        try:
+            changed = {path: changed_lines(path, args.since) for path in {m.path for m in todo}}
+        except subprocess.CalledProcessError as exc:
+            first = exc.stderr.strip().splitlines()[0]
+            parser.error(f"--since {args.since}: {first} (give a commit of this repository)")
+        todo = [m for m in todo if m.line in changed[m.path]]
     if args.sample is not None and args.sample < len(todo):
         todo = sorted(random.Random(args.seed).sample(todo, args.sample), key=lambda m: (m.path, m.index))
     if args.list:
@@ -446,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for n, m in enumerate(todo, 1):
-        status, seconds, failed = run_mutant(m, args.timeout)
+        status, seconds, failed = run_mutant(m, args.timeout, args.tests)
         results.append({**asdict(m), "status": status, "seconds": round(seconds, 1), "caught_by": failed})
         print(f"[{n}/{len(todo)}] {status:8s} {seconds:6.1f} s  {m.path}:{m.line}  {m.what}  {failed}", flush=True)
     with open(args.out, "w") as f:

@@ -374,3 +374,26 @@ def test_the_profile_counts_the_cores_this_process_may_use():
     finally:
         os.sched_setaffinity(0, allowed)
     assert prof.cores == 1
+
+
+def test_usable_cores_counts_every_core_of_the_affinity_mask():
+    """Two cores allowed count as two (the test above checks one). The mask is set to two cores for the
+    call even when the test itself runs under ``taskset -c N``, so a count that gave 1 for any non-empty mask
+    fails here too."""
+    import os
+
+    from megatron_core.autotune.cost import usable_cores
+
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs a machine of 2 or more cores and CPU affinity")
+    allowed = os.sched_getaffinity(0)
+    two = set(sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))[:2])
+    try:
+        os.sched_setaffinity(0, two)
+    except OSError:  # a cpuset (cgroup, Slurm) narrower than the machine
+        pytest.skip("cannot widen this process's CPU affinity to two cores")
+    try:
+        cores = usable_cores()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert cores == 2

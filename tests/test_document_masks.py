@@ -11,6 +11,7 @@ import functools
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ import pretrain_gpt
 from megatron_core import parallel_state
 from megatron_core.datasets import (
     GPTDatasetConfig,
+    IndexedDatasetBuilder,
     MockGPTDataset,
     build_gpt_datasets,
     document_attention_mask,
@@ -31,6 +33,7 @@ from megatron_core.models.presets import gpt2_config, llama_config
 from megatron_core.tokenizer import build_tokenizer
 from megatron_core.training.arguments import config_from_args, parse_args
 from megatron_core.training.arguments.validate import validate_args
+from megatron_core.training.data_loading import data_iterators
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.pretrain import pretrain
 
@@ -192,6 +195,17 @@ def test_every_pipeline_chunk_gets_the_positions_and_mask():
             assert torch.equal(pos, want_pos) and mask is not None and torch.equal(mask, want_mask)
 
 
+def test_without_the_flags_the_middle_chunks_get_plain_positions_and_no_mask():
+    """Without the flags only the first and last chunks read data; the middle ones get positions 0..s-1
+    (for RoPE) and no mask, i.e. causal attention, as every chunk's samples carry none."""
+    ranks = run_distributed(_chunk_inputs, 4, SHORT + ROPE + LAYOUT + ["--train-iters", "2", "--eval-iters", "1"],
+                            timeout=300)
+    calls = [call for rank in ranks for chunk in rank for call in chunk]
+    assert any(pos is not None for pos, _ in calls)  # the middle chunks' own positions
+    for pos, mask in calls:
+        assert mask is None and (pos is None or torch.equal(pos, torch.arange(32).expand_as(pos)))
+
+
 def test_each_flag_changes_the_losses(serial_runs):
     """Positions alone and the mask alone each train differently from both and from neither, so the
     layout test above compares runs in which both are in effect."""
@@ -210,6 +224,8 @@ def test_flags_reach_the_dataset_config_and_contradictions_are_refused():
     assert data.reset_position_ids and data.reset_attention_mask and data.every_chunk_reads_data
     plain = config_from_args(validate_args(parse_args(SHORT), world_size=1)).data
     assert not plain.every_chunk_reads_data
+    for alone in (DOCS[0::2], DOCS[1:]):  # either flag alone: the middle chunks need its positions or mask
+        assert config_from_args(validate_args(parse_args(SHORT + alone), world_size=1)).data.every_chunk_reads_data
     with pytest.raises(ConfigError, match="--reset-attention-mask builds .* drop --no-create-attention-mask"):
         validate_args(parse_args(SHORT + ["--reset-attention-mask", "--no-create-attention-mask-in-dataloader"]), 1)
 
@@ -242,7 +258,43 @@ def test_data_without_eod_is_refused_and_with_eod_resets(tmp_path):
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert "none of the first 16 documents of the train split" in err and "--append-eod" in err, err
     eod = build_tokenizer("SentencePieceTokenizer", tokenizer_model=model).eod
+    for alone in ({"reset_position_ids": True}, {"reset_attention_mask": True}):  # either flag alone is checked
+        config = GPTDatasetConfig(seq_length=32, eod=eod, seed=1, data_path=[str(tmp_path / "plain_text_document")],
+                                  split="100,0,0", **alone)
+        with pytest.raises(ValueError, match="none of the first 16 documents .* --append-eod"):
+            build_gpt_datasets(config, [4, 0, 0])
     config = GPTDatasetConfig(seq_length=32, eod=eod, seed=1, data_path=[str(tmp_path / "eod_text_document")],
                               split="100,0,0", reset_position_ids=True, reset_attention_mask=True)
     train, _, _ = build_gpt_datasets(config, [4, 0, 0])
     assert any(not torch.equal(train[i]["position_ids"], torch.arange(32)) for i in range(4))
+
+
+def test_an_empty_document_is_not_probed_for_eod(tmp_path):
+    """The EOD check reads the last token of each probed document; an empty one has none and is skipped
+    (before the skip it was an IndexError from the indexed dataset, a traceback instead of training)."""
+    prefix = str(tmp_path / "docs")
+    with IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16) as builder:
+        for tokens in ([], [1, 2, E], [3, 4, 5, E], [6, E]):
+            builder.add_document(tokens, [len(tokens)])
+        builder.finalize(prefix + ".idx")
+    config = GPTDatasetConfig(seq_length=4, eod=E, seed=1, data_path=[prefix], split="100,0,0",
+                              reset_position_ids=True, reset_attention_mask=True)
+    train, _, _ = build_gpt_datasets(config, [2, 0, 0])
+    sample = train[0]
+    assert torch.equal(sample["position_ids"], document_position_ids(sample["tokens"], E))
+
+
+def _iterators_per_chunk():
+    """Which of this rank's two virtual stages (PP 2 x VPP 2) get a data iterator, without and with
+    ``every_chunk``, and with no dataset (ranks that read none)."""
+    ps = parallel_state.initialize_model_parallel(1, 2, 2)
+    samples = [{"tokens": torch.arange(4)} for _ in range(4)]
+    return [[it is not None for it in data_iterators(dataset, 0, 1, ps, 0, 2, every_chunk)]
+            for dataset, every_chunk in ((samples, False), (samples, True), (None, True))]
+
+
+def test_only_the_first_and_last_chunks_read_data_unless_every_chunk():
+    """Rank 0 holds the first chunk and a middle one (virtual stage 1), rank 1 a middle one and the last."""
+    assert run_distributed(_iterators_per_chunk, 2, timeout=120) == [
+        [[True, False], [True, True], [False, False]],
+        [[False, True], [True, True], [False, False]]]

@@ -165,3 +165,20 @@ def test_generation_receives_the_fp32_stream_between_pipeline_stages(tmp_path):
                                        "--fp32-residual-connection", "--save", str(tmp_path / "ckpt")], timeout=120)
     assert _generate(tmp_path / "ckpt", 2, tmp_path / "pp2.json") == _generate(tmp_path / "ckpt", 1,
                                                                                 tmp_path / "pp1.json")
+
+
+def _bias_dropout_add_of_bf16_branch():
+    ps = parallel_state.initialize_model_parallel(1)
+    model = GPTModel(_config("gpt2", params_dtype=torch.bfloat16, fp32_residual_connection=True), VOCAB, SEQ,
+                     parallel_state=ps)
+    layer = model.decoder.layers[0].eval()
+    out = torch.ones(SEQ, 1, 64, dtype=torch.bfloat16)
+    bias = torch.full((64,), 2.0 ** -9, dtype=torch.bfloat16)
+    return layer._bias_dropout_add(out, bias, torch.zeros(SEQ, 1, 64))
+
+
+def test_the_branch_output_and_its_bias_are_added_in_fp32():
+    """With an fp32 stream the bf16 branch output and bias are cast before they are added: 1 + 2**-9 is not a
+    bf16 number (its spacing at 1 is 2**-7), so added in bf16 the bias would round away."""
+    summed = run_distributed(_bias_dropout_add_of_bf16_branch, 1, timeout=120)[0]
+    assert summed.dtype == torch.float32 and torch.all(summed == 1.0 + 2.0 ** -9)

@@ -17,7 +17,7 @@ from test_pretrain import TINY, _train
 from test_tensorboard import _scalars
 
 from megatron_core.training.config import LoggingConfig
-from megatron_core.training.timers import Timers, timing_block
+from megatron_core.training.timers import Timers, slowest, timing_block
 
 NAMES = ["forward-backward", "optimizer"]
 
@@ -114,3 +114,8 @@ def test_pretrain_prints_the_block_of_the_option_after_each_line(tmp_path, capfd
             if option == "minmax":
                 assert values[0] <= values[1], (name, values)
             assert abs(max(values) - slowest) <= 0.005 + 1e-6 * slowest, (iteration, name, values, slowest)
+
+
+def test_slowest_is_each_timers_max_over_the_ranks_that_ran_it():
+    """Megatron-LM's ``Timers.write``: the max over the ranks; a timer no rank ran (0.0 everywhere) is left out."""
+    assert slowest(["a", "b", "c"], [[0.5, 0.0, 0.0], [0.25, 0.0, 0.75]]) == {"a": 0.5, "c": 0.75}
