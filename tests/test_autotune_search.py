@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_core.autotune import cli
 from megatron_core.autotune.activations import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
@@ -374,3 +375,19 @@ def test_the_profile_counts_the_cores_this_process_may_use():
     finally:
         os.sched_setaffinity(0, allowed)
     assert prof.cores == 1
+
+
+def test_pipeline_sends_are_priced_in_the_fp32_residual_streams_dtype():
+    """bf16 with --fp32-residual-connection: stages send the fp32 stream (pipeline_communication_dtype),
+    4 bytes an element, not the parameters' 2; before, step_time priced the sends at 2."""
+    prof = Profile(layer={(1, 1, False): 1.0}, head={(1, 1): 0.25}, collectives={("send_recv", 2): (2e-3, 2e-9)},
+                   cores=2)
+    times = []
+    for flag in (False, True):
+        config = TransformerConfig(num_layers=4, hidden_size=48, num_attention_heads=6, params_dtype=torch.bfloat16,
+                                   fp32_residual_connection=flag)
+        spec = ModelSpec(config, 1000, 32, 32, global_batch_size=8, make_vocab_size_divisible_by=128,
+                         bytes_per_param=2)
+        times.append(step_time(spec, Layout(pp=2), prof, 1e9)[0])
+    # 8 microbatches + a bubble of 1, two sends each of s x mb x h = 32 x 1 x 48 elements, 2 more bytes each
+    assert times[1] - times[0] == pytest.approx((8 + 1) * 2 * 2e-9 * 32 * 48 * 2, rel=1e-9)

@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megatron_core import device as device_mod
+from megatron_core.autotune.activations import stream_bytes
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
 from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
@@ -231,7 +232,9 @@ def step_time(spec: ModelSpec, layout: Layout, prof: Profile, flops_per_step: fl
     last_extra = prof.head[(mb, tp)] * slowdown if layout.pp == 1 else 0.0
     m = spec.num_microbatches(layout)
     bubble = (layout.pp - 1) / (layout.vpp or 1)
-    p2p = 2 * _comm(prof, "send_recv", 2, act_bytes / (tp if layout.sequence_parallel else 1)) if layout.pp > 1 else 0.0
+    # stages send the residual stream: fp32 with --fp32-residual-connection (pipeline_communication_dtype)
+    stream = s * mb * h * stream_bytes(spec) / (tp if layout.sequence_parallel else 1)
+    p2p = 2 * _comm(prof, "send_recv", 2, stream) if layout.pp > 1 else 0.0
     pipeline = (m + bubble) * (per_mb + p2p) + m * last_extra
     states = model_state_bytes(spec, layout)
     # The rank's bucket-padded elements (ZeRO-3 keeps a 1/dp shard of them) and its shard of them.
