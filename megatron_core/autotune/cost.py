@@ -145,7 +145,9 @@ def _layer_seconds(spec: ModelSpec, mb: int, tp: int, selective: bool) -> float:
     model = GPTModel(shard, 128, spec.max_position_embeddings, pre_process=False, post_process=False,
                      parallel_state=ps)
     where = device_mod.current_device()
-    x = torch.randn(spec.seq_length, mb, c.hidden_size, dtype=c.params_dtype, device=where, requires_grad=True)
+    # what a stage receives: the fp32 residual stream with --fp32-residual-connection, else the params dtype
+    x = torch.randn(spec.seq_length, mb, c.hidden_size, dtype=c.pipeline_communication_dtype, device=where,
+                    requires_grad=True)
     positions = torch.arange(spec.seq_length, device=where).expand(mb, spec.seq_length)
     # --reset-attention-mask: attention takes the masked path (all s x s scores); its cost does not
     # depend on where the documents end, so the causal mask stands for any document mask.
