@@ -8,11 +8,12 @@
   send/recv), fitted from two sizes on groups of 2..N forked gloo ranks.
 - Step: ``(M + (pp - 1) / v) x`` the slowest rank's microbatch time (1F1B / interleaved bubble,
   Narayanan et al. 2021) + TP collectives per layer (2 forward, 2 backward of ``sbh`` bytes) + pipeline
-  sends + the DP gradient reduction and ZeRO parameter all-gathers (not overlapped: the default
-  flags; ZeRO-2/3 reduce-scatter the gradients of every microbatch, as DeepSpeed does, ZeRO-1 once
-  per step; ZeRO-1/2 all-gather the parameters once after the step, ZeRO-3 twice per microbatch,
-  forward and backward; all-gather and reduce-scatter are priced by the rank's shard, as timed) +
-  the optimizer step (Adam seconds per element x the elements the rank updates: its shard under ZeRO).
+  sends (of the residual stream: fp32 with ``--fp32-residual-connection``) + the DP gradient reduction
+  and ZeRO parameter all-gathers (not overlapped: the default flags; ZeRO-2/3 reduce-scatter the
+  gradients of every microbatch, as DeepSpeed does, ZeRO-1 once per step; ZeRO-1/2 all-gather the
+  parameters once after the step, ZeRO-3 twice per microbatch, forward and backward; all-gather and
+  reduce-scatter are priced by the rank's shard, as timed) + the optimizer step (Adam seconds per
+  element x the elements the rank updates: its shard under ZeRO).
 - On the CPU, ranks share the cores: compute is slowed by ``ranks / cores`` when that exceeds 1 (the cores
   this process may use: its affinity mask, as under ``taskset`` or a Slurm cpuset).
 """
