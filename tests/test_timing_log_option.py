@@ -114,3 +114,18 @@ def test_pretrain_prints_the_block_of_the_option_after_each_line(tmp_path, capfd
             if option == "minmax":
                 assert values[0] <= values[1], (name, values)
             assert abs(max(values) - slowest) <= 0.005 + 1e-6 * slowest, (iteration, name, values, slowest)
+
+
+@pytest.mark.parametrize("level,world", [(0, 1), (1, 2)], ids=["level0", "level1-pp2"])
+def test_timer_scalars_follow_the_tensorboard_log_interval(tmp_path, level, world):
+    """--log-timers-to-tensorboard writes every --tensorboard-log-interval iterations, as Megatron-LM's
+    training_log calls Timers.write (normalised by the iterations since the last line, not reset), like every
+    other scalar; the timers were written at the log line's iterations only (2 and 4 here, not 1 to 4)."""
+    argv = TINY + ["--train-iters", "4", "--eval-iters", "0", "--log-interval", "2", "--timing-log-level", str(level),
+                   "--tensorboard-dir", str(tmp_path / "tb"), "--tensorboard-log-interval", "1",
+                   "--log-timers-to-tensorboard"] + (["--pipeline-model-parallel-size", "2"] if world == 2 else [])
+    run_distributed(_train, world, argv, timeout=180)
+    scalars = _scalars(tmp_path / "tb")
+    for name in NAMES:
+        steps = dict(scalars[f"{name}-time"])
+        assert sorted(steps) == [1, 2, 3, 4] and min(steps.values()) > 0.0, (name, steps)
