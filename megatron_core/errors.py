@@ -1,6 +1,7 @@
 """``ConfigError``: a bad flag, key, file or combination, reported to the user as one line."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -13,6 +14,18 @@ class ConfigError(ValueError):
 
     A ``ValueError`` so that code catching the libraries' own argument checks catches it too.
     """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line, ``prog: error: message (see python prog --help)``,
+    printed by rank 0 only and handed to torchrun (:func:`report_line`), then exit status 2 as argparse's;
+    argparse's own ``error`` prints the whole usage first (about 60 lines for the generation tools, on
+    every rank)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print ``message`` as the one line above and exit with status 2 (argparse's)."""
+        report_line(f"{self.prog}: error: {message} (see python {self.prog} --help)", int(os.environ.get("RANK", "0")))
+        sys.exit(2)
 
 
 def record_for_launcher(line: str) -> None:

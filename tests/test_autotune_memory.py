@@ -399,3 +399,52 @@ def test_head_activations_equal_saved_tensors(tp, sp):
                          3, make_vocab_size_divisible_by=32)
         predicted = head_activation_bytes(spec, Layout(tp=tp, micro_batch_size=3, sequence_parallel=sp))
         assert predicted == measured[case], f"{case} tp{tp} sp{sp}: predicted {predicted} bytes, saved {measured[case]}"
+
+
+FP32_RESIDUAL_CASES = ("dropout-explicit", "selective", "full", "llama-rope-gqa")
+
+
+def _saved_fp32_residual(tp, sp, mb):
+    """bf16 bytes per layer and from the final norm on, without and with --fp32-residual-connection."""
+    out = {}
+    for flag in (False, True):
+        for case in FP32_RESIDUAL_CASES:
+            kw = dict(CASES[case], params_dtype=torch.bfloat16, fp32_residual_connection=flag)
+            out[case, flag] = _saved_per_layer(kw, tp, sp, mb)
+        for case, kw in HEAD_CASES.items():
+            out["head", case, flag] = _saved_by_head(tp, sp, mb, dict(kw, params_dtype=torch.bfloat16,
+                                                                       fp32_residual_connection=flag))
+    return out
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, True)], ids=["tp1", "tp2-sp"])
+def test_fp32_residual_activations_equal_saved_tensors(tp, sp):
+    """bf16 with --fp32-residual-connection: the layer input and the residual sum are fp32 (and, under
+    full recompute, the checkpointed layer input), the final norm's input too, and every norm keeps fp32
+    copies of its bf16 weights. Compared in full with LayerNorm (every norm runs in fp32 then, statistics
+    included), and for RMSNorm as the excess over the same run without the flag (RMSNorm's bf16 path keeps
+    more than the formula counts). Before, the autotuner predicted the same bytes as without the flag
+    (6656 bytes per layer short here at TP 1)."""
+    measured = run_distributed(_saved_fp32_residual, tp, tp, sp, 3, timeout=300)[0]
+    layout = functools.partial(Layout, tp=tp, micro_batch_size=3, sequence_parallel=sp)
+
+    def spec(kw, flag):
+        config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, params_dtype=torch.bfloat16,
+                                   fp32_residual_connection=flag, **kw)
+        return ModelSpec(config, 64, SEQ, SEQ, 3, make_vocab_size_divisible_by=32, bytes_per_param=2)
+
+    for case in FP32_RESIDUAL_CASES:
+        lay = layout(recompute={"selective": "selective", "full": "full"}.get(case))
+        plain, fp32 = (layer_activation_bytes(spec(CASES[case], flag), lay) for flag in (False, True))
+        if case == "llama-rope-gqa":
+            excess = measured[case, True] - measured[case, False]
+            assert fp32 - plain == excess, f"{case}: predicted {fp32 - plain} more bytes per layer, saved {excess}"
+        else:
+            saved = measured[case, True]
+            assert fp32 == saved, f"{case}: predicted {fp32} bytes per layer, saved {saved}"
+    plain, fp32 = (head_activation_bytes(spec(HEAD_CASES["rmsnorm"], flag), layout()) for flag in (False, True))
+    excess = measured["head", "rmsnorm", True] - measured["head", "rmsnorm", False]
+    assert fp32 - plain == excess, f"head rmsnorm: predicted {fp32 - plain} more bytes, saved {excess}"
+    fp32 = head_activation_bytes(spec(HEAD_CASES["layernorm"], True), layout())
+    assert fp32 == measured["head", "layernorm", True], \
+        f"head layernorm: predicted {fp32} bytes, saved {measured['head', 'layernorm', True]}"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from harness import run_distributed
 
 from megatron_core.autotune import cli
 from megatron_core.autotune.activations import embedding_activation_bytes, head_activation_bytes, layer_activation_bytes
@@ -397,3 +399,41 @@ def test_usable_cores_counts_every_core_of_the_affinity_mask():
     finally:
         os.sched_setaffinity(0, allowed)
     assert cores == 2
+
+
+def test_pipeline_sends_are_priced_in_the_fp32_residual_streams_dtype():
+    """bf16 with --fp32-residual-connection: stages send the fp32 stream (pipeline_communication_dtype),
+    4 bytes an element, not the parameters' 2; before, step_time priced the sends at 2."""
+    prof = Profile(layer={(1, 1, False): 1.0}, head={(1, 1): 0.25}, collectives={("send_recv", 2): (2e-3, 2e-9)},
+                   cores=2)
+    times = []
+    for flag in (False, True):
+        config = TransformerConfig(num_layers=4, hidden_size=48, num_attention_heads=6, params_dtype=torch.bfloat16,
+                                   fp32_residual_connection=flag)
+        spec = ModelSpec(config, 1000, 32, 32, global_batch_size=8, make_vocab_size_divisible_by=128,
+                         bytes_per_param=2)
+        times.append(step_time(spec, Layout(pp=2), prof, 1e9)[0])
+    # 8 microbatches + a bubble of 1, two sends each of s x mb x h = 32 x 1 x 48 elements, 2 more bytes each
+    assert times[1] - times[0] == pytest.approx((8 + 1) * 2 * 2e-9 * 32 * 48 * 2, rel=1e-9)
+
+
+def _profiled_input_dtypes():
+    """The dtype of the hidden states each profiled layer is given, without and with the flag (in a forked
+    rank: the profile builds process groups; TransformerLayer.forward and cost._time replaced there only)."""
+    from megatron_core.autotune import cost
+    from megatron_core.transformer.transformer_layer import TransformerLayer
+
+    seen = []
+    TransformerLayer.forward = lambda self, hidden, *a, **k: seen.append(hidden.dtype) or hidden
+    cost._time = lambda fn: fn() or 0.0
+    for flag in (False, True):
+        config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, params_dtype=torch.bfloat16,
+                                   fp32_residual_connection=flag)
+        cost._layer_seconds(ModelSpec(config, 100, 8, 8, global_batch_size=2, bytes_per_param=2), 1, 1, False)
+    return seen
+
+
+def test_a_layer_is_profiled_on_the_stream_it_receives():
+    """The profiled layer's input is what a stage receives: fp32 under --bf16 --fp32-residual-connection (the
+    residual adds then run in fp32, as in training); it was given bf16."""
+    assert run_distributed(_profiled_input_dtypes, 1, timeout=60)[0] == [torch.bfloat16, torch.float32]

@@ -4,10 +4,13 @@ excepthook that gives a user's own script the same line instead of a traceback.
 The hook is checked in a fresh interpreter (a real uncaught exception); the reporting functions in
 this process. tests/test_failures_launch.py checks the same line under a real torchrun.
 """
+import importlib
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from megatron_core.errors import ConfigError, record_for_launcher, report_line
 
@@ -53,3 +56,31 @@ def test_other_uncaught_exceptions_keep_their_traceback():
     assert proc.stderr.startswith("Traceback (most recent call last):")
     assert proc.stderr.rstrip().endswith("KeyError: 'a bug of ours'")
     assert issubclass(ConfigError, ValueError)
+
+
+ENTRY_POINTS = [("megatron_core.inference.text_generation_cli", "run_text_generation.py"),
+                ("megatron_core.inference.server", "run_text_generation_server.py"),
+                ("megatron_core.inference.client", "text_generation_cli.py"),
+                ("megatron_core.checkpoint.convert", "convert.py"),
+                ("megatron_core.datasets.preprocess_data", "preprocess_data.py"),
+                ("megatron_core.tokenizer.train_tokenizer", "train_tokenizer.py"),
+                ("megatron_core.engine.consolidate", "zero_to_fp32.py")]
+
+
+@pytest.mark.parametrize("module,script", ENTRY_POINTS, ids=[script for _, script in ENTRY_POINTS])
+def test_the_tools_report_a_bad_flag_in_one_line(module, script, capsys, monkeypatch):
+    """Each tool's parser error is one line on rank 0 and exit status 2, as pretrain_gpt.py's; argparse's own
+    printed the whole usage first (57 lines for run_text_generation.py, on every rank under torchrun)."""
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setattr(sys, "argv", [script])
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--fp32-residual-connections"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"{script}: error: ") and err[0].endswith(f"(see python {script} --help)"), err
+    monkeypatch.setenv("RANK", "1")  # the other ranks of a torchrun print nothing
+    with pytest.raises(SystemExit):
+        main(["--fp32-residual-connections"])
+    assert capsys.readouterr().err == ""

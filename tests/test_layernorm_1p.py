@@ -234,3 +234,46 @@ def test_generation_checks_the_flag_and_runs_an_imported_1p_checkpoint(tmp_path,
     assert len(err) == 1 and err[0].endswith("--apply-layernorm-1p: the checkpoint's norm weights are not "
                                              "zero-centred; drop the flag (the model's architecture comes from "
                                              "--load)"), err
+
+
+class _TorchNorm(torch.nn.LayerNorm):
+    """A custom spec's norm built on torch.nn.LayerNorm: it applies its weight as it is."""
+
+    def __init__(self, config, hidden_size, eps=None):
+        super().__init__(hidden_size, eps=config.layernorm_epsilon)
+
+
+def _plain_rms_norm(config, hidden_size, eps=None):
+    return RMSNorm(hidden_size, config.layernorm_epsilon)  # zero_centered_gamma left off
+
+
+def _custom_spec_errors():
+    from megatron_core.errors import ConfigError
+    from megatron_core.transformer.layer_specs import get_gpt_layer_local_spec
+
+    ps = parallel_state.initialize_model_parallel(1)
+    errors = []
+    for where, norm in (("input_layernorm", _TorchNorm), ("pre_mlp_layernorm", _plain_rms_norm)):
+        spec = get_gpt_layer_local_spec()
+        setattr(spec.submodules, where, norm)
+        config = gpt2_config(num_layers=2, hidden_size=32, num_attention_heads=4, layernorm_zero_centered_gamma=True)
+        try:
+            GPTModel(config, VOCAB, SEQ, transformer_layer_spec=spec, parallel_state=ps)
+            errors.append(None)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    GPTModel(dataclasses.replace(config, layernorm_zero_centered_gamma=False), VOCAB, SEQ, transformer_layer_spec=spec,
+             parallel_state=ps)  # without the flag the same spec is fine
+    ps.destroy()
+    return errors
+
+
+def test_a_custom_spec_norm_that_ignores_the_flag_is_refused():
+    """A --spec whose norm does not apply 1 + weight (torch.nn.LayerNorm, or a norm built without the config's
+    zero_centered_gamma) trained silently with the flag: its weights from zeros as the scale itself, and the
+    Hugging Face export then wrote 1 + weight for them. Megatron-core's WrappedTorchNorm refuses the flag too."""
+    errors = run_distributed(_custom_spec_errors, 1, timeout=60)[0]
+    assert errors[0] is not None and errors[0].startswith(
+        "--apply-layernorm-1p (layernorm_zero_centered_gamma): the norm decoder.layers.0.input_layernorm (_TorchNorm) "
+        "does not apply 1 + weight"), errors[0]
+    assert errors[1] is not None and "decoder.layers.0.pre_mlp_layernorm (RMSNorm)" in errors[1], errors[1]

@@ -59,9 +59,9 @@ def test_an_address_that_is_no_host_and_port_is_one_line_before_the_prompt():
                          ("localhost:99999", "Port out of range 0-65535")):
         proc = _client(address, "hello\n3\n")
         assert proc.returncode == 2 and proc.stdout == "", proc
-        assert proc.stderr.splitlines()[-1] == (
+        assert proc.stderr.splitlines() == [
             f"text_generation_cli.py: error: url {address!r} is not the server's host:port ({why}); give e.g. "
-            f"localhost:5000"), proc.stderr
+            f"localhost:5000 (see python text_generation_cli.py --help)"], proc.stderr
 
 
 def test_a_timeout_that_is_not_positive_is_one_line():
@@ -70,6 +70,6 @@ def test_a_timeout_that_is_not_positive_is_one_line():
     for value in ("-1", "0"):
         proc = _client(f"127.0.0.1:{_free_port()}", "hello\n3\n", "--timeout", value)
         assert proc.returncode == 2 and proc.stdout == "", proc
-        assert proc.stderr.splitlines()[-1] == (
-            f"text_generation_cli.py: error: --timeout must be a number of seconds > 0, got {float(value):g}"), \
-            proc.stderr
+        assert proc.stderr.splitlines() == [
+            f"text_generation_cli.py: error: --timeout must be a number of seconds > 0, got {float(value):g} "
+            f"(see python text_generation_cli.py --help)"], proc.stderr

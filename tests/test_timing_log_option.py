@@ -119,3 +119,18 @@ def test_pretrain_prints_the_block_of_the_option_after_each_line(tmp_path, capfd
 def test_slowest_is_each_timers_max_over_the_ranks_that_ran_it():
     """Megatron-LM's ``Timers.write``: the max over the ranks; a timer no rank ran (0.0 everywhere) is left out."""
     assert slowest(["a", "b", "c"], [[0.5, 0.0, 0.0], [0.25, 0.0, 0.75]]) == {"a": 0.5, "c": 0.75}
+
+
+@pytest.mark.parametrize("level,world", [(0, 1), (1, 2)], ids=["level0", "level1-pp2"])
+def test_timer_scalars_follow_the_tensorboard_log_interval(tmp_path, level, world):
+    """--log-timers-to-tensorboard writes every --tensorboard-log-interval iterations, as Megatron-LM's
+    training_log calls Timers.write (normalised by the iterations since the last line, not reset), like every
+    other scalar; the timers were written at the log line's iterations only (2 and 4 here, not 1 to 4)."""
+    argv = TINY + ["--train-iters", "4", "--eval-iters", "0", "--log-interval", "2", "--timing-log-level", str(level),
+                   "--tensorboard-dir", str(tmp_path / "tb"), "--tensorboard-log-interval", "1",
+                   "--log-timers-to-tensorboard"] + (["--pipeline-model-parallel-size", "2"] if world == 2 else [])
+    run_distributed(_train, world, argv, timeout=180)
+    scalars = _scalars(tmp_path / "tb")
+    for name in NAMES:
+        steps = dict(scalars[f"{name}-time"])
+        assert sorted(steps) == [1, 2, 3, 4] and min(steps.values()) > 0.0, (name, steps)

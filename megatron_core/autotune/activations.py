@@ -7,8 +7,9 @@ tests/test_autotune_memory.py holds the formula to that count), in units of ``B`
 activation element (4 for fp32 on the CPU, where the paper's 2 becomes 4) and ``r`` = sbh, divided
 by TP under sequence parallelism:
 
-- residual stream, sharded under SP: layer input and the residual sum (``2rB``); hidden dropout masks,
-  bool (``2r`` bytes); norm statistics (fp32, ``s b`` per statistic);
+- residual stream, sharded under SP: layer input and the residual sum (``2rB``, ``8r`` with
+  ``--fp32-residual-connection``, whose norms also keep fp32 copies of their low-precision weights);
+  hidden dropout masks, bool (``2r`` bytes); norm statistics (fp32, ``s b`` per statistic);
 - linear inputs, gathered under SP: the two norm outputs (``2sbhB``); fc2's input and the
   activation's input (``2 s b ffn / t``; SwiGLU ``4 s b ffn / t`` as torch ops, ``3 s b ffn / t``
   with a fused kernel, which keeps no silu(gate));
@@ -30,6 +31,22 @@ from __future__ import annotations
 
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.transformer.dot_product_attention import causal_blocks
+
+
+def stream_bytes(spec: ModelSpec) -> int:
+    """Bytes per element of the residual stream: 4 with ``--fp32-residual-connection``
+    (``TransformerConfig.fp32_residual_connection``: the embedding casts it up, the layers add in fp32),
+    else the activations' ``bytes_per_param``."""
+    return 4 if spec.config.fp32_residual_connection else spec.bytes_per_param
+
+
+def fp32_norm_weight_bytes(spec: ModelSpec) -> int:
+    """Bytes one norm keeps of its weights' fp32 copies when it normalises the fp32 residual stream with
+    low-precision weights (``fused_layer_norm``'s fp32 path; LayerNorm: weight and bias, RMSNorm: weight),
+    else 0."""
+    if stream_bytes(spec) == spec.bytes_per_param:
+        return 0
+    return (1 if spec.config.normalization == "RMSNorm" else 2) * spec.config.hidden_size * 4
 
 
 def _uses_sdpa(spec: ModelSpec, on_cpu: bool) -> bool:
@@ -59,14 +76,14 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True)
     s, b, h, t = spec.seq_length, layout.micro_batch_size, c.hidden_size, layout.tp
     B = spec.bytes_per_param
     shard = t if layout.sequence_parallel else 1
-    r = s * b * h // shard
+    r, S = s * b * h // shard, stream_bytes(spec)
     if layout.recompute == "full":
-        return r * B
+        return r * S
     stats = (1 if c.normalization == "RMSNorm" else 2) * 2 * s * b // shard * 4
     masks = 2 * r if c.hidden_dropout > 0 else 0
     # + the inputs of the two column-parallel linears (QKV, fc1): under SP only the local shard is kept
     # (re-gathered in backward, as Megatron-LM), so [s/t, b, h] each.
-    total = 2 * r * B + masks + stats + 2 * r * B
+    total = 2 * r * S + masks + stats + 2 * r * B + 2 * fp32_norm_weight_bytes(spec)
     ffn = s * b * spec.ffn_hidden_size // t
     total += (_swiglu_elements(spec, layout, on_cpu) if c.gated_linear_unit else 2) * ffn * B
     if c.normalization == "RMSNorm":
@@ -112,7 +129,8 @@ def head_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
     Every term a saved tensor (tests/test_autotune_memory.py counts them with ``saved_tensors_hooks``),
     ``r`` = sbh, divided by TP under sequence parallelism:
 
-    - final norm: its input and output (``2rB``; the output layer keeps the output, its input, as every
+    - final norm: its input and output (``2rB``; the input ``4r`` with ``--fp32-residual-connection``,
+      and the norm's fp32 weight copies; the output layer keeps the output, its input, as every
       column-parallel linear: under SP only the local shard, re-gathered in backward as Megatron-LM),
       RMSNorm's normalized ``x`` (``rB``), the fp32 statistics (``s b`` per statistic);
     - loss (``tensor_parallel.cross_entropy``): the fp32 softmax of the logits shard (``4 s b V / t``),
@@ -124,7 +142,9 @@ def head_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
     shard = t if layout.sequence_parallel else 1
     r, B = s * b * h // shard, spec.bytes_per_param
     rms = c.normalization == "RMSNorm"
-    norm = 2 * r * B + (r * B if rms else 0) + (1 if rms else 2) * s * b // shard * 4
+    # the norm's input is the residual stream (fp32 with --fp32-residual-connection), its output the params dtype
+    norm = r * stream_bytes(spec) + r * B + (r * B if rms else 0) + (1 if rms else 2) * s * b // shard * 4
+    norm += fp32_norm_weight_bytes(spec)
     vocab = spec.padded_vocab(t) // t
     loss = 4 * s * b * vocab + (8 + 1) * s * b + ((4 + 1) * s * b if t > 1 else 0)
     return norm + loss

@@ -8,11 +8,12 @@
   send/recv), fitted from two sizes on groups of 2..N forked gloo ranks.
 - Step: ``(M + (pp - 1) / v) x`` the slowest rank's microbatch time (1F1B / interleaved bubble,
   Narayanan et al. 2021) + TP collectives per layer (2 forward, 2 backward of ``sbh`` bytes) + pipeline
-  sends + the DP gradient reduction and ZeRO parameter all-gathers (not overlapped: the default
-  flags; ZeRO-2/3 reduce-scatter the gradients of every microbatch, as DeepSpeed does, ZeRO-1 once
-  per step; ZeRO-1/2 all-gather the parameters once after the step, ZeRO-3 twice per microbatch,
-  forward and backward; all-gather and reduce-scatter are priced by the rank's shard, as timed) +
-  the optimizer step (Adam seconds per element x the elements the rank updates: its shard under ZeRO).
+  sends (of the residual stream: fp32 with ``--fp32-residual-connection``) + the DP gradient reduction
+  and ZeRO parameter all-gathers (not overlapped: the default flags; ZeRO-2/3 reduce-scatter the
+  gradients of every microbatch, as DeepSpeed does, ZeRO-1 once per step; ZeRO-1/2 all-gather the
+  parameters once after the step, ZeRO-3 twice per microbatch, forward and backward; all-gather and
+  reduce-scatter are priced by the rank's shard, as timed) + the optimizer step (Adam seconds per
+  element x the elements the rank updates: its shard under ZeRO).
 - On the CPU, ranks share the cores: compute is slowed by ``ranks / cores`` when that exceeds 1 (the cores
   this process may use: its affinity mask, as under ``taskset`` or a Slurm cpuset).
 """
@@ -32,6 +33,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megatron_core import device as device_mod
+from megatron_core.autotune.activations import stream_bytes
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
 from megatron_core.collectives import all_gather_flat, reduce_scatter_flat
@@ -144,7 +146,9 @@ def _layer_seconds(spec: ModelSpec, mb: int, tp: int, selective: bool) -> float:
     model = GPTModel(shard, 128, spec.max_position_embeddings, pre_process=False, post_process=False,
                      parallel_state=ps)
     where = device_mod.current_device()
-    x = torch.randn(spec.seq_length, mb, c.hidden_size, dtype=c.params_dtype, device=where, requires_grad=True)
+    # what a stage receives: the fp32 residual stream with --fp32-residual-connection, else the params dtype
+    x = torch.randn(spec.seq_length, mb, c.hidden_size, dtype=c.pipeline_communication_dtype, device=where,
+                    requires_grad=True)
     positions = torch.arange(spec.seq_length, device=where).expand(mb, spec.seq_length)
     # --reset-attention-mask: attention takes the masked path (all s x s scores); its cost does not
     # depend on where the documents end, so the causal mask stands for any document mask.
@@ -231,7 +235,9 @@ def step_time(spec: ModelSpec, layout: Layout, prof: Profile, flops_per_step: fl
     last_extra = prof.head[(mb, tp)] * slowdown if layout.pp == 1 else 0.0
     m = spec.num_microbatches(layout)
     bubble = (layout.pp - 1) / (layout.vpp or 1)
-    p2p = 2 * _comm(prof, "send_recv", 2, act_bytes / (tp if layout.sequence_parallel else 1)) if layout.pp > 1 else 0.0
+    # stages send the residual stream: fp32 with --fp32-residual-connection (pipeline_communication_dtype)
+    stream = s * mb * h * stream_bytes(spec) / (tp if layout.sequence_parallel else 1)
+    p2p = 2 * _comm(prof, "send_recv", 2, stream) if layout.pp > 1 else 0.0
     pipeline = (m + bubble) * (per_mb + p2p) + m * last_extra
     states = model_state_bytes(spec, layout)
     # The rank's bucket-padded elements (ZeRO-3 keeps a 1/dp shard of them) and its shard of them.

@@ -47,6 +47,7 @@ from megatron_core.checkpoint.hf_io import (
 from megatron_core.checkpoint.hf_tokenizer import has_tokenizer, load_dir_tokenizer, save_tokenizer, special_ids
 from megatron_core.dist_checkpointing import read_common
 from megatron_core.dist_checkpointing.full_model import is_torch_dist, load_full_model
+from megatron_core.errors import ArgumentParser
 from megatron_core.tokenizer.base import MegatronTokenizer
 from megatron_core.tokenizer.build import build_tokenizer
 from megatron_core.training import checkpoint_io as io
@@ -273,7 +274,7 @@ def _training_settings_for_layout(config: TransformerConfig, tp: int, pp: int, v
 
 def build_parser() -> argparse.ArgumentParser:
     """Megatron-LM's ``tools/checkpoint/convert.py`` flags (the subset that applies here)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model-type", required=True, choices=["GPT"], help="only GPT models are supported")
     p.add_argument("--loader", required=True, help="hf (Hugging Face directory) or core (Megatron checkpoint)")
     p.add_argument("--saver", required=True, help="core (Megatron checkpoint) or hf (Hugging Face directory)")

@@ -27,6 +27,7 @@ from megatron_core.datasets.indexed_dataset import (
     index_file_path,
     optimal_dtype,
 )
+from megatron_core.errors import ArgumentParser
 from megatron_core.tokenizer import TOKENIZER_TYPES, MegatronTokenizer, build_tokenizer
 
 
@@ -269,7 +270,7 @@ class _Refuse(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     """Megatron-LM's preprocess_data.py flags, plus --on-bad-line and --chunk-size."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True, help="JSONL file(s), one JSON object per line")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize; one dataset per key")

@@ -20,7 +20,6 @@ Face's sharded layout, cut by huggingface_hub as transformers and DeepSpeed cut 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from megatron_core.checkpoint.hf_io import normal_permissions, torch_save_file, 
 from megatron_core.engine.checkpoint import full_fragments
 from megatron_core.engine.checkpoint_files import foreign_states, load_states, model_file, optim_files, read_latest
 from megatron_core.engine.reshard import frozen_keys, to_full, trained
-from megatron_core.errors import ConfigError
+from megatron_core.errors import ArgumentParser, ConfigError
 
 
 def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
@@ -173,7 +172,7 @@ def _reason(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``tools/zero_to_fp32.py CHECKPOINT_DIR OUTPUT [--tag TAG]`` and DeepSpeed's current flags."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Consolidate an engine checkpoint (any ZeRO stage, DP and AutoTP "
         "size) into fp32 safetensors, a torch.save file, a Hugging Face directory or DeepSpeed's output directory."
     )

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from megatron_core import device as device_mod
+from megatron_core.errors import ConfigError
 from megatron_core.fusions.kernels import Kernel, find_kernel
 from megatron_core.tensor_parallel.utils import set_sequence_parallel_attribute
 
@@ -119,3 +120,21 @@ def build_norm(config, hidden_size: int, eps: float | None = None, kernel=_AUTO)
         return RMSNorm(hidden_size, eps, **common)
     raise ValueError(f"TransformerConfig.normalization={config.normalization!r} is not supported; "
                      f"use 'LayerNorm' or 'RMSNorm'")
+
+
+def check_zero_centered_norms(model: torch.nn.Module) -> None:
+    """ConfigError naming the first norm of ``model`` that does not apply ``1 + weight`` when the model's
+    norms are meant to (``layernorm_zero_centered_gamma``, ``--apply-layernorm-1p``): a norm of a custom
+    ``--spec`` built from ``torch.nn.LayerNorm``/``RMSNorm``, or one whose ``zero_centered_gamma`` is off.
+    Such a norm would train its weight from zeros as the scale itself, and the checkpoint, which records the
+    flag for the whole model, would be exported to Hugging Face as ``1 + weight``. (Megatron-core's
+    WrappedTorchNorm refuses the flag the same way.)"""
+    for name, module in model.named_modules():
+        applies = getattr(module, "zero_centered_gamma", None)
+        if applies is None and isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+            applies = False
+        if applies is False:
+            raise ConfigError(f"--apply-layernorm-1p (layernorm_zero_centered_gamma): the norm decoder.{name} "
+                              f"({type(module).__name__}) does not apply 1 + weight; build it with "
+                              f"megatron_core.fusions.fused_layer_norm.build_norm (it takes the flag from the config) "
+                              f"or drop the flag")

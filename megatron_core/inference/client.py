@@ -11,7 +11,6 @@ runs where the server's Flask is not installed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import urllib.error
@@ -19,6 +18,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from megatron_core.errors import ArgumentParser
 
 
 def api_url(address: str) -> str:
@@ -75,7 +76,7 @@ def _ask_tokens(ask: Callable[[str], str]) -> int:
 
 def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] = input) -> int:
     """The interactive loop; returns the exit status (0 at end of input, 1 when the server is unreachable)."""
-    parser = argparse.ArgumentParser(prog="text_generation_cli.py", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="text_generation_cli.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("url", help="the server's host:port (Megatron-LM's argument), or its http:// URL")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
     args = parser.parse_args(argv)

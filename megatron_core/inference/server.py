@@ -47,7 +47,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_core.collectives import failures
-from megatron_core.errors import ConfigError, report_line
+from megatron_core.errors import ArgumentParser, ConfigError, report_line
 from megatron_core.inference.generation import GenerationOutput
 from megatron_core.inference.sampling import SamplingParams
 from megatron_core.inference.text_generation_cli import (
@@ -287,7 +287,7 @@ def _worker_loop(gen: Generator) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """The server's flags: the model flags of the CLI plus where to listen."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=5000, help="TCP port (Megatron-LM's default 5000)")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_core.errors import ConfigError, report_line
+from megatron_core.errors import ArgumentParser, ConfigError, report_line
 from megatron_core.inference.generation import GenerationOutput, generate
 from megatron_core.inference.loading import LoadedModel, build_inference_model, inference_tokenizer
 from megatron_core.inference.megatron_flags import add_megatron_args, check_and_cast, check_parallel_sizes
@@ -56,7 +56,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     add_model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-tokens", action="append", default=[],

@@ -16,6 +16,8 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 
+from megatron_core.errors import ArgumentParser
+
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
@@ -124,7 +126,7 @@ def train_sentencepiece(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys holding the text")

@@ -464,9 +464,8 @@ def _log_iteration(run: _Run, log: TrainingLog, state: TrainState, step: StepRes
         logging.tensorboard_dir is not None and iteration % logging.tensorboard_log_interval == 0)
     params_norm = run.optimizer.params_norm() if logging.log_params_norm and shown else None
     lr, decoupled_lr = learning_rates(run.optimizer)
-    # At the line's iterations only (on every rank: the gather of --timing-log-option is a collective).
-    block = interval_timing(timers, logging, run.writer, iteration, run.parallel_state.world_group) \
-        if iteration % logging.log_interval == 0 else ""
+    # On every rank: the gather of --timing-log-level 1/2 is a collective.
+    block = interval_timing(timers, logging, run.writer, iteration, run.parallel_state.world_group)
     line = log.add(iteration=iteration, losses=step.losses, skipped=step.skipped, grad_norm=step.grad_norm,
                    num_zeros=step.num_zeros, learning_rate=lr, decoupled_learning_rate=decoupled_lr,
                    loss_scale=loss_scale(run.optimizer), batch_size=batch,

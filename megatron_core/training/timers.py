@@ -65,15 +65,17 @@ class Timers:
             self._timers[name] = Timer(name)
         return self._timers[name]
 
-    def means(self, names: list[str], normalizer: float = 1.0) -> dict[str, float]:
-        """Seconds per iteration of each used timer among ``names`` (its total / ``normalizer``), and reset."""
-        return {n: self._timers[n].elapsed() / normalizer for n in names if n in self._timers}
+    def means(self, names: list[str], normalizer: float = 1.0, reset: bool = True) -> dict[str, float]:
+        """Seconds per iteration of each used timer among ``names`` (its total / ``normalizer``), and reset
+        unless ``reset`` is False."""
+        return {n: self._timers[n].elapsed(reset) / normalizer for n in names if n in self._timers}
 
-    def gather_means(self, names: list[str], group: dist.ProcessGroup, normalizer: float = 1.0) -> list[list[float]]:
+    def gather_means(self, names: list[str], group: dist.ProcessGroup, normalizer: float = 1.0,
+                     reset: bool = True) -> list[list[float]]:
         """Seconds per iteration of each timer in ``names`` on every rank of ``group``, ``[rank in group][name]``
-        (0.0 where a rank never ran it), and reset. One all-gather: a collective every rank of ``group``
-        calls with the same ``names``, as Megatron-LM's ``Timers._get_elapsed_time_all_ranks``."""
-        mine = torch.tensor([self._timers[n].elapsed() / normalizer if n in self._timers else 0.0 for n in names],
+        (0.0 where a rank never ran it), and reset unless ``reset`` is False. One all-gather: a collective every
+        rank of ``group`` calls with the same ``names``, as Megatron-LM's ``Timers._get_elapsed_time_all_ranks``."""
+        mine = torch.tensor([self._timers[n].elapsed(reset) / normalizer if n in self._timers else 0.0 for n in names],
                             dtype=torch.float64, device=device.current_device())
         every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(every, mine, group=group)
@@ -114,21 +116,29 @@ def timing_block(names: list[str], times: list[list[float]], option: str) -> str
 
 def interval_timing(timers: Timers, logging: LoggingConfig, writer: Any, iteration: int,
                     group: dist.ProcessGroup) -> str:
-    """The block printed after the log line (``--timing-log-level 1`` or 2, else ""): every rank's mean
-    forward-backward and optimizer milliseconds of the interval ending the line, gathered and shown as
-    ``--timing-log-option`` says (Megatron-LM's ``Timers.log``; default ``minmax``). With
-    ``--log-timers-to-tensorboard`` also their seconds per iteration as ``<name>-time`` (Megatron-LM's tags;
-    the slowest rank's, as its ``Timers.write``; the logging rank's at level 0, where nothing is gathered).
-    Call it on every rank of ``group`` at the line's iterations: the gather is a collective."""
+    """The block printed after the log line (``--timing-log-level 1`` or 2, at the line's iterations, else ""):
+    every rank's mean forward-backward and optimizer milliseconds of the interval ending the line, gathered and
+    shown as ``--timing-log-option`` says (Megatron-LM's ``Timers.log``; default ``minmax``), then reset.
+    With ``--log-timers-to-tensorboard`` also, every ``--tensorboard-log-interval`` iterations, their seconds
+    per iteration since the last line as ``<name>-time`` (Megatron-LM's tags and cadence: its ``Timers.write``
+    of the slowest rank's mean, without reset; the logging rank's at level 0, where nothing is gathered).
+    Call it on every rank of ``group`` at every iteration: it gathers (a collective) where the flags say."""
     names = ["forward-backward", "optimizer"]
+    line = iteration % logging.log_interval == 0
+    write = (logging.log_timers_to_tensorboard and logging.tensorboard_dir is not None
+             and iteration % logging.tensorboard_log_interval == 0)
+    if not (line or write):
+        return ""
+    since = iteration % logging.log_interval or logging.log_interval  # Megatron-LM's total_iterations
     block = ""
     if logging.timing_log_level < 1:
-        means = timers.means(names, normalizer=logging.log_interval)
+        means = timers.means(names, normalizer=since, reset=line)
     else:
-        times = timers.gather_means(names, group, normalizer=logging.log_interval)
+        times = timers.gather_means(names, group, normalizer=since, reset=line)
         means = slowest(names, times)
-        block = timing_block(names, times, logging.timing_log_option)
-    if writer is not None and logging.log_timers_to_tensorboard:
+        if line:
+            block = timing_block(names, times, logging.timing_log_option)
+    if writer is not None and write:
         for name, value in means.items():
             writer.add_scalar(f"{name}-time", value, iteration)
     return block

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_core.fusions.fused_layer_norm import check_zero_centered_norms
 from megatron_core.fusions.kernels import find_kernel
 from megatron_core.models.gpt.embedding import LanguageModelEmbedding
 from megatron_core.parallel_state import ParallelState, get_parallel_state
@@ -67,6 +68,8 @@ class GPTModel(torch.nn.Module):
         self.decoder = TransformerBlock(config, transformer_layer_spec or get_gpt_layer_spec(config.qk_layernorm),
                                         pre_process=pre_process, post_process=post_process, parallel_state=ps,
                                         vp_stage=vp_stage, prefix="decoder")
+        if config.layernorm_zero_centered_gamma:
+            check_zero_centered_norms(self.decoder)
         if post_process:
             self._build_output_layer(ps, tied)
         # Triton's cross entropy keeps the logits only (no fp32 copy, no softmax) where CUDA+Triton exist.
