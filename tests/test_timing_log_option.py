@@ -68,8 +68,9 @@ _HEADS = {"all": "times across ranks (ms):", "max": "max time across ranks (ms):
 
 
 def _blocks(out, option):
-    """The block after each iteration line: {timer: [ms values]} per line."""
-    lines, found = out.splitlines(), []
+    """The block after each iteration line: {timer: [ms values]} per line. Other ranks' lines (the memory report
+    of every DP rank 0 after the first line) may land between the line and its block: they are left out."""
+    lines, found = [line for line in out.splitlines() if not line.startswith("[Rank ")], []
     for i, line in enumerate(lines):
         if re.search(r"iteration +\d+/ +4 \|", line):
             assert not line.rstrip().endswith("ms)") and "time (ms) |" not in line, "the line keeps no timing part"

@@ -43,6 +43,7 @@ from megatron_core.training.lr_scheduler import OptimizerParamScheduler
 from megatron_core.training.signal_handler import ExitSignalHandler
 from megatron_core.training.timers import Timers, interval_timing
 from megatron_core.training.training_log import (
+    Printers,
     TrainingLog,
     make_tensorboard_writer,
     validation_lines,
@@ -75,31 +76,6 @@ class TrainResult:
     saved_iterations: list[int] = field(default_factory=list)
     exit_reason: str = "completed"
     is_logging_rank: bool = False
-
-
-class Printers:
-    """``rank0`` for setup messages (global rank 0), ``last`` for progress (the loss-holding rank)."""
-
-    def __init__(self, parallel_state: ParallelState) -> None:
-        self.rank, self.is_rank0, self.is_dp_first = parallel_state.rank, parallel_state.rank == 0, \
-            parallel_state.dp_rank == 0
-        self.is_logging_rank = (parallel_state.is_pipeline_last_stage() and parallel_state.tp_rank == 0
-                                and parallel_state.dp_rank == 0)
-
-    def rank0(self, text: str) -> None:
-        """Print ``text`` on global rank 0 only."""
-        if self.is_rank0:
-            print(text, flush=True)
-
-    def last(self, text: str) -> None:
-        """Print ``text`` on the logging rank only (last pipeline stage, TP and DP rank 0)."""
-        if self.is_logging_rank:
-            print(text, flush=True)
-
-    def dp_first(self, text: str) -> None:
-        """Print ``[Rank r] text`` on every DP rank 0 (each TP and PP rank's), as Megatron-LM's ``report_memory``."""
-        if self.is_dp_first:
-            print(f"[Rank {self.rank}] {text}", flush=True)
 
 
 def set_seeds(seed: int, parallel_state: ParallelState) -> None:

@@ -2,19 +2,54 @@
 
 Only the logging rank (the last pipeline stage's first TP and DP rank, where the loss lives)
 prints; :class:`TrainingLog` still runs everywhere so that every rank keeps the same counters.
+:class:`Printers` prints on the ranks each kind of message belongs to, one write per message.
 """
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from megatron_core import device
+from megatron_core.parallel_state import ParallelState
 from megatron_core.training.config import LoggingConfig
 from megatron_core.training.errors import ConfigError
 
 Printer = Callable[[str], None]
+
+
+def _emit(text: str) -> None:
+    # One write per message: ranks share the terminal or log file, and print's separate write of the newline
+    # (an unbuffered or write-through stdout) let another rank's line land in the middle of this one.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+class Printers:
+    """``rank0`` for setup messages (global rank 0), ``last`` for progress (the loss-holding rank)."""
+
+    def __init__(self, parallel_state: ParallelState) -> None:
+        self.rank, self.is_rank0, self.is_dp_first = parallel_state.rank, parallel_state.rank == 0, \
+            parallel_state.dp_rank == 0
+        self.is_logging_rank = (parallel_state.is_pipeline_last_stage() and parallel_state.tp_rank == 0
+                                and parallel_state.dp_rank == 0)
+
+    def rank0(self, text: str) -> None:
+        """Print ``text`` on global rank 0 only."""
+        if self.is_rank0:
+            _emit(text)
+
+    def last(self, text: str) -> None:
+        """Print ``text`` on the logging rank only (last pipeline stage, TP and DP rank 0)."""
+        if self.is_logging_rank:
+            _emit(text)
+
+    def dp_first(self, text: str) -> None:
+        """Print ``[Rank r] text`` on every DP rank 0 (each TP and PP rank's), as Megatron-LM's ``report_memory``."""
+        if self.is_dp_first:
+            _emit(f"[Rank {self.rank}] {text}")
 
 
 def make_tensorboard_writer(directory: str | None, is_logging_rank: bool, printer: Printer,
