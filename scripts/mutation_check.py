@@ -304,7 +304,9 @@ TESTS = {
                  # --timing-log-option (timers.gather_means, the minmax/max/all blocks)
                  "tests/test_timing_log_option.py",
                  # every pipeline chunk reads the data under document masks (data_loading, config)
-                 "tests/test_document_masks.py"],
+                 "tests/test_document_masks.py",
+                 # the Theoretical memory footprints line (training_log.theoretical_memory_line)
+                 "tests/test_theoretical_memory.py"],
     "datasets": ["tests/test_datasets.py", "tests/test_preprocess_data.py", "tests/test_failures_data.py",
                  # the blend whose split is empty in some prefixes only (builder._check_blend_splits)
                  "tests/test_pretrain_test_split.py",
@@ -316,7 +318,8 @@ TESTS = {
                   "tests/test_text_generation_layouts.py", "tests/test_text_generation_server_port.py"],
     # the schedule replay checks activations.in_flight against the activations the schedules hold
     "autotune": ["tests/test_pipeline_schedule_order.py", "tests/test_autotune_search.py",
-                 "tests/test_autotune_memory.py", "tests/test_autotune_cli_errors.py"],
+                 "tests/test_autotune_memory.py", "tests/test_autotune_cli_errors.py",
+                 "tests/test_theoretical_memory.py"],  # layout.from_run_config, search.rank_memory
     "models": ["tests/test_init_seed_names.py", "tests/test_hf_equivalence.py", "tests/test_layout.py",
                # GPTModel.forward's KV-cache argument (incremental decoding against HF generate)
                "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py",

@@ -288,6 +288,17 @@ def test_the_model_spec_follows_the_flags():
     assert error == "--tokenizer-type or --vocab-size is required to size the embedding"
 
 
+def test_the_model_spec_s_gradient_bytes_are_the_ddp_buffer_s():
+    """The spec comes from the run's typed config (layout.from_run_config): bf16 gradients are reduced in fp32
+    (4 bytes) unless --grad-reduce-in-bf16 (2: the DDP buffer is bf16; the flags' own mapping said 4); ZeRO and
+    offload flags are the search's to choose, not an error (config_from_args refuses offload without a stage)."""
+    bf16 = FLAGS + ["--bf16"]
+    assert cli.model_spec(cli.build_parser().parse_args(bf16)).grad_bytes == 4
+    assert cli.model_spec(cli.build_parser().parse_args(bf16 + ["--grad-reduce-in-bf16"])).grad_bytes == 2
+    offload = ["--optimizer-cpu-offload", "--overlap-param-gather", "--offload-param"]
+    assert cli.model_spec(cli.build_parser().parse_args(bf16 + offload)).bytes_per_param == 2
+
+
 def test_activations_scale_with_the_micro_batch():
     """Every saved activation is per sample: a micro batch of b keeps b times the bytes of one."""
     spec = dataclasses.replace(_spec(), global_batch_size=16)

@@ -145,9 +145,10 @@ def test_tensorboard_extras_and_losses_unchanged_by_emptying_the_cache(tmp_path,
     capfd.readouterr()
     result = _logged(run_distributed(_train, 1, argv, timeout=120))
     # --timing-log-level 1 prints Megatron-LM's default (minmax) block after the line (after the first line's
-    # memory report, as Megatron-LM's training_log orders them); one rank: min = max
+    # theoretical memory and memory report, as Megatron-LM's training_log orders them); one rank: min = max
     printed = {int(m.group(1)): float(m.group(3)) for m in re.finditer(
-        r"iteration +(\d+)/.*\n(?:\[Rank 0\] .*\n)?\(min, max\) time across ranks \(ms\):\n    forward-backward "
+        r"iteration +(\d+)/.*\n(?:(?:\[Rank 0\] |Theoretical memory footprints: ).*\n)*"
+        r"\(min, max\) time across ranks \(ms\):\n    forward-backward "
         r"\.+: \(([\d.]+), ([\d.]+)\)", capfd.readouterr().out)}
     assert sorted(printed) == [2, 4], printed
     assert result.losses == plain.losses

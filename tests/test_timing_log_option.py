@@ -68,9 +68,10 @@ _HEADS = {"all": "times across ranks (ms):", "max": "max time across ranks (ms):
 
 
 def _blocks(out, option):
-    """The block after each iteration line: {timer: [ms values]} per line. Other ranks' lines (the memory report
-    of every DP rank 0 after the first line) may land between the line and its block: they are left out."""
-    lines, found = [line for line in out.splitlines() if not line.startswith("[Rank ")], []
+    """The block after each iteration line: {timer: [ms values]} per line. The first line's theoretical memory
+    and memory reports (rank 0's, every DP rank 0's) come between the line and its block: they are left out."""
+    lines = [line for line in out.splitlines() if not line.startswith(("[Rank ", "Theoretical memory footprints: "))]
+    found: list = []
     for i, line in enumerate(lines):
         if re.search(r"iteration +\d+/ +4 \|", line):
             assert not line.rstrip().endswith("ms)") and "time (ms) |" not in line, "the line keeps no timing part"

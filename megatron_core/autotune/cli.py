@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from megatron_core.autotune.layout import Layout, ModelSpec
+from megatron_core.autotune.layout import Layout, ModelSpec, from_run_config
 from megatron_core.autotune.search import GIB, ZERO_STAGE_FLAGS, Candidate, enumerate_layouts, format_bytes, search
 from megatron_core.errors import ConfigError
 
@@ -122,7 +122,7 @@ def deepspeed_config(spec: ModelSpec, layout: Layout, args: argparse.Namespace) 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     """The model pretrain_gpt.py would build from ``args`` (vocabulary from its tokenizer)."""
     from megatron_core.tokenizer.build import build_tokenizer
-    from megatron_core.training.arguments.to_config import params_dtype, transformer_config
+    from megatron_core.training.arguments.to_config import config_from_args
     from megatron_core.training.arguments.validate import validate_args
     from megatron_core.training.data_loading import model_vocab_size
 
@@ -136,8 +136,11 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     args.micro_batch_size = args.micro_batch_size or 1
     args.recompute_activations, args.sequence_parallel, args.use_distributed_optimizer = False, False, False
     args.recompute_granularity = args.recompute_method = args.recompute_num_layers = None
+    # the ZeRO stage and offload too (config_from_args refuses offload or ZeRO-3 options without their stage)
+    args.zero_stage = args.data_parallel_sharding_strategy = args.nvme_offload_path = None
+    args.optimizer_cpu_offload = args.overlap_param_gather = args.offload_param = False
     validate_args(args, 1)
-    config = transformer_config(args)
+    config = config_from_args(args)
     kind = args.tokenizer_type or "NullTokenizer"
     if kind == "NullTokenizer" and args.vocab_size is None:
         raise ConfigError("--tokenizer-type or --vocab-size is required to size the embedding")
@@ -148,11 +151,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         raise ConfigError(str(exc)) from None
     # pretrain_gpt.py's check (a tokenizer larger than --vocab-size), before the search rather than in every trial
     vocab = model_vocab_size(kind, tokenizer, args.vocab_size, args.tokenizer_model or args.vocab_file)
-    nbytes = params_dtype(args).itemsize
-    return ModelSpec(config, vocab, args.seq_length, args.max_position_embeddings or args.seq_length,
-                     args.global_batch_size, args.make_vocab_size_divisible_by, nbytes,
-                     4 if (args.bf16 or args.accumulate_allreduce_grads_in_fp32) else nbytes,
-                     document_mask=args.reset_attention_mask)
+    return from_run_config(config, vocab)[0]
 
 
 def _machine_memory_gib() -> float:

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from megatron_core.transformer.config import TransformerConfig
+
+if TYPE_CHECKING:
+    from megatron_core.training.config import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,3 +90,28 @@ class ModelSpec:
     def num_microbatches(self, layout: Layout) -> int:
         """Microbatches per iteration on each DP rank: global batch / (micro batch x DP)."""
         return self.global_batch_size // (layout.micro_batch_size * layout.dp)
+
+
+def from_run_config(config: RunConfig, vocab_size: int) -> tuple[ModelSpec, Layout]:
+    """The model and layout a training run's typed config describes: the one mapping from a
+    :class:`~megatron_core.training.config.RunConfig` to the autotuner's terms (``tools/autotune.py``
+    and pretrain's theoretical-memory line both use it).
+
+    ``vocab_size``: the model's vocabulary in tokens, before or after padding (padding a padded size
+    changes nothing). The ZeRO stage is ``DistributedDataParallelConfig.zero_stage`` (1 for
+    ``--use-distributed-optimizer``); gradients are 4 bytes when reduced in fp32 (``grad_reduce_in_fp32``:
+    ``--bf16`` without ``--grad-reduce-in-bf16``, or ``--accumulate-allreduce-grads-in-fp32``), else the
+    parameters' size; ``recompute`` is the config's ``recompute_granularity`` (the memory model counts
+    ``full`` as uniform with one layer per checkpoint). Batch-size rampup is not modelled: the final
+    ``--global-batch-size`` sets the microbatches.
+    """
+    t, p = config.model.transformer, config.parallel
+    nbytes = t.params_dtype.itemsize
+    spec = ModelSpec(t, vocab_size, config.data.seq_length, config.model.max_position_embeddings,
+                     config.training.global_batch_size, config.data.make_vocab_size_divisible_by, nbytes,
+                     4 if config.ddp.grad_reduce_in_fp32 else nbytes, document_mask=config.data.reset_attention_mask)
+    layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=p.data_parallel_size,
+                    vpp=p.virtual_pipeline_model_parallel_size, zero_stage=config.ddp.zero_stage,
+                    micro_batch_size=config.training.micro_batch_size, recompute=t.recompute_granularity,
+                    sequence_parallel=t.sequence_parallel, offload=config.optimizer.optimizer_cpu_offload)
+    return spec, layout

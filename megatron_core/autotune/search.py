@@ -102,19 +102,45 @@ def launch_blocker(layout: Layout) -> str | None:
     return None
 
 
-def predict_rank_memory(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True,
-                        bucket_size: int | None = 40_000_000, optimizer: str = "adam") -> int:
-    """Peak device bytes of pipeline rank ``pp_rank``: model states (with the gradients held during
-    backward: ZeRO-2/3's shard plus the bucket in use), the ZeRO-3 gather window and activations
-    (see :mod:`.activations`) during backward, or the states and the DP collectives' buffers after
-    it, whichever is larger."""
-    states = model_state_bytes(spec, layout, pp_rank, 0, optimizer, bucket_size)
-    rank = states.params + states.main_params + states.optimizer_state + max(
+@dataclasses.dataclass(frozen=True)
+class RankMemory:
+    """Predicted bytes of one pipeline rank, in Megatron-LM's ``report_theoretical_memory`` terms.
+
+    ``weight_and_optimizer``: parameters, fp32 main parameters, optimizer state and the gradients held at
+    their peak (plus ZeRO-3's gather window); ``activation``: what the stage keeps for backward
+    (:func:`.activations.stage_activation_bytes`); ``comm_buffers``: the DP collectives' temporaries after
+    backward (:func:`.memory.comm_buffer_bytes`), which never coexist with the activations.
+    """
+
+    weight_and_optimizer: int
+    activation: int
+    comm_buffers: int
+
+    @property
+    def total(self) -> int:
+        """The peak: model states plus the larger of the activations and the collectives' buffers."""
+        return self.weight_and_optimizer + max(self.activation, self.comm_buffers)
+
+
+def rank_memory(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True,
+                bucket_size: int | None = 40_000_000, optimizer: str = "adam", sgd_momentum: float = 0.9,
+                overlap_grad_reduce: bool = False) -> RankMemory:
+    """The parts of pipeline rank ``pp_rank``'s peak (:class:`RankMemory`): model states (with the gradients
+    held during backward: ZeRO-2/3's shard plus the buckets in use), the ZeRO-3 gather window, activations
+    during backward, and the DP collectives' buffers after it."""
+    states = model_state_bytes(spec, layout, pp_rank, 0, optimizer, bucket_size, sgd_momentum, overlap_grad_reduce)
+    weights = states.params + states.main_params + states.optimizer_state + max(
         states.grads + states.step_grad_copies, states.grads_in_backward)
     if layout.zero_stage == 3:
-        rank += zero3_gather_window_bytes(spec, layout)
-    return rank + max(stage_activation_bytes(spec, layout, pp_rank, on_cpu),
+        weights += zero3_gather_window_bytes(spec, layout)
+    return RankMemory(weights, stage_activation_bytes(spec, layout, pp_rank, on_cpu),
                       comm_buffer_bytes(spec, layout, pp_rank, on_cpu, bucket_size))
+
+
+def predict_rank_memory(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True,
+                        bucket_size: int | None = 40_000_000, optimizer: str = "adam") -> int:
+    """Peak device bytes of pipeline rank ``pp_rank`` (:func:`rank_memory`'s total)."""
+    return rank_memory(spec, layout, pp_rank, on_cpu, bucket_size, optimizer).total
 
 
 def predict_memory(spec: ModelSpec, layout: Layout, on_cpu: bool = True, bucket_size: int | None = 40_000_000,

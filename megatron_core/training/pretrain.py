@@ -46,6 +46,7 @@ from megatron_core.training.training_log import (
     Printers,
     TrainingLog,
     make_tensorboard_writer,
+    theoretical_memory_line,
     validation_lines,
     write_validation_tensorboard,
 )
@@ -371,7 +372,9 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
     loop = _Loop(
         log=TrainingLog(run.config.logging, training.train_iters, run.out.last, run.writer,
                         _flops_per_sample(run.config, run.model_info.padded_vocab_size), run.data.seq_length,
-                        ps.world_size, memory_printer=run.out.dp_first),
+                        ps.world_size, memory_printer=run.out.dp_first, theoretical_memory=(lambda: run.out.rank0(
+                            theoretical_memory_line(run.config, run.model_info.padded_vocab_size, ps.pp_rank)))
+                        if ps.rank == 0 else None),
         iterators=data_loading.data_iterators(run.train_ds, state.consumed_train_samples, training.micro_batch_size,
                                               ps, run.data.num_workers, len(run.model),
                                               run.data.every_chunk_reads_data),

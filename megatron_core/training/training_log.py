@@ -14,7 +14,7 @@ from typing import Any
 
 from megatron_core import device
 from megatron_core.parallel_state import ParallelState
-from megatron_core.training.config import LoggingConfig
+from megatron_core.training.config import LoggingConfig, RunConfig
 from megatron_core.training.errors import ConfigError
 
 Printer = Callable[[str], None]
@@ -73,17 +73,39 @@ def make_tensorboard_writer(directory: str | None, is_logging_rank: bool, printe
                           f"directory this job can create and write to") from None
 
 
+def theoretical_memory_line(config: RunConfig, vocab_size: int, pp_rank: int) -> str:
+    """Megatron-LM's ``report_theoretical_memory`` line, ``Theoretical memory footprints: weight and
+    optimizer=X MB, activation=Y MB, total=Z MB`` (MiB, 2 decimals), from the autotuner's prediction for
+    pipeline rank ``pp_rank`` of this run's layout (:func:`megatron_core.autotune.search.rank_memory`, on
+    the device the run trains on) instead of Megatron-LM's closed formula. ``vocab_size``: the model's
+    vocabulary (padded or not)."""
+    from megatron_core.autotune.layout import from_run_config
+    from megatron_core.autotune.search import rank_memory
+
+    spec, layout = from_run_config(config, vocab_size)
+    memory = rank_memory(spec, layout, pp_rank, on_cpu=device.current_device().type == "cpu",
+                         bucket_size=config.ddp.bucket_size, optimizer=config.optimizer.optimizer,
+                         sgd_momentum=config.optimizer.sgd_momentum,
+                         overlap_grad_reduce=config.ddp.overlap_grad_reduce)
+    mib = 1024 ** 2
+    return (f"Theoretical memory footprints: weight and optimizer={memory.weight_and_optimizer / mib:.2f} MB, "
+            f"activation={memory.activation / mib:.2f} MB, total={memory.total / mib:.2f} MB")
+
+
 class TrainingLog:
     """Accumulates iteration results and prints one line every ``log_interval`` iterations."""
 
     def __init__(self, config: LoggingConfig, train_iters: int, printer: Printer | None, writer: Any,
                  flops_per_sample: float, tokens_per_sample: int, world_size: int,
-                 memory_printer: Printer | None = None) -> None:
+                 memory_printer: Printer | None = None, theoretical_memory: Callable[[], None] | None = None) -> None:
         """``memory_printer``: after the first line, Megatron-LM's ``(after N iterations) memory (MB) | ...``
         (:func:`device.memory_report_mib`) goes to it once; pretrain prints it on every DP rank 0, as
-        Megatron-LM's ``report_memory``."""
+        Megatron-LM's ``report_memory``. ``theoretical_memory``: called once just before that report, to print
+        :func:`theoretical_memory_line` (pretrain: on global rank 0, as Megatron-LM's ``report_theoretical_memory``);
+        computed there, not before training, so that rank 0 starts its first iteration with the others."""
         self.config, self.train_iters = config, train_iters
         self.printer, self.writer, self.memory_printer = printer, writer, memory_printer
+        self.theoretical_memory = theoretical_memory
         self.flops_per_sample, self.tokens_per_sample = flops_per_sample, tokens_per_sample
         self.world_size = world_size
         self._reset()
@@ -123,6 +145,9 @@ class TrainingLog:
         line = self._line(iteration, rates, loss_scale, norms, batch_size, consumed_samples)
         if self.printer is not None:
             self.printer(line)
+        if self.theoretical_memory is not None:
+            self.theoretical_memory()
+            self.theoretical_memory = None  # once, as the memory report
         if self.memory_printer is not None:
             fields = " | ".join(f"{name}: {mib}" for name, mib in device.memory_report_mib().items())
             self.memory_printer(f"(after {iteration} iterations) memory (MB) | {fields}")
