@@ -66,6 +66,16 @@ def set_local_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+@functools.cache
+def host_libc() -> ctypes.CDLL | None:
+    """This process's C library (for ``mallopt``, ``prctl``), or None where it cannot be found or loaded."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
 HOST_TRIM_THRESHOLD = 256 << 20  # bytes of free heap top kept mapped instead of returned to the OS
 @functools.cache
@@ -85,13 +95,9 @@ def configure_host_allocator() -> bool:
     """
     if os.environ.get("MCORE_HOST_ALLOCATOR", "tuned") == "default":
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        applied = bool(libc and hasattr(libc, "gnu_get_libc_version") and libc.mallopt(_M_MMAP_MAX, 0)
-                       and libc.mallopt(_M_TRIM_THRESHOLD, HOST_TRIM_THRESHOLD))
-    except OSError:
-        applied = False
+    libc = host_libc()
+    applied = bool(libc and hasattr(libc, "gnu_get_libc_version") and libc.mallopt(_M_MMAP_MAX, 0)
+                   and libc.mallopt(_M_TRIM_THRESHOLD, HOST_TRIM_THRESHOLD))
     if not applied:
         logger.info("host allocator: not glibc, malloc left as it is (large tensors may page-fault every step)")
     return applied

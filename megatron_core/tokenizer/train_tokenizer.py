@@ -127,7 +127,7 @@ def train_sentencepiece(
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys holding the text")
     parser.add_argument("--input-format", choices=("auto", "text", "json"), default="auto",

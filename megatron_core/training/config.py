@@ -102,6 +102,10 @@ class CheckpointConfig:
     async_save: bool = False  # torch_dist: write in the background while training goes on
 
 
+TIMING_LOG_OPTIONS = ("max", "minmax", "all")
+"""Megatron-LM's ``--timing-log-option`` choices (``Timers.log``)."""
+
+
 @dataclass
 class LoggingConfig:
     """Log-line cadence and TensorBoard."""
@@ -121,9 +125,9 @@ class LoggingConfig:
     log_world_size_to_tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.timing_log_option not in ("max", "minmax", "all"):
+        if self.timing_log_option not in TIMING_LOG_OPTIONS:
             raise ValueError(f"timing_log_option (--timing-log-option) {self.timing_log_option!r} is not one of "
-                             f"max, minmax, all")
+                             f"{', '.join(TIMING_LOG_OPTIONS)}")
 
 
 @dataclass

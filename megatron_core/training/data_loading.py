@@ -7,8 +7,6 @@ one-process run sees the same global batches as a data-parallel one.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import multiprocessing
 import os
@@ -18,6 +16,7 @@ from typing import Any
 
 import torch
 
+from megatron_core import device
 from megatron_core.parallel_state import ParallelState
 from megatron_core.tokenizer import MegatronTokenizer, build_tokenizer, vocab_size_with_padding
 from megatron_core.training.config import DataConfig, TrainingConfig
@@ -156,11 +155,7 @@ def _worker_init(parent_pid: int, worker_id: int) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name, use_errno=True) if name else None
-    except OSError:
-        libc = None
+    libc = device.host_libc()
     if libc is not None and hasattr(libc, "prctl"):
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent_pid:  # the rank died before the line above: nobody is left to serve

@@ -1,8 +1,9 @@
 """Named wall-clock timers for the log line (forward-backward, optimizer, evaluation, saves).
 
-With ``--timing-log-option`` the logging iterations gather every rank's timers (one all-gather over an
-explicit process group) and print Megatron-LM's block (``megatron/core/timers.py``'s ``Timers.log``):
-``max`` the slowest rank's time, ``minmax`` the fastest and the slowest, ``all`` each rank's.
+With ``--timing-log-level`` 1 or 2 the logging iterations gather every rank's timers (one all-gather over an
+explicit process group) and print Megatron-LM's block (``megatron/core/timers.py``'s ``Timers.log``) as
+``--timing-log-option`` says: ``max`` the slowest rank's time, ``minmax`` (the default) the fastest and the
+slowest, ``all`` each rank's.
 """
 from __future__ import annotations
 
@@ -13,10 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import device
-from megatron_core.training.config import LoggingConfig
-
-TIMING_LOG_OPTIONS = ("max", "minmax", "all")
-"""Megatron-LM's ``--timing-log-option`` choices."""
+from megatron_core.training.config import TIMING_LOG_OPTIONS, LoggingConfig
 
 
 class Timer:

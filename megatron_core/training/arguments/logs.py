@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_core.training.config import TIMING_LOG_OPTIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """How often to log and evaluate, and where TensorBoard events go."""
@@ -12,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="accepted for compatibility: tokens/s and TFLOP/s are always logged")
     g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2],
                    help="1 or 2: print every rank's forward-backward/optimizer times after each log line")
-    g.add_argument("--timing-log-option", default="minmax", choices=["max", "minmax", "all"],
+    g.add_argument("--timing-log-option", default="minmax", choices=TIMING_LOG_OPTIONS,
                    help="with --timing-log-level 1 or 2: Megatron-LM's block after the line shows the slowest "
                         "rank's times (max), the fastest and slowest (minmax) or each rank's (all)")
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard events here (needs tensorboard)")
