@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import device
+from megatron_core.datasets import document_attention_mask
 from megatron_core.errors import report_line
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.parallel_state import ParallelState
@@ -88,16 +89,21 @@ def get_batch(data_iterator: Any | None, seq_length: int, micro_batch_size: int)
     """The next micro batch on the device: ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` [b, s] and
     ``attention_mask`` [b, 1, s, s] bool (True = masked; None, i.e. causal, unless ``--reset-attention-mask``).
 
-    A middle pipeline chunk reads no data, unless ``--reset-position-ids``/``--reset-attention-mask`` make
-    every chunk read it (``DataConfig.every_chunk_reads_data``); without data it gets the plain position ids
-    (RoPE needs them on every stage) and no mask."""
+    The document mask is built here, on the device, from the tokens and the EOD id the samples name
+    (``attention_mask_eod``, Megatron-LM's ``get_ltor_masks_and_position_ids`` convention), not carried by
+    the data loader. A middle pipeline chunk reads no data, unless ``--reset-position-ids``/
+    ``--reset-attention-mask`` make every chunk read it (``DataConfig.every_chunk_reads_data``); without data
+    it gets the plain position ids (RoPE needs them on every stage) and no mask."""
     where = device.current_device()
     if data_iterator is None:
         positions = torch.arange(seq_length, device=where).expand(micro_batch_size, seq_length)
         return {"tokens": None, "labels": None, "loss_mask": None, "position_ids": positions, "attention_mask": None}
     batch = next(data_iterator)
-    keys = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
-    return {key: batch[key].to(where, non_blocking=True) if key in batch else None for key in keys}
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    out = {key: batch[key].to(where, non_blocking=True) if key in batch else None for key in keys}
+    eod = batch.get("attention_mask_eod")  # [b], on the host: no device sync to read it
+    out["attention_mask"] = None if eod is None else document_attention_mask(out["tokens"], int(eod[0]))
+    return out
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:

@@ -305,8 +305,10 @@ def _saved_with_document_mask(seq, params_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_document_mask_activations_equal_saved_tensors(dtype):
     """--reset-attention-mask at sequence 200: the explicit path computes all 200 x 200 scores (not the
-    causal blocks), SDPA keeps an additive copy of the mask per layer, and the bool mask is kept once per
-    micro batch by the explicit path and the recompute checkpoints. Before ModelSpec.document_mask the
+    causal blocks), SDPA keeps one additive form of the mask per micro batch, shared by the layers (one per
+    layer before SharedAdditiveMask: this test then failed for the SDPA case, 480,000 bytes per layer more
+    than predicted), and the bool mask is kept once per micro batch by the explicit path and the recompute
+    checkpoints. Before ModelSpec.document_mask the
     autotuner predicted the causal path's bytes for these runs (1.36 MB less per layer with dropout).
     In bf16 only the excess over the run without the mask is compared (the CPU's LayerNorm keeps its
     statistics in the input's dtype, as in test_bf16_explicit_attention_over_sdpa_equals_saved_tensors)."""

@@ -80,16 +80,17 @@ def test_dataset_samples_carry_them_only_when_asked():
     assert (plain["tokens"] == 255).sum() >= 2  # the sample holds document boundaries
     assert torch.equal(both["tokens"], plain["tokens"]) and torch.equal(both["loss_mask"], plain["loss_mask"])
     assert torch.equal(both["position_ids"], document_position_ids(plain["tokens"], 255))
-    assert torch.equal(both["attention_mask"], document_attention_mask(plain["tokens"], 255))
+    assert int(both["attention_mask_eod"]) == 255 and "attention_mask" not in both  # the rank builds the mask
     assert not torch.equal(both["position_ids"], plain["position_ids"])
     # What pretrain_gpt.get_batch hands the model: [b, 1, s, s] under the flag; no mask (causal) without it.
     loader = torch.utils.data.DataLoader([plain, plain], batch_size=2)
     assert pretrain_gpt.get_batch(iter(loader), 32, 2)["attention_mask"] is None
     loader = torch.utils.data.DataLoader([both, both], batch_size=2)
-    assert pretrain_gpt.get_batch(iter(loader), 32, 2)["attention_mask"].shape == (2, 1, 32, 32)
+    mask = pretrain_gpt.get_batch(iter(loader), 32, 2)["attention_mask"]
+    assert mask.shape == (2, 1, 32, 32) and torch.equal(mask[1], document_attention_mask(plain["tokens"], 255))
     assert set(_mock(reset_position_ids=True)[idx]) == set(plain)
     only_mask = _mock(reset_attention_mask=True)[idx]
-    assert torch.equal(only_mask["position_ids"], torch.arange(32)) and "attention_mask" in only_mask
+    assert torch.equal(only_mask["position_ids"], torch.arange(32)) and "attention_mask_eod" in only_mask
 
 
 def _logits_packed_and_alone(preset, backend):

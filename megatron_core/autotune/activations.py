@@ -20,10 +20,11 @@ by TP under sequence parallelism:
   keeps no dropout mask; the full-score path keeps it, bool); selective recompute keeps only QKV and
   the context.
 - with a document mask (``--reset-attention-mask``, ``ModelSpec.document_mask``) the explicit path
-  computes all ``s^2`` scores (no causal blocks), and SDPA keeps per layer its additive copy of the
-  bool mask in the activations' dtype (``b s^2 B``: PyTorch converts a bool ``attn_mask``); the bool
-  mask itself (``b s^2`` bytes, one per micro batch and model chunk, as every chunk reads it) is kept
-  by the explicit path's masked softmax and by the recompute checkpoints (:func:`document_mask_bytes`).
+  computes all ``s^2`` scores (no causal blocks); once per micro batch and model chunk (every chunk
+  builds it) either the bool mask (``b s^2`` bytes) is kept, by the explicit path's masked softmax and by
+  the recompute checkpoints, or, under SDPA without recompute, its additive form in the activations'
+  dtype (``b s^2 B``), which the chunk's layers share (``SharedAdditiveMask``; one copy per layer
+  before) (:func:`document_mask_bytes`).
 
 Full recompute keeps one layer input per layer and rebuilds one layer's activations in backward.
 """
@@ -104,8 +105,8 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     rotated = qsz + kvsz if rope else 0
     if layout.recompute == "selective":  # the checkpoint keeps q, k, v and the context
         return mixed + rotated + qsz
-    if _uses_sdpa(spec, on_cpu):  # q, k, v, output and log-sum-exp (and the mask's additive copy)
-        return mixed + rotated + qsz + b * heads * s * 4 + (b * s * s * B if spec.document_mask else 0)
+    if _uses_sdpa(spec, on_cpu):  # q, k, v, output and log-sum-exp (a mask's additive form: per chunk)
+        return mixed + rotated + qsz + b * heads * s * 4
     gqa = c.num_query_groups != c.num_attention_heads
     total = (qsz if rope else 0) + (qsz if gqa else kvsz if rope else 0) + (qsz if gqa else 0)
     if not (rope and gqa):
@@ -158,12 +159,16 @@ def embedding_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
 
 
 def document_mask_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
-    """The bool document mask [b, 1, s, s] of one micro batch on one model chunk (``--reset-attention-mask``),
-    when something keeps it for backward: the explicit path's masked softmax, or a recompute checkpoint
-    (selective or full). SDPA keeps only its own copy, counted per layer. 0 without a document mask."""
-    if not spec.document_mask or (layout.recompute is None and _uses_sdpa(spec, on_cpu)):
+    """Bytes of the document mask [b, 1, s, s] of one micro batch on one model chunk (``--reset-attention-mask``)
+    kept for backward: its bool form (``b s^2``) when the explicit path's masked softmax or a recompute
+    checkpoint (selective or full) keeps it; under SDPA without recompute the additive form in the
+    activations' dtype (``b s^2 B``), made once and kept by every layer's SDPA. 0 without a document mask."""
+    if not spec.document_mask:
         return 0
-    return layout.micro_batch_size * spec.seq_length ** 2
+    elements = layout.micro_batch_size * spec.seq_length ** 2
+    if layout.recompute is None and _uses_sdpa(spec, on_cpu):
+        return elements * spec.bytes_per_param
+    return elements
 
 
 def in_flight(layout: Layout, num_microbatches: int, pp_rank: int) -> int:

@@ -39,9 +39,9 @@ def default_cache_dir(dataset_path: str) -> str:
 
 
 def _document_starts(tokens: torch.Tensor, eod: int) -> torch.Tensor:
-    """[s] bool: True where a token opens a new document, i.e. the token before it is EOD."""
+    """[..., s] bool: True where a token opens a new document, i.e. the token before it is EOD."""
     starts = torch.zeros_like(tokens, dtype=torch.bool)
-    starts[1:] = tokens[:-1] == eod
+    starts[..., 1:] = tokens[..., :-1] == eod
     return starts
 
 
@@ -60,16 +60,20 @@ def document_position_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
 
 
 def document_attention_mask(tokens: torch.Tensor, eod: int) -> torch.Tensor:
-    """Causal, block-diagonal attention mask [1, s, s] (bool, True = may NOT attend) of input ``tokens`` [s].
+    """Causal, block-diagonal attention mask [..., 1, s, s] (bool, True = may NOT attend) of input
+    ``tokens`` [..., s] (one sample [s] -> [1, s, s]; a micro batch [b, s] -> [b, 1, s, s]), on their device.
 
     Megatron-LM's ``--reset-attention-mask`` (``_get_ltor_masks_and_position_ids``, megatron-core 0.16.1):
     query i attends to key j when j <= i and no EOD lies in ``[j, i)``: tokens after an EOD do not see
-    it or anything before it, while the EOD itself still sees its own document. Costs s * s bytes.
+    it or anything before it, while the EOD itself still sees its own document. Costs s * s bytes per
+    sample; built on the training rank from each micro batch's tokens (``pretrain_gpt.get_batch``), not
+    in the data loader, whose shared memory would carry them.
     """
-    s = tokens.shape[0]
-    document = torch.cumsum(_document_starts(tokens, eod), dim=0)
-    future = torch.ones(s, s, dtype=torch.bool).triu_(1)
-    return (future | (document.view(s, 1) != document.view(1, s))).unsqueeze(0)
+    s = tokens.shape[-1]
+    document = torch.cumsum(_document_starts(tokens, eod), dim=-1)
+    mask = document.unsqueeze(-1) != document.unsqueeze(-2)
+    mask |= torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu_(1)
+    return mask.unsqueeze(-3)
 
 
 class GPTDataset(torch.utils.data.Dataset):
@@ -190,8 +194,9 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         """Sample ``idx``: ``tokens``, ``labels`` [s] int64, ``loss_mask`` [s] fp32, ``position_ids`` [s] int64
-        (per document under ``reset_position_ids``), and under ``reset_attention_mask`` ``attention_mask``
-        [1, s, s] bool, True = masked (:func:`document_attention_mask`)."""
+        (per document under ``reset_position_ids``), and under ``reset_attention_mask`` ``attention_mask_eod``
+        [] int64, the EOD id from which the training rank builds the document mask of the micro batch's
+        tokens (:func:`document_attention_mask`; ``pretrain_gpt.get_batch``)."""
         if not 0 <= idx < len(self):
             raise IndexError(f"sample {idx} out of range for {len(self)} samples")
         text = torch.from_numpy(self.get_tokens(idx).astype(np.int64))
@@ -208,9 +213,10 @@ class GPTDataset(torch.utils.data.Dataset):
             position_ids = torch.arange(self.config.seq_length, dtype=torch.int64)
         sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
         if self.config.reset_attention_mask:
-            # Built per sample in the loader's workers, as megatron-core's dataset does: [1, s, s] per sample,
-            # [b, 1, s, s] per micro batch. Without the flag there is no mask and attention stays causal.
-            sample["attention_mask"] = document_attention_mask(tokens, self.config.eod)
+            # Not the mask itself (megatron-core's dataset builds it here): s * s bytes per sample through the
+            # loader's shared memory, 16 MiB at s = 4096. Eight bytes say which token ends a document; the
+            # rank builds the [b, 1, s, s] mask from the tokens. Without the flag attention stays causal.
+            sample["attention_mask_eod"] = torch.tensor(self.config.eod, dtype=torch.int64)
         return sample
 
 

@@ -195,7 +195,8 @@ def shutdown_data_iterators(iterators: Iterable[Any]) -> None:
 
 def chunk_needs_data(parallel_state: ParallelState, vp_stage: int | None, every_chunk: bool = False) -> bool:
     """The first chunk (tokens) and the last chunk (labels, loss mask) read samples; with ``every_chunk``
-    (``DataConfig.every_chunk_reads_data``) the middle ones do too, for the position ids and attention mask."""
+    (``DataConfig.every_chunk_reads_data``) the middle ones do too, for the position ids and the tokens their
+    attention mask is built from."""
     return every_chunk or parallel_state.is_pipeline_first_stage(vp_stage) or \
         parallel_state.is_pipeline_last_stage(vp_stage)
 

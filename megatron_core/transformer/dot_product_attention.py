@@ -111,6 +111,51 @@ class _CausalBlockAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a bool ``mask`` (True = may NOT attend): -inf there, 0 elsewhere, in ``dtype``.
+
+    What ``scaled_dot_product_attention`` makes of a bool ``attn_mask`` (True = may attend) itself, and
+    keeps for backward: given this form it uses and keeps the tensor as is, with the same outputs and
+    gradients to the bit (tests/test_document_masks_rank.py)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+class SharedAdditiveMask:
+    """SDPA's additive form of a bool attention mask, made once per run of a
+    :class:`~megatron_core.transformer.transformer_block.TransformerBlock`'s
+    layers and shared by their core attentions.
+
+    Each layer used to convert the same [b, 1, s, s] mask itself, and its SDPA kept that copy for backward:
+    ``b s^2`` bytes in the activations' dtype per layer, now once per micro batch and chunk (every layer's
+    SDPA saves the one tensor). The form is held only inside :meth:`scope` (one run of the layers, in forward
+    or in a full-recompute replay); afterwards only the autograd graph keeps it, until its backward.
+    Outside a scope (a selective-recompute replay, a core attention used alone) each call converts anew.
+    """
+
+    def __init__(self) -> None:
+        self._active = False
+        self._source: torch.Tensor | None = None
+        self._additive: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def scope(self):
+        """Share the conversion among the calls made inside; drop it on exit."""
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active, self._source, self._additive = False, None, None
+
+    def get(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """:func:`additive_mask` of ``mask``, the one made earlier in this scope for the same tensor and dtype."""
+        if self._source is mask and self._additive is not None and self._additive.dtype == dtype:
+            return self._additive
+        additive = additive_mask(mask, dtype)
+        if self._active:
+            self._source, self._additive = mask, additive
+        return additive
+
+
 class DotProductAttention(torch.nn.Module):
     """Causal (or explicitly masked) attention of q [s, b, heads, d] over k, v [s, b, groups, d]."""
 
@@ -128,6 +173,8 @@ class DotProductAttention(torch.nn.Module):
         kernel_arg = {} if use_kernel else {"kernel": None}
         self.scale_mask_softmax = FusedScaleMaskSoftmax(self.causal, config.attention_softmax_in_fp32, **kernel_arg)
         self._band: torch.Tensor | None = None
+        # Set by the TransformerBlock holding this layer, so that its layers convert a mask once.
+        self.shared_mask = SharedAdditiveMask()
         self._band_key: tuple[int, int, torch.dtype, torch.device] | None = None
 
     def _dropout_rng(self):
@@ -159,7 +206,7 @@ class DotProductAttention(torch.nn.Module):
     def _sdpa(self, q, k, v, attention_mask):
         p = self.dropout_p if self.training else 0.0
         gqa = q.shape[1] != k.shape[1]
-        mask = None if attention_mask is None else ~attention_mask
+        mask = None if attention_mask is None else self.shared_mask.get(attention_mask, q.dtype)
         causal = attention_mask is None and self.causal
         with self._dropout_rng():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,

@@ -14,6 +14,7 @@ from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.pipeline_parallel.layer_split import layer_range
 from megatron_core.tensor_parallel.random import checkpoint
 from megatron_core.transformer.config import TransformerConfig
+from megatron_core.transformer.dot_product_attention import DotProductAttention, SharedAdditiveMask
 from megatron_core.transformer.init import component_name
 from megatron_core.transformer.spec import ModuleSpec, build_module
 
@@ -38,6 +39,11 @@ class TransformerBlock(torch.nn.Module):
                          prefix=component_name(prefix, f"layers.{self.layer_offset + i}"))
             for i in range(count))
         self.final_layernorm = build_norm(config, config.hidden_size) if post_process else None
+        # One SDPA form of the attention mask per run of the layers, not one per layer (SharedAdditiveMask).
+        self.shared_mask = SharedAdditiveMask()
+        for module in self.layers.modules():
+            if isinstance(module, DotProductAttention):
+                module.shared_mask = self.shared_mask
         self.input_tensor: torch.Tensor | None = None
 
     def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
@@ -49,8 +55,9 @@ class TransformerBlock(torch.nn.Module):
 
         def run(hidden, attention_mask, cos, sin):
             rotary = None if cos is None else (cos, sin)
-            for layer in self.layers[start:end]:
-                hidden = layer(hidden, attention_mask, rotary, **extra)
+            with self.shared_mask.scope():
+                for layer in self.layers[start:end]:
+                    hidden = layer(hidden, attention_mask, rotary, **extra)
             return hidden
         return run
 

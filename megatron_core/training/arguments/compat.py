@@ -123,8 +123,9 @@ def apply(args: argparse.Namespace) -> None:
         args.attention_backend = "flash"
     if args.reset_attention_mask and args.no_create_attention_mask_in_dataloader:
         # Megatron-LM then builds no mask and silently trains with plain causal attention.
-        raise ConfigError("--reset-attention-mask builds each sample's document mask in the data loader; drop "
-                          "--no-create-attention-mask-in-dataloader (or --reset-attention-mask)")
+        raise ConfigError("--reset-attention-mask builds each micro batch's document mask (Megatron-LM in the data "
+                          "loader, this project on the training rank); drop --no-create-attention-mask-in-dataloader "
+                          "(or --reset-attention-mask)")
     if args.squared_relu:
         if args.swiglu or args.openai_gelu:
             raise ConfigError("give only one of --squared-relu, --swiglu and --openai-gelu")
