@@ -241,6 +241,11 @@ CASES = {"dropout-explicit": dict(), "no-dropout-sdpa": dict(hidden_dropout=0.0,
                                 position_embedding_type="rope", num_query_groups=2)}
 
 
+def _recompute(case: str) -> str | None:
+    """The Layout.recompute of a case of CASES."""
+    return case if case in ("selective", "full") else None
+
+
 def _saved_per_layer_all(tp, sp, mb):
     return {case: _saved_per_layer(kw, tp, sp, mb) for case, kw in CASES.items()}
 
@@ -251,7 +256,7 @@ def test_layer_activations_equal_saved_tensors(tp, sp):
     for case, kw in CASES.items():
         config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, **kw)
         layout = Layout(tp=tp, micro_batch_size=3, sequence_parallel=sp,
-                        recompute={"selective": "selective", "full": "full"}.get(case))
+                        recompute=_recompute(case))
         predicted = layer_activation_bytes(ModelSpec(config, 64, SEQ, SEQ, 3), layout)
         assert predicted == measured[case], f"{case} tp{tp} sp{sp}: predicted {predicted} bytes, saved {measured[case]}"
 
@@ -308,20 +313,18 @@ def test_document_mask_activations_equal_saved_tensors(dtype):
     causal blocks), SDPA keeps an additive copy of the mask per layer, and the bool mask is kept once per
     micro batch by the explicit path and the recompute checkpoints. Before ModelSpec.document_mask the
     autotuner predicted the causal path's bytes for these runs (1.36 MB less per layer with dropout).
-    In bf16 only the excess over the run without the mask is compared (the CPU's LayerNorm keeps its
-    statistics in the input's dtype, as in test_bf16_explicit_attention_over_sdpa_equals_saved_tensors)."""
+    Compared per layer and as the excess over the run without the mask (which adds the bool mask)."""
     measured = run_distributed(_saved_with_document_mask, 1, 200, dtype, timeout=240)[0]
     nbytes = torch.finfo(dtype).bits // 8
     for case in DOCUMENT_CASES:
         config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, params_dtype=dtype,
                                    **CASES[case])
-        layout = Layout(micro_batch_size=3, recompute={"selective": "selective", "full": "full"}.get(case))
+        layout = Layout(micro_batch_size=3, recompute=_recompute(case))
         spec = functools.partial(ModelSpec, config, 64, 200, 200, 3, bytes_per_param=nbytes)
         masked, plain = spec(document_mask=True), spec()
         per_layer, extra = measured[case]
         predicted = layer_activation_bytes(masked, layout)
-        if dtype == torch.float32:
-            assert predicted == per_layer, f"{case}: predicted {predicted} bytes per layer, saved {per_layer}"
+        assert predicted == per_layer, f"{case} {dtype}: predicted {predicted} bytes per layer, saved {per_layer}"
         predicted = predicted - layer_activation_bytes(plain, layout) + document_mask_bytes(masked, layout)
         assert predicted == extra, f"{case} {dtype}: predicted {predicted} more bytes with the mask, saved {extra}"
 
@@ -332,8 +335,8 @@ def _saved_bf16(cases, seq):
 
 def test_bf16_explicit_attention_over_sdpa_equals_saved_tensors():
     """bf16, no dropout, sequence 200: the explicit causal path keeps the fp32 softmax and its bf16 copy
-    (the operand of the product with v) per block. Measured as the explicit path's excess over SDPA,
-    which cancels what both share (the CPU's LayerNorm keeps its statistics in the input's dtype)."""
+    (the operand of the product with v) per block. Compared in full and as the explicit path's excess
+    over SDPA."""
     cases = ("unfused", "no-dropout-sdpa")
     explicit, sdpa = run_distributed(_saved_bf16, 1, cases, 200, timeout=120)[0]
     spec = functools.partial(ModelSpec, seq_length=200, max_position_embeddings=200, global_batch_size=1,
@@ -341,6 +344,7 @@ def test_bf16_explicit_attention_over_sdpa_equals_saved_tensors():
     predicted = [layer_activation_bytes(spec(TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
                                                                params_dtype=torch.bfloat16, **CASES[case])),
                                         Layout(tp=1, micro_batch_size=1)) for case in cases]
+    assert predicted == [explicit, sdpa], f"predicted {predicted} bytes per layer, saved {[explicit, sdpa]}"
     assert predicted[0] - predicted[1] == explicit - sdpa, \
         f"predicted excess {predicted[0] - predicted[1]} bytes, saved {explicit - sdpa}"
 
@@ -421,10 +425,9 @@ def _saved_fp32_residual(tp, sp, mb):
 def test_fp32_residual_activations_equal_saved_tensors(tp, sp):
     """bf16 with --fp32-residual-connection: the layer input and the residual sum are fp32 (and, under
     full recompute, the checkpointed layer input), the final norm's input too, and every norm keeps fp32
-    copies of its bf16 weights. Compared in full with LayerNorm (every norm runs in fp32 then, statistics
-    included), and for RMSNorm as the excess over the same run without the flag (RMSNorm's bf16 path keeps
-    more than the formula counts). Before, the autotuner predicted the same bytes as without the flag
-    (6656 bytes per layer short here at TP 1)."""
+    copies of its bf16 weights; RMSNorm keeps ``x * rstd`` in fp32 then. Compared in full, with and without
+    the flag. Before, the autotuner predicted the same bytes as without the flag (6656 bytes per layer short
+    here at TP 1)."""
     measured = run_distributed(_saved_fp32_residual, tp, tp, sp, 3, timeout=300)[0]
     layout = functools.partial(Layout, tp=tp, micro_batch_size=3, sequence_parallel=sp)
 
@@ -434,17 +437,45 @@ def test_fp32_residual_activations_equal_saved_tensors(tp, sp):
         return ModelSpec(config, 64, SEQ, SEQ, 3, make_vocab_size_divisible_by=32, bytes_per_param=2)
 
     for case in FP32_RESIDUAL_CASES:
-        lay = layout(recompute={"selective": "selective", "full": "full"}.get(case))
+        lay = layout(recompute=_recompute(case))
         plain, fp32 = (layer_activation_bytes(spec(CASES[case], flag), lay) for flag in (False, True))
-        if case == "llama-rope-gqa":
-            excess = measured[case, True] - measured[case, False]
-            assert fp32 - plain == excess, f"{case}: predicted {fp32 - plain} more bytes per layer, saved {excess}"
-        else:
-            saved = measured[case, True]
-            assert fp32 == saved, f"{case}: predicted {fp32} bytes per layer, saved {saved}"
-    plain, fp32 = (head_activation_bytes(spec(HEAD_CASES["rmsnorm"], flag), layout()) for flag in (False, True))
-    excess = measured["head", "rmsnorm", True] - measured["head", "rmsnorm", False]
-    assert fp32 - plain == excess, f"head rmsnorm: predicted {fp32 - plain} more bytes, saved {excess}"
-    fp32 = head_activation_bytes(spec(HEAD_CASES["layernorm"], True), layout())
-    assert fp32 == measured["head", "layernorm", True], \
-        f"head layernorm: predicted {fp32} bytes, saved {measured['head', 'layernorm', True]}"
+        for flag, predicted in ((False, plain), (True, fp32)):
+            saved = measured[case, flag]
+            assert predicted == saved, f"{case} flag={flag}: predicted {predicted} bytes per layer, saved {saved}"
+    for case, kw in HEAD_CASES.items():
+        for flag in (False, True):
+            predicted, saved = head_activation_bytes(spec(kw, flag), layout()), measured["head", case, flag]
+            assert predicted == saved, f"head {case} flag={flag}: predicted {predicted} bytes, saved {saved}"
+
+
+def _saved_low_precision(dtype, tp, sp, mb):
+    """Bytes per layer of every case of CASES, and from the final norm on for HEAD_CASES, in ``dtype``."""
+    out = {case: _saved_per_layer(dict(kw, params_dtype=dtype), tp, sp, mb) for case, kw in CASES.items()}
+    out.update({("head", case): _saved_by_head(tp, sp, mb, dict(kw, params_dtype=dtype))
+                for case, kw in HEAD_CASES.items()})
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, True)], ids=["tp1", "tp2-sp"])
+def test_low_precision_activations_equal_saved_tensors(dtype, tp, sp):
+    """bf16/fp16 on the CPU, absolute bytes per layer and from the final norm on (not only excesses over
+    another run): the torch RMSNorm normalises an fp32 copy of its input (and keeps that copy, not the
+    input), the CPU's LayerNorm keeps its statistics in the input's dtype, and RoPE casts the fp32 cos/sin
+    tables to the activations' dtype for each of q and k (4 copies [s, b, 1, rotary_dim] per layer). Before,
+    the autotuner predicted 101760 bytes for the Llama layer at TP 1, which saves 110976, and 384 bytes too
+    many for each GPT-2 layer (fp32 LayerNorm statistics)."""
+    measured = run_distributed(_saved_low_precision, tp, dtype, tp, sp, 3, timeout=300)[0]
+    layout = functools.partial(Layout, tp=tp, micro_batch_size=3, sequence_parallel=sp)
+
+    def spec(kw):
+        config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, params_dtype=dtype, **kw)
+        return ModelSpec(config, 64, SEQ, SEQ, 3, make_vocab_size_divisible_by=32, bytes_per_param=dtype.itemsize)
+
+    for case, kw in CASES.items():
+        predicted = layer_activation_bytes(spec(kw), layout(recompute=_recompute(case)))
+        assert predicted == measured[case], f"{case}: predicted {predicted} bytes per layer, saved {measured[case]}"
+    for case, kw in HEAD_CASES.items():
+        predicted = head_activation_bytes(spec(kw), layout())
+        saved = measured["head", case]
+        assert predicted == saved, f"head {case}: predicted {predicted} bytes, saved {saved}"

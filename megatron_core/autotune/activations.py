@@ -7,9 +7,11 @@ tests/test_autotune_memory.py holds the formula to that count), in units of ``B`
 activation element (4 for fp32 on the CPU, where the paper's 2 becomes 4) and ``r`` = sbh, divided
 by TP under sequence parallelism:
 
-- residual stream, sharded under SP: layer input and the residual sum (``2rB``, ``8r`` with
-  ``--fp32-residual-connection``, whose norms also keep fp32 copies of their low-precision weights);
-  hidden dropout masks, bool (``2r`` bytes); norm statistics (fp32, ``s b`` per statistic);
+- residual stream, sharded under SP: the two norms' inputs, the layer input and the residual sum (``2rB``,
+  ``8r`` with ``--fp32-residual-connection``, whose norms also keep fp32 copies of their low-precision
+  weights), their statistics (``s b`` per statistic) and RMSNorm's normalized ``x`` (:func:`norm_bytes`:
+  on the CPU RMSNorm keeps an fp32 copy of a 16-bit input instead of the input, LayerNorm 16-bit
+  statistics); hidden dropout masks, bool (``2r`` bytes);
 - linear inputs, gathered under SP: the two norm outputs (``2sbhB``); fc2's input and the
   activation's input (``2 s b ffn / t``; SwiGLU ``4 s b ffn / t`` as torch ops, ``3 s b ffn / t``
   with a fused kernel, which keeps no silu(gate));
@@ -18,7 +20,8 @@ by TP under sequence parallelism:
   dropout, the copy cast from an fp32 softmax of fp16/bf16 scores), and the context copy; ``s^2`` is
   ``(C+1)/2C s^2`` for the C query blocks of the causal path without a fused softmax kernel, which
   keeps no dropout mask; the full-score path keeps it, bool); selective recompute keeps only QKV and
-  the context.
+  the context. RoPE's torch path on 16-bit q and k keeps its own copies of cos and sin
+  (:func:`rope_copy_bytes`).
 - with a document mask (``--reset-attention-mask``, ``ModelSpec.document_mask``) the explicit path
   computes all ``s^2`` scores (no causal blocks), and SDPA keeps per layer its additive copy of the
   bool mask in the activations' dtype (``b s^2 B``: PyTorch converts a bool ``attn_mask``); the bool
@@ -47,6 +50,44 @@ def fp32_norm_weight_bytes(spec: ModelSpec) -> int:
     if stream_bytes(spec) == spec.bytes_per_param:
         return 0
     return (1 if spec.config.normalization == "RMSNorm" else 2) * spec.config.hidden_size * 4
+
+
+def norm_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
+    """Bytes one norm keeps for backward per microbatch on one rank besides its output (the next linear's
+    input, counted there): its input or an fp32 copy of it, its statistics, RMSNorm's normalized ``x``, and
+    the fp32 copies of low-precision weights on the fp32 residual stream (:func:`fp32_norm_weight_bytes`).
+
+    On the CPU (the torch path, measured by tests/test_autotune_memory.py in fp32, bf16 and fp16): LayerNorm
+    keeps its input and the mean and rstd in the input's dtype (PyTorch's CPU kernel); RMSNorm normalises
+    an fp32 copy of its input (``x.float()``, the input itself when fp32) and keeps that copy, the fp32
+    rstd and ``x * rstd`` in the residual stream's dtype (cast back before the low-precision weight
+    multiplies it, or fp32 when the stream is). On a GPU a fused kernel is expected, counted as the
+    input, fp32 statistics (LayerNorm: mean and rstd, RMSNorm: rstd) and RMSNorm's ``x * rstd`` in the
+    params' dtype.
+    """
+    c = spec.config
+    s, b, h = spec.seq_length, layout.micro_batch_size, c.hidden_size
+    shard = layout.tp if layout.sequence_parallel else 1
+    r, rows, S, B = s * b * h // shard, s * b // shard, stream_bytes(spec), spec.bytes_per_param
+    rms = c.normalization == "RMSNorm"
+    if not on_cpu:
+        kept = r * S + (1 if rms else 2) * rows * 4 + (r * B if rms else 0)
+    elif rms:
+        kept = r * 4 + rows * 4 + r * S
+    else:
+        kept = r * S + 2 * rows * S
+    return kept + fp32_norm_weight_bytes(spec)
+
+
+def rope_copy_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
+    """Bytes of the cos/sin copies RoPE's torch path keeps per layer: cast from the fp32 tables to a
+    low-precision q and k, once each (4 tensors [s, b, 1, rotary_dim]; under SP too, as q and k cover the
+    whole sequence). In fp32 the layers share the model's tables; the GPU's fused kernel reads them as
+    they are. 0 without RoPE."""
+    c = spec.config
+    if c.position_embedding_type != "rope" or not on_cpu or spec.bytes_per_param == 4:
+        return 0
+    return 4 * spec.seq_length * layout.micro_batch_size * c.rotary_dim * spec.bytes_per_param
 
 
 def _uses_sdpa(spec: ModelSpec, on_cpu: bool) -> bool:
@@ -79,16 +120,14 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True)
     r, S = s * b * h // shard, stream_bytes(spec)
     if layout.recompute == "full":
         return r * S
-    stats = (1 if c.normalization == "RMSNorm" else 2) * 2 * s * b // shard * 4
     masks = 2 * r if c.hidden_dropout > 0 else 0
-    # + the inputs of the two column-parallel linears (QKV, fc1): under SP only the local shard is kept
-    # (re-gathered in backward, as Megatron-LM), so [s/t, b, h] each.
-    total = 2 * r * S + masks + stats + 2 * r * B + 2 * fp32_norm_weight_bytes(spec)
+    # the two norms (their inputs: the layer input and the residual sum), and their outputs, the inputs of
+    # the two column-parallel linears (QKV, fc1): under SP only the local shard is kept (re-gathered in
+    # backward, as Megatron-LM), so [s/t, b, h] each.
+    total = 2 * norm_bytes(spec, layout, on_cpu) + masks + 2 * r * B
     ffn = s * b * spec.ffn_hidden_size // t
     total += (_swiglu_elements(spec, layout, on_cpu) if c.gated_linear_unit else 2) * ffn * B
-    if c.normalization == "RMSNorm":
-        total += 2 * r * B  # F.rms_norm keeps x * rsqrt(mean(x^2)) for the weight's gradient
-    return total + _attention_bytes(spec, layout, on_cpu)
+    return total + _attention_bytes(spec, layout, on_cpu) + rope_copy_bytes(spec, layout, on_cpu)
 
 
 def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
@@ -123,16 +162,16 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     return total
 
 
-def head_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
+def head_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
     """Bytes the last stage's final norm, output layer and loss keep for backward per microbatch, on one rank.
 
     Every term a saved tensor (tests/test_autotune_memory.py counts them with ``saved_tensors_hooks``),
     ``r`` = sbh, divided by TP under sequence parallelism:
 
-    - final norm: its input and output (``2rB``; the input ``4r`` with ``--fp32-residual-connection``,
-      and the norm's fp32 weight copies; the output layer keeps the output, its input, as every
-      column-parallel linear: under SP only the local shard, re-gathered in backward as Megatron-LM),
-      RMSNorm's normalized ``x`` (``rB``), the fp32 statistics (``s b`` per statistic);
+    - final norm: what :func:`norm_bytes` counts (its input, ``4r`` with ``--fp32-residual-connection``, or
+      RMSNorm's fp32 copy of it on the CPU; the statistics, RMSNorm's normalized ``x``, fp32 weight copies)
+      and its output (``rB``: the output layer keeps its input, as every column-parallel linear: under SP
+      only the local shard, re-gathered in backward as Megatron-LM);
     - loss (``tensor_parallel.cross_entropy``): the fp32 softmax of the logits shard (``4 s b V / t``),
       the target index (int64) and the ignore mask (bool) per token; under TP > 1 also the shard's share
       of the normaliser (fp32) and the out-of-shard mask (bool) per token.
@@ -141,10 +180,8 @@ def head_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
     s, b, h, t = spec.seq_length, layout.micro_batch_size, c.hidden_size, layout.tp
     shard = t if layout.sequence_parallel else 1
     r, B = s * b * h // shard, spec.bytes_per_param
-    rms = c.normalization == "RMSNorm"
     # the norm's input is the residual stream (fp32 with --fp32-residual-connection), its output the params dtype
-    norm = r * stream_bytes(spec) + r * B + (r * B if rms else 0) + (1 if rms else 2) * s * b // shard * 4
-    norm += fp32_norm_weight_bytes(spec)
+    norm = norm_bytes(spec, layout, on_cpu) + r * B
     vocab = spec.padded_vocab(t) // t
     loss = 4 * s * b * vocab + (8 + 1) * s * b + ((4 + 1) * s * b if t > 1 else 0)
     return norm + loss
@@ -196,7 +233,7 @@ def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu
         total += min(flight, spec.num_microbatches(layout)) * embedding_activation_bytes(spec, layout)
     transient = 0
     if last:
-        total += min(flight, spec.num_microbatches(layout)) * head_activation_bytes(spec, layout)
+        total += min(flight, spec.num_microbatches(layout)) * head_activation_bytes(spec, layout, on_cpu)
         transient = 2 * 4 * s * b * vocab  # logits and their gradient
     if layout.recompute == "full":
         rebuilt = layer_activation_bytes(spec, Layout(**{**layout.__dict__, "recompute": None}), on_cpu)
