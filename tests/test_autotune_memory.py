@@ -10,7 +10,12 @@ from ddp_common import build, train_step
 from harness import run_distributed
 
 from megatron_core import device, parallel_state
-from megatron_core.autotune.activations import document_mask_bytes, head_activation_bytes, layer_activation_bytes
+from megatron_core.autotune.activations import (
+    chunk_activation_bytes,
+    document_mask_bytes,
+    head_activation_bytes,
+    layer_activation_bytes,
+)
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes
 from megatron_core.autotune.params import rank_chunks
@@ -479,3 +484,64 @@ def test_low_precision_activations_equal_saved_tensors(dtype, tp, sp):
         predicted = head_activation_bytes(spec(kw), layout())
         saved = measured["head", case]
         assert predicted == saved, f"head {case}: predicted {predicted} bytes, saved {saved}"
+
+
+# (method, recompute_num_layers) on a chunk of 4 layers: groups of 1, 2, 3 + 1; the first 1 or 3 layers alone
+RECOMPUTE_METHODS = [("uniform", 1), ("uniform", 2), ("uniform", 3), ("block", 1), ("block", 3)]
+
+
+def _saved_by_decoder(kw, layers, mb):
+    """(bytes the decoder's layers save in forward, bytes saved while each layer is recomputed in backward):
+    pre-hooks on the decoder and its final norm switch the forward count on and off; in backward the
+    checkpoint's replay runs the layers' forward again, and what it saves is counted per layer."""
+    ps = parallel_state.ParallelState(1, 1)
+    ps.manual_seed(1)
+    config = TransformerConfig(num_layers=layers, hidden_size=32, num_attention_heads=4, **kw)
+    (model,) = build_gpt_model_chunks(config, 64, SEQ, ps, make_vocab_size_divisible_by=32)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    where: list = [None]  # "forward" while the layers run forward, then the layer replayed in backward
+    forward: dict[int, int] = {}
+    replayed: list[dict[int, int]] = [{} for _ in range(layers)]
+    model.decoder.register_forward_pre_hook(lambda *_: where.__setitem__(0, "forward"))
+    model.decoder.final_layernorm.register_forward_pre_hook(lambda *_: where.__setitem__(0, None))
+    for i, layer in enumerate(model.decoder.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, i) if where[0] != "forward" else None)
+
+    def pack(t):
+        if where[0] == "forward":
+            return _record(params, forward, t)
+        return _record(params, replayed[where[0]], t) if isinstance(where[0], int) else t
+
+    tokens = torch.randint(0, 64, (mb, SEQ))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, labels=tokens).sum()
+        where[0] = "backward"
+        loss.backward()
+    ps.destroy()
+    return sum(forward.values()), [sum(r.values()) for r in replayed]
+
+
+def _saved_by_decoder_all(dtype):
+    return {(method, k): _saved_by_decoder(dict(CASES["full"], recompute_method=method, recompute_num_layers=k,
+                                                params_dtype=dtype), 4, 3)
+            for method, k in RECOMPUTE_METHODS}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_full_recompute_methods_equal_saved_tensors(dtype):
+    """A chunk of 4 layers under full recompute: the forward keeps one input per checkpointed group (uniform)
+    or per checkpointed layer plus every activation of the others (block), and backward replays one group at
+    a time: the most bytes one replay saves equal the predicted transient. Before, every full recompute was
+    counted as uniform with one layer per checkpoint (uniform 2: one input too many and one layer's
+    replay too few)."""
+    measured = run_distributed(_saved_by_decoder_all, 1, dtype, timeout=240)[0]
+    config = TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, params_dtype=dtype, **CASES["full"])
+    spec = ModelSpec(config, 64, SEQ, SEQ, 3, bytes_per_param=dtype.itemsize)
+    for method, k in RECOMPUTE_METHODS:
+        layout = Layout(micro_batch_size=3, recompute="full", recompute_method=method, recompute_num_layers=k)
+        forward, replayed = measured[method, k]
+        groups = [range(s, min(s + k, 4)) for s in range(0, 4, k)] if method == "uniform" else [[i] for i in range(k)]
+        assert all(replayed[i] == 0 for i in range(4) if not any(i in g for g in groups)), (method, k, replayed)
+        rebuilt = max(sum(replayed[i] for i in g) for g in groups)
+        assert chunk_activation_bytes(spec, layout, 4) == (forward, rebuilt), \
+            f"{method} {k}: predicted {chunk_activation_bytes(spec, layout, 4)}, saved {(forward, rebuilt)}"

@@ -28,9 +28,12 @@ by TP under sequence parallelism:
   mask itself (``b s^2`` bytes, one per micro batch and model chunk, as every chunk reads it) is kept
   by the explicit path's masked softmax and by the recompute checkpoints (:func:`document_mask_bytes`).
 
-Full recompute keeps one layer input per layer and rebuilds one layer's activations in backward.
+Full recompute keeps the input of every checkpointed group of layers and rebuilds one group's activations
+in backward (:func:`chunk_activation_bytes`: ``--recompute-method`` uniform or block, ``--recompute-num-layers``).
 """
 from __future__ import annotations
+
+import dataclasses
 
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.transformer.dot_product_attention import causal_blocks
@@ -214,18 +217,37 @@ def in_flight(layout: Layout, num_microbatches: int, pp_rank: int) -> int:
     return min(total, 2 * (p - pp_rank - 1) + (layout.vpp - 1) * p + 1)
 
 
+def chunk_activation_bytes(spec: ModelSpec, layout: Layout, layers: int, on_cpu: bool = True) -> tuple[int, int]:
+    """(bytes one forward of a model chunk of ``layers`` transformer layers keeps for backward, bytes its
+    backward rebuilds at once under full recompute), per microbatch on one rank, document mask aside.
+
+    Full recompute (``TransformerBlock``, as Megatron-core's): ``uniform`` keeps the input of each group of
+    ``recompute_num_layers`` layers and rebuilds a whole group's activations in its backward; ``block``
+    keeps the input of each of the chunk's first ``recompute_num_layers`` layers (rebuilt one at a time)
+    and all activations of the others. The rebuilt group's first layer counts its input again, as the
+    recomputation saves it once more for backward (the same storage as the checkpoint's)."""
+    per_layer = layer_activation_bytes(spec, layout, on_cpu)
+    if layout.recompute != "full" or layers == 0:
+        return layers * per_layer, 0
+    full = layer_activation_bytes(spec, dataclasses.replace(layout, recompute=None), on_cpu)
+    k = layout.recompute_num_layers
+    if layout.recompute_method == "block":
+        checkpointed = min(k, layers)
+        return checkpointed * per_layer + (layers - checkpointed) * full, full if checkpointed else 0
+    return -(-layers // k) * per_layer, min(k, layers) * full
+
+
 def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True) -> int:
     """Peak activation bytes on pipeline rank ``pp_rank``: in-flight chunks' saved tensors, plus the
-    transient of one backward (a recomputed layer under full recompute, the logits' gradient on the
+    transient of one backward (the recomputed layers under full recompute, the logits' gradient on the
     last stage)."""
     counts = spec.config.layer_counts(layout.pp, layout.vpp)
     chunks = layout.vpp or 1
     mine = [counts[v * layout.pp + pp_rank] for v in range(chunks)]
-    per_chunk_layers = max(mine)
     flight = in_flight(layout, spec.num_microbatches(layout), pp_rank)
-    per_layer = layer_activation_bytes(spec, layout, on_cpu)
+    kept, rebuilt = chunk_activation_bytes(spec, layout, max(mine), on_cpu)
     # Interleaved ranks cycle through their chunks; the in-flight count is in chunk forwards.
-    total = flight * (per_chunk_layers * per_layer + document_mask_bytes(spec, layout, on_cpu))
+    total = flight * (kept + document_mask_bytes(spec, layout, on_cpu))
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     vocab = spec.padded_vocab(layout.tp) // layout.tp
     s, b = spec.seq_length, layout.micro_batch_size
@@ -235,7 +257,4 @@ def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu
     if last:
         total += min(flight, spec.num_microbatches(layout)) * head_activation_bytes(spec, layout, on_cpu)
         transient = 2 * 4 * s * b * vocab  # logits and their gradient
-    if layout.recompute == "full":
-        rebuilt = layer_activation_bytes(spec, Layout(**{**layout.__dict__, "recompute": None}), on_cpu)
-        transient = max(transient, rebuilt)
-    return total + transient
+    return total + max(transient, rebuilt)
