@@ -3,7 +3,7 @@
 Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1)
 count ``sbh(34 + 5as/h)`` bytes per layer for fp16 at TP 1. Here every term is a tensor this
 implementation saves (found with ``torch.autograd.graph.saved_tensors_hooks``; the test
-tests/test_autotune_memory.py holds the formula to that count), in units of ``B`` bytes per
+tests/test_autotune_activations.py holds the formula to that count), in units of ``B`` bytes per
 activation element (4 for fp32 on the CPU, where the paper's 2 becomes 4) and ``r`` = sbh, divided
 by TP under sequence parallelism:
 
@@ -60,7 +60,7 @@ def norm_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
     input, counted there): its input or an fp32 copy of it, its statistics, RMSNorm's normalized ``x``, and
     the fp32 copies of low-precision weights on the fp32 residual stream (:func:`fp32_norm_weight_bytes`).
 
-    On the CPU (the torch path, measured by tests/test_autotune_memory.py in fp32, bf16 and fp16): LayerNorm
+    On the CPU (the torch path, measured by tests/test_autotune_activations.py in fp32, bf16 and fp16): LayerNorm
     keeps its input and the mean and rstd in the input's dtype (PyTorch's CPU kernel); RMSNorm normalises
     an fp32 copy of its input (``x.float()``, the input itself when fp32) and keeps that copy, the fp32
     rstd and ``x * rstd`` in the residual stream's dtype (cast back before the low-precision weight
@@ -168,7 +168,7 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
 def head_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
     """Bytes the last stage's final norm, output layer and loss keep for backward per microbatch, on one rank.
 
-    Every term a saved tensor (tests/test_autotune_memory.py counts them with ``saved_tensors_hooks``),
+    Every term a saved tensor (tests/test_autotune_activations.py counts them with ``saved_tensors_hooks``),
     ``r`` = sbh, divided by TP under sequence parallelism:
 
     - final norm: what :func:`norm_bytes` counts (its input, ``4r`` with ``--fp32-residual-connection``, or
