@@ -104,14 +104,16 @@ def _uses_sdpa(spec: ModelSpec, on_cpu: bool) -> bool:
 def _swiglu_elements(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     """SwiGLU's kept tensors in units of [s, b, ffn / t]: fc1's output [gate; up] and fc2's input (3),
     plus silu(gate) (4) when SwiGLU runs as torch ops. A fused kernel keeps only its input: Triton's on
-    a GPU (expected there, as the softmax kernel is) and, on the CPU, torch.compile's for inputs of
-    ``compiled.MIN_NUMEL`` elements or more where a C++ compiler is found."""
+    a GPU (expected there, as the softmax kernel is) and, on the CPU, torch.compile's for fp32 and bf16
+    inputs (``compiled.FUSED_DTYPES``: ``config.params_dtype``) of ``compiled.MIN_NUMEL`` elements or more
+    where a C++ compiler is found."""
     if not on_cpu:
         return 3
     from megatron_core.fusions import compiled  # noqa: PLC0415
 
     numel = spec.seq_length * layout.micro_batch_size * 2 * spec.ffn_hidden_size // layout.tp
-    return 3 if compiled.compiled_fusions_enabled() and numel >= compiled.MIN_NUMEL else 4
+    fused = spec.config.params_dtype in compiled.FUSED_DTYPES and numel >= compiled.MIN_NUMEL
+    return 3 if fused and compiled.compiled_fusions_enabled() else 4
 
 
 def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
