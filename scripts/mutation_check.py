@@ -142,7 +142,8 @@ TESTS = {
                   "tests/test_text_generation_layouts.py", "tests/test_text_generation_server_port.py"],
     # the schedule replay checks activations.in_flight against the activations the schedules hold
     "autotune": ["tests/test_pipeline_schedule_order.py", "tests/test_autotune_search.py",
-                 "tests/test_autotune_memory.py", "tests/test_autotune_cli_errors.py",
+                 "tests/test_autotune_memory.py", "tests/test_autotune_activations.py",
+                 "tests/test_autotune_cli_errors.py",
                  "tests/test_theoretical_memory.py"],  # layout.from_run_config, search.rank_memory
     "models": ["tests/test_init_seed_names.py", "tests/test_hf_equivalence.py", "tests/test_layout.py",
                # GPTModel.forward's KV-cache argument (incremental decoding against HF generate)

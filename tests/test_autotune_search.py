@@ -359,7 +359,7 @@ def test_layout_flags_given_to_the_search_are_said_to_be_replaced(capsys):
 
 def test_reset_attention_mask_is_in_the_prediction():
     """--reset-attention-mask given to the autotuner reaches its memory model (the masked attention path and
-    the [b, 1, s, s] mask; tests/test_autotune_memory.py counts them): before, the flag was parsed and its
+    the [b, 1, s, s] mask; tests/test_autotune_activations.py counts them): before, the flag was parsed and its
     cost left out. With dropout on the CPU (the explicit path) at sequence 256 the layers' full scores and
     masks come to more than the causal blocks."""
     flags = [f if f != "16" else "256" for f in FLAGS] + ["--attention-dropout", "0.1"]

@@ -3,13 +3,15 @@
 Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1)
 count ``sbh(34 + 5as/h)`` bytes per layer for fp16 at TP 1. Here every term is a tensor this
 implementation saves (found with ``torch.autograd.graph.saved_tensors_hooks``; the test
-tests/test_autotune_memory.py holds the formula to that count), in units of ``B`` bytes per
+tests/test_autotune_activations.py holds the formula to that count), in units of ``B`` bytes per
 activation element (4 for fp32 on the CPU, where the paper's 2 becomes 4) and ``r`` = sbh, divided
 by TP under sequence parallelism:
 
-- residual stream, sharded under SP: layer input and the residual sum (``2rB``, ``8r`` with
-  ``--fp32-residual-connection``, whose norms also keep fp32 copies of their low-precision weights);
-  hidden dropout masks, bool (``2r`` bytes); norm statistics (fp32, ``s b`` per statistic);
+- residual stream, sharded under SP: the two norms' inputs, the layer input and the residual sum (``2rB``,
+  ``8r`` with ``--fp32-residual-connection``, whose norms also keep fp32 copies of their low-precision
+  weights), their statistics (``s b`` per statistic) and RMSNorm's normalized ``x`` (:func:`norm_bytes`:
+  on the CPU RMSNorm keeps an fp32 copy of a 16-bit input instead of the input, LayerNorm 16-bit
+  statistics); hidden dropout masks, bool (``2r`` bytes);
 - linear inputs, gathered under SP: the two norm outputs (``2sbhB``); fc2's input and the
   activation's input (``2 s b ffn / t``; SwiGLU ``4 s b ffn / t`` as torch ops, ``3 s b ffn / t``
   with a fused kernel, which keeps no silu(gate));
@@ -18,7 +20,8 @@ by TP under sequence parallelism:
   dropout, the copy cast from an fp32 softmax of fp16/bf16 scores), and the context copy; ``s^2`` is
   ``(C+1)/2C s^2`` for the C query blocks of the causal path without a fused softmax kernel, which
   keeps no dropout mask; the full-score path keeps it, bool); selective recompute keeps only QKV and
-  the context.
+  the context. RoPE's torch path on 16-bit q and k keeps its own copies of cos and sin
+  (:func:`rope_copy_bytes`).
 - with a document mask (``--reset-attention-mask``, ``ModelSpec.document_mask``) the explicit path
   computes all ``s^2`` scores (no causal blocks); once per micro batch and model chunk (every chunk
   builds it) either the bool mask (``b s^2`` bytes) is kept, by the explicit path's masked softmax and by
@@ -26,9 +29,12 @@ by TP under sequence parallelism:
   dtype (``b s^2 B``), which the chunk's layers share (``SharedAdditiveMask``; one copy per layer
   before) (:func:`document_mask_bytes`).
 
-Full recompute keeps one layer input per layer and rebuilds one layer's activations in backward.
+Full recompute keeps the input of every checkpointed group of layers and rebuilds one group's activations
+in backward (:func:`chunk_activation_bytes`: ``--recompute-method`` uniform or block, ``--recompute-num-layers``).
 """
 from __future__ import annotations
+
+import dataclasses
 
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.transformer.dot_product_attention import causal_blocks
@@ -50,6 +56,44 @@ def fp32_norm_weight_bytes(spec: ModelSpec) -> int:
     return (1 if spec.config.normalization == "RMSNorm" else 2) * spec.config.hidden_size * 4
 
 
+def norm_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
+    """Bytes one norm keeps for backward per microbatch on one rank besides its output (the next linear's
+    input, counted there): its input or an fp32 copy of it, its statistics, RMSNorm's normalized ``x``, and
+    the fp32 copies of low-precision weights on the fp32 residual stream (:func:`fp32_norm_weight_bytes`).
+
+    On the CPU (the torch path, measured by tests/test_autotune_activations.py in fp32, bf16 and fp16): LayerNorm
+    keeps its input and the mean and rstd in the input's dtype (PyTorch's CPU kernel); RMSNorm normalises
+    an fp32 copy of its input (``x.float()``, the input itself when fp32) and keeps that copy, the fp32
+    rstd and ``x * rstd`` in the residual stream's dtype (cast back before the low-precision weight
+    multiplies it, or fp32 when the stream is). On a GPU a fused kernel is expected, counted as the
+    input, fp32 statistics (LayerNorm: mean and rstd, RMSNorm: rstd) and RMSNorm's ``x * rstd`` in the
+    params' dtype.
+    """
+    c = spec.config
+    s, b, h = spec.seq_length, layout.micro_batch_size, c.hidden_size
+    shard = layout.tp if layout.sequence_parallel else 1
+    r, rows, S, B = s * b * h // shard, s * b // shard, stream_bytes(spec), spec.bytes_per_param
+    rms = c.normalization == "RMSNorm"
+    if not on_cpu:
+        kept = r * S + (1 if rms else 2) * rows * 4 + (r * B if rms else 0)
+    elif rms:
+        kept = r * 4 + rows * 4 + r * S
+    else:
+        kept = r * S + 2 * rows * S
+    return kept + fp32_norm_weight_bytes(spec)
+
+
+def rope_copy_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
+    """Bytes of the cos/sin copies RoPE's torch path keeps per layer: cast from the fp32 tables to a
+    low-precision q and k, once each (4 tensors [s, b, 1, rotary_dim]; under SP too, as q and k cover the
+    whole sequence). In fp32 the layers share the model's tables; the GPU's fused kernel reads them as
+    they are. 0 without RoPE."""
+    c = spec.config
+    if c.position_embedding_type != "rope" or not on_cpu or spec.bytes_per_param == 4:
+        return 0
+    return 4 * spec.seq_length * layout.micro_batch_size * c.rotary_dim * spec.bytes_per_param
+
+
 def _uses_sdpa(spec: ModelSpec, on_cpu: bool) -> bool:
     """The core-attention path ``DotProductAttention._use_sdpa`` picks while training."""
     backend = spec.config.attention_backend
@@ -61,14 +105,16 @@ def _uses_sdpa(spec: ModelSpec, on_cpu: bool) -> bool:
 def _swiglu_elements(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     """SwiGLU's kept tensors in units of [s, b, ffn / t]: fc1's output [gate; up] and fc2's input (3),
     plus silu(gate) (4) when SwiGLU runs as torch ops. A fused kernel keeps only its input: Triton's on
-    a GPU (expected there, as the softmax kernel is) and, on the CPU, torch.compile's for inputs of
-    ``compiled.MIN_NUMEL`` elements or more where a C++ compiler is found."""
+    a GPU (expected there, as the softmax kernel is) and, on the CPU, torch.compile's for fp32 and bf16
+    inputs (``compiled.FUSED_DTYPES``: ``config.params_dtype``) of ``compiled.MIN_NUMEL`` elements or more
+    where a C++ compiler is found."""
     if not on_cpu:
         return 3
     from megatron_core.fusions import compiled  # noqa: PLC0415
 
     numel = spec.seq_length * layout.micro_batch_size * 2 * spec.ffn_hidden_size // layout.tp
-    return 3 if compiled.compiled_fusions_enabled() and numel >= compiled.MIN_NUMEL else 4
+    fused = spec.config.params_dtype in compiled.FUSED_DTYPES and numel >= compiled.MIN_NUMEL
+    return 3 if fused and compiled.compiled_fusions_enabled() else 4
 
 
 def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
@@ -80,16 +126,14 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True)
     r, S = s * b * h // shard, stream_bytes(spec)
     if layout.recompute == "full":
         return r * S
-    stats = (1 if c.normalization == "RMSNorm" else 2) * 2 * s * b // shard * 4
     masks = 2 * r if c.hidden_dropout > 0 else 0
-    # + the inputs of the two column-parallel linears (QKV, fc1): under SP only the local shard is kept
-    # (re-gathered in backward, as Megatron-LM), so [s/t, b, h] each.
-    total = 2 * r * S + masks + stats + 2 * r * B + 2 * fp32_norm_weight_bytes(spec)
+    # the two norms (their inputs: the layer input and the residual sum), and their outputs, the inputs of
+    # the two column-parallel linears (QKV, fc1): under SP only the local shard is kept (re-gathered in
+    # backward, as Megatron-LM), so [s/t, b, h] each.
+    total = 2 * norm_bytes(spec, layout, on_cpu) + masks + 2 * r * B
     ffn = s * b * spec.ffn_hidden_size // t
     total += (_swiglu_elements(spec, layout, on_cpu) if c.gated_linear_unit else 2) * ffn * B
-    if c.normalization == "RMSNorm":
-        total += 2 * r * B  # F.rms_norm keeps x * rsqrt(mean(x^2)) for the weight's gradient
-    return total + _attention_bytes(spec, layout, on_cpu)
+    return total + _attention_bytes(spec, layout, on_cpu) + rope_copy_bytes(spec, layout, on_cpu)
 
 
 def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
@@ -124,16 +168,16 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     return total
 
 
-def head_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
+def head_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
     """Bytes the last stage's final norm, output layer and loss keep for backward per microbatch, on one rank.
 
-    Every term a saved tensor (tests/test_autotune_memory.py counts them with ``saved_tensors_hooks``),
+    Every term a saved tensor (tests/test_autotune_activations.py counts them with ``saved_tensors_hooks``),
     ``r`` = sbh, divided by TP under sequence parallelism:
 
-    - final norm: its input and output (``2rB``; the input ``4r`` with ``--fp32-residual-connection``,
-      and the norm's fp32 weight copies; the output layer keeps the output, its input, as every
-      column-parallel linear: under SP only the local shard, re-gathered in backward as Megatron-LM),
-      RMSNorm's normalized ``x`` (``rB``), the fp32 statistics (``s b`` per statistic);
+    - final norm: what :func:`norm_bytes` counts (its input, ``4r`` with ``--fp32-residual-connection``, or
+      RMSNorm's fp32 copy of it on the CPU; the statistics, RMSNorm's normalized ``x``, fp32 weight copies)
+      and its output (``rB``: the output layer keeps its input, as every column-parallel linear: under SP
+      only the local shard, re-gathered in backward as Megatron-LM);
     - loss (``tensor_parallel.cross_entropy``): the fp32 softmax of the logits shard (``4 s b V / t``),
       the target index (int64) and the ignore mask (bool) per token; under TP > 1 also the shard's share
       of the normaliser (fp32) and the out-of-shard mask (bool) per token.
@@ -142,10 +186,8 @@ def head_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
     s, b, h, t = spec.seq_length, layout.micro_batch_size, c.hidden_size, layout.tp
     shard = t if layout.sequence_parallel else 1
     r, B = s * b * h // shard, spec.bytes_per_param
-    rms = c.normalization == "RMSNorm"
     # the norm's input is the residual stream (fp32 with --fp32-residual-connection), its output the params dtype
-    norm = r * stream_bytes(spec) + r * B + (r * B if rms else 0) + (1 if rms else 2) * s * b // shard * 4
-    norm += fp32_norm_weight_bytes(spec)
+    norm = norm_bytes(spec, layout, on_cpu) + r * B
     vocab = spec.padded_vocab(t) // t
     loss = 4 * s * b * vocab + (8 + 1) * s * b + ((4 + 1) * s * b if t > 1 else 0)
     return norm + loss
@@ -182,18 +224,37 @@ def in_flight(layout: Layout, num_microbatches: int, pp_rank: int) -> int:
     return min(total, 2 * (p - pp_rank - 1) + (layout.vpp - 1) * p + 1)
 
 
+def chunk_activation_bytes(spec: ModelSpec, layout: Layout, layers: int, on_cpu: bool = True) -> tuple[int, int]:
+    """(bytes one forward of a model chunk of ``layers`` transformer layers keeps for backward, bytes its
+    backward rebuilds at once under full recompute), per microbatch on one rank, document mask aside.
+
+    Full recompute (``TransformerBlock``, as Megatron-core's): ``uniform`` keeps the input of each group of
+    ``recompute_num_layers`` layers and rebuilds a whole group's activations in its backward; ``block``
+    keeps the input of each of the chunk's first ``recompute_num_layers`` layers (rebuilt one at a time)
+    and all activations of the others. The rebuilt group's first layer counts its input again, as the
+    recomputation saves it once more for backward (the same storage as the checkpoint's)."""
+    per_layer = layer_activation_bytes(spec, layout, on_cpu)
+    if layout.recompute != "full" or layers == 0:
+        return layers * per_layer, 0
+    full = layer_activation_bytes(spec, dataclasses.replace(layout, recompute=None), on_cpu)
+    k = layout.recompute_num_layers
+    if layout.recompute_method == "block":
+        checkpointed = min(k, layers)
+        return checkpointed * per_layer + (layers - checkpointed) * full, full if checkpointed else 0
+    return -(-layers // k) * per_layer, min(k, layers) * full
+
+
 def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True) -> int:
     """Peak activation bytes on pipeline rank ``pp_rank``: in-flight chunks' saved tensors, plus the
-    transient of one backward (a recomputed layer under full recompute, the logits' gradient on the
+    transient of one backward (the recomputed layers under full recompute, the logits' gradient on the
     last stage)."""
     counts = spec.config.layer_counts(layout.pp, layout.vpp)
     chunks = layout.vpp or 1
     mine = [counts[v * layout.pp + pp_rank] for v in range(chunks)]
-    per_chunk_layers = max(mine)
     flight = in_flight(layout, spec.num_microbatches(layout), pp_rank)
-    per_layer = layer_activation_bytes(spec, layout, on_cpu)
+    kept, rebuilt = chunk_activation_bytes(spec, layout, max(mine), on_cpu)
     # Interleaved ranks cycle through their chunks; the in-flight count is in chunk forwards.
-    total = flight * (per_chunk_layers * per_layer + document_mask_bytes(spec, layout, on_cpu))
+    total = flight * (kept + document_mask_bytes(spec, layout, on_cpu))
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     vocab = spec.padded_vocab(layout.tp) // layout.tp
     s, b = spec.seq_length, layout.micro_batch_size
@@ -201,9 +262,6 @@ def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu
         total += min(flight, spec.num_microbatches(layout)) * embedding_activation_bytes(spec, layout)
     transient = 0
     if last:
-        total += min(flight, spec.num_microbatches(layout)) * head_activation_bytes(spec, layout)
+        total += min(flight, spec.num_microbatches(layout)) * head_activation_bytes(spec, layout, on_cpu)
         transient = 2 * 4 * s * b * vocab  # logits and their gradient
-    if layout.recompute == "full":
-        rebuilt = layer_activation_bytes(spec, Layout(**{**layout.__dict__, "recompute": None}), on_cpu)
-        transient = max(transient, rebuilt)
-    return total + transient
+    return total + max(transient, rebuilt)

@@ -18,7 +18,9 @@ class Layout:
     ``--num-layers-per-virtual-pipeline-stage``). ``zero_stage`` is DeepSpeed's ZeRO stage (1 is
     Megatron's ``--use-distributed-optimizer``); ``offload`` moves fp32 main parameters and optimizer
     state to host memory (DeepSpeed's ``offload_optimizer``). ``recompute``: None, ``selective`` or
-    ``full`` (uniform, one layer per checkpoint).
+    ``full``; with ``full``, ``recompute_method`` (``--recompute-method``: ``uniform`` checkpoints groups of
+    ``recompute_num_layers`` layers, ``block`` the first ``recompute_num_layers`` layers of each model chunk)
+    and ``recompute_num_layers`` (``--recompute-num-layers``); the search's layouts use uniform, 1.
     """
 
     tp: int = 1
@@ -30,6 +32,8 @@ class Layout:
     recompute: str | None = None
     sequence_parallel: bool = False
     offload: bool = False
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
 
     @property
     def world_size(self) -> int:
@@ -42,6 +46,8 @@ class Layout:
             f"dp{self.dp}", f"z{self.zero_stage}", f"mb{self.micro_batch_size}"]
         if self.recompute:
             parts.append({"selective": "sel", "full": "full"}[self.recompute])
+        if self.recompute == "full" and (self.recompute_method, self.recompute_num_layers) != ("uniform", 1):
+            parts.append(f"{self.recompute_method}{self.recompute_num_layers}")
         if self.sequence_parallel:
             parts.append("sp")
         if self.offload:
@@ -92,7 +98,8 @@ class ModelSpec:
         return self.global_batch_size // (layout.micro_batch_size * layout.dp)
 
 
-def from_run_config(config: RunConfig, vocab_size: int) -> tuple[ModelSpec, Layout]:
+def from_run_config(config: RunConfig, vocab_size: int,
+                    global_batch_size: int | None = None) -> tuple[ModelSpec, Layout]:
     """The model and layout a training run's typed config describes: the one mapping from a
     :class:`~megatron_core.training.config.RunConfig` to the autotuner's terms (``tools/autotune.py``
     and pretrain's theoretical-memory line both use it).
@@ -101,17 +108,22 @@ def from_run_config(config: RunConfig, vocab_size: int) -> tuple[ModelSpec, Layo
     changes nothing). The ZeRO stage is ``DistributedDataParallelConfig.zero_stage`` (1 for
     ``--use-distributed-optimizer``); gradients are 4 bytes when reduced in fp32 (``grad_reduce_in_fp32``:
     ``--bf16`` without ``--grad-reduce-in-bf16``, or ``--accumulate-allreduce-grads-in-fp32``), else the
-    parameters' size; ``recompute`` is the config's ``recompute_granularity`` (the memory model counts
-    ``full`` as uniform with one layer per checkpoint). Batch-size rampup is not modelled: the final
-    ``--global-batch-size`` sets the microbatches.
+    parameters' size; ``recompute`` is the config's ``recompute_granularity``, with its method and number of
+    layers under ``full``. ``global_batch_size``: the batch that sets the microbatches (None: the final
+    ``--global-batch-size``; during ``--rampup-batch-size`` pretrain's theoretical-memory line passes the
+    batch of the iteration it is printed at, as Megatron-LM's ``get_num_microbatches()`` there).
     """
     t, p = config.model.transformer, config.parallel
     nbytes = t.params_dtype.itemsize
     spec = ModelSpec(t, vocab_size, config.data.seq_length, config.model.max_position_embeddings,
-                     config.training.global_batch_size, config.data.make_vocab_size_divisible_by, nbytes,
+                     global_batch_size or config.training.global_batch_size, config.data.make_vocab_size_divisible_by,
+                     nbytes,
                      4 if config.ddp.grad_reduce_in_fp32 else nbytes, document_mask=config.data.reset_attention_mask)
     layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=p.data_parallel_size,
                     vpp=p.virtual_pipeline_model_parallel_size, zero_stage=config.ddp.zero_stage,
                     micro_batch_size=config.training.micro_batch_size, recompute=t.recompute_granularity,
                     sequence_parallel=t.sequence_parallel, offload=config.optimizer.optimizer_cpu_offload)
+    if t.recompute_granularity == "full":  # TransformerConfig has checked both are set
+        layout = dataclasses.replace(layout, recompute_method=t.recompute_method or "uniform",
+                                     recompute_num_layers=t.recompute_num_layers or 1)
     return spec, layout

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 MIN_NUMEL = 1 << 20
 """Smallest input (elements) the compiled fusions take; below it the eager op is cheaper overall."""
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes the compiled fusions take (fp16 on the CPU stays eager)."""
+
 _TWO_K = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715  # GPT-2's (Hendrycks and Gimpel 2016) cubic coefficient
 
@@ -136,7 +139,7 @@ class CompiledFusion:
 
 def fusion_applies(x: torch.Tensor) -> bool:
     """A CPU fp32/bf16 tensor of at least :data:`MIN_NUMEL` elements, in a step that needs its gradient."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.numel() >= MIN_NUMEL
+    return (x.device.type == "cpu" and x.dtype in FUSED_DTYPES and x.numel() >= MIN_NUMEL
             and x.requires_grad and torch.is_grad_enabled())
 
 

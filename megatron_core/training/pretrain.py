@@ -373,7 +373,8 @@ def _train(run: _Run, state: TrainState, result: TrainResult) -> None:
         log=TrainingLog(run.config.logging, training.train_iters, run.out.last, run.writer,
                         _flops_per_sample(run.config, run.model_info.padded_vocab_size), run.data.seq_length,
                         ps.world_size, memory_printer=run.out.dp_first, theoretical_memory=(lambda: run.out.rank0(
-                            theoretical_memory_line(run.config, run.model_info.padded_vocab_size, ps.pp_rank)))
+                            theoretical_memory_line(run.config, run.model_info.padded_vocab_size, ps.pp_rank,
+                                                    run.calculator.current_global_batch_size)))
                         if ps.rank == 0 else None),
         iterators=data_loading.data_iterators(run.train_ds, state.consumed_train_samples, training.micro_batch_size,
                                               ps, run.data.num_workers, len(run.model),

@@ -73,16 +73,19 @@ def make_tensorboard_writer(directory: str | None, is_logging_rank: bool, printe
                           f"directory this job can create and write to") from None
 
 
-def theoretical_memory_line(config: RunConfig, vocab_size: int, pp_rank: int) -> str:
+def theoretical_memory_line(config: RunConfig, vocab_size: int, pp_rank: int,
+                            global_batch_size: int | None = None) -> str:
     """Megatron-LM's ``report_theoretical_memory`` line, ``Theoretical memory footprints: weight and
     optimizer=X MB, activation=Y MB, total=Z MB`` (MiB, 2 decimals), from the autotuner's prediction for
     pipeline rank ``pp_rank`` of this run's layout (:func:`megatron_core.autotune.search.rank_memory`, on
     the device the run trains on) instead of Megatron-LM's closed formula. ``vocab_size``: the model's
-    vocabulary (padded or not)."""
+    vocabulary (padded or not); ``global_batch_size``: the batch of the iteration the line is printed at
+    (its microbatches bound those in flight; Megatron-LM passes ``get_num_microbatches()`` there, the
+    ramped count under ``--rampup-batch-size``), None for the final ``--global-batch-size``."""
     from megatron_core.autotune.layout import from_run_config
     from megatron_core.autotune.search import rank_memory
 
-    spec, layout = from_run_config(config, vocab_size)
+    spec, layout = from_run_config(config, vocab_size, global_batch_size)
     memory = rank_memory(spec, layout, pp_rank, on_cpu=device.current_device().type == "cpu",
                          bucket_size=config.ddp.bucket_size, optimizer=config.optimizer.optimizer,
                          sgd_momentum=config.optimizer.sgd_momentum,

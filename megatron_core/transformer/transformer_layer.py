@@ -1,7 +1,7 @@
 """A pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)), with hidden dropout.
 
 With ``fp32_residual_connection`` x stays fp32: the norms return the params dtype for the branches,
-whose outputs are cast up for the add.
+whose bias and dropout stay in that dtype; only the residual add is in fp32 (Megatron-LM's order).
 
 Hidden dropout acts on the residual stream, which TP ranks hold identically, so it draws from the
 default RNG (the same mask on every TP rank); under sequence parallelism each rank holds different
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from megatron_core.fusions import dropout_add
+from megatron_core.fusions import dropout, dropout_add
 from megatron_core.fusions.kernels import find_kernel
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 from megatron_core.transformer.config import TransformerConfig
@@ -55,9 +55,9 @@ class TransformerLayer(torch.nn.Module):
                                 prefix=component_name(prefix, "mlp"))
 
     def _bias_dropout_add(self, out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-        if out.dtype != residual.dtype:  # an fp32 residual stream (fp32_residual_connection): add in fp32
-            out, bias = out.to(residual.dtype), None if bias is None else bias.to(residual.dtype)
         p = self.config.hidden_dropout
+        if out.dtype != residual.dtype:
+            return self._bias_dropout_add_to_fp32_stream(out, bias, residual, p)
         if self.training and p > 0:
             rng = self.rng_tracker.fork() if self.config.sequence_parallel else contextlib.nullcontext()
             kernel = self.bda_kernel
@@ -69,6 +69,20 @@ class TransformerLayer(torch.nn.Module):
                 return dropout_add(out, residual, p)
         if bias is not None:
             out = out + bias
+        return residual + out
+
+    def _bias_dropout_add_to_fp32_stream(self, out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                                         p: float) -> torch.Tensor:
+        """``fp32_residual_connection``: the bias added and the dropout applied in the branch's dtype (bf16/fp16),
+        then the sum added to the fp32 stream in fp32: ``residual + dropout(out + bias)``, Megatron-LM's
+        ``bias_dropout_add`` (megatron/legacy/model/transformer.py), whose last add promotes to fp32. (Megatron-core
+        0.16.1's ``_bias_dropout_add_func`` casts the residual down to the branch's dtype instead, so its stream
+        is fp32 only up to the first layer's add.) The fused kernel adds in its input's dtype: not used here."""
+        if bias is not None:
+            out = out + bias
+        if self.training and p > 0:
+            with self.rng_tracker.fork() if self.config.sequence_parallel else contextlib.nullcontext():
+                out = dropout(out, p)
         return residual + out
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
