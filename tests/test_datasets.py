@@ -18,6 +18,7 @@ from megatron_core.datasets import (
     parse_split,
     split_document_ranges,
 )
+from megatron_core.datasets.blended_dataset import normalize_weights
 from megatron_core.datasets.gpt_indices import build_sample_index
 
 EOD = 0
@@ -282,6 +283,13 @@ def test_blended_fractions_follow_weights(tmp_path):
                                             data_cache_path=str(tmp_path / "cache2")), [2000, 0, 0])
     assert np.array_equal(train.dataset_index, again.dataset_index)
     assert np.array_equal(train.dataset_sample_index, again.dataset_sample_index)
+    # the blend's indices are cached next to its parts' (one description, two arrays) and read back
+    cached = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").glob("*-BlendedDataset-*"))
+    assert cached == ["BlendedDataset-dataset_index.npy", "BlendedDataset-dataset_sample_index.npy",
+                      "BlendedDataset-description.json"]
+    reread, _, _ = build_gpt_datasets(cfg, [2000, 0, 0])
+    assert isinstance(reread.dataset_index, np.memmap)
+    assert np.array_equal(reread.dataset_index, train.dataset_index)
 
 
 def test_blending_indices_track_weights_at_every_prefix():
@@ -292,6 +300,20 @@ def test_blending_indices_track_weights_at_every_prefix():
         assert sample_index[i] == counts[d]
         counts[d] += 1
         assert np.all(np.abs(counts - np.array(weights) * (i + 1)) <= 1.0 + 1e-9)
+
+
+def test_blending_indices_are_megatron_lms_at_the_first_steps():
+    """Megatron-LM's helpers.cpp judges steps 0 and 1 against a prefix of 1 and step i >= 2 against i; with
+    weights 1:1:5 step 2 serves the third dataset (taken from megatron-core 0.16.1's build_blending_indices)."""
+    index, sample_index = build_blending_indices([1, 1, 5], 10)
+    assert index.tolist() == [2, 0, 2, 1, 2, 2, 2, 0, 2, 2]
+    assert sample_index.tolist() == [0, 0, 1, 0, 2, 3, 4, 1, 5, 6]
+
+
+@pytest.mark.parametrize("weights", [[], [0.5, 0.0], [1.0, -1.0], [1.0, float("nan")], [float("inf"), 1.0]])
+def test_blend_weights_must_be_positive_finite_numbers(weights):
+    with pytest.raises(ValueError, match=r"^blend weights must be positive numbers, got "):
+        normalize_weights(weights)
 
 
 def test_parse_data_path(tmp_path, data):

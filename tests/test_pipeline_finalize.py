@@ -4,6 +4,7 @@ from harness import run_distributed
 
 from megatron_core import parallel_state
 from megatron_core.distributed import finalize_model_grads
+from megatron_core.distributed.finalize_model_grads import changed_after_dp_sync
 
 
 class _Wrapped(torch.nn.Module):
@@ -76,3 +77,24 @@ def test_finalize_model_grads_sums_sequence_parallel_over_tp_and_tied_over_pp():
         assert torch.equal(shard, torch.full((2, 2), tag)), f"{where}: a TP shard's grad must not be summed"
         assert torch.equal(plain, torch.full((1, 1), tag)), f"{where}: a replicated grad must not be summed"
         assert torch.equal(tied, torch.full((1, 1), pp_sum)), f"{where}: tied grad summed over the wrong group"
+
+
+def _changed_after_dp_sync(tp, pp):
+    ps = parallel_state.initialize_model_parallel(tp, pp)
+    params = {name: torch.nn.Parameter(torch.zeros(1)) for name in ("plain", "sequence_parallel", "shared_embedding")}
+    params["sequence_parallel"].sequence_parallel = True
+    params["shared_embedding"].shared_embedding = True
+    return {(name, per_token): changed_after_dp_sync(p, ps, per_token)
+            for name, p in params.items() for per_token in (False, True)}
+
+
+def test_changed_after_dp_sync_names_the_gradients_finalize_changes():
+    """--overlap-cpu-optimizer-d2h-h2d copies a bucket's reduced gradient early only when no parameter in it
+    is changed after the DP sync: sequence-parallel grads at TP > 1 (summed over TP), the tied embedding
+    across stages, and every gradient under per-token loss (divided by the token count)."""
+    expected = {(1, 1): set(), (2, 1): {"sequence_parallel"}, (1, 2): {"shared_embedding"}}
+    for (tp, pp), changed in expected.items():
+        for result in run_distributed(_changed_after_dp_sync, tp * pp, tp, pp, timeout=60):
+            assert result == {(name, per_token): per_token or name in changed
+                              for name in ("plain", "sequence_parallel", "shared_embedding")
+                              for per_token in (False, True)}, (tp, pp)

@@ -148,15 +148,49 @@ def test_vocab_parallel_embedding(tp, sp):
         assert_rel_close(wgrad, w.grad.chunk(tp)[r], what="embedding grad")
 
 
-def _bad_ids():
+def _bad_ids(ids):
     parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     emb = VocabParallelEmbedding(VOCAB, HIDDEN)
-    emb(torch.tensor([[1, VOCAB + 3]]))
+    emb(torch.tensor([ids]))
 
 
-def test_ids_outside_vocabulary_are_rejected():
-    with pytest.raises(RankError, match=r"token id 35 is outside the vocabulary \[0, 32\)"):
-        run_distributed(_bad_ids, 2, timeout=60)
+@pytest.mark.parametrize("ids,bad", [([1, VOCAB + 3], VOCAB + 3), ([0, VOCAB + 3], VOCAB + 3), ([-2, 5], -2)])
+def test_ids_outside_vocabulary_are_rejected(ids, bad):
+    """The error names the offending id: the largest when it is too large (also beside an id 0), else the
+    negative one."""
+    with pytest.raises(RankError, match=rf"token id {bad} is outside the vocabulary \[0, 32\)"):
+        run_distributed(_bad_ids, 2, ids, timeout=60)
+
+
+def _column_frozen_weight(sp):
+    ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    tp, r = ps.tp_size, ps.tp_rank
+    torch.manual_seed(1234)
+    layer = ColumnParallelLinear(IN, OUT, sequence_parallel=sp, init_method=init_method_normal(0.5))
+    layer.weight.requires_grad_(False)
+    x_full, g_full = _inputs((SEQ, BATCH, IN), (SEQ, BATCH, OUT))
+    x = (x_full.chunk(tp)[r] if sp else x_full).clone().requires_grad_()
+    out, _ = layer(x)
+    (out * g_full.chunk(tp, dim=-1)[r]).sum().backward()
+    return layer.weight.grad, layer.bias.grad, x.grad
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_frozen_column_weight_still_passes_the_input_gradient(sp):
+    """A frozen ColumnParallelLinear weight (fine-tuning the layers above) gets no gradient, but the
+    input's gradient is still computed and summed over TP (reduce-scattered with SP), as in one process."""
+    torch.manual_seed(1234)
+    w = torch.empty(OUT, IN)
+    init_method_normal(0.5)(w)
+    x_full, g_full = _inputs((SEQ, BATCH, IN), (SEQ, BATCH, OUT))
+    x_ref = x_full.clone().requires_grad_()
+    (F.linear(x_ref, w) * g_full).sum().backward()
+    (ref,) = run_distributed(_column_frozen_weight, 1, False, timeout=60)
+    assert ref[0] is None
+    for r, (wgrad, bgrad, xgrad) in enumerate(run_distributed(_column_frozen_weight, 2, sp, timeout=60)):
+        assert wgrad is None
+        assert_rel_close(bgrad, g_full.sum(dim=(0, 1)).chunk(2)[r], what="bias grad")
+        assert_rel_close(xgrad, x_ref.grad.chunk(2)[r] if sp else x_ref.grad, what="input grad")
 
 
 def _indivisible():

@@ -88,3 +88,18 @@ def _indivisible_sequence():
 def test_sequence_not_divisible_by_tp_is_rejected():
     with pytest.raises(RankError, match="sequence length 5 is not divisible by the tensor-parallel size 2"):
         run_distributed(_indivisible_sequence, 2, timeout=60)
+
+
+@pytest.mark.parametrize("mapping", [copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
+                                     scatter_to_tensor_model_parallel_region, gather_from_tensor_model_parallel_region,
+                                     scatter_to_sequence_parallel_region, gather_from_sequence_parallel_region,
+                                     reduce_scatter_to_sequence_parallel_region])
+def test_no_group_is_the_identity_forward_and_backward(mapping):
+    """``group=None`` (no process group, as serial code passes) is a group of one: the tensor itself
+    comes back and its gradient passes through unchanged, without torch.distributed initialized."""
+    assert not dist.is_initialized()
+    x = _full(1).requires_grad_()
+    out = mapping(x, None)
+    assert out is x
+    (out * _full(2)).sum().backward()
+    assert torch.equal(x.grad, _full(2))
