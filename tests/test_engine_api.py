@@ -447,3 +447,24 @@ def test_deepspeed_io_builds_the_engines_loader():
     for rank, (loader, train, evaluation) in enumerate(results):
         assert train == loader and all(len(b) == 2 for b in train), (rank, train)
         assert evaluation == [[float(i) for i in range(rank, 8, 2)]], (rank, evaluation)
+
+
+def _epoch_orders():
+    data = [torch.full((2,), float(i)) for i in range(8)]
+    engine, _, loader, _ = megatron_core.initialize(make_model("mlp"), training_data=data, config=ds_config(2, 1, 0))
+    orders = []
+    for epoch in range(2):
+        loader.data_sampler.set_epoch(epoch)
+        orders.append([b[:, 0].tolist() for b in loader])
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=engine.parallel_state.dp_rank)
+    sampler.set_epoch(1)
+    engine.parallel_state.destroy()
+    return orders, [data[i][0].item() for i in sampler]
+
+
+def test_loader_data_sampler_reshuffles_each_epoch():
+    """A DeepSpeed script's ``loader.data_sampler.set_epoch(epoch)`` (DeepSpeedDataLoader's name for its sampler)
+    was "AttributeError: 'DataLoader' object has no attribute 'data_sampler'". It is the loader's
+    DistributedSampler (seed 0, as DeepSpeed's): epoch 1 reads that sampler's epoch-1 order."""
+    for orders, epoch_one in run_distributed(_epoch_orders, 2, timeout=60):
+        assert orders[0] != orders[1] and [x for b in orders[1] for x in b] == epoch_one, orders

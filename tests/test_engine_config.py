@@ -324,6 +324,19 @@ def test_file_errors(tmp_path):
         load_config(str(bad), dp_size=1)
 
 
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path):
+    """``json.load`` keeps the last of two equal keys; DeepSpeed 0.19.8 refuses the file ("Duplicate keys in
+    DeepSpeed config"), also inside a section: here the second ``train_batch_size`` (or ``lr``) won silently."""
+    top = tmp_path / "top.json"
+    top.write_text('{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "train_batch_size": 4}')
+    with pytest.raises(ConfigError, match=r"top.json' gives the key 'train_batch_size' twice in one object; keep one$"):
+        load_config(str(top), dp_size=1)
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1, "lr": 2}}}')
+    with pytest.raises(ConfigError, match=r"gives the key 'lr' twice"):
+        load_config(str(nested), dp_size=1)
+
+
 def test_pretrain_mapping_checks_flags_against_the_file():
     raw = config_with(zero_optimization={"stage": 1}, bf16={"enabled": True})
     mapped = deepspeed_to_megatron(raw, dp_size=2, flags={"zero_stage": 1, "bf16": True, "micro_batch_size": 2})

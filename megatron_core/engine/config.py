@@ -11,6 +11,7 @@ implement is refused unless it has DeepSpeed's "off" value) and solves the batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -352,6 +353,17 @@ def _old_names(raw: dict) -> dict:
     return raw
 
 
+def _refuse_duplicate_keys(path: str, pairs: list[tuple[str, Any]]) -> dict:
+    """One JSON object's pairs as a dict; a key given twice is an error, as DeepSpeed's
+    ``dict_raise_error_on_duplicate_keys`` (``json.load`` alone keeps the last value silently)."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"DeepSpeed config file {path!r} gives the key {key!r} twice in one object; keep one")
+        seen[key] = value
+    return seen
+
+
 def read_json(config: str | os.PathLike | dict) -> dict:
     """The config as a dict: a path to a JSON file, or a dict (copied). Raises ConfigError."""
     if isinstance(config, dict):
@@ -360,7 +372,7 @@ def read_json(config: str | os.PathLike | dict) -> dict:
         raise ConfigError(f"DeepSpeed config must be a path to a JSON file or a dict, got {type(config).__name__}")
     try:
         with open(config, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=functools.partial(_refuse_duplicate_keys, os.fspath(config)))
     except FileNotFoundError:
         raise ConfigError(f"DeepSpeed config file {os.fspath(config)!r} does not exist") from None
     except json.JSONDecodeError as exc:

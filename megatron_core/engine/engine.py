@@ -39,6 +39,17 @@ from megatron_core.parallel_state import ParallelState
 from megatron_core.training.health import TrainingDivergedError
 
 
+class EngineDataLoader(torch.utils.data.DataLoader):
+    """The loader ``deepspeed_io`` returns: a ``torch.utils.data.DataLoader`` that also names its sampler
+    ``data_sampler``, as DeepSpeed's ``DeepSpeedDataLoader`` does; scripts reshuffle each epoch with
+    ``loader.data_sampler.set_epoch(epoch)`` (DeepSpeed's loader has no ``sampler`` attribute)."""
+
+    @property
+    def data_sampler(self) -> Any:
+        """The loader's sampler (a ``DistributedSampler`` unless ``deepspeed_io`` was given one)."""
+        return self.sampler
+
+
 class Engine(torch.nn.Module):
     """A model wrapped for data (and AutoTP tensor) parallel training from a DeepSpeed config.
 
@@ -73,7 +84,7 @@ class Engine(torch.nn.Module):
 
     def deepspeed_io(self, dataset: Any, batch_size: int | None = None, route: str = "train", pin_memory: bool = True,
                      data_sampler: Any = None, collate_fn: Any = None, num_local_io_workers: int | None = None) -> Any:
-        """DeepSpeed's ``engine.deepspeed_io``: a ``torch.utils.data.DataLoader`` over a map-style ``dataset``.
+        """DeepSpeed's ``engine.deepspeed_io``: an :class:`EngineDataLoader` over a map-style ``dataset``.
 
         Sharded over the data-parallel ranks by a ``DistributedSampler`` (shuffled for ``route`` "train", in order
         for "eval" and "predict", as DeepSpeed) unless ``data_sampler`` is given; ``batch_size`` defaults to
@@ -88,7 +99,7 @@ class Engine(torch.nn.Module):
             data_sampler = torch.utils.data.DistributedSampler(
                 dataset, num_replicas=self.parallel_state.dp_size, rank=self.parallel_state.dp_rank,
                 shuffle=route == "train")
-        return torch.utils.data.DataLoader(
+        return EngineDataLoader(
             dataset,
             batch_size=self.config.train_micro_batch_size_per_gpu if batch_size is None else batch_size,
             sampler=data_sampler,
