@@ -200,17 +200,23 @@ def embedding_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
     return (s * b * h // shard if spec.config.hidden_dropout > 0 else 0) + 8 * s * b
 
 
-def document_mask_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
+def document_mask_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True, layers: int | None = None) -> int:
     """Bytes of the document mask [b, 1, s, s] of one micro batch on one model chunk (``--reset-attention-mask``)
     kept for backward: its bool form (``b s^2``) when the explicit path's masked softmax or a recompute
-    checkpoint (selective or full) keeps it; under SDPA without recompute the additive form in the
-    activations' dtype (``b s^2 B``), made once and kept by every layer's SDPA. 0 without a document mask."""
+    checkpoint (selective or full) keeps it; under SDPA the additive form in the activations' dtype
+    (``b s^2 B``), made once and kept by every layer's SDPA outside a checkpoint: all of them without
+    recompute, under full recompute with ``--recompute-method block`` the chunk's layers past the first
+    ``recompute_num_layers`` when ``layers`` (the chunk's) exceeds it. 0 without a document mask."""
     if not spec.document_mask:
         return 0
     elements = layout.micro_batch_size * spec.seq_length ** 2
-    if layout.recompute is None and _uses_sdpa(spec, on_cpu):
+    if not _uses_sdpa(spec, on_cpu):
+        return elements
+    if layout.recompute is None:
         return elements * spec.bytes_per_param
-    return elements
+    unchecked = layout.recompute == "full" and layout.recompute_method == "block" and \
+        layers is not None and layers > layout.recompute_num_layers
+    return elements + (elements * spec.bytes_per_param if unchecked else 0)
 
 
 def in_flight(layout: Layout, num_microbatches: int, pp_rank: int) -> int:
@@ -226,22 +232,28 @@ def in_flight(layout: Layout, num_microbatches: int, pp_rank: int) -> int:
 
 def chunk_activation_bytes(spec: ModelSpec, layout: Layout, layers: int, on_cpu: bool = True) -> tuple[int, int]:
     """(bytes one forward of a model chunk of ``layers`` transformer layers keeps for backward, bytes its
-    backward rebuilds at once under full recompute), per microbatch on one rank, document mask aside.
+    backward rebuilds at once under full recompute), per microbatch on one rank, the document mask's forward
+    forms aside (:func:`document_mask_bytes`).
 
     Full recompute (``TransformerBlock``, as Megatron-core's): ``uniform`` keeps the input of each group of
     ``recompute_num_layers`` layers and rebuilds a whole group's activations in its backward; ``block``
     keeps the input of each of the chunk's first ``recompute_num_layers`` layers (rebuilt one at a time)
     and all activations of the others. The rebuilt group's first layer counts its input again, as the
-    recomputation saves it once more for backward (the same storage as the checkpoint's)."""
+    recomputation saves it once more for backward (the same storage as the checkpoint's); under SDPA a
+    replay makes a document mask's additive form again (``b s^2 B``, shared by the group's layers)."""
     per_layer = layer_activation_bytes(spec, layout, on_cpu)
     if layout.recompute != "full" or layers == 0:
         return layers * per_layer, 0
     full = layer_activation_bytes(spec, dataclasses.replace(layout, recompute=None), on_cpu)
+    if spec.document_mask and _uses_sdpa(spec, on_cpu):
+        replayed_mask = layout.micro_batch_size * spec.seq_length ** 2 * spec.bytes_per_param
+    else:
+        replayed_mask = 0
     k = layout.recompute_num_layers
     if layout.recompute_method == "block":
         checkpointed = min(k, layers)
-        return checkpointed * per_layer + (layers - checkpointed) * full, full if checkpointed else 0
-    return -(-layers // k) * per_layer, min(k, layers) * full
+        return checkpointed * per_layer + (layers - checkpointed) * full, full + replayed_mask if checkpointed else 0
+    return -(-layers // k) * per_layer, min(k, layers) * full + replayed_mask
 
 
 def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True) -> int:
@@ -254,7 +266,7 @@ def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu
     flight = in_flight(layout, spec.num_microbatches(layout), pp_rank)
     kept, rebuilt = chunk_activation_bytes(spec, layout, max(mine), on_cpu)
     # Interleaved ranks cycle through their chunks; the in-flight count is in chunk forwards.
-    total = flight * (kept + document_mask_bytes(spec, layout, on_cpu))
+    total = flight * (kept + document_mask_bytes(spec, layout, on_cpu, max(mine)))
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     vocab = spec.padded_vocab(layout.tp) // layout.tp
     s, b = spec.seq_length, layout.micro_batch_size
