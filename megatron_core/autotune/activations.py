@@ -25,9 +25,10 @@ by TP under sequence parallelism:
 - with a document mask (``--reset-attention-mask``, ``ModelSpec.document_mask``) the explicit path
   computes all ``s^2`` scores (no causal blocks); once per micro batch and model chunk (every chunk
   builds it) either the bool mask (``b s^2`` bytes) is kept, by the explicit path's masked softmax and by
-  the recompute checkpoints, or, under SDPA without recompute, its additive form in the activations'
-  dtype (``b s^2 B``), which the chunk's layers share (``SharedAdditiveMask``; one copy per layer
-  before) (:func:`document_mask_bytes`).
+  the recompute checkpoints, and/or, under SDPA, its additive form in the activations' dtype
+  (``b s^2 B``), which the chunk's layers outside checkpoints share (``SharedAdditiveMask``; one copy per
+  layer before): all of them without recompute, those past block's checkpointed ones under full recompute
+  (:func:`document_mask_bytes`); a full-recompute replay makes it again for its group.
 
 Full recompute keeps the input of every checkpointed group of layers and rebuilds one group's activations
 in backward (:func:`chunk_activation_bytes`: ``--recompute-method`` uniform or block, ``--recompute-num-layers``).
