@@ -57,7 +57,11 @@ CASES = {"dropout-explicit": dict(), "no-dropout-sdpa": dict(hidden_dropout=0.0,
          "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
          "unfused": dict(attention_backend="unfused", hidden_dropout=0.0, attention_dropout=0.0),
          "llama-rope-gqa": dict(normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
-                                position_embedding_type="rope", num_query_groups=2)}
+                                position_embedding_type="rope", num_query_groups=2),
+         # grouped-query attention without RoPE: q is a copy of its [s, b, groups, heads/groups * d] split unless
+         # one group is left on the rank (TP 2 here), k and v stay views of the fused QKV output
+         "gqa-explicit": dict(num_query_groups=2), "gqa-sdpa": dict(num_query_groups=2, hidden_dropout=0.0,
+                                                                    attention_dropout=0.0)}
 
 
 def _recompute(case: str) -> str | None:

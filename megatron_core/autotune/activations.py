@@ -139,22 +139,27 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True)
 
 def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     """Saved tensors of the QKV split, RoPE and core attention. q, k and v are views of the fused
-    QKV output unless RoPE (new q and k) or grouped-query expansion (new k and v) replaced them; the
-    fused output is kept while any view of it is saved."""
+    QKV output unless RoPE (new q and k), the split (a new q: under grouped-query attention with more than
+    one group on the rank, ``[s, b, groups, heads/groups * d]`` reshaped to heads is a copy) or grouped-query
+    expansion (new k and v) replaced them; the fused output is kept while any view of it is saved."""
     c = spec.config
     s, b, t, B = spec.seq_length, layout.micro_batch_size, layout.tp, spec.bytes_per_param
     heads = c.num_attention_heads // t
     mixed = s * b * (c.query_projection_size + 2 * c.kv_projection_size) // t * B
     qsz, kvsz = s * b * c.query_projection_size // t * B, s * b * c.kv_projection_size // t * B
     rope = c.position_embedding_type == "rope"
-    rotated = qsz + kvsz if rope else 0
-    if layout.recompute == "selective":  # the checkpoint keeps q, k, v and the context
-        return mixed + rotated + qsz
-    if _uses_sdpa(spec, on_cpu):  # q, k, v, output and log-sum-exp (a mask's additive form: per chunk)
-        return mixed + rotated + qsz + b * heads * s * 4
     gqa = c.num_query_groups != c.num_attention_heads
-    total = (qsz if rope else 0) + (qsz if gqa else kvsz if rope else 0) + (qsz if gqa else 0)
-    if not (rope and gqa):
+    q_copy = gqa and c.num_query_groups // t > 1
+    new_qk = (qsz if rope or q_copy else 0) + (kvsz if rope else 0)
+    if layout.recompute == "selective":  # the checkpoint keeps q, k, v and the context
+        return mixed + new_qk + qsz
+    if _uses_sdpa(spec, on_cpu):  # q, k, v, output and log-sum-exp (a mask's additive form: per chunk)
+        return mixed + new_qk + qsz + b * heads * s * 4
+    # q, k and v as the two products keep them: under grouped-query attention a new q (the split's copy, or
+    # else the [b * heads, s, d] reshape of its view copies) and the expanded k and v; otherwise views of
+    # the fused output, q and k rotated by RoPE.
+    total = (qsz if rope or gqa else 0) + (qsz if gqa else kvsz if rope else 0) + (qsz if gqa else 0)
+    if not gqa:
         total += mixed
     # The causal path without a fused softmax kernel (the CPU's case; on a GPU under the "fused"
     # backend a kernel is expected) keeps only the score blocks on and below the diagonal.
