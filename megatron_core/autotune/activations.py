@@ -148,8 +148,8 @@ def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
     mixed = s * b * (c.query_projection_size + 2 * c.kv_projection_size) // t * B
     qsz, kvsz = s * b * c.query_projection_size // t * B, s * b * c.kv_projection_size // t * B
     rope = c.position_embedding_type == "rope"
-    gqa = c.num_query_groups != c.num_attention_heads
-    q_copy = gqa and c.num_query_groups // t > 1
+    gqa = spec.num_query_groups != c.num_attention_heads
+    q_copy = gqa and spec.num_query_groups // t > 1
     new_qk = (qsz if rope or q_copy else 0) + (kvsz if rope else 0)
     if layout.recompute == "selective":  # the checkpoint keeps q, k, v and the context
         return mixed + new_qk + qsz
