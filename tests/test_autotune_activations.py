@@ -61,7 +61,11 @@ CASES = {"dropout-explicit": dict(), "no-dropout-sdpa": dict(hidden_dropout=0.0,
          # grouped-query attention without RoPE: q is a copy of its [s, b, groups, heads/groups * d] split unless
          # one group is left on the rank (TP 2 here), k and v stay views of the fused QKV output
          "gqa-explicit": dict(num_query_groups=2), "gqa-sdpa": dict(num_query_groups=2, hidden_dropout=0.0,
-                                                                    attention_dropout=0.0)}
+                                                                    attention_dropout=0.0),
+         # --qk-layernorm: the q/k norms' statistics and inputs (the fused output, the split's q copy) and new q, k
+         "qk-llama-gqa": dict(normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+                              position_embedding_type="rope", num_query_groups=2, qk_layernorm=True),
+         "qk-gqa-sdpa": dict(num_query_groups=2, hidden_dropout=0.0, attention_dropout=0.0, qk_layernorm=True)}
 
 
 def _recompute(case: str) -> str | None:

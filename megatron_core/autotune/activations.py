@@ -137,30 +137,56 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True)
     return total + _attention_bytes(spec, layout, on_cpu) + rope_copy_bytes(spec, layout, on_cpu)
 
 
+def _qk_norm_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> tuple[int, bool]:
+    """(bytes ``--qk-layernorm``'s two norms keep besides their inputs and outputs, whether they keep their
+    inputs): per head row their statistics (LayerNorm: mean and rstd in the input's dtype on the CPU;
+    RMSNorm: the fp32 rstd) and RMSNorm's normalized ``x`` (fp32 for an fp32 input; for a 16-bit one on
+    the CPU the fp32 copy of the input, kept instead of the input, and ``x * rstd`` in the input's dtype),
+    as :func:`norm_bytes` counts the layers' norms. (0, False) without ``qk_layernorm``."""
+    c = spec.config
+    if not c.qk_layernorm:
+        return 0, False
+    t, B = layout.tp, spec.bytes_per_param
+    rows = spec.seq_length * layout.micro_batch_size * (c.num_attention_heads + spec.num_query_groups) // t
+    elements = rows * spec.kv_channels
+    rms = c.normalization == "RMSNorm"
+    if not on_cpu:
+        return (1 if rms else 2) * rows * 4 + (elements * B if rms else 0), True
+    if not rms:
+        return 2 * rows * B, True
+    if B == 4:
+        return rows * 4 + elements * 4, True
+    return rows * 4 + elements * (4 + B), False
+
+
 def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
-    """Saved tensors of the QKV split, RoPE and core attention. q, k and v are views of the fused
-    QKV output unless RoPE (new q and k), the split (a new q: under grouped-query attention with more than
-    one group on the rank, ``[s, b, groups, heads/groups * d]`` reshaped to heads is a copy) or grouped-query
-    expansion (new k and v) replaced them; the fused output is kept while any view of it is saved."""
+    """Saved tensors of the QKV split, the q/k norms, RoPE and core attention. q, k and v are views of the
+    fused QKV output unless the q/k norms or RoPE (new q and k), the split (a new q: under grouped-query
+    attention with more than one group on the rank, ``[s, b, groups, heads/groups * d]`` reshaped to heads
+    is a copy) or grouped-query expansion (new k and v) replaced them; the fused output is kept while any
+    view of it is saved, by attention or by a q/k norm that keeps its input."""
     c = spec.config
     s, b, t, B = spec.seq_length, layout.micro_batch_size, layout.tp, spec.bytes_per_param
     heads = c.num_attention_heads // t
     mixed = s * b * (c.query_projection_size + 2 * c.kv_projection_size) // t * B
     qsz, kvsz = s * b * c.query_projection_size // t * B, s * b * c.kv_projection_size // t * B
-    rope = c.position_embedding_type == "rope"
+    new_qk = c.position_embedding_type == "rope" or c.qk_layernorm
     gqa = spec.num_query_groups != c.num_attention_heads
     q_copy = gqa and spec.num_query_groups // t > 1
-    new_qk = (qsz if rope or q_copy else 0) + (kvsz if rope else 0)
+    qk_norms, norm_inputs = _qk_norm_bytes(spec, layout, on_cpu)
+    qk_norms += qsz if q_copy and norm_inputs else 0  # the split's copy of q, the q norm's input
+    new = (qsz if new_qk or q_copy else 0) + (kvsz if new_qk else 0)
     if layout.recompute == "selective":  # the checkpoint keeps q, k, v and the context
-        return mixed + new_qk + qsz
+        return mixed + new + qsz + qk_norms
     if _uses_sdpa(spec, on_cpu):  # q, k, v, output and log-sum-exp (a mask's additive form: per chunk)
-        return mixed + new_qk + qsz + b * heads * s * 4
+        return mixed + new + qsz + b * heads * s * 4 + qk_norms
     # q, k and v as the two products keep them: under grouped-query attention a new q (the split's copy, or
     # else the [b * heads, s, d] reshape of its view copies) and the expanded k and v; otherwise views of
-    # the fused output, q and k rotated by RoPE.
-    total = (qsz if rope or gqa else 0) + (qsz if gqa else kvsz if rope else 0) + (qsz if gqa else 0)
-    if not gqa:
+    # the fused output, q and k new after their norms or RoPE.
+    total = (qsz if new_qk or gqa else 0) + (qsz if gqa else kvsz if new_qk else 0) + (qsz if gqa else 0)
+    if not gqa or norm_inputs:
         total += mixed
+    total += qk_norms
     # The causal path without a fused softmax kernel (the CPU's case; on a GPU under the "fused"
     # backend a kernel is expected) keeps only the score blocks on and below the diagonal.
     blocked = not spec.document_mask and (on_cpu or c.attention_backend != "fused")
