@@ -19,6 +19,7 @@ from megatron_core.autotune.memory import comm_buffer_bytes, model_state_bytes
 from megatron_core.autotune.params import total_parameters
 from megatron_core.autotune.search import enumerate_layouts, launch_blocker, predict_memory, search
 from megatron_core.errors import ConfigError
+from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.transformer.config import TransformerConfig
 
 # Megatron-style mock-data run, as tests/test_pretrain.py: 255 tokens + EOD, padded to 256.
@@ -448,3 +449,31 @@ def test_a_layer_is_profiled_on_the_stream_it_receives():
     """The profiled layer's input is what a stage receives: fp32 under --bf16 --fp32-residual-connection (the
     residual adds then run in fp32, as in training); it was given bf16."""
     assert run_distributed(_profiled_input_dtypes, 1, timeout=60)[0] == [torch.bfloat16, torch.float32]
+
+
+_DROPPED = ("--train-iters", "--global-batch-size")
+RAMPUP = [f for i, f in enumerate(FLAGS) if f not in _DROPPED and FLAGS[i - 1] not in _DROPPED] + [
+    "--global-batch-size", "8", "--train-samples", "32", "--rampup-batch-size", "2", "2", "16"]
+
+
+def test_layouts_split_every_batch_of_a_rampup():
+    """--rampup-batch-size 2 2 16 to a global batch of 8: a layout must split 2, 4 and 6 too (pretrain_gpt.py's
+    MicrobatchCalculator refuses any batch it reaches that micro batch x DP does not divide, and an interleaved
+    schedule whose microbatches PP does not divide). Before, the search checked only the final batch and
+    its best layout for 4 ranks, tp2 dp2 mb4, stopped at launch (global batch 2 not divisible by 4 x 2)."""
+    spec = dataclasses.replace(_spec(), rampup_batch_size=(2, 2, 16))
+    cands = {c.layout: c.reason for c in search(spec, [Layout(dp=2, micro_batch_size=4), Layout(dp=2),
+                                                       Layout(pp=2, vpp=2, dp=1, micro_batch_size=2)], 1e12)}
+    assert cands[Layout(dp=2)] is None
+    assert cands[Layout(dp=2, micro_batch_size=4)] == \
+        "global batch size 2 (reached during --rampup-batch-size) not divisible by micro batch 4 x DP 2"
+    assert cands[Layout(pp=2, vpp=2, dp=1, micro_batch_size=2)] == ("interleaving needs microbatches (1) divisible "
+                                                                    "by PP 2 (global batch size 2, reached during "
+                                                                    "--rampup-batch-size)")
+    spec = cli.model_spec(cli.build_parser().parse_args(RAMPUP))
+    assert (spec.global_batch_size, spec.rampup_batch_size) == (8, (2, 2, 16))
+    valid = [c.layout for c in search(spec, enumerate_layouts(spec, 4, None, with_offload=False), 1e12)
+             if c.reason is None]
+    assert valid and any(lay.micro_batch_size * lay.dp == 2 for lay in valid)
+    for lay in valid:  # pretrain_gpt.py's own check of the batches
+        MicrobatchCalculator(8, lay.micro_batch_size, lay.dp, [2, 2, 16], lay.pp, lay.vpp)

@@ -25,9 +25,10 @@ by TP under sequence parallelism:
 - with a document mask (``--reset-attention-mask``, ``ModelSpec.document_mask``) the explicit path
   computes all ``s^2`` scores (no causal blocks); once per micro batch and model chunk (every chunk
   builds it) either the bool mask (``b s^2`` bytes) is kept, by the explicit path's masked softmax and by
-  the recompute checkpoints, or, under SDPA without recompute, its additive form in the activations'
-  dtype (``b s^2 B``), which the chunk's layers share (``SharedAdditiveMask``; one copy per layer
-  before) (:func:`document_mask_bytes`).
+  the recompute checkpoints, and/or, under SDPA, its additive form in the activations' dtype
+  (``b s^2 B``), which the chunk's layers outside checkpoints share (``SharedAdditiveMask``; one copy per
+  layer before): all of them without recompute, those past block's checkpointed ones under full recompute
+  (:func:`document_mask_bytes`); a full-recompute replay makes it again for its group.
 
 Full recompute keeps the input of every checkpointed group of layers and rebuilds one group's activations
 in backward (:func:`chunk_activation_bytes`: ``--recompute-method`` uniform or block, ``--recompute-num-layers``).
@@ -136,25 +137,56 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True)
     return total + _attention_bytes(spec, layout, on_cpu) + rope_copy_bytes(spec, layout, on_cpu)
 
 
+def _qk_norm_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> tuple[int, bool]:
+    """(bytes ``--qk-layernorm``'s two norms keep besides their inputs and outputs, whether they keep their
+    inputs): per head row their statistics (LayerNorm: mean and rstd in the input's dtype on the CPU;
+    RMSNorm: the fp32 rstd) and RMSNorm's normalized ``x`` (fp32 for an fp32 input; for a 16-bit one on
+    the CPU the fp32 copy of the input, kept instead of the input, and ``x * rstd`` in the input's dtype),
+    as :func:`norm_bytes` counts the layers' norms. (0, False) without ``qk_layernorm``."""
+    c = spec.config
+    if not c.qk_layernorm:
+        return 0, False
+    t, B = layout.tp, spec.bytes_per_param
+    rows = spec.seq_length * layout.micro_batch_size * (c.num_attention_heads + spec.num_query_groups) // t
+    elements = rows * spec.kv_channels
+    rms = c.normalization == "RMSNorm"
+    if not on_cpu:
+        return (1 if rms else 2) * rows * 4 + (elements * B if rms else 0), True
+    if not rms:
+        return 2 * rows * B, True
+    if B == 4:
+        return rows * 4 + elements * 4, True
+    return rows * 4 + elements * (4 + B), False
+
+
 def _attention_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool) -> int:
-    """Saved tensors of the QKV split, RoPE and core attention. q, k and v are views of the fused
-    QKV output unless RoPE (new q and k) or grouped-query expansion (new k and v) replaced them; the
-    fused output is kept while any view of it is saved."""
+    """Saved tensors of the QKV split, the q/k norms, RoPE and core attention. q, k and v are views of the
+    fused QKV output unless the q/k norms or RoPE (new q and k), the split (a new q: under grouped-query
+    attention with more than one group on the rank, ``[s, b, groups, heads/groups * d]`` reshaped to heads
+    is a copy) or grouped-query expansion (new k and v) replaced them; the fused output is kept while any
+    view of it is saved, by attention or by a q/k norm that keeps its input."""
     c = spec.config
     s, b, t, B = spec.seq_length, layout.micro_batch_size, layout.tp, spec.bytes_per_param
     heads = c.num_attention_heads // t
     mixed = s * b * (c.query_projection_size + 2 * c.kv_projection_size) // t * B
     qsz, kvsz = s * b * c.query_projection_size // t * B, s * b * c.kv_projection_size // t * B
-    rope = c.position_embedding_type == "rope"
-    rotated = qsz + kvsz if rope else 0
+    new_qk = c.position_embedding_type == "rope" or c.qk_layernorm
+    gqa = spec.num_query_groups != c.num_attention_heads
+    q_copy = gqa and spec.num_query_groups // t > 1
+    qk_norms, norm_inputs = _qk_norm_bytes(spec, layout, on_cpu)
+    qk_norms += qsz if q_copy and norm_inputs else 0  # the split's copy of q, the q norm's input
+    new = (qsz if new_qk or q_copy else 0) + (kvsz if new_qk else 0)
     if layout.recompute == "selective":  # the checkpoint keeps q, k, v and the context
-        return mixed + rotated + qsz
+        return mixed + new + qsz + qk_norms
     if _uses_sdpa(spec, on_cpu):  # q, k, v, output and log-sum-exp (a mask's additive form: per chunk)
-        return mixed + rotated + qsz + b * heads * s * 4
-    gqa = c.num_query_groups != c.num_attention_heads
-    total = (qsz if rope else 0) + (qsz if gqa else kvsz if rope else 0) + (qsz if gqa else 0)
-    if not (rope and gqa):
+        return mixed + new + qsz + b * heads * s * 4 + qk_norms
+    # q, k and v as the two products keep them: under grouped-query attention a new q (the split's copy, or
+    # else the [b * heads, s, d] reshape of its view copies) and the expanded k and v; otherwise views of
+    # the fused output, q and k new after their norms or RoPE.
+    total = (qsz if new_qk or gqa else 0) + (qsz if gqa else kvsz if new_qk else 0) + (qsz if gqa else 0)
+    if not gqa or norm_inputs:
         total += mixed
+    total += qk_norms
     # The causal path without a fused softmax kernel (the CPU's case; on a GPU under the "fused"
     # backend a kernel is expected) keeps only the score blocks on and below the diagonal.
     blocked = not spec.document_mask and (on_cpu or c.attention_backend != "fused")
@@ -200,17 +232,23 @@ def embedding_activation_bytes(spec: ModelSpec, layout: Layout) -> int:
     return (s * b * h // shard if spec.config.hidden_dropout > 0 else 0) + 8 * s * b
 
 
-def document_mask_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True) -> int:
+def document_mask_bytes(spec: ModelSpec, layout: Layout, on_cpu: bool = True, layers: int | None = None) -> int:
     """Bytes of the document mask [b, 1, s, s] of one micro batch on one model chunk (``--reset-attention-mask``)
     kept for backward: its bool form (``b s^2``) when the explicit path's masked softmax or a recompute
-    checkpoint (selective or full) keeps it; under SDPA without recompute the additive form in the
-    activations' dtype (``b s^2 B``), made once and kept by every layer's SDPA. 0 without a document mask."""
+    checkpoint (selective or full) keeps it; under SDPA the additive form in the activations' dtype
+    (``b s^2 B``), made once and kept by every layer's SDPA outside a checkpoint: all of them without
+    recompute, under full recompute with ``--recompute-method block`` the chunk's layers past the first
+    ``recompute_num_layers`` when ``layers`` (the chunk's) exceeds it. 0 without a document mask."""
     if not spec.document_mask:
         return 0
     elements = layout.micro_batch_size * spec.seq_length ** 2
-    if layout.recompute is None and _uses_sdpa(spec, on_cpu):
+    if not _uses_sdpa(spec, on_cpu):
+        return elements
+    if layout.recompute is None:
         return elements * spec.bytes_per_param
-    return elements
+    unchecked = layout.recompute == "full" and layout.recompute_method == "block" and \
+        layers is not None and layers > layout.recompute_num_layers
+    return elements + (elements * spec.bytes_per_param if unchecked else 0)
 
 
 def in_flight(layout: Layout, num_microbatches: int, pp_rank: int) -> int:
@@ -226,22 +264,28 @@ def in_flight(layout: Layout, num_microbatches: int, pp_rank: int) -> int:
 
 def chunk_activation_bytes(spec: ModelSpec, layout: Layout, layers: int, on_cpu: bool = True) -> tuple[int, int]:
     """(bytes one forward of a model chunk of ``layers`` transformer layers keeps for backward, bytes its
-    backward rebuilds at once under full recompute), per microbatch on one rank, document mask aside.
+    backward rebuilds at once under full recompute), per microbatch on one rank, the document mask's forward
+    forms aside (:func:`document_mask_bytes`).
 
     Full recompute (``TransformerBlock``, as Megatron-core's): ``uniform`` keeps the input of each group of
     ``recompute_num_layers`` layers and rebuilds a whole group's activations in its backward; ``block``
     keeps the input of each of the chunk's first ``recompute_num_layers`` layers (rebuilt one at a time)
     and all activations of the others. The rebuilt group's first layer counts its input again, as the
-    recomputation saves it once more for backward (the same storage as the checkpoint's)."""
+    recomputation saves it once more for backward (the same storage as the checkpoint's); under SDPA a
+    replay makes a document mask's additive form again (``b s^2 B``, shared by the group's layers)."""
     per_layer = layer_activation_bytes(spec, layout, on_cpu)
     if layout.recompute != "full" or layers == 0:
         return layers * per_layer, 0
     full = layer_activation_bytes(spec, dataclasses.replace(layout, recompute=None), on_cpu)
+    if spec.document_mask and _uses_sdpa(spec, on_cpu):
+        replayed_mask = layout.micro_batch_size * spec.seq_length ** 2 * spec.bytes_per_param
+    else:
+        replayed_mask = 0
     k = layout.recompute_num_layers
     if layout.recompute_method == "block":
         checkpointed = min(k, layers)
-        return checkpointed * per_layer + (layers - checkpointed) * full, full if checkpointed else 0
-    return -(-layers // k) * per_layer, min(k, layers) * full
+        return checkpointed * per_layer + (layers - checkpointed) * full, full + replayed_mask if checkpointed else 0
+    return -(-layers // k) * per_layer, min(k, layers) * full + replayed_mask
 
 
 def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True) -> int:
@@ -254,7 +298,7 @@ def stage_activation_bytes(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu
     flight = in_flight(layout, spec.num_microbatches(layout), pp_rank)
     kept, rebuilt = chunk_activation_bytes(spec, layout, max(mine), on_cpu)
     # Interleaved ranks cycle through their chunks; the in-flight count is in chunk forwards.
-    total = flight * (kept + document_mask_bytes(spec, layout, on_cpu))
+    total = flight * (kept + document_mask_bytes(spec, layout, on_cpu, max(mine)))
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
     vocab = spec.padded_vocab(layout.tp) // layout.tp
     s, b = spec.seq_length, layout.micro_batch_size

@@ -60,8 +60,9 @@ class ModelSpec:
     """What fixes the parameter and activation sizes: the transformer config (its parallel and
     recompute fields are ignored: the layout sets them), the vocabulary before padding
     (``--make-vocab-size-divisible-by`` x TP pads it, as pretrain_gpt.py does), positions and sequence.
-    ``document_mask``: ``--reset-attention-mask``, each sample's [1, s, s] bool document mask, with which
-    attention takes its masked path (see :mod:`.activations`)."""
+    ``document_mask``: ``--reset-attention-mask``, each micro batch's [b, 1, s, s] bool document mask, with
+    which attention takes its masked path (see :mod:`.activations`). ``rampup_batch_size``:
+    ``--rampup-batch-size`` (start, increment, samples), or None (:meth:`batch_sizes`)."""
 
     config: TransformerConfig
     vocab_size: int
@@ -72,6 +73,7 @@ class ModelSpec:
     bytes_per_param: int = 4
     grad_bytes: int = 4
     document_mask: bool = False
+    rampup_batch_size: tuple[int, int, int] | None = None
 
     def padded_vocab(self, tp: int) -> int:
         """Megatron-LM's padding: the next multiple of ``make_vocab_size_divisible_by * TP``."""
@@ -93,6 +95,14 @@ class ModelSpec:
         """Per-head size."""
         return int(self.config.kv_channels or self.config.hidden_size // self.config.num_attention_heads)
 
+    def batch_sizes(self) -> list[int]:
+        """Every global batch the run trains with: ``rampup_batch_size`` (``--rampup-batch-size`` start,
+        increment, samples) ramps from start by increment up to ``global_batch_size``, as Megatron-LM's."""
+        if self.rampup_batch_size is None:
+            return [self.global_batch_size]
+        start, increment, _ = self.rampup_batch_size
+        return list(range(start, self.global_batch_size, increment)) + [self.global_batch_size]
+
     def num_microbatches(self, layout: Layout) -> int:
         """Microbatches per iteration on each DP rank: global batch / (micro batch x DP)."""
         return self.global_batch_size // (layout.micro_batch_size * layout.dp)
@@ -110,15 +120,19 @@ def from_run_config(config: RunConfig, vocab_size: int,
     ``--bf16`` without ``--grad-reduce-in-bf16``, or ``--accumulate-allreduce-grads-in-fp32``), else the
     parameters' size; ``recompute`` is the config's ``recompute_granularity``, with its method and number of
     layers under ``full``. ``global_batch_size``: the batch that sets the microbatches (None: the final
-    ``--global-batch-size``; during ``--rampup-batch-size`` pretrain's theoretical-memory line passes the
-    batch of the iteration it is printed at, as Megatron-LM's ``get_num_microbatches()`` there).
+    ``--global-batch-size``, with ``--rampup-batch-size`` as the spec's ``rampup_batch_size``, every batch of
+    which a layout must split; during the ramp pretrain's theoretical-memory line passes the batch of the
+    iteration it is printed at, as Megatron-LM's ``get_num_microbatches()`` there).
     """
     t, p = config.model.transformer, config.parallel
     nbytes = t.params_dtype.itemsize
+    rampup = config.training.rampup_batch_size
+    ramp = None if rampup is None or global_batch_size else (rampup[0], rampup[1], rampup[2])
     spec = ModelSpec(t, vocab_size, config.data.seq_length, config.model.max_position_embeddings,
                      global_batch_size or config.training.global_batch_size, config.data.make_vocab_size_divisible_by,
                      nbytes,
-                     4 if config.ddp.grad_reduce_in_fp32 else nbytes, document_mask=config.data.reset_attention_mask)
+                     4 if config.ddp.grad_reduce_in_fp32 else nbytes, document_mask=config.data.reset_attention_mask,
+                     rampup_batch_size=ramp)
     layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=p.data_parallel_size,
                     vpp=p.virtual_pipeline_model_parallel_size, zero_stage=config.ddp.zero_stage,
                     micro_batch_size=config.training.micro_batch_size, recompute=t.recompute_granularity,

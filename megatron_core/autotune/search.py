@@ -81,11 +81,16 @@ def check_layout(spec: ModelSpec, layout: Layout) -> str | None:
     chunks = layout.pp * (layout.vpp or 1)
     if c.num_layers % chunks:
         return f"--num-layers {c.num_layers} not divisible by PP {layout.pp} x VPP {layout.vpp or 1}"
-    if spec.global_batch_size % (layout.micro_batch_size * layout.dp):
-        return (f"--global-batch-size {spec.global_batch_size} not divisible by micro batch "
-                f"{layout.micro_batch_size} x DP {layout.dp}")
-    if layout.vpp and spec.num_microbatches(layout) % layout.pp:
-        return f"interleaving needs microbatches ({spec.num_microbatches(layout)}) divisible by PP {layout.pp}"
+    per_step = layout.micro_batch_size * layout.dp
+    for batch in [spec.global_batch_size, *spec.batch_sizes()[:-1]]:  # pretrain_gpt.py checks every ramped batch
+        ramped = batch != spec.global_batch_size
+        if batch % per_step:
+            what = f"global batch size {batch} (reached during --rampup-batch-size)" if ramped else \
+                f"--global-batch-size {batch}"
+            return f"{what} not divisible by micro batch {layout.micro_batch_size} x DP {layout.dp}"
+        if layout.vpp and batch // per_step % layout.pp:
+            where = f" (global batch size {batch}, reached during --rampup-batch-size)" if ramped else ""
+            return f"interleaving needs microbatches ({batch // per_step}) divisible by PP {layout.pp}{where}"
     if layout.sequence_parallel and spec.seq_length % tp:
         return f"--seq-length {spec.seq_length} not divisible by TP {tp} (sequence parallelism)"
     return None

@@ -70,11 +70,10 @@ class TransformerBlock(torch.nn.Module):
                 hidden = checkpoint(self._run(start, min(start + k, n)), self.rng_tracker, hidden,
                                     attention_mask, cos, sin)
             return hidden
-        for i in range(n):  # block: the first k layers of the chunk are recomputed
-            if i < k:
-                hidden = checkpoint(self._run(i, i + 1), self.rng_tracker, hidden, attention_mask, cos, sin)
-            else:
-                hidden = self._run(i, i + 1)(hidden, attention_mask, cos, sin)
+        for i in range(min(k, n)):  # block: the first k layers of the chunk are recomputed, one at a time
+            hidden = checkpoint(self._run(i, i + 1), self.rng_tracker, hidden, attention_mask, cos, sin)
+        if k < n:  # the others in one run, so that they share one SDPA form of the mask (SharedAdditiveMask)
+            hidden = self._run(k, n)(hidden, attention_mask, cos, sin)
         return hidden
 
     def forward(self, hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
