@@ -133,3 +133,32 @@ def test_the_scheduler_section_is_named_as_not_used(tmp_path, capsys):
     validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2)
     lines = [line for line in capsys.readouterr().err.splitlines() if "scheduler" in line]
     assert len(lines) == 1 and "--lr-decay-style" in lines[0], lines
+
+
+def test_reduce_bucket_size_sets_the_gradient_buckets(tmp_path):
+    """``zero_optimization.reduce_bucket_size`` was parsed and dropped: the run kept 40M-element buckets, so a
+    model under that size stayed one bucket under ZeRO-3 (its whole parameters gathered at once), silently."""
+    path = _file(tmp_path, zero_optimization={"stage": 3, "reduce_bucket_size": 2_000_000})
+    run = config_from_args(validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2))
+    assert run.ddp.bucket_size == 2_000_000
+    unset = _file(tmp_path, zero_optimization={"stage": 3})  # DeepSpeed's default, as for the other keys
+    run = config_from_args(validate_args(parse_args(BASE + ["--deepspeed-config", unset]), world_size=2))
+    assert run.ddp.bucket_size == 500_000_000
+
+
+def test_ddp_bucket_size_flag_sets_the_buckets_and_is_compared_with_the_file(tmp_path):
+    """Megatron-LM's ``--ddp-bucket-size`` (elements) was an unrecognized argument."""
+    run = config_from_args(validate_args(parse_args(TINY + ["--zero-stage", "3", "--ddp-bucket-size", "1000"]),
+                                         world_size=2))
+    assert run.ddp.bucket_size == 1000
+    assert config_from_args(validate_args(parse_args(TINY), world_size=2)).ddp.bucket_size == 40_000_000
+    with pytest.raises(ConfigError, match=r"\(--ddp-bucket-size\) must be >= 1") as info:
+        config_from_args(validate_args(parse_args(TINY + ["--ddp-bucket-size", "0"]), world_size=2))
+    assert "\n" not in str(info.value)
+    path = _file(tmp_path, zero_optimization={"stage": 3, "reduce_bucket_size": 2_000_000})
+    with pytest.raises(ConfigError, match=r"--ddp-bucket-size 1000 disagrees with the DeepSpeed config, which sets "
+                                          r"zero_optimization.reduce_bucket_size = 2000000") as info:
+        validate_args(parse_args(BASE + ["--deepspeed-config", path, "--ddp-bucket-size", "1000"]), world_size=2)
+    assert "\n" not in str(info.value)
+    agreeing = BASE + ["--deepspeed-config", path, "--ddp-bucket-size", "2000000"]
+    assert config_from_args(validate_args(parse_args(agreeing), world_size=2)).ddp.bucket_size == 2_000_000

@@ -34,6 +34,7 @@ _OPTIMIZER_FIELDS = ("fp16", "bf16", "loss_scale", "initial_loss_scale", "min_lo
 # The optimizer section's fields, per optimizer type (the others keep the flags' values).
 _OPTIMIZER_SECTION_FIELDS = {"adam": ("optimizer", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps"),
                              "sgd": ("optimizer", "lr", "weight_decay", "sgd_momentum")}
+# (reduce_bucket_size: _take_bucket_size, as the flag's name is not the field's)
 _DDP_FIELDS = ("zero_stage", "overlap_grad_reduce", "offload_param", "stage3_prefetch_bucket_size",
                "stage3_param_persistence_threshold")
 
@@ -65,6 +66,17 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
               f"and --min-lr", file=sys.stderr, flush=True)
     for name in _DDP_FIELDS:
         setattr(args, name, getattr(mapped.ddp, name))
+    _take_bucket_size(args, mapped.ddp.bucket_size)
+
+
+def _take_bucket_size(args: argparse.Namespace, file_size: int | None) -> None:
+    """``zero_optimization.reduce_bucket_size`` (DeepSpeed's default 5e8 when the file has none, as for the other
+    ZeRO keys) onto ``--ddp-bucket-size``, Megatron-LM's spelling of it; a flag given with another value is a
+    ConfigError naming both."""
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size != file_size:
+        raise ConfigError(f"--ddp-bucket-size {args.ddp_bucket_size} disagrees with the DeepSpeed config, which sets "
+                          f"zero_optimization.reduce_bucket_size = {file_size}; drop the flag or change the file")
+    args.ddp_bucket_size = file_size
 
 
 def _check_stage_flags(args: argparse.Namespace, file_stage: int) -> None:
