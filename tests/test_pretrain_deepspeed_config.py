@@ -162,3 +162,19 @@ def test_ddp_bucket_size_flag_sets_the_buckets_and_is_compared_with_the_file(tmp
     assert "\n" not in str(info.value)
     agreeing = BASE + ["--deepspeed-config", path, "--ddp-bucket-size", "2000000"]
     assert config_from_args(validate_args(parse_args(agreeing), world_size=2)).ddp.bucket_size == 2_000_000
+
+
+def test_auto_values_take_the_runs_flags_as_hugging_faces_integration_does(tmp_path):
+    """A Hugging Face-style file (``"auto"`` for the batch, clipping, precision and ZeRO-3 sizes) was refused with
+    "pass args= ... to initialize()", which a pretrain_gpt.py user cannot do. The flags now fill them in, with
+    Hugging Face's rules for the sizes (hidden_size ** 2, 0.9 x that, 10 x hidden_size; TINY's hidden size 32)."""
+    path = _file(tmp_path, train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto",
+                 gradient_clipping="auto", bf16={"enabled": "auto"},
+                 zero_optimization={"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                    "stage3_param_persistence_threshold": "auto"})
+    run = config_from_args(validate_args(parse_args(TINY + ["--clip-grad", "0.5", "--deepspeed-config", path]),
+                                         world_size=2))
+    assert (run.training.micro_batch_size, run.training.global_batch_size, run.optimizer.clip_grad) == (2, 8, 0.5)
+    assert not run.optimizer.bf16
+    assert (run.ddp.bucket_size, run.ddp.stage3_prefetch_bucket_size, run.ddp.stage3_param_persistence_threshold) \
+        == (32 * 32, int(0.9 * 32 * 32), 320)

@@ -46,16 +46,18 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
     an unimplemented key, or a command-line flag that disagrees with the file.
     """
     from megatron_core.engine import deepspeed_to_megatron
-    from megatron_core.engine.config import load_config
+    from megatron_core.engine.auto import resolve_auto
+    from megatron_core.engine.config import load_config, read_json
     from megatron_core.training.initialize import rank_from_env
 
-    file = load_config(args.deepspeed_config, args.data_parallel_size)
+    raw = resolve_auto(read_json(args.deepspeed_config), *_auto_sources(args))
+    file = load_config(raw, args.data_parallel_size)
     section = () if file.optimizer is None else _OPTIMIZER_SECTION_FIELDS[
         "sgd" if file.optimizer.type == "sgd" else "adam"]
     compared = {**_COMPARED, **{name: name for name in section}}
     given = {field: getattr(args, dest) for dest, field in compared.items()
              if getattr(args, dest, None) != parser_defaults.get(dest)}
-    mapped = deepspeed_to_megatron(args.deepspeed_config, args.data_parallel_size, flags=given)
+    mapped = deepspeed_to_megatron(raw, args.data_parallel_size, flags=given)
     _check_stage_flags(args, mapped.ddp.zero_stage)
     args.micro_batch_size, args.global_batch_size = mapped.micro_batch_size, mapped.global_batch_size
     for name in _OPTIMIZER_FIELDS + section:
@@ -67,6 +69,23 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
     for name in _DDP_FIELDS:
         setattr(args, name, getattr(mapped.ddp, name))
     _take_bucket_size(args, mapped.ddp.bucket_size)
+
+
+def _auto_sources(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """``(model, args)`` for ``engine.auto.resolve_auto``: the run's flags under the Hugging Face
+    ``TrainingArguments`` names its ``"auto"`` rules read (``transformers.integrations.deepspeed``), and a model
+    stub carrying ``--hidden-size`` for the ZeRO sizes. A flag left at None leaves its key ``"auto"`` (an error
+    naming the key)."""
+    micro, batch, dp = args.micro_batch_size, args.global_batch_size, args.data_parallel_size
+    # Without --global-batch-size Megatron-LM's global batch is micro x DP: one microbatch per step.
+    accumulation = 1 if batch is None else None if micro is None or batch % (micro * dp) else batch // (micro * dp)
+    hf_args = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation,
+               "max_grad_norm": args.clip_grad, "learning_rate": args.lr, "adam_beta1": args.adam_beta1,
+               "adam_beta2": args.adam_beta2, "adam_epsilon": args.adam_eps, "weight_decay": args.weight_decay,
+               "warmup_steps": args.lr_warmup_iters, "max_steps": args.train_iters, "fp16": args.fp16,
+               "bf16": args.bf16}
+    model = argparse.Namespace(config=argparse.Namespace(hidden_size=args.hidden_size))
+    return model, hf_args
 
 
 def _take_bucket_size(args: argparse.Namespace, file_size: int | None) -> None:
