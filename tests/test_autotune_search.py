@@ -121,10 +121,15 @@ def test_the_written_deepspeed_json_is_one_this_framework_reads():
     spec = cli.model_spec(args)
     for layout in (Layout(pp=2, dp=1, micro_batch_size=2), Layout(tp=2, dp=1, sequence_parallel=True,
                                                                    recompute="full", micro_batch_size=4),
-                   Layout(dp=2, zero_stage=1, offload=True, micro_batch_size=2)):
+                   Layout(dp=2, zero_stage=1, offload=True, micro_batch_size=2),
+                   Layout(dp=2, zero_stage=3, micro_batch_size=2)):
         mapped = deepspeed_to_megatron(cli.deepspeed_config(spec, layout, args), layout.dp)
         assert (mapped.ddp.zero_stage, mapped.optimizer.optimizer_cpu_offload) == (layout.zero_stage, layout.offload)
         assert (mapped.micro_batch_size, mapped.global_batch_size) == (layout.micro_batch_size, 4)
+        # the buckets the memory prediction counted (without the key a file gets DeepSpeed's 5e8, which
+        # pretrain_gpt.py --deepspeed-config now applies)
+        assert mapped.ddp.bucket_size == 40_000_000
+        assert mapped.ddp.stage3_param_persistence_threshold == 0
 
 
 def test_emitted_command_runs(tmp_path, capsys):

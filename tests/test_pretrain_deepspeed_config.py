@@ -133,3 +133,48 @@ def test_the_scheduler_section_is_named_as_not_used(tmp_path, capsys):
     validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2)
     lines = [line for line in capsys.readouterr().err.splitlines() if "scheduler" in line]
     assert len(lines) == 1 and "--lr-decay-style" in lines[0], lines
+
+
+def test_reduce_bucket_size_sets_the_gradient_buckets(tmp_path):
+    """``zero_optimization.reduce_bucket_size`` was parsed and dropped: the run kept 40M-element buckets, so a
+    model under that size stayed one bucket under ZeRO-3 (its whole parameters gathered at once), silently."""
+    path = _file(tmp_path, zero_optimization={"stage": 3, "reduce_bucket_size": 2_000_000})
+    run = config_from_args(validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2))
+    assert run.ddp.bucket_size == 2_000_000
+    unset = _file(tmp_path, zero_optimization={"stage": 3})  # DeepSpeed's default, as for the other keys
+    run = config_from_args(validate_args(parse_args(BASE + ["--deepspeed-config", unset]), world_size=2))
+    assert run.ddp.bucket_size == 500_000_000
+
+
+def test_ddp_bucket_size_flag_sets_the_buckets_and_is_compared_with_the_file(tmp_path):
+    """Megatron-LM's ``--ddp-bucket-size`` (elements) was an unrecognized argument."""
+    run = config_from_args(validate_args(parse_args(TINY + ["--zero-stage", "3", "--ddp-bucket-size", "1000"]),
+                                         world_size=2))
+    assert run.ddp.bucket_size == 1000
+    assert config_from_args(validate_args(parse_args(TINY), world_size=2)).ddp.bucket_size == 40_000_000
+    with pytest.raises(ConfigError, match=r"\(--ddp-bucket-size\) must be >= 1") as info:
+        config_from_args(validate_args(parse_args(TINY + ["--ddp-bucket-size", "0"]), world_size=2))
+    assert "\n" not in str(info.value)
+    path = _file(tmp_path, zero_optimization={"stage": 3, "reduce_bucket_size": 2_000_000})
+    with pytest.raises(ConfigError, match=r"--ddp-bucket-size 1000 disagrees with the DeepSpeed config, which sets "
+                                          r"zero_optimization.reduce_bucket_size = 2000000") as info:
+        validate_args(parse_args(BASE + ["--deepspeed-config", path, "--ddp-bucket-size", "1000"]), world_size=2)
+    assert "\n" not in str(info.value)
+    agreeing = BASE + ["--deepspeed-config", path, "--ddp-bucket-size", "2000000"]
+    assert config_from_args(validate_args(parse_args(agreeing), world_size=2)).ddp.bucket_size == 2_000_000
+
+
+def test_auto_values_take_the_runs_flags_as_hugging_faces_integration_does(tmp_path):
+    """A Hugging Face-style file (``"auto"`` for the batch, clipping, precision and ZeRO-3 sizes) was refused with
+    "pass args= ... to initialize()", which a pretrain_gpt.py user cannot do. The flags now fill them in, with
+    Hugging Face's rules for the sizes (hidden_size ** 2, 0.9 x that, 10 x hidden_size; TINY's hidden size 32)."""
+    path = _file(tmp_path, train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto",
+                 gradient_clipping="auto", bf16={"enabled": "auto"},
+                 zero_optimization={"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                    "stage3_param_persistence_threshold": "auto"})
+    run = config_from_args(validate_args(parse_args(TINY + ["--clip-grad", "0.5", "--deepspeed-config", path]),
+                                         world_size=2))
+    assert (run.training.micro_batch_size, run.training.global_batch_size, run.optimizer.clip_grad) == (2, 8, 0.5)
+    assert not run.optimizer.bf16
+    assert (run.ddp.bucket_size, run.ddp.stage3_prefetch_bucket_size, run.ddp.stage3_param_persistence_threshold) \
+        == (32 * 32, int(0.9 * 32 * 32), 320)

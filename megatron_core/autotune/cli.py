@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from megatron_core.autotune.layout import Layout, ModelSpec, from_run_config
 from megatron_core.autotune.search import GIB, ZERO_STAGE_FLAGS, Candidate, enumerate_layouts, format_bytes, search
+from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
 from megatron_core.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,7 +107,11 @@ def deepspeed_config(spec: ModelSpec, layout: Layout, args: argparse.Namespace) 
     precision, clipping, optimizer, AutoTP. Pipeline stages, sequence parallelism and recompute stay on the
     torchrun line: DeepSpeed sets stages in code (``PipelineModule``), and the activation_checkpointing keys
     that would carry the others are refused by this framework's parser (it does not implement them)."""
-    zero: dict = {"stage": layout.zero_stage}
+    # The buckets the memory prediction counts (DistributedDataParallelConfig's default); left out, the file would
+    # get DeepSpeed's 5e8. Under ZeRO-3 no bucket is kept resident, as predicted (DeepSpeed's default keeps 1e5).
+    zero: dict = {"stage": layout.zero_stage, "reduce_bucket_size": DistributedDataParallelConfig().bucket_size}
+    if layout.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
     if layout.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {"train_batch_size": spec.global_batch_size, "train_micro_batch_size_per_gpu": layout.micro_batch_size,

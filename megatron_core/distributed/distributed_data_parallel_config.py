@@ -97,8 +97,8 @@ class DistributedDataParallelConfig:
             raise ValueError("zero1_all_reduce_grads only applies to zero_stage=1; stage 2 must reduce-scatter "
                              "(it keeps only the gradient shard) and stage 0 always all-reduces")
         if self.bucket_size is not None and self.bucket_size < 1:
-            raise ValueError(f"DistributedDataParallelConfig.bucket_size must be >= 1 element or None (one bucket), "
-                             f"got {self.bucket_size}")
+            raise ValueError(f"DistributedDataParallelConfig.bucket_size (--ddp-bucket-size) must be >= 1 element "
+                             f"or None (one bucket), got {self.bucket_size}")
 
     @property
     def use_distributed_optimizer(self) -> bool:

@@ -34,6 +34,7 @@ _OPTIMIZER_FIELDS = ("fp16", "bf16", "loss_scale", "initial_loss_scale", "min_lo
 # The optimizer section's fields, per optimizer type (the others keep the flags' values).
 _OPTIMIZER_SECTION_FIELDS = {"adam": ("optimizer", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps"),
                              "sgd": ("optimizer", "lr", "weight_decay", "sgd_momentum")}
+# (reduce_bucket_size: _take_bucket_size, as the flag's name is not the field's)
 _DDP_FIELDS = ("zero_stage", "overlap_grad_reduce", "offload_param", "stage3_prefetch_bucket_size",
                "stage3_param_persistence_threshold")
 
@@ -45,16 +46,18 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
     an unimplemented key, or a command-line flag that disagrees with the file.
     """
     from megatron_core.engine import deepspeed_to_megatron
-    from megatron_core.engine.config import load_config
+    from megatron_core.engine.auto import resolve_auto
+    from megatron_core.engine.config import load_config, read_json
     from megatron_core.training.initialize import rank_from_env
 
-    file = load_config(args.deepspeed_config, args.data_parallel_size)
+    raw = resolve_auto(read_json(args.deepspeed_config), *_auto_sources(args))
+    file = load_config(raw, args.data_parallel_size)
     section = () if file.optimizer is None else _OPTIMIZER_SECTION_FIELDS[
         "sgd" if file.optimizer.type == "sgd" else "adam"]
     compared = {**_COMPARED, **{name: name for name in section}}
     given = {field: getattr(args, dest) for dest, field in compared.items()
              if getattr(args, dest, None) != parser_defaults.get(dest)}
-    mapped = deepspeed_to_megatron(args.deepspeed_config, args.data_parallel_size, flags=given)
+    mapped = deepspeed_to_megatron(raw, args.data_parallel_size, flags=given)
     _check_stage_flags(args, mapped.ddp.zero_stage)
     args.micro_batch_size, args.global_batch_size = mapped.micro_batch_size, mapped.global_batch_size
     for name in _OPTIMIZER_FIELDS + section:
@@ -65,6 +68,34 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
               f"and --min-lr", file=sys.stderr, flush=True)
     for name in _DDP_FIELDS:
         setattr(args, name, getattr(mapped.ddp, name))
+    _take_bucket_size(args, mapped.ddp.bucket_size)
+
+
+def _auto_sources(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """``(model, args)`` for ``engine.auto.resolve_auto``: the run's flags under the Hugging Face
+    ``TrainingArguments`` names its ``"auto"`` rules read (``transformers.integrations.deepspeed``), and a model
+    stub carrying ``--hidden-size`` for the ZeRO sizes. A flag left at None leaves its key ``"auto"`` (an error
+    naming the key)."""
+    micro, batch, dp = args.micro_batch_size, args.global_batch_size, args.data_parallel_size
+    # Without --global-batch-size Megatron-LM's global batch is micro x DP: one microbatch per step.
+    accumulation = 1 if batch is None else None if micro is None or batch % (micro * dp) else batch // (micro * dp)
+    hf_args = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation,
+               "max_grad_norm": args.clip_grad, "learning_rate": args.lr, "adam_beta1": args.adam_beta1,
+               "adam_beta2": args.adam_beta2, "adam_epsilon": args.adam_eps, "weight_decay": args.weight_decay,
+               "warmup_steps": args.lr_warmup_iters, "max_steps": args.train_iters, "fp16": args.fp16,
+               "bf16": args.bf16}
+    model = argparse.Namespace(config=argparse.Namespace(hidden_size=args.hidden_size))
+    return model, hf_args
+
+
+def _take_bucket_size(args: argparse.Namespace, file_size: int | None) -> None:
+    """``zero_optimization.reduce_bucket_size`` (DeepSpeed's default 5e8 when the file has none, as for the other
+    ZeRO keys) onto ``--ddp-bucket-size``, Megatron-LM's spelling of it; a flag given with another value is a
+    ConfigError naming both."""
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size != file_size:
+        raise ConfigError(f"--ddp-bucket-size {args.ddp_bucket_size} disagrees with the DeepSpeed config, which sets "
+                          f"zero_optimization.reduce_bucket_size = {file_size}; drop the flag or change the file")
+    args.ddp_bucket_size = file_size
 
 
 def _check_stage_flags(args: argparse.Namespace, file_stage: int) -> None:

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true", help="ZeRO: shard optimizer state over DP")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap DP grad reduction with backward")
     g.add_argument("--overlap-param-gather", action="store_true", help="overlap ZeRO param all-gather with forward")
+    g.add_argument("--ddp-bucket-size", type=int, default=None, metavar="ELEMENTS",
+                   help="elements per gradient bucket (Megatron-LM's flag; DeepSpeed's reduce_bucket_size); under "
+                        "ZeRO-3 also the unit of the parameter all-gather. Default: 40M")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="default: nccl with CUDA, else gloo")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)

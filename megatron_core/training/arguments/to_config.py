@@ -111,7 +111,8 @@ def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
         stage3_prefetch_bucket_size=args.stage3_prefetch_bucket_size,
         stage3_param_persistence_threshold=args.stage3_param_persistence_threshold,
         reshard_after_forward=args.reshard_after_forward, offload_param=args.offload_param,
-        calculate_per_token_loss=args.calculate_per_token_loss)
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        **({} if args.ddp_bucket_size is None else {"bucket_size": args.ddp_bucket_size}))
 
 
 def zero_stage(args: argparse.Namespace) -> int:
