@@ -87,7 +87,9 @@ TESTS = {
     "optimizer": ["tests/test_optimizer.py", "tests/test_memory.py", "tests/test_zero.py",
                   "tests/test_mixed_precision.py", "tests/test_decoupled_lr.py",
                   # grad_scaler's consecutive_hysteresis and DeepSpeed's window; the engine's param groups
-                  "tests/test_engine_ds_compat.py"],
+                  "tests/test_engine_ds_compat.py",
+                  # distrib_optimizer's NVMe step (its all-gather after the swapped-in step)
+                  "tests/test_zero3.py::test_cpu_and_nvme_optimizer_offload_equal_one_process"],
     "transformer": ["tests/test_transformer_units.py", "tests/test_rope_scaling.py", "tests/test_hf_equivalence.py",
                     # attention's KV-cache path (incremental decoding against HF generate)
                     "tests/test_generation.py::test_greedy_matches_hf_generate", "tests/test_gpt_model.py",
@@ -130,7 +132,10 @@ TESTS = {
                  # every pipeline chunk reads the data under document masks (data_loading, config)
                  "tests/test_document_masks.py",
                  # the Theoretical memory footprints line (training_log.theoretical_memory_line)
-                 "tests/test_theoretical_memory.py"],
+                 "tests/test_theoretical_memory.py",
+                 # checkpointing's --load errors (an iteration's directory) and the manifest's size check
+                 "tests/test_failures_checkpoint.py::test_load_at_the_wrong_path_is_an_error_not_a_fresh_start",
+                 "tests/test_failures_checkpoint.py::test_a_damaged_file_is_named_with_the_previous_iteration"],
     "datasets": ["tests/test_datasets.py", "tests/test_preprocess_data.py", "tests/test_failures_data.py",
                  # the blend whose split is empty in some prefixes only (builder._check_blend_splits)
                  "tests/test_pretrain_test_split.py",

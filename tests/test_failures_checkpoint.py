@@ -58,12 +58,19 @@ def test_load_at_the_wrong_path_is_an_error_not_a_fresh_start(saved, tmp_path, w
     ckpt = _copy(saved, tmp_path)
     other = tmp_path / "other"
     other.mkdir()
-    (other / "notes.txt").write_text("not a checkpoint")
+    for name in ("notes.txt", "a.txt", "b.txt"):  # three entries: all named, no ", ..."
+        (other / name).write_text("not a checkpoint")
     path = {"iteration directory": io.iteration_dir(ckpt, 2),
             "tracker file": os.path.join(ckpt, io.TRACKER_FILENAME),
             "model file": os.path.join(io.iteration_dir(ckpt, 2), "mp_rank_00", io.MODEL_FILENAME),
             "other directory": str(other)}[where]
-    _one_line_error(_messages(["--load", path], world=1), f"--load {path}", "expected a checkpoint directory")
+    # An iteration's directory is named as such, with the parent to pass instead.
+    hint = {"iteration directory": f"is one iteration's directory; expected a checkpoint directory holding "
+                                   f"{io.TRACKER_FILENAME} and iter_NNNNNNN/: pass --load {os.path.normpath(ckpt)} "
+                                   f"(add --ckpt-step 2 for this iteration)",
+            "other directory": "holds a.txt, b.txt, notes.txt but no checkpoint; expected a checkpoint directory"
+            }.get(where, "expected a checkpoint directory")
+    _one_line_error(_messages(["--load", path], world=1), f"--load {path}", hint)
 
 
 def _engine_checkpoint(directory):
@@ -123,11 +130,13 @@ def test_a_damaged_file_is_named_with_the_previous_iteration(saved, tmp_path, ca
     ckpt = _copy(saved, tmp_path)
     path = os.path.join(io.iteration_dir(ckpt, 2), "mp_rank_00", victim)
     size = os.path.getsize(path)
+    left = size // 2 if damage == "truncated" else 0
     with open(path, "r+b") as f:
-        f.truncate(size // 2 if damage == "truncated" else 0)
+        f.truncate(left)
     capfd.readouterr()
+    # The manifest's sizes tell the damage before any file is unpickled.
     _one_line_error(_messages(["--load", ckpt]), f"checkpoint file {path}",
-                    "--ckpt-step 1")
+                    f"has {left} bytes, the save wrote {size}", "--ckpt-step 1")
     assert "loaded checkpoint" not in capfd.readouterr().out  # no rank says "loaded" before the error
 
 

@@ -65,6 +65,39 @@ def test_nan_loss_stops_the_run_naming_the_iteration_and_saves_nothing_bad(tmp_p
         assert all(torch.isfinite(t).all() for t in _weights(ckpt, iteration).values() if t.is_floating_point())
 
 
+
+def test_without_the_nan_check_a_diverged_model_is_still_not_saved(tmp_path):
+    """--no-check-for-nan-in-loss-and-grad lets a non-finite step land; the save is the last guard: it names
+    the weight and publishes nothing for that iteration."""
+    ckpt = str(tmp_path / "ckpt")
+    argv = TINY + LEGACY + ["--no-check-for-nan-in-loss-and-grad", "--lr", "1e30", "--lr-decay-style", "constant",
+                            "--train-iters", "12", "--save", ckpt, "--save-interval", "1", "--clip-grad", "0",
+                            "--weight-decay", "0"]
+    message = _one(argv)
+    assert isinstance(message, str) and message.startswith("TrainingDivergedError: not saving iteration "), message
+    assert "holds inf or nan; resume from the last good checkpoint" in message, message
+    iteration = int(message.split("not saving iteration ")[1].split(":")[0])
+    assert io.complete_iterations(ckpt) == list(range(1, iteration)), (io.complete_iterations(ckpt), message)
+    for saved in io.complete_iterations(ckpt):
+        assert all(torch.isfinite(t).all() for t in _weights(ckpt, saved).values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("how", [["--no-load-optim"], ["--finetune"]])
+def test_fp32_main_params_follow_weights_loaded_without_the_optimizer(tmp_path, how):
+    """The distributed optimizer's fp32 main shard is built from the initial weights; after a load without
+    its state it must take the loaded ones, or the first step writes init + update back into the model.
+    Reference: the plain optimizer (its parameters are the model's), the same Adam math at DP 1."""
+    ckpt = str(tmp_path / "ckpt")
+    base = TINY + LEGACY + ["--lr-decay-style", "constant", "--weight-decay", "0", "--eval-iters", "0"]
+    assert _one(base + ["--save", ckpt, "--train-iters", "3"]).saved_iterations == [3]
+    resumed = {}
+    for optimizer in ([], ["--use-distributed-optimizer"]):
+        result = _one(base + ["--load", ckpt, "--train-iters", "6", *how, *optimizer])
+        assert not isinstance(result, str), result
+        resumed[bool(optimizer)] = result.losses
+    assert len(resumed[True]) == (6 if how == ["--finetune"] else 3), resumed
+    torch.testing.assert_close(torch.tensor(resumed[True]), torch.tensor(resumed[False]), rtol=1e-5, atol=0)
+
 def test_a_checkpoint_with_a_nan_weight_is_refused(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     assert _one(TINY + LEGACY + ["--save", ckpt]).saved_iterations == [2]

@@ -196,6 +196,54 @@ def test_reader_errors_name_the_path(tmp_path):
     (tmp_path / "short.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="short.idx.*truncated"):
         IndexedDataset(str(tmp_path / "short"))
+    # A whole file less its last document index entry (8 bytes): truncated, not misread.
+    builder = IndexedDatasetBuilder(str(tmp_path / "cut.bin"), dtype=np.int32)
+    builder.add_document([1, 2, 3], [1, 2])
+    builder.finalize(str(tmp_path / "cut.idx"))
+    raw = (tmp_path / "cut.idx").read_bytes()
+    (tmp_path / "cut.idx").write_bytes(raw[:-8])
+    with pytest.raises(ValueError, match=f"cut.idx.*truncated: {len(raw) - 8} bytes, its header implies {len(raw)}"):
+        IndexedDataset(str(tmp_path / "cut"))
+
+
+def test_sequence_index_past_either_end_is_an_index_error(tmp_path):
+    builder = IndexedDatasetBuilder(str(tmp_path / "a.bin"), dtype=np.int32)
+    builder.add_document([1, 2, 3], [1, 2])
+    builder.finalize(str(tmp_path / "a.idx"))
+    dataset = IndexedDataset(str(tmp_path / "a"))
+    assert dataset[-1].tolist() == [2, 3] and dataset[-2].tolist() == [1]
+    for idx in (2, -3):
+        with pytest.raises(IndexError, match=f"sequence {idx} out of range for 2 sequences"):
+            dataset[idx]
+
+
+@pytest.mark.parametrize("tokens", [[1, 70000], [-1, 5], [-1, 70000]])
+def test_token_ids_outside_the_dtype_are_refused_not_wrapped(tmp_path, tokens):
+    with IndexedDatasetBuilder(str(tmp_path / "a.bin"), dtype=np.uint16) as builder:
+        message = rf"token id range \[{min(tokens)}, {max(tokens)}\] does not fit in uint16"
+        with pytest.raises(ValueError, match=message):
+            builder.add_item(tokens)
+        with pytest.raises(ValueError, match="does not fit in uint16"):
+            builder.add_document(np.array(tokens, dtype=np.int64), [len(tokens)])
+
+
+def test_add_index_appends_every_document_of_another_dataset(tmp_path):
+    """Megatron-LM's merge (tools/merge_datasets.py): documents, sequences and tokens of each part in order."""
+    parts = {"a": [([5, 6, 7], [2, 1]), ([8], [1])], "b": [([1, 2], [2]), ([3, 4, 9], [1, 1, 1])]}
+    for name, documents in parts.items():
+        with IndexedDatasetBuilder(str(tmp_path / f"{name}.bin"), dtype=np.uint16) as builder:
+            for tokens, lengths in documents:
+                builder.add_document(tokens, lengths)
+            builder.finalize(str(tmp_path / f"{name}.idx"))
+    merged = IndexedDatasetBuilder(str(tmp_path / "m.bin"), dtype=np.uint16)
+    merged.add_index(str(tmp_path / "a"))
+    merged.add_index(str(tmp_path / "b"))
+    merged.finalize(str(tmp_path / "m.idx"))
+    assert read_megatron_index(str(tmp_path / "m")) == (
+        8, [0, 2, 3, 4, 7], [[5, 6], [7], [8], [1, 2], [3], [4], [9]])
+    with IndexedDatasetBuilder(str(tmp_path / "x.bin"), dtype=np.int32) as other_dtype:
+        with pytest.raises(ValueError, match="a' holds uint16 tokens but this builder writes int32"):
+            other_dtype.add_index(str(tmp_path / "a"))
 
 
 def test_megatron_flags_are_accepted_or_refused_with_the_reason(tmp_path, capsys):
