@@ -41,11 +41,17 @@ def test_resume_under_another_layout_continues_the_run(tmp_path, capfd, saved, r
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]), what="losses after the resume")
 
 
-def test_async_save_and_use_checkpoint_args(tmp_path):
+def test_async_save_and_use_checkpoint_args(tmp_path, capfd):
     ckpt = str(tmp_path / "ckpt")
     whole = _logged(run_distributed(_train, 1, ARGS, timeout=240))
+    capfd.readouterr()
     _logged(run_distributed(_train, 1, ARGS + ["--save", ckpt, "--save-interval", "2", "--exit-interval", "4",
                                                "--async-save"], timeout=240))
+    out = capfd.readouterr().out
+    for iteration in (2, 4):  # each save's start, then its end (before the next save, and at exit)
+        started = out.index(f"started an asynchronous save of checkpoint at iteration {iteration:7d} to {ckpt}")
+        assert out.index(f"successfully saved checkpoint at iteration {iteration:7d} to {ckpt} (torch_dist, "
+                         f"asynchronous save finished)") > started, out[-3000:]
     # No model flags at all: they come from the checkpoint.
     model_flags = {"--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--vocab-size"}
     argv, skip = [], False

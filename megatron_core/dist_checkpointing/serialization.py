@@ -95,6 +95,7 @@ class SaveRequest:
     """A save in progress: :meth:`wait` blocks until the checkpoint is published (a no-op once done)."""
 
     final_dir: str
+    iteration: int = 0
     thread: threading.Thread | None = None
     error: list = field(default_factory=list)
     blocked_seconds: float = 0.0  # how long the caller (training) was stopped by this save
@@ -182,7 +183,7 @@ def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch
     common = {"format": FORMAT, "iteration": iteration, "layout": layout,
               "optimizer": optim_meta, "scheduler": scheduler.state_dict() if scheduler is not None else None,
               "rng": _all_rng_states(parallel_state, layout) if save_rng else [], "extra": dict(extra or {})}
-    request = SaveRequest(final_dir)
+    request = SaveRequest(final_dir, iteration)
     if not async_save:
         _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, None, is_rank0, refuse_publish)
         request.blocked_seconds = time.perf_counter() - start

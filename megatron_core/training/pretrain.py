@@ -316,11 +316,14 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
 
 
 def _wait_for_save(run: _Run) -> None:
-    """Finish an asynchronous torch_dist save still in flight (before the next one, and at exit)."""
+    """Finish an asynchronous torch_dist save still in flight (before the next one, and at exit), and say so as
+    Megatron-LM's finalisation of an asynchronous save does."""
     if run.pending_save is not None:
         request, run.pending_save = run.pending_save, None
         with _name_a_lost_peer(run, f"saving {request.final_dir}"):
             request.wait()
+        run.out.rank0(f"  successfully saved checkpoint at iteration {request.iteration:7d} to {run.checkpoint.save} "
+                      f"(torch_dist, asynchronous save finished)")
 
 
 @contextlib.contextmanager
