@@ -245,3 +245,20 @@ def test_save_hf_dir_shards_as_save_pretrained(tmp_path):
             assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name
     index = [json.load(open(tmp_path / d / "model.safetensors.index.json")) for d in ("ours", "theirs")]
     assert index[0] == index[1]
+
+
+def test_export_of_an_fp32_residual_run_says_the_stream_becomes_16_bit(tmp_path, capfd):
+    """A bf16 run with --fp32-residual-connection exports 16-bit weights, and GPT2LMHeadModel adds its residual in
+    them: one note says so (a bf16 run without the flag gets none; fp32 training refuses the flag)."""
+    import pretrain_gpt
+    from tests.test_pretrain import TINY
+
+    for flags, noted in ((["--bf16", "--fp32-residual-connection"], True), (["--bf16"], False)):
+        ckpt, out = tmp_path / f"ckpt{len(flags)}{noted}", tmp_path / f"hf{len(flags)}{noted}"
+        argv = [a for a in TINY if a not in ("--train-iters", "20")] + ["--train-iters", "1", "--save", str(ckpt),
+                                                                        "--eval-iters", "0", *flags]
+        pretrain_gpt.main(argv)
+        capfd.readouterr()
+        _convert("--loader", "core", "--saver", "hf", "--load-dir", ckpt, "--save-dir", out)
+        err = capfd.readouterr().err
+        assert ("was trained with --fp32-residual-connection" in err) == noted, (flags, err)

@@ -427,6 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"convert.py: error: {exc}", file=sys.stderr)
         return 2
     print(f"converted {args.loader}:{args.load_dir} -> {args.saver}:{where}")
+    if saver == "hf" and model.config.fp32_residual_connection and any(
+            v.dtype in (torch.bfloat16, torch.float16) for v in model.state.values()):
+        print(f"convert.py: note: {args.load_dir} was trained with --fp32-residual-connection; the Hugging Face "
+              f"model keeps its residual stream in the weights' 16-bit dtype, so its logits differ slightly from "
+              f"the run's (from_pretrained(..., dtype=torch.float32) runs the whole model, that stream included, "
+              f"in fp32)", file=sys.stderr)
     # Said where something is lost: a tokenizer the source recorded, or any tokenizer in a Hugging Face
     # directory (AutoTokenizer fails on it later). A re-shard of a checkpoint that records none loses nothing.
     if model.tokenizer is None and (model.tokenizer_expected or saver == "hf"):
