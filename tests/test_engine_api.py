@@ -5,6 +5,8 @@ Scheduler values are DeepSpeed's formulas worked out by hand here (``deepspeed/r
 """
 
 import argparse
+import contextlib
+import io
 import math
 import os
 
@@ -220,6 +222,26 @@ def test_csv_monitor_writes_deepspeed_tags(tmp_path):
         "8",
     ]  # global_samples: 2 x 2 per step
     assert os.path.exists(tmp_path / "run" / "Train_Samples_lr.csv")
+
+
+def _printed_lines(steps_per_print):
+    config = ds_config(2, 1, 0, steps_per_print=steps_per_print)
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for _ in range(4):
+            engine.backward(engine(torch.ones(2, 8)).pow(2).mean())
+            engine.step()
+    engine.parallel_state.destroy()
+    return [line.split(",")[0] for line in out.getvalue().splitlines() if line.startswith("[engine] step=")]
+
+
+def test_steps_per_print_prints_on_rank_0_only():
+    """DeepSpeed's ``steps_per_print``: the progress line every that many optimizer steps, printed by rank 0
+    alone (at DP 2 the other rank's copy of the same line would double the log)."""
+    rank0, rank1 = run_distributed(_printed_lines, 2, 2, timeout=120)
+    assert rank0 == ["[engine] step=2", "[engine] step=4"], rank0
+    assert rank1 == [], rank1
 
 
 def _accessors():

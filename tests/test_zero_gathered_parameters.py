@@ -180,6 +180,75 @@ def test_register_external_parameter_gathers_a_weight_read_as_an_attribute():
         run_distributed(_tied_losses, 2, 3, False, timeout=120)
 
 
+class _ArgHead(torch.nn.Module):
+    def forward(self, h, weight):
+        return torch.nn.functional.linear(h, weight)
+
+
+class _FrozenArgNet(torch.nn.Module):
+    """Hands a frozen Parameter (in no ZeRO bucket) to a submodule as an argument, as GPT's output layer gets
+    the word embedding: only the managed Parameters among a module's arguments are gathered for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(8, 16)
+        self.frozen = torch.nn.Parameter(torch.randn(8, 16), requires_grad=False)
+        self.head = _ArgHead()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inp(x)), self.frozen)
+
+
+def _frozen_arg_losses(stage: int):
+    model = _FrozenArgNet()
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": 100, "stage3_prefetch_bucket_size": 0,
+                                    "stage3_param_persistence_threshold": 0}}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = megatron_core.initialize(model=model, model_parameters=trained, config=config)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    losses = []
+    for _ in range(3):
+        loss = engine(torch.randn(2, 8, generator=g)).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_a_frozen_parameter_passed_as_an_argument_trains_as_zero0():
+    reference = run_distributed(_frozen_arg_losses, 2, 0, timeout=120)
+    for ours, ref in zip(run_distributed(_frozen_arg_losses, 2, 3, timeout=120), reference, strict=True):
+        assert ours == pytest.approx(ref, rel=1e-6)
+
+
+def _gathered_at_first_layer(prefetch: int):
+    """Which buckets (forward order) are gathered or in flight once the first Linear's pre-hook has run."""
+    model = make_model("mlp")
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "zero_optimization": {"stage": 3, "reduce_bucket_size": 300, "stage3_prefetch_bucket_size": prefetch,
+                                    "stage3_param_persistence_threshold": 0}}
+    engine, _, _, _ = megatron_core.initialize(model=model, model_parameters=model.parameters(), config=config)
+    _train(engine, 1)  # the step frees every bucket
+    manager = engine.ddp.param_gather
+    seen = []
+    engine.module[0].register_forward_pre_hook(  # after the manager's hook, which was registered at wrapping
+        lambda module, args: seen.append([bucket.gathered for _, bucket in manager.forward_order]))
+    engine(torch.ones(2, 8))
+    return seen[0]
+
+
+def test_a_prefetch_budget_of_one_element_prefetches_the_next_bucket():
+    """``stage3_prefetch_bucket_size`` counts elements: buckets are prefetched while fewer than that many are
+    on the way, so a budget of 1 launches the next bucket's gather and 0 none."""
+    (none,) = {tuple(r) for r in run_distributed(_gathered_at_first_layer, 2, 0, timeout=120)}
+    (one,) = {tuple(r) for r in run_distributed(_gathered_at_first_layer, 2, 1, timeout=120)}
+    own = none.index(False)
+    assert none[own:] == (False,) * (len(none) - own) and own >= 1, none
+    assert one == (True,) * (own + 1) + (False,) * (len(none) - own - 1), (none, one)
+
+
 def test_none_is_not_a_zero3_parameter():
     """DeepSpeed's GatheredParameters takes None (Hugging Face passes a module's absent bias): nothing to gather."""
     with GatheredParameters(None, modifier_rank=0):
