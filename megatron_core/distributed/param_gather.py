@@ -83,9 +83,9 @@ class ParamGatherManager:
         # Buckets already used in the current forward pass: a module that uses an earlier bucket
         # again (the output layer and the tied word embedding) must not prefetch what follows it.
         self.used_in_forward: set[int] = set()
-        # Seconds spent blocked waiting for gathers before a module could run, and gathers waited
-        # on (for bench/bench_zero.py: the share of gather time prefetching hides).
-        self.wait_seconds, self.waits = 0.0, 0
+        # Seconds spent blocked waiting for gathers before a module could run (for bench/bench_zero.py:
+        # the share of gather time prefetching hides).
+        self.wait_seconds = 0.0
 
     @staticmethod
     def _dedup(units: Iterable[Unit]) -> list[Unit]:
@@ -109,8 +109,6 @@ class ParamGatherManager:
                 bucket.grads_pending_release = {id(p) for p in bucket.params}
         started = time.perf_counter()
         for buffer, bucket in units:
-            if bucket.gather_handle is not None:
-                self.waits += 1
             buffer.wait_param_gather(bucket)
         self.wait_seconds += time.perf_counter() - started
 
