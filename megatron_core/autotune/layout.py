@@ -130,9 +130,8 @@ def from_run_config(config: RunConfig, vocab_size: int,
     ramp = None if rampup is None or global_batch_size else (rampup[0], rampup[1], rampup[2])
     spec = ModelSpec(t, vocab_size, config.data.seq_length, config.model.max_position_embeddings,
                      global_batch_size or config.training.global_batch_size, config.data.make_vocab_size_divisible_by,
-                     nbytes,
-                     4 if config.ddp.grad_reduce_in_fp32 else nbytes, document_mask=config.data.reset_attention_mask,
-                     rampup_batch_size=ramp)
+                     nbytes, 4 if config.ddp.grad_reduce_in_fp32 else nbytes,
+                     document_mask=config.data.reset_attention_mask, rampup_batch_size=ramp)
     layout = Layout(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, dp=p.data_parallel_size,
                     vpp=p.virtual_pipeline_model_parallel_size, zero_stage=config.ddp.zero_stage,
                     micro_batch_size=config.training.micro_batch_size, recompute=t.recompute_granularity,
