@@ -154,12 +154,23 @@ def _tied_losses(stage: int, register: bool):
     from megatron_core.zero import register_external_parameter
 
     model = _TiedNet()
+    engine = _sgd_engine(model, model.parameters(), stage)
+    if register:
+        register_external_parameter(engine.module.head, engine.module.inp.weight)
+    return _three_steps(engine)
+
+
+def _sgd_engine(model: torch.nn.Module, parameters, stage: int):
+    """``model`` under ZeRO ``stage`` with SGD and 100-element buckets, nothing prefetched or kept resident."""
     config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
               "zero_optimization": {"stage": stage, "reduce_bucket_size": 100, "stage3_prefetch_bucket_size": 0,
                                     "stage3_param_persistence_threshold": 0}}
-    engine, _, _, _ = megatron_core.initialize(model=model, model_parameters=model.parameters(), config=config)
-    if register:
-        register_external_parameter(engine.module.head, engine.module.inp.weight)
+    engine, _, _, _ = megatron_core.initialize(model=model, model_parameters=parameters, config=config)
+    return engine
+
+
+def _three_steps(engine) -> list[float]:
+    """The losses of three steps on this rank's random [2, 8] inputs (seeded by rank)."""
     g = torch.Generator().manual_seed(dist.get_rank())
     losses = []
     for _ in range(3):
@@ -202,19 +213,7 @@ class _FrozenArgNet(torch.nn.Module):
 
 def _frozen_arg_losses(stage: int):
     model = _FrozenArgNet()
-    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
-              "zero_optimization": {"stage": stage, "reduce_bucket_size": 100, "stage3_prefetch_bucket_size": 0,
-                                    "stage3_param_persistence_threshold": 0}}
-    trained = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = megatron_core.initialize(model=model, model_parameters=trained, config=config)
-    g = torch.Generator().manual_seed(dist.get_rank())
-    losses = []
-    for _ in range(3):
-        loss = engine(torch.randn(2, 8, generator=g)).pow(2).mean()
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
+    return _three_steps(_sgd_engine(model, [p for p in model.parameters() if p.requires_grad], stage))
 
 
 def test_a_frozen_parameter_passed_as_an_argument_trains_as_zero0():
