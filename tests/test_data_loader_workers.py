@@ -38,3 +38,27 @@ def test_workers_ignore_stop_signals_and_die_with_their_rank():
     loader = data_loader(_WorkerFacts(), 0, 2, one_rank, num_workers=1)
     for batch in loader:
         assert batch.tolist() == [[int(signal.SIGKILL), 1, 1]] * 2
+
+
+_ONE_CPU_LOADER = """
+import os, types, torch
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+from megatron_core.training.data_loading import data_loader
+one_rank = types.SimpleNamespace(dp_rank=0, dp_size=1)
+for _ in range(2):  # two loaders (a train and a valid one), two epochs each
+    loader = data_loader(list(range(8)), 0, 2, one_rank, num_workers=2)
+    for epoch in range(2):
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="needs an affinity mask")
+def test_more_workers_than_cpus_warns_once_naming_the_flag():
+    """torch's own check warned at construction and at every iterator, from two source lines: three times
+    for one loader read twice. Ours: one line, in the flag's terms, however many loaders and epochs."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _ONE_CPU_LOADER], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "suggested max number of worker" not in done.stderr
+    assert done.stderr.count("--num-workers 2 is more than the 1 CPU(s) this rank may use") == 1, done.stderr

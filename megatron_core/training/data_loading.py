@@ -11,6 +11,7 @@ import functools
 import multiprocessing
 import os
 import signal
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -162,6 +163,24 @@ def _worker_init(parent_pid: int, worker_id: int) -> None:
             os._exit(0)
 
 
+class _PretrainingDataLoader(torch.utils.data.DataLoader):
+    """torch's DataLoader, warning once, in terms of ``--num-workers``, when it has more workers than CPUs.
+
+    torch checks at construction and again at every new iterator, from two source lines, so its
+    warning printed at least twice per loader (``_get_iterator``'s per epoch once filters changed).
+    """
+
+    def check_worker_number_rationality(self) -> None:
+        if getattr(self, "_workers_checked", False):
+            return
+        self._workers_checked = True
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if cpus is not None and self.num_workers > cpus:
+            warnings.warn(f"--num-workers {self.num_workers} is more than the {cpus} CPU(s) this rank may use "
+                          "(its affinity): the workers share them with training; lower --num-workers if steps "
+                          "wait for data", stacklevel=2)
+
+
 def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, parallel_state: ParallelState,
                 num_workers: int) -> torch.utils.data.DataLoader:
     """A loader over this DP rank's micro batches."""
@@ -171,11 +190,11 @@ def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, para
                                  parallel_state.dp_size)
     # Its own generator: starting an iterator draws a worker seed, which must not come from the global
     # RNG that dropout uses (a resumed run would otherwise drop out differently from an uninterrupted one).
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       persistent_workers=False, pin_memory=False,
-                                       worker_init_fn=functools.partial(_worker_init, os.getpid())
-                                       if num_workers else None,
-                                       generator=torch.Generator().manual_seed(consumed_samples))
+    return _PretrainingDataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                  persistent_workers=False, pin_memory=False,
+                                  worker_init_fn=functools.partial(_worker_init, os.getpid())
+                                  if num_workers else None,
+                                  generator=torch.Generator().manual_seed(consumed_samples))
 
 
 def shutdown_data_iterators(iterators: Iterable[Any]) -> None:
