@@ -178,3 +178,19 @@ def test_auto_values_take_the_runs_flags_as_hugging_faces_integration_does(tmp_p
     assert not run.optimizer.bf16
     assert (run.ddp.bucket_size, run.ddp.stage3_prefetch_bucket_size, run.ddp.stage3_param_persistence_threshold) \
         == (32 * 32, int(0.9 * 32 * 32), 320)
+
+
+def test_an_auto_no_flag_fills_names_the_flag_not_initialize(tmp_path):
+    """``total_num_steps: "auto"`` in a run counted in samples (no --train-iters): the error said "pass args= with
+    args.max_steps ... to initialize()", the engine's advice, which a pretrain_gpt.py user cannot follow."""
+    path = _file(tmp_path, scheduler={"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}})
+    i = BASE.index("--train-iters")
+    by_samples = BASE[:i] + ["--train-samples", "160"] + BASE[i + 2:]
+    with pytest.raises(ConfigError, match=r'^--deepspeed-config: scheduler.params.total_num_steps is "auto" and no '
+                                          r"flag of this run fills it; give --train-iters, or write the value in the "
+                                          r"file$"):
+        validate_args(parse_args(by_samples + ["--deepspeed-config", path]), world_size=2)
+    unknown = _file(tmp_path, optimizer={"type": "auto"})
+    with pytest.raises(ConfigError, match=r'optimizer.type is "auto" and no flag of this run fills it; write the '
+                                          r"value in the file$"):
+        validate_args(parse_args(BASE + ["--deepspeed-config", unknown]), world_size=2)

@@ -395,7 +395,7 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     check_keys(raw, "", TOP_LEVEL, keys.NOT_IMPLEMENTED_TOP)
     for permission in ("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer"):
         typed(raw, "", permission, bool, None)
-    for key, _ in _find_auto(raw)[:1]:
+    for key, _ in find_auto(raw)[:1]:
         from megatron_core.engine.auto import ARG_OF_KEY  # noqa: PLC0415 - auto imports this module's names
 
         source = f"args.{ARG_OF_KEY[key]}" if key in ARG_OF_KEY else "the value"
@@ -445,9 +445,10 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
     return config
 
 
-def _find_auto(node: Any, path: str = "") -> list[tuple[str, Any]]:
+def find_auto(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, "auto")`` for every value of ``node`` still ``"auto"``, in the file's order."""
     if isinstance(node, dict):
-        return [hit for k, v in node.items() for hit in _find_auto(v, keys.where(path, k))]
+        return [hit for k, v in node.items() for hit in find_auto(v, keys.where(path, k))]
     return [(path, node)] if node == "auto" else []
 
 

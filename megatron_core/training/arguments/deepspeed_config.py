@@ -51,6 +51,7 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
     from megatron_core.training.initialize import rank_from_env
 
     raw = resolve_auto(read_json(args.deepspeed_config), *_auto_sources(args))
+    _refuse_unresolved_auto(raw)
     file = load_config(raw, args.data_parallel_size)
     section = () if file.optimizer is None else _OPTIMIZER_SECTION_FIELDS[
         "sgd" if file.optimizer.type == "sgd" else "adam"]
@@ -86,6 +87,35 @@ def _auto_sources(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[st
                "bf16": args.bf16}
     model = argparse.Namespace(config=argparse.Namespace(hidden_size=args.hidden_size))
     return model, hf_args
+
+
+# The flags _auto_sources reads for each "auto" key it can fill (engine.auto.ARG_OF_KEY's keys).
+_FLAG_OF_AUTO_KEY = {
+    "train_micro_batch_size_per_gpu": "--micro-batch-size",
+    "gradient_accumulation_steps": "--global-batch-size (a multiple of --micro-batch-size x the DP size)",
+    "gradient_clipping": "--clip-grad",
+    "optimizer.params.lr": "--lr",
+    "optimizer.params.betas": "--adam-beta1 and --adam-beta2",
+    "optimizer.params.eps": "--adam-eps",
+    "optimizer.params.weight_decay": "--weight-decay",
+    "scheduler.params.warmup_max_lr": "--lr",
+    "scheduler.params.warmup_num_steps": "--lr-warmup-iters",
+    "scheduler.params.total_num_steps": "--train-iters",
+    "zero_optimization.reduce_bucket_size": "--hidden-size",
+    "zero_optimization.stage3_prefetch_bucket_size": "--hidden-size",
+    "zero_optimization.stage3_param_persistence_threshold": "--hidden-size",
+}
+
+
+def _refuse_unresolved_auto(raw: dict) -> None:
+    """A value the flags left ``"auto"``: one line naming the key and the flag that fills it (the engine's own
+    message names ``initialize(args=...)``, which a pretrain_gpt.py user does not call)."""
+    from megatron_core.engine.config import find_auto
+
+    for key, _ in find_auto(raw)[:1]:
+        flag = _FLAG_OF_AUTO_KEY.get(key)
+        fill = f"give {flag}, or write the value in the file" if flag else "write the value in the file"
+        raise ConfigError(f'--deepspeed-config: {key} is "auto" and no flag of this run fills it; {fill}')
 
 
 def _take_bucket_size(args: argparse.Namespace, file_size: int | None) -> None:
