@@ -113,7 +113,8 @@ TESTS = {
                 "tests/test_transformer_units.py",
                 # fused_layer_norm's zero_centered_gamma and its fp32-stream path
                 "tests/test_layernorm_1p.py", "tests/test_fp32_residual.py"],
-    "engine": ["tests/test_engine_config.py", "tests/test_engine_config_offload.py", "tests/test_engine_api.py",
+    "engine": ["tests/test_engine_config.py", "tests/test_engine_config_older_names.py",
+               "tests/test_engine_config_offload.py", "tests/test_engine_api.py",
                "tests/test_engine.py", "tests/test_engine_checkpoint.py", "tests/test_engine_consolidate.py",
                "tests/test_engine_load_options.py", "tests/test_engine_checkpoint_damage.py",
                "tests/test_engine_autotp.py",
