@@ -140,3 +140,62 @@ def test_zero3_bytes_per_rank_match_formula_plus_window(nd):
         bound = 2 * (4 * r["largest_bucket"] + Z3_PREFETCH)
         assert 0 < r["peak_window"] <= bound and r["peak_window"] < 2 * padded, \
             f"rank {rank}: peak gathered window {r['peak_window']} bytes (bound {bound}, full {2 * padded})"
+
+
+# ---- construction: one bucket at a time, not two more copies of the model ----
+_LAYER = 2048  # four Linear(2048, 2048) layers of 16 MiB each (fp32), one bucket per layer
+_OVERHEAD_MIB = 12  # the wrapper's own allocations and gloo's buffers: 8.4 MiB measured (2.3 in a broadcast)
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _construction_peak(zero_stage: int) -> dict:
+    """Resident-memory growth while DDP wraps the model (VmHWM after /proc/self/clear_refs 5 resets it)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    from megatron_core import parallel_state
+    from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    # Fixed settings (M_MMAP_THRESHOLD -3, M_MMAP_MAX -4, malloc.h): every block of 1 MiB or more is its own
+    # mapping, returned at free, so resident memory follows the live tensors (glibc's dynamic threshold, or
+    # the training allocator a test before may have set in this process, keeps freed blocks resident).
+    assert libc.mallopt(-3, 1 << 20) == 1 and libc.mallopt(-4, 1 << 16) == 1
+    ps = parallel_state.ParallelState(1, 1, None)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(_LAYER, _LAYER, bias=False) for _ in range(4)])
+    model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    config = DistributedDataParallelConfig(zero_stage=zero_stage, bucket_size=_LAYER * _LAYER)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = _rss_mib("VmRSS")
+    wrapped = DistributedDataParallel(config, model, ps)
+    peak, after = _rss_mib("VmHWM") - before, _rss_mib("VmRSS") - before
+    buckets = len(wrapped.buffers_by_dtype[0].buckets)
+    ps.destroy()
+    return {"peak": peak, "after": after, "model": model_mib, "dp": ps.dp_size, "buckets": buckets}
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux's VmHWM reset")
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_zero_wraps_the_model_one_bucket_at_a_time(zero_stage):
+    """Wrapping allocated every bucket's full storage before keeping the shards: under ZeRO-3 two more copies
+    of the model at once (parameters and zeroed gradients: 200 MiB growth for this 64 MiB model at DP 2), so a
+    model that fits only sharded failed before its first step; under ZeRO-2 one more (the zeroed gradients).
+    Now a bucket's full parameters live only while it is filled and its gradient storage is not touched
+    before its first gradient: the growth is what is kept (ZeRO-3: the parameter and gradient shards, 2/DP
+    of the model; ZeRO-2: the parameter buffer and the gradient shard) plus one bucket under ZeRO-3."""
+    for r in run_distributed(_construction_peak, 2, zero_stage, timeout=90):
+        bucket, model, dp = r["model"] / r["buckets"], r["model"], r["dp"]
+        assert r["buckets"] == 4
+        kept = (model / dp if zero_stage == 3 else model) + model / dp
+        assert r["peak"] <= kept + (bucket if zero_stage == 3 else 0) + _OVERHEAD_MIB, r
+        # The model's own parameters were freed as they moved into the buffer or the shards.
+        assert r["after"] <= kept - model + _OVERHEAD_MIB, r

@@ -99,11 +99,7 @@ class DistributedDataParallel(torch.nn.Module):
             # Checkpoints read and write full parameters: gathered (ZeRO-3), or no gather left in flight.
             module.register_state_dict_pre_hook(self._gather_for_state_dict)
             module.register_load_state_dict_pre_hook(self._gather_for_load)
-        if config.zero_stage == 3:
-            for buffer in self.buffers_by_dtype:
-                buffer.keep_shards()
-                for bucket in buffer.buckets:
-                    buffer.release_params(bucket)
+        if config.zero_stage == 3:  # the buffers kept their shards and freed the buckets as they built them
             # A plain function: torch tags the post hook with an attribute, which a bound method refuses.
             module.register_state_dict_post_hook(lambda *a: self._copy_state_dict(*a))
             module.register_load_state_dict_post_hook(self._reshard_after_load)
@@ -134,13 +130,9 @@ class DistributedDataParallel(torch.nn.Module):
         src = self.parallel_state.dp_ranks[0]
         with torch.no_grad():
             for buffer in self.buffers_by_dtype:
-                data = buffer.param_data
-                if data is None:  # ZeRO-3: per-bucket storage, all gathered at construction
-                    for bucket in buffer.buckets:
-                        comm.broadcast(bucket.param_data, src, self.parallel_state.dp_group, log=self.comm_log,
-                                       tag="param.broadcast")
-                    continue
-                comm.broadcast(data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")
+                if buffer.param_data is not None:  # ZeRO-3's buffers broadcast each bucket as they build it
+                    comm.broadcast(buffer.param_data, src, self.parallel_state.dp_group, log=self.comm_log,
+                                   tag="param.broadcast")
             for p in self.module.parameters():
                 if not p.requires_grad:
                     comm.broadcast(p.data, src, self.parallel_state.dp_group, log=self.comm_log, tag="param.broadcast")

@@ -130,13 +130,8 @@ class ParamAndGradBuffer:
             shard_device = device_mod.host_device() if config.offload_param else device
             self.param_shard = device_mod.maybe_pin(torch.zeros(self.shard_numel, dtype=self.param_dtype,
                                                                 device=shard_device))
-            for bucket in self.buckets:
-                bucket.param_data = torch.zeros(bucket.end - bucket.start, dtype=self.param_dtype, device=device)
-                bucket.persistent = bucket.end - bucket.start <= config.stage3_param_persistence_threshold
         else:
             self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
-            for bucket in self.buckets:
-                bucket.param_data = self.param_data[bucket.start:bucket.end]
         # ZeRO-2/3: per-bucket gradient storage, released after each reduction (module docstring); the
         # reduced shard of every bucket, summed over the microbatches of a step, lives in ``grad_shard``.
         self.partition_grads = config.zero_stage >= 2
@@ -144,24 +139,10 @@ class ParamAndGradBuffer:
         self.grad_shard: torch.Tensor | None = None
         if self.partition_grads:
             self.grad_shard = torch.zeros(self.shard_numel, dtype=grad_dtype, device=device)
-            for bucket in self.buckets:
-                bucket.grad_data = torch.zeros(bucket.end - bucket.start, dtype=grad_dtype, device=device)
         else:
             self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
-            for bucket in self.buckets:
-                bucket.grad_data = self.grad_data[bucket.start:bucket.end]
-        for p in params:
-            start, end, bucket = self.param_ranges[id(p)]
-            view = bucket.param_data[start - bucket.start:end - bucket.start]
-            view.copy_(p.detach().reshape(-1))
-            p.data = view.view(p.shape)
-            main_grad = bucket.grad_data[start - bucket.start:end - bucket.start].view(p.shape)
-            bucket.main_grads.append((p, main_grad))
-            setattr(p, MAIN_GRAD_ATTR, main_grad)
-            setattr(p, GRAD_BUFFER_ATTR, self)
-        if self.partition_grads:
-            for bucket in self.buckets:
-                self._release_grad(bucket)
+        for bucket in self.buckets:
+            self._build_bucket(bucket)
         self._synced = False
         self._round_open = False  # a backward under no_sync is running; a callback reduces at its end
         self.has_grads = False  # a backward put gradients here since the last reset (safe_get_full_grad)
@@ -173,6 +154,45 @@ class ParamAndGradBuffer:
         self.gradient_scaling_factor = 1.0 if config.calculate_per_token_loss else 1.0 / self.dp_size
 
     # ---- layout -------------------------------------------------------------------------------
+    def _build_bucket(self, bucket: Bucket) -> None:
+        """Move ``bucket``'s parameters into the buffer and give them their ``main_grad`` views.
+
+        One bucket at a time, so that under ZeRO-2/3 a bucket's full storage exists only while it is
+        filled: at most one bucket beyond the model and the shards at construction, where allocating
+        every bucket first held two more copies of the model (parameters and gradients) at once.
+        ZeRO-3 also starts the bucket from DP rank 0's values (the broadcast the DDP wrapper does for
+        the other stages) and keeps this rank's shard before freeing it.
+        """
+        n = bucket.end - bucket.start
+        if self.zero3:
+            bucket.param_data = torch.zeros(n, dtype=self.param_dtype, device=self.device)
+            bucket.persistent = n <= self.config.stage3_param_persistence_threshold
+        else:
+            assert self.param_data is not None
+            bucket.param_data = self.param_data[bucket.start:bucket.end]
+        if self.partition_grads:  # zeroed when the bucket's first gradient arrives (_allocate_grad)
+            bucket.grad_data = torch.empty(n, dtype=self.grad_dtype, device=self.device)
+        else:
+            assert self.grad_data is not None
+            bucket.grad_data = self.grad_data[bucket.start:bucket.end]
+        for p in bucket.params:
+            start, end, _ = self.param_ranges[id(p)]
+            view = bucket.param_data[start - bucket.start:end - bucket.start]
+            view.copy_(p.detach().reshape(-1))
+            p.data = view.view(p.shape)
+            main_grad = bucket.grad_data[start - bucket.start:end - bucket.start].view(p.shape)
+            bucket.main_grads.append((p, main_grad))
+            setattr(p, MAIN_GRAD_ATTR, main_grad)
+            setattr(p, GRAD_BUFFER_ATTR, self)
+        if self.partition_grads:
+            self._release_grad(bucket)
+        if self.zero3:
+            if self.dp_size > 1:
+                comm.broadcast(bucket.param_data, self.parallel_state.dp_ranks[0], self.dp_group,
+                               log=self.comm_log, tag="param.broadcast")
+            self._keep_shard(bucket)
+            self.release_params(bucket)
+
     def _layout(self, params: list[torch.nn.Parameter]) -> int:
         bucket_size = self.config.bucket_size
         offset = bucket_start = local_offset = 0
