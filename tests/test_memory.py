@@ -153,11 +153,20 @@ def _rss_mib(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
+def _reset_peak() -> float:
+    """Reset VmHWM to the current resident size (/proc/self/clear_refs 5) and return that size in MiB."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _rss_mib("VmRSS")
+
+
 def _construction_peak(zero_stage: int) -> dict:
-    """Resident-memory growth while DDP wraps the model (VmHWM after /proc/self/clear_refs 5 resets it)."""
+    """Resident-memory growth while DDP wraps the model, and (ZeRO-3) while ``state_dict()`` copies it."""
     import ctypes
     import ctypes.util
-    import gc
 
     from megatron_core import parallel_state
     from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -171,16 +180,20 @@ def _construction_peak(zero_stage: int) -> dict:
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(_LAYER, _LAYER, bias=False) for _ in range(4)])
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    first_rows = {f"{i}.weight": layer.weight[:2].clone() for i, layer in enumerate(model)}
     config = DistributedDataParallelConfig(zero_stage=zero_stage, bucket_size=_LAYER * _LAYER)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    before = _rss_mib("VmRSS")
+    before = _reset_peak()
     wrapped = DistributedDataParallel(config, model, ps)
-    peak, after = _rss_mib("VmHWM") - before, _rss_mib("VmRSS") - before
-    buckets = len(wrapped.buffers_by_dtype[0].buckets)
+    result = {"peak": _rss_mib("VmHWM") - before, "after": _rss_mib("VmRSS") - before, "model": model_mib,
+              "dp": ps.dp_size, "buckets": len(wrapped.buffers_by_dtype[0].buckets)}
+    before = _reset_peak()
+    state = wrapped.state_dict()
+    result["state_dict_peak"] = _rss_mib("VmHWM") - before
+    # Rank 0's values everywhere (the wrapper broadcast them), whole, in copies that outlive the gather.
+    result["state_dict_equal"] = sorted(state) == sorted(first_rows) and all(
+        state[k].shape == (_LAYER, _LAYER) and torch.equal(state[k][:2], first_rows[k]) for k in state)
     ps.destroy()
-    return {"peak": peak, "after": after, "model": model_mib, "dp": ps.dp_size, "buckets": buckets}
+    return result
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux's VmHWM reset")
@@ -199,3 +212,5 @@ def test_zero_wraps_the_model_one_bucket_at_a_time(zero_stage):
         assert r["peak"] <= kept + (bucket if zero_stage == 3 else 0) + _OVERHEAD_MIB, r
         # The model's own parameters were freed as they moved into the buffer or the shards.
         assert r["after"] <= kept - model + _OVERHEAD_MIB, r
+        if zero_stage == 3:  # a full copy of the model, gathered one bucket at a time (it was all buckets first)
+            assert r["state_dict_equal"] and r["state_dict_peak"] <= model + bucket + _OVERHEAD_MIB, r

@@ -152,13 +152,31 @@ class DistributedDataParallel(torch.nn.Module):
 
     # ---- ZeRO-3: full parameters for checkpoints ----------------------------------------------
     def _gather_for_state_dict(self, module, prefix, keep_vars) -> None:
-        self.gather_all_params()
+        if self.ddp_config.zero_stage != 3:  # --overlap-param-gather: no gather left in flight
+            self.gather_all_params()
 
     def _copy_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
-        for key, value in state_dict.items():
-            if torch.is_tensor(value):
-                state_dict[key] = value.detach().clone()
-        self.release_params()
+        """ZeRO-3: each freed parameter's entry becomes a copy of its full value, gathered one bucket at a
+        time, so the state dict costs one copy of the model plus a bucket (gathering every bucket first
+        held two copies at once). Collective over DP: every rank names the same parameters in the same
+        order."""
+        assert self.param_gather is not None
+        manager = self.param_gather
+        entries: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
+        units = []
+        for name, param in module.named_parameters(remove_duplicate=False):
+            key = prefix + name
+            if key in state_dict and id(param) in manager.unit_of:
+                unit = manager.unit_of[id(param)]
+                if id(unit[1]) not in entries:
+                    units.append(unit)
+                entries.setdefault(id(unit[1]), []).append((key, param))
+        for unit in units:
+            frame = [unit]
+            manager.pin(frame)
+            for key, param in entries[id(unit[1])]:
+                state_dict[key] = param.detach().clone()
+            manager.unpin(frame)
 
     def _gather_for_load(self, *args, **kwargs) -> None:
         self.gather_all_params()
