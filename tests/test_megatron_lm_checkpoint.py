@@ -20,6 +20,7 @@ from megatron_core.checkpoint.convert import main as convert
 from megatron_core.checkpoint.core_format import load_core_checkpoint
 from megatron_core.dist_checkpointing.full_model import load_full_model
 from megatron_core.errors import ConfigError
+from megatron_core.inference.loading import build_inference_model
 from megatron_core.models.gpt import GPTModel
 from megatron_core.transformer.config import TransformerConfig
 
@@ -85,6 +86,20 @@ def test_a_megatron_core_torch_dist_checkpoint_converts(kind, tmp_path, capsys):
     torch.testing.assert_close(loaded, logits, rtol=0, atol=0)
 
 
+def _generation_logits(load_dir):
+    ps = parallel_state.initialize_model_parallel(1)
+    loaded = build_inference_model(load_dir, ps)
+    with torch.no_grad():
+        return loaded.model(TOKENS)
+
+
+@pytest.mark.parametrize("write", [write_legacy, write_torch_dist])
+def test_text_generation_reads_megatron_lm_checkpoints(write, tmp_path):
+    state, logits = _source("llama")
+    write(str(tmp_path), state, CONFIGS["llama"], VOCAB, PADDED, SEQ)
+    torch.testing.assert_close(run_distributed(_generation_logits, 1, str(tmp_path))[0], logits, rtol=0, atol=0)
+
+
 def _cli(argv):
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
@@ -132,4 +147,16 @@ def test_a_megatron_lm_file_pickling_another_class_is_refused_in_one_line(tmp_pa
         file["args"].gadget = Gadget()
         torch.save(file, path)
     with pytest.raises(ConfigError, match=rf"^{path} pickles test_megatron_lm_checkpoint.Gadget, which is not loaded"):
+        load_core_checkpoint(str(tmp_path))
+
+
+def test_a_megatron_lm_moe_checkpoint_is_refused_naming_the_flag(tmp_path):
+    state, _ = _source("gpt")
+    write_legacy(str(tmp_path), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
+    path = tmp_path / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    with megatron_enums():
+        file = torch.load(path, weights_only=False)
+        file["args"].num_experts = 8
+        torch.save(file, path)
+    with pytest.raises(ConfigError, match=r"the Megatron-LM run used --num-experts 8, which this framework does not"):
         load_core_checkpoint(str(tmp_path))

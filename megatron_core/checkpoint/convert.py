@@ -1,7 +1,8 @@
 """Convert GPT checkpoints between Hugging Face directories and Megatron checkpoints.
 
 ``--loader core`` reads a training checkpoint in either format (``torch_dist``, the default of
-``pretrain_gpt.py``, or the legacy per-rank files) saved under any layout; ``--saver core`` writes the
+``pretrain_gpt.py``, or the legacy per-rank files) saved under any layout, also one written by Megatron-LM
+itself (``checkpoint.megatron_lm``, ``checkpoint.megatron_lm_dist``); ``--saver core`` writes the
 legacy layout (model only), which ``pretrain_gpt.py --load`` reads under the layout it was cut for.
 
 Takes Megatron-LM's converter flags::

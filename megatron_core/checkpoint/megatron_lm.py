@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-# NumPy 2 moved the array rebuild a pickle names (numpy.core -> numpy._core); a file may name either module.
-_reconstruct = getattr(getattr(np, "_core", None) or np.core, "multiarray")._reconstruct
-
 from megatron_core.errors import ConfigError
 from megatron_core.transformer.config import TransformerConfig
+
+# NumPy 2 moved the array rebuild a pickle names (numpy.core -> numpy._core); a file may name either module.
+_reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
 
 # The key a restated Megatron-LM state carries: its optimizer and RNG states (Megatron-LM's own layouts) are
 # not restated, so a run resuming it must say so (--no-load-optim, or --finetune).

@@ -41,10 +41,22 @@ def is_megatron_core_dist(path: str) -> bool:
         return False
 
 
+def is_megatron_core_checkpoint(load_dir: str, iteration: int | None = None) -> bool:
+    """Whether ``load_dir`` (at ``iteration``, default the tracker's) holds megatron-core's torch_dist files."""
+    from megatron_core.training import checkpoint_io as io
+    try:
+        iteration = io.read_tracker(load_dir) if iteration is None else iteration
+    except (OSError, ValueError):
+        return False
+    path = io.existing_iteration_dir(load_dir, iteration) if iteration is not None else None
+    return path is not None and is_megatron_core_dist(path)
+
+
 def conversion_hint(load_dir: str) -> str:
     """The one line for a ``--load`` of megatron-core's torch_dist checkpoint ``load_dir``."""
     return (f"--load {load_dir} is megatron-core's torch_dist checkpoint (Megatron-LM's --ckpt-format torch_dist), "
-            f"which training does not resume: convert it once with tools/checkpoint/convert.py --model-type GPT "
+            f"which training does not resume (the converter and text generation read it): convert it once with "
+            f"tools/checkpoint/convert.py --model-type GPT "
             f"--loader core --saver core --load-dir {load_dir} --save-dir CKPT, then run with --load CKPT "
             f"--finetune (or --no-load-optim --no-load-rng)")
 
