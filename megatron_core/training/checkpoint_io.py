@@ -120,12 +120,20 @@ def load_file(path: str) -> Any:
     except pickle.UnpicklingError as exc:
         if not is_pickled_object(exc):  # garbage in the pickle (overwritten bytes) fails the same unpickler
             raise DamagedFileError(path, pickle.UnpicklingError(unpickler_reason(exc))) from None
-        if "argparse.Namespace" in str(exc):  # Megatron-LM's file: its run's args, read through an allow-list
+        if _pickles_namespace(path):  # Megatron-LM's file: its run's args, read through an allow-list
             return _load_megatron_lm(path)
         raise ConfigError(f"{path} is not a plain-tensor checkpoint: it holds pickled Python objects, which are "
                           f"not loaded (they could run code); re-save it with tensors and plain values only") from None
     except (EOFError, RuntimeError, OSError, ValueError) as exc:
         raise DamagedFileError(path, exc) from None
+
+
+def _pickles_namespace(path: str) -> bool:
+    """Whether the file names ``argparse.Namespace`` (Megatron-LM's ``args``), from a scan that runs nothing."""
+    try:
+        return "argparse.Namespace" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError):  # refused as before
+        return False
 
 
 def _load_megatron_lm(path: str) -> Any:
