@@ -1,7 +1,7 @@
 """Checkpoints written by Megatron-LM / megatron-core load here (tests/megatron_lm_files.py builds them in
 megatron-core 0.16.1's exact on-disk structure, without megatron-core).
 
-Against the real megatron-core 0.16.1 on a CPU (docs/design.md, "Megatron-LM's own checkpoints") the same
+Against the real megatron-core 0.16.1 on a CPU (docs/training.md, "Checkpoints written by Megatron-LM itself") the same
 loads gave logits within 2.3e-6 of megatron-core's own forward (fp32); here the fixture's weights come from
 our GPTModel, so the loaded model must reproduce its logits exactly.
 """
