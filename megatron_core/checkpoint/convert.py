@@ -1,7 +1,8 @@
 """Convert GPT checkpoints between Hugging Face directories and Megatron checkpoints.
 
 ``--loader core`` reads a training checkpoint in either format (``torch_dist``, the default of
-``pretrain_gpt.py``, or the legacy per-rank files) saved under any layout; ``--saver core`` writes the
+``pretrain_gpt.py``, or the legacy per-rank files) saved under any layout, also one written by Megatron-LM
+itself (``checkpoint.megatron_lm``, ``checkpoint.megatron_lm_dist``); ``--saver core`` writes the
 legacy layout (model only), which ``pretrain_gpt.py --load`` reads under the layout it was cut for.
 
 Takes Megatron-LM's converter flags::
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from megatron_core.checkpoint import hf_gpt2, hf_llama
+from megatron_core.checkpoint import hf_gpt2, hf_llama, megatron_lm_dist
 from megatron_core.checkpoint.core_format import (
     TOKENIZER_FLAGS,
     VOCAB_PADDING,
@@ -47,6 +48,7 @@ from megatron_core.checkpoint.hf_io import (
 from megatron_core.checkpoint.hf_tokenizer import has_tokenizer, load_dir_tokenizer, save_tokenizer, special_ids
 from megatron_core.dist_checkpointing import read_common
 from megatron_core.dist_checkpointing.full_model import is_torch_dist, load_full_model
+from megatron_core.dist_checkpointing.serialization import checkpoint_dir
 from megatron_core.errors import ArgumentParser
 from megatron_core.tokenizer.base import MegatronTokenizer
 from megatron_core.tokenizer.build import build_tokenizer
@@ -185,7 +187,9 @@ def load_core(path: str, iteration: int | None = None, with_optimizer: bool = Fa
 def _load_torch_dist(path: str, iteration: int | None) -> FullModel:
     full = load_full_model(path, iteration)
     info = full.model_info
-    common = read_common(path, full.iteration)
+    # megatron-core's own torch_dist records Megatron-LM's args (read by load_full_model), not this framework's
+    own = not megatron_lm_dist.is_megatron_core_dist(checkpoint_dir(path, full.iteration)[0])
+    common = read_common(path, full.iteration) if own else {}
     train_state = {"consumed_train_samples": common.get("extra", {}).get("consumed_train_samples"),
                    "opt_param_scheduler": common.get("scheduler"), VOCAB_PADDING: full.vocab_padding}
     kind = full.tokenizer.get("tokenizer_type")

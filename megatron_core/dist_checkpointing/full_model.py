@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megatron_core.checkpoint import megatron_lm_dist
 from megatron_core.checkpoint.sharding import VOCAB_KEYS, partition_of
 from megatron_core.dist_checkpointing.serialization import (
     checkpoint_dir,
@@ -56,6 +57,9 @@ def load_full_model(load_dir: str, iteration: int | None = None) -> FullCheckpoi
     or one that records no ``model_config`` / ``model_info`` (not written by pretrain_gpt.py).
     """
     path, iteration = checkpoint_dir(load_dir, iteration)
+    if megatron_lm_dist.is_megatron_core_dist(path):  # Megatron-LM's own torch_dist: stacked layers, args
+        config, info, tokenizer, state = megatron_lm_dist.read_megatron_core_dist(load_dir, iteration, path)
+        return FullCheckpoint(config, info, tokenizer, state, iteration)
     common = read_checkpoint_common(load_dir, iteration, path)
     extra = common.get("extra", {})
     if "model_config" not in extra or "model_info" not in extra:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_core.checkpoint import megatron_lm_dist
 from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing import optimizer_state as opt_state
 from megatron_core.dist_checkpointing.sharded import ShardedSlice, chunk_params, clip_to, param_slices
@@ -246,6 +247,8 @@ def read_common(load_dir: str, iteration: int | None = None) -> dict[str, Any]:
 
 def read_checkpoint_common(load_dir: str, iteration: int, path: str) -> dict[str, Any]:
     """``common.pt`` of the iteration directory ``path``; ConfigError naming it when damaged."""
+    if megatron_lm_dist.is_megatron_core_dist(path):  # Megatron-LM's own torch_dist: read by the converter only
+        raise ConfigError(megatron_lm_dist.conversion_hint(load_dir))
     file = os.path.join(path, COMMON_FILE)
     try:
         common = io.load_file(file)

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 from megatron_core import device as device_mod
+from megatron_core.checkpoint import megatron_lm_dist
 from megatron_core.checkpoint.convert import FullModel, load_core, load_hf, tokenizer_from_flags
 from megatron_core.checkpoint.sharding import rank_state_dict
 from megatron_core.dist_checkpointing import load_dist_checkpoint, read_common
@@ -95,7 +96,8 @@ def _build_from_dist(load: str, parallel_state: ParallelState, iteration: int | 
 def build_inference_model(load: str, parallel_state: ParallelState, iteration: int | None = None,
                           make_vocab_size_divisible_by: int = 128) -> LoadedModel:
     """This rank's GPTModel (eval mode, on the current device) filled from ``load``; see the module doc."""
-    if is_torch_dist(load, iteration):  # the format of that iteration: a directory may hold both
+    # the format of that iteration (a directory may hold both); megatron-core's own torch_dist is read whole
+    if is_torch_dist(load, iteration) and not megatron_lm_dist.is_megatron_core_checkpoint(load, iteration):
         return _build_from_dist(load, parallel_state, iteration, make_vocab_size_divisible_by)
     full, source = read_full_model(load, iteration)
     config = _for_inference(full.config)

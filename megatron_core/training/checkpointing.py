@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_core.checkpoint.core_format import TOKENIZER_FLAGS
+from megatron_core.checkpoint.megatron_lm import FROM_MEGATRON_LM, megatron_lm_hint
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training import checkpoint_io as io
 from megatron_core.training.agreement import agreed
@@ -343,6 +344,8 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
         printer(f"> loaded model weights from {rank_dir} for finetuning: starting at iteration 0")
         _reload_main_params(optimizer)
         return result
+    if state.get(FROM_MEGATRON_LM) and not (config.no_load_optim and config.no_load_rng):
+        raise ConfigError(megatron_lm_hint(os.path.join(rank_dir, io.MODEL_FILENAME)))
     result.iteration = int(state.get("iteration", iteration))
     result.consumed_train_samples = int(state.get("consumed_train_samples", 0))
     if not config.no_load_optim:

@@ -1,0 +1,162 @@
+"""Checkpoints written by Megatron-LM / megatron-core load here (tests/megatron_lm_files.py builds them in
+megatron-core 0.16.1's exact on-disk structure, without megatron-core).
+
+Against the real megatron-core 0.16.1 on a CPU (docs/training.md, "Checkpoints written by Megatron-LM itself") the same
+loads gave logits within 2.3e-6 of megatron-core's own forward (fp32); here the fixture's weights come from
+our GPTModel, so the loaded model must reproduce its logits exactly.
+"""
+import contextlib
+import io
+
+import pytest
+import torch
+import torch.distributed
+from harness import run_distributed
+from megatron_lm_files import ITERATION, megatron_enums, write_legacy, write_torch_dist
+
+import pretrain_gpt
+from megatron_core import parallel_state
+from megatron_core.checkpoint.convert import main as convert
+from megatron_core.checkpoint.core_format import load_core_checkpoint
+from megatron_core.dist_checkpointing.full_model import load_full_model
+from megatron_core.errors import ConfigError
+from megatron_core.inference.loading import build_inference_model
+from megatron_core.models.gpt import GPTModel
+from megatron_core.transformer.config import TransformerConfig
+
+VOCAB, PADDED, SEQ = 127, 128, 32  # Megatron-LM's NullTokenizer: --vocab-size 127 is 128 ids, padded to 128
+CONFIGS = {
+    "gpt": TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, hidden_dropout=0.0,
+                             attention_dropout=0.0),
+    "llama": TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                               ffn_hidden_size=176, activation="swiglu", normalization="RMSNorm",
+                               add_bias_linear=False, position_embedding_type="rope",
+                               share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0),
+}
+TOKENS = torch.randint(0, PADDED, (2, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(config, state):
+    parallel_state.initialize_model_parallel(1)
+    model = GPTModel(config, PADDED, SEQ)
+    if state is None:  # the source model: random weights, the norms and biases too
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * (0.1 if p.dim() > 1 else 0.3))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+    else:
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        return state, model(TOKENS)
+
+
+def _source(kind):
+    return run_distributed(_logits, 1, CONFIGS[kind], None)[0]
+
+
+def _loaded_logits(load_dir):
+    config, info, full, _ = load_core_checkpoint(load_dir)
+    assert info["padded_vocab_size"] == PADDED and info["max_position_embeddings"] == SEQ
+    return config, _logits(config, full)[1]
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_a_megatron_lm_legacy_checkpoint_loads_from_its_args(kind, tmp_path):
+    state, logits = _source(kind)
+    write_legacy(str(tmp_path), state, CONFIGS[kind], VOCAB, PADDED, SEQ)
+    config, loaded = run_distributed(_loaded_logits, 1, str(tmp_path))[0]
+    assert config.to_dict() == CONFIGS[kind].to_dict()
+    torch.testing.assert_close(loaded, logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_a_megatron_core_torch_dist_checkpoint_converts(kind, tmp_path, capsys):
+    state, logits = _source(kind)
+    src, dst = tmp_path / "mcore", tmp_path / "ours"
+    write_torch_dist(str(src), state, CONFIGS[kind], VOCAB, PADDED, SEQ)
+    full = load_full_model(str(src))
+    assert full.iteration == ITERATION and full.tokenizer["tokenizer_type"] == "NullTokenizer"
+    assert full.state.keys() == state.keys()
+    assert convert(["--model-type", "GPT", "--loader", "core", "--saver", "core", "--load-dir", str(src),
+                    "--save-dir", str(dst), "--target-tensor-parallel-size", "1"]) == 0
+    config, loaded = run_distributed(_loaded_logits, 1, str(dst))[0]
+    assert config.to_dict() == CONFIGS[kind].to_dict()
+    torch.testing.assert_close(loaded, logits, rtol=0, atol=0)
+
+
+def _generation_logits(load_dir):
+    ps = parallel_state.initialize_model_parallel(1)
+    loaded = build_inference_model(load_dir, ps)
+    with torch.no_grad():
+        return loaded.model(TOKENS)
+
+
+@pytest.mark.parametrize("write", [write_legacy, write_torch_dist])
+def test_text_generation_reads_megatron_lm_checkpoints(write, tmp_path):
+    state, logits = _source("llama")
+    write(str(tmp_path), state, CONFIGS["llama"], VOCAB, PADDED, SEQ)
+    torch.testing.assert_close(run_distributed(_generation_logits, 1, str(tmp_path))[0], logits, rtol=0, atol=0)
+
+
+def _cli(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+        code = pretrain_gpt.cli(argv)
+    torch.distributed.barrier()
+    return code, err.getvalue(), out.getvalue()
+
+
+RUN = ["--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-4", "--mock-data", "--num-workers", "0",
+       "--eval-iters", "0", "--log-interval", "1"]
+
+
+def test_pretrain_resumes_a_megatron_lm_legacy_checkpoint_without_its_optimizer(tmp_path):
+    state, _ = _source("gpt")
+    write_legacy(str(tmp_path), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
+    argv = ["--load", str(tmp_path), "--use-checkpoint-args", "--train-iters", str(ITERATION + 1), *RUN]
+    code, err, out = run_distributed(_cli, 1, argv + ["--no-load-optim", "--no-load-rng"], timeout=120)[0]
+    assert code == 0, err
+    assert f"> loaded checkpoint from {tmp_path} at iteration {ITERATION} (optimizer: no, rng: no)" in out
+    code, err, _ = run_distributed(_cli, 1, argv, timeout=120)[0]
+    assert code == 2 and err.count("\n") == 1, err
+    assert "is Megatron-LM's checkpoint" in err and "add --no-load-optim --no-load-rng, or --finetune" in err
+
+
+def test_pretrain_names_the_conversion_for_a_megatron_core_torch_dist_checkpoint(tmp_path):
+    state, _ = _source("gpt")
+    write_torch_dist(str(tmp_path), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
+    argv = ["--load", str(tmp_path), "--finetune", "--use-checkpoint-args", "--train-iters", "1", *RUN]
+    code, err, _ = run_distributed(_cli, 1, argv, timeout=120)[0]
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--load {tmp_path} is megatron-core's torch_dist checkpoint" in err
+    assert f"tools/checkpoint/convert.py --model-type GPT --loader core --saver core --load-dir {tmp_path}" in err
+
+
+class Gadget:
+    """A class no allow-list names: its file must be refused, not unpickled."""
+
+
+def test_a_megatron_lm_file_pickling_another_class_is_refused_in_one_line(tmp_path):
+    state, _ = _source("gpt")
+    write_legacy(str(tmp_path), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
+    path = tmp_path / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    with megatron_enums():
+        file = torch.load(path, weights_only=False)
+        file["args"].gadget = Gadget()
+        torch.save(file, path)
+    with pytest.raises(ConfigError, match=rf"^{path} pickles test_megatron_lm_checkpoint.Gadget, which is not loaded"):
+        load_core_checkpoint(str(tmp_path))
+
+
+def test_a_megatron_lm_moe_checkpoint_is_refused_naming_the_flag(tmp_path):
+    state, _ = _source("gpt")
+    write_legacy(str(tmp_path), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
+    path = tmp_path / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    with megatron_enums():
+        file = torch.load(path, weights_only=False)
+        file["args"].num_experts = 8
+        torch.save(file, path)
+    with pytest.raises(ConfigError, match=r"the Megatron-LM run used --num-experts 8, which this framework does not"):
+        load_core_checkpoint(str(tmp_path))
