@@ -92,6 +92,28 @@ def test_bytes_per_rank_match_zero_formulas(nd):
             f"ZeRO-{stage}: Adam moments over all ranks {state_total} != {expected_total}"
 
 
+def _fp32_footprints():
+    out = {}
+    for stage in (1, 2, 3):
+        ps, chunks, wrapped, optimizer = build({}, CONFIG, {"zero_stage": stage, "bucket_size": 3000}, {})
+        train_step(ps, CONFIG, wrapped, optimizer, 0, 1)
+        out[stage] = (memory_footprint(wrapped, optimizer), wrapped[0].buffers_by_dtype[0].numel,
+                      len(optimizer.pairs))
+        ps.destroy()
+    return out
+
+
+def test_fp32_shards_are_their_own_main_copy():
+    """fp32 parameters: the distributed optimizer updates this rank's shard of them in place, as Megatron-LM's
+    (``shard_fp32_groups`` are views of the model's parameters); a second fp32 copy of the shard was 4 bytes
+    per parameter / Nd more (K = 12 instead of 8 for Adam), for the same values."""
+    for by_stage in run_distributed(_fp32_footprints, 2, timeout=90):
+        for stage, (measured, padded, pieces) in by_stage.items():
+            assert measured.main_params == 0, f"ZeRO-{stage}: {measured.main_params} bytes of fp32 main copies"
+            assert measured.params == 4 * padded // (2 if stage == 3 else 1)
+            assert abs(measured.optimizer_state - 8 * padded / 2) <= 4 * pieces
+
+
 # ---- ZeRO-3: (2+2+K)Ψ/Nd between steps, plus the live gathered window during forward/backward ----
 Z3_BUCKET, Z3_PREFETCH = 3000, 3000
 Z3_CONFIG = ToyConfig(num_layers=4, hidden_size=33, ffn_hidden_size=128, vocab_size=127)

@@ -149,7 +149,7 @@ def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank
         grads_bw += (numel if stage == 1 else shard) * gb
         if stage >= 2:
             in_flight = max(in_flight, _buckets_in_backward(buckets, overlap_grad_reduce) * gb)
-        mains += shard * 4
+        mains += shard * 4 if pb != 4 or layout.offload else 0  # fp32 shards on the device are their own main copy
         state += sum(pieces) * per_elem_state + (4 * len(pieces) if adam else 0)
     host = 0
     if layout.offload:

@@ -30,7 +30,9 @@ from megatron_core.parallel_state import ParallelState
 @dataclasses.dataclass
 class _ShardedBuffer:
     buffer: ParamAndGradBuffer
-    bucket_mains: list[torch.Tensor]  # fp32 master copy of this rank's shard of each bucket (padding included)
+    # fp32 master copy of this rank's shard of each bucket (padding included); for fp32 parameters on the
+    # device, the model's shard itself
+    bucket_mains: list[torch.Tensor]
     pieces: list[ShardPiece]
     mains: list[torch.nn.Parameter]  # views into ``bucket_mains``, one per piece
     offloaded: list[bool]  # per bucket: main parameters, state and step in host memory
@@ -40,6 +42,10 @@ class _ShardedBuffer:
     def main(self) -> torch.Tensor:
         """This rank's whole fp32 shard, concatenated (a copy; for checkpoints and checks)."""
         return torch.cat([m.to("cpu") for m in self.bucket_mains])
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.device == b.device
 
 
 def _main_of(sb: _ShardedBuffer, bucket: Bucket) -> torch.Tensor:
@@ -82,9 +88,16 @@ class DistributedOptimizer(MegatronOptimizer):
         host = device_mod.host_device()
         bucket_mains, host_grads = [], []
         for bucket, off in zip(buffer.buckets, offloaded, strict=True):
-            where = host if off else buffer.device
-            main = torch.zeros(bucket.shard_size, dtype=torch.float32, device=where)
-            bucket_mains.append(device_mod.maybe_pin(main) if off else main)
+            shard = buffer.shard_param(bucket)
+            if not off and shard.dtype == torch.float32 and shard.device == buffer.device:
+                # fp32 parameters are their own main copy, as Megatron-LM's distributed optimizer has it
+                # (``shard_fp32_groups``: views of the model parameters): a second fp32 shard would be 4
+                # bytes per parameter / DP more and change nothing.
+                bucket_mains.append(shard)
+            else:
+                where = host if off else buffer.device
+                main = torch.zeros(bucket.shard_size, dtype=torch.float32, device=where)
+                bucket_mains.append(device_mod.maybe_pin(main) if off else main)
             host_grads.append(device_mod.maybe_pin(torch.zeros(bucket.shard_size, dtype=torch.float32, device=host))
                               if off else None)
         pieces = buffer.local_pieces()
@@ -93,8 +106,7 @@ class DistributedOptimizer(MegatronOptimizer):
             start = piece.shard_start - piece.bucket.local_offset
             mains.append(torch.nn.Parameter(bucket_mains[piece.bucket.index][start:start + piece.numel]))
         sb = _ShardedBuffer(buffer, bucket_mains, pieces, mains, offloaded, host_grads)
-        for bucket in buffer.buckets:
-            _main_of(sb, bucket).copy_(buffer.shard_param(bucket))
+        self._reload_buckets(sb)
         buffer.shard_listeners.append(weakref.WeakMethod(self._follow_shard))
         self.pairs.extend(zip(mains, (piece.param for piece in pieces), strict=True))
         return sb
@@ -167,7 +179,9 @@ class DistributedOptimizer(MegatronOptimizer):
         on CUDA too, and waited on by ``_gather_params``)."""
         if self.overlap is not None and sb.offloaded[bucket.index]:
             return self.overlap.engine.copy(sb.buffer.shard_param(bucket), _main_of(sb, bucket))
-        sb.buffer.shard_param(bucket).copy_(_main_of(sb, bucket), non_blocking=True)
+        shard, main = sb.buffer.shard_param(bucket), _main_of(sb, bucket)
+        if not _same_memory(shard, main):
+            shard.copy_(main, non_blocking=True)
         return None
 
     def _copy_main_to_model(self) -> None:
@@ -204,12 +218,20 @@ class DistributedOptimizer(MegatronOptimizer):
         with self._resident():
             for sb in self.sharded:
                 if any(b is bucket for b in sb.buffer.buckets):
-                    _main_of(sb, bucket).copy_(sb.buffer.shard_param(bucket))
+                    self._reload_buckets(sb, [bucket])
 
     def _reload_model_params(self) -> None:
         for sb in self.sharded:
-            for bucket in sb.buffer.buckets:
-                _main_of(sb, bucket).copy_(sb.buffer.shard_param(bucket))
+            self._reload_buckets(sb)
+
+    @staticmethod
+    def _reload_buckets(sb: _ShardedBuffer, buckets: list[Bucket] | None = None) -> None:
+        """The main copy of each of ``buckets`` (all by default) takes the model's shard (nothing to do where
+        the main copy is the fp32 shard itself)."""
+        for bucket in sb.buffer.buckets if buckets is None else buckets:
+            shard, main = sb.buffer.shard_param(bucket), _main_of(sb, bucket)
+            if not _same_memory(shard, main):
+                main.copy_(shard)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
