@@ -267,6 +267,43 @@ def test_use_checkpoint_args_takes_a_legacy_checkpoints_layout_and_vocabulary_pa
         "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 2}
 
 
+def test_use_checkpoint_args_names_the_model_file_an_iteration_lacks(tmp_path):
+    """A legacy iteration directory without its model file (a copy that left out the mp_rank folders): one line
+    naming the folder and file looked for, mp_rank_00 (no pipeline stages) as the saver writes it."""
+    (tmp_path / "iter_0000003").mkdir()
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
+    with pytest.raises(ConfigError) as error:
+        validate_args(parse_args(_base("--load", str(tmp_path), "--use-checkpoint-args")), world_size=1)
+    assert str(error.value) == (f"--load {tmp_path / 'iter_0000003'} has no mp_rank_00/model_optim_rng.pt to read "
+                                f"the model flags from (--use-checkpoint-args)")
+
+
+@pytest.mark.parametrize("precision, in_fp32", [
+    ([], False), (["--fp16"], False), (["--fp16", "--accumulate-allreduce-grads-in-fp32"], True),
+    (["--bf16"], True), (["--bf16", "--grad-reduce-in-bf16"], False),
+])
+def test_gradients_are_reduced_in_fp32_by_megatrons_rule(precision, in_fp32):
+    """Megatron-LM's arguments.py: bf16 gradients accumulate and reduce in fp32 unless --grad-reduce-in-bf16;
+    fp16 and fp32 ones in the parameters' dtype unless --accumulate-allreduce-grads-in-fp32."""
+    args = validate_args(parse_args(_base(*precision)), world_size=1)
+    assert config_from_args(args).ddp.grad_reduce_in_fp32 is in_fp32
+
+
+def test_zero_and_offload_flags_default_to_the_library_configs_defaults():
+    """A run that leaves the ZeRO-3 and offload flags out gets what a library user gets from the configs'
+    defaults (--nvme-offload-buffer-count 2: double buffering, as OptimizerConfig's nvme_offload_buffer_count)."""
+    from megatron_core.distributed import DistributedDataParallelConfig
+    from megatron_core.optimizer import OptimizerConfig
+
+    run = config_from_args(validate_args(parse_args(_base()), world_size=1))
+    for name in ("optimizer_cpu_offload", "optimizer_offload_fraction", "nvme_offload_path",
+                 "nvme_offload_buffer_count", "overlap_cpu_optimizer_d2h_h2d"):
+        assert getattr(run.optimizer, name) == getattr(OptimizerConfig(), name), name
+    for name in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "reshard_after_forward",
+                 "offload_param"):
+        assert getattr(run.ddp, name) == getattr(DistributedDataParallelConfig(), name), name
+
+
 @pytest.mark.parametrize("split,message", [
     ("90,8,2,1", "--split '90,8,2,1' must have one to three comma-separated weights, e.g. 949,50,1"),
     ("ninety,10", "--split 'ninety,10' has a non-numeric weight; use e.g. 949,50,1"),

@@ -197,3 +197,31 @@ def test_zero2_and_zero3_hold_the_shard_and_the_buckets_in_use_not_the_full_grad
             assert peak == predicted.grads_in_backward, \
                 f"{what}: {peak} gradient bytes during backward, predicted {predicted.grads_in_backward}"
             assert peak < full / 2, f"{what}: {peak} gradient bytes during backward, full buffer {full}"
+
+
+# ---- SGD: a momentum buffer per parameter, none without momentum ----------------------------------------
+SGD_CASES = [(zero, momentum) for zero in (0, 1) for momentum in (0.0, 0.9)]
+
+
+def _sgd_states(cases):
+    out = {}
+    gpt = _GPT(_config(False))
+    for zero, momentum in cases:
+        ps, _, wrapped, optimizer = build({}, gpt, {"zero_stage": zero}, {"optimizer": "sgd", "sgd_momentum": momentum})
+        train_step(ps, gpt, wrapped, optimizer, 0, 1)
+        out[(zero, momentum)] = (ps.dp_rank, memory_footprint(wrapped, optimizer).optimizer_state)
+        ps.destroy()
+    return out
+
+
+def test_sgd_state_is_the_momentum_buffer_or_nothing():
+    """torch's SGD keeps a momentum buffer (4 bytes per element of the fp32 main parameters it steps) and
+    none at momentum 0: the autotuner's ``optimizer_state`` for --optimizer sgd, measured after a step."""
+    results = run_distributed(_sgd_states, 2, SGD_CASES, timeout=120)
+    spec = _spec(_config(False))
+    for zero, momentum in SGD_CASES:
+        layout = Layout(dp=2, zero_stage=zero, micro_batch_size=2)
+        for dp_rank, measured in (r[(zero, momentum)] for r in results):
+            predicted = model_state_bytes(spec, layout, 0, dp_rank, optimizer="sgd", sgd_momentum=momentum)
+            assert predicted.optimizer_state == measured, f"ZeRO-{zero} momentum {momentum} DP rank {dp_rank}"
+            assert (measured == 0) == (momentum == 0), f"ZeRO-{zero} momentum {momentum}: {measured} bytes"

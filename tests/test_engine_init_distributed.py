@@ -22,6 +22,12 @@ SCRIPT = textwrap.dedent("""
         megatron_core.init_distributed(dist_backend="nccl")
     elif mode == "init-method-without-rank":
         megatron_core.init_distributed(init_method="tcp://127.0.0.1:1")
+    elif mode == "group-only":  # a script that uses the group and builds no engine
+        megatron_core.init_distributed()
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        print(f"sum {total.item():.0f}", flush=True)
+        sys.exit(0)
     else:
         megatron_core.init_distributed()
         megatron_core.init_distributed()  # a second call is a no-op, as DeepSpeed's
@@ -63,6 +69,16 @@ def test_init_distributed_then_initialize_under_torchrun(tmp_path):
     assert sorted(re.findall(r"rank \d of \d: steps \d", proc.stdout)) == [
         "rank 0 of 2: steps 3", "rank 1 of 2: steps 3"], proc.stdout
     assert "terminate called" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_init_distributed_alone_tears_its_group_down_at_exit(tmp_path):
+    """Without initialize, the exit handler init_distributed registers (no engine groups) destroys the default
+    group, with no error of its own at exit."""
+    proc = _run(tmp_path, "group-only")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("sum 2") == 2, proc.stdout
+    for sign in ("Traceback", "Exception ignored", "terminate called"):
+        assert sign not in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("mode, env, message", [

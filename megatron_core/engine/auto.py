@@ -2,7 +2,8 @@
 
 Source: ``transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig`` (``trainer_config_process``
 and ``trainer_config_finalize``). Values come from ``args`` (a ``TrainingArguments``, an argparse
-namespace or a dict with the same attribute names) and from the model's ``config.hidden_size``:
+namespace or a dict with the same attribute names) and from the model's ``config.hidden_size`` (else the largest
+of ``config.hidden_sizes``, else the same of ``config.text_config``, in Hugging Face's order):
 
 ================================================  ===============================================
 key                                               source
@@ -64,12 +65,18 @@ ARG_OF_KEY = {
 
 
 def _hidden_size(model: Any) -> Any:
+    """The model's width as Hugging Face's integration finds it: ``config.hidden_size``, else the largest of
+    ``config.hidden_sizes`` (convolutional models), else the same two of ``config.text_config`` (the language
+    model of a multimodal one, such as Llava)."""
     config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", None)
-    sizes = getattr(config, "hidden_sizes", None)
-    if hidden is None and sizes:
-        hidden = max(sizes)
-    return _MISSING if hidden is None else int(hidden)
+    for node in (config, getattr(config, "text_config", None)):
+        hidden = getattr(node, "hidden_size", None)
+        sizes = getattr(node, "hidden_sizes", None)
+        if hidden is None and sizes:
+            hidden = max(sizes)
+        if hidden is not None:
+            return int(hidden)
+    return _MISSING
 
 
 def _set(section: dict | None, key: str, value: Any) -> None:
