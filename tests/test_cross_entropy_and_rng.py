@@ -206,6 +206,28 @@ def test_checkpoint_with_dropout_equals_plain():
         assert torch.equal(p, c), name
 
 
+def test_checkpoint_outputs_that_need_no_gradient_are_left_out_of_backward():
+    """A checkpointed function may return, beside its hidden states, a mask and a plain number (Megatron-LM's
+    CheckpointFunction takes the same): backward runs through the outputs that need a gradient only, and
+    the gradients equal a plain run's."""
+    g = torch.Generator().manual_seed(0)
+    w0, x0 = torch.randn(8, 4, generator=g), torch.randn(5, 8, generator=g)
+
+    def block(x, weight):
+        h = torch.tanh(x @ weight)
+        return h, h > 0, 3
+
+    grads = []
+    for use_checkpoint in (False, True):
+        x, weight = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        h, positive, three = checkpoint(block, None, x, weight) if use_checkpoint else block(x, weight)
+        assert three == 3 and not positive.requires_grad
+        (h * positive).pow(2).sum().backward()
+        grads.append((x.grad, weight.grad))
+    for name, plain, ckpt in zip(("input grad", "weight grad"), *grads, strict=True):
+        assert torch.equal(plain, ckpt), name
+
+
 def _parallel_shifted_ce():
     """Rank 0's vocabulary shard 1000 above rank 1's; every target is rank 0's largest logit."""
     ps = parallel_state.initialize_model_parallel(dist.get_world_size(), 1)

@@ -275,6 +275,30 @@ def test_a_second_sigterm_after_the_save_still_exits_cleanly(tmp_path):
     assert "successfully saved checkpoint" in out
 
 
+def test_the_exit_signal_handler_gives_back_the_handler_it_found():
+    """ExitSignalHandler (--exit-signal-handler) restores the caller's own handler when it is released (here
+    as a ``with`` block), and after a received signal ignores the next one instead (a scheduler's repeat)."""
+    from megatron_core.training.signal_handler import ExitSignalHandler
+
+    calls = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    own = signal.getsignal(signal.SIGUSR1)
+    try:
+        with ExitSignalHandler(signal.SIGUSR1) as handler:
+            pass
+        assert signal.getsignal(signal.SIGUSR1) is own and not handler.received
+        signal.raise_signal(signal.SIGUSR1)
+        assert calls == [signal.SIGUSR1]
+        with ExitSignalHandler(signal.SIGUSR1) as handler:
+            signal.raise_signal(signal.SIGUSR1)
+        assert handler.received and calls == [signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGUSR1)  # ignored: neither handler runs, the process goes on
+        assert calls == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def _run_interrupted_mid_write(argv, limit):
     """Ctrl-C arriving while the checkpoint files are written: the write past ``limit`` bytes raises
     KeyboardInterrupt where it stands, as SIGINT's default handler does."""

@@ -8,7 +8,7 @@ from harness import run_distributed
 from megatron_core import parallel_state
 from megatron_core.dist_checkpointing import save_dist_checkpoint
 from megatron_core.errors import ConfigError
-from megatron_core.inference import SamplingParams, generate
+from megatron_core.inference import InferenceContext, SamplingParams, generate
 from megatron_core.inference.loading import build_inference_model
 from megatron_core.models.gpt import GPTModel
 from tests.hf_testing import core_config_of, load_hf_weights, tiny_hf_gpt2, tiny_hf_llama
@@ -139,6 +139,33 @@ def test_top_k_sampling_draws_only_from_the_k_largest_logits():
         for k, best in ((3, {1, 2, 3}), (2, {1, 3})):
             draws = [sample(logits, SamplingParams(temperature=1.0, top_k=k), g).tolist() for _ in range(400 // batch)]
             assert set(sum(draws, [])) == best, (batch, k)
+
+
+def test_top_p_one_is_accepted_and_keeps_every_id():
+    """top_p is in [0, 1] as Megatron-LM checks it; 1 keeps the whole vocabulary (the ids' probabilities sum to 1)."""
+    from megatron_core.inference.sampling import sample
+
+    params = SamplingParams(temperature=1.0, top_p=1.0)
+    params.validate()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 0.5, 1.0, 1.5]]).expand(400, -1)
+    assert set(sample(logits, params, g).tolist()) == {0, 1, 2, 3}
+
+
+def test_kv_cache_holds_max_sequence_length_positions():
+    """InferenceContext(b, s) takes s positions (generate asks for prompt + new tokens, and feeds all but the
+    last); the position past them is refused, as is a batch past b."""
+    context = InferenceContext(max_batch_size=2, max_sequence_length=5)
+    kv = torch.arange(5 * 2 * 3, dtype=torch.float32).view(5, 2, 1, 3)
+    context.append(1, kv[:3], -kv[:3])
+    context.advance(3)
+    k, v = context.append(1, kv[3:], -kv[3:])  # positions 3 and 4: the cache is full
+    assert torch.equal(k, kv) and torch.equal(v, -kv)
+    context.advance(2)
+    with pytest.raises(ValueError, match=r"KV cache holds 5 positions x 2 sequences; asked for positions up to 6 x 2"):
+        context.append(1, kv[:1], kv[:1])
+    with pytest.raises(ValueError, match=r"asked for positions up to 1 x 3"):
+        InferenceContext(2, 5).append(1, torch.zeros(1, 3, 1, 3), torch.zeros(1, 3, 1, 3))
 
 
 def _forward_counts(hf_model, prompts, eod):

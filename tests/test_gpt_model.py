@@ -138,6 +138,31 @@ def test_recompute_gives_the_same_gradients(preset, backend, seq):
                 assert_rel_close(out[mode][1][name], grad, what=f"{mode} rank {rank} grad of {name}")
 
 
+def _frozen_embedding_grads():
+    ps = parallel_state.initialize_model_parallel(1)
+    out = {}
+    for mode, options in RECOMPUTE.items():
+        model = GPTModel(_config("llama", num_layers=3, **options), VOCAB, SEQ, parallel_state=ps,
+                         make_vocab_size_divisible_by=64)
+        model.embedding.requires_grad_(False)
+        ps.manual_seed(3)
+        ids, labels = _batch(0)
+        model(ids, labels=labels).mean().backward()
+        out[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out
+
+
+def test_recompute_with_a_frozen_embedding_still_trains_the_layers():
+    """Full recompute checkpoints the layers as an autograd Function of the block's input; with the embedding
+    frozen that input needs no gradient, and the layers' weights got none (Llama: the untied output layer trains)."""
+    (out,) = run_distributed(_frozen_embedding_grads, 1, timeout=90)
+    plain = out["none"]
+    assert all(grad is not None for grad in plain.values()) and len(plain) > 3
+    for mode in ("selective", "full-uniform", "full-block"):
+        for name, grad in plain.items():
+            assert out[mode][name] is not None, f"{mode}: no gradient for {name}"
+            assert_rel_close(out[mode][name], grad, what=f"{mode} grad of {name}")
+
 def _pipeline(config, pp, vpp):
     ps = parallel_state.initialize_model_parallel(1, pp, vpp)
     ps.manual_seed(5)

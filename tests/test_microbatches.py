@@ -38,6 +38,9 @@ def test_rampup_errors():
     # 24 is reached during the ramp and is not a multiple of micro 4 x DP 4 = 16: fail up front.
     with pytest.raises(ValueError, match=r"global batch size 24 \(reached during --rampup-batch-size\)"):
         MicrobatchCalculator(64, 4, 4, rampup_batch_size=[16, 8, 100])
+    # The ramp's last batch is --global-batch-size itself: 16 fits micro 4 x DP 2 = 8, the final 20 does not.
+    with pytest.raises(ValueError, match=r"^--global-batch-size 20 is not divisible by --micro-batch-size 4 x "):
+        MicrobatchCalculator(20, 4, 2, rampup_batch_size=[16, 4, 100])
 
 
 def test_interleaving_needs_microbatches_divisible_by_pipeline_size():

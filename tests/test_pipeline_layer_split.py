@@ -26,3 +26,12 @@ def test_layers_that_do_not_split_are_rejected():
         chunk_layer_counts(8, 4, first_stage_layers=1, last_stage_layers=2)
     with pytest.raises(ValueError, match="must be non-negative and sum to --num-layers 8"):
         chunk_layer_counts(8, 2, layers_per_chunk=[3, 4])
+
+
+def test_first_and_last_stage_counts_from_two_chunks_on():
+    """Two chunks (PP 2, or PP 1 with 2 virtual stages) are the fewest with a first and a last stage."""
+    assert chunk_layer_counts(5, 2, first_stage_layers=2) == [2, 3]
+    assert chunk_layer_counts(5, 2, first_stage_layers=1, last_stage_layers=4) == [1, 4]
+    assert chunk_layer_counts(5, 1, 2, last_stage_layers=1) == [4, 1]
+    with pytest.raises(ValueError, match="first/last stage layer counts need at least two pipeline chunks"):
+        chunk_layer_counts(5, 1, first_stage_layers=2)

@@ -362,3 +362,24 @@ def test_a_stage_output_of_the_wrong_shape_is_named():
     with pytest.raises(RankError, match=r"(?s)rank 0 of 2 raised.*pipeline activation to send has shape \(16, 2, 32\).*"
                                         r"exchanges \(32, 2, 32\)"):
         run_distributed(_wrong_seq_length, 2, timeout=60)
+
+
+def _connection_reset_in_one_process():
+    ps = parallel_state.initialize_model_parallel(1, 1)
+    (chunk,) = _build(_config(num_layers=2), ps)
+
+    def streamed_forward_step(data_iterator, model):  # as a data iterator reading from a remote data service
+        raise ConnectionResetError("[Errno 104] Connection reset by peer")
+
+    get_forward_backward_func(ps)(forward_step_func=streamed_forward_step, data_iterator=iter(microbatches(0, 2)),
+                                  model=[chunk], num_microbatches=2, seq_length=SEQ, micro_batch_size=MICRO_BATCH)
+
+
+def test_a_connection_error_in_one_process_is_its_own_not_a_lost_peer():
+    """With one process there is no peer to lose: a connection reset raised by the forward step (a remote
+    data service) is reported as it is, not as 'a peer was lost ... check the other ranks' logs'."""
+    with pytest.raises(RankError) as info:
+        run_distributed(_connection_reset_in_one_process, 1, timeout=60)
+    message = str(info.value)
+    assert "ConnectionResetError: [Errno 104] Connection reset by peer" in message, message[-2000:]
+    assert "PipelineStageError" not in message and "a peer was lost" not in message, message[-2000:]

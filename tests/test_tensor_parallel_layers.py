@@ -12,6 +12,7 @@ from megatron_core.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     init_method_normal,
+    pad_vocab_size,
 )
 
 SEQ, BATCH, IN, OUT = 8, 3, 12, 16
@@ -202,6 +203,14 @@ def test_sizes_not_divisible_by_tp_are_rejected():
     message = "ColumnParallelLinear output_size 10 is not divisible by the tensor-parallel size 4"
     with pytest.raises(RankError, match=message):
         run_distributed(_indivisible, 4, timeout=60)
+
+
+def test_vocabulary_padding_is_a_multiple_of_divisible_by_times_tp():
+    """Megatron-LM's _vocab_size_with_padding: the padded vocabulary is a multiple of make_vocab_size_divisible_by
+    x TP, so every TP shard of the embedding holds a multiple of make_vocab_size_divisible_by rows (GPT-2's 50257
+    ids: 50304 at TP 1, 50432 at TP 2, 51200 at TP 8)."""
+    assert [pad_vocab_size(50257, 128, tp) for tp in (1, 2, 8)] == [50304, 50432, 51200]
+    assert pad_vocab_size(256, 128, 2) == 256
 
 
 def _column_autocast(sp):

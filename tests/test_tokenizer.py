@@ -257,6 +257,7 @@ def test_null_tokenizer():
     assert isinstance(tok, NullTokenizer)
     assert tok.vocab_size == 101 and tok.eod == 100 == tok.vocab_size - 1  # Megatron-LM's convention
     assert tok.tokenize("5 17\n 99") == [5, 17, 99]
+    assert tok.tokenize("0 100") == [0, 100]  # the range's ends: the first plain id and EOD
     assert tok.detokenize([5, 17, 99]) == "5 17 99"
     assert tok.tokenize("") == []
     with pytest.raises(ValueError):
@@ -270,10 +271,13 @@ def test_null_tokenizer():
     [
         (dict(tokenizer_type="Nope"), "--tokenizer-type"),
         (dict(tokenizer_type="SentencePieceTokenizer"), "--tokenizer-model"),
-        (dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/no/such.model"), "--tokenizer-model"),
+        # A missing file is "not found", not "not a SentencePiece .model file" (what sentencepiece's error became).
+        (dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/no/such.model"),
+         r"not found: '/no/such\.model'; pass --tokenizer-model"),
         (dict(tokenizer_type="GPT2BPETokenizer", merge_file="m.txt"), "--vocab-file"),
         (dict(tokenizer_type="GPT2BPETokenizer", vocab_file=__file__), "--merge-file"),
-        (dict(tokenizer_type="GPT2BPETokenizer", vocab_file="/no/vocab.json", merge_file=__file__), "--vocab-file"),
+        (dict(tokenizer_type="GPT2BPETokenizer", vocab_file="/no/vocab.json", merge_file=__file__),
+         r"vocab file .*not found: '/no/vocab\.json'; pass --vocab-file"),
         (dict(tokenizer_type="HuggingFaceTokenizer"), "--tokenizer-model"),
         (dict(tokenizer_type="NullTokenizer"), "--vocab-size"),
     ],

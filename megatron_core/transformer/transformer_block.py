@@ -65,6 +65,11 @@ class TransformerBlock(torch.nn.Module):
         n, k = len(self.layers), self.config.recompute_num_layers
         if k is None:
             raise ConfigError("recompute_granularity='full' needs recompute_num_layers (--recompute-num-layers)")
+        if torch.is_grad_enabled() and not hidden.requires_grad:
+            # A frozen embedding's output needs no gradient, and neither would the checkpoint Function's output
+            # (the layers' weights are not its inputs): the layers inside would get no gradient. Megatron-LM's
+            # TransformerBlock makes its input require a gradient for the same reason.
+            hidden = hidden.detach().requires_grad_()
         if self.config.recompute_method == "uniform":
             for start in range(0, n, k):
                 hidden = checkpoint(self._run(start, min(start + k, n)), self.rng_tracker, hidden,
