@@ -15,7 +15,7 @@ from harness import run_distributed
 
 from megatron_core import parallel_state
 from megatron_core.checkpoint.convert import main as convert
-from megatron_core.checkpoint.sharding import partition_of
+from megatron_core.checkpoint.sharding import pad_vocab_rows, partition_of
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.transformer.config import TransformerConfig
 from tests.hf_testing import tiny_hf_gpt2, tiny_hf_llama
@@ -370,3 +370,16 @@ def test_a_reshard_keeps_the_vocabulary_padding_multiple_the_run_was_saved_with(
     assert rest.loaded_iteration == 2 and rest.iteration == 3
     assert _cli("core", "core", tp2, tmp_path / "flag", "--make-vocab-size-divisible-by", 128) == 0
     assert _padded_rows(tmp_path / "flag", 2, "mp_rank_00") == (128, 128)
+
+
+def test_vocabulary_padding_rows_fill_to_the_padded_size_whatever_the_hidden_size():
+    """pad_vocab_rows (Megatron-LM's saver_mcore.py rule): one missing row (a 255-token vocabulary padded to
+    256) is a copy of the last row, a hidden size above the padded vocabulary is no error, and a table longer
+    than the padded size is refused rather than cut."""
+    table = torch.arange(5 * 16, dtype=torch.float32).reshape(5, 16)  # 5 tokens, h 16 > 6 and 8 rows
+    assert torch.equal(pad_vocab_rows(table, 6), torch.cat([table, table[-1:]]))
+    source_padding = torch.full((2, 16), -1.0)
+    assert torch.equal(pad_vocab_rows(table, 8, source_padding),
+                       torch.cat([table, source_padding, source_padding[-1:]]))
+    with pytest.raises(ValueError, match="vocabulary table has 5 rows, more than the padded size 4"):
+        pad_vocab_rows(table, 4)

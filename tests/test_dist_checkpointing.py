@@ -304,3 +304,31 @@ def test_a_common_file_that_is_not_our_record_is_refused(tmp_path, case):
     torch.save(record, tmp_path / "common.pt")
     with pytest.raises(ConfigError, match="is not the record a torch_dist save writes"):
         read_checkpoint_common(str(tmp_path), 1, str(tmp_path))
+
+
+def test_whole_model_read_in_one_process_passes_on_no_dcp_warning(tmp_path):
+    """convert.py reads a torch_dist checkpoint in one process on purpose: DCP's 'torch.distributed is
+    disabled ... assuming the intent is to load in a single process' warning is not shown to the user."""
+    import warnings
+
+    from megatron_core.dist_checkpointing.full_model import load_full_model
+
+    run_distributed(_save_tiny, 1, str(tmp_path), ("model_config", "model_info"), timeout=60)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = load_full_model(str(tmp_path))
+    assert full.iteration == 1 and full.state["embedding.word_embeddings.weight"].shape == (64, 32)
+    shown = [str(w.message) for w in caught]
+    assert not [m for m in shown if "torch.distributed is disabled" in m], shown
+
+
+def test_a_tracker_naming_a_missing_iteration_is_one_error_line(tmp_path):
+    """read_common (and load_dist_checkpoint) at a directory whose tracker names an iteration that has no
+    directory: the one ConfigError, not a TypeError from the manifest check of a path that is None."""
+    from megatron_core.dist_checkpointing import read_common
+    from megatron_core.errors import ConfigError
+    from megatron_core.training import checkpoint_io as io
+
+    (tmp_path / io.TRACKER_FILENAME).write_text("3")
+    with pytest.raises(ConfigError, match=f"--load {tmp_path}: iteration 3 is not a torch_dist checkpoint"):
+        read_common(str(tmp_path))

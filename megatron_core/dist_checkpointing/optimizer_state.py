@@ -98,7 +98,7 @@ def scatter_param_states(optimizer: Any, states: dict[int, dict[str, torch.Tenso
                     lo, hi = piece.param_start, piece.param_end
                     main.copy_(full[MAIN].reshape(-1)[lo:hi])
                     entry = {k: v.reshape(-1)[lo:hi].view_as(main) for k, v in full.items() if k != MAIN}
-                    if step_entry:
+                    if entry or step_entry:
                         set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
             return
         for main, model in optimizer.pairs:
@@ -106,7 +106,7 @@ def scatter_param_states(optimizer: Any, states: dict[int, dict[str, torch.Tenso
             if main is not model:
                 main.copy_(full[MAIN])
             entry = {k: v.view_as(main) for k, v in full.items() if k != MAIN}
-            if step_entry:
+            if entry or step_entry:  # SGD's momentum_buffer comes without a step
                 set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
 
 
