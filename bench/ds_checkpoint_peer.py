@@ -11,7 +11,8 @@ never a project dependency); ``--impl ours`` in the project's. Phases:
     torchrun --nproc_per_node 2 bench/ds_checkpoint_peer.py --impl deepspeed --phase resume --zero 2 --dir D --out A
     torchrun --nproc_per_node 2 bench/ds_checkpoint_peer.py --impl ours --phase resume --zero 2 --dir D --out B
 
-(run DeepSpeed with ``DS_ACCELERATOR=cpu``). The data is the same rows for both: step ``s`` uses a global
+(run DeepSpeed with ``DS_ACCELERATOR=cpu``; ``--model mlp|gpt2``, ``--dtype fp32|bf16|fp16``; docs/engine.md,
+"Checkpoints DeepSpeed wrote", records the results). The data is the same rows for both: step ``s`` uses a global
 batch drawn from seed ``1000 + s`` and each rank takes its rows.
 """
 from __future__ import annotations
@@ -65,6 +66,8 @@ def config(zero: int, world: int, dtype: str) -> dict:
            "gradient_clipping": 1.0, "zero_optimization": {"stage": zero}, "steps_per_print": 10**9}
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
+    elif dtype == "fp16":  # a short window and hysteresis 2: the scaler grows and backs off within a few steps
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 2, "hysteresis": 2}
     return cfg
 
 
@@ -97,7 +100,7 @@ def main() -> None:
     if args.phase == "resume":
         path, client = engine.load_checkpoint(args.dir)
         first = client["next_step"]
-    losses = []
+    losses, scales = [], []
     for s in range(first, first + args.steps):
         inputs = batch(args.model, s, rank, world)
         out = engine(*inputs) if args.model == "mlp" else engine(input_ids=inputs[0], labels=inputs[0])
@@ -105,15 +108,17 @@ def main() -> None:
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float().item())
+        scales.append(engine.get_loss_scale() if args.impl == "ours" else engine.optimizer.loss_scale)
     if args.phase == "save":
         engine.save_checkpoint(args.dir, client_state={"next_step": first + args.steps, "note": "ds"})
     params = list(engine.module.parameters())
     with gathered(params, modifier_rank=None):
         full = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
     if rank == 0:
-        torch.save({"losses": losses, "params": full, "client": client, "lr": engine.get_lr(),
+        torch.save({"losses": losses, "scales": scales, "skipped": engine.skipped_steps, "params": full,
+                    "client": client, "lr": engine.get_lr(),
                     "global_steps": engine.global_steps, "global_samples": engine.global_samples}, args.out)
-        print("losses", losses, flush=True)
+        print("losses", losses, "loss scales", scales, flush=True)
     torch.distributed.barrier()
 
 

@@ -45,15 +45,19 @@ def deepspeed_classes():
     class LossScaler:
         pass
 
+    class DynamicLossScaler:  # fp16 with "loss_scale": 0 (DeepSpeed's default)
+        pass
+
     @dataclasses.dataclass
     class fragment_address:  # noqa: N801 - DeepSpeed's name
         numel: int
         start: int
 
-    where = {"deepspeed.runtime.zero.config": ZeroStageEnum, "deepspeed.runtime.fp16.loss_scaler": LossScaler,
-             "deepspeed.utils.tensor_fragment": fragment_address}
+    where = [("deepspeed.runtime.zero.config", ZeroStageEnum), ("deepspeed.runtime.fp16.loss_scaler", LossScaler),
+             ("deepspeed.runtime.fp16.loss_scaler", DynamicLossScaler),
+             ("deepspeed.utils.tensor_fragment", fragment_address)]
     added = []
-    for module_name, cls in where.items():
+    for module_name, cls in where:
         parts = module_name.split(".")
         for i in range(1, len(parts) + 1):
             name = ".".join(parts[:i])
@@ -63,7 +67,7 @@ def deepspeed_classes():
         cls.__module__, cls.__qualname__ = module_name, cls.__name__
         setattr(sys.modules[module_name], cls.__name__, cls)
     try:
-        yield ZeroStageEnum, LossScaler, fragment_address
+        yield ZeroStageEnum, LossScaler, fragment_address, DynamicLossScaler
     finally:
         for name in added:
             del sys.modules[name]
@@ -79,10 +83,20 @@ def _model_states(state: dict, stage: int, dp: int, module: dict, client: dict) 
         "shared_params": {} if zero else None,
         "frozen_param_fragments": OrderedDict() if stage >= 2 else None,
         "lr_scheduler": state["lr_scheduler"], "data_sampler": None, "random_ltd": None,
-        "skipped_steps": 0, "global_steps": state["global_steps"], "global_samples": state["global_samples"],
+        "skipped_steps": state.get("skipped_steps", 0), "global_steps": state["global_steps"],
+        "global_samples": state["global_samples"],
         "dp_world_size": dp, "mp_world_size": 1, "checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": 1},
         "ds_config": state["ds_config"], "ds_version": DS_VERSION, **client,
     }
+
+
+def _scaler(state: dict, classes: tuple) -> object:
+    """DeepSpeed's ``LossScaler`` (fp32, bf16: scale 1, static) or, when ``state`` has ``scaler`` (the attributes
+    DeepSpeed 0.19.8's ``DynamicLossScaler`` pickles: ``cur_scale``, ``cur_iter``, ``last_overflow_iter``, ...),
+    its ``DynamicLossScaler``."""
+    scaler = classes[3]() if state.get("scaler") else classes[1]()
+    scaler.__dict__.update(state.get("scaler") or {"cur_scale": 1.0, "dynamic": False})
+    return scaler
 
 
 def _flat(state: dict, key: str) -> torch.Tensor:
@@ -90,7 +104,7 @@ def _flat(state: dict, key: str) -> torch.Tensor:
 
 
 def _zero12_files(state: dict, stage: int, dp: int, classes: tuple) -> list[dict]:
-    zero_stage, loss_scaler, fragment_address = classes
+    zero_stage, _, fragment_address, _ = classes
     total = sum(math.prod(s) for s in state["shapes"].values())
     padded = 2 * dp * math.ceil(total / (2 * dp))
     part = padded // dp
@@ -107,10 +121,9 @@ def _zero12_files(state: dict, stage: int, dp: int, classes: tuple) -> list[dict
                 mappings[name] = fragment_address(numel=end - start, start=start - lo)
             offset += numel
         pad = max(0, hi - total)
-        scaler = loss_scaler()
-        scaler.cur_scale, scaler.dynamic = 1.0, False
         files.append({"optimizer_state_dict": {
-            "loss_scaler": scaler, "dynamic_loss_scale": False, "overflow": False, "clip_grad": state["clip"],
+            "loss_scaler": _scaler(state, classes), "dynamic_loss_scale": bool(state.get("scaler")), "overflow": False,
+            "clip_grad": state["clip"],
             "base_optimizer_state": {
                 "state": {0: {"step": state["step"].clone(), "exp_avg": flats["exp_avg"][lo:hi].clone(),
                               "exp_avg_sq": flats["exp_avg_sq"][lo:hi].clone()}},
@@ -124,7 +137,7 @@ def _zero12_files(state: dict, stage: int, dp: int, classes: tuple) -> list[dict
 
 
 def _zero3_files(state: dict, dp: int, classes: tuple) -> list[dict]:
-    zero_stage, loss_scaler, _ = classes
+    zero_stage = classes[0]
     files = []
     for r in range(dp):
         flats = {}
@@ -136,10 +149,9 @@ def _zero3_files(state: dict, dp: int, classes: tuple) -> list[dict]:
                 full = torch.nn.functional.pad(state[key][name].reshape(-1), (0, part * dp - numel))
                 chunks.append(full[r * part:(r + 1) * part])
             flats[key] = torch.cat(chunks)
-        scaler = loss_scaler()
-        scaler.cur_scale, scaler.dynamic = 1.0, False
         files.append({"optimizer_state_dict": {
-            "zero_stage": zero_stage(3), "loss_scaler": scaler, "dynamic_loss_scale": False, "overflow": False,
+            "zero_stage": zero_stage(3), "loss_scaler": _scaler(state, classes),
+            "dynamic_loss_scale": bool(state.get("scaler")), "overflow": False,
             "partition_count": dp,
             "optimizer_state_dict": {
                 "state": {0: {"step": state["step"].clone(), "exp_avg": flats["exp_avg"],
@@ -154,10 +166,12 @@ def write_deepspeed_checkpoint(directory: str, tag: str, state: dict, stage: int
     """``directory/tag`` and ``directory/latest`` as DeepSpeed 0.19.8 writes them at ZeRO ``stage`` over ``dp``
     ranks. ``state``: ``shapes`` (name -> shape, the param group's order), per name ``fp32``, ``exp_avg``,
     ``exp_avg_sq``; ``step`` (Adam's, a 0-dim tensor), ``group`` (lr, betas, eps, weight_decay), ``clip``,
-    ``lr_scheduler``, ``global_steps``, ``global_samples``, ``ds_config``; ``client`` is ``client_state``."""
+    ``lr_scheduler``, ``global_steps``, ``global_samples``, ``ds_config``, optionally ``skipped_steps``, ``dtype``
+    and ``scaler`` (fp16: ``DynamicLossScaler``'s attributes); ``client`` is ``client_state``."""
     folder = os.path.join(directory, tag)
     os.makedirs(folder, exist_ok=True)
-    module = OrderedDict((n, state["fp32"][n].clone()) for n in state["shapes"])
+    # the training dtype's weights (DeepSpeed's module_state_dict), fp32 unless ``state`` says ``dtype``
+    module = OrderedDict((n, state["fp32"][n].to(state.get("dtype", torch.float32))) for n in state["shapes"])
     if stage == 0:
         state = {**state, "torch_optimizer": {
             "state": {i: {"step": state["step"].clone(), "exp_avg": state["exp_avg"][n].clone(),

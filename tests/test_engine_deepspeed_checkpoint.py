@@ -133,7 +133,7 @@ def _remove_rank_1(folder):
 
 
 @pytest.mark.parametrize("stage,change,expected", [
-    (2, _edit_model_states("ds_config", {"fp16": {"enabled": True}}), "DeepSpeed fp16 checkpoint"),
+    (0, _edit_model_states("ds_config", {"fp16": {"enabled": True}}), "DeepSpeed fp16 checkpoint at ZeRO-0"),
     (2, _edit_model_states("mp_world_size", 2), "mp_world_size 2) with tensor parallelism is not read here"),
     (2, _remove_rank_1, "partition_count is 2; is a rank's file missing?"),
 ])
@@ -161,3 +161,51 @@ def test_deepspeed_checkpoint_consolidates(tmp_path, stage, dp):
     assert hf_config is None and sorted(consolidated) == sorted(fp32)
     for name, value in fp32.items():
         assert torch.equal(consolidated[name], value), name
+
+
+# the scale grows twice before the save (262144), then overflows twice after it: the first spends the hysteresis
+# (saved as 2), the second backs off (131072) and is skipped (a wrong hysteresis backed off one step early)
+FP16 = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1, "hysteresis": 2}
+
+
+def _fp16_resume(directory, stage):
+    """fp16: DeepSpeed's ``DynamicLossScaler`` in the files, restated from this engine's scaler after 3 steps
+    (``cur_iter`` counts every step, skipped ones too; ``last_overflow_iter = cur_iter - growth_tracker - 1``)."""
+    config = ds_config(1, 1, stage, "mlp", fp16=FP16, scheduler=SCHEDULER)
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    scales = []
+    for step in range(6):
+        if step == 3:
+            engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+            saved = load_states(model_file(os.path.join(directory, "ours", "t"), 0))
+        run_steps("mlp", engine, step, step + 1)
+        scales.append(engine.get_loss_scale())
+    straight, skipped = state_of(engine), engine.skipped_steps
+    engine.parallel_state.destroy()
+    state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+    scaler = saved["grad_scaler"]
+    state.update(dtype=torch.float16, skipped_steps=saved["skipped_steps"], scaler={
+        "cur_scale": scaler["scale"], "dynamic": True, "cur_iter": saved["global_steps"],
+        "last_overflow_iter": saved["global_steps"] - scaler["growth_tracker"] - 1, "scale_factor": 2.0,
+        "scale_window": 1, "min_scale": 1, "delayed_shift": 2, "cur_hysteresis": scaler["hysteresis_tracker"],
+        "consecutive_hysteresis": False, "raise_error_at_min_scale": True, "dtype": torch.float16})
+    write_deepspeed_checkpoint(os.path.join(directory, "ds"), "global_step3", state, stage, 2, {})
+    engine, _, _, _ = megatron_core.initialize(_other_weights(), config=config)
+    engine.load_checkpoint(os.path.join(directory, "ds"))
+    resumed_scales = []
+    for step in range(3, 6):
+        run_steps("mlp", engine, step, step + 1)
+        resumed_scales.append(engine.get_loss_scale())
+    result = scales, resumed_scales, straight, state_of(engine), skipped, engine.skipped_steps
+    engine.parallel_state.destroy()
+    return result
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_fp16_checkpoint_resumes_loss_scale(tmp_path, stage):
+    [(scales, resumed_scales, straight, resumed, skipped, resumed_skipped)] = run_distributed(
+        _fp16_resume, 1, str(tmp_path), stage, timeout=120)
+    assert resumed_scales == scales[3:] and scales[2] > scales[0] and scales[5] < scales[2], scales  # grew, backed off
+    assert resumed_skipped == skipped > 0
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name

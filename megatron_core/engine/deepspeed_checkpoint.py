@@ -26,7 +26,7 @@ DeepSpeed pickles its classes; the files are read with ``torch.load(weights_only
 each ``deepspeed.*`` class (:func:`megatron_core.checkpoint.megatron_lm.load_with_stand_ins`), so no code
 from the file runs. Each parameter's full fp32 value and Adam moments are rebuilt by name, so the
 checkpoint loads at any DP size and ZeRO stage, as this engine's own. What was not verified (tensor or
-pipeline parallel files, ZeRO-3 frozen parameters, another optimizer's state, MoE) is one error line.
+pipeline parallel files, ZeRO-3 frozen parameters, fp16 and bf16 at ZeRO-0, MoE) is one error line.
 """
 
 from __future__ import annotations
@@ -185,6 +185,10 @@ def _scalars(state: dict) -> dict:
 def _plain_optimizer(saved: dict, names: list[list[str]], path: str) -> tuple[dict, dict, dict]:
     """ZeRO-0: the model file's torch optimizer ``state_dict`` (params numbered across groups in order)."""
     osd = saved["optimizer"]
+    if not isinstance(osd, dict) or not {"state", "param_groups"} <= set(osd):  # e.g. its BF16_Optimizer's
+        raise ConfigError(f"load_checkpoint: {path}'s 'optimizer' is not a torch optimizer's state_dict (keys "
+                          f"{sorted(osd)[:4] if isinstance(osd, dict) else type(osd).__name__}), a DeepSpeed layout "
+                          f"not read here; {_FIX}")
     order = [n for group in names for n in group]
     numbered = [i for group in osd["param_groups"] for i in group["params"]]
     if len(numbered) != len(order):
@@ -200,14 +204,25 @@ def _plain_optimizer(saved: dict, names: list[list[str]], path: str) -> tuple[di
     return values, states, scalars
 
 
-def _fp16_error(saved: dict, path: str) -> str | None:
-    """fp16 checkpoints are refused: DeepSpeed's loss scaler (``cur_iter``, ``last_overflow_iter``,
-    ``cur_hysteresis``) was not compared with a real DeepSpeed fp16 resume here (its CPU build trains no fp16)."""
+def _fp16(saved: dict) -> bool:
     fp16 = saved.get("ds_config", {}).get("fp16", {})
-    if isinstance(fp16, dict) and fp16.get("enabled"):
-        return (f"load_checkpoint: {path} is a DeepSpeed fp16 checkpoint, whose loss-scaler state is not read "
-                f"here; {_FIX}")
-    return None
+    return isinstance(fp16, dict) and bool(fp16.get("enabled"))
+
+
+def _grad_scaler(osd: dict | None) -> dict | None:
+    """DeepSpeed's ``LossScaler`` / ``DynamicLossScaler`` (pickled in the optimizer files) as this engine's
+    ``grad_scaler`` state. Its ``update_scale`` grows after ``stable_interval = cur_iter - last_overflow_iter - 1``
+    clean steps and backs off once ``cur_hysteresis`` is 1: ``growth_tracker`` (clean steps since the last
+    overflow, :class:`megatron_core.optimizer.grad_scaler.DynamicGradScaler` with ``deepspeed_window``) is
+    ``cur_iter - last_overflow_iter - 1`` and ``hysteresis_tracker`` is ``cur_hysteresis``."""
+    scaler = getattr(osd.get("loss_scaler"), "state", None) if osd is not None else None
+    if not isinstance(scaler, dict) or "cur_scale" not in scaler:
+        return None
+    if not scaler.get("dynamic"):
+        return {"scale": float(scaler["cur_scale"])}
+    return {"scale": float(scaler["cur_scale"]),
+            "growth_tracker": int(scaler["cur_iter"]) - int(scaler["last_overflow_iter"]) - 1,
+            "hysteresis_tracker": int(scaler["cur_hysteresis"])}
 
 
 def _unsupported(saved: dict, path: str, engine: Any) -> str | None:
@@ -217,7 +232,9 @@ def _unsupported(saved: dict, path: str, engine: Any) -> str | None:
                 f"{saved.get('mp_world_size')}) with tensor parallelism is not read here; {_FIX}")
     if saved.get("frozen_param_shapes") and os.path.basename(path).startswith("zero_pp_rank_"):  # ZeRO-3's file
         return f"load_checkpoint: {path} is a DeepSpeed ZeRO-3 checkpoint with frozen parameters, not read here; {_FIX}"
-    return _fp16_error(saved, path)
+    if _fp16(saved) and saved.get("optimizer") is not None:  # ZeRO-0: DeepSpeed's FP16_Optimizer's own layout
+        return f"load_checkpoint: {path} is a DeepSpeed fp16 checkpoint at ZeRO-0, not read here; {_FIX}"
+    return None
 
 
 def restate(folder: str, saved: dict, path: str, engine: Any) -> dict:
@@ -259,7 +276,7 @@ def restate(folder: str, saved: dict, path: str, engine: Any) -> dict:
         "module": module, "param_meta": meta, "fragments": (values, states, scalars),
         "global_steps": saved["global_steps"], "global_samples": saved.get("global_samples", 0),
         "skipped_steps": saved["skipped_steps"], "lr_scheduler": saved.get("lr_scheduler"),
-        "grad_scaler": None,
+        "grad_scaler": _grad_scaler(osd) if _fp16(saved) else None,
         # DeepSpeed's torch optimizer's groups also hold torch's flags (foreach, fused, ...), which are this
         # engine's choice (its fused AdamW differed in the last bit): the hyper-parameters only
         "param_groups": [{k: v for k, v in g.items() if k in _GROUP_SETTINGS} for g in groups],
