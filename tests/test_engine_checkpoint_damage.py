@@ -81,9 +81,11 @@ def _save_damage_load(directory, what):
     ("binary-latest", "load_checkpoint: {d}/latest is not a text file naming a tag (invalid start byte at byte "
                       "11); write the tag to load into it or pass tag="),
     ("folder-latest", None),  # DeepSpeed 0.19.8 checks os.path.isfile: nothing loaded, (None, None)
-    ("deepspeed", "load_checkpoint: {d}/saved/mp_rank_00_model_states.pt was written by DeepSpeed 0.19.8, whose "
-                  "checkpoints this engine does not load; write its weights with the zero_to_fp32.py DeepSpeed saved "
-                  "beside it and load them into the model before initialize"),
+    # DeepSpeed's model states beside this engine's optimizer files (DeepSpeed's checkpoints load:
+    # test_engine_deepspeed_checkpoint.py)
+    ("deepspeed", "load_checkpoint: {d}/saved/zero_pp_rank_0_mp_rank_00_optim_states.pt is no DeepSpeed optimizer "
+                  "file (no 'optimizer_state_dict') beside DeepSpeed's model states; save the checkpoint again or "
+                  "load another tag"),
     ("latest-to-gone", "load_checkpoint: {d}/latest names the tag 'global_step9', which is not a folder of {d}; "
                        "write the tag to load into it or pass tag= (tags in {d}: saved)"),
 ])
@@ -100,13 +102,13 @@ def _save_as_deepspeed(directory):
     engine.parallel_state.destroy()
 
 
-def test_consolidating_a_deepspeed_checkpoint_is_one_line(tmp_path):
+def test_consolidating_a_damaged_deepspeed_checkpoint_is_one_line(tmp_path):
     """tools/zero_to_fp32.py (consolidate_state_dict) on a checkpoint DeepSpeed wrote was "KeyError: 'tp_size'"
-    with a traceback, and so was load_checkpoint (a DeepSpeed user's first try with an existing run)."""
+    with a traceback; DeepSpeed's model states beside optimizer files that are not DeepSpeed's is one line."""
     from megatron_core.engine.consolidate import consolidate_state_dict
 
     run_distributed(_save_as_deepspeed, 1, str(tmp_path), timeout=60)
-    with pytest.raises(ConfigError, match=r"^consolidate: .*/saved/mp_rank_00_model_states.pt was written by DeepSpeed "
-                                          r"0.19.8, whose checkpoints this engine does not load; write its weights "
-                                          r"with the zero_to_fp32.py DeepSpeed saved beside it$"):
+    with pytest.raises(ConfigError, match=r"^zero_to_fp32: .*/saved/zero_pp_rank_0_mp_rank_00_optim_states.pt is no "
+                                          r"DeepSpeed optimizer file \(no 'optimizer_state_dict'\) beside DeepSpeed's "
+                                          r"model states; save the checkpoint again or load another tag$"):
         consolidate_state_dict(str(tmp_path), "saved")

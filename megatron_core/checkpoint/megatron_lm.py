@@ -46,8 +46,9 @@ _UNSUPPORTED = (("num_experts", "--num-experts"), ("multi_latent_attention", "--
 
 
 class _Opaque:
-    """Stands in for a megatron-core class pickled inside ``args`` (e.g. ``AttnBackend.auto`` of
-    ``--attention-backend``): keeps its constructor arguments and state, runs nothing."""
+    """Stands in for a class of the saving library pickled in a file (megatron-core's ``AttnBackend.auto`` in
+    ``args``; DeepSpeed's ``ZeroStageEnum``, ``LossScaler``, ``fragment_address``): keeps its constructor
+    arguments (``values``) and pickled state (``state``), runs nothing."""
 
     def __init__(self, *values: Any) -> None:
         self.values = values
@@ -56,10 +57,11 @@ class _Opaque:
         self.state = state
 
 
-def _safe_globals(path: str) -> list[Any]:
+def _safe_globals(path: str, prefix: str, what: str) -> list[Any]:
     """The allow-list for ``path``: ``argparse.Namespace``, NumPy's array rebuild (the RNG states), ``BytesIO``
-    (Transformer Engine's ``_extra_state``) and a stand-in for each megatron-core class the pickle names (read
-    from the pickle without running it). Raises ConfigError naming any other class."""
+    (Transformer Engine's ``_extra_state``) and a stand-in for each class of the module tree ``prefix`` the
+    pickle names (read from the pickle without running it). Raises ConfigError naming any other class;
+    ``what`` says what such files are read for."""
     allowed: dict[str, Any] = {"argparse.Namespace": argparse.Namespace, "numpy.ndarray": np.ndarray,
                                "numpy.dtype": np.dtype, "_io.BytesIO": _bytes_io.BytesIO}
     for name in ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"):
@@ -71,18 +73,25 @@ def _safe_globals(path: str) -> list[Any]:
     for name in found:
         if name in allowed:
             chosen.append((allowed[name], name))
-        elif name.startswith("megatron."):
+        elif name.startswith(prefix):
             chosen.append((type(name.rsplit(".", 1)[1], (_Opaque,), {}), name))
         else:
-            raise ConfigError(f"{path} pickles {name}, which is not loaded (it could run code): only Megatron-LM's "
-                              f"args, RNG states and megatron-core enums are read")
+            raise ConfigError(f"{path} pickles {name}, which is not loaded (it could run code): only {what} "
+                              f"are read")
     return chosen
 
 
-def load_megatron_lm_file(path: str) -> Any:
-    """``torch.load(path, weights_only=True)`` with :func:`_safe_globals` allowed."""
-    with torch.serialization.safe_globals(_safe_globals(path)):
+def load_with_stand_ins(path: str, prefix: str, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` allowing :func:`_safe_globals` (classes under ``prefix`` read as
+    :class:`_Opaque` stand-ins). Raises ConfigError naming a class outside that list."""
+    with torch.serialization.safe_globals(_safe_globals(path, prefix, what)):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_megatron_lm_file(path: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with Megatron-LM's args, RNG states and megatron-core's classes
+    (stand-ins) allowed."""
+    return load_with_stand_ins(path, "megatron.", "Megatron-LM's args, RNG states and megatron-core enums")
 
 
 def is_megatron_lm_state(state: Any) -> bool:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing.optimizer_state import set_state, steps_on_device
+from megatron_core.engine import deepspeed_checkpoint
 from megatron_core.engine.checkpoint_files import (
     LATEST,
     client_state_error,
@@ -290,6 +291,8 @@ def _fragments_here(engine: Any, folder: str, saved: list[dict]) -> tuple[dict, 
     """``full_fragments`` for this rank's parameters: its own TP rank's files when the AutoTP size matches,
     else every saved TP rank's, resharded to this AutoTP size (:mod:`megatron_core.engine.reshard`)."""
     ps = engine.parallel_state
+    if "fragments" in saved[0]:  # DeepSpeed's files, already rebuilt by name (engine.deepspeed_checkpoint)
+        return saved[0]["fragments"]
     if len(saved) == 1 and saved[0]["tp_size"] == ps.tp_size:
         return full_fragments(_optim_files_of(folder, ps.tp_rank), saved[0]["param_meta"])
     per_rank: list[tuple[dict, dict]] = []
@@ -350,13 +353,17 @@ def _model_files(engine: Any, folder: str, tag: str, load_dir: str) -> tuple[lis
     else every saved TP rank's (in TP order) and the module state resharded to this AutoTP size."""
     ps = engine.parallel_state
     first = model_file(folder, 0)
+    if not os.path.exists(first) and os.path.exists(deepspeed_checkpoint.zero3_model_file(folder)):
+        first = deepspeed_checkpoint.zero3_model_file(folder)  # DeepSpeed's ZeRO-3 writes one per DP rank
     if not os.path.exists(first):
         raise ConfigError(f"load_checkpoint: {first} does not exist (tag {tag!r} in {load_dir!r})")
-    saved = load_states(first)
+    saved = deepspeed_checkpoint.read_model_states(first)
+    if deepspeed_checkpoint.is_deepspeed_states(saved):
+        saved = deepspeed_checkpoint.restate(folder, saved, first, engine)
+        return [saved], saved["module"]
     foreign = foreign_states(saved, first)
     if foreign is not None:
-        hint = " and load them into the model before initialize" if "DeepSpeed" in foreign else ""
-        raise ConfigError(f"load_checkpoint: {foreign}{hint}")
+        raise ConfigError(f"load_checkpoint: {foreign}")
     if saved["tp_size"] == ps.tp_size:
         if ps.tp_rank != 0:
             saved = load_states(_existing(model_file(folder, ps.tp_rank)))
@@ -423,6 +430,8 @@ def load(
     _agree_on_error(error)
     saved = saved_files[0]
     path = model_file(folder, ps.tp_rank * saved["tp_size"] // ps.tp_size)  # DeepSpeed's SDLoader index
+    if saved.get("zero_stage") == 3 and "ds_states" in saved:  # DeepSpeed's ZeRO-3 files: one per DP rank
+        path = deepspeed_checkpoint.zero3_model_file(folder, ps.dp_rank)
     excluded = [n for n, info in saved["param_meta"].items() if not trained(info) and n not in module_state]
     try:
         if strict and excluded:
@@ -455,4 +464,7 @@ def load(
     # the saving run's misplaced the accumulation boundary ((micro_steps + 1) % GA) when GA differs on resume.
     for name in ("global_steps", "global_samples", "skipped_steps") if load_counters else ():
         setattr(engine, name, saved[name])
+    if "ds_states" in saved:  # DeepSpeed's client_state depends on what was loaded
+        return path, deepspeed_checkpoint.client_state(saved["ds_states"], load_optimizer, load_scheduler,
+                                                       not load_counters)
     return path, saved["client_state"]

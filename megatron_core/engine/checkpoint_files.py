@@ -95,15 +95,11 @@ def load_states(path: str | io.BytesIO) -> Any:
 def foreign_states(saved: Any, path: str) -> str | None:
     """Why the model-states file ``path`` (read as ``saved``) is not this engine's, or None when it is.
 
-    DeepSpeed writes the same file names (``mp_rank_00_model_states.pt``), so a DeepSpeed user's existing run
-    reaches the loader; its files carry ``ds_version`` and none of this engine's ``format_version``."""
+    DeepSpeed's files (the same names, ``ds_version``) are read by :mod:`megatron_core.engine.deepspeed_checkpoint`
+    before this check; anything else without this engine's ``format_version`` is refused."""
     if isinstance(saved, dict) and "format_version" in saved:
         return None
-    version = saved.get("ds_version") if isinstance(saved, dict) else None
-    if version is None:
-        return f"{path} is no engine checkpoint (no 'format_version'); load a folder that save_checkpoint wrote"
-    return (f"{path} was written by DeepSpeed {version}, whose checkpoints this engine does not load; write its "
-            f"weights with the zero_to_fp32.py DeepSpeed saved beside it")
+    return f"{path} is no engine checkpoint (no 'format_version'); load a folder that save_checkpoint wrote"
 
 
 def client_state_error(client_state: Any) -> str | None:

@@ -27,6 +27,7 @@ import re
 import torch
 
 from megatron_core.checkpoint.hf_io import normal_permissions, torch_save_file, write_weights_dir, write_weights_file
+from megatron_core.engine import deepspeed_checkpoint
 from megatron_core.engine.checkpoint import full_fragments
 from megatron_core.engine.checkpoint_files import foreign_states, load_states, model_file, optim_files, read_latest
 from megatron_core.engine.reshard import frozen_keys, to_full, trained
@@ -35,7 +36,8 @@ from megatron_core.errors import ArgumentParser, ConfigError
 
 def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
     if tag is None:
-        if os.path.exists(model_file(checkpoint_dir, 0)):
+        if os.path.exists(model_file(checkpoint_dir, 0)) or \
+                os.path.exists(deepspeed_checkpoint.zero3_model_file(checkpoint_dir)):
             return checkpoint_dir  # the tag folder itself
         tag = read_latest(checkpoint_dir)
         if tag is None and os.path.exists(os.path.join(checkpoint_dir, "latest_checkpointed_iteration.txt")):
@@ -51,7 +53,7 @@ def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
                 f"tag folder or --tag"
             )
     folder = os.path.join(checkpoint_dir, tag)
-    if not os.path.exists(model_file(folder, 0)):
+    if not os.path.exists(model_file(folder, 0)) and not os.path.exists(deepspeed_checkpoint.zero3_model_file(folder)):
         raise ConfigError(f"{folder!r} is not an engine checkpoint (no mp_rank_00_model_states.pt)")
     return folder
 
@@ -68,8 +70,14 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
 
 def _consolidate(folder: str) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, dict]]:
     """:func:`consolidate_state_dict` of a tag folder, and the saved ``param_meta`` (read with it, once)."""
-    first = load_states(model_file(folder, 0))
-    foreign = foreign_states(first, model_file(folder, 0))
+    path = model_file(folder, 0)
+    if not os.path.exists(path):  # DeepSpeed's ZeRO-3 writes one model-states file per DP rank
+        path = deepspeed_checkpoint.zero3_model_file(folder)
+    first = deepspeed_checkpoint.read_model_states(path)
+    if deepspeed_checkpoint.is_deepspeed_states(first):
+        state, meta = deepspeed_checkpoint.consolidate(folder, first, path)
+        return state, None, meta
+    foreign = foreign_states(first, path)
     if foreign is not None:
         raise ConfigError(f"consolidate: {foreign}")
     tp_size = first["tp_size"]

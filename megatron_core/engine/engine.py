@@ -72,6 +72,8 @@ class Engine(torch.nn.Module):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.hf_config = hf_config
         self.collate_fn: Any = None  # initialize's collate_fn, deepspeed_io's default (DeepSpeed's attribute)
+        # the trained parameters' names per optimizer param group (initialize's), DeepSpeed's ZeRO-0 numbering
+        self.param_group_names: list[list[str]] = [[n for n, p in ddp.module.named_parameters() if p.requires_grad]]
         self.micro_steps = self.global_steps = self.global_samples = self.skipped_steps = 0
         self._step_applied = False
         self._boundary: bool | None = None  # set_gradient_accumulation_boundary's override (None: count)

@@ -1,0 +1,211 @@
+"""Loading a checkpoint DeepSpeed wrote (``engine.load_checkpoint`` on DeepSpeed 0.19.8's files).
+
+The files are written by ``deepspeed_files.write_deepspeed_checkpoint`` in DeepSpeed 0.19.8's layout (verified
+against real DeepSpeed runs: docs/engine.md, "Checkpoints DeepSpeed wrote"), from the state of this engine
+after 2 steps; the loading engine starts from other weights and must continue exactly as the run that
+never stopped (same losses and weights, bit for bit: the fp32 values, Adam's moments and step, the lr
+schedule and the counters are the saved ones). Also at another DP size and ZeRO stage than the files', the
+``client_state`` DeepSpeed returns, and one-line errors for what is not read.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from deepspeed_files import write_deepspeed_checkpoint
+from engine_common import ds_config, make_model, run_steps, sharded, state_of
+from harness import run_distributed
+
+import megatron_core
+from megatron_core.engine.checkpoint import full_fragments
+from megatron_core.engine.checkpoint_files import load_states, model_file, optim_files
+from megatron_core.engine.consolidate import consolidate_state_dict
+from megatron_core.errors import ConfigError
+
+SCHEDULER = {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "warmup_max_lr": 0.01}}
+
+
+def _other_weights():
+    model = make_model("mlp")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    return model
+
+
+def _state_for_deepspeed(folder: str, config: dict) -> dict:
+    """This engine's checkpoint in ``folder`` restated as what DeepSpeed holds (per parameter, full tensors)."""
+    saved = load_states(model_file(folder, 0))
+    values, states, scalars = full_fragments(optim_files(folder, 0), saved["param_meta"])
+    shapes = {n: tuple(info["local_shape"]) for n, info in saved["param_meta"].items()}
+    group = {k: saved["param_groups"][0][k] for k in ("lr", "betas", "eps", "weight_decay")}
+    return {"shapes": shapes, "fp32": {n: values[n].view(shapes[n]) for n in shapes},
+            "exp_avg": {n: states[n]["exp_avg"].view(shapes[n]) for n in shapes},
+            "exp_avg_sq": {n: states[n]["exp_avg_sq"].view(shapes[n]) for n in shapes},
+            "step": scalars["step"].float(), "group": group, "clip": 0.5, "lr_scheduler": saved["lr_scheduler"],
+            "global_steps": saved["global_steps"], "global_samples": saved["global_samples"], "ds_config": config}
+
+
+def _resume(directory, saved_stage, saved_dp, stage):
+    dp = dist.get_world_size()
+    config = sharded(ds_config(dp, 1, stage, "mlp", scheduler=SCHEDULER))
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    run_steps("mlp", engine, 0, 2)
+    engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+    saved_counters = (engine.global_steps, engine.global_samples, engine.skipped_steps)
+    straight, _ = run_steps("mlp", engine, 2, 4)
+    straight_state, straight_lr = state_of(engine), engine.get_lr()
+    engine.parallel_state.destroy()
+    ds_dir = os.path.join(directory, "ds")
+    if dist.get_rank() == 0:
+        state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+        write_deepspeed_checkpoint(ds_dir, "global_step2", state, saved_stage, saved_dp, {"epoch": 7})
+    dist.barrier()
+
+    engine, _, _, _ = megatron_core.initialize(_other_weights(), config=config)
+    path, client = engine.load_checkpoint(ds_dir)
+    counters = (engine.global_steps, engine.global_samples, engine.skipped_steps)
+    resumed, _ = run_steps("mlp", engine, 2, 4)
+    result = (straight, resumed, straight_state, state_of(engine), straight_lr, engine.get_lr(), path, client,
+              (saved_counters, counters))
+    engine.parallel_state.destroy()
+    return result
+
+
+def _check(results, saved_stage):
+    for rank, (straight, resumed, straight_state, resumed_state, lr, resumed_lr, path, client, counters) in \
+            enumerate(results):
+        assert resumed == straight  # the losses, bit for bit
+        for name, value in straight_state.items():
+            assert torch.equal(resumed_state[name], value), name
+        assert resumed_lr == lr
+        saved_counters, loaded_counters = counters
+        assert loaded_counters == saved_counters and saved_counters[0] == 2
+        assert client["epoch"] == 7 and client["ds_version"] == "0.19.8"  # DeepSpeed returns its metadata too
+        assert "module" not in client and "global_steps" not in client and "lr_scheduler" not in client
+        # the file DeepSpeed names: at ZeRO-3 this DP rank's (every rank writes one)
+        expected = (f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if saved_stage == 3
+                    else "mp_rank_00_model_states.pt")
+        assert os.path.basename(path) == expected
+
+
+@pytest.mark.parametrize("saved_stage,saved_dp,stage",
+                         [(0, 1, 0), (1, 2, 1), (2, 2, 2), (3, 2, 3), (3, 1, 0), (2, 2, 3)])
+def test_deepspeed_checkpoint_resumes_one_rank(tmp_path, saved_stage, saved_dp, stage):
+    _check(run_distributed(_resume, 1, str(tmp_path), saved_stage, saved_dp, stage, timeout=120), saved_stage)
+
+
+@pytest.mark.parametrize("saved_stage,saved_dp,stage", [(2, 2, 2), (3, 2, 1), (0, 1, 3)])
+def test_deepspeed_checkpoint_resumes_two_ranks(tmp_path, saved_stage, saved_dp, stage):
+    _check(run_distributed(_resume, 2, str(tmp_path), saved_stage, saved_dp, stage, timeout=180), saved_stage)
+
+
+def _load_error(directory, stage, change):
+    config = ds_config(1, 1, stage, "mlp")
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+    state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+    ds_dir = os.path.join(directory, "ds")
+    write_deepspeed_checkpoint(ds_dir, "global_step1", state, stage, 2, {})
+    change(os.path.join(ds_dir, "global_step1"))
+    try:
+        engine.load_checkpoint(ds_dir)
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+def _edit_model_states(key, value):
+    def change(folder):
+        path = os.path.join(folder, "mp_rank_00_model_states.pt")
+        saved = torch.load(path, weights_only=False)
+        saved[key] = value
+        torch.save(saved, path)
+    return change
+
+
+def _remove_rank_1(folder):
+    os.remove(os.path.join(folder, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+
+
+@pytest.mark.parametrize("stage,change,expected", [
+    (0, _edit_model_states("ds_config", {"fp16": {"enabled": True}}), "DeepSpeed fp16 checkpoint at ZeRO-0"),
+    (2, _edit_model_states("mp_world_size", 2), "mp_world_size 2) with tensor parallelism is not read here"),
+    (2, _remove_rank_1, "partition_count is 2; is a rank's file missing?"),
+])
+def test_deepspeed_checkpoint_not_read_is_one_line(tmp_path, stage, change, expected):
+    [message] = run_distributed(_load_error, 1, str(tmp_path), stage, change, timeout=120)
+    assert message is not None and expected in message and "\n" not in message
+    assert "zero_to_fp32.py" in message or "missing" in message
+
+
+@pytest.mark.parametrize("stage,dp", [(0, 1), (2, 2), (3, 2)])
+def test_deepspeed_checkpoint_consolidates(tmp_path, stage, dp):
+    """``zero_to_fp32``'s ``consolidate_state_dict`` on DeepSpeed's files: each parameter's fp32 main value
+    (real DeepSpeed 0.19.8's own zero_to_fp32.py wrote the same bits for its files: docs/engine.md)."""
+    def state_and_consolidated(directory):
+        config = ds_config(1, 1, 0, "mlp")
+        engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+        run_steps("mlp", engine, 0, 1)
+        engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+        engine.parallel_state.destroy()
+        state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+        write_deepspeed_checkpoint(os.path.join(directory, "ds"), "global_step1", state, stage, dp, {})
+        return state["fp32"], consolidate_state_dict(os.path.join(directory, "ds"))
+
+    [(fp32, (consolidated, hf_config))] = run_distributed(state_and_consolidated, 1, str(tmp_path), timeout=120)
+    assert hf_config is None and sorted(consolidated) == sorted(fp32)
+    for name, value in fp32.items():
+        assert torch.equal(consolidated[name], value), name
+
+
+# the scale grows twice before the save (262144), then overflows twice after it: the first spends the hysteresis
+# (saved as 2), the second backs off (131072) and is skipped (a wrong hysteresis backed off one step early)
+FP16 = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1, "hysteresis": 2}
+
+
+def _fp16_resume(directory, stage):
+    """fp16: DeepSpeed's ``DynamicLossScaler`` in the files, restated from this engine's scaler after 3 steps
+    (``cur_iter`` counts every step, skipped ones too; ``last_overflow_iter = cur_iter - growth_tracker - 1``)."""
+    config = ds_config(1, 1, stage, "mlp", fp16=FP16, scheduler=SCHEDULER)
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    scales = []
+    for step in range(6):
+        if step == 3:
+            engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+            saved = load_states(model_file(os.path.join(directory, "ours", "t"), 0))
+        run_steps("mlp", engine, step, step + 1)
+        scales.append(engine.get_loss_scale())
+    straight, skipped = state_of(engine), engine.skipped_steps
+    engine.parallel_state.destroy()
+    state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+    scaler = saved["grad_scaler"]
+    state.update(dtype=torch.float16, skipped_steps=saved["skipped_steps"], scaler={
+        "cur_scale": scaler["scale"], "dynamic": True, "cur_iter": saved["global_steps"],
+        "last_overflow_iter": saved["global_steps"] - scaler["growth_tracker"] - 1, "scale_factor": 2.0,
+        "scale_window": 1, "min_scale": 1, "delayed_shift": 2, "cur_hysteresis": scaler["hysteresis_tracker"],
+        "consecutive_hysteresis": False, "raise_error_at_min_scale": True, "dtype": torch.float16})
+    write_deepspeed_checkpoint(os.path.join(directory, "ds"), "global_step3", state, stage, 2, {})
+    engine, _, _, _ = megatron_core.initialize(_other_weights(), config=config)
+    engine.load_checkpoint(os.path.join(directory, "ds"))
+    resumed_scales = []
+    for step in range(3, 6):
+        run_steps("mlp", engine, step, step + 1)
+        resumed_scales.append(engine.get_loss_scale())
+    result = scales, resumed_scales, straight, state_of(engine), skipped, engine.skipped_steps
+    engine.parallel_state.destroy()
+    return result
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_fp16_checkpoint_resumes_loss_scale(tmp_path, stage):
+    [(scales, resumed_scales, straight, resumed, skipped, resumed_skipped)] = run_distributed(
+        _fp16_resume, 1, str(tmp_path), stage, timeout=120)
+    assert resumed_scales == scales[3:] and scales[2] > scales[0] and scales[5] < scales[2], scales  # grew, backed off
+    assert resumed_skipped == skipped > 0
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
