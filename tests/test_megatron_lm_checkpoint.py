@@ -160,3 +160,21 @@ def test_a_megatron_lm_moe_checkpoint_is_refused_naming_the_flag(tmp_path):
         torch.save(file, path)
     with pytest.raises(ConfigError, match=r"the Megatron-LM run used --num-experts 8, which this framework does not"):
         load_core_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("write", [write_legacy, write_torch_dist])
+def test_a_damaged_megatron_lm_file_is_named_as_damaged_in_one_line(write, tmp_path):
+    """Bytes overwritten inside the pickle, after its args Namespace: the file is damaged, not one that pickles
+    a class (the legacy file was called 'not a plain-tensor checkpoint', common.pt raised UnpicklingError)."""
+    state, _ = _source("gpt")
+    write(str(tmp_path), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
+    iteration = tmp_path / f"iter_{ITERATION:07d}"
+    path = iteration / "common.pt" if write is write_torch_dist else iteration / "mp_rank_00" / "model_optim_rng.pt"
+    data = bytearray(path.read_bytes())
+    start = data.index(b"Namespace") + 300
+    data[start:start + 40] = b"\xff" * 40  # 0xff is no pickle opcode
+    path.write_bytes(bytes(data))
+    load = load_full_model if write is write_torch_dist else load_core_checkpoint
+    with pytest.raises(ConfigError, match=rf"^{path} is (missing, )?truncated or damaged \(UnpicklingError") as info:
+        load(str(tmp_path))
+    assert "\n" not in str(info.value)
