@@ -178,3 +178,38 @@ def test_a_damaged_megatron_lm_file_is_named_as_damaged_in_one_line(write, tmp_p
     with pytest.raises(ConfigError, match=rf"^{path} is (missing, )?truncated or damaged \(UnpicklingError") as info:
         load(str(tmp_path))
     assert "\n" not in str(info.value)
+
+
+def test_tokenizer_files_recorded_on_another_machine_are_replaced_by_the_given_ones(tmp_path):
+    """Megatron-LM's args record the training cluster's absolute --vocab-file / --merge-file. Without them here the
+    run said "pass --vocab-file PATH", and passing it said "--vocab-file ... disagrees with the checkpoint's
+    /lustre/... under --use-checkpoint-args; drop --vocab-file or --use-checkpoint-args": no way through but giving
+    every model flag by hand. A recorded file that does not exist here gives way to the given one."""
+    from megatron_core.training.arguments import parse_args
+    from megatron_core.training.arguments.validate import validate_args
+
+    state, _ = _source("gpt")
+    write_legacy(str(tmp_path / "ckpt"), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
+    path = tmp_path / "ckpt" / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    with megatron_enums():
+        file = torch.load(path, weights_only=False)
+        file["args"].tokenizer_type = "GPT2BPETokenizer"
+        file["args"].vocab_file, file["args"].merge_file = "/lustre/gpt2/vocab.json", "/lustre/gpt2/merges.txt"
+        torch.save(file, path)
+    vocab, merges = tmp_path / "vocab.json", tmp_path / "merges.txt"
+    vocab.write_text("{}")
+    merges.write_text("#version: 0.2\n")
+    argv = ["--load", str(tmp_path / "ckpt"), "--use-checkpoint-args", "--finetune", "--vocab-file", str(vocab),
+            "--merge-file", str(merges), "--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-4",
+            "--mock-data", "--train-iters", "1"]
+    args = validate_args(parse_args(argv), world_size=1)
+    assert (args.tokenizer_type, args.vocab_file, args.merge_file) == ("GPT2BPETokenizer", str(vocab), str(merges))
+    assert (args.num_layers, args.hidden_size) == (2, 64)
+    other = tmp_path / "other.json"
+    other.write_text("{}")
+    with megatron_enums():  # a recorded file that is here still wins over another one
+        file = torch.load(path, weights_only=False)
+        file["args"].vocab_file = str(vocab)
+        torch.save(file, path)
+    with pytest.raises(ConfigError, match=f"--vocab-file {other} disagrees with the checkpoint's {vocab}"):
+        validate_args(parse_args([*argv[:5], str(other), *argv[6:]]), world_size=1)
