@@ -213,3 +213,46 @@ def test_tokenizer_files_recorded_on_another_machine_are_replaced_by_the_given_o
         torch.save(file, path)
     with pytest.raises(ConfigError, match=f"--vocab-file {other} disagrees with the checkpoint's {vocab}"):
         validate_args(parse_args([*argv[:5], str(other), *argv[6:]]), world_size=1)
+
+
+def _write_uneven_pp2(root, state, config):
+    """Megatron-LM's PP 2 legacy files of a 3-layer model cut 1 + 2 (--decoder-first-pipeline-num-layers 1):
+    ``mp_rank_00_000`` and ``mp_rank_00_001``, each stage numbering its layers from 0 (as
+    ``state_dict_for_save_checkpoint`` does; checked against megatron-core 0.16.1 at an even PP 2), the last
+    stage holding the tied output layer's copy of the word embeddings."""
+    import os
+    import random
+
+    from megatron_lm_files import megatron_lm_args
+    stages = [{k: v for k, v in state.items() if k.startswith(("embedding.", "decoder.layers.0."))}, {}]
+    for key, value in state.items():
+        for layer in (1, 2):
+            if key.startswith(f"decoder.layers.{layer}."):
+                stages[1][key.replace(f"layers.{layer}.", f"layers.{layer - 1}.")] = value
+        if key.startswith("decoder.final_layernorm."):
+            stages[1][key] = value
+    stages[1]["output_layer.weight"] = state["embedding.word_embeddings.weight"].clone()
+    with megatron_enums() as backend:
+        args = megatron_lm_args(config, VOCAB, PADDED, SEQ, backend)
+        args.pipeline_model_parallel_size, args.decoder_first_pipeline_num_layers = 2, 1
+        for rank, model in enumerate(stages):
+            folder = os.path.join(root, f"iter_{ITERATION:07d}", f"mp_rank_00_{rank:03d}")
+            os.makedirs(folder)
+            torch.save({"args": args, "checkpoint_version": 3.0, "iteration": ITERATION, "model": model,
+                        "rng_state": [{"random_rng_state": random.getstate()}]},
+                       os.path.join(folder, "model_optim_rng.pt"))
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write(str(ITERATION))
+
+
+def test_an_uneven_pipeline_split_of_megatron_lm_loads(tmp_path):
+    """--decoder-first-pipeline-num-layers was not read from Megatron-LM's args: its PP 2 checkpoint of 3 layers
+    (1 + 2) raised "ValueError: --num-layers 3 does not split evenly over --pipeline-model-parallel-size 2"."""
+    import dataclasses
+
+    config = dataclasses.replace(CONFIGS["gpt"], num_layers=3)
+    state, logits = run_distributed(_logits, 1, config, None)[0]
+    _write_uneven_pp2(str(tmp_path), state, config)
+    loaded_config, loaded = run_distributed(_loaded_logits, 1, str(tmp_path))[0]
+    assert loaded_config.num_layers == 3 and loaded_config.layer_counts(1) == [3]  # whole: any layout cuts it
+    torch.testing.assert_close(loaded, logits, rtol=0, atol=0)
