@@ -44,6 +44,11 @@ _TE_NORM_NAMES = {
 _UNSUPPORTED = (("num_experts", "--num-experts"), ("multi_latent_attention", "--multi-latent-attention"),
                 ("mtp_num_layers", "--mtp-num-layers"))
 
+# Megatron-LM's other pipeline splits: (field, flag), refused for a legacy file cut into pipeline stages.
+_SPLIT_FLAGS = (("account_for_embedding_in_pipeline_split", "--account-for-embedding-in-pipeline-split"),
+                ("account_for_loss_in_pipeline_split", "--account-for-loss-in-pipeline-split"),
+                ("pipeline_model_parallel_layout", "--pipeline-model-parallel-layout"))
+
 
 class _Opaque:
     """Stands in for a megatron-core class pickled inside ``args`` (e.g. ``AttnBackend.auto`` of
@@ -106,6 +111,11 @@ def config_from_args(args: argparse.Namespace, where: str, pipeline_split: bool 
                               f"framework does not build; it cannot load this checkpoint")
     split = {"num_layers_in_first_pipeline_stage": getattr(args, "decoder_first_pipeline_num_layers", None),
              "num_layers_in_last_pipeline_stage": getattr(args, "decoder_last_pipeline_num_layers", None)}
+    pp = _arg(args, "pipeline_model_parallel_size", 1)
+    for name, flag in _SPLIT_FLAGS if pipeline_split and pp > 1 else ():
+        if getattr(args, name, None):
+            raise ConfigError(f"{where}: the Megatron-LM run cut its {pp} pipeline stages with {flag}, which this "
+                              f"framework does not read; save it as torch_dist (whole tensors) and convert that")
     if not pipeline_split:
         split = {}
     elif any(split.values()) and (getattr(args, "virtual_pipeline_model_parallel_size", None) or 1) > 1:
