@@ -5,6 +5,7 @@ Against the real megatron-core 0.16.1 on a CPU (docs/training.md, "Checkpoints w
 loads gave logits within 2.3e-6 of megatron-core's own forward (fp32); here the fixture's weights come from
 our GPTModel, so the loaded model must reproduce its logits exactly.
 """
+import argparse
 import contextlib
 import io
 
@@ -178,6 +179,12 @@ def test_a_damaged_megatron_lm_file_is_named_as_damaged_in_one_line(write, tmp_p
     with pytest.raises(ConfigError, match=rf"^{path} is (missing, )?truncated or damaged \(UnpicklingError") as info:
         load(str(tmp_path))
     assert "\n" not in str(info.value)
+    if write is write_legacy:  # torch's pre-1.6 format, which the class scan cannot read, is not called damaged
+        with megatron_enums():
+            torch.save({"args": argparse.Namespace(num_layers=2), "model": state}, path,
+                       _use_new_zipfile_serialization=False)
+        with pytest.raises(ConfigError, match=rf"^{path} is not a plain-tensor checkpoint"):
+            load(str(tmp_path))
 
 
 def test_tokenizer_files_recorded_on_another_machine_are_replaced_by_the_given_ones(tmp_path):

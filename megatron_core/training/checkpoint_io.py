@@ -138,8 +138,8 @@ def _pickles_namespace(path: str) -> bool:
         if is_pickled_object(exc):  # an opcode the scan does not follow: refused as a pickled object
             return False
         raise DamagedFileError(path, pickle.UnpicklingError(unpickler_reason(exc))) from None
-    except (EOFError, OSError, RuntimeError, ValueError) as exc:
-        raise DamagedFileError(path, exc) from None
+    except (EOFError, OSError, RuntimeError, ValueError):  # e.g. torch's pre-1.6 format, which the scan cannot read
+        return False
 
 
 def _load_megatron_lm(path: str) -> Any:
