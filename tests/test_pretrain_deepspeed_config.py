@@ -194,3 +194,19 @@ def test_an_auto_no_flag_fills_names_the_flag_not_initialize(tmp_path):
     with pytest.raises(ConfigError, match=r'optimizer.type is "auto" and no flag of this run fills it; write the '
                                           r"value in the file$"):
         validate_args(parse_args(BASE + ["--deepspeed-config", unknown]), world_size=2)
+
+
+def test_an_auto_a_flag_fills_with_a_refused_value_names_the_flag(tmp_path):
+    """Hugging Face's ZeRO files say ``"warmup_num_steps": "auto"``; --lr-warmup-iters' default 0 filled it, and the
+    file's check (> 0, as DeepSpeed's WarmupLR) refused "scheduler.params.warmup_num_steps must be > 0, got 0",
+    naming no flag, for a scheduler section pretrain_gpt.py does not even use."""
+    path = _file(tmp_path, scheduler={"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto",
+                                                                          "total_num_steps": "auto"}})
+    i = BASE.index("--lr-warmup-iters")
+    no_warmup = BASE[:i] + BASE[i + 2:]
+    with pytest.raises(ConfigError, match=r"^DeepSpeed config: scheduler.params.warmup_num_steps must be > 0, got 0 "
+                                          r'\(its "auto" took --lr-warmup-iters: give that flag, or write the value '
+                                          r"in the file\)$"):
+        validate_args(parse_args(no_warmup + ["--deepspeed-config", path]), world_size=2)
+    run = config_from_args(validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2))
+    assert run.training.global_batch_size == 8

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from megatron_core.checkpoint.megatron_lm import FROM_MEGATRON_LM
 from megatron_core.checkpoint.optimizer_reshard import (
     FullOptimizerState,
     ShardedOptimizerState,
@@ -174,4 +176,7 @@ def load_core_checkpoint(load_dir: str, iteration: int | None = None, with_optim
     train_state[VOCAB_PADDING] = padding
     if with_optimizer:
         train_state[OPTIMIZER] = merge_states(opt_tensors, opt_scalars, config, vocab, pp, vpp, head[OPTIMIZER])
-    return config, info, merge_chunks(chunks, config, pp, vpp, tied), train_state
+    full = merge_chunks(chunks, config, pp, vpp, tied)
+    if head.get(FROM_MEGATRON_LM):  # its uneven pipeline split cut its files; the merged model is whole
+        config = replace(config, num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None)
+    return config, info, full, train_state

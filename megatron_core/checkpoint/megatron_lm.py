@@ -44,6 +44,11 @@ _TE_NORM_NAMES = {
 _UNSUPPORTED = (("num_experts", "--num-experts"), ("multi_latent_attention", "--multi-latent-attention"),
                 ("mtp_num_layers", "--mtp-num-layers"))
 
+# Megatron-LM's other pipeline splits: (field, flag), refused for a legacy file cut into pipeline stages.
+_SPLIT_FLAGS = (("account_for_embedding_in_pipeline_split", "--account-for-embedding-in-pipeline-split"),
+                ("account_for_loss_in_pipeline_split", "--account-for-loss-in-pipeline-split"),
+                ("pipeline_model_parallel_layout", "--pipeline-model-parallel-layout"))
+
 
 class _Opaque:
     """Stands in for a class of the saving library pickled in a file (megatron-core's ``AttnBackend.auto`` in
@@ -104,13 +109,29 @@ def _arg(args: argparse.Namespace, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def config_from_args(args: argparse.Namespace, where: str) -> TransformerConfig:
+def config_from_args(args: argparse.Namespace, where: str, pipeline_split: bool = False) -> TransformerConfig:
     """The TransformerConfig of Megatron-LM's ``args`` (its ``core_transformer_config_from_args``, for the
-    fields that shape the weights and the forward pass). Raises ConfigError for a feature not built here."""
+    fields that shape the weights and the forward pass); ``pipeline_split``: also its uneven pipeline split
+    (``--decoder-first/last-pipeline-num-layers``), which cuts a legacy file's layers per stage (a torch_dist
+    checkpoint stores whole tensors). Raises ConfigError for a feature not built here."""
     for name, flag in _UNSUPPORTED:
         if getattr(args, name, None):
             raise ConfigError(f"{where}: the Megatron-LM run used {flag} {getattr(args, name)}, which this "
                               f"framework does not build; it cannot load this checkpoint")
+    split = {"num_layers_in_first_pipeline_stage": getattr(args, "decoder_first_pipeline_num_layers", None),
+             "num_layers_in_last_pipeline_stage": getattr(args, "decoder_last_pipeline_num_layers", None)}
+    pp = _arg(args, "pipeline_model_parallel_size", 1)
+    for name, flag in _SPLIT_FLAGS if pipeline_split and pp > 1 else ():
+        if getattr(args, name, None):
+            raise ConfigError(f"{where}: the Megatron-LM run cut its {pp} pipeline stages with {flag}, which this "
+                              f"framework does not read; save it as torch_dist (whole tensors) and convert that")
+    if not pipeline_split:
+        split = {}
+    elif any(split.values()) and (getattr(args, "virtual_pipeline_model_parallel_size", None) or 1) > 1:
+        # megatron-core splits the first stage's count over its virtual stages; here it is the first chunk's
+        raise ConfigError(f"{where}: the Megatron-LM run used --decoder-first/last-pipeline-num-layers with virtual "
+                          f"pipeline stages, whose split is not read; convert it with Megatron-LM's "
+                          f"tools/checkpoint/convert.py (or save it as torch_dist) first")
     activation = ("swiglu" if _arg(args, "swiglu", False) else "gelu_tanh" if _arg(args, "openai_gelu", False)
                   else "squared_relu" if _arg(args, "squared_relu", False) else "gelu")
     dtype = _arg(args, "params_dtype", torch.float32)
@@ -132,7 +153,7 @@ def config_from_args(args: argparse.Namespace, where: str) -> TransformerConfig:
         hidden_dropout=_arg(args, "hidden_dropout", 0.1), attention_dropout=_arg(args, "attention_dropout", 0.1),
         init_method_std=_arg(args, "init_method_std", 0.02),
         fp32_residual_connection=_arg(args, "fp32_residual_connection", False),
-        params_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        params_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32, **split)
     try:
         return TransformerConfig(**values)
     except ConfigError as exc:
@@ -186,8 +207,9 @@ def from_megatron_lm(state: dict[str, Any], path: str) -> dict[str, Any]:
     if version < CHECKPOINT_VERSION:
         raise ConfigError(f"{path} has checkpoint_version {version}: Megatron-LM's pre-3.0 (legacy model) QKV "
                           f"layout is not read; resave it with a current Megatron-LM")
+    config = config_from_args(args, path, pipeline_split=True)  # the split cuts the layers of its per-stage files
     out: dict[str, Any] = {"checkpoint_version": version, "iteration": state.get("iteration", 0),
-                           "config": config_from_args(args, path).to_dict(), "model_info": model_info_from_args(args),
+                           "config": config.to_dict(), "model_info": model_info_from_args(args),
                            TOKENIZER_FLAGS: tokenizer_flags_from_args(args),
                            "consumed_train_samples": _arg(args, "consumed_train_samples", 0), FROM_MEGATRON_LM: True}
     for key, value in state.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from typing import Any
 
@@ -85,7 +86,7 @@ def read_megatron_core_dist(load_dir: str, iteration: int, path: str
     common_path = os.path.join(path, COMMON_FILE)
     try:
         common = megatron_lm.load_megatron_lm_file(common_path)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise ConfigError(f"{common_path} is missing, truncated or damaged ({type(exc).__name__})") from None
     if not megatron_lm.is_megatron_lm_state(common):
         raise ConfigError(f"{common_path} holds no Megatron-LM args, so the model cannot be rebuilt: it was saved "

@@ -129,10 +129,16 @@ def load_file(path: str) -> Any:
 
 
 def _pickles_namespace(path: str) -> bool:
-    """Whether the file names ``argparse.Namespace`` (Megatron-LM's ``args``), from a scan that runs nothing."""
+    """Whether the file names ``argparse.Namespace`` (Megatron-LM's ``args``), from a scan that runs nothing.
+    Raises DamagedFileError when the scan meets bytes that are no pickle opcode: the unpickler stopped at the
+    first class (Megatron-LM's args come first), before the damage further on."""
     try:
         return "argparse.Namespace" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (EOFError, OSError, RuntimeError, ValueError, pickle.UnpicklingError):  # refused as before
+    except pickle.UnpicklingError as exc:
+        if is_pickled_object(exc):  # an opcode the scan does not follow: refused as a pickled object
+            return False
+        raise DamagedFileError(path, pickle.UnpicklingError(unpickler_reason(exc))) from None
+    except (EOFError, OSError, RuntimeError, ValueError):  # e.g. torch's pre-1.6 format, which the scan cannot read
         return False
 
 

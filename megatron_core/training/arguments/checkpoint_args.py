@@ -8,7 +8,8 @@ model flags. A legacy checkpoint's model files hold the same ``config``, ``model
 ``tools/checkpoint/convert.py`` wrote stores its tokenizer beside the iterations instead
 (``model_info["tokenizer"]["dir"]``), which wins; one from an older run records none (give the flags).
 A flag the user gave that disagrees with the checkpoint is an error naming both, except ``--seq-length``,
-which the given value sets (as Megatron-LM).
+which the given value sets (as Megatron-LM), and a tokenizer file the checkpoint records but this machine
+does not have (Megatron-LM's args name the training cluster's paths), which the given one replaces.
 Both formats give ``--make-vocab-size-divisible-by`` (the padded vocabulary); a legacy checkpoint, which
 loads only under the layout that saved it, also its TP / PP / virtual-stage sizes (Megatron-LM forces them).
 """
@@ -153,6 +154,8 @@ def _set(args: argparse.Namespace, values: dict[str, Any], parser_defaults: dict
         given = getattr(args, dest, None)
         if dest in _RUN_CHOICES and given is not None and given != parser_defaults.get(dest):
             continue
+        if dest in _PATH_FLAGS and given is not None and isinstance(value, str) and not os.path.exists(value):
+            continue  # the recorded file is not on this machine (Megatron-LM's args name the cluster's): given wins
         if given is not None and given != parser_defaults.get(dest) and not _same(dest, given, value):
             flag = "--" + dest.replace("_", "-")
             raise ConfigError(f"{flag} {given} disagrees with the checkpoint's {value} under --use-checkpoint-args; "

@@ -12,6 +12,7 @@ steps, Megatron's schedule counts samples), which one warning line says.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -47,12 +48,17 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
     """
     from megatron_core.engine import deepspeed_to_megatron
     from megatron_core.engine.auto import resolve_auto
-    from megatron_core.engine.config import load_config, read_json
+    from megatron_core.engine.config import find_auto, load_config, read_json
     from megatron_core.training.initialize import rank_from_env
 
-    raw = resolve_auto(read_json(args.deepspeed_config), *_auto_sources(args))
+    raw = read_json(args.deepspeed_config)
+    autos = [key for key, _ in find_auto(raw)]
+    raw = resolve_auto(raw, *_auto_sources(args))
     _refuse_unresolved_auto(raw)
-    file = load_config(raw, args.data_parallel_size)
+    try:
+        file = load_config(raw, args.data_parallel_size)
+    except ConfigError as exc:
+        raise ConfigError(_with_auto_flag(str(exc), autos)) from None
     section = () if file.optimizer is None else _OPTIMIZER_SECTION_FIELDS[
         "sgd" if file.optimizer.type == "sgd" else "adam"]
     compared = {**_COMPARED, **{name: name for name in section}}
@@ -116,6 +122,16 @@ def _refuse_unresolved_auto(raw: dict) -> None:
         flag = _FLAG_OF_AUTO_KEY.get(key)
         fill = f"give {flag}, or write the value in the file" if flag else "write the value in the file"
         raise ConfigError(f'--deepspeed-config: {key} is "auto" and no flag of this run fills it; {fill}')
+
+
+def _with_auto_flag(message: str, autos: list[str]) -> str:
+    """The file's check refusing a value an ``"auto"`` took from a flag (``warmup_num_steps`` from
+    --lr-warmup-iters' default 0): ``message`` names that flag too, which the file does not show."""
+    for key in autos:
+        flag = _FLAG_OF_AUTO_KEY.get(key)
+        if flag is not None and re.search(rf"\b{re.escape(key)}\b", message):
+            return f'{message} (its "auto" took {flag}: give that flag, or write the value in the file)'
+    return message
 
 
 def _take_bucket_size(args: argparse.Namespace, file_size: int | None) -> None:
