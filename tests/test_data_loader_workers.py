@@ -55,10 +55,13 @@ for _ in range(2):  # two loaders (a train and a valid one), two epochs each
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="needs an affinity mask")
 def test_more_workers_than_cpus_warns_once_naming_the_flag():
     """torch's own check warned at construction and at every iterator, from two source lines: three times
-    for one loader read twice. Ours: one line, in the flag's terms, however many loaders and epochs."""
+    for one loader read twice (two lines each). Ours: one line, in the flag's terms, however many loaders and
+    epochs."""
     import subprocess
 
     done = subprocess.run([sys.executable, "-c", _ONE_CPU_LOADER], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "suggested max number of worker" not in done.stderr
     assert done.stderr.count("--num-workers 2 is more than the 1 CPU(s) this rank may use") == 1, done.stderr
+    # One line: a Python warning would add a second one quoting torch's source line.
+    assert done.stderr.startswith("warning: --num-workers 2 ") and done.stderr.count("\n") == 1, done.stderr

@@ -11,7 +11,7 @@ import functools
 import multiprocessing
 import os
 import signal
-import warnings
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -176,9 +176,14 @@ class _PretrainingDataLoader(torch.utils.data.DataLoader):
         self._workers_checked = True
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if cpus is not None and self.num_workers > cpus:
-            warnings.warn(f"--num-workers {self.num_workers} is more than the {cpus} CPU(s) this rank may use "
-                          "(its affinity): the workers share them with training; lower --num-workers if steps "
-                          "wait for data", stacklevel=2)
+            _warn_more_workers_than_cpus(self.num_workers, cpus)
+
+
+@functools.cache  # once per process, however many loaders (train, valid, each model chunk) and epochs
+def _warn_more_workers_than_cpus(num_workers: int, cpus: int) -> None:
+    print(f"warning: --num-workers {num_workers} is more than the {cpus} CPU(s) this rank may use (its affinity): "
+          "the workers share them with training; lower --num-workers if steps wait for data",
+          file=sys.stderr, flush=True)
 
 
 def data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int, parallel_state: ParallelState,
