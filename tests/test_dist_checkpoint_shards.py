@@ -1,0 +1,170 @@
+"""torch_dist checkpoints under ZeRO: each DP rank writes and reads its own shard, nothing is gathered.
+
+A rank's piece of a parameter is a flat element range; it is written as rectangular chunks of the
+same global tensors as before (``sharded.flat_boxes`` / ``piece_slices``), so a checkpoint reshards
+to any TP x DP x ZeRO layout and one written before this change (``fixtures/dist_ckpt_pre_shard``)
+still loads. Checked here: the chunk decomposition; every parameter and optimizer-state tensor equal
+after a save and a load under other layouts (exactly, fp32); no floating-point collective bigger
+than a few bytes during either (the gathered save all-reduced 12 bytes per parameter over DP); the
+old checkpoint's values; resident-memory growth of a save and a load (VmHWM) about this rank's shard.
+"""
+import contextlib
+import functools
+import math
+import os
+
+import pytest
+import torch
+from ddp_common import build, train_step
+from dist_state import assert_same, local_state, merged
+from harness import run_distributed
+from test_ddp_gpt import GPTSpec
+
+from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint
+from megatron_core.dist_checkpointing.sharded import flat_boxes, param_slices, piece_slices
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dist_ckpt_pre_shard")
+GLOBAL_MICROBATCHES = 4
+_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+                "reduce_scatter", "gather", "scatter", "reduce")
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (4, 1, 3, 2), ()])
+def test_flat_boxes_are_contiguous_and_cover_the_range_once(shape):
+    n = math.prod(shape)
+    index = torch.arange(n).reshape(shape)
+    for lo in range(n):
+        for hi in range(lo + 1, n + 1):
+            boxes = flat_boxes(shape, lo, hi)
+            assert len(boxes) <= max(1, 2 * len(shape) - 1)
+            seen = []
+            for offsets, sizes, first in boxes:
+                elements = index[tuple(slice(o, o + z) for o, z in zip(offsets, sizes, strict=True))]
+                assert torch.equal(elements.reshape(-1), torch.arange(first, first + elements.numel()))
+                seen += elements.reshape(-1).tolist()
+            assert sorted(seen) == list(range(lo, hi)), (shape, lo, hi)
+
+
+def test_piece_slices_cut_gated_fc1_parts_like_param_slices():
+    """Every flat range of a TP slice of a partition_stride 2 weight: its chunks are views of the range's
+    elements at the right places of ``param_slices``'s ``#part{i}`` tensors; the whole range gives
+    exactly ``param_slices``'s one chunk per part."""
+    param = torch.nn.Parameter(torch.zeros(6, 4))
+    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 2
+    local = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    for tp_rank in range(2):
+        reference = {s.name: s for s in param_slices("w", local, param, tp_rank, 2)}
+        for lo in range(24):
+            for hi in range(lo + 1, 25):
+                count = 0
+                for name, global_shape, chunks in piece_slices("w", local.reshape(-1)[lo:hi], lo, param, tp_rank, 2):
+                    spec = reference[name]
+                    assert global_shape == spec.global_shape
+                    for offsets, view in chunks:
+                        where = tuple(slice(o - b, o - b + z) for o, b, z in zip(offsets, spec.offsets, view.shape,
+                                                                                 strict=True))
+                        assert torch.equal(spec.local[where], view), (name, lo, hi)
+                        count += view.numel()
+                assert count == hi - lo
+        whole = piece_slices("w", local.reshape(-1), 0, param, tp_rank, 2)
+        assert [(n, g, [(o, v.shape) for o, v in c]) for n, g, c in whole] == \
+            [(n, s.global_shape, [(s.offsets, s.local.shape)]) for n, s in reference.items()]
+
+
+@contextlib.contextmanager
+def _float_collectives():
+    """Bytes of the largest floating-point tensor handed to each collective inside the block (DCP's own
+    object collectives move pickled bytes, uint8: not counted)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    from megatron_core import comm
+
+    sizes: list[int] = []
+    patched = []
+
+    def counting(original):
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            found = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.is_floating_point()]
+            found += [t for a in (*args, *kwargs.values()) if isinstance(a, list | tuple)
+                      for t in a if torch.is_tensor(t) and t.is_floating_point()]
+            if found:
+                sizes.append(max(t.numel() * t.element_size() for t in found))
+            return original(*args, **kwargs)
+        return call
+
+    for module in (torch.distributed, c10d, comm):
+        for name in _COLLECTIVES:
+            if hasattr(module, name):
+                patched.append((module, name, getattr(module, name)))
+                setattr(module, name, counting(getattr(module, name)))
+    try:
+        yield sizes
+    finally:
+        for module, name, original in patched:
+            setattr(module, name, original)
+
+
+def _perturb(params):
+    for p in params.values():
+        p.data.add_(0.5)
+
+
+def _save_run(layout, ddp, directory):
+    spec = GPTSpec("llama")  # gated fc1: partition_stride 2
+    ps, chunks, wrapped, optimizer = build(layout, spec, ddp)
+    for step in range(2):
+        assert train_step(ps, spec, wrapped, optimizer, step, GLOBAL_MICROBATCHES // ps.dp_size)[1][0]
+    with _float_collectives() as sizes:
+        save_dist_checkpoint(directory, 2, wrapped, optimizer, None, ps).wait()
+    state = local_state(ps, spec, chunks, wrapped, optimizer)
+    ps.destroy()
+    return {**state, "collective_bytes": sizes}
+
+
+def _load_run(layout, ddp, directory):
+    spec = GPTSpec("llama")
+    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, prepare=_perturb)
+    with _float_collectives() as sizes:
+        load_dist_checkpoint(directory, wrapped, optimizer, None, ps)
+    state = local_state(ps, spec, chunks, wrapped, optimizer)
+    # and it trains on: a step after the load (the ZeRO-3 shards, main copies and state are consistent)
+    assert train_step(ps, spec, wrapped, optimizer, 2, GLOBAL_MICROBATCHES // ps.dp_size)[1][0]
+    ps.destroy()
+    return {**state, "collective_bytes": sizes}
+
+
+# (save layout, world, DDP config) -> loads under (layout, world, DDP config); small buckets split parameters
+# mid-row between DP ranks.
+CASES = {
+    "tp2dp2-zero1-to-dp2-zero3": (({"tp": 2}, 4, {"zero_stage": 1, "bucket_size": 700}),
+                                  [({}, 2, {"zero_stage": 3, "bucket_size": 900}), ({}, 1, {})]),
+    "dp2-zero3-to-tp2dp2-zero1": (({}, 2, {"zero_stage": 3, "bucket_size": 700}),
+                                  [({"tp": 2}, 4, {"zero_stage": 1}), ({}, 4, {"zero_stage": 2, "bucket_size": 500})]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_save_and_load_reshard_exactly_without_gathering(case, tmp_path):
+    (layout, world, ddp), loads = CASES[case]
+    saved = run_distributed(_save_run, world, layout, ddp, str(tmp_path), timeout=120)
+    reference = merged(saved)
+    assert reference["step"] == {2.0}
+    for r in saved:
+        # the gathered save all-reduced every state tensor of the model (here 12 x 4 bytes per parameter)
+        assert max(r["collective_bytes"], default=0) <= 8, f"{case}: save collectives {r['collective_bytes']}"
+    for load_layout, load_world, load_ddp in loads:
+        loaded = run_distributed(_load_run, load_world, load_layout, load_ddp, str(tmp_path), timeout=120)
+        assert_same(reference, merged(loaded), f"{case} loaded under {load_layout} {load_ddp}")
+        for r in loaded:
+            assert max(r["collective_bytes"], default=0) <= 8, f"{case}: load collectives {r['collective_bytes']}"
+
+
+def test_a_checkpoint_written_before_sharded_saves_still_loads(tmp_path):
+    """``fixtures/dist_ckpt_pre_shard``: written by commit 65d0e05 (TP 2 x DP 2, ZeRO-1, gathered optimizer
+    state: one chunk per TP slice) with the values it held (``expected.pt``, by the same helper)."""
+    expected = torch.load(os.path.join(FIXTURE, "expected.pt"), weights_only=True)
+    expected["step"] = set(expected["step"])
+    for layout, world, ddp in (({}, 2, {"zero_stage": 3, "bucket_size": 700}), ({"tp": 2}, 2, {"zero_stage": 0})):
+        loaded = run_distributed(_load_run, world, layout, ddp, os.path.join(FIXTURE, "checkpoint"), timeout=120)
+        assert_same(expected, merged(loaded), f"pre-shard checkpoint loaded under {layout} {ddp}")
