@@ -22,11 +22,13 @@ from test_ddp_gpt import GPTSpec
 
 from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint
 from megatron_core.dist_checkpointing.sharded import flat_boxes, param_slices, piece_slices
+from megatron_core.models.presets import gpt2_config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dist_ckpt_pre_shard")
 GLOBAL_MICROBATCHES = 4
-_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-                "reduce_scatter", "gather", "scatter", "reduce")
+_COLLECTIVES = ("all_reduce", "all_reduce_host", "broadcast", "all_gather", "all_gather_into_tensor",
+                "all_gather_single", "all_gather_flat", "_ALL_GATHER", "reduce_scatter_tensor", "reduce_scatter_single",
+                "reduce_scatter", "reduce_scatter_flat", "_REDUCE_SCATTER", "gather", "scatter", "reduce")
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (4, 1, 3, 2), ()])
@@ -73,31 +75,37 @@ def test_piece_slices_cut_gated_fc1_parts_like_param_slices():
 
 @contextlib.contextmanager
 def _float_collectives():
-    """Bytes of the largest floating-point tensor handed to each collective inside the block (DCP's own
-    object collectives move pickled bytes, uint8: not counted)."""
+    """Bytes of the largest floating-point tensor handed to each collective inside the block, wherever the
+    project binds it (torch.distributed, megatron_core's comm wrappers and shared-memory all-reduce; the
+    outermost call of nested wrappers). DCP's object collectives move pickled bytes (uint8): not counted."""
     import torch.distributed.distributed_c10d as c10d
 
-    from megatron_core import comm
+    from megatron_core import collectives, comm, shm_collectives
+    from megatron_core.distributed import comm_log
 
     sizes: list[int] = []
-    patched = []
+    depth = [0]
 
     def counting(original):
         @functools.wraps(original)
         def call(*args, **kwargs):
-            found = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.is_floating_point()]
-            found += [t for a in (*args, *kwargs.values()) if isinstance(a, list | tuple)
-                      for t in a if torch.is_tensor(t) and t.is_floating_point()]
-            if found:
+            values = [*args, *kwargs.values()]
+            found = [t for a in values for t in (a if isinstance(a, list | tuple) else [a])
+                     if torch.is_tensor(t) and t.is_floating_point()]
+            if found and depth[0] == 0:
                 sizes.append(max(t.numel() * t.element_size() for t in found))
-            return original(*args, **kwargs)
+            depth[0] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
         return call
 
-    for module in (torch.distributed, c10d, comm):
-        for name in _COLLECTIVES:
-            if hasattr(module, name):
-                patched.append((module, name, getattr(module, name)))
-                setattr(module, name, counting(getattr(module, name)))
+    patched = [(module, name, getattr(module, name))
+               for module in (torch.distributed, c10d, comm, collectives, comm_log, shm_collectives)
+               for name in _COLLECTIVES if callable(getattr(module, name, None))]
+    for module, name, original in patched:
+        setattr(module, name, counting(original))
     try:
         yield sizes
     finally:
@@ -168,3 +176,56 @@ def test_a_checkpoint_written_before_sharded_saves_still_loads(tmp_path):
     for layout, world, ddp in (({}, 2, {"zero_stage": 3, "bucket_size": 700}), ({"tp": 2}, 2, {"zero_stage": 0})):
         loaded = run_distributed(_load_run, world, layout, ddp, os.path.join(FIXTURE, "checkpoint"), timeout=120)
         assert_same(expected, merged(loaded), f"pre-shard checkpoint loaded under {layout} {ddp}")
+
+
+# ---- memory: a save and a load grow by (at most) this rank's shard, not the whole model's state ----
+_OVERHEAD_MIB = 12  # gloo's and DCP's own buffers, a tensor item read in flight (the largest is 4 MiB here)
+
+
+class _Wide(GPTSpec):
+    """GPT-2, 4 layers of hidden 512: 12.7 M parameters, 48 MiB in fp32; Adam's state 3 times that."""
+
+    def config(self):
+        return gpt2_config(num_layers=4, hidden_size=512, num_attention_heads=8, hidden_dropout=0.0,
+                           attention_dropout=0.0)
+
+
+def _checkpoint_peaks(zero_stage, directory):
+    import ctypes
+    import ctypes.util
+
+    from test_memory import _reset_peak, _rss_mib
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    assert libc.mallopt(-3, 1 << 20) == 1 and libc.mallopt(-4, 1 << 16) == 1  # as test_memory: RSS follows tensors
+    spec = _Wide("gpt2")
+    ps, chunks, wrapped, optimizer = build({}, spec, {"zero_stage": zero_stage, "bucket_size": 1 << 21})
+    assert train_step(ps, spec, wrapped, optimizer, 0, 1)[1][0]
+    psi = sum(p.numel() for p in chunks[0].parameters())
+    mine = sum(piece.numel for sb in optimizer.sharded for piece in sb.pieces)
+    before = _reset_peak()
+    save_dist_checkpoint(directory, 1, wrapped, optimizer, None, ps).wait()
+    save_peak = _rss_mib("VmHWM") - before
+    before = _reset_peak()
+    load_dist_checkpoint(directory, wrapped, optimizer, None, ps)  # into a run with state (in place)
+    load_peak = _rss_mib("VmHWM") - before
+    ps.destroy()
+    mib = 4 / 2 ** 20
+    return {"save_peak": save_peak, "load_peak": load_peak, "model": psi * mib, "state": 3 * psi * mib,
+            "state_shard": 3 * mine * mib, "dp": ps.dp_size}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's VmHWM reset")
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_save_and_load_grow_by_this_ranks_shard(zero_stage, tmp_path):
+    """The gathered save filled whole-model fp32 buffers of the main parameters and both Adam moments on
+    every rank (12 bytes per parameter: 146 MiB growth here at DP 2) and under ZeRO-3 also gathered the
+    parameters; the load filled whole per-parameter tensors. Now a save writes views of this rank's
+    shard (growth: DCP's copies of them) and a load reads into fresh tensors of this rank's pieces only
+    (growth: the optimizer state's shard, 12 bytes per parameter / DP)."""
+    for r in run_distributed(_checkpoint_peaks, 2, zero_stage, str(tmp_path), timeout=180):
+        assert r["state_shard"] <= r["state"] / r["dp"] + 1, r
+        # DCP copies each view it writes and keeps the copies until its file is written: this rank's shard of
+        # the parameters, the largest of its items here (an Adam moment's piece is its own tensor, not copied).
+        assert r["save_peak"] <= r["model"] / r["dp"] + _OVERHEAD_MIB, r
+        assert r["load_peak"] <= r["state_shard"] + _OVERHEAD_MIB, r

@@ -36,7 +36,7 @@ from megatron_core.dist_checkpointing.sharded import (
     logical_names,
     piece_slices,
     refresh_gathered,
-    zero3_pieces,
+    shard_pieces,
 )
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
@@ -79,11 +79,12 @@ def _add_chunks(sd: dict[str, Any], prefix: str, name: str, flat: torch.Tensor, 
         sd[f"{prefix}/{part}"] = ShardedSlice(local, global_shape, offsets, more)
 
 
-def _model_values(chunk: torch.nn.Module, copy: bool
+def _model_values(chunk: torch.nn.Module, copy: bool, zero3_only: bool
                   ) -> Callable[[torch.nn.Parameter], tuple[int, torch.Tensor] | None]:
-    """``param -> (first element, flat values)`` this rank writes or reads: the whole parameter, or under
-    ZeRO-3 its piece of this rank's kept shard (None: no element here). ``copy``: a copy (async save)."""
-    shards = zero3_pieces(chunk)
+    """``param -> (first element, flat values)`` this rank writes or reads: under ZeRO its piece of this
+    rank's shard (None: no element here; ``zero3_only``: under ZeRO-3 only, a load under ZeRO-1/2 fills
+    the whole parameters), else the whole parameter. ``copy``: a copy (async save)."""
+    shards = shard_pieces(chunk, zero3_only)
 
     def values(param: torch.nn.Parameter) -> tuple[int, torch.Tensor] | None:
         found = (0, param.detach().view(-1)) if shards is None else shards.get(id(param))
@@ -101,7 +102,9 @@ def _tensor_state(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_
                           else ([], [], -1.0))
     by_param = {id(piece.param): (piece, flat) for piece, flat in pieces}
     for chunk in model_chunks:
-        values = _model_values(chunk, copy)
+        # ZeRO-1/2 too: each rank writes its shard of the (replicated) parameters, so the writes are balanced and
+        # each rank's DCP writer holds its own items only (it keeps every item it copies until its file is done).
+        values = _model_values(chunk, copy, zero3_only=False)
         for name, param, saved_here in chunk_params(chunk):
             if not saved_here:
                 continue
@@ -349,7 +352,7 @@ def _targets(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_state
                                           f"it (--no-load-optim skips the optimizer)")
     names: dict[int, str] = {}
     for chunk in model_chunks:
-        values = _model_values(chunk, copy=False)
+        values = _model_values(chunk, copy=False, zero3_only=True)
         for name, param, _ in chunk_params(chunk):
             names.setdefault(id(param), name)
             found = values(param)

@@ -214,12 +214,15 @@ def clip_to(spec: SliceSpec, saved_shape: tuple[int, ...]) -> SliceSpec | None:
     return SliceSpec(spec.name, tuple(saved_shape), spec.offsets, local)
 
 
-def zero3_pieces(chunk: torch.nn.Module) -> dict[int, tuple[int, torch.Tensor]] | None:
-    """ZeRO-3 (a DDP-wrapped chunk whose buffers keep only this rank's shard): ``id(parameter) ->
-    (first element, flat view of the kept shard)`` for each parameter with elements in this rank's
-    shard (the others have none here). None for other stages and unwrapped models (full parameters)."""
-    buffers = [b for b in getattr(chunk, "buffers_by_dtype", []) if getattr(b, "param_shard", None) is not None]
-    if not buffers:
+def shard_pieces(chunk: torch.nn.Module, zero3_only: bool = False) -> dict[int, tuple[int, torch.Tensor]] | None:
+    """``id(parameter) -> (first element, flat view of this rank's shard of it)`` for each parameter with
+    elements in this rank's ZeRO shard (the others have none here), for a DDP-wrapped chunk under
+    ZeRO-1/2/3 (``zero3_only``: ZeRO-3, whose buffers keep only the shard; ZeRO-1/2 shards are views of
+    the full parameters). None for other stages and unwrapped models."""
+    config = getattr(chunk, "ddp_config", None)
+    stage = getattr(config, "zero_stage", 0)
+    buffers = list(getattr(chunk, "buffers_by_dtype", []))
+    if not buffers or stage < (3 if zero3_only else 1):
         return None
     out = {}
     for buffer in buffers:

@@ -19,7 +19,7 @@ from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing import SaveRequest, load_dist_checkpoint, save_dist_checkpoint
 from megatron_core.dist_checkpointing.full_model import is_torch_dist
 from megatron_core.dist_checkpointing.serialization import describe_layout, layout_of
-from megatron_core.dist_checkpointing.sharded import zero3_pieces
+from megatron_core.dist_checkpointing.sharded import shard_pieces
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training.checkpointing import LoadResult, check_compatible, check_finite_model, unwrap
@@ -41,7 +41,7 @@ def _local_values(model: list[torch.nn.Module]) -> list[Mapping[str, torch.Tenso
     shard (the parameters' own storage is freed between steps; nothing is gathered for a check)."""
     out: list[Mapping[str, torch.Tensor]] = []
     for chunk in model:
-        shards = zero3_pieces(chunk)
+        shards = shard_pieces(chunk, zero3_only=True)
         named = unwrap(chunk).named_parameters()
         out.append({name: p for name, p in named} if shards is None else
                    {name: shards[id(p)][1] for name, p in named if id(p) in shards})
