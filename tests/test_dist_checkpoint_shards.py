@@ -12,15 +12,17 @@ import contextlib
 import functools
 import math
 import os
+import threading
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from ddp_common import build, train_step
 from dist_state import assert_same, local_state, merged
 from harness import run_distributed
 from test_ddp_gpt import GPTSpec
 
-from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint
+from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint, serialization
 from megatron_core.dist_checkpointing.sharded import flat_boxes, param_slices, piece_slices
 from megatron_core.models.presets import gpt2_config
 
@@ -118,14 +120,40 @@ def _perturb(params):
         p.data.add_(0.5)
 
 
-def _save_run(layout, ddp, directory):
+class _DelayedWrite:
+    """``torch.distributed.checkpoint`` whose ``save`` starts once ``go`` is set: an asynchronous save's
+    background write then surely runs after the training step that follows it."""
+
+    def __init__(self, go: threading.Event) -> None:
+        self.go = go
+
+    def __getattr__(self, name):
+        return getattr(dcp, name)
+
+    def save(self, *args, **kwargs):
+        self.go.wait()
+        return dcp.save(*args, **kwargs)
+
+
+def _save_run(layout, ddp, directory, async_save):
     spec = GPTSpec("llama")  # gated fc1: partition_stride 2
     ps, chunks, wrapped, optimizer = build(layout, spec, ddp)
     for step in range(2):
         assert train_step(ps, spec, wrapped, optimizer, step, GLOBAL_MICROBATCHES // ps.dp_size)[1][0]
-    with _float_collectives() as sizes:
-        save_dist_checkpoint(directory, 2, wrapped, optimizer, None, ps).wait()
     state = local_state(ps, spec, chunks, wrapped, optimizer)
+    go = threading.Event()
+    if not async_save:
+        go.set()
+    serialization.dcp = _DelayedWrite(go)
+    try:
+        with _float_collectives() as sizes:
+            request = save_dist_checkpoint(directory, 2, wrapped, optimizer, None, ps, async_save=async_save)
+        if async_save:  # training goes on before the copies are written: the checkpoint must hold step 2's state
+            assert train_step(ps, spec, wrapped, optimizer, 2, GLOBAL_MICROBATCHES // ps.dp_size)[1][0]
+            go.set()
+        request.wait()
+    finally:
+        serialization.dcp = dcp
     ps.destroy()
     return {**state, "collective_bytes": sizes}
 
@@ -142,20 +170,21 @@ def _load_run(layout, ddp, directory):
     return {**state, "collective_bytes": sizes}
 
 
-# (save layout, world, DDP config) -> loads under (layout, world, DDP config); small buckets split parameters
-# mid-row between DP ranks.
+# (save layout, world, DDP config, async) -> loads under (layout, world, DDP config); small buckets split
+# parameters mid-row between DP ranks.
 CASES = {
-    "tp2dp2-zero1-to-dp2-zero3": (({"tp": 2}, 4, {"zero_stage": 1, "bucket_size": 700}),
+    "tp2dp2-zero1-to-dp2-zero3": (({"tp": 2}, 4, {"zero_stage": 1, "bucket_size": 700}, False),
                                   [({}, 2, {"zero_stage": 3, "bucket_size": 900}), ({}, 1, {})]),
-    "dp2-zero3-to-tp2dp2-zero1": (({}, 2, {"zero_stage": 3, "bucket_size": 700}),
-                                  [({"tp": 2}, 4, {"zero_stage": 1}), ({}, 4, {"zero_stage": 2, "bucket_size": 500})]),
+    "dp2-zero3-async-to-tp2dp2-zero1": (({}, 2, {"zero_stage": 3, "bucket_size": 700}, True),
+                                        [({"tp": 2}, 4, {"zero_stage": 1}),
+                                         ({}, 4, {"zero_stage": 2, "bucket_size": 500})]),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_save_and_load_reshard_exactly_without_gathering(case, tmp_path):
-    (layout, world, ddp), loads = CASES[case]
-    saved = run_distributed(_save_run, world, layout, ddp, str(tmp_path), timeout=120)
+    (layout, world, ddp, async_save), loads = CASES[case]
+    saved = run_distributed(_save_run, world, layout, ddp, str(tmp_path), async_save, timeout=120)
     reference = merged(saved)
     assert reference["step"] == {2.0}
     for r in saved:
