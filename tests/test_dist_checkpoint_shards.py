@@ -239,9 +239,15 @@ def _checkpoint_peaks(zero_stage, directory):
     load_dist_checkpoint(directory, wrapped, optimizer, None, ps)  # into a run with state (in place)
     load_peak = _rss_mib("VmHWM") - before
     ps.destroy()
+    del chunks, wrapped, optimizer
+    ps, chunks, wrapped, optimizer = build({}, spec, {"zero_stage": zero_stage, "bucket_size": 1 << 21})
+    before = _reset_peak()
+    load_dist_checkpoint(directory, wrapped, optimizer, None, ps)  # a resumed job: no state yet
+    fresh_load_peak = _rss_mib("VmHWM") - before
+    ps.destroy()
     mib = 4 / 2 ** 20
-    return {"save_peak": save_peak, "load_peak": load_peak, "model": psi * mib, "state": 3 * psi * mib,
-            "state_shard": 3 * mine * mib, "dp": ps.dp_size}
+    return {"save_peak": save_peak, "load_peak": load_peak, "fresh_load_peak": fresh_load_peak, "model": psi * mib,
+            "state": 3 * psi * mib, "state_shard": 3 * mine * mib, "dp": ps.dp_size}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's VmHWM reset")
@@ -251,10 +257,13 @@ def test_save_and_load_grow_by_this_ranks_shard(zero_stage, tmp_path):
     every rank (12 bytes per parameter: 146 MiB growth here at DP 2) and under ZeRO-3 also gathered the
     parameters; the load filled whole per-parameter tensors. Now a save writes views of this rank's
     shard (growth: DCP's copies of them) and a load reads into fresh tensors of this rank's pieces only
-    (growth: the optimizer state's shard, 12 bytes per parameter / DP)."""
+    (growth: the optimizer state's shard, 12 bytes per parameter / DP, the Adam moments' part of which a
+    fresh optimizer keeps as its state)."""
     for r in run_distributed(_checkpoint_peaks, 2, zero_stage, str(tmp_path), timeout=180):
         assert r["state_shard"] <= r["state"] / r["dp"] + 1, r
         # DCP copies each view it writes and keeps the copies until its file is written: this rank's shard of
         # the parameters, the largest of its items here (an Adam moment's piece is its own tensor, not copied).
         assert r["save_peak"] <= r["model"] / r["dp"] + _OVERHEAD_MIB, r
         assert r["load_peak"] <= r["state_shard"] + _OVERHEAD_MIB, r
+        # A fresh optimizer keeps the loaded Adam moments as its state, not copies of them
+        assert r["fresh_load_peak"] <= r["state_shard"] + _OVERHEAD_MIB, r

@@ -116,18 +116,21 @@ def scatter_param_states(optimizer: Any, loaded: list[tuple[StatePiece, dict[str
                 main.copy_(flat[MAIN].view_as(main))
             entry = {k: v.view_as(main) for k, v in flat.items() if k != MAIN}
             if step_entry:
-                set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
+                set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)], owned=True)
 
 
-def set_state(optimizer: Any, main: torch.Tensor, entry: dict[str, torch.Tensor], step_on_device: bool) -> None:
+def set_state(optimizer: Any, main: torch.Tensor, entry: dict[str, torch.Tensor], step_on_device: bool,
+              owned: bool = False) -> None:
     """``optimizer.inner.state[main] = entry`` (copies), in place where the state exists: under NVMe
-    offload its tensors are views of the swap buffers, which must keep being the ones the step uses."""
+    offload its tensors are views of the swap buffers, which must keep being the ones the step uses.
+    ``owned``: the entry's tensors other than ``step`` are the caller's fresh ones, kept without a copy
+    where they already are on the parameter's device (a load's targets: no second copy of the state)."""
     state = optimizer.inner.state.get(main)
     if state and all(k in state and state[k].shape == v.shape for k, v in entry.items()):
         for k, v in entry.items():
             state[k].copy_(v)
         return
-    optimizer.inner.state[main] = placed_state(entry, main, step_on_device)
+    optimizer.inner.state[main] = placed_state(entry, main, step_on_device, copy=not owned)
 
 
 def steps_on_device(inner: torch.optim.Optimizer) -> dict[int, bool]:
@@ -135,12 +138,17 @@ def steps_on_device(inner: torch.optim.Optimizer) -> dict[int, bool]:
     return {id(p): bool(g.get("fused") or g.get("capturable")) for g in inner.param_groups for p in g["params"]}
 
 
-def placed_state(entry: dict[str, torch.Tensor], main: torch.Tensor, step_on_device: bool) -> dict[str, torch.Tensor]:
-    """Copies of loaded (CPU) state tensors where torch's ``Optimizer.load_state_dict`` puts them: on
-    the parameter's device, except ``step``, a CPU scalar unless ``step_on_device`` (torch's fused
-    AdamW needs it on the parameter's device)."""
-    return {k: v.clone() if k == "step" and not step_on_device else v.to(device=main.device, copy=True)
-            for k, v in entry.items()}
+def placed_state(entry: dict[str, torch.Tensor], main: torch.Tensor, step_on_device: bool,
+                 copy: bool = True) -> dict[str, torch.Tensor]:
+    """Loaded (CPU) state tensors where torch's ``Optimizer.load_state_dict`` puts them: on the
+    parameter's device, except ``step``, a CPU scalar unless ``step_on_device`` (torch's fused AdamW
+    needs it on the parameter's device). ``step`` is always a copy (one per parameter); the others are
+    copies unless ``copy`` is False (then moved only where they are not on the device already)."""
+    def placed(k: str, v: torch.Tensor) -> torch.Tensor:
+        if k == "step":
+            return v.to(device=main.device, copy=True) if step_on_device else v.clone()
+        return v.to(device=main.device, copy=copy)
+    return {k: placed(k, v) for k, v in entry.items()}
 
 
 def common_optimizer_state(optimizer: Any) -> dict:
