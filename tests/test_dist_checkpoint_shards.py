@@ -28,6 +28,7 @@ from megatron_core.models.presets import gpt2_config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "dist_ckpt_pre_shard")
 GLOBAL_MICROBATCHES = 4
+_PERSISTENT = 1100  # stage3_param_persistence_threshold: ZeRO-3 buckets this small (2 of 10) stay gathered
 _COLLECTIVES = ("all_reduce", "all_reduce_host", "broadcast", "all_gather", "all_gather_into_tensor",
                 "all_gather_single", "all_gather_flat", "_ALL_GATHER", "reduce_scatter_tensor", "reduce_scatter_single",
                 "reduce_scatter", "reduce_scatter_flat", "_REDUCE_SCATTER", "gather", "scatter", "reduce")
@@ -163,18 +164,23 @@ def _load_run(layout, ddp, directory):
     ps, chunks, wrapped, optimizer = build(layout, spec, ddp, prepare=_perturb)
     with _float_collectives() as sizes:
         load_dist_checkpoint(directory, wrapped, optimizer, None, ps)
+    # ZeRO-3's buckets that stay gathered (persistent) hold the loaded values, not the ones before the load
+    stale = [b.index for w in wrapped for buffer in w.buffers_by_dtype if buffer.param_shard is not None
+             for b in buffer.buckets if b.gathered and not torch.equal(
+                 b.param_data[b.shard_start - b.start:][:b.shard_size], buffer.shard_param(b))]
     state = local_state(ps, spec, chunks, wrapped, optimizer)
     # and it trains on: a step after the load (the ZeRO-3 shards, main copies and state are consistent)
     assert train_step(ps, spec, wrapped, optimizer, 2, GLOBAL_MICROBATCHES // ps.dp_size)[1][0]
     ps.destroy()
-    return {**state, "collective_bytes": sizes}
+    return {**state, "collective_bytes": sizes, "stale_buckets": stale}
 
 
 # (save layout, world, DDP config, async) -> loads under (layout, world, DDP config); small buckets split
 # parameters mid-row between DP ranks.
 CASES = {
     "tp2dp2-zero1-to-dp2-zero3": (({"tp": 2}, 4, {"zero_stage": 1, "bucket_size": 700}, False),
-                                  [({}, 2, {"zero_stage": 3, "bucket_size": 900}), ({}, 1, {})]),
+                                  [({}, 2, {"zero_stage": 3, "bucket_size": 900,
+                                             "stage3_param_persistence_threshold": _PERSISTENT}), ({}, 1, {})]),
     "dp2-zero3-async-to-tp2dp2-zero1": (({}, 2, {"zero_stage": 3, "bucket_size": 700}, True),
                                         [({"tp": 2}, 4, {"zero_stage": 1}),
                                          ({}, 4, {"zero_stage": 2, "bucket_size": 500})]),
@@ -194,7 +200,10 @@ def test_sharded_save_and_load_reshard_exactly_without_gathering(case, tmp_path)
         loaded = run_distributed(_load_run, load_world, load_layout, load_ddp, str(tmp_path), timeout=120)
         assert_same(reference, merged(loaded), f"{case} loaded under {load_layout} {load_ddp}")
         for r in loaded:
-            assert max(r["collective_bytes"], default=0) <= 8, f"{case}: load collectives {r['collective_bytes']}"
+            assert not r["stale_buckets"], f"{case}: persistent buckets {r['stale_buckets']} not refreshed"
+            # the only floating-point collective: re-gathering ZeRO-3's persistent buckets (<= _PERSISTENT elements)
+            bound = 4 * load_ddp.get("stage3_param_persistence_threshold", 2)
+            assert max(r["collective_bytes"], default=0) <= bound, f"{case}: load collectives {r['collective_bytes']}"
 
 
 def test_a_checkpoint_written_before_sharded_saves_still_loads(tmp_path):
@@ -267,3 +276,32 @@ def test_save_and_load_grow_by_this_ranks_shard(zero_stage, tmp_path):
         assert r["load_peak"] <= r["state_shard"] + _OVERHEAD_MIB, r
         # A fresh optimizer keeps the loaded Adam moments as its state, not copies of them
         assert r["fresh_load_peak"] <= r["state_shard"] + _OVERHEAD_MIB, r
+
+
+def _refusals(directory):
+    from megatron_core.dist_checkpointing.sharded import shard_pieces
+    from megatron_core.training.checkpointing import check_finite_model
+    from megatron_core.training.dist_checkpoint import _agreed, _local_values
+    from megatron_core.training.health import TrainingDivergedError
+
+    spec = GPTSpec("llama")
+    ps, chunks, wrapped, optimizer = build({}, spec, {"zero_stage": 3, "bucket_size": 700})
+    named = dict(chunks[0].named_parameters())
+    name = "decoder.layers.0.mlp.linear_fc1.weight"
+    if ps.dp_rank == 1:  # a non-finite value in rank 1's shard only: rank 0 sees none of it
+        shard_pieces(wrapped[0], zero3_only=True)[id(named[name])][1][0] = float("nan")
+    try:
+        _agreed(lambda: check_finite_model(_local_values(wrapped), 7))
+        message = None
+    except TrainingDivergedError as exc:
+        message = str(exc)
+    ps.destroy()
+    return message
+
+
+def test_zero3_non_finite_shard_is_refused_on_every_rank(tmp_path):
+    """Each rank checks its own shard before a save (nothing gathered): a rank seeing no bad value must
+    refuse too, or it would wait in the save's collectives for a rank that has stopped."""
+    for message in run_distributed(_refusals, 2, str(tmp_path), timeout=60):
+        assert message == ("not saving iteration 7: weight decoder.layers.0.mlp.linear_fc1.weight holds inf or "
+                           "nan; resume from the last good checkpoint"), message
