@@ -12,7 +12,7 @@ from test_ddp_gpt import GPTSpec
 
 from megatron_core import parallel_state
 from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint
-from megatron_core.dist_checkpointing.optimizer_state import gather_param_states
+from megatron_core.dist_checkpointing.optimizer_state import param_state_pieces
 from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron_core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -30,7 +30,7 @@ def _gathered_step(directory):
     if ps.rank == 1:
         spec.loss(wrapped, spec.microbatches(0, 1, 2)[0]).backward()
         optimizer.step()
-    _, keys, step = gather_param_states(optimizer, ps)
+    _, keys, step = param_state_pieces(optimizer, ps, copy=False)
     held = len(optimizer.inner.state)
     save_dist_checkpoint(directory, 1, [wrapped], optimizer, None, ps)
     ps.destroy()

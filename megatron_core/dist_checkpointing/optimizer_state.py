@@ -1,13 +1,15 @@
-"""Optimizer state per parameter, in the parameter's (TP-local) shape, whatever the ZeRO stage.
+"""Optimizer state per parameter piece, for the torch_dist checkpoint, whatever the ZeRO stage.
 
-Under ZeRO-1/2 each DP rank owns flat pieces of the buffers; they are gathered over DP into whole
-per-parameter tensors before saving and cut back to this rank's pieces after loading (Megatron-LM's
-``dp_zero_gather_scatter`` layout). A checkpoint therefore does not depend on the DP size, the ZeRO
-stage or the bucket layout, and resumes under any of them.
+Under ZeRO-1/2/3 each DP rank owns flat pieces of the buffers (``ShardPiece``): it writes and reads
+exactly those, as chunks of the per-parameter global tensors (``sharded.piece_slices``; Megatron-LM's
+``fully_sharded_model_space``, DeepSpeed's per-rank shards), without gathering anything over DP. The
+global tensors are the parameter's shape, as before, so a checkpoint does not depend on the DP size,
+the ZeRO stage or the bucket layout, and resumes under any of them.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,85 +42,95 @@ def _step(optimizer: Any) -> float:
     return float(value.item())
 
 
-def _resident(optimizer: Any) -> Any:
+def resident_state(optimizer: Any) -> Any:
     """The optimizer's state in memory inside the block (NVMe offload swaps it out between steps)."""
     resident = getattr(optimizer, "resident", None)
     return resident() if resident is not None else contextlib.nullcontext()
 
 
-def gather_param_states(optimizer: Any, parallel_state: ParallelState
-                        ) -> tuple[dict[int, dict[str, torch.Tensor]], list[str], float]:
-    """``({id(model param): {"main": fp32, key: tensor}}, keys, step)``: every tensor shaped like its
-    parameter (this TP rank's part). Collective over the world (and the DP group under ZeRO)."""
-    with _resident(optimizer):
-        return _gather_param_states(optimizer, parallel_state)
+@dataclass
+class StatePiece:
+    """Elements ``[start, end)`` of a (TP-local) model parameter flattened, as this rank's optimizer holds them.
+
+    Under ZeRO-1/2/3 the piece of the parameter inside this rank's shard (``ShardPiece``); without
+    ZeRO the whole parameter.
+    """
+
+    param: torch.nn.Parameter
+    main: torch.Tensor  # the optimizer's main parameter for these elements (the parameter itself in fp32 without ZeRO)
+    start: int
+    end: int
+    model: torch.Tensor  # the model's values of these elements, flat: a view of the parameter or of its shard
 
 
-def _gather_param_states(optimizer: Any, parallel_state: ParallelState
-                         ) -> tuple[dict[int, dict[str, torch.Tensor]], list[str], float]:
+def state_pieces(optimizer: Any) -> list[StatePiece]:
+    """Every main parameter of ``optimizer`` (a MegatronOptimizer or DistributedOptimizer) as a :class:`StatePiece`."""
+    if not hasattr(optimizer, "sharded"):
+        return [StatePiece(model, main, 0, model.numel(), model.detach().reshape(-1))
+                for main, model in optimizer.pairs]
+    out = []
+    for sb in optimizer.sharded:
+        for piece, main in zip(sb.pieces, sb.mains, strict=True):
+            offset = piece.shard_start - piece.bucket.local_offset
+            model = sb.buffer.shard_param(piece.bucket)[offset:offset + piece.numel]
+            out.append(StatePiece(piece.param, main, piece.param_start, piece.param_end, model))
+    return out
+
+
+def param_state_pieces(optimizer: Any, parallel_state: ParallelState, copy: bool
+                       ) -> tuple[list[tuple[StatePiece, dict[str, torch.Tensor]]], list[str], float]:
+    """``([(piece, {"main": fp32, key: state})], keys, step)``: each tensor flat (``end - start``
+    elements), a view of the optimizer's own (``copy``: a copy), zeros for a state not created yet.
+    Only this rank's shard is read: nothing is gathered over DP. Collective over the world (the keys
+    and the step are agreed on). Call inside ``optimizer.resident()`` and write before leaving it
+    (NVMe offload swaps the state out on exit)."""
     keys = _per_param_keys(optimizer, parallel_state)
     step = _step(optimizer)
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    if hasattr(optimizer, "sharded"):
-        for sb in optimizer.sharded:
-            buffer = sb.buffer
-            flats = {k: torch.zeros(buffer.numel, dtype=torch.float32) for k in (MAIN, *keys)}
-            for piece, main in zip(sb.pieces, sb.mains, strict=True):
-                start = buffer.param_ranges[id(piece.param)][0] + piece.param_start
-                flats[MAIN][start:start + piece.numel] = main.detach().reshape(-1)
-                state = optimizer.inner.state.get(main, {})
-                for k in keys:
-                    if k in state:
-                        flats[k][start:start + piece.numel] = state[k].reshape(-1)
-            for flat in flats.values():
-                if parallel_state.dp_size > 1:
-                    all_reduce_host(flat, parallel_state.dp_group)  # each element comes from one rank
-            for p in buffer.params:
-                s, e, _ = buffer.param_ranges[id(p)]
-                out[id(p)] = {k: flat[s:e].view(p.shape) for k, flat in flats.items()}
-        return out, keys, step
-    for main, model in optimizer.pairs:
-        state = optimizer.inner.state.get(main, {})
-        entry = {MAIN: main.detach().float().clone()}
+    sharded = hasattr(optimizer, "sharded")
+    out = []
+    for piece in state_pieces(optimizer):
+        state = optimizer.inner.state.get(piece.main, {})
+        flat = {MAIN: piece.main.detach().float().reshape(-1)}
         for k in keys:
-            entry[k] = state[k].detach().clone() if k in state else torch.zeros_like(entry[MAIN])
-        out[id(model)] = entry
+            value = state[k].detach().reshape(-1) if k in state else torch.zeros(piece.end - piece.start)
+            flat[k] = value.float() if sharded else value  # ZeRO-1/2/3's state was always saved as fp32
+        out.append((piece, {k: v.clone() for k, v in flat.items()} if copy else flat))
     return out, keys, step
 
 
-def scatter_param_states(optimizer: Any, states: dict[int, dict[str, torch.Tensor]], step: float) -> None:
-    """Inverse of :func:`gather_param_states` on this rank's optimizer (any ZeRO stage / DP size)."""
+def state_targets(optimizer: Any, keys: list[str]) -> list[tuple[StatePiece, dict[str, torch.Tensor]]]:
+    """Zeroed fp32 tensors for :func:`param_state_pieces`'s entries, to load into (this rank's pieces only)."""
+    return [(piece, {k: torch.zeros(piece.end - piece.start, dtype=torch.float32) for k in (MAIN, *keys)})
+            for piece in state_pieces(optimizer)]
+
+
+def scatter_param_states(optimizer: Any, loaded: list[tuple[StatePiece, dict[str, torch.Tensor]]],
+                         step: float) -> None:
+    """Put :func:`state_targets`'s loaded tensors into this rank's optimizer (main parameters and state)."""
     step_entry = {} if step < 0 else {"step": torch.tensor(step, dtype=torch.float32)}
     step_on_device = steps_on_device(optimizer.inner)
-    with torch.no_grad(), _resident(optimizer):
-        if hasattr(optimizer, "sharded"):
-            for sb in optimizer.sharded:
-                for piece, main in zip(sb.pieces, sb.mains, strict=True):
-                    full = states[id(piece.param)]
-                    lo, hi = piece.param_start, piece.param_end
-                    main.copy_(full[MAIN].reshape(-1)[lo:hi])
-                    entry = {k: v.reshape(-1)[lo:hi].view_as(main) for k, v in full.items() if k != MAIN}
-                    if entry or step_entry:
-                        set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
-            return
-        for main, model in optimizer.pairs:
-            full = states[id(model)]
-            if main is not model:
-                main.copy_(full[MAIN])
-            entry = {k: v.view_as(main) for k, v in full.items() if k != MAIN}
+    with torch.no_grad(), resident_state(optimizer):
+        for piece, flat in loaded:
+            main = piece.main
+            if main is not piece.param:
+                main.copy_(flat[MAIN].view_as(main))
+            entry = {k: v.view_as(main) for k, v in flat.items() if k != MAIN}
             if entry or step_entry:  # SGD's momentum_buffer comes without a step
-                set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)])
+                set_state(optimizer, main, {**entry, **step_entry}, step_on_device[id(main)], owned=True)
 
 
-def set_state(optimizer: Any, main: torch.Tensor, entry: dict[str, torch.Tensor], step_on_device: bool) -> None:
+def set_state(optimizer: Any, main: torch.Tensor, entry: dict[str, torch.Tensor], step_on_device: bool,
+              owned: bool = False) -> None:
     """``optimizer.inner.state[main] = entry`` (copies), in place where the state exists: under NVMe
-    offload its tensors are views of the swap buffers, which must keep being the ones the step uses."""
+    offload its tensors are views of the swap buffers, which must keep being the ones the step uses.
+    ``owned``: the entry's tensors other than ``step`` are the caller's fresh ones, kept without a copy
+    where they already are on the parameter's device (a load's targets: no second copy of the state)."""
     state = optimizer.inner.state.get(main)
     if state and all(k in state and state[k].shape == v.shape for k, v in entry.items()):
         for k, v in entry.items():
             state[k].copy_(v)
         return
-    optimizer.inner.state[main] = placed_state(entry, main, step_on_device)
+    optimizer.inner.state[main] = placed_state(entry, main, step_on_device, copy=not owned)
 
 
 def steps_on_device(inner: torch.optim.Optimizer) -> dict[int, bool]:
@@ -126,12 +138,17 @@ def steps_on_device(inner: torch.optim.Optimizer) -> dict[int, bool]:
     return {id(p): bool(g.get("fused") or g.get("capturable")) for g in inner.param_groups for p in g["params"]}
 
 
-def placed_state(entry: dict[str, torch.Tensor], main: torch.Tensor, step_on_device: bool) -> dict[str, torch.Tensor]:
-    """Copies of loaded (CPU) state tensors where torch's ``Optimizer.load_state_dict`` puts them: on
-    the parameter's device, except ``step``, a CPU scalar unless ``step_on_device`` (torch's fused
-    AdamW needs it on the parameter's device)."""
-    return {k: v.clone() if k == "step" and not step_on_device else v.to(device=main.device, copy=True)
-            for k, v in entry.items()}
+def placed_state(entry: dict[str, torch.Tensor], main: torch.Tensor, step_on_device: bool,
+                 copy: bool = True) -> dict[str, torch.Tensor]:
+    """Loaded (CPU) state tensors where torch's ``Optimizer.load_state_dict`` puts them: on the
+    parameter's device, except ``step``, a CPU scalar unless ``step_on_device`` (torch's fused AdamW
+    needs it on the parameter's device). ``step`` is always a copy (one per parameter); the others are
+    copies unless ``copy`` is False (then moved only where they are not on the device already)."""
+    def placed(k: str, v: torch.Tensor) -> torch.Tensor:
+        if k == "step":
+            return v.to(device=main.device, copy=True) if step_on_device else v.clone()
+        return v.to(device=main.device, copy=copy)
+    return {k: placed(k, v) for k, v in entry.items()}
 
 
 def common_optimizer_state(optimizer: Any) -> dict:

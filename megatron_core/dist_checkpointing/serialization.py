@@ -28,7 +28,16 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_core.checkpoint import megatron_lm_dist
 from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing import optimizer_state as opt_state
-from megatron_core.dist_checkpointing.sharded import ShardedSlice, chunk_params, clip_to, param_slices
+from megatron_core.dist_checkpointing.sharded import (
+    ShardedSlice,
+    SliceSpec,
+    chunk_params,
+    clip_to,
+    logical_names,
+    piece_slices,
+    refresh_gathered,
+    shard_pieces,
+)
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training import checkpoint_io as io
@@ -60,25 +69,54 @@ def describe_layout(layout: dict[str, Any]) -> str:
             f"{'unknown' if stage is None else stage}")  # None: saved before the stage was recorded
 
 
+def _add_chunks(sd: dict[str, Any], prefix: str, name: str, flat: torch.Tensor, start: int,
+                param: torch.nn.Parameter, parallel_state: ParallelState) -> None:
+    """``sd[prefix/<logical name>]``: elements ``[start, start + flat.numel())`` of ``param`` as chunks of
+    its global tensors."""
+    for part, global_shape, chunks in piece_slices(name, flat, start, param, parallel_state.tp_rank,
+                                                   parallel_state.tp_size):
+        (offsets, local), *more = chunks
+        sd[f"{prefix}/{part}"] = ShardedSlice(local, global_shape, offsets, more)
+
+
+def _model_values(chunk: torch.nn.Module, copy: bool, zero3_only: bool
+                  ) -> Callable[[torch.nn.Parameter], tuple[int, torch.Tensor] | None]:
+    """``param -> (first element, flat values)`` this rank writes or reads: under ZeRO its piece of this
+    rank's shard (None: no element here; ``zero3_only``: under ZeRO-3 only, a load under ZeRO-1/2 fills
+    the whole parameters), else the whole parameter. ``copy``: a copy (async save)."""
+    shards = shard_pieces(chunk, zero3_only)
+
+    def values(param: torch.nn.Parameter) -> tuple[int, torch.Tensor] | None:
+        found = (0, param.detach().view(-1)) if shards is None else shards.get(id(param))
+        return None if found is None else (found[0], found[1].clone() if copy else found[1])
+    return values
+
+
 def _tensor_state(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_state: ParallelState,
                   copy: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """DCP state dict of slices, and the optimizer metadata for common.pt."""
-    tp_rank, tp = parallel_state.tp_rank, parallel_state.tp_size
+    """DCP state dict of this rank's chunks, and the optimizer metadata for common.pt. Nothing is
+    gathered: under ZeRO-1/2/3 the optimizer state of this rank's shard only, under ZeRO-3 the
+    parameters' too. Call inside ``optimizer.resident()``."""
     sd: dict[str, Any] = {}
-    states, keys, step = (opt_state.gather_param_states(optimizer, parallel_state) if optimizer is not None
-                          else ({}, [], -1.0))
+    pieces, keys, step = (opt_state.param_state_pieces(optimizer, parallel_state, copy) if optimizer is not None
+                          else ([], [], -1.0))
+    by_param = {id(piece.param): (piece, flat) for piece, flat in pieces}
     for chunk in model_chunks:
+        # ZeRO-1/2 too: each rank writes its shard of the (replicated) parameters, so the writes are balanced and
+        # each rank's DCP writer holds its own items only (it keeps every item it copies until its file is done).
+        values = _model_values(chunk, copy, zero3_only=False)
         for name, param, saved_here in chunk_params(chunk):
             if not saved_here:
                 continue
-            value = param.detach().clone() if copy else param.detach()
-            for spec in param_slices(name, value, param, tp_rank, tp):
-                sd[f"model/{spec.name}"] = ShardedSlice(spec.local, spec.global_shape, spec.offsets)
-            for key, tensor in states.get(id(param), {}).items():
+            found = values(param)
+            if found is not None:
+                _add_chunks(sd, "model", name, found[1], found[0], param, parallel_state)
+            piece, flats = by_param.get(id(param), (None, {}))
+            for key, tensor in flats.items():
                 if key == opt_state.MAIN and param.dtype == torch.float32:
                     continue  # an fp32 model's main parameters are its weights: stored once, as model/
-                for spec in param_slices(name, tensor, param, tp_rank, tp):
-                    sd[f"optimizer/{key}/{spec.name}"] = ShardedSlice(spec.local, spec.global_shape, spec.offsets)
+                assert piece is not None
+                _add_chunks(sd, f"optimizer/{key}", name, tensor, piece.start, param, parallel_state)
     meta = {} if optimizer is None else {"state_keys": keys, "step": step,
                                          "common": opt_state.common_optimizer_state(optimizer)}
     return sd, meta
@@ -179,16 +217,17 @@ def save_dist_checkpoint(save_dir: str, iteration: int, model_chunks: list[torch
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
     dist.barrier()
-    sd, optim_meta = _tensor_state(model_chunks, optimizer, parallel_state, copy=async_save)
     layout = layout_of(parallel_state, optimizer, model_chunks)
     common = {"format": FORMAT, "iteration": iteration, "layout": layout,
-              "optimizer": optim_meta, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+              "scheduler": scheduler.state_dict() if scheduler is not None else None,
               "rng": _all_rng_states(parallel_state, layout) if save_rng else [], "extra": dict(extra or {})}
     request = SaveRequest(final_dir, iteration)
-    if not async_save:
-        _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, None, is_rank0, refuse_publish)
-        request.blocked_seconds = time.perf_counter() - start
-        return request
+    with opt_state.resident_state(optimizer):  # the chunks are views of the state: written before leaving
+        sd, common["optimizer"] = _tensor_state(model_chunks, optimizer, parallel_state, copy=async_save)
+        if not async_save:
+            _write_and_publish(sd, common, save_dir, iteration, tmp_dir, final_dir, None, is_rank0, refuse_publish)
+            request.blocked_seconds = time.perf_counter() - start
+            return request
     group = parallel_state.background_group()  # collective on first use: every rank saves together
 
     def run() -> None:
@@ -278,33 +317,52 @@ def is_dist_checkpoint(load_dir: str) -> bool:
 
 
 def _targets(model_chunks: list[torch.nn.Module], optimizer: Any, parallel_state: ParallelState, saved: dict,
-             keys: list[str]) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]]]:
-    """DCP targets for this rank's slices (clipped to the saved shapes) and the per-param state tensors."""
-    tp_rank, tp = parallel_state.tp_rank, parallel_state.tp_size
+             keys: list[str]) -> tuple[dict[str, Any], list[tuple[opt_state.StatePiece, dict[str, torch.Tensor]]],
+                                       set[int]]:
+    """DCP targets for this rank's chunks (clipped to the saved shapes): the parameters (under ZeRO-3
+    this rank's kept shard) and fresh tensors for this rank's optimizer pieces; those pieces, and the
+    ids of the parameters whose main parameters the checkpoint holds."""
     sd: dict[str, Any] = {}
-    states: dict[int, dict[str, torch.Tensor]] = {}
+    main_saved: set[int] = set()
 
-    def add(fqn: str, name_local: torch.Tensor, name: str, param: torch.nn.Parameter) -> None:
-        for spec in param_slices(name, name_local, param, tp_rank, tp):
-            key = f"{fqn}/{spec.name}"
-            if key.startswith(f"optimizer/{opt_state.MAIN}/") and key not in saved:
-                continue  # fp32 at save time: filled from the loaded weights (see load_dist_checkpoint)
+    def add(prefix: str, name: str, flat: torch.Tensor, start: int, param: torch.nn.Parameter) -> None:
+        for part, ours, chunks in piece_slices(name, flat, start, param, parallel_state.tp_rank,
+                                              parallel_state.tp_size):
+            key = f"{prefix}/{part}"
             if key not in saved:
-                raise ConfigError(f"checkpoint has no {key}: it is of another model or was saved without it "
-                                  f"(--no-load-optim skips the optimizer)")
-            clipped = clip_to(spec, tuple(saved[key].size))
-            if clipped is not None:
-                sd[key] = ShardedSlice(clipped.local, clipped.global_shape, clipped.offsets)
+                continue  # optimizer/main/ of an fp32 model: filled from the loaded weights (load_dist_checkpoint)
+            shape = tuple(saved[key].size)
+            clipped = [c for offsets, local in chunks
+                       if (c := clip_to(SliceSpec(part, ours, offsets, local), shape)) is not None]
+            if clipped:
+                sd[key] = ShardedSlice(clipped[0].local, shape, clipped[0].offsets,
+                                       [(c.offsets, c.local) for c in clipped[1:]])
 
+    # Every rank checks every name (under ZeRO a rank holds pieces of some parameters only): all refuse together.
+    prefixes = ["model", *(f"optimizer/{k}" for k in (opt_state.MAIN, *keys) if optimizer is not None)]
     for chunk in model_chunks:
         for name, param, _ in chunk_params(chunk):
-            add("model", param.data, name, param)
-            if optimizer is not None:
-                states[id(param)] = {k: torch.zeros(param.shape, dtype=torch.float32)
-                                     for k in (opt_state.MAIN, *keys)}
-                for k, tensor in states[id(param)].items():
-                    add(f"optimizer/{k}", tensor, name, param)
-    return sd, states
+            for prefix in prefixes:
+                for part in logical_names(name, param):
+                    key = f"{prefix}/{part}"
+                    if key in saved:
+                        main_saved.update([id(param)] if prefix == f"optimizer/{opt_state.MAIN}" else [])
+                    elif prefix != f"optimizer/{opt_state.MAIN}":  # an fp32 model's main is its weights
+                        raise ConfigError(f"checkpoint has no {key}: it is of another model or was saved without "
+                                          f"it (--no-load-optim skips the optimizer)")
+    names: dict[int, str] = {}
+    for chunk in model_chunks:
+        values = _model_values(chunk, copy=False, zero3_only=True)
+        for name, param, _ in chunk_params(chunk):
+            names.setdefault(id(param), name)
+            found = values(param)
+            if found is not None:
+                add("model", name, found[1], found[0], param)
+    pieces = opt_state.state_targets(optimizer, keys) if optimizer is not None else []
+    for piece, flats in pieces:
+        for k, tensor in flats.items():
+            add(f"optimizer/{k}", names[id(piece.param)], tensor, piece.start, piece.param)
+    return sd, pieces, main_saved
 
 
 def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], optimizer: Any, scheduler: Any,
@@ -323,19 +381,23 @@ def load_dist_checkpoint(load_dir: str, model_chunks: list[torch.nn.Module], opt
     saved = read_metadata(load_dir, iteration, path, reader).state_dict_metadata
     use_optim = optimizer is not None and load_optim and bool(common["optimizer"])
     keys = common["optimizer"].get("state_keys", []) if use_optim else []
-    sd, states = _targets(model_chunks, optimizer if use_optim else None, parallel_state, saved, keys)
+    for chunk in model_chunks:  # ZeRO-3: the load rewrites the kept shards that gathers in flight read
+        for buffer in getattr(chunk, "buffers_by_dtype", []):
+            buffer.finish_param_gathers()
+    sd, pieces, main_saved = _targets(model_chunks, optimizer if use_optim else None, parallel_state, saved, keys)
     try:
         dcp.load(sd, storage_reader=reader)
     except CheckpointException as exc:  # a damaged .distcp in a checkpoint saved without a manifest
         raise ConfigError(io.damaged_message(load_dir, iteration, path, f"holds an unreadable tensor file "
                                              f"({io.first_line(exc)})")) from None
+    for chunk in model_chunks:
+        refresh_gathered(chunk)
     if use_optim:
         with torch.no_grad():
-            for chunk in model_chunks:
-                for name, param, _ in chunk_params(chunk):
-                    if not any(k.startswith(f"optimizer/{opt_state.MAIN}/{name}") for k in sd):
-                        states[id(param)][opt_state.MAIN].copy_(param.data)
-        opt_state.scatter_param_states(optimizer, states, common["optimizer"]["step"])
+            for piece, flats in pieces:
+                if id(piece.param) not in main_saved:
+                    flats[opt_state.MAIN].copy_(piece.model)
+        opt_state.scatter_param_states(optimizer, pieces, common["optimizer"]["step"])
         opt_state.load_common_optimizer_state(optimizer, common["optimizer"]["common"])
     elif optimizer is not None:
         optimizer.reload_model_params()

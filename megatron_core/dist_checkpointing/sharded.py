@@ -16,6 +16,7 @@ on several ranks (DP replicas) are written once: DCP de-duplicates write items b
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -29,19 +30,23 @@ WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
 
 
 class ShardedSlice(torch.Tensor):
-    """A local tensor presented as its slice (``offsets``) of a global tensor of shape ``global_shape``.
+    """Local tensors presented as chunks (at their ``offsets``) of a global tensor of shape ``global_shape``.
 
-    Only DCP's checkpoint hooks are meant to be used: the wrapper has no storage of its own.
+    One chunk for a TP slice; several for a ZeRO shard, whose flat element range of a parameter is
+    a few rectangular boxes (:func:`flat_boxes`). Only DCP's checkpoint hooks are meant to be used:
+    the wrapper has no storage of its own; each chunk is read or written in place (DCP copies a
+    non-contiguous chunk before writing it, and ``copy_``-s into it on load).
     """
 
-    _local: torch.Tensor
-    _offsets: tuple[int, ...]
+    _chunks: dict[torch.Size, torch.Tensor]
 
     @staticmethod
-    def __new__(cls, local: torch.Tensor, global_shape: tuple[int, ...], offsets: tuple[int, ...]) -> ShardedSlice:
-        """Wrap ``local`` (not copied) as the slice at ``offsets`` of a ``global_shape`` tensor."""
+    def __new__(cls, local: torch.Tensor, global_shape: tuple[int, ...], offsets: tuple[int, ...],
+                more: list[tuple[tuple[int, ...], torch.Tensor]] | None = None) -> ShardedSlice:
+        """Wrap ``local`` (not copied) as the chunk at ``offsets`` of a ``global_shape`` tensor, and each
+        ``(offsets, tensor)`` of ``more`` (same dtype) as further chunks."""
         out = torch.Tensor._make_wrapper_subclass(cls, global_shape, dtype=local.dtype, device=local.device)
-        out._local, out._offsets = local, tuple(offsets)
+        out._chunks = {torch.Size(o): t for o, t in [(tuple(offsets), local), *(more or [])]}
         return out
 
     # torch types Tensor.__torch_dispatch__ as its disabled implementation, not as the classmethod protocol
@@ -52,17 +57,20 @@ class ShardedSlice(torch.Tensor):
         raise TypeError(f"ShardedSlice is a checkpoint handle, not a tensor to compute with ({func})")
 
     def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
-        chunk = ChunkStorageMetadata(offsets=torch.Size(self._offsets), sizes=self._local.shape)
-        return [WriteItem(index=MetadataIndex(fqn, torch.Size(self._offsets)), type=WriteItemType.SHARD,
-                          tensor_data=TensorWriteData(chunk=chunk,
-                                                      properties=TensorProperties.create_from_tensor(self._local),
-                                                      size=self.shape))]
+        return [WriteItem(index=MetadataIndex(fqn, offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=offsets, sizes=local.shape),
+                                                      properties=TensorProperties.create_from_tensor(local),
+                                                      size=self.shape))
+                for offsets, local in self._chunks.items()]
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [ChunkStorageMetadata(offsets=torch.Size(self._offsets), sizes=self._local.shape)]
+        return [ChunkStorageMetadata(offsets=offsets, sizes=local.shape) for offsets, local in self._chunks.items()]
 
     def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
-        return self._local
+        # DCP names the chunk by its offsets (on save) and by its position in the chunk list too (on load)
+        if index.offset is None:
+            return next(iter(self._chunks.values()))
+        return self._chunks[torch.Size(index.offset)]
 
 
 @dataclass
@@ -85,23 +93,89 @@ def global_name(local_name: str, layer_offset: int, param: torch.nn.Parameter) -
     return local_name
 
 
+def _slice_boxes(name: str, shape: tuple[int, ...], param: torch.nn.Parameter, tp_rank: int, tp_size: int
+                 ) -> list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """``(name, global shape, global offsets, local offsets, local sizes)`` of each logical tensor a
+    TP-local tensor of ``shape`` (shaped like ``param``) is a slice of: see :func:`param_slices`."""
+    # Also at TP = 1: a strided parameter is always its ``stride`` logical parts, so names match across sizes.
+    if not getattr(param, "tensor_model_parallel", False):
+        return [(name, shape, (0,) * len(shape), (0,) * len(shape), shape)]
+    dim: int = getattr(param, "partition_dim", 0)  # set with tensor_model_parallel by the parallel layers
+    stride: int = getattr(param, "partition_stride", 1)
+    each = -(-shape[dim] // stride)  # as Tensor.chunk: ceil-sized parts, the last one shorter
+    out = []
+    for i, begin in enumerate(range(0, shape[dim], each)):
+        sizes = list(shape)
+        sizes[dim] = min(each, shape[dim] - begin)
+        local_offsets, offsets, global_shape = [0] * len(shape), [0] * len(shape), list(sizes)
+        local_offsets[dim], offsets[dim] = begin, tp_rank * sizes[dim]
+        global_shape[dim] *= tp_size
+        out.append((name if stride == 1 else f"{name}#part{i}", tuple(global_shape), tuple(offsets),
+                    tuple(local_offsets), tuple(sizes)))
+    return out
+
+
 def param_slices(name: str, local: torch.Tensor, param: torch.nn.Parameter, tp_rank: int,
                  tp_size: int) -> list[SliceSpec]:
     """The logical global tensors ``local`` (shaped like ``param``) is a slice of, per its TP attributes."""
-    # Also at TP = 1: a strided parameter is always its ``stride`` logical parts, so names match across sizes.
-    if not getattr(param, "tensor_model_parallel", False):
-        return [SliceSpec(name, tuple(local.shape), (0,) * local.dim(), local)]
-    dim: int = getattr(param, "partition_dim", 0)  # set with tensor_model_parallel by the parallel layers
-    stride: int = getattr(param, "partition_stride", 1)
-    parts = local.chunk(stride, dim=dim) if stride > 1 else (local,)
-    out = []
-    for i, part in enumerate(parts):
-        shape = list(part.shape)
-        offsets = [0] * part.dim()
-        offsets[dim] = tp_rank * shape[dim]
-        shape[dim] *= tp_size
-        out.append(SliceSpec(name if stride == 1 else f"{name}#part{i}", tuple(shape), tuple(offsets), part))
-    return out
+    return [SliceSpec(n, g, o, local[tuple(slice(a, a + z) for a, z in zip(lo, sz, strict=True))])
+            for n, g, o, lo, sz in _slice_boxes(name, tuple(local.shape), param, tp_rank, tp_size)]
+
+
+def logical_names(name: str, param: torch.nn.Parameter) -> list[str]:
+    """The names of the logical global tensors ``param`` is a slice of (``name#part{i}`` when strided)."""
+    return [n for n, *_ in _slice_boxes(name, tuple(param.shape), param, 0, 1)]
+
+
+def flat_boxes(shape: tuple[int, ...], lo: int, hi: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """Elements ``[lo, hi)`` of a row-major tensor of ``shape`` as boxes ``(offsets, sizes, first)``,
+    each one contiguous flat range that starts at element ``first``: for ``[r, c]`` a partial first
+    row, a block of whole rows and a partial last row; N-D recursively (at most 2 x ndim - 1 boxes)."""
+    if lo >= hi:
+        return []
+    if len(shape) <= 1:  # 0-d: the one element, at offsets ()
+        return [((lo,) * len(shape), (hi - lo,) * len(shape), lo)]
+    rest = tuple(shape[1:])
+    inner = math.prod(rest)
+    (r0, a), (r1, b) = divmod(lo, inner), divmod(hi, inner)
+
+    def in_row(row: int, x: int, y: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+        return [((row, *o), (1, *s), row * inner + f) for o, s, f in flat_boxes(rest, x, y)]
+
+    if r0 == r1:
+        return in_row(r0, a, b)
+    out = in_row(r0, a, inner) if a else []
+    r0 += 1 if a else 0
+    if r1 > r0:
+        out.append(((r0, *(0,) * len(rest)), (r1 - r0, *rest), r0 * inner))
+    return out + (in_row(r1, 0, b) if b else [])
+
+
+def piece_slices(name: str, flat: torch.Tensor, start: int, param: torch.nn.Parameter, tp_rank: int,
+                 tp_size: int) -> list[tuple[str, tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]]:
+    """Elements ``[start, start + flat.numel())`` of the TP-local ``param`` flattened (a ZeRO shard's
+    piece; the whole parameter from 0), held in the 1-D ``flat``, as chunks of the logical global
+    tensors of :func:`param_slices`: ``[(name, global shape, [(global offsets, view of flat)])]``.
+
+    Each box of :func:`flat_boxes` is a contiguous view of ``flat``; its intersection with a logical
+    tensor (gated fc1's ``#part{i}`` halves) a narrowed view of it. The whole parameter gives exactly
+    :func:`param_slices`'s slices, so both write the same chunks of the same global tensors.
+    """
+    shape = tuple(param.shape)
+    parts = _slice_boxes(name, shape, param, tp_rank, tp_size)
+    chunks: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = {n: [] for n, *_ in parts}
+    for offsets, sizes, first in flat_boxes(shape, start, start + flat.numel()):
+        box = flat[first - start:first - start + math.prod(sizes)].view(sizes)
+        ends = [o + z for o, z in zip(offsets, sizes, strict=True)]
+        for part, _, part_offsets, local_offsets, local_sizes in parts:
+            lo = [max(o, a) for o, a in zip(offsets, local_offsets, strict=True)]
+            hi = [min(e, a + z) for e, a, z in zip(ends, local_offsets, local_sizes, strict=True)]
+            if any(h <= low for low, h in zip(lo, hi, strict=True)):
+                continue
+            view = box[tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offsets, strict=True))]
+            chunks[part].append((tuple(g + low - a for g, low, a in zip(part_offsets, lo, local_offsets,
+                                                                          strict=True)), view))
+    return [(n, g, chunks[n]) for n, g, *_ in parts if chunks[n]]
 
 
 def chunk_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, bool]]:
@@ -138,3 +212,33 @@ def clip_to(spec: SliceSpec, saved_shape: tuple[int, ...]) -> SliceSpec | None:
             return None
         local = local.narrow(dim, 0, keep)
     return SliceSpec(spec.name, tuple(saved_shape), spec.offsets, local)
+
+
+def shard_pieces(chunk: torch.nn.Module, zero3_only: bool = False) -> dict[int, tuple[int, torch.Tensor]] | None:
+    """``id(parameter) -> (first element, flat view of this rank's shard of it)`` for each parameter with
+    elements in this rank's ZeRO shard (the others have none here), for a DDP-wrapped chunk under
+    ZeRO-1/2/3 (``zero3_only``: ZeRO-3, whose buffers keep only the shard; ZeRO-1/2 shards are views of
+    the full parameters). None for other stages and unwrapped models."""
+    config = getattr(chunk, "ddp_config", None)
+    stage = getattr(config, "zero_stage", 0)
+    buffers = list(getattr(chunk, "buffers_by_dtype", []))
+    if not buffers or stage < (3 if zero3_only else 1):
+        return None
+    out = {}
+    for buffer in buffers:
+        for piece in buffer.local_pieces():
+            offset = piece.shard_start - piece.bucket.local_offset
+            out[id(piece.param)] = (piece.param_start, buffer.shard_param(piece.bucket)[offset:offset + piece.numel])
+    return out
+
+
+def refresh_gathered(chunk: torch.nn.Module) -> None:
+    """ZeRO-3, after loading into the kept shards: the buckets gathered now (the persistent ones) are
+    all-gathered again from them, so the full parameters in use hold the loaded values. Collective over DP."""
+    for buffer in getattr(chunk, "buffers_by_dtype", []):
+        if getattr(buffer, "param_shard", None) is None:
+            continue
+        for bucket in buffer.buckets:
+            if bucket.gathered:
+                buffer.launch_param_gather(bucket)
+                buffer.wait_param_gather(bucket)

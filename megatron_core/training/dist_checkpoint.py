@@ -4,26 +4,27 @@
 slice on ``torch.distributed.checkpoint``, so a run resumes at any other TP x PP x VPP x DP x ZeRO
 layout with its optimizer state, iteration, consumed samples and schedule. This module adds what
 the trainer keeps beside the tensors (consumed samples, the model and tokenizer identity that
-``--use-checkpoint-args`` reads back), ZeRO-3's gathered parameters around a save or load, and
-the non-finite and launcher checks the legacy format has. Saves are collective.
+``--use-checkpoint-args`` reads back) and the non-finite and launcher checks the legacy format has
+(under ZeRO-3 each rank checks its shard: nothing is gathered). Saves are collective.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
+from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing import SaveRequest, load_dist_checkpoint, save_dist_checkpoint
 from megatron_core.dist_checkpointing.full_model import is_torch_dist
 from megatron_core.dist_checkpointing.serialization import describe_layout, layout_of
+from megatron_core.dist_checkpointing.sharded import shard_pieces
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training.checkpointing import LoadResult, check_compatible, check_finite_model, unwrap
 from megatron_core.training.config import CheckpointConfig, DataConfig, ModelInfo
-from megatron_core.training.health import check_finite_state
+from megatron_core.training.health import TrainingDivergedError, check_finite_state
 from megatron_core.training.initialize import launcher_alive
 from megatron_core.transformer.config import TransformerConfig
 
@@ -35,15 +36,29 @@ def holds_dist_checkpoint(config: CheckpointConfig) -> bool:
     return config.load is not None and is_torch_dist(config.load, config.ckpt_step)
 
 
-@contextlib.contextmanager
-def _full_params(model: list[torch.nn.Module], writeback: bool) -> Iterator[None]:
-    """ZeRO-3: every parameter gathered inside the block; with ``writeback`` what was loaded into them
-    becomes this rank's shards. Other stages: nothing to do."""
-    chunks = [chunk for chunk in model if hasattr(chunk, "gathered_params")]
-    with contextlib.ExitStack() as stack:
-        for chunk in chunks:
-            stack.enter_context(cast(Any, chunk).gathered_params(writeback=writeback))
-        yield
+def _local_values(model: list[torch.nn.Module]) -> list[Mapping[str, torch.Tensor]]:
+    """Each chunk's parameters as this rank holds them: full, or under ZeRO-3 its pieces of the kept
+    shard (the parameters' own storage is freed between steps; nothing is gathered for a check)."""
+    out: list[Mapping[str, torch.Tensor]] = []
+    for chunk in model:
+        shards = shard_pieces(chunk, zero3_only=True)
+        named = unwrap(chunk).named_parameters()
+        out.append({name: p for name, p in named} if shards is None else
+                   {name: shards[id(p)][1] for name, p in named if id(p) in shards})
+    return out
+
+
+def _agreed(check: Callable[[], None]) -> None:
+    """Run ``check`` on every rank; when it raises TrainingDivergedError on any (under ZeRO-3 each rank sees
+    its shard only), raise the lowest such rank's on all of them. Collective."""
+    try:
+        check()
+        error = None
+    except TrainingDivergedError as exc:
+        error = str(exc)
+    failed = lowest_failure(error)
+    if failed is not None:
+        raise TrainingDivergedError(failed[1])
 
 
 def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_samples: int,
@@ -63,15 +78,13 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
         raise ConfigError(died)
     extra = {"consumed_train_samples": consumed_train_samples, "model_config": transformer.to_dict(),
              "model_info": model_info.to_dict(), "tokenizer": tokenizer_identity(data)}
-    with _full_params(model, writeback=False):
-        # The parameters themselves (gathered here), not state_dict(): under ZeRO-3 that would gather
-        # and release them again inside this block.
-        check_finite_model([dict(unwrap(chunk).named_parameters()) for chunk in model], iteration)
-        # --no-save-optim / --no-save-rng leave them out, as the legacy format and Megatron-LM do.
-        request = save_dist_checkpoint(config.save, iteration, model, None if config.no_save_optim else optimizer,
-                                       scheduler, parallel_state, extra=extra, async_save=config.async_save,
-                                       refuse_publish=lambda: None if launcher_alive() else died,
-                                       save_rng=not config.no_save_rng)
+    # This rank's values, not state_dict(): under ZeRO-3 that would gather the whole model.
+    _agreed(lambda: check_finite_model(_local_values(model), iteration))
+    # --no-save-optim / --no-save-rng leave them out, as the legacy format and Megatron-LM do.
+    request = save_dist_checkpoint(config.save, iteration, model, None if config.no_save_optim else optimizer,
+                                   scheduler, parallel_state, extra=extra, async_save=config.async_save,
+                                   refuse_publish=lambda: None if launcher_alive() else died,
+                                   save_rng=not config.no_save_rng)
     how = "started an asynchronous save of" if config.async_save else "successfully saved"
     printer(f"  {how} checkpoint at iteration {iteration:7d} to {config.save} (torch_dist) "
             f"[ training blocked {request.blocked_seconds:.2f}s ]")
@@ -92,13 +105,16 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     load_optim = optimizer is not None and not (config.no_load_optim or config.finetune)
     # The schedule goes with the optimizer, as Megatron-LM's load_checkpoint (and the legacy format's) has it.
     load_scheduler = not (config.no_load_optim or config.finetune)
-    with _full_params(model, writeback=True):
-        common = load_dist_checkpoint(config.load, model, optimizer if load_optim else None,
-                                      scheduler if load_scheduler else None, parallel_state,
-                                      iteration=config.ckpt_step, load_optim=load_optim,
-                                      load_rng=not (config.no_load_rng or config.finetune), printer=printer)
-        for chunk in model:  # named_parameters, not state_dict(): see save_checkpoint
-            check_finite_state(dict(unwrap(chunk).named_parameters()), config.load)
+    common = load_dist_checkpoint(config.load, model, optimizer if load_optim else None,
+                                  scheduler if load_scheduler else None, parallel_state,
+                                  iteration=config.ckpt_step, load_optim=load_optim,
+                                  load_rng=not (config.no_load_rng or config.finetune), printer=printer)
+    where = config.load
+
+    def check_loaded() -> None:
+        for values in _local_values(model):
+            check_finite_state(dict(values), where)
+    _agreed(check_loaded)
     # A checkpoint saved with --no-save-optim / --no-save-rng has none to load: the optimizer starts fresh.
     load_optim = load_optim and bool(common["optimizer"])
     if not load_optim and optimizer is not None:
