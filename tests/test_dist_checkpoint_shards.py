@@ -21,6 +21,7 @@ from ddp_common import build, train_step
 from dist_state import assert_same, local_state, merged
 from harness import run_distributed
 from test_ddp_gpt import GPTSpec
+from test_memory import in_a_fresh_process
 
 from megatron_core.dist_checkpointing import load_dist_checkpoint, save_dist_checkpoint, serialization
 from megatron_core.dist_checkpointing.sharded import flat_boxes, param_slices, piece_slices
@@ -268,7 +269,7 @@ def test_save_and_load_grow_by_this_ranks_shard(zero_stage, tmp_path):
     shard (growth: DCP's copies of them) and a load reads into fresh tensors of this rank's pieces only
     (growth: the optimizer state's shard, 12 bytes per parameter / DP, the Adam moments' part of which a
     fresh optimizer keeps as its state)."""
-    for r in run_distributed(_checkpoint_peaks, 2, zero_stage, str(tmp_path), timeout=180):
+    for r in in_a_fresh_process("test_dist_checkpoint_shards", "_checkpoint_peaks", 2, zero_stage, str(tmp_path)):
         assert r["state_shard"] <= r["state"] / r["dp"] + 1, r
         # DCP copies each view it writes and keeps the copies until its file is written: this rank's shard of
         # the parameters, the largest of its items here (an Adam moment's piece is its own tensor, not copied).
