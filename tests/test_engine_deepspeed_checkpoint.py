@@ -209,3 +209,42 @@ def test_deepspeed_fp16_checkpoint_resumes_loss_scale(tmp_path, stage):
     assert resumed_skipped == skipped > 0
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+
+
+def _small_state(dtype: torch.dtype) -> dict:
+    """A two-parameter state for ``write_deepspeed_checkpoint``, without an engine."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"fc.weight": (4, 3), "fc.bias": (4,)}
+
+    def tensors():
+        return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+
+    return {"shapes": shapes, "fp32": tensors(), "exp_avg": tensors(), "exp_avg_sq": tensors(),
+            "step": torch.tensor(2.0), "group": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+            "clip": 0.5, "lr_scheduler": {}, "global_steps": 2, "global_samples": 4, "ds_config": {}, "dtype": dtype}
+
+
+@pytest.mark.parametrize("stage,dp", [(0, 1), (1, 1), (2, 2), (3, 2)])
+def test_deepspeed_checkpoint_consolidates_buffers_in_fp32(tmp_path, stage, dp):
+    """DeepSpeed 0.19.8's zero_to_fp32.py takes the buffers ``buffer_names`` lists from ``module``, floating ones
+    in fp32 (``parse_model_states``: ``v.float() if v.is_floating_point() else v``): a bf16 run's buffer too
+    (ZeRO-0: an fp32 run, whose ``module`` is the weights, with a bf16 buffer)."""
+    state = _small_state(torch.float32 if stage == 0 else torch.bfloat16)
+    write_deepspeed_checkpoint(str(tmp_path), "global_step2", state, stage, dp, {})
+    buffers = {"norm.running_mean": torch.tensor([0.1, 0.2, 0.3]).to(torch.bfloat16),
+               "norm.num_batches_tracked": torch.tensor(7)}
+    folder = os.path.join(str(tmp_path), "global_step2")
+    for name in os.listdir(folder):
+        if name.endswith("model_states.pt"):
+            saved = torch.load(os.path.join(folder, name), weights_only=False)
+            saved["module"].update(buffers)
+            saved["buffer_names"] = list(buffers)
+            torch.save(saved, os.path.join(folder, name))
+    consolidated, _ = consolidate_state_dict(str(tmp_path))
+    assert sorted(consolidated) == sorted([*state["shapes"], *buffers])
+    mean = consolidated["norm.running_mean"]
+    assert mean.dtype == torch.float32 and torch.equal(mean, buffers["norm.running_mean"].float())
+    count = consolidated["norm.num_batches_tracked"]
+    assert count.dtype == torch.int64 and int(count) == 7
+    for name, value in state["fp32"].items():
+        assert torch.equal(consolidated[name], value), name

@@ -324,7 +324,9 @@ def consolidate(folder: str, saved: dict, path: str) -> tuple[dict[str, torch.Te
         trained_names = set(values)
         shapes = {n: torch.Size(s) for group in saved["param_shapes"] for n, s in group.items()}
         values = {n: v.view(shapes[n]) for n, v in values.items()}
-    state = {k: v.clone() for k, v in saved["module"].items() if k in (saved.get("buffer_names") or [])}
+    # the buffers in fp32 when floating, as DeepSpeed's zero_to_fp32.py (``parse_model_states``) has them
+    state = {k: v.float() if torch.is_floating_point(v) else v.clone() for k, v in saved["module"].items()
+             if k in (saved.get("buffer_names") or [])}
     for name, tensor in saved["module"].items():
         if name not in values and name not in state and tensor.numel() > 0:
             state[name] = tensor.float() if torch.is_floating_point(tensor) else tensor.clone()
