@@ -84,6 +84,11 @@ def _check(results, saved_stage):
         assert loaded_counters == saved_counters and saved_counters[0] == 2
         assert client["epoch"] == 7 and client["ds_version"] == "0.19.8"  # DeepSpeed returns its metadata too
         assert "module" not in client and "global_steps" not in client and "lr_scheduler" not in client
+        # DeepSpeed gives its ZeRO-0 optimizer's state back (``client_state['optimizer'] = optim_checkpoint
+        # ['optimizer']``) and drops the model file's None at ZeRO 1-3 (its ``optimizer`` key is loaded state)
+        assert ("optimizer" in client) == (saved_stage == 0)
+        if saved_stage == 0:
+            assert client["optimizer"]["state"] and client["optimizer"]["param_groups"][0]["lr"] > 0
         # the file DeepSpeed names: at ZeRO-3 this DP rank's (every rank writes one)
         expected = (f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if saved_stage == 3
                     else "mp_rank_00_model_states.pt")
