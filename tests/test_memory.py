@@ -265,3 +265,26 @@ def test_zero3_keeps_buckets_up_to_the_persistence_threshold_whole():
     [[_, at, below]] = run_distributed(_persistence, 1, [0, large, large - 1])
     assert at == [(small, True, True), (large, True, True)]
     assert below == [(small, True, True), (large, False, False)]
+
+
+def _zero3_state_dict_with_a_frozen_layer() -> tuple[dict, dict]:
+    from megatron_core import parallel_state
+    from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    ps = parallel_state.ParallelState(1, 1, None)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 4, bias=False))
+    model[1].weight.requires_grad_(False)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = DistributedDataParallel(DistributedDataParallelConfig(zero_stage=3, bucket_size=1), model, ps)
+    state = wrapped.state_dict()
+    ps.destroy()
+    return expected, state
+
+
+def test_zero3_state_dict_holds_frozen_parameters_beside_the_gathered_ones():
+    """A frozen parameter is in no ZeRO-3 bucket (it stays whole on every rank): ``state_dict()`` copies the
+    gathered buckets' parameters and leaves it as the module has it."""
+    [(expected, state)] = run_distributed(_zero3_state_dict_with_a_frozen_layer, 1)
+    assert sorted(state) == sorted(expected) == ["0.weight", "1.weight"]
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
