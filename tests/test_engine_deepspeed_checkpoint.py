@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from deepspeed_files import write_deepspeed_checkpoint
-from engine_common import ds_config, make_model, run_steps, sharded, state_of
+from engine_common import ds_config, make_model, opt_for, run_steps, sharded, state_of
 from harness import run_distributed
 
 import megatron_core
@@ -253,3 +253,43 @@ def test_deepspeed_checkpoint_consolidates_buffers_in_fp32(tmp_path, stage, dp):
     assert count.dtype == torch.int64 and int(count) == 7
     for name, value in state["fp32"].items():
         assert torch.equal(consolidated[name], value), name
+
+
+def _tied_zero3_resume(directory):
+    """HF GPT-2 (``lm_head.weight`` tied to ``transformer.wte.weight``) from DeepSpeed's ZeRO-3 files, which hold
+    the tied name as one more empty placeholder in ``module`` and name its owner in ``shared_params``."""
+    config = ds_config(1, 1, 3, "gpt2", optimizer=opt_for("mlp"))  # AdamW, the optimizer the files hold
+    engine, _, _, _ = megatron_core.initialize(make_model("gpt2"), config=config)
+    run_steps("gpt2", engine, 0, 2)
+    engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+    straight, _ = run_steps("gpt2", engine, 2, 4)
+    straight_state = state_of(engine)
+    engine.parallel_state.destroy()
+    state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+    ds_dir = os.path.join(directory, "ds")
+    write_deepspeed_checkpoint(ds_dir, "global_step2", state, 3, 1, {})
+    path = os.path.join(ds_dir, "global_step2", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    saved = torch.load(path, weights_only=False)
+    assert "lm_head.weight" not in saved["module"] and "transformer.wte.weight" in saved["module"]
+    saved["module"]["lm_head.weight"] = torch.empty(0)
+    saved["shared_params"] = {"lm_head.weight": "transformer.wte.weight"}
+    torch.save(saved, path)
+    model = make_model("gpt2")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    engine, _, _, _ = megatron_core.initialize(model, config=config)
+    engine.load_checkpoint(ds_dir)
+    resumed, _ = run_steps("gpt2", engine, 2, 4)
+    result = straight, resumed, straight_state, state_of(engine)
+    engine.parallel_state.destroy()
+    return result
+
+
+def test_deepspeed_zero3_checkpoint_of_a_tied_model_resumes(tmp_path):
+    [(straight, resumed, straight_state, resumed_state)] = run_distributed(_tied_zero3_resume, 1, str(tmp_path),
+                                                                            timeout=120)
+    assert resumed == straight
+    assert sorted(resumed_state) == sorted(straight_state) and "lm_head.weight" in straight_state
+    for name, value in straight_state.items():
+        assert torch.equal(resumed_state[name], value), name
