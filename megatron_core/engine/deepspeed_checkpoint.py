@@ -312,6 +312,10 @@ def consolidate(folder: str, saved: dict, path: str) -> tuple[dict[str, torch.Te
     if int(saved.get("mp_world_size", 1)) != 1:
         raise ConfigError(f"zero_to_fp32: {path} (DeepSpeed {saved['ds_version']}) holds tensor-parallel shards, "
                           f"not read here; run the zero_to_fp32.py DeepSpeed saved beside it")
+    if saved.get("frozen_param_shapes") and os.path.basename(path).startswith("zero_pp_rank_"):
+        # their values are in each rank's frozen_param_fragments, not read here (module holds placeholders)
+        raise ConfigError(f"zero_to_fp32: {path} is a DeepSpeed ZeRO-3 checkpoint with frozen parameters, not read "
+                          f"here; run the zero_to_fp32.py DeepSpeed saved beside it")
     if saved.get("optimizer") is not None:  # ZeRO-0: the module is the fp32 weights
         values = {k: v.float() for k, v in saved["module"].items() if torch.is_floating_point(v)}
         trained_names = set(values)
