@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from deepspeed_files import write_deepspeed_checkpoint
-from engine_common import ds_config, make_model, run_steps, sharded, state_of
+from engine_common import ds_config, make_model, opt_for, run_steps, sharded, state_of
 from harness import run_distributed
 
 import megatron_core
@@ -84,6 +84,11 @@ def _check(results, saved_stage):
         assert loaded_counters == saved_counters and saved_counters[0] == 2
         assert client["epoch"] == 7 and client["ds_version"] == "0.19.8"  # DeepSpeed returns its metadata too
         assert "module" not in client and "global_steps" not in client and "lr_scheduler" not in client
+        # DeepSpeed gives its ZeRO-0 optimizer's state back (``client_state['optimizer'] = optim_checkpoint
+        # ['optimizer']``) and drops the model file's None at ZeRO 1-3 (its ``optimizer`` key is loaded state)
+        assert ("optimizer" in client) == (saved_stage == 0)
+        if saved_stage == 0:
+            assert client["optimizer"]["state"] and client["optimizer"]["param_groups"][0]["lr"] > 0
         # the file DeepSpeed names: at ZeRO-3 this DP rank's (every rank writes one)
         expected = (f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if saved_stage == 3
                     else "mp_rank_00_model_states.pt")
@@ -209,3 +214,100 @@ def test_deepspeed_fp16_checkpoint_resumes_loss_scale(tmp_path, stage):
     assert resumed_skipped == skipped > 0
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name
+
+
+def _small_state(dtype: torch.dtype) -> dict:
+    """A two-parameter state for ``write_deepspeed_checkpoint``, without an engine."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"fc.weight": (4, 3), "fc.bias": (4,)}
+
+    def tensors():
+        return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+
+    return {"shapes": shapes, "fp32": tensors(), "exp_avg": tensors(), "exp_avg_sq": tensors(),
+            "step": torch.tensor(2.0), "group": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+            "clip": 0.5, "lr_scheduler": {}, "global_steps": 2, "global_samples": 4, "ds_config": {}, "dtype": dtype}
+
+
+@pytest.mark.parametrize("stage,dp", [(0, 1), (1, 1), (2, 2), (3, 2)])
+def test_deepspeed_checkpoint_consolidates_buffers_in_fp32(tmp_path, stage, dp):
+    """DeepSpeed 0.19.8's zero_to_fp32.py takes the buffers ``buffer_names`` lists from ``module``, floating ones
+    in fp32 (``parse_model_states``: ``v.float() if v.is_floating_point() else v``): a bf16 run's buffer too
+    (ZeRO-0: an fp32 run, whose ``module`` is the weights, with a bf16 buffer)."""
+    state = _small_state(torch.float32 if stage == 0 else torch.bfloat16)
+    write_deepspeed_checkpoint(str(tmp_path), "global_step2", state, stage, dp, {})
+    buffers = {"norm.running_mean": torch.tensor([0.1, 0.2, 0.3]).to(torch.bfloat16),
+               "norm.num_batches_tracked": torch.tensor(7)}
+    folder = os.path.join(str(tmp_path), "global_step2")
+    for name in os.listdir(folder):
+        if name.endswith("model_states.pt"):
+            saved = torch.load(os.path.join(folder, name), weights_only=False)
+            saved["module"].update(buffers)
+            saved["buffer_names"] = list(buffers)
+            torch.save(saved, os.path.join(folder, name))
+    consolidated, _ = consolidate_state_dict(str(tmp_path))
+    assert sorted(consolidated) == sorted([*state["shapes"], *buffers])
+    mean = consolidated["norm.running_mean"]
+    assert mean.dtype == torch.float32 and torch.equal(mean, buffers["norm.running_mean"].float())
+    count = consolidated["norm.num_batches_tracked"]
+    assert count.dtype == torch.int64 and int(count) == 7
+    for name, value in state["fp32"].items():
+        assert torch.equal(consolidated[name], value), name
+
+
+def _tied_zero3_resume(directory):
+    """HF GPT-2 (``lm_head.weight`` tied to ``transformer.wte.weight``) from DeepSpeed's ZeRO-3 files, which hold
+    the tied name as one more empty placeholder in ``module`` and name its owner in ``shared_params``."""
+    config = ds_config(1, 1, 3, "gpt2", optimizer=opt_for("mlp"))  # AdamW, the optimizer the files hold
+    engine, _, _, _ = megatron_core.initialize(make_model("gpt2"), config=config)
+    run_steps("gpt2", engine, 0, 2)
+    engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+    straight, _ = run_steps("gpt2", engine, 2, 4)
+    straight_state = state_of(engine)
+    engine.parallel_state.destroy()
+    state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+    ds_dir = os.path.join(directory, "ds")
+    write_deepspeed_checkpoint(ds_dir, "global_step2", state, 3, 1, {})
+    path = os.path.join(ds_dir, "global_step2", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    saved = torch.load(path, weights_only=False)
+    assert "lm_head.weight" not in saved["module"] and "transformer.wte.weight" in saved["module"]
+    saved["module"]["lm_head.weight"] = torch.empty(0)
+    saved["shared_params"] = {"lm_head.weight": "transformer.wte.weight"}
+    torch.save(saved, path)
+    model = make_model("gpt2")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    engine, _, _, _ = megatron_core.initialize(model, config=config)
+    engine.load_checkpoint(ds_dir)
+    resumed, _ = run_steps("gpt2", engine, 2, 4)
+    result = straight, resumed, straight_state, state_of(engine)
+    engine.parallel_state.destroy()
+    return result
+
+
+def test_deepspeed_zero3_checkpoint_of_a_tied_model_resumes(tmp_path):
+    [(straight, resumed, straight_state, resumed_state)] = run_distributed(_tied_zero3_resume, 1, str(tmp_path),
+                                                                            timeout=120)
+    assert resumed == straight
+    assert sorted(resumed_state) == sorted(straight_state) and "lm_head.weight" in straight_state
+    for name, value in straight_state.items():
+        assert torch.equal(resumed_state[name], value), name
+
+
+def test_deepspeed_zero3_checkpoint_with_frozen_parameters_is_not_consolidated_without_them(tmp_path):
+    """ZeRO-3 keeps a frozen parameter's values in each rank's ``frozen_param_fragments`` (an empty placeholder
+    in ``module``), which is not read here: one line, as ``load_checkpoint`` says (not a state dict without it)."""
+    write_deepspeed_checkpoint(str(tmp_path), "global_step2", _small_state(torch.float32), 3, 2, {})
+    folder = os.path.join(str(tmp_path), "global_step2")
+    for r in range(2):
+        path = os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        saved = torch.load(path, weights_only=False)
+        saved["module"]["frozen.weight"] = torch.empty(0)
+        saved["frozen_param_shapes"] = {"frozen.weight": torch.Size([2, 3])}
+        saved["frozen_param_fragments"] = {"frozen.weight": torch.arange(3.0) + 3 * r}
+        torch.save(saved, path)
+    with pytest.raises(ConfigError, match=r"^zero_to_fp32: .*zero_pp_rank_0_mp_rank_00_model_states.pt is a DeepSpeed "
+                                          r"ZeRO-3 checkpoint with frozen parameters, not read here; run the "
+                                          r"zero_to_fp32.py DeepSpeed saved beside it$"):
+        consolidate_state_dict(str(tmp_path))

@@ -19,6 +19,7 @@ import pretrain_gpt
 from megatron_core import parallel_state
 from megatron_core.checkpoint.convert import main as convert
 from megatron_core.checkpoint.core_format import load_core_checkpoint
+from megatron_core.checkpoint.megatron_lm_dist import unstack_layers
 from megatron_core.dist_checkpointing.full_model import load_full_model
 from megatron_core.errors import ConfigError
 from megatron_core.inference.loading import build_inference_model
@@ -60,6 +61,8 @@ def _source(kind):
 def _loaded_logits(load_dir):
     config, info, full, _ = load_core_checkpoint(load_dir)
     assert info["padded_vocab_size"] == PADDED and info["max_position_embeddings"] == SEQ
+    # the record agrees with the model (make_model_info's, as this framework's own saves write it)
+    assert info["share_embeddings_and_output_weights"] == config.share_embeddings_and_output_weights
     return config, _logits(config, full)[1]
 
 
@@ -277,3 +280,29 @@ def test_megatron_lms_other_pipeline_splits_are_refused_naming_the_flag(tmp_path
     with pytest.raises(ConfigError, match=r"cut its 2 pipeline stages with --account-for-embedding-in-pipeline-split, "
                                           r"which this framework does not read"):
         load_core_checkpoint(str(tmp_path))
+
+
+def test_a_legacy_checkpoint_with_transformer_engines_extra_states_loads(tmp_path):
+    """Transformer Engine's layers save their ``_extra_state`` as a uint8 tensor (empty without FP8:
+    ``get_extra_state``'s ``torch.empty(0, dtype=torch.uint8)``), not None: dropped all the same."""
+    state, logits = _source("gpt")
+    write_legacy(str(tmp_path), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
+    path = tmp_path / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    with megatron_enums():
+        file = torch.load(path, weights_only=False)
+        extra = [name for name in file["model"] if name.endswith("._extra_state")]
+        assert extra
+        file["model"].update({name: torch.empty(0, dtype=torch.uint8) for name in extra})
+        torch.save(file, path)
+    config, loaded = run_distributed(_loaded_logits, 1, str(tmp_path))[0]
+    torch.testing.assert_close(loaded, logits, rtol=0, atol=0)
+
+
+def test_unstack_layers_splits_the_leading_axis_and_refuses_a_tensor_without_one():
+    layers = unstack_layers({"decoder.layers.scale": torch.tensor([1.0, 2.0]), "embedding.w": torch.ones(3)}, 2)
+    assert sorted(layers) == ["decoder.layers.0.scale", "decoder.layers.1.scale", "embedding.w"]
+    assert layers["decoder.layers.1.scale"].dim() == 0 and float(layers["decoder.layers.1.scale"]) == 2.0
+    with pytest.raises(ValueError, match=r"decoder.layers.scale has shape \(\), not \[num_layers=2, ...\]"):
+        unstack_layers({"decoder.layers.scale": torch.tensor(1.0)}, 2)
+    with pytest.raises(ValueError, match=r"has shape \(3,\), not \[num_layers=2"):
+        unstack_layers({"decoder.layers.scale": torch.ones(3)}, 2)

@@ -256,3 +256,55 @@ def test_zero_wraps_the_model_one_bucket_at_a_time(zero_stage):
         assert r["after"] <= kept - model + _OVERHEAD_MIB, r
         if zero_stage == 3:  # a full copy of the model, gathered one bucket at a time (it was all buckets first)
             assert r["state_dict_equal"] and r["state_dict_peak"] <= model + bucket + _OVERHEAD_MIB, r
+
+
+def _persistence(thresholds: list[int]) -> list[list[tuple[int, bool, bool]]]:
+    """Per threshold, each ZeRO-3 bucket's (elements, persistent, full storage kept after wrapping)."""
+    from megatron_core import parallel_state
+    from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    out = []
+    for threshold in thresholds:
+        ps = parallel_state.ParallelState(1, 1, None)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 4, bias=False))
+        config = DistributedDataParallelConfig(zero_stage=3, bucket_size=1,
+                                               stage3_param_persistence_threshold=threshold)
+        wrapped = DistributedDataParallel(config, model, ps)
+        out.append(sorted((b.end - b.start, b.persistent, b.param_data.untyped_storage().size() > 0)
+                          for b in wrapped.buffers_by_dtype[0].buckets))
+        ps.destroy()
+    return out
+
+
+def test_zero3_keeps_buckets_up_to_the_persistence_threshold_whole():
+    """``stage3_param_persistence_threshold`` is inclusive, as DeepSpeed's (``mark_persistent_parameters``:
+    ``param.ds_numel <= param_threshold``): a bucket of exactly that many elements stays gathered, one
+    element more is freed after wrapping."""
+    [[none]] = run_distributed(_persistence, 1, [0])
+    small, large = none[0][0], none[1][0]
+    assert small < large and none == [(small, False, False), (large, False, False)]
+    [[_, at, below]] = run_distributed(_persistence, 1, [0, large, large - 1])
+    assert at == [(small, True, True), (large, True, True)]
+    assert below == [(small, True, True), (large, False, False)]
+
+
+def _zero3_state_dict_with_a_frozen_layer() -> tuple[dict, dict]:
+    from megatron_core import parallel_state
+    from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    ps = parallel_state.ParallelState(1, 1, None)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 4, bias=False))
+    model[1].weight.requires_grad_(False)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = DistributedDataParallel(DistributedDataParallelConfig(zero_stage=3, bucket_size=1), model, ps)
+    state = wrapped.state_dict()
+    ps.destroy()
+    return expected, state
+
+
+def test_zero3_state_dict_holds_frozen_parameters_beside_the_gathered_ones():
+    """A frozen parameter is in no ZeRO-3 bucket (it stays whole on every rank): ``state_dict()`` copies the
+    gathered buckets' parameters and leaves it as the module has it."""
+    [(expected, state)] = run_distributed(_zero3_state_dict_with_a_frozen_layer, 1)
+    assert sorted(state) == sorted(expected) == ["0.weight", "1.weight"]
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name

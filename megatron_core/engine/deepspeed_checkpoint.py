@@ -312,6 +312,10 @@ def consolidate(folder: str, saved: dict, path: str) -> tuple[dict[str, torch.Te
     if int(saved.get("mp_world_size", 1)) != 1:
         raise ConfigError(f"zero_to_fp32: {path} (DeepSpeed {saved['ds_version']}) holds tensor-parallel shards, "
                           f"not read here; run the zero_to_fp32.py DeepSpeed saved beside it")
+    if saved.get("frozen_param_shapes") and os.path.basename(path).startswith("zero_pp_rank_"):
+        # their values are in each rank's frozen_param_fragments, not read here (module holds placeholders)
+        raise ConfigError(f"zero_to_fp32: {path} is a DeepSpeed ZeRO-3 checkpoint with frozen parameters, not read "
+                          f"here; run the zero_to_fp32.py DeepSpeed saved beside it")
     if saved.get("optimizer") is not None:  # ZeRO-0: the module is the fp32 weights
         values = {k: v.float() for k, v in saved["module"].items() if torch.is_floating_point(v)}
         trained_names = set(values)
@@ -324,7 +328,9 @@ def consolidate(folder: str, saved: dict, path: str) -> tuple[dict[str, torch.Te
         trained_names = set(values)
         shapes = {n: torch.Size(s) for group in saved["param_shapes"] for n, s in group.items()}
         values = {n: v.view(shapes[n]) for n, v in values.items()}
-    state = {k: v.clone() for k, v in saved["module"].items() if k in (saved.get("buffer_names") or [])}
+    # the buffers in fp32 when floating, as DeepSpeed's zero_to_fp32.py (``parse_model_states``) has them
+    state = {k: v.float() if torch.is_floating_point(v) else v.clone() for k, v in saved["module"].items()
+             if k in (saved.get("buffer_names") or [])}
     for name, tensor in saved["module"].items():
         if name not in values and name not in state and tensor.numel() > 0:
             state[name] = tensor.float() if torch.is_floating_point(tensor) else tensor.clone()
