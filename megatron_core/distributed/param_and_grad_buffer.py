@@ -155,14 +155,10 @@ class ParamAndGradBuffer:
 
     # ---- layout -------------------------------------------------------------------------------
     def _build_bucket(self, bucket: Bucket) -> None:
-        """Move ``bucket``'s parameters into the buffer and give them their ``main_grad`` views.
-
-        One bucket at a time, so that under ZeRO-2/3 a bucket's full storage exists only while it is
-        filled: at most one bucket beyond the model and the shards at construction, where allocating
-        every bucket first held two more copies of the model (parameters and gradients) at once.
-        ZeRO-3 also starts the bucket from DP rank 0's values (the broadcast the DDP wrapper does for
-        the other stages) and keeps this rank's shard before freeing it.
-        """
+        """Move ``bucket``'s parameters into the buffer and give them their ``main_grad`` views; ZeRO-3 then
+        broadcasts the bucket from DP rank 0, keeps this rank's shard and frees it. One bucket at a time: at
+        most one bucket beyond the model and the shards exists (allocating every bucket first held two more
+        copies of the model at once)."""
         n = bucket.end - bucket.start
         if self.zero3:
             bucket.param_data = torch.zeros(n, dtype=self.param_dtype, device=self.device)

@@ -176,6 +176,22 @@ def _shutdown_at_exit(parallel_state: ParallelState | None) -> None:
     dist.destroy_process_group()  # the default group and any left (init_distributed's: the engine's too)
 
 
+def _check_arguments(model: Any, config: Any, config_params: Any, mpu: Any, mesh_param: Any,
+                     dist_init_required: bool | None) -> None:
+    """:func:`initialize`'s argument checks (ConfigError, one line each)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"initialize: model= must be a torch.nn.Module, got {type(model).__name__}")
+    if config is not None and config_params is not None:
+        raise ConfigError("initialize: give config= or config_params=, not both")
+    for name, value in (("mpu", mpu), ("mesh_param", mesh_param)):
+        if value is not None:
+            raise ConfigError(f"initialize: {name}= (model-parallel groups made outside) is not implemented; drop it "
+                              f"and use the config's tensor_parallel.autotp_size for tensor parallelism")
+    if dist_init_required is False and not dist.is_initialized():
+        raise ConfigError("initialize: dist_init_required=False but no process group exists; call "
+                          "torch.distributed.init_process_group first or drop the argument")
+
+
 def initialize(
     model: torch.nn.Module,
     optimizer: Any = None,
@@ -211,17 +227,7 @@ def initialize(
     Raises ConfigError (one line) for every configuration problem.
     """
     report_uncaught_config_errors()
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"initialize: model= must be a torch.nn.Module, got {type(model).__name__}")
-    if config is not None and config_params is not None:
-        raise ConfigError("initialize: give config= or config_params=, not both")
-    for name, value in (("mpu", mpu), ("mesh_param", mesh_param)):
-        if value is not None:
-            raise ConfigError(f"initialize: {name}= (model-parallel groups made outside) is not implemented; drop it "
-                              f"and use the config's tensor_parallel.autotp_size for tensor parallelism")
-    if dist_init_required is False and not dist.is_initialized():
-        raise ConfigError("initialize: dist_init_required=False but no process group exists; call "
-                          "torch.distributed.init_process_group first or drop the argument")
+    _check_arguments(model, config, config_params, mpu, mesh_param, dist_init_required)
     # The CLI's process-group setup (torchrun's env:// or one process; cores shared among local
     # ranks; a launcher watchdog); a no-op past binding the device when the user made the group.
     context = initialize_distributed(device_mod.default_backend(), timeout_minutes=30.0)
