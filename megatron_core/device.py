@@ -103,6 +103,14 @@ def configure_host_allocator() -> bool:
     return applied
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask (``taskset``, a Slurm or cgroup cpuset), which
+    the ranks it launches inherit, rather than the machine's ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def multiprocessor_count() -> int:
     """Streaming multiprocessors of this rank's GPU (CPU cores without one): how many programs a
     kernel launch needs to fill the device."""

@@ -401,7 +401,7 @@ def test_usable_cores_counts_every_core_of_the_affinity_mask():
     fails here too."""
     import os
 
-    from megatron_core.autotune.cost import usable_cores
+    from megatron_core.device import usable_cores
 
     if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
         pytest.skip("needs a machine of 2 or more cores and CPU affinity")

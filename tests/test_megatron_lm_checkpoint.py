@@ -142,26 +142,27 @@ class Gadget:
     """A class no allow-list names: its file must be refused, not unpickled."""
 
 
-def test_a_megatron_lm_file_pickling_another_class_is_refused_in_one_line(tmp_path):
+def _legacy_gpt_with_args(root, **args):
+    """The GPT source as a Megatron-LM legacy checkpoint under ``root`` whose ``args`` also hold ``args``; its file."""
     state, _ = _source("gpt")
-    write_legacy(str(tmp_path), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
-    path = tmp_path / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    write_legacy(str(root), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
+    path = root / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
     with megatron_enums():
         file = torch.load(path, weights_only=False)
-        file["args"].gadget = Gadget()
+        for name, value in args.items():
+            setattr(file["args"], name, value)
         torch.save(file, path)
+    return path
+
+
+def test_a_megatron_lm_file_pickling_another_class_is_refused_in_one_line(tmp_path):
+    path = _legacy_gpt_with_args(tmp_path, gadget=Gadget())
     with pytest.raises(ConfigError, match=rf"^{path} pickles test_megatron_lm_checkpoint.Gadget, which is not loaded"):
         load_core_checkpoint(str(tmp_path))
 
 
 def test_a_megatron_lm_moe_checkpoint_is_refused_naming_the_flag(tmp_path):
-    state, _ = _source("gpt")
-    write_legacy(str(tmp_path), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
-    path = tmp_path / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
-    with megatron_enums():
-        file = torch.load(path, weights_only=False)
-        file["args"].num_experts = 8
-        torch.save(file, path)
+    _legacy_gpt_with_args(tmp_path, num_experts=8)
     with pytest.raises(ConfigError, match=r"the Megatron-LM run used --num-experts 8, which this framework does not"):
         load_core_checkpoint(str(tmp_path))
 
@@ -198,14 +199,8 @@ def test_tokenizer_files_recorded_on_another_machine_are_replaced_by_the_given_o
     from megatron_core.training.arguments import parse_args
     from megatron_core.training.arguments.validate import validate_args
 
-    state, _ = _source("gpt")
-    write_legacy(str(tmp_path / "ckpt"), state, CONFIGS["gpt"], VOCAB, PADDED, SEQ)
-    path = tmp_path / "ckpt" / f"iter_{ITERATION:07d}" / "mp_rank_00" / "model_optim_rng.pt"
-    with megatron_enums():
-        file = torch.load(path, weights_only=False)
-        file["args"].tokenizer_type = "GPT2BPETokenizer"
-        file["args"].vocab_file, file["args"].merge_file = "/lustre/gpt2/vocab.json", "/lustre/gpt2/merges.txt"
-        torch.save(file, path)
+    path = _legacy_gpt_with_args(tmp_path / "ckpt", tokenizer_type="GPT2BPETokenizer",
+                                 vocab_file="/lustre/gpt2/vocab.json", merge_file="/lustre/gpt2/merges.txt")
     vocab, merges = tmp_path / "vocab.json", tmp_path / "merges.txt"
     vocab.write_text("{}")
     merges.write_text("#version: 0.2\n")

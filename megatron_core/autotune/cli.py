@@ -262,7 +262,8 @@ def _check_autotune_args(args: argparse.Namespace) -> None:
 def _main(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    from megatron_core.autotune.cost import profile, step_time, usable_cores
+    from megatron_core.autotune.cost import profile, step_time
+    from megatron_core.device import usable_cores
     from megatron_core.training.flops import flops_per_iteration
 
     args = build_parser().parse_args(argv)

@@ -171,18 +171,10 @@ def _head_seconds(spec: ModelSpec, mb: int, tp: int) -> float:
     return _time(lambda: F.cross_entropy(linear(x, w), labels).backward())  # the output layer's linear
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on: its affinity mask (``taskset``, a Slurm or cgroup cpuset), which
-    the ranks it launches inherit, rather than the machine's ``os.cpu_count()``."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
-
-
 def profile(spec: ModelSpec, layouts: list[Layout], world_size: int, progress: Callable | None = None) -> Profile:
     """Measure everything the candidate ``layouts`` need (each distinct shape once).
     Collectives run on forked ranks first; layers are timed in a one-rank group (made if needed)."""
-    prof = Profile(cores=usable_cores(), on_cpu=device_mod.current_device().type == "cpu")
+    prof = Profile(cores=device_mod.usable_cores(), on_cpu=device_mod.current_device().type == "cpu")
     prof.collectives = measure_collectives(sorted({n for n in (2, 4, 8, world_size) if n <= world_size}))
     owned = _ensure_group()
     keys = sorted({(lay.micro_batch_size, lay.tp, lay.recompute == "selective") for lay in layouts})

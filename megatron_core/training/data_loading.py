@@ -174,8 +174,8 @@ class _PretrainingDataLoader(torch.utils.data.DataLoader):
         if getattr(self, "_workers_checked", False):
             return
         self._workers_checked = True
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if cpus is not None and self.num_workers > cpus:
+        cpus = device.usable_cores()
+        if self.num_workers > cpus:
             _warn_more_workers_than_cpus(self.num_workers, cpus)
 
 
