@@ -208,9 +208,10 @@ def test_sizes_not_divisible_by_tp_are_rejected():
 def test_vocabulary_padding_is_a_multiple_of_divisible_by_times_tp():
     """Megatron-LM's _vocab_size_with_padding: the padded vocabulary is a multiple of make_vocab_size_divisible_by
     x TP, so every TP shard of the embedding holds a multiple of make_vocab_size_divisible_by rows (GPT-2's 50257
-    ids: 50304 at TP 1, 50432 at TP 2, 51200 at TP 8)."""
-    assert [pad_vocab_size(50257, 128, tp) for tp in (1, 2, 8)] == [50304, 50432, 51200]
+    ids: 50304 at TP 1, 50432 at TP 2, 50688 at TP 4, 51200 at TP 8)."""
+    assert [pad_vocab_size(50257, 128, tp) for tp in (1, 2, 4, 8)] == [50304, 50432, 50688, 51200]
     assert pad_vocab_size(256, 128, 2) == 256
+    assert pad_vocab_size(512, 128, 2) == 512
 
 
 def _column_autocast(sp):

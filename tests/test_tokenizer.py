@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from megatron_core.tokenizer import NullTokenizer, build_tokenizer, train_tokenizer, vocab_size_with_padding
+from megatron_core.tokenizer import NullTokenizer, build_tokenizer, train_tokenizer
 from megatron_core.tokenizer.base import NO_TOKEN
 from megatron_core.tokenizer.train_tokenizer import iter_training_lines, train_sentencepiece
 
@@ -287,8 +287,3 @@ def test_build_tokenizer_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         build_tokenizer(tokenizer_type, **kwargs)
 
-
-def test_vocab_size_with_padding():
-    assert vocab_size_with_padding(50257, 128, 1) == 50304
-    assert vocab_size_with_padding(50257, 128, 4) == 50688
-    assert vocab_size_with_padding(512, 128, 2) == 512

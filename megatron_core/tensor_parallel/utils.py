@@ -25,9 +25,11 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
 
 
 def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
-    """Pad the vocabulary to a multiple of ``make_vocab_size_divisible_by * TP`` as Megatron-LM does."""
+    """Pad the vocabulary to a multiple of ``make_vocab_size_divisible_by * TP`` as Megatron-LM does
+    (its ``_vocab_size_with_padding``), so every TP shard of the embedding has the same number of rows.
+    The one place the padding is computed: the data loader, the model and the checkpoint tools call it."""
     multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    return int(math.ceil(vocab_size / multiple) * multiple)
+    return -(-int(vocab_size) // multiple) * multiple
 
 
 def init_method_normal(std: float) -> InitMethod:

@@ -1,6 +1,6 @@
 """Tokenizers with Megatron-LM's names and interface (``tokenize``/``detokenize``/``eod``/``pad``)."""
 from .base import NO_TOKEN, MegatronTokenizer
-from .build import TOKENIZER_TYPES, build_tokenizer, vocab_size_with_padding
+from .build import TOKENIZER_TYPES, build_tokenizer
 from .null_tokenizer import NullTokenizer
 
 __all__ = [
@@ -9,5 +9,4 @@ __all__ = [
     "NullTokenizer",
     "TOKENIZER_TYPES",
     "build_tokenizer",
-    "vocab_size_with_padding",
 ]

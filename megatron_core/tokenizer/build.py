@@ -64,10 +64,3 @@ def build_tokenizer(
         f"unknown --tokenizer-type {tokenizer_type!r}; choose one of: {', '.join(TOKENIZER_TYPES)}."
     )
 
-
-def vocab_size_with_padding(
-    orig_vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
-) -> int:
-    """Round the vocabulary up so the embedding splits evenly across TP ranks (Megatron's rule)."""
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    return -(-int(orig_vocab_size) // multiple) * multiple

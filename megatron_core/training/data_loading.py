@@ -19,7 +19,8 @@ import torch
 
 from megatron_core import device
 from megatron_core.parallel_state import ParallelState
-from megatron_core.tokenizer import MegatronTokenizer, build_tokenizer, vocab_size_with_padding
+from megatron_core.tensor_parallel.utils import pad_vocab_size
+from megatron_core.tokenizer import MegatronTokenizer, build_tokenizer
 from megatron_core.training.config import DataConfig, TrainingConfig
 from megatron_core.training.errors import ConfigError
 
@@ -40,7 +41,7 @@ def build_run_tokenizer(config: DataConfig, tp_size: int) -> tuple[MegatronToken
         raise ConfigError(str(exc)) from None
     size = model_vocab_size(config.tokenizer_type, tokenizer, config.vocab_size,
                             config.tokenizer_model or config.vocab_file)
-    return tokenizer, vocab_size_with_padding(size, config.make_vocab_size_divisible_by, tp_size)
+    return tokenizer, pad_vocab_size(size, config.make_vocab_size_divisible_by, tp_size)
 
 
 def model_vocab_size(tokenizer_type: str, tokenizer: MegatronTokenizer, vocab_size: int | None,
