@@ -62,16 +62,18 @@ class _Opaque:
         self.state = state
 
 
-def _safe_globals(path: str, prefix: str, what: str) -> list[Any]:
+def _safe_globals(path: str, prefix: str, what: str, found: list[str] | None = None) -> list[Any]:
     """The allow-list for ``path``: ``argparse.Namespace``, NumPy's array rebuild (the RNG states), ``BytesIO``
     (Transformer Engine's ``_extra_state``) and a stand-in for each class of the module tree ``prefix`` the
-    pickle names (read from the pickle without running it). Raises ConfigError naming any other class;
-    ``what`` says what such files are read for."""
+    pickle names (``found``: ``torch.serialization.get_unsafe_globals_in_checkpoint(path)``, read from the
+    pickle without running it; scanned here when None). Raises ConfigError naming any other class; ``what`` says
+    what such files are read for."""
     allowed: dict[str, Any] = {"argparse.Namespace": argparse.Namespace, "numpy.ndarray": np.ndarray,
                                "numpy.dtype": np.dtype, "_io.BytesIO": _bytes_io.BytesIO}
     for name in ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"):
         allowed[name] = _reconstruct
-    found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    if found is None:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     # an ndarray's dtype is built from its NumPy dtype class, which the scan above does not list
     chosen: list[Any] = [value for value in vars(np.dtypes).values() if isinstance(value, type)
                          and issubclass(value, np.dtype)] if "numpy.dtype" in found else []
@@ -86,17 +88,18 @@ def _safe_globals(path: str, prefix: str, what: str) -> list[Any]:
     return chosen
 
 
-def load_with_stand_ins(path: str, prefix: str, what: str) -> Any:
+def load_with_stand_ins(path: str, prefix: str, what: str, found: list[str] | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` allowing :func:`_safe_globals` (classes under ``prefix`` read as
-    :class:`_Opaque` stand-ins). Raises ConfigError naming a class outside that list."""
-    with torch.serialization.safe_globals(_safe_globals(path, prefix, what)):
+    :class:`_Opaque` stand-ins; ``found``: the caller's scan of the pickle's classes, if it made one). Raises
+    ConfigError naming a class outside that list."""
+    with torch.serialization.safe_globals(_safe_globals(path, prefix, what, found)):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_megatron_lm_file(path: str) -> Any:
+def load_megatron_lm_file(path: str, found: list[str] | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` with Megatron-LM's args, RNG states and megatron-core's classes
-    (stand-ins) allowed."""
-    return load_with_stand_ins(path, "megatron.", "Megatron-LM's args, RNG states and megatron-core enums")
+    (stand-ins) allowed; ``found`` as for :func:`load_with_stand_ins`."""
+    return load_with_stand_ins(path, "megatron.", "Megatron-LM's args, RNG states and megatron-core enums", found)
 
 
 def is_megatron_lm_state(state: Any) -> bool:

@@ -120,34 +120,36 @@ def load_file(path: str) -> Any:
     except pickle.UnpicklingError as exc:
         if not is_pickled_object(exc):  # garbage in the pickle (overwritten bytes) fails the same unpickler
             raise DamagedFileError(path, pickle.UnpicklingError(unpickler_reason(exc))) from None
-        if _pickles_namespace(path):  # Megatron-LM's file: its run's args, read through an allow-list
-            return _load_megatron_lm(path)
+        found = _pickled_classes(path)
+        if "argparse.Namespace" in found:  # Megatron-LM's file: its run's args, read through an allow-list
+            return _load_megatron_lm(path, found)
         raise ConfigError(f"{path} is not a plain-tensor checkpoint: it holds pickled Python objects, which are "
                           f"not loaded (they could run code); re-save it with tensors and plain values only") from None
     except (EOFError, RuntimeError, OSError, ValueError) as exc:
         raise DamagedFileError(path, exc) from None
 
 
-def _pickles_namespace(path: str) -> bool:
-    """Whether the file names ``argparse.Namespace`` (Megatron-LM's ``args``), from a scan that runs nothing.
-    Raises DamagedFileError when the scan meets bytes that are no pickle opcode: the unpickler stopped at the
-    first class (Megatron-LM's args come first), before the damage further on."""
+def _pickled_classes(path: str) -> list[str]:
+    """The classes the file's pickle names (Megatron-LM's ``args`` is ``argparse.Namespace``), from a scan that
+    runs nothing; empty where the scan cannot follow the file. Raises DamagedFileError when the scan meets bytes
+    that are no pickle opcode: the unpickler stopped at the first class (Megatron-LM's args come first), before
+    the damage further on."""
     try:
-        return "argparse.Namespace" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except pickle.UnpicklingError as exc:
         if is_pickled_object(exc):  # an opcode the scan does not follow: refused as a pickled object
-            return False
+            return []
         raise DamagedFileError(path, pickle.UnpicklingError(unpickler_reason(exc))) from None
     except (EOFError, OSError, RuntimeError, ValueError):  # e.g. torch's pre-1.6 format, which the scan cannot read
-        return False
+        return []
 
 
-def _load_megatron_lm(path: str) -> Any:
+def _load_megatron_lm(path: str, found: list[str]) -> Any:
     """Megatron-LM's legacy file (or torch_dist ``common.pt``) at ``path``, restated in this framework's entries
-    when it holds model weights (``checkpoint.megatron_lm``)."""
+    when it holds model weights (``checkpoint.megatron_lm``); ``found``: the classes its pickle names."""
     from megatron_core.checkpoint import megatron_lm
     try:
-        state = megatron_lm.load_megatron_lm_file(path)
+        state = megatron_lm.load_megatron_lm_file(path, found)
     except ConfigError:  # a class outside the allow-list, named
         raise
     except (EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
