@@ -12,9 +12,13 @@ decayed (biases too), as DeepSpeed builds the config's optimizer without ``model
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from hf_testing import tiny_hf_gpt2, tiny_hf_llama
+
+from megatron_core.errors import ConfigError
 
 MICRO = 2
 SEQ = 8
@@ -169,3 +173,12 @@ def config_with(**changes) -> dict:
     config = copy.deepcopy(BASE_CONFIG)
     config.update(changes)
     return config
+
+
+def config_error(call: Callable[[], Any]) -> str | None:
+    """The one line of the ConfigError ``call()`` raises, or None when it returns (its result is dropped)."""
+    try:
+        call()
+    except ConfigError as exc:
+        return str(exc)
+    return None

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from engine_common import VOCAB, ds_config, make_model, reference, run_steps, sharded, state_of
+from engine_common import VOCAB, config_error, ds_config, make_model, reference, run_steps, sharded, state_of
 from equivalence import assert_rel_close
 from harness import run_distributed
 from hf_testing import tiny_hf_gpt2
@@ -200,12 +200,9 @@ def _load_into(kind, directory, **sizes):
     engine, _, _, _ = megatron_core.initialize(model, config=ds_config(dist.get_world_size(), 1, 1, kind),
                                                dist_init_required=False)
     try:
-        engine.load_checkpoint(directory)
-    except ConfigError as exc:
-        return str(exc)
+        return config_error(lambda: engine.load_checkpoint(directory))
     finally:
         engine.parallel_state.destroy()
-    return None
 
 
 def test_a_checkpoint_of_another_model_is_one_line(tmp_path):
@@ -237,12 +234,9 @@ def _save_with_a_full_disk_on_rank_1(directory):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     try:
-        engine.save_checkpoint(directory)
-    except ConfigError as exc:
-        return str(exc)
+        return config_error(lambda: engine.save_checkpoint(directory))
     finally:
         engine.parallel_state.destroy()
-    return None
 
 
 def test_a_write_failing_on_one_rank_is_one_line_on_every_rank(tmp_path):
@@ -348,18 +342,12 @@ def _deepspeed_signatures(directory):
     engine.parallel_state.destroy()
     bigger = torch.nn.Sequential(*make_model("mlp"), torch.nn.Linear(4, 4))  # one more layer than saved
     engine, _, _, _ = megatron_core.initialize(bigger, config=ds_config(1, 1, 1))
-    results = {}
-    try:
-        engine.load_checkpoint(directory, "1.25", load_module_strict=True, load_optimizer_states=False)
-    except ConfigError as exc:
-        results["strict"] = str(exc)
+    results: dict = {"strict": config_error(lambda: engine.load_checkpoint(
+        directory, "1.25", load_module_strict=True, load_optimizer_states=False))}
     # DeepSpeed's third positional parameter is load_module_strict (here it was load_optimizer_states).
     results["loose"] = engine.load_checkpoint(directory, "1.25", False, False, False)
     results["same"] = all(torch.equal(engine.module.state_dict()[k], v) for k, v in weights.items())
-    try:
-        engine.load_checkpoint(directory, "1.25", custom_load_fn=print)
-    except ConfigError as exc:
-        results["refused", True] = str(exc)
+    results["refused", True] = config_error(lambda: engine.load_checkpoint(directory, "1.25", custom_load_fn=print))
     engine.parallel_state.destroy()
     return results
 
@@ -388,11 +376,8 @@ def _loose_load_at_dp2(directory, stage):
     torch.manual_seed(7)
     bigger = torch.nn.Sequential(*make_model("mlp"), torch.nn.Linear(4, 4))
     engine, _, _, _ = megatron_core.initialize(bigger, config=sharded(ds_config(2, 1, stage)))
-    try:
-        engine.load_checkpoint(directory, "saved", False)  # optimizer states too: the new layer has none
-        refused = None
-    except ConfigError as exc:
-        refused = str(exc)
+    # optimizer states too: the new layer has none
+    refused = config_error(lambda: engine.load_checkpoint(directory, "saved", False))
     loaded = engine.load_checkpoint(directory, "saved", False, False)[0]
     run_steps("mlp", engine, 1, 2)  # the ranks are still in step
     engine.parallel_state.destroy()
@@ -425,9 +410,7 @@ def _load_without_tp_rank_1_model_file(directory):
         os.remove(os.path.join(directory, "saved", "mp_rank_01_model_states.pt"))
     engine.barrier()
     try:
-        engine.load_checkpoint(directory, "saved")
-    except ConfigError as exc:
-        return str(exc)
+        return config_error(lambda: engine.load_checkpoint(directory, "saved"))
     finally:
         engine.parallel_state.destroy()
 
@@ -486,11 +469,7 @@ def _save_without_frozen(directory, stage):
     model = frozen_first(1)
     engine, _, _, _ = megatron_core.initialize(model, model_parameters=[p for p in model.parameters()
                                                                         if p.requires_grad], config=config)
-    try:
-        engine.load_checkpoint(directory, "peft")
-        strict = None
-    except ConfigError as exc:
-        strict = str(exc)
+    strict = config_error(lambda: engine.load_checkpoint(directory, "peft"))
     engine.load_checkpoint(directory, "peft", load_module_strict=False)  # Hugging Face Trainer's for PEFT
     loaded = state_of(engine)
     losses, _ = run_steps("mlp", engine, 2, 3)  # the ranks are in step

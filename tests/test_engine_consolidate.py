@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from engine_common import ds_config, make_model, run_steps, sharded, state_of
+from engine_common import config_error, ds_config, make_model, run_steps, sharded, state_of
 from harness import run_distributed
 
 import megatron_core
@@ -170,12 +170,9 @@ def _save_at_zero2(directory):
 def _save_expecting_an_error(directory):
     engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 0))
     try:
-        engine.save_checkpoint(directory)
-    except ConfigError as exc:
-        return str(exc)
+        return config_error(lambda: engine.save_checkpoint(directory))
     finally:
         engine.parallel_state.destroy()
-    return None
 
 
 def test_a_recovery_script_that_cannot_be_replaced_is_one_line_and_leaves_no_temporary(tmp_path):
