@@ -9,6 +9,7 @@ reference is a one-process training loop written with plain torch (``torch.optim
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from megatron_core.pipeline_parallel import get_forward_backward_func
 from megatron_core.tensor_parallel import shard_of_master
 
 MICRO_BATCH = 2
+WORD_EMBEDDING = "embedding.word_embeddings.weight"
 OPT = dict(lr=0.01, weight_decay=0.1, clip_grad=0.5, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
 
 
@@ -159,3 +161,18 @@ def compare(results: list, ref: dict, num_microbatches: int, tol: float = 1e-5, 
             mine = [step[dp_rank * num_microbatches:(dp_rank + 1) * num_microbatches] for step in ref["losses"]]
             assert_rel_close(torch.tensor(res["losses"]), torch.tensor(mine), tol, f"{what} rank {rank} losses")
     assert seen == set(ref["params"]), f"{what}: parameters not covered: {set(ref['params']) - seen}"
+
+
+def gpt_global_parameters(chunks) -> dict:
+    """A GPT's parameters by split-independent names: global layer numbers, and the tied output weight of a
+    separate last pipeline stage under the word embedding's name."""
+    named = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+            if match:
+                name = f"decoder.layers.{chunk.decoder.layers[int(match[1])].layer_number}.{match[2]}"
+            elif name == "output_layer.weight" and getattr(p, "shared_embedding", False):
+                name = WORD_EMBEDDING
+            named[name] = p
+    return named

@@ -7,20 +7,16 @@ grad norms and final parameters equal one process on the global batch (fp32, rel
 """
 import dataclasses
 import functools
-import re
 
 import pytest
 import torch
-from ddp_common import compare, serial_reference, train
+from ddp_common import compare, gpt_global_parameters, serial_reference, train
 from harness import run_distributed
 
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.models.presets import gpt2_config, llama_config
 
 VOCAB, SEQ, STEPS, MICROBATCHES = 64, 16, 4, 2
-# Attention is invariant to the key bias, so its gradient is rounding noise (~1e-10); with Adam's
-# default eps that noise would be normalised into full-size steps of random sign in both runs.
-WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
 
 def _loss_func(loss_mask, per_token_loss):
@@ -50,16 +46,7 @@ class GPTSpec:
         return dataclasses.replace(self, sequence_parallel=False)
 
     def global_parameters(self, chunks):
-        named = {}
-        for chunk in chunks:
-            for name, p in chunk.named_parameters():
-                match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-                if match:
-                    name = f"decoder.layers.{chunk.decoder.layers[int(match[1])].layer_number}.{match[2]}"
-                elif name == "output_layer.weight" and getattr(p, "shared_embedding", False):
-                    name = WORD_EMBEDDING
-                named[name] = p
-        return named
+        return gpt_global_parameters(chunks)
 
     def microbatches(self, step, count, micro_batch_size):
         g = torch.Generator().manual_seed(777 + step)

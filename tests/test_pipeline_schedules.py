@@ -8,11 +8,11 @@ import contextlib
 import dataclasses
 import functools
 import os
-import re
 
 import pytest
 import torch
 import torch.distributed as dist
+from ddp_common import gpt_global_parameters
 from equivalence import assert_rel_close
 from harness import RankError, run_distributed
 
@@ -25,7 +25,6 @@ from megatron_core.tensor_parallel.utils import shard_of_master
 
 VOCAB, SEQ, STEPS, MICRO_BATCH, LR = 64, 16, 3, 2, 0.5
 EVAL_STEP = 99  # seed of the evaluation batches
-WORD_EMBEDDING = "embedding.word_embeddings.weight"
 
 
 def _config(preset: str = "gpt2", **overrides):
@@ -38,21 +37,6 @@ def _config(preset: str = "gpt2", **overrides):
 
 def _build(config, parallel_state):
     return build_gpt_model_chunks(config, VOCAB, SEQ, parallel_state, make_vocab_size_divisible_by=32)
-
-
-def _global_parameters(chunks) -> dict:
-    """Parameters by split-independent names: global layer numbers, and the tied output weight of
-    a separate last stage under the word embedding's name."""
-    named = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
-            if match:
-                name = f"decoder.layers.{chunk.decoder.layers[int(match[1])].layer_number}.{match[2]}"
-            elif name == "output_layer.weight" and getattr(p, "shared_embedding", False):
-                name = WORD_EMBEDDING
-            named[name] = p
-    return named
 
 
 def microbatches(step: int, num_microbatches: int) -> list[dict]:
@@ -101,7 +85,7 @@ def _reference(config, num_microbatches: int, per_token: bool, frozen: tuple = (
     config = dataclasses.replace(config, num_layers_in_first_pipeline_stage=None,
                                  num_layers_in_last_pipeline_stage=None, sequence_parallel=False)
     (model,) = _build(config, ps)
-    params = _global_parameters([model])
+    params = gpt_global_parameters([model])
     _freeze(params, frozen)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses, grads = [], []
@@ -133,7 +117,7 @@ def _reference(config, num_microbatches: int, per_token: bool, frozen: tuple = (
 def _pipeline(layout: dict, config, num_microbatches: int, per_token: bool) -> dict:
     ps = parallel_state.initialize_model_parallel(layout["tp"], layout["pp"], layout.get("vpp"))
     chunks = _build(config, ps)
-    params = _global_parameters(chunks)
+    params = gpt_global_parameters(chunks)
     _freeze(params, layout.get("frozen", ()))
     opt = torch.optim.SGD([p for c in chunks for p in c.parameters()], lr=LR)
     schedule = get_forward_backward_func(ps)
