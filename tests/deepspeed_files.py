@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import math
 import os
 import sys
@@ -162,6 +163,40 @@ def _zero3_files(state: dict, dp: int, classes: tuple) -> list[dict]:
     return files
 
 
+def _zero0_optimizer(state: dict) -> dict:
+    """The model file's ``optimizer`` without ZeRO: the torch optimizer's ``state_dict`` (fp32) or, training in
+    fp16 / bf16, DeepSpeed's ``FP16_UnfusedOptimizer.state_dict()`` around it (the fp32 master copies in
+    ``fp32_groups``; the loss scale: ``scaler``'s ``cur_scale``, ``cur_iter``, ``last_overflow_iter``, ...)."""
+    torch_state = {
+        "state": {i: {"step": state["step"].clone(), "exp_avg": state["exp_avg"][n].clone(),
+                      "exp_avg_sq": state["exp_avg_sq"][n].clone()} for i, n in enumerate(state["shapes"])},
+        "param_groups": [{**state["group"], **ADAMW_GROUP, "params": list(range(len(state["shapes"])))}]}
+    if state.get("dtype", torch.float32) == torch.float32:
+        return torch_state
+    scaler = state.get("scaler") or {"dynamic": False, "cur_scale": 1.0, "cur_iter": state["global_steps"]}
+    loss_scale = {"dynamic_loss_scale": scaler["dynamic"], "cur_scale": scaler["cur_scale"], "cur_iter": scaler["cur_iter"]}
+    if scaler["dynamic"]:
+        loss_scale.update({k: scaler[k] for k in ("last_overflow_iter", "scale_factor", "scale_window")})
+    return {**loss_scale, "optimizer_state_dict": torch_state,
+            "fp32_groups": [[state["fp32"][n].clone() for n in state["shapes"]]]}
+
+
+def _bf16_optimizer_files(state: dict, dp: int, classes: tuple) -> list[dict]:
+    """DeepSpeed's ``BF16_Optimizer.state_dict()`` per rank (bf16 at ZeRO-1 with ``grad_accum_dtype`` fp32): ZeRO-1's
+    files less ``zero_stage``, the loss scaler and ``param_alignment_paddings``, each rank's fp32 partition kept
+    whole (the last one's padding too, which ``group_paddings`` counts)."""
+    files = _zero12_files(state, 1, dp, classes)
+    for data in files:
+        osd = data["optimizer_state_dict"]
+        partition = torch.nn.functional.pad(osd["single_partition_of_fp32_groups"][0], (0, osd["group_paddings"][0]))
+        data["optimizer_state_dict"] = {
+            "clip_grad": osd["clip_grad"], "base_optimizer_state": osd["base_optimizer_state"],
+            "single_partition_of_fp32_groups": [partition], "group_paddings": osd["group_paddings"],
+            "partition_count": osd["partition_count"], "ds_version": DS_VERSION,
+            "param_slice_mappings": osd["param_slice_mappings"]}
+    return files
+
+
 def write_deepspeed_checkpoint(directory: str, tag: str, state: dict, stage: int, dp: int, client: dict) -> None:
     """``directory/tag`` and ``directory/latest`` as DeepSpeed 0.19.8 writes them at ZeRO ``stage`` over ``dp``
     ranks. ``state``: ``shapes`` (name -> shape, the param group's order), per name ``fp32``, ``exp_avg``,
@@ -173,21 +208,21 @@ def write_deepspeed_checkpoint(directory: str, tag: str, state: dict, stage: int
     # the training dtype's weights (DeepSpeed's module_state_dict), fp32 unless ``state`` says ``dtype``
     module = OrderedDict((n, state["fp32"][n].to(state.get("dtype", torch.float32))) for n in state["shapes"])
     if stage == 0:
-        state = {**state, "torch_optimizer": {
-            "state": {i: {"step": state["step"].clone(), "exp_avg": state["exp_avg"][n].clone(),
-                          "exp_avg_sq": state["exp_avg_sq"][n].clone()} for i, n in enumerate(state["shapes"])},
-            "param_groups": [{**state["group"], **ADAMW_GROUP, "params": list(range(len(state["shapes"])))}]}}
+        state = {**state, "torch_optimizer": _zero0_optimizer(state)}
+    prefix = "bf16_" if state.get("dtype") == torch.bfloat16 else ""  # DeepSpeed's _get_zero_ckpt_prefix
     with deepspeed_classes() as classes:
         if stage == 3:
             empty = OrderedDict((n, torch.empty(0)) for n in state["shapes"])
             for r, optim in enumerate(_zero3_files(state, dp, classes)):
                 torch.save(_model_states(state, 3, dp, empty, client),
                            os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
-                torch.save(optim, os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+                torch.save(optim, os.path.join(folder, f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
         else:
             torch.save(_model_states(state, stage, dp, module, client),
                        os.path.join(folder, "mp_rank_00_model_states.pt"))
-            for r, optim in enumerate(_zero12_files(state, stage, dp, classes) if stage else []):
-                torch.save(optim, os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+            bf16_optimizer = state.get("bf16_optimizer", False)
+            write = _bf16_optimizer_files if bf16_optimizer else functools.partial(_zero12_files, stage=stage)
+            for r, optim in enumerate(write(state, dp=dp, classes=classes) if stage else []):
+                torch.save(optim, os.path.join(folder, f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
     with open(os.path.join(directory, "latest"), "w") as f:
         f.write(tag)
