@@ -1,14 +1,17 @@
 """Write checkpoints in DeepSpeed 0.19.8's on-disk layout without DeepSpeed (no tests here).
 
 The layout is the one real DeepSpeed 0.19.8 runs wrote (``bench/ds_checkpoint_peer.py``: ZeRO 0-3, DP 1 and 2,
-torch AdamW through ``"torch_adam": true``; docs/engine.md records the comparison), and
+fp32, bf16 and fp16, torch AdamW through ``"torch_adam": true``; docs/engine.md records the comparison), and
 ``bench/ds_checkpoint_layout.py`` finds the same file names, pickled globals, keys, types, shapes and dtypes
 in what this module writes as in those folders:
 ``mp_rank_00_model_states.pt`` (ZeRO-3: ``zero_pp_rank_{r}_mp_rank_00_model_states.pt`` per rank, with empty
 parameters in ``module``) and ``zero_pp_rank_{r}_mp_rank_00_optim_states.pt`` (ZeRO-1/2: each rank's slice
 of the param group's flat fp32 vector, padded to a multiple of ``2 * dp``, the padding cut from
 ``single_partition_of_fp32_groups`` and kept in Adam's state; ZeRO-3: ``ceil(numel / dp)`` elements of every
-parameter per rank). DeepSpeed pickles three of its classes there (``ZeroStageEnum``, ``LossScaler``,
+parameter per rank); named ``bf16_zero_pp_rank_...`` in bf16. Without ZeRO in fp16 or bf16 the model file's
+``optimizer`` is DeepSpeed's ``FP16_UnfusedOptimizer``'s (fp32 master copies in ``fp32_groups``, the loss scale);
+bf16 at ZeRO-1 with ``grad_accum_dtype`` fp32 writes ``BF16_Optimizer``'s files (``state["bf16_optimizer"]``).
+DeepSpeed pickles three of its classes there (``ZeroStageEnum``, ``LossScaler``,
 ``fragment_address``); :func:`deepspeed_classes` makes same-named classes under a stand-in ``deepspeed``
 package only while the files are written, so the pickles name the same globals as DeepSpeed's.
 """
@@ -26,6 +29,10 @@ import types
 from collections import OrderedDict
 
 import torch
+from engine_common import make_model
+
+from megatron_core.engine.checkpoint import full_fragments
+from megatron_core.engine.checkpoint_files import load_states, model_file, optim_files
 
 DS_VERSION = "0.19.8"
 ADAMW_GROUP = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
@@ -212,7 +219,7 @@ def write_deepspeed_checkpoint(directory: str, tag: str, state: dict, stage: int
     prefix = "bf16_" if state.get("dtype") == torch.bfloat16 else ""  # DeepSpeed's _get_zero_ckpt_prefix
     with deepspeed_classes() as classes:
         if stage == 3:
-            empty = OrderedDict((n, torch.empty(0)) for n in state["shapes"])
+            empty = OrderedDict((n, torch.empty(0, dtype=state.get("dtype", torch.float32))) for n in state["shapes"])
             for r, optim in enumerate(_zero3_files(state, dp, classes)):
                 torch.save(_model_states(state, 3, dp, empty, client),
                            os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
@@ -226,3 +233,26 @@ def write_deepspeed_checkpoint(directory: str, tag: str, state: dict, stage: int
                 torch.save(optim, os.path.join(folder, f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
     with open(os.path.join(directory, "latest"), "w") as f:
         f.write(tag)
+
+
+def other_weights() -> torch.nn.Module:
+    """The test MLP with other weights than ``make_model("mlp")``'s: a load must replace every one."""
+    model = make_model("mlp")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    return model
+
+
+def state_for_deepspeed(folder: str, config: dict) -> dict:
+    """This engine's checkpoint in ``folder`` restated as what DeepSpeed holds (per parameter, full tensors), the
+    ``state`` :func:`write_deepspeed_checkpoint` takes."""
+    saved = load_states(model_file(folder, 0))
+    values, states, scalars = full_fragments(optim_files(folder, 0), saved["param_meta"])
+    shapes = {n: tuple(info["local_shape"]) for n, info in saved["param_meta"].items()}
+    group = {k: saved["param_groups"][0][k] for k in ("lr", "betas", "eps", "weight_decay")}
+    return {"shapes": shapes, "fp32": {n: values[n].view(shapes[n]) for n in shapes},
+            "exp_avg": {n: states[n]["exp_avg"].view(shapes[n]) for n in shapes},
+            "exp_avg_sq": {n: states[n]["exp_avg_sq"].view(shapes[n]) for n in shapes},
+            "step": scalars["step"].float(), "group": group, "clip": 0.5, "lr_scheduler": saved["lr_scheduler"],
+            "global_steps": saved["global_steps"], "global_samples": saved["global_samples"], "ds_config": config}
