@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--grad-accum-dtype", default=None)
     p.add_argument("--hysteresis", type=int, default=2)
+    p.add_argument("--freeze", action="store_true", help="fc1.bias frozen (requires_grad=False)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--dir", required=True)
     p.add_argument("--out", required=True)
@@ -90,6 +91,8 @@ def main() -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0 if args.phase == "save" else 123)
     model = mlp() if args.model == "mlp" else gpt2()
+    if args.freeze:
+        model.fc1.bias.requires_grad_(False)
     if args.impl == "deepspeed":
         import deepspeed as lib
         gathered = lib.zero.GatheredParameters

@@ -81,15 +81,30 @@ def deepspeed_classes():
             del sys.modules[name]
 
 
-def _model_states(state: dict, stage: int, dp: int, module: dict, client: dict) -> dict:
+def _frozen_fragments(state: dict, stage: int, dp: int, rank: int) -> OrderedDict:
+    """A rank's ``frozen_param_fragments``: each frozen parameter whole (ZeRO-2) or its ``ds_tensor``, the rank's
+    ``ceil(numel / dp)`` elements, the last rank's zero-padded (ZeRO-3)."""
+    out = OrderedDict()
+    for name, value in state.get("frozen", {}).items():
+        if stage == 3:
+            part = math.ceil(value.numel() / dp)
+            value = torch.nn.functional.pad(value.reshape(-1), (0, part * dp - value.numel()))[rank * part:][:part]
+        out[name] = value.clone()
+    return out
+
+
+def _model_states(state: dict, stage: int, dp: int, module: dict, client: dict, rank: int = 0) -> dict:
+    """The model file; frozen parameters (``state["frozen"]``) are listed with their values only where DeepSpeed
+    partitions gradients (ZeRO-2/3: its ``save_frozen_param``); ZeRO-0/1 keep them in ``module`` alone."""
     zero = stage > 0
+    frozen = state.get("frozen", {})
     return {
         "module": module, "buffer_names": [],
         "optimizer": state["torch_optimizer"] if not zero else None,
         "param_shapes": [OrderedDict((n, torch.Size(s)) for n, s in state["shapes"].items())] if zero else None,
-        "frozen_param_shapes": OrderedDict() if stage >= 2 else None,
+        "frozen_param_shapes": OrderedDict((n, v.shape) for n, v in frozen.items()) if stage >= 2 else None,
         "shared_params": {} if zero else None,
-        "frozen_param_fragments": OrderedDict() if stage >= 2 else None,
+        "frozen_param_fragments": _frozen_fragments(state, stage, dp, rank) if stage >= 2 else None,
         "lr_scheduler": state["lr_scheduler"], "data_sampler": None, "random_ltd": None,
         "skipped_steps": state.get("skipped_steps", 0), "global_steps": state["global_steps"],
         "global_samples": state["global_samples"],
@@ -208,20 +223,22 @@ def write_deepspeed_checkpoint(directory: str, tag: str, state: dict, stage: int
     """``directory/tag`` and ``directory/latest`` as DeepSpeed 0.19.8 writes them at ZeRO ``stage`` over ``dp``
     ranks. ``state``: ``shapes`` (name -> shape, the param group's order), per name ``fp32``, ``exp_avg``,
     ``exp_avg_sq``; ``step`` (Adam's, a 0-dim tensor), ``group`` (lr, betas, eps, weight_decay), ``clip``,
-    ``lr_scheduler``, ``global_steps``, ``global_samples``, ``ds_config``, optionally ``skipped_steps``, ``dtype``
-    and ``scaler`` (fp16: ``DynamicLossScaler``'s attributes); ``client`` is ``client_state``."""
+    ``lr_scheduler``, ``global_steps``, ``global_samples``, ``ds_config``, optionally ``skipped_steps``, ``dtype``,
+    ``scaler`` (fp16: ``DynamicLossScaler``'s attributes), ``bf16_optimizer`` and ``frozen`` (name -> the frozen
+    parameter's value in the training dtype); ``client`` is ``client_state``."""
     folder = os.path.join(directory, tag)
     os.makedirs(folder, exist_ok=True)
     # the training dtype's weights (DeepSpeed's module_state_dict), fp32 unless ``state`` says ``dtype``
     module = OrderedDict((n, state["fp32"][n].to(state.get("dtype", torch.float32))) for n in state["shapes"])
+    module.update(state.get("frozen", {}))
     if stage == 0:
         state = {**state, "torch_optimizer": _zero0_optimizer(state)}
     prefix = "bf16_" if state.get("dtype") == torch.bfloat16 else ""  # DeepSpeed's _get_zero_ckpt_prefix
     with deepspeed_classes() as classes:
         if stage == 3:
-            empty = OrderedDict((n, torch.empty(0, dtype=state.get("dtype", torch.float32))) for n in state["shapes"])
+            empty = OrderedDict((n, torch.empty(0, dtype=t.dtype)) for n, t in module.items())
             for r, optim in enumerate(_zero3_files(state, dp, classes)):
-                torch.save(_model_states(state, 3, dp, empty, client),
+                torch.save(_model_states(state, 3, dp, empty, client, r),
                            os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
                 torch.save(optim, os.path.join(folder, f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
         else:
@@ -249,10 +266,12 @@ def state_for_deepspeed(folder: str, config: dict) -> dict:
     ``state`` :func:`write_deepspeed_checkpoint` takes."""
     saved = load_states(model_file(folder, 0))
     values, states, scalars = full_fragments(optim_files(folder, 0), saved["param_meta"])
-    shapes = {n: tuple(info["local_shape"]) for n, info in saved["param_meta"].items()}
+    shapes = {n: tuple(info["local_shape"]) for n, info in saved["param_meta"].items() if info["requires_grad"]}
+    frozen = {n: saved["module"][n].clone() for n, info in saved["param_meta"].items() if not info["requires_grad"]}
     group = {k: saved["param_groups"][0][k] for k in ("lr", "betas", "eps", "weight_decay")}
     return {"shapes": shapes, "fp32": {n: values[n].view(shapes[n]) for n in shapes},
             "exp_avg": {n: states[n]["exp_avg"].view(shapes[n]) for n in shapes},
             "exp_avg_sq": {n: states[n]["exp_avg_sq"].view(shapes[n]) for n in shapes},
             "step": scalars["step"].float(), "group": group, "clip": 0.5, "lr_scheduler": saved["lr_scheduler"],
-            "global_steps": saved["global_steps"], "global_samples": saved["global_samples"], "ds_config": config}
+            "global_steps": saved["global_steps"], "global_samples": saved["global_samples"], "ds_config": config,
+            "frozen": frozen}

@@ -76,6 +76,27 @@ def zero3_model_file(folder: str, dp_rank: int = 0) -> str:
     return path if dp_rank == 0 or os.path.exists(path) else zero3_model_file(folder)
 
 
+def zero3_frozen(folder: str, saved: dict) -> dict[str, torch.Tensor]:
+    """ZeRO-3's frozen parameters (``frozen_param_shapes``), whole, in the training dtype: each DP rank's model file
+    holds its ``ceil(numel / dp)`` elements in ``frozen_param_fragments`` (the parameter's ``ds_tensor``, the last
+    one zero-padded), joined and cut as DeepSpeed's ``_zero3_merge_frozen_params``; ``module`` holds placeholders.
+
+    Raises ConfigError naming a DP rank's missing model file."""
+    shapes = saved.get("frozen_param_shapes") or {}
+    if not shapes:
+        return {}
+    fragments = []
+    for rank in range(int(saved.get("dp_world_size", 1))):
+        path = os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+        if not os.path.exists(path):
+            raise ConfigError(f"load_checkpoint: {path} is missing (DeepSpeed's dp_world_size is "
+                              f"{saved['dp_world_size']}; its frozen parameters are split over every rank's file)")
+        fragments.append(saved["frozen_param_fragments"] if rank == 0 and "frozen_param_fragments" in saved
+                         else load_deepspeed_file(path)["frozen_param_fragments"])
+    return {name: torch.cat([f[name].reshape(-1) for f in fragments])[:math.prod(shape)].view(tuple(shape)).clone()
+            for name, shape in shapes.items()}
+
+
 def _stage_of(value: Any) -> int:
     """``zero_stage`` as saved: a ``ZeroStageEnum`` stand-in (constructed from its int) or an int."""
     return int(value.values[0]) if hasattr(value, "values") else int(value)
@@ -204,8 +225,6 @@ def _unsupported(saved: dict, path: str, engine: Any) -> str | None:
     if int(saved.get("mp_world_size", 1)) != 1 or engine.parallel_state.tp_size != 1:
         return (f"load_checkpoint: {path} (DeepSpeed {saved['ds_version']}, mp_world_size "
                 f"{saved.get('mp_world_size')}) with tensor parallelism is not read here; {FIX}")
-    if saved.get("frozen_param_shapes") and os.path.basename(path).startswith("zero_pp_rank_"):  # ZeRO-3's file
-        return f"load_checkpoint: {path} is a DeepSpeed ZeRO-3 checkpoint with frozen parameters, not read here; {FIX}"
     return None
 
 
@@ -230,6 +249,8 @@ def restate(folder: str, saved: dict, path: str, engine: Any) -> dict:
         raise ConfigError(f"load_checkpoint: {folder} has DeepSpeed's {os.path.basename(path)} but no optimizer "
                           f"state (no 'optimizer', no zero_pp_rank_*_optim_states.pt); {FIX}")
     module = dict(saved["module"])
+    if stage == 3:  # its frozen parameters are split over the DP ranks' model files
+        module.update(zero3_frozen(folder, saved))
     shared = saved.get("shared_params") or {}
     for name, value in values.items():  # ZeRO-3 saves empty placeholders: the fp32 main values are the weights
         if module.get(name) is None or module[name].numel() != value.numel():
@@ -285,10 +306,6 @@ def consolidate(folder: str, saved: dict, path: str) -> tuple[dict[str, torch.Te
     if int(saved.get("mp_world_size", 1)) != 1:
         raise ConfigError(f"zero_to_fp32: {path} (DeepSpeed {saved['ds_version']}) holds tensor-parallel shards, "
                           f"not read here; run the zero_to_fp32.py DeepSpeed saved beside it")
-    if saved.get("frozen_param_shapes") and os.path.basename(path).startswith("zero_pp_rank_"):
-        # their values are in each rank's frozen_param_fragments, not read here (module holds placeholders)
-        raise ConfigError(f"zero_to_fp32: {path} is a DeepSpeed ZeRO-3 checkpoint with frozen parameters, not read "
-                          f"here; run the zero_to_fp32.py DeepSpeed saved beside it")
     if saved.get("optimizer") is not None:  # ZeRO-0: the fp32 module, or the fp16 / bf16 optimizer's masters
         values = deepspeed_zero0.consolidated_masters(saved, path)
         trained_names = set(values)
@@ -301,6 +318,11 @@ def consolidate(folder: str, saved: dict, path: str) -> tuple[dict[str, torch.Te
         trained_names = set(values)
         shapes = {n: torch.Size(s) for group in saved["param_shapes"] for n, s in group.items()}
         values = {n: v.view(shapes[n]) for n, v in values.items()}
+        if os.path.basename(path).startswith("zero_pp_rank_"):  # ZeRO-3: frozen ones from every rank's file
+            try:
+                values.update({n: v.float() for n, v in zero3_frozen(folder, saved).items()})
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("load_checkpoint: ", "zero_to_fp32: ", 1)) from None
     # the buffers in fp32 when floating, as DeepSpeed's zero_to_fp32.py (``parse_model_states``) has them
     state = {k: v.float() if torch.is_floating_point(v) else v.clone() for k, v in saved["module"].items()
              if k in (saved.get("buffer_names") or [])}
