@@ -100,8 +100,8 @@ def main() -> None:
         import megatron_core as lib  # type: ignore[no-redef]
         from megatron_core.zero import GatheredParameters as gathered
     kwargs = {"dist_init_required": False} if args.impl == "deepspeed" else {}
-    engine, _, _, _ = lib.initialize(model=model, model_parameters=model.parameters(),
-                                     config=config(args.zero, world, args.dtype, args.grad_accum_dtype, args.hysteresis), **kwargs)
+    cfg = config(args.zero, world, args.dtype, args.grad_accum_dtype, args.hysteresis)
+    engine, _, _, _ = lib.initialize(model=model, model_parameters=model.parameters(), config=cfg, **kwargs)
     first = 0
     client = None
     if args.phase == "resume":

@@ -196,7 +196,8 @@ def _zero0_optimizer(state: dict) -> dict:
     if state.get("dtype", torch.float32) == torch.float32:
         return torch_state
     scaler = state.get("scaler") or {"dynamic": False, "cur_scale": 1.0, "cur_iter": state["global_steps"]}
-    loss_scale = {"dynamic_loss_scale": scaler["dynamic"], "cur_scale": scaler["cur_scale"], "cur_iter": scaler["cur_iter"]}
+    loss_scale = {"dynamic_loss_scale": scaler["dynamic"], "cur_scale": scaler["cur_scale"],
+                  "cur_iter": scaler["cur_iter"]}
     if scaler["dynamic"]:
         loss_scale.update({k: scaler[k] for k in ("last_overflow_iter", "scale_factor", "scale_window")})
     return {**loss_scale, "optimizer_state_dict": torch_state,

@@ -270,21 +270,3 @@ def test_deepspeed_zero3_checkpoint_of_a_tied_model_resumes(tmp_path):
     assert sorted(resumed_state) == sorted(straight_state) and "lm_head.weight" in straight_state
     for name, value in straight_state.items():
         assert torch.equal(resumed_state[name], value), name
-
-
-def test_deepspeed_zero3_checkpoint_with_frozen_parameters_is_not_consolidated_without_them(tmp_path):
-    """ZeRO-3 keeps a frozen parameter's values in each rank's ``frozen_param_fragments`` (an empty placeholder
-    in ``module``), which is not read here: one line, as ``load_checkpoint`` says (not a state dict without it)."""
-    write_deepspeed_checkpoint(str(tmp_path), "global_step2", _small_state(torch.float32), 3, 2, {})
-    folder = os.path.join(str(tmp_path), "global_step2")
-    for r in range(2):
-        path = os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
-        saved = torch.load(path, weights_only=False)
-        saved["module"]["frozen.weight"] = torch.empty(0)
-        saved["frozen_param_shapes"] = {"frozen.weight": torch.Size([2, 3])}
-        saved["frozen_param_fragments"] = {"frozen.weight": torch.arange(3.0) + 3 * r}
-        torch.save(saved, path)
-    with pytest.raises(ConfigError, match=r"^zero_to_fp32: .*zero_pp_rank_0_mp_rank_00_model_states.pt is a DeepSpeed "
-                                          r"ZeRO-3 checkpoint with frozen parameters, not read here; run the "
-                                          r"zero_to_fp32.py DeepSpeed saved beside it$"):
-        consolidate_state_dict(str(tmp_path))

@@ -108,8 +108,9 @@ def test_deepspeed_bf16_checkpoint_consolidates_its_fp32_masters(tmp_path, saved
 
 def test_deepspeed_zero0_masters_out_of_module_order_are_not_consolidated(tmp_path):
     """ZeRO-0's fp32 master copies are unnamed: taken in ``module``'s order, each must round to its parameter."""
+    zeros = {"a": torch.zeros(3), "b": torch.zeros(3)}
     state = {"shapes": {"a": (3,), "b": (3,)}, "fp32": {"a": torch.tensor([1.0, 2, 3]), "b": torch.tensor([4.0, 5, 6])},
-             "exp_avg": {"a": torch.zeros(3), "b": torch.zeros(3)}, "exp_avg_sq": {"a": torch.zeros(3), "b": torch.zeros(3)},
+             "exp_avg": zeros, "exp_avg_sq": zeros,
              "step": torch.tensor(1.0), "group": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
              "clip": 0.5, "lr_scheduler": {}, "global_steps": 1, "global_samples": 2, "ds_config": {},
              "dtype": torch.bfloat16}
