@@ -8,9 +8,12 @@ real DeepSpeed checkpoints in both engines). ``save_dir/latest`` names the tag; 
   ``zero_pp_rank_{dp}_mp_rank_00_model_states.pt``): ``module`` (the training-dtype state dict; at ZeRO-3 its
   parameters are empty placeholders), ``param_shapes`` (per param group an ordered ``{name: shape}`` of
   the trained parameters, the order of the flat groups), ``shared_params`` (tied name -> the name holding
-  it), ``frozen_param_shapes``, ``optimizer`` (ZeRO-0: the torch optimizer's ``state_dict``, its params
-  numbered in param-group order), ``lr_scheduler``, ``global_steps``, ``global_samples``, ``skipped_steps``,
-  ``dp_world_size``, ``mp_world_size``, ``ds_config``, ``ds_version``, and ``client_state``'s keys merged in.
+  it), ``frozen_param_shapes`` and ``frozen_param_fragments`` (ZeRO-2/3 only: each frozen parameter whole, or
+  at ZeRO-3 this DP rank's ``ceil(numel / dp)`` elements of it; ZeRO-0/1 keep frozen ones in ``module`` alone),
+  ``optimizer`` (ZeRO-0: the torch optimizer's ``state_dict`` or, in fp16 / bf16, its ``FP16_UnfusedOptimizer``'s:
+  :mod:`megatron_core.engine.deepspeed_zero0`), ``lr_scheduler``, ``global_steps``, ``global_samples``,
+  ``skipped_steps``, ``dp_world_size``, ``mp_world_size``, ``ds_config``, ``ds_version``, and
+  ``client_state``'s keys merged in.
 - ``zero_pp_rank_{dp}_mp_rank_00_optim_states.pt`` (ZeRO-1/2/3; ``bf16_zero_pp_rank_...`` when training in
   bf16, the same entries): ``optimizer_state_dict`` with
   ``zero_stage`` (a pickled ``ZeroStageEnum``), ``partition_count``, ``loss_scaler`` (a pickled
@@ -20,13 +23,16 @@ real DeepSpeed checkpoints in both engines). ``save_dir/latest`` names the tag; 
   ``base_optimizer_state`` (the torch optimizer's ``state_dict`` over those slices, padding kept);
   ZeRO-3 ``fp32_flat_groups`` (per sub-group this rank's flat partition: every parameter in ``param_shapes``
   order contributes ``ceil(numel / dp)`` elements, its rank-th chunk, zero-padded) and
-  ``optimizer_state_dict`` (the torch optimizer's ``state_dict`` over those partitions).
+  ``optimizer_state_dict`` (the torch optimizer's ``state_dict`` over those partitions). bf16 at ZeRO-1 with
+  ``data_types.grad_accum_dtype`` fp32 trains through DeepSpeed's ``BF16_Optimizer``, whose files hold ZeRO-1's
+  entries less ``zero_stage``, the loss scaler and ``param_alignment_paddings``, each rank's fp32 partition whole
+  (the last one's end padding, ``group_paddings``, kept).
 
 DeepSpeed pickles its classes; the files are read with ``torch.load(weights_only=True)`` and a stand-in for
 each ``deepspeed.*`` class (:func:`megatron_core.checkpoint.megatron_lm.load_with_stand_ins`), so no code
 from the file runs. Each parameter's full fp32 value and Adam moments are rebuilt by name, so the
 checkpoint loads at any DP size and ZeRO stage, as this engine's own. What was not verified (tensor or
-pipeline parallel files, ZeRO-3 frozen parameters, fp16 and bf16 at ZeRO-0, MoE) is one error line.
+pipeline parallel files, DeepSpeed's fused FP16_Optimizer at ZeRO-0, MoE) is one error line.
 """
 
 from __future__ import annotations
