@@ -106,6 +106,27 @@ def test_deepspeed_bf16_checkpoint_consolidates_its_fp32_masters(tmp_path, saved
         assert consolidated[name].dtype == torch.float32 and torch.equal(consolidated[name], value), name
 
 
+def test_deepspeed_bf16_zero0_checkpoint_of_a_tied_model_consolidates(tmp_path):
+    """A tied name is one more ``module`` entry sharing its owner's storage (``torch.save`` keeps the sharing) and
+    has no master copy of its own: it gets its owner's."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"wte.weight": (6, 3), "fc.bias": (3,)}
+    tensors = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(3)]
+    state = {"shapes": shapes, "fp32": tensors[0], "exp_avg": tensors[1], "exp_avg_sq": tensors[2],
+             "step": torch.tensor(4.0), "group": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+             "clip": 0.5, "lr_scheduler": {}, "global_steps": 3, "global_samples": 6, "ds_config": {},
+             "dtype": torch.bfloat16}
+    write_deepspeed_checkpoint(str(tmp_path), "global_step3", state, 0, 1, {})
+    path = os.path.join(str(tmp_path), "global_step3", "mp_rank_00_model_states.pt")
+    saved = torch.load(path, weights_only=False)
+    saved["module"]["lm_head.weight"] = saved["module"]["wte.weight"]  # HF's tie, as module.state_dict() has it
+    torch.save(saved, path)
+    consolidated, _ = consolidate_state_dict(str(tmp_path))
+    assert sorted(consolidated) == sorted([*shapes, "lm_head.weight"])
+    for name in ("wte.weight", "lm_head.weight"):
+        assert torch.equal(consolidated[name], tensors[0]["wte.weight"]), name
+
+
 def test_deepspeed_zero0_masters_out_of_module_order_are_not_consolidated(tmp_path):
     """ZeRO-0's fp32 master copies are unnamed: taken in ``module``'s order, each must round to its parameter."""
     zeros = {"a": torch.zeros(3), "b": torch.zeros(3)}
