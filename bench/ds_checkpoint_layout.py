@@ -1,10 +1,13 @@
 """Check that tests/deepspeed_files.py writes DeepSpeed 0.19.8's on-disk layout: the same file names, pickled
 globals, keys, types, tensor shapes and dtypes as a folder real DeepSpeed wrote.
 
-    python bench/ds_checkpoint_layout.py DIR/global_step3 STAGE DP
+    python bench/ds_checkpoint_layout.py DIR/global_step3 STAGE DP [DTYPE [bf16_optimizer | frozen]]
 
 ``DIR`` is a checkpoint ``bench/ds_checkpoint_peer.py --impl deepspeed --phase save --model mlp`` wrote (that
-script's MLP, fp32) at ZeRO ``STAGE`` over ``DP`` ranks; prints the differences (none: ``layout equal``).
+script's MLP) at ZeRO ``STAGE`` over ``DP`` ranks, in ``DTYPE`` (fp32, bf16 or fp16; ``bf16_optimizer``: bf16 at
+ZeRO-1 with ``--grad-accum-dtype fp32``, DeepSpeed's BF16_Optimizer; ``frozen``: saved with ``--freeze``, fc1.bias
+frozen); prints the differences (none:
+``layout equal``).
 """
 from __future__ import annotations
 
@@ -47,11 +50,20 @@ def describe(value, prefix: str = "") -> dict[str, str]:
 
 def main() -> int:
     real, stage, dp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    state = {"shapes": SHAPES, "fp32": {n: torch.randn(s) for n, s in SHAPES.items()},
-             "exp_avg": {n: torch.randn(s) for n, s in SHAPES.items()},
-             "exp_avg_sq": {n: torch.rand(s) for n, s in SHAPES.items()}, "step": torch.tensor(3.0),
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[(sys.argv[4:] or ["fp32"])[0]]
+    frozen = {"fc1.bias": torch.randn(48).to(dtype)} if sys.argv[5:] == ["frozen"] else {}
+    shapes = {n: s for n, s in SHAPES.items() if n not in frozen}
+    state = {"shapes": shapes, "fp32": {n: torch.randn(s) for n, s in shapes.items()},
+             "exp_avg": {n: torch.randn(s) for n, s in shapes.items()},
+             "exp_avg_sq": {n: torch.rand(s) for n, s in shapes.items()}, "step": torch.tensor(3.0), "frozen": frozen,
              "group": {"lr": 0.1, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01}, "clip": 1.0,
-             "lr_scheduler": {"last_batch_iteration": 2}, "global_steps": 3, "global_samples": 24, "ds_config": {}}
+             "lr_scheduler": {"last_batch_iteration": 2}, "global_steps": 3, "global_samples": 24, "ds_config": {},
+             "dtype": dtype, "bf16_optimizer": sys.argv[5:] == ["bf16_optimizer"]}
+    if dtype == torch.float16:  # DeepSpeed's dynamic loss scale (fp16's default); the values do not matter
+        state["scaler"] = {"cur_scale": 2.0 ** 16, "dynamic": True, "cur_iter": 3, "last_overflow_iter": -1,
+                           "scale_factor": 2.0, "scale_window": 2, "min_scale": 1, "delayed_shift": 2,
+                           "cur_hysteresis": 2, "consecutive_hysteresis": False, "raise_error_at_min_scale": True,
+                           "dtype": torch.float16}
     with tempfile.TemporaryDirectory() as tmp:
         write_deepspeed_checkpoint(tmp, "t", state, stage, dp, {})
         ours = os.path.join(tmp, "t")

@@ -57,7 +57,7 @@ def batch(model_kind: str, step: int, rank: int, world: int) -> tuple:
     return (ids[rank * per:(rank + 1) * per],)
 
 
-def config(zero: int, world: int, dtype: str) -> dict:
+def config(zero: int, world: int, dtype: str, grad_accum_dtype: str | None = None, hysteresis: int = 2) -> dict:
     cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
            "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8,
                                                     "weight_decay": 0.01, "torch_adam": True}},
@@ -67,7 +67,9 @@ def config(zero: int, world: int, dtype: str) -> dict:
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif dtype == "fp16":  # a short window and hysteresis 2: the scaler grows and backs off within a few steps
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 2, "hysteresis": 2}
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 2, "hysteresis": hysteresis}
+    if grad_accum_dtype is not None:  # "fp32" with bf16 at ZeRO-1: DeepSpeed's BF16_Optimizer
+        cfg["data_types"] = {"grad_accum_dtype": grad_accum_dtype}
     return cfg
 
 
@@ -78,6 +80,9 @@ def main() -> None:
     p.add_argument("--model", choices=["mlp", "gpt2"], default="mlp")
     p.add_argument("--zero", type=int, default=0)
     p.add_argument("--dtype", default="fp32")
+    p.add_argument("--grad-accum-dtype", default=None)
+    p.add_argument("--hysteresis", type=int, default=2)
+    p.add_argument("--freeze", action="store_true", help="fc1.bias frozen (requires_grad=False)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--dir", required=True)
     p.add_argument("--out", required=True)
@@ -86,6 +91,8 @@ def main() -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0 if args.phase == "save" else 123)
     model = mlp() if args.model == "mlp" else gpt2()
+    if args.freeze:
+        model.fc1.bias.requires_grad_(False)
     if args.impl == "deepspeed":
         import deepspeed as lib
         gathered = lib.zero.GatheredParameters
@@ -93,8 +100,8 @@ def main() -> None:
         import megatron_core as lib  # type: ignore[no-redef]
         from megatron_core.zero import GatheredParameters as gathered
     kwargs = {"dist_init_required": False} if args.impl == "deepspeed" else {}
-    engine, _, _, _ = lib.initialize(model=model, model_parameters=model.parameters(),
-                                     config=config(args.zero, world, args.dtype), **kwargs)
+    cfg = config(args.zero, world, args.dtype, args.grad_accum_dtype, args.hysteresis)
+    engine, _, _, _ = lib.initialize(model=model, model_parameters=model.parameters(), config=cfg, **kwargs)
     first = 0
     client = None
     if args.phase == "resume":
@@ -108,7 +115,8 @@ def main() -> None:
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float().item())
-        scales.append(engine.get_loss_scale() if args.impl == "ours" else engine.optimizer.loss_scale)
+        scales.append(engine.get_loss_scale() if args.impl == "ours"  # BF16_Optimizer has no scale: 1
+                      else getattr(engine.optimizer, "loss_scale", 1.0))
     if args.phase == "save":
         engine.save_checkpoint(args.dir, client_state={"next_step": first + args.steps, "note": "ds"})
     params = list(engine.module.parameters())

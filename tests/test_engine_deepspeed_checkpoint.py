@@ -13,38 +13,16 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from deepspeed_files import write_deepspeed_checkpoint
+from deepspeed_files import other_weights, state_for_deepspeed, write_deepspeed_checkpoint
 from engine_common import ds_config, make_model, opt_for, run_steps, sharded, state_of
 from harness import run_distributed
 
 import megatron_core
-from megatron_core.engine.checkpoint import full_fragments
-from megatron_core.engine.checkpoint_files import load_states, model_file, optim_files
+from megatron_core.engine.checkpoint_files import load_states, model_file
 from megatron_core.engine.consolidate import consolidate_state_dict
 from megatron_core.errors import ConfigError
 
 SCHEDULER = {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "warmup_max_lr": 0.01}}
-
-
-def _other_weights():
-    model = make_model("mlp")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5)
-    return model
-
-
-def _state_for_deepspeed(folder: str, config: dict) -> dict:
-    """This engine's checkpoint in ``folder`` restated as what DeepSpeed holds (per parameter, full tensors)."""
-    saved = load_states(model_file(folder, 0))
-    values, states, scalars = full_fragments(optim_files(folder, 0), saved["param_meta"])
-    shapes = {n: tuple(info["local_shape"]) for n, info in saved["param_meta"].items()}
-    group = {k: saved["param_groups"][0][k] for k in ("lr", "betas", "eps", "weight_decay")}
-    return {"shapes": shapes, "fp32": {n: values[n].view(shapes[n]) for n in shapes},
-            "exp_avg": {n: states[n]["exp_avg"].view(shapes[n]) for n in shapes},
-            "exp_avg_sq": {n: states[n]["exp_avg_sq"].view(shapes[n]) for n in shapes},
-            "step": scalars["step"].float(), "group": group, "clip": 0.5, "lr_scheduler": saved["lr_scheduler"],
-            "global_steps": saved["global_steps"], "global_samples": saved["global_samples"], "ds_config": config}
 
 
 def _resume(directory, saved_stage, saved_dp, stage):
@@ -59,11 +37,11 @@ def _resume(directory, saved_stage, saved_dp, stage):
     engine.parallel_state.destroy()
     ds_dir = os.path.join(directory, "ds")
     if dist.get_rank() == 0:
-        state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+        state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
         write_deepspeed_checkpoint(ds_dir, "global_step2", state, saved_stage, saved_dp, {"epoch": 7})
     dist.barrier()
 
-    engine, _, _, _ = megatron_core.initialize(_other_weights(), config=config)
+    engine, _, _, _ = megatron_core.initialize(other_weights(), config=config)
     path, client = engine.load_checkpoint(ds_dir)
     counters = (engine.global_steps, engine.global_samples, engine.skipped_steps)
     resumed, _ = run_steps("mlp", engine, 2, 4)
@@ -111,7 +89,7 @@ def _load_error(directory, stage, change):
     engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
     run_steps("mlp", engine, 0, 1)
     engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
-    state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+    state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
     ds_dir = os.path.join(directory, "ds")
     write_deepspeed_checkpoint(ds_dir, "global_step1", state, stage, 2, {})
     change(os.path.join(ds_dir, "global_step1"))
@@ -138,7 +116,6 @@ def _remove_rank_1(folder):
 
 
 @pytest.mark.parametrize("stage,change,expected", [
-    (0, _edit_model_states("ds_config", {"fp16": {"enabled": True}}), "DeepSpeed fp16 checkpoint at ZeRO-0"),
     (2, _edit_model_states("mp_world_size", 2), "mp_world_size 2) with tensor parallelism is not read here"),
     (2, _remove_rank_1, "partition_count is 2; is a rank's file missing?"),
 ])
@@ -158,7 +135,7 @@ def test_deepspeed_checkpoint_consolidates(tmp_path, stage, dp):
         run_steps("mlp", engine, 0, 1)
         engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
         engine.parallel_state.destroy()
-        state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+        state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
         write_deepspeed_checkpoint(os.path.join(directory, "ds"), "global_step1", state, stage, dp, {})
         return state["fp32"], consolidate_state_dict(os.path.join(directory, "ds"))
 
@@ -187,7 +164,7 @@ def _fp16_resume(directory, stage):
         scales.append(engine.get_loss_scale())
     straight, skipped = state_of(engine), engine.skipped_steps
     engine.parallel_state.destroy()
-    state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+    state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
     scaler = saved["grad_scaler"]
     state.update(dtype=torch.float16, skipped_steps=saved["skipped_steps"], scaler={
         "cur_scale": scaler["scale"], "dynamic": True, "cur_iter": saved["global_steps"],
@@ -195,7 +172,7 @@ def _fp16_resume(directory, stage):
         "scale_window": 1, "min_scale": 1, "delayed_shift": 2, "cur_hysteresis": scaler["hysteresis_tracker"],
         "consecutive_hysteresis": False, "raise_error_at_min_scale": True, "dtype": torch.float16})
     write_deepspeed_checkpoint(os.path.join(directory, "ds"), "global_step3", state, stage, 2, {})
-    engine, _, _, _ = megatron_core.initialize(_other_weights(), config=config)
+    engine, _, _, _ = megatron_core.initialize(other_weights(), config=config)
     engine.load_checkpoint(os.path.join(directory, "ds"))
     resumed_scales = []
     for step in range(3, 6):
@@ -265,7 +242,7 @@ def _tied_zero3_resume(directory):
     straight, _ = run_steps("gpt2", engine, 2, 4)
     straight_state = state_of(engine)
     engine.parallel_state.destroy()
-    state = _state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+    state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
     ds_dir = os.path.join(directory, "ds")
     write_deepspeed_checkpoint(ds_dir, "global_step2", state, 3, 1, {})
     path = os.path.join(ds_dir, "global_step2", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -293,21 +270,3 @@ def test_deepspeed_zero3_checkpoint_of_a_tied_model_resumes(tmp_path):
     assert sorted(resumed_state) == sorted(straight_state) and "lm_head.weight" in straight_state
     for name, value in straight_state.items():
         assert torch.equal(resumed_state[name], value), name
-
-
-def test_deepspeed_zero3_checkpoint_with_frozen_parameters_is_not_consolidated_without_them(tmp_path):
-    """ZeRO-3 keeps a frozen parameter's values in each rank's ``frozen_param_fragments`` (an empty placeholder
-    in ``module``), which is not read here: one line, as ``load_checkpoint`` says (not a state dict without it)."""
-    write_deepspeed_checkpoint(str(tmp_path), "global_step2", _small_state(torch.float32), 3, 2, {})
-    folder = os.path.join(str(tmp_path), "global_step2")
-    for r in range(2):
-        path = os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
-        saved = torch.load(path, weights_only=False)
-        saved["module"]["frozen.weight"] = torch.empty(0)
-        saved["frozen_param_shapes"] = {"frozen.weight": torch.Size([2, 3])}
-        saved["frozen_param_fragments"] = {"frozen.weight": torch.arange(3.0) + 3 * r}
-        torch.save(saved, path)
-    with pytest.raises(ConfigError, match=r"^zero_to_fp32: .*zero_pp_rank_0_mp_rank_00_model_states.pt is a DeepSpeed "
-                                          r"ZeRO-3 checkpoint with frozen parameters, not read here; run the "
-                                          r"zero_to_fp32.py DeepSpeed saved beside it$"):
-        consolidate_state_dict(str(tmp_path))

@@ -8,9 +8,12 @@ real DeepSpeed checkpoints in both engines). ``save_dir/latest`` names the tag; 
   ``zero_pp_rank_{dp}_mp_rank_00_model_states.pt``): ``module`` (the training-dtype state dict; at ZeRO-3 its
   parameters are empty placeholders), ``param_shapes`` (per param group an ordered ``{name: shape}`` of
   the trained parameters, the order of the flat groups), ``shared_params`` (tied name -> the name holding
-  it), ``frozen_param_shapes``, ``optimizer`` (ZeRO-0: the torch optimizer's ``state_dict``, its params
-  numbered in param-group order), ``lr_scheduler``, ``global_steps``, ``global_samples``, ``skipped_steps``,
-  ``dp_world_size``, ``mp_world_size``, ``ds_config``, ``ds_version``, and ``client_state``'s keys merged in.
+  it), ``frozen_param_shapes`` and ``frozen_param_fragments`` (ZeRO-2/3 only: each frozen parameter whole, or
+  at ZeRO-3 this DP rank's ``ceil(numel / dp)`` elements of it; ZeRO-0/1 keep frozen ones in ``module`` alone),
+  ``optimizer`` (ZeRO-0: the torch optimizer's ``state_dict`` or, in fp16 / bf16, its ``FP16_UnfusedOptimizer``'s:
+  :mod:`megatron_core.engine.deepspeed_zero0`), ``lr_scheduler``, ``global_steps``, ``global_samples``,
+  ``skipped_steps``, ``dp_world_size``, ``mp_world_size``, ``ds_config``, ``ds_version``, and
+  ``client_state``'s keys merged in.
 - ``zero_pp_rank_{dp}_mp_rank_00_optim_states.pt`` (ZeRO-1/2/3; ``bf16_zero_pp_rank_...`` when training in
   bf16, the same entries): ``optimizer_state_dict`` with
   ``zero_stage`` (a pickled ``ZeroStageEnum``), ``partition_count``, ``loss_scaler`` (a pickled
@@ -20,13 +23,16 @@ real DeepSpeed checkpoints in both engines). ``save_dir/latest`` names the tag; 
   ``base_optimizer_state`` (the torch optimizer's ``state_dict`` over those slices, padding kept);
   ZeRO-3 ``fp32_flat_groups`` (per sub-group this rank's flat partition: every parameter in ``param_shapes``
   order contributes ``ceil(numel / dp)`` elements, its rank-th chunk, zero-padded) and
-  ``optimizer_state_dict`` (the torch optimizer's ``state_dict`` over those partitions).
+  ``optimizer_state_dict`` (the torch optimizer's ``state_dict`` over those partitions). bf16 at ZeRO-1 with
+  ``data_types.grad_accum_dtype`` fp32 trains through DeepSpeed's ``BF16_Optimizer``, whose files hold ZeRO-1's
+  entries less ``zero_stage``, the loss scaler and ``param_alignment_paddings``, each rank's fp32 partition whole
+  (the last one's end padding, ``group_paddings``, kept).
 
 DeepSpeed pickles its classes; the files are read with ``torch.load(weights_only=True)`` and a stand-in for
 each ``deepspeed.*`` class (:func:`megatron_core.checkpoint.megatron_lm.load_with_stand_ins`), so no code
 from the file runs. Each parameter's full fp32 value and Adam moments are rebuilt by name, so the
 checkpoint loads at any DP size and ZeRO stage, as this engine's own. What was not verified (tensor or
-pipeline parallel files, ZeRO-3 frozen parameters, fp16 and bf16 at ZeRO-0, MoE) is one error line.
+pipeline parallel files, DeepSpeed's fused FP16_Optimizer at ZeRO-0, MoE) is one error line.
 """
 
 from __future__ import annotations
@@ -39,13 +45,12 @@ from typing import Any
 import torch
 
 from megatron_core.checkpoint.megatron_lm import load_with_stand_ins
+from megatron_core.engine import deepspeed_zero0
 from megatron_core.engine.checkpoint_files import load_states, optim_files
+from megatron_core.engine.deepspeed_zero0 import ELEMENT_STATE, FIX
 from megatron_core.errors import ConfigError
 
-# The optimizer state this engine's Adam / AdamW and SGD keep per element (torch's names, also DeepSpeed's).
-_ELEMENT_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 _GROUP_SETTINGS = ("lr", "betas", "eps", "weight_decay", "momentum")  # torch Adam / AdamW / SGD's hyper-parameters
-_FIX = "load it into DeepSpeed, or write its weights with the zero_to_fp32.py beside it and load them before initialize"
 
 
 def load_deepspeed_file(path: str) -> Any:
@@ -75,6 +80,27 @@ def zero3_model_file(folder: str, dp_rank: int = 0) -> str:
     same entries), or DP rank 0's where the saving run had fewer ranks."""
     path = os.path.join(folder, f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt")
     return path if dp_rank == 0 or os.path.exists(path) else zero3_model_file(folder)
+
+
+def zero3_frozen(folder: str, saved: dict) -> dict[str, torch.Tensor]:
+    """ZeRO-3's frozen parameters (``frozen_param_shapes``), whole, in the training dtype: each DP rank's model file
+    holds its ``ceil(numel / dp)`` elements in ``frozen_param_fragments`` (the parameter's ``ds_tensor``, the last
+    one zero-padded), joined and cut as DeepSpeed's ``_zero3_merge_frozen_params``; ``module`` holds placeholders.
+
+    Raises ConfigError naming a DP rank's missing model file."""
+    shapes = saved.get("frozen_param_shapes") or {}
+    if not shapes:
+        return {}
+    fragments = []
+    for rank in range(int(saved.get("dp_world_size", 1))):
+        path = os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+        if not os.path.exists(path):
+            raise ConfigError(f"load_checkpoint: {path} is missing (DeepSpeed's dp_world_size is "
+                              f"{saved['dp_world_size']}; its frozen parameters are split over every rank's file)")
+        fragments.append(saved["frozen_param_fragments"] if rank == 0 and "frozen_param_fragments" in saved
+                         else load_deepspeed_file(path)["frozen_param_fragments"])
+    return {name: torch.cat([f[name].reshape(-1) for f in fragments])[:math.prod(shape)].view(tuple(shape)).clone()
+            for name, shape in shapes.items()}
 
 
 def _stage_of(value: Any) -> int:
@@ -156,10 +182,13 @@ def _zero_optimizer(folder: str, saved: dict, names: list[list[str]]) -> tuple[i
                               f"beside DeepSpeed's model states; save the checkpoint again or load another tag")
         files.append(data["optimizer_state_dict"])
     first = files[0]
-    if "zero_stage" not in first:
+    if "zero_stage" in first:
+        stage = _stage_of(first["zero_stage"])
+    elif "single_partition_of_fp32_groups" in first:  # BF16_Optimizer: ZeRO-1's partitions, no stage saved
+        stage = 1
+    else:
         raise ConfigError(f"load_checkpoint: {paths[0]} holds no 'zero_stage' (a DeepSpeed layout not verified "
-                          f"here, e.g. its bf16 optimizer at ZeRO-0); {_FIX}")
-    stage = _stage_of(first["zero_stage"])
+                          f"here); {FIX}")
     count = first["partition_count"]
     count = max(count) if isinstance(count, list) else int(count)
     if count != len(paths):
@@ -170,38 +199,10 @@ def _zero_optimizer(folder: str, saved: dict, names: list[list[str]]) -> tuple[i
     values = split(files, names, shapes, None)
     base = first["optimizer_state_dict"] if stage == 3 else first["base_optimizer_state"]
     state0 = base["state"][0] if base["state"] else {}
-    keys = [k for k in state0 if k in _ELEMENT_STATE]
+    keys = [k for k in state0 if k in ELEMENT_STATE]
     per_key = {key: split(files, names, shapes, key) for key in keys}
     states = {name: {key: per_key[key][name] for key in keys} for name in values}
-    return stage, values, states, _scalars(state0), first
-
-
-def _scalars(state: dict) -> dict:
-    """The per-parameter scalars of a torch optimizer's state (Adam's ``step``), refusing unknown tensors."""
-    return {k: torch.as_tensor(v).clone() for k, v in state.items()
-            if k not in _ELEMENT_STATE and (not torch.is_tensor(v) or v.dim() == 0)}
-
-
-def _plain_optimizer(saved: dict, names: list[list[str]], path: str) -> tuple[dict, dict, dict]:
-    """ZeRO-0: the model file's torch optimizer ``state_dict`` (params numbered across groups in order)."""
-    osd = saved["optimizer"]
-    if not isinstance(osd, dict) or not {"state", "param_groups"} <= set(osd):  # e.g. its BF16_Optimizer's
-        raise ConfigError(f"load_checkpoint: {path}'s 'optimizer' is not a torch optimizer's state_dict (keys "
-                          f"{sorted(osd)[:4] if isinstance(osd, dict) else type(osd).__name__}), a DeepSpeed layout "
-                          f"not read here; {_FIX}")
-    order = [n for group in names for n in group]
-    numbered = [i for group in osd["param_groups"] for i in group["params"]]
-    if len(numbered) != len(order):
-        raise ConfigError(f"load_checkpoint: {path}'s optimizer has {len(numbered)} parameters, this engine trains "
-                          f"{len(order)}; give initialize the saving run's model and model_parameters")
-    values = {n: saved["module"][n].detach().float().reshape(-1).clone() for n in order}
-    states: dict[str, dict[str, torch.Tensor]] = {}
-    scalars: dict = {}
-    for index, name in zip(numbered, order, strict=True):
-        entry = osd["state"].get(index, {})
-        states[name] = {k: v.reshape(-1).clone() for k, v in entry.items() if k in _ELEMENT_STATE}
-        scalars = scalars or _scalars(entry)
-    return values, states, scalars
+    return stage, values, states, deepspeed_zero0.scalars(state0), first
 
 
 def _fp16(saved: dict) -> bool:
@@ -229,11 +230,7 @@ def _unsupported(saved: dict, path: str, engine: Any) -> str | None:
     """Why DeepSpeed's checkpoint ``saved`` (at ``path``) is not read into ``engine``, or None."""
     if int(saved.get("mp_world_size", 1)) != 1 or engine.parallel_state.tp_size != 1:
         return (f"load_checkpoint: {path} (DeepSpeed {saved['ds_version']}, mp_world_size "
-                f"{saved.get('mp_world_size')}) with tensor parallelism is not read here; {_FIX}")
-    if saved.get("frozen_param_shapes") and os.path.basename(path).startswith("zero_pp_rank_"):  # ZeRO-3's file
-        return f"load_checkpoint: {path} is a DeepSpeed ZeRO-3 checkpoint with frozen parameters, not read here; {_FIX}"
-    if _fp16(saved) and saved.get("optimizer") is not None:  # ZeRO-0: DeepSpeed's FP16_Optimizer's own layout
-        return f"load_checkpoint: {path} is a DeepSpeed fp16 checkpoint at ZeRO-0, not read here; {_FIX}"
+                f"{saved.get('mp_world_size')}) with tensor parallelism is not read here; {FIX}")
     return None
 
 
@@ -249,15 +246,17 @@ def restate(folder: str, saved: dict, path: str, engine: Any) -> dict:
     names = _names(saved, engine.param_group_names)
     osd = None
     if saved.get("optimizer") is not None:
-        stage, (values, states, scalars) = 0, _plain_optimizer(saved, names, path)
-        groups = saved["optimizer"]["param_groups"]
+        stage, (values, states, scalars) = 0, deepspeed_zero0.plain_optimizer(saved, names, path)
+        groups = deepspeed_zero0.param_groups(saved)
     elif deepspeed_optim_files(folder):
         stage, values, states, scalars, osd = _zero_optimizer(folder, saved, names)
         groups = (osd["optimizer_state_dict"] if stage == 3 else osd["base_optimizer_state"])["param_groups"]
     else:
         raise ConfigError(f"load_checkpoint: {folder} has DeepSpeed's {os.path.basename(path)} but no optimizer "
-                          f"state (no 'optimizer', no zero_pp_rank_*_optim_states.pt); {_FIX}")
+                          f"state (no 'optimizer', no zero_pp_rank_*_optim_states.pt); {FIX}")
     module = dict(saved["module"])
+    if stage == 3:  # its frozen parameters are split over the DP ranks' model files
+        module.update(zero3_frozen(folder, saved))
     shared = saved.get("shared_params") or {}
     for name, value in values.items():  # ZeRO-3 saves empty placeholders: the fp32 main values are the weights
         if module.get(name) is None or module[name].numel() != value.numel():
@@ -276,7 +275,8 @@ def restate(folder: str, saved: dict, path: str, engine: Any) -> dict:
         "module": module, "param_meta": meta, "fragments": (values, states, scalars),
         "global_steps": saved["global_steps"], "global_samples": saved.get("global_samples", 0),
         "skipped_steps": saved["skipped_steps"], "lr_scheduler": saved.get("lr_scheduler"),
-        "grad_scaler": _grad_scaler(osd) if _fp16(saved) else None,
+        "grad_scaler": (None if not _fp16(saved) else _grad_scaler(osd) if stage
+                        else deepspeed_zero0.unfused_grad_scaler(saved, engine)),
         # DeepSpeed's torch optimizer's groups also hold torch's flags (foreach, fused, ...), which are this
         # engine's choice (its fused AdamW differed in the last bit): the hyper-parameters only
         "param_groups": [{k: v for k, v in g.items() if k in _GROUP_SETTINGS} for g in groups],
@@ -312,12 +312,8 @@ def consolidate(folder: str, saved: dict, path: str) -> tuple[dict[str, torch.Te
     if int(saved.get("mp_world_size", 1)) != 1:
         raise ConfigError(f"zero_to_fp32: {path} (DeepSpeed {saved['ds_version']}) holds tensor-parallel shards, "
                           f"not read here; run the zero_to_fp32.py DeepSpeed saved beside it")
-    if saved.get("frozen_param_shapes") and os.path.basename(path).startswith("zero_pp_rank_"):
-        # their values are in each rank's frozen_param_fragments, not read here (module holds placeholders)
-        raise ConfigError(f"zero_to_fp32: {path} is a DeepSpeed ZeRO-3 checkpoint with frozen parameters, not read "
-                          f"here; run the zero_to_fp32.py DeepSpeed saved beside it")
-    if saved.get("optimizer") is not None:  # ZeRO-0: the module is the fp32 weights
-        values = {k: v.float() for k, v in saved["module"].items() if torch.is_floating_point(v)}
+    if saved.get("optimizer") is not None:  # ZeRO-0: the fp32 module, or the fp16 / bf16 optimizer's masters
+        values = deepspeed_zero0.consolidated_masters(saved, path)
         trained_names = set(values)
     else:
         names = [list(group.keys()) for group in saved["param_shapes"] or []]
@@ -328,6 +324,11 @@ def consolidate(folder: str, saved: dict, path: str) -> tuple[dict[str, torch.Te
         trained_names = set(values)
         shapes = {n: torch.Size(s) for group in saved["param_shapes"] for n, s in group.items()}
         values = {n: v.view(shapes[n]) for n, v in values.items()}
+        if os.path.basename(path).startswith("zero_pp_rank_"):  # ZeRO-3: frozen ones from every rank's file
+            try:
+                values.update({n: v.float() for n, v in zero3_frozen(folder, saved).items()})
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("load_checkpoint: ", "zero_to_fp32: ", 1)) from None
     # the buffers in fp32 when floating, as DeepSpeed's zero_to_fp32.py (``parse_model_states``) has them
     state = {k: v.float() if torch.is_floating_point(v) else v.clone() for k, v in saved["module"].items()
              if k in (saved.get("buffer_names") or [])}
