@@ -32,8 +32,11 @@ def _logged(results):
     return [r for r in results if r is not None][0]
 
 
-def test_resume_equals_uninterrupted_run_under_zero(tmp_path):
-    zero = ["--use-distributed-optimizer"]
+@pytest.mark.parametrize("zero", [["--use-distributed-optimizer"], ["--zero-stage", "3"],
+                                  ["--zero-stage", "3", "--offload-param", "--ddp-bucket-size", "4000"]],
+                         ids=["zero1", "zero3", "zero3-offload-param-buckets"])
+def test_resume_equals_uninterrupted_run_under_zero(tmp_path, zero):
+    """The legacy files under ZeRO-1 and ZeRO-3 (whose load copies each rank's shard from the model file)."""
     full = _logged(run_distributed(_train, 2, TINY + zero, timeout=120))
     ckpt = str(tmp_path / "ckpt")
     first = _logged(run_distributed(_train, 2, TINY + zero + ["--save", ckpt, "--exit-interval", "6"], timeout=120))
@@ -105,6 +108,24 @@ def test_finetune_loads_weights_only_and_model_only_checkpoints_load(tmp_path):
     os.rename(os.path.join(ckpt, "iter_0000004"), os.path.join(ckpt, "release"))
     plain = _logged(run_distributed(_train, 1, TINY + ["--load", ckpt, "--train-iters", "1", "--eval-at-start"]))
     assert plain.loaded_iteration == 0 and plain.val_losses[0] == pytest.approx(saved.val_losses[4], rel=1e-6)
+
+
+@pytest.mark.parametrize("world,zero", [(2, ["--zero-stage", "3"]),
+                                        (2, ["--zero-stage", "3", "--offload-param", "--bf16"]),
+                                        (4, ["--zero-stage", "3", "--pipeline-model-parallel-size", "2"])],
+                         ids=["zero3", "zero3-offload-param-bf16", "zero3-pp2-tied-embedding"])
+def test_finetune_under_zero3_starts_from_the_saved_weights(tmp_path, world, zero):
+    """--finetune reads the model file alone, so no optimizer state restores the shards after the model load (a
+    resume's does): each rank's ZeRO-3 shards, copied from the model file, must be the saved weights (under PP
+    the word embedding is tied to the last stage's output layer, a bucket of its own on each)."""
+    zero = [*zero, "--ddp-bucket-size", "4000"]  # several buckets, parameters split across the two shards
+    ckpt = str(tmp_path / "ckpt")
+    saved = _logged(run_distributed(_train, world, TINY + zero + ["--save", ckpt, "--train-iters", "4",
+                                                                  "--eval-interval", "4"], timeout=180))
+    tuned = _logged(run_distributed(_train, world, TINY + zero + ["--load", ckpt, "--finetune", "--train-iters", "2",
+                                                                  "--eval-at-start"], timeout=180))
+    assert tuned.loaded_iteration == 0 and tuned.iteration == 2
+    assert tuned.val_losses[0] == pytest.approx(saved.val_losses[4], rel=1e-6)
 
 
 def _spawn(args, env_extra=None):

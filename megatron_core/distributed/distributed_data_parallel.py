@@ -11,13 +11,15 @@ Under ZeRO-2/3 each bucket's full gradient is freed once reduced, also between m
 ``param_and_grad_buffer``): after backward only the reduced shard is held.
 
 Under ZeRO-3 and with ``overlap_param_gather`` a :class:`ParamGatherManager` gathers bucket
-parameters on demand (see ``param_gather``); the wrapped module's ``state_dict`` /
-``load_state_dict`` (also when called on the unwrapped module) gather every bucket first and
-return copies, so checkpoints hold full (TP-local) parameters at every ZeRO stage.
+parameters on demand (see ``param_gather``). The wrapped module's ``state_dict`` (also when called
+on the unwrapped module) returns full (TP-local) parameters at every ZeRO stage, copied one bucket
+at a time under ZeRO-3; its ``load_state_dict`` copies each rank's shard straight from the incoming
+full tensors, nothing gathered (see ``zero3_state_dict``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Iterator
 
@@ -30,6 +32,7 @@ from megatron_core.distributed.comm_log import CommLog
 from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
 from megatron_core.distributed.param_and_grad_buffer import MAIN_GRAD_ATTR, ParamAndGradBuffer
 from megatron_core.distributed.param_gather import ParamGatherManager
+from megatron_core.distributed.zero3_state_dict import copy_state_dict, load_into_shards
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 
@@ -96,13 +99,16 @@ class DistributedDataParallel(torch.nn.Module):
         if self.buffers_by_dtype and (config.zero_stage == 3 or config.overlap_param_gather):
             self.param_gather = ParamGatherManager(module, self.buffers_by_dtype)
         if self.param_gather is not None:
-            # Checkpoints read and write full parameters: gathered (ZeRO-3), or no gather left in flight.
+            # Checkpoints read and write full parameters: copied bucket by bucket (ZeRO-3), or with no gather
+            # left in flight. The load hook is on every submodule, as torch copies each one's own parameters.
             module.register_state_dict_pre_hook(self._gather_for_state_dict)
-            module.register_load_state_dict_pre_hook(self._gather_for_load)
-        if config.zero_stage == 3:  # the buffers kept their shards and freed the buckets as they built them
-            # A plain function: torch tags the post hook with an attribute, which a bound method refuses.
-            module.register_state_dict_post_hook(lambda *a: self._copy_state_dict(*a))
-            module.register_load_state_dict_post_hook(self._reshard_after_load)
+            load_hook = functools.partial(load_into_shards, self.param_gather, config.zero_stage == 3)
+            for submodule in module.modules():
+                submodule.register_load_state_dict_pre_hook(load_hook)
+            if config.zero_stage == 3:  # the buffers kept their shards and freed the buckets as they built them
+                manager = self.param_gather
+                # A plain function: torch tags the post hook with an attribute, which a bound method refuses.
+                module.register_state_dict_post_hook(lambda m, sd, prefix, _: copy_state_dict(manager, m, sd, prefix))
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(self._buffer_of[id(p)]))
                        for buffer in self.buffers_by_dtype for p in buffer.params]
 
@@ -154,37 +160,6 @@ class DistributedDataParallel(torch.nn.Module):
     def _gather_for_state_dict(self, module, prefix, keep_vars) -> None:
         if self.ddp_config.zero_stage != 3:  # --overlap-param-gather: no gather left in flight
             self.gather_all_params()
-
-    def _copy_state_dict(self, module, state_dict, prefix, local_metadata) -> None:
-        """ZeRO-3: each freed parameter's entry becomes a copy of its full value, gathered one bucket at a
-        time, so the state dict costs one copy of the model plus a bucket (gathering every bucket first
-        held two copies at once). Collective over DP: every rank names the same parameters in the same
-        order."""
-        assert self.param_gather is not None
-        manager = self.param_gather
-        entries: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
-        units = []
-        for name, param in module.named_parameters(remove_duplicate=False):
-            key = prefix + name
-            if key in state_dict and id(param) in manager.unit_of:
-                unit = manager.unit_of[id(param)]
-                if id(unit[1]) not in entries:
-                    units.append(unit)
-                entries.setdefault(id(unit[1]), []).append((key, param))
-        for unit in units:
-            frame = [unit]
-            manager.pin(frame)
-            for key, param in entries[id(unit[1])]:
-                state_dict[key] = param.detach().clone()
-            manager.unpin(frame)
-
-    def _gather_for_load(self, *args, **kwargs) -> None:
-        self.gather_all_params()
-
-    def _reshard_after_load(self, module, incompatible_keys) -> None:
-        for buffer in self.buffers_by_dtype:
-            buffer.keep_shards()
-        self.release_params()
 
     def gather_all_params(self) -> None:
         """Make every parameter hold its full value (ZeRO-3: all-gather every bucket; wait for
