@@ -97,6 +97,10 @@ def _load(case: str, dtype_name: str, ddp_options: dict, submodule: str | None =
                                if not torch.equal(p, reference.get_parameter(name))]
     saved = wrapped.state_dict()
     result["state_dict_different"] = [k for k, v in reference.state_dict().items() if not torch.equal(saved[k], v)]
+    if submodule is not None:  # a state_dict() rooted there too (it read the freed storage of its buckets)
+        saved = model.get_submodule(submodule).state_dict()
+        result["state_dict_different"] += [k for k, v in reference.get_submodule(submodule).state_dict().items()
+                                           if not torch.equal(saved[k], v)]
     ps.destroy()
     return result
 
@@ -138,8 +142,9 @@ def test_zero3_load_equals_torchs_fp32(case, dp, options):
 
 
 def test_zero3_load_of_a_submodule_writes_its_shards():
-    """``model.body.load_state_dict(...)`` on its own: the wrapper's hooks are on every submodule (a hook on the
-    wrapped root alone never ran, and torch copied into the freed storage of the body's buckets)."""
+    """``model.body.load_state_dict(...)`` and ``model.body.state_dict()`` on their own: the wrapper's hooks are on
+    every submodule (a hook on the wrapped root alone never ran: torch copied into the freed storage of the
+    body's buckets, and read it back for the state dict)."""
     _check(run_distributed(_load, 2, "full", "float32", {}, "body", timeout=90), 2)
 
 

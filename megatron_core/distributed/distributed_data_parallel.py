@@ -19,7 +19,6 @@ full tensors, nothing gathered (see ``zero3_state_dict``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 from collections.abc import Iterator
 
@@ -32,7 +31,7 @@ from megatron_core.distributed.comm_log import CommLog
 from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
 from megatron_core.distributed.param_and_grad_buffer import MAIN_GRAD_ATTR, ParamAndGradBuffer
 from megatron_core.distributed.param_gather import ParamGatherManager
-from megatron_core.distributed.zero3_state_dict import copy_state_dict, load_into_shards
+from megatron_core.distributed.zero3_state_dict import register_state_dict_hooks
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState, get_parallel_state
 
@@ -100,15 +99,8 @@ class DistributedDataParallel(torch.nn.Module):
             self.param_gather = ParamGatherManager(module, self.buffers_by_dtype)
         if self.param_gather is not None:
             # Checkpoints read and write full parameters: copied bucket by bucket (ZeRO-3), or with no gather
-            # left in flight. The load hook is on every submodule, as torch copies each one's own parameters.
-            module.register_state_dict_pre_hook(self._gather_for_state_dict)
-            load_hook = functools.partial(load_into_shards, self.param_gather, config.zero_stage == 3)
-            for submodule in module.modules():
-                submodule.register_load_state_dict_pre_hook(load_hook)
-            if config.zero_stage == 3:  # the buffers kept their shards and freed the buckets as they built them
-                manager = self.param_gather
-                # A plain function: torch tags the post hook with an attribute, which a bound method refuses.
-                module.register_state_dict_post_hook(lambda m, sd, prefix, _: copy_state_dict(manager, m, sd, prefix))
+            # left in flight.
+            register_state_dict_hooks(self.param_gather, module, config.zero_stage == 3)
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(self._buffer_of[id(p)]))
                        for buffer in self.buffers_by_dtype for p in buffer.params]
 
@@ -157,10 +149,6 @@ class DistributedDataParallel(torch.nn.Module):
         return hook
 
     # ---- ZeRO-3: full parameters for checkpoints ----------------------------------------------
-    def _gather_for_state_dict(self, module, prefix, keep_vars) -> None:
-        if self.ddp_config.zero_stage != 3:  # --overlap-param-gather: no gather left in flight
-            self.gather_all_params()
-
     def gather_all_params(self) -> None:
         """Make every parameter hold its full value (ZeRO-3: all-gather every bucket; wait for
         gathers in flight under ``overlap_param_gather``). Collective over DP."""

@@ -3,8 +3,11 @@
 Under ZeRO-3 a rank keeps only its shard of every bucket (``ParamAndGradBuffer.param_shard``); the parameters
 of a freed bucket are views of a storage resized to 0. A checkpoint still holds full (TP-local) parameters.
 
-- Save (:func:`copy_state_dict`, a state_dict post-hook on the wrapped module): each parameter's entry becomes
-  a copy of its full value, gathered one bucket at a time: one copy of the model (the state dict) plus a bucket.
+- Save (:func:`copy_state_dict`, a state_dict post-hook): each parameter's entry becomes a copy of its full
+  value, gathered one bucket at a time: one copy of the model (the state dict) plus a bucket. The hook is on
+  every submodule and acts in the call's root only (the wrapped module, or a submodule called with torch's
+  default ``prefix=''``), so ``model.body.state_dict()`` copies the body's parameters and a whole-model call
+  gathers each bucket once.
 - Load (:func:`load_into_shards`, a load_state_dict pre-hook on every submodule, which torch runs before the
   module's own parameters are copied): each rank copies from the incoming full tensors the elements of its own
   shard straight into ``param_shard``, with no collective and nothing gathered (gathering every bucket first
@@ -19,12 +22,45 @@ of a freed bucket are views of a storage resized to 0. A checkpoint still holds 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from megatron_core.distributed.param_and_grad_buffer import ParamAndGradBuffer
 from megatron_core.distributed.param_gather import ParamGatherManager
+
+
+def register_state_dict_hooks(manager: ParamGatherManager, module: torch.nn.Module, zero3: bool) -> None:
+    """The checkpoint hooks of the DDP-wrapped ``module``, on it and every submodule (torch runs each module's
+    hooks for its own parameters): :func:`load_into_shards` before a load, and for ``state_dict()`` rooted there
+    a copy of the full parameters (ZeRO-3) or a wait for the gathers in flight (``--overlap-param-gather``)."""
+    load_hook = functools.partial(load_into_shards, manager, zero3)
+    before = functools.partial(_before_state_dict, manager, module, zero3)
+    after = functools.partial(_after_state_dict, manager, module)
+    for submodule in module.modules():
+        submodule.register_load_state_dict_pre_hook(load_hook)
+        submodule.register_state_dict_pre_hook(before)
+        if zero3:  # the buffers kept their shards and freed the buckets as they built them
+            submodule.register_state_dict_post_hook(after)
+
+
+def _rooted_here(root: torch.nn.Module, module: torch.nn.Module, prefix: str) -> bool:
+    """Whether a ``state_dict()`` call is rooted at ``module``: the wrapped root, or a submodule called on its
+    own (torch gives the submodules of a call non-empty prefixes)."""
+    return module is root or prefix == ""
+
+
+def _before_state_dict(manager: ParamGatherManager, root: torch.nn.Module, zero3: bool, module: torch.nn.Module,
+                       prefix: str, keep_vars: bool) -> None:
+    if not zero3 and _rooted_here(root, module, prefix):  # --overlap-param-gather: no gather left in flight
+        manager.gather_all()
+
+
+def _after_state_dict(manager: ParamGatherManager, root: torch.nn.Module, module: torch.nn.Module,
+                      state_dict: dict[str, Any], prefix: str, local_metadata: dict) -> None:
+    if _rooted_here(root, module, prefix):
+        copy_state_dict(manager, module, state_dict, prefix)
 
 
 def copy_state_dict(manager: ParamGatherManager, module: torch.nn.Module, state_dict: dict[str, Any],
