@@ -27,7 +27,8 @@ from collections.abc import Iterable
 
 import torch
 
-from megatron_core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer
+from megatron_core.distributed.bucket import Bucket
+from megatron_core.distributed.param_and_grad_buffer import ParamAndGradBuffer
 
 Unit = tuple[ParamAndGradBuffer, Bucket]
 # Attribute naming a ZeRO-3 parameter's manager (``megatron_core.zero.GatheredParameters`` reads it).

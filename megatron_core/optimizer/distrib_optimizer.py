@@ -19,8 +19,9 @@ import weakref
 import torch
 
 from megatron_core import device as device_mod
+from megatron_core.distributed.bucket import Bucket, ShardPiece
 from megatron_core.distributed.distributed_data_parallel import DistributedDataParallel
-from megatron_core.distributed.param_and_grad_buffer import Bucket, ParamAndGradBuffer, ShardPiece
+from megatron_core.distributed.param_and_grad_buffer import ParamAndGradBuffer
 from megatron_core.optimizer.offload import NvmeSwapper, OverlappedOffload, Unit, offloaded_buckets
 from megatron_core.optimizer.optimizer import MegatronOptimizer, build_torch_optimizer
 from megatron_core.optimizer.optimizer_config import OptimizerConfig
