@@ -349,6 +349,10 @@ def test_mock_dataset(tmp_path):
     assert set(train.indexed_indices.tolist()).isdisjoint(valid.indexed_indices.tolist())
     with pytest.raises(ValueError, match="--mock-data"):
         GPTDatasetConfig(seq_length=8, eod=0)
+    # The mock vocabulary must hold the EOD id, and two ids at least (each check alone).
+    for eod, vocab in ((5, 5), (-1, 4), (0, 1)):
+        with pytest.raises(ValueError, match=rf"mock data needs 0 <= eod \({eod}\) < mock vocab size \({vocab}\)"):
+            GPTDatasetConfig(seq_length=8, eod=eod, mock=True, mock_vocab_size=vocab)
 
 
 def test_indexed_dataset_pickles_for_dataloader_workers(data):
@@ -406,3 +410,12 @@ def test_a_data_path_of_prefixes_alone_is_weighted_by_their_lengths(tmp_path):
     assert np.array_equal(unweighted.dataset_sample_index, weighted.dataset_sample_index)
     for i in (0, 7, 299):
         assert torch.equal(unweighted[i]["tokens"], weighted[i]["tokens"])
+
+
+def test_data_paths_given_as_one_string_or_as_paths_become_lists_of_strings(tmp_path):
+    """Megatron-LM's --data-path "0.3 A 0.7 B" may reach the config as one string (a YAML or a library caller),
+    and prefixes as pathlib.Path: both are stored as the list of strings argparse gives; an empty list is None."""
+    cfg = GPTDatasetConfig(seq_length=8, eod=0, data_path="0.3 A 0.7 B")
+    assert cfg.data_path == ["0.3", "A", "0.7", "B"]
+    cfg = GPTDatasetConfig(seq_length=8, eod=0, train_data_path=[tmp_path / "a"], valid_data_path=[])
+    assert cfg.train_data_path == [str(tmp_path / "a")] and cfg.valid_data_path is None

@@ -15,6 +15,7 @@ from toy_model import ToyConfig, build_toy_chunks, global_parameters, loss_func,
 
 from megatron_core import parallel_state
 from megatron_core.distributed import CommLog, DistributedDataParallel, DistributedDataParallelConfig
+from megatron_core.distributed.comm_log import CommRecord
 
 STEPS, MICROBATCHES = 5, 2
 STAGES = {"zero0": {"zero_stage": 0}, "zero1": {"zero_stage": 1}, "zero2": {"zero_stage": 2},
@@ -182,3 +183,24 @@ def test_overlap_launches_buckets_in_backward_and_no_sync_accumulates(overlap):
             assert_rel_close(grad, ref[name] / 2, 1e-5, f"rank {rank} synced main_grad {name}")
     assert any(not torch.allclose(results[0]["local"][n], results[1]["local"][n]) for n in ref), \
         "the two ranks should have seen different data"
+
+
+def _broadcast_records():
+    ps = parallel_state.ParallelState(1, 1)
+    config = ToyConfig(num_layers=2)
+    log = CommLog()
+    ddp = DistributedDataParallel(DistributedDataParallelConfig(bucket_size=600), _model(ps, config, ps.dp_rank),
+                                  ps, comm_log=log)
+    numel = ddp.buffers_by_dtype[0].param_data.numel()
+    ps.destroy()
+    return [(r.op, r.tag, r.numel, r.group_size) for r in log.records], numel
+
+
+def test_the_start_up_broadcast_is_logged_and_ring_volumes_follow_the_paper():
+    """DDP's start-up broadcast of DP rank 0's parameters is one logged collective over the whole buffer (the log
+    read before only the gradients' records), and ``ring_bytes_sent`` is the ring cost per rank (bench_dp_comm.py
+    reads it): 2(N-1)/N x size for an all-reduce, (N-1)/N for the others."""
+    for records, numel in run_distributed(_broadcast_records, 2, timeout=60):
+        assert records == [("broadcast", "param.broadcast", numel, 2)]
+    assert CommRecord("all_reduce", "t", 100, 4, 4).ring_bytes_sent == 600.0
+    assert CommRecord("all_gather", "t", 100, 2, 8).ring_bytes_sent == 175.0

@@ -153,3 +153,18 @@ def test_sgd_momentum_resumes_from_torch_dist(tmp_path, flags):
     assert rest.loaded_iteration == 4
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]), what="losses after the resume")
 
+
+
+def test_finetune_from_torch_dist_is_logged_and_starts_at_iteration_0(tmp_path, capfd):
+    """--finetune from torch_dist: the weights only, from iteration 0, and the log line saying so (as the legacy
+    format's 'loaded model weights from ... for finetuning'); no test read that line before."""
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_train, 1, ARGS + ["--save", ckpt, "--exit-interval", "4"], timeout=120)
+    capfd.readouterr()
+    tuned = _logged(run_distributed(_train, 1, ARGS + ["--load", ckpt, "--finetune", "--train-iters", "2"],
+                                    timeout=120))
+    out = capfd.readouterr().out
+    assert (tuned.loaded_iteration, tuned.iteration) == (0, 2)
+    assert f"> loaded model weights from {ckpt} (torch_dist) for finetuning: starting at iteration 0\n" in out, \
+        out[-2000:]
+    assert "> loaded torch_dist checkpoint from" not in out

@@ -100,13 +100,14 @@ def _naive_attention(q, k, v, mask):
     return out.reshape(s, b, heads * d)
 
 
-def _attention(backend, explicit_mask):
+def _attention(backend, explicit_mask, groups=2):
     ps = parallel_state.initialize_model_parallel(dist.get_world_size())
-    config = TransformerConfig(hidden_size=32, num_attention_heads=4, num_query_groups=2, attention_backend=backend)
+    config = TransformerConfig(hidden_size=32, num_attention_heads=4, num_query_groups=groups,
+                               attention_backend=backend)
     attn = DotProductAttention(config, layer_number=1, parallel_state=ps).eval()
     g = torch.Generator().manual_seed(1)
     q = torch.randn(8, 2, 4, 8, generator=g)
-    k, v = torch.randn(8, 2, 2, 8, generator=g), torch.randn(8, 2, 2, 8, generator=g)
+    k, v = torch.randn(8, 2, groups, 8, generator=g), torch.randn(8, 2, groups, 8, generator=g)
     causal = torch.ones(8, 8, dtype=torch.bool).triu(1).expand(2, 1, 8, 8).clone()
     mask = causal.clone()
     if explicit_mask:  # two documents per sample: no attention across the boundary at position 4
@@ -119,6 +120,13 @@ def _attention(backend, explicit_mask):
 def test_core_attention_paths_match_naive_gqa(backend, explicit_mask):
     (out, ref), = run_distributed(_attention, 1, backend, explicit_mask, timeout=60)
     assert_rel_close(out, ref, what=f"{backend} attention")
+
+
+def test_multi_query_attention_one_key_value_head_is_accepted_and_matches_naive():
+    """num_query_groups=1 (multi-query attention, Shazeer 2019; Megatron-LM's --num-query-groups 1): one key/value
+    head for every query head. The group check refused it under a mutant (``groups < 1`` -> ``< 2``)."""
+    (out, ref), = run_distributed(_attention, 1, "auto", True, 1, timeout=60)
+    assert_rel_close(out, ref, what="multi-query attention")
 
 
 def _blocked_causal_attention(seq, block, dropout_p, dtype=torch.float64):

@@ -5,8 +5,8 @@ measures the same categories): each model chunk's parameters sit in one flat DDP
 registration order, cut into buckets of ``bucket_size`` elements padded to a multiple of DP; the
 tied embedding copy gets its own bucket under the distributed optimizer. ZeRO (Rajbhandari et al.
 2020) with K = 12 (Adam's fp32 main copy and two moments): stage 0 keeps (2+2+K)Ψ, stage 1
-shards the fp32 parts, stage 2 also the gradients, stage 3 (not in the framework yet: formula only)
-also the parameters, (2+2+K)Ψ/Nd plus a window of two gathered layers. ``offload`` moves the fp32
+shards the fp32 parts, stage 2 also the gradients, stage 3 also the parameters, (2+2+K)Ψ/Nd plus a window of
+gathered parameters (:func:`zero3_gather_window_bytes`). ``offload`` moves the fp32
 main parameters and optimizer state to host memory (DeepSpeed's ``offload_optimizer``).
 
 Activations: Korthikanti et al. 2022's per-layer ``sbh(34 + 5as/h)`` bytes (fp16, TP 1) rewritten
@@ -158,5 +158,17 @@ def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank
 
 
 def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout) -> int:
-    """ZeRO-3 working memory: the gathered parameters of the current and the prefetched layer."""
-    return 2 * sum(p.numel for p in layer_params(spec, layout.tp, 0)) * spec.bytes_per_param
+    """ZeRO-3 working memory, bytes: the gathered parameters of the current and the prefetched layer, plus,
+    with tied embeddings on one pipeline stage, the word embedding's [padded vocab / TP, h]: the output layer
+    gathers it at the start of backward and it stays gathered to the end, its gradient being complete only
+    after the embedding's own backward, the last (``param_gather``'s gradient hook frees a bucket then).
+
+    The granularity of DeepSpeed's per-module gather: one bucket per layer and one layer prefetched
+    (``--ddp-bucket-size`` and ``--stage3-prefetch-bucket-size`` of about a layer's elements). Measured
+    against the gathered buckets' storage in tests/test_autotune_memory.py (to within the small
+    parameters sharing the embedding's bucket: position embeddings, final norm).
+    """
+    window = 2 * sum(p.numel for p in layer_params(spec, layout.tp, 0))
+    if spec.config.share_embeddings_and_output_weights and layout.pp == 1:
+        window += spec.padded_vocab(layout.tp) // layout.tp * spec.config.hidden_size
+    return window * spec.bytes_per_param
