@@ -200,10 +200,10 @@ def test_zero2_and_zero3_hold_the_shard_and_the_buckets_in_use_not_the_full_grad
 
 
 # ---- ZeRO-3: the gathered parameters' window during forward and backward ------------------------------
-def _zero3_gathered_peak(tp, layer_elements):
+def _zero3_gathered_peak(tp, layer_elements, tied):
     """The most bytes of gathered bucket storage at any moment of two steps of 2 microbatches, read from the
     buckets' storages right after every all-gather is launched (the only moments that storage grows)."""
-    gpt = _GPT(_config(False))
+    gpt = _GPT(_config(False, tied))
     ps, _, wrapped, optimizer = build({"tp": tp}, gpt, {"zero_stage": 3, "bucket_size": layer_elements,
                                                 "stage3_prefetch_bucket_size": layer_elements}, {})
     buckets = [k for w in wrapped for b in w.buffers_by_dtype for k in b.buckets]
@@ -221,22 +221,24 @@ def _zero3_gathered_peak(tp, layer_elements):
     return max(seen), sizes
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("tp", [1, 2])
-def test_zero3_gather_window_matches_the_gathered_buckets_at_their_peak(tp):
+def test_zero3_gather_window_matches_the_gathered_buckets_at_their_peak(tp, tied):
     """ZeRO-3 at DP 2, one bucket per layer and one layer prefetched (the granularity the autotuner assumes):
     the most gathered parameter bytes of a forward/backward, read from the buckets' storage, against
-    ``zero3_gather_window_bytes``: two layers plus the tied word embedding, which the output layer gathers
-    at the start of backward and which stays gathered to its end. The embedding's bucket also holds the
-    position embeddings and the final norm, which the prediction leaves out: the peak may exceed it by their
-    bytes and no more (TP 1: 65664 B measured, 63936 B predicted; without the embedding, the formula before,
-    57792 B, 12% short)."""
-    spec = _spec(_config(False))
+    ``zero3_gather_window_bytes``: two layers plus the output layer's weight. Tied, it is the word embedding,
+    which the output layer gathers at the start of backward and which stays gathered to its end; untied, it
+    shares the last layer's bucket. The small parameters in those buckets (position embeddings, final norm)
+    are left out of the prediction: the peak may exceed it by their bytes and no more (TP 1 tied: 65664 B
+    measured, 63936 B predicted; without the output weight, the formula before, 57792 B, 12% short; untied it
+    was 57792 B against 63936 B measured)."""
+    spec = _spec(_config(False, tied))
     layer_elements = sum(p.numel for p in layer_params(spec, tp, 0))
     predicted = zero3_gather_window_bytes(spec, Layout(tp=tp, dp=2, zero_stage=3, micro_batch_size=2))
     h = spec.config.hidden_size
     beside_the_embedding = (SEQ * h + 2 * h) * 4  # fp32 position embeddings [s, h] and final norm's weight, bias
-    for peak, sizes in run_distributed(_zero3_gathered_peak, 2 * tp, tp, layer_elements, timeout=120):
-        assert sizes[:4] == [layer_elements] * 4, f"the test needs one bucket per layer, got {sizes}"
+    for peak, sizes in run_distributed(_zero3_gathered_peak, 2 * tp, tp, layer_elements, tied, timeout=120):
+        assert sizes.count(layer_elements) >= 3, f"the test needs one bucket per layer, got {sizes}"
         assert predicted <= peak <= predicted + beside_the_embedding, \
             f"TP {tp}: {peak} B gathered at the peak, predicted {predicted} B"
 

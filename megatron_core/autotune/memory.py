@@ -157,18 +157,21 @@ def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank
     return ModelStates(params, grads, mains, state, grads_bw + in_flight, host, step_grad_copies=copies)
 
 
-def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout) -> int:
-    """ZeRO-3 working memory, bytes: the gathered parameters of the current and the prefetched layer, plus,
-    with tied embeddings on one pipeline stage, the word embedding's [padded vocab / TP, h]: the output layer
-    gathers it at the start of backward and it stays gathered to the end, its gradient being complete only
-    after the embedding's own backward, the last (``param_gather``'s gradient hook frees a bucket then).
+def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout, pp_rank: int | None = None) -> int:
+    """ZeRO-3 working memory of pipeline rank ``pp_rank`` (the last when None), bytes: the gathered parameters
+    of the current and the prefetched layer, plus, on the stage holding the output layer, its weight
+    [padded vocab / TP, h]. Tied to the word embedding on one stage, the output layer gathers the embedding's
+    bucket at the start of backward and it stays gathered to the end, its gradient being complete only after the
+    embedding's own backward, the last (``param_gather``'s gradient hook frees a bucket then); untied (or on a
+    last stage of its own) the output weight shares a bucket with the last layer, gathered beside the layer
+    prefetched next.
 
     The granularity of DeepSpeed's per-module gather: one bucket per layer and one layer prefetched
     (``--ddp-bucket-size`` and ``--stage3-prefetch-bucket-size`` of about a layer's elements). Measured
     against the gathered buckets' storage in tests/test_autotune_memory.py (to within the small
-    parameters sharing the embedding's bucket: position embeddings, final norm).
+    parameters sharing the output layer's bucket: position embeddings, final norm).
     """
     window = 2 * sum(p.numel for p in layer_params(spec, layout.tp, 0))
-    if spec.config.share_embeddings_and_output_weights and layout.pp == 1:
+    if pp_rank is None or pp_rank == layout.pp - 1:
         window += spec.padded_vocab(layout.tp) // layout.tp * spec.config.hidden_size
     return window * spec.bytes_per_param

@@ -137,7 +137,7 @@ def rank_memory(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = Tr
     weights = states.params + states.main_params + states.optimizer_state + max(
         states.grads + states.step_grad_copies, states.grads_in_backward)
     if layout.zero_stage == 3:
-        weights += zero3_gather_window_bytes(spec, layout)
+        weights += zero3_gather_window_bytes(spec, layout, pp_rank)
     return RankMemory(weights, stage_activation_bytes(spec, layout, pp_rank, on_cpu),
                       comm_buffer_bytes(spec, layout, pp_rank, on_cpu, bucket_size))
 
