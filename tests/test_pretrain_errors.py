@@ -88,3 +88,15 @@ def test_command_line_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: --demo-input {bad}:1: not valid JSON")
+
+
+def test_demo_input_with_a_lone_surrogate_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "ab\\udc00"}\n')
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), "--demo", "--demo-dir",
+                           str(tmp_path / "demo"), "--demo-input", str(bad)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: --demo-input {bad}:2: \"text\" holds a lone surrogate '\\udc00' at "
+                                  "character 2"), proc.stderr

@@ -292,3 +292,17 @@ def test_vocab_size_with_padding():
     assert vocab_size_with_padding(50257, 128, 1) == 50304
     assert vocab_size_with_padding(50257, 128, 4) == 50688
     assert vocab_size_with_padding(512, 128, 2) == 512
+
+
+def test_training_skips_a_lone_surrogate_line_instead_of_failing(tmp_path, corpus_file, capsys):
+    # One JSON line spelling half a UTF-16 pair made SentencePiece's trainer fail as a whole, with a binding
+    # error blamed on --vocab-size; a value that is no string was dropped without a word.
+    jsonl = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": line}) for line in open(corpus_file, encoding="utf-8").read().splitlines()]
+    lines[3:3] = ['{"text": "half \\ud800 pair"}', '{"text": 7}']
+    jsonl.write_text("\n".join(lines) + "\n")
+    model = train_sentencepiece([str(jsonl)], str(tmp_path / "tok"), vocab_size=400)
+    assert os.path.isfile(model)
+    err = capsys.readouterr().err
+    assert "c.jsonl:4: skipped (key 'text' holds a lone surrogate '\\ud800' at character 5" in err, err
+    assert "c.jsonl:5: skipped (key 'text' holds int, not a string)" in err, err

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from megatron_core.errors import ArgumentParser
+from megatron_core.tokenizer.base import lone_surrogate
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -51,9 +52,13 @@ def iter_training_lines(
                 except (ValueError, KeyError, TypeError) as exc:
                     print(f"warning: {path}:{line_number}: skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
                     continue
-                for text in texts:
-                    if isinstance(text, str):
-                        yield from (part for part in text.split("\n") if part.strip())
+                for key, text in zip(json_keys, texts, strict=True):
+                    # The line is skipped, not the run stopped: SentencePiece's trainer fails as a whole on it.
+                    problem = lone_surrogate(text) if isinstance(text, str) else f"{type(text).__name__}, not a string"
+                    if problem is not None:
+                        print(f"warning: {path}:{line_number}: skipped (key {key!r} holds {problem})", file=sys.stderr)
+                        continue
+                    yield from (part for part in text.split("\n") if part.strip())
 
 
 # unk, bos and eos (no pad piece): the ids set in train_sentencepiece.

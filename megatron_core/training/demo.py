@@ -13,6 +13,7 @@ import sysconfig
 import time
 from collections.abc import Callable
 
+from megatron_core.tokenizer.base import lone_surrogate
 from megatron_core.training.errors import ConfigError
 
 DEMO_VOCAB_SIZE = 1024
@@ -116,6 +117,9 @@ def check_jsonl(path: str, key: str = "text") -> int:
             if not isinstance(doc, dict) or not isinstance(doc.get(key), str):
                 raise ConfigError(f"--demo-input {path}:{number}: expected a JSON object with a string \"{key}\" "
                                   f"field: fix or delete that line")
+            if (problem := lone_surrogate(doc[key])) is not None:
+                raise ConfigError(f"--demo-input {path}:{number}: \"{key}\" holds {problem}: fix the line's JSON "
+                                  f"escapes or delete the line")
             count += 1
     if count == 0:
         raise ConfigError(f"--demo-input {path!r} holds no documents")
