@@ -57,6 +57,7 @@ from megatron_core.inference.text_generation_cli import (
     sampling_from_args,
     setup,
 )
+from megatron_core.tokenizer.base import lone_surrogate
 from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
 
 _STOP = "stop"
@@ -114,6 +115,10 @@ def parse_request(body: Any, defaults: SamplingParams) -> Request:
     prompts = body.get("prompts")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError("'prompts' must be a non-empty list of strings")
+    for index, prompt in enumerate(prompts):
+        # JSON may spell half a UTF-16 pair; the tokenizer then fails inside generation (HTTP 500).
+        if (problem := lone_surrogate(prompt)) is not None:
+            raise ConfigError(f"'prompts'[{index}] holds {problem}: send each surrogate pair whole")
     tokens = body.get("tokens_to_generate", 64)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ConfigError("'tokens_to_generate' must be an integer >= 0")
