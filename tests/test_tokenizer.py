@@ -152,6 +152,27 @@ def test_train_vocab_too_small_is_a_clear_error(tmp_path, corpus_file):
     assert 0.9 * len(distinct) <= chars <= len(distinct), (chars, len(distinct))
 
 
+@pytest.mark.parametrize("case", ["no-text", "vocab-too-large", "coverage"])
+def test_train_failures_name_the_flag_not_an_internal_check(tmp_path, corpus_file, case):
+    """They were "sentencepiece training failed (--vocab-size 300): INTERNAL: src/trainer_interface.cc(467)
+    [!sentences_.empty()]" (no usable line), "... [(trainer_spec_.vocab_size()) == (model_proto->pieces_size())]
+    Vocabulary size too high" and "... [trainer_spec.character_coverage() >= 0.98 && ...]": each blamed
+    --vocab-size or quoted SentencePiece's source."""
+    jsonl = tmp_path / "keyless.jsonl"
+    jsonl.write_text(json.dumps({"body": "text under another key"}) + "\n\n")
+    inputs, vocab_size, kwargs, expected = {
+        "no-text": ([str(jsonl)], 300, {}, f"--input {jsonl}: no text to train on (every line blank or skipped); "
+                                           "JSONL needs objects with the --json-keys strings"),
+        "vocab-too-large": ([corpus_file], 100_000, {}, r"--vocab-size 100000 is more pieces than the input holds "
+                                                         r"(at most "),
+        "coverage": ([corpus_file], 400, {"character_coverage": 2.0},
+                     "--character-coverage must be in [0.98, 1] (SentencePiece's range), got 2.0"),
+    }[case]
+    with pytest.raises(ValueError) as info:
+        train_sentencepiece(inputs, str(tmp_path / "tok"), vocab_size, **kwargs)
+    assert str(info.value).startswith(expected) and "INTERNAL" not in str(info.value), str(info.value)
+
+
 def _train_byte_level_bpe(tmp_path):
     from tokenizers import ByteLevelBPETokenizer
 
