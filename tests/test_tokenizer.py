@@ -152,7 +152,7 @@ def test_train_vocab_too_small_is_a_clear_error(tmp_path, corpus_file):
     assert 0.9 * len(distinct) <= chars <= len(distinct), (chars, len(distinct))
 
 
-@pytest.mark.parametrize("case", ["no-text", "vocab-too-large", "coverage"])
+@pytest.mark.parametrize("case", ["no-text", "vocab-too-large", "coverage", "directory"])
 def test_train_failures_name_the_flag_not_an_internal_check(tmp_path, corpus_file, case):
     """They were "sentencepiece training failed (--vocab-size 300): INTERNAL: src/trainer_interface.cc(467)
     [!sentences_.empty()]" (no usable line), "... [(trainer_spec_.vocab_size()) == (model_proto->pieces_size())]
@@ -167,6 +167,8 @@ def test_train_failures_name_the_flag_not_an_internal_check(tmp_path, corpus_fil
                                                          r"(at most "),
         "coverage": ([corpus_file], 400, {"character_coverage": 2.0},
                      "--character-coverage must be in [0.98, 1] (SentencePiece's range), got 2.0"),
+        # Was "--input file not found".
+        "directory": ([str(tmp_path)], 400, {}, f"--input '{tmp_path}' is a directory; give the files in it"),
     }[case]
     with pytest.raises(ValueError) as info:
         train_sentencepiece(inputs, str(tmp_path / "tok"), vocab_size, **kwargs)

@@ -85,6 +85,8 @@ def train_sentencepiece(
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"--model-type must be bpe or unigram, got {model_type!r}")
     for path in inputs:
+        if os.path.isdir(path):
+            raise ValueError(f"--input {path!r} is a directory; give the files in it (e.g. {path.rstrip('/')}/*.jsonl)")
         if not os.path.isfile(path):
             raise ValueError(f"--input file not found: {path!r}")
     # SentencePiece's own bound (trainer_interface.cc), which it reports as an internal check failing.
