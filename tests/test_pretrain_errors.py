@@ -1,6 +1,7 @@
 """Bad inputs end with one line naming the fix and a non-zero exit code, never a traceback."""
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,17 @@ def test_demo_input_with_a_lone_surrogate_is_one_line_naming_it(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: --demo-input {bad}:2: \"text\" holds a lone surrogate '\\udc00' at "
                                   "character 2"), proc.stderr
+
+
+def test_demo_input_too_small_for_the_demo_tokenizer_names_the_input_not_vocab_size(tmp_path):
+    # It said "lower --vocab-size" (or, before, quoted SentencePiece's internal check): the demo's tokenizer size is
+    # fixed, and pretrain_gpt.py's --vocab-size is another thing.
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": f"doc {i}: the cat sat"}) + "\n" for i in range(5)))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), "--demo", "--demo-dir",
+                           str(tmp_path / "demo"), "--demo-input", str(small)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: --demo-input {small}: too little text for the demo's 1024-token tokenizer "
+                                  "(it holds at most "), proc.stderr
+    assert proc.stderr.endswith("pieces); give more documents\n"), proc.stderr

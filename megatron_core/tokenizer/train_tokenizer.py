@@ -118,12 +118,20 @@ def train_sentencepiece(
             minloglevel=0 if verbose else 2,
         )
     except RuntimeError as exc:
-        raise ValueError(_training_error(str(exc), inputs, vocab_size, character_coverage, byte_fallback)) from None
+        raise _training_error(str(exc), inputs, vocab_size, character_coverage, byte_fallback) from None
     return f"{model_prefix}.model"
 
 
+class VocabSizeTooLargeError(ValueError):
+    """``vocab_size`` is more pieces than the training text holds; ``most`` is SentencePiece's bound for it."""
+
+    def __init__(self, message: str, most: int) -> None:
+        super().__init__(message)
+        self.most = most
+
+
 def _training_error(message: str, inputs: Sequence[str], vocab_size: int, character_coverage: float,
-                    byte_fallback: bool) -> str:
+                    byte_fallback: bool) -> ValueError:
     """SentencePiece's failure said with this tool's flags (it names its own, spelt with underscores, or
     quotes an internal check)."""
     # e.g. "Vocabulary size is smaller than required_chars. 256 vs 344. ... with --character_coverage option.":
@@ -134,18 +142,18 @@ def _training_error(message: str, inputs: Sequence[str], vocab_size: int, charac
         byte_pieces = 256 if byte_fallback else 0
         parts = f"{byte_pieces} byte-fallback pieces, " if byte_fallback else ""
         parts += f"{_SPECIAL_PIECES} special pieces and {needed - byte_pieces - _SPECIAL_PIECES} characters"
-        return (f"--vocab-size {vocab_size} is too small: the input's characters at --character-coverage "
-                f"{character_coverage} need {needed} pieces ({parts}); raise --vocab-size to at least "
-                f"{needed} (the pieces above it are the merges) or lower --character-coverage")
+        return ValueError(f"--vocab-size {vocab_size} is too small: the input's characters at --character-coverage "
+                          f"{character_coverage} need {needed} pieces ({parts}); raise --vocab-size to at least "
+                          f"{needed} (the pieces above it are the merges) or lower --character-coverage")
     # "Vocabulary size too high (300). Please set it to a value <= 276.": the text has too few distinct pieces.
     high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
     if high:
-        return (f"--vocab-size {vocab_size} is more pieces than the input holds (at most {high.group(2)}); lower "
-                f"--vocab-size or add text")
+        return VocabSizeTooLargeError(f"--vocab-size {vocab_size} is more pieces than the input holds (at most "
+                                      f"{high.group(2)}); lower --vocab-size or add text", int(high.group(2)))
     if "!sentences_.empty()" in message:
-        return (f"--input {' '.join(inputs)}: no text to train on (every line blank or skipped); JSONL needs "
-                f"objects with the --json-keys strings, other files are read as plain text")
-    return f"sentencepiece training failed (--vocab-size {vocab_size}): {message}"
+        return ValueError(f"--input {' '.join(inputs)}: no text to train on (every line blank or skipped); JSONL "
+                          f"needs objects with the --json-keys strings, other files are read as plain text")
+    return ValueError(f"sentencepiece training failed (--vocab-size {vocab_size}): {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
