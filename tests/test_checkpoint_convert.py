@@ -124,6 +124,9 @@ def test_errors_name_the_path_and_flag(tmp_path, capsys):
     assert "has no config.json" in capsys.readouterr().err
     assert _cli("core", "hf", tmp_path / "empty", tmp_path / "out") == 2
     assert "latest_checkpointed_iteration.txt" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")  # it said "--load-dir .../afile does not exist"
+    assert _cli("core", "hf", tmp_path / "afile", tmp_path / "out") == 2
+    assert f"--load-dir {tmp_path / 'afile'} is a file, not a checkpoint directory" in capsys.readouterr().err
     from transformers import BertConfig
     BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64).save_pretrained(
         tmp_path / "bert")

@@ -112,3 +112,28 @@ def test_consolidating_a_damaged_deepspeed_checkpoint_is_one_line(tmp_path):
                                           r"DeepSpeed optimizer file \(no 'optimizer_state_dict'\) beside DeepSpeed's "
                                           r"model states; save the checkpoint again or load another tag$"):
         consolidate_state_dict(str(tmp_path), "saved")
+
+
+def _save_under_reserved_tags(directory):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 1))
+    run_steps("mlp", engine, 0, 1)
+    refused = {}
+    for tag in (".", "..", "latest", "zero_to_fp32.py"):
+        try:
+            engine.save_checkpoint(directory, tag)
+        except ConfigError as exc:
+            refused[tag] = str(exc)
+    engine.parallel_state.destroy()
+    return refused
+
+
+def test_a_tag_that_is_no_folder_of_its_own_is_refused_before_writing(tmp_path):
+    """tag '..' wrote the checkpoint's files into the save directory's parent, '.' into the directory itself;
+    'latest' and 'zero_to_fp32.py' failed on the file of that name, blaming the disk ('give a directory this job
+    can write to, with free space')."""
+    directory = tmp_path / "ckpt"
+    refused = run_distributed(_save_under_reserved_tags, 1, str(directory), timeout=60)[0]
+    for tag in (".", "..", "latest", "zero_to_fp32.py"):
+        assert refused.get(tag, "").startswith(f"save_checkpoint: tag {tag!r} is not a folder of its own under "
+                                               f"{str(directory)!r}"), refused
+    assert not list(tmp_path.rglob("*.pt")), list(tmp_path.rglob("*"))  # nothing written, in or beside it

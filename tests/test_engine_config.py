@@ -250,6 +250,9 @@ ERRORS = {
         config_with(zero_optimization={"reduce_bucket_size": 100, "allgather_bucket_size": 200}),
         "allgather_bucket_size differs from reduce_bucket_size",
     ),
+    # Was "DistributedDataParallelConfig.bucket_size (--ddp-bucket-size) must be >= 1": neither is in the user's file.
+    "zero-reduce-bucket": (config_with(zero_optimization={"stage": 2, "reduce_bucket_size": 0}),
+                           "DeepSpeed config: zero_optimization.reduce_bucket_size must be >= 1, got 0"),
     "contiguous-off": (config_with(zero_optimization={"contiguous_gradients": False}), "contiguous_gradients = false"),
     "offload-optimizer-stage-0": (
         config_with(zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}}),

@@ -288,3 +288,15 @@ def test_progress_lines_count_documents_and_agree_on_the_rate(tmp_path, spm_mode
         # docs/s is printed to 0.05 (relative 0.05 / docs_rate), MB/s to 0.005.
         slack = expected * 0.05 / docs_rate + 0.005 + 1e-9
         assert abs(mb_rate - expected) <= slack, (m[0], expected)
+
+
+def test_a_lone_surrogate_is_a_bad_line_named_as_such(tmp_path, spm_model, capsys):
+    # JSON can spell half a UTF-16 pair ("\ud83d" without its "\ude80"); the tokenizer's binding then failed
+    # with "Unable to cast Python instance of type <class 'str'> to C++ type '?'".
+    docs = stdlib_documents(3)
+    write_jsonl(tmp_path / "in.jsonl", docs, {2: '{"text": "rocket \\ud83d alone"}'})
+    assert run_main(tmp_path, spm_model) == 0
+    err = capsys.readouterr().err
+    assert "in.jsonl:2: skipped line: key 'text' holds a lone surrogate '\\ud83d' at character 7" in err, err
+    assert "C++" not in err
+    assert len(IndexedDataset(str(tmp_path / "out" / "data_text_document"))) == len(docs)

@@ -52,6 +52,12 @@ def test_async_save_and_use_checkpoint_args(tmp_path, capfd):
         started = out.index(f"started an asynchronous save of checkpoint at iteration {iteration:7d} to {ckpt}")
         assert out.index(f"successfully saved checkpoint at iteration {iteration:7d} to {ckpt} (torch_dist, "
                          f"asynchronous save finished)") > started, out[-3000:]
+    assert out.count("asynchronous save finished") == 2, out[-3000:]
+    capfd.readouterr()
+    _logged(run_distributed(_train, 1, ARGS + ["--save", str(tmp_path / "sync"), "--save-interval", "2",
+                                               "--exit-interval", "4"], timeout=240))
+    out = capfd.readouterr().out  # a synchronous save said "asynchronous save finished" too, when the next began
+    assert "asynchronous" not in out and out.count("successfully saved checkpoint at iteration") == 2, out[-3000:]
     # No model flags at all: they come from the checkpoint.
     model_flags = {"--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--vocab-size"}
     argv, skip = [], False

@@ -1,6 +1,7 @@
 """Bad inputs end with one line naming the fix and a non-zero exit code, never a traceback."""
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -88,3 +89,51 @@ def test_command_line_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: --demo-input {bad}:1: not valid JSON")
+
+
+def test_demo_input_with_a_lone_surrogate_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "ab\\udc00"}\n')
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), "--demo", "--demo-dir",
+                           str(tmp_path / "demo"), "--demo-input", str(bad)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: --demo-input {bad}:2: \"text\" holds a lone surrogate '\\udc00' at "
+                                  "character 2"), proc.stderr
+
+
+def test_demo_input_too_small_for_the_demo_tokenizer_names_the_input_not_vocab_size(tmp_path):
+    # It said "lower --vocab-size" (or, before, quoted SentencePiece's internal check): the demo's tokenizer size is
+    # fixed, and pretrain_gpt.py's --vocab-size is another thing.
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": f"doc {i}: the cat sat"}) + "\n" for i in range(5)))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), "--demo", "--demo-dir",
+                           str(tmp_path / "demo"), "--demo-input", str(small)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: --demo-input {small}: too little text for the demo's 1024-token tokenizer "
+                                  "(it holds at most "), proc.stderr
+    assert proc.stderr.endswith("pieces); give more documents\n"), proc.stderr
+
+
+def test_a_world_that_does_not_fit_a_legacy_checkpoints_layout_says_where_the_sizes_came_from(tmp_path):
+    """--use-checkpoint-args takes a legacy checkpoint's TP / PP (it loads under them only): the error named
+    --tensor-model-parallel-size 2, which the user never typed, and no way to change it."""
+    from megatron_core.checkpoint.convert import main as convert
+    from tests.hf_testing import tiny_hf_gpt2
+
+    tiny_hf_gpt2().save_pretrained(tmp_path / "hf")
+    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                    "--save-dir", str(tmp_path / "ckpt"), "--target-tensor-parallel-size", "2"]) == 0
+    argv = ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "2", "--lr", "1e-3",
+            "--eval-iters", "0", "--num-workers", "0", "--mock-data", "--load", str(tmp_path / "ckpt"), "--finetune",
+            "--use-checkpoint-args"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), *argv],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: world size 1 is not divisible by --tensor-model-parallel-size 2 x "), \
+        proc.stderr
+    assert proc.stderr.endswith("(with --use-checkpoint-args, a legacy checkpoint's own sizes: it loads under them "
+                                "only; re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size / "
+                                "--target-pipeline-parallel-size to change them)\n"), proc.stderr

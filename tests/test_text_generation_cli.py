@@ -302,3 +302,19 @@ def test_an_interpolation_factor_is_applied_as_in_training(tmp_path, capsys):
     assert interpolated == [_hf_greedy(linear, prompt, 12)]
     assert main(args) == 0
     assert json.loads(out.read_text())["tokens"] == [_hf_greedy(llama, prompt, 12)] != interpolated
+
+
+def test_a_prompt_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    """A byte that is not UTF-8 reaches sys.argv as a lone surrogate; the tokenizer's binding failed on it with
+    a traceback ("TypeError: TextInputSequence must be str")."""
+    hf_model = tiny_hf_gpt2(vocab_size=300)
+    hf_model.save_pretrained(tmp_path / "hf")
+    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([os.fsencode(sys.executable), os.fsencode(TOOL), b"--load", os.fsencode(tmp_path / "hf"),
+                           b"--prompt", b"ab\xffc", b"--tokens-to-generate", b"2"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert lines == ["run_text_generation.py: error: --prompt 'ab\\udcffc' is not UTF-8 text: a lone surrogate "
+                     "'\\udcff' at character 2 (not Unicode text); pass the prompt in UTF-8"], proc.stderr[-3000:]

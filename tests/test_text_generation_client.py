@@ -73,3 +73,19 @@ def test_a_timeout_that_is_not_positive_is_one_line():
         assert proc.stderr.splitlines() == [
             f"text_generation_cli.py: error: --timeout must be a number of seconds > 0, got {float(value):g} "
             f"(see python text_generation_cli.py --help)"], proc.stderr
+
+
+def test_a_prompt_that_is_not_utf8_is_asked_again_not_sent():
+    """A non-UTF-8 byte typed or pasted: a strict stdin (an en_US.UTF-8 locale) ended the client in a
+    UnicodeDecodeError traceback; a surrogateescape one (the C locale) sent a lone surrogate the server's
+    tokenizer failed on. Nothing is sent: the port has no server, yet no 'cannot reach' line."""
+    for encoding, expected in (("utf-8:strict", "error: the input is not UTF-8 text (invalid start byte at byte 2); "
+                                                "type it again in UTF-8\n"),
+                               ("utf-8:surrogateescape", "error: the prompt is not UTF-8 text (a lone surrogate "
+                                                         "'\\udcff' at character 2 (not Unicode text)); type it again "
+                                                         "in UTF-8\n")):
+        proc = subprocess.run([sys.executable, CLIENT, f"127.0.0.1:{_free_port()}"], input=b"ab\xffc\n", timeout=120,
+                              capture_output=True, cwd=REPO, env={**ENV, "PYTHONIOENCODING": encoding})
+        out, err = proc.stdout.decode(), proc.stderr.decode()
+        assert proc.returncode == 0 and err == "", (encoding, err)
+        assert out == f"Enter prompt: {expected}Enter prompt: \n", (encoding, out)

@@ -344,6 +344,9 @@ def test_request_fields_are_checked_as_megatron_lm_checks_them():
                           ({"prompts": ["a"], "tokens_to_generate": 0},
                            "'tokens_to_generate' 0 scores the prompts: send 'logprobs': true"),
                           ({"prompts": ["a"], "stop_token": 7}, "'stop_token': 7 is a Megatron-LM option"),
+                          # Any number was taken, each request one batch (Megatron-LM answers 400 past 128).
+                          ({"prompts": ["a"] * 129}, "'prompts' holds 129 prompts; at most 128 per request "
+                                                     "(Megatron-LM's limit): split them over several requests"),
                           # Past float32's range the logits became nan: HTTP 500 from torch.multinomial.
                           ({"prompts": ["a"], "temperature": 1e308}, "'temperature' must be at most 100 (Megatron-LM's "
                                                                      "bound), got 1e+308")):
@@ -355,3 +358,16 @@ def test_request_fields_are_checked_as_megatron_lm_checks_them():
             raise AssertionError(f"{body} was accepted")
     req = parse_request({"prompts": ["a"], "stop_token": 50256, "length_penalty": 1}, defaults)
     assert req.tokens_to_generate == 64
+    assert len(parse_request({"prompts": ["a"] * 128}, defaults).prompts) == 128
+
+
+def test_a_prompt_with_a_lone_surrogate_is_a_bad_request_naming_it():
+    # JSON may spell half a UTF-16 pair; the tokenizer failed on it inside generation: HTTP 500
+    # "generation failed on rank 0: TypeError: TextInputSequence must be str" (a Hugging Face tokenizer).
+    from megatron_core.errors import ConfigError
+    from megatron_core.inference.sampling import SamplingParams
+    from megatron_core.inference.server import parse_request
+
+    body = json.loads('{"prompts": ["fine", "a\\ud800b"], "tokens_to_generate": 2}')  # as Flask decodes it
+    with pytest.raises(ConfigError, match=r"^'prompts'\[1\] holds a lone surrogate '\\ud800' at character 1 "):
+        parse_request(body, SamplingParams(1.0, 0, 0.0, 1234))

@@ -152,6 +152,29 @@ def test_train_vocab_too_small_is_a_clear_error(tmp_path, corpus_file):
     assert 0.9 * len(distinct) <= chars <= len(distinct), (chars, len(distinct))
 
 
+@pytest.mark.parametrize("case", ["no-text", "vocab-too-large", "coverage", "directory"])
+def test_train_failures_name_the_flag_not_an_internal_check(tmp_path, corpus_file, case):
+    """They were "sentencepiece training failed (--vocab-size 300): INTERNAL: src/trainer_interface.cc(467)
+    [!sentences_.empty()]" (no usable line), "... [(trainer_spec_.vocab_size()) == (model_proto->pieces_size())]
+    Vocabulary size too high" and "... [trainer_spec.character_coverage() >= 0.98 && ...]": each blamed
+    --vocab-size or quoted SentencePiece's source."""
+    jsonl = tmp_path / "keyless.jsonl"
+    jsonl.write_text(json.dumps({"body": "text under another key"}) + "\n\n")
+    inputs, vocab_size, kwargs, expected = {
+        "no-text": ([str(jsonl)], 300, {}, f"--input {jsonl}: no text to train on (every line blank or skipped); "
+                                           "JSONL needs objects with the --json-keys strings"),
+        "vocab-too-large": ([corpus_file], 100_000, {}, r"--vocab-size 100000 is more pieces than the input holds "
+                                                         r"(at most "),
+        "coverage": ([corpus_file], 400, {"character_coverage": 2.0},
+                     "--character-coverage must be in [0.98, 1] (SentencePiece's range), got 2.0"),
+        # Was "--input file not found".
+        "directory": ([str(tmp_path)], 400, {}, f"--input '{tmp_path}' is a directory; give the files in it"),
+    }[case]
+    with pytest.raises(ValueError) as info:
+        train_sentencepiece(inputs, str(tmp_path / "tok"), vocab_size, **kwargs)
+    assert str(info.value).startswith(expected) and "INTERNAL" not in str(info.value), str(info.value)
+
+
 def _train_byte_level_bpe(tmp_path):
     from tokenizers import ByteLevelBPETokenizer
 
@@ -287,3 +310,16 @@ def test_build_tokenizer_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         build_tokenizer(tokenizer_type, **kwargs)
 
+
+def test_training_skips_a_lone_surrogate_line_instead_of_failing(tmp_path, corpus_file, capsys):
+    # One JSON line spelling half a UTF-16 pair made SentencePiece's trainer fail as a whole, with a binding
+    # error blamed on --vocab-size; a value that is no string was dropped without a word.
+    jsonl = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": line}) for line in open(corpus_file, encoding="utf-8").read().splitlines()]
+    lines[3:3] = ['{"text": "half \\ud800 pair"}', '{"text": 7}']
+    jsonl.write_text("\n".join(lines) + "\n")
+    model = train_sentencepiece([str(jsonl)], str(tmp_path / "tok"), vocab_size=400)
+    assert os.path.isfile(model)
+    err = capsys.readouterr().err
+    assert "c.jsonl:4: skipped (key 'text' holds a lone surrogate '\\ud800' at character 5" in err, err
+    assert "c.jsonl:5: skipped (key 'text' holds int, not a string)" in err, err

@@ -97,7 +97,8 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
 
 def _iteration_dir(load_dir: str, iteration: int | None) -> str:
     if not os.path.isdir(load_dir):
-        raise FileNotFoundError(f"--load-dir {load_dir} does not exist")
+        what = "is a file, not a checkpoint directory" if os.path.exists(load_dir) else "does not exist"
+        raise FileNotFoundError(f"--load-dir {load_dir} {what}")
     asked = iteration is not None
     if iteration is None:
         iteration = io.read_tracker(load_dir)

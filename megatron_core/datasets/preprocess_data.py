@@ -29,6 +29,7 @@ from megatron_core.datasets.indexed_dataset import (
 )
 from megatron_core.errors import ArgumentParser
 from megatron_core.tokenizer import TOKENIZER_TYPES, MegatronTokenizer, build_tokenizer
+from megatron_core.tokenizer.base import lone_surrogate
 
 
 class BadLineError(ValueError):
@@ -95,6 +96,8 @@ class _EncodeLine:
             text = document[key]
             if not isinstance(text, str):
                 raise TypeError(f"key {key!r} holds {type(text).__name__}, not a string")
+            if (problem := lone_surrogate(text)) is not None:
+                raise ValueError(f"key {key!r} holds {problem}: fix the line's JSON escapes")
             ids = tokenizer.tokenize(text)
             # As in Megatron-LM, an empty document gets no EOD.
             if ids and self.append_eod:

@@ -39,6 +39,7 @@ from megatron_core.dist_checkpointing.optimizer_state import set_state, steps_on
 from megatron_core.engine import deepspeed_checkpoint
 from megatron_core.engine.checkpoint_files import (
     LATEST,
+    RECOVERY_SCRIPT,
     client_state_error,
     copy_recovery_script,
     foreign_states,
@@ -170,6 +171,11 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     tag = tag if tag is not None else f"global_step{engine.global_steps}"
     if not isinstance(tag, str) or not tag or os.sep in tag:
         raise ConfigError(f"save_checkpoint: tag must be a non-empty folder name, got {tag!r}")
+    # "." and ".." wrote the checkpoint's files into save_dir itself or its parent; the others are save_dir's files.
+    if tag in (os.curdir, os.pardir, LATEST, RECOVERY_SCRIPT):
+        raise ConfigError(f"save_checkpoint: tag {tag!r} is not a folder of its own under {save_dir!r} (\".\", "
+                          f"\"..\", {LATEST!r} and {RECOVERY_SCRIPT!r} are taken); pick another tag, e.g. "
+                          f"'global_step{engine.global_steps}'")
     folder = os.path.join(save_dir, tag)
     sharded = hasattr(engine.optimizer, "sharded")
     # Every DP rank: under ZeRO-3 state_dict() all-gathers the parameter shards (a DP collective, which

@@ -233,10 +233,11 @@ def _zero(raw: dict) -> ZeroSection:
     if stage > 3:
         raise ConfigError(f"DeepSpeed config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
     defaults = ZeroSection()
-    ints = {
+    # A bucket of 0 elements holds no gradient (DeepSpeed's own check is only >= 0).
+    ints = {"reduce_bucket_size": number_at_least(raw, path, "reduce_bucket_size", defaults.reduce_bucket_size, 1)}
+    ints |= {
         name: number_at_least(raw, path, name, getattr(defaults, name), 0)
         for name in (
-            "reduce_bucket_size",
             "allgather_bucket_size",
             "stage3_prefetch_bucket_size",
             "stage3_param_persistence_threshold",

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from megatron_core.errors import ArgumentParser
+from megatron_core.tokenizer.base import lone_surrogate
 
 
 def api_url(address: str) -> str:
@@ -89,7 +90,17 @@ def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] = input) -
     while True:
         try:
             prompt = ask("Enter prompt: ")
+            # A byte that is not UTF-8: input() raises (a strict stdin, e.g. an en_US.UTF-8 locale) or returns a
+            # lone surrogate (surrogateescape, the C locale), which the server's tokenizer cannot take.
+            problem = lone_surrogate(prompt)
+            if problem is not None:
+                print(f"error: the prompt is not UTF-8 text ({problem}); type it again in UTF-8", flush=True)
+                continue
             tokens = _ask_tokens(ask)
+        except UnicodeDecodeError as exc:
+            print(f"error: the input is not UTF-8 text ({exc.reason} at byte {exc.start}); type it again in UTF-8",
+                  flush=True)
+            continue
         except (EOFError, KeyboardInterrupt):
             print(flush=True)
             return 0

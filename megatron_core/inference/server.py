@@ -57,10 +57,13 @@ from megatron_core.inference.text_generation_cli import (
     sampling_from_args,
     setup,
 )
+from megatron_core.tokenizer.base import lone_surrogate
 from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
 
 _STOP = "stop"
 # SamplingParams' values as a client names them: the request's fields, not the command-line flags.
+MAX_PROMPTS = 128  # per request, as Megatron-LM's MegatronGenerate.put
+
 _FIELD_NAMES = {"temperature": "'temperature'", "top_k": "'top_k'", "top_p": "'top_p'", "seed": "'random_seed'"}
 
 
@@ -114,6 +117,14 @@ def parse_request(body: Any, defaults: SamplingParams) -> Request:
     prompts = body.get("prompts")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError("'prompts' must be a non-empty list of strings")
+    if len(prompts) > MAX_PROMPTS:
+        # Megatron-LM's bound: the whole batch is one generation, its KV cache sized by the number of prompts.
+        raise ConfigError(f"'prompts' holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request (Megatron-LM's "
+                          f"limit): split them over several requests")
+    for index, prompt in enumerate(prompts):
+        # JSON may spell half a UTF-16 pair; the tokenizer then fails inside generation (HTTP 500).
+        if (problem := lone_surrogate(prompt)) is not None:
+            raise ConfigError(f"'prompts'[{index}] holds {problem}: send each surrogate pair whole")
     tokens = body.get("tokens_to_generate", 64)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ConfigError("'tokens_to_generate' must be an integer >= 0")

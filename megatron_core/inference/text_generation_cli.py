@@ -27,7 +27,7 @@ from megatron_core.inference.loading import LoadedModel, build_inference_model, 
 from megatron_core.inference.megatron_flags import add_megatron_args, check_and_cast, check_parallel_sizes
 from megatron_core.inference.sampling import SamplingParams
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
-from megatron_core.tokenizer.base import MegatronTokenizer
+from megatron_core.tokenizer.base import MegatronTokenizer, lone_surrogate
 from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
 
 
@@ -139,6 +139,10 @@ def _prompts(args: argparse.Namespace, tokenizer: MegatronTokenizer | None) -> l
             raise ConfigError("--prompt-tokens takes comma-separated integers, e.g. 5,17,99") from None
     if not args.prompt:
         raise ConfigError("nothing to generate from: pass --prompt TEXT (repeatable) or --prompt-tokens IDS")
+    for prompt in args.prompt:
+        # A byte that is not UTF-8 reaches sys.argv as a lone surrogate (PEP 383); the tokenizer fails on it.
+        if (problem := lone_surrogate(prompt)) is not None:
+            raise ConfigError(f"--prompt {prompt!r} is not UTF-8 text: {problem}; pass the prompt in UTF-8")
     assert tokenizer is not None
     return [tokenizer.tokenize(p) for p in args.prompt]
 

@@ -9,6 +9,21 @@ from collections.abc import Sequence
 NO_TOKEN = -1
 
 
+def lone_surrogate(text: str) -> str | None:
+    """Why ``text`` is not Unicode text a tokenizer can take, or None when it is.
+
+    JSON may spell a lone UTF-16 surrogate (``"\\ud800"``, half of a pair such as ``"\\ud83d\\ude00"``);
+    ``json.loads`` turns it into a ``str`` that cannot be encoded as UTF-8, which SentencePiece and the
+    Hugging Face tokenizers reject with an unhelpful binding error. Returns e.g.
+    ``"a lone surrogate '\\ud800' at character 5 (not Unicode text)"``.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate {text[exc.start:exc.end]!r} at character {exc.start} (not Unicode text)"
+    return None
+
+
 class MegatronTokenizer(ABC):
     """Abstract tokenizer: text <-> token ids, plus the special ids the data pipeline needs."""
 

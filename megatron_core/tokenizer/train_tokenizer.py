@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from megatron_core.errors import ArgumentParser
+from megatron_core.tokenizer.base import lone_surrogate
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -51,9 +52,13 @@ def iter_training_lines(
                 except (ValueError, KeyError, TypeError) as exc:
                     print(f"warning: {path}:{line_number}: skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
                     continue
-                for text in texts:
-                    if isinstance(text, str):
-                        yield from (part for part in text.split("\n") if part.strip())
+                for key, text in zip(json_keys, texts, strict=True):
+                    # The line is skipped, not the run stopped: SentencePiece's trainer fails as a whole on it.
+                    problem = lone_surrogate(text) if isinstance(text, str) else f"{type(text).__name__}, not a string"
+                    if problem is not None:
+                        print(f"warning: {path}:{line_number}: skipped (key {key!r} holds {problem})", file=sys.stderr)
+                        continue
+                    yield from (part for part in text.split("\n") if part.strip())
 
 
 # unk, bos and eos (no pad piece): the ids set in train_sentencepiece.
@@ -80,8 +85,13 @@ def train_sentencepiece(
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"--model-type must be bpe or unigram, got {model_type!r}")
     for path in inputs:
+        if os.path.isdir(path):
+            raise ValueError(f"--input {path!r} is a directory; give the files in it (e.g. {path.rstrip('/')}/*.jsonl)")
         if not os.path.isfile(path):
             raise ValueError(f"--input file not found: {path!r}")
+    # SentencePiece's own bound (trainer_interface.cc), which it reports as an internal check failing.
+    if not 0.98 <= character_coverage <= 1.0:
+        raise ValueError(f"--character-coverage must be in [0.98, 1] (SentencePiece's range), got {character_coverage}")
     parent = os.path.dirname(os.path.abspath(model_prefix))
     os.makedirs(parent, exist_ok=True)
     try:
@@ -108,20 +118,42 @@ def train_sentencepiece(
             minloglevel=0 if verbose else 2,
         )
     except RuntimeError as exc:
-        # e.g. "Vocabulary size is smaller than required_chars. 256 vs 344. ... with --character_coverage
-        # option.": byte fallback alone needs 256 byte pieces plus the special pieces plus one per frequent
-        # character. Said with this tool's flags (sentencepiece names its own, spelt with underscores).
-        short = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(exc))
-        if short:
-            needed = int(short.group(2))
-            byte_pieces = 256 if byte_fallback else 0
-            parts = f"{byte_pieces} byte-fallback pieces, " if byte_fallback else ""
-            parts += f"{_SPECIAL_PIECES} special pieces and {needed - byte_pieces - _SPECIAL_PIECES} characters"
-            raise ValueError(f"--vocab-size {vocab_size} is too small: the input's characters at --character-coverage "
-                             f"{character_coverage} need {needed} pieces ({parts}); raise --vocab-size to at least "
-                             f"{needed} (the pieces above it are the merges) or lower --character-coverage") from None
-        raise ValueError(f"sentencepiece training failed (--vocab-size {vocab_size}): {exc}") from None
+        raise _training_error(str(exc), inputs, vocab_size, character_coverage, byte_fallback) from None
     return f"{model_prefix}.model"
+
+
+class VocabSizeTooLargeError(ValueError):
+    """``vocab_size`` is more pieces than the training text holds; ``most`` is SentencePiece's bound for it."""
+
+    def __init__(self, message: str, most: int) -> None:
+        super().__init__(message)
+        self.most = most
+
+
+def _training_error(message: str, inputs: Sequence[str], vocab_size: int, character_coverage: float,
+                    byte_fallback: bool) -> ValueError:
+    """SentencePiece's failure said with this tool's flags (it names its own, spelt with underscores, or
+    quotes an internal check)."""
+    # e.g. "Vocabulary size is smaller than required_chars. 256 vs 344. ... with --character_coverage option.":
+    # byte fallback alone needs 256 byte pieces plus the special pieces plus one per frequent character.
+    short = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if short:
+        needed = int(short.group(2))
+        byte_pieces = 256 if byte_fallback else 0
+        parts = f"{byte_pieces} byte-fallback pieces, " if byte_fallback else ""
+        parts += f"{_SPECIAL_PIECES} special pieces and {needed - byte_pieces - _SPECIAL_PIECES} characters"
+        return ValueError(f"--vocab-size {vocab_size} is too small: the input's characters at --character-coverage "
+                          f"{character_coverage} need {needed} pieces ({parts}); raise --vocab-size to at least "
+                          f"{needed} (the pieces above it are the merges) or lower --character-coverage")
+    # "Vocabulary size too high (300). Please set it to a value <= 276.": the text has too few distinct pieces.
+    high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if high:
+        return VocabSizeTooLargeError(f"--vocab-size {vocab_size} is more pieces than the input holds (at most "
+                                      f"{high.group(2)}); lower --vocab-size or add text", int(high.group(2)))
+    if "!sentences_.empty()" in message:
+        return ValueError(f"--input {' '.join(inputs)}: no text to train on (every line blank or skipped); JSONL "
+                          f"needs objects with the --json-keys strings, other files are read as plain text")
+    return ValueError(f"sentencepiece training failed (--vocab-size {vocab_size}): {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import sysconfig
 import time
 from collections.abc import Callable
 
+from megatron_core.tokenizer.base import lone_surrogate
 from megatron_core.training.errors import ConfigError
 
 DEMO_VOCAB_SIZE = 1024
@@ -116,6 +117,9 @@ def check_jsonl(path: str, key: str = "text") -> int:
             if not isinstance(doc, dict) or not isinstance(doc.get(key), str):
                 raise ConfigError(f"--demo-input {path}:{number}: expected a JSON object with a string \"{key}\" "
                                   f"field: fix or delete that line")
+            if (problem := lone_surrogate(doc[key])) is not None:
+                raise ConfigError(f"--demo-input {path}:{number}: \"{key}\" holds {problem}: fix the line's JSON "
+                                  f"escapes or delete the line")
             count += 1
     if count == 0:
         raise ConfigError(f"--demo-input {path!r} holds no documents")
@@ -126,7 +130,7 @@ def prepare_demo_data(demo_dir: str, demo_input: str | None = None,
                       printer: Callable[[str], None] = print) -> dict[str, str]:
     """Corpus, SentencePiece tokenizer and indexed dataset in ``demo_dir`` (reused when complete)."""
     from megatron_core.datasets.preprocess_data import preprocess
-    from megatron_core.tokenizer.train_tokenizer import train_sentencepiece
+    from megatron_core.tokenizer.train_tokenizer import VocabSizeTooLargeError, train_sentencepiece
 
     p = demo_paths(demo_dir, demo_input)
     wanted = {"version": _STAMP_VERSION, "vocab_size": DEMO_VOCAB_SIZE,
@@ -147,6 +151,9 @@ def prepare_demo_data(demo_dir: str, demo_input: str | None = None,
         printer(f"> demo: wrote {count} standard-library modules ({size / 1e6:.1f} MB) to {corpus}")
     try:
         train_sentencepiece([corpus], p["tokenizer_prefix"], DEMO_VOCAB_SIZE, num_threads=os.cpu_count())
+    except VocabSizeTooLargeError as exc:  # its --vocab-size is no flag of the demo's
+        raise ConfigError(f"--demo-input {demo_input}: too little text for the demo's {DEMO_VOCAB_SIZE}-token "
+                          f"tokenizer (it holds at most {exc.most} pieces); give more documents") from None
     except ValueError as exc:
         raise ConfigError(f"demo tokenizer training failed: {exc}") from None
     printer(f"> demo: trained a {DEMO_VOCAB_SIZE}-token SentencePiece tokenizer: {p['tokenizer_model']}")

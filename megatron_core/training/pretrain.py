@@ -303,10 +303,12 @@ def _save(run: _Run, state: TrainState, result: TrainResult) -> None:
     _wait_for_save(run)
     with _name_a_lost_peer(run, f"saving iteration {state.iteration} to {run.checkpoint.save}"):
         if run.save_format == "torch_dist":
-            run.pending_save = dist_checkpoint.save_checkpoint(
+            request = dist_checkpoint.save_checkpoint(
                 run.checkpoint, state.iteration, state.consumed_train_samples, run.model, run.optimizer,
                 run.scheduler, run.parallel_state, run.config.model.transformer, run.model_info, run.data,
                 printer=run.out.rank0)
+            # A synchronous save has finished already: waiting for it would print its "finished" line a second time.
+            run.pending_save = request if run.checkpoint.async_save else None
         else:
             checkpointing.save_checkpoint(run.checkpoint, state.iteration, state.consumed_train_samples, run.model,
                                           run.optimizer, run.scheduler, run.parallel_state,

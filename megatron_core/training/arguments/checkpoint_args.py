@@ -68,6 +68,7 @@ def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, A
         values["make_vocab_size_divisible_by"] = info["make_vocab_size_divisible_by"]
     if legacy:
         values.update(_legacy_layout(config, info))
+        args.layout_from_checkpoint = True  # for validate's message about a world these sizes do not fit
     values.update({k: v for k, v in (tokenizer or {}).items() if v is not None})
     _set(args, values, parser_defaults)
 

@@ -64,10 +64,14 @@ def _parallel(args: argparse.Namespace, world_size: int) -> None:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size")
     if world_size % (tp * pp) != 0:
+        # Sizes the user may never have typed: --use-checkpoint-args takes a legacy checkpoint's.
+        source = (" (with --use-checkpoint-args, a legacy checkpoint's own sizes: it loads under them only; re-shard "
+                  "it with tools/checkpoint/convert.py --target-tensor-parallel-size / --target-pipeline-parallel-size"
+                  " to change them)") if getattr(args, "layout_from_checkpoint", False) else ""
         raise ConfigError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
             f"--pipeline-model-parallel-size {pp} = {tp * pp}; launch a multiple of {tp * pp} processes "
-            f"(torchrun --nproc_per_node) or change the parallel sizes")
+            f"(torchrun --nproc_per_node) or change the parallel sizes{source}")
     args.world_size = world_size
     args.data_parallel_size = world_size // (tp * pp)
     args.virtual_pipeline_model_parallel_size = None
