@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_core.autotune.layout import Layout, ModelSpec
-from megatron_core.autotune.params import ParamInfo, layer_params, rank_chunks
+from megatron_core.autotune.params import ParamInfo, rank_chunks
 
 IMPLEMENTED_ZERO_STAGES = (0, 1, 2, 3)
 
@@ -157,21 +157,89 @@ def model_state_bytes(spec: ModelSpec, layout: Layout, pp_rank: int = 0, dp_rank
     return ModelStates(params, grads, mains, state, grads_bw + in_flight, host, step_grad_copies=copies)
 
 
-def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout, pp_rank: int | None = None) -> int:
-    """ZeRO-3 working memory of pipeline rank ``pp_rank`` (the last when None), bytes: the gathered parameters
-    of the current and the prefetched layer, plus, on the stage holding the output layer, its weight
-    [padded vocab / TP, h]. Tied to the word embedding on one stage, the output layer gathers the embedding's
-    bucket at the start of backward and it stays gathered to the end, its gradient being complete only after the
-    embedding's own backward, the last (``param_gather``'s gradient hook frees a bucket then); untied (or on a
-    last stage of its own) the output weight shares a bucket with the last layer, gathered beside the layer
-    prefetched next.
+def _gather_units(chunk: list[ParamInfo], dp: int, bucket_size: int | None) -> tuple[list[int], list[set[int]]]:
+    """ZeRO-3 buckets of one chunk in forward order (``param_gather``'s ``forward_order``: the buffer's buckets
+    reversed), as (padded sizes in elements, the positions each parameter-owning module uses, in the order the
+    modules run). A module is a parameter name less its last component; on a chunk holding both the word
+    embedding and a tied output layer, the output layer runs last with the embedding's bucket (passed to it)."""
+    buckets = _buckets(chunk, dp, True, bucket_size)
+    last = len(buckets) - 1
+    owner = [last - i for i, b in enumerate(buckets) for _ in b[:-1]][::-1]  # per parameter, registration order
+    modules: dict[str, set[int]] = {}
+    for p, position in zip(chunk, owner, strict=True):
+        modules.setdefault(p.name.rsplit(".", 1)[0], set()).add(position)
+    units = list(modules.values())
+    names = [p.name for p in chunk]
+    if "embedding.word_embeddings.weight" in names and "decoder.final_layernorm.weight" in names \
+            and "output_layer.weight" not in names:  # tied on this chunk: the output layer takes the embedding
+        units.append(set(modules["embedding.word_embeddings"]))
+    return [b[-1][0] for b in reversed(buckets)], units
 
-    The granularity of DeepSpeed's per-module gather: one bucket per layer and one layer prefetched
-    (``--ddp-bucket-size`` and ``--stage3-prefetch-bucket-size`` of about a layer's elements). Measured
-    against the gathered buckets' storage in tests/test_autotune_memory.py (to within the small
-    parameters sharing the output layer's bucket: position embeddings, final norm).
+
+def _prefetched(sizes: list[int], units: set[int], step: int, budget: int) -> set[int]:
+    """The buckets ``param_gather._prefetch_list`` gathers ahead of a module using ``units``: the next ones in
+    forward order (``step`` 1) or backward order (-1), taken while the elements taken so far are under
+    ``budget``, so the last one may overshoot it (DeepSpeed's ``stage3_prefetch_bucket_size``)."""
+    out: set[int] = set()
+    i, total = (max(units) + 1 if step > 0 else min(units) - 1), 0
+    while 0 <= i < len(sizes) and total < budget:
+        out.add(i)
+        total += sizes[i]
+        i += step
+    return out
+
+
+def _chunk_gather_window(sizes: list[int], units: list[set[int]], budget: int,
+                         resident: set[int]) -> tuple[int, set[int]]:
+    """(most elements gathered at once in one forward and backward of a chunk, the buckets left gathered
+    after its forward), following ``param_gather``'s rules (see :func:`zero3_gather_window_bytes`)."""
+    def elements(held: set[int]) -> int:
+        return sum(sizes[k] for k in held | resident)
+
+    peak, held, used = 0, set(), set()
+    for u in units:  # forward: gather the module's buckets, then keep only them and the prefetch
+        used |= u
+        peak = max(peak, elements(held | u))
+        held = u | (_prefetched(sizes, u, 1, budget) - used)
+        peak = max(peak, elements(held))
+    after_forward = set(held)
+    first_user = {k: min(j for j, u in enumerate(units) if k in u) for k in range(len(sizes))}
+    for j in reversed(range(len(units))):  # backward: a bucket is freed once all of its parameters have gradients
+        held |= units[j] | _prefetched(sizes, units[j], -1, budget)
+        peak = max(peak, elements(held))
+        held = {k for k in held if first_user[k] < j}
+    return peak, after_forward
+
+
+def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout, pp_rank: int | None = None,
+                              bucket_size: int | None = 40_000_000, stage3_prefetch_bucket_size: int = 50_000_000,
+                              stage3_param_persistence_threshold: int = 0) -> int:
+    """ZeRO-3 working memory of pipeline rank ``pp_rank`` (the last when None): the most bytes of full
+    (gathered) bucket parameters held at once during forward and backward.
+
+    The rules are this framework's ``distributed.param_gather`` (DeepSpeed's ZeRO-3 semantics at bucket
+    granularity): parameters are gathered by DDP bucket (``--ddp-bucket-size`` elements, padded to DP), a
+    module's buckets just before it runs, and with them the buckets that follow (forward order; preceding ones in
+    backward) until ``stage3_prefetch_bucket_size`` elements are reached (the last one counted whole, so it may
+    overshoot; 0 prefetches nothing). In forward, once the module's buckets are in, every other bucket but the
+    prefetched ones is freed; in backward a bucket is freed once every one of its parameters has its gradient.
+    Buckets of at most ``stage3_param_persistence_threshold`` elements are never freed (counted always). A tied
+    output layer on the embedding's stage gathers the word embedding's bucket at the start of backward, and it
+    stays gathered to the end: the embedding's gradient is complete only after the embedding's own backward.
+    Hence with the defaults (40M-element buckets, 5e7 prefetched) a small model is gathered whole, and a larger
+    one holds the bucket in use plus the next two. With interleaving (``vpp``) the other chunks of the rank add
+    what they leave gathered after their forward, and their persistent buckets (an upper bound; not measured).
+
+    Measured against the gathered buckets' storage in tests/test_autotune_memory.py, equal at every
+    bucket size, prefetch size and threshold tried.
     """
-    window = 2 * sum(p.numel for p in layer_params(spec, layout.tp, 0))
-    if pp_rank is None or pp_rank == layout.pp - 1:
-        window += spec.padded_vocab(layout.tp) // layout.tp * spec.config.hidden_size
+    pp_rank = layout.pp - 1 if pp_rank is None else pp_rank
+    windows, at_rest = [], []
+    for chunk in rank_chunks(spec, layout, pp_rank):
+        sizes, units = _gather_units(chunk, layout.dp, bucket_size)
+        resident = {k for k, n in enumerate(sizes) if n <= stage3_param_persistence_threshold}
+        peak, after_forward = _chunk_gather_window(sizes, units, stage3_prefetch_bucket_size, resident)
+        windows.append(peak)
+        at_rest.append(sum(sizes[k] for k in after_forward | resident))
+    window = max(w + sum(at_rest) - rest for w, rest in zip(windows, at_rest, strict=True))
     return window * spec.bytes_per_param
