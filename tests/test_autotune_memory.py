@@ -9,9 +9,12 @@ import torch
 from ddp_common import build, train_step
 from harness import run_distributed
 
+from megatron_core.autotune import cli
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import model_state_bytes, zero3_gather_window_bytes
 from megatron_core.autotune.params import layer_params, rank_chunks
+from megatron_core.autotune.search import predict_memory, search
+from megatron_core.engine import deepspeed_to_megatron
 from megatron_core.models.gpt import build_gpt_model_chunks
 from megatron_core.models.presets import llama_config
 from megatron_core.optimizer import MemoryFootprint, memory_footprint
@@ -200,12 +203,25 @@ def test_zero2_and_zero3_hold_the_shard_and_the_buckets_in_use_not_the_full_grad
 
 
 # ---- ZeRO-3: the gathered parameters' window during forward and backward ------------------------------
-def _zero3_gathered_peak(tp, layer_elements, tied):
+# (--ddp-bucket-size, --stage3-prefetch-bucket-size, --stage3-param-persistence-threshold); "layer": one layer's
+# elements on this TP rank. The model has 30864 elements at TP 1 tied (layers of 7224), 4 layers.
+DEFAULTS = (40_000_000, 50_000_000, 0)  # DistributedDataParallelConfig's: one bucket, the whole model gathered
+GATHER_SETTINGS = [DEFAULTS,
+                   ("layer", 50_000_000, 0),  # a bucket per layer, the whole model within the prefetch budget
+                   ("layer", "layer", 0),  # DeepSpeed's granularity: one layer in use, one prefetched
+                   (1000, 3000, 0),  # several buckets per layer, modules straddling them, three prefetched
+                   (1000, 0, 0),  # no prefetch: the previous module's buckets freed only after the next gathers
+                   (500, 1200, 1200)]  # some buckets persistent (the 648/1200-element ones), never freed
+
+
+def _zero3_gathered_peak(tp, tied, bucket_size, prefetch, persistence):
     """The most bytes of gathered bucket storage at any moment of two steps of 2 microbatches, read from the
-    buckets' storages right after every all-gather is launched (the only moments that storage grows)."""
+    buckets' storages right after every all-gather is launched (the only moments that storage grows); the
+    buckets' sizes and how many are persistent."""
     gpt = _GPT(_config(False, tied))
-    ps, _, wrapped, optimizer = build({"tp": tp}, gpt, {"zero_stage": 3, "bucket_size": layer_elements,
-                                                "stage3_prefetch_bucket_size": layer_elements}, {})
+    ps, _, wrapped, optimizer = build({"tp": tp}, gpt, {"zero_stage": 3, "bucket_size": bucket_size,
+                                                "stage3_prefetch_bucket_size": prefetch,
+                                                "stage3_param_persistence_threshold": persistence}, {})
     buckets = [k for w in wrapped for b in w.buffers_by_dtype for k in b.buckets]
     seen = []
     for w in wrapped:
@@ -217,30 +233,68 @@ def _zero3_gathered_peak(tp, layer_elements, tied):
     for step in range(2):
         train_step(ps, gpt, wrapped, optimizer, step, 2)
     sizes = [k.end - k.start for k in buckets]
+    persistent = sum(k.persistent for k in buckets)
     ps.destroy()
-    return max(seen), sizes
+    return max(seen), sizes, persistent
+
+
+def _zero3_gathered_peaks(tp, tied, settings):
+    return [_zero3_gathered_peak(tp, tied, *setting) for setting in settings]
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_zero3_gather_window_matches_the_gathered_buckets_at_their_peak(tp, tied):
-    """ZeRO-3 at DP 2, one bucket per layer and one layer prefetched (the granularity the autotuner assumes):
-    the most gathered parameter bytes of a forward/backward, read from the buckets' storage, against
-    ``zero3_gather_window_bytes``: two layers plus the output layer's weight. Tied, it is the word embedding,
-    which the output layer gathers at the start of backward and which stays gathered to its end; untied, it
-    shares the last layer's bucket. The small parameters in those buckets (position embeddings, final norm)
-    are left out of the prediction: the peak may exceed it by their bytes and no more (TP 1 tied: 65664 B
-    measured, 63936 B predicted; without the output weight, the formula before, 57792 B, 12% short; untied it
-    was 57792 B against 63936 B measured)."""
+    """ZeRO-3 at DP 2, for each of GATHER_SETTINGS: the most gathered parameter bytes of two steps, read from the
+    buckets' storage, equal ``zero3_gather_window_bytes`` for the same bucket size, prefetch size and persistence
+    threshold, to the byte (tolerance 0). Exact because the prediction lays out the same buckets (reverse order,
+    padded to DP) with the small parameters that share them (position embeddings, norms, biases) and follows
+    ``param_gather``'s rules module by module. The former rule, two layers plus the output weight (63936 B at
+    TP 1), fails every case: at the defaults the whole model is gathered (TP 1 tied: 123456 B measured), with
+    1000-element buckets far less (36768 B with three prefetched, 19392 B without), and at one bucket per layer
+    it was short by the small parameters sharing those buckets (65664 B measured), taken as slack then."""
     spec = _spec(_config(False, tied))
-    layer_elements = sum(p.numel for p in layer_params(spec, tp, 0))
-    predicted = zero3_gather_window_bytes(spec, Layout(tp=tp, dp=2, zero_stage=3, micro_batch_size=2))
-    h = spec.config.hidden_size
-    beside_the_embedding = (SEQ * h + 2 * h) * 4  # fp32 position embeddings [s, h] and final norm's weight, bias
-    for peak, sizes in run_distributed(_zero3_gathered_peak, 2 * tp, tp, layer_elements, tied, timeout=120):
-        assert sizes.count(layer_elements) >= 3, f"the test needs one bucket per layer, got {sizes}"
-        assert predicted <= peak <= predicted + beside_the_embedding, \
-            f"TP {tp}: {peak} B gathered at the peak, predicted {predicted} B"
+    layer = sum(p.numel for p in layer_params(spec, tp, 0))
+    settings = [tuple(layer if v == "layer" else v for v in s) for s in GATHER_SETTINGS]
+    layout = Layout(tp=tp, dp=2, zero_stage=3, micro_batch_size=2)
+    results = run_distributed(_zero3_gathered_peaks, 2 * tp, tp, tied, settings, timeout=300)
+    for i, (bucket, prefetch, persistence) in enumerate(settings):
+        predicted = zero3_gather_window_bytes(spec, layout, None, bucket, prefetch, persistence)
+        what = f"TP {tp} bucket {bucket} prefetch {prefetch} persistence {persistence}"
+        for rank, peaks in enumerate(results):
+            peak, sizes, persistent = peaks[i]
+            assert peak == predicted, f"{what} rank {rank}: {peak} B gathered at the peak, predicted {predicted} B"
+            if bucket == layer:
+                assert sizes.count(layer) >= 3, f"{what}: the test needs one bucket per layer, got {sizes}"
+            if prefetch == 50_000_000:  # the whole model: every bucket gathered at once
+                assert peak == 4 * sum(sizes), f"{what}: {peak} B at the peak, buckets {sizes}"
+            if persistence:
+                assert 0 < persistent < len(sizes), f"{what}: the test needs some persistent buckets ({sizes})"
+            elif prefetch == 0:
+                assert len(sizes) >= 8, f"{what}: the test needs several buckets per layer, got {sizes}"
+
+
+def test_the_runs_bucket_flags_reach_the_search_and_the_deepspeed_json():
+    """tools/autotune.py predicts ZeRO-3 layouts with the run's --ddp-bucket-size, --stage3-prefetch-bucket-size
+    and --stage3-param-persistence-threshold (it used 40M-element buckets whatever the flags, and a window of two
+    layers), and writes the same values into the DeepSpeed JSON, whose values replace the flags at launch."""
+    from test_autotune_search import FLAGS
+
+    buckets = ["--ddp-bucket-size", "1000", "--stage3-prefetch-bucket-size", "0",
+               "--stage3-param-persistence-threshold", "1200"]
+    args = cli.build_parser().parse_args(FLAGS + buckets)
+    spec, layout = cli.model_spec(args), Layout(dp=2, zero_stage=3, micro_batch_size=2)
+    settings = cli.bucket_settings(args)
+    assert settings == {"bucket_size": 1000, "stage3_prefetch_bucket_size": 0,
+                        "stage3_param_persistence_threshold": 1200}
+    (found,), (default,) = search(spec, [layout], 2.0 ** 40, **settings), search(spec, [layout], 2.0 ** 40)
+    assert found.memory_bytes == predict_memory(spec, layout, bucket_size=1000, stage3_prefetch_bucket_size=0,
+                                                stage3_param_persistence_threshold=1200) != default.memory_bytes
+    ddp = deepspeed_to_megatron(cli.deepspeed_config(spec, layout, args), layout.dp).ddp
+    assert (ddp.bucket_size, ddp.stage3_prefetch_bucket_size, ddp.stage3_param_persistence_threshold) == (1000, 0, 1200)
+    defaults = deepspeed_to_megatron(cli.deepspeed_config(spec, layout, cli.build_parser().parse_args(FLAGS)), 2).ddp
+    assert (defaults.bucket_size, defaults.stage3_prefetch_bucket_size, defaults.stage3_param_persistence_threshold) \
+        == (40_000_000, 50_000_000, 0)
 
 
 # ---- SGD: a momentum buffer per parameter, none without momentum ----------------------------------------

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import TypedDict
 
 from megatron_core.autotune.layout import Layout, ModelSpec, from_run_config
 from megatron_core.autotune.search import GIB, ZERO_STAGE_FLAGS, Candidate, enumerate_layouts, format_bytes, search
@@ -101,17 +102,38 @@ def torchrun_command(spec: ModelSpec, layout: Layout, user_flags: list[str]) -> 
             os.path.join(REPO, "pretrain_gpt.py"), *user_flags, *layout_flags(spec, layout)]
 
 
+class BucketSettings(TypedDict):
+    """``search``'s bucket keywords, elements (:func:`bucket_settings`)."""
+
+    bucket_size: int | None
+    stage3_prefetch_bucket_size: int
+    stage3_param_persistence_threshold: int
+
+
+def bucket_settings(args: argparse.Namespace) -> BucketSettings:
+    """The run's bucket sizes in elements, as ``search``'s keywords: ``--ddp-bucket-size`` (default
+    DistributedDataParallelConfig's 40M), ``--stage3-prefetch-bucket-size`` (DeepSpeed's default 5e7) and
+    ``--stage3-param-persistence-threshold`` (this framework's default 0), which the ZeRO-3 gather window and
+    the collectives' buffers depend on, and which the written DeepSpeed JSON carries."""
+    size = args.ddp_bucket_size if args.ddp_bucket_size is not None else DistributedDataParallelConfig().bucket_size
+    return BucketSettings(bucket_size=size, stage3_prefetch_bucket_size=args.stage3_prefetch_bucket_size,
+                          stage3_param_persistence_threshold=args.stage3_param_persistence_threshold)
+
+
 def deepspeed_config(spec: ModelSpec, layout: Layout, args: argparse.Namespace) -> dict:
     """The layout in DeepSpeed's JSON keys (https://www.deepspeed.ai/docs/config-json/), as
     ``pretrain_gpt.py --deepspeed-config`` and ``megatron_core.initialize`` read them: batch, ZeRO, offload,
     precision, clipping, optimizer, AutoTP. Pipeline stages, sequence parallelism and recompute stay on the
     torchrun line: DeepSpeed sets stages in code (``PipelineModule``), and the activation_checkpointing keys
     that would carry the others are refused by this framework's parser (it does not implement them)."""
-    # The buckets the memory prediction counts (DistributedDataParallelConfig's default); left out, the file would
-    # get DeepSpeed's 5e8. Under ZeRO-3 no bucket is kept resident, as predicted (DeepSpeed's default keeps 1e5).
-    zero: dict = {"stage": layout.zero_stage, "reduce_bucket_size": DistributedDataParallelConfig().bucket_size}
+    # The buckets the memory prediction counts (the run's: bucket_settings); left out, the file would get
+    # DeepSpeed's 5e8 reduce_bucket_size and, under ZeRO-3, its 1e5 persistence threshold, and the file's values
+    # replace the flags' (a --ddp-bucket-size on the launch line that disagrees with the file is an error).
+    buckets = bucket_settings(args)
+    zero: dict = {"stage": layout.zero_stage, "reduce_bucket_size": buckets["bucket_size"]}
     if layout.zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0
+        zero["stage3_prefetch_bucket_size"] = buckets["stage3_prefetch_bucket_size"]
+        zero["stage3_param_persistence_threshold"] = buckets["stage3_param_persistence_threshold"]
     if layout.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {"train_batch_size": spec.global_batch_size, "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -282,9 +304,10 @@ def _main(argv: list[str]) -> int:
     flops = flops_per_iteration(spec.global_batch_size, spec.seq_length, c.num_layers, c.hidden_size,
                                 spec.ffn_hidden_size, c.num_attention_heads, spec.kv_channels, spec.num_query_groups,
                                 c.gated_linear_unit, spec.padded_vocab(1))
-    valid = [c.layout for c in search(spec, layouts, memory) if c.reason is None]
+    buckets = bucket_settings(args)
+    valid = [c.layout for c in search(spec, layouts, memory, **buckets) if c.reason is None]
     if not valid:
-        pruned = search(spec, layouts, memory)
+        pruned = search(spec, layouts, memory, **buckets)
         print_table(pruned, args.top)
         if not any((c.reason or "").startswith("out of memory") for c in pruned):
             raise ConfigError(f"no layout of --world-size {world} ranks suits this model (memory aside): every one "
@@ -298,7 +321,7 @@ def _main(argv: list[str]) -> int:
     prof = profile(spec, valid, world,
                    progress=lambda keys: tqdm(keys, desc="profiling layers", file=sys.stderr, disable=None))
     cands = search(spec, layouts, memory, predict_time=lambda lay: step_time(spec, lay, prof, flops),
-                   progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr, disable=None))
+                   progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr, disable=None), **buckets)
     user_flags = strip_flags(strip_flags(argv, AUTOTUNE_FLAGS), LAYOUT_FLAGS)
     best = next((c for c in cands if c.reason is None and c.launchable), None)
     if args.trials and best is not None:

@@ -196,7 +196,7 @@ def _chunk_gather_window(sizes: list[int], units: list[set[int]], budget: int,
     def elements(held: set[int]) -> int:
         return sum(sizes[k] for k in held | resident)
 
-    peak, held, used = 0, set(), set()
+    peak, held, used = 0, set[int](), set[int]()
     for u in units:  # forward: gather the module's buckets, then keep only them and the prefetch
         used |= u
         peak = max(peak, elements(held | u))

@@ -89,7 +89,9 @@ def theoretical_memory_line(config: RunConfig, vocab_size: int, pp_rank: int,
     memory = rank_memory(spec, layout, pp_rank, on_cpu=device.current_device().type == "cpu",
                          bucket_size=config.ddp.bucket_size, optimizer=config.optimizer.optimizer,
                          sgd_momentum=config.optimizer.sgd_momentum,
-                         overlap_grad_reduce=config.ddp.overlap_grad_reduce)
+                         overlap_grad_reduce=config.ddp.overlap_grad_reduce,
+                         stage3_prefetch_bucket_size=config.ddp.stage3_prefetch_bucket_size,
+                         stage3_param_persistence_threshold=config.ddp.stage3_param_persistence_threshold)
     mib = 1024 ** 2
     return (f"Theoretical memory footprints: weight and optimizer={memory.weight_and_optimizer / mib:.2f} MB, "
             f"activation={memory.activation / mib:.2f} MB, total={memory.total / mib:.2f} MB")
