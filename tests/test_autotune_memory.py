@@ -214,12 +214,12 @@ GATHER_SETTINGS = [DEFAULTS,
                    (500, 1200, 1200)]  # some buckets persistent (the 648/1200-element ones), never freed
 
 
-def _zero3_gathered_peak(tp, tied, bucket_size, prefetch, persistence):
-    """The most bytes of gathered bucket storage at any moment of two steps of 2 microbatches, read from the
-    buckets' storages right after every all-gather is launched (the only moments that storage grows); the
-    buckets' sizes and how many are persistent."""
+def _zero3_gathered_peak(layout, microbatches, tied, bucket_size, prefetch, persistence):
+    """The most bytes of gathered bucket storage at any moment of two steps, read from the buckets' storages
+    (every chunk's) right after every all-gather is launched (the only moments that storage grows); the
+    buckets' sizes, how many are persistent, and the pipeline rank."""
     gpt = _GPT(_config(False, tied))
-    ps, _, wrapped, optimizer = build({"tp": tp}, gpt, {"zero_stage": 3, "bucket_size": bucket_size,
+    ps, _, wrapped, optimizer = build(layout, gpt, {"zero_stage": 3, "bucket_size": bucket_size,
                                                 "stage3_prefetch_bucket_size": prefetch,
                                                 "stage3_param_persistence_threshold": persistence}, {})
     buckets = [k for w in wrapped for b in w.buffers_by_dtype for k in b.buckets]
@@ -231,15 +231,15 @@ def _zero3_gathered_peak(tp, tied, bucket_size, prefetch, persistence):
                 seen.append(sum(k.param_data.untyped_storage().nbytes() for k in buckets))
             buffer.launch_param_gather = launch
     for step in range(2):
-        train_step(ps, gpt, wrapped, optimizer, step, 2)
+        train_step(ps, gpt, wrapped, optimizer, step, microbatches)
     sizes = [k.end - k.start for k in buckets]
-    persistent = sum(k.persistent for k in buckets)
+    persistent, pp_rank = sum(k.persistent for k in buckets), ps.pp_rank
     ps.destroy()
-    return max(seen), sizes, persistent
+    return max(seen), sizes, persistent, pp_rank
 
 
-def _zero3_gathered_peaks(tp, tied, settings):
-    return [_zero3_gathered_peak(tp, tied, *setting) for setting in settings]
+def _zero3_gathered_peaks(layout, microbatches, cases):
+    return [_zero3_gathered_peak(layout, microbatches, *case) for case in cases]
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -257,12 +257,13 @@ def test_zero3_gather_window_matches_the_gathered_buckets_at_their_peak(tp, tied
     layer = sum(p.numel for p in layer_params(spec, tp, 0))
     settings = [tuple(layer if v == "layer" else v for v in s) for s in GATHER_SETTINGS]
     layout = Layout(tp=tp, dp=2, zero_stage=3, micro_batch_size=2)
-    results = run_distributed(_zero3_gathered_peaks, 2 * tp, tp, tied, settings, timeout=300)
+    results = run_distributed(_zero3_gathered_peaks, 2 * tp, {"tp": tp}, 2, [(tied, *s) for s in settings],
+                              timeout=300)
     for i, (bucket, prefetch, persistence) in enumerate(settings):
         predicted = zero3_gather_window_bytes(spec, layout, None, bucket, prefetch, persistence)
         what = f"TP {tp} bucket {bucket} prefetch {prefetch} persistence {persistence}"
         for rank, peaks in enumerate(results):
-            peak, sizes, persistent = peaks[i]
+            peak, sizes, persistent, _ = peaks[i]
             assert peak == predicted, f"{what} rank {rank}: {peak} B gathered at the peak, predicted {predicted} B"
             if bucket == layer:
                 assert sizes.count(layer) >= 3, f"{what}: the test needs one bucket per layer, got {sizes}"
@@ -272,6 +273,27 @@ def test_zero3_gather_window_matches_the_gathered_buckets_at_their_peak(tp, tied
                 assert 0 < persistent < len(sizes), f"{what}: the test needs some persistent buckets ({sizes})"
             elif prefetch == 0:
                 assert len(sizes) >= 8, f"{what}: the test needs several buckets per layer, got {sizes}"
+
+
+@pytest.mark.parametrize("vpp", [None, 2], ids=["pp2", "pp2-vpp2"])
+def test_zero3_gather_window_per_pipeline_stage_and_with_interleaving(vpp):
+    """PP 2 x DP 2, 4 microbatches (1F1B, or interleaved with two chunks of one layer per rank), tied and untied,
+    at one layer per bucket and per prefetch, 1000-element buckets with 3000 prefetched, and the defaults: each
+    stage's peak of gathered bucket storage equals ``zero3_gather_window_bytes`` for its pipeline rank, to the
+    byte. Tied, the output layer on the last stage has its own copy, freed early in backward; interleaved, the
+    other chunk of the rank holds what its last forward left gathered (the module's stated bound, reached here)."""
+    layer = sum(p.numel for p in layer_params(_spec(_config(False)), 1, 0))
+    settings = [(layer, layer, 0), (1000, 3000, 0), DEFAULTS]
+    cases = [(tied, *s) for tied in (True, False) for s in settings]
+    results = run_distributed(_zero3_gathered_peaks, 4, {"pp": 2, "vpp": vpp}, 4, cases, timeout=300)
+    layout = Layout(pp=2, dp=2, vpp=vpp, zero_stage=3, micro_batch_size=2)
+    for i, (tied, *setting) in enumerate(cases):
+        spec = _spec(_config(False, tied))
+        for rank, peaks in enumerate(results):
+            peak, _, _, pp_rank = peaks[i]
+            predicted = zero3_gather_window_bytes(spec, layout, pp_rank, *setting)
+            assert peak == predicted, f"tied={tied} {setting} rank {rank} (stage {pp_rank}): {peak} B, predicted " \
+                                      f"{predicted} B"
 
 
 def test_the_runs_bucket_flags_reach_the_search_and_the_deepspeed_json():

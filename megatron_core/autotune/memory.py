@@ -229,10 +229,12 @@ def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout, pp_rank: int | No
     Hence with the defaults (buckets of at least 40M elements, 5e7 prefetched) the bucket in use and the next
     two (one if the next has 5e7 or more) are gathered: a small model, or a 124M-parameter GPT-2 small (three
     buckets), is gathered whole. With interleaving (``vpp``) the other chunks of the rank add what they leave
-    gathered after their forward, and their persistent buckets (an upper bound; not measured).
+    gathered after their forward, and their persistent buckets: an upper bound (each chunk has its own
+    ``param_gather`` manager; whether they coincide depends on the schedule), reached in the test below.
 
-    Equal, to the byte, to the gathered buckets' storage at its peak measured in tests/test_autotune_memory.py
-    (two training steps at DP 2, TP 1 and 2, tied and untied, six bucket/prefetch/threshold settings).
+    Equal, to the byte, to the gathered buckets' storage at its peak measured in tests/test_autotune_memory.py:
+    two training steps at DP 2, TP 1 and 2, tied and untied, six bucket/prefetch/threshold settings; and each
+    stage of PP 2 x DP 2, with and without interleaving (4 microbatches), at three settings.
     """
     pp_rank = layout.pp - 1 if pp_rank is None else pp_rank
     windows, at_rest = [], []
