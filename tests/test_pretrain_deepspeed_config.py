@@ -60,6 +60,10 @@ def test_consecutive_hysteresis_reaches_the_loss_scaler(tmp_path):
     (["--data-parallel-sharding-strategy", "optim_grads"],
      "--data-parallel-sharding-strategy \\(ZeRO stage 2\\) disagrees with the DeepSpeed config"),
     (["--zero-stage", "3"], "--zero-stage 3 disagrees"),
+    # The file has no stage3 key: DeepSpeed's defaults (5e7, 1e5) applied, and the flags were replaced silently.
+    (["--stage3-prefetch-bucket-size", "1000"], "--stage3-prefetch-bucket-size 1000 disagrees with the DeepSpeed "
+     "config, which sets stage3_prefetch_bucket_size = 50000000"),
+    (["--stage3-param-persistence-threshold", "1200"], "--stage3-param-persistence-threshold 1200 disagrees"),
 ])
 def test_flags_that_disagree_with_the_file_are_one_line_errors(tmp_path, extra, needle):
     path = _file(tmp_path, zero_optimization={"stage": 1})

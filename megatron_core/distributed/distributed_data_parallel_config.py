@@ -47,8 +47,10 @@ class DistributedDataParallelConfig:
     - ``stage3_prefetch_bucket_size`` (DeepSpeed, elements, default 5e7): how many elements of the
       buckets that follow the one in use (forward order, reverse order in backward) are gathered
       ahead; 0 disables prefetching.
-    - ``stage3_param_persistence_threshold`` (DeepSpeed, elements, default 0): buckets of at most
-      this many elements are never freed (gathered once per step). Per bucket, not per parameter.
+    - ``stage3_param_persistence_threshold`` (DeepSpeed's key, elements; default 0 here, nothing
+      persistent: DeepSpeed's own default, 1e5, applies to a DeepSpeed JSON without the key): buckets
+      of at most this many elements are never freed (gathered once per step). Per bucket, not per
+      parameter.
     - ``reshard_after_forward`` (FSDP, default True): free each bucket after forward and gather it
       again for backward, per microbatch: traffic 3MΨ per step with M microbatches (the
       gradients of each are reduce-scattered too). False keeps every gathered bucket until the

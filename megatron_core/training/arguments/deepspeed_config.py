@@ -27,6 +27,8 @@ _COMPARED = {
     "zero_stage": "zero_stage", "overlap_grad_reduce": "overlap_grad_reduce", "offload_param": "offload_param",
     "optimizer_cpu_offload": "optimizer_cpu_offload", "nvme_offload_path": "nvme_offload_path",
     "overlap_cpu_optimizer_d2h_h2d": "overlap_cpu_optimizer_d2h_h2d",
+    "stage3_prefetch_bucket_size": "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold": "stage3_param_persistence_threshold",
 }
 _OPTIMIZER_FIELDS = ("fp16", "bf16", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window",
                      "hysteresis", "consecutive_hysteresis", "clip_grad", "optimizer_cpu_offload",
