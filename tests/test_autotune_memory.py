@@ -234,7 +234,9 @@ def test_zero3_gather_window_matches_the_gathered_buckets_at_their_peak(tp, tied
     was 57792 B against 63936 B measured)."""
     spec = _spec(_config(False, tied))
     layer_elements = sum(p.numel for p in layer_params(spec, tp, 0))
-    predicted = zero3_gather_window_bytes(spec, Layout(tp=tp, dp=2, zero_stage=3, micro_batch_size=2))
+    layout = Layout(tp=tp, dp=2, zero_stage=3, micro_batch_size=2)
+    predicted = zero3_gather_window_bytes(spec, layout, pp_rank=0)  # as rank_memory calls it: the rank measured
+    assert zero3_gather_window_bytes(spec, layout) == predicted, "pp_rank None is the last stage, here the only one"
     h = spec.config.hidden_size
     beside_the_embedding = (SEQ * h + 2 * h) * 4  # fp32 position embeddings [s, h] and final norm's weight, bias
     for peak, sizes in run_distributed(_zero3_gathered_peak, 2 * tp, tp, layer_elements, tied, timeout=120):
