@@ -115,14 +115,39 @@ def _remove_rank_1(folder):
     os.remove(os.path.join(folder, "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
 
 
-@pytest.mark.parametrize("stage,change,expected", [
-    (2, _edit_model_states("mp_world_size", 2), "mp_world_size 2) with tensor parallelism is not read here"),
-    (2, _remove_rank_1, "partition_count is 2; is a rank's file missing?"),
-])
-def test_deepspeed_checkpoint_not_read_is_one_line(tmp_path, stage, change, expected):
+def _edit_zero0_optimizer(edit):
+    def change(folder):
+        path = os.path.join(folder, "mp_rank_00_model_states.pt")
+        saved = torch.load(path, weights_only=False)
+        edit(saved["optimizer"])
+        torch.save(saved, path)
+    return change
+
+
+def _bf16_optimizer_keys(osd):
+    """The ZeRO-0 model file's ``optimizer`` as DeepSpeed's BF16_Optimizer writes it (bf16 with pipeline
+    parallelism): its own keys, no torch ``state`` / ``param_groups``."""
+    osd.clear()
+    osd.update(base_optimizer_state={}, single_partition_of_fp32_groups=[], clip_grad=1.0)
+
+
+def _one_parameter_less(osd):
+    osd["param_groups"][0]["params"].pop()
+
+
+@pytest.mark.parametrize("stage,change,expected,fix", [
+    (2, _edit_model_states("mp_world_size", 2), "mp_world_size 2) with tensor parallelism is not read here",
+     "zero_to_fp32.py"),
+    (2, _remove_rank_1, "partition_count is 2; is a rank's file missing?", "missing"),
+    (0, _edit_zero0_optimizer(_bf16_optimizer_keys), "'optimizer' is not a torch optimizer's state_dict (keys "
+     "['base_optimizer_state', 'clip_grad', 'single_partition_of_fp32_groups'])", "zero_to_fp32.py"),
+    (0, _edit_zero0_optimizer(_one_parameter_less), "'s optimizer has 5 parameters, this engine trains 6",
+     "give initialize the saving run's model and model_parameters"),
+], ids=["tensor-parallel", "rank-file-missing", "zero0-bf16-optimizer", "zero0-parameter-count"])
+def test_deepspeed_checkpoint_not_read_is_one_line(tmp_path, stage, change, expected, fix):
     [message] = run_distributed(_load_error, 1, str(tmp_path), stage, change, timeout=120)
     assert message is not None and expected in message and "\n" not in message
-    assert "zero_to_fp32.py" in message or "missing" in message
+    assert fix in message
 
 
 @pytest.mark.parametrize("stage,dp", [(0, 1), (2, 2), (3, 2)])
