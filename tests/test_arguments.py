@@ -73,6 +73,12 @@ def _base(*extra):
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size >= 2"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], 1, "only one of --lr-warmup-fraction"),
     (["--attention-dropout", "0.999995"], 1, "--attention-dropout 0.999995 rounds to 1 at the dropout mask"),
+    # The sign first: it said "--min-lr 0.0 is larger than --lr -1.0" (Megatron-LM asserts 0 <= min_lr <= lr).
+    (["--lr", "-1"], 1, "--lr is a learning rate and must be >= 0, got -1.0"),
+    (["--lr", "nan"], 1, "--lr is a learning rate and must be >= 0, got nan"),
+    (["--min-lr=-0.1"], 1, "--min-lr is a learning rate and must be >= 0, got -0.1"),
+    (["--min-lr", "0.1"], 1, "--min-lr 0.1 is larger than --lr 0.001; the decay ends at --min-lr"),
+    (["--lr-warmup-init", "0.1"], 1, "--lr-warmup-init 0.1 is larger than --lr 0.001"),
 ])
 def test_bad_combinations_name_the_fix(extra, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
