@@ -95,6 +95,24 @@ def test_data_errors():
         validate_args(parse_args(argv + ["--data-path", "/nonexistent/prefix_text_document"]), 1)
 
 
+def test_a_prefix_missing_preprocess_datas_suffix_names_the_existing_one(tmp_path, monkeypatch):
+    # Megatron-LM users pass tools/preprocess_data.py's --output-prefix; it said only "missing 'data.idx'".
+    import numpy as np
+
+    from megatron_core.datasets import IndexedDatasetBuilder
+
+    monkeypatch.chdir(tmp_path)
+    with IndexedDatasetBuilder("data_text_document.bin", dtype=np.uint16) as builder:
+        builder.add_document([1, 2, 3, 0], [4])
+        builder.finalize("data_text_document.idx")
+    argv = [a for a in _base() if a != "--mock-data"]
+    with pytest.raises(ConfigError, match=r"^--data-path 'data': missing 'data.idx', 'data.bin'; did you mean "
+                                          r"--data-path data_text_document\? \(found 'data_text_document': "):
+        validate_args(parse_args(argv + ["--data-path", "data"]), 1)
+    args = validate_args(parse_args(argv + ["--data-path", "data_text_document"]), 1)  # the suggestion works
+    assert args.data_path == ["data_text_document"]
+
+
 def test_per_split_data_path_errors(tmp_path):
     import numpy as np
 
