@@ -411,8 +411,15 @@ def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parall
         raise ConfigError(f"{os.path.join(rank_dir, missing[0])} is missing (the save wrote {written} shards): the "
                           f"checkpoint is damaged; load an earlier one with --ckpt-step N or pass --no-load-optim")
     if distributed_optimizer and len(shards) != parallel_state.dp_size:
-        raise ConfigError(f"{rank_dir} holds {len(shards)} distributed-optimizer shards but the data-parallel size is "
-                          f"{parallel_state.dp_size}; resume with the same number of ranks or pass --no-load-optim")
+        # Flat pieces of the saved layout's gradient buckets: tools/checkpoint/convert.py refuses them too.
+        raise ConfigError(
+            f"{rank_dir} holds {len(shards)} distributed-optimizer shards (saved at data-parallel size {len(shards)}) "
+            f"but this run's data-parallel size is {parallel_state.dp_size}; the legacy format's shards load only at "
+            f"the size they were saved at (no tool re-shards them, not even tools/checkpoint/convert.py): resume with "
+            f"{len(shards) * parallel_state.tp_size * parallel_state.pp_size} processes, or pass --no-load-optim to "
+            f"continue from the weights, iteration and consumed samples with a fresh optimizer and learning-rate "
+            f"schedule (checkpoints saved with --ckpt-format torch_dist change data-parallel size with their "
+            f"optimizer)")
     shard = (load(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
              if distributed_optimizer else None)
     _check_decoupled_group(state["optimizer"], optimizer, rank_dir)
