@@ -79,6 +79,9 @@ def _base(*extra):
     (["--min-lr=-0.1"], 1, "--min-lr is a learning rate and must be >= 0, got -0.1"),
     (["--min-lr", "0.1"], 1, "--min-lr 0.1 is larger than --lr 0.001; the decay ends at --min-lr"),
     (["--lr-warmup-init", "0.1"], 1, "--lr-warmup-init 0.1 is larger than --lr 0.001"),
+    (["--ckpt-convert-format", "torch_dist", "--load", "ckpt"], 1, "--ckpt-convert-format FORMAT converts the "
+                                                                   "checkpoint in --load to --ckpt-convert-save"),
+    (["--ckpt-convert-save", "out", "--ckpt-convert-format", "torch_dist"], 1, "give all three"),
 ])
 def test_bad_combinations_name_the_fix(extra, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
