@@ -73,6 +73,15 @@ def _base(*extra):
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size >= 2"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], 1, "only one of --lr-warmup-fraction"),
     (["--attention-dropout", "0.999995"], 1, "--attention-dropout 0.999995 rounds to 1 at the dropout mask"),
+    # The sign first: it said "--min-lr 0.0 is larger than --lr -1.0" (Megatron-LM asserts 0 <= min_lr <= lr).
+    (["--lr", "-1"], 1, "--lr is a learning rate and must be >= 0, got -1.0"),
+    (["--lr", "nan"], 1, "--lr is a learning rate and must be >= 0, got nan"),
+    (["--min-lr=-0.1"], 1, "--min-lr is a learning rate and must be >= 0, got -0.1"),
+    (["--min-lr", "0.1"], 1, "--min-lr 0.1 is larger than --lr 0.001; the decay ends at --min-lr"),
+    (["--lr-warmup-init", "0.1"], 1, "--lr-warmup-init 0.1 is larger than --lr 0.001"),
+    (["--ckpt-convert-format", "torch_dist", "--load", "ckpt"], 1, "--ckpt-convert-format FORMAT converts the "
+                                                                   "checkpoint in --load to --ckpt-convert-save"),
+    (["--ckpt-convert-save", "out", "--ckpt-convert-format", "torch_dist"], 1, "give all three"),
 ])
 def test_bad_combinations_name_the_fix(extra, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -87,6 +96,24 @@ def test_data_errors():
         validate_args(parse_args(argv + ["--data-path", "corpus.jsonl"]), 1)
     with pytest.raises(ConfigError, match="missing"):
         validate_args(parse_args(argv + ["--data-path", "/nonexistent/prefix_text_document"]), 1)
+
+
+def test_a_prefix_missing_preprocess_datas_suffix_names_the_existing_one(tmp_path, monkeypatch):
+    # Megatron-LM users pass tools/preprocess_data.py's --output-prefix; it said only "missing 'data.idx'".
+    import numpy as np
+
+    from megatron_core.datasets import IndexedDatasetBuilder
+
+    monkeypatch.chdir(tmp_path)
+    with IndexedDatasetBuilder("data_text_document.bin", dtype=np.uint16) as builder:
+        builder.add_document([1, 2, 3, 0], [4])
+        builder.finalize("data_text_document.idx")
+    argv = [a for a in _base() if a != "--mock-data"]
+    with pytest.raises(ConfigError, match=r"^--data-path 'data': missing 'data.idx', 'data.bin'; did you mean "
+                                          r"--data-path data_text_document\? \(found 'data_text_document': "):
+        validate_args(parse_args(argv + ["--data-path", "data"]), 1)
+    args = validate_args(parse_args(argv + ["--data-path", "data_text_document"]), 1)  # the suggestion works
+    assert args.data_path == ["data_text_document"]
 
 
 def test_per_split_data_path_errors(tmp_path):

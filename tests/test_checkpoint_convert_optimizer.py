@@ -102,7 +102,7 @@ def test_bf16_main_params_and_moments_survive_a_round_trip(tmp_path):
 
 def test_a_distributed_optimizer_is_refused_in_one_line(tmp_path, capsys):
     """ZeRO-1 shards follow the gradient buckets of their layout: a re-shard is refused, naming --no-load-optim
-    and torch_dist; the export to Hugging Face goes on."""
+    and pretrain_gpt.py's --ckpt-convert-format torch_dist; the export to Hugging Face goes on."""
     ckpt = str(tmp_path / "zero")
     _logged(run_distributed(_train, 2, ARGS + ["--train-iters", "3", "--use-distributed-optimizer", "--save", ckpt],
                             timeout=240))
@@ -110,7 +110,7 @@ def test_a_distributed_optimizer_is_refused_in_one_line(tmp_path, capsys):
     assert _cli(ckpt, tmp_path / "tp2", "--target-tensor-parallel-size", 2) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"convert.py: error: {ckpt} holds a distributed optimizer")
-    assert "--no-load-optim" in err and "--ckpt-format torch_dist" in err
+    assert "--no-load-optim" in err and f"--load {ckpt} --ckpt-convert-format torch_dist --ckpt-convert-save DIR" in err
     assert _cli(ckpt, tmp_path / "tp2", "--target-tensor-parallel-size", 2, "--no-load-optim") == 0
     assert "optimizer" not in torch.load(os.path.join(tmp_path, "tp2", "iter_0000003", "mp_rank_00",
                                                       "model_optim_rng.pt"), weights_only=True)

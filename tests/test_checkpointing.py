@@ -87,6 +87,23 @@ def test_other_model_shape_is_refused_naming_fields(tmp_path):
     assert message.startswith("ConfigError: --load") and "iterations saved there: 2;" in message
 
 
+def test_distributed_optimizer_shards_at_another_dp_size_name_what_works(tmp_path):
+    """It said "resume with the same number of ranks" (which number?); the message names it and Megatron-LM's
+    --ckpt-convert-format (tested in test_pretrain_dist_ckpt.py), and its --no-load-optim resumes."""
+    ckpt = str(tmp_path / "ckpt")
+    zero1 = TINY + ["--use-distributed-optimizer", "--eval-iters", "0"]
+    run_distributed(_train, 2, zero1 + ["--save", ckpt, "--train-iters", "2"], timeout=120)
+    message = run_distributed(_load_only, 1, zero1 + ["--load", ckpt, "--train-iters", "3"], timeout=60)[0]
+    assert message.startswith(f"ConfigError: {ckpt}/iter_0000002/mp_rank_00 holds 2 distributed-optimizer shards "
+                              "(saved at data-parallel size 2) but this run's data-parallel size is 1; "), message
+    assert "run these flags once with 2 processes and --ckpt-convert-format torch_dist --ckpt-convert-save DIR (as " \
+           "Megatron-LM), then --load DIR/torch_dist at any data-parallel size with the optimizer; or resume with 2 " \
+           "processes; or pass --no-load-optim" in message  # the conversion: test_pretrain_dist_ckpt.py
+    resumed = _logged(run_distributed(_train, 1, zero1 + ["--load", ckpt, "--train-iters", "3", "--no-load-optim"],
+                                      timeout=60))
+    assert (resumed.loaded_iteration, resumed.iteration, resumed.consumed_train_samples) == (2, 3, 24)
+
+
 def test_finetune_loads_weights_only_and_model_only_checkpoints_load(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     saved = _logged(run_distributed(_train, 1, TINY + ["--save", ckpt, "--train-iters", "4", "--eval-interval", "4"]))

@@ -126,3 +126,47 @@ def test_a_second_backward_after_the_boundary_is_one_line(stage):
     assert run_distributed(_two_backwards, 2, stage, timeout=90) == [
         "engine.backward(): a second backward at the accumulation boundary before engine.step() (the first one "
         "reduced the gradients over data-parallel ranks already); add the losses and call engine.backward once"] * 2
+
+
+def _backward_of(kind: str):
+    from megatron_core.errors import ConfigError
+
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 1))
+    batch = _batch(0, 0)
+    try:
+        out = engine(batch["x"])
+        if kind in ("scalar", "one-element"):
+            loss = torch.nn.functional.mse_loss(out.float(), batch["y"])
+            engine.backward(loss if kind == "scalar" else loss.reshape(1))
+            engine.step()
+            return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        losses = {"per-element": torch.nn.functional.mse_loss(out.float(), batch["y"], reduction="none"),
+                  "float": torch.nn.functional.mse_loss(out.float(), batch["y"]).item(),
+                  "detached": torch.nn.functional.mse_loss(out.float(), batch["y"]).detach()}
+        try:
+            engine.backward(losses[kind])
+        except ConfigError as exc:
+            return str(exc)
+        return None
+    finally:
+        engine.parallel_state.destroy()
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("per-element", "engine.backward(loss): loss has shape [2, 4] (8 elements); backward needs a scalar loss: "
+                    "reduce it first, e.g. engine.backward(loss.mean())"),
+    ("float", "engine.backward(loss): loss is a float, not a tensor; pass the loss tensor itself (not loss.item())"),
+    ("detached", "engine.backward(loss): loss does not require grad"),
+])
+def test_a_loss_backward_cannot_take_is_one_line_naming_it(kind, message):
+    """A per-element loss was a ValueError (a float and a detached loss torch's own errors); DeepSpeed asserts
+    a one-element tensor with a grad_fn."""
+    result = run_distributed(_backward_of, 1, kind, timeout=60)[0]
+    assert result is not None and result.startswith(message), result
+
+
+def test_a_one_element_loss_is_taken_as_deepspeed_takes_it():
+    """DeepSpeed's backward takes a loss of shape [1] (numel 1); it was refused for not being 0-dimensional."""
+    scalar, one = (run_distributed(_backward_of, 1, kind, timeout=60)[0] for kind in ("scalar", "one-element"))
+    for name, expected in scalar.items():
+        assert torch.equal(one[name], expected), name

@@ -174,3 +174,19 @@ def test_finetune_from_torch_dist_is_logged_and_starts_at_iteration_0(tmp_path, 
     assert f"> loaded model weights from {ckpt} (torch_dist) for finetuning: starting at iteration 0\n" in out, \
         out[-2000:]
     assert "> loaded torch_dist checkpoint from" not in out
+
+
+def test_ckpt_convert_format_takes_a_legacy_distributed_optimizer_to_another_dp_size(tmp_path):
+    """Megatron-LM's --ckpt-convert-format / --ckpt-convert-save (the flags were unknown): a legacy checkpoint's
+    distributed-optimizer shards load only at the DP size that saved them; converted to torch_dist under that
+    size, the run resumes at DP 1 with its optimizer and continues the uninterrupted DP 2 run."""
+    zero1 = [*ARGS, "--use-distributed-optimizer"]
+    whole = _logged(run_distributed(_train, 2, zero1, timeout=240))
+    ckpt, conv = str(tmp_path / "ckpt"), str(tmp_path / "conv")
+    run_distributed(_train, 2, zero1 + ["--ckpt-format", "torch", "--save", ckpt, "--exit-interval", "4"], timeout=240)
+    converted = _logged(run_distributed(_train, 2, zero1 + ["--load", ckpt, "--ckpt-convert-format", "torch_dist",
+                                                            "--ckpt-convert-save", conv], timeout=240))
+    assert (converted.exit_reason, converted.saved_iterations, converted.losses) == ("converted", [4], [])
+    rest = _logged(run_distributed(_train, 1, zero1 + ["--load", f"{conv}/torch_dist"], timeout=240))
+    assert rest.loaded_iteration == 4 and rest.consumed_train_samples == whole.consumed_train_samples
+    assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]), what="losses after the conversion")

@@ -98,6 +98,20 @@ def test_server_answers_concurrent_requests_under_tp2(tmp_path):
                                      data=json.dumps({"prompts": ["the"], "tokens_to_generate": 1}).encode())
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.status == 200 and len(json.loads(resp.read())["tokens"]) == 1
+        # Both answered "the request body must be a JSON object": a Latin-1 body, and a body cut short.
+        for data, message in ((b'{"prompts": ["caf\xe9"]}', "the request body is not UTF-8 text: byte 17 is "
+                                                            "b'\\xe9'; send the JSON encoded as UTF-8"),
+                              (b'{"prompts": ["the"], ', "the request body is not valid JSON (Expecting property "
+                                                         "name enclosed in double quotes: line 1 column 22)")):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api", method="PUT", data=data)
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(req, timeout=60)
+            assert answer.value.code == 400 and json.loads(answer.value.read())["error"].startswith(message)
+        # UTF-16 with its byte-order mark is read, as Flask's get_json (Megatron-LM's server) reads it.
+        body = json.dumps({"prompts": ["the"], "tokens_to_generate": 1}).encode("utf-16")
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api", method="PUT", data=body),
+                                    timeout=60) as resp:
+            assert resp.status == 200 and len(json.loads(resp.read())["tokens"]) == 1
         status, answer = _put(port, {"prompts": ["the"], "tokens_to_generate": 2})  # still serving after errors
         assert status == 200 and len(answer["tokens"][0]) <= len(tok.encode("the").ids) + 2
     finally:

@@ -149,8 +149,10 @@ def load_core_checkpoint(load_dir: str, iteration: int | None = None, with_optim
         raise ShardedOptimizerState(
             f"{load_dir} holds a distributed optimizer (distrib_optim_dpNNN.pt shards, cut along the gradient buckets "
             f"of the layout it was saved under), which a re-shard cannot carry: add --no-load-optim to re-shard "
-            f"without it (the optimizer starts fresh), or resume it under its own layout with --ckpt-format "
-            f"torch_dist and save: a torch_dist checkpoint resumes under any layout with its optimizer")
+            f"without it (the optimizer starts fresh), or convert it to torch_dist: pretrain_gpt.py with the run's "
+            f"flags under the layout it was saved under and --load {load_dir} --ckpt-convert-format torch_dist "
+            f"--ckpt-convert-save DIR (Megatron-LM's flags) writes DIR/torch_dist, which resumes under any layout "
+            f"with its optimizer")
     stages = [None] if vpp is None else list(range(vpp))
     keys = ["model"] if vpp is None else [f"model{vp}" for vp in stages]
     chunks: dict[int, dict[str, torch.Tensor]] = {}

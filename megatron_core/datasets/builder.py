@@ -1,6 +1,7 @@
 """Turn ``--data-path``/``--split``/``--mock-data`` into the train, valid and test datasets."""
 from __future__ import annotations
 
+import glob
 import math
 import os
 from collections.abc import Sequence
@@ -15,12 +16,28 @@ from .mock_indexed_dataset import MockIndexedDataset
 from .splits import SPLIT_NAMES, split_document_ranges
 
 
+def _existing_prefixes(prefix: str) -> list[str]:
+    """Prefixes with both files that ``prefix`` may have meant: ``prefix_*`` (preprocess_data.py writes
+    ``OUTPUT_PREFIX_text_document``, its ``--json-keys`` key and level appended) and, for a directory,
+    the prefixes inside it."""
+    patterns = [glob.escape(prefix) + "_*.idx"]
+    if os.path.isdir(prefix):
+        patterns.append(os.path.join(glob.escape(prefix), "*.idx"))
+    found = [path[:-len(".idx")] for pattern in patterns for path in sorted(glob.glob(pattern))]
+    return [p for p in found if os.path.isfile(data_file_path(p))]
+
+
 def _check_prefix(prefix: str, flag: str = "--data-path") -> None:
     missing = [p for p in (index_file_path(prefix), data_file_path(prefix)) if not os.path.isfile(p)]
     if not missing:
         return
+    found = _existing_prefixes(prefix)
     if prefix.endswith((".bin", ".idx")):
         hint = f" ({flag} takes the prefix without the extension: {prefix[:-4]!r})"
+    elif found:
+        shown = ", ".join(repr(p) for p in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        hint = (f"; did you mean {flag} {found[0]}? (found {shown}: tools/preprocess_data.py names its files "
+                f"OUTPUT_PREFIX_KEY_LEVEL, OUTPUT_PREFIX_text_document by default)")
     else:
         hint = " (make it with tools/preprocess_data.py; the prefix usually ends in _text_document)"
     raise ValueError(f"{flag} {prefix!r}: missing {', '.join(repr(p) for p in missing)}{hint}")

@@ -39,6 +39,19 @@ from megatron_core.parallel_state import ParallelState
 from megatron_core.training.health import TrainingDivergedError
 
 
+def _check_loss(loss: object) -> None:
+    """DeepSpeed's condition on ``engine.backward``'s loss (``maybe_loss_for_backward``: a tensor of one element
+    with a ``grad_fn``) as one ConfigError line naming what was passed and the fix."""
+    if not torch.is_tensor(loss):
+        raise ConfigError(f"engine.backward(loss): loss is a {type(loss).__name__}, not a tensor; pass the loss "
+                          f"tensor itself (not loss.item()), computed from the engine's output")
+    if loss.numel() != 1:
+        raise ConfigError(f"engine.backward(loss): loss has shape {list(loss.shape)} ({loss.numel()} elements); "
+                          f"backward needs a scalar loss: reduce it first, e.g. engine.backward(loss.mean())")
+    if not loss.requires_grad:
+        raise ConfigError("engine.backward(loss): loss does not require grad (computed under torch.no_grad(), "
+                          "or .detach()ed); compute it from the engine's output with gradients enabled")
+
 class EngineDataLoader(torch.utils.data.DataLoader):
     """The loader ``deepspeed_io`` returns: a ``torch.utils.data.DataLoader`` that also names its sampler
     ``data_sampler``, as DeepSpeed's ``DeepSpeedDataLoader`` does; scripts reshuffle each epoch with
@@ -317,9 +330,10 @@ class Engine(torch.nn.Module):
         ``scale_wrt_gas`` False (DeepSpeed's keyword) leaves out the division by the accumulation steps.
         Gradients are reduced over data-parallel ranks only at the accumulation boundary, so one backward runs
         there per ``step()``: a second is a ConfigError (DeepSpeed 0.19.8 accumulates it; add the losses instead).
+        ``loss`` is a one-element tensor with a graph (DeepSpeed's ``maybe_loss_for_backward``); anything else is
+        a ConfigError naming what was passed.
         """
-        if not torch.is_tensor(loss) or loss.dim() != 0:
-            raise ValueError("engine.backward(loss) needs a scalar loss tensor (reduce it with .mean() first)")
+        _check_loss(loss)
         if self._reduced:
             raise ConfigError("engine.backward(): a second backward at the accumulation boundary before engine.step() "
                               "(the first one reduced the gradients over data-parallel ranks already); add the losses "

@@ -105,6 +105,27 @@ def _check_fields(body: dict) -> None:
     _flag(body, "no_log")  # accepted: request bodies are not logged here
 
 
+def decode_body(data: bytes) -> Any:
+    """The JSON value of a raw request body; ConfigError saying whether it is not text or not JSON.
+
+    Read as Flask's ``get_json`` (Megatron-LM's server) reads it: :func:`json.loads` on the bytes, which
+    takes UTF-8 and, told by the first bytes, UTF-16 or UTF-32 (RFC 8259 asks for UTF-8).
+    """
+    encoding = json.detect_encoding(data)
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        name = encoding.upper()
+        what = "not UTF-8 text" if encoding == "utf-8" else f"not {name} text (its first bytes say {name})"
+        raise ConfigError(f"the request body is {what}: byte {exc.start} is {data[exc.start:exc.start + 1]!r}; "
+                          f"send the JSON encoded as UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"the request body is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno}); "
+                          f"send a JSON object with 'prompts' and 'tokens_to_generate'") from None
+
+
 def parse_request(body: Any, defaults: SamplingParams) -> Request:
     """The :class:`Request` of a request body; ConfigError naming the bad field.
 
@@ -259,8 +280,8 @@ def create_app(gen: Generator, defaults: SamplingParams, lock: threading.Lock | 
 
     @app.put("/api")
     def api():
-        try:  # force: a JSON body is read whatever its Content-Type (curl -d sends a form type)
-            req = parse_request(request.get_json(force=True, silent=True), defaults)
+        try:  # the body is read whatever its Content-Type (curl -d sends a form type)
+            req = parse_request(decode_body(request.get_data(cache=False)), defaults)
         except ConfigError as exc:
             return jsonify({"error": str(exc)}), 400
         with lock:  # one generation at a time; every rank must see requests in the same order

@@ -411,8 +411,16 @@ def _load_optimizer(state: dict[str, Any], optimizer: Any, rank_dir: str, parall
         raise ConfigError(f"{os.path.join(rank_dir, missing[0])} is missing (the save wrote {written} shards): the "
                           f"checkpoint is damaged; load an earlier one with --ckpt-step N or pass --no-load-optim")
     if distributed_optimizer and len(shards) != parallel_state.dp_size:
-        raise ConfigError(f"{rank_dir} holds {len(shards)} distributed-optimizer shards but the data-parallel size is "
-                          f"{parallel_state.dp_size}; resume with the same number of ranks or pass --no-load-optim")
+        # Flat pieces of the saved layout's gradient buckets: tools/checkpoint/convert.py refuses them too.
+        procs = len(shards) * parallel_state.tp_size * parallel_state.pp_size
+        raise ConfigError(
+            f"{rank_dir} holds {len(shards)} distributed-optimizer shards (saved at data-parallel size {len(shards)}) "
+            f"but this run's data-parallel size is {parallel_state.dp_size}; the legacy format's shards load only at "
+            f"the size they were saved at (tools/checkpoint/convert.py cannot re-shard them): run these flags once "
+            f"with {procs} processes and --ckpt-convert-format torch_dist --ckpt-convert-save DIR (as Megatron-LM), "
+            f"then --load DIR/torch_dist at any data-parallel size with the optimizer; or resume with {procs} "
+            f"processes; or pass --no-load-optim to continue from the weights, iteration and consumed samples with "
+            f"a fresh optimizer and learning-rate schedule")
     shard = (load(os.path.join(rank_dir, io.distrib_optim_filename(parallel_state.dp_rank)))
              if distributed_optimizer else None)
     _check_decoupled_group(state["optimizer"], optimizer, rank_dir)

@@ -100,6 +100,10 @@ class CheckpointConfig:
     # (dist_checkpoint.save_format). A load reads either format.
     ckpt_format: str | None = None
     async_save: bool = False  # torch_dist: write in the background while training goes on
+    # Megatron-LM's --ckpt-convert-format / --ckpt-convert-save: write the loaded checkpoint in that format to
+    # CKPT_CONVERT_SAVE/FORMAT and stop (a legacy distributed optimizer's shards become loadable at any DP size).
+    ckpt_convert_format: str | None = None
+    ckpt_convert_save: str | None = None
 
 
 TIMING_LOG_OPTIONS = ("max", "minmax", "all")

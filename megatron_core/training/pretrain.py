@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_core import device
 from megatron_core.collectives import any_rank
+from megatron_core.errors import ConfigError
 from megatron_core.microbatches import MicrobatchCalculator
 from megatron_core.parallel_state import ParallelState, initialize_model_parallel
 from megatron_core.pipeline_parallel.stage_errors import PipelineStageError, is_peer_loss
@@ -242,6 +244,8 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     for line in messages:
         out.rank0(line)
     state = TrainState(iteration=loaded.iteration, consumed_train_samples=loaded.consumed_train_samples)
+    if checkpoint.ckpt_convert_format is not None:
+        return _convert(run, state, loaded_format if loaded.loaded else None)
     _build_data(run)
     result = TrainResult(iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
                          loaded_iteration=loaded.iteration, is_logging_rank=out.is_logging_rank)
@@ -269,6 +273,25 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
         run.writer.close()
     result.iteration, result.consumed_train_samples = state.iteration, state.consumed_train_samples
     result.losses = state.loss_history
+    return result
+
+
+def _convert(run: _Run, state: TrainState, loaded_format: str | None) -> TrainResult:
+    """Megatron-LM's ``--ckpt-convert-format``: save what was loaded to ``--ckpt-convert-save``/FORMAT, then stop."""
+    c = run.checkpoint
+    if loaded_format is None:
+        raise ConfigError(f"--ckpt-convert-format: --load {c.load} holds no checkpoint to convert")
+    assert c.ckpt_convert_save is not None and c.ckpt_convert_format is not None  # arguments.compat checks
+    save = os.path.join(c.ckpt_convert_save, c.ckpt_convert_format)
+    agreed(checkpoint_io.check_writable, save, "--ckpt-convert-save")
+    run.config = dataclasses.replace(run.config, checkpoint=dataclasses.replace(c, save=save, async_save=False))
+    run.save_format = c.ckpt_convert_format
+    result = TrainResult(state.iteration, state.consumed_train_samples, state.iteration, exit_reason="converted",
+                         is_logging_rank=run.out.is_logging_rank)
+    _save(run, state, result)
+    run.out.rank0(f"> converted checkpoint: {loaded_format} -> {c.ckpt_convert_format} in {save}")
+    if run.writer is not None:
+        run.writer.close()
     return result
 
 

@@ -88,6 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "under any TP/PP/VPP/DP/ZeRO layout) or torch (Megatron-LM's legacy per-rank files). "
                         "Default: torch_dist, except that a run resuming a legacy checkpoint keeps saving legacy. "
                         "A --load reads either, whatever this flag says")
+    g.add_argument("--ckpt-convert-format", default=None, choices=["torch", "torch_dist"],
+                   help="load --load, write it in this format to --ckpt-convert-save DIR/FORMAT and exit without "
+                        "training (Megatron-LM's flag; torch_dist then resumes under any layout with its optimizer)")
+    g.add_argument("--ckpt-convert-save", default=None, help="where --ckpt-convert-format writes (DIR/FORMAT)")
     g.add_argument("--async-save", action="store_true",
                    help="torch_dist: write checkpoints in the background while training goes on")
     g.add_argument("--use-checkpoint-args", action="store_true",
@@ -117,6 +121,10 @@ def apply(args: argparse.Namespace) -> None:
         if args.ckpt_format == "torch":
             raise ConfigError("--async-save writes torch_dist checkpoints; drop --ckpt-format torch")
         args.ckpt_format = "torch_dist"
+    if (args.ckpt_convert_format is None) != (args.ckpt_convert_save is None) or \
+            (args.ckpt_convert_format is not None and args.load is None):
+        raise ConfigError("--ckpt-convert-format FORMAT converts the checkpoint in --load to --ckpt-convert-save "
+                          "DIR/FORMAT: give all three (as Megatron-LM)")
     if args.use_flash_attn:
         if args.attention_backend not in ("auto", "flash"):
             raise ConfigError(f"--use-flash-attn contradicts --attention-backend {args.attention_backend}")

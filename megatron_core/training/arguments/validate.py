@@ -215,11 +215,27 @@ def _decoupled_lr(args: argparse.Namespace) -> None:
                           f"--decoupled-min-lr from 0 to {args.decoupled_lr}{default}")
 
 
+def _learning_rate_bounds(args: argparse.Namespace) -> None:
+    """Megatron-LM's ``OptimizerParamScheduler`` bounds, 0 <= --min-lr <= --lr and --lr-warmup-init <= --lr,
+    each sign checked before the comparison so the message names the flag that is wrong."""
+    for name in ("lr", "min_lr"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0.0:  # also NaN
+            raise ConfigError(f"--{name.replace('_', '-')} is a learning rate and must be >= 0, got {value}")
+    if args.lr is None:
+        return
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}; the decay ends at --min-lr, so "
+                          f"give a --min-lr from 0 to {args.lr}")
+    if args.lr_warmup_init > args.lr:
+        raise ConfigError(f"--lr-warmup-init {args.lr_warmup_init} is larger than --lr {args.lr}; the warmup rises "
+                          f"from --lr-warmup-init to --lr, so give one from 0 to {args.lr}")
+
+
 def _learning_rate(args: argparse.Namespace) -> None:
     if not args.skip_train:
         _require(args, "lr", "3e-4")
-    if args.lr is not None and args.min_lr > args.lr:
-        raise ConfigError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    _learning_rate_bounds(args)
     _decoupled_lr(args)
     if args.lr_warmup_fraction is not None:
         if args.lr_warmup_iters or args.lr_warmup_samples:
