@@ -192,7 +192,8 @@ def _zero_optimizer(folder: str, saved: dict, names: list[list[str]]) -> tuple[i
     count = first["partition_count"]
     count = max(count) if isinstance(count, list) else int(count)
     if count != len(paths):
-        raise ConfigError(f"load_checkpoint: {folder} has {len(paths)} zero_pp_rank_*_optim_states.pt files, "
+        pattern = ("bf16_" if os.path.basename(paths[0]).startswith("bf16_") else "") + "zero_pp_rank_*_optim_states.pt"
+        raise ConfigError(f"load_checkpoint: {folder} has {len(paths)} {pattern} files, "
                           f"DeepSpeed's partition_count is {count}; is a rank's file missing?")
     shapes = {n: torch.Size(s) for group in saved["param_shapes"] for n, s in group.items()}
     split = _split_zero3 if stage == 3 else _split_zero12
