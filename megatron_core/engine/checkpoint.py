@@ -171,6 +171,12 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     tag = tag if tag is not None else f"global_step{engine.global_steps}"
     if not isinstance(tag, str) or not tag or os.sep in tag:
         raise ConfigError(f"save_checkpoint: tag must be a non-empty folder name, got {tag!r}")
+    # A NUL is no file name (os raised ValueError); white space at either end is stripped from 'latest' by the load
+    # (DeepSpeed's too), which then looked for another folder than the one saved.
+    if "\0" in tag or tag != tag.strip():
+        raise ConfigError(f"save_checkpoint: tag {tag!r} has a NUL character or white space at either end, which a "
+                          f"load through {LATEST!r} cannot name; pick another tag, e.g. "
+                          f"'global_step{engine.global_steps}'")
     # "." and ".." wrote the checkpoint's files into save_dir itself or its parent; the others are save_dir's files.
     if tag in (os.curdir, os.pardir, LATEST, RECOVERY_SCRIPT):
         raise ConfigError(f"save_checkpoint: tag {tag!r} is not a folder of its own under {save_dir!r} (\".\", "
