@@ -13,10 +13,11 @@ for reading (or changing) outside a forward pass::
             block.weight.mul_(0.5)  # rank 0's values are broadcast and re-sharded on exit
 
 Parameters not under ZeRO-3 (other stages, modules not wrapped) are full already: the context does
-nothing for them, as DeepSpeed's. Entering is a collective over the data-parallel group (every rank
-must enter with the same parameters), and no optimizer step may run inside the block. A checkpoint
-is saved after a ``modifier_rank`` block, not inside it (``save_checkpoint`` there is a ConfigError):
-inside, rank R's changes are in its gathered parameters only, not yet in the shards or the optimizer.
+nothing for them, as DeepSpeed's. Entering is a collective over the data-parallel group (every rank must
+enter with the same parameters), and no optimizer step (nor a ``load_checkpoint`` that restores the
+optimizer) may run inside the block. A checkpoint is saved after a ``modifier_rank`` block, not inside
+it (``save_checkpoint`` there is a ConfigError): inside, rank R's changes are in its gathered parameters
+only, not yet in the shards or the optimizer.
 
 :func:`safe_get_full_grad` is DeepSpeed's ``deepspeed.utils.safe_get_full_grad``: under ZeRO-2/3 a
 parameter's reduced gradient lives in pieces on the DP ranks (``param.main_grad`` is freed once its

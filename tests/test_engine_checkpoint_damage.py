@@ -137,3 +137,26 @@ def test_a_tag_that_is_no_folder_of_its_own_is_refused_before_writing(tmp_path):
         assert refused.get(tag, "").startswith(f"save_checkpoint: tag {tag!r} is not a folder of its own under "
                                                f"{str(directory)!r}"), refused
     assert not list(tmp_path.rglob("*.pt")), list(tmp_path.rglob("*"))  # nothing written, in or beside it
+
+
+def _save_under_unloadable_tags(directory):
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(1, 1, 1))
+    refused = {}
+    for tag in ("a\0b", " t", "t\n", " "):
+        try:
+            engine.save_checkpoint(directory, tag)
+        except (ConfigError, ValueError) as exc:
+            refused[tag] = f"{type(exc).__name__}: {exc}"
+    engine.parallel_state.destroy()
+    return refused
+
+
+def test_a_tag_latest_cannot_name_is_refused_before_writing(tmp_path):
+    """A NUL in the tag was os's ValueError; ' t' and 't\\n' were saved, and the load through 'latest' (stripped, as
+    DeepSpeed's) looked for 't' and failed."""
+    directory = tmp_path / "ckpt"
+    refused = run_distributed(_save_under_unloadable_tags, 1, str(directory), timeout=60)[0]
+    for tag in ("a\0b", " t", "t\n", " "):
+        assert refused.get(tag, "").startswith(f"ConfigError: save_checkpoint: tag {tag!r} has a NUL character or "
+                                               f"white space at either end"), refused
+    assert not list(tmp_path.rglob("*.pt")), list(tmp_path.rglob("*"))

@@ -295,3 +295,35 @@ def test_deepspeed_zero3_checkpoint_of_a_tied_model_resumes(tmp_path):
     assert sorted(resumed_state) == sorted(straight_state) and "lm_head.weight" in straight_state
     for name, value in straight_state.items():
         assert torch.equal(resumed_state[name], value), name
+
+
+def _load_into_another_model(directory, stage, strict):
+    """A DeepSpeed checkpoint of the MLP loaded into another model: the same layers under other names."""
+    config = ds_config(1, 1, stage, "mlp")
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+    engine.parallel_state.destroy()
+    state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+    write_deepspeed_checkpoint(os.path.join(directory, "ds"), "global_step1", state, stage, 2, {})
+    engine, _, _, _ = megatron_core.initialize(torch.nn.ModuleDict({"net": make_model("mlp")}), config=config)
+    try:
+        engine.load_checkpoint(os.path.join(directory, "ds"), load_module_strict=strict)
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+    return None
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "load_module_strict=False"])
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_deepspeed_checkpoint_of_another_model_says_so(tmp_path, stage, strict):
+    """Its parameters were taken for frozen ones left out by ``exclude_frozen_parameters=True`` (the error told the
+    user to load with ``load_module_strict=False``, which then failed on the first parameter as 'frozen when
+    saved'); fp32 at ZeRO-0 raised a KeyError)."""
+    [message] = run_distributed(_load_into_another_model, 1, str(tmp_path), stage, strict, timeout=120)
+    expected = ("holds another model than this engine's (6 missing key(s), e.g. 'net.0.weight'; 6 unexpected key(s), "
+                "e.g. '0.weight')" if strict else "has no optimizer state for 'net.0.weight', a parameter the "
+                "checkpoint does not hold; load it with load_optimizer_states=False")
+    assert message is not None and expected in message and "\n" not in message, message

@@ -173,3 +173,19 @@ def test_deepspeed_fused_fp16_optimizer_checkpoint_is_one_line(tmp_path):
     assert message is not None and "\n" not in message
     assert "holds DeepSpeed's FP16_Optimizer (its FusedAdam at ZeRO-0: 'fp32_groups_flat')" in message
     assert "zero_to_fp32.py" in message
+
+
+def test_deepspeed_bf16_optimizer_checkpoint_missing_a_rank_names_its_files(tmp_path):
+    """BF16_Optimizer's files are ``bf16_zero_pp_rank_*``: the missing-rank line named ``zero_pp_rank_*`` files."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"fc.weight": (4, 3), "fc.bias": (4,)}
+    tensors = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(3)]
+    state = {"shapes": shapes, "fp32": tensors[0], "exp_avg": tensors[1], "exp_avg_sq": tensors[2],
+             "step": torch.tensor(4.0), "group": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+             "clip": 0.5, "lr_scheduler": {}, "global_steps": 3, "global_samples": 6, "ds_config": {},
+             "dtype": torch.bfloat16, "bf16_optimizer": True}
+    write_deepspeed_checkpoint(str(tmp_path), "global_step3", state, 1, 2, {})
+    os.remove(os.path.join(str(tmp_path), "global_step3", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    with pytest.raises(ConfigError) as info:
+        consolidate_state_dict(str(tmp_path))
+    assert "has 1 bf16_zero_pp_rank_*_optim_states.pt files, DeepSpeed's partition_count is 2" in str(info.value)

@@ -170,3 +170,30 @@ def test_zero3_load_with_assign_is_a_one_line_error():
     for message in run_distributed(_assign, 2, timeout=60):
         assert "\n" not in message and message.startswith("load_state_dict with assign=True would replace the "
                                                           "ZeRO-3 parameters of the model"), message
+
+
+def _state_dict_rooted_anywhere() -> dict:
+    from megatron_core import parallel_state
+    from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ps = parallel_state.ParallelState(1, 1, None)
+    model, plain = Tied(seed=1, dtype=torch.float32), Tied(seed=1, dtype=torch.float32)
+    wrapped = DistributedDataParallel(DistributedDataParallelConfig(zero_stage=3, bucket_size=40), model, ps)
+    calls = {"body with a prefix": (lambda m: m.body.state_dict(prefix="x.")),
+             "body in a container": (lambda m: torch.nn.Sequential(m.body).state_dict()),
+             "model with a prefix": (lambda m: m.state_dict(prefix="x.")),
+             "wrapper in a container": (lambda m: torch.nn.ModuleList([m]).state_dict())}
+    different = {}
+    for what, call in calls.items():
+        got, want = call(wrapped if what.startswith("wrapper") else model), call(plain)
+        different[what] = [k for k, v in want.items() if k not in got or not torch.equal(got[k], v)]
+    ps.destroy()
+    return different
+
+
+def test_zero3_state_dict_rooted_with_a_prefix_or_in_a_container():
+    """``state_dict()`` acts at the root of the call, whatever its ``prefix``: ``model.body.state_dict(prefix="x.")``
+    and ``nn.Sequential(model.body).state_dict()`` read the freed storage of the body's buckets (the rank crashed)
+    when the root was taken to be the wrapped module or a call with ``prefix=""``."""
+    for different in run_distributed(_state_dict_rooted_anywhere, 2, timeout=60):
+        assert all(keys == [] for keys in different.values()), different

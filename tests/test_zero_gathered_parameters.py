@@ -127,6 +127,38 @@ def test_a_step_inside_a_block_is_refused(modifier_rank):
         assert full
 
 
+def _load_in_block(folder, modifier_rank):
+    from megatron_core.errors import ConfigError
+
+    engine = _engine(0.1, bf16=False)
+    _train(engine, 1)
+    engine.save_checkpoint(folder, tag="t")
+    saved = engine.module.state_dict()["2.weight"].clone()
+    _train(engine, 1)
+    weight = dict(engine.module.named_parameters())["2.weight"]
+    refused = ""
+    with GatheredParameters([weight], modifier_rank=modifier_rank):
+        try:
+            engine.load_checkpoint(folder, tag="t")
+        except ConfigError as exc:
+            refused = str(exc)
+        full = weight.untyped_storage().nbytes() > 0  # the block's parameter kept its storage
+        engine.load_checkpoint(folder, tag="t", load_optimizer_states=False)  # the weights alone: no re-shard
+        weights_only = torch.equal(weight, saved)
+    engine.load_checkpoint(folder, tag="t")  # the refused load, after the block
+    _train(engine, 1)  # and training goes on
+    return refused, full, weights_only
+
+
+@pytest.mark.parametrize("modifier_rank", [None, 0], ids=["read", "modify"])
+def test_a_checkpoint_load_inside_a_block_is_refused(tmp_path, modifier_rank):
+    """Restoring the optimizer freed the block's buckets (as a step does): with a ``modifier_rank`` the broadcast
+    on exit read the freed storage and gloo aborted the ranks ('writev: Bad address')."""
+    for refused, full, weights_only in run_distributed(_load_in_block, 2, str(tmp_path), modifier_rank, timeout=120):
+        assert refused.startswith("load_checkpoint inside a megatron_core.zero.GatheredParameters block"), refused
+        assert full and weights_only
+
+
 class _Head(torch.nn.Module):
     """Reads another module's weight as an attribute (tied, transposed), not as an argument."""
 

@@ -5,9 +5,9 @@ of a freed bucket are views of a storage resized to 0. A checkpoint still holds 
 
 - Save (:func:`copy_state_dict`, a state_dict post-hook): each parameter's entry becomes a copy of its full
   value, gathered one bucket at a time: one copy of the model (the state dict) plus a bucket. The hook is on
-  every submodule and acts in the call's root only (the wrapped module, or a submodule called with torch's
-  default ``prefix=''``), so ``model.body.state_dict()`` copies the body's parameters and a whole-model call
-  gathers each bucket once.
+  every submodule and acts once, at the root of the call (the module ``state_dict()`` was called on, with any
+  ``prefix``, also when reached through a container), so ``model.body.state_dict()`` copies the body's
+  parameters and a whole-model call gathers each bucket once.
 - Load (:func:`load_into_shards`, a load_state_dict pre-hook on every submodule, which torch runs before the
   module's own parameters are copied): each rank copies from the incoming full tensors the elements of its own
   shard straight into ``param_shard``, with no collective and nothing gathered (gathering every bucket first
@@ -33,34 +33,51 @@ from megatron_core.distributed.param_gather import ParamGatherManager
 
 def register_state_dict_hooks(manager: ParamGatherManager, module: torch.nn.Module, zero3: bool) -> None:
     """The checkpoint hooks of the DDP-wrapped ``module``, on it and every submodule (torch runs each module's
-    hooks for its own parameters): :func:`load_into_shards` before a load, and for ``state_dict()`` rooted there
-    a copy of the full parameters (ZeRO-3) or a wait for the gathers in flight (``--overlap-param-gather``)."""
+    hooks for its own parameters): :func:`load_into_shards` before a load, and for a ``state_dict()`` call at
+    its root a copy of the full parameters (ZeRO-3) or a wait for the gathers in flight
+    (``--overlap-param-gather``)."""
     load_hook = functools.partial(load_into_shards, manager, zero3)
-    before = functools.partial(_before_state_dict, manager, module, zero3)
-    after = functools.partial(_after_state_dict, manager, module)
+    calls = _StateDictCalls(manager, zero3)
+    # partials, not bound methods: torch marks a state_dict post-hook with an attribute
+    before, after = functools.partial(_StateDictCalls.before, calls), functools.partial(_StateDictCalls.after, calls)
     for submodule in module.modules():
         submodule.register_load_state_dict_pre_hook(load_hook)
         submodule.register_state_dict_pre_hook(before)
-        if zero3:  # the buffers kept their shards and freed the buckets as they built them
-            submodule.register_state_dict_post_hook(after)
+        submodule.register_state_dict_post_hook(after)
 
 
-def _rooted_here(root: torch.nn.Module, module: torch.nn.Module, prefix: str) -> bool:
-    """Whether a ``state_dict()`` call is rooted at ``module``: the wrapped root, or a submodule called on its
-    own (torch gives the submodules of a call non-empty prefixes)."""
-    return module is root or prefix == ""
+class _StateDictCalls:
+    """The ``state_dict()`` calls in progress over the hooked modules, outermost first, to act once at the
+    call's root: the module ``state_dict()`` was called on, whatever its ``prefix`` (``model.body.state_dict(
+    prefix="x.")``, or the body reached through a container outside the wrapped model, read freed storage when
+    the root was taken to be the wrapped module or a call with ``prefix=""``). torch calls a child as
+    ``child.state_dict(prefix=prefix + name + ".")`` between its parent's pre- and post-hooks; a call that does
+    not continue the stack that way starts a new one (a call that raised leaves its frames behind)."""
 
+    def __init__(self, manager: ParamGatherManager, zero3: bool) -> None:
+        self.manager = manager
+        self.zero3 = zero3
+        self.stack: list[tuple[torch.nn.Module, str]] = []
 
-def _before_state_dict(manager: ParamGatherManager, root: torch.nn.Module, zero3: bool, module: torch.nn.Module,
-                       prefix: str, keep_vars: bool) -> None:
-    if not zero3 and _rooted_here(root, module, prefix):  # --overlap-param-gather: no gather left in flight
-        manager.gather_all()
+    def _nested(self, module: torch.nn.Module, prefix: str) -> bool:
+        if not self.stack:
+            return False
+        parent, parent_prefix = self.stack[-1]
+        return any(child is module and prefix == f"{parent_prefix}{name}."
+                   for name, child in parent._modules.items())
 
+    def before(self, module: torch.nn.Module, prefix: str, keep_vars: bool) -> None:
+        if not self._nested(module, prefix):
+            self.stack.clear()
+            if not self.zero3:  # --overlap-param-gather: no gather left in flight
+                self.manager.gather_all()
+        self.stack.append((module, prefix))
 
-def _after_state_dict(manager: ParamGatherManager, root: torch.nn.Module, module: torch.nn.Module,
-                      state_dict: dict[str, Any], prefix: str, local_metadata: dict) -> None:
-    if _rooted_here(root, module, prefix):
-        copy_state_dict(manager, module, state_dict, prefix)
+    def after(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict) -> None:
+        if self.stack and self.stack[-1][0] is module:
+            self.stack.pop()
+        if not self.stack and self.zero3:  # the call's root: the buffers keep only their shards
+            copy_state_dict(self.manager, module, state_dict, prefix)
 
 
 def copy_state_dict(manager: ParamGatherManager, module: torch.nn.Module, state_dict: dict[str, Any],

@@ -171,6 +171,12 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     tag = tag if tag is not None else f"global_step{engine.global_steps}"
     if not isinstance(tag, str) or not tag or os.sep in tag:
         raise ConfigError(f"save_checkpoint: tag must be a non-empty folder name, got {tag!r}")
+    # A NUL is no file name (os raised ValueError); white space at either end is stripped from 'latest' by the load
+    # (DeepSpeed's too), which then looked for another folder than the one saved.
+    if "\0" in tag or tag != tag.strip():
+        raise ConfigError(f"save_checkpoint: tag {tag!r} has a NUL character or white space at either end, which a "
+                          f"load through {LATEST!r} cannot name; pick another tag, e.g. "
+                          f"'global_step{engine.global_steps}'")
     # "." and ".." wrote the checkpoint's files into save_dir itself or its parent; the others are save_dir's files.
     if tag in (os.curdir, os.pardir, LATEST, RECOVERY_SCRIPT):
         raise ConfigError(f"save_checkpoint: tag {tag!r} is not a folder of its own under {save_dir!r} (\".\", "
@@ -398,6 +404,17 @@ def _existing(path: str) -> str:
     return path
 
 
+def _refuse_inside_gathered_block(engine: Any) -> None:
+    """ConfigError inside a ZeRO-3 ``GatheredParameters`` block (every rank is in it): restoring the optimizer
+    writes the shards and frees every gathered bucket, the block's too, as a step does; its parameters had no
+    storage, and a ``modifier_rank`` block's broadcast on exit crashed gloo ('writev: Bad address')."""
+    gather = getattr(engine.ddp, "param_gather", None)
+    if gather is not None and gather.pinned:
+        raise ConfigError("load_checkpoint inside a megatron_core.zero.GatheredParameters block: restoring the "
+                          "optimizer re-shards the parameters the block holds; load after the block (or with "
+                          "load_optimizer_states=False)")
+
+
 def load(
     engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool, strict: bool = True,
     load_counters: bool = True,
@@ -409,6 +426,8 @@ def load(
     rank's file when the AutoTP size is the saving run's). ``(None, None)`` when ``tag`` is None and
     ``load_dir`` has no ``latest`` file."""
     ps = engine.parallel_state
+    if load_optimizer:
+        _refuse_inside_gathered_block(engine)
     error: str | None = None
     if tag is None:
         tag = read_latest(load_dir)

@@ -192,7 +192,8 @@ def _zero_optimizer(folder: str, saved: dict, names: list[list[str]]) -> tuple[i
     count = first["partition_count"]
     count = max(count) if isinstance(count, list) else int(count)
     if count != len(paths):
-        raise ConfigError(f"load_checkpoint: {folder} has {len(paths)} zero_pp_rank_*_optim_states.pt files, "
+        pattern = ("bf16_" if os.path.basename(paths[0]).startswith("bf16_") else "") + "zero_pp_rank_*_optim_states.pt"
+        raise ConfigError(f"load_checkpoint: {folder} has {len(paths)} {pattern} files, "
                           f"DeepSpeed's partition_count is {count}; is a rank's file missing?")
     shapes = {n: torch.Size(s) for group in saved["param_shapes"] for n, s in group.items()}
     split = _split_zero3 if stage == 3 else _split_zero12
@@ -268,9 +269,13 @@ def restate(folder: str, saved: dict, path: str, engine: Any) -> dict:
     aliases: dict[str, list[str]] = {}
     for alias, owner in shared.items():
         aliases.setdefault(owner, []).append(alias)
+    # This engine's parameters the files hold, trained or frozen when saved, and those frozen here that they do
+    # not hold (left out by exclude_frozen_parameters=True). A parameter trained here and held nowhere is left
+    # out: another model, which the strict load names by its keys (it blamed exclude_frozen_parameters).
     meta = {name: {"local_shape": list(engine_param.shape), "tp_dim": -1, "stride": 1, "hf_transpose": False,
                    "aliases": aliases.get(name, []), "requires_grad": name in values}
-            for name, engine_param in engine.module.named_parameters()}
+            for name, engine_param in engine.module.named_parameters()
+            if name in values or name in module or not engine_param.requires_grad}
     return {
         "module": module, "param_meta": meta, "fragments": (values, states, scalars),
         "global_steps": saved["global_steps"], "global_samples": saved.get("global_samples", 0),

@@ -63,12 +63,14 @@ def plain_optimizer(saved: dict, names: list[list[str]], path: str) -> tuple[dic
     if len(numbered) != len(order) or (masters is not None and len(masters) != len(order)):
         raise ConfigError(f"load_checkpoint: {path}'s optimizer has {len(numbered)} parameters, this engine trains "
                           f"{len(order)}; give initialize the saving run's model and model_parameters")
-    if masters is None:
-        masters = [saved["module"][n] for n in order]
-    values = {n: m.detach().float().reshape(-1).clone() for n, m in zip(order, masters, strict=True)}
+    if masters is None:  # fp32: the weights are the masters; a name the file lacks (another model) is left out,
+        masters = [saved["module"].get(n) for n in order]  # for the module load to report by its keys
+    values = {n: m.detach().float().reshape(-1).clone() for n, m in zip(order, masters, strict=True) if m is not None}
     states: dict[str, dict[str, torch.Tensor]] = {}
     found: dict = {}
     for index, name in zip(numbered, order, strict=True):
+        if name not in values:
+            continue
         entry = osd["state"].get(index, {})
         states[name] = {k: v.reshape(-1).clone() for k, v in entry.items() if k in ELEMENT_STATE}
         found = found or scalars(entry)

@@ -61,9 +61,9 @@ from megatron_core.tokenizer.base import lone_surrogate
 from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
 
 _STOP = "stop"
-# SamplingParams' values as a client names them: the request's fields, not the command-line flags.
 MAX_PROMPTS = 128  # per request, as Megatron-LM's MegatronGenerate.put
 
+# SamplingParams' values as a client names them: the request's fields, not the command-line flags.
 _FIELD_NAMES = {"temperature": "'temperature'", "top_k": "'top_k'", "top_p": "'top_p'", "seed": "'random_seed'"}
 
 
