@@ -323,3 +323,17 @@ def test_training_skips_a_lone_surrogate_line_instead_of_failing(tmp_path, corpu
     err = capsys.readouterr().err
     assert "c.jsonl:4: skipped (key 'text' holds a lone surrogate '\\ud800' at character 5" in err, err
     assert "c.jsonl:5: skipped (key 'text' holds int, not a string)" in err, err
+
+
+def test_a_line_with_one_bad_key_is_skipped_whole_as_preprocess_data_skips_it(tmp_path, capsys):
+    # With several --json-keys, only the bad key's text was dropped while the warning said the line was
+    # skipped; preprocess_data skips the whole line, so the two tools saw different corpora.
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"title": "kept title", "text": "kept body"}\n'
+                     '{"title": "dropped title", "text": "half \\udc00 pair"}\n'
+                     '{"title": "dropped too", "text": 3}\n')
+    lines = list(iter_training_lines([str(jsonl)], json_keys=("title", "text")))
+    assert lines == ["kept title", "kept body"]
+    err = capsys.readouterr().err
+    assert "c.jsonl:2: skipped (key 'text' holds a lone surrogate '\\udc00'" in err, err
+    assert "c.jsonl:3: skipped (key 'text' holds int, not a string)" in err, err

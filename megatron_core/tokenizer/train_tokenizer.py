@@ -34,7 +34,9 @@ def iter_training_lines(
     """Non-empty lines of the inputs; JSONL documents are split into lines of their ``json_keys``.
 
     SentencePiece trains on "sentences" of at most a few KB, so documents are fed line by line.
-    Malformed JSON lines are skipped with a note on stderr rather than aborting a long run.
+    Malformed JSON lines, and lines where any key's value is not a string or holds a lone UTF-16
+    surrogate, are skipped whole (as ``preprocess_data`` skips them) with a note on stderr rather
+    than aborting a long run.
     """
     for path in inputs:
         as_json = _is_json_input(path, input_format)
@@ -52,13 +54,23 @@ def iter_training_lines(
                 except (ValueError, KeyError, TypeError) as exc:
                     print(f"warning: {path}:{line_number}: skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
                     continue
-                for key, text in zip(json_keys, texts, strict=True):
-                    # The line is skipped, not the run stopped: SentencePiece's trainer fails as a whole on it.
-                    problem = lone_surrogate(text) if isinstance(text, str) else f"{type(text).__name__}, not a string"
-                    if problem is not None:
-                        print(f"warning: {path}:{line_number}: skipped (key {key!r} holds {problem})", file=sys.stderr)
-                        continue
+                # The whole line is skipped (as preprocess_data skips it), not the run stopped:
+                # SentencePiece's trainer fails as a whole on a lone surrogate.
+                problem = _bad_text(json_keys, texts)
+                if problem is not None:
+                    print(f"warning: {path}:{line_number}: skipped ({problem})", file=sys.stderr)
+                    continue
+                for text in texts:
                     yield from (part for part in text.split("\n") if part.strip())
+
+
+def _bad_text(json_keys: Sequence[str], texts: Sequence[object]) -> str | None:
+    """Why a JSONL line cannot be trained on (the first key that is not a valid string), or None."""
+    for key, text in zip(json_keys, texts, strict=True):
+        problem = lone_surrogate(text) if isinstance(text, str) else f"{type(text).__name__}, not a string"
+        if problem is not None:
+            return f"key {key!r} holds {problem}"
+    return None
 
 
 # unk, bos and eos (no pad piece): the ids set in train_sentencepiece.
