@@ -150,6 +150,42 @@ def test_deepspeed_checkpoint_not_read_is_one_line(tmp_path, stage, change, expe
     assert fix in message
 
 
+def _load_zero3_without_model_file(directory, saved_dp, removed_rank):
+    config = sharded(ds_config(dist.get_world_size(), 1, 3, "mlp"))
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+    ds_dir = os.path.join(directory, "ds")
+    if dist.get_rank() == 0:
+        state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+        write_deepspeed_checkpoint(ds_dir, "global_step1", state, 3, saved_dp, {})
+        if removed_rank is not None:
+            os.remove(os.path.join(ds_dir, "global_step1", f"zero_pp_rank_{removed_rank}_mp_rank_00_model_states.pt"))
+    dist.barrier()
+    try:
+        path, _ = engine.load_checkpoint(ds_dir)
+        return os.path.basename(path), os.path.exists(path)
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        engine.parallel_state.destroy()
+
+
+def test_deepspeed_zero3_checkpoint_missing_a_rank_model_file_is_one_line(tmp_path):
+    """Rank 1's model file lost from a DP-2 ZeRO-3 checkpoint: DP rank 1 fell back to rank 0's file (meant for
+    a checkpoint of fewer ranks) and returned the lost file's name; every rank now stops on one line naming it."""
+    messages = run_distributed(_load_zero3_without_model_file, 2, str(tmp_path), 2, 1, timeout=180)
+    for message in messages:
+        assert isinstance(message, str) and "\n" not in message, message
+        assert "zero_pp_rank_1_mp_rank_00_model_states.pt is missing (DeepSpeed's dp_world_size is 2" in message
+
+
+def test_deepspeed_zero3_checkpoint_of_fewer_ranks_names_rank_0_file(tmp_path):
+    """A DP-1 ZeRO-3 checkpoint on 2 ranks: DP rank 1 reads and names rank 0's file, which exists."""
+    results = run_distributed(_load_zero3_without_model_file, 2, str(tmp_path), 1, None, timeout=180)
+    assert results == [("zero_pp_rank_0_mp_rank_00_model_states.pt", True)] * 2
+
+
 @pytest.mark.parametrize("stage,dp", [(0, 1), (2, 2), (3, 2)])
 def test_deepspeed_checkpoint_consolidates(tmp_path, stage, dp):
     """``zero_to_fp32``'s ``consolidate_state_dict`` on DeepSpeed's files: each parameter's fp32 main value

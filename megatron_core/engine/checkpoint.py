@@ -360,6 +360,13 @@ def _mismatch(message: str) -> str:
     return "; ".join(parts) or message.splitlines()[0]
 
 
+def _loaded_path(folder: str, saved: dict, ps: Any) -> str:
+    """The model file DeepSpeed's load_checkpoint names: at its ZeRO-3 this DP rank's (ConfigError when lost)."""
+    if saved.get("zero_stage") == 3 and "ds_states" in saved:  # DeepSpeed's ZeRO-3 files: one per DP rank
+        return deepspeed_checkpoint.zero3_model_file(folder, ps.dp_rank, saved["dp_size"])
+    return model_file(folder, ps.tp_rank * saved["tp_size"] // ps.tp_size)  # DeepSpeed's SDLoader index
+
+
 def _model_files(engine: Any, folder: str, tag: str, load_dir: str) -> tuple[list[dict], dict]:
     """``(saved, module_state)``: this TP rank's model file alone when the AutoTP size matches (``[file]``),
     else every saved TP rank's (in TP order) and the module state resharded to this AutoTP size."""
@@ -450,13 +457,11 @@ def load(
     try:
         if error is None:
             saved_files, module_state = _model_files(engine, folder, tag, load_dir)
+            path = _loaded_path(folder, saved_files[0], ps)
     except ConfigError as exc:
         error = str(exc)
     _agree_on_error(error)
     saved = saved_files[0]
-    path = model_file(folder, ps.tp_rank * saved["tp_size"] // ps.tp_size)  # DeepSpeed's SDLoader index
-    if saved.get("zero_stage") == 3 and "ds_states" in saved:  # DeepSpeed's ZeRO-3 files: one per DP rank
-        path = deepspeed_checkpoint.zero3_model_file(folder, ps.dp_rank)
     excluded = [n for n, info in saved["param_meta"].items() if not trained(info) and n not in module_state]
     try:
         if strict and excluded:

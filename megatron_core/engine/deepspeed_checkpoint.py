@@ -75,11 +75,20 @@ def read_model_states(path: str) -> Any:
     return load_states(path)
 
 
-def zero3_model_file(folder: str, dp_rank: int = 0) -> str:
+def zero3_model_file(folder: str, dp_rank: int = 0, dp_world_size: int = 1) -> str:
     """DeepSpeed's ZeRO-3 model-states file of DP rank ``dp_rank`` (ZeRO-3 writes one per DP rank; all hold the
-    same entries), or DP rank 0's where the saving run had fewer ranks."""
+    same entries), or DP rank 0's where the saving run had fewer ranks: ``dp_world_size``, its model file's
+    ``dp_world_size``. ``dp_rank`` 0 gives rank 0's name, existing or not (callers probe it).
+
+    Raises ConfigError naming the file when a rank below ``dp_world_size`` wrote none (a lost file, not a
+    smaller saving run)."""
     path = os.path.join(folder, f"zero_pp_rank_{dp_rank}_mp_rank_00_model_states.pt")
-    return path if dp_rank == 0 or os.path.exists(path) else zero3_model_file(folder)
+    if dp_rank == 0 or os.path.exists(path):
+        return path
+    if dp_rank < dp_world_size:
+        raise ConfigError(f"load_checkpoint: {path} is missing (DeepSpeed's dp_world_size is {dp_world_size}: "
+                          f"each of its DP ranks wrote a model-states file); copy every rank's file")
+    return zero3_model_file(folder)
 
 
 def zero3_frozen(folder: str, saved: dict) -> dict[str, torch.Tensor]:
