@@ -86,6 +86,17 @@ class GatheredParameters:
                 manager.unpin(units, modifies=self.modifier_rank is not None)
 
 
+def refuse_inside_gathered_block(ddp: Any, what: str, cause: str, after: str) -> None:
+    """ConfigError (one line) when ``ddp`` (the DDP wrapper, or None) has a :class:`GatheredParameters` block open:
+    ``cause`` (an optimizer step, or a checkpoint load restoring the optimizer) frees every gathered bucket, the
+    block's too; its parameters then had no storage, and a ``modifier_rank`` block's broadcast on exit crashed gloo
+    ('writev: Bad address'). ``what`` names the call, ``after`` is the fix the line ends with."""
+    gather = getattr(ddp, "param_gather", None)
+    if gather is not None and gather.pinned:
+        raise ConfigError(f"{what} inside a megatron_core.zero.GatheredParameters block: {cause} re-shards the "
+                          f"parameters the block holds; {after}")
+
+
 def register_external_parameter(module: torch.nn.Module, parameter: torch.Tensor) -> None:
     """Gather ``parameter`` whenever ``module`` (part of the wrapped model) runs forward, although it
     belongs to another module (DeepSpeed's ``deepspeed.zero.register_external_parameter``). Forward

@@ -87,35 +87,35 @@ def test_deepspeed_checkpoint_of_another_optimizer_resumes(tmp_path, precision, 
     assert client["epoch"] == 7 and ("optimizer" in client) == (saved_stage == 0)
 
 
+def _bf16_state(shapes: dict, bf16_optimizer: bool = False) -> dict:
+    """A bf16 run's state for the writer, with fixed random fp32 masters and Adam moments of ``shapes``."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(3)]
+    return {"shapes": shapes, "fp32": tensors[0], "exp_avg": tensors[1], "exp_avg_sq": tensors[2],
+            "step": torch.tensor(4.0), "group": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+            "clip": 0.5, "lr_scheduler": {}, "global_steps": 3, "global_samples": 6, "ds_config": {},
+            "dtype": torch.bfloat16, "bf16_optimizer": bf16_optimizer}
+
+
 @pytest.mark.parametrize("saved_stage,dp", [(0, 1), (0, 2), (1, 2)])
 def test_deepspeed_bf16_checkpoint_consolidates_its_fp32_masters(tmp_path, saved_stage, dp):
     """``zero_to_fp32`` on these files: each parameter's fp32 master copy, not the bf16 weights in ``module``
     (DeepSpeed's own zero_to_fp32.py reads neither layout: no ``*_optim_states.pt`` at ZeRO-0, no ``zero_stage``
     in BF16_Optimizer's)."""
-    g = torch.Generator().manual_seed(0)
     shapes = {"fc.weight": (4, 3), "fc.bias": (4,), "out.weight": (1, 4)}
-    tensors = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(3)]
-    state = {"shapes": shapes, "fp32": tensors[0], "exp_avg": tensors[1], "exp_avg_sq": tensors[2],
-             "step": torch.tensor(4.0), "group": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-             "clip": 0.5, "lr_scheduler": {}, "global_steps": 3, "global_samples": 6, "ds_config": {},
-             "dtype": torch.bfloat16, "bf16_optimizer": saved_stage == 1}
+    state = _bf16_state(shapes, bf16_optimizer=saved_stage == 1)
     write_deepspeed_checkpoint(str(tmp_path), "global_step3", state, saved_stage, dp, {})
     consolidated, _ = consolidate_state_dict(str(tmp_path))
     assert sorted(consolidated) == sorted(shapes)
-    for name, value in tensors[0].items():
+    for name, value in state["fp32"].items():
         assert consolidated[name].dtype == torch.float32 and torch.equal(consolidated[name], value), name
 
 
 def test_deepspeed_bf16_zero0_checkpoint_of_a_tied_model_consolidates(tmp_path):
     """A tied name is one more ``module`` entry sharing its owner's storage (``torch.save`` keeps the sharing) and
     has no master copy of its own: it gets its owner's."""
-    g = torch.Generator().manual_seed(0)
     shapes = {"wte.weight": (6, 3), "fc.bias": (3,)}
-    tensors = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(3)]
-    state = {"shapes": shapes, "fp32": tensors[0], "exp_avg": tensors[1], "exp_avg_sq": tensors[2],
-             "step": torch.tensor(4.0), "group": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-             "clip": 0.5, "lr_scheduler": {}, "global_steps": 3, "global_samples": 6, "ds_config": {},
-             "dtype": torch.bfloat16}
+    state = _bf16_state(shapes)
     write_deepspeed_checkpoint(str(tmp_path), "global_step3", state, 0, 1, {})
     path = os.path.join(str(tmp_path), "global_step3", "mp_rank_00_model_states.pt")
     saved = torch.load(path, weights_only=False)
@@ -124,7 +124,7 @@ def test_deepspeed_bf16_zero0_checkpoint_of_a_tied_model_consolidates(tmp_path):
     consolidated, _ = consolidate_state_dict(str(tmp_path))
     assert sorted(consolidated) == sorted([*shapes, "lm_head.weight"])
     for name in ("wte.weight", "lm_head.weight"):
-        assert torch.equal(consolidated[name], tensors[0]["wte.weight"]), name
+        assert torch.equal(consolidated[name], state["fp32"]["wte.weight"]), name
 
 
 def test_deepspeed_zero0_masters_out_of_module_order_are_not_consolidated(tmp_path):
@@ -177,13 +177,7 @@ def test_deepspeed_fused_fp16_optimizer_checkpoint_is_one_line(tmp_path):
 
 def test_deepspeed_bf16_optimizer_checkpoint_missing_a_rank_names_its_files(tmp_path):
     """BF16_Optimizer's files are ``bf16_zero_pp_rank_*``: the missing-rank line named ``zero_pp_rank_*`` files."""
-    g = torch.Generator().manual_seed(0)
-    shapes = {"fc.weight": (4, 3), "fc.bias": (4,)}
-    tensors = [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(3)]
-    state = {"shapes": shapes, "fp32": tensors[0], "exp_avg": tensors[1], "exp_avg_sq": tensors[2],
-             "step": torch.tensor(4.0), "group": {"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
-             "clip": 0.5, "lr_scheduler": {}, "global_steps": 3, "global_samples": 6, "ds_config": {},
-             "dtype": torch.bfloat16, "bf16_optimizer": True}
+    state = _bf16_state({"fc.weight": (4, 3), "fc.bias": (4,)}, bf16_optimizer=True)
     write_deepspeed_checkpoint(str(tmp_path), "global_step3", state, 1, 2, {})
     os.remove(os.path.join(str(tmp_path), "global_step3", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"))
     with pytest.raises(ConfigError) as info:

@@ -52,6 +52,7 @@ from megatron_core.engine.checkpoint_files import (
 from megatron_core.engine.reshard import frozen_keys, reshard_fragments, reshard_module, trained
 from megatron_core.errors import ConfigError
 from megatron_core.training.checkpoint_io import atomic_save
+from megatron_core.zero import refuse_inside_gathered_block
 
 FORMAT_VERSION = 1
 
@@ -411,17 +412,6 @@ def _existing(path: str) -> str:
     return path
 
 
-def _refuse_inside_gathered_block(engine: Any) -> None:
-    """ConfigError inside a ZeRO-3 ``GatheredParameters`` block (every rank is in it): restoring the optimizer
-    writes the shards and frees every gathered bucket, the block's too, as a step does; its parameters had no
-    storage, and a ``modifier_rank`` block's broadcast on exit crashed gloo ('writev: Bad address')."""
-    gather = getattr(engine.ddp, "param_gather", None)
-    if gather is not None and gather.pinned:
-        raise ConfigError("load_checkpoint inside a megatron_core.zero.GatheredParameters block: restoring the "
-                          "optimizer re-shards the parameters the block holds; load after the block (or with "
-                          "load_optimizer_states=False)")
-
-
 def load(
     engine: Any, load_dir: str, tag: str | None, load_optimizer: bool, load_scheduler: bool, strict: bool = True,
     load_counters: bool = True,
@@ -434,7 +424,8 @@ def load(
     ``load_dir`` has no ``latest`` file."""
     ps = engine.parallel_state
     if load_optimizer:
-        _refuse_inside_gathered_block(engine)
+        refuse_inside_gathered_block(engine.ddp, "load_checkpoint", "restoring the optimizer",
+                                     "load after the block (or with load_optimizer_states=False)")
     error: str | None = None
     if tag is None:
         tag = read_latest(load_dir)

@@ -101,13 +101,11 @@ def zero3_frozen(folder: str, saved: dict) -> dict[str, torch.Tensor]:
     if not shapes:
         return {}
     fragments = []
-    for rank in range(int(saved.get("dp_world_size", 1))):
-        path = os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
-        if not os.path.exists(path):
-            raise ConfigError(f"load_checkpoint: {path} is missing (DeepSpeed's dp_world_size is "
-                              f"{saved['dp_world_size']}; its frozen parameters are split over every rank's file)")
-        fragments.append(saved["frozen_param_fragments"] if rank == 0 and "frozen_param_fragments" in saved
-                         else load_deepspeed_file(path)["frozen_param_fragments"])
+    dp_world_size = int(saved.get("dp_world_size", 1))
+    for rank in range(dp_world_size):
+        held = saved if rank == 0 and "frozen_param_fragments" in saved else \
+            load_deepspeed_file(zero3_model_file(folder, rank, dp_world_size))
+        fragments.append(held["frozen_param_fragments"])
     return {name: torch.cat([f[name].reshape(-1) for f in fragments])[:math.prod(shape)].view(tuple(shape)).clone()
             for name, shape in shapes.items()}
 

@@ -37,6 +37,7 @@ from megatron_core.optimizer import MegatronOptimizer
 from megatron_core.optimizer.grad_scaler import DynamicGradScaler
 from megatron_core.parallel_state import ParallelState
 from megatron_core.training.health import TrainingDivergedError
+from megatron_core.zero import refuse_inside_gathered_block
 
 
 def _check_loss(loss: object) -> None:
@@ -51,6 +52,7 @@ def _check_loss(loss: object) -> None:
     if not loss.requires_grad:
         raise ConfigError("engine.backward(loss): loss does not require grad (computed under torch.no_grad(), "
                           "or .detach()ed); compute it from the engine's output with gradients enabled")
+
 
 class EngineDataLoader(torch.utils.data.DataLoader):
     """The loader ``deepspeed_io`` returns: a ``torch.utils.data.DataLoader`` that also names its sampler
@@ -362,12 +364,7 @@ class Engine(torch.nn.Module):
         if self._in_no_sync:
             raise ConfigError("engine.step() inside engine.no_sync(): its gradients are not reduced yet; "
                               "step after the block (after a backward outside it)")
-        gather = getattr(self.ddp, "param_gather", None)
-        if gather is not None and gather.pinned:
-            # The ZeRO-3 step frees every gathered bucket, the block's too: its parameters then had no
-            # storage, and a modifier_rank block's broadcast on exit crashed gloo ("writev: Bad address").
-            raise ConfigError("engine.step() inside a megatron_core.zero.GatheredParameters block: the step "
-                              "re-shards the parameters the block holds; step after the block")
+        refuse_inside_gathered_block(self.ddp, "engine.step()", "the step", "step after the block")
         self._step_applied = False
         self._reduced = False
         if self.is_gradient_accumulation_boundary():
