@@ -11,7 +11,7 @@ from harness import run_distributed
 
 from megatron_core.autotune import cli
 from megatron_core.autotune.layout import Layout, ModelSpec
-from megatron_core.autotune.memory import model_state_bytes, zero3_gather_window_bytes
+from megatron_core.autotune.memory import BucketSettings, model_state_bytes, zero3_gather_window_bytes
 from megatron_core.autotune.params import layer_params, rank_chunks
 from megatron_core.autotune.search import predict_memory, search
 from megatron_core.engine import deepspeed_to_megatron
@@ -260,7 +260,7 @@ def test_zero3_gather_window_matches_the_gathered_buckets_at_their_peak(tp, tied
     results = run_distributed(_zero3_gathered_peaks, 2 * tp, {"tp": tp}, 2, [(tied, *s) for s in settings],
                               timeout=300)
     for i, (bucket, prefetch, persistence) in enumerate(settings):
-        predicted = zero3_gather_window_bytes(spec, layout, None, bucket, prefetch, persistence)
+        predicted = zero3_gather_window_bytes(spec, layout, None, BucketSettings(bucket, prefetch, persistence))
         what = f"TP {tp} bucket {bucket} prefetch {prefetch} persistence {persistence}"
         for rank, peaks in enumerate(results):
             peak, sizes, persistent, _ = peaks[i]
@@ -291,7 +291,7 @@ def test_zero3_gather_window_per_pipeline_stage_and_with_interleaving(vpp):
         spec = _spec(_config(False, tied))
         for rank, peaks in enumerate(results):
             peak, _, _, pp_rank = peaks[i]
-            predicted = zero3_gather_window_bytes(spec, layout, pp_rank, *setting)
+            predicted = zero3_gather_window_bytes(spec, layout, pp_rank, BucketSettings(*setting))
             assert peak == predicted, f"tied={tied} {setting} rank {rank} (stage {pp_rank}): {peak} B, predicted " \
                                       f"{predicted} B"
 
@@ -307,14 +307,14 @@ def test_the_runs_bucket_flags_reach_the_search_and_the_deepspeed_json():
     args = cli.build_parser().parse_args(FLAGS + buckets)
     spec, layout = cli.model_spec(args), Layout(dp=2, zero_stage=3, micro_batch_size=2)
     settings = cli.bucket_settings(args)
-    assert settings == {"bucket_size": 1000, "stage3_prefetch_bucket_size": 0,
-                        "stage3_param_persistence_threshold": 1200}
-    (found,), (default,) = search(spec, [layout], 2.0 ** 40, **settings), search(spec, [layout], 2.0 ** 40)
-    assert found.memory_bytes == predict_memory(spec, layout, bucket_size=1000, stage3_prefetch_bucket_size=0,
-                                                stage3_param_persistence_threshold=1200) != default.memory_bytes
+    assert settings == BucketSettings(bucket_size=1000, stage3_prefetch_bucket_size=0,
+                                      stage3_param_persistence_threshold=1200)
+    (found,), (default,) = search(spec, [layout], 2.0 ** 40, buckets=settings), search(spec, [layout], 2.0 ** 40)
+    assert found.memory_bytes == predict_memory(spec, layout, buckets=settings) != default.memory_bytes
     ddp = deepspeed_to_megatron(cli.deepspeed_config(spec, layout, args), layout.dp).ddp
     assert (ddp.bucket_size, ddp.stage3_prefetch_bucket_size, ddp.stage3_param_persistence_threshold) == (1000, 0, 1200)
     defaults = deepspeed_to_megatron(cli.deepspeed_config(spec, layout, cli.build_parser().parse_args(FLAGS)), 2).ddp
+    assert BucketSettings.from_ddp_config(defaults) == BucketSettings()  # the library's defaults are the run's
     assert (defaults.bucket_size, defaults.stage3_prefetch_bucket_size, defaults.stage3_param_persistence_threshold) \
         == (40_000_000, 50_000_000, 0)
 

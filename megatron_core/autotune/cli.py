@@ -22,9 +22,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import TypedDict
 
 from megatron_core.autotune.layout import Layout, ModelSpec, from_run_config
+from megatron_core.autotune.memory import BucketSettings
 from megatron_core.autotune.search import GIB, ZERO_STAGE_FLAGS, Candidate, enumerate_layouts, format_bytes, search
 from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
 from megatron_core.errors import ConfigError
@@ -102,19 +102,11 @@ def torchrun_command(spec: ModelSpec, layout: Layout, user_flags: list[str]) -> 
             os.path.join(REPO, "pretrain_gpt.py"), *user_flags, *layout_flags(spec, layout)]
 
 
-class BucketSettings(TypedDict):
-    """``search``'s bucket keywords, elements (:func:`bucket_settings`)."""
-
-    bucket_size: int | None
-    stage3_prefetch_bucket_size: int
-    stage3_param_persistence_threshold: int
-
-
 def bucket_settings(args: argparse.Namespace) -> BucketSettings:
-    """The run's bucket sizes in elements, as ``search``'s keywords: ``--ddp-bucket-size`` (default
-    DistributedDataParallelConfig's 40M), ``--stage3-prefetch-bucket-size`` (DeepSpeed's default 5e7) and
-    ``--stage3-param-persistence-threshold`` (this framework's default 0), which the ZeRO-3 gather window and
-    the collectives' buffers depend on, and which the written DeepSpeed JSON carries."""
+    """The run's bucket sizes in elements: ``--ddp-bucket-size`` (default DistributedDataParallelConfig's 40M),
+    ``--stage3-prefetch-bucket-size`` (DeepSpeed's default 5e7) and ``--stage3-param-persistence-threshold``
+    (this framework's default 0), which the ZeRO-3 gather window and the collectives' buffers depend on, and
+    which the written DeepSpeed JSON carries."""
     size = args.ddp_bucket_size if args.ddp_bucket_size is not None else DistributedDataParallelConfig().bucket_size
     return BucketSettings(bucket_size=size, stage3_prefetch_bucket_size=args.stage3_prefetch_bucket_size,
                           stage3_param_persistence_threshold=args.stage3_param_persistence_threshold)
@@ -130,10 +122,10 @@ def deepspeed_config(spec: ModelSpec, layout: Layout, args: argparse.Namespace) 
     # DeepSpeed's 5e8 reduce_bucket_size and, under ZeRO-3, its 1e5 persistence threshold, and the file's values
     # replace the flags' (a --ddp-bucket-size on the launch line that disagrees with the file is an error).
     buckets = bucket_settings(args)
-    zero: dict = {"stage": layout.zero_stage, "reduce_bucket_size": buckets["bucket_size"]}
+    zero: dict = {"stage": layout.zero_stage, "reduce_bucket_size": buckets.bucket_size}
     if layout.zero_stage == 3:
-        zero["stage3_prefetch_bucket_size"] = buckets["stage3_prefetch_bucket_size"]
-        zero["stage3_param_persistence_threshold"] = buckets["stage3_param_persistence_threshold"]
+        zero["stage3_prefetch_bucket_size"] = buckets.stage3_prefetch_bucket_size
+        zero["stage3_param_persistence_threshold"] = buckets.stage3_param_persistence_threshold
     if layout.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {"train_batch_size": spec.global_batch_size, "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -305,9 +297,9 @@ def _main(argv: list[str]) -> int:
                                 spec.ffn_hidden_size, c.num_attention_heads, spec.kv_channels, spec.num_query_groups,
                                 c.gated_linear_unit, spec.padded_vocab(1))
     buckets = bucket_settings(args)
-    valid = [c.layout for c in search(spec, layouts, memory, **buckets) if c.reason is None]
+    valid = [c.layout for c in search(spec, layouts, memory, buckets=buckets) if c.reason is None]
     if not valid:
-        pruned = search(spec, layouts, memory, **buckets)
+        pruned = search(spec, layouts, memory, buckets=buckets)
         print_table(pruned, args.top)
         if not any((c.reason or "").startswith("out of memory") for c in pruned):
             raise ConfigError(f"no layout of --world-size {world} ranks suits this model (memory aside): every one "
@@ -321,7 +313,7 @@ def _main(argv: list[str]) -> int:
     prof = profile(spec, valid, world,
                    progress=lambda keys: tqdm(keys, desc="profiling layers", file=sys.stderr, disable=None))
     cands = search(spec, layouts, memory, predict_time=lambda lay: step_time(spec, lay, prof, flops),
-                   progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr, disable=None), **buckets)
+                   progress=lambda it: tqdm(it, desc="predicting", file=sys.stderr, disable=None), buckets=buckets)
     user_flags = strip_flags(strip_flags(argv, AUTOTUNE_FLAGS), LAYOUT_FLAGS)
     best = next((c for c in cands if c.reason is None and c.launchable), None)
     if args.trials and best is not None:

@@ -17,11 +17,35 @@ times the microbatches each pipeline rank holds in flight under 1F1B (``pp - ran
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.params import ParamInfo, rank_chunks
 
+if TYPE_CHECKING:
+    from megatron_core.distributed.distributed_data_parallel_config import DistributedDataParallelConfig
+
 IMPLEMENTED_ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketSettings:
+    """The run's bucket sizes, in elements, as the framework uses them (defaults
+    ``DistributedDataParallelConfig``'s): ``bucket_size`` (``--ddp-bucket-size``, DeepSpeed's
+    ``reduce_bucket_size``; None: one bucket per model chunk), ``stage3_prefetch_bucket_size`` and
+    ``stage3_param_persistence_threshold`` (DeepSpeed's keys; ZeRO-3's gather window only)."""
+
+    bucket_size: int | None = 40_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 0
+
+    @classmethod
+    def from_ddp_config(cls, ddp: DistributedDataParallelConfig) -> BucketSettings:
+        """The settings a ``DistributedDataParallelConfig`` trains with."""
+        return cls(ddp.bucket_size, ddp.stage3_prefetch_bucket_size, ddp.stage3_param_persistence_threshold)
+
+
+DEFAULT_BUCKETS = BucketSettings()  # frozen: a constant, safe as a default argument
 
 
 @dataclasses.dataclass
@@ -212,8 +236,7 @@ def _chunk_gather_window(sizes: list[int], units: list[set[int]], budget: int,
 
 
 def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout, pp_rank: int | None = None,
-                              bucket_size: int | None = 40_000_000, stage3_prefetch_bucket_size: int = 50_000_000,
-                              stage3_param_persistence_threshold: int = 0) -> int:
+                              buckets: BucketSettings = DEFAULT_BUCKETS) -> int:
     """ZeRO-3 working memory of pipeline rank ``pp_rank`` (the last when None): the most bytes of full
     (gathered) bucket parameters held at once during forward and backward.
 
@@ -239,9 +262,9 @@ def zero3_gather_window_bytes(spec: ModelSpec, layout: Layout, pp_rank: int | No
     pp_rank = layout.pp - 1 if pp_rank is None else pp_rank
     windows, at_rest = [], []
     for chunk in rank_chunks(spec, layout, pp_rank):
-        sizes, units = _gather_units(chunk, layout.dp, bucket_size)
-        resident = {k for k, n in enumerate(sizes) if n <= stage3_param_persistence_threshold}
-        peak, after_forward = _chunk_gather_window(sizes, units, stage3_prefetch_bucket_size, resident)
+        sizes, units = _gather_units(chunk, layout.dp, buckets.bucket_size)
+        resident = {k for k, n in enumerate(sizes) if n <= buckets.stage3_param_persistence_threshold}
+        peak, after_forward = _chunk_gather_window(sizes, units, buckets.stage3_prefetch_bucket_size, resident)
         windows.append(peak)
         at_rest.append(sum(sizes[k] for k in after_forward | resident))
     window = max(w + sum(at_rest) - rest for w, rest in zip(windows, at_rest, strict=True))

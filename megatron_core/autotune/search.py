@@ -14,7 +14,9 @@ from collections.abc import Callable
 from megatron_core.autotune.activations import stage_activation_bytes
 from megatron_core.autotune.layout import Layout, ModelSpec
 from megatron_core.autotune.memory import (
+    DEFAULT_BUCKETS,
     IMPLEMENTED_ZERO_STAGES,
+    BucketSettings,
     comm_buffer_bytes,
     model_state_bytes,
     zero3_gather_window_bytes,
@@ -128,60 +130,45 @@ class RankMemory:
 
 
 def rank_memory(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True,
-                bucket_size: int | None = 40_000_000, optimizer: str = "adam", sgd_momentum: float = 0.9,
-                overlap_grad_reduce: bool = False, *, stage3_prefetch_bucket_size: int = 50_000_000,
-                stage3_param_persistence_threshold: int = 0) -> RankMemory:
+                buckets: BucketSettings = DEFAULT_BUCKETS, optimizer: str = "adam", sgd_momentum: float = 0.9,
+                overlap_grad_reduce: bool = False) -> RankMemory:
     """The parts of pipeline rank ``pp_rank``'s peak (:class:`RankMemory`): model states (with the gradients
     held during backward: ZeRO-2/3's shard plus the buckets in use), the ZeRO-3 gather window, activations
-    during backward, and the DP collectives' buffers after it. ``bucket_size`` (``--ddp-bucket-size``, elements;
-    None: one bucket), ``stage3_prefetch_bucket_size`` and ``stage3_param_persistence_threshold`` (elements,
-    DeepSpeed's keys; defaults DistributedDataParallelConfig's) are the run's, as the framework uses them."""
-    states = model_state_bytes(spec, layout, pp_rank, 0, optimizer, bucket_size, sgd_momentum, overlap_grad_reduce)
+    during backward, and the DP collectives' buffers after it, for the run's ``buckets``."""
+    states = model_state_bytes(spec, layout, pp_rank, 0, optimizer, buckets.bucket_size, sgd_momentum,
+                               overlap_grad_reduce)
     weights = states.params + states.main_params + states.optimizer_state + max(
         states.grads + states.step_grad_copies, states.grads_in_backward)
     if layout.zero_stage == 3:
-        weights += zero3_gather_window_bytes(spec, layout, pp_rank, bucket_size, stage3_prefetch_bucket_size,
-                                             stage3_param_persistence_threshold)
+        weights += zero3_gather_window_bytes(spec, layout, pp_rank, buckets)
     return RankMemory(weights, stage_activation_bytes(spec, layout, pp_rank, on_cpu),
-                      comm_buffer_bytes(spec, layout, pp_rank, on_cpu, bucket_size))
+                      comm_buffer_bytes(spec, layout, pp_rank, on_cpu, buckets.bucket_size))
 
 
 def predict_rank_memory(spec: ModelSpec, layout: Layout, pp_rank: int, on_cpu: bool = True,
-                        bucket_size: int | None = 40_000_000, optimizer: str = "adam", *,
-                        stage3_prefetch_bucket_size: int = 50_000_000,
-                        stage3_param_persistence_threshold: int = 0) -> int:
+                        buckets: BucketSettings = DEFAULT_BUCKETS, optimizer: str = "adam") -> int:
     """Peak device bytes of pipeline rank ``pp_rank`` (:func:`rank_memory`'s total)."""
-    return rank_memory(spec, layout, pp_rank, on_cpu, bucket_size, optimizer,
-                       stage3_prefetch_bucket_size=stage3_prefetch_bucket_size,
-                       stage3_param_persistence_threshold=stage3_param_persistence_threshold).total
+    return rank_memory(spec, layout, pp_rank, on_cpu, buckets, optimizer).total
 
 
-def predict_memory(spec: ModelSpec, layout: Layout, on_cpu: bool = True, bucket_size: int | None = 40_000_000,
-                   optimizer: str = "adam", *, stage3_prefetch_bucket_size: int = 50_000_000,
-                   stage3_param_persistence_threshold: int = 0) -> int:
+def predict_memory(spec: ModelSpec, layout: Layout, on_cpu: bool = True, buckets: BucketSettings = DEFAULT_BUCKETS,
+                   optimizer: str = "adam") -> int:
     """Peak device bytes of the most loaded rank (:func:`predict_rank_memory` over pipeline ranks)."""
-    return max(predict_rank_memory(spec, layout, r, on_cpu, bucket_size, optimizer,
-                                   stage3_prefetch_bucket_size=stage3_prefetch_bucket_size,
-                                   stage3_param_persistence_threshold=stage3_param_persistence_threshold)
-               for r in range(layout.pp))
+    return max(predict_rank_memory(spec, layout, r, on_cpu, buckets, optimizer) for r in range(layout.pp))
 
 
 def search(spec: ModelSpec, layouts: list[Layout], memory_per_device: float,
            predict_time: Callable[[Layout], tuple[float, float]] | None = None,
-           progress: Callable | None = None, *, bucket_size: int | None = 40_000_000,
-           stage3_prefetch_bucket_size: int = 50_000_000,
-           stage3_param_persistence_threshold: int = 0) -> list[Candidate]:
+           progress: Callable | None = None, buckets: BucketSettings = DEFAULT_BUCKETS) -> list[Candidate]:
     """Verdicts for ``layouts``: pruned ones carry a reason; the rest are ranked by predicted tokens/s
     (``predict_time(layout) -> (step seconds, MFU)``), launchable ones first. ``memory_per_device`` in bytes;
-    the bucket, prefetch and persistence sizes (elements) are the run's (:func:`rank_memory`)."""
+    ``buckets`` are the run's (:func:`rank_memory`)."""
     out = []
     iterator = progress(layouts) if progress is not None else layouts
     for layout in iterator:
         cand = Candidate(layout, reason=check_layout(spec, layout))
         if cand.reason is None:
-            cand.memory_bytes = predict_memory(spec, layout, bucket_size=bucket_size,
-                                               stage3_prefetch_bucket_size=stage3_prefetch_bucket_size,
-                                               stage3_param_persistence_threshold=stage3_param_persistence_threshold)
+            cand.memory_bytes = predict_memory(spec, layout, buckets=buckets)
             if cand.memory_bytes > memory_per_device:
                 cand.reason = (f"out of memory by {format_bytes(cand.memory_bytes - memory_per_device)} "
                                f"({format_bytes(cand.memory_bytes)} predicted)")

@@ -83,15 +83,14 @@ def theoretical_memory_line(config: RunConfig, vocab_size: int, pp_rank: int,
     (its microbatches bound those in flight; Megatron-LM passes ``get_num_microbatches()`` there, the
     ramped count under ``--rampup-batch-size``), None for the final ``--global-batch-size``."""
     from megatron_core.autotune.layout import from_run_config
+    from megatron_core.autotune.memory import BucketSettings
     from megatron_core.autotune.search import rank_memory
 
     spec, layout = from_run_config(config, vocab_size, global_batch_size)
     memory = rank_memory(spec, layout, pp_rank, on_cpu=device.current_device().type == "cpu",
-                         bucket_size=config.ddp.bucket_size, optimizer=config.optimizer.optimizer,
+                         buckets=BucketSettings.from_ddp_config(config.ddp), optimizer=config.optimizer.optimizer,
                          sgd_momentum=config.optimizer.sgd_momentum,
-                         overlap_grad_reduce=config.ddp.overlap_grad_reduce,
-                         stage3_prefetch_bucket_size=config.ddp.stage3_prefetch_bucket_size,
-                         stage3_param_persistence_threshold=config.ddp.stage3_param_persistence_threshold)
+                         overlap_grad_reduce=config.ddp.overlap_grad_reduce)
     mib = 1024 ** 2
     return (f"Theoretical memory footprints: weight and optimizer={memory.weight_and_optimizer / mib:.2f} MB, "
             f"activation={memory.activation / mib:.2f} MB, total={memory.total / mib:.2f} MB")
