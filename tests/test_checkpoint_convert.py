@@ -305,7 +305,8 @@ def test_the_no_tokenizer_note_only_where_a_tokenizer_is_lost(tmp_path, capsys):
     import shutil
 
     from tests.test_text_generation_cli import _save_tokenizer_json
-    tiny_hf_gpt2(vocab_size=300).save_pretrained(tmp_path / "hf")
+    # 256 tokens are their own padded size, so no padding note (test_padding_rows_added_by_copy_are_noted)
+    tiny_hf_gpt2(vocab_size=256).save_pretrained(tmp_path / "hf")
     capsys.readouterr()
     assert _cli("hf", "core", tmp_path / "hf", tmp_path / "legacy") == 0
     err = capsys.readouterr().err
@@ -386,3 +387,19 @@ def test_vocabulary_padding_rows_fill_to_the_padded_size_whatever_the_hidden_siz
                        torch.cat([table, source_padding, source_padding[-1:]]))
     with pytest.raises(ValueError, match="vocabulary table has 5 rows, more than the padded size 4"):
         pad_vocab_rows(table, 4)
+
+
+def test_padding_rows_added_by_copy_are_noted(tmp_path, capsys):
+    """Rows a save adds to the vocabulary tables are copies of the last row (Megatron-LM's converter rule); their
+    logits join the softmax, so the converter says so on the console, and only then: a Hugging Face model has
+    none of the padding, a re-shard to the same padded size keeps the saved rows."""
+    tiny_hf_gpt2(vocab_size=250).save_pretrained(tmp_path / "hf")
+    assert _cli("hf", "core", tmp_path / "hf", tmp_path / "tp1") == 0
+    assert "grow from 250 to 256 rows (--make-vocab-size-divisible-by 128 x TP 1)" in capsys.readouterr().err
+    assert _cli("core", "core", tmp_path / "tp1", tmp_path / "tp2", "--target-tensor-parallel-size", 2) == 0
+    assert "vocabulary tables grow" not in capsys.readouterr().err
+    assert _cli("core", "core", tmp_path / "tp2", tmp_path / "tp4", "--target-tensor-parallel-size", 4) == 0
+    assert "grow from 256 to 512 rows (--make-vocab-size-divisible-by 128 x TP 4)" in capsys.readouterr().err
+    tiny_hf_llama(vocab_size=256, layers=2).save_pretrained(tmp_path / "llama")
+    assert _cli("hf", "core", tmp_path / "llama", tmp_path / "llama_core") == 0
+    assert "vocabulary tables grow" not in capsys.readouterr().err

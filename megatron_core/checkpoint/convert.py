@@ -50,6 +50,7 @@ from megatron_core.dist_checkpointing import read_common
 from megatron_core.dist_checkpointing.full_model import is_torch_dist, load_full_model
 from megatron_core.dist_checkpointing.serialization import checkpoint_dir
 from megatron_core.errors import ArgumentParser
+from megatron_core.tensor_parallel.utils import pad_vocab_size
 from megatron_core.tokenizer.base import MegatronTokenizer
 from megatron_core.tokenizer.build import build_tokenizer
 from megatron_core.training import checkpoint_io as io
@@ -400,6 +401,14 @@ def _save(model: FullModel, args: argparse.Namespace, saver: str) -> str:
                          f"and write to") from None
 
 
+def _vocab_rows(model: FullModel, tp: int, make_vocab_size_divisible_by: int) -> tuple[int, int]:
+    """(rows of the vocabulary tables read: the true vocabulary plus the source's padding rows, rows written
+    for TP ``tp``): more written than read are copies of the last row (:func:`sharding.pad_vocab_rows`)."""
+    padding = model.train_state.get(VOCAB_PADDING) or {}
+    read = model.vocab_size + max((rows.shape[0] for rows in padding.values()), default=0)
+    return read, pad_vocab_size(model.vocab_size, make_vocab_size_divisible_by, tp)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -437,6 +446,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"model keeps its residual stream in the weights' 16-bit dtype, so its logits differ slightly from "
               f"the run's (from_pretrained(..., dtype=torch.float32) runs the whole model, that stream included, "
               f"in fp32)", file=sys.stderr)
+    if saver == "core":
+        divisible = args.make_vocab_size_divisible_by or model.make_vocab_size_divisible_by or 128
+        read, written = _vocab_rows(model, args.target_tensor_parallel_size, divisible)
+        if written > read:  # their logits join the softmax: the first losses move (docs/training.md)
+            print(f"convert.py: note: the vocabulary tables grow from {read} to {written} rows (--make-vocab-size-"
+                  f"divisible-by {divisible} x TP {args.target_tensor_parallel_size}) by copies of the last row, as "
+                  f"Megatron-LM's converter pads; those rows join the softmax, so losses start slightly apart from "
+                  f"{args.load_dir}'s", file=sys.stderr)
     # Said where something is lost: a tokenizer the source recorded, or any tokenizer in a Hugging Face
     # directory (AutoTokenizer fails on it later). A re-shard of a checkpoint that records none loses nothing.
     if model.tokenizer is None and (model.tokenizer_expected or saver == "hf"):
