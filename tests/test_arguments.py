@@ -316,6 +316,17 @@ def test_gradients_are_reduced_in_fp32_by_megatrons_rule(precision, in_fp32):
     assert config_from_args(args).ddp.grad_reduce_in_fp32 is in_fp32
 
 
+def test_a_negative_clip_grad_is_megatrons_no_clipping():
+    """Megatron-LM's --clip-grad takes any float and clips only above 0.0; a negative value was refused here."""
+    args = validate_args(parse_args(_base("--clip-grad", "-1")), world_size=1)
+    assert config_from_args(args).optimizer.clip_grad == -1.0
+    from megatron_core.training.arguments import build_parser
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert "--clip-grad CLIP_GRAD global gradient L2 norm to clip to (0 or negative: no clipping, as Megatron-LM)" \
+        in help_text
+
+
 def test_zero_and_offload_flags_default_to_the_library_configs_defaults():
     """A run that leaves the ZeRO-3 and offload flags out gets what a library user gets from the configs'
     defaults (--nvme-offload-buffer-count 2: double buffering, as OptimizerConfig's nvme_offload_buffer_count)."""

@@ -235,7 +235,7 @@ ERRORS = {
     "fp16-and-bf16": (
         config_with(fp16={"enabled": True}, bf16={"enabled": True}), "fp16.enabled and bf16.enabled are both"),
     "wrong-type": (config_with(steps_per_print="ten"), "steps_per_print must be int"),
-    "negative-clip": (config_with(gradient_clipping=-1), "gradient_clipping must be >= 0.0"),
+    "string-clip": (config_with(gradient_clipping="1"), "gradient_clipping must be float, got '1'"),
     "stage-4": (config_with(zero_optimization={"stage": 4}), "zero_optimization.stage must be 0, 1, 2 or 3"),
     "nvme-without-path": (
         config_with(zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}}),

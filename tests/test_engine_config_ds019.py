@@ -17,6 +17,9 @@ def test_gradient_clipping_defaults_to_deepspeeds_1():
     config = load_config(BASE_CONFIG, dp_size=1)
     assert config.gradient_clipping == 1.0 and library_configs_from(config).optimizer.clip_grad == 1.0
     assert load_config(config_with(gradient_clipping=0), dp_size=1).gradient_clipping == 0.0
+    # DeepSpeed reads the key unchecked and clips only when it is > 0.0: a negative value is no clipping there
+    negative = load_config(config_with(gradient_clipping=-1), dp_size=1)
+    assert negative.gradient_clipping == -1.0 and library_configs_from(negative).optimizer.clip_grad == -1.0
     assert deepspeed_to_megatron(BASE_CONFIG, dp_size=1, flags={"clip_grad": 1.0}).optimizer.clip_grad == 1.0
 
 

@@ -8,13 +8,14 @@ schedule and the counters are the saved ones). Also at another DP size and ZeRO 
 ``client_state`` DeepSpeed returns, and one-line errors for what is not read.
 """
 
+import functools
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
 from deepspeed_files import other_weights, state_for_deepspeed, write_deepspeed_checkpoint
-from engine_common import ds_config, make_model, opt_for, run_steps, sharded, state_of
+from engine_common import config_error, ds_config, make_model, opt_for, run_steps, sharded, state_of
 from harness import run_distributed
 
 import megatron_core
@@ -171,13 +172,41 @@ def _load_zero3_without_model_file(directory, saved_dp, removed_rank):
         engine.parallel_state.destroy()
 
 
-def test_deepspeed_zero3_checkpoint_missing_a_rank_model_file_is_one_line(tmp_path):
-    """Rank 1's model file lost from a DP-2 ZeRO-3 checkpoint: DP rank 1 fell back to rank 0's file (meant for
-    a checkpoint of fewer ranks) and returned the lost file's name; every rank now stops on one line naming it."""
-    messages = run_distributed(_load_zero3_without_model_file, 2, str(tmp_path), 2, 1, timeout=180)
+@pytest.mark.parametrize("removed_rank", [0, 1])
+def test_deepspeed_zero3_checkpoint_missing_a_rank_model_file_is_one_line(tmp_path, removed_rank):
+    """A model file lost from a DP-2 ZeRO-3 checkpoint. Rank 1's: DP rank 1 fell back to rank 0's file (meant for a
+    checkpoint of fewer ranks) and returned the lost file's name. Rank 0's: the line named mp_rank_00_model_states.pt,
+    a file ZeRO-3 does not write, with no fix. Every rank now stops on the same line naming the lost file."""
+    messages = run_distributed(_load_zero3_without_model_file, 2, str(tmp_path), 2, removed_rank, timeout=180)
     for message in messages:
         assert isinstance(message, str) and "\n" not in message, message
-        assert "zero_pp_rank_1_mp_rank_00_model_states.pt is missing (DeepSpeed's dp_world_size is 2" in message
+        assert message.startswith("load_checkpoint: ") and message.endswith("; copy every rank's file"), message
+        assert (f"zero_pp_rank_{removed_rank}_mp_rank_00_model_states.pt is missing (DeepSpeed's dp_world_size is 2: "
+                "each of its DP ranks wrote a model-states file)") in message
+
+
+def test_deepspeed_zero3_checkpoint_missing_rank_0_model_file_consolidates_to_one_line(tmp_path):
+    """zero_to_fp32 on a DP-2 ZeRO-3 checkpoint without rank 0's model file: it said the folder was not an engine
+    checkpoint (no mp_rank_00_model_states.pt); now the lost file and the fix, as load_checkpoint."""
+    def consolidate_without_rank_0(directory):
+        config = ds_config(1, 1, 0, "mlp")
+        engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+        run_steps("mlp", engine, 0, 1)
+        engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+        engine.parallel_state.destroy()
+        state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+        write_deepspeed_checkpoint(os.path.join(directory, "ds"), "global_step1", state, 3, 2, {})
+        os.remove(os.path.join(directory, "ds", "global_step1", "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+        where = [("ds", None), ("ds", "global_step1"), (os.path.join("ds", "global_step1"), None)]
+        return [config_error(functools.partial(consolidate_state_dict, os.path.join(directory, path), tag))
+                for path, tag in where]
+
+    [messages] = run_distributed(consolidate_without_rank_0, 1, str(tmp_path), timeout=120)
+    for message in messages:
+        assert message is not None and "\n" not in message, message
+        assert message.endswith("global_step1/zero_pp_rank_0_mp_rank_00_model_states.pt is missing (DeepSpeed's "
+                                "dp_world_size is 2: each of its DP ranks wrote a model-states file); copy every "
+                                "rank's file"), message
 
 
 def test_deepspeed_zero3_checkpoint_of_fewer_ranks_names_rank_0_file(tmp_path):

@@ -207,3 +207,22 @@ def test_global_norm_zero_count_and_sgd_equal_one_process(name):
     results = run_distributed(train, world, layout, config, ddp, 3, 2, opt, torch.float32, _zero_first_fc2,
                               timeout=90)
     compare(results, ref, 2, what=name)
+
+
+# ---- clipping off: 0 or a negative --clip-grad ----------------------------------------------
+def _clip_runs() -> dict:
+    return {clip: train({}, ToyConfig(num_layers=2), {"zero_stage": 1, "bucket_size": 700}, 3, 2, {"clip_grad": clip})
+            for clip in (-1.0, 0.0, 0.5)}
+
+
+def test_a_negative_clip_grad_trains_unclipped_as_in_megatron_lm():
+    """Megatron-LM takes any float for --clip-grad and clips only when ``clip_grad > 0.0``
+    (megatron/core/optimizer/optimizer.py), as DeepSpeed's ``gradient_clipping``: a negative value was a
+    ValueError here and now trains as 0.0 (no clipping), bit for bit. The 0.5 run shows clipping was live."""
+    for r in run_distributed(_clip_runs, 2, timeout=120):
+        negative, off, clipped = r[-1.0], r[0.0], r[0.5]
+        assert negative["losses"] == off["losses"] and negative["norms"] == off["norms"]
+        for name, value in off["params"].items():
+            assert torch.equal(negative["params"][name], value), name
+        assert min(off["norms"]) > 0.5
+        assert any(not torch.equal(clipped["params"][name], value) for name, value in off["params"].items())

@@ -376,7 +376,9 @@ def _model_files(engine: Any, folder: str, tag: str, load_dir: str) -> tuple[lis
     if not os.path.exists(first) and os.path.exists(deepspeed_checkpoint.zero3_model_file(folder)):
         first = deepspeed_checkpoint.zero3_model_file(folder)  # DeepSpeed's ZeRO-3 writes one per DP rank
     if not os.path.exists(first):
-        raise ConfigError(f"load_checkpoint: {first} does not exist (tag {tag!r} in {load_dir!r})")
+        lost = deepspeed_checkpoint.zero3_rank0_lost(folder)
+        raise ConfigError(f"load_checkpoint: {lost}" if lost is not None else
+                          f"load_checkpoint: {first} does not exist (tag {tag!r} in {load_dir!r})")
     saved = deepspeed_checkpoint.read_model_states(first)
     if deepspeed_checkpoint.is_deepspeed_states(saved):
         saved = deepspeed_checkpoint.restate(folder, saved, first, engine)

@@ -113,7 +113,7 @@ class EngineConfig:
     scheduler: SchedulerSection | None = None
     fp16: FP16Section = dataclasses.field(default_factory=FP16Section)
     bf16_enabled: bool = False
-    gradient_clipping: float = 1.0  # DeepSpeed's default since 0.19 (deepspeedai/DeepSpeed#8068); 0: off
+    gradient_clipping: float = 1.0  # DeepSpeed's default since 0.19 (deepspeedai/DeepSpeed#8068); 0 or negative: off
     zero_optimization: ZeroSection = dataclasses.field(default_factory=ZeroSection)
     autotp_size: int = 1
     steps_per_print: int = 10
@@ -429,7 +429,7 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
         scheduler_section(raw.get("scheduler")),
         _fp16(raw.get("fp16") or {}),
         typed(bf16, "bf16", "enabled", bool, False),
-        number_at_least(raw, "", "gradient_clipping", 1.0, 0.0, float),
+        typed(raw, "", "gradient_clipping", float, 1.0),  # unchecked, as DeepSpeed: <= 0 clips nothing
         _zero(raw.get("zero_optimization") or {}),
         number_at_least(tp, "tensor_parallel", "autotp_size", 1, 1),
         number_at_least(raw, "", "steps_per_print", 10, 1),

@@ -39,6 +39,9 @@ def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
         if os.path.exists(model_file(checkpoint_dir, 0)) or \
                 os.path.exists(deepspeed_checkpoint.zero3_model_file(checkpoint_dir)):
             return checkpoint_dir  # the tag folder itself
+        lost = deepspeed_checkpoint.zero3_rank0_lost(checkpoint_dir)  # the tag folder of DeepSpeed's ZeRO-3, less one
+        if lost is not None:
+            raise ConfigError(f"consolidate: {lost}")
         tag = read_latest(checkpoint_dir)
         if tag is None and os.path.exists(os.path.join(checkpoint_dir, "latest_checkpointed_iteration.txt")):
             # Megatron's tracker file: a pretrain_gpt.py checkpoint, which has its own converter.
@@ -54,7 +57,9 @@ def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
             )
     folder = os.path.join(checkpoint_dir, tag)
     if not os.path.exists(model_file(folder, 0)) and not os.path.exists(deepspeed_checkpoint.zero3_model_file(folder)):
-        raise ConfigError(f"{folder!r} is not an engine checkpoint (no mp_rank_00_model_states.pt)")
+        lost = deepspeed_checkpoint.zero3_rank0_lost(folder)
+        raise ConfigError(f"consolidate: {lost}" if lost is not None else
+                          f"{folder!r} is not an engine checkpoint (no mp_rank_00_model_states.pt)")
     return folder
 
 

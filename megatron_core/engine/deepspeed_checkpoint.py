@@ -86,9 +86,25 @@ def zero3_model_file(folder: str, dp_rank: int = 0, dp_world_size: int = 1) -> s
     if dp_rank == 0 or os.path.exists(path):
         return path
     if dp_rank < dp_world_size:
-        raise ConfigError(f"load_checkpoint: {path} is missing (DeepSpeed's dp_world_size is {dp_world_size}: "
-                          f"each of its DP ranks wrote a model-states file); copy every rank's file")
+        raise ConfigError(f"load_checkpoint: {_lost(path, dp_world_size)}")
     return zero3_model_file(folder)
+
+
+def _lost(path: str, dp_world_size: int) -> str:
+    return (f"{path} is missing (DeepSpeed's dp_world_size is {dp_world_size}: each of its DP ranks wrote a "
+            f"model-states file); copy every rank's file")
+
+
+def zero3_rank0_lost(folder: str) -> str | None:
+    """Why ``folder`` cannot be read where DeepSpeed's ZeRO-3 files of other DP ranks are there but not rank 0's
+    model-states file (read first): the line :func:`zero3_model_file` gives for another rank's lost file, without
+    its caller's prefix; None when rank 0's is there or no rank's is. The saving run's ``dp_world_size`` comes
+    from another rank's file (small: ZeRO-3's hold placeholders for the parameters)."""
+    path = zero3_model_file(folder)
+    others = glob.glob(os.path.join(glob.escape(folder), "zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    if os.path.exists(path) or not others:
+        return None
+    return _lost(path, int(read_model_states(sorted(others)[0]).get("dp_world_size", 1)))
 
 
 def zero3_frozen(folder: str, saved: dict) -> dict[str, torch.Tensor]:

@@ -264,7 +264,8 @@ class Engine(torch.nn.Module):
         return self.config.bf16_enabled
 
     def gradient_clipping(self) -> float:
-        """The config's ``gradient_clipping`` (1.0 when the config leaves it out, as DeepSpeed 0.19; 0: none)."""
+        """The config's ``gradient_clipping`` (1.0 when the config leaves it out, as DeepSpeed 0.19; 0 or negative:
+        none, as DeepSpeed's ``gradient_clipping() > 0.0``)."""
         return self.config.gradient_clipping
 
     def is_gradient_accumulation_boundary(self) -> bool:

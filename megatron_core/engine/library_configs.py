@@ -17,7 +17,7 @@ data_types.grad_accum_dtype                 DistributedDataParallelConfig.grad_r
 fp16.enabled / loss_scale / initial_scale_  OptimizerConfig.fp16 / loss_scale (0 = dynamic) / initial_loss_scale
 power / loss_scale_window / hysteresis /    = 2**power / loss_scale_window / hysteresis / min_loss_scale /
 min_loss_scale / consecutive_hysteresis     consecutive_hysteresis
-gradient_clipping                           OptimizerConfig.clip_grad (0 = off; 1.0 when left out, as DeepSpeed 0.19)
+gradient_clipping                           OptimizerConfig.clip_grad (<= 0 = off; 1.0 when left out, DeepSpeed 0.19)
 optimizer Adam/AdamW/SGD params             OptimizerConfig.optimizer 'adam' (decoupled decay) / 'sgd', lr,
                                             adam_beta1/2, adam_eps, weight_decay, sgd_momentum
 train_micro_batch_size_per_gpu              micro_batch_size (Megatron's --micro-batch-size)

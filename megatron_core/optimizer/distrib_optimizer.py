@@ -9,12 +9,24 @@ parameter buffer in the model dtype and all-gathers every bucket's parameters ov
 
 Checkpoints: :meth:`state_dict` holds what every DP rank shares (hyper-parameters, loss scale);
 :meth:`sharded_state_dict` this rank's flat shards, written to ``distrib_optim_dp{rank:03d}.pt``.
+
+fp32 weights written into the model between steps (``model.load_state_dict``) take effect at the next
+step, offloaded or not. On the device an fp32 shard is its own main copy (Megatron-LM's
+``shard_fp32_groups`` are views of the parameters), so the step updates what was loaded. An offloaded
+(or host-kept ZeRO-3) fp32 shard has a separate main copy: the optimizer keeps autograd's version counters
+of the model's copy (the parameters under ZeRO-1/2, the kept shard under ZeRO-3) from when the two last
+agreed, and a bucket whose counters moved takes the model's values before the step (an exact copy in
+fp32) or before a checkpoint reads the main copy. Without this the step wrote the old main copy back over
+the loaded weights (megatron-core 0.16.1's ``HybridDeviceOptimizer`` keeps such a host copy too). Writes
+through ``param.data`` bypass the counters, and a 16-bit model's main copy cannot be rebuilt from it
+without rounding: call :meth:`DistributedOptimizer.reload_model_params` after those (Megatron-LM's rule).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import weakref
+from collections.abc import Iterator
 
 import torch
 
@@ -38,6 +50,9 @@ class _ShardedBuffer:
     mains: list[torch.nn.Parameter]  # views into ``bucket_mains``, one per piece
     offloaded: list[bool]  # per bucket: main parameters, state and step in host memory
     host_grads: list[torch.Tensor | None]  # per offloaded bucket: the fp32 host copy of the reduced gradient
+    # per bucket: the model copy's version counters when the main copy last agreed with it (_model_version),
+    # None where nothing is followed (the main copy is the fp32 shard itself, or the model is 16-bit)
+    agreed: list[tuple[int, ...] | None]
 
     @property
     def main(self) -> torch.Tensor:
@@ -52,6 +67,24 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _main_of(sb: _ShardedBuffer, bucket: Bucket) -> torch.Tensor:
     """The fp32 main copy of this rank's shard of ``bucket``."""
     return sb.bucket_mains[bucket.index]
+
+
+def _model_version(sb: _ShardedBuffer, bucket: Bucket) -> tuple[int, ...]:
+    """autograd's version counters of what holds the model's values of ``bucket``: any in-place write
+    (``load_state_dict``'s ``param.copy_``, a DCP load into ``param.detach()``) moves one. Under ZeRO-3 the
+    kept shard (``param_shard``, one counter for the buffer), else each parameter: its counter is its own
+    (the buffer's views were set as its ``.data``), so the optimizer's own writes into the buffer (the
+    copy of the main shard, the all-gathers) leave it alone; the buffer's counter moved between steps
+    under ``--overlap-param-gather`` (measured) and is not used."""
+    if sb.buffer.param_shard is not None:
+        return (sb.buffer.param_shard._version,)
+    return tuple(p._version for p in bucket.params)
+
+
+def _follows_model(shard: torch.Tensor, main: torch.Tensor) -> bool:
+    """Whether the main copy follows model writes: an fp32 shard with a main copy of its own (offloaded);
+    a 16-bit shard's copy would round the main copy."""
+    return shard.dtype == torch.float32 and not _same_memory(shard, main)
 
 
 class DistributedOptimizer(MegatronOptimizer):
@@ -106,7 +139,7 @@ class DistributedOptimizer(MegatronOptimizer):
         for piece in pieces:
             start = piece.shard_start - piece.bucket.local_offset
             mains.append(torch.nn.Parameter(bucket_mains[piece.bucket.index][start:start + piece.numel]))
-        sb = _ShardedBuffer(buffer, bucket_mains, pieces, mains, offloaded, host_grads)
+        sb = _ShardedBuffer(buffer, bucket_mains, pieces, mains, offloaded, host_grads, [None] * len(bucket_mains))
         self._reload_buckets(sb)
         buffer.shard_listeners.append(weakref.WeakMethod(self._follow_shard))
         self.pairs.extend(zip(mains, (piece.param for piece in pieces), strict=True))
@@ -135,6 +168,7 @@ class DistributedOptimizer(MegatronOptimizer):
         super().zero_grad()
 
     def _prepare_main_grads(self) -> None:
+        self._follow_model_writes()
         # --overlap-cpu-optimizer-d2h-h2d: the copies started as buckets were reduced must be done
         # before the host step reads them.
         copied = self.overlap.wait_grads() if self.overlap is not None else set()
@@ -155,13 +189,14 @@ class DistributedOptimizer(MegatronOptimizer):
     def _update(self) -> None:
         if self.nvme is not None:
             self.nvme.step(self.torch_optimizer, self._copy_device_buckets_to_model, self._copy_bucket_to_model)
-            self._gather_params()
         elif self.overlap is not None:
             self.overlap.step(self.torch_optimizer, self._offloaded_units(), self._copy_device_buckets_to_model,
                               self._copy_bucket_to_model)
-            self._gather_params()
         else:
-            super()._update()
+            super()._update()  # the torch step, then _copy_main_to_model
+            return
+        self._gather_params()
+        self._agree_with_model()  # the step wrote every main copy into the model
 
     def _offloaded_units(self) -> list[Unit]:
         return [(sb, bucket, [main for piece, main in zip(sb.pieces, sb.mains, strict=True) if piece.bucket is bucket])
@@ -190,6 +225,7 @@ class DistributedOptimizer(MegatronOptimizer):
             for bucket in sb.buffer.buckets:
                 self._copy_bucket_to_model(sb, bucket)
         self._gather_params()
+        self._agree_with_model()
 
     def _gather_params(self) -> None:
         if self.offloading:
@@ -201,10 +237,33 @@ class DistributedOptimizer(MegatronOptimizer):
         """Every optimizer shard in memory inside the block (NVMe offload swaps them in and out)."""
         return self.nvme.swapped_in() if self.nvme is not None else contextlib.nullcontext()
 
-    def resident(self):
+    @contextlib.contextmanager
+    def resident(self) -> Iterator[None]:
         """Context: every optimizer shard (main parameters, Adam state) in memory, for a checkpoint to
-        read or write them in place; NVMe offload writes them back and frees them on exit."""
-        return self._resident()
+        read or write them in place; NVMe offload writes them back and frees them on exit. fp32 weights
+        written into the model before the block are in the main copies on entry, and main copies the
+        block wrote (a load) are kept over those earlier writes by the next step (see the module docstring)."""
+        self._follow_model_writes()
+        with self._resident():
+            yield
+        self._agree_with_model()
+
+    def _follow_model_writes(self) -> None:
+        """Each bucket whose fp32 model values were written since its separate main copy last agreed with
+        them (load_state_dict between steps) copies them into the main copy, as if the main copy were the
+        model's shard, as it is without offload."""
+        stale = [(sb, bucket) for sb in self.sharded for bucket in sb.buffer.buckets
+                 if sb.agreed[bucket.index] is not None and sb.agreed[bucket.index] != _model_version(sb, bucket)]
+        if stale:
+            with torch.no_grad(), self._resident():
+                for sb, bucket in stale:
+                    self._reload_buckets(sb, [bucket])
+
+    def _agree_with_model(self) -> None:
+        for sb in self.sharded:
+            for bucket in sb.buffer.buckets:
+                if sb.agreed[bucket.index] is not None:
+                    sb.agreed[bucket.index] = _model_version(sb, bucket)
 
     @torch.no_grad()
     def reload_model_params(self) -> None:
@@ -228,11 +287,13 @@ class DistributedOptimizer(MegatronOptimizer):
     @staticmethod
     def _reload_buckets(sb: _ShardedBuffer, buckets: list[Bucket] | None = None) -> None:
         """The main copy of each of ``buckets`` (all by default) takes the model's shard (nothing to do where
-        the main copy is the fp32 shard itself)."""
+        the main copy is the fp32 shard itself); an fp32 one then follows the model's later writes."""
         for bucket in sb.buffer.buckets if buckets is None else buckets:
             shard, main = sb.buffer.shard_param(bucket), _main_of(sb, bucket)
             if not _same_memory(shard, main):
                 main.copy_(shard)
+            if _follows_model(shard, main):
+                sb.agreed[bucket.index] = _model_version(sb, bucket)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -252,7 +313,7 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def sharded_state_dict(self) -> dict:
         """This DP rank's fp32 main shard and optimizer state, one flat tensor per buffer and state key."""
-        with self._resident():
+        with self.resident():
             return self._sharded_state_dict()
 
     def _sharded_state_dict(self) -> dict:
@@ -276,7 +337,7 @@ class DistributedOptimizer(MegatronOptimizer):
 
     def load_sharded_state_dict(self, state: dict) -> None:
         """Restore :meth:`sharded_state_dict`'s output; the DP size and model layout must match."""
-        with self._resident():
+        with self.resident():
             self._load_sharded_state_dict(state)
 
     def _load_sharded_state_dict(self, state: dict) -> None:

@@ -58,7 +58,9 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     sgd_momentum: float = 0.9
-    clip_grad: float = 1.0  # max global L2 norm; 0 disables clipping
+    # max global L2 norm; 0 or negative: no clipping (Megatron-LM clips only when clip_grad > 0.0, DeepSpeed's
+    # gradient_clipping likewise)
+    clip_grad: float = 1.0
     fp16: bool = False
     bf16: bool = False
     loss_scale: float | None = None
@@ -93,8 +95,6 @@ class OptimizerConfig:
         if self.loss_scale is not None and self.loss_scale < 0:
             raise ValueError(f"OptimizerConfig.loss_scale (--loss-scale) must be positive or None, "
                              f"got {self.loss_scale}")
-        if self.clip_grad < 0:
-            raise ValueError(f"OptimizerConfig.clip_grad (--clip-grad) must be >= 0 (0 disables), got {self.clip_grad}")
         if not 0.0 <= self.optimizer_offload_fraction <= 1.0:
             raise ValueError(f"--optimizer-offload-fraction (optimizer_offload_fraction) must be in [0, 1], "
                              f"got {self.optimizer_offload_fraction}")

@@ -77,7 +77,8 @@ def _optimizer(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--start-weight-decay", type=float, default=None)
     g.add_argument("--end-weight-decay", type=float, default=None)
     g.add_argument("--weight-decay-incr-style", default="constant", choices=["constant", "linear", "cosine"])
-    g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient norm clip (0: off)")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="global gradient L2 norm to clip to (0 or negative: no clipping, as Megatron-LM)")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
