@@ -403,3 +403,21 @@ def test_padding_rows_added_by_copy_are_noted(tmp_path, capsys):
     tiny_hf_llama(vocab_size=256, layers=2).save_pretrained(tmp_path / "llama")
     assert _cli("hf", "core", tmp_path / "llama", tmp_path / "llama_core") == 0
     assert "vocabulary tables grow" not in capsys.readouterr().err
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path, capsys):
+    """--tokenizer-model of a 300-token tokenizer with a 256-token model was written beside it; the error came at
+    generation ('prompt token id 280 is outside the model's vocabulary') or as a --vocab-size to raise in training."""
+    from tests.test_text_generation_cli import _save_tokenizer_json
+
+    tiny_hf_gpt2(vocab_size=256).save_pretrained(tmp_path / "hf")
+    _save_tokenizer_json(tmp_path / "tokenizer.json")
+    capsys.readouterr()
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "tokenizer.json")]
+    for saver in ("core", "hf"):
+        assert _cli("hf", saver, tmp_path / "hf", tmp_path / f"to_{saver}", *flags) == 2
+        assert capsys.readouterr().err == (
+            f"convert.py: error: the tokenizer (--tokenizer-model {tmp_path / 'tokenizer.json'}) has 300 tokens but "
+            f"the model in --load-dir {tmp_path / 'hf'} has a vocabulary of 256: ids from 256 on would have no "
+            f"embedding row; give the tokenizer the model was trained with\n")
+        assert not os.path.exists(tmp_path / f"to_{saver}")

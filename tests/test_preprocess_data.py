@@ -300,3 +300,37 @@ def test_a_lone_surrogate_is_a_bad_line_named_as_such(tmp_path, spm_model, capsy
     assert "in.jsonl:2: skipped line: key 'text' holds a lone surrogate '\\ud83d' at character 7" in err, err
     assert "C++" not in err
     assert len(IndexedDataset(str(tmp_path / "out" / "data_text_document"))) == len(docs)
+
+
+def test_a_json_key_given_twice_writes_each_document_once(tmp_path, spm_model, capsys):
+    """--json-keys text text wrote every document twice into the one text dataset (and counted the tokens twice);
+    Megatron-LM's per-key dicts collapse the repeat, so the files equal those of --json-keys text."""
+    docs = stdlib_documents(4)
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    assert run_main(tmp_path, spm_model, "--append-eod") == 0
+    prefix = tmp_path / "out" / "data_text_document"
+    once = {ext: (tmp_path / "out" / f"data_text_document{ext}").read_bytes() for ext in (".bin", ".idx")}
+    assert run_main(tmp_path, spm_model, "--append-eod", "--json-keys", "text", "title", "text") == 0
+    assert {ext: (tmp_path / "out" / f"data_text_document{ext}").read_bytes() for ext in (".bin", ".idx")} == once
+    tokens = sum(IndexedDataset(str(prefix)).sequence_lengths)
+    assert f"Wrote {prefix}.bin/.idx ({len(docs)} documents, {tokens} tokens)" in capsys.readouterr().err.splitlines()
+
+
+def test_chunk_size_and_a_directory_as_output_prefix_are_one_line_before_any_output(tmp_path, spm_model, capsys):
+    """--chunk-size 0 with --workers 2 was multiprocessing's 'Chunksize must be 1+, not 0', after the dataset
+    already at the prefix had been truncated and removed; --output-prefix DIR/ was '[Errno 2] No such file or
+    directory: DIR/_text_document.bin'."""
+    write_jsonl(tmp_path / "in.jsonl", stdlib_documents(3))
+    assert run_main(tmp_path, spm_model) == 0
+    earlier = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "out" / "data_text_document.*"))}
+    capsys.readouterr()
+    assert run_main(tmp_path, spm_model, "--workers", "2", "--chunk-size", "0") == 1
+    assert capsys.readouterr().err == "error: --chunk-size must be at least 1, got 0\n"
+    assert len(earlier) == 2 and {p: open(p, "rb").read() for p in earlier} == earlier
+    directory = str(tmp_path / "new") + os.sep
+    rc = preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", directory,
+                               "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", spm_model])
+    assert rc == 1 and capsys.readouterr().err == (
+        f"error: --output-prefix {directory!r} ends in a directory separator, so the files would be named "
+        f"'_{{key}}_document.bin'; give a file-name prefix, e.g. --output-prefix {directory}corpus\n")
+    assert not os.path.exists(directory)

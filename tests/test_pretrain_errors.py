@@ -137,3 +137,17 @@ def test_a_world_that_does_not_fit_a_legacy_checkpoints_layout_says_where_the_si
     assert proc.stderr.endswith("(with --use-checkpoint-args, a legacy checkpoint's own sizes: it loads under them "
                                 "only; re-shard it with tools/checkpoint/convert.py --target-tensor-parallel-size / "
                                 "--target-pipeline-parallel-size to change them)\n"), proc.stderr
+
+
+def test_a_demo_dir_that_is_a_file_or_under_one_is_one_line(tmp_path):
+    """--demo-dir naming a file (or a path under one) was os.makedirs' FileExistsError / NotADirectoryError
+    traceback on rank 0."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for demo_dir, expected in ((blocker, f"error: --demo-dir {blocker} is an existing file, not a directory; give a "
+                                         f"directory (it is created if missing)\n"),
+                               (blocker / "sub", f"error: --demo-dir {blocker / 'sub'} is not writable (Not a "
+                                                 f"directory); give a directory this job can write to\n")):
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain_gpt.py"), "--demo", "--demo-dir",
+                               str(demo_dir)], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 2 and proc.stderr == expected, proc.stderr

@@ -1,6 +1,7 @@
 """tools/run_text_generation.py end to end: a legacy checkpoint saved at TP2 x PP2 read by one process,
 a Hugging Face directory under a real torchrun TP=2 launch, and text prompts through a saved tokenizer;
 greedy tokens equal Hugging Face ``generate`` on the same weights."""
+import glob
 import json
 import os
 import subprocess
@@ -318,3 +319,45 @@ def test_a_prompt_that_is_not_utf8_is_a_one_line_error(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert lines == ["run_text_generation.py: error: --prompt 'ab\\udcffc' is not UTF-8 text: a lone surrogate "
                      "'\\udcff' at character 2 (not Unicode text); pass the prompt in UTF-8"], proc.stderr[-3000:]
+
+
+def _make_greedy_pick(path, token):
+    """Rewrite a TP 1 legacy checkpoint so that greedy generation picks ``token`` after any prompt: the final
+    norm outputs its bias, a large multiple of the (tied) embedding row of ``token``."""
+    model_file = glob.glob(os.path.join(path, "iter_*", "mp_rank_00", "model_optim_rng.pt"))[0]
+    state = torch.load(model_file, weights_only=False)
+    model = state["model"]
+    row = torch.randn(model["embedding.word_embeddings.weight"].shape[1], generator=torch.Generator().manual_seed(0))
+    model["embedding.word_embeddings.weight"][token] = 10 * row
+    model["decoder.final_layernorm.weight"].zero_()
+    model["decoder.final_layernorm.bias"].copy_(row)
+    torch.save(state, model_file)
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_a_null_tokenizer_run_generates_from_text_ids_and_stops_at_its_eod(tmp_path, ckpt_format):
+    """A --mock-data run (NullTokenizer, --vocab-size 60) records its tokenizer, but the tool rebuilt none: a text
+    prompt was 'gives no tokenizer (... files ... not at the recorded paths)', and the --tokenizer-type
+    NullTokenizer it then asked for needed --vocab-size, 'unrecognized arguments' here. Generation from ids did not
+    stop at the run's EOD (id 60). Now the recorded --vocab-size rebuilds it, as Megatron-LM's args do."""
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    train = [sys.executable, os.path.join(REPO, "pretrain_gpt.py"), "--num-layers", "1", "--hidden-size", "32",
+             "--num-attention-heads", "4", "--seq-length", "16", "--max-position-embeddings", "16",
+             "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr", "1e-3",
+             "--mock-data", "--vocab-size", "60", "--eval-iters", "0", "--save", str(tmp_path / "ckpt"),
+             "--ckpt-format", ckpt_format]
+    proc = subprocess.run(train, capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = [sys.executable, TOOL, "--load", str(tmp_path / "ckpt"), "--tokens-to-generate", "6", "--top_k", "1",
+            "--output", str(tmp_path / "out.json")]
+    out, _ = _run(base + ["--prompt-tokens", "1,2,3"], tmp_path)
+    by_ids = out["tokens"][0]
+    assert by_ids[:3] == [1, 2, 3] and len(by_ids) == 9
+    out, _ = _run(base + ["--prompt", "1 2 3"], tmp_path)
+    assert out["tokens"] == [by_ids] and out["text"] == [" ".join(map(str, by_ids))], out
+    out, _ = _run(base + ["--prompt", "1 2 3", "--tokenizer-type", "NullTokenizer", "--vocab-size", "60"], tmp_path)
+    assert out["tokens"] == [by_ids]
+    if ckpt_format == "torch":  # a model whose greedy choice is the EOD: the sequence ends with it
+        _make_greedy_pick(tmp_path / "ckpt", 60)
+        out, _ = _run(base + ["--prompt-tokens", "1,2,3"], tmp_path)
+        assert out["tokens"] == [[1, 2, 3, 60]], out

@@ -152,7 +152,7 @@ def test_train_vocab_too_small_is_a_clear_error(tmp_path, corpus_file):
     assert 0.9 * len(distinct) <= chars <= len(distinct), (chars, len(distinct))
 
 
-@pytest.mark.parametrize("case", ["no-text", "vocab-too-large", "coverage", "directory"])
+@pytest.mark.parametrize("case", ["no-text", "vocab-too-large", "coverage", "directory", "prefix"])
 def test_train_failures_name_the_flag_not_an_internal_check(tmp_path, corpus_file, case):
     """They were "sentencepiece training failed (--vocab-size 300): INTERNAL: src/trainer_interface.cc(467)
     [!sentences_.empty()]" (no usable line), "... [(trainer_spec_.vocab_size()) == (model_proto->pieces_size())]
@@ -169,9 +169,16 @@ def test_train_failures_name_the_flag_not_an_internal_check(tmp_path, corpus_fil
                      "--character-coverage must be in [0.98, 1] (SentencePiece's range), got 2.0"),
         # Was "--input file not found".
         "directory": ([str(tmp_path)], 400, {}, f"--input '{tmp_path}' is a directory; give the files in it"),
+        # Was "sentencepiece training failed (--vocab-size 400): NOT_FOUND: "DIR/.model": No such file or
+        # directory", after the training.
+        "prefix": ([corpus_file], 400, {"model_prefix": str(tmp_path / "out") + os.sep},
+                   f"--model-prefix '{tmp_path / 'out'}{os.sep}' ends in a directory separator, so the files would "
+                   f"be named '.model' and '.vocab'; give a file-name prefix, e.g. --model-prefix "
+                   f"{tmp_path / 'out' / 'tokenizer'}"),
     }[case]
+    prefix = kwargs.pop("model_prefix", str(tmp_path / "tok"))
     with pytest.raises(ValueError) as info:
-        train_sentencepiece(inputs, str(tmp_path / "tok"), vocab_size, **kwargs)
+        train_sentencepiece(inputs, prefix, vocab_size, **kwargs)
     assert str(info.value).startswith(expected) and "INTERNAL" not in str(info.value), str(info.value)
 
 

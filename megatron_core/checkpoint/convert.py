@@ -371,6 +371,18 @@ def _cast_weights(model: FullModel, args: argparse.Namespace) -> None:
         model.state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state.items()}
 
 
+def _check_tokenizer_fits(model: FullModel, args: argparse.Namespace, given: bool) -> None:
+    """ValueError when the tokenizer to be written has more tokens than the model's vocabulary: its ids from the
+    vocabulary size on have no embedding row (generation refuses them, training needs a --vocab-size it lacks)."""
+    if model.tokenizer is None or model.tokenizer.vocab_size <= model.vocab_size:
+        return
+    source = f"--tokenizer-model {args.tokenizer_model or args.vocab_file}" if given else \
+        f"the one --load-dir {args.load_dir} holds"
+    raise ValueError(f"the tokenizer ({source}) has {model.tokenizer.vocab_size} tokens but the model in --load-dir "
+                     f"{args.load_dir} has a vocabulary of {model.vocab_size}: ids from {model.vocab_size} on would "
+                     f"have no embedding row; give the tokenizer the model was trained with")
+
+
 def _kind(name: str, flag: str) -> str:
     if name not in _LOADERS:
         raise ValueError(f"{flag} {name!r} is not supported; use one of {', '.join(sorted(_LOADERS))}")
@@ -435,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tokenizer_type is not None:
             model.tokenizer = build_tokenizer(tokenizer_type, tokenizer_model=args.tokenizer_model,
                                               vocab_file=args.vocab_file, merge_file=args.merge_file)
+        _check_tokenizer_fits(model, args, given=tokenizer_type is not None)
         where = _save(model, args, saver)
     except (FileNotFoundError, UnsupportedModel, ValueError, KeyError) as exc:
         print(f"convert.py: error: {exc}", file=sys.stderr)

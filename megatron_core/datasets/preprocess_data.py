@@ -179,6 +179,12 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
             raise ValueError(f"--input file not found: {path!r}")
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.chunk_size < 1:  # before any output is opened: a flag error must not truncate an earlier dataset
+        raise ValueError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    if not os.path.basename(args.output_prefix):
+        raise ValueError(f"--output-prefix {args.output_prefix!r} ends in a directory separator, so the files would "
+                         f"be named '_{{key}}_document.bin'; give a file-name prefix, e.g. "
+                         f"--output-prefix {os.path.join(args.output_prefix, 'corpus')}")
     spec = _spec_from_args(args)
     tokenizer = spec.build()  # fail on bad tokenizer flags before spawning workers
     dtype = optimal_dtype(tokenizer.vocab_size)
@@ -186,7 +192,8 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
     os.makedirs(out_dir, exist_ok=True)
 
     stats = PreprocessStats()
-    keys = tuple(args.json_keys)
+    # A key given twice is one dataset, written once, as Megatron-LM's (its per-key dicts collapse it).
+    keys = tuple(dict.fromkeys(args.json_keys))
     builders = {}
     for key in keys:
         prefix = output_prefix_for(args.output_prefix, key)

@@ -3,7 +3,8 @@
 A torch_dist checkpoint (:mod:`megatron_core.dist_checkpointing`) whose ``extra`` carries
 ``model_config`` (``TransformerConfig.to_dict()``) and ``model_info`` (vocab_size,
 max_position_embeddings) is read slice by slice for this rank's layout (vocabulary padding included);
-its tokenizer is the one the training run recorded (``--tokenizer-*`` flags), when its files are there.
+its tokenizer is the one the training run recorded (``--tokenizer-*`` flags), when its files are there
+(a NullTokenizer run's needs none: its recorded ``--vocab-size``, :func:`recorded_tokenizer`).
 
 A Megatron legacy checkpoint (``latest_checkpointed_iteration.txt`` + ``iter_*/mp_rank_*``, any TP/PP/VPP
 it was saved with) is merged with :func:`megatron_core.checkpoint.convert.load_core` and cut again for
@@ -17,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from megatron_core import device as device_mod
 from megatron_core.checkpoint import megatron_lm_dist
 from megatron_core.checkpoint.convert import FullModel, load_core, load_hf, tokenizer_from_flags
+from megatron_core.checkpoint.core_format import TOKENIZER_FLAGS
 from megatron_core.checkpoint.sharding import rank_state_dict
 from megatron_core.dist_checkpointing import load_dist_checkpoint, read_common
 from megatron_core.dist_checkpointing.full_model import is_torch_dist
@@ -76,6 +79,18 @@ def read_full_model(load: str, iteration: int | None = None) -> tuple[FullModel,
         raise ConfigError(f"--load {load}: {exc}") from None
 
 
+def recorded_tokenizer(flags: dict[str, Any]) -> MegatronTokenizer | None:
+    """The tokenizer a training run recorded (its ``--tokenizer-*`` flags; None when its files are gone).
+
+    A NullTokenizer run's (``--mock-data``, or data of ids) is rebuilt from its recorded ``--vocab-size``, as
+    Megatron-LM's generation builds it from the run's args: its prompts are ids as text ("1 2 3") and its EOD
+    (id ``vocab_size``) ends a sequence. The converter leaves it out (a Hugging Face directory cannot hold it).
+    """
+    if flags.get("tokenizer_type") == "NullTokenizer" and flags.get("vocab_size"):
+        return build_tokenizer("NullTokenizer", vocab_size=int(flags["vocab_size"]))
+    return tokenizer_from_flags(flags)
+
+
 def _build_from_dist(load: str, parallel_state: ParallelState, iteration: int | None,
                      make_vocab_size_divisible_by: int) -> LoadedModel:
     extra = read_common(load, iteration)["extra"]
@@ -90,7 +105,7 @@ def _build_from_dist(load: str, parallel_state: ParallelState, iteration: int | 
     load_dist_checkpoint(load, [model], None, None, parallel_state, iteration, load_rng=False)
     model.to(device_mod.current_device()).eval()
     # pretrain_gpt.py records its --tokenizer-* flags: text prompts need no tokenizer flags then.
-    return LoadedModel(model, info["vocab_size"], FORMAT, None, tokenizer_from_flags(extra.get("tokenizer") or {}))
+    return LoadedModel(model, info["vocab_size"], FORMAT, None, recorded_tokenizer(extra.get("tokenizer") or {}))
 
 
 def build_inference_model(load: str, parallel_state: ParallelState, iteration: int | None = None,
@@ -115,12 +130,13 @@ def build_inference_model(load: str, parallel_state: ParallelState, iteration: i
                             parallel_state.pp_rank)
     model.load_state_dict(state, strict=True)
     model.to(device_mod.current_device()).eval()
-    return LoadedModel(model, full.vocab_size, source, full.hf_family, full.tokenizer)
+    tokenizer = full.tokenizer or recorded_tokenizer(full.train_state.get(TOKENIZER_FLAGS) or {})
+    return LoadedModel(model, full.vocab_size, source, full.hf_family, tokenizer)
 
 
 def inference_tokenizer(load: str, saved: MegatronTokenizer | None, tokenizer_type: str | None,
                         tokenizer_model: str | None = None, vocab_file: str | None = None,
-                        merge_file: str | None = None) -> MegatronTokenizer:
+                        merge_file: str | None = None, vocab_size: int | None = None) -> MegatronTokenizer:
     """The tokenizer named by the ``--tokenizer-*`` flags, else ``saved`` (the one stored with the model).
 
     Raises ConfigError when neither is available (a training checkpoint of either format records its
@@ -129,7 +145,7 @@ def inference_tokenizer(load: str, saved: MegatronTokenizer | None, tokenizer_ty
     if tokenizer_type is not None:
         try:
             return build_tokenizer(tokenizer_type, tokenizer_model=tokenizer_model, vocab_file=vocab_file,
-                                   merge_file=merge_file)
+                                   merge_file=merge_file, vocab_size=vocab_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     if saved is not None:

@@ -44,6 +44,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or tokenizer.json / directory")
     p.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (GPT2BPETokenizer)")
     p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    p.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: the number of ids before its EOD, "
+                   "as in training (default: the one a training checkpoint records)")
     p.add_argument("--distributed-backend", default="gloo", choices=["gloo", "nccl"], help="process group backend")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy); the "
                    "defaults (1.0, --top_k 0, --top_p 0) sample the whole vocabulary, as Megatron-LM's")
@@ -118,7 +120,7 @@ def setup(args: argparse.Namespace, need_tokenizer: bool, timeout: timedelta | N
     tokenizer = loaded.tokenizer  # its EOD stops generation even for prompts given as token ids
     if need_tokenizer or args.tokenizer_type is not None:
         tokenizer = inference_tokenizer(args.load, loaded.tokenizer, args.tokenizer_type, args.tokenizer_model,
-                                        args.vocab_file, args.merge_file)
+                                        args.vocab_file, args.merge_file, args.vocab_size)
     return Generator(loaded, tokenizer, ps, not args.no_kv_cache)
 
 

@@ -104,6 +104,10 @@ def train_sentencepiece(
     # SentencePiece's own bound (trainer_interface.cc), which it reports as an internal check failing.
     if not 0.98 <= character_coverage <= 1.0:
         raise ValueError(f"--character-coverage must be in [0.98, 1] (SentencePiece's range), got {character_coverage}")
+    if not os.path.basename(model_prefix):  # SentencePiece would train first, then fail to write DIR/.model
+        raise ValueError(f"--model-prefix {model_prefix!r} ends in a directory separator, so the files would be "
+                         f"named '.model' and '.vocab'; give a file-name prefix, e.g. --model-prefix "
+                         f"{os.path.join(model_prefix, 'tokenizer')}")
     parent = os.path.dirname(os.path.abspath(model_prefix))
     os.makedirs(parent, exist_ok=True)
     try:

@@ -391,7 +391,8 @@ def remove_leftovers(root: str) -> list[str]:
 def check_writable(root: str, flag: str = "--save") -> None:
     """Create ``root`` if needed and write a probe file in it; ConfigError naming ``root`` if that fails."""
     if os.path.exists(root) and not os.path.isdir(root):
-        raise ConfigError(f"{flag} {root} is an existing file, not a directory; give a directory for the checkpoints")
+        raise ConfigError(f"{flag} {root} is an existing file, not a directory; give a directory (it is created if "
+                          f"missing)")
     probe = os.path.join(root, f".write_test.{os.getpid()}")
     try:
         os.makedirs(root, exist_ok=True)

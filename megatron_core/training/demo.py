@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from megatron_core.tokenizer.base import lone_surrogate
+from megatron_core.training.checkpoint_io import check_writable
 from megatron_core.training.errors import ConfigError
 
 DEMO_VOCAB_SIZE = 1024
@@ -139,7 +140,7 @@ def prepare_demo_data(demo_dir: str, demo_input: str | None = None,
     if _read_stamp(p["stamp"]) == wanted and complete and os.path.isfile(p["tokenizer_model"]):
         printer(f"> demo data in {demo_dir} is ready (delete {p['stamp']} to rebuild)")
         return p
-    os.makedirs(demo_dir, exist_ok=True)
+    check_writable(demo_dir, "--demo-dir")  # a file there was os.makedirs' traceback
     start = time.monotonic()
     if demo_input:
         count = check_jsonl(demo_input)
