@@ -43,9 +43,14 @@ def optimizer_config_from_client(
                     f"initialize(optimizer=...): param groups differ in {name!r}; the engine uses one "
                     f"set of hyper-parameters: put them in the config's 'optimizer' section"
                 )
+    if any(g.get("maximize") for g in groups):  # the library optimizer minimizes: it was dropped silently
+        raise ConfigError("initialize(optimizer=...): maximize=True is not implemented (the engine minimizes the "
+                          "loss); drop it and pass the negated objective to engine.backward")
     decay = max(float(g.get("weight_decay", 0.0)) for g in groups)  # each group keeps its own: param_groups_of
     name = type(optimizer).__name__
-    if isinstance(optimizer, torch.optim.AdamW) or (isinstance(optimizer, torch.optim.Adam) and decay == 0.0):
+    # torch's Adam(decoupled_weight_decay=True) is AdamW (torch >= 2.6; AdamW subclasses Adam with it set)
+    adam = isinstance(optimizer, torch.optim.Adam)
+    if isinstance(optimizer, torch.optim.AdamW) or (adam and (decay == 0.0 or first.get("decoupled_weight_decay"))):
         if first.get("amsgrad"):
             raise ConfigError("initialize(optimizer=...): amsgrad=True is not implemented; use amsgrad=False")
         return dataclasses.replace(

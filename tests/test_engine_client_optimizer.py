@@ -1,9 +1,10 @@
-"""A client lr scheduler built on the client optimizer, as DeepSpeed users and Hugging Face's Trainer build it.
+"""Client optimizers and schedulers as DeepSpeed users and Hugging Face's Trainer build them.
 
 ``sched = LambdaLR(opt, ...); initialize(model, optimizer=opt, lr_scheduler=sched, ...)``: DeepSpeed 0.19.8
 steps the client optimizer's own param groups (at ZeRO-0 the client optimizer itself, at ZeRO-1/2/3 its groups
 rewritten in place), so the scheduler's rates are the ones trained with. The engine trains with the library
 optimizer; its groups must be the ones the scheduler and the user's ``opt.param_groups`` edits reach.
+A client optimizer's settings the library optimizer would not reproduce (``maximize``) are refused in one line.
 Reference: plain PyTorch on one process with the same optimizer and scheduler.
 """
 
@@ -17,6 +18,7 @@ from engine_common import MICRO, global_batch, loss_of, make_model, micro_batch,
 from harness import run_distributed
 
 import megatron_core
+from megatron_core.errors import ConfigError
 
 STEPS = 4
 
@@ -88,3 +90,57 @@ def test_rate_set_on_the_client_optimizer_reaches_the_engine():
         assert got == pytest.approx(lrs, rel=1e-12)
         for name, value in expected.items():
             torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _client_optimizer_run(make_optimizer):
+    model = make_model("mlp")
+    engine, _, _, _ = megatron_core.initialize(model, optimizer=make_optimizer(model), config={
+        "train_micro_batch_size_per_gpu": MICRO, "steps_per_print": 10**6})
+    run_steps("mlp", engine, 0, 2)
+    state = state_of(engine)
+    engine.parallel_state.destroy()
+    return state
+
+
+def _torch_run(make_optimizer):
+    model = make_model("mlp")
+    opt = make_optimizer(model)
+    for step in range(2):
+        opt.zero_grad()
+        loss_of("mlp", model, micro_batch(global_batch("mlp", step, MICRO), 0)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _decoupled_adam(model):
+    return torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)
+
+
+def test_adam_with_decoupled_weight_decay_is_adamw():
+    """torch's ``Adam(decoupled_weight_decay=True)`` is AdamW (torch >= 2.6): trained as plain torch does; before it
+    was refused as L2-coupled Adam."""
+    expected = _torch_run(_decoupled_adam)
+    (state,) = run_distributed(_client_optimizer_run, 1, _decoupled_adam, timeout=120)
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _maximizing_sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+
+
+def test_maximize_is_refused_in_one_line():
+    """Before: ``maximize=True`` was dropped and the engine minimized the loss the client optimizer maximizes."""
+    (message,) = run_distributed(_initialize_error, 1, _maximizing_sgd, timeout=120)
+    assert message == ("initialize(optimizer=...): maximize=True is not implemented (the engine minimizes the loss); "
+                       "drop it and pass the negated objective to engine.backward"), message
+
+
+def _initialize_error(make_optimizer):
+    model = make_model("mlp")
+    try:
+        megatron_core.initialize(model, optimizer=make_optimizer(model), config={"train_micro_batch_size_per_gpu": 2})
+    except ConfigError as exc:
+        return str(exc)
+    return None
