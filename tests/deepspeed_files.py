@@ -266,7 +266,7 @@ def state_for_deepspeed(folder: str, config: dict) -> dict:
     """This engine's checkpoint in ``folder`` restated as what DeepSpeed holds (per parameter, full tensors), the
     ``state`` :func:`write_deepspeed_checkpoint` takes."""
     saved = load_states(model_file(folder, 0))
-    values, states, scalars = full_fragments(optim_files(folder, 0), saved["param_meta"])
+    values, states, scalars = full_fragments(optim_files(folder, 0, saved), saved["param_meta"])
     shapes = {n: tuple(info["local_shape"]) for n, info in saved["param_meta"].items() if info["requires_grad"]}
     frozen = {n: saved["module"][n].clone() for n, info in saved["param_meta"].items() if not info["requires_grad"]}
     group = {k: saved["param_groups"][0][k] for k in ("lr", "betas", "eps", "weight_decay")}

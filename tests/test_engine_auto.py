@@ -33,3 +33,31 @@ def test_a_model_without_a_width_leaves_auto_named():
     model = types.SimpleNamespace(config=types.SimpleNamespace(num_labels=2))
     with pytest.raises(ConfigError, match="reduce_bucket_size"):
         load_config(config_with(zero_optimization=dict(ZERO3_AUTO)), dp_size=1, model=model)
+
+
+AUTO_WARMUP = {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"}}
+
+
+@pytest.mark.parametrize("training_args, warmup", [
+    ({"warmup_steps": 5}, 5),
+    ({"warmup_steps": 0}, 1),  # TrainingArguments' default: at least 1, as DeepSpeed >= 0.19.6 requires
+    ({"warmup_steps": 0.1}, 10),  # transformers 5: a float below 1 is a ratio of the training steps
+    ({"warmup_steps": 0, "warmup_ratio": 0.05}, 5),  # transformers 4's separate ratio
+    ({"warmup_steps": 0.001}, 1),  # ceil(100 x 0.001) = 1
+], ids=["steps", "none", "ratio-v5", "ratio-v4", "tiny-ratio"])
+def test_warmup_steps_follow_hugging_faces_get_warmup_steps(training_args, warmup):
+    """Hugging Face fills ``warmup_num_steps`` with ``max(1, args.get_warmup_steps(num_training_steps))``. Before,
+    ``args.warmup_steps`` was copied as it was: its default 0 and a ratio (0.1) were errors naming the key, and
+    ``warmup_ratio`` was not read."""
+    args = types.SimpleNamespace(max_steps=100, **training_args)
+    scheduler = load_config(config_with(scheduler=AUTO_WARMUP), dp_size=1, args=args).scheduler
+    assert scheduler is not None and scheduler.params["warmup_num_steps"] == warmup
+    assert scheduler.params["total_num_steps"] == 100
+
+
+def test_a_warmup_ratio_without_max_steps_stays_auto_and_is_named():
+    """A ratio needs the number of training steps, which only a positive ``max_steps`` gives here."""
+    args = types.SimpleNamespace(max_steps=-1, warmup_steps=0.1)
+    with pytest.raises(ConfigError, match="warmup_num_steps"):
+        load_config(config_with(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}), dp_size=1,
+                    args=args)

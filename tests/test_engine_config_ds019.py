@@ -53,3 +53,21 @@ def test_deepspeed_019_managed_gradient_accumulation_key():
     with pytest.raises(ConfigError, match="managed_gradient_accumulation = False is a DeepSpeed option this "
                                           "framework does not implement"):
         load_config(config_with(managed_gradient_accumulation=False), dp_size=1)
+
+
+@pytest.mark.parametrize(("kind", "params", "decay"), [
+    ("AdamW", {"torch_adam": True}, 0.01),
+    ("Adam", {"torch_adam": True}, 0.01),  # Adam is AdamW (adam_w_mode's default): torch.optim.AdamW
+    ("AdamW", {"torch_adam": True, "weight_decay": 0.0}, 0.0),
+    ("AdamW", {}, 0.0),  # FusedAdam's (and CPUAdam's under offload) default
+    ("AdamW", {"torch_adam": False}, 0.0),
+    ("SGD", {}, 0.0),
+], ids=["torch-adamw", "torch-adam", "torch-adamw-given", "fused", "torch-adam-false", "sgd"])
+def test_weight_decay_default_is_the_optimizer_class_deepspeed_builds(kind, params, decay):
+    """DeepSpeed 0.19.8 builds ``torch.optim.AdamW(params, **optimizer.params)`` for ``"torch_adam": true``, so a
+    section without ``weight_decay`` decays by torch's default 0.01; FusedAdam and DeepSpeedCPUAdam default to 0.
+    The engine used 0 for every one: 3 steps of an MLP at ZeRO-3, DP 2 then differed from DeepSpeed's from the
+    second loss (0.721713 here vs 0.721694 there; with weight_decay 0 written out both give 0.721713)."""
+    config = load_config(config_with(optimizer={"type": kind, "params": {"lr": 0.01, **params}}), dp_size=1)
+    assert config.optimizer is not None and config.optimizer.weight_decay == decay
+    assert library_configs_from(config).optimizer.weight_decay == decay

@@ -201,16 +201,19 @@ def test_an_auto_no_flag_fills_names_the_flag_not_initialize(tmp_path):
 
 
 def test_an_auto_a_flag_fills_with_a_refused_value_names_the_flag(tmp_path):
-    """Hugging Face's ZeRO files say ``"warmup_num_steps": "auto"``; --lr-warmup-iters' default 0 filled it, and the
-    file's check (> 0, as DeepSpeed's WarmupLR) refused "scheduler.params.warmup_num_steps must be > 0, got 0",
-    naming no flag, for a scheduler section pretrain_gpt.py does not even use."""
+    """An "auto" filled from a flag with a value the file's check refuses names that flag, which the file does not
+    show. Hugging Face's ZeRO files say ``"warmup_num_steps": "auto"``: --lr-warmup-iters' default 0 filled it and was
+    refused ("must be > 0, got 0") for a scheduler section pretrain_gpt.py does not even use; it is now filled as
+    Hugging Face fills it, ``max(1, warmup)``."""
+    path = _file(tmp_path, gradient_clipping="auto")
+    with pytest.raises(ConfigError, match=r"^DeepSpeed config: gradient_clipping must be >= 0.0, got -1.0 "
+                                          r'\(its "auto" took --clip-grad: give that flag, or write the value '
+                                          r"in the file\)$"):
+        validate_args(parse_args(BASE + ["--clip-grad", "-1", "--deepspeed-config", path]), world_size=2)
     path = _file(tmp_path, scheduler={"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto",
                                                                           "total_num_steps": "auto"}})
     i = BASE.index("--lr-warmup-iters")
     no_warmup = BASE[:i] + BASE[i + 2:]
-    with pytest.raises(ConfigError, match=r"^DeepSpeed config: scheduler.params.warmup_num_steps must be > 0, got 0 "
-                                          r'\(its "auto" took --lr-warmup-iters: give that flag, or write the value '
-                                          r"in the file\)$"):
-        validate_args(parse_args(no_warmup + ["--deepspeed-config", path]), world_size=2)
+    validate_args(parse_args(no_warmup + ["--deepspeed-config", path]), world_size=2)
     run = config_from_args(validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2))
     assert run.training.global_batch_size == 8

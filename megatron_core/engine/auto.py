@@ -16,7 +16,8 @@ optimizer.params.lr / betas / eps / weight_decay  args.learning_rate / (adam_bet
                                                   adam_epsilon / weight_decay
 scheduler.params.warmup_min_lr                    0
 scheduler.params.warmup_max_lr                    args.learning_rate
-scheduler.params.warmup_num_steps                 args.warmup_steps
+scheduler.params.warmup_num_steps                 max(1, args.warmup_steps), or a ratio of max_steps
+                                                  (warmup_steps < 1, or warmup_ratio), rounded up
 scheduler.params.total_num_steps                  args.max_steps
 fp16.enabled / bf16.enabled                       args.fp16 / args.bf16
 zero_optimization.reduce_bucket_size              hidden_size ** 2
@@ -29,6 +30,7 @@ A value that cannot be resolved stays ``"auto"`` and :func:`~.config.parse_confi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 _MISSING = object()
@@ -57,11 +59,27 @@ ARG_OF_KEY = {
     "optimizer.params.eps": "adam_epsilon",
     "optimizer.params.weight_decay": "weight_decay",
     "scheduler.params.warmup_max_lr": "learning_rate",
-    "scheduler.params.warmup_num_steps": "warmup_steps",
+    "scheduler.params.warmup_num_steps": "warmup_steps (a ratio below 1 needs a positive max_steps)",
     "scheduler.params.total_num_steps": "max_steps (a positive number of optimizer steps)",
     "fp16.enabled": "fp16",
     "bf16.enabled": "bf16",
 }
+
+
+def _warmup_steps(args: Any, total: Any) -> Any:
+    """``max(1, args.get_warmup_steps(total))``, Hugging Face's fill: ``warmup_steps`` when >= 1, else a ratio of the
+    training steps (``warmup_steps`` below 1 in transformers 5, ``warmup_ratio`` in transformers 4), rounded up;
+    at least 1 (DeepSpeed >= 0.19.6 refuses 0). A ratio without a known ``total`` stays unresolved."""
+    steps = _arg(args, "warmup_steps")
+    if steps is _MISSING or isinstance(steps, bool) or not isinstance(steps, (int, float)):
+        return steps
+    if steps >= 1:
+        return int(steps)
+    ratio = steps if steps > 0 else _arg(args, "warmup_ratio")
+    ratio = 0.0 if ratio is _MISSING else ratio
+    if not ratio:
+        return 1
+    return _MISSING if total is _MISSING else max(1, math.ceil(total * ratio))
 
 
 def _hidden_size(model: Any) -> Any:
@@ -91,6 +109,8 @@ def _section(raw: dict, key: str) -> dict:
 
 def _sources(model: Any, args: Any) -> dict[str, Any]:
     hidden = _hidden_size(model)
+    # Trainer's default max_steps -1 means "from the epochs": a count this function cannot know.
+    total = _positive(_arg(args, "max_steps"))
     beta1, beta2 = _arg(args, "adam_beta1"), _arg(args, "adam_beta2")
     return {
         "micro": _arg(args, "per_device_train_batch_size"),
@@ -100,9 +120,8 @@ def _sources(model: Any, args: Any) -> dict[str, Any]:
         "betas": _MISSING if _MISSING in (beta1, beta2) else [beta1, beta2],
         "eps": _arg(args, "adam_epsilon"),
         "wd": _arg(args, "weight_decay"),
-        "warmup": _arg(args, "warmup_steps"),
-        # Trainer's default max_steps -1 means "from the epochs": a count this function cannot know.
-        "total": _positive(_arg(args, "max_steps")),
+        "warmup": _warmup_steps(args, total),
+        "total": total,
         "fp16": _arg(args, "fp16"),
         "bf16": _arg(args, "bf16"),
         "bucket": _MISSING if hidden is _MISSING else hidden * hidden,

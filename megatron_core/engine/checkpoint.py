@@ -292,14 +292,6 @@ def _untrained_when_saved(engine: Any, folder: str, saved_meta: dict[str, dict])
     return None
 
 
-def _optim_files_of(folder: str, tp_rank: int) -> list[str]:
-    files = optim_files(folder, tp_rank)
-    if not files:
-        raise ConfigError(f"load_checkpoint: {folder!r} has no optimizer fragment files of TP rank {tp_rank}; "
-                          f"is a rank's file missing?")
-    return files
-
-
 def _fragments_here(engine: Any, folder: str, saved: list[dict]) -> tuple[dict, dict, dict]:
     """``full_fragments`` for this rank's parameters: its own TP rank's files when the AutoTP size matches,
     else every saved TP rank's, resharded to this AutoTP size (:mod:`megatron_core.engine.reshard`)."""
@@ -307,11 +299,11 @@ def _fragments_here(engine: Any, folder: str, saved: list[dict]) -> tuple[dict, 
     if "fragments" in saved[0]:  # DeepSpeed's files, already rebuilt by name (engine.deepspeed_checkpoint)
         return saved[0]["fragments"]
     if len(saved) == 1 and saved[0]["tp_size"] == ps.tp_size:
-        return full_fragments(_optim_files_of(folder, ps.tp_rank), saved[0]["param_meta"])
+        return full_fragments(optim_files(folder, ps.tp_rank, saved[0]), saved[0]["param_meta"])
     per_rank: list[tuple[dict, dict]] = []
     scalars: dict = {}
     for tp_rank, files in enumerate(saved):
-        values, states, rank_scalars = full_fragments(_optim_files_of(folder, tp_rank), files["param_meta"])
+        values, states, rank_scalars = full_fragments(optim_files(folder, tp_rank, files), files["param_meta"])
         per_rank.append((values, states))
         scalars = scalars or rank_scalars
     values, states = reshard_fragments(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import io
 import os
 import pickle
@@ -38,15 +37,21 @@ def optim_file(folder: str, dp_rank: int, tp_rank: int) -> str:
     return os.path.join(folder, f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt")
 
 
-def _dp_rank_of(path: str) -> int:
-    match = re.search(r"zero_pp_rank_(\d+)_", os.path.basename(path))
-    return int(match.group(1)) if match else -1
+def optim_files(folder: str, tp_rank: int, saved: dict) -> list[str]:
+    """The fragment files of TP rank ``tp_rank`` that the save of ``saved`` (its model-states dict) wrote, in DP
+    order: every DP rank's under ZeRO-1/2/3, DP rank 0's at ZeRO-0.
 
-
-def optim_files(folder: str, tp_rank: int) -> list[str]:
-    """Every DP rank's fragment file of TP rank ``tp_rank``, in DP order."""
-    pattern = os.path.join(folder, f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_optim_states.pt")
-    return sorted(glob.glob(pattern), key=_dp_rank_of)
+    Named from the saved ``dp_size`` and ``zero_stage``, as DeepSpeed names its files from the saved
+    ``dp_world_size``: files an earlier save into the same tag left (more DP ranks, or sharded) are not read.
+    Raises ConfigError naming the first missing one.
+    """
+    paths = [optim_file(folder, dp_rank, tp_rank) for dp_rank in range(saved["dp_size"] if saved["zero_stage"] else 1)]
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise ConfigError(f"checkpoint {folder!r} has no {os.path.basename(missing[0])} (the save wrote {len(paths)} "
+                          f"optimizer fragment files for TP rank {tp_rank}, {len(missing)} missing); is a rank's file "
+                          f"missing?")
+    return paths
 
 
 def copy_recovery_script(save_dir: str) -> None:

@@ -9,6 +9,7 @@ would not reproduce is a ConfigError rather than a silent change.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,9 +43,14 @@ def optimizer_config_from_client(
                     f"initialize(optimizer=...): param groups differ in {name!r}; the engine uses one "
                     f"set of hyper-parameters: put them in the config's 'optimizer' section"
                 )
+    if any(g.get("maximize") for g in groups):  # the library optimizer minimizes: it was dropped silently
+        raise ConfigError("initialize(optimizer=...): maximize=True is not implemented (the engine minimizes the "
+                          "loss); drop it and pass the negated objective to engine.backward")
     decay = max(float(g.get("weight_decay", 0.0)) for g in groups)  # each group keeps its own: param_groups_of
     name = type(optimizer).__name__
-    if isinstance(optimizer, torch.optim.AdamW) or (isinstance(optimizer, torch.optim.Adam) and decay == 0.0):
+    # torch's Adam(decoupled_weight_decay=True) is AdamW (torch >= 2.6; AdamW subclasses Adam with it set)
+    adam = isinstance(optimizer, torch.optim.Adam)
+    if isinstance(optimizer, torch.optim.AdamW) or (adam and (decay == 0.0 or first.get("decoupled_weight_decay"))):
         if first.get("amsgrad"):
             raise ConfigError("initialize(optimizer=...): amsgrad=True is not implemented; use amsgrad=False")
         return dataclasses.replace(
@@ -66,6 +72,29 @@ def optimizer_config_from_client(
         " (Adam with weight_decay > 0 is L2-coupled Adam: use AdamW)" if isinstance(optimizer, torch.optim.Adam) else ""
     )
     raise ConfigError(f"initialize(optimizer=...): {name} is not implemented; use torch.optim.AdamW or SGD{hint}")
+
+
+def share_param_groups(client: torch.optim.Optimizer, groups: list[dict]) -> None:
+    """Make the client optimizer's ``param_groups`` the library optimizer's ``groups`` (one per client group, in
+    order), as DeepSpeed 0.19.8's ZeRO optimizers rewrite the client's groups in place and its ZeRO-0 steps the
+    client itself: a scheduler built on the client optimizer (``LambdaLR(opt, ...)``, Hugging Face Trainer's) and
+    a loop setting ``opt.param_groups[i]["lr"]`` then drive the training instead of an optimizer nothing steps.
+    Keys a scheduler put in the client's groups (``initial_lr``, OneCycleLR's ``max_lr``, ...) are carried over;
+    the library's own keys stay."""
+    for mine, theirs in zip(groups, client.param_groups, strict=True):
+        for key, value in theirs.items():
+            mine.setdefault(key, value)
+    client.param_groups = groups
+
+
+def step_scheduler(scheduler: Any, lr_kwargs: dict | None) -> None:
+    """``scheduler.step(**lr_kwargs)`` after the library optimizer's step, without torch's warning that it was
+    called before ``optimizer.step()``: torch checks the client optimizer the scheduler was built on, whose
+    ``step`` the engine never calls (its groups were stepped: :func:`share_param_groups`), so the warning and its
+    "skipping the first value of the learning rate schedule" would be false."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer")
+        scheduler.step(**(lr_kwargs or {}))
 
 
 def check_covers_model(params: Iterable[Any], model: torch.nn.Module, what: str) -> None:

@@ -151,6 +151,9 @@ def _optimizer(raw: dict | None) -> OptimizerSection | None:
             {"lr", "betas", "eps", "weight_decay", "torch_adam", "fused"},
             {"adam_w_mode": True, "amsgrad": False, "bias_correction": True},
         )
+    # DeepSpeed builds torch.optim.AdamW(**params) for torch_adam, whose weight decay defaults to 0.01; its
+    # FusedAdam and DeepSpeedCPUAdam default to 0 (get_optimizer_configuration in its engine.py).
+    torch_adam = kind.lower() != "sgd" and typed(params, path, "torch_adam", bool, False)
     betas = typed(params, path, "betas", list, [0.9, 0.999])
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"DeepSpeed config: optimizer.params.betas must be two numbers in [0, 1), got {betas!r}")
@@ -159,7 +162,7 @@ def _optimizer(raw: dict | None) -> OptimizerSection | None:
         number_at_least(params, path, "lr", 1e-3, 0.0, float),
         (float(betas[0]), float(betas[1])),
         number_at_least(params, path, "eps", 1e-8, 0.0, float),
-        number_at_least(params, path, "weight_decay", 0.0, 0.0, float),
+        number_at_least(params, path, "weight_decay", 0.01 if torch_adam else 0.0, 0.0, float),
         number_at_least(params, path, "momentum", 0.0, 0.0, float),
     )
     return section

@@ -91,10 +91,7 @@ def _consolidate(folder: str) -> tuple[dict[str, torch.Tensor], dict | None, dic
         saved = (
             first if tp_rank == 0 else load_states(model_file(folder, tp_rank))
         )
-        files = optim_files(folder, tp_rank)
-        if not files:
-            raise ConfigError(f"{folder!r}: no optimizer fragment files for TP rank {tp_rank}")
-        values, _, _ = full_fragments(files, saved["param_meta"])
+        values, _, _ = full_fragments(optim_files(folder, tp_rank, saved), saved["param_meta"])
         per_rank.append((saved, values))
     meta = first["param_meta"]
     out: dict[str, torch.Tensor] = {}

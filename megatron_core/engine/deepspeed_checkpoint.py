@@ -46,7 +46,7 @@ import torch
 
 from megatron_core.checkpoint.megatron_lm import load_with_stand_ins
 from megatron_core.engine import deepspeed_zero0
-from megatron_core.engine.checkpoint_files import load_states, optim_files
+from megatron_core.engine.checkpoint_files import load_states
 from megatron_core.engine.deepspeed_zero0 import ELEMENT_STATE, FIX
 from megatron_core.errors import ConfigError
 
@@ -189,9 +189,11 @@ def _split_zero3(files: list[dict], names: list[list[str]], shapes: dict[str, to
 def deepspeed_optim_files(folder: str) -> list[str]:
     """DeepSpeed's optimizer files in DP order: ``zero_pp_rank_{dp}_mp_rank_00_optim_states.pt``, named
     ``bf16_zero_pp_rank_...`` when it trained in bf16 (its ``_get_zero_ckpt_name``)."""
-    bf16 = sorted(glob.glob(os.path.join(folder, "bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt")),
-                  key=lambda p: int(os.path.basename(p).split("_")[4]))
-    return bf16 or optim_files(folder, 0)
+    def in_dp_order(prefix: str) -> list[str]:
+        paths = glob.glob(os.path.join(folder, f"{prefix}zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+        return sorted(paths, key=lambda p: int(os.path.basename(p)[len(prefix):].split("_")[3]))
+
+    return in_dp_order("bf16_") or in_dp_order("")
 
 
 def _zero_optimizer(folder: str, saved: dict, names: list[list[str]]) -> tuple[int, dict, dict, dict, dict]:

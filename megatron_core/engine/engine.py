@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron_core import device as device_mod
 from megatron_core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron_core.engine import checkpoint as ckpt
+from megatron_core.engine.client_objects import step_scheduler
 from megatron_core.engine.config import EngineConfig
 from megatron_core.engine.library_configs import as_deepspeed_keys
 from megatron_core.engine.monitor import Monitor
@@ -385,7 +386,7 @@ class Engine(torch.nn.Module):
             self._step_applied = bool(ok)
             if ok:
                 if self.lr_scheduler is not None:
-                    self.lr_scheduler.step(**(lr_kwargs or {}))
+                    step_scheduler(self.lr_scheduler, lr_kwargs)
             else:
                 self.skipped_steps += 1
             self.optimizer.zero_grad()

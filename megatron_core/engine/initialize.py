@@ -25,6 +25,7 @@ from megatron_core.engine.client_objects import (
     model_param_groups,
     optimizer_config_from_client,
     param_groups_of,
+    share_param_groups,
 )
 from megatron_core.engine.config import EngineConfig, load_config, read_json
 from megatron_core.engine.config_keys import json_object
@@ -258,6 +259,8 @@ def initialize(
                                                     model_param_groups(groups, model))
     except ConfigError as exc:  # the same error on every rank (the NVMe checks agree across ranks)
         raise as_deepspeed_keys(exc) from None
+    if optimizer is not None:
+        share_param_groups(optimizer, megatron_optimizer.param_groups)
     scheduler = _scheduler(lr_scheduler, engine_config, megatron_optimizer)
     engine = Engine(ddp, megatron_optimizer, scheduler, engine_config, parallel_state, hf_config)
     engine.collate_fn = collate_fn

@@ -127,8 +127,8 @@ def _refuse_unresolved_auto(raw: dict) -> None:
 
 
 def _with_auto_flag(message: str, autos: list[str]) -> str:
-    """The file's check refusing a value an ``"auto"`` took from a flag (``warmup_num_steps`` from
-    --lr-warmup-iters' default 0): ``message`` names that flag too, which the file does not show."""
+    """The file's check refusing a value an ``"auto"`` took from a flag (``gradient_clipping`` from a
+    negative --clip-grad): ``message`` names that flag too, which the file does not show."""
     for key in autos:
         flag = _FLAG_OF_AUTO_KEY.get(key)
         if flag is not None and re.search(rf"\b{re.escape(key)}\b", message):
