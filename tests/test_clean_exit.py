@@ -87,3 +87,30 @@ def test_engine_scripts_exit_cleanly_without_tearing_down(tmp_path):
     proc = subprocess.run([*cmd, "fail"], capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=env)
     assert proc.returncode != 0 and "a bug on rank 1" in proc.stderr, proc.stderr[-3000:]
     assert "atexit" not in proc.stderr, proc.stderr[-3000:]
+
+
+# A library caller (a notebook, a sweep) runs pretrain_gpt.main in its own process, one rank, no torchrun.
+IN_PROCESS = """
+import sys
+import torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import pretrain_gpt
+from megatron_core import parallel_state
+result = pretrain_gpt.main({argv!r})
+print(f"after the run: iteration {{result.iteration}}, process group {{dist.is_initialized()}}, "
+      f"model-parallel groups {{parallel_state.model_parallel_is_initialized()}}", flush=True)
+"""
+
+
+def test_an_in_process_run_destroys_the_groups_it_made(tmp_path):
+    """``pretrain_gpt.main`` made the default group (no torchrun: a one-rank group) and destroys it, with the
+    model-parallel groups, on its way out (``training.initialize.shutdown``), leaving the caller's process as it
+    was. With the check in ``shutdown`` inverted both were left alive and no run here told the difference."""
+    script = tmp_path / "run.py"
+    script.write_text(IN_PROCESS.format(repo=REPO, argv=TINY))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=REPO,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "after the run: iteration 2, process group False, model-parallel groups False" in proc.stdout, \
+        proc.stdout[-2000:]

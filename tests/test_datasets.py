@@ -20,6 +20,7 @@ from megatron_core.datasets import (
 )
 from megatron_core.datasets.blended_dataset import normalize_weights
 from megatron_core.datasets.gpt_indices import build_sample_index
+from megatron_core.datasets.mock_indexed_dataset import MockIndexedDataset
 
 EOD = 0
 
@@ -353,6 +354,22 @@ def test_mock_dataset(tmp_path):
     for eod, vocab in ((5, 5), (-1, 4), (0, 1)):
         with pytest.raises(ValueError, match=rf"mock data needs 0 <= eod \({eod}\) < mock vocab size \({vocab}\)"):
             GPTDatasetConfig(seq_length=8, eod=eod, mock=True, mock_vocab_size=vocab)
+
+
+def test_mock_documents_use_every_id_and_end_with_eod():
+    """--mock-data's documents (MockIndexedDataset): every id of the mock vocabulary occurs, the EOD id only as
+    each document's last token, and a maximum length of 1 (the smallest accepted) gives documents of EOD alone."""
+    vocab, eod = 11, 4
+    mock = MockIndexedDataset(num_documents=40, max_document_length=30, vocab_size=vocab, eod=eod)
+    documents = [mock[d] for d in range(len(mock))]
+    for d, tokens in enumerate(documents):
+        assert len(tokens) == mock.sequence_lengths[d] and tokens[-1] == eod and eod not in tokens[:-1].tolist()
+        assert np.array_equal(mock.get(d, 1, len(tokens) - 1), tokens[1:])
+    assert set(np.concatenate(documents).tolist()) == set(range(vocab))
+    short = MockIndexedDataset(num_documents=3, max_document_length=1, vocab_size=vocab, eod=eod)
+    assert [short[d].tolist() for d in range(3)] == [[eod]] * 3
+    with pytest.raises(ValueError, match="at least one document of at least one token"):
+        MockIndexedDataset(num_documents=3, max_document_length=0, vocab_size=vocab, eod=eod)
 
 
 def test_indexed_dataset_pickles_for_dataloader_workers(data):

@@ -36,6 +36,11 @@ def test_llama_script_flags_are_accepted_with_their_meaning():
     assert run.model.spec == ("megatron_core.transformer.layer_specs", "get_gpt_layer_local_spec")
     args = validate_args(parse_args([a for a in LLAMA_SCRIPT if a != "--swiglu"] + ["--squared-relu"]), 1)
     assert config_from_args(args).model.transformer.activation == "squared_relu"
+    # --squared-relu with one other activation flag is refused, either one alone.
+    for other in ("--swiglu", "--openai-gelu"):
+        argv = [a for a in LLAMA_SCRIPT if a != "--swiglu"] + ["--squared-relu", other]
+        with pytest.raises(ConfigError, match="^give only one of --squared-relu, --swiglu and --openai-gelu$"):
+            validate_args(parse_args(argv), 1)
 
 
 def test_older_megatron_script_flags_are_accepted():

@@ -73,6 +73,9 @@ def test_a_timeout_that_is_not_positive_is_one_line():
         assert proc.stderr.splitlines() == [
             f"text_generation_cli.py: error: --timeout must be a number of seconds > 0, got {float(value):g} "
             f"(see python text_generation_cli.py --help)"], proc.stderr
+    # Any positive number of seconds is taken, a fraction too: the client goes on to ask the server.
+    proc = _client(f"127.0.0.1:{_free_port()}", "hello\n3\n", "--timeout", "0.5")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: cannot reach the text generation server"), proc
 
 
 def test_a_prompt_that_is_not_utf8_is_asked_again_not_sent():
