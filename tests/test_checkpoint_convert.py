@@ -305,9 +305,9 @@ def test_the_no_tokenizer_note_only_where_a_tokenizer_is_lost(tmp_path, capsys):
     import shutil
 
     from tests.test_text_generation_cli import _save_tokenizer_json
-    # 384 tokens are their own padded size, so no padding note (test_padding_rows_added_by_copy_are_noted), and
+    # 512 tokens are their own padded size at TP 1 and 2, so no padding note (the test above), and
     # hold the 300-token tokenizer written below
-    tiny_hf_gpt2(vocab_size=384).save_pretrained(tmp_path / "hf")
+    tiny_hf_gpt2(vocab_size=512).save_pretrained(tmp_path / "hf")
     capsys.readouterr()
     assert _cli("hf", "core", tmp_path / "hf", tmp_path / "legacy") == 0
     err = capsys.readouterr().err
