@@ -205,11 +205,11 @@ def test_an_auto_a_flag_fills_with_a_refused_value_names_the_flag(tmp_path):
     show. Hugging Face's ZeRO files say ``"warmup_num_steps": "auto"``: --lr-warmup-iters' default 0 filled it and was
     refused ("must be > 0, got 0") for a scheduler section pretrain_gpt.py does not even use; it is now filled as
     Hugging Face fills it, ``max(1, warmup)``."""
-    path = _file(tmp_path, gradient_clipping="auto")
-    with pytest.raises(ConfigError, match=r"^DeepSpeed config: gradient_clipping must be >= 0.0, got -1.0 "
-                                          r'\(its "auto" took --clip-grad: give that flag, or write the value '
+    path = _file(tmp_path, optimizer={"type": "AdamW", "params": {"eps": "auto"}})
+    with pytest.raises(ConfigError, match=r"^DeepSpeed config: optimizer.params.eps must be >= 0.0, got -1.0 "
+                                          r'\(its "auto" took --adam-eps: give that flag, or write the value '
                                           r"in the file\)$"):
-        validate_args(parse_args(BASE + ["--clip-grad", "-1", "--deepspeed-config", path]), world_size=2)
+        validate_args(parse_args(BASE + ["--adam-eps", "-1", "--deepspeed-config", path]), world_size=2)
     path = _file(tmp_path, scheduler={"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto",
                                                                           "total_num_steps": "auto"}})
     i = BASE.index("--lr-warmup-iters")
