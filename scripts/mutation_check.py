@@ -25,8 +25,11 @@ call statement (such as a collective) deleted. Docstrings and type annotations a
 mutated file is written back with ``ast.unparse`` and restored from its original text afterwards,
 whatever happens (also on Ctrl-C).
 
-A mutant is killed when its directory's tests fail (``pytest -x``, fastest files first) or time out;
-it survives when they pass. The target is under 10% survivors per directory. Survivors are printed
+A mutant is killed when its directory's tests fail (``pytest -x``, fastest files first; pytest's exit
+1, or 2 for a collection error such as a mutant that breaks an import) or time out; it survives when they
+pass. A run in which pytest collected or ran no test (exit 3, 4 or 5: a wrong ``--tests`` id, say) is
+an "error", listed and not counted as a kill, and the script exits 1. The target is under 10%
+survivors per directory. Survivors are printed
 with their location: each is either a missing test or an equivalent mutant (no observable change),
 to be judged by reading it. Results go to ``--out`` (JSON) as well.
 
@@ -312,7 +315,8 @@ def changed_lines(path: str, since: str, root: str = REPO) -> set[int]:
 
 
 def run_mutant(mutant: Mutant, timeout: float, tests: list[str] | None = None) -> tuple[str, float, str]:
-    """('killed' | 'survived' | 'timeout', seconds, first failing test); ``tests`` replaces the package's list."""
+    """('killed' | 'survived' | 'timeout' | 'error', seconds, first failing test or the error); ``tests`` replaces
+    the package's list. 'error': pytest ran no test (exit 3, 4, 5), which must not count as a kill."""
     path = os.path.join(REPO, mutant.path)
     original = open(path).read()
     package = package_of(mutant.path)
@@ -327,7 +331,11 @@ def run_mutant(mutant: Mutant, timeout: float, tests: list[str] | None = None) -
         except subprocess.TimeoutExpired:
             return "timeout", time.monotonic() - start, ""
         failed = next((line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")), "")
-        return ("survived" if proc.returncode == 0 else "killed"), time.monotonic() - start, failed
+        # pytest's exit codes: 1 tests failed, 2 collection error (a mutant that breaks an import) -- kills;
+        # 5 no tests collected, 3 internal error, 4 usage error -- the run proved nothing.
+        if proc.returncode in (0, 1, 2):
+            return ("survived" if proc.returncode == 0 else "killed"), time.monotonic() - start, failed
+        return "error", time.monotonic() - start, f"pytest exit {proc.returncode}"
     finally:
         with open(path, "w") as f:
             f.write(original)
@@ -381,7 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'all':18s} {len(alive)}/{len(results)} survived ({100 * len(alive) / max(len(results), 1):.0f}%)")
     for r in alive:
         print(f"  survivor: {r['path']}:{r['line']}  {r['what']}")
-    return 0
+    errors = [r for r in results if r["status"] == "error"]
+    for r in errors:
+        print(f"  not tested ({r['caught_by']}): {r['path']}:{r['line']}  {r['what']}")
+    if errors:
+        print(f"error: {len(errors)} mutant(s) ran no test; check --tests (or the package's list in TESTS)",
+              file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -109,10 +109,20 @@ def train_step(parallel_state, spec: Any, wrapped, optimizer, step: int, num_mic
 def train(layout: dict, spec: Any, ddp: dict, steps: int, num_microbatches: int,
           opt: dict | None = None, dtype=torch.float32, prepare: Callable | None = None) -> dict:
     """Train ``steps`` steps; what the comparison with :func:`serial_reference` needs."""
-    ps, chunks, wrapped, optimizer = build(layout, spec, ddp, opt, dtype, prepare)
+    return train_built(build(layout, spec, ddp, opt, dtype, prepare), spec, steps, num_microbatches)
+
+
+def train_built(built: tuple, spec: Any, steps: int, num_microbatches: int, before_step: Callable | None = None,
+                at_step: Callable[[int], None] | None = None) -> dict:
+    """:func:`train` on what :func:`build` returned; ``at_step(step)`` runs before each step's forward,
+    ``before_step()`` between its backward and ``optimizer.step()``."""
+    ps, chunks, wrapped, optimizer = built
     losses, norms, zeros = [], [], []
     for step in range(steps):
-        step_losses, (ok, norm, num_zeros) = train_step(ps, spec, wrapped, optimizer, step, num_microbatches)
+        if at_step is not None:
+            at_step(step)
+        step_losses, (ok, norm, num_zeros) = train_step(ps, spec, wrapped, optimizer, step, num_microbatches,
+                                                        before_step)
         assert ok, f"step {step} was skipped"
         losses.append(step_losses)
         norms.append(norm)

@@ -185,16 +185,21 @@ def test_deepspeed_zero3_checkpoint_missing_a_rank_model_file_is_one_line(tmp_pa
                 "each of its DP ranks wrote a model-states file)") in message
 
 
+def _mlp_state_for_deepspeed(directory: str) -> dict:
+    """One engine step of the "mlp" model at DP 1, saved under DIRECTORY/ours and read as DeepSpeed's state."""
+    config = ds_config(1, 1, 0, "mlp")
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
+    run_steps("mlp", engine, 0, 1)
+    engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
+    engine.parallel_state.destroy()
+    return state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+
+
 def test_deepspeed_zero3_checkpoint_missing_rank_0_model_file_consolidates_to_one_line(tmp_path):
     """zero_to_fp32 on a DP-2 ZeRO-3 checkpoint without rank 0's model file: it said the folder was not an engine
     checkpoint (no mp_rank_00_model_states.pt); now the lost file and the fix, as load_checkpoint."""
     def consolidate_without_rank_0(directory):
-        config = ds_config(1, 1, 0, "mlp")
-        engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
-        run_steps("mlp", engine, 0, 1)
-        engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
-        engine.parallel_state.destroy()
-        state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+        state = _mlp_state_for_deepspeed(directory)
         write_deepspeed_checkpoint(os.path.join(directory, "ds"), "global_step1", state, 3, 2, {})
         os.remove(os.path.join(directory, "ds", "global_step1", "zero_pp_rank_0_mp_rank_00_model_states.pt"))
         where = [("ds", None), ("ds", "global_step1"), (os.path.join("ds", "global_step1"), None)]
@@ -220,12 +225,7 @@ def test_deepspeed_checkpoint_consolidates(tmp_path, stage, dp):
     """``zero_to_fp32``'s ``consolidate_state_dict`` on DeepSpeed's files: each parameter's fp32 main value
     (real DeepSpeed 0.19.8's own zero_to_fp32.py wrote the same bits for its files: docs/engine.md)."""
     def state_and_consolidated(directory):
-        config = ds_config(1, 1, 0, "mlp")
-        engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=config)
-        run_steps("mlp", engine, 0, 1)
-        engine.save_checkpoint(os.path.join(directory, "ours"), tag="t")
-        engine.parallel_state.destroy()
-        state = state_for_deepspeed(os.path.join(directory, "ours", "t"), config)
+        state = _mlp_state_for_deepspeed(directory)
         write_deepspeed_checkpoint(os.path.join(directory, "ds"), "global_step1", state, stage, dp, {})
         return state["fp32"], consolidate_state_dict(os.path.join(directory, "ds"))
 

@@ -16,7 +16,7 @@ DeepSpeed-style engine does the same with ``engine.module.load_state_dict`` at s
 import dataclasses
 
 import torch
-from ddp_common import build, result_of, train_step
+from ddp_common import build, train_built
 from engine_common import ds_config, make_model, run_steps, state_of
 from harness import run_distributed
 from toy_model import ToyConfig
@@ -42,24 +42,18 @@ STAGES = {
 
 
 def _train(ddp: dict, opt: dict) -> dict:
-    ps, chunks, wrapped, optimizer = build({}, CONFIG, ddp, opt)
-    losses, norms, after_load = [], [], None
-    for step in range(STEPS):
+    ps, chunks, wrapped, optimizer = built = build({}, CONFIG, ddp, opt)
+    after_load = []
+
+    def at_step(step: int) -> None:
         if step == 1:  # a user's load of fp32 weights between steps, without reload_model_params()
             (loaded,) = LOADED.build_chunks(ps)
             chunks[0].load_state_dict(loaded.state_dict())
             # what a checkpoint saved now holds as this rank's main shard, and --log-params-norm
             mains = [b["main_params"] for b in optimizer.sharded_state_dict()["buffers"]]
-            after_load = (mains, optimizer.params_norm())
-        step_losses, (ok, norm, _) = train_step(ps, CONFIG, wrapped, optimizer, step, MICROBATCHES)
-        assert ok
-        losses.append(step_losses)
-        norms.append(norm)
-    for w in wrapped:
-        w.gather_all_params()
-    result = result_of(ps, CONFIG, chunks, losses, norms)
-    result["after_load"] = after_load
-    ps.destroy()
+            after_load.append((mains, optimizer.params_norm()))
+    result = train_built(built, CONFIG, STEPS, MICROBATCHES, at_step=at_step)
+    result["after_load"] = after_load[0]
     return result
 
 

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from ddp_common import build, compare, result_of, serial_reference, train_step
+from ddp_common import build, compare, serial_reference, train_built
 from harness import run_distributed
 from toy_model import ToyConfig
 
@@ -59,17 +59,8 @@ def _train(ddp: dict, opt: dict) -> dict:
         if optimizer.overlap is not None:
             started["at_step"] += len(optimizer.overlap.pending)
 
-    losses, norms = [], []
-    for step in range(STEPS):
-        step_losses, (ok, norm, _) = train_step(ps, CONFIG, wrapped, optimizer, step, MICROBATCHES, before_step)
-        assert ok
-        losses.append(step_losses)
-        norms.append(norm)
-    for w in wrapped:
-        w.gather_all_params()
-    result = result_of(ps, CONFIG, chunks, losses, norms)
+    result = train_built((ps, chunks, wrapped, optimizer), CONFIG, STEPS, MICROBATCHES, before_step)
     result["started"] = started
-    ps.destroy()
     return result
 
 
