@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from types import TracebackType
 
 
@@ -14,6 +16,19 @@ class ConfigError(ValueError):
 
     A ``ValueError`` so that code catching the libraries' own argument checks catches it too.
     """
+
+
+@contextlib.contextmanager
+def named_for(entry: str) -> Iterator[None]:
+    """Prefix each ConfigError raised inside with ``entry: `` (the call or command the user made, such as
+    ``load_checkpoint``), once, at that entry point: the readers below it are shared by several entry points
+    and name none. A message that already begins with ``entry`` is left as it is."""
+    try:
+        yield
+    except ConfigError as exc:
+        if str(exc).startswith(entry):
+            raise
+        raise ConfigError(f"{entry}: {exc}") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

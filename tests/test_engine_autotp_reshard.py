@@ -228,9 +228,9 @@ def test_what_cannot_be_resharded_is_one_line(tmp_path):
     optim = tmp_path / "mid" / "zero_pp_rank_0_mp_rank_01_optim_states.pt"
     optim.rename(tmp_path / "optim.pt")
     (message,) = run_distributed(_load_error, 1, str(tmp_path), None, timeout=120)
-    assert message == (f"checkpoint {str(tmp_path / 'mid')!r} has no zero_pp_rank_0_mp_rank_01_optim_states.pt (the "
-                       f"save wrote 1 optimizer fragment files for TP rank 1, 1 missing); is a rank's file missing?"), \
-        message
+    assert message == (f"load_checkpoint: checkpoint {str(tmp_path / 'mid')!r} has no "
+                       f"zero_pp_rank_0_mp_rank_01_optim_states.pt (the save wrote 1 optimizer fragment files for TP "
+                       f"rank 1, 1 missing); is a rank's file missing?"), message
     (tmp_path / "mid" / "mp_rank_01_model_states.pt").unlink()
     (message,) = run_distributed(_load_error, 1, str(tmp_path), None, timeout=120)
     assert message == (f"load_checkpoint: {tmp_path / 'mid' / 'mp_rank_01_model_states.pt'} does not exist; is a "

@@ -68,14 +68,15 @@ def _save_damage_load(directory, what):
 
 
 @pytest.mark.parametrize("what,expected", [
-    ("model", "checkpoint file {d}/saved/mp_rank_00_model_states.pt is damaged (PytorchStreamReader failed "
-              "reading zip archive: failed finding central directory); save it again or load another tag"),
-    ("optim", "checkpoint file {d}/saved/zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged "
+    ("model", "load_checkpoint: checkpoint file {d}/saved/mp_rank_00_model_states.pt is damaged "
               "(PytorchStreamReader failed reading zip archive: failed finding central directory); save it again "
               "or load another tag"),
-    ("pickled", "checkpoint file {d}/saved/mp_rank_00_model_states.pt holds what torch.load(weights_only=True) "
-                "does not read (Unsupported global: GLOBAL test_engine_checkpoint_damage._Payload); files are never "
-                "unpickled with code"),
+    ("optim", "load_checkpoint: checkpoint file {d}/saved/zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged "
+              "(PytorchStreamReader failed reading zip archive: failed finding central directory); save it again "
+              "or load another tag"),
+    ("pickled", "load_checkpoint: checkpoint file {d}/saved/mp_rank_00_model_states.pt holds what "
+                "torch.load(weights_only=True) does not read (Unsupported global: GLOBAL "
+                "test_engine_checkpoint_damage._Payload); files are never unpickled with code"),
     ("empty-latest", "load_checkpoint: {d}/latest is empty; write the tag to load into it or pass tag= "
                      "(tags in {d}: saved)"),
     ("binary-latest", "load_checkpoint: {d}/latest is not a text file naming a tag (invalid start byte at byte "

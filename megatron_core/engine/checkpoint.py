@@ -284,10 +284,10 @@ def _untrained_when_saved(engine: Any, folder: str, saved_meta: dict[str, dict])
         if not param.requires_grad:
             continue
         if name not in saved_meta:
-            return (f"load_checkpoint: {folder!r} has no optimizer state for {name!r}, a parameter the checkpoint "
+            return (f"{folder!r} has no optimizer state for {name!r}, a parameter the checkpoint "
                     f"does not hold; load it with load_optimizer_states=False (the optimizer starts afresh)")
         if not trained(saved_meta[name]):
-            return (f"load_checkpoint: {folder!r} has no optimizer state for {name!r} (frozen, requires_grad=False, "
+            return (f"{folder!r} has no optimizer state for {name!r} (frozen, requires_grad=False, "
                     f"when saved); load its weights only with load_optimizer_states=False")
     return None
 
@@ -369,15 +369,15 @@ def _model_files(engine: Any, folder: str, tag: str, load_dir: str) -> tuple[lis
         first = deepspeed_checkpoint.zero3_model_file(folder)  # DeepSpeed's ZeRO-3 writes one per DP rank
     if not os.path.exists(first):
         lost = deepspeed_checkpoint.zero3_rank0_lost(folder)
-        raise ConfigError(f"load_checkpoint: {lost}" if lost is not None else
-                          f"load_checkpoint: {first} does not exist (tag {tag!r} in {load_dir!r})")
+        raise ConfigError(lost if lost is not None else
+                          f"{first} does not exist (tag {tag!r} in {load_dir!r})")
     saved = deepspeed_checkpoint.read_model_states(first)
     if deepspeed_checkpoint.is_deepspeed_states(saved):
         saved = deepspeed_checkpoint.restate(folder, saved, first, engine)
         return [saved], saved["module"]
     foreign = foreign_states(saved, first)
     if foreign is not None:
-        raise ConfigError(f"load_checkpoint: {foreign}")
+        raise ConfigError(foreign)
     if saved["tp_size"] == ps.tp_size:
         if ps.tp_rank != 0:
             saved = load_states(_existing(model_file(folder, ps.tp_rank)))
@@ -396,13 +396,13 @@ def _latest_error(load_dir: str, tag: str) -> str | None:
     latest = os.path.join(load_dir, LATEST)
     tags = sorted(d for d in os.listdir(load_dir) if os.path.isdir(os.path.join(load_dir, d)))
     what = "is empty" if not tag else f"names the tag {tag!r}, which is not a folder of {load_dir}"
-    return (f"load_checkpoint: {latest} {what}; write the tag to load into it or pass tag= "
+    return (f"{latest} {what}; write the tag to load into it or pass tag= "
             f"(tags in {load_dir}: {', '.join(tags) or 'none'})")
 
 
 def _existing(path: str) -> str:
     if not os.path.exists(path):
-        raise ConfigError(f"load_checkpoint: {path} does not exist; is a TP rank's model file missing?")
+        raise ConfigError(f"{path} does not exist; is a TP rank's model file missing?")
     return path
 
 
@@ -450,18 +450,18 @@ def load(
     excluded = [n for n, info in saved["param_meta"].items() if not trained(info) and n not in module_state]
     try:
         if strict and excluded:
-            error = (f"load_checkpoint: {path} was saved with exclude_frozen_parameters=True ({len(excluded)} frozen "
+            error = (f"{path} was saved with exclude_frozen_parameters=True ({len(excluded)} frozen "
                      f"parameters left out, e.g. {excluded[0]!r}); load it with load_module_strict=False (the model "
                      f"keeps its own values of those)")
         else:
             engine.module.load_state_dict(module_state, strict=strict)
     except RuntimeError as exc:
-        error = (f"load_checkpoint: {path} holds another model than this engine's ({_mismatch(str(exc))}); load "
+        error = (f"{path} holds another model than this engine's ({_mismatch(str(exc))}); load "
                  f"it into the model it was saved from")
     _agree_on_error(error)
     groups = len(engine.optimizer.param_groups)
     if load_optimizer and len(saved["param_groups"]) != groups:  # the same files and engine on every rank
-        raise ConfigError(f"load_checkpoint: {path} was saved with {len(saved['param_groups'])} optimizer param "
+        raise ConfigError(f"{path} was saved with {len(saved['param_groups'])} optimizer param "
                           f"groups, this engine has {groups} (its model_parameters / optimizer groups differ; engine "
                           f"checkpoints before DeepSpeed's grouping had 2); load with load_optimizer_states=False "
                           f"or give the saving run's groups")

@@ -136,5 +136,5 @@ def read_latest(load_dir: str) -> str | None:
         with open(path, encoding="utf-8") as f:
             return f.read().strip()
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"load_checkpoint: {path} is not a text file naming a tag ({exc.reason} at byte "
+        raise ConfigError(f"{path} is not a text file naming a tag ({exc.reason} at byte "
                           f"{exc.start}); write the tag to load into it or pass tag=") from None

@@ -31,7 +31,7 @@ from megatron_core.engine import deepspeed_checkpoint
 from megatron_core.engine.checkpoint import full_fragments
 from megatron_core.engine.checkpoint_files import foreign_states, load_states, model_file, optim_files, read_latest
 from megatron_core.engine.reshard import frozen_keys, to_full, trained
-from megatron_core.errors import ArgumentParser, ConfigError
+from megatron_core.errors import ArgumentParser, ConfigError, named_for
 
 
 def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
@@ -41,7 +41,7 @@ def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
             return checkpoint_dir  # the tag folder itself
         lost = deepspeed_checkpoint.zero3_rank0_lost(checkpoint_dir)  # the tag folder of DeepSpeed's ZeRO-3, less one
         if lost is not None:
-            raise ConfigError(f"consolidate: {lost}")
+            raise ConfigError(lost)
         tag = read_latest(checkpoint_dir)
         if tag is None and os.path.exists(os.path.join(checkpoint_dir, "latest_checkpointed_iteration.txt")):
             # Megatron's tracker file: a pretrain_gpt.py checkpoint, which has its own converter.
@@ -58,7 +58,7 @@ def _tag_folder(checkpoint_dir: str, tag: str | None) -> str:
     folder = os.path.join(checkpoint_dir, tag)
     if not os.path.exists(model_file(folder, 0)) and not os.path.exists(deepspeed_checkpoint.zero3_model_file(folder)):
         lost = deepspeed_checkpoint.zero3_rank0_lost(folder)
-        raise ConfigError(f"consolidate: {lost}" if lost is not None else
+        raise ConfigError(lost if lost is not None else
                           f"{folder!r} is not an engine checkpoint (no mp_rank_00_model_states.pt)")
     return folder
 
@@ -69,8 +69,15 @@ def consolidate_state_dict(checkpoint_dir: str, tag: str | None = None) -> tuple
     ``checkpoint_dir``: a save directory (its ``latest`` tag is read, or ``tag``) or a tag folder.
     Raises ConfigError when files are missing.
     """
-    state, hf_config, _ = _consolidate(_tag_folder(checkpoint_dir, tag))
+    state, hf_config, _ = _read(checkpoint_dir, tag)
     return state, hf_config
+
+
+def _read(checkpoint_dir: str, tag: str | None) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, dict]]:
+    """:func:`_consolidate` of the tag folder; its errors named ``zero_to_fp32:``, the command's name, whichever
+    reader (this engine's files or DeepSpeed's) raised them."""
+    with named_for("zero_to_fp32"):
+        return _consolidate(_tag_folder(checkpoint_dir, tag))
 
 
 def _consolidate(folder: str) -> tuple[dict[str, torch.Tensor], dict | None, dict[str, dict]]:
@@ -84,7 +91,7 @@ def _consolidate(folder: str) -> tuple[dict[str, torch.Tensor], dict | None, dic
         return state, None, meta
     foreign = foreign_states(first, path)
     if foreign is not None:
-        raise ConfigError(f"consolidate: {foreign}")
+        raise ConfigError(foreign)
     tp_size = first["tp_size"]
     per_rank = []
     for tp_rank in range(tp_size):
@@ -136,7 +143,7 @@ def save_consolidated(checkpoint_dir: str, output: str, tag: str | None = None, 
     :func:`write_weights_dir` with ``safe_serialization`` and ``max_shard_bytes``, as DeepSpeed's
     ``zero_to_fp32.py``. ``exclude_frozen_parameters`` leaves ``requires_grad=False`` parameters out.
     """
-    state, hf_config, meta = _consolidate(_tag_folder(checkpoint_dir, tag))
+    state, hf_config, meta = _read(checkpoint_dir, tag)
     if exclude_frozen_parameters:
         frozen = frozen_keys(meta)
         state = {k: v for k, v in state.items() if k not in frozen}

@@ -86,7 +86,7 @@ def zero3_model_file(folder: str, dp_rank: int = 0, dp_world_size: int = 1) -> s
     if dp_rank == 0 or os.path.exists(path):
         return path
     if dp_rank < dp_world_size:
-        raise ConfigError(f"load_checkpoint: {_lost(path, dp_world_size)}")
+        raise ConfigError(_lost(path, dp_world_size))
     return zero3_model_file(folder)
 
 
@@ -203,7 +203,7 @@ def _zero_optimizer(folder: str, saved: dict, names: list[list[str]]) -> tuple[i
     for path in paths:
         data = load_deepspeed_file(path)
         if not isinstance(data, dict) or "optimizer_state_dict" not in data:
-            raise ConfigError(f"load_checkpoint: {path} is no DeepSpeed optimizer file (no 'optimizer_state_dict') "
+            raise ConfigError(f"{path} is no DeepSpeed optimizer file (no 'optimizer_state_dict') "
                               f"beside DeepSpeed's model states; save the checkpoint again or load another tag")
         files.append(data["optimizer_state_dict"])
     first = files[0]
@@ -212,13 +212,13 @@ def _zero_optimizer(folder: str, saved: dict, names: list[list[str]]) -> tuple[i
     elif "single_partition_of_fp32_groups" in first:  # BF16_Optimizer: ZeRO-1's partitions, no stage saved
         stage = 1
     else:
-        raise ConfigError(f"load_checkpoint: {paths[0]} holds no 'zero_stage' (a DeepSpeed layout not verified "
+        raise ConfigError(f"{paths[0]} holds no 'zero_stage' (a DeepSpeed layout not verified "
                           f"here); {FIX}")
     count = first["partition_count"]
     count = max(count) if isinstance(count, list) else int(count)
     if count != len(paths):
         pattern = ("bf16_" if os.path.basename(paths[0]).startswith("bf16_") else "") + "zero_pp_rank_*_optim_states.pt"
-        raise ConfigError(f"load_checkpoint: {folder} has {len(paths)} {pattern} files, "
+        raise ConfigError(f"{folder} has {len(paths)} {pattern} files, "
                           f"DeepSpeed's partition_count is {count}; is a rank's file missing?")
     shapes = {n: torch.Size(s) for group in saved["param_shapes"] for n, s in group.items()}
     split = _split_zero3 if stage == 3 else _split_zero12
@@ -255,7 +255,7 @@ def _grad_scaler(osd: dict | None) -> dict | None:
 def _unsupported(saved: dict, path: str, engine: Any) -> str | None:
     """Why DeepSpeed's checkpoint ``saved`` (at ``path``) is not read into ``engine``, or None."""
     if int(saved.get("mp_world_size", 1)) != 1 or engine.parallel_state.tp_size != 1:
-        return (f"load_checkpoint: {path} (DeepSpeed {saved['ds_version']}, mp_world_size "
+        return (f"{path} (DeepSpeed {saved['ds_version']}, mp_world_size "
                 f"{saved.get('mp_world_size')}) with tensor parallelism is not read here; {FIX}")
     return None
 
@@ -278,7 +278,7 @@ def restate(folder: str, saved: dict, path: str, engine: Any) -> dict:
         stage, values, states, scalars, osd = _zero_optimizer(folder, saved, names)
         groups = (osd["optimizer_state_dict"] if stage == 3 else osd["base_optimizer_state"])["param_groups"]
     else:
-        raise ConfigError(f"load_checkpoint: {folder} has DeepSpeed's {os.path.basename(path)} but no optimizer "
+        raise ConfigError(f"{folder} has DeepSpeed's {os.path.basename(path)} but no optimizer "
                           f"state (no 'optimizer', no zero_pp_rank_*_optim_states.pt); {FIX}")
     module = dict(saved["module"])
     if stage == 3:  # its frozen parameters are split over the DP ranks' model files
@@ -340,25 +340,19 @@ def consolidate(folder: str, saved: dict, path: str) -> tuple[dict[str, torch.Te
 
     Raises ConfigError for a layout not verified here (the same as :func:`restate`)."""
     if int(saved.get("mp_world_size", 1)) != 1:
-        raise ConfigError(f"zero_to_fp32: {path} (DeepSpeed {saved['ds_version']}) holds tensor-parallel shards, "
+        raise ConfigError(f"{path} (DeepSpeed {saved['ds_version']}) holds tensor-parallel shards, "
                           f"not read here; run the zero_to_fp32.py DeepSpeed saved beside it")
     if saved.get("optimizer") is not None:  # ZeRO-0: the fp32 module, or the fp16 / bf16 optimizer's masters
         values = deepspeed_zero0.consolidated_masters(saved, path)
         trained_names = set(values)
     else:
         names = [list(group.keys()) for group in saved["param_shapes"] or []]
-        try:
-            _, values, _, _, _ = _zero_optimizer(folder, saved, names)
-        except ConfigError as exc:  # the same one line, named for this command
-            raise ConfigError(str(exc).replace("load_checkpoint: ", "zero_to_fp32: ", 1)) from None
+        _, values, _, _, _ = _zero_optimizer(folder, saved, names)
         trained_names = set(values)
         shapes = {n: torch.Size(s) for group in saved["param_shapes"] for n, s in group.items()}
         values = {n: v.view(shapes[n]) for n, v in values.items()}
         if os.path.basename(path).startswith("zero_pp_rank_"):  # ZeRO-3: frozen ones from every rank's file
-            try:
-                values.update({n: v.float() for n, v in zero3_frozen(folder, saved).items()})
-            except ConfigError as exc:
-                raise ConfigError(str(exc).replace("load_checkpoint: ", "zero_to_fp32: ", 1)) from None
+            values.update({n: v.float() for n, v in zero3_frozen(folder, saved).items()})
     # the buffers in fp32 when floating, as DeepSpeed's zero_to_fp32.py (``parse_model_states``) has them
     state = {k: v.float() if torch.is_floating_point(v) else v.clone() for k, v in saved["module"].items()
              if k in (saved.get("buffer_names") or [])}

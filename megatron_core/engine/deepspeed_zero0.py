@@ -44,10 +44,10 @@ def torch_state_dict(saved: dict, path: str) -> tuple[dict, list[torch.Tensor] |
     if isinstance(osd, dict) and "optimizer_state_dict" in osd and "fp32_groups" in osd:  # FP16_UnfusedOptimizer
         return osd["optimizer_state_dict"], [t for group in osd["fp32_groups"] for t in group]
     if isinstance(osd, dict) and "fp32_groups_flat" in osd:
-        raise ConfigError(f"load_checkpoint: {path} holds DeepSpeed's FP16_Optimizer (its FusedAdam at ZeRO-0: "
+        raise ConfigError(f"{path} holds DeepSpeed's FP16_Optimizer (its FusedAdam at ZeRO-0: "
                           f"'fp32_groups_flat'), a layout not verified here; {FIX}")
     if not isinstance(osd, dict) or not {"state", "param_groups"} <= set(osd):  # e.g. its BF16_Optimizer's
-        raise ConfigError(f"load_checkpoint: {path}'s 'optimizer' is not a torch optimizer's state_dict (keys "
+        raise ConfigError(f"{path}'s 'optimizer' is not a torch optimizer's state_dict (keys "
                           f"{sorted(osd)[:4] if isinstance(osd, dict) else type(osd).__name__}), a DeepSpeed layout "
                           f"not read here; {FIX}")
     return osd, None
@@ -61,7 +61,7 @@ def plain_optimizer(saved: dict, names: list[list[str]], path: str) -> tuple[dic
     order = [n for group in names for n in group]
     numbered = [i for group in osd["param_groups"] for i in group["params"]]
     if len(numbered) != len(order) or (masters is not None and len(masters) != len(order)):
-        raise ConfigError(f"load_checkpoint: {path}'s optimizer has {len(numbered)} parameters, this engine trains "
+        raise ConfigError(f"{path}'s optimizer has {len(numbered)} parameters, this engine trains "
                           f"{len(order)}; give initialize the saving run's model and model_parameters")
     if masters is None:  # fp32: the weights are the masters; a name the file lacks (another model) is left out,
         masters = [saved["module"].get(n) for n in order]  # for the module load to report by its keys
@@ -107,10 +107,7 @@ def consolidated_masters(saved: dict, path: str) -> dict[str, torch.Tensor]:
 
     Raises ConfigError (one line naming ``path``) where a copy does not round to its parameter (another order)."""
     module, buffers = saved["module"], set(saved.get("buffer_names") or [])
-    try:
-        _, masters = torch_state_dict(saved, path)
-    except ConfigError as exc:  # the same one line, named for this command
-        raise ConfigError(str(exc).replace("load_checkpoint: ", "zero_to_fp32: ", 1)) from None
+    _, masters = torch_state_dict(saved, path)
     if masters is None:
         return {k: v.float() for k, v in module.items() if torch.is_floating_point(v) and k not in buffers}
     owners: dict[tuple[int, int], str] = {}  # a tied name shares its owner's storage (torch.save keeps that)
@@ -120,7 +117,7 @@ def consolidated_masters(saved: dict, path: str) -> dict[str, torch.Tensor]:
     names = list(owners.values())
     if len(names) != len(masters) or any(m.shape != module[n].shape or not torch.equal(m.to(module[n].dtype), module[n])
                                          for n, m in zip(names, masters, strict=False)):
-        raise ConfigError(f"zero_to_fp32: {path}'s fp32 master copies ({len(masters)}) are not its module's "
+        raise ConfigError(f"{path}'s fp32 master copies ({len(masters)}) are not its module's "
                           f"{len(names)} parameters in order (more than one param group?), not read here; load it "
                           f"into DeepSpeed or this engine and write the weights from there")
     values = {n: m.detach().float().clone() for n, m in zip(names, masters, strict=True)}

@@ -33,7 +33,7 @@ from megatron_core.engine.client_objects import step_scheduler
 from megatron_core.engine.config import EngineConfig
 from megatron_core.engine.library_configs import as_deepspeed_keys
 from megatron_core.engine.monitor import Monitor
-from megatron_core.errors import ConfigError
+from megatron_core.errors import ConfigError, named_for
 from megatron_core.optimizer import MegatronOptimizer
 from megatron_core.optimizer.grad_scaler import DynamicGradScaler
 from megatron_core.parallel_state import ParallelState
@@ -479,18 +479,19 @@ class Engine(torch.nn.Module):
         ConfigError for a missing file or a checkpoint of another model.
         ``(None, None)`` when ``load_dir`` has no ``latest`` file, with a warning line on rank 0, as DeepSpeed.
         """
-        if custom_load_fn is not None:
-            raise ConfigError("load_checkpoint: custom_load_fn is not implemented; load without it (weights, "
-                              "optimizer fragments and scheduler are restored as saved)")
-        return ckpt.load(
-            self,
-            load_dir,
-            None if tag is None else str(tag),
-            load_optimizer_states and not load_module_only,
-            load_lr_scheduler_states and not load_module_only,
-            strict=load_module_strict,
-            load_counters=not load_module_only,
-        )
+        with named_for("load_checkpoint"):  # one name for the errors of every reader below
+            if custom_load_fn is not None:
+                raise ConfigError("custom_load_fn is not implemented; load without it (weights, optimizer "
+                                  "fragments and scheduler are restored as saved)")
+            return ckpt.load(
+                self,
+                load_dir,
+                None if tag is None else str(tag),
+                load_optimizer_states and not load_module_only,
+                load_lr_scheduler_states and not load_module_only,
+                strict=load_module_strict,
+                load_counters=not load_module_only,
+            )
 
     def barrier(self) -> None:
         """Wait for every rank."""

@@ -63,7 +63,7 @@ def to_local(full: torch.Tensor, info: dict, tp_rank: int, tp_size: int, what: s
         expected[info["tp_dim"]] *= tp_size
     if list(local.shape) != expected:
         raise ConfigError(
-            f"load_checkpoint: {what} is {list(local.shape)} in the checkpoint (merged over its AutoTP ranks), "
+            f"{what} is {list(local.shape)} in the checkpoint (merged over its AutoTP ranks), "
             f"{expected} in this model; load it into the model it was saved from"
         )
     if info["tp_dim"] >= 0:
@@ -124,7 +124,7 @@ def reshard_fragments(
         source = next((owner[key] for key in [name, *info["aliases"]] if key in owner), None)
         if source is None:
             raise ConfigError(
-                f"load_checkpoint: the checkpoint's optimizer state has no parameter {name!r}; load it into "
+                f"the checkpoint's optimizer state has no parameter {name!r}; load it into "
                 f"the model it was saved from"
             )
         where = (saved_meta, source, info, tp_rank, tp_size, name)
