@@ -158,6 +158,70 @@ def test_misspelt_flag_names_the_closest_known_one():
     assert "did you mean: --trian-iters -> --train-iters, --micro-batch-sise -> --micro-batch-size?" in str(info.value)
 
 
+_NOT_IMPLEMENTED = "--save-retain-interval is a Megatron-LM flag that this trainer does not implement: drop it"
+
+
+def _main_error(argv):
+    import pretrain_gpt
+    with pytest.raises(ConfigError) as info:
+        pretrain_gpt.main(argv)
+    return str(info.value)
+
+
+def test_a_megatron_lm_flag_we_lack_is_named_as_such_not_guessed():
+    """Megatron-LM's --save-retain-interval was answered "did you mean --save-interval?", a different flag."""
+    assert _main_error(["--demo", "--save-retain-interval", "5"]) == (
+        f"unrecognized arguments: --save-retain-interval 5; {_NOT_IMPLEMENTED} (see python pretrain_gpt.py --help)")
+    assert _main_error(["--demo", "--save-retain-interval=5", "--non-persistent-save-interval", "5"]) == (
+        "unrecognized arguments: --save-retain-interval=5 --non-persistent-save-interval 5; --save-retain-interval, "
+        "--non-persistent-save-interval are Megatron-LM flags that this trainer does not implement: drop them "
+        "(see python pretrain_gpt.py --help)")
+
+
+def test_megatron_lm_flags_and_typos_together_are_one_line():
+    """Run as a user runs it: one line on stderr, exit code 2, each unknown flag with its own advice (the typo
+    its closest flag, as test_misspelt_flag_names_the_closest_known_one; the Megatron-LM flag no guess)."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(repo, "pretrain_gpt.py"), "--demo", "--trian-iters", "3",
+                           "--save-retain-interval=5", "--no-such-flag"],
+                          cwd=repo, env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: unrecognized arguments: --trian-iters 3 --save-retain-interval=5 --no-such-flag; {_NOT_IMPLEMENTED}; "
+        "did you mean: --trian-iters -> --train-iters? (see python pretrain_gpt.py --help)"], proc.stderr
+
+
+def test_the_megatron_lm_flag_list_ships_in_the_wheel(tmp_path):
+    """megatron_lm_flags.txt is package data: a wheel built from pyproject.toml carries it, and the parser reads
+    it through importlib.resources."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from megatron_core.training.arguments import megatron_lm_flags
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(repo, name), source / name)
+    shutil.copytree(os.path.join(repo, "megatron_core"), source / "megatron_core",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=240)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        text = archive.read("megatron_core/training/arguments/megatron_lm_flags.txt").decode()
+    shipped = {line for line in text.splitlines() if line and not line.startswith("#")}
+    assert shipped == megatron_lm_flags()
+    assert {"--save-retain-interval", "--train-iters", "--tensor-model-parallel-size"} <= shipped
+    assert all(flag.startswith("--") and " " not in flag for flag in shipped) and len(shipped) > 800
+
+
 def test_train_samples_with_rampup_counts_small_batches():
     argv = [a for a in _base("--global-batch-size", "16", "--rampup-batch-size", "4", "4", "48")
             if a not in ("--train-iters", "10")] + ["--train-samples", "208"]

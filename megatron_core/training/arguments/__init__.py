@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import difflib
 from collections.abc import Sequence
+from importlib import resources
 
 from megatron_core.training.arguments import checkpointing, compat, data, distributed, logs, model, training
 from megatron_core.training.arguments.to_config import config_from_args
 from megatron_core.training.errors import ConfigError
 
-__all__ = ["build_parser", "config_from_args", "parse_args"]
+__all__ = ["build_parser", "config_from_args", "megatron_lm_flags", "parse_args"]
+
+# Megatron-LM's flag names, one a line (package data, next to this file).
+_MEGATRON_LM_FLAGS = "megatron_lm_flags.txt"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,17 +28,46 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}{self._suggestions(message)} (see python {self.prog} --help)")
 
     def _suggestions(self, message: str) -> str:
-        """"; did you mean --train-iters?" for each unknown flag close to a known one."""
+        """What to do about each unknown flag of argparse's "unrecognized arguments: ..." message, on the same line:
+        "; --save-retain-interval is a Megatron-LM flag that this trainer does not implement: drop it" for a flag
+        of Megatron-LM's own parser (``megatron_lm_flags``), where the closest flag of ours would be a wrong guess,
+        and "; did you mean: --trian-iters -> --train-iters?" for any other flag close to one of ours (a typo).
+        ``--flag=value`` is judged by ``--flag``. Empty for any other message."""
         if not message.startswith("unrecognized arguments:"):
             return ""
         known = [option for action in self._actions for option in action.option_strings]
+        megatron = megatron_lm_flags()
+        unimplemented: list[str] = []
         hints = []
         for word in message.split(":", 1)[1].split():
             flag = word.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+            if not flag.startswith("--"):
+                continue
+            if flag in megatron:
+                if flag not in unimplemented:
+                    unimplemented.append(flag)
+                continue
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
             if close:
                 hints.append(f"{flag} -> {close[0]}")
-        return f"; did you mean: {', '.join(hints)}?" if hints else ""
+        parts = []
+        if unimplemented:
+            one = len(unimplemented) == 1
+            parts.append(f"{', '.join(unimplemented)} {'is a Megatron-LM flag' if one else 'are Megatron-LM flags'} "
+                         f"that this trainer does not implement: drop {'it' if one else 'them'}")
+        if hints:
+            parts.append(f"did you mean: {', '.join(hints)}?")
+        return "".join(f"; {part}" for part in parts)
+
+
+def megatron_lm_flags() -> frozenset[str]:
+    """Every flag of Megatron-LM's ``megatron/training/arguments.py`` ("--save-retain-interval", ...), read from
+    the package data file ``megatron_lm_flags.txt`` (its header names the Megatron-LM commit).
+
+    Raises FileNotFoundError when the package was installed without its data file (a packaging bug:
+    pyproject.toml's ``[tool.setuptools.package-data]`` lists it)."""
+    text = resources.files(__name__).joinpath(_MEGATRON_LM_FLAGS).read_text(encoding="utf-8")
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
