@@ -178,6 +178,13 @@ def test_a_megatron_lm_flag_we_lack_is_named_as_such_not_guessed():
         "(see python pretrain_gpt.py --help)")
 
 
+def test_a_misspelt_megatron_lm_flag_we_lack_is_not_matched_to_one_of_ours():
+    """--save-retain-intervall was answered "did you mean --save-interval?"; the flag meant is Megatron-LM's."""
+    assert _main_error(["--demo", "--save-retain-intervall", "5"]) == (
+        "unrecognized arguments: --save-retain-intervall 5; did you mean: --save-retain-intervall -> Megatron-LM's "
+        "--save-retain-interval, not implemented here? (see python pretrain_gpt.py --help)")
+
+
 def test_megatron_lm_flags_and_typos_together_are_one_line():
     """Run as a user runs it: one line on stderr, exit code 2, each unknown flag with its own advice (the typo
     its closest flag, as test_misspelt_flag_names_the_closest_known_one; the Megatron-LM flag no guess)."""

@@ -31,7 +31,9 @@ class _Parser(argparse.ArgumentParser):
         """What to do about each unknown flag of argparse's "unrecognized arguments: ..." message, on the same line:
         "; --save-retain-interval is a Megatron-LM flag that this trainer does not implement: drop it" for a flag
         of Megatron-LM's own parser (``megatron_lm_flags``), where the closest flag of ours would be a wrong guess,
-        and "; did you mean: --trian-iters -> --train-iters?" for any other flag close to one of ours (a typo).
+        and "; did you mean: --trian-iters -> --train-iters?" for any other flag close to one of ours (a typo), or
+        "--save-retain-intervall -> Megatron-LM's --save-retain-interval, not implemented here" when the closest
+        flag is one of Megatron-LM's that this trainer lacks.
         ``--flag=value`` is judged by ``--flag``. Empty for any other message."""
         if not message.startswith("unrecognized arguments:"):
             return ""
@@ -47,9 +49,11 @@ class _Parser(argparse.ArgumentParser):
                 if flag not in unimplemented:
                     unimplemented.append(flag)
                 continue
-            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+            # Megatron-LM's flags compete too: a misspelt one of those is no typo of the nearest of ours.
+            close = difflib.get_close_matches(flag, known + sorted(megatron.difference(known)), n=1, cutoff=0.75)
             if close:
-                hints.append(f"{flag} -> {close[0]}")
+                hints.append(f"{flag} -> {close[0]}" if close[0] in known else
+                             f"{flag} -> Megatron-LM's {close[0]}, not implemented here")
         parts = []
         if unimplemented:
             one = len(unimplemented) == 1
