@@ -334,3 +334,30 @@ def test_chunk_size_and_a_directory_as_output_prefix_are_one_line_before_any_out
         f"error: --output-prefix {directory!r} ends in a directory separator, so the files would be named "
         f"'_{{key}}_document.bin'; give a file-name prefix, e.g. --output-prefix {directory}corpus\n")
     assert not os.path.exists(directory)
+
+
+def test_a_list_of_sentences_is_one_document_of_each_sentences_tokens(tmp_path, spm_model, capsys):
+    """A --json-keys value that is a list of strings (the form Megatron-LM's --split-sentences pre-pass writes) was
+    skipped as 'holds list, not a string'. Megatron-LM's Encoder.encode tokenizes each sentence on its own and
+    concatenates the tokens (an empty sentence adds none), the EOD after the last; a list holding anything but
+    strings stays a bad line naming the key, the element and the line."""
+    docs = [{"text": ["a b.", "c d."]}, {"text": ["def f(x):", "", "    return x  # 🚀 ünï"]},
+            {"text": "a plain string"}, {"text": ["only one"]}, {"text": ["", ""]}]
+    write_jsonl(tmp_path / "in.jsonl", docs, {3: json.dumps({"text": ["fine", 7]}), 5: '{"text": ["x", "\\ud800"]}'})
+    assert run_main(tmp_path, spm_model, "--append-eod", "--workers", "2") == 0
+    err = capsys.readouterr().err
+    where = tmp_path / "in.jsonl"
+    assert f"warning: {where}:3: skipped line: key 'text' element 1 holds int, not a string" in err.splitlines(), err
+    assert "in.jsonl:5: skipped line: key 'text' element 1 holds a lone surrogate '\\ud800' at character 0" in err, err
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
+    expected = []
+    for doc in docs:
+        sentences = doc["text"] if isinstance(doc["text"], list) else [doc["text"]]
+        ids = [i for sentence in sentences for i in tok.tokenize(sentence)]
+        expected.append(ids + [tok.eod] if ids else ids)
+    prefix = str(tmp_path / "out" / "data_text_document")
+    dataset = IndexedDataset(prefix)
+    assert len(dataset) == dataset.num_documents == len(docs)
+    assert [dataset[i].tolist() for i in range(len(dataset))] == expected
+    _, documents, sequences = read_megatron_index(prefix)
+    assert documents == list(range(len(docs) + 1)) and sequences == expected

@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +21,7 @@ SAMPLES = (
     "unicode: café, naïve, 日本語, emoji 🚀, tab\there",
     "",
 )
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stdlib_text(max_bytes: int = 12_000) -> str:
@@ -329,7 +332,7 @@ def test_training_skips_a_lone_surrogate_line_instead_of_failing(tmp_path, corpu
     assert os.path.isfile(model)
     err = capsys.readouterr().err
     assert "c.jsonl:4: skipped (key 'text' holds a lone surrogate '\\ud800' at character 5" in err, err
-    assert "c.jsonl:5: skipped (key 'text' holds int, not a string)" in err, err
+    assert "c.jsonl:5: skipped (key 'text' holds int, not a string or a list of strings)" in err, err
 
 
 def test_a_line_with_one_bad_key_is_skipped_whole_as_preprocess_data_skips_it(tmp_path, capsys):
@@ -343,4 +346,37 @@ def test_a_line_with_one_bad_key_is_skipped_whole_as_preprocess_data_skips_it(tm
     assert lines == ["kept title", "kept body"]
     err = capsys.readouterr().err
     assert "c.jsonl:2: skipped (key 'text' holds a lone surrogate '\\udc00'" in err, err
-    assert "c.jsonl:3: skipped (key 'text' holds int, not a string)" in err, err
+    assert "c.jsonl:3: skipped (key 'text' holds int, not a string or a list of strings)" in err, err
+
+
+def test_a_json_key_given_twice_is_read_once(tmp_path, corpus_file):
+    """--json-keys text text fed SentencePiece every document twice (230 sentences for 115); the key is read once,
+    as preprocess_data reads it, with a warning naming --json-keys and the key."""
+    text = open(corpus_file, encoding="utf-8").read()
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": text[i:i + 800]}) + "\n" for i in range(0, len(text), 800)))
+
+    def loaded(*keys):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", str(jsonl), "--json-keys",
+             *keys, "--vocab-size", "400", "--model-prefix", str(tmp_path / "tok"), "--verbose"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        counts = re.findall(r"Loaded all (\d+) sentences", proc.stderr)
+        warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+        return int(counts[0]), warnings
+
+    once, none = loaded("text")
+    assert once > 0 and none == []
+    assert loaded("text", "text") == (once, ["warning: --json-keys names 'text' more than once; each key is read once"])
+
+
+def test_a_list_of_sentences_is_trained_on_as_preprocess_data_reads_it(tmp_path, capsys):
+    # A value that is a list of strings (Megatron-LM's sentence-split JSONL, which preprocess_data reads) was
+    # skipped as 'list, not a string'; a list holding anything but strings is still a skipped line.
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(json.dumps({"text": ["first sentence.", "", "second\nwith two lines."]}) + "\n"
+                     + json.dumps({"text": ["kept", 7]}) + "\n" + json.dumps({"text": "plain"}) + "\n")
+    assert list(iter_training_lines([str(jsonl)])) == ["first sentence.", "second", "with two lines.", "plain"]
+    assert "c.jsonl:2: skipped (key 'text' element 1 holds int, not a string)" in capsys.readouterr().err

@@ -6,6 +6,12 @@
 
 writes ``data/corpus_text_document.bin/.idx``; pass ``--data-path data/corpus_text_document`` to
 training. The files are byte-compatible with Megatron-LM's own preprocess_data.py.
+
+A key's value is a string, or a list of strings (the sentence-split form Megatron-LM's
+``--split-sentences`` pre-pass writes): as Megatron-LM, each sentence is tokenized on its own and the
+tokens are concatenated into the document (an empty sentence adds nothing), the EOD after the last.
+The ``.bin`` then equals Megatron-LM's; the ``.idx`` holds one sequence per document, where
+Megatron-LM's records one per sentence, because GPTDataset reads one sequence per document.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from megatron_core.datasets.indexed_dataset import (
 )
 from megatron_core.errors import ArgumentParser
 from megatron_core.tokenizer import TOKENIZER_TYPES, MegatronTokenizer, build_tokenizer
-from megatron_core.tokenizer.base import lone_surrogate
+from megatron_core.tokenizer.base import json_sentences, unique_json_keys
 
 
 class BadLineError(ValueError):
@@ -93,15 +99,13 @@ class _EncodeLine:
             raise TypeError(f"expected a JSON object, got {type(document).__name__}")
         arrays = []
         for key in self.json_keys:
-            text = document[key]
-            if not isinstance(text, str):
-                raise TypeError(f"key {key!r} holds {type(text).__name__}, not a string")
-            if (problem := lone_surrogate(text)) is not None:
-                raise ValueError(f"key {key!r} holds {problem}: fix the line's JSON escapes")
-            ids = tokenizer.tokenize(text)
-            # As in Megatron-LM, an empty document gets no EOD.
+            # As Megatron-LM's Encoder.encode: each sentence (a string is one) tokenized on its own, the
+            # token lists concatenated; an empty document gets no EOD.
+            ids: list[int] = []
+            for sentence in json_sentences(key, document[key]):
+                ids.extend(tokenizer.tokenize(sentence))
             if ids and self.append_eod:
-                ids = list(ids) + [tokenizer.eod]
+                ids.append(tokenizer.eod)
             arrays.append(np.asarray(ids, dtype=np.int64))
         return tuple(arrays)
 
@@ -192,8 +196,7 @@ def preprocess(args: argparse.Namespace) -> PreprocessStats:
     os.makedirs(out_dir, exist_ok=True)
 
     stats = PreprocessStats()
-    # A key given twice is one dataset, written once, as Megatron-LM's (its per-key dicts collapse it).
-    keys = tuple(dict.fromkeys(args.json_keys))
+    keys = unique_json_keys(args.json_keys)
     builders = {}
     for key in keys:
         prefix = output_prefix_for(args.output_prefix, key)
@@ -260,7 +263,7 @@ def _check_wrote_something(inputs: Sequence[str], stats: PreprocessStats, first_
 
 
 _SENTENCES = ("sentence splitting (for BERT-style sentence-order data) is not supported: GPT training reads whole "
-              "documents; drop the flag")
+              "documents; drop the flag (a --json-keys value that is a list of sentences is read as one document)")
 # Megatron-LM's flags this tool does not implement, with the reason (never argparse's bare "unrecognized").
 _REFUSED = {
     "--split-sentences": _SENTENCES,
@@ -283,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True, help="JSONL file(s), one JSON object per line")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize; one dataset per key")
+    group.add_argument("--json-keys", nargs="+", default=["text"],
+                       help="keys to tokenize, one dataset per key; a value is a string or a list of sentences")
     group.add_argument("--on-bad-line", choices=("skip", "error"), default="skip",
-                       help="malformed JSON or a missing key: report and skip the line, or stop")
+                       help="malformed JSON, a missing key or a value that is no text: report and skip the line, "
+                            "or stop")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     group.add_argument("--tokenizer-model", default=None, help="SentencePiece .model / HF tokenizer path")

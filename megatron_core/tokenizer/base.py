@@ -1,6 +1,7 @@
 """The interface every tokenizer exposes to the preprocessing tool, datasets and training."""
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -22,6 +23,43 @@ def lone_surrogate(text: str) -> str | None:
     except UnicodeEncodeError as exc:
         return f"a lone surrogate {text[exc.start:exc.end]!r} at character {exc.start} (not Unicode text)"
     return None
+
+
+def json_sentences(key: str, value: object) -> list[str]:
+    """The text under one ``--json-keys`` key of a JSONL document, as a list of sentences.
+
+    A string is one sentence; a list of strings is Megatron-LM's sentence-split form (what its
+    ``preprocess_data.py --split-sentences`` pre-pass writes), each element one sentence, which
+    Megatron-LM tokenizes one by one and concatenates into the document. Raises ValueError naming
+    the key (and the element) when the value is neither, or a sentence holds a lone surrogate.
+    """
+    if isinstance(value, str):
+        sentences: list = [value]
+    elif isinstance(value, list):
+        sentences = value
+    else:
+        raise ValueError(f"key {key!r} holds {type(value).__name__}, not a string or a list of strings")
+    for index, sentence in enumerate(sentences):
+        where = f"key {key!r}" if isinstance(value, str) else f"key {key!r} element {index}"
+        if not isinstance(sentence, str):
+            raise ValueError(f"{where} holds {type(sentence).__name__}, not a string")
+        if (problem := lone_surrogate(sentence)) is not None:
+            raise ValueError(f"{where} holds {problem}: fix the line's JSON escapes")
+    return sentences
+
+
+def unique_json_keys(json_keys: Sequence[str]) -> tuple[str, ...]:
+    """``--json-keys`` with each key once, in order, warning on stderr about a key given twice.
+
+    A repeated key is one dataset (preprocess_data) or one text (train_tokenizer), read once, as
+    Megatron-LM's per-key dicts make it; reading it twice would double every document.
+    """
+    keys = tuple(dict.fromkeys(json_keys))
+    repeated = [key for key in keys if list(json_keys).count(key) > 1]
+    if repeated:
+        names = " ".join(repr(key) for key in repeated)
+        print(f"warning: --json-keys names {names} more than once; each key is read once", file=sys.stderr)
+    return keys
 
 
 class MegatronTokenizer(ABC):

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from megatron_core.errors import ArgumentParser
-from megatron_core.tokenizer.base import lone_surrogate
+from megatron_core.tokenizer.base import json_sentences, unique_json_keys
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -34,10 +34,12 @@ def iter_training_lines(
     """Non-empty lines of the inputs; JSONL documents are split into lines of their ``json_keys``.
 
     SentencePiece trains on "sentences" of at most a few KB, so documents are fed line by line.
-    Malformed JSON lines, and lines where any key's value is not a string or holds a lone UTF-16
+    A key's value is a string or, as for ``preprocess_data``, a list of strings (sentences).
+    Malformed JSON lines, and lines where any key's value is no such text or holds a lone UTF-16
     surrogate, are skipped whole (as ``preprocess_data`` skips them) with a note on stderr rather
-    than aborting a long run.
+    than aborting a long run. A key given twice is read once (``unique_json_keys``).
     """
+    json_keys = unique_json_keys(json_keys)
     for path in inputs:
         as_json = _is_json_input(path, input_format)
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -56,21 +58,14 @@ def iter_training_lines(
                     continue
                 # The whole line is skipped (as preprocess_data skips it), not the run stopped:
                 # SentencePiece's trainer fails as a whole on a lone surrogate.
-                problem = _bad_text(json_keys, texts)
-                if problem is not None:
-                    print(f"warning: {path}:{line_number}: skipped ({problem})", file=sys.stderr)
+                try:
+                    sentences = [part for key, text in zip(json_keys, texts, strict=True)
+                                 for part in json_sentences(key, text)]
+                except ValueError as exc:
+                    print(f"warning: {path}:{line_number}: skipped ({exc})", file=sys.stderr)
                     continue
-                for text in texts:
+                for text in sentences:
                     yield from (part for part in text.split("\n") if part.strip())
-
-
-def _bad_text(json_keys: Sequence[str], texts: Sequence[object]) -> str | None:
-    """Why a JSONL line cannot be trained on (the first key that is not a valid string), or None."""
-    for key, text in zip(json_keys, texts, strict=True):
-        problem = lone_surrogate(text) if isinstance(text, str) else f"{type(text).__name__}, not a string"
-        if problem is not None:
-            return f"key {key!r} holds {problem}"
-    return None
 
 
 # unk, bos and eos (no pad piece): the ids set in train_sentencepiece.
@@ -177,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
-    parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys holding the text")
+    parser.add_argument("--json-keys", nargs="+", default=["text"],
+                        help="JSONL keys holding the text, a string or a list of sentences (a key given twice is "
+                             "read once)")
     parser.add_argument("--input-format", choices=("auto", "text", "json"), default="auto",
                         help="auto: .jsonl/.json/.ndjson files are JSON lines, others plain text")
     parser.add_argument("--vocab-size", type=int, required=True,
