@@ -32,7 +32,8 @@ def _train(engine, steps: int) -> None:
 
 
 def _freed(p: torch.Tensor) -> bool:
-    return p.untyped_storage().nbytes() == 0
+    """No full copy of ``p`` is held (a freed parameter points at a one-element placeholder)."""
+    return p.untyped_storage().nbytes() < p.numel() * p.element_size()
 
 
 def _read():
@@ -54,6 +55,31 @@ def _read():
 def test_reading_gathers_only_the_named_parameters():
     for equal, other_freed, disabled_freed in run_distributed(_read, 2, timeout=120):
         assert equal and other_freed and disabled_freed
+
+
+def _read_outside():
+    engine = _engine(0.1, bf16=False)
+    _train(engine, 1)
+    weight = dict(engine.module.named_parameters())["0.weight"]
+    shape, values = weight.shape, weight.detach().clone()  # read with no gather: segfaulted before
+    try:
+        weight.data.mul_(2.0)
+        refused = ""
+    except RuntimeError as exc:
+        refused = str(exc)
+    full = engine.module.state_dict()["0.weight"].clone()
+    _train(engine, 1)  # training goes on and the parameter is gathered for its forward as before
+    return shape, values, refused, full, _freed(weight)
+
+
+def test_a_freed_parameter_read_outside_a_block_is_nan_not_a_crash():
+    """Outside forward and a GatheredParameters block a ZeRO-3 parameter keeps its shape, reads NaN and
+    refuses an in-place multiply: it pointed into a storage resized to 0 bytes, and reading it killed the
+    process."""
+    for shape, values, refused, full, freed in run_distributed(_read_outside, 2, timeout=120):
+        assert shape == (32, 8) and values.isnan().all(), values
+        assert "more than one element of the written-to tensor" in refused, refused
+        assert full.isfinite().all() and freed
 
 
 def _modify(bf16: bool):
@@ -114,7 +140,7 @@ def _step_in_block(modifier_rank):
             _train(engine, 1)
         except ConfigError as exc:
             refused = str(exc)
-        full = weight.untyped_storage().nbytes() > 0  # the block's parameter kept its storage
+        full = not _freed(weight)  # the block's parameter kept its storage
     engine.step()  # the refused step, after the block
     _train(engine, 1)  # and training goes on
     return refused, full
@@ -142,7 +168,7 @@ def _load_in_block(folder, modifier_rank):
             engine.load_checkpoint(folder, tag="t")
         except ConfigError as exc:
             refused = str(exc)
-        full = weight.untyped_storage().nbytes() > 0  # the block's parameter kept its storage
+        full = not _freed(weight)  # the block's parameter kept its storage
         engine.load_checkpoint(folder, tag="t", load_optimizer_states=False)  # the weights alone: no re-shard
         weights_only = torch.equal(weight, saved)
     engine.load_checkpoint(folder, tag="t")  # the refused load, after the block

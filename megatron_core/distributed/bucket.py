@@ -24,6 +24,9 @@ class Bucket:
         # ZeRO-3 frees (``gathered`` False) and all-gathers again; ``gather_handle`` is an
         # all-gather in flight into it; ``persistent`` buckets are never freed.
         self.param_data: torch.Tensor = torch.empty(0)  # set by the buffer
+        # Each parameter with its view of param_data: a freed bucket points its parameters at ``released``
+        # instead, since a view of a storage resized to 0 bytes reads unallocated memory (a segfault).
+        self.param_views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.gathered = True
         self.gather_handle = None
         self.persistent = False
@@ -39,6 +42,18 @@ class Bucket:
         """Mark every parameter's gradient pending again and forget the last reduction."""
         self.pending = {id(p) for p in self.params}
         self.handle, self.reduce_scatter_output, self.launched_at = None, None, None
+
+    def point_params_at_buffer(self) -> None:
+        """Give every parameter its view of ``param_data`` again (its storage was just re-allocated)."""
+        for p, view in self.param_views:
+            p.data = view
+
+    def point_params_at(self, released: torch.Tensor) -> None:
+        """Make every parameter a stride-0 expansion of the one-element ``released`` (its shape kept): a read
+        outside a gather gives NaN; a write is lost (as to DeepSpeed's freed parameters) or, for most in-place
+        ops, refused by torch; neither touches freed memory."""
+        for p, _ in self.param_views:
+            p.data = released.view(()).expand(p.shape)  # view(()): a 0-dim parameter too
 
     @property
     def launched(self) -> bool:

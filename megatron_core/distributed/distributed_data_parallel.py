@@ -176,7 +176,15 @@ class DistributedDataParallel(torch.nn.Module):
     # ---- the module interface -----------------------------------------------------------------
     @override
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        if self.ddp_config.zero_stage != 3:
+            return self.module(*args, **kwargs)
+        for buffer in self.buffers_by_dtype:  # freed parameters: see ParamAndGradBuffer.released
+            buffer.set_in_forward(True)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            for buffer in self.buffers_by_dtype:
+                buffer.set_in_forward(False)
 
     def set_input_tensor(self, tensor: torch.Tensor | None) -> None:
         """Hand the previous pipeline stage's activations to the wrapped chunk (see ``GPTModel``)."""

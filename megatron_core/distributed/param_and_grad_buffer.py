@@ -78,6 +78,11 @@ class ParamAndGradBuffer:
                                                                 device=shard_device))
         else:
             self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
+        # What ZeRO-3's freed parameters point at outside forward (Bucket.point_params_at; not counted as
+        # memory). Inside forward they stay views of their 0-byte storage: an op reading one that no hook
+        # gathered fails with torch's "storage of size 0" (the engine names the fix) instead of reading NaN.
+        self.released = torch.full((1,), float("nan"), dtype=self.param_dtype, device=device)
+        self.in_forward = False
         # ZeRO-2/3: per-bucket gradient storage, released after each reduction (module docstring); the
         # reduced shard of every bucket, summed over the microbatches of a step, lives in ``grad_shard``.
         self.partition_grads = config.zero_stage >= 2
@@ -122,6 +127,7 @@ class ParamAndGradBuffer:
             view = bucket.param_data[start - bucket.start:end - bucket.start]
             view.copy_(p.detach().reshape(-1))
             p.data = view.view(p.shape)
+            bucket.param_views.append((p, p.data))
             main_grad = bucket.grad_data[start - bucket.start:end - bucket.start].view(p.shape)
             bucket.main_grads.append((p, main_grad))
             setattr(p, MAIN_GRAD_ATTR, main_grad)
@@ -410,6 +416,7 @@ class ParamAndGradBuffer:
             nbytes = bucket.param_data.numel() * bucket.param_data.element_size()
             if storage.nbytes() != nbytes:
                 storage.resize_(nbytes)
+                bucket.point_params_at_buffer()
         # A device copy of the local shard as input: the output contains it (no aliasing allowed),
         # and an offloaded shard is on the host (the host-to-device copy of parameter offload).
         shard = self.shard_param(bucket).to(self.device, copy=True)
@@ -433,7 +440,20 @@ class ParamAndGradBuffer:
             return
         self.wait_param_gather(bucket)
         bucket.param_data.untyped_storage().resize_(0)
+        if not self.in_forward:
+            bucket.point_params_at(self.released.fill_(float("nan")))
         bucket.gathered = False
+
+    def set_in_forward(self, in_forward: bool) -> None:
+        """ZeRO-3: entering (True) or leaving a forward; freed parameters become views of their freed storage
+        or point at the NaN placeholder (see ``released``)."""
+        self.in_forward = in_forward
+        for bucket in self.buckets:
+            if not bucket.gathered:
+                if in_forward:
+                    bucket.point_params_at_buffer()
+                else:
+                    bucket.point_params_at(self.released.fill_(float("nan")))
 
     def finish_param_gathers(self) -> None:
         """Wait for every all-gather in flight (before a step writes the shards, or a checkpoint reads)."""

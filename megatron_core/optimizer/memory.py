@@ -59,11 +59,13 @@ def memory_footprint(model_chunks: list[torch.nn.Module], optimizer: MegatronOpt
                      ) -> MemoryFootprint:
     """What this rank holds now; call it between steps (after ``step()``) for the steady state."""
     counter = _StorageCounter()
-    params = [p for chunk in model_chunks for p in chunk.parameters()]
     buffers = [b for chunk in model_chunks for b in getattr(chunk, "buffers_by_dtype", [])]
+    released = {b.released.data_ptr() for b in buffers}  # ZeRO-3's freed parameters point there
+    params = [p for chunk in model_chunks for p in chunk.parameters()]
     mains = [main for main, _ in optimizer.pairs] if optimizer is not None else []
     window = counter.add(k.param_data for b in buffers if b.zero3 for k in b.buckets if k.gathered)
-    param_bytes = counter.add([b.param_data for b in buffers] + [b.param_shard for b in buffers] + params)
+    param_bytes = counter.add([b.param_data for b in buffers] + [b.param_shard for b in buffers]
+                              + [p for p in params if p.data_ptr() not in released])
     grad_bytes = counter.add([b.grad_data for b in buffers] + [b.grad_shard for b in buffers]
                              + [getattr(p, "main_grad", None) for p in params] + [p.grad for p in params]
                              + [main.grad for main in mains]
