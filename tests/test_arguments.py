@@ -445,3 +445,38 @@ def test_help_shows_every_default_including_zero():
                 or action.default is None or action.default is False or action.default == []):
             continue
         assert "(default:" in action.help, (action.option_strings[0], action.default, action.help)
+
+
+@pytest.mark.parametrize("split", ["'99,1,0'", '"99,1,0"', "'99/1/0'", "99/1/0", " '99, 1, 0' "])
+def test_split_in_quotes_or_with_slashes_reads_as_megatron_lm_reads_it(split):
+    """Megatron-LM's Llama 3 example (examples/llama/train_llama3_8b_h100_fp8.sh) passes --split "'99,1,0'": the
+    quotes reach the value. Megatron-LM's parse_and_normalize_split reads it; here it was 'a non-numeric weight'."""
+    from megatron_core.datasets import parse_split
+
+    args = validate_args(parse_args(_base("--split", split)), world_size=1)
+    assert parse_split(args.split) == pytest.approx([0.99, 0.01, 0.0])
+
+
+@pytest.mark.parametrize("split,message", [
+    ("'99,1,0", "--split \"'99,1,0\" has a non-numeric weight; use e.g. 949,50,1"),
+    ("'99,1,0\"", "--split '\\'99,1,0\"' has a non-numeric weight; use e.g. 949,50,1"),
+    ("99;1;0", "--split '99;1;0' has a non-numeric weight; use e.g. 949,50,1"),
+])
+def test_split_in_other_forms_is_one_line_naming_split(split, message):
+    with pytest.raises(ConfigError) as info:
+        validate_args(parse_args(_base("--split", split)), world_size=1)
+    assert str(info.value) == message
+
+
+def test_sequence_parallel_without_tensor_parallelism_warns_in_one_line(capsys, monkeypatch):
+    """Megatron-LM warns "Disabling sequence parallelism because tensor model parallelism is disabled"; here the
+    flag was dropped silently. One line on stderr (rank 0), and the run goes on without it."""
+    monkeypatch.delenv("RANK", raising=False)
+    args = validate_args(parse_args(_base("--sequence-parallel")), world_size=1)
+    assert not args.sequence_parallel
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: Disabling sequence parallelism because tensor model parallelism is disabled (--sequence-parallel "
+        "with --tensor-model-parallel-size 1); drop --sequence-parallel or use --tensor-model-parallel-size 2 or more"]
+    validate_args(parse_args(_base()), world_size=1)
+    validate_args(parse_args(_base("--sequence-parallel", "--tensor-model-parallel-size", "2")), world_size=2)
+    assert capsys.readouterr().err == ""

@@ -4,9 +4,27 @@ from __future__ import annotations
 SPLIT_NAMES = ("train", "valid", "test")
 
 
+def _unquote(split: str) -> str:
+    """``'99,1,0'`` or ``"99,1,0"`` -> ``99,1,0``: one pair of matching quotes around the whole value.
+
+    Megatron-LM's Llama 3 example passes ``--split "'99,1,0'"`` (its shell quoting leaves the quotes in
+    the value); Megatron-LM reads it because ``parse_and_normalize_split`` takes the numbers out with
+    ``re.findall(r"[.0-9]+", split)``. Only surrounding quotes are dropped here: that regex would also
+    read ``-1,2`` as ``1,2`` or ``9 9,1`` as three weights, which are refused instead.
+    """
+    text = split.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
 def parse_split(split: str) -> list[float]:
-    """``"949,50,1"`` -> ``[0.949, 0.05, 0.001]``: up to three non-negative weights, normalized."""
-    pieces = [p.strip() for p in str(split).replace("/", ",").split(",") if p.strip()]
+    """``"949,50,1"`` -> ``[0.949, 0.05, 0.001]``: up to three non-negative weights, normalized.
+
+    Weights are separated by ``,`` or ``/``, and the whole value may be in single or double quotes (as
+    Megatron-LM accepts). Raises ValueError, one line naming --split, for anything else.
+    """
+    pieces = [p.strip() for p in _unquote(str(split)).replace("/", ",").split(",") if p.strip()]
     if not 1 <= len(pieces) <= 3:
         raise ValueError(f"--split {split!r} must have one to three comma-separated weights, e.g. 949,50,1")
     try:

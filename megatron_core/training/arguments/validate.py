@@ -86,6 +86,13 @@ def _parallel(args: argparse.Namespace, world_size: int) -> None:
         vpp = args.num_layers // (pp * per_stage)
         args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
     if tp == 1:
+        if args.sequence_parallel and rank_from_env() == 0:
+            # Megatron-LM's validate_args warns with this sentence; turning it off silently hid a flag the
+            # user asked for (its activation-memory saving does not happen).
+            print("warning: Disabling sequence parallelism because tensor model parallelism is disabled "
+                  "(--sequence-parallel with --tensor-model-parallel-size 1); drop --sequence-parallel or use "
+                  "--tensor-model-parallel-size 2 or more",
+                  file=sys.stderr, flush=True)
         args.sequence_parallel = False  # as Megatron-LM: nothing to split
     if args.distributed_backend is None:
         args.distributed_backend = device.default_backend()
