@@ -127,6 +127,33 @@ def test_finetune_loads_weights_only_and_model_only_checkpoints_load(tmp_path):
     assert plain.loaded_iteration == 0 and plain.val_losses[0] == pytest.approx(saved.val_losses[4], rel=1e-6)
 
 
+def test_a_part_left_out_by_no_save_flags_must_be_skipped_on_resume(tmp_path):
+    """A resume of a --no-save-rng checkpoint went on with this run's own seeding, and one of a --no-save-optim
+    checkpoint (here under the distributed optimizer) with a fresh optimizer, each without a word but a log line.
+    Each stops now in one line naming the flag that skips the part, as Megatron-LM's legacy load; with that flag,
+    or --finetune, it loads (the test of the model-only checkpoint above: a converter's records no save flags)."""
+    no_rng, no_optim = str(tmp_path / "no_rng"), str(tmp_path / "no_optim")
+    zero1 = TINY + ["--use-distributed-optimizer", "--eval-iters", "0"]
+    run_distributed(_train, 1, TINY + ["--save", no_rng, "--exit-interval", "2", "--no-save-rng"])
+    run_distributed(_train, 1, zero1 + ["--save", no_optim, "--exit-interval", "2", "--no-save-optim"])
+    assert os.listdir(os.path.join(no_optim, "iter_0000002", "mp_rank_00")) == ["model_optim_rng.pt"]
+    message = run_distributed(_load_only, 1, TINY + ["--load", no_rng, "--exit-interval", "3"])[0]
+    assert message == (f"ConfigError: checkpoint {no_rng}/iter_0000002 was saved with --no-save-rng (it holds no RNG "
+                       f"state) and this run would load it: pass --no-load-rng (or --finetune) to resume from its "
+                       f"weights without it")
+    message = run_distributed(_load_only, 1, zero1 + ["--load", no_optim, "--exit-interval", "3"])[0]
+    assert message == (f"ConfigError: checkpoint {no_optim}/iter_0000002 was saved with --no-save-optim (it holds no "
+                       f"optimizer state) and this run would load it: pass --no-load-optim (or --finetune) to resume "
+                       f"from its weights without it")
+    resumed = _logged(run_distributed(_train, 1, TINY + ["--load", no_rng, "--exit-interval", "3", "--no-load-rng"]))
+    assert (resumed.loaded_iteration, resumed.iteration) == (2, 3)
+    resumed = _logged(run_distributed(_train, 1, zero1 + ["--load", no_optim, "--exit-interval", "3",
+                                                          "--no-load-optim"]))
+    assert (resumed.loaded_iteration, resumed.iteration) == (2, 3)
+    tuned = _logged(run_distributed(_train, 1, zero1 + ["--load", no_optim, "--exit-interval", "1", "--finetune"]))
+    assert (tuned.loaded_iteration, tuned.iteration) == (0, 1)
+
+
 @pytest.mark.parametrize("world,zero", [(2, ["--zero-stage", "3"]),
                                         (2, ["--zero-stage", "3", "--offload-param", "--bf16"]),
                                         (4, ["--zero-stage", "3", "--pipeline-model-parallel-size", "2"])],

@@ -11,6 +11,9 @@ from equivalence import assert_rel_close
 from harness import run_distributed
 from test_pretrain import TINY, _logged, _train
 
+import pretrain_gpt
+from megatron_core.errors import ConfigError
+
 ARGS = [*TINY, "--train-iters", "8", "--eval-interval", "100", "--eval-iters", "0", "--adam-eps", "1e-4",
         "--lr-warmup-iters", "3", "--ckpt-format", "torch_dist"]
 
@@ -123,24 +126,47 @@ def test_no_load_optim_leaves_the_schedule_out_as_the_legacy_format_and_megatron
                      what="losses after --no-load-optim, torch_dist vs legacy")
 
 
-def test_no_save_optim_and_no_save_rng_leave_them_out_of_torch_dist_as_the_legacy_format(tmp_path, capfd):
+def _refused(argv):
+    """The ConfigError line a run stops with (None when it runs)."""
+    try:
+        pretrain_gpt.main(argv)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_no_save_optim_and_no_save_rng_leave_them_out_and_a_resume_must_skip_them(tmp_path, capfd):
     """--no-save-optim / --no-save-rng were ignored by torch_dist: the checkpoint held the Adam state and the
-    RNG states (byte for byte the size of a full one), and a resume loaded them, saying 'optimizer: yes'.
-    Now both formats leave them out, and a resume starts a fresh optimizer from the saved weights alike."""
+    RNG states (byte for byte the size of a full one), and a resume loaded them. Both formats now leave them out.
+    A resume without --no-load-optim then went on with a fresh optimizer, saying only 'optimizer: no' (the legacy
+    format also skipped the RNG states without a word): it stops now in one line naming the flags, as Megatron-LM's
+    load_checkpoint ('Unable to load optimizer from checkpoint ... Specify --no-load-optim or --finetune').
+    torch_dist skips missing RNG states, as Megatron-LM's does; with the flags both formats continue alike."""
     from megatron_core.dist_checkpointing import read_common
 
+    skip = {"torch": ["--no-load-optim", "--no-load-rng"], "torch_dist": ["--no-load-optim"]}
     resumed = {}
     for fmt in ("torch", "torch_dist"):
         ckpt = str(tmp_path / fmt)
         run_distributed(_train, 1, ARGS + ["--ckpt-format", fmt, "--save", ckpt, "--exit-interval", "4",
                                            "--no-save-optim", "--no-save-rng"], timeout=120)
+        resume = ARGS + ["--ckpt-format", fmt, "--load", ckpt, "--exit-interval", "6"]
+        message = run_distributed(_refused, 1, resume, timeout=120)[0]
+        saved = "--no-save-optim --no-save-rng (it holds no optimizer or RNG state)" if fmt == "torch" else \
+            "--no-save-optim (it holds no optimizer state)"
+        assert message == (f"checkpoint {ckpt}/iter_0000004 was saved with {saved} and this run would load it: "
+                           f"pass {' '.join(skip[fmt])} (or --finetune) to resume from its weights without it")
+        if fmt == "torch":  # both flags are needed: one alone still stops, naming the other
+            message = run_distributed(_refused, 1, resume + ["--no-load-optim"], timeout=120)[0]
+            assert message is not None and "was saved with --no-save-rng (it holds no RNG state)" in message \
+                and "pass --no-load-rng (or --finetune)" in message, message
         capfd.readouterr()
-        resumed[fmt] = _logged(run_distributed(_train, 1, ARGS + ["--ckpt-format", fmt, "--load", ckpt,
-                                                                  "--exit-interval", "6"], timeout=120))
+        resumed[fmt] = _logged(run_distributed(_train, 1, resume + skip[fmt], timeout=120))
         out = capfd.readouterr().out
         assert "optimizer: no" in out, out[-2000:]
     common = read_common(str(tmp_path / "torch_dist"))
     assert not common["optimizer"] and not common["rng"]
+    assert common["extra"]["save_flags"] == {"optimizer": False, "rng": False}
     assert [r.loaded_iteration for r in resumed.values()] == [4, 4]
     assert_rel_close(torch.tensor(resumed["torch_dist"].losses), torch.tensor(resumed["torch"].losses),
                      what="losses after a --no-save-optim checkpoint, torch_dist vs legacy")

@@ -29,6 +29,7 @@ from megatron_core.training.errors import ConfigError
 from megatron_core.training.health import TrainingDivergedError, check_finite_state
 from megatron_core.training.initialize import launcher_alive
 from megatron_core.training.rng_state import get_rng_state, set_rng_state
+from megatron_core.training.save_flags import SAVE_FLAGS, check_saved_parts, save_flags
 from megatron_core.transformer.config import TransformerConfig
 
 # Test hook: sleep this many seconds inside a save, after the files are written and before the
@@ -171,7 +172,8 @@ def _write_files(config: CheckpointConfig, tmp_dir: str, iteration: int, consume
         if parallel_state.dp_rank == 0:
             state: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": iteration,
                                      "consumed_train_samples": consumed_train_samples,
-                                     "config": transformer.to_dict(), "model_info": model_info.to_dict()}
+                                     "config": transformer.to_dict(), "model_info": model_info.to_dict(),
+                                     SAVE_FLAGS: save_flags(config, save_optim)}
             for key, model_state in zip(_model_keys(model_states), model_states, strict=True):
                 state[key] = model_state
             if save_optim:
@@ -336,6 +338,7 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     state = _load_or_name_damage(load_root, iteration, os.path.join(rank_dir, io.MODEL_FILENAME))
     check_compatible(state.get("config", {}), state.get("model_info", {}), transformer.to_dict(),
                      model_info.to_dict(), rank_dir)
+    check_saved_parts(state.get(SAVE_FLAGS), config, os.path.dirname(rank_dir), optimizer is not None, True)
     for key in _model_keys(model):
         check_finite_state(state.get(key, {}), os.path.join(rank_dir, io.MODEL_FILENAME))
     _load_model(state, model, rank_dir)

@@ -18,7 +18,7 @@ import torch
 from megatron_core.collectives import lowest_failure
 from megatron_core.dist_checkpointing import SaveRequest, load_dist_checkpoint, save_dist_checkpoint
 from megatron_core.dist_checkpointing.full_model import is_torch_dist
-from megatron_core.dist_checkpointing.serialization import describe_layout, layout_of
+from megatron_core.dist_checkpointing.serialization import checkpoint_dir, describe_layout, layout_of
 from megatron_core.dist_checkpointing.sharded import shard_pieces
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
@@ -26,6 +26,7 @@ from megatron_core.training.checkpointing import LoadResult, check_compatible, c
 from megatron_core.training.config import CheckpointConfig, DataConfig, ModelInfo
 from megatron_core.training.health import TrainingDivergedError, check_finite_state
 from megatron_core.training.initialize import launcher_alive
+from megatron_core.training.save_flags import SAVE_FLAGS, check_saved_parts, save_flags
 from megatron_core.transformer.config import TransformerConfig
 
 
@@ -77,7 +78,8 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
     if not launcher_alive():
         raise ConfigError(died)
     extra = {"consumed_train_samples": consumed_train_samples, "model_config": transformer.to_dict(),
-             "model_info": model_info.to_dict(), "tokenizer": tokenizer_identity(data)}
+             "model_info": model_info.to_dict(), "tokenizer": tokenizer_identity(data),
+             SAVE_FLAGS: save_flags(config, optimizer is not None and not config.no_save_optim)}
     # This rank's values, not state_dict(): under ZeRO-3 that would gather the whole model.
     _agreed(lambda: check_finite_model(_local_values(model), iteration))
     # --no-save-optim / --no-save-rng leave them out, as the legacy format and Megatron-LM do.
@@ -102,6 +104,9 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     common = read_common(config.load, config.ckpt_step)
     extra = common.get("extra", {})
     _check_same_model(extra, transformer, model_info, config.load, printer)
+    # Missing RNG states are skipped (load_rng=False), as Megatron-LM's torch_dist load does.
+    check_saved_parts(extra.get(SAVE_FLAGS), config, checkpoint_dir(config.load, config.ckpt_step)[0],
+                      optimizer is not None, False)
     load_optim = optimizer is not None and not (config.no_load_optim or config.finetune)
     # The schedule goes with the optimizer, as Megatron-LM's load_checkpoint (and the legacy format's) has it.
     load_scheduler = not (config.no_load_optim or config.finetune)
