@@ -209,7 +209,8 @@ def test_a_resharded_training_checkpoint_continues_the_data_and_the_schedule(tmp
     whole = _logged(run_distributed(_train, 2, args + ["--pipeline-model-parallel-size", "2", "--save", ckpt,
                                                        "--save-interval", "3"], timeout=240))
     assert _cli("core", "core", ckpt, tmp_path / "tp1", "--load-iteration", 3) == 0
-    rest = _logged(run_distributed(_train, 1, args + ["--load", str(tmp_path / "tp1")], timeout=240))
+    # A re-shard carries no RNG states (save_flags records so): the resume must say --no-load-rng.
+    rest = _logged(run_distributed(_train, 1, args + ["--load", str(tmp_path / "tp1"), "--no-load-rng"], timeout=240))
     assert rest.loaded_iteration == 3 and rest.consumed_train_samples == whole.consumed_train_samples == 24
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[3:]), what="losses after the resume")
 
@@ -341,7 +342,10 @@ def test_a_null_tokenizer_run_resharded_from_torch_dist_says_nothing_of_a_tokeni
     run_distributed(_train, 1, args, timeout=120)
     capsys.readouterr()
     assert _cli("core", "core", tmp_path / "dist", tmp_path / "legacy") == 0
-    assert capsys.readouterr().err == ""
+    # Only the note of the flags its resume needs (a torch_dist source's optimizer is not carried).
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"convert.py: note: {tmp_path / 'legacy'} holds no RNG or "
+                                                    f"optimizer states"), err
     assert _cli("core", "hf", tmp_path / "dist", tmp_path / "hf") == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"(the run that saved {tmp_path / 'dist'} used NullTokenizer: ids without " \
@@ -370,8 +374,13 @@ def test_a_reshard_keeps_the_vocabulary_padding_multiple_the_run_was_saved_with(
     assert _padded_rows(tp2, 2, "mp_rank_01") == (64, 32)
     assert _cli("core", "core", tp2, tp1) == 0  # legacy source
     assert _padded_rows(tp1, 2, "mp_rank_00") == (64, 32)
-    rest = _logged(run_distributed(_train, 2, args + ["--tensor-model-parallel-size", "2", "--load", str(tp2)],
-                                   timeout=120))
+    # A torch_dist source's optimizer is not carried (nor its schedule), and no re-shard carries RNG states:
+    # the re-shard records so, and its resume must skip them.
+    state = torch.load(tp2 / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)
+    assert state["save_flags"] == {"optimizer": False, "rng": False, "written_by": "tools/checkpoint/convert.py"}
+    assert "opt_param_scheduler" not in state and state["consumed_train_samples"] == 8
+    rest = _logged(run_distributed(_train, 2, args + ["--tensor-model-parallel-size", "2", "--load", str(tp2),
+                                                      "--no-load-optim", "--no-load-rng"], timeout=120))
     assert rest.loaded_iteration == 2 and rest.iteration == 3
     assert _cli("core", "core", tp2, tmp_path / "flag", "--make-vocab-size-divisible-by", 128) == 0
     assert _padded_rows(tmp_path / "flag", 2, "mp_rank_00") == (128, 128)

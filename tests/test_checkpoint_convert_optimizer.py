@@ -13,8 +13,10 @@ from equivalence import assert_rel_close
 from harness import run_distributed
 from test_pretrain import _logged, _train
 
+import pretrain_gpt
 from megatron_core.checkpoint.convert import load_core
 from megatron_core.checkpoint.convert import main as convert
+from megatron_core.errors import ConfigError
 
 ARGS = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2", "--lr-decay-style", "cosine",
@@ -39,25 +41,67 @@ def test_resharded_adam_state_resumes_as_the_original(tmp_path):
     whole = _logged(run_distributed(_train, 2, args + ["--tensor-model-parallel-size", "2", "--save", whole_dir],
                                     timeout=240))
     assert _cli(whole_dir, resumed_dir, "--load-iteration", 3, "--target-pipeline-parallel-size", 2) == 0
+    assert _saved(resumed_dir, 3, "mp_rank_00_000")["save_flags"] == {"optimizer": True, "rng": False,
+                                                                       "written_by": "tools/checkpoint/convert.py"}
+    # A re-shard carries no RNG states (per rank of the layout that drew them): the resume says so.
     rest = _logged(run_distributed(_train, 2, args + ["--pipeline-model-parallel-size", "2", "--load", resumed_dir,
-                                                      "--save", resumed_dir], timeout=240))
+                                                      "--save", resumed_dir, "--no-load-rng"], timeout=240))
     assert rest.loaded_iteration == 3 and len(rest.losses) == 3
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[3:]), what="losses after the resume")
     final, expected = load_core(resumed_dir, 6).state, load_core(whole_dir, 6).state
     assert final.keys() == expected.keys()
     for name in expected:
         assert_rel_close(final[name], expected[name], what=name)
-    # The moments matter: re-sharded without them, the first resumed update differs.
+    # The moments matter: re-sharded without them (and so without the schedule), the first resumed update differs.
     assert _cli(whole_dir, tmp_path / "fresh", "--load-iteration", 3, "--target-pipeline-parallel-size", 2,
                 "--no-load-optim") == 0
     fresh = _logged(run_distributed(_train, 2, args + ["--pipeline-model-parallel-size", "2", "--load",
                                                        str(tmp_path / "fresh"), "--save", str(tmp_path / "fresh"),
-                                                       "--train-iters", "5", "--use-checkpoint-opt-param-scheduler"],
+                                                       "--train-iters", "5", "--no-load-optim", "--no-load-rng"],
                             timeout=240))
     # Iteration 4's loss is taken before its update; iteration 5's shows the update the moments made.
     assert fresh.loaded_iteration == 3 and fresh.losses[0] == pytest.approx(whole.losses[3], rel=1e-5)
     assert abs(fresh.losses[1] - whole.losses[4]) > 1e-4 * abs(whole.losses[4]), (fresh.losses, whole.losses)
 
+
+
+def _saved(ckpt, iteration, rank="mp_rank_00"):
+    return torch.load(os.path.join(ckpt, f"iter_{iteration:07d}", rank, "model_optim_rng.pt"), weights_only=True)
+
+
+def _refused(argv):
+    """The ConfigError line a run stops with (None when it runs)."""
+    try:
+        pretrain_gpt.main(argv)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_reshard_records_what_it_holds_and_a_resume_must_skip_the_rest(tmp_path, capsys):
+    """A re-shard of a --no-save-optim checkpoint recorded nothing, so its resume went on with a fresh optimizer
+    (and the saved schedule) without a word, as if it held the run's optimizer. The re-shard records what it wrote
+    now (no optimizer, so no schedule with it, and never RNG states; the note names the flags) and the resume stops
+    in one line, as one of the checkpoint it came from does; with the flags it resumes."""
+    ckpt, resharded = str(tmp_path / "no_optim"), str(tmp_path / "resharded")
+    args = ARGS + ["--train-iters", "4"]
+    run_distributed(_train, 1, args + ["--save", ckpt, "--no-save-optim"], timeout=120)
+    args += ["--save", str(tmp_path / "rest")]  # ARGS' --save-interval needs one
+    capsys.readouterr()
+    assert _cli(ckpt, resharded, "--load-iteration", 3) == 0
+    assert capsys.readouterr().err == (f"convert.py: note: {resharded} holds no RNG or optimizer states (nor the "
+                                       f"learning-rate schedule, which goes with the optimizer): resume from it with "
+                                       f"--no-load-optim --no-load-rng (or --finetune)\n")
+    state = _saved(resharded, 3)
+    assert state["save_flags"] == {"optimizer": False, "rng": False, "written_by": "tools/checkpoint/convert.py"}
+    assert not {"optimizer", "opt_param_scheduler", "rng_state"} & set(state) and state["consumed_train_samples"] == 12
+    message = run_distributed(_refused, 1, args + ["--load", resharded], timeout=120)[0]
+    assert message == (f"checkpoint {resharded}/iter_0000003 was written by tools/checkpoint/convert.py (it holds no "
+                       f"optimizer or RNG state) and this run would load it: pass --no-load-optim --no-load-rng (or "
+                       f"--finetune) to resume from its weights without it")
+    rest = _logged(run_distributed(_train, 1, args + ["--load", resharded, "--no-load-optim", "--no-load-rng"],
+                                   timeout=120))
+    assert (rest.loaded_iteration, rest.iteration) == (3, 4)
 
 
 def _optimizer_files(ckpt, iteration):
@@ -130,7 +174,7 @@ def test_vocabulary_padding_rows_are_carried(tmp_path):
                                     timeout=240))
     assert _cli(whole_dir, resumed_dir, "--load-iteration", 3, "--target-pipeline-parallel-size", 2) == 0
     rest = _logged(run_distributed(_train, 2, args + ["--pipeline-model-parallel-size", "2", "--load", resumed_dir,
-                                                      "--save", str(tmp_path / "rest")], timeout=240))
+                                                      "--save", str(tmp_path / "rest"), "--no-load-rng"], timeout=240))
     assert rest.loaded_iteration == 3 and len(rest.losses) == 2
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[3:]), what="losses after the resume")
     # Back to TP 2: every rank's weights and optimizer entry are the saved ones, padding rows included.

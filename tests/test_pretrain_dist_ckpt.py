@@ -5,6 +5,8 @@ The reference is one uninterrupted run in the saving layout. Adam's eps is 1e-4 
 with eps 1e-8 its 1/sqrt(v) turns reduction-order noise on near-zero gradients into full steps, so
 two layouts agree only to about 1e-4 after a few steps even without a checkpoint in between.
 """
+import re
+
 import pytest
 import torch
 from equivalence import assert_rel_close
@@ -141,8 +143,11 @@ def test_no_save_optim_and_no_save_rng_leave_them_out_and_a_resume_must_skip_the
     A resume without --no-load-optim then went on with a fresh optimizer, saying only 'optimizer: no' (the legacy
     format also skipped the RNG states without a word): it stops now in one line naming the flags, as Megatron-LM's
     load_checkpoint ('Unable to load optimizer from checkpoint ... Specify --no-load-optim or --finetune').
-    torch_dist skips missing RNG states, as Megatron-LM's does; with the flags both formats continue alike."""
+    torch_dist skips missing RNG states, as Megatron-LM's does; with the flags both formats continue alike.
+    The learning-rate schedule goes with the optimizer, as Megatron-LM's generate_state_dict saves it: it was
+    kept (never read back: --no-load-optim skips it); the resume starts the schedule again from its first step."""
     from megatron_core.dist_checkpointing import read_common
+    from megatron_core.training import checkpoint_io as io
 
     skip = {"torch": ["--no-load-optim", "--no-load-rng"], "torch_dist": ["--no-load-optim"]}
     resumed = {}
@@ -164,8 +169,13 @@ def test_no_save_optim_and_no_save_rng_leave_them_out_and_a_resume_must_skip_the
         resumed[fmt] = _logged(run_distributed(_train, 1, resume + skip[fmt], timeout=120))
         out = capfd.readouterr().out
         assert "optimizer: no" in out, out[-2000:]
+        # Iteration 5 (logged) is the schedule's first step again: 3e-3 x 1/3 of ARGS' --lr-warmup-iters 3, as
+        # Megatron-LM builds a fresh OptimizerParamScheduler and --no-load-optim leaves it so.
+        assert re.search(r"iteration +5/ +8 \|.*\| learning rate: 1\.000000E-03 \|", out), out[-2000:]
     common = read_common(str(tmp_path / "torch_dist"))
-    assert not common["optimizer"] and not common["rng"]
+    assert not common["optimizer"] and not common["rng"] and common["scheduler"] is None
+    legacy = io.load_file(str(tmp_path / "torch" / "iter_0000004" / "mp_rank_00" / io.MODEL_FILENAME))
+    assert "optimizer" not in legacy and "opt_param_scheduler" not in legacy and "rng_state" not in legacy
     assert common["extra"]["save_flags"] == {"optimizer": False, "rng": False}
     assert [r.loaded_iteration for r in resumed.values()] == [4, 4]
     assert_rel_close(torch.tensor(resumed["torch_dist"].losses), torch.tensor(resumed["torch"].losses),
@@ -216,3 +226,38 @@ def test_ckpt_convert_format_takes_a_legacy_distributed_optimizer_to_another_dp_
     rest = _logged(run_distributed(_train, 1, zero1 + ["--load", f"{conv}/torch_dist"], timeout=240))
     assert rest.loaded_iteration == 4 and rest.consumed_train_samples == whole.consumed_train_samples
     assert_rel_close(torch.tensor(rest.losses), torch.tensor(whole.losses[4:]), what="losses after the conversion")
+
+
+def test_ckpt_convert_format_writes_only_what_it_loaded(tmp_path):
+    """--ckpt-convert-format saved the run's own state for a part its load skipped: converted with --no-load-rng,
+    the legacy files held this run's fresh seeding as the saved run's; a --no-save-optim checkpoint converted with
+    --no-load-optim held a fresh optimizer (and the schedule), recorded as saved, which a resume loaded without a
+    word. The conversion now leaves out what it did not load and records so; a resume must skip it."""
+    from megatron_core.dist_checkpointing import read_common
+    from megatron_core.training import checkpoint_io as io
+
+    full, conv = str(tmp_path / "full"), str(tmp_path / "conv")
+    run_distributed(_train, 1, ARGS + ["--save", full, "--exit-interval", "2"], timeout=120)
+    converted = _logged(run_distributed(_train, 1, ARGS + ["--load", full, "--no-load-rng", "--ckpt-convert-format",
+                                                           "torch", "--ckpt-convert-save", conv], timeout=120))
+    assert converted.exit_reason == "converted"
+    legacy = io.load_file(f"{conv}/torch/iter_0000002/mp_rank_00/{io.MODEL_FILENAME}")
+    assert "rng_state" not in legacy and "optimizer" in legacy and "opt_param_scheduler" in legacy
+    assert legacy["save_flags"] == {"optimizer": True, "rng": False,
+                                    "written_by": "pretrain_gpt.py --ckpt-convert-format"}
+    message = run_distributed(_refused, 1, ARGS + ["--ckpt-format", "torch", "--load", f"{conv}/torch",
+                                                   "--exit-interval", "3"], timeout=120)[0]
+    assert message == (f"checkpoint {conv}/torch/iter_0000002 was written by pretrain_gpt.py --ckpt-convert-format "
+                       f"(it holds no RNG state) and this run would load it: pass --no-load-rng (or --finetune) to "
+                       f"resume from its weights without it")
+    no_optim, conv2 = str(tmp_path / "no_optim"), str(tmp_path / "conv2")
+    run_distributed(_train, 1, ARGS + ["--ckpt-format", "torch", "--save", no_optim, "--exit-interval", "2",
+                                       "--no-save-optim"], timeout=120)
+    run_distributed(_train, 1, ARGS + ["--load", no_optim, "--no-load-optim", "--ckpt-convert-format", "torch_dist",
+                                       "--ckpt-convert-save", conv2], timeout=120)
+    common = read_common(f"{conv2}/torch_dist")
+    assert not common["optimizer"] and common["scheduler"] is None and common["rng"]
+    assert common["extra"]["save_flags"]["optimizer"] is False
+    message = run_distributed(_refused, 1, ARGS + ["--load", f"{conv2}/torch_dist", "--exit-interval", "3"],
+                              timeout=120)[0]
+    assert message is not None and "(it holds no optimizer state)" in message and "pass --no-load-optim" in message

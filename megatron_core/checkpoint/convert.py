@@ -14,7 +14,10 @@ Takes Megatron-LM's converter flags::
 ``--loader core --saver core`` re-shards a checkpoint to another TP/PP size; a legacy training
 checkpoint keeps its iteration, consumed samples, learning-rate schedule and optimizer state (the
 replicated optimizer's Adam moments, step and fp32 main parameters, re-sharded with the weights;
-``optimizer_reshard``). Hugging Face models:
+``optimizer_reshard``). No RNG states are carried, nor the optimizer state of a ``torch_dist`` checkpoint
+or under ``--no-load-optim`` (then the schedule is left out with it, as ``--no-save-optim`` does): the
+re-shard records this (``save_flags``), so a resume must pass ``--no-load-rng`` (and ``--no-load-optim``)
+or ``--finetune``, as Megatron-LM's converted checkpoints need. Hugging Face models:
 GPT2LMHeadModel and LlamaForCausalLM (``transformers`` and ``safetensors`` must be installed).
 """
 from __future__ import annotations
@@ -31,10 +34,12 @@ import torch
 
 from megatron_core.checkpoint import hf_gpt2, hf_llama, megatron_lm_dist
 from megatron_core.checkpoint.core_format import (
+    OPTIMIZER,
     TOKENIZER_FLAGS,
     VOCAB_PADDING,
     load_core_checkpoint,
     make_model_info,
+    reshard_record,
     save_core_checkpoint,
 )
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
@@ -298,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-iteration", type=int, default=None, help="iteration of a core checkpoint to read "
                                                                      "(default: the tracker's)")
     p.add_argument("--no-load-optim", action="store_true",
-                   help="re-shard a legacy training checkpoint without its optimizer state (as pretrain_gpt.py's "
-                        "flag): needed for a distributed optimizer's shards, which a re-shard cannot carry")
+                   help="re-shard a legacy training checkpoint without its optimizer state and schedule (as "
+                        "pretrain_gpt.py's flag): needed for a distributed optimizer's shards, which a re-shard "
+                        "cannot carry")
     p.add_argument("--tokenizer-type", default=None, help="tokenizer to write with the model (default: the one "
                    "the source carries); SentencePieceTokenizer, GPT2BPETokenizer or HuggingFaceTokenizer")
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model, or tokenizer.json / directory")
@@ -421,6 +427,19 @@ def _vocab_rows(model: FullModel, tp: int, make_vocab_size_divisible_by: int) ->
     return read, pad_vocab_size(model.vocab_size, make_vocab_size_divisible_by, tp)
 
 
+def _note_resume_flags(model: FullModel, save_dir: str) -> None:
+    """Say which parts a re-sharded training checkpoint lacks and the flags its resume needs (without them it
+    stops in one line; ``save_flags``)."""
+    record = reshard_record(model.train_state, OPTIMIZER in model.train_state)
+    if record is None:
+        return
+    parts, flags = ("RNG states", "--no-load-rng") if record["optimizer"] else \
+        ("RNG or optimizer states (nor the learning-rate schedule, which goes with the optimizer)",
+         "--no-load-optim --no-load-rng")
+    print(f"convert.py: note: {save_dir} holds no {parts}: resume from it with {flags} (or --finetune)",
+          file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -460,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"the run's (from_pretrained(..., dtype=torch.float32) runs the whole model, that stream included, "
               f"in fp32)", file=sys.stderr)
     if saver == "core":
+        _note_resume_flags(model, args.save_dir)
         divisible = args.make_vocab_size_divisible_by or model.make_vocab_size_divisible_by or 128
         read, written = _vocab_rows(model, args.target_tensor_parallel_size, divisible)
         if written > read:  # their logits join the softmax: the first losses move (docs/training.md)

@@ -4,7 +4,8 @@
 each file holding ``model`` (or ``model0``, ``model1``, ... per virtual stage), ``config``,
 ``model_info``, ``iteration`` and ``checkpoint_version``: what ``pretrain_gpt.py --load`` or
 ``--finetune`` reads to rebuild and fill the model. A re-sharded training checkpoint also carries its
-consumed samples, learning-rate schedule and (replicated) optimizer state, cut for each rank.
+consumed samples, learning-rate schedule and (replicated) optimizer state, cut for each rank, and
+records what it holds (``save_flags``: never RNG states).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from megatron_core.checkpoint.optimizer_reshard import (
 from megatron_core.checkpoint.sharding import chunk_keys, merge_chunks, merge_tp_shards, tp_shards
 from megatron_core.tensor_parallel.utils import pad_vocab_size
 from megatron_core.training import checkpoint_io as io
+from megatron_core.training.save_flags import SAVE_FLAGS, reshard_flags
 from megatron_core.transformer.config import TransformerConfig
 
 CHECKPOINT_VERSION = 3.0
@@ -56,6 +58,13 @@ OPTIMIZER = "optimizer"  # train_state's FullOptimizerState: re-sharded with the
 VOCAB_PADDING = "vocab_padding"
 
 
+def reshard_record(train_state: dict[str, Any], optimizer_written: bool) -> dict[str, Any] | None:
+    """The ``save_flags`` record a re-shard writes: None for a model-only checkpoint (a Hugging Face
+    conversion, which loads with or without ``--finetune``), else :func:`reshard_flags`."""
+    training = optimizer_written or any(k in train_state for k in ("consumed_train_samples", "opt_param_scheduler"))
+    return reshard_flags(optimizer_written) if training else None
+
+
 def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: dict[str, Any],
                          full: dict[str, torch.Tensor], iteration: int = 1,
                          train_state: dict[str, Any] | None = None) -> str:
@@ -63,10 +72,20 @@ def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: d
     every rank's file; returns the iteration directory. The tracker is written last. ``train_state``
     (:data:`TRAIN_STATE_KEYS` of a re-sharded training checkpoint) goes into every file; its
     :data:`OPTIMIZER` (a ``FullOptimizerState``) is cut for each rank as the weights are, and its
-    :data:`VOCAB_PADDING` rows start the padding of the vocabulary tables."""
+    :data:`VOCAB_PADDING` rows start the padding of the vocabulary tables.
+
+    A training checkpoint's re-shard (``train_state`` holds its consumed samples, schedule or optimizer)
+    records what it holds under ``save_flags`` (:func:`reshard_flags`), so that a resume which would load a
+    part it lacks stops in one line; without an optimizer state it also leaves the schedule out, as
+    ``--no-save-optim`` and Megatron-LM's save do (a resume must skip both with ``--no-load-optim``)."""
     train_state = dict(train_state or {})
     optimizer: FullOptimizerState | None = train_state.pop(OPTIMIZER, None)
     padding: dict[str, torch.Tensor] | None = train_state.pop(VOCAB_PADDING, None)
+    record = reshard_record(train_state, optimizer is not None)
+    if record is not None:
+        if optimizer is None:
+            train_state.pop("opt_param_scheduler", None)
+        train_state[SAVE_FLAGS] = record
     tp, pp = model_info["tensor_model_parallel_size"], model_info["pipeline_model_parallel_size"]
     vpp = model_info.get("virtual_pipeline_model_parallel_size")
     config.validate_parallel(tp, pp, vpp)

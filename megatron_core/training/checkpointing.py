@@ -180,7 +180,9 @@ def _write_files(config: CheckpointConfig, tmp_dir: str, iteration: int, consume
                 state["optimizer"] = optimizer.state_dict()  # under ZeRO: what all DP ranks share
                 if _sharded(optimizer):  # so a load can tell a deleted shard from another DP size
                     state["distrib_optim_shards"] = parallel_state.dp_size
-            if scheduler is not None:
+            # The schedule goes with the optimizer, as Megatron-LM's generate_state_dict saves it (and every
+            # load skips it with --no-load-optim, the flag a resume of such a checkpoint must give).
+            if scheduler is not None and not config.no_save_optim:
                 state["opt_param_scheduler"] = scheduler.state_dict()
             if rng is not None:
                 state["rng_state"] = rng

@@ -82,9 +82,11 @@ def save_checkpoint(config: CheckpointConfig, iteration: int, consumed_train_sam
              SAVE_FLAGS: save_flags(config, optimizer is not None and not config.no_save_optim)}
     # This rank's values, not state_dict(): under ZeRO-3 that would gather the whole model.
     _agreed(lambda: check_finite_model(_local_values(model), iteration))
-    # --no-save-optim / --no-save-rng leave them out, as the legacy format and Megatron-LM do.
+    # --no-save-optim / --no-save-rng leave them out, as the legacy format and Megatron-LM do (the schedule
+    # goes with the optimizer).
     request = save_dist_checkpoint(config.save, iteration, model, None if config.no_save_optim else optimizer,
-                                   scheduler, parallel_state, extra=extra, async_save=config.async_save,
+                                   None if config.no_save_optim else scheduler, parallel_state, extra=extra,
+                                   async_save=config.async_save,
                                    refuse_publish=lambda: None if launcher_alive() else died,
                                    save_rng=not config.no_save_rng)
     how = "started an asynchronous save of" if config.async_save else "successfully saved"
@@ -124,7 +126,8 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     load_optim = load_optim and bool(common["optimizer"])
     if not load_optim and optimizer is not None:
         optimizer.reload_model_params()
-    result = LoadResult(loaded=True, optimizer_loaded=load_optim, scheduler_loaded=load_scheduler,
+    loaded_scheduler = load_scheduler and scheduler is not None and common.get("scheduler") is not None
+    result = LoadResult(loaded=True, optimizer_loaded=load_optim, scheduler_loaded=loaded_scheduler,
                         rng_loaded=not (config.no_load_rng or config.finetune) and bool(common["rng"]))
     if config.finetune:
         printer(f"> loaded model weights from {config.load} (torch_dist) for finetuning: starting at iteration 0")

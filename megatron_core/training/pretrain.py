@@ -245,7 +245,7 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
         out.rank0(line)
     state = TrainState(iteration=loaded.iteration, consumed_train_samples=loaded.consumed_train_samples)
     if checkpoint.ckpt_convert_format is not None:
-        return _convert(run, state, loaded_format if loaded.loaded else None)
+        return _convert(run, state, loaded_format if loaded.loaded else None, loaded)
     _build_data(run)
     result = TrainResult(iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
                          loaded_iteration=loaded.iteration, is_logging_rank=out.is_logging_rank)
@@ -276,15 +276,23 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     return result
 
 
-def _convert(run: _Run, state: TrainState, loaded_format: str | None) -> TrainResult:
-    """Megatron-LM's ``--ckpt-convert-format``: save what was loaded to ``--ckpt-convert-save``/FORMAT, then stop."""
+def _convert(run: _Run, state: TrainState, loaded_format: str | None, loaded: checkpointing.LoadResult
+             ) -> TrainResult:
+    """Megatron-LM's ``--ckpt-convert-format``: save what was loaded to ``--ckpt-convert-save``/FORMAT, then stop.
+
+    Only what was loaded: an optimizer or RNG state the load did not restore (``--no-load-optim``, a
+    ``--no-save-optim`` checkpoint, ``--finetune``) is left out as ``--no-save-optim`` / ``--no-save-rng``
+    leave it, and the save records so (``save_flags``). Writing this run's fresh optimizer or own seeding
+    instead would let a resume of the converted checkpoint pass them off as the saved run's."""
     c = run.checkpoint
     if loaded_format is None:
         raise ConfigError(f"--ckpt-convert-format: --load {c.load} holds no checkpoint to convert")
     assert c.ckpt_convert_save is not None and c.ckpt_convert_format is not None  # arguments.compat checks
     save = os.path.join(c.ckpt_convert_save, c.ckpt_convert_format)
     agreed(checkpoint_io.check_writable, save, "--ckpt-convert-save")
-    run.config = dataclasses.replace(run.config, checkpoint=dataclasses.replace(c, save=save, async_save=False))
+    run.config = dataclasses.replace(run.config, checkpoint=dataclasses.replace(
+        c, save=save, async_save=False, no_save_optim=c.no_save_optim or not loaded.optimizer_loaded,
+        no_save_rng=c.no_save_rng or not loaded.rng_loaded))
     run.save_format = c.ckpt_convert_format
     result = TrainResult(state.iteration, state.consumed_train_samples, state.iteration, exit_reason="converted",
                          is_logging_rank=run.out.is_logging_rank)

@@ -6,9 +6,12 @@ one line naming the flag that skips it, as Megatron-LM's ``load_checkpoint`` doe
 optimizer from checkpoint ... Specify --no-load-optim or --finetune"): continuing with a fresh
 optimizer, or this run's own seeding, while the user believes the run resumed exactly would be silent.
 
+A re-shard of a training checkpoint by ``tools/checkpoint/convert.py`` records what it wrote
+(:func:`reshard_flags`: never RNG states, the optimizer state only from a legacy checkpoint without
+``--no-load-optim``), as does ``pretrain_gpt.py --ckpt-convert-format`` (only the parts it loaded).
 Only checkpoints recording the entry are checked: a model-only checkpoint (the Hugging Face converter's,
-a re-shard by ``tools/checkpoint/convert.py``) or one saved before the entry existed records nothing and
-loads as before, starting the optimizer fresh.
+or a re-shard of one) or one saved before the entry existed records nothing and loads as before,
+starting the optimizer fresh.
 """
 from __future__ import annotations
 
@@ -20,12 +23,26 @@ from megatron_core.training.config import CheckpointConfig
 
 # Key in the legacy per-rank file and in a torch_dist checkpoint's ``extra`` record.
 SAVE_FLAGS = "save_flags"
+# The record's optional "written_by": the tool that wrote a checkpoint without a part (the error names it
+# instead of a --no-save-* flag the user may never have given).
+RESHARD_TOOL = "tools/checkpoint/convert.py"
 
 
-def save_flags(config: CheckpointConfig, optimizer_saved: bool) -> dict[str, bool]:
+def save_flags(config: CheckpointConfig, optimizer_saved: bool) -> dict[str, Any]:
     """The record of what a save holds. ``optimizer_saved``: the save wrote optimizer state (the run has
-    an optimizer and no ``--no-save-optim``); the RNG states are saved unless ``--no-save-rng``."""
-    return {"optimizer": optimizer_saved, "rng": not config.no_save_rng}
+    an optimizer and no ``--no-save-optim``); the RNG states are saved unless ``--no-save-rng``. A
+    ``--ckpt-convert-format`` save names itself (it leaves out what its load skipped)."""
+    record: dict[str, Any] = {"optimizer": optimizer_saved, "rng": not config.no_save_rng}
+    if config.ckpt_convert_format is not None:
+        record["written_by"] = "pretrain_gpt.py --ckpt-convert-format"
+    return record
+
+
+def reshard_flags(optimizer_written: bool) -> dict[str, Any]:
+    """The record of a re-shard by :data:`RESHARD_TOOL`: it never carries RNG states (they are per TP/PP
+    rank of the layout that drew them, as Megatron-LM's converter drops them too); ``optimizer_written``:
+    it wrote the re-sharded optimizer state."""
+    return {"optimizer": optimizer_written, "rng": False, "written_by": RESHARD_TOOL}
 
 
 def check_saved_parts(saved: Any, config: CheckpointConfig, where: str, load_optim: bool, load_rng: bool) -> None:
@@ -46,7 +63,8 @@ def check_saved_parts(saved: Any, config: CheckpointConfig, where: str, load_opt
     if not lacking:
         return
     parts = " or ".join(part for part, _, _ in lacking)
-    saved_with = " ".join(flag for _, flag, _ in lacking)
+    origin = f"written by {saved['written_by']}" if saved.get("written_by") else \
+        f"saved with {' '.join(flag for _, flag, _ in lacking)}"
     skip = " ".join(flag for _, _, flag in lacking)
-    raise ConfigError(f"checkpoint {where} was saved with {saved_with} (it holds no {parts} state) and this run would "
+    raise ConfigError(f"checkpoint {where} was {origin} (it holds no {parts} state) and this run would "
                       f"load it: pass {skip} (or --finetune) to resume from its weights without it")

@@ -9,7 +9,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpointing", "Megatron-LM's legacy checkpoint layout")
     g.add_argument("--save", default=None, help="directory to save checkpoints to")
     g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
-    g.add_argument("--no-save-optim", action="store_true", help="save without optimizer state")
+    g.add_argument("--no-save-optim", action="store_true", help="save without optimizer state (nor the learning-rate "
+                   "schedule, which goes with it, as in Megatron-LM)")
     g.add_argument("--no-save-rng", action="store_true", help="save without RNG state")
     g.add_argument("--load", default=None, help="directory to load a checkpoint from")
     g.add_argument("--no-load-optim", action="store_true", help="do not load optimizer state")
