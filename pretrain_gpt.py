@@ -33,7 +33,8 @@ from megatron_core.training.config import ModelConfig
 from megatron_core.training.demo import demo_argv, prepare_demo_data
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.initialize import initialize_distributed, rank_from_env, shutdown
-from megatron_core.training.pretrain import TrainResult, perplexity, pretrain
+from megatron_core.training.pretrain import TrainResult, pretrain
+from megatron_core.training.training_log import perplexity
 from megatron_core.transformer.spec import ModuleSpec
 
 TRACEBACK_ENV = "MCORE_TRACEBACK"  # set to 1 to see the full traceback of a configuration error

@@ -279,11 +279,8 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
 def _convert(run: _Run, state: TrainState, loaded_format: str | None, loaded: checkpointing.LoadResult
              ) -> TrainResult:
     """Megatron-LM's ``--ckpt-convert-format``: save what was loaded to ``--ckpt-convert-save``/FORMAT, then stop.
-
-    Only what was loaded: an optimizer or RNG state the load did not restore (``--no-load-optim``, a
-    ``--no-save-optim`` checkpoint, ``--finetune``) is left out as ``--no-save-optim`` / ``--no-save-rng``
-    leave it, and the save records so (``save_flags``). Writing this run's fresh optimizer or own seeding
-    instead would let a resume of the converted checkpoint pass them off as the saved run's."""
+    An optimizer or RNG state the load did not restore is left out (and ``save_flags`` say so): this run's fresh
+    ones would pass for the saved run's on a resume of the converted checkpoint."""
     c = run.checkpoint
     if loaded_format is None:
         raise ConfigError(f"--ckpt-convert-format: --load {c.load} holds no checkpoint to convert")
@@ -501,8 +498,3 @@ def _exit_reason(run: _Run, state: TrainState, handler: ExitSignalHandler, start
     if training.exit_interval and state.iteration % training.exit_interval == 0:
         return "exit-interval"
     return None
-
-
-def perplexity(loss: float) -> float:
-    """``exp(loss)`` with the loss capped at 20 so that an early, large loss does not overflow the log."""
-    return math.exp(min(20.0, loss))

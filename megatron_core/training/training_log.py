@@ -217,7 +217,7 @@ def validation_lines(prefix: str, losses: dict[str, float]) -> list[str]:
     """Megatron-LM's block: a dashed rule, ``validation loss at ... | lm loss value: ... | lm loss PPL: ...``."""
     text = f" validation loss at {prefix} | "
     for key, value in losses.items():
-        text += f"{key} value: {value:.6E} | {key} PPL: {math.exp(min(20.0, value)):.6E} | "
+        text += f"{key} value: {value:.6E} | {key} PPL: {perplexity(value):.6E} | "
     rule = "-" * (len(text) + 1)
     return [rule, text, rule]
 
@@ -234,5 +234,10 @@ def write_validation_tensorboard(writer: Any, losses: dict[str, float], iteratio
     for key, value in losses.items():
         writer.add_scalar(f"{key} {split}", value, iteration)
         writer.add_scalar(f"{key} {split} vs samples", value, consumed_samples)
-        writer.add_scalar(f"{key} {split} ppl", math.exp(min(20.0, value)), iteration)
+        writer.add_scalar(f"{key} {split} ppl", perplexity(value), iteration)
     writer.flush()
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` with the loss capped at 20 so that an early, large loss does not overflow the log."""
+    return math.exp(min(20.0, loss))
