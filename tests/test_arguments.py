@@ -376,6 +376,25 @@ def test_use_checkpoint_args_names_the_model_file_an_iteration_lacks(tmp_path):
                                 f"the model flags from (--use-checkpoint-args)")
 
 
+@pytest.mark.parametrize("load", ["missing", "empty"])
+def test_use_checkpoint_args_without_a_checkpoint_yet_uses_the_flags_given(tmp_path, capsys, load):
+    """The first launch of a script that always passes --save DIR --load DIR --use-checkpoint-args: Megatron-LM's
+    load_args_from_checkpoint prints 'Checkpoint not found to provide arguments, using provided arguments.' and
+    trains from scratch with the model flags given. It stopped with '--load DIR holds no checkpoint to read the
+    model flags from'. --exit-on-missing-checkpoint still stops, and so does a --ckpt-step that is not there."""
+    directory = tmp_path / load
+    if load == "empty":
+        directory.mkdir()
+    argv = _base("--load", str(directory), "--save", str(directory), "--use-checkpoint-args", "--hidden-size", "48")
+    args = validate_args(parse_args(argv), world_size=1)
+    assert (args.num_layers, args.hidden_size) == (2, 48)
+    assert capsys.readouterr().out == (f"> --use-checkpoint-args: no checkpoint in --load {directory} to take the "
+                                       f"model flags from: using the flags given\n")
+    for extra in (["--exit-on-missing-checkpoint"], ["--ckpt-step", "3"]):
+        with pytest.raises(ConfigError, match=f"--load {directory} holds no checkpoint to read the model flags from"):
+            validate_args(parse_args(argv + extra), world_size=1)
+
+
 @pytest.mark.parametrize("precision, in_fp32", [
     ([], False), (["--fp16"], False), (["--fp16", "--accumulate-allreduce-grads-in-fp32"], True),
     (["--bf16"], True), (["--bf16", "--grad-reduce-in-bf16"], False),

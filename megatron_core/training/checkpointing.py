@@ -250,7 +250,7 @@ def check_compatible(saved_config: dict[str, Any], saved_info: dict[str, Any], m
                           f"the checkpoint, or {fix}")
 
 
-def _check_load_root(root: str) -> bool:
+def check_load_root(root: str) -> bool:
     """Whether ``root`` may mean a fresh start (missing, or empty apart from temporaries of killed saves).
 
     Raises ConfigError naming ``root`` when it exists but is not a checkpoint directory (a file, an
@@ -288,7 +288,7 @@ def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tup
     root = config.load
     if root is None:
         return None
-    fresh = _check_load_root(root)
+    fresh = check_load_root(root)
     try:
         iteration = config.ckpt_step if config.ckpt_step is not None else io.read_tracker(root)
     except ValueError as exc:
