@@ -69,7 +69,6 @@ def _base(*extra):
     (["--fp16", "--bf16"], 1, "only one of --fp16 and --bf16"),
     (["--recompute-granularity", "full"], 1, "needs --recompute-method"),
     (["--train-samples", "100"], 1, "only one of --train-iters and --train-samples"),
-    (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size >= 2"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], 1, "only one of --lr-warmup-fraction"),
     (["--attention-dropout", "0.999995"], 1, "--attention-dropout 0.999995 rounds to 1 at the dropout mask"),

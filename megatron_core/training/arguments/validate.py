@@ -387,8 +387,6 @@ def _checkpoint_and_logging(args: argparse.Namespace) -> None:
     _positive(args, "save_interval", "log_interval", "eval_interval", "tensorboard_log_interval",
               "tensorboard_queue_size")
     _gc_and_profile(args)
-    if args.save_interval is not None and args.save is None:
-        raise ConfigError("--save-interval needs --save DIR (where to write the checkpoints)")
     if args.finetune and args.load is None:
         raise ConfigError("--finetune needs --load DIR (the checkpoint to start from)")
     if args.eval_iters < 0:
@@ -419,15 +417,16 @@ def _gc_and_profile(args: argparse.Namespace) -> None:
 
 
 def _without_switch(args: argparse.Namespace) -> None:
-    """Options of --manual-gc / --profile given without it: Megatron-LM ignores them silently; here one
+    """Options of --manual-gc / --profile / --save given without it: Megatron-LM ignores them silently; here one
     warning line names them (not an error, so a script that toggles only the switch keeps running)."""
     given = {"--manual-gc-interval": ("--manual-gc", args.manual_gc_interval != training.MANUAL_GC_INTERVAL),
              "--no-manual-gc-eval": ("--manual-gc", not args.manual_gc_eval),
              "--use-pytorch-profiler": ("--profile", args.use_pytorch_profiler),
              "--profile-step-start": ("--profile", args.profile_step_start != training.PROFILE_STEP_START),
              "--profile-step-end": ("--profile", args.profile_step_end != training.PROFILE_STEP_END),
-             "--profile-ranks": ("--profile", args.profile_ranks != list(training.PROFILE_RANKS))}
-    switched_on = {"--manual-gc": args.manual_gc, "--profile": args.profile}
+             "--profile-ranks": ("--profile", args.profile_ranks != list(training.PROFILE_RANKS)),
+             "--save-interval": ("--save DIR", args.save_interval is not None)}
+    switched_on = {"--manual-gc": args.manual_gc, "--profile": args.profile, "--save DIR": args.save is not None}
     unused = [flag for flag, (switch, on) in given.items() if on and not switched_on[switch]]
     if unused and rank_from_env() == 0:
         switches = " and ".join(dict.fromkeys(given[flag][0] for flag in unused))
