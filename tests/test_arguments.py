@@ -145,6 +145,54 @@ def test_per_split_data_path_errors(tmp_path):
     assert args.train_data_path == [prefix] and args.data_path is None
 
 
+def test_data_args_files_give_the_data_paths(tmp_path):
+    """Megatron-LM's --data-args-path FILE (the --data-path list, whitespace-separated, for blends too long for a
+    command line) and --per-split-data-args-path FILE.json ({"train": ..., "valid": ..., "test": ...}, each a
+    list or one string) (megatron/training/utils/common_utils.py: get_blend_and_blend_per_split). They were
+    refused as Megatron-LM flags this trainer does not implement, with the advice 'drop it', which leaves no data."""
+    import json
+
+    import numpy as np
+
+    from megatron_core.datasets import IndexedDatasetBuilder
+
+    prefixes = [str(tmp_path / f"{name}_text_document") for name in "ab"]
+    for prefix in prefixes:
+        with IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16) as builder:
+            builder.add_document([1, 2, 3, 0], [4])
+            builder.finalize(prefix + ".idx")
+    argv = [a for a in _base() if a != "--mock-data"]
+    blend = tmp_path / "blend.txt"
+    blend.write_text(f"0.3 {prefixes[0]}\n0.7\t{prefixes[1]}\n")
+    args = validate_args(parse_args(argv + ["--data-args-path", str(blend)]), 1)
+    assert args.data_path == ["0.3", prefixes[0], "0.7", prefixes[1]]
+    per_split = tmp_path / "splits.json"
+    per_split.write_text(json.dumps({"train": f"0.3 {prefixes[0]} 0.7 {prefixes[1]}", "valid": [prefixes[1]],
+                                     "test": None}))
+    args = validate_args(parse_args(argv + ["--per-split-data-args-path", str(per_split)]), 1)
+    assert (args.train_data_path, args.valid_data_path, args.test_data_path, args.data_path) == (
+        ["0.3", prefixes[0], "0.7", prefixes[1]], [prefixes[1]], None, None)
+    cases = [
+        (["--data-args-path", str(blend), "--data-path", prefixes[0]],
+         "give --data-path or --data-args-path, not both"),
+        (["--per-split-data-args-path", str(per_split), "--valid-data-path", prefixes[0]],
+         "give --train-data-path/--valid-data-path/--test-data-path or --per-split-data-args-path, not both"),
+        (["--data-args-path", str(tmp_path / "none.txt")], f"--data-args-path {tmp_path / 'none.txt'}: cannot read it"),
+    ]
+    for name, text, message in (("empty.txt", " \n", " holds no dataset prefix"),
+                                ("bad.json", "[1]", ' is not a JSON object with "train", "valid" and "test" keys'),
+                                ("typo.json", '{"train": "a", "validation": "b"}',
+                                 ' has the key "validation"; the keys are "train", "valid" and "test"'),
+                                ("type.json", '{"train": 3}', ': "train" is 3; give a list of prefixes')):
+        (tmp_path / name).write_text(text)
+        flag = "--data-args-path" if name.endswith(".txt") else "--per-split-data-args-path"
+        cases.append(([flag, str(tmp_path / name)], f"{flag} {tmp_path / name}{message}"))
+    for extra, message in cases:
+        with pytest.raises(ConfigError) as error:
+            validate_args(parse_args(argv + extra), 1)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
 def test_unknown_flag_is_a_config_error():
     with pytest.raises(ConfigError, match="unrecognized arguments: --no-such-flag") as info:
         parse_args(["--no-such-flag"])

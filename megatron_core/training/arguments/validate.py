@@ -12,7 +12,7 @@ from megatron_core import device
 from megatron_core.datasets.splits import parse_split
 from megatron_core.fusions.fused_dropout import cpu_rounds_to_one
 from megatron_core.microbatches import MicrobatchCalculator
-from megatron_core.training.arguments import compat, model, training
+from megatron_core.training.arguments import compat, data, model, training
 from megatron_core.training.config import DataConfig
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.initialize import rank_from_env
@@ -335,6 +335,7 @@ def _data(args: argparse.Namespace) -> None:
         parse_split(args.split)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    data.read_data_args_files(args)
     flags = {"--data-path": "data_path", "--train-data-path": "train_data_path",
              "--valid-data-path": "valid_data_path", "--test-data-path": "test_data_path"}
     for name in flags.values():
