@@ -546,3 +546,38 @@ def test_sequence_parallel_without_tensor_parallelism_warns_in_one_line(capsys, 
     validate_args(parse_args(_base()), world_size=1)
     validate_args(parse_args(_base("--sequence-parallel", "--tensor-model-parallel-size", "2")), world_size=2)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flags, kind", [
+    (["--position-embedding-type", "rope", "--no-position-embedding"], "rope"),
+    (["--no-position-embedding", "--position-embedding-type", "rope"], "rope"),
+    (["--no-position-embedding", "--use-rotary-position-embeddings"], "rope"),
+    (["--use-rotary-position-embeddings"], "rope"),
+    (["--no-position-embedding"], "none"),
+    ([], "learned_absolute"),
+])
+def test_no_position_embedding_beside_rope_keeps_rope(flags, kind):
+    """Megatron-LM's --no-position-embedding drops the learned absolute position table (add_position_embedding
+    False); its validate_args allows it only beside RoPE, where it changes nothing, and Llama scripts pass both
+    (examples/post_training/modelopt/conf/meta-llama/*.sh; `--position-embedding-type rope --no-position-embedding`
+    in Llama 2 scripts). Here it set the type to none after --position-embedding-type rope: the model silently
+    trained with no position information at all."""
+    args = validate_args(parse_args(_base(*flags)), world_size=1)
+    assert args.position_embedding_type == kind
+    assert config_from_args(args).model.transformer.position_embedding_type == kind
+
+
+def test_no_position_embedding_with_the_checkpoint_args_of_a_rope_model(tmp_path):
+    """A Llama fine-tuning script with --use-checkpoint-args --no-position-embedding: the flag turned into
+    --position-embedding-type none before the checkpoint's rope was read, and the run stopped with
+    '--position-embedding-type none disagrees with the checkpoint's rope', a flag the user never gave."""
+    from megatron_core.checkpoint.convert import main as convert
+    from tests.hf_testing import tiny_hf_llama
+    tiny_hf_llama(vocab_size=256).save_pretrained(tmp_path / "hf")
+    ckpt = str(tmp_path / "ckpt")
+    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                    "--save-dir", ckpt]) == 0
+    args = validate_args(parse_args(["--load", ckpt, "--use-checkpoint-args", "--no-position-embedding", "--mock-data",
+                                     "--vocab-size", "256", "--micro-batch-size", "1", "--train-iters", "1", "--lr",
+                                     "1e-3", "--seq-length", "8"]), world_size=1)
+    assert args.position_embedding_type == "rope"

@@ -28,6 +28,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
 
         apply_checkpoint_args(args, vars(build_parser().parse_args([])))
+    compat.apply_no_position_embedding(args)
     _parallel(args, world_size)
     if getattr(args, "deepspeed", False) and args.deepspeed_config is None:
         raise ConfigError("--deepspeed needs --deepspeed_config FILE (the DeepSpeed JSON whose ZeRO, precision, "
