@@ -225,6 +225,20 @@ def test_a_megatron_lm_flag_we_lack_is_named_as_such_not_guessed():
         "(see python pretrain_gpt.py --help)")
 
 
+def test_megatron_lms_own_retired_flags_name_their_replacement():
+    """Megatron-LM's validate_args refuses --batch-size, --warmup, --model-parallel-size and
+    --checkpoint-activations naming the flag to use instead. Here they were 'not implemented: drop it': dropping
+    --model-parallel-size 8 runs at TP 1, dropping --checkpoint-activations runs without recompute."""
+    assert _main_error(["--demo", "--model-parallel-size", "8", "--checkpoint-activations"]) == (
+        "unrecognized arguments: --model-parallel-size 8 --checkpoint-activations; --model-parallel-size is an old "
+        "Megatron-LM flag that Megatron-LM refuses too: use --tensor-model-parallel-size; --checkpoint-activations "
+        "is an old Megatron-LM flag that Megatron-LM refuses too: use --recompute-activations, or "
+        "--recompute-granularity and --recompute-method (see python pretrain_gpt.py --help)")
+    for old, new in (("--batch-size", "--micro-batch-size"), ("--warmup", "--lr-warmup-fraction")):
+        assert f"; {old} is an old Megatron-LM flag that Megatron-LM refuses too: use {new} (see" in _main_error(
+            ["--demo", old, "1"])
+
+
 def test_a_misspelt_megatron_lm_flag_we_lack_is_not_matched_to_one_of_ours():
     """--save-retain-intervall was answered "did you mean --save-interval?"; the flag meant is Megatron-LM's."""
     assert _main_error(["--demo", "--save-retain-intervall", "5"]) == (
