@@ -595,3 +595,28 @@ def test_no_position_embedding_with_the_checkpoint_args_of_a_rope_model(tmp_path
                                      "--vocab-size", "256", "--micro-batch-size", "1", "--train-iters", "1", "--lr",
                                      "1e-3", "--seq-length", "8"]), world_size=1)
     assert args.position_embedding_type == "rope"
+
+
+def test_use_checkpoint_args_takes_the_checkpoints_dropout_unless_given(tmp_path):
+    """Megatron-LM's load_args_from_checkpoint sets --hidden-dropout and --attention-dropout from the checkpoint.
+    Here they stayed at the flags' defaults (0.1): a run trained with dropout 0 and resumed with
+    --use-checkpoint-args trained on with dropout 0.1 (its losses left the uninterrupted run's), and a converted
+    Llama (dropout 0) was fine-tuned with dropout it never had. A dropout given on the command line still wins."""
+    from megatron_core.checkpoint.convert import main as convert
+    from megatron_core.training.arguments import build_parser
+    from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
+    from tests.hf_testing import tiny_hf_llama
+    tiny_hf_llama(vocab_size=256).save_pretrained(tmp_path / "hf")
+    ckpt = str(tmp_path / "ckpt")
+    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
+                    "--save-dir", ckpt]) == 0
+    defaults = vars(build_parser().parse_args([]))
+    assert (defaults["hidden_dropout"], defaults["attention_dropout"]) == (0.1, 0.1)
+    base = ["--load", ckpt, "--use-checkpoint-args", "--mock-data", "--vocab-size", "256", "--micro-batch-size", "1",
+            "--train-iters", "1", "--lr", "1e-3"]
+    args = parse_args(base)
+    apply_checkpoint_args(args, defaults)
+    assert (args.hidden_dropout, args.attention_dropout) == (0.0, 0.0)
+    args = parse_args(base + ["--hidden-dropout", "0.2"])
+    apply_checkpoint_args(args, defaults)
+    assert (args.hidden_dropout, args.attention_dropout) == (0.2, 0.0)

@@ -35,12 +35,14 @@ _FROM_CONFIG = {
     "rotary_percent": "rotary_percent", "use_rope_scaling": "rope_scaling",
     "rope_scaling_factor": "rope_scaling_factor",
     "rotary_seq_len_interpolation_factor": "seq_len_interpolation_factor",
+    "hidden_dropout": "hidden_dropout", "attention_dropout": "attention_dropout",
 }
 _FROM_INFO = {"seq_length": "seq_length", "max_position_embeddings": "max_position_embeddings"}
 # Flags a run may set apart from the checkpoint: the given value wins (Megatron-LM's non-forced
 # ``_set_arg``). --seq-length is the samples' length, not a shape of the weights; a position interpolation
-# factor is how a run extends a checkpoint's context.
-_RUN_CHOICES = ("seq_length", "rotary_seq_len_interpolation_factor")
+# factor is how a run extends a checkpoint's context. Dropout is no shape either: Megatron-LM forces the
+# checkpoint's, here it fills the flags not given (so a resume keeps the saved run's) and a given one wins.
+_RUN_CHOICES = ("seq_length", "rotary_seq_len_interpolation_factor", "hidden_dropout", "attention_dropout")
 _ACTIVATION_FLAGS = {"swiglu": "swiglu", "gelu_tanh": "openai_gelu", "squared_relu": "squared_relu"}
 
 
