@@ -127,15 +127,18 @@ def test_finetune_loads_weights_only_and_model_only_checkpoints_load(tmp_path):
     assert plain.loaded_iteration == 0 and plain.val_losses[0] == pytest.approx(saved.val_losses[4], rel=1e-6)
 
 
-def test_a_release_checkpoint_loads_as_weights_at_iteration_0(tmp_path):
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_a_release_checkpoint_loads_as_weights_at_iteration_0(tmp_path, fmt):
     """Megatron-LM's load_checkpoint: a tracker saying 'release' means weights to start from ('if args.finetune or
-    release: iteration = 0', and neither optimizer nor RNG is read). Here the file's own iteration was taken: a
-    release holding iteration 4 resumed at 4 with its optimizer, and --train-iters 2 trained nothing."""
+    release: iteration = 0', and neither optimizer nor RNG is read), in either format. Here the saved iteration
+    was taken: a release holding iteration 4 resumed at 4 with its optimizer and schedule (--train-iters 2 then
+    stopped on the schedule check)."""
     ckpt = str(tmp_path / "ckpt")
-    saved = _logged(run_distributed(_train, 1, TINY + ["--save", ckpt, "--train-iters", "4", "--eval-interval", "4"]))
+    tiny = TINY + ["--ckpt-format", fmt]
+    saved = _logged(run_distributed(_train, 1, tiny + ["--save", ckpt, "--train-iters", "4", "--eval-interval", "4"]))
     (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("release")
     os.rename(os.path.join(ckpt, "iter_0000004"), os.path.join(ckpt, "release"))
-    tuned = _logged(run_distributed(_train, 1, TINY + ["--load", ckpt, "--train-iters", "2", "--eval-at-start"]))
+    tuned = _logged(run_distributed(_train, 1, tiny + ["--load", ckpt, "--train-iters", "2", "--eval-at-start"]))
     assert (tuned.loaded_iteration, tuned.iteration, tuned.consumed_train_samples) == (0, 2, 16)
     assert tuned.val_losses[0] == pytest.approx(saved.val_losses[4], rel=1e-6)
 
