@@ -132,7 +132,7 @@ TESTS = {
                "tests/test_engine_config_ds019.py",
                "tests/test_clean_exit.py::test_engine_scripts_exit_cleanly_without_tearing_down"],
     "training": ["tests/test_arguments.py", "tests/test_lr_scheduler.py", "tests/test_pretrain_deepspeed_config.py",
-                 "tests/test_pretrain_errors.py",
+                 "tests/test_pretrain_errors.py", "tests/test_checkpoint_args.py",
                  "tests/test_checkpointing.py", "tests/test_pretrain.py", "tests/test_failures_training.py",
                  "tests/test_pretrain_dist_ckpt.py", "tests/test_decoupled_lr.py",
                  # --manual-gc, --profile, --log-params-norm and the TensorBoard extras (iteration_hooks.py)

@@ -69,7 +69,6 @@ def _base(*extra):
     (["--fp16", "--bf16"], 1, "only one of --fp16 and --bf16"),
     (["--recompute-granularity", "full"], 1, "needs --recompute-method"),
     (["--train-samples", "100"], 1, "only one of --train-iters and --train-samples"),
-    (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size >= 2"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], 1, "only one of --lr-warmup-fraction"),
     (["--attention-dropout", "0.999995"], 1, "--attention-dropout 0.999995 rounds to 1 at the dropout mask"),
@@ -146,6 +145,54 @@ def test_per_split_data_path_errors(tmp_path):
     assert args.train_data_path == [prefix] and args.data_path is None
 
 
+def test_data_args_files_give_the_data_paths(tmp_path):
+    """Megatron-LM's --data-args-path FILE (the --data-path list, whitespace-separated, for blends too long for a
+    command line) and --per-split-data-args-path FILE.json ({"train": ..., "valid": ..., "test": ...}, each a
+    list or one string) (megatron/training/utils/common_utils.py: get_blend_and_blend_per_split). They were
+    refused as Megatron-LM flags this trainer does not implement, with the advice 'drop it', which leaves no data."""
+    import json
+
+    import numpy as np
+
+    from megatron_core.datasets import IndexedDatasetBuilder
+
+    prefixes = [str(tmp_path / f"{name}_text_document") for name in "ab"]
+    for prefix in prefixes:
+        with IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16) as builder:
+            builder.add_document([1, 2, 3, 0], [4])
+            builder.finalize(prefix + ".idx")
+    argv = [a for a in _base() if a != "--mock-data"]
+    blend = tmp_path / "blend.txt"
+    blend.write_text(f"0.3 {prefixes[0]}\n0.7\t{prefixes[1]}\n")
+    args = validate_args(parse_args(argv + ["--data-args-path", str(blend)]), 1)
+    assert args.data_path == ["0.3", prefixes[0], "0.7", prefixes[1]]
+    per_split = tmp_path / "splits.json"
+    per_split.write_text(json.dumps({"train": f"0.3 {prefixes[0]} 0.7 {prefixes[1]}", "valid": [prefixes[1]],
+                                     "test": None}))
+    args = validate_args(parse_args(argv + ["--per-split-data-args-path", str(per_split)]), 1)
+    assert (args.train_data_path, args.valid_data_path, args.test_data_path, args.data_path) == (
+        ["0.3", prefixes[0], "0.7", prefixes[1]], [prefixes[1]], None, None)
+    cases = [
+        (["--data-args-path", str(blend), "--data-path", prefixes[0]],
+         "give --data-path or --data-args-path, not both"),
+        (["--per-split-data-args-path", str(per_split), "--valid-data-path", prefixes[0]],
+         "give --train-data-path/--valid-data-path/--test-data-path or --per-split-data-args-path, not both"),
+        (["--data-args-path", str(tmp_path / "none.txt")], f"--data-args-path {tmp_path / 'none.txt'}: cannot read it"),
+    ]
+    for name, text, message in (("empty.txt", " \n", " holds no dataset prefix"),
+                                ("bad.json", "[1]", ' is not a JSON object with "train", "valid" and "test" keys'),
+                                ("typo.json", '{"train": "a", "validation": "b"}',
+                                 ' has the key "validation"; the keys are "train", "valid" and "test"'),
+                                ("type.json", '{"train": 3}', ': "train" is 3; give a list of prefixes')):
+        (tmp_path / name).write_text(text)
+        flag = "--data-args-path" if name.endswith(".txt") else "--per-split-data-args-path"
+        cases.append(([flag, str(tmp_path / name)], f"{flag} {tmp_path / name}{message}"))
+    for extra, message in cases:
+        with pytest.raises(ConfigError) as error:
+            validate_args(parse_args(argv + extra), 1)
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
 def test_unknown_flag_is_a_config_error():
     with pytest.raises(ConfigError, match="unrecognized arguments: --no-such-flag") as info:
         parse_args(["--no-such-flag"])
@@ -176,6 +223,20 @@ def test_a_megatron_lm_flag_we_lack_is_named_as_such_not_guessed():
         "unrecognized arguments: --save-retain-interval=5 --non-persistent-save-interval 5; --save-retain-interval, "
         "--non-persistent-save-interval are Megatron-LM flags that this trainer does not implement: drop them "
         "(see python pretrain_gpt.py --help)")
+
+
+def test_megatron_lms_own_retired_flags_name_their_replacement():
+    """Megatron-LM's validate_args refuses --batch-size, --warmup, --model-parallel-size and
+    --checkpoint-activations naming the flag to use instead. Here they were 'not implemented: drop it': dropping
+    --model-parallel-size 8 runs at TP 1, dropping --checkpoint-activations runs without recompute."""
+    assert _main_error(["--demo", "--model-parallel-size", "8", "--checkpoint-activations"]) == (
+        "unrecognized arguments: --model-parallel-size 8 --checkpoint-activations; --model-parallel-size is an old "
+        "Megatron-LM flag that Megatron-LM refuses too: use --tensor-model-parallel-size; --checkpoint-activations "
+        "is an old Megatron-LM flag that Megatron-LM refuses too: use --recompute-activations, or "
+        "--recompute-granularity and --recompute-method (see python pretrain_gpt.py --help)")
+    for old, new in (("--batch-size", "--micro-batch-size"), ("--warmup", "--lr-warmup-fraction")):
+        assert f"; {old} is an old Megatron-LM flag that Megatron-LM refuses too: use {new} (see" in _main_error(
+            ["--demo", old, "1"])
 
 
 def test_a_misspelt_megatron_lm_flag_we_lack_is_not_matched_to_one_of_ours():
@@ -236,144 +297,6 @@ def test_train_samples_with_rampup_counts_small_batches():
     # The batch grows by 4 every 48 / 3 = 16 samples: 4 x 4 (16 samples), 2 x 8 (32), 2 x 12 (56 >= 48),
     # then (208 - 56) // 16 = 9 full batches.
     assert args.train_iters == 4 + 2 + 2 + 9
-
-
-def test_use_checkpoint_args_takes_a_relative_path_to_the_recorded_tokenizer_file(tmp_path, monkeypatch):
-    """The checkpoint records /abs/tok.model; `--tokenizer-model tok.model` run from /abs names the same file
-    (it was refused as disagreeing); another file is still refused."""
-    import argparse
-
-    from megatron_core.training.arguments.checkpoint_args import _set
-    (tmp_path / "tok.model").write_text("x")
-    (tmp_path / "other.model").write_text("x")
-    monkeypatch.chdir(tmp_path)
-    recorded = {"tokenizer_model": str(tmp_path / "tok.model")}
-    args = argparse.Namespace(tokenizer_model="tok.model")
-    _set(args, recorded, {"tokenizer_model": None})
-    assert args.tokenizer_model == str(tmp_path / "tok.model")
-    with pytest.raises(ConfigError, match="--tokenizer-model other.model disagrees with the checkpoint's"):
-        _set(argparse.Namespace(tokenizer_model="other.model"), recorded, {"tokenizer_model": None})
-
-
-def test_use_checkpoint_args_takes_the_tokenizer_directory_the_converter_copied(tmp_path):
-    """convert.py --loader hf copies the directory's tokenizer beside the checkpoint (through transformers: other
-    config keys); naming the original directory with --tokenizer-model was refused as disagreeing with that
-    copy. Another tokenizer.json or other special tokens are still refused."""
-    import argparse
-    import json
-
-    from megatron_core.training.arguments.checkpoint_args import _set
-    original = {"eos_token": "</s>", "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>"}
-    for name, text, config in (("hf", "{}", original),
-                               ("copy", "{}", {"eos_token": "</s>", "tokenizer_class": "TokenizersBackend"}),
-                               ("other", "{ }", {"eos_token": "</s>"}), ("other-eos", "{}", {"eos_token": "<e>"})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "tokenizer.json").write_text(text)
-        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps(config))
-    (tmp_path / "hf" / "tokenizer.model").write_text("sp")  # the original holds more than the copy
-    recorded = {"tokenizer_model": str(tmp_path / "copy")}
-    args = argparse.Namespace(tokenizer_model=str(tmp_path / "hf"))
-    _set(args, recorded, {"tokenizer_model": None})
-    assert args.tokenizer_model == str(tmp_path / "copy")
-    for other in ("other", "other-eos"):
-        with pytest.raises(ConfigError, match=f"--tokenizer-model .*{other} disagrees with the checkpoint's"):
-            _set(argparse.Namespace(tokenizer_model=str(tmp_path / other)), recorded, {"tokenizer_model": None})
-
-
-def test_use_checkpoint_args_takes_the_tokenizer_the_converter_stored(tmp_path):
-    """An HF model converted with its tokenizer.json: --use-checkpoint-args read the model flags but then
-    stopped at '--tokenizer-type is required', though the checkpoint carries its tokenizer."""
-    from megatron_core.checkpoint.convert import main as convert
-    from megatron_core.training.arguments import build_parser
-    from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
-    from tests.hf_testing import tiny_hf_gpt2
-    from tests.test_text_generation_cli import _save_tokenizer_json
-    tiny_hf_gpt2(vocab_size=300).save_pretrained(tmp_path / "hf")
-    _save_tokenizer_json(tmp_path / "hf" / "tokenizer.json")
-    ckpt = str(tmp_path / "ckpt")
-    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
-                    "--save-dir", ckpt]) == 0
-    args = parse_args(["--load", ckpt, "--use-checkpoint-args", "--mock-data", "--micro-batch-size", "1",
-                       "--train-iters", "1", "--lr", "1e-3"])
-    apply_checkpoint_args(args, vars(build_parser().parse_args([])))
-    assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", f"{ckpt}/tokenizer")
-    assert (args.hidden_size, args.num_layers) == (64, 2)
-
-
-def test_use_checkpoint_args_keeps_a_given_seq_length(tmp_path):
-    """--seq-length is how long the training samples are, not a shape of the weights: Megatron-LM's
-    load_args_from_checkpoint keeps the command line's (``_set_arg('seq_length')`` without force). It was
-    refused as disagreeing with the checkpoint's, which the converter sets to the model's position count
-    (131072 for a Llama 3), so a converted model could not be fine-tuned at a shorter length with the flag."""
-    from megatron_core.checkpoint.convert import main as convert
-    from megatron_core.training.arguments import build_parser
-    from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
-    from tests.hf_testing import tiny_hf_llama
-    tiny_hf_llama(vocab_size=256).save_pretrained(tmp_path / "hf")
-    ckpt = str(tmp_path / "ckpt")
-    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
-                    "--save-dir", ckpt]) == 0
-    defaults = vars(build_parser().parse_args([]))
-    base = ["--load", ckpt, "--use-checkpoint-args", "--mock-data", "--vocab-size", "256", "--micro-batch-size", "1",
-            "--train-iters", "1", "--lr", "1e-3"]
-    args = parse_args(base)
-    apply_checkpoint_args(args, defaults)
-    saved = args.seq_length
-    assert saved == args.max_position_embeddings > 8
-    args = parse_args(base + ["--seq-length", "8"])
-    apply_checkpoint_args(args, defaults)
-    assert (args.seq_length, args.max_position_embeddings) == (8, saved)
-    validate_args(args, 1)
-    with pytest.raises(ConfigError, match="--hidden-size 48 disagrees with the checkpoint's"):
-        apply_checkpoint_args(parse_args(base + ["--hidden-size", "48"]), defaults)
-
-
-def _legacy_args_run(argv):
-    import pretrain_gpt
-    return pretrain_gpt.main(argv).iteration
-
-
-def test_use_checkpoint_args_takes_a_legacy_checkpoints_layout_and_vocabulary_padding(tmp_path):
-    """A legacy checkpoint loads only under the layout that saved it, with its padded vocabulary: Megatron-LM's
-    load_args_from_checkpoint takes padded_vocab_size and forces the TP / PP / virtual sizes. Here neither was
-    taken, so `--load CKPT --use-checkpoint-args` on a converted TP 2 checkpoint (padding multiple 32) stopped with
-    'padded_vocab_size: checkpoint 320 vs run 384; tensor_model_parallel_size: checkpoint 2 vs run 1'."""
-    from harness import run_distributed
-
-    from megatron_core.checkpoint.convert import main as convert
-    from megatron_core.training.arguments import build_parser
-    from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
-    from tests.hf_testing import tiny_hf_gpt2
-    tiny_hf_gpt2(vocab_size=300).save_pretrained(tmp_path / "hf")
-    ckpt = str(tmp_path / "ckpt")
-    assert convert(["--model-type", "GPT", "--loader", "hf", "--saver", "core", "--load-dir", str(tmp_path / "hf"),
-                    "--save-dir", ckpt, "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
-                    "--target-virtual-pipeline-parallel-size", "1", "--make-vocab-size-divisible-by", "32"]) == 0
-    base = ["--load", ckpt, "--use-checkpoint-args", "--mock-data", "--vocab-size", "300", "--micro-batch-size", "1",
-            "--train-iters", "1", "--lr", "1e-3", "--seq-length", "8", "--eval-iters", "0", "--num-workers", "0"]
-    args = parse_args(base)
-    apply_checkpoint_args(args, vars(build_parser().parse_args([])))
-    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)
-    assert (args.make_vocab_size_divisible_by, args.num_layers_per_virtual_pipeline_stage) == (32, None)
-    with pytest.raises(ConfigError, match="--tensor-model-parallel-size 4 disagrees with the checkpoint's 2"):
-        apply_checkpoint_args(parse_args(base + ["--tensor-model-parallel-size", "4"]),
-                              vars(build_parser().parse_args([])))
-    assert run_distributed(_legacy_args_run, 4, base + ["--finetune"], timeout=120) == [1, 1, 1, 1]
-    from megatron_core.training.arguments.checkpoint_args import _legacy_layout
-    assert _legacy_layout({"num_layers": 8}, {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2,
-                                              "virtual_pipeline_model_parallel_size": 2}) == {
-        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2, "num_layers_per_virtual_pipeline_stage": 2}
-
-
-def test_use_checkpoint_args_names_the_model_file_an_iteration_lacks(tmp_path):
-    """A legacy iteration directory without its model file (a copy that left out the mp_rank folders): one line
-    naming the folder and file looked for, mp_rank_00 (no pipeline stages) as the saver writes it."""
-    (tmp_path / "iter_0000003").mkdir()
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
-    with pytest.raises(ConfigError) as error:
-        validate_args(parse_args(_base("--load", str(tmp_path), "--use-checkpoint-args")), world_size=1)
-    assert str(error.value) == (f"--load {tmp_path / 'iter_0000003'} has no mp_rank_00/model_optim_rng.pt to read "
-                                f"the model flags from (--use-checkpoint-args)")
 
 
 @pytest.mark.parametrize("precision, in_fp32", [
@@ -480,3 +403,24 @@ def test_sequence_parallel_without_tensor_parallelism_warns_in_one_line(capsys, 
     validate_args(parse_args(_base()), world_size=1)
     validate_args(parse_args(_base("--sequence-parallel", "--tensor-model-parallel-size", "2")), world_size=2)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flags, kind", [
+    (["--position-embedding-type", "rope", "--no-position-embedding"], "rope"),
+    (["--no-position-embedding", "--position-embedding-type", "rope"], "rope"),
+    (["--no-position-embedding", "--use-rotary-position-embeddings"], "rope"),
+    (["--use-rotary-position-embeddings"], "rope"),
+    (["--no-position-embedding"], "none"),
+    ([], "learned_absolute"),
+])
+def test_no_position_embedding_beside_rope_keeps_rope(flags, kind):
+    """Megatron-LM's --no-position-embedding drops the learned absolute position table (add_position_embedding
+    False); its validate_args allows it only beside RoPE, where it changes nothing, and Llama scripts pass both
+    (examples/post_training/modelopt/conf/meta-llama/*.sh; `--position-embedding-type rope --no-position-embedding`
+    in Llama 2 scripts). Here it set the type to none after --position-embedding-type rope: the model silently
+    trained with no position information at all."""
+    args = validate_args(parse_args(_base(*flags)), world_size=1)
+    assert args.position_embedding_type == kind
+    assert config_from_args(args).model.transformer.position_embedding_type == kind
+
+

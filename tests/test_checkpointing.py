@@ -127,6 +127,22 @@ def test_finetune_loads_weights_only_and_model_only_checkpoints_load(tmp_path):
     assert plain.loaded_iteration == 0 and plain.val_losses[0] == pytest.approx(saved.val_losses[4], rel=1e-6)
 
 
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_a_release_checkpoint_loads_as_weights_at_iteration_0(tmp_path, fmt):
+    """Megatron-LM's load_checkpoint: a tracker saying 'release' means weights to start from ('if args.finetune or
+    release: iteration = 0', and neither optimizer nor RNG is read), in either format. Here the saved iteration
+    was taken: a release holding iteration 4 resumed at 4 with its optimizer and schedule (--train-iters 2 then
+    stopped on the schedule check)."""
+    ckpt = str(tmp_path / "ckpt")
+    tiny = TINY + ["--ckpt-format", fmt]
+    saved = _logged(run_distributed(_train, 1, tiny + ["--save", ckpt, "--train-iters", "4", "--eval-interval", "4"]))
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("release")
+    os.rename(os.path.join(ckpt, "iter_0000004"), os.path.join(ckpt, "release"))
+    tuned = _logged(run_distributed(_train, 1, tiny + ["--load", ckpt, "--train-iters", "2", "--eval-at-start"]))
+    assert (tuned.loaded_iteration, tuned.iteration, tuned.consumed_train_samples) == (0, 2, 16)
+    assert tuned.val_losses[0] == pytest.approx(saved.val_losses[4], rel=1e-6)
+
+
 def test_a_part_left_out_by_no_save_flags_must_be_skipped_on_resume(tmp_path):
     """A resume of a --no-save-rng checkpoint went on with this run's own seeding, and one of a --no-save-optim
     checkpoint (here under the distributed optimizer) with a fresh optimizer, each without a word but a log line.

@@ -190,6 +190,10 @@ def test_nsight_profiling_without_cuda_says_so_and_trains(capfd):
      "warning: --manual-gc-interval, --profile-ranks: no effect without --manual-gc and --profile; add "),
     (["--profile", "--profile-step-start", "3"],
      "warning: --profile-step-start 3 is not below --train-iters 3: nothing is profiled"),
+    # Megatron-LM's training loop saves when `args.save and args.save_interval`: a script with its --save line
+    # taken out trains without saving. It stopped with '--save-interval needs --save DIR'.
+    (["--save-interval", "2"], "warning: --save-interval: no effect without --save DIR; add --save DIR or drop "
+                               "--save-interval"),
 ])
 def test_options_that_cannot_take_effect_say_so_in_one_line(capfd, flags, warning):
     """Megatron-LM ignores them silently (found by breakit2: --profile's default window 10-12 in a shorter run

@@ -24,6 +24,8 @@ from megatron_core.errors import ConfigError
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MODEL_FILENAME = "model_optim_rng.pt"
+# Megatron-LM's directory (and tracker text) of a released, iteration-less checkpoint.
+RELEASE_DIRNAME = "release"
 MANIFEST_FILENAME = "manifest.json"  # every file of an iteration and its size in bytes, written at save
 
 
@@ -267,7 +269,7 @@ def read_tracker(root: str) -> int | None:
         text = raw.decode("ascii").strip()
     except UnicodeDecodeError:
         text = "<binary>"
-    if text == "release":
+    if text == RELEASE_DIRNAME:
         return 0  # Megatron-LM's name for a converted, iteration-less checkpoint
     try:
         return int(text)
@@ -298,7 +300,7 @@ def existing_iteration_dir(root: str, iteration: int) -> str | None:
     """The directory of ``iteration`` (or ``release``), falling back to a replaced copy left by a crash."""
     candidates = [iteration_dir(root, iteration), iteration_dir(root, iteration) + ".old"]
     if iteration == 0:
-        candidates.append(os.path.join(root, "release"))
+        candidates.append(os.path.join(root, RELEASE_DIRNAME))
     for path in candidates:
         if os.path.isdir(path):
             return path

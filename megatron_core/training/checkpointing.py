@@ -8,6 +8,7 @@ all ranks are done; the tracker file is replaced last (see ``checkpoint_io``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -252,7 +253,7 @@ def check_compatible(saved_config: dict[str, Any], saved_info: dict[str, Any], m
                           f"the checkpoint, or {fix}")
 
 
-def _check_load_root(root: str) -> bool:
+def check_load_root(root: str) -> bool:
     """Whether ``root`` may mean a fresh start (missing, or empty apart from temporaries of killed saves).
 
     Raises ConfigError naming ``root`` when it exists but is not a checkpoint directory (a file, an
@@ -290,7 +291,7 @@ def _resolve_dir(config: CheckpointConfig, parallel_state: ParallelState) -> tup
     root = config.load
     if root is None:
         return None
-    fresh = _check_load_root(root)
+    fresh = check_load_root(root)
     try:
         iteration = config.ckpt_step if config.ckpt_step is not None else io.read_tracker(root)
     except ValueError as exc:
@@ -337,6 +338,11 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
         printer(f"> no checkpoint found in --load {config.load}: starting from scratch")
         return LoadResult()
     iteration, rank_dir = resolved
+    release = os.path.basename(os.path.dirname(rank_dir)) == io.RELEASE_DIRNAME
+    if release:
+        # Megatron-LM's load_checkpoint: "if args.finetune or release: iteration = 0", and a release's optimizer
+        # and RNG states are not read: weights to start from, whatever iteration the file records.
+        config = dataclasses.replace(config, finetune=True)
     state = _load_or_name_damage(load_root, iteration, os.path.join(rank_dir, io.MODEL_FILENAME))
     check_compatible(state.get("config", {}), state.get("model_info", {}), transformer.to_dict(),
                      model_info.to_dict(), rank_dir)
@@ -346,7 +352,8 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     _load_model(state, model, rank_dir)
     result = LoadResult(loaded=True)
     if config.finetune:
-        printer(f"> loaded model weights from {rank_dir} for finetuning: starting at iteration 0")
+        why = "a release checkpoint (weights only, as Megatron-LM)" if release else "for finetuning"
+        printer(f"> loaded model weights from {rank_dir} {why}: starting at iteration 0")
         _reload_main_params(optimizer)
         return result
     if state.get(FROM_MEGATRON_LM) and not (config.no_load_optim and config.no_load_rng):

@@ -9,6 +9,7 @@ the trainer keeps beside the tensors (consumed samples, the model and tokenizer 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from megatron_core.dist_checkpointing.serialization import checkpoint_dir, descr
 from megatron_core.dist_checkpointing.sharded import shard_pieces
 from megatron_core.errors import ConfigError
 from megatron_core.parallel_state import ParallelState
+from megatron_core.training import checkpoint_io as io
 from megatron_core.training.checkpointing import LoadResult, check_compatible, check_finite_model, unwrap
 from megatron_core.training.config import CheckpointConfig, DataConfig, ModelInfo
 from megatron_core.training.health import TrainingDivergedError, check_finite_state
@@ -103,19 +105,23 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     assert config.load is not None
     from megatron_core.dist_checkpointing import read_common
 
+    directory = checkpoint_dir(config.load, config.ckpt_step)[0]
+    release = os.path.basename(directory) == io.RELEASE_DIRNAME
+    # A release: weights only, at iteration 0, as Megatron-LM's load_checkpoint (and the legacy format's load).
+    finetune = config.finetune or release
     common = read_common(config.load, config.ckpt_step)
     extra = common.get("extra", {})
     _check_same_model(extra, transformer, model_info, config.load, printer)
     # Missing RNG states are skipped (load_rng=False), as Megatron-LM's torch_dist load does.
-    check_saved_parts(extra.get(SAVE_FLAGS), config, checkpoint_dir(config.load, config.ckpt_step)[0],
+    check_saved_parts(extra.get(SAVE_FLAGS), dataclasses.replace(config, finetune=finetune), directory,
                       optimizer is not None, False)
-    load_optim = optimizer is not None and not (config.no_load_optim or config.finetune)
+    load_optim = optimizer is not None and not (config.no_load_optim or finetune)
     # The schedule goes with the optimizer, as Megatron-LM's load_checkpoint (and the legacy format's) has it.
-    load_scheduler = not (config.no_load_optim or config.finetune)
+    load_scheduler = not (config.no_load_optim or finetune)
     common = load_dist_checkpoint(config.load, model, optimizer if load_optim else None,
                                   scheduler if load_scheduler else None, parallel_state,
                                   iteration=config.ckpt_step, load_optim=load_optim,
-                                  load_rng=not (config.no_load_rng or config.finetune), printer=printer)
+                                  load_rng=not (config.no_load_rng or finetune), printer=printer)
     where = config.load
 
     def check_loaded() -> None:
@@ -128,9 +134,10 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
         optimizer.reload_model_params()
     loaded_scheduler = load_scheduler and scheduler is not None and common.get("scheduler") is not None
     result = LoadResult(loaded=True, optimizer_loaded=load_optim, scheduler_loaded=loaded_scheduler,
-                        rng_loaded=not (config.no_load_rng or config.finetune) and bool(common["rng"]))
-    if config.finetune:
-        printer(f"> loaded model weights from {config.load} (torch_dist) for finetuning: starting at iteration 0")
+                        rng_loaded=not (config.no_load_rng or finetune) and bool(common["rng"]))
+    if finetune:
+        why = "a release checkpoint (weights only, as Megatron-LM)" if release else "for finetuning"
+        printer(f"> loaded model weights from {config.load} (torch_dist) {why}: starting at iteration 0")
         return result
     ours_now = layout_of(parallel_state, optimizer, model)
     result.iteration = int(common["iteration"])

@@ -19,6 +19,11 @@ __all__ = ["build_parser", "config_from_args", "megatron_lm_flags", "parse_args"
 
 # Megatron-LM's flag names, one a line (package data, next to this file).
 _MEGATRON_LM_FLAGS = "megatron_lm_flags.txt"
+# Flags Megatron-LM's parser still has but its validate_args refuses, naming the flag to use instead ("Deprecated
+# arguments"): dropping them, the advice for other unimplemented flags, would change the run (TP 1, no recompute).
+_RETIRED = {"--batch-size": "--micro-batch-size", "--warmup": "--lr-warmup-fraction",
+            "--model-parallel-size": "--tensor-model-parallel-size",
+            "--checkpoint-activations": "--recompute-activations, or --recompute-granularity and --recompute-method"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +38,8 @@ class _Parser(argparse.ArgumentParser):
         of Megatron-LM's own parser (``megatron_lm_flags``), where the closest flag of ours would be a wrong guess,
         and "; did you mean: --trian-iters -> --train-iters?" for any other flag close to one of ours (a typo), or
         "--save-retain-intervall -> Megatron-LM's --save-retain-interval, not implemented here" when the closest
-        flag is one of Megatron-LM's that this trainer lacks.
+        flag is one of Megatron-LM's that this trainer lacks; an old flag that Megatron-LM refuses too names the
+        flag to use instead ("--batch-size is an old Megatron-LM flag ...: use --micro-batch-size").
         ``--flag=value`` is judged by ``--flag``. Empty for any other message."""
         if not message.startswith("unrecognized arguments:"):
             return ""
@@ -41,9 +47,15 @@ class _Parser(argparse.ArgumentParser):
         megatron = megatron_lm_flags()
         unimplemented: list[str] = []
         hints = []
+        retired: list[str] = []
         for word in message.split(":", 1)[1].split():
             flag = word.split("=", 1)[0]
             if not flag.startswith("--"):
+                continue
+            if flag in _RETIRED:
+                advice = f"{flag} is an old Megatron-LM flag that Megatron-LM refuses too: use {_RETIRED[flag]}"
+                if advice not in retired:
+                    retired.append(advice)
                 continue
             if flag in megatron:
                 if flag not in unimplemented:
@@ -54,7 +66,7 @@ class _Parser(argparse.ArgumentParser):
             if close:
                 hints.append(f"{flag} -> {close[0]}" if close[0] in known else
                              f"{flag} -> Megatron-LM's {close[0]}, not implemented here")
-        parts = []
+        parts = list(retired)
         if unimplemented:
             one = len(unimplemented) == 1
             parts.append(f"{', '.join(unimplemented)} {'is a Megatron-LM flag' if one else 'are Megatron-LM flags'} "

@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from megatron_core.errors import ConfigError
+from megatron_core.training.initialize import rank_from_env
 
 # flag dest -> how to read it from the checkpoint's (model_config, model_info, tokenizer) records
 _FROM_CONFIG = {
@@ -34,12 +35,14 @@ _FROM_CONFIG = {
     "rotary_percent": "rotary_percent", "use_rope_scaling": "rope_scaling",
     "rope_scaling_factor": "rope_scaling_factor",
     "rotary_seq_len_interpolation_factor": "seq_len_interpolation_factor",
+    "hidden_dropout": "hidden_dropout", "attention_dropout": "attention_dropout",
 }
 _FROM_INFO = {"seq_length": "seq_length", "max_position_embeddings": "max_position_embeddings"}
 # Flags a run may set apart from the checkpoint: the given value wins (Megatron-LM's non-forced
 # ``_set_arg``). --seq-length is the samples' length, not a shape of the weights; a position interpolation
-# factor is how a run extends a checkpoint's context.
-_RUN_CHOICES = ("seq_length", "rotary_seq_len_interpolation_factor")
+# factor is how a run extends a checkpoint's context. Dropout is no shape either: Megatron-LM forces the
+# checkpoint's, here it fills the flags not given (so a resume keeps the saved run's) and a given one wins.
+_RUN_CHOICES = ("seq_length", "rotary_seq_len_interpolation_factor", "hidden_dropout", "attention_dropout")
 _ACTIVATION_FLAGS = {"swiglu": "swiglu", "gelu_tanh": "openai_gelu", "squared_relu": "squared_relu"}
 
 
@@ -47,10 +50,19 @@ def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, A
     """Fill the model and tokenizer flags of ``args`` from the checkpoint in ``args.load``.
 
     ``parser_defaults``: each flag's default, to tell a flag the user gave from one left alone.
-    Raises ConfigError when ``--load`` holds no checkpoint or a given flag disagrees.
+    A ``--load`` that is missing or empty (no checkpoint yet) leaves ``args`` as given, with one printed line, as
+    Megatron-LM; with ``--exit-on-missing-checkpoint`` or ``--ckpt-step`` it is an error. Raises ConfigError when
+    ``--load`` holds no checkpoint then, or something else than a checkpoint, or a given flag disagrees.
     """
     if args.load is None:
         raise ConfigError("--use-checkpoint-args needs --load DIR (the checkpoint to read the model flags from)")
+    if args.ckpt_step is None and not args.exit_on_missing_checkpoint and _no_checkpoint_yet(args.load):
+        # Megatron-LM's load_args_from_checkpoint: "Checkpoint not found to provide arguments, using provided
+        # arguments." A script passing --save DIR --load DIR --use-checkpoint-args starts from scratch the first time.
+        if rank_from_env() == 0:
+            print(f"> --use-checkpoint-args: no checkpoint in --load {args.load} to take the model flags from: "
+                  f"using the flags given", flush=True)
+        return
     config, info, tokenizer, legacy = _records(args.load, args.ckpt_step)
     if not config or not info:
         raise ConfigError(f"--load {args.load}: the checkpoint records no model flags (it was not written by "
@@ -71,6 +83,14 @@ def apply_checkpoint_args(args: argparse.Namespace, parser_defaults: dict[str, A
         args.layout_from_checkpoint = True  # for validate's message about a world these sizes do not fit
     values.update({k: v for k, v in (tokenizer or {}).items() if v is not None})
     _set(args, values, parser_defaults)
+
+
+def _no_checkpoint_yet(load: str) -> bool:
+    """Whether ``load`` is missing or empty (what a training run starts from scratch on). A directory holding
+    something else is not: the loader names what it holds (ConfigError)."""
+    from megatron_core.training.checkpointing import check_load_root
+
+    return check_load_root(load)
 
 
 def _legacy_layout(config: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:

@@ -98,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="take the model and tokenizer flags from the torch_dist checkpoint in --load")
     g.add_argument("--use-flash-attn", action="store_true", help="same as --attention-backend flash")
     g.add_argument("--squared-relu", action="store_true", help="squared ReLU MLP activation (Primer, Nemotron)")
-    g.add_argument("--no-position-embedding", action="store_true", help="same as --position-embedding-type none")
+    g.add_argument("--no-position-embedding", action="store_true",
+                   help="no learned position table: --position-embedding-type none, or nothing beside rope")
     g.add_argument("--use-rotary-position-embeddings", action="store_true",
                    help="same as --position-embedding-type rope")
     g.add_argument("--data-impl", default="mmap", choices=["mmap"],
@@ -137,8 +138,6 @@ def apply(args: argparse.Namespace) -> None:
     if args.squared_relu:
         if args.swiglu or args.openai_gelu:
             raise ConfigError("give only one of --squared-relu, --swiglu and --openai-gelu")
-    if args.no_position_embedding:
-        args.position_embedding_type = "none"
     if args.use_rotary_position_embeddings:
         args.position_embedding_type = "rope"
     if args.spec is None and args.transformer_impl is not None:
@@ -150,6 +149,15 @@ def apply(args: argparse.Namespace) -> None:
                 raise ConfigError(f"--transformer-impl transformer_engine: transformer_engine failed to import "
                                   f"({TE_IMPORT_ERROR}); install it on a CUDA machine or pass --transformer-impl local")
         args.spec = ["megatron_core.transformer.layer_specs", name]
+
+
+def apply_no_position_embedding(args: argparse.Namespace) -> None:
+    """``--no-position-embedding`` (Megatron-LM's: no learned position table) after ``--use-checkpoint-args`` has
+    given the checkpoint's type: beside RoPE (Llama scripts pass both) it changes nothing, and the type must stay,
+    as "none" would train with no position information at all; otherwise it means ``--position-embedding-type
+    none``."""
+    if args.no_position_embedding and args.position_embedding_type == "learned_absolute":
+        args.position_embedding_type = "none"
 
 
 def refused_flags() -> Sequence[str]:

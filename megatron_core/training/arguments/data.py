@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
+
+from megatron_core.training.errors import ConfigError
+
+_SPLITS = ("train", "valid", "test")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,6 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{split}-data-path", nargs="*", default=None,
                        help=f"the {split} split's own prefix(es), every document of them (instead of --data-path "
                             f"and --split)")
+    g.add_argument("--data-args-path", default=None,
+                   help="a file holding the --data-path list (whitespace-separated), for blends too long for a "
+                        "command line (Megatron-LM's flag)")
+    g.add_argument("--per-split-data-args-path", default=None,
+                   help='a JSON file {"train": ..., "valid": ..., "test": ...}, each the list (or string) that '
+                        "--train/valid/test-data-path would take (Megatron-LM's flag)")
     g.add_argument("--mock-data", action="store_true", help="synthetic tokens, no files")
     g.add_argument("--split", default="969,30,1", help="train,valid,test weights over documents")
     g.add_argument("--data-cache-path", default=None, help="where dataset index caches go")
@@ -39,3 +51,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--demo-input", default=None,
                    help="use this JSONL file ({\"text\": ...} per line) instead of the standard library corpus")
     g.add_argument("--demo-prepare-only", action="store_true", help="prepare the demo's data, then exit")
+
+
+def read_data_args_files(args: argparse.Namespace) -> None:
+    """Fill ``--data-path`` from ``--data-args-path`` and ``--train/valid/test-data-path`` from
+    ``--per-split-data-args-path``, as Megatron-LM's ``get_blend_and_blend_per_split`` reads them (a JSON string
+    value is split at whitespace; here a missing or null key is a split not given). Raises ConfigError, one line
+    naming the flag and the file, for a file that cannot be read or holds no paths, and beside the flags it
+    replaces."""
+    if args.data_args_path is not None:
+        if args.data_path:
+            raise ConfigError("give --data-path or --data-args-path, not both")
+        text = _read(args.data_args_path, "--data-args-path")
+        args.data_path = text.split()
+        if not args.data_path:
+            raise ConfigError(f"--data-args-path {args.data_args_path} holds no dataset prefix; write the "
+                              f"--data-path list into it (e.g. 0.3 A_text_document 0.7 B_text_document)")
+    if args.per_split_data_args_path is not None:
+        flags = [f"--{split}-data-path" for split in _SPLITS]
+        if any(getattr(args, f"{split}_data_path") for split in _SPLITS):
+            raise ConfigError(f"give {'/'.join(flags)} or --per-split-data-args-path, not both")
+        for split, paths in _per_split_paths(args.per_split_data_args_path).items():
+            setattr(args, f"{split}_data_path", paths)
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc})") from None
+
+
+def _per_split_paths(path: str) -> dict[str, list[str] | None]:
+    """``{"train": [...], "valid": [...], "test": [...]}`` of the JSON file; a missing or null key is None."""
+    where = f"--per-split-data-args-path {path}"
+    keys = '"train", "valid" and "test"'
+    try:
+        content: Any = json.loads(_read(path, "--per-split-data-args-path"))
+    except ValueError as exc:
+        raise ConfigError(f"{where} is not valid JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{where} is not a JSON object with {keys} keys")
+    unknown = sorted(set(content) - set(_SPLITS))
+    if unknown:
+        raise ConfigError(f"{where} has the key {json.dumps(unknown[0])}; the keys are {keys}")
+    result: dict[str, list[str] | None] = {}
+    for split in _SPLITS:
+        value = content.get(split)
+        if isinstance(value, str):
+            value = value.split()
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value)):
+            raise ConfigError(f"{where}: {json.dumps(split)} is {json.dumps(value)}; give a list of prefixes "
+                              f"(optionally weighted: [\"0.3\", \"A\", \"0.7\", \"B\"]) or one string of them")
+        result[split] = None if not value else [str(v) for v in value]
+    return result

@@ -12,7 +12,7 @@ from megatron_core import device
 from megatron_core.datasets.splits import parse_split
 from megatron_core.fusions.fused_dropout import cpu_rounds_to_one
 from megatron_core.microbatches import MicrobatchCalculator
-from megatron_core.training.arguments import compat, model, training
+from megatron_core.training.arguments import compat, data, model, training
 from megatron_core.training.config import DataConfig
 from megatron_core.training.errors import ConfigError
 from megatron_core.training.initialize import rank_from_env
@@ -28,6 +28,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> argparse.Namespa
         from megatron_core.training.arguments.checkpoint_args import apply_checkpoint_args
 
         apply_checkpoint_args(args, vars(build_parser().parse_args([])))
+    compat.apply_no_position_embedding(args)
     _parallel(args, world_size)
     if getattr(args, "deepspeed", False) and args.deepspeed_config is None:
         raise ConfigError("--deepspeed needs --deepspeed_config FILE (the DeepSpeed JSON whose ZeRO, precision, "
@@ -335,6 +336,7 @@ def _data(args: argparse.Namespace) -> None:
         parse_split(args.split)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    data.read_data_args_files(args)
     flags = {"--data-path": "data_path", "--train-data-path": "train_data_path",
              "--valid-data-path": "valid_data_path", "--test-data-path": "test_data_path"}
     for name in flags.values():
@@ -387,8 +389,6 @@ def _checkpoint_and_logging(args: argparse.Namespace) -> None:
     _positive(args, "save_interval", "log_interval", "eval_interval", "tensorboard_log_interval",
               "tensorboard_queue_size")
     _gc_and_profile(args)
-    if args.save_interval is not None and args.save is None:
-        raise ConfigError("--save-interval needs --save DIR (where to write the checkpoints)")
     if args.finetune and args.load is None:
         raise ConfigError("--finetune needs --load DIR (the checkpoint to start from)")
     if args.eval_iters < 0:
@@ -419,15 +419,16 @@ def _gc_and_profile(args: argparse.Namespace) -> None:
 
 
 def _without_switch(args: argparse.Namespace) -> None:
-    """Options of --manual-gc / --profile given without it: Megatron-LM ignores them silently; here one
+    """Options of --manual-gc / --profile / --save given without it: Megatron-LM ignores them silently; here one
     warning line names them (not an error, so a script that toggles only the switch keeps running)."""
     given = {"--manual-gc-interval": ("--manual-gc", args.manual_gc_interval != training.MANUAL_GC_INTERVAL),
              "--no-manual-gc-eval": ("--manual-gc", not args.manual_gc_eval),
              "--use-pytorch-profiler": ("--profile", args.use_pytorch_profiler),
              "--profile-step-start": ("--profile", args.profile_step_start != training.PROFILE_STEP_START),
              "--profile-step-end": ("--profile", args.profile_step_end != training.PROFILE_STEP_END),
-             "--profile-ranks": ("--profile", args.profile_ranks != list(training.PROFILE_RANKS))}
-    switched_on = {"--manual-gc": args.manual_gc, "--profile": args.profile}
+             "--profile-ranks": ("--profile", args.profile_ranks != list(training.PROFILE_RANKS)),
+             "--save-interval": ("--save DIR", args.save_interval is not None)}
+    switched_on = {"--manual-gc": args.manual_gc, "--profile": args.profile, "--save DIR": args.save is not None}
     unused = [flag for flag, (switch, on) in given.items() if on and not switched_on[switch]]
     if unused and rank_from_env() == 0:
         switches = " and ".join(dict.fromkeys(given[flag][0] for flag in unused))
