@@ -83,11 +83,16 @@ def has_test_split(config: DataConfig) -> bool:
     is decided at the end by every rank from whether any rank built it (a share of --split can hold
     no document of a small corpus).
     """
+    return _has_split(config, 2)
+
+
+def _has_split(config: DataConfig, index: int) -> bool:
+    """Split ``index`` (0 train, 1 valid, 2 test) has its own prefixes or a positive share of ``--split``."""
     from megatron_core.datasets.splits import split_matrix
 
     if config.train_data_path or config.valid_data_path or config.test_data_path:
-        return config.test_data_path is not None
-    return split_matrix(config.split)[2] is not None
+        return (config.train_data_path, config.valid_data_path, config.test_data_path)[index] is not None
+    return split_matrix(config.split)[index] is not None
 
 
 def build_datasets(config: DataConfig, training: TrainingConfig, tokenizer: MegatronTokenizer,
@@ -95,7 +100,9 @@ def build_datasets(config: DataConfig, training: TrainingConfig, tokenizer: Mega
     """(train, valid, test) datasets; valid and test hold ``eval_iters`` global batches each.
 
     Every evaluation reuses the same validation batches; the test split is evaluated once, at the end
-    (Megatron-LM's ``eval_iters x global_batch_size`` test samples). Test is None without a test split,
+    (Megatron-LM's ``eval_iters x global_batch_size`` test samples). Valid is None without a validation split
+    (a zero share of ``--split``, or no ``--valid-data-path``: said through ``note``, as Megatron-LM skips
+    validation then). Test is None without a test split,
     or when the test share of ``--split`` holds no document (of any prefix of a blend; said through
     ``note``). A blend whose test share is empty in some prefixes only is an error naming them.
     """
@@ -104,6 +111,13 @@ def build_datasets(config: DataConfig, training: TrainingConfig, tokenizer: Mega
 
     valid_samples = training.eval_iters * training.global_batch_size
     test_samples = valid_samples if has_test_split(config) else 0
+    if valid_samples and not _has_split(config, 1):
+        # Megatron-LM builds no validation set then and skips every evaluation; said here, not silent.
+        per_split = config.train_data_path or config.test_data_path
+        why = "no --valid-data-path" if per_split else f"--split {config.split!r} gives validation no share"
+        note(f"warning: {why}: the --eval-iters {training.eval_iters} validation runs are skipped, as Megatron-LM "
+             f"skips them")
+        valid_samples = 0
     dataset_cfg = dataset_config(config, tokenizer, training.seed)
     try:
         try:

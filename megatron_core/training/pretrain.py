@@ -267,7 +267,7 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     if result.exit_reason in ("completed", "skip-train", "nothing-to-train") and \
             run.last_eval_iteration != state.iteration:
         _evaluate_and_print(run, state, result)
-    if result.exit_reason in ("completed", "skip-train", "nothing-to-train") and _any_rank(run.test_ds is not None):
+    if result.exit_reason in ("completed", "skip-train", "nothing-to-train"):
         _evaluate_and_print(run, state, result, test=True)
     if run.writer is not None:
         run.writer.close()
@@ -302,8 +302,9 @@ def _convert(run: _Run, state: TrainState, loaded_format: str | None, loaded: ch
 
 def _evaluate_and_print(run: _Run, state: TrainState, result: TrainResult, test: bool = False) -> None:
     """Evaluate the validation split (or, with ``test``, the test split: once, at the end, Megatron-LM's
-    ``validation loss at iteration N on test set`` line) on ``--eval-iters`` global batches."""
-    if run.training.eval_iters == 0:
+    ``validation loss at iteration N on test set`` line) on ``--eval-iters`` global batches; nothing when no
+    rank built that split (``build_datasets``)."""
+    if run.training.eval_iters == 0 or not _any_rank((run.test_ds if test else run.valid_ds) is not None):
         return
     split = "test" if test else "validation"
     if not test:

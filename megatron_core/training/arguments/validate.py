@@ -359,9 +359,6 @@ def _data(args: argparse.Namespace) -> None:
     if per_split and not args.skip_train and args.train_data_path is None:
         raise ConfigError(f"{', '.join(per_split)} without --train-data-path: give --train-data-path PREFIX for "
                           f"training")
-    if per_split and args.eval_iters > 0 and args.valid_data_path is None:
-        raise ConfigError(f"{', '.join(per_split)} without --valid-data-path: give --valid-data-path PREFIX for the "
-                          f"--eval-iters {args.eval_iters} evaluations, or --eval-iters 0")
     for flag in given:
         entries = getattr(args, flags[flag])
         for entry in entries:
