@@ -56,7 +56,8 @@ def test_preprocessing_that_writes_nothing_is_an_error(tmp_path, content, needle
 
 
 def test_an_empty_validation_split_names_the_flags_that_fix_it(tmp_path):
-    """Megatron-LM scripts often carry --split 100,0,0 with evaluation on: say which flags change that."""
+    """A library caller asking valid samples of a zero share (--split 100,0,0) is told which flags change that
+    (pretrain_gpt.py asks none then: it skips validation with a warning, test_pretrain_test_split.py)."""
     from megatron_core.datasets.builder import build_gpt_datasets
 
     prefix = str(tmp_path / "corpus_text_document")
