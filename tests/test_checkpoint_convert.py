@@ -242,6 +242,12 @@ def test_virtual_stages_need_a_pipeline_and_one_is_none(tmp_path, capsys):
     assert err.count("\n") == 1 and "--target-virtual-pipeline-parallel-size 2 needs --target-pipeline-parallel-size" \
         in err, err
     assert not os.path.exists(tmp_path / "v2" / "iter_0000001")
+    # An uneven split names the converter's sizes, not training's flags for uneven first/last stages.
+    assert _cli("hf", "core", tmp_path / "hf", tmp_path / "p3", "--target-pipeline-parallel-size", 3) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith(
+        "--target-pipeline-parallel-size 3 do not fit this model: its 4 layers do not split evenly over 3 pipeline "
+        "chunks; give sizes whose chunk count (pipeline x virtual) divides 4"), err
     assert _cli("hf", "core", tmp_path / "hf", tmp_path / "v1", "--target-virtual-pipeline-parallel-size", 1,
                 "--target-pipeline-parallel-size", 2) == 0
     head = torch.load(tmp_path / "v1" / "iter_0000001" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=True)

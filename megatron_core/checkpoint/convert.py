@@ -275,6 +275,10 @@ def _training_settings_for_layout(config: TransformerConfig, tp: int, pp: int, v
     ``validate_args`` does. (Block recompute of more layers than a chunk of the new split holds needs
     no change: it recomputes all of them, as Megatron-LM's.) Raises ConfigError (a ValueError) for a
     split that does not fit ``config.num_layers``."""
+    if (config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage) == (None, None) \
+            and config.num_layers % (pp * (vpp or 1)):  # the split's own error names training's flags
+        raise ValueError(f"its {config.num_layers} layers do not split evenly over {pp * (vpp or 1)} pipeline "
+                         f"chunks; give sizes whose chunk count (pipeline x virtual) divides {config.num_layers}")
     config.layer_counts(pp, vpp)  # the split's own error
     changes: dict[str, Any] = {}
     if tp == 1 and config.sequence_parallel:
