@@ -382,6 +382,8 @@ def test_split_in_quotes_or_with_slashes_reads_as_megatron_lm_reads_it(split):
     ("'99,1,0", "--split \"'99,1,0\" has a non-numeric weight; use e.g. 949,50,1"),
     ("'99,1,0\"", "--split '\\'99,1,0\"' has a non-numeric weight; use e.g. 949,50,1"),
     ("99;1;0", "--split '99;1;0' has a non-numeric weight; use e.g. 949,50,1"),
+    # quotes around nothing: no weight at all, not a non-numeric one (the unquoting takes a value of two quotes)
+    ("''", "--split \"''\" must have one to three comma-separated weights, e.g. 949,50,1"),
 ])
 def test_split_in_other_forms_is_one_line_naming_split(split, message):
     with pytest.raises(ConfigError) as info:
