@@ -69,7 +69,6 @@ class LoadResult:
     consumed_train_samples: int = 0
     loaded: bool = False
     optimizer_loaded: bool = False
-    scheduler_loaded: bool = False
     rng_loaded: bool = False
 
 
@@ -365,7 +364,6 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
                                                   functools.partial(_load_or_name_damage, load_root, iteration))
         if scheduler is not None and "opt_param_scheduler" in state:
             scheduler.load_state_dict(state["opt_param_scheduler"])
-            result.scheduler_loaded = True
     if not result.optimizer_loaded:
         _reload_main_params(optimizer)
     if not config.no_load_rng and "rng_state" in state:

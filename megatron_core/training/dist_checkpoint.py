@@ -132,8 +132,7 @@ def load_checkpoint(config: CheckpointConfig, model: list[torch.nn.Module], opti
     load_optim = load_optim and bool(common["optimizer"])
     if not load_optim and optimizer is not None:
         optimizer.reload_model_params()
-    loaded_scheduler = load_scheduler and scheduler is not None and common.get("scheduler") is not None
-    result = LoadResult(loaded=True, optimizer_loaded=load_optim, scheduler_loaded=loaded_scheduler,
+    result = LoadResult(loaded=True, optimizer_loaded=load_optim,
                         rng_loaded=not (config.no_load_rng or finetune) and bool(common["rng"]))
     if finetune:
         why = "a release checkpoint (weights only, as Megatron-LM)" if release else "for finetuning"
