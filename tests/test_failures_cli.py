@@ -182,6 +182,33 @@ def test_demo_input_names_its_dataset_and_a_rerun_resumes(tmp_path, capfd):
     assert "> nothing to train" in out
 
 
+def test_demo_input_of_sentence_lists_is_read_as_the_data_tools_read_it(tmp_path, capfd):
+    """A --demo-input whose "text" values are lists of sentences (Megatron-LM's sentence-split JSONL, which
+    preprocess_data and train_tokenizer read) is prepared, one document per line; a list holding a number is
+    one line naming the line. It was refused: 'expected a JSON object with a string "text" field'."""
+    import pretrain_gpt
+
+    plain, lists = tmp_path / "plain.jsonl", tmp_path / "lists.jsonl"
+    _corpus(plain)
+    with open(plain) as f, open(lists, "w") as out:
+        for line in f:
+            text = json.loads(line)["text"]
+            out.write(json.dumps({"text": [text[:20], text[20:]]}) + "\n")
+    demo = str(tmp_path / "demo")
+    assert pretrain_gpt.main(["--demo-prepare-only", "--demo-dir", demo, "--demo-input", str(lists)]) is None
+    assert "using 300 documents from" in capfd.readouterr().out
+    from megatron_core.datasets import IndexedDataset
+
+    assert len(IndexedDataset(os.path.join(demo, "lists_text_document"))) == 300
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": ["fine", 3]}\n')
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = pretrain_gpt.cli(["--demo-prepare-only", "--demo-dir", demo, "--demo-input", str(bad)])
+    assert code == 2 and err.getvalue() == (f"error: --demo-input {bad}:1: expected a JSON object with a \"text\" "
+                                            f"field holding a string or a list of strings: fix or delete that line\n")
+
+
 def test_cli_bad_flag_is_one_line():
     err = io.StringIO()
     import pretrain_gpt

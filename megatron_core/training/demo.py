@@ -101,7 +101,8 @@ def build_stdlib_corpus(path: str, max_bytes: int = DEMO_CORPUS_BYTES, seed: int
 
 
 def check_jsonl(path: str, key: str = "text") -> int:
-    """Count documents; a missing file or a malformed line is a :class:`ConfigError` naming the line."""
+    """Count documents (each line's ``key`` a string or a list of strings); a missing file or a malformed line is a
+    :class:`ConfigError` naming the line."""
     if not os.path.isfile(path):
         raise ConfigError(f"--demo-input {path!r} does not exist; "
                           f"give a JSONL file with one {{\"{key}\": ...}} per line")
@@ -115,12 +116,16 @@ def check_jsonl(path: str, key: str = "text") -> int:
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"--demo-input {path}:{number}: not valid JSON ({exc}); each line must be a JSON "
                                   f"object like {{\"{key}\": \"...\"}}: fix or delete that line") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get(key), str):
-                raise ConfigError(f"--demo-input {path}:{number}: expected a JSON object with a string \"{key}\" "
-                                  f"field: fix or delete that line")
-            if (problem := lone_surrogate(doc[key])) is not None:
-                raise ConfigError(f"--demo-input {path}:{number}: \"{key}\" holds {problem}: fix the line's JSON "
-                                  f"escapes or delete the line")
+            # A list of strings is Megatron-LM's sentence-split document, which the data tools read too.
+            value = doc.get(key) if isinstance(doc, dict) else None
+            texts = [value] if isinstance(value, str) else value
+            if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+                raise ConfigError(f"--demo-input {path}:{number}: expected a JSON object with a \"{key}\" field "
+                                  f"holding a string or a list of strings: fix or delete that line")
+            for text in texts:
+                if (problem := lone_surrogate(text)) is not None:
+                    raise ConfigError(f"--demo-input {path}:{number}: \"{key}\" holds {problem}: fix the line's "
+                                      f"JSON escapes or delete the line")
             count += 1
     if count == 0:
         raise ConfigError(f"--demo-input {path!r} holds no documents")
