@@ -181,7 +181,8 @@ def test_data_args_files_give_the_data_paths(tmp_path):
                                 ("bad.json", "[1]", ' is not a JSON object with "train", "valid" and "test" keys'),
                                 ("typo.json", '{"train": "a", "validation": "b"}',
                                  ' has the key "validation"; the keys are "train", "valid" and "test"'),
-                                ("type.json", '{"train": 3}', ': "train" is 3; give a list of prefixes')):
+                                ("type.json", '{"train": 3}', ': "train" is 3; give a list of prefixes'),
+                                ("nothing.json", '{"train": [], "valid": null}', " holds no dataset prefix")):
         (tmp_path / name).write_text(text)
         flag = "--data-args-path" if name.endswith(".txt") else "--per-split-data-args-path"
         cases.append(([flag, str(tmp_path / name)], f"{flag} {tmp_path / name}{message}"))

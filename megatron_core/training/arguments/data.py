@@ -5,9 +5,8 @@ import argparse
 import json
 from typing import Any
 
+from megatron_core.datasets.splits import SPLIT_NAMES
 from megatron_core.training.errors import ConfigError
-
-_SPLITS = ("train", "valid", "test")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data", "datasets and tokenizer")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="dataset prefix(es) from tools/preprocess_data.py, optionally weighted: 0.3 A 0.7 B")
-    for split in ("train", "valid", "test"):
+    for split in SPLIT_NAMES:
         g.add_argument(f"--{split}-data-path", nargs="*", default=None,
                        help=f"the {split} split's own prefix(es), every document of them (instead of --data-path "
                             f"and --split)")
@@ -68,10 +67,14 @@ def read_data_args_files(args: argparse.Namespace) -> None:
             raise ConfigError(f"--data-args-path {args.data_args_path} holds no dataset prefix; write the "
                               f"--data-path list into it (e.g. 0.3 A_text_document 0.7 B_text_document)")
     if args.per_split_data_args_path is not None:
-        flags = [f"--{split}-data-path" for split in _SPLITS]
-        if any(getattr(args, f"{split}_data_path") for split in _SPLITS):
+        flags = [f"--{split}-data-path" for split in SPLIT_NAMES]
+        if any(getattr(args, f"{split}_data_path") for split in SPLIT_NAMES):
             raise ConfigError(f"give {'/'.join(flags)} or --per-split-data-args-path, not both")
-        for split, paths in _per_split_paths(args.per_split_data_args_path).items():
+        per_split = _per_split_paths(args.per_split_data_args_path)
+        if not any(per_split.values()):  # else the error would ask for --data-path or --mock-data
+            raise ConfigError(f"--per-split-data-args-path {args.per_split_data_args_path} holds no dataset prefix; "
+                              f'give "train" (and "valid", "test") the prefixes, e.g. {{"train": ["A_text_document"]}}')
+        for split, paths in per_split.items():
             setattr(args, f"{split}_data_path", paths)
 
 
@@ -93,11 +96,11 @@ def _per_split_paths(path: str) -> dict[str, list[str] | None]:
         raise ConfigError(f"{where} is not valid JSON ({exc})") from None
     if not isinstance(content, dict):
         raise ConfigError(f"{where} is not a JSON object with {keys} keys")
-    unknown = sorted(set(content) - set(_SPLITS))
+    unknown = sorted(set(content) - set(SPLIT_NAMES))
     if unknown:
         raise ConfigError(f"{where} has the key {json.dumps(unknown[0])}; the keys are {keys}")
     result: dict[str, list[str] | None] = {}
-    for split in _SPLITS:
+    for split in SPLIT_NAMES:
         value = content.get(split)
         if isinstance(value, str):
             value = value.split()
