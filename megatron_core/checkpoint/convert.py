@@ -34,12 +34,11 @@ import torch
 
 from megatron_core.checkpoint import hf_gpt2, hf_llama, megatron_lm_dist
 from megatron_core.checkpoint.core_format import (
-    OPTIMIZER,
     TOKENIZER_FLAGS,
     VOCAB_PADDING,
     load_core_checkpoint,
     make_model_info,
-    reshard_record,
+    resume_flags_note,
     save_core_checkpoint,
 )
 from megatron_core.checkpoint.hf_errors import UnsupportedModel
@@ -431,19 +430,6 @@ def _vocab_rows(model: FullModel, tp: int, make_vocab_size_divisible_by: int) ->
     return read, pad_vocab_size(model.vocab_size, make_vocab_size_divisible_by, tp)
 
 
-def _note_resume_flags(model: FullModel, save_dir: str) -> None:
-    """Say which parts a re-sharded training checkpoint lacks and the flags its resume needs (without them it
-    stops in one line; ``save_flags``)."""
-    record = reshard_record(model.train_state, OPTIMIZER in model.train_state)
-    if record is None:
-        return
-    parts, flags = ("RNG states", "--no-load-rng") if record["optimizer"] else \
-        ("RNG or optimizer states (nor the learning-rate schedule, which goes with the optimizer)",
-         "--no-load-optim --no-load-rng")
-    print(f"convert.py: note: {save_dir} holds no {parts}: resume from it with {flags} (or --finetune)",
-          file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one conversion; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -483,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"the run's (from_pretrained(..., dtype=torch.float32) runs the whole model, that stream included, "
               f"in fp32)", file=sys.stderr)
     if saver == "core":
-        _note_resume_flags(model, args.save_dir)
+        if (note := resume_flags_note(model.train_state, args.save_dir)) is not None:
+            print(f"convert.py: note: {note}", file=sys.stderr)
         divisible = args.make_vocab_size_divisible_by or model.make_vocab_size_divisible_by or 128
         read, written = _vocab_rows(model, args.target_tensor_parallel_size, divisible)
         if written > read:  # their logits join the softmax: the first losses move (docs/training.md)

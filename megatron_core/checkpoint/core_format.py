@@ -65,6 +65,19 @@ def reshard_record(train_state: dict[str, Any], optimizer_written: bool) -> dict
     return reshard_flags(optimizer_written) if training else None
 
 
+def resume_flags_note(train_state: dict[str, Any], save_dir: str) -> str | None:
+    """What a re-shard of ``train_state`` (a loaded checkpoint's, :data:`OPTIMIZER` included when read) into
+    ``save_dir`` leaves out and the flags its resume needs (without them it stops in one line; ``save_flags``);
+    None for a model-only checkpoint."""
+    record = reshard_record(train_state, OPTIMIZER in train_state)
+    if record is None:
+        return None
+    parts, flags = ("RNG states", "--no-load-rng") if record["optimizer"] else \
+        ("RNG or optimizer states (nor the learning-rate schedule, which goes with the optimizer)",
+         "--no-load-optim --no-load-rng")
+    return f"{save_dir} holds no {parts}: resume from it with {flags} (or --finetune)"
+
+
 def save_core_checkpoint(save_dir: str, config: TransformerConfig, model_info: dict[str, Any],
                          full: dict[str, torch.Tensor], iteration: int = 1,
                          train_state: dict[str, Any] | None = None) -> str:

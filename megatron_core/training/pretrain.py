@@ -245,7 +245,7 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
         out.rank0(line)
     state = TrainState(iteration=loaded.iteration, consumed_train_samples=loaded.consumed_train_samples)
     if checkpoint.ckpt_convert_format is not None:
-        return _convert(run, state, loaded_format if loaded.loaded else None, loaded)
+        return _convert(run, state, loaded_format, loaded)
     _build_data(run)
     result = TrainResult(iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
                          loaded_iteration=loaded.iteration, is_logging_rank=out.is_logging_rank)
@@ -276,13 +276,12 @@ def _train_and_evaluate(run: _Run) -> TrainResult:
     return result
 
 
-def _convert(run: _Run, state: TrainState, loaded_format: str | None, loaded: checkpointing.LoadResult
-             ) -> TrainResult:
+def _convert(run: _Run, state: TrainState, loaded_format: str, loaded: checkpointing.LoadResult) -> TrainResult:
     """Megatron-LM's ``--ckpt-convert-format``: save what was loaded to ``--ckpt-convert-save``/FORMAT, then stop.
     An optimizer or RNG state the load did not restore is left out (and ``save_flags`` say so): this run's fresh
     ones would pass for the saved run's on a resume of the converted checkpoint."""
     c = run.checkpoint
-    if loaded_format is None:
+    if not loaded.loaded:
         raise ConfigError(f"--ckpt-convert-format: --load {c.load} holds no checkpoint to convert")
     assert c.ckpt_convert_save is not None and c.ckpt_convert_format is not None  # arguments.compat checks
     save = os.path.join(c.ckpt_convert_save, c.ckpt_convert_format)
