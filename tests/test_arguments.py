@@ -176,7 +176,15 @@ def test_data_args_files_give_the_data_paths(tmp_path):
         (["--per-split-data-args-path", str(per_split), "--valid-data-path", prefixes[0]],
          "give --train-data-path/--valid-data-path/--test-data-path or --per-split-data-args-path, not both"),
         (["--data-args-path", str(tmp_path / "none.txt")], f"--data-args-path {tmp_path / 'none.txt'}: cannot read it"),
+        # the file's paths are judged as --data-path's, and the error names the file the user gave
+        (["--data-args-path", str(blend), "--mock-data"], f"give only one of --data-args-path {blend} and --mock-data"),
+        (["--per-split-data-args-path", str(per_split), "--mock-data"],
+         f"give only one of --per-split-data-args-path {per_split} and --mock-data"),
     ]
+    typo = tmp_path / "typo.txt"
+    typo.write_text(prefixes[0] + "x")
+    cases.append((["--data-args-path", str(typo)], f"--data-path '{prefixes[0]}x': missing"))
+    cases.append((["--data-args-path", str(typo)], f" (read from --data-args-path {typo})"))
     for name, text, message in (("empty.txt", " \n", " holds no dataset prefix"),
                                 ("bad.json", "[1]", ' is not a JSON object with "train", "valid" and "test" keys'),
                                 ("typo.json", '{"train": "a", "validation": "b"}',

@@ -348,7 +348,7 @@ def _data(args: argparse.Namespace) -> None:
         raise ConfigError(f"give --data-path (split by --split) or {'/'.join(per_split)} (each split its own "
                           f"data), not both")
     if given and args.mock_data:
-        raise ConfigError(f"give only one of {given[0]} and --mock-data")
+        raise ConfigError(f"give only one of {_origin(args, given[0])} and --mock-data")
     if needs_data and not given and not args.mock_data:
         raise ConfigError(f"no training data: give --data-path PREFIX (made by tools/preprocess_data.py) or "
                           f"--mock-data{_DEMO_HINT}")
@@ -372,7 +372,8 @@ def _data(args: argparse.Namespace) -> None:
         try:
             parse_data_path(entries, check_files=True, flag=flag)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            source = "" if _origin(args, flag) == flag else f" (read from {_origin(args, flag)})"
+            raise ConfigError(f"{exc}{source}") from None
     if args.tokenizer_type is None:
         if args.vocab_size is None:
             raise ConfigError("--tokenizer-type is required (SentencePieceTokenizer, GPT2BPETokenizer, "
@@ -380,6 +381,14 @@ def _data(args: argparse.Namespace) -> None:
         args.tokenizer_type = "NullTokenizer"
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+
+
+def _origin(args: argparse.Namespace, flag: str) -> str:
+    """What gave ``flag``'s paths: the flag itself, or the --data-args-path / --per-split-data-args-path file
+    read into it (an error naming only the flag would name one the user never typed)."""
+    file_flag = "--data-args-path" if flag == "--data-path" else "--per-split-data-args-path"
+    path = getattr(args, file_flag[2:].replace("-", "_"))
+    return f"{file_flag} {path}" if path is not None else flag
 
 
 def _checkpoint_and_logging(args: argparse.Namespace) -> None:
