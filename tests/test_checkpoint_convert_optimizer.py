@@ -11,12 +11,10 @@ import pytest
 import torch
 from equivalence import assert_rel_close
 from harness import run_distributed
-from test_pretrain import _logged, _train
+from test_pretrain import _logged, _refused, _train
 
-import pretrain_gpt
 from megatron_core.checkpoint.convert import load_core
 from megatron_core.checkpoint.convert import main as convert
-from megatron_core.errors import ConfigError
 
 ARGS = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2", "--lr-decay-style", "cosine",
@@ -67,15 +65,6 @@ def test_resharded_adam_state_resumes_as_the_original(tmp_path):
 
 def _saved(ckpt, iteration, rank="mp_rank_00"):
     return torch.load(os.path.join(ckpt, f"iter_{iteration:07d}", rank, "model_optim_rng.pt"), weights_only=True)
-
-
-def _refused(argv):
-    """The ConfigError line a run stops with (None when it runs)."""
-    try:
-        pretrain_gpt.main(argv)
-    except ConfigError as exc:
-        return str(exc)
-    return None
 
 
 def test_a_reshard_records_what_it_holds_and_a_resume_must_skip_the_rest(tmp_path, capsys):

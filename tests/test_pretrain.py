@@ -10,6 +10,7 @@ import pytest
 from harness import run_distributed
 
 import pretrain_gpt
+from megatron_core.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +26,15 @@ TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4"
 def _train(argv):
     result = pretrain_gpt.main(argv)
     return result if result.is_logging_rank else None
+
+
+def _refused(argv):
+    """The ConfigError line a run stops with (None when it runs)."""
+    try:
+        pretrain_gpt.main(argv)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _logged(results):

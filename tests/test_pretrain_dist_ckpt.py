@@ -11,10 +11,7 @@ import pytest
 import torch
 from equivalence import assert_rel_close
 from harness import run_distributed
-from test_pretrain import TINY, _logged, _train
-
-import pretrain_gpt
-from megatron_core.errors import ConfigError
+from test_pretrain import TINY, _logged, _refused, _train
 
 ARGS = [*TINY, "--train-iters", "8", "--eval-interval", "100", "--eval-iters", "0", "--adam-eps", "1e-4",
         "--lr-warmup-iters", "3", "--ckpt-format", "torch_dist"]
@@ -126,15 +123,6 @@ def test_no_load_optim_leaves_the_schedule_out_as_the_legacy_format_and_megatron
     assert [len(r.losses) for r in resumed.values()] == [2, 2]
     assert_rel_close(torch.tensor(resumed["torch_dist"].losses), torch.tensor(resumed["torch"].losses),
                      what="losses after --no-load-optim, torch_dist vs legacy")
-
-
-def _refused(argv):
-    """The ConfigError line a run stops with (None when it runs)."""
-    try:
-        pretrain_gpt.main(argv)
-    except ConfigError as exc:
-        return str(exc)
-    return None
 
 
 def test_no_save_optim_and_no_save_rng_leave_them_out_and_a_resume_must_skip_them(tmp_path, capfd):
