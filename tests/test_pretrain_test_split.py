@@ -118,7 +118,8 @@ def test_no_test_split_no_test_evaluation(tmp_path, capfd):
 def test_no_validation_split_skips_validation_with_one_warning(tmp_path, capfd, pp):
     """A zero validation share (--split 100,0,0, common in Megatron-LM scripts) or --train-data-path without
     --valid-data-path: Megatron-LM builds no validation set and skips every evaluation; so does this run, saying
-    so in one warning (it stopped with an error before). Training's losses are the validating run's."""
+    so in one warning (it stopped with an error before). Training's losses are those of the same run with
+    --eval-iters 0."""
     corpus = str(tmp_path / "a_text_document")
     _write_corpus(corpus, 30, seed=3)
     base = ARGS + ["--train-iters", "2", "--eval-interval", "1", "--data-cache-path", str(tmp_path / "cache"),
@@ -127,13 +128,13 @@ def test_no_validation_split_skips_validation_with_one_warning(tmp_path, capfd, 
     split_out = capfd.readouterr()
     per_split = _logged(run_distributed(_train, pp, base + ["--train-data-path", corpus], timeout=120))
     per_split_out = capfd.readouterr()
-    validating = _logged(run_distributed(_train, pp, base + ["--data-path", corpus, "--split", "100,0,0",
-                                                              "--eval-iters", "0"], timeout=120))
+    no_evaluation = _logged(run_distributed(_train, pp, base + ["--data-path", corpus, "--split", "100,0,0",
+                                                                 "--eval-iters", "0"], timeout=120))
     for result, captured, why in [(split, split_out, "--split '100,0,0' gives validation no share"),
                                   (per_split, per_split_out, "no --valid-data-path")]:
         assert result.iteration == 2 and result.val_losses == {} and result.test_loss is None
         assert "validation loss" not in captured.out
-        assert result.losses == validating.losses
+        assert result.losses == no_evaluation.losses
         warning = (f"warning: {why}: the --eval-iters {EVAL_ITERS} validation runs are skipped, as Megatron-LM "
                    f"skips them")
         assert (captured.out + captured.err).count(warning) == 1, captured
