@@ -128,6 +128,10 @@ def test_use_checkpoint_args_takes_a_legacy_checkpoints_layout_and_vocabulary_pa
     with pytest.raises(ConfigError, match="--tensor-model-parallel-size 4 disagrees with the checkpoint's 2"):
         apply_checkpoint_args(parse_args(base + ["--tensor-model-parallel-size", "4"]),
                               vars(build_parser().parse_args([])))
+    # Given at its default it is given too (it was replaced by the checkpoint's 2, and a later error named 2).
+    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size 1 disagrees with the checkpoint's 2"):
+        apply_checkpoint_args(parse_args(base + ["--pipeline-model-parallel-size", "1"]),
+                              vars(build_parser().parse_args([])))
     assert run_distributed(_legacy_args_run, 4, base + ["--finetune"], timeout=120) == [1, 1, 1, 1]
     from megatron_core.training.arguments.checkpoint_args import _legacy_layout
     assert _legacy_layout({"num_layers": 8}, {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2,
@@ -204,3 +208,7 @@ def test_use_checkpoint_args_takes_the_checkpoints_dropout_unless_given(tmp_path
     args = parse_args(base + ["--hidden-dropout", "0.2"])
     apply_checkpoint_args(args, defaults)
     assert (args.hidden_dropout, args.attention_dropout) == (0.2, 0.0)
+    # Given at its default (0.1) it is given too: it was taken for a flag left alone and the checkpoint's 0 won.
+    args = parse_args(base + ["--attention-dropout", "0.1"])
+    apply_checkpoint_args(args, defaults)
+    assert (args.hidden_dropout, args.attention_dropout) == (0.0, 0.1)

@@ -72,6 +72,15 @@ def test_flags_that_disagree_with_the_file_are_one_line_errors(tmp_path, extra, 
     assert "\n" not in str(info.value)
 
 
+def test_a_flag_given_at_its_default_is_compared_with_the_file(tmp_path):
+    """--clip-grad 1.0 is --clip-grad's default: taken for a flag left alone, the file's 0.5 replaced it silently."""
+    path = _file(tmp_path, gradient_clipping=0.5)
+    with pytest.raises(ConfigError, match="--clip-grad 1.0 disagrees with the DeepSpeed config"):
+        validate_args(parse_args(BASE + ["--deepspeed-config", path, "--clip-grad", "1.0"]), world_size=2)
+    run = config_from_args(validate_args(parse_args(BASE + ["--deepspeed-config", path]), world_size=2))
+    assert run.optimizer.clip_grad == 0.5
+
+
 @pytest.mark.parametrize("file_stage,extra,stage", [
     (1, ["--use-distributed-optimizer"], 1), (2, ["--use-distributed-optimizer"], 2),
     (3, ["--data-parallel-sharding-strategy", "optim_grads_params"], 3), (0, ["--use-distributed-optimizer"], None),

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from importlib import resources
 
 from megatron_core.training.arguments import checkpointing, compat, data, distributed, logs, model, training
+from megatron_core.training.arguments.given import record_given_flags
 from megatron_core.training.arguments.to_config import config_from_args
 from megatron_core.training.errors import ConfigError
 
@@ -111,5 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (``sys.argv[1:]`` when None); unknown flags are an error, as in Megatron-LM."""
-    return build_parser().parse_args(argv)
+    """Parse ``argv`` (``sys.argv[1:]`` when None); unknown flags are an error, as in Megatron-LM.
+
+    The result's ``given_flags`` (a frozenset of dests) names the flags on the command line whatever their value:
+    ``--use-checkpoint-args`` fills only the others, so a flag given at its default is not taken for one left alone.
+    """
+    args = build_parser().parse_args(argv)
+    record_given_flags(args, build_parser(), argv)
+    return args

@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from megatron_core.errors import ConfigError
+from megatron_core.training.arguments.given import on_command_line
 from megatron_core.training.initialize import rank_from_env
 
 # flag dest -> how to read it from the checkpoint's (model_config, model_info, tokenizer) records
@@ -173,11 +174,12 @@ def _same_tokenizer_dir(given: str, saved: str) -> bool:
 def _set(args: argparse.Namespace, values: dict[str, Any], parser_defaults: dict[str, Any]) -> None:
     for dest, value in values.items():
         given = getattr(args, dest, None)
-        if dest in _RUN_CHOICES and given is not None and given != parser_defaults.get(dest):
+        explicit = given is not None and on_command_line(args, dest, parser_defaults)
+        if dest in _RUN_CHOICES and explicit:
             continue
         if dest in _PATH_FLAGS and given is not None and isinstance(value, str) and not os.path.exists(value):
             continue  # the recorded file is not on this machine (Megatron-LM's args name the cluster's): given wins
-        if given is not None and given != parser_defaults.get(dest) and not _same(dest, given, value):
+        if explicit and not _same(dest, given, value):
             flag = "--" + dest.replace("_", "-")
             raise ConfigError(f"{flag} {given} disagrees with the checkpoint's {value} under --use-checkpoint-args; "
                               f"drop {flag} or --use-checkpoint-args")

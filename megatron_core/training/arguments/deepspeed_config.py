@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from megatron_core.errors import ConfigError
+from megatron_core.training.arguments.given import on_command_line
 
 # flag dest -> the library field (OptimizerConfig / DistributedDataParallelConfig / batch) it sets
 _COMPARED = {
@@ -65,7 +66,7 @@ def apply_deepspeed_config(args: argparse.Namespace, parser_defaults: dict[str, 
         "sgd" if file.optimizer.type == "sgd" else "adam"]
     compared = {**_COMPARED, **{name: name for name in section}}
     given = {field: getattr(args, dest) for dest, field in compared.items()
-             if getattr(args, dest, None) != parser_defaults.get(dest)}
+             if on_command_line(args, dest, parser_defaults)}
     mapped = deepspeed_to_megatron(raw, args.data_parallel_size, flags=given)
     _check_stage_flags(args, mapped.ddp.zero_stage)
     args.micro_batch_size, args.global_batch_size = mapped.micro_batch_size, mapped.global_batch_size
