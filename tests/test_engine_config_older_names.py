@@ -1,6 +1,6 @@
 """DeepSpeed's older key names (``bfloat16``, ``cpu_offload``, ``cpu_offload_param``,
-``stage3_gather_fp16_weights_on_model_save``): read as the keys they stand for, refused beside them, and named as
-written in errors."""
+``stage3_gather_fp16_weights_on_model_save``) and ``"zero_optimization": true``: read as the keys they stand
+for, refused beside them, and named as written in errors."""
 
 import json
 
@@ -80,3 +80,10 @@ def test_errors_name_the_older_offload_key_the_config_holds(zero, message):
     with pytest.raises(ConfigError, match=r"offload_param.device = 'cpu' offloads ZeRO-3's parameter shards: set "
                                           r"zero_optimization.stage to 3, or offload_param.device to 'none'$"):
         library_configs_from(load_config(config_with(zero_optimization=current), dp_size=2))
+
+
+def test_a_boolean_zero_optimization_is_deepspeeds_older_stage_1():
+    """DeepSpeed reads "zero_optimization": true as stage 1 and false as stage 0 (its deprecated format,
+    read_zero_config_deprecated in deepspeed/runtime/zero/config.py); true was refused as not a JSON object."""
+    assert load_config(config_with(zero_optimization=True), dp_size=2).zero_optimization.stage == 1
+    assert load_config(config_with(zero_optimization=False), dp_size=2).zero_optimization.stage == 0

@@ -5,7 +5,8 @@
 - ``tools/zero_to_fp32.py`` takes DeepSpeed's current command line (output folder, safetensors, shards,
   frozen parameters left out) and its older one, and errors in one line;
 - save_checkpoint leaves a runnable ``zero_to_fp32.py`` in the save directory, as DeepSpeed;
-- ``engine.save_16bit_model`` writes the gathered bf16 weights under ZeRO-3;
+- ``engine.save_16bit_model`` writes the gathered bf16 weights under ZeRO-3, without the frozen parameters
+  when asked (DeepSpeed's ``exclude_frozen_parameters``), also under its older name ``save_fp16_model``;
 - ``--max_shard_size``'s units, and a safetensors output's permissions (the process umask left alone).
 
 Resuming and loading are in ``test_engine_checkpoint.py``.
@@ -109,6 +110,33 @@ def test_save_16bit_model_writes_the_gathered_weights(tmp_path, world):
     saved, names = run_distributed(_save_16bit, world, str(tmp_path / "out"), timeout=120)[0]
     assert sorted(saved) == names and all(same for _, same in saved.values()), saved
     assert {dtype for dtype, _ in saved.values()} == {torch.bfloat16}
+
+
+def _save_16bit_without_frozen(directory):
+    import torch.distributed as dist
+
+    model = make_model("mlp")
+    model[0].requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = megatron_core.initialize(model, model_parameters=trainable,
+                                               config=ds_config(dist.get_world_size(), 1, 3))
+    run_steps("mlp", engine, 0, 1)
+    # DeepSpeed 0.19's signature: save_16bit_model(save_dir, save_filename, exclude_frozen_parameters), and
+    # its older name save_fp16_model(save_dir, save_filename).
+    assert engine.save_16bit_model(directory, "trainable.bin", exclude_frozen_parameters=True) is True
+    assert engine.save_fp16_model(directory) is True
+    engine.parallel_state.destroy()
+    if dist.get_rank() != 0:
+        return None
+    load = lambda name: sorted(torch.load(os.path.join(directory, name), weights_only=True))  # noqa: E731
+    return load("trainable.bin"), load("pytorch_model.bin"), sorted(make_model("mlp").state_dict())
+
+
+def test_save_16bit_model_leaves_out_frozen_parameters_and_keeps_the_older_name(tmp_path):
+    trainable, everything, names = run_distributed(_save_16bit_without_frozen, 2, str(tmp_path / "out"),
+                                                   timeout=120)[0]
+    assert everything == names
+    assert trainable == [n for n in names if not n.startswith("0.")]
 
 
 def _train_mlp_with_a_frozen_layer(directory):

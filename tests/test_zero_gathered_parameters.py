@@ -3,6 +3,8 @@ engine at ZeRO-3 with 2 DP ranks and small buckets (several per model): inside t
 parameters hold their full values (those of ``state_dict()``, which gathers by its own path) while the
 other buckets stay freed; with ``modifier_rank`` that rank's values are kept on every rank, and the
 optimizer's fp32 main copy follows them (a step at lr 0 leaves them as written)."""
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -411,3 +413,48 @@ def test_safe_get_full_grad_outside_backward_and_step_is_deepspeeds(stage):
     for before, between, after in run_distributed(_grads_around_a_step, 2, stage, timeout=120):
         assert between == f"values{shape}"
         assert before == expected and after == expected, (before, after)
+
+
+@dataclasses.dataclass
+class _Hidden:
+    h: torch.Tensor
+
+
+class _NestedOut(torch.nn.Module):
+    """Owns its weight and returns its output nested (a tuple in a dict) or in a dataclass: the hook that
+    regathers the weight before this module's backward has to find the tensor there."""
+
+    def __init__(self, n_in: int, wrap: str) -> None:
+        super().__init__()
+        self.weight, self.wrap = torch.nn.Parameter(torch.randn(n_in, 16) * 0.3), wrap
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.weight)
+        return {"out": (h,)} if self.wrap == "nested" else _Hidden(h)
+
+
+class _NestedNet(torch.nn.Module):
+    def __init__(self, wrap: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([_NestedOut(8, wrap), _NestedOut(16, wrap), _NestedOut(16, wrap)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            out = block(x)
+            x = out["out"][0] if isinstance(out, dict) else out.h
+        return x
+
+
+def _nested_losses(stage: int, wrap: str):
+    model = _NestedNet(wrap)
+    return _three_steps(_sgd_engine(model, model.parameters(), stage))
+
+
+@pytest.mark.parametrize("wrap", ["nested", "dataclass"])
+def test_a_module_returning_its_output_nested_trains_as_zero0(wrap):
+    """Was NaN from the second step under ZeRO-3: only tensors at the top of a dict, tuple or list got the
+    pre-backward hook, so the weight stayed freed in backward (DeepSpeed recurses into nested containers)."""
+    reference = run_distributed(_nested_losses, 2, 0, wrap, timeout=120)
+    for ours, ref in zip(run_distributed(_nested_losses, 2, 3, wrap, timeout=120), reference, strict=True):
+        assert ours == pytest.approx(ref, rel=1e-6)

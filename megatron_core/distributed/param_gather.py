@@ -22,6 +22,7 @@ order everywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 
@@ -40,16 +41,20 @@ def _in_backward() -> bool:
 
 
 def _tensors(value) -> Iterable[torch.Tensor]:
+    """Every tensor in ``value``, also nested in tuples, lists, dicts and dataclass instances (DeepSpeed's
+    ``apply_to_tensors_only`` recurses the same containers but dataclasses). A module's output tensor
+    missed here gets no pre-backward hook, and its backward would read freed (NaN) parameters."""
     if torch.is_tensor(value):
         yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
-            if torch.is_tensor(v):
-                yield v
+            yield from _tensors(v)
     elif isinstance(value, dict):
         for v in value.values():
-            if torch.is_tensor(v):
-                yield v
+            yield from _tensors(v)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from _tensors(getattr(value, field.name))
 
 
 class ParamGatherManager:

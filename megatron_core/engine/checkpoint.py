@@ -220,9 +220,10 @@ def save(engine: Any, save_dir: str, tag: str | None, client_state: dict, save_l
     return True
 
 
-def save_16bit_model(engine: Any, save_dir: str, save_filename: str) -> bool:
+def save_16bit_model(engine: Any, save_dir: str, save_filename: str, exclude_frozen_parameters: bool = False) -> bool:
     """``Engine.save_16bit_model``: the module's full state dict, in its training dtype, as one ``torch.save``
-    file written by rank 0 (DeepSpeed's ``pytorch_model.bin``). Collective (ZeRO-3 gathers the shards).
+    file written by rank 0 (DeepSpeed's ``pytorch_model.bin``), without the ``requires_grad=False`` parameters
+    when ``exclude_frozen_parameters`` (DeepSpeed's argument). Collective (ZeRO-3 gathers the shards).
 
     Raises ConfigError under AutoTP (each rank holds a shard: consolidate with ``tools/zero_to_fp32.py``)
     and, on every rank, when the write fails.
@@ -231,7 +232,8 @@ def save_16bit_model(engine: Any, save_dir: str, save_filename: str) -> bool:
     if ps.tp_size > 1:
         raise ConfigError("save_16bit_model: under tensor_parallel.autotp_size > 1 each rank holds a shard; save a "
                           "checkpoint and consolidate it with tools/zero_to_fp32.py")
-    state = {k: _cpu(v) for k, v in engine.module.state_dict().items()}  # every rank: ZeRO-3 all-gathers
+    state = {k: _cpu(v) for k, v in  # every rank: ZeRO-3 all-gathers
+             engine.module_state_dict(exclude_frozen_parameters=exclude_frozen_parameters).items()}
     path = os.path.join(save_dir, save_filename)
     error = None
     if ps.rank == 0:

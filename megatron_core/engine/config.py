@@ -227,8 +227,10 @@ def _old_zero_names(raw: dict) -> tuple[dict, dict[str, str]]:
     return raw, written_as
 
 
-def _zero(raw: dict) -> ZeroSection:
+def _zero(raw: dict | bool) -> ZeroSection:
     path = "zero_optimization"
+    if isinstance(raw, bool):  # DeepSpeed's deprecated format, still read there: true is stage 1, false stage 0
+        raw = {"stage": 1} if raw else {}
     raw, written_as = _old_zero_names(keys.json_object(raw, path))
     fields = {f.name for f in dataclasses.fields(ZeroSection)}
     check_keys(raw, path, fields, keys.NOT_IMPLEMENTED_ZERO)
@@ -433,7 +435,7 @@ def parse_config(raw: dict, dp_size: int) -> EngineConfig:
         _fp16(raw.get("fp16") or {}),
         typed(bf16, "bf16", "enabled", bool, False),
         typed(raw, "", "gradient_clipping", float, 1.0),  # unchecked, as DeepSpeed: <= 0 clips nothing
-        _zero(raw.get("zero_optimization") or {}),
+        _zero(raw.get("zero_optimization", {})),
         number_at_least(tp, "tensor_parallel", "autotp_size", 1, 1),
         number_at_least(raw, "", "steps_per_print", 10, 1),
         typed(raw, "", "wall_clock_breakdown", bool, False),

@@ -309,8 +309,7 @@ class Engine(torch.nn.Module):
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def get_mom(self) -> list[Any]:
-        """DeepSpeed's: every param group's momentum, SGD's ``momentum`` or Adam's ``betas`` pair (``OneCycle``
-        cycles beta1)."""
+        """DeepSpeed's: every param group's SGD ``momentum`` or Adam ``betas`` (``OneCycle`` cycles beta1)."""
         key = "momentum" if self.optimizer.config.optimizer == "sgd" else "betas"
         return [group.get(key, 0.0) for group in self.optimizer.param_groups]
 
@@ -448,11 +447,13 @@ class Engine(torch.nn.Module):
         return ckpt.save(self, save_dir, None if tag is None else str(tag), client_state or {}, save_latest,
                          exclude_frozen_parameters)
 
-    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
-        """DeepSpeed's: the full module state dict in the training dtype (fp16/bf16, or fp32) as one
-        ``torch.save`` file, ``save_dir/save_filename``, written by rank 0; every rank must call it (ZeRO-3
-        gathers). Returns True. Not under AutoTP (consolidate a checkpoint with ``tools/zero_to_fp32.py``)."""
-        return ckpt.save_16bit_model(self, save_dir, save_filename)
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """DeepSpeed's (:func:`megatron_core.engine.checkpoint.save_16bit_model`): rank 0 writes the full
+        training-dtype state dict to ``save_dir/save_filename``; every rank calls it. Returns True."""
+        return ckpt.save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters)
+
+    save_fp16_model = save_16bit_model  # DeepSpeed's older name, which it keeps
 
     def load_checkpoint(
         self,
