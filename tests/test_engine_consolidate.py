@@ -304,3 +304,41 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
         assert consolidate_main([str(tmp_path / "ckpt"), str(output)]) == 2
         assert capsys.readouterr().out == (f"error: writing {str(output)!r} failed ({reason}); give an output path "
                                            f"in a writable directory\n"), output
+
+
+def _queries_and_consolidation(stage):
+    import torch.distributed as dist
+
+    zero = {"stage": stage, "reduce_bucket_size": 700, "stage3_gather_16bit_weights_on_model_save": stage == 3,
+            **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
+    engine, _, _, _ = megatron_core.initialize(make_model("mlp"), config=ds_config(
+        dist.get_world_size(), 1, stage, bf16={"enabled": True}, zero_optimization=zero, steps_per_print=7))
+    run_steps("mlp", engine, 0, 2)
+    queries = (engine.steps_per_print(), engine.zero_optimization(), engine.zero_optimization_partition_gradients(),
+               engine.zero_optimization_partition_weights(), engine.zero_gather_16bit_weights_on_model_save())
+    expected = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}  # gathered, every rank
+    consolidated = engine._zero3_consolidated_16bit_state_dict()
+    same = None if consolidated is None else {
+        k: v.dtype == torch.bfloat16 and v.device.type == "cpu" and torch.equal(v, expected[k])
+        for k, v in consolidated.items()}
+    engine.ddp.gather_all_params()
+    engine.empty_partition_cache()
+    weight = engine.module[0].weight
+    freed = weight.untyped_storage().nbytes() < weight.numel() * weight.element_size()
+    run_steps("mlp", engine, 2, 3)  # training goes on after the cache is emptied
+    engine.parallel_state.destroy()
+    return queries, same, sorted(expected), freed
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_queries_and_the_consolidated_16bit_state_dict(stage):
+    """The DeepSpeed engine calls Accelerate's get_state_dict and HF's Trainer make (they were AttributeErrors):
+    the ZeRO queries, empty_partition_cache (frees the gathered ZeRO-3 buckets) and
+    _zero3_consolidated_16bit_state_dict (the full bf16 weights on the CPU on rank 0, None on the others)."""
+    results = run_distributed(_queries_and_consolidation, 2, stage, timeout=120)
+    for rank, (queries, same, names, freed) in enumerate(results):
+        assert queries == (7, True, stage >= 2, stage == 3, stage == 3)
+        assert (same is None) == (rank != 0)
+        if same is not None:
+            assert sorted(same) == names and all(same.values()), same
+        assert freed == (stage == 3)

@@ -228,15 +228,10 @@ def save_16bit_model(engine: Any, save_dir: str, save_filename: str, exclude_fro
     Raises ConfigError under AutoTP (each rank holds a shard: consolidate with ``tools/zero_to_fp32.py``)
     and, on every rank, when the write fails.
     """
-    ps = engine.parallel_state
-    if ps.tp_size > 1:
-        raise ConfigError("save_16bit_model: under tensor_parallel.autotp_size > 1 each rank holds a shard; save a "
-                          "checkpoint and consolidate it with tools/zero_to_fp32.py")
-    state = {k: _cpu(v) for k, v in  # every rank: ZeRO-3 all-gathers
-             engine.module_state_dict(exclude_frozen_parameters=exclude_frozen_parameters).items()}
+    state = consolidated_16bit_state_dict(engine, exclude_frozen_parameters, "save_16bit_model")
     path = os.path.join(save_dir, save_filename)
     error = None
-    if ps.rank == 0:
+    if state is not None:
         try:
             os.makedirs(save_dir, exist_ok=True)
             atomic_save(state, path)
@@ -244,6 +239,17 @@ def save_16bit_model(engine: Any, save_dir: str, save_filename: str, exclude_fro
             error = f"save_16bit_model: writing {path!r} failed ({exc}); give a directory this job can write to"
     _agree_on_error(error)
     return True
+
+
+def consolidated_16bit_state_dict(engine: Any, exclude_frozen_parameters: bool = False,
+                                  caller: str = "_zero3_consolidated_16bit_state_dict") -> dict | None:
+    """The module's full state dict in its training dtype on the CPU, on rank 0 (None on the others). Collective
+    (ZeRO-3 all-gathers on every rank). Raises ConfigError, naming ``caller``, under AutoTP (shards per rank)."""
+    if engine.parallel_state.tp_size > 1:
+        raise ConfigError(f"{caller}: under tensor_parallel.autotp_size > 1 each rank holds a shard; save a "
+                          f"checkpoint and consolidate it with tools/zero_to_fp32.py")
+    full = engine.module_state_dict(exclude_frozen_parameters=exclude_frozen_parameters)  # every rank: ZeRO-3 gathers
+    return {k: _cpu(v) for k, v in full.items()} if engine.parallel_state.rank == 0 else None
 
 
 # ---- load -------------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ One step of a user's loop, ``loss = engine(batch); engine.backward(loss); engine
   ZeRO all-gather), steps the scheduler after a successful update and zeroes the gradient buffers.
 
 Counters follow DeepSpeed: ``micro_steps`` counts ``step()`` calls, ``global_steps`` optimizer
-boundaries (skipped fp16 steps included, counted in ``skipped_steps``), ``global_samples`` their
-samples.
+boundaries (skipped fp16 steps included, counted in ``skipped_steps``), ``global_samples`` their samples.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from megatron_core.engine.client_objects import step_scheduler
 from megatron_core.engine.config import EngineConfig
 from megatron_core.engine.library_configs import as_deepspeed_keys
 from megatron_core.engine.monitor import Monitor
+from megatron_core.engine.queries import DeepSpeedQueries
 from megatron_core.errors import ConfigError, named_for
 from megatron_core.optimizer import MegatronOptimizer
 from megatron_core.optimizer.grad_scaler import DynamicGradScaler
@@ -66,7 +66,7 @@ class EngineDataLoader(torch.utils.data.DataLoader):
         return self.sampler
 
 
-class Engine(torch.nn.Module):
+class Engine(DeepSpeedQueries, torch.nn.Module):
     """A model wrapped for data (and AutoTP tensor) parallel training from a DeepSpeed config.
 
     Built by :func:`megatron_core.initialize`; ``module`` is the user's model (with AutoTP layers
