@@ -55,6 +55,7 @@ def _engine(stage: int, manual_lr: bool) -> tuple[list[float], list[float], dict
     config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": stage, "reduce_bucket_size": 700}, "steps_per_print": 10**6}
     engine, _, _, _ = megatron_core.initialize(model, optimizer=opt, lr_scheduler=sched, config=config)
+    assert engine.optimizer_name() == "AdamW"  # DeepSpeed's: the client optimizer's class name
     lrs = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -315,7 +315,8 @@ def _queries_and_consolidation(stage):
         dist.get_world_size(), 1, stage, bf16={"enabled": True}, zero_optimization=zero, steps_per_print=7))
     run_steps("mlp", engine, 0, 2)
     queries = (engine.steps_per_print(), engine.zero_optimization(), engine.zero_optimization_partition_gradients(),
-               engine.zero_optimization_partition_weights(), engine.zero_gather_16bit_weights_on_model_save())
+               engine.zero_optimization_partition_weights(), engine.zero_gather_16bit_weights_on_model_save(),
+               engine.optimizer_name())
     expected = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}  # gathered, every rank
     consolidated = engine._zero3_consolidated_16bit_state_dict()
     same = None if consolidated is None else {
@@ -337,7 +338,7 @@ def test_deepspeed_queries_and_the_consolidated_16bit_state_dict(stage):
     _zero3_consolidated_16bit_state_dict (the full bf16 weights on the CPU on rank 0, None on the others)."""
     results = run_distributed(_queries_and_consolidation, 2, stage, timeout=120)
     for rank, (queries, same, names, freed) in enumerate(results):
-        assert queries == (7, True, stage >= 2, stage == 3, stage == 3)
+        assert queries == (7, True, stage >= 2, stage == 3, stage == 3, "adamw")
         assert (same is None) == (rank != 0)
         if same is not None:
             assert sorted(same) == names and all(same.values()), same

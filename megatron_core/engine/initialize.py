@@ -264,6 +264,7 @@ def initialize(
     scheduler = _scheduler(lr_scheduler, engine_config, megatron_optimizer)
     engine = Engine(ddp, megatron_optimizer, scheduler, engine_config, parallel_state, hf_config)
     engine.collate_fn = collate_fn
+    engine.client_optimizer_name = None if optimizer is None else type(optimizer).__name__
     engine.param_group_names = [names for names, _ in groups]  # DeepSpeed's optimizer numbering (its checkpoints)
     loader = None if training_data is None else engine.deepspeed_io(training_data)
     return engine, megatron_optimizer, loader, scheduler

@@ -13,6 +13,14 @@ class DeepSpeedQueries:
 
     config: EngineConfig
     ddp: Any
+    client_optimizer_name: str | None = None  # initialize's: the class name of an optimizer= it was given
+
+    def optimizer_name(self) -> str | None:
+        """DeepSpeed's: the client optimizer's class name, else the config's ``optimizer.type`` lower-cased
+        (``adam``, ``adamw``, ``sgd``)."""
+        if self.client_optimizer_name is not None:
+            return self.client_optimizer_name
+        return None if self.config.optimizer is None else self.config.optimizer.type
 
     def steps_per_print(self) -> int:
         """The config's ``steps_per_print`` (10 when left out)."""
