@@ -448,12 +448,14 @@ class ParamAndGradBuffer:
         """ZeRO-3: entering (True) or leaving a forward; freed parameters become views of their freed storage
         or point at the NaN placeholder (see ``released``)."""
         self.in_forward = in_forward
-        for bucket in self.buckets:
-            if not bucket.gathered:
-                if in_forward:
-                    bucket.point_params_at_buffer()
-                else:
-                    bucket.point_params_at(self.released.fill_(float("nan")))
+        freed = [bucket for bucket in self.buckets if not bucket.gathered]
+        if freed and not in_forward:
+            self.released.fill_(float("nan"))  # once per forward, not per bucket (a write may have reached it)
+        for bucket in freed:
+            if in_forward:
+                bucket.point_params_at_buffer()
+            else:
+                bucket.point_params_at(self.released)
 
     def finish_param_gathers(self) -> None:
         """Wait for every all-gather in flight (before a step writes the shards, or a checkpoint reads)."""

@@ -270,7 +270,8 @@ def check_load_root(root: str) -> bool:
     foreign = io.foreign_checkpoint_hint(root)
     if foreign.startswith("; it is a tag folder"):
         raise ConfigError(f"--load {root} is not a training checkpoint; expected {expected}{foreign}")
-    if name.startswith("iter_") or name == "release" or any(e.startswith("mp_rank_") for e in os.listdir(root)):
+    if name.startswith("iter_") or name == io.RELEASE_DIRNAME or any(e.startswith("mp_rank_")
+                                                                     for e in os.listdir(root)):
         parent = os.path.dirname(os.path.normpath(root))
         step = (name[len("iter_"):].lstrip("0") or "0") if name.startswith("iter_") else "N"
         raise ConfigError(f"--load {root} is one iteration's directory; expected {expected}: pass --load {parent} "
